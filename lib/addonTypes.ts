@@ -1,0 +1,33 @@
+// The shape of the native addon as loaded from build/ or prebuilds/. The public API in kernels.ts
+// wraps these with documentation; the addon itself checks every argument.
+
+export interface SamplingOptions {
+  /** 0 means greedy (argmax, ties to the lowest id). Must be finite and >= 0. */
+  temperature: number;
+  /** Keep the k most likely tokens; 0 or omitted means off. */
+  topK?: number;
+  /** Keep the smallest set of most likely tokens whose mass reaches topP, in (0, 1]; 1 means off. */
+  topP?: number;
+}
+
+export type Seed = number | bigint;
+
+export interface BackendInfo {
+  name: string;
+  compiled: boolean;
+  usable: boolean;
+  detail: string;
+}
+
+export interface NativeAddon {
+  verifyChain(o: object): { acceptedCount: number; tokens: Int32Array };
+  verifyChainBatch(o: object): { acceptedCounts: Int32Array; tokens: Int32Array; offsets: Int32Array };
+  verifyTree(o: object): { path: Int32Array; tokens: Int32Array };
+  distillLoss(o: object): { loss: number; grad?: Float32Array };
+  adamwStep(o: object): void;
+  globalNorm(values: Float32Array): number;
+  bandwidthProbe(o?: object): { readBytesPerSecond: number; copyBytesPerSecond: number; threads: number };
+  setThreads(threads: number): number;
+  backends(): BackendInfo[];
+  [key: string]: unknown;
+}

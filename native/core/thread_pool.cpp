@@ -1,0 +1,126 @@
+#include "thread_pool.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+
+namespace osd {
+
+namespace {
+thread_local bool tl_in_pool = false;
+}
+
+ThreadPool::ThreadPool(int threads) {
+  int n = std::max(1, threads);
+  for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_work_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::worker_loop(int) {
+  tl_in_pool = true;
+  unsigned seen = 0;
+  for (;;) {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_work_.wait(lk, [&] { return stop_ || generation_ != seen; });
+    if (stop_) return;
+    seen = generation_;
+    while (next_chunk_ < job_chunks_) {
+      size_t c = next_chunk_++;
+      const auto* fn = job_;
+      size_t n = job_n_, chunks = job_chunks_;
+      lk.unlock();
+      try {
+        (*fn)(c * n / chunks, (c + 1) * n / chunks);
+      } catch (...) {
+        std::lock_guard<std::mutex> g(err_mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+      lk.lock();
+      if (++done_chunks_ == job_chunks_) cv_done_.notify_all();
+    }
+  }
+}
+
+void ThreadPool::parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn) {
+  if (n == 0) return;
+  size_t chunks = std::min<size_t>(size(), std::max<size_t>(1, n / std::max<size_t>(1, grain)));
+  if (chunks <= 1 || tl_in_pool) {
+    fn(0, n);
+    return;
+  }
+  std::lock_guard<std::mutex> run(run_mu_);
+  std::unique_lock<std::mutex> lk(mu_);
+  job_ = &fn;
+  job_n_ = n;
+  job_chunks_ = chunks;
+  next_chunk_ = 0;
+  done_chunks_ = 0;
+  ++generation_;
+  cv_work_.notify_all();
+  tl_in_pool = true;
+  while (next_chunk_ < job_chunks_) {
+    size_t c = next_chunk_++;
+    lk.unlock();
+    try {
+      fn(c * n / chunks, (c + 1) * n / chunks);
+    } catch (...) {
+      std::lock_guard<std::mutex> g(err_mu_);
+      if (!error_) error_ = std::current_exception();
+    }
+    lk.lock();
+    ++done_chunks_;
+  }
+  tl_in_pool = false;
+  cv_done_.wait(lk, [&] { return done_chunks_ == job_chunks_; });
+  job_ = nullptr;
+  std::exception_ptr err;
+  {
+    std::lock_guard<std::mutex> g(err_mu_);
+    std::swap(err, error_);
+  }
+  if (err) std::rethrow_exception(err);
+}
+
+namespace {
+std::mutex g_pool_mu;
+std::unique_ptr<ThreadPool> g_pool;
+int g_threads = 0;
+
+int initial_threads() {
+  if (const char* env = std::getenv("OSD_THREADS")) {
+    int t = std::atoi(env);
+    if (t > 0) return t;
+  }
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+}  // namespace
+
+ThreadPool& default_pool() {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (!g_pool) {
+    if (g_threads <= 0) g_threads = initial_threads();
+    g_pool = std::make_unique<ThreadPool>(g_threads);
+  }
+  return *g_pool;
+}
+
+void set_default_threads(int threads) {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  g_threads = threads > 0 ? threads : initial_threads();
+  if (g_pool && g_pool->size() != g_threads) g_pool.reset();
+}
+
+int default_threads() {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  return g_threads > 0 ? g_threads : initial_threads();
+}
+
+}  // namespace osd

@@ -1,0 +1,50 @@
+// A small persistent thread pool with a blocking parallel_for. The calling thread takes part,
+// so a pool of n threads keeps n-1 workers. Work is split into contiguous chunks so that each
+// index range is always processed by one thread in a fixed order (results do not depend on timing).
+#pragma once
+#include <condition_variable>
+#include <cstddef>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace osd {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // Calls fn(begin, end) over [0, n) split into at most size() chunks of at least `grain` items.
+  // The first exception thrown by any chunk is rethrown on the calling thread after all chunks end.
+  void parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn);
+
+ private:
+  void worker_loop(int id);
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::mutex run_mu_;  // one parallel_for at a time; nested calls run inline
+  std::condition_variable cv_work_, cv_done_;
+  const std::function<void(size_t, size_t)>* job_ = nullptr;
+  size_t job_n_ = 0, job_chunks_ = 0;
+  size_t next_chunk_ = 0, done_chunks_ = 0;
+  unsigned generation_ = 0;
+  bool stop_ = false;
+  std::mutex err_mu_;
+  std::exception_ptr error_;
+};
+
+// The process-wide pool used by the CPU backend. Sized to the hardware threads unless
+// set_default_threads() was called before first use (or OSD_THREADS is set).
+ThreadPool& default_pool();
+void set_default_threads(int threads);
+int default_threads();
+
+}  // namespace osd

@@ -1,0 +1,61 @@
+// Module entry: collects the exports of every binding file and converts engine errors.
+#include <napi.h>
+
+#include <vector>
+
+#include "napi/napi_util.h"
+
+namespace osd::napi {
+
+namespace {
+std::vector<InitFn>& inits() {
+  static std::vector<InitFn> v;
+  return v;
+}
+}  // namespace
+
+ExportRegistrar::ExportRegistrar(InitFn fn) { inits().push_back(fn); }
+
+void throw_js(Napi::Env env, const std::exception& e) {
+  if (auto* oe = dynamic_cast<const osd::Error*>(&e)) {
+    switch (oe->kind) {
+      case ErrorKind::Type: throw Napi::TypeError::New(env, oe->what());
+      case ErrorKind::Range: throw Napi::RangeError::New(env, oe->what());
+      default: break;
+    }
+    Napi::Error err = Napi::Error::New(env, oe->what());
+    err.Set("code", Napi::String::New(env, oe->kind == ErrorKind::Io ? "OSD_IO" : "OSD_STATE"));
+    throw err;
+  }
+  if (dynamic_cast<const std::bad_alloc*>(&e)) throw Napi::RangeError::New(env, "out of memory");
+  throw Napi::Error::New(env, e.what());
+}
+
+uint64_t get_seed(const Napi::Object& o, const char* key) {
+  Napi::Env env = o.Env();
+  if (!has(o, key)) throw Napi::TypeError::New(env, std::string(key) + " is required (a number or a bigint)");
+  Napi::Value v = o.Get(key);
+  if (v.IsBigInt()) {
+    int sign = 0;
+    size_t words = 2;
+    uint64_t w[2] = {0, 0};
+    v.As<Napi::BigInt>().ToWords(&sign, &words, w);
+    if (sign) throw Napi::RangeError::New(env, std::string(key) + " must not be negative");
+    return w[0];  // modulo 2^64
+  }
+  if (!v.IsNumber()) throw Napi::TypeError::New(env, std::string(key) + " must be a number or a bigint");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d >= 0.0) || d != std::floor(d) || d > 9007199254740991.0)
+    throw Napi::RangeError::New(env, std::string(key) + " must be a non-negative safe integer or a bigint, got " +
+                                         std::to_string(d));
+  return static_cast<uint64_t>(d);
+}
+
+}  // namespace osd::napi
+
+static Napi::Object init(Napi::Env env, Napi::Object exports) {
+  for (auto fn : osd::napi::inits()) fn(env, exports);
+  return exports;
+}
+
+NODE_API_MODULE(online_specdec, init)

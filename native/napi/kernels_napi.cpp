@@ -1,0 +1,366 @@
+// Bindings for the kernels: verifyChain, verifyChainBatch, verifyTree, distillLoss, adamwStep,
+// globalNorm, bandwidthProbe, backends. Every argument is checked here or in the engine, and every
+// error is a TypeError or RangeError that names the argument. These calls are synchronous: they
+// take microseconds to a few milliseconds, less than a hop to a worker thread would cost.
+#include <napi.h>
+
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/bandwidth.h"
+#include "core/thread_pool.h"
+#include "napi/napi_util.h"
+
+namespace osd::napi {
+
+namespace {
+
+int32_t get_vocab(const Napi::Object& o) { return static_cast<int32_t>(get_int(o, "vocabSize", 1, 1 << 30)); }
+
+Sampling parse_sampling(Napi::Env env, const Napi::Value& v, const std::string& name) {
+  if (!v.IsObject()) throw Napi::TypeError::New(env, name + " must be an object { temperature, topK?, topP? }");
+  Napi::Object o = v.As<Napi::Object>();
+  Sampling s;
+  s.temperature = static_cast<float>(get_number(o, "temperature", name + "."));
+  s.top_k = static_cast<int32_t>(get_int_or(o, "topK", 0, INT32_MAX, 0, name + "."));
+  s.top_p = static_cast<float>(get_number_or(o, "topP", 1.0, name + "."));
+  validate_sampling(s, name);
+  return s;
+}
+
+Fault parse_fault(const Napi::Object& o) {
+  if (!has(o, "_fault")) return Fault::None;
+  std::string f = o.Get("_fault").ToString();
+  if (f == "residual-no-clamp") return Fault::ResidualNoClamp;
+  if (f == "residual-from-target") return Fault::ResidualFromTarget;
+  throw Napi::RangeError::New(o.Env(), "_fault is not a known fault: " + f);
+}
+
+uint64_t get_stream(const Napi::Object& o) { return has(o, "stream") ? get_seed(o, "stream") : 0; }
+
+void expect_length(Napi::Env env, size_t got, size_t want, const std::string& name, const std::string& formula) {
+  if (got != want)
+    throw Napi::RangeError::New(env, name + " has length " + std::to_string(got) + ", expected " + formula + " = " +
+                                         std::to_string(want));
+}
+
+Napi::Value verify_chain(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Object o = require_object(info, 0, "options");
+    const int32_t V = get_vocab(o);
+    if (!has(o, "sampling")) throw Napi::TypeError::New(env, "sampling is required");
+    Sampling s = parse_sampling(env, o.Get("sampling"), "sampling");
+    auto tokens = get_array<int32_t>(o, "draftTokens");
+    auto target = get_array<float>(o, "targetLogits");
+    const size_t g = tokens.length;
+    expect_length(env, target.length, (g + 1) * V, "targetLogits", "(draftTokens.length + 1) * vocabSize");
+    ArrayView<float> draft;
+    if (!s.greedy() || has(o, "draftLogits")) {
+      draft = get_array<float>(o, "draftLogits");
+      expect_length(env, draft.length, g * V, "draftLogits", "draftTokens.length * vocabSize");
+    }
+    int32_t len = static_cast<int32_t>(g), accepted = 0;
+    uint64_t stream = get_stream(o);
+    std::vector<int32_t> out(g + 1);
+    ChainBatch b;
+    b.target = target.data;
+    b.draft = s.greedy() ? nullptr : draft.data;
+    b.tokens = tokens.data;
+    b.lengths = &len;
+    b.streams = &stream;
+    b.sampling = &s;
+    b.batch = 1;
+    b.vocab = V;
+    b.seed = get_seed(o, "seed");
+    ChainBatchOut bo{&accepted, out.data()};
+    cpu_backend().verify_chain_batch(b, bo, parse_fault(o));
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("acceptedCount", Napi::Number::New(env, accepted));
+    r.Set("tokens", to_js(env, out.data(), accepted + 1));
+    return r;
+  });
+}
+
+Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Object o = require_object(info, 0, "options");
+    const int32_t V = get_vocab(o);
+    auto lengths = get_array<int32_t>(o, "draftLengths");
+    const int32_t B = static_cast<int32_t>(lengths.length);
+    size_t total_g = 0;
+    for (int32_t b = 0; b < B; ++b) {
+      if (lengths.data[b] < 0)
+        throw Napi::RangeError::New(env, "draftLengths[" + std::to_string(b) + "] must be >= 0");
+      total_g += lengths.data[b];
+    }
+    // Sampling: one object for every sequence, or an array of B objects.
+    if (!has(o, "sampling")) throw Napi::TypeError::New(env, "sampling is required");
+    std::vector<Sampling> samp(B);
+    Napi::Value sv = o.Get("sampling");
+    bool any_sampled = false;
+    if (sv.IsArray()) {
+      Napi::Array arr = sv.As<Napi::Array>();
+      expect_length(env, arr.Length(), B, "sampling", "draftLengths.length");
+      for (int32_t b = 0; b < B; ++b) samp[b] = parse_sampling(env, arr.Get(b), "sampling[" + std::to_string(b) + "]");
+    } else {
+      Sampling s = parse_sampling(env, sv, "sampling");
+      std::fill(samp.begin(), samp.end(), s);
+    }
+    for (auto& s : samp) any_sampled |= !s.greedy();
+    auto tokens = get_array<int32_t>(o, "draftTokens");
+    expect_length(env, tokens.length, total_g, "draftTokens", "sum(draftLengths)");
+    auto target = get_array<float>(o, "targetLogits");
+    expect_length(env, target.length, (total_g + B) * V, "targetLogits", "(sum(draftLengths) + batch) * vocabSize");
+    ArrayView<float> draft;
+    if (any_sampled || has(o, "draftLogits")) {
+      draft = get_array<float>(o, "draftLogits");
+      expect_length(env, draft.length, total_g * V, "draftLogits", "sum(draftLengths) * vocabSize");
+    }
+    std::vector<uint64_t> streams(B);
+    if (has(o, "streams")) {
+      Napi::Value st = o.Get("streams");
+      if (!st.IsArray()) throw Napi::TypeError::New(env, "streams must be an array of numbers or bigints");
+      Napi::Array arr = st.As<Napi::Array>();
+      expect_length(env, arr.Length(), B, "streams", "draftLengths.length");
+      for (int32_t b = 0; b < B; ++b) {
+        Napi::Object holder = Napi::Object::New(env);
+        holder.Set("value", arr.Get(b));
+        try {
+          streams[b] = get_seed(holder, "value");
+        } catch (const Napi::Error&) {
+          throw Napi::RangeError::New(env, "streams[" + std::to_string(b) + "] must be a non-negative integer or bigint");
+        }
+      }
+    } else {
+      for (int32_t b = 0; b < B; ++b) streams[b] = static_cast<uint64_t>(b);
+    }
+    std::vector<int32_t> accepted(B), out(total_g + B);
+    ChainBatch b;
+    b.target = target.data;
+    b.draft = draft.data;
+    b.tokens = tokens.data;
+    b.lengths = lengths.data;
+    b.streams = streams.data();
+    b.sampling = samp.data();
+    b.batch = B;
+    b.vocab = V;
+    b.seed = get_seed(o, "seed");
+    ChainBatchOut bo{accepted.data(), out.data()};
+    cpu_backend().verify_chain_batch(b, bo, parse_fault(o));
+    // Compact the per-sequence slots (g_b + 1 each) into emitted tokens with offsets.
+    auto offsets = Napi::Int32Array::New(env, B + 1);
+    std::vector<int32_t> packed;
+    packed.reserve(total_g + B);
+    size_t slot = 0;
+    offsets[0] = 0;
+    for (int32_t i = 0; i < B; ++i) {
+      packed.insert(packed.end(), out.begin() + slot, out.begin() + slot + accepted[i] + 1);
+      slot += lengths.data[i] + 1;
+      offsets[i + 1] = static_cast<int32_t>(packed.size());
+    }
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("acceptedCounts", to_js(env, accepted.data(), B));
+    r.Set("tokens", to_js(env, packed.data(), packed.size()));
+    r.Set("offsets", offsets);
+    return r;
+  });
+}
+
+Napi::Value verify_tree(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Object o = require_object(info, 0, "options");
+    const int32_t V = get_vocab(o);
+    if (!has(o, "sampling")) throw Napi::TypeError::New(env, "sampling is required");
+    Sampling s = parse_sampling(env, o.Get("sampling"), "sampling");
+    TreeChildren mode = TreeChildren::WithReplacement;
+    if (has(o, "children")) {
+      Napi::Value cv = o.Get("children");
+      if (!cv.IsString()) throw Napi::TypeError::New(env, "children must be a string");
+      std::string c = cv.As<Napi::String>();
+      if (c == "sampled-with-replacement") mode = TreeChildren::WithReplacement;
+      else if (c == "sampled-without-replacement") mode = TreeChildren::WithoutReplacement;
+      else if (c == "deterministic") mode = TreeChildren::Deterministic;
+      else
+        throw Napi::RangeError::New(env, "children must be 'sampled-with-replacement', 'sampled-without-replacement'"
+                                         " or 'deterministic', got '" + c + "'");
+    }
+    auto parents = get_array<int32_t>(o, "parents");
+    auto tokens = get_array<int32_t>(o, "tokens");
+    const size_t n = parents.length;
+    expect_length(env, tokens.length, n, "tokens", "parents.length");
+    auto target = get_array<float>(o, "targetLogits");
+    expect_length(env, target.length, (n + 1) * V, "targetLogits", "(parents.length + 1) * vocabSize");
+    const bool need_draft = !s.greedy() && mode != TreeChildren::Deterministic;
+    ArrayView<float> draft;
+    if (need_draft || has(o, "draftLogits")) {
+      draft = get_array<float>(o, "draftLogits");
+      expect_length(env, draft.length, (n + 1) * V, "draftLogits", "(parents.length + 1) * vocabSize");
+    }
+    TreeInput in;
+    in.parents = parents.data;
+    in.tokens = tokens.data;
+    in.n = static_cast<int32_t>(n);
+    in.target = target.data;
+    in.draft = need_draft ? draft.data : nullptr;
+    in.vocab = V;
+    std::vector<int32_t> path(n + 1), out(n + 1);
+    TreeResult r = cpu_backend().verify_tree(in, s, mode, get_seed(o, "seed"), get_stream(o), path.data(), out.data(),
+                                             parse_fault(o));
+    Napi::Object res = Napi::Object::New(env);
+    res.Set("path", to_js(env, path.data(), r.path_len));
+    res.Set("tokens", to_js(env, out.data(), r.emitted));
+    return res;
+  });
+}
+
+Napi::Value distill_loss(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Object o = require_object(info, 0, "options");
+    DistillInput in;
+    if (!has(o, "kind")) throw Napi::TypeError::New(env, "kind is required");
+    if (!o.Get("kind").IsString()) throw Napi::TypeError::New(env, "kind must be a string");
+    in.kind = parse_distill_kind(o.Get("kind").As<Napi::String>(), "kind");
+    in.vocab = get_vocab(o);
+    auto student = get_array<float>(o, "studentLogits");
+    if (student.length % in.vocab != 0)
+      throw Napi::RangeError::New(env, "studentLogits has length " + std::to_string(student.length) +
+                                           ", not a multiple of vocabSize " + std::to_string(in.vocab));
+    const size_t rows = student.length / in.vocab;
+    in.rows = static_cast<int32_t>(rows);
+    in.student = student.data;
+    in.temperature = static_cast<float>(get_number_or(o, "temperature", 1.0));
+    in.beta = static_cast<float>(get_number_or(o, "beta", 0.5));
+    if (has(o, "teacherLogits") && has(o, "teacher"))
+      throw Napi::TypeError::New(env, "give either teacherLogits (dense) or teacher (sparse top-k), not both");
+    if (has(o, "teacherLogits")) {
+      auto t = get_array<float>(o, "teacherLogits");
+      expect_length(env, t.length, rows * in.vocab, "teacherLogits", "studentLogits.length");
+      in.teacher = t.data;
+    } else if (has(o, "teacher")) {
+      if (!o.Get("teacher").IsObject()) throw Napi::TypeError::New(env, "teacher must be an object { indices, probs, residual? }");
+      Napi::Object t = o.Get("teacher").As<Napi::Object>();
+      auto ids = get_array<int32_t>(t, "indices", "teacher.");
+      auto probs = get_array<float>(t, "probs", "teacher.");
+      if (rows == 0 || ids.length % rows != 0)
+        throw Napi::RangeError::New(env, "teacher.indices has length " + std::to_string(ids.length) +
+                                             ", not a multiple of the row count " + std::to_string(rows));
+      in.k = static_cast<int32_t>(ids.length / rows);
+      if (in.k > in.vocab) throw Napi::RangeError::New(env, "teacher.indices has more than vocabSize entries per row");
+      expect_length(env, probs.length, ids.length, "teacher.probs", "teacher.indices.length");
+      in.topk_ids = ids.data;
+      in.topk_probs = probs.data;
+      if (has(t, "residual")) {
+        auto res = get_array<float>(t, "residual", "teacher.");
+        expect_length(env, res.length, rows, "teacher.residual", "row count");
+        in.residual = res.data;
+      }
+    } else {
+      throw Napi::TypeError::New(env, "teacherLogits (dense) or teacher (sparse top-k) is required");
+    }
+    if (has(o, "mask")) {
+      auto m = get_array<uint8_t>(o, "mask");
+      expect_length(env, m.length, rows, "mask", "row count");
+      in.mask = m.data;
+    }
+    const bool want_grad = !has(o, "computeGrad") || o.Get("computeGrad").ToBoolean();
+    Napi::Float32Array grad = want_grad ? Napi::Float32Array::New(env, rows * in.vocab) : Napi::Float32Array();
+    double loss = cpu_backend().distill_loss(in, want_grad ? grad.Data() : nullptr);
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("loss", Napi::Number::New(env, loss));
+    if (want_grad) r.Set("grad", grad);
+    return r;
+  });
+}
+
+Napi::Value adamw_step(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Object o = require_object(info, 0, "options");
+    auto p = get_array<float>(o, "params");
+    auto g = get_array<float>(o, "grads");
+    auto m = get_array<float>(o, "m");
+    auto v = get_array<float>(o, "v");
+    expect_length(env, g.length, p.length, "grads", "params.length");
+    expect_length(env, m.length, p.length, "m", "params.length");
+    expect_length(env, v.length, p.length, "v", "params.length");
+    AdamWConfig c;
+    c.step = get_int(o, "step", 1, int64_t(1) << 52);
+    c.lr = static_cast<float>(get_number_or(o, "lr", c.lr));
+    c.beta1 = static_cast<float>(get_number_or(o, "beta1", c.beta1));
+    c.beta2 = static_cast<float>(get_number_or(o, "beta2", c.beta2));
+    c.eps = static_cast<float>(get_number_or(o, "eps", c.eps));
+    c.weight_decay = static_cast<float>(get_number_or(o, "weightDecay", c.weight_decay));
+    c.grad_scale = static_cast<float>(get_number_or(o, "gradScale", c.grad_scale));
+    cpu_backend().adamw_step(p.data, g.data, m.data, v.data, p.length, c);
+    return env.Undefined();
+  });
+}
+
+Napi::Value global_norm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    if (info.Length() < 1) throw Napi::TypeError::New(env, "values must be a Float32Array");
+    auto x = typed_array<float>(env, info[0], "values");
+    return Napi::Number::New(env, cpu_backend().global_norm(x.data, x.length));
+  });
+}
+
+Napi::Value bandwidth_probe(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Object o = info.Length() > 0 && info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object::New(env);
+    size_t bytes = static_cast<size_t>(get_int_or(o, "bytes", 1 << 20, int64_t(1) << 34, int64_t(1) << 30));
+    int iters = static_cast<int>(get_int_or(o, "iterations", 1, 1000, 5));
+    BandwidthResult b = measure_bandwidth(bytes, iters);
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("readBytesPerSecond", b.read_bytes_per_s);
+    r.Set("copyBytesPerSecond", b.copy_bytes_per_s);
+    r.Set("threads", default_threads());
+    return r;
+  });
+}
+
+Napi::Value set_threads(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "threads must be a number");
+  double t = info[0].As<Napi::Number>().DoubleValue();
+  if (t != std::floor(t) || t < 0 || t > 1024)
+    throw Napi::RangeError::New(env, "threads must be an integer in [0, 1024] (0 = all cores)");
+  set_default_threads(static_cast<int>(t));
+  return Napi::Number::New(env, default_threads());
+}
+
+Napi::Value backends(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array arr = Napi::Array::New(env);
+  Napi::Object cpu = Napi::Object::New(env);
+  cpu.Set("name", "cpu");
+  cpu.Set("compiled", true);
+  cpu.Set("usable", true);
+  cpu.Set("detail", "C++ reference, " + std::to_string(default_threads()) + " threads");
+  arr.Set(uint32_t(0), cpu);
+  return arr;
+}
+
+void init(Napi::Env env, Napi::Object exports) {
+  exports.Set("verifyChain", Napi::Function::New(env, verify_chain, "verifyChain"));
+  exports.Set("verifyChainBatch", Napi::Function::New(env, verify_chain_batch, "verifyChainBatch"));
+  exports.Set("verifyTree", Napi::Function::New(env, verify_tree, "verifyTree"));
+  exports.Set("distillLoss", Napi::Function::New(env, distill_loss, "distillLoss"));
+  exports.Set("adamwStep", Napi::Function::New(env, adamw_step, "adamwStep"));
+  exports.Set("globalNorm", Napi::Function::New(env, global_norm, "globalNorm"));
+  exports.Set("bandwidthProbe", Napi::Function::New(env, bandwidth_probe, "bandwidthProbe"));
+  exports.Set("setThreads", Napi::Function::New(env, set_threads, "setThreads"));
+  exports.Set("backends", Napi::Function::New(env, backends, "backends"));
+}
+
+ExportRegistrar reg(init);
+
+}  // namespace
+
+}  // namespace osd::napi

@@ -1,0 +1,134 @@
+// Shared helpers for the N-API bindings: argument extraction with errors that name the argument,
+// and conversion of engine errors (osd::Error) to TypeError / RangeError / Error.
+#pragma once
+#include <napi.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "core/error.h"
+
+namespace osd::napi {
+
+// Each binding file registers its exports with a static ExportRegistrar; addon.cpp calls them all
+// at module init, so adding a binding file needs no central edit.
+using InitFn = void (*)(Napi::Env env, Napi::Object exports);
+struct ExportRegistrar {
+  explicit ExportRegistrar(InitFn fn);
+};
+
+// Rethrows an osd::Error (or std::exception) as the matching JavaScript error.
+[[noreturn]] void throw_js(Napi::Env env, const std::exception& e);
+
+// Runs fn and converts C++ exceptions into JavaScript exceptions.
+template <typename Fn>
+auto guarded(Napi::Env env, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw_js(env, e);
+  }
+}
+
+inline Napi::Object require_object(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  if (info.Length() <= i || !info[i].IsObject())
+    throw Napi::TypeError::New(info.Env(), std::string(name) + " must be an object");
+  return info[i].As<Napi::Object>();
+}
+
+inline bool has(const Napi::Object& o, const char* key) {
+  if (!o.Has(key)) return false;
+  Napi::Value v = o.Get(key);
+  return !v.IsUndefined() && !v.IsNull();
+}
+
+// A typed array of the exact element type T, with an optional exact length check.
+template <typename T>
+struct TypedArrayTraits;
+template <>
+struct TypedArrayTraits<float> {
+  static constexpr napi_typedarray_type type = napi_float32_array;
+  static constexpr const char* name = "Float32Array";
+};
+template <>
+struct TypedArrayTraits<int32_t> {
+  static constexpr napi_typedarray_type type = napi_int32_array;
+  static constexpr const char* name = "Int32Array";
+};
+template <>
+struct TypedArrayTraits<uint8_t> {
+  static constexpr napi_typedarray_type type = napi_uint8_array;
+  static constexpr const char* name = "Uint8Array";
+};
+template <>
+struct TypedArrayTraits<uint32_t> {
+  static constexpr napi_typedarray_type type = napi_uint32_array;
+  static constexpr const char* name = "Uint32Array";
+};
+
+template <typename T>
+struct ArrayView {
+  T* data = nullptr;
+  size_t length = 0;
+};
+
+template <typename T>
+ArrayView<T> typed_array(Napi::Env env, const Napi::Value& v, const std::string& name) {
+  using Tr = TypedArrayTraits<T>;
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != Tr::type)
+    throw Napi::TypeError::New(env, name + " must be a " + Tr::name);
+  auto ta = v.As<Napi::TypedArrayOf<T>>();
+  return {ta.Data(), ta.ElementLength()};
+}
+
+template <typename T>
+ArrayView<T> get_array(const Napi::Object& o, const char* key, const std::string& prefix = "") {
+  std::string name = prefix + key;
+  if (!has(o, key)) throw Napi::TypeError::New(o.Env(), name + " is required");
+  return typed_array<T>(o.Env(), o.Get(key), name);
+}
+
+inline double get_number(const Napi::Object& o, const char* key, const std::string& prefix = "") {
+  std::string name = prefix + key;
+  if (!has(o, key)) throw Napi::TypeError::New(o.Env(), name + " is required");
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), name + " must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (std::isnan(d)) throw Napi::RangeError::New(o.Env(), name + " must not be NaN");
+  return d;
+}
+
+inline double get_number_or(const Napi::Object& o, const char* key, double fallback,
+                            const std::string& prefix = "") {
+  return has(o, key) ? get_number(o, key, prefix) : fallback;
+}
+
+// An integer in [lo, hi]; fractional values and values out of range are RangeErrors.
+inline int64_t get_int(const Napi::Object& o, const char* key, int64_t lo, int64_t hi,
+                       const std::string& prefix = "") {
+  double d = get_number(o, key, prefix);
+  if (d != std::floor(d) || d < static_cast<double>(lo) || d > static_cast<double>(hi))
+    throw Napi::RangeError::New(o.Env(), prefix + key + " must be an integer in [" + std::to_string(lo) +
+                                             ", " + std::to_string(hi) + "], got " + std::to_string(d));
+  return static_cast<int64_t>(d);
+}
+
+inline int64_t get_int_or(const Napi::Object& o, const char* key, int64_t lo, int64_t hi, int64_t fallback,
+                          const std::string& prefix = "") {
+  return has(o, key) ? get_int(o, key, lo, hi, prefix) : fallback;
+}
+
+// A 64-bit seed given as a number (a non-negative safe integer) or a bigint (taken modulo 2^64).
+uint64_t get_seed(const Napi::Object& o, const char* key);
+
+template <typename T>
+Napi::TypedArrayOf<T> to_js(Napi::Env env, const T* data, size_t n) {
+  auto out = Napi::TypedArrayOf<T>::New(env, n);
+  if (n) std::copy(data, data + n, out.Data());
+  return out;
+}
+
+}  // namespace osd::napi

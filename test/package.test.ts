@@ -1,0 +1,51 @@
+// The package surface: the CLI, the loader's error message, and the exports.
+import { execFileSync, spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import * as osd from '../lib/index.js';
+
+const root = join(import.meta.dirname, '..');
+const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
+
+describe('package', () => {
+  it('exports the kernels and reports the CPU backend', () => {
+    for (const name of ['verifyChain', 'verifyChainBatch', 'verifyTree', 'distillLoss', 'adamwStep', 'backends']) {
+      expect(typeof (osd as Record<string, unknown>)[name]).toBe('function');
+    }
+    expect(osd.version).toBe(pkg.version);
+    const cpu = osd.backends().find((b) => b.name === 'cpu');
+    expect(cpu).toMatchObject({ compiled: true, usable: true });
+  });
+
+  it('osd prints the version and the backends', () => {
+    const out = execFileSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts')], { encoding: 'utf8' });
+    expect(out).toContain(`online-specdec ${pkg.version}`);
+    expect(out).toMatch(/cpu: usable/);
+    const json = JSON.parse(
+      execFileSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'backends', '--json'], {
+        encoding: 'utf8',
+      }),
+    );
+    expect(json.version).toBe(pkg.version);
+    expect(json.backends[0].name).toBe('cpu');
+  });
+
+  it('osd rejects an unknown command with usage', () => {
+    const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'frobnicate'], { encoding: 'utf8' });
+    expect(r.status).toBe(2);
+    expect(r.stderr).toContain("unknown command 'frobnicate'");
+    expect(r.stderr).toContain('Usage: osd');
+  });
+
+  it('a broken addon path gives an error that says what was tried and how to fix it', () => {
+    const r = spawnSync(
+      process.execPath,
+      ['--import', 'tsx', '-e', "await import('./lib/index.ts')"],
+      { cwd: root, encoding: 'utf8', env: { ...process.env, OSD_ADDON_PATH: '/nonexistent/online_specdec.node' } },
+    );
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toContain('OSD_ADDON_PATH=/nonexistent/online_specdec.node could not be loaded');
+    expect(r.stderr).toContain('Unset OSD_ADDON_PATH');
+  });
+});

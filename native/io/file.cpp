@@ -1,0 +1,178 @@
+#include "io/file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <random>
+
+#include "core/error.h"
+
+namespace osd::io {
+
+namespace {
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+// Closes a descriptor on scope exit unless released.
+struct FdGuard {
+  int fd = -1;
+  ~FdGuard() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+}  // namespace
+
+FileBytes FileBytes::map(const std::string& path) {
+  FdGuard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (fd.fd < 0) throw_io(path + ": cannot open (" + errno_text(errno) + ")");
+  struct stat st;
+  if (::fstat(fd.fd, &st) != 0) throw_io(path + ": cannot stat (" + errno_text(errno) + ")");
+  if (!S_ISREG(st.st_mode)) throw_io(path + ": not a regular file");
+  FileBytes out;
+  out.size_ = static_cast<size_t>(st.st_size);
+  if (out.size_ == 0) return out;  // mmap cannot map nothing; readers report the empty file
+  void* p = ::mmap(nullptr, out.size_, PROT_READ, MAP_PRIVATE, fd.fd, 0);
+  if (p == MAP_FAILED) throw_io(path + ": cannot memory-map (" + errno_text(errno) + ")");
+  out.data_ = static_cast<const uint8_t*>(p);
+  out.mapped_ = true;
+  return out;
+}
+
+FileBytes FileBytes::own(std::vector<uint8_t> bytes) {
+  FileBytes out;
+  out.owned_ = std::move(bytes);
+  out.data_ = out.owned_.data();
+  out.size_ = out.owned_.size();
+  return out;
+}
+
+FileBytes::FileBytes(FileBytes&& other) noexcept { *this = std::move(other); }
+
+FileBytes& FileBytes::operator=(FileBytes&& other) noexcept {
+  if (this != &other) {
+    release();
+    // Moving a vector keeps its buffer, so data_ stays valid for owned bytes too.
+    owned_ = std::move(other.owned_);
+    data_ = other.data_;
+    size_ = other.size_;
+    mapped_ = other.mapped_;
+    other.data_ = nullptr;
+    other.size_ = 0;
+    other.mapped_ = false;
+  }
+  return *this;
+}
+
+FileBytes::~FileBytes() { release(); }
+
+void FileBytes::release() {
+  if (mapped_) ::munmap(const_cast<uint8_t*>(data_), size_);
+  owned_.clear();
+  data_ = nullptr;
+  size_ = 0;
+  mapped_ = false;
+}
+
+void VectorOutput::write(const void* data, size_t n) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  bytes.insert(bytes.end(), p, p + n);
+}
+
+namespace {
+
+// Buffered writes to a descriptor; every failure names the final path, not the temp name.
+class FdOutput : public Output {
+ public:
+  FdOutput(int fd, const std::string& path) : fd_(fd), path_(path) { buf_.reserve(kBufSize); }
+
+  void write(const void* data, size_t n) override {
+    const uint8_t* p = static_cast<const uint8_t*>(data);
+    if (buf_.size() + n > kBufSize) flush();
+    if (n >= kBufSize) {
+      write_all(p, n);
+    } else {
+      buf_.insert(buf_.end(), p, p + n);
+    }
+  }
+
+  void flush() {
+    write_all(buf_.data(), buf_.size());
+    buf_.clear();
+  }
+
+ private:
+  static constexpr size_t kBufSize = 1 << 20;
+
+  void write_all(const uint8_t* p, size_t n) {
+    while (n > 0) {
+      ssize_t w = ::write(fd_, p, n);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        throw_io(path_ + ": write failed (" + errno_text(errno) + ")");
+      }
+      p += w;
+      n -= static_cast<size_t>(w);
+    }
+  }
+
+  int fd_;
+  const std::string& path_;
+  std::vector<uint8_t> buf_;
+};
+
+std::string dir_of(const std::string& path) {
+  size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+std::string temp_name(const std::string& path) {
+  std::random_device rd;
+  char suffix[32];
+  std::snprintf(suffix, sizeof suffix, "%08x%08x", rd(), rd());
+  return path + ".tmp-" + std::to_string(::getpid()) + "-" + suffix;
+}
+
+}  // namespace
+
+void write_atomic(const std::string& path, const std::function<void(Output&)>& fill) {
+  const std::string tmp = temp_name(path);
+  FdGuard fd{::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644)};
+  if (fd.fd < 0) throw_io(path + ": cannot create temporary file '" + tmp + "' (" + errno_text(errno) + ")");
+
+  // From here on, any failure removes the temp file; the target is untouched until rename.
+  struct TempGuard {
+    const std::string& name;
+    bool armed = true;
+    ~TempGuard() {
+      if (armed) ::unlink(name.c_str());
+    }
+  } temp_guard{tmp};
+
+  FdOutput out(fd.fd, path);
+  fill(out);
+  out.flush();
+  if (::fsync(fd.fd) != 0) throw_io(path + ": fsync failed (" + errno_text(errno) + ")");
+  int rc = ::close(fd.fd);
+  fd.fd = -1;
+  if (rc != 0) throw_io(path + ": close failed (" + errno_text(errno) + ")");
+  if (::rename(tmp.c_str(), path.c_str()) != 0)
+    throw_io(path + ": cannot rename temporary file over it (" + errno_text(errno) + ")");
+  temp_guard.armed = false;
+
+  // Make the rename itself durable. Some filesystems cannot fsync a directory (EINVAL); the
+  // data is already synced there, so that case is not an error.
+  const std::string dir = dir_of(path);
+  FdGuard dfd{::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)};
+  if (dfd.fd >= 0 && ::fsync(dfd.fd) != 0 && errno != EINVAL)
+    throw_io(path + ": written, but syncing directory '" + dir + "' failed (" + errno_text(errno) + ")");
+}
+
+}  // namespace osd::io

@@ -1,0 +1,347 @@
+// Models and sequences: loading GGUF or llama2.c files, the forward pass, and plain generation.
+import { addon } from './addon.js';
+import type { SamplingOptions, Seed } from './addonTypes.js';
+import { loadTokenizer, type Tokenizer } from './Tokenizer.js';
+import { checkSignal, throwIfAborted } from './withAbortSignal.js';
+
+interface NativeModel {
+  info(): ModelInfo;
+  dispose(): void;
+  readonly disposed: boolean;
+}
+
+interface NativeSequence {
+  evaluate(tokens: Int32Array, parents: Int32Array | null, lastOnly: boolean): Promise<Float32Array>;
+  truncate(n: number): void;
+  keepPath(base: number, path: Int32Array): void;
+  fork(): NativeSequence;
+  dispose(): void;
+  readonly length: number;
+  readonly capacity: number;
+}
+
+interface ModelAddon {
+  loadModel(path: string): Promise<NativeModel>;
+  NativeSequence: new (model: NativeModel, contextSize?: number) => NativeSequence;
+  sampleLogits(o: object): number;
+}
+
+const native = addon as unknown as ModelAddon;
+
+/** Accepts an Int32Array or an array of integers (TypeError / RangeError naming `name` otherwise). */
+export function toTokenArray(tokens: unknown, name = 'tokens'): Int32Array {
+  if (tokens instanceof Int32Array) return tokens;
+  if (!Array.isArray(tokens)) throw new TypeError(`${name} must be an Int32Array or an array of integers`);
+  const out = new Int32Array(tokens.length);
+  for (let i = 0; i < tokens.length; i++) {
+    const t: unknown = tokens[i];
+    if (typeof t !== 'number' || !Number.isInteger(t) || t < -2147483648 || t > 2147483647)
+      throw new RangeError(`${name}[${i}] must be an integer token id, got ${String(t)}`);
+    out[i] = t;
+  }
+  return out;
+}
+
+export interface ModelInfo {
+  path: string;
+  format: 'gguf' | 'llama2c';
+  architecture: string;
+  vocabSize: number;
+  contextLength: number;
+  embeddingLength: number;
+  layers: number;
+  heads: number;
+  kvHeads: number;
+  headDim: number;
+  feedForwardLength: number;
+  ropeTheta: number;
+  rmsEps: number;
+  tiedOutput: boolean;
+  /** Weight bytes read to decode one token (the memory-bound cost of a step). */
+  weightBytesPerToken: number;
+}
+
+export interface LoadModelOptions {
+  /** Size of the engine's CPU thread pool (process-wide). Default: all cores. */
+  threads?: number;
+  signal?: AbortSignal;
+  /** Called with a fraction in [0, 1] as loading advances. */
+  onProgress?: (progress: number) => void;
+}
+
+/** Loads a GGUF file or a llama2.c checkpoint (told apart by the magic), off the event loop. */
+export async function loadModel(path: string, options: LoadModelOptions = {}): Promise<Model> {
+  if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
+  const signal = checkSignal(options.signal);
+  if (options.threads !== undefined) {
+    if (!Number.isInteger(options.threads) || options.threads < 0)
+      throw new RangeError('threads must be a non-negative integer (0 = all cores)');
+    (addon as unknown as { setThreads(n: number): number }).setThreads(options.threads);
+  }
+  throwIfAborted(signal);
+  options.onProgress?.(0);
+  const handle = await native.loadModel(path);
+  let tokenizer: Tokenizer | undefined;
+  try {
+    throwIfAborted(signal);
+    options.onProgress?.(0.5);
+    // GGUF files carry their tokenizer; llama2.c checkpoints do not.
+    if (handle.info().format === 'gguf' && (await hasTokenizer(path))) tokenizer = await loadTokenizer(path);
+    throwIfAborted(signal);
+  } catch (e) {
+    handle.dispose();
+    throw e;
+  }
+  options.onProgress?.(1);
+  return new Model(handle, tokenizer);
+}
+
+async function hasTokenizer(path: string): Promise<boolean> {
+  // A vocabulary-less GGUF (weights only) is valid: the model then works on token ids alone.
+  const { open } = await import('node:fs/promises');
+  const fh = await open(path, 'r');
+  try {
+    const head = Buffer.alloc(1 << 20);
+    const { bytesRead } = await fh.read(head, 0, head.length, 0);
+    return head.subarray(0, bytesRead).includes('tokenizer.ggml.model');
+  } finally {
+    await fh.close();
+  }
+}
+
+export interface GenerateOptions {
+  /** Prompt token ids (give tokens or prompt). */
+  tokens?: Int32Array | number[];
+  /** Prompt text; needs a model with a tokenizer. */
+  prompt?: string;
+  maxTokens: number;
+  /** Default: greedy. */
+  sampling?: SamplingOptions;
+  seed?: Seed;
+  /** Philox stream, e.g. a request id. Default 0. */
+  stream?: Seed;
+  signal?: AbortSignal;
+  /** Token ids that end generation (default: the model's end-of-sequence tokens). */
+  stopTokens?: number[];
+  onToken?: (token: number) => void;
+}
+
+export type StopReason = 'eos' | 'maxTokens' | 'context';
+
+export interface GenerateResult {
+  tokens: Int32Array;
+  text?: string;
+  stopReason: StopReason;
+}
+
+/** A loaded model. Dispose it (or use `await using`) to release its memory once sequences end. */
+export class Model {
+  readonly info: ModelInfo;
+  /** The GGUF's own tokenizer (undefined for llama2.c checkpoints and vocabulary-less files). */
+  readonly tokenizer: Tokenizer | undefined;
+  /** Tokens that end a sequence. llama2.c checkpoints use BOS (1) as the story delimiter, and 2 as EOS. */
+  readonly eosTokens: number[];
+  #handle: NativeModel | null;
+  #sequences = new Set<Sequence>();
+
+  /** @internal */
+  constructor(handle: NativeModel, tokenizer?: Tokenizer) {
+    this.#handle = handle;
+    this.info = handle.info();
+    this.tokenizer = tokenizer;
+    if (this.info.format === 'llama2c') this.eosTokens = [1, 2];
+    else this.eosTokens = tokenizer && tokenizer.eos >= 0 ? [tokenizer.eos] : [];
+  }
+
+  get disposed(): boolean {
+    return this.#handle === null;
+  }
+
+  /** @internal */
+  get handle(): NativeModel {
+    if (!this.#handle) throw new Error('the model was disposed');
+    return this.#handle;
+  }
+
+  /** A new sequence with its own KV cache. contextSize defaults to the model's context length. */
+  createSequence(options: { contextSize?: number } = {}): Sequence {
+    const { contextSize } = options;
+    if (contextSize !== undefined && (!Number.isInteger(contextSize) || contextSize <= 0))
+      throw new RangeError('contextSize must be a positive integer');
+    const seq = new Sequence(this, new native.NativeSequence(this.handle, contextSize ?? 0));
+    this.#sequences.add(seq);
+    return seq;
+  }
+
+  /** @internal */
+  adopt(seq: Sequence): void {
+    this.#sequences.add(seq);
+  }
+
+  /** @internal */
+  release(seq: Sequence): void {
+    this.#sequences.delete(seq);
+  }
+
+  /** Logits [n x V] of every position of `tokens`, evaluated from an empty context. */
+  async forward(tokens: Int32Array | number[]): Promise<Float32Array> {
+    const seq = this.createSequence();
+    try {
+      return await seq.evaluate(tokens);
+    } finally {
+      await seq.dispose();
+    }
+  }
+
+  /** Plain (target-only) generation: greedy, or sampled with the kernels' warping and Philox stream. */
+  async generate(options: GenerateOptions): Promise<GenerateResult> {
+    const signal = checkSignal(options.signal);
+    const prompt = this.#promptTokens(options);
+    const { maxTokens } = options;
+    if (!Number.isInteger(maxTokens) || maxTokens < 0) throw new RangeError('maxTokens must be a non-negative integer');
+    const sampling = options.sampling ?? { temperature: 0 };
+    const stop = new Set(options.stopTokens ?? this.eosTokens);
+    const seq = this.createSequence();
+    const out: number[] = [];
+    let stopReason: StopReason = 'maxTokens';
+    try {
+      throwIfAborted(signal);
+      if (prompt.length >= seq.capacity) throw new RangeError(`the prompt (${prompt.length} tokens) does not fit the context of ${seq.capacity}`);
+      let logits = await seq.evaluate(prompt, { lastOnly: true });
+      while (out.length < maxTokens) {
+        throwIfAborted(signal);
+        const token = native.sampleLogits({
+          logits,
+          vocabSize: this.info.vocabSize,
+          sampling,
+          seed: options.seed ?? 0,
+          stream: options.stream ?? 0,
+          position: seq.length,
+        });
+        out.push(token);
+        options.onToken?.(token);
+        if (stop.has(token)) {
+          stopReason = 'eos';
+          break;
+        }
+        if (out.length >= maxTokens) break;
+        if (prompt.length + out.length >= seq.capacity) {
+          stopReason = 'context';
+          break;
+        }
+        logits = await seq.evaluate([token]);
+      }
+    } finally {
+      await seq.dispose();
+    }
+    const tokens = Int32Array.from(out);
+    return this.tokenizer ? { tokens, text: this.tokenizer.decode(tokens), stopReason } : { tokens, stopReason };
+  }
+
+  #promptTokens(options: GenerateOptions): Int32Array {
+    if (options.tokens !== undefined) {
+      const t = toTokenArray(options.tokens);
+      if (t.length === 0) throw new RangeError('tokens must not be empty');
+      return t;
+    }
+    if (options.prompt !== undefined) {
+      if (typeof options.prompt !== 'string') throw new TypeError('prompt must be a string');
+      if (!this.tokenizer) throw new TypeError('prompt needs a model with a tokenizer; pass tokens instead');
+      const t = this.tokenizer.encode(options.prompt, { addBos: this.tokenizer.addBos });
+      if (t.length === 0) throw new RangeError('prompt encodes to no tokens');
+      return t;
+    }
+    throw new TypeError('tokens or prompt is required');
+  }
+
+  /** Frees the model after its sequences finish their running work. Idempotent. */
+  async dispose(): Promise<void> {
+    await Promise.all([...this.#sequences].map((s) => s.dispose()));
+    this.#handle?.dispose();
+    this.#handle = null;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose();
+  }
+}
+
+export interface EvaluateOptions {
+  /** Tree mask: parent of each token in this batch (-1 = the cached prefix). Default: a causal chain. */
+  treeParents?: Int32Array;
+  /** Return only the last row of logits (a prefill). */
+  lastOnly?: boolean;
+}
+
+/** One KV cache. Evaluations run one at a time in call order. */
+export class Sequence {
+  readonly model: Model;
+  #native: NativeSequence | null;
+  #queue: Promise<unknown> = Promise.resolve();
+
+  /** @internal */
+  constructor(model: Model, handle: NativeSequence) {
+    this.model = model;
+    this.#native = handle;
+  }
+
+  #get(): NativeSequence {
+    if (!this.#native) throw new Error('the sequence was disposed');
+    return this.#native;
+  }
+
+  /** Tokens held in the cache. */
+  get length(): number {
+    return this.#get().length;
+  }
+
+  get capacity(): number {
+    return this.#get().capacity;
+  }
+
+  get disposed(): boolean {
+    return this.#native === null;
+  }
+
+  /** Evaluates tokens after the current length and returns their logits [n x V] (or [1 x V] with lastOnly). */
+  async evaluate(tokens: Int32Array | number[], options: EvaluateOptions = {}): Promise<Float32Array> {
+    const handle = this.#get();
+    const t = toTokenArray(tokens);
+    const run = () => {
+      if (!this.#native) throw new Error('the sequence was disposed');
+      return handle.evaluate(t, options.treeParents ?? null, options.lastOnly ?? false);
+    };
+    const result = this.#queue.then(run, run);
+    this.#queue = result.catch(() => undefined);
+    return result;
+  }
+
+  /** Drops everything after the first n tokens. */
+  truncate(n: number): void {
+    this.#get().truncate(n);
+  }
+
+  /** After a tree evaluation starting at `base`, keeps the batch nodes `path` as positions base, base + 1, ... */
+  keepPath(base: number, path: Int32Array | number[]): void {
+    this.#get().keepPath(base, toTokenArray(path, 'path'));
+  }
+
+  /** A copy of this sequence, cache included. */
+  fork(): Sequence {
+    const copy = new Sequence(this.model, this.#get().fork());
+    this.model.adopt(copy);
+    return copy;
+  }
+
+  /** Waits for running evaluations, then frees the cache. Idempotent. */
+  async dispose(): Promise<void> {
+    await this.#queue;
+    this.#native?.dispose();
+    this.#native = null;
+    this.model.release(this);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose();
+  }
+}

@@ -1,0 +1,164 @@
+#include "model/model.h"
+
+#include <cstring>
+
+#include "core/error.h"
+
+namespace osd {
+
+namespace {
+
+const float* f32_vector(const gguf::File& f, const std::string& name, int64_t n) {
+  const gguf::TensorInfo& t = f.tensor(name);
+  if (t.type != gguf::TensorType::F32)
+    throw_io(f.name() + ": tensor '" + name + "' must be F32, got " + gguf::type_info(t.type).name);
+  if (static_cast<int64_t>(t.n_elements) != n)
+    throw_io(f.name() + ": tensor '" + name + "' has " + std::to_string(t.n_elements) + " elements, expected " +
+             std::to_string(n));
+  return reinterpret_cast<const float*>(t.data);
+}
+
+Matrix matrix(const gguf::File& f, const std::string& name, int64_t rows, int64_t cols) {
+  const gguf::TensorInfo& t = f.tensor(name);
+  Matrix m;
+  try {
+    m = matrix_from_tensor(t);
+  } catch (const Error& e) {
+    throw_io(f.name() + ": " + e.what());
+  }
+  if (m.rows != rows || m.cols != cols)
+    throw_io(f.name() + ": tensor '" + name + "' is " + std::to_string(m.rows) + " x " + std::to_string(m.cols) +
+             ", expected " + std::to_string(rows) + " x " + std::to_string(cols));
+  if (m.type == gguf::TensorType::Q8_0 && cols % 32 != 0)
+    throw_io(f.name() + ": tensor '" + name + "' has a row length that is not a multiple of the block size");
+  return m;
+}
+
+}  // namespace
+
+std::shared_ptr<Model> Model::load(const std::string& path) {
+  io::FileBytes probe = io::FileBytes::map(path);
+  if (probe.size() >= 4 && std::memcmp(probe.data(), "GGUF", 4) == 0) {
+    probe = io::FileBytes();
+    return from_gguf(gguf::File::open(path));
+  }
+  probe = io::FileBytes();
+  return from_llama2c(llama2c::Checkpoint::open(path));
+}
+
+std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
+  std::shared_ptr<Model> m(new Model());
+  const gguf::File& f = *file;
+  ModelConfig& c = m->cfg_;
+  c.arch = f.get_string("general.architecture");
+  if (c.arch != "llama" && c.arch != "qwen2")
+    throw_io(f.name() + ": architecture '" + c.arch + "' is not supported (supported: llama, qwen2)");
+  const std::string a = c.arch + ".";
+  c.dim = static_cast<int32_t>(f.get_int(a + "embedding_length"));
+  c.n_layers = static_cast<int32_t>(f.get_int(a + "block_count"));
+  c.n_heads = static_cast<int32_t>(f.get_int(a + "attention.head_count"));
+  c.n_kv_heads = static_cast<int32_t>(f.get_int_or(a + "attention.head_count_kv", c.n_heads));
+  c.ffn_dim = static_cast<int32_t>(f.get_int(a + "feed_forward_length"));
+  c.context = static_cast<int32_t>(f.get_int_or(a + "context_length", 2048));
+  c.rope_theta = static_cast<float>(f.get_float_or(a + "rope.freq_base", 10000.0));
+  c.rms_eps = static_cast<float>(f.get_float_or(a + "attention.layer_norm_rms_epsilon", 1e-5));
+  c.rope_neox = c.arch == "qwen2";
+  if (c.dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.ffn_dim <= 0 || c.context <= 0 ||
+      c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0)
+    throw_io(f.name() + ": inconsistent model dimensions (embedding " + std::to_string(c.dim) + ", heads " +
+             std::to_string(c.n_heads) + ", kv heads " + std::to_string(c.n_kv_heads) + ")");
+  c.head_dim = static_cast<int32_t>(f.get_int_or(a + "attention.key_length", c.dim / c.n_heads));
+  if (f.get_int_or(a + "rope.dimension_count", c.head_dim) != c.head_dim)
+    throw_io(f.name() + ": partial rotary embeddings (" + a + "rope.dimension_count) are not supported");
+  const std::string scaling = f.get_string_or(a + "rope.scaling.type", "none");
+  if (scaling == "linear") {
+    double factor = f.get_float_or(a + "rope.scaling.factor", 1.0);
+    if (!(factor > 0)) throw_io(f.name() + ": " + a + "rope.scaling.factor must be > 0");
+    c.rope_freq_scale = static_cast<float>(1.0 / factor);
+  } else if (scaling != "none") {
+    throw_io(f.name() + ": RoPE scaling '" + scaling + "' is not supported (supported: none, linear)");
+  }
+  if (f.find_tensor("rope_freqs.weight"))
+    throw_io(f.name() + ": tensor 'rope_freqs.weight' (per-dimension RoPE factors, Llama 3.1 style) is not supported");
+
+  m->token_embd = matrix_from_tensor(f.tensor("token_embd.weight"));
+  c.vocab = static_cast<int32_t>(m->token_embd.rows);
+  m->token_embd = matrix(f, "token_embd.weight", c.vocab, c.dim);
+  m->output_norm = f32_vector(f, "output_norm.weight", c.dim);
+  c.tied_output = f.find_tensor("output.weight") == nullptr;
+  m->output = c.tied_output ? m->token_embd : matrix(f, "output.weight", c.vocab, c.dim);
+  const int64_t qd = c.q_dim(), kvd = c.kv_dim();
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    const std::string p = "blk." + std::to_string(l) + ".";
+    LayerWeights w;
+    w.attn_norm = f32_vector(f, p + "attn_norm.weight", c.dim);
+    w.wq = matrix(f, p + "attn_q.weight", qd, c.dim);
+    w.wk = matrix(f, p + "attn_k.weight", kvd, c.dim);
+    w.wv = matrix(f, p + "attn_v.weight", kvd, c.dim);
+    w.wo = matrix(f, p + "attn_output.weight", c.dim, qd);
+    if (f.find_tensor(p + "attn_q.bias")) {
+      w.bq = f32_vector(f, p + "attn_q.bias", qd);
+      w.bk = f32_vector(f, p + "attn_k.bias", kvd);
+      w.bv = f32_vector(f, p + "attn_v.bias", kvd);
+    } else if (c.arch == "qwen2") {
+      throw_io(f.name() + ": qwen2 model lacks tensor '" + p + "attn_q.bias'");
+    }
+    w.ffn_norm = f32_vector(f, p + "ffn_norm.weight", c.dim);
+    w.w_gate = matrix(f, p + "ffn_gate.weight", c.ffn_dim, c.dim);
+    w.w_up = matrix(f, p + "ffn_up.weight", c.ffn_dim, c.dim);
+    w.w_down = matrix(f, p + "ffn_down.weight", c.dim, c.ffn_dim);
+    m->layers.push_back(w);
+  }
+  m->path_ = f.name();
+  m->gguf_ = std::move(file);
+  return m;
+}
+
+std::shared_ptr<Model> Model::from_llama2c(std::unique_ptr<llama2c::Checkpoint> ckpt) {
+  std::shared_ptr<Model> m(new Model());
+  const llama2c::Config& lc = ckpt->config();
+  const llama2c::Weights& w = ckpt->weights();
+  ModelConfig& c = m->cfg_;
+  c.arch = "llama";
+  c.vocab = lc.vocab_size;
+  c.dim = lc.dim;
+  c.n_layers = lc.n_layers;
+  c.n_heads = lc.n_heads;
+  c.n_kv_heads = lc.n_kv_heads;
+  c.head_dim = lc.head_size();
+  c.ffn_dim = lc.hidden_dim;
+  c.context = lc.seq_len;
+  c.rope_theta = 10000.0f;
+  c.rms_eps = 1e-5f;
+  c.tied_output = lc.shared_classifier;
+  const int64_t D = c.dim, KV = c.kv_dim(), H = c.ffn_dim;
+  m->token_embd = matrix_f32(w.token_embedding, c.vocab, D);
+  m->output_norm = w.rms_final;
+  m->output = matrix_f32(w.wcls, c.vocab, D);
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    LayerWeights lw;
+    lw.attn_norm = w.rms_att + l * D;
+    lw.wq = matrix_f32(w.wq + l * D * D, D, D);
+    lw.wk = matrix_f32(w.wk + l * KV * D, KV, D);
+    lw.wv = matrix_f32(w.wv + l * KV * D, KV, D);
+    lw.wo = matrix_f32(w.wo + l * D * D, D, D);
+    lw.ffn_norm = w.rms_ffn + l * D;
+    lw.w_gate = matrix_f32(w.w1 + l * H * D, H, D);
+    lw.w_down = matrix_f32(w.w2 + l * D * H, D, H);
+    lw.w_up = matrix_f32(w.w3 + l * H * D, H, D);
+    m->layers.push_back(lw);
+  }
+  m->path_ = ckpt->name();
+  m->l2c_ = std::move(ckpt);
+  return m;
+}
+
+size_t Model::weight_bytes_per_token() const {
+  size_t total = token_embd.row_bytes + output.bytes();
+  for (const auto& l : layers)
+    total += l.wq.bytes() + l.wk.bytes() + l.wv.bytes() + l.wo.bytes() + l.w_gate.bytes() + l.w_up.bytes() +
+             l.w_down.bytes();
+  return total;
+}
+
+}  // namespace osd

@@ -1,0 +1,73 @@
+// A llama-family decoder (llama: Llama 2/3, Mistral, SmolLM; qwen2 with QKV bias) loaded from
+// GGUF or a llama2.c checkpoint, with weights left in their stored format inside the mapped file.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/gguf.h"
+#include "io/llama2c.h"
+#include "model/tensor_ops.h"
+
+namespace osd {
+
+struct ModelConfig {
+  std::string arch = "llama";  // "llama" | "qwen2"
+  int32_t vocab = 0;
+  int32_t dim = 0;
+  int32_t n_layers = 0;
+  int32_t n_heads = 0;
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t ffn_dim = 0;
+  int32_t context = 0;
+  float rope_theta = 10000.0f;
+  float rope_freq_scale = 1.0f;  // linear RoPE scaling: positions are multiplied by this
+  bool rope_neox = false;        // split-halves rotation (qwen2) instead of adjacent pairs
+  float rms_eps = 1e-5f;
+  bool tied_output = true;
+  int32_t kv_dim() const { return n_kv_heads * head_dim; }
+  int32_t q_dim() const { return n_heads * head_dim; }
+};
+
+struct LayerWeights {
+  const float* attn_norm = nullptr;
+  Matrix wq, wk, wv, wo;
+  const float* bq = nullptr;  // qwen2 biases
+  const float* bk = nullptr;
+  const float* bv = nullptr;
+  const float* ffn_norm = nullptr;
+  Matrix w_gate, w_up, w_down;
+};
+
+class Model {
+ public:
+  // Reads a GGUF file or a llama2.c checkpoint, told apart by the magic. Errors name the file.
+  static std::shared_ptr<Model> load(const std::string& path);
+  static std::shared_ptr<Model> from_gguf(std::unique_ptr<gguf::File> file);
+  static std::shared_ptr<Model> from_llama2c(std::unique_ptr<llama2c::Checkpoint> ckpt);
+
+  const ModelConfig& config() const { return cfg_; }
+  const std::string& path() const { return path_; }
+  const gguf::File* gguf() const { return gguf_.get(); }  // null for llama2.c checkpoints
+
+  // Weights (views into the mapped file, or into owned buffers after set_weights).
+  Matrix token_embd;
+  const float* output_norm = nullptr;
+  Matrix output;  // equals token_embd when tied
+  std::vector<LayerWeights> layers;
+
+  // Bytes of weights read per decoded token (every matrix once; embeddings one row).
+  size_t weight_bytes_per_token() const;
+
+ private:
+  Model() = default;
+
+  ModelConfig cfg_;
+  std::string path_;
+  std::unique_ptr<gguf::File> gguf_;
+  std::unique_ptr<llama2c::Checkpoint> l2c_;
+};
+
+}  // namespace osd

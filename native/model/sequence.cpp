@@ -1,0 +1,168 @@
+#include "model/sequence.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "core/error.h"
+#include "core/thread_pool.h"
+
+namespace osd {
+
+Sequence::Sequence(std::shared_ptr<const Model> model, int32_t capacity) : model_(std::move(model)) {
+  const int32_t ctx = model_->config().context;
+  capacity_ = capacity > 0 ? std::min(capacity, ctx) : ctx;
+  k_.resize(model_->config().n_layers);
+  v_.resize(model_->config().n_layers);
+}
+
+void Sequence::reserve(int32_t slots) {
+  if (slots <= allocated_) return;
+  int32_t grow = std::max<int32_t>(64, allocated_);
+  while (grow < slots) grow *= 2;
+  grow = std::min(grow, capacity_);
+  const size_t kvd = model_->config().kv_dim();
+  for (size_t l = 0; l < k_.size(); ++l) {
+    k_[l].resize(static_cast<size_t>(grow) * kvd);
+    v_[l].resize(static_cast<size_t>(grow) * kvd);
+  }
+  allocated_ = grow;
+}
+
+void Sequence::truncate(int32_t n) {
+  if (n < 0 || n > length_)
+    throw_range("truncate: length " + std::to_string(n) + " is outside [0, " + std::to_string(length_) + "]");
+  length_ = n;
+}
+
+void Sequence::keep_path(int32_t base, const int32_t* path, int32_t k) {
+  if (base < 0 || base > length_) throw_range("keep_path: base is outside the sequence");
+  const size_t kvd = model_->config().kv_dim();
+  for (int32_t i = 0; i < k; ++i) {
+    const int32_t src = base + path[i];
+    if (path[i] < 0 || src >= length_) throw_range("keep_path: path[" + std::to_string(i) + "] is not an evaluated node");
+    if (src == base + i) continue;
+    // Nodes keep their RoPE: node path[i] sits at depth i, the position it was evaluated at.
+    for (size_t l = 0; l < k_.size(); ++l) {
+      std::memcpy(&k_[l][(base + i) * kvd], &k_[l][src * kvd], kvd * sizeof(float));
+      std::memcpy(&v_[l][(base + i) * kvd], &v_[l][src * kvd], kvd * sizeof(float));
+    }
+  }
+  length_ = base + k;
+}
+
+std::unique_ptr<Sequence> Sequence::fork() const {
+  auto s = std::make_unique<Sequence>(model_, capacity_);
+  s->reserve(length_);
+  const size_t kvd = model_->config().kv_dim();
+  for (size_t l = 0; l < k_.size(); ++l) {
+    std::copy(k_[l].begin(), k_[l].begin() + length_ * kvd, s->k_[l].begin());
+    std::copy(v_[l].begin(), v_[l].begin() + length_ * kvd, s->v_[l].begin());
+  }
+  s->length_ = length_;
+  return s;
+}
+
+void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents, float* logits, bool last_only) {
+  const ModelConfig& c = model_->config();
+  const Model& m = *model_;
+  if (n <= 0) throw_range("evaluate: at least one token is needed");
+  for (int32_t i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= c.vocab)
+      throw_range("tokens[" + std::to_string(i) + "] = " + std::to_string(tokens[i]) + " is out of range for a vocabulary of " +
+                  std::to_string(c.vocab));
+    if (parents && (parents[i] < -1 || parents[i] >= i))
+      throw_range("treeParents[" + std::to_string(i) + "] = " + std::to_string(parents[i]) +
+                  " must be -1 or an earlier index in the batch");
+  }
+  const int32_t base = length_;
+  if (static_cast<int64_t>(base) + n > capacity_)
+    throw_range("the sequence would hold " + std::to_string(int64_t(base) + n) + " tokens, more than its context of " +
+                std::to_string(capacity_));
+  reserve(base + n);
+
+  // Positions and the visible batch tokens of each token (ancestors and itself, in index order).
+  std::vector<int32_t> pos(n);
+  std::vector<std::vector<int32_t>> visible(n);
+  for (int32_t i = 0; i < n; ++i) {
+    const int32_t p = parents ? parents[i] : i - 1;
+    pos[i] = base + (p < 0 ? 0 : pos[p] - base + 1);
+    if (p >= 0) visible[i] = visible[p];
+    visible[i].push_back(i);
+  }
+
+  const int64_t D = c.dim, QD = c.q_dim(), KVD = c.kv_dim(), F = c.ffn_dim, HD = c.head_dim;
+  const int32_t group = c.n_heads / c.n_kv_heads;
+  std::vector<float> x(n * D), xb(n * D), q(n * QD), kv_k(n * KVD), kv_v(n * KVD), att(n * QD), h(n * F), g(n * F),
+      tmp(n * std::max(D, F));
+  for (int32_t i = 0; i < n; ++i) dequantize_row(m.token_embd, tokens[i], &x[i * D]);
+  const float inv_sqrt_hd = 1.0f / std::sqrt(static_cast<float>(HD));
+
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& w = m.layers[l];
+    for (int32_t i = 0; i < n; ++i) rmsnorm(&x[i * D], w.attn_norm, D, c.rms_eps, &xb[i * D]);
+    matmul(w.wq, xb.data(), n, q.data());
+    matmul(w.wk, xb.data(), n, kv_k.data());
+    matmul(w.wv, xb.data(), n, kv_v.data());
+    for (int32_t i = 0; i < n; ++i) {
+      if (w.bq) {
+        for (int64_t j = 0; j < QD; ++j) q[i * QD + j] += w.bq[j];
+        for (int64_t j = 0; j < KVD; ++j) kv_k[i * KVD + j] += w.bk[j], kv_v[i * KVD + j] += w.bv[j];
+      }
+      for (int32_t hh = 0; hh < c.n_heads; ++hh)
+        rope(&q[i * QD + hh * HD], HD, pos[i], c.rope_theta, c.rope_freq_scale, c.rope_neox);
+      for (int32_t hh = 0; hh < c.n_kv_heads; ++hh)
+        rope(&kv_k[i * KVD + hh * HD], HD, pos[i], c.rope_theta, c.rope_freq_scale, c.rope_neox);
+      std::memcpy(&k_[l][(base + i) * KVD], &kv_k[i * KVD], KVD * sizeof(float));
+      std::memcpy(&v_[l][(base + i) * KVD], &kv_v[i * KVD], KVD * sizeof(float));
+    }
+    // Attention: token i, head hh sees slots [0, base) and its visible batch slots, in slot order.
+    const float* K = k_[l].data();
+    const float* V = v_[l].data();
+    default_pool().parallel_for(static_cast<size_t>(n) * c.n_heads, 1, [&](size_t lo, size_t hi) {
+      std::vector<float> score;
+      for (size_t task = lo; task < hi; ++task) {
+        const int32_t i = static_cast<int32_t>(task / c.n_heads), hh = static_cast<int32_t>(task % c.n_heads);
+        const int32_t kh = hh / group;
+        const float* qv = &q[i * QD + hh * HD];
+        const size_t nvis = base + visible[i].size();
+        score.resize(nvis);
+        float mx = -INFINITY;
+        for (size_t s = 0; s < nvis; ++s) {
+          const int32_t slot = s < static_cast<size_t>(base) ? static_cast<int32_t>(s) : base + visible[i][s - base];
+          const float* kv = K + slot * KVD + kh * HD;
+          float dot = 0.0f;
+          for (int64_t d = 0; d < HD; ++d) dot += qv[d] * kv[d];
+          score[s] = dot * inv_sqrt_hd;
+          mx = std::max(mx, score[s]);
+        }
+        float sum = 0.0f;
+        for (size_t s = 0; s < nvis; ++s) sum += (score[s] = std::exp(score[s] - mx));
+        const float inv = 1.0f / sum;
+        float* out = &att[i * QD + hh * HD];
+        std::fill(out, out + HD, 0.0f);
+        for (size_t s = 0; s < nvis; ++s) {
+          const int32_t slot = s < static_cast<size_t>(base) ? static_cast<int32_t>(s) : base + visible[i][s - base];
+          const float* vv = V + slot * KVD + kh * HD;
+          const float a = score[s] * inv;
+          for (int64_t d = 0; d < HD; ++d) out[d] += a * vv[d];
+        }
+      }
+    });
+    matmul(w.wo, att.data(), n, tmp.data());
+    for (int64_t j = 0; j < n * D; ++j) x[j] += tmp[j];
+    for (int32_t i = 0; i < n; ++i) rmsnorm(&x[i * D], w.ffn_norm, D, c.rms_eps, &xb[i * D]);
+    matmul(w.w_gate, xb.data(), n, g.data());
+    matmul(w.w_up, xb.data(), n, h.data());
+    for (int32_t i = 0; i < n; ++i) swiglu(&g[i * F], &h[i * F], F, &h[i * F]);
+    matmul(w.w_down, h.data(), n, tmp.data());
+    for (int64_t j = 0; j < n * D; ++j) x[j] += tmp[j];
+  }
+  const int32_t first = last_only ? n - 1 : 0, rows = n - first;
+  for (int32_t i = first; i < n; ++i) rmsnorm(&x[i * D], m.output_norm, D, c.rms_eps, &xb[(i - first) * D]);
+  matmul(m.output, xb.data(), rows, logits);
+  length_ = base + n;
+}
+
+}  // namespace osd

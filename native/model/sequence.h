@@ -1,0 +1,49 @@
+// A sequence: one KV cache over a model, and the forward pass that fills it.
+// evaluate() runs many tokens in one pass: a causal chain (a prefill, or a draft chain to verify)
+// or a tree, where each token sees the cached prefix and its own ancestors only.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "model/model.h"
+
+namespace osd {
+
+class Sequence {
+ public:
+  // capacity 0 means the model's context length; the cache grows on demand up to it.
+  explicit Sequence(std::shared_ptr<const Model> model, int32_t capacity = 0);
+
+  const Model& model() const { return *model_; }
+  int32_t length() const { return length_; }
+  int32_t capacity() const { return capacity_; }
+
+  // Evaluates n tokens placed after the current length; their KV entries take slots
+  // [length, length + n) and length grows by n. parents == null means a causal chain; otherwise
+  // parents[i] is -1 (attached to the prefix) or an earlier index in this batch, and token i sits
+  // at position length + depth(i). logits receives n x vocab rows, or only the last row when
+  // last_only is set (a prefill). Throws Range if the context would overflow or an id is invalid.
+  void evaluate(const int32_t* tokens, int32_t n, const int32_t* parents, float* logits, bool last_only = false);
+
+  // Drops everything after the first n tokens.
+  void truncate(int32_t n);
+
+  // After a tree evaluation that started at `base`, keeps the nodes `path` (batch indices, each
+  // the parent of the next) as the contiguous positions base, base + 1, ... and drops the rest.
+  void keep_path(int32_t base, const int32_t* path, int32_t k);
+
+  // A copy of this sequence (its cache included).
+  std::unique_ptr<Sequence> fork() const;
+
+ private:
+  void reserve(int32_t slots);
+
+  std::shared_ptr<const Model> model_;
+  int32_t capacity_ = 0;
+  int32_t allocated_ = 0;
+  int32_t length_ = 0;
+  std::vector<std::vector<float>> k_, v_;  // per layer: allocated_ x kv_dim
+};
+
+}  // namespace osd

@@ -1,0 +1,329 @@
+// Bindings for models and sequences. Loading and evaluation run on libuv's worker threads
+// (AsyncWorker), so the event loop keeps turning; the engine's own pool does the math.
+// A sequence runs one evaluation at a time; the TypeScript layer queues calls.
+#include <napi.h>
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "core/philox.h"
+#include "model/model.h"
+#include "model/sequence.h"
+#include "napi/napi_util.h"
+#include "spec/sampling.h"
+
+namespace osd::napi {
+
+namespace {
+
+struct Ctors {
+  Napi::FunctionReference model;
+  Napi::FunctionReference sequence;
+};
+
+// Rejects a deferred with the JS error class matching an engine error.
+void reject_with(Napi::Env env, Napi::Promise::Deferred& d, ErrorKind kind, const std::string& msg) {
+  Napi::Error e = kind == ErrorKind::Type    ? Napi::TypeError::New(env, msg)
+                  : kind == ErrorKind::Range ? Napi::RangeError::New(env, msg)
+                                             : Napi::Error::New(env, msg);
+  if (kind == ErrorKind::Io) e.Set("code", Napi::String::New(env, "OSD_IO"));
+  d.Reject(e.Value());
+}
+
+// An AsyncWorker that settles a promise and keeps the engine's error kind.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  explicit PromiseWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise promise() { return deferred_.Promise(); }
+
+ protected:
+  void Execute() override {
+    try {
+      run();
+    } catch (const Error& e) {
+      kind_ = e.kind;
+      SetError(e.what());
+    } catch (const std::bad_alloc&) {
+      kind_ = ErrorKind::Range;
+      SetError("out of memory");
+    } catch (const std::exception& e) {
+      kind_ = ErrorKind::State;
+      SetError(e.what());
+    }
+  }
+  void OnError(const Napi::Error& e) override {
+    reject_with(Env(), deferred_, kind_, e.Message());
+  }
+  virtual void run() = 0;
+  Napi::Promise::Deferred deferred_;
+  ErrorKind kind_ = ErrorKind::State;
+};
+
+class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
+ public:
+  static Napi::Function define(Napi::Env env) {
+    return DefineClass(env, "NativeModel",
+                       {InstanceMethod("info", &ModelWrap::info), InstanceMethod("dispose", &ModelWrap::dispose),
+                        InstanceAccessor("disposed", &ModelWrap::disposed, nullptr)});
+  }
+  explicit ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
+    if (info.Length() < 1 || !info[0].IsExternal())
+      throw Napi::TypeError::New(info.Env(), "NativeModel is created by loadModel()");
+    model_ = *info[0].As<Napi::External<std::shared_ptr<Model>>>().Data();
+  }
+  std::shared_ptr<Model> get(Napi::Env env) const {
+    if (!model_) throw Napi::Error::New(env, "the model was disposed");
+    return model_;
+  }
+
+ private:
+  Napi::Value info(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = get(env);
+    const ModelConfig& c = m->config();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("path", m->path());
+    o.Set("format", m->gguf() ? "gguf" : "llama2c");
+    o.Set("architecture", c.arch);
+    o.Set("vocabSize", c.vocab);
+    o.Set("contextLength", c.context);
+    o.Set("embeddingLength", c.dim);
+    o.Set("layers", c.n_layers);
+    o.Set("heads", c.n_heads);
+    o.Set("kvHeads", c.n_kv_heads);
+    o.Set("headDim", c.head_dim);
+    o.Set("feedForwardLength", c.ffn_dim);
+    o.Set("ropeTheta", c.rope_theta);
+    o.Set("rmsEps", c.rms_eps);
+    o.Set("tiedOutput", c.tied_output);
+    o.Set("weightBytesPerToken", static_cast<double>(m->weight_bytes_per_token()));
+    return o;
+  }
+  Napi::Value dispose(const Napi::CallbackInfo& info) {
+    model_.reset();  // running sequences hold their own reference
+    return info.Env().Undefined();
+  }
+  Napi::Value disposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !model_); }
+
+  std::shared_ptr<Model> model_;
+};
+
+class LoadModelWorker : public PromiseWorker {
+ public:
+  LoadModelWorker(Napi::Env env, std::string path, Ctors* ctors) : PromiseWorker(env), path_(std::move(path)), ctors_(ctors) {}
+
+ protected:
+  void run() override { model_ = Model::load(path_); }
+  void OnOK() override {
+    Napi::Env env = Env();
+    auto ext = Napi::External<std::shared_ptr<Model>>::New(env, new std::shared_ptr<Model>(model_),
+                                                           [](Napi::Env, std::shared_ptr<Model>* p) { delete p; });
+    deferred_.Resolve(ctors_->model.New({ext}));
+  }
+
+ private:
+  std::string path_;
+  Ctors* ctors_;
+  std::shared_ptr<Model> model_;
+};
+
+class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
+ public:
+  static Napi::Function define(Napi::Env env) {
+    return DefineClass(env, "NativeSequence",
+                       {InstanceMethod("evaluate", &SequenceWrap::evaluate),
+                        InstanceMethod("truncate", &SequenceWrap::truncate),
+                        InstanceMethod("keepPath", &SequenceWrap::keep_path),
+                        InstanceMethod("fork", &SequenceWrap::fork),
+                        InstanceMethod("dispose", &SequenceWrap::dispose),
+                        InstanceAccessor("length", &SequenceWrap::length, nullptr),
+                        InstanceAccessor("capacity", &SequenceWrap::capacity, nullptr)});
+  }
+
+  // new NativeSequence(model, capacity) or new NativeSequence(External<Sequence>) from fork().
+  explicit SequenceWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SequenceWrap>(info) {
+    Napi::Env env = info.Env();
+    if (info.Length() >= 1 && info[0].IsExternal()) {
+      seq_.reset(info[0].As<Napi::External<Sequence>>().Data());
+      return;
+    }
+    if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "model must be a NativeModel");
+    ModelWrap* mw = ModelWrap::Unwrap(info[0].As<Napi::Object>());
+    int32_t capacity = 0;
+    if (info.Length() > 1 && info[1].IsNumber()) {
+      double c = info[1].As<Napi::Number>().DoubleValue();
+      if (c != std::floor(c) || c < 0 || c > 1e9) throw Napi::RangeError::New(env, "contextSize must be a non-negative integer");
+      capacity = static_cast<int32_t>(c);
+    }
+    seq_ = std::make_shared<Sequence>(mw->get(env), capacity);
+  }
+
+ private:
+  Sequence& get(Napi::Env env) {
+    if (!seq_) throw Napi::Error::New(env, "the sequence was disposed");
+    if (busy_->load()) throw Napi::Error::New(env, "the sequence is busy with another evaluation");
+    return *seq_;
+  }
+
+  class EvalWorker : public PromiseWorker {
+   public:
+    EvalWorker(Napi::Env env, std::shared_ptr<Sequence> seq, std::shared_ptr<std::atomic<bool>> busy,
+               std::vector<int32_t> tokens, std::vector<int32_t> parents, bool last_only, Napi::Float32Array out)
+        : PromiseWorker(env), seq_(std::move(seq)), busy_(std::move(busy)), tokens_(std::move(tokens)),
+          parents_(std::move(parents)), last_only_(last_only), out_ref_(Napi::Persistent(out)), out_(out.Data()) {}
+
+   protected:
+    void run() override {
+      seq_->evaluate(tokens_.data(), static_cast<int32_t>(tokens_.size()), parents_.empty() ? nullptr : parents_.data(),
+                     out_, last_only_);
+    }
+    void OnOK() override {
+      busy_->store(false);
+      deferred_.Resolve(out_ref_.Value());
+    }
+    void OnError(const Napi::Error& e) override {
+      busy_->store(false);
+      PromiseWorker::OnError(e);
+    }
+
+   private:
+    std::shared_ptr<Sequence> seq_;
+    std::shared_ptr<std::atomic<bool>> busy_;
+    std::vector<int32_t> tokens_, parents_;
+    bool last_only_;
+    Napi::Reference<Napi::Float32Array> out_ref_;
+    float* out_;
+  };
+
+  // evaluate(tokens: Int32Array, parents?: Int32Array | null, lastOnly?: boolean): Promise<Float32Array>
+  Napi::Value evaluate(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Sequence& s = get(env);
+    if (info.Length() < 1) throw Napi::TypeError::New(env, "tokens must be an Int32Array");
+    auto toks = typed_array<int32_t>(env, info[0], "tokens");
+    if (toks.length == 0) throw Napi::RangeError::New(env, "tokens must not be empty");
+    std::vector<int32_t> parents;
+    if (info.Length() > 1 && !info[1].IsUndefined() && !info[1].IsNull()) {
+      auto p = typed_array<int32_t>(env, info[1], "treeParents");
+      if (p.length != toks.length)
+        throw Napi::RangeError::New(env, "treeParents has length " + std::to_string(p.length) + ", expected tokens.length = " +
+                                             std::to_string(toks.length));
+      parents.assign(p.data, p.data + p.length);
+    }
+    const bool last_only = info.Length() > 2 && info[2].ToBoolean();
+    const int32_t V = s.model().config().vocab;
+    const size_t rows = last_only ? 1 : toks.length;
+    auto out = Napi::Float32Array::New(env, rows * V);
+    busy_->store(true);
+    auto* w = new EvalWorker(env, seq_, busy_, std::vector<int32_t>(toks.data, toks.data + toks.length),
+                             std::move(parents), last_only, out);
+    w->Queue();
+    return w->promise();
+  }
+
+  Napi::Value truncate(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Sequence& s = get(env);
+    if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "length must be a number");
+    double n = info[0].As<Napi::Number>().DoubleValue();
+    if (n != std::floor(n) || n < 0 || n > s.length())
+      throw Napi::RangeError::New(env, "length must be an integer in [0, " + std::to_string(s.length()) + "]");
+    s.truncate(static_cast<int32_t>(n));
+    return env.Undefined();
+  }
+
+  Napi::Value keep_path(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Sequence& s = get(env);
+    if (info.Length() < 2 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "keepPath(base, path)");
+    double base = info[0].As<Napi::Number>().DoubleValue();
+    if (base != std::floor(base) || base < 0 || base > s.length())
+      throw Napi::RangeError::New(env, "base must be an integer in [0, " + std::to_string(s.length()) + "]");
+    auto path = typed_array<int32_t>(env, info[1], "path");
+    guarded(env, [&] { s.keep_path(static_cast<int32_t>(base), path.data, static_cast<int32_t>(path.length)); });
+    return env.Undefined();
+  }
+
+  Napi::Value fork(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Sequence& s = get(env);
+    Sequence* copy = s.fork().release();
+    auto ext = Napi::External<Sequence>::New(env, copy);
+    auto* ctors = env.GetInstanceData<Ctors>();
+    return ctors->sequence.New({ext});
+  }
+
+  Napi::Value dispose(const Napi::CallbackInfo& info) {
+    seq_.reset();  // a running evaluation keeps its own reference until it ends
+    return info.Env().Undefined();
+  }
+  Napi::Value length(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), seq_ ? seq_->length() : 0);
+  }
+  Napi::Value capacity(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), seq_ ? seq_->capacity() : 0);
+  }
+
+  std::shared_ptr<Sequence> seq_;
+  std::shared_ptr<std::atomic<bool>> busy_ = std::make_shared<std::atomic<bool>>(false);
+};
+
+Napi::Value load_model(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "path must be a string");
+  auto* w = new LoadModelWorker(env, info[0].As<Napi::String>(), env.GetInstanceData<Ctors>());
+  w->Queue();
+  return w->promise();
+}
+
+// sampleLogits({ logits, vocabSize, sampling, seed, stream?, position }): one token from one row,
+// with the kernels' warping and the Philox draw at (position, sample lane).
+Napi::Value sample_logits(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Object o = require_object(info, 0, "options");
+    const int32_t V = static_cast<int32_t>(get_int(o, "vocabSize", 1, 1 << 30));
+    auto logits = get_array<float>(o, "logits");
+    if (logits.length != static_cast<size_t>(V))
+      throw Napi::RangeError::New(env, "logits has length " + std::to_string(logits.length) + ", expected vocabSize = " +
+                                           std::to_string(V));
+    if (!has(o, "sampling") || !o.Get("sampling").IsObject()) throw Napi::TypeError::New(env, "sampling must be an object");
+    Napi::Object so = o.Get("sampling").As<Napi::Object>();
+    Sampling s;
+    s.temperature = static_cast<float>(get_number(so, "temperature", "sampling."));
+    s.top_k = static_cast<int32_t>(get_int_or(so, "topK", 0, INT32_MAX, 0, "sampling."));
+    s.top_p = static_cast<float>(get_number_or(so, "topP", 1.0, "sampling."));
+    validate_sampling(s);
+    const float mx = checked_row_max(logits.data, V, "logits", 0);
+    if (s.greedy()) return Napi::Number::New(env, argmax_row(logits.data, V));
+    const uint64_t seed = get_seed(o, "seed");
+    const uint64_t stream = has(o, "stream") ? get_seed(o, "stream") : 0;
+    const uint32_t position = static_cast<uint32_t>(get_int(o, "position", 0, UINT32_MAX));
+    WarpedRow w;
+    warp_row(logits.data, V, mx, s, w);
+    return Napi::Number::New(env, sample_row(w, philox_uniform(seed, stream, position, kLaneSample)));
+  });
+}
+
+void init(Napi::Env env, Napi::Object exports) {
+  auto* ctors = new Ctors();
+  Napi::Function model = ModelWrap::define(env);
+  Napi::Function sequence = SequenceWrap::define(env);
+  ctors->model = Napi::Persistent(model);
+  ctors->sequence = Napi::Persistent(sequence);
+  // The tokenizer binding may also set instance data; keep ours reachable through this object.
+  env.SetInstanceData<Ctors>(ctors);
+  exports.Set("NativeModel", model);
+  exports.Set("NativeSequence", sequence);
+  exports.Set("loadModel", Napi::Function::New(env, load_model, "loadModel"));
+  exports.Set("sampleLogits", Napi::Function::New(env, sample_logits, "sampleLogits"));
+}
+
+ExportRegistrar reg(init);
+
+}  // namespace
+
+}  // namespace osd::napi

@@ -1,0 +1,202 @@
+// The model API on the real llama2.c checkpoint stories260K: loading, forward, tree evaluation,
+// generation, async behaviour, lifecycle and bad input.
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadModel, type Model } from '../lib/index.js';
+
+const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
+const have = existsSync(STORIES);
+if (!have) console.warn(`skip: ${STORIES} not found (the model tests need ../shared/models)`);
+
+describe.skipIf(!have)('model (stories260K)', () => {
+  let model: Model;
+  beforeAll(async () => {
+    model = await loadModel(STORIES);
+  });
+  afterAll(async () => {
+    await model?.dispose();
+  });
+
+  it('reads the llama2.c header', () => {
+    expect(model.info).toMatchObject({
+      format: 'llama2c',
+      architecture: 'llama',
+      vocabSize: 512,
+      contextLength: 512,
+      embeddingLength: 64,
+      layers: 5,
+      heads: 8,
+      kvHeads: 4,
+      tiedOutput: true,
+    });
+  });
+
+  it('greedy generation from BOS is deterministic and matches llama2.c', async () => {
+    const a = await model.generate({ tokens: [1], maxTokens: 20 });
+    const b = await model.generate({ tokens: [1], maxTokens: 20 });
+    expect(Array.from(a.tokens)).toEqual(Array.from(b.tokens));
+    // llama2.c's run.c (-t 0) on the same checkpoint.
+    expect(Array.from(a.tokens)).toEqual([461, 461, 401, 401, 401, 461, 378, 455, 473, 456, 435, 299, 362, 409, 283, 264, 283, 452, 288, 13]);
+    expect(a.stopReason).toBe('maxTokens');
+  });
+
+  it('greedy generation runs to the end of the context when no EOS comes', async () => {
+    const r = await model.generate({ tokens: [1], maxTokens: 1000 });
+    expect(r.stopReason).toBe('context');
+    expect(r.tokens.length).toBe(511);
+  });
+
+  it('sampled generation is reproducible per seed and stops at EOS', async () => {
+    const a = await model.generate({ tokens: [1], maxTokens: 500, sampling: { temperature: 1 }, seed: 1 });
+    const b = await model.generate({ tokens: [1], maxTokens: 500, sampling: { temperature: 1 }, seed: 1 });
+    expect(Array.from(a.tokens)).toEqual(Array.from(b.tokens));
+    expect(a.stopReason).toBe('eos');
+    expect(model.eosTokens).toContain(a.tokens[a.tokens.length - 1]);
+    const c = await model.generate({ tokens: [1], maxTokens: 500, sampling: { temperature: 1 }, seed: 2 });
+    expect(Array.from(c.tokens)).not.toEqual(Array.from(a.tokens));
+  });
+
+  it('forward gives [n x V] logits equal to step-by-step decoding', async () => {
+    const toks = Int32Array.from([1, 403, 407, 261, 378, 395]);
+    const all = await model.forward(toks);
+    expect(all.length).toBe(toks.length * 512);
+    const seq = model.createSequence();
+    for (let i = 0; i < toks.length; i++) {
+      const row = await seq.evaluate(toks.subarray(i, i + 1));
+      expect(Array.from(row)).toEqual(Array.from(all.subarray(i * 512, (i + 1) * 512)));
+    }
+    await seq.dispose();
+  });
+
+  it('a tree-masked pass gives each node the logits of its path, and keepPath compacts the cache', async () => {
+    const prefix = [1, 403, 407];
+    const parents = Int32Array.from([-1, -1, 0, 1, 3, 3]);
+    const tokens = Int32Array.from([261, 378, 395, 42, 7, 300]);
+    const seq = model.createSequence();
+    await seq.evaluate(prefix);
+    const tree = await seq.evaluate(tokens, { treeParents: parents });
+    for (let i = 0; i < tokens.length; i++) {
+      const path: number[] = [];
+      for (let j = i; j >= 0; j = parents[j]!) path.unshift(tokens[j]!);
+      const ref = await model.forward([...prefix, ...path]);
+      const last = ref.subarray((prefix.length + path.length - 1) * 512);
+      expect(Array.from(tree.subarray(i * 512, (i + 1) * 512))).toEqual(Array.from(last));
+    }
+    seq.keepPath(3, [1, 3, 5]);
+    expect(seq.length).toBe(6);
+    const next = await seq.evaluate([9]);
+    const ref = await model.forward([...prefix, 378, 42, 300, 9]);
+    expect(Array.from(next)).toEqual(Array.from(ref.subarray(6 * 512)));
+    await seq.dispose();
+  });
+
+  it('keeps the event loop turning during a long evaluation', async () => {
+    const toks = new Int32Array(500).map((_, i) => (i * 37 + 1) % 512);
+    let ticks = 0;
+    let running = true;
+    const tick = () => {
+      ticks++;
+      if (running) setImmediate(tick);
+    };
+    setImmediate(tick);
+    const started = performance.now();
+    // Several sequential prefills make the call long enough to observe on any machine.
+    for (let k = 0; k < 4; k++) await model.forward(toks);
+    running = false;
+    const ms = performance.now() - started;
+    expect(ticks).toBeGreaterThan(4);
+    console.log(`event loop: ${ticks} ticks during ${ms.toFixed(0)} ms of evaluation`);
+  });
+
+  it('an AbortSignal stops generate within one step', async () => {
+    const ac = new AbortController();
+    let seen = 0;
+    let afterAbort = 0;
+    const p = model.generate({
+      tokens: [1],
+      maxTokens: 400,
+      signal: ac.signal,
+      onToken: () => {
+        seen++;
+        if (ac.signal.aborted) afterAbort++;
+        if (seen === 5) ac.abort();
+      },
+    });
+    await expect(p).rejects.toMatchObject({ name: 'AbortError' });
+    expect(seen).toBe(5);
+    expect(afterAbort).toBe(0);
+    // The model stays usable.
+    const r = await model.generate({ tokens: [1], maxTokens: 3 });
+    expect(r.tokens.length).toBe(3);
+  });
+
+  it('rejects bad input with errors that name the argument', async () => {
+    const seq = model.createSequence({ contextSize: 8 });
+    await expect(seq.evaluate([512])).rejects.toThrow(RangeError);
+    await expect(seq.evaluate([512])).rejects.toThrow(/tokens\[0\]/);
+    await expect(seq.evaluate([-1])).rejects.toThrow(/tokens\[0\]/);
+    await expect(seq.evaluate([1, 2, 3, 4, 5, 6, 7, 8, 9])).rejects.toThrow(/context of 8/);
+    await expect(seq.evaluate([1, 2], { treeParents: Int32Array.from([0, -1]) })).rejects.toThrow(/treeParents\[0\]/);
+    await expect(seq.evaluate([1, 2], { treeParents: Int32Array.from([-1]) })).rejects.toThrow(/treeParents has length 1/);
+    await expect(seq.evaluate(new Float32Array([1.5]) as unknown as Int32Array)).rejects.toThrow(TypeError);
+    expect(() => seq.truncate(3)).toThrow(RangeError);
+    await seq.dispose();
+    await expect(seq.evaluate([1])).rejects.toThrow(/disposed/);
+    await expect(model.generate({ tokens: [1], maxTokens: -1 })).rejects.toThrow(/maxTokens/);
+    await expect(model.generate({ maxTokens: 2 })).rejects.toThrow(/tokens or prompt/);
+  });
+});
+
+describe('loading bad files', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'osd-model-'));
+
+  it('a missing file names the path', async () => {
+    await expect(loadModel(join(dir, 'nope.gguf'))).rejects.toThrow(/nope\.gguf/);
+  });
+
+  it.skipIf(!have)('a truncated llama2.c checkpoint names the file and the problem', async () => {
+    const cut = join(dir, 'cut.bin');
+    writeFileSync(cut, readFileSync(STORIES).subarray(0, 100000));
+    const err = await loadModel(cut).catch((e: Error) => e);
+    expect(err).toBeInstanceOf(Error);
+    expect((err as Error).message).toContain('cut.bin');
+  });
+
+  it('a corrupt GGUF gives a clear error, not a crash', async () => {
+    const bad = join(dir, 'bad.gguf');
+    const bytes = Buffer.alloc(64);
+    bytes.write('GGUF', 0);
+    bytes.writeUInt32LE(3, 4);
+    bytes.writeBigUInt64LE(1n << 60n, 8); // absurd tensor count
+    writeFileSync(bad, bytes);
+    const err = await loadModel(bad).catch((e: Error) => e);
+    expect((err as Error).message).toContain('bad.gguf');
+  });
+
+  it.skipIf(!have)('dispose is idempotent, waits for work, and supports await using', async () => {
+    const copy = join(dir, 'stories.bin');
+    copyFileSync(STORIES, copy);
+    const m = await loadModel(copy);
+    const pending = m.forward([1, 2, 3]);
+    await m.dispose();
+    await expect(pending).resolves.toBeInstanceOf(Float32Array);
+    await m.dispose();
+    expect(m.disposed).toBe(true);
+    expect(() => m.createSequence()).toThrow(/disposed/);
+    {
+      await using m2 = await loadModel(copy);
+      expect(m2.info.vocabSize).toBe(512);
+    }
+  });
+
+  it('loadModel checks its arguments', async () => {
+    await expect(loadModel('')).rejects.toThrow(TypeError);
+    await expect(loadModel(STORIES, { threads: -1 })).rejects.toThrow(/threads/);
+    await expect(loadModel(STORIES, { signal: 5 as unknown as AbortSignal })).rejects.toThrow(/signal/);
+    const ac = new AbortController();
+    ac.abort();
+    await expect(loadModel(STORIES, { signal: ac.signal })).rejects.toMatchObject({ name: 'AbortError' });
+  });
+});

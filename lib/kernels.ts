@@ -108,6 +108,11 @@ export function verifyTree(options: VerifyTreeOptions): VerifyTreeResult {
   return addon.verifyTree(options);
 }
 
+/**
+ * 'forward-kl' KL(p||q), 'reverse-kl' KL(q||p) (teacher probabilities are floored at 1e-12 inside the
+ * log, so a zero teacher bin gives a large finite loss), 'jsd' beta KL(p||m) + (1-beta) KL(q||m) with
+ * m = beta p + (1-beta) q, 'tvd' 1/2 sum |p - q|. p is the teacher, q the student.
+ */
 export type DistillLossKind = 'forward-kl' | 'reverse-kl' | 'jsd' | 'tvd';
 
 export interface SparseTeacher {

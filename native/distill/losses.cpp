@@ -101,17 +101,18 @@ OSD_CLONES double forward_kl_dense(const float* s, const float* t, int32_t n, fl
   constexpr int L = 16;
   float acc[L] = {};
   int32_t j = 0;
-  const float cs = -ms * inv_t - log_zs, ct = -mt * inv_t - log_zt;
+  // Subtract the row max before scaling: s - ms is exact, while s * inv_t + (-ms * inv_t - log_z)
+  // loses |ms| * 2^-24 to cancellation (about 5e-4 for logits near 1e4).
   for (; j + L <= n; j += L)
     for (int k = 0; k < L; ++k) {
-      float lq = s[j + k] * inv_t + cs, lp = t[j + k] * inv_t + ct;
+      float lq = (s[j + k] - ms) * inv_t - log_zs, lp = (t[j + k] - mt) * inv_t - log_zt;
       float p = exp_approx(lp), q = exp_approx(lq);
       acc[k] += p * (lp - lq);
       if (grad) grad[j + k] = gscale * (q - p);
     }
   double loss = 0.0;
   for (; j < n; ++j) {
-    float lq = s[j] * inv_t + cs, lp = t[j] * inv_t + ct;
+    float lq = (s[j] - ms) * inv_t - log_zs, lp = (t[j] - mt) * inv_t - log_zt;
     float p = exp_approx(lp), q = exp_approx(lq);
     loss += p * (lp - lq);
     if (grad) grad[j] = gscale * (q - p);
@@ -198,21 +199,34 @@ double distill_row(const DistillInput& in, int32_t r, float scale, float* grad) 
   const float* probs = in.topk_probs + static_cast<size_t>(r) * k;
   double psum = 0.0;
   for (int32_t i = 0; i < k; ++i) psum += probs[i];
-  const double pres = in.residual ? in.residual[r] : std::max(0.0, 1.0 - psum);
+  // With k = V there is no token outside the top-k, so any residual is rounding (validation allows
+  // up to 1e-3): drop it, or an empty student bin would make forward KL infinite.
+  const double pres = k == V ? 0.0 : in.residual ? in.residual[r] : std::max(0.0, 1.0 - psum);
   const double pnorm = psum + pres;  // renormalise away the tolerated rounding
   std::vector<int32_t> order(k);
   for (int32_t i = 0; i < k; ++i) order[i] = i;
   std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return ids[a] < ids[b]; });
-  // Student mass outside the top-k, summed directly (no 1 - x cancellation).
-  double rest = 0.0;
-  {
+  // Student mass outside the top-k, summed directly (no 1 - x cancellation) and relative to the
+  // largest logit outside the top-k, so it cannot underflow to 0 when the top-k hold almost
+  // everything (log q_rest is then very negative, but finite).
+  double lq_rest = -INFINITY;
+  if (k < V) {
+    float rest_max = -std::numeric_limits<float>::infinity();
+    {
+      int32_t o = 0;
+      for (int32_t j = 0; j < V; ++j) {
+        if (o < k && ids[order[o]] == j) { ++o; continue; }
+        rest_max = std::max(rest_max, s[j]);
+      }
+    }
+    double rest = 0.0;
     int32_t o = 0;
     for (int32_t j = 0; j < V; ++j) {
       if (o < k && ids[order[o]] == j) { ++o; continue; }
-      rest += std::exp((s[j] - ms) * inv_t);
+      rest += std::exp((s[j] - rest_max) * inv_t);
     }
+    lq_rest = static_cast<double>((rest_max - ms) * inv_t) + std::log(rest) - log_zs;
   }
-  const double lq_rest = rest > 0.0 ? std::log(rest) - log_zs : -INFINITY;
   const double lp_rest = pres > 0.0 ? std::log(pres / pnorm) : -INFINITY;
   double loss = 0.0, eg = 0.0;
   std::vector<double> gb(k + 1);

@@ -222,7 +222,9 @@ TreeResult verify_tree(const TreeInput& in, const Sampling& s, TreeChildren mode
         break;
       }
       // Rejected: p <- norm(max(0, p - q)); without replacement, also drop x from q.
-      if (!use_draft) {
+      if (fault == Fault::ResidualFromTarget) {
+        // The planted bug: keep using the target itself instead of the residual.
+      } else if (!use_draft) {
         pd[x] = 0.0f;
       } else {
         for (int32_t j = 0; j < V; ++j) {

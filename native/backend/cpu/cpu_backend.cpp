@@ -1,6 +1,7 @@
 // The CPU backend: the reference ops from spec/ and distill/, spread over the thread pool.
 // Parallel splits never change results: every row and sequence is computed by one thread in a
 // fixed order, and reductions over rows are summed in row order afterwards.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -45,7 +46,9 @@ class CpuBackend final : public Backend {
       for (size_t r = drow[b]; r < drow[b + 1]; ++r) row_seq_d[r] = b;
     }
     const size_t nt = trow[B], total = trow[B] + (in.draft ? drow[B] : 0);
-    default_pool().parallel_for(total, 1, [&](size_t lo, size_t hi) {
+    // Small inputs stay on the calling thread: a pool hop costs more than a few short rows.
+    const size_t grain = std::max<size_t>(1, (size_t(1) << 16) / static_cast<size_t>(V));
+    default_pool().parallel_for(total, grain, [&](size_t lo, size_t hi) {
       for (size_t i = lo; i < hi; ++i) {
         if (i < nt) {
           const Sampling& s = in.sampling[row_seq_t[i]];
@@ -58,7 +61,7 @@ class CpuBackend final : public Backend {
       }
     });
     // Stage 2: the accept/reject walk of each sequence.
-    default_pool().parallel_for(B, 1, [&](size_t lo, size_t hi) {
+    default_pool().parallel_for(B, B >= 4 ? 1 : B, [&](size_t lo, size_t hi) {
       for (size_t b = lo; b < hi; ++b) {
         ChainInput ci;
         ci.target = in.target + trow[b] * V;

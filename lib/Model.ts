@@ -22,6 +22,8 @@ interface NativeSequence {
 
 interface ModelAddon {
   loadModel(path: string): Promise<NativeModel>;
+  writeRandomModel(path: string, config: object): Promise<void>;
+  saveModel(model: NativeModel, path: string, options: object): Promise<void>;
   NativeSequence: new (model: NativeModel, contextSize?: number) => NativeSequence;
   sampleLogits(o: object): number;
 }
@@ -109,6 +111,31 @@ async function hasTokenizer(path: string): Promise<boolean> {
   }
 }
 
+/** Storage type for the matrices of a written model (norms stay F32). */
+export type StoreType = 'F32' | 'F16' | 'BF16';
+
+export interface RandomModelConfig {
+  vocabSize: number;
+  embeddingLength: number;
+  layers: number;
+  heads: number;
+  kvHeads?: number;
+  feedForwardLength: number;
+  contextLength: number;
+  ropeTheta?: number;
+  type?: StoreType;
+  seed?: Seed;
+}
+
+/**
+ * Writes a llama GGUF with random N(0, 1/fan_in) weights: a benchmark subject (e.g. a model larger
+ * than the caches) or a throwaway draft for tests. Deterministic per seed; written atomically.
+ */
+export async function writeRandomModel(path: string, config: RandomModelConfig): Promise<void> {
+  if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
+  await native.writeRandomModel(path, config);
+}
+
 export interface GenerateOptions {
   /** Prompt token ids (give tokens or prompt). */
   tokens?: Int32Array | number[];
@@ -191,6 +218,12 @@ export class Model {
     } finally {
       await seq.dispose();
     }
+  }
+
+  /** Writes this model as GGUF (llama.cpp's layout), atomically. Matrices are stored as `type` (default F32). */
+  async save(path: string, options: { type?: StoreType } = {}): Promise<void> {
+    if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
+    await native.saveModel(this.handle, path, options);
   }
 
   /** Plain (target-only) generation: greedy, or sampled with the kernels' warping and Philox stream. */

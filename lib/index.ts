@@ -28,7 +28,7 @@ export type {
 } from './kernels.js';
 export { version } from './version.js';
 export { addonPath } from './addon.js';
-export { loadModel, Model, Sequence } from './Model.js';
-export type { ModelInfo, LoadModelOptions, GenerateOptions, GenerateResult, StopReason, EvaluateOptions } from './Model.js';
+export { loadModel, writeRandomModel, Model, Sequence } from './Model.js';
+export type { ModelInfo, RandomModelConfig, StoreType, LoadModelOptions, GenerateOptions, GenerateResult, StopReason, EvaluateOptions } from './Model.js';
 export { Tokenizer, TokenStreamDecoder, TokenType, loadTokenizer } from './Tokenizer.js';
 export type { VocabData, EncodeOptions, DecodeOptions, StreamDecoderOptions, TokenIds } from './Tokenizer.js';

@@ -200,3 +200,36 @@ describe('loading bad files', () => {
     await expect(loadModel(STORIES, { signal: ac.signal })).rejects.toMatchObject({ name: 'AbortError' });
   });
 });
+
+describe('written models', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'osd-written-'));
+
+  it('a random model is deterministic per seed and loads with its config', async () => {
+    const { writeRandomModel } = await import('../lib/index.js');
+    const config = { vocabSize: 97, embeddingLength: 32, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 64, contextLength: 64, seed: 7 };
+    await writeRandomModel(join(dir, 'a.gguf'), config);
+    await writeRandomModel(join(dir, 'b.gguf'), config);
+    expect(readFileSync(join(dir, 'a.gguf')).equals(readFileSync(join(dir, 'b.gguf')))).toBe(true);
+    await using m = await loadModel(join(dir, 'a.gguf'));
+    expect(m.info).toMatchObject({ format: 'gguf', vocabSize: 97, layers: 2, heads: 4, kvHeads: 2, contextLength: 64 });
+    expect(m.tokenizer).toBeUndefined();
+    await expect(writeRandomModel(join(dir, 'c.gguf'), { ...config, heads: 3 })).rejects.toThrow(/multiple of heads/);
+    await expect(writeRandomModel(join(dir, 'c.gguf'), { ...config, type: 'Q4' as never })).rejects.toThrow(/type/);
+  });
+
+  it.skipIf(!have)('a saved model reads back with identical logits (F32) and close logits (F16)', async () => {
+    const src = await loadModel(STORIES);
+    await src.save(join(dir, 'stories.gguf'));
+    await src.save(join(dir, 'stories16.gguf'), { type: 'F16' });
+    const back = await loadModel(join(dir, 'stories.gguf'));
+    const half = await loadModel(join(dir, 'stories16.gguf'));
+    const toks = [1, 403, 407, 261];
+    const a = await src.forward(toks);
+    expect(Array.from(await back.forward(toks))).toEqual(Array.from(a));
+    const h = await half.forward(toks);
+    let worst = 0;
+    for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - h[i]!));
+    expect(worst).toBeLessThan(0.05);
+    await Promise.all([src.dispose(), back.dispose(), half.dispose()]);
+  });
+});

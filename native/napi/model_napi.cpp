@@ -11,6 +11,8 @@
 #include "core/error.h"
 #include "core/philox.h"
 #include "model/model.h"
+#include "model/model_io.h"
+#include "model/random_model.h"
 #include "model/sequence.h"
 #include "napi/napi_util.h"
 #include "spec/sampling.h"
@@ -308,7 +310,85 @@ Napi::Value sample_logits(const Napi::CallbackInfo& info) {
   });
 }
 
+gguf::TensorType parse_store_type(Napi::Env env, const Napi::Object& o) {
+  std::string t = has(o, "type") ? o.Get("type").ToString().Utf8Value() : "F32";
+  if (t == "F32") return gguf::TensorType::F32;
+  if (t == "F16") return gguf::TensorType::F16;
+  if (t == "BF16") return gguf::TensorType::BF16;
+  throw Napi::RangeError::New(env, "type must be 'F32', 'F16' or 'BF16', got '" + t + "'");
+}
+
+class WriteRandomWorker : public PromiseWorker {
+ public:
+  WriteRandomWorker(Napi::Env env, std::string path, ModelConfig c, uint64_t seed, gguf::TensorType type)
+      : PromiseWorker(env), path_(std::move(path)), c_(c), seed_(seed), type_(type) {}
+
+ protected:
+  void run() override { write_random_gguf(path_, c_, seed_, type_); }
+  void OnOK() override { deferred_.Resolve(Env().Undefined()); }
+
+ private:
+  std::string path_;
+  ModelConfig c_;
+  uint64_t seed_;
+  gguf::TensorType type_;
+};
+
+// writeRandomModel(path, { vocabSize, embeddingLength, layers, heads, kvHeads?, feedForwardLength,
+//                          contextLength, ropeTheta?, type?, seed? }): Promise<void>
+Napi::Value write_random_model(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "path must be a string");
+    Napi::Object o = require_object(info, 1, "config");
+    ModelConfig c;
+    c.vocab = static_cast<int32_t>(get_int(o, "vocabSize", 1, 1 << 24));
+    c.dim = static_cast<int32_t>(get_int(o, "embeddingLength", 1, 1 << 16));
+    c.n_layers = static_cast<int32_t>(get_int(o, "layers", 1, 1024));
+    c.n_heads = static_cast<int32_t>(get_int(o, "heads", 1, 1024));
+    c.n_kv_heads = static_cast<int32_t>(get_int_or(o, "kvHeads", 1, 1024, c.n_heads));
+    c.ffn_dim = static_cast<int32_t>(get_int(o, "feedForwardLength", 1, 1 << 18));
+    c.context = static_cast<int32_t>(get_int(o, "contextLength", 1, 1 << 20));
+    c.rope_theta = static_cast<float>(get_number_or(o, "ropeTheta", 10000.0));
+    const uint64_t seed = has(o, "seed") ? get_seed(o, "seed") : 0;
+    auto* w = new WriteRandomWorker(env, info[0].As<Napi::String>(), c, seed, parse_store_type(env, o));
+    w->Queue();
+    return w->promise();
+  });
+}
+
+class SaveModelWorker : public PromiseWorker {
+ public:
+  SaveModelWorker(Napi::Env env, std::shared_ptr<Model> m, std::string path, gguf::TensorType type)
+      : PromiseWorker(env), m_(std::move(m)), path_(std::move(path)), type_(type) {}
+
+ protected:
+  void run() override { save_gguf(*m_, path_, type_); }
+  void OnOK() override { deferred_.Resolve(Env().Undefined()); }
+
+ private:
+  std::shared_ptr<Model> m_;
+  std::string path_;
+  gguf::TensorType type_;
+};
+
+// saveModel(model, path, { type? }): writes the model as GGUF (atomically).
+Napi::Value save_model(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsString())
+      throw Napi::TypeError::New(env, "saveModel(model, path, options?)");
+    ModelWrap* mw = ModelWrap::Unwrap(info[0].As<Napi::Object>());
+    Napi::Object o = info.Length() > 2 && info[2].IsObject() ? info[2].As<Napi::Object>() : Napi::Object::New(env);
+    auto* w = new SaveModelWorker(env, mw->get(env), info[1].As<Napi::String>(), parse_store_type(env, o));
+    w->Queue();
+    return w->promise();
+  });
+}
+
 void init(Napi::Env env, Napi::Object exports) {
+  exports.Set("writeRandomModel", Napi::Function::New(env, write_random_model, "writeRandomModel"));
+  exports.Set("saveModel", Napi::Function::New(env, save_model, "saveModel"));
   auto* ctors = new Ctors();
   Napi::Function model = ModelWrap::define(env);
   Napi::Function sequence = SequenceWrap::define(env);

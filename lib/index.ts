@@ -32,3 +32,13 @@ export { loadModel, writeRandomModel, Model, Sequence } from './Model.js';
 export type { ModelInfo, RandomModelConfig, StoreType, LoadModelOptions, GenerateOptions, GenerateResult, StopReason, EvaluateOptions } from './Model.js';
 export { Tokenizer, TokenStreamDecoder, TokenType, loadTokenizer } from './Tokenizer.js';
 export type { VocabData, EncodeOptions, DecodeOptions, StreamDecoderOptions, TokenIds } from './Tokenizer.js';
+export { createSpeculativeDecoder, SpeculativeDecoder, expectedSpeedup, bestLength, ngramLookup } from './SpeculativeDecoder.js';
+export type {
+  Strategy,
+  SpeculativeDecoderOptions,
+  SpeculativeGenerateOptions,
+  SpeculativeResult,
+  RequestStats,
+  StreamChunk,
+  StepEvent,
+} from './SpeculativeDecoder.js';

@@ -1,0 +1,710 @@
+// Speculative generation: a draft proposes a chain or a tree, the target scores it in one pass,
+// and the exact kernels decide what to keep. Output follows the target exactly (greedy: the same
+// tokens; sampled: the same distribution) whatever the strategy.
+import { EventEmitter } from 'node:events';
+import type { SamplingOptions, Seed } from './addonTypes.js';
+import { verifyChain, verifyTree } from './kernels.js';
+import { type Model, type Sequence, toTokenArray } from './Model.js';
+import { addon } from './addon.js';
+import { TokenStreamDecoder } from './Tokenizer.js';
+import { checkSignal, throwIfAborted } from './withAbortSignal.js';
+
+const sampleLogits = (addon as unknown as { sampleLogits(o: object): number }).sampleLogits;
+
+export type Strategy =
+  | { kind: 'chain'; length?: number }
+  | { kind: 'tree'; budget?: number; maxDepth?: number; branching?: number }
+  | { kind: 'adaptive'; maxLength?: number }
+  | { kind: 'ngram'; length?: number; maxNgram?: number };
+
+export interface SpeculativeDecoderOptions {
+  target: Model;
+  /** Not needed for the 'ngram' strategy. */
+  draft?: Model;
+  /** Default: { kind: 'chain', length: 4 }. */
+  strategy?: Strategy;
+  /** Default sampling for requests (greedy when omitted). */
+  sampling?: SamplingOptions;
+  /** Requests served at the same time; later ones wait. Default 2. */
+  maxConcurrent?: number;
+}
+
+export interface SpeculativeGenerateOptions {
+  tokens?: Int32Array | number[];
+  prompt?: string;
+  maxTokens: number;
+  sampling?: SamplingOptions;
+  seed?: Seed;
+  signal?: AbortSignal;
+  /** Stop when the generated text contains one of these strings (needs a tokenizer). */
+  stop?: string[];
+  /** Token ids that end generation (default: the target's end-of-sequence tokens). */
+  stopTokens?: number[];
+}
+
+export interface RequestStats {
+  /** Draft tokens proposed (for trees: the tree nodes). */
+  drafted: number;
+  /** Draft tokens accepted. */
+  accepted: number;
+  /** accepted / drafted. */
+  acceptanceRate: number;
+  /** Accepted draft tokens per target pass. */
+  meanAcceptedLength: number;
+  /** Tokens emitted per target pass (accepted + 1). */
+  tokensPerStep: number;
+  /** acceptanceByPosition[i]: the fraction of steps that drafted position i and had it accepted. */
+  acceptanceByPosition: number[];
+  targetPasses: number;
+  draftPasses: number;
+  targetMs: number;
+  draftMs: number;
+  totalMs: number;
+  tokensPerSecond: number;
+  /** Emitted tokens. */
+  tokens: number;
+}
+
+export interface SpeculativeResult {
+  tokens: Int32Array;
+  text?: string;
+  stopReason: 'eos' | 'maxTokens' | 'stop' | 'context';
+  stats: RequestStats;
+}
+
+export interface StreamChunk {
+  tokens: Int32Array;
+  /** Text completed by these tokens (exact on UTF-8 boundaries); "" without a tokenizer. */
+  text: string;
+}
+
+export interface StepEvent {
+  request: number;
+  drafted: number;
+  accepted: number;
+  emitted: number;
+}
+
+/** Running totals that metrics() reports. */
+class Counters {
+  drafted = 0;
+  accepted = 0;
+  steps = 0;
+  emitted = 0;
+  targetPasses = 0;
+  draftPasses = 0;
+  targetMs = 0;
+  draftMs = 0;
+  totalMs = 0;
+  posDrafted: number[] = [];
+  posAccepted: number[] = [];
+
+  record(drafted: number, accepted: number, emitted: number): void {
+    this.drafted += drafted;
+    this.accepted += accepted;
+    this.emitted += emitted;
+    this.steps += 1;
+  }
+
+  recordChain(g: number, accepted: number): void {
+    for (let i = 0; i < g; i++) {
+      this.posDrafted[i] = (this.posDrafted[i] ?? 0) + 1;
+      if (i < accepted) this.posAccepted[i] = (this.posAccepted[i] ?? 0) + 1;
+    }
+  }
+
+  add(o: Counters): void {
+    for (const k of ['drafted', 'accepted', 'steps', 'emitted', 'targetPasses', 'draftPasses', 'targetMs', 'draftMs', 'totalMs'] as const)
+      this[k] += o[k];
+    o.posDrafted.forEach((v, i) => (this.posDrafted[i] = (this.posDrafted[i] ?? 0) + v));
+    o.posAccepted.forEach((v, i) => (this.posAccepted[i] = (this.posAccepted[i] ?? 0) + v));
+  }
+
+  stats(): RequestStats {
+    const steps = Math.max(1, this.steps);
+    return {
+      drafted: this.drafted,
+      accepted: this.accepted,
+      acceptanceRate: this.drafted ? this.accepted / this.drafted : 0,
+      meanAcceptedLength: this.accepted / steps,
+      tokensPerStep: this.emitted / steps,
+      acceptanceByPosition: this.posDrafted.map((d, i) => (d ? (this.posAccepted[i] ?? 0) / d : 0)),
+      targetPasses: this.targetPasses,
+      draftPasses: this.draftPasses,
+      targetMs: this.targetMs,
+      draftMs: this.draftMs,
+      totalMs: this.totalMs,
+      tokensPerSecond: this.totalMs > 0 ? (this.emitted * 1000) / this.totalMs : 0,
+      tokens: this.emitted,
+    };
+  }
+}
+
+/** Expected speedup of drafting g tokens with per-token acceptance a and draft/target cost ratio c. */
+export function expectedSpeedup(a: number, g: number, c: number): number {
+  if (g === 0) return 1;
+  const gain = a >= 1 ? g + 1 : (1 - a ** (g + 1)) / (1 - a);
+  return gain / (g * c + 1);
+}
+
+/** The g in [0, maxLength] that maximises expectedSpeedup. */
+export function bestLength(a: number, c: number, maxLength: number): number {
+  let best = 0;
+  let bestValue = 1;
+  for (let g = 1; g <= maxLength; g++) {
+    const v = expectedSpeedup(a, g, c);
+    if (v > bestValue + 1e-12) {
+      best = g;
+      bestValue = v;
+    }
+  }
+  return best;
+}
+
+function checkPositiveInt(v: unknown, name: string, max = 1 << 16): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > max)
+    throw new RangeError(`${name} must be an integer in [1, ${max}], got ${String(v)}`);
+  return v;
+}
+
+function normaliseStrategy(s: Strategy | undefined): Required<Strategy> & Strategy {
+  const st = s ?? { kind: 'chain' };
+  if (typeof st !== 'object' || st === null) throw new TypeError('strategy must be an object with a kind');
+  switch (st.kind) {
+    case 'chain':
+      return { kind: 'chain', length: checkPositiveInt(st.length ?? 4, 'strategy.length', 64) };
+    case 'tree':
+      return {
+        kind: 'tree',
+        budget: checkPositiveInt(st.budget ?? 16, 'strategy.budget', 256),
+        maxDepth: checkPositiveInt(st.maxDepth ?? 6, 'strategy.maxDepth', 64),
+        branching: checkPositiveInt(st.branching ?? 4, 'strategy.branching', 64),
+      };
+    case 'adaptive':
+      return { kind: 'adaptive', maxLength: checkPositiveInt(st.maxLength ?? 8, 'strategy.maxLength', 64) };
+    case 'ngram':
+      return {
+        kind: 'ngram',
+        length: checkPositiveInt(st.length ?? 4, 'strategy.length', 64),
+        maxNgram: checkPositiveInt(st.maxNgram ?? 3, 'strategy.maxNgram', 16),
+      };
+    default:
+      throw new RangeError(`strategy.kind must be 'chain', 'tree', 'adaptive' or 'ngram', got '${String((st as { kind: unknown }).kind)}'`);
+  }
+}
+
+/** Checks that draft and target share a vocabulary; returns the ids they have in common. */
+function sharedVocab(target: Model, draft: Model): number {
+  const vt = target.info.vocabSize;
+  const vd = draft.info.vocabSize;
+  const tt = target.tokenizer;
+  const td = draft.tokenizer;
+  if (tt && td) {
+    const n = Math.min(tt.vocabSize, td.vocabSize);
+    for (let i = 0; i < n; i++) {
+      if (tt.tokenText(i) !== td.tokenText(i))
+        throw new RangeError(`draft and target tokenizers differ at token ${i}: '${td.tokenText(i)}' vs '${tt.tokenText(i)}'`);
+    }
+    // A padded superset (extra ids past the tokenizer, as Qwen pads its embeddings) is fine.
+    if (vt < tt.vocabSize || vd < td.vocabSize) throw new RangeError('a model has fewer embedding rows than tokens');
+    return n;
+  }
+  if (tt || td) throw new RangeError('only one of draft and target has a tokenizer: they cannot be checked to share one');
+  if (vt !== vd) throw new RangeError(`draft vocabulary (${vd}) differs from the target's (${vt})`);
+  return vt;
+}
+
+interface Request {
+  id: number;
+  sampling: SamplingOptions;
+  seed: Seed;
+  stopTokens: Set<number>;
+  counters: Counters;
+}
+
+/** Philox streams: a request's step s verifies with stream 2s and samples draft tokens with 2s + 1. */
+function streamOf(request: number, step: number, draft: boolean): bigint {
+  return (BigInt(request) << 32n) + BigInt(2 * step + (draft ? 1 : 0));
+}
+
+/** Top-k of a warped row for tree expansion: returns [token, probability] pairs, best first. */
+function topCandidates(logits: Float32Array, k: number, temperature: number): [number, number][] {
+  const t = temperature > 0 ? temperature : 1;
+  let max = -Infinity;
+  for (let i = 0; i < logits.length; i++) if (logits[i]! > max) max = logits[i]!;
+  let z = 0;
+  const best: [number, number][] = [];
+  for (let i = 0; i < logits.length; i++) {
+    const l = logits[i]!;
+    z += Math.exp((l - max) / t);
+    if (best.length < k || l > best[best.length - 1]![1]) {
+      best.push([i, l]);
+      best.sort((a, b) => b[1] - a[1] || a[0] - b[0]);
+      if (best.length > k) best.pop();
+    }
+  }
+  return best.map(([i, l]) => [i, Math.exp((l - max) / t) / z]);
+}
+
+export class SpeculativeDecoder extends EventEmitter {
+  readonly target: Model;
+  readonly draft: Model | undefined;
+  readonly strategy: Required<Strategy> & Strategy;
+  readonly sampling: SamplingOptions;
+  readonly maxConcurrent: number;
+  #totals = new Counters();
+  #nextRequest = 1;
+  #active = 0;
+  #waiting: (() => void)[] = [];
+  #running = new Set<Promise<unknown>>();
+  #disposed = false;
+  #disposeController = new AbortController();
+  /** Shared vocabulary size. */
+  readonly vocabSize: number;
+  // Adaptive speculation state: acceptance counts and measured costs.
+  #adaptAccepted = 1;
+  #adaptRejected = 1;
+  #draftTokenMs = 0;
+  #targetPassMs = 0;
+
+  constructor(options: SpeculativeDecoderOptions) {
+    super();
+    if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    const { target, draft } = options;
+    if (!target || typeof target.createSequence !== 'function') throw new TypeError('target must be a loaded Model');
+    this.strategy = normaliseStrategy(options.strategy);
+    if (this.strategy.kind !== 'ngram') {
+      if (!draft || typeof draft.createSequence !== 'function') throw new TypeError('draft must be a loaded Model');
+    }
+    this.target = target;
+    this.draft = draft;
+    this.vocabSize = draft ? sharedVocab(target, draft) : target.info.vocabSize;
+    this.sampling = options.sampling ?? { temperature: 0 };
+    this.maxConcurrent = options.maxConcurrent === undefined ? 2 : checkPositiveInt(options.maxConcurrent, 'maxConcurrent', 1024);
+  }
+
+  /** Cumulative statistics over every finished request. */
+  metrics(): RequestStats {
+    return this.#totals.stats();
+  }
+
+  /** Generates to completion and returns the tokens, the text (with a tokenizer) and the request's stats. */
+  async generate(options: SpeculativeGenerateOptions): Promise<SpeculativeResult> {
+    const out: number[] = [];
+    let stopReason: SpeculativeResult['stopReason'] = 'maxTokens';
+    const stats = await this.#run(options, (tokens) => out.push(...tokens), (r) => (stopReason = r));
+    const tokens = Int32Array.from(out);
+    const tk = this.target.tokenizer;
+    return tk ? { tokens, text: tk.decode(tokens), stopReason, stats } : { tokens, stopReason, stats };
+  }
+
+  /** Streams chunks of tokens and text as they are accepted. Breaking out of the loop aborts the request. */
+  async *stream(options: SpeculativeGenerateOptions): AsyncGenerator<StreamChunk, SpeculativeResult['stopReason'], void> {
+    const tk = this.target.tokenizer;
+    const decoder = tk ? new TokenStreamDecoder(tk) : undefined;
+    const queue: StreamChunk[] = [];
+    let wake: (() => void) | undefined;
+    let finished = false;
+    let failure: unknown;
+    let stopReason: SpeculativeResult['stopReason'] = 'maxTokens';
+    const inner = new AbortController();
+    const signal = options.signal ? AbortSignal.any([options.signal, inner.signal]) : inner.signal;
+    const done = this.#run(
+      { ...options, signal },
+      (tokens) => {
+        queue.push({ tokens: Int32Array.from(tokens), text: decoder ? decoder.push(tokens) : '' });
+        wake?.();
+      },
+      (r) => (stopReason = r),
+    ).then(
+      () => {
+        finished = true;
+        wake?.();
+      },
+      (e: unknown) => {
+        failure = e;
+        finished = true;
+        wake?.();
+      },
+    );
+    try {
+      for (;;) {
+        while (queue.length) yield queue.shift()!;
+        if (finished) break;
+        await new Promise<void>((r) => (wake = r));
+        wake = undefined;
+      }
+      if (failure !== undefined) throw failure;
+      const tail = decoder?.flush() ?? '';
+      if (tail) yield { tokens: new Int32Array(0), text: tail };
+      return stopReason;
+    } finally {
+      if (!finished) inner.abort();
+      await done;
+    }
+  }
+
+  async #acquire(signal: AbortSignal | undefined): Promise<void> {
+    while (this.#active >= this.maxConcurrent) {
+      await new Promise<void>((r) => this.#waiting.push(r));
+      throwIfAborted(signal);
+    }
+    this.#active++;
+  }
+
+  #release(): void {
+    this.#active--;
+    this.#waiting.shift()?.();
+  }
+
+  #promptTokens(options: SpeculativeGenerateOptions): Int32Array {
+    if (options.tokens !== undefined) {
+      const t = toTokenArray(options.tokens);
+      if (t.length === 0) throw new RangeError('tokens must not be empty');
+      for (let i = 0; i < t.length; i++)
+        if (t[i]! < 0 || t[i]! >= this.vocabSize)
+          throw new RangeError(`tokens[${i}] = ${t[i]} is out of range for a vocabulary of ${this.vocabSize}`);
+      return t;
+    }
+    if (options.prompt !== undefined) {
+      if (typeof options.prompt !== 'string') throw new TypeError('prompt must be a string');
+      const tk = this.target.tokenizer;
+      if (!tk) throw new TypeError('prompt needs a target with a tokenizer; pass tokens instead');
+      const t = tk.encode(options.prompt, { addBos: tk.addBos });
+      if (t.length === 0) throw new RangeError('prompt encodes to no tokens');
+      return t;
+    }
+    throw new TypeError('tokens or prompt is required');
+  }
+
+  async #run(
+    options: SpeculativeGenerateOptions,
+    emit: (tokens: number[]) => void,
+    setStop: (r: SpeculativeResult['stopReason']) => void,
+  ): Promise<RequestStats> {
+    if (this.#disposed) throw new Error('the decoder was disposed');
+    if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    const signal = checkSignal(options.signal);
+    const prompt = this.#promptTokens(options);
+    const { maxTokens } = options;
+    if (!Number.isInteger(maxTokens) || maxTokens < 0) throw new RangeError('maxTokens must be a non-negative integer');
+    if (options.stop !== undefined && (!Array.isArray(options.stop) || options.stop.some((s) => typeof s !== 'string')))
+      throw new TypeError('stop must be an array of strings');
+    if (options.stop?.length && !this.target.tokenizer) throw new TypeError('stop strings need a target with a tokenizer');
+    const combined = signal ? AbortSignal.any([signal, this.#disposeController.signal]) : this.#disposeController.signal;
+    const req: Request = {
+      id: this.#nextRequest++,
+      sampling: options.sampling ?? this.sampling,
+      seed: options.seed ?? 0,
+      stopTokens: new Set(options.stopTokens ?? this.target.eosTokens),
+      counters: new Counters(),
+    };
+    const work = (async () => {
+      await this.#acquire(combined);
+      try {
+        return await this.#decode(req, prompt, maxTokens, options.stop ?? [], combined, emit, setStop);
+      } finally {
+        this.#release();
+      }
+    })();
+    this.#running.add(work);
+    try {
+      return await work;
+    } finally {
+      this.#running.delete(work);
+    }
+  }
+
+  async #decode(
+    req: Request,
+    prompt: Int32Array,
+    maxTokens: number,
+    stopStrings: string[],
+    signal: AbortSignal,
+    emit: (tokens: number[]) => void,
+    setStop: (r: SpeculativeResult['stopReason']) => void,
+  ): Promise<RequestStats> {
+    const started = performance.now();
+    const T = this.target.createSequence();
+    const D = this.draft && this.strategy.kind !== 'ngram' ? this.draft.createSequence() : undefined;
+    const committed = Array.from(prompt);
+    const tk = this.target.tokenizer;
+    const textDecoder = stopStrings.length && tk ? new TokenStreamDecoder(tk) : undefined;
+    let text = '';
+    let produced = 0;
+    const c = req.counters;
+    try {
+      const capacity = Math.min(T.capacity, D?.capacity ?? Infinity);
+      if (committed.length >= capacity) throw new RangeError(`the prompt (${committed.length} tokens) does not fit the context of ${capacity}`);
+      throwIfAborted(signal);
+      // The target's cache holds everything but the last committed token, whose logits come from the next pass.
+      if (committed.length > 1) await this.#timed(c, 'target', () => T.evaluate(committed.slice(0, -1), { lastOnly: true }));
+      for (let step = 0; produced < maxTokens; step++) {
+        throwIfAborted(signal);
+        const room = capacity - committed.length - 1; // positions left after the last token
+        const budget = Math.max(0, Math.min(room, maxTokens - produced - 1));
+        const fresh = await this.#step(req, step, T, D, committed, budget);
+        // Cut at the first stop token or at maxTokens.
+        let emitTokens = fresh;
+        let reason: SpeculativeResult['stopReason'] | undefined;
+        const stopAt = fresh.findIndex((t) => req.stopTokens.has(t));
+        if (stopAt >= 0) {
+          emitTokens = fresh.slice(0, stopAt + 1);
+          reason = 'eos';
+        }
+        if (produced + emitTokens.length >= maxTokens) {
+          emitTokens = emitTokens.slice(0, maxTokens - produced);
+          reason ??= 'maxTokens';
+        }
+        if (textDecoder) {
+          text += textDecoder.push(emitTokens);
+          const hit = stopStrings.find((s) => text.includes(s));
+          if (hit !== undefined) reason = 'stop';
+        }
+        committed.push(...emitTokens);
+        produced += emitTokens.length;
+        if (emitTokens.length) emit(emitTokens);
+        if (reason) {
+          setStop(reason);
+          break;
+        }
+        if (committed.length >= capacity) {
+          setStop('context');
+          break;
+        }
+      }
+    } finally {
+      await Promise.all([T.dispose(), D?.dispose()]);
+      c.totalMs = performance.now() - started;
+      this.#totals.add(c);
+    }
+    return c.stats();
+  }
+
+  async #timed<R>(c: Counters, who: 'target' | 'draft', fn: () => Promise<R>): Promise<R> {
+    const t0 = performance.now();
+    const r = await fn();
+    const ms = performance.now() - t0;
+    if (who === 'target') {
+      c.targetPasses++;
+      c.targetMs += ms;
+    } else {
+      c.draftPasses++;
+      c.draftMs += ms;
+    }
+    return r;
+  }
+
+  /** One speculation step; returns the emitted tokens (accepted + one). Caches stay consistent. */
+  async #step(req: Request, step: number, T: Sequence, D: Sequence | undefined, committed: number[], budget: number): Promise<number[]> {
+    switch (this.strategy.kind) {
+      case 'chain':
+        return this.#chainStep(req, step, T, D!, committed, Math.min(budget, this.strategy.length));
+      case 'adaptive':
+        return this.#chainStep(req, step, T, D!, committed, Math.min(budget, this.#adaptiveLength()));
+      case 'tree':
+        return this.#treeStep(req, step, T, D!, committed, budget);
+      case 'ngram':
+        return this.#ngramStep(req, step, T, committed, budget);
+    }
+  }
+
+  #adaptiveLength(): number {
+    if (this.strategy.kind !== 'adaptive') return 0;
+    const a = this.#adaptAccepted / (this.#adaptAccepted + this.#adaptRejected);
+    // Until costs are measured, assume a draft ten times cheaper than the target.
+    const cost = this.#targetPassMs > 0 && this.#draftTokenMs > 0 ? this.#draftTokenMs / this.#targetPassMs : 0.1;
+    return Math.max(1, bestLength(a, cost, this.strategy.maxLength));
+  }
+
+  /** Draft g tokens autoregressively, then verify the chain in one target pass. */
+  async #chainStep(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], g: number): Promise<number[]> {
+    const V = this.vocabSize;
+    const c = req.counters;
+    const last = committed[committed.length - 1]!;
+    const tBase = T.length;
+    const draftTokens = new Int32Array(g);
+    const draftLogits = new Float32Array(g * V);
+    if (g > 0) {
+      const dStart = performance.now();
+      let q = await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length), { lastOnly: true }));
+      for (let i = 0; i < g; i++) {
+        const row = q.subarray(0, V);
+        draftLogits.set(row, i * V);
+        draftTokens[i] = sampleLogits({ logits: row, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req.id, step, true), position: i });
+        if (i + 1 < g) q = await this.#timed(c, 'draft', () => D.evaluate(draftTokens.subarray(i, i + 1)));
+      }
+      this.#draftTokenMs = 0.9 * (this.#draftTokenMs || (performance.now() - dStart) / g) + 0.1 * ((performance.now() - dStart) / g);
+    }
+    const tStart = performance.now();
+    const input = new Int32Array(g + 1);
+    input[0] = last;
+    input.set(draftTokens, 1);
+    const tl = await this.#timed(c, 'target', () => T.evaluate(input));
+    this.#targetPassMs = 0.9 * (this.#targetPassMs || performance.now() - tStart) + 0.1 * (performance.now() - tStart);
+    const targetLogits = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
+    const r = verifyChain({ targetLogits, draftLogits, draftTokens, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req.id, step, false) });
+    const a = r.acceptedCount;
+    T.truncate(tBase + 1 + a);
+    // The draft evaluated the committed tokens and draft tokens 0..g-2; keep the accepted ones.
+    if (D.length > committed.length + a) D.truncate(committed.length + a);
+    c.record(g, a, a + 1);
+    c.recordChain(g, a);
+    this.#adaptAccepted += a;
+    this.#adaptRejected += a < g ? 1 : 0;
+    this.emit('step', { request: req.id, drafted: g, accepted: a, emitted: a + 1 } satisfies StepEvent);
+    return Array.from(r.tokens);
+  }
+
+  /** Build a dynamic tree from the draft (best cumulative probability first), verify it in one pass. */
+  async #treeStep(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], budget: number): Promise<number[]> {
+    if (this.strategy.kind !== 'tree') throw new Error('unreachable');
+    const { maxDepth, branching } = this.strategy;
+    const nodeBudget = Math.min(this.strategy.budget, budget);
+    const V = this.vocabSize;
+    const c = req.counters;
+    const last = committed[committed.length - 1]!;
+    const temperature = req.sampling.temperature;
+    const parents: number[] = [];
+    const tokens: number[] = [];
+    const score: number[] = [];
+    if (nodeBudget > 0) {
+      // Root distribution from the draft.
+      const root = await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length), { lastOnly: true }));
+      const dBase = D.length;
+      let frontier: { node: number; logits: Float32Array }[] = [{ node: -1, logits: root.subarray(0, V) }];
+      for (let depth = 1; depth <= maxDepth && tokens.length < nodeBudget && frontier.length; depth++) {
+        // Candidate children of every frontier node, ranked by cumulative draft probability.
+        const cands: { parent: number; token: number; score: number }[] = [];
+        for (const f of frontier) {
+          const base = f.node < 0 ? 0 : score[f.node]!;
+          for (const [tok, p] of topCandidates(f.logits, branching, temperature)) cands.push({ parent: f.node, token: tok, score: base + Math.log(p) });
+        }
+        cands.sort((x, y) => y.score - x.score);
+        const take = cands.slice(0, Math.min(branching, nodeBudget - tokens.length));
+        const added: number[] = [];
+        // Children of one parent stay in decreasing draft probability (the order verifyTree tries them).
+        take.sort((x, y) => x.parent - y.parent || y.score - x.score);
+        for (const cand of take) {
+          parents.push(cand.parent);
+          tokens.push(cand.token);
+          score.push(cand.score);
+          added.push(tokens.length - 1);
+        }
+        if (depth === maxDepth || tokens.length >= nodeBudget) break;
+        // Draft distributions after the new nodes: evaluate the tree so far under its mask.
+        D.truncate(dBase);
+        const all = await this.#timed(c, 'draft', () => D.evaluate(tokens, { treeParents: Int32Array.from(parents) }));
+        D.truncate(dBase);
+        const Vd = this.draft!.info.vocabSize;
+        frontier = added.map((n) => ({ node: n, logits: all.subarray(n * Vd, n * Vd + V) }));
+      }
+      D.truncate(dBase);
+    }
+    const n = tokens.length;
+    const input = Int32Array.from([last, ...tokens]);
+    const treeParents = Int32Array.from([-1, ...parents.map((p) => p + 1)]);
+    const tBase = T.length;
+    const tStart = performance.now();
+    const tl = await this.#timed(c, 'target', () => T.evaluate(input, { treeParents }));
+    this.#targetPassMs = performance.now() - tStart;
+    const targetLogits = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
+    // Children are the draft's top candidates, chosen deterministically: q is one-hot for verification.
+    const r = verifyTree({
+      parents: Int32Array.from(parents),
+      tokens: Int32Array.from(tokens),
+      targetLogits,
+      vocabSize: V,
+      sampling: req.sampling,
+      seed: req.seed,
+      stream: streamOf(req.id, step, false),
+      children: 'deterministic',
+    });
+    const path = Array.from(r.path);
+    T.keepPath(tBase, [0, ...path.map((i) => i + 1)]);
+    c.record(n, path.length, path.length + 1);
+    let depth = 0;
+    const depths: number[] = [];
+    parents.forEach((p, i) => (depths[i] = p < 0 ? 1 : depths[p]! + 1, depth = Math.max(depth, depths[i]!)));
+    c.recordChain(depth, path.length);
+    this.emit('step', { request: req.id, drafted: n, accepted: path.length, emitted: path.length + 1 } satisfies StepEvent);
+    return Array.from(r.tokens);
+  }
+
+  /** Prompt lookup: propose the tokens that followed the latest earlier match of the context's tail. */
+  async #ngramStep(req: Request, step: number, T: Sequence, committed: number[], budget: number): Promise<number[]> {
+    if (this.strategy.kind !== 'ngram') throw new Error('unreachable');
+    const g = Math.min(budget, this.strategy.length);
+    const proposal = g > 0 ? ngramLookup(committed, this.strategy.maxNgram, g) : [];
+    const c = req.counters;
+    const last = committed[committed.length - 1]!;
+    const tBase = T.length;
+    const V = this.vocabSize;
+    const tl = await this.#timed(c, 'target', () => T.evaluate(Int32Array.from([last, ...proposal])));
+    // A lookup proposal is deterministic: a one-hot q, which the deterministic tree mode verifies exactly.
+    const r = verifyTree({
+      parents: Int32Array.from(proposal.map((_, i) => i - 1)),
+      tokens: Int32Array.from(proposal),
+      targetLogits: tl,
+      vocabSize: V,
+      sampling: req.sampling,
+      seed: req.seed,
+      stream: streamOf(req.id, step, false),
+      children: 'deterministic',
+    });
+    const a = r.path.length;
+    T.truncate(tBase + 1 + a);
+    c.record(proposal.length, a, a + 1);
+    c.recordChain(proposal.length, a);
+    this.emit('step', { request: req.id, drafted: proposal.length, accepted: a, emitted: a + 1 } satisfies StepEvent);
+    return Array.from(r.tokens);
+  }
+
+  /** Rejects running requests, waits for them, and frees nothing else (the models belong to the caller). */
+  async dispose(): Promise<void> {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    const err = new Error('the decoder was disposed');
+    this.#disposeController.abort(err);
+    for (const w of this.#waiting.splice(0)) w();
+    await Promise.allSettled([...this.#running]);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose();
+  }
+}
+
+/** The tokens after the latest earlier occurrence of the longest matching tail (up to maxNgram). */
+export function ngramLookup(tokens: number[], maxNgram: number, length: number): number[] {
+  const n = tokens.length;
+  for (let size = Math.min(maxNgram, n - 1); size >= 1; size--) {
+    for (let start = n - size - 1; start >= 0; start--) {
+      let match = true;
+      for (let k = 0; k < size; k++) {
+        if (tokens[start + k] !== tokens[n - size + k]) {
+          match = false;
+          break;
+        }
+      }
+      if (match) {
+        const from = start + size;
+        return tokens.slice(from, Math.min(n, from + length));
+      }
+    }
+  }
+  return [];
+}
+
+/** Rows of width `from` cut to their first `to` entries (a target padded beyond the shared vocabulary). */
+function sliceRows(src: Float32Array, from: number, to: number): Float32Array {
+  const rows = src.length / from;
+  const out = new Float32Array(rows * to);
+  for (let r = 0; r < rows; r++) out.set(src.subarray(r * from, r * from + to), r * to);
+  return out;
+}
+
+/** Creates a speculative decoder over a target and a draft (or none, for 'ngram'). */
+export function createSpeculativeDecoder(options: SpeculativeDecoderOptions): SpeculativeDecoder {
+  return new SpeculativeDecoder(options);
+}

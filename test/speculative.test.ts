@@ -1,0 +1,220 @@
+// End-to-end exactness of speculative generation on the real stories260K target: greedy output is
+// token-identical to target-only decoding for every strategy, and sampled output follows the
+// target's distribution (chi-square on the first two tokens). Drafts: a random-weight model
+// (frequent rejections) and the target stored in F16 (frequent acceptances).
+import { existsSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import {
+  bestLength,
+  createSpeculativeDecoder,
+  expectedSpeedup,
+  loadModel,
+  ngramLookup,
+  writeRandomModel,
+  type Model,
+  type Strategy,
+} from '../lib/index.js';
+import { chiSquareTest } from './helpers/stats.js';
+import { warp } from './helpers/warp.js';
+
+const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
+const have = existsSync(STORIES);
+if (!have) console.warn(`skip: ${STORIES} not found (speculative tests need ../shared/models)`);
+
+const strategies: Strategy[] = [
+  { kind: 'chain', length: 1 },
+  { kind: 'chain', length: 4 },
+  { kind: 'chain', length: 7 },
+  { kind: 'tree', budget: 12, maxDepth: 4, branching: 3 },
+  { kind: 'adaptive', maxLength: 6 },
+  { kind: 'ngram', length: 5 },
+];
+
+describe.skipIf(!have)('speculative generation (stories260K)', () => {
+  let target: Model;
+  let randomDraft: Model;
+  let closeDraft: Model;
+  const prompts: number[][] = [];
+
+  beforeAll(async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'osd-spec-'));
+    target = await loadModel(STORIES);
+    await writeRandomModel(join(dir, 'random.gguf'), {
+      vocabSize: 512, embeddingLength: 32, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 64, contextLength: 512, seed: 3,
+    });
+    randomDraft = await loadModel(join(dir, 'random.gguf'));
+    await target.save(join(dir, 'f16.gguf'), { type: 'F16' });
+    closeDraft = await loadModel(join(dir, 'f16.gguf'));
+    // 50 prompts: sampled story openings from the target itself.
+    for (let seed = 0; prompts.length < 50; seed++) {
+      const r = await target.generate({ tokens: [1], maxTokens: 4 + (seed % 12), sampling: { temperature: 1 }, seed: 1000 + seed });
+      if (r.stopReason === 'maxTokens') prompts.push([1, ...r.tokens]);
+    }
+  });
+
+  afterAll(async () => {
+    await Promise.all([target?.dispose(), randomDraft?.dispose(), closeDraft?.dispose()]);
+  });
+
+  it('rejects a draft with another vocabulary, and bad options', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'osd-spec-bad-'));
+    await writeRandomModel(join(dir, 'v.gguf'), { vocabSize: 500, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 64 });
+    const other = await loadModel(join(dir, 'v.gguf'));
+    expect(() => createSpeculativeDecoder({ target, draft: other })).toThrow(/vocabulary/);
+    await other.dispose();
+    expect(() => createSpeculativeDecoder({ target })).toThrow(/draft must be a loaded Model/);
+    expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 0 } })).toThrow(/strategy.length/);
+    expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'beam' } as never })).toThrow(/strategy.kind/);
+    const dec = createSpeculativeDecoder({ target, draft: closeDraft });
+    await expect(dec.generate({ tokens: [1, 600], maxTokens: 3 })).rejects.toThrow(/tokens\[1\]/);
+    await expect(dec.generate({ tokens: [1], maxTokens: 1.5 })).rejects.toThrow(/maxTokens/);
+    await expect(dec.generate({ prompt: 'hi', maxTokens: 3 })).rejects.toThrow(/tokenizer/);
+  });
+
+  for (const strategy of strategies) {
+    it(`greedy output equals target-only output (${JSON.stringify(strategy)})`, async () => {
+      for (const draft of [randomDraft, closeDraft]) {
+        const dec = createSpeculativeDecoder({ target, draft, strategy });
+        for (const prompt of prompts) {
+          const want = await target.generate({ tokens: prompt, maxTokens: 24 });
+          const got = await dec.generate({ tokens: prompt, maxTokens: 24 });
+          expect(Array.from(got.tokens)).toEqual(Array.from(want.tokens));
+          expect(got.stopReason).toBe(want.stopReason);
+        }
+        const m = dec.metrics();
+        expect(m.tokens).toBeGreaterThan(0);
+        // Trees draft many alternatives per step, so judge them by accepted tokens per pass.
+        if (draft === closeDraft && strategy.kind === 'tree') expect(m.meanAcceptedLength).toBeGreaterThan(1);
+        else if (draft === closeDraft && strategy.kind !== 'ngram') expect(m.acceptanceRate).toBeGreaterThan(0.5);
+        await dec.dispose();
+      }
+    });
+  }
+
+  it('greedy output survives long generations with KV compaction (tree) and reaches the context end', async () => {
+    const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'tree', budget: 16, maxDepth: 6, branching: 4 } });
+    const want = await target.generate({ tokens: [1], maxTokens: 600 });
+    const got = await dec.generate({ tokens: [1], maxTokens: 600 });
+    expect(Array.from(got.tokens)).toEqual(Array.from(want.tokens));
+    expect(got.stopReason).toBe('context');
+    expect(got.stats.meanAcceptedLength).toBeGreaterThan(1);
+  });
+
+  // Sampled exactness: the joint distribution of the first two tokens against the target's own.
+  const sampledCases: { name: string; strategy: Strategy; sampling: { temperature: number; topK?: number; topP?: number } }[] = [
+    { name: 'chain T=1', strategy: { kind: 'chain', length: 3 }, sampling: { temperature: 1 } },
+    { name: 'tree T=0.8 top-p 0.9', strategy: { kind: 'tree', budget: 8, maxDepth: 3, branching: 3 }, sampling: { temperature: 0.8, topP: 0.9 } },
+    { name: 'adaptive T=1.2 top-k 20', strategy: { kind: 'adaptive', maxLength: 4 }, sampling: { temperature: 1.2, topK: 20 } },
+    { name: 'ngram T=1', strategy: { kind: 'ngram', length: 3 }, sampling: { temperature: 1 } },
+  ];
+  for (const sc of sampledCases) {
+    it(`sampled output follows the target distribution (${sc.name})`, async () => {
+      const prompt = [1, 403, 407, 261, 378, 403, 407];
+      const V = 512;
+      // Exact joint P(y1, y2) from the target.
+      const first = warp(await target.forward(prompt), V, sc.sampling, (prompt.length - 1) * V);
+      const draws = 6000;
+      const joint = new Float64Array(V * V);
+      for (let y1 = 0; y1 < V; y1++) {
+        if (first[y1]! === 0) continue;
+        if (first[y1]! * draws < 2) {
+          joint[y1 * V] = first[y1]!; // rare first tokens: their row is pooled anyway
+          continue;
+        }
+        const logits = await target.forward([...prompt, y1]);
+        const second = warp(logits, V, sc.sampling, prompt.length * V);
+        for (let y2 = 0; y2 < V; y2++) joint[y1 * V + y2] = first[y1]! * second[y2]!;
+      }
+      const counts = new Float64Array(V * V);
+      const rowCounts = new Float64Array(V);
+      for (const draft of [randomDraft, closeDraft]) {
+        const dec = createSpeculativeDecoder({ target, draft, strategy: sc.strategy, sampling: sc.sampling, maxConcurrent: 1 });
+        for (let s = 0; s < draws / 2; s++) {
+          const r = await dec.generate({ tokens: prompt, maxTokens: 2, seed: 77_000 + s, stopTokens: [] });
+          const y1 = r.tokens[0]!;
+          const y2 = r.tokens[1]!;
+          if (first[y1]! * draws < 2) rowCounts[y1]!++;
+          else counts[y1 * V + y2]!++;
+        }
+        await dec.dispose();
+      }
+      // Pool each rare first token's row into its single cell.
+      for (let y1 = 0; y1 < V; y1++) if (rowCounts[y1]) counts[y1 * V] = rowCounts[y1]!;
+      const test = chiSquareTest(counts, joint);
+      expect(test.pValue).toBeGreaterThan(1e-3);
+    });
+  }
+
+  it('streams chunks whose tokens equal generate()', async () => {
+    const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 4 } });
+    const want = await dec.generate({ tokens: prompts[0]!, maxTokens: 30 });
+    const got: number[] = [];
+    for await (const chunk of dec.stream({ tokens: prompts[0]!, maxTokens: 30 })) got.push(...chunk.tokens);
+    expect(got).toEqual(Array.from(want.tokens));
+  });
+
+  it('abort mid-stream leaves the decoder usable; dispose rejects running work cleanly', async () => {
+    const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 2 } });
+    const ac = new AbortController();
+    let chunks = 0;
+    await expect(
+      (async () => {
+        for await (const _ of dec.stream({ tokens: [1], maxTokens: 400, signal: ac.signal })) {
+          if (++chunks === 3) ac.abort();
+        }
+      })(),
+    ).rejects.toMatchObject({ name: 'AbortError' });
+    // Breaking out of a stream is fine too.
+    for await (const _ of dec.stream({ tokens: [1], maxTokens: 400 })) break;
+    const ok = await dec.generate({ tokens: [1], maxTokens: 5 });
+    expect(ok.tokens.length).toBe(5);
+    const running = dec.generate({ tokens: [1], maxTokens: 400 });
+    await dec.dispose();
+    await expect(running).rejects.toThrow(/disposed/);
+    await expect(dec.generate({ tokens: [1], maxTokens: 2 })).rejects.toThrow(/disposed/);
+  });
+
+  it('concurrent requests are served correctly', async () => {
+    const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 3 }, maxConcurrent: 2 });
+    const want = await Promise.all(prompts.slice(0, 6).map((p) => target.generate({ tokens: p, maxTokens: 20 })));
+    const got = await Promise.all(prompts.slice(0, 6).map((p) => dec.generate({ tokens: p, maxTokens: 20 })));
+    got.forEach((g, i) => expect(Array.from(g.tokens)).toEqual(Array.from(want[i]!.tokens)));
+    await dec.dispose();
+  });
+
+  it('reports per-request stats and step events', async () => {
+    const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 4 } });
+    const events: { drafted: number; accepted: number }[] = [];
+    dec.on('step', (e) => events.push(e));
+    const r = await dec.generate({ tokens: [1, 403], maxTokens: 40 });
+    const s = r.stats;
+    expect(s.tokens).toBe(r.tokens.length);
+    expect(s.drafted).toBe(events.reduce((a, e) => a + e.drafted, 0));
+    expect(s.accepted).toBe(events.reduce((a, e) => a + e.accepted, 0));
+    expect(s.acceptanceRate).toBeCloseTo(s.accepted / s.drafted, 10);
+    expect(s.acceptanceByPosition.length).toBe(4);
+    expect(s.targetPasses).toBeGreaterThanOrEqual(events.length);
+    expect(s.draftPasses).toBeGreaterThan(0);
+    expect(s.tokensPerSecond).toBeGreaterThan(0);
+  });
+});
+
+describe('speculation length', () => {
+  it('expectedSpeedup follows (1 - a^(g+1)) / ((1 - a)(g c + 1))', () => {
+    expect(expectedSpeedup(0.8, 4, 0.1)).toBeCloseTo((1 - 0.8 ** 5) / (0.2 * 1.4), 12);
+    expect(expectedSpeedup(0.5, 0, 0.1)).toBe(1);
+    expect(expectedSpeedup(1, 3, 0)).toBe(4);
+  });
+  it('bestLength grows with acceptance and shrinks with draft cost', () => {
+    expect(bestLength(0.9, 0.05, 16)).toBeGreaterThan(bestLength(0.6, 0.05, 16));
+    expect(bestLength(0.8, 0.3, 16)).toBeLessThan(bestLength(0.8, 0.02, 16));
+    expect(bestLength(0.1, 0.5, 16)).toBe(0);
+  });
+  it('ngramLookup proposes what followed the latest match of the longest tail', () => {
+    expect(ngramLookup([5, 6, 7, 8, 1, 5, 6, 7], 3, 4)).toEqual([8, 1, 5, 6]);
+    expect(ngramLookup([1, 2, 3], 3, 2)).toEqual([]);
+    expect(ngramLookup([4, 9, 4], 2, 3)).toEqual([9, 4]);
+  });
+});

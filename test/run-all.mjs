@@ -22,20 +22,65 @@ if (!existsSync(join(buildDir, 'CTestTestfile.cmake'))) {
 } else {
   const ctest = spawnSync('ctest', ['--test-dir', buildDir, '-V', '--timeout', '600'], { encoding: 'utf8' });
   const out = (ctest.stdout ?? '') + (ctest.stderr ?? '');
-  let sawCounts = false;
+  const internalFailures = new Map(); // ctest test number -> failures the binary itself reported
   for (const line of out.split('\n')) {
-    const m = /^\d+: (\d+) passed, (\d+) failed(?:, (\d+) skipped)?$/.exec(line.trim());
+    const m = /^(\d+): (\d+) passed, (\d+) failed(?:, (\d+) skipped)?$/.exec(line.trim());
     if (m) {
-      sawCounts = true;
-      passed += Number(m[1]);
-      failed += Number(m[2]);
-      skipped += Number(m[3] ?? 0);
+      passed += Number(m[2]);
+      failed += Number(m[3]);
+      skipped += Number(m[4] ?? 0);
+      internalFailures.set(m[1], Number(m[3]));
     }
-    if (/^\d+: (FAIL|  FAIL|skip)/.test(line.trim()) || /tests passed|tests failed|Test #\d+:/.test(line)) console.log(line);
+    if (/^\d+: (FAIL|  FAIL|skip)/.test(line.trim())) console.log(line);
+    // A binary that crashed, was not built or failed without saying so still counts as a failure.
+    const r = /Test\s+#(\d+): (\S+) \.+\s*(\*\*\*)?(.+?)\s+[\d.]+ sec/.exec(line);
+    if (r) {
+      console.log(line);
+      if (r[4] !== 'Passed' && !internalFailures.get(r[1])) {
+        console.log(`FAIL ${r[2]}: ${r[4]}`);
+        failed += 1;
+      }
+    }
   }
-  if (ctest.error || ctest.status !== 0) {
-    console.log(out);
-    if (!/\d+ failed/.test(out) || !sawCounts) failed += 1;  // a crash or a missing binary still counts as a failure
+  if (ctest.error) {
+    console.log(out, ctest.error);
+    failed += 1;
+  }
+}
+
+// Fuzz: a short libFuzzer run of the GGUF reader over the kept corpus (needs clang with libFuzzer;
+// skipped where it is missing). OSD_FUZZ_SECONDS sets the length (default 20; 0 skips).
+const fuzzSeconds = Number(process.env.OSD_FUZZ_SECONDS ?? 20);
+const clang = spawnSync('clang++', ['--version'], { encoding: 'utf8' });
+if (fuzzSeconds <= 0 || clang.error || clang.status !== 0) {
+  console.log(`skip fuzz_gguf: ${fuzzSeconds <= 0 ? 'OSD_FUZZ_SECONDS=0' : 'clang++ not found (apt-get install clang libclang-rt-14-dev)'}`);
+  skipped += 1;
+} else {
+  const bin = join(buildDir, 'fuzz_gguf');
+  const work = join(buildDir, 'fuzz_work');
+  mkdirSync(work, { recursive: true });
+  const build = spawnSync(
+    'clang++',
+    ['-std=c++17', '-g', '-O1', '-fsanitize=fuzzer,address,undefined', '-fno-sanitize-recover=undefined', '-Inative',
+      'test/fuzz/fuzz_gguf.cpp', 'native/io/gguf.cpp', 'native/io/file.cpp', '-o', bin],
+    { cwd: root, encoding: 'utf8' },
+  );
+  if (build.status !== 0) {
+    console.log(`FAIL fuzz_gguf: build failed\n${build.stderr}`);
+    failed += 1;
+  } else {
+    const run = spawnSync(bin, [`-max_total_time=${fuzzSeconds}`, '-max_len=4096', '-malloc_limit_mb=512', '-print_final_stats=1', work, 'test/fuzz/corpus'], {
+      cwd: root,
+      encoding: 'utf8',
+    });
+    const stats = /stat::number_of_executed_units:\s*(\d+)/.exec(run.stderr ?? '');
+    if (run.status === 0) {
+      console.log(`ok   fuzz_gguf: ${stats?.[1] ?? '?'} inputs in ${fuzzSeconds} s, no crash`);
+      passed += 1;
+    } else {
+      console.log(`FAIL fuzz_gguf (exit ${run.status}):\n${(run.stderr ?? '').split('\n').slice(-40).join('\n')}`);
+      failed += 1;
+    }
   }
 }
 

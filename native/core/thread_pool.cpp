@@ -3,12 +3,25 @@
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace osd {
 
 namespace {
 thread_local bool tl_in_pool = false;
+
+// Bounded spin (about 10-50 us), short enough not to starve other tenants of a shared machine.
+constexpr int kSpin = 1000;
+constexpr size_t kChunksPerThread = 4;
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
 }
+}  // namespace
 
 ThreadPool::ThreadPool(int threads) {
   int n = std::max(1, threads);
@@ -28,6 +41,7 @@ void ThreadPool::worker_loop(int) {
   tl_in_pool = true;
   unsigned seen = 0;
   for (;;) {
+    for (int k = 0; k < kSpin && published_gen_.load(std::memory_order_acquire) == seen; ++k) cpu_relax();
     std::unique_lock<std::mutex> lk(mu_);
     cv_work_.wait(lk, [&] { return stop_ || generation_ != seen; });
     if (stop_) return;
@@ -44,14 +58,17 @@ void ThreadPool::worker_loop(int) {
         if (!error_) error_ = std::current_exception();
       }
       lk.lock();
-      if (++done_chunks_ == job_chunks_) cv_done_.notify_all();
+      if (++done_chunks_ == job_chunks_) {
+        published_done_.store(true, std::memory_order_release);
+        cv_done_.notify_all();
+      }
     }
   }
 }
 
 void ThreadPool::parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn) {
   if (n == 0) return;
-  size_t chunks = std::min<size_t>(size(), std::max<size_t>(1, n / std::max<size_t>(1, grain)));
+  size_t chunks = std::min<size_t>(size() * kChunksPerThread, std::max<size_t>(1, n / std::max<size_t>(1, grain)));
   if (chunks <= 1 || tl_in_pool) {
     fn(0, n);
     return;
@@ -64,6 +81,8 @@ void ThreadPool::parallel_for(size_t n, size_t grain, const std::function<void(s
   next_chunk_ = 0;
   done_chunks_ = 0;
   ++generation_;
+  published_done_.store(false, std::memory_order_relaxed);
+  published_gen_.store(generation_, std::memory_order_release);
   cv_work_.notify_all();
   tl_in_pool = true;
   while (next_chunk_ < job_chunks_) {
@@ -79,6 +98,11 @@ void ThreadPool::parallel_for(size_t n, size_t grain, const std::function<void(s
     ++done_chunks_;
   }
   tl_in_pool = false;
+  if (done_chunks_ != job_chunks_) {
+    lk.unlock();
+    for (int k = 0; k < 4 * kSpin && !published_done_.load(std::memory_order_acquire); ++k) cpu_relax();
+    lk.lock();
+  }
   cv_done_.wait(lk, [&] { return done_chunks_ == job_chunks_; });
   job_ = nullptr;
   std::exception_ptr err;

@@ -98,6 +98,25 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
       tmp(n * std::max(D, F));
   for (int32_t i = 0; i < n; ++i) dequantize_row(m.token_embd, tokens[i], &x[i * D]);
   const float inv_sqrt_hd = 1.0f / std::sqrt(static_cast<float>(HD));
+  // RoPE angles once per token for every head and layer (the same formulas as rope(), so the
+  // rotation is bit-identical to it).
+  const int64_t half = HD / 2;
+  std::vector<float> rope_cos(n * half), rope_sin(n * half);
+  for (int32_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < half; ++k) {
+      const double freq = std::pow(static_cast<double>(c.rope_theta), -2.0 * k / HD) * c.rope_freq_scale;
+      const double angle = pos[i] * freq;
+      rope_cos[i * half + k] = static_cast<float>(std::cos(angle));
+      rope_sin[i * half + k] = static_cast<float>(std::sin(angle));
+    }
+  auto rotate = [&](float* v, const float* cs, const float* sn) {
+    for (int64_t k = 0; k < half; ++k) {
+      const int64_t a = c.rope_neox ? k : 2 * k, b = c.rope_neox ? k + half : 2 * k + 1;
+      const float x0 = v[a], x1 = v[b];
+      v[a] = x0 * cs[k] - x1 * sn[k];
+      v[b] = x0 * sn[k] + x1 * cs[k];
+    }
+  };
 
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& w = m.layers[l];
@@ -110,10 +129,10 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
         for (int64_t j = 0; j < QD; ++j) q[i * QD + j] += w.bq[j];
         for (int64_t j = 0; j < KVD; ++j) kv_k[i * KVD + j] += w.bk[j], kv_v[i * KVD + j] += w.bv[j];
       }
-      for (int32_t hh = 0; hh < c.n_heads; ++hh)
-        rope(&q[i * QD + hh * HD], HD, pos[i], c.rope_theta, c.rope_freq_scale, c.rope_neox);
-      for (int32_t hh = 0; hh < c.n_kv_heads; ++hh)
-        rope(&kv_k[i * KVD + hh * HD], HD, pos[i], c.rope_theta, c.rope_freq_scale, c.rope_neox);
+      const float* cs = &rope_cos[i * half];
+      const float* sn = &rope_sin[i * half];
+      for (int32_t hh = 0; hh < c.n_heads; ++hh) rotate(&q[i * QD + hh * HD], cs, sn);
+      for (int32_t hh = 0; hh < c.n_kv_heads; ++hh) rotate(&kv_k[i * KVD + hh * HD], cs, sn);
       std::memcpy(&k_[l][(base + i) * KVD], &kv_k[i * KVD], KVD * sizeof(float));
       std::memcpy(&v_[l][(base + i) * KVD], &kv_v[i * KVD], KVD * sizeof(float));
     }

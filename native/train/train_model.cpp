@@ -1,0 +1,191 @@
+#include "train/train_model.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "core/error.h"
+
+namespace osd::train {
+
+void validate_batch(const ModelConfig& c, const Batch& b) {
+  if (b.batch <= 0) throw_range("batch must be > 0, got " + std::to_string(b.batch));
+  if (b.seq_len <= 0 || b.seq_len > c.context)
+    throw_range("seqLen must be in [1, " + std::to_string(c.context) + "] (the model's context), got " +
+                std::to_string(b.seq_len));
+  if (!b.tokens) throw_range("tokens are missing");
+  const int64_t n = static_cast<int64_t>(b.batch) * b.seq_len;
+  for (int64_t i = 0; i < n; ++i)
+    if (b.tokens[i] < 0 || b.tokens[i] >= c.vocab)
+      throw_range("tokens[" + std::to_string(i) + "] = " + std::to_string(b.tokens[i]) +
+                  " is out of range for vocabSize " + std::to_string(c.vocab));
+  // Targets and teachers are checked by head_loss.
+}
+
+void Activations::resize(const ModelConfig& c, int32_t B, int32_t T) {
+  const ModelConfig& had = config;
+  if (B == batch && T == seq_len && had.vocab == c.vocab && had.dim == c.dim && had.n_layers == c.n_layers &&
+      had.n_heads == c.n_heads && had.n_kv_heads == c.n_kv_heads && had.head_dim == c.head_dim &&
+      had.ffn_dim == c.ffn_dim && had.rope_theta == c.rope_theta && had.rope_freq_scale == c.rope_freq_scale &&
+      had.rope_neox == c.rope_neox)
+    return;
+  config = c;
+  batch = B;
+  seq_len = T;
+  const size_t N = static_cast<size_t>(B) * T, D = c.dim, QD = c.q_dim(), KVD = c.kv_dim(), F = c.ffn_dim;
+  layers.assign(c.n_layers, Layer());
+  for (Layer& l : layers) {
+    l.x.resize(N * D);
+    l.xn1.resize(N * D);
+    l.rstd1.resize(N);
+    l.q.resize(N * QD);
+    l.k.resize(N * KVD);
+    l.v.resize(N * KVD);
+    l.probs.resize(static_cast<size_t>(B) * c.n_heads * T * T);
+    l.att.resize(N * QD);
+    l.x2.resize(N * D);
+    l.xn2.resize(N * D);
+    l.rstd2.resize(N);
+    l.gate.resize(N * F);
+    l.up.resize(N * F);
+    l.h.resize(N * F);
+  }
+  x_final.resize(N * D);
+  xn_final.resize(N * D);
+  rstd_final.resize(N);
+  rope = rope_table(c, T);
+  dx.resize(N * D);
+  dxn.resize(N * D);
+  dq.resize(N * QD);
+  dk.resize(N * KVD);
+  dv.resize(N * KVD);
+  datt.resize(N * QD);
+  dgate.resize(N * F);
+  dup.resize(N * F);
+  dh.resize(N * F);
+}
+
+namespace {
+
+// Everything up to the final norm: xn_final holds the LM head's input.
+void forward_layers(const Params& p, const int32_t* tokens, int32_t B, int32_t T, Activations& a) {
+  const ModelConfig& c = p.config();
+  const ParamLayout& L = p.layout();
+  a.resize(c, B, T);
+  const int64_t N = static_cast<int64_t>(B) * T, D = c.dim, QD = c.q_dim(), KVD = c.kv_dim(), F = c.ffn_dim;
+  const AttnShape shape{B, T, c.n_heads, c.n_kv_heads, c.head_dim};
+
+  float* x0 = a.layers.empty() ? a.x_final.data() : a.layers[0].x.data();
+  for (int64_t n = 0; n < N; ++n) std::memcpy(x0 + n * D, p.at(L.token_embd()) + tokens[n] * D, D * sizeof(float));
+
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    Activations::Layer& A = a.layers[l];
+    const LayerOffsets& o = L.layer(l);
+    float* x_next = l + 1 < c.n_layers ? a.layers[l + 1].x.data() : a.x_final.data();
+    // Attention block.
+    rmsnorm_forward(A.x.data(), p.at(o.attn_norm), N, D, c.rms_eps, A.xn1.data(), A.rstd1.data());
+    linear_forward(p.at(o.wq), QD, D, A.xn1.data(), N, A.q.data());
+    linear_forward(p.at(o.wk), KVD, D, A.xn1.data(), N, A.k.data());
+    linear_forward(p.at(o.wv), KVD, D, A.xn1.data(), N, A.v.data());
+    if (L.qkv_bias())
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t j = 0; j < QD; ++j) A.q[n * QD + j] += p.at(o.bq)[j];
+        for (int64_t j = 0; j < KVD; ++j) A.k[n * KVD + j] += p.at(o.bk)[j], A.v[n * KVD + j] += p.at(o.bv)[j];
+      }
+    rope_rows(a.rope, A.q.data(), N, T, c.n_heads, false);
+    rope_rows(a.rope, A.k.data(), N, T, c.n_kv_heads, false);
+    attention_forward(shape, A.q.data(), A.k.data(), A.v.data(), A.probs.data(), A.att.data());
+    linear_forward(p.at(o.wo), D, QD, A.att.data(), N, A.x2.data());
+    for (int64_t j = 0; j < N * D; ++j) A.x2[j] = A.x[j] + A.x2[j];
+    // Feed-forward block.
+    rmsnorm_forward(A.x2.data(), p.at(o.ffn_norm), N, D, c.rms_eps, A.xn2.data(), A.rstd2.data());
+    linear_forward(p.at(o.w_gate), F, D, A.xn2.data(), N, A.gate.data());
+    linear_forward(p.at(o.w_up), F, D, A.xn2.data(), N, A.up.data());
+    swiglu(A.gate.data(), A.up.data(), N * F, A.h.data());
+    linear_forward(p.at(o.w_down), D, F, A.h.data(), N, x_next);
+    for (int64_t j = 0; j < N * D; ++j) x_next[j] = A.x2[j] + x_next[j];
+  }
+  rmsnorm_forward(a.x_final.data(), p.at(L.output_norm()), N, D, c.rms_eps, a.xn_final.data(), a.rstd_final.data());
+}
+
+void backward_layers(const Params& p, const int32_t* tokens, Activations& a, float* grads) {
+  const ModelConfig& c = p.config();
+  const ParamLayout& L = p.layout();
+  const int32_t B = a.batch, T = a.seq_len;
+  const int64_t N = static_cast<int64_t>(B) * T, D = c.dim, QD = c.q_dim(), KVD = c.kv_dim(), F = c.ffn_dim;
+  const AttnShape shape{B, T, c.n_heads, c.n_kv_heads, c.head_dim};
+  float* g = grads;
+
+  // a.dxn holds d loss / d xn_final; dx becomes d loss / d (residual stream).
+  rmsnorm_backward(a.x_final.data(), p.at(L.output_norm()), a.rstd_final.data(), a.dxn.data(), N, D, a.dx.data(),
+                   false, g + L.output_norm());
+  for (int32_t l = c.n_layers - 1; l >= 0; --l) {
+    Activations::Layer& A = a.layers[l];
+    const LayerOffsets& o = L.layer(l);
+    // x_next = x2 + W_down swiglu(W_gate xn2, W_up xn2), xn2 = rmsnorm(x2)
+    linear_backward(p.at(o.w_down), D, F, A.h.data(), a.dx.data(), N, a.dh.data(), false, g + o.w_down);
+    swiglu_backward(A.gate.data(), A.up.data(), a.dh.data(), N * F, a.dgate.data(), a.dup.data());
+    linear_backward(p.at(o.w_gate), F, D, A.xn2.data(), a.dgate.data(), N, a.dxn.data(), false, g + o.w_gate);
+    linear_backward(p.at(o.w_up), F, D, A.xn2.data(), a.dup.data(), N, a.dxn.data(), true, g + o.w_up);
+    rmsnorm_backward(A.x2.data(), p.at(o.ffn_norm), A.rstd2.data(), a.dxn.data(), N, D, a.dx.data(), true,
+                     g + o.ffn_norm);
+    // x2 = x + W_o attention(rope(W_q xn1 + bq), rope(W_k xn1 + bk), W_v xn1 + bv), xn1 = rmsnorm(x)
+    linear_backward(p.at(o.wo), D, QD, A.att.data(), a.dx.data(), N, a.datt.data(), false, g + o.wo);
+    attention_backward(shape, A.q.data(), A.k.data(), A.v.data(), A.probs.data(), a.datt.data(), a.dq.data(),
+                       a.dk.data(), a.dv.data());
+    rope_rows(a.rope, a.dq.data(), N, T, c.n_heads, true);
+    rope_rows(a.rope, a.dk.data(), N, T, c.n_kv_heads, true);
+    if (L.qkv_bias())
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t j = 0; j < QD; ++j) g[o.bq + j] += a.dq[n * QD + j];
+        for (int64_t j = 0; j < KVD; ++j) g[o.bk + j] += a.dk[n * KVD + j], g[o.bv + j] += a.dv[n * KVD + j];
+      }
+    linear_backward(p.at(o.wq), QD, D, A.xn1.data(), a.dq.data(), N, a.dxn.data(), false, g + o.wq);
+    linear_backward(p.at(o.wk), KVD, D, A.xn1.data(), a.dk.data(), N, a.dxn.data(), true, g + o.wk);
+    linear_backward(p.at(o.wv), KVD, D, A.xn1.data(), a.dv.data(), N, a.dxn.data(), true, g + o.wv);
+    rmsnorm_backward(A.x.data(), p.at(o.attn_norm), A.rstd1.data(), a.dxn.data(), N, D, a.dx.data(), true,
+                     g + o.attn_norm);
+  }
+  // Embedding rows, in token order (tied: adds to the LM head's gradient).
+  float* ge = g + L.token_embd();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < D; ++j) ge[tokens[n] * D + j] += a.dx[n * D + j];
+}
+
+}  // namespace
+
+double forward(const Params& p, const Batch& b, Activations& a, const ForwardOptions& o) {
+  const ModelConfig& c = p.config();
+  validate_batch(c, b);
+  forward_layers(p, b.tokens, b.batch, b.seq_len, a);
+  const int64_t N = static_cast<int64_t>(b.batch) * b.seq_len;
+  return head_loss(a.xn_final.data(), N, p.at(p.layout().output()), c.vocab, c.dim, b.loss, o.head_chunk, nullptr,
+                   nullptr);
+}
+
+double forward_backward(const Params& p, const Batch& b, Activations& a, float* grads, const ForwardOptions& o) {
+  const ModelConfig& c = p.config();
+  validate_batch(c, b);
+  forward_layers(p, b.tokens, b.batch, b.seq_len, a);
+  std::fill(grads, grads + p.size(), 0.0f);
+  const int64_t N = static_cast<int64_t>(b.batch) * b.seq_len;
+  const double loss = head_loss(a.xn_final.data(), N, p.at(p.layout().output()), c.vocab, c.dim, b.loss,
+                                o.head_chunk, a.dxn.data(), grads + p.layout().output());
+  backward_layers(p, b.tokens, a, grads);
+  return loss;
+}
+
+void forward_logits(const Params& p, const int32_t* tokens, int32_t batch, int32_t seq_len, float* logits) {
+  const ModelConfig& c = p.config();
+  Batch b;
+  b.batch = batch;
+  b.seq_len = seq_len;
+  b.tokens = tokens;
+  validate_batch(c, b);
+  Activations a;
+  forward_layers(p, tokens, batch, seq_len, a);
+  linear_forward(p.at(p.layout().output()), c.vocab, c.dim, a.xn_final.data(), static_cast<int64_t>(batch) * seq_len,
+                 logits);
+}
+
+}  // namespace osd::train

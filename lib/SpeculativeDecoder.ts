@@ -27,6 +27,26 @@ export interface SpeculativeDecoderOptions {
   sampling?: SamplingOptions;
   /** Requests served at the same time; later ones wait. Default 2. */
   maxConcurrent?: number;
+  /**
+   * Called after every verification with the target's rows along the accepted path (used by the
+   * online distiller to record where the draft was corrected). Runs on the decoding path: keep it cheap.
+   */
+  onVerified?: (step: VerifiedStep) => void;
+}
+
+/** What one verification saw, for recording. */
+export interface VerifiedStep {
+  request: number;
+  /** The request's tokens (prompt and generated) before this step; the last one is the step's input. */
+  context: readonly number[];
+  /** Draft tokens proposed along the longest chain (for trees: the accepted path's depth). */
+  drafted: number;
+  accepted: number;
+  /** Emitted tokens: the accepted ones then the correction or bonus. */
+  emitted: Int32Array;
+  /** [(accepted + 1) x vocabSize] target logits: row i is the target's distribution for emitted[i]. */
+  targetLogits: Float32Array;
+  vocabSize: number;
 }
 
 export interface SpeculativeGenerateOptions {
@@ -252,6 +272,7 @@ export class SpeculativeDecoder extends EventEmitter {
   readonly strategy: Required<Strategy> & Strategy;
   readonly sampling: SamplingOptions;
   readonly maxConcurrent: number;
+  readonly #onVerified: ((step: VerifiedStep) => void) | undefined;
   #totals = new Counters();
   #nextRequest = 1;
   #active = 0;
@@ -281,6 +302,8 @@ export class SpeculativeDecoder extends EventEmitter {
     this.vocabSize = draft ? sharedVocab(target, draft) : target.info.vocabSize;
     this.sampling = options.sampling ?? { temperature: 0 };
     this.maxConcurrent = options.maxConcurrent === undefined ? 2 : checkPositiveInt(options.maxConcurrent, 'maxConcurrent', 1024);
+    if (options.onVerified !== undefined && typeof options.onVerified !== 'function') throw new TypeError('onVerified must be a function');
+    this.#onVerified = options.onVerified;
   }
 
   /** Cumulative statistics over every finished request. */
@@ -545,6 +568,7 @@ export class SpeculativeDecoder extends EventEmitter {
     const targetLogits = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
     const r = verifyChain({ targetLogits, draftLogits, draftTokens, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req.id, step, false) });
     const a = r.acceptedCount;
+    this.#onVerified?.({ request: req.id, context: committed, drafted: g, accepted: a, emitted: r.tokens, targetLogits: targetLogits.slice(0, (a + 1) * V), vocabSize: V });
     T.truncate(tBase + 1 + a);
     // The draft evaluated the committed tokens and draft tokens 0..g-2; keep the accepted ones.
     if (D.length > committed.length + a) D.truncate(committed.length + a);
@@ -621,6 +645,14 @@ export class SpeculativeDecoder extends EventEmitter {
       children: 'deterministic',
     });
     const path = Array.from(r.path);
+    if (this.#onVerified) {
+      const rows = new Float32Array((path.length + 1) * V);
+      [0, ...path.map((i) => i + 1)].forEach((row, k) => rows.set(targetLogits.subarray(row * V, (row + 1) * V), k * V));
+      // The draft was corrected where the accepted path ends at a node that had drafted children.
+      const end = path.length ? path[path.length - 1]! : -1;
+      const depth = path.length + (parents.includes(end) ? 1 : 0);
+      this.#onVerified({ request: req.id, context: committed, drafted: depth, accepted: path.length, emitted: r.tokens, targetLogits: rows, vocabSize: V });
+    }
     T.keepPath(tBase, [0, ...path.map((i) => i + 1)]);
     c.record(n, path.length, path.length + 1);
     let depth = 0;

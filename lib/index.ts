@@ -41,4 +41,5 @@ export type {
   RequestStats,
   StreamChunk,
   StepEvent,
+  VerifiedStep,
 } from './SpeculativeDecoder.js';

@@ -69,6 +69,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   static Napi::Function define(Napi::Env env) {
     return DefineClass(env, "NativeModel",
                        {InstanceMethod("info", &ModelWrap::info), InstanceMethod("dispose", &ModelWrap::dispose),
+                        InstanceMethod("setWeights", &ModelWrap::set_weights),
                         InstanceAccessor("disposed", &ModelWrap::disposed, nullptr)});
   }
   explicit ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
@@ -104,6 +105,21 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     o.Set("weightBytesPerToken", static_cast<double>(m->weight_bytes_per_token()));
     return o;
   }
+  // setWeights(other): this model now answers with other's weights. Sequences created afterwards
+  // use them; running sequences keep the weights they started with (no request sees a mix).
+  Napi::Value set_weights(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto mine = get(env);
+    if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "weights must be a NativeModel");
+    auto other = ModelWrap::Unwrap(info[0].As<Napi::Object>())->get(env);
+    const ModelConfig &a = mine->config(), &b = other->config();
+    if (a.arch != b.arch || a.vocab != b.vocab || a.dim != b.dim || a.n_layers != b.n_layers || a.n_heads != b.n_heads ||
+        a.n_kv_heads != b.n_kv_heads || a.ffn_dim != b.ffn_dim || a.head_dim != b.head_dim)
+      throw Napi::RangeError::New(env, "weights have another shape than this model (architecture, vocabulary, sizes)");
+    model_ = other;
+    return env.Undefined();
+  }
+
   Napi::Value dispose(const Napi::CallbackInfo& info) {
     model_.reset();  // running sequences hold their own reference
     return info.Env().Undefined();
@@ -405,5 +421,18 @@ void init(Napi::Env env, Napi::Object exports) {
 ExportRegistrar reg(init);
 
 }  // namespace
+
+Napi::Value wrap_model(Napi::Env env, std::shared_ptr<Model> m) {
+  auto ext = Napi::External<std::shared_ptr<Model>>::New(env, new std::shared_ptr<Model>(std::move(m)),
+                                                         [](Napi::Env, std::shared_ptr<Model>* p) { delete p; });
+  return env.GetInstanceData<Ctors>()->model.New({ext});
+}
+
+std::shared_ptr<Model> unwrap_model(Napi::Env env, const Napi::Value& v, const char* name) {
+  auto* ctors = env.GetInstanceData<Ctors>();
+  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(ctors->model.Value()))
+    throw Napi::TypeError::New(env, std::string(name) + " must be a loaded model");
+  return ModelWrap::Unwrap(v.As<Napi::Object>())->get(env);
+}
 
 }  // namespace osd::napi

@@ -6,6 +6,7 @@ import { checkSignal, throwIfAborted } from './withAbortSignal.js';
 
 interface NativeModel {
   info(): ModelInfo;
+  setWeights(other: NativeModel): void;
   dispose(): void;
   readonly disposed: boolean;
 }
@@ -218,6 +219,16 @@ export class Model {
     } finally {
       await seq.dispose();
     }
+  }
+
+  /**
+   * Swaps in the weights of `weights` (a model of the same shape, e.g. a Trainer snapshot). Sequences
+   * created afterwards use them; running sequences finish with the weights they started with, so no
+   * request ever sees half-updated weights.
+   */
+  setWeights(weights: Model): void {
+    if (!(weights instanceof Model)) throw new TypeError('weights must be a Model');
+    this.handle.setWeights(weights.handle);
   }
 
   /** Writes this model as GGUF (llama.cpp's layout), atomically. Matrices are stored as `type` (default F32). */

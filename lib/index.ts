@@ -43,3 +43,5 @@ export type {
   StepEvent,
   VerifiedStep,
 } from './SpeculativeDecoder.js';
+export { createTrainer, loadTrainerCheckpoint, Trainer } from './Trainer.js';
+export type { TrainerOptions, TrainBatch, TrainStepResult, NewModelConfig } from './Trainer.js';

@@ -1,0 +1,173 @@
+// Training a model on the CPU: steps run off the event loop on an owned f32 copy of the weights;
+// snapshot() turns the current weights into a model that can be swapped into a running one.
+import { addon } from './addon.js';
+import type { Seed } from './addonTypes.js';
+import { Model } from './Model.js';
+import type { DistillLossKind, SparseTeacher } from './kernels.js';
+
+interface NativeTrainer {
+  step(batch: TrainBatch): Promise<TrainStepResult>;
+  evalLoss(batch: TrainBatch): Promise<number>;
+  snapshot(): Promise<unknown>;
+  save(path: string): Promise<void>;
+  configure(options: TrainerOptions): void;
+  dispose(): void;
+  readonly steps: number;
+  readonly parameterCount: number;
+}
+
+interface TrainAddon {
+  createTrainer(source: unknown, options: TrainerOptions): Promise<NativeTrainer>;
+  loadTrainerCheckpoint(path: string): Promise<NativeTrainer>;
+}
+
+const native = addon as unknown as TrainAddon;
+
+export interface TrainerOptions {
+  /** Peak learning rate. Default 1e-4. */
+  lr?: number;
+  warmupSteps?: number;
+  /** 'constant' (default), 'linear' or 'cosine' decay to minLr at totalSteps. */
+  schedule?: 'constant' | 'linear' | 'cosine';
+  totalSteps?: number;
+  minLr?: number;
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+  /** AdamW weight decay on matrices (norms and biases never decay). Default 0. */
+  weightDecay?: number;
+  /** Clip the gradient to this global norm (0 = off). Default 1. */
+  clipNorm?: number;
+  /** Rows of logits made at once by the fused LM head + loss. Default 64. */
+  headChunk?: number;
+}
+
+/** B sequences of T tokens, each from position 0. Give targets (cross-entropy) or a teacher (distillation). */
+export interface TrainBatch {
+  tokens: Int32Array;
+  batchSize: number;
+  seqLen: number;
+  /** Next-token targets per position, -1 to skip (cross-entropy). */
+  targets?: Int32Array;
+  /** Distillation loss. Default 'forward-kl'. */
+  kind?: DistillLossKind;
+  /** Dense teacher logits [B*T x V]. */
+  teacherLogits?: Float32Array;
+  /** Sparse teacher [B*T rows of k]. */
+  teacher?: SparseTeacher;
+  /** [B*T] positions that count (distillation). */
+  mask?: Uint8Array;
+  temperature?: number;
+  beta?: number;
+}
+
+export interface TrainStepResult {
+  /** Mean loss over the counted positions, before the update. */
+  loss: number;
+  /** Global gradient norm before clipping. */
+  gradNorm: number;
+  lr: number;
+  step: number;
+  /** False when the loss or the gradient was not finite: the weights were left unchanged. */
+  applied: boolean;
+}
+
+export interface NewModelConfig {
+  vocabSize: number;
+  embeddingLength: number;
+  layers: number;
+  heads: number;
+  kvHeads?: number;
+  feedForwardLength: number;
+  contextLength: number;
+  ropeTheta?: number;
+  tiedOutput?: boolean;
+}
+
+/** A trainer over a copy of `source`'s weights, or over a fresh random model. */
+export async function createTrainer(
+  source: Model | { config: NewModelConfig; seed?: Seed; initStd?: number },
+  options: TrainerOptions = {},
+): Promise<Trainer> {
+  if (source instanceof Model) return new Trainer(await native.createTrainer(source.handle, options), source);
+  if (typeof source !== 'object' || source === null || typeof source.config !== 'object')
+    throw new TypeError('source must be a Model or { config, seed? }');
+  return new Trainer(await native.createTrainer(source, options), undefined);
+}
+
+/** Restores a trainer (weights, AdamW moments, step, settings) from Trainer.save(). */
+export async function loadTrainerCheckpoint(path: string): Promise<Trainer> {
+  if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
+  return new Trainer(await native.loadTrainerCheckpoint(path), undefined);
+}
+
+export class Trainer {
+  #native: NativeTrainer | null;
+  #queue: Promise<unknown> = Promise.resolve();
+  readonly #source: Model | undefined;
+
+  /** @internal */
+  constructor(handle: NativeTrainer, source: Model | undefined) {
+    this.#native = handle;
+    this.#source = source;
+  }
+
+  #get(): NativeTrainer {
+    if (!this.#native) throw new Error('the trainer was disposed');
+    return this.#native;
+  }
+
+  #enqueue<R>(fn: (t: NativeTrainer) => Promise<R>): Promise<R> {
+    const t = this.#get();
+    const run = () => fn(t);
+    const p = this.#queue.then(run, run);
+    this.#queue = p.catch(() => undefined);
+    return p;
+  }
+
+  /** Optimizer steps applied so far. */
+  get steps(): number {
+    return this.#get().steps;
+  }
+
+  get parameterCount(): number {
+    return this.#get().parameterCount;
+  }
+
+  /** One optimizer step (forward, backward, clipping, AdamW), off the event loop. */
+  step(batch: TrainBatch): Promise<TrainStepResult> {
+    return this.#enqueue((t) => t.step(batch));
+  }
+
+  /** The mean loss on a batch, leaving the weights as they are. */
+  evalLoss(batch: TrainBatch): Promise<number> {
+    return this.#enqueue((t) => t.evalLoss(batch));
+  }
+
+  /** A model holding a copy of the current weights (with the source model's tokenizer). */
+  async snapshot(): Promise<Model> {
+    const handle = await this.#enqueue((t) => t.snapshot());
+    return new Model(handle as ConstructorParameters<typeof Model>[0], this.#source?.tokenizer);
+  }
+
+  /** Writes a checkpoint (weights, moments, step, settings) atomically. */
+  save(path: string): Promise<void> {
+    if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
+    return this.#enqueue((t) => t.save(path));
+  }
+
+  /** Changes optimizer settings from the next step on. */
+  configure(options: TrainerOptions): void {
+    this.#get().configure(options);
+  }
+
+  async dispose(): Promise<void> {
+    await this.#queue;
+    this.#native?.dispose();
+    this.#native = null;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose();
+  }
+}

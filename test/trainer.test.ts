@@ -1,0 +1,101 @@
+// The training API: steps off the event loop, loss going down, snapshots swapped into a running
+// model, checkpoints that resume exactly, and bad input.
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { createTrainer, loadModel, loadTrainerCheckpoint, writeRandomModel, type TrainBatch } from '../lib/index.js';
+
+const config = { vocabSize: 53, embeddingLength: 32, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 64, contextLength: 64 };
+
+function fixedBatch(): TrainBatch {
+  const B = 2;
+  const T = 12;
+  const tokens = new Int32Array(B * T).map((_, i) => (i * 7 + 3) % 53);
+  const targets = new Int32Array(B * T).map((_, i) => (i * 7 + 10) % 53);
+  return { tokens, targets, batchSize: B, seqLen: T };
+}
+
+describe('Trainer', () => {
+  it('overfits a fixed batch, off the event loop', async () => {
+    await using trainer = await createTrainer({ config, seed: 1 }, { lr: 1e-2 });
+    expect(trainer.parameterCount).toBeGreaterThan(0);
+    const batch = fixedBatch();
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 0);
+    const first = await trainer.step(batch);
+    let last = first;
+    for (let i = 0; i < 60; i++) last = await trainer.step(batch);
+    clearInterval(timer);
+    expect(first.applied).toBe(true);
+    expect(last.loss).toBeLessThan(first.loss * 0.3);
+    expect(trainer.steps).toBe(61);
+    expect(ticks).toBeGreaterThan(0);
+  });
+
+  it('snapshots swap into a running model between requests', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'osd-trainer-'));
+    await writeRandomModel(join(dir, 'm.gguf'), { ...config, seed: 5 });
+    await using model = await loadModel(join(dir, 'm.gguf'));
+    await using trainer = await createTrainer(model, { lr: 1e-2 });
+    const before = await model.forward([1, 2, 3]);
+    // A sequence that started before the swap keeps its weights.
+    const seq = model.createSequence();
+    await seq.evaluate([1, 2]);
+    for (let i = 0; i < 5; i++) await trainer.step(fixedBatch());
+    const snap = await trainer.snapshot();
+    model.setWeights(snap);
+    const after = await model.forward([1, 2, 3]);
+    expect(Array.from(after)).toEqual(Array.from(await snap.forward([1, 2, 3])));
+    expect(Array.from(after)).not.toEqual(Array.from(before));
+    const old = await seq.evaluate([3]);
+    expect(Array.from(old)).toEqual(Array.from(before.subarray(2 * 53)));
+    await seq.dispose();
+    await snap.dispose();
+    const other = await createTrainer({ config: { ...config, layers: 1 }, seed: 2 });
+    const wrong = await other.snapshot();
+    expect(() => model.setWeights(wrong)).toThrow(/shape/);
+    await Promise.all([other.dispose(), wrong.dispose()]);
+  });
+
+  it('a checkpoint resumes with identical losses', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'osd-ckpt-'));
+    const a = await createTrainer({ config, seed: 3 }, { lr: 5e-3, schedule: 'cosine', totalSteps: 20, warmupSteps: 2 });
+    for (let i = 0; i < 3; i++) await a.step(fixedBatch());
+    await a.save(join(dir, 't.ckpt'));
+    const b = await loadTrainerCheckpoint(join(dir, 't.ckpt'));
+    for (let i = 0; i < 3; i++) {
+      const ra = await a.step(fixedBatch());
+      const rb = await b.step(fixedBatch());
+      expect(rb).toEqual(ra);
+    }
+    await Promise.all([a.dispose(), b.dispose()]);
+  });
+
+  it('distills toward a sparse teacher at masked positions', async () => {
+    await using trainer = await createTrainer({ config, seed: 4 }, { lr: 1e-2 });
+    const b = fixedBatch();
+    const n = b.batchSize * b.seqLen;
+    const indices = new Int32Array(n * 2).map((_, i) => (i % 2 === 0 ? 5 : 9));
+    const probs = new Float32Array(n * 2).map((_, i) => (i % 2 === 0 ? 0.7 : 0.2));
+    const mask = new Uint8Array(n).map((_, i) => (i % 3 === 0 ? 1 : 0));
+    const batch: TrainBatch = { tokens: b.tokens, batchSize: b.batchSize, seqLen: b.seqLen, teacher: { indices, probs }, mask };
+    const first = await trainer.evalLoss(batch);
+    for (let i = 0; i < 30; i++) await trainer.step(batch);
+    expect(await trainer.evalLoss(batch)).toBeLessThan(first * 0.5);
+  });
+
+  it('rejects bad input with errors naming the argument', async () => {
+    await using trainer = await createTrainer({ config, seed: 1 });
+    await expect(trainer.step({ ...fixedBatch(), seqLen: 5 })).rejects.toThrow(/batch.tokens has length/);
+    await expect(trainer.step({ tokens: new Int32Array(24), batchSize: 2, seqLen: 12 })).rejects.toThrow(/targets|teacher/);
+    const bad = fixedBatch();
+    bad.tokens[3] = 99;
+    await expect(trainer.step(bad)).rejects.toThrow(/tokens\[3\]/);
+    await expect(createTrainer({ config: { ...config, heads: 3 } })).rejects.toThrow(/multiple/);
+    await expect(createTrainer({ config, seed: 1 }, { lr: -1 })).rejects.toThrow(/lr/);
+    await expect(loadTrainerCheckpoint('/nonexistent.ckpt')).rejects.toThrow(/nonexistent/);
+    await trainer.dispose();
+    expect(() => trainer.step(fixedBatch())).toThrow(/disposed/);
+  });
+});

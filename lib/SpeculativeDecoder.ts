@@ -60,6 +60,8 @@ export interface SpeculativeGenerateOptions {
   stop?: string[];
   /** Token ids that end generation (default: the target's end-of-sequence tokens). */
   stopTokens?: number[];
+  /** Called with the request's id when it starts (the id found in step events and VerifiedStep). */
+  onStart?: (request: number) => void;
 }
 
 export interface RequestStats {
@@ -422,6 +424,7 @@ export class SpeculativeDecoder extends EventEmitter {
       stopTokens: new Set(options.stopTokens ?? this.target.eosTokens),
       counters: new Counters(),
     };
+    options.onStart?.(req.id);
     const work = (async () => {
       await this.#acquire(combined);
       try {

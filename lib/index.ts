@@ -45,3 +45,5 @@ export type {
 } from './SpeculativeDecoder.js';
 export { createTrainer, loadTrainerCheckpoint, Trainer } from './Trainer.js';
 export type { TrainerOptions, TrainBatch, TrainStepResult, NewModelConfig } from './Trainer.js';
+export { createOnlineDecoder, OnlineDecoder, teacherTopK } from './OnlineDecoder.js';
+export type { OnlineDecoderOptions, OnlineDistillOptions, OnlineMetrics, UpdateEvent, RollbackEvent } from './OnlineDecoder.js';

@@ -1,0 +1,517 @@
+// Online speculative decoding (Liu et al., ICML 2024): while serving, record where the draft was
+// corrected and what the target wanted there (top-k probabilities plus the residual mass), and
+// every so often distil the target into the draft on a shadow copy, off the decoding path. The new
+// weights are swapped in between requests; a guard rolls back when acceptance falls or the loss
+// is not finite. Output stays exact throughout: only the draft changes, and verification decides.
+import { EventEmitter } from 'node:events';
+import { existsSync } from 'node:fs';
+import type { SamplingOptions } from './addonTypes.js';
+import type { DistillLossKind } from './kernels.js';
+import { loadModel, type Model } from './Model.js';
+import {
+  SpeculativeDecoder,
+  type RequestStats,
+  type SpeculativeGenerateOptions,
+  type SpeculativeResult,
+  type Strategy,
+  type StreamChunk,
+  type VerifiedStep,
+} from './SpeculativeDecoder.js';
+import { createTrainer, type TrainBatch, type Trainer } from './Trainer.js';
+
+export interface OnlineDistillOptions {
+  /** Distillation loss. Default 'forward-kl' (the reference code's choice). */
+  loss?: DistillLossKind;
+  /** JSD mixing weight. Default 0.5. */
+  beta?: number;
+  /** Train on the positions where the draft was corrected ('mismatch', default) or on every verified position. */
+  positions?: 'mismatch' | 'all';
+  /** Also record this fraction of accepted positions (on-policy draft samples the target agreed with). Default 0. */
+  acceptedFraction?: number;
+  /** Teacher entries kept per position (the rest is one residual bin). Default 32. */
+  topK?: number;
+  /** Update after this many recorded requests. Default 8. */
+  interval?: number;
+  /** Or once the buffer holds this many teacher positions. Default: off. */
+  tokenBudget?: number;
+  /** Or once the oldest record is this old (ms). Default: off. */
+  maxAgeMs?: number;
+  /** AdamW learning rate. Default 1e-4. */
+  lr?: number;
+  /** Gradient clipping by global norm. Default 1. */
+  clipNorm?: number;
+  /** Passes over the buffer per update. Default 1. */
+  epochs?: number;
+  /** Sequences per optimizer step. Default 4. */
+  batchSize?: number;
+  /** Records keep at most this many trailing tokens. Default 256. */
+  maxRecordTokens?: number;
+  /** Buffer bound in bytes; the oldest records go first. Default 64 MiB. */
+  maxBufferBytes?: number;
+  /** Roll back when acceptance over the next `guardWindow` requests falls this far below the window before. Default 0.05. */
+  guardMargin?: number;
+  /** Requests per guard window. Default 8. */
+  guardWindow?: number;
+  /** Write the draft as GGUF every this many updates (with autosavePath). */
+  autosaveEvery?: number;
+  autosavePath?: string;
+  /** Start from a draft checkpoint written by saveDraft()/autosave, if the file exists. */
+  resumeFrom?: string;
+  /** Set false to serve without learning (a baseline). Default true. */
+  enabled?: boolean;
+}
+
+export interface OnlineDecoderOptions {
+  target: Model;
+  draft: Model;
+  strategy?: Strategy;
+  sampling?: SamplingOptions;
+  maxConcurrent?: number;
+  distill?: OnlineDistillOptions;
+}
+
+export interface UpdateEvent {
+  update: number;
+  records: number;
+  positions: number;
+  steps: number;
+  lossBefore: number;
+  lossAfter: number;
+  durationMs: number;
+}
+
+export interface RollbackEvent {
+  update: number;
+  reason: string;
+}
+
+export interface OnlineMetrics extends RequestStats {
+  updates: number;
+  rollbacks: number;
+  bufferedRecords: number;
+  bufferedPositions: number;
+  bufferBytes: number;
+  /** Acceptance rate over the last guardWindow requests. */
+  recentAcceptance: number;
+}
+
+/** One served request as the distiller keeps it. */
+interface RecordEntry {
+  tokens: number[];
+  /** Input position -> teacher over the next token. */
+  teachers: Map<number, { ids: Int32Array; probs: Float32Array }>;
+  createdAt: number;
+  bytes: number;
+}
+
+function check(cond: boolean, message: string, type: 'type' | 'range' = 'range'): void {
+  if (!cond) throw type === 'type' ? new TypeError(message) : new RangeError(message);
+}
+
+function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDistillOptions, 'tokenBudget' | 'maxAgeMs' | 'autosaveEvery' | 'autosavePath' | 'resumeFrom'>> &
+  Pick<OnlineDistillOptions, 'tokenBudget' | 'maxAgeMs' | 'autosaveEvery' | 'autosavePath' | 'resumeFrom'> {
+  check(typeof o === 'object' && o !== null, 'distill must be an object', 'type');
+  const r = {
+    loss: o.loss ?? 'forward-kl',
+    beta: o.beta ?? 0.5,
+    positions: o.positions ?? 'mismatch',
+    acceptedFraction: o.acceptedFraction ?? 0,
+    topK: o.topK ?? 32,
+    interval: o.interval ?? 8,
+    tokenBudget: o.tokenBudget,
+    maxAgeMs: o.maxAgeMs,
+    lr: o.lr ?? 1e-4,
+    clipNorm: o.clipNorm ?? 1,
+    epochs: o.epochs ?? 1,
+    batchSize: o.batchSize ?? 4,
+    maxRecordTokens: o.maxRecordTokens ?? 256,
+    maxBufferBytes: o.maxBufferBytes ?? 64 * 1024 * 1024,
+    guardMargin: o.guardMargin ?? 0.05,
+    guardWindow: o.guardWindow ?? 8,
+    autosaveEvery: o.autosaveEvery,
+    autosavePath: o.autosavePath,
+    resumeFrom: o.resumeFrom,
+    enabled: o.enabled ?? true,
+  };
+  check(['forward-kl', 'reverse-kl', 'jsd', 'tvd'].includes(r.loss), `distill.loss must be 'forward-kl', 'reverse-kl', 'jsd' or 'tvd', got '${String(r.loss)}'`);
+  check(r.beta > 0 && r.beta < 1, 'distill.beta must be in (0, 1)');
+  check(r.positions === 'mismatch' || r.positions === 'all', "distill.positions must be 'mismatch' or 'all'");
+  check(r.acceptedFraction >= 0 && r.acceptedFraction <= 1, 'distill.acceptedFraction must be in [0, 1]');
+  for (const [k, v] of [['topK', r.topK], ['interval', r.interval], ['epochs', r.epochs], ['batchSize', r.batchSize], ['maxRecordTokens', r.maxRecordTokens], ['guardWindow', r.guardWindow]] as const)
+    check(Number.isInteger(v) && v >= 1, `distill.${k} must be an integer >= 1, got ${String(v)}`);
+  check(Number.isFinite(r.lr) && r.lr > 0, 'distill.lr must be a number > 0');
+  check(Number.isFinite(r.clipNorm) && r.clipNorm >= 0, 'distill.clipNorm must be >= 0');
+  check(r.maxBufferBytes >= 1024, 'distill.maxBufferBytes must be >= 1024');
+  check(r.guardMargin >= 0 && r.guardMargin <= 1, 'distill.guardMargin must be in [0, 1]');
+  if (r.tokenBudget !== undefined) check(Number.isInteger(r.tokenBudget) && r.tokenBudget >= 1, 'distill.tokenBudget must be an integer >= 1');
+  if (r.maxAgeMs !== undefined) check(r.maxAgeMs > 0, 'distill.maxAgeMs must be > 0');
+  if (r.autosaveEvery !== undefined) {
+    check(Number.isInteger(r.autosaveEvery) && r.autosaveEvery >= 1, 'distill.autosaveEvery must be an integer >= 1');
+    check(typeof r.autosavePath === 'string' && r.autosavePath.length > 0, 'distill.autosavePath is required with autosaveEvery', 'type');
+  }
+  return r;
+}
+
+/** Top-k of softmax(row) at temperature 1, as the teacher the buffer keeps. */
+export function teacherTopK(row: Float32Array, k: number): { ids: Int32Array; probs: Float32Array } {
+  let max = -Infinity;
+  for (let i = 0; i < row.length; i++) if (row[i]! > max) max = row[i]!;
+  let z = 0;
+  for (let i = 0; i < row.length; i++) z += Math.exp(row[i]! - max);
+  const kk = Math.min(k, row.length);
+  const best: number[] = [];
+  for (let i = 0; i < row.length; i++) {
+    if (best.length < kk || row[i]! > row[best[best.length - 1]!]!) {
+      let j = best.length < kk ? best.length : best.length - 1;
+      if (best.length < kk) best.push(i);
+      while (j > 0 && row[best[j - 1]!]! < row[i]!) {
+        best[j] = best[j - 1]!;
+        j--;
+      }
+      best[j] = i;
+    }
+  }
+  const ids = Int32Array.from(best);
+  const probs = Float32Array.from(best, (i) => Math.exp(row[i]! - max) / z);
+  return { ids, probs };
+}
+
+export class OnlineDecoder extends EventEmitter {
+  readonly target: Model;
+  readonly draft: Model;
+  readonly options: ReturnType<typeof resolveOptions>;
+  readonly #decoder: SpeculativeDecoder;
+  #buffer: RecordEntry[] = [];
+  #bufferBytes = 0;
+  #live = new Map<number, RecordEntry>();
+  #trainer: Trainer | null = null;
+  #updating: Promise<void> | null = null;
+  #updates = 0;
+  #rollbacks = 0;
+  #recent: { drafted: number; accepted: number }[] = [];
+  #guard: { update: number; before: number; previous: Model; window: { drafted: number; accepted: number }[] } | null = null;
+  #rngState = 0x2545f491;
+  #ready: Promise<void>;
+  #disposed = false;
+
+  constructor(options: OnlineDecoderOptions) {
+    super();
+    check(typeof options === 'object' && options !== null, 'options must be an object', 'type');
+    this.options = resolveOptions(options.distill);
+    this.target = options.target;
+    this.draft = options.draft;
+    this.#decoder = new SpeculativeDecoder({
+      target: options.target,
+      draft: options.draft,
+      strategy: options.strategy ?? { kind: 'chain', length: 4 },
+      sampling: options.sampling,
+      maxConcurrent: options.maxConcurrent,
+      onVerified: (s) => this.#record(s),
+    });
+    check(this.#decoder.strategy.kind !== 'ngram', "the 'ngram' strategy has no draft model to train");
+    this.#decoder.on('step', (e) => this.emit('step', e));
+    this.#ready = this.#resume();
+  }
+
+  async #resume(): Promise<void> {
+    const from = this.options.resumeFrom;
+    if (!from || !existsSync(from)) return;
+    const saved = await loadModel(from);
+    this.draft.setWeights(saved);
+    await saved.dispose();
+  }
+
+  /** Cumulative decoding stats plus the distiller's state. */
+  metrics(): OnlineMetrics {
+    return {
+      ...this.#decoder.metrics(),
+      updates: this.#updates,
+      rollbacks: this.#rollbacks,
+      bufferedRecords: this.#buffer.length,
+      bufferedPositions: this.#buffer.reduce((a, r) => a + r.teachers.size, 0),
+      bufferBytes: this.#bufferBytes,
+      recentAcceptance: rate(this.#recent),
+    };
+  }
+
+  #random(): number {
+    let x = this.#rngState;
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    this.#rngState = x >>> 0;
+    return this.#rngState / 4294967296;
+  }
+
+  /** Called on the decoding path after each verification: keep only what training needs. */
+  #record(s: VerifiedStep): void {
+    if (!this.options.enabled) return;
+    let rec = this.#live.get(s.request);
+    if (!rec) {
+      rec = { tokens: [...s.context], teachers: new Map(), createdAt: Date.now(), bytes: 0 };
+      this.#live.set(s.request, rec);
+    }
+    const V = s.vocabSize;
+    const base = s.context.length - 1; // input position of row 0
+    for (let i = 0; i <= s.accepted; i++) {
+      const corrected = i === s.accepted && s.accepted < s.drafted;
+      const take =
+        this.options.positions === 'all' || corrected || (i < s.accepted && this.options.acceptedFraction > 0 && this.#random() < this.options.acceptedFraction);
+      if (!take) continue;
+      const t = teacherTopK(s.targetLogits.subarray(i * V, (i + 1) * V), this.options.topK);
+      rec.teachers.set(base + i, t);
+      rec.bytes += 8 * t.ids.length;
+    }
+    rec.tokens.push(...s.emitted);
+    rec.bytes += 4 * s.emitted.length;
+  }
+
+  #finish(requestId: number | undefined, stats: RequestStats | undefined): void {
+    if (stats) {
+      const w = { drafted: stats.drafted, accepted: stats.accepted };
+      this.#recent.push(w);
+      if (this.#recent.length > this.options.guardWindow) this.#recent.shift();
+      if (this.#guard) {
+        this.#guard.window.push(w);
+        if (this.#guard.window.length >= this.options.guardWindow) void this.#checkGuard();
+      }
+      this.emit('acceptance', { window: this.#recent.length, rate: rate(this.#recent) });
+    }
+    if (requestId === undefined) return;
+    const rec = this.#live.get(requestId);
+    this.#live.delete(requestId);
+    if (!rec || rec.teachers.size === 0) return;
+    // Keep the trailing maxRecordTokens tokens (teacher positions shift with them).
+    const cut = Math.max(0, rec.tokens.length - this.options.maxRecordTokens);
+    if (cut > 0) {
+      rec.tokens = rec.tokens.slice(cut);
+      const shifted = new Map<number, { ids: Int32Array; probs: Float32Array }>();
+      for (const [p, t] of rec.teachers) if (p >= cut) shifted.set(p - cut, t);
+      rec.teachers = shifted;
+    }
+    this.#buffer.push(rec);
+    this.#bufferBytes += rec.bytes;
+    while (this.#bufferBytes > this.options.maxBufferBytes && this.#buffer.length > 1) this.#bufferBytes -= this.#buffer.shift()!.bytes;
+    if (this.#shouldUpdate()) this.#updating ??= this.#update().finally(() => (this.#updating = null));
+  }
+
+  #shouldUpdate(): boolean {
+    const o = this.options;
+    if (this.#buffer.length === 0 || this.#guard) return false;
+    if (this.#buffer.length >= o.interval) return true;
+    if (o.tokenBudget !== undefined && this.#buffer.reduce((a, r) => a + r.teachers.size, 0) >= o.tokenBudget) return true;
+    if (o.maxAgeMs !== undefined && Date.now() - this.#buffer[0]!.createdAt >= o.maxAgeMs) return true;
+    return false;
+  }
+
+  /** What the buffer holds: each record's tokens and the positions that carry a teacher (for inspection). */
+  recorded(): { tokens: number[]; positions: number[] }[] {
+    return this.#buffer.map((r) => ({ tokens: [...r.tokens], positions: [...r.teachers.keys()].sort((a, b) => a - b) }));
+  }
+
+  /** Trains now on whatever is buffered (resolves when the new weights are in place). */
+  async updateNow(): Promise<UpdateEvent | null> {
+    await this.#updating;
+    if (this.#buffer.length === 0) return null;
+    let event: UpdateEvent | null = null;
+    const listener = (e: UpdateEvent) => (event = e);
+    this.once('update', listener);
+    this.#updating = this.#update().finally(() => (this.#updating = null));
+    await this.#updating;
+    this.off('update', listener);
+    return event;
+  }
+
+  /** Builds padded batches from records: rows of equal length, masks on teacher positions. */
+  #batches(records: RecordEntry[]): TrainBatch[] {
+    const k = this.options.topK;
+    const out: TrainBatch[] = [];
+    for (let b0 = 0; b0 < records.length; b0 += this.options.batchSize) {
+      const group = records.slice(b0, b0 + this.options.batchSize);
+      const T = Math.max(...group.map((r) => r.tokens.length));
+      const B = group.length;
+      const tokens = new Int32Array(B * T);
+      const mask = new Uint8Array(B * T);
+      const indices = new Int32Array(B * T * k);
+      const probs = new Float32Array(B * T * k);
+      for (let r = 0; r < B; r++) {
+        const rec = group[r]!;
+        tokens.set(rec.tokens.slice(0, T), r * T);
+        for (let i = 0; i < T * k; i++) indices[r * T * k + i] = i % k; // distinct filler ids for unmasked rows
+        for (const [p, t] of rec.teachers) {
+          if (p >= T) continue;
+          mask[r * T + p] = 1;
+          const off = (r * T + p) * k;
+          // Pad a short teacher with distinct unused ids of probability 0.
+          const used = new Set(t.ids);
+          let filler = 0;
+          for (let j = 0; j < k; j++) {
+            if (j < t.ids.length) {
+              indices[off + j] = t.ids[j]!;
+              probs[off + j] = t.probs[j]!;
+            } else {
+              while (used.has(filler)) filler++;
+              indices[off + j] = filler++;
+              probs[off + j] = 0;
+            }
+          }
+        }
+      }
+      out.push({ tokens, batchSize: B, seqLen: T, kind: this.options.loss, beta: this.options.beta, mask, teacher: { indices, probs } });
+    }
+    return out;
+  }
+
+  async #update(): Promise<void> {
+    if (this.#disposed) return;
+    await this.#ready;
+    const records = this.#buffer.splice(0);
+    this.#bufferBytes = 0;
+    if (records.length === 0) return;
+    const started = performance.now();
+    const update = this.#updates + 1;
+    this.emit('update-start', { update, records: records.length });
+    this.#trainer ??= await createTrainer(this.draft, { lr: this.options.lr, clipNorm: this.options.clipNorm });
+    const batches = this.#batches(records);
+    const lossBefore = mean(await Promise.all(batches.map((b) => this.#trainer!.evalLoss(b))));
+    let steps = 0;
+    for (let e = 0; e < this.options.epochs; e++) {
+      for (const b of batches) {
+        const r = await this.#trainer.step(b);
+        steps++;
+        if (!r.applied || !Number.isFinite(r.loss)) {
+          await this.#rollback(update, `the loss or gradient was not finite at step ${steps}`);
+          return;
+        }
+      }
+    }
+    const lossAfter = mean(await Promise.all(batches.map((b) => this.#trainer!.evalLoss(b))));
+    if (!Number.isFinite(lossAfter)) {
+      await this.#rollback(update, 'the loss after the update was not finite');
+      return;
+    }
+    const snapshot = await this.#trainer.snapshot();
+    if (this.#disposed) {
+      await snapshot.dispose();
+      return;
+    }
+    // Keep the weights being replaced for the guard, then swap between requests.
+    const previous = await this.#copyOfDraft();
+    this.draft.setWeights(snapshot);
+    await snapshot.dispose();
+    this.#updates = update;
+    this.#guard = { update, before: rate(this.#recent), previous, window: [] };
+    const event: UpdateEvent = {
+      update,
+      records: records.length,
+      positions: records.reduce((a, r) => a + r.teachers.size, 0),
+      steps,
+      lossBefore,
+      lossAfter,
+      durationMs: performance.now() - started,
+    };
+    this.emit('update', event);
+    const o = this.options;
+    if (o.autosaveEvery !== undefined && update % o.autosaveEvery === 0) await this.saveDraft(o.autosavePath!);
+  }
+
+  /** A standalone copy of the draft's current weights. */
+  async #copyOfDraft(): Promise<Model> {
+    const t = await createTrainer(this.draft);
+    try {
+      return await t.snapshot();
+    } finally {
+      await t.dispose();
+    }
+  }
+
+  async #checkGuard(): Promise<void> {
+    const g = this.#guard;
+    if (!g) return;
+    this.#guard = null;
+    const after = rate(g.window);
+    if (g.before > 0 && after < g.before - this.options.guardMargin) {
+      this.draft.setWeights(g.previous);
+      // The trainer continues from the restored weights (its moments start again).
+      await this.#trainer?.dispose();
+      this.#trainer = null;
+      this.#rollbacks++;
+      this.emit('rollback', { update: g.update, reason: `acceptance fell from ${g.before.toFixed(3)} to ${after.toFixed(3)} over ${g.window.length} requests` } satisfies RollbackEvent);
+    }
+    await g.previous.dispose();
+    if (this.#shouldUpdate()) this.#updating ??= this.#update().finally(() => (this.#updating = null));
+  }
+
+  async #rollback(update: number, reason: string): Promise<void> {
+    await this.#trainer?.dispose();
+    this.#trainer = null;
+    this.#rollbacks++;
+    this.emit('rollback', { update, reason } satisfies RollbackEvent);
+  }
+
+  /** Writes the current draft as GGUF, atomically (temp file, fsync, rename). */
+  async saveDraft(path: string): Promise<void> {
+    await this.draft.save(path);
+  }
+
+  async generate(options: SpeculativeGenerateOptions): Promise<SpeculativeResult> {
+    await this.#ready;
+    let id: number | undefined;
+    try {
+      const r = await this.#decoder.generate({ ...options, onStart: (r) => ((id = r), options.onStart?.(r)) });
+      this.#finish(id, r.stats);
+      return r;
+    } catch (e) {
+      if (id !== undefined) this.#live.delete(id);
+      throw e;
+    }
+  }
+
+  async *stream(options: SpeculativeGenerateOptions): AsyncGenerator<StreamChunk, SpeculativeResult['stopReason'], void> {
+    await this.#ready;
+    let id: number | undefined;
+    let completed = false;
+    try {
+      const reason = yield* this.#decoder.stream({ ...options, onStart: (r) => ((id = r), options.onStart?.(r)) });
+      completed = true;
+      return reason;
+    } finally {
+      if (completed) this.#finish(id, undefined);
+      else if (id !== undefined) this.#live.delete(id);
+    }
+  }
+
+  /** Waits for a running update, then stops serving. The models belong to the caller. */
+  async dispose(): Promise<void> {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    await this.#decoder.dispose();
+    await this.#updating;
+    await this.#trainer?.dispose();
+    await this.#guard?.previous.dispose();
+    this.#guard = null;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose();
+  }
+}
+
+function rate(w: { drafted: number; accepted: number }[]): number {
+  let d = 0;
+  let a = 0;
+  for (const x of w) {
+    d += x.drafted;
+    a += x.accepted;
+  }
+  return d ? a / d : 0;
+}
+
+function mean(xs: number[]): number {
+  return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : NaN;
+}
+
+/** A speculative decoder whose draft keeps learning from the traffic it serves. */
+export function createOnlineDecoder(options: OnlineDecoderOptions): OnlineDecoder {
+  return new OnlineDecoder(options);
+}

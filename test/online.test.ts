@@ -1,0 +1,146 @@
+// Online distillation on the real stories260K target with a small random draft: recording,
+// triggers, updates that lower the loss, exact output throughout, rollback, checkpoints.
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createOnlineDecoder, loadModel, writeRandomModel, type Model, type UpdateEvent } from '../lib/index.js';
+
+const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
+const have = existsSync(STORIES);
+if (!have) console.warn(`skip: ${STORIES} not found (online tests need ../shared/models)`);
+
+function argmax(row: Float32Array): number {
+  let b = 0;
+  for (let i = 1; i < row.length; i++) if (row[i]! > row[b]!) b = i;
+  return b;
+}
+
+describe.skipIf(!have)('online distillation (stories260K)', () => {
+  let target: Model;
+  const dir = mkdtempSync(join(tmpdir(), 'osd-online-'));
+  const draftPath = join(dir, 'draft.gguf');
+  const prompts = [[1, 403, 407], [1, 261, 378], [1, 395, 42], [1, 300, 11], [1, 461, 461], [1, 288, 13], [1, 431, 293], [1, 363, 416]];
+
+  beforeAll(async () => {
+    target = await loadModel(STORIES);
+    await writeRandomModel(draftPath, { vocabSize: 512, embeddingLength: 32, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 64, contextLength: 512, seed: 11 });
+  });
+  afterAll(async () => {
+    await target?.dispose();
+  });
+
+  it('records exactly the corrected positions', async () => {
+    await using draft = await loadModel(draftPath);
+    const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 1000 } });
+    let mismatches = 0;
+    dec.on('step', (e: { drafted: number; accepted: number }) => (mismatches += e.accepted < e.drafted ? 1 : 0));
+    for (const p of prompts.slice(0, 3)) await dec.generate({ tokens: p, maxTokens: 20 });
+    const recs = dec.recorded();
+    expect(recs.length).toBe(3);
+    expect(recs.reduce((a, r) => a + r.positions.length, 0)).toBe(mismatches);
+    // At each recorded position the draft's greedy choice differs from the emitted (target) token.
+    for (const r of recs) {
+      for (const p of r.positions) {
+        const dl = await draft.forward(r.tokens.slice(0, p + 1));
+        const tl = await target.forward(r.tokens.slice(0, p + 1));
+        const next = r.tokens[p + 1]!;
+        expect(argmax(tl.subarray(p * 512))).toBe(next);
+        expect(argmax(dl.subarray(p * 512))).not.toBe(next);
+      }
+    }
+    await dec.dispose();
+  });
+
+  it('updates at the configured interval, lowers the loss, raises acceptance and stays exact', async () => {
+    await using draft = await loadModel(draftPath);
+    const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 4, lr: 3e-3, epochs: 4, guardMargin: 1 } });
+    const updates: UpdateEvent[] = [];
+    dec.on('update', (e: UpdateEvent) => updates.push(e));
+    const acceptance: number[] = [];
+    for (let round = 0; round < 4; round++) {
+      for (const p of prompts.slice(0, 4)) {
+        const want = await target.generate({ tokens: p, maxTokens: 24 });
+        const got = await dec.generate({ tokens: p, maxTokens: 24 });
+        expect(Array.from(got.tokens)).toEqual(Array.from(want.tokens));
+        acceptance.push(got.stats.acceptanceRate);
+      }
+      await dec.updateNow().catch(() => null); // let a triggered update finish before the next round
+    }
+    expect(updates.length).toBeGreaterThanOrEqual(3);
+    expect(updates[0]!.records).toBe(4);
+    for (const u of updates) expect(u.lossAfter).toBeLessThan(u.lossBefore);
+    const first = acceptance.slice(0, 4).reduce((a, b) => a + b) / 4;
+    const last = acceptance.slice(-4).reduce((a, b) => a + b) / 4;
+    expect(last).toBeGreaterThan(first);
+    expect(dec.metrics().updates).toBe(updates.length);
+    await dec.dispose();
+  });
+
+  it('rolls back to the previous weights bit for bit when acceptance falls', async () => {
+    await using draft = await loadModel(draftPath);
+    // First teach the draft something, so there is acceptance to lose.
+    const good = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 1000, lr: 3e-3, epochs: 6 } });
+    for (const p of prompts.slice(0, 4)) await good.generate({ tokens: p, maxTokens: 24 });
+    await good.updateNow();
+    await good.dispose();
+    // Then an absurd learning rate wrecks it; the guard must restore the weights exactly.
+    const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 1000, lr: 50, epochs: 3, guardWindow: 2, guardMargin: 0 } });
+    for (const p of prompts.slice(0, 2)) await dec.generate({ tokens: p, maxTokens: 24 });
+    expect(dec.metrics().recentAcceptance).toBeGreaterThan(0);
+    const before = await draft.forward([1, 403, 407]);
+    const rollbacks: string[] = [];
+    dec.on('rollback', (e: { reason: string }) => rollbacks.push(e.reason));
+    expect(await dec.updateNow()).not.toBeNull();
+    expect(Array.from(await draft.forward([1, 403, 407]))).not.toEqual(Array.from(before));
+    for (const p of prompts.slice(0, 2)) await dec.generate({ tokens: p, maxTokens: 24 });
+    await new Promise((r) => setTimeout(r, 50));
+    expect(rollbacks.length).toBe(1);
+    expect(rollbacks[0]).toMatch(/acceptance fell/);
+    expect(Array.from(await draft.forward([1, 403, 407]))).toEqual(Array.from(before));
+    expect(dec.metrics().rollbacks).toBe(1);
+    await dec.dispose();
+  });
+
+  it('checkpoints survive a process killed in the middle of writing', async () => {
+    await using draft = await loadModel(draftPath);
+    const ckpt = join(dir, 'ckpt.gguf');
+    await draft.save(ckpt);
+    const script = `
+      const { loadModel } = await import(${JSON.stringify(join(import.meta.dirname, '../lib/index.ts'))});
+      const m = await loadModel(${JSON.stringify(STORIES)});
+      for (;;) await m.save(${JSON.stringify(ckpt)});
+    `;
+    for (const delay of [150, 400, 900]) {
+      const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { stdio: 'ignore' });
+      await new Promise((r) => setTimeout(r, delay));
+      child.kill('SIGKILL');
+      await new Promise((r) => child.on('exit', r));
+      const m = await loadModel(ckpt); // the old or a complete new file, never a torn one
+      expect([512]).toContain(m.info.vocabSize);
+      await m.dispose();
+    }
+    // saveDraft / resumeFrom round trip.
+    const dec = createOnlineDecoder({ target, draft, distill: { resumeFrom: join(dir, 'none.gguf') } });
+    await dec.saveDraft(join(dir, 'saved.gguf'));
+    await dec.dispose();
+    await using d2 = await loadModel(draftPath);
+    const dec2 = createOnlineDecoder({ target, draft: d2, distill: { resumeFrom: join(dir, 'saved.gguf') } });
+    await dec2.generate({ tokens: [1], maxTokens: 1 });
+    expect(Array.from(await d2.forward([1, 5]))).toEqual(Array.from(await draft.forward([1, 5])));
+    await dec2.dispose();
+  });
+
+  it('rejects bad configuration', async () => {
+    await using draft = await loadModel(draftPath);
+    expect(() => createOnlineDecoder({ target, draft, distill: { interval: 0 } })).toThrow(/interval/);
+    expect(() => createOnlineDecoder({ target, draft, distill: { loss: 'kl' as never } })).toThrow(/distill.loss/);
+    expect(() => createOnlineDecoder({ target, draft, distill: { lr: -1 } })).toThrow(/lr/);
+    expect(() => createOnlineDecoder({ target, draft, distill: { autosaveEvery: 2 } })).toThrow(/autosavePath/);
+    expect(() => createOnlineDecoder({ target, draft, strategy: { kind: 'ngram' } })).toThrow(/ngram/);
+    await writeRandomModel(join(dir, 'v500.gguf'), { vocabSize: 500, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 64 });
+    await using other = await loadModel(join(dir, 'v500.gguf'));
+    expect(() => createOnlineDecoder({ target, draft: other })).toThrow(/vocabulary/);
+  });
+});

@@ -47,3 +47,5 @@ export { createTrainer, loadTrainerCheckpoint, Trainer } from './Trainer.js';
 export type { TrainerOptions, TrainBatch, TrainStepResult, NewModelConfig } from './Trainer.js';
 export { createOnlineDecoder, OnlineDecoder, teacherTopK } from './OnlineDecoder.js';
 export type { OnlineDecoderOptions, OnlineDistillOptions, OnlineMetrics, UpdateEvent, RollbackEvent } from './OnlineDecoder.js';
+export { createDraftPool, DraftPool } from './DraftPool.js';
+export type { DraftPoolOptions, PoolGenerateOptions, PoolResult, Router, RouteRequest } from './DraftPool.js';

@@ -1,0 +1,245 @@
+// Several drafts over one target, each specialising on its own slice of traffic: a router picks a
+// draft per request (a caller label, a classifier, or a bandit over measured acceptance), and each
+// draft has its own online distiller (buffer, schedule, guard).
+import { EventEmitter } from 'node:events';
+import { Model } from './Model.js';
+import { OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics } from './OnlineDecoder.js';
+import type { SpeculativeGenerateOptions, SpeculativeResult, Strategy } from './SpeculativeDecoder.js';
+import type { SamplingOptions } from './addonTypes.js';
+import { createTrainer } from './Trainer.js';
+
+export interface RouteRequest {
+  label?: string;
+  prompt?: string;
+  tokens?: Int32Array | number[];
+}
+
+/** 'label': the request's label names the draft; 'ucb' / 'thompson': a bandit over acceptance; or your own classifier. */
+export type Router = 'label' | 'ucb' | 'thompson' | ((request: RouteRequest) => string);
+
+export interface DraftPoolOptions {
+  target: Model;
+  /** Named drafts sharing the target's tokenizer. */
+  drafts: Record<string, Model>;
+  router?: Router;
+  strategy?: Strategy;
+  sampling?: SamplingOptions;
+  distill?: OnlineDistillOptions;
+  /** With the label router: a label seen for the first time gets a copy of this draft (by name). */
+  forkFrom?: string;
+  /** Seed of the Thompson sampler. */
+  seed?: number;
+}
+
+export interface PoolGenerateOptions extends SpeculativeGenerateOptions {
+  label?: string;
+}
+
+export interface PoolResult extends SpeculativeResult {
+  /** The draft that served the request. */
+  draft: string;
+}
+
+interface Member {
+  name: string;
+  model: Model;
+  decoder: OnlineDecoder;
+  owned: boolean;
+  requests: number;
+  acceptedSum: number;
+  successes: number;
+  failures: number;
+}
+
+export class DraftPool extends EventEmitter {
+  readonly target: Model;
+  readonly router: Router;
+  readonly #members = new Map<string, Member>();
+  readonly #options: DraftPoolOptions;
+  #forking = new Map<string, Promise<Member>>();
+  #total = 0;
+  #rng: number;
+  #disposed = false;
+
+  constructor(options: DraftPoolOptions) {
+    super();
+    if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    if (typeof options.drafts !== 'object' || options.drafts === null || Object.keys(options.drafts).length === 0)
+      throw new TypeError('drafts must name at least one draft model');
+    const router = options.router ?? 'label';
+    if (typeof router !== 'function' && !['label', 'ucb', 'thompson'].includes(router))
+      throw new RangeError(`router must be 'label', 'ucb', 'thompson' or a function, got '${String(router)}'`);
+    if (options.forkFrom !== undefined && !(options.forkFrom in options.drafts))
+      throw new RangeError(`forkFrom names no draft: '${options.forkFrom}'`);
+    this.target = options.target;
+    this.router = router;
+    this.#options = options;
+    this.#rng = (options.seed ?? 1) >>> 0 || 1;
+    for (const [name, model] of Object.entries(options.drafts)) this.#add(name, model, false);
+  }
+
+  #add(name: string, model: Model, owned: boolean): Member {
+    if (!(model instanceof Model)) throw new TypeError(`drafts.${name} must be a loaded Model`);
+    const decoder = new OnlineDecoder({
+      target: this.target,
+      draft: model,
+      strategy: this.#options.strategy,
+      sampling: this.#options.sampling,
+      distill: this.#options.distill,
+    });
+    for (const ev of ['update', 'rollback'] as const) decoder.on(ev, (e: object) => this.emit(ev, { draft: name, ...e }));
+    const m: Member = { name, model, decoder, owned, requests: 0, acceptedSum: 0, successes: 0, failures: 0 };
+    this.#members.set(name, m);
+    return m;
+  }
+
+  /** The names of the drafts, in the order they joined. */
+  get drafts(): string[] {
+    return [...this.#members.keys()];
+  }
+
+  /** Per-draft metrics: decoding stats, updates, rollbacks and the requests each served. */
+  metrics(): Record<string, OnlineMetrics & { requests: number }> {
+    const out: Record<string, OnlineMetrics & { requests: number }> = {};
+    for (const m of this.#members.values()) out[m.name] = { ...m.decoder.metrics(), requests: m.requests };
+    return out;
+  }
+
+  #uniform(): number {
+    let x = this.#rng;
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    this.#rng = x >>> 0;
+    return (this.#rng + 0.5) / 4294967296;
+  }
+
+  /** A Beta(a, b) draw from two Gamma draws (Marsaglia-Tsang). */
+  #beta(a: number, b: number): number {
+    const gamma = (k: number): number => {
+      if (k < 1) return gamma(k + 1) * this.#uniform() ** (1 / k);
+      const d = k - 1 / 3;
+      const c = 1 / Math.sqrt(9 * d);
+      for (;;) {
+        let x: number;
+        let v: number;
+        do {
+          x = Math.sqrt(-2 * Math.log(this.#uniform())) * Math.cos(2 * Math.PI * this.#uniform());
+          v = 1 + c * x;
+        } while (v <= 0);
+        v = v * v * v;
+        const u = this.#uniform();
+        if (Math.log(u) < 0.5 * x * x + d - d * v + d * Math.log(v)) return d * v;
+      }
+    };
+    const x = gamma(a);
+    return x / (x + gamma(b));
+  }
+
+  async #route(req: PoolGenerateOptions): Promise<Member> {
+    const r = this.router;
+    if (typeof r === 'function') {
+      const name = r({ label: req.label, prompt: req.prompt, tokens: req.tokens });
+      const m = this.#members.get(name);
+      if (!m) throw new RangeError(`the router chose '${String(name)}', which is not a draft of this pool`);
+      return m;
+    }
+    if (r === 'label') {
+      if (typeof req.label !== 'string' || req.label.length === 0) throw new TypeError("label is required with the 'label' router");
+      const m = this.#members.get(req.label);
+      if (m) return m;
+      if (this.#options.forkFrom === undefined) throw new RangeError(`no draft is named '${req.label}' (and forkFrom is not set)`);
+      return this.#fork(req.label);
+    }
+    // Bandits over per-request acceptance.
+    const members = [...this.#members.values()];
+    const untried = members.find((m) => m.requests === 0);
+    if (untried) return untried;
+    if (r === 'ucb') {
+      let best = members[0]!;
+      let bestScore = -Infinity;
+      for (const m of members) {
+        const score = m.acceptedSum / m.requests + Math.sqrt((2 * Math.log(this.#total)) / m.requests);
+        if (score > bestScore) {
+          best = m;
+          bestScore = score;
+        }
+      }
+      return best;
+    }
+    let best = members[0]!;
+    let bestDraw = -1;
+    for (const m of members) {
+      const draw = this.#beta(m.successes + 1, m.failures + 1);
+      if (draw > bestDraw) {
+        best = m;
+        bestDraw = draw;
+      }
+    }
+    return best;
+  }
+
+  #fork(label: string): Promise<Member> {
+    let p = this.#forking.get(label);
+    if (!p) {
+      p = (async () => {
+        const base = this.#members.get(this.#options.forkFrom!)!;
+        const trainer = await createTrainer(base.model);
+        try {
+          const copy = await trainer.snapshot();
+          const m = this.#add(label, copy, true);
+          this.emit('fork', { draft: label, from: base.name });
+          return m;
+        } finally {
+          await trainer.dispose();
+        }
+      })();
+      this.#forking.set(label, p);
+    }
+    return p;
+  }
+
+  /** Adds a draft under a new name. */
+  addDraft(name: string, model: Model): void {
+    if (this.#members.has(name)) throw new RangeError(`a draft named '${name}' exists already`);
+    this.#add(name, model, false);
+  }
+
+  async generate(options: PoolGenerateOptions): Promise<PoolResult> {
+    if (this.#disposed) throw new Error('the pool was disposed');
+    const m = await this.#route(options);
+    const { label: _label, ...rest } = options;
+    const r = await m.decoder.generate(rest);
+    m.requests++;
+    this.#total++;
+    const acc = r.stats.acceptanceRate;
+    m.acceptedSum += acc;
+    m.successes += r.stats.accepted;
+    m.failures += r.stats.drafted - r.stats.accepted;
+    return { ...r, draft: m.name };
+  }
+
+  /** Trains every draft on its buffer now. */
+  async updateNow(): Promise<void> {
+    await Promise.all([...this.#members.values()].map((m) => m.decoder.updateNow()));
+  }
+
+  /** Stops every draft's decoder; disposes the drafts the pool forked itself. */
+  async dispose(): Promise<void> {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    await Promise.allSettled([...this.#forking.values()]);
+    for (const m of this.#members.values()) {
+      await m.decoder.dispose();
+      if (m.owned) await m.model.dispose();
+    }
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose();
+  }
+}
+
+export function createDraftPool(options: DraftPoolOptions): DraftPool {
+  return new DraftPool(options);
+}

@@ -1,0 +1,62 @@
+// DraftPool: routing by label, classifier and bandits; forking on a new label; per-draft metrics.
+import { existsSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createDraftPool, loadModel, writeRandomModel, type Model } from '../lib/index.js';
+
+const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
+const have = existsSync(STORIES);
+
+describe.skipIf(!have)('DraftPool (stories260K)', () => {
+  let target: Model;
+  let good: Model;
+  let bad: Model;
+  beforeAll(async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'osd-pool-'));
+    target = await loadModel(STORIES);
+    await target.save(join(dir, 'good.gguf'), { type: 'F16' });
+    good = await loadModel(join(dir, 'good.gguf'));
+    await writeRandomModel(join(dir, 'bad.gguf'), { vocabSize: 512, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 512, seed: 9 });
+    bad = await loadModel(join(dir, 'bad.gguf'));
+  });
+  afterAll(async () => {
+    await Promise.all([target?.dispose(), good?.dispose(), bad?.dispose()]);
+  });
+
+  it('routes by label, forks a new label from a base draft, and reports per draft', async () => {
+    await using pool = createDraftPool({ target, drafts: { base: good }, forkFrom: 'base', distill: { interval: 1000 } });
+    const forks: string[] = [];
+    pool.on('fork', (e: { draft: string }) => forks.push(e.draft));
+    const a = await pool.generate({ tokens: [1, 403], maxTokens: 10, label: 'base' });
+    const b = await pool.generate({ tokens: [1, 403], maxTokens: 10, label: 'code' });
+    expect(a.draft).toBe('base');
+    expect(b.draft).toBe('code');
+    expect(forks).toEqual(['code']);
+    expect(Array.from(b.tokens)).toEqual(Array.from(a.tokens));
+    expect(pool.drafts).toEqual(['base', 'code']);
+    const m = pool.metrics();
+    expect(m.base!.requests).toBe(1);
+    expect(m.code!.requests).toBe(1);
+    await expect(pool.generate({ tokens: [1], maxTokens: 2 })).rejects.toThrow(/label is required/);
+  });
+
+  it('a classifier routes, and a bandit learns to prefer the draft with higher acceptance', async () => {
+    await using byClass = createDraftPool({ target, drafts: { good, bad }, router: (r) => (r.tokens && Array.from(r.tokens).includes(7) ? 'bad' : 'good'), distill: { enabled: false } });
+    expect((await byClass.generate({ tokens: [1, 7], maxTokens: 4 })).draft).toBe('bad');
+    expect((await byClass.generate({ tokens: [1, 8], maxTokens: 4 })).draft).toBe('good');
+    for (const router of ['ucb', 'thompson'] as const) {
+      await using pool = createDraftPool({ target, drafts: { good, bad }, router, distill: { enabled: false }, seed: 3 });
+      const picks: string[] = [];
+      for (let i = 0; i < 16; i++) picks.push((await pool.generate({ tokens: [1, 403 + (i % 5)], maxTokens: 12 })).draft);
+      const lateGood = picks.slice(8).filter((p) => p === 'good').length;
+      expect(lateGood).toBeGreaterThanOrEqual(6);
+    }
+  });
+
+  it('rejects bad configuration', () => {
+    expect(() => createDraftPool({ target, drafts: {} })).toThrow(/at least one/);
+    expect(() => createDraftPool({ target, drafts: { a: good }, router: 'epsilon' as never })).toThrow(/router/);
+    expect(() => createDraftPool({ target, drafts: { a: good }, forkFrom: 'b' })).toThrow(/forkFrom/);
+  });
+});

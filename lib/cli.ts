@@ -5,8 +5,20 @@ import { parseArgs } from 'node:util';
 const HELP = `Usage: osd <command> [options]
 
 Commands:
-  version     print the package version and the backends found (default)
-  backends    list the compiled backends and whether each is usable here
+  version              print the package version and the backends found (default)
+  backends             list the compiled backends and whether each is usable here
+  generate [prompt]    generate text with a model
+      --model PATH         GGUF or llama2.c file (default: the embedded default target)
+      --draft PATH         speculative decoding with this draft
+      --chat TEXT          send TEXT as a user message through the model's chat template
+      --max-tokens N       default 128
+      --temperature T      default 0 (greedy); --top-p P, --top-k K, --seed S
+  demo                 the main job: online speculative decoding on a stream whose domain shifts
+      --target PATH --draft PATH   default: the embedded default pair
+      --requests N         requests per phase (default 24)
+      --max-tokens N       tokens per request (default 32)
+      --runs LIST          static,online,pool (default all three)
+      --out DIR            where the plot goes (default osd-demo)
 
 Options:
   --json      machine-readable output
@@ -17,25 +29,124 @@ async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,
-    options: { json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+    options: {
+      json: { type: 'boolean' },
+      help: { type: 'boolean', short: 'h' },
+      model: { type: 'string' },
+      draft: { type: 'string' },
+      target: { type: 'string' },
+      chat: { type: 'string' },
+      'max-tokens': { type: 'string' },
+      temperature: { type: 'string' },
+      'top-p': { type: 'string' },
+      'top-k': { type: 'string' },
+      seed: { type: 'string' },
+      requests: { type: 'string' },
+      runs: { type: 'string' },
+      out: { type: 'string' },
+    },
   });
   if (values.help) {
     process.stdout.write(HELP);
     return 0;
   }
   const command = positionals[0] ?? 'version';
-  const { version, backends, addonPath } = await import('./index.js');
+  const num = (v: string | undefined, name: string, fallback: number): number => {
+    if (v === undefined) return fallback;
+    const n = Number(v);
+    if (!Number.isFinite(n)) throw new RangeError(`--${name} must be a number, got '${v}'`);
+    return n;
+  };
+  const osd = await import('./index.js');
   switch (command) {
     case 'version':
     case 'backends': {
-      const list = backends();
+      const list = osd.backends();
       if (values.json) {
-        process.stdout.write(JSON.stringify({ version, addon: addonPath, backends: list }, null, 2) + '\n');
+        process.stdout.write(JSON.stringify({ version: osd.version, addon: osd.addonPath, backends: list }, null, 2) + '\n');
       } else {
-        if (command === 'version') process.stdout.write(`online-specdec ${version}\n`);
-        for (const b of list) {
-          process.stdout.write(`  ${b.name}: ${b.usable ? 'usable' : 'not usable'} (${b.detail})\n`);
+        if (command === 'version') process.stdout.write(`online-specdec ${osd.version}\n`);
+        for (const b of list) process.stdout.write(`  ${b.name}: ${b.usable ? 'usable' : 'not usable'} (${b.detail})\n`);
+      }
+      return 0;
+    }
+    case 'generate': {
+      const { DEFAULT_TARGET } = await import('./demo.js');
+      const model = await osd.loadModel(values.model ?? DEFAULT_TARGET);
+      try {
+        let prompt = positionals.slice(1).join(' ');
+        if (values.chat !== undefined) {
+          const apply = (model as unknown as { applyChatTemplate?: (m: { role: string; content: string }[]) => string }).applyChatTemplate;
+          if (typeof apply !== 'function') throw new Error('this build cannot render chat templates yet; pass a plain prompt');
+          prompt = apply.call(model, [{ role: 'user', content: values.chat }]);
         }
+        if (!prompt) throw new TypeError('give a prompt (osd generate "Once upon a time") or --chat TEXT');
+        const sampling = {
+          temperature: num(values.temperature, 'temperature', 0),
+          topP: num(values['top-p'], 'top-p', 1),
+          topK: num(values['top-k'], 'top-k', 0),
+        };
+        const maxTokens = num(values['max-tokens'], 'max-tokens', 128);
+        const seed = num(values.seed, 'seed', 0);
+        const ac = new AbortController();
+        process.once('SIGINT', () => ac.abort());
+        if (values.draft) {
+          const draft = await osd.loadModel(values.draft);
+          const dec = osd.createSpeculativeDecoder({ target: model, draft, strategy: { kind: 'adaptive', maxLength: 8 } });
+          let stats: unknown;
+          for await (const chunk of dec.stream({ prompt, maxTokens, sampling, seed, signal: ac.signal })) if (!values.json) process.stdout.write(chunk.text);
+          stats = dec.metrics();
+          if (values.json) process.stdout.write(JSON.stringify({ stats }, null, 2) + '\n');
+          else process.stdout.write('\n');
+          await dec.dispose();
+          await draft.dispose();
+        } else {
+          const r = await model.generate({ prompt, maxTokens, sampling, seed, signal: ac.signal });
+          process.stdout.write(values.json ? JSON.stringify({ text: r.text, tokens: Array.from(r.tokens), stopReason: r.stopReason }) + '\n' : `${r.text ?? ''}\n`);
+        }
+      } finally {
+        await model.dispose();
+      }
+      return 0;
+    }
+    case 'demo': {
+      const { runDemo, formatDemo, writeDemoPlots } = await import('./demo.js');
+      const tty = process.stderr.isTTY;
+      const runs = values.runs ? (values.runs.split(',') as ('static' | 'online' | 'pool')[]) : undefined;
+      for (const r of runs ?? []) if (!['static', 'online', 'pool'].includes(r)) throw new RangeError(`--runs: unknown run '${r}'`);
+      const ac = new AbortController();
+      process.once('SIGINT', () => ac.abort());
+      const result = await runDemo({
+        target: values.target,
+        draft: values.draft,
+        requests: num(values.requests, 'requests', 24),
+        maxTokens: num(values['max-tokens'], 'max-tokens', 32),
+        runs,
+        signal: ac.signal,
+        onProgress: (line) => {
+          if (tty) process.stderr.write(`\r${line}\x1b[K`);
+          else if (!values.json) process.stderr.write(line + '\n');
+        },
+      });
+      if (tty) process.stderr.write('\n');
+      const plots = writeDemoPlots(result, values.out ?? 'osd-demo');
+      if (values.json) {
+        process.stdout.write(
+          JSON.stringify(
+            {
+              target: result.target,
+              draft: result.draft,
+              targetTokensPerSecond: result.targetTokensPerSecond,
+              runs: result.runs.map((r) => ({ run: r.run, phases: r.phases, updates: r.updates, rollbacks: r.rollbacks, forgetting: r.forgetting })),
+              plots,
+            },
+            null,
+            2,
+          ) + '\n',
+        );
+      } else {
+        process.stdout.write(formatDemo(result) + '\n');
+        process.stdout.write(`plots: ${plots.join(', ')}\n`);
       }
       return 0;
     }

@@ -1,0 +1,284 @@
+// The main job: a stream of prompts whose domain shifts in phases (general English, then code, SQL
+// and email), served three ways side by side: a fixed draft, one draft adapting online, and
+// per-domain drafts routed by a DraftPool. Prompts come from the held-out splits.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { packageRoot } from './addon.js';
+import { createDraftPool } from './DraftPool.js';
+import { loadModel, type Model } from './Model.js';
+import { createOnlineDecoder, type OnlineDistillOptions } from './OnlineDecoder.js';
+import type { SpeculativeResult, Strategy } from './SpeculativeDecoder.js';
+import type { SamplingOptions } from './addonTypes.js';
+
+export const DEFAULT_TARGET = join(packageRoot, 'models', 'default-target.gguf');
+export const DEFAULT_DRAFT = join(packageRoot, 'models', 'default-draft.gguf');
+export const DEFAULT_PROMPTS = join(packageRoot, 'models', 'demo-prompts.json');
+
+export const PHASES: { name: string; domains: string[] }[] = [
+  { name: 'english', domains: ['speeches', 'novel', 'definitions'] },
+  { name: 'code', domains: ['code'] },
+  { name: 'sql', domains: ['sql'] },
+  { name: 'email', domains: ['email'] },
+];
+
+export type RunKind = 'static' | 'online' | 'pool';
+
+export interface DemoOptions {
+  target?: string;
+  draft?: string;
+  prompts?: string;
+  /** Requests per phase. Default 24. */
+  requests?: number;
+  maxTokens?: number;
+  sampling?: SamplingOptions;
+  strategy?: Strategy;
+  distill?: OnlineDistillOptions;
+  runs?: RunKind[];
+  /** Called with a progress line (the CLI redraws it in place). */
+  onProgress?: (line: string) => void;
+  signal?: AbortSignal;
+}
+
+export interface PhaseSummary {
+  phase: string;
+  acceptanceStart: number;
+  acceptanceEnd: number;
+  speedupStart: number;
+  speedupEnd: number;
+}
+
+export interface RunSummary {
+  run: RunKind;
+  phases: PhaseSummary[];
+  /** Per request, in order: phase, acceptance rate, speedup over target-only. */
+  series: { phase: string; acceptance: number; speedup: number }[];
+  updates: number;
+  rollbacks: number;
+  /** English acceptance at the end of its phase minus English acceptance after the whole run. */
+  forgetting: number;
+}
+
+export interface DemoResult {
+  target: string;
+  draft: string;
+  requestsPerPhase: number;
+  maxTokens: number;
+  targetTokensPerSecond: Record<string, number>;
+  runs: RunSummary[];
+}
+
+/** The demo's learning settings: faster than the serving defaults, so a short run shows adaptation. */
+export const DEMO_DISTILL: OnlineDistillOptions = { interval: 4, lr: 1e-3, epochs: 2, positions: 'mismatch', acceptedFraction: 0.25, topK: 32 };
+
+function mean(xs: number[]): number {
+  return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : 0;
+}
+
+function loadPrompts(path: string): Record<string, string[]> {
+  if (!existsSync(path)) throw new Error(`demo prompts not found: ${path} (run npm run train:default or lib/train/demoPrompts.ts)`);
+  return (JSON.parse(readFileSync(path, 'utf8')) as { domains: Record<string, string[]> }).domains;
+}
+
+/** The phase's prompts: its domains round-robin. */
+function phasePrompts(all: Record<string, string[]>, domains: string[], n: number, offset = 0): string[] {
+  const out: string[] = [];
+  for (let i = 0; out.length < n; i++) {
+    const d = domains[i % domains.length]!;
+    const list = all[d] ?? [];
+    if (list.length === 0) throw new Error(`no demo prompts for domain '${d}'`);
+    out.push(list[(Math.floor(i / domains.length) + offset) % list.length]!);
+  }
+  return out;
+}
+
+export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
+  const targetPath = options.target ?? DEFAULT_TARGET;
+  const draftPath = options.draft ?? DEFAULT_DRAFT;
+  const prompts = loadPrompts(options.prompts ?? DEFAULT_PROMPTS);
+  const R = options.requests ?? 24;
+  const maxTokens = options.maxTokens ?? 32;
+  const sampling = options.sampling ?? { temperature: 0 };
+  const strategy = options.strategy ?? { kind: 'chain', length: 4 };
+  const distill = { ...DEMO_DISTILL, ...options.distill };
+  const runs = options.runs ?? ['static', 'online', 'pool'];
+  const progress = options.onProgress ?? (() => {});
+  const target = await loadModel(targetPath);
+  try {
+    if (!target.tokenizer) throw new Error(`${targetPath} has no tokenizer: the demo needs text prompts`);
+    // Target-only speed per phase, the denominator of every speedup.
+    const targetTps: Record<string, number> = {};
+    for (const phase of PHASES) {
+      let tokens = 0;
+      let ms = 0;
+      for (const p of phasePrompts(prompts, phase.domains, 4)) {
+        const t0 = performance.now();
+        const r = await target.generate({ prompt: p, maxTokens, sampling, stopTokens: [] });
+        ms += performance.now() - t0;
+        tokens += r.tokens.length;
+      }
+      targetTps[phase.name] = (tokens * 1000) / ms;
+      progress(`[target-only] ${phase.name}: ${targetTps[phase.name]!.toFixed(0)} tokens/s`);
+    }
+    const summaries: RunSummary[] = [];
+    for (const kind of runs) {
+      options.signal?.throwIfAborted();
+      summaries.push(await runOne(kind, target, draftPath, prompts, R, maxTokens, sampling, strategy, distill, targetTps, progress, options.signal));
+    }
+    return { target: targetPath, draft: draftPath, requestsPerPhase: R, maxTokens, targetTokensPerSecond: targetTps, runs: summaries };
+  } finally {
+    await target.dispose();
+  }
+}
+
+async function runOne(
+  kind: RunKind,
+  target: Model,
+  draftPath: string,
+  prompts: Record<string, string[]>,
+  R: number,
+  maxTokens: number,
+  sampling: SamplingOptions,
+  strategy: Strategy,
+  distill: OnlineDistillOptions,
+  targetTps: Record<string, number>,
+  progress: (line: string) => void,
+  signal: AbortSignal | undefined,
+): Promise<RunSummary> {
+  const draft = await loadModel(draftPath);
+  const series: RunSummary['series'] = [];
+  let updates = 0;
+  let rollbacks = 0;
+  const online = kind === 'online' ? createOnlineDecoder({ target, draft, strategy, sampling, distill }) : undefined;
+  const pool = kind === 'pool' ? createDraftPool({ target, drafts: { english: draft }, router: 'label', forkFrom: 'english', strategy, sampling, distill }) : undefined;
+  const fixed = kind === 'static' ? createOnlineDecoder({ target, draft, strategy, sampling, distill: { enabled: false } }) : undefined;
+  online?.on('update', () => updates++);
+  online?.on('rollback', () => rollbacks++);
+  pool?.on('update', () => updates++);
+  pool?.on('rollback', () => rollbacks++);
+  const serve = async (prompt: string, phase: string): Promise<SpeculativeResult> => {
+    const req = { prompt, maxTokens, sampling, stopTokens: [] as number[], signal };
+    if (pool) return pool.generate({ ...req, label: phase });
+    return (online ?? fixed)!.generate(req);
+  };
+  try {
+    const phases: PhaseSummary[] = [];
+    for (const phase of PHASES) {
+      const list = phasePrompts(prompts, phase.domains, R);
+      for (let i = 0; i < list.length; i++) {
+        const r = await serve(list[i]!, phase.name);
+        const speedup = r.stats.tokensPerSecond / targetTps[phase.name]!;
+        series.push({ phase: phase.name, acceptance: r.stats.acceptanceRate, speedup });
+        progress(
+          `[${kind}] ${phase.name} ${String(i + 1).padStart(3)}/${list.length}  acceptance ${r.stats.acceptanceRate.toFixed(2)}  ${r.stats.tokensPerSecond.toFixed(0)} tokens/s  updates ${updates}`,
+        );
+      }
+      const mine = series.filter((s) => s.phase === phase.name);
+      const w = Math.max(1, Math.min(6, Math.floor(mine.length / 3)));
+      phases.push({
+        phase: phase.name,
+        acceptanceStart: mean(mine.slice(0, w).map((s) => s.acceptance)),
+        acceptanceEnd: mean(mine.slice(-w).map((s) => s.acceptance)),
+        speedupStart: mean(mine.slice(0, w).map((s) => s.speedup)),
+        speedupEnd: mean(mine.slice(-w).map((s) => s.speedup)),
+      });
+    }
+    // Forgetting: serve the end of the English phase again with the final draft(s).
+    const english = phasePrompts(prompts, PHASES[0]!.domains, R).slice(-Math.max(1, Math.min(6, Math.floor(R / 3))));
+    const again: number[] = [];
+    for (const p of english) {
+      const req = { prompt: p, maxTokens, sampling, stopTokens: [] as number[] };
+      const r = pool ? await pool.generate({ ...req, label: 'english' }) : await (online ?? fixed)!.generate(req);
+      again.push(r.stats.acceptanceRate);
+    }
+    return { run: kind, phases, series, updates, rollbacks, forgetting: phases[0]!.acceptanceEnd - mean(again) };
+  } finally {
+    await online?.dispose();
+    await pool?.dispose();
+    await fixed?.dispose();
+    await draft.dispose();
+  }
+}
+
+/** A table of the summaries, for the terminal. */
+export function formatDemo(result: DemoResult): string {
+  const lines = [
+    `target ${result.target}`,
+    `draft  ${result.draft}`,
+    `${result.requestsPerPhase} requests per phase, ${result.maxTokens} tokens each; speedup = tokens/s over target-only decoding`,
+    '',
+    'run      phase     accept start  accept end  gain    speedup start  speedup end',
+    '-------  --------  ------------  ----------  ------  -------------  -----------',
+  ];
+  for (const r of result.runs) {
+    for (const p of r.phases)
+      lines.push(
+        `${r.run.padEnd(7)}  ${p.phase.padEnd(8)}  ${p.acceptanceStart.toFixed(3).padStart(12)}  ${p.acceptanceEnd.toFixed(3).padStart(10)}  ${(p.acceptanceEnd - p.acceptanceStart >= 0 ? '+' : '') + (p.acceptanceEnd - p.acceptanceStart).toFixed(3)}  ${p.speedupStart.toFixed(2).padStart(12)}x  ${p.speedupEnd.toFixed(2).padStart(10)}x`,
+      );
+    lines.push(`${r.run.padEnd(7)}  updates ${r.updates}, rollbacks ${r.rollbacks}, English forgetting ${r.forgetting.toFixed(3)}`);
+  }
+  return lines.join('\n');
+}
+
+/** An SVG plot: acceptance and speedup over requests, one line per run, phases marked. */
+export function demoSvg(result: DemoResult): string {
+  const W = 900;
+  const H = 560;
+  const panels = [
+    { key: 'acceptance' as const, title: 'acceptance rate (moving mean of 4 requests)', top: 40, max: 1 },
+    { key: 'speedup' as const, title: 'speedup over target-only decoding', top: 310, max: Math.max(2, ...result.runs.flatMap((r) => r.series.map((s) => s.speedup))) },
+  ];
+  const colors: Record<string, string> = { static: '#888888', online: '#d9480f', pool: '#1971c2' };
+  const n = Math.max(...result.runs.map((r) => r.series.length));
+  const x = (i: number) => 60 + (i / Math.max(1, n - 1)) * (W - 90);
+  const parts: string[] = [`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`, `<rect width="${W}" height="${H}" fill="white"/>`];
+  for (const p of panels) {
+    const h = 200;
+    const y = (v: number) => p.top + h - (Math.min(v, p.max) / p.max) * h;
+    parts.push(`<text x="60" y="${p.top - 10}" font-size="14">${p.title}</text>`);
+    parts.push(`<rect x="60" y="${p.top}" width="${W - 90}" height="${h}" fill="none" stroke="#ccc"/>`);
+    for (let t = 0; t <= 4; t++) {
+      const v = (p.max * t) / 4;
+      parts.push(`<text x="52" y="${y(v) + 4}" text-anchor="end">${v.toFixed(p.key === 'acceptance' ? 2 : 1)}</text>`);
+    }
+    const perPhase = result.requestsPerPhase;
+    PHASES.forEach((ph, k) => {
+      const xi = x(k * perPhase);
+      parts.push(`<line x1="${xi}" x2="${xi}" y1="${p.top}" y2="${p.top + h}" stroke="#ddd"/>`);
+      parts.push(`<text x="${xi + 4}" y="${p.top + 14}" fill="#555">${ph.name}</text>`);
+    });
+    if (p.key === 'speedup') parts.push(`<line x1="60" x2="${W - 30}" y1="${y(1)}" y2="${y(1)}" stroke="#999" stroke-dasharray="4 3"/>`);
+    for (const r of result.runs) {
+      const vals = r.series.map((s) => s[p.key]);
+      const smooth = vals.map((_, i) => mean(vals.slice(Math.max(0, i - 3), i + 1)));
+      const d = smooth.map((v, i) => `${i ? 'L' : 'M'}${x(i).toFixed(1)},${y(v).toFixed(1)}`).join('');
+      parts.push(`<path d="${d}" fill="none" stroke="${colors[r.run]}" stroke-width="2"/>`);
+    }
+  }
+  result.runs.forEach((r, i) => {
+    parts.push(`<line x1="${80 + i * 200}" x2="${110 + i * 200}" y1="${H - 15}" y2="${H - 15}" stroke="${colors[r.run]}" stroke-width="3"/>`);
+    parts.push(`<text x="${116 + i * 200}" y="${H - 11}">${{ static: 'no adaptation', online: 'online distillation', pool: 'per-domain drafts (pool)' }[r.run]}</text>`);
+  });
+  parts.push('</svg>');
+  return parts.join('\n');
+}
+
+/** Writes demo.svg, and demo.png where a converter (rsvg-convert or ImageMagick) exists. */
+export function writeDemoPlots(result: DemoResult, dir: string): string[] {
+  mkdirSync(dir, { recursive: true });
+  const svg = join(dir, 'demo.svg');
+  writeFileSync(svg, demoSvg(result));
+  const written = [svg];
+  const png = join(dir, 'demo.png');
+  for (const [cmd, args] of [
+    ['rsvg-convert', ['-o', png, svg]],
+    ['convert', [svg, png]],
+  ] as const) {
+    const r = spawnSync(cmd, args, { stdio: 'ignore' });
+    if (r.status === 0 && existsSync(png)) {
+      written.push(png);
+      break;
+    }
+  }
+  return written;
+}

@@ -1,0 +1,57 @@
+// `osd demo` end to end on the embedded default pair (a very short run), and `osd generate`.
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { demoSvg, DEFAULT_DRAFT, DEFAULT_TARGET } from '../lib/demo.js';
+
+const root = join(import.meta.dirname, '..');
+const have = existsSync(DEFAULT_TARGET) && existsSync(DEFAULT_DRAFT);
+if (!have) console.warn('skip: the default pair (models/default-*.gguf) is not there; run npm run train:default');
+
+const cli = (args: string[]) =>
+  execFileSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), ...args], { encoding: 'utf8', cwd: root, timeout: 300_000 });
+
+describe.skipIf(!have)('osd demo', () => {
+  it('runs the three runs over the four phases and prints JSON and a plot', () => {
+    const out = mkdtempSync(join(tmpdir(), 'osd-demo-'));
+    const json = JSON.parse(cli(['demo', '--json', '--requests', '2', '--max-tokens', '8', '--out', out]));
+    expect(json.runs.map((r: { run: string }) => r.run)).toEqual(['static', 'online', 'pool']);
+    for (const r of json.runs) {
+      expect(r.phases.map((p: { phase: string }) => p.phase)).toEqual(['english', 'code', 'sql', 'email']);
+      for (const p of r.phases) {
+        expect(p.acceptanceStart).toBeGreaterThanOrEqual(0);
+        expect(p.acceptanceEnd).toBeLessThanOrEqual(1);
+        expect(p.speedupEnd).toBeGreaterThan(0);
+      }
+    }
+    expect(json.runs[0].updates).toBe(0);
+    const svg = readFileSync(join(out, 'demo.svg'), 'utf8');
+    expect(svg).toContain('<svg');
+    expect(svg).toContain('online distillation');
+  });
+
+  it('osd generate writes text from the default target, greedy and reproducible', () => {
+    const a = cli(['generate', '--max-tokens', '12', 'The President said']);
+    const b = cli(['generate', '--max-tokens', '12', 'The President said']);
+    expect(a).toBe(b);
+    expect(a.trim().length).toBeGreaterThan(0);
+  });
+});
+
+describe('demo plot', () => {
+  it('draws every run and phase', () => {
+    const series = Array.from({ length: 8 }, (_, i) => ({ phase: ['english', 'code', 'sql', 'email'][Math.floor(i / 2)]!, acceptance: i / 10, speedup: 1 + i / 10 }));
+    const svg = demoSvg({
+      target: 't',
+      draft: 'd',
+      requestsPerPhase: 2,
+      maxTokens: 4,
+      targetTokensPerSecond: {},
+      runs: (['static', 'online', 'pool'] as const).map((run) => ({ run, phases: [], series, updates: 0, rollbacks: 0, forgetting: 0 })),
+    });
+    for (const s of ['english', 'code', 'sql', 'email', 'no adaptation', 'per-domain drafts']) expect(svg).toContain(s);
+    expect((svg.match(/<path /g) ?? []).length).toBe(6);
+  });
+});

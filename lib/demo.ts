@@ -11,8 +11,9 @@ import { createOnlineDecoder, type OnlineDistillOptions } from './OnlineDecoder.
 import type { SpeculativeResult, Strategy } from './SpeculativeDecoder.js';
 import type { SamplingOptions } from './addonTypes.js';
 
-export const DEFAULT_TARGET = join(packageRoot, 'models', 'default-target.gguf');
-export const DEFAULT_DRAFT = join(packageRoot, 'models', 'default-draft.gguf');
+/** The embedded default pair (OSD_DEFAULT_TARGET / OSD_DEFAULT_DRAFT override them). */
+export const DEFAULT_TARGET = process.env.OSD_DEFAULT_TARGET ?? join(packageRoot, 'models', 'default-target.gguf');
+export const DEFAULT_DRAFT = process.env.OSD_DEFAULT_DRAFT ?? join(packageRoot, 'models', 'default-draft.gguf');
 export const DEFAULT_PROMPTS = join(packageRoot, 'models', 'demo-prompts.json');
 
 export const PHASES: { name: string; domains: string[] }[] = [

@@ -55,6 +55,8 @@ export interface SpeculativeGenerateOptions {
   maxTokens: number;
   sampling?: SamplingOptions;
   seed?: Seed;
+  /** Philox stream of this request (default: a fresh one per request). Same seed + stream = same output on a fixed draft. */
+  stream?: Seed;
   signal?: AbortSignal;
   /** Stop when the generated text contains one of these strings (needs a tokenizer). */
   stop?: string[];
@@ -238,15 +240,17 @@ function sharedVocab(target: Model, draft: Model): number {
 
 interface Request {
   id: number;
+  /** Base of the Philox streams of this request's steps. */
+  stream: bigint;
   sampling: SamplingOptions;
   seed: Seed;
   stopTokens: Set<number>;
   counters: Counters;
 }
 
-/** Philox streams: a request's step s verifies with stream 2s and samples draft tokens with 2s + 1. */
-function streamOf(request: number, step: number, draft: boolean): bigint {
-  return (BigInt(request) << 32n) + BigInt(2 * step + (draft ? 1 : 0));
+/** Philox streams: step s of a request verifies with stream base + 2s and samples draft tokens with base + 2s + 1. */
+function streamOf(req: { stream: bigint }, step: number, draft: boolean): bigint {
+  return (req.stream << 32n) + BigInt(2 * step + (draft ? 1 : 0));
 }
 
 /** Top-k of a warped row for tree expansion: returns [token, probability] pairs, best first. */
@@ -371,8 +375,25 @@ export class SpeculativeDecoder extends EventEmitter {
 
   async #acquire(signal: AbortSignal | undefined): Promise<void> {
     while (this.#active >= this.maxConcurrent) {
-      await new Promise<void>((r) => this.#waiting.push(r));
-      throwIfAborted(signal);
+      // Leave the queue as soon as the signal aborts, and pass a wake-up on if one reached us then.
+      await new Promise<void>((resolve, reject) => {
+        const wake = () => {
+          signal?.removeEventListener('abort', onAbort);
+          resolve();
+        };
+        const onAbort = () => {
+          const i = this.#waiting.indexOf(wake);
+          if (i >= 0) this.#waiting.splice(i, 1);
+          reject(signal!.reason instanceof Error ? signal!.reason : Object.assign(new Error('The operation was aborted'), { name: 'AbortError' }));
+        };
+        if (signal?.aborted) return onAbort();
+        signal?.addEventListener('abort', onAbort, { once: true });
+        this.#waiting.push(wake);
+      });
+      if (signal?.aborted) {
+        if (this.#active < this.maxConcurrent) this.#waiting.shift()?.();
+        throwIfAborted(signal);
+      }
     }
     this.#active++;
   }
@@ -417,8 +438,16 @@ export class SpeculativeDecoder extends EventEmitter {
       throw new TypeError('stop must be an array of strings');
     if (options.stop?.length && !this.target.tokenizer) throw new TypeError('stop strings need a target with a tokenizer');
     const combined = signal ? AbortSignal.any([signal, this.#disposeController.signal]) : this.#disposeController.signal;
+    const id = this.#nextRequest++;
+    let streamBase = BigInt(id);
+    if (options.stream !== undefined) {
+      if (!((typeof options.stream === 'number' && Number.isSafeInteger(options.stream) && options.stream >= 0) || (typeof options.stream === 'bigint' && options.stream >= 0n)))
+        throw new RangeError('stream must be a non-negative safe integer or bigint');
+      streamBase = BigInt(options.stream) & ((1n << 32n) - 1n);
+    }
     const req: Request = {
-      id: this.#nextRequest++,
+      id,
+      stream: streamBase,
       sampling: options.sampling ?? this.sampling,
       seed: options.seed ?? 0,
       stopTokens: new Set(options.stopTokens ?? this.target.eosTokens),
@@ -557,7 +586,7 @@ export class SpeculativeDecoder extends EventEmitter {
       for (let i = 0; i < g; i++) {
         const row = q.subarray(0, V);
         draftLogits.set(row, i * V);
-        draftTokens[i] = sampleLogits({ logits: row, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req.id, step, true), position: i });
+        draftTokens[i] = sampleLogits({ logits: row, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, true), position: i });
         if (i + 1 < g) q = await this.#timed(c, 'draft', () => D.evaluate(draftTokens.subarray(i, i + 1)));
       }
       this.#draftTokenMs = 0.9 * (this.#draftTokenMs || (performance.now() - dStart) / g) + 0.1 * ((performance.now() - dStart) / g);
@@ -569,7 +598,7 @@ export class SpeculativeDecoder extends EventEmitter {
     const tl = await this.#timed(c, 'target', () => T.evaluate(input));
     this.#targetPassMs = 0.9 * (this.#targetPassMs || performance.now() - tStart) + 0.1 * (performance.now() - tStart);
     const targetLogits = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
-    const r = verifyChain({ targetLogits, draftLogits, draftTokens, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req.id, step, false) });
+    const r = verifyChain({ targetLogits, draftLogits, draftTokens, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false) });
     const a = r.acceptedCount;
     this.#onVerified?.({ request: req.id, context: committed, drafted: g, accepted: a, emitted: r.tokens, targetLogits: targetLogits.slice(0, (a + 1) * V), vocabSize: V });
     T.truncate(tBase + 1 + a);
@@ -644,7 +673,7 @@ export class SpeculativeDecoder extends EventEmitter {
       vocabSize: V,
       sampling: req.sampling,
       seed: req.seed,
-      stream: streamOf(req.id, step, false),
+      stream: streamOf(req, step, false),
       children: 'deterministic',
     });
     const path = Array.from(r.path);
@@ -684,7 +713,7 @@ export class SpeculativeDecoder extends EventEmitter {
       vocabSize: V,
       sampling: req.sampling,
       seed: req.seed,
-      stream: streamOf(req.id, step, false),
+      stream: streamOf(req, step, false),
       children: 'deterministic',
     });
     const a = r.path.length;

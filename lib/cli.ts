@@ -19,6 +19,13 @@ Commands:
       --max-tokens N       tokens per request (default 32)
       --runs LIST          static,online,pool (default all three)
       --out DIR            where the plot goes (default osd-demo)
+  serve                an OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /metrics)
+      --target PATH --draft PATH   default: the embedded default pair
+      --port N             default 8080 (0 picks a free port)
+      --host ADDR          default 127.0.0.1
+      --max-concurrent N   generations decoded at once, the rest queue (default 4)
+      --model-id NAME      the model name clients send (default: the target's file name)
+      --static             keep the draft fixed (default: it learns online from the traffic)
 
 Options:
   --json      machine-readable output
@@ -44,6 +51,11 @@ async function main(argv: string[]): Promise<number> {
       requests: { type: 'string' },
       runs: { type: 'string' },
       out: { type: 'string' },
+      port: { type: 'string' },
+      host: { type: 'string' },
+      'max-concurrent': { type: 'string' },
+      'model-id': { type: 'string' },
+      static: { type: 'boolean' },
     },
   });
   if (values.help) {
@@ -148,6 +160,62 @@ async function main(argv: string[]): Promise<number> {
         process.stdout.write(formatDemo(result) + '\n');
         process.stdout.write(`plots: ${plots.join(', ')}\n`);
       }
+      return 0;
+    }
+    case 'serve': {
+      const { DEFAULT_TARGET, DEFAULT_DRAFT } = await import('./demo.js');
+      const { existsSync } = await import('node:fs');
+      const http = await import('node:http');
+      const { createServer } = await import('./server.js');
+      if ((values.target === undefined) !== (values.draft === undefined)) throw new TypeError('give both --target and --draft, or neither (the embedded default pair)');
+      const targetPath = values.target ?? DEFAULT_TARGET;
+      const draftPath = values.draft ?? DEFAULT_DRAFT;
+      for (const path of [targetPath, draftPath])
+        if (!existsSync(path)) throw new Error(`model not found: ${path}${values.target ? '' : ' (the embedded default pair is missing: pass --target and --draft)'}`);
+      const port = num(values.port, 'port', 8080);
+      if (!Number.isInteger(port) || port < 0 || port > 65535) throw new RangeError('--port must be an integer in [0, 65535]');
+      const host = values.host ?? '127.0.0.1';
+      const target = await osd.loadModel(targetPath);
+      const draft = await osd.loadModel(draftPath);
+      const handler = createServer({
+        target,
+        draft,
+        online: values.static ? false : {},
+        maxConcurrent: num(values['max-concurrent'], 'max-concurrent', 4),
+        modelId: values['model-id'],
+      });
+      const server = http.createServer(handler);
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(port, host, () => resolve());
+      });
+      const addr = server.address() as import('node:net').AddressInfo;
+      const url = `http://${addr.family === 'IPv6' ? `[${addr.address}]` : addr.address}:${addr.port}`;
+      process.stdout.write(
+        values.json
+          ? JSON.stringify({ url: `${url}/v1`, metrics: `${url}/metrics`, model: handler.modelId, target: targetPath, draft: draftPath, online: !values.static }) + '\n'
+          : `osd: serving ${handler.modelId} (draft ${draftPath}, ${values.static ? 'fixed draft' : 'online distillation on'})\n` +
+              `osd: OpenAI base URL ${url}/v1   metrics ${url}/metrics   (Ctrl-C stops)\n`,
+      );
+      await new Promise<void>((resolve) => {
+        const stop = (signal: string) => {
+          process.off('SIGINT', stop);
+          process.off('SIGTERM', stop);
+          // A second signal while draining exits at once.
+          process.once(signal as NodeJS.Signals, () => process.exit(130));
+          if (!values.json) process.stderr.write(`osd: ${signal}: stopping\n`);
+          server.close();
+          void handler
+            .dispose()
+            .then(() => {
+              server.closeAllConnections();
+              return Promise.all([target.dispose(), draft.dispose()]);
+            })
+            .then(() => resolve());
+        };
+        process.on('SIGINT', stop);
+        process.on('SIGTERM', stop);
+      });
       return 0;
     }
     default:

@@ -49,3 +49,5 @@ export { createOnlineDecoder, OnlineDecoder, teacherTopK } from './OnlineDecoder
 export type { OnlineDecoderOptions, OnlineDistillOptions, OnlineMetrics, UpdateEvent, RollbackEvent } from './OnlineDecoder.js';
 export { createDraftPool, DraftPool } from './DraftPool.js';
 export type { DraftPoolOptions, PoolGenerateOptions, PoolResult, Router, RouteRequest } from './DraftPool.js';
+export { createServer } from './server.js';
+export type * from './server.js';

@@ -1,0 +1,472 @@
+// The embeddable OpenAI-compatible server, called with the official `openai` client over loopback:
+// completions, chat, streaming, models, exact greedy output through the server, stop / seed,
+// concurrent requests, OpenAI-style errors, /metrics, a mid-stream disconnect that aborts its
+// generation, shutdown, and mounting in node:http, Express and Fastify.
+// Models: the embedded default pair (models/default-*.gguf) when present, else the small pair in
+// /tmp/osdq (same tokenizer); the suite skips when neither exists.
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import OpenAI from 'openai';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadModel, type Model } from '../lib/index.js';
+import { createServer, renderChat, StopFilter, type OsdRequestHandler } from '../lib/server.js';
+
+const root = join(import.meta.dirname, '..');
+const PAIRS = [
+  [join(root, 'models/default-target.gguf'), join(root, 'models/default-draft.gguf')],
+  ['/tmp/osdq/default-target.gguf', '/tmp/osdq/default-draft.gguf'],
+] as const;
+const pair = PAIRS.find(([t, d]) => existsSync(t) && existsSync(d));
+if (!pair) console.warn(`skip: server tests need a model pair: ${PAIRS.map((p) => p.join(' + ')).join(' or ')}`);
+
+const PROMPTS = ['The history of the city', 'SELECT name FROM users WHERE', 'def parse(text):', 'Dear team, thank you for'];
+const MAX = 20;
+
+async function listen(handler: http.RequestListener): Promise<{ server: http.Server; base: string }> {
+  const server = http.createServer(handler);
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return { server, base: `http://127.0.0.1:${(server.address() as AddressInfo).port}` };
+}
+
+async function stop(server: http.Server): Promise<void> {
+  server.closeAllConnections();
+  await new Promise<void>((r) => server.close(() => r()));
+}
+
+function client(baseURL: string): OpenAI {
+  return new OpenAI({ baseURL, apiKey: 'unused', maxRetries: 0, timeout: 30_000 });
+}
+
+/** The value of one sample line of a Prometheus text exposition. */
+function sample(text: string, series: string): number {
+  const line = text.split('\n').find((l) => l.startsWith(series + ' '));
+  if (!line) throw new Error(`no series ${series} in\n${text}`);
+  return Number(line.slice(series.length + 1));
+}
+
+async function until(fn: () => Promise<boolean> | boolean, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await fn())) {
+    if (Date.now() > end) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+describe('StopFilter', () => {
+  it('cuts at the first stop string across chunks and holds back only possible prefixes', () => {
+    const f = new StopFilter(['END', 'xy']);
+    expect(f.push('abc E')).toBe('abc ');
+    expect(f.push('N')).toBe('');
+    expect(f.push('Dmore')).toBe('');
+    expect(f.stopped).toBe(true);
+    expect(f.flush()).toBe('');
+    const g = new StopFilter(['END']);
+    expect(g.push('hello EN')).toBe('hello ');
+    expect(g.push('vy')).toBe('ENvy');
+    expect(g.flush()).toBe('');
+  });
+});
+
+describe.skipIf(!pair)('OpenAI-compatible server', () => {
+  let target: Model;
+  let draft: Model;
+  let handler: OsdRequestHandler;
+  let server: http.Server;
+  let base: string;
+  let openai: OpenAI;
+  const expected = new Map<string, string>();
+  const expectedTokens = new Map<string, number>();
+
+  /** The target's own greedy continuation, as text (decoded as a continuation). */
+  async function greedy(prompt: string, maxTokens = MAX): Promise<{ text: string; tokens: number }> {
+    const r = await target.generate({ prompt, maxTokens });
+    return { text: target.tokenizer!.decode(r.tokens, { stripSpacePrefix: false }), tokens: r.tokens.length };
+  }
+
+  beforeAll(async () => {
+    target = await loadModel(pair![0]);
+    draft = await loadModel(pair![1]);
+    // Online: the draft learns from the test's traffic (it cannot change the output).
+    handler = createServer({ target, draft, online: { interval: 4 }, maxConcurrent: 2 });
+    ({ server, base } = await listen(handler));
+    openai = client(`${base}/v1`);
+    for (const p of PROMPTS) {
+      const g = await greedy(p);
+      expected.set(p, g.text);
+      expectedTokens.set(p, g.tokens);
+    }
+  });
+
+  afterAll(async () => {
+    if (server) await stop(server);
+    await handler?.dispose();
+    await draft?.dispose();
+    await target?.dispose();
+  });
+
+  it('lists the model', async () => {
+    const list = await openai.models.list();
+    expect(list.data.map((m) => m.id)).toEqual([handler.modelId]);
+    expect(list.data[0]!.object).toBe('model');
+    const one = await openai.models.retrieve(handler.modelId);
+    expect(one.id).toBe(handler.modelId);
+  });
+
+  it('completions: greedy output equals the target’s own greedy output, with usage', async () => {
+    for (const p of PROMPTS.slice(0, 2)) {
+      const r = await openai.completions.create({ model: handler.modelId, prompt: p, max_tokens: MAX, temperature: 0 });
+      expect(r.object).toBe('text_completion');
+      expect(r.choices[0]!.text).toBe(expected.get(p));
+      expect(r.usage!.completion_tokens).toBe(expectedTokens.get(p));
+      expect(r.usage!.prompt_tokens).toBe(target.tokenizer!.encode(p).length);
+      expect(r.usage!.total_tokens).toBe(r.usage!.prompt_tokens + r.usage!.completion_tokens);
+      expect(['length', 'stop']).toContain(r.choices[0]!.finish_reason);
+    }
+  });
+
+  it('completions: streaming (SSE) yields the same text, a finish reason and usage', async () => {
+    const p = PROMPTS[2]!;
+    const s = await openai.completions.create({ model: handler.modelId, prompt: p, max_tokens: MAX, temperature: 0, stream: true, stream_options: { include_usage: true } });
+    let text = '';
+    let finish: string | null = null;
+    let chunks = 0;
+    let usage: OpenAI.CompletionUsage | undefined;
+    for await (const c of s) {
+      chunks++;
+      if (c.usage) usage = c.usage;
+      for (const ch of c.choices) {
+        text += ch.text;
+        finish = ch.finish_reason ?? finish;
+      }
+    }
+    expect(text).toBe(expected.get(p));
+    expect(chunks).toBeGreaterThan(2);
+    expect(finish).toMatch(/^(length|stop)$/);
+    expect(usage!.completion_tokens).toBe(expectedTokens.get(p));
+  });
+
+  it('raw SSE framing: data: {...} events and data: [DONE]', async () => {
+    const r = await fetch(`${base}/v1/completions`, { method: 'POST', body: JSON.stringify({ prompt: PROMPTS[0], max_tokens: 4, temperature: 0, stream: true }) });
+    expect(r.status).toBe(200);
+    expect(r.headers.get('content-type')).toMatch(/^text\/event-stream/);
+    const events = (await r.text()).split('\n\n').filter(Boolean);
+    expect(events.every((e) => e.startsWith('data: '))).toBe(true);
+    expect(events.at(-1)).toBe('data: [DONE]');
+  });
+
+  it('chat: rendered prompt, greedy exactness, streaming', async () => {
+    const messages = [
+      { role: 'system' as const, content: 'You are terse.' },
+      { role: 'user' as const, content: 'Tell me about the sea.' },
+    ];
+    const rendered = renderChat(target, messages);
+    const full = (await greedy(rendered.prompt)).text;
+    const cut = Math.min(...rendered.stop.map((s) => full.indexOf(s)).filter((i) => i >= 0), full.length);
+    const want = full.slice(0, cut);
+    const r = await openai.chat.completions.create({ model: handler.modelId, messages, max_tokens: MAX, temperature: 0 });
+    expect(r.object).toBe('chat.completion');
+    expect(r.choices[0]!.message.role).toBe('assistant');
+    expect(r.choices[0]!.message.content).toBe(want);
+    expect(r.usage!.prompt_tokens).toBe(target.tokenizer!.encode(rendered.prompt, { special: rendered.template }).length);
+    const s = await openai.chat.completions.create({ model: handler.modelId, messages, max_tokens: MAX, temperature: 0, stream: true });
+    let text = '';
+    let role: string | undefined;
+    let finish: string | null = null;
+    for await (const c of s) {
+      role ??= c.choices[0]?.delta.role;
+      text += c.choices[0]?.delta.content ?? '';
+      finish = c.choices[0]?.finish_reason ?? finish;
+    }
+    expect(role).toBe('assistant');
+    expect(text).toBe(want);
+    expect(finish).toBe(r.choices[0]!.finish_reason);
+  });
+
+  it('honours stop (string and array) without returning the stop text', async () => {
+    const p = PROMPTS[0]!;
+    const full = expected.get(p)!;
+    const stopText = full.slice(Math.floor(full.length / 2), Math.floor(full.length / 2) + 2);
+    expect(stopText.length).toBe(2);
+    const want = full.slice(0, full.indexOf(stopText));
+    const r = await openai.completions.create({ model: handler.modelId, prompt: p, max_tokens: MAX, temperature: 0, stop: stopText });
+    expect(r.choices[0]!.text).toBe(want);
+    expect(r.choices[0]!.finish_reason).toBe('stop');
+    const s = await openai.completions.create({ model: handler.modelId, prompt: p, max_tokens: MAX, temperature: 0, stop: ['\u0000never', stopText], stream: true });
+    let text = '';
+    let finish: string | null = null;
+    for await (const c of s) {
+      text += c.choices[0]?.text ?? '';
+      finish = c.choices[0]?.finish_reason ?? finish;
+    }
+    expect(text).toBe(want);
+    expect(finish).toBe('stop');
+  });
+
+  it('honours max_tokens, temperature, top_p and seed', async () => {
+    const short = await openai.completions.create({ model: handler.modelId, prompt: PROMPTS[1]!, max_tokens: 3, temperature: 0 });
+    expect(short.usage!.completion_tokens).toBeLessThanOrEqual(3);
+    const sampled = await openai.completions.create({ model: handler.modelId, prompt: PROMPTS[3]!, max_tokens: 12, temperature: 0.9, top_p: 0.95, seed: 1234 });
+    expect(sampled.usage!.completion_tokens).toBeGreaterThan(0);
+    expect(sampled.usage!.completion_tokens).toBeLessThanOrEqual(12);
+    const bad = await fetch(`${base}/v1/completions`, { method: 'POST', body: JSON.stringify({ prompt: 'x', seed: 'abc' }) });
+    expect(bad.status).toBe(400);
+  });
+
+  it('seed: sampled requests with the same seed are reproducible on a fixed draft', async (ctx) => {
+    // Needs a per-request Philox stream in SpeculativeGenerateOptions (`stream`); the speculative
+    // decoder otherwise derives it from its request counter, so equal seeds sample differently.
+    const { createSpeculativeDecoder } = await import('../lib/index.js');
+    const dec = createSpeculativeDecoder({ target, draft });
+    const probe = () => dec.generate({ prompt: PROMPTS[3]!, maxTokens: 12, sampling: { temperature: 1 }, seed: 7, stream: 0 } as Parameters<typeof dec.generate>[0]);
+    const same = (await probe()).text === (await probe()).text;
+    await dec.dispose();
+    if (!same) return ctx.skip('SpeculativeDecoder has no per-request Philox stream option yet');
+    const h = createServer({ target, draft, online: false });
+    const { server: s, base: b } = await listen(h);
+    try {
+      const c = client(`${b}/v1`);
+      const ask = () => c.completions.create({ model: h.modelId, prompt: PROMPTS[3]!, max_tokens: 12, temperature: 0.9, top_p: 0.95, seed: 1234 });
+      expect((await ask()).choices[0]!.text).toBe((await ask()).choices[0]!.text);
+    } finally {
+      await stop(s);
+      await h.dispose();
+    }
+  });
+
+  it('serves concurrent requests correctly (they queue for decoding slots)', async () => {
+    const rs = await Promise.all(
+      [...PROMPTS, ...PROMPTS.slice(0, 2)].map((p) => openai.completions.create({ model: handler.modelId, prompt: p, max_tokens: MAX, temperature: 0 }).then((r) => [p, r] as const)),
+    );
+    for (const [p, r] of rs) expect(r.choices[0]!.text).toBe(expected.get(p));
+  });
+
+  it('answers bad requests with OpenAI-style errors and the right status', async () => {
+    const shape = (body: unknown) =>
+      expect(body).toEqual({ error: { message: expect.any(String), type: expect.any(String), param: expect.toSatisfy((v) => v === null || typeof v === 'string'), code: expect.any(String) } });
+    // Through the client.
+    const fail = async (req: Promise<unknown>) => {
+      try {
+        await req;
+      } catch (e) {
+        return e as InstanceType<typeof OpenAI.APIError>;
+      }
+      throw new Error('expected an error');
+    };
+    const notFound = await fail(openai.completions.create({ model: 'no-such-model', prompt: 'x', max_tokens: 2 }));
+    expect(notFound).toBeInstanceOf(OpenAI.NotFoundError);
+    expect(notFound.status).toBe(404);
+    expect(notFound.code).toBe('model_not_found');
+    for (const max_tokens of [0, -1, 1.5, target.info.contextLength + 1]) {
+      const e = await fail(openai.completions.create({ model: handler.modelId, prompt: 'x', max_tokens }));
+      expect(e).toBeInstanceOf(OpenAI.BadRequestError);
+      expect(e.param).toBe('max_tokens');
+    }
+    const long = 'the quick brown fox jumps over the lazy dog '.repeat(200);
+    const tooLong = await fail(openai.chat.completions.create({ model: handler.modelId, messages: [{ role: 'user', content: long }], max_tokens: 4 }));
+    expect(tooLong.status).toBe(400);
+    expect(tooLong.code).toBe('context_length_exceeded');
+    const badTemp = await fail(openai.completions.create({ model: handler.modelId, prompt: 'x', temperature: 7 }));
+    expect(badTemp.status).toBe(400);
+    expect(badTemp.param).toBe('temperature');
+    // Raw.
+    const raw = async (method: string, path: string, body?: string) => {
+      const r = await fetch(base + path, { method, body, headers: { 'content-type': 'application/json' } });
+      return { status: r.status, headers: r.headers, body: (await r.json()) as { error: { code: string } } };
+    };
+    const malformed = await raw('POST', '/v1/completions', '{"prompt": "x", ');
+    expect(malformed.status).toBe(400);
+    expect(malformed.body.error.code).toBe('invalid_json');
+    shape(malformed.body);
+    const notObject = await raw('POST', '/v1/chat/completions', '[1, 2]');
+    expect(notObject.status).toBe(400);
+    const method = await raw('GET', '/v1/chat/completions');
+    expect(method.status).toBe(405);
+    expect(method.headers.get('allow')).toBe('POST');
+    shape(method.body);
+    expect((await raw('POST', '/v1/models', '{}')).status).toBe(405);
+    const route = await raw('GET', '/v1/nothing-here');
+    expect(route.status).toBe(404);
+    shape(route.body);
+    const noMessages = await raw('POST', '/v1/chat/completions', '{}');
+    expect(noMessages.status).toBe(400);
+    shape(noMessages.body);
+  });
+
+  it('a client that disconnects mid-stream aborts its generation', async () => {
+    const scrape = async () => (await fetch(`${base}/metrics`)).text();
+    const before = await scrape();
+    const tokensBefore = sample(before, 'osd_tokens_total{kind="completion"}');
+    const ac = new AbortController();
+    const r = await fetch(`${base}/v1/completions`, {
+      method: 'POST',
+      body: JSON.stringify({ prompt: PROMPTS[0], max_tokens: 400, temperature: 0, stream: true }),
+      signal: ac.signal,
+    });
+    const reader = r.body!.getReader();
+    await reader.read(); // the first event
+    expect(handler.active).toBe(1);
+    ac.abort();
+    await until(async () => sample(await scrape(), 'osd_requests_active') === 0);
+    expect(handler.active).toBe(0);
+    const after = await scrape();
+    expect(sample(after, 'osd_client_disconnects_total')).toBeGreaterThanOrEqual(1);
+    // The generation stopped early: far fewer than the 400 tokens asked for.
+    expect(sample(after, 'osd_tokens_total{kind="completion"}') - tokensBefore).toBeLessThan(400);
+    // And the server keeps serving.
+    const ok = await openai.completions.create({ model: handler.modelId, prompt: PROMPTS[1]!, max_tokens: MAX, temperature: 0 });
+    expect(ok.choices[0]!.text).toBe(expected.get(PROMPTS[1]!));
+  });
+
+  it('a queued request whose client leaves is dropped at once, and the queue moves on', async () => {
+    const h = createServer({ target, draft, online: false, maxConcurrent: 1 });
+    const { server: s, base: b } = await listen(h);
+    const scrape = async () => h.registry.metrics();
+    try {
+      const body = (prompt: string, max_tokens: number) => JSON.stringify({ prompt, max_tokens, temperature: 0, stream: true });
+      const a = await fetch(`${b}/v1/completions`, { method: 'POST', body: body(PROMPTS[0]!, 150) });
+      const aReader = a.body!.getReader();
+      await aReader.read();
+      const leave = new AbortController();
+      const queued = await fetch(`${b}/v1/completions`, { method: 'POST', body: body(PROMPTS[1]!, 8), signal: leave.signal });
+      expect(queued.status).toBe(200);
+      const c = client(`${b}/v1`).completions.create({ model: h.modelId, prompt: PROMPTS[2]!, max_tokens: MAX, temperature: 0 });
+      await until(async () => sample(await scrape(), 'osd_requests_queued') === 2 || h.active < 3);
+      leave.abort();
+      await until(async () => sample(await scrape(), 'osd_requests_queued') <= 1);
+      while (!(await aReader.read()).done);
+      expect((await c).choices[0]!.text).toBe(expected.get(PROMPTS[2]!));
+      await until(() => h.active === 0);
+      expect(sample(await scrape(), 'osd_client_disconnects_total')).toBe(1);
+    } finally {
+      await stop(s);
+      await h.dispose();
+    }
+  });
+
+  it('exports Prometheus metrics from its own registry', async () => {
+    const r = await fetch(`${base}/metrics`);
+    expect(r.status).toBe(200);
+    expect(r.headers.get('content-type')).toMatch(/^text\/plain/);
+    const text = await r.text();
+    const d = `{draft="${draft.info.path.split('/').pop()!.replace(/\.gguf$/, '')}"}`;
+    expect(sample(text, 'osd_requests_total{endpoint="/v1/completions",status="200"}')).toBeGreaterThan(5);
+    expect(sample(text, 'osd_requests_total{endpoint="/v1/completions",status="404"}')).toBeGreaterThanOrEqual(1);
+    expect(sample(text, 'osd_tokens_total{kind="completion"}')).toBeGreaterThan(0);
+    expect(sample(text, 'osd_tokens_total{kind="prompt"}')).toBeGreaterThan(0);
+    const rate = sample(text, `osd_draft_acceptance_rate${d}`);
+    expect(rate).toBeGreaterThanOrEqual(0);
+    expect(rate).toBeLessThanOrEqual(1);
+    expect(sample(text, `osd_mean_accepted_length${d}`)).toBeGreaterThanOrEqual(0);
+    expect(sample(text, `osd_draft_tokens_drafted_total${d}`)).toBeGreaterThan(0);
+    expect(sample(text, `osd_draft_updates_total${d}`)).toBeGreaterThanOrEqual(0);
+    expect(sample(text, `osd_draft_rollbacks_total${d}`)).toBeGreaterThanOrEqual(0);
+    expect(sample(text, 'osd_pass_duration_seconds{model="target"}')).toBeGreaterThan(0);
+    expect(sample(text, 'osd_pass_duration_seconds{model="draft"}')).toBeGreaterThan(0);
+    expect(sample(text, 'osd_passes_total{model="target"}')).toBeGreaterThan(0);
+    expect(text).toContain('# TYPE osd_time_to_first_token_seconds histogram');
+    expect(text).toContain('# TYPE osd_accepted_length histogram');
+    expect(text).toContain(`osd_draft_recent_acceptance_rate${d}`);
+    expect(sample(text, 'osd_requests_active')).toBe(0);
+  });
+
+  it('mounts in Express (at the root with next() passthrough, and under a prefix after express.json())', async () => {
+    const { default: express } = await import('express');
+    const h = createServer({ target, draft, online: false });
+    const app = express();
+    app.use('/parsed', express.json(), h);
+    app.use(h);
+    app.get('/hello', (_req, res) => void res.send('world'));
+    const { server: s, base: b } = await listen(app);
+    try {
+      expect(await (await fetch(`${b}/hello`)).text()).toBe('world');
+      for (const prefix of ['', '/parsed']) {
+        const c = client(`${b}${prefix}/v1`);
+        const r = await c.completions.create({ model: h.modelId, prompt: PROMPTS[0]!, max_tokens: MAX, temperature: 0 });
+        expect(r.choices[0]!.text).toBe(expected.get(PROMPTS[0]!));
+        const st = await c.chat.completions.create({ model: h.modelId, messages: [{ role: 'user', content: 'hi' }], max_tokens: 4, temperature: 0, stream: true });
+        let n = 0;
+        for await (const _ of st) n++;
+        expect(n).toBeGreaterThan(1);
+      }
+      // Its registry is its own: it counted only its own requests.
+      expect(sample(await h.registry.metrics(), 'osd_requests_total{endpoint="/v1/completions",status="200"}')).toBe(2);
+    } finally {
+      await stop(s);
+      await h.dispose();
+    }
+  });
+
+  it('mounts in Fastify as a plugin under a prefix', async () => {
+    const { default: Fastify } = await import('fastify');
+    const h = createServer({ target, draft, online: false });
+    const app = Fastify();
+    app.get('/hello', async () => 'world');
+    await app.register(h.fastify, { prefix: '/llm' });
+    const address = await app.listen({ port: 0, host: '127.0.0.1' });
+    try {
+      expect(await (await fetch(`${address}/hello`)).text()).toBe('world');
+      const c = client(`${address}/llm/v1`);
+      const r = await c.completions.create({ model: h.modelId, prompt: PROMPTS[1]!, max_tokens: MAX, temperature: 0 });
+      expect(r.choices[0]!.text).toBe(expected.get(PROMPTS[1]!));
+      const st = await c.completions.create({ model: h.modelId, prompt: PROMPTS[1]!, max_tokens: MAX, temperature: 0, stream: true });
+      let text = '';
+      for await (const ch of st) text += ch.choices[0]?.text ?? '';
+      expect(text).toBe(expected.get(PROMPTS[1]!));
+      const bad = await fetch(`${address}/llm/v1/completions`, { method: 'POST', body: 'not json', headers: { 'content-type': 'application/json' } });
+      expect(bad.status).toBe(400);
+      expect(((await bad.json()) as { error: { code: string } }).error.code).toBe('invalid_json');
+      expect((await fetch(`${address}/llm/v1/models`)).status).toBe(200);
+    } finally {
+      await app.close();
+      await h.dispose();
+    }
+  });
+
+  it('dispose() ends running streams and refuses new requests with 503', async () => {
+    const h = createServer({ target, draft, online: false });
+    const { server: s, base: b } = await listen(h);
+    try {
+      const r = await fetch(`${b}/v1/completions`, { method: 'POST', body: JSON.stringify({ prompt: PROMPTS[2], max_tokens: 400, temperature: 0, stream: true }) });
+      const reader = r.body!.getReader();
+      await reader.read();
+      await h.dispose();
+      let rest = '';
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        rest += new TextDecoder().decode(value);
+      }
+      expect(rest).toContain('"error"');
+      expect(h.active).toBe(0);
+      const after = await fetch(`${b}/v1/completions`, { method: 'POST', body: JSON.stringify({ prompt: 'x' }) });
+      expect(after.status).toBe(503);
+    } finally {
+      await stop(s);
+    }
+  });
+  it('osd serve runs standalone, prints its URL and stops cleanly on SIGTERM', async () => {
+    const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'serve', '--port', '0', '--json', '--static', '--target', pair![0], '--draft', pair![1]], {
+      cwd: root,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    try {
+      const line = await new Promise<string>((resolve, reject) => {
+        createInterface({ input: child.stdout! }).once('line', resolve);
+        child.once('exit', (code) => reject(new Error(`osd serve exited with ${code}`)));
+      });
+      const info = JSON.parse(line) as { url: string; model: string };
+      expect(info.url).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/v1$/);
+      const r = await client(info.url).completions.create({ model: info.model, prompt: PROMPTS[0]!, max_tokens: MAX, temperature: 0 });
+      expect(r.choices[0]!.text).toBe(expected.get(PROMPTS[0]!));
+      const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
+      child.kill('SIGTERM');
+      expect(await exited).toBe(0);
+    } finally {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    }
+  });
+});

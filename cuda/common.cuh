@@ -1,0 +1,168 @@
+// Shared device helpers for the CUDA backend: error checks, the bit-exact exp_approx, order keys,
+// and deterministic block reductions.
+//
+// Exactness rule: every float operation that decides a token (exp terms, probabilities, residuals)
+// is written with __fadd_rn/__fmul_rn/... so nvcc cannot contract it into an FMA. The CPU reference
+// must be compiled without contraction too (-ffp-contract=off); then both sides round the same
+// operations in the same order and produce the same bits.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "core/philox.h"
+
+namespace osd {
+namespace cuda {
+
+[[noreturn]] void throw_cuda(cudaError_t e, const char* what, const char* file, int line);
+inline void check_cuda(cudaError_t e, const char* what, const char* file, int line) {
+  if (e != cudaSuccess) throw_cuda(e, what, file, line);
+}
+#define OSD_CUDA_CHECK(x) ::osd::cuda::check_cuda((x), #x, __FILE__, __LINE__)
+#define OSD_CUDA_CHECK_LAUNCH() ::osd::cuda::check_cuda(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+constexpr int kBlock = 512;  // threads per block of the row and walk kernels
+constexpr int kWarps = kBlock / 32;
+
+// osd::exp_approx (core/fast_math.h), operation for operation, each rounded on its own.
+__device__ __forceinline__ float exp_ref(float x) {
+  const float lo = x;
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float n = floorf(__fadd_rn(__fmul_rn(x, 1.44269504088896341f), 0.5f));
+  float r = __fsub_rn(x, __fmul_rn(n, 0.693145751953125f));
+  r = __fsub_rn(r, __fmul_rn(n, 1.428606765330187045e-06f));
+  float p = 1.3888889e-3f;
+  p = __fadd_rn(__fmul_rn(p, r), 8.3333333e-3f);
+  p = __fadd_rn(__fmul_rn(p, r), 4.1666667e-2f);
+  p = __fadd_rn(__fmul_rn(p, r), 1.6666667e-1f);
+  p = __fadd_rn(__fmul_rn(p, r), 0.5f);
+  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+  const float scale = __int_as_float((static_cast<int32_t>(n) + 127) << 23);
+  return lo <= -87.3f ? 0.0f : __fmul_rn(p, scale);
+}
+
+// (l - max) * inv_t, the argument of every warped exp term.
+__device__ __forceinline__ float scaled_logit(float l, float mx, float inv_t) { return __fmul_rn(__fsub_rn(l, mx), inv_t); }
+
+// Float -> uint32 keys whose unsigned order is the float order (-0 is folded into +0 because the
+// CPU compares logits with == and >, where they are equal). desc_key sorts the largest logit first.
+__device__ __forceinline__ uint32_t desc_key(float x) {
+  x = (x == 0.0f) ? 0.0f : x;
+  const uint32_t u = __float_as_uint(x);
+  const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ~ordered;
+}
+__device__ __forceinline__ float desc_key_to_float(uint32_t k) {
+  const uint32_t ordered = ~k;
+  const uint32_t u = (ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered;
+  return __uint_as_float(u);
+}
+
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31u); }
+__device__ __forceinline__ int warp_id() { return static_cast<int>(threadIdx.x >> 5); }
+
+// Butterfly sums give every lane the same bits (each step adds the same two operands).
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+
+// Scratch for block reductions (kBlock threads). Reductions end with a barrier so it can be reused.
+struct BlockRed {
+  double d[kWarps];
+  double d2[kWarps];
+  float f[kWarps];
+  int32_t i[kWarps];
+  int32_t i2[kWarps];
+};
+
+// Deterministic block sum: per-warp butterflies, then warps summed in order by every thread.
+__device__ __forceinline__ double block_sum(double v, BlockRed& r) {
+  v = warp_sum(v);
+  if (lane_id() == 0) r.d[warp_id()] = v;
+  __syncthreads();
+  double t = 0.0;
+  for (int w = 0; w < kWarps; ++w) t += r.d[w];
+  __syncthreads();
+  return t;
+}
+
+__device__ __forceinline__ void block_sum2(double& a, double& b, BlockRed& r) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (lane_id() == 0) r.d[warp_id()] = a, r.d2[warp_id()] = b;
+  __syncthreads();
+  double ta = 0.0, tb = 0.0;
+  for (int w = 0; w < kWarps; ++w) ta += r.d[w], tb += r.d2[w];
+  __syncthreads();
+  a = ta;
+  b = tb;
+}
+
+__device__ __forceinline__ float block_max(float v, BlockRed& r) {
+  v = warp_max(v);
+  if (lane_id() == 0) r.f[warp_id()] = v;
+  __syncthreads();
+  float t = r.f[0];
+  for (int w = 1; w < kWarps; ++w) t = r.f[w] > t ? r.f[w] : t;
+  __syncthreads();
+  return t;
+}
+
+__device__ __forceinline__ int block_or(int v, BlockRed& r) {
+  v = __any_sync(0xffffffffu, v != 0) ? 1 : 0;
+  if (lane_id() == 0) r.i[warp_id()] = v;
+  __syncthreads();
+  int t = 0;
+  for (int w = 0; w < kWarps; ++w) t |= r.i[w];
+  __syncthreads();
+  return t;
+}
+
+__device__ __forceinline__ int block_min_int(int v, BlockRed& r) {
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (lane_id() == 0) r.i[warp_id()] = v;
+  __syncthreads();
+  int t = r.i[0];
+  for (int w = 1; w < kWarps; ++w) t = min(t, r.i[w]);
+  __syncthreads();
+  return t;
+}
+
+// Argmax with ties to the lowest index (index -1 means "none").
+__device__ __forceinline__ void argmax_combine(float& v, int& i, float w, int j) {
+  if (j < 0) return;
+  if (i < 0 || w > v || (w == v && j < i)) v = w, i = j;
+}
+__device__ __forceinline__ int block_argmax(float v, int i, BlockRed& r) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    const int j = __shfl_xor_sync(0xffffffffu, i, o);
+    argmax_combine(v, i, w, j);
+  }
+  if (lane_id() == 0) r.f[warp_id()] = v, r.i[warp_id()] = i;
+  __syncthreads();
+  float bv = r.f[0];
+  int bi = r.i[0];
+  for (int w = 1; w < kWarps; ++w) argmax_combine(bv, bi, r.f[w], r.i[w]);
+  __syncthreads();
+  return bi;
+}
+
+// Reads of data written earlier in the same launch by other blocks go around L1.
+__device__ __forceinline__ float ld_cg(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ double ld_cg(const double* p) { return __ldcg(p); }
+__device__ __forceinline__ int ld_cg(const int* p) { return __ldcg(p); }
+
+}  // namespace cuda
+}  // namespace osd

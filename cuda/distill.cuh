@@ -1,0 +1,39 @@
+// Distillation losses on the GPU (forward KL, reverse KL, JSD, TVD), each fused with its gradient
+// with respect to the student logits; dense or sparse (top-k + residual) teacher; masked rows.
+// Same formulas as native/distill/losses.cpp; sums run in a different order, so results match the
+// CPU within the tolerances stated in test/native/test_cuda.cu, not bit for bit.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "distill/losses.h"
+#include "workspace.cuh"
+
+namespace osd {
+namespace cuda {
+
+struct DistillDevice {
+  DistillKind kind = DistillKind::ForwardKL;
+  const float* student = nullptr;  // device: rows x V
+  int32_t rows = 0;
+  int32_t vocab = 0;
+  float temperature = 1.0f;
+  float beta = 0.5f;
+  const uint8_t* mask = nullptr;      // device: rows, or null
+  const float* teacher = nullptr;     // device: rows x V (dense teacher), or null
+  const int32_t* topk_ids = nullptr;  // device: rows x k (sparse teacher)
+  const float* topk_probs = nullptr;  // device: rows x k
+  const float* residual = nullptr;    // device: rows, or null
+  int32_t k = 0;
+  float scale = 1.0f;          // gradient scale: 1 / (number of counted rows)
+  float* grad = nullptr;       // device out: rows x V, or null (masked rows get zeros)
+  double* row_loss = nullptr;  // device out: rows (0 for masked rows)
+  int32_t* row_bad = nullptr;  // device out: rows; 1 student not finite, 2 teacher not finite
+};
+
+// Enqueues the loss (and gradient) of every row. Inputs must pass validate_distill().
+void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace osd

@@ -1,0 +1,502 @@
+// Chain and tree verification on the GPU, making the CPU reference's decisions (spec/verify.cpp).
+// Build (standalone check of this file): nvcc -std=c++17 -O3 -arch=sm_90 -I native -c cuda/verify.cu
+// Parity: test/native/test_cuda.cu (chain_* and tree_* tests): identical accepted counts, paths and
+// tokens for identical seeds (tolerance: zero mismatches), plus chi-square exactness on the GPU.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "verify.cuh"
+#include "warp_device.cuh"
+
+namespace osd {
+namespace cuda {
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Chains
+
+struct ChainSeq {
+  uint64_t stream;
+  int32_t g, t0, d0, tok_off, out_off, greedy, ntasks, pad;
+};
+
+struct ChainParams {
+  const RowTask* tasks;
+  RowStat* stats;
+  int32_t n_tasks;
+  const ChainSeq* seqs;
+  int32_t* done;
+  const int32_t* tokens;
+  int32_t* out_tokens;
+  int32_t* accepted;
+  uint64_t seed;
+  int32_t fault;
+  int32_t vocab;
+  SlotPool pool;
+};
+
+// Residual sample from norm(max(0, p - q)) (sample_residual in verify.cpp).
+__device__ __noinline__ int chain_residual(const RowRef& P, const RowRef& Q, int V, double u, int fault, PrepSmem& sm) {
+  if (fault == static_cast<int>(Fault::ResidualFromTarget))
+    return block_sample(weights_of(kWeightDense, P), V, u, sm);
+  if (fault == static_cast<int>(Fault::ResidualNoClamp)) {
+    if (threadIdx.x == 0) {
+      double total = 0.0;
+      for (int j = 0; j < V; ++j) total += __fsub_rn(row_dense(P, j), row_dense(Q, j));
+      const double target = u * total;
+      double cum = 0.0;
+      int res = V - 1;
+      for (int j = 0; j < V; ++j) {
+        cum += __fsub_rn(row_dense(P, j), row_dense(Q, j));
+        if (cum > target) {
+          res = j;
+          break;
+        }
+      }
+      sm.bi[3] = res;
+    }
+    __syncthreads();
+    const int res = sm.bi[3];
+    __syncthreads();
+    return res;
+  }
+  int y = block_sample(weights_of(kWeightResidual, P, Q), V, u, sm);
+  if (y < 0) y = block_sample(weights_of(kWeightRow, P), V, u, sm);
+  return y;
+}
+
+__device__ __noinline__ void chain_walk(const ChainParams& p, int b, PrepSmem& sm) {
+  const int tid = threadIdx.x;
+  const ChainSeq q = p.seqs[b];
+  const int V = p.vocab;
+  int32_t* out = p.out_tokens + q.out_off;
+  const int32_t* tok = p.tokens + q.tok_off;
+  if (tid == 0) {
+    int bad = 0;
+    for (int i = 0; i < q.ntasks; ++i) bad |= ld_cg(&p.stats[q.t0 + i].bad);  // a sequence's tasks are contiguous
+    sm.bi[0] = bad;
+  }
+  __syncthreads();
+  const int bad = sm.bi[0];
+  __syncthreads();
+  if (bad) {
+    if (tid == 0) p.accepted[b] = -1;
+    return;
+  }
+  if (q.greedy) {
+    if (tid == 0) {
+      int i = 0;
+      for (; i < q.g; ++i) {
+        const int best = ld_cg(&p.stats[q.t0 + i].argmax);
+        if (best != tok[i]) {
+          out[i] = best;
+          break;
+        }
+        out[i] = tok[i];
+      }
+      if (i == q.g) out[q.g] = ld_cg(&p.stats[q.t0 + q.g].argmax);
+      p.accepted[b] = i;
+    }
+    return;
+  }
+  for (int i = 0; i < q.g; ++i) {
+    const RowRef P = load_row(p.tasks[q.t0 + i], p.stats + q.t0 + i);
+    const RowRef Q = load_row(p.tasks[q.d0 + i], p.stats + q.d0 + i);
+    if (tid == 0) {
+      const int x = tok[i];
+      const double px = row_prob(P, x), qx = row_prob(Q, x);
+      const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(i + 1), kLaneAccept);
+      sm.bi[1] = (qx > 0.0 && __dmul_rn(u, qx) < px) ? 1 : 0;
+    }
+    __syncthreads();
+    const int acc = sm.bi[1];
+    __syncthreads();
+    if (acc) {
+      if (tid == 0) out[i] = tok[i];
+      continue;
+    }
+    const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(i), kLaneSample);
+    const int y = chain_residual(P, Q, V, u, p.fault, sm);
+    if (tid == 0) {
+      out[i] = y;
+      p.accepted[b] = i;
+    }
+    return;
+  }
+  const RowRef P = load_row(p.tasks[q.t0 + q.g], p.stats + q.t0 + q.g);
+  const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(q.g), kLaneSample);
+  const int y = block_sample(weights_of(kWeightRow, P), V, u, sm);
+  if (tid == 0) {
+    out[q.g] = y;
+    p.accepted[b] = q.g;
+  }
+}
+
+// Called by every block after it prepared a row: the block that completes an owner runs its walk.
+__device__ __forceinline__ bool finished_owner(int32_t* done, int owner, int ntasks, PrepSmem& sm) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) sm.bi[7] = (atomicAdd(&done[owner], 1) + 1 == ntasks) ? 1 : 0;
+  __syncthreads();
+  const bool last = sm.bi[7] != 0;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+__global__ void __launch_bounds__(kBlock) chain_kernel(ChainParams p) {
+  __shared__ PrepSmem sm;
+  for (int t = blockIdx.x; t < p.n_tasks; t += gridDim.x) {
+    const RowTask task = p.tasks[t];
+    prepare_row(task, p.stats + t, p.pool, sm);
+    if (finished_owner(p.done, task.owner, p.seqs[task.owner].ntasks, sm)) chain_walk(p, task.owner, sm);
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trees
+
+struct TreeReq {
+  uint64_t stream;
+  float* pd;
+  float* qd;
+  int32_t n, V, t0, d0, node_off, first_off, out_off, path_off, greedy, mode, use_draft, ntasks;
+};
+
+struct TreeParams {
+  const RowTask* tasks;
+  RowStat* stats;
+  int32_t n_tasks;
+  const TreeReq* reqs;
+  int32_t* done;
+  const int32_t* tokens;  // node_off + i
+  const int32_t* first;   // first_off + slot (slot = parent + 1)
+  const int32_t* next;    // node_off + i
+  int32_t* const* out_tokens;  // per request
+  int32_t* const* out_path;
+  int32_t* const* out_counts;
+  uint64_t seed;
+  int32_t fault;
+  SlotPool pool;
+};
+
+__device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm) {
+  const int tid = threadIdx.x;
+  const TreeReq q = p.reqs[r];
+  const int V = q.V;
+  const int32_t* tokens = p.tokens + q.node_off;
+  const int32_t* first = p.first + q.first_off;
+  const int32_t* next = p.next + q.node_off;
+  int32_t* out = p.out_tokens[r];
+  int32_t* path = p.out_path[r];
+  int32_t* counts = p.out_counts[r];
+  if (tid == 0) {
+    int bad = 0;
+    for (int i = 0; i < q.ntasks; ++i) bad |= ld_cg(&p.stats[q.t0 + i].bad);
+    sm.bi[0] = bad;
+  }
+  __syncthreads();
+  const int bad = sm.bi[0];
+  __syncthreads();
+  if (bad) {
+    if (tid == 0) counts[0] = -1, counts[1] = -1;
+    return;
+  }
+  if (q.greedy) {
+    if (tid == 0) {
+      int row = 0, plen = 0;
+      for (;;) {
+        const int best = ld_cg(&p.stats[q.t0 + row].argmax);
+        int hit = -1;
+        for (int c = first[row]; c >= 0; c = next[c])
+          if (tokens[c] == best) {
+            hit = c;
+            break;
+          }
+        if (hit < 0) {
+          out[plen] = best;
+          counts[0] = plen;
+          counts[1] = plen + 1;
+          break;
+        }
+        path[plen] = hit;
+        out[plen++] = best;
+        row = hit + 1;
+      }
+    }
+    return;
+  }
+  const bool use_draft = q.use_draft != 0;
+  const bool without = q.mode == static_cast<int>(TreeChildren::WithoutReplacement);
+  const bool noclamp = p.fault == static_cast<int>(Fault::ResidualNoClamp);
+  float* pd = q.pd;
+  float* qd = q.qd;
+  int row = 0, plen = 0;
+  for (;;) {
+    const RowRef P = load_row(p.tasks[q.t0 + row], p.stats + q.t0 + row);
+    if (first[row] < 0) {  // a leaf: the bonus token comes from the target
+      const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(row), kLaneSample);
+      const int y = block_sample(weights_of(kWeightRow, P), V, u, sm);
+      if (tid == 0) out[plen] = y, counts[0] = plen, counts[1] = plen + 1;
+      return;
+    }
+    for (int j = tid; j < V; j += kBlock) pd[j] = row_dense(P, j);
+    if (use_draft) {
+      const RowRef Q = load_row(p.tasks[q.d0 + row], p.stats + q.d0 + row);
+      for (int j = tid; j < V; j += kBlock) qd[j] = row_dense(Q, j);
+    }
+    __syncthreads();
+    int accepted = -1;
+    for (int c = first[row]; c >= 0; c = next[c]) {
+      const int x = tokens[c];
+      if (tid == 0) {
+        const double px = static_cast<double>(pd[x]);
+        const double qx = use_draft ? static_cast<double>(qd[x]) : 1.0;
+        const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(c + 1), kLaneAccept);
+        sm.bi[1] = (qx > 0.0 && __dmul_rn(u, qx) < px) ? 1 : 0;
+      }
+      __syncthreads();
+      const int acc = sm.bi[1];
+      __syncthreads();
+      if (acc) {
+        accepted = c;
+        break;
+      }
+      if (!use_draft) {
+        if (tid == 0) pd[x] = 0.0f;
+        __syncthreads();
+      } else {
+        for (int j = tid; j < V; j += kBlock) {
+          const float d = __fsub_rn(pd[j], qd[j]);
+          pd[j] = noclamp ? d : (d > 0.0f ? d : 0.0f);
+        }
+        __syncthreads();
+        if (without) {
+          if (tid == 0) qd[x] = 0.0f;
+          __syncthreads();
+          block_normalise(qd, V, sm);
+        }
+      }
+      block_normalise(pd, V, sm);
+    }
+    if (accepted < 0) {
+      const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(row), kLaneSample);
+      int y = block_sample(weights_of(kWeightPositive, P, RowRef{}, pd), V, u, sm);
+      if (y < 0) y = block_sample(weights_of(kWeightRow, P), V, u, sm);
+      if (tid == 0) out[plen] = y, counts[0] = plen, counts[1] = plen + 1;
+      return;
+    }
+    if (tid == 0) path[plen] = accepted, out[plen] = tokens[accepted];
+    ++plen;
+    row = accepted + 1;
+    __syncthreads();
+  }
+}
+
+__global__ void __launch_bounds__(kBlock) tree_kernel(TreeParams p) {
+  __shared__ PrepSmem sm;
+  for (int t = blockIdx.x; t < p.n_tasks; t += gridDim.x) {
+    const RowTask task = p.tasks[t];
+    prepare_row(task, p.stats + t, p.pool, sm);
+    if (finished_owner(p.done, task.owner, p.reqs[task.owner].ntasks, sm)) tree_walk(p, task.owner, sm);
+    __syncthreads();
+  }
+}
+
+template <class K>
+int kernel_grid(Workspace& ws, K kernel, int n_tasks) {
+  int per_sm = 0;
+  OSD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0));
+  return std::max(1, std::min(n_tasks, std::max(1, per_sm) * device_sm_count(ws)));
+}
+
+template <class T>
+T* upload(DeviceBuffer& buf, std::vector<unsigned char>& host, const std::vector<T>& v, cudaStream_t stream) {
+  T* d = buf.as<T>(v.size());
+  host.assign(reinterpret_cast<const unsigned char*>(v.data()), reinterpret_cast<const unsigned char*>(v.data() + v.size()));
+  if (!v.empty()) OSD_CUDA_CHECK(cudaMemcpyAsync(d, host.data(), host.size(), cudaMemcpyHostToDevice, stream));
+  return d;
+}
+
+// Gives every non-greedy task a V-float scratch row (exp terms or probabilities); returns how many
+// rows are sparse (they may need a candidate slot).
+int assign_rows(std::vector<RowTask>& tasks, Workspace& ws) {
+  size_t floats = 0;
+  for (auto& t : tasks) floats += t.mode != kRowGreedy ? static_cast<size_t>(t.vocab) : 0;
+  float* rows = ws.rows.as<float>(std::max<size_t>(floats, 1));
+  size_t offset = 0;
+  int n_sparse = 0;
+  for (auto& t : tasks) {
+    if (t.mode == kRowGreedy) continue;
+    (t.mode == kRowDense ? t.e_out : t.prob_out) = rows + offset;
+    offset += t.vocab;
+    n_sparse += t.mode == kRowSparse;
+  }
+  return n_sparse;
+}
+
+}  // namespace
+
+void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws, cudaStream_t stream,
+                         std::vector<RowOrigin>* row_origins) {
+  const int32_t B = in.batch, V = in.vocab;
+  std::vector<RowTask> tasks;
+  std::vector<ChainSeq> seqs(B);
+  std::vector<RowOrigin> origins;
+  size_t trow = 0, drow = 0;
+  for (int32_t b = 0; b < B; ++b) {
+    const Sampling& s = in.sampling[b];
+    const int32_t g = in.lengths[b];
+    ChainSeq& q = seqs[b];
+    q.stream = in.streams[b];
+    q.g = g;
+    q.greedy = s.greedy() ? 1 : 0;
+    q.tok_off = static_cast<int32_t>(drow);
+    q.out_off = static_cast<int32_t>(trow);
+    q.t0 = static_cast<int32_t>(tasks.size());
+    for (int32_t i = 0; i <= g; ++i) {
+      tasks.push_back(make_row_task(in.target + (trow + i) * V, V, s, b));
+      origins.push_back(RowOrigin{b, 0, static_cast<int32_t>(trow + i)});
+    }
+    q.d0 = -1;
+    if (!q.greedy) {
+      q.d0 = static_cast<int32_t>(tasks.size());
+      for (int32_t i = 0; i < g; ++i) {
+        tasks.push_back(make_row_task(in.draft + (drow + i) * V, V, s, b));
+        origins.push_back(RowOrigin{b, 1, static_cast<int32_t>(drow + i)});
+      }
+    }
+    q.ntasks = static_cast<int32_t>(tasks.size()) - q.t0;
+    trow += g + 1;
+    drow += g;
+  }
+  if (row_origins) *row_origins = origins;
+  if (B == 0) return;
+  const int n_sparse = assign_rows(tasks, ws);
+  const int n_tasks = static_cast<int>(tasks.size());
+  const int grid = kernel_grid(ws, chain_kernel, n_tasks);
+  ChainParams p{};
+  p.n_tasks = n_tasks;
+  p.tasks = upload(ws.tasks, ws.host_tasks, tasks, stream);
+  p.seqs = upload(ws.seqs, ws.host_seqs, seqs, stream);
+  p.stats = ws.stats.as<RowStat>(n_tasks);
+  p.done = ws.done.as<int32_t>(B);
+  OSD_CUDA_CHECK(cudaMemsetAsync(p.done, 0, sizeof(int32_t) * B, stream));
+  p.tokens = in.tokens;
+  p.out_tokens = in.out_tokens;
+  p.accepted = in.accepted;
+  p.seed = in.seed;
+  p.fault = static_cast<int32_t>(fault);
+  p.vocab = V;
+  p.pool = make_slot_pool(ws, n_sparse, V, grid, stream);
+  record_start(ws, stream);
+  chain_kernel<<<grid, kBlock, 0, stream>>>(p);
+  OSD_CUDA_CHECK_LAUNCH();
+  record_stop(ws, stream);
+}
+
+void tree_verify_launch(const TreeRequestDevice* reqs, int32_t count, uint64_t seed, Fault fault, Workspace& ws,
+                        cudaStream_t stream, std::vector<RowOrigin>* row_origins) {
+  std::vector<RowTask> tasks;
+  std::vector<TreeReq> rq(count);
+  std::vector<RowOrigin> origins;
+  std::vector<int32_t> nodes;  // tokens | next, then first lists
+  std::vector<int32_t*> outs(3 * static_cast<size_t>(count));
+  int32_t vmax = 1;
+  size_t node_total = 0, first_total = 0;
+  for (int32_t r = 0; r < count; ++r) node_total += reqs[r].n, first_total += reqs[r].n + 1;
+  nodes.assign(2 * node_total + first_total, -1);
+  int32_t* tok_h = nodes.data();
+  int32_t* next_h = tok_h + node_total;
+  int32_t* first_h = next_h + node_total;
+  size_t node_off = 0, first_off = 0, scratch = 0;
+  for (int32_t r = 0; r < count; ++r) {
+    const TreeRequestDevice& d = reqs[r];
+    const Sampling& s = d.sampling;
+    const int32_t n = d.n, V = d.vocab;
+    vmax = std::max(vmax, V);
+    TreeReq& q = rq[r];
+    q.stream = d.stream;
+    q.n = n;
+    q.V = V;
+    q.greedy = s.greedy() ? 1 : 0;
+    q.mode = static_cast<int32_t>(d.mode);
+    q.use_draft = (!s.greedy() && d.mode != TreeChildren::Deterministic) ? 1 : 0;
+    q.node_off = static_cast<int32_t>(node_off);
+    q.first_off = static_cast<int32_t>(first_off);
+    // Children lists in node order (verify.cpp): first[parent + 1], next[child].
+    std::vector<int32_t> last(n + 1, -1);
+    for (int32_t i = 0; i < n; ++i) {
+      tok_h[node_off + i] = d.tokens[i];
+      const int32_t slot = d.parents[i] + 1;
+      if (last[slot] < 0) first_h[first_off + slot] = i; else next_h[node_off + last[slot]] = i;
+      last[slot] = i;
+    }
+    q.t0 = static_cast<int32_t>(tasks.size());
+    for (int32_t row = 0; row <= n; ++row) {
+      tasks.push_back(make_row_task(d.target + static_cast<size_t>(row) * V, V, s, r));
+      origins.push_back(RowOrigin{r, 0, row});
+    }
+    q.d0 = -1;
+    if (q.use_draft) {
+      q.d0 = static_cast<int32_t>(tasks.size());
+      for (int32_t row = 0; row <= n; ++row) {
+        tasks.push_back(make_row_task(d.draft + static_cast<size_t>(row) * V, V, s, r));
+        origins.push_back(RowOrigin{r, 1, row});
+      }
+    }
+    q.ntasks = static_cast<int32_t>(tasks.size()) - q.t0;
+    outs[r] = d.out_tokens;
+    outs[count + r] = d.out_path;
+    outs[2 * static_cast<size_t>(count) + r] = d.out_counts;
+    if (!q.greedy) scratch += 2 * static_cast<size_t>(V);
+    node_off += n;
+    first_off += n + 1;
+  }
+  // Stable order for the RowStat array: the CPU reports the first bad row of a request, target
+  // rows before draft rows; tasks interleave per request, so origins say which is which.
+  if (row_origins) *row_origins = origins;
+  if (count == 0) return;
+  const int n_sparse = assign_rows(tasks, ws);
+  float* pdqd = ws.misc.as<float>(std::max<size_t>(scratch, 1));
+  size_t off = 0;
+  for (auto& q : rq) {
+    if (q.greedy) continue;
+    q.pd = pdqd + off;
+    q.qd = pdqd + off + q.V;
+    off += 2 * static_cast<size_t>(q.V);
+  }
+  const int n_tasks = static_cast<int>(tasks.size());
+  const int grid = kernel_grid(ws, tree_kernel, n_tasks);
+  TreeParams p{};
+  p.n_tasks = n_tasks;
+  p.tasks = upload(ws.tasks, ws.host_tasks, tasks, stream);
+  p.reqs = upload(ws.seqs, ws.host_seqs, rq, stream);
+  const int32_t* nodes_d = upload(ws.nodes, ws.host_nodes, nodes, stream);
+  p.tokens = nodes_d;
+  p.next = nodes_d + node_total;
+  p.first = nodes_d + 2 * node_total;
+  // Output pointers live in misc2 (three arrays of `count` pointers).
+  static thread_local std::vector<unsigned char> outs_host;
+  int32_t** outs_d = upload(ws.misc2, outs_host, outs, stream);
+  p.out_tokens = outs_d;
+  p.out_path = outs_d + count;
+  p.out_counts = outs_d + 2 * static_cast<size_t>(count);
+  p.stats = ws.stats.as<RowStat>(n_tasks);
+  p.done = ws.done.as<int32_t>(count);
+  OSD_CUDA_CHECK(cudaMemsetAsync(p.done, 0, sizeof(int32_t) * count, stream));
+  p.seed = seed;
+  p.fault = static_cast<int32_t>(fault);
+  p.pool = make_slot_pool(ws, n_sparse, vmax, grid, stream);
+  record_start(ws, stream);
+  tree_kernel<<<grid, kBlock, 0, stream>>>(p);
+  OSD_CUDA_CHECK_LAUNCH();
+  record_stop(ws, stream);
+}
+
+}  // namespace cuda
+}  // namespace osd

@@ -1,0 +1,60 @@
+// Chain and tree verification on the GPU: the device-pointer API (no host synchronisation; the
+// host-pointer versions behind the Backend contract are in cuda_backend.cu).
+//
+// Chain (one launch for B sequences of ragged length): each block validates and warps one logits row
+// (persistent grid over rows); the block that finishes a sequence's last row walks it: accept test,
+// fused residual sampling, bonus token. Tree: the same, per request, with the SpecInfer walk.
+// Decisions are the CPU's (spec/verify.cpp) for the same Philox draws; see warp.cuh for how.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.h"
+#include "warp.cuh"
+#include "workspace.cuh"
+
+namespace osd {
+namespace cuda {
+
+struct ChainBatchDevice {
+  const float* target = nullptr;    // device: sum_b (g_b + 1) rows x V
+  const float* draft = nullptr;     // device: sum_b g_b rows x V (null when every sequence is greedy)
+  const int32_t* tokens = nullptr;  // device: sum_b g_b
+  const int32_t* lengths = nullptr;   // host: B
+  const uint64_t* streams = nullptr;  // host: B
+  const Sampling* sampling = nullptr;  // host: B
+  int32_t batch = 0;
+  int32_t vocab = 0;
+  uint64_t seed = 0;
+  int32_t* accepted = nullptr;    // device out: B (-1 when one of the sequence's rows is invalid)
+  int32_t* out_tokens = nullptr;  // device out: sum_b (g_b + 1), sequence b at sum_{b'<b} (g_b' + 1)
+};
+
+// Enqueues the whole verification on `stream`. row_origins (optional) receives one entry per
+// prepared row, in the order of the RowStat array ws.stats.
+void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws, cudaStream_t stream,
+                         std::vector<RowOrigin>* row_origins = nullptr);
+
+struct TreeRequestDevice {
+  const int32_t* parents = nullptr;  // host: n
+  const int32_t* tokens = nullptr;   // host: n
+  int32_t n = 0;
+  const float* target = nullptr;  // device: (n + 1) x V
+  const float* draft = nullptr;   // device: (n + 1) x V, unused when greedy or deterministic
+  int32_t vocab = 0;
+  Sampling sampling;
+  TreeChildren mode = TreeChildren::WithReplacement;
+  uint64_t stream = 0;
+  int32_t* out_tokens = nullptr;  // device out: n + 1
+  int32_t* out_path = nullptr;    // device out: n
+  int32_t* out_counts = nullptr;  // device out: 2 (path_len, emitted), -1 when a row is invalid
+};
+
+// Enqueues tree verification for every request in one launch (trees must pass validate_tree).
+void tree_verify_launch(const TreeRequestDevice* reqs, int32_t count, uint64_t seed, Fault fault, Workspace& ws,
+                        cudaStream_t stream, std::vector<RowOrigin>* row_origins = nullptr);
+
+}  // namespace cuda
+}  // namespace osd

@@ -1,0 +1,717 @@
+// Device code of the warping family: row preparation (validation, max/argmax, exact softmax sums,
+// top-k / top-p supports) and the certified samplers. Included by warp.cu and verify.cu only.
+// See warp.cuh for what is reproduced exactly and how.
+#pragma once
+#include "warp.cuh"
+
+namespace osd {
+namespace cuda {
+
+constexpr int kZTile = 256;     // 16-lane groups per tile of the z chains (2 x 16 KiB double buffer)
+constexpr int kSmemCand = 4096;  // candidates sorted in shared memory; larger sets use a pool slot
+constexpr int kSeqTileCand = 2 * 16 * kZTile;  // floats staged at a time through PrepSmem::u.zbuf
+
+struct PrepSmem {
+  union {
+    float zbuf[2 * 16 * kZTile];
+    unsigned long long cand[kSmemCand];
+  } u;
+  uint32_t hist[256];
+  float accs[16];
+  BlockRed red;
+  int32_t scan[kWarps];
+  double bd[4];
+  int32_t bi[8];
+  unsigned long long* bptr;
+};
+
+// ---------------------------------------------------------------------------------------------
+// z = sum_exp(l, V, max, inv_t) in the CPU's exact order; optionally stores every exp term.
+
+static __device__ __noinline__ double z_exact(const float* l, int V, float mx, float inv_t, float* e_out, PrepSmem& sm) {
+  const int tid = threadIdx.x, warp = warp_id(), lane = lane_id();
+  const int M = V / 16;  // full 16-lane groups
+  const int ntiles = (M + kZTile - 1) / kZTile;
+  constexpr int NP = kBlock - 32;  // producer threads (warps 1..)
+  // Rows and exp-term rows start 16-byte aligned when V % 4 == 0: producers then move float4s.
+  const bool vec = ((reinterpret_cast<uintptr_t>(l) | reinterpret_cast<uintptr_t>(e_out)) & 15u) == 0;
+  auto produce = [&](int t) {
+    const int g0 = t * kZTile;
+    const int cnt = min(kZTile, M - g0) * 16;
+    float* b = sm.u.zbuf + (t & 1) * 16 * kZTile;
+    const float* src = l + static_cast<size_t>(g0) * 16;
+    float* dst = e_out ? e_out + static_cast<size_t>(g0) * 16 : nullptr;
+    if (vec) {
+      const float4* s4 = reinterpret_cast<const float4*>(src);
+      float4* b4 = reinterpret_cast<float4*>(b);
+      float4* d4 = reinterpret_cast<float4*>(dst);
+      const int cnt4 = cnt / 4;
+      auto one = [&](int i, float4 x) {
+        float4 e;
+        e.x = exp_ref(scaled_logit(x.x, mx, inv_t));
+        e.y = exp_ref(scaled_logit(x.y, mx, inv_t));
+        e.z = exp_ref(scaled_logit(x.z, mx, inv_t));
+        e.w = exp_ref(scaled_logit(x.w, mx, inv_t));
+        b4[i] = e;
+        if (d4) d4[i] = e;
+      };
+      for (int i = tid - 32; i < cnt4; i += 2 * NP) {  // two loads in flight per thread
+        const int i2 = i + NP;
+        const float4 x = s4[i];
+        float4 y = x;
+        if (i2 < cnt4) y = s4[i2];
+        one(i, x);
+        if (i2 < cnt4) one(i2, y);
+      }
+    } else {
+      for (int i = tid - 32; i < cnt; i += NP) {
+        const float e = exp_ref(scaled_logit(src[i], mx, inv_t));
+        b[i] = e;
+        if (dst) dst[i] = e;
+      }
+    }
+  };
+  float acc = 0.0f;
+  if (warp != 0 && ntiles > 0) produce(0);
+  __syncthreads();
+  for (int t = 0; t < ntiles; ++t) {
+    if (warp == 0) {
+      if (lane < 16) {
+        const float* b = sm.u.zbuf + (t & 1) * 16 * kZTile + lane;
+        const int cnt = min(kZTile, M - t * kZTile);
+#pragma unroll 8
+        for (int m = 0; m < cnt; ++m) acc = __fadd_rn(acc, b[m * 16]);
+      }
+    } else if (t + 1 < ntiles) {
+      produce(t + 1);
+    }
+    __syncthreads();
+  }
+  if (warp == 0 && lane < 16) sm.accs[lane] = acc;
+  if (tid == 0) {
+    double tail = 0.0;
+    for (int j = 16 * M; j < V; ++j) {
+      const float e = exp_ref(scaled_logit(l[j], mx, inv_t));
+      if (e_out) e_out[j] = e;
+      tail += static_cast<double>(e);
+    }
+    sm.bd[0] = tail;
+  }
+  __syncthreads();
+  double total = sm.bd[0];
+  for (int k = 0; k < 16; ++k) total += static_cast<double>(sm.accs[k]);
+  __syncthreads();
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Radix select: the value of the (rank)-th smallest 32-bit key among the valid elements (0-based),
+// with how many valid elements equal it and the rank among those equal elements.
+
+// Keys: by_id == false: desc_key(l[j]) of every element; by_id == true: the id j of the elements
+// whose desc_key equals tie_key (to resolve ties at the selection boundary by lowest id).
+static __device__ __noinline__ uint32_t radix_select(const float* l, int n, bool by_id, uint32_t tie_key, int rank,
+                                              int* count_eq, int* rank_eq, PrepSmem& sm) {
+  const int tid = threadIdx.x, lane = lane_id();
+  uint32_t prefix = 0, pmask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = tid; b < 256; b += kBlock) sm.hist[b] = 0;
+    __syncthreads();
+    for (int base = 0; base < n; base += kBlock) {
+      const int j = base + tid;
+      bool valid = j < n;
+      uint32_t k = 0;
+      if (valid) {
+        const uint32_t dk = desc_key(l[j]);
+        k = by_id ? static_cast<uint32_t>(j) : dk;
+        valid = (!by_id || dk == tie_key) && (k & pmask) == prefix;
+      }
+      const uint32_t bucket = valid ? ((k >> shift) & 255u) : 256u;
+      const unsigned peers = __match_any_sync(0xffffffffu, bucket);
+      if (valid && lane == __ffs(peers) - 1) atomicAdd(&sm.hist[bucket], static_cast<uint32_t>(__popc(peers)));
+    }
+    __syncthreads();
+    if (tid == 0) {
+      uint32_t cum = 0;
+      int b = 0;
+      for (; b < 255; ++b) {
+        if (cum + sm.hist[b] > static_cast<uint32_t>(rank)) break;
+        cum += sm.hist[b];
+      }
+      sm.bi[0] = b;
+      sm.bi[1] = static_cast<int32_t>(sm.hist[b]);
+      sm.bi[2] = rank - static_cast<int>(cum);
+    }
+    __syncthreads();
+    prefix |= static_cast<uint32_t>(sm.bi[0]) << shift;
+    pmask |= 255u << shift;
+    rank = sm.bi[2];
+    *count_eq = sm.bi[1];
+    __syncthreads();
+  }
+  *rank_eq = rank;
+  return prefix;
+}
+
+// Appends with one shared atomic per warp. Every thread of the block must call it.
+__device__ __forceinline__ void block_append(bool take, unsigned long long value, unsigned long long* out,
+                                             int32_t* counter) {
+  const unsigned mask = __ballot_sync(0xffffffffu, take);
+  if (!mask) return;
+  const int lane = lane_id();
+  int base = 0;
+  if (lane == __ffs(mask) - 1) base = atomicAdd(counter, __popc(mask));
+  base = __shfl_sync(0xffffffffu, base, __ffs(mask) - 1);
+  if (take) out[base + __popc(mask & ((1u << lane) - 1u))] = value;
+}
+
+// Bitonic sort (all comparators ascending, so any n works without padding memory).
+static __device__ __noinline__ void block_sort_u64(unsigned long long* a, int n) {
+  int N = 1;
+  while (N < n) N <<= 1;
+  for (int k = 2; k <= N; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < N; i += kBlock) {
+        const int p = (j == (k >> 1)) ? (i ^ (k - 1)) : (i ^ j);
+        if (p > i && p < n) {
+          const unsigned long long x = a[i], y = a[p];
+          if (x > y) a[i] = y, a[p] = x;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// The m best elements of a row by (logit desc, id asc), sorted, as (desc_key << 32 | id).
+static __device__ __noinline__ void select_top_m(const float* l, int V, int m, unsigned long long* cand, PrepSmem& sm) {
+  const int tid = threadIdx.x;
+  if (tid == 0) sm.bi[4] = 0;
+  __syncthreads();
+  if (m >= V) {
+    for (int base = 0; base < V; base += kBlock) {
+      const int j = base + tid;
+      const bool take = j < V;
+      block_append(take, take ? ((static_cast<unsigned long long>(desc_key(l[j])) << 32) | static_cast<uint32_t>(j)) : 0,
+                   cand, &sm.bi[4]);
+    }
+  } else {
+    int count_eq = 0, rank_eq = 0;
+    const uint32_t tau = radix_select(l, V, false, 0u, m - 1, &count_eq, &rank_eq, sm);
+    const int need_eq = rank_eq + 1;
+    uint32_t id_cut = 0xffffffffu;  // ties at tau: the need_eq lowest ids
+    if (need_eq < count_eq) {
+      int ce2 = 0, re2 = 0;
+      id_cut = radix_select(l, V, true, tau, need_eq - 1, &ce2, &re2, sm);
+    }
+    for (int base = 0; base < V; base += kBlock) {
+      const int j = base + tid;
+      uint32_t k = 0xffffffffu;
+      if (j < V) k = desc_key(l[j]);
+      const bool take = j < V && (k < tau || (k == tau && static_cast<uint32_t>(j) <= id_cut));
+      block_append(take, (static_cast<unsigned long long>(k) << 32) | static_cast<uint32_t>(j), cand, &sm.bi[4]);
+    }
+  }
+  __syncthreads();
+  block_sort_u64(cand, m < V ? m : V);
+}
+
+// Sequential double sum of the exp terms packed in cand[0..n) (high words), in order, by thread 0;
+// with stop_at_target, stops at the first i whose running sum reaches target (*stop = i, else -1).
+// Candidates in global memory are staged through shared memory tile by tile.
+static __device__ __noinline__ double cand_scan(const unsigned long long* cand, int n, bool staged, bool stop_at_target,
+                                                double target, int* stop, PrepSmem& sm) {
+  auto e_of = [](unsigned long long c) { return __uint_as_float(static_cast<uint32_t>(c >> 32)); };
+  double acc = 0.0;
+  int at = -1;
+  if (!staged) {
+    if (threadIdx.x == 0)
+      for (int i = 0; i < n; ++i) {
+        acc += static_cast<double>(e_of(cand[i]));
+        if (stop_at_target && acc >= target) {
+          at = i;
+          break;
+        }
+      }
+  } else {
+    for (int base = 0; base < n; base += kSeqTileCand) {
+      const int cnt = min(kSeqTileCand, n - base);
+      for (int i = threadIdx.x; i < cnt; i += kBlock) sm.u.zbuf[i] = e_of(cand[base + i]);
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        for (int i = 0; i < cnt; ++i) {
+          acc += static_cast<double>(sm.u.zbuf[i]);
+          if (stop_at_target && acc >= target) {
+            at = base + i;
+            break;
+          }
+        }
+        sm.bi[3] = at;
+      }
+      __syncthreads();
+      const int s = sm.bi[3];
+      __syncthreads();
+      if (s >= 0) break;
+    }
+  }
+  if (threadIdx.x == 0) sm.bd[3] = acc, sm.bi[3] = at;
+  __syncthreads();
+  acc = sm.bd[3];
+  *stop = sm.bi[3];
+  __syncthreads();
+  return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row preparation: validation, max/argmax, then the warp of the row's mode.
+
+static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, const SlotPool& pool, PrepSmem& sm) {
+  const int tid = threadIdx.x;
+  const int V = t.vocab;
+  const float* l = t.logits;
+  float mx = -INFINITY;
+  int bad = 0;
+  float bv = -INFINITY;
+  int bidx = -1;
+  auto visit = [&](float x, int j) {
+    mx = x > mx ? x : mx;
+    bad |= (!(x <= FLT_MAX)) & (x != -INFINITY);
+    if (bidx < 0 || x > bv) bv = x, bidx = j;
+  };
+  if (V % 4 == 0 && (reinterpret_cast<uintptr_t>(l) & 15u) == 0) {
+    // Each thread visits its elements in increasing index order, so argmax ties stay with the first.
+    const float4* l4 = reinterpret_cast<const float4*>(l);
+    const int V4 = V / 4;
+    for (int q = tid; q < V4; q += 2 * kBlock) {
+      const int q2 = q + kBlock;
+      const float4 a = l4[q];
+      float4 b = a;
+      if (q2 < V4) b = l4[q2];
+      visit(a.x, 4 * q), visit(a.y, 4 * q + 1), visit(a.z, 4 * q + 2), visit(a.w, 4 * q + 3);
+      if (q2 < V4) visit(b.x, 4 * q2), visit(b.y, 4 * q2 + 1), visit(b.z, 4 * q2 + 2), visit(b.w, 4 * q2 + 3);
+    }
+  } else {
+    for (int j = tid; j < V; j += kBlock) visit(l[j], j);
+  }
+  mx = block_max(mx, sm.red);
+  bad = block_or(bad, sm.red);
+  const int amax = block_argmax(bv, bidx, sm.red);
+  if (bad || mx == -INFINITY) {
+    if (tid == 0) {
+      st->bad = bad ? 1 : 2;
+      st->max = mx;
+      st->argmax = 0;
+      st->z = 0.0;
+      st->inv_z = 0.0f;
+    }
+    return;
+  }
+  double z = 0.0;
+  float inv_z = 0.0f;
+  if (t.mode == kRowDense) {
+    z = z_exact(l, V, mx, t.inv_t, t.e_out, sm);
+    inv_z = __double2float_rn(__ddiv_rn(1.0, z));
+  } else if (t.mode == kRowSparse) {
+    const bool use_k = t.top_k > 0 && t.top_k < V;
+    const bool use_p = t.top_p < 1.0f;
+    float cut = -INFINITY;
+    if (!use_k) {
+      z = z_exact(l, V, mx, t.inv_t, nullptr, sm);
+      const double floor_p = 0.5 * (1.0 - static_cast<double>(t.top_p)) / V;
+      cut = static_cast<float>(static_cast<double>(mx) + log(floor_p * z) / static_cast<double>(t.inv_t));
+    }
+    int m = use_k ? t.top_k : min(V, 256);
+    int slot = -1;
+    unsigned long long* cand = sm.u.cand;
+    int keep = 0;
+    double kept = 0.0;
+    for (;;) {
+      if (m > kSmemCand && slot < 0) {
+        if (tid == 0) {
+          int s = -1;
+          for (;;) {
+            for (int k = 0; k < pool.n_slots && s < 0; ++k)
+              if (atomicCAS(&pool.locks[k], 0, 1) == 0) s = k;
+            if (s >= 0) break;
+            __nanosleep(1000);
+          }
+          __threadfence();
+          sm.bi[5] = s;
+        }
+        __syncthreads();
+        slot = sm.bi[5];
+        cand = pool.base + static_cast<long long>(slot) * pool.slot_elems;
+        __syncthreads();
+      }
+      select_top_m(l, V, m, cand, sm);
+      // Replace each key by (exp term << 32 | id), flagging ids below the top-p prefilter cut.
+      for (int i = tid; i < m; i += kBlock) {
+        const unsigned long long ck = cand[i];
+        const float x = desc_key_to_float(static_cast<uint32_t>(ck >> 32));
+        const float e = exp_ref(scaled_logit(x, mx, t.inv_t));
+        const uint32_t below = (!use_k && !(x >= cut)) ? 0x80000000u : 0u;
+        cand[i] = (static_cast<unsigned long long>(__float_as_uint(e)) << 32) | (static_cast<uint32_t>(ck) | below);
+      }
+      __syncthreads();
+      // The CPU's sequential sums over the sorted candidates (warp_row): total, the nucleus, kept.
+      const bool staged = cand != sm.u.cand;
+      int n_eff = m;
+      if (!use_k) {
+        int first_below = m;
+        for (int i = tid; i < m; i += kBlock)
+          if (static_cast<uint32_t>(cand[i]) & 0x80000000u) first_below = min(first_below, i);
+        n_eff = block_min_int(first_below, sm.red);
+      }
+      int stop = -1;
+      const double total = use_k ? cand_scan(cand, m, staged, false, 0.0, &stop, sm) : z;
+      int kp = n_eff;
+      bool found = !use_p;
+      if (use_p) {
+        cand_scan(cand, n_eff, staged, true, static_cast<double>(t.top_p) * total, &stop, sm);
+        if (stop >= 0) kp = stop + 1, found = true;
+      }
+      const int grow_now = (!found && !use_k && n_eff == m && m < V) ? 1 : 0;
+      if (!grow_now) {
+        const double kt = cand_scan(cand, kp, staged, false, 0.0, &stop, sm);
+        if (tid == 0) sm.bd[1] = kt;
+      }
+      if (tid == 0) sm.bi[6] = grow_now, sm.bi[7] = kp;
+      __syncthreads();
+      const int grow = sm.bi[6];
+      keep = sm.bi[7];
+      kept = sm.bd[1];
+      __syncthreads();
+      if (!grow) break;
+      m = min(V, m * 8);
+    }
+    for (int j = tid; j < V; j += kBlock) t.prob_out[j] = 0.0f;
+    __syncthreads();
+    for (int i = tid; i < keep; i += kBlock) {
+      const unsigned long long ck = cand[i];
+      const float e = __uint_as_float(static_cast<uint32_t>(ck >> 32));
+      t.prob_out[static_cast<uint32_t>(ck) & 0x7fffffffu] =
+          __double2float_rn(__ddiv_rn(static_cast<double>(e), kept));
+    }
+    __syncthreads();
+    if (slot >= 0 && tid == 0) {
+      __threadfence();
+      atomicExch(&pool.locks[slot], 0);
+    }
+  }
+  if (tid == 0) {
+    st->bad = 0;
+    st->max = mx;
+    st->argmax = amax;
+    st->z = z;
+    st->inv_z = inv_z;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A prepared row as the walks read it (written by other blocks of the same launch: loads go via L2).
+
+struct RowRef {
+  const float* e;     // dense: exp terms
+  const float* prob;  // sparse: probabilities
+  double z;
+  float inv_z;
+  int32_t mode;
+  int32_t argmax;
+};
+
+__device__ __forceinline__ RowRef load_row(const RowTask& t, const RowStat* st) {
+  RowRef r;
+  r.e = t.e_out;
+  r.prob = t.prob_out;
+  r.mode = t.mode;
+  r.z = ld_cg(&st->z);
+  r.inv_z = ld_cg(&st->inv_z);
+  r.argmax = ld_cg(&st->argmax);
+  return r;
+}
+
+// WarpedRow::to_dense(j).
+__device__ __forceinline__ float row_dense(const RowRef& r, int j) {
+  return r.mode == kRowSparse ? ld_cg(r.prob + j) : __fmul_rn(ld_cg(r.e + j), r.inv_z);
+}
+// WarpedRow::prob(x).
+__device__ __forceinline__ double row_prob(const RowRef& r, int x) {
+  return r.mode == kRowSparse ? static_cast<double>(ld_cg(r.prob + x))
+                              : __ddiv_rn(static_cast<double>(ld_cg(r.e + x)), r.z);
+}
+// The weights sample_row() scans.
+__device__ __forceinline__ float row_weight(const RowRef& r, int j) {
+  return r.mode == kRowSparse ? ld_cg(r.prob + j) : ld_cg(r.e + j);
+}
+
+// ---------------------------------------------------------------------------------------------
+// sample_weights(w, n, sum_j w_j in index order, u) for non-negative weights, certified.
+// Returns -1 when every weight is 0. Every thread of the block must call it; all get the result.
+
+// The weights the samplers scan, by kind (one instantiation keeps the kernels small).
+enum WeightKind : int32_t {
+  kWeightRow = 0,       // sample_row(P): exp terms (dense) or probabilities (sparse)
+  kWeightDense = 1,     // P.to_dense
+  kWeightResidual = 2,  // max(0, P.to_dense - Q.to_dense)
+  kWeightPositive = 3,  // max(0, v[j]) over a float vector
+  kWeightRaw = 4,       // v[j] as it is (normalise() sums signed values under a planted fault)
+};
+struct WeightSrc {
+  RowRef p, q;
+  const float* v;
+  int32_t kind;
+};
+template <int K>
+__device__ __forceinline__ float weight_k(const WeightSrc& w, int j) {
+  if (K == kWeightRow) return row_weight(w.p, j);
+  if (K == kWeightDense) return row_dense(w.p, j);
+  if (K == kWeightResidual) {
+    const float r = __fsub_rn(row_dense(w.p, j), row_dense(w.q, j));
+    return r > 0.0f ? r : 0.0f;
+  }
+  if (K == kWeightPositive) {
+    const float x = w.v[j];
+    return x > 0.0f ? x : 0.0f;
+  }
+  return w.v[j];
+}
+__device__ __forceinline__ float weight_at(const WeightSrc& w, int j) {
+  switch (w.kind) {
+    case kWeightRow:
+      return weight_k<kWeightRow>(w, j);
+    case kWeightDense:
+      return weight_k<kWeightDense>(w, j);
+    case kWeightResidual:
+      return weight_k<kWeightResidual>(w, j);
+    case kWeightPositive:
+      return weight_k<kWeightPositive>(w, j);
+    default:
+      return weight_k<kWeightRaw>(w, j);
+  }
+}
+// A lane's share of sum_{lo <= j < hi} w_j (lanes stride by 32), four loads in flight. Any order is
+// fine: the samplers' error bounds hold for every summation order.
+template <int K>
+__device__ __forceinline__ double lane_sum_k(const WeightSrc& w, int lo, int hi) {
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  int j = lo + lane_id();
+  for (; j + 96 < hi; j += 128) {
+    const float a = weight_k<K>(w, j), b = weight_k<K>(w, j + 32), c = weight_k<K>(w, j + 64), d = weight_k<K>(w, j + 96);
+    s0 += a, s1 += b, s2 += c, s3 += d;
+  }
+  for (; j < hi; j += 32) s0 += weight_k<K>(w, j);
+  return (s0 + s1) + (s2 + s3);
+}
+__device__ __forceinline__ double lane_sum(const WeightSrc& w, int lo, int hi) {
+  switch (w.kind) {
+    case kWeightRow:
+      return lane_sum_k<kWeightRow>(w, lo, hi);
+    case kWeightDense:
+      return lane_sum_k<kWeightDense>(w, lo, hi);
+    case kWeightResidual:
+      return lane_sum_k<kWeightResidual>(w, lo, hi);
+    case kWeightPositive:
+      return lane_sum_k<kWeightPositive>(w, lo, hi);
+    default:
+      return lane_sum_k<kWeightRaw>(w, lo, hi);
+  }
+}
+__device__ __forceinline__ WeightSrc weights_of(int32_t kind, const RowRef& p, const RowRef& q = RowRef{},
+                                                const float* v = nullptr) {
+  WeightSrc w;
+  w.p = p;
+  w.q = q;
+  w.v = v;
+  w.kind = kind;
+  return w;
+}
+
+// The CPU's sequential loops, literally, for the rare cases the error bounds cannot decide: thread 0
+// accumulates in index order while the block stages the weights through shared memory.
+constexpr int kSeqTile = 2 * 16 * kZTile;  // floats of PrepSmem::u.zbuf
+
+static __device__ __noinline__ double seq_total(const WeightSrc& w, int n, PrepSmem& sm) {
+  double tot = 0.0;
+  for (int base = 0; base < n; base += kSeqTile) {
+    const int cnt = min(kSeqTile, n - base);
+    for (int i = threadIdx.x; i < cnt; i += kBlock) sm.u.zbuf[i] = weight_at(w, base + i);
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int i = 0; i < cnt; ++i) tot += static_cast<double>(sm.u.zbuf[i]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) sm.bd[3] = tot;
+  __syncthreads();
+  tot = sm.bd[3];
+  __syncthreads();
+  return tot;
+}
+
+// sample_weights(): the first j with w_j > 0 whose running sum exceeds u * total; the last j with
+// w_j > 0 when rounding leaves u * total at the top; -1 when every weight is 0.
+static __device__ __noinline__ int seq_sample(const WeightSrc& w, int n, double u, PrepSmem& sm) {
+  const double tot = seq_total(w, n, sm);
+  if (!(tot > 0.0)) return -1;
+  const double tg = u * tot;
+  double cum = 0.0;
+  int res = -1;
+  for (int base = 0; base < n; base += kSeqTile) {
+    const int cnt = min(kSeqTile, n - base);
+    for (int i = threadIdx.x; i < cnt; i += kBlock) sm.u.zbuf[i] = weight_at(w, base + i);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int done = 0;
+      for (int i = 0; i < cnt; ++i) {
+        const float v = sm.u.zbuf[i];
+        if (v <= 0.0f) continue;
+        cum += v;
+        res = base + i;
+        if (cum > tg) {
+          done = 1;
+          break;
+        }
+      }
+      sm.bi[3] = res;
+      sm.bi[4] = done;
+    }
+    __syncthreads();
+    const int done = sm.bi[4];
+    res = sm.bi[3];
+    __syncthreads();
+    if (done) break;
+  }
+  return res;
+}
+
+static __device__ __noinline__ int block_sample(const WeightSrc& w, int n, double u, PrepSmem& sm) {
+  const int tid = threadIdx.x, warp = warp_id(), lane = lane_id();
+  // status: 0 searching, 1 fallback, 2 done (result in bi[3]), 3 all zero
+  int lo = 0, hi = n, status = 0;
+  double base = 0.0, target = 0.0, margin = 0.0;
+  bool first = true;
+  do {
+    const int len = hi - lo, L = (len + kWarps - 1) / kWarps;
+    const int plo = min(hi, lo + warp * L), phi = min(hi, plo + L);
+    double s = warp_sum(lane_sum(w, plo, phi));
+    if (lane == 0) sm.red.d[warp] = s;
+    __syncthreads();
+    if (tid == 0) {
+      int st = 0;
+      if (first) {
+        double tot = 0.0;
+        for (int k = 0; k < kWarps; ++k) tot += sm.red.d[k];
+        if (tot <= 0.0) st = 3;
+        target = u * tot;
+        margin = 4.01 * (static_cast<double>(n) + 1.0) * 1.1102230246251565e-16 * tot;
+      }
+      if (st == 0) {
+        double c = base;
+        int sel = -1;
+        for (int k = 0; k < kWarps; ++k) {
+          const double ce = c + sm.red.d[k];
+          if (ce > target) {
+            sel = k;
+            break;
+          }
+          c = ce;
+        }
+        if (sel < 0) {
+          st = 1;
+        } else {
+          lo = min(hi, lo + sel * L);
+          hi = min(hi, lo + L);
+          base = c;
+        }
+      }
+      sm.bi[0] = st, sm.bi[1] = lo, sm.bi[2] = hi;
+      sm.bd[0] = base, sm.bd[1] = target, sm.bd[2] = margin;
+    }
+    __syncthreads();
+    status = sm.bi[0], lo = sm.bi[1], hi = sm.bi[2];
+    base = sm.bd[0], target = sm.bd[1], margin = sm.bd[2];
+    first = false;
+    __syncthreads();
+  } while (status == 0 && hi - lo > 32);
+  if (status == 0) {
+    if (warp == 0) {
+      const int j = lo + lane;
+      const float v = j < hi ? weight_at(w, j) : 0.0f;
+      double incl = static_cast<double>(v);
+      for (int o = 1; o < 32; o <<= 1) {
+        const double y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl = y + incl;
+      }
+      double excl = __shfl_up_sync(0xffffffffu, incl, 1);
+      if (lane == 0) excl = 0.0;
+      const double ci = base + incl, ce = base + excl;
+      const unsigned hit = __ballot_sync(0xffffffffu, v > 0.0f && ci > target);
+      if (hit == 0) {
+        if (lane == 0) sm.bi[0] = 1;
+      } else if (lane == __ffs(hit) - 1) {
+        const bool sure = ci > target + margin && ce < target - margin;
+        sm.bi[0] = sure ? 2 : 1;
+        sm.bi[3] = j;
+      }
+    }
+    __syncthreads();
+    status = sm.bi[0];
+    __syncthreads();
+  }
+  if (status == 1) {  // the error bound cannot decide: the CPU's loops, literally
+    const int res = seq_sample(w, n, u, sm);
+    if (threadIdx.x == 0) sm.bi[3] = res;
+    __syncthreads();
+    status = res < 0 ? 3 : 2;
+  }
+  int result = status == 3 ? -1 : sm.bi[3];
+  __syncthreads();
+  return result;
+}
+
+// normalise(v, n) from verify.cpp: v *= float(1 / sum v) unless the sum is <= 0. Certified likewise.
+static __device__ __noinline__ void block_normalise(float* v, int n, PrepSmem& sm) {
+  const int tid = threadIdx.x;
+  double s = 0.0, a = 0.0, s1 = 0.0, a1 = 0.0;
+  int j = tid;
+  for (; j + kBlock < n; j += 2 * kBlock) {  // two loads in flight
+    const double x = static_cast<double>(v[j]), y = static_cast<double>(v[j + kBlock]);
+    s += x, a += fabs(x), s1 += y, a1 += fabs(y);
+  }
+  for (; j < n; j += kBlock) {
+    const double x = static_cast<double>(v[j]);
+    s += x, a += fabs(x);
+  }
+  s += s1;
+  a += a1;
+  block_sum2(s, a, sm.red);
+  if (tid == 0) {
+    const double m = 2.01 * (static_cast<double>(n) + 1.0) * 1.1102230246251565e-16 * a;
+    int st;  // 0 no-op, 1 scale, 2 fallback
+    float inv = 0.0f;
+    if (s - m > 0.0) {
+      const float f1 = __double2float_rn(__ddiv_rn(1.0, s - m));
+      const float f2 = __double2float_rn(__ddiv_rn(1.0, s + m));
+      st = f1 == f2 ? 1 : 2;
+      inv = f1;
+    } else {
+      st = (s + m <= 0.0) ? 0 : 2;
+    }
+    sm.bi[0] = st;
+    sm.red.f[0] = inv;
+  }
+  __syncthreads();
+  int st = sm.bi[0];
+  float inv = sm.red.f[0];
+  __syncthreads();
+  if (st == 2) {  // the CPU's sum, literally
+    const double t = seq_total(weights_of(kWeightRaw, RowRef{}, RowRef{}, v), n, sm);
+    st = t <= 0.0 ? 0 : 1;
+    inv = st ? __double2float_rn(__ddiv_rn(1.0, t)) : 0.0f;
+  }
+  if (st == 1)
+    for (int j = tid; j < n; j += kBlock) v[j] = __fmul_rn(v[j], inv);
+  __syncthreads();
+}
+
+}  // namespace cuda
+}  // namespace osd

@@ -1,0 +1,64 @@
+// Grow-only device buffers reused across calls, and the per-device facts the launchers need.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <vector>
+
+#include "common.cuh"
+
+namespace osd {
+namespace cuda {
+
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  // At least `bytes` bytes; old contents are not kept when it grows.
+  void* reserve(size_t bytes) {
+    if (bytes <= bytes_ && ptr_) return ptr_;
+    if (ptr_) OSD_CUDA_CHECK(cudaFree(ptr_));
+    ptr_ = nullptr;
+    bytes_ = 0;
+    size_t grow = bytes + bytes / 4 + 256;
+    OSD_CUDA_CHECK(cudaMalloc(&ptr_, grow));
+    bytes_ = grow;
+    return ptr_;
+  }
+  template <class T>
+  T* as(size_t count) {
+    return static_cast<T*>(reserve(count * sizeof(T) > 0 ? count * sizeof(T) : 1));
+  }
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Scratch for the row/walk kernels (verification, warping) and the other ops.
+struct Workspace {
+  DeviceBuffer tasks, stats, seqs, done, rows, pool, locks, nodes, misc, misc2;
+  std::vector<unsigned char> host_tasks, host_seqs, host_nodes;  // staging kept alive across async copies
+  int sm_count = 0;
+  // When set, launchers record these around their main kernel (benchmarks time kernels with them).
+  cudaEvent_t kernel_start = nullptr, kernel_stop = nullptr;
+};
+
+inline void record_start(Workspace& ws, cudaStream_t s) {
+  if (ws.kernel_start) OSD_CUDA_CHECK(cudaEventRecord(ws.kernel_start, s));
+}
+inline void record_stop(Workspace& ws, cudaStream_t s) {
+  if (ws.kernel_stop) OSD_CUDA_CHECK(cudaEventRecord(ws.kernel_stop, s));
+}
+
+// Multiprocessor count of the current device (cached per workspace).
+int device_sm_count(Workspace& ws);
+
+}  // namespace cuda
+}  // namespace osd

@@ -1,0 +1,989 @@
+// Parity tests: every CUDA op against the CPU reference (cpu_backend(), spec/, distill/), on random
+// inputs, with the tolerance of each op stated where it is checked. Built by CMake (target test_cuda)
+// when the CUDA backend is built; run it directly or through ctest. Standalone build:
+//   nvcc -std=c++17 -O3 -arch=sm_90 -I native -I cuda -I test/native test/native/test_cuda.cu cuda/*.cu \
+//        build/libosd_engine.a -o test_cuda
+//
+// Without a usable device every test prints "skip" and the binary exits 0 with
+// "0 passed, 0 failed, N skipped" (a missing GPU is never counted as a pass).
+//
+// Tolerances:
+//   device math (exp_approx, Philox)         bit-identical
+//   warp_rows vs WarpedRow::to_dense         bit-identical floats
+//   chain / tree verification                identical accepted counts, paths and tokens: 0 mismatches
+//   chi-square exactness on the GPU          p > 1e-3 for the kernels, p < 1e-6 with a planted fault
+//   distillation loss                        |d| <= 2e-5 * max(1, |loss|)
+//   distillation gradient                    |d_j| <= 1e-6 * max|g| + 1e-5 * |g_j|
+//   AdamW                                    |d| <= 1e-6 * |x| + 1e-9 (bit-identical with -ffp-contract=off)
+//   global norm                              relative 1e-12
+//   tree mask, KV compaction                 exact
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "check.h"
+#include "common.cuh"
+#include "core/error.h"
+#include "core/fast_math.h"
+#include "core/philox.h"
+#include "cuda_backend.h"
+
+using namespace osd;
+
+namespace {
+
+struct Skip {
+  std::string why;
+};
+
+CudaBackend* gpu_or_null(std::string* why) {
+  static std::string reason;
+  static Backend* b = cuda_backend_or_null(&reason);
+  if (why) *why = reason;
+  return static_cast<CudaBackend*>(b);
+}
+
+CudaBackend& gpu() {
+  std::string why;
+  CudaBackend* g = gpu_or_null(&why);
+  if (!g) throw Skip{why};
+  return *g;
+}
+
+Backend& cpu() { return cpu_backend(); }
+
+using Rng = std::mt19937_64;
+
+double uniform(Rng& rng) { return std::uniform_real_distribution<double>(0.0, 1.0)(rng); }
+int randint(Rng& rng, int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
+
+// Random logits: normal with the given scale; some rows quantised (ties) or with -Infinity entries.
+void fill_logits(Rng& rng, float* row, int V, float scale, int style) {
+  std::normal_distribution<float> nd(0.0f, scale);
+  for (int j = 0; j < V; ++j) row[j] = nd(rng);
+  if (style == 1)  // ties
+    for (int j = 0; j < V; ++j) row[j] = std::round(row[j] * 2.0f) * 0.5f;
+  if (style == 2) {  // -Infinity entries, one finite entry kept
+    for (int j = 0; j < V; ++j)
+      if (uniform(rng) < 0.3) row[j] = -std::numeric_limits<float>::infinity();
+    row[randint(rng, 0, V - 1)] = nd(rng);
+  }
+}
+
+std::vector<float> warped_dense(const float* logits, int V, const Sampling& s) {
+  WarpedRow w;
+  warp_row(logits, V, checked_row_max(logits, V, "x", 0), s, w);
+  std::vector<float> d(V);
+  w.to_dense(d.data());
+  return d;
+}
+
+int sample_dense(const std::vector<float>& p, double u) {
+  double t = 0.0;
+  for (float x : p) t += x;
+  double target = u * t, c = 0.0;
+  int last = 0;
+  for (size_t j = 0; j < p.size(); ++j) {
+    if (p[j] <= 0.0f) continue;
+    c += p[j];
+    last = static_cast<int>(j);
+    if (c > target) return last;
+  }
+  return last;
+}
+
+Sampling random_sampling(Rng& rng, int V, bool allow_greedy = true) {
+  Sampling s;
+  const double r = uniform(rng);
+  const float temps[] = {0.6f, 1.0f, 1.4f};
+  s.temperature = temps[randint(rng, 0, 2)];
+  if (allow_greedy && r < 0.15) {
+    s.temperature = 0.0f;
+  } else if (r < 0.55) {
+    // dense
+  } else if (r < 0.72) {
+    s.top_k = uniform(rng) < 0.8 ? randint(rng, 1, std::max(1, std::min(V - 1, 64))) : V + randint(rng, 0, 3);
+  } else if (r < 0.89) {
+    const float ps[] = {0.3f, 0.6f, 0.9f, 0.95f};
+    s.top_p = ps[randint(rng, 0, 3)];
+  } else {
+    s.top_k = randint(rng, 1, std::max(1, std::min(V, 40)));
+    s.top_p = 0.8f;
+  }
+  return s;
+}
+
+std::string sampling_str(const Sampling& s) {
+  char b[96];
+  std::snprintf(b, sizeof b, "T=%g k=%d p=%g", s.temperature, s.top_k, s.top_p);
+  return b;
+}
+
+// Regularised upper incomplete gamma Q(a, x) (Numerical Recipes gammq), for chi-square p-values.
+double gamma_q(double a, double x) {
+  if (x <= 0.0) return 1.0;
+  const double gln = std::lgamma(a);
+  if (x < a + 1.0) {
+    double ap = a, sum = 1.0 / a, del = sum;
+    for (int n = 0; n < 10000; ++n) {
+      ap += 1.0;
+      del *= x / ap;
+      sum += del;
+      if (std::fabs(del) < std::fabs(sum) * 1e-15) break;
+    }
+    return 1.0 - sum * std::exp(-x + a * std::log(x) - gln);
+  }
+  double b = x + 1.0 - a, c = 1.0 / 1e-300, d = 1.0 / b, h = d;
+  for (int i = 1; i < 10000; ++i) {
+    const double an = -i * (i - a);
+    b += 2.0;
+    d = an * d + b;
+    if (std::fabs(d) < 1e-300) d = 1e-300;
+    c = b + an / c;
+    if (std::fabs(c) < 1e-300) c = 1e-300;
+    d = 1.0 / d;
+    const double del = d * c;
+    h *= del;
+    if (std::fabs(del - 1.0) < 1e-15) break;
+  }
+  return std::exp(-x + a * std::log(x) - gln) * h;
+}
+
+// Pearson's chi-square of observed counts against probabilities (bins with expectation < 5 merged).
+double chi_square_p(const std::vector<long>& counts, const std::vector<double>& p) {
+  long n = 0;
+  for (long c : counts) n += c;
+  double stat = 0.0, exp_acc = 0.0, obs_acc = 0.0;
+  int bins = 0;
+  for (size_t j = 0; j < p.size(); ++j) {
+    const double e = p[j] * n;
+    if (e <= 0.0) {
+      if (counts[j] > 0) return 0.0;  // a token with probability 0 was emitted
+      continue;
+    }
+    exp_acc += e;
+    obs_acc += counts[j];
+    if (exp_acc >= 5.0) {
+      stat += (obs_acc - exp_acc) * (obs_acc - exp_acc) / exp_acc;
+      exp_acc = obs_acc = 0.0;
+      ++bins;
+    }
+  }
+  if (exp_acc > 0.0) stat += (obs_acc - exp_acc) * (obs_acc - exp_acc) / std::max(exp_acc, 1e-9), ++bins;
+  if (bins < 2) return 1.0;
+  return gamma_q(0.5 * (bins - 1), 0.5 * stat);
+}
+
+__global__ void exp_kernel(const float* x, float* y, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = osd::cuda::exp_ref(x[i]);
+}
+
+__global__ void philox_kernel(uint64_t seed, uint64_t stream, double* out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = osd::philox_uniform(seed, stream ^ static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull,
+                                          static_cast<uint32_t>(i), static_cast<uint32_t>(i & 1));
+}
+
+// sum_exp() of sampling.cpp written with explicitly separate roundings: what the GPU computes.
+double z_no_contraction(const float* l, int V, float mx, float inv_t) {
+  volatile float acc[16] = {};
+  int j = 0;
+  for (; j + 16 <= V; j += 16)
+    for (int k = 0; k < 16; ++k) {
+      volatile float a = l[j + k] - mx;
+      volatile float x = a * inv_t;
+      acc[k] = acc[k] + exp_approx(x);
+    }
+  double t = 0.0;
+  for (; j < V; ++j) t += exp_approx((l[j] - mx) * inv_t);
+  for (int k = 0; k < 16; ++k) t += acc[k];
+  return t;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+OSD_TEST(cpu_reference_rounds_without_contraction) {
+  // The GPU reproduces the CPU's z (sampling.cpp sum_exp) bit for bit only if the CPU build does
+  // not fuse a*b+c into FMAs. GCC does so by default (-ffp-contract=fast) in the x86-64-v3 clones.
+  gpu();
+  Rng rng(11);
+  int diff = 0;
+  for (int trial = 0; trial < 50; ++trial) {
+    const int V = randint(rng, 16, 3000);
+    std::vector<float> l(V);
+    fill_logits(rng, l.data(), V, 3.0f, trial % 3);
+    Sampling s;
+    s.temperature = trial % 2 ? 0.7f : 1.3f;
+    RowStats st;
+    compute_row_stats(l.data(), V, s, "x", 0, st);
+    diff += st.z != z_no_contraction(l.data(), V, st.max, 1.0f / s.temperature);
+  }
+  if (diff)
+    std::fprintf(stderr,
+                 "  the CPU reference's softmax sums use fused multiply-adds (%d of 50 rows differ): build osd_engine "
+                 "with -ffp-contract=off, or GPU and CPU can pick different tokens\n",
+                 diff);
+  CHECK_EQ(diff, 0);
+}
+
+OSD_TEST(device_math_bit_identical) {
+  gpu();
+  const int n = 1 << 20;
+  std::vector<float> x(n), y(n);
+  for (int i = 0; i < n; ++i) x[i] = -100.0f + 200.0f * static_cast<float>(i) / n;
+  x[0] = -std::numeric_limits<float>::infinity();
+  x[1] = 0.0f;
+  x[2] = -0.0f;
+  x[3] = -87.3f;
+  x[4] = 88.3f;
+  float *dx, *dy;
+  double* du;
+  OSD_CUDA_CHECK(cudaMalloc(&dx, n * sizeof(float)));
+  OSD_CUDA_CHECK(cudaMalloc(&dy, n * sizeof(float)));
+  OSD_CUDA_CHECK(cudaMalloc(&du, n * sizeof(double)));
+  OSD_CUDA_CHECK(cudaMemcpy(dx, x.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+  exp_kernel<<<(n + 255) / 256, 256>>>(dx, dy, n);
+  philox_kernel<<<(n + 255) / 256, 256>>>(0x1234567890abcdefull, 77, du, n);
+  std::vector<double> u(n);
+  OSD_CUDA_CHECK(cudaMemcpy(y.data(), dy, n * sizeof(float), cudaMemcpyDeviceToHost));
+  OSD_CUDA_CHECK(cudaMemcpy(u.data(), du, n * sizeof(double), cudaMemcpyDeviceToHost));
+  cudaFree(dx);
+  cudaFree(dy);
+  cudaFree(du);
+  int bad_exp = 0, bad_u = 0;
+  for (int i = 0; i < n; ++i) {
+    const float ref = exp_approx(x[i]);
+    bad_exp += std::memcmp(&ref, &y[i], sizeof(float)) != 0;
+    const double ur = philox_uniform(0x1234567890abcdefull, 77 ^ static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull,
+                                     static_cast<uint32_t>(i), static_cast<uint32_t>(i & 1));
+    bad_u += ur != u[i];
+  }
+  CHECK_EQ(bad_exp, 0);
+  CHECK_EQ(bad_u, 0);
+}
+
+OSD_TEST(warp_rows_match_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(3);
+  const int vocabs[] = {1, 7, 100, 1000, 5000, 32000, 128256};
+  long mismatched = 0, cases = 0;
+  for (int V : vocabs) {
+    const int combos = V >= 32000 ? 10 : 40;
+    for (int c = 0; c < combos; ++c) {
+      Sampling s = random_sampling(rng, V, false);
+      if (c % 7 == 3) s.top_k = std::min(V, 6000), s.top_p = 1.0f;  // candidate sets beyond shared memory
+      if (c % 7 == 5) s.top_k = 0, s.top_p = 0.97f, s.temperature = 2.0f;  // large nuclei
+      const int rows = V >= 32000 ? 2 : 4;
+      std::vector<float> l(static_cast<size_t>(rows) * V), out(l.size());
+      for (int r = 0; r < rows; ++r) fill_logits(rng, l.data() + static_cast<size_t>(r) * V, V, 1.0f + 2.0f * (c % 3), (c + r) % 3);
+      g.warp_rows(l.data(), rows, V, s, out.data());
+      for (int r = 0; r < rows; ++r) {
+        auto ref = warped_dense(l.data() + static_cast<size_t>(r) * V, V, s);
+        long m = 0;
+        for (int j = 0; j < V; ++j) m += std::memcmp(&ref[j], &out[static_cast<size_t>(r) * V + j], 4) != 0;
+        if (m && mismatched < 5) std::fprintf(stderr, "  warp V=%d %s row %d: %ld floats differ\n", V, sampling_str(s).c_str(), r, m);
+        mismatched += m != 0;
+        ++cases;
+      }
+    }
+  }
+  std::printf("  warp_rows: %ld rows compared, %ld differ\n", cases, mismatched);
+  CHECK_EQ(mismatched, 0L);
+}
+
+namespace {
+
+struct ChainCase {
+  int B = 0, V = 0;
+  uint64_t seed = 0;
+  std::vector<int32_t> lengths, tokens;
+  std::vector<uint64_t> streams;
+  std::vector<Sampling> sampling;
+  std::vector<float> target, draft;
+};
+
+ChainCase make_chain_case(Rng& rng, int B, int V, int gmax) {
+  ChainCase c;
+  c.B = B;
+  c.V = V;
+  c.seed = rng();
+  size_t nt = 0, nd = 0;
+  for (int b = 0; b < B; ++b) {
+    const int g = randint(rng, 0, gmax);
+    c.lengths.push_back(g);
+    c.streams.push_back(rng());
+    c.sampling.push_back(random_sampling(rng, V));
+    nt += g + 1;
+    nd += g;
+  }
+  c.target.resize(nt * V);
+  c.draft.resize(nd * V);
+  size_t trow = 0, drow = 0;
+  for (int b = 0; b < B; ++b) {
+    const int g = c.lengths[b];
+    const float scale = uniform(rng) < 0.5 ? 1.5f : 4.0f;
+    const int style = randint(rng, 0, 5) % 3;
+    const double noise = uniform(rng) < 0.3 ? 0.05 : (uniform(rng) < 0.5 ? 0.5 : 3.0);
+    std::normal_distribution<float> nd(0.0f, static_cast<float>(noise));
+    for (int i = 0; i <= g; ++i) fill_logits(rng, &c.target[(trow + i) * V], V, scale, style);
+    for (int i = 0; i < g; ++i) {
+      float* d = &c.draft[(drow + i) * V];
+      const float* t = &c.target[(trow + i) * V];
+      for (int j = 0; j < V; ++j) d[j] = std::isfinite(t[j]) ? t[j] + nd(rng) : t[j];
+      Sampling sd = c.sampling[b];
+      int tok;
+      const double r = uniform(rng);
+      if (sd.greedy() || r < 0.15) {
+        tok = argmax_row(t, V);
+      } else if (r < 0.25) {
+        tok = randint(rng, 0, V - 1);
+      } else {
+        tok = sample_dense(warped_dense(d, V, sd), uniform(rng));
+      }
+      c.tokens.push_back(tok);
+    }
+    trow += g + 1;
+    drow += g;
+  }
+  return c;
+}
+
+// Runs one case on both backends; returns the number of sequences that differ.
+int compare_chain(CudaBackend& g, const ChainCase& c, Fault fault = Fault::None) {
+  ChainBatch in;
+  in.target = c.target.data();
+  in.draft = c.draft.data();
+  in.tokens = c.tokens.data();
+  in.lengths = c.lengths.data();
+  in.streams = c.streams.data();
+  in.sampling = c.sampling.data();
+  in.batch = c.B;
+  in.vocab = c.V;
+  in.seed = c.seed;
+  size_t nt = 0;
+  for (int l : c.lengths) nt += l + 1;
+  std::vector<int32_t> acc_c(c.B), acc_g(c.B), tok_c(nt, -7), tok_g(nt, -7);
+  ChainBatchOut oc{acc_c.data(), tok_c.data()}, og{acc_g.data(), tok_g.data()};
+  cpu().verify_chain_batch(in, oc, fault);
+  g.verify_chain_batch(in, og, fault);
+  int bad = 0;
+  size_t off = 0;
+  for (int b = 0; b < c.B; ++b) {
+    bool same = acc_c[b] == acc_g[b];
+    for (int i = 0; same && i <= acc_c[b]; ++i) same = tok_c[off + i] == tok_g[off + i];
+    if (!same && bad < 3)
+      std::fprintf(stderr, "  chain mismatch V=%d g=%d %s: cpu accepted %d token %d, gpu accepted %d token %d\n", c.V,
+                   c.lengths[b], sampling_str(c.sampling[b]).c_str(), acc_c[b], tok_c[off + acc_c[b]], acc_g[b],
+                   acc_g[b] >= 0 ? tok_g[off + acc_g[b]] : -1);
+    bad += !same;
+    off += c.lengths[b] + 1;
+  }
+  return bad;
+}
+
+}  // namespace
+
+OSD_TEST(chain_batch_matches_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(5);
+  const int vocabs[] = {2, 3, 7, 50, 1000};
+  long seqs = 0, bad = 0;
+  for (int call = 0; call < 500; ++call) {
+    ChainCase c = make_chain_case(rng, randint(rng, 1, 12), vocabs[call % 5], 8);
+    bad += compare_chain(g, c);
+    seqs += c.B;
+  }
+  std::printf("  chain: %ld sequences, %ld differ\n", seqs, bad);
+  CHECK_EQ(bad, 0L);
+}
+
+OSD_TEST(chain_batch_matches_cpu_large_vocab) {
+  CudaBackend& g = gpu();
+  Rng rng(6);
+  long seqs = 0, bad = 0;
+  for (int call = 0; call < 12; ++call) {
+    const int V = call % 3 == 0 ? 32000 : 128256;
+    ChainCase c = make_chain_case(rng, randint(rng, 2, 8), V, 8);
+    bad += compare_chain(g, c);
+    seqs += c.B;
+  }
+  std::printf("  chain, V in {32000, 128256}: %ld sequences, %ld differ\n", seqs, bad);
+  CHECK_EQ(bad, 0L);
+}
+
+OSD_TEST(chain_batch_faults_match_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(7);
+  long bad = 0;
+  for (int call = 0; call < 60; ++call) {
+    ChainCase c = make_chain_case(rng, randint(rng, 1, 6), call % 2 ? 9 : 300, 4);
+    bad += compare_chain(g, c, call % 2 ? Fault::ResidualNoClamp : Fault::ResidualFromTarget);
+  }
+  CHECK_EQ(bad, 0L);
+}
+
+OSD_TEST(chain_rejects_bad_rows_like_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(8);
+  ChainCase c = make_chain_case(rng, 3, 40, 3);
+  for (auto& s : c.sampling) s = Sampling();  // dense, so draft rows are read
+  auto run = [&](Backend& be) -> std::string {
+    ChainBatch in;
+    in.target = c.target.data();
+    in.draft = c.draft.data();
+    in.tokens = c.tokens.data();
+    in.lengths = c.lengths.data();
+    in.streams = c.streams.data();
+    in.sampling = c.sampling.data();
+    in.batch = c.B;
+    in.vocab = c.V;
+    in.seed = c.seed;
+    std::vector<int32_t> acc(c.B), tok(c.target.size() / c.V);
+    ChainBatchOut o{acc.data(), tok.data()};
+    try {
+      be.verify_chain_batch(in, o);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const size_t nt = c.target.size() / c.V;
+  c.target[(nt - 1) * c.V + 5] = std::nanf("");
+  CHECK(run(cpu()) == run(g));
+  CHECK(run(g).find("targetLogits row") != std::string::npos);
+  c.target[(nt - 1) * c.V + 5] = 0.0f;
+  if (!c.draft.empty()) {
+    std::fill(c.draft.begin(), c.draft.begin() + c.V, -std::numeric_limits<float>::infinity());
+    CHECK(run(cpu()) == run(g));
+    CHECK(run(g).find("is all -Infinity") != std::string::npos);
+  }
+}
+
+namespace {
+
+struct TreeCase {
+  std::vector<int32_t> parents, tokens, path_c, path_g, out_c, out_g;
+  std::vector<float> target, draft;
+  int n = 0, V = 0;
+  Sampling s;
+  TreeChildren mode = TreeChildren::WithReplacement;
+  uint64_t stream = 0;
+};
+
+TreeCase make_tree_case(Rng& rng, int V, int nmax) {
+  TreeCase t;
+  t.V = V;
+  t.n = randint(rng, 1, nmax);
+  t.s = random_sampling(rng, V);
+  t.mode = static_cast<TreeChildren>(randint(rng, 0, 2));
+  t.stream = rng();
+  const int n = t.n;
+  t.target.resize(static_cast<size_t>(n + 1) * V);
+  t.draft.resize(t.target.size());
+  const float scale = uniform(rng) < 0.5 ? 1.5f : 4.0f;
+  const int style = randint(rng, 0, 5) % 3;
+  const double noise = uniform(rng) < 0.5 ? 0.3 : 2.0;
+  std::normal_distribution<float> nd(0.0f, static_cast<float>(noise));
+  for (int r = 0; r <= n; ++r) {
+    fill_logits(rng, &t.target[static_cast<size_t>(r) * V], V, scale, style);
+    for (int j = 0; j < V; ++j) {
+      const float x = t.target[static_cast<size_t>(r) * V + j];
+      t.draft[static_cast<size_t>(r) * V + j] = std::isfinite(x) ? x + nd(rng) : x;
+    }
+  }
+  // Shape: bushy near the root, then deeper chains.
+  t.parents.resize(n);
+  t.tokens.resize(n);
+  for (int i = 0; i < n; ++i) t.parents[i] = i == 0 ? -1 : randint(rng, -1, i - 1) * (uniform(rng) < 0.3 ? 0 : 1) - (uniform(rng) < 0.15);
+  for (int i = 0; i < n; ++i) t.parents[i] = std::max(-1, std::min(t.parents[i], i - 1));
+  // Children tokens drawn as the mode assumes (from the parent's draft row), sometimes arbitrary.
+  std::vector<std::vector<float>> q(n + 1);
+  for (int i = 0; i < n; ++i) {
+    const int row = t.parents[i] + 1;
+    const float* d = &t.draft[static_cast<size_t>(row) * V];
+    if (t.s.greedy() || t.mode == TreeChildren::Deterministic || uniform(rng) < 0.1) {
+      t.tokens[i] = uniform(rng) < 0.5 ? argmax_row(&t.target[static_cast<size_t>(row) * V], V) : randint(rng, 0, V - 1);
+      continue;
+    }
+    if (q[row].empty()) q[row] = warped_dense(d, V, t.s);
+    t.tokens[i] = sample_dense(q[row], uniform(rng));
+    if (t.mode == TreeChildren::WithoutReplacement) {
+      q[row][t.tokens[i]] = 0.0f;
+      if (std::accumulate(q[row].begin(), q[row].end(), 0.0) <= 0.0) q[row] = warped_dense(d, V, t.s);
+    }
+  }
+  t.path_c.assign(n, -9);
+  t.path_g.assign(n, -9);
+  t.out_c.assign(n + 1, -9);
+  t.out_g.assign(n + 1, -9);
+  return t;
+}
+
+int compare_trees(CudaBackend& g, std::vector<TreeCase>& cases, uint64_t seed, Fault fault = Fault::None) {
+  std::vector<TreeBatchItem> items(cases.size());
+  std::vector<TreeResult> rc(cases.size());
+  for (size_t r = 0; r < cases.size(); ++r) {
+    TreeCase& t = cases[r];
+    TreeInput in;
+    in.parents = t.parents.data();
+    in.tokens = t.tokens.data();
+    in.n = t.n;
+    in.target = t.target.data();
+    in.draft = t.draft.data();
+    in.vocab = t.V;
+    rc[r] = cpu().verify_tree(in, t.s, t.mode, seed, t.stream, t.path_c.data(), t.out_c.data(), fault);
+    items[r].in = in;
+    items[r].sampling = t.s;
+    items[r].mode = t.mode;
+    items[r].stream = t.stream;
+    items[r].path = t.path_g.data();
+    items[r].out = t.out_g.data();
+  }
+  g.verify_tree_batch(items.data(), static_cast<int32_t>(items.size()), seed, fault);
+  int bad = 0;
+  for (size_t r = 0; r < cases.size(); ++r) {
+    const TreeCase& t = cases[r];
+    const TreeResult& a = rc[r];
+    const TreeResult& b = items[r].result;
+    bool same = a.path_len == b.path_len && a.emitted == b.emitted;
+    for (int i = 0; same && i < a.path_len; ++i) same = t.path_c[i] == t.path_g[i];
+    for (int i = 0; same && i < a.emitted; ++i) same = t.out_c[i] == t.out_g[i];
+    if (!same && bad < 3)
+      std::fprintf(stderr, "  tree mismatch V=%d n=%d mode=%d %s: cpu path %d last %d, gpu path %d last %d\n", t.V, t.n,
+                   static_cast<int>(t.mode), sampling_str(t.s).c_str(), a.path_len, t.out_c[a.path_len], b.path_len,
+                   b.emitted > 0 ? t.out_g[b.emitted - 1] : -1);
+    bad += !same;
+  }
+  return bad;
+}
+
+}  // namespace
+
+OSD_TEST(tree_batch_matches_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(9);
+  const int vocabs[] = {2, 5, 30, 400, 3000};
+  long trees = 0, bad = 0;
+  for (int call = 0; call < 250; ++call) {
+    std::vector<TreeCase> cases;
+    const int count = randint(rng, 1, 8);
+    for (int r = 0; r < count; ++r) cases.push_back(make_tree_case(rng, vocabs[(call + r) % 5], call % 4 == 0 ? 64 : 12));
+    bad += compare_trees(g, cases, rng());
+    trees += count;
+  }
+  std::printf("  tree: %ld trees (3 children modes, greedy and sampled), %ld differ\n", trees, bad);
+  CHECK_EQ(bad, 0L);
+}
+
+OSD_TEST(tree_batch_matches_cpu_large_vocab) {
+  CudaBackend& g = gpu();
+  Rng rng(10);
+  long trees = 0, bad = 0;
+  for (int call = 0; call < 6; ++call) {
+    std::vector<TreeCase> cases;
+    for (int r = 0; r < 4; ++r) cases.push_back(make_tree_case(rng, call % 2 ? 128256 : 32000, 10));
+    bad += compare_trees(g, cases, rng());
+    trees += 4;
+  }
+  std::printf("  tree, V in {32000, 128256}: %ld trees, %ld differ\n", trees, bad);
+  CHECK_EQ(bad, 0L);
+}
+
+OSD_TEST(tree_faults_match_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(12);
+  long bad = 0;
+  for (int call = 0; call < 40; ++call) {
+    std::vector<TreeCase> cases;
+    for (int r = 0; r < 4; ++r) cases.push_back(make_tree_case(rng, 20, 10));
+    bad += compare_trees(g, cases, rng(), Fault::ResidualNoClamp);
+  }
+  CHECK_EQ(bad, 0L);
+}
+
+OSD_TEST(tree_rejects_bad_rows_like_cpu) {
+  CudaBackend& g = gpu();
+  const int V = 30, n = 4;
+  Rng rng(13);
+  std::vector<int32_t> parents = {-1, 0, 0, 1}, tokens = {1, 2, 3, 4}, path(n), out(n + 1);
+  std::vector<float> target(static_cast<size_t>(n + 1) * V), draft(target.size());
+  for (int r = 0; r <= n; ++r) {
+    fill_logits(rng, &target[static_cast<size_t>(r) * V], V, 1.0f, 0);
+    fill_logits(rng, &draft[static_cast<size_t>(r) * V], V, 1.0f, 0);
+  }
+  TreeInput in;
+  in.parents = parents.data();
+  in.tokens = tokens.data();
+  in.n = n;
+  in.target = target.data();
+  in.draft = draft.data();
+  in.vocab = V;
+  auto run = [&](Backend& be) -> std::string {
+    try {
+      be.verify_tree(in, Sampling(), TreeChildren::WithReplacement, 1, 2, path.data(), out.data());
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  draft[2 * V + 3] = std::numeric_limits<float>::infinity();  // draft row 2 comes before target row 3
+  target[3 * V + 1] = std::nanf("");
+  const std::string ec = run(cpu()), eg = run(g);
+  CHECK(ec.find("draftLogits row 2") != std::string::npos);
+  CHECK(ec == eg);
+  draft[2 * V + 3] = 0.0f;
+  CHECK(run(cpu()) == run(g));
+  CHECK(run(g).find("targetLogits row 3 contains NaN") != std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exactness on the GPU: the first emitted token must follow the target's warped distribution.
+
+namespace {
+
+struct ChiModel {
+  int V = 8;
+  std::vector<float> p_logits, q_logits;  // 4 rows each (enough for g = 3)
+};
+
+ChiModel chi_model() {
+  ChiModel m;
+  const float p[] = {2.0f, 1.5f, 1.0f, 0.4f, 0.0f, -0.5f, -1.0f, -2.5f};
+  const float q[] = {-1.0f, 0.5f, 2.2f, 1.0f, -0.3f, 0.8f, -2.0f, 0.1f};
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < 8; ++j) m.p_logits.push_back(p[(j + r) % 8]), m.q_logits.push_back(q[(j + 3 * r) % 8]);
+  return m;
+}
+
+double chain_first_token_p(CudaBackend& g, const Sampling& s, Fault fault, int N) {
+  const ChiModel m = chi_model();
+  const int V = m.V, G = 3;
+  Rng rng(1000 + static_cast<int>(fault));
+  std::vector<float> target, draft;
+  std::vector<int32_t> tokens, lengths(N, G);
+  std::vector<uint64_t> streams(N);
+  std::vector<Sampling> samp(N, s);
+  std::vector<std::vector<float>> qrows;
+  for (int r = 0; r < G; ++r) qrows.push_back(warped_dense(&m.q_logits[r * V], V, s));
+  for (int b = 0; b < N; ++b) {
+    target.insert(target.end(), m.p_logits.begin(), m.p_logits.begin() + (G + 1) * V);
+    draft.insert(draft.end(), m.q_logits.begin(), m.q_logits.begin() + G * V);
+    for (int r = 0; r < G; ++r) tokens.push_back(sample_dense(qrows[r], uniform(rng)));
+    streams[b] = static_cast<uint64_t>(b);
+  }
+  ChainBatch in;
+  in.target = target.data();
+  in.draft = draft.data();
+  in.tokens = tokens.data();
+  in.lengths = lengths.data();
+  in.streams = streams.data();
+  in.sampling = samp.data();
+  in.batch = N;
+  in.vocab = V;
+  in.seed = 20241;
+  std::vector<int32_t> acc(N), out(static_cast<size_t>(N) * (G + 1));
+  ChainBatchOut o{acc.data(), out.data()};
+  g.verify_chain_batch(in, o, fault);
+  std::vector<long> counts(V, 0);
+  for (int b = 0; b < N; ++b) counts[out[static_cast<size_t>(b) * (G + 1)]]++;
+  auto p = warped_dense(m.p_logits.data(), V, s);
+  return chi_square_p(counts, std::vector<double>(p.begin(), p.end()));
+}
+
+double tree_first_token_p(CudaBackend& g, const Sampling& s, TreeChildren mode, Fault fault, int N) {
+  const ChiModel m = chi_model();
+  const int V = m.V, n = 3;
+  Rng rng(2000 + static_cast<int>(mode));
+  std::vector<int32_t> parents = {-1, -1, -1};
+  std::vector<std::vector<int32_t>> tokens(N, std::vector<int32_t>(n)), paths(N, std::vector<int32_t>(n)),
+      outs(N, std::vector<int32_t>(n + 1));
+  const auto q0 = warped_dense(m.q_logits.data(), V, s);
+  std::vector<TreeBatchItem> items(N);
+  for (int b = 0; b < N; ++b) {
+    auto q = q0;
+    for (int i = 0; i < n; ++i) {
+      if (mode == TreeChildren::Deterministic) {
+        tokens[b][i] = (i * 3 + 1) % V;
+        continue;
+      }
+      tokens[b][i] = sample_dense(q, uniform(rng));
+      if (mode == TreeChildren::WithoutReplacement) q[tokens[b][i]] = 0.0f;
+    }
+    TreeInput in;
+    in.parents = parents.data();
+    in.tokens = tokens[b].data();
+    in.n = n;
+    in.target = m.p_logits.data();
+    in.draft = m.q_logits.data();
+    in.vocab = V;
+    items[b].in = in;
+    items[b].sampling = s;
+    items[b].mode = mode;
+    items[b].stream = static_cast<uint64_t>(b);
+    items[b].path = paths[b].data();
+    items[b].out = outs[b].data();
+  }
+  g.verify_tree_batch(items.data(), N, 777, fault);
+  std::vector<long> counts(V, 0);
+  for (int b = 0; b < N; ++b) counts[outs[b][0]]++;
+  auto p = warped_dense(m.p_logits.data(), V, s);
+  return chi_square_p(counts, std::vector<double>(p.begin(), p.end()));
+}
+
+}  // namespace
+
+OSD_TEST(chi_square_exactness_on_gpu) {
+  CudaBackend& g = gpu();
+  const int N = 40000;
+  Sampling dense;
+  dense.temperature = 0.9f;
+  Sampling topk;
+  topk.top_k = 5;
+  Sampling topp;
+  topp.temperature = 1.2f;
+  topp.top_p = 0.8f;
+  for (const Sampling& s : {dense, topk, topp}) {
+    const double pc = chain_first_token_p(g, s, Fault::None, N);
+    std::printf("  chain %s: p = %.4g\n", sampling_str(s).c_str(), pc);
+    CHECK(pc > 1e-3);
+    for (auto mode : {TreeChildren::WithReplacement, TreeChildren::WithoutReplacement, TreeChildren::Deterministic}) {
+      const double pt = tree_first_token_p(g, s, mode, Fault::None, N);
+      std::printf("  tree mode %d %s: p = %.4g\n", static_cast<int>(mode), sampling_str(s).c_str(), pt);
+      CHECK(pt > 1e-3);
+    }
+  }
+  // Power: the same harness rejects planted residual bugs.
+  const double f1 = chain_first_token_p(g, dense, Fault::ResidualFromTarget, N);
+  const double f2 = chain_first_token_p(g, dense, Fault::ResidualNoClamp, N);
+  const double f3 = tree_first_token_p(g, dense, TreeChildren::WithReplacement, Fault::ResidualNoClamp, N);
+  std::printf("  planted faults: p = %.3g, %.3g, %.3g\n", f1, f2, f3);
+  CHECK(f1 < 1e-6);
+  CHECK(f2 < 1e-6);
+  CHECK(f3 < 1e-6);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+OSD_TEST(distill_matches_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(14);
+  int cases = 0, bad = 0;
+  for (int kind = 0; kind < 4; ++kind)
+    for (int sparse = 0; sparse < 2; ++sparse)
+      for (int V : {11, 1000, 32000}) {
+        const int rows = V == 32000 ? 3 : 6;
+        const int k = sparse ? std::min(V, randint(rng, 1, 50)) : 0;
+        std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size()), probs(static_cast<size_t>(rows) * k), res(rows);
+        std::vector<int32_t> ids(static_cast<size_t>(rows) * k);
+        std::vector<uint8_t> mask(rows);
+        for (int r = 0; r < rows; ++r) {
+          fill_logits(rng, &s[static_cast<size_t>(r) * V], V, 2.0f, 0);
+          fill_logits(rng, &t[static_cast<size_t>(r) * V], V, 2.0f, 0);
+          mask[r] = r % 3 != 1;
+          std::vector<int32_t> perm(V);
+          std::iota(perm.begin(), perm.end(), 0);
+          std::shuffle(perm.begin(), perm.end(), rng);
+          double total = 0.0;
+          for (int i = 0; i < k; ++i) {
+            ids[static_cast<size_t>(r) * k + i] = perm[i];
+            probs[static_cast<size_t>(r) * k + i] = static_cast<float>(uniform(rng) + 0.05);
+            total += probs[static_cast<size_t>(r) * k + i];
+          }
+          const double keep = k == V ? 1.0 : 0.4 + 0.5 * uniform(rng);
+          for (int i = 0; i < k; ++i) probs[static_cast<size_t>(r) * k + i] = static_cast<float>(probs[static_cast<size_t>(r) * k + i] / total * keep);
+          res[r] = static_cast<float>(1.0 - keep);
+        }
+        for (int variant = 0; variant < 2; ++variant) {
+          DistillInput in;
+          in.kind = static_cast<DistillKind>(kind);
+          in.student = s.data();
+          in.rows = rows;
+          in.vocab = V;
+          in.temperature = variant ? 1.7f : 1.0f;
+          in.beta = 0.3f;
+          in.mask = variant ? mask.data() : nullptr;
+          if (sparse) {
+            in.topk_ids = ids.data();
+            in.topk_probs = probs.data();
+            in.residual = variant ? nullptr : res.data();
+            in.k = k;
+          } else {
+            in.teacher = t.data();
+          }
+          std::vector<float> gc(s.size()), gg(s.size(), 123.0f);
+          const double lc = cpu().distill_loss(in, gc.data());
+          const double lg = g.distill_loss(in, gg.data());
+          float gmax = 0.0f;
+          for (float x : gc) gmax = std::max(gmax, std::fabs(x));
+          int gbad = 0;
+          for (size_t j = 0; j < gc.size(); ++j)
+            gbad += !(std::fabs(gc[j] - gg[j]) <= 1e-6 * gmax + 1e-5 * std::fabs(gc[j]));
+          const bool lbad = !(std::fabs(lc - lg) <= 2e-5 * std::max(1.0, std::fabs(lc)));
+          if ((gbad || lbad) && bad < 5)
+            std::fprintf(stderr, "  distill kind %d sparse %d V %d T %g: loss %.9g vs %.9g, %d grads off\n", kind, sparse, V,
+                         in.temperature, lc, lg, gbad);
+          bad += gbad || lbad;
+          ++cases;
+        }
+      }
+  std::printf("  distill: %d cases (4 losses x dense/sparse x masks), %d differ\n", cases, bad);
+  CHECK_EQ(bad, 0);
+  // Non-finite student logits: the same error as the CPU.
+  std::vector<float> s(2 * 5, 0.5f), t(2 * 5, 0.25f);
+  s[7] = std::numeric_limits<float>::infinity();
+  DistillInput in;
+  in.student = s.data();
+  in.teacher = t.data();
+  in.rows = 2;
+  in.vocab = 5;
+  std::string ec, eg;
+  try { cpu().distill_loss(in, nullptr); } catch (const Error& e) { ec = e.what(); }
+  try { g.distill_loss(in, nullptr); } catch (const Error& e) { eg = e.what(); }
+  CHECK(!ec.empty());
+  CHECK(ec == eg);
+}
+
+OSD_TEST(adamw_matches_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(15);
+  const size_t n = 100003;
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> p(n), gr(n), m(n), v(n);
+  for (size_t i = 0; i < n; ++i) p[i] = nd(rng), m[i] = 0.1f * nd(rng), v[i] = std::fabs(0.01f * nd(rng));
+  auto pc = p, mc = m, vc = v;
+  AdamWConfig c;
+  c.lr = 1e-3f;
+  c.weight_decay = 0.01f;
+  c.grad_scale = 0.7f;
+  long exact = 0, off = 0;
+  for (int step = 1; step <= 3; ++step) {
+    for (size_t i = 0; i < n; ++i) gr[i] = nd(rng);
+    c.step = step;
+    cpu().adamw_step(pc.data(), gr.data(), mc.data(), vc.data(), n, c);
+    g.adamw_step(p.data(), gr.data(), m.data(), v.data(), n, c);
+    for (size_t i = 0; i < n; ++i) {
+      const bool same = p[i] == pc[i] && m[i] == mc[i] && v[i] == vc[i];
+      exact += same;
+      off += !(std::fabs(p[i] - pc[i]) <= 1e-6f * std::fabs(pc[i]) + 1e-9f) ||
+             !(std::fabs(m[i] - mc[i]) <= 1e-6f * std::fabs(mc[i]) + 1e-9f) ||
+             !(std::fabs(v[i] - vc[i]) <= 1e-6f * std::fabs(vc[i]) + 1e-12f);
+    }
+  }
+  std::printf("  adamw: %ld of %zu updates bit-identical\n", exact, 3 * n);
+  CHECK_EQ(off, 0L);
+}
+
+OSD_TEST(global_norm_matches_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(16);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  for (size_t n : {size_t(0), size_t(1), size_t(65537), size_t(1000003)}) {
+    std::vector<float> x(n);
+    for (auto& e : x) e = nd(rng);
+    const double a = cpu().global_norm(x.data(), n), b = g.global_norm(x.data(), n);
+    CHECK_NEAR(a, b, 1e-12 * std::max(1.0, a));
+  }
+}
+
+OSD_TEST(tree_mask_matches_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(17);
+  int bad = 0;
+  for (int trial = 0; trial < 200; ++trial) {
+    const int n = randint(rng, 1, 130), base = randint(rng, 0, 1000), words = (n + 31) / 32 + trial % 2;
+    std::vector<int32_t> parents(n), pos(n), pos_g(n);
+    for (int i = 0; i < n; ++i) parents[i] = randint(rng, -1, i - 1);
+    // model/sequence.cpp: pos[i] = base + depth(i); token i sees its ancestors and itself.
+    std::vector<std::vector<int32_t>> visible(n);
+    std::vector<uint32_t> mask(static_cast<size_t>(n) * words, 0u), mask_g(mask.size(), 0xdeadbeefu);
+    for (int i = 0; i < n; ++i) {
+      const int p = parents[i];
+      pos[i] = base + (p < 0 ? 0 : pos[p] - base + 1);
+      if (p >= 0) visible[i] = visible[p];
+      visible[i].push_back(i);
+      for (int j : visible[i]) mask[static_cast<size_t>(i) * words + (j >> 5)] |= 1u << (j & 31);
+    }
+    g.tree_mask(parents.data(), n, base, pos_g.data(), mask_g.data(), words);
+    bad += pos != pos_g || mask != mask_g;
+  }
+  CHECK_EQ(bad, 0);
+}
+
+OSD_TEST(kv_keep_path_matches_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(18);
+  int bad = 0;
+  for (int trial = 0; trial < 100; ++trial) {
+    const int n = randint(rng, 1, 64), base = randint(rng, 0, 40), kvd = randint(rng, 1, 300);
+    const int slots = base + n + randint(rng, 0, 5);
+    std::vector<int32_t> parents(n);
+    for (int i = 0; i < n; ++i) parents[i] = randint(rng, -1, i - 1);
+    // A root-to-node path of the tree, as verification returns it.
+    std::vector<int32_t> path;
+    for (int j = randint(rng, 0, n - 1); j >= 0; j = parents[j]) path.push_back(j);
+    std::reverse(path.begin(), path.end());
+    std::vector<float> k(static_cast<size_t>(slots) * kvd), v(k.size());
+    for (size_t i = 0; i < k.size(); ++i) k[i] = static_cast<float>(i), v[i] = -static_cast<float>(i);
+    auto kc = k, vc = v;
+    // Sequence::keep_path.
+    for (size_t i = 0; i < path.size(); ++i) {
+      const int src = base + path[i];
+      if (src == base + static_cast<int>(i)) continue;
+      std::memcpy(&kc[(base + i) * kvd], &kc[static_cast<size_t>(src) * kvd], kvd * sizeof(float));
+      std::memcpy(&vc[(base + i) * kvd], &vc[static_cast<size_t>(src) * kvd], kvd * sizeof(float));
+    }
+    g.kv_keep_path(k.data(), v.data(), slots, kvd, base, path.data(), static_cast<int32_t>(path.size()));
+    bad += k != kc || v != vc;
+  }
+  CHECK_EQ(bad, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// Usage: test_cuda [NAME_PART | =EXACT_NAME | --list]
+int main(int argc, char** argv) {
+  const char* filter = argc > 1 ? argv[1] : nullptr;
+  if (filter && !std::strcmp(filter, "--list")) {
+    for (auto& c : osd_test::registry()) std::printf("%s\n", c.name);
+    return 0;
+  }
+  std::string why;
+  CudaBackend* g = gpu_or_null(&why);
+  if (g)
+    std::printf("device: %s; compiled for %s\n", g->device_name().c_str(), cuda_backend_targets().c_str());
+  else
+    std::printf("no usable CUDA device (%s); compiled for %s\n", why.c_str(), cuda_backend_targets().c_str());
+  int passed = 0, failed = 0, skipped = 0;
+  for (auto& c : osd_test::registry()) {
+    if (filter && (filter[0] == '=' ? std::strcmp(c.name, filter + 1) != 0 : !std::strstr(c.name, filter))) continue;
+    const int before = osd_test::failures();
+    const auto t0 = std::chrono::steady_clock::now();
+    try {
+      c.fn();
+    } catch (const Skip& s) {
+      std::printf("skip %s: %s\n", c.name, s.why.c_str());
+      ++skipped;
+      continue;
+    } catch (const std::exception& e) {
+      osd_test::fail(__FILE__, __LINE__, std::string("uncaught exception: ") + e.what());
+    }
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const bool ok = osd_test::failures() == before;
+    std::printf("%s %s (%.2f s)\n", ok ? "ok  " : "FAIL", c.name, secs);
+    std::fflush(stdout);
+    (ok ? passed : failed)++;
+  }
+  std::printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
+  return failed == 0 ? 0 : 1;
+}

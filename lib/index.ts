@@ -8,6 +8,7 @@ export {
   backends,
   setThreads,
   bandwidthProbe,
+  flopsProbe,
 } from './kernels.js';
 export type {
   SamplingOptions,

@@ -201,3 +201,8 @@ export function bandwidthProbe(options: { bytes?: number; iterations?: number } 
 } {
   return addon.bandwidthProbe(options);
 }
+
+/** Peak f32 multiply-add rate of this machine's thread pool, measured in this process (for benchmark ratios). */
+export function flopsProbe(options: { iterations?: number } = {}): { flopsPerSecond: number; threads: number } {
+  return (addon as unknown as { flopsProbe(o: object): { flopsPerSecond: number; threads: number } }).flopsProbe(options);
+}

@@ -29,6 +29,21 @@ OSD_CLONES float sum_range(const float* x, size_t n) {
   return t;
 }
 
+// 16 independent chains of 8-wide multiply-adds: enough to hide FMA latency on current cores.
+OSD_CLONES float fma_chains(int64_t reps, float a) {
+  float acc[16][8];
+  for (int c = 0; c < 16; ++c)
+    for (int k = 0; k < 8; ++k) acc[c][k] = 0.001f * (c + k);
+  const float b = 0.999999f;
+  for (int64_t r = 0; r < reps; ++r)
+    for (int c = 0; c < 16; ++c)
+      for (int k = 0; k < 8; ++k) acc[c][k] = acc[c][k] * b + a;
+  float t = 0;
+  for (int c = 0; c < 16; ++c)
+    for (int k = 0; k < 8; ++k) t += acc[c][k];
+  return t;
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -62,6 +77,31 @@ BandwidthResult measure_bandwidth(size_t bytes, int iterations) {
   }
   (void)sink;
   return r;
+}
+
+double measure_peak_flops(int iterations) {
+  ThreadPool& pool = default_pool();
+  const int threads = pool.size();
+  const int64_t reps = 2'000'000;
+  double best = 0;
+  volatile float sink = 0;
+  for (int it = 0; it < std::max(1, iterations); ++it) {
+    std::mutex mu;
+    float total = 0;
+    auto t0 = std::chrono::steady_clock::now();
+    pool.parallel_for(threads, 1, [&](size_t lo, size_t hi) {
+      for (size_t i = lo; i < hi; ++i) {
+        float s = fma_chains(reps, 1e-7f * static_cast<float>(i + 1));
+        std::lock_guard<std::mutex> lk(mu);
+        total += s;
+      }
+    });
+    double dt = seconds_since(t0);
+    sink = sink + total;
+    best = std::max(best, 2.0 * 16 * 8 * static_cast<double>(reps) * threads / dt);
+  }
+  (void)sink;
+  return best;
 }
 
 }  // namespace osd

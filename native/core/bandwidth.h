@@ -14,4 +14,8 @@ struct BandwidthResult {
 // pool (best pass wins) and returns the rates.
 BandwidthResult measure_bandwidth(size_t bytes, int iterations);
 
+// Peak f32 multiply-add rate of the default pool: independent FMA chains in registers on every
+// thread (AVX2 + FMA where the CPU has it), best of `iterations`. FLOP/s counts a multiply-add as 2.
+double measure_peak_flops(int iterations);
+
 }  // namespace osd

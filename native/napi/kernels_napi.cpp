@@ -325,6 +325,18 @@ Napi::Value bandwidth_probe(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value flops_probe(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    Napi::Object o = info.Length() > 0 && info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object::New(env);
+    int iters = static_cast<int>(get_int_or(o, "iterations", 1, 100, 3));
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("flopsPerSecond", measure_peak_flops(iters));
+    r.Set("threads", default_threads());
+    return r;
+  });
+}
+
 Napi::Value set_threads(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "threads must be a number");
@@ -355,6 +367,7 @@ void init(Napi::Env env, Napi::Object exports) {
   exports.Set("adamwStep", Napi::Function::New(env, adamw_step, "adamwStep"));
   exports.Set("globalNorm", Napi::Function::New(env, global_norm, "globalNorm"));
   exports.Set("bandwidthProbe", Napi::Function::New(env, bandwidth_probe, "bandwidthProbe"));
+  exports.Set("flopsProbe", Napi::Function::New(env, flops_probe, "flopsProbe"));
   exports.Set("setThreads", Napi::Function::New(env, set_threads, "setThreads"));
   exports.Set("backends", Napi::Function::New(env, backends, "backends"));
 }

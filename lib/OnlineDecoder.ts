@@ -185,7 +185,10 @@ export class OnlineDecoder extends EventEmitter {
   #bufferBytes = 0;
   #live = new Map<number, RecordEntry>();
   #trainer: Trainer | null = null;
-  #updating: Promise<void> | null = null;
+  // Updates and guard checks touch the trainer and the draft's weights: they run one at a time, in
+  // order, on this chain. #pending is set while an update is queued or running.
+  #chain: Promise<void> = Promise.resolve();
+  #pending = false;
   #updates = 0;
   #rollbacks = 0;
   #recent: { drafted: number; accepted: number }[] = [];
@@ -273,7 +276,7 @@ export class OnlineDecoder extends EventEmitter {
       if (this.#recent.length > this.options.guardWindow) this.#recent.shift();
       if (this.#guard) {
         this.#guard.window.push(w);
-        if (this.#guard.window.length >= this.options.guardWindow) void this.#checkGuard();
+        if (this.#guard.window.length >= this.options.guardWindow) this.#enqueue(() => this.#checkGuard());
       }
       this.emit('acceptance', { window: this.#recent.length, rate: rate(this.#recent) });
     }
@@ -292,7 +295,33 @@ export class OnlineDecoder extends EventEmitter {
     this.#buffer.push(rec);
     this.#bufferBytes += rec.bytes;
     while (this.#bufferBytes > this.options.maxBufferBytes && this.#buffer.length > 1) this.#bufferBytes -= this.#buffer.shift()!.bytes;
-    if (this.#shouldUpdate()) this.#updating ??= this.#update().finally(() => (this.#updating = null));
+    this.#scheduleUpdate();
+  }
+
+  /** Runs fn after everything queued before it; a failure is reported as an event, never thrown. */
+  #enqueue(fn: () => Promise<void>): Promise<void> {
+    const run = async () => {
+      try {
+        await fn();
+      } catch (e) {
+        this.emit('update-error', { error: e instanceof Error ? e : new Error(String(e)) });
+      }
+    };
+    this.#chain = this.#chain.then(run);
+    return this.#chain;
+  }
+
+  #scheduleUpdate(): void {
+    if (this.#pending || !this.#shouldUpdate()) return;
+    this.#pending = true;
+    this.#enqueue(async () => {
+      try {
+        // The trigger is checked again: a guard check queued before may have changed things.
+        if (this.#shouldUpdate()) await this.#update();
+      } finally {
+        this.#pending = false;
+      }
+    });
   }
 
   #shouldUpdate(): boolean {
@@ -311,14 +340,21 @@ export class OnlineDecoder extends EventEmitter {
 
   /** Trains now on whatever is buffered (resolves when the new weights are in place). */
   async updateNow(): Promise<UpdateEvent | null> {
-    await this.#updating;
-    if (this.#buffer.length === 0) return null;
     let event: UpdateEvent | null = null;
-    const listener = (e: UpdateEvent) => (event = e);
-    this.once('update', listener);
-    this.#updating = this.#update().finally(() => (this.#updating = null));
-    await this.#updating;
-    this.off('update', listener);
+    let failure: Error | undefined;
+    await this.#enqueue(async () => {
+      if (this.#buffer.length === 0) return;
+      const listener = (e: UpdateEvent) => (event = e);
+      this.once('update', listener);
+      try {
+        await this.#update();
+      } catch (e) {
+        failure = e instanceof Error ? e : new Error(String(e));
+      } finally {
+        this.off('update', listener);
+      }
+    });
+    if (failure) throw failure;
     return event;
   }
 
@@ -439,7 +475,7 @@ export class OnlineDecoder extends EventEmitter {
       this.emit('rollback', { update: g.update, reason: `acceptance fell from ${g.before.toFixed(3)} to ${after.toFixed(3)} over ${g.window.length} requests` } satisfies RollbackEvent);
     }
     await g.previous.dispose();
-    if (this.#shouldUpdate()) this.#updating ??= this.#update().finally(() => (this.#updating = null));
+    this.#scheduleUpdate();
   }
 
   async #rollback(update: number, reason: string): Promise<void> {
@@ -486,7 +522,7 @@ export class OnlineDecoder extends EventEmitter {
     if (this.#disposed) return;
     this.#disposed = true;
     await this.#decoder.dispose();
-    await this.#updating;
+    await this.#chain;
     await this.#trainer?.dispose();
     await this.#guard?.previous.dispose();
     this.#guard = null;

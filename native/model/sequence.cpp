@@ -121,9 +121,11 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& w = m.layers[l];
     for (int32_t i = 0; i < n; ++i) rmsnorm(&x[i * D], w.attn_norm, D, c.rms_eps, &xb[i * D]);
-    matmul(w.wq, xb.data(), n, q.data());
-    matmul(w.wk, xb.data(), n, kv_k.data());
-    matmul(w.wv, xb.data(), n, kv_v.data());
+    {
+      const Matrix* ws[3] = {&w.wq, &w.wk, &w.wv};
+      float* ys[3] = {q.data(), kv_k.data(), kv_v.data()};
+      matmul_many(ws, ys, 3, xb.data(), n);
+    }
     for (int32_t i = 0; i < n; ++i) {
       if (w.bq) {
         for (int64_t j = 0; j < QD; ++j) q[i * QD + j] += w.bq[j];
@@ -141,39 +143,25 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
     const float* V = v_[l].data();
     default_pool().parallel_for(static_cast<size_t>(n) * c.n_heads, 1, [&](size_t lo, size_t hi) {
       std::vector<float> score;
+      std::vector<int32_t> extra;
       for (size_t task = lo; task < hi; ++task) {
         const int32_t i = static_cast<int32_t>(task / c.n_heads), hh = static_cast<int32_t>(task % c.n_heads);
         const int32_t kh = hh / group;
-        const float* qv = &q[i * QD + hh * HD];
-        const size_t nvis = base + visible[i].size();
-        score.resize(nvis);
-        float mx = -INFINITY;
-        for (size_t s = 0; s < nvis; ++s) {
-          const int32_t slot = s < static_cast<size_t>(base) ? static_cast<int32_t>(s) : base + visible[i][s - base];
-          const float* kv = K + slot * KVD + kh * HD;
-          float dot = 0.0f;
-          for (int64_t d = 0; d < HD; ++d) dot += qv[d] * kv[d];
-          score[s] = dot * inv_sqrt_hd;
-          mx = std::max(mx, score[s]);
-        }
-        float sum = 0.0f;
-        for (size_t s = 0; s < nvis; ++s) sum += (score[s] = std::exp(score[s] - mx));
-        const float inv = 1.0f / sum;
-        float* out = &att[i * QD + hh * HD];
-        std::fill(out, out + HD, 0.0f);
-        for (size_t s = 0; s < nvis; ++s) {
-          const int32_t slot = s < static_cast<size_t>(base) ? static_cast<int32_t>(s) : base + visible[i][s - base];
-          const float* vv = V + slot * KVD + kh * HD;
-          const float a = score[s] * inv;
-          for (int64_t d = 0; d < HD; ++d) out[d] += a * vv[d];
-        }
+        extra.resize(visible[i].size());
+        for (size_t e = 0; e < extra.size(); ++e) extra[e] = base + visible[i][e];
+        score.resize(static_cast<size_t>(base) + extra.size());
+        attend_head(&q[i * QD + hh * HD], K + kh * HD, V + kh * HD, static_cast<size_t>(KVD), base, extra.data(),
+                    static_cast<int32_t>(extra.size()), HD, inv_sqrt_hd, score.data(), &att[i * QD + hh * HD]);
       }
     });
     matmul(w.wo, att.data(), n, tmp.data());
     for (int64_t j = 0; j < n * D; ++j) x[j] += tmp[j];
     for (int32_t i = 0; i < n; ++i) rmsnorm(&x[i * D], w.ffn_norm, D, c.rms_eps, &xb[i * D]);
-    matmul(w.w_gate, xb.data(), n, g.data());
-    matmul(w.w_up, xb.data(), n, h.data());
+    {
+      const Matrix* ws[2] = {&w.w_gate, &w.w_up};
+      float* ys[2] = {g.data(), h.data()};
+      matmul_many(ws, ys, 2, xb.data(), n);
+    }
     for (int32_t i = 0; i < n; ++i) swiglu(&g[i * F], &h[i * F], F, &h[i * F]);
     matmul(w.w_down, h.data(), n, tmp.data());
     for (int64_t j = 0; j < n * D; ++j) x[j] += tmp[j];

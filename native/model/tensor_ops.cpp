@@ -5,10 +5,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "core/fp16.h"
 #include "core/thread_pool.h"
+#include "model/quant.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -19,13 +21,15 @@ namespace osd {
 using gguf::TensorType;
 
 bool matrix_type_supported(TensorType t) {
-  return t == TensorType::F32 || t == TensorType::F16 || t == TensorType::BF16 || t == TensorType::Q8_0;
+  return t == TensorType::F32 || t == TensorType::F16 || t == TensorType::BF16 || quant::has_int8_kernel(t);
 }
+
+const char* supported_matrix_types() { return "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K"; }
 
 Matrix matrix_from_tensor(const gguf::TensorInfo& t) {
   if (!matrix_type_supported(t.type))
     throw_range("tensor '" + t.name + "' has type " + gguf::type_info(t.type).name +
-                ", which has no matrix kernel yet (supported: F32, F16, BF16, Q8_0)");
+                ", which has no matrix kernel (supported: " + supported_matrix_types() + ")");
   if (t.n_dims > 2 && (t.ne[2] != 1 || t.ne[3] != 1))
     throw_range("tensor '" + t.name + "' is not a matrix");
   Matrix m;
@@ -33,7 +37,14 @@ Matrix matrix_from_tensor(const gguf::TensorInfo& t) {
   m.cols = static_cast<int64_t>(t.ne[0]);
   m.rows = static_cast<int64_t>(t.ne[1]);
   m.data = t.data;
-  m.row_bytes = t.n_bytes / static_cast<size_t>(m.rows);
+  const uint32_t block = gguf::type_info(t.type).block_size;
+  if (m.cols % block != 0)
+    throw_range("tensor '" + t.name + "' has rows of " + std::to_string(m.cols) + " values, not a whole number of " +
+                gguf::type_info(t.type).name + " blocks of " + std::to_string(block));
+  m.row_bytes = quant::bytes_for(t.type, m.cols);
+  if (m.row_bytes * static_cast<size_t>(m.rows) != t.n_bytes)
+    throw_range("tensor '" + t.name + "' has " + std::to_string(t.n_bytes) + " bytes of data, expected " +
+                std::to_string(m.row_bytes * static_cast<size_t>(m.rows)));
   return m;
 }
 
@@ -48,12 +59,6 @@ Matrix matrix_f32(const float* data, int64_t rows, int64_t cols) {
 }
 
 namespace {
-
-struct BlockQ8_0 {
-  uint16_t d;
-  int8_t qs[32];
-};
-static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 block is 34 bytes");
 
 // ---- Portable dot products: 8 partial sums, summed pairwise at the end (fixed order). ----
 
@@ -76,17 +81,6 @@ float dot_bf16_ref(const uint16_t* w, const float* x, int64_t n) {
   float acc[8] = {};
   for (int64_t i = 0; i < n; ++i) acc[i & 7] += bf16_to_float(w[i]) * x[i];
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-
-float dot_q8_0_ref(const BlockQ8_0* b, const float* x, int64_t n) {
-  float total = 0.0f;
-  for (int64_t blk = 0; blk < n / 32; ++blk) {
-    float acc[8] = {};
-    for (int i = 0; i < 32; ++i) acc[i & 7] += static_cast<float>(b[blk].qs[i]) * x[blk * 32 + i];
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    total += half_to_float(b[blk].d) * s;
-  }
-  return total;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -130,27 +124,123 @@ OSD_AVX2 float dot_bf16_avx2(const uint16_t* w, const float* x, int64_t n) {
   return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
-OSD_AVX2 float dot_q8_0_avx2(const BlockQ8_0* b, const float* x, int64_t n) {
-  float total = 0.0f;
-  for (int64_t blk = 0; blk < n / 32; ++blk) {
-    __m256 acc = _mm256_setzero_ps();
-    const float* xb = x + blk * 32;
-    for (int i = 0; i < 32; i += 8) {
-      __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b[blk].qs + i));
-      __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-      acc = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xb + i), acc);
-    }
-    alignas(32) float a[8];
-    _mm256_store_ps(a, acc);
-    float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-    total += half_to_float(b[blk].d) * s;
+// exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial; within
+// 2 ulp of the exact value for x in [-87, 88.7], 0 below, +inf above, NaN kept).
+OSD_AVX2 __m256 exp_avx2(__m256 x) {
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.72f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // 2^n, split in two factors so that n = 128 (x near 88.7) does not overflow the exponent field.
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i h = _mm256_srai_epi32(ni, 1);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, _mm256_set1_epi32(127)), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), _mm256_set1_epi32(127)), 23));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(88.72f), _CMP_GT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+OSD_AVX2 void swiglu_avx2(const float* gate, const float* up, int64_t n, float* h) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    const __m256 sg = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    _mm256_storeu_ps(h + i, _mm256_mul_ps(sg, _mm256_loadu_ps(up + i)));
   }
-  return total;
+  if (i < n) {  // the tail through the same vector code, so that a value never depends on its position
+    alignas(32) float gt[8] = {}, ut[8] = {}, ht[8];
+    for (int64_t j = i; j < n; ++j) gt[j - i] = gate[j], ut[j - i] = up[j];
+    const __m256 g = _mm256_load_ps(gt);
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    _mm256_store_ps(ht, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_load_ps(ut)));
+    for (int64_t j = i; j < n; ++j) h[j] = ht[j - i];
+  }
+}
+
+OSD_AVX2 float hsum_avx2(__m256 v) {
+  const __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 u = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
+}
+
+// Attention for head sizes that are a multiple of 8 (see attend_head). Per slot, the score is
+// one 8-lane FMA chain over the head dimension and a fixed horizontal sum; slots are taken four
+// at a time only to run four chains side by side. The output accumulates slots in order.
+OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, size_t stride, int32_t prefix,
+                               const int32_t* extra, int32_t n_extra, int64_t hd, float scale, float* score, float* out) {
+  const int32_t n = prefix + n_extra;
+  auto slot = [&](int32_t s) -> size_t { return static_cast<size_t>(s < prefix ? s : extra[s - prefix]) * stride; };
+  int32_t s = 0;
+  for (; s + 4 <= n; s += 4) {
+    const float* k0 = K + slot(s);
+    const float* k1 = K + slot(s + 1);
+    const float* k2 = K + slot(s + 2);
+    const float* k3 = K + slot(s + 3);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < hd; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+    }
+    score[s] = hsum_avx2(a0) * scale;
+    score[s + 1] = hsum_avx2(a1) * scale;
+    score[s + 2] = hsum_avx2(a2) * scale;
+    score[s + 3] = hsum_avx2(a3) * scale;
+  }
+  for (; s < n; ++s) {
+    const float* k = K + slot(s);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
+    score[s] = hsum_avx2(acc) * scale;
+  }
+  float mx = -INFINITY;
+  for (s = 0; s < n; ++s) mx = std::max(mx, score[s]);
+  // exp is elementwise, so grouping the slots by 8 does not change any value; the sum runs in
+  // slot order.
+  const __m256 vmx = _mm256_set1_ps(mx);
+  for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(score + s, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(score + s), vmx)));
+  for (; s < n; ++s) {
+    alignas(32) float t[8] = {score[s] - mx, 0, 0, 0, 0, 0, 0, 0};
+    _mm256_store_ps(t, exp_avx2(_mm256_load_ps(t)));
+    score[s] = t[0];
+  }
+  float sum = 0.0f;
+  for (s = 0; s < n; ++s) sum += score[s];
+  const float inv = 1.0f / sum;
+  for (s = 0; s < n; ++s) score[s] *= inv;
+  // Output dimensions in chunks of 64 held in registers; slots in order within each chunk.
+  for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+    const int nv = static_cast<int>(std::min<int64_t>(64, hd - d0) / 8);
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (s = 0; s < n; ++s) {
+      const __m256 a = _mm256_set1_ps(score[s]);
+      const float* v = V + slot(s) + d0;
+      if (nv == 8) {
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 8 * j), acc[j]);
+      } else {
+        for (int j = 0; j < nv; ++j) acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 8 * j), acc[j]);
+      }
+    }
+    for (int j = 0; j < nv; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
+  }
 }
 
 bool have_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c") && !std::getenv("OSD_NO_AVX2");
+  static const bool yes = quant::isa_available(quant::Isa::Avx2) && !std::getenv("OSD_NO_AVX2");
   return yes;
 }
 #else
@@ -159,21 +249,26 @@ bool have_avx2() { return false; }
 
 using DotFn = float (*)(const uint8_t* row, const float* x, int64_t n);
 
-DotFn pick_dot(TensorType t) {
-  const bool v = have_avx2();
+DotFn pick_dot(TensorType t, bool v) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (v) switch (t) {
+      case TensorType::F32:
+        return [](const uint8_t* r, const float* x, int64_t n) { return dot_f32_avx2(reinterpret_cast<const float*>(r), x, n); };
+      case TensorType::F16:
+        return [](const uint8_t* r, const float* x, int64_t n) { return dot_f16_avx2(reinterpret_cast<const uint16_t*>(r), x, n); };
+      case TensorType::BF16:
+        return [](const uint8_t* r, const float* x, int64_t n) { return dot_bf16_avx2(reinterpret_cast<const uint16_t*>(r), x, n); };
+      default:
+        break;
+    }
+#endif
   switch (t) {
     case TensorType::F32:
-      return v ? [](const uint8_t* r, const float* x, int64_t n) { return dot_f32_avx2(reinterpret_cast<const float*>(r), x, n); }
-               : [](const uint8_t* r, const float* x, int64_t n) { return dot_f32_ref(reinterpret_cast<const float*>(r), x, n); };
+      return [](const uint8_t* r, const float* x, int64_t n) { return dot_f32_ref(reinterpret_cast<const float*>(r), x, n); };
     case TensorType::F16:
-      return v ? [](const uint8_t* r, const float* x, int64_t n) { return dot_f16_avx2(reinterpret_cast<const uint16_t*>(r), x, n); }
-               : [](const uint8_t* r, const float* x, int64_t n) { return dot_f16_ref(reinterpret_cast<const uint16_t*>(r), x, n); };
+      return [](const uint8_t* r, const float* x, int64_t n) { return dot_f16_ref(reinterpret_cast<const uint16_t*>(r), x, n); };
     case TensorType::BF16:
-      return v ? [](const uint8_t* r, const float* x, int64_t n) { return dot_bf16_avx2(reinterpret_cast<const uint16_t*>(r), x, n); }
-               : [](const uint8_t* r, const float* x, int64_t n) { return dot_bf16_ref(reinterpret_cast<const uint16_t*>(r), x, n); };
-    case TensorType::Q8_0:
-      return v ? [](const uint8_t* r, const float* x, int64_t n) { return dot_q8_0_avx2(reinterpret_cast<const BlockQ8_0*>(r), x, n); }
-               : [](const uint8_t* r, const float* x, int64_t n) { return dot_q8_0_ref(reinterpret_cast<const BlockQ8_0*>(r), x, n); };
+      return [](const uint8_t* r, const float* x, int64_t n) { return dot_bf16_ref(reinterpret_cast<const uint16_t*>(r), x, n); };
     default:
       throw_range(std::string("no matrix kernel for type ") + gguf::type_info(t).name);
   }
@@ -182,32 +277,24 @@ DotFn pick_dot(TensorType t) {
 }  // namespace
 
 void dequantize_row(const Matrix& m, int64_t r, float* out) {
-  const uint8_t* row = m.data + static_cast<size_t>(r) * m.row_bytes;
-  switch (m.type) {
-    case TensorType::F32:
-      std::memcpy(out, row, m.cols * sizeof(float));
-      return;
-    case TensorType::F16:
-      for (int64_t i = 0; i < m.cols; ++i) out[i] = half_to_float(reinterpret_cast<const uint16_t*>(row)[i]);
-      return;
-    case TensorType::BF16:
-      for (int64_t i = 0; i < m.cols; ++i) out[i] = bf16_to_float(reinterpret_cast<const uint16_t*>(row)[i]);
-      return;
-    case TensorType::Q8_0: {
-      const auto* b = reinterpret_cast<const BlockQ8_0*>(row);
-      for (int64_t blk = 0; blk < m.cols / 32; ++blk) {
-        const float d = half_to_float(b[blk].d);
-        for (int i = 0; i < 32; ++i) out[blk * 32 + i] = d * b[blk].qs[i];
-      }
-      return;
-    }
-    default:
-      throw_range(std::string("no dequantiser for type ") + gguf::type_info(m.type).name);
-  }
+  quant::dequantize(m.type, m.data + static_cast<size_t>(r) * m.row_bytes, m.cols, out);
 }
 
-void matmul(const Matrix& w, const float* x, int64_t n, float* y) {
-  const DotFn dot = pick_dot(w.type);
+bool kernel_isa_available(KernelIsa isa) {
+  return isa != KernelIsa::Avx2 || quant::isa_available(quant::Isa::Avx2);
+}
+
+void matmul(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa) {
+  if (isa == KernelIsa::Avx2 && !kernel_isa_available(isa))
+    throw_range("matmul: the AVX2 kernels are not available on this CPU");
+  if (quant::has_int8_kernel(w.type)) {
+    const quant::Isa qi = isa == KernelIsa::Auto ? quant::best_isa()
+                          : isa == KernelIsa::Avx2 ? quant::Isa::Avx2
+                                                   : quant::Isa::Portable;
+    quant::matmul(w.type, w.data, w.row_bytes, w.rows, w.cols, x, n, y, qi);
+    return;
+  }
+  const DotFn dot = pick_dot(w.type, isa == KernelIsa::Auto ? have_avx2() : isa == KernelIsa::Avx2);
   const int64_t rows = w.rows, cols = w.cols;
   // Split over output rows; a block of rows is applied to every token while it is hot in cache.
   constexpr int64_t kRowBlock = 16;
@@ -222,6 +309,24 @@ void matmul(const Matrix& w, const float* x, int64_t n, float* y) {
   });
 }
 
+void matmul_many(const Matrix* const* w, float* const* y, int count, const float* x, int64_t n, KernelIsa isa) {
+  if (count <= 0) return;
+  auto family = [](TensorType t) { return gguf::type_info(t).block_size; };
+  bool shared = count > 1 && kernel_isa_available(isa);
+  for (int i = 0; i < count && shared; ++i)
+    shared = quant::has_int8_kernel(w[i]->type) && family(w[i]->type) == family(w[0]->type) && w[i]->cols == w[0]->cols;
+  if (!shared) {
+    for (int i = 0; i < count; ++i) matmul(*w[i], x, n, y[i], isa);
+    return;
+  }
+  std::vector<quant::MatmulTarget> targets;
+  for (int i = 0; i < count; ++i) targets.push_back({w[i]->type, w[i]->data, w[i]->row_bytes, w[i]->rows, y[i]});
+  const quant::Isa qi = isa == KernelIsa::Auto ? quant::best_isa()
+                        : isa == KernelIsa::Avx2 ? quant::Isa::Avx2
+                                                 : quant::Isa::Portable;
+  quant::matmul_many(targets.data(), count, w[0]->cols, x, n, qi);
+}
+
 void rmsnorm(const float* x, const float* weight, int64_t dim, float eps, float* y) {
   double ss = 0.0;
   for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(x[i]) * x[i];
@@ -231,10 +336,27 @@ void rmsnorm(const float* x, const float* weight, int64_t dim, float eps, float*
 
 void rope(float* v, int64_t head_dim, int64_t pos, float theta, float freq_scale, bool neox) {
   const int64_t half = head_dim / 2;
+  // Every head of a token rotates by the same angles: they are computed once per (position,
+  // parameters) on each thread and reused, with the same values as computing them each time.
+  struct Angles {
+    int64_t head_dim = -1, pos = -1;
+    float theta = 0, freq_scale = 0;
+    std::vector<float> cos, sin;
+  };
+  thread_local Angles cache;
+  if (cache.head_dim != head_dim || cache.pos != pos || cache.theta != theta || cache.freq_scale != freq_scale) {
+    cache.cos.resize(static_cast<size_t>(half));
+    cache.sin.resize(static_cast<size_t>(half));
+    for (int64_t i = 0; i < half; ++i) {
+      const double freq = std::pow(static_cast<double>(theta), -2.0 * i / head_dim) * freq_scale;
+      const double angle = pos * freq;
+      cache.cos[i] = static_cast<float>(std::cos(angle));
+      cache.sin[i] = static_cast<float>(std::sin(angle));
+    }
+    cache.head_dim = head_dim, cache.pos = pos, cache.theta = theta, cache.freq_scale = freq_scale;
+  }
   for (int64_t i = 0; i < half; ++i) {
-    const double freq = std::pow(static_cast<double>(theta), -2.0 * i / head_dim) * freq_scale;
-    const double angle = pos * freq;
-    const float c = static_cast<float>(std::cos(angle)), s = static_cast<float>(std::sin(angle));
+    const float c = cache.cos[i], s = cache.sin[i];
     const int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
     const float x0 = v[a], x1 = v[b];
     v[a] = x0 * c - x1 * s;
@@ -243,9 +365,36 @@ void rope(float* v, int64_t head_dim, int64_t pos, float theta, float freq_scale
 }
 
 void swiglu(const float* gate, const float* up, int64_t n, float* h) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (have_avx2()) return swiglu_avx2(gate, up, n, h);
+#endif
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate[i];
     h[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void attend_head(const float* q, const float* K, const float* V, size_t stride, int32_t prefix, const int32_t* extra,
+                 int32_t n_extra, int64_t head_dim, float scale, float* score, float* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (have_avx2() && head_dim % 8 == 0)
+    return attend_head_avx2(q, K, V, stride, prefix, extra, n_extra, head_dim, scale, score, out);
+#endif
+  const int32_t n = prefix + n_extra;
+  auto slot = [&](int32_t s) -> size_t { return static_cast<size_t>(s < prefix ? s : extra[s - prefix]) * stride; };
+  float mx = -INFINITY;
+  for (int32_t s = 0; s < n; ++s) {
+    score[s] = dot_f32_ref(q, K + slot(s), head_dim) * scale;
+    mx = std::max(mx, score[s]);
+  }
+  float sum = 0.0f;
+  for (int32_t s = 0; s < n; ++s) sum += (score[s] = std::exp(score[s] - mx));
+  const float inv = 1.0f / sum;
+  std::fill(out, out + head_dim, 0.0f);
+  for (int32_t s = 0; s < n; ++s) {
+    const float a = score[s] *= inv;
+    const float* v = V + slot(s);
+    for (int64_t d = 0; d < head_dim; ++d) out[d] += a * v[d];
   }
 }
 

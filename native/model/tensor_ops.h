@@ -1,7 +1,8 @@
-// Model math on the CPU: matrix products over weights in their stored type (F32, F16, BF16, Q8_0),
+// Model math on the CPU: matrix products over weights in their stored type (F32, F16, BF16, and the
+// quantised Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K read block by block, see quant.h),
 // RMSNorm, RoPE and SwiGLU. Every output element is one dot product with a fixed reduction order,
 // computed by one thread, so a token's result never depends on how many tokens share the call
-// (batch invariance) or on the thread count.
+// (batch invariance), on the thread count, or on the kernel's instruction set.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -22,16 +23,30 @@ struct Matrix {
 };
 
 // Builds a Matrix over a GGUF tensor (ne[0] = cols, ne[1] = rows). Throws Range naming the tensor
-// for a type without a matrix kernel.
+// for a type without a matrix kernel, or a row length that is not a whole number of blocks.
 Matrix matrix_from_tensor(const gguf::TensorInfo& t);
 Matrix matrix_f32(const float* data, int64_t rows, int64_t cols);
 bool matrix_type_supported(gguf::TensorType t);
+// "F32, F16, BF16, Q4_0, ..." for error messages.
+const char* supported_matrix_types();
 
 // out[j] = dequantised element j of row r.
 void dequantize_row(const Matrix& m, int64_t r, float* out);
 
-// Y[t][r] = dot(W row r, X[t]) for t < n: X is n x cols, Y is n x rows.
-void matmul(const Matrix& w, const float* x, int64_t n, float* y);
+// Which kernels matmul uses: Auto picks the best the CPU has (AVX2 unless OSD_NO_AVX2 is set);
+// Portable and Avx2 force one (tests compare them; Avx2 throws Range where the CPU lacks it).
+enum class KernelIsa { Auto, Portable, Avx2 };
+bool kernel_isa_available(KernelIsa isa);
+
+// Y[t][r] = dot(W row r, X[t]) for t < n: X is n x cols, Y is n x rows. Quantised weights are
+// multiplied with activations quantised to 8 bits per token row (quant.h).
+void matmul(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa = KernelIsa::Auto);
+
+// Several products of the same input (Q, K and V; gate and up): y[i] = W[i] x, each bit for bit
+// what matmul(*w[i], x, n, y[i]) gives, with one activation quantisation and one parallel pass
+// where the weight types allow it (all quantised, all 32-value blocks or all K-quants).
+void matmul_many(const Matrix* const* w, float* const* y, int count, const float* x, int64_t n,
+                 KernelIsa isa = KernelIsa::Auto);
 
 // y = x / rms(x) * weight, per token row of size `dim`.
 void rmsnorm(const float* x, const float* weight, int64_t dim, float eps, float* y);
@@ -39,7 +54,17 @@ void rmsnorm(const float* x, const float* weight, int64_t dim, float eps, float*
 // Rotates one head vector at `pos`. Adjacent pairs (llama, llama2.c) or split halves (NeoX, qwen2).
 void rope(float* v, int64_t head_dim, int64_t pos, float theta, float freq_scale, bool neox);
 
-// h[i] = silu(gate[i]) * up[i]
+// h[i] = silu(gate[i]) * up[i] (elementwise: the same value for an element wherever it sits).
 void swiglu(const float* gate, const float* up, int64_t n, float* h);
+
+// Attention of one query head: out = sum over slots s of softmax_s(scale * q . k_s) * v_s, where the
+// slots are [0, prefix) followed by extra[0 .. n_extra), in that order, and k_s = K + slot * stride,
+// v_s = V + slot * stride (K and V already offset to the head). `score` (prefix + n_extra floats)
+// receives the attention weights, softmax_s, in slot order (what a backward pass needs). Each result depends only on q and the sequence of (k, v) it attends to,
+// not on where that sequence is split between prefix and extra: a token decoded alone and the same
+// token inside a chain or tree batch (whose ancestors hold the same keys and values) get
+// bit-identical outputs.
+void attend_head(const float* q, const float* K, const float* V, size_t stride, int32_t prefix, const int32_t* extra,
+                 int32_t n_extra, int64_t head_dim, float scale, float* score, float* out);
 
 }  // namespace osd

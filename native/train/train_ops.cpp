@@ -342,39 +342,6 @@ void rope_rows(const RopeTable& t, float* x, int64_t n, int64_t seq, int64_t hea
 
 // ---- Attention -----------------------------------------------------------------------------------
 
-namespace {
-
-// score[j] = sum_d q[d] kt[d * ld + j] for j < n, each sum in increasing d with a separate
-// multiply and add per term: the scalar loop of Sequence::evaluate, eight keys at a time. The
-// target has no FMA, so nothing can be contracted.
-#if defined(OSD_TRAIN_X86)
-__attribute__((target("avx"))) void attention_scores(const float* q, const float* kt, int64_t ld, int64_t n,
-                                                     int64_t hd, float* score) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hd; ++d)
-      acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(q[d]), _mm256_loadu_ps(kt + d * ld + j)));
-    _mm256_storeu_ps(score + j, acc);
-  }
-  for (; j < n; ++j) {
-    float dot = 0.0f;
-    for (int64_t d = 0; d < hd; ++d) dot += q[d] * kt[d * ld + j];
-    score[j] = dot;
-  }
-}
-#else
-void attention_scores(const float* q, const float* kt, int64_t ld, int64_t n, int64_t hd, float* score) {
-  for (int64_t j = 0; j < n; ++j) {
-    float dot = 0.0f;
-    for (int64_t d = 0; d < hd; ++d) dot += q[d] * kt[d * ld + j];
-    score[j] = dot;
-  }
-}
-#endif
-
-}  // namespace
-
 void attention_forward(const AttnShape& s, const float* q, const float* k, const float* v, float* probs, float* out) {
   const int64_t T = s.seq, H = s.n_heads, HD = s.head_dim;
   const int64_t QD = H * HD, KVD = static_cast<int64_t>(s.n_kv_heads) * HD;
@@ -382,30 +349,16 @@ void attention_forward(const AttnShape& s, const float* q, const float* k, const
   const float inv_sqrt_hd = 1.0f / std::sqrt(static_cast<float>(HD));
   // One task per (sequence, head); per query the operations of Sequence::evaluate, in its order.
   train_pool().parallel_for(static_cast<size_t>(s.batch * H), 1, [&](size_t lo, size_t hi) {
-    std::vector<float> kt(static_cast<size_t>(HD * T));
     for (size_t task = lo; task < hi; ++task) {
       const int64_t b = static_cast<int64_t>(task) / H, h = static_cast<int64_t>(task) % H, kh = h / group;
-      for (int64_t j = 0; j < T; ++j)
-        for (int64_t d = 0; d < HD; ++d) kt[d * T + j] = k[(b * T + j) * KVD + kh * HD + d];
+      const float* kb = k + (b * T) * KVD + kh * HD;
+      const float* vb = v + (b * T) * KVD + kh * HD;
       for (int64_t i = 0; i < T; ++i) {
         float* p = probs + ((b * H + h) * T + i) * T;
-        attention_scores(q + (b * T + i) * QD + h * HD, kt.data(), T, i + 1, HD, p);
-        float mx = -INFINITY;
-        for (int64_t j = 0; j <= i; ++j) {
-          p[j] = p[j] * inv_sqrt_hd;
-          mx = std::max(mx, p[j]);
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - mx));
-        const float inv = 1.0f / sum;
-        float* o = out + (b * T + i) * QD + h * HD;
-        std::fill(o, o + HD, 0.0f);
-        for (int64_t j = 0; j <= i; ++j) {
-          const float* vv = v + (b * T + j) * KVD + kh * HD;
-          const float a = p[j] * inv;
-          p[j] = a;
-          for (int64_t d = 0; d < HD; ++d) o[d] += a * vv[d];
-        }
+        // The attention of Sequence::evaluate (osd::attend_head), so that logits are bitwise equal;
+        // p receives the attention weights.
+        attend_head(q + (b * T + i) * QD + h * HD, kb, vb, static_cast<size_t>(KVD), static_cast<int32_t>(i + 1), nullptr, 0,
+                    HD, inv_sqrt_hd, p, out + (b * T + i) * QD + h * HD);
         std::fill(p + i + 1, p + T, 0.0f);  // the masked keys, so backward can use whole rows
       }
     }

@@ -1,0 +1,550 @@
+// Native tests of the quantised formats and their matrix kernels:
+//  - dequantisation of every format against ../shared/models/quant-vectors, bit for bit;
+//  - quantisation F32 -> F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 against the vectors, byte for byte;
+//  - the AVX2 matrix kernels against the portable reference: tolerance 0 (bit-identical), because
+//    both run the same float operations in the same order on the same exact integer sums;
+//  - batch invariance (a token alone or inside batches of 3, 8, 13, 70 tokens) and thread-count
+//    invariance, bit for bit, for both instruction sets;
+//  - accuracy: each output against the exact (double) dot product of the dequantised weights with
+//    the quantised-then-dequantised activations, within the float rounding bound of the
+//    accumulation (see kernel_accuracy);
+//  - errors: unsupported types and partial blocks are named.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "core/error.h"
+#include "core/fp16.h"
+#include "core/thread_pool.h"
+#include "io/gguf.h"
+#include "model/quant.h"
+#include "model/quant_formats.h"
+#include "model/tensor_ops.h"
+
+using namespace osd;
+using gguf::TensorType;
+
+namespace {
+
+const std::string kVectors = "../shared/models/quant-vectors/";
+
+bool read_file(const std::string& path, std::vector<uint8_t>& out) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return false;
+  out.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  return true;
+}
+
+struct Entry {
+  std::string kind, type, input, expected;
+  int64_t count = 0;  // blocks (dequantize) or values (quantize)
+};
+
+std::string json_string(const std::string& obj, const std::string& key) {
+  const size_t k = obj.find("\"" + key + "\"");
+  if (k == std::string::npos) return "";
+  const size_t a = obj.find('"', obj.find(':', k) + 1);
+  const size_t b = obj.find('"', a + 1);
+  return obj.substr(a + 1, b - a - 1);
+}
+
+int64_t json_int(const std::string& obj, const std::string& key) {
+  const size_t k = obj.find("\"" + key + "\"");
+  if (k == std::string::npos) return -1;
+  return std::stoll(obj.substr(obj.find(':', k) + 1));
+}
+
+// vectors.json: {"generator": ..., "entries": [{...}, ...]} with flat entries.
+std::vector<Entry> read_entries() {
+  std::vector<uint8_t> bytes;
+  std::vector<Entry> out;
+  if (!read_file(kVectors + "vectors.json", bytes)) return out;
+  const std::string s(bytes.begin(), bytes.end());
+  size_t p = s.find("\"entries\"");
+  while ((p = s.find('{', p)) != std::string::npos) {
+    const size_t e = s.find('}', p);
+    const std::string obj = s.substr(p, e - p + 1);
+    Entry en;
+    en.kind = json_string(obj, "kind");
+    en.type = json_string(obj, "type");
+    en.input = json_string(obj, "input");
+    en.expected = en.kind == "dequantize" ? json_string(obj, "expected_f32") : json_string(obj, "expected_bytes");
+    en.count = en.kind == "dequantize" ? json_int(obj, "blocks") : json_int(obj, "values");
+    out.push_back(en);
+    p = e;
+  }
+  return out;
+}
+
+TensorType type_named(const std::string& name) {
+  for (uint32_t id = 0; id < 64; ++id)
+    if (const gguf::TypeInfo* ti = gguf::find_type_info(id))
+      if (name == ti->name) return static_cast<TensorType>(id);
+  throw std::runtime_error("unknown type " + name);
+}
+
+bool have_vectors() {
+  std::vector<uint8_t> b;
+  if (read_file(kVectors + "vectors.json", b)) return true;
+  std::printf("skip: %svectors.json not found (../shared is absent)\n", kVectors.c_str());
+  return false;
+}
+
+const TensorType kInt8Types[] = {TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0, TensorType::Q5_1, TensorType::Q8_0,
+                                 TensorType::Q3_K, TensorType::Q4_K, TensorType::Q5_K, TensorType::Q6_K};
+
+bool is_k(TensorType t) { return gguf::type_info(t).block_size == 256; }
+
+// Random weights of type t: rows x cols. Half the rows are quantised from Gaussian floats (where a
+// quantiser exists), the others are random bytes with finite, moderate fp16 scales.
+std::vector<uint8_t> random_weights(TensorType t, int64_t rows, int64_t cols, std::mt19937& rng) {
+  const size_t rb = quant::bytes_for(t, cols);
+  std::vector<uint8_t> w(rb * rows);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> scale(0.002f, 0.05f);
+  const gguf::TypeInfo& ti = gguf::type_info(t);
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* row = w.data() + r * rb;
+    if (quant::can_quantize(t) && r % 2 == 0) {
+      std::vector<float> x(cols);
+      for (auto& v : x) v = g(rng) * 0.1f;
+      quant::quantize(t, x.data(), cols, row);
+      continue;
+    }
+    for (size_t i = 0; i < rb; ++i) row[i] = static_cast<uint8_t>(byte(rng));
+    // Overwrite the fp16 scales with sane values.
+    for (int64_t b = 0; b < cols / ti.block_size; ++b) {
+      uint8_t* blk = row + b * ti.block_bytes;
+      auto put = [&](size_t off, float v) {
+        const uint16_t h = float_to_half(v);
+        std::memcpy(blk + off, &h, 2);
+      };
+      const float sgn = byte(rng) & 1 ? 1.0f : -1.0f;
+      switch (t) {
+        case TensorType::Q4_0: case TensorType::Q5_0: case TensorType::Q8_0: put(0, sgn * scale(rng)); break;
+        case TensorType::Q4_1: case TensorType::Q5_1: put(0, scale(rng)); put(2, -8 * scale(rng)); break;
+        case TensorType::Q3_K: put(108, sgn * scale(rng) * 0.1f); break;
+        case TensorType::Q4_K: case TensorType::Q5_K: put(0, scale(rng) * 0.1f); put(2, scale(rng) * 0.1f); break;
+        case TensorType::Q6_K: put(208, sgn * scale(rng) * 0.01f); break;
+        default: break;
+      }
+    }
+  }
+  return w;
+}
+
+std::vector<float> random_acts(int64_t n, int64_t cols, std::mt19937& rng) {
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> x(n * cols);
+  for (auto& v : x) v = g(rng);
+  // Outliers (as real activations have), and an all-zero block.
+  for (int64_t i = 0; i < n; ++i) x[i * cols + (i * 7) % cols] *= 30.0f;
+  if (cols >= 64) for (int j = 32; j < 64; ++j) x[j] = 0.0f;
+  return x;
+}
+
+Matrix make_matrix(TensorType t, const std::vector<uint8_t>& w, int64_t rows, int64_t cols) {
+  Matrix m;
+  m.type = t;
+  m.rows = rows;
+  m.cols = cols;
+  m.data = w.data();
+  m.row_bytes = quant::bytes_for(t, cols);
+  return m;
+}
+
+std::vector<float> run(const Matrix& m, const std::vector<float>& x, int64_t n, KernelIsa isa) {
+  std::vector<float> y(n * m.rows);
+  matmul(m, x.data(), n, y.data(), isa);
+  return y;
+}
+
+bool bits_equal(const float* a, const float* b, size_t n, size_t* where = nullptr) {
+  for (size_t i = 0; i < n; ++i)
+    if (std::memcmp(a + i, b + i, sizeof(float)) != 0) {
+      if (where) *where = i;
+      return false;
+    }
+  return true;
+}
+
+std::vector<KernelIsa> isas() {
+  std::vector<KernelIsa> v = {KernelIsa::Portable};
+  if (kernel_isa_available(KernelIsa::Avx2)) v.push_back(KernelIsa::Avx2);
+  else std::printf("note: no AVX2 on this CPU; only the portable kernels are tested\n");
+  return v;
+}
+
+}  // namespace
+
+OSD_TEST(dequantize_matches_vectors) {
+  if (!have_vectors()) return;
+  int checked = 0;
+  for (const Entry& e : read_entries()) {
+    if (e.kind != "dequantize") continue;
+    const TensorType t = type_named(e.type);
+    std::vector<uint8_t> in, expected;
+    CHECK(read_file(kVectors + e.input, in));
+    CHECK(read_file(kVectors + e.expected, expected));
+    const int64_t n = e.count * gguf::type_info(t).block_size;
+    CHECK_EQ(in.size(), quant::bytes_for(t, n));
+    CHECK_EQ(expected.size(), static_cast<size_t>(n) * 4);
+    std::vector<float> out(n);
+    quant::dequantize(t, in.data(), n, out.data());
+    size_t where = 0;
+    const bool same = bits_equal(out.data(), reinterpret_cast<const float*>(expected.data()), n, &where);
+    if (!same) {
+      float want;
+      std::memcpy(&want, expected.data() + where * 4, 4);
+      std::printf("  %s: value %zu is %.9g, expected %.9g\n", e.type.c_str(), where, out[where], want);
+    }
+    CHECK(same);
+    ++checked;
+  }
+  CHECK_EQ(checked, 11);
+}
+
+OSD_TEST(quantize_matches_vectors) {
+  if (!have_vectors()) return;
+  int checked = 0;
+  for (const Entry& e : read_entries()) {
+    if (e.kind != "quantize") continue;
+    const TensorType t = type_named(e.type);
+    std::vector<uint8_t> src, expected;
+    CHECK(read_file(kVectors + e.input, src));
+    CHECK(read_file(kVectors + e.expected, expected));
+    CHECK_EQ(src.size(), static_cast<size_t>(e.count) * 4);
+    std::vector<uint8_t> out(quant::bytes_for(t, e.count));
+    CHECK_EQ(out.size(), expected.size());
+    quant::quantize(t, reinterpret_cast<const float*>(src.data()), e.count, out.data());
+    size_t diff = 0, first = out.size();
+    for (size_t i = 0; i < out.size(); ++i)
+      if (out[i] != expected[i]) {
+        ++diff;
+        if (first == out.size()) first = i;
+      }
+    if (diff) std::printf("  %s: %zu bytes differ, first at %zu\n", e.type.c_str(), diff, first);
+    CHECK_EQ(diff, 0u);
+    ++checked;
+  }
+  CHECK_EQ(checked, 7);
+}
+
+OSD_TEST(quantize_round_trip_error_is_within_half_a_step) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> x(32 * 64);
+  for (auto& v : x) v = g(rng);
+  for (TensorType t : {TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0, TensorType::Q5_1, TensorType::Q8_0}) {
+    std::vector<uint8_t> q(quant::bytes_for(t, x.size()));
+    quant::quantize(t, x.data(), x.size(), q.data());
+    std::vector<float> back(x.size());
+    quant::dequantize(t, q.data(), x.size(), back.data());
+    const int levels = t == TensorType::Q4_0 ? 16 : t == TensorType::Q4_1 ? 15 : t == TensorType::Q5_0 ? 32
+                       : t == TensorType::Q5_1 ? 31 : 254;
+    for (size_t b = 0; b < x.size() / 32; ++b) {
+      float lo = x[b * 32], hi = x[b * 32];
+      for (int j = 0; j < 32; ++j) lo = std::min(lo, x[b * 32 + j]), hi = std::max(hi, x[b * 32 + j]);
+      const float range = std::max(hi - lo, 2 * std::max(std::fabs(lo), std::fabs(hi)));
+      // One quantisation step (the fp16 scale adds a relative 2^-11) bounds the error.
+      for (int j = 0; j < 32; ++j) CHECK(std::fabs(back[b * 32 + j] - x[b * 32 + j]) <= range / levels * 1.01f);
+    }
+  }
+}
+
+OSD_TEST(avx2_kernels_equal_the_portable_reference_bit_for_bit) {
+  if (!kernel_isa_available(KernelIsa::Avx2)) {
+    std::printf("skip: no AVX2 on this CPU\n");
+    return;
+  }
+  std::mt19937 rng(1);
+  for (TensorType t : kInt8Types) {
+    for (int64_t cols : {is_k(t) ? int64_t(256) : int64_t(32), is_k(t) ? int64_t(768) : int64_t(576)}) {
+      for (int64_t rows : {1, 5, 37}) {
+        const auto w = random_weights(t, rows, cols, rng);
+        const Matrix m = make_matrix(t, w, rows, cols);
+        for (int64_t n : {1, 2, 3, 8, 13, 70}) {
+          const auto x = random_acts(n, cols, rng);
+          const auto a = run(m, x, n, KernelIsa::Portable), b = run(m, x, n, KernelIsa::Avx2);
+          size_t where = 0;
+          const bool same = bits_equal(a.data(), b.data(), a.size(), &where);
+          if (!same)
+            std::printf("  %s rows %lld cols %lld n %lld: output %zu is %.9g (portable) vs %.9g (avx2)\n",
+                        gguf::type_info(t).name, (long long)rows, (long long)cols, (long long)n, where, a[where], b[where]);
+          CHECK(same);
+        }
+      }
+    }
+  }
+}
+
+OSD_TEST(batch_and_thread_invariance) {
+  std::mt19937 rng(2);
+  const int threads_before = default_threads();
+  for (TensorType t : kInt8Types) {
+    const int64_t cols = is_k(t) ? 512 : 576, rows = 67, n = 70;
+    const auto w = random_weights(t, rows, cols, rng);
+    const Matrix m = make_matrix(t, w, rows, cols);
+    const auto x = random_acts(n, cols, rng);
+    for (KernelIsa isa : isas()) {
+      set_default_threads(2);
+      const auto all = run(m, x, n, isa);
+      // Each token alone (decode) and inside batches of other sizes.
+      for (int64_t i = 0; i < n; ++i) {
+        std::vector<float> xi(x.begin() + i * cols, x.begin() + (i + 1) * cols);
+        const auto one = run(m, xi, 1, isa);
+        CHECK(bits_equal(one.data(), all.data() + i * rows, rows));
+      }
+      for (int64_t chunk : {3, 8, 13}) {
+        for (int64_t s = 0; s + chunk <= n; s += chunk) {
+          std::vector<float> xs(x.begin() + s * cols, x.begin() + (s + chunk) * cols);
+          const auto part = run(m, xs, chunk, isa);
+          CHECK(bits_equal(part.data(), all.data() + s * rows, chunk * rows));
+        }
+      }
+      for (int threads : {1, 3}) {
+        set_default_threads(threads);
+        const auto again = run(m, x, n, isa);
+        CHECK(bits_equal(again.data(), all.data(), all.size()));
+      }
+    }
+  }
+  set_default_threads(threads_before);
+}
+
+// |y - sum_j w_j xh_j| <= 2^-21 (blocks + 16) sum_j (|w_j| + 2 |o_j|) |xh_j| + (Q4_1, Q5_1) 2^-10 sum_b |m_b s_b|,
+// with w the dequantised weights, xh the activations as the kernel sees them (quantised and
+// dequantised), o_j the offset part of w_j (the block min of Q4_1 / Q5_1, dmin * min of Q4_K / Q5_K):
+// the kernel's integer sums are exact, and each output takes at most (blocks + 16) float
+// roundings of relative size 2^-24 on terms bounded by |scale * q * xh| <= (|w| + |o|) |xh| and
+// |o xh|. Q4_1 / Q5_1 use the block sum s = d * sum q, one more rounding (2^-24 |s|, well inside
+// the 2^-10 allowed for it, which would also cover llama.cpp's fp16 s).
+OSD_TEST(kernel_accuracy_against_exact_dot_products) {
+  std::mt19937 rng(3);
+  for (TensorType t : kInt8Types) {
+    const int64_t cols = is_k(t) ? 1024 : 1536, rows = 24, n = 3;
+    const auto w = random_weights(t, rows, cols, rng);
+    const Matrix m = make_matrix(t, w, rows, cols);
+    const auto x = random_acts(n, cols, rng);
+    const int64_t bs = gguf::type_info(t).block_size, nb = cols / bs;
+    for (KernelIsa isa : isas()) {
+      const auto y = run(m, x, n, isa);
+      std::vector<float> wr(cols);
+      for (int64_t r = 0; r < rows; ++r) {
+        dequantize_row(m, r, wr.data());
+        // Offsets per value.
+        std::vector<double> off(cols, 0.0);
+        const uint8_t* row = m.data + r * m.row_bytes;
+        for (int64_t b = 0; b < nb; ++b) {
+          const uint8_t* blk = row + b * gguf::type_info(t).block_bytes;
+          uint16_t h;
+          if (t == TensorType::Q4_1 || t == TensorType::Q5_1) {
+            std::memcpy(&h, blk + 2, 2);
+            for (int j = 0; j < 32; ++j) off[b * 32 + j] = half_to_float(h);
+          } else if (t == TensorType::Q4_K || t == TensorType::Q5_K) {
+            std::memcpy(&h, blk + 2, 2);
+            for (int g = 0; g < 8; ++g) {
+              uint8_t sc, mn;
+              quant::detail::scale_min_k4(g, blk + 4, &sc, &mn);
+              for (int j = 0; j < 32; ++j) off[b * 256 + g * 32 + j] = double(half_to_float(h)) * mn;
+            }
+          }
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const auto xh = quant::activation_roundtrip(t, x.data() + i * cols, cols);
+          double exact = 0, mag = 0, smag = 0;
+          for (int64_t j = 0; j < cols; ++j) {
+            exact += double(wr[j]) * xh[j];
+            mag += (std::fabs(double(wr[j])) + 2 * std::fabs(off[j])) * std::fabs(xh[j]);
+          }
+          if (t == TensorType::Q4_1 || t == TensorType::Q5_1)
+            for (int64_t b = 0; b < nb; ++b) {
+              double s = 0;
+              for (int j = 0; j < 32; ++j) s += xh[b * 32 + j];
+              smag += std::fabs(off[b * 32] * s);
+            }
+          const double tol = std::ldexp(1.0, -21) * double(nb + 16) * mag + std::ldexp(1.0, -10) * smag;
+          const double err = std::fabs(double(y[i * rows + r]) - exact);
+          if (!(err <= tol))
+            std::printf("  %s row %lld token %lld: %.9g vs exact %.9g, tol %.3g\n", gguf::type_info(t).name,
+                        (long long)r, (long long)i, y[i * rows + r], exact, tol);
+          CHECK(err <= tol);
+        }
+      }
+    }
+  }
+}
+
+OSD_TEST(activation_quantisation_rounding) {
+  // Q8_0/Q8_1 style: d = amax / 127 (f32); q = round-to-nearest-even(x * 127 / amax).
+  std::vector<float> x(32);
+  for (int j = 0; j < 32; ++j) x[j] = (j - 16) * 0.25f;  // amax 4: q = x * 31.75
+  const auto xh = quant::activation_roundtrip(TensorType::Q4_1, x.data(), 32);
+  const float d = 4.0f / 127.0f;
+  for (int j = 0; j < 32; ++j) {
+    const float q = std::nearbyint(x[j] * (127.0f / 4.0f));
+    CHECK_EQ(xh[j], d * q);
+  }
+  // Exact ties (amax 127, so x * id = x): both instruction sets round half to even.
+  std::vector<float> t(64);
+  for (int j = 0; j < 64; ++j) t[j] = j % 32 == 0 ? 127.0f : (j % 2 ? -1.0f : 1.0f) * (j * 0.5f + 0.5f);
+  for (quant::Isa isa : {quant::Isa::Portable, quant::Isa::Avx2}) {
+    if (!quant::isa_available(isa)) continue;
+    const auto th = quant::activation_roundtrip(TensorType::Q8_0, t.data(), 64, isa);
+    for (int j = 1; j < 64; ++j) if (j != 32) CHECK_EQ(th[j], std::nearbyint(t[j]));
+  }
+  // All zero: no NaN.
+  std::vector<float> z(256, 0.0f);
+  for (float v : quant::activation_roundtrip(TensorType::Q6_K, z.data(), 256)) CHECK_EQ(v, 0.0f);
+  for (float v : quant::activation_roundtrip(TensorType::Q8_0, z.data(), 32)) CHECK_EQ(v, 0.0f);
+}
+
+OSD_TEST(non_finite_activations_give_nan_not_garbage) {
+  std::mt19937 rng(4);
+  for (TensorType t : kInt8Types) {
+    const int64_t cols = is_k(t) ? 256 : 64;
+    const auto w = random_weights(t, 3, cols, rng);
+    const Matrix m = make_matrix(t, w, 3, cols);
+    std::vector<float> x(cols, 0.5f);
+    x[5] = INFINITY;
+    for (KernelIsa isa : isas())
+      for (float v : run(m, x, 1, isa)) CHECK(std::isnan(v));
+  }
+}
+
+OSD_TEST(errors_name_the_type_and_tensor) {
+  std::vector<float> x(48, 1.0f), y(48);
+  std::vector<uint8_t> q(64);
+  CHECK_THROWS(Error, quant::quantize(TensorType::Q4_K, x.data(), 256, q.data()), "no quantiser for type Q4_K");
+  CHECK_THROWS(Error, quant::quantize(TensorType::Q4_0, x.data(), 48, q.data()), "not a whole number of 32-value blocks");
+  CHECK_THROWS(Error, quant::dequantize(TensorType::IQ2_XXS, q.data(), 256, y.data()), "no dequantiser for type IQ2_XXS");
+  CHECK_THROWS(Error, quant::dequantize(TensorType::Q8_0, q.data(), 40, y.data()), "not a whole number");
+  gguf::TensorInfo ti;
+  ti.name = "blk.0.ffn_up.weight";
+  ti.type = TensorType::IQ2_XXS;
+  ti.n_dims = 2;
+  ti.ne[0] = 256;
+  ti.ne[1] = 2;
+  ti.n_bytes = 2 * 66;
+  ti.data = q.data();
+  CHECK_THROWS(Error, matrix_from_tensor(ti), "tensor 'blk.0.ffn_up.weight' has type IQ2_XXS, which has no matrix kernel");
+  ti.type = TensorType::Q4_K;
+  ti.ne[0] = 576;
+  CHECK_THROWS(Error, matrix_from_tensor(ti), "not a whole number of Q4_K blocks of 256");
+  ti.type = TensorType::Q4_1;
+  ti.ne[0] = 64;
+  ti.n_bytes = 79;
+  CHECK_THROWS(Error, matrix_from_tensor(ti), "has 79 bytes of data, expected 80");
+}
+
+OSD_TEST(matmul_many_equals_separate_products) {
+  std::mt19937 rng(8);
+  const int64_t cols = 576, n = 5;
+  const auto x = random_acts(n, cols, rng);
+  const TensorType types[] = {TensorType::Q4_1, TensorType::Q8_0, TensorType::Q5_0};
+  const int64_t rows[] = {40, 7, 33};
+  std::vector<std::vector<uint8_t>> ws;
+  std::vector<Matrix> ms;
+  for (int i = 0; i < 3; ++i) ws.push_back(random_weights(types[i], rows[i], cols, rng));
+  for (int i = 0; i < 3; ++i) ms.push_back(make_matrix(types[i], ws[i], rows[i], cols));
+  // A float matrix too (not shareable: falls back to separate products).
+  std::vector<float> wf(9 * cols);
+  for (auto& v : wf) v = float(rng() % 1000) / 1000.0f - 0.5f;
+  ms.push_back(matrix_f32(wf.data(), 9, cols));
+  for (KernelIsa isa : isas()) {
+    for (int count : {3, 4}) {
+      std::vector<std::vector<float>> ys(count);
+      std::vector<const Matrix*> wp;
+      std::vector<float*> yp;
+      for (int i = 0; i < count; ++i) {
+        ys[i].assign(n * ms[i].rows, 0.0f);
+        wp.push_back(&ms[i]);
+        yp.push_back(ys[i].data());
+      }
+      matmul_many(wp.data(), yp.data(), count, x.data(), n, isa);
+      for (int i = 0; i < count; ++i) {
+        const auto ref = run(ms[i], x, n, isa);
+        CHECK(bits_equal(ref.data(), ys[i].data(), ref.size()));
+      }
+    }
+  }
+}
+
+// ---- Float helpers used by the forward pass (tensor_ops) ----
+
+OSD_TEST(swiglu_matches_the_formula) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> g(0.0f, 4.0f);
+  const int n = 1003;
+  std::vector<float> gate(n), up(n), h(n);
+  for (int i = 0; i < n; ++i) gate[i] = g(rng), up[i] = g(rng);
+  gate[0] = -100.0f, gate[1] = 100.0f, gate[2] = -87.5f, gate[3] = 0.0f, gate[4] = 88.0f;
+  swiglu(gate.data(), up.data(), n, h.data());
+  // Elementwise: the same value for an element whatever the call's length and offset.
+  for (int off : {0, 3, 5, 168}) {
+    std::vector<float> part(13);
+    swiglu(gate.data() + off, up.data() + off, 13, part.data());
+    CHECK(bits_equal(part.data(), h.data() + off, 13));
+  }
+  for (int i = 0; i < n; ++i) {
+    const double want = double(gate[i]) / (1.0 + std::exp(-double(gate[i]))) * up[i];
+    // The vectorised exp is within 2 ulp; with the division and product, 1e-6 relative.
+    CHECK(std::fabs(h[i] - want) <= 1e-6 * std::fabs(want) + 1e-30);
+  }
+}
+
+OSD_TEST(attend_head_is_split_invariant_and_accurate) {
+  std::mt19937 rng(6);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  const int64_t hd = 64, stride = 3 * hd;  // a KV row holds 3 heads; this is the second
+  const int32_t n = 77;
+  std::vector<float> K(stride * 2 * n), V(stride * 2 * n), q(hd);
+  for (auto& v : K) v = g(rng);
+  for (auto& v : V) v = g(rng);
+  for (auto& v : q) v = g(rng) * 2.0f;
+  const float* Kh = K.data() + hd;
+  const float* Vh = V.data() + hd;
+  std::vector<float> score(2 * n), a(hd), b(hd), c(hd);
+  attend_head(q.data(), Kh, Vh, stride, n, nullptr, 0, hd, 0.125f, score.data(), a.data());
+  const std::vector<float> weights(score.begin(), score.begin() + n);
+  // The same sequence split as a prefix of 50 and 27 batch slots listed explicitly.
+  std::vector<int32_t> extra;
+  for (int32_t s = 50; s < n; ++s) extra.push_back(s);
+  attend_head(q.data(), Kh, Vh, stride, 50, extra.data(), int32_t(extra.size()), hd, 0.125f, score.data(), b.data());
+  CHECK(bits_equal(a.data(), b.data(), hd));
+  // Tree-like storage: the last 27 keys/values copied to other slots (n + 2 j) and listed there.
+  for (size_t j = 0; j < extra.size(); ++j) {
+    const int32_t dst = n + 2 * int32_t(j);
+    std::memcpy(&K[dst * stride], &K[extra[j] * stride], stride * sizeof(float));
+    std::memcpy(&V[dst * stride], &V[extra[j] * stride], stride * sizeof(float));
+    extra[j] = dst;
+  }
+  attend_head(q.data(), Kh, Vh, stride, 50, extra.data(), int32_t(extra.size()), hd, 0.125f, score.data(), c.data());
+  CHECK(bits_equal(a.data(), c.data(), hd));
+  // Against a double-precision softmax.
+  std::vector<double> sc(n);
+  double mx = -1e300, sum = 0;
+  for (int32_t s = 0; s < n; ++s) {
+    double d = 0;
+    for (int64_t j = 0; j < hd; ++j) d += double(q[j]) * Kh[s * stride + j];
+    sc[s] = d * 0.125;
+    mx = std::max(mx, sc[s]);
+  }
+  for (auto& v : sc) sum += (v = std::exp(v - mx));
+  for (int32_t s = 0; s < n; ++s) CHECK(std::fabs(weights[s] - sc[s] / sum) <= 1e-6 * (sc[s] / sum) + 1e-30);
+  for (int64_t j = 0; j < hd; ++j) {
+    double want = 0, mag = 0;
+    for (int32_t s = 0; s < n; ++s) want += sc[s] / sum * Vh[s * stride + j], mag += sc[s] / sum * std::fabs(Vh[s * stride + j]);
+    CHECK(std::fabs(a[j] - want) <= 1e-5 * mag);
+  }
+}
+
+OSD_TEST_MAIN()

@@ -7,13 +7,8 @@
 
 namespace osd {
 
-void save_gguf(const Model& model, const std::string& path, gguf::TensorType type) {
-  using gguf::TensorType;
+void set_model_metadata(gguf::Writer& w, const ModelConfig& c) {
   using gguf::Value;
-  if (type != TensorType::F32 && type != TensorType::F16 && type != TensorType::BF16)
-    throw_range("type must be F32, F16 or BF16");
-  const ModelConfig& c = model.config();
-  gguf::Writer w;
   w.set("general.architecture", Value::str(c.arch));
   w.set("general.name", Value::str("online-specdec model"));
   const std::string a = c.arch + ".";
@@ -33,6 +28,16 @@ void save_gguf(const Model& model, const std::string& path, gguf::TensorType typ
     w.set(a + "rope.scaling.type", Value::str("linear"));
     w.set(a + "rope.scaling.factor", Value::f32(1.0f / c.rope_freq_scale));
   }
+}
+
+void save_gguf(const Model& model, const std::string& path, gguf::TensorType type) {
+  using gguf::TensorType;
+  using gguf::Value;
+  if (type != TensorType::F32 && type != TensorType::F16 && type != TensorType::BF16)
+    throw_range("type must be F32, F16 or BF16");
+  const ModelConfig& c = model.config();
+  gguf::Writer w;
+  set_model_metadata(w, c);
   if (const gguf::File* src = model.gguf())
     for (const auto& kv : src->metadata())
       if (kv.key.rfind("tokenizer.", 0) == 0) w.set(kv.key, kv.value);

@@ -12,4 +12,7 @@ namespace osd {
 // Tokenizer metadata (tokenizer.*) of a GGUF source is carried over.
 void save_gguf(const Model& model, const std::string& path, gguf::TensorType type);
 
+// The general.* and <arch>.* keys llama.cpp's loader reads, from a configuration.
+void set_model_metadata(gguf::Writer& w, const ModelConfig& c);
+
 }  // namespace osd

@@ -1,5 +1,7 @@
 #include "train/params.h"
 
+#include "model/model_io.h"
+
 #include <cmath>
 #include <cstring>
 
@@ -138,29 +140,6 @@ Params Params::from_model(const Model& m) {
     for (const auto& kv : src->metadata())
       if (kv.key.rfind("tokenizer.", 0) == 0) p.metadata.push_back(kv);
   return p;
-}
-
-void set_model_metadata(gguf::Writer& w, const ModelConfig& c) {
-  using gguf::Value;
-  w.set("general.architecture", Value::str(c.arch));
-  w.set("general.name", Value::str("online-specdec model"));
-  const std::string a = c.arch + ".";
-  w.set(a + "context_length", Value::u32(c.context));
-  w.set(a + "embedding_length", Value::u32(c.dim));
-  w.set(a + "block_count", Value::u32(c.n_layers));
-  w.set(a + "feed_forward_length", Value::u32(c.ffn_dim));
-  w.set(a + "attention.head_count", Value::u32(c.n_heads));
-  w.set(a + "attention.head_count_kv", Value::u32(c.n_kv_heads));
-  w.set(a + "attention.key_length", Value::u32(c.head_dim));
-  w.set(a + "attention.value_length", Value::u32(c.head_dim));
-  w.set(a + "rope.dimension_count", Value::u32(c.head_dim));
-  w.set(a + "rope.freq_base", Value::f32(c.rope_theta));
-  w.set(a + "attention.layer_norm_rms_epsilon", Value::f32(c.rms_eps));
-  w.set(a + "vocab_size", Value::u32(c.vocab));
-  if (c.rope_freq_scale != 1.0f) {
-    w.set(a + "rope.scaling.type", Value::str("linear"));
-    w.set(a + "rope.scaling.factor", Value::f32(1.0f / c.rope_freq_scale));
-  }
 }
 
 gguf::Writer Params::writer(gguf::TensorType type) const {

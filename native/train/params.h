@@ -95,7 +95,5 @@ class Params {
   std::vector<float> data_;
 };
 
-// general.* and <arch>.* metadata describing `c`, as llama.cpp and Model::from_gguf read it.
-void set_model_metadata(gguf::Writer& w, const ModelConfig& c);
 
 }  // namespace osd::train

@@ -34,8 +34,8 @@ cmake -S . -B "$build" -G Ninja -DOSD_CUDA=ON -DCMAKE_BUILD_TYPE=Release -DCMAKE
   log "configure failed"
   exit 1
 }
-log "build test_cuda bench_cuda with $jobs jobs"
-if ! cmake --build "$build" --target test_cuda bench_cuda -j "$jobs" >"$dest/gpu-check-build.txt" 2>&1; then
+log "build test_cuda test_backend bench_cuda with $jobs jobs"
+if ! cmake --build "$build" --target test_cuda test_backend bench_cuda -j "$jobs" >"$dest/gpu-check-build.txt" 2>&1; then
   tail -40 "$dest/gpu-check-build.txt"
   log "build failed"
   exit 1
@@ -47,6 +47,11 @@ log "test_cuda"
 timeout 300 "$build/test_cuda" 2>&1 | tee "$dest/test_cuda.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && status=$rc && log "test_cuda exited with $rc"
+
+log "test_backend"
+timeout 60 "$build/test_backend" 2>&1 | tee "$dest/test_backend.txt"
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && status=$rc && log "test_backend exited with $rc"
 
 log "bench_cuda"
 timeout 180 "$build/bench_cuda" --json "$dest/bench_cuda.json" 2>&1 | tee "$dest/bench_cuda.txt"

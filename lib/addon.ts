@@ -51,6 +51,17 @@ function load(): { addon: NativeAddon; path: string } {
 
 const loaded = load();
 
+// The kernels' backend is chosen once at load: OSD_BACKEND (cpu | cuda | auto), default auto.
+// selectBackend() in backend.ts changes it later; a bad or unusable OSD_BACKEND fails loudly here.
+{
+  const env = process.env.OSD_BACKEND || 'auto';
+  try {
+    loaded.addon.selectBackend(env);
+  } catch (e) {
+    throw new Error(`online-specdec: OSD_BACKEND=${env}: ${(e as Error).message}`);
+  }
+}
+
 /** The raw native module. Prefer the typed wrappers exported from the package root. */
 export const addon: NativeAddon = loaded.addon;
 /** Where the addon was loaded from. */

@@ -19,6 +19,17 @@ export interface BackendInfo {
   detail: string;
 }
 
+export type BackendName = 'cpu' | 'cuda' | 'auto';
+
+export interface BackendSelection {
+  /** The backend the kernels now run on. */
+  name: 'cpu' | 'cuda';
+  /** What was asked for, after the OSD_BACKEND override. */
+  requested: BackendName;
+  /** Why this backend: for 'auto' on a machine without a GPU, e.g. "cuda not compiled into this addon ...". */
+  reason: string;
+}
+
 export interface NativeAddon {
   verifyChain(o: object): { acceptedCount: number; tokens: Int32Array };
   verifyChainBatch(o: object): { acceptedCounts: Int32Array; tokens: Int32Array; offsets: Int32Array };
@@ -29,5 +40,7 @@ export interface NativeAddon {
   bandwidthProbe(o?: object): { readBytesPerSecond: number; copyBytesPerSecond: number; threads: number };
   setThreads(threads: number): number;
   backends(): BackendInfo[];
+  selectBackend(name: string): BackendSelection;
+  activeBackend(): BackendSelection;
   [key: string]: unknown;
 }

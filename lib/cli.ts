@@ -74,11 +74,13 @@ async function main(argv: string[]): Promise<number> {
     case 'version':
     case 'backends': {
       const list = osd.backends();
+      const active = osd.activeBackend();
       if (values.json) {
-        process.stdout.write(JSON.stringify({ version: osd.version, addon: osd.addonPath, backends: list }, null, 2) + '\n');
+        process.stdout.write(JSON.stringify({ version: osd.version, addon: osd.addonPath, backends: list, active }, null, 2) + '\n');
       } else {
         if (command === 'version') process.stdout.write(`online-specdec ${osd.version}\n`);
-        for (const b of list) process.stdout.write(`  ${b.name}: ${b.usable ? 'usable' : 'not usable'} (${b.detail})\n`);
+        for (const b of list) process.stdout.write(`  ${b.name}: ${b.usable ? 'usable, ' : ''}${b.detail}\n`);
+        process.stdout.write(`  kernels run on: ${active.name} (${active.requested}: ${active.reason}; set OSD_BACKEND to change)\n`);
       }
       return 0;
     }

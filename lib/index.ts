@@ -27,6 +27,8 @@ export type {
   SparseTeacher,
   AdamWOptions,
 } from './kernels.js';
+export { selectBackend, activeBackend } from './backend.js';
+export type { BackendName, BackendSelection } from './backend.js';
 export { version } from './version.js';
 export { addonPath } from './addon.js';
 export { loadModel, writeRandomModel, Model, Sequence } from './Model.js';

@@ -22,6 +22,8 @@ describe('package', () => {
     const out = execFileSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts')], { encoding: 'utf8' });
     expect(out).toContain(`online-specdec ${pkg.version}`);
     expect(out).toMatch(/cpu: usable/);
+    expect(out).toMatch(/cuda: (usable, compiled for|compiled for .*not usable: |not compiled into this addon)/);
+    expect(out).toMatch(/kernels run on: (cpu|cuda) \(auto: /);
     const json = JSON.parse(
       execFileSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'backends', '--json'], {
         encoding: 'utf8',
@@ -29,6 +31,7 @@ describe('package', () => {
     );
     expect(json.version).toBe(pkg.version);
     expect(json.backends[0].name).toBe('cpu');
+    expect(json.active.requested).toBe('auto');
   });
 
   it('osd rejects an unknown command with usage', () => {

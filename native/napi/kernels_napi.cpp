@@ -1,5 +1,6 @@
 // Bindings for the kernels: verifyChain, verifyChainBatch, verifyTree, distillLoss, adamwStep,
-// globalNorm, bandwidthProbe, backends. Every argument is checked here or in the engine, and every
+// globalNorm, bandwidthProbe, backends, selectBackend. The kernels run on the selected backend
+// (backend/select.h). Every argument is checked here or in the engine, and every
 // error is a TypeError or RangeError that names the argument. These calls are synchronous: they
 // take microseconds to a few milliseconds, less than a hop to a worker thread would cost.
 #include <napi.h>
@@ -8,9 +9,14 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/select.h"
 #include "core/bandwidth.h"
 #include "core/thread_pool.h"
 #include "napi/napi_util.h"
+
+#ifdef OSD_WITH_CUDA
+#include "cuda_backend.h"
+#endif
 
 namespace osd::napi {
 
@@ -75,7 +81,7 @@ Napi::Value verify_chain(const Napi::CallbackInfo& info) {
     b.vocab = V;
     b.seed = get_seed(o, "seed");
     ChainBatchOut bo{&accepted, out.data()};
-    cpu_backend().verify_chain_batch(b, bo, parse_fault(o));
+    current_backend().verify_chain_batch(b, bo, parse_fault(o));
     Napi::Object r = Napi::Object::New(env);
     r.Set("acceptedCount", Napi::Number::New(env, accepted));
     r.Set("tokens", to_js(env, out.data(), accepted + 1));
@@ -149,7 +155,7 @@ Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
     b.vocab = V;
     b.seed = get_seed(o, "seed");
     ChainBatchOut bo{accepted.data(), out.data()};
-    cpu_backend().verify_chain_batch(b, bo, parse_fault(o));
+    current_backend().verify_chain_batch(b, bo, parse_fault(o));
     // Compact the per-sequence slots (g_b + 1 each) into emitted tokens with offsets.
     auto offsets = Napi::Int32Array::New(env, B + 1);
     std::vector<int32_t> packed;
@@ -208,7 +214,7 @@ Napi::Value verify_tree(const Napi::CallbackInfo& info) {
     in.draft = need_draft ? draft.data : nullptr;
     in.vocab = V;
     std::vector<int32_t> path(n + 1), out(n + 1);
-    TreeResult r = cpu_backend().verify_tree(in, s, mode, get_seed(o, "seed"), get_stream(o), path.data(), out.data(),
+    TreeResult r = current_backend().verify_tree(in, s, mode, get_seed(o, "seed"), get_stream(o), path.data(), out.data(),
                                              parse_fault(o));
     Napi::Object res = Napi::Object::New(env);
     res.Set("path", to_js(env, path.data(), r.path_len));
@@ -269,7 +275,7 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
     }
     const bool want_grad = !has(o, "computeGrad") || o.Get("computeGrad").ToBoolean();
     Napi::Float32Array grad = want_grad ? Napi::Float32Array::New(env, rows * in.vocab) : Napi::Float32Array();
-    double loss = cpu_backend().distill_loss(in, want_grad ? grad.Data() : nullptr);
+    double loss = current_backend().distill_loss(in, want_grad ? grad.Data() : nullptr);
     Napi::Object r = Napi::Object::New(env);
     r.Set("loss", Napi::Number::New(env, loss));
     if (want_grad) r.Set("grad", grad);
@@ -296,7 +302,7 @@ Napi::Value adamw_step(const Napi::CallbackInfo& info) {
     c.eps = static_cast<float>(get_number_or(o, "eps", c.eps));
     c.weight_decay = static_cast<float>(get_number_or(o, "weightDecay", c.weight_decay));
     c.grad_scale = static_cast<float>(get_number_or(o, "gradScale", c.grad_scale));
-    cpu_backend().adamw_step(p.data, g.data, m.data, v.data, p.length, c);
+    current_backend().adamw_step(p.data, g.data, m.data, v.data, p.length, c);
     return env.Undefined();
   });
 }
@@ -306,7 +312,7 @@ Napi::Value global_norm(const Napi::CallbackInfo& info) {
   return guarded(env, [&]() -> Napi::Value {
     if (info.Length() < 1) throw Napi::TypeError::New(env, "values must be a Float32Array");
     auto x = typed_array<float>(env, info[0], "values");
-    return Napi::Number::New(env, cpu_backend().global_norm(x.data, x.length));
+    return Napi::Number::New(env, current_backend().global_norm(x.data, x.length));
   });
 }
 
@@ -350,14 +356,37 @@ Napi::Value set_threads(const Napi::CallbackInfo& info) {
 Napi::Value backends(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Array arr = Napi::Array::New(env);
-  Napi::Object cpu = Napi::Object::New(env);
-  cpu.Set("name", "cpu");
-  cpu.Set("compiled", true);
-  cpu.Set("usable", true);
-  cpu.Set("detail", "C++ reference, " + std::to_string(default_threads()) + " threads");
-  arr.Set(uint32_t(0), cpu);
+  for (const BackendInfo& b : backend_infos()) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("name", b.name);
+    o.Set("compiled", b.compiled);
+    o.Set("usable", b.usable);
+    o.Set("detail", b.detail);
+    arr.Set(arr.Length(), o);
+  }
   return arr;
 }
+
+Napi::Object choice_object(Napi::Env env, const BackendChoice& c) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("name", c.backend->name());
+  o.Set("requested", c.requested);
+  o.Set("reason", c.reason);
+  return o;
+}
+
+// selectBackend('cpu' | 'cuda' | 'auto'): 'cuda' throws with the reason when it is not usable.
+Napi::Value select_backend_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString())
+    throw Napi::TypeError::New(env, "backend must be a string: 'cpu', 'cuda' or 'auto'");
+  const std::string name = info[0].As<Napi::String>().Utf8Value();
+  if (name != "cpu" && name != "cuda" && name != "auto")
+    throw Napi::RangeError::New(env, "backend must be 'cpu', 'cuda' or 'auto', got '" + name + "'");
+  return guarded(env, [&]() -> Napi::Value { return choice_object(env, select_backend(name)); });
+}
+
+Napi::Value active_backend_js(const Napi::CallbackInfo& info) { return choice_object(info.Env(), active_backend()); }
 
 void init(Napi::Env env, Napi::Object exports) {
   exports.Set("verifyChain", Napi::Function::New(env, verify_chain, "verifyChain"));
@@ -370,6 +399,11 @@ void init(Napi::Env env, Napi::Object exports) {
   exports.Set("flopsProbe", Napi::Function::New(env, flops_probe, "flopsProbe"));
   exports.Set("setThreads", Napi::Function::New(env, set_threads, "setThreads"));
   exports.Set("backends", Napi::Function::New(env, backends, "backends"));
+  exports.Set("selectBackend", Napi::Function::New(env, select_backend_js, "selectBackend"));
+  exports.Set("activeBackend", Napi::Function::New(env, active_backend_js, "activeBackend"));
+#ifdef OSD_WITH_CUDA
+  register_device("cuda", cuda_backend_or_null, cuda_backend_targets());
+#endif
 }
 
 ExportRegistrar reg(init);

@@ -1,7 +1,10 @@
-// Loads the native addon: OSD_ADDON_PATH if set, else a prebuild from prebuilds/ or a local build
-// (build/Release) through node-gyp-build. A failure explains what was tried and how to fix it.
+// Loads the native addon: OSD_ADDON_PATH if set; else a CUDA prebuild whose CUDA version the
+// installed driver supports (probed in a child process); else the CPU build through node-gyp-build
+// (build/Release, or a prebuild in prebuilds/<platform>-<arch>). A failure explains what was tried
+// and how to fix it.
 import { createRequire } from 'node:module';
-import { existsSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, readdirSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { NativeAddon } from './addonTypes.js';
@@ -10,6 +13,65 @@ const require = createRequire(import.meta.url);
 
 /** The package root: lib/ and dist/ both sit directly below it. */
 export const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+
+/** A CUDA prebuild: prebuilds/<platform>-<arch>-cuda<major>/online_specdec.node. */
+interface CudaPrebuild {
+  major: number;
+  path: string;
+}
+
+/** CUDA prebuilds shipped with the package, newest CUDA first. They sit outside node-gyp-build's
+ *  prebuilds/<platform>-<arch>/ folder on purpose: it ignores tags it does not know and could pick one. */
+export function cudaPrebuilds(root = packageRoot): CudaPrebuild[] {
+  const dir = join(root, 'prebuilds');
+  if (!existsSync(dir)) return [];
+  const re = new RegExp(`^${process.platform}-${process.arch}-cuda(\\d+)$`);
+  const found: CudaPrebuild[] = [];
+  for (const name of readdirSync(dir)) {
+    const m = re.exec(name);
+    const path = join(dir, name, 'online_specdec.node');
+    if (m && existsSync(path)) found.push({ major: Number(m[1]), path });
+  }
+  return found.sort((a, b) => b.major - a.major);
+}
+
+/** Why no NVIDIA driver can be there, or undefined when one may be (then only a probe can tell). */
+function noDriverReason(): string | undefined {
+  if (process.platform !== 'linux') return undefined;
+  return existsSync('/proc/driver/nvidia/version') || existsSync('/dev/nvidiactl')
+    ? undefined
+    : 'no NVIDIA driver (no /proc/driver/nvidia/version)';
+}
+
+/**
+ * Loads a CUDA prebuild in a child process first and asks it whether CUDA is usable: a broken
+ * driver can then only take down the child, never the host server.
+ */
+function probeCuda(path: string): { usable: boolean; detail: string } {
+  const code =
+    `const a = require(${JSON.stringify(path)});` +
+    "const c = a.backends().find((b) => b.name === 'cuda');" +
+    'process.stdout.write(JSON.stringify(c ?? { usable: false, detail: "no cuda backend in this build" }));';
+  const r = spawnSync(process.execPath, ['-e', code], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, OSD_BACKEND: 'cpu' } });
+  if (r.status === 0) {
+    try {
+      const c = JSON.parse(r.stdout) as { usable: boolean; detail: string };
+      return { usable: c.usable === true, detail: String(c.detail) };
+    } catch {
+      /* fall through */
+    }
+  }
+  const how = r.error ? r.error.message : r.signal ? `killed by ${r.signal}` : `exit code ${r.status}`;
+  return { usable: false, detail: `the probe process failed (${how}): ${(r.stderr || '').trim().split('\n').pop() ?? ''}` };
+}
+
+/** What the loader decided about CUDA prebuilds (shown by backends() when the CPU build was loaded). */
+export const loaderNotes: string[] = [];
+
+/** A reason for not using CUDA, with what the loader found out about the CUDA prebuilds. */
+export function withLoaderNotes(reason: string): string {
+  return loaderNotes.length ? `${reason}; ${loaderNotes.join('; ')}` : reason;
+}
 
 function load(): { addon: NativeAddon; path: string } {
   const tried: string[] = [];
@@ -23,6 +85,23 @@ function load(): { addon: NativeAddon; path: string } {
           'Unset OSD_ADDON_PATH to use the bundled build.',
       );
     }
+  }
+  // A CUDA prebuild when the driver supports it (OSD_BACKEND=cpu skips them), else the CPU build.
+  const wanted = process.env.OSD_BACKEND;
+  const cuda = wanted === 'cpu' ? [] : cudaPrebuilds();
+  // Without a driver the probe is skipped, unless OSD_BACKEND=cuda insists on hearing CUDA's own reason.
+  const noDriver = cuda.length > 0 && wanted !== 'cuda' ? noDriverReason() : undefined;
+  for (const p of cuda) {
+    const probe = noDriver ? { usable: false, detail: noDriver } : probeCuda(p.path);
+    if (probe.usable) {
+      try {
+        return { addon: require(p.path) as NativeAddon, path: p.path };
+      } catch (e) {
+        loaderNotes.push(`CUDA ${p.major} prebuild: ${(e as Error).message.split('\n')[0]}`);
+        continue;
+      }
+    }
+    loaderNotes.push(`CUDA ${p.major} prebuild not usable: ${probe.detail}`);
   }
   try {
     const nodeGypBuild = require('node-gyp-build') as { (dir: string): unknown; resolve(dir: string): string };
@@ -58,7 +137,7 @@ const loaded = load();
   try {
     loaded.addon.selectBackend(env);
   } catch (e) {
-    throw new Error(`online-specdec: OSD_BACKEND=${env}: ${(e as Error).message}`);
+    throw new Error(`online-specdec: OSD_BACKEND=${env}: ${withLoaderNotes((e as Error).message)}`);
   }
 }
 

@@ -3,7 +3,7 @@
 // usable, else the CPU, with the reason). OSD_BACKEND overrides whatever the code asks for, so an
 // operator can force the CPU (or insist on CUDA) without a code change. The model's own math runs
 // on the CPU engine either way.
-import { addon } from './addon.js';
+import { addon, withLoaderNotes } from './addon.js';
 
 import type { BackendName, BackendSelection } from './addonTypes.js';
 
@@ -29,11 +29,18 @@ function fromEnv(): BackendName | undefined {
 export function selectBackend(backend: BackendName | { backend: BackendName }): BackendSelection {
   const asked = checkName(typeof backend === 'object' && backend !== null ? backend.backend : backend, 'backend');
   const env = fromEnv();
-  const sel = addon.selectBackend(env ?? asked);
+  let sel: BackendSelection;
+  try {
+    sel = addon.selectBackend(env ?? asked);
+  } catch (e) {
+    throw new Error(withLoaderNotes((e as Error).message));
+  }
+  if (sel.name === 'cpu' && sel.requested === 'auto') sel = { ...sel, reason: withLoaderNotes(sel.reason) };
   return env && env !== asked ? { ...sel, reason: `OSD_BACKEND=${env} overrides '${asked}': ${sel.reason}` } : sel;
 }
 
 /** The backend the kernels run on now, and why. */
 export function activeBackend(): BackendSelection {
-  return addon.activeBackend();
+  const sel = addon.activeBackend();
+  return sel.name === 'cpu' && sel.requested === 'auto' ? { ...sel, reason: withLoaderNotes(sel.reason) } : sel;
 }

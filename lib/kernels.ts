@@ -1,6 +1,6 @@
 // Typed entry points to the verification and distillation kernels. All of them are synchronous:
 // each call runs for microseconds to milliseconds on the CPU backend's thread pool.
-import { addon } from './addon.js';
+import { addon, withLoaderNotes } from './addon.js';
 import type { BackendInfo, SamplingOptions, Seed } from './addonTypes.js';
 
 export type { BackendInfo, SamplingOptions, Seed } from './addonTypes.js';
@@ -185,7 +185,7 @@ export function globalNorm(values: Float32Array): number {
 
 /** The backends compiled into the loaded addon, and whether each can be used here. */
 export function backends(): BackendInfo[] {
-  return addon.backends();
+  return addon.backends().map((b) => (b.name === 'cuda' && !b.compiled ? { ...b, detail: withLoaderNotes(b.detail) } : b));
 }
 
 /** Sets the CPU thread-pool size (0 = all cores). Returns the size in effect. */

@@ -333,6 +333,121 @@ OSD_TEST(cpu_blocked_scheme_rounds_like_device) {
   CHECK_EQ(fkl_diff, 0);
 }
 
+namespace {
+
+// blocked_sample() of cuda/warp_device.cuh replayed on the host, thread by thread (kBlock threads
+// of four entries, the warps' shfl_up scans, the warp totals in order): returns the token and sets
+// *certified when the device would take it without running the CPU's loop. The replay checks the
+// sampler's logic (block choice, prefix sums, error bound) where no device is present; the device
+// code itself is compared with the CPU by chain_batch_matches_cpu.
+int replay_blocked_sample(const DenseRow& d, double u, bool* certified) {
+  constexpr int kThreads = osd::cuda::kBlock;
+  const int V = d.vocab, nb = stat_blocks(V);
+  *certified = false;
+  double total = 0.0;
+  for (int b = 0; b < nb; ++b) total += static_cast<double>(d.mass[b]);
+  if (!(total > 0.0)) return -1;
+  const double target = u * total;
+  double cum0 = 0.0;
+  int sel = -1;
+  for (int b = 0; b < nb; ++b) {
+    const float m = d.mass[b];
+    if (!(m > 0.0f)) continue;
+    if (cum0 + m <= target) {
+      cum0 += m;
+      continue;
+    }
+    sel = b;
+    break;
+  }
+  if (sel >= 0) {
+    const int j0 = sel * kStatBlock, n = std::min(kStatBlock, V - j0);
+    std::vector<float> x(4 * kThreads);
+    std::vector<double> part(kThreads), incl(kThreads), excl(kThreads), wsum(kThreads / 32);
+    for (int t = 0; t < kThreads; ++t) {
+      for (int i = 0; i < 4; ++i) {
+        const int j = 4 * t + i;
+        x[j] = j < n ? d.e[j0 + j] * d.scale[sel] : 0.0f;
+        part[t] += static_cast<double>(x[j]);
+      }
+      incl[t] = part[t];
+    }
+    for (int w = 0; w < kThreads / 32; ++w) {
+      double* a = incl.data() + 32 * w;
+      for (int o = 1; o < 32; o <<= 1) {
+        double nxt[32];
+        for (int l = 0; l < 32; ++l) nxt[l] = l >= o ? a[l - o] + a[l] : a[l];
+        std::copy(nxt, nxt + 32, a);
+      }
+      for (int l = 0; l < 32; ++l) excl[32 * w + l] = l == 0 ? 0.0 : a[l - 1];
+      wsum[w] = a[31];
+    }
+    double wtotal = 0.0;
+    std::vector<double> wbase(kThreads / 32);
+    for (int w = 0; w < kThreads / 32; ++w) wbase[w] = wtotal, wtotal += wsum[w];
+    const double margin = 4.01 * (static_cast<double>(n) + 2.0) * 1.1102230246251565e-16 * (cum0 + wtotal);
+    for (int t = 0; t < kThreads; ++t) {
+      double c = cum0 + (wbase[t / 32] + excl[t]);
+      for (int i = 0; i < 4; ++i) {
+        const double ce = c;
+        c += static_cast<double>(x[4 * t + i]);
+        if (x[4 * t + i] > 0.0f && c > target) {  // the first hit over all threads is this one
+          *certified = c > target + margin && ce < target - margin;
+          if (*certified) return j0 + 4 * t + i;
+          return sample_dense(d, u);  // the device runs the CPU's loop
+        }
+      }
+    }
+  }
+  return sample_dense(d, u);
+}
+
+}  // namespace
+
+OSD_TEST(blocked_sampler_replay_matches_cpu) {
+  // Host only: random draws and draws placed at, just below and just above the CPU's CDF steps
+  // (where the error bound must hand over to the CPU's loop).
+  Rng rng(22);
+  long draws = 0, certified_draws = 0, wrong = 0;
+  for (int trial = 0; trial < 12; ++trial) {
+    const int V = randint(rng, 1, 9000);
+    std::vector<float> l(V);
+    fill_logits(rng, l.data(), V, trial % 2 ? 1.0f : 4.0f, trial % 3);
+    DenseRow d;
+    DenseRow* out = &d;
+    const float* rows = l.data();
+    dense_rows(&rows, 1, V, 1.0f / 0.9f, &out);
+    std::vector<double> us;
+    for (int i = 0; i < 300; ++i) us.push_back(uniform(rng));
+    // The CPU's running sums at a few tokens: u * total placed on them.
+    double total = 0.0;
+    for (int b = 0; b < stat_blocks(V); ++b) total += static_cast<double>(d.mass[b]);
+    for (int i = 0; i < 40; ++i) {
+      const int tok = randint(rng, 0, V - 1);
+      double cum = 0.0;
+      for (int b = 0; b < tok / kStatBlock; ++b) cum += d.mass[b] > 0.0f ? static_cast<double>(d.mass[b]) : 0.0;
+      for (int j = tok / kStatBlock * kStatBlock; j <= tok; ++j) {
+        const float x = d.e[j] * d.scale[j / kStatBlock];
+        if (x > 0.0f) cum += x;
+      }
+      const double u0 = cum / total;
+      for (double u : {u0, std::nextafter(u0, 0.0), std::nextafter(u0, 1.0)})
+        if (u >= 0.0 && u < 1.0) us.push_back(u);
+    }
+    for (double u : us) {
+      bool cert = false;
+      const int a = replay_blocked_sample(d, u, &cert), b = sample_dense(d, u);
+      wrong += a != b;
+      certified_draws += cert;
+      ++draws;
+    }
+  }
+  std::printf("  blocked sampler replay: %ld draws, %ld decided by the bound, %ld differ\n", draws, certified_draws,
+              wrong);
+  CHECK_EQ(wrong, 0L);
+  CHECK(certified_draws > draws / 2);
+}
+
 OSD_TEST(cpu_reference_rounds_without_contraction) {
   // The GPU reproduces the CPU reference's z (sampling.cpp sum_exp: trees, warp_rows, top-k/top-p
   // and chains under a planted fault) bit for bit only if the CPU build does not fuse a*b+c into

@@ -2,7 +2,7 @@
 // reported as effective GB/s and as a ratio to the memory-bandwidth probe run in the same process.
 //
 //   npx tsx bench/kernels.ts [--quick] [--json-only] [--threads N] [--save-baseline] [--hot]
-//                            [--budget-ms MS] [--rotate-mb MB]
+//                            [--budget-ms MS] [--rotate-mb MB] [--fresh-grad]
 //
 // Definitions (also written into the JSON under "definitions"; see bench/README.md):
 // - Effective bytes are the logits an op must touch once, as float32:
@@ -13,6 +13,8 @@
 //   on the same thread pool, best of the probes run at the start and the end of this run).
 // - Inputs rotate through a working set of --rotate-mb (default 512 MiB), so consecutive calls read
 //   logits that are not in the caches; --hot reuses one input (cache-resident when it fits).
+// - distillLoss writes its gradient into one caller-owned gradOut buffer per config, as a training
+//   loop does; --fresh-grad lets every call allocate a new gradient instead (page faults included).
 import { join } from 'node:path';
 import {
   verifyChain,
@@ -52,12 +54,13 @@ const USAGE = `usage: npx tsx bench/kernels.ts [options]
   --save-baseline   also write bench/results/kernels-baseline.json (the "vs previous version" reference)
   --hot             reuse one input per config (cache-resident) instead of rotating through memory
   --budget-ms MS    timed budget per config after warm-up (default 150, quick 40)
-  --rotate-mb MB    working set the inputs rotate through (default 512, quick 64)`;
+  --rotate-mb MB    working set the inputs rotate through (default 512, quick 64)
+  --fresh-grad      distillLoss allocates a new gradient per call instead of reusing gradOut`;
 
 let args: ReturnType<typeof parseArgs>;
 try {
   args = parseArgs(process.argv.slice(2), {
-    booleans: ['quick', 'json-only', 'save-baseline', 'hot', 'help'],
+    booleans: ['quick', 'json-only', 'save-baseline', 'hot', 'help', 'fresh-grad'],
     values: ['threads', 'budget-ms', 'rotate-mb'],
   });
 } catch (e) {
@@ -72,6 +75,7 @@ const QUICK = args.flags.has('quick');
 const JSON_ONLY = args.flags.has('json-only');
 const HOT = args.flags.has('hot');
 const SAVE_BASELINE = args.flags.has('save-baseline');
+const FRESH_GRAD = args.flags.has('fresh-grad');
 
 function numArg(name: string, dflt: number, min: number): number {
   const v = args.values.get(name);
@@ -459,6 +463,7 @@ function benchDistill(V: number, pairedRows: number): void {
       const slots = Math.max(1, Math.min(slotsFor(3 * N * V * 4), Math.floor(pairedRows / N)));
       for (const loss of LOSSES) {
         if (!loss.target && !INFO_LOSS_GRID.some(([gg, bb]) => gg === g && bb === B)) continue;
+        const gradOut = FRESH_GRAD ? undefined : new Float32Array(N * V);
         const fn = (i: number) => {
           const s = i % slots;
           distillLoss({
@@ -466,6 +471,7 @@ function benchDistill(V: number, pairedRows: number): void {
             studentLogits: draftPool.subarray(s * N * V, (s + 1) * N * V),
             teacherLogits: targetPool.subarray(s * N * V, (s + 1) * N * V),
             vocabSize: V,
+            ...(gradOut ? { gradOut } : {}),
           });
         };
         const tm = timeCalls(fn, timing);
@@ -646,6 +652,7 @@ const result = {
   date: new Date().toISOString(),
   quick: QUICK,
   hot: HOT,
+  freshGrad: FRESH_GRAD,
   machine: facts,
   threads,
   probe: {

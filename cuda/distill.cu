@@ -265,7 +265,9 @@ __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
       psum = block_sum(psum, red);  // also orders the bitmap clear before the marks
       for (int i = tid; i < k; i += kBlock) atomicOr(&bitmap[ids[i] >> 5], 1u << (ids[i] & 31));
       __syncthreads();
-      const double pres = in.residual ? static_cast<double>(in.residual[r]) : fmax(0.0, 1.0 - psum);
+      // As losses.cpp: with k = V no token lies outside the top-k, so a residual is rounding; keeping
+      // it would give the empty "rest" bin teacher mass and forward KL an infinite loss.
+      const double pres = k == V ? 0.0 : in.residual ? static_cast<double>(in.residual[r]) : fmax(0.0, 1.0 - psum);
       const double pnorm = psum + pres;
       double rest = 0.0;
       for (int j = tid; j < V; j += kBlock)

@@ -1080,6 +1080,34 @@ OSD_TEST(distill_matches_cpu) {
       }
   std::printf("  distill: %d cases (4 losses x dense/sparse x masks), %d differ\n", cases, bad);
   CHECK_EQ(bad, 0);
+  // A sparse teacher over the whole vocabulary (k = V) whose probabilities sum to 1 only up to
+  // float rounding, without residual: the leftover is rounding, not mass outside the top-k. (The
+  // GPU once kept it, which gave the empty "rest" bin teacher mass and forward KL an infinite loss.)
+  for (int kind = 0; kind < 4; ++kind) {
+    const int V = 11, rows = 2;
+    std::vector<float> s(rows * V), probs(rows * V);
+    std::vector<int32_t> ids(rows * V);
+    for (int r = 0; r < rows; ++r) {
+      fill_logits(rng, &s[r * V], V, 2.0f, 0);
+      double total = 0.0;
+      for (int i = 0; i < V; ++i) ids[r * V + i] = (i * 7 + r) % V, total += (probs[r * V + i] = static_cast<float>(uniform(rng) + 0.1));
+      for (int i = 0; i < V; ++i) probs[r * V + i] = static_cast<float>(probs[r * V + i] / total * (1.0 - 3e-7));
+    }
+    DistillInput in;
+    in.kind = static_cast<DistillKind>(kind);
+    in.student = s.data();
+    in.rows = rows;
+    in.vocab = V;
+    in.temperature = 1.7f;
+    in.topk_ids = ids.data();
+    in.topk_probs = probs.data();
+    in.k = V;
+    std::vector<float> gc(s.size()), gg(s.size());
+    const double lc = cpu().distill_loss(in, gc.data()), lg = g.distill_loss(in, gg.data());
+    CHECK(std::isfinite(lc));
+    CHECK(std::isfinite(lg));
+    CHECK_NEAR(lg, lc, 2e-5 * std::max(1.0, std::fabs(lc)));
+  }
   // Non-finite student logits: the same error as the CPU.
   std::vector<float> s(2 * 5, 0.5f), t(2 * 5, 0.25f);
   s[7] = std::numeric_limits<float>::infinity();

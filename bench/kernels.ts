@@ -154,12 +154,31 @@ interface Row {
   /** The same, after dividing each side by its own run's read probe. */
   xBaselineProbeNormalised: number | null;
   rotatingSlots: number;
+  /** CPU seconds per wall second while this config was timed (see lastCpuPerWall). */
+  cpuPerWall: number;
 }
 
 const rows: Row[] = [];
+
+/**
+ * CPU seconds the process ran per wall second during the last timed config (2 = both pool threads
+ * busy throughout). On a shared machine it shows how much of the two cores a run actually got:
+ * GB/s / cpuPerWall estimates the throughput per core-second, which contention does not dilute.
+ */
+let lastCpuPerWall = Number.NaN;
+function timeCallsCpu(fn: (i: number) => void, o: Parameters<typeof timeCalls>[1]): ReturnType<typeof timeCalls> {
+  const c0 = process.cpuUsage();
+  const w0 = nowNs();
+  const tm = timeCalls(fn, o);
+  const c = process.cpuUsage(c0);
+  lastCpuPerWall = ((c.user + c.system) * 1e3) / Number(nowNs() - w0);
+  return tm;
+}
 let probeRead = 0; // GB/s denominator, set after the first probe
 
-function addRow(r: Omit<Row, 'key' | 'gbps' | 'xProbe' | 'target' | 'xBaseline' | 'xBaselineProbeNormalised'> & { isTarget: boolean }): Row {
+function addRow(
+  r: Omit<Row, 'key' | 'gbps' | 'xProbe' | 'target' | 'xBaseline' | 'xBaselineProbeNormalised' | 'cpuPerWall'> & { isTarget: boolean },
+): Row {
   const gbps = r.bytes / (r.usPerCall * 1e3);
   const { isTarget, ...rest } = r;
   const row: Row = {
@@ -170,12 +189,14 @@ function addRow(r: Omit<Row, 'key' | 'gbps' | 'xProbe' | 'target' | 'xBaseline' 
     target: isTarget ? (gbps / probeRead >= TARGET_RATIO ? 'PASS' : 'MISS') : null,
     xBaseline: null,
     xBaselineProbeNormalised: null,
+    cpuPerWall: lastCpuPerWall,
   };
   rows.push(row);
   progress(
     `  ${row.op} V=${row.V} g=${row.g ?? '-'} batch=${row.batch} ${row.kind}: ${fmtNum(row.usPerCall)} us, ` +
       `${fmtNum(row.gbps)} GB/s, x${fmtNum(row.xProbe, 2)} probe` +
-      (row.meanAccepted !== null ? `, accepted ${fmtNum(row.meanAccepted)}` : ''),
+      (row.meanAccepted !== null ? `, accepted ${fmtNum(row.meanAccepted)}` : '') +
+      `, cpu/wall ${row.cpuPerWall.toFixed(2)}`,
   );
   return row;
 }
@@ -424,7 +445,7 @@ function benchChains(V: number): void {
         acceptedSum = 0;
         seqs = 0;
         const fn = (i: number) => call(i, i % useSlots);
-        const tm = timeCalls(fn, timing);
+        const tm = timeCallsCpu(fn, timing);
         if (g === 8 && B === 1 && samp.name === 'temperature') chainG8Us.set(V, tm.medianUs);
         addRow({
           op: B === 1 ? 'verifyChain' : 'verifyChainBatch',
@@ -474,7 +495,7 @@ function benchDistill(V: number, pairedRows: number): void {
             ...(gradOut ? { gradOut } : {}),
           });
         };
-        const tm = timeCalls(fn, timing);
+        const tm = timeCallsCpu(fn, timing);
         addRow({
           op: 'distillLoss',
           V,
@@ -573,7 +594,7 @@ function benchTree(V: number, pairedRows: number): void {
   for (const mode of TREE_MODES) {
     let pathSum = 0,
       calls = 0;
-    const tm = timeCalls((i) => {
+    const tm = timeCallsCpu((i) => {
       const s = i % slots;
       const r = verifyTree({
         parents,
@@ -674,6 +695,9 @@ const result = {
     target: `PASS when xProbe >= ${TARGET_RATIO}; only temperature-only verification and forward-KL rows are targets`,
     xBaseline: 'GB/s / GB/s of the same key in bench/results/kernels-baseline.json (> 1 is faster); n/a without one',
     xChainG8: 'verifyTree time per call / verifyChain time (g = 8, batch 1, temperature 1, same V)',
+    cpuPerWall:
+      'process CPU seconds per wall second while the config was timed (2 = both pool threads busy throughout); ' +
+      'well below 2 means other tenants held the cores, and GB/s / cpuPerWall estimates the rate per core-second',
     inputs:
       `target logits ~ N(0, ${LOGIT_SIGMA}^2); draft logits = target + N(0, ${NOISE_SIGMA}^2); draft tokens sampled ` +
       'from the warped draft rows (so acceptance is partial); seeds change every call; inputs rotate through ' +
@@ -704,6 +728,7 @@ if (JSON_ONLY) {
     { header: 'GB/s', value: (r) => fmtNum(r.gbps) },
     { header: 'xProbe', value: (r) => r.xProbe.toFixed(3) },
     { header: '>=0.5', align: 'left', value: (r) => r.target ?? '-' },
+    { header: 'cpu/wall', value: (r) => r.cpuPerWall.toFixed(2) },
     { header: 'xBase', value: (r) => (r.xBaseline === null ? 'n/a' : r.xBaseline.toFixed(2)) },
     { header: 'accepted', value: (r) => (r.meanAccepted === null ? '-' : r.meanAccepted.toFixed(2)) },
     { header: 'xChainG8', value: (r) => (r.xChainG8 === null ? '-' : r.xChainG8.toFixed(2)) },

@@ -2,7 +2,7 @@
 // reported as effective GB/s and as a ratio to the memory-bandwidth probe run in the same process.
 //
 //   npx tsx bench/kernels.ts [--quick] [--json-only] [--threads N] [--save-baseline] [--hot]
-//                            [--budget-ms MS] [--rotate-mb MB]
+//                            [--budget-ms MS] [--rotate-mb MB] [--fresh-grad]
 //
 // Definitions (also written into the JSON under "definitions"; see bench/README.md):
 // - Effective bytes are the logits an op must touch once, as float32:
@@ -13,6 +13,8 @@
 //   on the same thread pool, best of the probes run at the start and the end of this run).
 // - Inputs rotate through a working set of --rotate-mb (default 512 MiB), so consecutive calls read
 //   logits that are not in the caches; --hot reuses one input (cache-resident when it fits).
+// - distillLoss writes its gradient into one caller-owned gradOut buffer per config, as a training
+//   loop does; --fresh-grad lets every call allocate a new gradient instead (page faults included).
 import { join } from 'node:path';
 import {
   verifyChain,
@@ -52,12 +54,13 @@ const USAGE = `usage: npx tsx bench/kernels.ts [options]
   --save-baseline   also write bench/results/kernels-baseline.json (the "vs previous version" reference)
   --hot             reuse one input per config (cache-resident) instead of rotating through memory
   --budget-ms MS    timed budget per config after warm-up (default 150, quick 40)
-  --rotate-mb MB    working set the inputs rotate through (default 512, quick 64)`;
+  --rotate-mb MB    working set the inputs rotate through (default 512, quick 64)
+  --fresh-grad      distillLoss allocates a new gradient per call instead of reusing gradOut`;
 
 let args: ReturnType<typeof parseArgs>;
 try {
   args = parseArgs(process.argv.slice(2), {
-    booleans: ['quick', 'json-only', 'save-baseline', 'hot', 'help'],
+    booleans: ['quick', 'json-only', 'save-baseline', 'hot', 'help', 'fresh-grad'],
     values: ['threads', 'budget-ms', 'rotate-mb'],
   });
 } catch (e) {
@@ -72,6 +75,7 @@ const QUICK = args.flags.has('quick');
 const JSON_ONLY = args.flags.has('json-only');
 const HOT = args.flags.has('hot');
 const SAVE_BASELINE = args.flags.has('save-baseline');
+const FRESH_GRAD = args.flags.has('fresh-grad');
 
 function numArg(name: string, dflt: number, min: number): number {
   const v = args.values.get(name);
@@ -150,12 +154,31 @@ interface Row {
   /** The same, after dividing each side by its own run's read probe. */
   xBaselineProbeNormalised: number | null;
   rotatingSlots: number;
+  /** CPU seconds per wall second while this config was timed (see lastCpuPerWall). */
+  cpuPerWall: number;
 }
 
 const rows: Row[] = [];
+
+/**
+ * CPU seconds the process ran per wall second during the last timed config (2 = both pool threads
+ * busy throughout). On a shared machine it shows how much of the two cores a run actually got:
+ * GB/s / cpuPerWall estimates the throughput per core-second, which contention does not dilute.
+ */
+let lastCpuPerWall = Number.NaN;
+function timeCallsCpu(fn: (i: number) => void, o: Parameters<typeof timeCalls>[1]): ReturnType<typeof timeCalls> {
+  const c0 = process.cpuUsage();
+  const w0 = nowNs();
+  const tm = timeCalls(fn, o);
+  const c = process.cpuUsage(c0);
+  lastCpuPerWall = ((c.user + c.system) * 1e3) / Number(nowNs() - w0);
+  return tm;
+}
 let probeRead = 0; // GB/s denominator, set after the first probe
 
-function addRow(r: Omit<Row, 'key' | 'gbps' | 'xProbe' | 'target' | 'xBaseline' | 'xBaselineProbeNormalised'> & { isTarget: boolean }): Row {
+function addRow(
+  r: Omit<Row, 'key' | 'gbps' | 'xProbe' | 'target' | 'xBaseline' | 'xBaselineProbeNormalised' | 'cpuPerWall'> & { isTarget: boolean },
+): Row {
   const gbps = r.bytes / (r.usPerCall * 1e3);
   const { isTarget, ...rest } = r;
   const row: Row = {
@@ -166,12 +189,14 @@ function addRow(r: Omit<Row, 'key' | 'gbps' | 'xProbe' | 'target' | 'xBaseline' 
     target: isTarget ? (gbps / probeRead >= TARGET_RATIO ? 'PASS' : 'MISS') : null,
     xBaseline: null,
     xBaselineProbeNormalised: null,
+    cpuPerWall: lastCpuPerWall,
   };
   rows.push(row);
   progress(
     `  ${row.op} V=${row.V} g=${row.g ?? '-'} batch=${row.batch} ${row.kind}: ${fmtNum(row.usPerCall)} us, ` +
       `${fmtNum(row.gbps)} GB/s, x${fmtNum(row.xProbe, 2)} probe` +
-      (row.meanAccepted !== null ? `, accepted ${fmtNum(row.meanAccepted)}` : ''),
+      (row.meanAccepted !== null ? `, accepted ${fmtNum(row.meanAccepted)}` : '') +
+      `, cpu/wall ${row.cpuPerWall.toFixed(2)}`,
   );
   return row;
 }
@@ -420,7 +445,7 @@ function benchChains(V: number): void {
         acceptedSum = 0;
         seqs = 0;
         const fn = (i: number) => call(i, i % useSlots);
-        const tm = timeCalls(fn, timing);
+        const tm = timeCallsCpu(fn, timing);
         if (g === 8 && B === 1 && samp.name === 'temperature') chainG8Us.set(V, tm.medianUs);
         addRow({
           op: B === 1 ? 'verifyChain' : 'verifyChainBatch',
@@ -459,6 +484,7 @@ function benchDistill(V: number, pairedRows: number): void {
       const slots = Math.max(1, Math.min(slotsFor(3 * N * V * 4), Math.floor(pairedRows / N)));
       for (const loss of LOSSES) {
         if (!loss.target && !INFO_LOSS_GRID.some(([gg, bb]) => gg === g && bb === B)) continue;
+        const gradOut = FRESH_GRAD ? undefined : new Float32Array(N * V);
         const fn = (i: number) => {
           const s = i % slots;
           distillLoss({
@@ -466,9 +492,10 @@ function benchDistill(V: number, pairedRows: number): void {
             studentLogits: draftPool.subarray(s * N * V, (s + 1) * N * V),
             teacherLogits: targetPool.subarray(s * N * V, (s + 1) * N * V),
             vocabSize: V,
+            ...(gradOut ? { gradOut } : {}),
           });
         };
-        const tm = timeCalls(fn, timing);
+        const tm = timeCallsCpu(fn, timing);
         addRow({
           op: 'distillLoss',
           V,
@@ -567,7 +594,7 @@ function benchTree(V: number, pairedRows: number): void {
   for (const mode of TREE_MODES) {
     let pathSum = 0,
       calls = 0;
-    const tm = timeCalls((i) => {
+    const tm = timeCallsCpu((i) => {
       const s = i % slots;
       const r = verifyTree({
         parents,
@@ -646,6 +673,7 @@ const result = {
   date: new Date().toISOString(),
   quick: QUICK,
   hot: HOT,
+  freshGrad: FRESH_GRAD,
   machine: facts,
   threads,
   probe: {
@@ -667,6 +695,9 @@ const result = {
     target: `PASS when xProbe >= ${TARGET_RATIO}; only temperature-only verification and forward-KL rows are targets`,
     xBaseline: 'GB/s / GB/s of the same key in bench/results/kernels-baseline.json (> 1 is faster); n/a without one',
     xChainG8: 'verifyTree time per call / verifyChain time (g = 8, batch 1, temperature 1, same V)',
+    cpuPerWall:
+      'process CPU seconds per wall second while the config was timed (2 = both pool threads busy throughout); ' +
+      'well below 2 means other tenants held the cores, and GB/s / cpuPerWall estimates the rate per core-second',
     inputs:
       `target logits ~ N(0, ${LOGIT_SIGMA}^2); draft logits = target + N(0, ${NOISE_SIGMA}^2); draft tokens sampled ` +
       'from the warped draft rows (so acceptance is partial); seeds change every call; inputs rotate through ' +
@@ -697,6 +728,7 @@ if (JSON_ONLY) {
     { header: 'GB/s', value: (r) => fmtNum(r.gbps) },
     { header: 'xProbe', value: (r) => r.xProbe.toFixed(3) },
     { header: '>=0.5', align: 'left', value: (r) => r.target ?? '-' },
+    { header: 'cpu/wall', value: (r) => r.cpuPerWall.toFixed(2) },
     { header: 'xBase', value: (r) => (r.xBaseline === null ? 'n/a' : r.xBaseline.toFixed(2)) },
     { header: 'accepted', value: (r) => (r.meanAccepted === null ? '-' : r.meanAccepted.toFixed(2)) },
     { header: 'xChainG8', value: (r) => (r.xChainG8 === null ? '-' : r.xChainG8.toFixed(2)) },

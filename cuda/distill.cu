@@ -1,8 +1,11 @@
 // Distillation losses fused with their gradients (one block per row, two passes over the row).
 // Build (standalone check of this file): nvcc -std=c++17 -O3 -arch=sm_90 -I native -c cuda/distill.cu
 // Parity: test/native/test_cuda.cu (distill_matches_cpu): loss within 2e-5 * max(1, |loss|),
-// gradients within 1e-6 * max|grad| + 1e-5 * |grad_j| of the CPU reference. The softmax sums are the
+// gradients within 1e-6 * max|grad| + 1e-5 * |grad_j| of the CPU backend. The softmax sums are the
 // CPU's, bit for bit (z_exact); what remains are sums over rows in another order.
+// Forward KL against a dense teacher follows the CPU's fast path (forward_kl_row_blocked) operation
+// for operation, so its gradient is bit-identical and its loss differs only by the last bits of
+// log(); test_cuda checks it at that tighter tolerance.
 #include <algorithm>
 
 #include "common.cuh"
@@ -71,8 +74,118 @@ __device__ void row_softmax_stats(const float* x, int V, float inv_t, float* out
 struct DistillParams {
   DistillDevice in;
   float inv_t;
-  double* gb;  // sparse: rows x k bin gradients
+  double* gb;    // sparse: rows x k bin gradients
+  float* fkl;    // dense forward KL: per CUDA block, 8 x nb floats of per-block statistics
+  int32_t nb;    // stat_blocks(V)
 };
+
+// forward_kl_row_blocked() of losses.cpp for one row. Pass 1: one warp per block of kStatBlock
+// entries takes both maxima (finite_max: from -FLT_MAX, flagging non-finite entries), then the
+// lane sums (lane k: entries 32 i + k in increasing i, xor-butterfly fold, as in blocked_stats) of
+// es_j = exp((s_j - bs) it), et_j = exp((t_j - bt) it) and et_j d_j, d_j = ((t_j - bt) - (s_j - bs)) it.
+// Blocks are combined in block order by one thread, like the CPU. Pass 2 recomputes es_j and et_j
+// (the same operations, so the same bits the CPU kept) for grad_j = gscale (es_j qs_b - et_j qt_b).
+// Returns 0, or 1 / 2 for a non-finite student / teacher entry. Every thread must call it.
+__device__ int forward_kl_blocked(const float* s, const float* t, int V, float it, float gscale, float* grad,
+                                  float* w, int nb, double* loss_out, PrepSmem& sm) {
+  const int tid = threadIdx.x, lane = lane_id();
+  float* bs_ = w;          // student block maxima
+  float* bt_ = w + nb;     // teacher block maxima
+  float* ss_ = w + 2 * nb;  // lane_sum(es), then qs_b = float(cs_b / zs)
+  float* st_ = w + 3 * nb;  // lane_sum(et)
+  float* ds_ = w + 4 * nb;  // lane_sum(et d)
+  float* cs_ = w + 5 * nb;  // cs_b, then qt_b = float(ct_b / zt)
+  float* ct_ = w + 6 * nb;
+  int32_t* bad_ = reinterpret_cast<int32_t*>(w + 7 * nb);
+  for (int b = warp_id(); b < nb; b += kWarps) {
+    const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
+    float bs = -FLT_MAX, bt = -FLT_MAX;
+    int bad_s = 0, bad_t = 0;
+    for (int j = lane; j < n; j += 32) {
+      const float x = __ldg(s + j0 + j), y = __ldg(t + j0 + j);
+      bs = x > bs ? x : bs;
+      bt = y > bt ? y : bt;
+      bad_s |= !(fabsf(x) <= FLT_MAX);
+      bad_t |= !(fabsf(y) <= FLT_MAX);
+    }
+    bs = warp_max(bs);
+    bt = warp_max(bt);
+    bad_s = __any_sync(0xffffffffu, bad_s);
+    bad_t = __any_sync(0xffffffffu, bad_t);
+    float as = 0.0f, at = 0.0f, ad = 0.0f;
+    if (!bad_s && !bad_t) {
+      for (int j = lane; j < n; j += 32) {
+        const float x = __ldg(s + j0 + j), y = __ldg(t + j0 + j);
+        const float ds = __fsub_rn(x, bs), tt = __fsub_rn(y, bt);
+        as = __fadd_rn(as, exp_ref(__fmul_rn(ds, it)));
+        const float e = exp_ref(__fmul_rn(tt, it));
+        at = __fadd_rn(at, e);
+        ad = __fadd_rn(ad, __fmul_rn(e, __fmul_rn(__fsub_rn(tt, ds), it)));
+      }
+      as = warp_fold_sum(as);
+      at = warp_fold_sum(at);
+      ad = warp_fold_sum(ad);
+    }
+    if (lane == 0) bs_[b] = bs, bt_[b] = bt, ss_[b] = as, st_[b] = at, ds_[b] = ad, bad_[b] = bad_s | (bad_t << 1);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    float ms = -FLT_MAX, mt = -FLT_MAX;
+    int bad = 0;
+    for (int b = 0; b < nb; ++b) {
+      ms = bs_[b] > ms ? bs_[b] : ms;
+      mt = bt_[b] > mt ? bt_[b] : mt;
+      bad |= bad_[b];
+    }
+    sm.bi[0] = (bad & 1) ? 1 : (bad & 2) ? 2 : 0;
+    sm.red.f[0] = ms;
+    sm.red.f[1] = mt;
+  }
+  __syncthreads();
+  const int bad = sm.bi[0];
+  const float ms = sm.red.f[0], mt = sm.red.f[1];
+  __syncthreads();
+  if (bad) return bad;
+  for (int b = tid; b < nb; b += kBlock) {
+    cs_[b] = exp_ref(__fmul_rn(__fsub_rn(bs_[b], ms), it));
+    ct_[b] = exp_ref(__fmul_rn(__fsub_rn(bt_[b], mt), it));
+  }
+  __syncthreads();
+  if (tid == 0) {
+    double zs = 0.0, zt = 0.0;
+    for (int b = 0; b < nb; ++b) {
+      zs += static_cast<double>(__fmul_rn(ss_[b], cs_[b]));
+      zt += static_cast<double>(__fmul_rn(st_[b], ct_[b]));
+    }
+    double cross = 0.0;
+    for (int b = 0; b < nb; ++b) {
+      const double k = __dmul_rn(__dsub_rn(__dsub_rn(static_cast<double>(bt_[b]), static_cast<double>(mt)),
+                                           __dsub_rn(static_cast<double>(bs_[b]), static_cast<double>(ms))),
+                                 static_cast<double>(it));
+      const double term = __dadd_rn(static_cast<double>(ds_[b]), __dmul_rn(static_cast<double>(st_[b]), k));
+      cross = __dadd_rn(cross, __dmul_rn(static_cast<double>(ct_[b]), term));
+    }
+    *loss_out = cross / zt + log(zs) - log(zt);
+    sm.bd[0] = zs;
+    sm.bd[1] = zt;
+  }
+  __syncthreads();
+  const double zs = sm.bd[0], zt = sm.bd[1];
+  __syncthreads();
+  if (!grad) return 0;
+  for (int b = tid; b < nb; b += kBlock) {
+    ss_[b] = __double2float_rn(__ddiv_rn(static_cast<double>(cs_[b]), zs));
+    cs_[b] = __double2float_rn(__ddiv_rn(static_cast<double>(ct_[b]), zt));
+  }
+  __syncthreads();
+  for (int j = tid; j < V; j += kBlock) {
+    const int b = j / kStatBlock;
+    const float es = exp_ref(__fmul_rn(__fsub_rn(__ldg(s + j), bs_[b]), it));
+    const float et = exp_ref(__fmul_rn(__fsub_rn(__ldg(t + j), bt_[b]), it));
+    grad[j] = __fmul_rn(gscale, __fsub_rn(__fmul_rn(es, ss_[b]), __fmul_rn(et, cs_[b])));
+  }
+  return 0;
+}
 
 __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
   extern __shared__ uint32_t bitmap[];  // sparse teacher: top-k membership of the row
@@ -92,6 +205,14 @@ __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
       continue;
     }
     const float* s = in.student + static_cast<size_t>(r) * V;
+    if (in.teacher && in.kind == DistillKind::ForwardKL) {
+      double loss = 0.0;
+      const int bad = forward_kl_blocked(s, in.teacher + static_cast<size_t>(r) * V, V, inv_t, gscale, grad,
+                                         P.fkl + static_cast<size_t>(blockIdx.x) * 8 * P.nb, P.nb, &loss, sm);
+      if (tid == 0) in.row_bad[r] = bad, in.row_loss[r] = bad ? 0.0 : loss;
+      __syncthreads();
+      continue;
+    }
     float ms;
     double zs;
     int bad_s;
@@ -113,18 +234,7 @@ __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
         continue;
       }
       const double log_zt = log(zt);
-      if (in.kind == DistillKind::ForwardKL) {
-        // forward_kl_dense(), rounded operation by operation like the CPU.
-        const float cs = __fsub_rn(__fmul_rn(-ms, inv_t), static_cast<float>(log_zs));
-        const float ct = __fsub_rn(__fmul_rn(-mt, inv_t), static_cast<float>(log_zt));
-        for (int j = tid; j < V; j += kBlock) {
-          const float lq = __fadd_rn(__fmul_rn(s[j], inv_t), cs), lp = __fadd_rn(__fmul_rn(t[j], inv_t), ct);
-          const float p = exp_ref(lp), q = exp_ref(lq);
-          loss += static_cast<double>(__fmul_rn(p, __fsub_rn(lp, lq)));
-          if (grad) grad[j] = __fmul_rn(gscale, __fsub_rn(q, p));
-        }
-        loss = block_sum(loss, red);
-      } else {
+      {  // forward KL took forward_kl_blocked above
         double eg = 0.0;
         for (int j = tid; j < V; j += kBlock) {
           const double lq = static_cast<double>(scaled_logit(s[j], ms, inv_t)) - log_zs;
@@ -155,7 +265,9 @@ __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
       psum = block_sum(psum, red);  // also orders the bitmap clear before the marks
       for (int i = tid; i < k; i += kBlock) atomicOr(&bitmap[ids[i] >> 5], 1u << (ids[i] & 31));
       __syncthreads();
-      const double pres = in.residual ? static_cast<double>(in.residual[r]) : fmax(0.0, 1.0 - psum);
+      // As losses.cpp: with k = V no token lies outside the top-k, so a residual is rounding; keeping
+      // it would give the empty "rest" bin teacher mass and forward KL an infinite loss.
+      const double pres = k == V ? 0.0 : in.residual ? static_cast<double>(in.residual[r]) : fmax(0.0, 1.0 - psum);
       const double pnorm = psum + pres;
       double rest = 0.0;
       for (int j = tid; j < V; j += kBlock)
@@ -230,6 +342,9 @@ void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream)
   int per_sm = 0;
   OSD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, distill_kernel, kBlock, smem));
   const int grid = std::max(1, std::min(in.rows, std::max(1, per_sm) * device_sm_count(ws)));
+  p.nb = stat_blocks(in.vocab);
+  if (in.teacher && in.kind == DistillKind::ForwardKL)
+    p.fkl = ws.misc2.as<float>(static_cast<size_t>(grid) * 8 * static_cast<size_t>(p.nb));
   record_start(ws, stream);
   distill_kernel<<<grid, kBlock, smem, stream>>>(p);
   OSD_CUDA_CHECK_LAUNCH();

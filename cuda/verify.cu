@@ -38,8 +38,22 @@ struct ChainParams {
   SlotPool pool;
 };
 
-// Residual sample from norm(max(0, p - q)) (sample_residual in verify.cpp).
+// Residual sample from norm(max(0, p - q)) (sample_residual in verify.cpp; for blocked rows
+// sample_residual_dense in sampling.cpp, then sample_dense(p) when the residual has no mass).
 __device__ __noinline__ int chain_residual(const RowRef& P, const RowRef& Q, int V, double u, int fault, PrepSmem& sm) {
+  if (P.mode == kRowBlocked) {  // only without a fault, like the CPU's fast path
+    blocked_residual_masses(P, Q, V);
+    BlkWeights w;
+    w.p = P;
+    w.q = Q;
+    w.residual = 1;
+    int y = blocked_sample(w, V, u, sm);
+    if (y < 0) {
+      w.residual = 0;
+      y = blocked_sample(w, V, u, sm);
+    }
+    return y;
+  }
   if (fault == static_cast<int>(Fault::ResidualFromTarget))
     return block_sample(weights_of(kWeightDense, P), V, u, sm);
   if (fault == static_cast<int>(Fault::ResidualNoClamp)) {
@@ -128,7 +142,16 @@ __device__ __noinline__ void chain_walk(const ChainParams& p, int b, PrepSmem& s
   }
   const RowRef P = load_row(p.tasks[q.t0 + q.g], p.stats + q.t0 + q.g);
   const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(q.g), kLaneSample);
-  const int y = block_sample(weights_of(kWeightRow, P), V, u, sm);
+  int y;
+  if (P.mode == kRowBlocked) {
+    BlkWeights w;
+    w.p = P;
+    w.q = P;
+    w.residual = 0;
+    y = blocked_sample(w, V, u, sm);
+  } else {
+    y = block_sample(weights_of(kWeightRow, P), V, u, sm);
+  }
   if (tid == 0) {
     out[q.g] = y;
     p.accepted[b] = q.g;
@@ -322,18 +345,26 @@ T* upload(DeviceBuffer& buf, std::vector<unsigned char>& host, const std::vector
   return d;
 }
 
-// Gives every non-greedy task a V-float scratch row (exp terms or probabilities); returns how many
-// rows are sparse (they may need a candidate slot).
+// Floats of scratch a task needs: V (exp terms or probabilities), plus for a blocked row c_b, W_b
+// and the walk's residual masses (3 per block).
+size_t task_floats(const RowTask& t) {
+  if (t.mode == kRowGreedy) return 0;
+  return static_cast<size_t>(t.vocab) + (t.mode == kRowBlocked ? 3 * static_cast<size_t>(stat_blocks(t.vocab)) : 0);
+}
+
+// Gives every non-greedy task its scratch; returns how many rows are sparse (they may need a
+// candidate slot).
 int assign_rows(std::vector<RowTask>& tasks, Workspace& ws) {
   size_t floats = 0;
-  for (auto& t : tasks) floats += t.mode != kRowGreedy ? static_cast<size_t>(t.vocab) : 0;
+  for (auto& t : tasks) floats += task_floats(t);
   float* rows = ws.rows.as<float>(std::max<size_t>(floats, 1));
   size_t offset = 0;
   int n_sparse = 0;
   for (auto& t : tasks) {
     if (t.mode == kRowGreedy) continue;
-    (t.mode == kRowDense ? t.e_out : t.prob_out) = rows + offset;
-    offset += t.vocab;
+    if (t.mode == kRowSparse) t.prob_out = rows + offset; else t.e_out = rows + offset;
+    if (t.mode == kRowBlocked) t.blk_out = rows + offset + t.vocab;
+    offset += task_floats(t);
     n_sparse += t.mode == kRowSparse;
   }
   return n_sparse;
@@ -357,16 +388,25 @@ void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws,
     q.greedy = s.greedy() ? 1 : 0;
     q.tok_off = static_cast<int32_t>(drow);
     q.out_off = static_cast<int32_t>(trow);
+    // Exactly where the CPU backend runs verify_chain_dense (sampled, s.dense(), no planted fault)
+    // the rows follow its blocked scheme; elsewhere the reference walk's modes. (A top-k >= V is a
+    // dense row for warp_row but not s.dense(): the CPU then walks the reference, so kRowDense.)
+    const bool blocked = fault == Fault::None && !s.greedy() && s.dense();
+    auto task = [&](const float* row) {
+      RowTask t = make_row_task(row, V, s, b);
+      if (blocked) t.mode = kRowBlocked;
+      return t;
+    };
     q.t0 = static_cast<int32_t>(tasks.size());
     for (int32_t i = 0; i <= g; ++i) {
-      tasks.push_back(make_row_task(in.target + (trow + i) * V, V, s, b));
+      tasks.push_back(task(in.target + (trow + i) * V));
       origins.push_back(RowOrigin{b, 0, static_cast<int32_t>(trow + i)});
     }
     q.d0 = -1;
     if (!q.greedy) {
       q.d0 = static_cast<int32_t>(tasks.size());
       for (int32_t i = 0; i < g; ++i) {
-        tasks.push_back(make_row_task(in.draft + (drow + i) * V, V, s, b));
+        tasks.push_back(task(in.draft + (drow + i) * V));
         origins.push_back(RowOrigin{b, 1, static_cast<int32_t>(drow + i)});
       }
     }

@@ -6,7 +6,12 @@
 //  - a dense (temperature-only) row keeps its exp terms e_j = exp_approx((l_j - max) * inv_t) and
 //    z = sum_exp(): 16 float lanes over j < 16*floor(V/16), each summed in index order, a double tail,
 //    then the lanes added in order. The GPU runs those 16 chains literally (one warp, fed through
-//    shared memory by the other 15), because the CPU's probabilities depend on z's last bit;
+//    shared memory by the other 15), because the CPU's probabilities depend on z's last bit.
+//    Trees, warp_rows and chains under a planted fault use this (the CPU's reference walk);
+//  - a blocked row (kRowBlocked: temperature-only chains, which the CPU verifies with
+//    verify_chain_dense) follows the blocked scheme of spec/sampling.h instead: blocks of 2048
+//    entries, each reduced by one warp whose lane k sums entries 32 i + k in increasing i, folded by
+//    the xor butterfly (exactly the CPU's lane_sum), blocks combined in block order by one thread;
 //  - a top-k / top-p row gets the same support and the same float probabilities as warp_row(). The
 //    vocabulary is never sorted: a radix select finds the m best (logit desc, id asc), only those m
 //    are sorted, and the prefix sums that decide the nucleus and its normaliser run in the CPU's order;
@@ -26,13 +31,14 @@
 namespace osd {
 namespace cuda {
 
-enum RowMode : int32_t { kRowGreedy = 0, kRowDense = 1, kRowSparse = 2 };
+enum RowMode : int32_t { kRowGreedy = 0, kRowDense = 1, kRowSparse = 2, kRowBlocked = 3 };
 
 // One row of logits to validate and warp.
 struct RowTask {
   const float* logits;  // V logits (device)
   float* e_out;         // dense rows: the V exp terms are written here
   float* prob_out;      // sparse rows: the V warped probabilities (0 outside the support)
+  float* blk_out;       // blocked rows (also e_out): per block c_b, W_b, then nb floats of walk scratch
   int32_t vocab;
   int32_t mode;  // RowMode
   float inv_t;   // 1.0f / temperature as the CPU computes it (1 for greedy)
@@ -43,7 +49,7 @@ struct RowTask {
 
 // Result of a row. bad: 0 ok, 1 NaN or +Infinity, 2 all -Infinity.
 struct RowStat {
-  double z;      // dense and top-p-only rows: sum_exp
+  double z;      // dense and top-p-only rows: sum_exp; blocked rows: sum_b double(W_b) in block order
   float max;
   float inv_z;   // dense rows: float(1 / z)
   int32_t argmax;

@@ -105,6 +105,77 @@ static __device__ __noinline__ double z_exact(const float* l, int V, float mx, f
 }
 
 // ---------------------------------------------------------------------------------------------
+// The blocked scheme of spec/sampling.h (dense_rows), bit for bit. One warp reduces one block of
+// kStatBlock entries: lane k holds entries 32 i + k (i = 0..63, a coalesced load per i) and sums
+// their exp terms in increasing i from +0, then the xor butterfly folds lanes k + 16, k + 8, ...,
+// k + 1 (float addition is commutative, so lane 0 ends with the CPU's fold of a_k += a_(k+16) ...).
+// Entries past a short last block are left out, as on the CPU. Blocks are combined in block order
+// by one thread.
+
+constexpr int kBlkPerLane = kStatBlock / 32;
+static_assert(kStatLanes == 32 && kStatBlock % 32 == 0, "one warp per block, 32 lanes");
+
+__device__ __forceinline__ float warp_fold_sum(float a) {
+  for (int o = 16; o > 0; o >>= 1) a = __fadd_rn(a, __shfl_xor_sync(0xffffffffu, a, o));
+  return a;
+}
+
+__device__ __forceinline__ int stat_blocks_d(int V) { return (V + kStatBlock - 1) / kStatBlock; }
+
+// For a validated row (no NaN or +Infinity, max mx finite): e_out[j] = e_j, blk[b] = c_b,
+// blk[nb + b] = W_b; returns z. Every thread of the block must call it; all get z.
+static __device__ __noinline__ double blocked_stats(const float* l, int V, float mx, float inv_t, float* e_out,
+                                                     float* blk, PrepSmem& sm) {
+  const int lane = lane_id(), nb = stat_blocks_d(V);
+  float* scale = blk;
+  float* mass = blk + nb;
+  for (int b = warp_id(); b < nb; b += kWarps) {
+    const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
+    float v[kBlkPerLane];
+    float bm = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kBlkPerLane; ++i) {
+      const int j = 32 * i + lane;
+      v[i] = j < n ? __ldg(l + j0 + j) : -INFINITY;
+      bm = v[i] > bm ? v[i] : bm;
+    }
+    bm = warp_max(bm);
+    float acc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kBlkPerLane; ++i) {
+      const int j = 32 * i + lane;
+      if (j < n) {
+        // A block of -Infinity only: e = 0 (the CPU fills zeros; exp_ref(-inf) would be 0 too,
+        // but -inf - -inf is NaN).
+        const float e = bm == -INFINITY ? 0.0f : exp_ref(scaled_logit(v[i], bm, inv_t));
+        e_out[j0 + j] = e;
+        acc = __fadd_rn(acc, e);
+      }
+    }
+    acc = warp_fold_sum(acc);
+    if (lane == 0) scale[b] = bm, mass[b] = acc;  // bm_b and S_b until the pass below
+  }
+  __syncthreads();
+  // c_b = exp_approx((bm_b - max) * inv_t) (0 where bm_b = -Infinity), W_b = S_b * c_b.
+  for (int b = threadIdx.x; b < nb; b += kBlock) {
+    const float bm = scale[b], sb = mass[b];
+    const float c = bm == -INFINITY ? 0.0f : exp_ref(scaled_logit(bm, mx, inv_t));
+    scale[b] = c;
+    mass[b] = __fmul_rn(sb, c);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double z = 0.0;
+    for (int b = 0; b < nb; ++b) z += static_cast<double>(mass[b]);
+    sm.bd[0] = z;
+  }
+  __syncthreads();
+  const double z = sm.bd[0];
+  __syncthreads();
+  return z;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Radix select: the value of the (rank)-th smallest 32-bit key among the valid elements (0-based),
 // with how many valid elements equal it and the rank among those equal elements.
 
@@ -311,6 +382,9 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
   if (t.mode == kRowDense) {
     z = z_exact(l, V, mx, t.inv_t, t.e_out, sm);
     inv_z = __double2float_rn(__ddiv_rn(1.0, z));
+  } else if (t.mode == kRowBlocked) {
+    z = blocked_stats(l, V, mx, t.inv_t, t.e_out, t.blk_out, sm);
+    inv_z = __double2float_rn(__ddiv_rn(1.0, z));  // not used by the blocked walk
   } else if (t.mode == kRowSparse) {
     const bool use_k = t.top_k > 0 && t.top_k < V;
     const bool use_p = t.top_p < 1.0f;
@@ -411,8 +485,10 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
 // A prepared row as the walks read it (written by other blocks of the same launch: loads go via L2).
 
 struct RowRef {
-  const float* e;     // dense: exp terms
+  const float* e;     // dense and blocked: exp terms
   const float* prob;  // sparse: probabilities
+  const float* blk;   // blocked: c_b (nb floats), W_b (nb floats), walk scratch (nb floats)
+  int32_t nb;         // blocked: number of blocks
   double z;
   float inv_z;
   int32_t mode;
@@ -423,6 +499,8 @@ __device__ __forceinline__ RowRef load_row(const RowTask& t, const RowStat* st) 
   RowRef r;
   r.e = t.e_out;
   r.prob = t.prob_out;
+  r.blk = t.blk_out;
+  r.nb = stat_blocks_d(t.vocab);
   r.mode = t.mode;
   r.z = ld_cg(&st->z);
   r.inv_z = ld_cg(&st->inv_z);
@@ -434,8 +512,10 @@ __device__ __forceinline__ RowRef load_row(const RowTask& t, const RowStat* st) 
 __device__ __forceinline__ float row_dense(const RowRef& r, int j) {
   return r.mode == kRowSparse ? ld_cg(r.prob + j) : __fmul_rn(ld_cg(r.e + j), r.inv_z);
 }
-// WarpedRow::prob(x).
+// WarpedRow::prob(x); for a blocked row DenseRow::prob(x) = double(e_x * c_b) / z.
 __device__ __forceinline__ double row_prob(const RowRef& r, int x) {
+  if (r.mode == kRowBlocked)
+    return __ddiv_rn(static_cast<double>(__fmul_rn(ld_cg(r.e + x), ld_cg(r.blk + x / kStatBlock))), r.z);
   return r.mode == kRowSparse ? static_cast<double>(ld_cg(r.prob + x))
                               : __ddiv_rn(static_cast<double>(ld_cg(r.e + x)), r.z);
 }
@@ -711,6 +791,193 @@ static __device__ __noinline__ void block_normalise(float* v, int n, PrepSmem& s
   if (st == 1)
     for (int j = tid; j < n; j += kBlock) v[j] = __fmul_rn(v[j], inv);
   __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling from blocked rows: sample_dense and sample_residual_dense of spec/sampling.cpp.
+
+// The weights sample_blocks() scans. Dense: w_j = e_j * c_b with block masses W_b. Residual:
+// r_j = max(0, e^p_j * a^p_b - e^q_j * a^q_b), a_b = float(c_b / z), with block masses R_b kept in
+// the draft row's walk scratch (blocked_residual_masses).
+struct BlkWeights {
+  RowRef p, q;
+  int32_t residual;
+};
+// One block's view of the weights.
+struct BlkScan {
+  const float* ep;
+  const float* eq;
+  float sp, sq;
+  int32_t residual;
+};
+__device__ __forceinline__ BlkScan blk_scan(const BlkWeights& w, int b) {
+  BlkScan s;
+  s.ep = w.p.e;
+  s.eq = w.q.e;
+  s.residual = w.residual;
+  if (w.residual) {
+    s.sp = __double2float_rn(__ddiv_rn(static_cast<double>(ld_cg(w.p.blk + b)), w.p.z));
+    s.sq = __double2float_rn(__ddiv_rn(static_cast<double>(ld_cg(w.q.blk + b)), w.q.z));
+  } else {
+    s.sp = ld_cg(w.p.blk + b);
+    s.sq = 0.0f;
+  }
+  return s;
+}
+// The weight of entry j (in the block the BlkScan was made for), rounded as the CPU rounds it
+// (block_residual, then sample_blocks' w_j * 1.0f; or w_j * c_b).
+__device__ __forceinline__ float blk_at(const BlkScan& s, int j) {
+  if (s.residual) {
+    const float d = __fsub_rn(__fmul_rn(ld_cg(s.ep + j), s.sp), __fmul_rn(ld_cg(s.eq + j), s.sq));
+    return d > 0.0f ? d : 0.0f;
+  }
+  return __fmul_rn(ld_cg(s.ep + j), s.sp);
+}
+__device__ __forceinline__ const float* blk_masses(const BlkWeights& w) {
+  return w.residual ? w.q.blk + 2 * w.q.nb : w.p.blk + w.p.nb;
+}
+
+// R_b = lane_sum(r over block b) into the draft row's walk scratch, one warp per block (the lanes
+// of block_residual). Every thread of the block must call it.
+static __device__ __noinline__ void blocked_residual_masses(const RowRef& P, const RowRef& Q, int V) {
+  const int lane = lane_id(), nb = P.nb;
+  BlkWeights w;
+  w.p = P;
+  w.q = Q;
+  w.residual = 1;
+  float* rmass = const_cast<float*>(Q.blk) + 2 * nb;
+  for (int b = warp_id(); b < nb; b += kWarps) {
+    const BlkScan sc = blk_scan(w, b);
+    const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
+    float acc = 0.0f;
+    for (int j = lane; j < n; j += 32) acc = __fadd_rn(acc, blk_at(sc, j0 + j));
+    acc = warp_fold_sum(acc);
+    if (lane == 0) rmass[b] = acc;
+  }
+  __syncthreads();
+}
+
+// sample_blocks(w, wscale, bmass, V, u): the same token as the CPU, or -1 when the masses sum to
+// <= 0. One thread sums the block masses and walks them in block order exactly as the CPU does
+// (cum, target and the chosen block are the CPU's bits). Inside the chosen block a parallel prefix
+// sum finds the first entry whose running sum passes the target; it is accepted only when an error
+// bound proves that the CPU's sequential double sum crosses at the same entry. Otherwise (about
+// 1e-12 of draws, or when rounding makes the CPU run past the block) one thread runs the CPU's loop
+// literally. Every thread of the block must call it; all get the result.
+static __device__ __noinline__ int blocked_sample(const BlkWeights& w, int V, double u, PrepSmem& sm) {
+  static_assert(kBlock * 4 == kStatBlock, "four entries of the chosen block per thread");
+  const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
+  const int nb = w.p.nb;
+  const float* mass = blk_masses(w);
+  if (tid == 0) {
+    double total = 0.0;
+    for (int b = 0; b < nb; ++b) total += static_cast<double>(ld_cg(mass + b));
+    int sel = -1;
+    double cum = 0.0, target = 0.0;
+    if (total > 0.0) {
+      target = u * total;
+      for (int b = 0; b < nb; ++b) {
+        const float m = ld_cg(mass + b);
+        if (!(m > 0.0f)) continue;
+        if (cum + m <= target) {
+          cum += m;
+          continue;
+        }
+        sel = b;
+        break;
+      }
+    }
+    sm.bi[0] = total > 0.0 ? sel : -2;
+    sm.bd[0] = cum;
+    sm.bd[1] = target;
+  }
+  __syncthreads();
+  const int sel = sm.bi[0];
+  const double cum0 = sm.bd[0], target = sm.bd[1];
+  __syncthreads();
+  if (sel == -2) return -1;
+  int status = 1;  // 1: run the CPU's loop; 2: decided (token in bi[3])
+  if (sel >= 0) {
+    const int j0 = sel * kStatBlock, n = min(kStatBlock, V - j0);
+    const BlkScan sc = blk_scan(w, sel);
+    float x[4];
+    double part = 0.0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = 4 * tid + i;
+      x[i] = j < n ? blk_at(sc, j0 + j) : 0.0f;
+      part += static_cast<double>(x[i]);
+    }
+    double incl = part;
+    for (int o = 1; o < 32; o <<= 1) {
+      const double y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl = y + incl;
+    }
+    double excl = __shfl_up_sync(0xffffffffu, incl, 1);
+    if (lane == 0) excl = 0.0;
+    if (lane == 31) sm.red.d[warp] = incl;
+    __syncthreads();
+    double wbase = 0.0, wtotal = 0.0;
+    for (int k = 0; k < kWarps; ++k) {
+      if (k == warp) wbase = wtotal;
+      wtotal += sm.red.d[k];
+    }
+    // Every partial sum either side computes is at most about cum0 + wtotal; any two summation
+    // orders of these n + 1 non-negative terms differ by at most 2 (n + 1) 2^-53 of that.
+    const double margin = 4.01 * (static_cast<double>(n) + 2.0) * 1.1102230246251565e-16 * (cum0 + wtotal);
+    double c = cum0 + (wbase + excl);
+    int hit = n;
+    double hce = 0.0, hci = 0.0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const double ce = c;
+      c += static_cast<double>(x[i]);
+      if (hit == n && x[i] > 0.0f && c > target) hit = 4 * tid + i, hce = ce, hci = c;
+    }
+    const int first = block_min_int(hit, sm.red);
+    if (first < n && hit == first) {
+      const bool sure = hci > target + margin && hce < target - margin;
+      sm.bi[1] = sure ? 2 : 1;
+      sm.bi[3] = j0 + first;
+    }
+    if (first >= n && tid == 0) sm.bi[1] = 1;
+    __syncthreads();
+    status = sm.bi[1];
+    __syncthreads();
+  }
+  if (status == 1) {  // the CPU's loop, literally (from the chosen block on)
+    if (tid == 0) {
+      double cum = cum0;
+      int res = -1;
+      for (int b = sel < 0 ? nb : sel; b < nb && res < 0; ++b) {
+        const float m = ld_cg(mass + b);
+        if (!(m > 0.0f)) continue;
+        if (cum + m <= target) {
+          cum += m;
+          continue;
+        }
+        const BlkScan sc = blk_scan(w, b);
+        const int hi = min(V, (b + 1) * kStatBlock);
+        for (int j = b * kStatBlock; j < hi; ++j) {
+          const float x = blk_at(sc, j);
+          if (!(x > 0.0f)) continue;
+          cum += x;
+          if (cum > target) {
+            res = j;
+            break;
+          }
+        }
+      }
+      // Rounding left u * total at the very top: the last entry with weight.
+      for (int j = V - 1; res < 0 && j >= 0; --j)
+        if (blk_at(blk_scan(w, j / kStatBlock), j) > 0.0f) res = j;
+      sm.bi[3] = res;
+    }
+    __syncthreads();
+  }
+  const int result = sm.bi[3];
+  __syncthreads();
+  return result;
 }
 
 }  // namespace cuda

@@ -141,12 +141,17 @@ export interface DistillLossOptions {
   mask?: Uint8Array;
   /** Set false to skip the gradient. Default true. */
   computeGrad?: boolean;
+  /**
+   * [N x V] caller-owned buffer the gradient is written into (and returned as `grad`), reused
+   * across calls to avoid a fresh allocation per call. Must not overlap the logits.
+   */
+  gradOut?: Float32Array;
 }
 
 export interface DistillLossResult {
   /** Mean loss over the counted rows (0 when none counts). */
   loss: number;
-  /** [N x V] gradient of that mean with respect to studentLogits. */
+  /** [N x V] gradient of that mean with respect to studentLogits (`gradOut` when given). */
   grad?: Float32Array;
 }
 

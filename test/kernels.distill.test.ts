@@ -334,6 +334,26 @@ describe('distillLoss: masks', () => {
   });
 });
 
+describe('distillLoss: caller-provided gradOut', () => {
+  it.each(KINDS)('%s: writes the same gradient into gradOut and returns that array', (kind) => {
+    const rng = new Rng(900 + KINDS.indexOf(kind));
+    const N = 3;
+    const V = 3000;  // two blocks of the blocked forward-KL path
+    const student = new Float32Array(N * V).map(() => 2 * rng.normal());
+    const teacherLogits = new Float32Array(N * V).map(() => 2 * rng.normal());
+    const mask = Uint8Array.from([1, 0, 1]);
+    const base: DistillLossOptions = { kind, studentLogits: student, teacherLogits, vocabSize: V, temperature: 1.3, mask };
+    const fresh = distillLoss(base);
+    const out = new Float32Array(N * V).fill(Number.NaN);  // stale contents, masked row included
+    for (let call = 0; call < 2; ++call) {
+      const r = distillLoss({ ...base, gradOut: out });
+      expect(r.grad).toBe(out);
+      expect(r.loss).toBe(fresh.loss);
+      expect(out).toEqual(fresh.grad);
+    }
+  });
+});
+
 describe('distillLoss: numerical stability and consistency', () => {
   // Logits of +-1e4 plus a little noise: softmax underflows almost everywhere.
   function extreme(rng: Rng, N: number, V: number): Float32Array {

@@ -276,6 +276,19 @@ describe('distillLoss rejects bad input', () => {
     expect(Number.isFinite(run(sparse()).loss)).toBe(true);
   });
 
+  it('gradOut must be a Float32Array of N x V that does not overlap the logits', () => {
+    expectThrows(() => run({ ...base(), gradOut: new Float32Array(N * W - 1) }), RangeError, /gradOut has length 9/);
+    expectThrows(() => run({ ...base(), gradOut: new Float64Array(N * W) }), TypeError, /gradOut must be a Float32Array/);
+    expectThrows(() => run({ ...base(), gradOut: [0, 0] }), TypeError, /gradOut must be a Float32Array/);
+    expectThrows(() => run({ ...base(), gradOut: new Float32Array(N * W), computeGrad: false }), TypeError, /gradOut cannot be combined/);
+    const o = base();
+    const shared = new Float32Array(3 * N * W);
+    shared.set(o.studentLogits as Float32Array);
+    expectThrows(() => run({ ...o, studentLogits: shared.subarray(0, N * W), gradOut: shared.subarray(N * W - 1, 2 * N * W - 1) }), RangeError, /gradOut must not share memory/);
+    expectThrows(() => run({ ...o, gradOut: o.teacherLogits }), RangeError, /gradOut must not share memory/);
+    expect(Number.isFinite(run({ ...o, studentLogits: shared.subarray(0, N * W), gradOut: shared.subarray(N * W, 2 * N * W) }).loss)).toBe(true);
+  });
+
   it('kind must be a known loss', () => {
     expectThrows(() => run({ ...base(), kind: 'kl' }), RangeError, /kind must be one of/);
     expectThrows(() => run({ ...base(), kind: 'Forward-KL' }), RangeError, /kind/);

@@ -29,3 +29,64 @@ OSD_HD float exp_approx(float x) {
 }
 
 }  // namespace osd
+
+#if defined(__GNUC__) && !defined(__CUDACC__)
+// ---- Host SIMD: eight float lanes as GCC/Clang vector types ----------------------------------
+// Hot loops are written once with these types and compiled several times (OSD_SIMD_CLONES): SSE2
+// pairs for the baseline, AVX2 for x86-64-v3, AVX-512 (VL) for x86-64-v4; the loader picks one.
+// Every operation is defined lane by lane and the build does not contract a * b + c into an FMA
+// (-ffp-contract=off), so every clone computes the bits the scalar code computes. (GCC's own
+// vectorisation of the scalar loops if-converts exp_approx's clamps into about twice the
+// instructions; spelling the lanes out is what makes the exp-bound loops fast.)
+#if defined(__x86_64__) && !defined(__clang__)
+#define OSD_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define OSD_SIMD_CLONES
+#endif
+// The helpers below are always inlined into their (cloned) callers, so no vector crosses a call
+// (they take vectors by reference, and the -Wpsabi note on returning one is silenced here).
+#define OSD_SIMD_INLINE __attribute__((always_inline)) inline
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+namespace osd {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+OSD_SIMD_INLINE f32x8 splat8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
+OSD_SIMD_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+OSD_SIMD_INLINE void store8(float* p, const f32x8& v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// exp_approx on eight lanes, for the softmax terms exp((l - max) / T), whose arguments are <= 0:
+// lane by lane the same operations, so the same bits as exp_approx(x) for every x <= 88.3 (NaN
+// aside). It does not saturate above 88.3, and skips exp_approx's clamps: a lane below -87.3
+// computes garbage (an out-of-range conversion) that the final select replaces by 0.
+OSD_SIMD_INLINE f32x8 exp_approx8(const f32x8& x) {
+  typedef uint32_t u32x8 __attribute__((vector_size(32)));
+  const f32x8 y = x * 1.44269504088896341f + 0.5f;
+  f32x8 n;
+  for (int k = 0; k < 8; ++k) n[k] = floorf(y[k]);  // one vroundps where the target has it
+  f32x8 r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  f32x8 p = splat8(1.3888889e-3f);
+  p = p * r + 8.3333333e-3f;
+  p = p * r + 4.1666667e-2f;
+  p = p * r + 1.6666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const u32x8 bits = ((u32x8)__builtin_convertvector(n, i32x8) + 127u) << 23;
+  return x <= splat8(-87.3f) ? f32x8{} : p * (f32x8)bits;
+}
+
+// Lane max, NaN-blind (a NaN lane in x leaves m unchanged; callers flag NaN separately).
+OSD_SIMD_INLINE f32x8 max8(const f32x8& m, const f32x8& x) { return x > m ? x : m; }
+
+}  // namespace osd
+
+#pragma GCC diagnostic pop
+#endif

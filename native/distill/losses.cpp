@@ -7,14 +7,16 @@
 
 #include "core/error.h"
 #include "core/fast_math.h"
+#include "core/thread_pool.h"
+#include "spec/sampling.h"  // the blocked scheme: kStatBlock, block_exp_sum
+
+// The SIMD helpers of fast_math.h are always inlined, so no vector crosses a call: GCC's warning
+// that returning one from a baseline-compiled function changes the ABI does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace osd {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define OSD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define OSD_CLONES
-#endif
+#define OSD_CLONES OSD_SIMD_CLONES
 
 DistillKind parse_distill_kind(const std::string& name, const std::string& what) {
   if (name == "forward-kl") return DistillKind::ForwardKL;
@@ -62,24 +64,23 @@ void validate_distill(const DistillInput& in) {
 
 namespace {
 
-// Max of a row; throws if any entry is not finite (distillation needs finite log-probabilities).
+// Max of a row and whether any entry is not finite (distillation needs finite log-probabilities).
 OSD_CLONES float finite_max(const float* x, int32_t n, bool* bad) {
-  constexpr int L = 16;
-  float m[L];
-  int b[L] = {};
-  for (int k = 0; k < L; ++k) m[k] = -std::numeric_limits<float>::max();
+  f32x8 m0 = splat8(-std::numeric_limits<float>::max()), m1 = m0;
+  f32x8 z0 = {}, z1 = {};  // sums of x - x: 0 while every entry is finite, NaN after an Infinity or NaN
   int32_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int k = 0; k < L; ++k) {
-      float v = x[j + k];
-      m[k] = v > m[k] ? v : m[k];
-      b[k] |= !(std::fabs(v) <= std::numeric_limits<float>::max());
-    }
+  for (; j + 16 <= n; j += 16) {
+    const f32x8 x0 = load8(x + j), x1 = load8(x + j + 8);
+    m0 = max8(m0, x0);
+    m1 = max8(m1, x1);
+    z0 += x0 - x0;
+    z1 += x1 - x1;
+  }
   float mm = -std::numeric_limits<float>::max();
-  int bb = 0;
-  for (; j < n; ++j) mm = x[j] > mm ? x[j] : mm, bb |= !(std::fabs(x[j]) <= std::numeric_limits<float>::max());
-  for (int k = 0; k < L; ++k) mm = m[k] > mm ? m[k] : mm, bb |= b[k];
-  *bad = bb != 0;
+  bool b = false;
+  for (int k = 0; k < 8; ++k) mm = m0[k] > mm ? m0[k] : mm, mm = m1[k] > mm ? m1[k] : mm, b |= z0[k] + z1[k] != 0.0f;
+  for (; j < n; ++j) mm = x[j] > mm ? x[j] : mm, b |= !(std::fabs(x[j]) <= std::numeric_limits<float>::max());
+  *bad = b;
   return mm;
 }
 
@@ -266,6 +267,126 @@ double distill_row(const DistillInput& in, int32_t r, float scale, float* grad) 
     const double q = std::exp((s[ids[i]] - ms) * inv_t - log_zs);
     grad[ids[i]] = gscale * static_cast<float>(q * (gb[i] - eg));
   }
+  return loss;
+}
+
+// ---------------------------------------------------------------- forward KL, blocked
+
+namespace {
+
+// The whole 32-entry groups of fkl_teacher_block (kUnitT: temperature 1, no multiply by 1).
+template <bool kUnitT>
+OSD_SIMD_INLINE int32_t fkl_teacher_groups(const float* t, const float* s, int32_t n, float bt, float bs, float it,
+                                           float* et, f32x8* a, f32x8* d) {
+  const f32x8 vbt = splat8(bt), vbs = splat8(bs), vit = splat8(it);
+  int32_t j = 0;
+  for (; j + kStatLanes <= n; j += kStatLanes) {
+    __builtin_prefetch(t + j + kStatBlock);  // the next block, as in block_exp_sum
+    __builtin_prefetch(t + j + kStatBlock + 16);
+    for (int v = 0; v < 4; ++v) {
+      const f32x8 tt = load8(t + j + 8 * v) - vbt, dd = tt - (load8(s + j + 8 * v) - vbs);
+      const f32x8 e = exp_approx8(kUnitT ? tt : tt * vit);
+      if (et) store8(et + j + 8 * v, e);
+      a[v] += e;
+      d[v] += e * (kUnitT ? dd : dd * vit);
+    }
+  }
+  return j;
+}
+
+// One teacher block of forward KL: et_j = exp_approx((t_j - bt) * it), stored in et when not null;
+// *st = lane_sum(et) and *dsum = lane_sum(et_j * d_j), d_j = ((t_j - bt) - (s_j - bs)) * it.
+OSD_CLONES void fkl_teacher_block(const float* t, const float* s, int32_t n, float bt, float bs, float it, float* et,
+                                  float* st, float* dsum) {
+  f32x8 a[4] = {}, d[4] = {};
+  int32_t j = it == 1.0f ? fkl_teacher_groups<true>(t, s, n, bt, bs, it, et, a, d)
+                         : fkl_teacher_groups<false>(t, s, n, bt, bs, it, et, a, d);
+  float la[kStatLanes], ld[kStatLanes];
+  for (int v = 0; v < 4; ++v) store8(la + 8 * v, a[v]), store8(ld + 8 * v, d[v]);
+  for (; j < n; ++j) {
+    const float tt = t[j] - bt, e = exp_approx(tt * it);
+    if (et) et[j] = e;
+    la[j % kStatLanes] += e;
+    ld[j % kStatLanes] += e * ((tt - (s[j] - bs)) * it);
+  }
+  for (int w = kStatLanes / 2; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) la[k] += la[k + w], ld[k] += ld[k + w];
+  *st = la[0];
+  *dsum = ld[0];
+}
+
+// grad_j = gscale * (q_j - p_j) with q_j = es_j * qs (es_j read from grad) and p_j = et_j * qt.
+OSD_CLONES void fkl_grad_block(float* grad, const float* et, int32_t n, float qs, float qt, float gscale) {
+  const f32x8 vqs = splat8(qs), vqt = splat8(qt), vg = splat8(gscale);
+  int32_t j = 0;
+  for (; j + 8 <= n; j += 8) store8(grad + j, vg * (load8(grad + j) * vqs - load8(et + j) * vqt));
+  for (; j < n; ++j) grad[j] = gscale * (grad[j] * qs - et[j] * qt);
+}
+
+struct FklScratch {
+  std::vector<float> et, ms, mt, ss, st, ds, cs, ct;
+  std::vector<uint8_t> bad;
+};
+
+}  // namespace
+
+double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, float* grad) {
+  const int32_t V = in.vocab, nb = stat_blocks(V);
+  const float* s = in.student + static_cast<size_t>(r) * V;
+  const float* t = in.teacher + static_cast<size_t>(r) * V;
+  const float it = 1.0f / in.temperature;
+  // This thread's scratch, reached by reference from the pool workers that run its blocks.
+  thread_local FklScratch tl;
+  FklScratch& w = tl;
+  if (grad) w.et.resize(V);
+  float* et = grad ? w.et.data() : nullptr;
+  w.ms.resize(nb), w.mt.resize(nb), w.ss.resize(nb), w.st.resize(nb), w.ds.resize(nb), w.cs.resize(nb), w.ct.resize(nb);
+  w.bad.resize(nb);
+  // Pass 1, one read of each block: maxima, exp terms (the student's into grad), their sums.
+  default_pool().parallel_for(nb, 1, [&](size_t lo, size_t hi) {
+    for (size_t b = lo; b < hi; ++b) {
+      const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
+      bool bs, bt;
+      w.ms[b] = finite_max(s + j0, n, &bs);
+      w.mt[b] = finite_max(t + j0, n, &bt);
+      w.bad[b] = (bs ? 1 : 0) | (bt ? 2 : 0);
+      if (w.bad[b]) continue;
+      w.ss[b] = block_exp_sum(s + j0, n, w.ms[b], it, grad ? grad + j0 : nullptr);
+      fkl_teacher_block(t + j0, s + j0, n, w.mt[b], w.ms[b], it, et ? et + j0 : nullptr, &w.st[b], &w.ds[b]);
+    }
+  });
+  float ms = -std::numeric_limits<float>::max(), mt = ms;
+  int bad = 0;
+  for (int32_t b = 0; b < nb; ++b) ms = std::max(ms, w.ms[b]), mt = std::max(mt, w.mt[b]), bad |= w.bad[b];
+  if (bad & 1) throw_range("studentLogits row " + std::to_string(r) + " contains NaN or Infinity");
+  if (bad & 2) throw_range("teacherLogits row " + std::to_string(r) + " contains NaN or Infinity");
+  // Combine in block order. c_b = exp_approx((bm_b - max) * it) rescales block b to the row max.
+  // KL = sum_j p_j ((t_j - mt) - (s_j - ms)) it + log zs - log zt (the p_j sum to 1), where
+  // ((t_j - mt) - (s_j - ms)) it = d_j + k_b with k_b = ((bt_b - mt) - (bs_b - ms)) it, and
+  // p_j = et_j ct_b / zt: block b adds ct_b (D_b + St_b k_b) / zt.
+  double zs = 0.0, zt = 0.0;
+  for (int32_t b = 0; b < nb; ++b) {
+    w.cs[b] = exp_approx((w.ms[b] - ms) * it);
+    w.ct[b] = exp_approx((w.mt[b] - mt) * it);
+    zs += static_cast<double>(w.ss[b] * w.cs[b]);
+    zt += static_cast<double>(w.st[b] * w.ct[b]);
+  }
+  double cross = 0.0;
+  for (int32_t b = 0; b < nb; ++b) {
+    const double k = ((static_cast<double>(w.mt[b]) - mt) - (static_cast<double>(w.ms[b]) - ms)) * it;
+    cross += static_cast<double>(w.ct[b]) * (w.ds[b] + w.st[b] * k);
+  }
+  const double loss = cross / zt + std::log(zs) - std::log(zt);
+  if (!grad) return loss;
+  // Pass 2, no exp: grad = gscale (q - p) from the kept terms.
+  const float gscale = scale * it;
+  default_pool().parallel_for(nb, 1, [&](size_t lo, size_t hi) {
+    for (size_t b = lo; b < hi; ++b) {
+      const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
+      fkl_grad_block(grad + j0, et + j0, n, static_cast<float>(w.cs[b] / zs), static_cast<float>(w.ct[b] / zt),
+                     gscale);
+    }
+  });
   return loss;
 }
 

@@ -45,4 +45,19 @@ void validate_distill(const DistillInput& in);
 // Logits must be finite (RangeError naming the row otherwise).
 double distill_row(const DistillInput& in, int32_t row, float scale, float* grad);
 
+// The fast path of distill_row for forward KL against a dense teacher, in the blocked scheme of
+// spec/sampling.h (blocks of 2048 entries, each reduced in 32 lanes, blocks combined in order), so
+// the result does not depend on threads. Pass 1 reads each block once (its maxima, then from L1 its
+// exp terms and their sums, the student's kept in grad and the teacher's in scratch) and yields the
+// loss; pass 2 (only with grad) turns the kept terms into the gradient with no further exp: two exps
+// per entry instead of four. Blocks run over the thread pool when called outside it.
+//   per block b: bs_b, bt_b block maxima; es_j = exp_approx((s_j - bs_b) it), et_j likewise;
+//     Ss_b = lane_sum(es), St_b = lane_sum(et), D_b = lane_sum(et_j d_j),
+//     d_j = ((t_j - bt_b) - (s_j - bs_b)) it;
+//   cs_b = exp_approx((bs_b - ms) it), ct_b likewise; zs = sum_b double(Ss_b cs_b), zt likewise;
+//   loss = sum_b double(ct_b) (D_b + St_b k_b) / zt + log zs - log zt,
+//     k_b = ((bt_b - mt) - (bs_b - ms)) it in double;
+//   grad_j = gscale (es_j float(cs_b / zs) - et_j float(ct_b / zt)), gscale = scale / T.
+double forward_kl_row_blocked(const DistillInput& in, int32_t row, float scale, float* grad);
+
 }  // namespace osd

@@ -274,11 +274,29 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
       in.mask = m.data;
     }
     const bool want_grad = !has(o, "computeGrad") || o.Get("computeGrad").ToBoolean();
-    Napi::Float32Array grad = want_grad ? Napi::Float32Array::New(env, rows * in.vocab) : Napi::Float32Array();
-    double loss = current_backend().distill_loss(in, want_grad ? grad.Data() : nullptr);
+    // gradOut: a caller-owned gradient buffer, reused across calls (a fresh array per call pays a
+    // page fault per 4 KiB on first touch, about as much as the loss itself at large V).
+    float* grad_ptr = nullptr;
+    Napi::Value grad_value;
+    if (has(o, "gradOut")) {
+      if (!want_grad) throw Napi::TypeError::New(env, "gradOut cannot be combined with computeGrad: false");
+      auto g = get_array<float>(o, "gradOut");
+      expect_length(env, g.length, rows * in.vocab, "gradOut", "studentLogits.length");
+      // The kernels read the logits after writing parts of the gradient: no overlap.
+      auto overlaps = [&](const float* a, size_t n) { return a && g.data < a + n && a < g.data + g.length; };
+      if (overlaps(in.student, rows * in.vocab) || overlaps(in.teacher, rows * in.vocab))
+        throw Napi::RangeError::New(env, "gradOut must not share memory with studentLogits or teacherLogits");
+      grad_ptr = g.data;
+      grad_value = o.Get("gradOut");
+    } else if (want_grad) {
+      Napi::Float32Array grad = Napi::Float32Array::New(env, rows * in.vocab);
+      grad_ptr = grad.Data();
+      grad_value = grad;
+    }
+    double loss = current_backend().distill_loss(in, grad_ptr);
     Napi::Object r = Napi::Object::New(env);
     r.Set("loss", Napi::Number::New(env, loss));
-    if (want_grad) r.Set("grad", grad);
+    if (want_grad) r.Set("grad", grad_value);
     return r;
   });
 }

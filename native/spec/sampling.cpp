@@ -3,19 +3,21 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <queue>
+#include <functional>
 
 #include "core/error.h"
 #include "core/fast_math.h"
+#include "core/thread_pool.h"
+
+// The SIMD helpers of fast_math.h are always inlined, so no vector crosses a call: GCC's warning
+// that returning one from a baseline-compiled function changes the ABI does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace osd {
 
-// Hot loops are compiled for the baseline and for x86-64-v3 (AVX2 + FMA); the loader picks one.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define OSD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define OSD_CLONES
-#endif
+// Hot loops are compiled for the baseline, x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512); the
+// loader picks one (OSD_SIMD_CLONES, core/fast_math.h).
+#define OSD_CLONES OSD_SIMD_CLONES
 
 void validate_sampling(const Sampling& s, const std::string& what) {
   if (!std::isfinite(s.temperature) || s.temperature < 0.0f)
@@ -26,30 +28,6 @@ void validate_sampling(const Sampling& s, const std::string& what) {
 }
 
 namespace {
-
-OSD_CLONES void row_max_and_flags(const float* l, int32_t n, float* out_max, bool* out_bad) {
-  constexpr int L = 16;
-  float m[L];
-  int bad[L];
-  for (int k = 0; k < L; ++k) m[k] = -std::numeric_limits<float>::infinity(), bad[k] = 0;
-  int32_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int k = 0; k < L; ++k) {
-      float x = l[j + k];
-      m[k] = x > m[k] ? x : m[k];
-      bad[k] |= !(x <= std::numeric_limits<float>::max()) & (x != -std::numeric_limits<float>::infinity());
-    }
-  float mm = -std::numeric_limits<float>::infinity();
-  int b = 0;
-  for (; j < n; ++j) {
-    float x = l[j];
-    mm = x > mm ? x : mm;
-    b |= !(x <= std::numeric_limits<float>::max()) & (x != -std::numeric_limits<float>::infinity());
-  }
-  for (int k = 0; k < L; ++k) mm = m[k] > mm ? m[k] : mm, b |= bad[k];
-  *out_max = mm;
-  *out_bad = b != 0;
-}
 
 // Sum of exp((l_j - max) * inv_t) with a fixed lane order (deterministic, vectorised).
 OSD_CLONES double sum_exp(const float* l, int32_t n, float max, float inv_t) {
@@ -67,12 +45,11 @@ OSD_CLONES double sum_exp(const float* l, int32_t n, float max, float inv_t) {
 }  // namespace
 
 float checked_row_max(const float* logits, int32_t vocab, const char* what, size_t row) {
-  float m;
   bool bad;
-  row_max_and_flags(logits, vocab, &m, &bad);
-  if (bad) throw_range(std::string(what) + " row " + std::to_string(row) + " contains NaN or +Infinity");
-  if (m == -std::numeric_limits<float>::infinity())
-    throw_range(std::string(what) + " row " + std::to_string(row) + " is all -Infinity (no token has probability > 0)");
+  const float m = block_max(logits, vocab, &bad);
+  throw_row_check(bad ? RowCheck::NotFinite : m == -std::numeric_limits<float>::infinity() ? RowCheck::AllNegInf
+                                                                                          : RowCheck::Ok,
+                  what, row);
   return m;
 }
 
@@ -99,6 +76,80 @@ void WarpedRow::to_dense(float* out) const {
   for (size_t i = 0; i < ids.size(); ++i) out[ids[i]] = probs[i];
 }
 
+namespace {
+
+struct Cand {
+  float logit;
+  int32_t id;
+};
+// The order of a warped row's support: by probability, ties to the lower id.
+bool better(const Cand& a, const Cand& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); }
+
+// Maxima of the 64-entry chunks of a row (the last one may be short).
+OSD_CLONES void chunk_maxima(const float* l, int32_t n, float* out) {
+  int32_t c = 0, j = 0;
+  for (; j + 64 <= n; j += 64, ++c) {
+    f32x8 m = load8(l + j);
+    for (int v = 1; v < 8; ++v) m = max8(m, load8(l + j + 8 * v));
+    float x = m[0];
+    for (int k = 1; k < 8; ++k) x = m[k] > x ? m[k] : x;
+    out[c] = x;
+  }
+  if (j < n) {
+    float x = l[j];
+    for (++j; j < n; ++j) x = l[j] > x ? l[j] : x;
+    out[c] = x;
+  }
+}
+
+// The k best logits (in no particular order). The k-th largest chunk maximum is a threshold with at
+// least k logits at or above it (one per chunk), so only those logits compete for the k places.
+void top_k_candidates(const float* l, int32_t vocab, int32_t k, std::vector<Cand>& cand) {
+  float tau = -std::numeric_limits<float>::infinity();
+  const int32_t chunks = (vocab + 63) / 64;
+  if (chunks >= k) {
+    std::vector<float> cmax(chunks);
+    chunk_maxima(l, vocab, cmax.data());
+    std::nth_element(cmax.begin(), cmax.begin() + (k - 1), cmax.end(), std::greater<float>());
+    tau = cmax[k - 1];
+  }
+  for (int32_t j = 0; j < vocab; ++j)
+    if (l[j] >= tau) cand.push_back({l[j], j});
+  if (static_cast<int32_t>(cand.size()) > k) {
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better);
+    cand.resize(k);
+  }
+}
+
+// Top-p candidates: a set of the likeliest logits whose mass reaches top_p * z, so that the sorted
+// prefix deciding the nucleus lies inside it. Counts of d = (max - l) * inv_t in bins of 1/8 give
+// a lower bound of the mass with d below each bin edge (each such term is >= exp(-edge)); the first
+// edge where that bound passes the target bounds the set. Returns false when the bins cannot prove
+// it (the caller then takes the loose cut).
+bool nucleus_candidates(const float* l, int32_t vocab, float row_max, float inv_t, double target,
+                        std::vector<Cand>& cand) {
+  constexpr int kBins = 256;
+  constexpr float kPerUnit = 8.0f;
+  auto bin_of = [&](float x) {
+    const float d = (row_max - x) * inv_t * kPerUnit;
+    return d < kBins - 1 ? static_cast<int>(d) : kBins - 1;
+  };
+  uint32_t count[kBins] = {};
+  for (int32_t j = 0; j < vocab; ++j) ++count[bin_of(l[j])];
+  double bound = 0.0;
+  int edge = 0;  // candidates: bins below edge
+  while (edge < kBins - 1 && bound < target * (1.0 + 1e-6)) {
+    bound += count[edge] * std::exp(-(edge + 1) / static_cast<double>(kPerUnit)) * (1.0 - 1e-6);
+    ++edge;
+  }
+  if (bound < target * (1.0 + 1e-6)) return false;
+  for (int32_t j = 0; j < vocab; ++j)
+    if (bin_of(l[j]) < edge) cand.push_back({l[j], j});
+  return true;
+}
+
+}  // namespace
+
 void warp_row(const float* logits, int32_t vocab, float row_max, const Sampling& s, WarpedRow& out) {
   out.logits = logits;
   out.vocab = vocab;
@@ -114,64 +165,61 @@ void warp_row(const float* logits, int32_t vocab, float row_max, const Sampling&
     return;
   }
   out.dense = false;
-  struct Cand {
-    float logit;
-    int32_t id;
-  };
+  // Candidates: the k best with top-k (ties to the lower id); with top-p alone, a set holding the
+  // nucleus (a nucleus is a fraction of the full mass z).
   std::vector<Cand> cand;
-  if (use_k) {
-    // Min-heap of the k best; scanning ids in ascending order means an equal logit never displaces
-    // an earlier id, so ties go to the lower id.
-    auto worse = [](const Cand& a, const Cand& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); };
-    std::priority_queue<Cand, std::vector<Cand>, decltype(worse)> heap(worse);
-    for (int32_t j = 0; j < vocab; ++j) {
-      float x = logits[j];
-      if (static_cast<int32_t>(heap.size()) < s.top_k) {
-        heap.push({x, j});
-      } else if (x > heap.top().logit) {
-        heap.pop();
-        heap.push({x, j});
-      }
-    }
-    cand.reserve(heap.size());
-    while (!heap.empty()) cand.push_back(heap.top()), heap.pop();
-  } else {
-    // Only tokens with p >= (1 - top_p) / (2V) can be in the nucleus: all the others together hold
-    // less than 1 - top_p of the mass, so the sorted prefix reaching top_p lies above them.
-    double z = sum_exp(logits, vocab, row_max, out.inv_t);
-    double floor_p = 0.5 * (1.0 - static_cast<double>(s.top_p)) / vocab;
-    float cut = static_cast<float>(row_max + std::log(floor_p * z) / out.inv_t);
-    for (int32_t j = 0; j < vocab; ++j)
-      if (logits[j] >= cut) cand.push_back({logits[j], j});
-  }
-  // Probabilities over the candidates, sorted by probability (ties to the lower id).
-  std::sort(cand.begin(), cand.end(), [](const Cand& a, const Cand& b) {
-    return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
-  });
-  std::vector<double> w(cand.size());
   double total = 0.0;
-  for (size_t i = 0; i < cand.size(); ++i) total += (w[i] = exp_approx((cand[i].logit - row_max) * out.inv_t));
-  if (!use_k) total = sum_exp(logits, vocab, row_max, out.inv_t);  // nucleus is a fraction of the full mass
-  size_t keep = cand.size();
-  if (use_p) {
-    double cum = 0.0, target = static_cast<double>(s.top_p) * total;
-    for (size_t i = 0; i < cand.size(); ++i) {
-      cum += w[i];
-      if (cum >= target) {
-        keep = i + 1;
-        break;
+  bool tight = false;
+  if (use_k) {
+    top_k_candidates(logits, vocab, s.top_k, cand);
+  } else {
+    total = sum_exp(logits, vocab, row_max, out.inv_t);
+    tight = nucleus_candidates(logits, vocab, row_max, out.inv_t, static_cast<double>(s.top_p) * total, cand);
+  }
+  for (;;) {
+    if (!use_k && !tight) {
+      // Only tokens with p >= (1 - top_p) / (2V) can be in the nucleus: all the others together hold
+      // less than 1 - top_p of the mass, so the sorted prefix reaching top_p lies above them.
+      const double floor_p = 0.5 * (1.0 - static_cast<double>(s.top_p)) / vocab;
+      const float cut = static_cast<float>(row_max + std::log(floor_p * total) / out.inv_t);
+      cand.clear();
+      for (int32_t j = 0; j < vocab; ++j)
+        if (logits[j] >= cut) cand.push_back({logits[j], j});
+    }
+    // Probabilities over the candidates, sorted by probability (ties to the lower id).
+    std::sort(cand.begin(), cand.end(), better);
+    std::vector<double> w(cand.size());
+    double sum = 0.0;
+    for (size_t i = 0; i < cand.size(); ++i) sum += (w[i] = exp_approx((cand[i].logit - row_max) * out.inv_t));
+    if (use_k) total = sum;
+    size_t keep = cand.size();
+    bool reached = !use_p;
+    if (use_p) {
+      double cum = 0.0, target = static_cast<double>(s.top_p) * total;
+      for (size_t i = 0; i < cand.size(); ++i) {
+        cum += w[i];
+        if (cum >= target) {
+          keep = i + 1;
+          reached = true;
+          break;
+        }
       }
     }
+    if (tight && !reached) {  // the bound guarantees otherwise; stay exact regardless
+      tight = false;
+      continue;
+    }
+    double kept = 0.0;
+    for (size_t i = 0; i < keep; ++i) kept += w[i];
+    std::vector<std::pair<int32_t, float>> sup(keep);
+    for (size_t i = 0; i < keep; ++i) sup[i] = {cand[i].id, static_cast<float>(w[i] / kept)};
+    std::sort(sup.begin(), sup.end());
+    out.ids.resize(keep);
+    out.probs.resize(keep);
+    for (size_t i = 0; i < keep; ++i) out.ids[i] = sup[i].first, out.probs[i] = sup[i].second;
+    out.z = 1.0;
+    return;
   }
-  double kept = 0.0;
-  for (size_t i = 0; i < keep; ++i) kept += w[i];
-  std::vector<std::pair<int32_t, float>> sup(keep);
-  for (size_t i = 0; i < keep; ++i) sup[i] = {cand[i].id, static_cast<float>(w[i] / kept)};
-  std::sort(sup.begin(), sup.end());
-  out.ids.resize(keep);
-  out.probs.resize(keep);
-  for (size_t i = 0; i < keep; ++i) out.ids[i] = sup[i].first, out.probs[i] = sup[i].second;
-  out.z = 1.0;
 }
 
 int32_t sample_weights(const float* w, int32_t n, double total, double u) {
@@ -206,6 +254,243 @@ int32_t sample_row(const WarpedRow& row, double u) {
     if (cum > target) return j;
   }
   return last;
+}
+
+// ---------------------------------------------------------------- the blocked scheme
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Folds 32 lane sums pairwise: k + 16, k + 8, k + 4, k + 2, k + 1.
+float fold_lanes(float* a) {
+  for (int w = kStatLanes / 2; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) a[k] += a[k + w];
+  return a[0];
+}
+
+// Four 8-float accumulators hold lanes 0..31; the entries of a short last group go lane by lane.
+OSD_SIMD_INLINE void spill_lanes(const f32x8* acc, float* a) {
+  for (int v = 0; v < 4; ++v) store8(a + 8 * v, acc[v]);
+}
+
+}  // namespace
+
+OSD_CLONES float block_max(const float* l, int32_t n, bool* bad) {
+  const f32x8 ninf = splat8(kNegInf), inf = splat8(-kNegInf);
+  f32x8 m0 = ninf, m1 = ninf;
+  i32x8 ok = ~i32x8{};  // lanes stay all-ones while every entry is < +Infinity (NaN compares false)
+  int32_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const f32x8 x0 = load8(l + j), x1 = load8(l + j + 8);
+    m0 = max8(m0, x0);
+    m1 = max8(m1, x1);
+    ok &= (x0 < inf) & (x1 < inf);
+  }
+  float m = kNegInf;
+  bool b = false;
+  for (int k = 0; k < 8; ++k) m = m0[k] > m ? m0[k] : m, m = m1[k] > m ? m1[k] : m, b |= ok[k] == 0;
+  for (; j < n; ++j) {
+    const float x = l[j];
+    m = x > m ? x : m;
+    b |= !(x < -kNegInf);
+  }
+  *bad = b;
+  return m;
+}
+
+namespace {
+
+// The whole 32-entry groups of block_exp_sum; returns where the short last group starts. With
+// kUnitT (temperature 1) the multiply by inv_t = 1 is left out: the same values, fewer operations.
+template <bool kUnitT>
+OSD_SIMD_INLINE int32_t exp_sum_groups(const float* l, int32_t n, float ref, float inv_t, float* e, f32x8* acc) {
+  const f32x8 vref = splat8(ref), vit = splat8(inv_t);
+  int32_t j = 0;
+  for (; j + kStatLanes <= n; j += kStatLanes) {
+    // The blocked passes read the next kStatBlock entries next: fetch them while this block's exps
+    // keep the core busy (a hint; it never faults, also past the end of the array).
+    __builtin_prefetch(l + j + kStatBlock);
+    __builtin_prefetch(l + j + kStatBlock + 16);
+    for (int v = 0; v < 4; ++v) {
+      const f32x8 d = load8(l + j + 8 * v) - vref;
+      const f32x8 x = exp_approx8(kUnitT ? d : d * vit);
+      if (e) store8(e + j + 8 * v, x);
+      acc[v] += x;
+    }
+  }
+  return j;
+}
+
+}  // namespace
+
+OSD_CLONES float block_exp_sum(const float* l, int32_t n, float ref, float inv_t, float* e) {
+  f32x8 acc[4] = {};
+  int32_t j = inv_t == 1.0f ? exp_sum_groups<true>(l, n, ref, inv_t, e, acc)
+                            : exp_sum_groups<false>(l, n, ref, inv_t, e, acc);
+  float a[kStatLanes];
+  spill_lanes(acc, a);
+  for (; j < n; ++j) {
+    const float x = exp_approx((l[j] - ref) * inv_t);
+    if (e) e[j] = x;
+    a[j % kStatLanes] += x;
+  }
+  return fold_lanes(a);
+}
+
+namespace {
+
+// r_j = max(0, ep_j * ap - eq_j * aq) into r; returns lane_sum(r).
+OSD_CLONES float block_residual(const float* ep, const float* eq, int32_t n, float ap, float aq, float* r) {
+  const f32x8 vap = splat8(ap), vaq = splat8(aq), zero = {};
+  f32x8 acc[4] = {};
+  int32_t j = 0;
+  for (; j + kStatLanes <= n; j += kStatLanes)
+    for (int v = 0; v < 4; ++v) {
+      const f32x8 d = load8(ep + j + 8 * v) * vap - load8(eq + j + 8 * v) * vaq;
+      const f32x8 x = d > zero ? d : zero;
+      store8(r + j + 8 * v, x);
+      acc[v] += x;
+    }
+  float a[kStatLanes];
+  spill_lanes(acc, a);
+  for (; j < n; ++j) {
+    const float d = ep[j] * ap - eq[j] * aq;
+    r[j] = d > 0.0f ? d : 0.0f;
+    a[j % kStatLanes] += r[j];
+  }
+  return fold_lanes(a);
+}
+
+}  // namespace
+
+void throw_row_check(RowCheck c, const char* what, size_t row) {
+  if (c == RowCheck::NotFinite)
+    throw_range(std::string(what) + " row " + std::to_string(row) + " contains NaN or +Infinity");
+  if (c == RowCheck::AllNegInf)
+    throw_range(std::string(what) + " row " + std::to_string(row) + " is all -Infinity (no token has probability > 0)");
+}
+
+void check_rows(const float* rows, size_t count, int32_t vocab, RowCheck* check, float* max) {
+  const int32_t nb = stat_blocks(vocab);
+  std::vector<float> bm(count * nb);
+  std::vector<uint8_t> bad(count * nb);
+  // At least 16K entries per chunk: a pool hop costs more than validating a few short rows.
+  const size_t grain = std::max<size_t>(1, (size_t(1) << 14) / std::min(vocab, kStatBlock));
+  default_pool().parallel_for(count * nb, grain, [&](size_t lo, size_t hi) {
+    for (size_t it = lo; it < hi; ++it) {
+      const size_t r = it / nb;
+      const int32_t j0 = static_cast<int32_t>(it % nb) * kStatBlock;
+      bool b;
+      bm[it] = block_max(rows + r * vocab + j0, std::min(kStatBlock, vocab - j0), &b);
+      bad[it] = b;
+    }
+  });
+  for (size_t r = 0; r < count; ++r) {
+    float m = kNegInf;
+    bool b = false;
+    for (int32_t k = 0; k < nb; ++k) m = std::max(m, bm[r * nb + k]), b |= bad[r * nb + k] != 0;
+    check[r] = b ? RowCheck::NotFinite : m == kNegInf ? RowCheck::AllNegInf : RowCheck::Ok;
+    max[r] = m;
+  }
+}
+
+double DenseRow::prob(int32_t token) const {
+  const int32_t b = token / kStatBlock;
+  return static_cast<double>(e[token] * scale[b]) / z;
+}
+
+void dense_rows(const float* const* logits, int32_t n, int32_t vocab, float inv_t, DenseRow* const* out) {
+  const int32_t nb = stat_blocks(vocab);
+  for (int32_t r = 0; r < n; ++r) {
+    DenseRow& d = *out[r];
+    d.logits = logits[r];
+    d.vocab = vocab;
+    d.inv_t = inv_t;
+    d.e.resize(vocab);
+    d.bmax.resize(nb), d.bsum.resize(nb), d.scale.resize(nb), d.mass.resize(nb), d.bad.resize(nb);
+  }
+  // Each block is read once: its max, then its exp terms from L1. Chunks of at least 4 blocks (a
+  // few microseconds of exps): short rows stay on the calling thread.
+  default_pool().parallel_for(static_cast<size_t>(n) * nb, 4, [&](size_t lo, size_t hi) {
+    for (size_t it = lo; it < hi; ++it) {
+      DenseRow& d = *out[it / nb];
+      const int32_t b = static_cast<int32_t>(it % nb), j0 = b * kStatBlock, len = std::min(kStatBlock, vocab - j0);
+      bool bad;
+      const float bm = block_max(d.logits + j0, len, &bad);
+      d.bmax[b] = bm;
+      d.bad[b] = bad;
+      if (bad || bm == kNegInf) {
+        std::fill(d.e.begin() + j0, d.e.begin() + j0 + len, 0.0f);
+        d.bsum[b] = 0.0f;
+      } else {
+        d.bsum[b] = block_exp_sum(d.logits + j0, len, bm, inv_t, d.e.data() + j0);
+      }
+    }
+  });
+  for (int32_t r = 0; r < n; ++r) {
+    DenseRow& d = *out[r];
+    float m = kNegInf;
+    bool bad = false;
+    for (int32_t b = 0; b < nb; ++b) m = std::max(m, d.bmax[b]), bad |= d.bad[b] != 0;
+    d.check = bad ? RowCheck::NotFinite : m == kNegInf ? RowCheck::AllNegInf : RowCheck::Ok;
+    d.max = m;
+    d.z = 0.0;
+    if (d.check != RowCheck::Ok) continue;
+    for (int32_t b = 0; b < nb; ++b) {
+      d.scale[b] = d.bmax[b] == kNegInf ? 0.0f : exp_approx((d.bmax[b] - m) * inv_t);
+      d.mass[b] = d.bsum[b] * d.scale[b];
+      d.z += d.mass[b];
+    }
+  }
+}
+
+int32_t sample_blocks(const float* w, const float* wscale, const float* bmass, int32_t vocab, double u) {
+  const int32_t nb = stat_blocks(vocab);
+  double total = 0.0;
+  for (int32_t b = 0; b < nb; ++b) total += bmass[b];
+  if (!(total > 0.0)) return -1;
+  const double target = u * total;
+  double cum = 0.0;
+  for (int32_t b = 0; b < nb; ++b) {
+    if (!(bmass[b] > 0.0f)) continue;
+    if (cum + bmass[b] <= target) {
+      cum += bmass[b];
+      continue;
+    }
+    const float sc = wscale ? wscale[b] : 1.0f;
+    const int32_t hi = std::min(vocab, (b + 1) * kStatBlock);
+    for (int32_t j = b * kStatBlock; j < hi; ++j) {
+      const float x = w[j] * sc;
+      if (!(x > 0.0f)) continue;
+      cum += x;
+      if (cum > target) return j;
+    }
+  }
+  // Rounding left u * total at the very top: the last entry with weight.
+  for (int32_t j = vocab - 1; j >= 0; --j)
+    if (w[j] * (wscale ? wscale[j / kStatBlock] : 1.0f) > 0.0f) return j;
+  return -1;
+}
+
+int32_t sample_dense(const DenseRow& row, double u) {
+  return sample_blocks(row.e.data(), row.scale.data(), row.mass.data(), row.vocab, u);
+}
+
+int32_t sample_residual_dense(const DenseRow& p, const DenseRow& q, double u, std::vector<float>& r,
+                              std::vector<float>& rmass) {
+  const int32_t V = p.vocab, nb = stat_blocks(V);
+  r.resize(V);
+  rmass.resize(nb);
+  default_pool().parallel_for(nb, 4, [&](size_t lo, size_t hi) {
+    for (size_t b = lo; b < hi; ++b) {
+      const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, len = std::min(kStatBlock, V - j0);
+      const float ap = static_cast<float>(p.scale[b] / p.z), aq = static_cast<float>(q.scale[b] / q.z);
+      rmass[b] = block_residual(p.e.data() + j0, q.e.data() + j0, len, ap, aq, r.data() + j0);
+    }
+  });
+  const int32_t x = sample_blocks(r.data(), nullptr, rmass.data(), V, u);
+  return x >= 0 ? x : sample_dense(p, u);
 }
 
 }  // namespace osd

@@ -54,4 +54,73 @@ int32_t sample_weights(const float* w, int32_t n, double total, double u);
 // Samples from a warped row with uniform u (index order, like sample_weights).
 int32_t sample_row(const WarpedRow& row, double u);
 
+// ---- The blocked scheme: the fast path for temperature-only rows -------------------------------
+// The reference above sums a row in one pass per quantity. The fast paths (verify_chain_dense and
+// forward_kl_row_blocked, which the CPU backend runs) cut every row into blocks of kStatBlock
+// entries and reduce each block on its own: a block is read once into L1 and reduced there, blocks
+// can be spread over threads, and sampling skips whole blocks. Blocks are always combined in block
+// order, so results do not depend on the thread count. Exactly (every operation rounded on its own,
+// float unless marked double), for a row l of V logits and it = 1.0f / temperature:
+//   block b covers j in [2048 b, min(V, 2048 (b + 1)));
+//   bm_b = max of the block's logits (-Infinity if they all are);  max = max_b bm_b;
+//   e_j  = exp_approx((l_j - bm_b) * it), the subtraction then the multiply (0 where bm_b = -Inf);
+//   S_b  = lane_sum(e over block b);   c_b = exp_approx((bm_b - max) * it)  (0 where bm_b = -Inf);
+//   W_b  = S_b * c_b;                   z = sum_b double(W_b), in block order;
+//   p_j  = double(e_j * c_b) / z  (the accept test compares u * q_x < p_x in double).
+// lane_sum over a block: 32 float accumulators from +0; lane k adds the block's entries j0 + 32 i + k
+// in increasing i (a short last block leaves the missing entries out); then the lanes fold pairwise:
+// a_k += a_(k+16) for k < 16, then a_k += a_(k+8) for k < 8, then 4, 2, 1 (a warp's xor butterfly).
+constexpr int32_t kStatBlock = 2048;
+constexpr int32_t kStatLanes = 32;
+inline int32_t stat_blocks(int32_t vocab) { return (vocab + kStatBlock - 1) / kStatBlock; }
+
+// Max of n logits and whether any is NaN or +Infinity (any n; max is exact in any order).
+float block_max(const float* l, int32_t n, bool* bad);
+// lane_sum of e_j = exp_approx((l_j - ref) * inv_t) over n <= kStatBlock entries; stores the e_j in
+// e when e is not null.
+float block_exp_sum(const float* l, int32_t n, float ref, float inv_t, float* e);
+
+// Validation outcome of a row, as checked_row_max defines it.
+enum class RowCheck : uint8_t { Unchecked = 0, Ok = 1, NotFinite = 2, AllNegInf = 3 };
+// Throws the RangeError that checked_row_max throws for this outcome (nothing for Ok).
+void throw_row_check(RowCheck c, const char* what, size_t row);
+// Validates `count` rows of V logits (RowCheck and max of each), all (row, block) pairs over the
+// thread pool when called outside it.
+void check_rows(const float* rows, size_t count, int32_t vocab, RowCheck* check, float* max);
+
+// A temperature-only row in the blocked scheme, with every e_j kept so that the residual and
+// sampling need no further exp.
+struct DenseRow {
+  const float* logits = nullptr;
+  int32_t vocab = 0;
+  float inv_t = 1.0f;
+  RowCheck check = RowCheck::Unchecked;
+  float max = 0.0f;
+  double z = 0.0;
+  std::vector<float> e;                        // V
+  std::vector<float> bmax, bsum, scale, mass;  // per block: bm_b, S_b, c_b, W_b
+  std::vector<uint8_t> bad;                    // per block: NaN or +Infinity seen
+
+  double prob(int32_t token) const;
+};
+// Computes the rows' DenseRow (n = 1 or 2 rows; all their blocks over the thread pool when called
+// outside it). A row whose check is not Ok has no meaningful statistics.
+void dense_rows(const float* const* logits, int32_t n, int32_t vocab, float inv_t, DenseRow* const* out);
+
+// Inverse-CDF sample over blocked weights: entry j of block b weighs w_j * wscale_b (wscale null
+// means 1; the float product), and bmass_b is block b's mass. With total = sum_b double(bmass_b) in
+// block order and cum = 0 (double): blocks of mass <= 0 are skipped; a block with cum + bmass_b <=
+// u * total is passed whole (cum += bmass_b); otherwise it is scanned in index order, cum +=
+// double(weight) over its positive weights, returning the first j with cum > u * total (if rounding
+// leaves the block without one, later blocks continue the same way; past the end, the last entry
+// with weight). Returns -1 when total <= 0.
+int32_t sample_blocks(const float* w, const float* wscale, const float* bmass, int32_t vocab, double u);
+// Sample from a dense row: weights e_j * c_b, masses W_b.
+int32_t sample_dense(const DenseRow& row, double u);
+// Sample from norm(max(0, p - q)) of two dense rows: with a_b = float(c_b / z) for each row,
+// r_j = max(0, e^p_j * a^p_b - e^q_j * a^q_b) (float), block masses R_b = lane_sum(r). When the
+// residual has no mass (p == q up to rounding) it samples p. r and rmass are scratch (V, blocks).
+int32_t sample_residual_dense(const DenseRow& p, const DenseRow& q, double u, std::vector<float>& r,
+                              std::vector<float>& rmass);
+
 }  // namespace osd

@@ -43,6 +43,20 @@ void warp_with_stats(const float* row, int32_t vocab, const RowStats& st, const 
 // (p == q up to rounding, where a rejection cannot happen in exact arithmetic).
 int32_t sample_residual(const WarpedRow& p, const WarpedRow& q, double u, Fault fault, std::vector<float>& scratch) {
   const int32_t V = p.vocab;
+  if (!p.dense && fault == Fault::None) {
+    // Top-k / top-p: max(0, p - q) is 0 outside p's support, so only the support (ascending ids) is
+    // summed and scanned: the same floats, sums and token as the dense scan below, in O(k).
+    const size_t n = p.ids.size();
+    scratch.resize(n);
+    double total = 0.0;
+    for (size_t i = 0; i < n; ++i) {
+      const float r = p.probs[i] - static_cast<float>(q.prob(p.ids[i]));
+      scratch[i] = r > 0.0f ? r : 0.0f;
+      total += scratch[i];
+    }
+    if (total <= 0.0) return sample_row(p, u);
+    return p.ids[sample_weights(scratch.data(), static_cast<int32_t>(n), total, u)];
+  }
   scratch.resize(2 * static_cast<size_t>(V));
   float* pd = scratch.data();
   float* qd = pd + V;
@@ -130,6 +144,41 @@ ChainResult verify_chain(const ChainInput& in, const Sampling& s, uint64_t seed,
   }
   warp_with_stats(in.target + static_cast<size_t>(g) * V, V, ts[g], s, p);
   out[g] = sample_row(p, philox_uniform(seed, stream, static_cast<uint32_t>(g), kLaneSample));
+  r.accepted = g;
+  r.emitted = g + 1;
+  return r;
+}
+
+ChainResult verify_chain_dense(const ChainInput& in, const Sampling& s, uint64_t seed, uint64_t stream, int32_t* out,
+                               DenseChainScratch& w, RowCheck* tcheck, RowCheck* dcheck) {
+  const int32_t g = in.g, V = in.vocab;
+  const float inv_t = 1.0f / s.temperature;
+  DenseRow* pq[2] = {&w.p, &w.q};
+  ChainResult r;
+  for (int32_t i = 0; i < g; ++i) {
+    const float* rows[2] = {in.target + static_cast<size_t>(i) * V, in.draft + static_cast<size_t>(i) * V};
+    dense_rows(rows, 2, V, inv_t, pq);
+    tcheck[i] = w.p.check;
+    dcheck[i] = w.q.check;
+    if (w.p.check != RowCheck::Ok || w.q.check != RowCheck::Ok) return r;
+    const int32_t x = in.tokens[i];
+    const double px = w.p.prob(x), qx = w.q.prob(x);
+    const double u = philox_uniform(seed, stream, static_cast<uint32_t>(i + 1), kLaneAccept);
+    if (qx > 0.0 && u * qx < px) {
+      out[i] = x;
+      continue;
+    }
+    out[i] = sample_residual_dense(w.p, w.q, philox_uniform(seed, stream, static_cast<uint32_t>(i), kLaneSample),
+                                   w.r, w.rmass);
+    r.accepted = i;
+    r.emitted = i + 1;
+    return r;
+  }
+  const float* row = in.target + static_cast<size_t>(g) * V;
+  dense_rows(&row, 1, V, inv_t, pq);
+  tcheck[g] = w.p.check;
+  if (w.p.check != RowCheck::Ok) return r;
+  out[g] = sample_dense(w.p, philox_uniform(seed, stream, static_cast<uint32_t>(g), kLaneSample));
   r.accepted = g;
   r.emitted = g + 1;
   return r;

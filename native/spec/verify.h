@@ -41,6 +41,21 @@ struct ChainResult {
 ChainResult verify_chain(const ChainInput& in, const Sampling& s, uint64_t seed, uint64_t stream, int32_t* out,
                          Fault fault = Fault::None);
 
+// The fast path of verify_chain for temperature-only sampling (s.dense(), not greedy), in the
+// blocked scheme of sampling.h: the same decisions from the same Philox draws, with z summed by
+// blocks. Statistics are computed only for the rows the walk reaches (one read of each, its blocks
+// over the thread pool when called outside it), and their exp terms are kept, so the residual and
+// the bonus sample need no further exp. Rows the walk reaches are validated on the way: their
+// outcome goes to tcheck (g + 1 target rows) and dcheck (g draft rows), which must start
+// Unchecked, and the walk stops at the first row that is not Ok (the result is then meaningless:
+// the caller throws). Rows it does not reach stay Unchecked: the caller validates them.
+struct DenseChainScratch {
+  DenseRow p, q;
+  std::vector<float> r, rmass;
+};
+ChainResult verify_chain_dense(const ChainInput& in, const Sampling& s, uint64_t seed, uint64_t stream, int32_t* out,
+                               DenseChainScratch& w, RowCheck* tcheck, RowCheck* dcheck);
+
 enum class TreeChildren : int32_t { WithReplacement = 0, WithoutReplacement = 1, Deterministic = 2 };
 
 struct TreeInput {

@@ -10,10 +10,13 @@
 // Tolerances:
 //   device math (exp_approx, Philox)         bit-identical
 //   warp_rows vs WarpedRow::to_dense         bit-identical floats
+//   blocked-scheme sums (host check)         bit-identical to the scheme written out op by op
 //   chain / tree verification                identical accepted counts, paths and tokens: 0 mismatches
 //   chi-square exactness on the GPU          p > 1e-3 for the kernels, p < 1e-6 with a planted fault
 //   distillation loss                        |d| <= 2e-5 * max(1, |loss|)
 //   distillation gradient                    |d_j| <= 1e-6 * max|g| + 1e-5 * |g_j|
+//   forward KL, dense teacher (blocked)      gradient bit-identical; loss |d| <= 1e-12 * max(1, |loss|)
+//                                            (the same operations; only log() may differ in its last bit)
 //   AdamW                                    |d| <= 1e-6 * |x| + 1e-9 (bit-identical with -ffp-contract=off)
 //   global norm                              relative 1e-12
 //   tree mask, KV compaction                 exact
@@ -209,13 +212,247 @@ double z_no_contraction(const float* l, int V, float mx, float inv_t) {
   return t;
 }
 
+// The blocked scheme (spec/sampling.h) as the GPU computes it (blocked_stats in
+// cuda/warp_device.cuh): every operation rounded on its own, lane k of a warp summing entries
+// 32 i + k of a block, then the xor butterfly, whose lane 0 is a_0 + a_16, then + (a_8 + a_24) ...
+float lane_sum_device_order(const float* e, int n) {
+  volatile float a[32] = {};
+  for (int j = 0; j < n; ++j) a[j % 32] = a[j % 32] + e[j];
+  for (int o = 16; o > 0; o >>= 1) {
+    float b[32];
+    for (int k = 0; k < 32; ++k) b[k] = a[k] + a[k ^ o];
+    for (int k = 0; k < 32; ++k) a[k] = b[k];
+  }
+  return a[0];
+}
+
+float v_sub(float a, float b) { volatile float r = a - b; return r; }
+float v_mul(float a, float b) { volatile float r = a * b; return r; }
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
 
+OSD_TEST(cpu_blocked_scheme_rounds_like_device) {
+  // Host only (no device needed): the CPU's fast paths (dense_rows, used by verify_chain_dense, and
+  // forward_kl_row_blocked) must produce the bits the GPU kernels compute, i.e. the blocked scheme
+  // with every operation rounded on its own and the lanes folded in the device's butterfly order.
+  // Fails if the engine is built with contracted multiply-adds or a different lane order.
+  Rng rng(21);
+  int row_diff = 0, fkl_diff = 0;
+  for (int trial = 0; trial < 24; ++trial) {
+    const int V = trial < 8 ? randint(rng, 1, 3000) : randint(rng, 3000, 20000);
+    std::vector<float> l(V), t(V);
+    fill_logits(rng, l.data(), V, 3.0f, trial % 3);
+    const float T = trial % 2 ? 0.7f : (trial % 4 == 0 ? 1.0f : 1.3f);
+    const float it = 1.0f / T;
+    DenseRow d;
+    DenseRow* out = &d;
+    const float* rows = l.data();
+    dense_rows(&rows, 1, V, it, &out);
+    CHECK(d.check == RowCheck::Ok);
+    double z = 0.0;
+    bool same = true;
+    for (int b = 0; b < stat_blocks(V); ++b) {
+      const int j0 = b * kStatBlock, n = std::min(kStatBlock, V - j0);
+      float bm = -std::numeric_limits<float>::infinity();
+      for (int j = 0; j < n; ++j) bm = l[j0 + j] > bm ? l[j0 + j] : bm;
+      std::vector<float> e(n, 0.0f);
+      if (bm != -std::numeric_limits<float>::infinity())
+        for (int j = 0; j < n; ++j) e[j] = exp_approx(v_mul(v_sub(l[j0 + j], bm), it));
+      const float sb = lane_sum_device_order(e.data(), n);
+      const float cb = bm == -std::numeric_limits<float>::infinity() ? 0.0f : exp_approx(v_mul(v_sub(bm, d.max), it));
+      const float wb = v_mul(sb, cb);
+      same &= std::memcmp(d.e.data() + j0, e.data(), n * sizeof(float)) == 0;
+      same &= d.scale[b] == cb && d.mass[b] == wb;
+      z += static_cast<double>(wb);
+    }
+    row_diff += !same || d.z != z;
+    // Forward KL (dense teacher), the GPU's forward_kl_blocked written out on the host.
+    fill_logits(rng, t.data(), V, 2.0f, 0);
+    fill_logits(rng, l.data(), V, 2.0f, 0);
+    DistillInput in;
+    in.student = l.data();
+    in.teacher = t.data();
+    in.rows = 1;
+    in.vocab = V;
+    in.temperature = T;
+    const float scale = 0.5f;
+    std::vector<float> g(V);
+    const double loss = forward_kl_row_blocked(in, 0, scale, g.data());
+    const int nb = stat_blocks(V);
+    std::vector<float> bs(nb), bt(nb), ss(nb), st(nb), ds(nb);
+    float ms = -FLT_MAX, mt = -FLT_MAX;
+    for (int b = 0; b < nb; ++b) {
+      const int j0 = b * kStatBlock, n = std::min(kStatBlock, V - j0);
+      bs[b] = bt[b] = -FLT_MAX;
+      for (int j = 0; j < n; ++j) bs[b] = std::max(bs[b], l[j0 + j]), bt[b] = std::max(bt[b], t[j0 + j]);
+      std::vector<float> es(n), et(n), ed(n);
+      for (int j = 0; j < n; ++j) {
+        const float dsj = v_sub(l[j0 + j], bs[b]), tt = v_sub(t[j0 + j], bt[b]);
+        es[j] = exp_approx(v_mul(dsj, it));
+        et[j] = exp_approx(v_mul(tt, it));
+        ed[j] = v_mul(et[j], v_mul(v_sub(tt, dsj), it));
+      }
+      ss[b] = lane_sum_device_order(es.data(), n);
+      st[b] = lane_sum_device_order(et.data(), n);
+      ds[b] = lane_sum_device_order(ed.data(), n);
+      ms = std::max(ms, bs[b]), mt = std::max(mt, bt[b]);
+    }
+    std::vector<float> cs(nb), ct(nb);
+    double zs = 0.0, zt = 0.0, cross = 0.0;
+    for (int b = 0; b < nb; ++b) {
+      cs[b] = exp_approx(v_mul(v_sub(bs[b], ms), it));
+      ct[b] = exp_approx(v_mul(v_sub(bt[b], mt), it));
+      zs += static_cast<double>(v_mul(ss[b], cs[b]));
+      zt += static_cast<double>(v_mul(st[b], ct[b]));
+    }
+    for (int b = 0; b < nb; ++b) {
+      volatile double k = ((static_cast<double>(bt[b]) - mt) - (static_cast<double>(bs[b]) - ms)) * it;
+      volatile double sk = static_cast<double>(st[b]) * k;
+      volatile double term = static_cast<double>(ds[b]) + sk;
+      volatile double prod = static_cast<double>(ct[b]) * term;
+      cross = cross + prod;
+    }
+    const double want = cross / zt + std::log(zs) - std::log(zt);
+    const float gscale = v_mul(scale, it);
+    bool gsame = true;
+    for (int j = 0; j < V; ++j) {
+      const int b = j / kStatBlock;
+      const float qs = static_cast<float>(cs[b] / zs), qt = static_cast<float>(ct[b] / zt);
+      const float es = exp_approx(v_mul(v_sub(l[j], bs[b]), it)), et = exp_approx(v_mul(v_sub(t[j], bt[b]), it));
+      const float gj = v_mul(gscale, v_sub(v_mul(es, qs), v_mul(et, qt)));
+      gsame &= std::memcmp(&gj, &g[j], sizeof gj) == 0;
+    }
+    fkl_diff += !gsame || loss != want;
+  }
+  if (row_diff || fkl_diff)
+    std::fprintf(stderr, "  blocked scheme: %d rows, %d forward-KL rows differ from the device's operation order\n",
+                 row_diff, fkl_diff);
+  CHECK_EQ(row_diff, 0);
+  CHECK_EQ(fkl_diff, 0);
+}
+
+namespace {
+
+// blocked_sample() of cuda/warp_device.cuh replayed on the host, thread by thread (kBlock threads
+// of four entries, the warps' shfl_up scans, the warp totals in order): returns the token and sets
+// *certified when the device would take it without running the CPU's loop. The replay checks the
+// sampler's logic (block choice, prefix sums, error bound) where no device is present; the device
+// code itself is compared with the CPU by chain_batch_matches_cpu.
+int replay_blocked_sample(const DenseRow& d, double u, bool* certified) {
+  constexpr int kThreads = osd::cuda::kBlock;
+  const int V = d.vocab, nb = stat_blocks(V);
+  *certified = false;
+  double total = 0.0;
+  for (int b = 0; b < nb; ++b) total += static_cast<double>(d.mass[b]);
+  if (!(total > 0.0)) return -1;
+  const double target = u * total;
+  double cum0 = 0.0;
+  int sel = -1;
+  for (int b = 0; b < nb; ++b) {
+    const float m = d.mass[b];
+    if (!(m > 0.0f)) continue;
+    if (cum0 + m <= target) {
+      cum0 += m;
+      continue;
+    }
+    sel = b;
+    break;
+  }
+  if (sel >= 0) {
+    const int j0 = sel * kStatBlock, n = std::min(kStatBlock, V - j0);
+    std::vector<float> x(4 * kThreads);
+    std::vector<double> part(kThreads), incl(kThreads), excl(kThreads), wsum(kThreads / 32);
+    for (int t = 0; t < kThreads; ++t) {
+      for (int i = 0; i < 4; ++i) {
+        const int j = 4 * t + i;
+        x[j] = j < n ? d.e[j0 + j] * d.scale[sel] : 0.0f;
+        part[t] += static_cast<double>(x[j]);
+      }
+      incl[t] = part[t];
+    }
+    for (int w = 0; w < kThreads / 32; ++w) {
+      double* a = incl.data() + 32 * w;
+      for (int o = 1; o < 32; o <<= 1) {
+        double nxt[32];
+        for (int l = 0; l < 32; ++l) nxt[l] = l >= o ? a[l - o] + a[l] : a[l];
+        std::copy(nxt, nxt + 32, a);
+      }
+      for (int l = 0; l < 32; ++l) excl[32 * w + l] = l == 0 ? 0.0 : a[l - 1];
+      wsum[w] = a[31];
+    }
+    double wtotal = 0.0;
+    std::vector<double> wbase(kThreads / 32);
+    for (int w = 0; w < kThreads / 32; ++w) wbase[w] = wtotal, wtotal += wsum[w];
+    const double margin = 4.01 * (static_cast<double>(n) + 2.0) * 1.1102230246251565e-16 * (cum0 + wtotal);
+    for (int t = 0; t < kThreads; ++t) {
+      double c = cum0 + (wbase[t / 32] + excl[t]);
+      for (int i = 0; i < 4; ++i) {
+        const double ce = c;
+        c += static_cast<double>(x[4 * t + i]);
+        if (x[4 * t + i] > 0.0f && c > target) {  // the first hit over all threads is this one
+          *certified = c > target + margin && ce < target - margin;
+          if (*certified) return j0 + 4 * t + i;
+          return sample_dense(d, u);  // the device runs the CPU's loop
+        }
+      }
+    }
+  }
+  return sample_dense(d, u);
+}
+
+}  // namespace
+
+OSD_TEST(blocked_sampler_replay_matches_cpu) {
+  // Host only: random draws and draws placed at, just below and just above the CPU's CDF steps
+  // (where the error bound must hand over to the CPU's loop).
+  Rng rng(22);
+  long draws = 0, certified_draws = 0, wrong = 0;
+  for (int trial = 0; trial < 12; ++trial) {
+    const int V = randint(rng, 1, 9000);
+    std::vector<float> l(V);
+    fill_logits(rng, l.data(), V, trial % 2 ? 1.0f : 4.0f, trial % 3);
+    DenseRow d;
+    DenseRow* out = &d;
+    const float* rows = l.data();
+    dense_rows(&rows, 1, V, 1.0f / 0.9f, &out);
+    std::vector<double> us;
+    for (int i = 0; i < 300; ++i) us.push_back(uniform(rng));
+    // The CPU's running sums at a few tokens: u * total placed on them.
+    double total = 0.0;
+    for (int b = 0; b < stat_blocks(V); ++b) total += static_cast<double>(d.mass[b]);
+    for (int i = 0; i < 40; ++i) {
+      const int tok = randint(rng, 0, V - 1);
+      double cum = 0.0;
+      for (int b = 0; b < tok / kStatBlock; ++b) cum += d.mass[b] > 0.0f ? static_cast<double>(d.mass[b]) : 0.0;
+      for (int j = tok / kStatBlock * kStatBlock; j <= tok; ++j) {
+        const float x = d.e[j] * d.scale[j / kStatBlock];
+        if (x > 0.0f) cum += x;
+      }
+      const double u0 = cum / total;
+      for (double u : {u0, std::nextafter(u0, 0.0), std::nextafter(u0, 1.0)})
+        if (u >= 0.0 && u < 1.0) us.push_back(u);
+    }
+    for (double u : us) {
+      bool cert = false;
+      const int a = replay_blocked_sample(d, u, &cert), b = sample_dense(d, u);
+      wrong += a != b;
+      certified_draws += cert;
+      ++draws;
+    }
+  }
+  std::printf("  blocked sampler replay: %ld draws, %ld decided by the bound, %ld differ\n", draws, certified_draws,
+              wrong);
+  CHECK_EQ(wrong, 0L);
+  CHECK(certified_draws > draws / 2);
+}
+
 OSD_TEST(cpu_reference_rounds_without_contraction) {
-  // The GPU reproduces the CPU's z (sampling.cpp sum_exp) bit for bit only if the CPU build does
-  // not fuse a*b+c into FMAs. GCC does so by default (-ffp-contract=fast) in the x86-64-v3 clones.
+  // The GPU reproduces the CPU reference's z (sampling.cpp sum_exp: trees, warp_rows, top-k/top-p
+  // and chains under a planted fault) bit for bit only if the CPU build does not fuse a*b+c into
+  // FMAs. GCC does so by default (-ffp-contract=fast) in the x86-64-v3 clones. The blocked fast
+  // paths are checked the same way, without a device, by cpu_blocked_scheme_rounds_like_device.
   gpu();
   Rng rng(11);
   int diff = 0;
@@ -397,10 +634,11 @@ int compare_chain(CudaBackend& g, const ChainCase& c, Fault fault = Fault::None)
 OSD_TEST(chain_batch_matches_cpu) {
   CudaBackend& g = gpu();
   Rng rng(5);
-  const int vocabs[] = {2, 3, 7, 50, 1000};
+  // 2049 and 6000: several blocks of the blocked scheme, the last one short.
+  const int vocabs[] = {2, 3, 7, 50, 1000, 2049, 6000};
   long seqs = 0, bad = 0;
   for (int call = 0; call < 500; ++call) {
-    ChainCase c = make_chain_case(rng, randint(rng, 1, 12), vocabs[call % 5], 8);
+    ChainCase c = make_chain_case(rng, randint(rng, 1, 12), vocabs[call % 7], 8);
     bad += compare_chain(g, c);
     seqs += c.B;
   }
@@ -781,7 +1019,7 @@ OSD_TEST(distill_matches_cpu) {
   int cases = 0, bad = 0;
   for (int kind = 0; kind < 4; ++kind)
     for (int sparse = 0; sparse < 2; ++sparse)
-      for (int V : {11, 1000, 32000}) {
+      for (int V : {11, 1000, 5000, 32000}) {
         const int rows = V == 32000 ? 3 : 6;
         const int k = sparse ? std::min(V, randint(rng, 1, 50)) : 0;
         std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size()), probs(static_cast<size_t>(rows) * k), res(rows);
@@ -826,10 +1064,13 @@ OSD_TEST(distill_matches_cpu) {
           const double lg = g.distill_loss(in, gg.data());
           float gmax = 0.0f;
           for (float x : gc) gmax = std::max(gmax, std::fabs(x));
+          // Forward KL, dense teacher: both backends run the blocked scheme operation for operation.
+          const bool exact = kind == static_cast<int>(DistillKind::ForwardKL) && !sparse;
           int gbad = 0;
           for (size_t j = 0; j < gc.size(); ++j)
-            gbad += !(std::fabs(gc[j] - gg[j]) <= 1e-6 * gmax + 1e-5 * std::fabs(gc[j]));
-          const bool lbad = !(std::fabs(lc - lg) <= 2e-5 * std::max(1.0, std::fabs(lc)));
+            gbad += exact ? std::memcmp(&gc[j], &gg[j], sizeof(float)) != 0
+                          : !(std::fabs(gc[j] - gg[j]) <= 1e-6 * gmax + 1e-5 * std::fabs(gc[j]));
+          const bool lbad = !(std::fabs(lc - lg) <= (exact ? 1e-12 : 2e-5) * std::max(1.0, std::fabs(lc)));
           if ((gbad || lbad) && bad < 5)
             std::fprintf(stderr, "  distill kind %d sparse %d V %d T %g: loss %.9g vs %.9g, %d grads off\n", kind, sparse, V,
                          in.temperature, lc, lg, gbad);
@@ -839,6 +1080,34 @@ OSD_TEST(distill_matches_cpu) {
       }
   std::printf("  distill: %d cases (4 losses x dense/sparse x masks), %d differ\n", cases, bad);
   CHECK_EQ(bad, 0);
+  // A sparse teacher over the whole vocabulary (k = V) whose probabilities sum to 1 only up to
+  // float rounding, without residual: the leftover is rounding, not mass outside the top-k. (The
+  // GPU once kept it, which gave the empty "rest" bin teacher mass and forward KL an infinite loss.)
+  for (int kind = 0; kind < 4; ++kind) {
+    const int V = 11, rows = 2;
+    std::vector<float> s(rows * V), probs(rows * V);
+    std::vector<int32_t> ids(rows * V);
+    for (int r = 0; r < rows; ++r) {
+      fill_logits(rng, &s[r * V], V, 2.0f, 0);
+      double total = 0.0;
+      for (int i = 0; i < V; ++i) ids[r * V + i] = (i * 7 + r) % V, total += (probs[r * V + i] = static_cast<float>(uniform(rng) + 0.1));
+      for (int i = 0; i < V; ++i) probs[r * V + i] = static_cast<float>(probs[r * V + i] / total * (1.0 - 3e-7));
+    }
+    DistillInput in;
+    in.kind = static_cast<DistillKind>(kind);
+    in.student = s.data();
+    in.rows = rows;
+    in.vocab = V;
+    in.temperature = 1.7f;
+    in.topk_ids = ids.data();
+    in.topk_probs = probs.data();
+    in.k = V;
+    std::vector<float> gc(s.size()), gg(s.size());
+    const double lc = cpu().distill_loss(in, gc.data()), lg = g.distill_loss(in, gg.data());
+    CHECK(std::isfinite(lc));
+    CHECK(std::isfinite(lg));
+    CHECK_NEAR(lg, lc, 2e-5 * std::max(1.0, std::fabs(lc)));
+  }
   // Non-finite student logits: the same error as the CPU.
   std::vector<float> s(2 * 5, 0.5f), t(2 * 5, 0.25f);
   s[7] = std::numeric_limits<float>::infinity();

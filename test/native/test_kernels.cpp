@@ -1,7 +1,10 @@
 // Native tests of the kernel reference: Philox known answers, the exp approximation, warping,
-// verification invariants, distillation gradients against finite differences, AdamW, the pool.
+// verification invariants, distillation gradients against finite differences, AdamW, the pool;
+// and every fast (blocked) path against the reference it replaces.
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -13,6 +16,10 @@
 #include "core/thread_pool.h"
 
 using namespace osd;
+
+// The SIMD helpers of core/fast_math.h are always inlined: GCC's ABI warning about returning a
+// vector from baseline-compiled code does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 OSD_TEST(philox_known_answers) {
   // Random123's known-answer vectors for philox4x32_10 (counter words c0..c3, key k0, k1).
@@ -86,6 +93,40 @@ OSD_TEST(warp_top_k_and_top_p) {
   CHECK_NEAR(w.prob(2), 2.0 / 14, 1e-6);
 }
 
+OSD_TEST(row_checks_find_every_bad_entry) {
+  // The vectorised max passes flag a bad entry at any position (vector body or scalar tail).
+  for (int32_t n : {16, 37, 100}) {
+    std::vector<float> l(n, 1.0f);
+    for (int32_t pos = 0; pos < n; ++pos) {
+      bool bad;
+      l[pos] = NAN;
+      block_max(l.data(), n, &bad);
+      CHECK(bad);
+      l[pos] = INFINITY;
+      block_max(l.data(), n, &bad);
+      CHECK(bad);
+      l[pos] = -INFINITY;
+      CHECK_EQ(block_max(l.data(), n, &bad), 1.0f);
+      CHECK(!bad);
+      l[pos] = 3.0f;
+      CHECK_EQ(block_max(l.data(), n, &bad), 3.0f);
+      // Distillation needs finite logits: -Infinity is bad there too.
+      std::vector<float> t(n, 0.0f), g(n);
+      DistillInput in;
+      in.student = l.data();
+      in.teacher = t.data();
+      in.rows = 1;
+      in.vocab = n;
+      for (float x : {NAN, INFINITY, -INFINITY}) {
+        l[pos] = x;
+        CHECK_THROWS(Error, forward_kl_row_blocked(in, 0, 1.0f, g.data()), "studentLogits row 0 contains NaN");
+        CHECK_THROWS(Error, distill_row(in, 0, 1.0f, g.data()), "studentLogits row 0 contains NaN");
+      }
+      l[pos] = 1.0f;
+    }
+  }
+}
+
 OSD_TEST(row_validation) {
   std::vector<float> l = {0.f, NAN, 1.f};
   CHECK_THROWS(Error, checked_row_max(l.data(), 3, "targetLogits", 5), "targetLogits row 5");
@@ -107,6 +148,78 @@ std::vector<float> random_logits(std::mt19937& rng, size_t n, float scale) {
 }
 
 }  // namespace
+
+namespace {
+
+// warp_row's support, written out literally: sort the whole row (logit desc, id asc), keep the k
+// best, then the shortest prefix whose mass reaches top_p of the full mass (top-p alone) or of the
+// k kept (top-k and top-p).
+void warp_literal(const std::vector<float>& l, const Sampling& s, std::vector<int32_t>& ids, std::vector<float>& probs) {
+  const int32_t V = static_cast<int32_t>(l.size());
+  const float mx = checked_row_max(l.data(), V, "x", 0);
+  const float it = 1.0f / s.temperature;
+  std::vector<int32_t> order(V);
+  for (int32_t j = 0; j < V; ++j) order[j] = j;
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+  if (s.top_k > 0 && s.top_k < V) order.resize(s.top_k);
+  std::vector<double> w(order.size());
+  double total = 0.0;
+  for (size_t i = 0; i < order.size(); ++i) total += (w[i] = exp_approx((l[order[i]] - mx) * it));
+  if (!(s.top_k > 0 && s.top_k < V)) {
+    Sampling t = s;
+    t.top_p = 1.0f;
+    WarpedRow dense;
+    warp_row(l.data(), V, mx, t, dense);
+    total = dense.z;
+  }
+  size_t keep = order.size();
+  double cum = 0.0;
+  if (s.top_p < 1.0f)
+    for (size_t i = 0; i < order.size(); ++i)
+      if ((cum += w[i]) >= static_cast<double>(s.top_p) * total) {
+        keep = i + 1;
+        break;
+      }
+  double kept = 0.0;
+  for (size_t i = 0; i < keep; ++i) kept += w[i];
+  std::vector<std::pair<int32_t, float>> sup(keep);
+  for (size_t i = 0; i < keep; ++i) sup[i] = {order[i], static_cast<float>(w[i] / kept)};
+  std::sort(sup.begin(), sup.end());
+  ids.clear(), probs.clear();
+  for (auto& [id, p] : sup) ids.push_back(id), probs.push_back(p);
+}
+
+}  // namespace
+
+OSD_TEST(warp_row_matches_full_sort) {
+  // The prefilters of warp_row (chunk maxima for top-k, a mass bound for top-p) never change the
+  // support or its probabilities: the same bits as sorting the whole row. Ties included.
+  std::mt19937 rng(17);
+  int checked = 0;
+  for (int32_t V : {2, 5, 64, 65, 1000, 5000, 40000}) {
+    for (int trial = 0; trial < 12; ++trial) {
+      auto l = random_logits(rng, V, trial % 3 == 0 ? 0.3f : 3.f);
+      if (trial % 4 == 1)  // many exact ties
+        for (auto& x : l) x = std::round(x);
+      if (trial % 4 == 2)
+        for (int i = 0; i < V / 10; ++i) l[rng() % V] = -INFINITY;
+      l[rng() % V] = 2.0f;
+      Sampling s;
+      s.temperature = trial % 2 ? 0.7f : 1.5f;
+      s.top_k = trial % 3 == 2 ? 0 : 1 + static_cast<int32_t>(rng() % std::min(V - 1, 100));  // k < V
+      s.top_p = trial % 3 == 1 ? 1.0f : (trial % 5 == 0 ? 0.999f : 0.5f + 0.1f * (trial % 5));
+      std::vector<int32_t> ids;
+      std::vector<float> probs;
+      warp_literal(l, s, ids, probs);
+      WarpedRow w;
+      warp_row(l.data(), V, checked_row_max(l.data(), V, "x", 0), s, w);
+      CHECK(w.ids == ids);
+      CHECK(w.probs == probs);
+      ++checked;
+    }
+  }
+  CHECK_EQ(checked, 84);
+}
 
 OSD_TEST(greedy_chain_matches_argmax_walk) {
   std::mt19937 rng(1);
@@ -178,6 +291,269 @@ OSD_TEST(tree_validation_names_argument) {
   parents[1] = 0;
   tokens[0] = 4;
   CHECK_THROWS(Error, validate_tree(ti), "tokens[0]");
+}
+
+// ---- The blocked fast paths against the reference -------------------------------------------
+// Tolerances: exp_approx8 bit-identical to exp_approx; block sums bit-identical to the scheme
+// written out literally below; z and probabilities within 1e-5 (relative) of the reference's
+// one-pass sums (whose own float lanes carry a few 1e-6); chain tokens identical to the reference walk on every case here (the summation
+// order only matters when a uniform lands within ~1e-7 of a decision boundary); forward KL loss
+// within 1e-5 * max(1, |loss|), gradient within 1e-7 + 1e-5 |g|.
+
+OSD_TEST(exp_approx8_matches_exp_approx) {
+  // Every 61st float (all exponents, both signs; NaN and x > 88.3 are outside the contract).
+  long mismatches = 0, tested = 0;
+  float x[8], got[8];
+  int k = 0;
+  for (uint64_t u = 0; u < (1ull << 32); u += 61) {
+    uint32_t bits = static_cast<uint32_t>(u);
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    if (!(v <= 88.3f)) continue;
+    x[k++] = v;
+    if (k < 8) continue;
+    store8(got, exp_approx8(load8(x)));
+    for (int i = 0; i < 8; ++i) {
+      const float want = exp_approx(x[i]);
+      mismatches += std::memcmp(&want, &got[i], sizeof want) != 0;
+    }
+    tested += 8;
+    k = 0;
+  }
+  CHECK(tested > 40000000);
+  CHECK_EQ(mismatches, 0L);
+  const float edge[8] = {-87.3f, -87.29f, -INFINITY, -1e30f, 0.0f, -0.0f, 88.3f, -126.0f};
+  store8(got, exp_approx8(load8(edge)));
+  for (int i = 0; i < 8; ++i) CHECK_EQ(got[i], exp_approx(edge[i]));
+}
+
+namespace {
+
+// The block scheme of sampling.h, written out literally (scalar, one lane at a time).
+float lane_sum_literal(const float* e, int32_t n) {
+  float a[32] = {};
+  for (int32_t j = 0; j < n; ++j) a[j % 32] = a[j % 32] + e[j];
+  for (int w = 16; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) a[k] = a[k] + a[k + w];
+  return a[0];
+}
+
+std::vector<float> logits_with_neg_inf(std::mt19937& rng, int32_t n, float scale, double neg_inf_fraction) {
+  auto v = random_logits(rng, n, scale);
+  std::uniform_real_distribution<double> u(0, 1);
+  for (auto& x : v)
+    if (u(rng) < neg_inf_fraction) x = -INFINITY;
+  v[rng() % n] = 1.0f;  // at least one finite entry
+  return v;
+}
+
+}  // namespace
+
+OSD_TEST(dense_row_block_scheme) {
+  std::mt19937 rng(11);
+  for (int32_t V : {1, 5, 31, 32, 33, 2047, 2048, 2049, 5000, 32000, 70001}) {
+    for (float T : {1.0f, 0.7f, 2.5f}) {
+      auto l = logits_with_neg_inf(rng, V, 3.f, V > 100 ? 0.02 : 0.2);
+      if (V > 4096) std::fill(l.begin() + 2048, l.begin() + 4096, -INFINITY);  // a whole -Infinity block
+      const float it = 1.0f / T;
+      DenseRow d;
+      DenseRow* out = &d;
+      const float* rows = l.data();
+      dense_rows(&rows, 1, V, it, &out);
+      CHECK(d.check == RowCheck::Ok);
+      CHECK_EQ(d.max, checked_row_max(l.data(), V, "x", 0));
+      // Every quantity bit for bit as the scheme defines it (the build does not contract
+      // multiply-adds, so the cloned SIMD kernels round exactly as this scalar code does).
+      double z = 0.0;
+      bool exact = true;
+      for (int32_t b = 0; b < stat_blocks(V); ++b) {
+        const int32_t j0 = b * kStatBlock, n = std::min(kStatBlock, V - j0);
+        float bm = -INFINITY;
+        for (int32_t j = j0; j < j0 + n; ++j) bm = std::max(bm, l[j]);
+        std::vector<float> e(n, 0.0f);
+        if (bm != -INFINITY)
+          for (int32_t j = 0; j < n; ++j) e[j] = exp_approx((l[j0 + j] - bm) * it);
+        const float sb = lane_sum_literal(e.data(), n);
+        const float cb = bm == -INFINITY ? 0.0f : exp_approx((bm - d.max) * it);
+        exact &= std::memcmp(d.e.data() + j0, e.data(), n * sizeof(float)) == 0;
+        exact &= d.bmax[b] == bm && d.bsum[b] == sb && d.scale[b] == cb && d.mass[b] == sb * cb;
+        z += static_cast<double>(sb * cb);
+      }
+      CHECK(exact);
+      CHECK_EQ(d.z, z);
+      // Against the reference's one-pass normaliser and probabilities.
+      Sampling s;
+      s.temperature = T;
+      WarpedRow w;
+      warp_row(l.data(), V, d.max, s, w);
+      CHECK_NEAR(d.z, w.z, 1e-5 * w.z);
+      for (int i = 0; i < 50; ++i) {
+        const int32_t x = rng() % V;
+        CHECK_NEAR(d.prob(x), w.prob(x), 1e-5 * w.prob(x));
+      }
+    }
+  }
+  // Validation outcomes.
+  std::vector<float> l(3000, 0.0f);
+  l[2500] = NAN;
+  DenseRow d;
+  DenseRow* out = &d;
+  const float* rows = l.data();
+  dense_rows(&rows, 1, 3000, 1.0f, &out);
+  CHECK(d.check == RowCheck::NotFinite);
+  std::fill(l.begin(), l.end(), -INFINITY);
+  dense_rows(&rows, 1, 3000, 1.0f, &out);
+  CHECK(d.check == RowCheck::AllNegInf);
+  CHECK_THROWS(Error, throw_row_check(RowCheck::AllNegInf, "draftLogits", 4), "draftLogits row 4 is all -Infinity");
+}
+
+OSD_TEST(sample_dense_matches_sample_row) {
+  // Inverse CDF by blocks against the reference's one pass over the row: the same token for every
+  // u except within rounding of a CDF step (none among these draws).
+  std::mt19937 rng(12);
+  std::uniform_real_distribution<double> uni(0, 1);
+  int mismatches = 0;
+  for (int32_t V : {3, 100, 2048, 2049, 9000}) {
+    auto l = logits_with_neg_inf(rng, V, 2.f, 0.1);
+    DenseRow d;
+    DenseRow* out = &d;
+    const float* rows = l.data();
+    dense_rows(&rows, 1, V, 1.0f / 0.8f, &out);
+    Sampling s;
+    s.temperature = 0.8f;
+    WarpedRow w;
+    warp_row(l.data(), V, d.max, s, w);
+    for (int i = 0; i < 2000; ++i) {
+      const double u = uni(rng);
+      const int32_t a = sample_dense(d, u), b = sample_row(w, u);
+      mismatches += a != b;
+      CHECK(l[a] != -INFINITY);
+    }
+    CHECK(l[sample_dense(d, std::nextafter(1.0, 0.0))] != -INFINITY);
+    CHECK_EQ(sample_dense(d, 0.0), sample_row(w, 0.0));
+  }
+  CHECK_EQ(mismatches, 0);
+}
+
+namespace {
+
+struct RandomChain {
+  int32_t V, g;
+  std::vector<float> t, d;
+  std::vector<int32_t> tok;
+};
+
+RandomChain random_chain(std::mt19937& rng, int32_t V, int32_t g, float noise) {
+  RandomChain c{V, g, random_logits(rng, (g + 1) * V, 2.f), {}, std::vector<int32_t>(g)};
+  c.d = c.t;
+  c.d.resize(g * V);
+  std::normal_distribution<float> nd(0.f, noise);
+  for (auto& x : c.d) x += nd(rng);
+  for (int32_t i = 0; i < g; ++i)  // the draft's likeliest token, or a random one
+    c.tok[i] = (rng() % 2) ? static_cast<int32_t>(std::max_element(c.d.begin() + i * V, c.d.begin() + (i + 1) * V) -
+                                                  (c.d.begin() + i * V))
+                           : static_cast<int32_t>(rng() % V);
+  return c;
+}
+
+}  // namespace
+
+OSD_TEST(verify_chain_dense_matches_reference) {
+  std::mt19937 rng(13);
+  DenseChainScratch scratch;
+  int mismatches = 0, cases = 0, rejected = 0;
+  for (int32_t V : {2, 7, 50, 2048, 3000, 20000}) {
+    const int trials = V > 2048 ? 150 : 600;
+    for (int trial = 0; trial < trials; ++trial) {
+      const int32_t g = trial % 7;
+      RandomChain c = random_chain(rng, V, g, trial % 3 == 0 ? 0.3f : 1.5f);
+      Sampling s;
+      s.temperature = trial % 4 == 0 ? 1.0f : 0.6f + 0.1f * (trial % 5);
+      ChainInput in;
+      in.target = c.t.data();
+      in.draft = c.d.data();
+      in.tokens = c.tok.data();
+      in.g = g;
+      in.vocab = V;
+      std::vector<int32_t> ref(g + 1), fast(g + 1);
+      std::vector<RowCheck> tc(g + 1, RowCheck::Unchecked), dc(g, RowCheck::Unchecked);
+      const ChainResult a = verify_chain(in, s, 5, trial, ref.data());
+      const ChainResult b = verify_chain_dense(in, s, 5, trial, fast.data(), scratch, tc.data(), dc.data());
+      bool same = a.accepted == b.accepted && a.emitted == b.emitted;
+      for (int32_t i = 0; same && i < a.emitted; ++i) same = ref[i] == fast[i];
+      mismatches += !same;
+      rejected += a.accepted < g;
+      ++cases;
+      // The walk checked exactly the rows it reached, in order.
+      for (int32_t i = 0; i <= g; ++i) CHECK(tc[i] == (i <= a.accepted ? RowCheck::Ok : RowCheck::Unchecked));
+    }
+  }
+  CHECK_EQ(mismatches, 0);
+  CHECK(rejected > cases / 4);
+}
+
+OSD_TEST(chain_batch_fast_path_does_not_depend_on_split) {
+  // A sequence verified alone (its blocks spread over the threads) and inside a batch larger than
+  // the pool (one thread per sequence) gives the same tokens.
+  std::mt19937 rng(14);
+  const int32_t V = 9000, B = 2 * default_pool().size() + 3;
+  std::vector<RandomChain> cs;
+  std::vector<float> t, d;
+  std::vector<int32_t> tok, len;
+  for (int32_t b = 0; b < B; ++b) {
+    cs.push_back(random_chain(rng, V, b % 4, 1.0f));
+    t.insert(t.end(), cs[b].t.begin(), cs[b].t.end());
+    d.insert(d.end(), cs[b].d.begin(), cs[b].d.end());
+    tok.insert(tok.end(), cs[b].tok.begin(), cs[b].tok.end());
+    len.push_back(cs[b].g);
+  }
+  std::vector<Sampling> samp(B);
+  for (auto& s : samp) s.temperature = 0.9f;
+  std::vector<uint64_t> streams(B);
+  for (int32_t b = 0; b < B; ++b) streams[b] = 100 + b;
+  ChainBatch in;
+  in.target = t.data(), in.draft = d.data(), in.tokens = tok.data(), in.lengths = len.data();
+  in.streams = streams.data(), in.sampling = samp.data(), in.batch = B, in.vocab = V, in.seed = 77;
+  std::vector<int32_t> acc(B), out(t.size() / V);
+  ChainBatchOut o{acc.data(), out.data()};
+  cpu_backend().verify_chain_batch(in, o);
+  size_t off = 0;
+  for (int32_t b = 0; b < B; ++b) {
+    ChainBatch one = in;
+    one.target = cs[b].t.data(), one.draft = cs[b].d.data(), one.tokens = cs[b].tok.data();
+    one.lengths = &len[b], one.streams = &streams[b], one.sampling = &samp[b], one.batch = 1;
+    int32_t acc1;
+    std::vector<int32_t> out1(cs[b].g + 1);
+    ChainBatchOut o1{&acc1, out1.data()};
+    cpu_backend().verify_chain_batch(one, o1);
+    CHECK_EQ(acc1, acc[b]);
+    for (int32_t i = 0; i <= acc1; ++i) CHECK_EQ(out1[i], out[off + i]);
+    off += cs[b].g + 1;
+  }
+}
+
+OSD_TEST(chain_batch_validates_rows_the_walk_skips) {
+  // Row 0 rejects its token for sure (q puts all mass on it, p none), so the walk stops there; a
+  // bad row later in the chain is still found, and the first bad row in order is the one named.
+  const int32_t V = 3000, g = 3;
+  std::vector<float> t((g + 1) * V, 0.0f), d(g * V, 0.0f);
+  std::vector<int32_t> tok(g, 5), len = {g}, acc(1), out(g + 1);
+  t[5] = -INFINITY;
+  d[5] = 50.0f;
+  Sampling s;
+  uint64_t stream = 0;
+  ChainBatch in;
+  in.target = t.data(), in.draft = d.data(), in.tokens = tok.data(), in.lengths = len.data();
+  in.streams = &stream, in.sampling = &s, in.batch = 1, in.vocab = V;
+  ChainBatchOut o{acc.data(), out.data()};
+  cpu_backend().verify_chain_batch(in, o);
+  CHECK_EQ(acc[0], 0);
+  d[2 * V + 2999] = NAN;
+  CHECK_THROWS(Error, cpu_backend().verify_chain_batch(in, o), "draftLogits row 2 contains NaN");
+  std::fill(t.begin() + 3 * V, t.end(), -INFINITY);
+  CHECK_THROWS(Error, cpu_backend().verify_chain_batch(in, o), "targetLogits row 3 is all -Infinity");
+  t[V + 1] = INFINITY;
+  CHECK_THROWS(Error, cpu_backend().verify_chain_batch(in, o), "targetLogits row 1 contains NaN or +Infinity");
 }
 
 namespace {
@@ -278,6 +654,67 @@ OSD_TEST(distill_stable_for_large_logits) {
     CHECK(std::isfinite(loss));
     for (float g : grad) CHECK(std::isfinite(g));
   }
+}
+
+OSD_TEST(forward_kl_blocked_matches_reference) {
+  std::mt19937 rng(15);
+  for (int32_t V : {1, 7, 33, 2048, 2049, 5000, 40000}) {
+    for (float T : {1.0f, 0.5f, 3.0f}) {
+      for (float scale_logits : {1.f, 4.f}) {
+        auto s = random_logits(rng, V, scale_logits);
+        auto t = random_logits(rng, V, scale_logits);
+        DistillInput in;
+        in.kind = DistillKind::ForwardKL;
+        in.student = s.data();
+        in.teacher = t.data();
+        in.rows = 1;
+        in.vocab = V;
+        in.temperature = T;
+        std::vector<float> ga(V), gb(V);
+        const double la = distill_row(in, 0, 0.25f, ga.data());
+        const double lb = forward_kl_row_blocked(in, 0, 0.25f, gb.data());
+        CHECK_NEAR(lb, la, 1e-5 * std::max(1.0, std::fabs(la)));
+        CHECK_NEAR(forward_kl_row_blocked(in, 0, 0.25f, nullptr), lb, 1e-12 * std::max(1.0, std::fabs(lb)));
+        double worst = 0;
+        for (int32_t j = 0; j < V; ++j) worst = std::max(worst, std::fabs(gb[j] - ga[j]) - 1e-5 * std::fabs(ga[j]));
+        CHECK(worst <= 1e-7);
+      }
+    }
+  }
+  // Large logits: finite, and the same loss as the reference.
+  std::vector<float> s = {1e4f, -1e4f, 0.f, 5e3f, -5e3f, 1e4f - 1.f}, t = {-1e4f, 1e4f, 0.f, 1e4f - 2.f, 3.f, -1e4f};
+  DistillInput in;
+  in.student = s.data();
+  in.teacher = t.data();
+  in.rows = 1;
+  in.vocab = 6;
+  std::vector<float> ga(6), gb(6);
+  const double la = distill_row(in, 0, 1.0f, ga.data()), lb = forward_kl_row_blocked(in, 0, 1.0f, gb.data());
+  CHECK_NEAR(lb, la, 1e-5 * std::fabs(la));
+  for (int j = 0; j < 6; ++j) CHECK_NEAR(gb[j], ga[j], 1e-7 + 1e-5 * std::fabs(ga[j]));
+  s[3] = INFINITY;
+  CHECK_THROWS(Error, forward_kl_row_blocked(in, 0, 1.0f, gb.data()), "studentLogits row 0 contains NaN");
+}
+
+OSD_TEST(forward_kl_does_not_depend_on_split) {
+  // One row (blocks over the threads) and the same row among many (one thread per row): same bits.
+  std::mt19937 rng(16);
+  const int32_t V = 20000, N = 2 * default_pool().size() + 1;
+  auto s = random_logits(rng, N * V, 3.f), t = random_logits(rng, N * V, 3.f);
+  DistillInput in;
+  in.student = s.data();
+  in.teacher = t.data();
+  in.rows = N;
+  in.vocab = V;
+  in.temperature = 0.8f;
+  std::vector<float> g(N * V), g1(V);
+  const double loss = cpu_backend().distill_loss(in, g.data());
+  double sum = 0.0;
+  for (int32_t r = 0; r < N; ++r) {
+    sum += forward_kl_row_blocked(in, r, 1.0f / N, g1.data());
+    CHECK(std::memcmp(g1.data(), g.data() + r * V, V * sizeof(float)) == 0);
+  }
+  CHECK_EQ(loss, sum / N);
 }
 
 OSD_TEST(adamw_matches_formula) {

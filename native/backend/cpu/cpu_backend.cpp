@@ -1,9 +1,14 @@
-// The CPU backend: the reference ops from spec/ and distill/, spread over the thread pool.
-// Parallel splits never change results: every row and sequence is computed by one thread in a
-// fixed order, and reductions over rows are summed in row order afterwards.
+// The CPU backend: the ops from spec/ and distill/ (the fast blocked versions where they exist,
+// else the reference), spread over the thread pool. Parallel splits never change results: every
+// row, block and sequence is computed by one thread in a fixed order, and reductions over blocks
+// and rows are summed in block and row order afterwards.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "backend/backend.h"
 #include "core/error.h"
@@ -26,6 +31,20 @@ void validate_chain_batch(const ChainBatch& in) {
 
 namespace {
 
+// A gradient is written in full, usually into a fresh allocation (N-API hands out a new array per
+// call): ask for transparent huge pages over it (a hint), so that first touch costs one fault per
+// 2 MiB instead of one per 4 KiB. On a VM the 4 KiB faults cost about as much as the loss itself.
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
@@ -38,43 +57,61 @@ class CpuBackend final : public Backend {
       trow[b + 1] = trow[b] + in.lengths[b] + 1;
       drow[b + 1] = drow[b] + in.lengths[b];
     }
-    // Stage 1: validate every row and compute its softmax stats, all rows in parallel.
-    std::vector<RowStats> ts(trow[B]), ds(drow[B]);
-    std::vector<int32_t> row_seq_t(trow[B]), row_seq_d(drow[B]);
-    for (int32_t b = 0; b < B; ++b) {
-      for (size_t r = trow[b]; r < trow[b + 1]; ++r) row_seq_t[r] = b;
-      for (size_t r = drow[b]; r < drow[b + 1]; ++r) row_seq_d[r] = b;
+    // Every row is validated, visited or not, so bad input fails the same way for every seed; the
+    // error names the first bad row, target rows before draft rows.
+    std::vector<RowCheck> tcheck(trow[B], RowCheck::Unchecked), dcheck(drow[B], RowCheck::Unchecked);
+    std::vector<float> tmax(trow[B]), dmax(drow[B]);
+    auto sequence = [&](size_t b) {
+      const Sampling& s = in.sampling[b];
+      const int32_t g = in.lengths[b];
+      ChainInput ci;
+      ci.target = in.target + trow[b] * V;
+      ci.draft = in.draft ? in.draft + drow[b] * V : nullptr;
+      ci.tokens = in.tokens + drow[b];
+      ci.g = g;
+      ci.vocab = V;
+      RowCheck* tc = tcheck.data() + trow[b];
+      RowCheck* dc = dcheck.data() + drow[b];
+      if (fault == Fault::None && !s.greedy() && s.dense()) {
+        // Temperature only: the blocked fast path reads each row it reaches once; the rows after a
+        // rejection are then only validated.
+        thread_local DenseChainScratch scratch;
+        out.accepted[b] = verify_chain_dense(ci, s, in.seed, in.streams[b], out.tokens + trow[b], scratch, tc, dc).accepted;
+        int32_t t0 = 0, d0 = 0;
+        while (t0 <= g && tc[t0] != RowCheck::Unchecked) ++t0;
+        while (d0 < g && dc[d0] != RowCheck::Unchecked) ++d0;
+        check_rows(ci.target + static_cast<size_t>(t0) * V, g + 1 - t0, V, tc + t0, tmax.data() + trow[b] + t0);
+        check_rows(ci.draft + static_cast<size_t>(d0) * V, g - d0, V, dc + d0, dmax.data() + drow[b] + d0);
+        return;
+      }
+      // Greedy, top-k / top-p, and the planted faults: the reference walk.
+      check_rows(ci.target, g + 1, V, tc, tmax.data() + trow[b]);
+      if (!s.greedy()) check_rows(ci.draft, g, V, dc, dmax.data() + drow[b]);
+      for (int32_t i = 0; i <= g; ++i)
+        if (tc[i] != RowCheck::Ok || (i < g && !s.greedy() && dc[i] != RowCheck::Ok)) return;
+      std::vector<RowStats> ts(g + 1), ds(g);
+      for (int32_t i = 0; i <= g; ++i) ts[i].max = tmax[trow[b] + i];
+      for (int32_t i = 0; i < g; ++i) ds[i].max = dmax[drow[b] + i];
+      if (s.greedy() || !s.dense()) {  // else (a fault) verify_chain computes z itself
+        ci.target_stats = ts.data();
+        ci.draft_stats = ds.data();
+      }
+      out.accepted[b] = verify_chain(ci, s, in.seed, in.streams[b], out.tokens + trow[b], fault).accepted;
+    };
+    // Sequences over threads when there are enough of them; otherwise one after the other, each
+    // spreading its rows' blocks over the threads (nested parallel_for calls run inline). Chunks of
+    // at least 64K logits: small batches of short rows stay on the calling thread.
+    if (B >= default_pool().size()) {
+      const size_t logits = (trow[B] + drow[B]) * static_cast<size_t>(V);
+      const size_t grain = std::max<size_t>(1, (size_t(1) << 16) * B / std::max<size_t>(1, logits));
+      default_pool().parallel_for(B, grain, [&](size_t lo, size_t hi) {
+        for (size_t b = lo; b < hi; ++b) sequence(b);
+      });
+    } else {
+      for (int32_t b = 0; b < B; ++b) sequence(b);
     }
-    const size_t nt = trow[B], total = trow[B] + (in.draft ? drow[B] : 0);
-    // Small inputs stay on the calling thread: a pool hop costs more than a few short rows.
-    const size_t grain = std::max<size_t>(1, (size_t(1) << 16) / static_cast<size_t>(V));
-    default_pool().parallel_for(total, grain, [&](size_t lo, size_t hi) {
-      for (size_t i = lo; i < hi; ++i) {
-        if (i < nt) {
-          const Sampling& s = in.sampling[row_seq_t[i]];
-          compute_row_stats(in.target + i * V, V, s, "targetLogits", i, ts[i]);
-        } else {
-          const size_t r = i - nt;
-          const Sampling& s = in.sampling[row_seq_d[r]];
-          if (!s.greedy()) compute_row_stats(in.draft + r * V, V, s, "draftLogits", r, ds[r]);
-        }
-      }
-    });
-    // Stage 2: the accept/reject walk of each sequence.
-    default_pool().parallel_for(B, B >= 4 ? 1 : B, [&](size_t lo, size_t hi) {
-      for (size_t b = lo; b < hi; ++b) {
-        ChainInput ci;
-        ci.target = in.target + trow[b] * V;
-        ci.draft = in.draft ? in.draft + drow[b] * V : nullptr;
-        ci.tokens = in.tokens + drow[b];
-        ci.g = in.lengths[b];
-        ci.vocab = V;
-        ci.target_stats = ts.data() + trow[b];
-        ci.draft_stats = ds.data() + drow[b];
-        ChainResult r = verify_chain(ci, in.sampling[b], in.seed, in.streams[b], out.tokens + trow[b], fault);
-        out.accepted[b] = r.accepted;
-      }
-    });
+    for (size_t r = 0; r < tcheck.size(); ++r) throw_row_check(tcheck[r], "targetLogits", r);
+    for (size_t r = 0; r < dcheck.size(); ++r) throw_row_check(dcheck[r], "draftLogits", r);
   }
 
   TreeResult verify_tree(const TreeInput& in, const Sampling& s, TreeChildren mode, uint64_t seed, uint64_t stream,
@@ -84,6 +121,7 @@ class CpuBackend final : public Backend {
 
   double distill_loss(const DistillInput& in, float* grad) override {
     validate_distill(in);
+    if (grad) advise_huge_pages(grad, static_cast<size_t>(in.rows) * in.vocab * sizeof(float));
     int32_t counted = 0;
     for (int32_t r = 0; r < in.rows; ++r) counted += (!in.mask || in.mask[r]) ? 1 : 0;
     if (grad && counted < in.rows)
@@ -92,12 +130,23 @@ class CpuBackend final : public Backend {
     if (counted == 0) return 0.0;
     const float scale = 1.0f / static_cast<float>(counted);
     std::vector<double> row_loss(in.rows, 0.0);
-    default_pool().parallel_for(in.rows, 1, [&](size_t lo, size_t hi) {
-      for (size_t r = lo; r < hi; ++r) {
-        if (in.mask && !in.mask[r]) continue;
-        row_loss[r] = distill_row(in, static_cast<int32_t>(r), scale, grad ? grad + r * in.vocab : nullptr);
-      }
-    });
+    // Forward KL against a dense teacher takes the blocked fast path (two exps per entry, not four).
+    const bool blocked = in.teacher && in.kind == DistillKind::ForwardKL;
+    auto row = [&](size_t r) {
+      if (in.mask && !in.mask[r]) return;
+      float* g = grad ? grad + r * in.vocab : nullptr;
+      const int32_t ri = static_cast<int32_t>(r);
+      row_loss[r] = blocked ? forward_kl_row_blocked(in, ri, scale, g) : distill_row(in, ri, scale, g);
+    };
+    if (blocked && in.rows < default_pool().size()) {
+      // Fewer rows than threads: rows one after the other, each spreading its blocks over the threads.
+      for (int32_t r = 0; r < in.rows; ++r) row(r);
+    } else {
+      const size_t grain = std::max<size_t>(1, (size_t(1) << 15) / static_cast<size_t>(in.vocab));
+      default_pool().parallel_for(in.rows, grain, [&](size_t lo, size_t hi) {
+        for (size_t r = lo; r < hi; ++r) row(r);
+      });
+    }
     double loss = 0.0;
     for (double l : row_loss) loss += l;
     return loss / counted;

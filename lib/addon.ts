@@ -38,9 +38,8 @@ export function cudaPrebuilds(root = packageRoot): CudaPrebuild[] {
 /** Why no NVIDIA driver can be there, or undefined when one may be (then only a probe can tell). */
 function noDriverReason(): string | undefined {
   if (process.platform !== 'linux') return undefined;
-  return existsSync('/proc/driver/nvidia/version') || existsSync('/dev/nvidiactl')
-    ? undefined
-    : 'no NVIDIA driver (no /proc/driver/nvidia/version)';
+  // The kernel module's file: device nodes alone can outlive an unloaded driver.
+  return existsSync('/proc/driver/nvidia/version') ? undefined : 'no NVIDIA driver (no /proc/driver/nvidia/version)';
 }
 
 /**
@@ -91,8 +90,9 @@ function load(): { addon: NativeAddon; path: string } {
   const cuda = wanted === 'cpu' ? [] : cudaPrebuilds();
   // Without a driver the probe is skipped, unless OSD_BACKEND=cuda insists on hearing CUDA's own reason.
   const noDriver = cuda.length > 0 && wanted !== 'cuda' ? noDriverReason() : undefined;
-  for (const p of cuda) {
-    const probe = noDriver ? { usable: false, detail: noDriver } : probeCuda(p.path);
+  if (noDriver) loaderNotes.push(`CUDA ${cuda.map((p) => p.major).join(', ')} prebuild${cuda.length > 1 ? 's' : ''} not usable: ${noDriver}`);
+  for (const p of noDriver ? [] : cuda) {
+    const probe = probeCuda(p.path);
     if (probe.usable) {
       try {
         return { addon: require(p.path) as NativeAddon, path: p.path };

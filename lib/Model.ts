@@ -329,7 +329,7 @@ export class Model {
     if (typeof tokenize !== 'boolean') throw new TypeError('options.tokenize must be a boolean');
     const template = override ?? this.chatTemplate;
     if (template === undefined)
-      throw new Error(`${basename(this.info.path)} has no chat template (no tokenizer.chat_template in the file); pass options.template`);
+      throw new Error(`${this.info.path ? basename(this.info.path) : 'this model'} has no chat template (no tokenizer.chat_template in the file); pass options.template`);
     const tok = this.tokenizer;
     if (tokenize && !tok) throw new TypeError('options.tokenize needs a model with a tokenizer');
     const bosText = tok && tok.bos >= 0 ? tok.tokenText(tok.bos) : '';

@@ -3,7 +3,7 @@
 // GGUF), as text and as token ids. The argument checks run on a small random model written here;
 // the SmolLM2 part is skipped where ../shared/models/smollm2 is absent.
 import { execFile } from 'node:child_process';
-import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';

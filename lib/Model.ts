@@ -1,6 +1,8 @@
 // Models and sequences: loading GGUF or llama2.c files, the forward pass, and plain generation.
+import { basename } from 'node:path';
 import { addon } from './addon.js';
 import type { SamplingOptions, Seed } from './addonTypes.js';
+import { applyChatTemplate, type ApplyChatTemplateOptions, type ChatMessage } from './chatTemplate.js';
 import { loadTokenizer, type Tokenizer } from './Tokenizer.js';
 import { checkSignal, throwIfAborted } from './withAbortSignal.js';
 
@@ -27,6 +29,7 @@ interface ModelAddon {
   saveModel(model: NativeModel, path: string, options: object): Promise<void>;
   NativeSequence: new (model: NativeModel, contextSize?: number) => NativeSequence;
   sampleLogits(o: object): number;
+  readGgufMetadata(path: string, options?: { maxArrayLength?: number }): { metadata: Record<string, unknown> };
 }
 
 const native = addon as unknown as ModelAddon;
@@ -85,18 +88,28 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
   options.onProgress?.(0);
   const handle = await native.loadModel(path);
   let tokenizer: Tokenizer | undefined;
+  let chatTemplate: string | undefined;
   try {
     throwIfAborted(signal);
     options.onProgress?.(0.5);
-    // GGUF files carry their tokenizer; llama2.c checkpoints do not.
-    if (handle.info().format === 'gguf' && (await hasTokenizer(path))) tokenizer = await loadTokenizer(path);
+    // GGUF files carry their tokenizer and usually a chat template; llama2.c checkpoints do not.
+    if (handle.info().format === 'gguf') {
+      if (await hasTokenizer(path)) tokenizer = await loadTokenizer(path);
+      chatTemplate = readChatTemplate(path);
+    }
     throwIfAborted(signal);
   } catch (e) {
     handle.dispose();
     throw e;
   }
   options.onProgress?.(1);
-  return new Model(handle, tokenizer);
+  return new Model(handle, tokenizer, chatTemplate);
+}
+
+/** tokenizer.chat_template of a GGUF file, or undefined (the token arrays are skipped, not read out). */
+function readChatTemplate(path: string): string | undefined {
+  const t = native.readGgufMetadata(path, { maxArrayLength: 0 }).metadata['tokenizer.chat_template'];
+  return typeof t === 'string' && t.length > 0 ? t : undefined;
 }
 
 async function hasTokenizer(path: string): Promise<boolean> {
@@ -156,6 +169,17 @@ export interface GenerateOptions {
 
 export type StopReason = 'eos' | 'maxTokens' | 'context';
 
+export interface ChatTemplateOptions extends ApplyChatTemplateOptions {
+  /** A Jinja chat template to use instead of the model's own (tokenizer.chat_template). */
+  template?: string;
+  /**
+   * Return the prompt's token ids instead of its text: the markup (`<|im_start|>` ...) is parsed as
+   * special tokens, and BOS is added as the vocabulary asks unless the template already printed it.
+   * Default false.
+   */
+  tokenize?: boolean;
+}
+
 export interface GenerateResult {
   tokens: Int32Array;
   text?: string;
@@ -169,14 +193,17 @@ export class Model {
   readonly tokenizer: Tokenizer | undefined;
   /** Tokens that end a sequence. llama2.c checkpoints use BOS (1) as the story delimiter, and 2 as EOS. */
   readonly eosTokens: number[];
+  /** The GGUF's Jinja chat template (tokenizer.chat_template); undefined when the file has none. */
+  readonly chatTemplate: string | undefined;
   #handle: NativeModel | null;
   #sequences = new Set<Sequence>();
 
   /** @internal */
-  constructor(handle: NativeModel, tokenizer?: Tokenizer) {
+  constructor(handle: NativeModel, tokenizer?: Tokenizer, chatTemplate?: string) {
     this.#handle = handle;
     this.info = handle.info();
     this.tokenizer = tokenizer;
+    this.chatTemplate = chatTemplate;
     if (this.info.format === 'llama2c') this.eosTokens = [1, 2];
     else this.eosTokens = tokenizer && tokenizer.eos >= 0 ? [tokenizer.eos] : [];
   }
@@ -280,6 +307,38 @@ export class Model {
     }
     const tokens = Int32Array.from(out);
     return this.tokenizer ? { tokens, text: this.tokenizer.decode(tokens), stopReason } : { tokens, stopReason };
+  }
+
+  /**
+   * Renders a conversation with the model's own chat template (or `options.template`) through
+   * @huggingface/jinja, with the variables Hugging Face's apply_chat_template passes (messages,
+   * add_generation_prompt, bos_token and eos_token as the vocabulary's texts, tools, plus
+   * `options.variables`). Returns the prompt text, or its token ids with `tokenize: true`.
+   */
+  applyChatTemplate(messages: readonly ChatMessage[], options?: ChatTemplateOptions & { tokenize?: false }): string;
+  applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions & { tokenize: true }): Int32Array;
+  applyChatTemplate(messages: readonly ChatMessage[], options?: ChatTemplateOptions): string | Int32Array;
+  applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string | Int32Array {
+    if (!this.#handle) throw new Error('the model was disposed');
+    if (!Array.isArray(messages)) throw new TypeError('messages must be an array of { role, content }');
+    if (messages.length === 0) throw new RangeError('messages must not be empty');
+    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
+    const { template: override, tokenize = false, ...rest } = options;
+    if (override !== undefined && (typeof override !== 'string' || override.length === 0))
+      throw new TypeError('options.template must be a non-empty string');
+    if (typeof tokenize !== 'boolean') throw new TypeError('options.tokenize must be a boolean');
+    const template = override ?? this.chatTemplate;
+    if (template === undefined)
+      throw new Error(`${this.info.path ? basename(this.info.path) : 'this model'} has no chat template (no tokenizer.chat_template in the file); pass options.template`);
+    const tok = this.tokenizer;
+    if (tokenize && !tok) throw new TypeError('options.tokenize needs a model with a tokenizer');
+    const bosText = tok && tok.bos >= 0 ? tok.tokenText(tok.bos) : '';
+    const eosText = tok && tok.eos >= 0 ? tok.tokenText(tok.eos) : '';
+    const text = applyChatTemplate(template, messages, { ...rest, bosToken: rest.bosToken ?? bosText, eosToken: rest.eosToken ?? eosText });
+    if (!tokenize) return text;
+    // Templates such as Llama 3's print bos_token themselves; do not add a second one.
+    const addBos = tok!.addBos && !(bosText !== '' && text.startsWith(bosText));
+    return tok!.encode(text, { special: true, addBos });
   }
 
   #promptTokens(options: GenerateOptions): Int32Array {

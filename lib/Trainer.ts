@@ -144,10 +144,10 @@ export class Trainer {
     return this.#enqueue((t) => t.evalLoss(batch));
   }
 
-  /** A model holding a copy of the current weights (with the source model's tokenizer). */
+  /** A model holding a copy of the current weights (with the source model's tokenizer and chat template). */
   async snapshot(): Promise<Model> {
     const handle = await this.#enqueue((t) => t.snapshot());
-    return new Model(handle as ConstructorParameters<typeof Model>[0], this.#source?.tokenizer);
+    return new Model(handle as ConstructorParameters<typeof Model>[0], this.#source?.tokenizer, this.#source?.chatTemplate);
   }
 
   /** Writes a checkpoint (weights, moments, step, settings) atomically. */

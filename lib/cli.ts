@@ -10,7 +10,9 @@ Commands:
   generate [prompt]    generate text with a model
       --model PATH         GGUF or llama2.c file (default: the embedded default target)
       --draft PATH         speculative decoding with this draft
-      --chat TEXT          send TEXT as a user message through the model's chat template
+      --chat               send the prompt as a user message through the model's chat template
+      --system TEXT        with --chat: a system message before it
+      --template FILE      with --chat: a Jinja chat template to use instead of the model's own
       --max-tokens N       default 128
       --temperature T      default 0 (greedy); --top-p P, --top-k K, --seed S
   demo                 the main job: online speculative decoding on a stream whose domain shifts
@@ -42,7 +44,9 @@ async function main(argv: string[]): Promise<number> {
       model: { type: 'string' },
       draft: { type: 'string' },
       target: { type: 'string' },
-      chat: { type: 'string' },
+      chat: { type: 'boolean' },
+      system: { type: 'string' },
+      template: { type: 'string' },
       'max-tokens': { type: 'string' },
       temperature: { type: 'string' },
       'top-p': { type: 'string' },
@@ -88,13 +92,19 @@ async function main(argv: string[]): Promise<number> {
       const { DEFAULT_TARGET } = await import('./demo.js');
       const model = await osd.loadModel(values.model ?? DEFAULT_TARGET);
       try {
-        let prompt = positionals.slice(1).join(' ');
-        if (values.chat !== undefined) {
-          const apply = (model as unknown as { applyChatTemplate?: (m: { role: string; content: string }[]) => string }).applyChatTemplate;
-          if (typeof apply !== 'function') throw new Error('this build cannot render chat templates yet; pass a plain prompt');
-          prompt = apply.call(model, [{ role: 'user', content: values.chat }]);
+        const text = positionals.slice(1).join(' ');
+        if (!text) throw new TypeError(`give a prompt: osd generate ${values.chat ? '--chat "What is the capital of France?"' : '"Once upon a time"'}`);
+        if (!values.chat && (values.system !== undefined || values.template !== undefined)) throw new TypeError('--system and --template go with --chat');
+        // A chat prompt goes as token ids: its markup (<|im_start|> ...) is special tokens, not text.
+        let input: { prompt: string } | { tokens: Int32Array } = { prompt: text };
+        if (values.chat) {
+          const { readFileSync } = await import('node:fs');
+          const template = values.template === undefined ? undefined : readFileSync(values.template, 'utf8');
+          if (template === undefined && model.chatTemplate === undefined)
+            throw new Error(`${values.model ?? DEFAULT_TARGET} has no chat template (tokenizer.chat_template); pass --template FILE`);
+          const messages = [...(values.system !== undefined ? [{ role: 'system', content: values.system }] : []), { role: 'user', content: text }];
+          input = { tokens: model.applyChatTemplate(messages, { template, tokenize: true }) };
         }
-        if (!prompt) throw new TypeError('give a prompt (osd generate "Once upon a time") or --chat TEXT');
         const sampling = {
           temperature: num(values.temperature, 'temperature', 0),
           topP: num(values['top-p'], 'top-p', 1),
@@ -108,14 +118,14 @@ async function main(argv: string[]): Promise<number> {
           const draft = await osd.loadModel(values.draft);
           const dec = osd.createSpeculativeDecoder({ target: model, draft, strategy: { kind: 'adaptive', maxLength: 8 } });
           let stats: unknown;
-          for await (const chunk of dec.stream({ prompt, maxTokens, sampling, seed, signal: ac.signal })) if (!values.json) process.stdout.write(chunk.text);
+          for await (const chunk of dec.stream({ ...input, maxTokens, sampling, seed, signal: ac.signal })) if (!values.json) process.stdout.write(chunk.text);
           stats = dec.metrics();
           if (values.json) process.stdout.write(JSON.stringify({ stats }, null, 2) + '\n');
           else process.stdout.write('\n');
           await dec.dispose();
           await draft.dispose();
         } else {
-          const r = await model.generate({ prompt, maxTokens, sampling, seed, signal: ac.signal });
+          const r = await model.generate({ ...input, maxTokens, sampling, seed, signal: ac.signal });
           process.stdout.write(values.json ? JSON.stringify({ text: r.text, tokens: Array.from(r.tokens), stopReason: r.stopReason }) + '\n' : `${r.text ?? ''}\n`);
         }
       } finally {

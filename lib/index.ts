@@ -32,7 +32,18 @@ export type { BackendName, BackendSelection } from './backend.js';
 export { version } from './version.js';
 export { addonPath } from './addon.js';
 export { loadModel, writeRandomModel, Model, Sequence } from './Model.js';
-export type { ModelInfo, RandomModelConfig, StoreType, LoadModelOptions, GenerateOptions, GenerateResult, StopReason, EvaluateOptions } from './Model.js';
+export type {
+  ModelInfo,
+  RandomModelConfig,
+  StoreType,
+  LoadModelOptions,
+  GenerateOptions,
+  GenerateResult,
+  StopReason,
+  EvaluateOptions,
+  ChatTemplateOptions,
+} from './Model.js';
+export type { ChatMessage, ApplyChatTemplateOptions } from './chatTemplate.js';
 export { Tokenizer, TokenStreamDecoder, TokenType, loadTokenizer } from './Tokenizer.js';
 export type { VocabData, EncodeOptions, DecodeOptions, StreamDecoderOptions, TokenIds } from './Tokenizer.js';
 export { createSpeculativeDecoder, SpeculativeDecoder, expectedSpeedup, bestLength, ngramLookup } from './SpeculativeDecoder.js';

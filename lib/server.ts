@@ -7,6 +7,7 @@
 // Generations queue for one of maxConcurrent decoding slots. A client that disconnects aborts its
 // generation (or leaves the queue), and its KV caches are freed. Errors are OpenAI-shaped JSON:
 // { error: { message, type, param, code } }.
+import type { ChatMessage } from './chatTemplate.js';
 import { randomInt, randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { basename, extname } from 'node:path';
@@ -46,10 +47,7 @@ export interface ServerOptions {
   defaultMetrics?: boolean;
 }
 
-export interface ChatMessage {
-  role: string;
-  content: string;
-}
+export type { ChatMessage } from './chatTemplate.js';
 
 /** The minimal surface of a Fastify instance that the plugin uses (no dependency on fastify). */
 export interface FastifyInstanceLike {
@@ -108,19 +106,14 @@ function stem(path: string): string {
 }
 
 /**
- * Renders chat messages to a prompt: with the target's chat template when the Model has
- * applyChatTemplate (and it succeeds), else as plain "role: content" lines followed by "assistant:".
- * The plain format also stops generation at a new "\nuser:" or "\nsystem:" line.
+ * Renders chat messages to a prompt: with the target's chat template when its file has one (the
+ * prompt tokens then come from applyChatTemplate, which keeps the template's BOS single), else as
+ * plain "role: content" lines followed by "assistant:", which also stops generation at a new
+ * "\nuser:" or "\nsystem:" line. A template that rejects the conversation (raise_exception) throws.
  */
 export function renderChat(model: Model, messages: ChatMessage[]): { prompt: string; template: boolean; stop: string[] } {
-  const apply = (model as unknown as { applyChatTemplate?: (m: ChatMessage[], o?: object) => unknown }).applyChatTemplate;
-  if (typeof apply === 'function') {
-    try {
-      const out = apply.call(model, messages, { addGenerationPrompt: true });
-      if (typeof out === 'string') return { prompt: out, template: true, stop: [] };
-    } catch {
-      // No usable template in this model: fall back to the plain format.
-    }
+  if (model.chatTemplate !== undefined) {
+    return { prompt: model.applyChatTemplate(messages, { addGenerationPrompt: true }), template: true, stop: [] };
   }
   const prompt = messages.map((m) => `${m.role}: ${m.content}\n`).join('') + 'assistant:';
   return { prompt, template: false, stop: ['\nuser:', '\nsystem:'] };
@@ -758,8 +751,15 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       if (!isObject(m) || typeof m.role !== 'string' || m.role.length === 0) throw new HttpError(400, `messages[${i}] must be an object with a role`, `messages[${i}]`, 'invalid_value');
       return { role: m.role, content: parseContent(m.content, i) };
     });
-    const rendered = renderChat(target, messages);
-    const t = promptTokens(rendered.prompt, rendered.template);
+    let rendered: ReturnType<typeof renderChat>;
+    let t: Int32Array;
+    try {
+      rendered = renderChat(target, messages);
+      t = rendered.template ? target.applyChatTemplate(messages, { addGenerationPrompt: true, tokenize: true }) : promptTokens(rendered.prompt, false);
+    } catch (e) {
+      if (e instanceof HttpError) throw e;
+      throw new HttpError(400, `the model's chat template rejected the messages: ${(e as Error).message}`, 'messages', 'invalid_value');
+    }
     checkPrompt(t, 'messages');
     const common = parseCommon(body, defaultMaxTokens, t.length);
     const stream = parseStream(body);

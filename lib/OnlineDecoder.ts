@@ -13,6 +13,7 @@ import {
   type RequestStats,
   type SpeculativeGenerateOptions,
   type SpeculativeResult,
+  type StepEvent,
   type Strategy,
   type StreamChunk,
   type VerifiedStep,
@@ -269,7 +270,7 @@ export class OnlineDecoder extends EventEmitter {
     rec.bytes += 4 * s.emitted.length;
   }
 
-  #finish(requestId: number | undefined, stats: RequestStats | undefined): void {
+  #finish(requestId: number | undefined, stats: { drafted: number; accepted: number } | undefined): void {
     if (stats) {
       const w = { drafted: stats.drafted, accepted: stats.accepted };
       this.#recent.push(w);
@@ -507,12 +508,24 @@ export class OnlineDecoder extends EventEmitter {
     await this.#ready;
     let id: number | undefined;
     let completed = false;
+    // A stream's acceptance, from its step events: it counts in the sliding window and the guard
+    // window like a generate() call's stats (without it, a stream-only server never finished a
+    // guard window, so it stopped updating after the first update).
+    const seen = { drafted: 0, accepted: 0 };
+    const onStep = (e: StepEvent) => {
+      if (e.request === id) {
+        seen.drafted += e.drafted;
+        seen.accepted += e.accepted;
+      }
+    };
+    this.#decoder.on('step', onStep);
     try {
       const reason = yield* this.#decoder.stream({ ...options, onStart: (r) => ((id = r), options.onStart?.(r)) });
       completed = true;
       return reason;
     } finally {
-      if (completed) this.#finish(id, undefined);
+      this.#decoder.off('step', onStep);
+      if (completed) this.#finish(id, seen);
       else if (id !== undefined) this.#live.delete(id);
     }
   }

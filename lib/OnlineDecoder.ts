@@ -18,7 +18,7 @@ import {
   type StreamChunk,
   type VerifiedStep,
 } from './SpeculativeDecoder.js';
-import { createTrainer, type TrainBatch, type Trainer } from './Trainer.js';
+import { createTrainer, setTrainThreads, type TrainBatch, type Trainer } from './Trainer.js';
 
 export interface OnlineDistillOptions {
   /** Distillation loss. Default 'forward-kl' (the reference code's choice). */
@@ -60,6 +60,13 @@ export interface OnlineDistillOptions {
   resumeFrom?: string;
   /** Set false to serve without learning (a baseline). Default true. */
   enabled?: boolean;
+  /**
+   * Threads that training runs on, beside decoding (process-wide: setTrainThreads). Default 1:
+   * training takes one core and leaves the others to decoding, which keeps the inter-token
+   * latency during updates close to the latency without (bench/online-latency.ts). 0 shares the
+   * decoding pool, which makes updates faster and stalls decoding more.
+   */
+  trainThreads?: number;
 }
 
 export interface OnlineDecoderOptions {
@@ -133,6 +140,7 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
     autosavePath: o.autosavePath,
     resumeFrom: o.resumeFrom,
     enabled: o.enabled ?? true,
+    trainThreads: o.trainThreads ?? 1,
   };
   check(['forward-kl', 'reverse-kl', 'jsd', 'tvd'].includes(r.loss), `distill.loss must be 'forward-kl', 'reverse-kl', 'jsd' or 'tvd', got '${String(r.loss)}'`);
   check(r.beta > 0 && r.beta < 1, 'distill.beta must be in (0, 1)');
@@ -141,6 +149,7 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
   for (const [k, v] of [['topK', r.topK], ['interval', r.interval], ['epochs', r.epochs], ['batchSize', r.batchSize], ['maxRecordTokens', r.maxRecordTokens], ['guardWindow', r.guardWindow]] as const)
     check(Number.isInteger(v) && v >= 1, `distill.${k} must be an integer >= 1, got ${String(v)}`);
   check(Number.isFinite(r.lr) && r.lr > 0, 'distill.lr must be a number > 0');
+  check(Number.isInteger(r.trainThreads) && r.trainThreads >= 0 && r.trainThreads <= 1024, `distill.trainThreads must be an integer in [0, 1024], got ${String(r.trainThreads)}`);
   check(Number.isFinite(r.clipNorm) && r.clipNorm >= 0, 'distill.clipNorm must be >= 0');
   check(r.maxBufferBytes >= 1024, 'distill.maxBufferBytes must be >= 1024');
   check(r.guardMargin >= 0 && r.guardMargin <= 1, 'distill.guardMargin must be in [0, 1]');
@@ -408,6 +417,7 @@ export class OnlineDecoder extends EventEmitter {
     const started = performance.now();
     const update = this.#updates + 1;
     this.emit('update-start', { update, records: records.length });
+    setTrainThreads(this.options.trainThreads);
     this.#trainer ??= await createTrainer(this.draft, { lr: this.options.lr, clipNorm: this.options.clipNorm });
     const batches = this.#batches(records);
     const lossBefore = mean(await Promise.all(batches.map((b) => this.#trainer!.evalLoss(b))));

@@ -158,6 +158,7 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     expect(() => createOnlineDecoder({ target, draft, distill: { interval: 0 } })).toThrow(/interval/);
     expect(() => createOnlineDecoder({ target, draft, distill: { loss: 'kl' as never } })).toThrow(/distill.loss/);
     expect(() => createOnlineDecoder({ target, draft, distill: { lr: -1 } })).toThrow(/lr/);
+    expect(() => createOnlineDecoder({ target, draft, distill: { trainThreads: -1 } })).toThrow(/distill.trainThreads/);
     expect(() => createOnlineDecoder({ target, draft, distill: { autosaveEvery: 2 } })).toThrow(/autosavePath/);
     expect(() => createOnlineDecoder({ target, draft, strategy: { kind: 'ngram' } })).toThrow(/ngram/);
     await writeRandomModel(join(dir, 'v500.gguf'), { vocabSize: 500, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 64 });

@@ -159,7 +159,7 @@ async function main(): Promise<void> {
   } else {
     notes.push('default pair not found (models/default-*.gguf): run npm run train:default');
   }
-  if (flags.has('big')) {
+  if (flags.has('big') || flags.has('big-only')) {
     const dir = mkdtempSync(join(tmpdir(), 'osd-bench-spec-'));
     const bigPath = join(dir, 'big.gguf');
     progress('writing a ~100M-parameter random target');
@@ -181,8 +181,8 @@ async function main(): Promise<void> {
     }
     const draft = await trainer.snapshot();
     await trainer.dispose();
-    // Embeddings and output (untied), then per layer: q and o, k and v (4 KV heads of 64), the FFN.
-    const params = 2 * 32000 * 768 + 12 * (2 * 768 * 768 + 2 * 768 * 256 + 3 * 768 * 2048);
+    // Embeddings (tied to the output), then per layer: q and o, k and v (4 KV heads of 64), the FFN.
+    const params = 32000 * 768 + 12 * (2 * 768 * 768 + 2 * 768 * 256 + 3 * 768 * 2048);
     notes.push(`random-100M: target ${fmtNum(params / 1e6)}M parameters (F32); draft distilled for ${steps} steps of ${T} tokens (${fmtNum((Date.now() - started) / 1000)} s)`);
     const prompts = Array.from({ length: nPrompts }, (_, i) => [1, (i * 31 + 7) % 32000, (i * 977 + 3) % 32000]);
     rows.push(...(await measure('random-100M', target, draft, { random: prompts })));

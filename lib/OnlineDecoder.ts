@@ -13,11 +13,12 @@ import {
   type RequestStats,
   type SpeculativeGenerateOptions,
   type SpeculativeResult,
+  type StepEvent,
   type Strategy,
   type StreamChunk,
   type VerifiedStep,
 } from './SpeculativeDecoder.js';
-import { createTrainer, type TrainBatch, type Trainer } from './Trainer.js';
+import { createTrainer, setTrainThreads, type TrainBatch, type Trainer } from './Trainer.js';
 
 export interface OnlineDistillOptions {
   /** Distillation loss. Default 'forward-kl' (the reference code's choice). */
@@ -59,6 +60,13 @@ export interface OnlineDistillOptions {
   resumeFrom?: string;
   /** Set false to serve without learning (a baseline). Default true. */
   enabled?: boolean;
+  /**
+   * Threads that training runs on, beside decoding (process-wide: setTrainThreads). Default 1:
+   * training takes one core and leaves the others to decoding, which keeps the inter-token
+   * latency during updates close to the latency without (bench/online-latency.ts). 0 shares the
+   * decoding pool, which makes updates faster and stalls decoding more.
+   */
+  trainThreads?: number;
 }
 
 export interface OnlineDecoderOptions {
@@ -132,6 +140,7 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
     autosavePath: o.autosavePath,
     resumeFrom: o.resumeFrom,
     enabled: o.enabled ?? true,
+    trainThreads: o.trainThreads ?? 1,
   };
   check(['forward-kl', 'reverse-kl', 'jsd', 'tvd'].includes(r.loss), `distill.loss must be 'forward-kl', 'reverse-kl', 'jsd' or 'tvd', got '${String(r.loss)}'`);
   check(r.beta > 0 && r.beta < 1, 'distill.beta must be in (0, 1)');
@@ -140,6 +149,7 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
   for (const [k, v] of [['topK', r.topK], ['interval', r.interval], ['epochs', r.epochs], ['batchSize', r.batchSize], ['maxRecordTokens', r.maxRecordTokens], ['guardWindow', r.guardWindow]] as const)
     check(Number.isInteger(v) && v >= 1, `distill.${k} must be an integer >= 1, got ${String(v)}`);
   check(Number.isFinite(r.lr) && r.lr > 0, 'distill.lr must be a number > 0');
+  check(Number.isInteger(r.trainThreads) && r.trainThreads >= 0 && r.trainThreads <= 1024, `distill.trainThreads must be an integer in [0, 1024], got ${String(r.trainThreads)}`);
   check(Number.isFinite(r.clipNorm) && r.clipNorm >= 0, 'distill.clipNorm must be >= 0');
   check(r.maxBufferBytes >= 1024, 'distill.maxBufferBytes must be >= 1024');
   check(r.guardMargin >= 0 && r.guardMargin <= 1, 'distill.guardMargin must be in [0, 1]');
@@ -269,7 +279,7 @@ export class OnlineDecoder extends EventEmitter {
     rec.bytes += 4 * s.emitted.length;
   }
 
-  #finish(requestId: number | undefined, stats: RequestStats | undefined): void {
+  #finish(requestId: number | undefined, stats: { drafted: number; accepted: number } | undefined): void {
     if (stats) {
       const w = { drafted: stats.drafted, accepted: stats.accepted };
       this.#recent.push(w);
@@ -407,6 +417,7 @@ export class OnlineDecoder extends EventEmitter {
     const started = performance.now();
     const update = this.#updates + 1;
     this.emit('update-start', { update, records: records.length });
+    setTrainThreads(this.options.trainThreads);
     this.#trainer ??= await createTrainer(this.draft, { lr: this.options.lr, clipNorm: this.options.clipNorm });
     const batches = this.#batches(records);
     const lossBefore = mean(await Promise.all(batches.map((b) => this.#trainer!.evalLoss(b))));
@@ -507,12 +518,24 @@ export class OnlineDecoder extends EventEmitter {
     await this.#ready;
     let id: number | undefined;
     let completed = false;
+    // A stream's acceptance, from its step events: it counts in the sliding window and the guard
+    // window like a generate() call's stats (without it, a stream-only server never finished a
+    // guard window, so it stopped updating after the first update).
+    const seen = { drafted: 0, accepted: 0 };
+    const onStep = (e: StepEvent) => {
+      if (e.request === id) {
+        seen.drafted += e.drafted;
+        seen.accepted += e.accepted;
+      }
+    };
+    this.#decoder.on('step', onStep);
     try {
       const reason = yield* this.#decoder.stream({ ...options, onStart: (r) => ((id = r), options.onStart?.(r)) });
       completed = true;
       return reason;
     } finally {
-      if (completed) this.#finish(id, undefined);
+      this.#decoder.off('step', onStep);
+      if (completed) this.#finish(id, seen);
       else if (id !== undefined) this.#live.delete(id);
     }
   }

@@ -19,9 +19,21 @@ interface NativeTrainer {
 interface TrainAddon {
   createTrainer(source: unknown, options: TrainerOptions): Promise<NativeTrainer>;
   loadTrainerCheckpoint(path: string): Promise<NativeTrainer>;
+  setTrainThreads(threads: number): number;
 }
 
 const native = addon as unknown as TrainAddon;
+
+/**
+ * Gives training its own pool of `threads` threads (process-wide), so that steps running beside
+ * decoding neither queue behind nor hold up decoding's thread pool; 0 (the default) shares the
+ * decoding pool. Training results do not depend on it. Returns the setting now in force.
+ */
+export function setTrainThreads(threads: number): number {
+  if (typeof threads !== 'number' || !Number.isInteger(threads) || threads < 0 || threads > 1024)
+    throw new RangeError(`threads must be an integer in [0, 1024] (0 = share the decoding pool), got ${String(threads)}`);
+  return native.setTrainThreads(threads);
+}
 
 export interface TrainerOptions {
   /** Peak learning rate. Default 1e-4. */

@@ -57,7 +57,7 @@ export type {
   StepEvent,
   VerifiedStep,
 } from './SpeculativeDecoder.js';
-export { createTrainer, loadTrainerCheckpoint, Trainer } from './Trainer.js';
+export { createTrainer, loadTrainerCheckpoint, setTrainThreads, Trainer } from './Trainer.js';
 export type { TrainerOptions, TrainBatch, TrainStepResult, NewModelConfig } from './Trainer.js';
 export { createOnlineDecoder, OnlineDecoder, teacherTopK } from './OnlineDecoder.js';
 export type { OnlineDecoderOptions, OnlineDistillOptions, OnlineMetrics, UpdateEvent, RollbackEvent } from './OnlineDecoder.js';

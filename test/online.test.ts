@@ -78,6 +78,27 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     await dec.dispose();
   });
 
+  it('streamed requests count in the guard window: a stream-only server keeps updating', async () => {
+    await using draft = await loadModel(draftPath);
+    const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 2, guardWindow: 2, guardMargin: 1 } });
+    let updates = 0;
+    dec.on('update', () => updates++);
+    for (let round = 0; round < 4; round++) {
+      for (const p of prompts.slice(2 * round, 2 * round + 2)) {
+        const want = await target.generate({ tokens: p, maxTokens: 16 });
+        const got: number[] = [];
+        for await (const chunk of dec.stream({ tokens: p, maxTokens: 16 })) got.push(...chunk.tokens);
+        expect(got).toEqual(Array.from(want.tokens));
+      }
+      // Each round's two streams end the previous update's guard window and fill the buffer
+      // again: wait for the triggered update (no updateNow(), which would bypass the trigger).
+      for (let t = 0; updates <= round && t < 200; t++) await new Promise((r) => setTimeout(r, 25));
+    }
+    expect(updates).toBe(4);
+    expect(dec.metrics().recentAcceptance).toBeGreaterThanOrEqual(0);
+    await dec.dispose();
+  });
+
   it('rolls back to the previous weights bit for bit when acceptance falls', async () => {
     await using draft = await loadModel(draftPath);
     // First teach the draft something, so there is acceptance to lose.
@@ -137,6 +158,7 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     expect(() => createOnlineDecoder({ target, draft, distill: { interval: 0 } })).toThrow(/interval/);
     expect(() => createOnlineDecoder({ target, draft, distill: { loss: 'kl' as never } })).toThrow(/distill.loss/);
     expect(() => createOnlineDecoder({ target, draft, distill: { lr: -1 } })).toThrow(/lr/);
+    expect(() => createOnlineDecoder({ target, draft, distill: { trainThreads: -1 } })).toThrow(/distill.trainThreads/);
     expect(() => createOnlineDecoder({ target, draft, distill: { autosaveEvery: 2 } })).toThrow(/autosavePath/);
     expect(() => createOnlineDecoder({ target, draft, strategy: { kind: 'ngram' } })).toThrow(/ngram/);
     await writeRandomModel(join(dir, 'v500.gguf'), { vocabSize: 500, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 64 });

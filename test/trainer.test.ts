@@ -4,7 +4,7 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { createTrainer, loadModel, loadTrainerCheckpoint, writeRandomModel, type TrainBatch } from '../lib/index.js';
+import { createTrainer, loadModel, loadTrainerCheckpoint, setTrainThreads, writeRandomModel, type TrainBatch } from '../lib/index.js';
 
 const config = { vocabSize: 53, embeddingLength: 32, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 64, contextLength: 64 };
 
@@ -83,6 +83,30 @@ describe('Trainer', () => {
     const first = await trainer.evalLoss(batch);
     for (let i = 0; i < 30; i++) await trainer.step(batch);
     expect(await trainer.evalLoss(batch)).toBeLessThan(first * 0.5);
+  });
+
+  it('trains the same on its own thread pool as on the shared one (setTrainThreads)', async () => {
+    const run = async () => {
+      await using t = await createTrainer({ config: { ...config, vocabSize: 300, embeddingLength: 64 }, seed: 9 }, { lr: 1e-2 });
+      const batch = { ...fixedBatch(), targets: fixedBatch().targets!.map((x) => (x * 5) % 300) };
+      const losses: number[] = [];
+      for (let i = 0; i < 4; i++) losses.push((await t.step(batch)).loss);
+      return losses;
+    };
+    try {
+      expect(setTrainThreads(0)).toBe(0);
+      const shared = await run();
+      expect(setTrainThreads(1)).toBe(1);
+      const one = await run();
+      expect(setTrainThreads(3)).toBe(3);
+      const three = await run();
+      expect(one).toEqual(shared);
+      expect(three).toEqual(shared);
+    } finally {
+      setTrainThreads(0);
+    }
+    expect(() => setTrainThreads(-1)).toThrow(RangeError);
+    expect(() => setTrainThreads(1.5)).toThrow(/threads/);
   });
 
   it('rejects bad input with errors naming the argument', async () => {

@@ -1,7 +1,12 @@
 // Cuts held-out documents into the demo's prompts (models/demo-prompts.json), so `osd demo` runs on
 // a fresh clone without the corpora. Never training data: only the held-out splits are read.
 //
-//   npx tsx lib/train/demoPrompts.ts [--data data] [--out models/demo-prompts.json] [--per-domain 32]
+//   npx tsx lib/train/demoPrompts.ts [--data data] [--out models/demo-prompts.json] [--per-domain 32] [--chars 240]
+//
+// The same cut, with more and shorter prompts, is the held-out prompt set of the exactness tests
+// and the speculative benchmarks (data/ comes from `npm run prepare:data`):
+//
+//   npx tsx lib/train/demoPrompts.ts --per-domain 64 --chars 160 --out test/fixtures/heldout-prompts.json
 import { readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -49,11 +54,13 @@ if (process.argv[1] && import.meta.url === pathToFileURL(resolve(process.argv[1]
       data: { type: 'string', default: 'data' },
       out: { type: 'string', default: 'models/demo-prompts.json' },
       'per-domain': { type: 'string', default: '32' },
+      chars: { type: 'string', default: '240' },
     },
   });
-  const prompts = makeDemoPrompts(resolve(values.data!), Number(values['per-domain']));
+  const prompts = makeDemoPrompts(resolve(values.data!), Number(values['per-domain']), Number(values.chars));
   const out = resolve(values.out!);
-  writeFileSync(out + '.tmp', JSON.stringify(prompts, null, 1) + '\n');
+  const written = { ...prompts, options: { perDomain: Number(values['per-domain']), chars: Number(values.chars) } };
+  writeFileSync(out + '.tmp', JSON.stringify(written, null, 1) + '\n');
   renameSync(out + '.tmp', out);
   for (const [d, p] of Object.entries(prompts.domains)) process.stdout.write(`${d}: ${p.length} prompts\n`);
 }

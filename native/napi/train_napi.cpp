@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "model/model.h"
 #include "napi/napi_util.h"
+#include "train/train_ops.h"
 #include "train/trainer.h"
 
 namespace osd::napi {
@@ -324,7 +325,19 @@ Napi::Value load_trainer(const Napi::CallbackInfo& info) {
   return w->promise();
 }
 
+// setTrainThreads(n): training ops get their own pool of n threads (0: share the decoding pool).
+Napi::Value set_train_threads_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "threads must be a number");
+  double t = info[0].As<Napi::Number>().DoubleValue();
+  if (!(t >= 0 && t <= 1024) || t != static_cast<double>(static_cast<int>(t)))
+    throw Napi::RangeError::New(env, "threads must be an integer in [0, 1024] (0 = share the decoding pool)");
+  train::set_train_threads(static_cast<int>(t));
+  return Napi::Number::New(env, train::train_threads());
+}
+
 void init(Napi::Env env, Napi::Object exports) {
+  exports.Set("setTrainThreads", Napi::Function::New(env, set_train_threads_js, "setTrainThreads"));
   Napi::Function ctor = TrainerWrap::define(env);
   g_trainer_ctor = new Napi::FunctionReference(Napi::Persistent(ctor));
   exports.Set("NativeTrainer", ctor);

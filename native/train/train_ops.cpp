@@ -1,11 +1,14 @@
 #include "train/train_ops.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "core/fast_math.h"
@@ -21,14 +24,38 @@
 namespace osd::train {
 
 namespace {
-std::unique_ptr<ThreadPool> g_train_pool;
+// Pools are kept once made (one per size asked for, their idle threads asleep), so that a step
+// still running on a pool when another size is chosen never sees it freed.
+std::mutex g_train_mu;
+std::vector<std::unique_ptr<ThreadPool>> g_train_pools;
+std::atomic<ThreadPool*> g_train_pool{nullptr};
 }  // namespace
 
-ThreadPool& train_pool() { return g_train_pool ? *g_train_pool : default_pool(); }
+ThreadPool& train_pool() {
+  ThreadPool* p = g_train_pool.load(std::memory_order_acquire);
+  return p ? *p : default_pool();
+}
 
 void set_train_threads(int threads) {
-  if (threads < 0) throw_range("trainThreads must be >= 0, got " + std::to_string(threads));
-  g_train_pool = threads > 0 ? std::make_unique<ThreadPool>(threads) : nullptr;
+  if (threads < 0 || threads > 1024) throw_range("trainThreads must be in [0, 1024], got " + std::to_string(threads));
+  std::lock_guard<std::mutex> lk(g_train_mu);
+  if (threads == 0) {
+    g_train_pool.store(nullptr, std::memory_order_release);
+    return;
+  }
+  for (auto& p : g_train_pools) {
+    if (p->size() == threads) {
+      g_train_pool.store(p.get(), std::memory_order_release);
+      return;
+    }
+  }
+  g_train_pools.push_back(std::make_unique<ThreadPool>(threads));
+  g_train_pool.store(g_train_pools.back().get(), std::memory_order_release);
+}
+
+int train_threads() {
+  ThreadPool* p = g_train_pool.load(std::memory_order_acquire);
+  return p ? p->size() : 0;
 }
 
 namespace {

@@ -22,9 +22,11 @@ namespace osd::train {
 // The pool the training ops run on: default_pool() (shared with decoding) unless
 // set_train_threads(n > 0) gave training its own n threads, so that a training step running off
 // the decoding thread does not queue behind, or hold up, decoding's parallel_for calls (each pool
-// runs one parallel_for at a time). Call it between steps only; n = 0 goes back to sharing.
+// runs one parallel_for at a time). n = 0 goes back to sharing. Safe to call at any time: a step
+// already running may finish on the pool it had. train_threads() is n (0 when shared).
 ThreadPool& train_pool();
 void set_train_threads(int threads);
+int train_threads();
 
 // ---- Matrix products ----
 

@@ -190,24 +190,28 @@ OSD_AVX2 void tile_float_avx2(const uint8_t* w0, size_t row_bytes, const float* 
 }
 
 using TileFn = void (*)(const uint8_t*, size_t, const float*, int64_t, float*, int64_t);
-constexpr int kTileRows = 4, kTileTokens = 3;
+// 3 rows x 4 tokens (12 accumulators, 3 weight vectors and one token vector fill the 16 ymm
+// registers; 4 x 3 needs 17 and GCC spills an accumulator, which puts a store and a reload on its
+// FMA chain). A lone token takes 4 rows: four independent chains for decode.
+constexpr int kTileTokens = 4, kTileRowsMany = 3, kTileRowsOne = 4;
 
 template <class L>
 struct FloatTiles {
-  static constexpr TileFn fns[kTileRows][kTileTokens] = {
-      {tile_float_avx2<L, 1, 1>, tile_float_avx2<L, 1, 2>, tile_float_avx2<L, 1, 3>},
-      {tile_float_avx2<L, 2, 1>, tile_float_avx2<L, 2, 2>, tile_float_avx2<L, 2, 3>},
-      {tile_float_avx2<L, 3, 1>, tile_float_avx2<L, 3, 2>, tile_float_avx2<L, 3, 3>},
-      {tile_float_avx2<L, 4, 1>, tile_float_avx2<L, 4, 2>, tile_float_avx2<L, 4, 3>}};
+  static constexpr TileFn fns[4][4] = {
+      {tile_float_avx2<L, 1, 1>, tile_float_avx2<L, 1, 2>, tile_float_avx2<L, 1, 3>, tile_float_avx2<L, 1, 4>},
+      {tile_float_avx2<L, 2, 1>, tile_float_avx2<L, 2, 2>, tile_float_avx2<L, 2, 3>, tile_float_avx2<L, 2, 4>},
+      {tile_float_avx2<L, 3, 1>, tile_float_avx2<L, 3, 2>, tile_float_avx2<L, 3, 3>, tile_float_avx2<L, 3, 4>},
+      {tile_float_avx2<L, 4, 1>, nullptr, nullptr, nullptr}};
 };
 
-// Rows [r0, r1) for every token, in tiles of up to kTileRows x kTileTokens.
+// Rows [r0, r1) for every token, in tiles of up to 3 rows x 4 tokens (4 x 1 for a lone token).
 template <class L>
 void rows_float_avx2(const Matrix& w, const float* x, int64_t n, float* y, int64_t r0, int64_t r1) {
   for (int64_t t = 0; t < n; t += kTileTokens) {
     const int rn = static_cast<int>(std::min<int64_t>(kTileTokens, n - t));
-    for (int64_t r = r0; r < r1; r += kTileRows) {
-      const int rm = static_cast<int>(std::min<int64_t>(kTileRows, r1 - r));
+    const int64_t rows_per_tile = rn == 1 ? kTileRowsOne : kTileRowsMany;
+    for (int64_t r = r0; r < r1; r += rows_per_tile) {
+      const int rm = static_cast<int>(std::min<int64_t>(rows_per_tile, r1 - r));
       FloatTiles<L>::fns[rm - 1][rn - 1](w.data + static_cast<size_t>(r) * w.row_bytes, w.row_bytes, x + t * w.cols,
                                          w.cols, y + t * w.rows + r, w.rows);
     }
@@ -407,7 +411,8 @@ void matmul(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa)
   const bool avx2 = isa == KernelIsa::Auto ? have_avx2() : isa == KernelIsa::Avx2;
   (void)avx2;
   // Split over output rows; a block of rows is applied to every token while it is hot in cache.
-  constexpr int64_t kRowBlock = 16;
+  // 12 rows: whole tiles of 3 or 4 rows.
+  constexpr int64_t kRowBlock = 12;
   const int64_t rows = w.rows, cols = w.cols;
   const int64_t nblocks = (rows + kRowBlock - 1) / kRowBlock;
 #if defined(__x86_64__) && defined(__GNUC__)

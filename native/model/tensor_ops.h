@@ -40,7 +40,7 @@ bool kernel_isa_available(KernelIsa isa);
 
 // Y[t][r] = dot(W row r, X[t]) for t < n: X is n x cols, Y is n x rows. Quantised weights are
 // multiplied with activations quantised to 8 bits per token row (quant.h). F32, F16 and BF16 run
-// register-blocked tiles (4 rows x 3 tokens) with AVX2; each output is still its own dot product
+// register-blocked tiles (3 rows x 4 tokens, 4 rows for a lone token) with AVX2; each output is still its own dot product
 // in a fixed order. The AVX2 float kernels use FMA, so their results differ from the portable
 // ones in the last bits (the quantised kernels are identical on both).
 void matmul(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa = KernelIsa::Auto);

@@ -480,7 +480,7 @@ OSD_TEST(matmul_many_equals_separate_products) {
   }
 }
 
-// The register-blocked F32 / F16 / BF16 kernels (tiles of up to 4 rows x 3 tokens) against
+// The register-blocked F32 / F16 / BF16 kernels (tiles of up to 3 rows x 4 tokens, 4 x 1) against
 // matmul_reference, one plain dot product per output, for each instruction set: tolerance 0.
 // Odd shapes put every tile size and a scalar column tail (cols not a multiple of 8) in play;
 // thread counts 1..3 and every token alone must give the same bits too.

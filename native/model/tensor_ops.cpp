@@ -124,6 +124,111 @@ OSD_AVX2 float dot_bf16_avx2(const uint16_t* w, const float* x, int64_t n) {
   return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
+// ---- Register-blocked AVX2 products: RM weight rows x RN tokens per tile. Each output keeps its
+// own 8-lane accumulator and sees exactly the operations of the dot_*_avx2 above (the same FMA
+// per 8 columns in column order, the same scalar tail, the same horizontal sum), so the tile
+// shape changes nothing but speed: a tile converts each weight vector once for RN tokens, and
+// runs RM x RN independent FMA chains where one dot product runs a single latency-bound chain.
+// test_quant.cpp checks these against matmul_reference bit for bit. ----
+
+struct F32Avx2 {
+  using T = float;
+  OSD_AVX2 static __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+  static float scalar(float v) { return v; }
+};
+struct F16Avx2 {
+  using T = uint16_t;
+  OSD_AVX2 static __m256 load(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static float scalar(uint16_t v) { return half_to_float(v); }
+};
+struct BF16Avx2 {
+  using T = uint16_t;
+  OSD_AVX2 static __m256 load(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
+  static float scalar(uint16_t v) { return bf16_to_float(v); }
+};
+
+// The end of one dot_*_avx2: the scalar tail from column i (a multiple of 8) into the lanes, then
+// the fixed horizontal sum.
+template <class L>
+OSD_AVX2 float finish_avx2(__m256 acc, const typename L::T* w, const float* x, int64_t i, int64_t n) {
+  alignas(32) float a[8];
+  _mm256_store_ps(a, acc);
+  for (; i < n; ++i) a[i & 7] += L::scalar(w[i]) * x[i];
+  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+
+// y[j * ld + i] = dot(row i, token j) for i < RM, j < RN: w points at RM rows of `row_bytes`,
+// x at RN token rows of `cols` floats, y at the first output.
+template <class L, int RM, int RN>
+OSD_AVX2 void tile_float_avx2(const uint8_t* w0, size_t row_bytes, const float* x0, int64_t cols, float* y, int64_t ld) {
+  using T = typename L::T;
+  const T* w[RM];
+  const float* x[RN];
+  for (int i = 0; i < RM; ++i) w[i] = reinterpret_cast<const T*>(w0 + static_cast<size_t>(i) * row_bytes);
+  for (int j = 0; j < RN; ++j) x[j] = x0 + j * cols;
+  __m256 acc[RM][RN];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+  // The tile reads RM rows side by side; the rows after it (usually the next tile) are fetched
+  // ahead at the rate this tile consumes its own, so memory sees one sequential stream.
+  const char* next = reinterpret_cast<const char*>(w0 + RM * row_bytes);
+  constexpr int kStepBytes = 8 * static_cast<int>(sizeof(T)) * RM;
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    for (int k = 0; k < kStepBytes; k += 64) _mm_prefetch(next + c * static_cast<int64_t>(sizeof(T)) * RM + k, _MM_HINT_T0);
+    __m256 wv[RM];
+    for (int i = 0; i < RM; ++i) wv[i] = L::load(w[i] + c);
+    for (int j = 0; j < RN; ++j) {
+      const __m256 xv = _mm256_loadu_ps(x[j] + c);
+      for (int i = 0; i < RM; ++i) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) y[j * ld + i] = finish_avx2<L>(acc[i][j], w[i], x[j], c, cols);
+}
+
+using TileFn = void (*)(const uint8_t*, size_t, const float*, int64_t, float*, int64_t);
+// 3 rows x 4 tokens (12 accumulators, 3 weight vectors and one token vector fill the 16 ymm
+// registers; 4 x 3 needs 17 and GCC spills an accumulator, which puts a store and a reload on its
+// FMA chain). A lone token takes 4 rows: four independent chains for decode.
+constexpr int kTileTokens = 4, kTileRowsMany = 3, kTileRowsOne = 4;
+
+template <class L>
+struct FloatTiles {
+  static constexpr TileFn fns[4][4] = {
+      {tile_float_avx2<L, 1, 1>, tile_float_avx2<L, 1, 2>, tile_float_avx2<L, 1, 3>, tile_float_avx2<L, 1, 4>},
+      {tile_float_avx2<L, 2, 1>, tile_float_avx2<L, 2, 2>, tile_float_avx2<L, 2, 3>, tile_float_avx2<L, 2, 4>},
+      {tile_float_avx2<L, 3, 1>, tile_float_avx2<L, 3, 2>, tile_float_avx2<L, 3, 3>, tile_float_avx2<L, 3, 4>},
+      {tile_float_avx2<L, 4, 1>, nullptr, nullptr, nullptr}};
+};
+
+// Rows [r0, r1) for every token, in tiles of up to 3 rows x 4 tokens (4 x 1 for a lone token).
+template <class L>
+void rows_float_avx2(const Matrix& w, const float* x, int64_t n, float* y, int64_t r0, int64_t r1) {
+  for (int64_t t = 0; t < n; t += kTileTokens) {
+    const int rn = static_cast<int>(std::min<int64_t>(kTileTokens, n - t));
+    const int64_t rows_per_tile = rn == 1 ? kTileRowsOne : kTileRowsMany;
+    for (int64_t r = r0; r < r1; r += rows_per_tile) {
+      const int rm = static_cast<int>(std::min<int64_t>(rows_per_tile, r1 - r));
+      FloatTiles<L>::fns[rm - 1][rn - 1](w.data + static_cast<size_t>(r) * w.row_bytes, w.row_bytes, x + t * w.cols,
+                                         w.cols, y + t * w.rows + r, w.rows);
+    }
+  }
+}
+
+using RowsFn = void (*)(const Matrix&, const float*, int64_t, float*, int64_t, int64_t);
+
+RowsFn pick_rows_avx2(TensorType t) {
+  switch (t) {
+    case TensorType::F32: return rows_float_avx2<F32Avx2>;
+    case TensorType::F16: return rows_float_avx2<F16Avx2>;
+    case TensorType::BF16: return rows_float_avx2<BF16Avx2>;
+    default: throw_range(std::string("no matrix kernel for type ") + gguf::type_info(t).name);
+  }
+}
+
 // exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial; within
 // 2 ulp of the exact value for x in [-87, 88.7], 0 below, +inf above, NaN kept).
 OSD_AVX2 __m256 exp_avx2(__m256 x) {
@@ -284,21 +389,46 @@ bool kernel_isa_available(KernelIsa isa) {
   return isa != KernelIsa::Avx2 || quant::isa_available(quant::Isa::Avx2);
 }
 
-void matmul(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa) {
+namespace {
+
+quant::Isa quant_isa(KernelIsa isa) {
+  return isa == KernelIsa::Auto ? quant::best_isa() : isa == KernelIsa::Avx2 ? quant::Isa::Avx2 : quant::Isa::Portable;
+}
+
+void check_isa(KernelIsa isa) {
   if (isa == KernelIsa::Avx2 && !kernel_isa_available(isa))
     throw_range("matmul: the AVX2 kernels are not available on this CPU");
+}
+
+}  // namespace
+
+void matmul(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa) {
+  check_isa(isa);
   if (quant::has_int8_kernel(w.type)) {
-    const quant::Isa qi = isa == KernelIsa::Auto ? quant::best_isa()
-                          : isa == KernelIsa::Avx2 ? quant::Isa::Avx2
-                                                   : quant::Isa::Portable;
-    quant::matmul(w.type, w.data, w.row_bytes, w.rows, w.cols, x, n, y, qi);
+    quant::matmul(w.type, w.data, w.row_bytes, w.rows, w.cols, x, n, y, quant_isa(isa));
     return;
   }
-  const DotFn dot = pick_dot(w.type, isa == KernelIsa::Auto ? have_avx2() : isa == KernelIsa::Avx2);
-  const int64_t rows = w.rows, cols = w.cols;
+  const bool avx2 = isa == KernelIsa::Auto ? have_avx2() : isa == KernelIsa::Avx2;
+  (void)avx2;
   // Split over output rows; a block of rows is applied to every token while it is hot in cache.
-  constexpr int64_t kRowBlock = 16;
+  // 12 rows: whole tiles of 3 or 4 rows.
+  constexpr int64_t kRowBlock = 12;
+  const int64_t rows = w.rows, cols = w.cols;
   const int64_t nblocks = (rows + kRowBlock - 1) / kRowBlock;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (avx2) {
+    const RowsFn fn = pick_rows_avx2(w.type);
+    default_pool().parallel_for(static_cast<size_t>(nblocks), 1, [&](size_t lo, size_t hi) {
+      for (size_t b = lo; b < hi; ++b) {
+        const int64_t r0 = static_cast<int64_t>(b) * kRowBlock;
+        fn(w, x, n, y, r0, std::min(rows, r0 + kRowBlock));
+      }
+    });
+    return;
+  }
+#endif
+  // The portable kernels are the reference: one dot product per output.
+  const DotFn dot = pick_dot(w.type, false);
   default_pool().parallel_for(static_cast<size_t>(nblocks), 1, [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int64_t r0 = static_cast<int64_t>(b) * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
@@ -307,6 +437,18 @@ void matmul(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa)
           y[t * rows + r] = dot(w.data + static_cast<size_t>(r) * w.row_bytes, x + t * cols, cols);
     }
   });
+}
+
+void matmul_reference(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa) {
+  check_isa(isa);
+  if (quant::has_int8_kernel(w.type)) {
+    quant::matmul(w.type, w.data, w.row_bytes, w.rows, w.cols, x, n, y, quant::Isa::Portable);
+    return;
+  }
+  const DotFn dot = pick_dot(w.type, isa == KernelIsa::Auto ? have_avx2() : isa == KernelIsa::Avx2);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t r = 0; r < w.rows; ++r)
+      y[t * w.rows + r] = dot(w.data + static_cast<size_t>(r) * w.row_bytes, x + t * w.cols, w.cols);
 }
 
 void matmul_many(const Matrix* const* w, float* const* y, int count, const float* x, int64_t n, KernelIsa isa) {
@@ -321,10 +463,7 @@ void matmul_many(const Matrix* const* w, float* const* y, int count, const float
   }
   std::vector<quant::MatmulTarget> targets;
   for (int i = 0; i < count; ++i) targets.push_back({w[i]->type, w[i]->data, w[i]->row_bytes, w[i]->rows, y[i]});
-  const quant::Isa qi = isa == KernelIsa::Auto ? quant::best_isa()
-                        : isa == KernelIsa::Avx2 ? quant::Isa::Avx2
-                                                 : quant::Isa::Portable;
-  quant::matmul_many(targets.data(), count, w[0]->cols, x, n, qi);
+  quant::matmul_many(targets.data(), count, w[0]->cols, x, n, quant_isa(isa));
 }
 
 void rmsnorm(const float* x, const float* weight, int64_t dim, float eps, float* y) {

@@ -2,7 +2,7 @@
 // quantised Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K read block by block, see quant.h),
 // RMSNorm, RoPE and SwiGLU. Every output element is one dot product with a fixed reduction order,
 // computed by one thread, so a token's result never depends on how many tokens share the call
-// (batch invariance), on the thread count, or on the kernel's instruction set.
+// (batch invariance), on the thread count, or on the tile shape a kernel uses.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -39,8 +39,16 @@ enum class KernelIsa { Auto, Portable, Avx2 };
 bool kernel_isa_available(KernelIsa isa);
 
 // Y[t][r] = dot(W row r, X[t]) for t < n: X is n x cols, Y is n x rows. Quantised weights are
-// multiplied with activations quantised to 8 bits per token row (quant.h).
+// multiplied with activations quantised to 8 bits per token row (quant.h). F32, F16 and BF16 run
+// register-blocked tiles (3 rows x 4 tokens, 4 rows for a lone token) with AVX2; each output is still its own dot product
+// in a fixed order. The AVX2 float kernels use FMA, so their results differ from the portable
+// ones in the last bits (the quantised kernels are identical on both).
 void matmul(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa = KernelIsa::Auto);
+
+// What matmul must equal bit for bit: one output at a time through the plain dot product of the
+// instruction set (F32, F16, BF16), or the portable integer kernels (quantised types). Single
+// threaded and slow; for tests.
+void matmul_reference(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa = KernelIsa::Auto);
 
 // Several products of the same input (Q, K and V; gate and up): y[i] = W[i] x, each bit for bit
 // what matmul(*w[i], x, n, y[i]) gives, with one activation quantisation and one parallel pass

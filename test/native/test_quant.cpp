@@ -8,7 +8,9 @@
 //  - accuracy: each output against the exact (double) dot product of the dequantised weights with
 //    the quantised-then-dequantised activations, within the float rounding bound of the
 //    accumulation (see kernel_accuracy);
-//  - errors: unsupported types and partial blocks are named.
+//  - errors: unsupported types and partial blocks are named;
+//  - the register-blocked F32 / F16 / BF16 kernels against matmul_reference, bit for bit, on odd
+//    shapes, thread counts and batch sizes.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -476,6 +478,55 @@ OSD_TEST(matmul_many_equals_separate_products) {
       }
     }
   }
+}
+
+// The register-blocked F32 / F16 / BF16 kernels (tiles of up to 3 rows x 4 tokens, 4 x 1) against
+// matmul_reference, one plain dot product per output, for each instruction set: tolerance 0.
+// Odd shapes put every tile size and a scalar column tail (cols not a multiple of 8) in play;
+// thread counts 1..3 and every token alone must give the same bits too.
+OSD_TEST(float_kernels_equal_the_reference_bit_for_bit) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  const int threads_before = default_threads();
+  int checked = 0;
+  for (TensorType t : {TensorType::F32, TensorType::F16, TensorType::BF16}) {
+    for (int64_t cols : {1, 7, 8, 13, 64, 172, 203}) {
+      for (int64_t rows : {1, 2, 3, 5, 6, 37}) {
+        std::vector<float> wf(rows * cols);
+        for (auto& v : wf) v = g(rng) * 0.1f;
+        wf[(rows * cols) / 2] = 3.0e4f;  // a large weight: cancellation shows any change of order
+        std::vector<uint8_t> w(quant::bytes_for(t, cols) * rows);
+        quant::quantize(t, wf.data(), rows * cols, w.data());
+        const Matrix m = make_matrix(t, w, rows, cols);
+        for (int64_t n : {1, 2, 3, 4, 5, 7, 13}) {
+          const auto x = random_acts(n, cols, rng);
+          for (KernelIsa isa : isas()) {
+            std::vector<float> ref(n * rows);
+            matmul_reference(m, x.data(), n, ref.data(), isa);
+            for (int threads : {1, 2, 3}) {
+              set_default_threads(threads);
+              const auto y = run(m, x, n, isa);
+              size_t where = 0;
+              const bool same = bits_equal(ref.data(), y.data(), ref.size(), &where);
+              if (!same)
+                std::printf("  %s rows %lld cols %lld n %lld threads %d: output %zu is %.9g, reference %.9g\n",
+                            gguf::type_info(t).name, (long long)rows, (long long)cols, (long long)n, threads, where,
+                            y[where], ref[where]);
+              CHECK(same);
+            }
+            for (int64_t i = 0; i < n; ++i) {
+              std::vector<float> xi(x.begin() + i * cols, x.begin() + (i + 1) * cols);
+              const auto one = run(m, xi, 1, isa);
+              CHECK(bits_equal(one.data(), ref.data() + i * rows, rows));
+            }
+            ++checked;
+          }
+        }
+      }
+    }
+  }
+  set_default_threads(threads_before);
+  CHECK(checked >= 3 * 7 * 6 * 7);
 }
 
 // ---- Float helpers used by the forward pass (tensor_ops) ----

@@ -86,6 +86,8 @@ struct DistillParams {
 // Blocks are combined in block order by one thread, like the CPU. Pass 2 recomputes es_j and et_j
 // (the same operations, so the same bits the CPU kept) for grad_j = gscale (es_j qs_b - et_j qt_b).
 // Returns 0, or 1 / 2 for a non-finite student / teacher entry. Every thread must call it.
+constexpr int kChunk = 16;  // entries per lane loaded together in forward_kl_blocked's first pass
+
 __device__ int forward_kl_blocked(const float* s, const float* t, int V, float it, float gscale, float* grad,
                                   float* w, int nb, double* loss_out, PrepSmem& sm) {
   const int tid = threadIdx.x, lane = lane_id();
@@ -101,12 +103,25 @@ __device__ int forward_kl_blocked(const float* s, const float* t, int V, float i
     const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
     float bs = -FLT_MAX, bt = -FLT_MAX;
     int bad_s = 0, bad_t = 0;
-    for (int j = lane; j < n; j += 32) {
-      const float x = __ldg(s + j0 + j), y = __ldg(t + j0 + j);
-      bs = x > bs ? x : bs;
-      bt = y > bt ? y : bt;
-      bad_s |= !(fabsf(x) <= FLT_MAX);
-      bad_t |= !(fabsf(y) <= FLT_MAX);
+    // Both loops take the lane's entries in increasing i, kChunk of them loaded before any is used
+    // (one load in flight at a time left the warp waiting on memory).
+    for (int i0 = 0; i0 < kStatBlock / 32; i0 += kChunk) {
+      float xs[kChunk], ys[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const int j = 32 * (i0 + i) + lane;
+        xs[i] = j < n ? __ldg(s + j0 + j) : 0.0f;
+        ys[i] = j < n ? __ldg(t + j0 + j) : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i)
+        if (32 * (i0 + i) + lane < n) {
+          const float x = xs[i], y = ys[i];
+          bs = x > bs ? x : bs;
+          bt = y > bt ? y : bt;
+          bad_s |= !(fabsf(x) <= FLT_MAX);
+          bad_t |= !(fabsf(y) <= FLT_MAX);
+        }
     }
     bs = warp_max(bs);
     bt = warp_max(bt);
@@ -114,13 +129,23 @@ __device__ int forward_kl_blocked(const float* s, const float* t, int V, float i
     bad_t = __any_sync(0xffffffffu, bad_t);
     float as = 0.0f, at = 0.0f, ad = 0.0f;
     if (!bad_s && !bad_t) {
-      for (int j = lane; j < n; j += 32) {
-        const float x = __ldg(s + j0 + j), y = __ldg(t + j0 + j);
-        const float ds = __fsub_rn(x, bs), tt = __fsub_rn(y, bt);
-        as = __fadd_rn(as, exp_ref(__fmul_rn(ds, it)));
-        const float e = exp_ref(__fmul_rn(tt, it));
-        at = __fadd_rn(at, e);
-        ad = __fadd_rn(ad, __fmul_rn(e, __fmul_rn(__fsub_rn(tt, ds), it)));
+      for (int i0 = 0; i0 < kStatBlock / 32; i0 += kChunk) {
+        float xs[kChunk], ys[kChunk];
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) {
+          const int j = 32 * (i0 + i) + lane;
+          xs[i] = j < n ? __ldg(s + j0 + j) : 0.0f;
+          ys[i] = j < n ? __ldg(t + j0 + j) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i)
+          if (32 * (i0 + i) + lane < n) {
+            const float ds = __fsub_rn(xs[i], bs), tt = __fsub_rn(ys[i], bt);
+            as = __fadd_rn(as, exp_ref(__fmul_rn(ds, it)));
+            const float e = exp_ref(__fmul_rn(tt, it));
+            at = __fadd_rn(at, e);
+            ad = __fadd_rn(ad, __fmul_rn(e, __fmul_rn(__fsub_rn(tt, ds), it)));
+          }
       }
       as = warp_fold_sum(as);
       at = warp_fold_sum(at);
@@ -178,11 +203,25 @@ __device__ int forward_kl_blocked(const float* s, const float* t, int V, float i
     cs_[b] = __double2float_rn(__ddiv_rn(static_cast<double>(ct_[b]), zt));
   }
   __syncthreads();
-  for (int j = tid; j < V; j += kBlock) {
-    const int b = j / kStatBlock;
-    const float es = exp_ref(__fmul_rn(__fsub_rn(__ldg(s + j), bs_[b]), it));
-    const float et = exp_ref(__fmul_rn(__fsub_rn(__ldg(t + j), bt_[b]), it));
-    grad[j] = __fmul_rn(gscale, __fsub_rn(__fmul_rn(es, ss_[b]), __fmul_rn(et, cs_[b])));
+  constexpr int U = 4;  // loads of U entries in flight before the first store
+  for (int j0 = tid; j0 < V; j0 += U * kBlock) {
+    float xs[U], ys[U];
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int j = j0 + k * kBlock;
+      xs[k] = j < V ? __ldg(s + j) : 0.0f;
+      ys[k] = j < V ? __ldg(t + j) : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int j = j0 + k * kBlock;
+      if (j < V) {
+        const int b = j / kStatBlock;
+        const float es = exp_ref(__fmul_rn(__fsub_rn(xs[k], bs_[b]), it));
+        const float et = exp_ref(__fmul_rn(__fsub_rn(ys[k], bt_[b]), it));
+        grad[j] = __fmul_rn(gscale, __fsub_rn(__fmul_rn(es, ss_[b]), __fmul_rn(et, cs_[b])));
+      }
+    }
   }
   return 0;
 }

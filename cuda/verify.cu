@@ -502,14 +502,25 @@ void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws,
   unit_task.reserve(tasks.size());
   for (int32_t t = 0; t < n_tasks; ++t)
     if (!split_row(tasks[t])) unit_task.push_back(t);
-  const int n_whole = static_cast<int>(unit_task.size());
+  int n_whole = static_cast<int>(unit_task.size());
   for (int32_t t = 0; t < n_tasks; ++t)
     if (split_row(tasks[t])) tasks[t].unit0 = static_cast<int32_t>(unit_task.size() - n_whole) * nb, unit_task.push_back(t);
-  const int n_split = static_cast<int>(unit_task.size()) - n_whole;
-  // Blocks per unit: 1 while every block gets a CTA of its own, else up to one per warp.
+  int n_split = static_cast<int>(unit_task.size()) - n_whole;
+  // Blocks per unit: 1 while every block gets a CTA of its own, else up to one per warp. When even
+  // that needs more than about one wave of CTAs, the rows are prepared whole (prepare_row) after all:
+  // measured on an H200, block units then ran slower than whole rows.
   const int max_grid = kernel_grid(ws, chain_kernel, 1 << 30);
+  auto units_with = [&](int b) { return n_whole + static_cast<long long>(n_split) * ((nb + b - 1) / b); };
   int bpu = 1;
-  while (bpu < kWarps && bpu < nb && n_whole + static_cast<long long>(n_split) * ((nb + bpu - 1) / bpu) > max_grid) bpu *= 2;
+  while (bpu < kWarps && bpu < nb && units_with(bpu) > max_grid) bpu *= 2;
+  if (n_split > 0 && units_with(bpu) > max_grid + max_grid / 4) {
+    for (int32_t t = 0; t < n_tasks; ++t)
+      if (split_row(tasks[t])) tasks[t].unit0 = -1;
+    unit_task.resize(n_tasks);
+    for (int32_t t = 0; t < n_tasks; ++t) unit_task[t] = t;
+    n_whole = n_tasks;
+    n_split = 0;
+  }
   const int upr = (nb + bpu - 1) / bpu;
   const int n_units = n_whole + n_split * upr;
   for (auto& q : seqs) {

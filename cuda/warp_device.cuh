@@ -620,12 +620,20 @@ static __device__ __noinline__ void prepare_blocks_warp(const RowTask& t, int b0
 // and, for a blocked row, c_b, W_b and z exactly as blocked_stats. One warp per row.
 static __device__ __noinline__ void finalize_row(const RowTask& t, RowStat* st, const UnitStat* us) {
   const int lane = lane_id(), nb = stat_blocks_d(t.vocab);
+  // One 16-byte load per block; blocks lane and lane + 32 stay in registers (nb <= 64: V <= 131072),
+  // later ones are loaded again.
+  const int4* u4 = reinterpret_cast<const int4*>(us);
+  int4 c0 = make_int4(0, 0, 0, 0), c1 = c0;
+  if (lane < nb) c0 = __ldcg(u4 + lane);
+  if (lane + 32 < nb) c1 = __ldcg(u4 + lane + 32);
+  auto get = [&](int b) { return b == lane ? c0 : b == lane + 32 ? c1 : __ldcg(u4 + b); };
   float mx = -INFINITY;
   int bad = 0;
   for (int b = lane; b < nb; b += 32) {
-    const float m = ld_cg(&us[b].bm);
+    const int4 u = get(b);
+    const float m = __int_as_float(u.x);
     mx = m > mx ? m : mx;
-    bad |= ld_cg(&us[b].bad);
+    bad |= u.w;
   }
   mx = warp_max(mx);
   bad = __any_sync(0xffffffffu, bad != 0) ? 1 : 0;
@@ -640,11 +648,15 @@ static __device__ __noinline__ void finalize_row(const RowTask& t, RowStat* st, 
     return;
   }
   // The row's first maximum lies in the first block whose max is the row's max.
-  int first = nb;
-  for (int b = lane; b < nb; b += 32)
-    if (ld_cg(&us[b].bm) == mx) first = min(first, b);
-  for (int o = 16; o > 0; o >>= 1) first = min(first, __shfl_xor_sync(0xffffffffu, first, o));
-  const int arg = ld_cg(&us[first].arg);
+  int first = nb, arg = 0;
+  for (int b = lane; b < nb; b += 32) {
+    const int4 u = get(b);
+    if (__int_as_float(u.x) == mx && b < first) first = b, arg = u.z;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const int of = __shfl_xor_sync(0xffffffffu, first, o), oa = __shfl_xor_sync(0xffffffffu, arg, o);
+    if (of < first) first = of, arg = oa;
+  }
   double z = 0.0;
   float inv_z = 0.0f;
   if (t.mode == kRowBlocked) {
@@ -654,7 +666,8 @@ static __device__ __noinline__ void finalize_row(const RowTask& t, RowStat* st, 
       const int b = base + lane;
       float w = 0.0f;
       if (b < nb) {
-        const float bm = ld_cg(&us[b].bm), sb = ld_cg(&us[b].s);
+        const int4 u = get(b);
+        const float bm = __int_as_float(u.x), sb = __int_as_float(u.y);
         const float c = bm == -INFINITY ? 0.0f : exp_ref(scaled_logit(bm, mx, t.inv_t));
         w = __fmul_rn(sb, c);
         scale[b] = c;
@@ -768,6 +781,13 @@ template <int K>
 __device__ __forceinline__ double lane_sum_k(const WeightSrc& w, int lo, int hi) {
   double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
   int j = lo + lane_id();
+  for (; j + 224 < hi; j += 256) {  // eight loads in flight
+    float x[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] = weight_k<K>(w, j + 32 * k);
+    s0 += x[0], s1 += x[1], s2 += x[2], s3 += x[3];
+    s0 += x[4], s1 += x[5], s2 += x[6], s3 += x[7];
+  }
   for (; j + 96 < hi; j += 128) {
     const float a = weight_k<K>(w, j), b = weight_k<K>(w, j + 32), c = weight_k<K>(w, j + 64), d = weight_k<K>(w, j + 96);
     s0 += a, s1 += b, s2 += c, s3 += d;

@@ -715,7 +715,8 @@ OSD_TEST(chain_rejects_bad_rows_split_like_cpu) {
   CudaBackend& g = gpu();
   Rng rng(18);
   for (int greedy = 0; greedy < 2; ++greedy) {
-    ChainCase c = make_chain_case(rng, 2, 6000, 3);
+    // Greedy rows are split from 32 blocks on (verify.cu split_row): 65636 = 32 blocks + 100.
+    ChainCase c = make_chain_case(rng, 2, greedy ? 65636 : 6000, 3);
     for (auto& s : c.sampling) {
       s = Sampling();
       if (greedy) s.temperature = 0.0f;
@@ -746,15 +747,16 @@ OSD_TEST(chain_rejects_bad_rows_split_like_cpu) {
     CHECK(oc == og);
     const size_t nt = c.target.size() / c.V;
     const float bad_values[] = {std::nanf(""), std::numeric_limits<float>::infinity()};
-    for (float v : bad_values) {
-      const size_t at = (nt - 1) * c.V + 4100;  // third block of the last target row
-      const float keep = c.target[at];
-      c.target[at] = v;
-      const std::string e = run(g, nullptr);
-      CHECK(run(cpu(), nullptr) == e);
-      CHECK(e.find("targetLogits row") != std::string::npos);
-      c.target[at] = keep;
-    }
+    for (float v : bad_values)
+      for (int j : {4100, c.V - 5}) {  // the third and the last block of the last target row
+        const size_t at = (nt - 1) * c.V + j;
+        const float keep = c.target[at];
+        c.target[at] = v;
+        const std::string e = run(g, nullptr);
+        CHECK(run(cpu(), nullptr) == e);
+        CHECK(e.find("targetLogits row") != std::string::npos);
+        c.target[at] = keep;
+      }
     std::vector<float> keep(c.target.begin(), c.target.begin() + c.V);
     std::fill(c.target.begin(), c.target.begin() + c.V, -std::numeric_limits<float>::infinity());
     const std::string e = run(g, nullptr);

@@ -108,6 +108,11 @@ void CudaBackend::verify_chain_batch(const ChainBatch& in, ChainBatchOut& out, F
   if (!err.empty()) throw_range(err);
   size_t off = 0;
   for (int32_t b = 0; b < B; ++b) {
+    // Every row is valid here, so every sequence has 0 <= accepted <= g; anything else is a kernel
+    // fault, reported instead of copying past the sequence's tokens.
+    if (acc[b] < 0 || acc[b] > in.lengths[b])
+      throw_state("CUDA chain verification returned accepted = " + std::to_string(acc[b]) + " for sequence " +
+                  std::to_string(b));
     out.accepted[b] = acc[b];
     for (int32_t i = 0; i <= acc[b]; ++i) out.tokens[off + i] = toks[off + i];
     off += in.lengths[b] + 1;

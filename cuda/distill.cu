@@ -5,7 +5,8 @@
 // CPU's, bit for bit (z_exact); what remains are sums over rows in another order.
 // Forward KL against a dense teacher follows the CPU's fast path (forward_kl_row_blocked) operation
 // for operation, so its gradient is bit-identical and its loss differs only by the last bits of
-// log(); test_cuda checks it at that tighter tolerance.
+// log(); test_cuda checks it at that tighter tolerance. It runs as two kernels over (row, block)
+// pairs (fkl_stats_kernel, fkl_grad_kernel), so that a few rows still spread over the whole GPU.
 #include <algorithm>
 
 #include "common.cuh"
@@ -75,116 +76,190 @@ struct DistillParams {
   DistillDevice in;
   float inv_t;
   double* gb;    // sparse: rows x k bin gradients
-  float* fkl;    // dense forward KL: per CUDA block, 8 x nb floats of per-block statistics
-  int32_t nb;    // stat_blocks(V)
 };
 
-// forward_kl_row_blocked() of losses.cpp for one row. Pass 1: one warp per block of kStatBlock
-// entries takes both maxima (finite_max: from -FLT_MAX, flagging non-finite entries), then the
-// lane sums (lane k: entries 32 i + k in increasing i, xor-butterfly fold, as in blocked_stats) of
-// es_j = exp((s_j - bs) it), et_j = exp((t_j - bt) it) and et_j d_j, d_j = ((t_j - bt) - (s_j - bs)) it.
-// Blocks are combined in block order by one thread, like the CPU. Pass 2 recomputes es_j and et_j
-// (the same operations, so the same bits the CPU kept) for grad_j = gscale (es_j qs_b - et_j qt_b).
-// Returns 0, or 1 / 2 for a non-finite student / teacher entry. Every thread must call it.
-__device__ int forward_kl_blocked(const float* s, const float* t, int V, float it, float gscale, float* grad,
-                                  float* w, int nb, double* loss_out, PrepSmem& sm) {
-  const int tid = threadIdx.x, lane = lane_id();
-  float* bs_ = w;          // student block maxima
-  float* bt_ = w + nb;     // teacher block maxima
-  float* ss_ = w + 2 * nb;  // lane_sum(es), then qs_b = float(cs_b / zs)
-  float* st_ = w + 3 * nb;  // lane_sum(et)
-  float* ds_ = w + 4 * nb;  // lane_sum(et d)
-  float* cs_ = w + 5 * nb;  // cs_b, then qt_b = float(ct_b / zt)
-  float* ct_ = w + 6 * nb;
-  int32_t* bad_ = reinterpret_cast<int32_t*>(w + 7 * nb);
-  for (int b = warp_id(); b < nb; b += kWarps) {
-    const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
-    float bs = -FLT_MAX, bt = -FLT_MAX;
-    int bad_s = 0, bad_t = 0;
-    for (int j = lane; j < n; j += 32) {
-      const float x = __ldg(s + j0 + j), y = __ldg(t + j0 + j);
-      bs = x > bs ? x : bs;
-      bt = y > bt ? y : bt;
-      bad_s |= !(fabsf(x) <= FLT_MAX);
-      bad_t |= !(fabsf(y) <= FLT_MAX);
+constexpr int kChunk = 16;  // entries per lane loaded together in fkl_stats_kernel's passes
+
+// Forward KL against a dense teacher over many CTAs: forward_kl_blocked's two passes as two
+// kernels on one stream. fkl_stats_kernel: one warp per (row, block of kStatBlock entries), pass 1
+// exactly as forward_kl_blocked (the same lane sums), 8 floats per block to global memory.
+// fkl_grad_kernel: one CTA per (row, block); each combines its row's blocks in block order exactly
+// as forward_kl_blocked's thread 0 does (so every CTA of a row gets the same bits), the CTA of
+// block 0 writes the loss, and each writes the gradient of its own block.
+constexpr int kFklWarps = 4;   // warps per CTA of fkl_stats_kernel
+constexpr int kFklThreads = 256;  // threads per CTA of fkl_grad_kernel (8 entries each)
+
+__global__ void __launch_bounds__(kFklWarps * 32) fkl_stats_kernel(DistillDevice in, float it, int nb, float* fkl) {
+  const int lane = lane_id();
+  const long long unit = static_cast<long long>(blockIdx.x) * kFklWarps + warp_id();
+  if (unit >= static_cast<long long>(in.rows) * nb) return;
+  const int r = static_cast<int>(unit / nb), b = static_cast<int>(unit - static_cast<long long>(r) * nb);
+  if (in.mask && !in.mask[r]) return;
+  const int V = in.vocab;
+  const float* s = in.student + static_cast<size_t>(r) * V;
+  const float* t = in.teacher + static_cast<size_t>(r) * V;
+  const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
+  float bs = -FLT_MAX, bt = -FLT_MAX;
+  int bad_s = 0, bad_t = 0;
+  for (int i0 = 0; i0 < kStatBlock / 32; i0 += kChunk) {
+    float xs[kChunk], ys[kChunk];
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      const int j = 32 * (i0 + i) + lane;
+      xs[i] = j < n ? __ldg(s + j0 + j) : 0.0f;
+      ys[i] = j < n ? __ldg(t + j0 + j) : 0.0f;
     }
-    bs = warp_max(bs);
-    bt = warp_max(bt);
-    bad_s = __any_sync(0xffffffffu, bad_s);
-    bad_t = __any_sync(0xffffffffu, bad_t);
-    float as = 0.0f, at = 0.0f, ad = 0.0f;
-    if (!bad_s && !bad_t) {
-      for (int j = lane; j < n; j += 32) {
-        const float x = __ldg(s + j0 + j), y = __ldg(t + j0 + j);
-        const float ds = __fsub_rn(x, bs), tt = __fsub_rn(y, bt);
-        as = __fadd_rn(as, exp_ref(__fmul_rn(ds, it)));
-        const float e = exp_ref(__fmul_rn(tt, it));
-        at = __fadd_rn(at, e);
-        ad = __fadd_rn(ad, __fmul_rn(e, __fmul_rn(__fsub_rn(tt, ds), it)));
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i)
+      if (32 * (i0 + i) + lane < n) {
+        const float x = xs[i], y = ys[i];
+        bs = x > bs ? x : bs;
+        bt = y > bt ? y : bt;
+        bad_s |= !(fabsf(x) <= FLT_MAX);
+        bad_t |= !(fabsf(y) <= FLT_MAX);
       }
-      as = warp_fold_sum(as);
-      at = warp_fold_sum(at);
-      ad = warp_fold_sum(ad);
+  }
+  bs = warp_max(bs);
+  bt = warp_max(bt);
+  bad_s = __any_sync(0xffffffffu, bad_s);
+  bad_t = __any_sync(0xffffffffu, bad_t);
+  float as = 0.0f, at = 0.0f, ad = 0.0f;
+  if (!bad_s && !bad_t) {
+    for (int i0 = 0; i0 < kStatBlock / 32; i0 += kChunk) {
+      float xs[kChunk], ys[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const int j = 32 * (i0 + i) + lane;
+        xs[i] = j < n ? __ldg(s + j0 + j) : 0.0f;
+        ys[i] = j < n ? __ldg(t + j0 + j) : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i)
+        if (32 * (i0 + i) + lane < n) {
+          const float ds = __fsub_rn(xs[i], bs), tt = __fsub_rn(ys[i], bt);
+          as = __fadd_rn(as, exp_ref(__fmul_rn(ds, it)));
+          const float e = exp_ref(__fmul_rn(tt, it));
+          at = __fadd_rn(at, e);
+          ad = __fadd_rn(ad, __fmul_rn(e, __fmul_rn(__fsub_rn(tt, ds), it)));
+        }
     }
-    if (lane == 0) bs_[b] = bs, bt_[b] = bt, ss_[b] = as, st_[b] = at, ds_[b] = ad, bad_[b] = bad_s | (bad_t << 1);
+    as = warp_fold_sum(as);
+    at = warp_fold_sum(at);
+    ad = warp_fold_sum(ad);
+  }
+  if (lane == 0) {
+    float4* o = reinterpret_cast<float4*>(fkl + 8 * unit);
+    o[0] = make_float4(bs, bt, as, at);
+    o[1] = make_float4(ad, __int_as_float(bad_s | (bad_t << 1)), 0.0f, 0.0f);
+  }
+}
+
+__global__ void __launch_bounds__(kFklThreads) fkl_grad_kernel(DistillDevice in, float it, int nb, const float* fkl) {
+  __shared__ float cs_[kStatBlock / 32 * 4], ct_[kStatBlock / 32 * 4];  // up to 256 blocks in shared memory
+  __shared__ float red_f[2 * (kFklThreads / 32)];
+  __shared__ int red_i[kFklThreads / 32];
+  __shared__ double zz[2];
+  const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
+  const int r = blockIdx.x, b = blockIdx.y;
+  const int V = in.vocab;
+  const float gscale = __fmul_rn(in.scale, it);
+  const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
+  float* grad = in.grad ? in.grad + static_cast<size_t>(r) * V + j0 : nullptr;
+  if (in.mask && !in.mask[r]) {
+    if (grad)
+      for (int j = tid; j < n; j += kFklThreads) grad[j] = 0.0f;
+    if (b == 0 && tid == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
+    return;
+  }
+  const float* st = fkl + static_cast<size_t>(r) * nb * 8;
+  // Both maxima and the bad flags (order-free), then c_b for every block.
+  float ms = -FLT_MAX, mt = -FLT_MAX;
+  int bad = 0;
+  for (int k = tid; k < nb; k += kFklThreads) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(st + 8 * k));
+    const float4 c = __ldg(reinterpret_cast<const float4*>(st + 8 * k) + 1);
+    ms = a.x > ms ? a.x : ms;
+    mt = a.y > mt ? a.y : mt;
+    bad |= __float_as_int(c.y);
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float x = __shfl_xor_sync(0xffffffffu, ms, o), y = __shfl_xor_sync(0xffffffffu, mt, o);
+    ms = x > ms ? x : ms;
+    mt = y > mt ? y : mt;
+    bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+  }
+  if (lane == 0) red_f[warp] = ms, red_f[kFklThreads / 32 + warp] = mt, red_i[warp] = bad;
+  __syncthreads();
+  ms = red_f[0], mt = red_f[kFklThreads / 32], bad = red_i[0];
+  for (int w = 1; w < kFklThreads / 32; ++w) {
+    ms = red_f[w] > ms ? red_f[w] : ms;
+    mt = red_f[kFklThreads / 32 + w] > mt ? red_f[kFklThreads / 32 + w] : mt;
+    bad |= red_i[w];
+  }
+  bad = (bad & 1) ? 1 : (bad & 2) ? 2 : 0;
+  if (bad) {  // as forward_kl_blocked: no gradient for a bad row
+    if (b == 0 && tid == 0) in.row_bad[r] = bad, in.row_loss[r] = 0.0;
+    return;
+  }
+  const bool smem = nb <= kStatBlock / 32 * 4;
+  for (int k = tid; k < nb && smem; k += kFklThreads) {
+    cs_[k] = exp_ref(__fmul_rn(__fsub_rn(st[8 * k], ms), it));
+    ct_[k] = exp_ref(__fmul_rn(__fsub_rn(st[8 * k + 1], mt), it));
   }
   __syncthreads();
   if (tid == 0) {
-    float ms = -FLT_MAX, mt = -FLT_MAX;
-    int bad = 0;
-    for (int b = 0; b < nb; ++b) {
-      ms = bs_[b] > ms ? bs_[b] : ms;
-      mt = bt_[b] > mt ? bt_[b] : mt;
-      bad |= bad_[b];
-    }
-    sm.bi[0] = (bad & 1) ? 1 : (bad & 2) ? 2 : 0;
-    sm.red.f[0] = ms;
-    sm.red.f[1] = mt;
-  }
-  __syncthreads();
-  const int bad = sm.bi[0];
-  const float ms = sm.red.f[0], mt = sm.red.f[1];
-  __syncthreads();
-  if (bad) return bad;
-  for (int b = tid; b < nb; b += kBlock) {
-    cs_[b] = exp_ref(__fmul_rn(__fsub_rn(bs_[b], ms), it));
-    ct_[b] = exp_ref(__fmul_rn(__fsub_rn(bt_[b], mt), it));
-  }
-  __syncthreads();
-  if (tid == 0) {
+    auto csb = [&](int k) { return smem ? cs_[k] : exp_ref(__fmul_rn(__fsub_rn(st[8 * k], ms), it)); };
+    auto ctb = [&](int k) { return smem ? ct_[k] : exp_ref(__fmul_rn(__fsub_rn(st[8 * k + 1], mt), it)); };
     double zs = 0.0, zt = 0.0;
-    for (int b = 0; b < nb; ++b) {
-      zs += static_cast<double>(__fmul_rn(ss_[b], cs_[b]));
-      zt += static_cast<double>(__fmul_rn(st_[b], ct_[b]));
+    for (int k = 0; k < nb; ++k) {
+      zs += static_cast<double>(__fmul_rn(st[8 * k + 2], csb(k)));
+      zt += static_cast<double>(__fmul_rn(st[8 * k + 3], ctb(k)));
     }
-    double cross = 0.0;
-    for (int b = 0; b < nb; ++b) {
-      const double k = __dmul_rn(__dsub_rn(__dsub_rn(static_cast<double>(bt_[b]), static_cast<double>(mt)),
-                                           __dsub_rn(static_cast<double>(bs_[b]), static_cast<double>(ms))),
-                                 static_cast<double>(it));
-      const double term = __dadd_rn(static_cast<double>(ds_[b]), __dmul_rn(static_cast<double>(st_[b]), k));
-      cross = __dadd_rn(cross, __dmul_rn(static_cast<double>(ct_[b]), term));
+    if (b == 0) {
+      double cross = 0.0;
+      for (int k = 0; k < nb; ++k) {
+        const float bsk = st[8 * k], btk = st[8 * k + 1], stk = st[8 * k + 3], dsk = st[8 * k + 4];
+        const double kk = __dmul_rn(__dsub_rn(__dsub_rn(static_cast<double>(btk), static_cast<double>(mt)),
+                                              __dsub_rn(static_cast<double>(bsk), static_cast<double>(ms))),
+                                    static_cast<double>(it));
+        const double term = __dadd_rn(static_cast<double>(dsk), __dmul_rn(static_cast<double>(stk), kk));
+        cross = __dadd_rn(cross, __dmul_rn(static_cast<double>(ctb(k)), term));
+      }
+      in.row_loss[r] = cross / zt + log(zs) - log(zt);
+      in.row_bad[r] = 0;
     }
-    *loss_out = cross / zt + log(zs) - log(zt);
-    sm.bd[0] = zs;
-    sm.bd[1] = zt;
+    zz[0] = zs;
+    zz[1] = zt;
   }
   __syncthreads();
-  const double zs = sm.bd[0], zt = sm.bd[1];
-  __syncthreads();
-  if (!grad) return 0;
-  for (int b = tid; b < nb; b += kBlock) {
-    ss_[b] = __double2float_rn(__ddiv_rn(static_cast<double>(cs_[b]), zs));
-    cs_[b] = __double2float_rn(__ddiv_rn(static_cast<double>(ct_[b]), zt));
+  if (!grad) return;
+  const float bsb = st[8 * b], btb = st[8 * b + 1];
+  const float csb = smem ? cs_[b] : exp_ref(__fmul_rn(__fsub_rn(bsb, ms), it));
+  const float ctb = smem ? ct_[b] : exp_ref(__fmul_rn(__fsub_rn(btb, mt), it));
+  const float qs = __double2float_rn(__ddiv_rn(static_cast<double>(csb), zz[0]));
+  const float qt = __double2float_rn(__ddiv_rn(static_cast<double>(ctb), zz[1]));
+  const float* s = in.student + static_cast<size_t>(r) * V + j0;
+  const float* t = in.teacher + static_cast<size_t>(r) * V + j0;
+  auto one = [&](float x, float y) {
+    const float es = exp_ref(__fmul_rn(__fsub_rn(x, bsb), it));
+    const float et = exp_ref(__fmul_rn(__fsub_rn(y, btb), it));
+    return __fmul_rn(gscale, __fsub_rn(__fmul_rn(es, qs), __fmul_rn(et, qt)));
+  };
+  const bool vec = n == kStatBlock && ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(t) |
+                                        reinterpret_cast<uintptr_t>(grad)) & 15u) == 0;
+  if (vec) {
+    const float4* s4 = reinterpret_cast<const float4*>(s);
+    const float4* t4 = reinterpret_cast<const float4*>(t);
+    float4* g4 = reinterpret_cast<float4*>(grad);
+    float4 x[2], y[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) x[k] = __ldg(s4 + tid + k * kFklThreads), y[k] = __ldg(t4 + tid + k * kFklThreads);
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+      g4[tid + k * kFklThreads] = make_float4(one(x[k].x, y[k].x), one(x[k].y, y[k].y), one(x[k].z, y[k].z), one(x[k].w, y[k].w));
+  } else {
+    for (int j = tid; j < n; j += kFklThreads) grad[j] = one(__ldg(s + j), __ldg(t + j));
   }
-  __syncthreads();
-  for (int j = tid; j < V; j += kBlock) {
-    const int b = j / kStatBlock;
-    const float es = exp_ref(__fmul_rn(__fsub_rn(__ldg(s + j), bs_[b]), it));
-    const float et = exp_ref(__fmul_rn(__fsub_rn(__ldg(t + j), bt_[b]), it));
-    grad[j] = __fmul_rn(gscale, __fsub_rn(__fmul_rn(es, ss_[b]), __fmul_rn(et, cs_[b])));
-  }
-  return 0;
 }
 
 __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
@@ -205,14 +280,6 @@ __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
       continue;
     }
     const float* s = in.student + static_cast<size_t>(r) * V;
-    if (in.teacher && in.kind == DistillKind::ForwardKL) {
-      double loss = 0.0;
-      const int bad = forward_kl_blocked(s, in.teacher + static_cast<size_t>(r) * V, V, inv_t, gscale, grad,
-                                         P.fkl + static_cast<size_t>(blockIdx.x) * 8 * P.nb, P.nb, &loss, sm);
-      if (tid == 0) in.row_bad[r] = bad, in.row_loss[r] = bad ? 0.0 : loss;
-      __syncthreads();
-      continue;
-    }
     float ms;
     double zs;
     int bad_s;
@@ -234,7 +301,7 @@ __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
         continue;
       }
       const double log_zt = log(zt);
-      {  // forward KL took forward_kl_blocked above
+      {  // forward KL (dense teacher) runs in fkl_stats_kernel / fkl_grad_kernel
         double eg = 0.0;
         for (int j = tid; j < V; j += kBlock) {
           const double lq = static_cast<double>(scaled_logit(s[j], ms, inv_t)) - log_zs;
@@ -342,9 +409,19 @@ void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream)
   int per_sm = 0;
   OSD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, distill_kernel, kBlock, smem));
   const int grid = std::max(1, std::min(in.rows, std::max(1, per_sm) * device_sm_count(ws)));
-  p.nb = stat_blocks(in.vocab);
-  if (in.teacher && in.kind == DistillKind::ForwardKL)
-    p.fkl = ws.misc2.as<float>(static_cast<size_t>(grid) * 8 * static_cast<size_t>(p.nb));
+  if (in.teacher && in.kind == DistillKind::ForwardKL) {
+    const int nb = stat_blocks(in.vocab);
+    const long long units = static_cast<long long>(in.rows) * nb;
+    float* fkl = ws.misc2.as<float>(static_cast<size_t>(units) * 8);
+    record_start(ws, stream);
+    fkl_stats_kernel<<<static_cast<unsigned>((units + kFklWarps - 1) / kFklWarps), kFklWarps * 32, 0, stream>>>(
+        in, p.inv_t, nb, fkl);
+    OSD_CUDA_CHECK_LAUNCH();
+    fkl_grad_kernel<<<dim3(in.rows, nb), kFklThreads, 0, stream>>>(in, p.inv_t, nb, fkl);
+    OSD_CUDA_CHECK_LAUNCH();
+    record_stop(ws, stream);
+    return;
+  }
   record_start(ws, stream);
   distill_kernel<<<grid, kBlock, smem, stream>>>(p);
   OSD_CUDA_CHECK_LAUNCH();

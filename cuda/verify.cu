@@ -20,13 +20,21 @@ namespace {
 
 struct ChainSeq {
   uint64_t stream;
-  int32_t g, t0, d0, tok_off, out_off, greedy, ntasks, pad;
+  int32_t g, t0, d0, tok_off, out_off, greedy, ntasks, nunits;  // nunits: work units of its rows
 };
 
+// Work units of a chain launch: units [0, n_whole) prepare whole rows (tasks unit_task[u]); the
+// units after them prepare bpu kStatBlock-blocks each of the rows split block by block (greedy and
+// blocked rows, all of one vocabulary; upr units per row): unit n_whole + s * upr + r is blocks
+// r * bpu .. of row unit_task[n_whole + s]. With bpu = 1 the whole CTA takes the block (the least
+// latency when the launch has few blocks), else one warp per block (more blocks in flight).
 struct ChainParams {
   const RowTask* tasks;
   RowStat* stats;
   int32_t n_tasks;
+  int32_t n_units, n_whole, nb, bpu, upr;
+  const int32_t* unit_task;
+  UnitStat* ustats;
   const ChainSeq* seqs;
   int32_t* done;
   const int32_t* tokens;
@@ -88,55 +96,52 @@ __device__ __noinline__ void chain_walk(const ChainParams& p, int b, PrepSmem& s
   const int V = p.vocab;
   int32_t* out = p.out_tokens + q.out_off;
   const int32_t* tok = p.tokens + q.tok_off;
-  if (tid == 0) {
-    int bad = 0;
-    for (int i = 0; i < q.ntasks; ++i) bad |= ld_cg(&p.stats[q.t0 + i].bad);  // a sequence's tasks are contiguous
-    sm.bi[0] = bad;
+  // Rows prepared block by block get their RowStat (and c_b, W_b) here, one warp per row.
+  for (int i = warp_id(); i < q.ntasks; i += kWarps) {
+    const RowTask& t = p.tasks[q.t0 + i];  // a sequence's tasks are contiguous
+    if (t.unit0 >= 0) finalize_row(t, p.stats + q.t0 + i, p.ustats + t.unit0);
   }
   __syncthreads();
-  const int bad = sm.bi[0];
-  __syncthreads();
+  int bad = 0;
+  for (int i = tid; i < q.ntasks; i += kBlock) bad |= ld_cg(&p.stats[q.t0 + i].bad);
+  bad = block_or(bad, sm.red);
   if (bad) {
     if (tid == 0) p.accepted[b] = -1;
     return;
   }
+  // Every decision before the first rejection (or mismatch) depends on its own row alone, so all g
+  // are made at once and the first failing position is the CPU's stopping point.
   if (q.greedy) {
+    int miss = q.g;
+    for (int i = tid; i < q.g; i += kBlock)
+      if (ld_cg(&p.stats[q.t0 + i].argmax) != tok[i]) miss = min(miss, i);
+    miss = block_min_int(miss, sm.red);
+    for (int i = tid; i < miss; i += kBlock) out[i] = tok[i];
     if (tid == 0) {
-      int i = 0;
-      for (; i < q.g; ++i) {
-        const int best = ld_cg(&p.stats[q.t0 + i].argmax);
-        if (best != tok[i]) {
-          out[i] = best;
-          break;
-        }
-        out[i] = tok[i];
-      }
-      if (i == q.g) out[q.g] = ld_cg(&p.stats[q.t0 + q.g].argmax);
-      p.accepted[b] = i;
+      out[miss] = ld_cg(&p.stats[q.t0 + miss].argmax);
+      p.accepted[b] = miss;
     }
     return;
   }
-  for (int i = 0; i < q.g; ++i) {
+  int rej = q.g;
+  for (int i = tid; i < q.g; i += kBlock) {
     const RowRef P = load_row(p.tasks[q.t0 + i], p.stats + q.t0 + i);
     const RowRef Q = load_row(p.tasks[q.d0 + i], p.stats + q.d0 + i);
-    if (tid == 0) {
-      const int x = tok[i];
-      const double px = row_prob(P, x), qx = row_prob(Q, x);
-      const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(i + 1), kLaneAccept);
-      sm.bi[1] = (qx > 0.0 && __dmul_rn(u, qx) < px) ? 1 : 0;
-    }
-    __syncthreads();
-    const int acc = sm.bi[1];
-    __syncthreads();
-    if (acc) {
-      if (tid == 0) out[i] = tok[i];
-      continue;
-    }
-    const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(i), kLaneSample);
+    const int x = tok[i];
+    const double px = row_prob(P, x), qx = row_prob(Q, x);
+    const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(i + 1), kLaneAccept);
+    if (!(qx > 0.0 && __dmul_rn(u, qx) < px)) rej = min(rej, i);
+  }
+  rej = block_min_int(rej, sm.red);
+  for (int i = tid; i < rej; i += kBlock) out[i] = tok[i];
+  if (rej < q.g) {
+    const RowRef P = load_row(p.tasks[q.t0 + rej], p.stats + q.t0 + rej);
+    const RowRef Q = load_row(p.tasks[q.d0 + rej], p.stats + q.d0 + rej);
+    const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(rej), kLaneSample);
     const int y = chain_residual(P, Q, V, u, p.fault, sm);
     if (tid == 0) {
-      out[i] = y;
-      p.accepted[b] = i;
+      out[rej] = y;
+      p.accepted[b] = rej;
     }
     return;
   }
@@ -172,10 +177,22 @@ __device__ __forceinline__ bool finished_owner(int32_t* done, int owner, int nta
 
 __global__ void __launch_bounds__(kBlock) chain_kernel(ChainParams p) {
   __shared__ PrepSmem sm;
-  for (int t = blockIdx.x; t < p.n_tasks; t += gridDim.x) {
-    const RowTask task = p.tasks[t];
-    prepare_row(task, p.stats + t, p.pool, sm);
-    if (finished_owner(p.done, task.owner, p.seqs[task.owner].ntasks, sm)) chain_walk(p, task.owner, sm);
+  for (int u = blockIdx.x; u < p.n_units; u += gridDim.x) {
+    int owner;
+    if (u < p.n_whole) {
+      const int t = p.unit_task[u];
+      const RowTask task = p.tasks[t];
+      prepare_row(task, p.stats + t, p.pool, sm);
+      owner = task.owner;
+    } else {
+      const int k = u - p.n_whole, s = k / p.upr, b0 = (k - s * p.upr) * p.bpu;
+      const RowTask task = p.tasks[p.unit_task[p.n_whole + s]];
+      UnitStat* us = p.ustats + static_cast<size_t>(s) * p.nb + b0;
+      if (p.bpu == 1) prepare_block(task, b0, us, sm);
+      else prepare_blocks_warp(task, b0, min(p.bpu, p.nb - b0), us);
+      owner = task.owner;
+    }
+    if (finished_owner(p.done, owner, p.seqs[owner].nunits, sm)) chain_walk(p, owner, sm);
     __syncthreads();
   }
 }
@@ -206,6 +223,61 @@ struct TreeParams {
   int32_t fault;
   SlotPool pool;
 };
+
+// dst[j] = P.to_dense(j) for a dense or sparse row, four floats per access where aligned, several
+// loads in flight per thread.
+__device__ __noinline__ void copy_dense(float* dst, const RowRef& P, int V) {
+  const float* src = P.mode == kRowSparse ? P.prob : P.e;
+  const bool sparse = P.mode == kRowSparse;
+  const float inv = P.inv_z;
+  if (V % 4 == 0 && ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) & 15u) == 0) {
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    float4* d4 = reinterpret_cast<float4*>(dst);
+    const int V4 = V / 4;
+    constexpr int U = 4;
+    for (int base = threadIdx.x; base < V4; base += U * kBlock) {
+      float4 x[U];
+#pragma unroll
+      for (int k = 0; k < U; ++k)
+        if (base + k * kBlock < V4) x[k] = __ldcg(s4 + base + k * kBlock);
+#pragma unroll
+      for (int k = 0; k < U; ++k)
+        if (base + k * kBlock < V4) {
+          float4 y = x[k];
+          if (!sparse) y = make_float4(__fmul_rn(y.x, inv), __fmul_rn(y.y, inv), __fmul_rn(y.z, inv), __fmul_rn(y.w, inv));
+          d4[base + k * kBlock] = y;
+        }
+    }
+  } else {
+    for (int j = threadIdx.x; j < V; j += kBlock) dst[j] = row_dense(P, j);
+  }
+}
+
+// pd[j] = max(0, pd[j] - qd[j]) (without the clamp under the planted fault), vectorised where aligned.
+__device__ __noinline__ void residual_update(float* pd, const float* qd, int V, bool noclamp) {
+  auto one = [noclamp](float a, float b) {
+    const float d = __fsub_rn(a, b);
+    return noclamp ? d : (d > 0.0f ? d : 0.0f);
+  };
+  if (V % 4 == 0 && ((reinterpret_cast<uintptr_t>(pd) | reinterpret_cast<uintptr_t>(qd)) & 15u) == 0) {
+    float4* p4 = reinterpret_cast<float4*>(pd);
+    const float4* q4 = reinterpret_cast<const float4*>(qd);
+    const int V4 = V / 4;
+    constexpr int U = 4;
+    for (int base = threadIdx.x; base < V4; base += U * kBlock) {
+      float4 a[U], b[U];
+#pragma unroll
+      for (int k = 0; k < U; ++k)
+        if (base + k * kBlock < V4) a[k] = p4[base + k * kBlock], b[k] = q4[base + k * kBlock];
+#pragma unroll
+      for (int k = 0; k < U; ++k)
+        if (base + k * kBlock < V4)
+          p4[base + k * kBlock] = make_float4(one(a[k].x, b[k].x), one(a[k].y, b[k].y), one(a[k].z, b[k].z), one(a[k].w, b[k].w));
+    }
+  } else {
+    for (int j = threadIdx.x; j < V; j += kBlock) pd[j] = one(pd[j], qd[j]);
+  }
+}
 
 __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm) {
   const int tid = threadIdx.x;
@@ -267,18 +339,17 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
       if (tid == 0) out[plen] = y, counts[0] = plen, counts[1] = plen + 1;
       return;
     }
-    for (int j = tid; j < V; j += kBlock) pd[j] = row_dense(P, j);
-    if (use_draft) {
-      const RowRef Q = load_row(p.tasks[q.d0 + row], p.stats + q.d0 + row);
-      for (int j = tid; j < V; j += kBlock) qd[j] = row_dense(Q, j);
-    }
-    __syncthreads();
+    RowRef Q{};
+    if (use_draft) Q = load_row(p.tasks[q.d0 + row], p.stats + q.d0 + row);
+    // pd and qd (P.to_dense, Q.to_dense) are materialised only at the first rejection: until then
+    // the children's tests read the same floats straight from the prepared rows.
+    bool dense = false;
     int accepted = -1;
     for (int c = first[row]; c >= 0; c = next[c]) {
       const int x = tokens[c];
       if (tid == 0) {
-        const double px = static_cast<double>(pd[x]);
-        const double qx = use_draft ? static_cast<double>(qd[x]) : 1.0;
+        const double px = static_cast<double>(dense ? pd[x] : row_dense(P, x));
+        const double qx = use_draft ? static_cast<double>(dense ? qd[x] : row_dense(Q, x)) : 1.0;
         const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(c + 1), kLaneAccept);
         sm.bi[1] = (qx > 0.0 && __dmul_rn(u, qx) < px) ? 1 : 0;
       }
@@ -289,14 +360,17 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
         accepted = c;
         break;
       }
+      if (!dense) {
+        copy_dense(pd, P, V);
+        if (use_draft) copy_dense(qd, Q, V);
+        __syncthreads();
+        dense = true;
+      }
       if (!use_draft) {
         if (tid == 0) pd[x] = 0.0f;
         __syncthreads();
       } else {
-        for (int j = tid; j < V; j += kBlock) {
-          const float d = __fsub_rn(pd[j], qd[j]);
-          pd[j] = noclamp ? d : (d > 0.0f ? d : 0.0f);
-        }
+        residual_update(pd, qd, V, noclamp);
         __syncthreads();
         if (without) {
           if (tid == 0) qd[x] = 0.0f;
@@ -345,6 +419,13 @@ T* upload(DeviceBuffer& buf, std::vector<unsigned char>& host, const std::vector
   return d;
 }
 
+// Chains prepare blocked rows, and greedy rows of 32 blocks or more, block by block (prepare_block),
+// the others whole. (A greedy row is read once; measured on an H200, a CTA that reads a whole row of
+// 16 blocks, V = 32000, finished sooner than the block units plus their combination.)
+bool split_row(const RowTask& t) {
+  return t.mode == kRowBlocked || (t.mode == kRowGreedy && stat_blocks(t.vocab) >= 32);
+}
+
 // Floats of scratch a task needs: V (exp terms or probabilities), plus for a blocked row c_b, W_b
 // and the walk's residual masses (3 per block).
 size_t task_floats(const RowTask& t) {
@@ -375,6 +456,7 @@ int assign_rows(std::vector<RowTask>& tasks, Workspace& ws) {
 void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws, cudaStream_t stream,
                          std::vector<RowOrigin>* row_origins) {
   const int32_t B = in.batch, V = in.vocab;
+  const int32_t nb = stat_blocks(V);
   std::vector<RowTask> tasks;
   std::vector<ChainSeq> seqs(B);
   std::vector<RowOrigin> origins;
@@ -411,6 +493,7 @@ void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws,
       }
     }
     q.ntasks = static_cast<int32_t>(tasks.size()) - q.t0;
+    q.nunits = 0;  // set below, once the blocks per unit are known
     trow += g + 1;
     drow += g;
   }
@@ -418,9 +501,46 @@ void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws,
   if (B == 0) return;
   const int n_sparse = assign_rows(tasks, ws);
   const int n_tasks = static_cast<int>(tasks.size());
-  const int grid = kernel_grid(ws, chain_kernel, n_tasks);
+  // Whole rows first (the slow top-k / top-p rows start early), then the split rows' blocks.
+  std::vector<int32_t> unit_task;
+  unit_task.reserve(tasks.size());
+  for (int32_t t = 0; t < n_tasks; ++t)
+    if (!split_row(tasks[t])) unit_task.push_back(t);
+  int n_whole = static_cast<int>(unit_task.size());
+  for (int32_t t = 0; t < n_tasks; ++t)
+    if (split_row(tasks[t])) tasks[t].unit0 = static_cast<int32_t>(unit_task.size() - n_whole) * nb, unit_task.push_back(t);
+  int n_split = static_cast<int>(unit_task.size()) - n_whole;
+  // Blocks per unit: 1 while every block gets a CTA of its own, else up to one per warp. When even
+  // that needs more than about one wave of CTAs, the rows are prepared whole (prepare_row) after all:
+  // measured on an H200, block units then ran slower than whole rows.
+  const int max_grid = kernel_grid(ws, chain_kernel, 1 << 30);
+  auto units_with = [&](int b) { return n_whole + static_cast<long long>(n_split) * ((nb + b - 1) / b); };
+  int bpu = 1;
+  while (bpu < kWarps && bpu < nb && units_with(bpu) > max_grid) bpu *= 2;
+  if (n_split > 0 && units_with(bpu) > max_grid + max_grid / 4) {
+    for (int32_t t = 0; t < n_tasks; ++t)
+      if (split_row(tasks[t])) tasks[t].unit0 = -1;
+    unit_task.resize(n_tasks);
+    for (int32_t t = 0; t < n_tasks; ++t) unit_task[t] = t;
+    n_whole = n_tasks;
+    n_split = 0;
+  }
+  const int upr = (nb + bpu - 1) / bpu;
+  const int n_units = n_whole + n_split * upr;
+  for (auto& q : seqs) {
+    q.nunits = 0;
+    for (int32_t i = q.t0; i < q.t0 + q.ntasks; ++i) q.nunits += tasks[i].unit0 >= 0 ? upr : 1;
+  }
+  const int grid = std::min(max_grid, n_units);
   ChainParams p{};
   p.n_tasks = n_tasks;
+  p.n_units = n_units;
+  p.n_whole = n_whole;
+  p.nb = nb;
+  p.bpu = bpu;
+  p.upr = upr;
+  p.unit_task = upload(ws.units, ws.host_units, unit_task, stream);
+  p.ustats = ws.ustats.as<UnitStat>(std::max<size_t>(1, static_cast<size_t>(n_split) * nb));
   p.tasks = upload(ws.tasks, ws.host_tasks, tasks, stream);
   p.seqs = upload(ws.seqs, ws.host_seqs, seqs, stream);
   p.stats = ws.stats.as<RowStat>(n_tasks);

@@ -45,6 +45,17 @@ struct RowTask {
   int32_t top_k;
   float top_p;
   int32_t owner;  // the sequence or request this row belongs to
+  int32_t unit0;  // chains: greedy and blocked rows are prepared block by block (prepare_block);
+                  // their kStatBlock-blocks' partials start at UnitStat unit0 (-1: whole-row task)
+};
+
+// Partial result of one kStatBlock-block of a row prepared block by block: the block's max bm_b,
+// the first index of that max, whether it holds NaN or +Infinity, and (blocked rows) S_b.
+struct UnitStat {
+  float bm;
+  float s;
+  int32_t arg;
+  int32_t bad;
 };
 
 // Result of a row. bad: 0 ok, 1 NaN or +Infinity, 2 all -Infinity.

@@ -482,6 +482,212 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
 }
 
 // ---------------------------------------------------------------------------------------------
+// Greedy and blocked rows block by block (chains): the blocks of one row go to many CTAs, so a
+// single row no longer waits on one multiprocessor's bandwidth. Everything a block contributes is
+// independent of the other blocks (the blocked scheme takes each block's exp terms relative to its
+// own max bm_b), and finalize_row combines the blocks in block order exactly as blocked_stats does.
+
+// One block of kStatBlock entries by the whole CTA (four entries per thread): bm_b, the first index
+// of bm_b, NaN / +Infinity, and for a blocked row e_j (stored to e_out) and S_b = lane_sum(e), which
+// warp 0 forms from shared memory in the CPU's lane order. Every thread of the CTA must call it.
+static __device__ __noinline__ void prepare_block(const RowTask& t, int b, UnitStat* us, PrepSmem& sm) {
+  static_assert(kBlock * 4 == kStatBlock, "four entries of the block per thread");
+  const int tid = threadIdx.x;
+  const int j0 = b * kStatBlock, n = min(kStatBlock, t.vocab - j0);
+  const float* l = t.logits + j0;
+  const bool full = n == kStatBlock && (reinterpret_cast<uintptr_t>(l) & 15u) == 0 &&
+                    (t.mode != kRowBlocked || (reinterpret_cast<uintptr_t>(t.e_out + j0) & 15u) == 0);
+  float v[4];
+  if (full) {
+    const float4 x = __ldg(reinterpret_cast<const float4*>(l) + tid);
+    v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = 4 * tid + i < n ? __ldg(l + 4 * tid + i) : -INFINITY;
+  }
+  // As prepare_row's visit(): the max, NaN / +Infinity, the first index of the max.
+  float mx = -INFINITY, bv = -INFINITY;
+  int bad = 0, bidx = -1;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (4 * tid + i >= n) break;
+    const float x = v[i];
+    mx = x > mx ? x : mx;
+    bad |= (!(x <= FLT_MAX)) & (x != -INFINITY);
+    if (bidx < 0 || x > bv) bv = x, bidx = j0 + 4 * tid + i;
+  }
+  const float bm = block_max(mx, sm.red);
+  bad = block_or(bad, sm.red);
+  const int arg = block_argmax(bv, bidx, sm.red);
+  float sb = 0.0f;
+  if (t.mode == kRowBlocked) {
+    float* es = sm.u.zbuf;
+    float e[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      // A block of -Infinity only: e = 0 (as blocked_stats).
+      e[i] = bm == -INFINITY ? 0.0f : exp_ref(scaled_logit(v[i], bm, t.inv_t));
+      if (4 * tid + i < n) es[4 * tid + i] = e[i];
+    }
+    if (full) {
+      reinterpret_cast<float4*>(t.e_out + j0)[tid] = make_float4(e[0], e[1], e[2], e[3]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (4 * tid + i < n) t.e_out[j0 + 4 * tid + i] = e[i];
+    }
+    __syncthreads();
+    if (warp_id() == 0) {
+      const int lane = lane_id();
+      float acc = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kStatBlock / 32; ++i)
+        if (32 * i + lane < n) acc = __fadd_rn(acc, es[32 * i + lane]);
+      sb = warp_fold_sum(acc);
+    }
+  }
+  if (tid == 0) {
+    UnitStat u;
+    u.bm = bm;
+    u.s = sb;
+    u.arg = arg;
+    u.bad = bad;
+    *us = u;
+  }
+  __syncthreads();
+}
+
+// Blocks b0 .. b0 + cnt - 1 (cnt <= kWarps) of a row, one warp per block, for launches with many
+// blocks: lane k holds entries 32 i + k (as blocked_stats), so S_b forms in registers. The same
+// UnitStat bits as prepare_block. Every thread of the CTA must call it.
+static __device__ __noinline__ void prepare_blocks_warp(const RowTask& t, int b0, int cnt, UnitStat* us) {
+  const int lane = lane_id(), w = warp_id();
+  if (w < cnt) {
+    const int b = b0 + w, j0 = b * kStatBlock, n = min(kStatBlock, t.vocab - j0);
+    const float* l = t.logits + j0;
+    float v[kBlkPerLane];
+#pragma unroll
+    for (int i = 0; i < kBlkPerLane; ++i) {
+      const int j = 32 * i + lane;
+      v[i] = j < n ? __ldg(l + j) : -INFINITY;
+    }
+    float mx = -INFINITY, bv = -INFINITY;
+    int bad = 0, bidx = -1;
+#pragma unroll
+    for (int i = 0; i < kBlkPerLane; ++i) {
+      const int j = 32 * i + lane;
+      if (j < n) {
+        const float x = v[i];
+        mx = x > mx ? x : mx;
+        bad |= (!(x <= FLT_MAX)) & (x != -INFINITY);
+        if (bidx < 0 || x > bv) bv = x, bidx = j0 + j;
+      }
+    }
+    const float bm = warp_max(mx);
+    bad = __any_sync(0xffffffffu, bad != 0) ? 1 : 0;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bidx, o);
+      argmax_combine(bv, bidx, ov, oi);
+    }
+    float sb = 0.0f;
+    if (t.mode == kRowBlocked) {
+      float acc = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kBlkPerLane; ++i) {
+        const int j = 32 * i + lane;
+        if (j < n) {
+          const float e = bm == -INFINITY ? 0.0f : exp_ref(scaled_logit(v[i], bm, t.inv_t));
+          t.e_out[j0 + j] = e;
+          acc = __fadd_rn(acc, e);
+        }
+      }
+      sb = warp_fold_sum(acc);
+    }
+    if (lane == 0) {
+      UnitStat u;
+      u.bm = bm;
+      u.s = sb;
+      u.arg = bidx;
+      u.bad = bad;
+      us[w] = u;
+    }
+  }
+  __syncthreads();
+}
+
+// Combines a row's blocks (us[0..nb), written by this or other CTAs of the launch) into its RowStat
+// and, for a blocked row, c_b, W_b and z exactly as blocked_stats. One warp per row.
+static __device__ __noinline__ void finalize_row(const RowTask& t, RowStat* st, const UnitStat* us) {
+  const int lane = lane_id(), nb = stat_blocks_d(t.vocab);
+  // One 16-byte load per block; blocks lane and lane + 32 stay in registers (nb <= 64: V <= 131072),
+  // later ones are loaded again.
+  const int4* u4 = reinterpret_cast<const int4*>(us);
+  int4 c0 = make_int4(0, 0, 0, 0), c1 = c0;
+  if (lane < nb) c0 = __ldcg(u4 + lane);
+  if (lane + 32 < nb) c1 = __ldcg(u4 + lane + 32);
+  auto get = [&](int b) { return b == lane ? c0 : b == lane + 32 ? c1 : __ldcg(u4 + b); };
+  float mx = -INFINITY;
+  int bad = 0;
+  for (int b = lane; b < nb; b += 32) {
+    const int4 u = get(b);
+    const float m = __int_as_float(u.x);
+    mx = m > mx ? m : mx;
+    bad |= u.w;
+  }
+  mx = warp_max(mx);
+  bad = __any_sync(0xffffffffu, bad != 0) ? 1 : 0;
+  if (bad || mx == -INFINITY) {
+    if (lane == 0) {
+      st->bad = bad ? 1 : 2;
+      st->max = mx;
+      st->argmax = 0;
+      st->z = 0.0;
+      st->inv_z = 0.0f;
+    }
+    return;
+  }
+  // The row's first maximum lies in the first block whose max is the row's max.
+  int first = nb, arg = 0;
+  for (int b = lane; b < nb; b += 32) {
+    const int4 u = get(b);
+    if (__int_as_float(u.x) == mx && b < first) first = b, arg = u.z;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const int of = __shfl_xor_sync(0xffffffffu, first, o), oa = __shfl_xor_sync(0xffffffffu, arg, o);
+    if (of < first) first = of, arg = oa;
+  }
+  double z = 0.0;
+  float inv_z = 0.0f;
+  if (t.mode == kRowBlocked) {
+    float* scale = t.blk_out;
+    float* mass = t.blk_out + nb;
+    for (int base = 0; base < nb; base += 32) {
+      const int b = base + lane;
+      float w = 0.0f;
+      if (b < nb) {
+        const int4 u = get(b);
+        const float bm = __int_as_float(u.x), sb = __int_as_float(u.y);
+        const float c = bm == -INFINITY ? 0.0f : exp_ref(scaled_logit(bm, mx, t.inv_t));
+        w = __fmul_rn(sb, c);
+        scale[b] = c;
+        mass[b] = w;
+      }
+      const int cnt = min(32, nb - base);
+      for (int k = 0; k < cnt; ++k) z += static_cast<double>(__shfl_sync(0xffffffffu, w, k));  // block order
+    }
+    inv_z = __double2float_rn(__ddiv_rn(1.0, z));  // not used by the blocked walk
+  }
+  if (lane == 0) {
+    st->bad = 0;
+    st->max = mx;
+    st->argmax = arg;
+    st->z = z;
+    st->inv_z = inv_z;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // A prepared row as the walks read it (written by other blocks of the same launch: loads go via L2).
 
 struct RowRef {
@@ -575,6 +781,13 @@ template <int K>
 __device__ __forceinline__ double lane_sum_k(const WeightSrc& w, int lo, int hi) {
   double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
   int j = lo + lane_id();
+  for (; j + 224 < hi; j += 256) {  // eight loads in flight
+    float x[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] = weight_k<K>(w, j + 32 * k);
+    s0 += x[0], s1 += x[1], s2 += x[2], s3 += x[3];
+    s0 += x[4], s1 += x[5], s2 += x[6], s3 += x[7];
+  }
   for (; j + 96 < hi; j += 128) {
     const float a = weight_k<K>(w, j), b = weight_k<K>(w, j + 32), c = weight_k<K>(w, j + 64), d = weight_k<K>(w, j + 96);
     s0 += a, s1 += b, s2 += c, s3 += d;
@@ -752,14 +965,37 @@ static __device__ __noinline__ int block_sample(const WeightSrc& w, int n, doubl
 static __device__ __noinline__ void block_normalise(float* v, int n, PrepSmem& sm) {
   const int tid = threadIdx.x;
   double s = 0.0, a = 0.0, s1 = 0.0, a1 = 0.0;
-  int j = tid;
-  for (; j + kBlock < n; j += 2 * kBlock) {  // two loads in flight
-    const double x = static_cast<double>(v[j]), y = static_cast<double>(v[j + kBlock]);
-    s += x, a += fabs(x), s1 += y, a1 += fabs(y);
-  }
-  for (; j < n; j += kBlock) {
-    const double x = static_cast<double>(v[j]);
-    s += x, a += fabs(x);
+  // Any summation order will do: the bound below holds for every order.
+  const bool vec = n % 4 == 0 && (reinterpret_cast<uintptr_t>(v) & 15u) == 0;
+  if (vec) {
+    const float4* v4 = reinterpret_cast<const float4*>(v);
+    const int n4 = n / 4;
+    int q = tid;
+    for (; q + kBlock < n4; q += 2 * kBlock) {  // two float4 loads in flight
+      const float4 x = v4[q], y = v4[q + kBlock];
+      s += static_cast<double>(x.x) + static_cast<double>(x.y) + static_cast<double>(x.z) + static_cast<double>(x.w);
+      a += fabs(static_cast<double>(x.x)) + fabs(static_cast<double>(x.y)) + fabs(static_cast<double>(x.z)) +
+           fabs(static_cast<double>(x.w));
+      s1 += static_cast<double>(y.x) + static_cast<double>(y.y) + static_cast<double>(y.z) + static_cast<double>(y.w);
+      a1 += fabs(static_cast<double>(y.x)) + fabs(static_cast<double>(y.y)) + fabs(static_cast<double>(y.z)) +
+            fabs(static_cast<double>(y.w));
+    }
+    for (; q < n4; q += kBlock) {
+      const float4 x = v4[q];
+      s += static_cast<double>(x.x) + static_cast<double>(x.y) + static_cast<double>(x.z) + static_cast<double>(x.w);
+      a += fabs(static_cast<double>(x.x)) + fabs(static_cast<double>(x.y)) + fabs(static_cast<double>(x.z)) +
+           fabs(static_cast<double>(x.w));
+    }
+  } else {
+    int j = tid;
+    for (; j + kBlock < n; j += 2 * kBlock) {  // two loads in flight
+      const double x = static_cast<double>(v[j]), y = static_cast<double>(v[j + kBlock]);
+      s += x, a += fabs(x), s1 += y, a1 += fabs(y);
+    }
+    for (; j < n; j += kBlock) {
+      const double x = static_cast<double>(v[j]);
+      s += x, a += fabs(x);
+    }
   }
   s += s1;
   a += a1;
@@ -788,8 +1024,17 @@ static __device__ __noinline__ void block_normalise(float* v, int n, PrepSmem& s
     st = t <= 0.0 ? 0 : 1;
     inv = st ? __double2float_rn(__ddiv_rn(1.0, t)) : 0.0f;
   }
-  if (st == 1)
-    for (int j = tid; j < n; j += kBlock) v[j] = __fmul_rn(v[j], inv);
+  if (st == 1) {
+    if (vec) {
+      float4* v4 = reinterpret_cast<float4*>(v);
+      for (int q = tid; q < n / 4; q += kBlock) {
+        const float4 x = v4[q];
+        v4[q] = make_float4(__fmul_rn(x.x, inv), __fmul_rn(x.y, inv), __fmul_rn(x.z, inv), __fmul_rn(x.w, inv));
+      }
+    } else {
+      for (int j = tid; j < n; j += kBlock) v[j] = __fmul_rn(v[j], inv);
+    }
+  }
   __syncthreads();
 }
 
@@ -850,7 +1095,17 @@ static __device__ __noinline__ void blocked_residual_masses(const RowRef& P, con
     const BlkScan sc = blk_scan(w, b);
     const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
     float acc = 0.0f;
-    for (int j = lane; j < n; j += 32) acc = __fadd_rn(acc, blk_at(sc, j0 + j));
+    for (int i0 = 0; i0 < kBlkPerLane; i0 += 16) {  // 16 entries per lane in flight, summed in order
+      float x[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int j = 32 * (i0 + i) + lane;
+        x[i] = j < n ? blk_at(sc, j0 + j) : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+        if (32 * (i0 + i) + lane < n) acc = __fadd_rn(acc, x[i]);
+    }
     acc = warp_fold_sum(acc);
     if (lane == 0) rmass[b] = acc;
   }
@@ -869,15 +1124,23 @@ static __device__ __noinline__ int blocked_sample(const BlkWeights& w, int V, do
   const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
   const int nb = w.p.nb;
   const float* mass = blk_masses(w);
+  // The block masses go through shared memory, so that thread 0's sequential loops do not wait on
+  // one L2 load per block.
+  const bool staged = nb <= kSeqTile;
+  if (staged) {
+    for (int b = tid; b < nb; b += kBlock) sm.u.zbuf[b] = ld_cg(mass + b);
+    __syncthreads();
+  }
   if (tid == 0) {
+    const float* ms = staged ? sm.u.zbuf : mass;
     double total = 0.0;
-    for (int b = 0; b < nb; ++b) total += static_cast<double>(ld_cg(mass + b));
+    for (int b = 0; b < nb; ++b) total += static_cast<double>(staged ? ms[b] : ld_cg(mass + b));
     int sel = -1;
     double cum = 0.0, target = 0.0;
     if (total > 0.0) {
       target = u * total;
       for (int b = 0; b < nb; ++b) {
-        const float m = ld_cg(mass + b);
+        const float m = staged ? ms[b] : ld_cg(mass + b);
         if (!(m > 0.0f)) continue;
         if (cum + m <= target) {
           cum += m;

@@ -43,7 +43,8 @@ class DeviceBuffer {
 
 // Scratch for the row/walk kernels (verification, warping) and the other ops.
 struct Workspace {
-  DeviceBuffer tasks, stats, seqs, done, rows, pool, locks, nodes, misc, misc2;
+  DeviceBuffer tasks, stats, seqs, done, rows, pool, locks, nodes, misc, misc2, units, ustats;
+  std::vector<unsigned char> host_units;
   std::vector<unsigned char> host_tasks, host_seqs, host_nodes;  // staging kept alive across async copies
   int sm_count = 0;
   // When set, launchers record these around their main kernel (benchmarks time kernels with them).

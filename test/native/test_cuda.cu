@@ -708,6 +708,64 @@ OSD_TEST(chain_rejects_bad_rows_like_cpu) {
   }
 }
 
+// Rows of several blocks, prepared block by block on the GPU: a NaN or +Infinity in a later block,
+// and an all -Infinity row, must still be reported like the CPU (greedy and sampled). The clean case
+// must accept the same counts.
+OSD_TEST(chain_rejects_bad_rows_split_like_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(18);
+  for (int greedy = 0; greedy < 2; ++greedy) {
+    // Greedy rows are split from 32 blocks on (verify.cu split_row): 65636 = 32 blocks + 100.
+    ChainCase c = make_chain_case(rng, 2, greedy ? 65636 : 6000, 3);
+    for (auto& s : c.sampling) {
+      s = Sampling();
+      if (greedy) s.temperature = 0.0f;
+    }
+    auto run = [&](Backend& be, std::vector<int32_t>* out) -> std::string {
+      ChainBatch in;
+      in.target = c.target.data();
+      in.draft = c.draft.data();
+      in.tokens = c.tokens.data();
+      in.lengths = c.lengths.data();
+      in.streams = c.streams.data();
+      in.sampling = c.sampling.data();
+      in.batch = c.B;
+      in.vocab = c.V;
+      in.seed = c.seed;
+      std::vector<int32_t> acc(c.B), tok(c.target.size() / c.V);
+      ChainBatchOut o{acc.data(), tok.data()};
+      try {
+        be.verify_chain_batch(in, o);
+      } catch (const Error& e) {
+        return e.what();
+      }
+      if (out) *out = acc;  // (tokens: compare_chain checks them on many more cases)
+      return "";
+    };
+    std::vector<int32_t> oc, og;
+    CHECK(run(cpu(), &oc) == run(g, &og));
+    CHECK(oc == og);
+    const size_t nt = c.target.size() / c.V;
+    const float bad_values[] = {std::nanf(""), std::numeric_limits<float>::infinity()};
+    for (float v : bad_values)
+      for (int j : {4100, c.V - 5}) {  // the third and the last block of the last target row
+        const size_t at = (nt - 1) * c.V + j;
+        const float keep = c.target[at];
+        c.target[at] = v;
+        const std::string e = run(g, nullptr);
+        CHECK(run(cpu(), nullptr) == e);
+        CHECK(e.find("targetLogits row") != std::string::npos);
+        c.target[at] = keep;
+      }
+    std::vector<float> keep(c.target.begin(), c.target.begin() + c.V);
+    std::fill(c.target.begin(), c.target.begin() + c.V, -std::numeric_limits<float>::infinity());
+    const std::string e = run(g, nullptr);
+    CHECK(run(cpu(), nullptr) == e);
+    CHECK(e.find("is all -Infinity") != std::string::npos);
+    std::copy(keep.begin(), keep.end(), c.target.begin());
+  }
+}
+
 namespace {
 
 struct TreeCase {

@@ -41,8 +41,10 @@ void dequantize(TensorType t, const void* src, int64_t n, float* dst);
 void quantize(TensorType t, const float* src, int64_t n, void* dst);
 
 // Instruction sets of the matrix kernels. Portable is plain C++ (the reference); Avx2 needs
-// AVX2 + FMA + F16C at run time. best_isa() picks Avx2 when present and OSD_NO_AVX2 is unset.
-enum class Isa { Portable, Avx2 };
+// AVX2 + FMA + F16C at run time; Avx512 needs those plus AVX512F, BW, VL and VNNI. All three give
+// the same bits. best_isa() picks the widest present: OSD_NO_AVX512 stops at Avx2, OSD_NO_AVX2
+// at Portable.
+enum class Isa { Portable, Avx2, Avx512 };
 bool isa_available(Isa isa);
 Isa best_isa();
 const char* isa_name(Isa isa);

@@ -1,5 +1,5 @@
-// Matrix products over quantised weights with 8-bit activations: a portable reference and AVX2
-// kernels that compute the same operations (see quant.h for the contract).
+// Matrix products over quantised weights with 8-bit activations: a portable reference, AVX2
+// kernels and AVX-512 VNNI kernels that compute the same operations (see quant.h for the contract).
 //
 // The fixed per-output sequence, for a weight row w and an activation row x:
 //
@@ -22,6 +22,8 @@
 //  result = acc.
 //
 // No FMA contraction anywhere in this file (the portable code must round like the AVX2 code).
+// The AVX-512 kernels differ from the AVX2 ones only in how the exact integer sums are formed
+// (vpdpbusd / vpdpwssd instead of vpmaddubsw + vpmaddwd): every float operation is the same.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -175,7 +177,7 @@ void quantize_acts(TensorType t, const float* x, int64_t n, int64_t cols, Acts& 
     if (k)
       quantize_acts_q8k(x + i * cols, cols, a.q.data() + i * cols, a.d.data() + i * a.nb, a.bsum.data() + i * a.ng);
 #ifdef OSD_HAVE_X86
-    else if (isa == Isa::Avx2)
+    else if (isa == Isa::Avx2 || isa == Isa::Avx512)
       quantize_acts_q8_avx2(x + i * cols, cols, a.q.data() + i * cols, a.d.data() + i * a.nb, a.s.data() + i * a.nb);
 #endif
     else
@@ -742,14 +744,165 @@ bool cpu_has_avx2() {
   }();
   return yes;
 }
+
+// ---- AVX-512 kernels (F + BW + VL + VNNI, on 256-bit vectors) ----
+// The AVX2 kernels with the integer sums formed by VNNI: vpdpbusd adds the four u8 x s8 products
+// of each 32-bit lane (p[k] above) in one instruction where AVX2 needs vpmaddubsw + vpmaddwd, and
+// vpdpwssd folds the K-quants' scale products into the running sum. Both are exact (no
+// saturation; vpmaddubsw never saturates here either, as |w| <= 128 and |x| <= 127), so the
+// integers equal the AVX2 ones, and the float operations, in order, are those of tile32_avx2 and
+// tilek_avx2 line for line. The AVX2 helpers (unpack, hsum) inline here: their ISA is a subset.
+#define OSD_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+template <class T, int RM, int RN>
+OSD_AVX512 void tile32_avx512(const Args& k, int64_t r, int64_t t) {
+  using B = typename T::B;
+  const int64_t nb = k.cols / kQK;
+  const B* w[RM];
+  for (int i = 0; i < RM; ++i) w[i] = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r + i) * k.row_bytes);
+  const int8_t* xq[RN];
+  const float* xd[RN];
+  const float* xs[RN];
+  for (int j = 0; j < RN; ++j) {
+    xq[j] = k.a->qrow(t + j);
+    xd[j] = k.a->drow(t + j);
+    xs[j] = T::kMin ? k.a->srow(t + j) : nullptr;
+  }
+  __m256 acc[RM][RN];
+  float summ[RM][RN];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps(), summ[i][j] = 0.0f;
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i wq[RM], wa[RM];
+    float dw[RM], mw[RM];
+    for (int i = 0; i < RM; ++i) _mm_prefetch(reinterpret_cast<const char*>(w[i] + b) + kPrefetchBytes, _MM_HINT_T0);
+    for (int i = 0; i < RM; ++i) {
+      wq[i] = T::unpack(w[i] + b);
+      wa[i] = T::kUnsigned ? wq[i] : _mm256_abs_epi8(wq[i]);  // = _mm256_sign_epi8(wq, wq), -128 included
+      dw[i] = f16(w[i][b].d);
+      mw[i] = T::kMin ? f16(T::m(w[i] + b)) : 0.0f;
+    }
+    for (int j = 0; j < RN; ++j) {
+      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[j] + b * kQK));
+      const float dx = xd[j][b];
+      for (int i = 0; i < RM; ++i) {
+        const __m256i p32 = T::kUnsigned ? _mm256_dpbusd_epi32(zero, wa[i], y)
+                                         : _mm256_dpbusd_epi32(zero, wa[i], _mm256_sign_epi8(y, wq[i]));
+        const __m256 p = _mm256_cvtepi32_ps(p32);
+        acc[i][j] = _mm256_add_ps(acc[i][j], _mm256_mul_ps(_mm256_set1_ps(dw[i] * dx), p));
+        if (T::kMin) summ[i][j] = summ[i][j] + mw[i] * xs[j][b];
+      }
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) k.y[(t + j) * k.rows + r + i] = hsum8_avx2(acc[i][j]) + summ[i][j];
+}
+
+template <class T>
+OSD_AVX512 void range32_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+  for (int64_t r = r0; r < r1; ++r) {  // one row at a time, as range32_avx2
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) tile32_avx512<T, 1, 4>(k, r, t);
+    switch (t1 - t) {
+      case 3: tile32_avx512<T, 1, 3>(k, r, t); break;
+      case 2: tile32_avx512<T, 1, 2>(k, r, t); break;
+      case 1: tile32_avx512<T, 1, 1>(k, r, t); break;
+      default: break;
+    }
+  }
+}
+
+template <class B, int RN>
+OSD_AVX512 void tilek_avx512(const Args& k, const KBlockV& kb, int64_t b, int64_t t, float* acc) {
+  const int8_t* yq[RN];
+  for (int j = 0; j < RN; ++j) yq[j] = k.a->qrow(t + j) + b * kQKK;
+  __m256i sumi[RN];
+  for (int j = 0; j < RN; ++j) sumi[j] = _mm256_setzero_si256();
+  for (int c = 0; c < 8; ++c) {
+    const __m256i wq = _mm256_load_si256(reinterpret_cast<const __m256i*>(kb.q + 32 * c));
+    const __m256i wa = _mm256_abs_epi8(wq);
+    for (int j = 0; j < RN; ++j) {
+      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yq[j] + 32 * c));
+      const __m256i p16 = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(y, wq));
+      sumi[j] = _mm256_dpwssd_epi32(sumi[j], p16, kb.scv[c]);
+    }
+  }
+  for (int j = 0; j < RN; ++j) {
+    const int isum = hsum_i32_inline(sumi[j]);
+    int msum = 0;
+    if (kHasMin<B>) {
+      const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k.a->brow(t + j) + b * 16));
+      msum = hsum_i32_inline(_mm256_dpwssd_epi32(_mm256_setzero_si256(), bs, kb.mnv));
+    }
+    const float dx = k.a->drow(t + j)[b];
+    acc[j] = acc[j] + ((dx * kb.D) * static_cast<float>(isum) - (dx * kb.M) * static_cast<float>(msum));
+  }
+}
+
+template <class B>
+OSD_AVX512 void rangek_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+  const int64_t nb = k.cols / kQKK;
+  KBlockV kb;
+  constexpr int kTokens = 4;
+  for (int64_t r = r0; r < r1; ++r) {
+    const B* w = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r) * k.row_bytes);
+    for (int64_t t = t0; t < t1; t += kTokens) {
+      const int rn = static_cast<int>(std::min<int64_t>(kTokens, t1 - t));
+      float acc[kTokens] = {};
+      for (int64_t b = 0; b < nb; ++b) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + b) + kPrefetchBytes, _MM_HINT_T0);
+        unpack_kv(w[b], kb);
+        switch (rn) {
+          case 4: tilek_avx512<B, 4>(k, kb, b, t, acc); break;
+          case 3: tilek_avx512<B, 3>(k, kb, b, t, acc); break;
+          case 2: tilek_avx512<B, 2>(k, kb, b, t, acc); break;
+          default: tilek_avx512<B, 1>(k, kb, b, t, acc); break;
+        }
+      }
+      for (int j = 0; j < rn; ++j) k.y[(t + j) * k.rows + r] = acc[j];
+    }
+  }
+}
+
+// AVX512F, BW, VL and VNNI through cpuid (leaf 7: ebx bits 16, 30, 31; ecx bit 11), with the OS
+// saving the opmask and zmm state (XCR0 bits 1, 2, 5, 6, 7), besides everything the AVX2 kernels need.
+bool cpu_has_avx512() {
+  static const bool yes = [] {
+    if (!cpu_has_avx2()) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool isa = ((b >> 16) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1) && ((c >> 11) & 1);
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return isa && (lo & 0xE6) == 0xE6;
+  }();
+  return yes;
+}
 #else
 bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512() { return false; }
 #endif
 
 using RangeFn = void (*)(const Args&, int64_t, int64_t, int64_t, int64_t);
 
 RangeFn pick(TensorType t, Isa isa) {
 #ifdef OSD_HAVE_X86
+  if (isa == Isa::Avx512) {
+    switch (t) {
+      case TensorType::Q4_0: return range32_avx512<Q4_0V>;
+      case TensorType::Q4_1: return range32_avx512<Q4_1V>;
+      case TensorType::Q5_0: return range32_avx512<Q5_0V>;
+      case TensorType::Q5_1: return range32_avx512<Q5_1V>;
+      case TensorType::Q8_0: return range32_avx512<Q8_0V>;
+      case TensorType::Q3_K: return rangek_avx512<BlockQ3_K>;
+      case TensorType::Q4_K: return rangek_avx512<BlockQ4_K>;
+      case TensorType::Q5_K: return rangek_avx512<BlockQ5_K>;
+      case TensorType::Q6_K: return rangek_avx512<BlockQ6_K>;
+      default: break;
+    }
+  }
   if (isa == Isa::Avx2) {
     switch (t) {
       case TensorType::Q4_0: return range32_avx2<Q4_0V>;
@@ -782,14 +935,20 @@ RangeFn pick(TensorType t, Isa isa) {
 
 }  // namespace
 
-bool isa_available(Isa isa) { return isa == Isa::Portable || (isa == Isa::Avx2 && cpu_has_avx2()); }
+bool isa_available(Isa isa) {
+  return isa == Isa::Portable || (isa == Isa::Avx2 && cpu_has_avx2()) || (isa == Isa::Avx512 && cpu_has_avx512());
+}
 
 Isa best_isa() {
-  static const Isa best = cpu_has_avx2() && !std::getenv("OSD_NO_AVX2") ? Isa::Avx2 : Isa::Portable;
+  static const Isa best = [] {
+    if (!cpu_has_avx2() || std::getenv("OSD_NO_AVX2")) return Isa::Portable;
+    if (!cpu_has_avx512() || std::getenv("OSD_NO_AVX512")) return Isa::Avx2;
+    return Isa::Avx512;
+  }();
   return best;
 }
 
-const char* isa_name(Isa isa) { return isa == Isa::Avx2 ? "avx2" : "portable"; }
+const char* isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "portable"; }
 
 void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const float* x, int64_t n, Isa isa) {
   if (!isa_available(isa)) throw_range(std::string("instruction set ") + isa_name(isa) + " is not available on this CPU");

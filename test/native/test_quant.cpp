@@ -1,10 +1,11 @@
 // Native tests of the quantised formats and their matrix kernels:
 //  - dequantisation of every format against ../shared/models/quant-vectors, bit for bit;
 //  - quantisation F32 -> F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 against the vectors, byte for byte;
-//  - the AVX2 matrix kernels against the portable reference: tolerance 0 (bit-identical), because
-//    both run the same float operations in the same order on the same exact integer sums;
+//  - the AVX2 and AVX-512 (VNNI) matrix kernels against the portable reference: tolerance 0
+//    (bit-identical), because all run the same float operations in the same order on the same
+//    exact integer sums. Each comparison prints "skip" where the CPU lacks the instruction set;
 //  - batch invariance (a token alone or inside batches of 3, 8, 13, 70 tokens) and thread-count
-//    invariance, bit for bit, for both instruction sets;
+//    invariance, bit for bit, for every instruction set the CPU has;
 //  - accuracy: each output against the exact (double) dot product of the dequantised weights with
 //    the quantised-then-dequantised activations, within the float rounding bound of the
 //    accumulation (see kernel_accuracy);
@@ -14,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -178,6 +180,24 @@ bool bits_equal(const float* a, const float* b, size_t n, size_t* where = nullpt
   return true;
 }
 
+// The quantised kernels of one instruction set, called directly: KernelIsa has no AVX-512 member
+// (Auto picks it where the CPU has it), so the AVX-512 path is tested through quant::matmul.
+std::vector<float> run_q(const Matrix& m, const std::vector<float>& x, int64_t n, quant::Isa isa) {
+  std::vector<float> y(n * m.rows);
+  quant::matmul(m.type, m.data, m.row_bytes, m.rows, m.cols, x.data(), n, y.data(), isa);
+  return y;
+}
+
+bool have_avx512() {
+  static const bool yes = [] {
+    const bool a = quant::isa_available(quant::Isa::Avx512);
+    std::printf("note: AVX-512 (F, BW, VL, VNNI) %s; best_isa() = %s\n", a ? "present" : "absent",
+                quant::isa_name(quant::best_isa()));
+    return a;
+  }();
+  return yes;
+}
+
 std::vector<KernelIsa> isas() {
   std::vector<KernelIsa> v = {KernelIsa::Portable};
   if (kernel_isa_available(KernelIsa::Avx2)) v.push_back(KernelIsa::Avx2);
@@ -288,6 +308,57 @@ OSD_TEST(avx2_kernels_equal_the_portable_reference_bit_for_bit) {
   }
 }
 
+OSD_TEST(avx512_kernels_equal_the_portable_reference_bit_for_bit) {
+  if (!have_avx512()) {
+    std::printf("skip: no AVX-512 (F, BW, VL, VNNI) on this CPU; the AVX-512 kernels are not compared\n");
+    std::vector<float> x(32, 1.0f), y(1);
+    std::vector<uint8_t> w(quant::bytes_for(TensorType::Q8_0, 32));
+    CHECK_THROWS(Error, quant::matmul(TensorType::Q8_0, w.data(), w.size(), 1, 32, x.data(), 1, y.data(), quant::Isa::Avx512),
+                 "instruction set avx512 is not available on this CPU");
+    return;
+  }
+  std::mt19937 rng(1);
+  int checked = 0;
+  for (TensorType t : kInt8Types) {
+    for (int64_t cols : {is_k(t) ? int64_t(256) : int64_t(32), is_k(t) ? int64_t(768) : int64_t(576)}) {
+      for (int64_t rows : {1, 5, 37}) {
+        const auto w = random_weights(t, rows, cols, rng);
+        const Matrix m = make_matrix(t, w, rows, cols);
+        for (int64_t n : {1, 2, 3, 8, 13, 70}) {
+          const auto x = random_acts(n, cols, rng);
+          const auto a = run_q(m, x, n, quant::Isa::Portable), b = run_q(m, x, n, quant::Isa::Avx512);
+          size_t where = 0;
+          const bool same = bits_equal(a.data(), b.data(), a.size(), &where);
+          if (!same)
+            std::printf("  %s rows %lld cols %lld n %lld: output %zu is %.9g (portable) vs %.9g (avx512)\n",
+                        gguf::type_info(t).name, (long long)rows, (long long)cols, (long long)n, where, a[where], b[where]);
+          CHECK(same);
+          ++checked;
+        }
+      }
+    }
+  }
+  CHECK_EQ(checked, 9 * 2 * 3 * 6);
+  // One activation quantisation shared by several matrices gives each product's bits.
+  const int64_t cols = 576, n = 5;
+  const auto x = random_acts(n, cols, rng);
+  const TensorType types[] = {TensorType::Q4_1, TensorType::Q8_0, TensorType::Q5_0};
+  const int64_t rows[] = {40, 7, 33};
+  std::vector<std::vector<uint8_t>> ws;
+  std::vector<std::vector<float>> ys;
+  std::vector<quant::MatmulTarget> targets;
+  for (int i = 0; i < 3; ++i) ws.push_back(random_weights(types[i], rows[i], cols, rng)), ys.emplace_back(n * rows[i]);
+  for (int i = 0; i < 3; ++i)
+    targets.push_back({types[i], ws[i].data(), quant::bytes_for(types[i], cols), rows[i], ys[i].data()});
+  quant::matmul_many(targets.data(), 3, cols, x.data(), n, quant::Isa::Avx512);
+  for (int i = 0; i < 3; ++i) {
+    const auto ref = run_q(make_matrix(types[i], ws[i], rows[i], cols), x, n, quant::Isa::Portable);
+    CHECK(bits_equal(ref.data(), ys[i].data(), ref.size()));
+  }
+  // Auto (matmul's default) runs the AVX-512 kernels unless OSD_NO_AVX512 / OSD_NO_AVX2 is set.
+  if (!std::getenv("OSD_NO_AVX512") && !std::getenv("OSD_NO_AVX2")) CHECK(quant::best_isa() == quant::Isa::Avx512);
+}
+
 OSD_TEST(batch_and_thread_invariance) {
   std::mt19937 rng(2);
   const int threads_before = default_threads();
@@ -296,28 +367,33 @@ OSD_TEST(batch_and_thread_invariance) {
     const auto w = random_weights(t, rows, cols, rng);
     const Matrix m = make_matrix(t, w, rows, cols);
     const auto x = random_acts(n, cols, rng);
-    for (KernelIsa isa : isas()) {
+    auto check = [&](auto run_isa) {
       set_default_threads(2);
-      const auto all = run(m, x, n, isa);
+      const auto all = run_isa(x, n);
       // Each token alone (decode) and inside batches of other sizes.
       for (int64_t i = 0; i < n; ++i) {
         std::vector<float> xi(x.begin() + i * cols, x.begin() + (i + 1) * cols);
-        const auto one = run(m, xi, 1, isa);
+        const auto one = run_isa(xi, 1);
         CHECK(bits_equal(one.data(), all.data() + i * rows, rows));
       }
       for (int64_t chunk : {3, 8, 13}) {
         for (int64_t s = 0; s + chunk <= n; s += chunk) {
           std::vector<float> xs(x.begin() + s * cols, x.begin() + (s + chunk) * cols);
-          const auto part = run(m, xs, chunk, isa);
+          const auto part = run_isa(xs, chunk);
           CHECK(bits_equal(part.data(), all.data() + s * rows, chunk * rows));
         }
       }
       for (int threads : {1, 3}) {
         set_default_threads(threads);
-        const auto again = run(m, x, n, isa);
+        const auto again = run_isa(x, n);
         CHECK(bits_equal(again.data(), all.data(), all.size()));
       }
-    }
+    };
+    for (KernelIsa isa : isas()) check([&](const std::vector<float>& xv, int64_t nv) { return run(m, xv, nv, isa); });
+    if (have_avx512())
+      check([&](const std::vector<float>& xv, int64_t nv) { return run_q(m, xv, nv, quant::Isa::Avx512); });
+    else if (t == kInt8Types[0])
+      std::printf("skip: no AVX-512 on this CPU; batch invariance of the AVX-512 kernels not checked\n");
   }
   set_default_threads(threads_before);
 }
@@ -398,7 +474,7 @@ OSD_TEST(activation_quantisation_rounding) {
   // Exact ties (amax 127, so x * id = x): both instruction sets round half to even.
   std::vector<float> t(64);
   for (int j = 0; j < 64; ++j) t[j] = j % 32 == 0 ? 127.0f : (j % 2 ? -1.0f : 1.0f) * (j * 0.5f + 0.5f);
-  for (quant::Isa isa : {quant::Isa::Portable, quant::Isa::Avx2}) {
+  for (quant::Isa isa : {quant::Isa::Portable, quant::Isa::Avx2, quant::Isa::Avx512}) {
     if (!quant::isa_available(isa)) continue;
     const auto th = quant::activation_roundtrip(TensorType::Q8_0, t.data(), 64, isa);
     for (int j = 1; j < 64; ++j) if (j != 32) CHECK_EQ(th[j], std::nearbyint(t[j]));
@@ -419,6 +495,8 @@ OSD_TEST(non_finite_activations_give_nan_not_garbage) {
     x[5] = INFINITY;
     for (KernelIsa isa : isas())
       for (float v : run(m, x, 1, isa)) CHECK(std::isnan(v));
+    if (have_avx512())
+      for (float v : run_q(m, x, 1, quant::Isa::Avx512)) CHECK(std::isnan(v));
   }
 }
 

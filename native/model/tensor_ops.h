@@ -33,8 +33,10 @@ const char* supported_matrix_types();
 // out[j] = dequantised element j of row r.
 void dequantize_row(const Matrix& m, int64_t r, float* out);
 
-// Which kernels matmul uses: Auto picks the best the CPU has (AVX2 unless OSD_NO_AVX2 is set);
-// Portable and Avx2 force one (tests compare them; Avx2 throws Range where the CPU lacks it).
+// Which kernels matmul uses: Auto picks the best the CPU has: AVX2 for float weights, and for
+// quantised weights AVX-512 VNNI, then AVX2 (OSD_NO_AVX512 / OSD_NO_AVX2 step down); every path
+// gives the same bits. Portable and Avx2 force one (tests compare them; Avx2 throws Range where the
+// CPU lacks it).
 enum class KernelIsa { Auto, Portable, Avx2 };
 bool kernel_isa_available(KernelIsa isa);
 

@@ -70,7 +70,7 @@ export interface DemoResult {
 }
 
 /** The demo's learning settings: faster than the serving defaults, so a short run shows adaptation. */
-export const DEMO_DISTILL: OnlineDistillOptions = { interval: 4, lr: 1e-3, epochs: 2, positions: 'mismatch', acceptedFraction: 0.25, topK: 32 };
+export const DEMO_DISTILL: OnlineDistillOptions = { interval: 4, lr: 3e-3, epochs: 4, positions: 'mismatch', acceptedFraction: 0.5, topK: 32 };
 
 function mean(xs: number[]): number {
   return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : 0;

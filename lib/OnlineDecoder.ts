@@ -58,6 +58,14 @@ export interface OnlineDistillOptions {
   autosavePath?: string;
   /** Start from a draft checkpoint written by saveDraft()/autosave, if the file exists. */
   resumeFrom?: string;
+  /**
+   * Replay against forgetting: this fraction of every update's records is drawn from earlier updates'
+   * records (a reservoir sample of the traffic so far), so a draft that adapts to a new kind of
+   * request keeps what it learned before. In [0, 1). Default 0 (off).
+   */
+  replay?: number;
+  /** Records the replay reservoir keeps. Default 256. */
+  replayRecords?: number;
   /** Set false to serve without learning (a baseline). Default true. */
   enabled?: boolean;
   /**
@@ -80,7 +88,10 @@ export interface OnlineDecoderOptions {
 
 export interface UpdateEvent {
   update: number;
+  /** Records trained on, replayed ones included. */
   records: number;
+  /** Of those, records replayed from earlier updates (distill.replay). */
+  replayed: number;
   positions: number;
   steps: number;
   lossBefore: number;
@@ -141,6 +152,8 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
     resumeFrom: o.resumeFrom,
     enabled: o.enabled ?? true,
     trainThreads: o.trainThreads ?? 1,
+    replay: o.replay ?? 0,
+    replayRecords: o.replayRecords ?? 256,
   };
   check(['forward-kl', 'reverse-kl', 'jsd', 'tvd'].includes(r.loss), `distill.loss must be 'forward-kl', 'reverse-kl', 'jsd' or 'tvd', got '${String(r.loss)}'`);
   check(r.beta > 0 && r.beta < 1, 'distill.beta must be in (0, 1)');
@@ -149,6 +162,8 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
   for (const [k, v] of [['topK', r.topK], ['interval', r.interval], ['epochs', r.epochs], ['batchSize', r.batchSize], ['maxRecordTokens', r.maxRecordTokens], ['guardWindow', r.guardWindow]] as const)
     check(Number.isInteger(v) && v >= 1, `distill.${k} must be an integer >= 1, got ${String(v)}`);
   check(Number.isFinite(r.lr) && r.lr > 0, 'distill.lr must be a number > 0');
+  check(Number.isFinite(r.replay) && r.replay >= 0 && r.replay < 1, `distill.replay must be in [0, 1), got ${String(r.replay)}`);
+  check(Number.isInteger(r.replayRecords) && r.replayRecords >= 1, `distill.replayRecords must be an integer >= 1, got ${String(r.replayRecords)}`);
   check(Number.isInteger(r.trainThreads) && r.trainThreads >= 0 && r.trainThreads <= 1024, `distill.trainThreads must be an integer in [0, 1024], got ${String(r.trainThreads)}`);
   check(Number.isFinite(r.clipNorm) && r.clipNorm >= 0, 'distill.clipNorm must be >= 0');
   check(r.maxBufferBytes >= 1024, 'distill.maxBufferBytes must be >= 1024');
@@ -192,6 +207,9 @@ export class OnlineDecoder extends EventEmitter {
   readonly options: ReturnType<typeof resolveOptions>;
   readonly #decoder: SpeculativeDecoder;
   #buffer: RecordEntry[] = [];
+  // Replay reservoir: a uniform sample of the records of earlier updates (Vitter's algorithm R).
+  #reservoir: RecordEntry[] = [];
+  #reservoirSeen = 0;
   #bufferBytes = 0;
   #live = new Map<number, RecordEntry>();
   #trainer: Trainer | null = null;
@@ -411,9 +429,11 @@ export class OnlineDecoder extends EventEmitter {
   async #update(): Promise<void> {
     if (this.#disposed) return;
     await this.#ready;
-    const records = this.#buffer.splice(0);
+    const fresh = this.#buffer.splice(0);
     this.#bufferBytes = 0;
-    if (records.length === 0) return;
+    if (fresh.length === 0) return;
+    const records = [...fresh, ...this.#replayed(fresh.length)];
+    this.#remember(fresh);
     const started = performance.now();
     const update = this.#updates + 1;
     this.emit('update-start', { update, records: records.length });
@@ -451,6 +471,7 @@ export class OnlineDecoder extends EventEmitter {
     const event: UpdateEvent = {
       update,
       records: records.length,
+      replayed: records.length - fresh.length,
       positions: records.reduce((a, r) => a + r.teachers.size, 0),
       steps,
       lossBefore,
@@ -460,6 +481,28 @@ export class OnlineDecoder extends EventEmitter {
     this.emit('update', event);
     const o = this.options;
     if (o.autosaveEvery !== undefined && update % o.autosaveEvery === 0) await this.saveDraft(o.autosavePath!);
+  }
+
+  /** Records from earlier updates to train on beside `fresh` of new ones: replay / (1 - replay) of it. */
+  #replayed(fresh: number): RecordEntry[] {
+    const want = Math.min(this.#reservoir.length, Math.round((fresh * this.options.replay) / (1 - this.options.replay)));
+    const pool = [...this.#reservoir];
+    const out: RecordEntry[] = [];
+    for (let i = 0; i < want; i++) out.push(pool.splice(Math.floor(this.#random() * pool.length), 1)[0]!);
+    return out;
+  }
+
+  /** Adds an update's new records to the replay reservoir (a uniform sample of all of them). */
+  #remember(records: RecordEntry[]): void {
+    if (this.options.replay === 0) return;
+    for (const r of records) {
+      this.#reservoirSeen++;
+      if (this.#reservoir.length < this.options.replayRecords) this.#reservoir.push(r);
+      else {
+        const j = Math.floor(this.#random() * this.#reservoirSeen);
+        if (j < this.options.replayRecords) this.#reservoir[j] = r;
+      }
+    }
   }
 
   /** A standalone copy of the draft's current weights. */

@@ -153,12 +153,29 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     await dec2.dispose();
   });
 
+  it('replay mixes records of earlier updates into later ones', async () => {
+    await using draft = await loadModel(draftPath);
+    const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 100, replay: 0.5, replayRecords: 3, guardMargin: 1 } });
+    for (const p of prompts.slice(0, 4)) await dec.generate({ tokens: p, maxTokens: 16 });
+    const first = await dec.updateNow();
+    expect(first).toMatchObject({ records: 4, replayed: 0 });
+    for (const p of prompts.slice(4, 6)) {
+      const want = await target.generate({ tokens: p, maxTokens: 16 });
+      expect(Array.from((await dec.generate({ tokens: p, maxTokens: 16 })).tokens)).toEqual(Array.from(want.tokens));
+    }
+    // 2 new records, and as many again (replay 0.5) from the reservoir of the first 4, which keeps 3.
+    expect(await dec.updateNow()).toMatchObject({ records: 4, replayed: 2 });
+    await dec.dispose();
+  });
+
   it('rejects bad configuration', async () => {
     await using draft = await loadModel(draftPath);
     expect(() => createOnlineDecoder({ target, draft, distill: { interval: 0 } })).toThrow(/interval/);
     expect(() => createOnlineDecoder({ target, draft, distill: { loss: 'kl' as never } })).toThrow(/distill.loss/);
     expect(() => createOnlineDecoder({ target, draft, distill: { lr: -1 } })).toThrow(/lr/);
     expect(() => createOnlineDecoder({ target, draft, distill: { trainThreads: -1 } })).toThrow(/distill.trainThreads/);
+    expect(() => createOnlineDecoder({ target, draft, distill: { replay: 1 } })).toThrow(/distill.replay must be in \[0, 1\)/);
+    expect(() => createOnlineDecoder({ target, draft, distill: { replayRecords: 0 } })).toThrow(/distill.replayRecords/);
     expect(() => createOnlineDecoder({ target, draft, distill: { autosaveEvery: 2 } })).toThrow(/autosavePath/);
     expect(() => createOnlineDecoder({ target, draft, strategy: { kind: 'ngram' } })).toThrow(/ngram/);
     await writeRandomModel(join(dir, 'v500.gguf'), { vocabSize: 500, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 64 });

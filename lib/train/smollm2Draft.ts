@@ -1,7 +1,7 @@
 // Builds a draft for SmolLM2-135M by distillation (npm run train:smollm2-draft):
 //
 //   npx tsx lib/train/smollm2Draft.ts [--target <gguf>] [--out models] [--work data/smollm2]
-//       [--phase all|cost|init|train|eval] [--minutes 60] [--dim 128] [--layers 2] [--ff 384]
+//       [--phase all|cost|init|train|eval|report] [--minutes 60] [--dim 128] [--layers 2] [--ff 384]
 //       [--heads 4] [--kv-heads 2] [--rows 8] [--seq-len 128] [--top-k 64] [--replay 3]
 //       [--lr 1.5e-3] [--prompts 6] [--max-tokens 48] [--threads 2] [--resume] [--quick]
 //
@@ -17,6 +17,7 @@
 // - eval: held-out acceptance per domain with createSpeculativeDecoder (chain g = 4, greedy and
 //   T = 0.8), written with the cost and the training curve to <out>/smollm2-draft.report.json and
 //   .md. The draft is <out>/smollm2-draft.gguf (F16 matrices).
+// - report: rewrites the .md from the .json (each phase keeps the other phases' sections).
 // Progress: a bar redrawn in place on a terminal, a line every 15 s otherwise.
 import { existsSync, mkdirSync, openSync, readFileSync, readSync, closeSync, renameSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -511,6 +512,54 @@ interface CurvePoint {
   heldOutTop1: number;
 }
 
+const LABEL: Record<string, string> = { speeches: 'English (speeches)', novel: 'English (novel)', definitions: 'English (definitions)', code: 'code', sql: 'SQL', email: 'email' };
+const label = LABEL;
+
+interface DraftReport {
+  target: string;
+  shape: DraftShape;
+  cost?: { targetMs: number; rows: CostRow[] };
+  curve?: CurvePoint[];
+  training?: { teacherTokens: number; steps: number; replay: number; rows: number; seqLen: number; topK: number; lr: number; minutes: number; teacherSeconds: number; trainSeconds: number };
+  acceptance?: Record<string, AcceptanceRow[]>;
+  file?: { path: string; bytes: number };
+}
+
+/** The Markdown report: cost table, training run, acceptance per domain. */
+export function reportMarkdown(r: DraftReport): string {
+  const f = (x?: number, digits = 3) => (x === undefined || Number.isNaN(x) ? '-' : x.toFixed(digits));
+  const md = ['# SmolLM2-135M draft: report', '', `Produced by \`npm run train:smollm2-draft\` (lib/train/smollm2Draft.ts) for ${r.target}.`, ''];
+  md.push(`Draft: llama, ${JSON.stringify(r.shape)}, tied embeddings initialised from the truncated SVD of the target's, full 49,152-token vocabulary, F16 matrices${r.file ? `, ${(r.file.bytes / 1e6).toFixed(1)} MB` : ''}.`, '');
+  if (r.cost) {
+    md.push(`## Cost: single-token decode time, draft / target (random weights of each shape, same run; target ${f(r.cost.targetMs, 2)} ms)`, '');
+    md.push('| candidate | type | weight MB/token | ms/token | c |', '| --- | --- | --- | --- | --- |');
+    for (const c of r.cost.rows) md.push(`| ${c.name} | ${c.type} | ${(c.weightBytesPerToken / 1e6).toFixed(1)} | ${f(c.decodeMs, 2)} | ${f(c.c)} |`);
+    md.push('');
+  }
+  if (r.training) {
+    const t = r.training;
+    md.push('## Training', '');
+    md.push(`${t.teacherTokens} teacher tokens of general English (speeches, novel, definitions) in ${f(t.minutes, 1)} minutes: ${t.steps} AdamW steps of ${t.rows} x ${t.seqLen} tokens (each teacher batch trained on ${t.replay} times), forward KL to the target's top-${t.topK} probabilities plus the residual mass, peak lr ${t.lr}, cosine decay. Time in the teacher (target forward) ${f(t.teacherSeconds, 0)} s, in draft steps ${f(t.trainSeconds, 0)} s.`, '');
+  }
+  if (r.curve?.length) {
+    md.push('| step | teacher tokens | minutes | train KL (EMA) | held-out KL | held-out top-1 agreement |', '| --- | --- | --- | --- | --- | --- |');
+    for (const p of r.curve) md.push(`| ${p.step} | ${p.tokens} | ${f(p.minutes, 1)} | ${f(p.trainLoss)} | ${f(p.heldOutLoss)} | ${f(p.heldOutTop1)} |`);
+    md.push('');
+  }
+  if (r.acceptance) {
+    md.push('## Held-out acceptance (createSpeculativeDecoder, chain g = 4, 64-token prompts from held-out text)', '');
+    md.push('| domain | init greedy | init T=0.8 | trained greedy | trained T=0.8 | trained tokens/pass (greedy) |', '| --- | --- | --- | --- | --- | --- |');
+    const domains = [...new Set([...(r.acceptance.init ?? []), ...(r.acceptance.trained ?? [])].map((x) => x.domain))];
+    for (const d of domains) {
+      const i = r.acceptance.init?.find((x) => x.domain === d);
+      const t = r.acceptance.trained?.find((x) => x.domain === d);
+      md.push(`| ${LABEL[d] ?? d} | ${f(i?.greedy.acceptance)} | ${f(i?.sampled.acceptance)} | ${f(t?.greedy.acceptance)} | ${f(t?.sampled.acceptance)} | ${f(t?.greedy.tokensPerStep, 2)} |`);
+    }
+    md.push('');
+  }
+  return md.join('\n');
+}
+
 async function main(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
@@ -565,7 +614,8 @@ async function main(argv: string[]): Promise<number> {
   const target = await loadModel(targetPath, { threads: Number(values.threads) });
   const tok = target.tokenizer!;
   const reportPath = join(outDir, 'smollm2-draft.report.json');
-  const report: Record<string, unknown> = existsSync(reportPath) && values.resume ? JSON.parse(readFileSync(reportPath, 'utf8')) : {};
+  // Each phase replaces its own section of the report and keeps the others.
+  const report: Record<string, unknown> = existsSync(reportPath) ? JSON.parse(readFileSync(reportPath, 'utf8')) : {};
   report.createdBy = 'lib/train/smollm2Draft.ts';
   report.target = targetPath.split('/').slice(-2).join('/');
   report.shape = shape;
@@ -609,6 +659,7 @@ async function main(argv: string[]): Promise<number> {
     // Held-out English for the curve (the teacher computed once).
     const evalSet = await teacherBatch(target, heldOutWindows(data.get('speeches.heldout') ?? shards[0]!, quick ? 2 : 4, seqLen), quick ? 2 : 4, seqLen, k);
     const curve: CurvePoint[] = (values.resume && Array.isArray(report.curve) ? report.curve : []) as CurvePoint[];
+    if (!values.resume) delete report.acceptance;
     const prevTokens = curve.length ? curve[curve.length - 1]!.tokens : 0;
     const prevMinutes = curve.length ? curve[curve.length - 1]!.minutes : 0;
     const rng = new XorShift(seed * 104729 + trainer.steps);
@@ -682,7 +733,6 @@ async function main(argv: string[]): Promise<number> {
   if (phase === 'all' || phase === 'eval') {
     const data = tokenizeDomains(tok, work, Number(values['cap-mb']));
     const heldOut = new Map<string, Uint16Array>();
-    const label: Record<string, string> = { speeches: 'English (speeches)', novel: 'English (novel)', definitions: 'English (definitions)', code: 'code', sql: 'SQL', email: 'email' };
     for (const d of ALL_DOMAINS) if (data.has(`${d}.heldout`)) heldOut.set(d, data.get(`${d}.heldout`)!);
     const evalOne = async (path: string, name: string) => {
       const draft = await loadModel(path);
@@ -699,18 +749,12 @@ async function main(argv: string[]): Promise<number> {
     report.acceptance = acceptance;
     if (existsSync(draftPath)) report.file = { path: 'smollm2-draft.gguf', bytes: statSync(draftPath).size };
     writeJsonAtomic(reportPath, report);
-    const md = ['# SmolLM2-135M draft: report', '', `Produced by \`npm run train:smollm2-draft\` (lib/train/smollm2Draft.ts), ${new Date().toISOString().slice(0, 10)}.`, '', `Shape: ${JSON.stringify(shape)}, tied embeddings, F16.`, ''];
-    md.push('| domain | init greedy | init T=0.8 | trained greedy | trained T=0.8 |', '| --- | --- | --- | --- | --- |');
-    for (const d of heldOut.keys()) {
-      const i = acceptance.init?.find((r) => r.domain === d);
-      const t = acceptance.trained?.find((r) => r.domain === d);
-      const f = (x?: number) => (x === undefined ? '-' : x.toFixed(3));
-      md.push(`| ${label[d] ?? d} | ${f(i?.greedy.acceptance)} | ${f(i?.sampled.acceptance)} | ${f(t?.greedy.acceptance)} | ${f(t?.sampled.acceptance)} |`);
-    }
-    md.push('');
-    writeFileSync(join(outDir, 'smollm2-draft.report.md.tmp'), md.join('\n'));
+  }
+  if (phase === 'all' || phase === 'eval' || phase === 'report') {
+    const md = reportMarkdown(report as unknown as DraftReport);
+    writeFileSync(join(outDir, 'smollm2-draft.report.md.tmp'), md);
     renameSync(join(outDir, 'smollm2-draft.report.md.tmp'), join(outDir, 'smollm2-draft.report.md'));
-    process.stdout.write(md.join('\n') + '\n');
+    process.stdout.write(md);
   }
   await target.dispose();
   return 0;

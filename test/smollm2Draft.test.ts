@@ -30,7 +30,7 @@ try {
 
 // F16 weights: llama.cpp rounds the activations to f16 before each product, this engine keeps them
 // in f32, so a greedy choice may differ where the top two logits are this close.
-const NEAR_TIE = 0.05;
+const NEAR_TIE = 0.1;
 
 describe('SmolLM2 draft construction', () => {
   it('topRightSingularVectors finds an orthonormal basis of the dominant subspace', () => {

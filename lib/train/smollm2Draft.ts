@@ -542,7 +542,7 @@ export function alphaFromTokensPerPass(tokensPerPass: number, g: number): number
 
 /** The Markdown report: cost table, training run, acceptance per domain. */
 export function reportMarkdown(r: DraftReport): string {
-  const f = (x?: number, digits = 3) => (x === undefined || Number.isNaN(x) ? '-' : x.toFixed(digits));
+  const f = (x?: number | null, digits = 3) => (typeof x !== 'number' || Number.isNaN(x) ? '-' : x.toFixed(digits));
   const md = ['# SmolLM2-135M draft: report', '', `Produced by \`npm run train:smollm2-draft\` (lib/train/smollm2Draft.ts) for ${r.target}.`, ''];
   md.push(`Draft: llama, ${JSON.stringify(r.shape)}, tied embeddings initialised from the truncated SVD of the target's, full 49,152-token vocabulary, F16 matrices${r.file ? `, ${(r.file.bytes / 1e6).toFixed(1)} MB` : ''}.`, '');
   if (r.cost) {

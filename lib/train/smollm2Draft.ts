@@ -1,0 +1,792 @@
+// Builds a draft for SmolLM2-135M by distillation (npm run train:smollm2-draft):
+//
+//   npx tsx lib/train/smollm2Draft.ts [--target <gguf>] [--out models] [--work data/smollm2]
+//       [--phase all|cost|init|train|eval|report] [--minutes 60] [--dim 128] [--layers 2] [--ff 384]
+//       [--heads 4] [--kv-heads 2] [--rows 8] [--seq-len 128] [--top-k 64] [--replay 3]
+//       [--lr 1.5e-3] [--prompts 6] [--max-tokens 48] [--threads 2] [--resume] [--quick]
+//
+// - cost: times single-token decode of candidate draft shapes (random weights, F16) against the
+//   target in the same run and prints the ratio c = draft ms / target ms.
+// - init: a narrow llama with tied embeddings, initialised from the truncated SVD of the target's
+//   token embeddings (the top-`dim` right singular vectors of E: E' = E Q); layers random.
+// - train: the target's own logits are the teacher (top-k + residual, forward KL), on general
+//   English only (speeches, novel, definitions) tokenized with SmolLM2's tokenizer; code, SQL and
+//   email stay unknown to the draft. Each teacher batch is trained on once fresh and replayed
+//   `replay - 1` times from an in-memory buffer (the teacher costs ~7x a draft step).
+//   Checkpoints (atomic) go to <work>/checkpoints; --resume continues from the last one.
+// - eval: held-out acceptance per domain with createSpeculativeDecoder (chain g = 4, greedy and
+//   T = 0.8), written with the cost and the training curve to <out>/smollm2-draft.report.json and
+//   .md. The draft is <out>/smollm2-draft.gguf (F16 matrices).
+// - report: rewrites the .md from the .json (each phase keeps the other phases' sections).
+// Progress: a bar redrawn in place on a terminal, a line every 15 s otherwise.
+import { existsSync, mkdirSync, openSync, readFileSync, readSync, closeSync, renameSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { parseArgs } from 'node:util';
+import { loadModel, writeRandomModel, type Model } from '../Model.js';
+import { createTrainer, loadTrainerCheckpoint, type Trainer, type TrainBatch } from '../Trainer.js';
+import { createSpeculativeDecoder } from '../SpeculativeDecoder.js';
+import type { Tokenizer } from '../Tokenizer.js';
+import { readGgufMetadata, writeGguf, type GgufMetadataEntry, type GgufTensorInput } from './bpe.js';
+import { ALL_DOMAINS, GENERAL_DOMAINS, loadCorpora, type Domain } from './corpus.js';
+import { ProgressBar, XorShift } from './trainDefault.js';
+
+export const DEFAULT_TARGET = 'shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf';
+
+export interface DraftShape {
+  embeddingLength: number;
+  layers: number;
+  heads: number;
+  kvHeads: number;
+  feedForwardLength: number;
+  contextLength: number;
+}
+
+export const DRAFT_SHAPE: DraftShape = { embeddingLength: 128, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 384, contextLength: 2048 };
+
+const log = (line: string) => process.stderr.write(`[smollm2-draft] ${line}\n`);
+
+// ---- the target's embeddings ----------------------------------------------------------------------
+
+function halfToFloat(h: number): number {
+  const s = h & 0x8000 ? -1 : 1;
+  const e = (h >> 10) & 0x1f;
+  const f = h & 0x3ff;
+  if (e === 0) return s * f * 2 ** -24;
+  if (e === 31) return f ? NaN : s * Infinity;
+  return s * (1 + f / 1024) * 2 ** (e - 15);
+}
+
+/** Reads one tensor of a GGUF file as f32 rows (F32, F16 or Q8_0). Returns [rows x cols]. */
+export function readTensorF32(path: string, name: string): { data: Float32Array; rows: number; cols: number } {
+  const meta = readGgufMetadata(path, { maxArrayLength: 0 });
+  const t = meta.tensors.find((x) => x.name === name);
+  if (!t) throw new Error(`${path}: no tensor ${name}`);
+  // Offsets are relative to the data section, which ends with the last tensor.
+  const last = meta.tensors.reduce((a, b) => (b.offset > a.offset ? b : a));
+  const dataStart = statSync(path).size - (last.offset + last.nBytes);
+  if (dataStart <= 0 || dataStart % meta.alignment !== 0) throw new Error(`${path}: cannot locate the tensor data section`);
+  const cols = t.dims[0]!;
+  const rows = t.dims.slice(1).reduce((a, b) => a * b, 1);
+  const buf = Buffer.alloc(t.nBytes);
+  const fd = openSync(path, 'r');
+  try {
+    readSync(fd, buf, 0, t.nBytes, dataStart + t.offset);
+  } finally {
+    closeSync(fd);
+  }
+  const out = new Float32Array(rows * cols);
+  if (t.type === 'F32') out.set(new Float32Array(buf.buffer, buf.byteOffset, rows * cols));
+  else if (t.type === 'F16') for (let i = 0; i < out.length; i++) out[i] = halfToFloat(buf.readUInt16LE(2 * i));
+  else if (t.type === 'Q8_0') {
+    for (let b = 0; b < out.length / 32; b++) {
+      const d = halfToFloat(buf.readUInt16LE(34 * b));
+      for (let j = 0; j < 32; j++) out[32 * b + j] = d * buf.readInt8(34 * b + 2 + j);
+    }
+  } else throw new Error(`${path}: ${name} is ${t.type}; F32, F16 or Q8_0 expected`);
+  return { data: out, rows, cols };
+}
+
+/**
+ * The top-`k` right singular vectors of E [n x D] (columns of Q [D x k], orthonormal), by
+ * subspace iteration on the Gram matrix E^T E.
+ */
+export function topRightSingularVectors(E: Float32Array, n: number, D: number, k: number, iterations = 30, seed = 1): Float64Array {
+  const G = new Float64Array(D * D);
+  const row = new Float64Array(D);
+  for (let r = 0; r < n; r++) {
+    for (let i = 0; i < D; i++) row[i] = E[r * D + i]!;
+    for (let i = 0; i < D; i++) {
+      const a = row[i]!;
+      if (a === 0) continue;
+      const off = i * D;
+      for (let j = i; j < D; j++) G[off + j] = G[off + j]! + a * row[j]!;
+    }
+  }
+  for (let i = 0; i < D; i++) for (let j = 0; j < i; j++) G[i * D + j] = G[j * D + i]!;
+  const rng = new XorShift(seed);
+  let Q = new Float64Array(D * k); // row-major [D x k]
+  for (let i = 0; i < Q.length; i++) Q[i] = rng.normal();
+  const orth = (M: Float64Array) => {
+    // Modified Gram-Schmidt on the columns.
+    for (let c = 0; c < k; c++) {
+      for (let p = 0; p < c; p++) {
+        let dot = 0;
+        for (let i = 0; i < D; i++) dot += M[i * k + c]! * M[i * k + p]!;
+        for (let i = 0; i < D; i++) M[i * k + c] = M[i * k + c]! - dot * M[i * k + p]!;
+      }
+      let nrm = 0;
+      for (let i = 0; i < D; i++) nrm += M[i * k + c]! ** 2;
+      nrm = Math.sqrt(nrm) || 1;
+      for (let i = 0; i < D; i++) M[i * k + c] = M[i * k + c]! / nrm;
+    }
+  };
+  orth(Q);
+  const next = new Float64Array(D * k);
+  for (let it = 0; it < iterations; it++) {
+    next.fill(0);
+    for (let i = 0; i < D; i++)
+      for (let j = 0; j < D; j++) {
+        const g = G[i * D + j]!;
+        for (let c = 0; c < k; c++) next[i * k + c] = next[i * k + c]! + g * Q[j * k + c]!;
+      }
+    Q = Float64Array.from(next);
+    orth(Q);
+  }
+  return Q;
+}
+
+// ---- the draft's initial GGUF ---------------------------------------------------------------------
+
+function tokenizerEntries(path: string): GgufMetadataEntry[] {
+  const meta = readGgufMetadata(path, { maxArrayLength: 1 << 24 });
+  const out: GgufMetadataEntry[] = [];
+  for (const [key, value] of Object.entries(meta.metadata)) {
+    if (!key.startsWith('tokenizer.')) continue;
+    const t = meta.types[key];
+    if (t === 'string') out.push({ key, type: 'string', value: value as string });
+    else if (t === 'uint32') out.push({ key, type: 'u32', value: value as number });
+    else if (t === 'int32') out.push({ key, type: 'i32', value: value as number });
+    else if (t === 'bool') out.push({ key, type: 'bool', value: value as boolean });
+    else if (t === 'array[string]') out.push({ key, type: 'string[]', value: value as string[] });
+    else if (t === 'array[float32]') out.push({ key, type: 'f32[]', value: value as number[] });
+    else if (t === 'array[int32]') out.push({ key, type: 'i32[]', value: value as number[] });
+    else throw new Error(`${path}: unexpected type ${t} for ${key}`);
+  }
+  return out;
+}
+
+/**
+ * Writes the draft's initial GGUF (F32): tied embeddings E Q from the target's token embeddings
+ * (truncated SVD), an output-norm gain that keeps the first logits moderate, random layers (std 0.02,
+ * residual projections scaled by 1/sqrt(2 L)). The target's tokenizer and chat template are copied.
+ */
+export function writeDraftInit(path: string, targetPath: string, shape: DraftShape, seed = 1, onLog: (s: string) => void = log): void {
+  const t0 = performance.now();
+  const emb = readTensorF32(targetPath, 'token_embd.weight');
+  const V = emb.rows;
+  const Dt = emb.cols;
+  const d = shape.embeddingLength;
+  if (d > Dt) throw new RangeError(`dim ${d} exceeds the target's ${Dt}`);
+  const Q = topRightSingularVectors(emb.data, V, Dt, d, 30, seed);
+  const E = new Float32Array(V * d);
+  let captured = 0;
+  let total = 0;
+  for (let v = 0; v < V; v++) {
+    for (let c = 0; c < d; c++) {
+      let s = 0;
+      for (let i = 0; i < Dt; i++) s += emb.data[v * Dt + i]! * Q[i * d + c]!;
+      E[v * d + c] = s;
+      captured += s * s;
+    }
+    for (let i = 0; i < Dt; i++) total += emb.data[v * Dt + i]! ** 2;
+  }
+  // Output gain: logits h.e'_v of a unit-RMS hidden state h spread with a standard deviation of
+  // about 2 nats over the vocabulary (the target's own gain would make them ~10x too peaked).
+  const rmsEntry = Math.sqrt(captured / (V * d));
+  const outGain = 2 / (Math.sqrt(d) * rmsEntry);
+  onLog(`init: SVD of the ${V} x ${Dt} embedding to ${d} dims keeps ${((100 * captured) / total).toFixed(1)}% of its energy (${((performance.now() - t0) / 1000).toFixed(1)}s)`);
+
+  const rng = new XorShift(seed * 7919 + 17);
+  const hd = d / shape.heads;
+  const tensors: GgufTensorInput[] = [];
+  const mat = (name: string, rows: number, cols: number, std: number) => {
+    const data = new Float32Array(rows * cols);
+    for (let i = 0; i < data.length; i++) data[i] = rng.normal() * std;
+    tensors.push({ name, type: 'F32', dims: [cols, rows], data });
+  };
+  const fill = (name: string, n: number, v: number) => tensors.push({ name, type: 'F32', dims: [n], data: new Float32Array(n).fill(v) });
+  const resid = 0.02 / Math.sqrt(2 * shape.layers);
+  tensors.push({ name: 'token_embd.weight', type: 'F32', dims: [d, V], data: E });
+  fill('output_norm.weight', d, outGain);
+  for (let l = 0; l < shape.layers; l++) {
+    const p = `blk.${l}.`;
+    fill(p + 'attn_norm.weight', d, 1);
+    mat(p + 'attn_q.weight', shape.heads * hd, d, 0.02);
+    mat(p + 'attn_k.weight', shape.kvHeads * hd, d, 0.02);
+    mat(p + 'attn_v.weight', shape.kvHeads * hd, d, 0.02);
+    mat(p + 'attn_output.weight', d, shape.heads * hd, resid);
+    fill(p + 'ffn_norm.weight', d, 1);
+    mat(p + 'ffn_gate.weight', shape.feedForwardLength, d, 0.02);
+    mat(p + 'ffn_up.weight', shape.feedForwardLength, d, 0.02);
+    mat(p + 'ffn_down.weight', d, shape.feedForwardLength, resid);
+  }
+  writeGguf(path, {
+    metadata: [
+      { key: 'general.architecture', type: 'string', value: 'llama' },
+      { key: 'general.name', type: 'string', value: 'online-specdec SmolLM2 draft' },
+      { key: 'llama.context_length', type: 'u32', value: shape.contextLength },
+      { key: 'llama.embedding_length', type: 'u32', value: d },
+      { key: 'llama.block_count', type: 'u32', value: shape.layers },
+      { key: 'llama.feed_forward_length', type: 'u32', value: shape.feedForwardLength },
+      { key: 'llama.attention.head_count', type: 'u32', value: shape.heads },
+      { key: 'llama.attention.head_count_kv', type: 'u32', value: shape.kvHeads },
+      { key: 'llama.rope.freq_base', type: 'f32', value: 10000 },
+      { key: 'llama.attention.layer_norm_rms_epsilon', type: 'f32', value: 1e-5 },
+      ...tokenizerEntries(targetPath),
+    ],
+    tensors,
+  });
+}
+
+// ---- cost -----------------------------------------------------------------------------------------
+
+export interface CostRow {
+  name: string;
+  shape: DraftShape;
+  type: 'F32' | 'F16';
+  weightBytesPerToken: number;
+  decodeMs: number;
+  c: number;
+}
+
+/** Candidate shapes: narrow llamas with the full 49,152-token head, and the target's width with 2 of its layers. */
+export const COST_CANDIDATES: Array<{ name: string; shape: DraftShape; type: 'F32' | 'F16' }> = [
+  { name: 'd64 L2', shape: { embeddingLength: 64, layers: 2, heads: 2, kvHeads: 1, feedForwardLength: 192, contextLength: 2048 }, type: 'F16' },
+  { name: 'd128 L2', shape: DRAFT_SHAPE, type: 'F16' },
+  { name: 'd128 L2 (F32)', shape: DRAFT_SHAPE, type: 'F32' },
+  { name: 'd128 L4', shape: { ...DRAFT_SHAPE, layers: 4 }, type: 'F16' },
+  { name: 'd192 L2', shape: { embeddingLength: 192, layers: 2, heads: 6, kvHeads: 2, feedForwardLength: 512, contextLength: 2048 }, type: 'F16' },
+  { name: 'd256 L2', shape: { embeddingLength: 256, layers: 2, heads: 8, kvHeads: 4, feedForwardLength: 688, contextLength: 2048 }, type: 'F16' },
+  { name: 'd576 L2 (target width)', shape: { embeddingLength: 576, layers: 2, heads: 9, kvHeads: 3, feedForwardLength: 1536, contextLength: 2048 }, type: 'F16' },
+];
+
+/** Decode-time ratio of each candidate to the target, timed in interleaved rounds in one run. */
+export async function measureCost(target: Model, candidates = COST_CANDIDATES, rounds = 6, stepsPerRound = 12): Promise<{ targetMs: number; rows: CostRow[] }> {
+  const dir = mkdtempSync(join(tmpdir(), 'osd-smoldraft-cost-'));
+  const V = target.info.vocabSize;
+  const models: Model[] = [];
+  try {
+    for (const [i, c] of candidates.entries()) {
+      const p = join(dir, `c${i}.gguf`);
+      await writeRandomModel(p, { ...c.shape, vocabSize: V, type: c.type, seed: i + 1 });
+      models.push(await loadModel(p));
+    }
+    const all = [target, ...models];
+    const times: number[][] = all.map(() => []);
+    const seqs = all.map((m) => m.createSequence({ contextSize: 512 }));
+    for (const s of seqs) await s.evaluate([1, 2, 3, 4]);
+    for (let r = 0; r < rounds; r++)
+      for (const [i, s] of seqs.entries()) {
+        if (s.length + stepsPerRound >= 512) s.truncate(4);
+        for (let k = 0; k < stepsPerRound; k++) {
+          const t0 = performance.now();
+          await s.evaluate([(r * 131 + k * 31 + 7) % 2000]);
+          times[i]!.push(performance.now() - t0);
+        }
+      }
+    for (const s of seqs) await s.dispose();
+    const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
+    const targetMs = median(times[0]!);
+    const rows = candidates.map((c, i) => ({
+      name: c.name,
+      shape: c.shape,
+      type: c.type,
+      weightBytesPerToken: models[i]!.info.weightBytesPerToken,
+      decodeMs: median(times[i + 1]!),
+      c: median(times[i + 1]!) / targetMs,
+    }));
+    return { targetMs, rows };
+  } finally {
+    await Promise.all(models.map((m) => m.dispose()));
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+// ---- data -----------------------------------------------------------------------------------------
+
+/** Token ids of every domain's splits with the target's tokenizer: <|endoftext|> before each document. Cached in `work`. */
+export function tokenizeDomains(tok: Tokenizer, work: string, capMB: number, domains: readonly Domain[] = ALL_DOMAINS): Map<string, Uint16Array> {
+  const out = new Map<string, Uint16Array>();
+  const missing = domains.filter((d) => !existsSync(join(work, `${d}.train.u16`)) || !existsSync(join(work, `${d}.heldout.u16`)));
+  if (missing.length) {
+    const eot = Math.max(0, tok.findToken('<|endoftext|>'));
+    const { corpora, missing: absent } = loadCorpora(missing, { capMB });
+    for (const m of absent) log(`skipping ${m.domain}: ${m.reason}`);
+    for (const c of corpora) {
+      for (const [split, docs] of [['train', c.train], ['heldout', c.heldOut]] as const) {
+        const parts: number[] = [];
+        for (const d of docs) {
+          parts.push(eot);
+          for (const t of tok.encode(d.text, { addBos: false })) parts.push(t);
+        }
+        parts.push(eot);
+        const ids = Uint16Array.from(parts);
+        const file = join(work, `${c.domain}.${split}.u16`);
+        writeFileSync(file + '.tmp', ids);
+        renameSync(file + '.tmp', file);
+        log(`tokenized ${c.domain} ${split}: ${docs.length} docs, ${ids.length} tokens`);
+      }
+    }
+  }
+  for (const d of domains)
+    for (const split of ['train', 'heldout'])
+      if (existsSync(join(work, `${d}.${split}.u16`))) {
+        const b = readFileSync(join(work, `${d}.${split}.u16`));
+        out.set(`${d}.${split}`, new Uint16Array(b.buffer, b.byteOffset, b.byteLength / 2));
+      }
+  return out;
+}
+
+// ---- the teacher ----------------------------------------------------------------------------------
+
+export interface TeacherBatch {
+  tokens: Int32Array;
+  rows: number;
+  seqLen: number;
+  k: number;
+  indices: Int32Array;
+  probs: Float32Array;
+  residual: Float32Array;
+  /** The teacher's argmax per position. */
+  top1: Int32Array;
+}
+
+/** Top-k probabilities (and the mass outside them) of each row of [n x V] logits. */
+export function topKRows(logits: Float32Array, n: number, V: number, k: number, into: { indices: Int32Array; probs: Float32Array; residual: Float32Array; top1: Int32Array }, rowOffset = 0): void {
+  const heapV = new Float32Array(k);
+  const heapI = new Int32Array(k);
+  for (let r = 0; r < n; r++) {
+    const base = r * V;
+    let mx = -Infinity;
+    for (let j = 0; j < V; j++) if (logits[base + j]! > mx) mx = logits[base + j]!;
+    let z = 0;
+    for (let j = 0; j < V; j++) z += Math.exp(logits[base + j]! - mx);
+    // Min-heap of the k largest.
+    let size = 0;
+    for (let j = 0; j < V; j++) {
+      const v = logits[base + j]!;
+      if (size < k) {
+        let i = size++;
+        while (i > 0) {
+          const p = (i - 1) >> 1;
+          if (heapV[p]! <= v) break;
+          heapV[i] = heapV[p]!;
+          heapI[i] = heapI[p]!;
+          i = p;
+        }
+        heapV[i] = v;
+        heapI[i] = j;
+      } else if (v > heapV[0]!) {
+        let i = 0;
+        for (;;) {
+          const l = 2 * i + 1;
+          if (l >= k) break;
+          const c = l + 1 < k && heapV[l + 1]! < heapV[l]! ? l + 1 : l;
+          if (heapV[c]! >= v) break;
+          heapV[i] = heapV[c]!;
+          heapI[i] = heapI[c]!;
+          i = c;
+        }
+        heapV[i] = v;
+        heapI[i] = j;
+      }
+    }
+    const row = rowOffset + r;
+    let mass = 0;
+    let best = 0;
+    for (let i = 0; i < k; i++) {
+      const p = Math.exp(heapV[i]! - mx) / z;
+      into.indices[row * k + i] = heapI[i]!;
+      into.probs[row * k + i] = p;
+      mass += p;
+      if (heapV[i]! > heapV[best]! || (heapV[i] === heapV[best] && heapI[i]! < heapI[best]!)) best = i;
+    }
+    into.top1[row] = heapI[best]!;
+    into.residual[row] = Math.max(0, 1 - mass);
+  }
+}
+
+/** The target's top-k teacher for `rows` windows of seqLen tokens. */
+export async function teacherBatch(target: Model, tokens: Int32Array, rows: number, seqLen: number, k: number): Promise<TeacherBatch> {
+  const V = target.info.vocabSize;
+  const n = rows * seqLen;
+  const b: TeacherBatch = { tokens, rows, seqLen, k, indices: new Int32Array(n * k), probs: new Float32Array(n * k), residual: new Float32Array(n), top1: new Int32Array(n) };
+  for (let r = 0; r < rows; r++) {
+    const logits = await target.forward(tokens.subarray(r * seqLen, (r + 1) * seqLen));
+    topKRows(logits, seqLen, V, k, b, r * seqLen);
+  }
+  return b;
+}
+
+function toTrainBatch(b: TeacherBatch): TrainBatch {
+  return { tokens: b.tokens, batchSize: b.rows, seqLen: b.seqLen, kind: 'forward-kl', teacher: { indices: b.indices, probs: b.probs, residual: b.residual } };
+}
+
+function sampleWindows(shards: Uint16Array[], rows: number, seqLen: number, rng: XorShift): Int32Array {
+  const tokens = new Int32Array(rows * seqLen);
+  for (let r = 0; r < rows; r++) {
+    const s = shards[Math.floor(rng.next() * shards.length)]!;
+    const start = Math.floor(rng.next() * (s.length - seqLen - 1));
+    for (let t = 0; t < seqLen; t++) tokens[r * seqLen + t] = s[start + t]!;
+  }
+  return tokens;
+}
+
+function heldOutWindows(shard: Uint16Array, windows: number, seqLen: number): Int32Array {
+  const n = Math.min(windows, Math.floor((shard.length - 1) / seqLen));
+  const stride = Math.floor((shard.length - seqLen - 1) / Math.max(1, n));
+  const tokens = new Int32Array(n * seqLen);
+  for (let w = 0; w < n; w++) for (let t = 0; t < seqLen; t++) tokens[w * seqLen + t] = shard[w * stride + t]!;
+  return tokens;
+}
+
+/** Held-out proxies: forward KL to the sparse teacher and top-1 agreement (draft argmax = target argmax). */
+export async function proxyEval(trainer: Trainer, draft: Model | null, b: TeacherBatch): Promise<{ loss: number; top1: number }> {
+  const loss = await trainer.evalLoss(toTrainBatch(b));
+  let agree = 0;
+  if (draft) {
+    const V = draft.info.vocabSize;
+    for (let r = 0; r < b.rows; r++) {
+      const logits = await draft.forward(b.tokens.subarray(r * b.seqLen, (r + 1) * b.seqLen));
+      for (let t = 0; t < b.seqLen; t++) {
+        let best = 0;
+        for (let j = 1; j < V; j++) if (logits[t * V + j]! > logits[t * V + best]!) best = j;
+        if (best === b.top1[r * b.seqLen + t]) agree++;
+      }
+    }
+  }
+  return { loss, top1: agree / (b.rows * b.seqLen) };
+}
+
+// ---- acceptance -----------------------------------------------------------------------------------
+
+export interface AcceptanceRow {
+  domain: string;
+  prompts: number;
+  /** acceptance = accepted / drafted; firstToken = how often the first drafted token was accepted. */
+  greedy: { acceptance: number; tokensPerStep: number; firstToken?: number };
+  sampled: { acceptance: number; tokensPerStep: number; firstToken?: number };
+}
+
+/** Held-out acceptance of `draft` against `target` per domain: chain g = 4, greedy and T = 0.8. */
+export async function measureAcceptance(target: Model, draft: Model, heldOut: Map<string, Uint16Array>, prompts: number, promptLen: number, maxTokens: number, onRow?: (r: AcceptanceRow) => void): Promise<AcceptanceRow[]> {
+  const dec = createSpeculativeDecoder({ target, draft, strategy: { kind: 'chain', length: 4 }, maxConcurrent: 1 });
+  const rows: AcceptanceRow[] = [];
+  for (const [domain, shard] of heldOut) {
+    const acc = { greedy: { d: 0, a: 0, tok: 0, steps: 0, first: 0 }, sampled: { d: 0, a: 0, tok: 0, steps: 0, first: 0 } };
+    const windows = heldOutWindows(shard, prompts, promptLen);
+    const n = windows.length / promptLen;
+    for (let i = 0; i < n; i++) {
+      const tokens = windows.subarray(i * promptLen, (i + 1) * promptLen);
+      for (const mode of ['greedy', 'sampled'] as const) {
+        const r = await dec.generate({ tokens, maxTokens, sampling: { temperature: mode === 'greedy' ? 0 : 0.8 }, seed: 1, stream: i, stopTokens: [] });
+        const s = acc[mode];
+        s.d += r.stats.drafted;
+        s.a += r.stats.accepted;
+        s.tok += r.stats.tokens;
+        s.steps += r.stats.targetPasses;
+        s.first += (r.stats.acceptanceByPosition[0] ?? 0) * r.stats.targetPasses;
+      }
+    }
+    const row: AcceptanceRow = {
+      domain,
+      prompts: n,
+      greedy: { acceptance: acc.greedy.a / Math.max(1, acc.greedy.d), tokensPerStep: acc.greedy.tok / Math.max(1, acc.greedy.steps), firstToken: acc.greedy.first / Math.max(1, acc.greedy.steps) },
+      sampled: { acceptance: acc.sampled.a / Math.max(1, acc.sampled.d), tokensPerStep: acc.sampled.tok / Math.max(1, acc.sampled.steps), firstToken: acc.sampled.first / Math.max(1, acc.sampled.steps) },
+    };
+    rows.push(row);
+    onRow?.(row);
+  }
+  await dec.dispose?.();
+  return rows;
+}
+
+// ---- main -----------------------------------------------------------------------------------------
+
+function fmtTime(s: number): string {
+  const m = Math.floor(s / 60);
+  return `${m}:${String(Math.floor(s % 60)).padStart(2, '0')}`;
+}
+
+function writeJsonAtomic(path: string, value: unknown): void {
+  writeFileSync(path + '.tmp', JSON.stringify(value, null, 2) + '\n');
+  renameSync(path + '.tmp', path);
+}
+
+interface CurvePoint {
+  step: number;
+  tokens: number;
+  minutes: number;
+  trainLoss: number;
+  heldOutLoss: number;
+  heldOutTop1: number;
+}
+
+const LABEL: Record<string, string> = { speeches: 'English (speeches)', novel: 'English (novel)', definitions: 'English (definitions)', code: 'code', sql: 'SQL', email: 'email' };
+const label = LABEL;
+
+interface DraftReport {
+  target: string;
+  shape: DraftShape;
+  cost?: { targetMs: number; rows: CostRow[] };
+  curve?: CurvePoint[];
+  training?: { teacherTokens: number; steps: number; replay: number; rows: number; seqLen: number; topK: number; lr: number; minutes: number; teacherSeconds: number; trainSeconds: number };
+  acceptance?: Record<string, AcceptanceRow[]>;
+  file?: { path: string; bytes: number };
+}
+
+/** The per-token acceptance a with (1 - a^(g+1)) / (1 - a) = tokens per target pass (bisection). */
+export function alphaFromTokensPerPass(tokensPerPass: number, g: number): number {
+  const tpp = (a: number) => (a >= 1 ? g + 1 : (1 - a ** (g + 1)) / (1 - a));
+  let lo = 0;
+  let hi = 1;
+  for (let i = 0; i < 60; i++) {
+    const mid = (lo + hi) / 2;
+    if (tpp(mid) < tokensPerPass) lo = mid;
+    else hi = mid;
+  }
+  return (lo + hi) / 2;
+}
+
+/** The Markdown report: cost table, training run, acceptance per domain. */
+export function reportMarkdown(r: DraftReport): string {
+  const f = (x?: number | null, digits = 3) => (typeof x !== 'number' || Number.isNaN(x) ? '-' : x.toFixed(digits));
+  const md = ['# SmolLM2-135M draft: report', '', `Produced by \`npm run train:smollm2-draft\` (lib/train/smollm2Draft.ts) for ${r.target}.`, ''];
+  md.push(`Draft: llama, ${JSON.stringify(r.shape)}, tied embeddings initialised from the truncated SVD of the target's, full 49,152-token vocabulary, F16 matrices${r.file ? `, ${(r.file.bytes / 1e6).toFixed(1)} MB` : ''}.`, '');
+  if (r.cost) {
+    md.push(`## Cost: single-token decode time, draft / target (random weights of each shape, same run; target ${f(r.cost.targetMs, 2)} ms)`, '');
+    md.push('| candidate | type | weight MB/token | ms/token | c |', '| --- | --- | --- | --- | --- |');
+    for (const c of r.cost.rows) md.push(`| ${c.name} | ${c.type} | ${(c.weightBytesPerToken / 1e6).toFixed(1)} | ${f(c.decodeMs, 2)} | ${f(c.c)} |`);
+    md.push('');
+  }
+  if (r.training) {
+    const t = r.training;
+    md.push('## Training', '');
+    md.push(`${t.teacherTokens} teacher tokens of general English (speeches, novel, definitions) in ${f(t.minutes, 1)} minutes: ${t.steps} AdamW steps of ${t.rows} x ${t.seqLen} tokens (each teacher batch trained on ${t.replay} times), forward KL to the target's top-${t.topK} probabilities plus the residual mass, peak lr ${t.lr}, cosine decay. Time in the teacher (target forward) ${f(t.teacherSeconds, 0)} s, in draft steps ${f(t.trainSeconds, 0)} s.`, '');
+  }
+  if (r.curve?.length) {
+    md.push('| step | teacher tokens | minutes | train KL (EMA) | held-out KL | held-out top-1 agreement |', '| --- | --- | --- | --- | --- | --- |');
+    for (const p of r.curve) md.push(`| ${p.step} | ${p.tokens} | ${f(p.minutes, 1)} | ${f(p.trainLoss)} | ${f(p.heldOutLoss)} | ${f(p.heldOutTop1)} |`);
+    md.push('');
+  }
+  if (r.acceptance) {
+    md.push('## Held-out acceptance (createSpeculativeDecoder, chain g = 4, 64-token prompts from held-out text)', '');
+    md.push(
+      'Acceptance here is accepted / drafted over the chain of 4 (the decoder\'s acceptanceRate); alpha is the per-token acceptance that gives the measured tokens per target pass under independence, (1 - alpha^5) / (1 - alpha).',
+      '',
+      '| domain | init greedy | init T=0.8 | trained greedy | trained T=0.8 | trained tokens/pass greedy (alpha) | trained tokens/pass T=0.8 (alpha) |',
+      '| --- | --- | --- | --- | --- | --- | --- |',
+    );
+    const domains = [...new Set([...(r.acceptance.init ?? []), ...(r.acceptance.trained ?? [])].map((x) => x.domain))];
+    for (const d of domains) {
+      const i = r.acceptance.init?.find((x) => x.domain === d);
+      const t = r.acceptance.trained?.find((x) => x.domain === d);
+      const tps = (x?: { tokensPerStep: number }) => (x ? `${f(x.tokensPerStep, 2)} (${f(alphaFromTokensPerPass(x.tokensPerStep, 4), 2)})` : '-');
+      md.push(`| ${LABEL[d] ?? d} | ${f(i?.greedy.acceptance)} | ${f(i?.sampled.acceptance)} | ${f(t?.greedy.acceptance)} | ${f(t?.sampled.acceptance)} | ${tps(t?.greedy)} | ${tps(t?.sampled)} |`);
+    }
+    md.push('');
+  }
+  return md.join('\n');
+}
+
+async function main(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      target: { type: 'string' },
+      out: { type: 'string', default: 'models' },
+      work: { type: 'string', default: 'data/smollm2' },
+      phase: { type: 'string', default: 'all' },
+      minutes: { type: 'string', default: '60' },
+      dim: { type: 'string', default: String(DRAFT_SHAPE.embeddingLength) },
+      layers: { type: 'string', default: String(DRAFT_SHAPE.layers) },
+      ff: { type: 'string', default: String(DRAFT_SHAPE.feedForwardLength) },
+      heads: { type: 'string', default: String(DRAFT_SHAPE.heads) },
+      'kv-heads': { type: 'string', default: String(DRAFT_SHAPE.kvHeads) },
+      rows: { type: 'string', default: '8' },
+      'seq-len': { type: 'string', default: '128' },
+      'top-k': { type: 'string', default: '64' },
+      replay: { type: 'string', default: '3' },
+      lr: { type: 'string', default: '1.5e-3' },
+      'cap-mb': { type: 'string', default: '4' },
+      prompts: { type: 'string', default: '6' },
+      'max-tokens': { type: 'string', default: '48' },
+      threads: { type: 'string', default: '0' },
+      seed: { type: 'string', default: '1' },
+      resume: { type: 'boolean', default: false },
+      quick: { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) {
+    process.stdout.write(readFileSync(new URL(import.meta.url), 'utf8').split('\nimport ')[0]!.replace(/^\/\/ ?/gm, '') + '\n');
+    return 0;
+  }
+  const quick = values.quick!;
+  const phase = values.phase!;
+  const targetPath = resolve(values.target ?? join(process.cwd(), '..', DEFAULT_TARGET));
+  if (!existsSync(targetPath)) throw new Error(`the target ${targetPath} is missing (pass --target <SmolLM2 GGUF>)`);
+  const outDir = resolve(values.out!);
+  const work = resolve(values.work!);
+  const ckptDir = join(work, 'checkpoints');
+  mkdirSync(ckptDir, { recursive: true });
+  mkdirSync(outDir, { recursive: true });
+  const shape: DraftShape = {
+    embeddingLength: Number(values.dim),
+    layers: Number(values.layers),
+    heads: Number(values.heads),
+    kvHeads: Number(values['kv-heads']),
+    feedForwardLength: Number(values.ff),
+    contextLength: DRAFT_SHAPE.contextLength,
+  };
+  const seed = Number(values.seed);
+  const target = await loadModel(targetPath, { threads: Number(values.threads) });
+  const tok = target.tokenizer!;
+  const reportPath = join(outDir, 'smollm2-draft.report.json');
+  // Each phase replaces its own section of the report and keeps the others.
+  const report: Record<string, unknown> = existsSync(reportPath) ? JSON.parse(readFileSync(reportPath, 'utf8')) : {};
+  report.createdBy = 'lib/train/smollm2Draft.ts';
+  report.target = targetPath.split('/').slice(-2).join('/');
+  report.shape = shape;
+
+  if (phase === 'all' || phase === 'cost') {
+    log('cost: timing single-token decode of candidate shapes against the target (same run)');
+    const cost = await measureCost(target, COST_CANDIDATES, quick ? 2 : 6, quick ? 4 : 12);
+    report.cost = cost;
+    process.stdout.write(`\nTarget decode ${cost.targetMs.toFixed(2)} ms/token (median, same run)\n\n| candidate | type | weight MB/token | ms/token | c = draft/target |\n| --- | --- | --- | --- | --- |\n`);
+    for (const r of cost.rows) process.stdout.write(`| ${r.name} | ${r.type} | ${(r.weightBytesPerToken / 1e6).toFixed(1)} | ${r.decodeMs.toFixed(2)} | ${r.c.toFixed(3)} |\n`);
+    process.stdout.write('\n');
+    writeJsonAtomic(reportPath, report);
+  }
+
+  const initPath = join(ckptDir, 'draft.init.gguf');
+  if (phase === 'all' || phase === 'init' || (phase === 'train' && !existsSync(initPath))) {
+    writeDraftInit(initPath, targetPath, shape, seed);
+    log(`init: wrote ${initPath}`);
+  }
+
+  const draftPath = join(outDir, 'smollm2-draft.gguf');
+  const ckpt = join(ckptDir, 'draft.ckpt.gguf');
+  if (phase === 'all' || phase === 'train') {
+    const data = tokenizeDomains(tok, work, Number(values['cap-mb']));
+    const shards = GENERAL_DOMAINS.map((d) => data.get(`${d}.train`)).filter((s): s is Uint16Array => !!s);
+    if (shards.length === 0) throw new Error('no general-English training text');
+    const rows = quick ? 2 : Number(values.rows);
+    const seqLen = quick ? 32 : Number(values['seq-len']);
+    const k = Number(values['top-k']);
+    const replay = Math.max(1, Number(values.replay));
+    const lr = Number(values.lr);
+    const budgetMs = (quick ? 0.3 : Number(values.minutes)) * 60_000;
+    let trainer: Trainer;
+    const initModel = await loadModel(initPath);
+    if (values.resume && existsSync(ckpt)) {
+      trainer = await loadTrainerCheckpoint(ckpt);
+      log(`resumed at step ${trainer.steps}`);
+    } else {
+      trainer = await createTrainer(initModel, { lr, warmupSteps: 30, schedule: 'cosine', totalSteps: 1_000_000, minLr: lr / 10, weightDecay: 0.01, clipNorm: 1, headChunk: 256 });
+    }
+    // Held-out English for the curve (the teacher computed once).
+    const evalSet = await teacherBatch(target, heldOutWindows(data.get('speeches.heldout') ?? shards[0]!, quick ? 2 : 4, seqLen), quick ? 2 : 4, seqLen, k);
+    const curve: CurvePoint[] = (values.resume && Array.isArray(report.curve) ? report.curve : []) as CurvePoint[];
+    if (!values.resume) delete report.acceptance;
+    const prevTokens = curve.length ? curve[curve.length - 1]!.tokens : 0;
+    const prevMinutes = curve.length ? curve[curve.length - 1]!.minutes : 0;
+    const rng = new XorShift(seed * 104729 + trainer.steps);
+    const buffer: TeacherBatch[] = [];
+    const maxBuffer = 512;
+    const bar = new ProgressBar('draft ');
+    const started = Date.now();
+    let lossEma = NaN;
+    let teacherTokens = 0;
+    let teacherMs = 0;
+    let trainMs = 0;
+    let lastSave = Date.now();
+    let lastEval = 0;
+    let lastLine = 0;
+    const record = async (force: boolean) => {
+      if (!force && Date.now() - lastEval < (quick ? 5_000 : 5 * 60_000)) return;
+      lastEval = Date.now();
+      const snap = await trainer.snapshot();
+      const ev = await proxyEval(trainer, snap, evalSet);
+      await snap.dispose();
+      curve.push({ step: trainer.steps, tokens: prevTokens + teacherTokens, minutes: prevMinutes + (Date.now() - started) / 60000, trainLoss: lossEma, heldOutLoss: ev.loss, heldOutTop1: ev.top1 });
+      if (!process.stderr.isTTY) log(`step ${trainer.steps}: train KL ${lossEma.toFixed(3)}, held-out KL ${ev.loss.toFixed(3)}, top-1 agreement ${ev.top1.toFixed(3)}`);
+    };
+    await record(true);
+    let sized = false;
+    while (Date.now() - started < budgetMs) {
+      let t0 = Date.now();
+      const fresh = await teacherBatch(target, sampleWindows(shards, rows, seqLen, rng), rows, seqLen, k);
+      teacherMs += Date.now() - t0;
+      teacherTokens += rows * seqLen;
+      buffer.push(fresh);
+      if (buffer.length > maxBuffer) buffer.splice(Math.floor(rng.next() * buffer.length), 1);
+      t0 = Date.now();
+      for (let i = 0; i < replay; i++) {
+        const b = i === 0 ? fresh : buffer[Math.floor(rng.next() * buffer.length)]!;
+        const r = await trainer.step(toTrainBatch(b));
+        lossEma = Number.isNaN(lossEma) ? r.loss : 0.95 * lossEma + 0.05 * r.loss;
+      }
+      trainMs += Date.now() - t0;
+      if (!sized && trainer.steps >= 3 * replay && !values.resume) {
+        const perStep = (Date.now() - started) / trainer.steps;
+        trainer.configure({ totalSteps: trainer.steps + Math.max(10, Math.floor((budgetMs - (Date.now() - started)) / perStep)) });
+        sized = true;
+      }
+      const el = Date.now() - started;
+      const fields = `step ${trainer.steps} KL ${lossEma.toFixed(3)} teacher ${(teacherTokens / (teacherMs / 1000)).toFixed(0)} tok/s train ${((teacherTokens * replay) / (trainMs / 1000)).toFixed(0)} tok/s ETA ${fmtTime(Math.max(0, (budgetMs - el) / 1000))}`;
+      if (process.stderr.isTTY) bar.update(el / budgetMs, fields);
+      else if (Date.now() - lastLine > 60_000) {
+        lastLine = Date.now();
+        log(`${((100 * el) / budgetMs).toFixed(0)}% ${fields}`);
+      }
+      if (Date.now() - lastSave > 5 * 60_000) {
+        await trainer.save(ckpt);
+        lastSave = Date.now();
+      }
+      await record(false);
+      report.curve = curve;
+      report.training = { teacherTokens: prevTokens + teacherTokens, steps: trainer.steps, replay, rows, seqLen, topK: k, lr, minutes: prevMinutes + (Date.now() - started) / 60000, teacherSeconds: teacherMs / 1000, trainSeconds: trainMs / 1000, domains: GENERAL_DOMAINS };
+    }
+    await trainer.save(ckpt);
+    await record(true);
+    bar.done(`steps ${trainer.steps} KL ${lossEma.toFixed(3)} teacher tokens ${teacherTokens}`);
+    report.curve = curve;
+    const snap = await trainer.snapshot();
+    await snap.save(draftPath, { type: 'F16' });
+    await Promise.all([snap.dispose(), trainer.dispose(), initModel.dispose()]);
+    log(`wrote ${draftPath} (${(statSync(draftPath).size / 1e6).toFixed(1)} MB)`);
+    writeJsonAtomic(reportPath, report);
+  }
+
+  if (phase === 'all' || phase === 'eval') {
+    const data = tokenizeDomains(tok, work, Number(values['cap-mb']));
+    const heldOut = new Map<string, Uint16Array>();
+    for (const d of ALL_DOMAINS) if (data.has(`${d}.heldout`)) heldOut.set(d, data.get(`${d}.heldout`)!);
+    const evalOne = async (path: string, name: string) => {
+      const draft = await loadModel(path);
+      log(`eval: ${name}: acceptance per domain (chain g = 4, greedy and T = 0.8)`);
+      const rows = await measureAcceptance(target, draft, heldOut, quick ? 1 : Number(values.prompts), quick ? 16 : 64, quick ? 8 : Number(values['max-tokens']), (r) =>
+        log(`  ${label[r.domain] ?? r.domain}: greedy ${r.greedy.acceptance.toFixed(3)}, T=0.8 ${r.sampled.acceptance.toFixed(3)}`),
+      );
+      await draft.dispose();
+      return rows;
+    };
+    const acceptance: Record<string, AcceptanceRow[]> = {};
+    if (existsSync(initPath)) acceptance.init = await evalOne(initPath, 'initial draft (SVD embeddings, random layers)');
+    if (existsSync(draftPath)) acceptance.trained = await evalOne(draftPath, 'trained draft');
+    report.acceptance = acceptance;
+    if (existsSync(draftPath)) report.file = { path: 'smollm2-draft.gguf', bytes: statSync(draftPath).size };
+    writeJsonAtomic(reportPath, report);
+  }
+  if (phase === 'all' || phase === 'eval' || phase === 'report') {
+    const md = reportMarkdown(report as unknown as DraftReport);
+    writeFileSync(join(outDir, 'smollm2-draft.report.md.tmp'), md);
+    renameSync(join(outDir, 'smollm2-draft.report.md.tmp'), join(outDir, 'smollm2-draft.report.md'));
+    process.stdout.write(md);
+  }
+  await target.dispose();
+  return 0;
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {
+  main(process.argv.slice(2)).then(
+    (code) => process.exit(code),
+    (err: unknown) => {
+      process.stderr.write(`train:smollm2-draft: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+      process.exit(1);
+    },
+  );
+}

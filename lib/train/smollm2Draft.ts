@@ -28,8 +28,9 @@ import { loadModel, writeRandomModel, type Model } from '../Model.js';
 import { createTrainer, loadTrainerCheckpoint, type Trainer, type TrainBatch } from '../Trainer.js';
 import { createSpeculativeDecoder } from '../SpeculativeDecoder.js';
 import type { Tokenizer } from '../Tokenizer.js';
-import { readGgufMetadata, writeGguf, type GgufMetadataEntry, type GgufTensorInput } from './bpe.js';
+import { readGgufMetadata } from './bpe.js';
 import { ALL_DOMAINS, GENERAL_DOMAINS, loadCorpora, type Domain } from './corpus.js';
+import { writeLlamaInit } from './llamaInit.js';
 import { ProgressBar, XorShift } from './trainDefault.js';
 
 export const DEFAULT_TARGET = 'shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf';
@@ -139,24 +140,6 @@ export function topRightSingularVectors(E: Float32Array, n: number, D: number, k
 
 // ---- the draft's initial GGUF ---------------------------------------------------------------------
 
-function tokenizerEntries(path: string): GgufMetadataEntry[] {
-  const meta = readGgufMetadata(path, { maxArrayLength: 1 << 24 });
-  const out: GgufMetadataEntry[] = [];
-  for (const [key, value] of Object.entries(meta.metadata)) {
-    if (!key.startsWith('tokenizer.')) continue;
-    const t = meta.types[key];
-    if (t === 'string') out.push({ key, type: 'string', value: value as string });
-    else if (t === 'uint32') out.push({ key, type: 'u32', value: value as number });
-    else if (t === 'int32') out.push({ key, type: 'i32', value: value as number });
-    else if (t === 'bool') out.push({ key, type: 'bool', value: value as boolean });
-    else if (t === 'array[string]') out.push({ key, type: 'string[]', value: value as string[] });
-    else if (t === 'array[float32]') out.push({ key, type: 'f32[]', value: value as number[] });
-    else if (t === 'array[int32]') out.push({ key, type: 'i32[]', value: value as number[] });
-    else throw new Error(`${path}: unexpected type ${t} for ${key}`);
-  }
-  return out;
-}
-
 /**
  * Writes the draft's initial GGUF (F32): tied embeddings E Q from the target's token embeddings
  * (truncated SVD), an output-norm gain that keeps the first logits moderate, random layers (std 0.02,
@@ -188,45 +171,12 @@ export function writeDraftInit(path: string, targetPath: string, shape: DraftSha
   const outGain = 2 / (Math.sqrt(d) * rmsEntry);
   onLog(`init: SVD of the ${V} x ${Dt} embedding to ${d} dims keeps ${((100 * captured) / total).toFixed(1)}% of its energy (${((performance.now() - t0) / 1000).toFixed(1)}s)`);
 
-  const rng = new XorShift(seed * 7919 + 17);
-  const hd = d / shape.heads;
-  const tensors: GgufTensorInput[] = [];
-  const mat = (name: string, rows: number, cols: number, std: number) => {
-    const data = new Float32Array(rows * cols);
-    for (let i = 0; i < data.length; i++) data[i] = rng.normal() * std;
-    tensors.push({ name, type: 'F32', dims: [cols, rows], data });
-  };
-  const fill = (name: string, n: number, v: number) => tensors.push({ name, type: 'F32', dims: [n], data: new Float32Array(n).fill(v) });
-  const resid = 0.02 / Math.sqrt(2 * shape.layers);
-  tensors.push({ name: 'token_embd.weight', type: 'F32', dims: [d, V], data: E });
-  fill('output_norm.weight', d, outGain);
-  for (let l = 0; l < shape.layers; l++) {
-    const p = `blk.${l}.`;
-    fill(p + 'attn_norm.weight', d, 1);
-    mat(p + 'attn_q.weight', shape.heads * hd, d, 0.02);
-    mat(p + 'attn_k.weight', shape.kvHeads * hd, d, 0.02);
-    mat(p + 'attn_v.weight', shape.kvHeads * hd, d, 0.02);
-    mat(p + 'attn_output.weight', d, shape.heads * hd, resid);
-    fill(p + 'ffn_norm.weight', d, 1);
-    mat(p + 'ffn_gate.weight', shape.feedForwardLength, d, 0.02);
-    mat(p + 'ffn_up.weight', shape.feedForwardLength, d, 0.02);
-    mat(p + 'ffn_down.weight', d, shape.feedForwardLength, resid);
-  }
-  writeGguf(path, {
-    metadata: [
-      { key: 'general.architecture', type: 'string', value: 'llama' },
-      { key: 'general.name', type: 'string', value: 'online-specdec SmolLM2 draft' },
-      { key: 'llama.context_length', type: 'u32', value: shape.contextLength },
-      { key: 'llama.embedding_length', type: 'u32', value: d },
-      { key: 'llama.block_count', type: 'u32', value: shape.layers },
-      { key: 'llama.feed_forward_length', type: 'u32', value: shape.feedForwardLength },
-      { key: 'llama.attention.head_count', type: 'u32', value: shape.heads },
-      { key: 'llama.attention.head_count_kv', type: 'u32', value: shape.kvHeads },
-      { key: 'llama.rope.freq_base', type: 'f32', value: 10000 },
-      { key: 'llama.attention.layer_norm_rms_epsilon', type: 'f32', value: 1e-5 },
-      ...tokenizerEntries(targetPath),
-    ],
-    tensors,
+  writeLlamaInit(path, { ...shape, vocabSize: V }, {
+    name: 'online-specdec SmolLM2 draft',
+    tokenizerPath: targetPath,
+    seed: seed * 7919 + 17,
+    embedding: E,
+    outputNormGain: outGain,
   });
 }
 

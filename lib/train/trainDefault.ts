@@ -16,7 +16,7 @@ import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { loadModel, type Model } from '../Model.js';
 import { createTrainer, loadTrainerCheckpoint, type Trainer, type TrainBatch } from '../Trainer.js';
-import { readGgufMetadata, writeGguf, type GgufMetadataEntry, type GgufTensorInput } from './bpe.js';
+import { writeLlamaInit, XorShift } from './llamaInit.js';
 import { GENERAL_DOMAINS, ALL_DOMAINS, type Domain } from './corpus.js';
 import { prepareData } from './prepareData.js';
 
@@ -68,25 +68,7 @@ export function loadShards(dataDir: string, domains: readonly Domain[], split: '
   return out;
 }
 
-/** A small deterministic PRNG (xorshift32) for window sampling and initialisation. */
-export class XorShift {
-  #s: number;
-  constructor(seed: number) {
-    this.#s = seed >>> 0 || 0x9e3779b9;
-  }
-  next(): number {
-    let x = this.#s;
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    this.#s = x >>> 0;
-    return this.#s / 4294967296;
-  }
-  normal(): number {
-    const u = Math.max(1e-12, this.next());
-    return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * this.next());
-  }
-}
+export { XorShift } from './llamaInit.js';
 
 /** A next-token batch of `rows` random windows of seqLen + 1 tokens, domains chosen uniformly. */
 export function sampleBatch(shards: Map<Domain, Uint16Array>, rows: number, seqLen: number, rng: XorShift): TrainBatch {
@@ -125,68 +107,9 @@ export function heldOutBatches(shard: Uint16Array, windows: number, seqLen: numb
   return batches;
 }
 
-/** The tokenizer.* entries of a tokenizer GGUF, ready to be written into a model. */
-function tokenizerEntries(tokenizerPath: string): GgufMetadataEntry[] {
-  const meta = readGgufMetadata(tokenizerPath, { maxArrayLength: 1 << 24 });
-  const out: GgufMetadataEntry[] = [];
-  for (const [key, value] of Object.entries(meta.metadata)) {
-    if (!key.startsWith('tokenizer.')) continue;
-    const t = meta.types[key];
-    if (t === 'string') out.push({ key, type: 'string', value: value as string });
-    else if (t === 'uint32') out.push({ key, type: 'u32', value: value as number });
-    else if (t === 'int32') out.push({ key, type: 'i32', value: value as number });
-    else if (t === 'bool') out.push({ key, type: 'bool', value: value as boolean });
-    else if (t === 'array[string]') out.push({ key, type: 'string[]', value: value as string[] });
-    else if (t === 'array[float32]') out.push({ key, type: 'f32[]', value: value as number[] });
-    else if (t === 'array[int32]') out.push({ key, type: 'i32[]', value: value as number[] });
-    else throw new Error(`${tokenizerPath}: unexpected type ${t} for ${key}`);
-  }
-  return out;
-}
-
 /** Writes a randomly initialised llama GGUF carrying the tokenizer (std 0.02, residual projections scaled down). */
 export function writeInitialModel(path: string, c: PairConfig, tokenizerPath: string, seed: number): void {
-  const rng = new XorShift(seed);
-  const hd = c.embeddingLength / c.heads;
-  const D = c.embeddingLength;
-  const tensors: GgufTensorInput[] = [];
-  const mat = (name: string, rows: number, cols: number, std: number) => {
-    const data = new Float32Array(rows * cols);
-    for (let i = 0; i < data.length; i++) data[i] = rng.normal() * std;
-    tensors.push({ name, type: 'F32', dims: [cols, rows], data });
-  };
-  const ones = (name: string, n: number) => tensors.push({ name, type: 'F32', dims: [n], data: new Float32Array(n).fill(1) });
-  const resid = 0.02 / Math.sqrt(2 * c.layers);
-  mat('token_embd.weight', c.vocabSize, D, 0.02);
-  ones('output_norm.weight', D);
-  for (let l = 0; l < c.layers; l++) {
-    const p = `blk.${l}.`;
-    ones(p + 'attn_norm.weight', D);
-    mat(p + 'attn_q.weight', c.heads * hd, D, 0.02);
-    mat(p + 'attn_k.weight', c.kvHeads * hd, D, 0.02);
-    mat(p + 'attn_v.weight', c.kvHeads * hd, D, 0.02);
-    mat(p + 'attn_output.weight', D, c.heads * hd, resid);
-    ones(p + 'ffn_norm.weight', D);
-    mat(p + 'ffn_gate.weight', c.feedForwardLength, D, 0.02);
-    mat(p + 'ffn_up.weight', c.feedForwardLength, D, 0.02);
-    mat(p + 'ffn_down.weight', D, c.feedForwardLength, resid);
-  }
-  writeGguf(path, {
-    metadata: [
-      { key: 'general.architecture', type: 'string', value: 'llama' },
-      { key: 'general.name', type: 'string', value: 'online-specdec default model' },
-      { key: 'llama.context_length', type: 'u32', value: c.contextLength },
-      { key: 'llama.embedding_length', type: 'u32', value: D },
-      { key: 'llama.block_count', type: 'u32', value: c.layers },
-      { key: 'llama.feed_forward_length', type: 'u32', value: c.feedForwardLength },
-      { key: 'llama.attention.head_count', type: 'u32', value: c.heads },
-      { key: 'llama.attention.head_count_kv', type: 'u32', value: c.kvHeads },
-      { key: 'llama.rope.freq_base', type: 'f32', value: 10000 },
-      { key: 'llama.attention.layer_norm_rms_epsilon', type: 'f32', value: 1e-5 },
-      ...tokenizerEntries(tokenizerPath),
-    ],
-    tensors,
-  });
+  writeLlamaInit(path, c, { name: 'online-specdec default model', tokenizerPath, seed });
 }
 
 /** A one-line progress bar with loss, tokens/s and ETA, redrawn in place on a terminal. */

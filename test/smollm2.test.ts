@@ -25,24 +25,19 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Model } from '../lib/index.js';
 import { addon } from '../lib/addon.js';
 import { applyChatTemplate } from '../lib/chatTemplate.js';
+import { importNodeLlamaCpp, SMOLLM2 } from './helpers/llamaCpp.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
-const SMOL = resolve(root, '../shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf');
+const SMOL = SMOLLM2;
 const VOCAB = resolve(root, '../shared/models/vocab');
 const have = existsSync(SMOL);
 if (!have) console.warn(`skip: ${SMOL} not found (the SmolLM2 tests need ../shared/models)`);
 
-type Nlc = typeof import('node-llama-cpp');
 type LlamaModel = import('node-llama-cpp').LlamaModel;
 type Llama = import('node-llama-cpp').Llama;
 type Token = import('node-llama-cpp').Token;
 
-let nlc: Nlc | null = null;
-try {
-  nlc = await import('node-llama-cpp');
-} catch {
-  console.warn('skip: node-llama-cpp is not installed; the comparisons with llama.cpp are skipped');
-}
+const nlc = await importNodeLlamaCpp('the comparisons with llama.cpp are skipped');
 
 // Greedy choices whose margin (our top logit minus the logit of llama.cpp's choice) is below this
 // are decided by activation-quantisation noise (each engine is up to ~0.9 off exact arithmetic).

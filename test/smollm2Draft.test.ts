@@ -11,22 +11,17 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Model } from '../lib/index.js';
 import { DRAFT_SHAPE, topKRows, topRightSingularVectors, writeDraftInit } from '../lib/train/smollm2Draft.js';
 import { XorShift } from '../lib/train/trainDefault.js';
+import { importNodeLlamaCpp, SMOLLM2 } from './helpers/llamaCpp.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
-const SMOL = resolve(root, '../shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf');
+const SMOL = SMOLLM2;
 const COMMITTED = resolve(root, 'models/smollm2-draft.gguf');
 const haveTarget = existsSync(SMOL);
 const haveDraft = existsSync(COMMITTED);
 if (!haveDraft && !haveTarget) console.warn(`skip: neither ${COMMITTED} nor ${SMOL} exists (the SmolLM2 draft tests need one of them)`);
 
-type Nlc = typeof import('node-llama-cpp');
 type Token = import('node-llama-cpp').Token;
-let nlc: Nlc | null = null;
-try {
-  nlc = await import('node-llama-cpp');
-} catch {
-  console.warn('skip: node-llama-cpp is not installed; the llama.cpp round trip of the SmolLM2 draft is skipped');
-}
+const nlc = await importNodeLlamaCpp('the llama.cpp round trip of the SmolLM2 draft is skipped');
 
 // F16 weights: llama.cpp rounds the activations to f16 before each product, this engine keeps them
 // in f32, so a greedy choice may differ where the top two logits are this close.

@@ -125,8 +125,12 @@ async function hasTokenizer(path: string): Promise<boolean> {
   }
 }
 
-/** Storage type for the matrices of a written model (norms stay F32). */
-export type StoreType = 'F32' | 'F16' | 'BF16';
+/**
+ * Storage type for the matrices of a written model (norms and biases stay F32). The quantised types
+ * are llama.cpp's block formats, written by the engine's own quantiser (round to nearest); a matrix
+ * whose row length is not a multiple of 32 is stored as F16 instead.
+ */
+export type StoreType = 'F32' | 'F16' | 'BF16' | 'Q8_0' | 'Q5_0' | 'Q5_1' | 'Q4_0' | 'Q4_1';
 
 export interface RandomModelConfig {
   vocabSize: number;
@@ -258,7 +262,11 @@ export class Model {
     this.handle.setWeights(weights.handle);
   }
 
-  /** Writes this model as GGUF (llama.cpp's layout), atomically. Matrices are stored as `type` (default F32). */
+  /**
+   * Writes this model as GGUF (llama.cpp's layout), atomically. Matrices are stored as `type`
+   * (default F32; see StoreType). A matrix already stored in that type is copied unchanged, so a
+   * quantised model saved in its own type loses nothing.
+   */
   async save(path: string, options: { type?: StoreType } = {}): Promise<void> {
     if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
     await native.saveModel(this.handle, path, options);

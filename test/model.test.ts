@@ -232,4 +232,59 @@ describe('written models', () => {
     expect(worst).toBeLessThan(0.05);
     await Promise.all([src.dispose(), back.dispose(), half.dispose()]);
   });
+
+  it.skipIf(!have)('quantised saves: llama.cpp block formats, close logits, F16 for odd rows, lossless in their own type', async () => {
+    const { readGgufMetadata } = await import('../lib/train/bpe.js');
+    await using src = await loadModel(STORIES);
+    const toks = [1, 403, 407, 261, 280];
+    const ref = await src.forward(toks);
+    const scale = Math.max(...Array.from(ref, Math.abs));
+    // Worst logit error relative to the largest logit. This tiny model is sensitive (F16 moves it by
+    // 0.3%, Q8_0 by about 10%); what is checked is the order of the formats and a loose bound.
+    const tolerance = { Q8_0: 0.15, Q5_0: 0.6, Q5_1: 0.6, Q4_0: 1, Q4_1: 1 } as const;
+    const errors: Record<string, number> = {};
+    const f32Bytes = readFileSync(join(dir, 'stories.gguf')).length;
+    for (const type of Object.keys(tolerance) as (keyof typeof tolerance)[]) {
+      const path = join(dir, `stories-${type}.gguf`);
+      await src.save(path, { type });
+      const { tensors } = readGgufMetadata(path, { maxArrayLength: 0 }) as unknown as { tensors: { name: string; type: string; dims: number[] }[] };
+      for (const t of tensors) {
+        // Norms stay F32; stories260K's feed-forward width (172) is not a whole number of 32-blocks.
+        const want = t.dims.length === 1 ? 'F32' : t.dims[0]! % 32 === 0 ? type : 'F16';
+        expect(t.type, `${type}: ${t.name} [${t.dims.join(', ')}]`).toBe(want);
+      }
+      expect(tensors.some((t) => t.type === type)).toBe(true);
+      expect(tensors.some((t) => t.type === 'F16')).toBe(true);
+      expect(readFileSync(path).length).toBeLessThan(f32Bytes * 0.6);
+      await using q = await loadModel(path);
+      const got = await q.forward(toks);
+      let worst = 0;
+      for (let i = 0; i < ref.length; i++) worst = Math.max(worst, Math.abs(ref[i]! - got[i]!));
+      expect(worst / scale, type).toBeLessThan(tolerance[type]);
+      expect(worst, `${type} changes the logits`).toBeGreaterThan(0);
+      errors[type] = worst;
+      // Saved again in its own type, every matrix is copied as it is.
+      await q.save(join(dir, `again-${type}.gguf`), { type });
+      expect(readFileSync(join(dir, `again-${type}.gguf`)).equals(readFileSync(path)), type).toBe(true);
+    }
+    expect(errors.Q8_0).toBeLessThan(Math.min(errors.Q5_0!, errors.Q5_1!));
+    expect(Math.max(errors.Q5_0!, errors.Q5_1!)).toBeLessThan(Math.min(errors.Q4_0!, errors.Q4_1!));
+    await expect(src.save(join(dir, 'bad.gguf'), { type: 'Q4_K' as never })).rejects.toThrow(RangeError);
+    await expect(src.save(join(dir, 'bad.gguf'), { type: 'Q4_K' as never })).rejects.toThrow(/Q8_0/);
+  });
+
+  it('random models can be written quantised', async () => {
+    const { writeRandomModel } = await import('../lib/index.js');
+    const config = { vocabSize: 96, embeddingLength: 64, layers: 1, heads: 4, kvHeads: 2, feedForwardLength: 96, contextLength: 64, seed: 3 };
+    await writeRandomModel(join(dir, 'r32.gguf'), config);
+    await writeRandomModel(join(dir, 'r8.gguf'), { ...config, type: 'Q8_0' });
+    expect(readFileSync(join(dir, 'r8.gguf')).length).toBeLessThan(readFileSync(join(dir, 'r32.gguf')).length * 0.4);
+    await using a = await loadModel(join(dir, 'r32.gguf'));
+    await using b = await loadModel(join(dir, 'r8.gguf'));
+    const x = await a.forward([1, 2, 3]);
+    const y = await b.forward([1, 2, 3]);
+    let worst = 0;
+    for (let i = 0; i < x.length; i++) worst = Math.max(worst, Math.abs(x[i]! - y[i]!));
+    expect(worst).toBeLessThan(0.05 * Math.max(...Array.from(x, Math.abs)));
+  });
 });

@@ -3,7 +3,7 @@
 //   npx tsx lib/train/smollm2Draft.ts [--target <gguf>] [--out models] [--work data/smollm2]
 //       [--phase all|cost|init|train|eval|report] [--minutes 60] [--dim 128] [--layers 2] [--ff 384]
 //       [--heads 4] [--kv-heads 2] [--rows 8] [--seq-len 128] [--top-k 64] [--replay 3]
-//       [--lr 1.5e-3] [--prompts 6] [--max-tokens 48] [--threads 2] [--resume] [--quick]
+//       [--lr 1.5e-3] [--prompts 6] [--max-tokens 48] [--threads 2] [--type F16] [--resume] [--quick]
 //
 // - cost: times single-token decode of candidate draft shapes (random weights, F16) against the
 //   target in the same run and prints the ratio c = draft ms / target ms.
@@ -16,7 +16,8 @@
 //   Checkpoints (atomic) go to <work>/checkpoints; --resume continues from the last one.
 // - eval: held-out acceptance per domain with createSpeculativeDecoder (chain g = 4, greedy and
 //   T = 0.8), written with the cost and the training curve to <out>/smollm2-draft.report.json and
-//   .md. The draft is <out>/smollm2-draft.gguf (F16 matrices).
+//   .md. The draft is <out>/smollm2-draft.gguf, its matrices stored as --type (F16 by default;
+//   Q8_0 halves the bytes a draft token reads, see the cost phase).
 // - report: rewrites the .md from the .json (each phase keeps the other phases' sections).
 // Progress: a bar redrawn in place on a terminal, a line every 15 s otherwise.
 import { existsSync, mkdirSync, openSync, readFileSync, readSync, closeSync, renameSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
@@ -24,7 +25,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
-import { loadModel, writeRandomModel, type Model } from '../Model.js';
+import { loadModel, writeRandomModel, type Model, type StoreType } from '../Model.js';
 import { createTrainer, loadTrainerCheckpoint, type Trainer, type TrainBatch } from '../Trainer.js';
 import { createSpeculativeDecoder } from '../SpeculativeDecoder.js';
 import type { Tokenizer } from '../Tokenizer.js';
@@ -185,20 +186,22 @@ export function writeDraftInit(path: string, targetPath: string, shape: DraftSha
 export interface CostRow {
   name: string;
   shape: DraftShape;
-  type: 'F32' | 'F16';
+  type: StoreType;
   weightBytesPerToken: number;
   decodeMs: number;
   c: number;
 }
 
 /** Candidate shapes: narrow llamas with the full 49,152-token head, and the target's width with 2 of its layers. */
-export const COST_CANDIDATES: Array<{ name: string; shape: DraftShape; type: 'F32' | 'F16' }> = [
+export const COST_CANDIDATES: Array<{ name: string; shape: DraftShape; type: StoreType }> = [
   { name: 'd64 L2', shape: { embeddingLength: 64, layers: 2, heads: 2, kvHeads: 1, feedForwardLength: 192, contextLength: 2048 }, type: 'F16' },
   { name: 'd128 L2', shape: DRAFT_SHAPE, type: 'F16' },
   { name: 'd128 L2 (F32)', shape: DRAFT_SHAPE, type: 'F32' },
+  { name: 'd128 L2 (Q8_0)', shape: DRAFT_SHAPE, type: 'Q8_0' },
   { name: 'd128 L4', shape: { ...DRAFT_SHAPE, layers: 4 }, type: 'F16' },
   { name: 'd192 L2', shape: { embeddingLength: 192, layers: 2, heads: 6, kvHeads: 2, feedForwardLength: 512, contextLength: 2048 }, type: 'F16' },
   { name: 'd256 L2', shape: { embeddingLength: 256, layers: 2, heads: 8, kvHeads: 4, feedForwardLength: 688, contextLength: 2048 }, type: 'F16' },
+  { name: 'd256 L2 (Q8_0)', shape: { embeddingLength: 256, layers: 2, heads: 8, kvHeads: 4, feedForwardLength: 704, contextLength: 2048 }, type: 'Q8_0' },
   { name: 'd576 L2 (target width)', shape: { embeddingLength: 576, layers: 2, heads: 9, kvHeads: 3, feedForwardLength: 1536, contextLength: 2048 }, type: 'F16' },
 ];
 
@@ -474,7 +477,7 @@ interface DraftReport {
   curve?: CurvePoint[];
   training?: { teacherTokens: number; steps: number; replay: number; rows: number; seqLen: number; topK: number; lr: number; minutes: number; teacherSeconds: number; trainSeconds: number };
   acceptance?: Record<string, AcceptanceRow[]>;
-  file?: { path: string; bytes: number };
+  file?: { path: string; bytes: number; type?: StoreType };
 }
 
 /** The per-token acceptance a with (1 - a^(g+1)) / (1 - a) = tokens per target pass (bisection). */
@@ -494,7 +497,7 @@ export function alphaFromTokensPerPass(tokensPerPass: number, g: number): number
 export function reportMarkdown(r: DraftReport): string {
   const f = (x?: number | null, digits = 3) => (typeof x !== 'number' || Number.isNaN(x) ? '-' : x.toFixed(digits));
   const md = ['# SmolLM2-135M draft: report', '', `Produced by \`npm run train:smollm2-draft\` (lib/train/smollm2Draft.ts) for ${r.target}.`, ''];
-  md.push(`Draft: llama, ${JSON.stringify(r.shape)}, tied embeddings initialised from the truncated SVD of the target's, full 49,152-token vocabulary, F16 matrices${r.file ? `, ${(r.file.bytes / 1e6).toFixed(1)} MB` : ''}.`, '');
+  md.push(`Draft: llama, ${JSON.stringify(r.shape)}, tied embeddings initialised from the truncated SVD of the target's, full 49,152-token vocabulary${r.file ? `, ${r.file.type ?? 'F16'} matrices, ${(r.file.bytes / 1e6).toFixed(1)} MB` : ''}.`, '');
   if (r.cost) {
     md.push(`## Cost: single-token decode time, draft / target (random weights of each shape, same run; target ${f(r.cost.targetMs, 2)} ms)`, '');
     md.push('| candidate | type | weight MB/token | ms/token | c |', '| --- | --- | --- | --- | --- |');
@@ -551,6 +554,7 @@ async function main(argv: string[]): Promise<number> {
       replay: { type: 'string', default: '3' },
       lr: { type: 'string', default: '1.5e-3' },
       'cap-mb': { type: 'string', default: '4' },
+      type: { type: 'string', default: 'F16' },
       prompts: { type: 'string', default: '6' },
       'max-tokens': { type: 'string', default: '48' },
       threads: { type: 'string', default: '0' },
@@ -566,6 +570,8 @@ async function main(argv: string[]): Promise<number> {
   }
   const quick = values.quick!;
   const phase = values.phase!;
+  const draftType = values.type as StoreType;
+  if (!['F32', 'F16', 'BF16', 'Q8_0', 'Q5_0', 'Q5_1', 'Q4_0', 'Q4_1'].includes(draftType)) throw new RangeError(`--type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1, got ${draftType}`);
   const targetPath = resolve(values.target ?? join(process.cwd(), '..', DEFAULT_TARGET));
   if (!existsSync(targetPath)) throw new Error(`the target ${targetPath} is missing (pass --target <SmolLM2 GGUF>)`);
   const outDir = resolve(values.out!);
@@ -695,7 +701,7 @@ async function main(argv: string[]): Promise<number> {
     bar.done(`steps ${trainer.steps} KL ${lossEma.toFixed(3)} teacher tokens ${teacherTokens}`);
     report.curve = curve;
     const snap = await trainer.snapshot();
-    await snap.save(draftPath, { type: 'F16' });
+    await snap.save(draftPath, { type: draftType });
     await Promise.all([snap.dispose(), trainer.dispose(), initModel.dispose()]);
     log(`wrote ${draftPath} (${(statSync(draftPath).size / 1e6).toFixed(1)} MB)`);
     writeJsonAtomic(reportPath, report);
@@ -718,7 +724,7 @@ async function main(argv: string[]): Promise<number> {
     if (existsSync(initPath)) acceptance.init = await evalOne(initPath, 'initial draft (SVD embeddings, random layers)');
     if (existsSync(draftPath)) acceptance.trained = await evalOne(draftPath, 'trained draft');
     report.acceptance = acceptance;
-    if (existsSync(draftPath)) report.file = { path: 'smollm2-draft.gguf', bytes: statSync(draftPath).size };
+    if (existsSync(draftPath)) report.file = { path: 'smollm2-draft.gguf', bytes: statSync(draftPath).size, type: draftType };
     writeJsonAtomic(reportPath, report);
   }
   if (phase === 'all' || phase === 'eval' || phase === 'report') {

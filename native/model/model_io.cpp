@@ -4,6 +4,8 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/thread_pool.h"
+#include "model/quant.h"
 
 namespace osd {
 
@@ -30,11 +32,49 @@ void set_model_metadata(gguf::Writer& w, const ModelConfig& c) {
   }
 }
 
+bool can_store(gguf::TensorType type) {
+  using gguf::TensorType;
+  switch (type) {
+    case TensorType::F32:
+    case TensorType::F16:
+    case TensorType::BF16:
+    case TensorType::Q8_0:
+    case TensorType::Q5_0:
+    case TensorType::Q5_1:
+    case TensorType::Q4_0:
+    case TensorType::Q4_1:
+      return true;
+    default:
+      return false;
+  }
+}
+
+void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType type, int64_t rows, int64_t cols,
+                   const float* data, std::vector<std::unique_ptr<std::vector<uint8_t>>>& keep) {
+  using gguf::TensorType;
+  const std::vector<uint64_t> dims{static_cast<uint64_t>(cols), static_cast<uint64_t>(rows)};
+  if (type == TensorType::F32 || type == TensorType::F16 || type == TensorType::BF16) {
+    w.add_tensor(name, type, dims, data);
+    return;
+  }
+  if (cols % gguf::type_info(type).block_size != 0) {
+    w.add_tensor(name, TensorType::F16, dims, data);
+    return;
+  }
+  const size_t row_bytes = quant::bytes_for(type, cols);
+  auto buf = std::make_unique<std::vector<uint8_t>>(row_bytes * static_cast<size_t>(rows));
+  uint8_t* out = buf->data();
+  default_pool().parallel_for(static_cast<size_t>(rows), 64, [&](size_t lo, size_t hi) {
+    for (size_t r = lo; r < hi; ++r) quant::quantize(type, data + r * cols, cols, out + r * row_bytes);
+  });
+  w.add_tensor_raw(name, type, dims, buf->data(), buf->size());
+  keep.push_back(std::move(buf));
+}
+
 void save_gguf(const Model& model, const std::string& path, gguf::TensorType type) {
   using gguf::TensorType;
   using gguf::Value;
-  if (type != TensorType::F32 && type != TensorType::F16 && type != TensorType::BF16)
-    throw_range("type must be F32, F16 or BF16");
+  if (!can_store(type)) throw_range("type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1");
   const ModelConfig& c = model.config();
   gguf::Writer w;
   set_model_metadata(w, c);
@@ -42,9 +82,14 @@ void save_gguf(const Model& model, const std::string& path, gguf::TensorType typ
     for (const auto& kv : src->metadata())
       if (kv.key.rfind("tokenizer.", 0) == 0) w.set(kv.key, kv.value);
 
-  // Matrices are dequantised into buffers that live until the file is written.
-  std::vector<std::unique_ptr<std::vector<float>>> keep;
+  // Converted matrices live in these buffers until the file is written.
+  std::vector<std::unique_ptr<std::vector<float>>> floats;
+  std::vector<std::unique_ptr<std::vector<uint8_t>>> bytes;
   auto add_matrix = [&](const std::string& name, const Matrix& m) {
+    if (m.type == type) {
+      w.add_tensor_raw(name, type, {static_cast<uint64_t>(m.cols), static_cast<uint64_t>(m.rows)}, m.data, m.bytes());
+      return;
+    }
     const float* data;
     if (m.type == TensorType::F32) {
       data = reinterpret_cast<const float*>(m.data);
@@ -52,9 +97,9 @@ void save_gguf(const Model& model, const std::string& path, gguf::TensorType typ
       auto buf = std::make_unique<std::vector<float>>(static_cast<size_t>(m.rows * m.cols));
       for (int64_t r = 0; r < m.rows; ++r) dequantize_row(m, r, buf->data() + r * m.cols);
       data = buf->data();
-      keep.push_back(std::move(buf));
+      floats.push_back(std::move(buf));
     }
-    w.add_tensor(name, type, {static_cast<uint64_t>(m.cols), static_cast<uint64_t>(m.rows)}, data);
+    add_matrix_as(w, name, type, m.rows, m.cols, data, bytes);
   };
   auto add_vector = [&](const std::string& name, const float* v, int64_t n) {
     w.add_tensor(name, TensorType::F32, {static_cast<uint64_t>(n)}, v);

@@ -1,15 +1,28 @@
 // Writing models as GGUF (llama architecture, llama.cpp's tensor names), for checkpoints and for
 // the project's own models. Files are replaced atomically.
 #pragma once
+#include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "io/gguf.h"
 #include "model/model.h"
 
 namespace osd {
 
-// Writes `model` with every matrix stored as `type` (F32, F16 or BF16; norms stay F32).
-// Tokenizer metadata (tokenizer.*) of a GGUF source is carried over.
+// Types a model can be written as: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1.
+bool can_store(gguf::TensorType type);
+
+// Adds a [rows x cols] float matrix to `w` stored as `type`. A quantised type needs cols to be a
+// whole number of its blocks; a matrix whose rows are not is stored as F16 instead (as llama.cpp's
+// quantiser does). Quantised bytes are kept in `keep` until the file is written.
+void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType type, int64_t rows, int64_t cols,
+                   const float* data, std::vector<std::unique_ptr<std::vector<uint8_t>>>& keep);
+
+// Writes `model` with every matrix stored as `type` (see can_store; norms and biases stay F32). A
+// matrix already stored as `type` is copied as it is, so a quantised model saved in its own type
+// loses nothing. Tokenizer metadata (tokenizer.*) of a GGUF source is carried over.
 void save_gguf(const Model& model, const std::string& path, gguf::TensorType type);
 
 // The general.* and <arch>.* keys llama.cpp's loader reads, from a configuration.

@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/philox.h"
 #include "core/thread_pool.h"
+#include "model/model_io.h"
 
 namespace osd {
 
@@ -36,8 +37,7 @@ void write_random_gguf(const std::string& path, const ModelConfig& cin, uint64_t
   if (c.n_kv_heads <= 0) c.n_kv_heads = c.n_heads;
   if (c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0)
     throw_range("config: embeddingLength must be a multiple of heads, and heads a multiple of kvHeads");
-  if (type != TensorType::F32 && type != TensorType::F16 && type != TensorType::BF16)
-    throw_range("type must be F32, F16 or BF16");
+  if (!can_store(type)) throw_range("type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1");
   c.head_dim = c.dim / c.n_heads;
   gguf::Writer w;
   w.set("general.architecture", Value::str("llama"));
@@ -52,11 +52,12 @@ void write_random_gguf(const std::string& path, const ModelConfig& cin, uint64_t
   w.set("llama.attention.layer_norm_rms_epsilon", Value::f32(c.rms_eps));
   w.set("llama.vocab_size", Value::u32(c.vocab));
   std::vector<std::unique_ptr<std::vector<float>>> keep;
+  std::vector<std::unique_ptr<std::vector<uint8_t>>> bytes;
   uint64_t id = 0;
   auto mat = [&](const std::string& name, int64_t rows, int64_t cols) {
     auto buf = std::make_unique<std::vector<float>>(static_cast<size_t>(rows * cols));
     fill_normal(*buf, seed, id++, 1.0f / std::sqrt(static_cast<float>(cols)));
-    w.add_tensor(name, type, {static_cast<uint64_t>(cols), static_cast<uint64_t>(rows)}, buf->data());
+    add_matrix_as(w, name, type, rows, cols, buf->data(), bytes);
     keep.push_back(std::move(buf));
   };
   auto ones = [&](const std::string& name, int64_t n) {

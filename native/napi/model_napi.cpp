@@ -328,10 +328,10 @@ Napi::Value sample_logits(const Napi::CallbackInfo& info) {
 
 gguf::TensorType parse_store_type(Napi::Env env, const Napi::Object& o) {
   std::string t = has(o, "type") ? o.Get("type").ToString().Utf8Value() : "F32";
-  if (t == "F32") return gguf::TensorType::F32;
-  if (t == "F16") return gguf::TensorType::F16;
-  if (t == "BF16") return gguf::TensorType::BF16;
-  throw Napi::RangeError::New(env, "type must be 'F32', 'F16' or 'BF16', got '" + t + "'");
+  for (gguf::TensorType c : {gguf::TensorType::F32, gguf::TensorType::F16, gguf::TensorType::BF16, gguf::TensorType::Q8_0,
+                             gguf::TensorType::Q5_0, gguf::TensorType::Q5_1, gguf::TensorType::Q4_0, gguf::TensorType::Q4_1})
+    if (t == gguf::type_info(c).name) return c;
+  throw Napi::RangeError::New(env, "type must be 'F32', 'F16', 'BF16', 'Q8_0', 'Q5_0', 'Q5_1', 'Q4_0' or 'Q4_1', got '" + t + "'");
 }
 
 class WriteRandomWorker : public PromiseWorker {

@@ -32,23 +32,6 @@ void set_model_metadata(gguf::Writer& w, const ModelConfig& c) {
   }
 }
 
-bool can_store(gguf::TensorType type) {
-  using gguf::TensorType;
-  switch (type) {
-    case TensorType::F32:
-    case TensorType::F16:
-    case TensorType::BF16:
-    case TensorType::Q8_0:
-    case TensorType::Q5_0:
-    case TensorType::Q5_1:
-    case TensorType::Q4_0:
-    case TensorType::Q4_1:
-      return true;
-    default:
-      return false;
-  }
-}
-
 void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType type, int64_t rows, int64_t cols,
                    const float* data, std::vector<std::unique_ptr<std::vector<uint8_t>>>& keep) {
   using gguf::TensorType;
@@ -74,7 +57,7 @@ void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType ty
 void save_gguf(const Model& model, const std::string& path, gguf::TensorType type) {
   using gguf::TensorType;
   using gguf::Value;
-  if (!can_store(type)) throw_range("type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1");
+  if (!quant::can_quantize(type)) throw_range("type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1");
   const ModelConfig& c = model.config();
   gguf::Writer w;
   set_model_metadata(w, c);

@@ -11,16 +11,13 @@
 
 namespace osd {
 
-// Types a model can be written as: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1.
-bool can_store(gguf::TensorType type);
-
 // Adds a [rows x cols] float matrix to `w` stored as `type`. A quantised type needs cols to be a
 // whole number of its blocks; a matrix whose rows are not is stored as F16 instead (as llama.cpp's
 // quantiser does). Quantised bytes are kept in `keep` until the file is written.
 void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType type, int64_t rows, int64_t cols,
                    const float* data, std::vector<std::unique_ptr<std::vector<uint8_t>>>& keep);
 
-// Writes `model` with every matrix stored as `type` (see can_store; norms and biases stay F32). A
+// Writes `model` with every matrix stored as `type` (any type quant::can_quantize accepts; norms and biases stay F32). A
 // matrix already stored as `type` is copied as it is, so a quantised model saved in its own type
 // loses nothing. Tokenizer metadata (tokenizer.*) of a GGUF source is carried over.
 void save_gguf(const Model& model, const std::string& path, gguf::TensorType type);

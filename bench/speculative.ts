@@ -3,14 +3,16 @@
 // measured in the same run, at greedy and at temperature 0.8.
 //
 //   npx tsx bench/speculative.ts [--quick] [--prompts N] [--tokens N] [--big] [--big-only] [--threads N]
-//                                [--distill-seconds S] [--json-only]
+//                                [--distill-seconds S] [--json-only] [--domains a,b] [--samplings greedy,T=0.8]
+//                                [--strategies 'chain g=2,tree 16'] [--extra '{"name": <Strategy>}']
 //
 // Prompts: the held-out prompts of test/fixtures/heldout-prompts.json (models/demo-prompts.json
 // where the fixture is missing, as in the npm package), the first N of every domain.
 // --quick: 2 prompts of 24 tokens per domain, speeches and code only (a smoke test, about a minute).
 // --big adds a random-weight target of about 100M parameters (memory-bound, like real models)
 // with a small draft distilled from it for a few minutes in the same run; --big-only skips the
-// default pair.
+// default pair. --domains, --samplings and --strategies keep only the named rows (comma-separated);
+// --extra adds named strategies given as JSON (for comparing variants in one run).
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -31,25 +33,28 @@ import { fmtNum, formatTable, machineFacts, parseArgs, probeBandwidth, progress,
 const HELDOUT_PROMPTS = join(packageRoot, 'test', 'fixtures', 'heldout-prompts.json');
 const { flags, values } = parseArgs(process.argv.slice(2), {
   booleans: ['quick', 'big', 'big-only', 'json-only'],
-  values: ['prompts', 'tokens', 'threads', 'distill-seconds'],
+  values: ['prompts', 'tokens', 'threads', 'distill-seconds', 'domains', 'samplings', 'strategies', 'extra'],
 });
+const listOf = (name: string) => (values.has(name) ? values.get(name)!.split(',').map((x) => x.trim()) : undefined);
 const quick = flags.has('quick');
 if (values.has('threads')) setThreads(Number(values.get('threads')));
 const nPrompts = Number(values.get('prompts') ?? (quick ? 2 : 6));
 const maxTokens = Number(values.get('tokens') ?? (quick ? 24 : 64));
 
-const STRATEGIES: { name: string; strategy: Strategy }[] = [
+const ALL_STRATEGIES: { name: string; strategy: Strategy }[] = [
   { name: 'chain g=2', strategy: { kind: 'chain', length: 2 } },
   { name: 'chain g=4', strategy: { kind: 'chain', length: 4 } },
   { name: 'chain g=6', strategy: { kind: 'chain', length: 6 } },
   { name: 'tree 16', strategy: { kind: 'tree', budget: 16, maxDepth: 6, branching: 3 } },
   { name: 'adaptive', strategy: { kind: 'adaptive', maxLength: 8 } },
   { name: 'ngram', strategy: { kind: 'ngram', length: 4 } },
+  ...Object.entries(JSON.parse(values.get('extra') ?? '{}') as Record<string, Strategy>).map(([name, strategy]) => ({ name, strategy })),
 ];
+const STRATEGIES = ALL_STRATEGIES.filter((s) => !listOf('strategies') || listOf('strategies')!.includes(s.name));
 const SAMPLINGS: { name: string; sampling: SamplingOptions }[] = [
   { name: 'greedy', sampling: { temperature: 0 } },
   { name: 'T=0.8', sampling: { temperature: 0.8 } },
-];
+].filter((s) => !listOf('samplings') || listOf('samplings')!.includes(s.name));
 
 interface Row {
   pair: string;
@@ -140,6 +145,8 @@ async function main(): Promise<void> {
     const domains: Record<string, string[]> = {};
     for (const ph of PHASES) for (const d of ph.domains) domains[d] = (all[d] ?? []).slice(0, nPrompts);
     if (quick) for (const d of Object.keys(domains)) if (!['speeches', 'code'].includes(d)) delete domains[d];
+    const only = listOf('domains');
+    if (only) for (const d of Object.keys(domains)) if (!only.includes(d)) delete domains[d];
     rows.push(...(await measure('default', target, draft, domains)));
     // The draft was trained on general English only: those are the domains it knows.
     for (const sampling of SAMPLINGS.map((x) => x.name)) {

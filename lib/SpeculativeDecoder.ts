@@ -11,9 +11,29 @@ import { checkSignal, throwIfAborted } from './withAbortSignal.js';
 
 const sampleLogits = (addon as unknown as { sampleLogits(o: object): number }).sampleLogits;
 
+/**
+ * How a tree's children are drafted at temperature > 0 (greedy always uses the draft's top tokens):
+ * - 'sampled': drawn without replacement from the draft's warped distribution and verified in
+ *   'sampled-without-replacement' mode. With flat distributions this accepts far more than top
+ *   tokens: a sampled child is accepted with probability 1 - TV(p, q), a top token with only its
+ *   target probability. The tree is a chain drafted as usual (one draft pass per level) with extra
+ *   siblings at each level drawn from the rows the chain needed (no extra draft pass), shaped from the
+ *   running acceptance of each child rank (see sampledTreeShape).
+ * - 'deterministic': the draft's top tokens by cumulative probability (q treated as one-hot).
+ * - 'auto' (default): 'sampled' when temperature > 0.
+ */
+export type TreeChildren = 'auto' | 'sampled' | 'deterministic';
+
 export type Strategy =
   | { kind: 'chain'; length?: number }
-  | { kind: 'tree'; budget?: number; maxDepth?: number; branching?: number }
+  /**
+   * A draft tree verified in one tree-masked target pass. budget: most nodes (default 16); maxDepth
+   * (default 6); branching: most children per node (default 4); children: see TreeChildren. Sampled
+   * trees stop adding nodes where the measured draft and target costs say more would slow decoding
+   * (so on a cheap-to-verify target they grow, on a costly one they shrink to a short chain);
+   * fill: true always uses the whole budget, as greedy trees do.
+   */
+  | { kind: 'tree'; budget?: number; maxDepth?: number; branching?: number; children?: TreeChildren; fill?: boolean }
   | { kind: 'adaptive'; maxLength?: number }
   | { kind: 'ngram'; length?: number; maxNgram?: number };
 
@@ -198,11 +218,16 @@ function normaliseStrategy(s: Strategy | undefined): Required<Strategy> & Strate
     case 'chain':
       return { kind: 'chain', length: checkPositiveInt(st.length ?? 4, 'strategy.length', 64) };
     case 'tree':
+      if (st.children !== undefined && !['auto', 'sampled', 'deterministic'].includes(st.children))
+        throw new RangeError(`strategy.children must be 'auto', 'sampled' or 'deterministic', got '${String(st.children)}'`);
+      if (st.fill !== undefined && typeof st.fill !== 'boolean') throw new TypeError('strategy.fill must be a boolean');
       return {
         kind: 'tree',
         budget: checkPositiveInt(st.budget ?? 16, 'strategy.budget', 256),
         maxDepth: checkPositiveInt(st.maxDepth ?? 6, 'strategy.maxDepth', 64),
         branching: checkPositiveInt(st.branching ?? 4, 'strategy.branching', 64),
+        children: st.children ?? 'auto',
+        fill: st.fill ?? false,
       };
     case 'adaptive':
       return { kind: 'adaptive', maxLength: checkPositiveInt(st.maxLength ?? 8, 'strategy.maxLength', 64) };
@@ -272,6 +297,58 @@ function topCandidates(logits: Float32Array, k: number, temperature: number): [n
   return best.map(([i, l]) => [i, Math.exp((l - max) / t) / z]);
 }
 
+/** Costs of a sampled tree in target decode passes: each node adds `node` to the target pass, each level `level` (a draft pass). */
+export interface TreeCosts {
+  node: number;
+  level: number;
+}
+
+/**
+ * The shape of a sampled draft tree: a spine (each level's first child, drafted like a chain, one
+ * draft pass per level) with extra siblings at each level, drawn from the row the spine already
+ * needed, so siblings cost target tokens but no draft pass. accept[j] is the chance that a node's
+ * (j + 1)-th child is accepted once the earlier ones were rejected (Sequoia's positional
+ * acceptance); a node is worth the chance that verification accepts it. Nodes are added best value
+ * per cost first; without costs the budget is filled, with costs the shape stops where expected
+ * tokens per unit of time, (1 + value) / (1 + cost), is highest (at least one node, so acceptance
+ * keeps being measured). Returns widths[d], the number of children at level d + 1 (the first is the
+ * spine). The shape depends on no token of the step, which keeps sampled verification exact.
+ */
+export function sampledTreeShape(accept: readonly number[], budget: number, maxDepth: number, costs?: TreeCosts): number[] {
+  const reach: number[] = [1]; // reach[j]: chance that ranks 0..j-1 were all rejected
+  for (let j = 0; j < accept.length; j++) reach.push(reach[j]! * (1 - accept[j]!));
+  const widths: number[] = [];
+  const spineValue = (d: number) => (accept[0] ?? 0) ** d; // chance of reaching level d's spine node
+  const node = costs?.node ?? 1;
+  const level = costs?.level ?? 0;
+  let value = 0;
+  let cost = 0;
+  let best = { ratio: -Infinity, widths: [] as number[] };
+  for (let n = 0; n < budget; n++) {
+    // Extend the spine, or add the next sibling at the level where it is worth most per cost.
+    let at = widths.length < maxDepth && accept.length ? widths.length : -1;
+    let v = at >= 0 ? spineValue(at + 1) : 0;
+    let c = node + level;
+    for (let d = 0; d < widths.length; d++) {
+      const r = widths[d]!;
+      if (r >= accept.length) continue;
+      const vs = spineValue(d) * reach[r]! * accept[r]!;
+      if (vs / node > v / c) [at, v, c] = [d, vs, node];
+    }
+    if (at < 0 || v <= 0) break;
+    if (at === widths.length) widths.push(1);
+    else widths[at]!++;
+    value += v;
+    cost += c;
+    const ratio = (1 + value) / (1 + cost);
+    if (!costs || ratio > best.ratio) best = { ratio, widths: [...widths] };
+  }
+  return best.widths;
+}
+
+/** Test-only planted bugs: the exactness tests must catch each. */
+export type SpeculativeFault = 'tree-top-children-as-sampled';
+
 export class SpeculativeDecoder extends EventEmitter {
   readonly target: Model;
   readonly draft: Model | undefined;
@@ -293,6 +370,13 @@ export class SpeculativeDecoder extends EventEmitter {
   #adaptRejected = 1;
   #draftTokenMs = 0;
   #targetPassMs = 0;
+  // Sampled trees: decayed counts of the j-th child tried and accepted (earlier siblings rejected).
+  #rankTried: number[] = [];
+  #rankAccepted: number[] = [];
+  // Their measured costs: draft ms per level, and decayed sums for a line fit of target ms against nodes.
+  #levelMs = 0;
+  #passFit = { w: 0, x: 0, y: 0, xx: 0, xy: 0 };
+  readonly #fault: SpeculativeFault | undefined;
 
   constructor(options: SpeculativeDecoderOptions) {
     super();
@@ -310,6 +394,7 @@ export class SpeculativeDecoder extends EventEmitter {
     this.maxConcurrent = options.maxConcurrent === undefined ? 2 : checkPositiveInt(options.maxConcurrent, 'maxConcurrent', 1024);
     if (options.onVerified !== undefined && typeof options.onVerified !== 'function') throw new TypeError('onVerified must be a function');
     this.#onVerified = options.onVerified;
+    this.#fault = (options as { _fault?: SpeculativeFault })._fault;
   }
 
   /** Cumulative statistics over every finished request. */
@@ -558,7 +643,9 @@ export class SpeculativeDecoder extends EventEmitter {
       case 'adaptive':
         return this.#chainStep(req, step, T, D!, committed, Math.min(budget, this.#adaptiveLength()));
       case 'tree':
-        return this.#treeStep(req, step, T, D!, committed, budget);
+        return this.strategy.children !== 'deterministic' && req.sampling.temperature > 0
+          ? this.#sampledTreeStep(req, step, T, D!, committed, budget)
+          : this.#treeStep(req, step, T, D!, committed, budget);
       case 'ngram':
         return this.#ngramStep(req, step, T, committed, budget);
     }
@@ -657,7 +744,6 @@ export class SpeculativeDecoder extends EventEmitter {
       }
       D.truncate(dBase);
     }
-    const n = tokens.length;
     const input = Int32Array.from([last, ...tokens]);
     const treeParents = Int32Array.from([-1, ...parents.map((p) => p + 1)]);
     const tBase = T.length;
@@ -676,6 +762,121 @@ export class SpeculativeDecoder extends EventEmitter {
       stream: streamOf(req, step, false),
       children: 'deterministic',
     });
+    return this.#finishTree(req, T, committed, parents, tokens, targetLogits, tBase, r);
+  }
+
+  /** Draft a tree whose children are sampled without replacement from the warped draft distribution. */
+  async #sampledTreeStep(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], budget: number): Promise<number[]> {
+    if (this.strategy.kind !== 'tree') throw new Error('unreachable');
+    const V = this.vocabSize;
+    const c = req.counters;
+    const last = committed[committed.length - 1]!;
+    const { branching, maxDepth, fill } = this.strategy;
+    const widths = sampledTreeShape(this.#rankAcceptance(branching), Math.min(this.strategy.budget, budget), maxDepth, fill ? undefined : this.#treeCosts());
+    const parents: number[] = [];
+    const tokens: number[] = [];
+    const spine: number[] = []; // node index of each level's first child
+    // Draft rows: rows[0] at the root, rows[i + 1] after spine node i (the nodes with children).
+    const rows: (Float32Array | undefined)[] = [];
+    if (widths.length) {
+      const dStart = performance.now();
+      let q = await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length), { lastOnly: true }));
+      for (let d = 0; d < widths.length; d++) {
+        const parent = d === 0 ? -1 : spine[d - 1]!;
+        const row = q.subarray(0, V);
+        rows[parent + 1] = row;
+        const drawn: number[] = [];
+        for (let j = 0; j < widths[d]!; j++) {
+          // Position = node index: one Philox draw per node, on the step's draft stream.
+          const token =
+            this.#fault === 'tree-top-children-as-sampled'
+              ? (topCandidates(row, j + 1, req.sampling.temperature)[j]?.[0] ?? -1)
+              : sampleLogits({ logits: row, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, true), position: tokens.length, ...(j ? { exclude: Int32Array.from(drawn) } : {}) });
+          if (token < 0) break; // the warped support (top-k / top-p) is used up
+          if (j === 0) spine.push(tokens.length);
+          parents.push(parent);
+          tokens.push(token);
+          drawn.push(token);
+        }
+        if (d + 1 < widths.length) q = await this.#timed(c, 'draft', () => D.evaluate([tokens[spine[d]!]!]));
+      }
+      const levelMs = (performance.now() - dStart) / widths.length;
+      this.#levelMs = this.#levelMs ? 0.9 * this.#levelMs + 0.1 * levelMs : levelMs;
+    }
+    const n = tokens.length;
+    // Leaves have no draft row; the kernel validates every row, so give them a finite (unused) one.
+    const draftLogits = new Float32Array((n + 1) * V);
+    rows.forEach((row, k) => row && draftLogits.set(row, k * V));
+    const input = Int32Array.from([last, ...tokens]);
+    const tBase = T.length;
+    const tStart = performance.now();
+    const tl = await this.#timed(c, 'target', () => T.evaluate(input, { treeParents: Int32Array.from([-1, ...parents.map((p) => p + 1)]) }));
+    const passMs = performance.now() - tStart;
+    const f = this.#passFit;
+    const keep = 0.98;
+    [f.w, f.x, f.y, f.xx, f.xy] = [keep * f.w + 1, keep * f.x + n, keep * f.y + passMs, keep * f.xx + n * n, keep * f.xy + n * passMs];
+    const targetLogits = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
+    const verify = { targetLogits, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false) };
+    let r: { path: Int32Array; tokens: Int32Array };
+    if (parents.every((p, i) => p === i - 1)) {
+      // One child per level is a chain: the chain kernel decides the same way (exactly) and faster.
+      const rc = verifyChain({ ...verify, draftLogits: draftLogits.subarray(0, n * V), draftTokens: Int32Array.from(tokens) });
+      r = { path: Int32Array.from({ length: rc.acceptedCount }, (_, i) => i), tokens: rc.tokens };
+    } else {
+      r = verifyTree({ ...verify, parents: Int32Array.from(parents), tokens: Int32Array.from(tokens), draftLogits, children: 'sampled-without-replacement' });
+    }
+    this.#countRanks(parents, Array.from(r.path));
+    // The draft cache holds the spine but its last node; keep the part the accepted path followed.
+    let m = 0;
+    while (m < r.path.length && r.path[m] === spine[m]) m++;
+    if (D.length > committed.length + m) D.truncate(committed.length + m);
+    return this.#finishTree(req, T, committed, parents, tokens, targetLogits, tBase, r);
+  }
+
+  /** Sampled-tree costs in one-token target passes, from the measured times (priors until there are some). */
+  #treeCosts(): TreeCosts {
+    const f = this.#passFit;
+    if (f.w < 1 || !this.#levelMs) return { node: 0.1, level: 0.1 };
+    const mx = f.x / f.w;
+    const my = f.y / f.w;
+    const vx = f.xx / f.w - mx * mx;
+    // The slope needs nodes counts that vary; until they do, assume a node costs a tenth of a pass.
+    let slope = vx > 0.25 ? (f.xy / f.w - mx * my) / vx : (0.1 * my) / (1 + 0.1 * mx);
+    const one = Math.max(my - slope * mx, 0.25 * my); // ms of a one-token pass
+    slope = Math.min(Math.max(slope, 0.01 * one), one);
+    return { node: slope / one, level: this.#levelMs / one };
+  }
+
+  /** Acceptance of each child rank (earlier siblings rejected), with a uniform prior. */
+  #rankAcceptance(branching: number): number[] {
+    return Array.from({ length: branching }, (_, j) => ((this.#rankAccepted[j] ?? 0) + 1) / ((this.#rankTried[j] ?? 0) + 2));
+  }
+
+  /** Counts, at every node the verification visited, which ranks were tried and which was accepted. */
+  #countRanks(parents: number[], path: number[]): void {
+    const decay = 0.995; // forget slowly, so the shape follows a change of domain
+    for (let j = 0; j < this.#rankTried.length; j++) {
+      this.#rankTried[j]! *= decay;
+      this.#rankAccepted[j]! *= decay;
+    }
+    let at = -1;
+    for (let k = 0; k <= path.length; k++) {
+      const kids: number[] = [];
+      parents.forEach((p, i) => p === at && kids.push(i));
+      const rank = k < path.length ? kids.indexOf(path[k]!) : kids.length; // kids.length: all rejected
+      for (let j = 0; j < kids.length && j <= rank; j++) {
+        this.#rankTried[j] = (this.#rankTried[j] ?? 0) + 1;
+        this.#rankAccepted[j] = (this.#rankAccepted[j] ?? 0) + (j === rank ? 1 : 0);
+      }
+      if (k < path.length) at = path[k]!;
+    }
+  }
+
+  /** After a tree verification: report, keep the accepted path in the target's cache, count. */
+  #finishTree(req: Request, T: Sequence, committed: number[], parents: number[], tokens: number[], targetLogits: Float32Array, tBase: number, r: { path: Int32Array; tokens: Int32Array }): number[] {
+    const V = this.vocabSize;
+    const c = req.counters;
+    const n = tokens.length;
     const path = Array.from(r.path);
     if (this.#onVerified) {
       const rows = new Float32Array((path.length + 1) * V);

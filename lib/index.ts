@@ -46,10 +46,11 @@ export type {
 export type { ChatMessage, ApplyChatTemplateOptions } from './chatTemplate.js';
 export { Tokenizer, TokenStreamDecoder, TokenType, loadTokenizer } from './Tokenizer.js';
 export type { VocabData, EncodeOptions, DecodeOptions, StreamDecoderOptions, TokenIds } from './Tokenizer.js';
-export { createSpeculativeDecoder, SpeculativeDecoder, expectedSpeedup, bestLength, ngramLookup } from './SpeculativeDecoder.js';
+export { createSpeculativeDecoder, SpeculativeDecoder, expectedSpeedup, bestLength, ngramLookup, sampledTreeShape } from './SpeculativeDecoder.js';
 export type {
   Strategy,
   SpeculativeDecoderOptions,
+  TreeChildren,
   SpeculativeGenerateOptions,
   SpeculativeResult,
   RequestStats,

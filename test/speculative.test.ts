@@ -12,10 +12,13 @@ import {
   expectedSpeedup,
   loadModel,
   ngramLookup,
+  sampledTreeShape,
   writeRandomModel,
   type Model,
+  type SpeculativeDecoderOptions,
   type Strategy,
 } from '../lib/index.js';
+import { addon } from '../lib/addon.js';
 import { chiSquareTest } from './helpers/stats.js';
 import { warp } from './helpers/warp.js';
 
@@ -28,6 +31,7 @@ const strategies: Strategy[] = [
   { kind: 'chain', length: 4 },
   { kind: 'chain', length: 7 },
   { kind: 'tree', budget: 12, maxDepth: 4, branching: 3 },
+  { kind: 'tree', budget: 12, maxDepth: 4, branching: 3, children: 'sampled', fill: true },
   { kind: 'adaptive', maxLength: 6 },
   { kind: 'ngram', length: 5 },
 ];
@@ -67,6 +71,7 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     expect(() => createSpeculativeDecoder({ target })).toThrow(/draft must be a loaded Model/);
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 0 } })).toThrow(/strategy.length/);
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'beam' } as never })).toThrow(/strategy.kind/);
+    expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'tree', children: 'top' } as never })).toThrow(/strategy.children/);
     const dec = createSpeculativeDecoder({ target, draft: closeDraft });
     await expect(dec.generate({ tokens: [1, 600], maxTokens: 3 })).rejects.toThrow(/tokens\[1\]/);
     await expect(dec.generate({ tokens: [1], maxTokens: 1.5 })).rejects.toThrow(/maxTokens/);
@@ -103,14 +108,27 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
   });
 
   // Sampled exactness: the joint distribution of the first two tokens against the target's own.
-  const sampledCases: { name: string; strategy: Strategy; sampling: { temperature: number; topK?: number; topP?: number } }[] = [
+  // A planted fault must fail: a tree of the draft's top tokens verified as if they were sampled.
+  const sampledCases: {
+    name: string;
+    strategy: Strategy;
+    sampling: { temperature: number; topK?: number; topP?: number };
+    fault?: 'tree-top-children-as-sampled';
+  }[] = [
     { name: 'chain T=1', strategy: { kind: 'chain', length: 3 }, sampling: { temperature: 1 } },
-    { name: 'tree T=0.8 top-p 0.9', strategy: { kind: 'tree', budget: 8, maxDepth: 3, branching: 3 }, sampling: { temperature: 0.8, topP: 0.9 } },
+    // Sampled children (the default at T > 0); top-k 3 under branching 4 also drops children once the support is used up.
+    // fill: the whole budget, so that siblings are drafted whatever the measured costs.
+    { name: 'sampled tree T=0.8 top-p 0.9', strategy: { kind: 'tree', budget: 8, maxDepth: 3, branching: 3, fill: true }, sampling: { temperature: 0.8, topP: 0.9 } },
+    { name: 'sampled tree T=1.2 top-k 3', strategy: { kind: 'tree', budget: 10, maxDepth: 3, branching: 4, children: 'sampled', fill: true }, sampling: { temperature: 1.2, topK: 3 } },
+    { name: 'sampled tree T=1 top-k 40', strategy: { kind: 'tree', budget: 12, maxDepth: 2, branching: 4, fill: true }, sampling: { temperature: 1, topK: 40 } },
+    { name: 'sampled tree, measured size, T=1', strategy: { kind: 'tree', budget: 8, maxDepth: 3, branching: 3 }, sampling: { temperature: 1 } },
+    { name: 'deterministic tree T=0.8', strategy: { kind: 'tree', budget: 8, maxDepth: 3, branching: 3, children: 'deterministic' }, sampling: { temperature: 0.8 } },
+    { name: 'planted fault: top children verified as sampled', strategy: { kind: 'tree', budget: 8, maxDepth: 3, branching: 3, fill: true }, sampling: { temperature: 0.8 }, fault: 'tree-top-children-as-sampled' },
     { name: 'adaptive T=1.2 top-k 20', strategy: { kind: 'adaptive', maxLength: 4 }, sampling: { temperature: 1.2, topK: 20 } },
     { name: 'ngram T=1', strategy: { kind: 'ngram', length: 3 }, sampling: { temperature: 1 } },
   ];
   for (const sc of sampledCases) {
-    it(`sampled output follows the target distribution (${sc.name})`, async () => {
+    it(sc.fault ? `the chi-square catches a planted fault (${sc.name})` : `sampled output follows the target distribution (${sc.name})`, async () => {
       const prompt = [1, 403, 407, 261, 378, 403, 407];
       const V = 512;
       // Exact joint P(y1, y2) from the target.
@@ -130,7 +148,7 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       const counts = new Float64Array(V * V);
       const rowCounts = new Float64Array(V);
       for (const draft of [randomDraft, closeDraft]) {
-        const dec = createSpeculativeDecoder({ target, draft, strategy: sc.strategy, sampling: sc.sampling, maxConcurrent: 1 });
+        const dec = createSpeculativeDecoder({ target, draft, strategy: sc.strategy, sampling: sc.sampling, maxConcurrent: 1, ...(sc.fault ? { _fault: sc.fault } : {}) } as SpeculativeDecoderOptions);
         for (let s = 0; s < draws / 2; s++) {
           const r = await dec.generate({ tokens: prompt, maxTokens: 2, seed: 77_000 + s, stopTokens: [] });
           const y1 = r.tokens[0]!;
@@ -143,7 +161,8 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       // Pool each rare first token's row into its single cell.
       for (let y1 = 0; y1 < V; y1++) if (rowCounts[y1]) counts[y1 * V] = rowCounts[y1]!;
       const test = chiSquareTest(counts, joint);
-      expect(test.pValue).toBeGreaterThan(1e-3);
+      if (sc.fault) expect(test.pValue).toBeLessThan(1e-6);
+      else expect(test.pValue).toBeGreaterThan(1e-3);
     });
   }
 
@@ -198,6 +217,42 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     expect(s.targetPasses).toBeGreaterThanOrEqual(events.length);
     expect(s.draftPasses).toBeGreaterThan(0);
     expect(s.tokensPerSecond).toBeGreaterThan(0);
+  });
+});
+
+describe('sampled draft trees', () => {
+  it('sampledTreeShape: a spine with siblings, within budget, depth and branching, best value first', () => {
+    for (const accept of [[0.9], [0.5, 0.3, 0.2], [0.1, 0.1, 0.1, 0.1], [0.6, 0.6]]) {
+      for (const [budget, maxDepth] of [[16, 6], [5, 2], [1, 1], [40, 3]] as const) {
+        const widths = sampledTreeShape(accept, budget, maxDepth);
+        expect(widths.length).toBeGreaterThan(0);
+        expect(widths.length).toBeLessThanOrEqual(maxDepth);
+        expect(widths.reduce((a, b) => a + b, 0)).toBeLessThanOrEqual(budget);
+        for (const w of widths) expect(w).toBeGreaterThanOrEqual(1), expect(w).toBeLessThanOrEqual(accept.length);
+      }
+    }
+    // Likely first children grow a chain; unlikely ones widen the first level.
+    expect(sampledTreeShape([0.9, 0.1], 4, 6)).toEqual([1, 1, 1, 1]);
+    expect(sampledTreeShape([0.2, 0.2, 0.2], 3, 6)).toEqual([3]);
+    expect(sampledTreeShape([0.5, 0.4], 4, 6)).toEqual([2, 1, 1]);
+  });
+
+  it('sampleLogits with exclude samples the warped row without those tokens', () => {
+    const sampleLogits = (addon as unknown as { sampleLogits(o: object): number }).sampleLogits;
+    const V = 12;
+    const logits = Float32Array.from({ length: V }, (_, j) => Math.sin(j * 1.7) * 2);
+    for (const sampling of [{ temperature: 0.8 }, { temperature: 1, topK: 5 }, { temperature: 1.3, topP: 0.8 }]) {
+      const q = warp(logits, V, sampling);
+      const exclude = [0, 1, 2, 3, 4, 5].sort((a, b) => q[b]! - q[a]!).slice(0, 2);
+      const want = Float64Array.from(q, (x, j) => (exclude.includes(j) ? 0 : x));
+      const total = want.reduce((a, b) => a + b, 0);
+      const counts = new Float64Array(V);
+      for (let i = 0; i < 20_000; i++) counts[sampleLogits({ logits, vocabSize: V, sampling, seed: 5, position: i, exclude: Int32Array.from(exclude) })]!++;
+      expect(chiSquareTest(counts, want.map((x) => x / total)).pValue).toBeGreaterThan(1e-3);
+    }
+    const all = Int32Array.from({ length: V }, (_, j) => j);
+    expect(sampleLogits({ logits, vocabSize: V, sampling: { temperature: 1 }, seed: 1, position: 0, exclude: all })).toBe(-1);
+    expect(() => sampleLogits({ logits, vocabSize: V, sampling: { temperature: 1 }, seed: 1, position: 0, exclude: Int32Array.from([V]) })).toThrow(/exclude\[0\]/);
   });
 });
 

@@ -297,8 +297,10 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
   return w->promise();
 }
 
-// sampleLogits({ logits, vocabSize, sampling, seed, stream?, position }): one token from one row,
-// with the kernels' warping and the Philox draw at (position, sample lane).
+// sampleLogits({ logits, vocabSize, sampling, seed, stream?, position, exclude? }): one token from
+// one row, with the kernels' warping and the Philox draw at (position, sample lane). `exclude`
+// (Int32Array) samples the warped row with those tokens removed and renormalised, as verifyTree's
+// 'sampled-without-replacement' mode removes a node's earlier children; -1 when no mass is left.
 Napi::Value sample_logits(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
@@ -322,7 +324,21 @@ Napi::Value sample_logits(const Napi::CallbackInfo& info) {
     const uint32_t position = static_cast<uint32_t>(get_int(o, "position", 0, UINT32_MAX));
     WarpedRow w;
     warp_row(logits.data, V, mx, s, w);
-    return Napi::Number::New(env, sample_row(w, philox_uniform(seed, stream, position, kLaneSample)));
+    const double u = philox_uniform(seed, stream, position, kLaneSample);
+    if (!has(o, "exclude")) return Napi::Number::New(env, sample_row(w, u));
+    auto ex = get_array<int32_t>(o, "exclude");
+    std::vector<float> q(V);
+    w.to_dense(q.data());
+    for (size_t i = 0; i < ex.length; ++i) {
+      const int32_t t = ex.data[i];
+      if (t < 0 || t >= V)
+        throw Napi::RangeError::New(env, "exclude[" + std::to_string(i) + "] = " + std::to_string(t) +
+                                             " is out of range for vocabSize " + std::to_string(V));
+      q[t] = 0.0f;
+    }
+    double total = 0.0;
+    for (int32_t j = 0; j < V; ++j) total += q[j];
+    return Napi::Number::New(env, total > 0.0 ? sample_weights(q.data(), V, total, u) : -1);
   });
 }
 

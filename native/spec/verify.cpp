@@ -214,11 +214,12 @@ TreeResult verify_tree(const TreeInput& in, const Sampling& s, TreeChildren mode
   validate_tree(in);
   const int32_t n = in.n, V = in.vocab;
   const bool use_draft = !s.greedy() && mode != TreeChildren::Deterministic;
-  // Every row is validated, visited or not, so bad input fails the same way for every seed.
+  // Every row is validated, visited or not, so bad input fails the same way for every seed. Only the
+  // maxima are kept: the walk warps the rows it visits itself, so no normaliser is computed here.
   std::vector<RowStats> ts(n + 1), ds(use_draft ? n + 1 : 0);
   for (int32_t r = 0; r <= n; ++r) {
-    compute_row_stats(in.target + static_cast<size_t>(r) * V, V, s, "targetLogits", r, ts[r]);
-    if (use_draft) compute_row_stats(in.draft + static_cast<size_t>(r) * V, V, s, "draftLogits", r, ds[r]);
+    ts[r].max = checked_row_max(in.target + static_cast<size_t>(r) * V, V, "targetLogits", r);
+    if (use_draft) ds[r].max = checked_row_max(in.draft + static_cast<size_t>(r) * V, V, "draftLogits", r);
   }
   // Children lists in node order.
   std::vector<int32_t> first(n + 1, -1), next(n, -1), last(n + 1, -1);

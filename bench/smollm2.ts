@@ -68,7 +68,7 @@ export interface Row {
   config: string;
   /** accepted / drafted (llama.cpp: validated / (validated + refuted)); NaN where nothing is drafted. */
   acceptance: number;
-  /** Emitted tokens per target pass (ours only). */
+  /** Emitted tokens per verification pass, the prefill not counted (ours only). */
   tokensPerPass: number;
   /** Per-token acceptance implied by tokensPerPass for chain g = 4 (see smollm2Draft.ts). */
   alpha: number;
@@ -91,6 +91,9 @@ export interface BenchOptions {
 }
 
 type Nlc = typeof import('node-llama-cpp');
+
+/** Verification steps behind cumulative metrics (emitted tokens / tokens per step). */
+const stepsOf = (m: { tokens: number; tokensPerStep: number }) => (m.tokensPerStep > 0 ? m.tokens / m.tokensPerStep : 0);
 type Token = import('node-llama-cpp').Token;
 
 /** The first existing default draft, or an Error that says how to make one. */
@@ -232,8 +235,9 @@ export async function runSmolBench(o: BenchOptions): Promise<{ rows: Row[]; note
             const b = dec.metrics();
             const drafted = b.drafted - a.drafted;
             acceptance = drafted > 0 ? (b.accepted - a.accepted) / drafted : NaN;
-            const passes = b.targetPasses - a.targetPasses;
-            tokensPerPass = passes > 0 ? (b.tokens - a.tokens) / passes : NaN;
+            // Per verification step: the prompt's prefill pass emits nothing and is not counted.
+            const steps = Math.round(stepsOf(b) - stepsOf(a));
+            tokensPerPass = steps > 0 ? (b.tokens - a.tokens) / steps : NaN;
           } else if (llamaBefore?.has(c as LlamaConfig)) {
             const a = llamaBefore.get(c as LlamaConfig)!;
             const b = llama!.predictions(c as LlamaConfig);

@@ -377,8 +377,8 @@ async function main(): Promise<number> {
   const o: BenchOptions = {
     target,
     draft,
-    prompts: int('prompts', quick ? 1 : 4),
-    tokens: int('tokens', quick ? 12 : 48),
+    prompts: int('prompts', quick ? 1 : 3),
+    tokens: int('tokens', quick ? 12 : 32),
     threads: int('threads', 2),
     llamaThreads: int('llama-threads', int('threads', 2)),
     llama: !flags.has('no-llama'),

@@ -16,10 +16,14 @@ Commands:
       --max-tokens N       default 128
       --temperature T      default 0 (greedy); --top-p P, --top-k K, --seed S
   demo                 the main job: online speculative decoding on a stream whose domain shifts
-      --target PATH --draft PATH   default: the embedded default pair
-      --requests N         requests per phase (default 24)
+      --target PATH --draft PATH   default: the embedded default pair (e.g. SmolLM2-135M and its draft:
+                           --target SmolLM2-135M-Instruct.Q4_1.gguf --draft smollm2-draft.gguf)
+      --requests N         requests per phase (default 24; also --requests-per-phase)
       --max-tokens N       tokens per request (default 32)
       --runs LIST          static,online,pool (default all three)
+      --lr X --top-k K     learning rate and teacher entries per position of the online updates
+                           (default 3e-3, top-k 32; 64 for vocabularies of 32768 tokens and more)
+      --save-draft PATH    write the online run's adapted draft (GGUF, F16)
       --out DIR            where the plot goes (default osd-demo)
   serve                an OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /metrics)
       --target PATH --draft PATH   default: the embedded default pair
@@ -53,6 +57,9 @@ async function main(argv: string[]): Promise<number> {
       'top-k': { type: 'string' },
       seed: { type: 'string' },
       requests: { type: 'string' },
+      'requests-per-phase': { type: 'string' },
+      lr: { type: 'string' },
+      'save-draft': { type: 'string' },
       runs: { type: 'string' },
       out: { type: 'string' },
       port: { type: 'string' },
@@ -138,14 +145,25 @@ async function main(argv: string[]): Promise<number> {
       const tty = process.stderr.isTTY;
       const runs = values.runs ? (values.runs.split(',') as ('static' | 'online' | 'pool')[]) : undefined;
       for (const r of runs ?? []) if (!['static', 'online', 'pool'].includes(r)) throw new RangeError(`--runs: unknown run '${r}'`);
+      if ((values.target === undefined) !== (values.draft === undefined)) throw new TypeError('give both --target and --draft, or neither (the embedded default pair)');
+      const { existsSync } = await import('node:fs');
+      for (const path of [values.target, values.draft]) if (path !== undefined && !existsSync(path)) throw new Error(`model not found: ${path}`);
+      if (values.requests !== undefined && values['requests-per-phase'] !== undefined) throw new TypeError('give --requests or --requests-per-phase, not both');
+      const requests = num(values.requests ?? values['requests-per-phase'], values.requests !== undefined ? 'requests' : 'requests-per-phase', 24);
+      if (!Number.isInteger(requests) || requests < 1) throw new RangeError('--requests must be a positive integer');
+      const distill: { lr?: number; topK?: number } = {};
+      if (values.lr !== undefined) distill.lr = num(values.lr, 'lr', 0);
+      if (values['top-k'] !== undefined) distill.topK = num(values['top-k'], 'top-k', 0);
       const ac = new AbortController();
       process.once('SIGINT', () => ac.abort());
       const result = await runDemo({
         target: values.target,
         draft: values.draft,
-        requests: num(values.requests, 'requests', 24),
+        requests,
         maxTokens: num(values['max-tokens'], 'max-tokens', 32),
         runs,
+        distill,
+        saveDraft: values['save-draft'],
         signal: ac.signal,
         onProgress: (line) => {
           if (tty) process.stderr.write(`\r${line}\x1b[K`);
@@ -160,8 +178,12 @@ async function main(argv: string[]): Promise<number> {
             {
               target: result.target,
               draft: result.draft,
+              requestsPerPhase: result.requestsPerPhase,
+              maxTokens: result.maxTokens,
+              distill: result.distill,
               targetTokensPerSecond: result.targetTokensPerSecond,
               runs: result.runs.map((r) => ({ run: r.run, phases: r.phases, updates: r.updates, rollbacks: r.rollbacks, forgetting: r.forgetting })),
+              ...(result.savedDraft ? { savedDraft: result.savedDraft } : {}),
               plots,
             },
             null,

@@ -34,8 +34,11 @@ export interface DemoOptions {
   maxTokens?: number;
   sampling?: SamplingOptions;
   strategy?: Strategy;
+  /** Overrides of the learning settings (default: demoDistill() for the draft's vocabulary). */
   distill?: OnlineDistillOptions;
   runs?: RunKind[];
+  /** Write the online run's adapted draft here (GGUF, F16), e.g. to benchmark it afterwards. */
+  saveDraft?: string;
   /** Called with a progress line (the CLI redraws it in place). */
   onProgress?: (line: string) => void;
   signal?: AbortSignal;
@@ -66,11 +69,26 @@ export interface DemoResult {
   requestsPerPhase: number;
   maxTokens: number;
   targetTokensPerSecond: Record<string, number>;
+  /** The learning settings in force. */
+  distill?: OnlineDistillOptions;
   runs: RunSummary[];
+  /** Where the online run's adapted draft was written (DemoOptions.saveDraft). */
+  savedDraft?: string;
 }
 
 /** The demo's learning settings: faster than the serving defaults, so a short run shows adaptation. */
 export const DEMO_DISTILL: OnlineDistillOptions = { interval: 4, lr: 3e-3, epochs: 4, positions: 'mismatch', acceptedFraction: 0.5, topK: 32 };
+
+/** Settings for drafts with a large vocabulary (SmolLM2's 49,152 tokens and up). */
+export const DEMO_DISTILL_LARGE_VOCAB: OnlineDistillOptions = { ...DEMO_DISTILL, topK: 64 };
+
+/**
+ * The demo's learning settings for a draft of this vocabulary. With tens of thousands of tokens the
+ * target's mass spreads wider, so more teacher entries are kept per position.
+ */
+export function demoDistill(vocabSize: number): OnlineDistillOptions {
+  return vocabSize >= 32768 ? DEMO_DISTILL_LARGE_VOCAB : DEMO_DISTILL;
+}
 
 function mean(xs: number[]): number {
   return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : 0;
@@ -101,12 +119,13 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const maxTokens = options.maxTokens ?? 32;
   const sampling = options.sampling ?? { temperature: 0 };
   const strategy = options.strategy ?? { kind: 'chain', length: 4 };
-  const distill = { ...DEMO_DISTILL, ...options.distill };
   const runs = options.runs ?? ['static', 'online', 'pool'];
   const progress = options.onProgress ?? (() => {});
   const target = await loadModel(targetPath);
   try {
     if (!target.tokenizer) throw new Error(`${targetPath} has no tokenizer: the demo needs text prompts`);
+    if (!existsSync(draftPath)) throw new Error(`draft not found: ${draftPath}`);
+    const distill = { ...demoDistill(target.info.vocabSize), ...options.distill };
     // Target-only speed per phase, the denominator of every speedup.
     const targetTps: Record<string, number> = {};
     for (const phase of PHASES) {
@@ -124,9 +143,9 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     const summaries: RunSummary[] = [];
     for (const kind of runs) {
       options.signal?.throwIfAborted();
-      summaries.push(await runOne(kind, target, draftPath, prompts, R, maxTokens, sampling, strategy, distill, targetTps, progress, options.signal));
+      summaries.push(await runOne(kind, target, draftPath, prompts, R, maxTokens, sampling, strategy, distill, targetTps, progress, options.signal, kind === 'online' ? options.saveDraft : undefined));
     }
-    return { target: targetPath, draft: draftPath, requestsPerPhase: R, maxTokens, targetTokensPerSecond: targetTps, runs: summaries };
+    return { target: targetPath, draft: draftPath, requestsPerPhase: R, maxTokens, targetTokensPerSecond: targetTps, distill, runs: summaries, ...(options.saveDraft && runs.includes('online') ? { savedDraft: options.saveDraft } : {}) };
   } finally {
     await target.dispose();
   }
@@ -145,6 +164,7 @@ async function runOne(
   targetTps: Record<string, number>,
   progress: (line: string) => void,
   signal: AbortSignal | undefined,
+  saveDraft?: string,
 ): Promise<RunSummary> {
   const draft = await loadModel(draftPath);
   const series: RunSummary['series'] = [];
@@ -192,6 +212,8 @@ async function runOne(
       const r = pool ? await pool.generate({ ...req, label: 'english' }) : await (online ?? fixed)!.generate(req);
       again.push(r.stats.acceptanceRate);
     }
+    // F16, as the drafts are shipped: the trainer's weights are f32, and llama.cpp loads F16.
+    if (saveDraft) await draft.save(saveDraft, { type: 'F16' });
     return { run: kind, phases, series, updates, rollbacks, forgetting: phases[0]!.acceptanceEnd - mean(again) };
   } finally {
     await online?.dispose();

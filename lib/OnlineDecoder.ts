@@ -472,7 +472,7 @@ export class OnlineDecoder extends EventEmitter {
       return;
     }
     // Keep the weights being replaced for the guard, then swap between requests.
-    const previous = await this.#copyOfDraft();
+    const previous = await copyModel(this.draft);
     this.draft.setWeights(snapshot);
     await snapshot.dispose();
     this.#updates = update;
@@ -531,17 +531,6 @@ export class OnlineDecoder extends EventEmitter {
       return await snapshot.convert(type);
     } finally {
       await snapshot.dispose();
-    }
-  }
-
-  async #copyOfDraft(): Promise<Model> {
-    // A writable type copies unchanged (bit for bit, same cost to run); otherwise an F32 copy.
-    if (isStoreType(this.draft.info.matrixType)) return this.draft.convert(this.draft.info.matrixType);
-    const t = await createTrainer(this.draft);
-    try {
-      return await t.snapshot();
-    } finally {
-      await t.dispose();
     }
   }
 
@@ -647,4 +636,15 @@ function mean(xs: number[]): number {
 /** A speculative decoder whose draft keeps learning from the traffic it serves. */
 export function createOnlineDecoder(options: OnlineDecoderOptions): OnlineDecoder {
   return new OnlineDecoder(options);
+}
+
+/** A copy of a model's weights, in the same storage type where the engine writes it (bit for bit), else F32. */
+export async function copyModel(model: Model): Promise<Model> {
+  if (isStoreType(model.info.matrixType)) return model.convert(model.info.matrixType);
+  const t = await createTrainer(model);
+  try {
+    return await t.snapshot();
+  } finally {
+    await t.dispose();
+  }
 }

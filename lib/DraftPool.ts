@@ -3,10 +3,9 @@
 // draft has its own online distiller (buffer, schedule, guard).
 import { EventEmitter } from 'node:events';
 import { Model } from './Model.js';
-import { OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics } from './OnlineDecoder.js';
+import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics } from './OnlineDecoder.js';
 import type { SpeculativeGenerateOptions, SpeculativeResult, Strategy } from './SpeculativeDecoder.js';
 import type { SamplingOptions } from './addonTypes.js';
-import { createTrainer } from './Trainer.js';
 
 export interface RouteRequest {
   label?: string;
@@ -184,15 +183,9 @@ export class DraftPool extends EventEmitter {
     if (!p) {
       p = (async () => {
         const base = this.#members.get(this.#options.forkFrom!)!;
-        const trainer = await createTrainer(base.model);
-        try {
-          const copy = await trainer.snapshot();
-          const m = this.#add(label, copy, true);
-          this.emit('fork', { draft: label, from: base.name });
-          return m;
-        } finally {
-          await trainer.dispose();
-        }
+        const m = this.#add(label, await copyModel(base.model), true);
+        this.emit('fork', { draft: label, from: base.name });
+        return m;
       })();
       this.#forking.set(label, p);
     }
@@ -243,3 +236,4 @@ export class DraftPool extends EventEmitter {
 export function createDraftPool(options: DraftPoolOptions): DraftPool {
   return new DraftPool(options);
 }
+

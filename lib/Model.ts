@@ -27,6 +27,7 @@ interface ModelAddon {
   loadModel(path: string): Promise<NativeModel>;
   writeRandomModel(path: string, config: object): Promise<void>;
   saveModel(model: NativeModel, path: string, options: object): Promise<void>;
+  convertModel(model: NativeModel, options: { type: StoreType }): Promise<NativeModel>;
   NativeSequence: new (model: NativeModel, contextSize?: number) => NativeSequence;
   sampleLogits(o: object): number;
   readGgufMetadata(path: string, options?: { maxArrayLength?: number }): { metadata: Record<string, unknown> };
@@ -65,6 +66,8 @@ export interface ModelInfo {
   tiedOutput: boolean;
   /** Weight bytes read to decode one token (the memory-bound cost of a step). */
   weightBytesPerToken: number;
+  /** The type most matrix weights are stored in ('F32', 'F16', 'Q4_1', ...; 'F32' for a trainer's snapshot). */
+  matrixType: string;
 }
 
 export interface LoadModelOptions {
@@ -131,6 +134,10 @@ async function hasTokenizer(path: string): Promise<boolean> {
  * whose row length is not a multiple of 32 is stored as F16 instead.
  */
 export type StoreType = 'F32' | 'F16' | 'BF16' | 'Q8_0' | 'Q5_0' | 'Q5_1' | 'Q4_0' | 'Q4_1';
+export const STORE_TYPES: readonly StoreType[] = ['F32', 'F16', 'BF16', 'Q8_0', 'Q5_0', 'Q5_1', 'Q4_0', 'Q4_1'];
+export function isStoreType(t: unknown): t is StoreType {
+  return typeof t === 'string' && (STORE_TYPES as readonly string[]).includes(t);
+}
 
 export interface RandomModelConfig {
   vocabSize: number;
@@ -192,7 +199,7 @@ export interface GenerateResult {
 
 /** A loaded model. Dispose it (or use `await using`) to release its memory once sequences end. */
 export class Model {
-  readonly info: ModelInfo;
+  #info: ModelInfo;
   /** The GGUF's own tokenizer (undefined for llama2.c checkpoints and vocabulary-less files). */
   readonly tokenizer: Tokenizer | undefined;
   /** Tokens that end a sequence. llama2.c checkpoints use BOS (1) as the story delimiter, and 2 as EOS. */
@@ -205,11 +212,16 @@ export class Model {
   /** @internal */
   constructor(handle: NativeModel, tokenizer?: Tokenizer, chatTemplate?: string) {
     this.#handle = handle;
-    this.info = handle.info();
+    this.#info = handle.info();
     this.tokenizer = tokenizer;
     this.chatTemplate = chatTemplate;
     if (this.info.format === 'llama2c') this.eosTokens = [1, 2];
     else this.eosTokens = tokenizer && tokenizer.eos >= 0 ? [tokenizer.eos] : [];
+  }
+
+  /** Architecture and sizes; storage type and bytes per token follow setWeights(). */
+  get info(): ModelInfo {
+    return this.#info;
   }
 
   get disposed(): boolean {
@@ -260,6 +272,8 @@ export class Model {
   setWeights(weights: Model): void {
     if (!(weights instanceof Model)) throw new TypeError('weights must be a Model');
     this.handle.setWeights(weights.handle);
+    const now = this.handle.info();
+    this.#info = { ...this.#info, matrixType: now.matrixType, weightBytesPerToken: now.weightBytesPerToken };
   }
 
   /**
@@ -270,6 +284,17 @@ export class Model {
   async save(path: string, options: { type?: StoreType } = {}): Promise<void> {
     if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
     await native.saveModel(this.handle, path, options);
+  }
+
+  /**
+   * The same model with its matrices stored as `type` (see StoreType), held in memory, off the event
+   * loop: e.g. a trainer's F32 snapshot as F16 or Q8_0 to make it cheaper to run. Matrices already in
+   * that type are copied unchanged. The tokenizer and chat template carry over.
+   */
+  async convert(type: StoreType): Promise<Model> {
+    if (!isStoreType(type)) throw new RangeError(`type must be one of ${STORE_TYPES.join(', ')}, got ${String(type)}`);
+    const handle = await native.convertModel(this.handle, { type });
+    return new Model(handle, this.tokenizer, this.chatTemplate);
   }
 
   /** Plain (target-only) generation: greedy, or sampled with the kernels' warping and Philox stream. */

@@ -7,7 +7,7 @@ import { EventEmitter } from 'node:events';
 import { existsSync } from 'node:fs';
 import type { SamplingOptions } from './addonTypes.js';
 import type { DistillLossKind } from './kernels.js';
-import { loadModel, type Model } from './Model.js';
+import { isStoreType, loadModel, STORE_TYPES, type Model, type StoreType } from './Model.js';
 import {
   SpeculativeDecoder,
   type RequestStats,
@@ -75,6 +75,12 @@ export interface OnlineDistillOptions {
    * decoding pool, which makes updates faster and stalls decoding more.
    */
   trainThreads?: number;
+  /**
+   * How updated weights are stored while they serve: 'auto' (default) keeps the draft's own type
+   * when it is one the engine writes (F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1; else F32), so an
+   * F16 draft stays as cheap to run after updates; training itself always keeps F32 weights.
+   */
+  servedType?: StoreType | 'auto';
 }
 
 export interface OnlineDecoderOptions {
@@ -154,6 +160,7 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
     trainThreads: o.trainThreads ?? 1,
     replay: o.replay ?? 0,
     replayRecords: o.replayRecords ?? 256,
+    servedType: o.servedType ?? 'auto',
   };
   check(['forward-kl', 'reverse-kl', 'jsd', 'tvd'].includes(r.loss), `distill.loss must be 'forward-kl', 'reverse-kl', 'jsd' or 'tvd', got '${String(r.loss)}'`);
   check(r.beta > 0 && r.beta < 1, 'distill.beta must be in (0, 1)');
@@ -165,6 +172,7 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
   check(Number.isFinite(r.replay) && r.replay >= 0 && r.replay < 1, `distill.replay must be in [0, 1), got ${String(r.replay)}`);
   check(Number.isInteger(r.replayRecords) && r.replayRecords >= 1, `distill.replayRecords must be an integer >= 1, got ${String(r.replayRecords)}`);
   check(Number.isInteger(r.trainThreads) && r.trainThreads >= 0 && r.trainThreads <= 1024, `distill.trainThreads must be an integer in [0, 1024], got ${String(r.trainThreads)}`);
+  check(r.servedType === 'auto' || isStoreType(r.servedType), `distill.servedType must be 'auto' or one of ${STORE_TYPES.join(', ')}, got ${String(r.servedType)}`);
   check(Number.isFinite(r.clipNorm) && r.clipNorm >= 0, 'distill.clipNorm must be >= 0');
   check(r.maxBufferBytes >= 1024, 'distill.maxBufferBytes must be >= 1024');
   check(r.guardMargin >= 0 && r.guardMargin <= 1, 'distill.guardMargin must be in [0, 1]');
@@ -213,6 +221,7 @@ export class OnlineDecoder extends EventEmitter {
   #bufferBytes = 0;
   #live = new Map<number, RecordEntry>();
   #trainer: Trainer | null = null;
+  #draftType: string | undefined;
   // Updates and guard checks touch the trainer and the draft's weights: they run one at a time, in
   // order, on this chain. #pending is set while an update is queued or running.
   #chain: Promise<void> = Promise.resolve();
@@ -457,13 +466,13 @@ export class OnlineDecoder extends EventEmitter {
       await this.#rollback(update, 'the loss after the update was not finite');
       return;
     }
-    const snapshot = await this.#trainer.snapshot();
+    const snapshot = await this.#served(await this.#trainer.snapshot());
     if (this.#disposed) {
       await snapshot.dispose();
       return;
     }
     // Keep the weights being replaced for the guard, then swap between requests.
-    const previous = await this.#copyOfDraft();
+    const previous = await copyModel(this.draft);
     this.draft.setWeights(snapshot);
     await snapshot.dispose();
     this.#updates = update;
@@ -506,12 +515,22 @@ export class OnlineDecoder extends EventEmitter {
   }
 
   /** A standalone copy of the draft's current weights. */
-  async #copyOfDraft(): Promise<Model> {
-    const t = await createTrainer(this.draft);
+  /** The type updated weights serve in (see distill.servedType). */
+  #servedType(): StoreType {
+    const t = this.options.servedType;
+    if (t !== 'auto') return t;
+    const own = (this.#draftType ??= this.draft.info.matrixType);  // the type the draft came in
+    return isStoreType(own) ? own : 'F32';
+  }
+
+  /** A trainer snapshot (F32) converted to the served type. */
+  async #served(snapshot: Model): Promise<Model> {
+    const type = this.#servedType();
+    if (type === 'F32') return snapshot;
     try {
-      return await t.snapshot();
+      return await snapshot.convert(type);
     } finally {
-      await t.dispose();
+      await snapshot.dispose();
     }
   }
 
@@ -539,9 +558,10 @@ export class OnlineDecoder extends EventEmitter {
     this.emit('rollback', { update, reason } satisfies RollbackEvent);
   }
 
-  /** Writes the current draft as GGUF, atomically (temp file, fsync, rename). */
+  /** Writes the current draft as GGUF, atomically (temp file, fsync, rename), in the type it serves in. */
   async saveDraft(path: string): Promise<void> {
-    await this.draft.save(path);
+    const type = this.draft.info.matrixType;
+    await this.draft.save(path, { type: isStoreType(type) ? type : 'F32' });
   }
 
   async generate(options: SpeculativeGenerateOptions): Promise<SpeculativeResult> {
@@ -616,4 +636,15 @@ function mean(xs: number[]): number {
 /** A speculative decoder whose draft keeps learning from the traffic it serves. */
 export function createOnlineDecoder(options: OnlineDecoderOptions): OnlineDecoder {
   return new OnlineDecoder(options);
+}
+
+/** A copy of a model's weights, in the same storage type where the engine writes it (bit for bit), else F32. */
+export async function copyModel(model: Model): Promise<Model> {
+  if (isStoreType(model.info.matrixType)) return model.convert(model.info.matrixType);
+  const t = await createTrainer(model);
+  try {
+    return await t.snapshot();
+  } finally {
+    await t.dispose();
+  }
 }

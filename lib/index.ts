@@ -31,7 +31,7 @@ export { selectBackend, activeBackend } from './backend.js';
 export type { BackendName, BackendSelection } from './backend.js';
 export { version } from './version.js';
 export { addonPath } from './addon.js';
-export { loadModel, writeRandomModel, Model, Sequence } from './Model.js';
+export { loadModel, writeRandomModel, Model, Sequence, STORE_TYPES, isStoreType } from './Model.js';
 export type {
   ModelInfo,
   RandomModelConfig,

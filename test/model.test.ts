@@ -273,6 +273,23 @@ describe('written models', () => {
     await expect(src.save(join(dir, 'bad.gguf'), { type: 'Q4_K' as never })).rejects.toThrow(/Q8_0/);
   });
 
+  it.skipIf(!have)('convert gives the model in another storage type, in memory, as a saved file would', async () => {
+    await using src = await loadModel(STORIES);
+    expect(src.info.matrixType).toBe('F32');
+    const toks = [1, 403, 407, 261];
+    for (const type of ['F16', 'Q8_0', 'Q4_1'] as const) {
+      await using conv = await src.convert(type);
+      expect(conv.info.matrixType).toBe(type);
+      await src.save(join(dir, `conv-${type}.gguf`), { type });
+      await using file = await loadModel(join(dir, `conv-${type}.gguf`));
+      expect(Array.from(await conv.forward(toks))).toEqual(Array.from(await file.forward(toks)));
+      // The same type again copies every matrix: identical logits.
+      await using again = await conv.convert(type);
+      expect(Array.from(await again.forward(toks))).toEqual(Array.from(await conv.forward(toks)));
+    }
+    await expect(src.convert('Q6_K' as never)).rejects.toThrow(RangeError);
+  });
+
   it('random models can be written quantised', async () => {
     const { writeRandomModel } = await import('../lib/index.js');
     const config = { vocabSize: 96, embeddingLength: 64, layers: 1, heads: 4, kvHeads: 2, feedForwardLength: 96, contextLength: 64, seed: 3 };

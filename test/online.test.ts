@@ -99,6 +99,35 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     await dec.dispose();
   });
 
+  it('an F16 draft keeps serving in F16 after updates (servedType auto), and checkpoints in F16', async () => {
+    const { readGgufMetadata } = await import('../lib/train/bpe.js');
+    const f16Path = join(dir, 'draft16.gguf');
+    await writeRandomModel(f16Path, { vocabSize: 512, embeddingLength: 32, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 64, contextLength: 512, seed: 12, type: 'F16' });
+    for (const [servedType, want] of [['auto', 'F16'], ['F32', 'F32'], ['Q8_0', 'Q8_0']] as const) {
+      await using draft = await loadModel(f16Path);
+      expect(draft.info.matrixType).toBe('F16');
+      const before = await draft.forward([1, 2, 3]);
+      const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 1000, lr: 3e-3, servedType } });
+      for (const p of prompts.slice(0, 3)) await dec.generate({ tokens: p, maxTokens: 16 });
+      const u = await dec.updateNow();
+      expect(u!.steps).toBeGreaterThan(0);
+      expect(draft.info.matrixType, servedType).toBe(want);
+      const after = await draft.forward([1, 2, 3]);
+      expect(after.some((v, i) => v !== before[i]), 'the update changed the served weights').toBe(true);
+      for (const p of prompts.slice(0, 2)) {
+        const got = await dec.generate({ tokens: p, maxTokens: 16 });
+        expect(Array.from(got.tokens)).toEqual(Array.from((await target.generate({ tokens: p, maxTokens: 16 })).tokens));
+      }
+      const ckpt = join(dir, `served-${servedType}.gguf`);
+      await dec.saveDraft(ckpt);
+      const { tensors } = readGgufMetadata(ckpt, { maxArrayLength: 0 }) as unknown as { tensors: { name: string; type: string }[] };
+      expect(tensors.find((t) => t.name === 'blk.0.attn_q.weight')!.type).toBe(want);
+      await dec.dispose();
+    }
+    await using draft = await loadModel(f16Path);
+    expect(() => createOnlineDecoder({ target, draft, distill: { servedType: 'Q4_K' as never } })).toThrow(/servedType/);
+  });
+
   it('rolls back to the previous weights bit for bit when acceptance falls', async () => {
     await using draft = await loadModel(draftPath);
     // First teach the draft something, so there is acceptance to lose.

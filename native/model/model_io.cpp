@@ -54,20 +54,26 @@ void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType ty
   keep.push_back(std::move(buf));
 }
 
-void save_gguf(const Model& model, const std::string& path, gguf::TensorType type) {
+namespace {
+
+// The writer for `model` stored as `type`; converted matrices live in floats / bytes until it has written.
+struct ModelWriter {
+  gguf::Writer w;
+  std::vector<std::unique_ptr<std::vector<float>>> floats;
+  std::vector<std::unique_ptr<std::vector<uint8_t>>> bytes;
+};
+
+void fill_writer(const Model& model, gguf::TensorType type, ModelWriter& mw) {
   using gguf::TensorType;
   using gguf::Value;
   if (!quant::can_quantize(type)) throw_range("type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1");
   const ModelConfig& c = model.config();
-  gguf::Writer w;
+  gguf::Writer& w = mw.w;
   set_model_metadata(w, c);
   if (const gguf::File* src = model.gguf())
     for (const auto& kv : src->metadata())
       if (kv.key.rfind("tokenizer.", 0) == 0) w.set(kv.key, kv.value);
 
-  // Converted matrices live in these buffers until the file is written.
-  std::vector<std::unique_ptr<std::vector<float>>> floats;
-  std::vector<std::unique_ptr<std::vector<uint8_t>>> bytes;
   auto add_matrix = [&](const std::string& name, const Matrix& m) {
     if (m.type == type) {
       w.add_tensor_raw(name, type, {static_cast<uint64_t>(m.cols), static_cast<uint64_t>(m.rows)}, m.data, m.bytes());
@@ -80,9 +86,9 @@ void save_gguf(const Model& model, const std::string& path, gguf::TensorType typ
       auto buf = std::make_unique<std::vector<float>>(static_cast<size_t>(m.rows * m.cols));
       for (int64_t r = 0; r < m.rows; ++r) dequantize_row(m, r, buf->data() + r * m.cols);
       data = buf->data();
-      floats.push_back(std::move(buf));
+      mw.floats.push_back(std::move(buf));
     }
-    add_matrix_as(w, name, type, m.rows, m.cols, data, bytes);
+    add_matrix_as(w, name, type, m.rows, m.cols, data, mw.bytes);
   };
   auto add_vector = [&](const std::string& name, const float* v, int64_t n) {
     w.add_tensor(name, TensorType::F32, {static_cast<uint64_t>(n)}, v);
@@ -108,7 +114,45 @@ void save_gguf(const Model& model, const std::string& path, gguf::TensorType typ
     add_matrix(p + "ffn_up.weight", lw.w_up);
     add_matrix(p + "ffn_down.weight", lw.w_down);
   }
-  w.write(path);
 }
+
+}  // namespace
+
+gguf::TensorType dominant_matrix_type(const Model& model) {
+  std::vector<std::pair<gguf::TensorType, int64_t>> counts;
+  auto add = [&](const Matrix& m) {
+    if (m.empty()) return;
+    for (auto& c : counts)
+      if (c.first == m.type) {
+        c.second += m.rows * m.cols;
+        return;
+      }
+    counts.emplace_back(m.type, m.rows * m.cols);
+  };
+  add(model.token_embd);
+  if (!model.config().tied_output) add(model.output);
+  for (const LayerWeights& lw : model.layers)
+    for (const Matrix* m : {&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.w_gate, &lw.w_up, &lw.w_down}) add(*m);
+  gguf::TensorType best = gguf::TensorType::F32;
+  int64_t most = -1;
+  for (const auto& c : counts)
+    if (c.second > most) best = c.first, most = c.second;
+  return best;
+}
+
+void save_gguf(const Model& model, const std::string& path, gguf::TensorType type) {
+  ModelWriter mw;
+  fill_writer(model, type, mw);
+  mw.w.write(path);
+}
+
+std::shared_ptr<Model> convert_model(const Model& model, gguf::TensorType type) {
+  ModelWriter mw;
+  fill_writer(model, type, mw);
+  std::vector<uint8_t> bytes = mw.w.to_bytes();
+  mw = ModelWriter();  // the converted matrices are in `bytes` now
+  return Model::from_gguf(gguf::File::from_memory(std::move(bytes), "converted model"));
+}
+
 
 }  // namespace osd

@@ -22,6 +22,12 @@ void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType ty
 // loses nothing. Tokenizer metadata (tokenizer.*) of a GGUF source is carried over.
 void save_gguf(const Model& model, const std::string& path, gguf::TensorType type);
 
+// The type that most matrix weights are stored in (F32 for a trainer's snapshot).
+gguf::TensorType dominant_matrix_type(const Model& model);
+
+// The same model with its matrices stored as `type` (as save_gguf writes them), held in memory.
+std::shared_ptr<Model> convert_model(const Model& model, gguf::TensorType type);
+
 // The general.* and <arch>.* keys llama.cpp's loader reads, from a configuration.
 void set_model_metadata(gguf::Writer& w, const ModelConfig& c);
 

@@ -19,6 +19,8 @@
 
 namespace osd::napi {
 
+Napi::Value wrap_model(Napi::Env env, std::shared_ptr<Model> m);  // below
+
 namespace {
 
 struct Ctors {
@@ -103,6 +105,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     o.Set("rmsEps", c.rms_eps);
     o.Set("tiedOutput", c.tied_output);
     o.Set("weightBytesPerToken", static_cast<double>(m->weight_bytes_per_token()));
+    o.Set("matrixType", gguf::type_info(dominant_matrix_type(*m)).name);
     return o;
   }
   // setWeights(other): this model now answers with other's weights. Sequences created afterwards
@@ -404,6 +407,33 @@ class SaveModelWorker : public PromiseWorker {
   gguf::TensorType type_;
 };
 
+class ConvertModelWorker : public PromiseWorker {
+ public:
+  ConvertModelWorker(Napi::Env env, std::shared_ptr<Model> m, gguf::TensorType type)
+      : PromiseWorker(env), m_(std::move(m)), type_(type) {}
+
+ protected:
+  void run() override { out_ = convert_model(*m_, type_); }
+  void OnOK() override { deferred_.Resolve(wrap_model(Env(), out_)); }
+
+ private:
+  std::shared_ptr<Model> m_, out_;
+  gguf::TensorType type_;
+};
+
+// convertModel(model, { type }): the model with its matrices stored as `type`, in memory.
+Napi::Value convert_model_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsObject())
+      throw Napi::TypeError::New(env, "convertModel(model, { type })");
+    ModelWrap* mw = ModelWrap::Unwrap(info[0].As<Napi::Object>());
+    auto* w = new ConvertModelWorker(env, mw->get(env), parse_store_type(env, info[1].As<Napi::Object>()));
+    w->Queue();
+    return w->promise();
+  });
+}
+
 // saveModel(model, path, { type? }): writes the model as GGUF (atomically).
 Napi::Value save_model(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -421,6 +451,7 @@ Napi::Value save_model(const Napi::CallbackInfo& info) {
 void init(Napi::Env env, Napi::Object exports) {
   exports.Set("writeRandomModel", Napi::Function::New(env, write_random_model, "writeRandomModel"));
   exports.Set("saveModel", Napi::Function::New(env, save_model, "saveModel"));
+  exports.Set("convertModel", Napi::Function::New(env, convert_model_js, "convertModel"));
   auto* ctors = new Ctors();
   Napi::Function model = ModelWrap::define(env);
   Napi::Function sequence = SequenceWrap::define(env);

@@ -27,7 +27,7 @@ interface ModelAddon {
   loadModel(path: string): Promise<NativeModel>;
   writeRandomModel(path: string, config: object): Promise<void>;
   saveModel(model: NativeModel, path: string, options: object): Promise<void>;
-  convertModel(model: NativeModel, options: { type: StoreType }): Promise<NativeModel>;
+  convertModel(model: NativeModel, options: { type: StoreType | 'keep' }): Promise<NativeModel>;
   NativeSequence: new (model: NativeModel, contextSize?: number) => NativeSequence;
   sampleLogits(o: object): number;
   readGgufMetadata(path: string, options?: { maxArrayLength?: number }): { metadata: Record<string, unknown> };
@@ -66,7 +66,10 @@ export interface ModelInfo {
   tiedOutput: boolean;
   /** Weight bytes read to decode one token (the memory-bound cost of a step). */
   weightBytesPerToken: number;
-  /** The type most matrix weights are stored in ('F32', 'F16', 'Q4_1', ...; 'F32' for a trainer's snapshot). */
+  /**
+   * The type every matrix is stored in ('F32', 'F16', 'Q4_1', ...; 'F32' for a trainer's snapshot),
+   * or 'mixed' (llama.cpp files often keep the token embeddings in another type than the layers).
+   */
   matrixType: string;
 }
 
@@ -278,21 +281,25 @@ export class Model {
 
   /**
    * Writes this model as GGUF (llama.cpp's layout), atomically. Matrices are stored as `type`
-   * (default F32; see StoreType). A matrix already stored in that type is copied unchanged, so a
-   * quantised model saved in its own type loses nothing.
+   * (default F32; see StoreType), or with 'keep' each in the type it has now (lossless for every
+   * type, K-quants and mixed files included). A matrix already stored in the requested type is
+   * copied unchanged.
    */
-  async save(path: string, options: { type?: StoreType } = {}): Promise<void> {
+  async save(path: string, options: { type?: StoreType | 'keep' } = {}): Promise<void> {
     if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
+    if (options.type !== undefined && options.type !== 'keep' && !isStoreType(options.type))
+      throw new RangeError(`type must be 'keep' or one of ${STORE_TYPES.join(', ')}, got ${String(options.type)}`);
     await native.saveModel(this.handle, path, options);
   }
 
   /**
    * The same model with its matrices stored as `type` (see StoreType), held in memory, off the event
    * loop: e.g. a trainer's F32 snapshot as F16 or Q8_0 to make it cheaper to run. Matrices already in
-   * that type are copied unchanged. The tokenizer and chat template carry over.
+   * that type are copied unchanged; 'keep' copies every matrix as it is (a bit-exact copy of the
+   * weights). The tokenizer and chat template carry over.
    */
-  async convert(type: StoreType): Promise<Model> {
-    if (!isStoreType(type)) throw new RangeError(`type must be one of ${STORE_TYPES.join(', ')}, got ${String(type)}`);
+  async convert(type: StoreType | 'keep'): Promise<Model> {
+    if (type !== 'keep' && !isStoreType(type)) throw new RangeError(`type must be 'keep' or one of ${STORE_TYPES.join(', ')}, got ${String(type)}`);
     const handle = await native.convertModel(this.handle, { type });
     return new Model(handle, this.tokenizer, this.chatTemplate);
   }

@@ -77,8 +77,9 @@ export interface OnlineDistillOptions {
   trainThreads?: number;
   /**
    * How updated weights are stored while they serve: 'auto' (default) keeps the draft's own type
-   * when it is one the engine writes (F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1; else F32), so an
-   * F16 draft stays as cheap to run after updates; training itself always keeps F32 weights.
+   * when all its matrices share one the engine writes (F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1;
+   * else F32), so an F16 draft stays as cheap to run after updates; training itself always keeps F32
+   * weights. Quantised types are converted on the decoding thread pool (a short stall per update).
    */
   servedType?: StoreType | 'auto';
 }
@@ -472,9 +473,13 @@ export class OnlineDecoder extends EventEmitter {
       return;
     }
     // Keep the weights being replaced for the guard, then swap between requests.
-    const previous = await copyModel(this.draft);
-    this.draft.setWeights(snapshot);
-    await snapshot.dispose();
+    let previous: Model;
+    try {
+      previous = await copyModel(this.draft);
+      this.draft.setWeights(snapshot);
+    } finally {
+      await snapshot.dispose();
+    }
     this.#updates = update;
     this.#guard = { update, before: rate(this.#recent), previous, window: [] };
     const event: UpdateEvent = {
@@ -514,7 +519,6 @@ export class OnlineDecoder extends EventEmitter {
     }
   }
 
-  /** A standalone copy of the draft's current weights. */
   /** The type updated weights serve in (see distill.servedType). */
   #servedType(): StoreType {
     const t = this.options.servedType;
@@ -558,10 +562,9 @@ export class OnlineDecoder extends EventEmitter {
     this.emit('rollback', { update, reason } satisfies RollbackEvent);
   }
 
-  /** Writes the current draft as GGUF, atomically (temp file, fsync, rename), in the type it serves in. */
+  /** Writes the current draft as GGUF, atomically (temp file, fsync, rename), each matrix in the type it serves in. */
   async saveDraft(path: string): Promise<void> {
-    const type = this.draft.info.matrixType;
-    await this.draft.save(path, { type: isStoreType(type) ? type : 'F32' });
+    await this.draft.save(path, { type: 'keep' });
   }
 
   async generate(options: SpeculativeGenerateOptions): Promise<SpeculativeResult> {
@@ -638,13 +641,7 @@ export function createOnlineDecoder(options: OnlineDecoderOptions): OnlineDecode
   return new OnlineDecoder(options);
 }
 
-/** A copy of a model's weights, in the same storage type where the engine writes it (bit for bit), else F32. */
-export async function copyModel(model: Model): Promise<Model> {
-  if (isStoreType(model.info.matrixType)) return model.convert(model.info.matrixType);
-  const t = await createTrainer(model);
-  try {
-    return await t.snapshot();
-  } finally {
-    await t.dispose();
-  }
+/** A bit-exact copy of a model's weights, every matrix in the type it has. */
+export function copyModel(model: Model): Promise<Model> {
+  return model.convert('keep');
 }

@@ -63,10 +63,10 @@ struct ModelWriter {
   std::vector<std::unique_ptr<std::vector<uint8_t>>> bytes;
 };
 
-void fill_writer(const Model& model, gguf::TensorType type, ModelWriter& mw) {
+void fill_writer(const Model& model, std::optional<gguf::TensorType> want, ModelWriter& mw) {
   using gguf::TensorType;
   using gguf::Value;
-  if (!quant::can_quantize(type)) throw_range("type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1");
+  if (want && !quant::can_quantize(*want)) throw_range("type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1");
   const ModelConfig& c = model.config();
   gguf::Writer& w = mw.w;
   set_model_metadata(w, c);
@@ -75,6 +75,7 @@ void fill_writer(const Model& model, gguf::TensorType type, ModelWriter& mw) {
       if (kv.key.rfind("tokenizer.", 0) == 0) w.set(kv.key, kv.value);
 
   auto add_matrix = [&](const std::string& name, const Matrix& m) {
+    const TensorType type = want.value_or(m.type);
     if (m.type == type) {
       w.add_tensor_raw(name, type, {static_cast<uint64_t>(m.cols), static_cast<uint64_t>(m.rows)}, m.data, m.bytes());
       return;
@@ -118,40 +119,34 @@ void fill_writer(const Model& model, gguf::TensorType type, ModelWriter& mw) {
 
 }  // namespace
 
-gguf::TensorType dominant_matrix_type(const Model& model) {
-  std::vector<std::pair<gguf::TensorType, int64_t>> counts;
-  auto add = [&](const Matrix& m) {
+std::optional<gguf::TensorType> uniform_matrix_type(const Model& model) {
+  std::optional<gguf::TensorType> type;
+  bool mixed = false;
+  auto see = [&](const Matrix& m) {
     if (m.empty()) return;
-    for (auto& c : counts)
-      if (c.first == m.type) {
-        c.second += m.rows * m.cols;
-        return;
-      }
-    counts.emplace_back(m.type, m.rows * m.cols);
+    if (type && *type != m.type) mixed = true;
+    type = m.type;
   };
-  add(model.token_embd);
-  if (!model.config().tied_output) add(model.output);
+  see(model.token_embd);
+  if (!model.config().tied_output) see(model.output);
   for (const LayerWeights& lw : model.layers)
-    for (const Matrix* m : {&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.w_gate, &lw.w_up, &lw.w_down}) add(*m);
-  gguf::TensorType best = gguf::TensorType::F32;
-  int64_t most = -1;
-  for (const auto& c : counts)
-    if (c.second > most) best = c.first, most = c.second;
-  return best;
+    for (const Matrix* m : {&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.w_gate, &lw.w_up, &lw.w_down}) see(*m);
+  return mixed ? std::nullopt : type;
 }
 
-void save_gguf(const Model& model, const std::string& path, gguf::TensorType type) {
+void save_gguf(const Model& model, const std::string& path, std::optional<gguf::TensorType> type) {
   ModelWriter mw;
   fill_writer(model, type, mw);
   mw.w.write(path);
 }
 
-std::shared_ptr<Model> convert_model(const Model& model, gguf::TensorType type) {
+std::shared_ptr<Model> convert_model(const Model& model, std::optional<gguf::TensorType> type) {
   ModelWriter mw;
   fill_writer(model, type, mw);
   std::vector<uint8_t> bytes = mw.w.to_bytes();
   mw = ModelWriter();  // the converted matrices are in `bytes` now
-  return Model::from_gguf(gguf::File::from_memory(std::move(bytes), "converted model"));
+  const std::string what = type ? std::string(" as ") + gguf::type_info(*type).name : std::string(" (copy)");
+  return Model::from_gguf(gguf::File::from_memory(std::move(bytes), model.path() + what));
 }
 
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,16 +18,18 @@ namespace osd {
 void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType type, int64_t rows, int64_t cols,
                    const float* data, std::vector<std::unique_ptr<std::vector<uint8_t>>>& keep);
 
-// Writes `model` with every matrix stored as `type` (any type quant::can_quantize accepts; norms and biases stay F32). A
+// Writes `model` with every matrix stored as `type` (any type quant::can_quantize accepts; norms and
+// biases stay F32), or, with no type, every matrix in the type it has now (lossless for any type). A
 // matrix already stored as `type` is copied as it is, so a quantised model saved in its own type
 // loses nothing. Tokenizer metadata (tokenizer.*) of a GGUF source is carried over.
-void save_gguf(const Model& model, const std::string& path, gguf::TensorType type);
+void save_gguf(const Model& model, const std::string& path, std::optional<gguf::TensorType> type);
 
-// The type that most matrix weights are stored in (F32 for a trainer's snapshot).
-gguf::TensorType dominant_matrix_type(const Model& model);
+// The type every matrix is stored in (F32 for a trainer's snapshot), or nothing when they differ
+// (llama.cpp files often keep the token embeddings in another type than the layers).
+std::optional<gguf::TensorType> uniform_matrix_type(const Model& model);
 
-// The same model with its matrices stored as `type` (as save_gguf writes them), held in memory.
-std::shared_ptr<Model> convert_model(const Model& model, gguf::TensorType type);
+// The same model with its matrices stored as save_gguf(type) writes them, held in memory.
+std::shared_ptr<Model> convert_model(const Model& model, std::optional<gguf::TensorType> type);
 
 // The general.* and <arch>.* keys llama.cpp's loader reads, from a configuration.
 void set_model_metadata(gguf::Writer& w, const ModelConfig& c);

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -105,7 +106,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     o.Set("rmsEps", c.rms_eps);
     o.Set("tiedOutput", c.tied_output);
     o.Set("weightBytesPerToken", static_cast<double>(m->weight_bytes_per_token()));
-    o.Set("matrixType", gguf::type_info(dominant_matrix_type(*m)).name);
+    const auto mt = uniform_matrix_type(*m);
+    o.Set("matrixType", mt ? gguf::type_info(*mt).name : "mixed");
     return o;
   }
   // setWeights(other): this model now answers with other's weights. Sequences created afterwards
@@ -353,6 +355,12 @@ gguf::TensorType parse_store_type(Napi::Env env, const Napi::Object& o) {
   throw Napi::RangeError::New(env, "type must be 'F32', 'F16', 'BF16', 'Q8_0', 'Q5_0', 'Q5_1', 'Q4_0' or 'Q4_1', got '" + t + "'");
 }
 
+// As parse_store_type, and 'keep' (nothing): every matrix in the type it has.
+std::optional<gguf::TensorType> parse_store_type_or_keep(Napi::Env env, const Napi::Object& o) {
+  if (has(o, "type") && o.Get("type").IsString() && o.Get("type").As<Napi::String>().Utf8Value() == "keep") return std::nullopt;
+  return parse_store_type(env, o);
+}
+
 class WriteRandomWorker : public PromiseWorker {
  public:
   WriteRandomWorker(Napi::Env env, std::string path, ModelConfig c, uint64_t seed, gguf::TensorType type)
@@ -394,7 +402,7 @@ Napi::Value write_random_model(const Napi::CallbackInfo& info) {
 
 class SaveModelWorker : public PromiseWorker {
  public:
-  SaveModelWorker(Napi::Env env, std::shared_ptr<Model> m, std::string path, gguf::TensorType type)
+  SaveModelWorker(Napi::Env env, std::shared_ptr<Model> m, std::string path, std::optional<gguf::TensorType> type)
       : PromiseWorker(env), m_(std::move(m)), path_(std::move(path)), type_(type) {}
 
  protected:
@@ -404,12 +412,12 @@ class SaveModelWorker : public PromiseWorker {
  private:
   std::shared_ptr<Model> m_;
   std::string path_;
-  gguf::TensorType type_;
+  std::optional<gguf::TensorType> type_;
 };
 
 class ConvertModelWorker : public PromiseWorker {
  public:
-  ConvertModelWorker(Napi::Env env, std::shared_ptr<Model> m, gguf::TensorType type)
+  ConvertModelWorker(Napi::Env env, std::shared_ptr<Model> m, std::optional<gguf::TensorType> type)
       : PromiseWorker(env), m_(std::move(m)), type_(type) {}
 
  protected:
@@ -418,7 +426,7 @@ class ConvertModelWorker : public PromiseWorker {
 
  private:
   std::shared_ptr<Model> m_, out_;
-  gguf::TensorType type_;
+  std::optional<gguf::TensorType> type_;
 };
 
 // convertModel(model, { type }): the model with its matrices stored as `type`, in memory.
@@ -428,7 +436,7 @@ Napi::Value convert_model_js(const Napi::CallbackInfo& info) {
     if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsObject())
       throw Napi::TypeError::New(env, "convertModel(model, { type })");
     ModelWrap* mw = ModelWrap::Unwrap(info[0].As<Napi::Object>());
-    auto* w = new ConvertModelWorker(env, mw->get(env), parse_store_type(env, info[1].As<Napi::Object>()));
+    auto* w = new ConvertModelWorker(env, mw->get(env), parse_store_type_or_keep(env, info[1].As<Napi::Object>()));
     w->Queue();
     return w->promise();
   });
@@ -442,7 +450,7 @@ Napi::Value save_model(const Napi::CallbackInfo& info) {
       throw Napi::TypeError::New(env, "saveModel(model, path, options?)");
     ModelWrap* mw = ModelWrap::Unwrap(info[0].As<Napi::Object>());
     Napi::Object o = info.Length() > 2 && info[2].IsObject() ? info[2].As<Napi::Object>() : Napi::Object::New(env);
-    auto* w = new SaveModelWorker(env, mw->get(env), info[1].As<Napi::String>(), parse_store_type(env, o));
+    auto* w = new SaveModelWorker(env, mw->get(env), info[1].As<Napi::String>(), parse_store_type_or_keep(env, o));
     w->Queue();
     return w->promise();
   });

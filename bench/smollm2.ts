@@ -183,11 +183,13 @@ export async function runSmolBench(o: BenchOptions): Promise<{ rows: Row[]; note
   const notes: string[] = [];
   setThreads(o.threads);
   const target = await loadModel(o.target, { threads: o.threads });
-  const draft = await loadModel(o.draft, { threads: o.threads });
-  const nlc = o.llama ? await importLlama() : null;
-  if (o.llama && !nlc) notes.push('node-llama-cpp is not installed (npm install --include=dev): its rows are skipped');
-  const llama = nlc ? await openLlama(nlc, o) : null;
+  let draft: Model | undefined;
+  const opened: { llama: Awaited<ReturnType<typeof openLlama>> | null } = { llama: null };
   try {
+    draft = await loadModel(o.draft, { threads: o.threads });
+    const nlc = o.llama ? await importLlama() : null;
+    if (o.llama && !nlc) notes.push('node-llama-cpp is not installed (npm install --include=dev): its rows are skipped');
+    const llama = (opened.llama = nlc ? await openLlama(nlc, o) : null);
     if (!target.tokenizer) throw new Error(`${o.target} has no tokenizer`);
     if (draft.info.vocabSize !== target.info.vocabSize) throw new Error(`the draft's vocabulary (${draft.info.vocabSize}) is not the target's (${target.info.vocabSize})`);
     const prompts = domainPrompts(target, o.prompts);
@@ -263,8 +265,8 @@ export async function runSmolBench(o: BenchOptions): Promise<{ rows: Row[]; note
     }
     return { rows, notes };
   } finally {
-    await llama?.dispose();
-    await Promise.all([target.dispose(), draft.dispose()]);
+    await opened.llama?.dispose();
+    await Promise.all([target.dispose(), draft?.dispose()]);
   }
 }
 

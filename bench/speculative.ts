@@ -50,6 +50,13 @@ const ALL_STRATEGIES: { name: string; strategy: Strategy }[] = [
   { name: 'ngram', strategy: { kind: 'ngram', length: 4 } },
   ...Object.entries(JSON.parse(values.get('extra') ?? '{}') as Record<string, Strategy>).map(([name, strategy]) => ({ name, strategy })),
 ];
+// A misspelled filter name would silently measure nothing: name the known ones instead.
+function checkNames(flag: string, known: string[]): void {
+  for (const n of listOf(flag) ?? []) if (!known.includes(n)) throw new RangeError(`--${flag}: unknown name '${n}' (known: ${known.join(', ')})`);
+}
+checkNames('strategies', ALL_STRATEGIES.map((s) => s.name));
+checkNames('samplings', ['greedy', 'T=0.8']);
+checkNames('domains', PHASES.flatMap((p) => p.domains));
 const STRATEGIES = ALL_STRATEGIES.filter((s) => !listOf('strategies') || listOf('strategies')!.includes(s.name));
 const SAMPLINGS: { name: string; sampling: SamplingOptions }[] = [
   { name: 'greedy', sampling: { temperature: 0 } },

@@ -494,7 +494,7 @@ export class OnlineDecoder extends EventEmitter {
     };
     this.emit('update', event);
     const o = this.options;
-    if (o.autosaveEvery !== undefined && update % o.autosaveEvery === 0) await this.saveDraft(o.autosavePath!);
+    if (o.autosaveEvery !== undefined && update % o.autosaveEvery === 0) await this.#writeDraft(o.autosavePath!);
   }
 
   /** Records from earlier updates to train on beside `fresh` of new ones: replay / (1 - replay) of it. */
@@ -562,9 +562,25 @@ export class OnlineDecoder extends EventEmitter {
     this.emit('rollback', { update, reason } satisfies RollbackEvent);
   }
 
-  /** Writes the current draft as GGUF, atomically (temp file, fsync, rename), each matrix in the type it serves in. */
+  /**
+   * Writes the draft as GGUF, atomically (temp file, fsync, rename), each matrix in the type it serves
+   * in, once the updates already running or queued have finished.
+   */
   async saveDraft(path: string): Promise<void> {
-    await this.draft.save(path, { type: 'keep' });
+    if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
+    let failure: unknown;
+    await this.#enqueue(async () => {
+      try {
+        await this.#writeDraft(path);
+      } catch (e) {
+        failure = e;
+      }
+    });
+    if (failure !== undefined) throw failure;
+  }
+
+  #writeDraft(path: string): Promise<void> {
+    return this.draft.save(path, { type: 'keep' });
   }
 
   async generate(options: SpeculativeGenerateOptions): Promise<SpeculativeResult> {

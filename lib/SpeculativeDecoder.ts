@@ -315,6 +315,10 @@ export interface TreeCosts {
  * spine). The shape depends on no token of the step, which keeps sampled verification exact.
  */
 export function sampledTreeShape(accept: readonly number[], budget: number, maxDepth: number, costs?: TreeCosts): number[] {
+  if (!Array.isArray(accept) || accept.some((a) => !(typeof a === 'number' && a >= 0 && a <= 1))) throw new RangeError('accept must be an array of numbers in [0, 1]');
+  if (!Number.isInteger(budget) || budget < 0) throw new RangeError(`budget must be an integer >= 0, got ${String(budget)}`);
+  if (!Number.isInteger(maxDepth) || maxDepth < 0) throw new RangeError(`maxDepth must be an integer >= 0, got ${String(maxDepth)}`);
+  if (costs !== undefined && !(costs.node >= 0 && costs.level >= 0)) throw new RangeError('costs.node and costs.level must be numbers >= 0');
   const reach: number[] = [1]; // reach[j]: chance that ranks 0..j-1 were all rejected
   for (let j = 0; j < accept.length; j++) reach.push(reach[j]! * (1 - accept[j]!));
   const widths: number[] = [];
@@ -347,7 +351,7 @@ export function sampledTreeShape(accept: readonly number[], budget: number, maxD
 }
 
 /** Test-only planted bugs: the exactness tests must catch each. */
-export type SpeculativeFault = 'tree-top-children-as-sampled';
+export type SpeculativeFault = 'tree-top-children-as-sampled' | 'tree-top-siblings-as-sampled';
 
 export class SpeculativeDecoder extends EventEmitter {
   readonly target: Model;
@@ -668,8 +672,11 @@ export class SpeculativeDecoder extends EventEmitter {
     const draftTokens = new Int32Array(g);
     const draftLogits = new Float32Array(g * V);
     if (g > 0) {
-      const dStart = performance.now();
+      // The level cost is timed on single-token draft passes: a request's first step also prefills the prompt.
+      const catchUp = committed.length - D.length;
+      let dStart = performance.now();
       let q = await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length), { lastOnly: true }));
+      if (catchUp > 2) dStart = performance.now();
       for (let i = 0; i < g; i++) {
         const row = q.subarray(0, V);
         draftLogits.set(row, i * V);
@@ -779,8 +786,11 @@ export class SpeculativeDecoder extends EventEmitter {
     // Draft rows: rows[0] at the root, rows[i + 1] after spine node i (the nodes with children).
     const rows: (Float32Array | undefined)[] = [];
     if (widths.length) {
-      const dStart = performance.now();
+      // The level cost is timed on single-token draft passes: a request's first step also prefills the prompt.
+      const catchUp = committed.length - D.length;
+      let dStart = performance.now();
       let q = await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length), { lastOnly: true }));
+      if (catchUp > 2) dStart = performance.now();
       for (let d = 0; d < widths.length; d++) {
         const parent = d === 0 ? -1 : spine[d - 1]!;
         const row = q.subarray(0, V);
@@ -788,9 +798,9 @@ export class SpeculativeDecoder extends EventEmitter {
         const drawn: number[] = [];
         for (let j = 0; j < widths[d]!; j++) {
           // Position = node index: one Philox draw per node, on the step's draft stream.
-          const token =
-            this.#fault === 'tree-top-children-as-sampled'
-              ? (topCandidates(row, j + 1, req.sampling.temperature)[j]?.[0] ?? -1)
+          const top = this.#fault === 'tree-top-children-as-sampled' || (this.#fault === 'tree-top-siblings-as-sampled' && j > 0);
+          const token = top
+              ? (topCandidates(row, j + 1 + drawn.length, req.sampling.temperature).map(([t]) => t).find((t) => !drawn.includes(t)) ?? -1)
               : sampleLogits({ logits: row, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, true), position: tokens.length, ...(j ? { exclude: Int32Array.from(drawn) } : {}) });
           if (token < 0) break; // the warped support (top-k / top-p) is used up
           if (j === 0) spine.push(tokens.length);
@@ -800,8 +810,11 @@ export class SpeculativeDecoder extends EventEmitter {
         }
         if (d + 1 < widths.length) q = await this.#timed(c, 'draft', () => D.evaluate([tokens[spine[d]!]!]));
       }
-      const levelMs = (performance.now() - dStart) / widths.length;
-      this.#levelMs = this.#levelMs ? 0.9 * this.#levelMs + 0.1 * levelMs : levelMs;
+      const levels = catchUp > 2 ? widths.length - 1 : widths.length;
+      if (levels > 0) {
+        const levelMs = (performance.now() - dStart) / levels;
+        this.#levelMs = this.#levelMs ? 0.9 * this.#levelMs + 0.1 * levelMs : levelMs;
+      }
     }
     const n = tokens.length;
     // Leaves have no draft row; the kernel validates every row, so give them a finite (unused) one.

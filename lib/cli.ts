@@ -23,7 +23,7 @@ Commands:
       --runs LIST          static,online,pool (default all three)
       --lr X --top-k K     learning rate and teacher entries per position of the online updates
                            (default 3e-3, top-k 32; 64 for vocabularies of 32768 tokens and more)
-      --save-draft PATH    write the online run's adapted draft (GGUF, F16)
+      --save-draft PATH    write the online run's adapted draft (GGUF)
       --out DIR            where the plot goes (default osd-demo)
   serve                an OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /metrics)
       --target PATH --draft PATH   default: the embedded default pair
@@ -150,10 +150,23 @@ async function main(argv: string[]): Promise<number> {
       for (const path of [values.target, values.draft]) if (path !== undefined && !existsSync(path)) throw new Error(`model not found: ${path}`);
       if (values.requests !== undefined && values['requests-per-phase'] !== undefined) throw new TypeError('give --requests or --requests-per-phase, not both');
       const requests = num(values.requests ?? values['requests-per-phase'], values.requests !== undefined ? 'requests' : 'requests-per-phase', 24);
-      if (!Number.isInteger(requests) || requests < 1) throw new RangeError('--requests must be a positive integer');
+      const requestsFlag = values.requests !== undefined ? '--requests' : '--requests-per-phase';
+      if (!Number.isInteger(requests) || requests < 1) throw new RangeError(`${requestsFlag} must be a positive integer`);
       const distill: { lr?: number; topK?: number } = {};
       if (values.lr !== undefined) distill.lr = num(values.lr, 'lr', 0);
       if (values['top-k'] !== undefined) distill.topK = num(values['top-k'], 'top-k', 0);
+      if (distill.lr !== undefined && !(distill.lr > 0)) throw new RangeError('--lr must be a number > 0');
+      if (distill.topK !== undefined && !(Number.isInteger(distill.topK) && distill.topK >= 1)) throw new RangeError('--top-k must be an integer >= 1');
+      if (values['save-draft'] !== undefined) {
+        if (runs && !runs.includes('online')) throw new TypeError('--save-draft saves the online run\'s draft: include online in --runs');
+        const { dirname, resolve } = await import('node:path');
+        const { accessSync, constants } = await import('node:fs');
+        try {
+          accessSync(dirname(resolve(values['save-draft'])), constants.W_OK);
+        } catch {
+          throw new Error(`--save-draft: cannot write in ${dirname(resolve(values['save-draft']))}`);
+        }
+      }
       const ac = new AbortController();
       process.once('SIGINT', () => ac.abort());
       const result = await runDemo({

@@ -37,7 +37,7 @@ export interface DemoOptions {
   /** Overrides of the learning settings (default: demoDistill() for the draft's vocabulary). */
   distill?: OnlineDistillOptions;
   runs?: RunKind[];
-  /** Write the online run's adapted draft here (GGUF, F16), e.g. to benchmark it afterwards. */
+  /** Write the online run's adapted draft here (GGUF, in the type it served in), e.g. to benchmark it afterwards. */
   saveDraft?: string;
   /** Called with a progress line (the CLI redraws it in place). */
   onProgress?: (line: string) => void;
@@ -212,8 +212,8 @@ async function runOne(
       const r = pool ? await pool.generate({ ...req, label: 'english' }) : await (online ?? fixed)!.generate(req);
       again.push(r.stats.acceptanceRate);
     }
-    // F16, as the drafts are shipped: the trainer's weights are f32, and llama.cpp loads F16.
-    if (saveDraft) await draft.save(saveDraft, { type: 'F16' });
+    // After the updates still running, each matrix in the type it serves in.
+    if (saveDraft && online) await online.saveDraft(saveDraft);
     return { run: kind, phases, series, updates, rollbacks, forgetting: phases[0]!.acceptanceEnd - mean(again) };
   } finally {
     await online?.dispose();

@@ -51,6 +51,7 @@ export type {
   Strategy,
   SpeculativeDecoderOptions,
   TreeChildren,
+  TreeCosts,
   SpeculativeGenerateOptions,
   SpeculativeResult,
   RequestStats,

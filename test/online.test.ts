@@ -122,6 +122,7 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
       await dec.saveDraft(ckpt);
       const { tensors } = readGgufMetadata(ckpt, { maxArrayLength: 0 }) as unknown as { tensors: { name: string; type: string }[] };
       expect(tensors.find((t) => t.name === 'blk.0.attn_q.weight')!.type).toBe(want);
+      await expect(dec.saveDraft(join(dir, 'no-such-dir', 'x.gguf'))).rejects.toThrow();
       await dec.dispose();
     }
     await using draft = await loadModel(f16Path);

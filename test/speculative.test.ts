@@ -31,7 +31,6 @@ const strategies: Strategy[] = [
   { kind: 'chain', length: 4 },
   { kind: 'chain', length: 7 },
   { kind: 'tree', budget: 12, maxDepth: 4, branching: 3 },
-  { kind: 'tree', budget: 12, maxDepth: 4, branching: 3, children: 'sampled', fill: true },
   { kind: 'adaptive', maxLength: 6 },
   { kind: 'ngram', length: 5 },
 ];
@@ -113,7 +112,8 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     name: string;
     strategy: Strategy;
     sampling: { temperature: number; topK?: number; topP?: number };
-    fault?: 'tree-top-children-as-sampled';
+    fault?: 'tree-top-children-as-sampled' | 'tree-top-siblings-as-sampled';
+    draws?: number;
   }[] = [
     { name: 'chain T=1', strategy: { kind: 'chain', length: 3 }, sampling: { temperature: 1 } },
     // Sampled children (the default at T > 0); top-k 3 under branching 4 also drops children once the support is used up.
@@ -124,6 +124,9 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     { name: 'sampled tree, measured size, T=1', strategy: { kind: 'tree', budget: 8, maxDepth: 3, branching: 3 }, sampling: { temperature: 1 } },
     { name: 'deterministic tree T=0.8', strategy: { kind: 'tree', budget: 8, maxDepth: 3, branching: 3, children: 'deterministic' }, sampling: { temperature: 0.8 } },
     { name: 'planted fault: top children verified as sampled', strategy: { kind: 'tree', budget: 8, maxDepth: 3, branching: 3, fill: true }, sampling: { temperature: 0.8 }, fault: 'tree-top-children-as-sampled' },
+    // Only the siblings are wrong: the spine is sampled, the siblings are the draft's next top tokens.
+    { name: 'planted fault: top siblings verified as sampled', strategy: { kind: 'tree', budget: 6, maxDepth: 1, branching: 6, fill: true }, sampling: { temperature: 0.8 }, fault: 'tree-top-siblings-as-sampled', draws: 16000 },
+    { name: 'sampled tree, one level of 6 siblings, T=0.8', strategy: { kind: 'tree', budget: 6, maxDepth: 1, branching: 6, fill: true }, sampling: { temperature: 0.8 } },
     { name: 'adaptive T=1.2 top-k 20', strategy: { kind: 'adaptive', maxLength: 4 }, sampling: { temperature: 1.2, topK: 20 } },
     { name: 'ngram T=1', strategy: { kind: 'ngram', length: 3 }, sampling: { temperature: 1 } },
   ];
@@ -133,7 +136,7 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       const V = 512;
       // Exact joint P(y1, y2) from the target.
       const first = warp(await target.forward(prompt), V, sc.sampling, (prompt.length - 1) * V);
-      const draws = 6000;
+      const draws = sc.draws ?? 6000;
       const joint = new Float64Array(V * V);
       for (let y1 = 0; y1 < V; y1++) {
         if (first[y1]! === 0) continue;
@@ -147,10 +150,15 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       }
       const counts = new Float64Array(V * V);
       const rowCounts = new Float64Array(V);
+      // A step drafts at most the tokens still wanted, so trees get room for siblings (the first two
+      // tokens are scored); a filled tree must then draft more nodes than its depth in some step.
+      const isTree = sc.strategy.kind === 'tree';
+      let widest = 0;
       for (const draft of [randomDraft, closeDraft]) {
         const dec = createSpeculativeDecoder({ target, draft, strategy: sc.strategy, sampling: sc.sampling, maxConcurrent: 1, ...(sc.fault ? { _fault: sc.fault } : {}) } as SpeculativeDecoderOptions);
+        dec.on('step', (e: { drafted: number }) => (widest = Math.max(widest, e.drafted)));
         for (let s = 0; s < draws / 2; s++) {
-          const r = await dec.generate({ tokens: prompt, maxTokens: 2, seed: 77_000 + s, stopTokens: [] });
+          const r = await dec.generate({ tokens: prompt, maxTokens: isTree ? 6 : 2, seed: 77_000 + s, stopTokens: [] });
           const y1 = r.tokens[0]!;
           const y2 = r.tokens[1]!;
           if (first[y1]! * draws < 2) rowCounts[y1]!++;
@@ -160,6 +168,7 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       }
       // Pool each rare first token's row into its single cell.
       for (let y1 = 0; y1 < V; y1++) if (rowCounts[y1]) counts[y1 * V] = rowCounts[y1]!;
+      if (sc.strategy.kind === 'tree' && sc.strategy.fill) expect(widest).toBeGreaterThan(sc.strategy.maxDepth!);
       const test = chiSquareTest(counts, joint);
       if (sc.fault) expect(test.pValue).toBeLessThan(1e-6);
       else expect(test.pValue).toBeGreaterThan(1e-3);

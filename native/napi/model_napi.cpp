@@ -323,6 +323,7 @@ Napi::Value sample_logits(const Napi::CallbackInfo& info) {
     s.top_p = static_cast<float>(get_number_or(so, "topP", 1.0, "sampling."));
     validate_sampling(s);
     const float mx = checked_row_max(logits.data, V, "logits", 0);
+    if (has(o, "exclude") && s.greedy()) throw Napi::TypeError::New(env, "exclude needs temperature > 0 (a greedy draw has one candidate)");
     if (s.greedy()) return Napi::Number::New(env, argmax_row(logits.data, V));
     const uint64_t seed = get_seed(o, "seed");
     const uint64_t stream = has(o, "stream") ? get_seed(o, "stream") : 0;

@@ -29,7 +29,7 @@ import { readGgufMetadata } from './bpe.js';
 import { ALL_DOMAINS, GENERAL_DOMAINS } from './corpus.js';
 import { dequantizeRows, kvString, kvU32, readGgufLayout, readTensorBytes, writeGgufRaw, type GgufFile, type OutTensor } from './ggufRewrite.js';
 import { XorShift } from './llamaInit.js';
-import { DEFAULT_TARGET, teacherBatch, tokenizeDomains } from './smollm2Draft.js';
+import { DEFAULT_TARGET, medianDecodeMs, teacherBatch, tokenizeDomains } from './smollm2Draft.js';
 import { createTrainer } from '../Trainer.js';
 
 const log = (line: string) => process.stderr.write(`[draft-probe] ${line}\n`);
@@ -346,10 +346,6 @@ interface CostRow {
   c: number;
 }
 
-function median(a: number[]): number {
-  return [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
-}
-
 async function measureCosts(target: Model, src: GgufFile, rank: Int32Array, layers: number[], heads: number[], dir: string, rounds: number, steps: number): Promise<{ targetMs: number; rows: CostRow[] }> {
   const V = target.info.vocabSize;
   const specs: Array<{ layers: number; headRows: number; q41: boolean }> = [];
@@ -363,28 +359,14 @@ async function measureCosts(target: Model, src: GgufFile, rank: Int32Array, laye
     writeCut(src, p, { layers: s.layers, rows: rank.subarray(0, s.headRows), headQ4_1: s.q41 });
     models.push(await loadModel(p));
   }
-  const all = [target, ...models];
-  const times: number[][] = all.map(() => []);
-  const seqs = all.map((m) => m.createSequence({ contextSize: 512 }));
-  for (const s of seqs) await s.evaluate([1, 2, 3, 4]);
-  for (let r = 0; r < rounds; r++)
-    for (const [i, s] of seqs.entries()) {
-      if (s.length + steps >= 512) s.truncate(4);
-      for (let k = 0; k < steps; k++) {
-        const t0 = performance.now();
-        await s.evaluate([(r * 131 + k * 31 + 7) % 2000]);
-        times[i]!.push(performance.now() - t0);
-      }
-    }
-  for (const s of seqs) await s.dispose();
-  const targetMs = median(times[0]!);
+  const [targetMs = NaN, ...ms] = await medianDecodeMs([target, ...models], rounds, steps);
   const rows = specs.map((s, i) => ({
     layers: s.layers,
     headRows: s.headRows,
     headType: s.q41 ? 'Q4_1' : 'Q8_0',
     weightMB: models[i]!.info.weightBytesPerToken / 1e6,
-    ms: median(times[i + 1]!),
-    c: median(times[i + 1]!) / targetMs,
+    ms: ms[i]!,
+    c: ms[i]! / targetMs,
   }));
   await Promise.all(models.map((m) => m.dispose()));
   return { targetMs, rows };

@@ -20,7 +20,7 @@
 //   Q8_0 halves the bytes a draft token reads, see the cost phase).
 // - report: rewrites the .md from the .json (each phase keeps the other phases' sections).
 // Progress: a bar redrawn in place on a terminal, a line every 15 s otherwise.
-import { existsSync, mkdirSync, openSync, readFileSync, readSync, closeSync, renameSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -29,7 +29,7 @@ import { loadModel, writeRandomModel, type Model, type StoreType } from '../Mode
 import { createTrainer, loadTrainerCheckpoint, type Trainer, type TrainBatch } from '../Trainer.js';
 import { createSpeculativeDecoder } from '../SpeculativeDecoder.js';
 import type { Tokenizer } from '../Tokenizer.js';
-import { readGgufMetadata } from './bpe.js';
+import { dequantizeRows, readGgufLayout, readTensorBytes } from './ggufRewrite.js';
 import { ALL_DOMAINS, GENERAL_DOMAINS, loadCorpora, type Domain } from './corpus.js';
 import { writeLlamaInit } from './llamaInit.js';
 import { ProgressBar, XorShift } from './trainDefault.js';
@@ -51,43 +51,14 @@ const log = (line: string) => process.stderr.write(`[smollm2-draft] ${line}\n`);
 
 // ---- the target's embeddings ----------------------------------------------------------------------
 
-function halfToFloat(h: number): number {
-  const s = h & 0x8000 ? -1 : 1;
-  const e = (h >> 10) & 0x1f;
-  const f = h & 0x3ff;
-  if (e === 0) return s * f * 2 ** -24;
-  if (e === 31) return f ? NaN : s * Infinity;
-  return s * (1 + f / 1024) * 2 ** (e - 15);
-}
-
-/** Reads one tensor of a GGUF file as f32 rows (F32, F16 or Q8_0). Returns [rows x cols]. */
+/** Reads one tensor of a GGUF file as f32 rows (F32, F16, Q8_0, Q4_0 or Q4_1). Returns [rows x cols]. */
 export function readTensorF32(path: string, name: string): { data: Float32Array; rows: number; cols: number } {
-  const meta = readGgufMetadata(path, { maxArrayLength: 0 });
-  const t = meta.tensors.find((x) => x.name === name);
+  const file = readGgufLayout(path);
+  const t = file.tensors.find((x) => x.name === name);
   if (!t) throw new Error(`${path}: no tensor ${name}`);
-  // Offsets are relative to the data section, which ends with the last tensor.
-  const last = meta.tensors.reduce((a, b) => (b.offset > a.offset ? b : a));
-  const dataStart = statSync(path).size - (last.offset + last.nBytes);
-  if (dataStart <= 0 || dataStart % meta.alignment !== 0) throw new Error(`${path}: cannot locate the tensor data section`);
   const cols = t.dims[0]!;
-  const rows = t.dims.slice(1).reduce((a, b) => a * b, 1);
-  const buf = Buffer.alloc(t.nBytes);
-  const fd = openSync(path, 'r');
-  try {
-    readSync(fd, buf, 0, t.nBytes, dataStart + t.offset);
-  } finally {
-    closeSync(fd);
-  }
-  const out = new Float32Array(rows * cols);
-  if (t.type === 'F32') out.set(new Float32Array(buf.buffer, buf.byteOffset, rows * cols));
-  else if (t.type === 'F16') for (let i = 0; i < out.length; i++) out[i] = halfToFloat(buf.readUInt16LE(2 * i));
-  else if (t.type === 'Q8_0') {
-    for (let b = 0; b < out.length / 32; b++) {
-      const d = halfToFloat(buf.readUInt16LE(34 * b));
-      for (let j = 0; j < 32; j++) out[32 * b + j] = d * buf.readInt8(34 * b + 2 + j);
-    }
-  } else throw new Error(`${path}: ${name} is ${t.type}; F32, F16 or Q8_0 expected`);
-  return { data: out, rows, cols };
+  const data = dequantizeRows(readTensorBytes(file, name), t.type, cols);
+  return { data, rows: data.length / cols, cols };
 }
 
 /**
@@ -205,6 +176,30 @@ export const COST_CANDIDATES: Array<{ name: string; shape: DraftShape; type: Sto
   { name: 'd576 L2 (target width)', shape: { embeddingLength: 576, layers: 2, heads: 9, kvHeads: 3, feedForwardLength: 1536, contextLength: 2048 }, type: 'F16' },
 ];
 
+/**
+ * Median single-token decode time of each model, in interleaved rounds (each model decodes `steps`
+ * tokens per round, in turn), so a change of load hits them alike.
+ */
+export async function medianDecodeMs(models: Model[], rounds: number, steps: number): Promise<number[]> {
+  const times: number[][] = models.map(() => []);
+  const seqs = models.map((m) => m.createSequence({ contextSize: 512 }));
+  try {
+    for (const s of seqs) await s.evaluate([1, 2, 3, 4]);
+    for (let r = 0; r < rounds; r++)
+      for (const [i, s] of seqs.entries()) {
+        if (s.length + steps >= 512) s.truncate(4);
+        for (let k = 0; k < steps; k++) {
+          const t0 = performance.now();
+          await s.evaluate([(r * 131 + k * 31 + 7) % 2000]);
+          times[i]!.push(performance.now() - t0);
+        }
+      }
+  } finally {
+    for (const s of seqs) await s.dispose();
+  }
+  return times.map((a) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!);
+}
+
 /** Decode-time ratio of each candidate to the target, timed in interleaved rounds in one run. */
 export async function measureCost(target: Model, candidates = COST_CANDIDATES, rounds = 6, stepsPerRound = 12): Promise<{ targetMs: number; rows: CostRow[] }> {
   const dir = mkdtempSync(join(tmpdir(), 'osd-smoldraft-cost-'));
@@ -216,29 +211,14 @@ export async function measureCost(target: Model, candidates = COST_CANDIDATES, r
       await writeRandomModel(p, { ...c.shape, vocabSize: V, type: c.type, seed: i + 1 });
       models.push(await loadModel(p));
     }
-    const all = [target, ...models];
-    const times: number[][] = all.map(() => []);
-    const seqs = all.map((m) => m.createSequence({ contextSize: 512 }));
-    for (const s of seqs) await s.evaluate([1, 2, 3, 4]);
-    for (let r = 0; r < rounds; r++)
-      for (const [i, s] of seqs.entries()) {
-        if (s.length + stepsPerRound >= 512) s.truncate(4);
-        for (let k = 0; k < stepsPerRound; k++) {
-          const t0 = performance.now();
-          await s.evaluate([(r * 131 + k * 31 + 7) % 2000]);
-          times[i]!.push(performance.now() - t0);
-        }
-      }
-    for (const s of seqs) await s.dispose();
-    const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
-    const targetMs = median(times[0]!);
+    const [targetMs = NaN, ...ms] = await medianDecodeMs([target, ...models], rounds, stepsPerRound);
     const rows = candidates.map((c, i) => ({
       name: c.name,
       shape: c.shape,
       type: c.type,
       weightBytesPerToken: models[i]!.info.weightBytesPerToken,
-      decodeMs: median(times[i + 1]!),
-      c: median(times[i + 1]!) / targetMs,
+      decodeMs: ms[i]!,
+      c: ms[i]! / targetMs,
     }));
     return { targetMs, rows };
   } finally {

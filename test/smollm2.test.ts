@@ -25,7 +25,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Model } from '../lib/index.js';
 import { addon } from '../lib/addon.js';
 import { applyChatTemplate } from '../lib/chatTemplate.js';
-import { importNodeLlamaCpp, SMOLLM2 } from './helpers/llamaCpp.js';
+import { agreeGreedy, importNodeLlamaCpp, SMOLLM2 } from './helpers/llamaCpp.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const SMOL = SMOLLM2;
@@ -35,7 +35,6 @@ if (!have) console.warn(`skip: ${SMOL} not found (the SmolLM2 tests need ../shar
 
 type LlamaModel = import('node-llama-cpp').LlamaModel;
 type Llama = import('node-llama-cpp').Llama;
-type Token = import('node-llama-cpp').Token;
 
 const nlc = await importNodeLlamaCpp('the comparisons with llama.cpp are skipped');
 
@@ -219,9 +218,6 @@ describe.skipIf(!have)('SmolLM2-135M-Instruct Q4_1', () => {
     });
 
     it('greedy continuations agree with llama.cpp up to a near-tie', async () => {
-      // One llama.cpp thread: its spinning thread pool stalls badly when the cores are oversubscribed
-      // (as on shared CI machines), and the results do not depend on it.
-      const ctx = await lm.createContext({ contextSize: 512, threads: 1 });
       const prompts = [
         '<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n',
         '<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n',
@@ -232,35 +228,9 @@ describe.skipIf(!have)('SmolLM2-135M-Instruct Q4_1', () => {
         '1, 2, 3, 4, 5,',
         'Water boils at a temperature of',
       ];
-      const N = 32;
-      let agreedTotal = 0;
-      try {
-        for (const p of prompts) {
-          const toks = Array.from(model.tokenizer!.encode(p, { special: true }));
-          const seq = ctx.getSequence();
-          const theirs: number[] = [];
-          for await (const t of seq.evaluate(toks as Token[], { temperature: 0 })) {
-            theirs.push(t);
-            if (theirs.length >= N) break;
-          }
-          seq.dispose();
-          const ours = Array.from((await model.generate({ tokens: toks, maxTokens: N, stopTokens: [] })).tokens);
-          let k = 0;
-          while (k < theirs.length && ours[k] === theirs[k]) k++;
-          agreedTotal += k;
-          if (k === theirs.length) continue; // agreed until llama.cpp stopped (EOS) or N tokens
-          // First difference: it must be a near-tie in our logits.
-          const logits = await model.forward([...toks, ...ours.slice(0, k)]);
-          const row = logits.subarray((toks.length + k - 1) * V, (toks.length + k) * V);
-          const margin = row[ours[k]!]! - row[theirs[k]!]!;
-          expect(margin, `${JSON.stringify(p)}: token ${k} is ${ours[k]} here and ${theirs[k]} in llama.cpp`).toBeLessThan(NEAR_TIE);
-          expect(argmax(row)).toBe(ours[k]);
-        }
-      } finally {
-        await ctx.dispose();
-      }
+      const agreed = await agreeGreedy(lm, model, prompts, { tokens: 32, nearTie: NEAR_TIE, special: true });
       // Guard against a vacuous pass: measured 157 of 8 x 32 here; near-ties come early only rarely.
-      expect(agreedTotal).toBeGreaterThanOrEqual(64);
+      expect(agreed).toBeGreaterThanOrEqual(64);
     });
 
     it('the log-probabilities of a fixed sequence agree with llama.cpp within the quantisation noise', async () => {

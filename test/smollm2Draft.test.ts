@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Model } from '../lib/index.js';
 import { DRAFT_SHAPE, topKRows, topRightSingularVectors, writeDraftInit } from '../lib/train/smollm2Draft.js';
 import { XorShift } from '../lib/train/trainDefault.js';
-import { importNodeLlamaCpp, SMOLLM2 } from './helpers/llamaCpp.js';
+import { agreeGreedy, importNodeLlamaCpp, SMOLLM2 } from './helpers/llamaCpp.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const SMOL = SMOLLM2;
@@ -20,7 +20,6 @@ const haveTarget = existsSync(SMOL);
 const haveDraft = existsSync(COMMITTED);
 if (!haveDraft && !haveTarget) console.warn(`skip: neither ${COMMITTED} nor ${SMOL} exists (the SmolLM2 draft tests need one of them)`);
 
-type Token = import('node-llama-cpp').Token;
 const nlc = await importNodeLlamaCpp('the llama.cpp round trip of the SmolLM2 draft is skipped');
 
 // F16 weights: llama.cpp rounds the activations to f16 before each product, this engine keeps them
@@ -121,43 +120,16 @@ describe.skipIf((!haveDraft && !haveTarget) || !nlc)('SmolLM2 draft GGUF through
   async function compareGreedy(file: string, ours: Model, nearTie: number): Promise<number> {
     const llama = await nlc!.getLlama({ gpu: false, build: 'never', logLevel: nlc!.LlamaLogLevel.error });
     const lm = await llama.loadModel({ modelPath: file });
-    let agreed = 0;
     try {
       expect(lm.tokens.bos === null || typeof lm.tokens.bos === 'number').toBe(true);
       expect(lm.fileInfo.metadata.general.architecture).toBe('llama');
-      const ctx = await lm.createContext({ contextSize: 256, threads: 1 });
       const prompts = ['The capital of France is', 'Once upon a time, there was a little', 'In the year 1492, Columbus', 'The President said that the nation'];
-      const N = 24;
-      try {
-        for (const p of prompts) {
-          const toks = Array.from(ours.tokenizer!.encode(p));
-          expect(Array.from(lm.tokenize(p, false))).toEqual(toks);
-          const seq = ctx.getSequence();
-          const theirs: number[] = [];
-          for await (const t of seq.evaluate(toks as Token[], { temperature: 0 })) {
-            theirs.push(t);
-            if (theirs.length >= N) break;
-          }
-          seq.dispose();
-          const mine = Array.from((await ours.generate({ tokens: toks, maxTokens: N, stopTokens: [] })).tokens);
-          let k = 0;
-          while (k < theirs.length && mine[k] === theirs[k]) k++;
-          agreed += k;
-          if (k === theirs.length) continue;
-          // The first difference must be a near-tie in this engine's logits.
-          const V = ours.info.vocabSize;
-          const logits = await ours.forward([...toks, ...mine.slice(0, k)]);
-          const row = logits.subarray((toks.length + k - 1) * V, (toks.length + k) * V);
-          expect(row[mine[k]!]! - row[theirs[k]!]!, `${JSON.stringify(p)}: token ${k} is ${mine[k]} here and ${theirs[k]} in llama.cpp`).toBeLessThan(nearTie);
-        }
-      } finally {
-        await ctx.dispose();
-      }
+      for (const p of prompts) expect(Array.from(lm.tokenize(p, false))).toEqual(Array.from(ours.tokenizer!.encode(p)));
+      return await agreeGreedy(lm, ours, prompts, { tokens: 24, nearTie, contextSize: 256 });
     } finally {
       await lm.dispose();
       await llama.dispose();
     }
-    return agreed;
   }
 
   it('loads in llama.cpp and gives the same greedy tokens as this engine', async () => {

@@ -31,19 +31,13 @@ import { createSpeculativeDecoder } from '../SpeculativeDecoder.js';
 import type { Tokenizer } from '../Tokenizer.js';
 import { dequantizeRows, readGgufLayout, readTensorBytes } from './ggufRewrite.js';
 import { ALL_DOMAINS, GENERAL_DOMAINS, loadCorpora, type Domain } from './corpus.js';
-import { writeLlamaInit } from './llamaInit.js';
+import { writeLlamaInit, type LlamaShape } from './llamaInit.js';
 import { ProgressBar, XorShift } from './trainDefault.js';
 
 export const DEFAULT_TARGET = 'shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf';
 
-export interface DraftShape {
-  embeddingLength: number;
-  layers: number;
-  heads: number;
-  kvHeads: number;
-  feedForwardLength: number;
-  contextLength: number;
-}
+/** A draft's shape; its vocabulary is the target's. */
+export type DraftShape = Omit<LlamaShape, 'vocabSize'>;
 
 export const DRAFT_SHAPE: DraftShape = { embeddingLength: 128, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 384, contextLength: 2048 };
 

@@ -16,19 +16,12 @@ import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { loadModel, type Model } from '../Model.js';
 import { createTrainer, loadTrainerCheckpoint, type Trainer, type TrainBatch } from '../Trainer.js';
-import { writeLlamaInit, XorShift } from './llamaInit.js';
+import { writeLlamaInit, XorShift, type LlamaShape } from './llamaInit.js';
 import { GENERAL_DOMAINS, ALL_DOMAINS, type Domain } from './corpus.js';
 import { prepareData } from './prepareData.js';
 
-export interface PairConfig {
-  vocabSize: number;
-  embeddingLength: number;
-  layers: number;
-  heads: number;
-  kvHeads: number;
-  feedForwardLength: number;
-  contextLength: number;
-}
+/** The shape of each model of the default pair. */
+export type PairConfig = LlamaShape;
 
 export const TARGET_CONFIG: Omit<PairConfig, 'vocabSize'> = {
   embeddingLength: 256,

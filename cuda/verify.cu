@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "chain_blocked.cuh"
 #include "verify.cuh"
 #include "warp_device.cuh"
 
@@ -20,21 +21,16 @@ namespace {
 
 struct ChainSeq {
   uint64_t stream;
-  int32_t g, t0, d0, tok_off, out_off, greedy, ntasks, nunits;  // nunits: work units of its rows
+  int32_t g, t0, d0, tok_off, out_off, greedy, ntasks, batch_index;
 };
 
-// Work units of a chain launch: units [0, n_whole) prepare whole rows (tasks unit_task[u]); the
-// units after them prepare bpu kStatBlock-blocks each of the rows split block by block (greedy and
-// blocked rows, all of one vocabulary; upr units per row): unit n_whole + s * upr + r is blocks
-// r * bpu .. of row unit_task[n_whole + s]. With bpu = 1 the whole CTA takes the block (the least
-// latency when the launch has few blocks), else one warp per block (more blocks in flight).
+// The reference walk for chains that the CPU verifies with verify_chain (top-k / top-p rows, and
+// every sequence under a planted fault): one CTA prepares each row whole (persistent grid over
+// rows), and the CTA that finishes a sequence's last row walks it.
 struct ChainParams {
   const RowTask* tasks;
   RowStat* stats;
   int32_t n_tasks;
-  int32_t n_units, n_whole, nb, bpu, upr;
-  const int32_t* unit_task;
-  UnitStat* ustats;
   const ChainSeq* seqs;
   int32_t* done;
   const int32_t* tokens;
@@ -46,22 +42,8 @@ struct ChainParams {
   SlotPool pool;
 };
 
-// Residual sample from norm(max(0, p - q)) (sample_residual in verify.cpp; for blocked rows
-// sample_residual_dense in sampling.cpp, then sample_dense(p) when the residual has no mass).
+// Residual sample from norm(max(0, p - q)) (sample_residual in verify.cpp).
 __device__ __noinline__ int chain_residual(const RowRef& P, const RowRef& Q, int V, double u, int fault, PrepSmem& sm) {
-  if (P.mode == kRowBlocked) {  // only without a fault, like the CPU's fast path
-    blocked_residual_masses(P, Q, V);
-    BlkWeights w;
-    w.p = P;
-    w.q = Q;
-    w.residual = 1;
-    int y = blocked_sample(w, V, u, sm);
-    if (y < 0) {
-      w.residual = 0;
-      y = blocked_sample(w, V, u, sm);
-    }
-    return y;
-  }
   if (fault == static_cast<int>(Fault::ResidualFromTarget))
     return block_sample(weights_of(kWeightDense, P), V, u, sm);
   if (fault == static_cast<int>(Fault::ResidualNoClamp)) {
@@ -96,17 +78,11 @@ __device__ __noinline__ void chain_walk(const ChainParams& p, int b, PrepSmem& s
   const int V = p.vocab;
   int32_t* out = p.out_tokens + q.out_off;
   const int32_t* tok = p.tokens + q.tok_off;
-  // Rows prepared block by block get their RowStat (and c_b, W_b) here, one warp per row.
-  for (int i = warp_id(); i < q.ntasks; i += kWarps) {
-    const RowTask& t = p.tasks[q.t0 + i];  // a sequence's tasks are contiguous
-    if (t.unit0 >= 0) finalize_row(t, p.stats + q.t0 + i, p.ustats + t.unit0);
-  }
-  __syncthreads();
   int bad = 0;
   for (int i = tid; i < q.ntasks; i += kBlock) bad |= ld_cg(&p.stats[q.t0 + i].bad);
   bad = block_or(bad, sm.red);
   if (bad) {
-    if (tid == 0) p.accepted[b] = -1;
+    if (tid == 0) p.accepted[q.batch_index] = -1;
     return;
   }
   // Every decision before the first rejection (or mismatch) depends on its own row alone, so all g
@@ -119,7 +95,7 @@ __device__ __noinline__ void chain_walk(const ChainParams& p, int b, PrepSmem& s
     for (int i = tid; i < miss; i += kBlock) out[i] = tok[i];
     if (tid == 0) {
       out[miss] = ld_cg(&p.stats[q.t0 + miss].argmax);
-      p.accepted[b] = miss;
+      p.accepted[q.batch_index] = miss;
     }
     return;
   }
@@ -141,25 +117,16 @@ __device__ __noinline__ void chain_walk(const ChainParams& p, int b, PrepSmem& s
     const int y = chain_residual(P, Q, V, u, p.fault, sm);
     if (tid == 0) {
       out[rej] = y;
-      p.accepted[b] = rej;
+      p.accepted[q.batch_index] = rej;
     }
     return;
   }
   const RowRef P = load_row(p.tasks[q.t0 + q.g], p.stats + q.t0 + q.g);
   const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(q.g), kLaneSample);
-  int y;
-  if (P.mode == kRowBlocked) {
-    BlkWeights w;
-    w.p = P;
-    w.q = P;
-    w.residual = 0;
-    y = blocked_sample(w, V, u, sm);
-  } else {
-    y = block_sample(weights_of(kWeightRow, P), V, u, sm);
-  }
+  const int y = block_sample(weights_of(kWeightRow, P), V, u, sm);
   if (tid == 0) {
     out[q.g] = y;
-    p.accepted[b] = q.g;
+    p.accepted[q.batch_index] = q.g;
   }
 }
 
@@ -177,22 +144,10 @@ __device__ __forceinline__ bool finished_owner(int32_t* done, int owner, int nta
 
 __global__ void __launch_bounds__(kBlock) chain_kernel(ChainParams p) {
   __shared__ PrepSmem sm;
-  for (int u = blockIdx.x; u < p.n_units; u += gridDim.x) {
-    int owner;
-    if (u < p.n_whole) {
-      const int t = p.unit_task[u];
-      const RowTask task = p.tasks[t];
-      prepare_row(task, p.stats + t, p.pool, sm);
-      owner = task.owner;
-    } else {
-      const int k = u - p.n_whole, s = k / p.upr, b0 = (k - s * p.upr) * p.bpu;
-      const RowTask task = p.tasks[p.unit_task[p.n_whole + s]];
-      UnitStat* us = p.ustats + static_cast<size_t>(s) * p.nb + b0;
-      if (p.bpu == 1) prepare_block(task, b0, us, sm);
-      else prepare_blocks_warp(task, b0, min(p.bpu, p.nb - b0), us);
-      owner = task.owner;
-    }
-    if (finished_owner(p.done, owner, p.seqs[owner].nunits, sm)) chain_walk(p, owner, sm);
+  for (int t = blockIdx.x; t < p.n_tasks; t += gridDim.x) {
+    const RowTask task = p.tasks[t];
+    prepare_row(task, p.stats + t, p.pool, sm);
+    if (finished_owner(p.done, task.owner, p.seqs[task.owner].ntasks, sm)) chain_walk(p, task.owner, sm);
     __syncthreads();
   }
 }
@@ -411,27 +366,8 @@ int kernel_grid(Workspace& ws, K kernel, int n_tasks) {
   return std::max(1, std::min(n_tasks, std::max(1, per_sm) * device_sm_count(ws)));
 }
 
-template <class T>
-T* upload(DeviceBuffer& buf, std::vector<unsigned char>& host, const std::vector<T>& v, cudaStream_t stream) {
-  T* d = buf.as<T>(v.size());
-  host.assign(reinterpret_cast<const unsigned char*>(v.data()), reinterpret_cast<const unsigned char*>(v.data() + v.size()));
-  if (!v.empty()) OSD_CUDA_CHECK(cudaMemcpyAsync(d, host.data(), host.size(), cudaMemcpyHostToDevice, stream));
-  return d;
-}
-
-// Chains prepare blocked rows, and greedy rows of 32 blocks or more, block by block (prepare_block),
-// the others whole. (A greedy row is read once; measured on an H200, a CTA that reads a whole row of
-// 16 blocks, V = 32000, finished sooner than the block units plus their combination.)
-bool split_row(const RowTask& t) {
-  return t.mode == kRowBlocked || (t.mode == kRowGreedy && stat_blocks(t.vocab) >= 32);
-}
-
-// Floats of scratch a task needs: V (exp terms or probabilities), plus for a blocked row c_b, W_b
-// and the walk's residual masses (3 per block).
-size_t task_floats(const RowTask& t) {
-  if (t.mode == kRowGreedy) return 0;
-  return static_cast<size_t>(t.vocab) + (t.mode == kRowBlocked ? 3 * static_cast<size_t>(stat_blocks(t.vocab)) : 0);
-}
+// Floats of scratch a task needs: V (exp terms or probabilities).
+size_t task_floats(const RowTask& t) { return t.mode == kRowGreedy ? 0 : static_cast<size_t>(t.vocab); }
 
 // Gives every non-greedy task its scratch; returns how many rows are sparse (they may need a
 // candidate slot).
@@ -444,108 +380,57 @@ int assign_rows(std::vector<RowTask>& tasks, Workspace& ws) {
   for (auto& t : tasks) {
     if (t.mode == kRowGreedy) continue;
     if (t.mode == kRowSparse) t.prob_out = rows + offset; else t.e_out = rows + offset;
-    if (t.mode == kRowBlocked) t.blk_out = rows + offset + t.vocab;
     offset += task_floats(t);
     n_sparse += t.mode == kRowSparse;
   }
   return n_sparse;
 }
 
-}  // namespace
-
-void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws, cudaStream_t stream,
-                         std::vector<RowOrigin>* row_origins) {
-  const int32_t B = in.batch, V = in.vocab;
-  const int32_t nb = stat_blocks(V);
+// The reference walk for the sequences `sel` of the batch (see ChainParams). Their rows' RowStat go
+// to stats[0 ..), their origins are appended. Records the timing start event when `record` is set.
+void chain_reference_launch(const ChainBatchDevice& in, const std::vector<int32_t>& sel, Fault fault, RowStat* stats,
+                            Workspace& ws, cudaStream_t stream, std::vector<RowOrigin>& origins, bool record) {
+  const int32_t B = in.batch, V = in.vocab, n = static_cast<int32_t>(sel.size());
+  if (n == 0) return;
+  std::vector<size_t> trow(B + 1, 0), drow(B + 1, 0);
+  for (int32_t b = 0; b < B; ++b) trow[b + 1] = trow[b] + in.lengths[b] + 1, drow[b + 1] = drow[b] + in.lengths[b];
   std::vector<RowTask> tasks;
-  std::vector<ChainSeq> seqs(B);
-  std::vector<RowOrigin> origins;
-  size_t trow = 0, drow = 0;
-  for (int32_t b = 0; b < B; ++b) {
+  std::vector<ChainSeq> seqs(n);
+  for (int32_t k = 0; k < n; ++k) {
+    const int32_t b = sel[k], g = in.lengths[b];
     const Sampling& s = in.sampling[b];
-    const int32_t g = in.lengths[b];
-    ChainSeq& q = seqs[b];
+    ChainSeq& q = seqs[k];
     q.stream = in.streams[b];
     q.g = g;
     q.greedy = s.greedy() ? 1 : 0;
-    q.tok_off = static_cast<int32_t>(drow);
-    q.out_off = static_cast<int32_t>(trow);
-    // Exactly where the CPU backend runs verify_chain_dense (sampled, s.dense(), no planted fault)
-    // the rows follow its blocked scheme; elsewhere the reference walk's modes. (A top-k >= V is a
-    // dense row for warp_row but not s.dense(): the CPU then walks the reference, so kRowDense.)
-    const bool blocked = fault == Fault::None && !s.greedy() && s.dense();
-    auto task = [&](const float* row) {
-      RowTask t = make_row_task(row, V, s, b);
-      if (blocked) t.mode = kRowBlocked;
-      return t;
-    };
+    q.tok_off = static_cast<int32_t>(drow[b]);
+    q.out_off = static_cast<int32_t>(trow[b]);
+    q.batch_index = b;
     q.t0 = static_cast<int32_t>(tasks.size());
     for (int32_t i = 0; i <= g; ++i) {
-      tasks.push_back(task(in.target + (trow + i) * V));
-      origins.push_back(RowOrigin{b, 0, static_cast<int32_t>(trow + i)});
+      tasks.push_back(make_row_task(in.target + (trow[b] + i) * V, V, s, k));
+      origins.push_back(RowOrigin{b, 0, static_cast<int32_t>(trow[b] + i)});
     }
     q.d0 = -1;
     if (!q.greedy) {
       q.d0 = static_cast<int32_t>(tasks.size());
       for (int32_t i = 0; i < g; ++i) {
-        tasks.push_back(task(in.draft + (drow + i) * V));
-        origins.push_back(RowOrigin{b, 1, static_cast<int32_t>(drow + i)});
+        tasks.push_back(make_row_task(in.draft + (drow[b] + i) * V, V, s, k));
+        origins.push_back(RowOrigin{b, 1, static_cast<int32_t>(drow[b] + i)});
       }
     }
     q.ntasks = static_cast<int32_t>(tasks.size()) - q.t0;
-    q.nunits = 0;  // set below, once the blocks per unit are known
-    trow += g + 1;
-    drow += g;
   }
-  if (row_origins) *row_origins = origins;
-  if (B == 0) return;
   const int n_sparse = assign_rows(tasks, ws);
   const int n_tasks = static_cast<int>(tasks.size());
-  // Whole rows first (the slow top-k / top-p rows start early), then the split rows' blocks.
-  std::vector<int32_t> unit_task;
-  unit_task.reserve(tasks.size());
-  for (int32_t t = 0; t < n_tasks; ++t)
-    if (!split_row(tasks[t])) unit_task.push_back(t);
-  int n_whole = static_cast<int>(unit_task.size());
-  for (int32_t t = 0; t < n_tasks; ++t)
-    if (split_row(tasks[t])) tasks[t].unit0 = static_cast<int32_t>(unit_task.size() - n_whole) * nb, unit_task.push_back(t);
-  int n_split = static_cast<int>(unit_task.size()) - n_whole;
-  // Blocks per unit: 1 while every block gets a CTA of its own, else up to one per warp. When even
-  // that needs more than about one wave of CTAs, the rows are prepared whole (prepare_row) after all:
-  // measured on an H200, block units then ran slower than whole rows.
-  const int max_grid = kernel_grid(ws, chain_kernel, 1 << 30);
-  auto units_with = [&](int b) { return n_whole + static_cast<long long>(n_split) * ((nb + b - 1) / b); };
-  int bpu = 1;
-  while (bpu < kWarps && bpu < nb && units_with(bpu) > max_grid) bpu *= 2;
-  if (n_split > 0 && units_with(bpu) > max_grid + max_grid / 4) {
-    for (int32_t t = 0; t < n_tasks; ++t)
-      if (split_row(tasks[t])) tasks[t].unit0 = -1;
-    unit_task.resize(n_tasks);
-    for (int32_t t = 0; t < n_tasks; ++t) unit_task[t] = t;
-    n_whole = n_tasks;
-    n_split = 0;
-  }
-  const int upr = (nb + bpu - 1) / bpu;
-  const int n_units = n_whole + n_split * upr;
-  for (auto& q : seqs) {
-    q.nunits = 0;
-    for (int32_t i = q.t0; i < q.t0 + q.ntasks; ++i) q.nunits += tasks[i].unit0 >= 0 ? upr : 1;
-  }
-  const int grid = std::min(max_grid, n_units);
+  const int grid = kernel_grid(ws, chain_kernel, n_tasks);
   ChainParams p{};
   p.n_tasks = n_tasks;
-  p.n_units = n_units;
-  p.n_whole = n_whole;
-  p.nb = nb;
-  p.bpu = bpu;
-  p.upr = upr;
-  p.unit_task = upload(ws.units, ws.host_units, unit_task, stream);
-  p.ustats = ws.ustats.as<UnitStat>(std::max<size_t>(1, static_cast<size_t>(n_split) * nb));
   p.tasks = upload(ws.tasks, ws.host_tasks, tasks, stream);
   p.seqs = upload(ws.seqs, ws.host_seqs, seqs, stream);
-  p.stats = ws.stats.as<RowStat>(n_tasks);
-  p.done = ws.done.as<int32_t>(B);
-  OSD_CUDA_CHECK(cudaMemsetAsync(p.done, 0, sizeof(int32_t) * B, stream));
+  p.stats = stats;
+  p.done = ws.done.as<int32_t>(n);
+  OSD_CUDA_CHECK(cudaMemsetAsync(p.done, 0, sizeof(int32_t) * n, stream));
   p.tokens = in.tokens;
   p.out_tokens = in.out_tokens;
   p.accepted = in.accepted;
@@ -553,10 +438,36 @@ void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws,
   p.fault = static_cast<int32_t>(fault);
   p.vocab = V;
   p.pool = make_slot_pool(ws, n_sparse, V, grid, stream);
-  record_start(ws, stream);
+  if (record) record_start(ws, stream);
   chain_kernel<<<grid, kBlock, 0, stream>>>(p);
   OSD_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws, cudaStream_t stream,
+                         std::vector<RowOrigin>* row_origins) {
+  const int32_t B = in.batch;
+  if (B == 0) {
+    if (row_origins) row_origins->clear();
+    return;
+  }
+  // Exactly where the CPU backend runs verify_chain_dense or a plain argmax (no planted fault;
+  // greedy, or temperature only) the blocked scheme; elsewhere the reference walk. (A top-k >= V is
+  // a dense row for warp_row but not s.dense(): the CPU then walks the reference.)
+  std::vector<int32_t> blocked, reference;
+  size_t rows = 0;
+  for (int32_t b = 0; b < B; ++b) {
+    const Sampling& s = in.sampling[b];
+    (fault == Fault::None && (s.greedy() || s.dense()) ? blocked : reference).push_back(b);
+    rows += in.lengths[b] + 1 + (s.greedy() ? 0 : in.lengths[b]);
+  }
+  RowStat* stats = ws.stats.as<RowStat>(std::max<size_t>(rows, 1));
+  std::vector<RowOrigin> origins;
+  chain_blocked_launch(in, blocked, stats, ws, stream, origins);
+  chain_reference_launch(in, reference, fault, stats + origins.size(), ws, stream, origins, blocked.empty());
   record_stop(ws, stream);
+  if (row_origins) *row_origins = std::move(origins);
 }
 
 void tree_verify_launch(const TreeRequestDevice* reqs, int32_t count, uint64_t seed, Fault fault, Workspace& ws,

@@ -1,9 +1,12 @@
 // Chain and tree verification on the GPU: the device-pointer API (no host synchronisation; the
 // host-pointer versions behind the Backend contract are in cuda_backend.cu).
 //
-// Chain (one launch for B sequences of ragged length): each block validates and warps one logits row
-// (persistent grid over rows); the block that finishes a sequence's last row walks it: accept test,
-// fused residual sampling, bonus token. Tree: the same, per request, with the SpecInfer walk.
+// Chain (B sequences of ragged length, no host synchronisation): greedy and temperature-only
+// sequences run on the blocked scheme (chain_blocked.cu: per-block statistics over the whole GPU,
+// then per-sequence accept tests, residual masses and sampling); top-k / top-p and planted faults
+// run the reference walk: each block validates and warps one logits row (persistent grid over
+// rows), and the block that finishes a sequence's last row walks it. Tree: the reference walk, per
+// request, with the SpecInfer walk.
 // Decisions are the CPU's (spec/verify.cpp) for the same Philox draws; see warp.cuh for how.
 #pragma once
 #include <cuda_runtime.h>

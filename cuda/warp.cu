@@ -35,7 +35,6 @@ RowTask make_row_task(const float* logits, int32_t vocab, const Sampling& s, int
   t.top_k = s.top_k;
   t.top_p = s.top_p;
   t.owner = owner;
-  t.unit0 = -1;
   return t;
 }
 

@@ -8,10 +8,8 @@
 //    then the lanes added in order. The GPU runs those 16 chains literally (one warp, fed through
 //    shared memory by the other 15), because the CPU's probabilities depend on z's last bit.
 //    Trees, warp_rows and chains under a planted fault use this (the CPU's reference walk);
-//  - a blocked row (kRowBlocked: temperature-only chains, which the CPU verifies with
-//    verify_chain_dense) follows the blocked scheme of spec/sampling.h instead: blocks of 2048
-//    entries, each reduced by one warp whose lane k sums entries 32 i + k in increasing i, folded by
-//    the xor butterfly (exactly the CPU's lane_sum), blocks combined in block order by one thread;
+//  - greedy and temperature-only chains without a planted fault, which the CPU verifies with
+//    verify_chain_dense, follow the blocked scheme of spec/sampling.h instead (chain_blocked.cu);
 //  - a top-k / top-p row gets the same support and the same float probabilities as warp_row(). The
 //    vocabulary is never sorted: a radix select finds the m best (logit desc, id asc), only those m
 //    are sorted, and the prefix sums that decide the nucleus and its normaliser run in the CPU's order;
@@ -31,26 +29,23 @@
 namespace osd {
 namespace cuda {
 
-enum RowMode : int32_t { kRowGreedy = 0, kRowDense = 1, kRowSparse = 2, kRowBlocked = 3 };
+enum RowMode : int32_t { kRowGreedy = 0, kRowDense = 1, kRowSparse = 2 };
 
 // One row of logits to validate and warp.
 struct RowTask {
   const float* logits;  // V logits (device)
   float* e_out;         // dense rows: the V exp terms are written here
   float* prob_out;      // sparse rows: the V warped probabilities (0 outside the support)
-  float* blk_out;       // blocked rows (also e_out): per block c_b, W_b, then nb floats of walk scratch
   int32_t vocab;
   int32_t mode;  // RowMode
   float inv_t;   // 1.0f / temperature as the CPU computes it (1 for greedy)
   int32_t top_k;
   float top_p;
   int32_t owner;  // the sequence or request this row belongs to
-  int32_t unit0;  // chains: greedy and blocked rows are prepared block by block (prepare_block);
-                  // their kStatBlock-blocks' partials start at UnitStat unit0 (-1: whole-row task)
 };
 
-// Partial result of one kStatBlock-block of a row prepared block by block: the block's max bm_b,
-// the first index of that max, whether it holds NaN or +Infinity, and (blocked rows) S_b.
+// One kStatBlock-block of a row on the blocked scheme (chain_blocked.cu): the block's max bm_b, the
+// first index of that max, whether it holds NaN or +Infinity, and (sampled rows) S_b.
 struct UnitStat {
   float bm;
   float s;
@@ -60,7 +55,7 @@ struct UnitStat {
 
 // Result of a row. bad: 0 ok, 1 NaN or +Infinity, 2 all -Infinity.
 struct RowStat {
-  double z;      // dense and top-p-only rows: sum_exp; blocked rows: sum_b double(W_b) in block order
+  double z;      // dense and top-p-only rows: sum_exp; blocked-scheme rows: sum_b double(W_b) in block order
   float max;
   float inv_z;   // dense rows: float(1 / z)
   int32_t argmax;

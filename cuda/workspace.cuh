@@ -43,9 +43,9 @@ class DeviceBuffer {
 
 // Scratch for the row/walk kernels (verification, warping) and the other ops.
 struct Workspace {
-  DeviceBuffer tasks, stats, seqs, done, rows, pool, locks, nodes, misc, misc2, units, ustats;
-  std::vector<unsigned char> host_units;
-  std::vector<unsigned char> host_tasks, host_seqs, host_nodes;  // staging kept alive across async copies
+  DeviceBuffer tasks, stats, seqs, done, rows, pool, locks, nodes, misc, misc2;
+  DeviceBuffer brows, bseqs, ustats, bblk, brmass, bdec;  // chains on the blocked scheme
+  std::vector<unsigned char> host_tasks, host_seqs, host_nodes, host_brows, host_bseqs;  // staging kept alive across async copies
   int sm_count = 0;
   // When set, launchers record these around their main kernel (benchmarks time kernels with them).
   cudaEvent_t kernel_start = nullptr, kernel_stop = nullptr;
@@ -56,6 +56,15 @@ inline void record_start(Workspace& ws, cudaStream_t s) {
 }
 inline void record_stop(Workspace& ws, cudaStream_t s) {
   if (ws.kernel_stop) OSD_CUDA_CHECK(cudaEventRecord(ws.kernel_stop, s));
+}
+
+// Copies v to a device buffer on `stream`, through host staging that outlives the async copy.
+template <class T>
+T* upload(DeviceBuffer& buf, std::vector<unsigned char>& host, const std::vector<T>& v, cudaStream_t stream) {
+  T* d = buf.as<T>(v.size());
+  host.assign(reinterpret_cast<const unsigned char*>(v.data()), reinterpret_cast<const unsigned char*>(v.data() + v.size()));
+  if (!v.empty()) OSD_CUDA_CHECK(cudaMemcpyAsync(d, host.data(), host.size(), cudaMemcpyHostToDevice, stream));
+  return d;
 }
 
 // Multiprocessor count of the current device (cached per workspace).

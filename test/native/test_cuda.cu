@@ -212,9 +212,10 @@ double z_no_contraction(const float* l, int V, float mx, float inv_t) {
   return t;
 }
 
-// The blocked scheme (spec/sampling.h) as the GPU computes it (blocked_stats in
-// cuda/warp_device.cuh): every operation rounded on its own, lane k of a warp summing entries
-// 32 i + k of a block, then the xor butterfly, whose lane 0 is a_0 + a_16, then + (a_8 + a_24) ...
+// The blocked scheme (spec/sampling.h) as the GPU computes it (blk_stats_kernel and
+// chain_decide_kernel in cuda/chain_blocked.cu): every operation rounded on its own, lane k of a
+// warp summing entries 32 i + k of a block, then the xor butterfly, whose lane 0 is a_0 + a_16, then
+// + (a_8 + a_24) ...
 float lane_sum_device_order(const float* e, int n) {
   volatile float a[32] = {};
   for (int j = 0; j < n; ++j) a[j % 32] = a[j % 32] + e[j];
@@ -335,7 +336,7 @@ OSD_TEST(cpu_blocked_scheme_rounds_like_device) {
 
 namespace {
 
-// blocked_sample() of cuda/warp_device.cuh replayed on the host, thread by thread (kBlock threads
+// blocked_sample() of cuda/chain_blocked.cu replayed on the host, thread by thread (kBlock threads
 // of four entries, the warps' shfl_up scans, the warp totals in order): returns the token and sets
 // *certified when the device would take it without running the CPU's loop. The replay checks the
 // sampler's logic (block choice, prefix sums, error bound) where no device is present; the device
@@ -715,7 +716,7 @@ OSD_TEST(chain_rejects_bad_rows_split_like_cpu) {
   CudaBackend& g = gpu();
   Rng rng(18);
   for (int greedy = 0; greedy < 2; ++greedy) {
-    // Greedy rows are split from 32 blocks on (verify.cu split_row): 65636 = 32 blocks + 100.
+    // Rows of many blocks (65636 = 32 blocks + 100), each block reduced by its own warp.
     ChainCase c = make_chain_case(rng, 2, greedy ? 65636 : 6000, 3);
     for (auto& s : c.sampling) {
       s = Sampling();

@@ -1,0 +1,20 @@
+// Chain verification on the blocked scheme: greedy and temperature-only sequences without a
+// planted fault, which the CPU verifies with verify_chain_dense (sampled) or by argmax (greedy).
+// Decisions are the CPU's, bit for bit, for the same Philox draws (spec/sampling.h, the blocked
+// scheme). Parity: test/native/test_cuda.cu (chain_* tests), zero mismatches.
+#pragma once
+#include <vector>
+
+#include "verify.cuh"
+
+namespace osd {
+namespace cuda {
+
+// Enqueues the sequences `seqs` (indices into the batch; each greedy or temperature-only) of `in`.
+// Their rows' RowStat go to stats[0 ..) in `origins` order (appended: one per row, target rows of a
+// sequence first, then its draft rows), so that first_row_error can name a bad row.
+void chain_blocked_launch(const ChainBatchDevice& in, const std::vector<int32_t>& seqs, RowStat* stats,
+                          Workspace& ws, cudaStream_t stream, std::vector<RowOrigin>& origins);
+
+}  // namespace cuda
+}  // namespace osd

@@ -5,6 +5,9 @@
 #
 #   bash bench/gpu-check.sh            # sm_90 only (H100 / H200); GPU_ARCH=80 etc. for other GPUs
 #   JOBS=16 bash bench/gpu-check.sh
+#   PREV_SRC=path/to/earlier/checkout bash bench/gpu-check.sh
+#                                      # also builds and runs the earlier version's bench_cuda first, on
+#                                      # the same device, and prints each row's speedup over it
 #
 # The engine is compiled with -ffp-contract=off so the CPU reference rounds exactly as the CUDA
 # kernels do (no fused multiply-adds); without it the parity test cpu_reference_rounds_without_contraction
@@ -53,8 +56,23 @@ timeout 60 "$build/test_backend" 2>&1 | tee "$dest/test_backend.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && status=$rc && log "test_backend exited with $rc"
 
+baseline=()
+if [ -n "${PREV_SRC:-}" ]; then
+  log "previous version: build bench_cuda from $PREV_SRC"
+  if cmake -S "$PREV_SRC" -B "$build-prev" -G Ninja -DOSD_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_CUDA_ARCHITECTURES="$arch" -DCMAKE_CXX_FLAGS="-ffp-contract=off" >"$dest/gpu-check-prev-build.txt" 2>&1 &&
+    cmake --build "$build-prev" --target bench_cuda -j "$jobs" >>"$dest/gpu-check-prev-build.txt" 2>&1; then
+    log "previous version: bench_cuda"
+    timeout 180 "$build-prev/bench_cuda" --json "$dest/bench_cuda_prev.json" >"$dest/bench_cuda_prev.txt" 2>&1 &&
+      baseline=(--baseline "$dest/bench_cuda_prev.json")
+  else
+    tail -20 "$dest/gpu-check-prev-build.txt"
+    log "previous version did not build; no baseline"
+  fi
+fi
+
 log "bench_cuda"
-timeout 180 "$build/bench_cuda" --json "$dest/bench_cuda.json" 2>&1 | tee "$dest/bench_cuda.txt"
+timeout 180 "$build/bench_cuda" --json "$dest/bench_cuda.json" "${baseline[@]}" 2>&1 | tee "$dest/bench_cuda.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && status=$rc && log "bench_cuda exited with $rc"
 

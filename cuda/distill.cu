@@ -5,8 +5,10 @@
 // CPU's, bit for bit (z_exact); what remains are sums over rows in another order.
 // Forward KL against a dense teacher follows the CPU's fast path (forward_kl_row_blocked) operation
 // for operation, so its gradient is bit-identical and its loss differs only by the last bits of
-// log(); test_cuda checks it at that tighter tolerance. It runs as two kernels over (row, block)
-// pairs (fkl_stats_kernel, fkl_grad_kernel), so that a few rows still spread over the whole GPU.
+// log(); test_cuda checks it at that tighter tolerance. On sm_90 it runs in one pass over the data
+// (fkl_cluster_kernel: one thread-block cluster per row keeps the row in shared memory between the
+// block sums and the gradient); elsewhere, and where that kernel does not apply, as two kernels over
+// (row, block) pairs (fkl_stats_kernel, fkl_grad_kernel), which read the row twice.
 #include <algorithm>
 
 #include "common.cuh"
@@ -262,6 +264,223 @@ __global__ void __launch_bounds__(kFklThreads) fkl_grad_kernel(DistillDevice in,
   }
 }
 
+// ---- Forward KL in one pass (sm_90): one thread-block cluster per row -------------------------
+// The two kernels above move about 20 bytes per entry (s and t read twice, the gradient written);
+// this one moves 12. Warp w of CTA `rank` owns block b = rank * W + w of its row: the bulk-copy
+// engine (TMA) brings the block's s and t into shared memory, the warp computes the block's sums
+// exactly as fkl_stats_kernel (lane k adds entries 32 i + k in increasing i) and keeps the exp terms
+// es_j, et_j in place of s_j, t_j. After a cluster barrier every CTA reads the row's block sums from
+// the other CTAs' shared memory (DSMEM), combines them in block order exactly as fkl_grad_kernel, and
+// each warp writes its block's gradient from the exp terms it kept: no entry is read twice and no
+// exp is computed twice. The row (8 bytes per entry) must fit in the cluster: W warps of 16 KiB each,
+// up to kFklMaxCluster CTAs.
+constexpr int kFklMaxCluster = 16;     // non-portable cluster size (H100/H200 run 16)
+constexpr int kFklClusterThreads = 512;  // launch bound; W <= 13 warps fit the 227 KiB of shared memory
+
+struct alignas(16) FklStat {  // one block's pass-1 results, read by every CTA of the cluster
+  float bs, bt, ss, st, ds;
+  int bad;  // 1: student entry not finite, 2: teacher entry
+  float pad[2];
+};
+
+// Dynamic shared memory of a CTA of W warps (blocks) in a row of nb blocks: the blocks' s and t,
+// their FklStat and mbarrier, then the row's combine terms (3 double, 2 float per block).
+size_t fkl_cluster_smem(int W, int nb) {
+  return static_cast<size_t>(W) * (2 * kStatBlock * sizeof(float) + sizeof(FklStat) + sizeof(uint64_t)) +
+         static_cast<size_t>(nb) * (3 * sizeof(double) + 2 * sizeof(float));
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// exp_ref for x <= 88.3 (or NaN), bit for bit: every argument here is (l - max) * it <= 0. floorf
+// and the float -> int conversion run on the quarter-rate conversion unit; for the clamped range
+// (y in [-126, 128)), y + 1.5 * 2^23 rounded down is 1.5 * 2^23 + floor(y) exactly, and its low
+// mantissa bits are floor(y) itself. Without the clamps, x < -87.3 computes garbage that the final
+// select replaces by 0, as in exp_ref. (Checked against exp_approx for every float x <= 0.)
+__device__ __forceinline__ float exp_fast(float x) {
+  const float m = __fadd_rd(__fadd_rn(__fmul_rn(x, 1.44269504088896341f), 0.5f), 12582912.0f);
+  const float n = __fsub_rn(m, 12582912.0f);
+  float r = __fsub_rn(x, __fmul_rn(n, 0.693145751953125f));
+  r = __fsub_rn(r, __fmul_rn(n, 1.428606765330187045e-06f));
+  float p = 1.3888889e-3f;
+  p = __fadd_rn(__fmul_rn(p, r), 8.3333333e-3f);
+  p = __fadd_rn(__fmul_rn(p, r), 4.1666667e-2f);
+  p = __fadd_rn(__fmul_rn(p, r), 1.6666667e-1f);
+  p = __fadd_rn(__fmul_rn(p, r), 0.5f);
+  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+  // (bits(m) << 23) = floor(y) << 23 (mod 2^32): the bits of 1.5 * 2^23 all shift out.
+  const float scale = __uint_as_float((__float_as_uint(m) << 23) + (127u << 23));
+  // x <= -87.3f ? 0 : p * scale, as a select: written in C++, nvcc branches around the whole exp,
+  // which serialises the unrolled exp loop below.
+  float e;
+  asm("{\n .reg .pred lo;\n setp.le.f32 lo, %1, 0fC2AE999A;\n selp.f32 %0, 0f00000000, %2, lo;\n}"
+      : "=f"(e)
+      : "f"(x), "f"(__fmul_rn(p, scale)));
+  return e;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// One-shot mbarrier (phase 0) that completes when `bytes` bytes of bulk copies have landed.
+__device__ __forceinline__ void mbar_arm(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(1u) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // the init before the copies' complete_tx
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :
+               : "r"(smem_addr(dst)), "l"(__cvta_generic_to_global(src)), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait0(uint64_t* bar) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(smem_addr(bar))
+        : "memory");
+}
+#endif
+
+// Grid: rows x C CTAs of W = blockDim.x / 32 warps, clusters of C CTAs (one per row), C * W >= nb;
+// dynamic shared memory fkl_cluster_smem(W, nb). Rows start 16-byte aligned (V % 4 == 0).
+// kUnitT (it == 1): the exp loop skips its multiplies by it, which are exact there (as the CPU's).
+template <bool kUnitT>
+__global__ void __launch_bounds__(kFklClusterThreads) fkl_cluster_kernel(DistillDevice in, float it, int nb) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char fkl_smem[];
+  __shared__ float red_f[2 * 32];
+  __shared__ unsigned red_i[32];
+  __shared__ double zz[2];
+  const int tid = threadIdx.x, lane = lane_id(), w = warp_id(), W = blockDim.x / 32;
+  const int C = static_cast<int>(__clusterSizeInBlocks()), rank = static_cast<int>(__clusterRelativeBlockRank());
+  const int r = blockIdx.x / C, V = in.vocab, b = rank * W + w;
+  const int j0 = b * kStatBlock, n = b < nb ? min(kStatBlock, V - j0) : 0;  // n = 0: a warp without a block
+  float* grad = in.grad && n ? in.grad + static_cast<size_t>(r) * V + j0 : nullptr;
+  if (in.mask && !in.mask[r]) {  // the whole cluster returns here, before any barrier
+    for (int i = lane; grad && i < n / 4; i += 32)
+      reinterpret_cast<float4*>(grad)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (rank == 0 && tid == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
+    return;
+  }
+  float* sb = reinterpret_cast<float*>(fkl_smem) + w * 2 * kStatBlock;  // s_j, then es_j
+  float* tb = sb + kStatBlock;                                           // t_j, then et_j
+  FklStat* stat = reinterpret_cast<FklStat*>(fkl_smem + static_cast<size_t>(W) * 2 * kStatBlock * sizeof(float));
+  uint64_t* bar = reinterpret_cast<uint64_t*>(stat + W);
+  double* term = reinterpret_cast<double*>(bar + W);  // per block of the row: zs, zt and cross terms
+  float* cs = reinterpret_cast<float*>(term + 3 * nb);  // c_b of the student, then of the teacher
+  float* ct = cs + nb;
+
+  // Pass 1 over this warp's block, from shared memory.
+  if (n) {
+    if (lane == 0) {
+      mbar_arm(bar + w, 8u * n);
+      bulk_load(sb, in.student + static_cast<size_t>(r) * V + j0, 4u * n, bar + w);
+      bulk_load(tb, in.teacher + static_cast<size_t>(r) * V + j0, 4u * n, bar + w);
+    }
+    __syncwarp();  // the mbarrier is initialised before any lane polls it
+    mbar_wait0(bar + w);
+    // Block maxima (order-free, float4) and finiteness: x * 0 is NaN exactly for NaN and +-Infinity.
+    float bs = -FLT_MAX, bt = -FLT_MAX, fs = 0.0f, ft = 0.0f;
+    const float4* s4 = reinterpret_cast<const float4*>(sb);
+    const float4* t4 = reinterpret_cast<const float4*>(tb);
+    for (int i = lane; i < n / 4; i += 32) {
+      const float4 x = s4[i], y = t4[i];
+      bs = fmaxf(fmaxf(bs, x.x), fmaxf(x.y, fmaxf(x.z, x.w)));
+      bt = fmaxf(fmaxf(bt, y.x), fmaxf(y.y, fmaxf(y.z, y.w)));
+      fs = __fmaf_rn(x.x, 0.0f, __fmaf_rn(x.y, 0.0f, __fmaf_rn(x.z, 0.0f, __fmaf_rn(x.w, 0.0f, fs))));
+      ft = __fmaf_rn(y.x, 0.0f, __fmaf_rn(y.y, 0.0f, __fmaf_rn(y.z, 0.0f, __fmaf_rn(y.w, 0.0f, ft))));
+    }
+    bs = warp_max(bs);
+    bt = warp_max(bt);
+    const int bad = (__any_sync(0xffffffffu, fs != fs) ? 1 : 0) | (__any_sync(0xffffffffu, ft != ft) ? 2 : 0);
+    // The exp terms and their lane sums, as fkl_stats_kernel; es_j, et_j overwrite s_j, t_j.
+    float as = 0.0f, at = 0.0f, ad = 0.0f;
+#pragma unroll 4
+    for (int j = lane; j < n; j += 32) {
+      const float ds = __fsub_rn(sb[j], bs), tt = __fsub_rn(tb[j], bt), dd = __fsub_rn(tt, ds);
+      const float es = exp_fast(kUnitT ? ds : __fmul_rn(ds, it)), et = exp_fast(kUnitT ? tt : __fmul_rn(tt, it));
+      as = __fadd_rn(as, es);
+      at = __fadd_rn(at, et);
+      ad = __fadd_rn(ad, __fmul_rn(et, kUnitT ? dd : __fmul_rn(dd, it)));
+      sb[j] = es;
+      tb[j] = et;
+    }
+    as = warp_fold_sum(as);
+    at = warp_fold_sum(at);
+    ad = warp_fold_sum(ad);
+    if (lane == 0) stat[w] = FklStat{bs, bt, as, at, ad, bad, {0.0f, 0.0f}};
+  }
+  __cluster_barrier_arrive();  // release: stat[] is written
+  __cluster_barrier_wait();
+  // Thread k < nb (nb <= C * W <= 16 W < blockDim.x) fetches block k's results from its CTA.
+  FklStat g{-FLT_MAX, -FLT_MAX, 0.0f, 0.0f, 0.0f, 0, {0.0f, 0.0f}};
+  if (tid < nb) g = *static_cast<const FklStat*>(__cluster_map_shared_rank(stat + tid % W, tid / W));
+  __cluster_barrier_arrive();  // our reads of the other CTAs are done; they wait for it before they exit
+
+  // Both maxima and the bad flags (order-free), then the combine in block order (fkl_grad_kernel).
+  float ms = warp_max(g.bs), mt = warp_max(g.bt);
+  unsigned bad = __reduce_or_sync(0xffffffffu, static_cast<unsigned>(g.bad));
+  if (lane == 0) red_f[w] = ms, red_f[32 + w] = mt, red_i[w] = bad;
+  __syncthreads();
+  for (int k = 0; k < W; ++k) {
+    ms = red_f[k] > ms ? red_f[k] : ms;
+    mt = red_f[32 + k] > mt ? red_f[32 + k] : mt;
+    bad |= red_i[k];
+  }
+  const int row_bad = (bad & 1) ? 1 : (bad & 2) ? 2 : 0;
+  if (row_bad) {  // as forward_kl_blocked: no gradient for a bad row
+    if (rank == 0 && tid == 0) in.row_bad[r] = row_bad, in.row_loss[r] = 0.0;
+  } else {
+    if (tid < nb) {
+      const float c_s = exp_fast(__fmul_rn(__fsub_rn(g.bs, ms), it));
+      const float c_t = exp_fast(__fmul_rn(__fsub_rn(g.bt, mt), it));
+      cs[tid] = c_s;
+      ct[tid] = c_t;
+      term[tid] = static_cast<double>(__fmul_rn(g.ss, c_s));
+      term[nb + tid] = static_cast<double>(__fmul_rn(g.st, c_t));
+      const double kk = __dmul_rn(__dsub_rn(__dsub_rn(static_cast<double>(g.bt), static_cast<double>(mt)),
+                                            __dsub_rn(static_cast<double>(g.bs), static_cast<double>(ms))),
+                                  static_cast<double>(it));
+      const double tk = __dadd_rn(static_cast<double>(g.ds), __dmul_rn(static_cast<double>(g.st), kk));
+      term[2 * nb + tid] = __dmul_rn(static_cast<double>(c_t), tk);
+    }
+    __syncthreads();
+    if (tid == 0) {  // the sums over blocks, in block order
+      double zs = 0.0, zt = 0.0;
+      for (int k = 0; k < nb; ++k) zs = __dadd_rn(zs, term[k]), zt = __dadd_rn(zt, term[nb + k]);
+      if (rank == 0) {
+        double cross = 0.0;
+        for (int k = 0; k < nb; ++k) cross = __dadd_rn(cross, term[2 * nb + k]);
+        in.row_loss[r] = cross / zt + log(zs) - log(zt);
+        in.row_bad[r] = 0;
+      }
+      zz[0] = zs;
+      zz[1] = zt;
+    }
+    __syncthreads();
+    if (grad) {  // grad_j = gscale (es_j qs_b - et_j qt_b), order-free: float4
+      const float gscale = __fmul_rn(in.scale, it);
+      const float qs = __double2float_rn(__ddiv_rn(static_cast<double>(cs[b]), zz[0]));
+      const float qt = __double2float_rn(__ddiv_rn(static_cast<double>(ct[b]), zz[1]));
+      const float4* s4 = reinterpret_cast<const float4*>(sb);
+      const float4* t4 = reinterpret_cast<const float4*>(tb);
+      float4* g4 = reinterpret_cast<float4*>(grad);
+      auto one = [&](float es, float et) { return __fmul_rn(gscale, __fsub_rn(__fmul_rn(es, qs), __fmul_rn(et, qt))); };
+      for (int i = lane; i < n / 4; i += 32) {
+        const float4 x = s4[i], y = t4[i];
+        g4[i] = make_float4(one(x.x, y.x), one(x.y, y.y), one(x.z, y.z), one(x.w, y.w));
+      }
+    }
+  }
+  __cluster_barrier_wait();  // no CTA leaves while another may still read its stat[]
+#endif
+}
+
 __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
   extern __shared__ uint32_t bitmap[];  // sparse teacher: top-k membership of the row
   __shared__ PrepSmem sm;
@@ -386,6 +605,59 @@ __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
   }
 }
 
+// Launches fkl_cluster_kernel where it applies: a build with sm_90 code on the device, 16-byte
+// aligned rows, and a row that fits one schedulable cluster. Returns false (nothing launched) otherwise.
+bool fkl_cluster_launch(const DistillDevice& in, float it, Workspace& ws, cudaStream_t stream) {
+  const int V = in.vocab, nb = stat_blocks(V);
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(in.student) | reinterpret_cast<uintptr_t>(in.teacher) |
+                         reinterpret_cast<uintptr_t>(in.grad);
+  if (V % 4 != 0 || (addr & 15u) != 0) return false;  // bulk copies move 16-byte aligned multiples of 16 bytes
+  void (*kernel)(DistillDevice, float, int) = it == 1.0f ? fkl_cluster_kernel<true> : fkl_cluster_kernel<false>;
+  cudaFuncAttributes fa{};
+  OSD_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  if (fa.ptxVersion < 90) return false;  // compiled for an older target: the kernel is empty
+  // Four warps (blocks) per CTA lets three CTAs share an SM; more where 16 CTAs of four are too few.
+  const int W = std::max(std::min(4, nb), (nb + kFklMaxCluster - 1) / kFklMaxCluster);
+  const int C = (nb + W - 1) / W;
+  const size_t smem = fkl_cluster_smem(W, nb);
+  int dev = 0, max_optin = 0;
+  OSD_CUDA_CHECK(cudaGetDevice(&dev));
+  OSD_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (32 * W > kFklClusterThreads || smem + 1024 > static_cast<size_t>(max_optin)) return false;
+  OSD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  // All of L1 as shared memory (the kernel reads global memory only through bulk copies): three
+  // CTAs of four warps per SM rather than what a default carveout would leave room for.
+  OSD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      static_cast<int>(cudaSharedmemCarveoutMaxShared)));
+  if (C > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(C);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(in.rows) * static_cast<unsigned>(C));
+  cfg.blockDim = dim3(32 * W);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  record_start(ws, stream);
+  OSD_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, in, it, nb));
+  OSD_CUDA_CHECK_LAUNCH();
+  record_stop(ws, stream);
+  return true;
+}
+
 }  // namespace
 
 void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream) {
@@ -406,10 +678,8 @@ void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream)
     OSD_CUDA_CHECK(cudaFuncSetAttribute(distill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
-  int per_sm = 0;
-  OSD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, distill_kernel, kBlock, smem));
-  const int grid = std::max(1, std::min(in.rows, std::max(1, per_sm) * device_sm_count(ws)));
   if (in.teacher && in.kind == DistillKind::ForwardKL) {
+    if (fkl_cluster_launch(in, p.inv_t, ws, stream)) return;
     const int nb = stat_blocks(in.vocab);
     const long long units = static_cast<long long>(in.rows) * nb;
     float* fkl = ws.misc2.as<float>(static_cast<size_t>(units) * 8);
@@ -422,6 +692,9 @@ void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream)
     record_stop(ws, stream);
     return;
   }
+  int per_sm = 0;
+  OSD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, distill_kernel, kBlock, smem));
+  const int grid = std::max(1, std::min(in.rows, std::max(1, per_sm) * device_sm_count(ws)));
   record_start(ws, stream);
   distill_kernel<<<grid, kBlock, smem, stream>>>(p);
   OSD_CUDA_CHECK_LAUNCH();

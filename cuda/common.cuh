@@ -51,6 +51,29 @@ __device__ __forceinline__ float exp_ref(float x) {
   return keep_or_zero(!(lo <= -87.3f), __fmul_rn(p, scale));  // +0 below the range; NaN passes
 }
 
+// exp_ref for x <= 0 (or NaN), bit for bit: the argument of every warped exp term is (l - max) * it
+// <= 0. floorf and the float -> int conversion run on the quarter-rate conversion unit; for the
+// clamped range (y in [-126, 128)), y + 1.5 * 2^23 rounded down is 1.5 * 2^23 + floor(y) exactly,
+// and its low mantissa bits are floor(y) itself. Without the clamps, x < -87.3 computes garbage
+// that the final select replaces by 0, as in exp_ref. test_cuda's exp_fast_matches_exp_ref checks
+// every float x <= 0.
+__device__ __forceinline__ float exp_fast(float x) {
+  const float m = __fadd_rd(__fadd_rn(__fmul_rn(x, 1.44269504088896341f), 0.5f), 12582912.0f);
+  const float n = __fsub_rn(m, 12582912.0f);
+  float r = __fsub_rn(x, __fmul_rn(n, 0.693145751953125f));
+  r = __fsub_rn(r, __fmul_rn(n, 1.428606765330187045e-06f));
+  float p = 1.3888889e-3f;
+  p = __fadd_rn(__fmul_rn(p, r), 8.3333333e-3f);
+  p = __fadd_rn(__fmul_rn(p, r), 4.1666667e-2f);
+  p = __fadd_rn(__fmul_rn(p, r), 1.6666667e-1f);
+  p = __fadd_rn(__fmul_rn(p, r), 0.5f);
+  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+  // (bits(m) << 23) = floor(y) << 23 (mod 2^32): the bits of 1.5 * 2^23 all shift out.
+  const float scale = __uint_as_float((__float_as_uint(m) << 23) + (127u << 23));
+  return keep_or_zero(!(x <= -87.3f), __fmul_rn(p, scale));
+}
+
 // (l - max) * inv_t, the argument of every warped exp term.
 __device__ __forceinline__ float scaled_logit(float l, float mx, float inv_t) { return __fmul_rn(__fsub_rn(l, mx), inv_t); }
 

@@ -139,8 +139,8 @@ __global__ void __launch_bounds__(kFklWarps * 32) fkl_stats_kernel(DistillDevice
       for (int i = 0; i < kChunk; ++i)
         if (32 * (i0 + i) + lane < n) {
           const float ds = __fsub_rn(xs[i], bs), tt = __fsub_rn(ys[i], bt);
-          as = __fadd_rn(as, exp_ref(__fmul_rn(ds, it)));
-          const float e = exp_ref(__fmul_rn(tt, it));
+          as = __fadd_rn(as, exp_fast(__fmul_rn(ds, it)));
+          const float e = exp_fast(__fmul_rn(tt, it));
           at = __fadd_rn(at, e);
           ad = __fadd_rn(ad, __fmul_rn(e, __fmul_rn(__fsub_rn(tt, ds), it)));
         }
@@ -205,13 +205,13 @@ __global__ void __launch_bounds__(kFklThreads) fkl_grad_kernel(DistillDevice in,
   }
   const bool smem = nb <= kStatBlock / 32 * 4;
   for (int k = tid; k < nb && smem; k += kFklThreads) {
-    cs_[k] = exp_ref(__fmul_rn(__fsub_rn(st[8 * k], ms), it));
-    ct_[k] = exp_ref(__fmul_rn(__fsub_rn(st[8 * k + 1], mt), it));
+    cs_[k] = exp_fast(__fmul_rn(__fsub_rn(st[8 * k], ms), it));
+    ct_[k] = exp_fast(__fmul_rn(__fsub_rn(st[8 * k + 1], mt), it));
   }
   __syncthreads();
   if (tid == 0) {
-    auto csb = [&](int k) { return smem ? cs_[k] : exp_ref(__fmul_rn(__fsub_rn(st[8 * k], ms), it)); };
-    auto ctb = [&](int k) { return smem ? ct_[k] : exp_ref(__fmul_rn(__fsub_rn(st[8 * k + 1], mt), it)); };
+    auto csb = [&](int k) { return smem ? cs_[k] : exp_fast(__fmul_rn(__fsub_rn(st[8 * k], ms), it)); };
+    auto ctb = [&](int k) { return smem ? ct_[k] : exp_fast(__fmul_rn(__fsub_rn(st[8 * k + 1], mt), it)); };
     double zs = 0.0, zt = 0.0;
     for (int k = 0; k < nb; ++k) {
       zs += static_cast<double>(__fmul_rn(st[8 * k + 2], csb(k)));
@@ -236,15 +236,15 @@ __global__ void __launch_bounds__(kFklThreads) fkl_grad_kernel(DistillDevice in,
   __syncthreads();
   if (!grad) return;
   const float bsb = st[8 * b], btb = st[8 * b + 1];
-  const float csb = smem ? cs_[b] : exp_ref(__fmul_rn(__fsub_rn(bsb, ms), it));
-  const float ctb = smem ? ct_[b] : exp_ref(__fmul_rn(__fsub_rn(btb, mt), it));
+  const float csb = smem ? cs_[b] : exp_fast(__fmul_rn(__fsub_rn(bsb, ms), it));
+  const float ctb = smem ? ct_[b] : exp_fast(__fmul_rn(__fsub_rn(btb, mt), it));
   const float qs = __double2float_rn(__ddiv_rn(static_cast<double>(csb), zz[0]));
   const float qt = __double2float_rn(__ddiv_rn(static_cast<double>(ctb), zz[1]));
   const float* s = in.student + static_cast<size_t>(r) * V + j0;
   const float* t = in.teacher + static_cast<size_t>(r) * V + j0;
   auto one = [&](float x, float y) {
-    const float es = exp_ref(__fmul_rn(__fsub_rn(x, bsb), it));
-    const float et = exp_ref(__fmul_rn(__fsub_rn(y, btb), it));
+    const float es = exp_fast(__fmul_rn(__fsub_rn(x, bsb), it));
+    const float et = exp_fast(__fmul_rn(__fsub_rn(y, btb), it));
     return __fmul_rn(gscale, __fsub_rn(__fmul_rn(es, qs), __fmul_rn(et, qt)));
   };
   const bool vec = n == kStatBlock && ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(t) |
@@ -291,34 +291,6 @@ size_t fkl_cluster_smem(int W, int nb) {
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// exp_ref for x <= 88.3 (or NaN), bit for bit: every argument here is (l - max) * it <= 0. floorf
-// and the float -> int conversion run on the quarter-rate conversion unit; for the clamped range
-// (y in [-126, 128)), y + 1.5 * 2^23 rounded down is 1.5 * 2^23 + floor(y) exactly, and its low
-// mantissa bits are floor(y) itself. Without the clamps, x < -87.3 computes garbage that the final
-// select replaces by 0, as in exp_ref. (Checked against exp_approx for every float x <= 0.)
-__device__ __forceinline__ float exp_fast(float x) {
-  const float m = __fadd_rd(__fadd_rn(__fmul_rn(x, 1.44269504088896341f), 0.5f), 12582912.0f);
-  const float n = __fsub_rn(m, 12582912.0f);
-  float r = __fsub_rn(x, __fmul_rn(n, 0.693145751953125f));
-  r = __fsub_rn(r, __fmul_rn(n, 1.428606765330187045e-06f));
-  float p = 1.3888889e-3f;
-  p = __fadd_rn(__fmul_rn(p, r), 8.3333333e-3f);
-  p = __fadd_rn(__fmul_rn(p, r), 4.1666667e-2f);
-  p = __fadd_rn(__fmul_rn(p, r), 1.6666667e-1f);
-  p = __fadd_rn(__fmul_rn(p, r), 0.5f);
-  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
-  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
-  // (bits(m) << 23) = floor(y) << 23 (mod 2^32): the bits of 1.5 * 2^23 all shift out.
-  const float scale = __uint_as_float((__float_as_uint(m) << 23) + (127u << 23));
-  // x <= -87.3f ? 0 : p * scale, as a select: written in C++, nvcc branches around the whole exp,
-  // which serialises the unrolled exp loop below.
-  float e;
-  asm("{\n .reg .pred lo;\n setp.le.f32 lo, %1, 0fC2AE999A;\n selp.f32 %0, 0f00000000, %2, lo;\n}"
-      : "=f"(e)
-      : "f"(x), "f"(__fmul_rn(p, scale)));
-  return e;
-}
-
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -534,7 +506,7 @@ __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
         if (grad) {
           const float egf = static_cast<float>(eg), lzs = static_cast<float>(log_zs);
           for (int j = tid; j < V; j += kBlock) {
-            const float q = exp_ref(__fsub_rn(scaled_logit(s[j], ms, inv_t), lzs));
+            const float q = exp_fast(__fsub_rn(scaled_logit(s[j], ms, inv_t), lzs));
             grad[j] = __fmul_rn(__fmul_rn(gscale, q), __fsub_rn(grad[j], egf));
           }
         }

@@ -142,7 +142,7 @@ __device__ __forceinline__ bool finished_owner(int32_t* done, int owner, int nta
   return last;
 }
 
-__global__ void __launch_bounds__(kBlock) chain_kernel(ChainParams p) {
+__global__ void __launch_bounds__(kBlock, 1) chain_kernel(ChainParams p) {
   __shared__ PrepSmem sm;
   for (int t = blockIdx.x; t < p.n_tasks; t += gridDim.x) {
     const RowTask task = p.tasks[t];

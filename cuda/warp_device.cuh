@@ -48,10 +48,10 @@ static __device__ __noinline__ double z_exact(const float* l, int V, float mx, f
       const int cnt4 = cnt / 4;
       auto one = [&](int i, float4 x) {
         float4 e;
-        e.x = exp_ref(scaled_logit(x.x, mx, inv_t));
-        e.y = exp_ref(scaled_logit(x.y, mx, inv_t));
-        e.z = exp_ref(scaled_logit(x.z, mx, inv_t));
-        e.w = exp_ref(scaled_logit(x.w, mx, inv_t));
+        e.x = exp_fast(scaled_logit(x.x, mx, inv_t));
+        e.y = exp_fast(scaled_logit(x.y, mx, inv_t));
+        e.z = exp_fast(scaled_logit(x.z, mx, inv_t));
+        e.w = exp_fast(scaled_logit(x.w, mx, inv_t));
         b4[i] = e;
         if (d4) d4[i] = e;
       };
@@ -65,7 +65,7 @@ static __device__ __noinline__ double z_exact(const float* l, int V, float mx, f
       }
     } else {
       for (int i = tid - 32; i < cnt; i += NP) {
-        const float e = exp_ref(scaled_logit(src[i], mx, inv_t));
+        const float e = exp_fast(scaled_logit(src[i], mx, inv_t));
         b[i] = e;
         if (dst) dst[i] = e;
       }
@@ -91,7 +91,7 @@ static __device__ __noinline__ double z_exact(const float* l, int V, float mx, f
   if (tid == 0) {
     double tail = 0.0;
     for (int j = 16 * M; j < V; ++j) {
-      const float e = exp_ref(scaled_logit(l[j], mx, inv_t));
+      const float e = exp_fast(scaled_logit(l[j], mx, inv_t));
       if (e_out) e_out[j] = e;
       tail += static_cast<double>(e);
     }
@@ -348,7 +348,7 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
       for (int i = tid; i < m; i += kBlock) {
         const unsigned long long ck = cand[i];
         const float x = desc_key_to_float(static_cast<uint32_t>(ck >> 32));
-        const float e = exp_ref(scaled_logit(x, mx, t.inv_t));
+        const float e = exp_fast(scaled_logit(x, mx, t.inv_t));
         const uint32_t below = (!use_k && !(x >= cut)) ? 0x80000000u : 0u;
         cand[i] = (static_cast<unsigned long long>(__float_as_uint(e)) << 32) | (static_cast<uint32_t>(ck) | below);
       }

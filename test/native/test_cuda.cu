@@ -8,7 +8,7 @@
 // "0 passed, 0 failed, N skipped" (a missing GPU is never counted as a pass).
 //
 // Tolerances:
-//   device math (exp_approx, Philox)         bit-identical
+//   device math (exp_approx, Philox)         bit-identical; exp_fast = exp_ref on every float x <= 0
 //   warp_rows vs WarpedRow::to_dense         bit-identical floats
 //   blocked-scheme sums (host check)         bit-identical to the scheme written out op by op
 //   chain / tree verification                identical accepted counts, paths and tokens: 0 mismatches
@@ -188,6 +188,20 @@ double chi_square_p(const std::vector<long>& counts, const std::vector<double>& 
 __global__ void exp_kernel(const float* x, float* y, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) y[i] = osd::cuda::exp_ref(x[i]);
+}
+
+// Counts the floats x <= 0 (every pattern with the sign bit set, and +0) where exp_fast and exp_ref
+// differ in bits (a NaN input must give NaN from both).
+__global__ void exp_fast_kernel(unsigned long long* bad) {
+  unsigned long long local = 0;
+  const uint64_t step = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  for (uint64_t i = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; i <= 0x80000000ull; i += step) {
+    const uint32_t bits = i == 0x80000000ull ? 0u : (0x80000000u | static_cast<uint32_t>(i));
+    const float x = __uint_as_float(bits);
+    const float a = osd::cuda::exp_fast(x), b = osd::cuda::exp_ref(x);
+    local += !((a != a && b != b) || __float_as_uint(a) == __float_as_uint(b));
+  }
+  if (local) atomicAdd(bad, local);
 }
 
 __global__ void philox_kernel(uint64_t seed, uint64_t stream, double* out, int n) {
@@ -473,6 +487,20 @@ OSD_TEST(cpu_reference_rounds_without_contraction) {
                  "with -ffp-contract=off, or GPU and CPU can pick different tokens\n",
                  diff);
   CHECK_EQ(diff, 0);
+}
+
+OSD_TEST(exp_fast_matches_exp_ref) {
+  gpu();
+  unsigned long long* d = nullptr;
+  unsigned long long bad = 0;
+  OSD_CUDA_CHECK(cudaMalloc(&d, sizeof bad));
+  OSD_CUDA_CHECK(cudaMemset(d, 0, sizeof bad));
+  exp_fast_kernel<<<1024, 256>>>(d);
+  OSD_CUDA_CHECK(cudaGetLastError());
+  OSD_CUDA_CHECK(cudaMemcpy(&bad, d, sizeof bad, cudaMemcpyDeviceToHost));
+  cudaFree(d);
+  std::printf("  exp_fast: every float x <= 0 (2^31 + 1 values), %llu differ from exp_ref\n", bad);
+  CHECK_EQ(bad, 0ull);
 }
 
 OSD_TEST(device_math_bit_identical) {
@@ -1180,6 +1208,72 @@ OSD_TEST(distill_matches_cpu) {
   try { g.distill_loss(in, nullptr); } catch (const Error& e) { eg = e.what(); }
   CHECK(!ec.empty());
   CHECK(ec == eg);
+}
+
+// Forward KL against a dense teacher on the one-pass path (sm_90: one thread-block cluster per row,
+// up to 16 CTAs at V = 128256) and on the fallback (V % 4 != 0): bit-identical gradients, the loss
+// alone without a gradient, and bad rows reported like the CPU (student before teacher).
+OSD_TEST(distill_forward_kl_large_vocab_matches_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(24);
+  int cases = 0, bad = 0;
+  for (int V : {2052, 32000, 128256, 131076, 128257})
+    for (float T : {1.0f, 1.7f, 0.4f}) {
+      const int rows = 3;
+      std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size());
+      std::vector<uint8_t> mask = {1, 0, 1};
+      for (int r = 0; r < rows; ++r) {
+        fill_logits(rng, &s[static_cast<size_t>(r) * V], V, 2.0f, r == 2 ? 1 : 0);
+        fill_logits(rng, &t[static_cast<size_t>(r) * V], V, 2.0f, 0);
+      }
+      for (int variant = 0; variant < 2; ++variant) {
+        DistillInput in;
+        in.kind = DistillKind::ForwardKL;
+        in.student = s.data();
+        in.teacher = t.data();
+        in.rows = rows;
+        in.vocab = V;
+        in.temperature = T;
+        in.mask = variant ? mask.data() : nullptr;
+        std::vector<float> gc(s.size()), gg(s.size(), 123.0f);
+        const double lc = cpu().distill_loss(in, gc.data()), lg = g.distill_loss(in, gg.data());
+        const double l0 = g.distill_loss(in, nullptr);  // loss only
+        const int gbad = std::memcmp(gc.data(), gg.data(), gc.size() * sizeof(float)) != 0;
+        const double tol = 1e-12 * std::max(1.0, std::fabs(lc));
+        const bool lbad = !(std::fabs(lc - lg) <= tol) || !(std::fabs(lc - l0) <= tol);
+        if ((gbad || lbad) && bad < 5)
+          std::fprintf(stderr, "  forward KL V %d T %g mask %d: loss %.12g vs %.12g (alone %.12g), grads %s\n", V, T,
+                       variant, lc, lg, l0, gbad ? "differ" : "same");
+        bad += gbad || lbad;
+        ++cases;
+      }
+    }
+  std::printf("  forward KL, dense teacher, V up to 131076: %d cases, %d differ\n", cases, bad);
+  CHECK_EQ(bad, 0);
+  // Bad rows on the one-pass path: the CPU's error, student rows reported before teacher rows.
+  const int V = 32000, rows = 2;
+  for (int which = 0; which < 3; ++which) {
+    std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size());
+    for (int r = 0; r < rows; ++r) {
+      fill_logits(rng, &s[static_cast<size_t>(r) * V], V, 2.0f, 0);
+      fill_logits(rng, &t[static_cast<size_t>(r) * V], V, 2.0f, 0);
+    }
+    if (which != 1) s[V + 30000] = std::nanf("");
+    if (which != 0) t[V + 5] = std::numeric_limits<float>::infinity();
+    DistillInput in;
+    in.kind = DistillKind::ForwardKL;
+    in.student = s.data();
+    in.teacher = t.data();
+    in.rows = rows;
+    in.vocab = V;
+    std::vector<float> gc(s.size()), gg(s.size());
+    std::string ec, eg;
+    try { cpu().distill_loss(in, gc.data()); } catch (const Error& e) { ec = e.what(); }
+    try { g.distill_loss(in, gg.data()); } catch (const Error& e) { eg = e.what(); }
+    if (ec != eg) std::fprintf(stderr, "  bad row case %d: cpu '%s' gpu '%s'\n", which, ec.c_str(), eg.c_str());
+    CHECK(!ec.empty());
+    CHECK(ec == eg);
+  }
 }
 
 OSD_TEST(adamw_matches_cpu) {

@@ -2,9 +2,10 @@
 // and deterministic block reductions.
 //
 // Exactness rule: every float operation that decides a token (exp terms, probabilities, residuals)
-// is written with __fadd_rn/__fmul_rn/... so nvcc cannot contract it into an FMA. The CPU reference
-// must be compiled without contraction too (-ffp-contract=off); then both sides round the same
-// operations in the same order and produce the same bits.
+// is written with __fadd_rn/__fmul_rn/... so nvcc cannot contract it into an FMA; the exp's fused
+// multiply-adds are explicit (__fmaf_rn), as in the CPU's exp_approx (fmaf). The CPU reference must
+// be compiled without contraction too (-ffp-contract=off); then both sides round the same operations
+// in the same order and produce the same bits.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -37,16 +38,16 @@ __device__ __forceinline__ float keep_or_zero(bool keep, float x) {
 __device__ __forceinline__ float exp_ref(float x) {
   const float lo = x;
   x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float n = floorf(__fadd_rn(__fmul_rn(x, 1.44269504088896341f), 0.5f));
-  float r = __fsub_rn(x, __fmul_rn(n, 0.693145751953125f));
-  r = __fsub_rn(r, __fmul_rn(n, 1.428606765330187045e-06f));
+  const float n = floorf(__fmaf_rn(x, 1.44269504088896341f, 0.5f));
+  float r = __fmaf_rn(-n, 0.693145751953125f, x);
+  r = __fmaf_rn(-n, 1.428606765330187045e-06f, r);
   float p = 1.3888889e-3f;
-  p = __fadd_rn(__fmul_rn(p, r), 8.3333333e-3f);
-  p = __fadd_rn(__fmul_rn(p, r), 4.1666667e-2f);
-  p = __fadd_rn(__fmul_rn(p, r), 1.6666667e-1f);
-  p = __fadd_rn(__fmul_rn(p, r), 0.5f);
-  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
-  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+  p = __fmaf_rn(p, r, 8.3333333e-3f);
+  p = __fmaf_rn(p, r, 4.1666667e-2f);
+  p = __fmaf_rn(p, r, 1.6666667e-1f);
+  p = __fmaf_rn(p, r, 0.5f);
+  p = __fmaf_rn(p, r, 1.0f);
+  p = __fmaf_rn(p, r, 1.0f);
   const float scale = __int_as_float((static_cast<int32_t>(n) + 127) << 23);
   return keep_or_zero(!(lo <= -87.3f), __fmul_rn(p, scale));  // +0 below the range; NaN passes
 }
@@ -58,17 +59,17 @@ __device__ __forceinline__ float exp_ref(float x) {
 // that the final select replaces by 0, as in exp_ref. test_cuda's exp_fast_matches_exp_ref checks
 // every float x <= 0.
 __device__ __forceinline__ float exp_fast(float x) {
-  const float m = __fadd_rd(__fadd_rn(__fmul_rn(x, 1.44269504088896341f), 0.5f), 12582912.0f);
+  const float m = __fadd_rd(__fmaf_rn(x, 1.44269504088896341f, 0.5f), 12582912.0f);
   const float n = __fsub_rn(m, 12582912.0f);
-  float r = __fsub_rn(x, __fmul_rn(n, 0.693145751953125f));
-  r = __fsub_rn(r, __fmul_rn(n, 1.428606765330187045e-06f));
+  float r = __fmaf_rn(-n, 0.693145751953125f, x);
+  r = __fmaf_rn(-n, 1.428606765330187045e-06f, r);
   float p = 1.3888889e-3f;
-  p = __fadd_rn(__fmul_rn(p, r), 8.3333333e-3f);
-  p = __fadd_rn(__fmul_rn(p, r), 4.1666667e-2f);
-  p = __fadd_rn(__fmul_rn(p, r), 1.6666667e-1f);
-  p = __fadd_rn(__fmul_rn(p, r), 0.5f);
-  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
-  p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+  p = __fmaf_rn(p, r, 8.3333333e-3f);
+  p = __fmaf_rn(p, r, 4.1666667e-2f);
+  p = __fmaf_rn(p, r, 1.6666667e-1f);
+  p = __fmaf_rn(p, r, 0.5f);
+  p = __fmaf_rn(p, r, 1.0f);
+  p = __fmaf_rn(p, r, 1.0f);
   // (bits(m) << 23) = floor(y) << 23 (mod 2^32): the bits of 1.5 * 2^23 all shift out.
   const float scale = __uint_as_float((__float_as_uint(m) << 23) + (127u << 23));
   return keep_or_zero(!(x <= -87.3f), __fmul_rn(p, scale));

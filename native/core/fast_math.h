@@ -9,19 +9,21 @@
 namespace osd {
 
 OSD_HD float exp_approx(float x) {
-  // exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2]; degree-6 polynomial for exp(r).
+  // exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2]; degree-6 polynomial for exp(r). Every
+  // step is one fused multiply-add, rounded once: the same bits from std::fmaf, the x86 FMA
+  // instructions and CUDA's __fmaf_rn (the build never contracts anything else, -ffp-contract=off).
   const float lo = x;
   x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  float n = floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
+  float n = floorf(fmaf(x, 1.44269504088896341f, 0.5f));
+  float r = fmaf(-n, 0.693145751953125f, x);
+  r = fmaf(-n, 1.428606765330187045e-06f, r);
   float p = 1.3888889e-3f;
-  p = p * r + 8.3333333e-3f;
-  p = p * r + 4.1666667e-2f;
-  p = p * r + 1.6666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  p = fmaf(p, r, 8.3333333e-3f);
+  p = fmaf(p, r, 4.1666667e-2f);
+  p = fmaf(p, r, 1.6666667e-1f);
+  p = fmaf(p, r, 0.5f);
+  p = fmaf(p, r, 1.0f);
+  p = fmaf(p, r, 1.0f);
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   __builtin_memcpy(&scale, &bits, sizeof scale);
@@ -35,7 +37,8 @@ OSD_HD float exp_approx(float x) {
 // Hot loops are written once with these types and compiled several times (OSD_SIMD_CLONES): SSE2
 // pairs for the baseline, AVX2 for x86-64-v3, AVX-512 (VL) for x86-64-v4; the loader picks one.
 // Every operation is defined lane by lane and the build does not contract a * b + c into an FMA
-// (-ffp-contract=off), so every clone computes the bits the scalar code computes. (GCC's own
+// (-ffp-contract=off); the exp's fused multiply-adds are explicit (fma8, one rounding in every
+// clone), so every clone computes the bits the scalar code computes. (GCC's own
 // vectorisation of the scalar loops if-converts exp_approx's clamps into about twice the
 // instructions; spelling the lanes out is what makes the exp-bound loops fast.)
 #if defined(__x86_64__) && !defined(__clang__)
@@ -61,24 +64,32 @@ OSD_SIMD_INLINE f32x8 load8(const float* p) {
 }
 OSD_SIMD_INLINE void store8(float* p, const f32x8& v) { __builtin_memcpy(p, &v, sizeof v); }
 
+// a * b + c rounded once, lane by lane: one vfmadd where the clone has FMA (x86-64-v3 and v4); the
+// baseline clone calls fmaf per lane (correct, and slow: only pre-AVX2 CPUs run it).
+OSD_SIMD_INLINE f32x8 fma8(const f32x8& a, const f32x8& b, const f32x8& c) {
+  f32x8 o;
+  for (int k = 0; k < 8; ++k) o[k] = __builtin_fmaf(a[k], b[k], c[k]);
+  return o;
+}
+
 // exp_approx on eight lanes, for the softmax terms exp((l - max) / T), whose arguments are <= 0:
 // lane by lane the same operations, so the same bits as exp_approx(x) for every x <= 88.3 (NaN
 // aside). It does not saturate above 88.3, and skips exp_approx's clamps: a lane below -87.3
 // computes garbage (an out-of-range conversion) that the final select replaces by 0.
 OSD_SIMD_INLINE f32x8 exp_approx8(const f32x8& x) {
   typedef uint32_t u32x8 __attribute__((vector_size(32)));
-  const f32x8 y = x * 1.44269504088896341f + 0.5f;
+  const f32x8 y = fma8(x, splat8(1.44269504088896341f), splat8(0.5f));
   f32x8 n;
   for (int k = 0; k < 8; ++k) n[k] = floorf(y[k]);  // one vroundps where the target has it
-  f32x8 r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
+  f32x8 r = fma8(-n, splat8(0.693145751953125f), x);
+  r = fma8(-n, splat8(1.428606765330187045e-06f), r);
   f32x8 p = splat8(1.3888889e-3f);
-  p = p * r + 8.3333333e-3f;
-  p = p * r + 4.1666667e-2f;
-  p = p * r + 1.6666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  p = fma8(p, r, splat8(8.3333333e-3f));
+  p = fma8(p, r, splat8(4.1666667e-2f));
+  p = fma8(p, r, splat8(1.6666667e-1f));
+  p = fma8(p, r, splat8(0.5f));
+  p = fma8(p, r, splat8(1.0f));
+  p = fma8(p, r, splat8(1.0f));
   const u32x8 bits = ((u32x8)__builtin_convertvector(n, i32x8) + 127u) << 23;
   return x <= splat8(-87.3f) ? f32x8{} : p * (f32x8)bits;
 }

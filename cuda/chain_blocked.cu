@@ -184,13 +184,7 @@ __device__ void finalize_row(const UnitStat* us, int nb, bool exp_terms, float i
   mx = warp_max(mx);
   bad = __any_sync(0xffffffffu, bad != 0) ? 1 : 0;
   if (bad || mx == -INFINITY) {
-    if (lane == 0) {
-      st->bad = bad ? 1 : 2;
-      st->max = mx;
-      st->argmax = 0;
-      st->z = 0.0;
-      st->inv_z = 0.0f;
-    }
+    if (lane == 0) set_bad_row(st, bad, mx);
     return;
   }
   int first = nb, arg = 0;

@@ -12,6 +12,7 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "core/fast_math.h"
 #include "core/philox.h"
 
 namespace osd {
@@ -34,23 +35,10 @@ __device__ __forceinline__ float keep_or_zero(bool keep, float x) {
   return __int_as_float(__float_as_int(x) & (keep ? -1 : 0));
 }
 
-// osd::exp_approx (core/fast_math.h), operation for operation, each rounded on its own.
-__device__ __forceinline__ float exp_ref(float x) {
-  const float lo = x;
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float n = floorf(__fmaf_rn(x, 1.44269504088896341f, 0.5f));
-  float r = __fmaf_rn(-n, 0.693145751953125f, x);
-  r = __fmaf_rn(-n, 1.428606765330187045e-06f, r);
-  float p = 1.3888889e-3f;
-  p = __fmaf_rn(p, r, 8.3333333e-3f);
-  p = __fmaf_rn(p, r, 4.1666667e-2f);
-  p = __fmaf_rn(p, r, 1.6666667e-1f);
-  p = __fmaf_rn(p, r, 0.5f);
-  p = __fmaf_rn(p, r, 1.0f);
-  p = __fmaf_rn(p, r, 1.0f);
-  const float scale = __int_as_float((static_cast<int32_t>(n) + 127) << 23);
-  return keep_or_zero(!(lo <= -87.3f), __fmul_rn(p, scale));  // +0 below the range; NaN passes
-}
+// osd::exp_approx (core/fast_math.h) itself: every rounding step is an explicit fmaf, so nvcc
+// cannot round it differently from the CPU. The reference for exp_fast; it branches around the
+// polynomial below the range, so hot loops use exp_fast.
+__device__ __forceinline__ float exp_ref(float x) { return osd::exp_approx(x); }
 
 // exp_ref for x <= 0 (or NaN), bit for bit: the argument of every warped exp term is (l - max) * it
 // <= 0. floorf and the float -> int conversion run on the quarter-rate conversion unit; for the
@@ -61,15 +49,7 @@ __device__ __forceinline__ float exp_ref(float x) {
 __device__ __forceinline__ float exp_fast(float x) {
   const float m = __fadd_rd(__fmaf_rn(x, 1.44269504088896341f, 0.5f), 12582912.0f);
   const float n = __fsub_rn(m, 12582912.0f);
-  float r = __fmaf_rn(-n, 0.693145751953125f, x);
-  r = __fmaf_rn(-n, 1.428606765330187045e-06f, r);
-  float p = 1.3888889e-3f;
-  p = __fmaf_rn(p, r, 8.3333333e-3f);
-  p = __fmaf_rn(p, r, 4.1666667e-2f);
-  p = __fmaf_rn(p, r, 1.6666667e-1f);
-  p = __fmaf_rn(p, r, 0.5f);
-  p = __fmaf_rn(p, r, 1.0f);
-  p = __fmaf_rn(p, r, 1.0f);
+  const float p = osd::exp_poly(x, n);
   // (bits(m) << 23) = floor(y) << 23 (mod 2^32): the bits of 1.5 * 2^23 all shift out.
   const float scale = __uint_as_float((__float_as_uint(m) << 23) + (127u << 23));
   return keep_or_zero(!(x <= -87.3f), __fmul_rn(p, scale));

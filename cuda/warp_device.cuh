@@ -25,6 +25,15 @@ struct PrepSmem {
   unsigned long long* bptr;
 };
 
+// The RowStat of a row that fails validation: NaN or +Infinity (bad), else all -Infinity.
+__device__ __forceinline__ void set_bad_row(RowStat* st, int bad, float mx) {
+  st->bad = bad ? 1 : 2;
+  st->max = mx;
+  st->argmax = 0;
+  st->z = 0.0;
+  st->inv_z = 0.0f;
+}
+
 // ---------------------------------------------------------------------------------------------
 // z = sum_exp(l, V, max, inv_t) in the CPU's exact order; optionally stores every exp term.
 
@@ -297,13 +306,7 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
   bad = block_or(bad, sm.red);
   const int amax = block_argmax(bv, bidx, sm.red);
   if (bad || mx == -INFINITY) {
-    if (tid == 0) {
-      st->bad = bad ? 1 : 2;
-      st->max = mx;
-      st->argmax = 0;
-      st->z = 0.0;
-      st->inv_z = 0.0f;
-    }
+    if (tid == 0) set_bad_row(st, bad, mx);
     return;
   }
   double z = 0.0;

@@ -8,13 +8,11 @@
 
 namespace osd {
 
-OSD_HD float exp_approx(float x) {
-  // exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2]; degree-6 polynomial for exp(r). Every
-  // step is one fused multiply-add, rounded once: the same bits from std::fmaf, the x86 FMA
-  // instructions and CUDA's __fmaf_rn (the build never contracts anything else, -ffp-contract=off).
-  const float lo = x;
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  float n = floorf(fmaf(x, 1.44269504088896341f, 0.5f));
+// exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2], n = floor(x log2(e) + 1/2): exp(r) by a
+// degree-6 polynomial. Every step is one fused multiply-add, rounded once: the same bits from
+// std::fmaf, the x86 FMA instructions and CUDA's fmaf (the build never contracts anything else,
+// -ffp-contract=off). exp_poly is shared with the GPU's exp_fast (cuda/common.cuh).
+OSD_HD float exp_poly(float x, float n) {
   float r = fmaf(-n, 0.693145751953125f, x);
   r = fmaf(-n, 1.428606765330187045e-06f, r);
   float p = 1.3888889e-3f;
@@ -23,7 +21,14 @@ OSD_HD float exp_approx(float x) {
   p = fmaf(p, r, 1.6666667e-1f);
   p = fmaf(p, r, 0.5f);
   p = fmaf(p, r, 1.0f);
-  p = fmaf(p, r, 1.0f);
+  return fmaf(p, r, 1.0f);
+}
+
+OSD_HD float exp_approx(float x) {
+  const float lo = x;
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float n = floorf(fmaf(x, 1.44269504088896341f, 0.5f));
+  const float p = exp_poly(x, n);
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   __builtin_memcpy(&scale, &bits, sizeof scale);

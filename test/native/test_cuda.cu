@@ -1210,6 +1210,25 @@ OSD_TEST(distill_matches_cpu) {
   CHECK(ec == eg);
 }
 
+// A forward-KL input with a dense teacher.
+DistillInput forward_kl_input(const std::vector<float>& s, const std::vector<float>& t, int rows, int V) {
+  DistillInput in;
+  in.kind = DistillKind::ForwardKL;
+  in.student = s.data();
+  in.teacher = t.data();
+  in.rows = rows;
+  in.vocab = V;
+  return in;
+}
+
+// Student and teacher rows of normal logits (scale 2); student row `tie_row` has ties.
+void fill_student_teacher(Rng& rng, std::vector<float>& s, std::vector<float>& t, int rows, int V, int tie_row) {
+  for (int r = 0; r < rows; ++r) {
+    fill_logits(rng, &s[static_cast<size_t>(r) * V], V, 2.0f, r == tie_row ? 1 : 0);
+    fill_logits(rng, &t[static_cast<size_t>(r) * V], V, 2.0f, 0);
+  }
+}
+
 // Forward KL against a dense teacher on the one-pass path (sm_90: one thread-block cluster per row,
 // up to 16 CTAs at V = 128256) and on the fallback (V % 4 != 0): bit-identical gradients, the loss
 // alone without a gradient, and bad rows reported like the CPU (student before teacher).
@@ -1222,17 +1241,9 @@ OSD_TEST(distill_forward_kl_large_vocab_matches_cpu) {
       const int rows = 3;
       std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size());
       std::vector<uint8_t> mask = {1, 0, 1};
-      for (int r = 0; r < rows; ++r) {
-        fill_logits(rng, &s[static_cast<size_t>(r) * V], V, 2.0f, r == 2 ? 1 : 0);
-        fill_logits(rng, &t[static_cast<size_t>(r) * V], V, 2.0f, 0);
-      }
+      fill_student_teacher(rng, s, t, rows, V, 2);
       for (int variant = 0; variant < 2; ++variant) {
-        DistillInput in;
-        in.kind = DistillKind::ForwardKL;
-        in.student = s.data();
-        in.teacher = t.data();
-        in.rows = rows;
-        in.vocab = V;
+        DistillInput in = forward_kl_input(s, t, rows, V);
         in.temperature = T;
         in.mask = variant ? mask.data() : nullptr;
         std::vector<float> gc(s.size()), gg(s.size(), 123.0f);
@@ -1254,18 +1265,10 @@ OSD_TEST(distill_forward_kl_large_vocab_matches_cpu) {
   const int V = 32000, rows = 2;
   for (int which = 0; which < 3; ++which) {
     std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size());
-    for (int r = 0; r < rows; ++r) {
-      fill_logits(rng, &s[static_cast<size_t>(r) * V], V, 2.0f, 0);
-      fill_logits(rng, &t[static_cast<size_t>(r) * V], V, 2.0f, 0);
-    }
+    fill_student_teacher(rng, s, t, rows, V, -1);
     if (which != 1) s[V + 30000] = std::nanf("");
     if (which != 0) t[V + 5] = std::numeric_limits<float>::infinity();
-    DistillInput in;
-    in.kind = DistillKind::ForwardKL;
-    in.student = s.data();
-    in.teacher = t.data();
-    in.rows = rows;
-    in.vocab = V;
+    const DistillInput in = forward_kl_input(s, t, rows, V);
     std::vector<float> gc(s.size()), gg(s.size());
     std::string ec, eg;
     try { cpu().distill_loss(in, gc.data()); } catch (const Error& e) { ec = e.what(); }

@@ -214,6 +214,29 @@ describe('verification kernels reject bad input', () => {
     expect(Array.from(r.offsets)).toEqual([0]);
   });
 
+  it('verifyTree: the error names the first bad row in row order, the target row before the draft row', () => {
+    const W = 5000; // several 2048-entry blocks, validated over the thread pool
+    const base = {
+      parents: Int32Array.from([-1, 0, 1]),
+      tokens: Int32Array.from([0, 1, 2]),
+      targetLogits: new Float32Array(4 * W).map((_, i) => (i % 7) / 7),
+      draftLogits: new Float32Array(4 * W).map((_, i) => (i % 5) / 5),
+      vocabSize: W,
+      sampling: { temperature: 1 },
+      seed: 1,
+    };
+    const t = Float32Array.from(base.targetLogits);
+    const d = Float32Array.from(base.draftLogits);
+    t[2 * W + 4500] = NaN; // target row 2, third block
+    d[1 * W + 10] = Infinity; // draft row 1
+    expectThrows(() => verifyTree({ ...base, targetLogits: t, draftLogits: d }), RangeError, /^draftLogits row 1 /);
+    d[1 * W + 10] = 0;
+    d[2 * W + 3000] = NaN; // draft row 2: the target row 2 comes first
+    expectThrows(() => verifyTree({ ...base, targetLogits: t, draftLogits: d }), RangeError, /^targetLogits row 2 /);
+    t[2 * W + 4500] = 0;
+    expectThrows(() => verifyTree({ ...base, targetLogits: t, draftLogits: d }), RangeError, /^draftLogits row 2 /);
+  });
+
   it('verifyTree: unknown children modes are rejected', () => {
     expectThrows(() => call('verifyTree', { children: 'greedy' }), RangeError, /children must be/);
     expectThrows(() => call('verifyTree', { children: '' }), RangeError, /children must be/);

@@ -216,10 +216,20 @@ TreeResult verify_tree(const TreeInput& in, const Sampling& s, TreeChildren mode
   const bool use_draft = !s.greedy() && mode != TreeChildren::Deterministic;
   // Every row is validated, visited or not, so bad input fails the same way for every seed. Only the
   // maxima are kept: the walk warps the rows it visits itself, so no normaliser is computed here.
+  // All (row, block) pairs over the thread pool; the error names the first bad row in row order,
+  // the target's before the draft's.
   std::vector<RowStats> ts(n + 1), ds(use_draft ? n + 1 : 0);
-  for (int32_t r = 0; r <= n; ++r) {
-    ts[r].max = checked_row_max(in.target + static_cast<size_t>(r) * V, V, "targetLogits", r);
-    if (use_draft) ds[r].max = checked_row_max(in.draft + static_cast<size_t>(r) * V, V, "draftLogits", r);
+  {
+    std::vector<RowCheck> tc(n + 1), dc(use_draft ? n + 1 : 0);
+    std::vector<float> tm(n + 1), dm(use_draft ? n + 1 : 0);
+    check_rows(in.target, n + 1, V, tc.data(), tm.data());
+    if (use_draft) check_rows(in.draft, n + 1, V, dc.data(), dm.data());
+    for (int32_t r = 0; r <= n; ++r) {
+      throw_row_check(tc[r], "targetLogits", r);
+      if (use_draft) throw_row_check(dc[r], "draftLogits", r);
+      ts[r].max = tm[r];
+      if (use_draft) ds[r].max = dm[r];
+    }
   }
   // Children lists in node order.
   std::vector<int32_t> first(n + 1, -1), next(n, -1), last(n + 1, -1);

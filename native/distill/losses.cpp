@@ -157,7 +157,7 @@ BinTerm bin_term(DistillKind kind, double lp, double lq, double beta) {
 
 }  // namespace
 
-double distill_row(const DistillInput& in, int32_t r, float scale, float* grad) {
+OSD_CLONES double distill_row(const DistillInput& in, int32_t r, float scale, float* grad) {
   const int32_t V = in.vocab;
   const float* s = in.student + static_cast<size_t>(r) * V;
   const float inv_t = 1.0f / in.temperature;

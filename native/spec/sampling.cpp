@@ -66,7 +66,7 @@ double WarpedRow::prob(int32_t token) const {
   return (it != ids.end() && *it == token) ? probs[it - ids.begin()] : 0.0;
 }
 
-void WarpedRow::to_dense(float* out) const {
+OSD_CLONES void WarpedRow::to_dense(float* out) const {
   if (dense) {
     const float inv_z = static_cast<float>(1.0 / z);
     for (int32_t j = 0; j < vocab; ++j) out[j] = exp_approx((logits[j] - max) * inv_t) * inv_z;
@@ -150,7 +150,7 @@ bool nucleus_candidates(const float* l, int32_t vocab, float row_max, float inv_
 
 }  // namespace
 
-void warp_row(const float* logits, int32_t vocab, float row_max, const Sampling& s, WarpedRow& out) {
+OSD_CLONES void warp_row(const float* logits, int32_t vocab, float row_max, const Sampling& s, WarpedRow& out) {
   out.logits = logits;
   out.vocab = vocab;
   out.max = row_max;
@@ -234,7 +234,7 @@ int32_t sample_weights(const float* w, int32_t n, double total, double u) {
   return last;  // rounding left u * total at the very top: take the last token with weight
 }
 
-int32_t sample_row(const WarpedRow& row, double u) {
+OSD_CLONES int32_t sample_row(const WarpedRow& row, double u) {
   if (!row.dense) {
     double total = 0.0;
     for (float p : row.probs) total += p;

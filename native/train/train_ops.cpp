@@ -469,7 +469,7 @@ bool all_finite(const float* x, int64_t n) {
 }
 
 // Cross-entropy of one row of (finite) logits against `target`, with its gradient times `scale`.
-double cross_entropy_row(const float* logits, int64_t vocab, int32_t target, float scale, float* grad) {
+OSD_SIMD_CLONES double cross_entropy_row(const float* logits, int64_t vocab, int32_t target, float scale, float* grad) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < vocab; ++j) mx = std::max(mx, logits[j]);
   double sum = 0.0;

@@ -12,9 +12,12 @@
 // sm_90 and wait for their predecessor before reading its results.
 // Build (standalone check): nvcc -std=c++17 -O3 -arch=sm_90 -I native -c cuda/chain_blocked.cu
 #include <algorithm>
+#include <climits>
+#include <string>
 #include <vector>
 
 #include "chain_blocked.cuh"
+#include "core/error.h"
 #include "warp_device.cuh"
 
 namespace osd {
@@ -367,7 +370,9 @@ __device__ __forceinline__ float blk_at(const BlkScan& s, int j) {
   if (s.residual) return residual_term(s, __ldg(s.lp + j), __ldg(s.lq + j));
   return __fmul_rn(blk_e(s.lp, j, s.bp, s.inv_t), s.sp);
 }
-__device__ __forceinline__ const float* blk_masses(const BlkWeights& w) { return w.residual ? w.rmass : w.p.blk + w.nb; }
+__device__ __forceinline__ const float* blk_masses(const BlkWeights& w) {
+  return w.residual ? w.rmass : w.p.blk + w.nb;
+}
 
 // R_b = lane_sum(r over block b), one warp per (sequence, block), for the sequences that rejected.
 __global__ void __launch_bounds__(kUnitWarps * 32) residual_mass_kernel(Params p) {
@@ -400,8 +405,10 @@ __global__ void __launch_bounds__(kUnitWarps * 32) residual_mass_kernel(Params p
   if (lane == 0) w.rmass[b] = acc;
 }
 
+constexpr int kStagedMasses = 8192;  // block masses staged in shared memory (V up to 16.7M)
+
 struct SampleSmem {
-  float mass[kSeqTile];  // block masses, staged for thread 0's sequential loops
+  float mass[kStagedMasses];  // block masses, staged for thread 0's sequential loops
   BlockRed red;
   double bd[2];
   int32_t bi[4];
@@ -419,7 +426,7 @@ __device__ __noinline__ int blocked_sample(const BlkWeights& w, int V, double u,
   const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
   const int nb = w.nb;
   const float* mass = blk_masses(w);
-  const bool staged = nb <= kSeqTile;
+  const bool staged = nb <= kStagedMasses;
   if (staged) {
     for (int b = tid; b < nb; b += kBlock) sm.mass[b] = ld_cg(mass + b);
     __syncthreads();
@@ -564,22 +571,26 @@ void launch(void (*k)(A...), int grid, int threads, bool pdl, cudaStream_t strea
   OSD_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, std::forward<P>(args)...));
 }
 
-bool device_has_pdl() {
-  int dev = 0, major = 0;
-  OSD_CUDA_CHECK(cudaGetDevice(&dev));
-  OSD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  return major >= 9;
+// Programmatic dependent launch only where the loaded kernels are sm_90 code: compiled from older
+// PTX, griddepcontrol.wait is absent and a dependent kernel could read its predecessor's results
+// early, so the launches stay fully ordered. Decided once per workspace.
+bool kernels_use_pdl(Workspace& ws) {
+  if (ws.pdl < 0) {
+    cudaFuncAttributes fa{};
+    OSD_CUDA_CHECK(cudaFuncGetAttributes(&fa, chain_decide_kernel));
+    ws.pdl = fa.ptxVersion >= 90 ? 1 : 0;
+  }
+  return ws.pdl == 1;
 }
 
 }  // namespace
 
-void chain_blocked_launch(const ChainBatchDevice& in, const std::vector<int32_t>& sel, RowStat* stats,
+void chain_blocked_launch(const ChainBatchDevice& in, const std::vector<int32_t>& sel,
+                          const std::vector<size_t>& trow, const std::vector<size_t>& drow, RowStat* stats,
                           Workspace& ws, cudaStream_t stream, std::vector<RowOrigin>& origins) {
   const int n = static_cast<int>(sel.size());
   if (n == 0) return;
-  const int32_t B = in.batch, V = in.vocab, nb = stat_blocks(V);
-  std::vector<size_t> trow(B + 1, 0), drow(B + 1, 0);
-  for (int32_t b = 0; b < B; ++b) trow[b + 1] = trow[b] + in.lengths[b] + 1, drow[b + 1] = drow[b] + in.lengths[b];
+  const int32_t V = in.vocab, nb = stat_blocks(V);
   std::vector<BRow> rows;
   std::vector<BSeq> seqs(n);
   bool sampled = false;
@@ -626,8 +637,11 @@ void chain_blocked_launch(const ChainBatchDevice& in, const std::vector<int32_t>
   p.vocab = V;
   p.nb = nb;
   p.n_seqs = n;
-  const bool pdl = device_has_pdl();
+  const bool pdl = kernels_use_pdl(ws);
   const long long units = n_rows * nb;
+  if (units / kUnitWarps >= INT32_MAX || static_cast<long long>(n) * nb / kUnitWarps >= INT32_MAX)
+    throw_range("chain batch of " + std::to_string(n_rows) + " rows of vocabSize " + std::to_string(V) +
+                " is too large for one CUDA launch");
   record_start(ws, stream);
   launch(blk_stats_kernel, static_cast<int>((units + kUnitWarps - 1) / kUnitWarps), kUnitWarps * 32, false, stream,
          d_rows, units, nb, V, us);

@@ -10,10 +10,12 @@
 namespace osd {
 namespace cuda {
 
-// Enqueues the sequences `seqs` (indices into the batch; each greedy or temperature-only) of `in`.
-// Their rows' RowStat go to stats[0 ..) in `origins` order (appended: one per row, target rows of a
-// sequence first, then its draft rows), so that first_row_error can name a bad row.
-void chain_blocked_launch(const ChainBatchDevice& in, const std::vector<int32_t>& seqs, RowStat* stats,
+// Enqueues the sequences `seqs` (indices into the batch; each greedy or temperature-only) of `in`,
+// whose sequence b starts at target row trow[b] and draft row drow[b]. Their rows' RowStat go to
+// stats[0 ..) in `origins` order (appended: one per row, target rows of a sequence first, then its
+// draft rows), so that first_row_error can name a bad row.
+void chain_blocked_launch(const ChainBatchDevice& in, const std::vector<int32_t>& seqs,
+                          const std::vector<size_t>& trow, const std::vector<size_t>& drow, RowStat* stats,
                           Workspace& ws, cudaStream_t stream, std::vector<RowOrigin>& origins);
 
 }  // namespace cuda

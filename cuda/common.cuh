@@ -36,8 +36,8 @@ __device__ __forceinline__ float keep_or_zero(bool keep, float x) {
 }
 
 // osd::exp_approx (core/fast_math.h) itself: every rounding step is an explicit fmaf, so nvcc
-// cannot round it differently from the CPU. The reference for exp_fast; it branches around the
-// polynomial below the range, so hot loops use exp_fast.
+// cannot round it differently from the CPU. The reference exp_fast is tested against (test_cuda);
+// it branches around the polynomial below the range, so the kernels use exp_fast.
 __device__ __forceinline__ float exp_ref(float x) { return osd::exp_approx(x); }
 
 // exp_ref for x <= 0 (or NaN), bit for bit: the argument of every warped exp term is (l - max) * it

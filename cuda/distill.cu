@@ -1,4 +1,5 @@
-// Distillation losses fused with their gradients (one block per row, two passes over the row).
+// Distillation losses fused with their gradients (forward KL against a dense teacher: see below;
+// the others one block per row, two passes over the row).
 // Build (standalone check of this file): nvcc -std=c++17 -O3 -arch=sm_90 -I native -c cuda/distill.cu
 // Parity: test/native/test_cuda.cu (distill_matches_cpu): loss within 2e-5 * max(1, |loss|),
 // gradients within 1e-6 * max|grad| + 1e-5 * |grad_j| of the CPU backend. The softmax sums are the
@@ -15,6 +16,14 @@
 #include "core/error.h"
 #include "distill.cuh"
 #include "warp_device.cuh"  // z_exact: the CPU's softmax sums, bit for bit
+
+// The one-pass forward KL uses bulk copies counted by mbarrier transactions: PTX ISA 8.0, CUDA 12.
+// Older toolkits (the CUDA 11.8 prebuild) build the two-kernel path only.
+#if defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 12
+#define OSD_FKL_CLUSTER 1
+#else
+#define OSD_FKL_CLUSTER 0
+#endif
 
 namespace osd {
 namespace cuda {
@@ -290,7 +299,7 @@ size_t fkl_cluster_smem(int W, int nb) {
          static_cast<size_t>(nb) * (3 * sizeof(double) + 2 * sizeof(float));
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if OSD_FKL_CLUSTER && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -323,7 +332,7 @@ __device__ __forceinline__ void mbar_wait0(uint64_t* bar) {
 // kUnitT (it == 1): the exp loop skips its multiplies by it, which are exact there (as the CPU's).
 template <bool kUnitT>
 __global__ void __launch_bounds__(kFklClusterThreads) fkl_cluster_kernel(DistillDevice in, float it, int nb) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if OSD_FKL_CLUSTER && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) unsigned char fkl_smem[];
   __shared__ float red_f[2 * 32];
   __shared__ unsigned red_i[32];
@@ -492,7 +501,7 @@ __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
         continue;
       }
       const double log_zt = log(zt);
-      {  // forward KL (dense teacher) runs in fkl_stats_kernel / fkl_grad_kernel
+      {  // forward KL (dense teacher) runs in fkl_cluster_kernel or fkl_stats_kernel / fkl_grad_kernel
         double eg = 0.0;
         for (int j = tid; j < V; j += kBlock) {
           const double lq = static_cast<double>(scaled_logit(s[j], ms, inv_t)) - log_zs;
@@ -583,6 +592,7 @@ bool fkl_cluster_launch(const DistillDevice& in, float it, Workspace& ws, cudaSt
   const int V = in.vocab, nb = stat_blocks(V);
   const uintptr_t addr = reinterpret_cast<uintptr_t>(in.student) | reinterpret_cast<uintptr_t>(in.teacher) |
                          reinterpret_cast<uintptr_t>(in.grad);
+  if (!OSD_FKL_CLUSTER) return false;
   if (V % 4 != 0 || (addr & 15u) != 0) return false;  // bulk copies move 16-byte aligned multiples of 16 bytes
   void (*kernel)(DistillDevice, float, int) = it == 1.0f ? fkl_cluster_kernel<true> : fkl_cluster_kernel<false>;
   cudaFuncAttributes fa{};

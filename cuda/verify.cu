@@ -388,12 +388,12 @@ int assign_rows(std::vector<RowTask>& tasks, Workspace& ws) {
 
 // The reference walk for the sequences `sel` of the batch (see ChainParams). Their rows' RowStat go
 // to stats[0 ..), their origins are appended. Records the timing start event when `record` is set.
-void chain_reference_launch(const ChainBatchDevice& in, const std::vector<int32_t>& sel, Fault fault, RowStat* stats,
-                            Workspace& ws, cudaStream_t stream, std::vector<RowOrigin>& origins, bool record) {
-  const int32_t B = in.batch, V = in.vocab, n = static_cast<int32_t>(sel.size());
+void chain_reference_launch(const ChainBatchDevice& in, const std::vector<int32_t>& sel,
+                            const std::vector<size_t>& trow, const std::vector<size_t>& drow, Fault fault,
+                            RowStat* stats, Workspace& ws, cudaStream_t stream, std::vector<RowOrigin>& origins,
+                            bool record) {
+  const int32_t V = in.vocab, n = static_cast<int32_t>(sel.size());
   if (n == 0) return;
-  std::vector<size_t> trow(B + 1, 0), drow(B + 1, 0);
-  for (int32_t b = 0; b < B; ++b) trow[b + 1] = trow[b] + in.lengths[b] + 1, drow[b + 1] = drow[b] + in.lengths[b];
   std::vector<RowTask> tasks;
   std::vector<ChainSeq> seqs(n);
   for (int32_t k = 0; k < n; ++k) {
@@ -456,16 +456,20 @@ void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws,
   // greedy, or temperature only) the blocked scheme; elsewhere the reference walk. (A top-k >= V is
   // a dense row for warp_row but not s.dense(): the CPU then walks the reference.)
   std::vector<int32_t> blocked, reference;
+  std::vector<size_t> trow(B + 1, 0), drow(B + 1, 0);  // each sequence's first target and draft row
   size_t rows = 0;
   for (int32_t b = 0; b < B; ++b) {
     const Sampling& s = in.sampling[b];
     (fault == Fault::None && (s.greedy() || s.dense()) ? blocked : reference).push_back(b);
+    trow[b + 1] = trow[b] + in.lengths[b] + 1;
+    drow[b + 1] = drow[b] + in.lengths[b];
     rows += in.lengths[b] + 1 + (s.greedy() ? 0 : in.lengths[b]);
   }
   RowStat* stats = ws.stats.as<RowStat>(std::max<size_t>(rows, 1));
   std::vector<RowOrigin> origins;
-  chain_blocked_launch(in, blocked, stats, ws, stream, origins);
-  chain_reference_launch(in, reference, fault, stats + origins.size(), ws, stream, origins, blocked.empty());
+  chain_blocked_launch(in, blocked, trow, drow, stats, ws, stream, origins);
+  chain_reference_launch(in, reference, trow, drow, fault, stats + origins.size(), ws, stream, origins,
+                         blocked.empty());
   record_stop(ws, stream);
   if (row_origins) *row_origins = std::move(origins);
 }

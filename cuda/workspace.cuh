@@ -47,6 +47,7 @@ struct Workspace {
   DeviceBuffer brows, bseqs, ustats, bblk, brmass, bdec;  // chains on the blocked scheme
   std::vector<unsigned char> host_tasks, host_seqs, host_nodes, host_brows, host_bseqs;  // staging kept alive across async copies
   int sm_count = 0;
+  int pdl = -1;  // chain kernels chained by programmatic dependent launch (-1: not decided yet)
   // When set, launchers record these around their main kernel (benchmarks time kernels with them).
   cudaEvent_t kernel_start = nullptr, kernel_stop = nullptr;
 };

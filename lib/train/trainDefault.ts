@@ -161,13 +161,25 @@ export interface TrainRunOptions {
   lr: number;
 }
 
+/** <outDir>/.checkpoints, created if missing. */
+function checkpointDir(outDir: string): string {
+  const dir = join(outDir, '.checkpoints');
+  mkdirSync(dir, { recursive: true });
+  return dir;
+}
+
+/** The training shards of `domains`; an error when there are none. */
+function trainShards(dataDir: string, domains: readonly Domain[]): Map<Domain, Uint16Array> {
+  const shards = loadShards(dataDir, domains, 'train');
+  if (shards.size === 0) throw new Error(`no training shards for ${domains.join(', ')} in ${dataDir}`);
+  return shards;
+}
+
 /** Trains one model for a time budget (cosine schedule sized from the measured step time). */
 export async function trainOne(o: TrainRunOptions): Promise<Model> {
-  const ckptDir = join(o.outDir, '.checkpoints');
-  mkdirSync(ckptDir, { recursive: true });
+  const ckptDir = checkpointDir(o.outDir);
   const ckpt = join(ckptDir, `${o.name}.ckpt.gguf`);
-  const shards = loadShards(o.dataDir, o.domains, 'train');
-  if (shards.size === 0) throw new Error(`no training shards for ${o.domains.join(', ')} in ${o.dataDir}`);
+  const shards = trainShards(o.dataDir, o.domains);
   let trainer: Trainer;
   if (o.resume && existsSync(ckpt)) {
     trainer = await loadTrainerCheckpoint(ckpt);
@@ -179,37 +191,62 @@ export async function trainOne(o: TrainRunOptions): Promise<Model> {
     await initModel.dispose();
   }
   const rng = new XorShift(o.seed * 7919 + trainer.steps);
-  const bar = new ProgressBar(o.name.padEnd(6));
+  await trainForBudget(trainer, {
+    label: o.name.padEnd(6),
+    lossName: 'loss',
+    minutes: o.minutes,
+    tokensPerStep: o.rows * o.seqLen,
+    checkpoint: ckpt,
+    nextBatch: async () => sampleBatch(shards, o.rows, o.seqLen, rng),
+  });
+  const model = await trainer.snapshot();
+  await trainer.dispose();
+  return model;
+}
+
+interface BudgetRun {
+  label: string;
+  lossName: string;
+  minutes: number;
+  tokensPerStep: number;
+  /** Saved every five minutes and at the end. */
+  checkpoint: string;
+  nextBatch: () => Promise<TrainBatch>;
+}
+
+/**
+ * Steps the trainer until the time budget is spent, with a progress bar. The cosine schedule is
+ * sized to the budget once the step time is known (after five steps of this run).
+ */
+async function trainForBudget(trainer: Trainer, o: BudgetRun): Promise<{ steps: number; tokens: number; minutes: number; loss: number }> {
+  const bar = new ProgressBar(o.label);
   const started = Date.now();
   const budgetMs = o.minutes * 60_000;
   let lossEma = NaN;
-  let tokens = 0;
-  let sized = false;
+  let steps = 0;
   let lastSave = Date.now();
   for (;;) {
     const elapsed = Date.now() - started;
     if (elapsed >= budgetMs) break;
-    const r = await trainer.step(sampleBatch(shards, o.rows, o.seqLen, rng));
-    tokens += o.rows * o.seqLen;
+    const r = await trainer.step(await o.nextBatch());
+    steps++;
     lossEma = Number.isNaN(lossEma) ? r.loss : 0.95 * lossEma + 0.05 * r.loss;
-    // Size the cosine schedule to the time budget once the step time is known.
-    if (!sized && r.step >= 5) {
-      const perStep = (Date.now() - started) / 5;
+    if (steps === 5) {
+      const perStep = (Date.now() - started) / steps;
       trainer.configure({ totalSteps: trainer.steps + Math.max(10, Math.floor((budgetMs - (Date.now() - started)) / perStep)) });
-      sized = true;
     }
     const secs = (Date.now() - started) / 1000;
-    bar.update(elapsed / budgetMs, `step ${r.step} loss ${lossEma.toFixed(3)} lr ${r.lr.toExponential(1)} ${(tokens / secs).toFixed(0)} tok/s ETA ${formatTime(Math.max(0, (budgetMs - elapsed) / 1000))}`);
+    bar.update(elapsed / budgetMs, `step ${r.step} ${o.lossName} ${lossEma.toFixed(3)} lr ${r.lr.toExponential(1)} ${((steps * o.tokensPerStep) / secs).toFixed(0)} tok/s ETA ${formatTime(Math.max(0, (budgetMs - elapsed) / 1000))}`);
     if (Date.now() - lastSave > 5 * 60_000) {
-      await trainer.save(ckpt);
+      await trainer.save(o.checkpoint);
       lastSave = Date.now();
     }
   }
-  await trainer.save(ckpt);
-  bar.done(`steps ${trainer.steps} loss ${lossEma.toFixed(3)} ${(tokens / ((Date.now() - started) / 1000)).toFixed(0)} tok/s`);
-  const model = await trainer.snapshot();
-  await trainer.dispose();
-  return model;
+  await trainer.save(o.checkpoint);
+  const minutes = (Date.now() - started) / 60000;
+  const tokens = steps * o.tokensPerStep;
+  bar.done(`steps ${steps} ${o.lossName} ${lossEma.toFixed(3)} ${(tokens / (minutes * 60)).toFixed(0)} tok/s`);
+  return { steps, tokens, minutes, loss: lossEma };
 }
 
 // ---- distilling the target into the draft ---------------------------------------------------------
@@ -253,39 +290,21 @@ export interface DistillRunResult {
  * shards, the target's dense logits as the teacher, cosine schedule sized from the measured step time.
  */
 export async function distillDraft(o: DistillRunOptions): Promise<DistillRunResult> {
-  const ckptDir = join(o.outDir, '.checkpoints');
-  mkdirSync(ckptDir, { recursive: true });
-  const shards = loadShards(o.dataDir, o.domains, 'train');
-  if (shards.size === 0) throw new Error(`no training shards for ${o.domains.join(', ')} in ${o.dataDir}`);
+  const ckptDir = checkpointDir(o.outDir);
+  const shards = trainShards(o.dataDir, o.domains);
   const trainer = await createTrainer(o.draft, { lr: o.lr, warmupSteps: 20, schedule: 'cosine', totalSteps: 1_000_000, minLr: o.lr / 10, weightDecay: 0.01, clipNorm: 1 });
   const rng = new XorShift(o.seed * 104729 + 17);
-  const bar = new ProgressBar('distil');
-  const started = Date.now();
-  const budgetMs = o.minutes * 60_000;
-  let lossEma = NaN;
-  let tokens = 0;
-  let sized = false;
-  let steps = 0;
-  for (;;) {
-    const elapsed = Date.now() - started;
-    if (elapsed >= budgetMs) break;
-    const r = await trainer.step(await withTeacher(o.target, sampleBatch(shards, o.rows, o.seqLen, rng), o.temperature, o.loss));
-    steps++;
-    tokens += o.rows * o.seqLen;
-    lossEma = Number.isNaN(lossEma) ? r.loss : 0.95 * lossEma + 0.05 * r.loss;
-    if (!sized && steps >= 5) {
-      const perStep = (Date.now() - started) / steps;
-      trainer.configure({ totalSteps: trainer.steps + Math.max(10, Math.floor((budgetMs - (Date.now() - started)) / perStep)) });
-      sized = true;
-    }
-    const secs = (Date.now() - started) / 1000;
-    bar.update(elapsed / budgetMs, `step ${r.step} KL ${lossEma.toFixed(3)} lr ${r.lr.toExponential(1)} ${(tokens / secs).toFixed(0)} tok/s ETA ${formatTime(Math.max(0, (budgetMs - elapsed) / 1000))}`);
-  }
-  await trainer.save(join(ckptDir, 'draft-distill.ckpt.gguf'));
-  bar.done(`steps ${steps} KL ${lossEma.toFixed(3)} ${(tokens / ((Date.now() - started) / 1000)).toFixed(0)} tok/s`);
+  const run = await trainForBudget(trainer, {
+    label: 'distil',
+    lossName: 'KL',
+    minutes: o.minutes,
+    tokensPerStep: o.rows * o.seqLen,
+    checkpoint: join(ckptDir, 'draft-distill.ckpt.gguf'),
+    nextBatch: () => withTeacher(o.target, sampleBatch(shards, o.rows, o.seqLen, rng), o.temperature, o.loss),
+  });
   const model = await trainer.snapshot();
   await trainer.dispose();
-  return { model, steps, teacherTokens: tokens, minutes: (Date.now() - started) / 60000, finalLoss: lossEma };
+  return { model, steps: run.steps, teacherTokens: run.tokens, minutes: run.minutes, finalLoss: run.loss };
 }
 
 /** Per-token acceptance of a draft against the target, teacher-forced on held-out text. */

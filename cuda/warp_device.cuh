@@ -1,5 +1,6 @@
 // Device code of the warping family: row preparation (validation, max/argmax, exact softmax sums,
-// top-k / top-p supports) and the certified samplers. Included by warp.cu and verify.cu only.
+// top-k / top-p supports) and the certified samplers. Included by the sources that prepare rows or
+// reuse its block helpers: warp.cu, verify.cu, chain_blocked.cu and distill.cu.
 // See warp.cuh for what is reproduced exactly and how.
 #pragma once
 #include "warp.cuh"

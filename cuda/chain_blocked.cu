@@ -222,6 +222,7 @@ __device__ void finalize_row(const UnitStat* us, int nb, bool exp_terms, float i
     st->argmax = arg;
     st->z = z;
     st->inv_z = 0.0f;  // unused here
+    st->nsup = -1;
   }
 }
 

@@ -42,8 +42,20 @@ struct ChainParams {
   SlotPool pool;
 };
 
+// sample_row(P) for a sparse row with its support list: the id of the sampled entry.
+__device__ __forceinline__ int support_sample(const RowRef& P, double u, PrepSmem& sm) {
+  const int i = block_sample(weights_of(kWeightSupRow, P), P.nsup, u, sm);
+  return static_cast<int>(ld_cg(P.sup + i) >> 32);  // i >= 0: the row max keeps weight
+}
+
 // Residual sample from norm(max(0, p - q)) (sample_residual in verify.cpp).
 __device__ __noinline__ int chain_residual(const RowRef& P, const RowRef& Q, int V, double u, int fault, PrepSmem& sm) {
+  if (fault == static_cast<int>(Fault::None) && P.mode == kRowSparse && P.nsup >= 0) {
+    // As the CPU: max(0, p - q) is 0 outside p's support, so only the support is summed and scanned,
+    // in id order (the same sums and token as the dense scan, which adds only zeros besides).
+    const int i = block_sample(weights_of(kWeightSupResidual, P, Q), P.nsup, u, sm);
+    return i >= 0 ? static_cast<int>(ld_cg(P.sup + i) >> 32) : support_sample(P, u, sm);
+  }
   if (fault == static_cast<int>(Fault::ResidualFromTarget))
     return block_sample(weights_of(kWeightDense, P), V, u, sm);
   if (fault == static_cast<int>(Fault::ResidualNoClamp)) {
@@ -123,7 +135,8 @@ __device__ __noinline__ void chain_walk(const ChainParams& p, int b, PrepSmem& s
   }
   const RowRef P = load_row(p.tasks[q.t0 + q.g], p.stats + q.t0 + q.g);
   const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(q.g), kLaneSample);
-  const int y = block_sample(weights_of(kWeightRow, P), V, u, sm);
+  const int y = P.mode == kRowSparse && P.nsup >= 0 ? support_sample(P, u, sm)
+                                                     : block_sample(weights_of(kWeightRow, P), V, u, sm);
   if (tid == 0) {
     out[q.g] = y;
     p.accepted[q.batch_index] = q.g;
@@ -422,6 +435,11 @@ void chain_reference_launch(const ChainBatchDevice& in, const std::vector<int32_
     q.ntasks = static_cast<int32_t>(tasks.size()) - q.t0;
   }
   const int n_sparse = assign_rows(tasks, ws);
+  if (n_sparse > 0 && fault == Fault::None) {  // support lists for the walk's samplers
+    auto* sup = ws.sup.as<unsigned long long>(static_cast<size_t>(n_sparse) * kSupCap);
+    for (auto& t : tasks)
+      if (t.mode == kRowSparse) t.sup = sup, sup += kSupCap;
+  }
   const int n_tasks = static_cast<int>(tasks.size());
   const int grid = kernel_grid(ws, chain_kernel, n_tasks);
   ChainParams p{};

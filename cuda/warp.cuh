@@ -36,6 +36,9 @@ struct RowTask {
   const float* logits;  // V logits (device)
   float* e_out;         // dense rows: the V exp terms are written here
   float* prob_out;      // sparse rows: the V warped probabilities (0 outside the support)
+  // Sparse rows of the chain walk: the support as (id << 32 | probability bits), ascending ids, when
+  // it holds at most kSupCap entries (RowStat::nsup says how many; -1: not written). Else nullptr.
+  unsigned long long* sup;
   int32_t vocab;
   int32_t mode;  // RowMode
   float inv_t;   // 1.0f / temperature as the CPU computes it (1 for greedy)
@@ -60,7 +63,10 @@ struct RowStat {
   float inv_z;   // dense rows: float(1 / z)
   int32_t argmax;
   int32_t bad;
+  int32_t nsup;  // entries of RowTask::sup written, or -1
 };
+
+constexpr int kSupCap = 4096;  // support entries a chain row keeps for the sampler (larger: dense scans)
 
 // Global scratch for candidate sets larger than shared memory (slot_elems >= V each).
 struct SlotPool {

@@ -18,11 +18,13 @@ struct PrepSmem {
     unsigned long long cand[kSmemCand];
   } u;
   uint32_t hist[256];
+  float tmax[kBlock];  // each thread's max over its share of the row (prepare_row), for select_top_m
   float accs[16];
   BlockRed red;
   int32_t scan[kWarps];
   double bd[4];
   int32_t bi[8];
+  float thr;
   unsigned long long* bptr;
 };
 
@@ -33,6 +35,7 @@ __device__ __forceinline__ void set_bad_row(RowStat* st, int bad, float mx) {
   st->argmax = 0;
   st->z = 0.0;
   st->inv_z = 0.0f;
+  st->nsup = -1;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -193,9 +196,74 @@ static __device__ __noinline__ void block_sort_u64(unsigned long long* a, int n)
   }
 }
 
+// Fast path of select_top_m for m <= kBlock with the candidates in shared memory: threshold, gather,
+// sort. The threads' maxima (sm.tmax, disjoint shares of the row) are merged into n_g >= 2m group
+// maxima; T = the m-th largest of them. At least m entries are >= T (one per group above it), so
+// {x >= T} holds the top m, usually about 1.4 m entries. One pass over the row instead of the radix
+// select's four to eight. Returns false (nothing decided) when the set overflows kSmemCand entries.
+static __device__ __noinline__ bool select_top_m_fast(const float* l, int V, int m, unsigned long long* cand, PrepSmem& sm) {
+  const int tid = threadIdx.x;
+  int groups = 32;
+  while (groups < 2 * m && groups < kBlock) groups <<= 1;
+  const int per = kBlock / groups;  // threads per group: a power of two <= 16, within one warp
+  float gm = sm.tmax[tid];
+  for (int o = 1; o < per; o <<= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, gm, o);
+    gm = w > gm ? w : gm;
+  }
+  float* gmx = sm.u.zbuf;  // free until the gather below
+  if ((tid & (per - 1)) == 0) gmx[tid / per] = gm;
+  if (tid == 0) sm.bi[4] = 0;
+  __syncthreads();
+  if (tid < groups) {
+    // Rank by (value desc, group asc): exactly one group has rank m - 1.
+    const float mine = gmx[tid];
+    int ahead = 0;
+    for (int i = 0; i < groups; ++i) {
+      const float o = gmx[i];
+      ahead += (o > mine || (o == mine && i < tid)) ? 1 : 0;
+    }
+    if (ahead == m - 1) sm.thr = mine;
+  }
+  __syncthreads();
+  const float T = sm.thr;
+  auto take = [&](int j, float x, bool valid) {
+    const bool t = valid && x >= T;
+    const unsigned mask = __ballot_sync(0xffffffffu, t);
+    if (!mask) return;
+    const int lane = lane_id();
+    int base = 0;
+    if (lane == __ffs(mask) - 1) base = atomicAdd(&sm.bi[4], __popc(mask));
+    base = __shfl_sync(0xffffffffu, base, __ffs(mask) - 1);
+    const int at = base + __popc(mask & ((1u << lane) - 1u));
+    if (t && at < kSmemCand) cand[at] = (static_cast<unsigned long long>(desc_key(x)) << 32) | static_cast<uint32_t>(j);
+  };
+  constexpr int U = 8;  // loads in flight per thread (scalar: float4s here cost the tree walk registers)
+  for (int base = 0; base < V; base += U * kBlock) {  // uniform across the warp: the ballots stay warp-wide
+    float x[U];
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int j = base + k * kBlock + tid;
+      x[k] = j < V ? l[j] : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int j = base + k * kBlock + tid;
+      take(j, x[k], j < V);
+    }
+  }
+  __syncthreads();
+  const int n = sm.bi[4];
+  __syncthreads();
+  if (n > kSmemCand) return false;
+  block_sort_u64(cand, n);
+  return true;
+}
+
 // The m best elements of a row by (logit desc, id asc), sorted, as (desc_key << 32 | id).
 static __device__ __noinline__ void select_top_m(const float* l, int V, int m, unsigned long long* cand, PrepSmem& sm) {
   const int tid = threadIdx.x;
+  if (m < V && m <= kBlock && cand == sm.u.cand && select_top_m_fast(l, V, m, cand, sm)) return;
   if (tid == 0) sm.bi[4] = 0;
   __syncthreads();
   if (m >= V) {
@@ -303,6 +371,7 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
   } else {
     for (int j = tid; j < V; j += kBlock) visit(l[j], j);
   }
+  sm.tmax[tid] = mx;
   mx = block_max(mx, sm.red);
   bad = block_or(bad, sm.red);
   const int amax = block_argmax(bv, bidx, sm.red);
@@ -312,6 +381,7 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
   }
   double z = 0.0;
   float inv_z = 0.0f;
+  int nsup = -1;
   if (t.mode == kRowDense) {
     z = z_exact(l, V, mx, t.inv_t, t.e_out, sm);
     inv_z = __double2float_rn(__ddiv_rn(1.0, z));
@@ -390,13 +460,22 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
     }
     for (int j = tid; j < V; j += kBlock) t.prob_out[j] = 0.0f;
     __syncthreads();
+    const bool sup = t.sup != nullptr && keep <= kSupCap;
     for (int i = tid; i < keep; i += kBlock) {
       const unsigned long long ck = cand[i];
       const float e = __uint_as_float(static_cast<uint32_t>(ck >> 32));
-      t.prob_out[static_cast<uint32_t>(ck) & 0x7fffffffu] =
-          __double2float_rn(__ddiv_rn(static_cast<double>(e), kept));
+      const uint32_t id = static_cast<uint32_t>(ck) & 0x7fffffffu;
+      const float pr = __double2float_rn(__ddiv_rn(static_cast<double>(e), kept));
+      t.prob_out[id] = pr;
+      if (sup) cand[i] = (static_cast<unsigned long long>(id) << 32) | __float_as_uint(pr);
     }
     __syncthreads();
+    if (sup) {  // the support in id order, as WarpedRow keeps it: the sampler then scans keep entries, not V
+      block_sort_u64(cand, keep);
+      for (int i = tid; i < keep; i += kBlock) t.sup[i] = cand[i];
+      nsup = keep;
+      __syncthreads();
+    }
     if (slot >= 0 && tid == 0) {
       __threadfence();
       atomicExch(&pool.locks[slot], 0);
@@ -408,6 +487,7 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
     st->argmax = amax;
     st->z = z;
     st->inv_z = inv_z;
+    st->nsup = nsup;
   }
 }
 
@@ -417,6 +497,8 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
 struct RowRef {
   const float* e;     // dense: exp terms
   const float* prob;  // sparse: probabilities
+  const unsigned long long* sup;  // sparse: the support in id order (nsup entries), when nsup >= 0
+  int32_t nsup;
   double z;
   float inv_z;
   int32_t mode;
@@ -427,6 +509,8 @@ __device__ __forceinline__ RowRef load_row(const RowTask& t, const RowStat* st) 
   RowRef r;
   r.e = t.e_out;
   r.prob = t.prob_out;
+  r.sup = t.sup;
+  r.nsup = t.sup ? ld_cg(&st->nsup) : -1;
   r.mode = t.mode;
   r.z = ld_cg(&st->z);
   r.inv_z = ld_cg(&st->inv_z);
@@ -459,6 +543,8 @@ enum WeightKind : int32_t {
   kWeightResidual = 2,  // max(0, P.to_dense - Q.to_dense)
   kWeightPositive = 3,  // max(0, v[j]) over a float vector
   kWeightRaw = 4,       // v[j] as it is (normalise() sums signed values under a planted fault)
+  kWeightSupRow = 5,    // sample_row(P) over P's support list: entry i's probability
+  kWeightSupResidual = 6,  // sample_residual over P's support: max(0, p_i - Q.prob(id_i))
 };
 struct WeightSrc {
   RowRef p, q;
@@ -477,6 +563,12 @@ __device__ __forceinline__ float weight_k(const WeightSrc& w, int j) {
     const float x = w.v[j];
     return x > 0.0f ? x : 0.0f;
   }
+  if (K == kWeightSupRow) return __uint_as_float(static_cast<uint32_t>(ld_cg(w.p.sup + j)));
+  if (K == kWeightSupResidual) {
+    const unsigned long long e = ld_cg(w.p.sup + j);
+    const float r = __fsub_rn(__uint_as_float(static_cast<uint32_t>(e)), ld_cg(w.q.prob + (e >> 32)));
+    return r > 0.0f ? r : 0.0f;
+  }
   return w.v[j];
 }
 __device__ __forceinline__ float weight_at(const WeightSrc& w, int j) {
@@ -489,6 +581,10 @@ __device__ __forceinline__ float weight_at(const WeightSrc& w, int j) {
       return weight_k<kWeightResidual>(w, j);
     case kWeightPositive:
       return weight_k<kWeightPositive>(w, j);
+    case kWeightSupRow:
+      return weight_k<kWeightSupRow>(w, j);
+    case kWeightSupResidual:
+      return weight_k<kWeightSupResidual>(w, j);
     default:
       return weight_k<kWeightRaw>(w, j);
   }
@@ -523,6 +619,10 @@ __device__ __forceinline__ double lane_sum(const WeightSrc& w, int lo, int hi) {
       return lane_sum_k<kWeightResidual>(w, lo, hi);
     case kWeightPositive:
       return lane_sum_k<kWeightPositive>(w, lo, hi);
+    case kWeightSupRow:
+      return lane_sum_k<kWeightSupRow>(w, lo, hi);
+    case kWeightSupResidual:
+      return lane_sum_k<kWeightSupResidual>(w, lo, hi);
     default:
       return lane_sum_k<kWeightRaw>(w, lo, hi);
   }

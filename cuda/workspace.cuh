@@ -43,7 +43,7 @@ class DeviceBuffer {
 
 // Scratch for the row/walk kernels (verification, warping) and the other ops.
 struct Workspace {
-  DeviceBuffer tasks, stats, seqs, done, rows, pool, locks, nodes, misc, misc2;
+  DeviceBuffer tasks, stats, seqs, done, rows, pool, locks, nodes, misc, misc2, sup;
   DeviceBuffer brows, bseqs, ustats, bblk, brmass, bdec;  // chains on the blocked scheme
   std::vector<unsigned char> host_tasks, host_seqs, host_nodes, host_brows, host_bseqs;  // staging kept alive across async copies
   int sm_count = 0;

@@ -79,6 +79,10 @@ void fill_logits(Rng& rng, float* row, int V, float scale, int style) {
       if (uniform(rng) < 0.3) row[j] = -std::numeric_limits<float>::infinity();
     row[randint(rng, 0, V - 1)] = nd(rng);
   }
+  if (style == 3) {  // a plateau: every entry ties but a few, so a top-k cut falls inside thousands of ties
+    for (int j = 0; j < V; ++j) row[j] = 0.0f;
+    for (int i = 0; i < 10; ++i) row[randint(rng, 0, V - 1)] = std::fabs(nd(rng)) + 0.5f;
+  }
 }
 
 std::vector<float> warped_dense(const float* logits, int V, const Sampling& s) {
@@ -550,9 +554,13 @@ OSD_TEST(warp_rows_match_cpu) {
       Sampling s = random_sampling(rng, V, false);
       if (c % 7 == 3) s.top_k = std::min(V, 6000), s.top_p = 1.0f;  // candidate sets beyond shared memory
       if (c % 7 == 5) s.top_k = 0, s.top_p = 0.97f, s.temperature = 2.0f;  // large nuclei
+      if (c % 7 == 6) s.top_k = std::min(V, 50), s.top_p = 1.0f;          // ties at the cut (plateau rows below)
       const int rows = V >= 32000 ? 2 : 4;
       std::vector<float> l(static_cast<size_t>(rows) * V), out(l.size());
-      for (int r = 0; r < rows; ++r) fill_logits(rng, l.data() + static_cast<size_t>(r) * V, V, 1.0f + 2.0f * (c % 3), (c + r) % 3);
+      // Plateau rows (c % 7 == 6) put thousands of ties at the top-k threshold: the selection's
+      // fallback when its candidate set overflows shared memory.
+      for (int r = 0; r < rows; ++r)
+        fill_logits(rng, l.data() + static_cast<size_t>(r) * V, V, 1.0f + 2.0f * (c % 3), c % 7 == 6 ? 3 : (c + r) % 3);
       g.warp_rows(l.data(), rows, V, s, out.data());
       for (int r = 0; r < rows; ++r) {
         auto ref = warped_dense(l.data() + static_cast<size_t>(r) * V, V, s);
@@ -672,6 +680,35 @@ OSD_TEST(chain_batch_matches_cpu) {
     seqs += c.B;
   }
   std::printf("  chain: %ld sequences, %ld differ\n", seqs, bad);
+  CHECK_EQ(bad, 0L);
+}
+
+// Draft rows equal to the target rows and tokens outside the top-k / top-p support: every first
+// draft token is rejected (q = 0) and the residual max(0, p - q) has no mass, so the correction
+// falls back to sampling p (sparse rows: over the support list).
+OSD_TEST(chain_residual_without_mass_matches_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(15);
+  long seqs = 0, bad = 0;
+  for (int call = 0; call < 24; ++call) {
+    const int V = call % 3 == 0 ? 32000 : 1000;
+    ChainCase c = make_chain_case(rng, randint(rng, 1, 6), V, 4);
+    c.draft.clear();
+    size_t trow = 0;
+    for (int b = 0; b < c.B; ++b) {
+      Sampling& s = c.sampling[b];
+      s.temperature = 1.0f;
+      s.top_k = call % 2 ? 20 : 0;
+      s.top_p = call % 2 ? 1.0f : 0.8f;
+      for (int i = 0; i < c.lengths[b]; ++i)
+        c.draft.insert(c.draft.end(), c.target.begin() + (trow + i) * V, c.target.begin() + (trow + i + 1) * V);
+      trow += c.lengths[b] + 1;
+    }
+    for (auto& t : c.tokens) t = randint(rng, 0, V - 1);
+    bad += compare_chain(g, c);
+    seqs += c.B;
+  }
+  std::printf("  chain, residual without mass: %ld sequences, %ld differ\n", seqs, bad);
   CHECK_EQ(bad, 0L);
 }
 

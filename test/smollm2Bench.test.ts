@@ -9,6 +9,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { SMOLLM2_DRAFTS, findDraft, type Row } from '../bench/smollm2.js';
+import { createOnlineDecoder, loadModel, type UpdateEvent } from '../lib/index.js';
+import { DEMO_DISTILL_LARGE_VOCAB } from '../lib/demo.js';
 import { writeCut } from '../lib/train/draftProbe.js';
 import { readGgufLayout } from '../lib/train/ggufRewrite.js';
 import { SMOLLM2 } from './helpers/llamaCpp.js';
@@ -107,5 +109,32 @@ describe('osd demo on SmolLM2', () => {
     expect(Number.isFinite(json.runs[0].forgetting)).toBe(true);
     expect(json.savedDraft).toBe(saved);
     expect(existsSync(saved)).toBe(true);
+  }, 300_000);
+});
+
+describe.skipIf(!haveTarget || !draft)('online decoding on SmolLM2', () => {
+  it('stays token-identical to target-only greedy decoding across draft updates', async () => {
+    await using target = await loadModel(SMOLLM2);
+    await using d = await loadModel(draft!);
+    const dec = createOnlineDecoder({
+      target,
+      draft: d,
+      strategy: { kind: 'chain', length: 3 },
+      distill: { ...DEMO_DISTILL_LARGE_VOCAB, interval: 2, epochs: 2 },
+    });
+    const updates: UpdateEvent[] = [];
+    dec.on('update', (e: UpdateEvent) => updates.push(e));
+    const prompts = ['The history of the city begins', 'SELECT name FROM users WHERE', 'def parse_args(argv):', 'Dear team, thank you for'];
+    for (let round = 0; round < 2; round++) {
+      for (const prompt of prompts) {
+        const want = await target.generate({ prompt, maxTokens: 10 });
+        const got = await dec.generate({ prompt, maxTokens: 10 });
+        expect(Array.from(got.tokens)).toEqual(Array.from(want.tokens));
+      }
+      await dec.updateNow().catch(() => null); // the next round decodes with the updated draft
+    }
+    expect(updates.length).toBeGreaterThanOrEqual(1);
+    expect(dec.metrics().updates).toBe(updates.length);
+    await dec.dispose();
   }, 300_000);
 });

@@ -536,12 +536,19 @@ __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
       // it would give the empty "rest" bin teacher mass and forward KL an infinite loss.
       const double pres = k == V ? 0.0 : in.residual ? static_cast<double>(in.residual[r]) : fmax(0.0, 1.0 - psum);
       const double pnorm = psum + pres;
+      // As losses.cpp: the student mass outside the top-k relative to the largest logit there, so it
+      // cannot underflow to 0 when the top-k hold almost everything.
+      float rest_max = -INFINITY;
+      for (int j = tid; j < V; j += kBlock)
+        if (!((bitmap[j >> 5] >> (j & 31)) & 1u)) rest_max = s[j] > rest_max ? s[j] : rest_max;
+      rest_max = block_max(rest_max, red);
       double rest = 0.0;
       for (int j = tid; j < V; j += kBlock)
         if (!((bitmap[j >> 5] >> (j & 31)) & 1u))  // std::exp(float): correctly rounded through double
-          rest += static_cast<double>(__double2float_rn(exp(static_cast<double>(scaled_logit(s[j], ms, inv_t)))));
+          rest += static_cast<double>(__double2float_rn(exp(static_cast<double>(scaled_logit(s[j], rest_max, inv_t)))));
       rest = block_sum(rest, red);
-      const double lq_rest = rest > 0.0 ? log(rest) - log_zs : -INFINITY;
+      const double lq_rest =
+          rest > 0.0 ? static_cast<double>(scaled_logit(rest_max, ms, inv_t)) + log(rest) - log_zs : -INFINITY;
       const double lp_rest = pres > 0.0 ? log(pres / pnorm) : -INFINITY;
       double eg = 0.0;
       for (int i = tid; i < k; i += kBlock) {

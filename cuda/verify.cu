@@ -296,6 +296,7 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
   const bool use_draft = q.use_draft != 0;
   const bool without = q.mode == static_cast<int>(TreeChildren::WithoutReplacement);
   const bool noclamp = p.fault == static_cast<int>(Fault::ResidualNoClamp);
+  const bool from_target = p.fault == static_cast<int>(Fault::ResidualFromTarget);
   float* pd = q.pd;
   float* qd = q.qd;
   int row = 0, plen = 0;
@@ -334,7 +335,9 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
         __syncthreads();
         dense = true;
       }
-      if (!use_draft) {
+      if (from_target) {
+        // The planted bug: keep using the target itself instead of the residual.
+      } else if (!use_draft) {
         if (tid == 0) pd[x] = 0.0f;
         __syncthreads();
       } else {

@@ -52,18 +52,29 @@ describe('backend selection', () => {
     if (cuda.compiled && !cuda.usable) expect(cuda.detail).toMatch(/not usable: /);
   });
 
+  // Under OSD_BACKEND=cpu or cuda (npm run test:gpu sets cuda) every selectBackend call gets that
+  // backend, and the reason says so.
+  const forced = process.env.OSD_BACKEND && process.env.OSD_BACKEND !== 'auto' ? process.env.OSD_BACKEND : undefined;
+
   it("'auto' picks CUDA only when usable, and otherwise says why", () => {
     const sel = selectBackend('auto');
-    if (cuda.usable) expect(sel).toMatchObject({ name: 'cuda', requested: 'auto' });
+    if (forced) {
+      expect(sel).toMatchObject({ name: forced, requested: forced });
+      expect(sel.reason).toMatch(new RegExp(`^OSD_BACKEND=${forced} overrides 'auto'`));
+    } else if (cuda.usable) expect(sel).toMatchObject({ name: 'cuda', requested: 'auto' });
     else {
       expect(sel).toMatchObject({ name: 'cpu', requested: 'auto' });
       expect(sel.reason).toMatch(/^cuda (not compiled|compiled for .*not usable)/);
     }
-    expect(activeBackend()).toEqual(sel);
+    expect(activeBackend()).toMatchObject({ name: sel.name, requested: sel.requested });
   });
 
   it("'cpu' always works; 'cuda' throws with the reason where it cannot be used", () => {
     const before = activeBackend();
+    if (forced) {
+      expect(selectBackend({ backend: 'cpu' })).toMatchObject({ name: forced, requested: forced });
+      return;
+    }
     expect(selectBackend({ backend: 'cpu' })).toMatchObject({ name: 'cpu', requested: 'cpu' });
     if (!cuda.usable) {
       expect(() => selectBackend('cuda')).toThrow(/the cuda backend cannot be used: /);

@@ -1,0 +1,58 @@
+#include "model/draft.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "core/philox.h"
+
+namespace osd {
+
+int32_t sample_token(const float* logits, int32_t vocab, const Sampling& s, uint64_t seed, uint64_t stream,
+                     uint32_t position, const char* what, size_t row) {
+  const float mx = checked_row_max(logits, vocab, what, row);
+  if (s.greedy()) return argmax_row(logits, vocab);
+  WarpedRow w;
+  warp_row(logits, vocab, mx, s, w);
+  return sample_row(w, philox_uniform(seed, stream, position, kLaneSample));
+}
+
+bool draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const DraftParams& p, int32_t* out_tokens,
+                 float* out_logits, const std::atomic<bool>* cancel) {
+  const int32_t vm = seq.model().config().vocab;
+  if (n <= 0) throw_range("tokens must not be empty");
+  if (p.count < 1) throw_range("count must be >= 1, got " + std::to_string(p.count));
+  if (p.vocab < 1 || p.vocab > vm)
+    throw_range("vocabSize must be in [1, " + std::to_string(vm) + "], got " + std::to_string(p.vocab));
+  validate_sampling(p.sampling);
+  const int64_t need = int64_t(seq.length()) + n + p.count - 1;
+  if (need > seq.capacity())
+    throw_range("the sequence would hold " + std::to_string(need) + " tokens, more than its context of " +
+                std::to_string(seq.capacity()));
+  const int32_t start = seq.length();
+  // Rows as wide as the model's go straight to the output; wider ones are cut to `vocab`.
+  std::vector<float> scratch(p.vocab == vm ? 0 : vm);
+  try {
+    for (int32_t i = 0; i < p.count; ++i) {
+      if (i > 0 && cancel && cancel->load(std::memory_order_relaxed)) {
+        seq.truncate(start);
+        return false;
+      }
+      float* row = out_logits + static_cast<size_t>(i) * p.vocab;
+      float* dst = scratch.empty() ? row : scratch.data();
+      if (i == 0) seq.evaluate(tokens, n, nullptr, dst, true);
+      else seq.evaluate(&out_tokens[i - 1], 1, nullptr, dst, true);
+      if (!scratch.empty()) std::memcpy(row, dst, sizeof(float) * p.vocab);
+      const uint32_t pos = p.positions ? p.positions[i] : p.position + static_cast<uint32_t>(i);
+      out_tokens[i] = sample_token(row, p.vocab, p.sampling, p.seed, p.stream, pos, "draft logits", i);
+    }
+  } catch (...) {
+    seq.truncate(start);
+    throw;
+  }
+  return true;
+}
+
+}  // namespace osd

@@ -4,7 +4,7 @@ import { addon } from './addon.js';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { applyChatTemplate, type ApplyChatTemplateOptions, type ChatMessage } from './chatTemplate.js';
 import { loadTokenizer, type Tokenizer } from './Tokenizer.js';
-import { checkSignal, throwIfAborted } from './withAbortSignal.js';
+import { abortError, checkSignal, throwIfAborted } from './withAbortSignal.js';
 
 interface NativeModel {
   info(): ModelInfo;
@@ -15,6 +15,8 @@ interface NativeModel {
 
 interface NativeSequence {
   evaluate(tokens: Int32Array, parents: Int32Array | null, lastOnly: boolean): Promise<Float32Array>;
+  draft(tokens: Int32Array, options: object): Promise<DraftResult>;
+  cancel(): void;
   truncate(n: number): void;
   keepPath(base: number, path: Int32Array): void;
   fork(): NativeSequence;
@@ -416,6 +418,31 @@ export interface EvaluateOptions {
   lastOnly?: boolean;
 }
 
+export interface DraftOptions {
+  /** Draft tokens to propose (>= 1). */
+  count: number;
+  /** Warping of the draft rows; greedy (temperature 0) takes the argmax. Default: greedy. */
+  sampling?: SamplingOptions;
+  seed?: Seed;
+  /** Philox stream of the draws. Default 0. */
+  stream?: Seed;
+  /** Philox position of draft token i: position + i (default 0) ... */
+  position?: number;
+  /** ... or positions[i] (length count), e.g. the node index of each level's first child in a tree. */
+  positions?: Int32Array | number[];
+  /** Rows are sampled and returned cut to their first vocabSize logits (a vocabulary shared with a smaller model). Default: the model's. */
+  vocabSize?: number;
+  /** Aborting stops the loop before its next pass; the cache is left as it was before the call. */
+  signal?: AbortSignal;
+}
+
+export interface DraftResult {
+  /** The count drafted tokens. */
+  tokens: Int32Array;
+  /** [count x vocabSize] logits: row i is the distribution that token i was drawn from. */
+  logits: Float32Array;
+}
+
 /** One KV cache. Evaluations run one at a time in call order. */
 export class Sequence {
   readonly model: Model;
@@ -453,6 +480,58 @@ export class Sequence {
     const run = () => {
       if (!this.#native) throw new Error('the sequence was disposed');
       return handle.evaluate(t, options.treeParents ?? null, options.lastOnly ?? false);
+    };
+    const result = this.#queue.then(run, run);
+    this.#queue = result.catch(() => undefined);
+    return result;
+  }
+
+  /**
+   * Drafts a chain in one native call: evaluates `tokens` after the current length, then for
+   * i < count draws token i from the latest row (exactly as sampleLogits does, at Philox position
+   * `position + i` of `stream`) and, except for the last, evaluates it. The cache ends holding
+   * `tokens` and the first count - 1 drafted tokens, as the equivalent loop of evaluate() and
+   * sampleLogits() would leave it; on an error or abort it is left as it was.
+   */
+  async draft(tokens: Int32Array | number[], options: DraftOptions): Promise<DraftResult> {
+    const handle = this.#get();
+    const t = toTokenArray(tokens);
+    if (t.length === 0) throw new RangeError('tokens must not be empty');
+    if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    const { count, vocabSize, position, positions } = options;
+    if (typeof count !== 'number' || !Number.isInteger(count) || count < 1)
+      throw new RangeError(`options.count must be an integer >= 1, got ${String(count)}`);
+    const vm = this.model.info.vocabSize;
+    if (vocabSize !== undefined && (typeof vocabSize !== 'number' || !Number.isInteger(vocabSize) || vocabSize < 1 || vocabSize > vm))
+      throw new RangeError(`options.vocabSize must be an integer in [1, ${vm}], got ${String(vocabSize)}`);
+    if (position !== undefined && (typeof position !== 'number' || !Number.isInteger(position) || position < 0 || position > 0xffffffff))
+      throw new RangeError(`options.position must be an integer in [0, 2^32 - 1], got ${String(position)}`);
+    const pos = positions === undefined ? undefined : toTokenArray(positions, 'options.positions');
+    if (pos && pos.length !== count) throw new RangeError(`options.positions has length ${pos.length}, expected options.count = ${count}`);
+    if (pos) for (let i = 0; i < pos.length; i++) if (pos[i]! < 0) throw new RangeError(`options.positions[${i}] must be >= 0, got ${pos[i]}`);
+    const signal = checkSignal(options.signal, 'options.signal');
+    const native = {
+      count,
+      vocabSize: vocabSize ?? vm,
+      sampling: options.sampling ?? { temperature: 0 },
+      seed: options.seed ?? 0,
+      stream: options.stream ?? 0,
+      position: position ?? 0,
+      ...(pos ? { positions: pos } : {}),
+    };
+    const run = async () => {
+      if (!this.#native) throw new Error('the sequence was disposed');
+      throwIfAborted(signal);
+      const onAbort = () => handle.cancel();
+      signal?.addEventListener('abort', onAbort, { once: true });
+      try {
+        return await handle.draft(t, native);
+      } catch (e) {
+        if (signal?.aborted && (e as { code?: string }).code === 'OSD_ABORTED') throw abortError(signal);
+        throw e;
+      } finally {
+        signal?.removeEventListener('abort', onAbort);
+      }
     };
     const result = this.#queue.then(run, run);
     this.#queue = result.catch(() => undefined);

@@ -669,21 +669,20 @@ export class SpeculativeDecoder extends EventEmitter {
     const c = req.counters;
     const last = committed[committed.length - 1]!;
     const tBase = T.length;
-    const draftTokens = new Int32Array(g);
-    const draftLogits = new Float32Array(g * V);
+    let draftTokens: Int32Array = new Int32Array(0);
+    let draftLogits: Float32Array = new Float32Array(0);
     if (g > 0) {
-      // The level cost is timed on single-token draft passes: a request's first step also prefills the prompt.
-      const catchUp = committed.length - D.length;
-      let dStart = performance.now();
-      let q = await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length), { lastOnly: true }));
-      if (catchUp > 2) dStart = performance.now();
-      for (let i = 0; i < g; i++) {
-        const row = q.subarray(0, V);
-        draftLogits.set(row, i * V);
-        draftTokens[i] = sampleLogits({ logits: row, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, true), position: i });
-        if (i + 1 < g) q = await this.#timed(c, 'draft', () => D.evaluate(draftTokens.subarray(i, i + 1)));
-      }
-      this.#draftTokenMs = 0.9 * (this.#draftTokenMs || (performance.now() - dStart) / g) + 0.1 * ((performance.now() - dStart) / g);
+      // The draft cost is timed on the chain: a request's first step prefills the prompt apart.
+      if (committed.length - D.length > 2) await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length, -1), { lastOnly: true }));
+      // One native call drafts the whole chain (token i at Philox position i of the step's draft stream).
+      const dStart = performance.now();
+      const d = await D.draft(committed.slice(D.length), { count: g, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, true) });
+      const ms = performance.now() - dStart;
+      c.draftPasses += g;
+      c.draftMs += ms;
+      draftTokens = d.tokens;
+      draftLogits = d.logits;
+      this.#draftTokenMs = 0.9 * (this.#draftTokenMs || ms / g) + 0.1 * (ms / g);
     }
     const tStart = performance.now();
     const input = new Int32Array(g + 1);
@@ -786,35 +785,48 @@ export class SpeculativeDecoder extends EventEmitter {
     // Draft rows: rows[0] at the root, rows[i + 1] after spine node i (the nodes with children).
     const rows: (Float32Array | undefined)[] = [];
     if (widths.length) {
-      // The level cost is timed on single-token draft passes: a request's first step also prefills the prompt.
-      const catchUp = committed.length - D.length;
-      let dStart = performance.now();
-      let q = await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length), { lastOnly: true }));
-      if (catchUp > 2) dStart = performance.now();
-      for (let d = 0; d < widths.length; d++) {
+      const levels = widths.length;
+      // Node j of level d draws at Philox position first[d] + j (first[d]: the widths before d), so
+      // every node has its own draw even where a level ends early.
+      const first = new Int32Array(levels);
+      for (let d = 1; d < levels; d++) first[d] = first[d - 1]! + widths[d - 1]!;
+      // The level cost is timed on the spine: a request's first step prefills the prompt apart.
+      if (committed.length - D.length > 2) await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length, -1), { lastOnly: true }));
+      const dStart = performance.now();
+      // The spine (each level's first child) is a chain: one native call drafts it and returns every level's row.
+      const topSpine = this.#fault === 'tree-top-children-as-sampled';
+      const chain = await D.draft(committed.slice(D.length), {
+        count: levels,
+        vocabSize: V,
+        sampling: topSpine ? { temperature: 0 } : req.sampling,
+        seed: req.seed,
+        stream: streamOf(req, step, true),
+        positions: first,
+      });
+      c.draftPasses += levels;
+      for (let d = 0; d < levels; d++) {
         const parent = d === 0 ? -1 : spine[d - 1]!;
-        const row = q.subarray(0, V);
+        const row = chain.logits.subarray(d * V, (d + 1) * V);
         rows[parent + 1] = row;
-        const drawn: number[] = [];
-        for (let j = 0; j < widths[d]!; j++) {
-          // Position = node index: one Philox draw per node, on the step's draft stream.
-          const top = this.#fault === 'tree-top-children-as-sampled' || (this.#fault === 'tree-top-siblings-as-sampled' && j > 0);
+        spine.push(tokens.length);
+        parents.push(parent);
+        tokens.push(chain.tokens[d]!);
+        // Siblings come from the same row, without replacement.
+        const drawn = [chain.tokens[d]!];
+        for (let j = 1; j < widths[d]!; j++) {
+          const top = this.#fault === 'tree-top-children-as-sampled' || this.#fault === 'tree-top-siblings-as-sampled';
           const token = top
               ? (topCandidates(row, j + 1 + drawn.length, req.sampling.temperature).map(([t]) => t).find((t) => !drawn.includes(t)) ?? -1)
-              : sampleLogits({ logits: row, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, true), position: tokens.length, ...(j ? { exclude: Int32Array.from(drawn) } : {}) });
+              : sampleLogits({ logits: row, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, true), position: first[d]! + j, exclude: Int32Array.from(drawn) });
           if (token < 0) break; // the warped support (top-k / top-p) is used up
-          if (j === 0) spine.push(tokens.length);
           parents.push(parent);
           tokens.push(token);
           drawn.push(token);
         }
-        if (d + 1 < widths.length) q = await this.#timed(c, 'draft', () => D.evaluate([tokens[spine[d]!]!]));
       }
-      const levels = catchUp > 2 ? widths.length - 1 : widths.length;
-      if (levels > 0) {
-        const levelMs = (performance.now() - dStart) / levels;
-        this.#levelMs = this.#levelMs ? 0.9 * this.#levelMs + 0.1 * levelMs : levelMs;
-      }
+      const ms = performance.now() - dStart;
+      c.draftMs += ms;
+      this.#levelMs = this.#levelMs ? 0.9 * this.#levelMs + 0.1 * (ms / levels) : ms / levels;
     }
     const n = tokens.length;
     // Leaves have no draft row; the kernel validates every row, so give them a finite (unused) one.

@@ -41,6 +41,8 @@ export type {
   GenerateResult,
   StopReason,
   EvaluateOptions,
+  DraftOptions,
+  DraftResult,
   ChatTemplateOptions,
 } from './Model.js';
 export type { ChatMessage, ApplyChatTemplateOptions } from './chatTemplate.js';

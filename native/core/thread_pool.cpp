@@ -1,6 +1,7 @@
 #include "thread_pool.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <memory>
 #if defined(__x86_64__)
@@ -111,6 +112,21 @@ void ThreadPool::parallel_for(size_t n, size_t grain, const std::function<void(s
     std::swap(err, error_);
   }
   if (err) std::rethrow_exception(err);
+}
+
+double min_chunk_work() {
+  // OSD_MIN_CHUNK_WORK overrides the threshold (0 = always split), for measuring it.
+  static const double w = [] {
+    const char* env = std::getenv("OSD_MIN_CHUNK_WORK");
+    return env ? std::atof(env) : 32768.0;
+  }();
+  return w;
+}
+
+size_t grain_for(double work_per_item) {
+  const double w = min_chunk_work();
+  if (!(work_per_item > 0.0) || w <= work_per_item) return 1;
+  return static_cast<size_t>(std::ceil(w / work_per_item));
 }
 
 namespace {

@@ -46,6 +46,12 @@ class ThreadPool {
   std::exception_ptr error_;
 };
 
+// The grain (items per chunk) that gives each chunk at least min_chunk_work() units of work (one
+// unit: a multiply-add). Tiny jobs then run on the calling thread: waking a worker costs a few
+// microseconds, more than a 64 x 64 matrix-vector product.
+size_t grain_for(double work_per_item);
+double min_chunk_work();
+
 // The process-wide pool used by the CPU backend. Sized to the hardware threads unless
 // set_default_threads() was called before first use (or OSD_THREADS is set).
 ThreadPool& default_pool();

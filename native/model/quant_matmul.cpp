@@ -972,7 +972,8 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
   Acts* const acts = &tl_acts;
   quantize_acts(targets[0].type, x, n, cols, *acts, isa);
   const int64_t nblocks = first_block[count];
-  default_pool().parallel_for(static_cast<size_t>(nblocks), 1, [&](size_t lo, size_t hi) {
+  default_pool().parallel_for(static_cast<size_t>(nblocks), grain_for(static_cast<double>(kRowBlock) * cols * n),
+                              [&](size_t lo, size_t hi) {
     for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
       const int64_t t1 = std::min(n, t0 + kTokenChunk);
       int i = 0;

@@ -141,7 +141,9 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
     // Attention: token i, head hh sees slots [0, base) and its visible batch slots, in slot order.
     const float* K = k_[l].data();
     const float* V = v_[l].data();
-    default_pool().parallel_for(static_cast<size_t>(n) * c.n_heads, 1, [&](size_t lo, size_t hi) {
+    // A task reads base + n keys and values of one head.
+    const size_t grain = grain_for(2.0 * HD * (static_cast<double>(base) + n));
+    default_pool().parallel_for(static_cast<size_t>(n) * c.n_heads, grain, [&](size_t lo, size_t hi) {
       std::vector<float> score;
       std::vector<int32_t> extra;
       for (size_t task = lo; task < hi; ++task) {

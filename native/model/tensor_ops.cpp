@@ -415,10 +415,11 @@ void matmul(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa)
   constexpr int64_t kRowBlock = 12;
   const int64_t rows = w.rows, cols = w.cols;
   const int64_t nblocks = (rows + kRowBlock - 1) / kRowBlock;
+  const size_t grain = grain_for(static_cast<double>(kRowBlock) * cols * n);
 #if defined(__x86_64__) && defined(__GNUC__)
   if (avx2) {
     const RowsFn fn = pick_rows_avx2(w.type);
-    default_pool().parallel_for(static_cast<size_t>(nblocks), 1, [&](size_t lo, size_t hi) {
+    default_pool().parallel_for(static_cast<size_t>(nblocks), grain, [&](size_t lo, size_t hi) {
       for (size_t b = lo; b < hi; ++b) {
         const int64_t r0 = static_cast<int64_t>(b) * kRowBlock;
         fn(w, x, n, y, r0, std::min(rows, r0 + kRowBlock));
@@ -429,7 +430,7 @@ void matmul(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa)
 #endif
   // The portable kernels are the reference: one dot product per output.
   const DotFn dot = pick_dot(w.type, false);
-  default_pool().parallel_for(static_cast<size_t>(nblocks), 1, [&](size_t lo, size_t hi) {
+  default_pool().parallel_for(static_cast<size_t>(nblocks), grain, [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int64_t r0 = static_cast<int64_t>(b) * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
       for (int64_t t = 0; t < n; ++t)

@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/philox.h"
+#include "model/draft.h"
 #include "model/model.h"
 #include "model/model_io.h"
 #include "model/random_model.h"
@@ -66,6 +67,18 @@ class PromiseWorker : public Napi::AsyncWorker {
   Napi::Promise::Deferred deferred_;
   ErrorKind kind_ = ErrorKind::State;
 };
+
+// options.sampling ({ temperature, topK?, topP? }), validated.
+Sampling get_sampling(const Napi::Object& o) {
+  if (!has(o, "sampling") || !o.Get("sampling").IsObject()) throw Napi::TypeError::New(o.Env(), "sampling must be an object");
+  Napi::Object so = o.Get("sampling").As<Napi::Object>();
+  Sampling s;
+  s.temperature = static_cast<float>(get_number(so, "temperature", "sampling."));
+  s.top_k = static_cast<int32_t>(get_int_or(so, "topK", 0, INT32_MAX, 0, "sampling."));
+  s.top_p = static_cast<float>(get_number_or(so, "topP", 1.0, "sampling."));
+  validate_sampling(s);
+  return s;
+}
 
 class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
  public:
@@ -158,6 +171,8 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   static Napi::Function define(Napi::Env env) {
     return DefineClass(env, "NativeSequence",
                        {InstanceMethod("evaluate", &SequenceWrap::evaluate),
+                        InstanceMethod("draft", &SequenceWrap::draft),
+                        InstanceMethod("cancel", &SequenceWrap::cancel),
                         InstanceMethod("truncate", &SequenceWrap::truncate),
                         InstanceMethod("keepPath", &SequenceWrap::keep_path),
                         InstanceMethod("fork", &SequenceWrap::fork),
@@ -247,6 +262,106 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     return w->promise();
   }
 
+  class DraftWorker : public PromiseWorker {
+   public:
+    DraftWorker(Napi::Env env, std::shared_ptr<Sequence> seq, std::shared_ptr<std::atomic<bool>> busy,
+                std::shared_ptr<std::atomic<bool>> cancel, std::vector<int32_t> tokens, std::vector<uint32_t> positions,
+                DraftParams p, Napi::Int32Array out_tokens, Napi::Float32Array out_logits)
+        : PromiseWorker(env), seq_(std::move(seq)), busy_(std::move(busy)), cancel_(std::move(cancel)),
+          tokens_(std::move(tokens)), positions_(std::move(positions)), p_(p), tokens_ref_(Napi::Persistent(out_tokens)),
+          logits_ref_(Napi::Persistent(out_logits)), out_tokens_(out_tokens.Data()), out_logits_(out_logits.Data()) {
+      if (!positions_.empty()) p_.positions = positions_.data();
+    }
+
+   protected:
+    void run() override {
+      if (!draft_chain(*seq_, tokens_.data(), static_cast<int32_t>(tokens_.size()), p_, out_tokens_, out_logits_,
+                       cancel_.get()))
+        throw Error(ErrorKind::State, "OSD_ABORTED");
+    }
+    void OnOK() override {
+      busy_->store(false);
+      Napi::Object r = Napi::Object::New(Env());
+      r.Set("tokens", tokens_ref_.Value());
+      r.Set("logits", logits_ref_.Value());
+      deferred_.Resolve(r);
+    }
+    void OnError(const Napi::Error& e) override {
+      busy_->store(false);
+      if (e.Message() != "OSD_ABORTED") return PromiseWorker::OnError(e);
+      Napi::Error a = Napi::Error::New(Env(), "The operation was aborted");
+      a.Set("name", Napi::String::New(Env(), "AbortError"));
+      a.Set("code", Napi::String::New(Env(), "OSD_ABORTED"));
+      deferred_.Reject(a.Value());
+    }
+
+   private:
+    std::shared_ptr<Sequence> seq_;
+    std::shared_ptr<std::atomic<bool>> busy_, cancel_;
+    std::vector<int32_t> tokens_;
+    std::vector<uint32_t> positions_;
+    DraftParams p_;
+    Napi::Reference<Napi::Int32Array> tokens_ref_;
+    Napi::Reference<Napi::Float32Array> logits_ref_;
+    int32_t* out_tokens_;
+    float* out_logits_;
+  };
+
+  // draft(tokens: Int32Array, { count, vocabSize?, sampling, seed?, stream?, position?, positions? }):
+  // Promise<{ tokens: Int32Array, logits: Float32Array }>; see draft_chain.
+  Napi::Value draft(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      Sequence& s = get(env);
+      if (info.Length() < 1) throw Napi::TypeError::New(env, "tokens must be an Int32Array");
+      auto toks = typed_array<int32_t>(env, info[0], "tokens");
+      if (toks.length == 0) throw Napi::RangeError::New(env, "tokens must not be empty");
+      Napi::Object o = require_object(info, 1, "options");
+      const int32_t vm = s.model().config().vocab;
+      DraftParams p;
+      p.count = static_cast<int32_t>(get_int(o, "count", 1, s.capacity()));
+      p.vocab = static_cast<int32_t>(get_int_or(o, "vocabSize", 1, vm, vm));
+      p.sampling = get_sampling(o);
+      p.seed = has(o, "seed") ? get_seed(o, "seed") : 0;
+      p.stream = has(o, "stream") ? get_seed(o, "stream") : 0;
+      p.position = static_cast<uint32_t>(get_int_or(o, "position", 0, UINT32_MAX, 0));
+      std::vector<uint32_t> positions;
+      if (has(o, "positions")) {
+        auto ps = get_array<int32_t>(o, "positions");
+        if (ps.length != static_cast<size_t>(p.count))
+          throw Napi::RangeError::New(env, "positions has length " + std::to_string(ps.length) + ", expected count = " +
+                                               std::to_string(p.count));
+        for (size_t i = 0; i < ps.length; ++i) {
+          if (ps.data[i] < 0)
+            throw Napi::RangeError::New(env, "positions[" + std::to_string(i) + "] must be >= 0, got " + std::to_string(ps.data[i]));
+          positions.push_back(static_cast<uint32_t>(ps.data[i]));
+        }
+      }
+      for (size_t i = 0; i < toks.length; ++i)
+        if (toks.data[i] < 0 || toks.data[i] >= vm)
+          throw Napi::RangeError::New(env, "tokens[" + std::to_string(i) + "] = " + std::to_string(toks.data[i]) +
+                                               " is out of range for a vocabulary of " + std::to_string(vm));
+      const int64_t need = int64_t(s.length()) + int64_t(toks.length) + p.count - 1;
+      if (need > s.capacity())
+        throw Napi::RangeError::New(env, "the sequence would hold " + std::to_string(need) + " tokens, more than its context of " +
+                                             std::to_string(s.capacity()));
+      auto out_tokens = Napi::Int32Array::New(env, p.count);
+      auto out_logits = Napi::Float32Array::New(env, static_cast<size_t>(p.count) * p.vocab);
+      cancel_ = std::make_shared<std::atomic<bool>>(false);
+      busy_->store(true);
+      auto* w = new DraftWorker(env, seq_, busy_, cancel_, std::vector<int32_t>(toks.data, toks.data + toks.length),
+                                std::move(positions), p, out_tokens, out_logits);
+      w->Queue();
+      return w->promise();
+    });
+  }
+
+  // cancel(): the running draft stops before its next pass and rejects with an AbortError.
+  Napi::Value cancel(const Napi::CallbackInfo& info) {
+    if (cancel_) cancel_->store(true);
+    return info.Env().Undefined();
+  }
+
   Napi::Value truncate(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Sequence& s = get(env);
@@ -292,6 +407,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
 
   std::shared_ptr<Sequence> seq_;
   std::shared_ptr<std::atomic<bool>> busy_ = std::make_shared<std::atomic<bool>>(false);
+  std::shared_ptr<std::atomic<bool>> cancel_;  // the latest draft's stop flag
 };
 
 Napi::Value load_model(const Napi::CallbackInfo& info) {
@@ -315,23 +431,23 @@ Napi::Value sample_logits(const Napi::CallbackInfo& info) {
     if (logits.length != static_cast<size_t>(V))
       throw Napi::RangeError::New(env, "logits has length " + std::to_string(logits.length) + ", expected vocabSize = " +
                                            std::to_string(V));
-    if (!has(o, "sampling") || !o.Get("sampling").IsObject()) throw Napi::TypeError::New(env, "sampling must be an object");
-    Napi::Object so = o.Get("sampling").As<Napi::Object>();
-    Sampling s;
-    s.temperature = static_cast<float>(get_number(so, "temperature", "sampling."));
-    s.top_k = static_cast<int32_t>(get_int_or(so, "topK", 0, INT32_MAX, 0, "sampling."));
-    s.top_p = static_cast<float>(get_number_or(so, "topP", 1.0, "sampling."));
-    validate_sampling(s);
+    const Sampling s = get_sampling(o);
+    if (!has(o, "exclude")) {
+      // The draft loop (Sequence.draft) draws through the same function.
+      if (s.greedy()) return Napi::Number::New(env, sample_token(logits.data, V, s, 0, 0, 0));
+      const uint64_t seed = get_seed(o, "seed");
+      const uint64_t stream = has(o, "stream") ? get_seed(o, "stream") : 0;
+      const uint32_t position = static_cast<uint32_t>(get_int(o, "position", 0, UINT32_MAX));
+      return Napi::Number::New(env, sample_token(logits.data, V, s, seed, stream, position));
+    }
     const float mx = checked_row_max(logits.data, V, "logits", 0);
-    if (has(o, "exclude") && s.greedy()) throw Napi::TypeError::New(env, "exclude needs temperature > 0 (a greedy draw has one candidate)");
-    if (s.greedy()) return Napi::Number::New(env, argmax_row(logits.data, V));
+    if (s.greedy()) throw Napi::TypeError::New(env, "exclude needs temperature > 0 (a greedy draw has one candidate)");
     const uint64_t seed = get_seed(o, "seed");
     const uint64_t stream = has(o, "stream") ? get_seed(o, "stream") : 0;
     const uint32_t position = static_cast<uint32_t>(get_int(o, "position", 0, UINT32_MAX));
     WarpedRow w;
     warp_row(logits.data, V, mx, s, w);
     const double u = philox_uniform(seed, stream, position, kLaneSample);
-    if (!has(o, "exclude")) return Napi::Number::New(env, sample_row(w, u));
     auto ex = get_array<int32_t>(o, "exclude");
     std::vector<float> q(V);
     w.to_dense(q.data());

@@ -1,0 +1,40 @@
+// Autoregressive drafting in one native call: evaluate, sample, feed the token back, g times. Each
+// token is drawn exactly as sampleLogits draws it (sample_token), so a chain drafted here is the
+// chain that a JavaScript loop of evaluate() and sampleLogits() would draft for the same seed.
+#pragma once
+#include <atomic>
+#include <cstdint>
+
+#include "model/sequence.h"
+#include "spec/sampling.h"
+
+namespace osd {
+
+// One token from a row of `vocab` logits: the argmax when greedy, otherwise the warped row's
+// inverse CDF at the Philox draw (seed, stream, position, kLaneSample). The row is validated first
+// (checked_row_max, naming `what` and `row`).
+int32_t sample_token(const float* logits, int32_t vocab, const Sampling& s, uint64_t seed, uint64_t stream,
+                     uint32_t position, const char* what = "logits", size_t row = 0);
+
+// The dense (temperature-only) case of sample_token: sample_row's token for the row warped with
+// inv_t (= 1 / temperature) and the uniform u, computed in one pass.
+int32_t sample_temperature_row(const float* logits, int32_t vocab, float row_max, float inv_t, double u);
+
+struct DraftParams {
+  int32_t count = 1;   // draft tokens to propose (>= 1)
+  int32_t vocab = 0;   // row width sampled and returned: the first `vocab` logits (<= the model's)
+  Sampling sampling;
+  uint64_t seed = 0, stream = 0;
+  uint32_t position = 0;               // Philox position of draft token i: position + i ...
+  const uint32_t* positions = nullptr;  // ... or positions[i] when given
+};
+
+// Evaluates tokens[0..n) after the sequence's length, then for i < count samples draft token i
+// from the latest row and, if i + 1 < count, evaluates it. Writes out_tokens[count] and
+// out_logits[count x vocab] (row i is the distribution token i was drawn from). The cache ends
+// holding the n tokens and draft tokens 0..count-2. Returns false, with the cache as it was, when
+// `cancel` became true between passes; on an error the cache is also restored before rethrowing.
+bool draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const DraftParams& p, int32_t* out_tokens,
+                 float* out_logits, const std::atomic<bool>* cancel = nullptr);
+
+}  // namespace osd

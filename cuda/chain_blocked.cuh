@@ -1,5 +1,5 @@
 // Chain verification on the blocked scheme: greedy and temperature-only sequences without a
-// planted fault, which the CPU verifies with verify_chain_dense (sampled) or by argmax (greedy).
+// planted fault, which the CPU verifies with verify_chain_blocked (sampled) or by argmax (greedy).
 // Decisions are the CPU's, bit for bit, for the same Philox draws (spec/sampling.h, the blocked
 // scheme). Parity: test/native/test_cuda.cu (chain_* tests), zero mismatches.
 #pragma once

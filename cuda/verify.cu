@@ -473,7 +473,7 @@ void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws,
     if (row_origins) row_origins->clear();
     return;
   }
-  // Exactly where the CPU backend runs verify_chain_dense or a plain argmax (no planted fault;
+  // Exactly where the CPU backend runs verify_chain_blocked or a plain argmax (no planted fault;
   // greedy, or temperature only) the blocked scheme; elsewhere the reference walk. (A top-k >= V is
   // a dense row for warp_row but not s.dense(): the CPU then walks the reference.)
   std::vector<int32_t> blocked, reference;

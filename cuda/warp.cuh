@@ -9,7 +9,7 @@
 //    shared memory by the other 15), because the CPU's probabilities depend on z's last bit.
 //    Trees, warp_rows and chains under a planted fault use this (the CPU's reference walk);
 //  - greedy and temperature-only chains without a planted fault, which the CPU verifies with
-//    verify_chain_dense, follow the blocked scheme of spec/sampling.h instead (chain_blocked.cu);
+//    verify_chain_blocked, follow the blocked scheme of spec/sampling.h instead (chain_blocked.cu);
 //  - a top-k / top-p row gets the same support and the same float probabilities as warp_row(). The
 //    vocabulary is never sorted: a radix select finds the m best (logit desc, id asc), only those m
 //    are sorted, and the prefix sums that decide the nucleus and its normaliser run in the CPU's order;

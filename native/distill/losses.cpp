@@ -274,23 +274,34 @@ OSD_CLONES double distill_row(const DistillInput& in, int32_t r, float scale, fl
 
 namespace {
 
-// The whole 32-entry groups of fkl_teacher_block (kUnitT: temperature 1, no multiply by 1).
-template <bool kUnitT>
+// Eight entries of fkl_teacher_groups.
+template <bool kUnitT, bool kStore>
+OSD_SIMD_INLINE void fkl_teacher_step(const float* t, const float* s, const f32x8& vbt, const f32x8& vbs,
+                                      const f32x8& vit, float* et, f32x8& a, f32x8& d) {
+  const f32x8 tt = load8(t) - vbt, dd = tt - (load8(s) - vbs);
+  const f32x8 e = exp_approx8(kUnitT ? tt : tt * vit);
+  if (kStore) store8(et, e);
+  a += e;
+  d += e * (kUnitT ? dd : dd * vit);
+}
+
+// The whole 32-entry groups of fkl_teacher_block (kUnitT: temperature 1, no multiply by 1). The
+// eight sums are spelled out so that they stay in registers (as in block_exp_sum).
+template <bool kUnitT, bool kStore>
 OSD_SIMD_INLINE int32_t fkl_teacher_groups(const float* t, const float* s, int32_t n, float bt, float bs, float it,
                                            float* et, f32x8* a, f32x8* d) {
   const f32x8 vbt = splat8(bt), vbs = splat8(bs), vit = splat8(it);
+  f32x8 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
   int32_t j = 0;
   for (; j + kStatLanes <= n; j += kStatLanes) {
     __builtin_prefetch(t + j + kStatBlock);  // the next block, as in block_exp_sum
     __builtin_prefetch(t + j + kStatBlock + 16);
-    for (int v = 0; v < 4; ++v) {
-      const f32x8 tt = load8(t + j + 8 * v) - vbt, dd = tt - (load8(s + j + 8 * v) - vbs);
-      const f32x8 e = exp_approx8(kUnitT ? tt : tt * vit);
-      if (et) store8(et + j + 8 * v, e);
-      a[v] += e;
-      d[v] += e * (kUnitT ? dd : dd * vit);
-    }
+    fkl_teacher_step<kUnitT, kStore>(t + j, s + j, vbt, vbs, vit, et + j, a0, d0);
+    fkl_teacher_step<kUnitT, kStore>(t + j + 8, s + j + 8, vbt, vbs, vit, et + j + 8, a1, d1);
+    fkl_teacher_step<kUnitT, kStore>(t + j + 16, s + j + 16, vbt, vbs, vit, et + j + 16, a2, d2);
+    fkl_teacher_step<kUnitT, kStore>(t + j + 24, s + j + 24, vbt, vbs, vit, et + j + 24, a3, d3);
   }
+  a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, d[0] = d0, d[1] = d1, d[2] = d2, d[3] = d3;
   return j;
 }
 
@@ -299,8 +310,11 @@ OSD_SIMD_INLINE int32_t fkl_teacher_groups(const float* t, const float* s, int32
 OSD_CLONES void fkl_teacher_block(const float* t, const float* s, int32_t n, float bt, float bs, float it, float* et,
                                   float* st, float* dsum) {
   f32x8 a[4] = {}, d[4] = {};
-  int32_t j = it == 1.0f ? fkl_teacher_groups<true>(t, s, n, bt, bs, it, et, a, d)
-                         : fkl_teacher_groups<false>(t, s, n, bt, bs, it, et, a, d);
+  const bool unit = it == 1.0f;
+  int32_t j = et ? (unit ? fkl_teacher_groups<true, true>(t, s, n, bt, bs, it, et, a, d)
+                         : fkl_teacher_groups<false, true>(t, s, n, bt, bs, it, et, a, d))
+                 : (unit ? fkl_teacher_groups<true, false>(t, s, n, bt, bs, it, et, a, d)
+                         : fkl_teacher_groups<false, false>(t, s, n, bt, bs, it, et, a, d));
   float la[kStatLanes], ld[kStatLanes];
   for (int v = 0; v < 4; ++v) store8(la + 8 * v, a[v]), store8(ld + 8 * v, d[v]);
   for (; j < n; ++j) {

@@ -31,10 +31,46 @@ void throw_js(Napi::Env env, const std::exception& e) {
   throw Napi::Error::New(env, e.what());
 }
 
+napi_value key_string(napi_env env, const char* key) {
+  // Per thread (an environment lives on one thread), for the environment last seen there; a
+  // cleanup hook forgets it when that environment goes away. Keys are literals, found by address.
+  // Node-API 8 cannot reference a string, so the strings are the elements of one referenced array.
+  struct Cache {
+    napi_env env = nullptr;
+    napi_ref array = nullptr;
+    std::vector<const char*> keys;
+  };
+  thread_local Cache cache;
+  if (cache.env != env) {
+    napi_value arr;
+    if (napi_create_array(env, &arr) != napi_ok || napi_create_reference(env, arr, 1, &cache.array) != napi_ok)
+      throw Napi::Error::New(env);
+    cache.env = env;
+    cache.keys.clear();
+    napi_add_env_cleanup_hook(env, [](void* p) {
+      auto* c = static_cast<Cache*>(p);
+      c->env = nullptr;
+      c->keys.clear();
+    }, &cache);
+  }
+  napi_value arr, v;
+  if (napi_get_reference_value(env, cache.array, &arr) != napi_ok) throw Napi::Error::New(env);
+  for (uint32_t i = 0; i < cache.keys.size(); ++i)
+    if (cache.keys[i] == key) {
+      if (napi_get_element(env, arr, i, &v) != napi_ok) throw Napi::Error::New(env);
+      return v;
+    }
+  if (napi_create_string_utf8(env, key, NAPI_AUTO_LENGTH, &v) != napi_ok ||
+      napi_set_element(env, arr, static_cast<uint32_t>(cache.keys.size()), v) != napi_ok)
+    throw Napi::Error::New(env);
+  cache.keys.push_back(key);
+  return v;
+}
+
 uint64_t get_seed(const Napi::Object& o, const char* key) {
   Napi::Env env = o.Env();
-  if (!has(o, key)) throw Napi::TypeError::New(env, std::string(key) + " is required (a number or a bigint)");
-  Napi::Value v = o.Get(key);
+  Napi::Value v = get_prop(o, key);
+  if (!present(v)) throw Napi::TypeError::New(env, std::string(key) + " is required (a number or a bigint)");
   if (v.IsBigInt()) {
     int sign = 0;
     size_t words = 2;

@@ -24,20 +24,22 @@ namespace {
 
 int32_t get_vocab(const Napi::Object& o) { return static_cast<int32_t>(get_int(o, "vocabSize", 1, 1 << 30)); }
 
-Sampling parse_sampling(Napi::Env env, const Napi::Value& v, const std::string& name) {
-  if (!v.IsObject()) throw Napi::TypeError::New(env, name + " must be an object { temperature, topK?, topP? }");
+Sampling parse_sampling(Napi::Env env, const Napi::Value& v, const char* name) {
+  if (!v.IsObject()) throw Napi::TypeError::New(env, std::string(name) + " must be an object { temperature, topK?, topP? }");
   Napi::Object o = v.As<Napi::Object>();
+  const std::string prefix = std::string(name) + ".";
   Sampling s;
-  s.temperature = static_cast<float>(get_number(o, "temperature", name + "."));
-  s.top_k = static_cast<int32_t>(get_int_or(o, "topK", 0, INT32_MAX, 0, name + "."));
-  s.top_p = static_cast<float>(get_number_or(o, "topP", 1.0, name + "."));
+  s.temperature = static_cast<float>(get_number(o, "temperature", prefix));
+  s.top_k = static_cast<int32_t>(get_int_or(o, "topK", 0, INT32_MAX, 0, prefix));
+  s.top_p = static_cast<float>(get_number_or(o, "topP", 1.0, prefix));
   validate_sampling(s, name);
   return s;
 }
 
 Fault parse_fault(const Napi::Object& o) {
-  if (!has(o, "_fault")) return Fault::None;
-  std::string f = o.Get("_fault").ToString();
+  Napi::Value v = get_prop(o, "_fault");
+  if (!present(v)) return Fault::None;
+  std::string f = v.ToString();
   if (f == "residual-no-clamp") return Fault::ResidualNoClamp;
   if (f == "residual-from-target") return Fault::ResidualFromTarget;
   throw Napi::RangeError::New(o.Env(), "_fault is not a known fault: " + f);
@@ -45,10 +47,11 @@ Fault parse_fault(const Napi::Object& o) {
 
 uint64_t get_stream(const Napi::Object& o) { return has(o, "stream") ? get_seed(o, "stream") : 0; }
 
-void expect_length(Napi::Env env, size_t got, size_t want, const std::string& name, const std::string& formula) {
+// (Names and formulas are literals: the message is built only when it is thrown.)
+void expect_length(Napi::Env env, size_t got, size_t want, const char* name, const char* formula) {
   if (got != want)
-    throw Napi::RangeError::New(env, name + " has length " + std::to_string(got) + ", expected " + formula + " = " +
-                                         std::to_string(want));
+    throw Napi::RangeError::New(env, std::string(name) + " has length " + std::to_string(got) + ", expected " +
+                                         formula + " = " + std::to_string(want));
 }
 
 Napi::Value verify_chain(const Napi::CallbackInfo& info) {
@@ -56,8 +59,9 @@ Napi::Value verify_chain(const Napi::CallbackInfo& info) {
   return guarded(env, [&]() -> Napi::Value {
     Napi::Object o = require_object(info, 0, "options");
     const int32_t V = get_vocab(o);
-    if (!has(o, "sampling")) throw Napi::TypeError::New(env, "sampling is required");
-    Sampling s = parse_sampling(env, o.Get("sampling"), "sampling");
+    Napi::Value sv = get_prop(o, "sampling");
+    if (!present(sv)) throw Napi::TypeError::New(env, "sampling is required");
+    Sampling s = parse_sampling(env, sv, "sampling");
     auto tokens = get_array<int32_t>(o, "draftTokens");
     auto target = get_array<float>(o, "targetLogits");
     const size_t g = tokens.length;
@@ -69,7 +73,12 @@ Napi::Value verify_chain(const Napi::CallbackInfo& info) {
     }
     int32_t len = static_cast<int32_t>(g), accepted = 0;
     uint64_t stream = get_stream(o);
-    std::vector<int32_t> out(g + 1);
+    const uint64_t seed = get_seed(o, "seed");
+    const Fault fault = parse_fault(o);
+    // Staging for the g + 1 token slots: on the stack for the usual short drafts.
+    int32_t small[64];
+    std::vector<int32_t> large(g + 1 > 64 ? g + 1 : 0);
+    int32_t* out = g + 1 > 64 ? large.data() : small;
     ChainBatch b;
     b.target = target.data;
     b.draft = s.greedy() ? nullptr : draft.data;
@@ -79,12 +88,12 @@ Napi::Value verify_chain(const Napi::CallbackInfo& info) {
     b.sampling = &s;
     b.batch = 1;
     b.vocab = V;
-    b.seed = get_seed(o, "seed");
-    ChainBatchOut bo{&accepted, out.data()};
-    current_backend().verify_chain_batch(b, bo, parse_fault(o));
+    b.seed = seed;
+    ChainBatchOut bo{&accepted, out};
+    current_backend().verify_chain_batch(b, bo, fault);
     Napi::Object r = Napi::Object::New(env);
-    r.Set("acceptedCount", Napi::Number::New(env, accepted));
-    r.Set("tokens", to_js(env, out.data(), accepted + 1));
+    set_prop(r, "acceptedCount", Napi::Number::New(env, accepted));
+    set_prop(r, "tokens", to_js(env, out, accepted + 1));
     return r;
   });
 }
@@ -103,14 +112,15 @@ Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
       total_g += lengths.data[b];
     }
     // Sampling: one object for every sequence, or an array of B objects.
-    if (!has(o, "sampling")) throw Napi::TypeError::New(env, "sampling is required");
+    Napi::Value sv = get_prop(o, "sampling");
+    if (!present(sv)) throw Napi::TypeError::New(env, "sampling is required");
     std::vector<Sampling> samp(B);
-    Napi::Value sv = o.Get("sampling");
     bool any_sampled = false;
     if (sv.IsArray()) {
       Napi::Array arr = sv.As<Napi::Array>();
       expect_length(env, arr.Length(), B, "sampling", "draftLengths.length");
-      for (int32_t b = 0; b < B; ++b) samp[b] = parse_sampling(env, arr.Get(b), "sampling[" + std::to_string(b) + "]");
+      for (int32_t b = 0; b < B; ++b)
+        samp[b] = parse_sampling(env, arr.Get(b), ("sampling[" + std::to_string(b) + "]").c_str());
     } else {
       Sampling s = parse_sampling(env, sv, "sampling");
       std::fill(samp.begin(), samp.end(), s);
@@ -126,8 +136,8 @@ Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
       expect_length(env, draft.length, total_g * V, "draftLogits", "sum(draftLengths) * vocabSize");
     }
     std::vector<uint64_t> streams(B);
-    if (has(o, "streams")) {
-      Napi::Value st = o.Get("streams");
+    Napi::Value st = get_prop(o, "streams");
+    if (present(st)) {
       if (!st.IsArray()) throw Napi::TypeError::New(env, "streams must be an array of numbers or bigints");
       Napi::Array arr = st.As<Napi::Array>();
       expect_length(env, arr.Length(), B, "streams", "draftLengths.length");
@@ -143,7 +153,14 @@ Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
     } else {
       for (int32_t b = 0; b < B; ++b) streams[b] = static_cast<uint64_t>(b);
     }
-    std::vector<int32_t> accepted(B), out(total_g + B);
+    const uint64_t seed = get_seed(o, "seed");
+    const Fault fault = parse_fault(o);
+    // Counts go straight into the result array; tokens into a per-thread staging buffer (one slot
+    // per draft token plus one per sequence), then packed. (Every argument is read before it is
+    // used: a getter that called back into this function could otherwise move it.)
+    Napi::Int32Array accepted = Napi::Int32Array::New(env, B);
+    thread_local std::vector<int32_t> out;
+    out.resize(total_g + B);
     ChainBatch b;
     b.target = target.data;
     b.draft = draft.data;
@@ -153,24 +170,28 @@ Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
     b.sampling = samp.data();
     b.batch = B;
     b.vocab = V;
-    b.seed = get_seed(o, "seed");
-    ChainBatchOut bo{accepted.data(), out.data()};
-    current_backend().verify_chain_batch(b, bo, parse_fault(o));
+    b.seed = seed;
+    ChainBatchOut bo{accepted.Data(), out.data()};
+    current_backend().verify_chain_batch(b, bo, fault);
     // Compact the per-sequence slots (g_b + 1 each) into emitted tokens with offsets.
     auto offsets = Napi::Int32Array::New(env, B + 1);
-    std::vector<int32_t> packed;
-    packed.reserve(total_g + B);
-    size_t slot = 0;
-    offsets[0] = 0;
+    int32_t* off = offsets.Data();
+    size_t emitted = 0;
+    for (int32_t i = 0; i < B; ++i) emitted += accepted.Data()[i] + 1;
+    auto packed = Napi::Int32Array::New(env, emitted);
+    int32_t* pk = packed.Data();
+    size_t slot = 0, n = 0;
+    off[0] = 0;
     for (int32_t i = 0; i < B; ++i) {
-      packed.insert(packed.end(), out.begin() + slot, out.begin() + slot + accepted[i] + 1);
+      const int32_t* src = out.data() + slot;
+      for (int32_t k = 0; k <= accepted.Data()[i]; ++k) pk[n++] = src[k];
       slot += lengths.data[i] + 1;
-      offsets[i + 1] = static_cast<int32_t>(packed.size());
+      off[i + 1] = static_cast<int32_t>(n);
     }
     Napi::Object r = Napi::Object::New(env);
-    r.Set("acceptedCounts", to_js(env, accepted.data(), B));
-    r.Set("tokens", to_js(env, packed.data(), packed.size()));
-    r.Set("offsets", offsets);
+    set_prop(r, "acceptedCounts", accepted);
+    set_prop(r, "tokens", packed);
+    set_prop(r, "offsets", offsets);
     return r;
   });
 }
@@ -181,7 +202,7 @@ Napi::Value verify_tree(const Napi::CallbackInfo& info) {
     Napi::Object o = require_object(info, 0, "options");
     const int32_t V = get_vocab(o);
     if (!has(o, "sampling")) throw Napi::TypeError::New(env, "sampling is required");
-    Sampling s = parse_sampling(env, o.Get("sampling"), "sampling");
+    Sampling s = parse_sampling(env, get_prop(o, "sampling"), "sampling");
     TreeChildren mode = TreeChildren::WithReplacement;
     if (has(o, "children")) {
       Napi::Value cv = o.Get("children");

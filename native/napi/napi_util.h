@@ -39,11 +39,21 @@ inline Napi::Object require_object(const Napi::CallbackInfo& info, size_t i, con
   return info[i].As<Napi::Object>();
 }
 
-inline bool has(const Napi::Object& o, const char* key) {
-  if (!o.Has(key)) return false;
-  Napi::Value v = o.Get(key);
-  return !v.IsUndefined() && !v.IsNull();
+// The property `key` of o. Keys are string literals: each is made a JavaScript string once per
+// environment and kept (making it on every call, as o.Get(const char*) does, was about a third of
+// a small verifyChain call). Absent properties read as undefined.
+napi_value key_string(napi_env env, const char* key);
+inline Napi::Value get_prop(const Napi::Object& o, const char* key) {
+  napi_value v;
+  if (napi_get_property(o.Env(), o, key_string(o.Env(), key), &v) != napi_ok) throw Napi::Error::New(o.Env());
+  return Napi::Value(o.Env(), v);
 }
+inline void set_prop(Napi::Object& o, const char* key, napi_value v) {
+  if (napi_set_property(o.Env(), o, key_string(o.Env(), key), v) != napi_ok) throw Napi::Error::New(o.Env());
+}
+inline bool present(const Napi::Value& v) { return !v.IsUndefined() && !v.IsNull(); }
+
+inline bool has(const Napi::Object& o, const char* key) { return present(get_prop(o, key)); }
 
 // A typed array of the exact element type T, with an optional exact length check.
 template <typename T>
@@ -84,41 +94,57 @@ ArrayView<T> typed_array(Napi::Env env, const Napi::Value& v, const std::string&
   return {ta.Data(), ta.ElementLength()};
 }
 
+// Argument names for messages are built only when a message is thrown.
 template <typename T>
 ArrayView<T> get_array(const Napi::Object& o, const char* key, const std::string& prefix = "") {
-  std::string name = prefix + key;
-  if (!has(o, key)) throw Napi::TypeError::New(o.Env(), name + " is required");
-  return typed_array<T>(o.Env(), o.Get(key), name);
+  Napi::Value v = get_prop(o, key);
+  if (!present(v)) throw Napi::TypeError::New(o.Env(), prefix + key + " is required");
+  using Tr = TypedArrayTraits<T>;
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != Tr::type) return typed_array<T>(o.Env(), v, prefix + key);
+  auto ta = v.As<Napi::TypedArrayOf<T>>();
+  return {ta.Data(), ta.ElementLength()};
+}
+
+inline double number_value(const Napi::Object& o, const Napi::Value& v, const char* key, const std::string& prefix) {
+  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), prefix + key + " must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (std::isnan(d)) throw Napi::RangeError::New(o.Env(), prefix + key + " must not be NaN");
+  return d;
 }
 
 inline double get_number(const Napi::Object& o, const char* key, const std::string& prefix = "") {
-  std::string name = prefix + key;
-  if (!has(o, key)) throw Napi::TypeError::New(o.Env(), name + " is required");
-  Napi::Value v = o.Get(key);
-  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), name + " must be a number");
-  double d = v.As<Napi::Number>().DoubleValue();
-  if (std::isnan(d)) throw Napi::RangeError::New(o.Env(), name + " must not be NaN");
-  return d;
+  Napi::Value v = get_prop(o, key);
+  if (!present(v)) throw Napi::TypeError::New(o.Env(), prefix + key + " is required");
+  return number_value(o, v, key, prefix);
 }
 
 inline double get_number_or(const Napi::Object& o, const char* key, double fallback,
                             const std::string& prefix = "") {
-  return has(o, key) ? get_number(o, key, prefix) : fallback;
+  Napi::Value v = get_prop(o, key);
+  return present(v) ? number_value(o, v, key, prefix) : fallback;
 }
 
-// An integer in [lo, hi]; fractional values and values out of range are RangeErrors.
-inline int64_t get_int(const Napi::Object& o, const char* key, int64_t lo, int64_t hi,
-                       const std::string& prefix = "") {
-  double d = get_number(o, key, prefix);
+inline int64_t int_value(const Napi::Object& o, const Napi::Value& v, const char* key, int64_t lo, int64_t hi,
+                         const std::string& prefix) {
+  double d = number_value(o, v, key, prefix);
   if (d != std::floor(d) || d < static_cast<double>(lo) || d > static_cast<double>(hi))
     throw Napi::RangeError::New(o.Env(), prefix + key + " must be an integer in [" + std::to_string(lo) +
                                              ", " + std::to_string(hi) + "], got " + std::to_string(d));
   return static_cast<int64_t>(d);
 }
 
+// An integer in [lo, hi]; fractional values and values out of range are RangeErrors.
+inline int64_t get_int(const Napi::Object& o, const char* key, int64_t lo, int64_t hi,
+                       const std::string& prefix = "") {
+  Napi::Value v = get_prop(o, key);
+  if (!present(v)) throw Napi::TypeError::New(o.Env(), prefix + key + " is required");
+  return int_value(o, v, key, lo, hi, prefix);
+}
+
 inline int64_t get_int_or(const Napi::Object& o, const char* key, int64_t lo, int64_t hi, int64_t fallback,
                           const std::string& prefix = "") {
-  return has(o, key) ? get_int(o, key, lo, hi, prefix) : fallback;
+  Napi::Value v = get_prop(o, key);
+  return present(v) ? int_value(o, v, key, lo, hi, prefix) : fallback;
 }
 
 // A 64-bit seed given as a number (a non-negative safe integer) or a bigint (taken modulo 2^64).

@@ -55,7 +55,7 @@ int32_t sample_weights(const float* w, int32_t n, double total, double u);
 int32_t sample_row(const WarpedRow& row, double u);
 
 // ---- The blocked scheme: the fast path for temperature-only rows -------------------------------
-// The reference above sums a row in one pass per quantity. The fast paths (verify_chain_dense and
+// The reference above sums a row in one pass per quantity. The fast paths (verify_chain_blocked and
 // forward_kl_row_blocked, which the CPU backend runs) cut every row into blocks of kStatBlock
 // entries and reduce each block on its own: a block is read once into L1 and reduced there, blocks
 // can be spread over threads, and sampling skips whole blocks. Blocks are always combined in block
@@ -88,8 +88,8 @@ void throw_row_check(RowCheck c, const char* what, size_t row);
 // thread pool when called outside it.
 void check_rows(const float* rows, size_t count, int32_t vocab, RowCheck* check, float* max);
 
-// A temperature-only row in the blocked scheme, with every e_j kept so that the residual and
-// sampling need no further exp.
+// A temperature-only row in the blocked scheme, with every e_j kept: the literal statement of the
+// scheme that tests compare the fast paths with (BlockedRow below keeps no exp term).
 struct DenseRow {
   const float* logits = nullptr;
   int32_t vocab = 0;
@@ -122,5 +122,48 @@ int32_t sample_dense(const DenseRow& row, double u);
 // residual has no mass (p == q up to rounding) it samples p. r and rmass are scratch (V, blocks).
 int32_t sample_residual_dense(const DenseRow& p, const DenseRow& q, double u, std::vector<float>& r,
                               std::vector<float>& rmass);
+
+// ---- The blocked scheme from block statistics (the CPU backend's chain walk) ------------------
+// A row is read once for its block statistics. Its exp terms are stored only where a residual may
+// need all of them (a target / draft pair the walk tests); elsewhere the few terms needed again
+// (the accepted token, the chosen block of a sample) are recomputed from the logit, with the same
+// bits.
+
+// Statistics of one block: bm_b, NaN / +Infinity seen, and S_b when the sum was asked for (0 for a
+// block that is bad or all -Infinity).
+struct BlockStat {
+  float max = 0.0f;
+  float sum = 0.0f;
+  uint8_t bad = 0;
+};
+// One block of n <= kStatBlock logits; S_b only when `sum` is set, and then its exp terms go to e
+// when e is not null (zeros where bm_b is -Infinity; unspecified in a bad block).
+void block_stats(const float* l, int32_t n, float inv_t, bool sum, BlockStat& out, float* e = nullptr);
+
+// A temperature-only row from its block statistics. finish_row_check sets check and max from the
+// blocks; finish_row also, for a row that is Ok and whose blocks were summed, c_b (scale), W_b
+// (mass) and z, as dense_rows does.
+struct BlockedRow {
+  const float* logits = nullptr;
+  int32_t vocab = 0;
+  float inv_t = 1.0f;
+  const BlockStat* blocks = nullptr;  // stat_blocks(vocab)
+  const float* e = nullptr;           // the stored exp terms (V), or null: recomputed when needed
+  float* scale = nullptr;             // stat_blocks(vocab), written by finish_row
+  float* mass = nullptr;              // stat_blocks(vocab), written by finish_row
+  RowCheck check = RowCheck::Unchecked;
+  float max = 0.0f;
+  double z = 0.0;
+
+  double prob(int32_t token) const;  // DenseRow::prob
+};
+void finish_row_check(BlockedRow& row);
+void finish_row(BlockedRow& row);
+// sample_dense of the same row (only the chosen block's weights are formed).
+int32_t sample_blocked(const BlockedRow& row, double u);
+// sample_residual_dense of the same rows: the block masses R_b go to rmass (stat_blocks(V)
+// floats), over the thread pool when called outside it and the row is long; then only the chosen
+// block is formed again.
+int32_t sample_residual_blocked(const BlockedRow& p, const BlockedRow& q, double u, float* rmass);
 
 }  // namespace osd

@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/fast_math.h"
 #include "core/philox.h"
+#include "core/thread_pool.h"
 
 namespace osd {
 
@@ -149,39 +150,121 @@ ChainResult verify_chain(const ChainInput& in, const Sampling& s, uint64_t seed,
   return r;
 }
 
-ChainResult verify_chain_dense(const ChainInput& in, const Sampling& s, uint64_t seed, uint64_t stream, int32_t* out,
-                               DenseChainScratch& w, RowCheck* tcheck, RowCheck* dcheck) {
-  const int32_t g = in.g, V = in.vocab;
+ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64_t seed, uint64_t stream,
+                                 int32_t* out, BlockedChainScratch& w, RowCheck* tcheck, RowCheck* dcheck,
+                                 bool spread) {
+  const int32_t g = in.g, V = in.vocab, nb = stat_blocks(V);
+  const size_t G = static_cast<size_t>(g), rows = 2 * G + 1;
   const float inv_t = 1.0f / s.temperature;
-  DenseRow* pq[2] = {&w.p, &w.q};
-  ChainResult r;
-  for (int32_t i = 0; i < g; ++i) {
-    const float* rows[2] = {in.target + static_cast<size_t>(i) * V, in.draft + static_cast<size_t>(i) * V};
-    dense_rows(rows, 2, V, inv_t, pq);
-    tcheck[i] = w.p.check;
-    dcheck[i] = w.q.check;
-    if (w.p.check != RowCheck::Ok || w.q.check != RowCheck::Ok) return r;
-    const int32_t x = in.tokens[i];
-    const double px = w.p.prob(x), qx = w.q.prob(x);
-    const double u = philox_uniform(seed, stream, static_cast<uint32_t>(i + 1), kLaneAccept);
-    if (qx > 0.0 && u * qx < px) {
-      out[i] = x;
-      continue;
-    }
-    out[i] = sample_residual_dense(w.p, w.q, philox_uniform(seed, stream, static_cast<uint32_t>(i), kLaneSample),
-                                   w.r, w.rmass);
-    r.accepted = i;
-    r.emitted = i + 1;
+  w.stats.resize(rows * nb);
+  w.scale.resize(rows * nb);
+  w.mass.resize(rows * nb);
+  w.rmass.resize(nb);
+  w.e.resize(2 * static_cast<size_t>(V));
+  // Row k: target rows 0..g, then draft rows g + 1..2g. The pair under test keeps its exp terms
+  // (a rejection's residual needs all of them: stored, they cost a write; recomputed, two exps per
+  // entry, which bound this loop on the CPU).
+  auto logits = [&](size_t k) { return k <= G ? in.target + k * V : in.draft + (k - G - 1) * V; };
+  auto pair_e = [&](size_t k) { return k < G ? w.e.data() : k > G ? w.e.data() + V : nullptr; };
+  auto row = [&](size_t k, bool with_e) {
+    BlockedRow r;
+    r.logits = logits(k);
+    r.vocab = V;
+    r.inv_t = inv_t;
+    r.blocks = w.stats.data() + k * nb;
+    r.e = with_e ? pair_e(k) : nullptr;
+    r.scale = w.scale.data() + k * nb;
+    r.mass = w.mass.data() + k * nb;
     return r;
+  };
+  // Reads rows ks[0..n): the first n_sum summed (keeping a tested pair's exp terms), the others
+  // for their maxima only. All their blocks over the pool when called outside it; summed rows first,
+  // so that the expensive blocks are spread over the threads and the cheap ones fill the tail.
+  auto read = [&](const size_t* ks, size_t n, size_t n_sum) {
+    auto body = [&](size_t lo, size_t hi) {
+      for (size_t u = lo; u < hi; ++u) {
+        const size_t i = u / nb, k = ks[i];
+        const int32_t b = static_cast<int32_t>(u % nb), j0 = b * kStatBlock;
+        float* e = i < n_sum ? pair_e(k) : nullptr;
+        block_stats(logits(k) + j0, std::min(kStatBlock, V - j0), inv_t, i < n_sum, w.stats[k * nb + b],
+                    e ? e + j0 : nullptr);
+      }
+    };
+    // At least 8K logits per chunk: short rows stay on the calling thread.
+    default_pool().parallel_for(n * nb, std::max<size_t>(1, (size_t(1) << 13) / std::min(V, kStatBlock)), body);
+  };
+  auto set_check = [&](size_t k, RowCheck c) { (k <= G ? tcheck[k] : dcheck[k - G - 1]) = c; };
+  auto check_all = [&](size_t from) {  // rows of positions >= from
+    bool ok = true;
+    for (size_t k = 0; k < rows; ++k) {
+      if ((k <= G ? k : k - G - 1) < from) continue;
+      BlockedRow r = row(k, false);
+      finish_row_check(r);
+      set_check(k, r.check);
+      ok &= r.check == RowCheck::Ok;
+    }
+    return ok;
+  };
+  if (spread) {
+    // Every row is read (and validated) in one pass; the first position is always tested, so its
+    // rows are summed on the way. Later positions are summed when the walk gets there, from cache.
+    w.order.clear();
+    w.order.push_back(0);
+    if (G > 0) w.order.push_back(G + 1);
+    for (size_t k = 1; k < rows; ++k)
+      if (k != G + 1) w.order.push_back(k);
+    read(w.order.data(), rows, G > 0 ? 2 : 1);
+    if (!check_all(0)) return ChainResult{};
   }
-  const float* row = in.target + static_cast<size_t>(g) * V;
-  dense_rows(&row, 1, V, inv_t, pq);
-  tcheck[g] = w.p.check;
-  if (w.p.check != RowCheck::Ok) return r;
-  out[g] = sample_dense(w.p, philox_uniform(seed, stream, static_cast<uint32_t>(g), kLaneSample));
-  r.accepted = g;
-  r.emitted = g + 1;
-  return r;
+  ChainResult res;
+  size_t next = 0;  // without spread: the first position whose rows are not read yet
+  auto walk = [&]() {
+    for (size_t i = 0; i < G; ++i) {
+      const size_t pair[2] = {i, G + 1 + i};
+      if (!spread || i > 0) read(pair, 2, 2);
+      next = i + 1;
+      BlockedRow p = row(i, true), q = row(G + 1 + i, true);
+      finish_row(p);
+      finish_row(q);
+      tcheck[i] = p.check;
+      dcheck[i] = q.check;
+      if (p.check != RowCheck::Ok || q.check != RowCheck::Ok) return;
+      const int32_t x = in.tokens[i];
+      const double px = p.prob(x), qx = q.prob(x);
+      const uint32_t pos = static_cast<uint32_t>(i);
+      const double u = philox_uniform(seed, stream, pos + 1, kLaneAccept);
+      if (qx > 0.0 && u * qx < px) {
+        out[i] = x;
+        continue;
+      }
+      out[i] = sample_residual_blocked(p, q, philox_uniform(seed, stream, pos, kLaneSample), w.rmass.data());
+      res.accepted = static_cast<int32_t>(i);
+      res.emitted = res.accepted + 1;
+      return;
+    }
+    // The bonus row needs no stored exp terms: sampling forms only the chosen block.
+    if (!spread || G > 0) read(&G, 1, 1);
+    next = G + 1;
+    BlockedRow p = row(G, false);
+    finish_row(p);
+    tcheck[G] = p.check;
+    if (p.check != RowCheck::Ok) return;
+    out[G] = sample_blocked(p, philox_uniform(seed, stream, static_cast<uint32_t>(G), kLaneSample));
+    res.accepted = g;
+    res.emitted = g + 1;
+  };
+  walk();
+  // The rows the walk did not reach are validated only: their maxima, no exp.
+  if (!spread && next <= G) {
+    for (size_t k = 0; k < rows; ++k) {
+      if ((k <= G ? k : k - G - 1) < next) continue;
+      for (int32_t b = 0; b < nb; ++b)
+        block_stats(logits(k) + b * kStatBlock, std::min(kStatBlock, V - b * kStatBlock), inv_t, false,
+                    w.stats[k * nb + b]);
+    }
+    check_all(next);
+  }
+  return res;
 }
 
 void validate_tree(const TreeInput& in) {

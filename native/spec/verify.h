@@ -43,18 +43,26 @@ ChainResult verify_chain(const ChainInput& in, const Sampling& s, uint64_t seed,
 
 // The fast path of verify_chain for temperature-only sampling (s.dense(), not greedy), in the
 // blocked scheme of sampling.h: the same decisions from the same Philox draws, with z summed by
-// blocks. Statistics are computed only for the rows the walk reaches (one read of each, its blocks
-// over the thread pool when called outside it), and their exp terms are kept, so the residual and
-// the bonus sample need no further exp. Rows the walk reaches are validated on the way: their
-// outcome goes to tcheck (g + 1 target rows) and dcheck (g draft rows), which must start
-// Unchecked, and the walk stops at the first row that is not Ok (the result is then meaningless:
-// the caller throws). Rows it does not reach stay Unchecked: the caller validates them.
-struct DenseChainScratch {
-  DenseRow p, q;
-  std::vector<float> r, rmass;
+// blocks. Each row is read from memory once for its block statistics; exp terms are computed only
+// for the rows the walk reaches (on these CPUs the exps, not the memory, bound the walk), and kept
+// only for the pair under test, whose residual needs all of them.
+// Every row is validated: its outcome goes to tcheck (g + 1 target rows) and dcheck (g draft
+// rows). The result is meaningful only when all of them are Ok (else the caller throws).
+// spread: one chain on an idle pool. One parallel region over every (row, block) reads and
+//   validates every row and sums the first pair; each later position reached sums its pair (from
+//   cache) in one more region, and a residual spreads its blocks.
+// Otherwise one thread walks the positions in order (a batch spreads its sequences over the pool),
+//   and reads the rows after the stopping point for validation only.
+struct BlockedChainScratch {
+  std::vector<BlockStat> stats;     // (2g + 1) x blocks: target rows 0..g, then draft rows
+  std::vector<float> scale, mass;   // (2g + 1) x blocks
+  std::vector<float> rmass;         // blocks
+  std::vector<float> e;             // 2 x V: the exp terms of the target and draft row under test
+  std::vector<size_t> order;        // rows in reading order
 };
-ChainResult verify_chain_dense(const ChainInput& in, const Sampling& s, uint64_t seed, uint64_t stream, int32_t* out,
-                               DenseChainScratch& w, RowCheck* tcheck, RowCheck* dcheck);
+ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64_t seed, uint64_t stream,
+                                 int32_t* out, BlockedChainScratch& w, RowCheck* tcheck, RowCheck* dcheck,
+                                 bool spread);
 
 enum class TreeChildren : int32_t { WithReplacement = 0, WithoutReplacement = 1, Deterministic = 2 };
 

@@ -253,8 +253,8 @@ float v_mul(float a, float b) { volatile float r = a * b; return r; }
 // ---------------------------------------------------------------------------------------------
 
 OSD_TEST(cpu_blocked_scheme_rounds_like_device) {
-  // Host only (no device needed): the CPU's fast paths (dense_rows, used by verify_chain_dense, and
-  // forward_kl_row_blocked) must produce the bits the GPU kernels compute, i.e. the blocked scheme
+  // Host only (no device needed): the CPU's fast paths (dense_rows, which verify_chain_blocked
+  // matches bit for bit, and forward_kl_row_blocked) must produce the bits the GPU kernels compute, i.e. the blocked scheme
   // with every operation rounded on its own and the lanes folded in the device's butterfly order.
   // Fails if the engine is built with contracted multiply-adds or a different lane order.
   Rng rng(21);

@@ -435,6 +435,52 @@ OSD_TEST(sample_dense_matches_sample_row) {
   CHECK_EQ(mismatches, 0);
 }
 
+OSD_TEST(blocked_row_matches_dense_row) {
+  // The blocked row without stored exp terms against DenseRow, bit for bit: statistics, prob,
+  // samples and residual samples (with -Infinity entries and blocks, and p == q where the residual
+  // has no mass and falls back to p).
+  std::mt19937 rng(15);
+  std::uniform_real_distribution<double> uni(0, 1);
+  int diffs = 0;
+  for (int32_t V : {1, 3, 100, 2048, 2049, 6001, 20000}) {
+    for (int rep = 0; rep < 3; ++rep) {
+      auto lp = logits_with_neg_inf(rng, V, 2.f, 0.1);
+      auto lq = rep == 2 ? lp : logits_with_neg_inf(rng, V, 2.f, 0.1);
+      if (V > 4096) std::fill(lq.begin() + 2048, lq.begin() + 4096, -INFINITY);
+      const float it = rep == 0 ? 1.0f : 1.0f / 0.7f;
+      DenseRow dp, dq;
+      DenseRow* outs[2] = {&dp, &dq};
+      const float* rows[2] = {lp.data(), lq.data()};
+      dense_rows(rows, 2, V, it, outs);
+      const int32_t nb = stat_blocks(V);
+      std::vector<BlockStat> sp(nb), sq(nb);
+      std::vector<float> scp(nb), msp(nb), scq(nb), msq(nb), rm(nb);
+      for (int32_t b = 0; b < nb; ++b) {
+        const int32_t j0 = b * kStatBlock, n = std::min(kStatBlock, V - j0);
+        block_stats(lp.data() + j0, n, it, true, sp[b]);
+        block_stats(lq.data() + j0, n, it, true, sq[b]);
+      }
+      BlockedRow p, q;
+      p.logits = lp.data(), p.vocab = V, p.inv_t = it, p.blocks = sp.data(), p.scale = scp.data(), p.mass = msp.data();
+      q = p;
+      q.logits = lq.data(), q.blocks = sq.data(), q.scale = scq.data(), q.mass = msq.data();
+      finish_row(p);
+      finish_row(q);
+      CHECK(p.check == RowCheck::Ok && q.check == RowCheck::Ok);
+      diffs += p.max != dp.max || p.z != dp.z || q.z != dq.z;
+      for (int32_t b = 0; b < nb; ++b) diffs += scp[b] != dp.scale[b] || msp[b] != dp.mass[b];
+      for (int32_t x = 0; x < V; x += 1 + V / 300) diffs += p.prob(x) != dp.prob(x);
+      std::vector<float> r, rmass;
+      for (int i = 0; i < 300; ++i) {
+        const double u = i == 0 ? 0.0 : i == 1 ? std::nextafter(1.0, 0.0) : uni(rng);
+        diffs += sample_blocked(p, u) != sample_dense(dp, u);
+        diffs += sample_residual_blocked(p, q, u, rm.data()) != sample_residual_dense(dp, dq, u, r, rmass);
+      }
+    }
+  }
+  CHECK_EQ(diffs, 0);
+}
+
 namespace {
 
 struct RandomChain {
@@ -456,17 +502,65 @@ RandomChain random_chain(std::mt19937& rng, int32_t V, int32_t g, float noise) {
   return c;
 }
 
+// The blocked scheme walked literally, one DenseRow pair per position with every e_j stored (the
+// CPU backend's fast path before it stopped storing exp terms): verify_chain_blocked must give its
+// tokens bit for bit, for every input.
+ChainResult verify_chain_dense_literal(const ChainInput& in, const Sampling& s, uint64_t seed, uint64_t stream,
+                                       int32_t* out) {
+  const int32_t g = in.g, V = in.vocab;
+  const float inv_t = 1.0f / s.temperature;
+  DenseRow p, q;
+  DenseRow* pq[2] = {&p, &q};
+  std::vector<float> r, rmass;
+  ChainResult res;
+  for (int32_t i = 0; i < g; ++i) {
+    const float* rows[2] = {in.target + static_cast<size_t>(i) * V, in.draft + static_cast<size_t>(i) * V};
+    dense_rows(rows, 2, V, inv_t, pq);
+    const int32_t x = in.tokens[i];
+    const double px = p.prob(x), qx = q.prob(x);
+    const double u = philox_uniform(seed, stream, static_cast<uint32_t>(i + 1), kLaneAccept);
+    if (qx > 0.0 && u * qx < px) {
+      out[i] = x;
+      continue;
+    }
+    out[i] = sample_residual_dense(p, q, philox_uniform(seed, stream, static_cast<uint32_t>(i), kLaneSample), r, rmass);
+    res.accepted = i;
+    res.emitted = i + 1;
+    return res;
+  }
+  const float* row = in.target + static_cast<size_t>(g) * V;
+  dense_rows(&row, 1, V, inv_t, pq);
+  out[g] = sample_dense(p, philox_uniform(seed, stream, static_cast<uint32_t>(g), kLaneSample));
+  res.accepted = g;
+  res.emitted = g + 1;
+  return res;
+}
+
 }  // namespace
 
-OSD_TEST(verify_chain_dense_matches_reference) {
+OSD_TEST(verify_chain_blocked_matches_literal_and_reference) {
+  // Both modes of the fast path (spread over the pool, and one thread walking) against the literal
+  // blocked walk (bit for bit, always) and the reference verify_chain (the same tokens unless a
+  // draw falls within rounding of a boundary: none among these cases). Rows with -Infinity entries,
+  // whole -Infinity blocks, V below, at and off multiples of kStatBlock, g = 0.
   std::mt19937 rng(13);
-  DenseChainScratch scratch;
-  int mismatches = 0, cases = 0, rejected = 0;
-  for (int32_t V : {2, 7, 50, 2048, 3000, 20000}) {
-    const int trials = V > 2048 ? 150 : 600;
+  BlockedChainScratch scratch;
+  int vs_literal = 0, vs_reference = 0, cases = 0, rejected = 0;
+  for (int32_t V : {1, 2, 7, 50, 2047, 2048, 2049, 3000, 5000, 20000}) {
+    const int trials = V > 2048 ? 120 : 400;
     for (int trial = 0; trial < trials; ++trial) {
       const int32_t g = trial % 7;
       RandomChain c = random_chain(rng, V, g, trial % 3 == 0 ? 0.3f : 1.5f);
+      if (trial % 5 == 1) {  // -Infinity entries, the same ones in both rows most of the time
+        for (size_t j = 0; j < c.d.size(); ++j)
+          if (rng() % 4 == 0) c.d[j] = -INFINITY, c.t[j] = rng() % 2 ? -INFINITY : c.t[j];
+        for (int32_t i = 0; i < g; ++i) c.d[i * V + c.tok[i]] = 0.0f, c.d[i * V] = 1.0f, c.t[i * V] = 1.0f;
+      }
+      if (trial % 5 == 2 && V > 4096)  // a whole -Infinity block in every row
+        for (int32_t i = 0; i <= g; ++i) {
+          std::fill(c.t.begin() + i * V + 2048, c.t.begin() + i * V + 4096, -INFINITY);
+          if (i < g) std::fill(c.d.begin() + i * V + 2048, c.d.begin() + i * V + 4096, -INFINITY);
+        }
       Sampling s;
       s.temperature = trial % 4 == 0 ? 1.0f : 0.6f + 0.1f * (trial % 5);
       ChainInput in;
@@ -475,21 +569,59 @@ OSD_TEST(verify_chain_dense_matches_reference) {
       in.tokens = c.tok.data();
       in.g = g;
       in.vocab = V;
-      std::vector<int32_t> ref(g + 1), fast(g + 1);
-      std::vector<RowCheck> tc(g + 1, RowCheck::Unchecked), dc(g, RowCheck::Unchecked);
+      std::vector<int32_t> ref(g + 1), lit(g + 1);
       const ChainResult a = verify_chain(in, s, 5, trial, ref.data());
-      const ChainResult b = verify_chain_dense(in, s, 5, trial, fast.data(), scratch, tc.data(), dc.data());
-      bool same = a.accepted == b.accepted && a.emitted == b.emitted;
-      for (int32_t i = 0; same && i < a.emitted; ++i) same = ref[i] == fast[i];
-      mismatches += !same;
+      const ChainResult l = verify_chain_dense_literal(in, s, 5, trial, lit.data());
+      for (bool spread : {true, false}) {
+        std::vector<int32_t> fast(g + 1);
+        std::vector<RowCheck> tc(g + 1, RowCheck::Unchecked), dc(g, RowCheck::Unchecked);
+        const ChainResult b = verify_chain_blocked(in, s, 5, trial, fast.data(), scratch, tc.data(), dc.data(), spread);
+        bool same_lit = l.accepted == b.accepted && l.emitted == b.emitted;
+        for (int32_t i = 0; same_lit && i < l.emitted; ++i) same_lit = lit[i] == fast[i];
+        bool same_ref = a.accepted == b.accepted && a.emitted == b.emitted;
+        for (int32_t i = 0; same_ref && i < a.emitted; ++i) same_ref = ref[i] == fast[i];
+        vs_literal += !same_lit;
+        vs_reference += !same_ref;
+        // Every row was validated, reached by the walk or not.
+        for (int32_t i = 0; i <= g; ++i) CHECK(tc[i] == RowCheck::Ok);
+        for (int32_t i = 0; i < g; ++i) CHECK(dc[i] == RowCheck::Ok);
+      }
       rejected += a.accepted < g;
       ++cases;
-      // The walk checked exactly the rows it reached, in order.
-      for (int32_t i = 0; i <= g; ++i) CHECK(tc[i] == (i <= a.accepted ? RowCheck::Ok : RowCheck::Unchecked));
     }
   }
-  CHECK_EQ(mismatches, 0);
+  CHECK_EQ(vs_literal, 0);
+  CHECK_EQ(vs_reference, 0);
   CHECK(rejected > cases / 4);
+}
+
+OSD_TEST(verify_chain_blocked_validates_every_row) {
+  // A bad row anywhere is reported in its slot by both modes, whatever the walk reached; the other
+  // rows are Ok.
+  std::mt19937 rng(21);
+  BlockedChainScratch scratch;
+  const int32_t V = 5000, g = 4;
+  for (int trial = 0; trial < 40; ++trial) {
+    RandomChain c = random_chain(rng, V, g, 1.0f);
+    const bool in_target = trial % 2 == 0;
+    const int32_t r = static_cast<int32_t>(rng() % (in_target ? g + 1 : g));
+    float* row = (in_target ? c.t.data() : c.d.data()) + static_cast<size_t>(r) * V;
+    const int kind = trial % 3;
+    if (kind == 0) row[rng() % V] = NAN;
+    if (kind == 1) row[rng() % V] = INFINITY;
+    if (kind == 2) std::fill(row, row + V, -INFINITY);
+    const RowCheck want = kind == 2 ? RowCheck::AllNegInf : RowCheck::NotFinite;
+    Sampling s;
+    ChainInput in;
+    in.target = c.t.data(), in.draft = c.d.data(), in.tokens = c.tok.data(), in.g = g, in.vocab = V;
+    for (bool spread : {true, false}) {
+      std::vector<int32_t> out(g + 1);
+      std::vector<RowCheck> tc(g + 1, RowCheck::Unchecked), dc(g, RowCheck::Unchecked);
+      verify_chain_blocked(in, s, 3, trial, out.data(), scratch, tc.data(), dc.data(), spread);
+      for (int32_t i = 0; i <= g; ++i) CHECK(tc[i] == (in_target && i == r ? want : RowCheck::Ok));
+      for (int32_t i = 0; i < g; ++i) CHECK(dc[i] == (!in_target && i == r ? want : RowCheck::Ok));
+    }
+  }
 }
 
 OSD_TEST(chain_batch_fast_path_does_not_depend_on_split) {

@@ -205,6 +205,27 @@ export function bestLength(a: number, c: number, maxLength: number): number {
   return best;
 }
 
+/**
+ * The g in [1, maxLength] that maximises expectedSpeedup with a rate per chain position: measured,
+ * acceptance falls with depth, so one pooled rate a overvalues long chains. Position i's rate is
+ * (accepted[i] + 2a) / (tested[i] + 2) (the pooled rate as a prior worth two tests), and the
+ * expected tokens are 1 + a_0 + a_0 a_1 + ... in place of (1 - a^(g+1)) / (1 - a); with no
+ * measurements every a_i is a and this is the formula itself.
+ */
+export function bestLengthByPosition(a: number, tested: readonly number[], accepted: readonly number[], c: number, maxLength: number): number {
+  let best = 1;
+  let bestValue = 0;
+  let reach = 1;
+  let tokens = 1;
+  for (let g = 1; g <= maxLength; g++) {
+    reach *= ((accepted[g - 1] ?? 0) + 2 * a) / ((tested[g - 1] ?? 0) + 2);
+    tokens += reach;
+    const value = tokens / (g * c + 1);
+    if (value > bestValue) (best = g), (bestValue = value);
+  }
+  return best;
+}
+
 function checkPositiveInt(v: unknown, name: string, max = 1 << 16): number {
   if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > max)
     throw new RangeError(`${name} must be an integer in [1, ${max}], got ${String(v)}`);
@@ -372,6 +393,9 @@ export class SpeculativeDecoder extends EventEmitter {
   // Adaptive speculation state: acceptance counts and measured costs.
   #adaptAccepted = 1;
   #adaptRejected = 1;
+  /** Adaptive chains: draft tokens tested and accepted at each chain position (acceptance falls with depth). */
+  #posTested: number[] = [];
+  #posAccepted: number[] = [];
   #draftTokenMs = 0;
   #targetPassMs = 0;
   // Sampled trees: decayed counts of the j-th child tried and accepted (earlier siblings rejected).
@@ -660,7 +684,7 @@ export class SpeculativeDecoder extends EventEmitter {
     const a = this.#adaptAccepted / (this.#adaptAccepted + this.#adaptRejected);
     // Until costs are measured, assume a draft ten times cheaper than the target.
     const cost = this.#targetPassMs > 0 && this.#draftTokenMs > 0 ? this.#draftTokenMs / this.#targetPassMs : 0.1;
-    return Math.max(1, bestLength(a, cost, this.strategy.maxLength));
+    return bestLengthByPosition(a, this.#posTested, this.#posAccepted, cost, this.strategy.maxLength);
   }
 
   /** Draft g tokens autoregressively, then verify the chain in one target pass. */
@@ -701,6 +725,11 @@ export class SpeculativeDecoder extends EventEmitter {
     c.recordChain(g, a);
     this.#adaptAccepted += a;
     this.#adaptRejected += a < g ? 1 : 0;
+    // Positions 0..a were tested (a accepted, then the rejection at a when a < g).
+    for (let i = 0; i < Math.min(g, a + 1); i++) {
+      this.#posTested[i] = (this.#posTested[i] ?? 0) + 1;
+      if (i < a) this.#posAccepted[i] = (this.#posAccepted[i] ?? 0) + 1;
+    }
     this.emit('step', { request: req.id, drafted: g, accepted: a, emitted: a + 1 } satisfies StepEvent);
     return Array.from(r.tokens);
   }

@@ -48,7 +48,7 @@ export type {
 export type { ChatMessage, ApplyChatTemplateOptions } from './chatTemplate.js';
 export { Tokenizer, TokenStreamDecoder, TokenType, loadTokenizer } from './Tokenizer.js';
 export type { VocabData, EncodeOptions, DecodeOptions, StreamDecoderOptions, TokenIds } from './Tokenizer.js';
-export { createSpeculativeDecoder, SpeculativeDecoder, expectedSpeedup, bestLength, ngramLookup, sampledTreeShape } from './SpeculativeDecoder.js';
+export { createSpeculativeDecoder, SpeculativeDecoder, expectedSpeedup, bestLength, bestLengthByPosition, ngramLookup, sampledTreeShape } from './SpeculativeDecoder.js';
 export type {
   Strategy,
   SpeculativeDecoderOptions,

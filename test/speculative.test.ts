@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   bestLength,
+  bestLengthByPosition,
   createSpeculativeDecoder,
   expectedSpeedup,
   loadModel,
@@ -271,6 +272,15 @@ describe('speculation length', () => {
     expect(expectedSpeedup(0.5, 0, 0.1)).toBe(1);
     expect(expectedSpeedup(1, 3, 0)).toBe(4);
   });
+  it('bestLengthByPosition is the formula without measurements and shortens chains when acceptance falls with depth', () => {
+    for (const [a, c] of [[0.9, 0.05], [0.6, 0.1], [0.5, 0.2]] as const)
+      expect(bestLengthByPosition(a, [], [], c, 16)).toBe(Math.max(1, bestLength(a, c, 16)));
+    // Pooled acceptance 0.6, but the first position accepts 80% and the later ones 30%.
+    const tested = [100, 80, 24, 7], accepted = [80, 24, 7, 2];
+    expect(bestLengthByPosition(0.6, tested, accepted, 0.1, 16)).toBeLessThan(bestLength(0.6, 0.1, 16));
+    expect(bestLengthByPosition(0.1, [], [], 0.5, 16)).toBe(1);
+  });
+
   it('bestLength grows with acceptance and shrinks with draft cost', () => {
     expect(bestLength(0.9, 0.05, 16)).toBeGreaterThan(bestLength(0.6, 0.05, 16));
     expect(bestLength(0.8, 0.3, 16)).toBeLessThan(bestLength(0.8, 0.02, 16));

@@ -6,49 +6,9 @@
 #include <vector>
 
 #include "core/error.h"
-#include "core/fast_math.h"
 #include "core/philox.h"
 
-// The SIMD helpers are inlined into their callers (see core/fast_math.h).
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace osd {
-
-// sample_row on a dense (temperature-only) row, in one pass instead of three (warp_row's z, which
-// sampling does not use, then sample_row's total and its scan): the weights come eight at a time
-// (exp_approx8: the bits of exp_approx), the running double sum is the one sample_row accumulates
-// in index order, and its prefix sums are kept, so the token is a binary search: the first j whose
-// prefix sum exceeds u * total (that sum grew there, so w_j > 0, as sample_row's scan requires).
-OSD_SIMD_CLONES int32_t sample_temperature_row(const float* l, int32_t vocab, float max, float inv_t, double u) {
-  thread_local std::vector<double> cum;
-  cum.resize(static_cast<size_t>(vocab));
-  double total = 0.0;
-  int32_t j = 0;
-  for (; j + 8 <= vocab; j += 8) {
-    const f32x8 w = exp_approx8((load8(l + j) - splat8(max)) * splat8(inv_t));
-    for (int k = 0; k < 8; ++k) cum[j + k] = (total += w[k]);
-  }
-  for (; j < vocab; ++j) cum[j] = (total += exp_approx((l[j] - max) * inv_t));
-  const double target = u * total;
-  const int32_t i = static_cast<int32_t>(std::upper_bound(cum.begin(), cum.end(), target) - cum.begin());
-  if (i < vocab) return i;
-  // Rounding left u * total at the very top: the last token with weight, as sample_row returns.
-  for (int32_t k = vocab - 1; k > 0; --k)
-    if (exp_approx((l[k] - max) * inv_t) > 0.0f) return k;
-  return 0;
-}
-
-int32_t sample_token(const float* logits, int32_t vocab, const Sampling& s, uint64_t seed, uint64_t stream,
-                     uint32_t position, const char* what, size_t row) {
-  const float mx = checked_row_max(logits, vocab, what, row);
-  if (s.greedy()) return argmax_row(logits, vocab);
-  const double u = philox_uniform(seed, stream, position, kLaneSample);
-  // Dense as warp_row decides it: top-k off or not below the vocabulary, top-p off.
-  if (!(s.top_k > 0 && s.top_k < vocab) && s.top_p >= 1.0f) return sample_temperature_row(logits, vocab, mx, 1.0f / s.temperature, u);
-  WarpedRow w;
-  warp_row(logits, vocab, mx, s, w);
-  return sample_row(w, u);
-}
 
 bool draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const DraftParams& p, int32_t* out_tokens,
                  float* out_logits, const std::atomic<bool>* cancel) {

@@ -10,16 +10,6 @@
 
 namespace osd {
 
-// One token from a row of `vocab` logits: the argmax when greedy, otherwise the warped row's
-// inverse CDF at the Philox draw (seed, stream, position, kLaneSample). The row is validated first
-// (checked_row_max, naming `what` and `row`).
-int32_t sample_token(const float* logits, int32_t vocab, const Sampling& s, uint64_t seed, uint64_t stream,
-                     uint32_t position, const char* what = "logits", size_t row = 0);
-
-// The dense (temperature-only) case of sample_token: sample_row's token for the row warped with
-// inv_t (= 1 / temperature) and the uniform u, computed in one pass.
-int32_t sample_temperature_row(const float* logits, int32_t vocab, float row_max, float inv_t, double u);
-
 struct DraftParams {
   int32_t count = 1;   // draft tokens to propose (>= 1)
   int32_t vocab = 0;   // row width sampled and returned: the first `vocab` logits (<= the model's)

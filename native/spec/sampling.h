@@ -54,6 +54,16 @@ int32_t sample_weights(const float* w, int32_t n, double total, double u);
 // Samples from a warped row with uniform u (index order, like sample_weights).
 int32_t sample_row(const WarpedRow& row, double u);
 
+// One token from a row of `vocab` logits: the argmax when greedy, otherwise the warped row's
+// inverse CDF at the Philox draw (seed, stream, position, kLaneSample). The row is validated first
+// (checked_row_max, naming `what` and `row`).
+int32_t sample_token(const float* logits, int32_t vocab, const Sampling& s, uint64_t seed, uint64_t stream,
+                     uint32_t position, const char* what = "logits", size_t row = 0);
+
+// The dense (temperature-only) case of sample_token: sample_row's token for the row warped with
+// inv_t (= 1 / temperature) and the uniform u, computed in one pass.
+int32_t sample_temperature_row(const float* logits, int32_t vocab, float row_max, float inv_t, double u);
+
 // ---- The blocked scheme: the fast path for temperature-only rows -------------------------------
 // The reference above sums a row in one pass per quantity. The fast paths (verify_chain_blocked and
 // forward_kl_row_blocked, which the CPU backend runs) cut every row into blocks of kStatBlock

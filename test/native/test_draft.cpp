@@ -1,4 +1,4 @@
-// The draft loop's sampler (model/draft.h): sample_temperature_row, the one-pass fast path, must
+// The draft loop's sampler (spec/sampling.h): sample_temperature_row, the one-pass fast path, must
 // return the token of the reference, sample_row over warp_row, for every row and uniform.
 #include <cmath>
 #include <cstdint>

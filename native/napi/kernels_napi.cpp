@@ -24,18 +24,6 @@ namespace {
 
 int32_t get_vocab(const Napi::Object& o) { return static_cast<int32_t>(get_int(o, "vocabSize", 1, 1 << 30)); }
 
-Sampling parse_sampling(Napi::Env env, const Napi::Value& v, const char* name) {
-  if (!v.IsObject()) throw Napi::TypeError::New(env, std::string(name) + " must be an object { temperature, topK?, topP? }");
-  Napi::Object o = v.As<Napi::Object>();
-  const std::string prefix = std::string(name) + ".";
-  Sampling s;
-  s.temperature = static_cast<float>(get_number(o, "temperature", prefix));
-  s.top_k = static_cast<int32_t>(get_int_or(o, "topK", 0, INT32_MAX, 0, prefix));
-  s.top_p = static_cast<float>(get_number_or(o, "topP", 1.0, prefix));
-  validate_sampling(s, name);
-  return s;
-}
-
 Fault parse_fault(const Napi::Object& o) {
   Napi::Value v = get_prop(o, "_fault");
   if (!present(v)) return Fault::None;

@@ -68,18 +68,6 @@ class PromiseWorker : public Napi::AsyncWorker {
   ErrorKind kind_ = ErrorKind::State;
 };
 
-// options.sampling ({ temperature, topK?, topP? }), validated.
-Sampling get_sampling(const Napi::Object& o) {
-  if (!has(o, "sampling") || !o.Get("sampling").IsObject()) throw Napi::TypeError::New(o.Env(), "sampling must be an object");
-  Napi::Object so = o.Get("sampling").As<Napi::Object>();
-  Sampling s;
-  s.temperature = static_cast<float>(get_number(so, "temperature", "sampling."));
-  s.top_k = static_cast<int32_t>(get_int_or(so, "topK", 0, INT32_MAX, 0, "sampling."));
-  s.top_p = static_cast<float>(get_number_or(so, "topP", 1.0, "sampling."));
-  validate_sampling(s);
-  return s;
-}
-
 class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
  public:
   static Napi::Function define(Napi::Env env) {
@@ -321,7 +309,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       DraftParams p;
       p.count = static_cast<int32_t>(get_int(o, "count", 1, s.capacity()));
       p.vocab = static_cast<int32_t>(get_int_or(o, "vocabSize", 1, vm, vm));
-      p.sampling = get_sampling(o);
+      p.sampling = parse_sampling(o.Env(), get_prop(o, "sampling"), "sampling");
       p.seed = has(o, "seed") ? get_seed(o, "seed") : 0;
       p.stream = has(o, "stream") ? get_seed(o, "stream") : 0;
       p.position = static_cast<uint32_t>(get_int_or(o, "position", 0, UINT32_MAX, 0));
@@ -431,7 +419,7 @@ Napi::Value sample_logits(const Napi::CallbackInfo& info) {
     if (logits.length != static_cast<size_t>(V))
       throw Napi::RangeError::New(env, "logits has length " + std::to_string(logits.length) + ", expected vocabSize = " +
                                            std::to_string(V));
-    const Sampling s = get_sampling(o);
+    const Sampling s = parse_sampling(o.Env(), get_prop(o, "sampling"), "sampling");
     if (!has(o, "exclude")) {
       // The draft loop (Sequence.draft) draws through the same function.
       if (s.greedy()) return Napi::Number::New(env, sample_token(logits.data, V, s, 0, 0, 0));

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "spec/sampling.h"
 
 namespace osd::napi {
 
@@ -149,6 +150,19 @@ inline int64_t get_int_or(const Napi::Object& o, const char* key, int64_t lo, in
 
 // A 64-bit seed given as a number (a non-negative safe integer) or a bigint (taken modulo 2^64).
 uint64_t get_seed(const Napi::Object& o, const char* key);
+
+// Sampling options { temperature, topK?, topP? } named `name` in errors, validated.
+inline Sampling parse_sampling(Napi::Env env, const Napi::Value& v, const char* name) {
+  if (!v.IsObject()) throw Napi::TypeError::New(env, std::string(name) + " must be an object { temperature, topK?, topP? }");
+  Napi::Object o = v.As<Napi::Object>();
+  const std::string prefix = std::string(name) + ".";
+  Sampling s;
+  s.temperature = static_cast<float>(get_number(o, "temperature", prefix));
+  s.top_k = static_cast<int32_t>(get_int_or(o, "topK", 0, INT32_MAX, 0, prefix));
+  s.top_p = static_cast<float>(get_number_or(o, "topP", 1.0, prefix));
+  validate_sampling(s, name);
+  return s;
+}
 
 template <typename T>
 Napi::TypedArrayOf<T> to_js(Napi::Env env, const T* data, size_t n) {

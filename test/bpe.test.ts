@@ -6,10 +6,8 @@
 //     decode(encode(s)) === s;
 //   - a vocabulary-only GGUF written with writeGguf loads with loadTokenizer and tokenizes the same;
 //   - writeGguf / readGgufMetadata round-trip metadata and tensors, and name bad arguments.
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { Tokenizer, TokenType, loadTokenizer } from '../lib/Tokenizer.js';
 import {
   BYTE_TO_UNICODE,
@@ -24,9 +22,9 @@ import {
   type TrainBpeResult,
 } from '../lib/train/bpe.js';
 import { loadCorpora, type DomainCorpus } from '../lib/train/corpus.js';
+import { suiteTempDir } from './helpers/tmp.js';
 
-const tmp = mkdtempSync(join(tmpdir(), 'osd-bpe-'));
-afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+const tmp = suiteTempDir('osd-bpe-');
 
 /** The straightforward trainer: recount every pair before each merge; ties to the smaller (left, right) id. */
 function naiveMerges(counts: Map<string, number>, nMerges: number, minPairCount = 2): string[] {

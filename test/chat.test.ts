@@ -3,13 +3,13 @@
 // GGUF), as text and as token ids. The argument checks run on a small random model written here;
 // the SmolLM2 part is skipped where ../shared/models/smollm2 is absent.
 import { execFile } from 'node:child_process';
-import { existsSync, mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, writeRandomModel, type ChatMessage, type Model } from '../lib/index.js';
+import { suiteTempDir } from './helpers/tmp.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const SMOL = resolve(root, '../shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf');
@@ -29,7 +29,7 @@ const cli = (args: string[]) => run(process.execPath, ['--import', 'tsx', join(r
 
 describe('applyChatTemplate on a model without a template', () => {
   let model: Model;
-  const dir = mkdtempSync(join(tmpdir(), 'osd-chat-'));
+  const dir = suiteTempDir('osd-chat-');
   beforeAll(async () => {
     const path = join(dir, 'tiny.gguf');
     await writeRandomModel(path, { vocabSize: 64, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 32, seed: 1 });

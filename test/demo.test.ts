@@ -1,10 +1,10 @@
 // `osd demo` end to end on the embedded default pair (a very short run), and `osd generate`.
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { demoSvg, DEFAULT_DRAFT, DEFAULT_TARGET } from '../lib/demo.js';
+import { tempDir } from './helpers/tmp.js';
 
 const root = join(import.meta.dirname, '..');
 const have = existsSync(DEFAULT_TARGET) && existsSync(DEFAULT_DRAFT);
@@ -15,7 +15,7 @@ const cli = (args: string[]) =>
 
 describe.skipIf(!have)('osd demo', () => {
   it('runs the three runs over the four phases and prints JSON and a plot', () => {
-    const out = mkdtempSync(join(tmpdir(), 'osd-demo-'));
+    const out = tempDir('osd-demo-');
     const json = JSON.parse(cli(['demo', '--json', '--requests', '2', '--max-tokens', '8', '--out', out]));
     expect(json.runs.map((r: { run: string }) => r.run)).toEqual(['static', 'online', 'pool']);
     for (const r of json.runs) {

@@ -1,22 +1,21 @@
 // The SmolLM2 draft probe's byte-level cuts (lib/train/draftProbe.ts, lib/train/ggufRewrite.ts): a cut
 // that keeps every layer is the target itself, and a cut of 2 layers with a 64-row head loads with
 // those sizes and the target's own first-layer bytes. Needs ../shared/models/smollm2 (skips without).
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { loadModel } from '../lib/index.js';
 import { readGgufMetadata } from '../lib/train/bpe.js';
 import { writeCut, quantizeQ4_1 } from '../lib/train/draftProbe.js';
 import { dequantizeRows, readGgufLayout, readTensorBytes } from '../lib/train/ggufRewrite.js';
 import { SMOLLM2 } from './helpers/llamaCpp.js';
+import { suiteTempDir } from './helpers/tmp.js';
 
 const have = existsSync(SMOLLM2);
 if (!have) console.warn(`skip: ${SMOLLM2} not found; the draft-probe cut tests are skipped`);
 
 describe.skipIf(!have)('draft probe cuts of SmolLM2', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'osd-cut-'));
-  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const dir = suiteTempDir('osd-cut-');
   const src = have ? readGgufLayout(SMOLLM2) : undefined;
 
   it('a cut of all 30 layers gives the target\'s logits exactly', async () => {

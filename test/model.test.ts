@@ -1,10 +1,10 @@
 // The model API on the real llama2.c checkpoint stories260K: loading, forward, tree evaluation,
 // generation, async behaviour, lifecycle and bad input.
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Model } from '../lib/index.js';
+import { suiteTempDir } from './helpers/tmp.js';
 
 const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
 const have = existsSync(STORIES);
@@ -150,7 +150,7 @@ describe.skipIf(!have)('model (stories260K)', () => {
 });
 
 describe('loading bad files', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'osd-model-'));
+  const dir = suiteTempDir('osd-model-');
 
   it('a missing file names the path', async () => {
     await expect(loadModel(join(dir, 'nope.gguf'))).rejects.toThrow(/nope\.gguf/);
@@ -202,7 +202,7 @@ describe('loading bad files', () => {
 });
 
 describe('written models', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'osd-written-'));
+  const dir = suiteTempDir('osd-written-');
 
   it('a random model is deterministic per seed and loads with its config', async () => {
     const { writeRandomModel } = await import('../lib/index.js');

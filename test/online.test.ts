@@ -1,11 +1,11 @@
 // Online distillation on the real stories260K target with a small random draft: recording,
 // triggers, updates that lower the loss, exact output throughout, rollback, checkpoints.
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createOnlineDecoder, loadModel, writeRandomModel, type Model, type UpdateEvent } from '../lib/index.js';
+import { suiteTempDir } from './helpers/tmp.js';
 
 const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
 const have = existsSync(STORIES);
@@ -19,7 +19,7 @@ function argmax(row: Float32Array): number {
 
 describe.skipIf(!have)('online distillation (stories260K)', () => {
   let target: Model;
-  const dir = mkdtempSync(join(tmpdir(), 'osd-online-'));
+  const dir = suiteTempDir('osd-online-');
   const draftPath = join(dir, 'draft.gguf');
   const prompts = [[1, 403, 407], [1, 261, 378], [1, 395, 42], [1, 300, 11], [1, 461, 461], [1, 288, 13], [1, 431, 293], [1, 363, 416]];
 

@@ -1,9 +1,9 @@
 // DraftPool: routing by label, classifier and bandits; forking on a new label; per-draft metrics.
-import { existsSync, mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createDraftPool, loadModel, writeRandomModel, type Model } from '../lib/index.js';
+import { suiteTempDir } from './helpers/tmp.js';
 
 const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
 const have = existsSync(STORIES);
@@ -12,8 +12,8 @@ describe.skipIf(!have)('DraftPool (stories260K)', () => {
   let target: Model;
   let good: Model;
   let bad: Model;
+  const dir = suiteTempDir('osd-pool-');
   beforeAll(async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'osd-pool-'));
     target = await loadModel(STORIES);
     await target.save(join(dir, 'good.gguf'), { type: 'F16' });
     good = await loadModel(join(dir, 'good.gguf'));

@@ -16,8 +16,7 @@
 // upstream). The tolerances below are set from that, with headroom for other CPUs: llama.cpp picks
 // its kernels by CPU (AVX2 here, AVX-512 VNNI on CI), which moves its own noise around.
 import { execFile } from 'node:child_process';
-import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, statSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { closeSync, existsSync, openSync, readFileSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -26,6 +25,7 @@ import { loadModel, type Model } from '../lib/index.js';
 import { addon } from '../lib/addon.js';
 import { applyChatTemplate } from '../lib/chatTemplate.js';
 import { agreeGreedy, importNodeLlamaCpp, SMOLLM2 } from './helpers/llamaCpp.js';
+import { suiteTempDir, tempDir } from './helpers/tmp.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const SMOL = SMOLLM2;
@@ -280,7 +280,7 @@ describe.skipIf(!have)('SmolLM2-135M-Instruct Q4_1', () => {
   it('keeps resident memory under 1.5x the file size plus the KV cache', async () => {
     // In a child process, so that nothing else in this test run counts: the resident set added by
     // loading the model and decoding 64 tokens, against the budget.
-    const dir = mkdtempSync(join(tmpdir(), 'osd-smol-mem-'));
+    const dir = tempDir('osd-smol-mem-');
     const script = join(dir, 'mem.mts');
     writeFileSync(
       script,
@@ -310,7 +310,7 @@ await m.dispose();
 });
 
 describe.skipIf(!have)('bad SmolLM2 files', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'osd-smol-bad-'));
+  const dir = suiteTempDir('osd-smol-bad-');
 
   it('a truncated quantised file names the file and the problem', async () => {
     const cut = join(dir, 'smol-cut.gguf');

@@ -4,27 +4,28 @@
 // without it); the draft is the trained one where it exists (models/ or data/smollm2/, from npm run
 // train:smollm2-draft), else a 1-block cut of the target. The error paths run everywhere.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { SMOLLM2_DRAFTS, findDraft, type Row } from '../bench/smollm2.js';
 import { createOnlineDecoder, loadModel, type UpdateEvent } from '../lib/index.js';
 import { DEMO_DISTILL_LARGE_VOCAB } from '../lib/demo.js';
 import { writeCut } from '../lib/train/draftProbe.js';
 import { readGgufLayout } from '../lib/train/ggufRewrite.js';
 import { SMOLLM2 } from './helpers/llamaCpp.js';
+import { suiteTempDir, tempDir } from './helpers/tmp.js';
 
 const root = join(import.meta.dirname, '..');
 const haveTarget = existsSync(SMOLLM2);
 // The trained draft where it exists; otherwise the target's first block with its head, cut byte for
-// byte (a valid draft with the same tokenizer, weak but enough to run every path end to end).
-function cutDraft(): string {
-  const path = join(mkdtempSync(join(tmpdir(), 'osd-smolcut-')), 'cut1.gguf');
-  writeCut(readGgufLayout(SMOLLM2), path, { layers: 1 });
-  return path;
-}
-const draft = SMOLLM2_DRAFTS.find((p) => existsSync(p)) ?? (haveTarget ? cutDraft() : undefined);
+// byte (a valid draft with the same tokenizer, weak but enough to run every path end to end), written
+// before this file's tests into a directory removed after them.
+const trained = SMOLLM2_DRAFTS.find((p) => existsSync(p));
+const cutDir = suiteTempDir('osd-smolcut-');
+const draft = trained ?? (haveTarget ? join(cutDir, 'cut1.gguf') : undefined);
+beforeAll(() => {
+  if (draft && !trained) writeCut(readGgufLayout(SMOLLM2), draft, { layers: 1 });
+});
 if (!haveTarget) console.warn(`skip: ${SMOLLM2} not found; the SmolLM2 bench and demo runs are skipped`);
 let haveLlama = true;
 try {
@@ -53,7 +54,7 @@ describe('bench/smollm2.ts', () => {
   });
 
   it.skipIf(!haveTarget || !draft)('--quick runs every configuration on every domain and sampling and writes JSON', () => {
-    const out = join(mkdtempSync(join(tmpdir(), 'osd-smolbench-')), 'smollm2.json');
+    const out = join(tempDir('osd-smolbench-'), 'smollm2.json');
     const [cmd, args] = tsx([join(root, 'bench/smollm2.ts'), '--quick', '--tokens', '6', '--llama-threads', '1', '--draft', draft!, '--out', out, '--json-only']);
     execFileSync(cmd, args, { cwd: root, encoding: 'utf8', timeout: 240_000, stdio: ['ignore', 'pipe', 'pipe'] });
     const json = JSON.parse(readFileSync(out, 'utf8')) as { rows: Row[]; summary: string[]; draft: string; machine: object; probe: object };
@@ -87,7 +88,7 @@ describe('osd demo on SmolLM2', () => {
   });
 
   it.skipIf(!haveTarget || !draft)('accepts --target and --draft and reports every phase as JSON (2 requests per phase)', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'osd-smoldemo-'));
+    const dir = tempDir('osd-smoldemo-');
     const saved = join(dir, 'adapted.gguf');
     const [cmd, args] = tsx([
       join(root, 'lib/cli.ts'), 'demo', '--json', '--target', SMOLLM2, '--draft', draft!,

@@ -2,8 +2,7 @@
 // token-identical to target-only decoding for every strategy, and sampled output follows the
 // target's distribution (chi-square on the first two tokens). Drafts: a random-weight model
 // (frequent rejections) and the target stored in F16 (frequent acceptances).
-import { existsSync, mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
@@ -21,6 +20,7 @@ import {
 } from '../lib/index.js';
 import { addon } from '../lib/addon.js';
 import { chiSquareTest } from './helpers/stats.js';
+import { suiteTempDir, tempDir } from './helpers/tmp.js';
 import { warp } from './helpers/warp.js';
 
 const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
@@ -41,9 +41,9 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
   let randomDraft: Model;
   let closeDraft: Model;
   const prompts: number[][] = [];
+  const dir = suiteTempDir('osd-spec-');
 
   beforeAll(async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'osd-spec-'));
     target = await loadModel(STORIES);
     await writeRandomModel(join(dir, 'random.gguf'), {
       vocabSize: 512, embeddingLength: 32, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 64, contextLength: 512, seed: 3,
@@ -63,7 +63,7 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
   });
 
   it('rejects a draft with another vocabulary, and bad options', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'osd-spec-bad-'));
+    const dir = tempDir('osd-spec-bad-');
     await writeRandomModel(join(dir, 'v.gguf'), { vocabSize: 500, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 64 });
     const other = await loadModel(join(dir, 'v.gguf'));
     expect(() => createSpeculativeDecoder({ target, draft: other })).toThrow(/vocabulary/);

@@ -1,22 +1,21 @@
 // The default pair's draft distillation (lib/train/trainDefault.ts) on tiny random models: the
 // held-out acceptance measure, the dense teacher, and a short distillation that raises acceptance.
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, writeRandomModel, type Model } from '../lib/index.js';
 import { distillDraft, heldOutAgreement, withTeacher, XorShift } from '../lib/train/trainDefault.js';
+import { suiteTempDir } from './helpers/tmp.js';
 
 const V = 64;
 const shape = { vocabSize: V, heads: 2, kvHeads: 1, contextLength: 64 };
 
 describe('draft distillation of the default pair', () => {
-  let dir: string;
+  const dir = suiteTempDir('osd-distill-');
   let target: Model;
   let draft: Model;
 
   beforeAll(async () => {
-    dir = mkdtempSync(join(tmpdir(), 'osd-distill-'));
     await writeRandomModel(join(dir, 't.gguf'), { ...shape, embeddingLength: 32, layers: 2, feedForwardLength: 64, seed: 1 });
     await writeRandomModel(join(dir, 'd.gguf'), { ...shape, embeddingLength: 16, layers: 1, feedForwardLength: 32, seed: 2 });
     target = await loadModel(join(dir, 't.gguf'));
@@ -31,7 +30,6 @@ describe('draft distillation of the default pair', () => {
 
   afterAll(async () => {
     await Promise.all([target?.dispose(), draft?.dispose()]);
-    if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
   it('a model agrees with itself everywhere; acceptance is a probability', async () => {

@@ -1,10 +1,9 @@
 // The training API: steps off the event loop, loss going down, snapshots swapped into a running
 // model, checkpoints that resume exactly, and bad input.
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createTrainer, loadModel, loadTrainerCheckpoint, setTrainThreads, writeRandomModel, type TrainBatch } from '../lib/index.js';
+import { tempDir } from './helpers/tmp.js';
 
 const config = { vocabSize: 53, embeddingLength: 32, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 64, contextLength: 64 };
 
@@ -34,7 +33,7 @@ describe('Trainer', () => {
   });
 
   it('snapshots swap into a running model between requests', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'osd-trainer-'));
+    const dir = tempDir('osd-trainer-');
     await writeRandomModel(join(dir, 'm.gguf'), { ...config, seed: 5 });
     await using model = await loadModel(join(dir, 'm.gguf'));
     await using trainer = await createTrainer(model, { lr: 1e-2 });
@@ -59,7 +58,7 @@ describe('Trainer', () => {
   });
 
   it('a checkpoint resumes with identical losses', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'osd-ckpt-'));
+    const dir = tempDir('osd-ckpt-');
     const a = await createTrainer({ config, seed: 3 }, { lr: 5e-3, schedule: 'cosine', totalSteps: 20, warmupSteps: 2 });
     for (let i = 0; i < 3; i++) await a.step(fixedBatch());
     await a.save(join(dir, 't.ckpt'));

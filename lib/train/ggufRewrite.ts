@@ -2,7 +2,7 @@
 // file that keeps chosen entries (raw bytes, so every value type survives), overrides a few, and
 // copies chosen tensors as they are stored (quantised blocks included), whole or row by row, next to
 // new F32 tensors. Used to cut drafts out of a target (early exit, restricted heads).
-import { closeSync, fsyncSync, openSync, readSync, renameSync, writeSync, fstatSync } from 'node:fs';
+import { closeSync, fsyncSync, openSync, readSync, renameSync, rmSync, writeSync, fstatSync } from 'node:fs';
 
 /** Block size and bytes per block of the GGML tensor types (ids as in ggml.h). */
 export const GGML_TYPES: Record<number, { name: string; block: number; bytes: number }> = {
@@ -267,17 +267,22 @@ export function writeGgufRaw(path: string, kvs: GgufKv[], tensors: OutTensor[], 
   const tmp = `${path}.tmp-${process.pid}`;
   const fd = openSync(tmp, 'w');
   try {
-    for (const p of parts) writeSync(fd, p);
-    let pos = 0;
-    for (const [i, t] of tensors.entries()) {
-      if (offsets[i]! > pos) writeSync(fd, Buffer.alloc(offsets[i]! - pos));
-      writeSync(fd, t.data);
-      pos = offsets[i]! + t.data.length;
+    try {
+      for (const p of parts) writeSync(fd, p);
+      let pos = 0;
+      for (const [i, t] of tensors.entries()) {
+        if (offsets[i]! > pos) writeSync(fd, Buffer.alloc(offsets[i]! - pos));
+        writeSync(fd, t.data);
+        pos = offsets[i]! + t.data.length;
+      }
+      if (offset > pos) writeSync(fd, Buffer.alloc(offset - pos));
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
     }
-    if (offset > pos) writeSync(fd, Buffer.alloc(offset - pos));
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
+    renameSync(tmp, path);
+  } catch (e) {
+    rmSync(tmp, { force: true }); // a failed write leaves no partial file beside the target
+    throw e;
   }
-  renameSync(tmp, path);
 }

@@ -13,7 +13,7 @@
 // with a small draft distilled from it for a few minutes in the same run; --big-only skips the
 // default pair. --domains, --samplings and --strategies keep only the named rows (comma-separated);
 // --extra adds named strategies given as JSON (for comparing variants in one run).
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -175,32 +175,36 @@ async function main(): Promise<void> {
   }
   if (flags.has('big') || flags.has('big-only')) {
     const dir = mkdtempSync(join(tmpdir(), 'osd-bench-spec-'));
-    const bigPath = join(dir, 'big.gguf');
-    progress('writing a ~100M-parameter random target');
-    await writeRandomModel(bigPath, { vocabSize: 32000, embeddingLength: 768, layers: 12, heads: 12, kvHeads: 4, feedForwardLength: 2048, contextLength: 1024, seed: 1 });
-    const target = await loadModel(bigPath);
-    // A small draft distilled from the target's own outputs for a few minutes.
-    progress('distilling a draft from it');
-    const trainer = await createTrainer({ config: { vocabSize: 32000, embeddingLength: 128, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 344, contextLength: 1024 }, seed: 2 }, { lr: 2e-3 });
-    const T = 32;
-    const started = Date.now();
-    const distillMs = 1000 * Number(values.get('distill-seconds') ?? (quick ? 20 : 180));
-    let steps = 0;
-    for (let step = 0; Date.now() - started < distillMs; step++, steps++) {
-      const prompt = [1, (step * 7919) % 32000, (step * 104729) % 32000];
-      const g = await target.generate({ tokens: prompt, maxTokens: T - 3 + 1, sampling: { temperature: 1 }, seed: step, stopTokens: [] });
-      const seq = Int32Array.from([...prompt, ...g.tokens]).subarray(0, T);
-      const logits = await target.forward(seq);
-      await trainer.step({ tokens: seq, batchSize: 1, seqLen: T, teacherLogits: logits, kind: 'forward-kl' });
+    try {
+      const bigPath = join(dir, 'big.gguf');
+      progress('writing a ~100M-parameter random target');
+      await writeRandomModel(bigPath, { vocabSize: 32000, embeddingLength: 768, layers: 12, heads: 12, kvHeads: 4, feedForwardLength: 2048, contextLength: 1024, seed: 1 });
+      const target = await loadModel(bigPath);
+      // A small draft distilled from the target's own outputs for a few minutes.
+      progress('distilling a draft from it');
+      const trainer = await createTrainer({ config: { vocabSize: 32000, embeddingLength: 128, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 344, contextLength: 1024 }, seed: 2 }, { lr: 2e-3 });
+      const T = 32;
+      const started = Date.now();
+      const distillMs = 1000 * Number(values.get('distill-seconds') ?? (quick ? 20 : 180));
+      let steps = 0;
+      for (let step = 0; Date.now() - started < distillMs; step++, steps++) {
+        const prompt = [1, (step * 7919) % 32000, (step * 104729) % 32000];
+        const g = await target.generate({ tokens: prompt, maxTokens: T - 3 + 1, sampling: { temperature: 1 }, seed: step, stopTokens: [] });
+        const seq = Int32Array.from([...prompt, ...g.tokens]).subarray(0, T);
+        const logits = await target.forward(seq);
+        await trainer.step({ tokens: seq, batchSize: 1, seqLen: T, teacherLogits: logits, kind: 'forward-kl' });
+      }
+      const draft = await trainer.snapshot();
+      await trainer.dispose();
+      // Embeddings (tied to the output), then per layer: q and o, k and v (4 KV heads of 64), the FFN.
+      const params = 32000 * 768 + 12 * (2 * 768 * 768 + 2 * 768 * 256 + 3 * 768 * 2048);
+      notes.push(`random-100M: target ${fmtNum(params / 1e6)}M parameters (F32); draft distilled for ${steps} steps of ${T} tokens (${fmtNum((Date.now() - started) / 1000)} s)`);
+      const prompts = Array.from({ length: nPrompts }, (_, i) => [1, (i * 31 + 7) % 32000, (i * 977 + 3) % 32000]);
+      rows.push(...(await measure('random-100M', target, draft, { random: prompts })));
+      await Promise.all([target.dispose(), draft.dispose()]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true }); // the 100M target is about 400 MB
     }
-    const draft = await trainer.snapshot();
-    await trainer.dispose();
-    // Embeddings (tied to the output), then per layer: q and o, k and v (4 KV heads of 64), the FFN.
-    const params = 32000 * 768 + 12 * (2 * 768 * 768 + 2 * 768 * 256 + 3 * 768 * 2048);
-    notes.push(`random-100M: target ${fmtNum(params / 1e6)}M parameters (F32); draft distilled for ${steps} steps of ${T} tokens (${fmtNum((Date.now() - started) / 1000)} s)`);
-    const prompts = Array.from({ length: nPrompts }, (_, i) => [1, (i * 31 + 7) % 32000, (i * 977 + 3) % 32000]);
-    rows.push(...(await measure('random-100M', target, draft, { random: prompts })));
-    await Promise.all([target.dispose(), draft.dispose()]);
   }
   const table = formatTable<Row>(
     [

@@ -356,8 +356,11 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   float* et = grad ? w.et.data() : nullptr;
   w.ms.resize(nb), w.mt.resize(nb), w.ss.resize(nb), w.st.resize(nb), w.ds.resize(nb), w.cs.resize(nb), w.ct.resize(nb);
   w.bad.resize(nb);
-  // Pass 1, one read of each block: maxima, exp terms (the student's into grad), their sums.
-  default_pool().parallel_for(nb, 1, [&](size_t lo, size_t hi) {
+  // Pass 1, one read of each block: maxima, exp terms (the student's into grad), their sums. One
+  // run of consecutive blocks per thread: a block prefetches the next one while its exps run, so
+  // only a run's first block waits on memory.
+  const size_t threads = static_cast<size_t>(default_pool().size());
+  default_pool().parallel_for(nb, std::max<size_t>(1, nb / threads), [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
       bool bs, bt;
@@ -392,9 +395,10 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   }
   const double loss = cross / zt + std::log(zs) - std::log(zt);
   if (!grad) return loss;
-  // Pass 2, no exp: grad = gscale (q - p) from the kept terms.
+  // Pass 2, no exp: grad = gscale (q - p) from the kept terms, split as pass 1 (a thread then
+  // mostly finds its own blocks in its cache).
   const float gscale = scale * it;
-  default_pool().parallel_for(nb, 1, [&](size_t lo, size_t hi) {
+  default_pool().parallel_for(nb, std::max<size_t>(1, nb / threads), [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
       fkl_grad_block(grad + j0, et + j0, n, static_cast<float>(w.cs[b] / zs), static_cast<float>(w.ct[b] / zt),

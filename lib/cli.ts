@@ -124,11 +124,14 @@ async function main(argv: string[]): Promise<number> {
         if (values.draft) {
           const draft = await osd.loadModel(values.draft);
           const dec = osd.createSpeculativeDecoder({ target: model, draft, strategy: { kind: 'adaptive', maxLength: 8 } });
-          let stats: unknown;
-          for await (const chunk of dec.stream({ ...input, maxTokens, sampling, seed, signal: ac.signal })) if (!values.json) process.stdout.write(chunk.text);
-          stats = dec.metrics();
-          if (values.json) process.stdout.write(JSON.stringify({ stats }, null, 2) + '\n');
-          else process.stdout.write('\n');
+          if (values.json) {
+            // The same fields as without --draft, plus the speculative stats.
+            const r = await dec.generate({ ...input, maxTokens, sampling, seed, signal: ac.signal });
+            process.stdout.write(JSON.stringify({ text: r.text, tokens: Array.from(r.tokens), stopReason: r.stopReason, stats: r.stats }) + '\n');
+          } else {
+            for await (const chunk of dec.stream({ ...input, maxTokens, sampling, seed, signal: ac.signal })) process.stdout.write(chunk.text);
+            process.stdout.write('\n');
+          }
           await dec.dispose();
           await draft.dispose();
         } else {

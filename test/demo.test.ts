@@ -38,6 +38,17 @@ describe.skipIf(!have)('osd demo', () => {
     expect(a).toBe(b);
     expect(a.trim().length).toBeGreaterThan(0);
   });
+
+  it('osd generate --json prints the text and tokens with or without --draft (greedy: the same)', () => {
+    const args = ['generate', '--json', '--max-tokens', '12', 'The President said'];
+    const plain = JSON.parse(cli(args));
+    const spec = JSON.parse(cli([...args, '--draft', DEFAULT_DRAFT]));
+    expect(plain.tokens.length).toBe(12);
+    expect(spec.text).toBe(plain.text);
+    expect(spec.tokens).toEqual(plain.tokens);
+    expect(spec.stopReason).toBe(plain.stopReason);
+    expect(spec.stats.tokens).toBe(12);
+  });
 });
 
 describe('demo plot', () => {

@@ -3,7 +3,7 @@
 import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, type Model } from '../lib/index.js';
+import { loadModel, writeRandomModel, type Model } from '../lib/index.js';
 import { suiteTempDir } from './helpers/tmp.js';
 
 const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
@@ -311,5 +311,29 @@ describe('written models', () => {
     let worst = 0;
     for (let i = 0; i < x.length; i++) worst = Math.max(worst, Math.abs(x[i]! - y[i]!));
     expect(worst).toBeLessThan(0.05 * Math.max(...Array.from(x, Math.abs)));
+  });
+});
+
+describe('bad input to models and sequences', () => {
+  const dir = suiteTempDir('osd-badinput-');
+  const config = { vocabSize: 64, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 32, seed: 1 };
+  let model: Model;
+  beforeAll(async () => {
+    await writeRandomModel(join(dir, 'm.gguf'), config);
+    model = await loadModel(join(dir, 'm.gguf'));
+  });
+  afterAll(async () => {
+    await model?.dispose();
+  });
+
+  it('keepPath refuses a path longer than the evaluated nodes, or out of batch order (it wrote past the cache)', async () => {
+    await using seq = model.createSequence({ contextSize: 4 });
+    await seq.evaluate([1, 2, 3], { treeParents: Int32Array.from([-1, 0, 0]) });
+    expect(() => seq.keepPath(0, [0, 1, 2, 2, 2, 2, 2, 2, 2, 2])).toThrow(new RangeError('keep_path: path has length 10, more than the 3 nodes evaluated after base'));
+    expect(() => seq.keepPath(0, [0, 2, 1])).toThrow(/path\[2\] = 1 must be a later batch index than path\[1\]/);
+    expect(() => seq.keepPath(0, [0, 0])).toThrow(RangeError);
+    expect(seq.length).toBe(3);
+    seq.keepPath(0, [0, 2]);
+    expect(seq.length).toBe(2);
   });
 });

@@ -336,4 +336,16 @@ describe('bad input to models and sequences', () => {
     seq.keepPath(0, [0, 2]);
     expect(seq.length).toBe(2);
   });
+
+  it('ropeTheta must be a finite number > 0, in a config and in a file (else the logits are NaN)', async () => {
+    for (const ropeTheta of [-1, 0, Infinity])
+      await expect(writeRandomModel(join(dir, 'r.gguf'), { ...config, ropeTheta })).rejects.toThrow(/ropeTheta must be a finite number > 0/);
+    const bytes = readFileSync(join(dir, 'm.gguf'));
+    const key = 'llama.rope.freq_base';
+    const at = bytes.indexOf(key) + key.length + 4; // after the key and its f32 type tag
+    expect(bytes.readFloatLE(at)).toBe(10000);
+    bytes.writeFloatLE(-1, at);
+    writeFileSync(join(dir, 'neg.gguf'), bytes);
+    await expect(loadModel(join(dir, 'neg.gguf'))).rejects.toThrow(/rope\.freq_base must be a finite number > 0, got -1/);
+  });
 });

@@ -497,7 +497,7 @@ Napi::Value write_random_model(const Napi::CallbackInfo& info) {
     c.n_kv_heads = static_cast<int32_t>(get_int_or(o, "kvHeads", 1, 1024, c.n_heads));
     c.ffn_dim = static_cast<int32_t>(get_int(o, "feedForwardLength", 1, 1 << 18));
     c.context = static_cast<int32_t>(get_int(o, "contextLength", 1, 1 << 20));
-    c.rope_theta = static_cast<float>(get_number_or(o, "ropeTheta", 10000.0));
+    c.rope_theta = get_rope_theta(o);
     const uint64_t seed = has(o, "seed") ? get_seed(o, "seed") : 0;
     auto* w = new WriteRandomWorker(env, info[0].As<Napi::String>(), c, seed, parse_store_type(env, o));
     w->Queue();

@@ -4,6 +4,7 @@
 import { EventEmitter } from 'node:events';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { verifyChain, verifyTree } from './kernels.js';
+import { checkCallback } from './args.js';
 import { type Model, type Sequence, toTokenArray } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
@@ -442,6 +443,8 @@ export class SpeculativeDecoder extends EventEmitter {
 
   /** Streams chunks of tokens and text as they are accepted. Breaking out of the loop aborts the request. */
   async *stream(options: SpeculativeGenerateOptions): AsyncGenerator<StreamChunk, SpeculativeResult['stopReason'], void> {
+    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
+    checkSignal(options.signal);
     const tk = this.target.tokenizer;
     const decoder = tk ? new TokenStreamDecoder(tk) : undefined;
     const queue: StreamChunk[] = [];
@@ -563,9 +566,10 @@ export class SpeculativeDecoder extends EventEmitter {
       stream: streamBase,
       sampling: options.sampling ?? this.sampling,
       seed: options.seed ?? 0,
-      stopTokens: new Set(options.stopTokens ?? this.target.eosTokens),
+      stopTokens: new Set(options.stopTokens === undefined ? this.target.eosTokens : toTokenArray(options.stopTokens, 'stopTokens')),
       counters: new Counters(),
     };
+    checkCallback(options.onStart, 'onStart');
     options.onStart?.(req.id);
     const work = (async () => {
       await this.#acquire(combined);

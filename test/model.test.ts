@@ -348,4 +348,22 @@ describe('bad input to models and sequences', () => {
     writeFileSync(join(dir, 'neg.gguf'), bytes);
     await expect(loadModel(join(dir, 'neg.gguf'))).rejects.toThrow(/rope\.freq_base must be a finite number > 0, got -1/);
   });
+
+  it('generate checks stopTokens, onToken, seed and stream (also when greedy) and the options object', async () => {
+    const base = { tokens: [1], maxTokens: 2 };
+    const call = (o: object) => model.generate({ ...base, ...o } as never);
+    await expect(call({ stopTokens: 'x' })).rejects.toThrow(new TypeError('stopTokens must be an Int32Array or an array of integers'));
+    await expect(call({ stopTokens: [NaN] })).rejects.toThrow(new RangeError('stopTokens[0] must be an integer token id, got NaN'));
+    await expect(call({ onToken: 5 })).rejects.toThrow(new TypeError('onToken must be a function'));
+    await expect(call({ stream: 'x' })).rejects.toThrow(/stream must be a number or a bigint/);
+    await expect(call({ seed: -1 })).rejects.toThrow(/seed must be a non-negative/);
+    await expect(model.generate(null as never)).rejects.toThrow(new TypeError('options must be an object'));
+    await expect(loadModel(join(dir, 'm.gguf'), null as never)).rejects.toThrow(new TypeError('options must be an object'));
+    expect(() => model.createSequence(null as never)).toThrow(new TypeError('options must be an object'));
+    expect(() => model.createSequence({ contextSize: 2 ** 31 })).toThrow(/contextSize must be an integer in/);
+    await expect(model.save(join(dir, 'x.gguf'), null as never)).rejects.toThrow(new TypeError('options must be an object'));
+    await using seq = model.createSequence();
+    await expect(seq.evaluate([1], null as never)).rejects.toThrow(new TypeError('options must be an object'));
+    expect(Array.from((await call({ stopTokens: [] })).tokens)).toHaveLength(2);
+  });
 });

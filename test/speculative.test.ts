@@ -76,6 +76,11 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     await expect(dec.generate({ tokens: [1, 600], maxTokens: 3 })).rejects.toThrow(/tokens\[1\]/);
     await expect(dec.generate({ tokens: [1], maxTokens: 1.5 })).rejects.toThrow(/maxTokens/);
     await expect(dec.generate({ prompt: 'hi', maxTokens: 3 })).rejects.toThrow(/tokenizer/);
+    // Were a Set of characters, a Set holding NaN, or a late unnamed TypeError.
+    await expect(dec.generate({ tokens: [1], maxTokens: 3, stopTokens: 'x' as never })).rejects.toThrow(new TypeError('stopTokens must be an Int32Array or an array of integers'));
+    await expect(dec.generate({ tokens: [1], maxTokens: 3, stopTokens: [NaN] })).rejects.toThrow(/^stopTokens\[0\]/);
+    await expect(dec.generate({ tokens: [1], maxTokens: 3, onStart: 5 as never })).rejects.toThrow(new TypeError('onStart must be a function'));
+    await expect(dec.stream(undefined as never).next()).rejects.toThrow(new TypeError('options must be an object'));
   });
 
   for (const strategy of strategies) {

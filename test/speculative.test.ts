@@ -296,4 +296,17 @@ describe('speculation length', () => {
     expect(ngramLookup([1, 2, 3], 3, 2)).toEqual([]);
     expect(ngramLookup([4, 9, 4], 2, 3)).toEqual([9, 4]);
   });
+  it('the helpers reject bad arguments, naming them (an infinite maxLength looped for ever)', () => {
+    expect(() => bestLength(0.5, 0.1, Infinity)).toThrow(new RangeError('maxLength must be an integer in [0, 65536], got Infinity'));
+    expect(() => bestLength(0.5, 0.1, 1e10)).toThrow(/maxLength/);
+    expect(() => bestLengthByPosition(0.5, [], [], 0.1, Infinity)).toThrow(/maxLength must be an integer in \[1, 65536\]/);
+    expect(() => bestLengthByPosition(0.5, 'x' as never, [], 0.1, 4)).toThrow(TypeError);
+    for (const a of [NaN, -1, 2]) expect(() => expectedSpeedup(a, 3, 0.1)).toThrow(/^a must be a number in \[0, 1\]/);
+    expect(() => expectedSpeedup(0.5, 1.5, 0.1)).toThrow(/^g must be an integer >= 0/);
+    expect(() => bestLength(0.5, -1, 8)).toThrow(/^c must be a finite number >= 0/);
+    expect(() => ngramLookup(null as never, 2, 3)).toThrow(new TypeError('tokens must be an array of token ids'));
+    expect(() => ngramLookup([1, 2, 1], NaN, 3)).toThrow(/^maxNgram must be an integer >= 1/);
+    expect(() => ngramLookup([1, 2, 1], 2, -1)).toThrow(/^length must be an integer >= 0/);
+    expect(() => sampledTreeShape([0.5], 4, 2, null as never)).toThrow(new TypeError('costs must be an object { node, level }'));
+  });
 });

@@ -106,6 +106,7 @@ describe('Trainer', () => {
     }
     expect(() => setTrainThreads(-1)).toThrow(RangeError);
     expect(() => setTrainThreads(1.5)).toThrow(/threads/);
+    expect(() => setTrainThreads('2' as never)).toThrow(new TypeError('threads must be a number, got string'));
   });
 
   it('rejects bad input with errors naming the argument', async () => {

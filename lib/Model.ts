@@ -484,6 +484,7 @@ export class Sequence {
     const handle = this.#get();
     const t = toTokenArray(tokens);
     checkOptions(options);
+    if (options.lastOnly !== undefined && typeof options.lastOnly !== 'boolean') throw new TypeError('options.lastOnly must be a boolean');
     const run = () => {
       if (!this.#native) throw new Error('the sequence was disposed');
       return handle.evaluate(t, options.treeParents ?? null, options.lastOnly ?? false);

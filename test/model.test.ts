@@ -364,6 +364,8 @@ describe('bad input to models and sequences', () => {
     await expect(model.save(join(dir, 'x.gguf'), null as never)).rejects.toThrow(new TypeError('options must be an object'));
     await using seq = model.createSequence();
     await expect(seq.evaluate([1], null as never)).rejects.toThrow(new TypeError('options must be an object'));
+    // 'yes' or 0 was taken for its truthiness.
+    await expect(seq.evaluate([1], { lastOnly: 'yes' as never })).rejects.toThrow(new TypeError('options.lastOnly must be a boolean'));
     expect(Array.from((await call({ stopTokens: [] })).tokens)).toHaveLength(2);
   });
 });

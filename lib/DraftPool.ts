@@ -63,13 +63,16 @@ export class DraftPool extends EventEmitter {
   constructor(options: DraftPoolOptions) {
     super();
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
-    if (typeof options.drafts !== 'object' || options.drafts === null || Object.keys(options.drafts).length === 0)
+    if (typeof options.drafts !== 'object' || options.drafts === null || Array.isArray(options.drafts) || Object.keys(options.drafts).length === 0)
       throw new TypeError('drafts must name at least one draft model');
     const router = options.router ?? 'label';
     if (typeof router !== 'function' && !['label', 'ucb', 'thompson'].includes(router))
       throw new RangeError(`router must be 'label', 'ucb', 'thompson' or a function, got '${String(router)}'`);
-    if (options.forkFrom !== undefined && !(options.forkFrom in options.drafts))
+    // Own keys only: 'toString' is `in` every object.
+    if (options.forkFrom !== undefined && !Object.hasOwn(options.drafts, options.forkFrom))
       throw new RangeError(`forkFrom names no draft: '${options.forkFrom}'`);
+    if (options.seed !== undefined && (typeof options.seed !== 'number' || !Number.isInteger(options.seed) || options.seed < 0))
+      throw new RangeError(`seed must be an integer >= 0, got ${String(options.seed)}`);
     this.target = options.target;
     this.router = router;
     this.#options = options;
@@ -194,12 +197,15 @@ export class DraftPool extends EventEmitter {
 
   /** Adds a draft under a new name. */
   addDraft(name: string, model: Model): void {
+    if (this.#disposed) throw new Error('the pool was disposed');
+    if (typeof name !== 'string' || name.length === 0) throw new TypeError('name must be a non-empty string');
     if (this.#members.has(name)) throw new RangeError(`a draft named '${name}' exists already`);
     this.#add(name, model, false);
   }
 
   async generate(options: PoolGenerateOptions): Promise<PoolResult> {
     if (this.#disposed) throw new Error('the pool was disposed');
+    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
     const m = await this.#route(options);
     const { label: _label, ...rest } = options;
     const r = await m.decoder.generate(rest);

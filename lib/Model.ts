@@ -4,6 +4,7 @@ import { addon } from './addon.js';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { applyChatTemplate, type ApplyChatTemplateOptions, type ChatMessage } from './chatTemplate.js';
 import { loadTokenizer, type Tokenizer } from './Tokenizer.js';
+import { checkCallback, checkOptions } from './args.js';
 import { abortError, checkSignal, throwIfAborted } from './withAbortSignal.js';
 
 interface NativeModel {
@@ -86,7 +87,9 @@ export interface LoadModelOptions {
 /** Loads a GGUF file or a llama2.c checkpoint (told apart by the magic), off the event loop. */
 export async function loadModel(path: string, options: LoadModelOptions = {}): Promise<Model> {
   if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
+  checkOptions(options);
   const signal = checkSignal(options.signal);
+  checkCallback(options.onProgress, 'options.onProgress');
   if (options.threads !== undefined) {
     if (!Number.isInteger(options.threads) || options.threads < 0)
       throw new RangeError('threads must be a non-negative integer (0 = all cores)');
@@ -239,9 +242,9 @@ export class Model {
     return this.#handle;
   }
 
-  /** A new sequence with its own KV cache. contextSize defaults to the model's context length. */
+  /** A new sequence with its own KV cache. contextSize defaults to (and is capped at) the model's context length. */
   createSequence(options: { contextSize?: number } = {}): Sequence {
-    const { contextSize } = options;
+    const { contextSize } = checkOptions(options)!;
     if (contextSize !== undefined && (!Number.isInteger(contextSize) || contextSize <= 0))
       throw new RangeError('contextSize must be a positive integer');
     const seq = new Sequence(this, new native.NativeSequence(this.handle, contextSize ?? 0));
@@ -289,6 +292,7 @@ export class Model {
    */
   async save(path: string, options: { type?: StoreType | 'keep' } = {}): Promise<void> {
     if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
+    checkOptions(options);
     if (options.type !== undefined && options.type !== 'keep' && !isStoreType(options.type))
       throw new RangeError(`type must be 'keep' or one of ${STORE_TYPES.join(', ')}, got ${String(options.type)}`);
     await native.saveModel(this.handle, path, options);
@@ -308,12 +312,14 @@ export class Model {
 
   /** Plain (target-only) generation: greedy, or sampled with the kernels' warping and Philox stream. */
   async generate(options: GenerateOptions): Promise<GenerateResult> {
+    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
     const signal = checkSignal(options.signal);
     const prompt = this.#promptTokens(options);
     const { maxTokens } = options;
     if (!Number.isInteger(maxTokens) || maxTokens < 0) throw new RangeError('maxTokens must be a non-negative integer');
     const sampling = options.sampling ?? { temperature: 0 };
-    const stop = new Set(options.stopTokens ?? this.eosTokens);
+    const stop = new Set(options.stopTokens === undefined ? this.eosTokens : toTokenArray(options.stopTokens, 'stopTokens'));
+    checkCallback(options.onToken, 'onToken');
     const seq = this.createSequence();
     const out: number[] = [];
     let stopReason: StopReason = 'maxTokens';
@@ -477,6 +483,8 @@ export class Sequence {
   async evaluate(tokens: Int32Array | number[], options: EvaluateOptions = {}): Promise<Float32Array> {
     const handle = this.#get();
     const t = toTokenArray(tokens);
+    checkOptions(options);
+    if (options.lastOnly !== undefined && typeof options.lastOnly !== 'boolean') throw new TypeError('options.lastOnly must be a boolean');
     const run = () => {
       if (!this.#native) throw new Error('the sequence was disposed');
       return handle.evaluate(t, options.treeParents ?? null, options.lastOnly ?? false);

@@ -134,9 +134,20 @@ function check(cond: boolean, message: string, type: 'type' | 'range' = 'range')
   if (!cond) throw type === 'type' ? new TypeError(message) : new RangeError(message);
 }
 
+const NUMERIC_OPTIONS = [
+  'beta', 'acceptedFraction', 'topK', 'interval', 'tokenBudget', 'maxAgeMs', 'lr', 'clipNorm', 'epochs', 'batchSize',
+  'maxRecordTokens', 'maxBufferBytes', 'guardMargin', 'guardWindow', 'autosaveEvery', 'replay', 'replayRecords', 'trainThreads',
+] as const satisfies readonly (keyof OnlineDistillOptions)[];
+
 function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDistillOptions, 'tokenBudget' | 'maxAgeMs' | 'autosaveEvery' | 'autosavePath' | 'resumeFrom'>> &
   Pick<OnlineDistillOptions, 'tokenBudget' | 'maxAgeMs' | 'autosaveEvery' | 'autosavePath' | 'resumeFrom'> {
   check(typeof o === 'object' && o !== null, 'distill must be an object', 'type');
+  // Type first: the range checks below would let strings such as '0.5' through by coercion.
+  for (const k of NUMERIC_OPTIONS)
+    if (o[k] !== undefined) check(typeof o[k] === 'number', `distill.${k} must be a number, got ${typeof o[k]}`, 'type');
+  if (o.enabled !== undefined) check(typeof o.enabled === 'boolean', 'distill.enabled must be a boolean', 'type');
+  for (const k of ['resumeFrom', 'autosavePath'] as const)
+    if (o[k] !== undefined) check(typeof o[k] === 'string' && o[k].length > 0, `distill.${k} must be a non-empty string`, 'type');
   const r = {
     loss: o.loss ?? 'forward-kl',
     beta: o.beta ?? 0.5,
@@ -188,6 +199,8 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
 
 /** Top-k of softmax(row) at temperature 1, as the teacher the buffer keeps. */
 export function teacherTopK(row: Float32Array, k: number): { ids: Int32Array; probs: Float32Array } {
+  if (!(row instanceof Float32Array)) throw new TypeError('row must be a Float32Array');
+  if (typeof k !== 'number' || !Number.isInteger(k) || k < 1) throw new RangeError(`k must be an integer >= 1, got ${String(k)}`);
   let max = -Infinity;
   for (let i = 0; i < row.length; i++) if (row[i]! > max) max = row[i]!;
   let z = 0;

@@ -4,6 +4,7 @@
 import { EventEmitter } from 'node:events';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { verifyChain, verifyTree } from './kernels.js';
+import { checkCallback } from './args.js';
 import { type Model, type Sequence, toTokenArray } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
@@ -186,6 +187,9 @@ class Counters {
 
 /** Expected speedup of drafting g tokens with per-token acceptance a and draft/target cost ratio c. */
 export function expectedSpeedup(a: number, g: number, c: number): number {
+  checkRate(a, 'a');
+  if (typeof g !== 'number' || !Number.isInteger(g) || g < 0) throw new RangeError(`g must be an integer >= 0, got ${String(g)}`);
+  checkCost(c);
   if (g === 0) return 1;
   const gain = a >= 1 ? g + 1 : (1 - a ** (g + 1)) / (1 - a);
   return gain / (g * c + 1);
@@ -193,6 +197,9 @@ export function expectedSpeedup(a: number, g: number, c: number): number {
 
 /** The g in [0, maxLength] that maximises expectedSpeedup. */
 export function bestLength(a: number, c: number, maxLength: number): number {
+  checkRate(a, 'a');
+  checkCost(c);
+  checkMaxLength(maxLength, 0);
   let best = 0;
   let bestValue = 1;
   for (let g = 1; g <= maxLength; g++) {
@@ -213,6 +220,10 @@ export function bestLength(a: number, c: number, maxLength: number): number {
  * measurements every a_i is a and this is the formula itself.
  */
 export function bestLengthByPosition(a: number, tested: readonly number[], accepted: readonly number[], c: number, maxLength: number): number {
+  checkRate(a, 'a');
+  if (!Array.isArray(tested) || !Array.isArray(accepted)) throw new TypeError('tested and accepted must be arrays of counts');
+  checkCost(c);
+  checkMaxLength(maxLength, 1);
   let best = 1;
   let bestValue = 0;
   let reach = 1;
@@ -224,6 +235,19 @@ export function bestLengthByPosition(a: number, tested: readonly number[], accep
     if (value > bestValue) (best = g), (bestValue = value);
   }
   return best;
+}
+
+// The speedup model's arguments: an acceptance rate, a cost ratio, and a loop bound (a huge or
+// infinite maxLength would loop for ever).
+function checkRate(a: unknown, name: string): void {
+  if (typeof a !== 'number' || !(a >= 0 && a <= 1)) throw new RangeError(`${name} must be a number in [0, 1], got ${String(a)}`);
+}
+function checkCost(c: unknown): void {
+  if (typeof c !== 'number' || !(c >= 0) || !Number.isFinite(c)) throw new RangeError(`c must be a finite number >= 0, got ${String(c)}`);
+}
+function checkMaxLength(v: unknown, min: number): void {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > 1 << 16)
+    throw new RangeError(`maxLength must be an integer in [${min}, ${1 << 16}], got ${String(v)}`);
 }
 
 function checkPositiveInt(v: unknown, name: string, max = 1 << 16): number {
@@ -339,6 +363,7 @@ export function sampledTreeShape(accept: readonly number[], budget: number, maxD
   if (!Array.isArray(accept) || accept.some((a) => !(typeof a === 'number' && a >= 0 && a <= 1))) throw new RangeError('accept must be an array of numbers in [0, 1]');
   if (!Number.isInteger(budget) || budget < 0) throw new RangeError(`budget must be an integer >= 0, got ${String(budget)}`);
   if (!Number.isInteger(maxDepth) || maxDepth < 0) throw new RangeError(`maxDepth must be an integer >= 0, got ${String(maxDepth)}`);
+  if (costs !== undefined && (costs === null || typeof costs !== 'object')) throw new TypeError('costs must be an object { node, level }');
   if (costs !== undefined && !(costs.node >= 0 && costs.level >= 0)) throw new RangeError('costs.node and costs.level must be numbers >= 0');
   const reach: number[] = [1]; // reach[j]: chance that ranks 0..j-1 were all rejected
   for (let j = 0; j < accept.length; j++) reach.push(reach[j]! * (1 - accept[j]!));
@@ -442,6 +467,8 @@ export class SpeculativeDecoder extends EventEmitter {
 
   /** Streams chunks of tokens and text as they are accepted. Breaking out of the loop aborts the request. */
   async *stream(options: SpeculativeGenerateOptions): AsyncGenerator<StreamChunk, SpeculativeResult['stopReason'], void> {
+    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
+    checkSignal(options.signal);
     const tk = this.target.tokenizer;
     const decoder = tk ? new TokenStreamDecoder(tk) : undefined;
     const queue: StreamChunk[] = [];
@@ -563,9 +590,10 @@ export class SpeculativeDecoder extends EventEmitter {
       stream: streamBase,
       sampling: options.sampling ?? this.sampling,
       seed: options.seed ?? 0,
-      stopTokens: new Set(options.stopTokens ?? this.target.eosTokens),
+      stopTokens: new Set(options.stopTokens === undefined ? this.target.eosTokens : toTokenArray(options.stopTokens, 'stopTokens')),
       counters: new Counters(),
     };
+    checkCallback(options.onStart, 'onStart');
     options.onStart?.(req.id);
     const work = (async () => {
       await this.#acquire(combined);
@@ -996,6 +1024,11 @@ export class SpeculativeDecoder extends EventEmitter {
 
 /** The tokens after the latest earlier occurrence of the longest matching tail (up to maxNgram). */
 export function ngramLookup(tokens: number[], maxNgram: number, length: number): number[] {
+  if (!Array.isArray(tokens) && !((tokens as unknown) instanceof Int32Array)) throw new TypeError('tokens must be an array of token ids');
+  if (typeof maxNgram !== 'number' || !Number.isInteger(maxNgram) || maxNgram < 1)
+    throw new RangeError(`maxNgram must be an integer >= 1, got ${String(maxNgram)}`);
+  if (typeof length !== 'number' || !(length >= 0) || (!Number.isInteger(length) && length !== Infinity))
+    throw new RangeError(`length must be an integer >= 0, got ${String(length)}`);
   const n = tokens.length;
   for (let size = Math.min(maxNgram, n - 1); size >= 1; size--) {
     for (let start = n - size - 1; start >= 0; start--) {

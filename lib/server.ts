@@ -346,6 +346,13 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   if (!target || typeof target.createSequence !== 'function') throw new TypeError('target must be a loaded Model');
   if (!draft || typeof draft.createSequence !== 'function') throw new TypeError('draft must be a loaded Model');
   const online = options.online === undefined ? {} : options.online;
+  if (online !== false && !isObject(online)) throw new TypeError('online must be an object (distillation settings) or false');
+  for (const k of ['modelId', 'draftName'] as const)
+    if (options[k] !== undefined && (typeof options[k] !== 'string' || options[k].length === 0)) throw new TypeError(`${k} must be a non-empty string`);
+  if (options.metricsPrefix !== undefined && !(typeof options.metricsPrefix === 'string' && /^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(options.metricsPrefix)))
+    throw new RangeError(`metricsPrefix must be a Prometheus metric name prefix ([a-zA-Z_:][a-zA-Z0-9_:]*), got ${String(options.metricsPrefix)}`);
+  if (options.registry !== undefined && typeof (options.registry as { registerMetric?: unknown })?.registerMetric !== 'function')
+    throw new TypeError('registry must be a prom-client Registry');
   const maxConcurrent = options.maxConcurrent ?? 4;
   const maxQueued = options.maxQueued ?? 256;
   const defaultMaxTokens = options.defaultMaxTokens ?? 256;

@@ -3,7 +3,7 @@
 import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, type Model } from '../lib/index.js';
+import { loadModel, writeRandomModel, type Model } from '../lib/index.js';
 import { suiteTempDir } from './helpers/tmp.js';
 
 const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
@@ -311,5 +311,61 @@ describe('written models', () => {
     let worst = 0;
     for (let i = 0; i < x.length; i++) worst = Math.max(worst, Math.abs(x[i]! - y[i]!));
     expect(worst).toBeLessThan(0.05 * Math.max(...Array.from(x, Math.abs)));
+  });
+});
+
+describe('bad input to models and sequences', () => {
+  const dir = suiteTempDir('osd-badinput-');
+  const config = { vocabSize: 64, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 32, seed: 1 };
+  let model: Model;
+  beforeAll(async () => {
+    await writeRandomModel(join(dir, 'm.gguf'), config);
+    model = await loadModel(join(dir, 'm.gguf'));
+  });
+  afterAll(async () => {
+    await model?.dispose();
+  });
+
+  it('keepPath refuses a path longer than the evaluated nodes, or out of batch order (it wrote past the cache)', async () => {
+    await using seq = model.createSequence({ contextSize: 4 });
+    await seq.evaluate([1, 2, 3], { treeParents: Int32Array.from([-1, 0, 0]) });
+    expect(() => seq.keepPath(0, [0, 1, 2, 2, 2, 2, 2, 2, 2, 2])).toThrow(new RangeError('keep_path: path has length 10, more than the 3 nodes evaluated after base'));
+    expect(() => seq.keepPath(0, [0, 2, 1])).toThrow(/path\[2\] = 1 must be a later batch index than path\[1\]/);
+    expect(() => seq.keepPath(0, [0, 0])).toThrow(RangeError);
+    expect(seq.length).toBe(3);
+    seq.keepPath(0, [0, 2]);
+    expect(seq.length).toBe(2);
+  });
+
+  it('ropeTheta must be a finite number > 0, in a config and in a file (else the logits are NaN)', async () => {
+    for (const ropeTheta of [-1, 0, Infinity])
+      await expect(writeRandomModel(join(dir, 'r.gguf'), { ...config, ropeTheta })).rejects.toThrow(/ropeTheta must be a finite number > 0/);
+    const bytes = readFileSync(join(dir, 'm.gguf'));
+    const key = 'llama.rope.freq_base';
+    const at = bytes.indexOf(key) + key.length + 4; // after the key and its f32 type tag
+    expect(bytes.readFloatLE(at)).toBe(10000);
+    bytes.writeFloatLE(-1, at);
+    writeFileSync(join(dir, 'neg.gguf'), bytes);
+    await expect(loadModel(join(dir, 'neg.gguf'))).rejects.toThrow(/rope\.freq_base must be a finite number > 0, got -1/);
+  });
+
+  it('generate checks stopTokens, onToken, seed and stream (also when greedy) and the options object', async () => {
+    const base = { tokens: [1], maxTokens: 2 };
+    const call = (o: object) => model.generate({ ...base, ...o } as never);
+    await expect(call({ stopTokens: 'x' })).rejects.toThrow(new TypeError('stopTokens must be an Int32Array or an array of integers'));
+    await expect(call({ stopTokens: [NaN] })).rejects.toThrow(new RangeError('stopTokens[0] must be an integer token id, got NaN'));
+    await expect(call({ onToken: 5 })).rejects.toThrow(new TypeError('onToken must be a function'));
+    await expect(call({ stream: 'x' })).rejects.toThrow(/stream must be a number or a bigint/);
+    await expect(call({ seed: -1 })).rejects.toThrow(/seed must be a non-negative/);
+    await expect(model.generate(null as never)).rejects.toThrow(new TypeError('options must be an object'));
+    await expect(loadModel(join(dir, 'm.gguf'), null as never)).rejects.toThrow(new TypeError('options must be an object'));
+    expect(() => model.createSequence(null as never)).toThrow(new TypeError('options must be an object'));
+    expect(() => model.createSequence({ contextSize: 2 ** 31 })).toThrow(/contextSize must be an integer in/);
+    await expect(model.save(join(dir, 'x.gguf'), null as never)).rejects.toThrow(new TypeError('options must be an object'));
+    await using seq = model.createSequence();
+    await expect(seq.evaluate([1], null as never)).rejects.toThrow(new TypeError('options must be an object'));
+    // 'yes' or 0 was taken for its truthiness.
+    await expect(seq.evaluate([1], { lastOnly: 'yes' as never })).rejects.toThrow(new TypeError('options.lastOnly must be a boolean'));
+    expect(Array.from((await call({ stopTokens: [] })).tokens)).toHaveLength(2);
   });
 });

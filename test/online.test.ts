@@ -4,7 +4,7 @@ import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createOnlineDecoder, loadModel, writeRandomModel, type Model, type UpdateEvent } from '../lib/index.js';
+import { createOnlineDecoder, loadModel, teacherTopK, writeRandomModel, type Model, type UpdateEvent } from '../lib/index.js';
 import { suiteTempDir } from './helpers/tmp.js';
 
 const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
@@ -208,6 +208,13 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     expect(() => createOnlineDecoder({ target, draft, distill: { replayRecords: 0 } })).toThrow(/distill.replayRecords/);
     expect(() => createOnlineDecoder({ target, draft, distill: { autosaveEvery: 2 } })).toThrow(/autosavePath/);
     expect(() => createOnlineDecoder({ target, draft, strategy: { kind: 'ngram' } })).toThrow(/ngram/);
+    // Strings passed the range checks by coercion ('0.5' > 0) and failed in a background update.
+    expect(() => createOnlineDecoder({ target, draft, distill: { beta: '0.5' as never } })).toThrow(new TypeError('distill.beta must be a number, got string'));
+    expect(() => createOnlineDecoder({ target, draft, distill: { maxBufferBytes: '4096' as never } })).toThrow(/distill.maxBufferBytes must be a number/);
+    expect(() => createOnlineDecoder({ target, draft, distill: { enabled: 'no' as never } })).toThrow(new TypeError('distill.enabled must be a boolean'));
+    expect(() => createOnlineDecoder({ target, draft, distill: { resumeFrom: 5 as never } })).toThrow(/distill.resumeFrom must be a non-empty string/);
+    expect(() => teacherTopK(new Float32Array(4), NaN)).toThrow(/^k must be an integer >= 1/);
+    expect(() => teacherTopK([1, 2] as never, 1)).toThrow(new TypeError('row must be a Float32Array'));
     await writeRandomModel(join(dir, 'v500.gguf'), { vocabSize: 500, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 64 });
     await using other = await loadModel(join(dir, 'v500.gguf'));
     expect(() => createOnlineDecoder({ target, draft: other })).toThrow(/vocabulary/);

@@ -58,5 +58,18 @@ describe.skipIf(!have)('DraftPool (stories260K)', () => {
     expect(() => createDraftPool({ target, drafts: {} })).toThrow(/at least one/);
     expect(() => createDraftPool({ target, drafts: { a: good }, router: 'epsilon' as never })).toThrow(/router/);
     expect(() => createDraftPool({ target, drafts: { a: good }, forkFrom: 'b' })).toThrow(/forkFrom/);
+    // Inherited keys are no drafts ('toString' is `in` every object; a fork from it threw later, unnamed).
+    expect(() => createDraftPool({ target, drafts: { a: good }, forkFrom: 'toString' })).toThrow(new RangeError("forkFrom names no draft: 'toString'"));
+    expect(() => createDraftPool({ target, drafts: [good] as never })).toThrow(/drafts must name/);
+    expect(() => createDraftPool({ target, drafts: { a: good }, seed: 'x' as never })).toThrow(/^seed must be an integer/);
+  });
+
+  it('rejects bad requests and drafts, and drafts added after dispose', async () => {
+    const pool = createDraftPool({ target, drafts: { a: good } });
+    await expect(pool.generate(undefined as never)).rejects.toThrow(new TypeError('options must be an object'));
+    expect(() => pool.addDraft(5 as never, bad)).toThrow(new TypeError('name must be a non-empty string'));
+    await pool.dispose();
+    expect(() => pool.addDraft('b', bad)).toThrow(/the pool was disposed/);
+    expect(pool.drafts).toEqual(['a']);
   });
 });

@@ -244,6 +244,15 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     for (const [p, r] of rs) expect(r.choices[0]!.text).toBe(expected.get(p));
   });
 
+  it('createServer rejects bad options, naming them', () => {
+    // 'online' was reported as 'distill', a numeric modelId matched no request, and a bad registry
+    // or metrics prefix failed inside prom-client.
+    expect(() => createServer({ target, draft, online: true as never })).toThrow(new TypeError('online must be an object (distillation settings) or false'));
+    expect(() => createServer({ target, draft, modelId: 5 as never })).toThrow(new TypeError('modelId must be a non-empty string'));
+    expect(() => createServer({ target, draft, registry: {} as never })).toThrow(new TypeError('registry must be a prom-client Registry'));
+    expect(() => createServer({ target, draft, metricsPrefix: 'bad prefix!' })).toThrow(/^metricsPrefix must be a Prometheus metric name prefix/);
+  });
+
   it('answers bad requests with OpenAI-style errors and the right status', async () => {
     const shape = (body: unknown) =>
       expect(body).toEqual({ error: { message: expect.any(String), type: expect.any(String), param: expect.toSatisfy((v) => v === null || typeof v === 'string'), code: expect.any(String) } });

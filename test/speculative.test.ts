@@ -76,6 +76,11 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     await expect(dec.generate({ tokens: [1, 600], maxTokens: 3 })).rejects.toThrow(/tokens\[1\]/);
     await expect(dec.generate({ tokens: [1], maxTokens: 1.5 })).rejects.toThrow(/maxTokens/);
     await expect(dec.generate({ prompt: 'hi', maxTokens: 3 })).rejects.toThrow(/tokenizer/);
+    // Were a Set of characters, a Set holding NaN, or a late unnamed TypeError.
+    await expect(dec.generate({ tokens: [1], maxTokens: 3, stopTokens: 'x' as never })).rejects.toThrow(new TypeError('stopTokens must be an Int32Array or an array of integers'));
+    await expect(dec.generate({ tokens: [1], maxTokens: 3, stopTokens: [NaN] })).rejects.toThrow(/^stopTokens\[0\]/);
+    await expect(dec.generate({ tokens: [1], maxTokens: 3, onStart: 5 as never })).rejects.toThrow(new TypeError('onStart must be a function'));
+    await expect(dec.stream(undefined as never).next()).rejects.toThrow(new TypeError('options must be an object'));
   });
 
   for (const strategy of strategies) {
@@ -290,5 +295,18 @@ describe('speculation length', () => {
     expect(ngramLookup([5, 6, 7, 8, 1, 5, 6, 7], 3, 4)).toEqual([8, 1, 5, 6]);
     expect(ngramLookup([1, 2, 3], 3, 2)).toEqual([]);
     expect(ngramLookup([4, 9, 4], 2, 3)).toEqual([9, 4]);
+  });
+  it('the helpers reject bad arguments, naming them (an infinite maxLength looped for ever)', () => {
+    expect(() => bestLength(0.5, 0.1, Infinity)).toThrow(new RangeError('maxLength must be an integer in [0, 65536], got Infinity'));
+    expect(() => bestLength(0.5, 0.1, 1e10)).toThrow(/maxLength/);
+    expect(() => bestLengthByPosition(0.5, [], [], 0.1, Infinity)).toThrow(/maxLength must be an integer in \[1, 65536\]/);
+    expect(() => bestLengthByPosition(0.5, 'x' as never, [], 0.1, 4)).toThrow(TypeError);
+    for (const a of [NaN, -1, 2]) expect(() => expectedSpeedup(a, 3, 0.1)).toThrow(/^a must be a number in \[0, 1\]/);
+    expect(() => expectedSpeedup(0.5, 1.5, 0.1)).toThrow(/^g must be an integer >= 0/);
+    expect(() => bestLength(0.5, -1, 8)).toThrow(/^c must be a finite number >= 0/);
+    expect(() => ngramLookup(null as never, 2, 3)).toThrow(new TypeError('tokens must be an array of token ids'));
+    expect(() => ngramLookup([1, 2, 1], NaN, 3)).toThrow(/^maxNgram must be an integer >= 1/);
+    expect(() => ngramLookup([1, 2, 1], 2, -1)).toThrow(/^length must be an integer >= 0/);
+    expect(() => sampledTreeShape([0.5], 4, 2, null as never)).toThrow(new TypeError('costs must be an object { node, level }'));
   });
 });

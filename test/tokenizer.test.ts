@@ -307,6 +307,9 @@ describe('tokenizer on hand-built vocabularies', () => {
     expect(() => t.decode([1.5])).toThrow(TypeError);
     expect(() => t.decode('abc' as unknown as number[])).toThrow(TypeError);
     expect(() => t.encode(42 as unknown as string)).toThrow(new TypeError('text must be a string'));
+    expect(() => t.encode('a', null as never)).toThrow(new TypeError('options must be an object'));
+    expect(() => t.decode([1], null as never)).toThrow(new TypeError('options must be an object'));
+    expect(() => t.createStreamDecoder(null as never)).toThrow(new TypeError('options must be an object'));
     expect(() => t.tokenText(266)).toThrow(new RangeError('token = 266 is out of range for a vocabulary of 266'));
     expect(() => t.tokenToPiece(1.5)).toThrow(RangeError);
     const d = t.createStreamDecoder();

@@ -106,6 +106,7 @@ describe('Trainer', () => {
     }
     expect(() => setTrainThreads(-1)).toThrow(RangeError);
     expect(() => setTrainThreads(1.5)).toThrow(/threads/);
+    expect(() => setTrainThreads('2' as never)).toThrow(new TypeError('threads must be a number, got string'));
   });
 
   it('rejects bad input with errors naming the argument', async () => {
@@ -117,6 +118,8 @@ describe('Trainer', () => {
     await expect(trainer.step(bad)).rejects.toThrow(/tokens\[3\]/);
     await expect(createTrainer({ config: { ...config, heads: 3 } })).rejects.toThrow(/multiple/);
     await expect(createTrainer({ config, seed: 1 }, { lr: -1 })).rejects.toThrow(/lr/);
+    // A RoPE base <= 0 trained to NaN losses.
+    await expect(createTrainer({ config: { ...config, ropeTheta: -1 } })).rejects.toThrow(new RangeError('config.ropeTheta must be a finite number > 0, got -1.000000'));
     await expect(loadTrainerCheckpoint('/nonexistent.ckpt')).rejects.toThrow(/nonexistent/);
     await trainer.dispose();
     expect(() => trainer.step(fixedBatch())).toThrow(/disposed/);

@@ -38,6 +38,15 @@ void Sequence::truncate(int32_t n) {
 
 void Sequence::keep_path(int32_t base, const int32_t* path, int32_t k) {
   if (base < 0 || base > length_) throw_range("keep_path: base is outside the sequence");
+  // A root-to-node path of the batch: at most its length, each node after its parent. A longer
+  // path would write past the cache.
+  if (k > length_ - base)
+    throw_range("keep_path: path has length " + std::to_string(k) + ", more than the " + std::to_string(length_ - base) +
+                " nodes evaluated after base");
+  for (int32_t i = 1; i < k; ++i)
+    if (path[i] <= path[i - 1])
+      throw_range("keep_path: path[" + std::to_string(i) + "] = " + std::to_string(path[i]) +
+                  " must be a later batch index than path[" + std::to_string(i - 1) + "] (a child follows its parent)");
   const size_t kvd = model_->config().kv_dim();
   for (int32_t i = 0; i < k; ++i) {
     const int32_t src = base + path[i];

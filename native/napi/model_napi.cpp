@@ -181,7 +181,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     int32_t capacity = 0;
     if (info.Length() > 1 && info[1].IsNumber()) {
       double c = info[1].As<Napi::Number>().DoubleValue();
-      if (c != std::floor(c) || c < 0 || c > 1e9) throw Napi::RangeError::New(env, "contextSize must be a non-negative integer");
+      if (c != std::floor(c) || c < 0 || c > 1e9) throw Napi::RangeError::New(env, "contextSize must be an integer in [0, 1000000000]");
       capacity = static_cast<int32_t>(c);
     }
     seq_ = std::make_shared<Sequence>(mw->get(env), capacity);
@@ -421,10 +421,11 @@ Napi::Value sample_logits(const Napi::CallbackInfo& info) {
                                            std::to_string(V));
     const Sampling s = parse_sampling(o.Env(), get_prop(o, "sampling"), "sampling");
     if (!has(o, "exclude")) {
-      // The draft loop (Sequence.draft) draws through the same function.
-      if (s.greedy()) return Napi::Number::New(env, sample_token(logits.data, V, s, 0, 0, 0));
-      const uint64_t seed = get_seed(o, "seed");
+      // The draft loop (Sequence.draft) draws through the same function. A greedy draw does not use
+      // seed and stream, but a bad one is still an error (not silently ignored).
+      const uint64_t seed = s.greedy() && !has(o, "seed") ? 0 : get_seed(o, "seed");
       const uint64_t stream = has(o, "stream") ? get_seed(o, "stream") : 0;
+      if (s.greedy()) return Napi::Number::New(env, sample_token(logits.data, V, s, 0, 0, 0));
       const uint32_t position = static_cast<uint32_t>(get_int(o, "position", 0, UINT32_MAX));
       return Napi::Number::New(env, sample_token(logits.data, V, s, seed, stream, position));
     }
@@ -497,7 +498,7 @@ Napi::Value write_random_model(const Napi::CallbackInfo& info) {
     c.n_kv_heads = static_cast<int32_t>(get_int_or(o, "kvHeads", 1, 1024, c.n_heads));
     c.ffn_dim = static_cast<int32_t>(get_int(o, "feedForwardLength", 1, 1 << 18));
     c.context = static_cast<int32_t>(get_int(o, "contextLength", 1, 1 << 20));
-    c.rope_theta = static_cast<float>(get_number_or(o, "ropeTheta", 10000.0));
+    c.rope_theta = get_rope_theta(o);
     const uint64_t seed = has(o, "seed") ? get_seed(o, "seed") : 0;
     auto* w = new WriteRandomWorker(env, info[0].As<Napi::String>(), c, seed, parse_store_type(env, o));
     w->Queue();

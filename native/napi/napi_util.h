@@ -125,6 +125,14 @@ inline double get_number_or(const Napi::Object& o, const char* key, double fallb
   return present(v) ? number_value(o, v, key, prefix) : fallback;
 }
 
+// ropeTheta of a model config: a finite number > 0 (any other RoPE base makes NaN logits).
+inline float get_rope_theta(const Napi::Object& o, const std::string& prefix = "") {
+  const float t = static_cast<float>(get_number_or(o, "ropeTheta", 10000.0, prefix));
+  if (!(t > 0) || !std::isfinite(t))
+    throw Napi::RangeError::New(o.Env(), prefix + "ropeTheta must be a finite number > 0, got " + std::to_string(t));
+  return t;
+}
+
 inline int64_t int_value(const Napi::Object& o, const Napi::Value& v, const char* key, int64_t lo, int64_t hi,
                          const std::string& prefix) {
   double d = number_value(o, v, key, prefix);

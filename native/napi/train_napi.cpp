@@ -292,7 +292,7 @@ Napi::Value create_trainer(const Napi::CallbackInfo& info) {
       mc.n_kv_heads = static_cast<int32_t>(get_int_or(c, "kvHeads", 1, 1024, mc.n_heads, "config."));
       mc.ffn_dim = static_cast<int32_t>(get_int(c, "feedForwardLength", 1, 1 << 18, "config."));
       mc.context = static_cast<int32_t>(get_int(c, "contextLength", 1, 1 << 20, "config."));
-      mc.rope_theta = static_cast<float>(get_number_or(c, "ropeTheta", 10000.0, "config."));
+      mc.rope_theta = get_rope_theta(c, "config.");
       mc.tied_output = !has(c, "tiedOutput") || c.Get("tiedOutput").ToBoolean();
       if (mc.dim % mc.n_heads != 0) throw Napi::RangeError::New(env, "config.embeddingLength must be a multiple of config.heads");
       mc.head_dim = mc.dim / mc.n_heads;

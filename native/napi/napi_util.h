@@ -63,21 +63,25 @@ template <>
 struct TypedArrayTraits<float> {
   static constexpr napi_typedarray_type type = napi_float32_array;
   static constexpr const char* name = "Float32Array";
+  static constexpr const char* article = "a";
 };
 template <>
 struct TypedArrayTraits<int32_t> {
   static constexpr napi_typedarray_type type = napi_int32_array;
   static constexpr const char* name = "Int32Array";
+  static constexpr const char* article = "an";
 };
 template <>
 struct TypedArrayTraits<uint8_t> {
   static constexpr napi_typedarray_type type = napi_uint8_array;
   static constexpr const char* name = "Uint8Array";
+  static constexpr const char* article = "a";
 };
 template <>
 struct TypedArrayTraits<uint32_t> {
   static constexpr napi_typedarray_type type = napi_uint32_array;
   static constexpr const char* name = "Uint32Array";
+  static constexpr const char* article = "a";
 };
 
 template <typename T>
@@ -90,7 +94,7 @@ template <typename T>
 ArrayView<T> typed_array(Napi::Env env, const Napi::Value& v, const std::string& name) {
   using Tr = TypedArrayTraits<T>;
   if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != Tr::type)
-    throw Napi::TypeError::New(env, name + " must be a " + Tr::name);
+    throw Napi::TypeError::New(env, name + " must be " + Tr::article + " " + Tr::name);
   auto ta = v.As<Napi::TypedArrayOf<T>>();
   return {ta.Data(), ta.ElementLength()};
 }

@@ -81,7 +81,7 @@ std::vector<T> number_array(Napi::Env env, const Napi::Value& v, const std::stri
     auto view = typed_array<T>(env, v, name);
     return std::vector<T>(view.data, view.data + view.length);
   }
-  if (!v.IsArray()) throw Napi::TypeError::New(env, name + " must be a " + TypedArrayTraits<T>::name + " or an array of numbers");
+  if (!v.IsArray()) throw Napi::TypeError::New(env, name + " must be " + TypedArrayTraits<T>::article + " " + TypedArrayTraits<T>::name + " or an array of numbers");
   auto arr = v.As<Napi::Array>();
   std::vector<T> out(arr.Length());
   for (uint32_t i = 0; i < arr.Length(); ++i) {

@@ -31,7 +31,7 @@ const native = addon as unknown as TrainAddon;
  */
 export function setTrainThreads(threads: number): number {
   if (typeof threads !== 'number') throw new TypeError(`threads must be a number, got ${typeof threads}`);
-  if (typeof threads !== 'number' || !Number.isInteger(threads) || threads < 0 || threads > 1024)
+  if (!Number.isInteger(threads) || threads < 0 || threads > 1024)
     throw new RangeError(`threads must be an integer in [0, 1024] (0 = share the decoding pool), got ${String(threads)}`);
   return native.setTrainThreads(threads);
 }

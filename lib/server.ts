@@ -349,8 +349,8 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   if (online !== false && !isObject(online)) throw new TypeError('online must be an object (distillation settings) or false');
   for (const k of ['modelId', 'draftName'] as const)
     if (options[k] !== undefined && (typeof options[k] !== 'string' || options[k].length === 0)) throw new TypeError(`${k} must be a non-empty string`);
-  if (options.metricsPrefix !== undefined && !(typeof options.metricsPrefix === 'string' && /^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(options.metricsPrefix)))
-    throw new RangeError(`metricsPrefix must be a Prometheus metric name prefix ([a-zA-Z_:][a-zA-Z0-9_:]*), got ${String(options.metricsPrefix)}`);
+  if (options.metricsPrefix !== undefined && !(typeof options.metricsPrefix === 'string' && /^([a-zA-Z_:][a-zA-Z0-9_:]*)?$/.test(options.metricsPrefix)))
+    throw new RangeError(`metricsPrefix must be a Prometheus metric name prefix ([a-zA-Z_:][a-zA-Z0-9_:]*, or empty), got ${String(options.metricsPrefix)}`);
   if (options.registry !== undefined && typeof (options.registry as { registerMetric?: unknown })?.registerMetric !== 'function')
     throw new TypeError('registry must be a prom-client Registry');
   const maxConcurrent = options.maxConcurrent ?? 4;

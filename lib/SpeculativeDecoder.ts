@@ -630,7 +630,7 @@ export class SpeculativeDecoder extends EventEmitter {
     let produced = 0;
     const c = req.counters;
     try {
-      const capacity = Math.min(T.capacity, D?.capacity ?? Infinity);
+      const capacity = T.capacity;
       if (committed.length >= capacity) throw new RangeError(`the prompt (${committed.length} tokens) does not fit the context of ${capacity}`);
       throwIfAborted(signal);
       // The target's cache holds everything but the last committed token, whose logits come from the next pass.
@@ -638,7 +638,10 @@ export class SpeculativeDecoder extends EventEmitter {
       for (let step = 0; produced < maxTokens; step++) {
         throwIfAborted(signal);
         const room = capacity - committed.length - 1; // positions left after the last token
-        const budget = Math.max(0, Math.min(room, maxTokens - produced - 1));
+        // A draft with a shorter context than the target drafts while it has room; after that the
+        // steps draft nothing and verification samples the target alone (still exact).
+        const draftRoom = D ? D.capacity - committed.length - 1 : Infinity;
+        const budget = Math.max(0, Math.min(room, draftRoom, maxTokens - produced - 1));
         const fresh = await this.#step(req, step, T, D, committed, budget);
         // Cut at the first stop token or at maxTokens.
         let emitTokens = fresh;

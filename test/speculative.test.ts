@@ -112,6 +112,33 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     expect(got.stats.meanAcceptedLength).toBeGreaterThan(1);
   });
 
+  it('a draft with a shorter context drafts while it has room, then the target decodes alone (it stopped at the draft\'s end)', async () => {
+    await writeRandomModel(join(dir, 'short.gguf'), {
+      vocabSize: 512, embeddingLength: 32, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 64, contextLength: 24, seed: 3,
+    });
+    const shortDraft = await loadModel(join(dir, 'short.gguf'));
+    try {
+      for (const strategy of [{ kind: 'chain', length: 4 }, { kind: 'tree', budget: 8, maxDepth: 3, branching: 2 }] as Strategy[]) {
+        const dec = createSpeculativeDecoder({ target, draft: shortDraft, strategy });
+        const want = await target.generate({ tokens: prompts[0]!, maxTokens: 60, stopTokens: [] });
+        const got = await dec.generate({ tokens: prompts[0]!, maxTokens: 60, stopTokens: [] });
+        expect(Array.from(got.tokens)).toEqual(Array.from(want.tokens));
+        expect(got.stopReason).toBe('maxTokens');
+        expect(got.stats.drafted).toBeGreaterThan(0);
+        await dec.dispose();
+      }
+      // A prompt longer than the draft's context: every step is target-only.
+      const long = Array.from({ length: 30 }, (_, i) => prompts[i % prompts.length]![1] ?? 1);
+      const dec = createSpeculativeDecoder({ target, draft: shortDraft, strategy: { kind: 'chain', length: 4 } });
+      const got = await dec.generate({ tokens: [1, ...long], maxTokens: 8 });
+      expect(Array.from(got.tokens)).toEqual(Array.from((await target.generate({ tokens: [1, ...long], maxTokens: 8 })).tokens));
+      expect(got.stats.drafted).toBe(0);
+      await dec.dispose();
+    } finally {
+      await shortDraft.dispose();
+    }
+  });
+
   // Sampled exactness: the joint distribution of the first two tokens against the target's own.
   // A planted fault must fail: a tree of the draft's top tokens verified as if they were sampled.
   const sampledCases: {

@@ -303,7 +303,6 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       Sequence& s = get(env);
       if (info.Length() < 1) throw Napi::TypeError::New(env, "tokens must be an Int32Array");
       auto toks = typed_array<int32_t>(env, info[0], "tokens");
-      if (toks.length == 0) throw Napi::RangeError::New(env, "tokens must not be empty");
       Napi::Object o = require_object(info, 1, "options");
       const int32_t vm = s.model().config().vocab;
       DraftParams p;
@@ -329,10 +328,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
         if (toks.data[i] < 0 || toks.data[i] >= vm)
           throw Napi::RangeError::New(env, "tokens[" + std::to_string(i) + "] = " + std::to_string(toks.data[i]) +
                                                " is out of range for a vocabulary of " + std::to_string(vm));
-      const int64_t need = int64_t(s.length()) + int64_t(toks.length) + p.count - 1;
-      if (need > s.capacity())
-        throw Napi::RangeError::New(env, "the sequence would hold " + std::to_string(need) + " tokens, more than its context of " +
-                                             std::to_string(s.capacity()));
+      // The context check is draft_chain's, at run time (after the drafts queued before this one).
       auto out_tokens = Napi::Int32Array::New(env, p.count);
       auto out_logits = Napi::Float32Array::New(env, static_cast<size_t>(p.count) * p.vocab);
       cancel_ = std::make_shared<std::atomic<bool>>(false);

@@ -60,7 +60,7 @@ OSD_TEST(exp_approx_relative_error) {
     double ref = std::exp(static_cast<double>(x));
     worst = std::max(worst, std::fabs(exp_approx(x) - ref) / ref);
   }
-  CHECK(worst < 4e-7);
+  CHECK(worst < 2e-7);  // 1.7e-7 measured
   CHECK_EQ(exp_approx(-1000.0f), 0.0f);
   CHECK_EQ(exp_approx(-std::numeric_limits<float>::infinity()), 0.0f);
   CHECK(std::isfinite(exp_approx(1000.0f)));

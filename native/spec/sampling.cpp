@@ -347,7 +347,8 @@ namespace {
 // The four lanes groups are spelled out (not a loop over an array) so that GCC keeps the sums in
 // registers: with the array it spilled them every iteration and ran about 20% slower.
 template <bool kUnitT, bool kStore>
-OSD_SIMD_INLINE int32_t exp_sum_groups(const float* l, int32_t n, float ref, float inv_t, float* e, f32x8* acc) {
+OSD_SIMD_INLINE int32_t exp_sum_groups(const float* l, int32_t n, float ref, float inv_t, float* e, f32x8* acc,
+                                       const float* side, int32_t side_n) {
   const f32x8 vref = splat8(ref), vit = splat8(inv_t);
   f32x8 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
   int32_t j = 0;
@@ -356,6 +357,7 @@ OSD_SIMD_INLINE int32_t exp_sum_groups(const float* l, int32_t n, float ref, flo
     // keep the core busy (a hint; it never faults, also past the end of the array).
     __builtin_prefetch(l + j + kStatBlock);
     __builtin_prefetch(l + j + kStatBlock + 16);
+    if (j < side_n) __builtin_prefetch(side + j), __builtin_prefetch(side + j + 16);
     f32x8 d0 = load8(l + j) - vref, d1 = load8(l + j + 8) - vref, d2 = load8(l + j + 16) - vref,
           d3 = load8(l + j + 24) - vref;
     if (!kUnitT) d0 = d0 * vit, d1 = d1 * vit, d2 = d2 * vit, d3 = d3 * vit;
@@ -369,13 +371,14 @@ OSD_SIMD_INLINE int32_t exp_sum_groups(const float* l, int32_t n, float ref, flo
 
 }  // namespace
 
-OSD_CLONES float block_exp_sum(const float* l, int32_t n, float ref, float inv_t, float* e) {
+OSD_CLONES float block_exp_sum(const float* l, int32_t n, float ref, float inv_t, float* e, const float* side,
+                               int32_t side_n) {
   f32x8 acc[4] = {};
   const bool unit = inv_t == 1.0f;
-  const int32_t j = e ? (unit ? exp_sum_groups<true, true>(l, n, ref, inv_t, e, acc)
-                              : exp_sum_groups<false, true>(l, n, ref, inv_t, e, acc))
-                      : (unit ? exp_sum_groups<true, false>(l, n, ref, inv_t, e, acc)
-                              : exp_sum_groups<false, false>(l, n, ref, inv_t, e, acc));
+  const int32_t j = e ? (unit ? exp_sum_groups<true, true>(l, n, ref, inv_t, e, acc, side, side_n)
+                              : exp_sum_groups<false, true>(l, n, ref, inv_t, e, acc, side, side_n))
+                      : (unit ? exp_sum_groups<true, false>(l, n, ref, inv_t, e, acc, side, side_n)
+                              : exp_sum_groups<false, false>(l, n, ref, inv_t, e, acc, side, side_n));
   float a[kStatLanes];
   spill_lanes(acc, a);
   for (int32_t k = j; k < n; ++k) {
@@ -562,7 +565,8 @@ int32_t sample_residual_dense(const DenseRow& p, const DenseRow& q, double u, st
 
 // ---------------------------------------------------------------- rows from block statistics
 
-void block_stats(const float* l, int32_t n, float inv_t, bool sum, BlockStat& out, float* e) {
+void block_stats(const float* l, int32_t n, float inv_t, bool sum, BlockStat& out, float* e, const float* side,
+                 int32_t side_n) {
   bool bad;
   out.max = block_max(l, n, &bad);
   out.bad = bad;
@@ -572,7 +576,7 @@ void block_stats(const float* l, int32_t n, float inv_t, bool sum, BlockStat& ou
     if (e) std::fill(e, e + n, 0.0f);
     return;
   }
-  out.sum = block_exp_sum(l, n, out.max, inv_t, e);  // the block was just read: from L1
+  out.sum = block_exp_sum(l, n, out.max, inv_t, e, side, side_n);  // the block was just read: from L1
 }
 
 namespace {

@@ -87,8 +87,10 @@ inline int32_t stat_blocks(int32_t vocab) { return (vocab + kStatBlock - 1) / kS
 // Max of n logits and whether any is NaN or +Infinity (any n; max is exact in any order).
 float block_max(const float* l, int32_t n, bool* bad);
 // lane_sum of e_j = exp_approx((l_j - ref) * inv_t) over n <= kStatBlock entries; stores the e_j in
-// e when e is not null.
-float block_exp_sum(const float* l, int32_t n, float ref, float inv_t, float* e);
+// e when e is not null. Meanwhile it prefetches side[0..min(side_n, n)), logits to be read soon:
+// the exps leave the memory idle otherwise (a hint; it never changes a result).
+float block_exp_sum(const float* l, int32_t n, float ref, float inv_t, float* e, const float* side = nullptr,
+                    int32_t side_n = 0);
 
 // Validation outcome of a row, as checked_row_max defines it.
 enum class RowCheck : uint8_t { Unchecked = 0, Ok = 1, NotFinite = 2, AllNegInf = 3 };
@@ -148,7 +150,8 @@ struct BlockStat {
 };
 // One block of n <= kStatBlock logits; S_b only when `sum` is set, and then its exp terms go to e
 // when e is not null (zeros where bm_b is -Infinity; unspecified in a bad block).
-void block_stats(const float* l, int32_t n, float inv_t, bool sum, BlockStat& out, float* e = nullptr);
+void block_stats(const float* l, int32_t n, float inv_t, bool sum, BlockStat& out, float* e = nullptr,
+                 const float* side = nullptr, int32_t side_n = 0);
 
 // A temperature-only row from its block statistics. finish_row_check sets check and max from the
 // blocks; finish_row also, for a row that is Ok and whose blocks were summed, c_b (scale), W_b

@@ -180,14 +180,25 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
   // Reads rows ks[0..n): the first n_sum summed (keeping a tested pair's exp terms), the others
   // for their maxima only. All their blocks over the pool when called outside it; summed rows first,
   // so that the expensive blocks are spread over the threads and the cheap ones fill the tail.
-  auto read = [&](const size_t* ks, size_t n, size_t n_sum) {
+  // While a summed block's exps run, its share of rows side[0..n_side) is prefetched (rows read
+  // soon after: max-only reads are otherwise bound by memory alone, and the exps by the FPU alone).
+  auto read = [&](const size_t* ks, size_t n, size_t n_sum, const size_t* side = nullptr, size_t n_side = 0) {
+    const size_t summed = n_sum * nb, side_floats = n_side * static_cast<size_t>(V);
     auto body = [&](size_t lo, size_t hi) {
       for (size_t u = lo; u < hi; ++u) {
         const size_t i = u / nb, k = ks[i];
         const int32_t b = static_cast<int32_t>(u % nb), j0 = b * kStatBlock;
         float* e = i < n_sum ? pair_e(k) : nullptr;
+        const float* sp = nullptr;
+        int32_t sn = 0;
+        if (i < n_sum && n_side) {
+          const size_t f0 = u * side_floats / summed, f1 = (u + 1) * side_floats / summed;
+          const size_t off = f0 % V;
+          sp = logits(side[f0 / V]) + off;
+          sn = static_cast<int32_t>(std::min(f1 - f0, V - off));
+        }
         block_stats(logits(k) + j0, std::min(kStatBlock, V - j0), inv_t, i < n_sum, w.stats[k * nb + b],
-                    e ? e + j0 : nullptr);
+                    e ? e + j0 : nullptr, sp, sn);
       }
     };
     // At least 8K logits per chunk: short rows stay on the calling thread.
@@ -213,7 +224,8 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
     if (G > 0) w.order.push_back(G + 1);
     for (size_t k = 1; k < rows; ++k)
       if (k != G + 1) w.order.push_back(k);
-    read(w.order.data(), rows, G > 0 ? 2 : 1);
+    const size_t n_sum = G > 0 ? 2 : 1;
+    read(w.order.data(), rows, n_sum, w.order.data() + n_sum, rows - n_sum);
     if (!check_all(0)) return ChainResult{};
   }
   ChainResult res;
@@ -221,7 +233,17 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
   auto walk = [&]() {
     for (size_t i = 0; i < G; ++i) {
       const size_t pair[2] = {i, G + 1 + i};
-      if (!spread || i > 0) read(pair, 2, 2);
+      if (!spread) {
+        // The rows of later positions, next pair first: the walk or the final check reads them.
+        w.side.clear();
+        for (size_t k = i + 1; k <= G; ++k) {
+          w.side.push_back(k);
+          if (k < G) w.side.push_back(G + 1 + k);
+        }
+        read(pair, 2, 2, w.side.data(), w.side.size());
+      } else if (i > 0) {
+        read(pair, 2, 2);
+      }
       next = i + 1;
       BlockedRow p = row(i, true), q = row(G + 1 + i, true);
       finish_row(p);

@@ -59,6 +59,7 @@ struct BlockedChainScratch {
   std::vector<float> rmass;         // blocks
   std::vector<float> e;             // 2 x V: the exp terms of the target and draft row under test
   std::vector<size_t> order;        // rows in reading order
+  std::vector<size_t> side;         // rows to prefetch while a pair's exps run
 };
 ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64_t seed, uint64_t stream,
                                  int32_t* out, BlockedChainScratch& w, RowCheck* tcheck, RowCheck* dcheck,

@@ -237,9 +237,12 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
   return guarded(env, [&]() -> Napi::Value {
     Napi::Object o = require_object(info, 0, "options");
     DistillInput in;
-    if (!has(o, "kind")) throw Napi::TypeError::New(env, "kind is required");
-    if (!o.Get("kind").IsString()) throw Napi::TypeError::New(env, "kind must be a string");
-    in.kind = parse_distill_kind(o.Get("kind").As<Napi::String>(), "kind");
+    // Each property is read once, through the cached keys (a read costs about as much as a small
+    // row's loss).
+    const Napi::Value kind = get_prop(o, "kind");
+    if (!present(kind)) throw Napi::TypeError::New(env, "kind is required");
+    if (!kind.IsString()) throw Napi::TypeError::New(env, "kind must be a string");
+    in.kind = parse_distill_kind(kind.As<Napi::String>(), "kind");
     in.vocab = get_vocab(o);
     auto student = get_array<float>(o, "studentLogits");
     if (student.length % in.vocab != 0)
@@ -250,15 +253,16 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
     in.student = student.data;
     in.temperature = static_cast<float>(get_number_or(o, "temperature", 1.0));
     in.beta = static_cast<float>(get_number_or(o, "beta", 0.5));
-    if (has(o, "teacherLogits") && has(o, "teacher"))
+    const Napi::Value dense = get_prop(o, "teacherLogits"), sparse = get_prop(o, "teacher");
+    if (present(dense) && present(sparse))
       throw Napi::TypeError::New(env, "give either teacherLogits (dense) or teacher (sparse top-k), not both");
-    if (has(o, "teacherLogits")) {
-      auto t = get_array<float>(o, "teacherLogits");
+    if (present(dense)) {
+      auto t = typed_array<float>(env, dense, "teacherLogits");
       expect_length(env, t.length, rows * in.vocab, "teacherLogits", "studentLogits.length");
       in.teacher = t.data;
-    } else if (has(o, "teacher")) {
-      if (!o.Get("teacher").IsObject()) throw Napi::TypeError::New(env, "teacher must be an object { indices, probs, residual? }");
-      Napi::Object t = o.Get("teacher").As<Napi::Object>();
+    } else if (present(sparse)) {
+      if (!sparse.IsObject()) throw Napi::TypeError::New(env, "teacher must be an object { indices, probs, residual? }");
+      Napi::Object t = sparse.As<Napi::Object>();
       auto ids = get_array<int32_t>(t, "indices", "teacher.");
       auto probs = get_array<float>(t, "probs", "teacher.");
       if (rows == 0 || ids.length % rows != 0)
@@ -269,34 +273,36 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
       expect_length(env, probs.length, ids.length, "teacher.probs", "teacher.indices.length");
       in.topk_ids = ids.data;
       in.topk_probs = probs.data;
-      if (has(t, "residual")) {
-        auto res = get_array<float>(t, "residual", "teacher.");
+      const Napi::Value res_v = get_prop(t, "residual");
+      if (present(res_v)) {
+        auto res = typed_array<float>(env, res_v, "teacher.residual");
         expect_length(env, res.length, rows, "teacher.residual", "row count");
         in.residual = res.data;
       }
     } else {
       throw Napi::TypeError::New(env, "teacherLogits (dense) or teacher (sparse top-k) is required");
     }
-    if (has(o, "mask")) {
-      auto m = get_array<uint8_t>(o, "mask");
+    const Napi::Value mask = get_prop(o, "mask");
+    if (present(mask)) {
+      auto m = typed_array<uint8_t>(env, mask, "mask");
       expect_length(env, m.length, rows, "mask", "row count");
       in.mask = m.data;
     }
-    const bool want_grad = !has(o, "computeGrad") || o.Get("computeGrad").ToBoolean();
+    const Napi::Value compute_grad = get_prop(o, "computeGrad");
+    const bool want_grad = !present(compute_grad) || compute_grad.ToBoolean();
     // gradOut: a caller-owned gradient buffer, reused across calls (a fresh array per call pays a
     // page fault per 4 KiB on first touch, about as much as the loss itself at large V).
     float* grad_ptr = nullptr;
-    Napi::Value grad_value;
-    if (has(o, "gradOut")) {
+    Napi::Value grad_value = get_prop(o, "gradOut");
+    if (present(grad_value)) {
       if (!want_grad) throw Napi::TypeError::New(env, "gradOut cannot be combined with computeGrad: false");
-      auto g = get_array<float>(o, "gradOut");
+      auto g = typed_array<float>(env, grad_value, "gradOut");
       expect_length(env, g.length, rows * in.vocab, "gradOut", "studentLogits.length");
       // The kernels read the logits after writing parts of the gradient: no overlap.
       auto overlaps = [&](const float* a, size_t n) { return a && g.data < a + n && a < g.data + g.length; };
       if (overlaps(in.student, rows * in.vocab) || overlaps(in.teacher, rows * in.vocab))
         throw Napi::RangeError::New(env, "gradOut must not share memory with studentLogits or teacherLogits");
       grad_ptr = g.data;
-      grad_value = o.Get("gradOut");
     } else if (want_grad) {
       Napi::Float32Array grad = Napi::Float32Array::New(env, rows * in.vocab);
       grad_ptr = grad.Data();
@@ -304,8 +310,8 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
     }
     double loss = current_backend().distill_loss(in, grad_ptr);
     Napi::Object r = Napi::Object::New(env);
-    r.Set("loss", Napi::Number::New(env, loss));
-    if (want_grad) r.Set("grad", grad_value);
+    set_prop(r, "loss", Napi::Number::New(env, loss));
+    if (want_grad) set_prop(r, "grad", grad_value);
     return r;
   });
 }

@@ -1,5 +1,6 @@
 // Branch-free float math that compilers vectorise. exp_approx has a relative error below 2e-7
-// (1.8e-7) over the float range (checked against std::exp in test_kernels) and returns 0 below -87.3 (and saturates above 88.3).
+// (1.8e-7) over the float range (checked against std::exp in test_kernels), returns 0 below -87.3
+// and saturates above 88.3.
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -31,7 +31,21 @@ export interface BackendSelection {
 }
 
 export interface NativeAddon {
-  verifyChain(o: object): { acceptedCount: number; tokens: Int32Array };
+  /** Positional: lib/kernels.ts reads the options; the emitted tokens go to out[0..acceptedCount]. */
+  verifyChain(
+    targetLogits: unknown,
+    draftLogits: unknown,
+    draftTokens: unknown,
+    vocabSize: unknown,
+    sampling: unknown,
+    temperature: unknown,
+    topK: unknown,
+    topP: unknown,
+    seed: unknown,
+    stream: unknown,
+    fault: unknown,
+    out: Int32Array,
+  ): number;
   verifyChainBatch(o: object): { acceptedCounts: Int32Array; tokens: Int32Array; offsets: Int32Array };
   verifyTree(o: object): { path: Int32Array; tokens: Int32Array };
   distillLoss(o: object): { loss: number; grad?: Float32Array };

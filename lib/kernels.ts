@@ -36,8 +36,21 @@ export interface VerifyChainResult {
  * Logits may contain -Infinity (probability 0); NaN or +Infinity anywhere is a RangeError.
  */
 export function verifyChain(options: VerifyChainOptions): VerifyChainResult {
-  return addon.verifyChain(options);
+  if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+  // The binding takes the options one by one (see native/napi/kernels_napi.cpp) and writes the
+  // emitted tokens into a reused buffer; the argument checks and their messages are the binding's.
+  const { targetLogits, draftLogits, draftTokens, vocabSize, sampling, seed, stream } = options;
+  const g = ArrayBuffer.isView(draftTokens) ? (draftTokens as Int32Array).length : 0;
+  if (chainTokens.length < g + 1) chainTokens = new Int32Array(g + 1);
+  const fault = (options as { _fault?: unknown })._fault;
+  const s = typeof sampling === 'object' && sampling !== null ? sampling : undefined;
+  const acceptedCount = addon.verifyChain(
+    targetLogits, draftLogits, draftTokens, vocabSize, sampling, s?.temperature, s?.topK, s?.topP, seed, stream, fault,
+    chainTokens,
+  );
+  return { acceptedCount, tokens: chainTokens.slice(0, acceptedCount + 1) };
 }
+let chainTokens = new Int32Array(64);
 
 export interface VerifyChainBatchOptions {
   /** [(sum g_b + B) x V]: each sequence's g_b + 1 rows, back to back. */

@@ -76,6 +76,24 @@ describe('greedy chains', () => {
     expect(acceptedHist[6]).toBeGreaterThan(100);
   });
 
+  it('returns fresh token arrays, also for drafts longer than the binding\'s reused buffer', () => {
+    // The binding writes into one reused buffer; each result must own its tokens.
+    const rng = new Rng(7);
+    const results: { r: ReturnType<typeof verifyChain>; ref: ReturnType<typeof chainReference> }[] = [];
+    for (const g of [3, 200, 5, 1000, 0]) {
+      const V = 4;
+      const target = tiedLogits(rng, g + 1, V);
+      const tokens = draftTokens(rng, target, g, V);
+      for (let i = 0; i < g; ++i) tokens[i] = argmax(target, i * V, V);  // all accepted: g + 1 tokens out
+      const r = verifyChain({ targetLogits: target, draftTokens: tokens, vocabSize: V, sampling: { temperature: 0 }, seed: 1 });
+      results.push({ r, ref: chainReference(target, tokens, V) });
+    }
+    for (const { r, ref } of results) {
+      expect(r.acceptedCount).toBe(ref.acceptedCount);
+      expect(Array.from(r.tokens)).toEqual(ref.tokens);
+    }
+  });
+
   it('ties go to the lowest id', () => {
     const V = 4;
     const target = Float32Array.from([1, 3, 3, 3, /* row 1 */ -Infinity, 2, 2, -Infinity, /* row 2 */ 5, 5, 5, 5]);

@@ -67,9 +67,9 @@ napi_value key_string(napi_env env, const char* key) {
   return v;
 }
 
-uint64_t get_seed(const Napi::Object& o, const char* key) {
-  Napi::Env env = o.Env();
-  Napi::Value v = get_prop(o, key);
+uint64_t get_seed(const Napi::Object& o, const char* key) { return seed_value(o.Env(), get_prop(o, key), key); }
+
+uint64_t seed_value(Napi::Env env, const Napi::Value& v, const char* key) {
   if (!present(v)) throw Napi::TypeError::New(env, std::string(key) + " is required (a number or a bigint)");
   if (v.IsBigInt()) {
     int sign = 0;

@@ -24,14 +24,15 @@ namespace {
 
 int32_t get_vocab(const Napi::Object& o) { return static_cast<int32_t>(get_int(o, "vocabSize", 1, 1 << 30)); }
 
-Fault parse_fault(const Napi::Object& o) {
-  Napi::Value v = get_prop(o, "_fault");
+// A planted bug (tests only): the exactness tests prove their power by catching these.
+Fault fault_value(Napi::Env env, const Napi::Value& v) {
   if (!present(v)) return Fault::None;
   std::string f = v.ToString();
   if (f == "residual-no-clamp") return Fault::ResidualNoClamp;
   if (f == "residual-from-target") return Fault::ResidualFromTarget;
-  throw Napi::RangeError::New(o.Env(), "_fault is not a known fault: " + f);
+  throw Napi::RangeError::New(env, "_fault is not a known fault: " + f);
 }
+Fault parse_fault(const Napi::Object& o) { return fault_value(o.Env(), get_prop(o, "_fault")); }
 
 uint64_t get_stream(const Napi::Object& o) { return has(o, "stream") ? get_seed(o, "stream") : 0; }
 
@@ -42,31 +43,36 @@ void expect_length(Napi::Env env, size_t got, size_t want, const char* name, con
                                          formula + " = " + std::to_string(want));
 }
 
+// verifyChain(targetLogits, draftLogits, draftTokens, vocabSize, sampling, temperature, topK, topP,
+// seed, stream, _fault, out) -> acceptedCount, with the emitted tokens in out[0..acceptedCount].
+// lib/kernels.ts reads the options (and sampling's fields when it is an object): a property read
+// costs nanoseconds in JavaScript and a few hundred through Node-API, and those reads with the
+// result object were most of a small call's fixed cost.
 Napi::Value verify_chain(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
-    Napi::Object o = require_object(info, 0, "options");
-    const int32_t V = get_vocab(o);
-    Napi::Value sv = get_prop(o, "sampling");
-    if (!present(sv)) throw Napi::TypeError::New(env, "sampling is required");
-    Sampling s = parse_sampling(env, sv, "sampling");
-    auto tokens = get_array<int32_t>(o, "draftTokens");
-    auto target = get_array<float>(o, "targetLogits");
+    if (info.Length() != 12) throw Napi::TypeError::New(env, "verifyChain: internal binding takes 12 arguments");
+    auto required = [&](size_t i, const char* name) {
+      if (!present(info[i])) throw Napi::TypeError::New(env, std::string(name) + " is required");
+      return info[i];
+    };
+    const int32_t V = static_cast<int32_t>(int_value(env, required(3, "vocabSize"), "vocabSize", 1, 1 << 30, ""));
+    Sampling s = sampling_values(env, required(4, "sampling"), info[5], info[6], info[7], "sampling");
+    auto tokens = typed_array<int32_t>(env, required(2, "draftTokens"), "draftTokens");
+    auto target = typed_array<float>(env, required(0, "targetLogits"), "targetLogits");
     const size_t g = tokens.length;
     expect_length(env, target.length, (g + 1) * V, "targetLogits", "(draftTokens.length + 1) * vocabSize");
     ArrayView<float> draft;
-    if (!s.greedy() || has(o, "draftLogits")) {
-      draft = get_array<float>(o, "draftLogits");
+    if (!s.greedy() || present(info[1])) {
+      draft = typed_array<float>(env, required(1, "draftLogits"), "draftLogits");
       expect_length(env, draft.length, g * V, "draftLogits", "draftTokens.length * vocabSize");
     }
     int32_t len = static_cast<int32_t>(g), accepted = 0;
-    uint64_t stream = get_stream(o);
-    const uint64_t seed = get_seed(o, "seed");
-    const Fault fault = parse_fault(o);
-    // Staging for the g + 1 token slots: on the stack for the usual short drafts.
-    int32_t small[64];
-    std::vector<int32_t> large(g + 1 > 64 ? g + 1 : 0);
-    int32_t* out = g + 1 > 64 ? large.data() : small;
+    uint64_t stream = present(info[9]) ? seed_value(env, info[9], "stream") : 0;
+    const uint64_t seed = seed_value(env, info[8], "seed");
+    const Fault fault = fault_value(env, info[10]);
+    auto out = typed_array<int32_t>(env, info[11], "out");
+    if (out.length < g + 1) throw Napi::RangeError::New(env, "verifyChain: internal out buffer too short");
     ChainBatch b;
     b.target = target.data;
     b.draft = s.greedy() ? nullptr : draft.data;
@@ -77,12 +83,9 @@ Napi::Value verify_chain(const Napi::CallbackInfo& info) {
     b.batch = 1;
     b.vocab = V;
     b.seed = seed;
-    ChainBatchOut bo{&accepted, out};
+    ChainBatchOut bo{&accepted, out.data};
     current_backend().verify_chain_batch(b, bo, fault);
-    Napi::Object r = Napi::Object::New(env);
-    set_prop(r, "acceptedCount", Napi::Number::New(env, accepted));
-    set_prop(r, "tokens", to_js(env, out, accepted + 1));
-    return r;
+    return Napi::Number::New(env, accepted);
   });
 }
 

@@ -90,13 +90,27 @@ struct ArrayView {
   size_t length = 0;
 };
 
+// One napi_get_typedarray_info call gives the type, length and data (already offset by the view's
+// byteOffset); Napi::TypedArrayOf's checks make three calls.
+template <typename T>
+bool typed_array_info(Napi::Env env, const Napi::Value& v, ArrayView<T>& out) {
+  napi_typedarray_type type;
+  size_t length = 0;
+  void* data = nullptr;
+  // (A value that is not a typed array is napi_invalid_arg, with no JavaScript exception pending.)
+  if (v.IsEmpty() || napi_get_typedarray_info(env, v, &type, &length, &data, nullptr, nullptr) != napi_ok ||
+      type != TypedArrayTraits<T>::type)
+    return false;
+  out = {static_cast<T*>(data), length};
+  return true;
+}
+
 template <typename T>
 ArrayView<T> typed_array(Napi::Env env, const Napi::Value& v, const std::string& name) {
   using Tr = TypedArrayTraits<T>;
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != Tr::type)
-    throw Napi::TypeError::New(env, name + " must be " + Tr::article + " " + Tr::name);
-  auto ta = v.As<Napi::TypedArrayOf<T>>();
-  return {ta.Data(), ta.ElementLength()};
+  ArrayView<T> a;
+  if (!typed_array_info(env, v, a)) throw Napi::TypeError::New(env, name + " must be " + Tr::article + " " + Tr::name);
+  return a;
 }
 
 // Argument names for messages are built only when a message is thrown.
@@ -104,29 +118,28 @@ template <typename T>
 ArrayView<T> get_array(const Napi::Object& o, const char* key, const std::string& prefix = "") {
   Napi::Value v = get_prop(o, key);
   if (!present(v)) throw Napi::TypeError::New(o.Env(), prefix + key + " is required");
-  using Tr = TypedArrayTraits<T>;
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != Tr::type) return typed_array<T>(o.Env(), v, prefix + key);
-  auto ta = v.As<Napi::TypedArrayOf<T>>();
-  return {ta.Data(), ta.ElementLength()};
+  ArrayView<T> a;
+  if (!typed_array_info(o.Env(), v, a)) return typed_array<T>(o.Env(), v, prefix + key);
+  return a;
 }
 
-inline double number_value(const Napi::Object& o, const Napi::Value& v, const char* key, const std::string& prefix) {
-  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), prefix + key + " must be a number");
+inline double number_value(Napi::Env env, const Napi::Value& v, const char* key, const std::string& prefix) {
+  if (!v.IsNumber()) throw Napi::TypeError::New(env, prefix + key + " must be a number");
   double d = v.As<Napi::Number>().DoubleValue();
-  if (std::isnan(d)) throw Napi::RangeError::New(o.Env(), prefix + key + " must not be NaN");
+  if (std::isnan(d)) throw Napi::RangeError::New(env, prefix + key + " must not be NaN");
   return d;
 }
 
 inline double get_number(const Napi::Object& o, const char* key, const std::string& prefix = "") {
   Napi::Value v = get_prop(o, key);
   if (!present(v)) throw Napi::TypeError::New(o.Env(), prefix + key + " is required");
-  return number_value(o, v, key, prefix);
+  return number_value(o.Env(), v, key, prefix);
 }
 
 inline double get_number_or(const Napi::Object& o, const char* key, double fallback,
                             const std::string& prefix = "") {
   Napi::Value v = get_prop(o, key);
-  return present(v) ? number_value(o, v, key, prefix) : fallback;
+  return present(v) ? number_value(o.Env(), v, key, prefix) : fallback;
 }
 
 // ropeTheta of a model config: a finite number > 0 (any other RoPE base makes NaN logits).
@@ -137,11 +150,11 @@ inline float get_rope_theta(const Napi::Object& o, const std::string& prefix = "
   return t;
 }
 
-inline int64_t int_value(const Napi::Object& o, const Napi::Value& v, const char* key, int64_t lo, int64_t hi,
+inline int64_t int_value(Napi::Env env, const Napi::Value& v, const char* key, int64_t lo, int64_t hi,
                          const std::string& prefix) {
-  double d = number_value(o, v, key, prefix);
+  double d = number_value(env, v, key, prefix);
   if (d != std::floor(d) || d < static_cast<double>(lo) || d > static_cast<double>(hi))
-    throw Napi::RangeError::New(o.Env(), prefix + key + " must be an integer in [" + std::to_string(lo) +
+    throw Napi::RangeError::New(env, prefix + key + " must be an integer in [" + std::to_string(lo) +
                                              ", " + std::to_string(hi) + "], got " + std::to_string(d));
   return static_cast<int64_t>(d);
 }
@@ -151,29 +164,38 @@ inline int64_t get_int(const Napi::Object& o, const char* key, int64_t lo, int64
                        const std::string& prefix = "") {
   Napi::Value v = get_prop(o, key);
   if (!present(v)) throw Napi::TypeError::New(o.Env(), prefix + key + " is required");
-  return int_value(o, v, key, lo, hi, prefix);
+  return int_value(o.Env(), v, key, lo, hi, prefix);
 }
 
 inline int64_t get_int_or(const Napi::Object& o, const char* key, int64_t lo, int64_t hi, int64_t fallback,
                           const std::string& prefix = "") {
   Napi::Value v = get_prop(o, key);
-  return present(v) ? int_value(o, v, key, lo, hi, prefix) : fallback;
+  return present(v) ? int_value(o.Env(), v, key, lo, hi, prefix) : fallback;
 }
 
 // A 64-bit seed given as a number (a non-negative safe integer) or a bigint (taken modulo 2^64).
 uint64_t get_seed(const Napi::Object& o, const char* key);
+uint64_t seed_value(Napi::Env env, const Napi::Value& v, const char* key);
 
-// Sampling options { temperature, topK?, topP? } named `name` in errors, validated.
-inline Sampling parse_sampling(Napi::Env env, const Napi::Value& v, const char* name) {
-  if (!v.IsObject()) throw Napi::TypeError::New(env, std::string(name) + " must be an object { temperature, topK?, topP? }");
-  Napi::Object o = v.As<Napi::Object>();
+// Sampling options { temperature, topK?, topP? } named `name` in errors, validated: from the
+// object's properties, or (sampling_values) from values the caller read from it.
+inline Sampling sampling_values(Napi::Env env, const Napi::Value& obj, const Napi::Value& temperature,
+                                const Napi::Value& top_k, const Napi::Value& top_p, const char* name) {
+  if (!obj.IsObject()) throw Napi::TypeError::New(env, std::string(name) + " must be an object { temperature, topK?, topP? }");
   const std::string prefix = std::string(name) + ".";
+  if (!present(temperature)) throw Napi::TypeError::New(env, prefix + "temperature is required");
   Sampling s;
-  s.temperature = static_cast<float>(get_number(o, "temperature", prefix));
-  s.top_k = static_cast<int32_t>(get_int_or(o, "topK", 0, INT32_MAX, 0, prefix));
-  s.top_p = static_cast<float>(get_number_or(o, "topP", 1.0, prefix));
+  s.temperature = static_cast<float>(number_value(env, temperature, "temperature", prefix));
+  s.top_k = present(top_k) ? static_cast<int32_t>(int_value(env, top_k, "topK", 0, INT32_MAX, prefix)) : 0;
+  s.top_p = present(top_p) ? static_cast<float>(number_value(env, top_p, "topP", prefix)) : 1.0f;
   validate_sampling(s, name);
   return s;
+}
+
+inline Sampling parse_sampling(Napi::Env env, const Napi::Value& v, const char* name) {
+  if (!v.IsObject()) return sampling_values(env, v, v, v, v, name);  // throws
+  Napi::Object o = v.As<Napi::Object>();
+  return sampling_values(env, v, get_prop(o, "temperature"), get_prop(o, "topK"), get_prop(o, "topP"), name);
 }
 
 template <typename T>

@@ -48,7 +48,8 @@ export interface NativeAddon {
   ): number;
   verifyChainBatch(o: object): { acceptedCounts: Int32Array; tokens: Int32Array; offsets: Int32Array };
   verifyTree(o: object): { path: Int32Array; tokens: Int32Array };
-  distillLoss(o: object): { loss: number; grad?: Float32Array };
+  /** Positional, as verifyChain; returns the loss (the gradient goes to gradOut or freshGrad). */
+  distillLoss(...args: unknown[]): number;
   adamwStep(o: object): void;
   globalNorm(values: Float32Array): number;
   bandwidthProbe(o?: object): { readBytesPerSecond: number; copyBytesPerSecond: number; threads: number };

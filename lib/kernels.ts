@@ -170,7 +170,21 @@ export interface DistillLossResult {
 
 /** Distillation loss and its gradient, fused in one pass per row. Logits must be finite. */
 export function distillLoss(options: DistillLossOptions): DistillLossResult {
-  return addon.distillLoss(options);
+  if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+  // Read here and passed one by one, as in verifyChain; the checks and messages are the binding's.
+  const { kind, studentLogits, teacherLogits, teacher, vocabSize, temperature, beta, mask, computeGrad, gradOut } =
+    options;
+  const t = typeof teacher === 'object' && teacher !== null ? teacher : undefined;
+  const wantGrad = computeGrad === undefined || computeGrad === null || Boolean(computeGrad);
+  const fresh =
+    wantGrad && (gradOut === undefined || gradOut === null)
+      ? new Float32Array(ArrayBuffer.isView(studentLogits) ? ((studentLogits as Float32Array).length ?? 0) : 0)
+      : undefined;
+  const loss = addon.distillLoss(
+    kind, studentLogits, teacherLogits, teacher, t?.indices, t?.probs, t?.residual, vocabSize, temperature, beta,
+    mask, computeGrad, gradOut, fresh,
+  );
+  return wantGrad ? { loss, grad: gradOut ?? fresh } : { loss };
 }
 
 export interface AdamWOptions {

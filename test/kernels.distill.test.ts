@@ -344,6 +344,12 @@ describe('distillLoss: caller-provided gradOut', () => {
     const mask = Uint8Array.from([1, 0, 1]);
     const base: DistillLossOptions = { kind, studentLogits: student, teacherLogits, vocabSize: V, temperature: 1.3, mask };
     const fresh = distillLoss(base);
+    // Without gradOut every call gets its own array; computeGrad: false gives none.
+    const again = distillLoss(base);
+    expect(again.grad).not.toBe(fresh.grad);
+    expect(again.grad).toEqual(fresh.grad);
+    const lossOnly = distillLoss({ ...base, computeGrad: false });
+    expect(lossOnly).toEqual({ loss: fresh.loss });
     const out = new Float32Array(N * V).fill(Number.NaN);  // stale contents, masked row included
     for (let call = 0; call < 2; ++call) {
       const r = distillLoss({ ...base, gradOut: out });

@@ -235,28 +235,33 @@ Napi::Value verify_tree(const Napi::CallbackInfo& info) {
   });
 }
 
+// distillLoss(kind, studentLogits, teacherLogits, teacher, teacher.indices, teacher.probs,
+// teacher.residual, vocabSize, temperature, beta, mask, computeGrad, gradOut, freshGrad) -> loss.
+// lib/kernels.ts reads the options (as for verifyChain) and passes freshGrad, a new array of
+// studentLogits.length, when a gradient is wanted and gradOut is not given.
 Napi::Value distill_loss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
-    Napi::Object o = require_object(info, 0, "options");
+    if (info.Length() != 14) throw Napi::TypeError::New(env, "distillLoss: internal binding takes 14 arguments");
+    auto required = [&](size_t i, const char* name) {
+      if (!present(info[i])) throw Napi::TypeError::New(env, std::string(name) + " is required");
+      return info[i];
+    };
     DistillInput in;
-    // Each property is read once, through the cached keys (a read costs about as much as a small
-    // row's loss).
-    const Napi::Value kind = get_prop(o, "kind");
-    if (!present(kind)) throw Napi::TypeError::New(env, "kind is required");
+    const Napi::Value kind = required(0, "kind");
     if (!kind.IsString()) throw Napi::TypeError::New(env, "kind must be a string");
     in.kind = parse_distill_kind(kind.As<Napi::String>(), "kind");
-    in.vocab = get_vocab(o);
-    auto student = get_array<float>(o, "studentLogits");
+    in.vocab = static_cast<int32_t>(int_value(env, required(7, "vocabSize"), "vocabSize", 1, 1 << 30, ""));
+    auto student = typed_array<float>(env, required(1, "studentLogits"), "studentLogits");
     if (student.length % in.vocab != 0)
       throw Napi::RangeError::New(env, "studentLogits has length " + std::to_string(student.length) +
                                            ", not a multiple of vocabSize " + std::to_string(in.vocab));
     const size_t rows = student.length / in.vocab;
     in.rows = static_cast<int32_t>(rows);
     in.student = student.data;
-    in.temperature = static_cast<float>(get_number_or(o, "temperature", 1.0));
-    in.beta = static_cast<float>(get_number_or(o, "beta", 0.5));
-    const Napi::Value dense = get_prop(o, "teacherLogits"), sparse = get_prop(o, "teacher");
+    in.temperature = static_cast<float>(present(info[8]) ? number_value(env, info[8], "temperature", "") : 1.0);
+    in.beta = static_cast<float>(present(info[9]) ? number_value(env, info[9], "beta", "") : 0.5);
+    const Napi::Value dense = info[2], sparse = info[3];
     if (present(dense) && present(sparse))
       throw Napi::TypeError::New(env, "give either teacherLogits (dense) or teacher (sparse top-k), not both");
     if (present(dense)) {
@@ -265,9 +270,8 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
       in.teacher = t.data;
     } else if (present(sparse)) {
       if (!sparse.IsObject()) throw Napi::TypeError::New(env, "teacher must be an object { indices, probs, residual? }");
-      Napi::Object t = sparse.As<Napi::Object>();
-      auto ids = get_array<int32_t>(t, "indices", "teacher.");
-      auto probs = get_array<float>(t, "probs", "teacher.");
+      auto ids = typed_array<int32_t>(env, required(4, "teacher.indices"), "teacher.indices");
+      auto probs = typed_array<float>(env, required(5, "teacher.probs"), "teacher.probs");
       if (rows == 0 || ids.length % rows != 0)
         throw Napi::RangeError::New(env, "teacher.indices has length " + std::to_string(ids.length) +
                                              ", not a multiple of the row count " + std::to_string(rows));
@@ -276,30 +280,26 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
       expect_length(env, probs.length, ids.length, "teacher.probs", "teacher.indices.length");
       in.topk_ids = ids.data;
       in.topk_probs = probs.data;
-      const Napi::Value res_v = get_prop(t, "residual");
-      if (present(res_v)) {
-        auto res = typed_array<float>(env, res_v, "teacher.residual");
+      if (present(info[6])) {
+        auto res = typed_array<float>(env, info[6], "teacher.residual");
         expect_length(env, res.length, rows, "teacher.residual", "row count");
         in.residual = res.data;
       }
     } else {
       throw Napi::TypeError::New(env, "teacherLogits (dense) or teacher (sparse top-k) is required");
     }
-    const Napi::Value mask = get_prop(o, "mask");
-    if (present(mask)) {
-      auto m = typed_array<uint8_t>(env, mask, "mask");
+    if (present(info[10])) {
+      auto m = typed_array<uint8_t>(env, info[10], "mask");
       expect_length(env, m.length, rows, "mask", "row count");
       in.mask = m.data;
     }
-    const Napi::Value compute_grad = get_prop(o, "computeGrad");
-    const bool want_grad = !present(compute_grad) || compute_grad.ToBoolean();
+    const bool want_grad = !present(info[11]) || info[11].ToBoolean();
     // gradOut: a caller-owned gradient buffer, reused across calls (a fresh array per call pays a
     // page fault per 4 KiB on first touch, about as much as the loss itself at large V).
     float* grad_ptr = nullptr;
-    Napi::Value grad_value = get_prop(o, "gradOut");
-    if (present(grad_value)) {
+    if (present(info[12])) {
       if (!want_grad) throw Napi::TypeError::New(env, "gradOut cannot be combined with computeGrad: false");
-      auto g = typed_array<float>(env, grad_value, "gradOut");
+      auto g = typed_array<float>(env, info[12], "gradOut");
       expect_length(env, g.length, rows * in.vocab, "gradOut", "studentLogits.length");
       // The kernels read the logits after writing parts of the gradient: no overlap.
       auto overlaps = [&](const float* a, size_t n) { return a && g.data < a + n && a < g.data + g.length; };
@@ -307,15 +307,11 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
         throw Napi::RangeError::New(env, "gradOut must not share memory with studentLogits or teacherLogits");
       grad_ptr = g.data;
     } else if (want_grad) {
-      Napi::Float32Array grad = Napi::Float32Array::New(env, rows * in.vocab);
-      grad_ptr = grad.Data();
-      grad_value = grad;
+      auto g = typed_array<float>(env, info[13], "freshGrad");
+      if (g.length != rows * in.vocab) throw Napi::RangeError::New(env, "distillLoss: internal gradient buffer size");
+      grad_ptr = g.data;
     }
-    double loss = current_backend().distill_loss(in, grad_ptr);
-    Napi::Object r = Napi::Object::New(env);
-    set_prop(r, "loss", Napi::Number::New(env, loss));
-    if (want_grad) set_prop(r, "grad", grad_value);
-    return r;
+    return Napi::Number::New(env, current_backend().distill_loss(in, grad_ptr));
   });
 }
 

@@ -27,6 +27,9 @@ export interface VerifyChainResult {
   tokens: Int32Array;
 }
 
+// verifyChain's output buffer: grown to the longest draft seen, never returned itself.
+let chainTokens = new Int32Array(64);
+
 /**
  * Exact speculative sampling over a chain: accept draft token i with probability
  * min(1, p_i(x_i) / q_i(x_i)); at the first rejection emit a sample from norm(max(0, p_i - q_i));
@@ -50,7 +53,6 @@ export function verifyChain(options: VerifyChainOptions): VerifyChainResult {
   );
   return { acceptedCount, tokens: chainTokens.slice(0, acceptedCount + 1) };
 }
-let chainTokens = new Int32Array(64);
 
 export interface VerifyChainBatchOptions {
   /** [(sum g_b + B) x V]: each sequence's g_b + 1 rows, back to back. */

@@ -52,10 +52,7 @@ Napi::Value verify_chain(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     if (info.Length() != 12) throw Napi::TypeError::New(env, "verifyChain: internal binding takes 12 arguments");
-    auto required = [&](size_t i, const char* name) {
-      if (!present(info[i])) throw Napi::TypeError::New(env, std::string(name) + " is required");
-      return info[i];
-    };
+    auto required = [&](size_t i, const char* name) { return required_arg(info, i, name); };
     const int32_t V = static_cast<int32_t>(int_value(env, required(3, "vocabSize"), "vocabSize", 1, 1 << 30, ""));
     Sampling s = sampling_values(env, required(4, "sampling"), info[5], info[6], info[7], "sampling");
     auto tokens = typed_array<int32_t>(env, required(2, "draftTokens"), "draftTokens");
@@ -243,10 +240,7 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     if (info.Length() != 14) throw Napi::TypeError::New(env, "distillLoss: internal binding takes 14 arguments");
-    auto required = [&](size_t i, const char* name) {
-      if (!present(info[i])) throw Napi::TypeError::New(env, std::string(name) + " is required");
-      return info[i];
-    };
+    auto required = [&](size_t i, const char* name) { return required_arg(info, i, name); };
     DistillInput in;
     const Napi::Value kind = required(0, "kind");
     if (!kind.IsString()) throw Napi::TypeError::New(env, "kind must be a string");

@@ -54,6 +54,12 @@ inline void set_prop(Napi::Object& o, const char* key, napi_value v) {
 }
 inline bool present(const Napi::Value& v) { return !v.IsUndefined() && !v.IsNull(); }
 
+// Positional argument i of a binding, which must be present; `name` is the option it came from.
+inline Napi::Value required_arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  if (!present(info[i])) throw Napi::TypeError::New(info.Env(), std::string(name) + " is required");
+  return info[i];
+}
+
 inline bool has(const Napi::Object& o, const char* key) { return present(get_prop(o, key)); }
 
 // A typed array of the exact element type T, with an optional exact length check.

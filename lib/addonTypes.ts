@@ -49,7 +49,22 @@ export interface NativeAddon {
   verifyChainBatch(o: object): { acceptedCounts: Int32Array; tokens: Int32Array; offsets: Int32Array };
   verifyTree(o: object): { path: Int32Array; tokens: Int32Array };
   /** Positional, as verifyChain; returns the loss (the gradient goes to gradOut or freshGrad). */
-  distillLoss(...args: unknown[]): number;
+  distillLoss(
+    kind: unknown,
+    studentLogits: unknown,
+    teacherLogits: unknown,
+    teacher: unknown,
+    teacherIndices: unknown,
+    teacherProbs: unknown,
+    teacherResidual: unknown,
+    vocabSize: unknown,
+    temperature: unknown,
+    beta: unknown,
+    mask: unknown,
+    computeGrad: unknown,
+    gradOut: unknown,
+    freshGrad: Float32Array | undefined,
+  ): number;
   adamwStep(o: object): void;
   globalNorm(values: Float32Array): number;
   bandwidthProbe(o?: object): { readBytesPerSecond: number; copyBytesPerSecond: number; threads: number };

@@ -518,8 +518,11 @@ int32_t sample_by_blocks(const float* bmass, int32_t vocab, double u, Fill&& fil
     }
     fill(b, w);
     const int32_t n = std::min(kStatBlock, vocab - b * kStatBlock);
+    // Weights that are not positive become +0 first, and adding +0 leaves cum as it was: the same
+    // entry as skipping them, without a branch per entry (a residual is zero at about half its
+    // entries, and the mispredictions made this scan about 2.7x slower).
+    for (int32_t j = 0; j < n; ++j) w[j] = w[j] > 0.0f ? w[j] : 0.0f;
     for (int32_t j = 0; j < n; ++j) {
-      if (!(w[j] > 0.0f)) continue;
       cum += w[j];
       if (cum > target) return b * kStatBlock + j;
     }
@@ -571,12 +574,18 @@ void block_stats(const float* l, int32_t n, float inv_t, bool sum, BlockStat& ou
   out.max = block_max(l, n, &bad);
   out.bad = bad;
   out.sum = 0.0f;
-  if (!sum || bad) return;
+  if (sum) block_sum(l, n, inv_t, out, e, side, side_n);  // the block was just read: from L1
+}
+
+void block_sum(const float* l, int32_t n, float inv_t, BlockStat& out, float* e, const float* side,
+               int32_t side_n) {
+  out.sum = 0.0f;
+  if (out.bad) return;
   if (out.max == kNegInf) {
     if (e) std::fill(e, e + n, 0.0f);
     return;
   }
-  out.sum = block_exp_sum(l, n, out.max, inv_t, e, side, side_n);  // the block was just read: from L1
+  out.sum = block_exp_sum(l, n, out.max, inv_t, e, side, side_n);
 }
 
 namespace {

@@ -152,6 +152,10 @@ struct BlockStat {
 // when e is not null (zeros where bm_b is -Infinity; unspecified in a bad block).
 void block_stats(const float* l, int32_t n, float inv_t, bool sum, BlockStat& out, float* e = nullptr,
                  const float* side = nullptr, int32_t side_n = 0);
+// The sum half of block_stats, for a block whose max and bad flag block_stats already set: S_b (and
+// the exp terms) with the same bits, without reading the block for its max again.
+void block_sum(const float* l, int32_t n, float inv_t, BlockStat& out, float* e = nullptr,
+               const float* side = nullptr, int32_t side_n = 0);
 
 // A temperature-only row from its block statistics. finish_row_check sets check and max from the
 // blocks; finish_row also, for a row that is Ok and whose blocks were summed, c_b (scale), W_b

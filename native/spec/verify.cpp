@@ -182,7 +182,10 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
   // so that the expensive blocks are spread over the threads and the cheap ones fill the tail.
   // While a summed block's exps run, its share of rows side[0..n_side) is prefetched (rows read
   // soon after: max-only reads are otherwise bound by memory alone, and the exps by the FPU alone).
-  auto read = [&](const size_t* ks, size_t n, size_t n_sum, const size_t* side = nullptr, size_t n_side = 0) {
+  // With `known`, the rows' maxima are in w.stats already (spread's first pass): only sums are
+  // left, and the blocks are not read for their maxima again.
+  auto read = [&](const size_t* ks, size_t n, size_t n_sum, const size_t* side = nullptr, size_t n_side = 0,
+                  bool known = false) {
     const size_t summed = n_sum * nb, side_floats = n_side * static_cast<size_t>(V);
     auto body = [&](size_t lo, size_t hi) {
       for (size_t u = lo; u < hi; ++u) {
@@ -197,8 +200,11 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
           sp = logits(side[f0 / V]) + off;
           sn = static_cast<int32_t>(std::min(f1 - f0, V - off));
         }
-        block_stats(logits(k) + j0, std::min(kStatBlock, V - j0), inv_t, i < n_sum, w.stats[k * nb + b],
-                    e ? e + j0 : nullptr, sp, sn);
+        const int32_t len = std::min(kStatBlock, V - j0);
+        if (known && i < n_sum)
+          block_sum(logits(k) + j0, len, inv_t, w.stats[k * nb + b], e ? e + j0 : nullptr, sp, sn);
+        else
+          block_stats(logits(k) + j0, len, inv_t, i < n_sum, w.stats[k * nb + b], e ? e + j0 : nullptr, sp, sn);
       }
     };
     // At least 8K logits per chunk: short rows stay on the calling thread.
@@ -242,7 +248,7 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
         }
         read(pair, 2, 2, w.side.data(), w.side.size());
       } else if (i > 0) {
-        read(pair, 2, 2);
+        read(pair, 2, 2, nullptr, 0, true);
       }
       next = i + 1;
       BlockedRow p = row(i, true), q = row(G + 1 + i, true);
@@ -265,7 +271,7 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
       return;
     }
     // The bonus row needs no stored exp terms: sampling forms only the chosen block.
-    if (!spread || G > 0) read(&G, 1, 1);
+    if (!spread || G > 0) read(&G, 1, 1, nullptr, 0, spread);
     next = G + 1;
     BlockedRow p = row(G, false);
     finish_row(p);

@@ -192,8 +192,9 @@ void warp_literal(const std::vector<float>& l, const Sampling& s, std::vector<in
 }  // namespace
 
 OSD_TEST(warp_row_matches_full_sort) {
-  // The prefilters of warp_row (chunk maxima for top-k, a mass bound for top-p) never change the
-  // support or its probabilities: the same bits as sorting the whole row. Ties included.
+  // The prefilters of warp_row (chunk maxima for top-k, per-bin masses for top-p) and its integer
+  // sort keys never change the support or its probabilities: the same bits as sorting the whole
+  // row. Ties included, -0 and +0 among them.
   std::mt19937 rng(17);
   int checked = 0;
   for (int32_t V : {2, 5, 64, 65, 1000, 5000, 40000}) {
@@ -204,10 +205,16 @@ OSD_TEST(warp_row_matches_full_sort) {
       if (trial % 4 == 2)
         for (int i = 0; i < V / 10; ++i) l[rng() % V] = -INFINITY;
       l[rng() % V] = 2.0f;
+      if (trial % 4 == 3) {  // -0 and +0 tie at the top
+        for (auto& x : l) x = -std::fabs(x) - 0.5f;
+        l[0] = -0.0f;
+        l[V - 1] = 0.0f;
+      }
       Sampling s;
       s.temperature = trial % 2 ? 0.7f : 1.5f;
       s.top_k = trial % 3 == 2 ? 0 : 1 + static_cast<int32_t>(rng() % std::min(V - 1, 100));  // k < V
-      s.top_p = trial % 3 == 1 ? 1.0f : (trial % 5 == 0 ? 0.999f : 0.5f + 0.1f * (trial % 5));
+      const float top_p[] = {0.999f, 0.6f, 0.05f, 0.8f, 0.9f, 0.999999f};
+      s.top_p = trial % 3 == 1 ? 1.0f : top_p[trial % 6];
       std::vector<int32_t> ids;
       std::vector<float> probs;
       warp_literal(l, s, ids, probs);

@@ -50,8 +50,16 @@ int32_t sample_residual(const WarpedRow& p, const WarpedRow& q, double u, Fault 
     const size_t n = p.ids.size();
     scratch.resize(n);
     double total = 0.0;
+    size_t k = 0;  // q's support is sorted by id too: walk it alongside (q.prob would search it)
     for (size_t i = 0; i < n; ++i) {
-      const float r = p.probs[i] - static_cast<float>(q.prob(p.ids[i]));
+      float qi;
+      if (q.dense) {
+        qi = static_cast<float>(q.prob(p.ids[i]));
+      } else {
+        while (k < q.ids.size() && q.ids[k] < p.ids[i]) ++k;
+        qi = k < q.ids.size() && q.ids[k] == p.ids[i] ? q.probs[k] : 0.0f;
+      }
+      const float r = p.probs[i] - qi;
       scratch[i] = r > 0.0f ? r : 0.0f;
       total += scratch[i];
     }

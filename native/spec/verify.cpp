@@ -136,8 +136,16 @@ ChainResult verify_chain(const ChainInput& in, const Sampling& s, uint64_t seed,
   for (int32_t i = 0; i < g; ++i) {
     const float* trow = in.target + static_cast<size_t>(i) * V;
     const float* drow = in.draft + static_cast<size_t>(i) * V;
-    warp_with_stats(trow, V, ts[i], s, p);
-    warp_with_stats(drow, V, ds[i], s, q);
+    if (s.dense()) {
+      warp_with_stats(trow, V, ts[i], s, p);
+      warp_with_stats(drow, V, ds[i], s, q);
+    } else {
+      // Top-k / top-p warps select and sort: the two rows on two threads (inline inside the pool,
+      // where a batch already spreads its sequences).
+      default_pool().parallel_for(2, 1, [&](size_t lo, size_t hi) {
+        for (size_t k = lo; k < hi; ++k) k == 0 ? warp_with_stats(trow, V, ts[i], s, p) : warp_with_stats(drow, V, ds[i], s, q);
+      });
+    }
     const int32_t x = in.tokens[i];
     const double px = p.prob(x), qx = q.prob(x);
     const double u = philox_uniform(seed, stream, static_cast<uint32_t>(i + 1), kLaneAccept);

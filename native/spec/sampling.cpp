@@ -206,7 +206,7 @@ inline uint64_t better_key(float logit, int32_t id) {
   return (static_cast<uint64_t>(~b) << 32) | static_cast<uint32_t>(id);
 }
 
-// std::sort(cand, better), with integer keys (about twice as fast as the comparator on pairs).
+// std::sort(cand, better), on integer keys (no comparator call per comparison).
 void sort_better(std::vector<Cand>& cand, const float* logits) {
   thread_local std::vector<uint64_t> key_buf;
   key_buf.resize(cand.size());

@@ -143,7 +143,12 @@ ChainResult verify_chain(const ChainInput& in, const Sampling& s, uint64_t seed,
       // Top-k / top-p warps select and sort: the two rows on two threads (inline inside the pool,
       // where a batch already spreads its sequences).
       default_pool().parallel_for(2, 1, [&](size_t lo, size_t hi) {
-        for (size_t k = lo; k < hi; ++k) k == 0 ? warp_with_stats(trow, V, ts[i], s, p) : warp_with_stats(drow, V, ds[i], s, q);
+        for (size_t k = lo; k < hi; ++k) {
+          if (k == 0)
+            warp_with_stats(trow, V, ts[i], s, p);
+          else
+            warp_with_stats(drow, V, ds[i], s, q);
+        }
       });
     }
     const int32_t x = in.tokens[i];

@@ -129,30 +129,39 @@ double log_add_exp(double a, double b) {
   return m + std::log(std::exp(a - m) + std::exp(b - m));
 }
 
-// Per-bin loss term and dL/dq for the given log-probabilities of teacher (lp) and student (lq).
+// Per-bin loss term and dL/dq for the given log-probabilities of teacher (lp) and student (lq),
+// with q = exp(lq) as computed on the way (callers need it for E_q[g]).
 struct BinTerm {
   double loss;
   double g;
+  double q;
 };
 
-BinTerm bin_term(DistillKind kind, double lp, double lq, double beta) {
+// The per-call constants of bin_term, computed once instead of once per bin.
+struct BinConsts {
+  double beta, log_beta, log1m_beta;
+  explicit BinConsts(double b) : beta(b), log_beta(std::log(b)), log1m_beta(std::log1p(-b)) {}
+};
+
+BinTerm bin_term(DistillKind kind, double lp, double lq, const BinConsts& c) {
   const double p = std::exp(lp), q = std::exp(lq);
   switch (kind) {
     case DistillKind::ForwardKL:  // g = -p/q; callers use q * g = -p directly
-      return {p > 0.0 ? p * (lp - lq) : 0.0, 0.0};
+      return {p > 0.0 ? p * (lp - lq) : 0.0, 0.0, q};
     case DistillKind::ReverseKL: {
       const double lpf = std::max(lp, std::log(1e-12));  // a zero teacher bin would make KL(q||p) infinite
-      return {q > 0.0 ? q * (lq - lpf) : 0.0, lq - lpf};
+      return {q > 0.0 ? q * (lq - lpf) : 0.0, lq - lpf, q};
     }
     case DistillKind::JSD: {
-      const double lm = log_add_exp(std::log(beta) + lp, std::log1p(-beta) + lq);
+      const double beta = c.beta;
+      const double lm = log_add_exp(c.log_beta + lp, c.log1m_beta + lq);
       const double l = (p > 0.0 ? beta * p * (lp - lm) : 0.0) + (q > 0.0 ? (1.0 - beta) * q * (lq - lm) : 0.0);
-      return {l, (1.0 - beta) * (lq - lm)};
+      return {l, (1.0 - beta) * (lq - lm), q};
     }
     case DistillKind::TVD:
-      return {0.5 * std::fabs(p - q), q > p ? 0.5 : (q < p ? -0.5 : 0.0)};
+      return {0.5 * std::fabs(p - q), q > p ? 0.5 : (q < p ? -0.5 : 0.0), q};
   }
-  return {0.0, 0.0};
+  return {0.0, 0.0, q};
 }
 
 }  // namespace
@@ -179,11 +188,12 @@ OSD_CLONES double distill_row(const DistillInput& in, int32_t r, float scale, fl
     // Other losses: g_j per token, then d/ds_j = q_j (g_j - E_q[g]) / T.
     double loss = 0.0, eg = 0.0;
     std::vector<float> g(grad ? V : 0);
+    const BinConsts c(in.beta);
     for (int32_t j = 0; j < V; ++j) {
       const double lq = (s[j] - ms) * inv_t - log_zs, lp = (t[j] - mt) * inv_t - log_zt;
-      BinTerm b = bin_term(in.kind, lp, lq, in.beta);
+      BinTerm b = bin_term(in.kind, lp, lq, c);
       loss += b.loss;
-      eg += std::exp(lq) * b.g;
+      eg += b.q * b.g;
       if (grad) g[j] = static_cast<float>(b.g);
     }
     if (grad)
@@ -231,19 +241,20 @@ OSD_CLONES double distill_row(const DistillInput& in, int32_t r, float scale, fl
   const double lp_rest = pres > 0.0 ? std::log(pres / pnorm) : -INFINITY;
   double loss = 0.0, eg = 0.0;
   std::vector<double> gb(k + 1);
+  const BinConsts c(in.beta);
   for (int32_t i = 0; i < k; ++i) {
     const double lq = (s[ids[i]] - ms) * inv_t - log_zs;
     const double lp = probs[i] > 0.0f ? std::log(probs[i] / pnorm) : -INFINITY;
-    BinTerm b = bin_term(in.kind, lp, lq, in.beta);
+    BinTerm b = bin_term(in.kind, lp, lq, c);
     loss += b.loss;
     gb[i] = b.g;
-    eg += std::exp(lq) * b.g;
+    eg += b.q * b.g;
   }
   {
-    BinTerm b = bin_term(in.kind, lp_rest, lq_rest, in.beta);
+    BinTerm b = bin_term(in.kind, lp_rest, lq_rest, c);
     loss += b.loss;
     gb[k] = b.g;
-    if (lq_rest > -INFINITY) eg += std::exp(lq_rest) * b.g;
+    if (lq_rest > -INFINITY) eg += b.q * b.g;
   }
   if (!grad) return loss;
   if (in.kind == DistillKind::ForwardKL) {

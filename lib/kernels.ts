@@ -180,7 +180,7 @@ export function distillLoss(options: DistillLossOptions): DistillLossResult {
   const wantGrad = computeGrad === undefined || computeGrad === null || Boolean(computeGrad);
   const fresh =
     wantGrad && (gradOut === undefined || gradOut === null)
-      ? new Float32Array(ArrayBuffer.isView(studentLogits) ? ((studentLogits as Float32Array).length ?? 0) : 0)
+      ? new Float32Array(ArrayBuffer.isView(studentLogits) ? (studentLogits as Float32Array).length : 0)
       : undefined;
   const loss = addon.distillLoss(
     kind, studentLogits, teacherLogits, teacher, t?.indices, t?.probs, t?.residual, vocabSize, temperature, beta,

@@ -52,16 +52,16 @@ Napi::Value verify_chain(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     if (info.Length() != 12) throw Napi::TypeError::New(env, "verifyChain: internal binding takes 12 arguments");
-    auto required = [&](size_t i, const char* name) { return required_arg(info, i, name); };
-    const int32_t V = static_cast<int32_t>(int_value(env, required(3, "vocabSize"), "vocabSize", 1, 1 << 30, ""));
-    Sampling s = sampling_values(env, required(4, "sampling"), info[5], info[6], info[7], "sampling");
-    auto tokens = typed_array<int32_t>(env, required(2, "draftTokens"), "draftTokens");
-    auto target = typed_array<float>(env, required(0, "targetLogits"), "targetLogits");
+    const int32_t V =
+        static_cast<int32_t>(int_value(env, required_arg(info, 3, "vocabSize"), "vocabSize", 1, 1 << 30, ""));
+    Sampling s = sampling_values(env, required_arg(info, 4, "sampling"), info[5], info[6], info[7], "sampling");
+    auto tokens = typed_array<int32_t>(env, required_arg(info, 2, "draftTokens"), "draftTokens");
+    auto target = typed_array<float>(env, required_arg(info, 0, "targetLogits"), "targetLogits");
     const size_t g = tokens.length;
     expect_length(env, target.length, (g + 1) * V, "targetLogits", "(draftTokens.length + 1) * vocabSize");
     ArrayView<float> draft;
     if (!s.greedy() || present(info[1])) {
-      draft = typed_array<float>(env, required(1, "draftLogits"), "draftLogits");
+      draft = typed_array<float>(env, required_arg(info, 1, "draftLogits"), "draftLogits");
       expect_length(env, draft.length, g * V, "draftLogits", "draftTokens.length * vocabSize");
     }
     int32_t len = static_cast<int32_t>(g), accepted = 0;
@@ -240,13 +240,12 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     if (info.Length() != 14) throw Napi::TypeError::New(env, "distillLoss: internal binding takes 14 arguments");
-    auto required = [&](size_t i, const char* name) { return required_arg(info, i, name); };
     DistillInput in;
-    const Napi::Value kind = required(0, "kind");
+    const Napi::Value kind = required_arg(info, 0, "kind");
     if (!kind.IsString()) throw Napi::TypeError::New(env, "kind must be a string");
     in.kind = parse_distill_kind(kind.As<Napi::String>(), "kind");
-    in.vocab = static_cast<int32_t>(int_value(env, required(7, "vocabSize"), "vocabSize", 1, 1 << 30, ""));
-    auto student = typed_array<float>(env, required(1, "studentLogits"), "studentLogits");
+    in.vocab = static_cast<int32_t>(int_value(env, required_arg(info, 7, "vocabSize"), "vocabSize", 1, 1 << 30, ""));
+    auto student = typed_array<float>(env, required_arg(info, 1, "studentLogits"), "studentLogits");
     if (student.length % in.vocab != 0)
       throw Napi::RangeError::New(env, "studentLogits has length " + std::to_string(student.length) +
                                            ", not a multiple of vocabSize " + std::to_string(in.vocab));
@@ -264,8 +263,9 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
       in.teacher = t.data;
     } else if (present(sparse)) {
       if (!sparse.IsObject()) throw Napi::TypeError::New(env, "teacher must be an object { indices, probs, residual? }");
-      auto ids = typed_array<int32_t>(env, required(4, "teacher.indices"), "teacher.indices");
-      auto probs = typed_array<float>(env, required(5, "teacher.probs"), "teacher.probs");
+      const Napi::Value indices = required_arg(info, 4, "teacher.indices");
+      auto ids = typed_array<int32_t>(env, indices, "teacher.indices");
+      auto probs = typed_array<float>(env, required_arg(info, 5, "teacher.probs"), "teacher.probs");
       if (rows == 0 || ids.length % rows != 0)
         throw Napi::RangeError::New(env, "teacher.indices has length " + std::to_string(ids.length) +
                                              ", not a multiple of the row count " + std::to_string(rows));

@@ -104,6 +104,26 @@ OSD_SIMD_INLINE f32x8 exp_approx8(const f32x8& x) {
   return x <= splat8(-87.3f) ? f32x8{} : (f32x8)scaled;
 }
 
+// Natural log on eight lanes, for positive normal x: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// log m = 2 atanh(z) = 2 (z + z^3/3 + ... + z^9/9), z = (m - 1) / (m + 1), |z| <= 0.172 (the next
+// term is below 1e-9). Relative error below 3e-7 (test_kernels checks it against std::log); only
+// the distillation losses use it, so it promises no bits.
+OSD_SIMD_INLINE f32x8 log_approx8(const f32x8& x) {
+  const i32x8 bits = (i32x8)x;
+  const f32x8 m1 = (f32x8)((bits & 0x007fffff) | 0x3f800000);  // in [1, 2)
+  const i32x8 big = m1 > splat8(1.41421356f);                   // -1 where halved
+  const f32x8 m = big ? m1 * splat8(0.5f) : m1;
+  const f32x8 e = __builtin_convertvector(((bits >> 23) & 0xff) - 127 - big, f32x8);
+  const f32x8 f = m - splat8(1.0f), z = f / (splat8(2.0f) + f), z2 = z * z;
+  f32x8 p = splat8(2.0f / 9.0f);
+  p = p * z2 + splat8(2.0f / 7.0f);
+  p = p * z2 + splat8(2.0f / 5.0f);
+  p = p * z2 + splat8(2.0f / 3.0f);
+  p = p * z2 + splat8(2.0f);
+  // e ln2 in two parts: the high part times e (|e| < 128) is exact.
+  return e * splat8(0.693145751953125f) + (z * p + e * splat8(1.428606765330187045e-06f));
+}
+
 // Lane max, NaN-blind (a NaN lane in x leaves m unchanged; callers flag NaN separately).
 OSD_SIMD_INLINE f32x8 max8(const f32x8& m, const f32x8& x) { return x > m ? x : m; }
 

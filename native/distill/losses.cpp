@@ -164,6 +164,60 @@ BinTerm bin_term(DistillKind kind, double lp, double lq, const BinConsts& c) {
   return {0.0, 0.0, q};
 }
 
+// The k + 1 bins of a sparse teacher row (its k tokens and "the rest"): the teacher's masses, and
+// from the student's log-normaliser and log rest mass the loss, g_b = dL/dq_b and E_q[g]. The
+// reference and the fast path share it; they differ only in how they sum the student's row.
+struct SparseBins {
+  const int32_t* ids;
+  const float* probs;
+  int32_t k;
+  double pnorm, lp_rest;
+  std::vector<int32_t> order;  // 0..k-1 sorted by id
+  double loss = 0.0, eg = 0.0;
+  std::vector<double> gb;  // k + 1, the rest last
+
+  SparseBins(const DistillInput& in, int32_t r)
+      : ids(in.topk_ids + static_cast<size_t>(r) * in.k), probs(in.topk_probs + static_cast<size_t>(r) * in.k),
+        k(in.k), order(in.k), gb(in.k + 1) {
+    double psum = 0.0;
+    for (int32_t i = 0; i < k; ++i) psum += probs[i];
+    // With k = V there is no token outside the top-k, so any residual is rounding (validation allows
+    // up to 1e-3): drop it, or an empty student bin would make forward KL infinite.
+    const double pres = k == in.vocab ? 0.0 : in.residual ? in.residual[r] : std::max(0.0, 1.0 - psum);
+    pnorm = psum + pres;  // renormalise away the tolerated rounding
+    lp_rest = pres > 0.0 ? std::log(pres / pnorm) : -INFINITY;
+    for (int32_t i = 0; i < k; ++i) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return ids[a] < ids[b]; });
+  }
+
+  // lq_rest: log of the student's mass outside the top-k (-Infinity when k = V).
+  void score(DistillKind kind, const float* s, float ms, float inv_t, double log_zs, double lq_rest,
+             const BinConsts& c) {
+    for (int32_t i = 0; i < k; ++i) {
+      const double lq = (s[ids[i]] - ms) * inv_t - log_zs;
+      const double lp = probs[i] > 0.0f ? std::log(probs[i] / pnorm) : -INFINITY;
+      const BinTerm b = bin_term(kind, lp, lq, c);
+      loss += b.loss;
+      gb[i] = b.g;
+      eg += b.q * b.g;
+    }
+    const BinTerm b = bin_term(kind, lp_rest, lq_rest, c);
+    loss += b.loss;
+    gb[k] = b.g;
+    if (lq_rest > -INFINITY) eg += b.q * b.g;
+  }
+
+  // The gradient at the k teacher tokens (the caller writes the rest of the row).
+  void topk_grad(DistillKind kind, const float* s, float ms, float inv_t, double log_zs, float gscale,
+                 float* grad) const {
+    for (int32_t i = 0; i < k; ++i) {
+      const double q = std::exp((s[ids[i]] - ms) * inv_t - log_zs);
+      grad[ids[i]] = gscale * static_cast<float>(kind == DistillKind::ForwardKL ? q - probs[i] / pnorm
+                                                                                : q * (gb[i] - eg));
+    }
+  }
+};
+
 }  // namespace
 
 OSD_CLONES double distill_row(const DistillInput& in, int32_t r, float scale, float* grad) {
@@ -205,18 +259,8 @@ OSD_CLONES double distill_row(const DistillInput& in, int32_t r, float scale, fl
   }
 
   // Sparse teacher: k token bins plus the rest.
+  SparseBins bins(in, r);
   const int32_t k = in.k;
-  const int32_t* ids = in.topk_ids + static_cast<size_t>(r) * k;
-  const float* probs = in.topk_probs + static_cast<size_t>(r) * k;
-  double psum = 0.0;
-  for (int32_t i = 0; i < k; ++i) psum += probs[i];
-  // With k = V there is no token outside the top-k, so any residual is rounding (validation allows
-  // up to 1e-3): drop it, or an empty student bin would make forward KL infinite.
-  const double pres = k == V ? 0.0 : in.residual ? in.residual[r] : std::max(0.0, 1.0 - psum);
-  const double pnorm = psum + pres;  // renormalise away the tolerated rounding
-  std::vector<int32_t> order(k);
-  for (int32_t i = 0; i < k; ++i) order[i] = i;
-  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return ids[a] < ids[b]; });
   // Student mass outside the top-k, summed directly (no 1 - x cancellation) and relative to the
   // largest logit outside the top-k, so it cannot underflow to 0 when the top-k hold almost
   // everything (log q_rest is then very negative, but finite).
@@ -226,59 +270,35 @@ OSD_CLONES double distill_row(const DistillInput& in, int32_t r, float scale, fl
     {
       int32_t o = 0;
       for (int32_t j = 0; j < V; ++j) {
-        if (o < k && ids[order[o]] == j) { ++o; continue; }
+        if (o < k && bins.ids[bins.order[o]] == j) { ++o; continue; }
         rest_max = std::max(rest_max, s[j]);
       }
     }
     double rest = 0.0;
     int32_t o = 0;
     for (int32_t j = 0; j < V; ++j) {
-      if (o < k && ids[order[o]] == j) { ++o; continue; }
+      if (o < k && bins.ids[bins.order[o]] == j) { ++o; continue; }
       rest += std::exp((s[j] - rest_max) * inv_t);
     }
     lq_rest = static_cast<double>((rest_max - ms) * inv_t) + std::log(rest) - log_zs;
   }
-  const double lp_rest = pres > 0.0 ? std::log(pres / pnorm) : -INFINITY;
-  double loss = 0.0, eg = 0.0;
-  std::vector<double> gb(k + 1);
-  const BinConsts c(in.beta);
-  for (int32_t i = 0; i < k; ++i) {
-    const double lq = (s[ids[i]] - ms) * inv_t - log_zs;
-    const double lp = probs[i] > 0.0f ? std::log(probs[i] / pnorm) : -INFINITY;
-    BinTerm b = bin_term(in.kind, lp, lq, c);
-    loss += b.loss;
-    gb[i] = b.g;
-    eg += b.q * b.g;
-  }
-  {
-    BinTerm b = bin_term(in.kind, lp_rest, lq_rest, c);
-    loss += b.loss;
-    gb[k] = b.g;
-    if (lq_rest > -INFINITY) eg += b.q * b.g;
-  }
-  if (!grad) return loss;
+  bins.score(in.kind, s, ms, inv_t, log_zs, lq_rest, BinConsts(in.beta));
+  if (!grad) return bins.loss;
   if (in.kind == DistillKind::ForwardKL) {
     // q_j g_b = -p_b for a top-k token; -p_rest q_j / q_rest for the others; E_q[g] = -1.
     for (int32_t j = 0; j < V; ++j) {
       const double lq = (s[j] - ms) * inv_t - log_zs;
-      const double qp = lp_rest > -INFINITY ? std::exp(lq - lq_rest + lp_rest) : 0.0;
+      const double qp = bins.lp_rest > -INFINITY ? std::exp(lq - lq_rest + bins.lp_rest) : 0.0;
       grad[j] = gscale * static_cast<float>(std::exp(lq) - qp);
     }
-    for (int32_t i = 0; i < k; ++i) {
-      const double lq = (s[ids[i]] - ms) * inv_t - log_zs;
-      grad[ids[i]] = gscale * static_cast<float>(std::exp(lq) - probs[i] / pnorm);
+  } else {
+    for (int32_t j = 0; j < V; ++j) {
+      const double q = std::exp((s[j] - ms) * inv_t - log_zs);
+      grad[j] = gscale * static_cast<float>(q * (bins.gb[k] - bins.eg));
     }
-    return loss;
   }
-  for (int32_t j = 0; j < V; ++j) {
-    const double q = std::exp((s[j] - ms) * inv_t - log_zs);
-    grad[j] = gscale * static_cast<float>(q * (gb[k] - eg));
-  }
-  for (int32_t i = 0; i < k; ++i) {
-    const double q = std::exp((s[ids[i]] - ms) * inv_t - log_zs);
-    grad[ids[i]] = gscale * static_cast<float>(q * (gb[i] - eg));
-  }
-  return loss;
+  bins.topk_grad(in.kind, s, ms, inv_t, log_zs, gscale, grad);
+  return bins.loss;
 }
 
 // ---------------------------------------------------------------- forward KL, blocked
@@ -417,6 +437,255 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
     }
   });
   return loss;
+}
+
+
+// ---------------------------------------------------------------- reverse KL, JSD, TVD, blocked
+
+namespace {
+
+// The per-row constants of div_lanes, and a block's scales fq = float(cs_b / zs), fp = float(ct_b / zt).
+struct DivRow {
+  float ms, mt, it, ls, lt, c, floor, beta;  // ls, lt: float(log z); c = float(log zs - log zt)
+};
+
+// Eight entries: g_j = dL/dq_j and the loss terms, from the logits and the blocks' exp terms.
+template <DistillKind kKind>
+OSD_SIMD_INLINE void div_lanes(const f32x8& s, const f32x8& t, const f32x8& es, const f32x8& et, const DivRow& r,
+                               float fq, float fp, f32x8& g, f32x8& l) {
+  const f32x8 a = (s - splat8(r.ms)) * splat8(r.it), b = (t - splat8(r.mt)) * splat8(r.it);
+  const f32x8 q = es * splat8(fq), p = et * splat8(fp);
+  const f32x8 d = (a - b) - splat8(r.c);  // log q - log p, without the cancellation of two logs
+  if (kKind == DistillKind::ReverseKL) {
+    // A teacher log-probability below log(1e-12) counts as log(1e-12), as in bin_term.
+    g = b - splat8(r.lt) >= splat8(r.floor) ? d : (a - splat8(r.ls)) - splat8(r.floor);
+    l = q * g;
+  } else if (kKind == DistillKind::TVD) {
+    g = d > f32x8{} ? splat8(0.5f) : d < f32x8{} ? splat8(-0.5f) : f32x8{};
+    const f32x8 pq = p - q;
+    l = splat8(0.5f) * (pq > f32x8{} ? pq : -pq);
+  } else {
+    // log m = log(beta p + (1 - beta) q) relative to the larger side, e = exp(-|d|) in (0, 1]:
+    // when d >= 0, A = log q - log m = -log(beta e + 1 - beta) and B = log p - log m = A - d;
+    // otherwise B = -log(beta + (1 - beta) e) and A = B + d. The log's argument stays in
+    // [min(beta, 1 - beta), 1]; the side that adds d is the one whose mass is smaller by e^-|d|, so
+    // its rounding (ulp(d) for logits of 1e4) is multiplied away.
+    const f32x8 beta = splat8(r.beta), beta1 = splat8(1.0f - r.beta);
+    const i32x8 pos = d >= f32x8{};
+    const f32x8 e = exp_approx8(pos ? -d : d);
+    const f32x8 lg = -log_approx8(pos ? beta * e + beta1 : beta + beta1 * e);
+    const f32x8 A = pos ? lg : lg + d, B = pos ? lg - d : lg;
+    g = beta1 * A;
+    l = beta * p * B + beta1 * q * A;
+  }
+}
+
+template <DistillKind kKind>
+OSD_SIMD_INLINE void div_groups(const float* s, const float* t, const float* es, float* et_g, int32_t n,
+                                const DivRow& r, float fq, float fp, double* loss, double* eg) {
+  f32x8 l0 = {}, l1 = {}, e0 = {}, e1 = {}, g, l;
+  int32_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    div_lanes<kKind>(load8(s + j), load8(t + j), load8(es + j), load8(et_g + j), r, fq, fp, g, l);
+    store8(et_g + j, g);
+    l0 += l;
+    e0 += load8(es + j) * splat8(fq) * g;
+    div_lanes<kKind>(load8(s + j + 8), load8(t + j + 8), load8(es + j + 8), load8(et_g + j + 8), r, fq, fp, g, l);
+    store8(et_g + j + 8, g);
+    l1 += l;
+    e1 += load8(es + j + 8) * splat8(fq) * g;
+  }
+  for (; j < n; j += 8) {
+    // The last entries padded to eight lanes with terms that add nothing: q = p = 0.
+    float ps[8], pt[8], pes[8] = {}, pet[8] = {}, pg[8];
+    const int32_t m = std::min<int32_t>(8, n - j);
+    for (int32_t k = 0; k < 8; ++k) {
+      ps[k] = k < m ? s[j + k] : r.ms;
+      pt[k] = k < m ? t[j + k] : r.mt;
+      if (k < m) pes[k] = es[j + k], pet[k] = et_g[j + k];
+    }
+    div_lanes<kKind>(load8(ps), load8(pt), load8(pes), load8(pet), r, fq, fp, g, l);
+    store8(pg, g);
+    for (int32_t k = 0; k < m; ++k) et_g[j + k] = pg[k];
+    l0 += l;
+    e0 += load8(pes) * splat8(fq) * g;
+  }
+  l0 += l1;
+  e0 += e1;
+  float la = 0.0f, ea = 0.0f;
+  for (int k = 0; k < 8; ++k) la += l0[k], ea += e0[k];
+  *loss = la;
+  *eg = ea;
+}
+
+// Pass 2 of divergence_row_blocked on one block: g_j over et (in place), and the block's sums of
+// the loss terms and of q_j g_j.
+OSD_CLONES void div_block(DistillKind kind, const float* s, const float* t, const float* es, float* et_g, int32_t n,
+                          const DivRow& r, float fq, float fp, double* loss, double* eg) {
+  if (kind == DistillKind::ReverseKL)
+    div_groups<DistillKind::ReverseKL>(s, t, es, et_g, n, r, fq, fp, loss, eg);
+  else if (kind == DistillKind::TVD)
+    div_groups<DistillKind::TVD>(s, t, es, et_g, n, r, fq, fp, loss, eg);
+  else
+    div_groups<DistillKind::JSD>(s, t, es, et_g, n, r, fq, fp, loss, eg);
+}
+
+// grad_j = c es_j (g_j - eg), c = gscale float(cs_b / zs) (grad and es may be the same array).
+OSD_CLONES void div_grad_block(float* grad, const float* es, const float* g, int32_t n, float c, float eg) {
+  for (int32_t j = 0; j < n; ++j) grad[j] = c * es[j] * (g[j] - eg);
+}
+
+struct DivScratch {
+  std::vector<float> es, et, ms, mt, ss, st, cs, ct;
+  std::vector<double> loss, eg;
+  std::vector<uint8_t> bad;
+};
+
+}  // namespace
+
+double divergence_row_blocked(const DistillInput& in, int32_t r, float scale, float* grad) {
+  const int32_t V = in.vocab, nb = stat_blocks(V);
+  const float* s = in.student + static_cast<size_t>(r) * V;
+  const float* t = in.teacher + static_cast<size_t>(r) * V;
+  const float it = 1.0f / in.temperature;
+  thread_local DivScratch tl;
+  DivScratch& w = tl;
+  if (!grad) w.es.resize(V);
+  w.et.resize(V);
+  float* es = grad ? grad : w.es.data();
+  float* et = w.et.data();
+  for (auto* v : {&w.ms, &w.mt, &w.ss, &w.st, &w.cs, &w.ct}) v->resize(nb);
+  w.loss.resize(nb), w.eg.resize(nb), w.bad.resize(nb);
+  const size_t threads = static_cast<size_t>(default_pool().size()), grain = std::max<size_t>(1, nb / threads);
+  // Pass 1, as forward_kl_row_blocked's: block maxima, exp terms and their sums.
+  default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
+    for (size_t b = lo; b < hi; ++b) {
+      const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
+      bool bs, bt;
+      w.ms[b] = finite_max(s + j0, n, &bs);
+      w.mt[b] = finite_max(t + j0, n, &bt);
+      w.bad[b] = (bs ? 1 : 0) | (bt ? 2 : 0);
+      if (w.bad[b]) continue;
+      w.ss[b] = block_exp_sum(s + j0, n, w.ms[b], it, es + j0);
+      w.st[b] = block_exp_sum(t + j0, n, w.mt[b], it, et + j0);
+    }
+  });
+  float ms = -std::numeric_limits<float>::max(), mt = ms;
+  int bad = 0;
+  for (int32_t b = 0; b < nb; ++b) ms = std::max(ms, w.ms[b]), mt = std::max(mt, w.mt[b]), bad |= w.bad[b];
+  if (bad & 1) throw_range("studentLogits row " + std::to_string(r) + " contains NaN or Infinity");
+  if (bad & 2) throw_range("teacherLogits row " + std::to_string(r) + " contains NaN or Infinity");
+  double zs = 0.0, zt = 0.0;
+  for (int32_t b = 0; b < nb; ++b) {
+    w.cs[b] = exp_approx((w.ms[b] - ms) * it);
+    w.ct[b] = exp_approx((w.mt[b] - mt) * it);
+    zs += static_cast<double>(w.ss[b] * w.cs[b]);
+    zt += static_cast<double>(w.st[b] * w.ct[b]);
+  }
+  const double log_zs = std::log(zs), log_zt = std::log(zt);
+  const DivRow row{ms,
+                   mt,
+                   it,
+                   static_cast<float>(log_zs),
+                   static_cast<float>(log_zt),
+                   static_cast<float>(log_zs - log_zt),
+                   static_cast<float>(std::log(1e-12)),
+                   in.beta};
+  // Pass 2: g_j (kept in place of the teacher's exp terms), the loss and E_q[g], block by block.
+  default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
+    for (size_t b = lo; b < hi; ++b) {
+      const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
+      div_block(in.kind, s + j0, t + j0, es + j0, et + j0, n, row, static_cast<float>(w.cs[b] / zs),
+                static_cast<float>(w.ct[b] / zt), &w.loss[b], &w.eg[b]);
+    }
+  });
+  double loss = 0.0, eg = 0.0;
+  for (int32_t b = 0; b < nb; ++b) loss += w.loss[b], eg += w.eg[b];
+  if (!grad) return loss;
+  // Pass 3, no exp: d/ds_j = q_j (g_j - E_q[g]) / T.
+  const float gscale = scale * it;
+  default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
+    for (size_t b = lo; b < hi; ++b) {
+      const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
+      div_grad_block(grad + j0, es + j0, et + j0, n, gscale * static_cast<float>(w.cs[b] / zs),
+                     static_cast<float>(eg));
+    }
+  });
+  return loss;
+}
+
+// ---------------------------------------------------------------- sparse teacher, fast
+
+namespace {
+
+OSD_CLONES float sum_floats(const float* x, int32_t n) {
+  f32x8 a0 = {}, a1 = {};
+  int32_t j = 0;
+  for (; j + 16 <= n; j += 16) a0 += load8(x + j), a1 += load8(x + j + 8);
+  a0 += a1;
+  float s = 0.0f;
+  for (int k = 0; k < 8; ++k) s += a0[k];
+  for (; j < n; ++j) s += x[j];
+  return s;
+}
+
+OSD_CLONES void scale_floats(float* x, int32_t n, float c) {
+  for (int32_t j = 0; j < n; ++j) x[j] *= c;
+}
+
+}  // namespace
+
+double sparse_row_fast(const DistillInput& in, int32_t r, float scale, float* grad) {
+  const int32_t V = in.vocab, nb = stat_blocks(V), k = in.k;
+  const float* s = in.student + static_cast<size_t>(r) * V;
+  const float inv_t = 1.0f / in.temperature;
+  bool bad = false;
+  const float ms = finite_max(s, V, &bad);
+  if (bad) throw_range("studentLogits row " + std::to_string(r) + " contains NaN or Infinity");
+  // e_j = exp((s_j - ms) / T), kept in grad (or scratch), summed block by block.
+  thread_local std::vector<float> tl_e, tl_kept;
+  if (!grad) tl_e.resize(V);
+  float* e = grad ? grad : tl_e.data();
+  double zs = 0.0;
+  for (int32_t b = 0; b < nb; ++b) {
+    const int32_t j0 = b * kStatBlock;
+    zs += block_exp_sum(s + j0, std::min(kStatBlock, V - j0), ms, inv_t, e + j0);
+  }
+  const double log_zs = std::log(zs);
+  SparseBins bins(in, r);
+  double lq_rest = -INFINITY;
+  if (k < V) {
+    // The rest summed directly (no zs - top-k cancellation): the top-k terms set aside meanwhile.
+    tl_kept.resize(k);
+    for (int32_t i = 0; i < k; ++i) tl_kept[i] = e[bins.ids[i]], e[bins.ids[i]] = 0.0f;
+    double rest = 0.0;
+    for (int32_t b = 0; b < nb; ++b) {
+      const int32_t j0 = b * kStatBlock;
+      rest += sum_floats(e + j0, std::min(kStatBlock, V - j0));
+    }
+    for (int32_t i = 0; i < k; ++i) e[bins.ids[i]] = tl_kept[i];
+    // Terms below float's range were flushed to 0: when they could matter (the top-k hold nearly
+    // all the mass, e.g. logits of +-1e4), the reference sums the rest relative to its own max.
+    if (!(rest >= 1e-25)) return distill_row(in, r, scale, grad);
+    lq_rest = std::log(rest) - log_zs;
+  }
+  bins.score(in.kind, s, ms, inv_t, log_zs, lq_rest, BinConsts(in.beta));
+  if (!grad) return bins.loss;
+  // Outside the top-k, q_j times one constant: 1 - p_rest / q_rest for forward KL (see distill_row),
+  // g_rest - E_q[g] for the others.
+  const double c = in.kind == DistillKind::ForwardKL
+                       ? (bins.lp_rest > -INFINITY ? 1.0 - std::exp(bins.lp_rest - lq_rest) : 1.0)
+                       : bins.gb[k] - bins.eg;
+  const float gscale = scale * inv_t;
+  scale_floats(grad, V, static_cast<float>(gscale * c / zs));
+  bins.topk_grad(in.kind, s, ms, inv_t, log_zs, gscale, grad);
+  return bins.loss;
+}
+
+double distill_row_fast(const DistillInput& in, int32_t r, float scale, float* grad) {
+  if (!in.teacher) return sparse_row_fast(in, r, scale, grad);
+  return in.kind == DistillKind::ForwardKL ? forward_kl_row_blocked(in, r, scale, grad)
+                                           : divergence_row_blocked(in, r, scale, grad);
 }
 
 }  // namespace osd

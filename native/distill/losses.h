@@ -60,4 +60,26 @@ double distill_row(const DistillInput& in, int32_t row, float scale, float* grad
 //   grad_j = gscale (es_j float(cs_b / zs) - et_j float(ct_b / zt)), gscale = scale / T.
 double forward_kl_row_blocked(const DistillInput& in, int32_t row, float scale, float* grad);
 
+
+// The fast path of distill_row for reverse KL, JSD and TVD against a dense teacher, in the same
+// blocked scheme: pass 1 as above (the teacher's exp terms in scratch); pass 2 forms per entry
+//   q_j = es_j float(cs_b / zs), p_j = et_j float(ct_b / zt), a_j = (s_j - ms) it, b_j = (t_j - mt) it,
+//   d_j = log q_j - log p_j = (a_j - b_j) - float(log zs - log zt),
+// the loss terms and g_j = dL/dq_j in float (JSD's log m relative to the larger side, so that its
+// argument stays in [min(beta, 1 - beta), 1]), summed per block and in block order in double;
+// pass 3 writes gscale float(cs_b / zs) es_j (g_j - E_q[g]). Three exps per entry for JSD, two for
+// the others (against two double exps, and for JSD two more and a log, in distill_row).
+double divergence_row_blocked(const DistillInput& in, int32_t row, float scale, float* grad);
+
+// The fast path of distill_row for a sparse teacher: the student's exp terms once (kept in grad),
+// its rest mass summed directly with the top-k terms set aside, the k + 1 bins as distill_row
+// scores them, and outside the top-k the gradient as q_j times one constant: one float exp per
+// entry against about three double exps. A row whose rest mass falls below float's range (the
+// top-k hold nearly everything) goes to distill_row, which sums the rest relative to its own max.
+double sparse_row_fast(const DistillInput& in, int32_t row, float scale, float* grad);
+
+// The CPU backend's row: forward_kl_row_blocked, divergence_row_blocked or sparse_row_fast.
+// Blocks run over the thread pool when called outside it (dense teachers).
+double distill_row_fast(const DistillInput& in, int32_t row, float scale, float* grad);
+
 }  // namespace osd

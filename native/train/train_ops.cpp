@@ -524,7 +524,7 @@ double head_loss(const float* x, int64_t n, const float* w, int64_t vocab, int64
         } else if (t.targets) {
           row_loss[c0 + i] = cross_entropy_row(l, vocab, t.targets[r], scale, g);
         } else {
-          // One row of the caller's teacher, scored by distill_row (distill/losses.cpp).
+          // One row of the caller's teacher, scored as the CPU backend scores it (distill/losses.cpp).
           DistillInput one = t.distill;
           one.student = l;
           one.rows = 1;
@@ -534,7 +534,7 @@ double head_loss(const float* x, int64_t n, const float* w, int64_t vocab, int64
           if (one.topk_ids) one.topk_ids += r * one.k;
           if (one.topk_probs) one.topk_probs += r * one.k;
           if (one.residual) one.residual += r;
-          row_loss[c0 + i] = distill_row(one, 0, scale, g);
+          row_loss[c0 + i] = distill_row_fast(one, 0, scale, g);
         }
       }
     });

@@ -856,6 +856,182 @@ OSD_TEST(forward_kl_does_not_depend_on_split) {
   CHECK_EQ(loss, sum / N);
 }
 
+OSD_TEST(log_approx8_relative_error) {
+  // Every 61st positive normal float, and the JSD range near 1 densely.
+  double worst = 0;
+  float x[8], got[8];
+  int k = 0;
+  auto flush = [&] {
+    store8(got, log_approx8(load8(x)));
+    for (int i = 0; i < 8; ++i) {
+      const double ref = std::log(static_cast<double>(x[i]));
+      worst = std::max(worst, std::fabs(got[i] - ref) / std::max(std::fabs(ref), 1e-30));
+    }
+    k = 0;
+  };
+  for (uint64_t u = 0x00800000u; u < 0x7f800000u; u += 61) {
+    const uint32_t bits = static_cast<uint32_t>(u);
+    std::memcpy(&x[k++], &bits, sizeof(float));
+    if (k == 8) flush();
+  }
+  for (float v = 0.25f; v <= 1.0f; v = std::nextafter(v, 2.0f)) {
+    x[k++] = v;
+    if (k == 8) flush();
+  }
+  std::printf("    log_approx8: worst relative error %.3g\n", worst);
+  CHECK(worst < 3e-7);
+}
+
+// Reverse KL, JSD and TVD (dense) and every loss against a sparse teacher: the fast paths against
+// distill_row. Loss within 1e-5 * max(1, |loss|) (as forward_kl_blocked_matches_reference), gradient
+// within 1e-6 max|g| + 1e-5 |g_j| + 1e-5 (the size of its terms, below); the loss alone as with the
+// gradient. Both sides round log q - log p in float, so near-cancelling gradients (a student close
+// to its teacher, a saturated JSD) differ by that rounding, not by more.
+namespace {
+
+struct FastCase {
+  double loss_err = 0, grad_err = 0;  // as fractions of the tolerance
+};
+
+void compare_fast(const DistillInput& in, float scale, FastCase& worst) {
+  const int32_t V = in.vocab;
+  std::vector<float> ga(V), gb(V);
+  const double la = distill_row(in, 0, scale, ga.data());
+  const double lb = distill_row_fast(in, 0, scale, gb.data());
+  const double lc = distill_row_fast(in, 0, scale, nullptr);
+  CHECK(std::isfinite(lb));
+  CHECK_NEAR(lc, lb, 1e-12 * std::max(1.0, std::fabs(lb)));
+  worst.loss_err = std::max(worst.loss_err, std::fabs(lb - la) / (1e-5 * std::max(1.0, std::fabs(la))));
+  float gmax = 0.0f;
+  for (float g : ga) gmax = std::max(gmax, std::fabs(g));
+  // The gradient is the difference of q_j g_j and q_j E_q[g], whose float rounding scales with |g|:
+  // up to |log q_j| plus, for reverse KL, |log p_j| <= |log 1e-12| = 27.6 (its floor).
+  const float* s = in.student;
+  double mx = s[0], z = 0.0;
+  for (int32_t j = 0; j < V; ++j) mx = std::max(mx, double(s[j]));
+  for (int32_t j = 0; j < V; ++j) z += std::exp((s[j] - mx) / in.temperature);
+  const double gs = scale / in.temperature;
+  for (int32_t j = 0; j < V; ++j) {
+    const double lq = (s[j] - mx) / in.temperature - std::log(z);
+    const double term = gs * std::exp(lq) * (1.0 - lq + (in.kind == DistillKind::ReverseKL ? 27.7 : 0.0));
+    worst.grad_err = std::max(worst.grad_err, std::fabs(gb[j] - ga[j]) / (1e-6 * gmax + 1e-5 * std::fabs(ga[j]) + 1e-5 * term));
+  }
+}
+
+}  // namespace
+
+OSD_TEST(distill_fast_paths_match_reference) {
+  std::mt19937 rng(17);
+  FastCase dense, sparse;
+  int cases = 0;
+  for (int32_t V : {1, 7, 33, 2048, 2049, 5000, 40000})
+    for (float T : {1.0f, 0.5f, 3.0f})
+      for (int shape = 0; shape < 3; ++shape) {
+        // shape 0: unrelated rows; 1: larger logits; 2: a student close to its teacher.
+        auto t = random_logits(rng, V, shape == 1 ? 4.f : 2.f);
+        auto s = random_logits(rng, V, shape == 1 ? 4.f : 2.f);
+        if (shape == 2)
+          for (int32_t j = 0; j < V; ++j) s[j] = t[j] + 0.01f * s[j] + 3.0f;
+        for (auto kind : {DistillKind::ForwardKL, DistillKind::ReverseKL, DistillKind::JSD, DistillKind::TVD}) {
+          DistillInput in;
+          in.kind = kind;
+          in.student = s.data();
+          in.rows = 1;
+          in.vocab = V;
+          in.temperature = T;
+          in.beta = shape == 1 ? 0.1f : 0.5f;
+          if (kind != DistillKind::ForwardKL) {
+            in.teacher = t.data();
+            compare_fast(in, 0.25f, dense);
+            ++cases;
+          }
+          // Sparse: the teacher's top k (k = V included), with and without an explicit residual.
+          const int32_t k = std::min<int32_t>(V, shape == 0 ? 32 : 5);
+          std::vector<int32_t> order(V);
+          for (int32_t j = 0; j < V; ++j) order[j] = j;
+          std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) { return t[a] > t[b]; });
+          double z = 0;
+          for (float x : t) z += std::exp(static_cast<double>(x - t[order[0]]) / T);
+          std::vector<int32_t> ids(order.begin(), order.begin() + k);
+          std::vector<float> probs(k);
+          double psum = 0;
+          for (int32_t i = 0; i < k; ++i) psum += probs[i] = static_cast<float>(std::exp((t[ids[i]] - t[order[0]]) / T) / z);
+          const float res = static_cast<float>(std::max(0.0, 1.0 - psum));
+          in.teacher = nullptr;
+          in.topk_ids = ids.data();
+          in.topk_probs = probs.data();
+          in.k = k;
+          in.residual = shape == 1 ? &res : nullptr;
+          compare_fast(in, 0.25f, sparse);
+          ++cases;
+        }
+      }
+  std::printf("    %d cases: worst dense loss %.3f, grad %.3f; sparse loss %.3f, grad %.3f (of tolerance)\n", cases,
+              dense.loss_err, dense.grad_err, sparse.loss_err, sparse.grad_err);
+  CHECK(dense.loss_err <= 1.0);
+  CHECK(dense.grad_err <= 1.0);
+  CHECK(sparse.loss_err <= 1.0);
+  CHECK(sparse.grad_err <= 1.0);
+}
+
+OSD_TEST(distill_fast_paths_extreme_logits) {
+  // Logits of +-1e4: finite, and as the reference. A sparse row whose top-k hold all but ~e^-1e4 of
+  // the student's mass goes to the reference, bit for bit.
+  std::vector<float> s = {1e4f, -1e4f, 0.f, 5e3f, -5e3f, 1e4f - 1.f}, t = {-1e4f, 1e4f, 0.f, 1e4f - 2.f, 3.f, -1e4f};
+  std::vector<int32_t> ids = {0, 5};
+  std::vector<float> probs = {0.6f, 0.3f};
+  for (auto kind : {DistillKind::ForwardKL, DistillKind::ReverseKL, DistillKind::JSD, DistillKind::TVD})
+    for (bool sparse : {false, true}) {
+      DistillInput in;
+      in.kind = kind;
+      in.student = s.data();
+      in.rows = 1;
+      in.vocab = 6;
+      if (sparse)
+        in.topk_ids = ids.data(), in.topk_probs = probs.data(), in.k = 2;
+      else
+        in.teacher = t.data();
+      std::vector<float> ga(6), gb(6);
+      const double la = distill_row(in, 0, 1.0f, ga.data()), lb = distill_row_fast(in, 0, 1.0f, gb.data());
+      CHECK(std::isfinite(lb));
+      CHECK_NEAR(lb, la, 1e-5 * std::fabs(la));
+      for (int j = 0; j < 6; ++j) CHECK_NEAR(gb[j], ga[j], 1e-7 + 1e-5 * std::fabs(ga[j]));
+      if (sparse) CHECK(std::memcmp(ga.data(), gb.data(), sizeof(float) * 6) == 0);
+    }
+  s[2] = NAN;
+  DistillInput in;
+  in.kind = DistillKind::JSD;
+  in.student = s.data();
+  in.teacher = t.data();
+  in.rows = 1;
+  in.vocab = 6;
+  CHECK_THROWS(Error, distill_row_fast(in, 0, 1.0f, nullptr), "studentLogits row 0 contains NaN");
+  in.teacher = nullptr, in.topk_ids = ids.data(), in.topk_probs = probs.data(), in.k = 2;
+  CHECK_THROWS(Error, distill_row_fast(in, 0, 1.0f, nullptr), "studentLogits row 0 contains NaN");
+}
+
+OSD_TEST(divergence_does_not_depend_on_split) {
+  // As forward_kl_does_not_depend_on_split, for JSD: one row spread over the threads, or one thread per row.
+  std::mt19937 rng(18);
+  const int32_t V = 20000, N = 2 * default_pool().size() + 1;
+  auto s = random_logits(rng, N * V, 3.f), t = random_logits(rng, N * V, 3.f);
+  DistillInput in;
+  in.kind = DistillKind::JSD;
+  in.student = s.data();
+  in.teacher = t.data();
+  in.rows = N;
+  in.vocab = V;
+  in.temperature = 0.8f;
+  std::vector<float> g(N * V), g1(V);
+  const double loss = cpu_backend().distill_loss(in, g.data());
+  double sum = 0.0;
+  for (int32_t r = 0; r < N; ++r) {
+    sum += divergence_row_blocked(in, r, 1.0f / N, g1.data());
+    CHECK(std::memcmp(g1.data(), g.data() + r * V, V * sizeof(float)) == 0);
+  }
+  CHECK_EQ(loss, sum / N);
+}
+
 OSD_TEST(adamw_matches_formula) {
   std::vector<float> p = {1.f, -2.f}, g = {0.5f, -0.25f}, m(2, 0.f), v(2, 0.f);
   AdamWConfig c;

@@ -142,13 +142,12 @@ class CpuBackend final : public Backend {
     if (counted == 0) return 0.0;
     const float scale = 1.0f / static_cast<float>(counted);
     std::vector<double> row_loss(in.rows, 0.0);
-    // Forward KL against a dense teacher takes the blocked fast path (two exps per entry, not four).
-    const bool blocked = in.teacher && in.kind == DistillKind::ForwardKL;
+    // A dense teacher's rows are blocked (distill_row_fast), so a single row can spread over the threads.
+    const bool blocked = in.teacher != nullptr;
     auto row = [&](size_t r) {
       if (in.mask && !in.mask[r]) return;
       float* g = grad ? grad + r * in.vocab : nullptr;
-      const int32_t ri = static_cast<int32_t>(r);
-      row_loss[r] = blocked ? forward_kl_row_blocked(in, ri, scale, g) : distill_row(in, ri, scale, g);
+      row_loss[r] = distill_row_fast(in, static_cast<int32_t>(r), scale, g);
     };
     if (blocked && in.rows < default_pool().size()) {
       // Fewer rows than threads: rows one after the other, each spreading its blocks over the threads.

@@ -213,28 +213,67 @@ export function bestLength(a: number, c: number, maxLength: number): number {
 }
 
 /**
- * The g in [1, maxLength] that maximises expectedSpeedup with a rate per chain position: measured,
- * acceptance falls with depth, so one pooled rate a overvalues long chains. Position i's rate is
- * (accepted[i] + 2a) / (tested[i] + 2) (the pooled rate as a prior worth two tests), and the
+ * The g in [minLength, maxLength] that maximises expectedSpeedup with a rate per chain position:
+ * measured, acceptance falls with depth, so one pooled rate a overvalues long chains. Position i's
+ * rate is (accepted[i] + 2a) / (tested[i] + 2) (the pooled rate as a prior worth two tests), and the
  * expected tokens are 1 + a_0 + a_0 a_1 + ... in place of (1 - a^(g+1)) / (1 - a); with no
- * measurements every a_i is a and this is the formula itself.
+ * measurements every a_i is a and this is the formula itself. c is the cost of one more drafted
+ * token as a fraction of a step that drafts none. minLength 0 (default 1) lets it answer "do not
+ * draft": with a weak draft, or a target whose pass grows with its tokens, drafting costs more than
+ * it returns.
  */
-export function bestLengthByPosition(a: number, tested: readonly number[], accepted: readonly number[], c: number, maxLength: number): number {
+export function bestLengthByPosition(
+  a: number,
+  tested: readonly number[],
+  accepted: readonly number[],
+  c: number,
+  maxLength: number,
+  minLength: 0 | 1 = 1,
+): number {
   checkRate(a, 'a');
   if (!Array.isArray(tested) || !Array.isArray(accepted)) throw new TypeError('tested and accepted must be arrays of counts');
   checkCost(c);
-  checkMaxLength(maxLength, 1);
-  let best = 1;
-  let bestValue = 0;
+  if (minLength !== 0 && minLength !== 1) throw new RangeError(`minLength must be 0 or 1, got ${String(minLength)}`);
+  checkMaxLength(maxLength, minLength);
+  const tokens = [1];
   let reach = 1;
-  let tokens = 1;
   for (let g = 1; g <= maxLength; g++) {
     reach *= ((accepted[g - 1] ?? 0) + 2 * a) / ((tested[g - 1] ?? 0) + 2);
-    tokens += reach;
-    const value = tokens / (g * c + 1);
-    if (value > bestValue) (best = g), (bestValue = value);
+    tokens.push(tokens[g - 1]! + reach);
   }
+  let best: number = minLength;
+  for (let g = minLength + 1; g <= maxLength; g++) if (tokens[g]! / (g * c + 1) > tokens[best]! / (best * c + 1) + 1e-12) best = g;
   return best;
+}
+
+/** A decayed least-squares line y = one + slope * x over recent (x, y) samples (about the last 50). */
+class LineFit {
+  #w = 0;
+  #x = 0;
+  #y = 0;
+  #xx = 0;
+  #xy = 0;
+
+  add(x: number, y: number): void {
+    const keep = 0.98;
+    this.#w = keep * this.#w + 1;
+    this.#x = keep * this.#x + x;
+    this.#y = keep * this.#y + y;
+    this.#xx = keep * this.#xx + x * x;
+    this.#xy = keep * this.#xy + x * y;
+  }
+
+  /** The line, or undefined before any sample. Until x varies, the slope is prior * one. */
+  line(prior: number): { one: number; slope: number } | undefined {
+    if (this.#w < 1) return undefined;
+    const mx = this.#x / this.#w;
+    const my = this.#y / this.#w;
+    const vx = this.#xx / this.#w - mx * mx;
+    let slope = vx > 0.25 ? (this.#xy / this.#w - mx * my) / vx : (prior * my) / (1 + prior * mx);
+    const one = Math.max(my - slope * mx, 0.25 * my);
+    slope = Math.min(Math.max(slope, 0.01 * one), one);
+    return { one, slope };
+  }
 }
 
 // The speedup model's arguments: an acceptance rate, a cost ratio, and a loop bound (a huge or
@@ -316,6 +355,11 @@ interface Request {
   seed: Seed;
   stopTokens: Set<number>;
   counters: Counters;
+  /** The last chain step's drafted tokens and its draft catch-up ms (adaptive's step timing). */
+  lastDrafted?: number;
+  lastCatchUpMs?: number;
+  /** Target passes of that step: 1, or the plain tokens decoded in one native call. */
+  lastTokens?: number;
 }
 
 /** Philox streams: step s of a request verifies with stream base + 2s and samples draft tokens with base + 2s + 1. */
@@ -421,14 +465,18 @@ export class SpeculativeDecoder extends EventEmitter {
   /** Adaptive chains: draft tokens tested and accepted at each chain position (acceptance falls with depth). */
   #posTested: number[] = [];
   #posAccepted: number[] = [];
-  #draftTokenMs = 0;
-  #targetPassMs = 0;
+  /** Adaptive: the last length chosen, how many steps in a row chose it, plain tokens since the last drafting step. */
+  #lastLength = -1;
+  #sameSteps = 0;
+  #plainTokens = 0;
   // Sampled trees: decayed counts of the j-th child tried and accepted (earlier siblings rejected).
   #rankTried: number[] = [];
   #rankAccepted: number[] = [];
   // Their measured costs: draft ms per level, and decayed sums for a line fit of target ms against nodes.
   #levelMs = 0;
-  #passFit = { w: 0, x: 0, y: 0, xx: 0, xy: 0 };
+  #passFit = new LineFit();
+  /** Adaptive chains: decayed line fit of a step's ms against its drafted tokens. */
+  #stepFit = new LineFit();
   readonly #fault: SpeculativeFault | undefined;
 
   constructor(options: SpeculativeDecoderOptions) {
@@ -642,6 +690,8 @@ export class SpeculativeDecoder extends EventEmitter {
         // steps draft nothing and verification samples the target alone (still exact).
         const draftRoom = D ? D.capacity - committed.length - 1 : Infinity;
         const budget = Math.max(0, Math.min(room, draftRoom, maxTokens - produced - 1));
+        const cycleStart = performance.now();
+        req.lastDrafted = undefined;
         const fresh = await this.#step(req, step, T, D, committed, budget);
         // Cut at the first stop token or at maxTokens.
         let emitTokens = fresh;
@@ -663,6 +713,9 @@ export class SpeculativeDecoder extends EventEmitter {
         committed.push(...emitTokens);
         produced += emitTokens.length;
         if (emitTokens.length) emit(emitTokens);
+        // Adaptive prices a drafted token by whole steps, the handling of what they emit included.
+        if (req.lastDrafted !== undefined)
+          this.#stepFit.add(req.lastDrafted, (performance.now() - cycleStart - (req.lastCatchUpMs ?? 0)) / (req.lastTokens ?? 1));
         if (reason) {
           setStop(reason);
           break;
@@ -699,8 +752,10 @@ export class SpeculativeDecoder extends EventEmitter {
     switch (this.strategy.kind) {
       case 'chain':
         return this.#chainStep(req, step, T, D!, committed, Math.min(budget, this.strategy.length));
-      case 'adaptive':
-        return this.#chainStep(req, step, T, D!, committed, Math.min(budget, this.#adaptiveLength()));
+      case 'adaptive': {
+        const { g, plain } = this.#adaptivePlan(budget);
+        return plain > 0 ? this.#plainSteps(req, step, T, committed, plain) : this.#chainStep(req, step, T, D!, committed, g);
+      }
       case 'tree':
         return this.strategy.children !== 'deterministic' && req.sampling.temperature > 0
           ? this.#sampledTreeStep(req, step, T, D!, committed, budget)
@@ -710,12 +765,56 @@ export class SpeculativeDecoder extends EventEmitter {
     }
   }
 
-  #adaptiveLength(): number {
-    if (this.strategy.kind !== 'adaptive') return 0;
+  /**
+   * Adaptive: the next step's chain length g, or g = 0 with the number of tokens the target decodes
+   * alone in one native call (`plain`).
+   */
+  #adaptivePlan(budget: number): { g: number; plain: number } {
+    if (this.strategy.kind !== 'adaptive') throw new Error('unreachable');
     const a = this.#adaptAccepted / (this.#adaptAccepted + this.#adaptRejected);
-    // Until costs are measured, assume a draft ten times cheaper than the target.
-    const cost = this.#targetPassMs > 0 && this.#draftTokenMs > 0 ? this.#draftTokenMs / this.#targetPassMs : 0.1;
-    return bestLengthByPosition(a, this.#posTested, this.#posAccepted, cost, this.strategy.maxLength);
+    const max = this.strategy.maxLength;
+    // A step's measured time, one + slope * g ms (drafting, the target pass, verification, handling
+    // what it emits); `one` is a plain token's. Until it is measured, a drafted token costs a fifth.
+    const line = this.#stepFit.line(0.2);
+    const c = line ? line.slope / line.one : 0.2;
+    const best = bestLengthByPosition(a, this.#posTested, this.#posAccepted, c, max, 0);
+    if (best === 0) {
+      // Drafting does not pay now: up to 16 tokens from the target alone, then one drafting step at
+      // the best length, so that acceptance and costs stay measured (online updates may improve the draft).
+      if (this.#plainTokens < 16 || budget === 0) return { g: 0, plain: Math.min(16 - Math.min(this.#plainTokens, 15), budget + 1) };
+      this.#plainTokens = 0;
+      return { g: Math.min(budget, bestLengthByPosition(a, this.#posTested, this.#posAccepted, c, max)), plain: 0 };
+    }
+    this.#plainTokens = 0;
+    this.#sameSteps = best === this.#lastLength ? this.#sameSteps + 1 : 0;
+    this.#lastLength = best;
+    // After 16 drafting steps of one length, a few plain tokens, so that the cost line keeps both ends.
+    if (this.#sameSteps >= 16) {
+      this.#sameSteps = 0;
+      return { g: 0, plain: Math.min(4, budget + 1) };
+    }
+    return { g: Math.min(budget, best), plain: 0 };
+  }
+
+  /**
+   * Adaptive's plain tokens: the target alone samples n tokens in one native call (Sequence.draft),
+   * one pass each, as a step without draft tokens would, without a round trip to JavaScript between them.
+   */
+  async #plainSteps(req: Request, step: number, T: Sequence, committed: number[], n: number): Promise<number[]> {
+    const V = this.vocabSize;
+    const c = req.counters;
+    const last = committed[committed.length - 1]!;
+    const d = await this.#timed(c, 'target', () => T.draft([last], { count: n, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false) }));
+    c.targetPasses += n - 1;
+    const tokens = Array.from(d.tokens);
+    for (let i = 0; i < n; i++) {
+      this.#onVerified?.({ request: req.id, context: [...committed, ...tokens.slice(0, i)], drafted: 0, accepted: 0, emitted: d.tokens.slice(i, i + 1), targetLogits: d.logits.slice(i * V, (i + 1) * V), vocabSize: V });
+      c.record(0, 0, 1);
+      this.emit('step', { request: req.id, drafted: 0, accepted: 0, emitted: 1 } satisfies StepEvent);
+    }
+    this.#plainTokens += n;
+    (req.lastDrafted = 0), (req.lastCatchUpMs = 0), (req.lastTokens = n);
+    return tokens;
   }
 
   /** Draft g tokens autoregressively, then verify the chain in one target pass. */
@@ -726,9 +825,15 @@ export class SpeculativeDecoder extends EventEmitter {
     const tBase = T.length;
     let draftTokens: Int32Array = new Int32Array(0);
     let draftLogits: Float32Array = new Float32Array(0);
+    let catchUpMs = 0;
     if (g > 0) {
-      // The draft cost is timed on the chain: a request's first step prefills the prompt apart.
-      if (committed.length - D.length > 2) await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length, -1), { lastOnly: true }));
+      // The draft cost is timed on the chain: a request's first step prefills the prompt apart, as
+      // does the first drafting step after plain ones (its catch-up is not a cost of the chain).
+      if (committed.length - D.length > 2) {
+        const t0 = performance.now();
+        await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length, -1), { lastOnly: true }));
+        catchUpMs = performance.now() - t0;
+      }
       // One native call drafts the whole chain (token i at Philox position i of the step's draft stream).
       const dStart = performance.now();
       const d = await D.draft(committed.slice(D.length), { count: g, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, true) });
@@ -737,14 +842,11 @@ export class SpeculativeDecoder extends EventEmitter {
       c.draftMs += ms;
       draftTokens = d.tokens;
       draftLogits = d.logits;
-      this.#draftTokenMs = 0.9 * (this.#draftTokenMs || ms / g) + 0.1 * (ms / g);
     }
-    const tStart = performance.now();
     const input = new Int32Array(g + 1);
     input[0] = last;
     input.set(draftTokens, 1);
     const tl = await this.#timed(c, 'target', () => T.evaluate(input));
-    this.#targetPassMs = 0.9 * (this.#targetPassMs || performance.now() - tStart) + 0.1 * (performance.now() - tStart);
     const targetLogits = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
     const r = verifyChain({ targetLogits, draftLogits, draftTokens, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false) });
     const a = r.acceptedCount;
@@ -754,13 +856,22 @@ export class SpeculativeDecoder extends EventEmitter {
     if (D.length > committed.length + a) D.truncate(committed.length + a);
     c.record(g, a, a + 1);
     c.recordChain(g, a);
-    this.#adaptAccepted += a;
-    this.#adaptRejected += a < g ? 1 : 0;
-    // Positions 0..a were tested (a accepted, then the rejection at a when a < g).
-    for (let i = 0; i < Math.min(g, a + 1); i++) {
-      this.#posTested[i] = (this.#posTested[i] ?? 0) + 1;
-      if (i < a) this.#posAccepted[i] = (this.#posAccepted[i] ?? 0) + 1;
+    if (g > 0) {
+      // Decayed counts (about the last 200 drafting steps), so that they follow a draft that changes.
+      const keep = 0.995;
+      this.#adaptAccepted = keep * this.#adaptAccepted + a;
+      this.#adaptRejected = keep * this.#adaptRejected + (a < g ? 1 : 0);
+      for (let i = 0; i < this.#posTested.length; i++) {
+        this.#posTested[i]! *= keep;
+        this.#posAccepted[i] = keep * (this.#posAccepted[i] ?? 0);
+      }
+      // Positions 0..a were tested (a accepted, then the rejection at a when a < g).
+      for (let i = 0; i < Math.min(g, a + 1); i++) {
+        this.#posTested[i] = (this.#posTested[i] ?? 0) + 1;
+        if (i < a) this.#posAccepted[i] = (this.#posAccepted[i] ?? 0) + 1;
+      }
     }
+    if (this.strategy.kind === 'adaptive') (req.lastDrafted = g), (req.lastCatchUpMs = catchUpMs), (req.lastTokens = 1);
     this.emit('step', { request: req.id, drafted: g, accepted: a, emitted: a + 1 } satisfies StepEvent);
     return Array.from(r.tokens);
   }
@@ -813,9 +924,7 @@ export class SpeculativeDecoder extends EventEmitter {
     const input = Int32Array.from([last, ...tokens]);
     const treeParents = Int32Array.from([-1, ...parents.map((p) => p + 1)]);
     const tBase = T.length;
-    const tStart = performance.now();
     const tl = await this.#timed(c, 'target', () => T.evaluate(input, { treeParents }));
-    this.#targetPassMs = performance.now() - tStart;
     const targetLogits = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
     // Children are the draft's top candidates, chosen deterministically: q is one-hot for verification.
     const r = verifyTree({
@@ -896,10 +1005,7 @@ export class SpeculativeDecoder extends EventEmitter {
     const tBase = T.length;
     const tStart = performance.now();
     const tl = await this.#timed(c, 'target', () => T.evaluate(input, { treeParents: Int32Array.from([-1, ...parents.map((p) => p + 1)]) }));
-    const passMs = performance.now() - tStart;
-    const f = this.#passFit;
-    const keep = 0.98;
-    [f.w, f.x, f.y, f.xx, f.xy] = [keep * f.w + 1, keep * f.x + n, keep * f.y + passMs, keep * f.xx + n * n, keep * f.xy + n * passMs];
+    this.#passFit.add(n, performance.now() - tStart);
     const targetLogits = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
     const verify = { targetLogits, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false) };
     let r: { path: Int32Array; tokens: Int32Array };
@@ -920,16 +1026,10 @@ export class SpeculativeDecoder extends EventEmitter {
 
   /** Sampled-tree costs in one-token target passes, from the measured times (priors until there are some). */
   #treeCosts(): TreeCosts {
-    const f = this.#passFit;
-    if (f.w < 1 || !this.#levelMs) return { node: 0.1, level: 0.1 };
-    const mx = f.x / f.w;
-    const my = f.y / f.w;
-    const vx = f.xx / f.w - mx * mx;
-    // The slope needs nodes counts that vary; until they do, assume a node costs a tenth of a pass.
-    let slope = vx > 0.25 ? (f.xy / f.w - mx * my) / vx : (0.1 * my) / (1 + 0.1 * mx);
-    const one = Math.max(my - slope * mx, 0.25 * my); // ms of a one-token pass
-    slope = Math.min(Math.max(slope, 0.01 * one), one);
-    return { node: slope / one, level: this.#levelMs / one };
+    // Until node counts vary, assume a node costs a tenth of a one-token pass.
+    const pass = this.#passFit.line(0.1);
+    if (!pass || !this.#levelMs) return { node: 0.1, level: 0.1 };
+    return { node: pass.slope / pass.one, level: this.#levelMs / pass.one };
   }
 
   /** Acceptance of each child rank (earlier siblings rejected), with a uniform prior. */

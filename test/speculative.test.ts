@@ -245,6 +245,24 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     await dec.dispose();
   });
 
+  it('adaptive stops drafting when a draft never agrees and keeps probing it; greedy output stays the target\'s', async () => {
+    const want = await target.generate({ tokens: prompts[0]!, maxTokens: 120, stopTokens: [] });
+    for (const [draft, good] of [[randomDraft, false], [closeDraft, true]] as const) {
+      const dec = createSpeculativeDecoder({ target, draft, strategy: { kind: 'adaptive', maxLength: 6 } });
+      const drafted: number[] = [];
+      dec.on('step', (e) => drafted.push(e.drafted));
+      const r = await dec.generate({ tokens: prompts[0]!, maxTokens: 120, stopTokens: [] });
+      expect(Array.from(r.tokens)).toEqual(Array.from(want.tokens));
+      const plain = drafted.filter((g) => g === 0).length;
+      // Drafting steps happen either way (at least one in 17); whether the close draft, as costly as
+      // the target here, pays is for the measured step times to say.
+      expect(drafted.length - plain).toBeGreaterThanOrEqual(3);
+      // About 16 plain steps to each probe: a random draft's greedy token is almost never the target's.
+      if (!good) expect(plain).toBeGreaterThan(drafted.length / 2);
+      await dec.dispose();
+    }
+  });
+
   it('reports per-request stats and step events', async () => {
     const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 4 } });
     const events: { drafted: number; accepted: number }[] = [];
@@ -312,6 +330,16 @@ describe('speculation length', () => {
     expect(bestLengthByPosition(0.6, tested, accepted, 0.1, 16)).toBeLessThan(bestLength(0.6, 0.1, 16));
     expect(bestLengthByPosition(0.1, [], [], 0.5, 16)).toBe(1);
   });
+  it('bestLengthByPosition with minLength 0 says "do not draft" when drafting costs more than it returns', () => {
+    // Without measurements it is bestLength, 0 included.
+    for (const [a, c] of [[0.9, 0.05], [0.6, 0.1], [0.5, 0.2], [0.16, 0.2], [0.1, 0.5]] as const)
+      expect(bestLengthByPosition(a, [], [], c, 16, 0)).toBe(bestLength(a, c, 16));
+    expect(bestLengthByPosition(0.16, [], [], 0.2, 16, 0)).toBe(0);
+    // A first position that accepts 90% pays for itself even when the pooled rate says it does not.
+    expect(bestLengthByPosition(0.15, [50], [45], 0.3, 16, 0)).toBeGreaterThan(0);
+    expect(bestLengthByPosition(0.9, [50], [2], 0.3, 16, 0)).toBe(0);
+    expect(bestLengthByPosition(0.5, [], [], 0.1, 0, 0)).toBe(0);
+  });
 
   it('bestLength grows with acceptance and shrinks with draft cost', () => {
     expect(bestLength(0.9, 0.05, 16)).toBeGreaterThan(bestLength(0.6, 0.05, 16));
@@ -328,6 +356,7 @@ describe('speculation length', () => {
     expect(() => bestLength(0.5, 0.1, 1e10)).toThrow(/maxLength/);
     expect(() => bestLengthByPosition(0.5, [], [], 0.1, Infinity)).toThrow(/maxLength must be an integer in \[1, 65536\]/);
     expect(() => bestLengthByPosition(0.5, 'x' as never, [], 0.1, 4)).toThrow(TypeError);
+    expect(() => bestLengthByPosition(0.5, [], [], 0.1, 4, 2 as never)).toThrow(new RangeError('minLength must be 0 or 1, got 2'));
     for (const a of [NaN, -1, 2]) expect(() => expectedSpeedup(a, 3, 0.1)).toThrow(/^a must be a number in \[0, 1\]/);
     expect(() => expectedSpeedup(0.5, 1.5, 0.1)).toThrow(/^g must be an integer >= 0/);
     expect(() => bestLength(0.5, -1, 8)).toThrow(/^c must be a finite number >= 0/);

@@ -469,6 +469,9 @@ export class SpeculativeDecoder extends EventEmitter {
   #lastLength = -1;
   #sameSteps = 0;
   #plainTokens = 0;
+  /** Adaptive: plain tokens between probing steps while drafting does not pay, and whether one runs. */
+  #probeEvery = 16;
+  #probing = false;
   // Sampled trees: decayed counts of the j-th child tried and accepted (earlier siblings rejected).
   #rankTried: number[] = [];
   #rankAccepted: number[] = [];
@@ -779,13 +782,17 @@ export class SpeculativeDecoder extends EventEmitter {
     const c = line ? line.slope / line.one : 0.2;
     const best = bestLengthByPosition(a, this.#posTested, this.#posAccepted, c, max, 0);
     if (best === 0) {
-      // Drafting does not pay now: up to 16 tokens from the target alone, then one drafting step at
-      // the best length, so that acceptance and costs stay measured (online updates may improve the draft).
-      if (this.#plainTokens < 16 || budget === 0) return { g: 0, plain: Math.min(16 - Math.min(this.#plainTokens, 15), budget + 1) };
+      // Drafting does not pay now: tokens from the target alone (up to 16 per native call), then one
+      // probing step at the best length, so that acceptance and costs stay measured (online updates
+      // may improve the draft). Probes that accept nothing double the interval, up to 256 tokens.
+      const left = this.#probeEvery - this.#plainTokens;
+      if (left > 0 || budget === 0) return { g: 0, plain: Math.min(16, Math.max(left, 1), budget + 1) };
       this.#plainTokens = 0;
+      this.#probing = true;
       return { g: Math.min(budget, bestLengthByPosition(a, this.#posTested, this.#posAccepted, c, max)), plain: 0 };
     }
     this.#plainTokens = 0;
+    this.#probeEvery = 16;
     this.#sameSteps = best === this.#lastLength ? this.#sameSteps + 1 : 0;
     this.#lastLength = best;
     // After 16 drafting steps of one length, a few plain tokens, so that the cost line keeps both ends.
@@ -871,7 +878,11 @@ export class SpeculativeDecoder extends EventEmitter {
         if (i < a) this.#posAccepted[i] = (this.#posAccepted[i] ?? 0) + 1;
       }
     }
-    if (this.strategy.kind === 'adaptive') (req.lastDrafted = g), (req.lastCatchUpMs = catchUpMs), (req.lastTokens = 1);
+    if (this.strategy.kind === 'adaptive') {
+      (req.lastDrafted = g), (req.lastCatchUpMs = catchUpMs), (req.lastTokens = 1);
+      if (this.#probing) this.#probeEvery = a > 0 ? 16 : Math.min(2 * this.#probeEvery, 256);
+      this.#probing = false;
+    }
     this.emit('step', { request: req.id, drafted: g, accepted: a, emitted: a + 1 } satisfies StepEvent);
     return Array.from(r.tokens);
   }

@@ -368,9 +368,46 @@ OSD_CLONES void fkl_grad_block(float* grad, const float* et, int32_t n, float qs
   for (; j < n; ++j) grad[j] = gscale * (grad[j] * qs - et[j] * qt);
 }
 
+// Pass 1's per-block statistics of a student / teacher row pair, shared by the blocked losses:
+// block maxima, exp sums, and after combine() the rescales c_b to the row maxima.
+struct PairBlocks {
+  std::vector<float> ms, mt, ss, st, cs, ct;
+  std::vector<uint8_t> bad;  // 1: student block not finite, 2: teacher block
+
+  void resize(int32_t nb) {
+    for (auto* v : {&ms, &mt, &ss, &st, &cs, &ct}) v->resize(nb);
+    bad.resize(nb);
+  }
+  // Block b's maxima; false when either block holds a non-finite logit (then it has no sums).
+  bool maxima(size_t b, const float* s, const float* t, int32_t n) {
+    bool bs, bt;
+    ms[b] = finite_max(s, n, &bs);
+    mt[b] = finite_max(t, n, &bt);
+    bad[b] = (bs ? 1 : 0) | (bt ? 2 : 0);
+    return bad[b] == 0;
+  }
+  // The row maxima, c_b = exp_approx((bm_b - max) it) and both normalisers, in block order; a bad
+  // row throws (the student's first).
+  void combine(int32_t nb, float it, int32_t r, float& ms_row, float& mt_row, double& zs, double& zt) {
+    float m_s = -std::numeric_limits<float>::max(), m_t = m_s;
+    int b_any = 0;
+    for (int32_t b = 0; b < nb; ++b) m_s = std::max(m_s, ms[b]), m_t = std::max(m_t, mt[b]), b_any |= bad[b];
+    if (b_any & 1) throw_range("studentLogits row " + std::to_string(r) + " contains NaN or Infinity");
+    if (b_any & 2) throw_range("teacherLogits row " + std::to_string(r) + " contains NaN or Infinity");
+    zs = 0.0, zt = 0.0;
+    for (int32_t b = 0; b < nb; ++b) {
+      cs[b] = exp_approx((ms[b] - m_s) * it);
+      ct[b] = exp_approx((mt[b] - m_t) * it);
+      zs += static_cast<double>(ss[b] * cs[b]);
+      zt += static_cast<double>(st[b] * ct[b]);
+    }
+    ms_row = m_s, mt_row = m_t;
+  }
+};
+
 struct FklScratch {
-  std::vector<float> et, ms, mt, ss, st, ds, cs, ct;
-  std::vector<uint8_t> bad;
+  PairBlocks p;
+  std::vector<float> et, ds;
 };
 
 }  // namespace
@@ -385,8 +422,9 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   FklScratch& w = tl;
   if (grad) w.et.resize(V);
   float* et = grad ? w.et.data() : nullptr;
-  w.ms.resize(nb), w.mt.resize(nb), w.ss.resize(nb), w.st.resize(nb), w.ds.resize(nb), w.cs.resize(nb), w.ct.resize(nb);
-  w.bad.resize(nb);
+  PairBlocks& pb = w.p;
+  pb.resize(nb);
+  w.ds.resize(nb);
   // Pass 1, one read of each block: maxima, exp terms (the student's into grad), their sums. One
   // run of consecutive blocks per thread: a block prefetches the next one while its exps run, so
   // only a run's first block waits on memory.
@@ -394,35 +432,22 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   default_pool().parallel_for(nb, std::max<size_t>(1, nb / threads), [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
-      bool bs, bt;
-      w.ms[b] = finite_max(s + j0, n, &bs);
-      w.mt[b] = finite_max(t + j0, n, &bt);
-      w.bad[b] = (bs ? 1 : 0) | (bt ? 2 : 0);
-      if (w.bad[b]) continue;
-      w.ss[b] = block_exp_sum(s + j0, n, w.ms[b], it, grad ? grad + j0 : nullptr);
-      fkl_teacher_block(t + j0, s + j0, n, w.mt[b], w.ms[b], it, et ? et + j0 : nullptr, &w.st[b], &w.ds[b]);
+      if (!pb.maxima(b, s + j0, t + j0, n)) continue;
+      pb.ss[b] = block_exp_sum(s + j0, n, pb.ms[b], it, grad ? grad + j0 : nullptr);
+      fkl_teacher_block(t + j0, s + j0, n, pb.mt[b], pb.ms[b], it, et ? et + j0 : nullptr, &pb.st[b], &w.ds[b]);
     }
   });
-  float ms = -std::numeric_limits<float>::max(), mt = ms;
-  int bad = 0;
-  for (int32_t b = 0; b < nb; ++b) ms = std::max(ms, w.ms[b]), mt = std::max(mt, w.mt[b]), bad |= w.bad[b];
-  if (bad & 1) throw_range("studentLogits row " + std::to_string(r) + " contains NaN or Infinity");
-  if (bad & 2) throw_range("teacherLogits row " + std::to_string(r) + " contains NaN or Infinity");
-  // Combine in block order. c_b = exp_approx((bm_b - max) * it) rescales block b to the row max.
+  // Combine in block order. c_b rescales block b to the row max.
   // KL = sum_j p_j ((t_j - mt) - (s_j - ms)) it + log zs - log zt (the p_j sum to 1), where
   // ((t_j - mt) - (s_j - ms)) it = d_j + k_b with k_b = ((bt_b - mt) - (bs_b - ms)) it, and
   // p_j = et_j ct_b / zt: block b adds ct_b (D_b + St_b k_b) / zt.
-  double zs = 0.0, zt = 0.0;
-  for (int32_t b = 0; b < nb; ++b) {
-    w.cs[b] = exp_approx((w.ms[b] - ms) * it);
-    w.ct[b] = exp_approx((w.mt[b] - mt) * it);
-    zs += static_cast<double>(w.ss[b] * w.cs[b]);
-    zt += static_cast<double>(w.st[b] * w.ct[b]);
-  }
+  float ms, mt;
+  double zs, zt;
+  pb.combine(nb, it, r, ms, mt, zs, zt);
   double cross = 0.0;
   for (int32_t b = 0; b < nb; ++b) {
-    const double k = ((static_cast<double>(w.mt[b]) - mt) - (static_cast<double>(w.ms[b]) - ms)) * it;
-    cross += static_cast<double>(w.ct[b]) * (w.ds[b] + w.st[b] * k);
+    const double k = ((static_cast<double>(pb.mt[b]) - mt) - (static_cast<double>(pb.ms[b]) - ms)) * it;
+    cross += static_cast<double>(pb.ct[b]) * (w.ds[b] + pb.st[b] * k);
   }
   const double loss = cross / zt + std::log(zs) - std::log(zt);
   if (!grad) return loss;
@@ -432,7 +457,7 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   default_pool().parallel_for(nb, std::max<size_t>(1, nb / threads), [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
-      fkl_grad_block(grad + j0, et + j0, n, static_cast<float>(w.cs[b] / zs), static_cast<float>(w.ct[b] / zt),
+      fkl_grad_block(grad + j0, et + j0, n, static_cast<float>(pb.cs[b] / zs), static_cast<float>(pb.ct[b] / zt),
                      gscale);
     }
   });
@@ -536,9 +561,9 @@ OSD_CLONES void div_grad_block(float* grad, const float* es, const float* g, int
 }
 
 struct DivScratch {
-  std::vector<float> es, et, ms, mt, ss, st, cs, ct;
+  PairBlocks p;
+  std::vector<float> es, et;
   std::vector<double> loss, eg;
-  std::vector<uint8_t> bad;
 };
 
 }  // namespace
@@ -554,34 +579,22 @@ double divergence_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   w.et.resize(V);
   float* es = grad ? grad : w.es.data();
   float* et = w.et.data();
-  for (auto* v : {&w.ms, &w.mt, &w.ss, &w.st, &w.cs, &w.ct}) v->resize(nb);
-  w.loss.resize(nb), w.eg.resize(nb), w.bad.resize(nb);
+  PairBlocks& pb = w.p;
+  pb.resize(nb);
+  w.loss.resize(nb), w.eg.resize(nb);
   const size_t threads = static_cast<size_t>(default_pool().size()), grain = std::max<size_t>(1, nb / threads);
   // Pass 1, as forward_kl_row_blocked's: block maxima, exp terms and their sums.
   default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
-      bool bs, bt;
-      w.ms[b] = finite_max(s + j0, n, &bs);
-      w.mt[b] = finite_max(t + j0, n, &bt);
-      w.bad[b] = (bs ? 1 : 0) | (bt ? 2 : 0);
-      if (w.bad[b]) continue;
-      w.ss[b] = block_exp_sum(s + j0, n, w.ms[b], it, es + j0);
-      w.st[b] = block_exp_sum(t + j0, n, w.mt[b], it, et + j0);
+      if (!pb.maxima(b, s + j0, t + j0, n)) continue;
+      pb.ss[b] = block_exp_sum(s + j0, n, pb.ms[b], it, es + j0);
+      pb.st[b] = block_exp_sum(t + j0, n, pb.mt[b], it, et + j0);
     }
   });
-  float ms = -std::numeric_limits<float>::max(), mt = ms;
-  int bad = 0;
-  for (int32_t b = 0; b < nb; ++b) ms = std::max(ms, w.ms[b]), mt = std::max(mt, w.mt[b]), bad |= w.bad[b];
-  if (bad & 1) throw_range("studentLogits row " + std::to_string(r) + " contains NaN or Infinity");
-  if (bad & 2) throw_range("teacherLogits row " + std::to_string(r) + " contains NaN or Infinity");
-  double zs = 0.0, zt = 0.0;
-  for (int32_t b = 0; b < nb; ++b) {
-    w.cs[b] = exp_approx((w.ms[b] - ms) * it);
-    w.ct[b] = exp_approx((w.mt[b] - mt) * it);
-    zs += static_cast<double>(w.ss[b] * w.cs[b]);
-    zt += static_cast<double>(w.st[b] * w.ct[b]);
-  }
+  float ms, mt;
+  double zs, zt;
+  pb.combine(nb, it, r, ms, mt, zs, zt);
   const double log_zs = std::log(zs), log_zt = std::log(zt);
   const DivRow row{ms,
                    mt,
@@ -595,8 +608,8 @@ double divergence_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
-      div_block(in.kind, s + j0, t + j0, es + j0, et + j0, n, row, static_cast<float>(w.cs[b] / zs),
-                static_cast<float>(w.ct[b] / zt), &w.loss[b], &w.eg[b]);
+      div_block(in.kind, s + j0, t + j0, es + j0, et + j0, n, row, static_cast<float>(pb.cs[b] / zs),
+                static_cast<float>(pb.ct[b] / zt), &w.loss[b], &w.eg[b]);
     }
   });
   double loss = 0.0, eg = 0.0;
@@ -607,7 +620,7 @@ double divergence_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
-      div_grad_block(grad + j0, es + j0, et + j0, n, gscale * static_cast<float>(w.cs[b] / zs),
+      div_grad_block(grad + j0, es + j0, et + j0, n, gscale * static_cast<float>(pb.cs[b] / zs),
                      static_cast<float>(eg));
     }
   });

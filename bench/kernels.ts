@@ -103,7 +103,7 @@ const SAMPLINGS: { name: string; s: SamplingOptions; target: boolean }[] = [
   { name: 'topK=50', s: { temperature: 1, topK: 50 }, target: false },
   ...(QUICK ? [] : [{ name: 'topP=0.9', s: { temperature: 1, topP: 0.9 }, target: false }]),
 ];
-/** (g, batch) pairs at which the informational losses (reverse KL, JSD, TVD) run: they are slow. */
+/** (g, batch) pairs at which the informational losses (reverse KL, JSD, TVD) run: slower than forward KL. */
 const INFO_LOSS_GRID: [number, number][] = [
   [1, 1],
   [8, 1],

@@ -512,6 +512,39 @@ function benchDistill(V: number, pairedRows: number): void {
           isTarget: loss.target,
         });
       }
+      // The online buffer's teacher: top-32 ids and probabilities per row (forward KL, informational).
+      if (INFO_LOSS_GRID.some(([gg, bb]) => gg === g && bb === B)) {
+        const K = 32;
+        const indices = new Int32Array(N * K).map((_, i) => (((i % K) * 997 + Math.floor(i / K) * 31) % V));
+        const probs = new Float32Array(N * K).fill(0.9 / K);
+        const gradOut = FRESH_GRAD ? undefined : new Float32Array(N * V);
+        const fn = (i: number) => {
+          const s = i % slots;
+          distillLoss({
+            kind: 'forward-kl',
+            studentLogits: draftPool.subarray(s * N * V, (s + 1) * N * V),
+            teacher: { indices, probs },
+            vocabSize: V,
+            ...(gradOut ? { gradOut } : {}),
+          });
+        };
+        const tm = timeCallsCpu(fn, timing);
+        addRow({
+          op: 'distillLoss',
+          V,
+          g,
+          batch: B,
+          kind: 'forward-kl, top-32 teacher',
+          usPerCall: tm.medianUs,
+          minUs: tm.minUs,
+          calls: tm.calls,
+          bytes: 2 * N * V * 4 + N * K * 8,
+          meanAccepted: null,
+          xChainG8: null,
+          rotatingSlots: slots,
+          isTarget: false,
+        });
+      }
     }
 }
 
@@ -688,7 +721,9 @@ const result = {
       verifyTree: '(n + 1) * V * 4 * 2 (target + draft rows); deterministic children read no draft: * 1',
       distillLoss:
         '3 * N * V * 4 with N = batch * g rows: student read + teacher read + gradient written (reverse-kl, jsd ' +
-        'and tvd run only at (g, batch) = ' + INFO_LOSS_GRID.map(([g, b]) => `(${g}, ${b})`).join(', ') + ')',
+        'and tvd run only at (g, batch) = ' + INFO_LOSS_GRID.map(([g, b]) => `(${g}, ${b})`).join(', ') + '); ' +
+        'with a top-32 teacher (forward KL, at the same cells) 2 * N * V * 4 + N * 32 * 8: student read, gradient ' +
+        'written, ids and probabilities read',
     },
     gbps: 'effective bytes / median time per call (1 GB = 1e9 bytes)',
     xProbe: 'GB/s / probe.readGBs',

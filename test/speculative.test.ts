@@ -187,9 +187,10 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       // tokens are scored); a filled tree must then draft more nodes than its depth in some step.
       const isTree = sc.strategy.kind === 'tree';
       let widest = 0;
+      let plain = 0;
       for (const draft of [randomDraft, closeDraft]) {
         const dec = createSpeculativeDecoder({ target, draft, strategy: sc.strategy, sampling: sc.sampling, maxConcurrent: 1, ...(sc.fault ? { _fault: sc.fault } : {}) } as SpeculativeDecoderOptions);
-        dec.on('step', (e: { drafted: number }) => (widest = Math.max(widest, e.drafted)));
+        dec.on('step', (e: { drafted: number }) => ((widest = Math.max(widest, e.drafted)), (plain += e.drafted === 0 ? 1 : 0)));
         for (let s = 0; s < draws / 2; s++) {
           const r = await dec.generate({ tokens: prompt, maxTokens: isTree ? 6 : 2, seed: 77_000 + s, stopTokens: [] });
           const y1 = r.tokens[0]!;
@@ -202,6 +203,11 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       // Pool each rare first token's row into its single cell.
       for (let y1 = 0; y1 < V; y1++) if (rowCounts[y1]) counts[y1 * V] = rowCounts[y1]!;
       if (sc.strategy.kind === 'tree' && sc.strategy.fill) expect(widest).toBeGreaterThan(sc.strategy.maxDepth!);
+      // Adaptive also decoded with the target alone (its plain steps, one native call each) and drafted.
+      if (sc.strategy.kind === 'adaptive') {
+        expect(plain).toBeGreaterThan(draws / 4);
+        expect(widest).toBeGreaterThan(0);
+      }
       const test = chiSquareTest(counts, joint);
       if (sc.fault) expect(test.pValue).toBeLessThan(1e-6);
       else expect(test.pValue).toBeGreaterThan(1e-3);

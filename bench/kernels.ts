@@ -482,68 +482,46 @@ function benchDistill(V: number, pairedRows: number): void {
     for (const B of BATCHES) {
       const N = B * g;
       const slots = Math.max(1, Math.min(slotsFor(3 * N * V * 4), Math.floor(pairedRows / N)));
+      const info = INFO_LOSS_GRID.some(([gg, bb]) => gg === g && bb === B);
+      // Times distillLoss on rotating student rows (slot s), the teacher as `teacher(s)` gives it.
+      const time = (kind: DistillLossKind, label: string, teacher: (s: number) => object, bytes: number, isTarget: boolean) => {
+        const gradOut = FRESH_GRAD ? undefined : new Float32Array(N * V);
+        const tm = timeCallsCpu((i: number) => {
+          const s = i % slots;
+          distillLoss({
+            kind,
+            studentLogits: draftPool.subarray(s * N * V, (s + 1) * N * V),
+            ...teacher(s),
+            vocabSize: V,
+            ...(gradOut ? { gradOut } : {}),
+          });
+        }, timing);
+        addRow({
+          op: 'distillLoss',
+          V,
+          g,
+          batch: B,
+          kind: label,
+          usPerCall: tm.medianUs,
+          minUs: tm.minUs,
+          calls: tm.calls,
+          bytes,
+          meanAccepted: null,
+          xChainG8: null,
+          rotatingSlots: slots,
+          isTarget,
+        });
+      };
       for (const loss of LOSSES) {
-        if (!loss.target && !INFO_LOSS_GRID.some(([gg, bb]) => gg === g && bb === B)) continue;
-        const gradOut = FRESH_GRAD ? undefined : new Float32Array(N * V);
-        const fn = (i: number) => {
-          const s = i % slots;
-          distillLoss({
-            kind: loss.kind,
-            studentLogits: draftPool.subarray(s * N * V, (s + 1) * N * V),
-            teacherLogits: targetPool.subarray(s * N * V, (s + 1) * N * V),
-            vocabSize: V,
-            ...(gradOut ? { gradOut } : {}),
-          });
-        };
-        const tm = timeCallsCpu(fn, timing);
-        addRow({
-          op: 'distillLoss',
-          V,
-          g,
-          batch: B,
-          kind: loss.kind,
-          usPerCall: tm.medianUs,
-          minUs: tm.minUs,
-          calls: tm.calls,
-          bytes: 3 * N * V * 4,
-          meanAccepted: null,
-          xChainG8: null,
-          rotatingSlots: slots,
-          isTarget: loss.target,
-        });
+        if (!loss.target && !info) continue;
+        time(loss.kind, loss.kind, (s) => ({ teacherLogits: targetPool.subarray(s * N * V, (s + 1) * N * V) }), 3 * N * V * 4, loss.target);
       }
-      // The online buffer's teacher: top-32 ids and probabilities per row (forward KL, informational).
-      if (INFO_LOSS_GRID.some(([gg, bb]) => gg === g && bb === B)) {
+      if (info) {
+        // The online buffer's teacher: top-32 ids and probabilities per row (forward KL, informational).
         const K = 32;
-        const indices = new Int32Array(N * K).map((_, i) => (((i % K) * 997 + Math.floor(i / K) * 31) % V));
+        const indices = new Int32Array(N * K).map((_, i) => ((i % K) * 997 + Math.floor(i / K) * 31) % V);
         const probs = new Float32Array(N * K).fill(0.9 / K);
-        const gradOut = FRESH_GRAD ? undefined : new Float32Array(N * V);
-        const fn = (i: number) => {
-          const s = i % slots;
-          distillLoss({
-            kind: 'forward-kl',
-            studentLogits: draftPool.subarray(s * N * V, (s + 1) * N * V),
-            teacher: { indices, probs },
-            vocabSize: V,
-            ...(gradOut ? { gradOut } : {}),
-          });
-        };
-        const tm = timeCallsCpu(fn, timing);
-        addRow({
-          op: 'distillLoss',
-          V,
-          g,
-          batch: B,
-          kind: 'forward-kl, top-32 teacher',
-          usPerCall: tm.medianUs,
-          minUs: tm.minUs,
-          calls: tm.calls,
-          bytes: 2 * N * V * 4 + N * K * 8,
-          meanAccepted: null,
-          xChainG8: null,
-          rotatingSlots: slots,
-          isTarget: false,
-        });
+        time('forward-kl', 'forward-kl, top-32 teacher', () => ({ teacher: { indices, probs } }), 2 * N * V * 4 + N * K * 8, false);
       }
     }
 }

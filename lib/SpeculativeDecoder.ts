@@ -355,11 +355,8 @@ interface Request {
   seed: Seed;
   stopTokens: Set<number>;
   counters: Counters;
-  /** The last chain step's drafted tokens and its draft catch-up ms (adaptive's step timing). */
-  lastDrafted?: number;
-  lastCatchUpMs?: number;
-  /** Target passes of that step: 1, or the plain tokens decoded in one native call. */
-  lastTokens?: number;
+  /** Adaptive's last step, for its step timing: drafted tokens, the draft's catch-up ms, target passes (1, or the plain tokens of one native call). */
+  lastStep?: { drafted: number; catchUpMs: number; tokens: number };
 }
 
 /** Philox streams: step s of a request verifies with stream base + 2s and samples draft tokens with base + 2s + 1. */
@@ -694,7 +691,7 @@ export class SpeculativeDecoder extends EventEmitter {
         const draftRoom = D ? D.capacity - committed.length - 1 : Infinity;
         const budget = Math.max(0, Math.min(room, draftRoom, maxTokens - produced - 1));
         const cycleStart = performance.now();
-        req.lastDrafted = undefined;
+        req.lastStep = undefined;
         const fresh = await this.#step(req, step, T, D, committed, budget);
         // Cut at the first stop token or at maxTokens.
         let emitTokens = fresh;
@@ -717,8 +714,8 @@ export class SpeculativeDecoder extends EventEmitter {
         produced += emitTokens.length;
         if (emitTokens.length) emit(emitTokens);
         // Adaptive prices a drafted token by whole steps, the handling of what they emit included.
-        if (req.lastDrafted !== undefined)
-          this.#stepFit.add(req.lastDrafted, (performance.now() - cycleStart - (req.lastCatchUpMs ?? 0)) / (req.lastTokens ?? 1));
+        const last = req.lastStep as Request['lastStep']; // set by #step (TypeScript keeps the reset's narrowing)
+        if (last) this.#stepFit.add(last.drafted, (performance.now() - cycleStart - last.catchUpMs) / last.tokens);
         if (reason) {
           setStop(reason);
           break;
@@ -820,7 +817,7 @@ export class SpeculativeDecoder extends EventEmitter {
       this.emit('step', { request: req.id, drafted: 0, accepted: 0, emitted: 1 } satisfies StepEvent);
     }
     this.#plainTokens += n;
-    (req.lastDrafted = 0), (req.lastCatchUpMs = 0), (req.lastTokens = n);
+    req.lastStep = { drafted: 0, catchUpMs: 0, tokens: n };
     return tokens;
   }
 
@@ -879,7 +876,7 @@ export class SpeculativeDecoder extends EventEmitter {
       }
     }
     if (this.strategy.kind === 'adaptive') {
-      (req.lastDrafted = g), (req.lastCatchUpMs = catchUpMs), (req.lastTokens = 1);
+      req.lastStep = { drafted: g, catchUpMs, tokens: 1 };
       if (this.#probing) this.#probeEvery = a > 0 ? 16 : Math.min(2 * this.#probeEvery, 256);
       this.#probing = false;
     }

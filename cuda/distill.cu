@@ -1,5 +1,6 @@
 // Distillation losses fused with their gradients (forward KL against a dense teacher: see below;
-// the others one block per row, two passes over the row).
+// the others one block per row, two passes over the row, or for reverse KL, JSD and TVD against a
+// dense teacher the blocked kernels when blocked_divergence() is on: see div_sums_kernel).
 // Build (standalone check of this file): nvcc -std=c++17 -O3 -arch=sm_90 -I native -c cuda/distill.cu
 // Parity: test/native/test_cuda.cu (distill_matches_cpu): loss within 2e-5 * max(1, |loss|),
 // gradients within 1e-6 * max|grad| + 1e-5 * |grad_j| of the CPU backend. The softmax sums are the
@@ -11,6 +12,9 @@
 // block sums and the gradient); elsewhere, and where that kernel does not apply, as two kernels over
 // (row, block) pairs (fkl_stats_kernel, fkl_grad_kernel), which read the row twice.
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
 
 #include "common.cuh"
 #include "core/error.h"
@@ -165,25 +169,31 @@ __global__ void __launch_bounds__(kFklWarps * 32) fkl_stats_kernel(DistillDevice
   }
 }
 
-__global__ void __launch_bounds__(kFklThreads) fkl_grad_kernel(DistillDevice in, float it, int nb, const float* fkl) {
-  __shared__ float cs_[kStatBlock / 32 * 4], ct_[kStatBlock / 32 * 4];  // up to 256 blocks in shared memory
-  __shared__ float red_f[2 * (kFklThreads / 32)];
-  __shared__ int red_i[kFklThreads / 32];
-  __shared__ double zz[2];
+// A row's block statistics combined as PairBlocks::combine (losses.cpp): both maxima and the bad
+// flags (order-free), c_b for every block (kept in cs_ / ct_ when nb fits), and zs, zt summed in
+// block order by thread 0 into zz. Every CTA of a row gets the same bits. All kFklThreads threads
+// call it; it ends with a barrier.
+struct RowBlocks {
+  float ms, mt;
+  int bad;    // 0, 1 (student not finite) or 2 (teacher)
+  bool smem;  // c_b in cs_ / ct_
+};
+constexpr int kRowBlocksSmem = kStatBlock / 32 * 4;  // up to 256 blocks in shared memory
+
+struct RowBlocksSmem {
+  float cs[kRowBlocksSmem], ct[kRowBlocksSmem];
+  float red_f[2 * (kFklThreads / 32)];
+  int red_i[kFklThreads / 32];
+  double zz[2];
+};
+
+__device__ float block_c(const RowBlocks& rb, const RowBlocksSmem& sm, const float* st, int k, int side, float it) {
+  if (rb.smem) return side ? sm.ct[k] : sm.cs[k];
+  return exp_fast(__fmul_rn(__fsub_rn(st[8 * k + side], side ? rb.mt : rb.ms), it));
+}
+
+__device__ RowBlocks combine_row_blocks(const float* st, int nb, float it, RowBlocksSmem& sm) {
   const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
-  const int r = blockIdx.x, b = blockIdx.y;
-  const int V = in.vocab;
-  const float gscale = __fmul_rn(in.scale, it);
-  const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
-  float* grad = in.grad ? in.grad + static_cast<size_t>(r) * V + j0 : nullptr;
-  if (in.mask && !in.mask[r]) {
-    if (grad)
-      for (int j = tid; j < n; j += kFklThreads) grad[j] = 0.0f;
-    if (b == 0 && tid == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
-    return;
-  }
-  const float* st = fkl + static_cast<size_t>(r) * nb * 8;
-  // Both maxima and the bad flags (order-free), then c_b for every block.
   float ms = -FLT_MAX, mt = -FLT_MAX;
   int bad = 0;
   for (int k = tid; k < nb; k += kFklThreads) {
@@ -199,56 +209,74 @@ __global__ void __launch_bounds__(kFklThreads) fkl_grad_kernel(DistillDevice in,
     mt = y > mt ? y : mt;
     bad |= __shfl_xor_sync(0xffffffffu, bad, o);
   }
-  if (lane == 0) red_f[warp] = ms, red_f[kFklThreads / 32 + warp] = mt, red_i[warp] = bad;
+  if (lane == 0) sm.red_f[warp] = ms, sm.red_f[kFklThreads / 32 + warp] = mt, sm.red_i[warp] = bad;
   __syncthreads();
-  ms = red_f[0], mt = red_f[kFklThreads / 32], bad = red_i[0];
+  RowBlocks rb;
+  rb.ms = sm.red_f[0], rb.mt = sm.red_f[kFklThreads / 32], bad = sm.red_i[0];
   for (int w = 1; w < kFklThreads / 32; ++w) {
-    ms = red_f[w] > ms ? red_f[w] : ms;
-    mt = red_f[kFklThreads / 32 + w] > mt ? red_f[kFklThreads / 32 + w] : mt;
-    bad |= red_i[w];
+    rb.ms = sm.red_f[w] > rb.ms ? sm.red_f[w] : rb.ms;
+    rb.mt = sm.red_f[kFklThreads / 32 + w] > rb.mt ? sm.red_f[kFklThreads / 32 + w] : rb.mt;
+    bad |= sm.red_i[w];
   }
-  bad = (bad & 1) ? 1 : (bad & 2) ? 2 : 0;
-  if (bad) {  // as forward_kl_blocked: no gradient for a bad row
-    if (b == 0 && tid == 0) in.row_bad[r] = bad, in.row_loss[r] = 0.0;
-    return;
-  }
-  const bool smem = nb <= kStatBlock / 32 * 4;
-  for (int k = tid; k < nb && smem; k += kFklThreads) {
-    cs_[k] = exp_fast(__fmul_rn(__fsub_rn(st[8 * k], ms), it));
-    ct_[k] = exp_fast(__fmul_rn(__fsub_rn(st[8 * k + 1], mt), it));
+  rb.bad = (bad & 1) ? 1 : (bad & 2) ? 2 : 0;
+  rb.smem = nb <= kRowBlocksSmem;
+  if (rb.bad) return rb;  // uniform across the CTA: no barrier is skipped by some threads only
+  for (int k = tid; k < nb && rb.smem; k += kFklThreads) {
+    sm.cs[k] = exp_fast(__fmul_rn(__fsub_rn(st[8 * k], rb.ms), it));
+    sm.ct[k] = exp_fast(__fmul_rn(__fsub_rn(st[8 * k + 1], rb.mt), it));
   }
   __syncthreads();
   if (tid == 0) {
-    auto csb = [&](int k) { return smem ? cs_[k] : exp_fast(__fmul_rn(__fsub_rn(st[8 * k], ms), it)); };
-    auto ctb = [&](int k) { return smem ? ct_[k] : exp_fast(__fmul_rn(__fsub_rn(st[8 * k + 1], mt), it)); };
     double zs = 0.0, zt = 0.0;
     for (int k = 0; k < nb; ++k) {
-      zs += static_cast<double>(__fmul_rn(st[8 * k + 2], csb(k)));
-      zt += static_cast<double>(__fmul_rn(st[8 * k + 3], ctb(k)));
+      zs += static_cast<double>(__fmul_rn(st[8 * k + 2], block_c(rb, sm, st, k, 0, it)));
+      zt += static_cast<double>(__fmul_rn(st[8 * k + 3], block_c(rb, sm, st, k, 1, it)));
     }
-    if (b == 0) {
-      double cross = 0.0;
-      for (int k = 0; k < nb; ++k) {
-        const float bsk = st[8 * k], btk = st[8 * k + 1], stk = st[8 * k + 3], dsk = st[8 * k + 4];
-        const double kk = __dmul_rn(__dsub_rn(__dsub_rn(static_cast<double>(btk), static_cast<double>(mt)),
-                                              __dsub_rn(static_cast<double>(bsk), static_cast<double>(ms))),
-                                    static_cast<double>(it));
-        const double term = __dadd_rn(static_cast<double>(dsk), __dmul_rn(static_cast<double>(stk), kk));
-        cross = __dadd_rn(cross, __dmul_rn(static_cast<double>(ctb(k)), term));
-      }
-      in.row_loss[r] = cross / zt + log(zs) - log(zt);
-      in.row_bad[r] = 0;
-    }
-    zz[0] = zs;
-    zz[1] = zt;
+    sm.zz[0] = zs;
+    sm.zz[1] = zt;
   }
   __syncthreads();
+  return rb;
+}
+
+__global__ void __launch_bounds__(kFklThreads) fkl_grad_kernel(DistillDevice in, float it, int nb, const float* fkl) {
+  __shared__ RowBlocksSmem sm;
+  const int tid = threadIdx.x;
+  const int r = blockIdx.x, b = blockIdx.y;
+  const int V = in.vocab;
+  const float gscale = __fmul_rn(in.scale, it);
+  const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
+  float* grad = in.grad ? in.grad + static_cast<size_t>(r) * V + j0 : nullptr;
+  if (in.mask && !in.mask[r]) {
+    if (grad)
+      for (int j = tid; j < n; j += kFklThreads) grad[j] = 0.0f;
+    if (b == 0 && tid == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
+    return;
+  }
+  const float* st = fkl + static_cast<size_t>(r) * nb * 8;
+  const RowBlocks rb = combine_row_blocks(st, nb, it, sm);
+  const float ms = rb.ms, mt = rb.mt;
+  if (rb.bad) {  // as forward_kl_blocked: no gradient for a bad row
+    if (b == 0 && tid == 0) in.row_bad[r] = rb.bad, in.row_loss[r] = 0.0;
+    return;
+  }
+  if (tid == 0 && b == 0) {
+    double cross = 0.0;
+    for (int k = 0; k < nb; ++k) {
+      const float bsk = st[8 * k], btk = st[8 * k + 1], stk = st[8 * k + 3], dsk = st[8 * k + 4];
+      const double kk = __dmul_rn(__dsub_rn(__dsub_rn(static_cast<double>(btk), static_cast<double>(mt)),
+                                            __dsub_rn(static_cast<double>(bsk), static_cast<double>(ms))),
+                                  static_cast<double>(it));
+      const double term = __dadd_rn(static_cast<double>(dsk), __dmul_rn(static_cast<double>(stk), kk));
+      cross = __dadd_rn(cross, __dmul_rn(static_cast<double>(block_c(rb, sm, st, k, 1, it)), term));
+    }
+    in.row_loss[r] = cross / sm.zz[1] + log(sm.zz[0]) - log(sm.zz[1]);
+    in.row_bad[r] = 0;
+  }
   if (!grad) return;
   const float bsb = st[8 * b], btb = st[8 * b + 1];
-  const float csb = smem ? cs_[b] : exp_fast(__fmul_rn(__fsub_rn(bsb, ms), it));
-  const float ctb = smem ? ct_[b] : exp_fast(__fmul_rn(__fsub_rn(btb, mt), it));
-  const float qs = __double2float_rn(__ddiv_rn(static_cast<double>(csb), zz[0]));
-  const float qt = __double2float_rn(__ddiv_rn(static_cast<double>(ctb), zz[1]));
+  const float qs = __double2float_rn(__ddiv_rn(static_cast<double>(block_c(rb, sm, st, b, 0, it)), sm.zz[0]));
+  const float qt = __double2float_rn(__ddiv_rn(static_cast<double>(block_c(rb, sm, st, b, 1, it)), sm.zz[1]));
   const float* s = in.student + static_cast<size_t>(r) * V + j0;
   const float* t = in.teacher + static_cast<size_t>(r) * V + j0;
   auto one = [&](float x, float y) {
@@ -270,6 +298,193 @@ __global__ void __launch_bounds__(kFklThreads) fkl_grad_kernel(DistillDevice in,
       g4[tid + k * kFklThreads] = make_float4(one(x[k].x, y[k].x), one(x[k].y, y[k].y), one(x[k].z, y[k].z), one(x[k].w, y[k].w));
   } else {
     for (int j = tid; j < n; j += kFklThreads) grad[j] = one(__ldg(s + j), __ldg(t + j));
+  }
+}
+
+// ---- Reverse KL, JSD and TVD against a dense teacher: the blocked scheme ----------------------
+// divergence_row_blocked (losses.cpp) over (row, block) pairs, in float per entry like the CPU:
+// fkl_stats_kernel (pass 1: block maxima and exp sums; its cross term goes unused), div_sums_kernel
+// (each CTA combines its row's blocks, then sums its block's loss terms and q_j g_j), and
+// div_grad_kernel (E_q[g] from those sums in block order, then the gradient). g_j is not stored:
+// div_grad_kernel recomputes it with the same operations, so with the same bits. 28 bytes move per
+// entry (s and t read twice, s a third time, the gradient written), against the row kernel's
+// double-precision math per entry. Each entry's operations are the CPU's, in the same order and
+// rounded alone; the sums over a block run in another order, and -log uses logf (the CPU a
+// polynomial): test_cuda compares with the CPU's blocked path.
+struct DivRow {
+  float ms, mt, it, ls, lt, c, floor, beta;  // as losses.cpp's DivRow
+};
+
+// One entry of div_lanes (losses.cpp): g_j = dL/dq_j, the loss term l_j, the exp term es_j and
+// q_j = es_j fq.
+template <int kKind>
+__device__ __forceinline__ void div_entry(float s, float t, float bs, float bt, const DivRow& r, float fq, float fp,
+                                          float& g, float& l, float& es, float& q) {
+  es = exp_fast(__fmul_rn(__fsub_rn(s, bs), r.it));
+  const float et = exp_fast(__fmul_rn(__fsub_rn(t, bt), r.it));
+  const float a = __fmul_rn(__fsub_rn(s, r.ms), r.it), b = __fmul_rn(__fsub_rn(t, r.mt), r.it);
+  q = __fmul_rn(es, fq);
+  const float p = __fmul_rn(et, fp);
+  const float d = __fsub_rn(__fsub_rn(a, b), r.c);  // log q - log p
+  if (kKind == static_cast<int>(DistillKind::ReverseKL)) {
+    g = __fsub_rn(b, r.lt) >= r.floor ? d : __fsub_rn(__fsub_rn(a, r.ls), r.floor);
+    l = __fmul_rn(q, g);
+  } else if (kKind == static_cast<int>(DistillKind::TVD)) {
+    g = d > 0.0f ? 0.5f : d < 0.0f ? -0.5f : 0.0f;
+    l = __fmul_rn(0.5f, fabsf(__fsub_rn(p, q)));
+  } else {  // JSD: log m relative to the larger side, as div_lanes
+    const float beta = r.beta, beta1 = __fsub_rn(1.0f, r.beta);
+    const bool pos = d >= 0.0f;
+    const float e = exp_fast(pos ? -d : d);
+    const float lg = -logf(pos ? __fadd_rn(__fmul_rn(beta, e), beta1) : __fadd_rn(beta, __fmul_rn(beta1, e)));
+    const float A = pos ? lg : __fadd_rn(lg, d), B = pos ? __fsub_rn(lg, d) : lg;
+    g = __fmul_rn(beta1, A);
+    l = __fadd_rn(__fmul_rn(__fmul_rn(beta, p), B), __fmul_rn(__fmul_rn(beta1, q), A));
+  }
+}
+
+// The row constants and this block's scales, from a combined row (sm.zz holds zs, zt).
+__device__ DivRow div_row(const RowBlocks& rb, const RowBlocksSmem& sm, float it, float beta) {
+  const double log_zs = log(sm.zz[0]), log_zt = log(sm.zz[1]);
+  return DivRow{rb.ms,
+                rb.mt,
+                it,
+                static_cast<float>(log_zs),
+                static_cast<float>(log_zt),
+                static_cast<float>(log_zs - log_zt),
+                static_cast<float>(log(1e-12)),
+                beta};
+}
+
+// Calls f(j, s_j, t_j) for the block's entries j < n, kFklThreads threads, float4 loads when aligned.
+template <class F>
+__device__ __forceinline__ void for_block_entries(const float* s, const float* t, int n, F&& f) {
+  const int tid = threadIdx.x;
+  if (n == kStatBlock && ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(t)) & 15u) == 0) {
+    const float4* s4 = reinterpret_cast<const float4*>(s);
+    const float4* t4 = reinterpret_cast<const float4*>(t);
+#pragma unroll
+    for (int k = 0; k < kStatBlock / (4 * kFklThreads); ++k) {
+      const int i = tid + k * kFklThreads;
+      const float4 x = __ldg(s4 + i), y = __ldg(t4 + i);
+      f(4 * i, x.x, y.x);
+      f(4 * i + 1, x.y, y.y);
+      f(4 * i + 2, x.z, y.z);
+      f(4 * i + 3, x.w, y.w);
+    }
+  } else {
+    for (int j = tid; j < n; j += kFklThreads) f(j, __ldg(s + j), __ldg(t + j));
+  }
+}
+
+// Grid (rows, nb). Writes sums[3 u] = the block's loss terms, sums[3 u + 1] = its sum of q_j g_j and
+// sums[3 u + 2] = its scale fq (u = r nb + b); CTA b = 0 also the row's DivRow and row_bad.
+template <int kKind>
+__global__ void __launch_bounds__(kFklThreads) div_sums_kernel(DistillDevice in, float it, int nb, float* stats,
+                                                               double* sums, DivRow* rowc) {
+  __shared__ RowBlocksSmem sm;
+  __shared__ double red[2][kFklThreads / 32];
+  const int tid = threadIdx.x, r = blockIdx.x, b = blockIdx.y, V = in.vocab;
+  if (in.mask && !in.mask[r]) return;  // div_grad_kernel zeroes the gradient and the loss
+  const float* st = stats + static_cast<size_t>(r) * nb * 8;
+  const RowBlocks rb = combine_row_blocks(st, nb, it, sm);
+  if (b == 0 && tid == 0) in.row_bad[r] = rb.bad;
+  if (rb.bad) return;
+  const DivRow row = div_row(rb, sm, it, in.beta);
+  const float fq = __double2float_rn(__ddiv_rn(static_cast<double>(block_c(rb, sm, st, b, 0, it)), sm.zz[0]));
+  const float fp = __double2float_rn(__ddiv_rn(static_cast<double>(block_c(rb, sm, st, b, 1, it)), sm.zz[1]));
+  const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
+  const float bs = st[8 * b], bt = st[8 * b + 1];
+  float la = 0.0f, ea = 0.0f;
+  for_block_entries(in.student + static_cast<size_t>(r) * V + j0, in.teacher + static_cast<size_t>(r) * V + j0, n,
+                    [&](int, float x, float y) {
+                      float g, l, es, q;
+                      div_entry<kKind>(x, y, bs, bt, row, fq, fp, g, l, es, q);
+                      la = __fadd_rn(la, l);
+                      ea = __fadd_rn(ea, __fmul_rn(q, g));
+                    });
+  double dl = warp_sum(static_cast<double>(la)), de = warp_sum(static_cast<double>(ea));
+  if (lane_id() == 0) red[0][warp_id()] = dl, red[1][warp_id()] = de;
+  __syncthreads();
+  if (tid == 0) {
+    dl = 0.0, de = 0.0;
+    for (int w = 0; w < kFklThreads / 32; ++w) dl += red[0][w], de += red[1][w];
+    const size_t u = static_cast<size_t>(r) * nb + b;
+    sums[3 * u] = dl;
+    sums[3 * u + 1] = de;
+    sums[3 * u + 2] = fq;
+    if (b == 0) rowc[r] = row;
+  }
+}
+
+// Grid (rows, nb) with a gradient, (rows, 1) without. The row's loss (CTA b = 0) and E_q[g] are the
+// block sums added in block order; grad_j = c es_j (g_j - E_q[g]) with c = gscale fq_b, as
+// div_grad_block (losses.cpp).
+template <int kKind>
+__global__ void __launch_bounds__(kFklThreads) div_grad_kernel(DistillDevice in, float it, int nb, const float* stats,
+                                                               const double* sums, const DivRow* rowc) {
+  __shared__ float eg_s;
+  const int tid = threadIdx.x, r = blockIdx.x, b = blockIdx.y, V = in.vocab;
+  const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
+  float* grad = in.grad ? in.grad + static_cast<size_t>(r) * V + j0 : nullptr;
+  if (in.mask && !in.mask[r]) {
+    if (grad)
+      for (int j = tid; j < n; j += kFklThreads) grad[j] = 0.0f;
+    if (b == 0 && tid == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
+    return;
+  }
+  if (in.row_bad[r]) {
+    if (b == 0 && tid == 0) in.row_loss[r] = 0.0;
+    return;
+  }
+  const double* rs = sums + 3 * static_cast<size_t>(r) * nb;
+  if (tid == 0) {
+    double loss = 0.0, eg = 0.0;
+    for (int k = 0; k < nb; ++k) loss += rs[3 * k], eg += rs[3 * k + 1];
+    if (b == 0) in.row_loss[r] = loss;
+    eg_s = static_cast<float>(eg);
+  }
+  __syncthreads();
+  if (!grad) return;
+  const float* st = stats + static_cast<size_t>(r) * nb * 8;
+  const DivRow row = rowc[r];
+  const float bs = st[8 * b], bt = st[8 * b + 1], eg = eg_s;
+  const float fq = static_cast<float>(rs[3 * b + 2]), c = __fmul_rn(__fmul_rn(in.scale, it), fq);
+  for_block_entries(in.student + static_cast<size_t>(r) * V + j0, in.teacher + static_cast<size_t>(r) * V + j0, n,
+                    [&](int j, float x, float y) {
+                      float g, l, es, q;  // g does not depend on the teacher's scale
+                      div_entry<kKind>(x, y, bs, bt, row, fq, 1.0f, g, l, es, q);
+                      grad[j] = __fmul_rn(__fmul_rn(c, es), __fsub_rn(g, eg));
+                    });
+}
+
+template <int kKind>
+void div_launch_kind(const DistillDevice& in, float it, Workspace& ws, cudaStream_t stream) {
+  const int nb = stat_blocks(in.vocab);
+  const size_t units = static_cast<size_t>(in.rows) * nb;
+  // One scratch buffer: block stats (8 floats a block), block sums (3 doubles), row constants.
+  const size_t stats_bytes = (units * 8 * sizeof(float) + 15) / 16 * 16;
+  const size_t sums_bytes = units * 3 * sizeof(double);
+  char* buf = ws.misc2.as<char>(stats_bytes + sums_bytes + static_cast<size_t>(in.rows) * sizeof(DivRow));
+  float* stats = reinterpret_cast<float*>(buf);
+  double* sums = reinterpret_cast<double*>(buf + stats_bytes);
+  DivRow* rowc = reinterpret_cast<DivRow*>(buf + stats_bytes + sums_bytes);
+  record_start(ws, stream);
+  fkl_stats_kernel<<<static_cast<unsigned>((units + kFklWarps - 1) / kFklWarps), kFklWarps * 32, 0, stream>>>(
+      in, it, nb, stats);
+  OSD_CUDA_CHECK_LAUNCH();
+  div_sums_kernel<kKind><<<dim3(in.rows, nb), kFklThreads, 0, stream>>>(in, it, nb, stats, sums, rowc);
+  OSD_CUDA_CHECK_LAUNCH();
+  div_grad_kernel<kKind><<<dim3(in.rows, in.grad ? nb : 1), kFklThreads, 0, stream>>>(in, it, nb, stats, sums, rowc);
+  OSD_CUDA_CHECK_LAUNCH();
+  record_stop(ws, stream);
+}
+
+void div_launch(const DistillDevice& in, float it, Workspace& ws, cudaStream_t stream) {
+  switch (in.kind) {
+    case DistillKind::ReverseKL: div_launch_kind<static_cast<int>(DistillKind::ReverseKL)>(in, it, ws, stream); break;
+    case DistillKind::TVD: div_launch_kind<static_cast<int>(DistillKind::TVD)>(in, it, ws, stream); break;
+    default: div_launch_kind<static_cast<int>(DistillKind::JSD)>(in, it, ws, stream); break;
   }
 }
 
@@ -649,6 +864,23 @@ bool fkl_cluster_launch(const DistillDevice& in, float it, Workspace& ws, cudaSt
 
 }  // namespace
 
+namespace {
+std::atomic<int> g_blocked_divergence{-1};  // -1: not read from the environment yet
+}  // namespace
+
+bool blocked_divergence() {
+  int v = g_blocked_divergence.load();
+  if (v < 0) {
+    const char* env = std::getenv("OSD_CUDA_BLOCKED_DIVERGENCE");
+    v = env && std::string(env) == "1" ? 1 : 0;
+    int expected = -1;
+    if (!g_blocked_divergence.compare_exchange_strong(expected, v)) v = expected;
+  }
+  return v == 1;
+}
+
+void set_blocked_divergence(bool on) { g_blocked_divergence.store(on ? 1 : 0); }
+
 void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream) {
   if (in.rows <= 0) return;
   DistillParams p{};
@@ -679,6 +911,10 @@ void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream)
     fkl_grad_kernel<<<dim3(in.rows, nb), kFklThreads, 0, stream>>>(in, p.inv_t, nb, fkl);
     OSD_CUDA_CHECK_LAUNCH();
     record_stop(ws, stream);
+    return;
+  }
+  if (in.teacher && blocked_divergence()) {
+    div_launch(in, p.inv_t, ws, stream);
     return;
   }
   int per_sm = 0;

@@ -35,5 +35,12 @@ struct DistillDevice {
 // Enqueues the loss (and gradient) of every row. Inputs must pass validate_distill().
 void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream);
 
+// Reverse KL, JSD and TVD against a dense teacher: the blocked scheme of the CPU's fast path (three
+// kernels over (row, block) pairs, float per entry) when on, else one CTA per row in double per
+// entry. Off unless OSD_CUDA_BLOCKED_DIVERGENCE=1: the blocked kernels have not yet run on a GPU
+// (test_cuda checks both ways against the CPU; bench_cuda times both).
+bool blocked_divergence();
+void set_blocked_divergence(bool on);
+
 }  // namespace cuda
 }  // namespace osd

@@ -343,7 +343,7 @@ int main(int argc, char** argv) {
       }
   }
 
-  // Distillation: forward KL (dense teacher) and JSD, loss + gradient.
+  // Distillation against a dense teacher, loss + gradient.
   for (int V : vocabs)
     for (int rows : {64, 512}) {
       float *st, *te, *gr;
@@ -357,10 +357,22 @@ int main(int argc, char** argv) {
       OSD_CUDA_CHECK(cudaMalloc(&bad, rows * 4));
       fill(st, n, 11, 2.0f);
       fill(te, n, 12, 2.0f);
-      for (DistillKind kind : {DistillKind::ForwardKL, DistillKind::JSD}) {
+      // The row kernel's JSD (the default), then reverse KL, JSD and TVD on the blocked kernels.
+      const struct {
+        DistillKind kind;
+        bool blocked;
+        const char* name;
+      } losses[] = {{DistillKind::ForwardKL, false, "forward-kl"},
+                    {DistillKind::JSD, false, "jsd"},
+                    {DistillKind::ReverseKL, true, "reverse-kl blocked"},
+                    {DistillKind::JSD, true, "jsd blocked"},
+                    {DistillKind::TVD, true, "tvd blocked"}};
+      for (const auto& loss_kind : losses) {
+        const DistillKind kind = loss_kind.kind;
         char cfg[96];
-        std::snprintf(cfg, sizeof cfg, "%s V=%d rows=%d", kind == DistillKind::ForwardKL ? "forward-kl" : "jsd", V, rows);
+        std::snprintf(cfg, sizeof cfg, "%s V=%d rows=%d", loss_kind.name, V, rows);
         if (!wanted("distill", cfg)) continue;
+        set_blocked_divergence(loss_kind.blocked);
         DistillDevice in;
         in.kind = kind;
         in.student = st;
@@ -374,6 +386,7 @@ int main(int argc, char** argv) {
         const double ms = time_kernel(ws, s, warm, reps, [&] { distill_launch(in, ws, s); });
         report("distill", cfg, ms, 3.0 * n * 4.0);
       }
+      set_blocked_divergence(false);
       cudaFree(st);
       cudaFree(te);
       cudaFree(gr);

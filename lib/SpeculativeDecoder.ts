@@ -79,7 +79,10 @@ export interface SpeculativeGenerateOptions {
   /** Philox stream of this request (default: a fresh one per request). Same seed + stream = same output on a fixed draft. */
   stream?: Seed;
   signal?: AbortSignal;
-  /** Stop when the generated text contains one of these strings (needs a tokenizer). */
+  /**
+   * Stop when the generated text contains one of these strings (needs a tokenizer). The output ends
+   * with the token that completed the string (its text included), for every strategy.
+   */
   stop?: string[];
   /** Token ids that end generation (default: the target's end-of-sequence tokens). */
   stopTokens?: number[];
@@ -674,6 +677,7 @@ export class SpeculativeDecoder extends EventEmitter {
     const committed = Array.from(prompt);
     const tk = this.target.tokenizer;
     const textDecoder = stopStrings.length && tk ? new TokenStreamDecoder(tk) : undefined;
+    const maxStop = Math.max(0, ...stopStrings.map((s) => s.length)); // a new match ends in the new text
     let text = '';
     let produced = 0;
     const c = req.counters;
@@ -706,9 +710,17 @@ export class SpeculativeDecoder extends EventEmitter {
           reason ??= 'maxTokens';
         }
         if (textDecoder) {
-          text += textDecoder.push(emitTokens);
-          const hit = stopStrings.find((s) => text.includes(s));
-          if (hit !== undefined) reason = 'stop';
+          // Token by token: the run ends with the token that completes a stop string, as decoding one
+          // token at a time would end it, whatever the strategy emitted in this step.
+          for (let i = 0; i < emitTokens.length; i++) {
+            const from = Math.max(0, text.length - maxStop + 1);
+            text += textDecoder.push(emitTokens[i]);
+            if (stopStrings.some((s) => text.indexOf(s, from) >= 0)) {
+              emitTokens = emitTokens.slice(0, i + 1);
+              reason = 'stop';
+              break;
+            }
+          }
         }
         committed.push(...emitTokens);
         produced += emitTokens.length;

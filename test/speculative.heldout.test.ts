@@ -70,4 +70,31 @@ describe.skipIf(!have)('greedy exactness on the default pair, held-out prompts o
       }
     });
   }
+
+  it('stop strings end the output at the token that completes them, the same tokens for every strategy', { timeout: 120_000 }, async () => {
+    const tk = target.tokenizer!;
+    const mine = [...prompts.novel!.slice(0, 4), ...prompts.code!.slice(0, 4)];
+    let stopped = 0;
+    for (const p of mine)
+      for (const stop of [['e'], ['.'], [' the', '\n']]) {
+        // The target's greedy tokens cut one token at a time: where the decoded text first holds a stop string.
+        const plain = Array.from((await target.generate({ prompt: p, maxTokens: 40, stopTokens: [] })).tokens);
+        let want = plain;
+        for (let i = 1; i <= plain.length; i++)
+          if (stop.some((s) => tk.decode(plain.slice(0, i)).includes(s))) {
+            want = plain.slice(0, i);
+            break;
+          }
+        const cut = want.length < plain.length || stop.some((s) => tk.decode(plain).includes(s));
+        stopped += cut ? 1 : 0;
+        for (const strategy of [{ kind: 'chain', length: 1 }, { kind: 'chain', length: 8 }, ...STRATEGIES] as Strategy[]) {
+          const dec = createSpeculativeDecoder({ target, draft, strategy, maxConcurrent: 1 });
+          const r = await dec.generate({ prompt: p, maxTokens: 40, stopTokens: [], stop });
+          await dec.dispose();
+          expect(Array.from(r.tokens), `${strategy.kind} ${JSON.stringify(stop)} on ${JSON.stringify(p.slice(0, 30))}`).toEqual(want);
+          expect(r.stopReason).toBe(cut ? 'stop' : 'maxTokens');
+        }
+      }
+    expect(stopped).toBeGreaterThan(mine.length); // most cases really stop early
+  });
 });

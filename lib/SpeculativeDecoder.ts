@@ -714,7 +714,7 @@ export class SpeculativeDecoder extends EventEmitter {
           // token at a time would end it, whatever the strategy emitted in this step.
           for (let i = 0; i < emitTokens.length; i++) {
             const from = Math.max(0, text.length - maxStop + 1);
-            text += textDecoder.push(emitTokens[i]);
+            text += textDecoder.push(emitTokens[i]!);
             if (stopStrings.some((s) => text.indexOf(s, from) >= 0)) {
               emitTokens = emitTokens.slice(0, i + 1);
               reason = 'stop';

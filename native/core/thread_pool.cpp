@@ -130,8 +130,11 @@ size_t grain_for(double work_per_item) {
 }
 
 namespace {
+// Pools are kept once made (one per size asked for; a pool not in use has its workers asleep), so
+// that a call still running on a pool when another size is chosen never sees it freed.
 std::mutex g_pool_mu;
-std::unique_ptr<ThreadPool> g_pool;
+std::vector<std::unique_ptr<ThreadPool>> g_pools;
+std::atomic<ThreadPool*> g_pool{nullptr};
 int g_threads = 0;
 
 int initial_threads() {
@@ -141,21 +144,31 @@ int initial_threads() {
   }
   return std::max(1u, std::thread::hardware_concurrency());
 }
+
+// The kept pool of `threads` threads, made on first use. Caller holds g_pool_mu.
+ThreadPool* pool_of_size(int threads) {
+  for (auto& p : g_pools)
+    if (p->size() == threads) return p.get();
+  g_pools.push_back(std::make_unique<ThreadPool>(threads));
+  return g_pools.back().get();
+}
 }  // namespace
 
 ThreadPool& default_pool() {
+  if (ThreadPool* p = g_pool.load(std::memory_order_acquire)) return *p;
   std::lock_guard<std::mutex> lk(g_pool_mu);
-  if (!g_pool) {
+  if (!g_pool.load(std::memory_order_relaxed)) {
     if (g_threads <= 0) g_threads = initial_threads();
-    g_pool = std::make_unique<ThreadPool>(g_threads);
+    g_pool.store(pool_of_size(g_threads), std::memory_order_release);
   }
-  return *g_pool;
+  return *g_pool.load(std::memory_order_relaxed);
 }
 
 void set_default_threads(int threads) {
   std::lock_guard<std::mutex> lk(g_pool_mu);
   g_threads = threads > 0 ? threads : initial_threads();
-  if (g_pool && g_pool->size() != g_threads) g_pool.reset();
+  ThreadPool* p = g_pool.load(std::memory_order_relaxed);
+  if (p && p->size() != g_threads) g_pool.store(pool_of_size(g_threads), std::memory_order_release);
 }
 
 int default_threads() {

@@ -53,7 +53,9 @@ size_t grain_for(double work_per_item);
 double min_chunk_work();
 
 // The process-wide pool used by the CPU backend. Sized to the hardware threads unless
-// set_default_threads() was called before first use (or OSD_THREADS is set).
+// set_default_threads() was called before first use (or OSD_THREADS is set). set_default_threads()
+// later switches to a pool of that size; pools are made once per size and kept (idle workers
+// sleep), so calls already running finish on the pool they started on.
 ThreadPool& default_pool();
 void set_default_threads(int threads);
 int default_threads();

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "backend/backend.h"
@@ -1049,6 +1050,35 @@ OSD_TEST(thread_pool_covers_range_and_propagates_errors) {
   std::atomic<int> count{0};
   pool.parallel_for(100, 1, [&](size_t lo, size_t hi) { count += static_cast<int>(hi - lo); });
   CHECK_EQ(count.load(), 100);
+}
+
+OSD_TEST(default_pool_resizes_while_calls_run) {
+  // set_default_threads while other threads run parallel_for on the default pool: each call
+  // finishes on the pool it started on (the pool was once freed under running calls: a crash or a
+  // hang). Every item must be covered exactly once.
+  const int before = default_threads();
+  std::atomic<bool> stop{false};
+  std::atomic<int> bad{0}, calls{0};
+  std::vector<std::thread> users;
+  for (int u = 0; u < 2; ++u)
+    users.emplace_back([&] {
+      std::vector<int> hit(4096);
+      while (!stop.load()) {
+        std::fill(hit.begin(), hit.end(), 0);
+        default_pool().parallel_for(hit.size(), 1, [&](size_t lo, size_t hi) {
+          for (size_t i = lo; i < hi; ++i) hit[i]++;
+        });
+        for (int h : hit) bad += h != 1;
+        ++calls;
+      }
+    });
+  for (int k = 0; k < 400; ++k) set_default_threads(2 + k % 3);
+  while (calls.load() < 200) std::this_thread::yield();
+  stop = true;
+  for (auto& t : users) t.join();
+  set_default_threads(before);
+  CHECK_EQ(bad.load(), 0);
+  CHECK_EQ(default_threads(), before);
 }
 
 OSD_TEST_MAIN()

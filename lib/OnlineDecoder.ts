@@ -45,7 +45,11 @@ export interface OnlineDistillOptions {
   epochs?: number;
   /** Sequences per optimizer step. Default 4. */
   batchSize?: number;
-  /** Records keep at most this many trailing tokens. Default 256. */
+  /**
+   * Records keep at most this many trailing tokens. Default 256. A longer request's positions are
+   * learned from that shortened context (an approximation), and those with fewer than a quarter of
+   * this before them in the kept tokens are dropped.
+   */
   maxRecordTokens?: number;
   /** Buffer bound in bytes; the oldest records go first. Default 64 MiB. */
   maxBufferBytes?: number;
@@ -335,13 +339,19 @@ export class OnlineDecoder extends EventEmitter {
     const rec = this.#live.get(requestId);
     this.#live.delete(requestId);
     if (!rec || rec.teachers.size === 0) return;
-    // Keep the trailing maxRecordTokens tokens (teacher positions shift with them).
-    const cut = Math.max(0, rec.tokens.length - this.options.maxRecordTokens);
+    // Keep the trailing maxRecordTokens tokens (teacher positions shift with them). The draft then
+    // learns those positions from a shortened context; positions with less than a quarter of the
+    // window before them are dropped, as their context is cut the most.
+    const W = this.options.maxRecordTokens;
+    const cut = Math.max(0, rec.tokens.length - W);
     if (cut > 0) {
       rec.tokens = rec.tokens.slice(cut);
       const shifted = new Map<number, { ids: Int32Array; probs: Float32Array }>();
-      for (const [p, t] of rec.teachers) if (p >= cut) shifted.set(p - cut, t);
+      for (const [p, t] of rec.teachers) if (p - cut >= Math.floor(W / 4)) shifted.set(p - cut, t);
       rec.teachers = shifted;
+      rec.bytes = 4 * rec.tokens.length;
+      for (const t of shifted.values()) rec.bytes += 8 * t.ids.length;
+      if (shifted.size === 0) return;
     }
     this.#buffer.push(rec);
     this.#bufferBytes += rec.bytes;

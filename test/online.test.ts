@@ -53,6 +53,20 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     await dec.dispose();
   });
 
+  it('a record longer than maxRecordTokens keeps its trailing tokens and drops positions near the cut', async () => {
+    await using draft = await loadModel(draftPath);
+    const W = 16;
+    const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 1000, maxRecordTokens: W, positions: 'all' } });
+    const r = await dec.generate({ tokens: prompts[0]!, maxTokens: 40, stopTokens: [] });
+    const recs = dec.recorded();
+    expect(recs.length).toBe(1);
+    const all = [...prompts[0]!, ...r.tokens];
+    expect(recs[0]!.tokens).toEqual(all.slice(all.length - W));
+    // Every emitted position was a teacher (positions 'all'); those within W / 4 of the cut are gone.
+    expect(recs[0]!.positions).toEqual(Array.from({ length: W - 1 - W / 4 }, (_, i) => W / 4 + i));
+    await dec.dispose();
+  });
+
   it('updates at the configured interval, lowers the loss, raises acceptance and stays exact', async () => {
     await using draft = await loadModel(draftPath);
     const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 4, lr: 3e-3, epochs: 4, guardMargin: 1 } });

@@ -504,6 +504,9 @@ export class OnlineDecoder extends EventEmitter {
       await snapshot.dispose();
     }
     this.#updates = update;
+    // An update made while an earlier one's guard window is still open (updateNow) closes that window
+    // unchecked: the new guard rolls back, if it must, to the weights just before this update.
+    await this.#guard?.previous.dispose();
     this.#guard = { update, before: rate(this.#recent), previous, window: [] };
     const event: UpdateEvent = {
       update,
@@ -563,7 +566,8 @@ export class OnlineDecoder extends EventEmitter {
 
   async #checkGuard(): Promise<void> {
     const g = this.#guard;
-    if (!g) return;
+    // A check queued for a window that a later update has since replaced waits for its own window.
+    if (!g || g.window.length < this.options.guardWindow) return;
     this.#guard = null;
     const after = rate(g.window);
     if (g.before > 0 && after < g.before - this.options.guardMargin) {

@@ -4,7 +4,7 @@ import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createOnlineDecoder, loadModel, teacherTopK, writeRandomModel, type Model, type UpdateEvent } from '../lib/index.js';
+import { createOnlineDecoder, loadModel, Model, teacherTopK, writeRandomModel, type UpdateEvent } from '../lib/index.js';
 import { suiteTempDir } from './helpers/tmp.js';
 
 const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
@@ -166,6 +166,31 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     expect(Array.from(await draft.forward([1, 403, 407]))).toEqual(Array.from(before));
     expect(dec.metrics().rollbacks).toBe(1);
     await dec.dispose();
+  });
+
+  it('updateNow while a guard window is open closes that window and frees its weight copy', async () => {
+    await using draft = await loadModel(draftPath);
+    // The guard's copies are made by convert('keep'): count them, and those still alive at the end.
+    const copies: Model[] = [];
+    const convert = Model.prototype.convert;
+    Model.prototype.convert = async function (this: Model, type) {
+      const m = await convert.call(this, type);
+      if (type === 'keep') copies.push(m);
+      return m;
+    };
+    try {
+      const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 1000, guardWindow: 8 } });
+      for (const p of prompts.slice(0, 3)) {
+        await dec.generate({ tokens: p, maxTokens: 12 });
+        expect(await dec.updateNow()).not.toBeNull();
+      }
+      expect(copies.length).toBe(3);
+      expect(copies.filter((m) => !m.disposed).length).toBe(1); // the open guard's
+      await dec.dispose();
+      expect(copies.filter((m) => !m.disposed).length).toBe(0);
+    } finally {
+      Model.prototype.convert = convert;
+    }
   });
 
   it('checkpoints survive a process killed in the middle of writing', async () => {

@@ -269,14 +269,26 @@ export class OnlineDecoder extends EventEmitter {
     check(this.#decoder.strategy.kind !== 'ngram', "the 'ngram' strategy has no draft model to train");
     this.#decoder.on('step', (e) => this.emit('step', e));
     this.#ready = this.#resume();
+    // A checkpoint that fails to load rejects every generate() and update, not the process (an
+    // unhandled rejection) before the first request.
+    this.#ready.catch(() => {});
   }
 
   async #resume(): Promise<void> {
     const from = this.options.resumeFrom;
     if (!from || !existsSync(from)) return;
-    const saved = await loadModel(from);
-    this.draft.setWeights(saved);
-    await saved.dispose();
+    try {
+      const saved = await loadModel(from);
+      try {
+        this.draft.setWeights(saved);
+      } finally {
+        await saved.dispose();
+      }
+    } catch (e) {
+      const err = new Error(`distill.resumeFrom '${from}' could not be resumed from: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+      this.emit('update-error', { error: err });
+      throw err;
+    }
   }
 
   /** Cumulative decoding stats plus the distiller's state. */
@@ -598,6 +610,7 @@ export class OnlineDecoder extends EventEmitter {
     let failure: unknown;
     await this.#enqueue(async () => {
       try {
+        await this.#ready; // never the un-resumed draft in place of a checkpoint
         await this.#writeDraft(path);
       } catch (e) {
         failure = e;

@@ -1,7 +1,7 @@
 // Online distillation on the real stories260K target with a small random draft: recording,
 // triggers, updates that lower the loss, exact output throughout, rollback, checkpoints.
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createOnlineDecoder, loadModel, Model, teacherTopK, writeRandomModel, type UpdateEvent } from '../lib/index.js';
@@ -257,5 +257,23 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     await writeRandomModel(join(dir, 'v500.gguf'), { vocabSize: 500, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 64 });
     await using other = await loadModel(join(dir, 'v500.gguf'));
     expect(() => createOnlineDecoder({ target, draft: other })).toThrow(/vocabulary/);
+  });
+
+  it('a checkpoint that cannot be resumed from rejects requests and reports it, and the process lives on', async () => {
+    await using draft = await loadModel(draftPath);
+    // A truncated checkpoint, and one of another shape.
+    const bytes = readFileSync(draftPath);
+    writeFileSync(join(dir, 'truncated.gguf'), bytes.subarray(0, Math.floor(bytes.length / 2)));
+    for (const bad of [join(dir, 'truncated.gguf'), join(dir, 'v500.gguf')]) {
+      const dec = createOnlineDecoder({ target, draft, distill: { resumeFrom: bad } });
+      const errors: Error[] = [];
+      dec.on('update-error', (e: { error: Error }) => errors.push(e.error));
+      await new Promise((r) => setTimeout(r, 200)); // the load fails before any request: no crash
+      await expect(dec.generate({ tokens: prompts[0]!, maxTokens: 4 })).rejects.toThrow(/distill.resumeFrom .* could not be resumed from/);
+      await expect(dec.saveDraft(join(dir, 'after-bad-resume.gguf'))).rejects.toThrow(/could not be resumed from/);
+      expect(existsSync(join(dir, 'after-bad-resume.gguf'))).toBe(false);
+      expect(errors.length).toBe(1);
+      await dec.dispose();
+    }
   });
 });

@@ -2,6 +2,7 @@
 // draft per request (a caller label, a classifier, or a bandit over measured acceptance), and each
 // draft has its own online distiller (buffer, schedule, guard).
 import { EventEmitter } from 'node:events';
+import { extname } from 'node:path';
 import { Model } from './Model.js';
 import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics } from './OnlineDecoder.js';
 import type { SpeculativeGenerateOptions, SpeculativeResult, Strategy } from './SpeculativeDecoder.js';
@@ -16,6 +17,15 @@ export interface RouteRequest {
 /** 'label': the request's label names the draft; 'ucb' / 'thompson': a bandit over acceptance; or your own classifier. */
 export type Router = 'label' | 'ucb' | 'thompson' | ((request: RouteRequest) => string);
 
+/**
+ * The checkpoint file of draft `name` in a pool whose distill options name `path`: the name,
+ * URI-encoded, before the extension (`ck.gguf` -> `ck.code.gguf`).
+ */
+export function draftCheckpointPath(path: string, name: string): string {
+  const ext = extname(path);
+  return `${path.slice(0, path.length - ext.length)}.${encodeURIComponent(name)}${ext}`;
+}
+
 export interface DraftPoolOptions {
   target: Model;
   /** Named drafts sharing the target's tokenizer. */
@@ -23,6 +33,10 @@ export interface DraftPoolOptions {
   router?: Router;
   strategy?: Strategy;
   sampling?: SamplingOptions;
+  /**
+   * Every draft's online distiller. autosavePath and resumeFrom name one file per draft (see
+   * draftCheckpointPath): `ck.gguf` is `ck.<name>.gguf` for the draft called name.
+   */
   distill?: OnlineDistillOptions;
   /** With the label router: a label seen for the first time gets a copy of this draft (by name). */
   forkFrom?: string;
@@ -82,12 +96,18 @@ export class DraftPool extends EventEmitter {
 
   #add(name: string, model: Model, owned: boolean): Member {
     if (!(model instanceof Model)) throw new TypeError(`drafts.${name} must be a loaded Model`);
+    const d = this.#options.distill;
     const decoder = new OnlineDecoder({
       target: this.target,
       draft: model,
       strategy: this.#options.strategy,
       sampling: this.#options.sampling,
-      distill: this.#options.distill,
+      // Each draft checkpoints to its own file.
+      distill: d && {
+        ...d,
+        ...(typeof d.autosavePath === 'string' && { autosavePath: draftCheckpointPath(d.autosavePath, name) }),
+        ...(typeof d.resumeFrom === 'string' && { resumeFrom: draftCheckpointPath(d.resumeFrom, name) }),
+      },
     });
     for (const ev of ['update', 'rollback'] as const) decoder.on(ev, (e: object) => this.emit(ev, { draft: name, ...e }));
     const m: Member = { name, model, decoder, owned, requests: 0, acceptedSum: 0, successes: 0, failures: 0 };

@@ -65,7 +65,7 @@ export { createTrainer, loadTrainerCheckpoint, setTrainThreads, Trainer } from '
 export type { TrainerOptions, TrainBatch, TrainStepResult, NewModelConfig } from './Trainer.js';
 export { createOnlineDecoder, OnlineDecoder, teacherTopK } from './OnlineDecoder.js';
 export type { OnlineDecoderOptions, OnlineDistillOptions, OnlineMetrics, UpdateEvent, RollbackEvent } from './OnlineDecoder.js';
-export { createDraftPool, DraftPool } from './DraftPool.js';
+export { createDraftPool, DraftPool, draftCheckpointPath } from './DraftPool.js';
 export type { DraftPoolOptions, PoolGenerateOptions, PoolResult, Router, RouteRequest } from './DraftPool.js';
 export { createServer } from './server.js';
 export type * from './server.js';

@@ -2,7 +2,7 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createDraftPool, loadModel, writeRandomModel, type Model } from '../lib/index.js';
+import { createDraftPool, draftCheckpointPath, loadModel, writeRandomModel, type Model } from '../lib/index.js';
 import { suiteTempDir } from './helpers/tmp.js';
 
 const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
@@ -52,6 +52,37 @@ describe.skipIf(!have)('DraftPool (stories260K)', () => {
       const lateGood = picks.slice(8).filter((p) => p === 'good').length;
       expect(lateGood).toBeGreaterThanOrEqual(6);
     }
+  });
+
+  it('each draft checkpoints to its own file and resumes from it', async () => {
+    const ck = join(dir, 'ck.gguf');
+    expect(draftCheckpointPath(ck, 'code')).toBe(join(dir, 'ck.code.gguf'));
+    expect(draftCheckpointPath('/a/ck', 'x/y')).toBe('/a/ck.x%2Fy');
+    const load = () => Promise.all([loadModel(join(dir, 'good.gguf')), loadModel(join(dir, 'bad.gguf'))]);
+    const [g1, b1] = await load();
+    {
+      await using pool = createDraftPool({ target, drafts: { good: g1, bad: b1 }, distill: { interval: 1000, autosaveEvery: 1, autosavePath: ck, lr: 1e-3, positions: 'all' } });
+      await pool.generate({ tokens: [1, 403, 407], maxTokens: 12, label: 'good' });
+      await pool.generate({ tokens: [1, 261, 378], maxTokens: 12, label: 'bad' });
+      await pool.updateNow();
+    }
+    expect(existsSync(ck)).toBe(false);
+    const probe = [1, 403, 407, 11];
+    for (const [name, m] of [['good', g1], ['bad', b1]] as const) {
+      await using saved = await loadModel(draftCheckpointPath(ck, name));
+      expect(Array.from(await saved.forward(probe))).toEqual(Array.from(await m.forward(probe)));
+    }
+    // A new pool over fresh copies resumes each draft from its own file.
+    const [g2, b2] = await load();
+    {
+      await using pool = createDraftPool({ target, drafts: { good: g2, bad: b2 }, distill: { interval: 1000, resumeFrom: ck } });
+      await pool.generate({ tokens: [1, 403], maxTokens: 2, label: 'good' });
+      await pool.generate({ tokens: [1, 403], maxTokens: 2, label: 'bad' });
+    }
+    expect(Array.from(await g2.forward(probe))).toEqual(Array.from(await g1.forward(probe)));
+    expect(Array.from(await b2.forward(probe))).toEqual(Array.from(await b1.forward(probe)));
+    expect(Array.from(await g2.forward(probe))).not.toEqual(Array.from(await b2.forward(probe)));
+    await Promise.all([g1, b1, g2, b2].map((m) => m.dispose()));
   });
 
   it('rejects bad configuration', () => {

@@ -8,7 +8,7 @@ import { checkCallback } from './args.js';
 import { type Model, type Sequence, toTokenArray } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
-import { checkSignal, throwIfAborted } from './withAbortSignal.js';
+import { checkSignal, forwardAbort, throwIfAborted } from './withAbortSignal.js';
 
 const sampleLogits = (addon as unknown as { sampleLogits(o: object): number }).sampleLogits;
 
@@ -528,9 +528,9 @@ export class SpeculativeDecoder extends EventEmitter {
     let failure: unknown;
     let stopReason: SpeculativeResult['stopReason'] = 'maxTokens';
     const inner = new AbortController();
-    const signal = options.signal ? AbortSignal.any([options.signal, inner.signal]) : inner.signal;
+    const unlink = forwardAbort(options.signal, inner);
     const done = this.#run(
-      { ...options, signal },
+      { ...options, signal: inner.signal },
       (tokens) => {
         queue.push({ tokens: Int32Array.from(tokens), text: decoder ? decoder.push(tokens) : '' });
         wake?.();
@@ -561,6 +561,7 @@ export class SpeculativeDecoder extends EventEmitter {
     } finally {
       if (!finished) inner.abort();
       await done;
+      unlink();
     }
   }
 
@@ -628,7 +629,6 @@ export class SpeculativeDecoder extends EventEmitter {
     if (options.stop !== undefined && (!Array.isArray(options.stop) || options.stop.some((s) => typeof s !== 'string')))
       throw new TypeError('stop must be an array of strings');
     if (options.stop?.length && !this.target.tokenizer) throw new TypeError('stop strings need a target with a tokenizer');
-    const combined = signal ? AbortSignal.any([signal, this.#disposeController.signal]) : this.#disposeController.signal;
     const id = this.#nextRequest++;
     let streamBase = BigInt(id);
     if (options.stream !== undefined) {
@@ -646,12 +646,20 @@ export class SpeculativeDecoder extends EventEmitter {
     };
     checkCallback(options.onStart, 'onStart');
     options.onStart?.(req.id);
+    // The request's own signal: aborted by the caller's or by dispose(), unlinked from both when done.
+    const own = new AbortController();
+    const unlink = [forwardAbort(signal, own), forwardAbort(this.#disposeController.signal, own)];
+    const combined = own.signal;
     const work = (async () => {
-      await this.#acquire(combined);
       try {
-        return await this.#decode(req, prompt, maxTokens, options.stop ?? [], combined, emit, setStop);
+        await this.#acquire(combined);
+        try {
+          return await this.#decode(req, prompt, maxTokens, options.stop ?? [], combined, emit, setStop);
+        } finally {
+          this.#release();
+        }
       } finally {
-        this.#release();
+        for (const f of unlink) f();
       }
     })();
     this.#running.add(work);

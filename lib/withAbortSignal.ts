@@ -17,3 +17,38 @@ export function checkSignal(signal: unknown, name = 'signal'): AbortSignal | und
   if (!(signal instanceof AbortSignal)) throw new TypeError(`${name} must be an AbortSignal`);
   return signal;
 }
+
+// Per source signal: the controllers linked to it, and its one listener.
+const links = new WeakMap<AbortSignal, { targets: Set<AbortController>; onAbort: () => void }>();
+
+/**
+ * Aborts `to` (with the same reason) when `from` aborts, now or later; returns the function that
+ * unlinks them. A signal shared by many requests (a server's shutdown signal) carries one listener
+ * however many are linked, and none once all are unlinked: nothing stays attached to it, unlike
+ * AbortSignal.any, whose results Node 20 keeps alive as long as a source signal lives.
+ */
+export function forwardAbort(from: AbortSignal | undefined, to: AbortController): () => void {
+  if (!from) return () => {};
+  if (from.aborted) {
+    to.abort(from.reason);
+    return () => {};
+  }
+  let link = links.get(from);
+  if (!link) {
+    const targets = new Set<AbortController>();
+    const onAbort = () => {
+      links.delete(from);
+      for (const c of targets) c.abort(from.reason);
+    };
+    from.addEventListener('abort', onAbort, { once: true });
+    link = { targets, onAbort };
+    links.set(from, link);
+  }
+  const { targets, onAbort } = link;
+  targets.add(to);
+  return () => {
+    if (!targets.delete(to) || targets.size > 0) return;
+    from.removeEventListener('abort', onAbort);
+    if (links.get(from)?.targets === targets) links.delete(from);
+  };
+}

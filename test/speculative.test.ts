@@ -2,6 +2,7 @@
 // token-identical to target-only decoding for every strategy, and sampled output follows the
 // target's distribution (chi-square on the first two tokens). Drafts: a random-weight model
 // (frequent rejections) and the target stored in F16 (frequent acceptances).
+import { getEventListeners } from 'node:events';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -241,6 +242,25 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     await dec.dispose();
     await expect(running).rejects.toThrow(/disposed/);
     await expect(dec.generate({ tokens: [1], maxTokens: 2 })).rejects.toThrow(/disposed/);
+  });
+
+  it("a caller's long-lived signal keeps no listener after its requests; many queued requests warn of no leak", async () => {
+    const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 2 }, maxConcurrent: 1 });
+    const server = new AbortController(); // e.g. a server's shutdown signal, shared by every request
+    const warnings: string[] = [];
+    const onWarning = (w: Error) => warnings.push(w.name);
+    process.on('warning', onWarning);
+    try {
+      await Promise.all(Array.from({ length: 30 }, (_, i) => dec.generate({ tokens: prompts[i % 10]!, maxTokens: 3, signal: server.signal })));
+      for await (const _ of dec.stream({ tokens: [1], maxTokens: 3, signal: server.signal }));
+      for await (const _ of dec.stream({ tokens: [1], maxTokens: 30, signal: server.signal })) break;
+      await new Promise((r) => setImmediate(r));
+      expect(getEventListeners(server.signal, 'abort').length).toBe(0);
+      expect(warnings).toEqual([]);
+    } finally {
+      process.off('warning', onWarning);
+      await dec.dispose();
+    }
   });
 
   it('concurrent requests are served correctly', async () => {

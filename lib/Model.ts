@@ -326,7 +326,7 @@ export class Model {
     try {
       throwIfAborted(signal);
       if (prompt.length >= seq.capacity) throw new RangeError(`the prompt (${prompt.length} tokens) does not fit the context of ${seq.capacity}`);
-      let logits = await seq.evaluate(prompt, { lastOnly: true });
+      let logits = await seq.evaluate(prompt, { lastOnly: true, ...(signal && { signal }) });
       while (out.length < maxTokens) {
         throwIfAborted(signal);
         const token = native.sampleLogits({
@@ -422,7 +422,16 @@ export interface EvaluateOptions {
   treeParents?: Int32Array;
   /** Return only the last row of logits (a prefill). */
   lastOnly?: boolean;
+  /**
+   * Aborting stops a long chain (more than PREFILL_CHUNK tokens, no treeParents) within one chunk of
+   * that many tokens, rejects with an AbortError and leaves the cache as it was. The chunks give the
+   * same logits as one pass (a token's logits do not depend on the others in its batch).
+   */
+  signal?: AbortSignal;
 }
+
+/** Tokens per pass of an abortable prefill (EvaluateOptions.signal). */
+export const PREFILL_CHUNK = 64;
 
 export interface DraftOptions {
   /** Draft tokens to propose (>= 1). */
@@ -485,9 +494,30 @@ export class Sequence {
     const t = toTokenArray(tokens);
     checkOptions(options);
     if (options.lastOnly !== undefined && typeof options.lastOnly !== 'boolean') throw new TypeError('options.lastOnly must be a boolean');
-    const run = () => {
+    const signal = checkSignal(options.signal, 'options.signal');
+    const lastOnly = options.lastOnly ?? false;
+    const chunked = signal !== undefined && !options.treeParents && t.length > PREFILL_CHUNK;
+    const run = async () => {
       if (!this.#native) throw new Error('the sequence was disposed');
-      return handle.evaluate(t, options.treeParents ?? null, options.lastOnly ?? false);
+      throwIfAborted(signal);
+      if (!chunked) return handle.evaluate(t, options.treeParents ?? null, lastOnly);
+      const start = handle.length;
+      const V = this.model.info.vocabSize;
+      const all = lastOnly ? undefined : new Float32Array(t.length * V);
+      let last: Float32Array | undefined;
+      try {
+        for (let i = 0; i < t.length; i += PREFILL_CHUNK) {
+          if (i > 0) throwIfAborted(signal);
+          if (!this.#native) throw new Error('the sequence was disposed');
+          const end = Math.min(t.length, i + PREFILL_CHUNK);
+          last = await handle.evaluate(t.subarray(i, end), null, lastOnly);
+          all?.set(last, i * V);
+        }
+      } catch (e) {
+        if (this.#native) handle.truncate(start);
+        throw e;
+      }
+      return all ?? last!;
     };
     const result = this.#queue.then(run, run);
     this.#queue = result.catch(() => undefined);

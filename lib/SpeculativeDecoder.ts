@@ -352,6 +352,8 @@ function sharedVocab(target: Model, draft: Model): number {
 
 interface Request {
   id: number;
+  /** Aborted by the caller's signal or dispose(): stops a long prefill between chunks. */
+  signal?: AbortSignal;
   /** Base of the Philox streams of this request's steps. */
   stream: bigint;
   sampling: SamplingOptions;
@@ -650,6 +652,7 @@ export class SpeculativeDecoder extends EventEmitter {
     const own = new AbortController();
     const unlink = [forwardAbort(signal, own), forwardAbort(this.#disposeController.signal, own)];
     const combined = own.signal;
+    req.signal = combined;
     const work = (async () => {
       try {
         await this.#acquire(combined);
@@ -694,7 +697,7 @@ export class SpeculativeDecoder extends EventEmitter {
       if (committed.length >= capacity) throw new RangeError(`the prompt (${committed.length} tokens) does not fit the context of ${capacity}`);
       throwIfAborted(signal);
       // The target's cache holds everything but the last committed token, whose logits come from the next pass.
-      if (committed.length > 1) await this.#timed(c, 'target', () => T.evaluate(committed.slice(0, -1), { lastOnly: true }));
+      if (committed.length > 1) await this.#timed(c, 'target', () => T.evaluate(committed.slice(0, -1), { lastOnly: true, signal }));
       for (let step = 0; produced < maxTokens; step++) {
         throwIfAborted(signal);
         const room = capacity - committed.length - 1; // positions left after the last token
@@ -855,7 +858,7 @@ export class SpeculativeDecoder extends EventEmitter {
       // does the first drafting step after plain ones (its catch-up is not a cost of the chain).
       if (committed.length - D.length > 2) {
         const t0 = performance.now();
-        await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length, -1), { lastOnly: true }));
+        await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length, -1), { lastOnly: true, signal: req.signal }));
         catchUpMs = performance.now() - t0;
       }
       // One native call drafts the whole chain (token i at Philox position i of the step's draft stream).
@@ -918,7 +921,7 @@ export class SpeculativeDecoder extends EventEmitter {
     const score: number[] = [];
     if (nodeBudget > 0) {
       // Root distribution from the draft.
-      const root = await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length), { lastOnly: true }));
+      const root = await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length), { lastOnly: true, signal: req.signal }));
       const dBase = D.length;
       let frontier: { node: number; logits: Float32Array }[] = [{ node: -1, logits: root.subarray(0, V) }];
       for (let depth = 1; depth <= maxDepth && tokens.length < nodeBudget && frontier.length; depth++) {
@@ -988,7 +991,7 @@ export class SpeculativeDecoder extends EventEmitter {
       const first = new Int32Array(levels);
       for (let d = 1; d < levels; d++) first[d] = first[d - 1]! + widths[d - 1]!;
       // The level cost is timed on the spine: a request's first step prefills the prompt apart.
-      if (committed.length - D.length > 2) await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length, -1), { lastOnly: true }));
+      if (committed.length - D.length > 2) await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length, -1), { lastOnly: true, signal: req.signal }));
       const dStart = performance.now();
       // The spine (each level's first child) is a chain: one native call drafts it and returns every level's row.
       const topSpine = this.#fault === 'tree-top-children-as-sampled';

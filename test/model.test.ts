@@ -132,6 +132,32 @@ describe.skipIf(!have)('model (stories260K)', () => {
     expect(r.tokens.length).toBe(3);
   });
 
+  it('an AbortSignal stops a long prefill between chunks and leaves the cache as it was; chunked logits are the same', async () => {
+    const toks = new Int32Array(500).map((_, i) => (i * 37 + 1) % 512);
+    const plain = model.createSequence();
+    const chunked = model.createSequence();
+    for (const lastOnly of [true, false]) {
+      plain.truncate(0);
+      chunked.truncate(0);
+      const a = await plain.evaluate(toks, { lastOnly });
+      const b = await chunked.evaluate(toks, { lastOnly, signal: new AbortController().signal });
+      expect(b.length).toBe(lastOnly ? 512 : 500 * 512);
+      expect(Array.from(b)).toEqual(Array.from(a));
+      expect(chunked.length).toBe(500);
+    }
+    chunked.truncate(1);
+    const ac = new AbortController();
+    const p = chunked.evaluate(toks.subarray(0, 400), { lastOnly: true, signal: ac.signal });
+    setImmediate(() => ac.abort()); // lands while the first chunk runs
+    await expect(p).rejects.toMatchObject({ name: 'AbortError' });
+    expect(chunked.length).toBe(1);
+    // Still usable, and the same as before.
+    chunked.truncate(0);
+    plain.truncate(0);
+    expect(Array.from(await chunked.evaluate(toks, { lastOnly: true }))).toEqual(Array.from(await plain.evaluate(toks, { lastOnly: true })));
+    await Promise.all([plain.dispose(), chunked.dispose()]);
+  });
+
   it('rejects bad input with errors that name the argument', async () => {
     const seq = model.createSequence({ contextSize: 8 });
     await expect(seq.evaluate([512])).rejects.toThrow(RangeError);

@@ -406,8 +406,12 @@ export class Model {
   }
 
   /** Frees the model after its sequences finish their running work. Idempotent. */
+  /**
+   * Waits for the native calls in flight, then frees the model and its sequences: a generation still
+   * running rejects at its next step with "the model was disposed".
+   */
   async dispose(): Promise<void> {
-    await Promise.all([...this.#sequences].map((s) => s.dispose()));
+    await Promise.all([...this.#sequences].map((s) => s.disposeWithModel()));
     this.#handle?.dispose();
     this.#handle = null;
   }
@@ -463,6 +467,7 @@ export class Sequence {
   readonly model: Model;
   #native: NativeSequence | null;
   #queue: Promise<unknown> = Promise.resolve();
+  #disposedWithModel = false;
 
   /** @internal */
   constructor(model: Model, handle: NativeSequence) {
@@ -471,8 +476,13 @@ export class Sequence {
   }
 
   #get(): NativeSequence {
-    if (!this.#native) throw new Error('the sequence was disposed');
+    if (!this.#native) throw this.#gone();
     return this.#native;
+  }
+
+  /** The error of a call after dispose: the model's own disposal names the model. */
+  #gone(): Error {
+    return new Error(this.#disposedWithModel ? 'the model was disposed' : 'the sequence was disposed');
   }
 
   /** Tokens held in the cache. */
@@ -498,7 +508,7 @@ export class Sequence {
     const lastOnly = options.lastOnly ?? false;
     const chunked = signal !== undefined && !options.treeParents && t.length > PREFILL_CHUNK;
     const run = async () => {
-      if (!this.#native) throw new Error('the sequence was disposed');
+      if (!this.#native) throw this.#gone();
       throwIfAborted(signal);
       if (!chunked) return handle.evaluate(t, options.treeParents ?? null, lastOnly);
       const start = handle.length;
@@ -508,7 +518,7 @@ export class Sequence {
       try {
         for (let i = 0; i < t.length; i += PREFILL_CHUNK) {
           if (i > 0) throwIfAborted(signal);
-          if (!this.#native) throw new Error('the sequence was disposed');
+          if (!this.#native) throw this.#gone();
           const end = Math.min(t.length, i + PREFILL_CHUNK);
           last = await handle.evaluate(t.subarray(i, end), null, lastOnly);
           all?.set(last, i * V);
@@ -558,7 +568,7 @@ export class Sequence {
       ...(pos ? { positions: pos } : {}),
     };
     const run = async () => {
-      if (!this.#native) throw new Error('the sequence was disposed');
+      if (!this.#native) throw this.#gone();
       throwIfAborted(signal);
       const onAbort = () => handle.cancel();
       signal?.addEventListener('abort', onAbort, { once: true });
@@ -599,6 +609,12 @@ export class Sequence {
     this.#native?.dispose();
     this.#native = null;
     this.model.release(this);
+  }
+
+  /** Model.dispose(): as dispose(), and later calls say the model was disposed. @internal */
+  async disposeWithModel(): Promise<void> {
+    this.#disposedWithModel = true;
+    await this.dispose();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

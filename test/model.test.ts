@@ -363,6 +363,21 @@ describe('bad input to models and sequences', () => {
     expect(seq.length).toBe(2);
   });
 
+  it('disposing a model ends the generations still running with "the model was disposed"', async () => {
+    const m = await loadModel(join(dir, 'm.gguf'));
+    const seq = m.createSequence();
+    let tokens = 0;
+    const running = m.generate({ tokens: [1], maxTokens: 1000, stopTokens: [], onToken: () => void tokens++ });
+    while (tokens < 3) await new Promise((r) => setImmediate(r));
+    await m.dispose();
+    await expect(running).rejects.toThrow(new Error('the model was disposed'));
+    expect(() => seq.length).toThrow(new Error('the model was disposed'));
+    await seq.dispose(); // a no-op
+    const own = model.createSequence();
+    await own.dispose();
+    expect(() => own.length).toThrow(new Error('the sequence was disposed'));
+  });
+
   it('ropeTheta must be a finite number > 0, in a config and in a file (else the logits are NaN)', async () => {
     for (const ropeTheta of [-1, 0, Infinity])
       await expect(writeRandomModel(join(dir, 'r.gguf'), { ...config, ropeTheta })).rejects.toThrow(/ropeTheta must be a finite number > 0/);

@@ -76,7 +76,10 @@ export interface SpeculativeGenerateOptions {
   maxTokens: number;
   sampling?: SamplingOptions;
   seed?: Seed;
-  /** Philox stream of this request (default: a fresh one per request). Same seed + stream = same output on a fixed draft. */
+  /**
+   * Philox stream of this request, an integer in [0, 2^32 - 1] (default: the request's number, mod
+   * 2^32). Same seed + stream = same output on a fixed draft.
+   */
   stream?: Seed;
   signal?: AbortSignal;
   /**
@@ -632,11 +635,12 @@ export class SpeculativeDecoder extends EventEmitter {
       throw new TypeError('stop must be an array of strings');
     if (options.stop?.length && !this.target.tokenizer) throw new TypeError('stop strings need a target with a tokenizer');
     const id = this.#nextRequest++;
-    let streamBase = BigInt(id);
+    let streamBase = BigInt(id) & 0xffffffffn;
     if (options.stream !== undefined) {
-      if (!((typeof options.stream === 'number' && Number.isSafeInteger(options.stream) && options.stream >= 0) || (typeof options.stream === 'bigint' && options.stream >= 0n)))
-        throw new RangeError('stream must be a non-negative safe integer or bigint');
-      streamBase = BigInt(options.stream) & ((1n << 32n) - 1n);
+      // Step s of the request uses Philox stream (base << 32) + 2s (+ 1 for the draft): the base has 32 bits.
+      if (!((typeof options.stream === 'number' && Number.isSafeInteger(options.stream)) || typeof options.stream === 'bigint') || options.stream < 0 || options.stream > 0xffffffff)
+        throw new RangeError(`stream must be an integer in [0, 2^32 - 1], got ${String(options.stream)}`);
+      streamBase = BigInt(options.stream);
     }
     const req: Request = {
       id,

@@ -190,6 +190,11 @@ describe('loading bad files', () => {
     expect((err as Error).message).toContain('cut.bin');
   });
 
+  it('an empty file is called empty (it was reported as a truncated llama2.c header)', async () => {
+    writeFileSync(join(dir, 'empty.gguf'), '');
+    await expect(loadModel(join(dir, 'empty.gguf'))).rejects.toThrow(/empty\.gguf: the file is empty \(expected a GGUF or llama2\.c model\)/);
+  });
+
   it('a corrupt GGUF gives a clear error, not a crash', async () => {
     const bad = join(dir, 'bad.gguf');
     const bytes = Buffer.alloc(64);

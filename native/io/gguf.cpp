@@ -438,6 +438,22 @@ Value parse_value(Cursor& c, uint32_t type, int depth) {
 
 }  // namespace
 
+namespace {
+// Whether n bytes are well-formed UTF-8 as far as lead and continuation bytes go (a sequence cut by
+// the end counts as valid: the scan may stop inside one).
+bool valid_utf8(const uint8_t* p, size_t n) {
+  for (size_t i = 0; i < n;) {
+    const uint8_t c = p[i];
+    const int extra = c < 0x80 ? 0 : c >= 0xc2 && c <= 0xdf ? 1 : c >= 0xe0 && c <= 0xef ? 2 : c >= 0xf0 && c <= 0xf4 ? 3 : -1;
+    if (extra < 0) return false;
+    for (int k = 1; k <= extra && i + k < n; ++k)
+      if ((p[i + k] & 0xc0) != 0x80) return false;
+    i += 1 + extra;
+  }
+  return true;
+}
+}  // namespace
+
 std::unique_ptr<File> File::open(const std::string& path) {
   std::unique_ptr<File> f(new File());
   f->name_ = path;
@@ -459,11 +475,13 @@ void File::parse() {
     parse_layout();
   } catch (const Error& e) {
     // A binary file passed through a UTF-8 text conversion has each invalid byte sequence
-    // replaced by U+FFFD (EF BF BD); say so, since the error offset alone is baffling then.
+    // replaced by U+FFFD (EF BF BD); say so, since the error offset alone is baffling then. Such a
+    // file is valid UTF-8 throughout, which a sound GGUF (binary numbers, weights) never is; a few
+    // U+FFFD alone prove nothing (a vocabulary's replacement-character token).
     static const uint8_t fffd[3] = {0xef, 0xbf, 0xbd};
     const size_t scan = std::min<size_t>(bytes_.size(), size_t{64} << 20);
     const uint8_t* end = bytes_.data() + scan;
-    if (scan >= 3 && std::search(bytes_.data(), end, fffd, fffd + 3) != end)
+    if (scan >= 3 && std::search(bytes_.data(), end, fffd, fffd + 3) != end && valid_utf8(bytes_.data(), scan))
       throw_io(std::string(e.what()) +
                "; the file contains EF BF BD (U+FFFD) byte sequences, so it was probably mangled by a UTF-8 text "
                "conversion (download it again as binary)");

@@ -39,6 +39,7 @@ Matrix matrix(const gguf::File& f, const std::string& name, int64_t rows, int64_
 
 std::shared_ptr<Model> Model::load(const std::string& path) {
   io::FileBytes probe = io::FileBytes::map(path);
+  if (probe.size() == 0) throw_io(path + ": the file is empty (expected a GGUF or llama2.c model)");
   if (probe.size() >= 4 && std::memcmp(probe.data(), "GGUF", 4) == 0) {
     probe = io::FileBytes();
     return from_gguf(gguf::File::open(path));

@@ -667,6 +667,15 @@ OSD_TEST(gguf_mangled_text_file_is_explained) {
     }
   }
   CHECK_IO_ERROR(parse(mangled, "m.gguf"), "mangled by a UTF-8 text conversion");
+  // A sound file holds a few U+FFFD (a vocabulary's replacement-character token): damage elsewhere
+  // (here its version field) must not be blamed on a text conversion.
+  Sample t;
+  t.w.set("tokenizer.ggml.tokens", Value::array(std::vector<std::string>{"\xef\xbf\xbd", "a\xef\xbf\xbd", "\xef\xbf\xbd\xef\xbf\xbd"}));
+  std::vector<uint8_t> damaged = t.w.to_bytes();
+  damaged[4] = 9;  // version 9
+  const std::string msg = io_error([&] { parse(damaged, "d.gguf"); });
+  CHECK(msg.find("version") != std::string::npos);
+  CHECK(msg.find("mangled") == std::string::npos);
 }
 
 OSD_TEST(gguf_writer_rejects_bad_arguments) {

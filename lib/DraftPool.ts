@@ -5,7 +5,7 @@ import { EventEmitter } from 'node:events';
 import { extname } from 'node:path';
 import { Model } from './Model.js';
 import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics } from './OnlineDecoder.js';
-import type { SpeculativeGenerateOptions, SpeculativeResult, Strategy } from './SpeculativeDecoder.js';
+import type { SpeculativeGenerateOptions, SpeculativeResult, StepEvent, Strategy, StreamChunk } from './SpeculativeDecoder.js';
 import type { SamplingOptions } from './addonTypes.js';
 
 export interface RouteRequest {
@@ -236,6 +236,34 @@ export class DraftPool extends EventEmitter {
     m.successes += r.stats.accepted;
     m.failures += r.stats.drafted - r.stats.accepted;
     return { ...r, draft: m.name };
+  }
+
+  /**
+   * generate() as an async iterable: the routed draft's stream, whose return value names the draft
+   * with the stop reason. Its acceptance counts for the router as a generate() call's does.
+   */
+  async *stream(options: PoolGenerateOptions): AsyncGenerator<StreamChunk, { stopReason: SpeculativeResult['stopReason']; draft: string }, void> {
+    if (this.#disposed) throw new Error('the pool was disposed');
+    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
+    const m = await this.#route(options);
+    const { label: _label, ...rest } = options;
+    let id: number | undefined;
+    const seen = { drafted: 0, accepted: 0 };
+    const onStep = (e: StepEvent) => {
+      if (e.request === id) (seen.drafted += e.drafted), (seen.accepted += e.accepted);
+    };
+    m.decoder.on('step', onStep);
+    try {
+      const stopReason = yield* m.decoder.stream({ ...rest, onStart: (r) => ((id = r), rest.onStart?.(r)) });
+      m.requests++;
+      this.#total++;
+      m.acceptedSum += seen.drafted > 0 ? seen.accepted / seen.drafted : 0;
+      m.successes += seen.accepted;
+      m.failures += seen.drafted - seen.accepted;
+      return { stopReason, draft: m.name };
+    } finally {
+      m.decoder.off('step', onStep);
+    }
   }
 
   /** Trains every draft on its buffer now. */

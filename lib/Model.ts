@@ -3,9 +3,9 @@ import { basename } from 'node:path';
 import { addon } from './addon.js';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { applyChatTemplate, type ApplyChatTemplateOptions, type ChatMessage } from './chatTemplate.js';
-import { loadTokenizer, type Tokenizer } from './Tokenizer.js';
+import { loadTokenizer, TokenStreamDecoder, type Tokenizer } from './Tokenizer.js';
 import { checkCallback, checkOptions } from './args.js';
-import { abortError, checkSignal, throwIfAborted } from './withAbortSignal.js';
+import { abortError, checkSignal, forwardAbort, throwIfAborted } from './withAbortSignal.js';
 
 interface NativeModel {
   info(): ModelInfo;
@@ -205,6 +205,13 @@ export interface GenerateResult {
   stopReason: StopReason;
 }
 
+/** A piece of a streamed generation. */
+export interface StreamChunk {
+  tokens: Int32Array;
+  /** Text completed by these tokens (exact on UTF-8 boundaries); "" without a tokenizer. */
+  text: string;
+}
+
 /** A loaded model. Dispose it (or use `await using`) to release its memory once sequences end. */
 export class Model {
   #info: ModelInfo;
@@ -387,6 +394,58 @@ export class Model {
     // Templates such as Llama 3's print bos_token themselves; do not add a second one.
     const addBos = tok!.addBos && !(bosText !== '' && text.startsWith(bosText));
     return tok!.encode(text, { special: true, addBos });
+  }
+
+  /**
+   * generate() as an async iterable: a chunk per token (its text complete on UTF-8 boundaries), and
+   * the stop reason as the iterator's return value. Leaving the loop early stops the generation.
+   */
+  async *stream(options: Omit<GenerateOptions, 'onToken'>): AsyncGenerator<StreamChunk, StopReason, void> {
+    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
+    const signal = checkSignal(options.signal);
+    const decoder = this.tokenizer ? new TokenStreamDecoder(this.tokenizer) : undefined;
+    const queue: StreamChunk[] = [];
+    let wake: (() => void) | undefined;
+    let finished = false;
+    let failure: unknown;
+    let stopReason: StopReason = 'maxTokens';
+    const inner = new AbortController();
+    const unlink = forwardAbort(signal, inner);
+    const done = this.generate({
+      ...options,
+      signal: inner.signal,
+      onToken: (token) => {
+        queue.push({ tokens: Int32Array.of(token), text: decoder ? decoder.push(token) : '' });
+        wake?.();
+      },
+    }).then(
+      (r) => {
+        stopReason = r.stopReason;
+        finished = true;
+        wake?.();
+      },
+      (e: unknown) => {
+        failure = e;
+        finished = true;
+        wake?.();
+      },
+    );
+    try {
+      for (;;) {
+        while (queue.length) yield queue.shift()!;
+        if (finished) break;
+        await new Promise<void>((r) => (wake = r));
+        wake = undefined;
+      }
+      if (failure !== undefined) throw failure;
+      const tail = decoder?.flush() ?? '';
+      if (tail) yield { tokens: new Int32Array(0), text: tail };
+      return stopReason;
+    } finally {
+      if (!finished) inner.abort();
+      await done;
+      unlink();
+    }
   }
 
   #promptTokens(options: GenerateOptions): Int32Array {

@@ -5,7 +5,7 @@ import { EventEmitter } from 'node:events';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { verifyChain, verifyTree } from './kernels.js';
 import { checkCallback } from './args.js';
-import { type Model, type Sequence, toTokenArray } from './Model.js';
+import { type Model, type Sequence, type StreamChunk, toTokenArray } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
 import { checkSignal, forwardAbort, throwIfAborted } from './withAbortSignal.js';
@@ -123,11 +123,7 @@ export interface SpeculativeResult {
   stats: RequestStats;
 }
 
-export interface StreamChunk {
-  tokens: Int32Array;
-  /** Text completed by these tokens (exact on UTF-8 boundaries); "" without a tokenizer. */
-  text: string;
-}
+export type { StreamChunk } from './Model.js';
 
 export interface StepEvent {
   request: number;

@@ -34,8 +34,9 @@ Commands:
       --static             keep the draft fixed (default: it learns online from the traffic)
 
 Options:
-  --json      machine-readable output
-  -h, --help  show this help
+  --json         machine-readable output
+  -v, --version  the version command
+  -h, --help     show this help (also: osd help)
 `;
 
 async function main(argv: string[]): Promise<number> {
@@ -45,6 +46,7 @@ async function main(argv: string[]): Promise<number> {
     options: {
       json: { type: 'boolean' },
       help: { type: 'boolean', short: 'h' },
+      version: { type: 'boolean', short: 'v' },
       model: { type: 'string' },
       draft: { type: 'string' },
       target: { type: 'string' },
@@ -69,11 +71,11 @@ async function main(argv: string[]): Promise<number> {
       static: { type: 'boolean' },
     },
   });
-  if (values.help) {
+  const command = values.version ? 'version' : (positionals[0] ?? 'version');
+  if (values.help || command === 'help') {
     process.stdout.write(HELP);
     return 0;
   }
-  const command = positionals[0] ?? 'version';
   const num = (v: string | undefined, name: string, fallback: number): number => {
     if (v === undefined) return fallback;
     const n = Number(v);
@@ -134,9 +136,12 @@ async function main(argv: string[]): Promise<number> {
           }
           await dec.dispose();
           await draft.dispose();
-        } else {
+        } else if (values.json) {
           const r = await model.generate({ ...input, maxTokens, sampling, seed, signal: ac.signal });
-          process.stdout.write(values.json ? JSON.stringify({ text: r.text, tokens: Array.from(r.tokens), stopReason: r.stopReason }) + '\n' : `${r.text ?? ''}\n`);
+          process.stdout.write(JSON.stringify({ text: r.text, tokens: Array.from(r.tokens), stopReason: r.stopReason }) + '\n');
+        } else {
+          for await (const chunk of model.stream({ ...input, maxTokens, sampling, seed, signal: ac.signal })) process.stdout.write(chunk.text);
+          process.stdout.write('\n');
         }
       } finally {
         await model.dispose();

@@ -110,6 +110,27 @@ describe.skipIf(!have)('model (stories260K)', () => {
     console.log(`event loop: ${ticks} ticks during ${ms.toFixed(0)} ms of evaluation`);
   });
 
+  it('stream() yields the tokens of generate() and returns its stop reason; leaving early stops it', async () => {
+    for (const opts of [{ maxTokens: 40 }, { maxTokens: 40, sampling: { temperature: 1 }, seed: 7 }, { maxTokens: 600 }]) {
+      const want = await model.generate({ tokens: [1], ...opts });
+      const got: number[] = [];
+      const it = model.stream({ tokens: [1], ...opts });
+      let r = await it.next();
+      for (; !r.done; r = await it.next()) got.push(...r.value.tokens);
+      expect(got).toEqual(Array.from(want.tokens));
+      expect(r.value).toBe(want.stopReason);
+    }
+    let n = 0;
+    for await (const _ of model.stream({ tokens: [1], maxTokens: 400 })) if (++n === 3) break;
+    expect(n).toBe(3);
+    const ac = new AbortController();
+    await expect(
+      (async () => {
+        for await (const _ of model.stream({ tokens: [1], maxTokens: 400, signal: ac.signal })) ac.abort();
+      })(),
+    ).rejects.toMatchObject({ name: 'AbortError' });
+  });
+
   it('an AbortSignal stops generate within one step', async () => {
     const ac = new AbortController();
     let seen = 0;

@@ -34,6 +34,19 @@ describe('package', () => {
     expect(json.active.requested).toBe('auto');
   });
 
+  it('osd -v, --version and help', () => {
+    const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), ...args], { encoding: 'utf8' });
+    for (const flag of ['-v', '--version']) {
+      const r = cli(flag);
+      expect(r.status).toBe(0);
+      expect(r.stdout).toContain(`online-specdec ${pkg.version}`);
+    }
+    const h = cli('help');
+    expect(h.status).toBe(0);
+    expect(h.stdout).toContain('Usage: osd');
+    expect(h.stderr).toBe('');
+  });
+
   it('osd rejects an unknown command with usage', () => {
     const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'frobnicate'], { encoding: 'utf8' });
     expect(r.status).toBe(2);

@@ -39,6 +39,14 @@ describe.skipIf(!have)('DraftPool (stories260K)', () => {
     expect(m.base!.requests).toBe(1);
     expect(m.code!.requests).toBe(1);
     await expect(pool.generate({ tokens: [1], maxTokens: 2 })).rejects.toThrow(/label is required/);
+    // stream(): the same tokens, the draft named in the return value, counted per draft.
+    const got: number[] = [];
+    const it = pool.stream({ tokens: [1, 403], maxTokens: 10, label: 'code' });
+    let r = await it.next();
+    for (; !r.done; r = await it.next()) got.push(...r.value.tokens);
+    expect(got).toEqual(Array.from(a.tokens));
+    expect(r.value).toEqual({ stopReason: a.stopReason, draft: 'code' });
+    expect(pool.metrics().code!.requests).toBe(2);
   });
 
   it('a classifier routes, and a bandit learns to prefer the draft with higher acceptance', async () => {

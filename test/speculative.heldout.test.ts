@@ -71,6 +71,21 @@ describe.skipIf(!have)('greedy exactness on the default pair, held-out prompts o
     });
   }
 
+  it("Model.stream's text adds up to generate()'s, whole characters per chunk", async () => {
+    for (const p of [prompts.novel![0]!, prompts.code![0]!]) {
+      const want = await target.generate({ prompt: p, maxTokens: 30, stopTokens: [] });
+      let text = '';
+      const tokens: number[] = [];
+      for await (const c of target.stream({ prompt: p, maxTokens: 30, stopTokens: [] })) {
+        text += c.text;
+        tokens.push(...c.tokens);
+        expect(c.text).not.toContain('\uFFFD');
+      }
+      expect(tokens).toEqual(Array.from(want.tokens));
+      expect(text).toBe(want.text);
+    }
+  });
+
   it('stop strings end the output at the token that completes them, the same tokens for every strategy', { timeout: 120_000 }, async () => {
     const tk = target.tokenizer!;
     const mine = [...prompts.novel!.slice(0, 4), ...prompts.code!.slice(0, 4)];

@@ -175,6 +175,10 @@ describe('verification kernels reject bad input', () => {
     expectThrows(() => call(name, { sampling: {} }), TypeError, /sampling\.temperature is required/);
     for (const p of [0, -0.1, 1.5, NaN, Infinity])
       expectThrows(() => call(name, { sampling: { temperature: 1, topP: p } }), RangeError, /sampling\.topP/);
+    // Numbers in messages as JavaScript writes them (they read "-0.500000" and "1.500000").
+    expectThrows(() => call(name, { sampling: { temperature: -0.5 } }), RangeError, /, got -0\.5$/);
+    expectThrows(() => call(name, { sampling: { temperature: 1, topP: 1.5 } }), RangeError, /, got 1\.5$/);
+    expectThrows(() => call(name, { sampling: { temperature: -Infinity } }), RangeError, /, got -Infinity$/);
     for (const k of [-1, 2.5, NaN, 2 ** 40])
       expectThrows(() => call(name, { sampling: { temperature: 1, topK: k } }), RangeError, /sampling\.topK/);
     for (const bad of [null, 1, 'greedy'])
@@ -380,6 +384,10 @@ describe('distillLoss rejects bad input', () => {
         expectThrows(() => run({ ...o, temperature }), RangeError, /temperature must be a finite number > 0/);
     expectThrows(() => run({ ...base(), temperature: NaN }), RangeError, /temperature/);
     expectThrows(() => run({ ...base(), temperature: '1' }), TypeError, /temperature/);
+    // Numbers in messages as JavaScript writes them (they read "-1.000000").
+    expectThrows(() => run({ ...base(), temperature: -1 }), RangeError, /, got -1$/);
+    expectThrows(() => run({ ...base(), kind: 'jsd', beta: 1.5 }), RangeError, /, got 1\.5$/);
+    expectThrows(() => run({ ...base(), temperature: -0.1 }), RangeError, /, got -0\.1$/);
   });
 });
 

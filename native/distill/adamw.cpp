@@ -14,15 +14,15 @@ namespace osd {
 #endif
 
 void validate_adamw(const AdamWConfig& c) {
-  auto check = [](bool ok, const char* name, double v) {
-    if (!ok) throw_range(std::string(name) + " is out of range, got " + std::to_string(v));
+  auto check = [](bool ok, const char* name, float v) {
+    if (!ok) throw_range(std::string(name) + " is out of range, got " + num_str(v));
   };
   check(std::isfinite(c.lr) && c.lr >= 0.0f, "lr (must be >= 0)", c.lr);
   check(c.beta1 >= 0.0f && c.beta1 < 1.0f, "beta1 (must be in [0, 1))", c.beta1);
   check(c.beta2 >= 0.0f && c.beta2 < 1.0f, "beta2 (must be in [0, 1))", c.beta2);
   check(std::isfinite(c.eps) && c.eps > 0.0f, "eps (must be > 0)", c.eps);
   check(std::isfinite(c.weight_decay) && c.weight_decay >= 0.0f, "weightDecay (must be >= 0)", c.weight_decay);
-  check(c.step >= 1, "step (must be an integer >= 1)", static_cast<double>(c.step));
+  if (c.step < 1) throw_range("step (must be an integer >= 1) is out of range, got " + std::to_string(c.step));
   check(std::isfinite(c.grad_scale) && c.grad_scale >= 0.0f, "gradScale (must be >= 0)", c.grad_scale);
 }
 

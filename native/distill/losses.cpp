@@ -28,9 +28,9 @@ DistillKind parse_distill_kind(const std::string& name, const std::string& what)
 
 void validate_distill(const DistillInput& in) {
   if (!(in.temperature > 0.0f) || !std::isfinite(in.temperature))
-    throw_range("temperature must be a finite number > 0, got " + std::to_string(in.temperature));
+    throw_range("temperature must be a finite number > 0, got " + num_str(in.temperature));
   if (in.kind == DistillKind::JSD && !(in.beta > 0.0f && in.beta < 1.0f))
-    throw_range("beta must be in (0, 1), got " + std::to_string(in.beta));
+    throw_range("beta must be in (0, 1), got " + num_str(in.beta));
   if (in.teacher) return;
   std::vector<int32_t> ids;
   for (int32_t r = 0; r < in.rows; ++r) {
@@ -44,7 +44,7 @@ void validate_distill(const DistillInput& in) {
         throw_range("teacher.indices" + at + " = " + std::to_string(id[i]) + " is out of range for vocabSize " +
                     std::to_string(in.vocab));
       if (!std::isfinite(pr[i]) || pr[i] < 0.0f)
-        throw_range("teacher.probs" + at + " must be a finite probability >= 0, got " + std::to_string(pr[i]));
+        throw_range("teacher.probs" + at + " must be a finite probability >= 0, got " + num_str(pr[i]));
       sum += pr[i];
     }
     ids.assign(id, id + in.k);

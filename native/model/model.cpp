@@ -66,7 +66,7 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
   c.rms_eps = static_cast<float>(f.get_float_or(a + "attention.layer_norm_rms_epsilon", 1e-5));
   c.rope_neox = c.arch == "qwen2";
   if (!(c.rope_theta > 0) || !std::isfinite(c.rope_theta))
-    throw_io(f.name() + ": " + a + "rope.freq_base must be a finite number > 0, got " + std::to_string(c.rope_theta));
+    throw_io(f.name() + ": " + a + "rope.freq_base must be a finite number > 0, got " + num_str(c.rope_theta));
   if (c.dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.ffn_dim <= 0 || c.context <= 0 ||
       c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0)
     throw_io(f.name() + ": inconsistent model dimensions (embedding " + std::to_string(c.dim) + ", heads " +

@@ -83,7 +83,7 @@ uint64_t seed_value(Napi::Env env, const Napi::Value& v, const char* key) {
   double d = v.As<Napi::Number>().DoubleValue();
   if (!(d >= 0.0) || d != std::floor(d) || d > 9007199254740991.0)
     throw Napi::RangeError::New(env, std::string(key) + " must be a non-negative safe integer or a bigint, got " +
-                                         std::to_string(d));
+                                         num_str(d));
   return static_cast<uint64_t>(d);
 }
 

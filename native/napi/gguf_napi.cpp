@@ -59,7 +59,7 @@ double integral(Napi::Env env, const Napi::Value& v, double lo, double hi, const
   if (!(d == std::floor(d)) || d < lo || d > hi)
     throw Napi::RangeError::New(env, name + " must be an integer in [" + std::to_string(static_cast<int64_t>(lo)) +
                                          ", " + std::to_string(static_cast<uint64_t>(hi)) + "], got " +
-                                         std::to_string(d));
+                                         num_str(d));
   return d;
 }
 

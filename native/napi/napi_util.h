@@ -152,7 +152,7 @@ inline double get_number_or(const Napi::Object& o, const char* key, double fallb
 inline float get_rope_theta(const Napi::Object& o, const std::string& prefix = "") {
   const float t = static_cast<float>(get_number_or(o, "ropeTheta", 10000.0, prefix));
   if (!(t > 0) || !std::isfinite(t))
-    throw Napi::RangeError::New(o.Env(), prefix + "ropeTheta must be a finite number > 0, got " + std::to_string(t));
+    throw Napi::RangeError::New(o.Env(), prefix + "ropeTheta must be a finite number > 0, got " + num_str(t));
   return t;
 }
 
@@ -161,7 +161,7 @@ inline int64_t int_value(Napi::Env env, const Napi::Value& v, const char* key, i
   double d = number_value(env, v, key, prefix);
   if (d != std::floor(d) || d < static_cast<double>(lo) || d > static_cast<double>(hi))
     throw Napi::RangeError::New(env, prefix + key + " must be an integer in [" + std::to_string(lo) +
-                                             ", " + std::to_string(hi) + "], got " + std::to_string(d));
+                                             ", " + std::to_string(hi) + "], got " + num_str(d));
   return static_cast<int64_t>(d);
 }
 

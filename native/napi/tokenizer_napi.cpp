@@ -58,7 +58,7 @@ int32_t req_id(const Napi::CallbackInfo& info, size_t i, const char* name) {
     throw Napi::TypeError::New(info.Env(), std::string(name) + " must be a number");
   const double d = info[i].As<Napi::Number>().DoubleValue();
   if (d != std::floor(d) || d < -2147483648.0 || d > 2147483647.0)
-    throw Napi::RangeError::New(info.Env(), std::string(name) + " must be an integer token id, got " + std::to_string(d));
+    throw Napi::RangeError::New(info.Env(), std::string(name) + " must be an integer token id, got " + num_str(d));
   return static_cast<int32_t>(d);
 }
 
@@ -89,7 +89,7 @@ std::vector<T> number_array(Napi::Env env, const Napi::Value& v, const std::stri
     if (!e.IsNumber()) throw Napi::TypeError::New(env, name + "[" + std::to_string(i) + "] must be a number");
     const double d = e.As<Napi::Number>().DoubleValue();
     if (std::is_integral_v<T> && (d != std::floor(d) || d < -2147483648.0 || d > 2147483647.0))
-      throw Napi::RangeError::New(env, name + "[" + std::to_string(i) + "] must be a 32-bit integer, got " + std::to_string(d));
+      throw Napi::RangeError::New(env, name + "[" + std::to_string(i) + "] must be a 32-bit integer, got " + num_str(d));
     out[i] = static_cast<T>(d);
   }
   return out;

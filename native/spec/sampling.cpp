@@ -24,10 +24,10 @@ namespace osd {
 
 void validate_sampling(const Sampling& s, const std::string& what) {
   if (!std::isfinite(s.temperature) || s.temperature < 0.0f)
-    throw_range(what + ".temperature must be a finite number >= 0, got " + std::to_string(s.temperature));
+    throw_range(what + ".temperature must be a finite number >= 0, got " + num_str(s.temperature));
   if (s.top_k < 0) throw_range(what + ".topK must be an integer >= 0, got " + std::to_string(s.top_k));
   if (!(s.top_p > 0.0f && s.top_p <= 1.0f))
-    throw_range(what + ".topP must be in (0, 1], got " + std::to_string(s.top_p));
+    throw_range(what + ".topP must be in (0, 1], got " + num_str(s.top_p));
 }
 
 namespace {

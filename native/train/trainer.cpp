@@ -37,14 +37,14 @@ float LrSchedule::at(int64_t step) const {
 
 void validate_trainer_config(const TrainerConfig& c) {
   const LrSchedule& s = c.schedule;
-  if (!std::isfinite(s.lr) || s.lr < 0.0f) throw_range("lr must be a finite number >= 0, got " + std::to_string(s.lr));
+  if (!std::isfinite(s.lr) || s.lr < 0.0f) throw_range("lr must be a finite number >= 0, got " + num_str(s.lr));
   if (s.warmup < 0) throw_range("warmupSteps must be >= 0, got " + std::to_string(s.warmup));
   if (s.decay != LrDecay::Constant && s.total_steps <= 0)
     throw_range(std::string("totalSteps must be > 0 for a ") + lr_decay_name(s.decay) + " schedule");
   if (!std::isfinite(s.min_lr) || s.min_lr < 0.0f || s.min_lr > s.lr)
-    throw_range("minLr must be in [0, lr], got " + std::to_string(s.min_lr));
+    throw_range("minLr must be in [0, lr], got " + num_str(s.min_lr));
   if (!std::isfinite(c.clip_norm) || c.clip_norm < 0.0f)
-    throw_range("clipNorm must be a finite number >= 0 (0 = off), got " + std::to_string(c.clip_norm));
+    throw_range("clipNorm must be a finite number >= 0 (0 = off), got " + num_str(c.clip_norm));
   if (c.head_chunk <= 0) throw_range("headChunk must be > 0, got " + std::to_string(c.head_chunk));
   AdamWConfig a;
   a.lr = s.lr;

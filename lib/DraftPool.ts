@@ -167,7 +167,8 @@ export class DraftPool extends EventEmitter {
       return m;
     }
     if (r === 'label') {
-      if (typeof req.label !== 'string' || req.label.length === 0) throw new TypeError("label is required with the 'label' router");
+      if (req.label === undefined) throw new TypeError("label is required with the 'label' router");
+      if (typeof req.label !== 'string' || req.label.length === 0) throw new TypeError(`label must be a non-empty string, got ${typeof req.label === 'string' ? "''" : typeof req.label}`);
       const m = this.#members.get(req.label);
       if (m) return m;
       if (this.#options.forkFrom === undefined) throw new RangeError(`no draft is named '${req.label}' (and forkFrom is not set)`);

@@ -413,6 +413,7 @@ export class OnlineDecoder extends EventEmitter {
 
   /** Trains now on whatever is buffered (resolves when the new weights are in place). */
   async updateNow(): Promise<UpdateEvent | null> {
+    if (this.#disposed) throw new Error('the decoder was disposed');
     let event: UpdateEvent | null = null;
     let failure: Error | undefined;
     await this.#enqueue(async () => {
@@ -607,6 +608,7 @@ export class OnlineDecoder extends EventEmitter {
    */
   async saveDraft(path: string): Promise<void> {
     if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
+    if (this.#disposed) throw new Error('the decoder was disposed');
     let failure: unknown;
     await this.#enqueue(async () => {
       try {

@@ -4,7 +4,7 @@
 import { EventEmitter } from 'node:events';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { verifyChain, verifyTree } from './kernels.js';
-import { checkCallback } from './args.js';
+import { checkCallback, checkSampling } from './args.js';
 import { type Model, type Sequence, type StreamChunk, toTokenArray } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
@@ -495,6 +495,7 @@ export class SpeculativeDecoder extends EventEmitter {
     this.target = target;
     this.draft = draft;
     this.vocabSize = draft ? sharedVocab(target, draft) : target.info.vocabSize;
+    if (options.sampling !== undefined) checkSampling(options.sampling);
     this.sampling = options.sampling ?? { temperature: 0 };
     this.maxConcurrent = options.maxConcurrent === undefined ? 2 : checkPositiveInt(options.maxConcurrent, 'maxConcurrent', 1024);
     if (options.onVerified !== undefined && typeof options.onVerified !== 'function') throw new TypeError('onVerified must be a function');
@@ -630,6 +631,7 @@ export class SpeculativeDecoder extends EventEmitter {
     if (options.stop !== undefined && (!Array.isArray(options.stop) || options.stop.some((s) => typeof s !== 'string')))
       throw new TypeError('stop must be an array of strings');
     if (options.stop?.length && !this.target.tokenizer) throw new TypeError('stop strings need a target with a tokenizer');
+    if (options.sampling !== undefined) checkSampling(options.sampling);
     const id = this.#nextRequest++;
     let streamBase = BigInt(id) & 0xffffffffn;
     if (options.stream !== undefined) {

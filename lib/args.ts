@@ -10,3 +10,23 @@ export function checkOptions<T extends object>(options: T | undefined, name = 'o
 export function checkCallback(fn: unknown, name: string): void {
   if (fn !== undefined && typeof fn !== 'function') throw new TypeError(`${name} must be a function`);
 }
+
+/**
+ * Sampling options { temperature, topK?, topP? }, checked as the kernels check them (errors name
+ * `name`): for options kept and used later, so a bad value fails where it was given.
+ */
+export function checkSampling(s: unknown, name = 'sampling'): void {
+  if (typeof s !== 'object' || s === null) throw new TypeError(`${name} must be an object { temperature, topK?, topP? }`);
+  const { temperature, topK, topP } = s as Record<string, unknown>;
+  if (temperature === undefined) throw new TypeError(`${name}.temperature is required`);
+  if (typeof temperature !== 'number') throw new TypeError(`${name}.temperature must be a number`);
+  if (!(Number.isFinite(temperature) && temperature >= 0)) throw new RangeError(`${name}.temperature must be a finite number >= 0, got ${temperature}`);
+  if (topK !== undefined) {
+    if (typeof topK !== 'number') throw new TypeError(`${name}.topK must be a number`);
+    if (!(Number.isInteger(topK) && topK >= 0 && topK <= 2147483647)) throw new RangeError(`${name}.topK must be an integer >= 0, got ${topK}`);
+  }
+  if (topP !== undefined) {
+    if (typeof topP !== 'number') throw new TypeError(`${name}.topP must be a number`);
+    if (!(topP > 0 && topP <= 1)) throw new RangeError(`${name}.topP must be in (0, 1], got ${topP}`);
+  }
+}

@@ -188,6 +188,8 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
       expect(copies.filter((m) => !m.disposed).length).toBe(1); // the open guard's
       await dec.dispose();
       expect(copies.filter((m) => !m.disposed).length).toBe(0);
+      await expect(dec.updateNow()).rejects.toThrow(new Error('the decoder was disposed'));
+      await expect(dec.saveDraft(join(dir, 'after-dispose.gguf'))).rejects.toThrow(new Error('the decoder was disposed'));
     } finally {
       Model.prototype.convert = convert;
     }

@@ -39,6 +39,7 @@ describe.skipIf(!have)('DraftPool (stories260K)', () => {
     expect(m.base!.requests).toBe(1);
     expect(m.code!.requests).toBe(1);
     await expect(pool.generate({ tokens: [1], maxTokens: 2 })).rejects.toThrow(/label is required/);
+    await expect(pool.generate({ tokens: [1], maxTokens: 2, label: 5 as never })).rejects.toThrow(new TypeError('label must be a non-empty string, got number'));
     // stream(): the same tokens, the draft named in the return value, counted per draft.
     const got: number[] = [];
     const it = pool.stream({ tokens: [1, 403], maxTokens: 10, label: 'code' });

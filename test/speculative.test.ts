@@ -73,7 +73,13 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 0 } })).toThrow(/strategy.length/);
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'beam' } as never })).toThrow(/strategy.kind/);
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'tree', children: 'top' } as never })).toThrow(/strategy.children/);
+    // Sampling options fail where they are given: at construction, or before a request runs.
+    expect(() => createSpeculativeDecoder({ target, draft: closeDraft, sampling: { temperature: -5 } })).toThrow(new RangeError('sampling.temperature must be a finite number >= 0, got -5'));
+    expect(() => createSpeculativeDecoder({ target, draft: closeDraft, sampling: { temperature: 1, topP: 0 } })).toThrow(/sampling\.topP must be in \(0, 1\]/);
+    expect(() => createSpeculativeDecoder({ target, draft: closeDraft, sampling: {} as never })).toThrow(new TypeError('sampling.temperature is required'));
     const dec = createSpeculativeDecoder({ target, draft: closeDraft });
+    await expect(dec.generate({ tokens: [1], maxTokens: 3, sampling: { temperature: 1, topK: 1.5 } })).rejects.toThrow(/sampling\.topK must be an integer >= 0, got 1\.5/);
+    expect(dec.metrics().tokens).toBe(0);
     await expect(dec.generate({ tokens: [1, 600], maxTokens: 3 })).rejects.toThrow(/tokens\[1\]/);
     await expect(dec.generate({ tokens: [1], maxTokens: 1.5 })).rejects.toThrow(/maxTokens/);
     await expect(dec.generate({ prompt: 'hi', maxTokens: 3 })).rejects.toThrow(/tokenizer/);

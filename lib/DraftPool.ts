@@ -4,7 +4,7 @@
 import { EventEmitter } from 'node:events';
 import { extname } from 'node:path';
 import { Model } from './Model.js';
-import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics } from './OnlineDecoder.js';
+import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics, type RollbackEvent, type UpdateEvent } from './OnlineDecoder.js';
 import type { SpeculativeGenerateOptions, SpeculativeResult, StepEvent, Strategy, StreamChunk } from './SpeculativeDecoder.js';
 import type { SamplingOptions } from './addonTypes.js';
 
@@ -64,7 +64,15 @@ interface Member {
   failures: number;
 }
 
-export class DraftPool extends EventEmitter {
+/** The events of a DraftPool and their arguments: each draft's updates and rollbacks, and forks. */
+export interface DraftPoolEvents {
+  update: [UpdateEvent & { draft: string }];
+  rollback: [RollbackEvent & { draft: string }];
+  /** A label seen for the first time got a copy of `from`. */
+  fork: [{ draft: string; from: string }];
+}
+
+export class DraftPool extends EventEmitter<DraftPoolEvents> {
   readonly target: Model;
   readonly router: Router;
   readonly #members = new Map<string, Member>();
@@ -109,7 +117,8 @@ export class DraftPool extends EventEmitter {
         ...(typeof d.resumeFrom === 'string' && { resumeFrom: draftCheckpointPath(d.resumeFrom, name) }),
       },
     });
-    for (const ev of ['update', 'rollback'] as const) decoder.on(ev, (e: object) => this.emit(ev, { draft: name, ...e }));
+    decoder.on('update', (e) => this.emit('update', { draft: name, ...e }));
+    decoder.on('rollback', (e) => this.emit('rollback', { draft: name, ...e }));
     const m: Member = { name, model, decoder, owned, requests: 0, acceptedSum: 0, successes: 0, failures: 0 };
     this.#members.set(name, m);
     return m;

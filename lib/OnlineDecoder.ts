@@ -115,6 +115,34 @@ export interface RollbackEvent {
   reason: string;
 }
 
+export interface UpdateStartEvent {
+  update: number;
+  records: number;
+}
+
+export interface UpdateErrorEvent {
+  error: Error;
+}
+
+export interface AcceptanceEvent {
+  /** Requests in the sliding window. */
+  window: number;
+  rate: number;
+}
+
+/** The events of an OnlineDecoder and their arguments. */
+export interface OnlineDecoderEvents {
+  step: [StepEvent];
+  /** After each request: the acceptance over the sliding window. */
+  acceptance: [AcceptanceEvent];
+  'update-start': [UpdateStartEvent];
+  /** New weights are in place. */
+  update: [UpdateEvent];
+  rollback: [RollbackEvent];
+  /** An update (or the resume from a checkpoint) failed; serving goes on with the weights in place. */
+  'update-error': [UpdateErrorEvent];
+}
+
 export interface OnlineMetrics extends RequestStats {
   updates: number;
   rollbacks: number;
@@ -227,7 +255,7 @@ export function teacherTopK(row: Float32Array, k: number): { ids: Int32Array; pr
   return { ids, probs };
 }
 
-export class OnlineDecoder extends EventEmitter {
+export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   readonly target: Model;
   readonly draft: Model;
   readonly options: ReturnType<typeof resolveOptions>;

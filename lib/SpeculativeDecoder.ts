@@ -444,7 +444,13 @@ export function sampledTreeShape(accept: readonly number[], budget: number, maxD
 /** Test-only planted bugs: the exactness tests must catch each. */
 export type SpeculativeFault = 'tree-top-children-as-sampled' | 'tree-top-siblings-as-sampled';
 
-export class SpeculativeDecoder extends EventEmitter {
+/** The events of a SpeculativeDecoder and their arguments. */
+export interface SpeculativeDecoderEvents {
+  /** After each verification pass. */
+  step: [StepEvent];
+}
+
+export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   readonly target: Model;
   readonly draft: Model | undefined;
   readonly strategy: Required<Strategy> & Strategy;

@@ -59,13 +59,24 @@ export type {
   RequestStats,
   StreamChunk,
   StepEvent,
+  SpeculativeDecoderEvents,
   VerifiedStep,
 } from './SpeculativeDecoder.js';
 export { createTrainer, loadTrainerCheckpoint, setTrainThreads, Trainer } from './Trainer.js';
 export type { TrainerOptions, TrainBatch, TrainStepResult, NewModelConfig } from './Trainer.js';
 export { createOnlineDecoder, OnlineDecoder, teacherTopK } from './OnlineDecoder.js';
-export type { OnlineDecoderOptions, OnlineDistillOptions, OnlineMetrics, UpdateEvent, RollbackEvent } from './OnlineDecoder.js';
+export type {
+  AcceptanceEvent,
+  OnlineDecoderEvents,
+  OnlineDecoderOptions,
+  OnlineDistillOptions,
+  OnlineMetrics,
+  RollbackEvent,
+  UpdateErrorEvent,
+  UpdateEvent,
+  UpdateStartEvent,
+} from './OnlineDecoder.js';
 export { createDraftPool, DraftPool, draftCheckpointPath } from './DraftPool.js';
-export type { DraftPoolOptions, PoolGenerateOptions, PoolResult, Router, RouteRequest } from './DraftPool.js';
+export type { DraftPoolEvents, DraftPoolOptions, PoolGenerateOptions, PoolResult, Router, RouteRequest } from './DraftPool.js';
 export { createServer } from './server.js';
 export type * from './server.js';

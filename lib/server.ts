@@ -14,7 +14,7 @@ import { basename, extname } from 'node:path';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import type { Model } from './Model.js';
-import { createOnlineDecoder, type OnlineDecoder, type OnlineDistillOptions, type RollbackEvent, type UpdateEvent } from './OnlineDecoder.js';
+import { createOnlineDecoder, OnlineDecoder, type OnlineDistillOptions, type RollbackEvent, type UpdateEvent } from './OnlineDecoder.js';
 import { createSpeculativeDecoder, type SpeculativeDecoder, type SpeculativeGenerateOptions, type StepEvent, type Strategy, type StreamChunk } from './SpeculativeDecoder.js';
 
 export interface ServerOptions {
@@ -508,8 +508,10 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   };
   const onRollback = (_e: RollbackEvent) => rollbacks.inc({ draft: draftName });
   decoder.on('step', onStep);
-  decoder.on('update', onUpdate);
-  decoder.on('rollback', onRollback);
+  if (decoder instanceof OnlineDecoder) {
+    decoder.on('update', onUpdate);
+    decoder.on('rollback', onRollback);
+  }
 
   // ------------------------------------------------------------ generation
   let active = 0;
@@ -880,8 +882,10 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       await decoder.dispose();
       await Promise.allSettled([...inflight]);
       decoder.off('step', onStep);
-      decoder.off('update', onUpdate);
-      decoder.off('rollback', onRollback);
+      if (decoder instanceof OnlineDecoder) {
+        decoder.off('update', onUpdate);
+        decoder.off('rollback', onRollback);
+      }
     })());
 
   Object.defineProperties(handler, {

@@ -526,6 +526,7 @@ export class Sequence {
   readonly model: Model;
   #native: NativeSequence | null;
   #queue: Promise<unknown> = Promise.resolve();
+  #pending = 0;
   #disposedWithModel = false;
 
   /** @internal */
@@ -588,8 +589,7 @@ export class Sequence {
       }
       return all ?? last!;
     };
-    const result = this.#queue.then(run, run);
-    this.#queue = result.catch(() => undefined);
+    const result = this.#enqueue(run);
     return result;
   }
 
@@ -640,24 +640,38 @@ export class Sequence {
         signal?.removeEventListener('abort', onAbort);
       }
     };
-    const result = this.#queue.then(run, run);
+    const result = this.#enqueue(run);
+    return result;
+  }
+
+  /** Runs `run` after the calls queued before it; counts it as pending until it settles. */
+  #enqueue<T>(run: () => Promise<T>): Promise<T> {
+    this.#pending++;
+    const result = this.#queue.then(run, run).finally(() => void this.#pending--);
     this.#queue = result.catch(() => undefined);
     return result;
   }
 
+  /** The cache must not change under an evaluate() or draft() still queued or running. */
+  #idle(what: string): NativeSequence {
+    const h = this.#get();
+    if (this.#pending > 0) throw new Error(`${what}: an evaluate() or draft() on this sequence has not finished; await it first`);
+    return h;
+  }
+
   /** Drops everything after the first n tokens. */
   truncate(n: number): void {
-    this.#get().truncate(n);
+    this.#idle('truncate').truncate(n);
   }
 
   /** After a tree evaluation starting at `base`, keeps the batch nodes `path` as positions base, base + 1, ... */
   keepPath(base: number, path: Int32Array | number[]): void {
-    this.#get().keepPath(base, toTokenArray(path, 'path'));
+    this.#idle('keepPath').keepPath(base, toTokenArray(path, 'path'));
   }
 
   /** A copy of this sequence, cache included. */
   fork(): Sequence {
-    const copy = new Sequence(this.model, this.#get().fork());
+    const copy = new Sequence(this.model, this.#idle('fork').fork());
     this.model.adopt(copy);
     return copy;
   }

@@ -389,6 +389,20 @@ describe('bad input to models and sequences', () => {
     expect(seq.length).toBe(2);
   });
 
+  it('truncate, keepPath and fork refuse to run under an unfinished evaluate (they reordered with it)', async () => {
+    await using seq = model.createSequence();
+    const p = seq.evaluate([1, 2, 3]);
+    expect(() => seq.truncate(0)).toThrow(new Error('truncate: an evaluate() or draft() on this sequence has not finished; await it first'));
+    expect(() => seq.keepPath(0, [0])).toThrow(/^keepPath: an evaluate\(\) or draft\(\)/);
+    expect(() => seq.fork()).toThrow(/^fork: an evaluate\(\) or draft\(\)/);
+    await p;
+    seq.truncate(1);
+    expect(seq.length).toBe(1);
+    await seq.evaluate([9]).catch(() => undefined);
+    await expect(seq.evaluate([99999])).rejects.toThrow();
+    seq.truncate(0); // a failed call counts as finished
+  });
+
   it('disposing a model ends the generations still running with "the model was disposed"', async () => {
     const m = await loadModel(join(dir, 'm.gguf'));
     const seq = m.createSequence();

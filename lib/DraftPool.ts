@@ -59,6 +59,8 @@ interface Member {
   decoder: OnlineDecoder;
   owned: boolean;
   requests: number;
+  /** Requests routed to it and still running. */
+  inflight: number;
   acceptedSum: number;
   successes: number;
   failures: number;
@@ -79,6 +81,7 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
   readonly #options: DraftPoolOptions;
   #forking = new Map<string, Promise<Member>>();
   #total = 0;
+  #inflight = 0;
   #rng: number;
   #disposed = false;
 
@@ -119,7 +122,7 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     });
     decoder.on('update', (e) => this.emit('update', { draft: name, ...e }));
     decoder.on('rollback', (e) => this.emit('rollback', { draft: name, ...e }));
-    const m: Member = { name, model, decoder, owned, requests: 0, acceptedSum: 0, successes: 0, failures: 0 };
+    const m: Member = { name, model, decoder, owned, requests: 0, inflight: 0, acceptedSum: 0, successes: 0, failures: 0 };
     this.#members.set(name, m);
     return m;
   }
@@ -167,7 +170,18 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     return x / (x + gamma(b));
   }
 
+  /** Picks the draft for a request and counts it in flight there (the caller ends that). */
   async #route(req: PoolGenerateOptions): Promise<Member> {
+    // Chosen and counted in the same synchronous run (only a fork awaits), so that concurrent
+    // requests see each other's choices.
+    const c = this.#choose(req);
+    const m = c instanceof Promise ? await c : c;
+    m.inflight++;
+    this.#inflight++;
+    return m;
+  }
+
+  #choose(req: PoolGenerateOptions): Member | Promise<Member> {
     const r = this.router;
     if (typeof r === 'function') {
       const name = r({ label: req.label, prompt: req.prompt, tokens: req.tokens });
@@ -184,14 +198,17 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
       return this.#fork(req.label);
     }
     // Bandits over per-request acceptance.
+    // Requests still running count as tried (so concurrent first requests spread over the drafts);
+    // a draft with none finished yet is measured first.
     const members = [...this.#members.values()];
-    const untried = members.find((m) => m.requests === 0);
-    if (untried) return untried;
+    const unmeasured = members.filter((m) => m.requests === 0);
+    if (unmeasured.length) return unmeasured.reduce((a, b) => (b.inflight < a.inflight ? b : a));
     if (r === 'ucb') {
       let best = members[0]!;
       let bestScore = -Infinity;
       for (const m of members) {
-        const score = m.acceptedSum / m.requests + Math.sqrt((2 * Math.log(this.#total)) / m.requests);
+        const n = m.requests + m.inflight;
+        const score = m.acceptedSum / m.requests + Math.sqrt((2 * Math.log(this.#total + this.#inflight)) / n);
         if (score > bestScore) {
           best = m;
           bestScore = score;
@@ -238,7 +255,13 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
     const m = await this.#route(options);
     const { label: _label, ...rest } = options;
-    const r = await m.decoder.generate(rest);
+    let r: SpeculativeResult;
+    try {
+      r = await m.decoder.generate(rest);
+    } finally {
+      m.inflight--;
+      this.#inflight--;
+    }
     m.requests++;
     this.#total++;
     const acc = r.stats.acceptanceRate;
@@ -273,6 +296,8 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
       return { stopReason, draft: m.name };
     } finally {
       m.decoder.off('step', onStep);
+      m.inflight--;
+      this.#inflight--;
     }
   }
 

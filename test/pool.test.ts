@@ -61,6 +61,10 @@ describe.skipIf(!have)('DraftPool (stories260K)', () => {
       const lateGood = picks.slice(8).filter((p) => p === 'good').length;
       expect(lateGood).toBeGreaterThanOrEqual(6);
     }
+    // Concurrent first requests spread over the untried drafts (they all went to the first one).
+    await using fresh = createDraftPool({ target, drafts: { good, bad }, router: 'ucb', distill: { enabled: false } });
+    const first = await Promise.all([0, 1, 2, 3].map((i) => fresh.generate({ tokens: [1, 403 + i], maxTokens: 6 })));
+    expect(new Set(first.map((r) => r.draft))).toEqual(new Set(['good', 'bad']));
   });
 
   it('each draft checkpoints to its own file and resumes from it', async () => {

@@ -151,6 +151,11 @@ export interface OnlineMetrics extends RequestStats {
   bufferBytes: number;
   /** Acceptance rate over the last guardWindow requests. */
   recentAcceptance: number;
+  /**
+   * While the latest update is under watch (its guard window open): the requests counted so far,
+   * those that started after it. null when no update is being watched.
+   */
+  guardRequests: number | null;
 }
 
 /** One served request as the distiller keeps it. */
@@ -329,6 +334,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       bufferedPositions: this.#buffer.reduce((a, r) => a + r.teachers.size, 0),
       bufferBytes: this.#bufferBytes,
       recentAcceptance: rate(this.#recent),
+      guardRequests: this.#guard ? this.#guard.window.length : null,
     };
   }
 
@@ -364,12 +370,15 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     rec.bytes += 4 * s.emitted.length;
   }
 
-  #finish(requestId: number | undefined, stats: { drafted: number; accepted: number } | undefined): void {
+  /** A request ended; `weights` is the update whose weights were in place when it started. */
+  #finish(requestId: number | undefined, stats: { drafted: number; accepted: number } | undefined, weights: number): void {
     if (stats) {
       const w = { drafted: stats.drafted, accepted: stats.accepted };
       this.#recent.push(w);
       if (this.#recent.length > this.options.guardWindow) this.#recent.shift();
-      if (this.#guard) {
+      // The guard judges an update by requests that started after it (a request keeps the weights
+      // it started with).
+      if (this.#guard && weights >= this.#guard.update) {
         this.#guard.window.push(w);
         if (this.#guard.window.length >= this.options.guardWindow) this.#enqueue(() => this.#checkGuard());
       }
@@ -656,9 +665,10 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   async generate(options: SpeculativeGenerateOptions): Promise<SpeculativeResult> {
     await this.#ready;
     let id: number | undefined;
+    let weights = 0;
     try {
-      const r = await this.#decoder.generate({ ...options, onStart: (r) => ((id = r), options.onStart?.(r)) });
-      this.#finish(id, r.stats);
+      const r = await this.#decoder.generate({ ...options, onStart: (r) => ((id = r), (weights = this.#updates), options.onStart?.(r)) });
+      this.#finish(id, r.stats, weights);
       return r;
     } catch (e) {
       if (id !== undefined) this.#live.delete(id);
@@ -681,13 +691,14 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       }
     };
     this.#decoder.on('step', onStep);
+    let weights = 0;
     try {
-      const reason = yield* this.#decoder.stream({ ...options, onStart: (r) => ((id = r), options.onStart?.(r)) });
+      const reason = yield* this.#decoder.stream({ ...options, onStart: (r) => ((id = r), (weights = this.#updates), options.onStart?.(r)) });
       completed = true;
       return reason;
     } finally {
       this.#decoder.off('step', onStep);
-      if (completed) this.#finish(id, seen);
+      if (completed) this.#finish(id, seen, weights);
       else if (id !== undefined) this.#live.delete(id);
     }
   }

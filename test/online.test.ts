@@ -195,6 +195,26 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     }
   });
 
+  it("the guard judges an update by the requests that started after it", async () => {
+    await using draft = await loadModel(draftPath);
+    const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 1000, guardWindow: 4, positions: 'all' }, maxConcurrent: 2 });
+    await dec.generate({ tokens: prompts[0]!, maxTokens: 12 });
+    expect(dec.metrics().guardRequests).toBeNull();
+    // A long request on the old weights, still running when the update lands.
+    let steps = 0;
+    const onStep = () => void steps++;
+    dec.on('step', onStep);
+    const old = dec.generate({ tokens: prompts[1]!, maxTokens: 300, stopTokens: [] });
+    while (steps < 2) await new Promise((r) => setImmediate(r));
+    expect(await dec.updateNow()).not.toBeNull();
+    await old;
+    dec.off('step', onStep);
+    expect(dec.metrics().guardRequests).toBe(0);
+    await dec.generate({ tokens: prompts[2]!, maxTokens: 8 });
+    expect(dec.metrics().guardRequests).toBe(1);
+    await dec.dispose();
+  });
+
   it('checkpoints survive a process killed in the middle of writing', async () => {
     await using draft = await loadModel(draftPath);
     const ckpt = join(dir, 'ckpt.gguf');

@@ -5,7 +5,7 @@ import type { SamplingOptions, Seed } from './addonTypes.js';
 import { applyChatTemplate, type ApplyChatTemplateOptions, type ChatMessage } from './chatTemplate.js';
 import { loadTokenizer, TokenStreamDecoder, type Tokenizer } from './Tokenizer.js';
 import { checkCallback, checkOptions } from './args.js';
-import { abortError, checkSignal, forwardAbort, throwIfAborted } from './withAbortSignal.js';
+import { abortError, checkSignal, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
 
 interface NativeModel {
   info(): ModelInfo;
@@ -404,48 +404,20 @@ export class Model {
     if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
     const signal = checkSignal(options.signal);
     const decoder = this.tokenizer ? new TokenStreamDecoder(this.tokenizer) : undefined;
-    const queue: StreamChunk[] = [];
-    let wake: (() => void) | undefined;
-    let finished = false;
-    let failure: unknown;
-    let stopReason: StopReason = 'maxTokens';
-    const inner = new AbortController();
-    const unlink = forwardAbort(signal, inner);
-    const done = this.generate({
-      ...options,
-      signal: inner.signal,
-      onToken: (token) => {
-        queue.push({ tokens: Int32Array.of(token), text: decoder ? decoder.push(token) : '' });
-        wake?.();
-      },
-    }).then(
-      (r) => {
-        stopReason = r.stopReason;
-        finished = true;
-        wake?.();
-      },
-      (e: unknown) => {
-        failure = e;
-        finished = true;
-        wake?.();
-      },
+    const stopReason = yield* pushToAsyncIterable<StreamChunk, StopReason>(
+      async (push, inner) =>
+        (
+          await this.generate({
+            ...options,
+            signal: inner,
+            onToken: (token) => push({ tokens: Int32Array.of(token), text: decoder ? decoder.push(token) : '' }),
+          })
+        ).stopReason,
+      signal,
     );
-    try {
-      for (;;) {
-        while (queue.length) yield queue.shift()!;
-        if (finished) break;
-        await new Promise<void>((r) => (wake = r));
-        wake = undefined;
-      }
-      if (failure !== undefined) throw failure;
-      const tail = decoder?.flush() ?? '';
-      if (tail) yield { tokens: new Int32Array(0), text: tail };
-      return stopReason;
-    } finally {
-      if (!finished) inner.abort();
-      await done;
-      unlink();
-    }
+    const tail = decoder?.flush() ?? '';
+    if (tail) yield { tokens: new Int32Array(0), text: tail };
+    return stopReason;
   }
 
   #promptTokens(options: GenerateOptions): Int32Array {

@@ -8,7 +8,7 @@ import { checkCallback, checkSampling } from './args.js';
 import { type Model, type Sequence, type StreamChunk, toTokenArray } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
-import { checkSignal, forwardAbort, throwIfAborted } from './withAbortSignal.js';
+import { checkSignal, forwardAbort, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
 
 const sampleLogits = (addon as unknown as { sampleLogits(o: object): number }).sampleLogits;
 
@@ -530,47 +530,18 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     checkSignal(options.signal);
     const tk = this.target.tokenizer;
     const decoder = tk ? new TokenStreamDecoder(tk) : undefined;
-    const queue: StreamChunk[] = [];
-    let wake: (() => void) | undefined;
-    let finished = false;
-    let failure: unknown;
-    let stopReason: SpeculativeResult['stopReason'] = 'maxTokens';
-    const inner = new AbortController();
-    const unlink = forwardAbort(options.signal, inner);
-    const done = this.#run(
-      { ...options, signal: inner.signal },
-      (tokens) => {
-        queue.push({ tokens: Int32Array.from(tokens), text: decoder ? decoder.push(tokens) : '' });
-        wake?.();
-      },
-      (r) => (stopReason = r),
-    ).then(
-      () => {
-        finished = true;
-        wake?.();
-      },
-      (e: unknown) => {
-        failure = e;
-        finished = true;
-        wake?.();
-      },
-    );
-    try {
-      for (;;) {
-        while (queue.length) yield queue.shift()!;
-        if (finished) break;
-        await new Promise<void>((r) => (wake = r));
-        wake = undefined;
-      }
-      if (failure !== undefined) throw failure;
-      const tail = decoder?.flush() ?? '';
-      if (tail) yield { tokens: new Int32Array(0), text: tail };
-      return stopReason;
-    } finally {
-      if (!finished) inner.abort();
-      await done;
-      unlink();
-    }
+    const stopReason = yield* pushToAsyncIterable<StreamChunk, SpeculativeResult['stopReason']>(async (push, signal) => {
+      let reason: SpeculativeResult['stopReason'] = 'maxTokens';
+      await this.#run(
+        { ...options, signal },
+        (tokens) => push({ tokens: Int32Array.from(tokens), text: decoder ? decoder.push(tokens) : '' }),
+        (r) => (reason = r),
+      );
+      return reason;
+    }, options.signal);
+    const tail = decoder?.flush() ?? '';
+    if (tail) yield { tokens: new Int32Array(0), text: tail };
+    return stopReason;
   }
 
   async #acquire(signal: AbortSignal | undefined): Promise<void> {

@@ -52,3 +52,50 @@ export function forwardAbort(from: AbortSignal | undefined, to: AbortController)
     if (links.get(from)?.targets === targets) links.delete(from);
   };
 }
+
+/**
+ * Runs `run(push, signal)` and yields each item it pushes, as it comes; returns what run resolves
+ * to, or throws what it rejects with. Leaving the loop early (or `outer` aborting) aborts `signal`;
+ * either way the generator ends only once run has settled.
+ */
+export async function* pushToAsyncIterable<T, R>(
+  run: (push: (item: T) => void, signal: AbortSignal) => Promise<R>,
+  outer: AbortSignal | undefined,
+): AsyncGenerator<T, R, void> {
+  const queue: T[] = [];
+  let wake: (() => void) | undefined;
+  let finished = false;
+  let failure: { error: unknown } | undefined;
+  let result: R | undefined;
+  const inner = new AbortController();
+  const unlink = forwardAbort(outer, inner);
+  const done = run((item) => {
+    queue.push(item);
+    wake?.();
+  }, inner.signal).then(
+    (r) => {
+      result = r;
+      finished = true;
+      wake?.();
+    },
+    (e: unknown) => {
+      failure = { error: e };
+      finished = true;
+      wake?.();
+    },
+  );
+  try {
+    for (;;) {
+      while (queue.length) yield queue.shift()!;
+      if (finished) break;
+      await new Promise<void>((r) => (wake = r));
+      wake = undefined;
+    }
+    if (failure) throw failure.error;
+    return result as R;
+  } finally {
+    if (!finished) inner.abort();
+    await done;
+    unlink();
+  }
+}

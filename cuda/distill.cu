@@ -239,6 +239,16 @@ __device__ RowBlocks combine_row_blocks(const float* st, int nb, float it, RowBl
   return rb;
 }
 
+// A masked row's block in a (row, block) kernel of kFklThreads threads: zeroes its gradient (CTA b
+// = 0 also the row's loss and flag) and returns true; false for a counted row.
+__device__ bool masked_row_block(const DistillDevice& in, int r, int b, int n, float* grad) {
+  if (!in.mask || in.mask[r]) return false;
+  if (grad)
+    for (int j = threadIdx.x; j < n; j += kFklThreads) grad[j] = 0.0f;
+  if (b == 0 && threadIdx.x == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
+  return true;
+}
+
 __global__ void __launch_bounds__(kFklThreads) fkl_grad_kernel(DistillDevice in, float it, int nb, const float* fkl) {
   __shared__ RowBlocksSmem sm;
   const int tid = threadIdx.x;
@@ -247,12 +257,7 @@ __global__ void __launch_bounds__(kFklThreads) fkl_grad_kernel(DistillDevice in,
   const float gscale = __fmul_rn(in.scale, it);
   const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
   float* grad = in.grad ? in.grad + static_cast<size_t>(r) * V + j0 : nullptr;
-  if (in.mask && !in.mask[r]) {
-    if (grad)
-      for (int j = tid; j < n; j += kFklThreads) grad[j] = 0.0f;
-    if (b == 0 && tid == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
-    return;
-  }
+  if (masked_row_block(in, r, b, n, grad)) return;
   const float* st = fkl + static_cast<size_t>(r) * nb * 8;
   const RowBlocks rb = combine_row_blocks(st, nb, it, sm);
   const float ms = rb.ms, mt = rb.mt;
@@ -427,12 +432,7 @@ __global__ void __launch_bounds__(kFklThreads) div_grad_kernel(DistillDevice in,
   const int tid = threadIdx.x, r = blockIdx.x, b = blockIdx.y, V = in.vocab;
   const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
   float* grad = in.grad ? in.grad + static_cast<size_t>(r) * V + j0 : nullptr;
-  if (in.mask && !in.mask[r]) {
-    if (grad)
-      for (int j = tid; j < n; j += kFklThreads) grad[j] = 0.0f;
-    if (b == 0 && tid == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
-    return;
-  }
+  if (masked_row_block(in, r, b, n, grad)) return;
   if (in.row_bad[r]) {
     if (b == 0 && tid == 0) in.row_loss[r] = 0.0;
     return;

@@ -1339,6 +1339,27 @@ OSD_TEST(distill_sparse_teacher_extreme_logits_match_cpu) {
   CHECK_EQ(bad, 0);
 }
 
+// Rows with NaN (student, row 1) and/or +Infinity (teacher, row 1) logits against a dense teacher:
+// the GPU throws the CPU's error (the student's row reported before the teacher's).
+void check_bad_rows_like_cpu(CudaBackend& g, Rng& rng, DistillKind kind, int V) {
+  const int rows = 2;
+  for (int which = 0; which < 3; ++which) {
+    std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size());
+    fill_student_teacher(rng, s, t, rows, V, -1);
+    if (which != 1) s[V + V * 7 / 8] = std::nanf("");
+    if (which != 0) t[V + 5] = std::numeric_limits<float>::infinity();
+    DistillInput in = forward_kl_input(s, t, rows, V);
+    in.kind = kind;
+    std::vector<float> gc(s.size()), gg(s.size());
+    std::string ec, eg;
+    try { cpu().distill_loss(in, gc.data()); } catch (const Error& e) { ec = e.what(); }
+    try { g.distill_loss(in, gg.data()); } catch (const Error& e) { eg = e.what(); }
+    if (ec != eg) std::fprintf(stderr, "  bad row case %d: cpu '%s' gpu '%s'\n", which, ec.c_str(), eg.c_str());
+    CHECK(!ec.empty());
+    CHECK(ec == eg);
+  }
+}
+
 // Forward KL against a dense teacher on the one-pass path (sm_90: one thread-block cluster per row,
 // up to 16 CTAs at V = 128256) and on the fallback (V % 4 != 0): bit-identical gradients, the loss
 // alone without a gradient, and bad rows reported like the CPU (student before teacher).
@@ -1372,21 +1393,7 @@ OSD_TEST(distill_forward_kl_large_vocab_matches_cpu) {
   std::printf("  forward KL, dense teacher, V up to 131076: %d cases, %d differ\n", cases, bad);
   CHECK_EQ(bad, 0);
   // Bad rows on the one-pass path: the CPU's error, student rows reported before teacher rows.
-  const int V = 32000, rows = 2;
-  for (int which = 0; which < 3; ++which) {
-    std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size());
-    fill_student_teacher(rng, s, t, rows, V, -1);
-    if (which != 1) s[V + 30000] = std::nanf("");
-    if (which != 0) t[V + 5] = std::numeric_limits<float>::infinity();
-    const DistillInput in = forward_kl_input(s, t, rows, V);
-    std::vector<float> gc(s.size()), gg(s.size());
-    std::string ec, eg;
-    try { cpu().distill_loss(in, gc.data()); } catch (const Error& e) { ec = e.what(); }
-    try { g.distill_loss(in, gg.data()); } catch (const Error& e) { eg = e.what(); }
-    if (ec != eg) std::fprintf(stderr, "  bad row case %d: cpu '%s' gpu '%s'\n", which, ec.c_str(), eg.c_str());
-    CHECK(!ec.empty());
-    CHECK(ec == eg);
-  }
+  check_bad_rows_like_cpu(g, rng, DistillKind::ForwardKL, 32000);
 }
 
 // Reverse KL, JSD and TVD against a dense teacher on the blocked kernels (set_blocked_divergence),
@@ -1486,22 +1493,7 @@ OSD_TEST(distill_blocked_divergence_matches_cpu) {
               bad, worst_loss, worst_grad);
   CHECK_EQ(bad, 0);
   // Bad rows: the CPU's error, student rows before teacher rows.
-  const int V = 5000, rows = 2;
-  for (int which = 0; which < 3; ++which) {
-    std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size());
-    fill_student_teacher(rng, s, t, rows, V, -1);
-    if (which != 1) s[V + 4000] = std::nanf("");
-    if (which != 0) t[V + 5] = std::numeric_limits<float>::infinity();
-    DistillInput in = forward_kl_input(s, t, rows, V);
-    in.kind = DistillKind::JSD;
-    std::vector<float> gc(s.size()), gg(s.size());
-    std::string ec, eg;
-    try { cpu().distill_loss(in, gc.data()); } catch (const Error& e) { ec = e.what(); }
-    try { g.distill_loss(in, gg.data()); } catch (const Error& e) { eg = e.what(); }
-    if (ec != eg) std::fprintf(stderr, "  bad row case %d: cpu '%s' gpu '%s'\n", which, ec.c_str(), eg.c_str());
-    CHECK(!ec.empty());
-    CHECK(ec == eg);
-  }
+  check_bad_rows_like_cpu(g, rng, DistillKind::JSD, 5000);
 }
 
 OSD_TEST(adamw_matches_cpu) {

@@ -498,6 +498,8 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     if (this.strategy.kind !== 'ngram') {
       if (!draft || typeof draft.createSequence !== 'function') throw new TypeError('draft must be a loaded Model');
     }
+    if (target.disposed) throw new TypeError('target was disposed');
+    if (draft?.disposed) throw new TypeError('draft was disposed');
     this.target = target;
     this.draft = draft;
     this.vocabSize = draft ? sharedVocab(target, draft) : target.info.vocabSize;

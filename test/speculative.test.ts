@@ -69,6 +69,8 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     const other = await loadModel(join(dir, 'v.gguf'));
     expect(() => createSpeculativeDecoder({ target, draft: other })).toThrow(/vocabulary/);
     await other.dispose();
+    expect(() => createSpeculativeDecoder({ target: other, strategy: { kind: 'ngram' } })).toThrow(new TypeError('target was disposed'));
+    expect(() => createSpeculativeDecoder({ target, draft: other })).toThrow(new TypeError('draft was disposed'));
     expect(() => createSpeculativeDecoder({ target })).toThrow(/draft must be a loaded Model/);
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 0 } })).toThrow(/strategy.length/);
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'beam' } as never })).toThrow(/strategy.kind/);

@@ -436,7 +436,6 @@ export class Model {
     throw new TypeError('tokens or prompt is required');
   }
 
-  /** Frees the model after its sequences finish their running work. Idempotent. */
   /**
    * Waits for the native calls in flight, then frees the model and its sequences: a generation still
    * running rejects at its next step with "the model was disposed".
@@ -539,10 +538,11 @@ export class Sequence {
     const signal = checkSignal(options.signal, 'options.signal');
     const lastOnly = options.lastOnly ?? false;
     const chunked = signal !== undefined && !options.treeParents && t.length > PREFILL_CHUNK;
+    const fits = () => handle.length + t.length <= handle.capacity; // else one call, for the native error
     const run = async () => {
       if (!this.#native) throw this.#gone();
       throwIfAborted(signal);
-      if (!chunked) return handle.evaluate(t, options.treeParents ?? null, lastOnly);
+      if (!chunked || !fits()) return handle.evaluate(t, options.treeParents ?? null, lastOnly);
       const start = handle.length;
       const V = this.model.info.vocabSize;
       const all = lastOnly ? undefined : new Float32Array(t.length * V);

@@ -200,14 +200,17 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 1000, guardWindow: 4, positions: 'all' }, maxConcurrent: 2 });
     await dec.generate({ tokens: prompts[0]!, maxTokens: 12 });
     expect(dec.metrics().guardRequests).toBeNull();
-    // A long request on the old weights, still running when the update lands.
+    // A long request on the old weights, still running when the update lands (checked: else the
+    // test would pass without the fix).
     let steps = 0;
+    let swapped = false;
     const onStep = () => void steps++;
     dec.on('step', onStep);
-    const old = dec.generate({ tokens: prompts[1]!, maxTokens: 300, stopTokens: [] });
+    dec.on('update', () => void (swapped = true));
+    const old = dec.generate({ tokens: prompts[1]!, maxTokens: 480, stopTokens: [] }).then(() => swapped);
     while (steps < 2) await new Promise((r) => setImmediate(r));
     expect(await dec.updateNow()).not.toBeNull();
-    await old;
+    expect(await old).toBe(true); // it ended after the swap
     dec.off('step', onStep);
     expect(dec.metrics().guardRequests).toBe(0);
     await dec.generate({ tokens: prompts[2]!, maxTokens: 8 });

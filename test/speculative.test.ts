@@ -264,6 +264,8 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     process.on('warning', onWarning);
     try {
       await Promise.all(Array.from({ length: 30 }, (_, i) => dec.generate({ tokens: prompts[i % 10]!, maxTokens: 3, signal: server.signal })));
+      // Queued requests without a signal once added a listener each to the decoder's dispose signal.
+      await Promise.all(Array.from({ length: 30 }, (_, i) => dec.generate({ tokens: prompts[i % 10]!, maxTokens: 3 })));
       for await (const _ of dec.stream({ tokens: [1], maxTokens: 3, signal: server.signal }));
       for await (const _ of dec.stream({ tokens: [1], maxTokens: 30, signal: server.signal })) break;
       await new Promise((r) => setImmediate(r));

@@ -1081,4 +1081,25 @@ OSD_TEST(default_pool_resizes_while_calls_run) {
   CHECK_EQ(default_threads(), before);
 }
 
+OSD_TEST(num_str_writes_numbers_as_javascript_does) {
+  // Error messages quote numbers as String(x) would in JavaScript (the expected strings are Node's).
+  const struct {
+    double v;
+    const char* js;
+  } cases[] = {{100, "100"}, {-10, "-10"}, {1000, "1000"}, {3e9, "3000000000"}, {1e16, "10000000000000000"},
+               {1e-7, "1e-7"}, {2.5e-5, "0.000025"}, {0.1, "0.1"}, {-1, "-1"}, {1.5, "1.5"}, {1e21, "1e+21"},
+               {1.2345e21, "1.2345e+21"}, {123.456, "123.456"}, {1e-6, "0.000001"}, {9007199254740991.0, "9007199254740991"},
+               {5e-324, "5e-324"}, {1.7976931348623157e308, "1.7976931348623157e+308"}, {-0.0, "0"},
+               {std::nan(""), "NaN"}, {-INFINITY, "-Infinity"}};
+  for (const auto& c : cases) {
+    if (num_str(c.v) != c.js) std::fprintf(stderr, "  num_str: got %s, want %s\n", num_str(c.v).c_str(), c.js);
+    CHECK(num_str(c.v) == c.js);
+  }
+  // A float gets its own shortest digits: 0.1f is 0.1, not 0.10000000149011612.
+  CHECK(num_str(0.1f) == "0.1");
+  CHECK(num_str(3.14159274f) == "3.1415927");
+  CHECK(num_str(20.0f) == "20");
+  CHECK(num_str(1e-8f) == "1e-8");
+}
+
 OSD_TEST_MAIN()

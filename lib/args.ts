@@ -21,6 +21,9 @@ export function checkSampling(s: unknown, name = 'sampling'): void {
   if (temperature === undefined) throw new TypeError(`${name}.temperature is required`);
   if (typeof temperature !== 'number') throw new TypeError(`${name}.temperature must be a number`);
   if (!(Number.isFinite(temperature) && temperature >= 0)) throw new RangeError(`${name}.temperature must be a finite number >= 0, got ${temperature}`);
+  // As the kernels: 1 / T must be a finite float (the smallest normal float, 2^-126).
+  const t32 = Math.fround(temperature); // the kernels' float (5e-324 is 0 there: greedy)
+  if (t32 > 0 && t32 < 2 ** -126) throw new RangeError(`${name}.temperature must be 0 (greedy) or at least 1.1754944e-38, got ${temperature}`);
   if (topK !== undefined) {
     if (typeof topK !== 'number') throw new TypeError(`${name}.topK must be a number`);
     if (!(Number.isInteger(topK) && topK >= 0 && topK <= 2147483647)) throw new RangeError(`${name}.topK must be an integer >= 0, got ${topK}`);

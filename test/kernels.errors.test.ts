@@ -175,6 +175,10 @@ describe('verification kernels reject bad input', () => {
     expectThrows(() => call(name, { sampling: {} }), TypeError, /sampling\.temperature is required/);
     for (const p of [0, -0.1, 1.5, NaN, Infinity])
       expectThrows(() => call(name, { sampling: { temperature: 1, topP: p } }), RangeError, /sampling\.topP/);
+    // A subnormal temperature made 1 / T infinite: token -1 or garbage. The smallest normal float works.
+    for (const t of [1e-40, 1e-45])
+      expectThrows(() => call(name, { sampling: { temperature: t } }), RangeError, /sampling\.temperature must be 0 \(greedy\) or at least 1\.1754944e-38/);
+    expect(() => call(name, { sampling: { temperature: 2 ** -126 } })).not.toThrow();
     // Numbers in messages as JavaScript writes them (they read "-0.500000" and "1.500000").
     expectThrows(() => call(name, { sampling: { temperature: -0.5 } }), RangeError, /, got -0\.5$/);
     expectThrows(() => call(name, { sampling: { temperature: 1, topP: 1.5 } }), RangeError, /, got 1\.5$/);
@@ -273,10 +277,12 @@ describe('verification kernels reject bad input', () => {
         expectThrows(() => call(name, { [key]: bad }), RangeError, new RegExp(`${key} must`));
       for (const bad of ['1', {}, true]) expectThrows(() => call(name, { [key]: bad }), TypeError, new RegExp(key));
     }
-    // Bigints work; they are taken modulo 2^64.
+    // Bigints work up to 2^64 - 1 (larger ones wrapped silently, so 2^64 + 5 gave seed 5's tokens).
     const a = call(name, { seed: 5n }) as { tokens: Int32Array };
     expect(call(name, { seed: 5 })).toEqual(a);
-    expect(call(name, { seed: 2n ** 64n + 5n })).toEqual(a);
+    expectThrows(() => call(name, { seed: 2n ** 64n + 5n }), RangeError, /^seed must be below 2\^64$/);
+    expectThrows(() => call(name, { seed: 2n ** 200n }), RangeError, /^seed must be below 2\^64$/);
+    expect(() => call(name, { seed: 2n ** 64n - 1n })).not.toThrow();
     expect(() => call(name, { seed: 2n ** 63n + 12345n })).not.toThrow();
     expect(() => call(name, { seed: Number.MAX_SAFE_INTEGER })).not.toThrow();
   });
@@ -388,6 +394,8 @@ describe('distillLoss rejects bad input', () => {
     expectThrows(() => run({ ...base(), temperature: -1 }), RangeError, /, got -1$/);
     expectThrows(() => run({ ...base(), kind: 'jsd', beta: 1.5 }), RangeError, /, got 1\.5$/);
     expectThrows(() => run({ ...base(), temperature: -0.1 }), RangeError, /, got -0\.1$/);
+    // A subnormal temperature made every loss NaN.
+    expectThrows(() => run({ ...base(), temperature: 1e-40 }), RangeError, /^temperature must be at least 1\.1754944e-38, got 1e-40$/);
   });
 });
 
@@ -410,6 +418,17 @@ describe('adamwStep and globalNorm reject bad input', () => {
     expectThrows(() => run({ ...base(), params: new Float32Array(9) }), RangeError, /grads has length 8/);
     expectThrows(() => run({ ...base(), params: [1, 2] }), TypeError, /params must be a Float32Array/);
     expectThrows(() => run({ ...base(), params: undefined }), TypeError, /params is required/);
+    // Arrays sharing memory would corrupt the update silently.
+    const o = base();
+    expectThrows(() => run({ ...o, v: o.m }), RangeError, /^v must not share memory with m$/);
+    expectThrows(() => run({ ...o, grads: o.params }), RangeError, /^grads must not share memory with params$/);
+    const big = new Float32Array(12);
+    expectThrows(() => run({ ...base(), m: big.subarray(0, 8), v: big.subarray(4, 12) }), RangeError, /^v must not share memory with m$/);
+    expect(() => run({ ...base(), m: big.subarray(0, 8), v: new Float32Array(8) })).not.toThrow();
+    // A detached array is called detached (it read as empty, and the error named another argument).
+    const gone = new Float32Array(8);
+    structuredClone(gone.buffer, { transfer: [gone.buffer] });
+    expectThrows(() => run({ ...base(), grads: gone }), TypeError, /^grads is detached/);
   });
 
   it('step must be an integer >= 1, and the hyperparameters must be in range', () => {

@@ -29,6 +29,10 @@ DistillKind parse_distill_kind(const std::string& name, const std::string& what)
 void validate_distill(const DistillInput& in) {
   if (!(in.temperature > 0.0f) || !std::isfinite(in.temperature))
     throw_range("temperature must be a finite number > 0, got " + num_str(in.temperature));
+  // 1 / T must be a finite float (a subnormal T made every loss NaN).
+  if (in.temperature < std::numeric_limits<float>::min())
+    throw_range("temperature must be at least " + num_str(std::numeric_limits<float>::min()) + ", got " +
+                num_str(in.temperature));
   if (in.kind == DistillKind::JSD && !(in.beta > 0.0f && in.beta < 1.0f))
     throw_range("beta must be in (0, 1), got " + num_str(in.beta));
   if (in.teacher) return;

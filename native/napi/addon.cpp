@@ -77,7 +77,8 @@ uint64_t seed_value(Napi::Env env, const Napi::Value& v, const char* key) {
     uint64_t w[2] = {0, 0};
     v.As<Napi::BigInt>().ToWords(&sign, &words, w);
     if (sign) throw Napi::RangeError::New(env, std::string(key) + " must not be negative");
-    return w[0];  // modulo 2^64
+    if (words > 2 || (words == 2 && w[1] != 0)) throw Napi::RangeError::New(env, std::string(key) + " must be below 2^64");
+    return w[0];
   }
   if (!v.IsNumber()) throw Napi::TypeError::New(env, std::string(key) + " must be a number or a bigint");
   double d = v.As<Napi::Number>().DoubleValue();

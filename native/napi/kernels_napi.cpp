@@ -320,6 +320,17 @@ Napi::Value adamw_step(const Napi::CallbackInfo& info) {
     expect_length(env, g.length, p.length, "grads", "params.length");
     expect_length(env, m.length, p.length, "m", "params.length");
     expect_length(env, v.length, p.length, "v", "params.length");
+    // Each array is read and written element by element: two of them sharing memory would corrupt
+    // the update silently.
+    const struct {
+      const float* data;
+      const char* name;
+    } arrays[] = {{p.data, "params"}, {g.data, "grads"}, {m.data, "m"}, {v.data, "v"}};
+    const size_t n = p.length;
+    for (int i = 0; i < 4; ++i)
+      for (int j = i + 1; j < 4 && n > 0; ++j)
+        if (arrays[i].data < arrays[j].data + n && arrays[j].data < arrays[i].data + n)
+          throw Napi::RangeError::New(env, std::string(arrays[j].name) + " must not share memory with " + arrays[i].name);
     AdamWConfig c;
     c.step = get_int(o, "step", 1, int64_t(1) << 52);
     c.lr = static_cast<float>(get_number_or(o, "lr", c.lr));

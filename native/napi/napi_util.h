@@ -96,8 +96,19 @@ struct ArrayView {
   size_t length = 0;
 };
 
+// Whether v is a typed array whose ArrayBuffer was detached (transferred): it reads as empty.
+inline bool detached_view(Napi::Env env, const Napi::Value& v) {
+  napi_typedarray_type type;
+  size_t length = 0, offset = 0;
+  void* data = nullptr;
+  napi_value buffer = nullptr;
+  bool detached = false;
+  return !v.IsEmpty() && napi_get_typedarray_info(env, v, &type, &length, &data, &buffer, &offset) == napi_ok &&
+         napi_is_detached_arraybuffer(env, buffer, &detached) == napi_ok && detached;
+}
+
 // One napi_get_typedarray_info call gives the type, length and data (already offset by the view's
-// byteOffset); Napi::TypedArrayOf's checks make three calls.
+// byteOffset); Napi::TypedArrayOf's checks make three calls. A detached view (length 0) fails.
 template <typename T>
 bool typed_array_info(Napi::Env env, const Napi::Value& v, ArrayView<T>& out) {
   napi_typedarray_type type;
@@ -107,6 +118,7 @@ bool typed_array_info(Napi::Env env, const Napi::Value& v, ArrayView<T>& out) {
   if (v.IsEmpty() || napi_get_typedarray_info(env, v, &type, &length, &data, nullptr, nullptr) != napi_ok ||
       type != TypedArrayTraits<T>::type)
     return false;
+  if (length == 0 && detached_view(env, v)) return false;
   out = {static_cast<T*>(data), length};
   return true;
 }
@@ -115,7 +127,11 @@ template <typename T>
 ArrayView<T> typed_array(Napi::Env env, const Napi::Value& v, const std::string& name) {
   using Tr = TypedArrayTraits<T>;
   ArrayView<T> a;
-  if (!typed_array_info(env, v, a)) throw Napi::TypeError::New(env, name + " must be " + Tr::article + " " + Tr::name);
+  if (!typed_array_info(env, v, a)) {
+    if (detached_view(env, v))
+      throw Napi::TypeError::New(env, name + " is detached (its ArrayBuffer was transferred or detached)");
+    throw Napi::TypeError::New(env, name + " must be " + Tr::article + " " + Tr::name);
+  }
   return a;
 }
 

@@ -25,6 +25,10 @@ namespace osd {
 void validate_sampling(const Sampling& s, const std::string& what) {
   if (!std::isfinite(s.temperature) || s.temperature < 0.0f)
     throw_range(what + ".temperature must be a finite number >= 0, got " + num_str(s.temperature));
+  // 1 / T must be a finite float: below the smallest normal float it is not (0 * inf = NaN weights).
+  if (s.temperature > 0.0f && s.temperature < std::numeric_limits<float>::min())
+    throw_range(what + ".temperature must be 0 (greedy) or at least " + num_str(std::numeric_limits<float>::min()) +
+                ", got " + num_str(s.temperature));
   if (s.top_k < 0) throw_range(what + ".topK must be an integer >= 0, got " + std::to_string(s.top_k));
   if (!(s.top_p > 0.0f && s.top_p <= 1.0f))
     throw_range(what + ".topP must be in (0, 1], got " + num_str(s.top_p));

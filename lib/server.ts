@@ -296,10 +296,16 @@ async function readBody(req: IncomingMessage, limit: number): Promise<unknown> {
   } else {
     const chunks: Buffer[] = [];
     let size = 0;
-    for await (const chunk of req as AsyncIterable<Buffer>) {
-      size += chunk.length;
-      if (size > limit) throw new HttpError(413, `the request body exceeds ${limit} bytes`, null, 'request_too_large', 'invalid_request_error', { Connection: 'close' });
-      chunks.push(chunk);
+    try {
+      for await (const chunk of req as AsyncIterable<Buffer>) {
+        size += chunk.length;
+        if (size > limit) throw new HttpError(413, `the request body exceeds ${limit} bytes`, null, 'request_too_large', 'invalid_request_error', { Connection: 'close' });
+        chunks.push(chunk);
+      }
+    } catch (e) {
+      if (e instanceof HttpError) throw e;
+      // The client went away mid-upload: its fault, not the server's (499, as nginx counts it).
+      throw new HttpError(499, 'the client closed the connection before sending the whole body', null, 'client_closed_request');
     }
     text = Buffer.concat(chunks).toString('utf8');
   }
@@ -764,6 +770,16 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     let t: Int32Array;
     try {
       rendered = renderChat(target, messages);
+      // The template's prompt is tokenized with its special tokens parsed, so markup such as
+      // "<|im_end|>" typed into a message would become a control token (a user could forge a system
+      // turn): message text that holds a special token's text is refused.
+      const tk = target.tokenizer;
+      if (rendered.template && tk)
+        messages.forEach((m, i) => {
+          const text = typeof m.content === 'string' ? m.content : '';
+          if (text && tk.encode(text, { special: true }).join() !== tk.encode(text, { special: false }).join())
+            throw new HttpError(400, `messages[${i}].content contains the text of one of the model's special tokens`, `messages[${i}].content`, 'invalid_value');
+        });
       t = rendered.template ? target.applyChatTemplate(messages, { addGenerationPrompt: true, tokenize: true }) : promptTokens(rendered.prompt, false);
     } catch (e) {
       if (e instanceof HttpError) throw e;
@@ -809,14 +825,20 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     res.once('finish', () => {
       if (endpoint !== '/v1/completions' && endpoint !== '/v1/chat/completions') requests.inc({ endpoint, status: String(res.statusCode) });
     });
-    if (req.method !== method)
-      throw new HttpError(405, `Method ${req.method} is not allowed on ${path}; use ${method}`, null, 'method_not_allowed', 'invalid_request_error', { Allow: method });
+    // HEAD is GET without the body (Node's response omits it; load balancers' checks use HEAD).
+    if (req.method !== method && !(req.method === 'HEAD' && method === 'GET'))
+      throw new HttpError(405, `Method ${req.method} is not allowed on ${path}; use ${method}`, null, 'method_not_allowed', 'invalid_request_error', { Allow: method === 'GET' ? 'GET, HEAD' : method });
     if (closing && method === 'POST') throw new HttpError(503, 'the server is shutting down', null, 'shutting_down', 'overloaded_error');
     switch (endpoint) {
       case '/v1/models':
         return sendJson(res, 200, { object: 'list', data: [modelObject()] });
       case '/v1/models/{id}': {
-        const id = decodeURIComponent(path.slice('/v1/models/'.length));
+        let id: string;
+        try {
+          id = decodeURIComponent(path.slice('/v1/models/'.length));
+        } catch {
+          throw new HttpError(400, `the path ${path} has a malformed percent-escape`, null, 'invalid_path');
+        }
         if (id !== modelId) throw new HttpError(404, `The model '${id}' does not exist`, 'model', 'model_not_found');
         return sendJson(res, 200, modelObject());
       }

@@ -118,6 +118,13 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
 }
 
 /** tokenizer.chat_template of a GGUF file, or undefined (the token arrays are skipped, not read out). */
+/** The tokenizer and chat template a GGUF file carries (either may be absent). @internal */
+export async function readTextTools(path: string): Promise<{ tokenizer?: Tokenizer; chatTemplate?: string }> {
+  const tokenizer = (await hasTokenizer(path)) ? await loadTokenizer(path) : undefined;
+  const chatTemplate = readChatTemplate(path);
+  return { ...(tokenizer && { tokenizer }), ...(chatTemplate !== undefined && { chatTemplate }) };
+}
+
 function readChatTemplate(path: string): string | undefined {
   const t = native.readGgufMetadata(path, { maxArrayLength: 0 }).metadata['tokenizer.chat_template'];
   return typeof t === 'string' && t.length > 0 ? t : undefined;
@@ -451,6 +458,12 @@ export class Model {
   }
 }
 
+/** The tokens as an Int32Array of the call's own (a caller's Int32Array is copied). */
+function ownTokens(tokens: Int32Array | number[]): Int32Array {
+  const t = toTokenArray(tokens);
+  return t === tokens ? t.slice() : t;
+}
+
 export interface EvaluateOptions {
   /** Tree mask: parent of each token in this batch (-1 = the cached prefix). Default: a causal chain. */
   treeParents?: Int32Array;
@@ -532,17 +545,18 @@ export class Sequence {
   /** Evaluates tokens after the current length and returns their logits [n x V] (or [1 x V] with lastOnly). */
   async evaluate(tokens: Int32Array | number[], options: EvaluateOptions = {}): Promise<Float32Array> {
     const handle = this.#get();
-    const t = toTokenArray(tokens);
+    const t = ownTokens(tokens); // read now: the call may start after the caller changed the array
     checkOptions(options);
     if (options.lastOnly !== undefined && typeof options.lastOnly !== 'boolean') throw new TypeError('options.lastOnly must be a boolean');
     const signal = checkSignal(options.signal, 'options.signal');
     const lastOnly = options.lastOnly ?? false;
-    const chunked = signal !== undefined && !options.treeParents && t.length > PREFILL_CHUNK;
+    const parents = options.treeParents instanceof Int32Array ? options.treeParents.slice() : (options.treeParents ?? null);
+    const chunked = signal !== undefined && !parents && t.length > PREFILL_CHUNK;
     const fits = () => handle.length + t.length <= handle.capacity; // else one call, for the native error
     const run = async () => {
       if (!this.#native) throw this.#gone();
       throwIfAborted(signal);
-      if (!chunked || !fits()) return handle.evaluate(t, options.treeParents ?? null, lastOnly);
+      if (!chunked || !fits()) return handle.evaluate(t, parents, lastOnly);
       const start = handle.length;
       const V = this.model.info.vocabSize;
       const all = lastOnly ? undefined : new Float32Array(t.length * V);
@@ -574,7 +588,7 @@ export class Sequence {
    */
   async draft(tokens: Int32Array | number[], options: DraftOptions): Promise<DraftResult> {
     const handle = this.#get();
-    const t = toTokenArray(tokens);
+    const t = ownTokens(tokens); // read now: the call may start after the caller changed the array
     if (t.length === 0) throw new RangeError('tokens must not be empty');
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
     const { count, vocabSize, position, positions } = options;

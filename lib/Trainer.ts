@@ -2,7 +2,8 @@
 // snapshot() turns the current weights into a model that can be swapped into a running one.
 import { addon } from './addon.js';
 import type { Seed } from './addonTypes.js';
-import { Model } from './Model.js';
+import { Model, readTextTools } from './Model.js';
+import type { Tokenizer } from './Tokenizer.js';
 import type { DistillLossKind, SparseTeacher } from './kernels.js';
 
 interface NativeTrainer {
@@ -111,16 +112,33 @@ export async function createTrainer(
 /** Restores a trainer (weights, AdamW moments, step, settings) from Trainer.save(). */
 export async function loadTrainerCheckpoint(path: string): Promise<Trainer> {
   if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
-  return new Trainer(await native.loadTrainerCheckpoint(path), undefined);
+  const handle = await native.loadTrainerCheckpoint(path);
+  try {
+    // The checkpoint keeps its source model's tokenizer and chat template: snapshots get them back.
+    return new Trainer(handle, await readTextTools(path));
+  } catch (e) {
+    handle.dispose();
+    throw e;
+  }
+}
+
+/** A batch trains on targets (cross-entropy) or on a teacher (distillation), never on both. */
+function checkBatchKind(batch: TrainBatch): void {
+  if (batch === null || typeof batch !== 'object') return; // the native side names the error
+  const teacher = batch.teacherLogits !== undefined || batch.teacher !== undefined;
+  if (batch.targets !== undefined && teacher)
+    throw new TypeError('batch: give either targets (cross-entropy) or a teacher (teacherLogits or teacher), not both');
+  if (batch.targets !== undefined && batch.mask !== undefined)
+    throw new TypeError('batch.mask goes with a teacher; with targets, skip a position by its target -1');
 }
 
 export class Trainer {
   #native: NativeTrainer | null;
   #queue: Promise<unknown> = Promise.resolve();
-  readonly #source: Model | undefined;
+  readonly #source: { tokenizer?: Tokenizer | undefined; chatTemplate?: string | undefined } | undefined;
 
   /** @internal */
-  constructor(handle: NativeTrainer, source: Model | undefined) {
+  constructor(handle: NativeTrainer, source: { tokenizer?: Tokenizer | undefined; chatTemplate?: string | undefined } | undefined) {
     this.#native = handle;
     this.#source = source;
   }
@@ -147,13 +165,18 @@ export class Trainer {
     return this.#get().parameterCount;
   }
 
-  /** One optimizer step (forward, backward, clipping, AdamW), off the event loop. */
+  /**
+   * One optimizer step (forward, backward, clipping, AdamW), off the event loop. The batch's arrays
+   * are read when the step runs (steps queue): keep them unchanged until its promise settles.
+   */
   step(batch: TrainBatch): Promise<TrainStepResult> {
+    checkBatchKind(batch);
     return this.#enqueue((t) => t.step(batch));
   }
 
-  /** The mean loss on a batch, leaving the weights as they are. */
+  /** The mean loss on a batch, leaving the weights as they are (its arrays read as step's are). */
   evalLoss(batch: TrainBatch): Promise<number> {
+    checkBatchKind(batch);
     return this.#enqueue((t) => t.evalLoss(batch));
   }
 

@@ -389,6 +389,14 @@ describe('bad input to models and sequences', () => {
     expect(seq.length).toBe(2);
   });
 
+  it('evaluate and forward read their tokens when called (a caller changing the array afterwards changed the call)', async () => {
+    const want = await model.forward([1, 403, 407]);
+    const tk = Int32Array.of(1, 403, 407);
+    const p = model.forward(tk);
+    tk.fill(0);
+    expect(Array.from(await p)).toEqual(Array.from(want));
+  });
+
   it('truncate, keepPath and fork refuse to run under an unfinished evaluate (they reordered with it)', async () => {
     await using seq = model.createSequence();
     const p = seq.evaluate([1, 2, 3]);

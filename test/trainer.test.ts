@@ -71,6 +71,20 @@ describe('Trainer', () => {
     await Promise.all([a.dispose(), b.dispose()]);
   });
 
+  it("a resumed checkpoint's snapshots keep the source model's tokenizer", async () => {
+    const dir = tempDir('osd-ckpt-tk-');
+    await using source = await loadModel(join(import.meta.dirname, '../models/default-draft.gguf'));
+    const a = await createTrainer(source, { lr: 1e-3 });
+    await a.save(join(dir, 'd.ckpt'));
+    await a.dispose();
+    await using b = await loadTrainerCheckpoint(join(dir, 'd.ckpt'));
+    await using snap = await b.snapshot();
+    expect(snap.tokenizer).toBeDefined();
+    expect(Array.from(snap.tokenizer!.encode('Call me Ishmael.'))).toEqual(Array.from(source.tokenizer!.encode('Call me Ishmael.')));
+    expect(snap.chatTemplate).toBe(source.chatTemplate);
+    expect((await snap.generate({ prompt: 'Once', maxTokens: 3 })).tokens.length).toBe(3);
+  });
+
   it('distills toward a sparse teacher at masked positions', async () => {
     await using trainer = await createTrainer({ config, seed: 4 }, { lr: 1e-2 });
     const b = fixedBatch();
@@ -121,6 +135,11 @@ describe('Trainer', () => {
     // A RoPE base <= 0 trained to NaN losses.
     await expect(createTrainer({ config: { ...config, ropeTheta: -1 } })).rejects.toThrow(new RangeError('config.ropeTheta must be a finite number > 0, got -1'));
     await expect(loadTrainerCheckpoint('/nonexistent.ckpt')).rejects.toThrow(/nonexistent/);
+    // An ambiguous batch: the teacher was ignored silently, and so was a mask with targets.
+    expect(() => trainer.step({ ...fixedBatch(), teacherLogits: new Float32Array(24 * 53) })).toThrow(
+      new TypeError('batch: give either targets (cross-entropy) or a teacher (teacherLogits or teacher), not both'),
+    );
+    expect(() => trainer.evalLoss({ ...fixedBatch(), mask: new Uint8Array(24).fill(1) })).toThrow(/^batch\.mask goes with a teacher/);
     await trainer.dispose();
     expect(() => trainer.step(fixedBatch())).toThrow(/disposed/);
   });

@@ -390,8 +390,8 @@ describe('bad input to models and sequences', () => {
   });
 
   it('evaluate and forward read their tokens when called (a caller changing the array afterwards changed the call)', async () => {
-    const want = await model.forward([1, 403, 407]);
-    const tk = Int32Array.of(1, 403, 407);
+    const want = await model.forward([1, 40, 47]);
+    const tk = Int32Array.of(1, 40, 47);
     const p = model.forward(tk);
     tk.fill(0);
     expect(Array.from(await p)).toEqual(Array.from(want));

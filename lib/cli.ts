@@ -76,6 +76,23 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(HELP);
     return 0;
   }
+  // Each command's own options: another command's option would be ignored silently (--model on
+  // serve, which takes --target, served the default pair).
+  const own: Record<string, string[]> = {
+    version: [],
+    backends: [],
+    generate: ['model', 'draft', 'chat', 'system', 'template', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed'],
+    demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'lr', 'top-k', 'save-draft', 'out'],
+    serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'model-id', 'static'],
+  };
+  const allowed = own[command];
+  if (allowed) {
+    for (const key of Object.keys(values))
+      if (!['json', 'help', 'version', ...allowed].includes(key))
+        throw new TypeError(`--${key} is not an option of '${command}' (osd help lists each command's options)`);
+    if (command !== 'generate' && positionals.length > 1)
+      throw new TypeError(`'${command}' takes no arguments, got '${positionals.slice(1).join(' ')}'`);
+  }
   const num = (v: string | undefined, name: string, fallback: number): number => {
     if (v === undefined) return fallback;
     const n = Number(v);

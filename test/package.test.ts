@@ -47,6 +47,16 @@ describe('package', () => {
     expect(h.stderr).toBe('');
   });
 
+  it("osd refuses another command's options and stray arguments (they were ignored silently)", () => {
+    const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), ...args], { encoding: 'utf8' });
+    const r = cli('serve', '--model', 'x.gguf');
+    expect(r.status).toBe(1);
+    expect(r.stderr).toContain("osd: --model is not an option of 'serve'");
+    const b = cli('backends', 'extra');
+    expect(b.status).toBe(1);
+    expect(b.stderr).toContain("osd: 'backends' takes no arguments, got 'extra'");
+  });
+
   it('osd rejects an unknown command with usage', () => {
     const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'frobnicate'], { encoding: 'utf8' });
     expect(r.status).toBe(2);

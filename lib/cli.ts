@@ -32,6 +32,8 @@ Commands:
       --max-concurrent N   generations decoded at once, the rest queue (default 4)
       --model-id NAME      the model name clients send (default: the target's file name)
       --static             keep the draft fixed (default: it learns online from the traffic)
+      --grace S            on SIGTERM / SIGINT, let requests in flight finish for up to S seconds
+                           (default 30); a second signal stops at once
 
 Options:
   --json         machine-readable output
@@ -69,6 +71,7 @@ async function main(argv: string[]): Promise<number> {
       'max-concurrent': { type: 'string' },
       'model-id': { type: 'string' },
       static: { type: 'boolean' },
+      grace: { type: 'string' },
     },
   });
   const command = values.version ? 'version' : (positionals[0] ?? 'version');
@@ -83,7 +86,7 @@ async function main(argv: string[]): Promise<number> {
     backends: [],
     generate: ['model', 'draft', 'chat', 'system', 'template', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed'],
     demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'lr', 'top-k', 'save-draft', 'out'],
-    serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'model-id', 'static'],
+    serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'model-id', 'static', 'grace'],
   };
   const allowed = own[command];
   if (allowed) {
@@ -247,6 +250,8 @@ async function main(argv: string[]): Promise<number> {
       const port = num(values.port, 'port', 8080);
       if (!Number.isInteger(port) || port < 0 || port > 65535) throw new RangeError('--port must be an integer in [0, 65535]');
       const host = values.host ?? '127.0.0.1';
+      const grace = num(values.grace, 'grace', 30);
+      if (!(grace >= 0)) throw new RangeError('--grace must be a number of seconds >= 0');
       const target = await osd.loadModel(targetPath);
       const draft = await osd.loadModel(draftPath);
       const handler = createServer({
@@ -275,10 +280,10 @@ async function main(argv: string[]): Promise<number> {
           process.off('SIGTERM', stop);
           // A second signal while draining exits at once.
           process.once(signal as NodeJS.Signals, () => process.exit(130));
-          if (!values.json) process.stderr.write(`osd: ${signal}: stopping\n`);
+          if (!values.json) process.stderr.write(`osd: ${signal}: finishing the requests in flight (up to ${grace} s; a second signal stops at once)\n`);
           server.close();
           void handler
-            .dispose()
+            .drain(grace * 1000)
             .then(() => {
               server.closeAllConnections();
               return Promise.all([target.dispose(), draft.dispose()]);

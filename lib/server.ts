@@ -74,6 +74,11 @@ export interface OsdRequestHandler {
   dispose(): Promise<void>;
   /** The same as dispose(). */
   close(): Promise<void>;
+  /**
+   * A graceful stop: refuses new generations (503; /health says "closing") and lets those running or
+   * queued finish, for up to timeoutMs (default 30 s); then dispose() aborts what is left.
+   */
+  drain(timeoutMs?: number): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
 }
 
@@ -910,6 +915,16 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       }
     })());
 
+  const drain = async (timeoutMs = 30_000): Promise<void> => {
+    if (!(typeof timeoutMs === 'number' && timeoutMs >= 0)) throw new RangeError(`timeoutMs must be a number >= 0, got ${String(timeoutMs)}`);
+    closing = true;
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<void>((r) => (timer = setTimeout(r, timeoutMs)));
+    await Promise.race([Promise.allSettled([...inflight]), deadline]);
+    clearTimeout(timer);
+    await dispose();
+  };
+
   Object.defineProperties(handler, {
     fastify: { value: fastify, enumerable: true },
     registry: { value: registry, enumerable: true },
@@ -918,6 +933,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     active: { get: () => active, enumerable: true },
     dispose: { value: dispose, enumerable: true },
     close: { value: dispose, enumerable: true },
+    drain: { value: drain, enumerable: true },
     [Symbol.asyncDispose]: { value: dispose },
   });
   return handler;

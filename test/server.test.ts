@@ -484,7 +484,7 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
       await stop(s);
     }
   });
-  it('osd serve runs standalone, prints its URL and stops cleanly on SIGTERM', async () => {
+  it('osd serve runs standalone, prints its URL and on SIGTERM lets a running stream finish, then exits', async () => {
     const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'serve', '--port', '0', '--json', '--static', '--target', pair![0], '--draft', pair![1]], {
       cwd: root,
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -498,8 +498,20 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
       expect(info.url).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/v1$/);
       const r = await client(info.url).completions.create({ model: info.model, prompt: PROMPTS[0]!, max_tokens: MAX, temperature: 0 });
       expect(r.choices[0]!.text).toBe(expected.get(PROMPTS[0]!));
+      // SIGTERM while a stream runs: it finishes (it was cut off with an error event), then osd exits.
+      const res = await fetch(`${info.url}/completions`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ model: info.model, prompt: PROMPTS[1]!, max_tokens: 120, temperature: 0, stream: true }),
+      });
+      const reader = res.body!.getReader();
+      let sse = new TextDecoder().decode((await reader.read()).value);
       const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
       child.kill('SIGTERM');
+      for (let c = await reader.read(); !c.done; c = await reader.read()) sse += new TextDecoder().decode(c.value);
+      expect(sse).not.toContain('"error"');
+      expect(sse).toContain('data: [DONE]');
+      expect(sse).toMatch(/"finish_reason":"(length|stop)"/);
       expect(await exited).toBe(0);
     } finally {
       if (child.exitCode === null) child.kill('SIGKILL');

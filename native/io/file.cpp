@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -142,10 +143,32 @@ std::string temp_name(const std::string& path) {
 
 }  // namespace
 
-void write_atomic(const std::string& path, const std::function<void(Output&)>& fill) {
+void write_atomic(const std::string& given, const std::function<void(Output&)>& fill) {
+  // A symbolic link is written through (its target is replaced, the link stays), an existing file
+  // keeps its permission bits, and anything but a regular file is refused (a device, a FIFO).
+  std::string path = given;
+  mode_t mode = 0;
+  bool existing = false;
+  struct stat st {};
+  if (::lstat(given.c_str(), &st) == 0 && S_ISLNK(st.st_mode)) {
+    char* real = ::realpath(given.c_str(), nullptr);
+    if (!real) throw_io(given + ": cannot resolve the symbolic link (" + errno_text(errno) + ")");
+    path = real;
+    std::free(real);
+  }
+  if (::stat(path.c_str(), &st) == 0) {
+    if (!S_ISREG(st.st_mode)) throw_io(given + ": not a regular file; refusing to replace it");
+    mode = st.st_mode & 07777;
+    existing = true;
+  }
   const std::string tmp = temp_name(path);
   FdGuard fd{::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644)};
   if (fd.fd < 0) throw_io(path + ": cannot create temporary file '" + tmp + "' (" + errno_text(errno) + ")");
+  if (existing && ::fchmod(fd.fd, mode) != 0) {
+    const std::string why = errno_text(errno);
+    ::unlink(tmp.c_str());
+    throw_io(path + ": cannot give the temporary file the file's permissions (" + why + ")");
+  }
 
   // From here on, any failure removes the temp file; the target is untouched until rename.
   struct TempGuard {

@@ -2,6 +2,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -741,18 +742,31 @@ OSD_TEST(gguf_atomic_write_keeps_old_file_on_failure) {
   CHECK(read_all(target) == old_bytes);
   CHECK(dir.entries() == std::vector<std::string>{"model.gguf"});
 
-  // 3. The rename fails (the target is a non-empty directory): temp file removed.
+  // 3. The target is a directory: refused before anything is written.
   fs::create_directory(dir / "blocker");
   write_all(dir / "blocker/x", {1});
-  CHECK_IO_ERROR(new_w.write(dir / "blocker"), "cannot rename temporary file");
+  CHECK_IO_ERROR(new_w.write(dir / "blocker"), "blocker: not a regular file; refusing to replace it");
   CHECK_EQ(dir.entries().size(), size_t{2});
 
-  // 4. Success replaces the file.
+  // 4. Success replaces the file, and keeps its permission bits (a private file stays private).
+  fs::permissions(target, fs::perms::owner_read | fs::perms::owner_write);
   new_w.write(target);
   auto f = File::open(target);
   CHECK_EQ(f->get_int("v"), 2);
   CHECK_EQ(f->tensor("t").n_elements, uint64_t{1 << 16});
   CHECK_EQ(dir.entries().size(), size_t{2});
+  CHECK((fs::status(target).permissions() & fs::perms::all) == (fs::perms::owner_read | fs::perms::owner_write));
+
+  // 5. A symbolic link is written through: its target changes, the link stays a link.
+  fs::create_symlink(target, dir / "alias.gguf");
+  old_w.write(dir / "alias.gguf");
+  CHECK(fs::is_symlink(dir / "alias.gguf"));
+  CHECK(read_all(target) == old_bytes);
+
+  // 6. Not a regular file (a FIFO): refused, nothing replaced.
+  CHECK_EQ(::mkfifo((dir / "fifo").c_str(), 0644), 0);
+  CHECK_IO_ERROR(new_w.write(dir / "fifo"), "fifo: not a regular file; refusing to replace it");
+  CHECK(fs::is_fifo(dir / "fifo"));
 }
 
 OSD_TEST(gguf_open_errors_name_the_path) {

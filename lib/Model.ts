@@ -117,7 +117,6 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
   return new Model(handle, tokenizer, chatTemplate);
 }
 
-/** tokenizer.chat_template of a GGUF file, or undefined (the token arrays are skipped, not read out). */
 /** The tokenizer and chat template a GGUF file carries (either may be absent). @internal */
 export async function readTextTools(path: string): Promise<{ tokenizer?: Tokenizer; chatTemplate?: string }> {
   const tokenizer = (await hasTokenizer(path)) ? await loadTokenizer(path) : undefined;
@@ -125,6 +124,7 @@ export async function readTextTools(path: string): Promise<{ tokenizer?: Tokeniz
   return { ...(tokenizer && { tokenizer }), ...(chatTemplate !== undefined && { chatTemplate }) };
 }
 
+/** tokenizer.chat_template of a GGUF file, or undefined (the token arrays are skipped, not read out). */
 function readChatTemplate(path: string): string | undefined {
   const t = native.readGgufMetadata(path, { maxArrayLength: 0 }).metadata['tokenizer.chat_template'];
   return typeof t === 'string' && t.length > 0 ? t : undefined;
@@ -575,8 +575,7 @@ export class Sequence {
       }
       return all ?? last!;
     };
-    const result = this.#enqueue(run);
-    return result;
+    return this.#enqueue(run);
   }
 
   /**
@@ -626,8 +625,7 @@ export class Sequence {
         signal?.removeEventListener('abort', onAbort);
       }
     };
-    const result = this.#enqueue(run);
-    return result;
+    return this.#enqueue(run);
   }
 
   /** Runs `run` after the calls queued before it; counts it as pending until it settles. */

@@ -122,6 +122,9 @@ export async function loadTrainerCheckpoint(path: string): Promise<Trainer> {
   }
 }
 
+/** What snapshots carry over from the source model. */
+type TextTools = { tokenizer?: Tokenizer | undefined; chatTemplate?: string | undefined };
+
 /** A batch trains on targets (cross-entropy) or on a teacher (distillation), never on both. */
 function checkBatchKind(batch: TrainBatch): void {
   if (batch === null || typeof batch !== 'object') return; // the native side names the error
@@ -135,10 +138,10 @@ function checkBatchKind(batch: TrainBatch): void {
 export class Trainer {
   #native: NativeTrainer | null;
   #queue: Promise<unknown> = Promise.resolve();
-  readonly #source: { tokenizer?: Tokenizer | undefined; chatTemplate?: string | undefined } | undefined;
+  readonly #source: TextTools | undefined;
 
   /** @internal */
-  constructor(handle: NativeTrainer, source: { tokenizer?: Tokenizer | undefined; chatTemplate?: string | undefined } | undefined) {
+  constructor(handle: NativeTrainer, source: TextTools | undefined) {
     this.#native = handle;
     this.#source = source;
   }

@@ -551,6 +551,18 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     if (body.best_of !== undefined && body.best_of !== null && body.best_of !== 1) throw new HttpError(400, 'only best_of = 1 is supported', 'best_of', 'unsupported_parameter');
     if (body.echo === true) throw new HttpError(400, 'echo is not supported', 'echo', 'unsupported_parameter');
     if (body.logprobs !== undefined && body.logprobs !== null && body.logprobs !== false) throw new HttpError(400, 'logprobs are not supported', 'logprobs', 'unsupported_parameter');
+    // Features a client relies on for the answer's shape or content: refused rather than ignored
+    // (plain text in place of a tool call or of JSON mode breaks the client quietly).
+    const given = (k: string) => body[k] !== undefined && body[k] !== null;
+    for (const k of ['tools', 'tool_choice', 'functions', 'function_call'])
+      if (given(k) && !(Array.isArray(body[k]) && (body[k] as unknown[]).length === 0) && body[k] !== 'none')
+        throw new HttpError(400, `${k} is not supported (this server returns plain text)`, k, 'unsupported_parameter');
+    if (given('response_format') && !(isObject(body.response_format) && body.response_format.type === 'text'))
+      throw new HttpError(400, "response_format is not supported beyond { type: 'text' }", 'response_format', 'unsupported_parameter');
+    if (given('logit_bias') && !(isObject(body.logit_bias) && Object.keys(body.logit_bias).length === 0))
+      throw new HttpError(400, 'logit_bias is not supported', 'logit_bias', 'unsupported_parameter');
+    for (const k of ['frequency_penalty', 'presence_penalty'])
+      if (given(k) && body[k] !== 0) throw new HttpError(400, `${k} is not supported (only 0)`, k, 'unsupported_parameter');
     const name = body.max_completion_tokens !== undefined && body.max_completion_tokens !== null ? 'max_completion_tokens' : 'max_tokens';
     const mt = body[name];
     let maxTokens: number;

@@ -304,6 +304,22 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     const noMessages = await raw('POST', '/v1/chat/completions', '{}');
     expect(noMessages.status).toBe(400);
     shape(noMessages.body);
+    // Features that shape the answer are refused, not ignored (plain text came back for JSON mode).
+    const unsupported: [string, unknown][] = [
+      ['tools', [{ type: 'function', function: { name: 'f', parameters: {} } }]],
+      ['tool_choice', 'required'],
+      ['response_format', { type: 'json_object' }],
+      ['logit_bias', { '5': 10 }],
+      ['frequency_penalty', 0.5],
+      ['presence_penalty', -1],
+    ];
+    for (const [param, value] of unsupported) {
+      const r = await raw('POST', '/v1/chat/completions', JSON.stringify({ messages: [{ role: 'user', content: 'x' }], max_tokens: 1, [param]: value }));
+      expect(r.status, param).toBe(400);
+      expect(r.body.error).toMatchObject({ param, code: 'unsupported_parameter' });
+    }
+    const neutral = { tools: [], response_format: { type: 'text' }, logit_bias: {}, frequency_penalty: 0, presence_penalty: 0 };
+    expect((await raw('POST', '/v1/completions', JSON.stringify({ prompt: 'x', max_tokens: 1, ...neutral }))).status).toBe(200);
     // A malformed percent-escape is the client's error (it was a 500).
     const escape = await raw('GET', '/v1/models/%E0%A4%A');
     expect(escape.status).toBe(400);

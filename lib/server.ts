@@ -588,15 +588,9 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     if (m !== modelId) throw new HttpError(404, `The model '${m}' does not exist (this server serves '${modelId}')`, 'model', 'model_not_found', 'invalid_request_error');
   }
 
-  /** Runs one generation and yields text (cut at stop strings); returns the finish reason and token count. */
+  /** Runs one generation and yields text (cut at stop strings); the caller holds a decoding slot. */
   async function* generate(job: Job, out: { completionTokens: number; finish: Finish }): AsyncGenerator<string, void, void> {
-    const filter = new StopFilter(job.stop);
-    await slots.acquire(job.signal);
-    try {
-      yield* decode(job, out, filter);
-    } finally {
-      slots.release();
-    }
+    yield* decode(job, out, new StopFilter(job.stop));
   }
 
   async function* decode(job: Job, out: { completionTokens: number; finish: Finish }, filter: StopFilter): AsyncGenerator<string, void, void> {
@@ -684,8 +678,13 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     const out = { completionTokens: 0, finish: 'length' as Finish };
     const usage = () => ({ prompt_tokens: job.tokens.length, completion_tokens: out.completionTokens, total_tokens: job.tokens.length + out.completionTokens });
     let first = true;
+    let slot = false;
     const gen = generate({ ...job, signal: controller.signal }, out);
     try {
+      // The decoding slot first: a request refused while queued (shutdown) still gets its status,
+      // where a stream's headers would already have said 200.
+      await slots.acquire(controller.signal);
+      slot = true;
       if (stream) {
         res.writeHead(200, { 'Content-Type': 'text/event-stream; charset=utf-8', 'Cache-Control': 'no-cache', Connection: 'keep-alive', 'X-Accel-Buffering': 'no' });
         res.flushHeaders();
@@ -750,6 +749,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       }
       throw e;
     } finally {
+      if (slot) slots.release();
       res.off('close', onClose);
       active--;
       activeGauge.dec();

@@ -478,14 +478,19 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     }
   });
 
-  it('dispose() ends running streams and refuses new requests with 503', async () => {
-    const h = createServer({ target, draft, online: false });
+  it('dispose() ends running streams and refuses new requests with 503, queued streams included', async () => {
+    const h = createServer({ target, draft, online: false, maxConcurrent: 1 });
     const { server: s, base: b } = await listen(h);
     try {
       const r = await fetch(`${b}/v1/completions`, { method: 'POST', body: JSON.stringify({ prompt: PROMPTS[2], max_tokens: 400, temperature: 0, stream: true }) });
       const reader = r.body!.getReader();
       await reader.read();
+      // A second stream waits for the one decoding slot; its headers must wait with it (they said
+      // 200 at once, so a refusal could only come as an error event).
+      const queued = fetch(`${b}/v1/completions`, { method: 'POST', body: JSON.stringify({ prompt: PROMPTS[1], max_tokens: 4, stream: true }) });
+      await until(() => h.active === 2);
       await h.dispose();
+      expect((await queued).status).toBe(503);
       let rest = '';
       for (;;) {
         const { done, value } = await reader.read();

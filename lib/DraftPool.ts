@@ -259,16 +259,25 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     try {
       r = await m.decoder.generate(rest);
     } finally {
-      m.inflight--;
-      this.#inflight--;
+      this.#leave(m);
     }
+    this.#measured(m, r.stats);
+    return { ...r, draft: m.name };
+  }
+
+  /** A request routed to m has ended (finished or not). */
+  #leave(m: Member): void {
+    m.inflight--;
+    this.#inflight--;
+  }
+
+  /** A finished request's acceptance, for the bandits. */
+  #measured(m: Member, stats: { drafted: number; accepted: number }): void {
     m.requests++;
     this.#total++;
-    const acc = r.stats.acceptanceRate;
-    m.acceptedSum += acc;
-    m.successes += r.stats.accepted;
-    m.failures += r.stats.drafted - r.stats.accepted;
-    return { ...r, draft: m.name };
+    m.acceptedSum += stats.drafted > 0 ? stats.accepted / stats.drafted : 0;
+    m.successes += stats.accepted;
+    m.failures += stats.drafted - stats.accepted;
   }
 
   /**
@@ -288,16 +297,11 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     m.decoder.on('step', onStep);
     try {
       const stopReason = yield* m.decoder.stream({ ...rest, onStart: (r) => ((id = r), rest.onStart?.(r)) });
-      m.requests++;
-      this.#total++;
-      m.acceptedSum += seen.drafted > 0 ? seen.accepted / seen.drafted : 0;
-      m.successes += seen.accepted;
-      m.failures += seen.drafted - seen.accepted;
+      this.#measured(m, seen);
       return { stopReason, draft: m.name };
     } finally {
       m.decoder.off('step', onStep);
-      m.inflight--;
-      this.#inflight--;
+      this.#leave(m);
     }
   }
 

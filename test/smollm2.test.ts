@@ -103,6 +103,24 @@ describe.skipIf(!have)('SmolLM2-135M-Instruct Q4_1', () => {
     expect(model.tokenizer?.pre).toBe('smollm');
   });
 
+  it('a saved copy keeps the general.* provenance (name, license) and the tokenizer, not the source file_type', async () => {
+    const dir = tempDir('osd-smol-save-');
+    const src = addon.readGgufMetadata(SMOL, { maxArrayLength: 0 }).metadata;
+    expect(src['general.license']).toBe('apache-2.0');
+    for (const type of ['keep', 'F16'] as const) {
+      const path = join(dir, `smol-${type}.gguf`);
+      await model.save(path, { type });
+      const got = addon.readGgufMetadata(path, { maxArrayLength: 0 }).metadata;
+      for (const [k, v] of Object.entries(src)) {
+        if (k === 'general.file_type') continue;
+        if (k.startsWith('general.') || k.startsWith('tokenizer.')) expect(got[k], `${type}: ${k}`).toEqual(v);
+      }
+      // The source says Q4_1 (3); what was written is described by its tensors, not by a stale key.
+      expect(got['general.file_type'], type).toBeUndefined();
+      expect(got['general.architecture']).toBe('llama');
+    }
+  });
+
   it('is batch invariant: decode, an 8-token chain and a tree give bit-identical logits', async () => {
     const prompt = Array.from(model.tokenizer!.encode('The quick brown fox'));
     const chain = [34854, 690, 260, 23790, 2767, 30, 378, 1345];

@@ -70,9 +70,15 @@ void fill_writer(const Model& model, std::optional<gguf::TensorType> want, Model
   const ModelConfig& c = model.config();
   gguf::Writer& w = mw.w;
   set_model_metadata(w, c);
+  // The source's tokenizer and its provenance (name, license, authors, ...) travel with the weights.
+  // file_type describes the source's storage, and alignment is the writer's own.
   if (const gguf::File* src = model.gguf())
-    for (const auto& kv : src->metadata())
-      if (kv.key.rfind("tokenizer.", 0) == 0) w.set(kv.key, kv.value);
+    for (const auto& kv : src->metadata()) {
+      const std::string& k = kv.key;
+      const bool general = k.rfind("general.", 0) == 0 && k != "general.architecture" &&
+                           k != "general.file_type" && k != "general.alignment";
+      if (general || k.rfind("tokenizer.", 0) == 0) w.set(k, kv.value);
+    }
 
   auto add_matrix = [&](const std::string& name, const Matrix& m) {
     const TensorType type = want.value_or(m.type);

@@ -569,6 +569,14 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     if (mt === undefined || mt === null) maxTokens = Math.max(1, Math.min(defaultMax, context - promptLength));
     else if (typeof mt !== 'number' || !Number.isInteger(mt) || mt < 1 || mt > context)
       throw new HttpError(400, `${name} must be an integer in [1, ${context}] (the context length), got ${JSON.stringify(mt)}`, name, 'invalid_value');
+    else if (promptLength + mt > context)
+      // As OpenAI does: the request cannot be served as asked, so it is refused rather than cut short.
+      throw new HttpError(
+        400,
+        `This model's maximum context length is ${context} tokens. However, you requested ${promptLength + mt} tokens (${promptLength} in the prompt, ${mt} in the completion). Reduce the prompt or ${name}.`,
+        name,
+        'context_length_exceeded',
+      );
     else maxTokens = mt;
     const temperature = optNumber(body, 'temperature', 0, 2) ?? 1;
     const topP = optNumber(body, 'top_p', 0, 1) ?? 1;

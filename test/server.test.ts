@@ -275,6 +275,19 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
       expect(e).toBeInstanceOf(OpenAI.BadRequestError);
       expect(e.param).toBe('max_tokens');
     }
+    // A prompt and max_tokens that together overflow the context are refused, not cut short.
+    const C = target.info.contextLength;
+    const P = target.tokenizer!.encode('x', { addBos: target.tokenizer!.addBos }).length;
+    for (const [param, value] of [['max_tokens', C - P + 1], ['max_completion_tokens', C]] as const) {
+      const over = await fail(openai.completions.create({ model: handler.modelId, prompt: 'x', [param]: value } as never));
+      expect(over.status, param).toBe(400);
+      expect(over.code, param).toBe('context_length_exceeded');
+      expect(over.param, param).toBe(param);
+      expect(over.message).toContain(`${P + value} tokens (${P} in the prompt, ${value} in the completion)`);
+    }
+    const fits = await openai.completions.create({ model: handler.modelId, prompt: 'x', max_tokens: C - P, temperature: 0 });
+    expect(fits.usage!.prompt_tokens).toBe(P);
+    expect(fits.usage!.completion_tokens).toBeLessThanOrEqual(C - P);
     const long = 'the quick brown fox jumps over the lazy dog '.repeat(200);
     const tooLong = await fail(openai.chat.completions.create({ model: handler.modelId, messages: [{ role: 'user', content: long }], max_tokens: 4 }));
     expect(tooLong.status).toBe(400);

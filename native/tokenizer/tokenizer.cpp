@@ -410,12 +410,21 @@ void Tokenizer::encode_bpe_word(std::string_view word, std::vector<int32_t>& out
       out.push_back(id);
       continue;
     }
-    // Not a token: one token per byte-level character, else the unknown token. (llama.cpp
-    // drops such bytes silently; they cannot occur with a complete byte-level vocabulary.)
+    // Not a token: one token per byte-level character, else the unknown token, else an error
+    // naming the byte. (llama.cpp drops such bytes silently, losing text; they cannot occur with a
+    // complete byte-level vocabulary.)
     for (const Codepoint& c : utf8_decode(sym_text(i))) {
       const int32_t byte_id = find_token(sym_text(i).substr(c.offset, c.len));
-      if (byte_id >= 0) out.push_back(byte_id);
-      else if (vocab_.unk >= 0) out.push_back(vocab_.unk);
+      if (byte_id >= 0) {
+        out.push_back(byte_id);
+      } else if (vocab_.unk >= 0) {
+        out.push_back(vocab_.unk);
+      } else {
+        char hex[8];
+        std::snprintf(hex, sizeof hex, "0x%02X", static_cast<unsigned>(unicode_to_byte(c.cp)) & 0xFF);
+        throw_range(std::string("the text contains byte ") + hex +
+                    ", which this vocabulary has no byte-level token or unknown token for");
+      }
     }
   }
 }

@@ -395,6 +395,19 @@ OSD_TEST(bpe_merges_by_rank) {
   CHECK_STR(t.decode(t.encode("hello world 1234 \xC3\xA9\n", {})), "hello world 1234 \xC3\xA9\n");
 }
 
+OSD_TEST(bpe_missing_byte_character) {
+  // A byte-level vocabulary without the character of byte 0xA9: <unk> if it has one, else an error
+  // naming the byte (never a silently dropped byte).
+  VocabData v = small_bpe();
+  v.tokens[0xA9] = "<unused-a9>";
+  v.token_types[0xA9] = 5;
+  CHECK_THROWS(Error, Tokenizer(v).encode("\xC3\xA9", {}), "byte 0xA9");
+  v.tokens.push_back("<unk>");
+  v.token_types.push_back(2);
+  v.unk = static_cast<int32_t>(v.tokens.size()) - 1;
+  CHECK_IDS(Tokenizer(v).encode("a\xC3\xA9", {}), {'a', 0xC3, v.unk});
+}
+
 OSD_TEST(bpe_special_tokens) {
   const Tokenizer t(small_bpe());
   const int32_t eot = t.eos();

@@ -12,7 +12,7 @@ interface NativeTrainer {
   snapshot(): Promise<unknown>;
   save(path: string): Promise<void>;
   configure(options: TrainerOptions): void;
-  dispose(): void;
+  dispose(): Promise<void>;
   readonly steps: number;
   readonly parameterCount: number;
 }
@@ -117,7 +117,7 @@ export async function loadTrainerCheckpoint(path: string): Promise<Trainer> {
     // The checkpoint keeps its source model's tokenizer and chat template: snapshots get them back.
     return new Trainer(handle, await readTextTools(path));
   } catch (e) {
-    handle.dispose();
+    await handle.dispose();
     throw e;
   }
 }
@@ -202,8 +202,9 @@ export class Trainer {
 
   async dispose(): Promise<void> {
     await this.#queue;
-    this.#native?.dispose();
+    const native = this.#native;
     this.#native = null;
+    await native?.dispose();  // freed off the event loop
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

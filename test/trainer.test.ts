@@ -142,5 +142,16 @@ describe('Trainer', () => {
     expect(() => trainer.evalLoss({ ...fixedBatch(), mask: new Uint8Array(24).fill(1) })).toThrow(/^batch\.mask goes with a teacher/);
     await trainer.dispose();
     expect(() => trainer.step(fixedBatch())).toThrow(/disposed/);
+    await trainer.dispose();  // twice is fine
+  });
+
+  it('dispose waits for a queued step and frees the trainer off the event loop', async () => {
+    const trainer = await createTrainer({ config, seed: 1 });
+    const step = trainer.step(fixedBatch());
+    const disposing = trainer.dispose();
+    expect(disposing).toBeInstanceOf(Promise);
+    expect((await step).loss).toBeGreaterThan(0);
+    await disposing;
+    expect(() => trainer.step(fixedBatch())).toThrow(/disposed/);
   });
 });

@@ -245,9 +245,15 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
     });
   }
 
+  // Frees the trainer on a worker thread (parameters, moments and activations: hundreds of MB for
+  // a real draft, whose release held the event loop for a quarter of a second). A running step
+  // keeps its own reference.
   Napi::Value dispose(const Napi::CallbackInfo& info) {
-    trainer_.reset();  // a running step keeps its own reference
-    return info.Env().Undefined();
+    auto* w = new TrainWorker(
+        info.Env(), mu_, [t = std::move(trainer_)]() mutable { t.reset(); },
+        [](Napi::Env env) { return env.Undefined(); });
+    w->Queue();
+    return w->promise();
   }
   Napi::Value steps(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), trainer_ ? static_cast<double>(trainer_->steps()) : 0);

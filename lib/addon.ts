@@ -123,6 +123,8 @@ function load(): { addon: NativeAddon; path: string } {
       tried.map((t) => `  - ${t}`).join('\n') +
       '\nPossible solutions:\n' +
       '  - Rebuild it from source: `npm rebuild online-specdec` (needs python3, make and a C++17 compiler).\n' +
+      '    npm 12 and newer skip a dependency\'s install script unless your package.json allows it:\n' +
+      '    "allowScripts": { "online-specdec": true }.\n' +
       `  - Check that a prebuild exists for ${process.platform}-${process.arch} (Node-API 8).\n` +
       '  - Point OSD_ADDON_PATH at a built online_specdec.node.',
   );

@@ -1,9 +1,10 @@
 // The package surface: the CLI, the loader's error message, and the exports.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { cpSync, readFileSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import * as osd from '../lib/index.js';
+import { tempDir } from './helpers/tmp.js';
 
 const root = join(import.meta.dirname, '..');
 const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
@@ -73,5 +74,22 @@ describe('package', () => {
     expect(r.status).not.toBe(0);
     expect(r.stderr).toContain('OSD_ADDON_PATH=/nonexistent/online_specdec.node could not be loaded');
     expect(r.stderr).toContain('Unset OSD_ADDON_PATH');
+  });
+
+  it('a package with no loadable binary lists what it tried and how to build one', () => {
+    // The compiled package without build/, build-cmake/ or prebuilds/, as an install whose
+    // install script did not run (npm 12 skips it unless the project allows it).
+    const dir = tempDir('osd-nobinary-');
+    cpSync(join(root, 'dist'), join(dir, 'dist'), { recursive: true });
+    cpSync(join(root, 'package.json'), join(dir, 'package.json'));
+    symlinkSync(join(root, 'node_modules'), join(dir, 'node_modules'));
+    const env = { ...process.env };
+    delete env.OSD_ADDON_PATH;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', "await import('./dist/index.js')"], { cwd: dir, encoding: 'utf8', env });
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toContain('the native addon could not be loaded');
+    expect(r.stderr).toContain(`node-gyp-build in ${dir}`);
+    expect(r.stderr).toContain('npm rebuild online-specdec');
+    expect(r.stderr).toContain('"allowScripts": { "online-specdec": true }');
   });
 });

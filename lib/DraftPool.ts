@@ -5,7 +5,7 @@ import { EventEmitter } from 'node:events';
 import { extname } from 'node:path';
 import { Model } from './Model.js';
 import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics, type RollbackEvent, type UpdateEvent } from './OnlineDecoder.js';
-import type { SpeculativeGenerateOptions, SpeculativeResult, StepEvent, Strategy, StreamChunk } from './SpeculativeDecoder.js';
+import type { SpeculativeGenerateOptions, SpeculativeResult, StepEvent, Strategy, StreamChunk, WeightSwap } from './SpeculativeDecoder.js';
 import type { SamplingOptions } from './addonTypes.js';
 
 export interface RouteRequest {
@@ -38,6 +38,8 @@ export interface DraftPoolOptions {
    * draftCheckpointPath): `ck.gguf` is `ck.<name>.gguf` for the draft called name.
    */
   distill?: OnlineDistillOptions;
+  /** When running requests take up a draft's update (see SpeculativeDecoderOptions.weightSwap). Default 'step'. */
+  weightSwap?: WeightSwap;
   /** With the label router: a label seen for the first time gets a copy of this draft (by name). */
   forkFrom?: string;
   /** Seed of the Thompson sampler. */
@@ -113,6 +115,7 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
       draft: model,
       strategy: this.#options.strategy,
       sampling: this.#options.sampling,
+      weightSwap: this.#options.weightSwap,
       // Each draft checkpoints to its own file.
       distill: d && {
         ...d,

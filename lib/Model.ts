@@ -222,6 +222,7 @@ export interface StreamChunk {
 /** A loaded model. Dispose it (or use `await using`) to release its memory once sequences end. */
 export class Model {
   #info: ModelInfo;
+  #weightsVersion = 0;
   /** The GGUF's own tokenizer (undefined for llama2.c checkpoints and vocabulary-less files). */
   readonly tokenizer: Tokenizer | undefined;
   /** Tokens that end a sequence. llama2.c checkpoints use BOS (1) as the story delimiter, and 2 as EOS. */
@@ -239,6 +240,14 @@ export class Model {
     this.chatTemplate = chatTemplate;
     if (this.info.format === 'llama2c') this.eosTokens = [1, 2];
     else this.eosTokens = tokenizer && tokenizer.eos >= 0 ? [tokenizer.eos] : [];
+  }
+
+  /**
+   * How many times setWeights() has swapped this model's weights (0 as loaded). A Sequence whose
+   * weightsVersion is lower than this one evaluates with older weights.
+   */
+  get weightsVersion(): number {
+    return this.#weightsVersion;
   }
 
   /** Architecture and sizes; storage type and bytes per token follow setWeights(). */
@@ -288,12 +297,14 @@ export class Model {
 
   /**
    * Swaps in the weights of `weights` (a model of the same shape, e.g. a Trainer snapshot). Sequences
-   * created afterwards use them; running sequences finish with the weights they started with, so no
-   * request ever sees half-updated weights.
+   * created afterwards use them; existing sequences keep the weights they were created with (their
+   * KV caches were computed with those), so no evaluation sees half-updated weights. weightsVersion
+   * counts the swaps: a SpeculativeDecoder compares it with its draft sequence's at every step.
    */
   setWeights(weights: Model): void {
     if (!(weights instanceof Model)) throw new TypeError('weights must be a Model');
     this.handle.setWeights(weights.handle);
+    this.#weightsVersion++;
     const now = this.handle.info();
     this.#info = { ...this.#info, matrixType: now.matrixType, weightBytesPerToken: now.weightBytesPerToken };
   }
@@ -508,15 +519,18 @@ export interface DraftResult {
 /** One KV cache. Evaluations run one at a time in call order. */
 export class Sequence {
   readonly model: Model;
+  /** The model's weightsVersion when this sequence (or the one it was forked from) was created: its weights. */
+  readonly weightsVersion: number;
   #native: NativeSequence | null;
   #queue: Promise<unknown> = Promise.resolve();
   #pending = 0;
   #disposedWithModel = false;
 
   /** @internal */
-  constructor(model: Model, handle: NativeSequence) {
+  constructor(model: Model, handle: NativeSequence, weightsVersion = model.weightsVersion) {
     this.model = model;
     this.#native = handle;
+    this.weightsVersion = weightsVersion;
   }
 
   #get(): NativeSequence {
@@ -655,7 +669,7 @@ export class Sequence {
 
   /** A copy of this sequence, cache included. */
   fork(): Sequence {
-    const copy = new Sequence(this.model, this.#idle('fork').fork());
+    const copy = new Sequence(this.model, this.#idle('fork').fork(), this.weightsVersion);
     this.model.adopt(copy);
     return copy;
   }

@@ -1,8 +1,8 @@
 // Online speculative decoding (Liu et al., ICML 2024): while serving, record where the draft was
 // corrected and what the target wanted there (top-k probabilities plus the residual mass), and
 // every so often distil the target into the draft on a shadow copy, off the decoding path. The new
-// weights are swapped in between requests; a guard rolls back when acceptance falls or the loss
-// is not finite. Output stays exact throughout: only the draft changes, and verification decides.
+// weights are swapped in between steps (running requests take them up at their next step, see
+// weightSwap); a guard rolls back when acceptance falls or the loss is not finite. Output stays exact throughout: only the draft changes, and verification decides.
 import { EventEmitter } from 'node:events';
 import { existsSync } from 'node:fs';
 import type { SamplingOptions } from './addonTypes.js';
@@ -17,6 +17,7 @@ import {
   type Strategy,
   type StreamChunk,
   type VerifiedStep,
+  type WeightSwap,
 } from './SpeculativeDecoder.js';
 import { createTrainer, setTrainThreads, type TrainBatch, type Trainer } from './Trainer.js';
 
@@ -94,6 +95,8 @@ export interface OnlineDecoderOptions {
   strategy?: Strategy;
   sampling?: SamplingOptions;
   maxConcurrent?: number;
+  /** When running requests take up an update's weights (see SpeculativeDecoderOptions.weightSwap). Default 'step'. */
+  weightSwap?: WeightSwap;
   distill?: OnlineDistillOptions;
 }
 
@@ -297,6 +300,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       strategy: options.strategy ?? { kind: 'chain', length: 4 },
       sampling: options.sampling,
       maxConcurrent: options.maxConcurrent,
+      weightSwap: options.weightSwap,
       onVerified: (s) => this.#record(s),
     });
     check(this.#decoder.strategy.kind !== 'ngram', "the 'ngram' strategy has no draft model to train");
@@ -376,8 +380,8 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       const w = { drafted: stats.drafted, accepted: stats.accepted };
       this.#recent.push(w);
       if (this.#recent.length > this.options.guardWindow) this.#recent.shift();
-      // The guard judges an update by requests that started after it (a request keeps the weights
-      // it started with).
+      // The guard judges an update by requests that started after it, which drafted with its weights
+      // throughout (one that was running took them up part way, or not at all with weightSwap 'request').
       if (this.#guard && weights >= this.#guard.update) {
         this.#guard.window.push(w);
         if (this.#guard.window.length >= this.options.guardWindow) this.#enqueue(() => this.#checkGuard());
@@ -545,7 +549,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       await snapshot.dispose();
       return;
     }
-    // Keep the weights being replaced for the guard, then swap between requests.
+    // Keep the weights being replaced for the guard, then swap (running requests follow at their next step).
     let previous: Model;
     try {
       previous = await copyModel(this.draft);

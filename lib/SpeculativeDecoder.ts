@@ -53,7 +53,16 @@ export interface SpeculativeDecoderOptions {
    * online distiller to record where the draft was corrected). Runs on the decoding path: keep it cheap.
    */
   onVerified?: (step: VerifiedStep) => void;
+  /**
+   * When a running request takes up new draft weights (draft.setWeights, as an online update does):
+   * 'step' (default) at its next step, where its draft cache is rebuilt over the context with the
+   * new weights (one draft pass over the context); 'request' never, so only requests that start
+   * afterwards use them. Output stays exact either way: only the proposals change.
+   */
+  weightSwap?: WeightSwap;
 }
+
+export type WeightSwap = 'step' | 'request';
 
 /** What one verification saw, for recording. */
 export interface VerifiedStep {
@@ -114,6 +123,8 @@ export interface RequestStats {
   tokensPerSecond: number;
   /** Emitted tokens. */
   tokens: number;
+  /** Times a running request took up new draft weights at a step (weightSwap 'step'). */
+  draftWeightSwaps: number;
 }
 
 export interface SpeculativeResult {
@@ -143,6 +154,7 @@ class Counters {
   targetMs = 0;
   draftMs = 0;
   totalMs = 0;
+  draftWeightSwaps = 0;
   posDrafted: number[] = [];
   posAccepted: number[] = [];
 
@@ -161,7 +173,7 @@ class Counters {
   }
 
   add(o: Counters): void {
-    for (const k of ['drafted', 'accepted', 'steps', 'emitted', 'targetPasses', 'draftPasses', 'targetMs', 'draftMs', 'totalMs'] as const)
+    for (const k of ['drafted', 'accepted', 'steps', 'emitted', 'targetPasses', 'draftPasses', 'targetMs', 'draftMs', 'totalMs', 'draftWeightSwaps'] as const)
       this[k] += o[k];
     o.posDrafted.forEach((v, i) => (this.posDrafted[i] = (this.posDrafted[i] ?? 0) + v));
     o.posAccepted.forEach((v, i) => (this.posAccepted[i] = (this.posAccepted[i] ?? 0) + v));
@@ -183,6 +195,7 @@ class Counters {
       totalMs: this.totalMs,
       tokensPerSecond: this.totalMs > 0 ? (this.emitted * 1000) / this.totalMs : 0,
       tokens: this.emitted,
+      draftWeightSwaps: this.draftWeightSwaps,
     };
   }
 }
@@ -456,6 +469,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   readonly strategy: Required<Strategy> & Strategy;
   readonly sampling: SamplingOptions;
   readonly maxConcurrent: number;
+  readonly weightSwap: WeightSwap;
   readonly #onVerified: ((step: VerifiedStep) => void) | undefined;
   #totals = new Counters();
   #nextRequest = 1;
@@ -508,6 +522,9 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     this.maxConcurrent = options.maxConcurrent === undefined ? 2 : checkPositiveInt(options.maxConcurrent, 'maxConcurrent', 1024);
     if (options.onVerified !== undefined && typeof options.onVerified !== 'function') throw new TypeError('onVerified must be a function');
     this.#onVerified = options.onVerified;
+    const swap = options.weightSwap ?? 'step';
+    if (swap !== 'step' && swap !== 'request') throw new RangeError(`weightSwap must be 'step' or 'request', got ${String(swap)}`);
+    this.weightSwap = swap;
     this.#fault = (options as { _fault?: SpeculativeFault })._fault;
   }
 
@@ -665,7 +682,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   ): Promise<RequestStats> {
     const started = performance.now();
     const T = this.target.createSequence();
-    const D = this.draft && this.strategy.kind !== 'ngram' ? this.draft.createSequence() : undefined;
+    let D = this.draft && this.strategy.kind !== 'ngram' ? this.draft.createSequence() : undefined;
     const committed = Array.from(prompt);
     const tk = this.target.tokenizer;
     const textDecoder = stopStrings.length && tk ? new TokenStreamDecoder(tk) : undefined;
@@ -681,6 +698,13 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       if (committed.length > 1) await this.#timed(c, 'target', () => T.evaluate(committed.slice(0, -1), { lastOnly: true, signal }));
       for (let step = 0; produced < maxTokens; step++) {
         throwIfAborted(signal);
+        if (D && this.weightSwap === 'step' && D.weightsVersion !== this.draft!.weightsVersion) {
+          // New draft weights: a fresh draft sequence, which the step catches up over the context.
+          const stale = D;
+          D = this.draft!.createSequence();
+          await stale.dispose();
+          c.draftWeightSwaps++;
+        }
         const room = capacity - committed.length - 1; // positions left after the last token
         // A draft with a shorter context than the target drafts while it has room; after that the
         // steps draft nothing and verification samples the target alone (still exact).

@@ -61,6 +61,7 @@ export type {
   StepEvent,
   SpeculativeDecoderEvents,
   VerifiedStep,
+  WeightSwap,
 } from './SpeculativeDecoder.js';
 export { createTrainer, loadTrainerCheckpoint, setTrainThreads, Trainer } from './Trainer.js';
 export type { TrainerOptions, TrainBatch, TrainStepResult, NewModelConfig } from './Trainer.js';

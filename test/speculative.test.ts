@@ -303,6 +303,43 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     }
   });
 
+  it("a running request takes up new draft weights at its next step ('step'), or never ('request'); output stays the target's", async () => {
+    // A draft of the target's shape with random weights; after five steps it gets the target's own
+    // (F16) weights, under which greedy drafts are nearly always accepted.
+    await writeRandomModel(join(dir, 'same-shape.gguf'), {
+      vocabSize: 512, embeddingLength: 64, layers: 5, heads: 8, kvHeads: 4, feedForwardLength: 172, contextLength: 512, seed: 5,
+    });
+    const want = await target.generate({ tokens: prompts[1]!, maxTokens: 100, stopTokens: [] });
+    for (const weightSwap of ['step', 'request'] as const) {
+      await using draft = await loadModel(join(dir, 'same-shape.gguf'));
+      const dec = createSpeculativeDecoder({ target, draft, strategy: { kind: 'chain', length: 4 }, weightSwap });
+      const steps: { drafted: number; accepted: number }[] = [];
+      dec.on('step', (e) => {
+        steps.push(e);
+        if (steps.length === 5) draft.setWeights(closeDraft);
+      });
+      const r = await dec.generate({ tokens: prompts[1]!, maxTokens: 100, stopTokens: [] });
+      expect(Array.from(r.tokens), weightSwap).toEqual(Array.from(want.tokens));
+      const rate = (xs: typeof steps) => xs.reduce((a, e) => a + e.accepted, 0) / xs.reduce((a, e) => a + e.drafted, 0);
+      expect(rate(steps.slice(0, 5)), weightSwap).toBeLessThan(0.3);
+      if (weightSwap === 'step') {
+        expect(rate(steps.slice(5)), weightSwap).toBeGreaterThan(0.8);
+        expect(r.stats.draftWeightSwaps).toBe(1);
+      } else {
+        expect(rate(steps.slice(5)), weightSwap).toBeLessThan(0.3);
+        expect(r.stats.draftWeightSwaps).toBe(0);
+      }
+      // A request that starts after the swap uses the new weights either way.
+      const next = await dec.generate({ tokens: prompts[1]!, maxTokens: 40, stopTokens: [] });
+      expect(next.stats.acceptanceRate, weightSwap).toBeGreaterThan(0.8);
+      expect(next.stats.draftWeightSwaps).toBe(0);
+      await dec.dispose();
+    }
+    expect(() => createSpeculativeDecoder({ target, draft: closeDraft, weightSwap: 'never' as never })).toThrow(
+      new RangeError("weightSwap must be 'step' or 'request', got never"),
+    );
+  });
+
   it('reports per-request stats and step events', async () => {
     const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 4 } });
     const events: { drafted: number; accepted: number }[] = [];

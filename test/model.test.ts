@@ -209,6 +209,15 @@ describe('loading bad files', () => {
     const err = await loadModel(cut).catch((e: Error) => e);
     expect(err).toBeInstanceOf(Error);
     expect((err as Error).message).toContain('cut.bin');
+    expect((err as Error).message).toMatch(/nor a llama2\.c checkpoint \(truncated llama2\.c checkpoint/);
+  });
+
+  it('a file that is no model says it is neither GGUF nor llama2.c (a text file read as a llama2.c header)', async () => {
+    const text = join(dir, 'notes.txt');
+    writeFileSync(text, 'These are some notes, not a model. '.repeat(20));
+    const err = (await loadModel(text).catch((e: Error) => e)) as Error & { code?: string };
+    expect(err.message).toMatch(/notes\.txt: not a GGUF file \(it does not begin with "GGUF"\) nor a llama2\.c checkpoint \(bad llama2\.c header/);
+    expect(err.code).toBe('OSD_IO');
   });
 
   it('an empty file is called empty (it was reported as a truncated llama2.c header)', async () => {

@@ -45,7 +45,15 @@ std::shared_ptr<Model> Model::load(const std::string& path) {
     return from_gguf(gguf::File::open(path));
   }
   probe = io::FileBytes();
-  return from_llama2c(llama2c::Checkpoint::open(path));
+  // Not GGUF: a llama2.c checkpoint (no magic number), or some other file; say both were tried.
+  try {
+    return from_llama2c(llama2c::Checkpoint::open(path));
+  } catch (const Error& e) {
+    if (e.kind != ErrorKind::Io) throw;
+    std::string why = e.what();
+    if (why.rfind(path + ": ", 0) == 0) why.erase(0, path.size() + 2);
+    throw_io(path + ": not a GGUF file (it does not begin with \"GGUF\") nor a llama2.c checkpoint (" + why + ")");
+  }
 }
 
 std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {

@@ -4,7 +4,7 @@ import { addon } from './addon.js';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { applyChatTemplate, type ApplyChatTemplateOptions, type ChatMessage } from './chatTemplate.js';
 import { loadTokenizer, TokenStreamDecoder, type Tokenizer } from './Tokenizer.js';
-import { checkCallback, checkOptions } from './args.js';
+import { checkCallback, checkInteger, checkMisplacedSampling, checkOptions } from './args.js';
 import { abortError, checkSignal, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
 
 interface NativeModel {
@@ -91,8 +91,7 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
   const signal = checkSignal(options.signal);
   checkCallback(options.onProgress, 'options.onProgress');
   if (options.threads !== undefined) {
-    if (!Number.isInteger(options.threads) || options.threads < 0)
-      throw new RangeError('threads must be a non-negative integer (0 = all cores)');
+    checkInteger(options.threads, 'threads', 0, Number.MAX_SAFE_INTEGER, ' (0 = all cores)');
     (addon as unknown as { setThreads(n: number): number }).setThreads(options.threads);
   }
   throwIfAborted(signal);
@@ -268,8 +267,7 @@ export class Model {
   /** A new sequence with its own KV cache. contextSize defaults to (and is capped at) the model's context length. */
   createSequence(options: { contextSize?: number } = {}): Sequence {
     const { contextSize } = checkOptions(options)!;
-    if (contextSize !== undefined && (!Number.isInteger(contextSize) || contextSize <= 0))
-      throw new RangeError('contextSize must be a positive integer');
+    if (contextSize !== undefined) checkInteger(contextSize, 'contextSize', 1);
     const seq = new Sequence(this, new native.NativeSequence(this.handle, contextSize ?? 0));
     this.#sequences.add(seq);
     return seq;
@@ -340,8 +338,8 @@ export class Model {
     if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
     const signal = checkSignal(options.signal);
     const prompt = this.#promptTokens(options);
-    const { maxTokens } = options;
-    if (!Number.isInteger(maxTokens) || maxTokens < 0) throw new RangeError('maxTokens must be a non-negative integer');
+    const maxTokens = checkInteger(options.maxTokens, 'maxTokens', 0);
+    checkMisplacedSampling(options);
     const sampling = options.sampling ?? { temperature: 0 };
     const stop = new Set(options.stopTokens === undefined ? this.eosTokens : toTokenArray(options.stopTokens, 'stopTokens'));
     checkCallback(options.onToken, 'onToken');

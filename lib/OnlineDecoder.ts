@@ -6,6 +6,7 @@
 import { EventEmitter } from 'node:events';
 import { existsSync } from 'node:fs';
 import type { SamplingOptions } from './addonTypes.js';
+import { checkInteger } from './args.js';
 import type { DistillLossKind } from './kernels.js';
 import { isStoreType, loadModel, STORE_TYPES, type Model, type StoreType } from './Model.js';
 import {
@@ -214,24 +215,25 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
     replayRecords: o.replayRecords ?? 256,
     servedType: o.servedType ?? 'auto',
   };
+  // A misspelt option (learningRate for lr) would be ignored, and the default trained instead.
+  for (const k of Object.keys(o)) check(k in r, `distill.${k} is not an option (they are: ${Object.keys(r).join(', ')})`, 'type');
   check(['forward-kl', 'reverse-kl', 'jsd', 'tvd'].includes(r.loss), `distill.loss must be 'forward-kl', 'reverse-kl', 'jsd' or 'tvd', got '${String(r.loss)}'`);
   check(r.beta > 0 && r.beta < 1, 'distill.beta must be in (0, 1)');
   check(r.positions === 'mismatch' || r.positions === 'all', "distill.positions must be 'mismatch' or 'all'");
   check(r.acceptedFraction >= 0 && r.acceptedFraction <= 1, 'distill.acceptedFraction must be in [0, 1]');
-  for (const [k, v] of [['topK', r.topK], ['interval', r.interval], ['epochs', r.epochs], ['batchSize', r.batchSize], ['maxRecordTokens', r.maxRecordTokens], ['guardWindow', r.guardWindow]] as const)
-    check(Number.isInteger(v) && v >= 1, `distill.${k} must be an integer >= 1, got ${String(v)}`);
+  for (const [k, v] of [['topK', r.topK], ['interval', r.interval], ['epochs', r.epochs], ['batchSize', r.batchSize], ['maxRecordTokens', r.maxRecordTokens], ['guardWindow', r.guardWindow], ['replayRecords', r.replayRecords]] as const)
+    checkInteger(v, `distill.${k}`, 1);
   check(Number.isFinite(r.lr) && r.lr > 0, 'distill.lr must be a number > 0');
   check(Number.isFinite(r.replay) && r.replay >= 0 && r.replay < 1, `distill.replay must be in [0, 1), got ${String(r.replay)}`);
-  check(Number.isInteger(r.replayRecords) && r.replayRecords >= 1, `distill.replayRecords must be an integer >= 1, got ${String(r.replayRecords)}`);
-  check(Number.isInteger(r.trainThreads) && r.trainThreads >= 0 && r.trainThreads <= 1024, `distill.trainThreads must be an integer in [0, 1024], got ${String(r.trainThreads)}`);
+  checkInteger(r.trainThreads, 'distill.trainThreads', 0, 1024);
   check(r.servedType === 'auto' || isStoreType(r.servedType), `distill.servedType must be 'auto' or one of ${STORE_TYPES.join(', ')}, got ${String(r.servedType)}`);
   check(Number.isFinite(r.clipNorm) && r.clipNorm >= 0, 'distill.clipNorm must be >= 0');
   check(r.maxBufferBytes >= 1024, 'distill.maxBufferBytes must be >= 1024');
   check(r.guardMargin >= 0 && r.guardMargin <= 1, 'distill.guardMargin must be in [0, 1]');
-  if (r.tokenBudget !== undefined) check(Number.isInteger(r.tokenBudget) && r.tokenBudget >= 1, 'distill.tokenBudget must be an integer >= 1');
+  if (r.tokenBudget !== undefined) checkInteger(r.tokenBudget, 'distill.tokenBudget', 1);
   if (r.maxAgeMs !== undefined) check(r.maxAgeMs > 0, 'distill.maxAgeMs must be > 0');
   if (r.autosaveEvery !== undefined) {
-    check(Number.isInteger(r.autosaveEvery) && r.autosaveEvery >= 1, 'distill.autosaveEvery must be an integer >= 1');
+    checkInteger(r.autosaveEvery, 'distill.autosaveEvery', 1);
     check(typeof r.autosavePath === 'string' && r.autosavePath.length > 0, 'distill.autosavePath is required with autosaveEvery', 'type');
   }
   return r;

@@ -4,7 +4,7 @@
 import { EventEmitter } from 'node:events';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { verifyChain, verifyTree } from './kernels.js';
-import { checkCallback, checkSampling } from './args.js';
+import { checkCallback, checkInteger, checkMisplacedSampling, checkSampling } from './args.js';
 import { type Model, type Sequence, type StreamChunk, toTokenArray } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
@@ -300,14 +300,11 @@ function checkCost(c: unknown): void {
   if (typeof c !== 'number' || !(c >= 0) || !Number.isFinite(c)) throw new RangeError(`c must be a finite number >= 0, got ${String(c)}`);
 }
 function checkMaxLength(v: unknown, min: number): void {
-  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > 1 << 16)
-    throw new RangeError(`maxLength must be an integer in [${min}, ${1 << 16}], got ${String(v)}`);
+  checkInteger(v, 'maxLength', min, 1 << 16);
 }
 
 function checkPositiveInt(v: unknown, name: string, max = 1 << 16): number {
-  if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > max)
-    throw new RangeError(`${name} must be an integer in [1, ${max}], got ${String(v)}`);
-  return v;
+  return checkInteger(v, name, 1, max);
 }
 
 function normaliseStrategy(s: Strategy | undefined): Required<Strategy> & Strategy {
@@ -622,8 +619,8 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
     const signal = checkSignal(options.signal);
     const prompt = this.#promptTokens(options);
-    const { maxTokens } = options;
-    if (!Number.isInteger(maxTokens) || maxTokens < 0) throw new RangeError('maxTokens must be a non-negative integer');
+    const maxTokens = checkInteger(options.maxTokens, 'maxTokens', 0);
+    checkMisplacedSampling(options);
     if (options.stop !== undefined && (!Array.isArray(options.stop) || options.stop.some((s) => typeof s !== 'string')))
       throw new TypeError('stop must be an array of strings');
     if (options.stop?.length && !this.target.tokenizer) throw new TypeError('stop strings need a target with a tokenizer');

@@ -6,6 +6,36 @@ export function checkOptions<T extends object>(options: T | undefined, name = 'o
   return options;
 }
 
+/** A value as error messages show it: strings quoted (so '4' is not read as 4), arrays bracketed. */
+export function shown(v: unknown): string {
+  if (typeof v === 'string') return JSON.stringify(v);
+  if (typeof v === 'bigint') return `${v}n`;
+  if (Array.isArray(v)) return v.length > 8 ? `an array of ${v.length}` : `[${v.map(shown).join(', ')}]`;
+  return String(v);
+}
+
+/**
+ * An integer option in [min, max]: a TypeError naming it when it is not a number (a string '4'
+ * included), a RangeError when it is not an integer in range. `note` follows the range in the message.
+ */
+export function checkInteger(v: unknown, name: string, min: number, max = Number.MAX_SAFE_INTEGER, note = ''): number {
+  if (typeof v !== 'number') throw new TypeError(`${name} must be a number, got ${shown(v)}`);
+  if (!Number.isInteger(v) || v < min || v > max) {
+    const range = max === Number.MAX_SAFE_INTEGER ? `>= ${min}` : `in [${min}, ${max}]`;
+    throw new RangeError(`${name} must be an integer ${range}${note}, got ${shown(v)}`);
+  }
+  return v;
+}
+
+/**
+ * Sampling settings given beside `sampling` instead of inside it get a TypeError: ignored, they
+ * would turn a request meant to sample into a greedy one without a word.
+ */
+export function checkMisplacedSampling(options: object): void {
+  for (const k of ['temperature', 'topK', 'topP'])
+    if ((options as Record<string, unknown>)[k] !== undefined) throw new TypeError(`${k} goes inside sampling: { sampling: { ${k} } }`);
+}
+
 /** Checks an optional callback option (TypeError naming it). */
 export function checkCallback(fn: unknown, name: string): void {
   if (fn !== undefined && typeof fn !== 'function') throw new TypeError(`${name} must be a function`);

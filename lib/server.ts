@@ -7,6 +7,7 @@
 // Generations queue for one of maxConcurrent decoding slots. A client that disconnects aborts its
 // generation (or leaves the queue), and its KV caches are freed. Errors are OpenAI-shaped JSON:
 // { error: { message, type, param, code } }.
+import { checkInteger } from './args.js';
 import type { ChatMessage } from './chatTemplate.js';
 import { randomInt, randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
@@ -368,15 +369,14 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   const maxQueued = options.maxQueued ?? 256;
   const defaultMaxTokens = options.defaultMaxTokens ?? 256;
   const maxBodyBytes = options.maxBodyBytes ?? 1 << 20;
-  for (const [k, v] of [['maxQueued', maxQueued], ['defaultMaxTokens', defaultMaxTokens], ['maxBodyBytes', maxBodyBytes]] as const)
-    if (!Number.isInteger(v) || v < 1) throw new RangeError(`${k} must be a positive integer`);
+  for (const [k, v] of [['maxQueued', maxQueued], ['defaultMaxTokens', defaultMaxTokens], ['maxBodyBytes', maxBodyBytes]] as const) checkInteger(v, k, 1);
   const modelId = options.modelId ?? stem(target.info.path);
   const draftName = options.draftName ?? stem(draft.info.path);
   const tk = target.tokenizer;
   const context = Math.min(target.info.contextLength, draft.info.contextLength);
   const created = Math.floor(Date.now() / 1000);
 
-  if (!Number.isInteger(maxConcurrent) || maxConcurrent < 1 || maxConcurrent > 1024) throw new RangeError('maxConcurrent must be an integer in [1, 1024]');
+  checkInteger(maxConcurrent, 'maxConcurrent', 1, 1024);
   // The server queues generations itself (Slots: a client that leaves while queued is dropped at
   // once); the decoder's own limit is set past anything the server admits.
   const slots = new Slots(maxConcurrent);

@@ -94,6 +94,18 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     for (const stream of [-1, 2 ** 32, 2n ** 32n, 0.5, 'x'])
       await expect(dec.generate({ tokens: [1], maxTokens: 2, stream: stream as never })).rejects.toThrow(/^stream must be an integer in \[0, 2\^32 - 1\]/);
     expect((await dec.generate({ tokens: [1], maxTokens: 2, stream: 2 ** 32 - 1 })).tokens.length).toBe(2);
+    // A string where a number goes is a TypeError that shows the string (the RangeError said "got 4").
+    expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: '4' as never } })).toThrow(
+      new TypeError('strategy.length must be a number, got "4"'),
+    );
+    await expect(dec.generate({ tokens: [1], maxTokens: '8' as never })).rejects.toThrow(new TypeError('maxTokens must be a number, got "8"'));
+    await expect(dec.generate({ tokens: [1], maxTokens: -1 })).rejects.toThrow(new RangeError('maxTokens must be an integer >= 0, got -1'));
+    // Sampling settings beside `sampling` were ignored: the request ran greedy.
+    await expect(dec.generate({ tokens: [1], maxTokens: 2, temperature: 0.8 } as never)).rejects.toThrow(
+      new TypeError('temperature goes inside sampling: { sampling: { temperature } }'),
+    );
+    await expect(target.generate({ tokens: [1], maxTokens: 2, topP: 0.9 } as never)).rejects.toThrow(/^topP goes inside sampling/);
+    await expect(target.generate({ tokens: [1], maxTokens: '2' as never })).rejects.toThrow(new TypeError('maxTokens must be a number, got "2"'));
   });
 
   for (const strategy of strategies) {

@@ -1,7 +1,9 @@
 #include "model/model.h"
 
+#include <climits>
 #include <cmath>
 #include <cstring>
+#include <optional>
 
 #include "core/error.h"
 
@@ -64,12 +66,18 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
   if (c.arch != "llama" && c.arch != "qwen2")
     throw_io(f.name() + ": architecture '" + c.arch + "' is not supported (supported: llama, qwen2)");
   const std::string a = c.arch + ".";
-  c.dim = static_cast<int32_t>(f.get_int(a + "embedding_length"));
-  c.n_layers = static_cast<int32_t>(f.get_int(a + "block_count"));
-  c.n_heads = static_cast<int32_t>(f.get_int(a + "attention.head_count"));
-  c.n_kv_heads = static_cast<int32_t>(f.get_int_or(a + "attention.head_count_kv", c.n_heads));
-  c.ffn_dim = static_cast<int32_t>(f.get_int(a + "feed_forward_length"));
-  c.context = static_cast<int32_t>(f.get_int_or(a + "context_length", 2048));
+  // Sizes: positive and within int32 (a larger value was truncated by the cast).
+  auto size_of = [&](const std::string& key, std::optional<int64_t> fallback) {
+    const int64_t v = fallback ? f.get_int_or(key, *fallback) : f.get_int(key);
+    if (v <= 0 || v > INT32_MAX) throw_io(f.name() + ": " + key + " must be in [1, 2147483647], got " + std::to_string(v));
+    return static_cast<int32_t>(v);
+  };
+  c.dim = size_of(a + "embedding_length", std::nullopt);
+  c.n_layers = size_of(a + "block_count", std::nullopt);
+  c.n_heads = size_of(a + "attention.head_count", std::nullopt);
+  c.n_kv_heads = size_of(a + "attention.head_count_kv", c.n_heads);
+  c.ffn_dim = size_of(a + "feed_forward_length", std::nullopt);
+  c.context = size_of(a + "context_length", 2048);
   c.rope_theta = static_cast<float>(f.get_float_or(a + "rope.freq_base", 10000.0));
   c.rms_eps = static_cast<float>(f.get_float_or(a + "attention.layer_norm_rms_epsilon", 1e-5));
   c.rope_neox = c.arch == "qwen2";
@@ -79,7 +87,13 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
       c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0)
     throw_io(f.name() + ": inconsistent model dimensions (embedding " + std::to_string(c.dim) + ", heads " +
              std::to_string(c.n_heads) + ", kv heads " + std::to_string(c.n_kv_heads) + ")");
-  c.head_dim = static_cast<int32_t>(f.get_int_or(a + "attention.key_length", c.dim / c.n_heads));
+  c.head_dim = size_of(a + "attention.key_length", c.dim / c.n_heads);
+  // RoPE turns pairs of dimensions; q_dim() and kv_dim() are int32 products.
+  if (c.head_dim % 2 != 0)
+    throw_io(f.name() + ": " + a + "attention.key_length " + std::to_string(c.head_dim) + " is odd (RoPE needs pairs)");
+  if (static_cast<int64_t>(c.n_heads) * c.head_dim > INT32_MAX)
+    throw_io(f.name() + ": heads x key_length (" + std::to_string(c.n_heads) + " x " + std::to_string(c.head_dim) +
+             ") is too large");
   if (f.get_int_or(a + "rope.dimension_count", c.head_dim) != c.head_dim)
     throw_io(f.name() + ": partial rotary embeddings (" + a + "rope.dimension_count) are not supported");
   const std::string scaling = f.get_string_or(a + "rope.scaling.type", "none");

@@ -1,5 +1,6 @@
 #include "model/model_io.h"
 
+#include <cmath>
 #include <memory>
 #include <vector>
 
@@ -48,7 +49,16 @@ void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType ty
   auto buf = std::make_unique<std::vector<uint8_t>>(row_bytes * static_cast<size_t>(rows));
   uint8_t* out = buf->data();
   default_pool().parallel_for(static_cast<size_t>(rows), 64, [&](size_t lo, size_t hi) {
-    for (size_t r = lo; r < hi; ++r) quant::quantize(type, data + r * cols, cols, out + r * row_bytes);
+    for (size_t r = lo; r < hi; ++r) {
+      // A block format has no NaN or infinity (its scale would be, and the integer casts are undefined).
+      const float* row = data + r * cols;
+      for (int64_t j = 0; j < cols; ++j)
+        if (!std::isfinite(row[j]))
+          throw_range("tensor '" + name + "' has a non-finite weight (" + num_str(row[j]) + " at row " +
+                      std::to_string(r) + ", column " + std::to_string(j) + "), which " +
+                      gguf::type_info(type).name + " cannot store");
+      quant::quantize(type, row, cols, out + r * row_bytes);
+    }
   });
   w.add_tensor_raw(name, type, dims, buf->data(), buf->size());
   keep.push_back(std::move(buf));

@@ -226,10 +226,10 @@ void symmetric_block(const float* x, float* d_out, uint8_t* q) {
   const float id = d == 0.0f ? 0.0f : 1.0f / d;
   for (int j = 0; j < kQK; ++j) {
     const double v = static_cast<double>(x[j]) * static_cast<double>(id) + (kLevels + 0.5);
-    const float t = std::trunc(static_cast<float>(v));
-    int qi = static_cast<int>(t);
-    qi = qi < 0 ? 0 : qi > 2 * kLevels - 1 ? 2 * kLevels - 1 : qi;
-    q[j] = static_cast<uint8_t>(qi);
+    // Clipped as a float, so that no cast sees a value out of int's range (or a NaN: 0).
+    float t = std::trunc(static_cast<float>(v));
+    t = t >= 0.0f ? (t <= 2 * kLevels - 1 ? t : 2 * kLevels - 1) : 0.0f;
+    q[j] = static_cast<uint8_t>(t);
   }
   *d_out = d;
 }
@@ -245,10 +245,9 @@ void affine_block(const float* x, float* d_out, float* m_out, uint8_t* q) {
   const float d = (mx - mn) / static_cast<float>(kLevels);
   const float id = d == 0.0f ? 0.0f : 1.0f / d;
   for (int j = 0; j < kQK; ++j) {
-    const float v = (x[j] - mn) * id + 0.5f;
-    int qi = static_cast<int>(std::trunc(v));
-    qi = qi < 0 ? 0 : qi > kLevels ? kLevels : qi;
-    q[j] = static_cast<uint8_t>(qi);
+    float t = std::trunc((x[j] - mn) * id + 0.5f);
+    t = t >= 0.0f ? (t <= kLevels ? t : kLevels) : 0.0f;  // as above
+    q[j] = static_cast<uint8_t>(t);
   }
   *d_out = d;
   *m_out = mn;
@@ -375,7 +374,10 @@ void quantize(TensorType t, const float* src, int64_t n, void* dst) {
         const float dd = amax / 127.0f;
         const float id = dd == 0.0f ? 0.0f : 1.0f / dd;
         b[i].d = float_to_half(dd);
-        for (int j = 0; j < kQK; ++j) b[i].qs[j] = static_cast<int8_t>(round_half_away(x[j] * id));
+        for (int j = 0; j < kQK; ++j) {
+          const float r = round_half_away(x[j] * id);  // within [-127, 127] for finite input
+          b[i].qs[j] = static_cast<int8_t>(r >= -127.0f ? (r <= 127.0f ? r : 127.0f) : -127.0f);
+        }
       }
       return;
     }

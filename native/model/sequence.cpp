@@ -140,8 +140,8 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
         for (int64_t j = 0; j < QD; ++j) q[i * QD + j] += w.bq[j];
         for (int64_t j = 0; j < KVD; ++j) kv_k[i * KVD + j] += w.bk[j], kv_v[i * KVD + j] += w.bv[j];
       }
-      const float* cs = &rope_cos[i * half];
-      const float* sn = &rope_sin[i * half];
+      const float* cs = rope_cos.data() + i * half;  // (empty when head_dim is 1: no reference through null)
+      const float* sn = rope_sin.data() + i * half;
       for (int32_t hh = 0; hh < c.n_heads; ++hh) rotate(&q[i * QD + hh * HD], cs, sn);
       for (int32_t hh = 0; hh < c.n_kv_heads; ++hh) rotate(&kv_k[i * KVD + hh * HD], cs, sn);
       std::memcpy(&k_[l][(base + i) * KVD], &kv_k[i * KVD], KVD * sizeof(float));

@@ -10,6 +10,7 @@
 #include "check.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "io/gguf.h"
 #include "model/model.h"
 #include "model/model_io.h"
 #include "model/sequence.h"
@@ -205,6 +206,72 @@ OSD_TEST(gguf_round_trip_gives_identical_logits) {
   CHECK(worst < 0.05);
   std::remove(path.c_str());
   (void)V;
+}
+
+// A copy of the GGUF at `path` with metadata key `key` set to `value` (tensors unchanged).
+static void rewrite_with(const std::string& path, const std::string& out, const std::string& key, gguf::Value value) {
+  auto f = gguf::File::open(path);
+  gguf::Writer w;
+  for (const auto& kv : f->metadata()) w.set(kv.key, kv.value);
+  w.set(key, std::move(value));
+  for (const auto& t : f->tensors())
+    w.add_tensor_raw(t.name, t.type, std::vector<uint64_t>(t.ne, t.ne + t.n_dims), t.data, t.n_bytes);
+  w.write(out);
+}
+
+OSD_TEST(gguf_sizes_are_checked_before_use) {
+  // Sizes above int32 were truncated, and heads x key_length overflowed int (undefined behaviour)
+  // before the tensor shapes could reject the file; an odd key_length left RoPE a dimension short.
+  auto m = stories();
+  if (!m) return;
+  const std::string path = "/tmp/osd-test-sizes-" + std::to_string(::getpid()) + ".gguf";
+  const std::string bad = path + ".bad.gguf";
+  save_gguf(*m, path, gguf::TensorType::F32);
+  rewrite_with(path, bad, "llama.attention.key_length", gguf::Value::u32(1u << 30));
+  CHECK_THROWS(Error, Model::load(bad), "heads x key_length (8 x 1073741824) is too large");
+  rewrite_with(path, bad, "llama.attention.key_length", gguf::Value::u32(7));
+  CHECK_THROWS(Error, Model::load(bad), "llama.attention.key_length 7 is odd");
+  rewrite_with(path, bad, "llama.embedding_length", gguf::Value::u64(1ull << 32));
+  CHECK_THROWS(Error, Model::load(bad), "llama.embedding_length must be in [1, 2147483647], got 4294967296");
+  rewrite_with(path, bad, "llama.context_length", gguf::Value::u32(0));
+  CHECK_THROWS(Error, Model::load(bad), "llama.context_length must be in [1, 2147483647], got 0");
+  std::remove(bad.c_str());
+  std::remove(path.c_str());
+}
+
+OSD_TEST(block_formats_refuse_non_finite_weights) {
+  // A NaN weight (a diverged training run) quantised through undefined float-to-int casts into a
+  // garbage block; F16 stores it as it is.
+  auto m = stories();
+  if (!m) return;
+  const std::string path = "/tmp/osd-test-nan-" + std::to_string(::getpid()) + ".gguf";
+  save_gguf(*m, path, gguf::TensorType::F32);
+  {
+    auto f = gguf::File::open(path);
+    gguf::Writer w;
+    for (const auto& kv : f->metadata()) w.set(kv.key, kv.value);
+    std::vector<float> patched;
+    for (const auto& t : f->tensors()) {
+      const std::vector<uint64_t> dims(t.ne, t.ne + t.n_dims);
+      if (t.name != "blk.1.ffn_up.weight") {
+        w.add_tensor_raw(t.name, t.type, dims, t.data, t.n_bytes);
+        continue;
+      }
+      patched.assign(reinterpret_cast<const float*>(t.data), reinterpret_cast<const float*>(t.data) + t.n_elements);
+      patched[2 * 64 + 5] = NAN;  // row 2, column 5
+      w.add_tensor_raw(t.name, t.type, dims, patched.data(), t.n_bytes);
+    }
+    w.write(path + ".nan.gguf");
+  }
+  auto nan_model = Model::load(path + ".nan.gguf");
+  for (auto type : {gguf::TensorType::Q8_0, gguf::TensorType::Q4_0, gguf::TensorType::Q5_1}) {
+    const std::string want = "tensor 'blk.1.ffn_up.weight' has a non-finite weight (NaN at row 2, column 5), which " +
+                             std::string(gguf::type_info(type).name) + " cannot store";
+    CHECK_THROWS(Error, save_gguf(*nan_model, path, type), want.c_str());
+  }
+  save_gguf(*nan_model, path, gguf::TensorType::F16);  // stored as it is
+  std::remove((path + ".nan.gguf").c_str());
+  std::remove(path.c_str());
 }
 
 // The register-blocked F16 / BF16 / F32 kernels inside the model: every token's logits are the

@@ -455,12 +455,13 @@ OSD_TEST(arbitrary_bytes_round_trip) {
   const Tokenizer spm(small_spm()), bpe(small_bpe());
   uint32_t state = 12345;
   auto next = [&] { return (state = state * 1664525u + 1013904223u) >> 24; };
+  static const char kPool[] = "ab c<s>\xC3\xA9\xE2\x82\xAC";
   for (int round = 0; round < 200; ++round) {
     std::string s;
     const int n = static_cast<int>(next() % 24);
     for (int i = 0; i < n; ++i) {
       const uint32_t r = next();
-      s += r < 128 ? "ab c<s>\xC3\xA9\xE2\x82\xAC"[r % 14] : static_cast<char>(next());
+      s += r < 128 ? kPool[r % (sizeof kPool - 1)] : static_cast<char>(next());
     }
     for (const Tokenizer* t : {&spm, &bpe}) {
       const Ids ids = t->encode(s, {false, false, false});

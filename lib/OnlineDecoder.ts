@@ -4,7 +4,8 @@
 // weights are swapped in between steps (running requests take them up at their next step, see
 // weightSwap); a guard rolls back when acceptance falls or the loss is not finite. Output stays exact throughout: only the draft changes, and verification decides.
 import { EventEmitter } from 'node:events';
-import { existsSync } from 'node:fs';
+import { accessSync, constants, existsSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
 import type { SamplingOptions } from './addonTypes.js';
 import { checkInteger } from './args.js';
 import type { DistillLossKind } from './kernels.js';
@@ -235,6 +236,15 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
   if (r.autosaveEvery !== undefined) {
     checkInteger(r.autosaveEvery, 'distill.autosaveEvery', 1);
     check(typeof r.autosavePath === 'string' && r.autosavePath.length > 0, 'distill.autosavePath is required with autosaveEvery', 'type');
+  }
+  if (r.autosavePath !== undefined) {
+    // Checked now: a failed autosave surfaces only as an 'update-error' event, long after this call.
+    const dir = dirname(resolve(r.autosavePath));
+    try {
+      accessSync(dir, constants.W_OK);
+    } catch {
+      throw new Error(`distill.autosavePath: cannot write in ${dir}`);
+    }
   }
   return r;
 }

@@ -102,6 +102,13 @@ async function main(argv: string[]): Promise<number> {
     if (!Number.isFinite(n)) throw new RangeError(`--${name} must be a number, got '${v}'`);
     return n;
   };
+  // Integers are checked here, so that the message names the flag (not the API option behind it).
+  const int = (v: string | undefined, name: string, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER): number => {
+    const n = num(v, name, fallback);
+    if (!Number.isInteger(n) || n < min || n > max)
+      throw new RangeError(`--${name} must be an integer ${max === Number.MAX_SAFE_INTEGER ? `>= ${min}` : `in [${min}, ${max}]`}, got '${v}'`);
+    return n;
+  };
   const osd = await import('./index.js');
   switch (command) {
     case 'version':
@@ -128,7 +135,12 @@ async function main(argv: string[]): Promise<number> {
         let input: { prompt: string } | { tokens: Int32Array } = { prompt: text };
         if (values.chat) {
           const { readFileSync } = await import('node:fs');
-          const template = values.template === undefined ? undefined : readFileSync(values.template, 'utf8');
+          let template: string | undefined;
+          try {
+            template = values.template === undefined ? undefined : readFileSync(values.template, 'utf8');
+          } catch (e) {
+            throw new Error(`--template: cannot read ${values.template}: ${(e as Error).message}`);
+          }
           if (template === undefined && model.chatTemplate === undefined)
             throw new Error(`${values.model ?? DEFAULT_TARGET} has no chat template (tokenizer.chat_template); pass --template FILE`);
           const messages = [...(values.system !== undefined ? [{ role: 'system', content: values.system }] : []), { role: 'user', content: text }];
@@ -137,10 +149,10 @@ async function main(argv: string[]): Promise<number> {
         const sampling = {
           temperature: num(values.temperature, 'temperature', 0),
           topP: num(values['top-p'], 'top-p', 1),
-          topK: num(values['top-k'], 'top-k', 0),
+          topK: int(values['top-k'], 'top-k', 0, 0),
         };
-        const maxTokens = num(values['max-tokens'], 'max-tokens', 128);
-        const seed = num(values.seed, 'seed', 0);
+        const maxTokens = int(values['max-tokens'], 'max-tokens', 128, 1);
+        const seed = int(values.seed, 'seed', 0, 0);
         const ac = new AbortController();
         process.once('SIGINT', () => ac.abort());
         if (values.draft) {
@@ -177,14 +189,11 @@ async function main(argv: string[]): Promise<number> {
       const { existsSync } = await import('node:fs');
       for (const path of [values.target, values.draft]) if (path !== undefined && !existsSync(path)) throw new Error(`model not found: ${path}`);
       if (values.requests !== undefined && values['requests-per-phase'] !== undefined) throw new TypeError('give --requests or --requests-per-phase, not both');
-      const requests = num(values.requests ?? values['requests-per-phase'], values.requests !== undefined ? 'requests' : 'requests-per-phase', 24);
-      const requestsFlag = values.requests !== undefined ? '--requests' : '--requests-per-phase';
-      if (!Number.isInteger(requests) || requests < 1) throw new RangeError(`${requestsFlag} must be a positive integer`);
+      const requests = int(values.requests ?? values['requests-per-phase'], values.requests !== undefined ? 'requests' : 'requests-per-phase', 24, 1);
       const distill: { lr?: number; topK?: number } = {};
       if (values.lr !== undefined) distill.lr = num(values.lr, 'lr', 0);
-      if (values['top-k'] !== undefined) distill.topK = num(values['top-k'], 'top-k', 0);
+      if (values['top-k'] !== undefined) distill.topK = int(values['top-k'], 'top-k', 0, 1);
       if (distill.lr !== undefined && !(distill.lr > 0)) throw new RangeError('--lr must be a number > 0');
-      if (distill.topK !== undefined && !(Number.isInteger(distill.topK) && distill.topK >= 1)) throw new RangeError('--top-k must be an integer >= 1');
       if (values['save-draft'] !== undefined) {
         if (runs && !runs.includes('online')) throw new TypeError('--save-draft saves the online run\'s draft: include online in --runs');
         const { dirname, resolve } = await import('node:path');
@@ -201,7 +210,7 @@ async function main(argv: string[]): Promise<number> {
         target: values.target,
         draft: values.draft,
         requests,
-        maxTokens: num(values['max-tokens'], 'max-tokens', 32),
+        maxTokens: int(values['max-tokens'], 'max-tokens', 32, 1),
         runs,
         distill,
         saveDraft: values['save-draft'],
@@ -247,8 +256,7 @@ async function main(argv: string[]): Promise<number> {
       const draftPath = values.draft ?? DEFAULT_DRAFT;
       for (const path of [targetPath, draftPath])
         if (!existsSync(path)) throw new Error(`model not found: ${path}${values.target ? '' : ' (the embedded default pair is missing: pass --target and --draft)'}`);
-      const port = num(values.port, 'port', 8080);
-      if (!Number.isInteger(port) || port < 0 || port > 65535) throw new RangeError('--port must be an integer in [0, 65535]');
+      const port = int(values.port, 'port', 8080, 0, 65535);
       const host = values.host ?? '127.0.0.1';
       const grace = num(values.grace, 'grace', 30);
       if (!(grace >= 0)) throw new RangeError('--grace must be a number of seconds >= 0');
@@ -258,9 +266,18 @@ async function main(argv: string[]): Promise<number> {
         target,
         draft,
         online: values.static ? false : {},
-        maxConcurrent: num(values['max-concurrent'], 'max-concurrent', 4),
+        maxConcurrent: int(values['max-concurrent'], 'max-concurrent', 4, 1, 1024),
         modelId: values['model-id'],
       });
+      // What the draft's online learning does, one line each on stderr (a failed update or autosave
+      // would otherwise go unseen: serving goes on with the weights in place).
+      const dec = handler.decoder;
+      if (dec instanceof osd.OnlineDecoder) {
+        const log = (line: string) => process.stderr.write(`osd: ${line}\n`);
+        dec.on('update', (e) => log(`draft update ${e.update}: loss ${e.lossBefore.toFixed(4)} -> ${e.lossAfter.toFixed(4)} (${e.records} records, ${Math.round(e.durationMs)} ms)`));
+        dec.on('rollback', (e) => log(`draft update ${e.update} rolled back: ${e.reason}`));
+        dec.on('update-error', (e) => log(`draft update failed: ${e.error.message}`));
+      }
       const server = http.createServer(handler);
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);

@@ -3,6 +3,7 @@
 // per-domain drafts routed by a DraftPool. Prompts come from the held-out splits.
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { availableParallelism, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { packageRoot } from './addon.js';
 import { createDraftPool } from './DraftPool.js';
@@ -74,6 +75,8 @@ export interface DemoResult {
   runs: RunSummary[];
   /** Where the online run's adapted draft was written (DemoOptions.saveDraft). */
   savedDraft?: string;
+  /** The 1-minute load average at the start and end of the run, and the cores: speedups need an idle machine. */
+  load: { start: number; end: number; cores: number };
 }
 
 /** The demo's learning settings: faster than the serving defaults, so a short run shows adaptation. */
@@ -117,6 +120,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const prompts = loadPrompts(options.prompts ?? DEFAULT_PROMPTS);
   const R = options.requests ?? 24;
   const maxTokens = options.maxTokens ?? 32;
+  const loadStart = loadavg()[0]!;
   const sampling = options.sampling ?? { temperature: 0 };
   const strategy = options.strategy ?? { kind: 'chain', length: 4 };
   const runs = options.runs ?? ['static', 'online', 'pool'];
@@ -145,7 +149,8 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
       options.signal?.throwIfAborted();
       summaries.push(await runOne(kind, target, draftPath, prompts, R, maxTokens, sampling, strategy, distill, targetTps, progress, options.signal, kind === 'online' ? options.saveDraft : undefined));
     }
-    return { target: targetPath, draft: draftPath, requestsPerPhase: R, maxTokens, targetTokensPerSecond: targetTps, distill, runs: summaries, ...(options.saveDraft && runs.includes('online') ? { savedDraft: options.saveDraft } : {}) };
+    const load = { start: loadStart, end: loadavg()[0]!, cores: availableParallelism() };
+    return { target: targetPath, draft: draftPath, requestsPerPhase: R, maxTokens, targetTokensPerSecond: targetTps, distill, runs: summaries, ...(options.saveDraft && runs.includes('online') ? { savedDraft: options.saveDraft } : {}), load };
   } finally {
     await target.dispose();
   }
@@ -240,6 +245,14 @@ export function formatDemo(result: DemoResult): string {
       );
     lines.push(`${r.run.padEnd(7)}  updates ${r.updates}, rollbacks ${r.rollbacks}, English forgetting ${r.forgetting.toFixed(3)}`);
   }
+  const tps = Object.entries(result.targetTokensPerSecond).map(([phase, v]) => `${phase} ${v.toFixed(0)}`);
+  if (tps.length) lines.push('', `target-only decoding, tokens/s: ${tps.join(', ')} (below 1x, speculation was slower than this)`);
+  const { load } = result;
+  if (load && Math.max(load.start, load.end) > 0.75 * load.cores)
+    lines.push(
+      `note: the machine was busy (load average ${load.start.toFixed(1)} -> ${load.end.toFixed(1)} on ${load.cores} cores): ` +
+        'speedups measure the contention as much as the decoding; rerun on an idle machine',
+    );
   return lines.join('\n');
 }
 

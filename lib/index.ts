@@ -30,6 +30,8 @@ export type {
 export { selectBackend, activeBackend } from './backend.js';
 export type { BackendName, BackendSelection } from './backend.js';
 export { version } from './version.js';
+/** The embedded default model pair (what `osd demo` and `osd serve` use): absolute paths. */
+export { DEFAULT_TARGET as defaultTargetPath, DEFAULT_DRAFT as defaultDraftPath } from './demo.js';
 export { addonPath } from './addon.js';
 export { loadModel, writeRandomModel, Model, Sequence, STORE_TYPES, isStoreType } from './Model.js';
 export type {

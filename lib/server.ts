@@ -446,6 +446,12 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   });
   const updates = new Counter({ name: `${p}draft_updates_total`, help: 'Online distillation updates applied to the draft', labelNames: ['draft'], registers: [registry] });
   const rollbacks = new Counter({ name: `${p}draft_rollbacks_total`, help: 'Online distillation updates rolled back', labelNames: ['draft'], registers: [registry] });
+  const updateErrors = new Counter({
+    name: `${p}draft_update_errors_total`,
+    help: 'Online distillation updates (or autosaves, or the resume) that failed; serving went on with the weights in place',
+    labelNames: ['draft'],
+    registers: [registry],
+  });
   const updateSeconds = new Histogram({
     name: `${p}draft_update_duration_seconds`,
     help: 'Time of one online distillation update (off the decoding path)',
@@ -501,7 +507,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       },
     });
   // Make sure the per-draft series exist from the start (0 until traffic arrives).
-  for (const c of [drafted, accepted, steps, updates, rollbacks]) c.inc({ draft: draftName }, 0);
+  for (const c of [drafted, accepted, steps, updates, rollbacks, updateErrors]) c.inc({ draft: draftName }, 0);
   for (const kind of ['prompt', 'completion']) tokens.inc({ kind }, 0);
 
   const onStep = (e: StepEvent) => {
@@ -518,10 +524,12 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     updateSeconds.observe({ draft: draftName }, e.durationMs / 1000);
   };
   const onRollback = (_e: RollbackEvent) => rollbacks.inc({ draft: draftName });
+  const onUpdateError = () => updateErrors.inc({ draft: draftName });
   decoder.on('step', onStep);
   if (decoder instanceof OnlineDecoder) {
     decoder.on('update', onUpdate);
     decoder.on('rollback', onRollback);
+    decoder.on('update-error', onUpdateError);
   }
 
   // ------------------------------------------------------------ generation
@@ -932,6 +940,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       if (decoder instanceof OnlineDecoder) {
         decoder.off('update', onUpdate);
         decoder.off('rollback', onRollback);
+        decoder.off('update-error', onUpdateError);
       }
     })());
 

@@ -3,7 +3,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { demoSvg, DEFAULT_DRAFT, DEFAULT_TARGET } from '../lib/demo.js';
+import { demoSvg, formatDemo, DEFAULT_DRAFT, DEFAULT_TARGET, type DemoResult } from '../lib/demo.js';
 import { tempDir } from './helpers/tmp.js';
 
 const root = join(import.meta.dirname, '..');
@@ -64,5 +64,15 @@ describe('demo plot', () => {
     });
     for (const s of ['english', 'code', 'sql', 'email', 'no adaptation', 'per-domain drafts']) expect(svg).toContain(s);
     expect((svg.match(/<path /g) ?? []).length).toBe(6);
+  });
+
+  it('the table says what target-only decoding ran at, and warns when the machine was busy', () => {
+    const result = (load: DemoResult['load']): DemoResult => ({
+      target: 't', draft: 'd', requestsPerPhase: 2, maxTokens: 4, targetTokensPerSecond: { english: 812.4, code: 790 }, runs: [], load,
+    });
+    const idle = formatDemo(result({ start: 0.2, end: 0.4, cores: 2 }));
+    expect(idle).toContain('target-only decoding, tokens/s: english 812, code 790');
+    expect(idle).not.toContain('busy');
+    expect(formatDemo(result({ start: 0.3, end: 2.8, cores: 2 }))).toContain('note: the machine was busy (load average 0.3 -> 2.8 on 2 cores)');
   });
 });

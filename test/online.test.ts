@@ -274,6 +274,9 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     expect(() => createOnlineDecoder({ target, draft, strategy: { kind: 'ngram' } })).toThrow(/ngram/);
     // Strings passed the range checks by coercion ('0.5' > 0) and failed in a background update.
     expect(() => createOnlineDecoder({ target, draft, distill: { beta: '0.5' as never } })).toThrow(new TypeError('distill.beta must be a number, got string'));
+    expect(() => createOnlineDecoder({ target, draft, distill: { autosaveEvery: 1, autosavePath: '/nonexistent/dir/draft.gguf' } })).toThrow(
+      new Error('distill.autosavePath: cannot write in /nonexistent/dir'),
+    );
     // A misspelt option was ignored, and the default trained instead.
     expect(() => createOnlineDecoder({ target, draft, distill: { learningRate: 1 } as never })).toThrow(/^distill\.learningRate is not an option \(they are: loss, beta, .*\blr\b/);
     expect(() => createOnlineDecoder({ target, draft, distill: { interval: 2.5 } })).toThrow(new RangeError('distill.interval must be an integer >= 1, got 2.5'));

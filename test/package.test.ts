@@ -56,6 +56,12 @@ describe('package', () => {
     const b = cli('backends', 'extra');
     expect(b.status).toBe(1);
     expect(b.stderr).toContain("osd: 'backends' takes no arguments, got 'extra'");
+    // Flag values are checked under the flag's name (the messages named the API options behind them).
+    const t = cli('generate', '--max-tokens', '2.5', 'hi');
+    expect(t.status).toBe(1);
+    expect(t.stderr).toContain("--max-tokens must be an integer >= 1, got '2.5'");
+    expect(cli('serve', '--max-concurrent', '0').stderr).toContain("--max-concurrent must be an integer in [1, 1024], got '0'");
+    expect(cli('generate', '--chat', '--template', '/nonexistent.jinja', 'hi').stderr).toContain('--template: cannot read /nonexistent.jinja');
   });
 
   it('osd rejects an unknown command with usage', () => {

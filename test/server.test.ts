@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, type Model } from '../lib/index.js';
+import { loadModel, type Model, type OnlineDecoder } from '../lib/index.js';
 import { createServer, renderChat, StopFilter, type OsdRequestHandler } from '../lib/server.js';
 
 const root = join(import.meta.dirname, '..');
@@ -429,6 +429,10 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     expect(sample(text, `osd_draft_tokens_drafted_total${d}`)).toBeGreaterThan(0);
     expect(sample(text, `osd_draft_updates_total${d}`)).toBeGreaterThanOrEqual(0);
     expect(sample(text, `osd_draft_rollbacks_total${d}`)).toBeGreaterThanOrEqual(0);
+    // A failed update (or autosave) is counted: it was seen by no one unless a listener was added.
+    const errorsBefore = sample(text, `osd_draft_update_errors_total${d}`);
+    (handler.decoder as OnlineDecoder).emit('update-error', { error: new Error('disk full') });
+    expect(sample(await (await fetch(`${base}/metrics`)).text(), `osd_draft_update_errors_total${d}`)).toBe(errorsBefore + 1);
     expect(sample(text, 'osd_pass_duration_seconds{model="target"}')).toBeGreaterThan(0);
     expect(sample(text, 'osd_pass_duration_seconds{model="draft"}')).toBeGreaterThan(0);
     expect(sample(text, 'osd_passes_total{model="target"}')).toBeGreaterThan(0);

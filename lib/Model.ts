@@ -222,6 +222,7 @@ export interface StreamChunk {
 export class Model {
   #info: ModelInfo;
   #weightsVersion = 0;
+  #disposing = false;
   /** The GGUF's own tokenizer (undefined for llama2.c checkpoints and vocabulary-less files). */
   readonly tokenizer: Tokenizer | undefined;
   /** Tokens that end a sequence. llama2.c checkpoints use BOS (1) as the story delimiter, and 2 as EOS. */
@@ -254,13 +255,15 @@ export class Model {
     return this.#info;
   }
 
+  /** True from the moment dispose() is called. */
   get disposed(): boolean {
-    return this.#handle === null;
+    return this.#disposing || this.#handle === null;
   }
 
   /** @internal */
   get handle(): NativeModel {
-    if (!this.#handle) throw new Error('the model was disposed');
+    // Refused from the start of dispose(): a sequence made while it waits would outlive it.
+    if (!this.#handle || this.#disposing) throw new Error('the model was disposed');
     return this.#handle;
   }
 
@@ -390,7 +393,7 @@ export class Model {
   applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions & { tokenize: true }): Int32Array;
   applyChatTemplate(messages: readonly ChatMessage[], options?: ChatTemplateOptions): string | Int32Array;
   applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string | Int32Array {
-    if (!this.#handle) throw new Error('the model was disposed');
+    if (this.disposed) throw new Error('the model was disposed');
     if (!Array.isArray(messages)) throw new TypeError('messages must be an array of { role, content }');
     if (messages.length === 0) throw new RangeError('messages must not be empty');
     if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
@@ -457,6 +460,7 @@ export class Model {
    * running rejects at its next step with "the model was disposed".
    */
   async dispose(): Promise<void> {
+    this.#disposing = true;
     await Promise.all([...this.#sequences].map((s) => s.disposeWithModel()));
     this.#handle?.dispose();
     this.#handle = null;

@@ -246,6 +246,15 @@ describe('loading bad files', () => {
     await m.dispose();
     expect(m.disposed).toBe(true);
     expect(() => m.createSequence()).toThrow(/disposed/);
+    // Work started while dispose() waits is refused (it ran on, past the dispose that had resolved).
+    const m3 = await loadModel(copy);
+    const running = m3.generate({ tokens: [1], maxTokens: 50 });
+    const disposing = m3.dispose();
+    expect(m3.disposed).toBe(true);
+    await expect(m3.generate({ tokens: [1], maxTokens: 200 })).rejects.toThrow('the model was disposed');
+    expect(() => m3.createSequence()).toThrow('the model was disposed');
+    await disposing;
+    await running.catch(() => {});  // the running one settles either way: its tokens, or the disposal named
     {
       await using m2 = await loadModel(copy);
       expect(m2.info.vocabSize).toBe(512);

@@ -5,7 +5,7 @@ import { EventEmitter } from 'node:events';
 import { extname } from 'node:path';
 import { Model } from './Model.js';
 import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics, type RollbackEvent, type UpdateEvent } from './OnlineDecoder.js';
-import type { SpeculativeGenerateOptions, SpeculativeResult, StepEvent, Strategy, StreamChunk, WeightSwap } from './SpeculativeDecoder.js';
+import type { RequestStats, SpeculativeGenerateOptions, SpeculativeResult, Strategy, StreamChunk, WeightSwap } from './SpeculativeDecoder.js';
 import type { SamplingOptions } from './addonTypes.js';
 
 export interface RouteRequest {
@@ -292,18 +292,12 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
     const m = await this.#route(options);
     const { label: _label, ...rest } = options;
-    let id: number | undefined;
-    const seen = { drafted: 0, accepted: 0 };
-    const onStep = (e: StepEvent) => {
-      if (e.request === id) (seen.drafted += e.drafted), (seen.accepted += e.accepted);
-    };
-    m.decoder.on('step', onStep);
+    let stats: RequestStats | undefined;
     try {
-      const stopReason = yield* m.decoder.stream({ ...rest, onStart: (r) => ((id = r), rest.onStart?.(r)) });
-      this.#measured(m, seen);
+      const stopReason = yield* m.decoder.stream({ ...rest, onStats: (s) => ((stats = s), rest.onStats?.(s)) });
+      if (stats) this.#measured(m, stats);
       return { stopReason, draft: m.name };
     } finally {
-      m.decoder.off('step', onStep);
       this.#leave(m);
     }
   }

@@ -482,6 +482,8 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       }
     });
     if (failure) throw failure;
+    // Disposed while it trained: the update was dropped, which is not "nothing to train on" (null).
+    if (event === null && this.#disposed) throw new Error('the decoder was disposed');
     return event;
   }
 
@@ -695,26 +697,20 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   async *stream(options: SpeculativeGenerateOptions): AsyncGenerator<StreamChunk, SpeculativeResult['stopReason'], void> {
     await this.#ready;
     let id: number | undefined;
-    let completed = false;
-    // A stream's acceptance, from its step events: it counts in the sliding window and the guard
-    // window like a generate() call's stats (without it, a stream-only server never finished a
-    // guard window, so it stopped updating after the first update).
-    const seen = { drafted: 0, accepted: 0 };
-    const onStep = (e: StepEvent) => {
-      if (e.request === id) {
-        seen.drafted += e.drafted;
-        seen.accepted += e.accepted;
-      }
-    };
-    this.#decoder.on('step', onStep);
+    // A stream's acceptance counts in the sliding window and the guard window like a generate()
+    // call's stats (without it, a stream-only server never finished a guard window, so it stopped
+    // updating after the first update). One callback per stream, not a listener per stream.
+    let stats: RequestStats | undefined;
     let weights = 0;
     try {
-      const reason = yield* this.#decoder.stream({ ...options, onStart: (r) => ((id = r), (weights = this.#updates), options.onStart?.(r)) });
-      completed = true;
+      const reason = yield* this.#decoder.stream({
+        ...options,
+        onStart: (r) => ((id = r), (weights = this.#updates), options.onStart?.(r)),
+        onStats: (s) => ((stats = s), options.onStats?.(s)),
+      });
       return reason;
     } finally {
-      this.#decoder.off('step', onStep);
-      if (completed) this.#finish(id, seen, weights);
+      if (stats) this.#finish(id, stats, weights);
       else if (id !== undefined) this.#live.delete(id);
     }
   }

@@ -100,6 +100,8 @@ export interface SpeculativeGenerateOptions {
   stopTokens?: number[];
   /** Called with the request's id when it starts (the id found in step events and VerifiedStep). */
   onStart?: (request: number) => void;
+  /** Called once when the request has finished (not when it failed or was aborted), with its stats: a stream's result.stats. */
+  onStats?: (stats: RequestStats) => void;
 }
 
 export interface RequestStats {
@@ -535,6 +537,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     const out: number[] = [];
     let stopReason: SpeculativeResult['stopReason'] = 'maxTokens';
     const stats = await this.#run(options, (tokens) => out.push(...tokens), (r) => (stopReason = r));
+    options.onStats?.(stats);
     const tokens = Int32Array.from(out);
     const tk = this.target.tokenizer;
     return tk ? { tokens, text: tk.decode(tokens), stopReason, stats } : { tokens, stopReason, stats };
@@ -548,11 +551,12 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     const decoder = tk ? new TokenStreamDecoder(tk) : undefined;
     const stopReason = yield* pushToAsyncIterable<StreamChunk, SpeculativeResult['stopReason']>(async (push, signal) => {
       let reason: SpeculativeResult['stopReason'] = 'maxTokens';
-      await this.#run(
+      const stats = await this.#run(
         { ...options, signal },
         (tokens) => push({ tokens: Int32Array.from(tokens), text: decoder ? decoder.push(tokens) : '' }),
         (r) => (reason = r),
       );
+      options.onStats?.(stats);
       return reason;
     }, options.signal);
     const tail = decoder?.flush() ?? '';
@@ -642,6 +646,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       counters: new Counters(),
     };
     checkCallback(options.onStart, 'onStart');
+    checkCallback(options.onStats, 'onStats');
     options.onStart?.(req.id);
     // The request's own signal: aborted by the caller's or by dispose(), unlinked from both when done.
     const own = new AbortController();

@@ -113,6 +113,34 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     await dec.dispose();
   });
 
+  it("many concurrent streams add no listener each (Node warned of a leak past ten) and give their stats through onStats", async () => {
+    await using draft = await loadModel(draftPath);
+    const dec = createOnlineDecoder({ target, draft, maxConcurrent: 16, distill: { interval: 1000 } });
+    const warnings: Error[] = [];
+    const onWarning = (w: Error) => warnings.push(w);
+    process.on('warning', onWarning);
+    try {
+      const stats: { drafted: number; tokens: number }[] = [];
+      await Promise.all(
+        Array.from({ length: 16 }, async (_, i) => {
+          const got: number[] = [];
+          for await (const chunk of dec.stream({ tokens: prompts[i % prompts.length]!, maxTokens: 12, stopTokens: [], onStats: (s) => stats.push(s) }))
+            got.push(...chunk.tokens);
+          expect(got.length).toBe(12);
+        }),
+      );
+      await new Promise((r) => setImmediate(r));
+      expect(warnings.filter((w) => w.name === 'MaxListenersExceededWarning')).toEqual([]);
+      expect(stats.length).toBe(16);
+      for (const s of stats) expect(s.tokens).toBe(12);
+      // Every stream counted in the sliding window (its stats, not a step listener's sums).
+      expect(dec.metrics().recentAcceptance).toBeGreaterThanOrEqual(0);
+    } finally {
+      process.off('warning', onWarning);
+      await dec.dispose();
+    }
+  });
+
   it('an F16 draft keeps serving in F16 after updates (servedType auto), and checkpoints in F16', async () => {
     const { readGgufMetadata } = await import('../lib/train/bpe.js');
     const f16Path = join(dir, 'draft16.gguf');
@@ -190,6 +218,15 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
       expect(copies.filter((m) => !m.disposed).length).toBe(0);
       await expect(dec.updateNow()).rejects.toThrow(new Error('the decoder was disposed'));
       await expect(dec.saveDraft(join(dir, 'after-dispose.gguf'))).rejects.toThrow(new Error('the decoder was disposed'));
+      // Disposed while an update trains: that update is dropped and says so (it resolved null, as
+      // for an empty buffer).
+      const dec2 = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 1000, epochs: 20 } });
+      await dec2.generate({ tokens: prompts[4]!, maxTokens: 12 });
+      const started = new Promise((r) => dec2.once('update-start', r));
+      const training = dec2.updateNow();
+      await started;
+      await dec2.dispose();
+      await expect(training).rejects.toThrow(new Error('the decoder was disposed'));
     } finally {
       Model.prototype.convert = convert;
     }

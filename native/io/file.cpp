@@ -1,6 +1,8 @@
 #include "io/file.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -9,6 +11,7 @@
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <random>
 
 #include "core/error.h"
@@ -141,6 +144,34 @@ std::string temp_name(const std::string& path) {
   return path + ".tmp-" + std::to_string(::getpid()) + "-" + suffix;
 }
 
+// Removes temporary files of `path` left by writers that died before their rename (a killed
+// process; each can be as large as the file): "<path>.tmp-<pid>-<16 hex>" whose process is gone
+// and that nobody has touched for a minute. Best effort: errors leave the files where they are.
+void remove_stale_temps(const std::string& path) {
+  const std::string dir = dir_of(path);
+  const size_t slash = path.rfind('/');
+  const std::string prefix = (slash == std::string::npos ? path : path.substr(slash + 1)) + ".tmp-";
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return;
+  const time_t now = std::time(nullptr);
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    const std::string rest = name.substr(prefix.size());
+    const size_t dash = rest.find('-');
+    if (dash == 0 || dash == std::string::npos || rest.size() - dash - 1 != 16) continue;
+    if (rest.find_first_not_of("0123456789") != dash || rest.find_first_not_of("0123456789abcdef", dash + 1) != std::string::npos)
+      continue;
+    const long pid = std::strtol(rest.c_str(), nullptr, 10);
+    if (pid <= 0 || pid == static_cast<long>(::getpid())) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to judge
+    const std::string full = (dir == "/" ? "" : dir) + "/" + name;
+    struct stat st {};
+    if (::lstat(full.c_str(), &st) == 0 && S_ISREG(st.st_mode) && now - st.st_mtime > 60) ::unlink(full.c_str());
+  }
+  ::closedir(d);
+}
+
 }  // namespace
 
 void write_atomic(const std::string& given, const std::function<void(Output&)>& fill) {
@@ -161,6 +192,7 @@ void write_atomic(const std::string& given, const std::function<void(Output&)>& 
     mode = st.st_mode & 07777;
     existing = true;
   }
+  remove_stale_temps(path);
   const std::string tmp = temp_name(path);
   FdGuard fd{::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644)};
   if (fd.fd < 0) throw_io(path + ": cannot create temporary file '" + tmp + "' (" + errno_text(errno) + ")");

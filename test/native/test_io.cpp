@@ -1,4 +1,5 @@
 // Tests for native/io (GGUF read/write, llama2.c checkpoints) and native/core/fp16.h.
+#include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
@@ -8,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -18,6 +20,7 @@
 #include "check.h"
 #include "core/error.h"
 #include "core/fp16.h"
+#include "io/file.h"
 #include "io/gguf.h"
 #include "io/llama2c.h"
 
@@ -767,6 +770,33 @@ OSD_TEST(gguf_atomic_write_keeps_old_file_on_failure) {
   CHECK_EQ(::mkfifo((dir / "fifo").c_str(), 0644), 0);
   CHECK_IO_ERROR(new_w.write(dir / "fifo"), "fifo: not a regular file; refusing to replace it");
   CHECK(fs::is_fifo(dir / "fifo"));
+}
+
+OSD_TEST(atomic_write_removes_stale_temp_files_of_dead_writers) {
+  // A writer killed before its rename leaves "<path>.tmp-<pid>-<16 hex>" (as large as the file);
+  // the next write of that path removes those of dead processes untouched for a minute.
+  TempDir dir;
+  const std::string target = dir / "draft.gguf";
+  auto touch = [&](const std::string& name, time_t age) {
+    write_all(dir / name, std::vector<uint8_t>(100, 7));
+    struct timespec t[2];
+    t[0].tv_sec = t[1].tv_sec = std::time(nullptr) - age;
+    t[0].tv_nsec = t[1].tv_nsec = 0;
+    ::utimensat(AT_FDCWD, (dir / name).c_str(), t, 0);
+  };
+  const std::string dead = "draft.gguf.tmp-99999999-0123456789abcdef";  // above any pid_max
+  const std::string own = "draft.gguf.tmp-" + std::to_string(::getpid()) + "-0123456789abcdef";
+  const std::string fresh = "draft.gguf.tmp-99999998-fedcba9876543210";
+  const std::string other = "other.gguf.tmp-99999999-0123456789abcdef";
+  const std::string odd = "draft.gguf.tmp-99999999-notahexsuffix!!";
+  touch(dead, 3600);
+  touch(own, 3600);
+  touch(fresh, 0);
+  touch(other, 3600);
+  touch(odd, 3600);
+  osd::io::write_atomic(target, [](osd::io::Output& out) { out.write("x", 1); });
+  CHECK(!std::filesystem::exists(dir / dead));
+  for (const std::string& kept : {own, fresh, other, odd}) CHECK(std::filesystem::exists(dir / kept));
 }
 
 OSD_TEST(gguf_open_errors_name_the_path) {

@@ -47,9 +47,11 @@ std::string req_path(const Napi::CallbackInfo& info) {
   return path;
 }
 
+// (Each property is read once: a getter could answer differently the second time.)
 std::string req_string_prop(const Napi::Object& o, const char* key, const std::string& name) {
-  if (!has(o, key) || !o.Get(key).IsString()) throw Napi::TypeError::New(o.Env(), name + " must be a string");
-  return o.Get(key).As<Napi::String>().Utf8Value();
+  const Napi::Value v = get_prop(o, key);
+  if (!v.IsString()) throw Napi::TypeError::New(o.Env(), name + " must be a string");
+  return v.As<Napi::String>().Utf8Value();
 }
 
 // An integral number in [lo, hi].
@@ -88,8 +90,10 @@ Napi::Array req_array(Napi::Env env, const Napi::Value& v, const std::string& na
 
 std::vector<std::string> strings(Napi::Env env, const Napi::Value& v, const std::string& name) {
   Napi::Array a = req_array(env, v, name, "an array of strings");
-  std::vector<std::string> out(a.Length());
-  for (uint32_t i = 0; i < a.Length(); ++i) {
+  // The length is read once: an element's getter could grow the array while it is read.
+  const uint32_t n = a.Length();
+  std::vector<std::string> out(n);
+  for (uint32_t i = 0; i < n; ++i) {
     Napi::Value e = a.Get(i);
     if (!e.IsString()) throw Napi::TypeError::New(env, name + "[" + std::to_string(i) + "] must be a string");
     out[i] = e.As<Napi::String>().Utf8Value();
@@ -103,8 +107,9 @@ std::vector<float> floats(Napi::Env env, const Napi::Value& v, const std::string
     return std::vector<float>(view.data, view.data + view.length);
   }
   Napi::Array a = req_array(env, v, name, "a Float32Array or an array of numbers");
-  std::vector<float> out(a.Length());
-  for (uint32_t i = 0; i < a.Length(); ++i)
+  const uint32_t n = a.Length();
+  std::vector<float> out(n);
+  for (uint32_t i = 0; i < n; ++i)
     out[i] = static_cast<float>(number(env, a.Get(i), name + "[" + std::to_string(i) + "]"));
   return out;
 }
@@ -115,8 +120,9 @@ std::vector<int32_t> int32s(Napi::Env env, const Napi::Value& v, const std::stri
     return std::vector<int32_t>(view.data, view.data + view.length);
   }
   Napi::Array a = req_array(env, v, name, "an Int32Array or an array of integers");
-  std::vector<int32_t> out(a.Length());
-  for (uint32_t i = 0; i < a.Length(); ++i)
+  const uint32_t n = a.Length();
+  std::vector<int32_t> out(n);
+  for (uint32_t i = 0; i < n; ++i)
     out[i] = static_cast<int32_t>(integral(env, a.Get(i), -2147483648.0, 2147483647.0, name + "[" + std::to_string(i) + "]"));
   return out;
 }
@@ -154,10 +160,14 @@ Napi::Value write_gguf_js(const Napi::CallbackInfo& info) {
   Napi::Object spec = require_object(info, 1, "spec");
   gguf::Writer writer;
 
-  if (!has(spec, "metadata")) throw Napi::TypeError::New(env, "spec.metadata is required (an array)");
-  Napi::Array metadata = req_array(env, spec.Get("metadata"), "spec.metadata", "an array of { key, type, value }");
+  // Phase 1 (see napi_util.h): every entry is read and checked, in order; getters may run.
+  // Metadata values are copied as they are read; tensor data is kept as values.
+  const Napi::Value metadata_v = get_prop(spec, "metadata");
+  if (!present(metadata_v)) throw Napi::TypeError::New(env, "spec.metadata is required (an array)");
+  Napi::Array metadata = req_array(env, metadata_v, "spec.metadata", "an array of { key, type, value }");
   std::unordered_set<std::string> keys;
-  for (uint32_t i = 0; i < metadata.Length(); ++i) {
+  const uint32_t n_metadata = metadata.Length();
+  for (uint32_t i = 0; i < n_metadata; ++i) {
     const std::string p = "spec.metadata[" + std::to_string(i) + "]";
     Napi::Value ev = metadata.Get(i);
     if (!ev.IsObject()) throw Napi::TypeError::New(env, p + " must be an object { key, type, value }");
@@ -169,44 +179,75 @@ Napi::Value write_gguf_js(const Napi::CallbackInfo& info) {
     if (!known_type(type))
       throw Napi::RangeError::New(env, p + ".type '" + type +
                                            "' is not one of string, u32, i32, f32, bool, u64, f64, string[], f32[], i32[]");
-    if (!e.Has("value") || e.Get("value").IsUndefined()) throw Napi::TypeError::New(env, p + ".value is required");
-    gguf::Value value = metadata_value(env, type, e.Get("value"), p + ".value");
-    guarded(env, [&] { writer.set(key, std::move(value)); });
+    const Napi::Value value = get_prop(e, "value");
+    if (value.IsUndefined()) throw Napi::TypeError::New(env, p + ".value is required");
+    gguf::Value gv = metadata_value(env, type, value, p + ".value");
+    guarded(env, [&] { writer.set(key, std::move(gv)); });
   }
 
-  // Tensor data is borrowed by the writer; the typed arrays stay alive (and unmoved) for the
-  // duration of this synchronous call.
-  if (has(spec, "tensors")) {
-    Napi::Array tensors = req_array(env, spec.Get("tensors"), "spec.tensors", "an array of { name, type, dims, data }");
-    for (uint32_t i = 0; i < tensors.Length(); ++i) {
+  struct TensorSpec {
+    std::string name;
+    gguf::TensorType type;
+    std::vector<uint64_t> dims;
+    size_t elements;
+    Napi::Value data;
+  };
+  std::vector<TensorSpec> specs;
+  gguf::Writer probe;
+  const Napi::Value tensors_v = get_prop(spec, "tensors");
+  if (present(tensors_v)) {
+    Napi::Array tensors = req_array(env, tensors_v, "spec.tensors", "an array of { name, type, dims, data }");
+    const uint32_t n_tensors = tensors.Length();
+    specs.reserve(n_tensors);
+    for (uint32_t i = 0; i < n_tensors; ++i) {
       const std::string p = "spec.tensors[" + std::to_string(i) + "]";
       Napi::Value tv = tensors.Get(i);
       if (!tv.IsObject()) throw Napi::TypeError::New(env, p + " must be an object { name, type, dims, data }");
       Napi::Object t = tv.As<Napi::Object>();
-      const std::string name = req_string_prop(t, "name", p + ".name");
+      TensorSpec ts;
+      ts.name = req_string_prop(t, "name", p + ".name");
       const std::string type = req_string_prop(t, "type", p + ".type");
-      gguf::TensorType tt;
-      if (type == "F32") tt = gguf::TensorType::F32;
-      else if (type == "F16") tt = gguf::TensorType::F16;
-      else if (type == "BF16") tt = gguf::TensorType::BF16;
+      if (type == "F32") ts.type = gguf::TensorType::F32;
+      else if (type == "F16") ts.type = gguf::TensorType::F16;
+      else if (type == "BF16") ts.type = gguf::TensorType::BF16;
       else throw Napi::RangeError::New(env, p + ".type '" + type + "' is not one of F32, F16, BF16");
-      if (!has(t, "dims")) throw Napi::TypeError::New(env, p + ".dims is required");
-      Napi::Array dims_js = req_array(env, t.Get("dims"), p + ".dims", "an array of 1 to 4 positive integers");
-      if (dims_js.Length() < 1 || dims_js.Length() > 4)
-        throw Napi::RangeError::New(env, p + ".dims must have 1 to 4 entries, got " + std::to_string(dims_js.Length()));
-      std::vector<uint64_t> dims(dims_js.Length());
+      const Napi::Value dims_v = get_prop(t, "dims");
+      if (!present(dims_v)) throw Napi::TypeError::New(env, p + ".dims is required");
+      Napi::Array dims_js = req_array(env, dims_v, p + ".dims", "an array of 1 to 4 positive integers");
+      const uint32_t n_dims = dims_js.Length();
+      if (n_dims < 1 || n_dims > 4)
+        throw Napi::RangeError::New(env, p + ".dims must have 1 to 4 entries, got " + std::to_string(n_dims));
+      ts.dims.resize(n_dims);
       double n = 1;
-      for (uint32_t d = 0; d < dims_js.Length(); ++d) {
-        dims[d] = static_cast<uint64_t>(
+      for (uint32_t d = 0; d < n_dims; ++d) {
+        ts.dims[d] = static_cast<uint64_t>(
             integral(env, dims_js.Get(d), 1, kMaxSafeInteger, p + ".dims[" + std::to_string(d) + "]"));
-        n *= static_cast<double>(dims[d]);
+        n *= static_cast<double>(ts.dims[d]);
       }
-      ArrayView<float> data = get_array<float>(t, "data", p + ".");
-      if (static_cast<double>(data.length) != n)
-        throw Napi::RangeError::New(env, p + ".data has " + std::to_string(data.length) + " elements, dims need " +
+      ts.data = required_prop(t, "data", p + ".");
+      const size_t length = checked_length<float>(env, ts.data, p + ".data");
+      if (static_cast<double>(length) != n)
+        throw Napi::RangeError::New(env, p + ".data has " + std::to_string(length) + " elements, dims need " +
                                              std::to_string(static_cast<uint64_t>(n)));
-      guarded(env, [&] { writer.add_tensor(name, tt, dims, data.data); });
+      ts.elements = length;
+      // The writer's own checks (a repeated name...) in argument order too: on a writer that is
+      // never written, with a placeholder for the data.
+      static const float placeholder = 0.0f;
+      guarded(env, [&] { probe.add_tensor(ts.name, ts.type, ts.dims, &placeholder); });
+      specs.push_back(std::move(ts));
     }
+  }
+
+  // Phase 2: tensor data is borrowed by the writer: the pointers are taken (and the lengths checked
+  // again) after every getter ran, and no JavaScript runs until the file is written.
+  for (size_t i = 0; i < specs.size(); ++i) {
+    TensorSpec& ts = specs[i];
+    const std::string p = "spec.tensors[" + std::to_string(i) + "]";
+    ArrayView<float> data = typed_array<float>(env, ts.data, p + ".data");
+    if (data.length != ts.elements)
+      throw Napi::RangeError::New(env, p + ".data has " + std::to_string(data.length) + " elements, dims need " +
+                                           std::to_string(ts.elements));
+    guarded(env, [&] { writer.add_tensor(ts.name, ts.type, ts.dims, data.data); });
   }
 
   guarded(env, [&] { writer.write(path); });

@@ -34,7 +34,10 @@ Fault fault_value(Napi::Env env, const Napi::Value& v) {
 }
 Fault parse_fault(const Napi::Object& o) { return fault_value(o.Env(), get_prop(o, "_fault")); }
 
-uint64_t get_stream(const Napi::Object& o) { return has(o, "stream") ? get_seed(o, "stream") : 0; }
+uint64_t get_stream(const Napi::Object& o) {
+  Napi::Value v = get_prop(o, "stream");
+  return present(v) ? seed_value(o.Env(), v, "stream") : 0;
+}
 
 // (Names and formulas are literals: the message is built only when it is thrown.)
 void expect_length(Napi::Env env, size_t got, size_t want, const char* name, const char* formula) {
@@ -52,12 +55,19 @@ Napi::Value verify_chain(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
     if (info.Length() != 12) throw Napi::TypeError::New(env, "verifyChain: internal binding takes 12 arguments");
+    // Every argument is a value lib/kernels.ts read: no JavaScript runs in this call, except a
+    // _fault that is not a string (ToString may call a toString): that is read first, before any
+    // typed array's pointer is taken.
+    const Fault fault = fault_value(env, info[10]);
     const int32_t V =
         static_cast<int32_t>(int_value(env, required_arg(info, 3, "vocabSize"), "vocabSize", 1, 1 << 30, ""));
     Sampling s = sampling_values(env, required_arg(info, 4, "sampling"), info[5], info[6], info[7], "sampling");
-    auto tokens = typed_array<int32_t>(env, required_arg(info, 2, "draftTokens"), "draftTokens");
+    // The draft tokens are checked and then used as indices: copied, so that another thread
+    // writing a SharedArrayBuffer cannot change them in between (a few ints, into a reused buffer).
+    thread_local std::vector<int32_t> tokens;
+    copy_array_into<int32_t>(env, required_arg(info, 2, "draftTokens"), "draftTokens", tokens);
     auto target = typed_array<float>(env, required_arg(info, 0, "targetLogits"), "targetLogits");
-    const size_t g = tokens.length;
+    const size_t g = tokens.size();
     expect_length(env, target.length, (g + 1) * V, "targetLogits", "(draftTokens.length + 1) * vocabSize");
     ArrayView<float> draft;
     if (!s.greedy() || present(info[1])) {
@@ -67,13 +77,12 @@ Napi::Value verify_chain(const Napi::CallbackInfo& info) {
     int32_t len = static_cast<int32_t>(g), accepted = 0;
     uint64_t stream = present(info[9]) ? seed_value(env, info[9], "stream") : 0;
     const uint64_t seed = seed_value(env, info[8], "seed");
-    const Fault fault = fault_value(env, info[10]);
     auto out = typed_array<int32_t>(env, info[11], "out");
     if (out.length < g + 1) throw Napi::RangeError::New(env, "verifyChain: internal out buffer too short");
     ChainBatch b;
     b.target = target.data;
     b.draft = s.greedy() ? nullptr : draft.data;
-    b.tokens = tokens.data;
+    b.tokens = tokens.data();
     b.lengths = &len;
     b.streams = &stream;
     b.sampling = &s;
@@ -89,15 +98,20 @@ Napi::Value verify_chain(const Napi::CallbackInfo& info) {
 Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
+    // Phase 1 (see napi_util.h): read and check every option; getters may run. draftLengths and
+    // draftTokens are copied (the buffers are sized from the lengths' sum, and the tokens are
+    // checked before they index the logits); the logits are kept as values.
     Napi::Object o = require_object(info, 0, "options");
     const int32_t V = get_vocab(o);
-    auto lengths = get_array<int32_t>(o, "draftLengths");
-    const int32_t B = static_cast<int32_t>(lengths.length);
+    const std::vector<int32_t> lengths = copy_array<int32_t>(env, required_prop(o, "draftLengths"), "draftLengths");
+    if (lengths.size() > static_cast<size_t>(INT32_MAX))
+      throw Napi::RangeError::New(env, "draftLengths has more than 2^31 - 1 entries");
+    const int32_t B = static_cast<int32_t>(lengths.size());
     size_t total_g = 0;
     for (int32_t b = 0; b < B; ++b) {
-      if (lengths.data[b] < 0)
+      if (lengths[b] < 0)
         throw Napi::RangeError::New(env, "draftLengths[" + std::to_string(b) + "] must be >= 0");
-      total_g += lengths.data[b];
+      total_g += lengths[b];
     }
     // Sampling: one object for every sequence, or an array of B objects.
     Napi::Value sv = get_prop(o, "sampling");
@@ -114,14 +128,17 @@ Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
       std::fill(samp.begin(), samp.end(), s);
     }
     for (auto& s : samp) any_sampled |= !s.greedy();
-    auto tokens = get_array<int32_t>(o, "draftTokens");
-    expect_length(env, tokens.length, total_g, "draftTokens", "sum(draftLengths)");
-    auto target = get_array<float>(o, "targetLogits");
-    expect_length(env, target.length, (total_g + B) * V, "targetLogits", "(sum(draftLengths) + batch) * vocabSize");
-    ArrayView<float> draft;
-    if (any_sampled || has(o, "draftLogits")) {
-      draft = get_array<float>(o, "draftLogits");
-      expect_length(env, draft.length, total_g * V, "draftLogits", "sum(draftLengths) * vocabSize");
+    const std::vector<int32_t> tokens = copy_array<int32_t>(env, required_prop(o, "draftTokens"), "draftTokens");
+    expect_length(env, tokens.size(), total_g, "draftTokens", "sum(draftLengths)");
+    const Napi::Value target_v = required_prop(o, "targetLogits");
+    expect_length(env, checked_length<float>(env, target_v, "targetLogits"), (total_g + B) * V, "targetLogits",
+                  "(sum(draftLengths) + batch) * vocabSize");
+    const Napi::Value draft_v = get_prop(o, "draftLogits");
+    const bool with_draft = any_sampled || present(draft_v);
+    if (with_draft) {
+      if (!present(draft_v)) throw Napi::TypeError::New(env, "draftLogits is required");
+      expect_length(env, checked_length<float>(env, draft_v, "draftLogits"), total_g * V, "draftLogits",
+                    "sum(draftLengths) * vocabSize");
     }
     std::vector<uint64_t> streams(B);
     Napi::Value st = get_prop(o, "streams");
@@ -130,10 +147,9 @@ Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
       Napi::Array arr = st.As<Napi::Array>();
       expect_length(env, arr.Length(), B, "streams", "draftLengths.length");
       for (int32_t b = 0; b < B; ++b) {
-        Napi::Object holder = Napi::Object::New(env);
-        holder.Set("value", arr.Get(b));
+        const Napi::Value e = arr.Get(b);
         try {
-          streams[b] = get_seed(holder, "value");
+          streams[b] = seed_value(env, e, "value");
         } catch (const Napi::Error&) {
           throw Napi::RangeError::New(env, "streams[" + std::to_string(b) + "] must be a non-negative integer or bigint");
         }
@@ -143,17 +159,25 @@ Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
     }
     const uint64_t seed = get_seed(o, "seed");
     const Fault fault = parse_fault(o);
-    // Counts go straight into the result array; tokens into a per-thread staging buffer (one slot
-    // per draft token plus one per sequence), then packed. (Every argument is read before it is
-    // used: a getter that called back into this function could otherwise move it.)
     Napi::Int32Array accepted = Napi::Int32Array::New(env, B);
+
+    // Phase 2: the logits' pointers, checked again (a getter may have detached or shrunk them).
+    auto target = typed_array<float>(env, target_v, "targetLogits");
+    expect_length(env, target.length, (total_g + B) * V, "targetLogits", "(sum(draftLengths) + batch) * vocabSize");
+    ArrayView<float> draft;
+    if (with_draft) {
+      draft = typed_array<float>(env, draft_v, "draftLogits");
+      expect_length(env, draft.length, total_g * V, "draftLogits", "sum(draftLengths) * vocabSize");
+    }
+    // Counts go straight into the result array; tokens into a per-thread staging buffer (one slot
+    // per draft token plus one per sequence), then packed.
     thread_local std::vector<int32_t> out;
     out.resize(total_g + B);
     ChainBatch b;
     b.target = target.data;
     b.draft = draft.data;
-    b.tokens = tokens.data;
-    b.lengths = lengths.data;
+    b.tokens = tokens.data();
+    b.lengths = lengths.data();
     b.streams = streams.data();
     b.sampling = samp.data();
     b.batch = B;
@@ -173,7 +197,7 @@ Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
     for (int32_t i = 0; i < B; ++i) {
       const int32_t* src = out.data() + slot;
       for (int32_t k = 0; k <= accepted.Data()[i]; ++k) pk[n++] = src[k];
-      slot += lengths.data[i] + 1;
+      slot += lengths[i] + 1;
       off[i + 1] = static_cast<int32_t>(n);
     }
     Napi::Object r = Napi::Object::New(env);
@@ -187,13 +211,15 @@ Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
 Napi::Value verify_tree(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
+    // Phase 1 (see napi_util.h): parents and tokens are copied (checked, then used as indices).
     Napi::Object o = require_object(info, 0, "options");
     const int32_t V = get_vocab(o);
-    if (!has(o, "sampling")) throw Napi::TypeError::New(env, "sampling is required");
-    Sampling s = parse_sampling(env, get_prop(o, "sampling"), "sampling");
+    const Napi::Value sv = get_prop(o, "sampling");
+    if (!present(sv)) throw Napi::TypeError::New(env, "sampling is required");
+    Sampling s = parse_sampling(env, sv, "sampling");
     TreeChildren mode = TreeChildren::WithReplacement;
-    if (has(o, "children")) {
-      Napi::Value cv = o.Get("children");
+    const Napi::Value cv = get_prop(o, "children");
+    if (present(cv)) {
       if (!cv.IsString()) throw Napi::TypeError::New(env, "children must be a string");
       std::string c = cv.As<Napi::String>();
       if (c == "sampled-with-replacement") mode = TreeChildren::WithReplacement;
@@ -203,28 +229,43 @@ Napi::Value verify_tree(const Napi::CallbackInfo& info) {
         throw Napi::RangeError::New(env, "children must be 'sampled-with-replacement', 'sampled-without-replacement'"
                                          " or 'deterministic', got '" + c + "'");
     }
-    auto parents = get_array<int32_t>(o, "parents");
-    auto tokens = get_array<int32_t>(o, "tokens");
-    const size_t n = parents.length;
-    expect_length(env, tokens.length, n, "tokens", "parents.length");
-    auto target = get_array<float>(o, "targetLogits");
-    expect_length(env, target.length, (n + 1) * V, "targetLogits", "(parents.length + 1) * vocabSize");
+    const std::vector<int32_t> parents = copy_array<int32_t>(env, required_prop(o, "parents"), "parents");
+    const std::vector<int32_t> tokens = copy_array<int32_t>(env, required_prop(o, "tokens"), "tokens");
+    const size_t n = parents.size();
+    expect_length(env, tokens.size(), n, "tokens", "parents.length");
+    if (n > static_cast<size_t>(INT32_MAX)) throw Napi::RangeError::New(env, "parents has more than 2^31 - 1 entries");
+    const Napi::Value target_v = required_prop(o, "targetLogits");
+    expect_length(env, checked_length<float>(env, target_v, "targetLogits"), (n + 1) * V, "targetLogits",
+                  "(parents.length + 1) * vocabSize");
     const bool need_draft = !s.greedy() && mode != TreeChildren::Deterministic;
+    const Napi::Value draft_v = get_prop(o, "draftLogits");
+    const bool with_draft = need_draft || present(draft_v);
+    if (with_draft) {
+      if (!present(draft_v)) throw Napi::TypeError::New(env, "draftLogits is required");
+      expect_length(env, checked_length<float>(env, draft_v, "draftLogits"), (n + 1) * V, "draftLogits",
+                    "(parents.length + 1) * vocabSize");
+    }
+    const uint64_t seed = get_seed(o, "seed");
+    const uint64_t stream = get_stream(o);
+    const Fault fault = parse_fault(o);
+
+    // Phase 2: the logits' pointers, checked again.
+    auto target = typed_array<float>(env, target_v, "targetLogits");
+    expect_length(env, target.length, (n + 1) * V, "targetLogits", "(parents.length + 1) * vocabSize");
     ArrayView<float> draft;
-    if (need_draft || has(o, "draftLogits")) {
-      draft = get_array<float>(o, "draftLogits");
+    if (with_draft) {
+      draft = typed_array<float>(env, draft_v, "draftLogits");
       expect_length(env, draft.length, (n + 1) * V, "draftLogits", "(parents.length + 1) * vocabSize");
     }
     TreeInput in;
-    in.parents = parents.data;
-    in.tokens = tokens.data;
+    in.parents = parents.data();
+    in.tokens = tokens.data();
     in.n = static_cast<int32_t>(n);
     in.target = target.data;
     in.draft = need_draft ? draft.data : nullptr;
     in.vocab = V;
     std::vector<int32_t> path(n + 1), out(n + 1);
-    TreeResult r = current_backend().verify_tree(in, s, mode, get_seed(o, "seed"), get_stream(o), path.data(), out.data(),
-                                             parse_fault(o));
+    TreeResult r = current_backend().verify_tree(in, s, mode, seed, stream, path.data(), out.data(), fault);
     Napi::Object res = Napi::Object::New(env);
     res.Set("path", to_js(env, path.data(), r.path_len));
     res.Set("tokens", to_js(env, out.data(), r.emitted));
@@ -263,16 +304,19 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
       in.teacher = t.data;
     } else if (present(sparse)) {
       if (!sparse.IsObject()) throw Napi::TypeError::New(env, "teacher must be an object { indices, probs, residual? }");
-      const Napi::Value indices = required_arg(info, 4, "teacher.indices");
-      auto ids = typed_array<int32_t>(env, indices, "teacher.indices");
+      // The ids are checked and then used as indices (and the mask says which rows are checked):
+      // both are copied, so that another thread writing a SharedArrayBuffer cannot change them in
+      // between. (No JavaScript runs in this call: lib/kernels.ts read the options.)
+      thread_local std::vector<int32_t> ids;
+      copy_array_into<int32_t>(env, required_arg(info, 4, "teacher.indices"), "teacher.indices", ids);
       auto probs = typed_array<float>(env, required_arg(info, 5, "teacher.probs"), "teacher.probs");
-      if (rows == 0 || ids.length % rows != 0)
-        throw Napi::RangeError::New(env, "teacher.indices has length " + std::to_string(ids.length) +
+      if (rows == 0 || ids.size() % rows != 0)
+        throw Napi::RangeError::New(env, "teacher.indices has length " + std::to_string(ids.size()) +
                                              ", not a multiple of the row count " + std::to_string(rows));
-      in.k = static_cast<int32_t>(ids.length / rows);
+      in.k = static_cast<int32_t>(ids.size() / rows);
       if (in.k > in.vocab) throw Napi::RangeError::New(env, "teacher.indices has more than vocabSize entries per row");
-      expect_length(env, probs.length, ids.length, "teacher.probs", "teacher.indices.length");
-      in.topk_ids = ids.data;
+      expect_length(env, probs.length, ids.size(), "teacher.probs", "teacher.indices.length");
+      in.topk_ids = ids.data();
       in.topk_probs = probs.data;
       if (present(info[6])) {
         auto res = typed_array<float>(env, info[6], "teacher.residual");
@@ -283,9 +327,10 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
       throw Napi::TypeError::New(env, "teacherLogits (dense) or teacher (sparse top-k) is required");
     }
     if (present(info[10])) {
-      auto m = typed_array<uint8_t>(env, info[10], "mask");
-      expect_length(env, m.length, rows, "mask", "row count");
-      in.mask = m.data;
+      thread_local std::vector<uint8_t> mask;
+      copy_array_into<uint8_t>(env, info[10], "mask", mask);
+      expect_length(env, mask.size(), rows, "mask", "row count");
+      in.mask = mask.data();
     }
     const bool want_grad = !present(info[11]) || info[11].ToBoolean();
     // gradOut: a caller-owned gradient buffer, reused across calls (a fresh array per call pays a
@@ -312,25 +357,32 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
 Napi::Value adamw_step(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
+    // Phase 1 (see napi_util.h): the arrays are checked here and kept as values; the numbers'
+    // getters may run after them.
     Napi::Object o = require_object(info, 0, "options");
-    auto p = get_array<float>(o, "params");
-    auto g = get_array<float>(o, "grads");
-    auto m = get_array<float>(o, "m");
-    auto v = get_array<float>(o, "v");
-    expect_length(env, g.length, p.length, "grads", "params.length");
-    expect_length(env, m.length, p.length, "m", "params.length");
-    expect_length(env, v.length, p.length, "v", "params.length");
+    static const char* const kNames[] = {"params", "grads", "m", "v"};
+    Napi::Value arr_v[4];
+    size_t len[4];
+    for (int i = 0; i < 4; ++i) {
+      arr_v[i] = required_prop(o, kNames[i]);
+      len[i] = checked_length<float>(env, arr_v[i], kNames[i]);
+    }
     // Each array is read and written element by element: two of them sharing memory would corrupt
     // the update silently.
-    const struct {
-      const float* data;
-      const char* name;
-    } arrays[] = {{p.data, "params"}, {g.data, "grads"}, {m.data, "m"}, {v.data, "v"}};
-    const size_t n = p.length;
-    for (int i = 0; i < 4; ++i)
-      for (int j = i + 1; j < 4 && n > 0; ++j)
-        if (arrays[i].data < arrays[j].data + n && arrays[j].data < arrays[i].data + n)
-          throw Napi::RangeError::New(env, std::string(arrays[j].name) + " must not share memory with " + arrays[i].name);
+    auto check = [&](const float* const* data, const size_t* lengths) {
+      for (int i = 1; i < 4; ++i) expect_length(env, lengths[i], lengths[0], kNames[i], "params.length");
+      const size_t n = lengths[0];
+      for (int i = 0; i < 4; ++i)
+        for (int j = i + 1; j < 4 && n > 0; ++j)
+          if (data[i] < data[j] + n && data[j] < data[i] + n)
+            throw Napi::RangeError::New(env, std::string(kNames[j]) + " must not share memory with " + kNames[i]);
+    };
+    {
+      // (Pointers compared only: whether the arrays overlap is told in argument order.)
+      const float* data[4];
+      for (int i = 0; i < 4; ++i) data[i] = typed_array<float>(env, arr_v[i], kNames[i]).data;
+      check(data, len);
+    }
     AdamWConfig c;
     c.step = get_int(o, "step", 1, int64_t(1) << 52);
     c.lr = static_cast<float>(get_number_or(o, "lr", c.lr));
@@ -339,7 +391,17 @@ Napi::Value adamw_step(const Napi::CallbackInfo& info) {
     c.eps = static_cast<float>(get_number_or(o, "eps", c.eps));
     c.weight_decay = static_cast<float>(get_number_or(o, "weightDecay", c.weight_decay));
     c.grad_scale = static_cast<float>(get_number_or(o, "gradScale", c.grad_scale));
-    current_backend().adamw_step(p.data, g.data, m.data, v.data, p.length, c);
+
+    // Phase 2: the pointers, checked again (a getter may have detached or shrunk an array).
+    ArrayView<float> a[4];
+    const float* data[4];
+    for (int i = 0; i < 4; ++i) {
+      a[i] = typed_array<float>(env, arr_v[i], kNames[i]);
+      data[i] = a[i].data;
+      len[i] = a[i].length;
+    }
+    check(data, len);
+    current_backend().adamw_step(a[0].data, a[1].data, a[2].data, a[3].data, a[0].length, c);
     return env.Undefined();
   });
 }

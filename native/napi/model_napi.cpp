@@ -30,6 +30,21 @@ struct Ctors {
   Napi::FunctionReference sequence;
 };
 
+// Type tags (napi_util.h): of NativeModel and NativeSequence instances, and of the externals their
+// constructors take (only this file makes those: a foreign external is a TypeError, not a pointer).
+constexpr napi_type_tag kModelTag = {0x6d6f64656c777261ULL, 0x70a1b2c3d4e5f601ULL};
+constexpr napi_type_tag kModelHandleTag = {0x6d6f64656c68616eULL, 0x646c65a1b2c3d402ULL};
+constexpr napi_type_tag kSequenceTag = {0x73657175656e6365ULL, 0x77726170a1b2c303ULL};
+constexpr napi_type_tag kSequenceHandleTag = {0x73657168616e646cULL, 0x65a1b2c3d4e5f604ULL};
+
+// An external holding a model (shared) for NativeModel's constructor.
+Napi::External<std::shared_ptr<Model>> model_handle(Napi::Env env, std::shared_ptr<Model> m) {
+  auto ext = Napi::External<std::shared_ptr<Model>>::New(env, new std::shared_ptr<Model>(std::move(m)),
+                                                         [](Napi::Env, std::shared_ptr<Model>* p) { delete p; });
+  tag_object(env, ext, kModelHandleTag);
+  return ext;
+}
+
 // Rejects a deferred with the JS error class matching an engine error.
 void reject_with(Napi::Env env, Napi::Promise::Deferred& d, ErrorKind kind, const std::string& msg) {
   Napi::Error e = kind == ErrorKind::Type    ? Napi::TypeError::New(env, msg)
@@ -71,20 +86,28 @@ class PromiseWorker : public Napi::AsyncWorker {
 class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
  public:
   static Napi::Function define(Napi::Env env) {
-    return DefineClass(env, "NativeModel",
-                       {InstanceMethod("info", &ModelWrap::info), InstanceMethod("dispose", &ModelWrap::dispose),
-                        InstanceMethod("setWeights", &ModelWrap::set_weights),
-                        InstanceAccessor("disposed", &ModelWrap::disposed, nullptr)});
+    Napi::Function ctor = DefineClass(env, "NativeModel",
+                                      {InstanceMethod("info", &ModelWrap::info), InstanceMethod("dispose", &ModelWrap::dispose),
+                                       InstanceMethod("setWeights", &ModelWrap::set_weights)});
+    ctor.Get("prototype").As<Napi::Object>().DefineProperties(
+        {Napi::PropertyDescriptor::Accessor<checked_getter<ModelWrap, &ModelWrap::disposed>>("disposed")});
+    return ctor;
   }
   explicit ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
-    if (info.Length() < 1 || !info[0].IsExternal())
+    if (info.Length() < 1 || !tagged(info.Env(), info[0], kModelHandleTag) || !info[0].IsExternal())
       throw Napi::TypeError::New(info.Env(), "NativeModel is created by loadModel()");
     model_ = *info[0].As<Napi::External<std::shared_ptr<Model>>>().Data();
+    tag_object(info.Env(), info.This(), kModelTag);
   }
   std::shared_ptr<Model> get(Napi::Env env) const {
     if (!model_) throw Napi::Error::New(env, "the model was disposed");
     return model_;
   }
+  // The NativeModel behind v (checked by its type tag, not by its prototype), or a TypeError.
+  static ModelWrap* from(Napi::Env env, const Napi::Value& v, const std::string& message) {
+    return unwrap_tagged<ModelWrap>(env, v, kModelTag, message);
+  }
+  static ModelWrap* self(const Napi::CallbackInfo& info) { return checked_this<ModelWrap>(info, kModelTag); }
 
  private:
   Napi::Value info(const Napi::CallbackInfo& info) {
@@ -116,8 +139,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value set_weights(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto mine = get(env);
-    if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "weights must be a NativeModel");
-    auto other = ModelWrap::Unwrap(info[0].As<Napi::Object>())->get(env);
+    auto other = ModelWrap::from(env, info.Length() < 1 ? env.Undefined() : info[0], "weights must be a NativeModel")->get(env);
     const ModelConfig &a = mine->config(), &b = other->config();
     if (a.arch != b.arch || a.vocab != b.vocab || a.dim != b.dim || a.n_layers != b.n_layers || a.n_heads != b.n_heads ||
         a.n_kv_heads != b.n_kv_heads || a.ffn_dim != b.ffn_dim || a.head_dim != b.head_dim)
@@ -143,9 +165,7 @@ class LoadModelWorker : public PromiseWorker {
   void run() override { model_ = Model::load(path_); }
   void OnOK() override {
     Napi::Env env = Env();
-    auto ext = Napi::External<std::shared_ptr<Model>>::New(env, new std::shared_ptr<Model>(model_),
-                                                           [](Napi::Env, std::shared_ptr<Model>* p) { delete p; });
-    deferred_.Resolve(ctors_->model.New({ext}));
+    deferred_.Resolve(ctors_->model.New({model_handle(env, model_)}));
   }
 
  private:
@@ -157,27 +177,32 @@ class LoadModelWorker : public PromiseWorker {
 class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
  public:
   static Napi::Function define(Napi::Env env) {
-    return DefineClass(env, "NativeSequence",
-                       {InstanceMethod("evaluate", &SequenceWrap::evaluate),
-                        InstanceMethod("draft", &SequenceWrap::draft),
-                        InstanceMethod("cancel", &SequenceWrap::cancel),
-                        InstanceMethod("truncate", &SequenceWrap::truncate),
-                        InstanceMethod("keepPath", &SequenceWrap::keep_path),
-                        InstanceMethod("fork", &SequenceWrap::fork),
-                        InstanceMethod("dispose", &SequenceWrap::dispose),
-                        InstanceAccessor("length", &SequenceWrap::length, nullptr),
-                        InstanceAccessor("capacity", &SequenceWrap::capacity, nullptr)});
+    Napi::Function ctor = DefineClass(env, "NativeSequence",
+                                      {InstanceMethod("evaluate", &SequenceWrap::evaluate),
+                                       InstanceMethod("draft", &SequenceWrap::draft),
+                                       InstanceMethod("cancel", &SequenceWrap::cancel),
+                                       InstanceMethod("truncate", &SequenceWrap::truncate),
+                                       InstanceMethod("keepPath", &SequenceWrap::keep_path),
+                                       InstanceMethod("fork", &SequenceWrap::fork),
+                                       InstanceMethod("dispose", &SequenceWrap::dispose)});
+    ctor.Get("prototype").As<Napi::Object>().DefineProperties(
+        {Napi::PropertyDescriptor::Accessor<checked_getter<SequenceWrap, &SequenceWrap::length>>("length"),
+         Napi::PropertyDescriptor::Accessor<checked_getter<SequenceWrap, &SequenceWrap::capacity>>("capacity")});
+    return ctor;
   }
+  static SequenceWrap* self(const Napi::CallbackInfo& info) { return checked_this<SequenceWrap>(info, kSequenceTag); }
 
   // new NativeSequence(model, capacity) or new NativeSequence(External<Sequence>) from fork().
   explicit SequenceWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SequenceWrap>(info) {
     Napi::Env env = info.Env();
     if (info.Length() >= 1 && info[0].IsExternal()) {
-      seq_.reset(info[0].As<Napi::External<Sequence>>().Data());
+      if (!has_tag(env, info[0], kSequenceHandleTag))
+        throw Napi::TypeError::New(env, "model must be a NativeModel");
+      seq_ = std::move(*info[0].As<Napi::External<std::shared_ptr<Sequence>>>().Data());
+      tag_object(env, info.This(), kSequenceTag);
       return;
     }
-    if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "model must be a NativeModel");
-    ModelWrap* mw = ModelWrap::Unwrap(info[0].As<Napi::Object>());
+    ModelWrap* mw = ModelWrap::from(env, info.Length() < 1 ? env.Undefined() : info[0], "model must be a NativeModel");
     int32_t capacity = 0;
     if (info.Length() > 1 && info[1].IsNumber()) {
       double c = info[1].As<Napi::Number>().DoubleValue();
@@ -185,6 +210,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       capacity = static_cast<int32_t>(c);
     }
     seq_ = std::make_shared<Sequence>(mw->get(env), capacity);
+    tag_object(env, info.This(), kSequenceTag);
   }
 
  private:
@@ -300,41 +326,52 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   Napi::Value draft(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
-      Sequence& s = get(env);
+      // Phase 1 (see napi_util.h): the options' getters may run, and may dispose this sequence or
+      // start another evaluation on it: it is held here and checked again in phase 2.
+      get(env);
+      const std::shared_ptr<Sequence> keep = seq_;
+      const Sequence& s = *keep;
       if (info.Length() < 1) throw Napi::TypeError::New(env, "tokens must be an Int32Array");
-      auto toks = typed_array<int32_t>(env, info[0], "tokens");
+      checked_length<int32_t>(env, info[0], "tokens");
       Napi::Object o = require_object(info, 1, "options");
       const int32_t vm = s.model().config().vocab;
+      const int32_t cap = s.capacity();
       DraftParams p;
-      p.count = static_cast<int32_t>(get_int(o, "count", 1, s.capacity()));
+      p.count = static_cast<int32_t>(get_int(o, "count", 1, cap));
       p.vocab = static_cast<int32_t>(get_int_or(o, "vocabSize", 1, vm, vm));
       p.sampling = parse_sampling(o.Env(), get_prop(o, "sampling"), "sampling");
-      p.seed = has(o, "seed") ? get_seed(o, "seed") : 0;
-      p.stream = has(o, "stream") ? get_seed(o, "stream") : 0;
+      const Napi::Value seed_v = get_prop(o, "seed");
+      p.seed = present(seed_v) ? seed_value(env, seed_v, "seed") : 0;
+      const Napi::Value stream_v = get_prop(o, "stream");
+      p.stream = present(stream_v) ? seed_value(env, stream_v, "stream") : 0;
       p.position = static_cast<uint32_t>(get_int_or(o, "position", 0, UINT32_MAX, 0));
       std::vector<uint32_t> positions;
-      if (has(o, "positions")) {
-        auto ps = get_array<int32_t>(o, "positions");
-        if (ps.length != static_cast<size_t>(p.count))
-          throw Napi::RangeError::New(env, "positions has length " + std::to_string(ps.length) + ", expected count = " +
+      const Napi::Value positions_v = get_prop(o, "positions");
+      if (present(positions_v)) {
+        const std::vector<int32_t> ps = copy_array<int32_t>(env, positions_v, "positions");
+        if (ps.size() != static_cast<size_t>(p.count))
+          throw Napi::RangeError::New(env, "positions has length " + std::to_string(ps.size()) + ", expected count = " +
                                                std::to_string(p.count));
-        for (size_t i = 0; i < ps.length; ++i) {
-          if (ps.data[i] < 0)
-            throw Napi::RangeError::New(env, "positions[" + std::to_string(i) + "] must be >= 0, got " + std::to_string(ps.data[i]));
-          positions.push_back(static_cast<uint32_t>(ps.data[i]));
+        for (size_t i = 0; i < ps.size(); ++i) {
+          if (ps[i] < 0)
+            throw Napi::RangeError::New(env, "positions[" + std::to_string(i) + "] must be >= 0, got " + std::to_string(ps[i]));
+          positions.push_back(static_cast<uint32_t>(ps[i]));
         }
       }
-      for (size_t i = 0; i < toks.length; ++i)
-        if (toks.data[i] < 0 || toks.data[i] >= vm)
-          throw Napi::RangeError::New(env, "tokens[" + std::to_string(i) + "] = " + std::to_string(toks.data[i]) +
+      // Phase 2: no JavaScript runs from here. The tokens are copied, then checked.
+      get(env);
+      std::vector<int32_t> tokens = copy_array<int32_t>(env, info[0], "tokens");
+      for (size_t i = 0; i < tokens.size(); ++i)
+        if (tokens[i] < 0 || tokens[i] >= vm)
+          throw Napi::RangeError::New(env, "tokens[" + std::to_string(i) + "] = " + std::to_string(tokens[i]) +
                                                " is out of range for a vocabulary of " + std::to_string(vm));
       // The context check is draft_chain's, at run time (after the drafts queued before this one).
       auto out_tokens = Napi::Int32Array::New(env, p.count);
       auto out_logits = Napi::Float32Array::New(env, static_cast<size_t>(p.count) * p.vocab);
       cancel_ = std::make_shared<std::atomic<bool>>(false);
       busy_->store(true);
-      auto* w = new DraftWorker(env, seq_, busy_, cancel_, std::vector<int32_t>(toks.data, toks.data + toks.length),
-                                std::move(positions), p, out_tokens, out_logits);
+      auto* w = new DraftWorker(env, seq_, busy_, cancel_, std::move(tokens), std::move(positions), p, out_tokens,
+                                out_logits);
       w->Queue();
       return w->promise();
     });
@@ -364,16 +401,19 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     double base = info[0].As<Napi::Number>().DoubleValue();
     if (base != std::floor(base) || base < 0 || base > s.length())
       throw Napi::RangeError::New(env, "base must be an integer in [0, " + std::to_string(s.length()) + "]");
-    auto path = typed_array<int32_t>(env, info[1], "path");
-    guarded(env, [&] { s.keep_path(static_cast<int32_t>(base), path.data, static_cast<int32_t>(path.length)); });
+    // Copied: keep_path checks the indices and then uses them (another thread could change a
+    // SharedArrayBuffer in between).
+    const std::vector<int32_t> path = copy_array<int32_t>(env, info[1], "path");
+    guarded(env, [&] { s.keep_path(static_cast<int32_t>(base), path.data(), static_cast<int32_t>(path.size())); });
     return env.Undefined();
   }
 
   Napi::Value fork(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Sequence& s = get(env);
-    Sequence* copy = s.fork().release();
-    auto ext = Napi::External<Sequence>::New(env, copy);
+    auto ext = Napi::External<std::shared_ptr<Sequence>>::New(env, new std::shared_ptr<Sequence>(s.fork()),
+                                                              [](Napi::Env, std::shared_ptr<Sequence>* p) { delete p; });
+    tag_object(env, ext, kSequenceHandleTag);
     auto* ctors = env.GetInstanceData<Ctors>();
     return ctors->sequence.New({ext});
   }
@@ -409,35 +449,51 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
 Napi::Value sample_logits(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
+    // Phase 1 (see napi_util.h): every option is read (getters may run); logits is checked and kept
+    // as a value. The other options are checked in phase 2, in the order they always were.
     Napi::Object o = require_object(info, 0, "options");
     const int32_t V = static_cast<int32_t>(get_int(o, "vocabSize", 1, 1 << 30));
-    auto logits = get_array<float>(o, "logits");
-    if (logits.length != static_cast<size_t>(V))
-      throw Napi::RangeError::New(env, "logits has length " + std::to_string(logits.length) + ", expected vocabSize = " +
-                                           std::to_string(V));
+    const Napi::Value logits_v = required_prop(o, "logits");
+    auto check_length = [&](size_t n) {
+      if (n != static_cast<size_t>(V))
+        throw Napi::RangeError::New(env, "logits has length " + std::to_string(n) + ", expected vocabSize = " +
+                                             std::to_string(V));
+    };
+    check_length(checked_length<float>(env, logits_v, "logits"));
     const Sampling s = parse_sampling(o.Env(), get_prop(o, "sampling"), "sampling");
-    if (!has(o, "exclude")) {
+    const Napi::Value exclude_v = get_prop(o, "exclude");
+    const Napi::Value seed_v = get_prop(o, "seed");
+    const Napi::Value stream_v = get_prop(o, "stream");
+    const Napi::Value position_v = get_prop(o, "position");
+    auto position = [&]() -> uint32_t {
+      if (!present(position_v)) throw Napi::TypeError::New(env, "position is required");
+      return static_cast<uint32_t>(int_value(env, position_v, "position", 0, UINT32_MAX, ""));
+    };
+    // Phase 2: no JavaScript runs from here.
+    auto logits = typed_array<float>(env, logits_v, "logits");
+    check_length(logits.length);
+    if (!present(exclude_v)) {
       // The draft loop (Sequence.draft) draws through the same function. A greedy draw does not use
       // seed and stream, but a bad one is still an error (not silently ignored).
-      const uint64_t seed = s.greedy() && !has(o, "seed") ? 0 : get_seed(o, "seed");
-      const uint64_t stream = has(o, "stream") ? get_seed(o, "stream") : 0;
+      const uint64_t seed = s.greedy() && !present(seed_v) ? 0 : seed_value(env, seed_v, "seed");
+      const uint64_t stream = present(stream_v) ? seed_value(env, stream_v, "stream") : 0;
       if (s.greedy()) return Napi::Number::New(env, sample_token(logits.data, V, s, 0, 0, 0));
-      const uint32_t position = static_cast<uint32_t>(get_int(o, "position", 0, UINT32_MAX));
-      return Napi::Number::New(env, sample_token(logits.data, V, s, seed, stream, position));
+      const uint32_t pos = position();
+      return Napi::Number::New(env, sample_token(logits.data, V, s, seed, stream, pos));
     }
     const float mx = checked_row_max(logits.data, V, "logits", 0);
     if (s.greedy()) throw Napi::TypeError::New(env, "exclude needs temperature > 0 (a greedy draw has one candidate)");
-    const uint64_t seed = get_seed(o, "seed");
-    const uint64_t stream = has(o, "stream") ? get_seed(o, "stream") : 0;
-    const uint32_t position = static_cast<uint32_t>(get_int(o, "position", 0, UINT32_MAX));
+    const uint64_t seed = seed_value(env, seed_v, "seed");
+    const uint64_t stream = present(stream_v) ? seed_value(env, stream_v, "stream") : 0;
+    const uint32_t pos = position();
     WarpedRow w;
     warp_row(logits.data, V, mx, s, w);
-    const double u = philox_uniform(seed, stream, position, kLaneSample);
-    auto ex = get_array<int32_t>(o, "exclude");
+    const double u = philox_uniform(seed, stream, pos, kLaneSample);
+    auto ex = typed_array<int32_t>(env, exclude_v, "exclude");
     std::vector<float> q(V);
     w.to_dense(q.data());
     for (size_t i = 0; i < ex.length; ++i) {
-      const int32_t t = ex.data[i];
+      const int32_t t = ex.data[i];  // read once: checked, then used
       if (t < 0 || t >= V)
         throw Napi::RangeError::New(env, "exclude[" + std::to_string(i) + "] = " + std::to_string(t) +
                                              " is out of range for vocabSize " + std::to_string(V));
@@ -449,18 +505,23 @@ Napi::Value sample_logits(const Napi::CallbackInfo& info) {
   });
 }
 
-gguf::TensorType parse_store_type(Napi::Env env, const Napi::Object& o) {
-  std::string t = has(o, "type") ? o.Get("type").ToString().Utf8Value() : "F32";
+// (From the value of the option `type`, read once: a getter could answer differently the second
+// time. ToString may run JavaScript: no pointer is held here.)
+gguf::TensorType store_type_value(Napi::Env env, const Napi::Value& v) {
+  std::string t = present(v) ? v.ToString().Utf8Value() : "F32";
   for (gguf::TensorType c : {gguf::TensorType::F32, gguf::TensorType::F16, gguf::TensorType::BF16, gguf::TensorType::Q8_0,
                              gguf::TensorType::Q5_0, gguf::TensorType::Q5_1, gguf::TensorType::Q4_0, gguf::TensorType::Q4_1})
     if (t == gguf::type_info(c).name) return c;
   throw Napi::RangeError::New(env, "type must be 'F32', 'F16', 'BF16', 'Q8_0', 'Q5_0', 'Q5_1', 'Q4_0' or 'Q4_1', got '" + t + "'");
 }
 
+gguf::TensorType parse_store_type(Napi::Env env, const Napi::Object& o) { return store_type_value(env, get_prop(o, "type")); }
+
 // As parse_store_type, and 'keep' (nothing): every matrix in the type it has.
 std::optional<gguf::TensorType> parse_store_type_or_keep(Napi::Env env, const Napi::Object& o) {
-  if (has(o, "type") && o.Get("type").IsString() && o.Get("type").As<Napi::String>().Utf8Value() == "keep") return std::nullopt;
-  return parse_store_type(env, o);
+  const Napi::Value v = get_prop(o, "type");
+  if (v.IsString() && v.As<Napi::String>().Utf8Value() == "keep") return std::nullopt;
+  return store_type_value(env, v);
 }
 
 class WriteRandomWorker : public PromiseWorker {
@@ -537,8 +598,10 @@ Napi::Value convert_model_js(const Napi::CallbackInfo& info) {
   return guarded(env, [&]() -> Napi::Value {
     if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsObject())
       throw Napi::TypeError::New(env, "convertModel(model, { type })");
-    ModelWrap* mw = ModelWrap::Unwrap(info[0].As<Napi::Object>());
-    auto* w = new ConvertModelWorker(env, mw->get(env), parse_store_type_or_keep(env, info[1].As<Napi::Object>()));
+    // The model first (no JavaScript runs there); then the options, whose getters may run.
+    std::shared_ptr<Model> m = ModelWrap::from(env, info[0], "model must be a NativeModel")->get(env);
+    const auto type = parse_store_type_or_keep(env, info[1].As<Napi::Object>());
+    auto* w = new ConvertModelWorker(env, std::move(m), type);
     w->Queue();
     return w->promise();
   });
@@ -550,9 +613,11 @@ Napi::Value save_model(const Napi::CallbackInfo& info) {
   return guarded(env, [&]() -> Napi::Value {
     if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsString())
       throw Napi::TypeError::New(env, "saveModel(model, path, options?)");
-    ModelWrap* mw = ModelWrap::Unwrap(info[0].As<Napi::Object>());
+    std::shared_ptr<Model> m = ModelWrap::from(env, info[0], "model must be a NativeModel")->get(env);
+    const std::string path = info[1].As<Napi::String>();
     Napi::Object o = info.Length() > 2 && info[2].IsObject() ? info[2].As<Napi::Object>() : Napi::Object::New(env);
-    auto* w = new SaveModelWorker(env, mw->get(env), info[1].As<Napi::String>(), parse_store_type_or_keep(env, o));
+    const auto type = parse_store_type_or_keep(env, o);
+    auto* w = new SaveModelWorker(env, std::move(m), path, type);
     w->Queue();
     return w->promise();
   });
@@ -580,16 +645,12 @@ ExportRegistrar reg(init);
 }  // namespace
 
 Napi::Value wrap_model(Napi::Env env, std::shared_ptr<Model> m) {
-  auto ext = Napi::External<std::shared_ptr<Model>>::New(env, new std::shared_ptr<Model>(std::move(m)),
-                                                         [](Napi::Env, std::shared_ptr<Model>* p) { delete p; });
-  return env.GetInstanceData<Ctors>()->model.New({ext});
+  return env.GetInstanceData<Ctors>()->model.New({model_handle(env, std::move(m))});
 }
 
+// By its type tag: InstanceOf follows the prototype chain, which any object can be given.
 std::shared_ptr<Model> unwrap_model(Napi::Env env, const Napi::Value& v, const char* name) {
-  auto* ctors = env.GetInstanceData<Ctors>();
-  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(ctors->model.Value()))
-    throw Napi::TypeError::New(env, std::string(name) + " must be a loaded model");
-  return ModelWrap::Unwrap(v.As<Napi::Object>())->get(env);
+  return ModelWrap::from(env, v, std::string(name) + " must be a loaded model")->get(env);
 }
 
 }  // namespace osd::napi

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "spec/sampling.h"
@@ -61,6 +62,65 @@ inline Napi::Value required_arg(const Napi::CallbackInfo& info, size_t i, const 
 }
 
 inline bool has(const Napi::Object& o, const char* key) { return present(get_prop(o, key)); }
+
+// ---- Two-phase argument parsing ------------------------------------------------------------------
+//
+// Reading a property can run JavaScript (a getter, a Proxy trap, an array element accessor), and
+// that JavaScript can detach (transfer) or shrink a typed array passed earlier, or rewrite its
+// contents: a data pointer taken before such a read may point at freed memory afterwards, and
+// values checked before it may have changed. So every binding parses in two phases:
+//
+//   1. read (and check, in argument order) every value the call needs: here user code may run.
+//      Typed arrays are kept as values (a pointer taken here is not used later), except index
+//      arrays that are checked and then used to index memory (token ids, lengths, tree parents):
+//      those are copied, so that neither a later getter nor another thread writing a
+//      SharedArrayBuffer can change them after the check.
+//   2. take the typed arrays' data pointers and lengths from the kept values (typed_array: a
+//      detached one is a TypeError naming it) and check the lengths again. No JavaScript runs from
+//      here until the engine is done with the pointers.
+//
+// Each property is read once (a getter could answer differently the second time).
+
+// The property `key` of o, which must be present ("<prefix><key> is required").
+inline Napi::Value required_prop(const Napi::Object& o, const char* key, const std::string& prefix = "") {
+  Napi::Value v = get_prop(o, key);
+  if (!present(v)) throw Napi::TypeError::New(o.Env(), prefix + key + " is required");
+  return v;
+}
+
+// Type tags tell our wrapped objects from look-alikes (another class's instance, or an object
+// whose prototype was set to the class's): ObjectWrap::Unwrap returns whatever an object wraps,
+// and InstanceOf follows the prototype chain, so neither is a type check.
+inline void tag_object(Napi::Env env, napi_value v, const napi_type_tag& t) {
+  if (napi_type_tag_object(env, v, &t) != napi_ok) throw Napi::Error::New(env);
+}
+inline bool has_tag(Napi::Env env, napi_value v, const napi_type_tag& t) {
+  bool ok = false;
+  return napi_check_object_type_tag(env, v, &t, &ok) == napi_ok && ok;
+}
+// Whether v is an object (or external) carrying tag t.
+inline bool tagged(Napi::Env env, const Napi::Value& v, const napi_type_tag& t) {
+  return !v.IsEmpty() && (v.IsObject() || v.IsExternal()) && has_tag(env, v, t);
+}
+
+// The ObjectWrap<W> instance behind v when v carries tag t, else a TypeError `message`.
+template <typename W>
+W* unwrap_tagged(Napi::Env env, const Napi::Value& v, const napi_type_tag& t, const std::string& message) {
+  if (!v.IsObject() || !has_tag(env, v, t)) throw Napi::TypeError::New(env, message);
+  return W::Unwrap(v.As<Napi::Object>());
+}
+
+// Node-API checks the receiver of a class's methods ("Illegal invocation" on another object) but
+// not of its accessors: a getter taken off the prototype and called on another object read that
+// object as an instance of the class. Accessors go through this: W::self checks the tag of `this`.
+template <typename W, Napi::Value (W::*Getter)(const Napi::CallbackInfo&)>
+Napi::Value checked_getter(const Napi::CallbackInfo& info) {
+  return (W::self(info)->*Getter)(info);
+}
+template <typename W>
+W* checked_this(const Napi::CallbackInfo& info, const napi_type_tag& t) {
+  return unwrap_tagged<W>(info.Env(), info.This(), t, "Illegal invocation");
+}
 
 // A typed array of the exact element type T, with an optional exact length check.
 template <typename T>
@@ -218,6 +278,25 @@ inline Sampling parse_sampling(Napi::Env env, const Napi::Value& v, const char* 
   if (!v.IsObject()) return sampling_values(env, v, v, v, v, name);  // throws
   Napi::Object o = v.As<Napi::Object>();
   return sampling_values(env, v, get_prop(o, "temperature"), get_prop(o, "topK"), get_prop(o, "topP"), name);
+}
+
+// A typed array's contents, copied (see "Two-phase argument parsing" above).
+template <typename T>
+std::vector<T> copy_array(Napi::Env env, const Napi::Value& v, const std::string& name) {
+  auto a = typed_array<T>(env, v, name);
+  return std::vector<T>(a.data, a.data + a.length);
+}
+// As copy_array, into a buffer the caller reuses (only where no JavaScript runs until it is used).
+template <typename T>
+void copy_array_into(Napi::Env env, const Napi::Value& v, const std::string& name, std::vector<T>& out) {
+  auto a = typed_array<T>(env, v, name);
+  out.assign(a.data, a.data + a.length);
+}
+
+// The length of a typed array of type T (phase 1: its type is checked, its pointer not kept).
+template <typename T>
+size_t checked_length(Napi::Env env, const Napi::Value& v, const std::string& name) {
+  return typed_array<T>(env, v, name).length;
 }
 
 template <typename T>

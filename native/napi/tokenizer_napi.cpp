@@ -28,15 +28,9 @@ using TokenizerPtr = std::shared_ptr<const tok::Tokenizer>;
 // Type tags tell our objects from look-alikes, so a wrong argument is a TypeError, not a crash.
 constexpr napi_type_tag kTokenizerTag = {0x0a1b2c3d4e5f6071ULL, 0x8293a4b5c6d7e8f9ULL};
 constexpr napi_type_tag kHandleTag = {0x1f2e3d4c5b6a7988ULL, 0x0f1e2d3c4b5a6978ULL};
+constexpr napi_type_tag kStreamDecoderTag = {0x2e3d4c5b6a798811ULL, 0x1e2d3c4b5a697812ULL};
 
-void tag(Napi::Env env, napi_value v, const napi_type_tag& t) {
-  if (napi_type_tag_object(env, v, &t) != napi_ok) throw Napi::Error::New(env);
-}
-
-bool has_tag(Napi::Env env, napi_value v, const napi_type_tag& t) {
-  bool ok = false;
-  return napi_check_object_type_tag(env, v, &t, &ok) == napi_ok && ok;
-}
+void tag(Napi::Env env, napi_value v, const napi_type_tag& t) { tag_object(env, v, t); }
 
 // ---- argument helpers: errors name the argument -----------------------------------------------
 
@@ -65,8 +59,10 @@ int32_t req_id(const Napi::CallbackInfo& info, size_t i, const char* name) {
 std::vector<std::string> string_array(Napi::Env env, const Napi::Value& v, const std::string& name) {
   if (!v.IsArray()) throw Napi::TypeError::New(env, name + " must be an array of strings");
   auto arr = v.As<Napi::Array>();
-  std::vector<std::string> out(arr.Length());
-  for (uint32_t i = 0; i < arr.Length(); ++i) {
+  // The length is read once: an element's getter could grow the array while it is read.
+  const uint32_t n = arr.Length();
+  std::vector<std::string> out(n);
+  for (uint32_t i = 0; i < n; ++i) {
     Napi::Value e = arr.Get(i);
     if (!e.IsString()) throw Napi::TypeError::New(env, name + "[" + std::to_string(i) + "] must be a string");
     out[i] = e.As<Napi::String>().Utf8Value();
@@ -83,8 +79,9 @@ std::vector<T> number_array(Napi::Env env, const Napi::Value& v, const std::stri
   }
   if (!v.IsArray()) throw Napi::TypeError::New(env, name + " must be " + TypedArrayTraits<T>::article + " " + TypedArrayTraits<T>::name + " or an array of numbers");
   auto arr = v.As<Napi::Array>();
-  std::vector<T> out(arr.Length());
-  for (uint32_t i = 0; i < arr.Length(); ++i) {
+  const uint32_t n = arr.Length();
+  std::vector<T> out(n);
+  for (uint32_t i = 0; i < n; ++i) {
     Napi::Value e = arr.Get(i);
     if (!e.IsNumber()) throw Napi::TypeError::New(env, name + "[" + std::to_string(i) + "] must be a number");
     const double d = e.As<Napi::Number>().DoubleValue();
@@ -95,30 +92,39 @@ std::vector<T> number_array(Napi::Env env, const Napi::Value& v, const std::stri
   return out;
 }
 
+// Each property is read once (a getter could answer differently the second time); arrays are
+// copied as they are read.
 tok::VocabData vocab_from_js(const Napi::Object& o) {
   Napi::Env env = o.Env();
   const std::string p = "vocab.";
   tok::VocabData v;
-  if (!has(o, "model") || !o.Get("model").IsString()) throw Napi::TypeError::New(env, "vocab.model must be a string");
-  v.model = o.Get("model").As<Napi::String>().Utf8Value();
-  if (has(o, "pre")) {
-    if (!o.Get("pre").IsString()) throw Napi::TypeError::New(env, "vocab.pre must be a string");
-    v.pre = o.Get("pre").As<Napi::String>().Utf8Value();
+  const Napi::Value model = get_prop(o, "model");
+  if (!model.IsString()) throw Napi::TypeError::New(env, "vocab.model must be a string");
+  v.model = model.As<Napi::String>().Utf8Value();
+  const Napi::Value pre = get_prop(o, "pre");
+  if (present(pre)) {
+    if (!pre.IsString()) throw Napi::TypeError::New(env, "vocab.pre must be a string");
+    v.pre = pre.As<Napi::String>().Utf8Value();
   }
-  if (!has(o, "tokens")) throw Napi::TypeError::New(env, "vocab.tokens is required");
-  v.tokens = string_array(env, o.Get("tokens"), p + "tokens");
-  if (has(o, "scores")) v.scores = number_array<float>(env, o.Get("scores"), p + "scores");
-  if (has(o, "tokenTypes")) v.token_types = number_array<int32_t>(env, o.Get("tokenTypes"), p + "tokenTypes");
-  if (has(o, "merges")) v.merges = string_array(env, o.Get("merges"), p + "merges");
+  const Napi::Value tokens = get_prop(o, "tokens");
+  if (!present(tokens)) throw Napi::TypeError::New(env, "vocab.tokens is required");
+  v.tokens = string_array(env, tokens, p + "tokens");
+  const Napi::Value scores = get_prop(o, "scores");
+  if (present(scores)) v.scores = number_array<float>(env, scores, p + "scores");
+  const Napi::Value token_types = get_prop(o, "tokenTypes");
+  if (present(token_types)) v.token_types = number_array<int32_t>(env, token_types, p + "tokenTypes");
+  const Napi::Value merges = get_prop(o, "merges");
+  if (present(merges)) v.merges = string_array(env, merges, p + "merges");
   const int64_t max_id = 2147483647;
   v.bos = static_cast<int32_t>(get_int_or(o, "bos", -1, max_id, -1, p));
   v.eos = static_cast<int32_t>(get_int_or(o, "eos", -1, max_id, -1, p));
   v.unk = static_cast<int32_t>(get_int_or(o, "unk", -1, max_id, -1, p));
   v.pad = static_cast<int32_t>(get_int_or(o, "pad", -1, max_id, -1, p));
   auto flag = [&](const char* key, bool fallback) {
-    if (!has(o, key)) return fallback;
-    if (!o.Get(key).IsBoolean()) throw Napi::TypeError::New(env, p + key + " must be a boolean");
-    return o.Get(key).As<Napi::Boolean>().Value();
+    const Napi::Value f = get_prop(o, key);
+    if (!present(f)) return fallback;
+    if (!f.IsBoolean()) throw Napi::TypeError::New(env, p + key + " must be a boolean");
+    return f.As<Napi::Boolean>().Value();
   };
   v.add_bos = flag("addBos", false);
   v.add_eos = flag("addEos", false);
@@ -136,28 +142,33 @@ struct Constructors {
 class TokenizerWrap : public Napi::ObjectWrap<TokenizerWrap> {
  public:
   static Napi::Function define(Napi::Env env) {
-    return DefineClass(
-        env, "Tokenizer",
-        {
-            InstanceMethod<&TokenizerWrap::encode>("encode"),
-            InstanceMethod<&TokenizerWrap::decode>("decode"),
-            InstanceMethod<&TokenizerWrap::token_to_piece>("tokenToPiece"),
-            InstanceMethod<&TokenizerWrap::token_to_bytes>("tokenToBytes"),
-            InstanceMethod<&TokenizerWrap::token_text>("tokenText"),
-            InstanceMethod<&TokenizerWrap::token_type>("tokenType"),
-            InstanceMethod<&TokenizerWrap::find_token>("findToken"),
-            InstanceAccessor<&TokenizerWrap::vocab_size>("vocabSize"),
-            InstanceAccessor<&TokenizerWrap::bos>("bos"),
-            InstanceAccessor<&TokenizerWrap::eos>("eos"),
-            InstanceAccessor<&TokenizerWrap::unk>("unk"),
-            InstanceAccessor<&TokenizerWrap::pad>("pad"),
-            InstanceAccessor<&TokenizerWrap::add_bos>("addBos"),
-            InstanceAccessor<&TokenizerWrap::add_eos>("addEos"),
-            InstanceAccessor<&TokenizerWrap::add_space_prefix>("addSpacePrefix"),
-            InstanceAccessor<&TokenizerWrap::model>("model"),
-            InstanceAccessor<&TokenizerWrap::pre>("pre"),
-        });
+    Napi::Function ctor = DefineClass(env, "Tokenizer",
+                                      {
+                                          InstanceMethod<&TokenizerWrap::encode>("encode"),
+                                          InstanceMethod<&TokenizerWrap::decode>("decode"),
+                                          InstanceMethod<&TokenizerWrap::token_to_piece>("tokenToPiece"),
+                                          InstanceMethod<&TokenizerWrap::token_to_bytes>("tokenToBytes"),
+                                          InstanceMethod<&TokenizerWrap::token_text>("tokenText"),
+                                          InstanceMethod<&TokenizerWrap::token_type>("tokenType"),
+                                          InstanceMethod<&TokenizerWrap::find_token>("findToken"),
+                                      });
+    // Accessors check their receiver (napi_util.h, checked_getter).
+    using W = TokenizerWrap;
+    ctor.Get("prototype").As<Napi::Object>().DefineProperties({
+        Napi::PropertyDescriptor::Accessor<checked_getter<W, &W::vocab_size>>("vocabSize"),
+        Napi::PropertyDescriptor::Accessor<checked_getter<W, &W::bos>>("bos"),
+        Napi::PropertyDescriptor::Accessor<checked_getter<W, &W::eos>>("eos"),
+        Napi::PropertyDescriptor::Accessor<checked_getter<W, &W::unk>>("unk"),
+        Napi::PropertyDescriptor::Accessor<checked_getter<W, &W::pad>>("pad"),
+        Napi::PropertyDescriptor::Accessor<checked_getter<W, &W::add_bos>>("addBos"),
+        Napi::PropertyDescriptor::Accessor<checked_getter<W, &W::add_eos>>("addEos"),
+        Napi::PropertyDescriptor::Accessor<checked_getter<W, &W::add_space_prefix>>("addSpacePrefix"),
+        Napi::PropertyDescriptor::Accessor<checked_getter<W, &W::model>>("model"),
+        Napi::PropertyDescriptor::Accessor<checked_getter<W, &W::pre>>("pre"),
+    });
+    return ctor;
   }
+  static TokenizerWrap* self(const Napi::CallbackInfo& info) { return checked_this<TokenizerWrap>(info, kTokenizerTag); }
 
   TokenizerWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<TokenizerWrap>(info) {
     Napi::Env env = info.Env();
@@ -179,9 +190,7 @@ class TokenizerWrap : public Napi::ObjectWrap<TokenizerWrap> {
 
   // The tokenizer behind a JS value, or a TypeError naming `name`.
   static TokenizerPtr from(Napi::Env env, const Napi::Value& v, const char* name) {
-    if (!v.IsObject() || !has_tag(env, v, kTokenizerTag))
-      throw Napi::TypeError::New(env, std::string(name) + " must be a Tokenizer");
-    return Unwrap(v.As<Napi::Object>())->tok_;
+    return unwrap_tagged<TokenizerWrap>(env, v, kTokenizerTag, std::string(name) + " must be a Tokenizer")->tok_;
   }
 
  private:
@@ -199,11 +208,13 @@ class TokenizerWrap : public Napi::ObjectWrap<TokenizerWrap> {
   Napi::Value decode(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (info.Length() < 1) throw Napi::TypeError::New(env, "tokens must be a Int32Array");
-    auto ids = typed_array<int32_t>(env, info[0], "tokens");
+    // Copied: decode checks each id and then indexes with it (another thread could change a
+    // SharedArrayBuffer in between).
+    const std::vector<int32_t> ids = copy_array<int32_t>(env, info[0], "tokens");
     tok::DecodeOptions opts;
     opts.special = opt_bool(info, 1, "special", false);
     opts.strip_space_prefix = opt_bool(info, 2, "stripSpacePrefix", true);
-    const std::string text = guarded(env, [&] { return tok_->decode(ids.data, ids.length, opts); });
+    const std::string text = guarded(env, [&] { return tok_->decode(ids.data(), ids.size(), opts); });
     return Napi::String::New(env, text);
   }
 
@@ -255,12 +266,18 @@ class TokenizerWrap : public Napi::ObjectWrap<TokenizerWrap> {
 class StreamDecoderWrap : public Napi::ObjectWrap<StreamDecoderWrap> {
  public:
   static Napi::Function define(Napi::Env env) {
-    return DefineClass(env, "TokenizerStreamDecoder",
-                       {
-                           InstanceMethod<&StreamDecoderWrap::push>("push"),
-                           InstanceMethod<&StreamDecoderWrap::flush>("flush"),
-                           InstanceAccessor<&StreamDecoderWrap::pending_bytes>("pendingBytes"),
-                       });
+    Napi::Function ctor = DefineClass(env, "TokenizerStreamDecoder",
+                                      {
+                                          InstanceMethod<&StreamDecoderWrap::push>("push"),
+                                          InstanceMethod<&StreamDecoderWrap::flush>("flush"),
+                                      });
+    ctor.Get("prototype").As<Napi::Object>().DefineProperties(
+        {Napi::PropertyDescriptor::Accessor<checked_getter<StreamDecoderWrap, &StreamDecoderWrap::pending_bytes>>(
+            "pendingBytes")});
+    return ctor;
+  }
+  static StreamDecoderWrap* self(const Napi::CallbackInfo& info) {
+    return checked_this<StreamDecoderWrap>(info, kStreamDecoderTag);
   }
 
   StreamDecoderWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<StreamDecoderWrap>(info) {
@@ -270,6 +287,7 @@ class StreamDecoderWrap : public Napi::ObjectWrap<StreamDecoderWrap> {
     opts.special = opt_bool(info, 1, "special", false);
     opts.strip_space_prefix = opt_bool(info, 2, "stripSpacePrefix", false);
     dec_ = std::make_unique<tok::StreamDecoder>(*tok_, opts);  // tok_ keeps the tokenizer alive
+    tag(env, info.This(), kStreamDecoderTag);
   }
 
  private:
@@ -280,8 +298,8 @@ class StreamDecoderWrap : public Napi::ObjectWrap<StreamDecoderWrap> {
       return Napi::String::New(env, guarded(env, [&] { return dec_->push(id); }));
     }
     if (info.Length() < 1) throw Napi::TypeError::New(env, "tokens must be a Int32Array or a number");
-    auto ids = typed_array<int32_t>(env, info[0], "tokens");
-    return Napi::String::New(env, guarded(env, [&] { return dec_->push(ids.data, ids.length); }));
+    const std::vector<int32_t> ids = copy_array<int32_t>(env, info[0], "tokens");  // copied, as in decode
+    return Napi::String::New(env, guarded(env, [&] { return dec_->push(ids.data(), ids.size()); }));
   }
 
   Napi::Value flush(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), dec_->flush()); }

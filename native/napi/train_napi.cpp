@@ -29,7 +29,8 @@ using train::TrainerConfig;
 TrainerConfig parse_config(const Napi::Object& o, TrainerConfig c) {
   c.schedule.lr = static_cast<float>(get_number_or(o, "lr", c.schedule.lr));
   c.schedule.warmup = get_int_or(o, "warmupSteps", 0, int64_t(1) << 40, c.schedule.warmup);
-  if (has(o, "schedule")) c.schedule.decay = train::parse_lr_decay(o.Get("schedule").ToString().Utf8Value(), "schedule");
+  const Napi::Value schedule = get_prop(o, "schedule");
+  if (present(schedule)) c.schedule.decay = train::parse_lr_decay(schedule.ToString().Utf8Value(), "schedule");
   c.schedule.total_steps = get_int_or(o, "totalSteps", 0, int64_t(1) << 40, c.schedule.total_steps);
   c.schedule.min_lr = static_cast<float>(get_number_or(o, "minLr", c.schedule.min_lr));
   c.beta1 = static_cast<float>(get_number_or(o, "beta1", c.beta1));
@@ -50,6 +51,8 @@ struct OwnedBatch {
   Batch batch;
 };
 
+// Every array is copied as soon as it is read (before the next property read, whose getter could
+// detach it), and each property is read once.
 std::unique_ptr<OwnedBatch> parse_batch(Napi::Env env, const Napi::Value& v, int32_t vocab) {
   if (!v.IsObject()) throw Napi::TypeError::New(env, "batch must be an object");
   Napi::Object o = v.As<Napi::Object>();
@@ -58,50 +61,49 @@ std::unique_ptr<OwnedBatch> parse_batch(Napi::Env env, const Napi::Value& v, int
   b.batch = static_cast<int32_t>(get_int(o, "batchSize", 1, 1 << 20, "batch."));
   b.seq_len = static_cast<int32_t>(get_int(o, "seqLen", 1, 1 << 20, "batch."));
   const size_t n = static_cast<size_t>(b.batch) * b.seq_len;
-  auto tok = get_array<int32_t>(o, "tokens", "batch.");
-  if (tok.length != n)
-    throw Napi::RangeError::New(env, "batch.tokens has length " + std::to_string(tok.length) +
+  ob->tokens = copy_array<int32_t>(env, required_prop(o, "tokens", "batch."), "batch.tokens");
+  if (ob->tokens.size() != n)
+    throw Napi::RangeError::New(env, "batch.tokens has length " + std::to_string(ob->tokens.size()) +
                                          ", expected batchSize * seqLen = " + std::to_string(n));
-  ob->tokens.assign(tok.data, tok.data + n);
   b.tokens = ob->tokens.data();
-  if (has(o, "targets")) {
-    auto t = get_array<int32_t>(o, "targets", "batch.");
-    if (t.length != n) throw Napi::RangeError::New(env, "batch.targets must have batchSize * seqLen entries");
-    ob->targets.assign(t.data, t.data + n);
+  const Napi::Value targets = get_prop(o, "targets");
+  if (present(targets)) {
+    ob->targets = copy_array<int32_t>(env, targets, "batch.targets");
+    if (ob->targets.size() != n) throw Napi::RangeError::New(env, "batch.targets must have batchSize * seqLen entries");
     b.loss.targets = ob->targets.data();
     return ob;
   }
   DistillInput& d = b.loss.distill;
-  d.kind = parse_distill_kind(has(o, "kind") ? o.Get("kind").ToString().Utf8Value() : "forward-kl", "batch.kind");
+  const Napi::Value kind = get_prop(o, "kind");
+  d.kind = parse_distill_kind(present(kind) ? kind.ToString().Utf8Value() : "forward-kl", "batch.kind");
   d.temperature = static_cast<float>(get_number_or(o, "temperature", 1.0, "batch."));
   d.beta = static_cast<float>(get_number_or(o, "beta", 0.5, "batch."));
-  if (has(o, "mask")) {
-    auto m = get_array<uint8_t>(o, "mask", "batch.");
-    if (m.length != n) throw Napi::RangeError::New(env, "batch.mask must have batchSize * seqLen entries");
-    ob->mask.assign(m.data, m.data + n);
+  const Napi::Value mask = get_prop(o, "mask");
+  if (present(mask)) {
+    ob->mask = copy_array<uint8_t>(env, mask, "batch.mask");
+    if (ob->mask.size() != n) throw Napi::RangeError::New(env, "batch.mask must have batchSize * seqLen entries");
     d.mask = ob->mask.data();
   }
-  if (has(o, "teacherLogits")) {
-    auto t = get_array<float>(o, "teacherLogits", "batch.");
-    if (t.length != n * vocab) throw Napi::RangeError::New(env, "batch.teacherLogits must have batchSize * seqLen * vocabSize entries");
-    ob->teacher.assign(t.data, t.data + t.length);
+  const Napi::Value teacher_logits = get_prop(o, "teacherLogits");
+  const Napi::Value teacher = present(teacher_logits) ? env.Undefined() : get_prop(o, "teacher");
+  if (present(teacher_logits)) {
+    ob->teacher = copy_array<float>(env, teacher_logits, "batch.teacherLogits");
+    if (ob->teacher.size() != n * vocab) throw Napi::RangeError::New(env, "batch.teacherLogits must have batchSize * seqLen * vocabSize entries");
     d.teacher = ob->teacher.data();
-  } else if (has(o, "teacher")) {
-    if (!o.Get("teacher").IsObject()) throw Napi::TypeError::New(env, "batch.teacher must be an object { indices, probs, residual? }");
-    Napi::Object t = o.Get("teacher").As<Napi::Object>();
-    auto ids = get_array<int32_t>(t, "indices", "batch.teacher.");
-    auto probs = get_array<float>(t, "probs", "batch.teacher.");
-    if (ids.length % n != 0 || probs.length != ids.length)
+  } else if (present(teacher)) {
+    if (!teacher.IsObject()) throw Napi::TypeError::New(env, "batch.teacher must be an object { indices, probs, residual? }");
+    Napi::Object t = teacher.As<Napi::Object>();
+    ob->topk_ids = copy_array<int32_t>(env, required_prop(t, "indices", "batch.teacher."), "batch.teacher.indices");
+    ob->topk_probs = copy_array<float>(env, required_prop(t, "probs", "batch.teacher."), "batch.teacher.probs");
+    if (ob->topk_ids.size() % n != 0 || ob->topk_probs.size() != ob->topk_ids.size())
       throw Napi::RangeError::New(env, "batch.teacher.indices and probs must hold k entries for each of the batchSize * seqLen rows");
-    d.k = static_cast<int32_t>(ids.length / n);
-    ob->topk_ids.assign(ids.data, ids.data + ids.length);
-    ob->topk_probs.assign(probs.data, probs.data + probs.length);
+    d.k = static_cast<int32_t>(ob->topk_ids.size() / n);
     d.topk_ids = ob->topk_ids.data();
     d.topk_probs = ob->topk_probs.data();
-    if (has(t, "residual")) {
-      auto r = get_array<float>(t, "residual", "batch.teacher.");
-      if (r.length != n) throw Napi::RangeError::New(env, "batch.teacher.residual must have batchSize * seqLen entries");
-      ob->residual.assign(r.data, r.data + n);
+    const Napi::Value residual = get_prop(t, "residual");
+    if (present(residual)) {
+      ob->residual = copy_array<float>(env, residual, "batch.teacher.residual");
+      if (ob->residual.size() != n) throw Napi::RangeError::New(env, "batch.teacher.residual must have batchSize * seqLen entries");
       d.residual = ob->residual.data();
     }
   } else {
@@ -111,6 +113,10 @@ std::unique_ptr<OwnedBatch> parse_batch(Napi::Env env, const Napi::Value& v, int
 }
 
 class TrainerWrap;
+
+// Type tags (napi_util.h) of NativeTrainer instances and of the externals its constructor takes.
+constexpr napi_type_tag kTrainerTag = {0x747261696e657277ULL, 0x7261a1b2c3d4e501ULL};
+constexpr napi_type_tag kTrainerHandleTag = {0x747261696e657268ULL, 0x616e646c65a1b202ULL};
 
 // Runs fn on a worker thread under the trainer's lock and settles a promise with make(env).
 class TrainWorker : public Napi::AsyncWorker {
@@ -153,19 +159,25 @@ class TrainWorker : public Napi::AsyncWorker {
 class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
  public:
   static Napi::Function define(Napi::Env env) {
-    return DefineClass(env, "NativeTrainer",
-                       {InstanceMethod("step", &TrainerWrap::step), InstanceMethod("evalLoss", &TrainerWrap::eval_loss),
-                        InstanceMethod("snapshot", &TrainerWrap::snapshot), InstanceMethod("save", &TrainerWrap::save),
-                        InstanceMethod("configure", &TrainerWrap::configure),
-                        InstanceMethod("dispose", &TrainerWrap::dispose),
-                        InstanceAccessor("steps", &TrainerWrap::steps, nullptr),
-                        InstanceAccessor("parameterCount", &TrainerWrap::param_count, nullptr)});
+    Napi::Function ctor = DefineClass(
+        env, "NativeTrainer",
+        {InstanceMethod("step", &TrainerWrap::step), InstanceMethod("evalLoss", &TrainerWrap::eval_loss),
+         InstanceMethod("snapshot", &TrainerWrap::snapshot), InstanceMethod("save", &TrainerWrap::save),
+         InstanceMethod("configure", &TrainerWrap::configure), InstanceMethod("dispose", &TrainerWrap::dispose)});
+    ctor.Get("prototype").As<Napi::Object>().DefineProperties(
+        {Napi::PropertyDescriptor::Accessor<checked_getter<TrainerWrap, &TrainerWrap::steps>>("steps"),
+         Napi::PropertyDescriptor::Accessor<checked_getter<TrainerWrap, &TrainerWrap::param_count>>("parameterCount")});
+    return ctor;
   }
+  static TrainerWrap* self(const Napi::CallbackInfo& info) { return checked_this<TrainerWrap>(info, kTrainerTag); }
 
   explicit TrainerWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<TrainerWrap>(info) {
-    if (info.Length() < 1 || !info[0].IsExternal())
+    if (info.Length() < 1 || !info[0].IsExternal() || !has_tag(info.Env(), info[0], kTrainerHandleTag))
       throw Napi::TypeError::New(info.Env(), "NativeTrainer is created by createTrainer()");
-    trainer_.reset(info[0].As<Napi::External<Trainer>>().Data());
+    // Moved out: the external (freed by the garbage collector) must not hold the trainer, which
+    // dispose() frees on a worker thread.
+    trainer_ = std::move(*info[0].As<Napi::External<std::shared_ptr<Trainer>>>().Data());
+    tag_object(info.Env(), info.This(), kTrainerTag);
   }
 
  private:
@@ -177,9 +189,11 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
   Napi::Value step(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
-      Trainer& t = get(env);
-      std::shared_ptr<OwnedBatch> b(parse_batch(env, info.Length() ? info[0] : env.Undefined(), t.params().config().vocab));
+      // The batch's getters may run (and dispose this trainer): it is held, and checked again after.
       auto keep = trainer_;
+      const int32_t vocab = get(env).params().config().vocab;
+      std::shared_ptr<OwnedBatch> b(parse_batch(env, info.Length() ? info[0] : env.Undefined(), vocab));
+      get(env);
       auto res = std::make_shared<train::StepResult>();
       auto* w = new TrainWorker(
           env, mu_, [keep, b, res] { *res = keep->step(b->batch); },
@@ -200,9 +214,10 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
   Napi::Value eval_loss(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
-      Trainer& t = get(env);
-      std::shared_ptr<OwnedBatch> b(parse_batch(env, info.Length() ? info[0] : env.Undefined(), t.params().config().vocab));
       auto keep = trainer_;
+      const int32_t vocab = get(env).params().config().vocab;
+      std::shared_ptr<OwnedBatch> b(parse_batch(env, info.Length() ? info[0] : env.Undefined(), vocab));
+      get(env);
       auto loss = std::make_shared<double>(0);
       auto* w = new TrainWorker(env, mu_, [keep, b, loss] { *loss = keep->eval_loss(b->batch); },
                                 [loss](Napi::Env e) { return Napi::Number::New(e, *loss); });
@@ -237,10 +252,20 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
   Napi::Value configure(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
-      Trainer& t = get(env);
+      // The options are parsed without the lock held: their getters may run, and may call back into
+      // this trainer (configure again would deadlock on the lock; dispose would free it).
+      auto keep = trainer_;
+      get(env);
       Napi::Object o = require_object(info, 0, "options");
+      TrainerConfig base;
+      {
+        std::lock_guard<std::mutex> lk(*mu_);
+        base = keep->config();
+      }
+      const TrainerConfig c = parse_config(o, base);
+      get(env);
       std::lock_guard<std::mutex> lk(*mu_);
-      t.set_config(parse_config(o, t.config()));
+      keep->set_config(c);
       return env.Undefined();
     });
   }
@@ -269,7 +294,9 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
 Napi::FunctionReference* g_trainer_ctor = nullptr;
 
 Napi::Value new_trainer(Napi::Env env, std::unique_ptr<Trainer> t) {
-  auto ext = Napi::External<Trainer>::New(env, t.release());
+  auto ext = Napi::External<std::shared_ptr<Trainer>>::New(env, new std::shared_ptr<Trainer>(std::move(t)),
+                                                           [](Napi::Env, std::shared_ptr<Trainer>* p) { delete p; });
+  tag_object(env, ext, kTrainerHandleTag);
   return g_trainer_ctor->New({ext});
 }
 
@@ -285,12 +312,13 @@ Napi::Value create_trainer(const Napi::CallbackInfo& info) {
     ModelConfig mc;
     uint64_t seed = 0;
     float init_std = 0.02f;
-    const bool from_model = !has(src, "config");
+    const Napi::Value config = get_prop(src, "config");
+    const bool from_model = !present(config);
     if (from_model) {
       model = unwrap_model(env, src, "source");
     } else {
-      if (!src.Get("config").IsObject()) throw Napi::TypeError::New(env, "source.config must be an object");
-      Napi::Object c = src.Get("config").As<Napi::Object>();
+      if (!config.IsObject()) throw Napi::TypeError::New(env, "source.config must be an object");
+      Napi::Object c = config.As<Napi::Object>();
       mc.vocab = static_cast<int32_t>(get_int(c, "vocabSize", 1, 1 << 24, "config."));
       mc.dim = static_cast<int32_t>(get_int(c, "embeddingLength", 1, 1 << 16, "config."));
       mc.n_layers = static_cast<int32_t>(get_int(c, "layers", 1, 1024, "config."));
@@ -299,10 +327,12 @@ Napi::Value create_trainer(const Napi::CallbackInfo& info) {
       mc.ffn_dim = static_cast<int32_t>(get_int(c, "feedForwardLength", 1, 1 << 18, "config."));
       mc.context = static_cast<int32_t>(get_int(c, "contextLength", 1, 1 << 20, "config."));
       mc.rope_theta = get_rope_theta(c, "config.");
-      mc.tied_output = !has(c, "tiedOutput") || c.Get("tiedOutput").ToBoolean();
+      const Napi::Value tied = get_prop(c, "tiedOutput");
+      mc.tied_output = !present(tied) || tied.ToBoolean();
       if (mc.dim % mc.n_heads != 0) throw Napi::RangeError::New(env, "config.embeddingLength must be a multiple of config.heads");
       mc.head_dim = mc.dim / mc.n_heads;
-      seed = has(src, "seed") ? get_seed(src, "seed") : 0;
+      const Napi::Value seed_v = get_prop(src, "seed");
+      seed = present(seed_v) ? seed_value(env, seed_v, "seed") : 0;
       init_std = static_cast<float>(get_number_or(src, "initStd", 0.02));
     }
     auto d = std::make_shared<Napi::Promise::Deferred>(Napi::Promise::Deferred::New(env));

@@ -234,6 +234,7 @@ async function main(argv: string[]): Promise<number> {
               targetTokensPerSecond: result.targetTokensPerSecond,
               runs: result.runs.map((r) => ({ run: r.run, phases: r.phases, updates: r.updates, rollbacks: r.rollbacks, forgetting: r.forgetting })),
               ...(result.savedDraft ? { savedDraft: result.savedDraft } : {}),
+              load: result.load,
               plots,
             },
             null,

@@ -248,9 +248,11 @@ describe('loading bad files', () => {
     expect(() => m.createSequence()).toThrow(/disposed/);
     // Work started while dispose() waits is refused (it ran on, past the dispose that had resolved).
     const m3 = await loadModel(copy);
+    const idle = m3.createSequence();
     const running = m3.generate({ tokens: [1], maxTokens: 50 });
     const disposing = m3.dispose();
     expect(m3.disposed).toBe(true);
+    expect(() => idle.fork()).toThrow('the model was disposed');  // before its sequences are freed: the fork outlived them
     await expect(m3.generate({ tokens: [1], maxTokens: 200 })).rejects.toThrow('the model was disposed');
     expect(() => m3.createSequence()).toThrow('the model was disposed');
     await disposing;
@@ -284,6 +286,10 @@ describe('written models', () => {
     expect(m.info).toMatchObject({ format: 'gguf', vocabSize: 97, layers: 2, heads: 4, kvHeads: 2, contextLength: 64 });
     expect(m.tokenizer).toBeUndefined();
     await expect(writeRandomModel(join(dir, 'c.gguf'), { ...config, heads: 3 })).rejects.toThrow(/multiple of heads/);
+    // Loading refuses an odd head dimension (RoPE turns pairs): so does writing.
+    await expect(writeRandomModel(join(dir, 'c.gguf'), { ...config, embeddingLength: 6, heads: 2, kvHeads: 2 })).rejects.toThrow(
+      new RangeError('config: embeddingLength / heads must be even (RoPE turns pairs of dimensions), got 3'),
+    );
     await expect(writeRandomModel(join(dir, 'c.gguf'), { ...config, type: 'Q4' as never })).rejects.toThrow(/type/);
   });
 

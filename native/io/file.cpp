@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -145,8 +146,10 @@ std::string temp_name(const std::string& path) {
 }
 
 // Removes temporary files of `path` left by writers that died before their rename (a killed
-// process; each can be as large as the file): "<path>.tmp-<pid>-<16 hex>" whose process is gone
-// and that nobody has touched for a minute. Best effort: errors leave the files where they are.
+// process; each can be as large as the file): "<path>.tmp-<pid>-<16 hex>" whose process is gone,
+// that nobody has touched for a minute, and whose lock can be taken (a live writer holds one on
+// its temp file until it closes it: this covers a writer in another PID namespace, or whose long
+// fsync leaves the mtime still). Best effort: errors leave the files where they are.
 void remove_stale_temps(const std::string& path) {
   const std::string dir = dir_of(path);
   const size_t slash = path.rfind('/');
@@ -167,7 +170,9 @@ void remove_stale_temps(const std::string& path) {
     if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to judge
     const std::string full = (dir == "/" ? "" : dir) + "/" + name;
     struct stat st {};
-    if (::lstat(full.c_str(), &st) == 0 && S_ISREG(st.st_mode) && now - st.st_mtime > 60) ::unlink(full.c_str());
+    if (::lstat(full.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || now - st.st_mtime <= 60) continue;
+    FdGuard f{::open(full.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW)};
+    if (f.fd >= 0 && ::flock(f.fd, LOCK_EX | LOCK_NB) == 0) ::unlink(full.c_str());
   }
   ::closedir(d);
 }
@@ -196,6 +201,7 @@ void write_atomic(const std::string& given, const std::function<void(Output&)>& 
   const std::string tmp = temp_name(path);
   FdGuard fd{::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644)};
   if (fd.fd < 0) throw_io(path + ": cannot create temporary file '" + tmp + "' (" + errno_text(errno) + ")");
+  ::flock(fd.fd, LOCK_EX);  // held until close: remove_stale_temps leaves a locked temp file alone
   if (existing && ::fchmod(fd.fd, mode) != 0) {
     const std::string why = errno_text(errno);
     ::unlink(tmp.c_str());

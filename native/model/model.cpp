@@ -87,10 +87,13 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
       c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0)
     throw_io(f.name() + ": inconsistent model dimensions (embedding " + std::to_string(c.dim) + ", heads " +
              std::to_string(c.n_heads) + ", kv heads " + std::to_string(c.n_kv_heads) + ")");
+  const bool key_length = f.find(a + "attention.key_length") != nullptr;
   c.head_dim = size_of(a + "attention.key_length", c.dim / c.n_heads);
   // RoPE turns pairs of dimensions; q_dim() and kv_dim() are int32 products.
   if (c.head_dim % 2 != 0)
-    throw_io(f.name() + ": " + a + "attention.key_length " + std::to_string(c.head_dim) + " is odd (RoPE needs pairs)");
+    throw_io(f.name() + ": " +
+             (key_length ? a + "attention.key_length " : a + "embedding_length / " + a + "attention.head_count = ") +
+             std::to_string(c.head_dim) + " is odd (RoPE turns pairs of dimensions)");
   if (static_cast<int64_t>(c.n_heads) * c.head_dim > INT32_MAX)
     throw_io(f.name() + ": heads x key_length (" + std::to_string(c.n_heads) + " x " + std::to_string(c.head_dim) +
              ") is too large");
@@ -152,6 +155,9 @@ std::shared_ptr<Model> Model::from_llama2c(std::unique_ptr<llama2c::Checkpoint> 
   c.n_heads = lc.n_heads;
   c.n_kv_heads = lc.n_kv_heads;
   c.head_dim = lc.head_size();
+  if (c.head_dim % 2 != 0)
+    throw_io(ckpt->name() + ": bad llama2.c header (dim / n_heads = " + std::to_string(c.head_dim) +
+             " is odd; RoPE turns pairs of dimensions)");
   c.ffn_dim = lc.hidden_dim;
   c.context = lc.seq_len;
   c.rope_theta = 10000.0f;

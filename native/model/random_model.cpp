@@ -40,6 +40,9 @@ void write_random_gguf(const std::string& path, const ModelConfig& cin, uint64_t
     throw_range("config: embeddingLength must be a multiple of heads, and heads a multiple of kvHeads");
   if (!quant::can_quantize(type)) throw_range("type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1");
   c.head_dim = c.dim / c.n_heads;
+  if (c.head_dim % 2 != 0)  // as loading requires: RoPE turns pairs of dimensions
+    throw_range("config: embeddingLength / heads must be even (RoPE turns pairs of dimensions), got " +
+                std::to_string(c.head_dim));
   gguf::Writer w;
   w.set("general.architecture", Value::str("llama"));
   w.set("general.name", Value::str("online-specdec random model"));

@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -789,14 +790,19 @@ OSD_TEST(atomic_write_removes_stale_temp_files_of_dead_writers) {
   const std::string fresh = "draft.gguf.tmp-99999998-fedcba9876543210";
   const std::string other = "other.gguf.tmp-99999999-0123456789abcdef";
   const std::string odd = "draft.gguf.tmp-99999999-notahexsuffix!!";
+  const std::string locked = "draft.gguf.tmp-99999997-00000000deadbeef";  // a live writer elsewhere
   touch(dead, 3600);
+  touch(locked, 3600);
+  const int lock_fd = ::open((dir / locked).c_str(), O_RDONLY);
+  CHECK(lock_fd >= 0 && ::flock(lock_fd, LOCK_EX) == 0);
   touch(own, 3600);
   touch(fresh, 0);
   touch(other, 3600);
   touch(odd, 3600);
   osd::io::write_atomic(target, [](osd::io::Output& out) { out.write("x", 1); });
   CHECK(!std::filesystem::exists(dir / dead));
-  for (const std::string& kept : {own, fresh, other, odd}) CHECK(std::filesystem::exists(dir / kept));
+  for (const std::string& kept : {own, fresh, other, odd, locked}) CHECK(std::filesystem::exists(dir / kept));
+  ::close(lock_fd);
 }
 
 OSD_TEST(gguf_open_errors_name_the_path) {

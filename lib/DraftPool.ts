@@ -3,6 +3,7 @@
 // draft has its own online distiller (buffer, schedule, guard).
 import { EventEmitter } from 'node:events';
 import { extname } from 'node:path';
+import { checkInteger } from './args.js';
 import { Model } from './Model.js';
 import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics, type RollbackEvent, type UpdateEvent } from './OnlineDecoder.js';
 import type { RequestStats, SpeculativeGenerateOptions, SpeculativeResult, Strategy, StreamChunk, WeightSwap } from './SpeculativeDecoder.js';
@@ -98,8 +99,7 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     // Own keys only: 'toString' is `in` every object.
     if (options.forkFrom !== undefined && !Object.hasOwn(options.drafts, options.forkFrom))
       throw new RangeError(`forkFrom names no draft: '${options.forkFrom}'`);
-    if (options.seed !== undefined && (typeof options.seed !== 'number' || !Number.isInteger(options.seed) || options.seed < 0))
-      throw new RangeError(`seed must be an integer >= 0, got ${String(options.seed)}`);
+    if (options.seed !== undefined) checkInteger(options.seed, 'seed', 0);
     this.target = options.target;
     this.router = router;
     this.#options = options;
@@ -260,11 +260,12 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     const { label: _label, ...rest } = options;
     let r: SpeculativeResult;
     try {
-      r = await m.decoder.generate(rest);
+      r = await m.decoder.generate({ ...rest, onStats: undefined });
     } finally {
       this.#leave(m);
     }
     this.#measured(m, r.stats);
+    rest.onStats?.(r.stats);
     return { ...r, draft: m.name };
   }
 
@@ -295,9 +296,10 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     let stats: RequestStats | undefined;
     try {
       const stopReason = yield* m.decoder.stream({ ...rest, onStats: (s) => ((stats = s), rest.onStats?.(s)) });
-      if (stats) this.#measured(m, stats);
       return { stopReason, draft: m.name };
     } finally {
+      // A request that finished counts, even if the consumer left before the end of the stream.
+      if (stats) this.#measured(m, stats);
       this.#leave(m);
     }
   }

@@ -300,7 +300,9 @@ export class Model {
    * Swaps in the weights of `weights` (a model of the same shape, e.g. a Trainer snapshot). Sequences
    * created afterwards use them; existing sequences keep the weights they were created with (their
    * KV caches were computed with those), so no evaluation sees half-updated weights. weightsVersion
-   * counts the swaps: a SpeculativeDecoder compares it with its draft sequence's at every step.
+   * counts the swaps: a SpeculativeDecoder compares it with its draft sequence's at every step and,
+   * with weightSwap 'step' (its default), replaces that sequence, so running requests take the new
+   * weights up.
    */
   setWeights(weights: Model): void {
     if (!(weights instanceof Model)) throw new TypeError('weights must be a Model');
@@ -607,13 +609,10 @@ export class Sequence {
     if (t.length === 0) throw new RangeError('tokens must not be empty');
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
     const { count, vocabSize, position, positions } = options;
-    if (typeof count !== 'number' || !Number.isInteger(count) || count < 1)
-      throw new RangeError(`options.count must be an integer >= 1, got ${String(count)}`);
+    checkInteger(count, 'options.count', 1);
     const vm = this.model.info.vocabSize;
-    if (vocabSize !== undefined && (typeof vocabSize !== 'number' || !Number.isInteger(vocabSize) || vocabSize < 1 || vocabSize > vm))
-      throw new RangeError(`options.vocabSize must be an integer in [1, ${vm}], got ${String(vocabSize)}`);
-    if (position !== undefined && (typeof position !== 'number' || !Number.isInteger(position) || position < 0 || position > 0xffffffff))
-      throw new RangeError(`options.position must be an integer in [0, 2^32 - 1], got ${String(position)}`);
+    if (vocabSize !== undefined) checkInteger(vocabSize, 'options.vocabSize', 1, vm);
+    if (position !== undefined) checkInteger(position, 'options.position', 0, 0xffffffff);
     const pos = positions === undefined ? undefined : toTokenArray(positions, 'options.positions');
     if (pos && pos.length !== count) throw new RangeError(`options.positions has length ${pos.length}, expected options.count = ${count}`);
     if (pos) for (let i = 0; i < pos.length; i++) if (pos[i]! < 0) throw new RangeError(`options.positions[${i}] must be >= 0, got ${pos[i]}`);
@@ -671,6 +670,8 @@ export class Sequence {
 
   /** A copy of this sequence, cache included. */
   fork(): Sequence {
+    // Refused once the model's dispose() has begun: the copy would outlive it.
+    if (this.model.disposed) throw new Error('the model was disposed');
     const copy = new Sequence(this.model, this.#idle('fork').fork(), this.weightsVersion);
     this.model.adopt(copy);
     return copy;

@@ -469,12 +469,13 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     if (this.#disposed) throw new Error('the decoder was disposed');
     let event: UpdateEvent | null = null;
     let failure: Error | undefined;
+    let dropped = false;
     await this.#enqueue(async () => {
       if (this.#buffer.length === 0) return;
       const listener = (e: UpdateEvent) => (event = e);
       this.once('update', listener);
       try {
-        await this.#update();
+        dropped = (await this.#update()) === 'dropped';
       } catch (e) {
         failure = e instanceof Error ? e : new Error(String(e));
       } finally {
@@ -483,7 +484,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     });
     if (failure) throw failure;
     // Disposed while it trained: the update was dropped, which is not "nothing to train on" (null).
-    if (event === null && this.#disposed) throw new Error('the decoder was disposed');
+    if (dropped) throw new Error('the decoder was disposed');
     return event;
   }
 
@@ -527,8 +528,9 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     return out;
   }
 
-  async #update(): Promise<void> {
-    if (this.#disposed) return;
+  /** One update; 'dropped' when dispose() came while it trained (its weights are thrown away). */
+  async #update(): Promise<'dropped' | undefined> {
+    if (this.#disposed) return 'dropped';
     await this.#ready;
     const fresh = this.#buffer.splice(0);
     this.#bufferBytes = 0;
@@ -561,7 +563,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     const snapshot = await this.#served(await this.#trainer.snapshot());
     if (this.#disposed) {
       await snapshot.dispose();
-      return;
+      return 'dropped';
     }
     // Keep the weights being replaced for the guard, then swap (running requests follow at their next step).
     let previous: Model;
@@ -685,8 +687,13 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     let id: number | undefined;
     let weights = 0;
     try {
-      const r = await this.#decoder.generate({ ...options, onStart: (r) => ((id = r), (weights = this.#updates), options.onStart?.(r)) });
+      const r = await this.#decoder.generate({
+        ...options,
+        onStart: (r) => ((id = r), (weights = this.#updates), options.onStart?.(r)),
+        onStats: undefined,  // called below, after the bookkeeping (a callback that throws cannot skip it)
+      });
       this.#finish(id, r.stats, weights);
+      options.onStats?.(r.stats);
       return r;
     } catch (e) {
       if (id !== undefined) this.#live.delete(id);

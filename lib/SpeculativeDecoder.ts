@@ -205,7 +205,7 @@ class Counters {
 /** Expected speedup of drafting g tokens with per-token acceptance a and draft/target cost ratio c. */
 export function expectedSpeedup(a: number, g: number, c: number): number {
   checkRate(a, 'a');
-  if (typeof g !== 'number' || !Number.isInteger(g) || g < 0) throw new RangeError(`g must be an integer >= 0, got ${String(g)}`);
+  checkInteger(g, 'g', 0);
   checkCost(c);
   if (g === 0) return 1;
   const gain = a >= 1 ? g + 1 : (1 - a ** (g + 1)) / (1 - a);
@@ -1172,8 +1172,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
 /** The tokens after the latest earlier occurrence of the longest matching tail (up to maxNgram). */
 export function ngramLookup(tokens: number[], maxNgram: number, length: number): number[] {
   if (!Array.isArray(tokens) && !((tokens as unknown) instanceof Int32Array)) throw new TypeError('tokens must be an array of token ids');
-  if (typeof maxNgram !== 'number' || !Number.isInteger(maxNgram) || maxNgram < 1)
-    throw new RangeError(`maxNgram must be an integer >= 1, got ${String(maxNgram)}`);
+  checkInteger(maxNgram, 'maxNgram', 1);
   if (typeof length !== 'number' || !(length >= 0) || (!Number.isInteger(length) && length !== Infinity))
     throw new RangeError(`length must be an integer >= 0, got ${String(length)}`);
   const n = tokens.length;

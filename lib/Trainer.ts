@@ -1,6 +1,7 @@
 // Training a model on the CPU: steps run off the event loop on an owned f32 copy of the weights;
 // snapshot() turns the current weights into a model that can be swapped into a running one.
 import { addon } from './addon.js';
+import { checkInteger } from './args.js';
 import type { Seed } from './addonTypes.js';
 import { Model, readTextTools } from './Model.js';
 import type { Tokenizer } from './Tokenizer.js';
@@ -31,9 +32,7 @@ const native = addon as unknown as TrainAddon;
  * decoding pool. Training results do not depend on it. Returns the setting now in force.
  */
 export function setTrainThreads(threads: number): number {
-  if (typeof threads !== 'number') throw new TypeError(`threads must be a number, got ${typeof threads}`);
-  if (!Number.isInteger(threads) || threads < 0 || threads > 1024)
-    throw new RangeError(`threads must be an integer in [0, 1024] (0 = share the decoding pool), got ${String(threads)}`);
+  checkInteger(threads, 'threads', 0, 1024, ' (0 = share the decoding pool)');
   return native.setTrainThreads(threads);
 }
 

@@ -20,11 +20,13 @@ export function shown(v: unknown): string {
  */
 export function checkInteger(v: unknown, name: string, min: number, max = Number.MAX_SAFE_INTEGER, note = ''): number {
   if (typeof v !== 'number') throw new TypeError(`${name} must be a number, got ${shown(v)}`);
-  if (!Number.isInteger(v) || v < min || v > max) {
-    const range = max === Number.MAX_SAFE_INTEGER ? `>= ${min}` : `in [${min}, ${max}]`;
-    throw new RangeError(`${name} must be an integer ${range}${note}, got ${shown(v)}`);
-  }
+  if (!Number.isInteger(v) || v < min || v > max) throw new RangeError(`${name} must be an integer ${rangeText(min, max)}${note}, got ${shown(v)}`);
   return v;
+}
+
+/** "in [min, max]", or ">= min" when there is no upper bound. */
+export function rangeText(min: number, max = Number.MAX_SAFE_INTEGER): string {
+  return max === Number.MAX_SAFE_INTEGER ? `>= ${min}` : `in [${min}, ${max}]`;
 }
 
 /**

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // The `osd` command line.
 import { parseArgs } from 'node:util';
+import { rangeText } from './args.js';
 
 const HELP = `Usage: osd <command> [options]
 
@@ -106,7 +107,7 @@ async function main(argv: string[]): Promise<number> {
   const int = (v: string | undefined, name: string, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER): number => {
     const n = num(v, name, fallback);
     if (!Number.isInteger(n) || n < min || n > max)
-      throw new RangeError(`--${name} must be an integer ${max === Number.MAX_SAFE_INTEGER ? `>= ${min}` : `in [${min}, ${max}]`}, got '${v}'`);
+      throw new RangeError(`--${name} must be an integer ${rangeText(min, max)}, got '${v}'`);
     return n;
   };
   const osd = await import('./index.js');

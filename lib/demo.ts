@@ -4,7 +4,7 @@
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism, loadavg } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { packageRoot } from './addon.js';
 import { createDraftPool } from './DraftPool.js';
 import { loadModel, type Model } from './Model.js';
@@ -13,8 +13,8 @@ import type { SpeculativeResult, Strategy } from './SpeculativeDecoder.js';
 import type { SamplingOptions } from './addonTypes.js';
 
 /** The embedded default pair (OSD_DEFAULT_TARGET / OSD_DEFAULT_DRAFT override them). */
-export const DEFAULT_TARGET = process.env.OSD_DEFAULT_TARGET ?? join(packageRoot, 'models', 'default-target.gguf');
-export const DEFAULT_DRAFT = process.env.OSD_DEFAULT_DRAFT ?? join(packageRoot, 'models', 'default-draft.gguf');
+export const DEFAULT_TARGET = resolve(process.env.OSD_DEFAULT_TARGET ?? join(packageRoot, 'models', 'default-target.gguf'));
+export const DEFAULT_DRAFT = resolve(process.env.OSD_DEFAULT_DRAFT ?? join(packageRoot, 'models', 'default-draft.gguf'));
 export const DEFAULT_PROMPTS = join(packageRoot, 'models', 'demo-prompts.json');
 
 export const PHASES: { name: string; domains: string[] }[] = [

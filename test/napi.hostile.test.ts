@@ -587,7 +587,7 @@ describe('models and sequences', () => {
     expect((await running) as Float32Array).toHaveLength(64);
   });
 
-  it('keepPath copies the path (a SharedArrayBuffer is read once)', async () => {
+  it('keepPath takes a path in a SharedArrayBuffer (copied before it is checked; no writer races it here)', async () => {
     const seq = new raw.NativeSequence(model, 16);
     await seq.evaluate(Int32Array.of(1, 2, 3), Int32Array.of(-1, 0, 0));
     const path = new Int32Array(new SharedArrayBuffer(8));

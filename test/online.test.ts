@@ -118,6 +118,8 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     const dec = createOnlineDecoder({ target, draft, maxConcurrent: 16, distill: { interval: 1000 } });
     const warnings: Error[] = [];
     const onWarning = (w: Error) => warnings.push(w);
+    let acceptanceEvents = 0;
+    dec.on('acceptance', () => acceptanceEvents++);
     process.on('warning', onWarning);
     try {
       const stats: { drafted: number; tokens: number }[] = [];
@@ -133,8 +135,8 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
       expect(warnings.filter((w) => w.name === 'MaxListenersExceededWarning')).toEqual([]);
       expect(stats.length).toBe(16);
       for (const s of stats) expect(s.tokens).toBe(12);
-      // Every stream counted in the sliding window (its stats, not a step listener's sums).
-      expect(dec.metrics().recentAcceptance).toBeGreaterThanOrEqual(0);
+      // Every stream counted in the sliding window (from its stats, not a step listener's sums).
+      expect(acceptanceEvents).toBe(16);
     } finally {
       process.off('warning', onWarning);
       await dec.dispose();

@@ -120,7 +120,7 @@ describe('Trainer', () => {
     }
     expect(() => setTrainThreads(-1)).toThrow(RangeError);
     expect(() => setTrainThreads(1.5)).toThrow(/threads/);
-    expect(() => setTrainThreads('2' as never)).toThrow(new TypeError('threads must be a number, got string'));
+    expect(() => setTrainThreads('2' as never)).toThrow(new TypeError('threads must be a number, got "2"'));
   });
 
   it('rejects bad input with errors naming the argument', async () => {
@@ -145,7 +145,12 @@ describe('Trainer', () => {
     await trainer.dispose();  // twice is fine
   });
 
-  it('dispose waits for a queued step and frees the trainer off the event loop', async () => {
+  it('dispose waits for a queued step; the native trainer is freed by a promise (on a worker thread)', async () => {
+    const { addon } = await import('../lib/addon.js');
+    const native = await (addon as unknown as { createTrainer(s: unknown, o: object): Promise<{ dispose(): unknown; steps: number }> }).createTrainer({ config, seed: 1 }, {});
+    const freeing = native.dispose();
+    expect(freeing).toBeInstanceOf(Promise);  // it returned undefined, having freed the trainer in the call
+    await freeing;
     const trainer = await createTrainer({ config, seed: 1 });
     const step = trainer.step(fixedBatch());
     const disposing = trainer.dispose();

@@ -1,6 +1,7 @@
 // Bad input gets a TypeError or RangeError whose message names the argument, never a crash.
 import { describe, expect, it } from 'vitest';
 import { adamwStep, distillLoss, globalNorm, verifyChain, verifyChainBatch, verifyTree } from '../lib/index.js';
+import { treeOptions } from './helpers/treeFixture.js';
 
 type AnyOptions = Record<string, unknown>;
 type ErrorClass = typeof TypeError | typeof RangeError;
@@ -37,15 +38,7 @@ const batchBase = (): AnyOptions => ({
   sampling: { temperature: 1 },
   seed: 1,
 });
-const treeBase = (): AnyOptions => ({
-  parents: Int32Array.from([-1, 0, -1]),
-  tokens: Int32Array.from([0, 1, 2]),
-  targetLogits: new Float32Array(4 * V).map((_, i) => i % 3),
-  draftLogits: new Float32Array(4 * V).map((_, i) => i % 2),
-  vocabSize: V,
-  sampling: { temperature: 1 },
-  seed: 1,
-});
+const treeBase = (): AnyOptions => treeOptions(V);
 
 const kernels = {
   verifyChain: [chainBase, (o: AnyOptions) => verifyChain(o as never)],

@@ -17,6 +17,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { addon } from '../lib/addon.js';
 import { distillLoss, verifyChain, verifyChainBatch, verifyTree, writeRandomModel } from '../lib/index.js';
 import { suiteTempDir, tempDir } from './helpers/tmp.js';
+import { treeOptions } from './helpers/treeFixture.js';
 
 // The raw addon, loosely typed: these tests call it with arguments its types rule out.
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
@@ -225,15 +226,7 @@ describe('verifyChainBatch', () => {
 });
 
 describe('verifyTree', () => {
-  const treeBase = () => ({
-    parents: Int32Array.from([-1, 0, -1]),
-    tokens: Int32Array.from([0, 1, 2]),
-    targetLogits: new Float32Array(4 * V).map((_, i) => i % 3),
-    draftLogits: new Float32Array(4 * V).map((_, i) => i % 2),
-    vocabSize: V,
-    sampling: { temperature: 1 },
-    seed: 1,
-  });
+  const treeBase = () => treeOptions(V);
   const expected = verifyTree(treeBase() as never);
 
   it('a getter that rewrites parents and tokens out of range after they were read changes nothing', () => {

@@ -257,7 +257,7 @@ export class Model {
 
   /** True from the moment dispose() is called. */
   get disposed(): boolean {
-    return this.#disposing || this.#handle === null;
+    return this.#disposing;
   }
 
   /** @internal */

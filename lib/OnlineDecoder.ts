@@ -2,7 +2,8 @@
 // corrected and what the target wanted there (top-k probabilities plus the residual mass), and
 // every so often distil the target into the draft on a shadow copy, off the decoding path. The new
 // weights are swapped in between steps (running requests take them up at their next step, see
-// weightSwap); a guard rolls back when acceptance falls or the loss is not finite. Output stays exact throughout: only the draft changes, and verification decides.
+// weightSwap); a guard rolls back when acceptance falls or the loss is not finite. Output stays
+// exact throughout: only the draft changes, and verification decides.
 import { EventEmitter } from 'node:events';
 import { accessSync, constants, existsSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';

@@ -36,6 +36,28 @@ const gc: () => void = (() => {
   }
 })();
 
+/**
+ * Runs `run` while a worker thread rewrites SharedArrayBuffers as fast as it can: `setup` runs once
+ * (the buffers are `w.<name>`), then `step` in a loop (with its counter `i`) until `run` is done.
+ */
+async function withRacingWriter(buffers: Record<string, SharedArrayBuffer>, setup: string, step: string, run: () => void): Promise<void> {
+  const stop = new Int32Array(new SharedArrayBuffer(4));
+  const worker = new Worker(
+    `const { workerData: w } = require('node:worker_threads');
+     const stop = new Int32Array(w.stopBuf);
+     ${setup}
+     for (let i = 0; Atomics.load(stop, 0) === 0; ++i) { ${step} }`,
+    { eval: true, workerData: { ...buffers, stopBuf: stop.buffer } },
+  );
+  await new Promise((r) => setTimeout(r, 50));
+  try {
+    run();
+  } finally {
+    Atomics.store(stop, 0, 1);
+    await worker.terminate();
+  }
+}
+
 /** Detaches a typed array's buffer (transfers it to a clone that is garbage), and collects it. */
 function detach(a: ArrayBufferView): void {
   structuredClone(a.buffer, { transfer: [a.buffer as ArrayBuffer] });
@@ -181,46 +203,37 @@ describe('verifyChainBatch', () => {
     const tokensBuf = new SharedArrayBuffer(4 * 4 * B);
     const lengths = new Int32Array(lengthsBuf).fill(4);
     const tokens = new Int32Array(tokensBuf).fill(1);
-    const stop = new Int32Array(new SharedArrayBuffer(4));
-    // The writer flips lengths between 4 and huge, tokens between valid and far out of range.
-    const worker = new Worker(
-      `const { workerData: { lengthsBuf, tokensBuf, stopBuf } } = require('node:worker_threads');
-       const l = new Int32Array(lengthsBuf), t = new Int32Array(tokensBuf), stop = new Int32Array(stopBuf);
-       for (let i = 0; Atomics.load(stop, 0) === 0; ++i) {
-         l.fill(i & 1 ? 4 : 1 << 28);
-         t.fill(i & 2 ? 1 : -(2 ** 31) + (i & 0xffff));
-       }`,
-      { eval: true, workerData: { lengthsBuf, tokensBuf, stopBuf: stop.buffer } },
-    );
-    await new Promise((r) => setTimeout(r, 50));
     let ok = 0;
     let errors = 0;
-    try {
-      for (let i = 0; i < 3000; ++i) {
-        try {
-          const r = verifyChainBatch({
-            targetLogits: new Float32Array(5 * B * V).fill(0),
-            draftLogits: new Float32Array(4 * B * V).fill(0),
-            draftTokens: tokens,
-            draftLengths: lengths,
-            vocabSize: V,
-            sampling: { temperature: 1 },
-            seed: i,
-          });
-          expect(r.offsets.length).toBe(B + 1);
-          expect(r.offsets[B]).toBeLessThanOrEqual(5 * B);
-          for (const x of r.tokens) expect(x >= 0 && x < V).toBe(true);
-          ++ok;
-        } catch (e) {
-          expect(e).toBeInstanceOf(RangeError);
-          expect((e as Error).message).toMatch(/draftTokens|targetLogits|draftLogits/);
-          ++errors;
+    // The writer flips lengths between 4 and huge, tokens between valid and far out of range.
+    await withRacingWriter(
+      { lengthsBuf, tokensBuf },
+      'const l = new Int32Array(w.lengthsBuf), t = new Int32Array(w.tokensBuf);',
+      'l.fill(i & 1 ? 4 : 1 << 28); t.fill(i & 2 ? 1 : -(2 ** 31) + (i & 0xffff));',
+      () => {
+        for (let i = 0; i < 3000; ++i) {
+          try {
+            const r = verifyChainBatch({
+              targetLogits: new Float32Array(5 * B * V).fill(0),
+              draftLogits: new Float32Array(4 * B * V).fill(0),
+              draftTokens: tokens,
+              draftLengths: lengths,
+              vocabSize: V,
+              sampling: { temperature: 1 },
+              seed: i,
+            });
+            expect(r.offsets.length).toBe(B + 1);
+            expect(r.offsets[B]).toBeLessThanOrEqual(5 * B);
+            for (const x of r.tokens) expect(x >= 0 && x < V).toBe(true);
+            ++ok;
+          } catch (e) {
+            expect(e).toBeInstanceOf(RangeError);
+            expect((e as Error).message).toMatch(/draftTokens|targetLogits|draftLogits/);
+            ++errors;
+          }
         }
-      }
-    } finally {
-      Atomics.store(stop, 0, 1);
-      await worker.terminate();
-    }
+      },
+    );
     expect(ok + errors).toBe(3000);
   });
 });
@@ -276,17 +289,9 @@ describe('verifyChain and distillLoss (options read in JavaScript)', () => {
     const g = 16;
     const tokensBuf = new SharedArrayBuffer(4 * g);
     const tokens = new Int32Array(tokensBuf).fill(1);
-    const stop = new Int32Array(new SharedArrayBuffer(4));
-    const worker = new Worker(
-      `const { workerData: { tokensBuf, stopBuf } } = require('node:worker_threads');
-       const t = new Int32Array(tokensBuf), stop = new Int32Array(stopBuf);
-       for (let i = 0; Atomics.load(stop, 0) === 0; ++i) t.fill(i & 1 ? 1 : 1 << 30);`,
-      { eval: true, workerData: { tokensBuf, stopBuf: stop.buffer } },
-    );
-    await new Promise((r) => setTimeout(r, 50));
     const target = new Float32Array((g + 1) * V).fill(0);
     const draft = new Float32Array(g * V).fill(0);
-    try {
+    await withRacingWriter({ tokensBuf }, 'const t = new Int32Array(w.tokensBuf);', 't.fill(i & 1 ? 1 : 1 << 30);', () => {
       for (let i = 0; i < 3000; ++i) {
         try {
           const r = verifyChain({ targetLogits: target, draftLogits: draft, draftTokens: tokens, vocabSize: V, sampling: { temperature: 1 }, seed: i });
@@ -296,10 +301,7 @@ describe('verifyChain and distillLoss (options read in JavaScript)', () => {
           expect((e as Error).message).toMatch(/^draftTokens\[\d+\] = \d+ is out of range/);
         }
       }
-    } finally {
-      Atomics.store(stop, 0, 1);
-      await worker.terminate();
-    }
+    });
   });
 
   const W = 5;
@@ -326,34 +328,26 @@ describe('verifyChain and distillLoss (options read in JavaScript)', () => {
     const ids = new Int32Array(idsBuf);
     for (let r = 0; r < N; ++r) ids.set([0, 1], r * k);
     const mask = new Uint8Array(maskBuf).fill(1);
-    const stop = new Int32Array(new SharedArrayBuffer(4));
-    // Rows are masked off and their ids made huge, then restored: a row checked while masked and
-    // read while unmasked would index far outside the logits.
-    const worker = new Worker(
-      `const { workerData: { idsBuf, maskBuf, stopBuf } } = require('node:worker_threads');
-       const ids = new Int32Array(idsBuf), mask = new Uint8Array(maskBuf), stop = new Int32Array(stopBuf);
-       for (let i = 0; Atomics.load(stop, 0) === 0; ++i) {
-         if (i & 1) { mask.fill(0); ids.fill(1 << 29); } else { for (let r = 0; r < ids.length; r += 2) { ids[r] = 0; ids[r + 1] = 1; } mask.fill(1); }
-       }`,
-      { eval: true, workerData: { idsBuf, maskBuf, stopBuf: stop.buffer } },
-    );
-    await new Promise((r) => setTimeout(r, 50));
     const student = new Float32Array(N * W).map((_, i) => Math.sin(i));
     const probs = new Float32Array(N * k).fill(0.4);
-    try {
-      for (let i = 0; i < 1500; ++i) {
-        try {
-          const r = distillLoss({ kind: 'forward-kl', studentLogits: student, teacher: { indices: ids, probs }, vocabSize: W, mask });
-          expect(Number.isNaN(r.loss)).toBe(false);
-        } catch (e) {
-          expect(e).toBeInstanceOf(RangeError);
-          expect((e as Error).message).toMatch(/^teacher/);
+    // Rows are masked off and their ids made huge, then restored: a row checked while masked and
+    // read while unmasked would index far outside the logits.
+    await withRacingWriter(
+      { idsBuf, maskBuf },
+      'const ids = new Int32Array(w.idsBuf), mask = new Uint8Array(w.maskBuf);',
+      'if (i & 1) { mask.fill(0); ids.fill(1 << 29); } else { for (let r = 0; r < ids.length; r += 2) { ids[r] = 0; ids[r + 1] = 1; } mask.fill(1); }',
+      () => {
+        for (let i = 0; i < 1500; ++i) {
+          try {
+            const r = distillLoss({ kind: 'forward-kl', studentLogits: student, teacher: { indices: ids, probs }, vocabSize: W, mask });
+            expect(Number.isNaN(r.loss)).toBe(false);
+          } catch (e) {
+            expect(e).toBeInstanceOf(RangeError);
+            expect((e as Error).message).toMatch(/^teacher/);
+          }
         }
-      }
-    } finally {
-      Atomics.store(stop, 0, 1);
-      await worker.terminate();
-    }
+      },
+    );
   });
 });
 
@@ -672,16 +666,8 @@ describe('tokenizers', () => {
   it('decode and stream push read a SharedArrayBuffer once (another thread may rewrite it)', async () => {
     const t = new raw.Tokenizer({ model: 'gpt2', tokens: ['a', 'b', 'ab'], merges: ['a b'] });
     const ids = new Int32Array(new SharedArrayBuffer(4 * 256)).fill(2);
-    const stop = new Int32Array(new SharedArrayBuffer(4));
-    const worker = new Worker(
-      `const { workerData: { buf, stopBuf } } = require('node:worker_threads');
-       const t = new Int32Array(buf), stop = new Int32Array(stopBuf);
-       for (let i = 0; Atomics.load(stop, 0) === 0; ++i) t.fill(i & 1 ? 2 : 1 << 30);`,
-      { eval: true, workerData: { buf: ids.buffer, stopBuf: stop.buffer } },
-    );
-    await new Promise((r) => setTimeout(r, 50));
     const dec = new raw.TokenizerStreamDecoder(t);
-    try {
+    await withRacingWriter({ buf: ids.buffer as SharedArrayBuffer }, 'const t = new Int32Array(w.buf);', 't.fill(i & 1 ? 2 : 1 << 30);', () => {
       for (let i = 0; i < 2000; ++i) {
         for (const f of [() => t.decode(ids), () => dec.push(ids)]) {
           const e = thrown(f);
@@ -691,9 +677,6 @@ describe('tokenizers', () => {
           }
         }
       }
-    } finally {
-      Atomics.store(stop, 0, 1);
-      await worker.terminate();
-    }
+    });
   });
 });

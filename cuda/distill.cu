@@ -872,7 +872,7 @@ bool blocked_divergence() {
   int v = g_blocked_divergence.load();
   if (v < 0) {
     const char* env = std::getenv("OSD_CUDA_BLOCKED_DIVERGENCE");
-    v = env && std::string(env) == "1" ? 1 : 0;
+    v = env && std::string(env) == "0" ? 0 : 1;
     int expected = -1;
     if (!g_blocked_divergence.compare_exchange_strong(expected, v)) v = expected;
   }

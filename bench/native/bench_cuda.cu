@@ -357,16 +357,18 @@ int main(int argc, char** argv) {
       OSD_CUDA_CHECK(cudaMalloc(&bad, rows * 4));
       fill(st, n, 11, 2.0f);
       fill(te, n, 12, 2.0f);
-      // The row kernel's JSD (the default), then reverse KL, JSD and TVD on the blocked kernels.
+      // Forward KL, the row kernel's JSD (OSD_CUDA_BLOCKED_DIVERGENCE=0), then reverse KL, JSD and
+      // TVD on the blocked kernels (the default).
+      const bool blocked_default = blocked_divergence();
       const struct {
         DistillKind kind;
         bool blocked;
         const char* name;
       } losses[] = {{DistillKind::ForwardKL, false, "forward-kl"},
-                    {DistillKind::JSD, false, "jsd"},
-                    {DistillKind::ReverseKL, true, "reverse-kl blocked"},
-                    {DistillKind::JSD, true, "jsd blocked"},
-                    {DistillKind::TVD, true, "tvd blocked"}};
+                    {DistillKind::JSD, false, "jsd row-kernel"},
+                    {DistillKind::ReverseKL, true, "reverse-kl"},
+                    {DistillKind::JSD, true, "jsd"},
+                    {DistillKind::TVD, true, "tvd"}};
       for (const auto& loss_kind : losses) {
         const DistillKind kind = loss_kind.kind;
         char cfg[96];
@@ -386,7 +388,7 @@ int main(int argc, char** argv) {
         const double ms = time_kernel(ws, s, warm, reps, [&] { distill_launch(in, ws, s); });
         report("distill", cfg, ms, 3.0 * n * 4.0);
       }
-      set_blocked_divergence(false);
+      set_blocked_divergence(blocked_default);
       cudaFree(st);
       cudaFree(te);
       cudaFree(gr);
@@ -421,7 +423,7 @@ int main(int argc, char** argv) {
   }
 
   // The issue's targets, row by row: verification at batch 1 under 10 us, at batch 64 at least 0.6
-  // of copy; distillation at least 0.7 of copy.
+  // of copy; distillation (the default paths) at least 0.7 of copy.
   {
     int n1 = 0, ok1 = 0, n64 = 0, ok64 = 0, nd = 0, okd = 0;
     double geo = 0.0;
@@ -431,7 +433,7 @@ int main(int argc, char** argv) {
         if (r.config.find(" B=1 ") != std::string::npos) ++n1, ok1 += r.us < 10.0;
         if (r.config.find(" B=64 ") != std::string::npos) ++n64, ok64 += r.frac >= 0.6;
       }
-      if (r.op == "distill") ++nd, okd += r.frac >= 0.7;
+      if (r.op == "distill" && r.config.find("row-kernel") == std::string::npos) ++nd, okd += r.frac >= 0.7;
       if (r.speedup > 0.0) geo += std::log(r.speedup), ++ngeo;
     }
     std::printf("\ntargets met: batch-1 verification < 10 us: %d of %d rows; batch-64 verification >= 0.6 of copy: "

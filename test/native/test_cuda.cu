@@ -66,6 +66,13 @@ CudaBackend& gpu() {
 
 Backend& cpu() { return cpu_backend(); }
 
+// Sets the dense-teacher reverse KL / JSD / TVD path for one test and restores it after.
+struct BlockedDivergence {
+  bool was = cuda::blocked_divergence();
+  explicit BlockedDivergence(bool on) { cuda::set_blocked_divergence(on); }
+  ~BlockedDivergence() { cuda::set_blocked_divergence(was); }
+};
+
 // distill_loss on the CPU reference (distill_row on every counted row, in double per entry, as the
 // CUDA losses compute): the CPU backend's float fast paths are held to it in test_kernels.
 double reference_distill_loss(const DistillInput& in, float* grad) {
@@ -1157,8 +1164,11 @@ OSD_TEST(chi_square_exactness_on_gpu) {
 
 // ---------------------------------------------------------------------------------------------
 
+// The row kernels (one CTA per row, double per entry); the blocked default for reverse KL, JSD and
+// TVD is held to the CPU's blocked path in distill_blocked_divergence_matches_cpu.
 OSD_TEST(distill_matches_cpu) {
   CudaBackend& g = gpu();
+  BlockedDivergence row_kernels(false);
   Rng rng(14);
   int cases = 0, bad = 0;
   for (int kind = 0; kind < 4; ++kind)
@@ -1404,11 +1414,7 @@ OSD_TEST(distill_forward_kl_large_vocab_matches_cpu) {
 // for reverse KL). Also the loss alone, masks, logits of +-1e4 and bad rows.
 OSD_TEST(distill_blocked_divergence_matches_cpu) {
   CudaBackend& g = gpu();
-  struct Restore {
-    bool was = cuda::blocked_divergence();
-    ~Restore() { cuda::set_blocked_divergence(was); }
-  } restore;
-  cuda::set_blocked_divergence(true);
+  BlockedDivergence blocked(true);
   Rng rng(31);
   int cases = 0, bad = 0;
   double worst_loss = 0.0, worst_grad = 0.0;

@@ -1,17 +1,19 @@
 // Chain verification on the blocked scheme (spec/sampling.h), in up to four kernels on one stream:
-//  1. blk_stats_kernel: one warp per (row, block of kStatBlock logits) reads the block from memory
-//     once and leaves bm_b, the block's first argmax, NaN / +Infinity and (sampled rows) S_b;
+//  1. blk_stats_*_kernel: per (row, block of kStatBlock logits), reads the block from memory once
+//     and leaves bm_b, the block's first argmax, NaN / +Infinity and (sampled rows) S_b;
 //  2. chain_decide_kernel: one CTA per sequence combines its rows' blocks in block order (max, z,
 //     c_b, W_b), runs the greedy comparison or every accept test, and writes the accepted tokens;
-//  3. residual_mass_kernel: one warp per (sequence, block) forms the residual's block mass R_b, for
+//  3. residual_mass_*_kernel: per (sequence, block), forms the residual's block mass R_b, for
 //     the sequences that rejected a token;
 //  4. chain_sample_kernel: one CTA per sampled sequence draws the correction or the bonus token.
 // No exp term is stored: every later use recomputes e_j = exp_fast((l_j - bm_b) * it) from the logit,
 // which gives the same bits and moves each logit through memory once (the stored terms cost a
 // write and a read of every row). Kernels 2-4 start early through programmatic dependent launch on
-// sm_90 and wait for their predecessor before reading its results.
+// sm_90 and wait for their predecessor before reading its results; what they read of the inputs
+// (the sequences, the draft tokens and their logits) they load before the wait.
 // Build (standalone check): nvcc -std=c++17 -O3 -arch=sm_90 -I native -c cuda/chain_blocked.cu
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <string>
 #include <vector>
@@ -26,7 +28,19 @@ namespace cuda {
 namespace {
 
 constexpr int kPerLane = kStatBlock / 32;  // entries of a block per lane: lane k holds 32 i + k
-constexpr int kUnitWarps = 2;              // warps per CTA of the per-block kernels (small CTAs spread wide)
+constexpr int kChunk = 16;                 // entries per lane loaded at a time
+// The per-block kernels (block statistics, residual masses) come in two shapes, chosen per launch
+// by the number of (row or sequence, block) units; both give the same bits:
+//  - split, for few units (latency): one CTA of kSplitWarps warps per unit, warp w holding i in
+//    [16 w, 16 w + 16) of every lane, so the block is read in one round trip and its exps spread
+//    over four warps; warp 0 then adds the terms in the lanes' order from shared memory;
+//  - warp, for many units (throughput): one warp per unit, kWarpUnitWarps per CTA, four chunks of
+//    16 per lane, the max pass and then the exp pass (that second read served by L1).
+// On an H200 the split shape ran 1.1-1.35x faster at batch 1 and 0.7-0.9x as fast at batch 64.
+constexpr int kSplitWarps = kPerLane / kChunk;
+constexpr int kWarpUnitWarps = 2;
+constexpr int kSplitUnitsPerSm = 12;  // the split shape up to this many units per multiprocessor
+std::atomic<int> g_split_units_per_sm{kSplitUnitsPerSm};
 static_assert(kStatLanes == 32 && kStatBlock % 32 == 0, "one warp per block, 32 lanes");
 static_assert(kBlock * 4 == kStatBlock, "the sampler scans four entries of the chosen block per thread");
 
@@ -82,7 +96,7 @@ __device__ __forceinline__ Decision load_decision(const Params& p, int s) {
   return Decision{ld_cg(&p.dec[s].pos), ld_cg(&p.dec[s].residual)};
 }
 
-// e_j of the blocked scheme from the logit: the bits blk_stats_kernel summed (0 in a block of
+// e_j of the blocked scheme from the logit: the bits the block statistics summed (0 in a block of
 // -Infinity only, where l - bm would be NaN).
 __device__ __forceinline__ float blk_e(const float* l, int j, float bm, float inv_t) {
   return keep_or_zero(bm != -INFINITY, exp_fast(scaled_logit(__ldg(l + j), bm, inv_t)));
@@ -91,74 +105,145 @@ __device__ __forceinline__ float blk_e(const float* l, int j, float bm, float in
 // ---------------------------------------------------------------------------------------------
 // 1. Block statistics.
 
-// Two passes over the block, 16 entries per lane at a time: the max, then the exp terms, the second
-// read served by L1. (Holding all 64 entries per lane in registers instead measured 1.5x slower on an
-// H200: 128+ registers per thread leave too few warps to hide memory latency.)
-constexpr int kChunk = 16;
+// prepare_row's visit(): the max, NaN / +Infinity, the first index of the max. Ties go to the
+// lowest index at every combine, so the order of the combines does not matter.
+struct Visit {
+  float mx = -INFINITY, bv = -INFINITY;
+  int32_t bad = 0, bidx = -1;
+};
 
-__global__ void __launch_bounds__(kUnitWarps * 32) blk_stats_kernel(const BRow* rows, long long n_units, int nb, int V,
-                                                                   UnitStat* us) {
+// Lane's entries 32 (i0 + i) + lane of the block, -Infinity past its n entries.
+__device__ __forceinline__ void load_chunk(const float* l, int i0, int n, float (&v)[kChunk]) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) {
+    const int j = 32 * (i0 + i) + lane;
+    v[i] = j < n ? __ldg(l + j) : -INFINITY;
+  }
+}
+
+__device__ __forceinline__ void visit_chunk(Visit& s, const float (&v)[kChunk], int i0, int n, int j0) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) {
+    const int j = 32 * (i0 + i) + lane;
+    if (j < n) {
+      const float x = v[i];
+      s.mx = x > s.mx ? x : s.mx;
+      s.bad |= (!(x <= FLT_MAX)) & (x != -INFINITY);
+      if (s.bidx < 0 || x > s.bv) s.bv = x, s.bidx = j0 + j;
+    }
+  }
+}
+
+__device__ __forceinline__ void combine_visits(Visit& s, const Visit& o) {
+  s.mx = o.mx > s.mx ? o.mx : s.mx;
+  s.bad |= o.bad;
+  argmax_combine(s.bv, s.bidx, o.bv, o.bidx);
+}
+
+// Every lane gets the warp's visit.
+__device__ __forceinline__ void visit_warp(Visit& s) {
+  s.mx = warp_max(s.mx);
+  s.bad = __any_sync(0xffffffffu, s.bad != 0) ? 1 : 0;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, s.bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, s.bidx, o);
+    argmax_combine(s.bv, s.bidx, ov, oi);
+  }
+}
+
+__device__ __forceinline__ void store_unit(UnitStat* us, long long unit, const Visit& s, float sb) {
+  UnitStat u;
+  u.bm = s.mx;
+  u.s = sb;
+  u.arg = s.bidx;
+  u.bad = s.bad;
+  us[unit] = u;
+}
+
+// S_b = lane_sum(e) and R_b = lane_sum(r): lane k adds its terms in increasing i, then the fold.
+// Entries past a short block hold -Infinity, whose e and r are +0: adding them changes no sum (the
+// sums are never -0), so every lane adds all 64 terms. (A block of -Infinity only has S_b = +0.)
+
+// Shared memory of a split unit: the warps' visits, and the terms in the lanes' order.
+struct SplitSmem {
+  float t[kPerLane][32];
+  Visit vis[kSplitWarps];
+};
+
+// The split shape's lane_sum: every thread passes its warp's chunk of terms; thread 0 gets the sum.
+__device__ __forceinline__ float split_lane_sum(const float (&t)[kChunk], SplitSmem& sm) {
+  const int w = warp_id(), lane = lane_id();
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) sm.t[w * kChunk + i][lane] = t[i];
+  __syncthreads();
+  float acc = 0.0f;
+  if (w == 0) {
+#pragma unroll 16
+    for (int i = 0; i < kPerLane; ++i) acc = __fadd_rn(acc, sm.t[i][lane]);
+    acc = warp_fold_sum(acc);
+  }
+  return acc;
+}
+
+// One warp per (row, block): bm_b, the first argmax, bad entries and (sampled rows) S_b.
+__global__ void __launch_bounds__(kWarpUnitWarps * 32) blk_stats_warp_kernel(const BRow* rows, long long n_units,
+                                                                            int nb, int V, UnitStat* us) {
   pdl_launch_dependents();
-  const long long unit = static_cast<long long>(blockIdx.x) * kUnitWarps + warp_id();
+  const long long unit = static_cast<long long>(blockIdx.x) * kWarpUnitWarps + warp_id();
   if (unit >= n_units) return;  // whole warps leave together
   const int r = static_cast<int>(unit / nb), b = static_cast<int>(unit - static_cast<long long>(r) * nb);
   const BRow row = rows[r];
-  const int lane = lane_id(), j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
+  const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
   const float* l = row.logits + j0;
-  // Lane k holds entries 32 i + k; -Infinity past a short block.
-  auto load = [&](int i0, float* v) {
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      const int j = 32 * (i0 + i) + lane;
-      v[i] = j < n ? __ldg(l + j) : -INFINITY;
-    }
-  };
-  // As prepare_row's visit(): the max, NaN / +Infinity, the first index of the max.
-  float mx = -INFINITY, bv = -INFINITY;
-  int bad = 0, bidx = -1;
+  Visit s;
   for (int i0 = 0; i0 < kPerLane; i0 += kChunk) {
     float v[kChunk];
-    load(i0, v);
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      const int j = 32 * (i0 + i) + lane;
-      if (j < n) {
-        const float x = v[i];
-        mx = x > mx ? x : mx;
-        bad |= (!(x <= FLT_MAX)) & (x != -INFINITY);
-        if (bidx < 0 || x > bv) bv = x, bidx = j0 + j;
-      }
-    }
+    load_chunk(l, i0, n, v);
+    visit_chunk(s, v, i0, n, j0);
   }
-  const float bm = warp_max(mx);
-  bad = __any_sync(0xffffffffu, bad != 0) ? 1 : 0;
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, bidx, o);
-    argmax_combine(bv, bidx, ov, oi);
-  }
+  visit_warp(s);
   float sb = 0.0f;
-  if (row.exp_terms && bm != -INFINITY) {
-    // S_b = lane_sum(e): lane k adds its entries in increasing i, then the fold. Entries past a short
-    // block hold -Infinity, whose e is +0: adding it changes no sum (the sums are never -0), so
-    // every lane adds all 64 and the exps interleave. (A block of -Infinity only has S_b = +0.)
+  if (row.exp_terms && s.mx != -INFINITY) {
     float acc = 0.0f;
     for (int i0 = 0; i0 < kPerLane; i0 += kChunk) {
       float v[kChunk];
-      load(i0, v);
+      load_chunk(l, i0, n, v);
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) acc = __fadd_rn(acc, exp_fast(scaled_logit(v[i], bm, row.inv_t)));
+      for (int i = 0; i < kChunk; ++i) acc = __fadd_rn(acc, exp_fast(scaled_logit(v[i], s.mx, row.inv_t)));
     }
     sb = warp_fold_sum(acc);
   }
-  if (lane == 0) {
-    UnitStat u;
-    u.bm = bm;
-    u.s = sb;
-    u.arg = bidx;
-    u.bad = bad;
-    us[unit] = u;
+  if (lane_id() == 0) store_unit(us, unit, s, sb);
+}
+
+// One CTA per (row, block): the same statistics, the block read once.
+__global__ void __launch_bounds__(kSplitWarps * 32) blk_stats_split_kernel(const BRow* rows, int nb, int V,
+                                                                          UnitStat* us) {
+  __shared__ SplitSmem sm;
+  pdl_launch_dependents();
+  const int unit = blockIdx.x, r = unit / nb, b = unit - r * nb;
+  const BRow row = rows[r];
+  const int w = warp_id(), i0 = w * kChunk, j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
+  float v[kChunk];
+  load_chunk(row.logits + j0, i0, n, v);
+  Visit s;
+  visit_chunk(s, v, i0, n, j0);
+  visit_warp(s);
+  if (lane_id() == 0) sm.vis[w] = s;
+  __syncthreads();
+  s = sm.vis[0];
+#pragma unroll
+  for (int k = 1; k < kSplitWarps; ++k) combine_visits(s, sm.vis[k]);
+  float sb = 0.0f;
+  if (row.exp_terms && s.mx != -INFINITY) {  // the same for the whole CTA
+    float t[kChunk];
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) t[i] = exp_fast(scaled_logit(v[i], s.mx, row.inv_t));
+    sb = split_lane_sum(t, sm);
   }
+  if (threadIdx.x == 0) store_unit(us, unit, s, sb);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -243,19 +328,30 @@ __device__ __forceinline__ RowView row_view(const Params& p, int r, const float*
   return v;
 }
 
-// DenseRow::prob(x) = double(e_x c_b) / z.
-__device__ __forceinline__ double blk_prob(const RowView& r, int x, float inv_t) {
+// DenseRow::prob(x) = double(e_x c_b) / z, from the logit lx = l[x] (as blk_e).
+__device__ __forceinline__ double blk_prob(const RowView& r, int x, float lx, float inv_t) {
   const int b = x / kStatBlock;
-  const float e = blk_e(r.l, x, ld_cg(&r.us[b].bm), inv_t);
+  const float bm = ld_cg(&r.us[b].bm);
+  const float e = keep_or_zero(bm != -INFINITY, exp_fast(scaled_logit(lx, bm, inv_t)));
   return __ddiv_rn(static_cast<double>(__fmul_rn(e, ld_cg(r.blk + b))), r.z);
 }
 
 __global__ void __launch_bounds__(kBlock) chain_decide_kernel(Params p) {
   __shared__ BlockRed red;
-  pdl_wait();
-  pdl_launch_dependents();
   const int tid = threadIdx.x, s = blockIdx.x, nb = p.nb;
   const BSeq q = p.seqs[s];
+  const size_t V = static_cast<size_t>(p.vocab);
+  const int32_t* tok = p.tokens + q.tok_off;
+  // Inputs of position tid's test, loaded while the block statistics still run: its draft token, and
+  // (sampled) that token's target and draft logits.
+  int x0 = 0;
+  float lp0 = 0.0f, lq0 = 0.0f;
+  if (tid < q.g) {
+    x0 = tok[tid];
+    if (!q.greedy) lp0 = __ldg(q.target + tid * V + x0), lq0 = __ldg(q.draft + tid * V + x0);
+  }
+  pdl_wait();
+  pdl_launch_dependents();
   const int nrows = q.greedy ? q.g + 1 : 2 * q.g + 1;
   for (int i = warp_id(); i < nrows; i += kWarps) {
     const size_t r = static_cast<size_t>(q.r0) + i;
@@ -266,7 +362,6 @@ __global__ void __launch_bounds__(kBlock) chain_decide_kernel(Params p) {
   for (int i = tid; i < nrows; i += kBlock) bad |= ld_cg(&p.stats[q.r0 + i].bad);
   bad = block_or(bad, red);
   int32_t* out = p.out_tokens + q.out_off;
-  const int32_t* tok = p.tokens + q.tok_off;
   Decision d{-1, 0};
   if (bad) {
     if (tid == 0) p.accepted[q.batch_index] = -1, p.dec[s] = d;
@@ -275,7 +370,7 @@ __global__ void __launch_bounds__(kBlock) chain_decide_kernel(Params p) {
   if (q.greedy) {
     int miss = q.g;
     for (int i = tid; i < q.g; i += kBlock)
-      if (ld_cg(&p.stats[q.r0 + i].argmax) != tok[i]) miss = min(miss, i);
+      if (ld_cg(&p.stats[q.r0 + i].argmax) != (i == tid ? x0 : tok[i])) miss = min(miss, i);
     miss = block_min_int(miss, red);
     for (int i = tid; i < miss; i += kBlock) out[i] = tok[i];
     if (tid == 0) {
@@ -287,13 +382,14 @@ __global__ void __launch_bounds__(kBlock) chain_decide_kernel(Params p) {
   }
   // Every accept test before the first rejection depends on its own rows alone, so all g run at
   // once and the first failing position is the CPU's stopping point.
-  const size_t V = static_cast<size_t>(p.vocab);
   int rej = q.g;
   for (int i = tid; i < q.g; i += kBlock) {
     const RowView P = row_view(p, q.r0 + i, q.target + i * V);
     const RowView Q = row_view(p, q.r0 + q.g + 1 + i, q.draft + i * V);
-    const int x = tok[i];
-    const double px = blk_prob(P, x, q.inv_t), qx = blk_prob(Q, x, q.inv_t);
+    const bool pre = i == tid;
+    const int x = pre ? x0 : tok[i];
+    const double px = blk_prob(P, x, pre ? lp0 : __ldg(P.l + x), q.inv_t);
+    const double qx = blk_prob(Q, x, pre ? lq0 : __ldg(Q.l + x), q.inv_t);
     const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(i + 1), kLaneAccept);
     if (!(qx > 0.0 && __dmul_rn(u, qx) < px)) rej = min(rej, i);
   }
@@ -375,35 +471,59 @@ __device__ __forceinline__ const float* blk_masses(const BlkWeights& w) {
   return w.residual ? w.rmass : w.p.blk + w.nb;
 }
 
-// R_b = lane_sum(r over block b), one warp per (sequence, block), for the sequences that rejected.
-__global__ void __launch_bounds__(kUnitWarps * 32) residual_mass_kernel(Params p) {
-  pdl_wait();
-  pdl_launch_dependents();
-  const long long unit = static_cast<long long>(blockIdx.x) * kUnitWarps + warp_id();
-  if (unit >= static_cast<long long>(p.n_seqs) * p.nb) return;
-  const int s = static_cast<int>(unit / p.nb), b = static_cast<int>(unit - static_cast<long long>(s) * p.nb);
+// R_b = lane_sum(r over block b) for the sequences that rejected: the scan of block b of sequence
+// s's residual, or false when s draws no residual.
+__device__ __forceinline__ bool residual_block(const Params& p, const BSeq& q, int s, int b, BlkScan& sc) {
   const Decision d = load_decision(p, s);
-  if (d.pos < 0 || !d.residual) return;
-  const BSeq q = p.seqs[s];
-  const BlkWeights w = chain_weights(p, s, q, d.pos, true);
-  const BlkScan sc = blk_scan(w, b);
-  const int lane = lane_id(), j0 = b * kStatBlock, n = min(kStatBlock, p.vocab - j0);
-  // kChunk entries per lane at a time, summed in order (-Infinity past a short block: their r is +0,
-  // which adds nothing).
+  if (d.pos < 0 || !d.residual) return false;
+  sc = blk_scan(chain_weights(p, s, q, d.pos, true), b);
+  return true;
+}
+
+// R_b by one warp: every lane gets it.
+__device__ __forceinline__ float residual_warp_sum(const BlkScan& sc, int j0, int n) {
   float acc = 0.0f;
   for (int i0 = 0; i0 < kPerLane; i0 += kChunk) {
     float lp[kChunk], lq[kChunk];
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      const int j = 32 * (i0 + i) + lane;
-      lp[i] = j < n ? __ldg(sc.lp + j0 + j) : -INFINITY;
-      lq[i] = j < n ? __ldg(sc.lq + j0 + j) : -INFINITY;
-    }
+    load_chunk(sc.lp + j0, i0, n, lp);
+    load_chunk(sc.lq + j0, i0, n, lq);
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) acc = __fadd_rn(acc, residual_term(sc, lp[i], lq[i]));
   }
-  acc = warp_fold_sum(acc);
-  if (lane == 0) w.rmass[b] = acc;
+  return warp_fold_sum(acc);
+}
+
+// One warp per (sequence, block).
+__global__ void __launch_bounds__(kWarpUnitWarps * 32) residual_mass_warp_kernel(Params p) {
+  pdl_wait();
+  pdl_launch_dependents();
+  const long long unit = static_cast<long long>(blockIdx.x) * kWarpUnitWarps + warp_id();
+  if (unit >= static_cast<long long>(p.n_seqs) * p.nb) return;
+  const int s = static_cast<int>(unit / p.nb), b = static_cast<int>(unit - static_cast<long long>(s) * p.nb);
+  BlkScan sc;
+  if (!residual_block(p, p.seqs[s], s, b, sc)) return;
+  const int j0 = b * kStatBlock;
+  const float acc = residual_warp_sum(sc, j0, min(kStatBlock, p.vocab - j0));
+  if (lane_id() == 0) p.rmass[static_cast<size_t>(s) * p.nb + b] = acc;
+}
+
+// One CTA per (sequence, block).
+__global__ void __launch_bounds__(kSplitWarps * 32) residual_mass_split_kernel(Params p) {
+  __shared__ SplitSmem sm;
+  const int unit = blockIdx.x, s = unit / p.nb, b = unit - s * p.nb;
+  const BSeq q = p.seqs[s];  // an input: readable before the wait
+  pdl_wait();
+  pdl_launch_dependents();
+  BlkScan sc;
+  if (!residual_block(p, q, s, b, sc)) return;  // the same for the whole CTA
+  const int i0 = warp_id() * kChunk, j0 = b * kStatBlock, n = min(kStatBlock, p.vocab - j0);
+  float lp[kChunk], lq[kChunk], t[kChunk];
+  load_chunk(sc.lp + j0, i0, n, lp);
+  load_chunk(sc.lq + j0, i0, n, lq);
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) t[i] = residual_term(sc, lp[i], lq[i]);
+  const float acc = split_lane_sum(t, sm);
+  if (threadIdx.x == 0) p.rmass[static_cast<size_t>(s) * p.nb + b] = acc;
 }
 
 constexpr int kStagedMasses = 8192;  // block masses staged in shared memory (V up to 16.7M)
@@ -545,11 +665,11 @@ __device__ __noinline__ int blocked_sample(const BlkWeights& w, int V, double u,
 
 __global__ void __launch_bounds__(kBlock) chain_sample_kernel(Params p) {
   __shared__ SampleSmem sm;
-  pdl_wait();
   const int s = blockIdx.x;
+  const BSeq q = p.seqs[s];
+  pdl_wait();
   const Decision d = load_decision(p, s);
   if (d.pos < 0) return;
-  const BSeq q = p.seqs[s];
   const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(d.pos), kLaneSample);
   int y = blocked_sample(chain_weights(p, s, q, d.pos, d.residual != 0), p.vocab, u, sm);
   if (y < 0 && d.residual) y = blocked_sample(chain_weights(p, s, q, d.pos, false), p.vocab, u, sm);  // p == q
@@ -585,6 +705,8 @@ bool kernels_use_pdl(Workspace& ws) {
 }
 
 }  // namespace
+
+void set_split_units_per_sm(int units) { g_split_units_per_sm.store(units < 0 ? kSplitUnitsPerSm : units); }
 
 void chain_blocked_launch(const ChainBatchDevice& in, const std::vector<int32_t>& sel,
                           const std::vector<size_t>& trow, const std::vector<size_t>& drow, RowStat* stats,
@@ -640,16 +762,23 @@ void chain_blocked_launch(const ChainBatchDevice& in, const std::vector<int32_t>
   p.n_seqs = n;
   const bool pdl = kernels_use_pdl(ws);
   const long long units = n_rows * nb;
-  if (units / kUnitWarps >= INT32_MAX || static_cast<long long>(n) * nb / kUnitWarps >= INT32_MAX)
+  if (units >= INT32_MAX || static_cast<long long>(n) * nb >= INT32_MAX)
     throw_range("chain batch of " + std::to_string(n_rows) + " rows of vocabSize " + std::to_string(V) +
                 " is too large for one CUDA launch");
   record_start(ws, stream);
-  launch(blk_stats_kernel, static_cast<int>((units + kUnitWarps - 1) / kUnitWarps), kUnitWarps * 32, false, stream,
-         d_rows, units, nb, V, us);
+  const long long split_max = static_cast<long long>(g_split_units_per_sm.load()) * device_sm_count(ws);
+  if (units <= split_max)
+    launch(blk_stats_split_kernel, static_cast<int>(units), kSplitWarps * 32, false, stream, d_rows, nb, V, us);
+  else
+    launch(blk_stats_warp_kernel, static_cast<int>((units + kWarpUnitWarps - 1) / kWarpUnitWarps), kWarpUnitWarps * 32,
+           false, stream, d_rows, units, nb, V, us);
   launch(chain_decide_kernel, n, kBlock, pdl, stream, p);
   if (sampled) {
-    launch(residual_mass_kernel, static_cast<int>((static_cast<long long>(n) * nb + kUnitWarps - 1) / kUnitWarps),
-           kUnitWarps * 32, pdl, stream, p);
+    if (n * nb <= split_max)
+      launch(residual_mass_split_kernel, n * nb, kSplitWarps * 32, pdl, stream, p);
+    else
+      launch(residual_mass_warp_kernel, (n * nb + kWarpUnitWarps - 1) / kWarpUnitWarps, kWarpUnitWarps * 32, pdl,
+             stream, p);
     launch(chain_sample_kernel, n, kBlock, pdl, stream, p);
   }
 }

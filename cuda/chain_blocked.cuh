@@ -18,5 +18,10 @@ void chain_blocked_launch(const ChainBatchDevice& in, const std::vector<int32_t>
                           const std::vector<size_t>& trow, const std::vector<size_t>& drow, RowStat* stats,
                           Workspace& ws, cudaStream_t stream, std::vector<RowOrigin>& origins);
 
+// The per-block kernels' shape (chain_blocked.cu): one CTA per (row, block) up to this many units
+// per multiprocessor, else one warp per unit. Both give the same bits; tests force each (0: warps
+// only, INT_MAX: CTAs only), and a negative value restores the default.
+void set_split_units_per_sm(int units);
+
 }  // namespace cuda
 }  // namespace osd

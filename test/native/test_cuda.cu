@@ -24,6 +24,7 @@
 //   tree mask, KV compaction                 exact
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -39,6 +40,7 @@
 #include "core/error.h"
 #include "core/fast_math.h"
 #include "core/philox.h"
+#include "chain_blocked.cuh"
 #include "cuda_backend.h"
 #include "distill.cuh"
 
@@ -694,19 +696,34 @@ int compare_chain(CudaBackend& g, const ChainCase& c, Fault fault = Fault::None)
 
 }  // namespace
 
+// Runs f once with each shape of the blocked chain's per-block kernels (one CTA per block, one warp
+// per block: the launch picks by size), then restores the launch's own choice.
+template <class F>
+void for_each_chain_shape(F f) {
+  struct Restore {
+    ~Restore() { cuda::set_split_units_per_sm(-1); }
+  } restore;
+  for (int units : {INT_MAX, 0}) {
+    cuda::set_split_units_per_sm(units);
+    f(units ? "one CTA per block" : "one warp per block");
+  }
+}
+
 OSD_TEST(chain_batch_matches_cpu) {
   CudaBackend& g = gpu();
-  Rng rng(5);
-  // 2049 and 6000: several blocks of the blocked scheme, the last one short.
-  const int vocabs[] = {2, 3, 7, 50, 1000, 2049, 6000};
-  long seqs = 0, bad = 0;
-  for (int call = 0; call < 500; ++call) {
-    ChainCase c = make_chain_case(rng, randint(rng, 1, 12), vocabs[call % 7], 8);
-    bad += compare_chain(g, c);
-    seqs += c.B;
-  }
-  std::printf("  chain: %ld sequences, %ld differ\n", seqs, bad);
-  CHECK_EQ(bad, 0L);
+  for_each_chain_shape([&](const char* shape) {
+    Rng rng(5);
+    // 2049 and 6000: several blocks of the blocked scheme, the last one short.
+    const int vocabs[] = {2, 3, 7, 50, 1000, 2049, 6000};
+    long seqs = 0, bad = 0;
+    for (int call = 0; call < 500; ++call) {
+      ChainCase c = make_chain_case(rng, randint(rng, 1, 12), vocabs[call % 7], 8);
+      bad += compare_chain(g, c);
+      seqs += c.B;
+    }
+    std::printf("  chain (%s): %ld sequences, %ld differ\n", shape, seqs, bad);
+    CHECK_EQ(bad, 0L);
+  });
 }
 
 // Draft rows equal to the target rows and tokens outside the top-k / top-p support: every first
@@ -740,17 +757,19 @@ OSD_TEST(chain_residual_without_mass_matches_cpu) {
 
 OSD_TEST(chain_batch_matches_cpu_large_vocab) {
   CudaBackend& g = gpu();
-  Rng rng(6);
-  long seqs = 0, bad = 0;
-  // 200000: more than 64 blocks a row, which finalize_row reads in a second pass.
-  for (int call = 0; call < 14; ++call) {
-    const int V = call >= 12 ? 200000 : call % 3 == 0 ? 32000 : 128256;
-    ChainCase c = make_chain_case(rng, randint(rng, 2, 8), V, 8);
-    bad += compare_chain(g, c);
-    seqs += c.B;
-  }
-  std::printf("  chain, V in {32000, 128256, 200000}: %ld sequences, %ld differ\n", seqs, bad);
-  CHECK_EQ(bad, 0L);
+  for_each_chain_shape([&](const char* shape) {
+    Rng rng(6);
+    long seqs = 0, bad = 0;
+    // 200000: more than 64 blocks a row, which finalize_row reads in a second pass.
+    for (int call = 0; call < 14; ++call) {
+      const int V = call >= 12 ? 200000 : call % 3 == 0 ? 32000 : 128256;
+      ChainCase c = make_chain_case(rng, randint(rng, 2, 8), V, 8);
+      bad += compare_chain(g, c);
+      seqs += c.B;
+    }
+    std::printf("  chain, V in {32000, 128256, 200000} (%s): %ld sequences, %ld differ\n", shape, seqs, bad);
+    CHECK_EQ(bad, 0L);
+  });
 }
 
 OSD_TEST(chain_batch_faults_match_cpu) {
@@ -806,57 +825,59 @@ OSD_TEST(chain_rejects_bad_rows_like_cpu) {
 // must accept the same counts.
 OSD_TEST(chain_rejects_bad_rows_split_like_cpu) {
   CudaBackend& g = gpu();
-  Rng rng(18);
-  for (int greedy = 0; greedy < 2; ++greedy) {
-    // Rows of many blocks (65636 = 32 blocks + 100), each block reduced by its own warp.
-    ChainCase c = make_chain_case(rng, 2, greedy ? 65636 : 6000, 3);
-    for (auto& s : c.sampling) {
-      s = Sampling();
-      if (greedy) s.temperature = 0.0f;
+  for_each_chain_shape([&](const char*) {
+    Rng rng(18);
+    for (int greedy = 0; greedy < 2; ++greedy) {
+      // Rows of many blocks (65636 = 32 blocks + 100), each block reduced on its own.
+      ChainCase c = make_chain_case(rng, 2, greedy ? 65636 : 6000, 3);
+      for (auto& s : c.sampling) {
+        s = Sampling();
+        if (greedy) s.temperature = 0.0f;
+      }
+      auto run = [&](Backend& be, std::vector<int32_t>* out) -> std::string {
+        ChainBatch in;
+        in.target = c.target.data();
+        in.draft = c.draft.data();
+        in.tokens = c.tokens.data();
+        in.lengths = c.lengths.data();
+        in.streams = c.streams.data();
+        in.sampling = c.sampling.data();
+        in.batch = c.B;
+        in.vocab = c.V;
+        in.seed = c.seed;
+        std::vector<int32_t> acc(c.B), tok(c.target.size() / c.V);
+        ChainBatchOut o{acc.data(), tok.data()};
+        try {
+          be.verify_chain_batch(in, o);
+        } catch (const Error& e) {
+          return e.what();
+        }
+        if (out) *out = acc;  // (tokens: compare_chain checks them on many more cases)
+        return "";
+      };
+      std::vector<int32_t> oc, og;
+      CHECK(run(cpu(), &oc) == run(g, &og));
+      CHECK(oc == og);
+      const size_t nt = c.target.size() / c.V;
+      const float bad_values[] = {std::nanf(""), std::numeric_limits<float>::infinity()};
+      for (float v : bad_values)
+        for (int j : {4100, c.V - 5}) {  // the third and the last block of the last target row
+          const size_t at = (nt - 1) * c.V + j;
+          const float keep = c.target[at];
+          c.target[at] = v;
+          const std::string e = run(g, nullptr);
+          CHECK(run(cpu(), nullptr) == e);
+          CHECK(e.find("targetLogits row") != std::string::npos);
+          c.target[at] = keep;
+        }
+      std::vector<float> keep(c.target.begin(), c.target.begin() + c.V);
+      std::fill(c.target.begin(), c.target.begin() + c.V, -std::numeric_limits<float>::infinity());
+      const std::string e = run(g, nullptr);
+      CHECK(run(cpu(), nullptr) == e);
+      CHECK(e.find("is all -Infinity") != std::string::npos);
+      std::copy(keep.begin(), keep.end(), c.target.begin());
     }
-    auto run = [&](Backend& be, std::vector<int32_t>* out) -> std::string {
-      ChainBatch in;
-      in.target = c.target.data();
-      in.draft = c.draft.data();
-      in.tokens = c.tokens.data();
-      in.lengths = c.lengths.data();
-      in.streams = c.streams.data();
-      in.sampling = c.sampling.data();
-      in.batch = c.B;
-      in.vocab = c.V;
-      in.seed = c.seed;
-      std::vector<int32_t> acc(c.B), tok(c.target.size() / c.V);
-      ChainBatchOut o{acc.data(), tok.data()};
-      try {
-        be.verify_chain_batch(in, o);
-      } catch (const Error& e) {
-        return e.what();
-      }
-      if (out) *out = acc;  // (tokens: compare_chain checks them on many more cases)
-      return "";
-    };
-    std::vector<int32_t> oc, og;
-    CHECK(run(cpu(), &oc) == run(g, &og));
-    CHECK(oc == og);
-    const size_t nt = c.target.size() / c.V;
-    const float bad_values[] = {std::nanf(""), std::numeric_limits<float>::infinity()};
-    for (float v : bad_values)
-      for (int j : {4100, c.V - 5}) {  // the third and the last block of the last target row
-        const size_t at = (nt - 1) * c.V + j;
-        const float keep = c.target[at];
-        c.target[at] = v;
-        const std::string e = run(g, nullptr);
-        CHECK(run(cpu(), nullptr) == e);
-        CHECK(e.find("targetLogits row") != std::string::npos);
-        c.target[at] = keep;
-      }
-    std::vector<float> keep(c.target.begin(), c.target.begin() + c.V);
-    std::fill(c.target.begin(), c.target.begin() + c.V, -std::numeric_limits<float>::infinity());
-    const std::string e = run(g, nullptr);
-    CHECK(run(cpu(), nullptr) == e);
-    CHECK(e.find("is all -Infinity") != std::string::npos);
-    std::copy(keep.begin(), keep.end(), c.target.begin());
-  }
+  });
 }
 
 namespace {

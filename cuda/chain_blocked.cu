@@ -122,6 +122,13 @@ __device__ __forceinline__ void load_chunk(const float* l, int i0, int n, float 
   }
 }
 
+// load_chunk for a full block (all but a row's last): no bound to test per entry.
+__device__ __forceinline__ void load_full(const float* l, int i0, float (&v)[kChunk]) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) v[i] = __ldg(l + 32 * (i0 + i) + lane);
+}
+
 __device__ __forceinline__ void visit_chunk(Visit& s, const float (&v)[kChunk], int i0, int n, int j0) {
   const int lane = lane_id();
 #pragma unroll
@@ -134,6 +141,40 @@ __device__ __forceinline__ void visit_chunk(Visit& s, const float (&v)[kChunk], 
       if (s.bidx < 0 || x > s.bv) s.bv = x, s.bidx = j0 + j;
     }
   }
+}
+
+// The visit of a lane over a full block in fewer integer operations (the block statistics are bound
+// by them): one compare per entry gives both the max and its first index, since the lane's running
+// max is the value at its first argmax; NaN and +Infinity show in a running sum, which is NaN or
+// +Infinity whenever an entry is one (then, or when a sum of finite logits overflows, the exact test
+// runs again over the lane's entries).
+struct FullVisit {
+  float mx, chk;
+  int32_t bi;  // i of the lane's first max (entry 32 bi + lane)
+};
+
+__device__ __forceinline__ void visit_full(FullVisit& f, const float (&v)[kChunk], int i0) {
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) {
+    const float x = v[i];
+    if (x > f.mx) f.mx = x, f.bi = i0 + i;
+    f.chk = __fadd_rn(f.chk, x);
+  }
+}
+
+// The lane's Visit after visit_full over its entries i in [i_lo, i_hi) of the block at l (first
+// index j0); f started as {-Infinity, 0, i_lo}.
+__device__ __forceinline__ Visit finish_full(const FullVisit& f, const float* l, int i_lo, int i_hi, int j0) {
+  const int lane = lane_id();
+  Visit s;
+  s.mx = s.bv = f.mx;
+  s.bidx = j0 + 32 * f.bi + lane;
+  if (!(f.chk < INFINITY))
+    for (int i = i_lo; i < i_hi; ++i) {
+      const float x = __ldg(l + 32 * i + lane);
+      s.bad |= (!(x <= FLT_MAX)) & (x != -INFINITY);
+    }
+  return s;
 }
 
 __device__ __forceinline__ void combine_visits(Visit& s, const Visit& o) {
@@ -198,10 +239,20 @@ __global__ void __launch_bounds__(kWarpUnitWarps * 32) blk_stats_warp_kernel(con
   const int j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
   const float* l = row.logits + j0;
   Visit s;
-  for (int i0 = 0; i0 < kPerLane; i0 += kChunk) {
-    float v[kChunk];
-    load_chunk(l, i0, n, v);
-    visit_chunk(s, v, i0, n, j0);
+  if (n == kStatBlock) {
+    FullVisit f{-INFINITY, 0.0f, 0};
+    for (int i0 = 0; i0 < kPerLane; i0 += kChunk) {
+      float v[kChunk];
+      load_full(l, i0, v);
+      visit_full(f, v, i0);
+    }
+    s = finish_full(f, l, 0, kPerLane, j0);
+  } else {
+    for (int i0 = 0; i0 < kPerLane; i0 += kChunk) {
+      float v[kChunk];
+      load_chunk(l, i0, n, v);
+      visit_chunk(s, v, i0, n, j0);
+    }
   }
   visit_warp(s);
   float sb = 0.0f;
@@ -209,7 +260,10 @@ __global__ void __launch_bounds__(kWarpUnitWarps * 32) blk_stats_warp_kernel(con
     float acc = 0.0f;
     for (int i0 = 0; i0 < kPerLane; i0 += kChunk) {
       float v[kChunk];
-      load_chunk(l, i0, n, v);
+      if (n == kStatBlock)
+        load_full(l, i0, v);
+      else
+        load_chunk(l, i0, n, v);
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) acc = __fadd_rn(acc, exp_fast(scaled_logit(v[i], s.mx, row.inv_t)));
     }
@@ -227,9 +281,16 @@ __global__ void __launch_bounds__(kSplitWarps * 32) blk_stats_split_kernel(const
   const BRow row = rows[r];
   const int w = warp_id(), i0 = w * kChunk, j0 = b * kStatBlock, n = min(kStatBlock, V - j0);
   float v[kChunk];
-  load_chunk(row.logits + j0, i0, n, v);
   Visit s;
-  visit_chunk(s, v, i0, n, j0);
+  if (n == kStatBlock) {
+    load_full(row.logits + j0, i0, v);
+    FullVisit f{-INFINITY, 0.0f, i0};
+    visit_full(f, v, i0);
+    s = finish_full(f, row.logits + j0, i0, i0 + kChunk, j0);
+  } else {
+    load_chunk(row.logits + j0, i0, n, v);
+    visit_chunk(s, v, i0, n, j0);
+  }
   visit_warp(s);
   if (lane_id() == 0) sm.vis[w] = s;
   __syncthreads();

@@ -661,8 +661,7 @@ ChainCase make_chain_case(Rng& rng, int B, int V, int gmax) {
   return c;
 }
 
-// Runs one case on both backends; returns the number of sequences that differ.
-int compare_chain(CudaBackend& g, const ChainCase& c, Fault fault = Fault::None) {
+ChainBatch batch_of(const ChainCase& c) {
   ChainBatch in;
   in.target = c.target.data();
   in.draft = c.draft.data();
@@ -673,6 +672,26 @@ int compare_chain(CudaBackend& g, const ChainCase& c, Fault fault = Fault::None)
   in.batch = c.B;
   in.vocab = c.V;
   in.seed = c.seed;
+  return in;
+}
+
+// Runs c on one backend: its error message, or "" and (when asked) the accepted counts.
+std::string run_chain(Backend& be, const ChainCase& c, std::vector<int32_t>* accepted = nullptr) {
+  const ChainBatch in = batch_of(c);
+  std::vector<int32_t> acc(c.B), tok(c.target.size() / c.V);
+  ChainBatchOut o{acc.data(), tok.data()};
+  try {
+    be.verify_chain_batch(in, o);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  if (accepted) *accepted = acc;
+  return "";
+}
+
+// Runs one case on both backends; returns the number of sequences that differ.
+int compare_chain(CudaBackend& g, const ChainCase& c, Fault fault = Fault::None) {
+  const ChainBatch in = batch_of(c);
   size_t nt = 0;
   for (int l : c.lengths) nt += l + 1;
   std::vector<int32_t> acc_c(c.B), acc_g(c.B), tok_c(nt, -7), tok_g(nt, -7);
@@ -788,26 +807,7 @@ OSD_TEST(chain_rejects_bad_rows_like_cpu) {
   Rng rng(8);
   ChainCase c = make_chain_case(rng, 3, 40, 3);
   for (auto& s : c.sampling) s = Sampling();  // dense, so draft rows are read
-  auto run = [&](Backend& be) -> std::string {
-    ChainBatch in;
-    in.target = c.target.data();
-    in.draft = c.draft.data();
-    in.tokens = c.tokens.data();
-    in.lengths = c.lengths.data();
-    in.streams = c.streams.data();
-    in.sampling = c.sampling.data();
-    in.batch = c.B;
-    in.vocab = c.V;
-    in.seed = c.seed;
-    std::vector<int32_t> acc(c.B), tok(c.target.size() / c.V);
-    ChainBatchOut o{acc.data(), tok.data()};
-    try {
-      be.verify_chain_batch(in, o);
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "";
-  };
+  auto run = [&](Backend& be) { return run_chain(be, c); };
   const size_t nt = c.target.size() / c.V;
   c.target[(nt - 1) * c.V + 5] = std::nanf("");
   CHECK(run(cpu()) == run(g));
@@ -834,27 +834,8 @@ OSD_TEST(chain_rejects_bad_rows_split_like_cpu) {
         s = Sampling();
         if (greedy) s.temperature = 0.0f;
       }
-      auto run = [&](Backend& be, std::vector<int32_t>* out) -> std::string {
-        ChainBatch in;
-        in.target = c.target.data();
-        in.draft = c.draft.data();
-        in.tokens = c.tokens.data();
-        in.lengths = c.lengths.data();
-        in.streams = c.streams.data();
-        in.sampling = c.sampling.data();
-        in.batch = c.B;
-        in.vocab = c.V;
-        in.seed = c.seed;
-        std::vector<int32_t> acc(c.B), tok(c.target.size() / c.V);
-        ChainBatchOut o{acc.data(), tok.data()};
-        try {
-          be.verify_chain_batch(in, o);
-        } catch (const Error& e) {
-          return e.what();
-        }
-        if (out) *out = acc;  // (tokens: compare_chain checks them on many more cases)
-        return "";
-      };
+      // (Accepted counts only: compare_chain checks the tokens on many more cases.)
+      auto run = [&](Backend& be, std::vector<int32_t>* out) { return run_chain(be, c, out); };
       std::vector<int32_t> oc, og;
       CHECK(run(cpu(), &oc) == run(g, &og));
       CHECK(oc == og);

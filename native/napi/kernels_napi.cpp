@@ -70,7 +70,7 @@ Napi::Value verify_chain(const Napi::CallbackInfo& info) {
     const size_t g = tokens.size();
     expect_length(env, target.length, (g + 1) * V, "targetLogits", "(draftTokens.length + 1) * vocabSize");
     ArrayView<float> draft;
-    if (!s.greedy() || present(info[1])) {
+    if ((!s.greedy() && g > 0) || present(info[1])) {  // g = 0 has no draft rows to give
       draft = typed_array<float>(env, required_arg(info, 1, "draftLogits"), "draftLogits");
       expect_length(env, draft.length, g * V, "draftLogits", "draftTokens.length * vocabSize");
     }
@@ -134,7 +134,7 @@ Napi::Value verify_chain_batch(const Napi::CallbackInfo& info) {
     expect_length(env, checked_length<float>(env, target_v, "targetLogits"), (total_g + B) * V, "targetLogits",
                   "(sum(draftLengths) + batch) * vocabSize");
     const Napi::Value draft_v = get_prop(o, "draftLogits");
-    const bool with_draft = any_sampled || present(draft_v);
+    const bool with_draft = (any_sampled && total_g > 0) || present(draft_v);
     if (with_draft) {
       if (!present(draft_v)) throw Napi::TypeError::New(env, "draftLogits is required");
       expect_length(env, checked_length<float>(env, draft_v, "draftLogits"), total_g * V, "draftLogits",

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -267,7 +268,12 @@ inline Sampling sampling_values(Napi::Env env, const Napi::Value& obj, const Nap
   const std::string prefix = std::string(name) + ".";
   if (!present(temperature)) throw Napi::TypeError::New(env, prefix + "temperature is required");
   Sampling s;
-  s.temperature = static_cast<float>(number_value(env, temperature, "temperature", prefix));
+  const double t = number_value(env, temperature, "temperature", prefix);
+  s.temperature = static_cast<float>(t);
+  // A positive temperature that rounds to the float 0 would silently mean greedy.
+  if (t > 0.0 && s.temperature < std::numeric_limits<float>::min())
+    throw Napi::RangeError::New(env, prefix + "temperature must be 0 (greedy) or at least " +
+                                         num_str(std::numeric_limits<float>::min()) + ", got " + num_str(t));
   s.top_k = present(top_k) ? static_cast<int32_t>(int_value(env, top_k, "topK", 0, INT32_MAX, prefix)) : 0;
   s.top_p = present(top_p) ? static_cast<float>(number_value(env, top_p, "topP", prefix)) : 1.0f;
   validate_sampling(s, name);

@@ -3,7 +3,7 @@
 // draft has its own online distiller (buffer, schedule, guard).
 import { EventEmitter } from 'node:events';
 import { extname } from 'node:path';
-import { checkInteger } from './args.js';
+import { checkInteger, checkKeys, disposedError } from './args.js';
 import { Model } from './Model.js';
 import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics, type RollbackEvent, type UpdateEvent } from './OnlineDecoder.js';
 import type { RequestStats, SpeculativeGenerateOptions, SpeculativeResult, Strategy, StreamChunk, WeightSwap } from './SpeculativeDecoder.js';
@@ -91,6 +91,7 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
   constructor(options: DraftPoolOptions) {
     super();
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    checkKeys(options, ['target', 'drafts', 'router', 'strategy', 'sampling', 'distill', 'weightSwap', 'forkFrom', 'seed']);
     if (typeof options.drafts !== 'object' || options.drafts === null || Array.isArray(options.drafts) || Object.keys(options.drafts).length === 0)
       throw new TypeError('drafts must name at least one draft model');
     const router = options.router ?? 'label';
@@ -247,14 +248,14 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
 
   /** Adds a draft under a new name. */
   addDraft(name: string, model: Model): void {
-    if (this.#disposed) throw new Error('the pool was disposed');
+    if (this.#disposed) throw disposedError('pool');
     if (typeof name !== 'string' || name.length === 0) throw new TypeError('name must be a non-empty string');
     if (this.#members.has(name)) throw new RangeError(`a draft named '${name}' exists already`);
     this.#add(name, model, false);
   }
 
   async generate(options: PoolGenerateOptions): Promise<PoolResult> {
-    if (this.#disposed) throw new Error('the pool was disposed');
+    if (this.#disposed) throw disposedError('pool');
     if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
     const m = await this.#route(options);
     const { label: _label, ...rest } = options;
@@ -289,7 +290,7 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
    * with the stop reason. Its acceptance counts for the router as a generate() call's does.
    */
   async *stream(options: PoolGenerateOptions): AsyncGenerator<StreamChunk, { stopReason: SpeculativeResult['stopReason']; draft: string }, void> {
-    if (this.#disposed) throw new Error('the pool was disposed');
+    if (this.#disposed) throw disposedError('pool');
     if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
     const m = await this.#route(options);
     const { label: _label, ...rest } = options;

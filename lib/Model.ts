@@ -4,7 +4,7 @@ import { addon } from './addon.js';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { applyChatTemplate, type ApplyChatTemplateOptions, type ChatMessage } from './chatTemplate.js';
 import { loadTokenizer, TokenStreamDecoder, type Tokenizer } from './Tokenizer.js';
-import { checkCallback, checkInteger, checkMisplacedSampling, checkOptions } from './args.js';
+import { checkCallback, checkInteger, checkKeys, checkMisplacedSampling, checkOptions, checkPromptFits, disposedError } from './args.js';
 import { abortError, checkSignal, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
 
 interface NativeModel {
@@ -88,6 +88,7 @@ export interface LoadModelOptions {
 export async function loadModel(path: string, options: LoadModelOptions = {}): Promise<Model> {
   if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
   checkOptions(options);
+  checkKeys(options, ['threads', 'signal', 'onProgress']);
   const signal = checkSignal(options.signal);
   checkCallback(options.onProgress, 'options.onProgress');
   if (options.threads !== undefined) {
@@ -192,6 +193,8 @@ export interface GenerateOptions {
   onToken?: (token: number) => void;
 }
 
+const modelGenerateKeys = ['tokens', 'prompt', 'maxTokens', 'sampling', 'seed', 'stream', 'signal', 'stopTokens', 'onToken'];
+
 export type StopReason = 'eos' | 'maxTokens' | 'context';
 
 export interface ChatTemplateOptions extends ApplyChatTemplateOptions {
@@ -263,7 +266,7 @@ export class Model {
   /** @internal */
   get handle(): NativeModel {
     // Refused from the start of dispose(): a sequence made while it waits would outlive it.
-    if (!this.#handle || this.#disposing) throw new Error('the model was disposed');
+    if (!this.#handle || this.#disposing) throw disposedError('model');
     return this.#handle;
   }
 
@@ -341,12 +344,17 @@ export class Model {
   /** Plain (target-only) generation: greedy, or sampled with the kernels' warping and Philox stream. */
   async generate(options: GenerateOptions): Promise<GenerateResult> {
     if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
+    checkMisplacedSampling(options);
+    checkKeys(options, modelGenerateKeys);
     const signal = checkSignal(options.signal);
     const prompt = this.#promptTokens(options);
     const maxTokens = checkInteger(options.maxTokens, 'maxTokens', 0);
-    checkMisplacedSampling(options);
     const sampling = options.sampling ?? { temperature: 0 };
-    const stop = new Set(options.stopTokens === undefined ? this.eosTokens : toTokenArray(options.stopTokens, 'stopTokens'));
+    const stopTokens = options.stopTokens === undefined ? this.eosTokens : toTokenArray(options.stopTokens, 'stopTokens');
+    for (let i = 0; i < stopTokens.length; i++)
+      if (stopTokens[i]! < 0 || stopTokens[i]! >= this.info.vocabSize)
+        throw new RangeError(`stopTokens[${i}] = ${stopTokens[i]} is out of range for a vocabulary of ${this.info.vocabSize}`);
+    const stop = new Set(stopTokens);
     checkCallback(options.onToken, 'onToken');
     const seq = this.createSequence();
     const out: number[] = [];
@@ -395,7 +403,7 @@ export class Model {
   applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions & { tokenize: true }): Int32Array;
   applyChatTemplate(messages: readonly ChatMessage[], options?: ChatTemplateOptions): string | Int32Array;
   applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string | Int32Array {
-    if (this.disposed) throw new Error('the model was disposed');
+    if (this.disposed) throw disposedError('model');
     if (!Array.isArray(messages)) throw new TypeError('messages must be an array of { role, content }');
     if (messages.length === 0) throw new RangeError('messages must not be empty');
     if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
@@ -442,6 +450,7 @@ export class Model {
   }
 
   #promptTokens(options: GenerateOptions): Int32Array {
+    if (options.tokens !== undefined && options.prompt !== undefined) throw new TypeError('give tokens or prompt, not both');
     if (options.tokens !== undefined) {
       const t = toTokenArray(options.tokens);
       if (t.length === 0) throw new RangeError('tokens must not be empty');
@@ -450,6 +459,7 @@ export class Model {
     if (options.prompt !== undefined) {
       if (typeof options.prompt !== 'string') throw new TypeError('prompt must be a string');
       if (!this.tokenizer) throw new TypeError('prompt needs a model with a tokenizer; pass tokens instead');
+      checkPromptFits(this.tokenizer, options.prompt, this.info.contextLength);
       const t = this.tokenizer.encode(options.prompt, { addBos: this.tokenizer.addBos });
       if (t.length === 0) throw new RangeError('prompt encodes to no tokens');
       return t;
@@ -544,7 +554,7 @@ export class Sequence {
 
   /** The error of a call after dispose: the model's own disposal names the model. */
   #gone(): Error {
-    return new Error(this.#disposedWithModel ? 'the model was disposed' : 'the sequence was disposed');
+    return disposedError(this.#disposedWithModel ? 'model' : 'sequence');
   }
 
   /** Tokens held in the cache. */
@@ -671,7 +681,7 @@ export class Sequence {
   /** A copy of this sequence, cache included. */
   fork(): Sequence {
     // Refused once the model's dispose() has begun: the copy would outlive it.
-    if (this.model.disposed) throw new Error('the model was disposed');
+    if (this.model.disposed) throw disposedError('model');
     const copy = new Sequence(this.model, this.#idle('fork').fork(), this.weightsVersion);
     this.model.adopt(copy);
     return copy;

@@ -8,7 +8,7 @@ import { EventEmitter } from 'node:events';
 import { accessSync, constants, existsSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import type { SamplingOptions } from './addonTypes.js';
-import { checkInteger } from './args.js';
+import { checkInteger, checkKeys, disposedError } from './args.js';
 import type { DistillLossKind } from './kernels.js';
 import { isStoreType, loadModel, STORE_TYPES, type Model, type StoreType } from './Model.js';
 import {
@@ -218,7 +218,7 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
     servedType: o.servedType ?? 'auto',
   };
   // A misspelt option (learningRate for lr) would be ignored, and the default trained instead.
-  for (const k of Object.keys(o)) check(k in r, `distill.${k} is not an option (they are: ${Object.keys(r).join(', ')})`, 'type');
+  checkKeys(o, Object.keys(r), 'distill');
   check(['forward-kl', 'reverse-kl', 'jsd', 'tvd'].includes(r.loss), `distill.loss must be 'forward-kl', 'reverse-kl', 'jsd' or 'tvd', got '${String(r.loss)}'`);
   check(r.beta > 0 && r.beta < 1, 'distill.beta must be in (0, 1)');
   check(r.positions === 'mismatch' || r.positions === 'all', "distill.positions must be 'mismatch' or 'all'");
@@ -304,6 +304,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   constructor(options: OnlineDecoderOptions) {
     super();
     check(typeof options === 'object' && options !== null, 'options must be an object', 'type');
+    checkKeys(options, ['target', 'draft', 'strategy', 'sampling', 'maxConcurrent', 'weightSwap', 'distill']);
     this.options = resolveOptions(options.distill);
     this.target = options.target;
     this.draft = options.draft;
@@ -467,7 +468,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
 
   /** Trains now on whatever is buffered (resolves when the new weights are in place). */
   async updateNow(): Promise<UpdateEvent | null> {
-    if (this.#disposed) throw new Error('the decoder was disposed');
+    if (this.#disposed) throw disposedError('decoder');
     let event: UpdateEvent | null = null;
     let failure: Error | undefined;
     let dropped = false;
@@ -485,7 +486,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     });
     if (failure) throw failure;
     // Disposed while it trained: the update was dropped, which is not "nothing to train on" (null).
-    if (dropped) throw new Error('the decoder was disposed');
+    if (dropped) throw disposedError('decoder');
     return event;
   }
 
@@ -666,7 +667,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
    */
   async saveDraft(path: string): Promise<void> {
     if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
-    if (this.#disposed) throw new Error('the decoder was disposed');
+    if (this.#disposed) throw disposedError('decoder');
     let failure: unknown;
     await this.#enqueue(async () => {
       try {
@@ -758,7 +759,10 @@ export function createOnlineDecoder(options: OnlineDecoderOptions): OnlineDecode
   return new OnlineDecoder(options);
 }
 
-/** A bit-exact copy of a model's weights, every matrix in the type it has. */
+/**
+ * A bit-exact copy of a model's weights, every matrix in the type it has: give the online decoder
+ * a copy to keep the original draft as it was (it trains the draft it is given in place).
+ */
 export function copyModel(model: Model): Promise<Model> {
   return model.convert('keep');
 }

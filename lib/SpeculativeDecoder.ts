@@ -4,7 +4,7 @@
 import { EventEmitter } from 'node:events';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { verifyChain, verifyTree } from './kernels.js';
-import { checkCallback, checkInteger, checkMisplacedSampling, checkSampling } from './args.js';
+import { checkCallback, checkInteger, checkKeys, checkMisplacedSampling, checkPromptFits, checkSampling, disposedError } from './args.js';
 import { type Model, type Sequence, type StreamChunk, toTokenArray } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
@@ -86,8 +86,9 @@ export interface SpeculativeGenerateOptions {
   sampling?: SamplingOptions;
   seed?: Seed;
   /**
-   * Philox stream of this request, an integer in [0, 2^32 - 1] (default: the request's number, mod
-   * 2^32). Same seed + stream = same output on a fixed draft.
+   * Philox stream of this request, an integer in [0, 2^32 - 1]. Default: 0 when `seed` is given, so
+   * a seeded request is reproducible; else the request's number (mod 2^32), so unseeded requests
+   * draw independently. Same seed + stream = same output on a fixed draft.
    */
   stream?: Seed;
   signal?: AbortSignal;
@@ -309,9 +310,24 @@ function checkPositiveInt(v: unknown, name: string, max = 1 << 16): number {
   return checkInteger(v, name, 1, max);
 }
 
+const strategyKeys: Record<Strategy['kind'], readonly string[]> = {
+  chain: ['kind', 'length'],
+  tree: ['kind', 'budget', 'maxDepth', 'branching', 'children', 'fill'],
+  adaptive: ['kind', 'maxLength'],
+  ngram: ['kind', 'length', 'maxNgram'],
+};
+
+/** The keys of SpeculativeDecoderOptions (and _fault, the tests' planted bugs). */
+const decoderKeys = ['target', 'draft', 'strategy', 'sampling', 'maxConcurrent', 'onVerified', 'weightSwap', '_fault'];
+
+/** The keys of SpeculativeGenerateOptions. */
+export const generateKeys = ['tokens', 'prompt', 'maxTokens', 'sampling', 'seed', 'stream', 'signal', 'stop', 'stopTokens', 'onStart', 'onStats'];
+
 function normaliseStrategy(s: Strategy | undefined): Required<Strategy> & Strategy {
   const st = s ?? { kind: 'chain' };
   if (typeof st !== 'object' || st === null) throw new TypeError('strategy must be an object with a kind');
+  const keys = strategyKeys[st.kind as Strategy['kind']];
+  if (keys) checkKeys(st, keys, `strategy (kind '${st.kind}')`);
   switch (st.kind) {
     case 'chain':
       return { kind: 'chain', length: checkPositiveInt(st.length ?? 4, 'strategy.length', 64) };
@@ -511,6 +527,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   constructor(options: SpeculativeDecoderOptions) {
     super();
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    checkKeys(options, decoderKeys);
     const { target, draft } = options;
     if (!target || typeof target.createSequence !== 'function') throw new TypeError('target must be a loaded Model');
     this.strategy = normaliseStrategy(options.strategy);
@@ -601,6 +618,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   }
 
   #promptTokens(options: SpeculativeGenerateOptions): Int32Array {
+    if (options.tokens !== undefined && options.prompt !== undefined) throw new TypeError('give tokens or prompt, not both');
     if (options.tokens !== undefined) {
       const t = toTokenArray(options.tokens);
       if (t.length === 0) throw new RangeError('tokens must not be empty');
@@ -613,6 +631,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       if (typeof options.prompt !== 'string') throw new TypeError('prompt must be a string');
       const tk = this.target.tokenizer;
       if (!tk) throw new TypeError('prompt needs a target with a tokenizer; pass tokens instead');
+      checkPromptFits(tk, options.prompt, this.target.info.contextLength);
       const t = tk.encode(options.prompt, { addBos: tk.addBos });
       if (t.length === 0) throw new RangeError('prompt encodes to no tokens');
       return t;
@@ -625,18 +644,26 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     emit: (tokens: number[]) => void,
     setStop: (r: SpeculativeResult['stopReason']) => void,
   ): Promise<RequestStats> {
-    if (this.#disposed) throw new Error('the decoder was disposed');
+    if (this.#disposed) throw disposedError('decoder');
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    checkMisplacedSampling(options);
+    checkKeys(options, generateKeys);
     const signal = checkSignal(options.signal);
     const prompt = this.#promptTokens(options);
     const maxTokens = checkInteger(options.maxTokens, 'maxTokens', 0);
-    checkMisplacedSampling(options);
     if (options.stop !== undefined && (!Array.isArray(options.stop) || options.stop.some((s) => typeof s !== 'string')))
       throw new TypeError('stop must be an array of strings');
+    const emptyStop = options.stop?.indexOf('') ?? -1;
+    if (emptyStop >= 0) throw new RangeError(`stop[${emptyStop}] is the empty string, which every text contains`);
     if (options.stop?.length && !this.target.tokenizer) throw new TypeError('stop strings need a target with a tokenizer');
     if (options.sampling !== undefined) checkSampling(options.sampling);
+    const stopTokens = options.stopTokens === undefined ? this.target.eosTokens : toTokenArray(options.stopTokens, 'stopTokens');
+    for (let i = 0; i < stopTokens.length; i++)
+      if (stopTokens[i]! < 0 || stopTokens[i]! >= this.vocabSize)
+        throw new RangeError(`stopTokens[${i}] = ${stopTokens[i]} is out of range for a vocabulary of ${this.vocabSize}`);
     const id = this.#nextRequest++;
-    let streamBase = BigInt(id) & 0xffffffffn;
+    // A seeded request is reproducible by default (stream 0); an unseeded one gets its own stream.
+    let streamBase = options.seed !== undefined ? 0n : BigInt(id) & 0xffffffffn;
     if (options.stream !== undefined) {
       // Step s of the request uses Philox stream (base << 32) + 2s (+ 1 for the draft): the base has 32 bits.
       if (!((typeof options.stream === 'number' && Number.isSafeInteger(options.stream)) || typeof options.stream === 'bigint') || options.stream < 0 || options.stream > 0xffffffff)
@@ -648,7 +675,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       stream: streamBase,
       sampling: options.sampling ?? this.sampling,
       seed: options.seed ?? 0,
-      stopTokens: new Set(options.stopTokens === undefined ? this.target.eosTokens : toTokenArray(options.stopTokens, 'stopTokens')),
+      stopTokens: new Set(stopTokens),
       counters: new Counters(),
     };
     checkCallback(options.onStart, 'onStart');
@@ -1158,7 +1185,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   async dispose(): Promise<void> {
     if (this.#disposed) return;
     this.#disposed = true;
-    const err = new Error('the decoder was disposed');
+    const err = disposedError('decoder');
     this.#disposeController.abort(err);
     for (const w of this.#waiting.splice(0)) w();
     await Promise.allSettled([...this.#running]);

@@ -192,6 +192,22 @@ export class Tokenizer {
     return this.#native.pre;
   }
 
+  /**
+   * A lower bound on the number of tokens `text` encodes to, found without encoding it: no token
+   * stands for more UTF-16 code units than the longest token text (or 2: a byte or unknown token
+   * may stand for a surrogate pair). Lets a caller refuse a prompt that cannot fit a context before
+   * spending the event loop on encoding it.
+   */
+  minTokens(text: string): number {
+    if (this.#maxTokenChars === 0) {
+      let m = 2;
+      for (let i = 0; i < this.vocabSize; i++) m = Math.max(m, this.tokenText(i).length);
+      this.#maxTokenChars = m;
+    }
+    return Math.floor(text.length / this.#maxTokenChars);
+  }
+  #maxTokenChars = 0;
+
   encode(text: string, options: EncodeOptions = {}): Int32Array {
     if (typeof text !== 'string') throw new TypeError('text must be a string');
     checkOptions(options);

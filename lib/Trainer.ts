@@ -1,7 +1,7 @@
 // Training a model on the CPU: steps run off the event loop on an owned f32 copy of the weights;
 // snapshot() turns the current weights into a model that can be swapped into a running one.
 import { addon } from './addon.js';
-import { checkInteger } from './args.js';
+import { checkInteger, disposedError } from './args.js';
 import type { Seed } from './addonTypes.js';
 import { Model, readTextTools } from './Model.js';
 import type { Tokenizer } from './Tokenizer.js';
@@ -146,7 +146,7 @@ export class Trainer {
   }
 
   #get(): NativeTrainer {
-    if (!this.#native) throw new Error('the trainer was disposed');
+    if (!this.#native) throw disposedError('trainer');
     return this.#native;
   }
 

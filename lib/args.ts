@@ -6,6 +6,53 @@ export function checkOptions<T extends object>(options: T | undefined, name = 'o
   return options;
 }
 
+/**
+ * Unknown keys of an options object get a TypeError naming the key: a misspelt or snake_case option
+ * would otherwise fall back to its default without a word (options built from JSON, as a server's
+ * are, get no help from the types). Keys set to undefined are let through. Names starting with '_'
+ * are internal and not listed.
+ */
+export function checkKeys(o: object, allowed: readonly string[], name = 'options'): void {
+  for (const k of Object.keys(o)) {
+    if (allowed.includes(k) || ownData(o, k) === undefined) continue;
+    const camel = k.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
+    const hint = camel !== k && allowed.includes(camel) ? ` (did you mean ${camel}?)` : '';
+    const listed = allowed.filter((a) => !a.startsWith('_')).join(', ');
+    throw new TypeError(`${name}.${k} is not an option${hint}; the options are: ${listed}`);
+  }
+}
+
+/**
+ * Refuses (RangeError) a prompt text that cannot fit a context of `context` tokens, before it is
+ * encoded (a megabyte of text takes the event loop about 90 ms to encode). Texts shorter than
+ * twice the context are let through without a look at the vocabulary.
+ */
+export function checkPromptFits(tk: { minTokens(text: string): number }, text: string, context: number, name = 'prompt'): void {
+  if (text.length < 2 * context) return;
+  const n = tk.minTokens(text);
+  if (n >= context) throw new RangeError(`the ${name} (at least ${n} tokens) does not fit the context of ${context}`);
+}
+
+/**
+ * o[k] when k is an own data property, else undefined: read without running a getter (the native
+ * bindings read options in a set order, and a getter run early could change what they see).
+ */
+export function ownData(o: object, k: string): unknown {
+  const d = Object.getOwnPropertyDescriptor(o, k);
+  return d && 'value' in d ? d.value : undefined;
+}
+
+/** The keys of sampling options. */
+export const samplingKeys = ['temperature', 'topK', 'topP'] as const;
+
+/**
+ * The error of a call on (or cut short by the disposal of) a disposed object: `code` is
+ * 'OSD_DISPOSED', so callers can tell it from an abort or a bad argument without reading the text.
+ */
+export function disposedError(what: string): Error {
+  return Object.assign(new Error(`the ${what} was disposed`), { code: 'OSD_DISPOSED' });
+}
+
 /** A value as error messages show it: strings quoted (so '4' is not read as 4), arrays bracketed. */
 export function shown(v: unknown): string {
   if (typeof v === 'string') return JSON.stringify(v);
@@ -49,13 +96,14 @@ export function checkCallback(fn: unknown, name: string): void {
  */
 export function checkSampling(s: unknown, name = 'sampling'): void {
   if (typeof s !== 'object' || s === null) throw new TypeError(`${name} must be an object { temperature, topK?, topP? }`);
+  checkKeys(s, samplingKeys, name);
   const { temperature, topK, topP } = s as Record<string, unknown>;
   if (temperature === undefined) throw new TypeError(`${name}.temperature is required`);
   if (typeof temperature !== 'number') throw new TypeError(`${name}.temperature must be a number`);
   if (!(Number.isFinite(temperature) && temperature >= 0)) throw new RangeError(`${name}.temperature must be a finite number >= 0, got ${temperature}`);
   // As the kernels: 1 / T must be a finite float (the smallest normal float, 2^-126).
-  const t32 = Math.fround(temperature); // the kernels' float (5e-324 is 0 there: greedy)
-  if (t32 > 0 && t32 < 2 ** -126) throw new RangeError(`${name}.temperature must be 0 (greedy) or at least 1.1754944e-38, got ${temperature}`);
+  const t32 = Math.fround(temperature); // the kernels' float: a positive value that rounds to 0 is refused, not greedy
+  if (temperature > 0 && t32 < 2 ** -126) throw new RangeError(`${name}.temperature must be 0 (greedy) or at least 1.1754944e-38, got ${temperature}`);
   if (topK !== undefined) {
     if (typeof topK !== 'number') throw new TypeError(`${name}.topK must be a number`);
     if (!(Number.isInteger(topK) && topK >= 0 && topK <= 2147483647)) throw new RangeError(`${name}.topK must be an integer >= 0, got ${topK}`);

@@ -67,7 +67,7 @@ export type {
 } from './SpeculativeDecoder.js';
 export { createTrainer, loadTrainerCheckpoint, setTrainThreads, Trainer } from './Trainer.js';
 export type { TrainerOptions, TrainBatch, TrainStepResult, NewModelConfig } from './Trainer.js';
-export { createOnlineDecoder, OnlineDecoder, teacherTopK } from './OnlineDecoder.js';
+export { copyModel, createOnlineDecoder, OnlineDecoder, teacherTopK } from './OnlineDecoder.js';
 export type {
   AcceptanceEvent,
   OnlineDecoderEvents,

@@ -2,6 +2,7 @@
 // each call runs for microseconds to milliseconds on the CPU backend's thread pool.
 import { addon, withLoaderNotes } from './addon.js';
 import type { BackendInfo, SamplingOptions, Seed } from './addonTypes.js';
+import { checkKeys, ownData, samplingKeys } from './args.js';
 
 export type { BackendInfo, SamplingOptions, Seed } from './addonTypes.js';
 
@@ -27,6 +28,23 @@ export interface VerifyChainResult {
   tokens: Int32Array;
 }
 
+// The options each kernel reads (and _fault, the tests' planted bugs): any other key is refused.
+const chainKeys = ['targetLogits', 'draftLogits', 'draftTokens', 'vocabSize', 'sampling', 'seed', 'stream', '_fault'];
+const chainBatchKeys = ['targetLogits', 'draftLogits', 'draftTokens', 'draftLengths', 'vocabSize', 'sampling', 'seed', 'streams', '_fault'];
+const treeKeys = ['parents', 'tokens', 'targetLogits', 'draftLogits', 'vocabSize', 'sampling', 'seed', 'stream', 'children', '_fault'];
+const distillKeys = ['kind', 'studentLogits', 'teacherLogits', 'teacher', 'vocabSize', 'temperature', 'beta', 'mask', 'computeGrad', 'gradOut'];
+const adamwKeys = ['params', 'grads', 'm', 'v', 'step', 'lr', 'beta1', 'beta2', 'eps', 'weightDecay', 'gradScale'];
+
+/** Checks an options object's keys, and those of its sampling (one object, or an array of them). */
+function checkKernelKeys(options: unknown, keys: readonly string[]): void {
+  if (typeof options !== 'object' || options === null) return; // the binding names the error
+  checkKeys(options, keys);
+  const s = ownData(options, 'sampling');
+  const one = (x: unknown, name: string) => typeof x === 'object' && x !== null && checkKeys(x, samplingKeys, name);
+  if (Array.isArray(s)) for (let i = 0; i < s.length; i++) one(ownData(s, String(i)), `sampling[${i}]`);
+  else one(s, 'sampling');
+}
+
 // verifyChain's output buffer: grown to the longest draft seen, never returned itself.
 let chainTokens = new Int32Array(64);
 
@@ -42,11 +60,13 @@ export function verifyChain(options: VerifyChainOptions): VerifyChainResult {
   if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
   // The binding takes the options one by one (see native/napi/kernels_napi.cpp) and writes the
   // emitted tokens into a reused buffer; the argument checks and their messages are the binding's.
+  checkKeys(options, chainKeys);
   const { targetLogits, draftLogits, draftTokens, vocabSize, sampling, seed, stream } = options;
   const g = ArrayBuffer.isView(draftTokens) ? (draftTokens as Int32Array).length : 0;
   if (chainTokens.length < g + 1) chainTokens = new Int32Array(g + 1);
   const fault = (options as { _fault?: unknown })._fault;
   const s = typeof sampling === 'object' && sampling !== null ? sampling : undefined;
+  if (s) checkKeys(s, samplingKeys, 'sampling');
   const acceptedCount = addon.verifyChain(
     targetLogits, draftLogits, draftTokens, vocabSize, sampling, s?.temperature, s?.topK, s?.topP, seed, stream, fault,
     chainTokens,
@@ -80,6 +100,7 @@ export interface VerifyChainBatchResult {
 
 /** verifyChain over B sequences with ragged lengths in one call, spread over the thread pool. */
 export function verifyChainBatch(options: VerifyChainBatchOptions): VerifyChainBatchResult {
+  checkKernelKeys(options, chainBatchKeys);
   return addon.verifyChainBatch(options);
 }
 
@@ -120,6 +141,7 @@ export interface VerifyTreeResult {
  * rejected a token is sampled from the residual p. The emitted tokens follow the target exactly.
  */
 export function verifyTree(options: VerifyTreeOptions): VerifyTreeResult {
+  checkKernelKeys(options, treeKeys);
   return addon.verifyTree(options);
 }
 
@@ -174,9 +196,11 @@ export interface DistillLossResult {
 export function distillLoss(options: DistillLossOptions): DistillLossResult {
   if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
   // Read here and passed one by one, as in verifyChain; the checks and messages are the binding's.
+  checkKeys(options, distillKeys);
   const { kind, studentLogits, teacherLogits, teacher, vocabSize, temperature, beta, mask, computeGrad, gradOut } =
     options;
   const t = typeof teacher === 'object' && teacher !== null ? teacher : undefined;
+  if (t) checkKeys(t, ['indices', 'probs', 'residual'], 'teacher');
   const wantGrad = computeGrad === undefined || computeGrad === null || Boolean(computeGrad);
   const fresh =
     wantGrad && (gradOut === undefined || gradOut === null)
@@ -209,6 +233,7 @@ export interface AdamWOptions {
 
 /** One AdamW step in place (decoupled weight decay, bias-corrected moments, PyTorch's conventions). */
 export function adamwStep(options: AdamWOptions): void {
+  checkKernelKeys(options, adamwKeys);
   addon.adamwStep(options);
 }
 

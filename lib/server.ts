@@ -7,7 +7,7 @@
 // Generations queue for one of maxConcurrent decoding slots. A client that disconnects aborts its
 // generation (or leaves the queue), and its KV caches are freed. Errors are OpenAI-shaped JSON:
 // { error: { message, type, param, code } }.
-import { checkInteger } from './args.js';
+import { checkInteger, disposedError } from './args.js';
 import type { ChatMessage } from './chatTemplate.js';
 import { randomInt, randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
@@ -334,14 +334,19 @@ function errorBody(e: HttpError): object {
   return { error: { message: e.message, type: e.type, param: e.param, code: e.code } };
 }
 
+/** Use after dispose, or work cut short by a disposal (the server is shutting down). */
+function isDisposed(e: unknown): boolean {
+  return (e as { code?: unknown } | null)?.code === 'OSD_DISPOSED';
+}
+
 function isAbort(e: unknown): boolean {
-  return e instanceof Error && (e.name === 'AbortError' || e.message === 'the decoder was disposed');
+  return e instanceof Error && (e.name === 'AbortError' || isDisposed(e));
 }
 
 /** Maps a failure to an HttpError (the decoder's argument errors are the client's fault). */
 function toHttpError(e: unknown): HttpError {
   if (e instanceof HttpError) return e;
-  if (e instanceof Error && e.message === 'the decoder was disposed') return new HttpError(503, 'the server is shutting down', null, 'shutting_down', 'overloaded_error');
+  if (isDisposed(e)) return new HttpError(503, 'the server is shutting down', null, 'shutting_down', 'overloaded_error');
   if (e instanceof RangeError || e instanceof TypeError) {
     const ctx = /does not fit the context/.test(e.message);
     return new HttpError(400, e.message, null, ctx ? 'context_length_exceeded' : 'invalid_value');
@@ -539,18 +544,24 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
 
   function promptTokens(prompt: string, special: boolean): Int32Array {
     if (!tk) throw new HttpError(400, 'this model has no tokenizer: send the prompt as an array of token ids', 'prompt', 'invalid_value');
+    checkLength(prompt.length >= 2 * context ? tk.minTokens(prompt) : 0, 'prompt', 'at least ');
     return tk.encode(prompt, { addBos: tk.addBos, special });
+  }
+
+  /** A prompt of n tokens must leave one to generate; `least` marks a lower bound found before encoding. */
+  function checkLength(n: number, param: string, least = ''): void {
+    if (n >= context)
+      throw new HttpError(
+        400,
+        `This model's maximum context length is ${context} tokens, and the prompt has ${least}${n} tokens (at least one token must be left to generate).`,
+        param,
+        'context_length_exceeded',
+      );
   }
 
   function checkPrompt(t: Int32Array, param: string): void {
     if (t.length === 0) throw new HttpError(400, 'the prompt encodes to no tokens', param, 'invalid_value');
-    if (t.length >= context)
-      throw new HttpError(
-        400,
-        `This model's maximum context length is ${context} tokens, and the prompt has ${t.length} tokens (at least one token must be left to generate).`,
-        param,
-        'context_length_exceeded',
-      );
+    checkLength(t.length, param);
   }
 
   /** Common sampling parameters. */
@@ -802,11 +813,17 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     let rendered: ReturnType<typeof renderChat>;
     let t: Int32Array;
     try {
+      // Messages too long for the context are refused before any of them is encoded.
+      const tk = target.tokenizer;
+      if (tk) {
+        let least = 0;
+        for (const m of messages) if (typeof m.content === 'string' && m.content.length >= 2 * context) least += tk.minTokens(m.content);
+        checkLength(least, 'messages', 'at least ');
+      }
       rendered = renderChat(target, messages);
       // The template's prompt is tokenized with its special tokens parsed, so markup such as
       // "<|im_end|>" typed into a message would become a control token (a user could forge a system
       // turn): message text that holds a special token's text is refused.
-      const tk = target.tokenizer;
       if (rendered.template && tk)
         messages.forEach((m, i) => {
           const text = typeof m.content === 'string' ? m.content : '';
@@ -933,7 +950,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   const dispose = (): Promise<void> =>
     (disposed ??= (async () => {
       closing = true;
-      slots.rejectAll(new Error('the decoder was disposed'));
+      slots.rejectAll(disposedError('decoder'));
       await decoder.dispose();
       await Promise.allSettled([...inflight]);
       decoder.off('step', onStep);

@@ -442,12 +442,12 @@ describe('bad input to models and sequences', () => {
     const running = m.generate({ tokens: [1], maxTokens: 1000, stopTokens: [], onToken: () => void tokens++ });
     while (tokens < 3) await new Promise((r) => setImmediate(r));
     await m.dispose();
-    await expect(running).rejects.toThrow(new Error('the model was disposed'));
-    expect(() => seq.length).toThrow(new Error('the model was disposed'));
+    await expect(running).rejects.toMatchObject({ code: 'OSD_DISPOSED', message: 'the model was disposed' });
+    expect(() => seq.length).toThrow(expect.objectContaining({ code: 'OSD_DISPOSED', message: 'the model was disposed' }));
     await seq.dispose(); // a no-op
     const own = model.createSequence();
     await own.dispose();
-    expect(() => own.length).toThrow(new Error('the sequence was disposed'));
+    expect(() => own.length).toThrow(expect.objectContaining({ code: 'OSD_DISPOSED', message: 'the sequence was disposed' }));
   });
 
   it('ropeTheta must be a finite number > 0, in a config and in a file (else the logits are NaN)', async () => {

@@ -218,14 +218,14 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
       expect(copies.filter((m) => !m.disposed).length).toBe(1); // the open guard's
       await dec.dispose();
       expect(copies.filter((m) => !m.disposed).length).toBe(0);
-      await expect(dec.updateNow()).rejects.toThrow(new Error('the decoder was disposed'));
-      await expect(dec.saveDraft(join(dir, 'after-dispose.gguf'))).rejects.toThrow(new Error('the decoder was disposed'));
+      await expect(dec.updateNow()).rejects.toMatchObject({ code: 'OSD_DISPOSED', message: 'the decoder was disposed' });
+      await expect(dec.saveDraft(join(dir, 'after-dispose.gguf'))).rejects.toMatchObject({ code: 'OSD_DISPOSED', message: 'the decoder was disposed' });
       // Disposed while an update trains: that update is dropped and says so (it resolved null, as
       // for an empty buffer).
       const dec2 = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 1000, epochs: 20 } });
       await dec2.generate({ tokens: prompts[4]!, maxTokens: 12 });
       const started = new Promise((r) => dec2.once('update-start', r));
-      const training = expect(dec2.updateNow()).rejects.toThrow(new Error('the decoder was disposed'));  // handled from the start
+      const training = expect(dec2.updateNow()).rejects.toMatchObject({ code: 'OSD_DISPOSED', message: 'the decoder was disposed' });  // handled from the start
       await started;
       await dec2.dispose();
       await training;
@@ -317,7 +317,7 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
       new Error('distill.autosavePath: cannot write in /nonexistent/dir'),
     );
     // A misspelt option was ignored, and the default trained instead.
-    expect(() => createOnlineDecoder({ target, draft, distill: { learningRate: 1 } as never })).toThrow(/^distill\.learningRate is not an option \(they are: loss, beta, .*\blr\b/);
+    expect(() => createOnlineDecoder({ target, draft, distill: { learningRate: 1 } as never })).toThrow(/^distill\.learningRate is not an option; the options are: loss, beta, .*\blr\b/);
     expect(() => createOnlineDecoder({ target, draft, distill: { interval: 2.5 } })).toThrow(new RangeError('distill.interval must be an integer >= 1, got 2.5'));
     expect(() => createOnlineDecoder({ target, draft, distill: { maxBufferBytes: '4096' as never } })).toThrow(/distill.maxBufferBytes must be a number/);
     expect(() => createOnlineDecoder({ target, draft, distill: { enabled: 'no' as never } })).toThrow(new TypeError('distill.enabled must be a boolean'));

@@ -12,7 +12,7 @@ import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import OpenAI from 'openai';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { loadModel, type Model, type OnlineDecoder } from '../lib/index.js';
 import { createServer, renderChat, StopFilter, type OsdRequestHandler } from '../lib/server.js';
 
@@ -292,6 +292,23 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     const tooLong = await fail(openai.chat.completions.create({ model: handler.modelId, messages: [{ role: 'user', content: long }], max_tokens: 4 }));
     expect(tooLong.status).toBe(400);
     expect(tooLong.code).toBe('context_length_exceeded');
+    // Text that cannot fit is refused before it is encoded (a megabyte would hold the event loop).
+    const encode = vi.spyOn(target.tokenizer!, 'encode');
+    try {
+      const huge = 'word '.repeat(100_000);
+      for (const req of [
+        openai.completions.create({ model: handler.modelId, prompt: huge, max_tokens: 4 }),
+        openai.chat.completions.create({ model: handler.modelId, messages: [{ role: 'user', content: huge }], max_tokens: 4 }),
+      ]) {
+        const e = await fail(req);
+        expect(e.status).toBe(400);
+        expect(e.code).toBe('context_length_exceeded');
+        expect(e.message).toMatch(/the prompt has at least \d+ tokens/);
+      }
+      expect(encode).not.toHaveBeenCalled();
+    } finally {
+      encode.mockRestore();
+    }
     const badTemp = await fail(openai.completions.create({ model: handler.modelId, prompt: 'x', temperature: 7 }));
     expect(badTemp.status).toBe(400);
     expect(badTemp.param).toBe('temperature');

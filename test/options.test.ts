@@ -1,0 +1,180 @@
+// Options a server builds from JSON get no help from the types: a misspelt or snake_case key, a
+// contradictory or degenerate setting, or a prompt far too long for the context must be refused
+// with an error naming it, never ignored.
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import {
+  adamwStep,
+  copyModel,
+  createDraftPool,
+  createOnlineDecoder,
+  createSpeculativeDecoder,
+  defaultDraftPath,
+  defaultTargetPath,
+  distillLoss,
+  loadModel,
+  verifyChain,
+  verifyTree,
+  type Model,
+  type SpeculativeDecoder,
+} from '../lib/index.js';
+
+let target: Model;
+let draft: Model;
+let dec: SpeculativeDecoder;
+
+beforeAll(async () => {
+  target = await loadModel(defaultTargetPath);
+  draft = await loadModel(defaultDraftPath);
+  dec = createSpeculativeDecoder({ target, draft });
+});
+
+afterAll(async () => {
+  await dec?.dispose();
+  await draft?.dispose();
+  await target?.dispose();
+});
+
+const typeError = (f: () => unknown, re: RegExp) => expect(f).toThrow(expect.objectContaining({ name: 'TypeError', message: expect.stringMatching(re) }));
+
+describe('unknown option keys', () => {
+  it('are TypeErrors naming the key, with the camelCase spelling when it is one', async () => {
+    await expect(dec.generate({ prompt: 'hi', maxTokens: 2, max_tokens: 9 } as never)).rejects.toThrow(
+      /^options\.max_tokens is not an option \(did you mean maxTokens\?\); the options are: tokens, prompt, maxTokens/,
+    );
+    await expect(dec.generate({ prompt: 'hi', maxTokens: 2, sampling: { temperature: 1, top_p: 0.5 } } as never)).rejects.toThrow(
+      /^sampling\.top_p is not an option \(did you mean topP\?\)/,
+    );
+    await expect(dec.generate({ prompt: 'hi', maxTokens: 2, stopSequences: ['x'] } as never)).rejects.toThrow(TypeError);
+    await expect(target.generate({ prompt: 'hi', maxTokens: 2, stop_tokens: [1] } as never)).rejects.toThrow(
+      /^options\.stop_tokens is not an option \(did you mean stopTokens\?\)/,
+    );
+    typeError(() => createSpeculativeDecoder({ target, draft, maxConcurent: 8 } as never), /^options\.maxConcurent is not an option/);
+    typeError(() => createSpeculativeDecoder({ target, draft, strategy: { kind: 'chain', lenght: 8 } } as never), /^strategy \(kind 'chain'\)\.lenght is not an option; the options are: kind, length$/);
+    typeError(() => createSpeculativeDecoder({ target, draft, strategy: { kind: 'tree', depth: 3 } } as never), /\.depth is not an option; the options are: kind, budget, maxDepth/);
+    typeError(() => createOnlineDecoder({ target, draft, distil: { lr: 1 } } as never), /^options\.distil is not an option/);
+    typeError(() => createDraftPool({ target, drafts: { a: draft }, route: 'ucb' } as never), /^options\.route is not an option/);
+    await expect(loadModel(defaultDraftPath, { thread: 2 } as never)).rejects.toThrow(/^options\.thread is not an option; the options are: threads, signal, onProgress$/);
+  });
+
+  it('are refused by the kernels too, in their sampling and sparse teacher as well', () => {
+    const V = 4;
+    const chain = { targetLogits: new Float32Array(2 * V), draftLogits: new Float32Array(V), draftTokens: Int32Array.of(1), vocabSize: V, seed: 1 };
+    typeError(() => verifyChain({ ...chain, sampling: { temperature: 1 }, stram: 3 } as never), /^options\.stram is not an option/);
+    typeError(() => verifyChain({ ...chain, sampling: { temperature: 1, top_k: 2 } } as never), /^sampling\.top_k is not an option \(did you mean topK\?\)/);
+    const tree = { parents: Int32Array.of(-1), tokens: Int32Array.of(1), targetLogits: new Float32Array(2 * V), vocabSize: V, sampling: { temperature: 0 }, seed: 1 };
+    typeError(() => verifyTree({ ...tree, childern: 'deterministic' } as never), /^options\.childern is not an option/);
+    const teacher = { indices: Int32Array.of(0), probs: Float32Array.of(0.5) };
+    typeError(() => distillLoss({ kind: 'forward-kl', studentLogits: new Float32Array(V), teacher: { ...teacher, resid: Float32Array.of(0.5) }, vocabSize: V } as never), /^teacher\.resid is not an option/);
+    const n = 3;
+    typeError(() => adamwStep({ params: new Float32Array(n), grads: new Float32Array(n), m: new Float32Array(n), v: new Float32Array(n), step: 1, learningRate: 1 } as never), /^options\.learningRate is not an option/);
+    // Keys set to undefined are let through, and a correct call still runs.
+    expect(verifyChain({ ...chain, sampling: { temperature: 0, topK: undefined }, stream: undefined }).tokens.length).toBeGreaterThan(0);
+  });
+
+  it('read no getter: a getter on an option runs only when the binding reads it', () => {
+    const V = 4;
+    let reads = 0;
+    const o = { targetLogits: new Float32Array(2 * V), draftTokens: Int32Array.of(1), vocabSize: V, seed: 1 };
+    Object.defineProperty(o, 'sampling', { enumerable: true, get: () => (reads++, { temperature: 0 }) });
+    verifyChain(o as never);
+    expect(reads).toBe(1);
+  });
+});
+
+describe('contradictory and degenerate settings', () => {
+  it('prompt and tokens together are a TypeError', async () => {
+    await expect(dec.generate({ prompt: 'hi', tokens: [1, 2], maxTokens: 2 })).rejects.toThrow(/^give tokens or prompt, not both$/);
+    await expect(target.generate({ prompt: 'hi', tokens: [1, 2], maxTokens: 2 })).rejects.toThrow(/^give tokens or prompt, not both$/);
+  });
+
+  it('an empty stop string and out-of-range stop tokens are RangeErrors', async () => {
+    await expect(dec.generate({ prompt: 'hi', maxTokens: 2, stop: ['x', ''] })).rejects.toThrow(/^stop\[1\] is the empty string/);
+    const V = target.info.vocabSize;
+    for (const [bad, i] of [[[-1], 0], [[0, V], 1]] as const) {
+      await expect(dec.generate({ prompt: 'hi', maxTokens: 2, stopTokens: [...bad] })).rejects.toThrow(new RegExp(`^stopTokens\\[${i}\\] = -?\\d+ is out of range`));
+      await expect(target.generate({ prompt: 'hi', maxTokens: 2, stopTokens: [...bad] })).rejects.toThrow(RangeError);
+    }
+  });
+});
+
+describe('sampling values at the edges', () => {
+  it('a positive temperature that rounds to the float 0 is a RangeError, not greedy', async () => {
+    const V = 4;
+    const chain = { targetLogits: new Float32Array(V), draftTokens: new Int32Array(0), vocabSize: V, seed: 1 };
+    for (const temperature of [1e-46, 5e-324])
+      expect(() => verifyChain({ ...chain, sampling: { temperature } })).toThrow(
+        expect.objectContaining({ name: 'RangeError', message: expect.stringMatching(/^sampling\.temperature must be 0 \(greedy\) or at least 1\.1754944e-38, got/) }),
+      );
+    await expect(dec.generate({ prompt: 'hi', maxTokens: 2, sampling: { temperature: 1e-46 } })).rejects.toThrow(/temperature must be 0 \(greedy\) or at least/);
+  });
+
+  it('a sampled chain of no draft tokens needs no draftLogits', () => {
+    const V = 4;
+    const r = verifyChain({ targetLogits: Float32Array.of(0, 1, 2, 3), draftTokens: new Int32Array(0), vocabSize: V, sampling: { temperature: 1 }, seed: 1 });
+    expect(r.acceptedCount).toBe(0);
+    expect(r.tokens.length).toBe(1);
+  });
+});
+
+describe('seeds', () => {
+  it('a seed alone reproduces a sampled request; without one, requests draw independently', async () => {
+    const req = { prompt: 'The history of', maxTokens: 24, sampling: { temperature: 1 } };
+    const a = await dec.generate({ ...req, seed: 42 });
+    const b = await dec.generate({ ...req, seed: 42 });
+    expect(Array.from(b.tokens)).toEqual(Array.from(a.tokens));
+    // stream 0 is the seeded default: giving it changes nothing.
+    expect(Array.from((await dec.generate({ ...req, seed: 42, stream: 0 })).tokens)).toEqual(Array.from(a.tokens));
+    const unseeded = new Set<string>();
+    for (let i = 0; i < 4; i++) unseeded.add(Array.from((await dec.generate(req)).tokens).join());
+    expect(unseeded.size).toBeGreaterThan(1);
+  });
+});
+
+describe('prompts too long for the context', () => {
+  it('are refused before they are encoded', async () => {
+    const tk = target.tokenizer!;
+    const huge = 'word '.repeat(100_000);
+    const encode = vi.spyOn(tk, 'encode');
+    try {
+      await expect(dec.generate({ prompt: huge, maxTokens: 2 })).rejects.toThrow(/^the prompt \(at least \d+ tokens\) does not fit the context of \d+$/);
+      await expect(target.generate({ prompt: huge, maxTokens: 2 })).rejects.toThrow(RangeError);
+      expect(encode).not.toHaveBeenCalled();
+    } finally {
+      encode.mockRestore();
+    }
+  });
+
+  it('minTokens is a lower bound of the encoded length', () => {
+    const tk = target.tokenizer!;
+    const texts = ['', 'a', 'word '.repeat(3000), 'The quick brown fox. '.repeat(500), '日本語のテキスト😀 '.repeat(400), '\n\n\t  x'.repeat(2000)];
+    for (let i = 0; i < 30; i++) {
+      let s = '';
+      for (let j = 0; j < 3000; j++) s += String.fromCodePoint(j % 7 === 0 ? 0x1f600 + (j % 50) : 32 + ((i * 7919 + j * 31) % 95));
+      texts.push(s);
+    }
+    for (const t of texts) expect(tk.minTokens(t)).toBeLessThanOrEqual(tk.encode(t, { addBos: false }).length);
+  });
+});
+
+describe('copyModel', () => {
+  it('gives a separate model with the same weights (to keep a draft the online decoder would train)', async () => {
+    await using copy = await copyModel(draft);
+    expect(copy).not.toBe(draft);
+    const tokens = [1, 2, 3];
+    expect(Array.from(await copy.forward(tokens))).toEqual(Array.from(await draft.forward(tokens)));
+  });
+});
+
+describe('error codes', () => {
+  it("use after dispose, and work cut short by a disposal, reject with code 'OSD_DISPOSED'", async () => {
+    const m = await loadModel(defaultDraftPath);
+    const d = createSpeculativeDecoder({ target: m, draft: m });
+    const running = d.generate({ prompt: 'Once upon a time', maxTokens: 200 });
+    const cut = expect(running).rejects.toMatchObject({ code: 'OSD_DISPOSED', message: 'the decoder was disposed' });
+    await d.dispose();
+    await cut;
+    await expect(d.generate({ prompt: 'hi', maxTokens: 2 })).rejects.toMatchObject({ code: 'OSD_DISPOSED' });
+    await m.dispose();
+    await expect(m.generate({ prompt: 'hi', maxTokens: 2 })).rejects.toMatchObject({ code: 'OSD_DISPOSED', message: 'the model was disposed' });
+  });
+});

@@ -1,6 +1,8 @@
 // Options a server builds from JSON get no help from the types: a misspelt or snake_case key, a
 // contradictory or degenerate setting, or a prompt far too long for the context must be refused
 // with an error naming it, never ignored.
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import {
   adamwStep,
@@ -12,11 +14,15 @@ import {
   defaultTargetPath,
   distillLoss,
   loadModel,
+  loadTokenizer,
   verifyChain,
   verifyTree,
   type Model,
   type SpeculativeDecoder,
 } from '../lib/index.js';
+
+const VOCAB = join(import.meta.dirname, '../../shared/models/vocab');
+const SMOLLM2 = join(import.meta.dirname, '../../shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf');
 
 let target: Model;
 let draft: Model;
@@ -144,15 +150,22 @@ describe('prompts too long for the context', () => {
     }
   });
 
-  it('minTokens is a lower bound of the encoded length', () => {
-    const tk = target.tokenizer!;
+  it('minTokens is a lower bound of the encoded length (SentencePiece and byte-level BPE)', async () => {
+    const tokenizers = [target.tokenizer!];
+    if (existsSync(SMOLLM2)) tokenizers.push(await loadTokenizer(SMOLLM2));
+    // llama.cpp's tokenizer test strings (whitespace runs, emoji, several scripts).
+    const extra: string[] = [];
+    const inp = join(VOCAB, 'ggml-vocab-llama-spm.gguf.inp');
+    if (existsSync(inp)) extra.push(...readFileSync(inp, 'utf8').split('\n__ggml_vocab_test__\n'));
     const texts = ['', 'a', 'word '.repeat(3000), 'The quick brown fox. '.repeat(500), '日本語のテキスト😀 '.repeat(400), '\n\n\t  x'.repeat(2000)];
     for (let i = 0; i < 30; i++) {
       let s = '';
       for (let j = 0; j < 3000; j++) s += String.fromCodePoint(j % 7 === 0 ? 0x1f600 + (j % 50) : 32 + ((i * 7919 + j * 31) % 95));
       texts.push(s);
     }
-    for (const t of texts) expect(tk.minTokens(t)).toBeLessThanOrEqual(tk.encode(t, { addBos: false }).length);
+    texts.push(...extra, ...extra.map((t) => t.repeat(50)));
+    for (const tk of tokenizers)
+      for (const t of texts) expect(tk.minTokens(t)).toBeLessThanOrEqual(tk.encode(t, { addBos: false }).length);
   });
 });
 

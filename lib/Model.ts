@@ -52,6 +52,14 @@ export function toTokenArray(tokens: unknown, name = 'tokens'): Int32Array {
   return out;
 }
 
+/** toTokenArray, with every id in [0, vocabSize) (RangeError naming the entry otherwise). */
+export function checkTokenIds(tokens: unknown, name: string, vocabSize: number): Int32Array {
+  const t = toTokenArray(tokens, name);
+  for (let i = 0; i < t.length; i++)
+    if (t[i]! < 0 || t[i]! >= vocabSize) throw new RangeError(`${name}[${i}] = ${t[i]} is out of range for a vocabulary of ${vocabSize}`);
+  return t;
+}
+
 export interface ModelInfo {
   path: string;
   format: 'gguf' | 'llama2c';
@@ -350,11 +358,7 @@ export class Model {
     const prompt = this.#promptTokens(options);
     const maxTokens = checkInteger(options.maxTokens, 'maxTokens', 0);
     const sampling = options.sampling ?? { temperature: 0 };
-    const stopTokens = options.stopTokens === undefined ? this.eosTokens : toTokenArray(options.stopTokens, 'stopTokens');
-    for (let i = 0; i < stopTokens.length; i++)
-      if (stopTokens[i]! < 0 || stopTokens[i]! >= this.info.vocabSize)
-        throw new RangeError(`stopTokens[${i}] = ${stopTokens[i]} is out of range for a vocabulary of ${this.info.vocabSize}`);
-    const stop = new Set(stopTokens);
+    const stop = new Set(options.stopTokens === undefined ? this.eosTokens : checkTokenIds(options.stopTokens, 'stopTokens', this.info.vocabSize));
     checkCallback(options.onToken, 'onToken');
     const seq = this.createSequence();
     const out: number[] = [];

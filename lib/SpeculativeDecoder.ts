@@ -5,7 +5,7 @@ import { EventEmitter } from 'node:events';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { verifyChain, verifyTree } from './kernels.js';
 import { checkCallback, checkInteger, checkKeys, checkMisplacedSampling, checkPromptFits, checkSampling, disposedError } from './args.js';
-import { type Model, type Sequence, type StreamChunk, toTokenArray } from './Model.js';
+import { checkTokenIds, type Model, type Sequence, type StreamChunk, toTokenArray } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
 import { checkSignal, forwardAbort, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
@@ -326,7 +326,7 @@ export const generateKeys = ['tokens', 'prompt', 'maxTokens', 'sampling', 'seed'
 function normaliseStrategy(s: Strategy | undefined): Required<Strategy> & Strategy {
   const st = s ?? { kind: 'chain' };
   if (typeof st !== 'object' || st === null) throw new TypeError('strategy must be an object with a kind');
-  const keys = strategyKeys[st.kind as Strategy['kind']];
+  const keys = Object.hasOwn(strategyKeys, st.kind) ? strategyKeys[st.kind as Strategy['kind']] : undefined;
   if (keys) checkKeys(st, keys, `strategy (kind '${st.kind}')`);
   switch (st.kind) {
     case 'chain':
@@ -657,10 +657,9 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     if (emptyStop >= 0) throw new RangeError(`stop[${emptyStop}] is the empty string, which every text contains`);
     if (options.stop?.length && !this.target.tokenizer) throw new TypeError('stop strings need a target with a tokenizer');
     if (options.sampling !== undefined) checkSampling(options.sampling);
-    const stopTokens = options.stopTokens === undefined ? this.target.eosTokens : toTokenArray(options.stopTokens, 'stopTokens');
-    for (let i = 0; i < stopTokens.length; i++)
-      if (stopTokens[i]! < 0 || stopTokens[i]! >= this.vocabSize)
-        throw new RangeError(`stopTokens[${i}] = ${stopTokens[i]} is out of range for a vocabulary of ${this.vocabSize}`);
+    // The caller's stop tokens are checked against the target's vocabulary (the default, the
+    // target's end-of-sequence ids, may lie past the vocabulary it shares with the draft).
+    const stopTokens = options.stopTokens === undefined ? this.target.eosTokens : checkTokenIds(options.stopTokens, 'stopTokens', this.target.info.vocabSize);
     const id = this.#nextRequest++;
     // A seeded request is reproducible by default (stream 0); an unseeded one gets its own stream.
     let streamBase = options.seed !== undefined ? 0n : BigInt(id) & 0xffffffffn;

@@ -47,10 +47,11 @@ export const samplingKeys = ['temperature', 'topK', 'topP'] as const;
 
 /**
  * The error of a call on (or cut short by the disposal of) a disposed object: `code` is
- * 'OSD_DISPOSED', so callers can tell it from an abort or a bad argument without reading the text.
+ * 'OSD_DISPOSED' and `disposed` names the object ('decoder', 'model', ...), so callers can tell it
+ * from an abort or a bad argument without reading the text.
  */
 export function disposedError(what: string): Error {
-  return Object.assign(new Error(`the ${what} was disposed`), { code: 'OSD_DISPOSED' });
+  return Object.assign(new Error(`the ${what} was disposed`), { code: 'OSD_DISPOSED', disposed: what });
 }
 
 /** A value as error messages show it: strings quoted (so '4' is not read as 4), arrays bracketed. */

@@ -7,9 +7,9 @@
 // Generations queue for one of maxConcurrent decoding slots. A client that disconnects aborts its
 // generation (or leaves the queue), and its KV caches are freed. Errors are OpenAI-shaped JSON:
 // { error: { message, type, param, code } }.
-import { checkInteger, disposedError } from './args.js';
+import { checkInteger, checkKeys, disposedError } from './args.js';
 import type { ChatMessage } from './chatTemplate.js';
-import { randomInt, randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { basename, extname } from 'node:path';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
@@ -246,8 +246,6 @@ interface Job {
   maxTokens: number;
   sampling: SamplingOptions;
   seed: Seed;
-  /** The client chose the seed. */
-  seeded: boolean;
   stop: string[];
   signal: AbortSignal;
 }
@@ -334,19 +332,23 @@ function errorBody(e: HttpError): object {
   return { error: { message: e.message, type: e.type, param: e.param, code: e.code } };
 }
 
-/** Use after dispose, or work cut short by a disposal (the server is shutting down). */
-function isDisposed(e: unknown): boolean {
-  return (e as { code?: unknown } | null)?.code === 'OSD_DISPOSED';
+/**
+ * Work cut short by the decoder's disposal: the server is shutting down. (A model the embedder
+ * disposed under a running server is an internal error, not a shutdown.)
+ */
+function isShutdown(e: unknown): boolean {
+  const d = e as { code?: unknown; disposed?: unknown } | null;
+  return d?.code === 'OSD_DISPOSED' && d.disposed === 'decoder';
 }
 
 function isAbort(e: unknown): boolean {
-  return e instanceof Error && (e.name === 'AbortError' || isDisposed(e));
+  return e instanceof Error && (e.name === 'AbortError' || isShutdown(e));
 }
 
 /** Maps a failure to an HttpError (the decoder's argument errors are the client's fault). */
 function toHttpError(e: unknown): HttpError {
   if (e instanceof HttpError) return e;
-  if (isDisposed(e)) return new HttpError(503, 'the server is shutting down', null, 'shutting_down', 'overloaded_error');
+  if (isShutdown(e)) return new HttpError(503, 'the server is shutting down', null, 'shutting_down', 'overloaded_error');
   if (e instanceof RangeError || e instanceof TypeError) {
     const ctx = /does not fit the context/.test(e.message);
     return new HttpError(400, e.message, null, ctx ? 'context_length_exceeded' : 'invalid_value');
@@ -357,8 +359,11 @@ function toHttpError(e: unknown): HttpError {
 // ---------------------------------------------------------------- the server
 
 /** Creates the request handler of an OpenAI-compatible server over a target and a draft. */
+const serverKeys = ['target', 'draft', 'online', 'strategy', 'maxConcurrent', 'maxQueued', 'modelId', 'draftName', 'defaultMaxTokens', 'maxBodyBytes', 'registry', 'metricsPrefix', 'defaultMetrics'];
+
 export function createServer(options: ServerOptions): OsdRequestHandler {
   if (!isObject(options)) throw new TypeError('options must be an object');
+  checkKeys(options, serverKeys);
   const { target, draft } = options;
   if (!target || typeof target.createSequence !== 'function') throw new TypeError('target must be a loaded Model');
   if (!draft || typeof draft.createSequence !== 'function') throw new TypeError('draft must be a loaded Model');
@@ -602,10 +607,12 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     const sampling: SamplingOptions = topP === 0 ? { temperature: 0 } : { temperature, topP };
     let seed: Seed;
     const s = body.seed;
-    if (s === undefined || s === null) seed = randomInt(2 ** 32);
+    // Without a seed, a random 64-bit one: a seed samples with stream 0, so two requests share their
+    // draws only when their seeds collide.
+    if (s === undefined || s === null) seed = randomBytes(8).readBigUInt64LE();
     else if (typeof s !== 'number' || !Number.isSafeInteger(s)) throw new HttpError(400, `seed must be an integer, got ${JSON.stringify(s)}`, 'seed', 'invalid_value');
     else seed = s >= 0 ? s : BigInt.asUintN(64, BigInt(s));
-    return { maxTokens, sampling, seed, seeded: s !== undefined && s !== null };
+    return { maxTokens, sampling, seed };
   }
 
   function checkModel(body: Record<string, unknown>): void {
@@ -621,8 +628,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   }
 
   async function* decode(job: Job, out: { completionTokens: number; finish: Finish }, filter: StopFilter): AsyncGenerator<string, void, void> {
-    // `stream` (the Philox stream base, by default the decoder's request id) makes a seeded request
-    // reproducible with a fixed draft; decoders without the option ignore it.
+    // A seed samples with Philox stream 0, so a seeded request is reproducible with a fixed draft.
     const it = decoder.stream({
       tokens: job.tokens,
       maxTokens: job.maxTokens,
@@ -630,7 +636,6 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       seed: job.seed,
       stop: job.stop,
       signal: job.signal,
-      ...(job.seeded ? { stream: 0 } : {}),
     } as SpeculativeGenerateOptions);
     let done = false;
     try {
@@ -813,14 +818,11 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     let rendered: ReturnType<typeof renderChat>;
     let t: Int32Array;
     try {
-      // Messages too long for the context are refused before any of them is encoded.
-      const tk = target.tokenizer;
-      if (tk) {
-        let least = 0;
-        for (const m of messages) if (typeof m.content === 'string' && m.content.length >= 2 * context) least += tk.minTokens(m.content);
-        checkLength(least, 'messages', 'at least ');
-      }
       rendered = renderChat(target, messages);
+      // A rendered prompt too long for the context is refused before anything is encoded (the
+      // template may trim or drop messages, so the bound is taken on what it rendered).
+      const tk = target.tokenizer;
+      if (tk && rendered.prompt.length >= 2 * context) checkLength(tk.minTokens(rendered.prompt), 'messages', 'at least ');
       // The template's prompt is tokenized with its special tokens parsed, so markup such as
       // "<|im_end|>" typed into a message would become a control token (a user could forge a system
       // turn): message text that holds a special token's text is refused.

@@ -15,9 +15,10 @@ import {
   distillLoss,
   loadModel,
   loadTokenizer,
+  Model,
+  Tokenizer,
   verifyChain,
   verifyTree,
-  type Model,
   type SpeculativeDecoder,
 } from '../lib/index.js';
 
@@ -189,5 +190,34 @@ describe('error codes', () => {
     await expect(d.generate({ prompt: 'hi', maxTokens: 2 })).rejects.toMatchObject({ code: 'OSD_DISPOSED' });
     await m.dispose();
     await expect(m.generate({ prompt: 'hi', maxTokens: 2 })).rejects.toMatchObject({ code: 'OSD_DISPOSED', message: 'the model was disposed' });
+  });
+});
+
+describe('stop tokens past the shared vocabulary', () => {
+  it("the target's end-of-sequence id may lie past the vocabulary it shares with the draft", async () => {
+    // A draft whose tokenizer stops just before the target's EOS (a chat fine-tune's added token).
+    const tk = target.tokenizer!;
+    const n = tk.eos;
+    const draftTk = Tokenizer.fromVocab({
+      model: tk.model,
+      tokens: Array.from({ length: n }, (_, i) => tk.tokenText(i)),
+      tokenTypes: Array.from({ length: n }, () => 1),
+      bos: tk.bos < n ? tk.bos : -1,
+      eos: -1,
+      unk: tk.unk < n ? tk.unk : -1,
+      addBos: false,
+    } as never);
+    const small = new (Model as unknown as new (h: unknown, t: Tokenizer) => Model)((draft as unknown as { handle: unknown }).handle, draftTk);
+    const d = createSpeculativeDecoder({ target, draft: small });
+    try {
+      expect(d.vocabSize).toBe(n);
+      const r = await d.generate({ prompt: 'Once upon a time', maxTokens: 8 });
+      expect(r.tokens.length).toBeGreaterThan(0);
+      // The caller's stop tokens are checked against the target's vocabulary.
+      await expect(d.generate({ prompt: 'hi', maxTokens: 2, stopTokens: [tk.eos] })).resolves.toBeDefined();
+      await expect(d.generate({ prompt: 'hi', maxTokens: 2, stopTokens: [target.info.vocabSize] })).rejects.toThrow(RangeError);
+    } finally {
+      await d.dispose();
+    }
   });
 });

@@ -250,6 +250,7 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     // or metrics prefix failed inside prom-client.
     expect(() => createServer({ target, draft, online: true as never })).toThrow(new TypeError('online must be an object (distillation settings) or false'));
     expect(() => createServer({ target, draft, modelId: 5 as never })).toThrow(new TypeError('modelId must be a non-empty string'));
+    expect(() => createServer({ target, draft, max_concurrent: 8 } as never)).toThrow(/^options\.max_concurrent is not an option \(did you mean maxConcurrent\?\)/);
     expect(() => createServer({ target, draft, registry: {} as never })).toThrow(new TypeError('registry must be a prom-client Registry'));
     expect(() => createServer({ target, draft, metricsPrefix: 'bad prefix!' })).toThrow(/^metricsPrefix must be a Prometheus metric name prefix/);
   });

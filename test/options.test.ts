@@ -59,6 +59,7 @@ describe('unknown option keys', () => {
     typeError(() => createSpeculativeDecoder({ target, draft, strategy: { kind: 'chain', lenght: 8 } } as never), /^strategy \(kind 'chain'\)\.lenght is not an option; the options are: kind, length$/);
     typeError(() => createSpeculativeDecoder({ target, draft, strategy: { kind: 'tree', depth: 3 } } as never), /\.depth is not an option; the options are: kind, budget, maxDepth/);
     typeError(() => createOnlineDecoder({ target, draft, distil: { lr: 1 } } as never), /^options\.distil is not an option/);
+    expect(() => createSpeculativeDecoder({ target, draft, strategy: { kind: 'toString' } } as never)).toThrow(new RangeError("strategy.kind must be 'chain', 'tree', 'adaptive' or 'ngram', got 'toString'"));
     typeError(() => createDraftPool({ target, drafts: { a: draft }, route: 'ucb' } as never), /^options\.route is not an option/);
     await expect(loadModel(defaultDraftPath, { thread: 2 } as never)).rejects.toThrow(/^options\.thread is not an option; the options are: threads, signal, onProgress$/);
   });

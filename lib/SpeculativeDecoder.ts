@@ -5,7 +5,7 @@ import { EventEmitter } from 'node:events';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { verifyChain, verifyTree } from './kernels.js';
 import { checkCallback, checkInteger, checkKeys, checkMisplacedSampling, checkPromptFits, checkSampling, disposedError } from './args.js';
-import { checkTokenIds, type Model, type Sequence, type StreamChunk, toTokenArray } from './Model.js';
+import { checkTokenIds, type Model, type Sequence, type StreamChunk } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
 import { checkSignal, forwardAbort, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
@@ -321,7 +321,7 @@ const strategyKeys: Record<Strategy['kind'], readonly string[]> = {
 const decoderKeys = ['target', 'draft', 'strategy', 'sampling', 'maxConcurrent', 'onVerified', 'weightSwap', '_fault'];
 
 /** The keys of SpeculativeGenerateOptions. */
-export const generateKeys = ['tokens', 'prompt', 'maxTokens', 'sampling', 'seed', 'stream', 'signal', 'stop', 'stopTokens', 'onStart', 'onStats'];
+const generateKeys = ['tokens', 'prompt', 'maxTokens', 'sampling', 'seed', 'stream', 'signal', 'stop', 'stopTokens', 'onStart', 'onStats'];
 
 function normaliseStrategy(s: Strategy | undefined): Required<Strategy> & Strategy {
   const st = s ?? { kind: 'chain' };
@@ -620,11 +620,8 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   #promptTokens(options: SpeculativeGenerateOptions): Int32Array {
     if (options.tokens !== undefined && options.prompt !== undefined) throw new TypeError('give tokens or prompt, not both');
     if (options.tokens !== undefined) {
-      const t = toTokenArray(options.tokens);
+      const t = checkTokenIds(options.tokens, 'tokens', this.vocabSize);
       if (t.length === 0) throw new RangeError('tokens must not be empty');
-      for (let i = 0; i < t.length; i++)
-        if (t[i]! < 0 || t[i]! >= this.vocabSize)
-          throw new RangeError(`tokens[${i}] = ${t[i]} is out of range for a vocabulary of ${this.vocabSize}`);
       return t;
     }
     if (options.prompt !== undefined) {

@@ -280,7 +280,8 @@ export class Model {
 
   /** A new sequence with its own KV cache. contextSize defaults to (and is capped at) the model's context length. */
   createSequence(options: { contextSize?: number } = {}): Sequence {
-    const { contextSize } = checkOptions(options)!;
+    checkKeys(checkOptions(options)!, ['contextSize']);
+    const { contextSize } = options;
     if (contextSize !== undefined) checkInteger(contextSize, 'contextSize', 1);
     const seq = new Sequence(this, new native.NativeSequence(this.handle, contextSize ?? 0));
     this.#sequences.add(seq);
@@ -331,7 +332,7 @@ export class Model {
    */
   async save(path: string, options: { type?: StoreType | 'keep' } = {}): Promise<void> {
     if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
-    checkOptions(options);
+    checkKeys(checkOptions(options)!, ['type']);
     if (options.type !== undefined && options.type !== 'keep' && !isStoreType(options.type))
       throw new RangeError(`type must be 'keep' or one of ${STORE_TYPES.join(', ')}, got ${String(options.type)}`);
     await native.saveModel(this.handle, path, options);
@@ -411,6 +412,7 @@ export class Model {
     if (!Array.isArray(messages)) throw new TypeError('messages must be an array of { role, content }');
     if (messages.length === 0) throw new RangeError('messages must not be empty');
     if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
+    checkKeys(options, ['template', 'tokenize', 'addGenerationPrompt', 'bosToken', 'eosToken', 'tools', 'variables']);
     const { template: override, tokenize = false, ...rest } = options;
     if (override !== undefined && (typeof override !== 'string' || override.length === 0))
       throw new TypeError('options.template must be a non-empty string');
@@ -578,7 +580,7 @@ export class Sequence {
   async evaluate(tokens: Int32Array | number[], options: EvaluateOptions = {}): Promise<Float32Array> {
     const handle = this.#get();
     const t = ownTokens(tokens); // read now: the call may start after the caller changed the array
-    checkOptions(options);
+    checkKeys(checkOptions(options)!, ['treeParents', 'lastOnly', 'signal']);
     if (options.lastOnly !== undefined && typeof options.lastOnly !== 'boolean') throw new TypeError('options.lastOnly must be a boolean');
     const signal = checkSignal(options.signal, 'options.signal');
     const lastOnly = options.lastOnly ?? false;
@@ -622,6 +624,7 @@ export class Sequence {
     const t = ownTokens(tokens); // read now: the call may start after the caller changed the array
     if (t.length === 0) throw new RangeError('tokens must not be empty');
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    checkKeys(options, ['count', 'sampling', 'seed', 'stream', 'position', 'positions', 'vocabSize', 'signal']);
     const { count, vocabSize, position, positions } = options;
     checkInteger(count, 'options.count', 1);
     const vm = this.model.info.vocabSize;

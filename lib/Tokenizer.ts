@@ -2,7 +2,7 @@
 // `tokenizer.ggml.model = "llama"`, byte-level BPE for `"gpt2"`, with llama.cpp's semantics.
 // The work happens in the native addon; this file types it and checks arguments.
 import { addon } from './addon.js';
-import { checkOptions } from './args.js';
+import { checkKeys, checkOptions } from './args.js';
 
 /** Values of `tokenizer.ggml.token_type`. */
 export const TokenType = {
@@ -210,14 +210,14 @@ export class Tokenizer {
 
   encode(text: string, options: EncodeOptions = {}): Int32Array {
     if (typeof text !== 'string') throw new TypeError('text must be a string');
-    checkOptions(options);
+    checkKeys(checkOptions(options)!, ['addBos', 'addEos', 'special']);
     const { addBos = this.addBos, addEos = false, special = false } = options;
     return this.#native.encode(text, addBos, special, addEos);
   }
 
   /** Decodes token ids to text; an id out of range is a RangeError naming `tokens[i]`. */
   decode(tokens: TokenIds, options: DecodeOptions = {}): string {
-    checkOptions(options);
+    checkKeys(checkOptions(options)!, ['special', 'stripSpacePrefix']);
     const { special = false, stripSpacePrefix = true } = options;
     return this.#native.decode(toInt32Array(tokens, this.vocabSize), special, stripSpacePrefix);
   }
@@ -261,7 +261,7 @@ export class TokenStreamDecoder {
 
   constructor(tokenizer: Tokenizer, options: StreamDecoderOptions = {}) {
     if (!(tokenizer instanceof Tokenizer)) throw new TypeError('tokenizer must be a Tokenizer');
-    checkOptions(options);
+    checkKeys(checkOptions(options)!, ['special', 'stripSpacePrefix']);
     const { special = false, stripSpacePrefix = false } = options;
     this.#native = new native.TokenizerStreamDecoder(tokenizer.native as NativeTokenizer, special, stripSpacePrefix);
     this.#vocabSize = tokenizer.vocabSize;

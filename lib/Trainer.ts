@@ -1,7 +1,7 @@
 // Training a model on the CPU: steps run off the event loop on an owned f32 copy of the weights;
 // snapshot() turns the current weights into a model that can be swapped into a running one.
 import { addon } from './addon.js';
-import { checkInteger, disposedError } from './args.js';
+import { checkInteger, checkKeys, checkOptions, disposedError } from './args.js';
 import type { Seed } from './addonTypes.js';
 import { Model, readTextTools } from './Model.js';
 import type { Tokenizer } from './Tokenizer.js';
@@ -55,6 +55,8 @@ export interface TrainerOptions {
   headChunk?: number;
 }
 
+const trainerKeys = ['lr', 'warmupSteps', 'schedule', 'totalSteps', 'minLr', 'beta1', 'beta2', 'eps', 'weightDecay', 'clipNorm', 'headChunk'];
+
 /** B sequences of T tokens, each from position 0. Give targets (cross-entropy) or a teacher (distillation). */
 export interface TrainBatch {
   tokens: Int32Array;
@@ -102,6 +104,7 @@ export async function createTrainer(
   source: Model | { config: NewModelConfig; seed?: Seed; initStd?: number },
   options: TrainerOptions = {},
 ): Promise<Trainer> {
+  checkKeys(checkOptions(options)!, trainerKeys);
   if (source instanceof Model) return new Trainer(await native.createTrainer(source.handle, options), source);
   if (typeof source !== 'object' || source === null || typeof source.config !== 'object')
     throw new TypeError('source must be a Model or { config, seed? }');

@@ -10,6 +10,7 @@ import {
   createDraftPool,
   createOnlineDecoder,
   createSpeculativeDecoder,
+  createTrainer,
   defaultDraftPath,
   defaultTargetPath,
   distillLoss,
@@ -62,6 +63,23 @@ describe('unknown option keys', () => {
     expect(() => createSpeculativeDecoder({ target, draft, strategy: { kind: 'toString' } } as never)).toThrow(new RangeError("strategy.kind must be 'chain', 'tree', 'adaptive' or 'ngram', got 'toString'"));
     typeError(() => createDraftPool({ target, drafts: { a: draft }, route: 'ucb' } as never), /^options\.route is not an option/);
     await expect(loadModel(defaultDraftPath, { thread: 2 } as never)).rejects.toThrow(/^options\.thread is not an option; the options are: threads, signal, onProgress$/);
+  });
+
+  it('are refused by the tokenizer, sequences, save, chat templates and the trainer', async () => {
+    const tk = target.tokenizer!;
+    typeError(() => tk.encode('hi', { add_bos: false } as never), /^options\.add_bos is not an option \(did you mean addBos\?\)/);
+    typeError(() => tk.decode([1, 2], { strip_space_prefix: true } as never), /^options\.strip_space_prefix is not an option/);
+    typeError(() => target.createSequence({ context_size: 8 } as never), /^options\.context_size is not an option \(did you mean contextSize\?\)/);
+    const seq = target.createSequence();
+    try {
+      await expect(seq.evaluate([1], { last_only: true } as never)).rejects.toThrow(/^options\.last_only is not an option \(did you mean lastOnly\?\)/);
+      await expect(seq.draft([1], { count: 1, cnt: 2 } as never)).rejects.toThrow(/^options\.cnt is not an option/);
+    } finally {
+      await seq.dispose();
+    }
+    await expect(draft.save('/tmp/never-written.gguf', { Type: 'F16' } as never)).rejects.toThrow(/^options\.Type is not an option; the options are: type$/);
+    typeError(() => target.applyChatTemplate([{ role: 'user', content: 'hi' }], { template: '{{ messages[0].content }}', add_generation_prompt: true } as never), /^options\.add_generation_prompt is not an option \(did you mean addGenerationPrompt\?\)/);
+    await expect(createTrainer(draft, { learning_rate: 1 } as never)).rejects.toThrow(/^options\.learning_rate is not an option/);
   });
 
   it('are refused by the kernels too, in their sampling and sparse teacher as well', () => {

@@ -23,13 +23,17 @@ export function checkKeys(o: object, allowed: readonly string[], name = 'options
 }
 
 /**
- * Refuses (RangeError) a prompt text that cannot fit a context of `context` tokens, before it is
- * encoded (a megabyte of text takes the event loop about 90 ms to encode). Texts shorter than
- * twice the context are let through without a look at the vocabulary.
+ * A lower bound on the tokens of a prompt text, for refusing one that cannot fit a context before
+ * it is encoded (a megabyte of text takes the event loop about 90 ms to encode): 0 for texts
+ * shorter than twice the context, which could fit whatever the vocabulary, else tk.minTokens.
  */
+export function leastTokens(tk: { minTokens(text: string): number }, text: string, context: number): number {
+  return text.length < 2 * context ? 0 : tk.minTokens(text);
+}
+
+/** Refuses (RangeError) a prompt text that cannot fit a context of `context` tokens, unencoded. */
 export function checkPromptFits(tk: { minTokens(text: string): number }, text: string, context: number, name = 'prompt'): void {
-  if (text.length < 2 * context) return;
-  const n = tk.minTokens(text);
+  const n = leastTokens(tk, text, context);
   if (n >= context) throw new RangeError(`the ${name} (at least ${n} tokens) does not fit the context of ${context}`);
 }
 

@@ -7,7 +7,7 @@
 // Generations queue for one of maxConcurrent decoding slots. A client that disconnects aborts its
 // generation (or leaves the queue), and its KV caches are freed. Errors are OpenAI-shaped JSON:
 // { error: { message, type, param, code } }.
-import { checkInteger, checkKeys, disposedError } from './args.js';
+import { checkInteger, checkKeys, disposedError, leastTokens } from './args.js';
 import type { ChatMessage } from './chatTemplate.js';
 import { randomBytes, randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
@@ -549,7 +549,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
 
   function promptTokens(prompt: string, special: boolean): Int32Array {
     if (!tk) throw new HttpError(400, 'this model has no tokenizer: send the prompt as an array of token ids', 'prompt', 'invalid_value');
-    checkLength(prompt.length >= 2 * context ? tk.minTokens(prompt) : 0, 'prompt', 'at least ');
+    checkLength(leastTokens(tk, prompt, context), 'prompt', 'at least ');
     return tk.encode(prompt, { addBos: tk.addBos, special });
   }
 
@@ -822,7 +822,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       // A rendered prompt too long for the context is refused before anything is encoded (the
       // template may trim or drop messages, so the bound is taken on what it rendered).
       const tk = target.tokenizer;
-      if (tk && rendered.prompt.length >= 2 * context) checkLength(tk.minTokens(rendered.prompt), 'messages', 'at least ');
+      if (tk) checkLength(leastTokens(tk, rendered.prompt, context), 'messages', 'at least ');
       // The template's prompt is tokenized with its special tokens parsed, so markup such as
       // "<|im_end|>" typed into a message would become a control token (a user could forge a system
       // turn): message text that holds a special token's text is refused.

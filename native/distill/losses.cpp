@@ -69,24 +69,29 @@ void validate_distill(const DistillInput& in) {
 namespace {
 
 // Max of a row and whether any entry is not finite (distillation needs finite log-probabilities).
-OSD_CLONES float finite_max(const float* x, int32_t n, bool* bad) {
-  f32x8 m0 = splat8(-std::numeric_limits<float>::max()), m1 = m0;
-  f32x8 z0 = {}, z1 = {};  // sums of x - x: 0 while every entry is finite, NaN after an Infinity or NaN
+template <class V> OSD_SIMD_INLINE float finite_max_v(const float* x, int32_t n, bool* bad) {
+  constexpr int L = kLanes<V>;
+  V m0 = splat<V>(-std::numeric_limits<float>::max()), m1 = m0;
+  V z0 = {}, z1 = {};  // sums of x - x: 0 while every entry is finite, NaN after an Infinity or NaN
   int32_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const f32x8 x0 = load8(x + j), x1 = load8(x + j + 8);
-    m0 = max8(m0, x0);
-    m1 = max8(m1, x1);
+  for (; j + 2 * L <= n; j += 2 * L) {
+    const V x0 = vload<V>(x + j), x1 = vload<V>(x + j + L);
+    m0 = vmax(m0, x0);
+    m1 = vmax(m1, x1);
     z0 += x0 - x0;
     z1 += x1 - x1;
   }
+  m0 = vmax(m0, m1);
+  z0 += z1;
   float mm = -std::numeric_limits<float>::max();
   bool b = false;
-  for (int k = 0; k < 8; ++k) mm = m0[k] > mm ? m0[k] : mm, mm = m1[k] > mm ? m1[k] : mm, b |= z0[k] + z1[k] != 0.0f;
+  for (int k = 0; k < L; ++k) mm = m0[k] > mm ? m0[k] : mm, b |= z0[k] != 0.0f;
   for (; j < n; ++j) mm = x[j] > mm ? x[j] : mm, b |= !(std::fabs(x[j]) <= std::numeric_limits<float>::max());
   *bad = b;
   return mm;
 }
+
+OSD_CLONES float finite_max(const float* x, int32_t n, bool* bad) { return OSD_SIMD_WIDTH(finite_max_v, x, n, bad); }
 
 OSD_CLONES double sum_exp_scaled(const float* x, int32_t n, float max, float inv_t) {
   constexpr int L = 16;
@@ -309,67 +314,70 @@ OSD_CLONES double distill_row(const DistillInput& in, int32_t r, float scale, fl
 
 namespace {
 
-// Eight entries of fkl_teacher_groups.
-template <bool kUnitT, bool kStore>
-OSD_SIMD_INLINE void fkl_teacher_step(const float* t, const float* s, const f32x8& vbt, const f32x8& vbs,
-                                      const f32x8& vit, float* et, f32x8& a, f32x8& d) {
-  const f32x8 tt = load8(t) - vbt, dd = tt - (load8(s) - vbs);
-  const f32x8 e = exp_approx8(kUnitT ? tt : tt * vit);
-  if (kStore) store8(et, e);
-  a += e;
-  d += e * (kUnitT ? dd : dd * vit);
-}
-
-// The whole 32-entry groups of fkl_teacher_block (kUnitT: temperature 1, no multiply by 1). The
-// eight sums are spelled out so that they stay in registers (as in block_exp_sum).
-template <bool kUnitT, bool kStore>
+// The whole 32-entry groups of fkl_teacher_block (kUnitT: temperature 1, no multiply by 1), the
+// loop over a group's vectors unrolled so that the sums stay in registers (as in block_exp_sum).
+template <class V, bool kUnitT, bool kStore>
 OSD_SIMD_INLINE int32_t fkl_teacher_groups(const float* t, const float* s, int32_t n, float bt, float bs, float it,
-                                           float* et, f32x8* a, f32x8* d) {
-  const f32x8 vbt = splat8(bt), vbs = splat8(bs), vit = splat8(it);
-  f32x8 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
+                                           float* et, Lanes32<V>& a, Lanes32<V>& d) {
+  constexpr int L = kLanes<V>;
+  const V vbt = splat<V>(bt), vbs = splat<V>(bs), vit = splat<V>(it);
   int32_t j = 0;
   for (; j + kStatLanes <= n; j += kStatLanes) {
     __builtin_prefetch(t + j + kStatBlock);  // the next block, as in block_exp_sum
     __builtin_prefetch(t + j + kStatBlock + 16);
-    fkl_teacher_step<kUnitT, kStore>(t + j, s + j, vbt, vbs, vit, et + j, a0, d0);
-    fkl_teacher_step<kUnitT, kStore>(t + j + 8, s + j + 8, vbt, vbs, vit, et + j + 8, a1, d1);
-    fkl_teacher_step<kUnitT, kStore>(t + j + 16, s + j + 16, vbt, vbs, vit, et + j + 16, a2, d2);
-    fkl_teacher_step<kUnitT, kStore>(t + j + 24, s + j + 24, vbt, vbs, vit, et + j + 24, a3, d3);
+#pragma GCC unroll 4
+    for (int v = 0; v < kStatLanes / L; ++v) {
+      const V tt = vload<V>(t + j + v * L) - vbt, dd = tt - (vload<V>(s + j + v * L) - vbs);
+      const V e = vexp(kUnitT ? tt : tt * vit);
+      if (kStore) vstore(et + j + v * L, e);
+      a.v[v] += e;
+      d.v[v] += e * (kUnitT ? dd : dd * vit);
+    }
   }
-  a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, d[0] = d0, d[1] = d1, d[2] = d2, d[3] = d3;
   return j;
 }
 
-// One teacher block of forward KL: et_j = exp_approx((t_j - bt) * it), stored in et when not null;
-// *st = lane_sum(et) and *dsum = lane_sum(et_j * d_j), d_j = ((t_j - bt) - (s_j - bs)) * it.
-OSD_CLONES void fkl_teacher_block(const float* t, const float* s, int32_t n, float bt, float bs, float it, float* et,
-                                  float* st, float* dsum) {
-  f32x8 a[4] = {}, d[4] = {};
+template <class V>
+OSD_SIMD_INLINE void fkl_teacher_block_v(const float* t, const float* s, int32_t n, float bt, float bs, float it,
+                                         float* et, float* st, float* dsum) {
+  Lanes32<V> a, d;
   const bool unit = it == 1.0f;
-  int32_t j = et ? (unit ? fkl_teacher_groups<true, true>(t, s, n, bt, bs, it, et, a, d)
-                         : fkl_teacher_groups<false, true>(t, s, n, bt, bs, it, et, a, d))
-                 : (unit ? fkl_teacher_groups<true, false>(t, s, n, bt, bs, it, et, a, d)
-                         : fkl_teacher_groups<false, false>(t, s, n, bt, bs, it, et, a, d));
+  int32_t j = et ? (unit ? fkl_teacher_groups<V, true, true>(t, s, n, bt, bs, it, et, a, d)
+                         : fkl_teacher_groups<V, false, true>(t, s, n, bt, bs, it, et, a, d))
+                 : (unit ? fkl_teacher_groups<V, true, false>(t, s, n, bt, bs, it, et, a, d)
+                         : fkl_teacher_groups<V, false, false>(t, s, n, bt, bs, it, et, a, d));
   float la[kStatLanes], ld[kStatLanes];
-  for (int v = 0; v < 4; ++v) store8(la + 8 * v, a[v]), store8(ld + 8 * v, d[v]);
+  a.spill(la);
+  d.spill(ld);
   for (; j < n; ++j) {
     const float tt = t[j] - bt, e = exp_approx(tt * it);
     if (et) et[j] = e;
     la[j % kStatLanes] += e;
     ld[j % kStatLanes] += e * ((tt - (s[j] - bs)) * it);
   }
-  for (int w = kStatLanes / 2; w >= 1; w /= 2)
-    for (int k = 0; k < w; ++k) la[k] += la[k + w], ld[k] += ld[k + w];
-  *st = la[0];
-  *dsum = ld[0];
+  *st = fold_lanes32(la);
+  *dsum = fold_lanes32(ld);
+}
+
+// One teacher block of forward KL: et_j = exp_approx((t_j - bt) * it), stored in et when not null;
+// *st = lane_sum(et) and *dsum = lane_sum(et_j * d_j), d_j = ((t_j - bt) - (s_j - bs)) * it.
+OSD_CLONES void fkl_teacher_block(const float* t, const float* s, int32_t n, float bt, float bs, float it, float* et,
+                                  float* st, float* dsum) {
+  OSD_SIMD_WIDTH(fkl_teacher_block_v, t, s, n, bt, bs, it, et, st, dsum);
 }
 
 // grad_j = gscale * (q_j - p_j) with q_j = es_j * qs (es_j read from grad) and p_j = et_j * qt.
-OSD_CLONES void fkl_grad_block(float* grad, const float* et, int32_t n, float qs, float qt, float gscale) {
-  const f32x8 vqs = splat8(qs), vqt = splat8(qt), vg = splat8(gscale);
+template <class V>
+OSD_SIMD_INLINE void fkl_grad_block_v(float* grad, const float* et, int32_t n, float qs, float qt, float gscale) {
+  constexpr int L = kLanes<V>;
+  const V vqs = splat<V>(qs), vqt = splat<V>(qt), vg = splat<V>(gscale);
   int32_t j = 0;
-  for (; j + 8 <= n; j += 8) store8(grad + j, vg * (load8(grad + j) * vqs - load8(et + j) * vqt));
+  for (; j + L <= n; j += L) vstore(grad + j, vg * (vload<V>(grad + j) * vqs - vload<V>(et + j) * vqt));
   for (; j < n; ++j) grad[j] = gscale * (grad[j] * qs - et[j] * qt);
+}
+
+OSD_CLONES void fkl_grad_block(float* grad, const float* et, int32_t n, float qs, float qt, float gscale) {
+  OSD_SIMD_WIDTH(fkl_grad_block_v, grad, et, n, qs, qt, gscale);
 }
 
 // Pass 1's per-block statistics of a student / teacher row pair, shared by the blocked losses:
@@ -478,85 +486,94 @@ struct DivRow {
   float ms, mt, it, ls, lt, c, floor, beta;  // ls, lt: float(log z); c = float(log zs - log zt)
 };
 
-// Eight entries: g_j = dL/dq_j and the loss terms, from the logits and the blocks' exp terms.
-template <DistillKind kKind>
-OSD_SIMD_INLINE void div_lanes(const f32x8& s, const f32x8& t, const f32x8& es, const f32x8& et, const DivRow& r,
-                               float fq, float fp, f32x8& g, f32x8& l) {
-  const f32x8 a = (s - splat8(r.ms)) * splat8(r.it), b = (t - splat8(r.mt)) * splat8(r.it);
-  const f32x8 q = es * splat8(fq), p = et * splat8(fp);
-  const f32x8 d = (a - b) - splat8(r.c);  // log q - log p, without the cancellation of two logs
+// One vector of entries: g_j = dL/dq_j and the loss terms, from the logits and the blocks' exp terms.
+template <class V, DistillKind kKind>
+OSD_SIMD_INLINE void div_lanes(const V& s, const V& t, const V& es, const V& et, const DivRow& r, float fq, float fp,
+                               V& g, V& l) {
+  const V a = (s - splat<V>(r.ms)) * splat<V>(r.it), b = (t - splat<V>(r.mt)) * splat<V>(r.it);
+  const V q = es * splat<V>(fq), p = et * splat<V>(fp);
+  const V d = (a - b) - splat<V>(r.c);  // log q - log p, without the cancellation of two logs
   if (kKind == DistillKind::ReverseKL) {
     // A teacher log-probability below log(1e-12) counts as log(1e-12), as in bin_term.
-    g = b - splat8(r.lt) >= splat8(r.floor) ? d : (a - splat8(r.ls)) - splat8(r.floor);
+    g = b - splat<V>(r.lt) >= splat<V>(r.floor) ? d : (a - splat<V>(r.ls)) - splat<V>(r.floor);
     l = q * g;
   } else if (kKind == DistillKind::TVD) {
-    g = d > f32x8{} ? splat8(0.5f) : d < f32x8{} ? splat8(-0.5f) : f32x8{};
-    const f32x8 pq = p - q;
-    l = splat8(0.5f) * (pq > f32x8{} ? pq : -pq);
+    g = d > V{} ? splat<V>(0.5f) : d < V{} ? splat<V>(-0.5f) : V{};
+    const V pq = p - q;
+    l = splat<V>(0.5f) * (pq > V{} ? pq : -pq);
   } else {
     // log m = log(beta p + (1 - beta) q) relative to the larger side, e = exp(-|d|) in (0, 1]:
     // when d >= 0, A = log q - log m = -log(beta e + 1 - beta) and B = log p - log m = A - d;
     // otherwise B = -log(beta + (1 - beta) e) and A = B + d. The log's argument stays in
     // [min(beta, 1 - beta), 1]; the side that adds d is the one whose mass is smaller by e^-|d|, so
     // its rounding (ulp(d) for logits of 1e4) is multiplied away.
-    const f32x8 beta = splat8(r.beta), beta1 = splat8(1.0f - r.beta);
-    const i32x8 pos = d >= f32x8{};
-    const f32x8 e = exp_approx8(pos ? -d : d);
-    const f32x8 lg = -log_approx8(pos ? beta * e + beta1 : beta + beta1 * e);
-    const f32x8 A = pos ? lg : lg + d, B = pos ? lg - d : lg;
+    const V beta = splat<V>(r.beta), beta1 = splat<V>(1.0f - r.beta);
+    const ivec<V> pos = d >= V{};
+    const V e = vexp(pos ? -d : d);
+    const V lg = -vlog(pos ? beta * e + beta1 : beta + beta1 * e);
+    const V A = pos ? lg : lg + d, B = pos ? lg - d : lg;
     g = beta1 * A;
     l = beta * p * B + beta1 * q * A;
   }
 }
 
-template <DistillKind kKind>
+// The loss terms and q_j g_j summed in 32 lanes (entry j in lane j % 32) and folded as lane_sum,
+// so both vector widths give the same sums.
+template <class V, DistillKind kKind>
 OSD_SIMD_INLINE void div_groups(const float* s, const float* t, const float* es, float* et_g, int32_t n,
                                 const DivRow& r, float fq, float fp, double* loss, double* eg) {
-  f32x8 l0 = {}, l1 = {}, e0 = {}, e1 = {}, g, l;
+  constexpr int L = kLanes<V>;
+  Lanes32<V> ls, es_g;
+  V g, l;
   int32_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    div_lanes<kKind>(load8(s + j), load8(t + j), load8(es + j), load8(et_g + j), r, fq, fp, g, l);
-    store8(et_g + j, g);
-    l0 += l;
-    e0 += load8(es + j) * splat8(fq) * g;
-    div_lanes<kKind>(load8(s + j + 8), load8(t + j + 8), load8(es + j + 8), load8(et_g + j + 8), r, fq, fp, g, l);
-    store8(et_g + j + 8, g);
-    l1 += l;
-    e1 += load8(es + j + 8) * splat8(fq) * g;
-  }
-  for (; j < n; j += 8) {
-    // The last entries padded to eight lanes with terms that add nothing: q = p = 0.
-    float ps[8], pt[8], pes[8] = {}, pet[8] = {}, pg[8];
-    const int32_t m = std::min<int32_t>(8, n - j);
-    for (int32_t k = 0; k < 8; ++k) {
+  for (; j + kStatLanes <= n; j += kStatLanes)
+#pragma GCC unroll 4
+    for (int v = 0; v < kStatLanes / L; ++v) {
+      const int32_t i = j + v * L;
+      div_lanes<V, kKind>(vload<V>(s + i), vload<V>(t + i), vload<V>(es + i), vload<V>(et_g + i), r, fq, fp, g, l);
+      vstore(et_g + i, g);
+      ls.v[v] += l;
+      es_g.v[v] += vload<V>(es + i) * splat<V>(fq) * g;
+    }
+  if (j < n) {
+    // The last entries padded to a whole group with terms that add nothing: q = p = 0.
+    float ps[kStatLanes], pt[kStatLanes], pes[kStatLanes] = {}, pet[kStatLanes] = {}, pg[kStatLanes];
+    const int32_t m = n - j;
+    for (int32_t k = 0; k < kStatLanes; ++k) {
       ps[k] = k < m ? s[j + k] : r.ms;
       pt[k] = k < m ? t[j + k] : r.mt;
       if (k < m) pes[k] = es[j + k], pet[k] = et_g[j + k];
     }
-    div_lanes<kKind>(load8(ps), load8(pt), load8(pes), load8(pet), r, fq, fp, g, l);
-    store8(pg, g);
+    for (int v = 0; v < kStatLanes / L; ++v) {
+      const int32_t i = v * L;
+      div_lanes<V, kKind>(vload<V>(ps + i), vload<V>(pt + i), vload<V>(pes + i), vload<V>(pet + i), r, fq, fp, g, l);
+      vstore(pg + i, g);
+      ls.v[v] += l;
+      es_g.v[v] += vload<V>(pes + i) * splat<V>(fq) * g;
+    }
     for (int32_t k = 0; k < m; ++k) et_g[j + k] = pg[k];
-    l0 += l;
-    e0 += load8(pes) * splat8(fq) * g;
   }
-  l0 += l1;
-  e0 += e1;
-  float la = 0.0f, ea = 0.0f;
-  for (int k = 0; k < 8; ++k) la += l0[k], ea += e0[k];
-  *loss = la;
-  *eg = ea;
+  float la[kStatLanes], ea[kStatLanes];
+  ls.spill(la);
+  es_g.spill(ea);
+  *loss = fold_lanes32(la);
+  *eg = fold_lanes32(ea);
 }
 
 // Pass 2 of divergence_row_blocked on one block: g_j over et (in place), and the block's sums of
 // the loss terms and of q_j g_j.
 OSD_CLONES void div_block(DistillKind kind, const float* s, const float* t, const float* es, float* et_g, int32_t n,
                           const DivRow& r, float fq, float fp, double* loss, double* eg) {
+  const bool wide = simd_wide();
   if (kind == DistillKind::ReverseKL)
-    div_groups<DistillKind::ReverseKL>(s, t, es, et_g, n, r, fq, fp, loss, eg);
+    wide ? div_groups<f32x16, DistillKind::ReverseKL>(s, t, es, et_g, n, r, fq, fp, loss, eg)
+         : div_groups<f32x8, DistillKind::ReverseKL>(s, t, es, et_g, n, r, fq, fp, loss, eg);
   else if (kind == DistillKind::TVD)
-    div_groups<DistillKind::TVD>(s, t, es, et_g, n, r, fq, fp, loss, eg);
+    wide ? div_groups<f32x16, DistillKind::TVD>(s, t, es, et_g, n, r, fq, fp, loss, eg)
+         : div_groups<f32x8, DistillKind::TVD>(s, t, es, et_g, n, r, fq, fp, loss, eg);
   else
-    div_groups<DistillKind::JSD>(s, t, es, et_g, n, r, fq, fp, loss, eg);
+    wide ? div_groups<f32x16, DistillKind::JSD>(s, t, es, et_g, n, r, fq, fp, loss, eg)
+         : div_groups<f32x8, DistillKind::JSD>(s, t, es, et_g, n, r, fq, fp, loss, eg);
 }
 
 // grad_j = c es_j (g_j - eg), c = gscale float(cs_b / zs) (grad and es may be the same array).
@@ -635,16 +652,20 @@ double divergence_row_blocked(const DistillInput& in, int32_t r, float scale, fl
 
 namespace {
 
-OSD_CLONES float sum_floats(const float* x, int32_t n) {
-  f32x8 a0 = {}, a1 = {};
+template <class V> OSD_SIMD_INLINE float sum_floats_v(const float* x, int32_t n) {
+  constexpr int L = kLanes<V>;
+  Lanes32<V> a;
   int32_t j = 0;
-  for (; j + 16 <= n; j += 16) a0 += load8(x + j), a1 += load8(x + j + 8);
-  a0 += a1;
-  float s = 0.0f;
-  for (int k = 0; k < 8; ++k) s += a0[k];
-  for (; j < n; ++j) s += x[j];
-  return s;
+  for (; j + kStatLanes <= n; j += kStatLanes)
+#pragma GCC unroll 4
+    for (int v = 0; v < kStatLanes / L; ++v) a.v[v] += vload<V>(x + j + v * L);
+  float la[kStatLanes];
+  a.spill(la);
+  for (; j < n; ++j) la[j % kStatLanes] += x[j];
+  return fold_lanes32(la);
 }
+
+OSD_CLONES float sum_floats(const float* x, int32_t n) { return OSD_SIMD_WIDTH(sum_floats_v, x, n); }
 
 OSD_CLONES void scale_floats(float* x, int32_t n, float c) {
   for (int32_t j = 0; j < n; ++j) x[j] *= c;

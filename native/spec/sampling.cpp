@@ -21,6 +21,7 @@ namespace osd {
 // Hot loops are compiled for the baseline, x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512); the
 // loader picks one (OSD_SIMD_CLONES, core/fast_math.h).
 #define OSD_CLONES OSD_SIMD_CLONES
+static_assert(kStatLanes == kSimdGroup, "the blocked sums use fast_math.h's 32 accumulator lanes");
 
 void validate_sampling(const Sampling& s, const std::string& what) {
   if (!std::isfinite(s.temperature) || s.temperature < 0.0f)
@@ -59,23 +60,25 @@ inline int nucleus_bin(float l, float max, float inv_t) {
 
 // sum_exp, bit for bit (the same terms, lanes and order), and the sum of the terms of each bin
 // into mass (kNucleusBins doubles; bins as nucleus_bin).
-OSD_CLONES double sum_exp_binned(const float* l, int32_t n, float max, float inv_t, double* mass) {
+template <class V>
+OSD_SIMD_INLINE double sum_exp_binned_v(const float* l, int32_t n, float max, float inv_t, double* mass) {
+  constexpr int L = kLanes<V>, A = 16 / L;  // sum_exp's 16 lanes
   std::fill(mass, mass + kNucleusBins, 0.0);
-  const f32x8 vmax = splat8(max), vit = splat8(inv_t), vper = splat8(kBinsPerUnit), vlast = splat8(kNucleusBins - 1);
-  f32x8 a0 = {}, a1 = {};  // sum_exp's lanes 0-7 and 8-15
+  const V vmax = splat<V>(max), vit = splat<V>(inv_t), vper = splat<V>(kBinsPerUnit),
+          vlast = splat<V>(kNucleusBins - 1);
+  V a[A] = {};
   int32_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const f32x8 x0 = load8(l + j), x1 = load8(l + j + 8);
-    // exp_approx8 gives exp_approx's bits for these arguments (<= 0).
-    const f32x8 e0 = exp_approx8((x0 - vmax) * vit), e1 = exp_approx8((x1 - vmax) * vit);
-    a0 += e0;
-    a1 += e1;
-    f32x8 d0 = (vmax - x0) * vit * vper, d1 = (vmax - x1) * vit * vper;
-    d0 = d0 < vlast ? d0 : vlast;
-    d1 = d1 < vlast ? d1 : vlast;
-    const i32x8 b0 = __builtin_convertvector(d0, i32x8), b1 = __builtin_convertvector(d1, i32x8);
-    for (int k = 0; k < 8; ++k) mass[b0[k]] += e0[k];
-    for (int k = 0; k < 8; ++k) mass[b1[k]] += e1[k];
+#pragma GCC unroll 2
+    for (int v = 0; v < A; ++v) {
+      const V x = vload<V>(l + j + v * L);
+      const V e = vexp((x - vmax) * vit);  // exp_approx's bits for these arguments (<= 0)
+      a[v] += e;
+      V d = (vmax - x) * vit * vper;
+      d = d < vlast ? d : vlast;
+      const ivec<V> b = __builtin_convertvector(d, ivec<V>);
+      for (int k = 0; k < L; ++k) mass[b[k]] += e[k];
+    }
   }
   double total = 0.0;
   for (; j < n; ++j) {
@@ -83,9 +86,13 @@ OSD_CLONES double sum_exp_binned(const float* l, int32_t n, float max, float inv
     total += e;
     mass[nucleus_bin(l[j], max, inv_t)] += e;
   }
-  for (int k = 0; k < 8; ++k) total += a0[k];
-  for (int k = 0; k < 8; ++k) total += a1[k];
+  for (int v = 0; v < A; ++v)
+    for (int k = 0; k < L; ++k) total += a[v][k];
   return total;
+}
+
+OSD_CLONES double sum_exp_binned(const float* l, int32_t n, float max, float inv_t, double* mass) {
+  return OSD_SIMD_WIDTH(sum_exp_binned_v, l, n, max, inv_t, mass);
 }
 
 }  // namespace
@@ -132,13 +139,14 @@ struct Cand {
 bool better(const Cand& a, const Cand& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); }
 
 // Maxima of the 64-entry chunks of a row (the last one may be short).
-OSD_CLONES void chunk_maxima(const float* l, int32_t n, float* out) {
+template <class V> OSD_SIMD_INLINE void chunk_maxima_v(const float* l, int32_t n, float* out) {
+  constexpr int L = kLanes<V>;
   int32_t c = 0, j = 0;
   for (; j + 64 <= n; j += 64, ++c) {
-    f32x8 m = load8(l + j);
-    for (int v = 1; v < 8; ++v) m = max8(m, load8(l + j + 8 * v));
+    V m = vload<V>(l + j);
+    for (int v = 1; v < 64 / L; ++v) m = vmax(m, vload<V>(l + j + L * v));
     float x = m[0];
-    for (int k = 1; k < 8; ++k) x = m[k] > x ? m[k] : x;
+    for (int k = 1; k < L; ++k) x = m[k] > x ? m[k] : x;
     out[c] = x;
   }
   if (j < n) {
@@ -148,19 +156,28 @@ OSD_CLONES void chunk_maxima(const float* l, int32_t n, float* out) {
   }
 }
 
+OSD_CLONES void chunk_maxima(const float* l, int32_t n, float* out) { OSD_SIMD_WIDTH(chunk_maxima_v, l, n, out); }
+
 // The k best logits (in no particular order). The k-th largest chunk maximum is a threshold with at
 // least k logits at or above it (one per chunk), so only those logits compete for the k places.
 void top_k_candidates(const float* l, int32_t vocab, int32_t k, std::vector<Cand>& cand) {
-  float tau = -std::numeric_limits<float>::infinity();
   const int32_t chunks = (vocab + 63) / 64;
   if (chunks >= k) {
-    std::vector<float> cmax(chunks);
+    thread_local std::vector<float> cmax, order;
+    cmax.resize(chunks);
     chunk_maxima(l, vocab, cmax.data());
-    std::nth_element(cmax.begin(), cmax.begin() + (k - 1), cmax.end(), std::greater<float>());
-    tau = cmax[k - 1];
+    order.assign(cmax.begin(), cmax.end());
+    std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), std::greater<float>());
+    const float tau = order[k - 1];
+    // Only the chunks whose maximum reaches tau hold candidates (at least k of them; usually about k).
+    for (int32_t c = 0; c < chunks; ++c) {
+      if (cmax[c] < tau) continue;
+      for (int32_t j = 64 * c, end = std::min(vocab, j + 64); j < end; ++j)
+        if (l[j] >= tau) cand.push_back({l[j], j});
+    }
+  } else {
+    for (int32_t j = 0; j < vocab; ++j) cand.push_back({l[j], j});
   }
-  for (int32_t j = 0; j < vocab; ++j)
-    if (l[j] >= tau) cand.push_back({l[j], j});
   if (static_cast<int32_t>(cand.size()) > k) {
     std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better);
     cand.resize(k);
@@ -344,20 +361,26 @@ OSD_CLONES int32_t sample_row(const WarpedRow& row, double u) {
 }
 
 // sample_row on a dense (temperature-only) row, in one pass instead of three (warp_row's z, which
-// sampling does not use, then sample_row's total and its scan): the weights come eight at a time
-// (exp_approx8: the bits of exp_approx), the running double sum is the one sample_row accumulates
+// sampling does not use, then sample_row's total and its scan): the weights come a vector at a
+// time (vexp: the bits of exp_approx), the running double sum is the one sample_row accumulates
 // in index order, and its prefix sums are kept, so the token is a binary search: the first j whose
 // prefix sum exceeds u * total (that sum grew there, so w_j > 0, as sample_row's scan requires).
+template <class V> OSD_SIMD_INLINE double prefix_weights_v(const float* l, int32_t vocab, float max, float inv_t, double* cum) {
+  constexpr int L = kLanes<V>;
+  double total = 0.0;
+  int32_t j = 0;
+  for (; j + L <= vocab; j += L) {
+    const V w = vexp((vload<V>(l + j) - splat<V>(max)) * splat<V>(inv_t));
+    for (int k = 0; k < L; ++k) cum[j + k] = (total += w[k]);
+  }
+  for (; j < vocab; ++j) cum[j] = (total += exp_approx((l[j] - max) * inv_t));
+  return total;
+}
+
 OSD_CLONES int32_t sample_temperature_row(const float* l, int32_t vocab, float max, float inv_t, double u) {
   thread_local std::vector<double> cum;
   cum.resize(static_cast<size_t>(vocab));
-  double total = 0.0;
-  int32_t j = 0;
-  for (; j + 8 <= vocab; j += 8) {
-    const f32x8 w = exp_approx8((load8(l + j) - splat8(max)) * splat8(inv_t));
-    for (int k = 0; k < 8; ++k) cum[j + k] = (total += w[k]);
-  }
-  for (; j < vocab; ++j) cum[j] = (total += exp_approx((l[j] - max) * inv_t));
+  const double total = OSD_SIMD_WIDTH(prefix_weights_v, l, vocab, max, inv_t, cum.data());
   const double target = u * total;
   const int32_t i = static_cast<int32_t>(std::upper_bound(cum.begin(), cum.end(), target) - cum.begin());
   if (i < vocab) return i;
@@ -385,57 +408,54 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Folds 32 lane sums pairwise: k + 16, k + 8, k + 4, k + 2, k + 1.
-float fold_lanes(float* a) {
-  for (int w = kStatLanes / 2; w >= 1; w /= 2)
-    for (int k = 0; k < w; ++k) a[k] += a[k + w];
-  return a[0];
-}
-
-// Four 8-float accumulators hold lanes 0..31; the entries of a short last group go lane by lane.
-OSD_SIMD_INLINE void spill_lanes(const f32x8* acc, float* a) {
-  for (int v = 0; v < 4; ++v) store8(a + 8 * v, acc[v]);
-}
-
 }  // namespace
 
-OSD_CLONES float block_max(const float* l, int32_t n, bool* bad) {
-  const f32x8 ninf = splat8(kNegInf), inf = splat8(-kNegInf);
-  f32x8 m0 = ninf, m1 = ninf;
-  i32x8 ok = ~i32x8{};  // lanes stay all-ones while every entry is < +Infinity (NaN compares false)
+template <class V> OSD_SIMD_INLINE float block_max_v(const float* l, int32_t n, bool* bad) {
+  constexpr int L = kLanes<V>;
+  const ivec<V> abs_bits = ~ivec<V>{} & 0x7fffffff;
+  V m0 = splat<V>(kNegInf), m1 = m0;
+  // The largest |x| bit pattern: above +Infinity's only where some entry is a NaN. (A float compare
+  // per entry, `x < inf`, GCC turned into a compare per lane on AVX-512; this stays in vectors.)
+  ivec<V> top = {};
   int32_t j = 0;
-  for (; j + 16 <= n; j += 16) {
+  for (; j + 2 * L <= n; j += 2 * L) {
     // The next block, fetched a block ahead: a short row on one thread otherwise waits on every
     // 4 KiB page (measured 1.3x faster on one thread; a hint, it never faults).
     __builtin_prefetch(l + j + kStatBlock);
-    const f32x8 x0 = load8(l + j), x1 = load8(l + j + 8);
-    m0 = max8(m0, x0);
-    m1 = max8(m1, x1);
-    ok &= (x0 < inf) & (x1 < inf);
+    if (L == 16) __builtin_prefetch(l + j + kStatBlock + 16);
+    const V x0 = vload<V>(l + j), x1 = vload<V>(l + j + L);
+    m0 = vmax(m0, x0);
+    m1 = vmax(m1, x1);
+    const ivec<V> b0 = (ivec<V>)x0 & abs_bits, b1 = (ivec<V>)x1 & abs_bits;
+    top = b0 > top ? b0 : top;
+    top = b1 > top ? b1 : top;
   }
-  float m = kNegInf;
+  const V mv = vmax(m0, m1);
+  float mx = kNegInf;
   bool b = false;
-  for (int k = 0; k < 8; ++k) m = m0[k] > m ? m0[k] : m, m = m1[k] > m ? m1[k] : m, b |= ok[k] == 0;
+  for (int k = 0; k < L; ++k) mx = mv[k] > mx ? mv[k] : mx, b |= top[k] > 0x7f800000;
   for (; j < n; ++j) {
     const float x = l[j];
-    m = x > m ? x : m;
+    mx = x > mx ? x : mx;
     b |= !(x < -kNegInf);
   }
-  *bad = b;
-  return m;
+  *bad = b || mx == -kNegInf;  // NaN anywhere, or +Infinity (the max is NaN-blind)
+  return mx;
 }
+
+OSD_CLONES float block_max(const float* l, int32_t n, bool* bad) { return OSD_SIMD_WIDTH(block_max_v, l, n, bad); }
 
 namespace {
 
 // The whole 32-entry groups of block_exp_sum; returns where the short last group starts. With
 // kUnitT (temperature 1) the multiply by inv_t = 1 is left out: the same values, fewer operations.
-// The four lanes groups are spelled out (not a loop over an array) so that GCC keeps the sums in
-// registers: with the array it spilled them every iteration and ran about 20% slower.
-template <bool kUnitT, bool kStore>
-OSD_SIMD_INLINE int32_t exp_sum_groups(const float* l, int32_t n, float ref, float inv_t, float* e, f32x8* acc,
+// The loop over the group's vectors is unrolled so that GCC keeps the sums in registers (a loop
+// over an array it did not unroll spilled them every iteration and ran about 20% slower).
+template <class V, bool kUnitT, bool kStore>
+OSD_SIMD_INLINE int32_t exp_sum_groups(const float* l, int32_t n, float ref, float inv_t, float* e, Lanes32<V>& acc,
                                        const float* side, int32_t side_n) {
-  const f32x8 vref = splat8(ref), vit = splat8(inv_t);
-  f32x8 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+  constexpr int L = kLanes<V>;
+  const V vref = splat<V>(ref), vit = splat<V>(inv_t);
   int32_t j = 0;
   for (; j + kStatLanes <= n; j += kStatLanes) {
     // The blocked passes read the next kStatBlock entries next: fetch them while this block's exps
@@ -443,59 +463,73 @@ OSD_SIMD_INLINE int32_t exp_sum_groups(const float* l, int32_t n, float ref, flo
     __builtin_prefetch(l + j + kStatBlock);
     __builtin_prefetch(l + j + kStatBlock + 16);
     if (j < side_n) __builtin_prefetch(side + j), __builtin_prefetch(side + j + 16);
-    f32x8 d0 = load8(l + j) - vref, d1 = load8(l + j + 8) - vref, d2 = load8(l + j + 16) - vref,
-          d3 = load8(l + j + 24) - vref;
-    if (!kUnitT) d0 = d0 * vit, d1 = d1 * vit, d2 = d2 * vit, d3 = d3 * vit;
-    const f32x8 x0 = exp_approx8(d0), x1 = exp_approx8(d1), x2 = exp_approx8(d2), x3 = exp_approx8(d3);
-    if (kStore) store8(e + j, x0), store8(e + j + 8, x1), store8(e + j + 16, x2), store8(e + j + 24, x3);
-    a0 += x0, a1 += x1, a2 += x2, a3 += x3;
+#pragma GCC unroll 4
+    for (int v = 0; v < kStatLanes / L; ++v) {
+      V d = vload<V>(l + j + v * L) - vref;
+      if (!kUnitT) d = d * vit;
+      const V x = vexp(d);
+      if (kStore) vstore(e + j + v * L, x);
+      acc.v[v] += x;
+    }
   }
-  acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
   return j;
+}
+
+template <class V>
+OSD_SIMD_INLINE float block_exp_sum_v(const float* l, int32_t n, float ref, float inv_t, float* e, const float* side,
+                                      int32_t side_n) {
+  Lanes32<V> acc;
+  const bool unit = inv_t == 1.0f;
+  const int32_t j = e ? (unit ? exp_sum_groups<V, true, true>(l, n, ref, inv_t, e, acc, side, side_n)
+                              : exp_sum_groups<V, false, true>(l, n, ref, inv_t, e, acc, side, side_n))
+                      : (unit ? exp_sum_groups<V, true, false>(l, n, ref, inv_t, e, acc, side, side_n)
+                              : exp_sum_groups<V, false, false>(l, n, ref, inv_t, e, acc, side, side_n));
+  float a[kStatLanes];
+  acc.spill(a);  // the entries of a short last group go lane by lane
+  for (int32_t k = j; k < n; ++k) {
+    const float x = exp_approx((l[k] - ref) * inv_t);
+    if (e) e[k] = x;
+    a[k % kStatLanes] += x;
+  }
+  return fold_lanes32(a);
 }
 
 }  // namespace
 
 OSD_CLONES float block_exp_sum(const float* l, int32_t n, float ref, float inv_t, float* e, const float* side,
                                int32_t side_n) {
-  f32x8 acc[4] = {};
-  const bool unit = inv_t == 1.0f;
-  const int32_t j = e ? (unit ? exp_sum_groups<true, true>(l, n, ref, inv_t, e, acc, side, side_n)
-                              : exp_sum_groups<false, true>(l, n, ref, inv_t, e, acc, side, side_n))
-                      : (unit ? exp_sum_groups<true, false>(l, n, ref, inv_t, e, acc, side, side_n)
-                              : exp_sum_groups<false, false>(l, n, ref, inv_t, e, acc, side, side_n));
-  float a[kStatLanes];
-  spill_lanes(acc, a);
-  for (int32_t k = j; k < n; ++k) {
-    const float x = exp_approx((l[k] - ref) * inv_t);
-    if (e) e[k] = x;
-    a[k % kStatLanes] += x;
-  }
-  return fold_lanes(a);
+  return OSD_SIMD_WIDTH(block_exp_sum_v, l, n, ref, inv_t, e, side, side_n);
 }
 
 namespace {
 
 // r_j = max(0, ep_j * ap - eq_j * aq) into r; returns lane_sum(r).
-OSD_CLONES float block_residual(const float* ep, const float* eq, int32_t n, float ap, float aq, float* r) {
-  const f32x8 vap = splat8(ap), vaq = splat8(aq), zero = {};
-  f32x8 acc[4] = {};
+template <class V>
+OSD_SIMD_INLINE float block_residual_v(const float* ep, const float* eq, int32_t n, float ap, float aq, float* r) {
+  constexpr int L = kLanes<V>;
+  const V vap = splat<V>(ap), vaq = splat<V>(aq), zero = {};
+  Lanes32<V> acc;
   int32_t j = 0;
   for (; j + kStatLanes <= n; j += kStatLanes)
-    for (int v = 0; v < 4; ++v) {
-      const f32x8 d = load8(ep + j + 8 * v) * vap - load8(eq + j + 8 * v) * vaq;
-      const f32x8 x = d > zero ? d : zero;
-      store8(r + j + 8 * v, x);
-      acc[v] += x;
+#pragma GCC unroll 4
+    for (int v = 0; v < kStatLanes / L; ++v) {
+      const V d = vload<V>(ep + j + L * v) * vap - vload<V>(eq + j + L * v) * vaq;
+      const V x = d > zero ? d : zero;
+      vstore(r + j + L * v, x);
+      acc.v[v] += x;
     }
   float a[kStatLanes];
-  spill_lanes(acc, a);
+  acc.spill(a);
   for (; j < n; ++j) {
     const float d = ep[j] * ap - eq[j] * aq;
     r[j] = d > 0.0f ? d : 0.0f;
     a[j % kStatLanes] += r[j];
   }
-  return fold_lanes(a);
+  return fold_lanes32(a);
+}
+
+OSD_CLONES float block_residual(const float* ep, const float* eq, int32_t n, float ap, float aq, float* r) {
+  return OSD_SIMD_WIDTH(block_residual_v, ep, eq, n, ap, aq, r);
 }
 
 }  // namespace
@@ -692,7 +726,7 @@ const float* row_block_exps(const BlockedRow& r, int32_t b, float* buf) {
 double BlockedRow::prob(int32_t token) const {
   const int32_t b = token / kStatBlock;
   const float bm = blocks[b].max;
-  // exp_approx on one lane gives exp_approx8's bits (fast_math.h).
+  // exp_approx on one lane gives exp_approx16's bits (fast_math.h).
   const float x = e ? e[token] : bm == kNegInf ? 0.0f : exp_approx((logits[token] - bm) * inv_t);
   return static_cast<double>(x * scale[b]) / z;
 }

@@ -302,16 +302,18 @@ OSD_TEST(tree_validation_names_argument) {
 }
 
 // ---- The blocked fast paths against the reference -------------------------------------------
-// Tolerances: exp_approx8 bit-identical to exp_approx; block sums bit-identical to the scheme
+// Tolerances: vexp bit-identical to exp_approx; block sums bit-identical to the scheme
 // written out literally below; z and probabilities within 1e-5 (relative) of the reference's
 // one-pass sums (whose own float lanes carry a few 1e-6); chain tokens identical to the reference walk on every case here (the summation
 // order only matters when a uniform lands within ~1e-7 of a decision boundary); forward KL loss
 // within 1e-5 * max(1, |loss|), gradient within 1e-7 + 1e-5 |g|.
 
-OSD_TEST(exp_approx8_matches_exp_approx) {
+// Both vector widths, 8 and 16 lanes (the kernels pick one per CPU).
+template <class V> long vexp_mismatches(long* tested) {
+  constexpr int L = kLanes<V>;
   // Every 61st float (all exponents, both signs; NaN and x > 88.3 are outside the contract).
-  long mismatches = 0, tested = 0;
-  float x[8], got[8];
+  long mismatches = 0;
+  float x[L], got[L];
   int k = 0;
   for (uint64_t u = 0; u < (1ull << 32); u += 61) {
     uint32_t bits = static_cast<uint32_t>(u);
@@ -319,20 +321,30 @@ OSD_TEST(exp_approx8_matches_exp_approx) {
     std::memcpy(&v, &bits, sizeof v);
     if (!(v <= 88.3f)) continue;
     x[k++] = v;
-    if (k < 8) continue;
-    store8(got, exp_approx8(load8(x)));
-    for (int i = 0; i < 8; ++i) {
+    if (k < L) continue;
+    vstore(got, vexp(vload<V>(x)));
+    for (int i = 0; i < L; ++i) {
       const float want = exp_approx(x[i]);
       mismatches += std::memcmp(&want, &got[i], sizeof want) != 0;
     }
-    tested += 8;
+    *tested += L;
     k = 0;
   }
-  CHECK(tested > 40000000);
-  CHECK_EQ(mismatches, 0L);
-  const float edge[8] = {-87.3f, -87.29f, -INFINITY, -1e30f, 0.0f, -0.0f, 88.3f, -126.0f};
-  store8(got, exp_approx8(load8(edge)));
-  for (int i = 0; i < 8; ++i) CHECK_EQ(got[i], exp_approx(edge[i]));
+  const float edge[16] = {-87.3f,  -87.29f, -INFINITY, -1e30f, 0.0f,   -0.0f,      88.3f, -126.0f,
+                          -1e-30f, -1e-45f, -0.5f,     -0.35f, -86.0f, -0.693147f, 1.0f,  -100.0f};
+  for (int i = 0; i < 16; i += L) {
+    vstore(got, vexp(vload<V>(edge + i)));
+    for (int j = 0; j < L; ++j) mismatches += got[j] != exp_approx(edge[i + j]);
+  }
+  return mismatches;
+}
+
+OSD_TEST(vexp_matches_exp_approx) {
+  long tested8 = 0, tested16 = 0;
+  CHECK_EQ(vexp_mismatches<f32x8>(&tested8), 0L);
+  CHECK_EQ(vexp_mismatches<f32x16>(&tested16), 0L);
+  CHECK(tested8 > 40000000);
+  CHECK(tested16 > 40000000);
 }
 
 namespace {
@@ -860,14 +872,15 @@ OSD_TEST(blocked_losses_do_not_depend_on_split) {
   }
 }
 
-OSD_TEST(log_approx8_relative_error) {
+template <class V> double vlog_worst() {
+  constexpr int L = kLanes<V>;
   // Every 61st positive normal float, and the JSD range near 1 densely.
   double worst = 0;
-  float x[8], got[8];
+  float x[L], got[L];
   int k = 0;
   auto flush = [&] {
-    store8(got, log_approx8(load8(x)));
-    for (int i = 0; i < 8; ++i) {
+    vstore(got, vlog(vload<V>(x)));
+    for (int i = 0; i < L; ++i) {
       const double ref = std::log(static_cast<double>(x[i]));
       worst = std::max(worst, std::fabs(got[i] - ref) / std::max(std::fabs(ref), 1e-30));
     }
@@ -876,14 +889,20 @@ OSD_TEST(log_approx8_relative_error) {
   for (uint64_t u = 0x00800000u; u < 0x7f800000u; u += 61) {
     const uint32_t bits = static_cast<uint32_t>(u);
     std::memcpy(&x[k++], &bits, sizeof(float));
-    if (k == 8) flush();
+    if (k == L) flush();
   }
   for (float v = 0.25f; v <= 1.0f; v = std::nextafter(v, 2.0f)) {
     x[k++] = v;
-    if (k == 8) flush();
+    if (k == L) flush();
   }
-  std::printf("    log_approx8: worst relative error %.3g\n", worst);
-  CHECK(worst < 3e-7);
+  return worst;
+}
+
+OSD_TEST(vlog_relative_error) {
+  const double w8 = vlog_worst<f32x8>(), w16 = vlog_worst<f32x16>();
+  std::printf("    vlog: worst relative error %.3g (8 lanes), %.3g (16 lanes)\n", w8, w16);
+  CHECK(w8 < 3e-7);
+  CHECK(w16 < 3e-7);
 }
 
 // Reverse KL, JSD and TVD (dense) and every loss against a sparse teacher: the fast paths against

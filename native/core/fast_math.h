@@ -41,6 +41,8 @@ OSD_HD float exp_approx(float x) {
 }  // namespace osd
 
 #if defined(__GNUC__) && !defined(__CUDACC__)
+#include <cstdlib>
+#include <string_view>
 // ---- Host SIMD: float lanes as GCC/Clang vector types ----------------------------------------
 // Hot loops are written once, as templates over the vector type, and compiled several times
 // (OSD_SIMD_CLONES): for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline; the loader
@@ -85,12 +87,14 @@ template <class V> constexpr int kLanes = sizeof(V) / sizeof(float);
 constexpr int kSimdGroup = 32;  // the kernels' accumulator lanes: entry j goes to lane j % 32
 
 // Whether this CPU runs the x86-64-v4 clone, the one that uses 16 lanes (x86 with AVX-512 F, VL,
-// BW, DQ and CD, as the clone's resolver requires).
+// BW, DQ and CD, as the clone's resolver requires). OSD_SIMD_LANES=8 in the environment keeps 8
+// lanes there too (ctest runs test_kernels both ways, so CI on an AVX-512 machine tests both).
 inline bool simd_wide() {
 #if defined(__x86_64__) && !defined(__clang__) && !defined(OSD_SIMD_ONLY)
   static const bool wide = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                           __builtin_cpu_supports("avx512cd");
+                           __builtin_cpu_supports("avx512cd") && !(std::getenv("OSD_SIMD_LANES") &&
+                                                                  std::string_view(std::getenv("OSD_SIMD_LANES")) == "8");
   return wide;
 #else
   return false;

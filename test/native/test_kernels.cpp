@@ -340,6 +340,7 @@ template <class V> long vexp_mismatches(long* tested) {
 }
 
 OSD_TEST(vexp_matches_exp_approx) {
+  std::printf("    the kernels run %d-lane vectors here\n", simd_wide() ? 16 : 8);
   long tested8 = 0, tested16 = 0;
   CHECK_EQ(vexp_mismatches<f32x8>(&tested8), 0L);
   CHECK_EQ(vexp_mismatches<f32x16>(&tested16), 0L);

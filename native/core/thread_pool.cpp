@@ -38,73 +38,87 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
+void ThreadPool::finish_chunk() {
+  // The caller reads done_chunks_ before it sleeps (under mu_) and this thread reads caller_sleeps_
+  // after counting (both sequentially consistent): one of the two sees the other.
+  const uint64_t w = work_.load(std::memory_order_relaxed);
+  const size_t chunks = (w >> 16) & kChunkMask;
+  if (done_chunks_.fetch_add(1) + 1 == chunks && caller_sleeps_.load()) {
+    { std::lock_guard<std::mutex> lk(mu_); }
+    cv_done_.notify_all();
+  }
+}
+
+uint64_t ThreadPool::run_chunks(uint64_t w) {
+  for (;;) {
+    const size_t next = w & kChunkMask, chunks = (w >> 16) & kChunkMask;
+    if (next >= chunks) return w;
+    if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+    // Chunk `next` is ours: its job cannot end (nor job_ change) before finish_chunk().
+    const size_t n = job_n_;
+    try {
+      (*job_)(next * n / chunks, (next + 1) * n / chunks);
+    } catch (...) {
+      std::lock_guard<std::mutex> g(err_mu_);
+      if (!error_) error_ = std::current_exception();
+    }
+    finish_chunk();
+    w = work_.load(std::memory_order_acquire);
+  }
+}
+
 void ThreadPool::worker_loop(int) {
   tl_in_pool = true;
-  unsigned seen = 0;
+  uint32_t seen = 0;
   for (;;) {
-    for (int k = 0; k < kSpin && published_gen_.load(std::memory_order_acquire) == seen; ++k) cpu_relax();
-    std::unique_lock<std::mutex> lk(mu_);
-    cv_work_.wait(lk, [&] { return stop_ || generation_ != seen; });
-    if (stop_) return;
-    seen = generation_;
-    while (next_chunk_ < job_chunks_) {
-      size_t c = next_chunk_++;
-      const auto* fn = job_;
-      size_t n = job_n_, chunks = job_chunks_;
-      lk.unlock();
-      try {
-        (*fn)(c * n / chunks, (c + 1) * n / chunks);
-      } catch (...) {
-        std::lock_guard<std::mutex> g(err_mu_);
-        if (!error_) error_ = std::current_exception();
-      }
-      lk.lock();
-      if (++done_chunks_ == job_chunks_) {
-        published_done_.store(true, std::memory_order_release);
-        cv_done_.notify_all();
-      }
+    uint64_t w = work_.load(std::memory_order_acquire);
+    for (int k = 0; k < kSpin && gen_of(w) == seen; ++k) {
+      cpu_relax();
+      w = work_.load(std::memory_order_acquire);
     }
+    if (gen_of(w) == seen) {
+      std::unique_lock<std::mutex> lk(mu_);
+      // Counted before the check (both sequentially consistent): parallel_for publishes the job,
+      // then reads sleepers_, so either it wakes this thread or the check below sees the job.
+      sleepers_.fetch_add(1);
+      cv_work_.wait(lk, [&] { return stop_ || gen_of(work_.load()) != seen; });
+      sleepers_.fetch_sub(1);
+      if (stop_) return;
+      w = work_.load(std::memory_order_acquire);
+    }
+    seen = gen_of(w);
+    run_chunks(w);
   }
 }
 
 void ThreadPool::parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn) {
   if (n == 0) return;
   size_t chunks = std::min<size_t>(size() * kChunksPerThread, std::max<size_t>(1, n / std::max<size_t>(1, grain)));
+  chunks = std::min<size_t>(chunks, kChunkMask);
   if (chunks <= 1 || tl_in_pool) {
     fn(0, n);
     return;
   }
   std::lock_guard<std::mutex> run(run_mu_);
-  std::unique_lock<std::mutex> lk(mu_);
   job_ = &fn;
   job_n_ = n;
-  job_chunks_ = chunks;
-  next_chunk_ = 0;
-  done_chunks_ = 0;
-  ++generation_;
-  published_done_.store(false, std::memory_order_relaxed);
-  published_gen_.store(generation_, std::memory_order_release);
-  cv_work_.notify_all();
+  done_chunks_.store(0, std::memory_order_relaxed);
+  const uint64_t gen = gen_of(work_.load(std::memory_order_relaxed)) + 1;
+  work_.store(gen << 32 | chunks << 16);  // publishes the job (sequentially consistent, see worker_loop)
+  if (sleepers_.load() > 0) {
+    { std::lock_guard<std::mutex> lk(mu_); }
+    cv_work_.notify_all();
+  }
   tl_in_pool = true;
-  while (next_chunk_ < job_chunks_) {
-    size_t c = next_chunk_++;
-    lk.unlock();
-    try {
-      fn(c * n / chunks, (c + 1) * n / chunks);
-    } catch (...) {
-      std::lock_guard<std::mutex> g(err_mu_);
-      if (!error_) error_ = std::current_exception();
-    }
-    lk.lock();
-    ++done_chunks_;
-  }
+  run_chunks(work_.load(std::memory_order_acquire));
   tl_in_pool = false;
-  if (done_chunks_ != job_chunks_) {
-    lk.unlock();
-    for (int k = 0; k < 4 * kSpin && !published_done_.load(std::memory_order_acquire); ++k) cpu_relax();
-    lk.lock();
+  for (int k = 0; k < 4 * kSpin && done_chunks_.load(std::memory_order_acquire) != chunks; ++k) cpu_relax();
+  if (done_chunks_.load(std::memory_order_acquire) != chunks) {
+    std::unique_lock<std::mutex> lk(mu_);
+    caller_sleeps_.store(true);
+    cv_done_.wait(lk, [&] { return done_chunks_.load() == chunks; });
+    caller_sleeps_.store(false);
   }
-  cv_done_.wait(lk, [&] { return done_chunks_ == job_chunks_; });
   job_ = nullptr;
   std::exception_ptr err;
   {

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <exception>
 #include <functional>
 #include <mutex>
@@ -30,18 +31,30 @@ class ThreadPool {
 
  private:
   void worker_loop(int id);
+  // Claims and runs chunks of the job published as `word` until none is left. A chunk is claimed
+  // by a compare-and-swap on work_, so no lock is taken per chunk. Returns the last word seen.
+  uint64_t run_chunks(uint64_t word);
+  void finish_chunk();
+
+  // work_ = generation << 32 | chunks << 16 | next chunk: one word, so a worker that slept through
+  // a whole job can never claim a chunk of the next one with the old job's function.
+  static constexpr uint64_t kChunkMask = 0xffff;
+  static uint32_t gen_of(uint64_t w) { return static_cast<uint32_t>(w >> 32); }
 
   std::vector<std::thread> workers_;
-  std::mutex mu_;
   std::mutex run_mu_;  // one parallel_for at a time; nested calls run inline
-  std::condition_variable cv_work_, cv_done_;
+  std::atomic<uint64_t> work_{0};
+  // The job of the current generation; written before work_ publishes it, and stable while any of
+  // its chunks runs (the next job starts only after every chunk has finished).
   const std::function<void(size_t, size_t)>* job_ = nullptr;
-  size_t job_n_ = 0, job_chunks_ = 0;
-  size_t next_chunk_ = 0, done_chunks_ = 0;
-  unsigned generation_ = 0;
+  size_t job_n_ = 0;
+  std::atomic<size_t> done_chunks_{0};
+  // Sleeping: workers that found no job after spinning, and the caller waiting for the last chunk.
+  std::mutex mu_;
+  std::condition_variable cv_work_, cv_done_;
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> caller_sleeps_{false};
   bool stop_ = false;
-  std::atomic<unsigned> published_gen_{0};  // generation_, readable without the lock
-  std::atomic<bool> published_done_{false};
   std::mutex err_mu_;
   std::exception_ptr error_;
 };

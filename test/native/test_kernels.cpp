@@ -2,6 +2,7 @@
 // verification invariants, distillation gradients against finite differences, AdamW, the pool;
 // and every fast (blocked) path against the reference it replaces.
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -1070,6 +1071,30 @@ OSD_TEST(thread_pool_covers_range_and_propagates_errors) {
   std::atomic<int> count{0};
   pool.parallel_for(100, 1, [&](size_t lo, size_t hi) { count += static_cast<int>(hi - lo); });
   CHECK_EQ(count.load(), 100);
+}
+
+OSD_TEST(thread_pool_many_jobs_with_sleeps_between) {
+  // Jobs back to back (workers spinning) and after pauses longer than the spin (workers asleep):
+  // every item once, no lost wake-up (that would hang here), errors still delivered.
+  for (int threads : {2, 3}) {
+    ThreadPool pool(threads);
+    long bad = 0;
+    for (int it = 0; it < 3000; ++it) {
+      const size_t n = 1 + (it * 7919) % 97;
+      std::vector<int> hit(n, 0);
+      pool.parallel_for(n, 1, [&](size_t lo, size_t hi) {
+        for (size_t i = lo; i < hi; ++i) hit[i]++;
+      });
+      for (int h : hit) bad += h != 1;
+      if (it % 500 == 0) {
+        CHECK_THROWS(Error, pool.parallel_for(50, 1, [&](size_t lo, size_t) {
+          if (lo > 0) throw_range("chunk failed");
+        }), "chunk failed");
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));  // past the workers' spin
+      }
+    }
+    CHECK_EQ(bad, 0L);
+  }
 }
 
 OSD_TEST(default_pool_resizes_while_calls_run) {

@@ -227,6 +227,49 @@ inline uint64_t better_key(float logit, int32_t id) {
   return (static_cast<uint64_t>(~b) << 32) | static_cast<uint32_t>(id);
 }
 
+}  // namespace
+
+void radix_sort_u64(uint64_t* keys, size_t n, int from_bit) {
+  if (n < 2) return;
+  if (n < 256) {  // a comparison sort is quicker than the histograms here
+    if (from_bit == 0) {
+      std::sort(keys, keys + n);
+    } else {
+      const uint64_t mask = ~uint64_t{0} << from_bit;
+      std::stable_sort(keys, keys + n, [mask](uint64_t a, uint64_t b) { return (a & mask) < (b & mask); });
+    }
+    return;
+  }
+  // Least significant digit first, 11 bits a pass, every histogram from one read; a digit that is
+  // the same in every key is skipped (the high bits of the ids, and usually the logits' exponents).
+  constexpr int kBits = 11, kBuckets = 1 << kBits;
+  const int passes = (64 - from_bit + kBits - 1) / kBits;
+  thread_local std::vector<uint32_t> hist;
+  thread_local std::vector<uint64_t> tmp;
+  hist.assign(static_cast<size_t>(passes) * kBuckets, 0);
+  tmp.resize(n);
+  for (size_t i = 0; i < n; ++i)
+    for (int p = 0; p < passes; ++p) ++hist[p * kBuckets + ((keys[i] >> (from_bit + p * kBits)) & (kBuckets - 1))];
+  uint64_t* src = keys;
+  uint64_t* dst = tmp.data();
+  for (int p = 0; p < passes; ++p) {
+    uint32_t* h = hist.data() + p * kBuckets;
+    const int shift = from_bit + p * kBits;
+    if (h[(src[0] >> shift) & (kBuckets - 1)] == n) continue;
+    uint32_t sum = 0;
+    for (int b = 0; b < kBuckets; ++b) {
+      const uint32_t c = h[b];
+      h[b] = sum;
+      sum += c;
+    }
+    for (size_t i = 0; i < n; ++i) dst[h[(src[i] >> shift) & (kBuckets - 1)]++] = src[i];
+    std::swap(src, dst);
+  }
+  if (src != keys) std::memcpy(keys, src, n * sizeof(uint64_t));
+}
+
+namespace {
+
 // std::sort(cand, better), on integer keys (no comparator call per comparison).
 void sort_better(std::vector<Cand>& cand, const float* logits) {
   thread_local std::vector<uint64_t> key_buf;
@@ -234,7 +277,7 @@ void sort_better(std::vector<Cand>& cand, const float* logits) {
   uint64_t* const keys = key_buf.data();
   const size_t n = cand.size();
   for (size_t i = 0; i < n; ++i) keys[i] = better_key(cand[i].logit, cand[i].id);
-  std::sort(keys, keys + n);
+  radix_sort_u64(keys, n, 0);
   for (size_t i = 0; i < n; ++i) {
     const int32_t id = static_cast<int32_t>(static_cast<uint32_t>(keys[i]));
     cand[i] = {logits[id], id};
@@ -313,7 +356,7 @@ OSD_CLONES void warp_row(const float* logits, int32_t vocab, float row_max, cons
       std::memcpy(&pb, &p, sizeof pb);
       sup[i] = (static_cast<uint64_t>(cand[i].id) << 32) | pb;
     }
-    std::sort(sup.begin(), sup.end());
+    radix_sort_u64(sup.data(), sup.size(), 32);  // by id (distinct): the probabilities ride along
     out.ids.resize(keep);
     out.probs.resize(keep);
     for (size_t i = 0; i < keep; ++i) {

@@ -92,6 +92,10 @@ float block_max(const float* l, int32_t n, bool* bad);
 float block_exp_sum(const float* l, int32_t n, float ref, float inv_t, float* e, const float* side = nullptr,
                     int32_t side_n = 0);
 
+// Sorts keys ascending by their bits [from_bit, 64) (a stable radix sort; the bits below ride
+// along, and keys equal above from_bit keep their order). Top-k and top-p sort their candidates so.
+void radix_sort_u64(uint64_t* keys, size_t n, int from_bit);
+
 // Validation outcome of a row, as checked_row_max defines it.
 enum class RowCheck : uint8_t { Unchecked = 0, Ok = 1, NotFinite = 2, AllNegInf = 3 };
 // Throws the RangeError that checked_row_max throws for this outcome (nothing for Ok).

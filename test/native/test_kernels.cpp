@@ -1073,6 +1073,26 @@ OSD_TEST(thread_pool_covers_range_and_propagates_errors) {
   CHECK_EQ(count.load(), 100);
 }
 
+OSD_TEST(radix_sort_matches_stable_sort) {
+  std::mt19937_64 rng(7);
+  for (size_t n : {0, 1, 2, 3, 255, 256, 257, 1000, 5000, 40000})
+    for (int from_bit : {0, 11, 32, 60})
+      for (int kind = 0; kind < 3; ++kind) {
+        std::vector<uint64_t> keys(n);
+        for (auto& k : keys) {
+          const uint64_t r = rng();
+          // random; few distinct values (duplicates, stability); the shape of the top-k keys
+          // (a narrow logit range above, ids below 2^17)
+          k = kind == 0 ? r : kind == 1 ? (r % 5) << 40 | (r >> 50) : (0xbf800000ull + (r & 0xfffff)) << 32 | (r >> 47);
+        }
+        std::vector<uint64_t> want = keys;
+        const uint64_t mask = ~uint64_t{0} << from_bit;
+        std::stable_sort(want.begin(), want.end(), [mask](uint64_t a, uint64_t b) { return (a & mask) < (b & mask); });
+        radix_sort_u64(keys.data(), keys.size(), from_bit);
+        CHECK(keys == want);
+      }
+}
+
 OSD_TEST(thread_pool_many_jobs_with_sleeps_between) {
   // Jobs back to back (workers spinning) and after pauses longer than the spin (workers asleep):
   // every item once, no lost wake-up (that would hang here), errors still delivered.

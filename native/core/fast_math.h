@@ -41,6 +41,7 @@ OSD_HD float exp_approx(float x) {
 }  // namespace osd
 
 #if defined(__GNUC__) && !defined(__CUDACC__)
+#include <atomic>
 #include <cstdlib>
 #include <string_view>
 // ---- Host SIMD: float lanes as GCC/Clang vector types ----------------------------------------
@@ -86,20 +87,25 @@ template <class V> using ivec = typename SimdInt<V>::type;  // the int32 lanes o
 template <class V> constexpr int kLanes = sizeof(V) / sizeof(float);
 constexpr int kSimdGroup = 32;  // the kernels' accumulator lanes: entry j goes to lane j % 32
 
-// Whether this CPU runs the x86-64-v4 clone, the one that uses 16 lanes (x86 with AVX-512 F, VL,
-// BW, DQ and CD, as the clone's resolver requires). OSD_SIMD_LANES=8 in the environment keeps 8
-// lanes there too (ctest runs test_kernels both ways, so CI on an AVX-512 machine tests both).
+// Whether to run 16 lanes: where this CPU runs the x86-64-v4 clone (the question its resolver
+// asks). OSD_SIMD_LANES=8 in the environment keeps 8 lanes there too (ctest runs test_kernels both
+// ways, so CI on an AVX-512 machine tests both), and simd_force_lanes() does so in one process.
+inline std::atomic<int>& simd_lanes_forced() {
+  static std::atomic<int> lanes{0};
+  return lanes;
+}
 inline bool simd_wide() {
 #if defined(__x86_64__) && !defined(__clang__) && !defined(OSD_SIMD_ONLY)
-  static const bool wide = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                           __builtin_cpu_supports("avx512cd") && !(std::getenv("OSD_SIMD_LANES") &&
-                                                                  std::string_view(std::getenv("OSD_SIMD_LANES")) == "8");
-  return wide;
+  static const bool v4 = __builtin_cpu_supports("x86-64-v4");
+  static const bool env8 = std::getenv("OSD_SIMD_LANES") && std::string_view(std::getenv("OSD_SIMD_LANES")) == "8";
+  const int forced = simd_lanes_forced().load(std::memory_order_relaxed);
+  return v4 && (forced ? forced == 16 : !env8);
 #else
   return false;
 #endif
 }
+// For tests: 8 or 16 lanes from now on (16 only where the v4 clone runs), 0 for the default.
+inline void simd_force_lanes(int lanes) { simd_lanes_forced().store(lanes, std::memory_order_relaxed); }
 
 // fn<f32x16>(args) where this CPU runs the x86-64-v4 clone, else fn<f32x8>(args). Used inside the
 // cloned functions: each clone compiles both widths and runs the one that suits it.

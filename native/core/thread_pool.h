@@ -43,14 +43,14 @@ class ThreadPool {
 
   std::vector<std::thread> workers_;
   std::mutex run_mu_;  // one parallel_for at a time; nested calls run inline
-  std::atomic<uint64_t> work_{0};
+  alignas(64) std::atomic<uint64_t> work_{0};  // own cache lines: every chunk writes these two
   // The job of the current generation; written before work_ publishes it, and stable while any of
   // its chunks runs (the next job starts only after every chunk has finished).
   const std::function<void(size_t, size_t)>* job_ = nullptr;
   size_t job_n_ = 0;
-  std::atomic<size_t> done_chunks_{0};
+  alignas(64) std::atomic<size_t> done_chunks_{0};
   // Sleeping: workers that found no job after spinning, and the caller waiting for the last chunk.
-  std::mutex mu_;
+  alignas(64) std::mutex mu_;
   std::condition_variable cv_work_, cv_done_;
   std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_sleeps_{false};

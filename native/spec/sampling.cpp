@@ -769,7 +769,7 @@ const float* row_block_exps(const BlockedRow& r, int32_t b, float* buf) {
 double BlockedRow::prob(int32_t token) const {
   const int32_t b = token / kStatBlock;
   const float bm = blocks[b].max;
-  // exp_approx on one lane gives exp_approx16's bits (fast_math.h).
+  // exp_approx on one lane gives vexp's bits (fast_math.h).
   const float x = e ? e[token] : bm == kNegInf ? 0.0f : exp_approx((logits[token] - bm) * inv_t);
   return static_cast<double>(x * scale[b]) / z;
 }

@@ -214,7 +214,10 @@ OSD_TEST(warp_row_matches_full_sort) {
       }
       Sampling s;
       s.temperature = trial % 2 ? 0.7f : 1.5f;
-      s.top_k = trial % 3 == 2 ? 0 : 1 + static_cast<int32_t>(rng() % std::min(V - 1, 100));  // k < V
+      // k < V; k >= 256 sorts its candidates by radix, smaller k by std::sort
+      s.top_k = trial % 3 == 2 ? 0
+                : trial % 6 == 0 && V > 1000 ? 256 + static_cast<int32_t>(rng() % 800)
+                                              : 1 + static_cast<int32_t>(rng() % std::min(V - 1, 100));
       const float top_p[] = {0.999f, 0.6f, 0.05f, 0.8f, 0.9f, 0.999999f};
       s.top_p = trial % 3 == 1 ? 1.0f : top_p[trial % 6];
       std::vector<int32_t> ids;
@@ -925,6 +928,13 @@ void compare_fast(const DistillInput& in, float scale, FastCase& worst) {
   const double lb = distill_row_fast(in, 0, scale, gb.data());
   const double lc = distill_row_fast(in, 0, scale, nullptr);
   CHECK(std::isfinite(lb));
+  // Both vector widths give the same bits (fast_math.h): again with 8 lanes.
+  simd_force_lanes(8);
+  std::vector<float> g8(V);
+  const double l8 = distill_row_fast(in, 0, scale, g8.data());
+  simd_force_lanes(0);
+  CHECK(std::memcmp(&l8, &lb, sizeof l8) == 0);
+  CHECK(std::memcmp(g8.data(), gb.data(), V * sizeof(float)) == 0);
   CHECK_NEAR(lc, lb, 1e-12 * std::max(1.0, std::fabs(lb)));
   worst.loss_err = std::max(worst.loss_err, std::fabs(lb - la) / (1e-5 * std::max(1.0, std::fabs(la))));
   float gmax = 0.0f;
@@ -1095,10 +1105,25 @@ OSD_TEST(radix_sort_matches_stable_sort) {
 
 OSD_TEST(thread_pool_many_jobs_with_sleeps_between) {
   // Jobs back to back (workers spinning) and after pauses longer than the spin (workers asleep):
-  // every item once, no lost wake-up (that would hang here), errors still delivered.
+  // every item once, errors still delivered, and every worker wakes for a job: after each pause,
+  // a job of size() chunks that each wait until all size() run at once (the caller alone would
+  // otherwise run them one by one, and a worker that missed its wake-up would go unnoticed).
   for (int threads : {2, 3}) {
     ThreadPool pool(threads);
-    long bad = 0;
+    long bad = 0, not_woken = 0;
+    auto all_at_once = [&] {
+      std::atomic<int> running{0};
+      std::atomic<bool> timed_out{false};
+      pool.parallel_for(static_cast<size_t>(pool.size()), 1, [&](size_t, size_t) {
+        ++running;
+        const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        while (running.load() < pool.size() && !timed_out.load()) {
+          if (std::chrono::steady_clock::now() > until) timed_out = true;
+          std::this_thread::yield();
+        }
+      });
+      not_woken += timed_out.load();
+    };
     for (int it = 0; it < 3000; ++it) {
       const size_t n = 1 + (it * 7919) % 97;
       std::vector<int> hit(n, 0);
@@ -1111,9 +1136,11 @@ OSD_TEST(thread_pool_many_jobs_with_sleeps_between) {
           if (lo > 0) throw_range("chunk failed");
         }), "chunk failed");
         std::this_thread::sleep_for(std::chrono::milliseconds(2));  // past the workers' spin
+        all_at_once();
       }
     }
     CHECK_EQ(bad, 0L);
+    CHECK_EQ(not_woken, 0L);
   }
 }
 

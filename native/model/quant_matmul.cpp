@@ -815,6 +815,95 @@ OSD_AVX512 void range32_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0
   }
 }
 
+// Formats with unsigned weights and a min (Q4_1, Q5_1): two tokens per 512-bit vector. The row's
+// 32 weights go to both halves; the halves hold the two tokens' activations, so one vpdpbusd forms
+// both tokens' p[k]. Per lane the float operations are tile32_avx2's, in order (dw * dx, times
+// float(p[k]), added to the token's acc[k]; summ + m_w * s_x per token, here a lane per token);
+// the halves are summed by hsum8_avx2. The activations, the two tokens' dx and the tokens' s_x
+// are laid out per block once per 8 tokens and shared by the call's rows: the per-token scalar
+// work of tile32_avx512 (dw * dx and its broadcast, m_w * s_x) was most of its time on SmolLM2.
+// GCC 12's AVX-512 headers fill unused lanes from a self-initialised "undefined" vector, which its
+// own -Wmaybe-uninitialized then flags in every caller (fixed in GCC 13): silenced here only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+struct PairedActs {
+  std::vector<int8_t> q;   // [block][pair] 64 bytes: token 2p's 32 values, then token 2p + 1's
+  std::vector<float> dx;   // [block][pair] 16 floats: token 2p's d eight times, then 2p + 1's
+  std::vector<float> sx;   // [block] 8 floats: each token's s (the last token repeated)
+};
+
+template <class T, int NP>
+OSD_AVX512 void tile32_pairs_avx512(const Args& k, int64_t r, int64_t t, int rn, const PairedActs& pa) {
+  using B = typename T::B;
+  const int64_t nb = k.cols / kQK;
+  const B* w = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r) * k.row_bytes);
+  __m512 acc[NP];
+  for (int p = 0; p < NP; ++p) acc[p] = _mm512_setzero_ps();
+  __m256 summ = _mm256_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t b = 0; b < nb; ++b) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + b) + kPrefetchBytes, _MM_HINT_T0);
+    const __m256i wq = T::unpack(w + b);
+    const __m512i w2 = _mm512_inserti64x4(_mm512_zextsi256_si512(wq), wq, 1);
+    const __m512 dw = _mm512_set1_ps(f16(w[b].d));
+    const int8_t* q = pa.q.data() + b * NP * 64;
+    const float* dx = pa.dx.data() + b * NP * 16;
+    for (int p = 0; p < NP; ++p) {
+      const __m512i p32 = _mm512_dpbusd_epi32(zero, w2, _mm512_loadu_si512(q + 64 * p));
+      const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + 16 * p));
+      acc[p] = _mm512_add_ps(acc[p], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(p32)));
+    }
+    summ = _mm256_add_ps(summ, _mm256_mul_ps(_mm256_set1_ps(f16(T::m(w + b))), _mm256_loadu_ps(pa.sx.data() + 8 * b)));
+  }
+  alignas(32) float sm[8];
+  _mm256_store_ps(sm, summ);
+  for (int p = 0; p < NP; ++p) {
+    const int j = 2 * p;
+    k.y[(t + j) * k.rows + r] = hsum8_avx2(_mm512_castps512_ps256(acc[p])) + sm[j];
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p]), 1));
+    if (j + 1 < rn) k.y[(t + j + 1) * k.rows + r] = hsum8_avx2(hi) + sm[j + 1];
+  }
+}
+
+template <class T>
+OSD_AVX512 void range32_pairs_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+  static_assert(T::kUnsigned && T::kMin, "the paired kernel is for Q4_1 and Q5_1");
+  if (t1 - t0 == 1) return range32_avx512<T>(k, r0, r1, t0, t1);  // decoding: no pair to fill
+  const int64_t nb = k.cols / kQK;
+  thread_local PairedActs pa;
+  for (int64_t t = t0; t < t1; t += 8) {
+    const int rn = static_cast<int>(std::min<int64_t>(8, t1 - t)), np = (rn + 1) / 2;
+    pa.q.resize(static_cast<size_t>(nb) * np * 64);
+    pa.dx.resize(static_cast<size_t>(nb) * np * 16);
+    pa.sx.resize(static_cast<size_t>(nb) * 8);
+    for (int p = 0; p < np; ++p) {
+      const int64_t ta = t + 2 * p, tb = t + std::min(2 * p + 1, rn - 1);  // an odd last token pairs with itself
+      const int8_t *qa = k.a->qrow(ta), *qb = k.a->qrow(tb);
+      const float *da = k.a->drow(ta), *db = k.a->drow(tb);
+      for (int64_t b = 0; b < nb; ++b) {
+        std::memcpy(pa.q.data() + (b * np + p) * 64, qa + b * kQK, kQK);
+        std::memcpy(pa.q.data() + (b * np + p) * 64 + 32, qb + b * kQK, kQK);
+        float* dx = pa.dx.data() + (b * np + p) * 16;
+        std::fill(dx, dx + 8, da[b]);
+        std::fill(dx + 8, dx + 16, db[b]);
+      }
+    }
+    for (int j = 0; j < 8; ++j) {
+      const float* sx = k.a->srow(t + std::min(j, rn - 1));
+      for (int64_t b = 0; b < nb; ++b) pa.sx[b * 8 + j] = sx[b];
+    }
+    for (int64_t r = r0; r < r1; ++r) switch (np) {
+        case 4: tile32_pairs_avx512<T, 4>(k, r, t, rn, pa); break;
+        case 3: tile32_pairs_avx512<T, 3>(k, r, t, rn, pa); break;
+        case 2: tile32_pairs_avx512<T, 2>(k, r, t, rn, pa); break;
+        default: tile32_pairs_avx512<T, 1>(k, r, t, rn, pa); break;
+      }
+  }
+}
+
+#pragma GCC diagnostic pop
+
 template <class B, int RN>
 OSD_AVX512 void tilek_avx512(const Args& k, const KBlockV& kb, int64_t b, int64_t t, float* acc) {
   const int8_t* yq[RN];
@@ -894,9 +983,9 @@ RangeFn pick(TensorType t, Isa isa) {
   if (isa == Isa::Avx512) {
     switch (t) {
       case TensorType::Q4_0: return range32_avx512<Q4_0V>;
-      case TensorType::Q4_1: return range32_avx512<Q4_1V>;
+      case TensorType::Q4_1: return range32_pairs_avx512<Q4_1V>;
       case TensorType::Q5_0: return range32_avx512<Q5_0V>;
-      case TensorType::Q5_1: return range32_avx512<Q5_1V>;
+      case TensorType::Q5_1: return range32_pairs_avx512<Q5_1V>;
       case TensorType::Q8_0: return range32_avx512<Q8_0V>;
       case TensorType::Q3_K: return rangek_avx512<BlockQ3_K>;
       case TensorType::Q4_K: return rangek_avx512<BlockQ4_K>;

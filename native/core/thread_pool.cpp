@@ -38,11 +38,9 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::finish_chunk() {
+void ThreadPool::finish_chunk(size_t chunks) {
   // The caller reads done_chunks_ before it sleeps (under mu_) and this thread reads caller_sleeps_
   // after counting (both sequentially consistent): one of the two sees the other.
-  const uint64_t w = work_.load(std::memory_order_relaxed);
-  const size_t chunks = (w >> 16) & kChunkMask;
   if (done_chunks_.fetch_add(1) + 1 == chunks && caller_sleeps_.load()) {
     { std::lock_guard<std::mutex> lk(mu_); }
     cv_done_.notify_all();
@@ -62,7 +60,7 @@ uint64_t ThreadPool::run_chunks(uint64_t w) {
       std::lock_guard<std::mutex> g(err_mu_);
       if (!error_) error_ = std::current_exception();
     }
-    finish_chunk();
+    finish_chunk(chunks);
     w = work_.load(std::memory_order_acquire);
   }
 }

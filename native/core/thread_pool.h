@@ -34,7 +34,7 @@ class ThreadPool {
   // Claims and runs chunks of the job published as `word` until none is left. A chunk is claimed
   // by a compare-and-swap on work_, so no lock is taken per chunk. Returns the last word seen.
   uint64_t run_chunks(uint64_t word);
-  void finish_chunk();
+  void finish_chunk(size_t chunks);
 
   // work_ = generation << 32 | chunks << 16 | next chunk: one word, so a worker that slept through
   // a whole job can never claim a chunk of the next one with the old job's function.

@@ -517,24 +517,31 @@ OSD_SIMD_INLINE void div_lanes(const V& s, const V& t, const V& es, const V& et,
   }
 }
 
+// One 32-entry group: g_j into g_out, the loss terms and q_j g_j added to their lanes.
+template <class V, DistillKind kKind>
+OSD_SIMD_INLINE void div_group(const float* s, const float* t, const float* es, const float* et, float* g_out,
+                               const DivRow& r, float fq, float fp, Lanes32<V>& ls, Lanes32<V>& es_g) {
+  constexpr int L = kLanes<V>;
+  V g, l;
+#pragma GCC unroll 4
+  for (int v = 0; v < kStatLanes / L; ++v) {
+    const int32_t i = v * L;
+    div_lanes<V, kKind>(vload<V>(s + i), vload<V>(t + i), vload<V>(es + i), vload<V>(et + i), r, fq, fp, g, l);
+    vstore(g_out + i, g);
+    ls.v[v] += l;
+    es_g.v[v] += vload<V>(es + i) * splat<V>(fq) * g;
+  }
+}
+
 // The loss terms and q_j g_j summed in 32 lanes (entry j in lane j % 32) and folded as lane_sum,
 // so both vector widths give the same sums.
 template <class V, DistillKind kKind>
 OSD_SIMD_INLINE void div_groups(const float* s, const float* t, const float* es, float* et_g, int32_t n,
                                 const DivRow& r, float fq, float fp, double* loss, double* eg) {
-  constexpr int L = kLanes<V>;
   Lanes32<V> ls, es_g;
-  V g, l;
   int32_t j = 0;
   for (; j + kStatLanes <= n; j += kStatLanes)
-#pragma GCC unroll 4
-    for (int v = 0; v < kStatLanes / L; ++v) {
-      const int32_t i = j + v * L;
-      div_lanes<V, kKind>(vload<V>(s + i), vload<V>(t + i), vload<V>(es + i), vload<V>(et_g + i), r, fq, fp, g, l);
-      vstore(et_g + i, g);
-      ls.v[v] += l;
-      es_g.v[v] += vload<V>(es + i) * splat<V>(fq) * g;
-    }
+    div_group<V, kKind>(s + j, t + j, es + j, et_g + j, et_g + j, r, fq, fp, ls, es_g);
   if (j < n) {
     // The last entries padded to a whole group with terms that add nothing: q = p = 0.
     float ps[kStatLanes], pt[kStatLanes], pes[kStatLanes] = {}, pet[kStatLanes] = {}, pg[kStatLanes];
@@ -544,13 +551,7 @@ OSD_SIMD_INLINE void div_groups(const float* s, const float* t, const float* es,
       pt[k] = k < m ? t[j + k] : r.mt;
       if (k < m) pes[k] = es[j + k], pet[k] = et_g[j + k];
     }
-    for (int v = 0; v < kStatLanes / L; ++v) {
-      const int32_t i = v * L;
-      div_lanes<V, kKind>(vload<V>(ps + i), vload<V>(pt + i), vload<V>(pes + i), vload<V>(pet + i), r, fq, fp, g, l);
-      vstore(pg + i, g);
-      ls.v[v] += l;
-      es_g.v[v] += vload<V>(pes + i) * splat<V>(fq) * g;
-    }
+    div_group<V, kKind>(ps, pt, pes, pet, pg, r, fq, fp, ls, es_g);
     for (int32_t k = 0; k < m; ++k) et_g[j + k] = pg[k];
   }
   float la[kStatLanes], ea[kStatLanes];
@@ -560,20 +561,22 @@ OSD_SIMD_INLINE void div_groups(const float* s, const float* t, const float* es,
   *eg = fold_lanes32(ea);
 }
 
+template <class V>
+OSD_SIMD_INLINE void div_block_v(DistillKind kind, const float* s, const float* t, const float* es, float* et_g,
+                                 int32_t n, const DivRow& r, float fq, float fp, double* loss, double* eg) {
+  if (kind == DistillKind::ReverseKL)
+    div_groups<V, DistillKind::ReverseKL>(s, t, es, et_g, n, r, fq, fp, loss, eg);
+  else if (kind == DistillKind::TVD)
+    div_groups<V, DistillKind::TVD>(s, t, es, et_g, n, r, fq, fp, loss, eg);
+  else
+    div_groups<V, DistillKind::JSD>(s, t, es, et_g, n, r, fq, fp, loss, eg);
+}
+
 // Pass 2 of divergence_row_blocked on one block: g_j over et (in place), and the block's sums of
 // the loss terms and of q_j g_j.
 OSD_CLONES void div_block(DistillKind kind, const float* s, const float* t, const float* es, float* et_g, int32_t n,
                           const DivRow& r, float fq, float fp, double* loss, double* eg) {
-  const bool wide = simd_wide();
-  if (kind == DistillKind::ReverseKL)
-    wide ? div_groups<f32x16, DistillKind::ReverseKL>(s, t, es, et_g, n, r, fq, fp, loss, eg)
-         : div_groups<f32x8, DistillKind::ReverseKL>(s, t, es, et_g, n, r, fq, fp, loss, eg);
-  else if (kind == DistillKind::TVD)
-    wide ? div_groups<f32x16, DistillKind::TVD>(s, t, es, et_g, n, r, fq, fp, loss, eg)
-         : div_groups<f32x8, DistillKind::TVD>(s, t, es, et_g, n, r, fq, fp, loss, eg);
-  else
-    wide ? div_groups<f32x16, DistillKind::JSD>(s, t, es, et_g, n, r, fq, fp, loss, eg)
-         : div_groups<f32x8, DistillKind::JSD>(s, t, es, et_g, n, r, fq, fp, loss, eg);
+  OSD_SIMD_WIDTH(div_block_v, kind, s, t, es, et_g, n, r, fq, fp, loss, eg);
 }
 
 // grad_j = c es_j (g_j - eg), c = gscale float(cs_b / zs) (grad and es may be the same array).

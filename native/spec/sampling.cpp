@@ -658,6 +658,38 @@ void dense_rows(const float* const* logits, int32_t n, int32_t vocab, float inv_
   }
 }
 
+// Group sums locate the entry, then one group is added in order. Any two summation orders of the
+// same m <= n + 1 non-negative terms (cum0 and weights) give partial sums within a factor
+// 1 +- 2 (n + 1) 2^-53 of each other, so an entry whose partial sums clear target by that factor
+// on both sides is where the sum in index order crosses too (its partial sums never decrease).
+// cuda/chain_blocked.cu decides the same way.
+OSD_CLONES int32_t find_crossing(const float* w, int32_t n, double cum0, double target) {
+  constexpr int32_t kGroup = 64;
+  const double eps = 4.01 * (static_cast<double>(n) + 2.0) * 0x1p-53;
+  double c = cum0;
+  for (int32_t j0 = 0; j0 < n; j0 += kGroup) {
+    const int32_t len = std::min(kGroup, n - j0);
+    double a[16] = {};  // two vectors of independent sums
+    int32_t j = 0;
+    for (; j + 16 <= len; j += 16)
+      for (int k = 0; k < 16; ++k) a[k] += static_cast<double>(w[j0 + j + k]);
+    for (; j < len; ++j) a[0] += static_cast<double>(w[j0 + j]);
+    for (int k = 0; k < 8; ++k) a[k] += a[k + 8];
+    const double group = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    if (!(c + group > target)) {
+      c += group;
+      continue;
+    }
+    for (j = j0; j < j0 + len; ++j) {
+      const double before = c;
+      c += static_cast<double>(w[j]);
+      if (c > target) return c * (1.0 - eps) > target && before * (1.0 + eps) < target ? j : -1;
+    }
+    return -1;
+  }
+  return -1;
+}
+
 namespace {
 
 // sample_blocks with the weights of a block formed on demand: fill(b, w) writes block b's weights
@@ -684,6 +716,8 @@ int32_t sample_by_blocks(const float* bmass, int32_t vocab, double u, Fill&& fil
     // entry as skipping them, without a branch per entry (a residual is zero at about half its
     // entries, and the mispredictions made this scan about 2.7x slower).
     for (int32_t j = 0; j < n; ++j) w[j] = w[j] > 0.0f ? w[j] : 0.0f;
+    const int32_t hit = find_crossing(w, n, cum, target);
+    if (hit >= 0) return b * kStatBlock + hit;
     for (int32_t j = 0; j < n; ++j) {
       cum += w[j];
       if (cum > target) return b * kStatBlock + j;

@@ -460,6 +460,51 @@ OSD_TEST(sample_dense_matches_sample_row) {
   CHECK_EQ(mismatches, 0);
 }
 
+OSD_TEST(find_crossing_matches_sequential_scan) {
+  // The group-sum search against the scan it replaces, the first j with cum0 + w_0 + ... + w_j >
+  // target added one by one in double: random targets are decided (and must agree); targets on or
+  // one ulp beside a partial sum must agree or fall back (-1), never differ.
+  std::mt19937 rng(31);
+  std::uniform_real_distribution<double> uni(0, 1);
+  std::normal_distribution<float> nrm(0.0f, 1.0f);
+  auto literal = [](const std::vector<float>& w, double cum, double target) {
+    for (size_t j = 0; j < w.size(); ++j)
+      if ((cum += static_cast<double>(w[j])) > target) return static_cast<int32_t>(j);
+    return int32_t{-1};
+  };
+  int decided = 0, random_targets = 0, wrong = 0, tie_decided = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    const int32_t n = trial % 7 == 0 ? 1 + trial % 61 : 1 + static_cast<int32_t>(uni(rng) * kStatBlock);
+    const float spread = trial % 3 == 0 ? 12.0f : 3.0f;  // wide: weights down to the denormals
+    std::vector<float> w(n);
+    for (auto& x : w) x = uni(rng) < 0.4 ? 0.0f : std::exp(spread * nrm(rng) - 20.0f);
+    const double cum0 = trial % 2 ? uni(rng) * 1e-3 : 0.0;
+    std::vector<double> partial(n);
+    double c = cum0;
+    for (int32_t j = 0; j < n; ++j) partial[j] = c += static_cast<double>(w[j]);
+    for (int k = 0; k < 8; ++k) {
+      double target;
+      const bool tie = k >= 4;
+      if (!tie) {
+        target = cum0 + uni(rng) * (partial[n - 1] - cum0) * 1.01;  // past the end sometimes
+        ++random_targets;
+      } else {
+        const double at = partial[static_cast<size_t>(uni(rng) * n)];
+        target = k == 4 ? at : k == 5 ? std::nextafter(at, 0.0) : k == 6 ? std::nextafter(at, 1.0) : at * (1 + 1e-15);
+      }
+      const int32_t fast = find_crossing(w.data(), n, cum0, target), want = literal(w, cum0, target);
+      if (fast >= 0) {
+        wrong += fast != want;
+        (tie ? tie_decided : decided) += 1;
+      }
+    }
+  }
+  CHECK_EQ(wrong, 0);
+  // Nearly all random targets are decided without the fallback (the ones past the end are not).
+  CHECK(decided > random_targets * 9 / 10);
+  CHECK(tie_decided < 12000);  // ties sit inside the margin: most fall back
+}
+
 OSD_TEST(blocked_row_matches_dense_row) {
   // The blocked row without stored exp terms against DenseRow, bit for bit: statistics, prob,
   // samples and residual samples (with -Infinity entries and blocks, and p == q where the residual

@@ -199,37 +199,51 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
     return r;
   };
   // Reads rows ks[0..n): the first n_sum summed (keeping a tested pair's exp terms), the others
-  // for their maxima only. All their blocks over the pool when called outside it; summed rows first,
-  // so that the expensive blocks are spread over the threads and the cheap ones fill the tail.
-  // While a summed block's exps run, its share of rows side[0..n_side) is prefetched (rows read
-  // soon after: max-only reads are otherwise bound by memory alone, and the exps by the FPU alone).
+  // for their maxima only. Called outside the pool, the blocks are split over its threads by block
+  // range, the same range of every row on one thread: one chunk per thread (each claim and each
+  // shared line costs a trip between cores), and a later pass over the same split (the residual,
+  // the bonus row) finds its blocks in the cache of the thread that read them.
+  // While a summed block's exps run, its share of the chunk's range of rows side[0..n_side) is
+  // prefetched (rows read soon after: max-only reads are otherwise bound by memory alone, and the
+  // exps by the FPU alone).
   // With `known`, the rows' maxima are in w.stats already (spread's first pass): only sums are
   // left, and the blocks are not read for their maxima again.
   auto read = [&](const size_t* ks, size_t n, size_t n_sum, const size_t* side = nullptr, size_t n_side = 0,
                   bool known = false) {
-    const size_t summed = n_sum * nb, side_floats = n_side * static_cast<size_t>(V);
-    auto body = [&](size_t lo, size_t hi) {
-      for (size_t u = lo; u < hi; ++u) {
-        const size_t i = u / nb, k = ks[i];
-        const int32_t b = static_cast<int32_t>(u % nb), j0 = b * kStatBlock;
-        float* e = i < n_sum ? pair_e(k) : nullptr;
-        const float* sp = nullptr;
-        int32_t sn = 0;
-        if (i < n_sum && n_side) {
-          const size_t f0 = u * side_floats / summed, f1 = (u + 1) * side_floats / summed;
-          const size_t off = f0 % V;
-          sp = logits(side[f0 / V]) + off;
-          sn = static_cast<int32_t>(std::min(f1 - f0, V - off));
+    auto body = [&](size_t b0, size_t b1) {
+      const size_t j0 = b0 * kStatBlock, span = std::min<size_t>(V, b1 * kStatBlock) - j0;
+      // One line of every 4 KiB page of the chunk first, into L2: the hardware prefetchers stop at
+      // page boundaries and each page of a cold row needs its own table walk, so the walks overlap
+      // here instead of stalling block by block.
+      for (size_t i = 0; i < n + n_side; ++i)
+        for (size_t j = 0; j < span; j += 1024) __builtin_prefetch(logits(i < n ? ks[i] : side[i - n]) + j0 + j, 0, 2);
+      // Side share of the s-th summed block: floats [f0, f1) of the side rows' ranges laid end to end.
+      const size_t summed = n_sum * (b1 - b0), side_floats = n_side * span;
+      size_t s = 0;
+      for (size_t i = 0; i < n; ++i) {
+        const size_t k = ks[i];
+        for (size_t bb = b0; bb < b1; ++bb) {
+          const int32_t b = static_cast<int32_t>(bb), jb = b * kStatBlock, len = std::min(kStatBlock, V - jb);
+          float* e = i < n_sum ? pair_e(k) : nullptr;
+          const float* sp = nullptr;
+          int32_t sn = 0;
+          if (i < n_sum && n_side) {
+            const size_t f0 = s * side_floats / summed, f1 = (s + 1) * side_floats / summed, off = f0 % span;
+            sp = logits(side[f0 / span]) + j0 + off;
+            sn = static_cast<int32_t>(std::min(f1 - f0, span - off));
+            ++s;
+          }
+          if (known && i < n_sum)
+            block_sum(logits(k) + jb, len, inv_t, w.stats[k * nb + b], e ? e + jb : nullptr, sp, sn);
+          else
+            block_stats(logits(k) + jb, len, inv_t, i < n_sum, w.stats[k * nb + b], e ? e + jb : nullptr, sp, sn);
         }
-        const int32_t len = std::min(kStatBlock, V - j0);
-        if (known && i < n_sum)
-          block_sum(logits(k) + j0, len, inv_t, w.stats[k * nb + b], e ? e + j0 : nullptr, sp, sn);
-        else
-          block_stats(logits(k) + j0, len, inv_t, i < n_sum, w.stats[k * nb + b], e ? e + j0 : nullptr, sp, sn);
       }
     };
     // At least 8K logits per chunk: short rows stay on the calling thread.
-    default_pool().parallel_for(n * nb, std::max<size_t>(1, (size_t(1) << 13) / std::min(V, kStatBlock)), body);
+    const size_t per_block = n * static_cast<size_t>(std::min(V, kStatBlock));
+    const size_t grain = std::max(static_cast<size_t>(nb) / default_pool().size(), ((size_t(1) << 13) + per_block - 1) / per_block);
+    default_pool().parallel_for(static_cast<size_t>(nb), std::max<size_t>(1, grain), body);
   };
   auto set_check = [&](size_t k, RowCheck c) { (k <= G ? tcheck[k] : dcheck[k - G - 1]) = c; };
   auto check_all = [&](size_t from) {  // rows of positions >= from

@@ -855,8 +855,10 @@ float residual_block(const BlockedRow& p, const BlockedRow& q, int32_t b, float*
 int32_t sample_residual_blocked(const BlockedRow& p, const BlockedRow& q, double u, float* rmass) {
   const int32_t nb = stat_blocks(p.vocab);
   // From stored exp terms a block is a few microseconds of loads: a hop to the pool pays from
-  // several blocks on; recomputed, two exps per entry pay from two.
-  const size_t grain = p.e && q.e ? 8 : 2;
+  // several blocks on; recomputed, two exps per entry pay from two. At most one chunk per thread:
+  // the block split of the chain's read, so each thread finds the exp terms it stored.
+  const size_t threads = static_cast<size_t>(default_pool().size());
+  const size_t grain = std::max<size_t>(p.e && q.e ? 8 : 2, static_cast<size_t>(nb) / threads);
   default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
     alignas(32) float r[kStatBlock];
     for (size_t b = lo; b < hi; ++b) rmass[b] = residual_block(p, q, static_cast<int32_t>(b), r);

@@ -128,8 +128,11 @@ export async function loadTrainerCheckpoint(path: string): Promise<Trainer> {
 type TextTools = { tokenizer?: Tokenizer | undefined; chatTemplate?: string | undefined };
 
 /** A batch trains on targets (cross-entropy) or on a teacher (distillation), never on both. */
+const batchKeys = ['tokens', 'batchSize', 'seqLen', 'targets', 'kind', 'teacherLogits', 'teacher', 'mask', 'temperature', 'beta'];
+
 function checkBatchKind(batch: TrainBatch): void {
   if (batch === null || typeof batch !== 'object') return; // the native side names the error
+  checkKeys(batch, batchKeys, 'batch'); // a misspelt mask or teacher would silently train on the wrong loss
   const teacher = batch.teacherLogits !== undefined || batch.teacher !== undefined;
   if (batch.targets !== undefined && teacher)
     throw new TypeError('batch: give either targets (cross-entropy) or a teacher (teacherLogits or teacher), not both');

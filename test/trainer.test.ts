@@ -140,6 +140,11 @@ describe('Trainer', () => {
       new TypeError('batch: give either targets (cross-entropy) or a teacher (teacherLogits or teacher), not both'),
     );
     expect(() => trainer.evalLoss({ ...fixedBatch(), mask: new Uint8Array(24).fill(1) })).toThrow(/^batch\.mask goes with a teacher/);
+    // A misspelt key was ignored: here the sparse teacher, so the batch trained on nothing it named.
+    expect(() => trainer.step({ ...fixedBatch(), targets: undefined, teachr: {} } as never)).toThrow(
+      /^batch\.teachr is not an option; the options are: tokens, batchSize, seqLen, targets, kind, teacherLogits, teacher, mask, temperature, beta$/,
+    );
+    expect(() => trainer.evalLoss({ ...fixedBatch(), seq_len: 12 } as never)).toThrow(/batch\.seq_len is not an option \(did you mean seqLen\?\)/);
     await trainer.dispose();
     expect(() => trainer.step(fixedBatch())).toThrow(/disposed/);
     await trainer.dispose();  // twice is fine

@@ -184,9 +184,10 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
   w.e.resize(2 * static_cast<size_t>(V));
   // Row k: target rows 0..g, then draft rows g + 1..2g. The pair under test keeps its exp terms
   // (a rejection's residual needs all of them: stored, they cost a write; recomputed, two exps per
-  // entry, which bound this loop on the CPU).
+  // entry, which bound this loop on the CPU). So does the bonus row, in the target's half once no
+  // pair needs it: its sample then forms the chosen block without exps.
   auto logits = [&](size_t k) { return k <= G ? in.target + k * V : in.draft + (k - G - 1) * V; };
-  auto pair_e = [&](size_t k) { return k < G ? w.e.data() : k > G ? w.e.data() + V : nullptr; };
+  auto pair_e = [&](size_t k) { return k <= G ? w.e.data() : w.e.data() + V; };
   auto row = [&](size_t k, bool with_e) {
     BlockedRow r;
     r.logits = logits(k);
@@ -305,10 +306,9 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
       res.emitted = res.accepted + 1;
       return;
     }
-    // The bonus row needs no stored exp terms: sampling forms only the chosen block.
     if (!spread || G > 0) read(&G, 1, 1, nullptr, 0, spread);
     next = G + 1;
-    BlockedRow p = row(G, false);
+    BlockedRow p = row(G, true);
     finish_row(p);
     tcheck[G] = p.check;
     if (p.check != RowCheck::Ok) return;

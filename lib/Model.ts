@@ -60,6 +60,29 @@ export function checkTokenIds(tokens: unknown, name: string, vocabSize: number):
   return t;
 }
 
+/**
+ * A generate call's prompt as token ids: `tokens` (each in [0, vocabSize)) or `prompt` encoded with
+ * `model`'s tokenizer, BOS as the vocabulary asks. `who` names the model in errors.
+ */
+export function promptTokens(options: { tokens?: unknown; prompt?: unknown }, model: Model, vocabSize: number, who: string): Int32Array {
+  if (options.tokens !== undefined && options.prompt !== undefined) throw new TypeError('give tokens or prompt, not both');
+  if (options.tokens !== undefined) {
+    const t = checkTokenIds(options.tokens, 'tokens', vocabSize);
+    if (t.length === 0) throw new RangeError('tokens must not be empty');
+    return t;
+  }
+  if (options.prompt !== undefined) {
+    if (typeof options.prompt !== 'string') throw new TypeError('prompt must be a string');
+    const tk = model.tokenizer;
+    if (!tk) throw new TypeError(`prompt needs a ${who} with a tokenizer; pass tokens instead`);
+    checkPromptFits(tk, options.prompt, model.info.contextLength);
+    const t = tk.encode(options.prompt, { addBos: tk.addBos });
+    if (t.length === 0) throw new RangeError('prompt encodes to no tokens');
+    return t;
+  }
+  throw new TypeError('tokens or prompt is required');
+}
+
 export interface ModelInfo {
   path: string;
   format: 'gguf' | 'llama2c';
@@ -356,7 +379,7 @@ export class Model {
     checkMisplacedSampling(options);
     checkKeys(options, modelGenerateKeys);
     const signal = checkSignal(options.signal);
-    const prompt = this.#promptTokens(options);
+    const prompt = promptTokens(options, this, this.info.vocabSize, 'model');
     const maxTokens = checkInteger(options.maxTokens, 'maxTokens', 0);
     const sampling = options.sampling ?? { temperature: 0 };
     const stop = new Set(options.stopTokens === undefined ? this.eosTokens : checkTokenIds(options.stopTokens, 'stopTokens', this.info.vocabSize));
@@ -453,24 +476,6 @@ export class Model {
     const tail = decoder?.flush() ?? '';
     if (tail) yield { tokens: new Int32Array(0), text: tail };
     return stopReason;
-  }
-
-  #promptTokens(options: GenerateOptions): Int32Array {
-    if (options.tokens !== undefined && options.prompt !== undefined) throw new TypeError('give tokens or prompt, not both');
-    if (options.tokens !== undefined) {
-      const t = toTokenArray(options.tokens);
-      if (t.length === 0) throw new RangeError('tokens must not be empty');
-      return t;
-    }
-    if (options.prompt !== undefined) {
-      if (typeof options.prompt !== 'string') throw new TypeError('prompt must be a string');
-      if (!this.tokenizer) throw new TypeError('prompt needs a model with a tokenizer; pass tokens instead');
-      checkPromptFits(this.tokenizer, options.prompt, this.info.contextLength);
-      const t = this.tokenizer.encode(options.prompt, { addBos: this.tokenizer.addBos });
-      if (t.length === 0) throw new RangeError('prompt encodes to no tokens');
-      return t;
-    }
-    throw new TypeError('tokens or prompt is required');
   }
 
   /**

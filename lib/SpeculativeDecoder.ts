@@ -4,8 +4,8 @@
 import { EventEmitter } from 'node:events';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { verifyChain, verifyTree } from './kernels.js';
-import { checkCallback, checkInteger, checkKeys, checkMisplacedSampling, checkPromptFits, checkSampling, disposedError } from './args.js';
-import { checkTokenIds, type Model, type Sequence, type StreamChunk } from './Model.js';
+import { checkCallback, checkInteger, checkKeys, checkMisplacedSampling, checkSampling, disposedError } from './args.js';
+import { checkTokenIds, promptTokens, type Model, type Sequence, type StreamChunk } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
 import { checkSignal, forwardAbort, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
@@ -617,25 +617,6 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     this.#waiting.shift()?.();
   }
 
-  #promptTokens(options: SpeculativeGenerateOptions): Int32Array {
-    if (options.tokens !== undefined && options.prompt !== undefined) throw new TypeError('give tokens or prompt, not both');
-    if (options.tokens !== undefined) {
-      const t = checkTokenIds(options.tokens, 'tokens', this.vocabSize);
-      if (t.length === 0) throw new RangeError('tokens must not be empty');
-      return t;
-    }
-    if (options.prompt !== undefined) {
-      if (typeof options.prompt !== 'string') throw new TypeError('prompt must be a string');
-      const tk = this.target.tokenizer;
-      if (!tk) throw new TypeError('prompt needs a target with a tokenizer; pass tokens instead');
-      checkPromptFits(tk, options.prompt, this.target.info.contextLength);
-      const t = tk.encode(options.prompt, { addBos: tk.addBos });
-      if (t.length === 0) throw new RangeError('prompt encodes to no tokens');
-      return t;
-    }
-    throw new TypeError('tokens or prompt is required');
-  }
-
   async #run(
     options: SpeculativeGenerateOptions,
     emit: (tokens: number[]) => void,
@@ -646,7 +627,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     checkMisplacedSampling(options);
     checkKeys(options, generateKeys);
     const signal = checkSignal(options.signal);
-    const prompt = this.#promptTokens(options);
+    const prompt = promptTokens(options, this.target, this.vocabSize, 'target');
     const maxTokens = checkInteger(options.maxTokens, 'maxTokens', 0);
     if (options.stop !== undefined && (!Array.isArray(options.stop) || options.stop.some((s) => typeof s !== 'string')))
       throw new TypeError('stop must be an array of strings');

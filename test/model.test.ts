@@ -193,6 +193,10 @@ describe.skipIf(!have)('model (stories260K)', () => {
     await expect(seq.evaluate([1])).rejects.toThrow(/disposed/);
     await expect(model.generate({ tokens: [1], maxTokens: -1 })).rejects.toThrow(/maxTokens/);
     await expect(model.generate({ maxTokens: 2 })).rejects.toThrow(/tokens or prompt/);
+    // The prompt is checked as the speculative decoder checks it: each id against the vocabulary.
+    await expect(model.generate({ tokens: [1, 512], maxTokens: 1 })).rejects.toThrow(new RangeError('tokens[1] = 512 is out of range for a vocabulary of 512'));
+    await expect(model.generate({ tokens: [], maxTokens: 1 })).rejects.toThrow(new RangeError('tokens must not be empty'));
+    await expect(model.generate({ tokens: [1], prompt: 'x', maxTokens: 1 })).rejects.toThrow(new TypeError('give tokens or prompt, not both'));
   });
 });
 

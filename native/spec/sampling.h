@@ -133,8 +133,9 @@ void dense_rows(const float* const* logits, int32_t n, int32_t vocab, float inv_
 int32_t sample_blocks(const float* w, const float* wscale, const float* bmass, int32_t vocab, double u);
 // The scan inside a block, without its chain of dependent adds: the first j with
 // cum0 + w_0 + ... + w_j > target, each add in double in index order, for n <= kStatBlock
-// non-negative weights. Returns -1 when its error bound cannot prove that entry (about 1e-12 of
-// draws; or when the sum never passes target): the caller then adds them one by one.
+// non-negative weights. Returns -1 when its error bound cannot prove that entry (a crossing by a
+// weight below about 1e-13 of the running sum: of order 1e-9 of draws at n = 2048; or when the sum
+// never passes target): the caller then adds them one by one.
 int32_t find_crossing(const float* w, int32_t n, double cum0, double target);
 // Sample from a dense row: weights e_j * c_b, masses W_b.
 int32_t sample_dense(const DenseRow& row, double u);

@@ -84,6 +84,13 @@ constexpr int32_t kStatBlock = 2048;
 constexpr int32_t kStatLanes = 32;
 inline int32_t stat_blocks(int32_t vocab) { return (vocab + kStatBlock - 1) / kStatBlock; }
 
+// One line of every 4 KiB page of x[0..n) into L2, before a run of blocks reads them: the hardware
+// prefetchers stop at page boundaries and each page of a cold row needs its own table walk, so the
+// walks overlap here instead of stalling block by block (a hint; it never faults).
+inline void touch_pages(const float* x, size_t n) {
+  for (size_t j = 0; j < n; j += 1024) __builtin_prefetch(x + j, 0, 2);
+}
+
 // Max of n logits and whether any is NaN or +Infinity (any n; max is exact in any order).
 float block_max(const float* l, int32_t n, bool* bad);
 // lane_sum of e_j = exp_approx((l_j - ref) * inv_t) over n <= kStatBlock entries; stores the e_j in

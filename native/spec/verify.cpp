@@ -213,11 +213,7 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
                   bool known = false) {
     auto body = [&](size_t b0, size_t b1) {
       const size_t j0 = b0 * kStatBlock, span = std::min<size_t>(V, b1 * kStatBlock) - j0;
-      // One line of every 4 KiB page of the chunk first, into L2: the hardware prefetchers stop at
-      // page boundaries and each page of a cold row needs its own table walk, so the walks overlap
-      // here instead of stalling block by block.
-      for (size_t i = 0; i < n + n_side; ++i)
-        for (size_t j = 0; j < span; j += 1024) __builtin_prefetch(logits(i < n ? ks[i] : side[i - n]) + j0 + j, 0, 2);
+      for (size_t i = 0; i < n + n_side; ++i) touch_pages(logits(i < n ? ks[i] : side[i - n]) + j0, span);
       // Side share of the s-th summed block: floats [f0, f1) of the side rows' ranges laid end to end.
       const size_t summed = n_sum * (b1 - b0), side_floats = n_side * span;
       size_t s = 0;

@@ -4,6 +4,7 @@
 // never depend on timing. Idle workers spin briefly before sleeping: a decode step issues about a
 // hundred parallel_for calls, and a condition-variable wake-up costs more than many small jobs.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
@@ -25,9 +26,16 @@ class ThreadPool {
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // Calls fn(begin, end) over [0, n) split into at most size() chunks of at least `grain` items.
+  // Calls fn(begin, end) over [0, n) split into at most 4 * size() chunks of at least `grain` items.
   // The first exception thrown by any chunk is rethrown on the calling thread after all chunks end.
   void parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn);
+
+  // A grain that splits n items into about one chunk per thread (at least min_grain items each):
+  // each thread keeps one run of consecutive items, and a later pass split the same way finds its
+  // share in the cache of the thread that read it.
+  size_t grain_per_thread(size_t n, size_t min_grain = 1) const {
+    return std::max(min_grain, n / static_cast<size_t>(size()));
+  }
 
  private:
   void worker_loop(int id);

@@ -440,8 +440,8 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   // Pass 1, one read of each block: maxima, exp terms (the student's into grad), their sums. One
   // run of consecutive blocks per thread: a block prefetches the next one while its exps run, so
   // only a run's first block waits on memory.
-  const size_t threads = static_cast<size_t>(default_pool().size());
-  default_pool().parallel_for(nb, std::max<size_t>(1, nb / threads), [&](size_t lo, size_t hi) {
+  const size_t grain = default_pool().grain_per_thread(nb);
+  default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
       if (!pb.maxima(b, s + j0, t + j0, n)) continue;
@@ -466,7 +466,7 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   // Pass 2, no exp: grad = gscale (q - p) from the kept terms, split as pass 1 (a thread then
   // mostly finds its own blocks in its cache).
   const float gscale = scale * it;
-  default_pool().parallel_for(nb, std::max<size_t>(1, nb / threads), [&](size_t lo, size_t hi) {
+  default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
       fkl_grad_block(grad + j0, et + j0, n, static_cast<float>(pb.cs[b] / zs), static_cast<float>(pb.ct[b] / zt),
@@ -606,7 +606,7 @@ double divergence_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   PairBlocks& pb = w.p;
   pb.resize(nb);
   w.loss.resize(nb), w.eg.resize(nb);
-  const size_t threads = static_cast<size_t>(default_pool().size()), grain = std::max<size_t>(1, nb / threads);
+  const size_t grain = default_pool().grain_per_thread(nb);
   // Pass 1, as forward_kl_row_blocked's: block maxima, exp terms and their sums.
   default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {

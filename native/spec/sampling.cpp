@@ -857,8 +857,7 @@ int32_t sample_residual_blocked(const BlockedRow& p, const BlockedRow& q, double
   // From stored exp terms a block is a few microseconds of loads: a hop to the pool pays from
   // several blocks on; recomputed, two exps per entry pay from two. At most one chunk per thread:
   // the block split of the chain's read, so each thread finds the exp terms it stored.
-  const size_t threads = static_cast<size_t>(default_pool().size());
-  const size_t grain = std::max<size_t>(p.e && q.e ? 8 : 2, static_cast<size_t>(nb) / threads);
+  const size_t grain = default_pool().grain_per_thread(nb, p.e && q.e ? 8 : 2);
   default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
     alignas(32) float r[kStatBlock];
     for (size_t b = lo; b < hi; ++b) rmass[b] = residual_block(p, q, static_cast<int32_t>(b), r);

@@ -239,8 +239,7 @@ ChainResult verify_chain_blocked(const ChainInput& in, const Sampling& s, uint64
     };
     // At least 8K logits per chunk: short rows stay on the calling thread.
     const size_t per_block = n * static_cast<size_t>(std::min(V, kStatBlock));
-    const size_t grain = std::max(static_cast<size_t>(nb) / default_pool().size(), ((size_t(1) << 13) + per_block - 1) / per_block);
-    default_pool().parallel_for(static_cast<size_t>(nb), std::max<size_t>(1, grain), body);
+    default_pool().parallel_for(nb, default_pool().grain_per_thread(nb, ((size_t(1) << 13) + per_block - 1) / per_block), body);
   };
   auto set_check = [&](size_t k, RowCheck c) { (k <= G ? tcheck[k] : dcheck[k - G - 1]) = c; };
   auto check_all = [&](size_t from) {  // rows of positions >= from

@@ -127,9 +127,9 @@ export async function loadTrainerCheckpoint(path: string): Promise<Trainer> {
 /** What snapshots carry over from the source model. */
 type TextTools = { tokenizer?: Tokenizer | undefined; chatTemplate?: string | undefined };
 
-/** A batch trains on targets (cross-entropy) or on a teacher (distillation), never on both. */
 const batchKeys = ['tokens', 'batchSize', 'seqLen', 'targets', 'kind', 'teacherLogits', 'teacher', 'mask', 'temperature', 'beta'];
 
+/** A batch trains on targets (cross-entropy) or on a teacher (distillation), never on both. */
 function checkBatchKind(batch: TrainBatch): void {
   if (batch === null || typeof batch !== 'object') return; // the native side names the error
   checkKeys(batch, batchKeys, 'batch'); // a misspelt mask or teacher would silently train on the wrong loss

@@ -390,29 +390,49 @@ export class Model {
     try {
       throwIfAborted(signal);
       if (prompt.length >= seq.capacity) throw new RangeError(`the prompt (${prompt.length} tokens) does not fit the context of ${seq.capacity}`);
-      let logits = await seq.evaluate(prompt, { lastOnly: true, ...(signal && { signal }) });
-      while (out.length < maxTokens) {
-        throwIfAborted(signal);
-        const token = native.sampleLogits({
-          logits,
-          vocabSize: this.info.vocabSize,
-          sampling,
-          seed: options.seed ?? 0,
-          stream: options.stream ?? 0,
-          position: seq.length,
-        });
+      const logits = await seq.evaluate(prompt, { lastOnly: true, ...(signal && { signal }) });
+      const seed = options.seed ?? 0;
+      const stream = options.stream ?? 0;
+      // Token i of the output is drawn at Philox position prompt.length + i, however it is produced.
+      // Returns whether generation goes on after `token`.
+      const take = (token: number): boolean => {
         out.push(token);
         options.onToken?.(token);
-        if (stop.has(token)) {
-          stopReason = 'eos';
-          break;
+        if (stop.has(token)) stopReason = 'eos';
+        else if (out.length >= maxTokens) stopReason = 'maxTokens';
+        else if (prompt.length + out.length >= seq.capacity) stopReason = 'context';
+        else return true;
+        return false;
+      };
+      if (maxTokens > 0) {
+        throwIfAborted(signal);
+        let more = take(native.sampleLogits({ logits, vocabSize: this.info.vocabSize, sampling, seed, stream, position: seq.length }));
+        // The rest in chunks drawn by the engine in one call each (Sequence.draft samples as
+        // sampleLogits does): one round trip to JavaScript per chunk instead of per token. Chunks
+        // grow from 1 to 16 tokens, and to no more than about CHUNK_MS of decoding, so that a stream
+        // starts at once and arrives in small bursts.
+        const stopIds = Int32Array.from(stop);
+        let chunk = 1;
+        while (more) {
+          throwIfAborted(signal);
+          const room = Math.min(maxTokens - out.length, seq.capacity - prompt.length - out.length);
+          const t0 = performance.now();
+          const d = await seq.draft([out[out.length - 1]!], {
+            count: Math.min(chunk, room),
+            sampling,
+            seed,
+            stream,
+            position: seq.length + 1,
+            stopTokens: stopIds,
+            ...(signal && { signal }),
+          });
+          for (let i = 0; i < d.tokens.length && more; i++) {
+            throwIfAborted(signal); // an onToken that aborts sees no token after it
+            more = take(d.tokens[i]!);
+          }
+          const msPerToken = (performance.now() - t0) / d.tokens.length;
+          chunk = Math.max(1, Math.min(16, 2 * chunk, Math.floor(CHUNK_MS / msPerToken)));
         }
-        if (out.length >= maxTokens) break;
-        if (prompt.length + out.length >= seq.capacity) {
-          stopReason = 'context';
-          break;
-        }
-        logits = await seq.evaluate([token]);
       }
     } finally {
       await seq.dispose();
@@ -516,6 +536,9 @@ export interface EvaluateOptions {
 /** Tokens per pass of an abortable prefill (EvaluateOptions.signal). */
 export const PREFILL_CHUNK = 64;
 
+/** Model.generate's decoding time per native call, at most (ms): its tokens reach onToken together. */
+const CHUNK_MS = 50;
+
 export interface DraftOptions {
   /** Draft tokens to propose (>= 1). */
   count: number;
@@ -530,14 +553,16 @@ export interface DraftOptions {
   positions?: Int32Array | number[];
   /** Rows are sampled and returned cut to their first vocabSize logits (a vocabulary shared with a smaller model). Default: the model's. */
   vocabSize?: number;
+  /** Drawing one of these ends the chain there (it is the last token returned, and is not evaluated). */
+  stopTokens?: Int32Array | number[];
   /** Aborting stops the loop before its next pass; the cache is left as it was before the call. */
   signal?: AbortSignal;
 }
 
 export interface DraftResult {
-  /** The count drafted tokens. */
+  /** The drafted tokens: count of them, or fewer when the last is one of stopTokens. */
   tokens: Int32Array;
-  /** [count x vocabSize] logits: row i is the distribution that token i was drawn from. */
+  /** [tokens.length x vocabSize] logits: row i is the distribution that token i was drawn from. */
   logits: Float32Array;
 }
 
@@ -622,14 +647,15 @@ export class Sequence {
    * i < count draws token i from the latest row (exactly as sampleLogits does, at Philox position
    * `position + i` of `stream`) and, except for the last, evaluates it. The cache ends holding
    * `tokens` and the first count - 1 drafted tokens, as the equivalent loop of evaluate() and
-   * sampleLogits() would leave it; on an error or abort it is left as it was.
+   * sampleLogits() would leave it; on an error or abort it is left as it was. A drawn stop token
+   * ends the chain early: the cache then holds `tokens` and the drafted tokens before it.
    */
   async draft(tokens: Int32Array | number[], options: DraftOptions): Promise<DraftResult> {
     const handle = this.#get();
     const t = ownTokens(tokens); // read now: the call may start after the caller changed the array
     if (t.length === 0) throw new RangeError('tokens must not be empty');
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
-    checkKeys(options, ['count', 'sampling', 'seed', 'stream', 'position', 'positions', 'vocabSize', 'signal']);
+    checkKeys(options, ['count', 'sampling', 'seed', 'stream', 'position', 'positions', 'vocabSize', 'stopTokens', 'signal']);
     const { count, vocabSize, position, positions } = options;
     checkInteger(count, 'options.count', 1);
     const vm = this.model.info.vocabSize;
@@ -638,6 +664,7 @@ export class Sequence {
     const pos = positions === undefined ? undefined : toTokenArray(positions, 'options.positions');
     if (pos && pos.length !== count) throw new RangeError(`options.positions has length ${pos.length}, expected options.count = ${count}`);
     if (pos) for (let i = 0; i < pos.length; i++) if (pos[i]! < 0) throw new RangeError(`options.positions[${i}] must be >= 0, got ${pos[i]}`);
+    const stop = options.stopTokens === undefined ? undefined : checkTokenIds(options.stopTokens, 'options.stopTokens', vm);
     const signal = checkSignal(options.signal, 'options.signal');
     const native = {
       count,
@@ -647,6 +674,7 @@ export class Sequence {
       stream: options.stream ?? 0,
       position: position ?? 0,
       ...(pos ? { positions: pos } : {}),
+      ...(stop && stop.length > 0 ? { stopTokens: stop } : {}),
     };
     const run = async () => {
       if (!this.#native) throw this.#gone();

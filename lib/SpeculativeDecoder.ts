@@ -848,7 +848,9 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     const V = this.vocabSize;
     const c = req.counters;
     const last = committed[committed.length - 1]!;
-    const d = await this.#timed(c, 'target', () => T.draft([last], { count: n, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false) }));
+    const stopTokens = Int32Array.from(req.stopTokens);
+    const d = await this.#timed(c, 'target', () => T.draft([last], { count: n, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false), stopTokens }));
+    n = d.tokens.length; // fewer when a stop token ended the run
     c.targetPasses += n - 1;
     const tokens = Array.from(d.tokens);
     for (let i = 0; i < n; i++) {

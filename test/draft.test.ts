@@ -103,6 +103,36 @@ describe('Sequence.draft (default draft model)', () => {
     await s.dispose();
   });
 
+  it('stopTokens end the chain at the first one drawn, as the loop stopping there would', async () => {
+    const sampling = { temperature: 1.2 };
+    const a = model.createSequence();
+    const ref = await jsLoop(a, prompt, { sampling, seed: 5, stream: 1, positions: Array.from({ length: 12 }, (_, i) => i), vocabSize: 4096 });
+    await a.dispose();
+    const toks = Array.from(ref.tokens);
+    // Stop on the token drawn at index 6 (and on one never drawn): the chain ends at its first
+    // occurrence, which is the last token returned and is not evaluated.
+    const first = toks.indexOf(toks[6]!);
+    const unused = Array.from({ length: 4096 }, (_, i) => i).find((t) => !toks.includes(t))!;
+    const b = model.createSequence();
+    const got = await b.draft(prompt, { count: 12, sampling, seed: 5, stream: 1, stopTokens: [unused, toks[6]!] });
+    expect(Array.from(got.tokens)).toEqual(toks.slice(0, first + 1));
+    expect(got.logits.length).toBe((first + 1) * 4096);
+    expect(sameBits(got.logits, ref.logits.subarray(0, (first + 1) * 4096))).toBe(true);
+    expect(b.length).toBe(prompt.length + first);
+    // The cache holds the same tokens as a loop stopped there: the next pass agrees bit for bit.
+    const c = model.createSequence();
+    await c.evaluate([...prompt, ...toks.slice(0, first)]);
+    const last = [toks[first]!];
+    expect(sameBits(await b.evaluate(last), await c.evaluate(last))).toBe(true);
+    // A stop token drawn first ends the chain after one token; none drawn: the whole chain.
+    b.truncate(0);
+    expect(Array.from((await b.draft(prompt, { count: 12, sampling, seed: 5, stream: 1, stopTokens: [toks[0]!] })).tokens)).toEqual([toks[0]]);
+    expect(b.length).toBe(prompt.length);
+    b.truncate(0);
+    expect(Array.from((await b.draft(prompt, { count: 12, sampling, seed: 5, stream: 1, stopTokens: [unused] })).tokens)).toEqual(toks);
+    await Promise.all([b.dispose(), c.dispose()]);
+  });
+
   it('rejects bad arguments with errors that name them, leaving the cache as it was', async () => {
     const s = model.createSequence({ contextSize: 16 });
     await s.evaluate([1, 2, 3]);
@@ -125,6 +155,8 @@ describe('Sequence.draft (default draft model)', () => {
     await expect(s.draft([4], { ...ok, seed: -1 })).rejects.toThrow(/seed/);
     await expect(s.draft([4], { ...ok, stream: 1.5 })).rejects.toThrow(/stream/);
     await expect(s.draft([4], { ...ok, signal: {} as AbortSignal })).rejects.toThrow(/options\.signal must be an AbortSignal/);
+    await expect(s.draft([4], { ...ok, stopTokens: [2, 4096] })).rejects.toThrow(new RangeError('options.stopTokens[1] = 4096 is out of range for a vocabulary of 4096'));
+    await expect(s.draft([4], { ...ok, stopTokens: new Float32Array([1]) as never })).rejects.toThrow(TypeError);
     // 3 cached + 2 pending + 12 drafted, of which the last is not evaluated: 16 fits; one more does not.
     await expect(s.draft([4, 5], { ...ok, count: 13 })).rejects.toThrow(/context of 16/);
     expect(s.length).toBe(3);

@@ -3,6 +3,7 @@
 import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { addon } from '../lib/addon.js';
 import { loadModel, writeRandomModel, type Model } from '../lib/index.js';
 import { suiteTempDir } from './helpers/tmp.js';
 
@@ -56,6 +57,56 @@ describe.skipIf(!have)('model (stories260K)', () => {
     expect(model.eosTokens).toContain(a.tokens[a.tokens.length - 1]);
     const c = await model.generate({ tokens: [1], maxTokens: 500, sampling: { temperature: 1 }, seed: 2 });
     expect(Array.from(c.tokens)).not.toEqual(Array.from(a.tokens));
+  });
+
+  it('generate gives the tokens and stop reason of the evaluate + sampleLogits loop, drawn in chunks', async () => {
+    // The reference: one evaluate() per token, each drawn at Philox position seq.length.
+    const sampleLogits = (addon as unknown as { sampleLogits(o: object): number }).sampleLogits;
+    const ref = async (prompt: number[], o: { maxTokens: number; sampling?: object; seed?: number; stream?: number; stopTokens?: number[] }) => {
+      const seq = model.createSequence();
+      const stop = new Set(o.stopTokens ?? model.eosTokens);
+      const out: number[] = [];
+      let stopReason = 'maxTokens';
+      let logits = await seq.evaluate(prompt, { lastOnly: true });
+      while (out.length < o.maxTokens) {
+        const t = sampleLogits({ logits, vocabSize: 512, sampling: o.sampling ?? { temperature: 0 }, seed: o.seed ?? 0, stream: o.stream ?? 0, position: seq.length });
+        out.push(t);
+        if (stop.has(t)) {
+          stopReason = 'eos';
+          break;
+        }
+        if (out.length >= o.maxTokens) break;
+        if (prompt.length + out.length >= seq.capacity) {
+          stopReason = 'context';
+          break;
+        }
+        logits = await seq.evaluate([t]);
+      }
+      await seq.dispose();
+      return { tokens: out, stopReason };
+    };
+    const greedy = await ref([1], { maxTokens: 100 });
+    const long = Array.from({ length: 490 }, (_, i) => (i * 37 + 1) % 512);
+    const cases: [number[], { maxTokens: number; sampling?: object; seed?: number; stream?: number; stopTokens?: number[] }][] = [
+      [[1], { maxTokens: 100 }],
+      [[1], { maxTokens: 0 }],
+      [[1], { maxTokens: 1 }],
+      [[1], { maxTokens: 37, sampling: { temperature: 0.9 }, seed: 11, stream: 3 }],
+      [[1], { maxTokens: 500, sampling: { temperature: 1 }, seed: 1 }], // ends at EOS
+      [[1, 403, 407], { maxTokens: 300, sampling: { temperature: 0.8, topK: 20, topP: 0.9 }, seed: 4, stream: 2 }],
+      [[1], { maxTokens: 100, stopTokens: [greedy.tokens[41]!] }], // a stop token inside a chunk
+      [[1], { maxTokens: 1000 }], // to the end of the context
+      [long, { maxTokens: 100, sampling: { temperature: 1 }, seed: 9, stopTokens: [] }],
+    ];
+    for (const [prompt, o] of cases) {
+      const want = await ref(prompt, o);
+      const seen: number[] = [];
+      const got = await model.generate({ tokens: prompt, ...o, onToken: (t) => void seen.push(t) });
+      expect(Array.from(got.tokens)).toEqual(want.tokens);
+      expect(seen).toEqual(want.tokens);
+      expect(got.stopReason).toBe(want.stopReason);
+    }
+    expect(greedy.tokens.indexOf(greedy.tokens[41]!)).toBeGreaterThan(8); // the stop case stops mid-run
   });
 
   it('forward gives [n x V] logits equal to step-by-step decoding', async () => {

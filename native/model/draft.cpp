@@ -10,7 +10,7 @@
 
 namespace osd {
 
-bool draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const DraftParams& p, int32_t* out_tokens,
+int32_t draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const DraftParams& p, int32_t* out_tokens,
                  float* out_logits, const std::atomic<bool>* cancel) {
   const int32_t vm = seq.model().config().vocab;
   if (n <= 0) throw_range("tokens must not be empty");
@@ -29,7 +29,7 @@ bool draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const DraftPar
     for (int32_t i = 0; i < p.count; ++i) {
       if (i > 0 && cancel && cancel->load(std::memory_order_relaxed)) {
         seq.truncate(start);
-        return false;
+        return 0;
       }
       float* row = out_logits + static_cast<size_t>(i) * p.vocab;
       float* dst = scratch.empty() ? row : scratch.data();
@@ -38,12 +38,13 @@ bool draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const DraftPar
       if (!scratch.empty()) std::memcpy(row, dst, sizeof(float) * p.vocab);
       const uint32_t pos = p.positions ? p.positions[i] : p.position + static_cast<uint32_t>(i);
       out_tokens[i] = sample_token(row, p.vocab, p.sampling, p.seed, p.stream, pos, "draft logits", i);
+      if (p.n_stop > 0 && std::binary_search(p.stop, p.stop + p.n_stop, out_tokens[i])) return i + 1;
     }
   } catch (...) {
     seq.truncate(start);
     throw;
   }
-  return true;
+  return p.count;
 }
 
 }  // namespace osd

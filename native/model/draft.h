@@ -17,14 +17,19 @@ struct DraftParams {
   uint64_t seed = 0, stream = 0;
   uint32_t position = 0;               // Philox position of draft token i: position + i ...
   const uint32_t* positions = nullptr;  // ... or positions[i] when given
+  // Drawing one of these ends the chain early (plain generation stops at end-of-sequence tokens
+  // without paying for passes past them). Sorted ascending; null when n_stop is 0.
+  const int32_t* stop = nullptr;
+  int32_t n_stop = 0;
 };
 
 // Evaluates tokens[0..n) after the sequence's length, then for i < count samples draft token i
-// from the latest row and, if i + 1 < count, evaluates it. Writes out_tokens[count] and
-// out_logits[count x vocab] (row i is the distribution token i was drawn from). The cache ends
-// holding the n tokens and draft tokens 0..count-2. Returns false, with the cache as it was, when
+// from the latest row and, if i + 1 < count and it is not a stop token, evaluates it. Returns the
+// number of tokens drawn, d (count, or fewer when token d - 1 is a stop token), with out_tokens[d]
+// and out_logits[d x vocab] written (row i is the distribution token i was drawn from) and the
+// cache holding the n tokens and draft tokens 0..d-2. Returns 0, with the cache as it was, when
 // `cancel` became true between passes; on an error the cache is also restored before rethrowing.
-bool draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const DraftParams& p, int32_t* out_tokens,
+int32_t draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const DraftParams& p, int32_t* out_tokens,
                  float* out_logits, const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace osd

@@ -3,6 +3,7 @@
 // A sequence runs one evaluation at a time; the TypeScript layer queues calls.
 #include <napi.h>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <optional>
@@ -280,24 +281,33 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
    public:
     DraftWorker(Napi::Env env, std::shared_ptr<Sequence> seq, std::shared_ptr<std::atomic<bool>> busy,
                 std::shared_ptr<std::atomic<bool>> cancel, std::vector<int32_t> tokens, std::vector<uint32_t> positions,
-                DraftParams p, Napi::Int32Array out_tokens, Napi::Float32Array out_logits)
+                std::vector<int32_t> stop, DraftParams p, Napi::Int32Array out_tokens, Napi::Float32Array out_logits)
         : PromiseWorker(env), seq_(std::move(seq)), busy_(std::move(busy)), cancel_(std::move(cancel)),
-          tokens_(std::move(tokens)), positions_(std::move(positions)), p_(p), tokens_ref_(Napi::Persistent(out_tokens)),
-          logits_ref_(Napi::Persistent(out_logits)), out_tokens_(out_tokens.Data()), out_logits_(out_logits.Data()) {
+          tokens_(std::move(tokens)), positions_(std::move(positions)), stop_(std::move(stop)), p_(p),
+          tokens_ref_(Napi::Persistent(out_tokens)), logits_ref_(Napi::Persistent(out_logits)),
+          out_tokens_(out_tokens.Data()), out_logits_(out_logits.Data()) {
       if (!positions_.empty()) p_.positions = positions_.data();
+      p_.stop = stop_.data();
+      p_.n_stop = static_cast<int32_t>(stop_.size());
     }
 
    protected:
     void run() override {
-      if (!draft_chain(*seq_, tokens_.data(), static_cast<int32_t>(tokens_.size()), p_, out_tokens_, out_logits_,
-                       cancel_.get()))
-        throw Error(ErrorKind::State, "OSD_ABORTED");
+      drawn_ = draft_chain(*seq_, tokens_.data(), static_cast<int32_t>(tokens_.size()), p_, out_tokens_, out_logits_,
+                           cancel_.get());
+      if (drawn_ == 0) throw Error(ErrorKind::State, "OSD_ABORTED");
     }
     void OnOK() override {
       busy_->store(false);
       Napi::Object r = Napi::Object::New(Env());
-      r.Set("tokens", tokens_ref_.Value());
-      r.Set("logits", logits_ref_.Value());
+      Napi::Int32Array tokens = tokens_ref_.Value();
+      Napi::Float32Array logits = logits_ref_.Value();
+      if (drawn_ < p_.count) {  // a stop token ended the chain: views of the rows drawn
+        tokens = Napi::Int32Array::New(Env(), drawn_, tokens.ArrayBuffer(), 0);
+        logits = Napi::Float32Array::New(Env(), static_cast<size_t>(drawn_) * p_.vocab, logits.ArrayBuffer(), 0);
+      }
+      r.Set("tokens", tokens);
+      r.Set("logits", logits);
       deferred_.Resolve(r);
     }
     void OnError(const Napi::Error& e) override {
@@ -314,15 +324,18 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     std::shared_ptr<std::atomic<bool>> busy_, cancel_;
     std::vector<int32_t> tokens_;
     std::vector<uint32_t> positions_;
+    std::vector<int32_t> stop_;  // sorted
     DraftParams p_;
+    int32_t drawn_ = 0;
     Napi::Reference<Napi::Int32Array> tokens_ref_;
     Napi::Reference<Napi::Float32Array> logits_ref_;
     int32_t* out_tokens_;
     float* out_logits_;
   };
 
-  // draft(tokens: Int32Array, { count, vocabSize?, sampling, seed?, stream?, position?, positions? }):
-  // Promise<{ tokens: Int32Array, logits: Float32Array }>; see draft_chain.
+  // draft(tokens: Int32Array, { count, vocabSize?, sampling, seed?, stream?, position?, positions?,
+  // stopTokens? }): Promise<{ tokens: Int32Array, logits: Float32Array }>, shorter than count when a
+  // stop token was drawn; see draft_chain.
   Napi::Value draft(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
@@ -358,6 +371,16 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
           positions.push_back(static_cast<uint32_t>(ps[i]));
         }
       }
+      std::vector<int32_t> stop;
+      const Napi::Value stop_v = get_prop(o, "stopTokens");
+      if (present(stop_v)) {
+        stop = copy_array<int32_t>(env, stop_v, "stopTokens");
+        for (size_t i = 0; i < stop.size(); ++i)
+          if (stop[i] < 0 || stop[i] >= vm)
+            throw Napi::RangeError::New(env, "stopTokens[" + std::to_string(i) + "] = " + std::to_string(stop[i]) +
+                                                 " is out of range for a vocabulary of " + std::to_string(vm));
+        std::sort(stop.begin(), stop.end());
+      }
       // Phase 2: no JavaScript runs from here. The tokens are copied, then checked.
       get(env);
       std::vector<int32_t> tokens = copy_array<int32_t>(env, info[0], "tokens");
@@ -370,8 +393,8 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       auto out_logits = Napi::Float32Array::New(env, static_cast<size_t>(p.count) * p.vocab);
       cancel_ = std::make_shared<std::atomic<bool>>(false);
       busy_->store(true);
-      auto* w = new DraftWorker(env, seq_, busy_, cancel_, std::move(tokens), std::move(positions), p, out_tokens,
-                                out_logits);
+      auto* w = new DraftWorker(env, seq_, busy_, cancel_, std::move(tokens), std::move(positions), std::move(stop), p,
+                                out_tokens, out_logits);
       w->Queue();
       return w->promise();
     });

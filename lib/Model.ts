@@ -17,6 +17,7 @@ interface NativeModel {
 interface NativeSequence {
   evaluate(tokens: Int32Array, parents: Int32Array | null, lastOnly: boolean): Promise<Float32Array>;
   draft(tokens: Int32Array, options: object): Promise<DraftResult>;
+  chainStep(draft: NativeSequence, pending: Int32Array, options: object): Promise<ChainStepResult>;
   cancel(): void;
   truncate(n: number): void;
   keepPath(base: number, path: Int32Array): void;
@@ -566,6 +567,36 @@ export interface DraftResult {
   logits: Float32Array;
 }
 
+export interface ChainStepOptions {
+  /** The last committed token: the target's pass starts with it (its logits give the first row). */
+  last: number;
+  /** Draft tokens g (>= 1). */
+  count: number;
+  /** Rows are cut to the first vocabSize logits, a vocabulary both models share. Default: the smaller model's. */
+  vocabSize?: number;
+  /** Warping for drafting and verification; greedy by default. */
+  sampling?: SamplingOptions;
+  seed?: Seed;
+  /** Philox stream of the draft's draws (token i at position i). Default 0. */
+  draftStream?: Seed;
+  /** Philox stream of the verification. Default 0. */
+  targetStream?: Seed;
+}
+
+export interface ChainStepResult {
+  /** Draft tokens accepted. */
+  acceptedCount: number;
+  /** The accepted draft tokens, then the correction or bonus token. */
+  tokens: Int32Array;
+  /** The g drafted tokens. */
+  draftTokens: Int32Array;
+  /** [(acceptedCount + 1) x vocabSize]: the target's rows that the emitted tokens were verified against. */
+  targetLogits: Float32Array;
+  /** Time spent drafting, and in the target's pass and the verification (ms, measured natively). */
+  draftMs: number;
+  targetMs: number;
+}
+
 /** One KV cache. Evaluations run one at a time in call order. */
 export class Sequence {
   readonly model: Model;
@@ -691,6 +722,52 @@ export class Sequence {
       }
     };
     return this.#enqueue(run);
+  }
+
+  /**
+   * One speculative chain step in one native call; this sequence is the target's. `draft` (idle,
+   * another sequence) evaluates `pending` and drafts options.count tokens as draft() would, this
+   * sequence evaluates options.last and them in one pass, and verifyChain decides, with the same
+   * result, bit for bit, as those three calls. Both caches then hold what was accepted: this one
+   * `last` and the accepted tokens, the draft's `pending` and the accepted tokens it evaluated. On an
+   * error both are left as they were.
+   */
+  async chainStep(draft: Sequence, pending: Int32Array | number[], options: ChainStepOptions): Promise<ChainStepResult> {
+    const handle = this.#get();
+    if (!(draft instanceof Sequence)) throw new TypeError('draft must be a Sequence');
+    if (draft === this) throw new TypeError("draft must be another sequence than the target's");
+    const dh = draft.#idle('chainStep (the draft sequence)');
+    const t = ownTokens(pending);
+    if (t.length === 0) throw new RangeError('pending must not be empty');
+    if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    checkKeys(options, ['last', 'count', 'vocabSize', 'sampling', 'seed', 'draftStream', 'targetStream']);
+    checkInteger(options.last, 'options.last', 0, this.model.info.vocabSize - 1);
+    checkInteger(options.count, 'options.count', 1);
+    if (options.vocabSize !== undefined) checkInteger(options.vocabSize, 'options.vocabSize', 1, Math.min(this.model.info.vocabSize, draft.model.info.vocabSize));
+    const native = {
+      last: options.last,
+      count: options.count,
+      ...(options.vocabSize !== undefined ? { vocabSize: options.vocabSize } : {}),
+      sampling: options.sampling ?? { temperature: 0 },
+      seed: options.seed ?? 0,
+      draftStream: options.draftStream ?? 0,
+      targetStream: options.targetStream ?? 0,
+    };
+    // The draft counts the step as its own pending call (its truncate() and fork() refuse until it
+    // settles; the count drops before the caller resumes), and its later calls queue behind it.
+    draft.#pending++;
+    const run = async () => {
+      try {
+        if (!this.#native) throw this.#gone();
+        if (!draft.#native) throw draft.#gone();
+        return await handle.chainStep(dh, t, native);
+      } finally {
+        draft.#pending--;
+      }
+    };
+    const result = this.#enqueue(run);
+    draft.#queue = result.catch(() => undefined);
+    return result;
   }
 
   /** Runs `run` after the calls queued before it; counts it as pending until it settles. */

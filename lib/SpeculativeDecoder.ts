@@ -868,10 +868,8 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     const V = this.vocabSize;
     const c = req.counters;
     const last = committed[committed.length - 1]!;
-    const tBase = T.length;
-    let draftTokens: Int32Array = new Int32Array(0);
-    let draftLogits: Float32Array = new Float32Array(0);
     let catchUpMs = 0;
+    let r: { acceptedCount: number; tokens: Int32Array; targetLogits: Float32Array };
     if (g > 0) {
       // The draft cost is timed on the chain: a request's first step prefills the prompt apart, as
       // does the first drafting step after plain ones (its catch-up is not a cost of the chain).
@@ -880,26 +878,29 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
         await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length, -1), { lastOnly: true, signal: req.signal }));
         catchUpMs = performance.now() - t0;
       }
-      // One native call drafts the whole chain (token i at Philox position i of the step's draft stream).
-      const dStart = performance.now();
-      const d = await D.draft(committed.slice(D.length), { count: g, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, true) });
-      const ms = performance.now() - dStart;
+      // One native call drafts the chain (token i at Philox position i of the step's draft stream),
+      // runs the target over it and verifies it, leaving both caches with what was accepted.
+      const t0 = performance.now();
+      const s = await T.chainStep(D, committed.slice(D.length), {
+        last, count: g, vocabSize: V, sampling: req.sampling, seed: req.seed, draftStream: streamOf(req, step, true), targetStream: streamOf(req, step, false),
+      });
+      // The round trip is charged to the target, as its evaluate() was charged before.
+      const ms = performance.now() - t0;
       c.draftPasses += g;
-      c.draftMs += ms;
-      draftTokens = d.tokens;
-      draftLogits = d.logits;
+      c.draftMs += s.draftMs;
+      c.targetPasses++;
+      c.targetMs += ms - s.draftMs;
+      r = s;
+    } else {
+      const tBase = T.length;
+      const tl = await this.#timed(c, 'target', () => T.evaluate([last]));
+      const targetLogits = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
+      const v = verifyChain({ targetLogits, draftLogits: new Float32Array(0), draftTokens: new Int32Array(0), vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false) });
+      r = { ...v, targetLogits };
+      T.truncate(tBase + 1);
     }
-    const input = new Int32Array(g + 1);
-    input[0] = last;
-    input.set(draftTokens, 1);
-    const tl = await this.#timed(c, 'target', () => T.evaluate(input));
-    const targetLogits = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
-    const r = verifyChain({ targetLogits, draftLogits, draftTokens, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false) });
     const a = r.acceptedCount;
-    this.#onVerified?.({ request: req.id, context: committed, drafted: g, accepted: a, emitted: r.tokens, targetLogits: targetLogits.slice(0, (a + 1) * V), vocabSize: V });
-    T.truncate(tBase + 1 + a);
-    // The draft evaluated the committed tokens and draft tokens 0..g-2; keep the accepted ones.
-    if (D.length > committed.length + a) D.truncate(committed.length + a);
+    this.#onVerified?.({ request: req.id, context: committed, drafted: g, accepted: a, emitted: r.tokens, targetLogits: r.targetLogits.slice(0, (a + 1) * V), vocabSize: V });
     c.record(g, a, a + 1);
     c.recordChain(g, a);
     if (g > 0) {

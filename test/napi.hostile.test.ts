@@ -574,6 +574,35 @@ describe('models and sequences', () => {
     expect((await running) as Float32Array).toHaveLength(64);
   });
 
+  it('chainStep: getters that dispose either sequence or start an evaluation on it are errors; pending is copied late', async () => {
+    const opts = (key: string, hook: () => void) => withGetter({ last: 1, count: 2, sampling: { temperature: 0 }, seed: 1 }, key, hook);
+    const fresh = async () => {
+      const t = new raw.NativeSequence(model, 16);
+      const d = new raw.NativeSequence(model, 16);
+      await t.evaluate(Int32Array.of(1, 2));
+      await d.evaluate(Int32Array.of(1, 2));
+      return [t, d];
+    };
+    let [t, d] = await fresh();
+    for (const bad of [undefined, 5, {}, tok, model, Object.setPrototypeOf({}, raw.NativeSequence.prototype)])
+      expectThrows(() => t.chainStep(bad, Int32Array.of(3), { last: 1, count: 2 }), TypeError, /^draft must be a NativeSequence$/);
+    expectThrows(() => t.chainStep(d, Int32Array.of(3), opts('last', () => t.dispose())), Error, /^the sequence was disposed$/);
+    [t, d] = await fresh();
+    expectThrows(() => t.chainStep(d, Int32Array.of(3), opts('sampling', () => d.dispose())), Error, /^the sequence was disposed$/);
+    [t, d] = await fresh();
+    let running: Promise<unknown> | undefined;
+    expectThrows(() => t.chainStep(d, Int32Array.of(3), opts('targetStream', () => { running = d.evaluate(Int32Array.of(1)); })), Error, /busy/);
+    await running;
+    const pending = Int32Array.of(3);
+    expectThrows(() => t.chainStep(d, pending, opts('draftStream', () => detach(pending))), TypeError, /^pending is detached/);
+    const out = Int32Array.of(3);
+    expectThrows(() => t.chainStep(d, out, opts('seed', () => out.fill(1 << 30))), RangeError, /^pending\[0\] = 1073741824 is out of range/);
+    // Neither sequence is left busy.
+    const r = await t.chainStep(d, Int32Array.of(3), { last: 1, count: 2, sampling: { temperature: 1 }, seed: 2 });
+    expect(r.draftTokens).toHaveLength(2);
+    expect(t.length).toBe(3 + r.acceptedCount);
+  });
+
   it('keepPath takes a path in a SharedArrayBuffer (copied before it is checked; no writer races it here)', async () => {
     const seq = new raw.NativeSequence(model, 16);
     await seq.evaluate(Int32Array.of(1, 2, 3), Int32Array.of(-1, 0, 0));

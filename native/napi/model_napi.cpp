@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "core/philox.h"
+#include "model/chain_step.h"
 #include "model/draft.h"
 #include "model/model.h"
 #include "model/model_io.h"
@@ -181,6 +182,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     Napi::Function ctor = DefineClass(env, "NativeSequence",
                                       {InstanceMethod("evaluate", &SequenceWrap::evaluate),
                                        InstanceMethod("draft", &SequenceWrap::draft),
+                                       InstanceMethod("chainStep", &SequenceWrap::chain_step),
                                        InstanceMethod("cancel", &SequenceWrap::cancel),
                                        InstanceMethod("truncate", &SequenceWrap::truncate),
                                        InstanceMethod("keepPath", &SequenceWrap::keep_path),
@@ -395,6 +397,107 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       busy_->store(true);
       auto* w = new DraftWorker(env, seq_, busy_, cancel_, std::move(tokens), std::move(positions), std::move(stop), p,
                                 out_tokens, out_logits);
+      w->Queue();
+      return w->promise();
+    });
+  }
+
+  class ChainStepWorker : public PromiseWorker {
+   public:
+    ChainStepWorker(Napi::Env env, std::shared_ptr<Sequence> target, std::shared_ptr<Sequence> draft,
+                    std::shared_ptr<std::atomic<bool>> target_busy, std::shared_ptr<std::atomic<bool>> draft_busy,
+                    std::vector<int32_t> pending, int32_t last, ChainStepParams p, Napi::Float32Array logits)
+        : PromiseWorker(env), target_(std::move(target)), draft_(std::move(draft)), target_busy_(std::move(target_busy)),
+          draft_busy_(std::move(draft_busy)), pending_(std::move(pending)), last_(last), p_(p),
+          draft_tokens_(p.count), out_tokens_(p.count + 1), logits_ref_(Napi::Persistent(logits)), logits_(logits.Data()) {}
+
+   protected:
+    void run() override {
+      accepted_ = osd::chain_step(*target_, *draft_, pending_.data(), static_cast<int32_t>(pending_.size()), last_, p_,
+                             draft_tokens_.data(), out_tokens_.data(), logits_, &times_);
+    }
+    void OnOK() override {
+      release();
+      Napi::Env env = Env();
+      Napi::Object r = Napi::Object::New(env);
+      r.Set("acceptedCount", Napi::Number::New(env, accepted_));
+      r.Set("tokens", int_array(env, out_tokens_.data(), accepted_ + 1));
+      r.Set("draftTokens", int_array(env, draft_tokens_.data(), p_.count));
+      // Rows 0..accepted: the distributions of the emitted tokens (a view, no copy).
+      Napi::Float32Array all = logits_ref_.Value();
+      r.Set("targetLogits", Napi::Float32Array::New(env, static_cast<size_t>(accepted_ + 1) * p_.vocab, all.ArrayBuffer(), 0));
+      r.Set("draftMs", Napi::Number::New(env, times_.draft_ms));
+      r.Set("targetMs", Napi::Number::New(env, times_.target_ms));
+      deferred_.Resolve(r);
+    }
+    void OnError(const Napi::Error& e) override {
+      release();
+      PromiseWorker::OnError(e);
+    }
+
+   private:
+    void release() {
+      target_busy_->store(false);
+      draft_busy_->store(false);
+    }
+    static Napi::Int32Array int_array(Napi::Env env, const int32_t* v, size_t n) {
+      auto a = Napi::Int32Array::New(env, n);
+      std::copy(v, v + n, a.Data());
+      return a;
+    }
+    std::shared_ptr<Sequence> target_, draft_;
+    std::shared_ptr<std::atomic<bool>> target_busy_, draft_busy_;
+    std::vector<int32_t> pending_;
+    int32_t last_;
+    ChainStepParams p_;
+    std::vector<int32_t> draft_tokens_, out_tokens_;
+    Napi::Reference<Napi::Float32Array> logits_ref_;
+    float* logits_;
+    int32_t accepted_ = 0;
+    ChainStepTimes times_;
+  };
+
+  // chainStep(draft: NativeSequence, pending: Int32Array, { last, count, vocabSize?, sampling, seed?,
+  // draftStream?, targetStream? }): Promise<{ acceptedCount, tokens, draftTokens, targetLogits,
+  // draftMs, targetMs }>; this sequence is the target's. See chain_step.
+  Napi::Value chain_step(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      // Phase 1: the options' getters may run (and dispose either sequence); both are checked again below.
+      get(env);
+      SequenceWrap* dw = unwrap_tagged<SequenceWrap>(env, info.Length() < 1 ? env.Undefined() : info[0], kSequenceTag,
+                                                     "draft must be a NativeSequence");
+      if (dw == this) throw Napi::TypeError::New(env, "draft must be another sequence than the target's");
+      dw->get(env);
+      if (info.Length() < 2) throw Napi::TypeError::New(env, "pending must be an Int32Array");
+      checked_length<int32_t>(env, info[1], "pending");
+      Napi::Object o = require_object(info, 2, "options");
+      const int32_t vt = seq_->model().config().vocab, cap = seq_->capacity();
+      const int32_t vd = dw->seq_->model().config().vocab;
+      ChainStepParams p;
+      const int32_t last = static_cast<int32_t>(get_int(o, "last", 0, vt - 1));
+      p.count = static_cast<int32_t>(get_int(o, "count", 1, cap));
+      p.vocab = static_cast<int32_t>(get_int_or(o, "vocabSize", 1, std::min(vt, vd), std::min(vt, vd)));
+      p.sampling = parse_sampling(env, get_prop(o, "sampling"), "sampling");
+      const Napi::Value seed_v = get_prop(o, "seed");
+      p.seed = present(seed_v) ? seed_value(env, seed_v, "seed") : 0;
+      const Napi::Value ds_v = get_prop(o, "draftStream");
+      p.draft_stream = present(ds_v) ? seed_value(env, ds_v, "draftStream") : 0;
+      const Napi::Value ts_v = get_prop(o, "targetStream");
+      p.target_stream = present(ts_v) ? seed_value(env, ts_v, "targetStream") : 0;
+      // Phase 2: no JavaScript runs from here.
+      get(env);
+      dw->get(env);
+      std::vector<int32_t> pending = copy_array<int32_t>(env, info[1], "pending");
+      if (pending.empty()) throw Napi::RangeError::New(env, "pending must not be empty");
+      for (size_t i = 0; i < pending.size(); ++i)
+        if (pending[i] < 0 || pending[i] >= vd)
+          throw Napi::RangeError::New(env, "pending[" + std::to_string(i) + "] = " + std::to_string(pending[i]) +
+                                               " is out of range for a vocabulary of " + std::to_string(vd));
+      auto logits = Napi::Float32Array::New(env, static_cast<size_t>(p.count + 1) * p.vocab);
+      busy_->store(true);
+      dw->busy_->store(true);
+      auto* w = new ChainStepWorker(env, seq_, dw->seq_, busy_, dw->busy_, std::move(pending), last, p, logits);
       w->Queue();
       return w->promise();
     });

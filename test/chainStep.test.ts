@@ -1,0 +1,148 @@
+// Sequence.chainStep, a speculative chain step in one native call: it must give what the three
+// calls it replaces give (Sequence.draft, Sequence.evaluate, verifyChain) bit for bit, leave both
+// caches as they would, check its arguments and leave the caches alone on an error.
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadModel, verifyChain, type Model, type SamplingOptions, type Sequence } from '../lib/index.js';
+
+const TARGET = join(import.meta.dirname, '../models/default-target.gguf');
+const DRAFT = join(import.meta.dirname, '../models/default-draft.gguf');
+
+function sameBits(a: Float32Array, b: Float32Array): boolean {
+  if (a.length !== b.length) return false;
+  const x = new Uint32Array(a.buffer, a.byteOffset, a.length);
+  const y = new Uint32Array(b.buffer, b.byteOffset, b.length);
+  return x.every((v, i) => v === y[i]);
+}
+
+/** Rows cut to their first V entries. */
+function cut(rows: Float32Array, width: number, V: number): Float32Array {
+  if (width === V) return rows;
+  const n = rows.length / width;
+  const out = new Float32Array(n * V);
+  for (let i = 0; i < n; i++) out.set(rows.subarray(i * width, i * width + V), i * V);
+  return out;
+}
+
+describe('Sequence.chainStep (default pair)', () => {
+  let target: Model;
+  let draft: Model;
+  // English the pair was trained on, so that some drafts are accepted.
+  let context: number[] = [];
+  beforeAll(async () => {
+    [target, draft] = await Promise.all([loadModel(TARGET), loadModel(DRAFT)]);
+    context = Array.from(target.tokenizer!.encode('The President said that the people of the United States', { addBos: true }));
+  });
+  afterAll(async () => {
+    await Promise.all([target?.dispose(), draft?.dispose()]);
+  });
+
+  /** Target and draft sequences holding the context but its last token (the draft also misses `behind` more). */
+  async function pair(behind: number): Promise<[Sequence, Sequence]> {
+    const T = target.createSequence();
+    const D = draft.createSequence();
+    await T.evaluate(context.slice(0, -1));
+    await D.evaluate(context.slice(0, -1 - behind));
+    return [T, D];
+  }
+
+  const cases: { name: string; sampling: SamplingOptions; seed: number | bigint }[] = [
+    { name: 'greedy', sampling: { temperature: 0 }, seed: 0 },
+    { name: 'T = 1', sampling: { temperature: 1 }, seed: 3 },
+    { name: 'T = 0.7, top-k 12', sampling: { temperature: 0.7, topK: 12 }, seed: 2n ** 50n + 9n },
+    { name: 'T = 1.2, top-p 0.8', sampling: { temperature: 1.2, topP: 0.8 }, seed: 8 },
+  ];
+  for (const c of cases) {
+    it(`gives the tokens, rows and caches of draft + evaluate + verifyChain, bit for bit (${c.name})`, async () => {
+      let accepts = 0;
+      for (const [g, behind, V] of [[1, 0, 4096], [3, 2, 4096], [6, 1, 4096], [4, 0, 3000]] as const) {
+        for (let trial = 0; trial < 4; trial++) {
+          const draftStream = 100 + trial;
+          const targetStream = 200 + trial;
+          const last = context[context.length - 1]!;
+          const pending = context.slice(D0(behind));
+          // The three calls.
+          const [Ta, Da] = await pair(behind);
+          const d = await Da.draft(pending, { count: g, vocabSize: V, sampling: c.sampling, seed: c.seed, stream: draftStream });
+          const tl = cut(await Ta.evaluate([last, ...d.tokens]), 4096, V);
+          const v = verifyChain({ targetLogits: tl, draftLogits: d.logits, draftTokens: d.tokens, vocabSize: V, sampling: c.sampling, seed: c.seed, stream: targetStream });
+          const a = v.acceptedCount;
+          Ta.truncate(context.length + a);
+          if (Da.length > context.length + a) Da.truncate(context.length + a);
+          // The one call.
+          const [Tb, Db] = await pair(behind);
+          const s = await Tb.chainStep(Db, pending, { last, count: g, vocabSize: V, sampling: c.sampling, seed: c.seed, draftStream, targetStream });
+          expect(s.acceptedCount).toBe(a);
+          expect(Array.from(s.tokens)).toEqual(Array.from(v.tokens));
+          expect(Array.from(s.draftTokens)).toEqual(Array.from(d.tokens));
+          expect(sameBits(s.targetLogits, tl.subarray(0, (a + 1) * V))).toBe(true);
+          expect(s.draftMs).toBeGreaterThan(0);
+          expect(s.targetMs).toBeGreaterThan(0);
+          // Both caches hold the same tokens: the next passes agree bit for bit.
+          expect([Tb.length, Db.length]).toEqual([Ta.length, Da.length]);
+          const next = [s.tokens[a]!];
+          expect(sameBits(await Tb.evaluate(next), await Ta.evaluate(next))).toBe(true);
+          const dnext = context.length + a > Db.length ? [...context, ...s.tokens].slice(Db.length, context.length + a + 1) : next;
+          expect(sameBits(await Db.evaluate(dnext), await Da.evaluate(dnext))).toBe(true);
+          accepts += a;
+          await Promise.all([Ta.dispose(), Da.dispose(), Tb.dispose(), Db.dispose()]);
+        }
+      }
+      expect(accepts).toBeGreaterThan(0); // some steps accepted draft tokens (the cache trimming ran)
+    });
+  }
+  const D0 = (behind: number) => context.length - 1 - behind;
+
+  it('rejects bad arguments with errors that name them, and leaves both caches as they were', async () => {
+    const [T, D] = await pair(0);
+    const last = context[context.length - 1]!;
+    const ok = { last, count: 2 };
+    const pending = [last];
+    await expect(T.chainStep({} as Sequence, pending, ok)).rejects.toThrow(new TypeError('draft must be a Sequence'));
+    await expect(T.chainStep(T, pending, ok)).rejects.toThrow(/another sequence/);
+    await expect(T.chainStep(D, [], ok)).rejects.toThrow(new RangeError('pending must not be empty'));
+    await expect(T.chainStep(D, [4096], ok)).rejects.toThrow(/pending\[0\] = 4096 is out of range/);
+    await expect(T.chainStep(D, pending, null as never)).rejects.toThrow(/options must be an object/);
+    await expect(T.chainStep(D, pending, { ...ok, bogus: 1 } as never)).rejects.toThrow(/bogus/);
+    for (const bad of [-1, 4096, 1.5, undefined]) await expect(T.chainStep(D, pending, { ...ok, last: bad } as never)).rejects.toThrow(/options\.last/);
+    for (const bad of [0, -1, 2.5]) await expect(T.chainStep(D, pending, { ...ok, count: bad })).rejects.toThrow(/options\.count/);
+    await expect(T.chainStep(D, pending, { ...ok, vocabSize: 4097 })).rejects.toThrow(/options\.vocabSize/);
+    await expect(T.chainStep(D, pending, { ...ok, sampling: { temperature: -1 } })).rejects.toThrow(/sampling\.temperature/);
+    await expect(T.chainStep(D, pending, { ...ok, seed: -1 })).rejects.toThrow(/seed/);
+    await expect(T.chainStep(D, pending, { ...ok, draftStream: 0.5 })).rejects.toThrow(/draftStream/);
+    expect([T.length, D.length]).toEqual([context.length - 1, context.length - 1]);
+    // A chain that does not fit the target's context is refused before drafting: neither cache changes.
+    const small = target.createSequence({ contextSize: 32 });
+    await small.evaluate(context.slice(0, -1));
+    const room = 32 - small.length; // the pass holds last and count tokens
+    await expect(small.chainStep(D, pending, { last, count: room })).rejects.toThrow(/context of 32/);
+    expect([small.length, D.length]).toEqual([context.length - 1, context.length - 1]);
+    await small.dispose();
+    const D2 = draft.createSequence();
+    await D2.evaluate(context.slice(0, -1));
+    const T2 = target.createSequence({ contextSize: context.length + 2 });
+    await T2.evaluate(context.slice(0, -1));
+    // Fits: last and 2 tokens. A 3-token draft does not, and neither cache keeps anything.
+    await expect(T2.chainStep(D2, pending, { last, count: 3 })).rejects.toThrow(new RegExp(`context of ${context.length + 2}`));
+    expect([T2.length, D2.length]).toEqual([context.length - 1, context.length - 1]);
+    const fits = await T2.chainStep(D2, pending, { last, count: 2 });
+    expect(T2.length).toBe(context.length + fits.acceptedCount);
+    await Promise.all([T2.dispose(), D2.dispose()]);
+    // A busy or disposed draft sequence is refused.
+    const running = D.evaluate([1, 2, 3]);
+    await expect(T.chainStep(D, pending, ok)).rejects.toThrow(/has not finished/);
+    await running;
+    D.truncate(context.length - 1);
+    const gone = draft.createSequence();
+    await gone.dispose();
+    await expect(T.chainStep(gone, pending, ok)).rejects.toThrow(/disposed/);
+    // While a step runs, the draft sequence's own calls wait for it, and truncate refuses.
+    const step = T.chainStep(D, pending, ok);
+    expect(() => D.truncate(0)).toThrow(/has not finished/);
+    const after = D.evaluate([7]);
+    const r = await step;
+    await after;
+    expect(D.length).toBe(context.length + Math.min(r.acceptedCount, 1) + 1);
+    await Promise.all([T.dispose(), D.dispose()]);
+  });
+});

@@ -18,6 +18,7 @@ interface NativeSequence {
   evaluate(tokens: Int32Array, parents: Int32Array | null, lastOnly: boolean): Promise<Float32Array>;
   draft(tokens: Int32Array, options: object): Promise<DraftResult>;
   chainStep(draft: NativeSequence, pending: Int32Array, options: object): Promise<ChainStepResult>;
+  chainRun(draft: NativeSequence, pending: Int32Array, options: object): Promise<ChainRunResult>;
   cancel(): void;
   truncate(n: number): void;
   keepPath(base: number, path: Int32Array): void;
@@ -257,6 +258,7 @@ export interface StreamChunk {
 export class Model {
   #info: ModelInfo;
   #weightsVersion = 0;
+  #swapWatchers = new Set<() => void>();
   #disposing = false;
   /** The GGUF's own tokenizer (undefined for llama2.c checkpoints and vocabulary-less files). */
   readonly tokenizer: Tokenizer | undefined;
@@ -283,6 +285,16 @@ export class Model {
    */
   get weightsVersion(): number {
     return this.#weightsVersion;
+  }
+
+  /**
+   * @internal Calls fn at every setWeights() until the returned function is called (the
+   * speculative decoder ends a run of chain steps there, so that the request takes the new weights
+   * up at its next step).
+   */
+  watchWeights(fn: () => void): () => void {
+    this.#swapWatchers.add(fn);
+    return () => void this.#swapWatchers.delete(fn);
   }
 
   /** Architecture and sizes; storage type and bytes per token follow setWeights(). */
@@ -344,6 +356,7 @@ export class Model {
     if (!(weights instanceof Model)) throw new TypeError('weights must be a Model');
     this.handle.setWeights(weights.handle);
     this.#weightsVersion++;
+    for (const f of [...this.#swapWatchers]) f();
     const now = this.handle.info();
     this.#info = { ...this.#info, matrixType: now.matrixType, weightBytesPerToken: now.weightBytesPerToken };
   }
@@ -597,6 +610,42 @@ export interface ChainStepResult {
   targetMs: number;
 }
 
+export interface ChainRunOptions extends Omit<ChainStepOptions, 'draftStream' | 'targetStream'> {
+  /** Step s verifies with Philox stream streamBase + 2 s and drafts with streamBase + 2 s + 1. Default 0. */
+  streamBase?: Seed;
+  /** s of the first step. Default 0. */
+  firstStep?: number;
+  /** Steps at most. Default 1. */
+  maxSteps?: number;
+  /** No step starts once this many ms have passed (0, the default: no limit). */
+  maxMs?: number;
+  /**
+   * Tokens the caller may still emit: a step starts only if a whole chain fits (remaining > count),
+   * and only with room for count + 1 more tokens in both contexts. The first step always runs.
+   */
+  remaining?: number;
+  /** A step that emits one of these ends the run. */
+  stopTokens?: Int32Array | number[];
+  /** Return the target's row of every emitted token (targetLogits). Default false. */
+  keepLogits?: boolean;
+  /**
+   * Aborting ends the run after the step in progress (already aborted: after the first step); the
+   * result holds the steps run (it does not reject).
+   */
+  interrupt?: AbortSignal;
+}
+
+export interface ChainRunResult {
+  /** Draft tokens accepted, per step (its length is the number of steps run). */
+  acceptedCounts: Int32Array;
+  /** Every emitted token, step after step (step i emits acceptedCounts[i] + 1). */
+  tokens: Int32Array;
+  /** With keepLogits: [tokens.length x vocabSize], the target's row each token was verified against. */
+  targetLogits?: Float32Array;
+  draftMs: number;
+  targetMs: number;
+}
+
 /** One KV cache. Evaluations run one at a time in call order. */
 export class Sequence {
   readonly model: Model;
@@ -733,34 +782,91 @@ export class Sequence {
    * error both are left as they were.
    */
   async chainStep(draft: Sequence, pending: Int32Array | number[], options: ChainStepOptions): Promise<ChainStepResult> {
+    return this.#withDraft(draft, pending, options, ['draftStream', 'targetStream'], (h, dh, t, o) =>
+      h.chainStep(dh, t, { ...o, draftStream: options.draftStream ?? 0, targetStream: options.targetStream ?? 0 }),
+    );
+  }
+
+  /**
+   * chainStep's steps back to back in one native call (up to options.maxSteps), each as the
+   * speculative decoder would run it next: step s with the Philox streams of step firstStep + s,
+   * the draft's pending tokens and `last` taken from the step before. A run ends early at a stop
+   * token, after maxMs, or when the next step's whole chain would not fit (options.remaining, or
+   * either context). Both caches then hold every step's accepted tokens, as after the same
+   * chainStep calls, with the same tokens.
+   */
+  async chainRun(draft: Sequence, pending: Int32Array | number[], options: ChainRunOptions): Promise<ChainRunResult> {
+    const extra = ['streamBase', 'firstStep', 'maxSteps', 'maxMs', 'remaining', 'stopTokens', 'keepLogits', 'interrupt'] as const;
+    const interrupt = checkSignal(options?.interrupt, 'options.interrupt');
+    if (options !== null && typeof options === 'object') {
+      if (options.firstStep !== undefined) checkInteger(options.firstStep, 'options.firstStep', 0, 0x7fffffff);
+      if (options.maxSteps !== undefined) checkInteger(options.maxSteps, 'options.maxSteps', 1, 0x7fffffff);
+      if (options.maxMs !== undefined && !(typeof options.maxMs === 'number' && options.maxMs >= 0 && Number.isFinite(options.maxMs)))
+        throw new RangeError(`options.maxMs must be a finite number >= 0, got ${String(options.maxMs)}`);
+      if (options.remaining !== undefined) checkInteger(options.remaining, 'options.remaining', 1);
+      if (options.keepLogits !== undefined && typeof options.keepLogits !== 'boolean') throw new TypeError('options.keepLogits must be a boolean');
+    }
+    const stop = options?.stopTokens === undefined ? undefined : checkTokenIds(options.stopTokens, 'options.stopTokens', this.model.info.vocabSize);
+    return this.#withDraft(draft, pending, options, extra, async (h, dh, t, o) => {
+      const p = h.chainRun(dh, t, {
+        ...o,
+        streamBase: options.streamBase ?? 0,
+        firstStep: options.firstStep ?? 0,
+        maxSteps: interrupt?.aborted ? 1 : (options.maxSteps ?? 1),
+        maxMs: options.maxMs ?? 0,
+        ...(options.remaining !== undefined ? { remaining: options.remaining } : {}),
+        ...(stop && stop.length > 0 ? { stopTokens: stop } : {}),
+        keepLogits: options.keepLogits ?? false,
+      });
+      // Registered once the run is queued natively: cancel() then reaches this run's flag. (While the
+      // run keeps both cores busy, the event loop may only get to it a few steps later.)
+      const onInterrupt = () => h.cancel();
+      interrupt?.addEventListener('abort', onInterrupt, { once: true });
+      try {
+        return await p;
+      } finally {
+        interrupt?.removeEventListener('abort', onInterrupt);
+      }
+    });
+  }
+
+  /**
+   * chainStep's and chainRun's common part: checks the draft sequence (idle, another one), the
+   * pending tokens and the shared options, then runs `call` on this sequence's queue with the draft
+   * counting it as its own pending call (its truncate() and fork() refuse until it settles; the
+   * count drops before the caller resumes) and its later calls queued behind it.
+   */
+  #withDraft<R>(
+    draft: Sequence,
+    pending: Int32Array | number[],
+    options: ChainStepOptions,
+    extraKeys: readonly string[],
+    call: (h: NativeSequence, dh: NativeSequence, t: Int32Array, o: object) => Promise<R>,
+  ): Promise<R> {
     const handle = this.#get();
     if (!(draft instanceof Sequence)) throw new TypeError('draft must be a Sequence');
     if (draft === this) throw new TypeError("draft must be another sequence than the target's");
-    const dh = draft.#idle('chainStep (the draft sequence)');
+    const dh = draft.#idle('the draft sequence');
     const t = ownTokens(pending);
     if (t.length === 0) throw new RangeError('pending must not be empty');
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
-    checkKeys(options, ['last', 'count', 'vocabSize', 'sampling', 'seed', 'draftStream', 'targetStream']);
+    checkKeys(options, ['last', 'count', 'vocabSize', 'sampling', 'seed', ...extraKeys]);
     checkInteger(options.last, 'options.last', 0, this.model.info.vocabSize - 1);
     checkInteger(options.count, 'options.count', 1);
     if (options.vocabSize !== undefined) checkInteger(options.vocabSize, 'options.vocabSize', 1, Math.min(this.model.info.vocabSize, draft.model.info.vocabSize));
-    const native = {
+    const common = {
       last: options.last,
       count: options.count,
       ...(options.vocabSize !== undefined ? { vocabSize: options.vocabSize } : {}),
       sampling: options.sampling ?? { temperature: 0 },
       seed: options.seed ?? 0,
-      draftStream: options.draftStream ?? 0,
-      targetStream: options.targetStream ?? 0,
     };
-    // The draft counts the step as its own pending call (its truncate() and fork() refuse until it
-    // settles; the count drops before the caller resumes), and its later calls queue behind it.
     draft.#pending++;
     const run = async () => {
       try {
         if (!this.#native) throw this.#gone();
         if (!draft.#native) throw draft.#gone();
-        return await handle.chainStep(dh, t, native);
+        return await call(handle, dh, t, common);
       } finally {
         draft.#pending--;
       }

@@ -389,7 +389,17 @@ interface Request {
   counters: Counters;
   /** Adaptive's last step, for its step timing: drafted tokens, the draft's catch-up ms, target passes (1, or the plain tokens of one native call). */
   lastStep?: { drafted: number; catchUpMs: number; tokens: number };
+  /** Tokens the request may still emit (maxTokens minus those emitted), set before each step. */
+  remaining: number;
+  /** Steps (Philox stream indices) the last call of #step used: more than 1 for a run of chain steps. */
+  stepsUsed: number;
+  /** The next run's steps at most: 1, then doubling to CHAIN_RUN_STEPS, so that a stream starts at once. */
+  runSteps: number;
 }
+
+/** A chain strategy's steps per native call (Sequence.chainRun), at most, and its time budget (ms). */
+const CHAIN_RUN_STEPS = 64;
+const CHAIN_RUN_MS = 20;
 
 /** Philox streams: step s of a request verifies with stream base + 2s and samples draft tokens with base + 2s + 1. */
 function streamOf(req: { stream: bigint }, step: number, draft: boolean): bigint {
@@ -654,6 +664,9 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       seed: options.seed ?? 0,
       stopTokens: new Set(stopTokens),
       counters: new Counters(),
+      remaining: 0,
+      stepsUsed: 1,
+      runSteps: 1,
     };
     checkCallback(options.onStart, 'onStart');
     checkCallback(options.onStats, 'onStats');
@@ -708,7 +721,9 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       throwIfAborted(signal);
       // The target's cache holds everything but the last committed token, whose logits come from the next pass.
       if (committed.length > 1) await this.#timed(c, 'target', () => T.evaluate(committed.slice(0, -1), { lastOnly: true, signal }));
-      for (let step = 0; produced < maxTokens; step++) {
+      for (let step = 0; produced < maxTokens; step += req.stepsUsed) {
+        req.stepsUsed = 1;
+        req.remaining = maxTokens - produced;
         throwIfAborted(signal);
         if (D && this.weightSwap === 'step' && D.weightsVersion !== this.draft!.weightsVersion) {
           // New draft weights: a fresh draft sequence, which the step catches up over the context.
@@ -863,13 +878,21 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     return tokens;
   }
 
-  /** Draft g tokens autoregressively, then verify the chain in one target pass. */
+  /**
+   * Draft g tokens autoregressively, then verify the chain in one target pass. The chain strategy
+   * runs several such steps in one native call (Sequence.chainRun: 1, 2, 4, ... up to
+   * CHAIN_RUN_STEPS and CHAIN_RUN_MS, each with its own step's Philox streams, ending at a stop
+   * token, at new draft weights, or where a whole chain no longer fits), so JavaScript sees them
+   * after the fact; adaptive plans every step, so it runs one.
+   */
   async #chainStep(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], g: number): Promise<number[]> {
     const V = this.vocabSize;
     const c = req.counters;
     const last = committed[committed.length - 1]!;
     let catchUpMs = 0;
-    let r: { acceptedCount: number; tokens: Int32Array; targetLogits: Float32Array };
+    let accepted: number[];
+    let tokens: Int32Array;
+    let rows: Float32Array | undefined;
     if (g > 0) {
       // The draft cost is timed on the chain: a request's first step prefills the prompt apart, as
       // does the first drafting step after plain ones (its catch-up is not a cost of the chain).
@@ -878,53 +901,80 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
         await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length, -1), { lastOnly: true, signal: req.signal }));
         catchUpMs = performance.now() - t0;
       }
-      // One native call drafts the chain (token i at Philox position i of the step's draft stream),
-      // runs the target over it and verifies it, leaving both caches with what was accepted.
+      const many = this.strategy.kind === 'chain';
+      // With weightSwap 'step', new draft weights end the run after its current step.
+      const swapped = new AbortController();
+      const unwatch = many && this.weightSwap === 'step' ? this.draft!.watchWeights(() => swapped.abort()) : undefined;
       const t0 = performance.now();
-      const s = await T.chainStep(D, committed.slice(D.length), {
-        last, count: g, vocabSize: V, sampling: req.sampling, seed: req.seed, draftStream: streamOf(req, step, true), targetStream: streamOf(req, step, false),
-      });
-      // The round trip is charged to the target, as its evaluate() was charged before.
+      const r = await T.chainRun(D, committed.slice(D.length), {
+        last,
+        count: g,
+        vocabSize: V,
+        sampling: req.sampling,
+        seed: req.seed,
+        streamBase: req.stream << 32n,
+        firstStep: step,
+        maxSteps: many ? req.runSteps : 1,
+        maxMs: many ? CHAIN_RUN_MS : 0,
+        remaining: req.remaining,
+        stopTokens: [...req.stopTokens],
+        keepLogits: this.#onVerified !== undefined,
+        interrupt: swapped.signal,
+      }).finally(() => unwatch?.());
       const ms = performance.now() - t0;
-      c.draftPasses += g;
-      c.draftMs += s.draftMs;
-      c.targetPasses++;
-      c.targetMs += ms - s.draftMs;
-      r = s;
+      req.runSteps = Math.min(2 * req.runSteps, CHAIN_RUN_STEPS);
+      accepted = Array.from(r.acceptedCounts);
+      tokens = r.tokens;
+      rows = r.targetLogits;
+      // The round trip is charged to the target, as its evaluate() was charged before.
+      c.draftPasses += g * accepted.length;
+      c.draftMs += r.draftMs;
+      c.targetPasses += accepted.length;
+      c.targetMs += ms - r.draftMs;
     } else {
       const tBase = T.length;
       const tl = await this.#timed(c, 'target', () => T.evaluate([last]));
       const targetLogits = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
       const v = verifyChain({ targetLogits, draftLogits: new Float32Array(0), draftTokens: new Int32Array(0), vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false) });
-      r = { ...v, targetLogits };
       T.truncate(tBase + 1);
+      accepted = [v.acceptedCount];
+      tokens = v.tokens;
+      rows = targetLogits;
     }
-    const a = r.acceptedCount;
-    this.#onVerified?.({ request: req.id, context: committed, drafted: g, accepted: a, emitted: r.tokens, targetLogits: r.targetLogits.slice(0, (a + 1) * V), vocabSize: V });
-    c.record(g, a, a + 1);
-    c.recordChain(g, a);
-    if (g > 0) {
-      // Decayed counts (about the last 200 drafting steps), so that they follow a draft that changes.
-      const keep = 0.995;
-      this.#adaptAccepted = keep * this.#adaptAccepted + a;
-      this.#adaptRejected = keep * this.#adaptRejected + (a < g ? 1 : 0);
-      for (let i = 0; i < this.#posTested.length; i++) {
-        this.#posTested[i]! *= keep;
-        this.#posAccepted[i] = keep * (this.#posAccepted[i] ?? 0);
+    // Each step's bookkeeping, in order, as if it had run alone.
+    let context = committed;
+    let at = 0;
+    for (const a of accepted) {
+      const emitted = tokens.slice(at, at + a + 1);
+      if (this.#onVerified) this.#onVerified({ request: req.id, context, drafted: g, accepted: a, emitted, targetLogits: rows!.slice(at * V, (at + a + 1) * V), vocabSize: V });
+      c.record(g, a, a + 1);
+      c.recordChain(g, a);
+      if (g > 0) {
+        // Decayed counts (about the last 200 drafting steps), so that they follow a draft that changes.
+        const keep = 0.995;
+        this.#adaptAccepted = keep * this.#adaptAccepted + a;
+        this.#adaptRejected = keep * this.#adaptRejected + (a < g ? 1 : 0);
+        for (let i = 0; i < this.#posTested.length; i++) {
+          this.#posTested[i]! *= keep;
+          this.#posAccepted[i] = keep * (this.#posAccepted[i] ?? 0);
+        }
+        // Positions 0..a were tested (a accepted, then the rejection at a when a < g).
+        for (let i = 0; i < Math.min(g, a + 1); i++) {
+          this.#posTested[i] = (this.#posTested[i] ?? 0) + 1;
+          if (i < a) this.#posAccepted[i] = (this.#posAccepted[i] ?? 0) + 1;
+        }
       }
-      // Positions 0..a were tested (a accepted, then the rejection at a when a < g).
-      for (let i = 0; i < Math.min(g, a + 1); i++) {
-        this.#posTested[i] = (this.#posTested[i] ?? 0) + 1;
-        if (i < a) this.#posAccepted[i] = (this.#posAccepted[i] ?? 0) + 1;
+      if (this.strategy.kind === 'adaptive') {
+        req.lastStep = { drafted: g, catchUpMs, tokens: 1 };
+        if (this.#probing) this.#probeEvery = a > 0 ? 16 : Math.min(2 * this.#probeEvery, 256);
+        this.#probing = false;
       }
+      this.emit('step', { request: req.id, drafted: g, accepted: a, emitted: a + 1 } satisfies StepEvent);
+      if (accepted.length > 1) context = [...context, ...emitted];
+      at += a + 1;
     }
-    if (this.strategy.kind === 'adaptive') {
-      req.lastStep = { drafted: g, catchUpMs, tokens: 1 };
-      if (this.#probing) this.#probeEvery = a > 0 ? 16 : Math.min(2 * this.#probeEvery, 256);
-      this.#probing = false;
-    }
-    this.emit('step', { request: req.id, drafted: g, accepted: a, emitted: a + 1 } satisfies StepEvent);
-    return Array.from(r.tokens);
+    req.stepsUsed = accepted.length;
+    return Array.from(tokens);
   }
 
   /** Build a dynamic tree from the draft (best cumulative probability first), verify it in one pass. */

@@ -93,6 +93,117 @@ describe('Sequence.chainStep (default pair)', () => {
   }
   const D0 = (behind: number) => context.length - 1 - behind;
 
+  /**
+   * The reference for chainRun: chainStep calls, one per step, as the speculative decoder made them
+   * (step s with streams base + 2 s and + 1, the draft's pending tokens from the committed ones),
+   * with chainRun's rules for starting the next step.
+   */
+  async function stepByStep(
+    T: Sequence,
+    D: Sequence,
+    o: { count: number; sampling: SamplingOptions; seed: number; base: bigint; first: number; maxSteps: number; remaining: number; stop: number[] },
+  ) {
+    const committed = [...context];
+    const accepted: number[] = [];
+    const tokens: number[] = [];
+    const rows: number[] = [];
+    let remaining = o.remaining;
+    for (let s = 0; ; s++) {
+      const step = BigInt(o.first + s);
+      const r = await T.chainStep(D, committed.slice(D.length), {
+        last: committed[committed.length - 1]!, count: o.count, sampling: o.sampling, seed: o.seed, targetStream: o.base + 2n * step, draftStream: o.base + 2n * step + 1n,
+      });
+      accepted.push(r.acceptedCount);
+      tokens.push(...r.tokens);
+      rows.push(...r.targetLogits);
+      committed.push(...r.tokens);
+      remaining -= r.tokens.length;
+      const room = remaining > o.count && committed.length + o.count + 1 <= Math.min(T.capacity, D.capacity);
+      if (r.tokens.some((t) => o.stop.includes(t)) || !room || accepted.length >= o.maxSteps) break;
+    }
+    return { accepted, tokens, rows: Float32Array.from(rows) };
+  }
+
+  it('chainRun gives the tokens, rows and caches of chainStep calls, step after step, and ends where they would', async () => {
+    const greedy = await pair(0).then(async ([T, D]) => {
+      const r = await T.chainRun(D, [context[context.length - 1]!], { last: context[context.length - 1]!, count: 3, maxSteps: 12 });
+      await Promise.all([T.dispose(), D.dispose()]);
+      return r;
+    });
+    const stopAt = greedy.tokens[Math.floor(greedy.tokens.length / 2)]!;
+    const cases = [
+      { count: 3, sampling: { temperature: 0 }, seed: 0, base: 0n, first: 0, maxSteps: 12, remaining: 1000, stop: [] as number[] },
+      { count: 2, sampling: { temperature: 1 }, seed: 5, base: 7n << 32n, first: 3, maxSteps: 20, remaining: 1000, stop: [] },
+      { count: 4, sampling: { temperature: 0.8, topK: 30 }, seed: 9, base: 1n << 32n, first: 0, maxSteps: 30, remaining: 23, stop: [] },
+      { count: 3, sampling: { temperature: 0 }, seed: 0, base: 0n, first: 0, maxSteps: 12, remaining: 1000, stop: [stopAt] },
+    ];
+    for (const c of cases) {
+      const [Ta, Da] = await pair(0);
+      const want = await stepByStep(Ta, Da, c);
+      const [Tb, Db] = await pair(0);
+      const last = context[context.length - 1]!;
+      const got = await Tb.chainRun(Db, [last], {
+        last, count: c.count, sampling: c.sampling, seed: c.seed, streamBase: c.base, firstStep: c.first, maxSteps: c.maxSteps, remaining: c.remaining, stopTokens: c.stop, keepLogits: true,
+      });
+      expect(Array.from(got.acceptedCounts)).toEqual(want.accepted);
+      expect(Array.from(got.tokens)).toEqual(want.tokens);
+      expect(sameBits(got.targetLogits!, want.rows)).toBe(true);
+      expect([Tb.length, Db.length]).toEqual([Ta.length, Da.length]);
+      const next = [want.tokens[want.tokens.length - 1]!];
+      expect(sameBits(await Tb.evaluate(next), await Ta.evaluate(next))).toBe(true);
+      if (c.stop.length) expect(want.tokens.indexOf(stopAt)).toBeGreaterThan(0);
+      if (c.remaining < 100) expect(want.tokens.length).toBeLessThanOrEqual(c.remaining);
+      await Promise.all([Ta.dispose(), Da.dispose(), Tb.dispose(), Db.dispose()]);
+    }
+    // A short context ends the run where the next chain would not fit.
+    const T = target.createSequence({ contextSize: context.length + 12 });
+    const D = draft.createSequence();
+    await T.evaluate(context.slice(0, -1));
+    await D.evaluate(context.slice(0, -1));
+    const r = await T.chainRun(D, [context[context.length - 1]!], { last: context[context.length - 1]!, count: 3, maxSteps: 100 });
+    expect(T.length + 1 + 3 + 1).toBeGreaterThan(context.length + 12);
+    expect(T.length).toBe(context.length - 1 + r.tokens.length);
+    await Promise.all([T.dispose(), D.dispose()]);
+  });
+
+  it('chainRun: maxMs and an aborted interrupt end the run after one step; the result holds it; bad options are named', async () => {
+    const last = context[context.length - 1]!;
+    for (const extra of [{ maxMs: 1e-9 }, { interrupt: AbortSignal.abort() }]) {
+      const [T, D] = await pair(0);
+      const r = await T.chainRun(D, [last], { last, count: 2, maxSteps: 50, ...extra });
+      expect(r.acceptedCounts).toHaveLength(1);
+      expect(r.targetLogits).toBeUndefined();
+      expect(T.length).toBe(context.length + r.acceptedCounts[0]!);
+      await Promise.all([T.dispose(), D.dispose()]);
+    }
+    {
+      // Aborted while it runs: the run ends with room left in the context (it would otherwise run
+      // until the next chain no longer fits), and both caches hold exactly the steps returned.
+      const [T, D] = await pair(0);
+      const ac = new AbortController();
+      const running = T.chainRun(D, [last], { last, count: 1, maxSteps: 10_000, interrupt: ac.signal });
+      setTimeout(() => ac.abort(), 5);
+      const r = await running;
+      expect(T.length).toBe(context.length - 1 + r.tokens.length);
+      expect(T.length + 3).toBeLessThanOrEqual(T.capacity);
+      expect(D.length).toBeGreaterThanOrEqual(T.length - 1);
+      await Promise.all([T.dispose(), D.dispose()]);
+    }
+    const [T, D] = await pair(0);
+    const ok = { last, count: 2 };
+    await expect(T.chainRun(D, [last], { ...ok, maxSteps: 0 })).rejects.toThrow(/options\.maxSteps/);
+    await expect(T.chainRun(D, [last], { ...ok, firstStep: -1 })).rejects.toThrow(/options\.firstStep/);
+    await expect(T.chainRun(D, [last], { ...ok, maxMs: -1 })).rejects.toThrow(/options\.maxMs/);
+    await expect(T.chainRun(D, [last], { ...ok, maxMs: Number.NaN })).rejects.toThrow(/options\.maxMs/);
+    await expect(T.chainRun(D, [last], { ...ok, remaining: 0 })).rejects.toThrow(/options\.remaining/);
+    await expect(T.chainRun(D, [last], { ...ok, stopTokens: [4096] })).rejects.toThrow(/options\.stopTokens\[0\] = 4096/);
+    await expect(T.chainRun(D, [last], { ...ok, keepLogits: 1 as never })).rejects.toThrow(/options\.keepLogits/);
+    await expect(T.chainRun(D, [last], { ...ok, interrupt: {} as AbortSignal })).rejects.toThrow(/options\.interrupt/);
+    await expect(T.chainRun(D, [last], { ...ok, streamBase: -1 })).rejects.toThrow(/streamBase/);
+    expect([T.length, D.length]).toEqual([context.length - 1, context.length - 1]);
+    await Promise.all([T.dispose(), D.dispose()]);
+  });
+
   it('rejects bad arguments with errors that name them, and leaves both caches as they were', async () => {
     const [T, D] = await pair(0);
     const last = context[context.length - 1]!;

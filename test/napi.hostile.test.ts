@@ -603,6 +603,27 @@ describe('models and sequences', () => {
     expect(t.length).toBe(3 + r.acceptedCount);
   });
 
+  it('chainRun: getters that dispose either sequence are errors; stopTokens are copied when read', async () => {
+    const opts = (key: string, hook: () => void, extra = {}) =>
+      withGetter({ last: 1, count: 2, sampling: { temperature: 0 }, seed: 1, maxSteps: 3, stopTokens: Int32Array.of(5), keepLogits: false, ...extra }, key, hook);
+    const fresh = async () => {
+      const t = new raw.NativeSequence(model, 32);
+      const d = new raw.NativeSequence(model, 32);
+      await t.evaluate(Int32Array.of(1, 2));
+      await d.evaluate(Int32Array.of(1, 2));
+      return [t, d];
+    };
+    let [t, d] = await fresh();
+    expectThrows(() => t.chainRun(d, Int32Array.of(3), opts('maxSteps', () => t.dispose())), Error, /^the sequence was disposed$/);
+    [t, d] = await fresh();
+    expectThrows(() => t.chainRun(d, Int32Array.of(3), opts('keepLogits', () => d.dispose())), Error, /^the sequence was disposed$/);
+    [t, d] = await fresh();
+    const stop = Int32Array.of(5);
+    const r = await t.chainRun(d, Int32Array.of(3), opts('keepLogits', () => stop.fill(1 << 30), { stopTokens: stop }));
+    expect(r.acceptedCounts.length).toBeGreaterThanOrEqual(1);
+    expectThrows(() => t.chainRun(d, Int32Array.of(3), { last: 1, count: 2, sampling: { temperature: 0 }, maxMs: -1 }), RangeError, /maxMs/);
+  });
+
   it('keepPath takes a path in a SharedArrayBuffer (copied before it is checked; no writer races it here)', async () => {
     const seq = new raw.NativeSequence(model, 16);
     await seq.evaluate(Int32Array.of(1, 2, 3), Int32Array.of(-1, 0, 0));

@@ -1,5 +1,6 @@
 #include "model/chain_step.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <string>
@@ -79,6 +80,51 @@ int32_t chain_step(Sequence& target, Sequence& draft, const int32_t* pending, in
     times->target_ms = std::chrono::duration<double, std::milli>(end - drafted).count();
   }
   return accepted;
+}
+
+int32_t chain_run(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
+                  const ChainRunParams& p, ChainRunOut& out, const std::atomic<bool>* interrupt) {
+  const int32_t g = p.step.count, V = p.step.vocab;
+  out.accepted.clear();
+  out.tokens.clear();
+  out.logits.clear();
+  out.times = ChainStepTimes{};
+  std::vector<int32_t> next(pending, pending + n_pending), draft_tokens(g), emitted(g + 1);
+  std::vector<float> rows(static_cast<size_t>(g + 1) * V);
+  const auto start = std::chrono::steady_clock::now();
+  int64_t remaining = p.remaining;
+  int32_t steps = 0;
+  for (;;) {
+    ChainStepParams sp = p.step;
+    const uint64_t s = static_cast<uint64_t>(p.first_step) + static_cast<uint64_t>(steps);
+    sp.target_stream = p.stream_base + 2 * s;
+    sp.draft_stream = sp.target_stream + 1;
+    const int32_t d_before = draft.length();
+    ChainStepTimes t;
+    const int32_t a = chain_step(target, draft, next.data(), static_cast<int32_t>(next.size()), last, sp,
+                                 draft_tokens.data(), emitted.data(), rows.data(), &t);
+    out.times.draft_ms += t.draft_ms;
+    out.times.target_ms += t.target_ms;
+    out.accepted.push_back(a);
+    out.tokens.insert(out.tokens.end(), emitted.begin(), emitted.begin() + a + 1);
+    if (p.keep_logits) out.logits.insert(out.logits.end(), rows.begin(), rows.begin() + static_cast<size_t>(a + 1) * V);
+    ++steps;
+    remaining -= a + 1;
+    bool stop = false;
+    for (int32_t i = 0; i <= a && !stop; ++i) stop = p.n_stop > 0 && std::binary_search(p.stop, p.stop + p.n_stop, emitted[i]);
+    // The committed tokens are the target's cache and `last` (the correction or bonus token).
+    const int64_t committed = int64_t(target.length()) + 1;
+    const bool room = remaining > g && committed + g + 1 <= target.capacity() && committed + g + 1 <= draft.capacity();
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    if (stop || !room || steps >= p.max_steps || (p.max_ms > 0 && ms >= p.max_ms)) break;
+    if (interrupt && interrupt->load(std::memory_order_relaxed)) break;
+    // The draft holds what it had, the pending tokens and the accepted ones it evaluated; the rest
+    // of the emitted tokens are the next step's pending ones.
+    const int32_t kept = draft.length() - (d_before + static_cast<int32_t>(next.size()));
+    next.assign(emitted.begin() + kept, emitted.begin() + a + 1);
+    last = emitted[a];
+  }
+  return steps;
 }
 
 }  // namespace osd

@@ -3,7 +3,9 @@
 // JavaScript did with three calls (Sequence.draft, Sequence.evaluate, verifyChain), bit for bit;
 // on the default pair a round trip to JavaScript cost about as much as a pass of the draft.
 #pragma once
+#include <atomic>
 #include <cstdint>
+#include <vector>
 
 #include "model/sequence.h"
 #include "spec/sampling.h"
@@ -32,5 +34,35 @@ struct ChainStepTimes {
 int32_t chain_step(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
                    const ChainStepParams& p, int32_t* draft_tokens, int32_t* out_tokens, float* target_logits,
                    ChainStepTimes* times = nullptr);
+
+// Steps of chain_step run back to back, as the speculative decoder would run them one call at a
+// time: the JavaScript round trip between steps (and the thread pool's sleep during it) cost about
+// a third of a step on the default pair.
+struct ChainRunParams {
+  ChainStepParams step;      // count g, vocab, sampling, seed (its streams are set per step)
+  uint64_t stream_base = 0;  // step s verifies with stream stream_base + 2 s and drafts with that + 1
+  int32_t first_step = 0;    // s of the run's first step
+  int32_t max_steps = 1;
+  double max_ms = 0;         // no step starts after this long (0: no limit)
+  // A step starts only with room for a whole chain: `remaining` (tokens the request may still
+  // emit) above g, and room for g + 1 more tokens after the committed ones in both caches.
+  int64_t remaining = INT64_MAX;
+  const int32_t* stop = nullptr;  // sorted; a step that emits one ends the run
+  int32_t n_stop = 0;
+  bool keep_logits = false;  // keep the target's rows of every emitted token
+};
+
+struct ChainRunOut {
+  std::vector<int32_t> accepted;  // per step
+  std::vector<int32_t> tokens;    // every emitted token, step after step
+  std::vector<float> logits;      // with keep_logits: one row of V per emitted token
+  ChainStepTimes times;           // summed over the steps
+};
+
+// Runs at least one step (the caller checked the first) and at most max_steps; `interrupt` set
+// ends the run after the step in progress. Returns the number of steps run. On an error in step s > 0 the steps before it stand (both caches hold them) and
+// the error is rethrown.
+int32_t chain_run(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
+                  const ChainRunParams& p, ChainRunOut& out, const std::atomic<bool>* interrupt = nullptr);
 
 }  // namespace osd

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <memory>
 #include <optional>
 #include <string>
@@ -183,6 +184,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
                                       {InstanceMethod("evaluate", &SequenceWrap::evaluate),
                                        InstanceMethod("draft", &SequenceWrap::draft),
                                        InstanceMethod("chainStep", &SequenceWrap::chain_step),
+                                       InstanceMethod("chainRun", &SequenceWrap::chain_run),
                                        InstanceMethod("cancel", &SequenceWrap::cancel),
                                        InstanceMethod("truncate", &SequenceWrap::truncate),
                                        InstanceMethod("keepPath", &SequenceWrap::keep_path),
@@ -503,6 +505,120 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     });
   }
 
+  class ChainRunWorker : public PromiseWorker {
+   public:
+    ChainRunWorker(Napi::Env env, std::shared_ptr<Sequence> target, std::shared_ptr<Sequence> draft,
+                   std::shared_ptr<std::atomic<bool>> target_busy, std::shared_ptr<std::atomic<bool>> draft_busy,
+                   std::shared_ptr<std::atomic<bool>> interrupt, std::vector<int32_t> pending, int32_t last,
+                   ChainRunParams p, std::vector<int32_t> stop)
+        : PromiseWorker(env), target_(std::move(target)), draft_(std::move(draft)), target_busy_(std::move(target_busy)),
+          draft_busy_(std::move(draft_busy)), interrupt_(std::move(interrupt)), pending_(std::move(pending)), last_(last),
+          p_(p), stop_(std::move(stop)) {
+      p_.stop = stop_.data();
+      p_.n_stop = static_cast<int32_t>(stop_.size());
+    }
+
+   protected:
+    void run() override {
+      osd::chain_run(*target_, *draft_, pending_.data(), static_cast<int32_t>(pending_.size()), last_, p_, out_,
+                     interrupt_.get());
+    }
+    void OnOK() override {
+      release();
+      Napi::Env env = Env();
+      Napi::Object r = Napi::Object::New(env);
+      r.Set("acceptedCounts", copy_to_js<Napi::Int32Array>(env, out_.accepted));
+      r.Set("tokens", copy_to_js<Napi::Int32Array>(env, out_.tokens));
+      if (p_.keep_logits) r.Set("targetLogits", copy_to_js<Napi::Float32Array>(env, out_.logits));
+      r.Set("draftMs", Napi::Number::New(env, out_.times.draft_ms));
+      r.Set("targetMs", Napi::Number::New(env, out_.times.target_ms));
+      deferred_.Resolve(r);
+    }
+    void OnError(const Napi::Error& e) override {
+      release();
+      PromiseWorker::OnError(e);
+    }
+
+   private:
+    template <class A, class T>
+    static A copy_to_js(Napi::Env env, const std::vector<T>& v) {
+      A a = A::New(env, v.size());
+      std::copy(v.begin(), v.end(), a.Data());
+      return a;
+    }
+    void release() {
+      target_busy_->store(false);
+      draft_busy_->store(false);
+    }
+    std::shared_ptr<Sequence> target_, draft_;
+    std::shared_ptr<std::atomic<bool>> target_busy_, draft_busy_, interrupt_;
+    std::vector<int32_t> pending_;
+    int32_t last_;
+    ChainRunParams p_;
+    std::vector<int32_t> stop_;
+    ChainRunOut out_;
+  };
+
+  // chainRun(draft, pending, { last, count, vocabSize?, sampling, seed?, streamBase?, firstStep?,
+  // maxSteps?, maxMs?, remaining?, stopTokens?, keepLogits? }): Promise<{ acceptedCounts, tokens,
+  // targetLogits?, draftMs, targetMs }>; see chain_run.
+  Napi::Value chain_run(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+      get(env);
+      SequenceWrap* dw = unwrap_tagged<SequenceWrap>(env, info.Length() < 1 ? env.Undefined() : info[0], kSequenceTag,
+                                                     "draft must be a NativeSequence");
+      if (dw == this) throw Napi::TypeError::New(env, "draft must be another sequence than the target's");
+      dw->get(env);
+      if (info.Length() < 2) throw Napi::TypeError::New(env, "pending must be an Int32Array");
+      checked_length<int32_t>(env, info[1], "pending");
+      Napi::Object o = require_object(info, 2, "options");
+      const int32_t vt = seq_->model().config().vocab, cap = seq_->capacity();
+      const int32_t vd = dw->seq_->model().config().vocab;
+      ChainRunParams p;
+      const int32_t last = static_cast<int32_t>(get_int(o, "last", 0, vt - 1));
+      p.step.count = static_cast<int32_t>(get_int(o, "count", 1, cap));
+      p.step.vocab = static_cast<int32_t>(get_int_or(o, "vocabSize", 1, std::min(vt, vd), std::min(vt, vd)));
+      p.step.sampling = parse_sampling(env, get_prop(o, "sampling"), "sampling");
+      const Napi::Value seed_v = get_prop(o, "seed");
+      p.step.seed = present(seed_v) ? seed_value(env, seed_v, "seed") : 0;
+      const Napi::Value base_v = get_prop(o, "streamBase");
+      p.stream_base = present(base_v) ? seed_value(env, base_v, "streamBase") : 0;
+      p.first_step = static_cast<int32_t>(get_int_or(o, "firstStep", 0, INT32_MAX, 0));
+      p.max_steps = static_cast<int32_t>(get_int_or(o, "maxSteps", 1, INT32_MAX, 1));
+      p.max_ms = get_number_or(o, "maxMs", 0.0);
+      if (!(p.max_ms >= 0) || !std::isfinite(p.max_ms)) throw Napi::RangeError::New(env, "maxMs must be a finite number >= 0");
+      p.remaining = get_int_or(o, "remaining", 1, INT64_C(1) << 52, INT64_C(1) << 52);
+      std::vector<int32_t> stop;
+      const Napi::Value stop_v = get_prop(o, "stopTokens");
+      if (present(stop_v)) {
+        stop = copy_array<int32_t>(env, stop_v, "stopTokens");
+        for (size_t i = 0; i < stop.size(); ++i)
+          if (stop[i] < 0 || stop[i] >= vt)
+            throw Napi::RangeError::New(env, "stopTokens[" + std::to_string(i) + "] = " + std::to_string(stop[i]) +
+                                                 " is out of range for a vocabulary of " + std::to_string(vt));
+        std::sort(stop.begin(), stop.end());
+      }
+      p.keep_logits = get_prop(o, "keepLogits").ToBoolean();
+      // Phase 2: no JavaScript runs from here.
+      get(env);
+      dw->get(env);
+      std::vector<int32_t> pending = copy_array<int32_t>(env, info[1], "pending");
+      if (pending.empty()) throw Napi::RangeError::New(env, "pending must not be empty");
+      for (size_t i = 0; i < pending.size(); ++i)
+        if (pending[i] < 0 || pending[i] >= vd)
+          throw Napi::RangeError::New(env, "pending[" + std::to_string(i) + "] = " + std::to_string(pending[i]) +
+                                               " is out of range for a vocabulary of " + std::to_string(vd));
+      cancel_ = std::make_shared<std::atomic<bool>>(false);  // cancel() ends the run after its current step
+      busy_->store(true);
+      dw->busy_->store(true);
+      auto* w = new ChainRunWorker(env, seq_, dw->seq_, busy_, dw->busy_, cancel_, std::move(pending), last, p,
+                                   std::move(stop));
+      w->Queue();
+      return w->promise();
+    });
+  }
+
   // cancel(): the running draft stops before its next pass and rejects with an AbortError.
   Napi::Value cancel(const Napi::CallbackInfo& info) {
     if (cancel_) cancel_->store(true);
@@ -557,7 +673,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
 
   std::shared_ptr<Sequence> seq_;
   std::shared_ptr<std::atomic<bool>> busy_ = std::make_shared<std::atomic<bool>>(false);
-  std::shared_ptr<std::atomic<bool>> cancel_;  // the latest draft's stop flag
+  std::shared_ptr<std::atomic<bool>> cancel_;  // the latest draft's or chain run's stop flag
 };
 
 Napi::Value load_model(const Napi::CallbackInfo& info) {

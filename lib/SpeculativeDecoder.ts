@@ -883,7 +883,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
    * runs several such steps in one native call (Sequence.chainRun: 1, 2, 4, ... up to
    * CHAIN_RUN_STEPS and CHAIN_RUN_MS, each with its own step's Philox streams, ending at a stop
    * token, at new draft weights, or where a whole chain no longer fits), so JavaScript sees them
-   * after the fact; adaptive plans every step, so it runs one.
+   * after the fact; adaptive runs its planned length until its next plan is due.
    */
   async #chainStep(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], g: number): Promise<number[]> {
     const V = this.vocabSize;
@@ -901,7 +901,11 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
         await this.#timed(c, 'draft', () => D.evaluate(committed.slice(D.length, -1), { lastOnly: true, signal: req.signal }));
         catchUpMs = performance.now() - t0;
       }
-      const many = this.strategy.kind === 'chain';
+      // Adaptive runs steps of its planned length too, up to its next plain break (it measures the
+      // cost of a plain token every 16 steps of one length), except a probe, which is one step.
+      const kind = this.strategy.kind;
+      const many = kind === 'chain' || (kind === 'adaptive' && !this.#probing);
+      const maxSteps = kind === 'adaptive' ? Math.min(req.runSteps, Math.max(1, 16 - this.#sameSteps)) : req.runSteps;
       // With weightSwap 'step', new draft weights end the run after its current step.
       const swapped = new AbortController();
       const unwatch = many && this.weightSwap === 'step' ? this.draft!.watchWeights(() => swapped.abort()) : undefined;
@@ -914,7 +918,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
         seed: req.seed,
         streamBase: req.stream << 32n,
         firstStep: step,
-        maxSteps: many ? req.runSteps : 1,
+        maxSteps: many ? maxSteps : 1,
         maxMs: many ? CHAIN_RUN_MS : 0,
         remaining: req.remaining,
         stopTokens: [...req.stopTokens],
@@ -964,16 +968,17 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
           if (i < a) this.#posAccepted[i] = (this.#posAccepted[i] ?? 0) + 1;
         }
       }
-      if (this.strategy.kind === 'adaptive') {
-        req.lastStep = { drafted: g, catchUpMs, tokens: 1 };
-        if (this.#probing) this.#probeEvery = a > 0 ? 16 : Math.min(2 * this.#probeEvery, 256);
-        this.#probing = false;
-      }
       this.emit('step', { request: req.id, drafted: g, accepted: a, emitted: a + 1 } satisfies StepEvent);
       if (accepted.length > 1) context = [...context, ...emitted];
       at += a + 1;
     }
     req.stepsUsed = accepted.length;
+    if (this.strategy.kind === 'adaptive') {
+      req.lastStep = { drafted: g, catchUpMs, tokens: accepted.length };
+      if (this.#probing) this.#probeEvery = accepted[0]! > 0 ? 16 : Math.min(2 * this.#probeEvery, 256);
+      this.#probing = false;
+      this.#sameSteps += accepted.length - 1; // the plan counted the run's first step
+    }
     return Array.from(tokens);
   }
 

@@ -620,7 +620,7 @@ export interface ChainRunOptions extends Omit<ChainStepOptions, 'draftStream' | 
   /** No step starts once this many ms have passed (0, the default: no limit). */
   maxMs?: number;
   /**
-   * Tokens the caller may still emit: a step starts only if a whole chain fits (remaining > count),
+   * Tokens the caller may still emit (at most 2^52): a step starts only if a whole chain fits (remaining > count),
    * and only with room for count + 1 more tokens in both contexts. The first step always runs.
    */
   remaining?: number;
@@ -803,7 +803,7 @@ export class Sequence {
       if (options.maxSteps !== undefined) checkInteger(options.maxSteps, 'options.maxSteps', 1, 0x7fffffff);
       if (options.maxMs !== undefined && !(typeof options.maxMs === 'number' && options.maxMs >= 0 && Number.isFinite(options.maxMs)))
         throw new RangeError(`options.maxMs must be a finite number >= 0, got ${String(options.maxMs)}`);
-      if (options.remaining !== undefined) checkInteger(options.remaining, 'options.remaining', 1);
+      if (options.remaining !== undefined) checkInteger(options.remaining, 'options.remaining', 1, 2 ** 52);
       if (options.keepLogits !== undefined && typeof options.keepLogits !== 'boolean') throw new TypeError('options.keepLogits must be a boolean');
     }
     const stop = options?.stopTokens === undefined ? undefined : checkTokenIds(options.stopTokens, 'options.stopTokens', this.model.info.vocabSize);

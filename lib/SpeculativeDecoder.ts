@@ -395,6 +395,12 @@ interface Request {
   stepsUsed: number;
   /** The next run's steps at most: 1, then doubling to CHAIN_RUN_STEPS, so that a stream starts at once. */
   runSteps: number;
+  /**
+   * A run's per-step bookkeeping (counters, events, onVerified), kept until the decoding loop knows
+   * how many of its tokens are emitted: steps that start after a stop are dropped, as they would
+   * never have run one step at a time. `start`: the step's first token within the run.
+   */
+  steps: { start: number; settle: () => void }[];
 }
 
 /** A chain strategy's steps per native call (Sequence.chainRun), at most, and its time budget (ms). */
@@ -667,6 +673,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       remaining: 0,
       stepsUsed: 1,
       runSteps: 1,
+      steps: [],
     };
     checkCallback(options.onStart, 'onStart');
     checkCallback(options.onStats, 'onStats');
@@ -765,6 +772,8 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
             }
           }
         }
+        for (const st of req.steps) if (st.start === 0 || st.start < emitTokens.length) st.settle();
+        req.steps = [];
         committed.push(...emitTokens);
         produced += emitTokens.length;
         if (emitTokens.length) emit(emitTokens);
@@ -920,7 +929,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
         firstStep: step,
         maxSteps: many ? maxSteps : 1,
         maxMs: many ? CHAIN_RUN_MS : 0,
-        remaining: req.remaining,
+        remaining: Math.min(req.remaining, 2 ** 52),
         stopTokens: [...req.stopTokens],
         keepLogits: this.#onVerified !== undefined,
         interrupt: swapped.signal,
@@ -945,31 +954,12 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       tokens = v.tokens;
       rows = targetLogits;
     }
-    // Each step's bookkeeping, in order, as if it had run alone.
-    let context = committed;
+    // Each step's bookkeeping, as if it had run alone: #decode settles the steps it keeps, in order,
+    // before it commits their tokens (so `committed` is then the run's context).
     let at = 0;
     for (const a of accepted) {
-      const emitted = tokens.slice(at, at + a + 1);
-      if (this.#onVerified) this.#onVerified({ request: req.id, context, drafted: g, accepted: a, emitted, targetLogits: rows!.slice(at * V, (at + a + 1) * V), vocabSize: V });
-      c.record(g, a, a + 1);
-      c.recordChain(g, a);
-      if (g > 0) {
-        // Decayed counts (about the last 200 drafting steps), so that they follow a draft that changes.
-        const keep = 0.995;
-        this.#adaptAccepted = keep * this.#adaptAccepted + a;
-        this.#adaptRejected = keep * this.#adaptRejected + (a < g ? 1 : 0);
-        for (let i = 0; i < this.#posTested.length; i++) {
-          this.#posTested[i]! *= keep;
-          this.#posAccepted[i] = keep * (this.#posAccepted[i] ?? 0);
-        }
-        // Positions 0..a were tested (a accepted, then the rejection at a when a < g).
-        for (let i = 0; i < Math.min(g, a + 1); i++) {
-          this.#posTested[i] = (this.#posTested[i] ?? 0) + 1;
-          if (i < a) this.#posAccepted[i] = (this.#posAccepted[i] ?? 0) + 1;
-        }
-      }
-      this.emit('step', { request: req.id, drafted: g, accepted: a, emitted: a + 1 } satisfies StepEvent);
-      if (accepted.length > 1) context = [...context, ...emitted];
+      const start = at;
+      req.steps.push({ start, settle: () => this.#settleChainStep(req, g, a, committed, tokens, rows, start) });
       at += a + 1;
     }
     req.stepsUsed = accepted.length;
@@ -980,6 +970,36 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       this.#sameSteps += accepted.length - 1; // the plan counted the run's first step
     }
     return Array.from(tokens);
+  }
+
+  /**
+   * The bookkeeping of a run's step that emitted tokens[at .. at + a] (rows: their target rows):
+   * onVerified, counters, adaptive's acceptance counts, the 'step' event.
+   */
+  #settleChainStep(req: Request, g: number, a: number, committed: number[], tokens: Int32Array, rows: Float32Array | undefined, at: number): void {
+    const V = this.vocabSize;
+    const c = req.counters;
+    const emitted = tokens.slice(at, at + a + 1);
+    const context = at === 0 ? committed : [...committed, ...tokens.subarray(0, at)];
+    if (this.#onVerified) this.#onVerified({ request: req.id, context, drafted: g, accepted: a, emitted, targetLogits: rows!.slice(at * V, (at + a + 1) * V), vocabSize: V });
+    c.record(g, a, a + 1);
+    c.recordChain(g, a);
+    if (g > 0) {
+      // Decayed counts (about the last 200 drafting steps), so that they follow a draft that changes.
+      const keep = 0.995;
+      this.#adaptAccepted = keep * this.#adaptAccepted + a;
+      this.#adaptRejected = keep * this.#adaptRejected + (a < g ? 1 : 0);
+      for (let i = 0; i < this.#posTested.length; i++) {
+        this.#posTested[i]! *= keep;
+        this.#posAccepted[i] = keep * (this.#posAccepted[i] ?? 0);
+      }
+      // Positions 0..a were tested (a accepted, then the rejection at a when a < g).
+      for (let i = 0; i < Math.min(g, a + 1); i++) {
+        this.#posTested[i] = (this.#posTested[i] ?? 0) + 1;
+        if (i < a) this.#posAccepted[i] = (this.#posAccepted[i] ?? 0) + 1;
+      }
+    }
+    this.emit('step', { request: req.id, drafted: g, accepted: a, emitted: a + 1 } satisfies StepEvent);
   }
 
   /** Build a dynamic tree from the draft (best cumulative probability first), verify it in one pass. */

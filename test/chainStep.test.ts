@@ -3,7 +3,7 @@
 // caches as they would, check its arguments and leave the caches alone on an error.
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel, verifyChain, type Model, type SamplingOptions, type Sequence } from '../lib/index.js';
+import { createSpeculativeDecoder, loadModel, verifyChain, type Model, type SamplingOptions, type Sequence } from '../lib/index.js';
 
 const TARGET = join(import.meta.dirname, '../models/default-target.gguf');
 const DRAFT = join(import.meta.dirname, '../models/default-draft.gguf');
@@ -202,6 +202,41 @@ describe('Sequence.chainStep (default pair)', () => {
     await expect(T.chainRun(D, [last], { ...ok, streamBase: -1 })).rejects.toThrow(/streamBase/);
     expect([T.length, D.length]).toEqual([context.length - 1, context.length - 1]);
     await Promise.all([T.dispose(), D.dispose()]);
+  });
+
+  it('the decoder counts, reports and records only the steps of a run that it keeps (stop strings cut runs)', async () => {
+    const dec = createSpeculativeDecoder({ target, draft, strategy: { kind: 'chain', length: 3 } });
+    const steps: number[] = [];
+    dec.on('step', (e) => steps.push(e.emitted));
+    let cut = 0;
+    for (let seed = 1; seed <= 6; seed++) {
+      steps.length = 0;
+      const r = await dec.generate({ tokens: context, maxTokens: 200, sampling: { temperature: 1 }, seed, stop: ['e'], stopTokens: [] });
+      const total = steps.reduce((x, y) => x + y, 0);
+      // Every reported step emitted a token of the output (the last one may be cut after its stop).
+      expect(total).toBeGreaterThanOrEqual(r.tokens.length);
+      expect(total - steps[steps.length - 1]!).toBeLessThan(r.tokens.length);
+      expect(r.stats.tokens).toBe(total);
+      expect(r.stats.targetPasses).toBeGreaterThanOrEqual(steps.length); // plus the prefill
+      if (r.stopReason === 'stop') cut++;
+    }
+    expect(cut).toBeGreaterThan(3);
+    // A request may ask for any number of tokens; it ends at the context.
+    const long = await dec.generate({ tokens: context, maxTokens: Number.MAX_SAFE_INTEGER, stopTokens: [] });
+    expect(long.stopReason).toBe('context');
+    await dec.dispose();
+  });
+
+  it('watchWeights calls back at every setWeights until unwatched', async () => {
+    const copy = await draft.convert('keep');
+    let calls = 0;
+    const unwatch = draft.watchWeights(() => void calls++);
+    draft.setWeights(copy);
+    draft.setWeights(copy);
+    unwatch();
+    draft.setWeights(copy);
+    expect(calls).toBe(2);
+    await copy.dispose();
   });
 
   it('rejects bad arguments with errors that name them, and leaves both caches as they were', async () => {

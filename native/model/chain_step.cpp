@@ -94,6 +94,7 @@ int32_t chain_run(Sequence& target, Sequence& draft, const int32_t* pending, int
   const auto start = std::chrono::steady_clock::now();
   int64_t remaining = p.remaining;
   int32_t steps = 0;
+  const int32_t t_start = target.length(), d_start = draft.length();
   for (;;) {
     ChainStepParams sp = p.step;
     const uint64_t s = static_cast<uint64_t>(p.first_step) + static_cast<uint64_t>(steps);
@@ -101,8 +102,16 @@ int32_t chain_run(Sequence& target, Sequence& draft, const int32_t* pending, int
     sp.draft_stream = sp.target_stream + 1;
     const int32_t d_before = draft.length();
     ChainStepTimes t;
-    const int32_t a = chain_step(target, draft, next.data(), static_cast<int32_t>(next.size()), last, sp,
-                                 draft_tokens.data(), emitted.data(), rows.data(), &t);
+    int32_t a = 0;
+    try {
+      a = chain_step(target, draft, next.data(), static_cast<int32_t>(next.size()), last, sp, draft_tokens.data(),
+                     emitted.data(), rows.data(), &t);
+    } catch (...) {
+      // The caller gets no tokens: the caches go back to where the run started.
+      if (target.length() > t_start) target.truncate(t_start);
+      if (draft.length() > d_start) draft.truncate(d_start);
+      throw;
+    }
     out.times.draft_ms += t.draft_ms;
     out.times.target_ms += t.target_ms;
     out.accepted.push_back(a);

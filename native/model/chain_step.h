@@ -60,8 +60,8 @@ struct ChainRunOut {
 };
 
 // Runs at least one step (the caller checked the first) and at most max_steps; `interrupt` set
-// ends the run after the step in progress. Returns the number of steps run. On an error in step s > 0 the steps before it stand (both caches hold them) and
-// the error is rethrown.
+// ends the run after the step in progress. Returns the number of steps run. On an error both caches
+// are left as they were before the run.
 int32_t chain_run(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
                   const ChainRunParams& p, ChainRunOut& out, const std::atomic<bool>* interrupt = nullptr);
 

@@ -574,15 +574,18 @@ describe('models and sequences', () => {
     expect((await running) as Float32Array).toHaveLength(64);
   });
 
+  /** A target and a draft sequence of `capacity`, each holding the tokens 1, 2. */
+  async function sequencePair(capacity: number): Promise<Loose[]> {
+    const t = new raw.NativeSequence(model, capacity);
+    const d = new raw.NativeSequence(model, capacity);
+    await t.evaluate(Int32Array.of(1, 2));
+    await d.evaluate(Int32Array.of(1, 2));
+    return [t, d];
+  }
+
   it('chainStep: getters that dispose either sequence or start an evaluation on it are errors; pending is copied late', async () => {
     const opts = (key: string, hook: () => void) => withGetter({ last: 1, count: 2, sampling: { temperature: 0 }, seed: 1 }, key, hook);
-    const fresh = async () => {
-      const t = new raw.NativeSequence(model, 16);
-      const d = new raw.NativeSequence(model, 16);
-      await t.evaluate(Int32Array.of(1, 2));
-      await d.evaluate(Int32Array.of(1, 2));
-      return [t, d];
-    };
+    const fresh = () => sequencePair(16);
     let [t, d] = await fresh();
     for (const bad of [undefined, 5, {}, tok, model, Object.setPrototypeOf({}, raw.NativeSequence.prototype)])
       expectThrows(() => t.chainStep(bad, Int32Array.of(3), { last: 1, count: 2 }), TypeError, /^draft must be a NativeSequence$/);
@@ -606,13 +609,7 @@ describe('models and sequences', () => {
   it('chainRun: getters that dispose either sequence are errors; stopTokens are copied when read', async () => {
     const opts = (key: string, hook: () => void, extra = {}) =>
       withGetter({ last: 1, count: 2, sampling: { temperature: 0 }, seed: 1, maxSteps: 3, stopTokens: Int32Array.of(5), keepLogits: false, ...extra }, key, hook);
-    const fresh = async () => {
-      const t = new raw.NativeSequence(model, 32);
-      const d = new raw.NativeSequence(model, 32);
-      await t.evaluate(Int32Array.of(1, 2));
-      await d.evaluate(Int32Array.of(1, 2));
-      return [t, d];
-    };
+    const fresh = () => sequencePair(32);
     let [t, d] = await fresh();
     expectThrows(() => t.chainRun(d, Int32Array.of(3), opts('maxSteps', () => t.dispose())), Error, /^the sequence was disposed$/);
     [t, d] = await fresh();

@@ -281,6 +281,22 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     return w->promise();
   }
 
+  // options.stopTokens, copied (a getter may run), checked against the vocabulary and sorted; empty
+  // when absent.
+  static std::vector<int32_t> stop_tokens(const Napi::Object& o, int32_t vocab) {
+    Napi::Env env = o.Env();
+    std::vector<int32_t> stop;
+    const Napi::Value v = get_prop(o, "stopTokens");
+    if (!present(v)) return stop;
+    stop = copy_array<int32_t>(env, v, "stopTokens");
+    for (size_t i = 0; i < stop.size(); ++i)
+      if (stop[i] < 0 || stop[i] >= vocab)
+        throw Napi::RangeError::New(env, "stopTokens[" + std::to_string(i) + "] = " + std::to_string(stop[i]) +
+                                             " is out of range for a vocabulary of " + std::to_string(vocab));
+    std::sort(stop.begin(), stop.end());
+    return stop;
+  }
+
   class DraftWorker : public PromiseWorker {
    public:
     DraftWorker(Napi::Env env, std::shared_ptr<Sequence> seq, std::shared_ptr<std::atomic<bool>> busy,
@@ -375,16 +391,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
           positions.push_back(static_cast<uint32_t>(ps[i]));
         }
       }
-      std::vector<int32_t> stop;
-      const Napi::Value stop_v = get_prop(o, "stopTokens");
-      if (present(stop_v)) {
-        stop = copy_array<int32_t>(env, stop_v, "stopTokens");
-        for (size_t i = 0; i < stop.size(); ++i)
-          if (stop[i] < 0 || stop[i] >= vm)
-            throw Napi::RangeError::New(env, "stopTokens[" + std::to_string(i) + "] = " + std::to_string(stop[i]) +
-                                                 " is out of range for a vocabulary of " + std::to_string(vm));
-        std::sort(stop.begin(), stop.end());
-      }
+      std::vector<int32_t> stop = stop_tokens(o, vm);
       // Phase 2: no JavaScript runs from here. The tokens are copied, then checked.
       get(env);
       std::vector<int32_t> tokens = copy_array<int32_t>(env, info[0], "tokens");
@@ -459,47 +466,67 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     ChainStepTimes times_;
   };
 
+  // chainStep's and chainRun's common arguments. step_args is phase 1 (getters may run, and may
+  // dispose either sequence): the draft sequence, last, count, vocabSize, sampling and seed.
+  // pending_tokens is phase 2: both sequences checked again, the pending tokens copied and checked.
+  struct StepArgs {
+    SequenceWrap* draft;
+    Napi::Object options;
+    int32_t last;
+    ChainStepParams p;
+  };
+  StepArgs step_args(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    get(env);
+    SequenceWrap* dw = unwrap_tagged<SequenceWrap>(env, info.Length() < 1 ? env.Undefined() : info[0], kSequenceTag,
+                                                   "draft must be a NativeSequence");
+    if (dw == this) throw Napi::TypeError::New(env, "draft must be another sequence than the target's");
+    dw->get(env);
+    if (info.Length() < 2) throw Napi::TypeError::New(env, "pending must be an Int32Array");
+    checked_length<int32_t>(env, info[1], "pending");
+    Napi::Object o = require_object(info, 2, "options");
+    // Read before any getter runs: a getter may dispose either sequence.
+    const int32_t vt = seq_->model().config().vocab, cap = seq_->capacity();
+    const int32_t vd = dw->seq_->model().config().vocab;
+    StepArgs a{dw, o, 0, {}};
+    a.last = static_cast<int32_t>(get_int(o, "last", 0, vt - 1));
+    a.p.count = static_cast<int32_t>(get_int(o, "count", 1, cap));
+    a.p.vocab = static_cast<int32_t>(get_int_or(o, "vocabSize", 1, std::min(vt, vd), std::min(vt, vd)));
+    a.p.sampling = parse_sampling(env, get_prop(o, "sampling"), "sampling");
+    const Napi::Value seed_v = get_prop(o, "seed");
+    a.p.seed = present(seed_v) ? seed_value(env, seed_v, "seed") : 0;
+    return a;
+  }
+  std::vector<int32_t> pending_tokens(const Napi::CallbackInfo& info, SequenceWrap* dw) {
+    Napi::Env env = info.Env();
+    get(env);
+    dw->get(env);
+    const int32_t vd = dw->seq_->model().config().vocab;
+    std::vector<int32_t> pending = copy_array<int32_t>(env, info[1], "pending");
+    if (pending.empty()) throw Napi::RangeError::New(env, "pending must not be empty");
+    for (size_t i = 0; i < pending.size(); ++i)
+      if (pending[i] < 0 || pending[i] >= vd)
+        throw Napi::RangeError::New(env, "pending[" + std::to_string(i) + "] = " + std::to_string(pending[i]) +
+                                             " is out of range for a vocabulary of " + std::to_string(vd));
+    return pending;
+  }
+
   // chainStep(draft: NativeSequence, pending: Int32Array, { last, count, vocabSize?, sampling, seed?,
   // draftStream?, targetStream? }): Promise<{ acceptedCount, tokens, draftTokens, targetLogits,
   // draftMs, targetMs }>; this sequence is the target's. See chain_step.
   Napi::Value chain_step(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
-      // Phase 1: the options' getters may run (and dispose either sequence); both are checked again below.
-      get(env);
-      SequenceWrap* dw = unwrap_tagged<SequenceWrap>(env, info.Length() < 1 ? env.Undefined() : info[0], kSequenceTag,
-                                                     "draft must be a NativeSequence");
-      if (dw == this) throw Napi::TypeError::New(env, "draft must be another sequence than the target's");
-      dw->get(env);
-      if (info.Length() < 2) throw Napi::TypeError::New(env, "pending must be an Int32Array");
-      checked_length<int32_t>(env, info[1], "pending");
-      Napi::Object o = require_object(info, 2, "options");
-      const int32_t vt = seq_->model().config().vocab, cap = seq_->capacity();
-      const int32_t vd = dw->seq_->model().config().vocab;
-      ChainStepParams p;
-      const int32_t last = static_cast<int32_t>(get_int(o, "last", 0, vt - 1));
-      p.count = static_cast<int32_t>(get_int(o, "count", 1, cap));
-      p.vocab = static_cast<int32_t>(get_int_or(o, "vocabSize", 1, std::min(vt, vd), std::min(vt, vd)));
-      p.sampling = parse_sampling(env, get_prop(o, "sampling"), "sampling");
-      const Napi::Value seed_v = get_prop(o, "seed");
-      p.seed = present(seed_v) ? seed_value(env, seed_v, "seed") : 0;
-      const Napi::Value ds_v = get_prop(o, "draftStream");
-      p.draft_stream = present(ds_v) ? seed_value(env, ds_v, "draftStream") : 0;
-      const Napi::Value ts_v = get_prop(o, "targetStream");
-      p.target_stream = present(ts_v) ? seed_value(env, ts_v, "targetStream") : 0;
-      // Phase 2: no JavaScript runs from here.
-      get(env);
-      dw->get(env);
-      std::vector<int32_t> pending = copy_array<int32_t>(env, info[1], "pending");
-      if (pending.empty()) throw Napi::RangeError::New(env, "pending must not be empty");
-      for (size_t i = 0; i < pending.size(); ++i)
-        if (pending[i] < 0 || pending[i] >= vd)
-          throw Napi::RangeError::New(env, "pending[" + std::to_string(i) + "] = " + std::to_string(pending[i]) +
-                                               " is out of range for a vocabulary of " + std::to_string(vd));
-      auto logits = Napi::Float32Array::New(env, static_cast<size_t>(p.count + 1) * p.vocab);
+      StepArgs a = step_args(info);
+      const Napi::Value ds_v = get_prop(a.options, "draftStream");
+      a.p.draft_stream = present(ds_v) ? seed_value(env, ds_v, "draftStream") : 0;
+      const Napi::Value ts_v = get_prop(a.options, "targetStream");
+      a.p.target_stream = present(ts_v) ? seed_value(env, ts_v, "targetStream") : 0;
+      std::vector<int32_t> pending = pending_tokens(info, a.draft);  // phase 2: no JavaScript runs from here
+      auto logits = Napi::Float32Array::New(env, static_cast<size_t>(a.p.count + 1) * a.p.vocab);
       busy_->store(true);
-      dw->busy_->store(true);
-      auto* w = new ChainStepWorker(env, seq_, dw->seq_, busy_, dw->busy_, std::move(pending), last, p, logits);
+      a.draft->busy_->store(true);
+      auto* w = new ChainStepWorker(env, seq_, a.draft->seq_, busy_, a.draft->busy_, std::move(pending), a.last, a.p, logits);
       w->Queue();
       return w->promise();
     });
@@ -565,23 +592,11 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   Napi::Value chain_run(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
-      get(env);
-      SequenceWrap* dw = unwrap_tagged<SequenceWrap>(env, info.Length() < 1 ? env.Undefined() : info[0], kSequenceTag,
-                                                     "draft must be a NativeSequence");
-      if (dw == this) throw Napi::TypeError::New(env, "draft must be another sequence than the target's");
-      dw->get(env);
-      if (info.Length() < 2) throw Napi::TypeError::New(env, "pending must be an Int32Array");
-      checked_length<int32_t>(env, info[1], "pending");
-      Napi::Object o = require_object(info, 2, "options");
-      const int32_t vt = seq_->model().config().vocab, cap = seq_->capacity();
-      const int32_t vd = dw->seq_->model().config().vocab;
+      const int32_t vt = seq_ ? seq_->model().config().vocab : 0;
+      StepArgs a = step_args(info);
+      const Napi::Object& o = a.options;
       ChainRunParams p;
-      const int32_t last = static_cast<int32_t>(get_int(o, "last", 0, vt - 1));
-      p.step.count = static_cast<int32_t>(get_int(o, "count", 1, cap));
-      p.step.vocab = static_cast<int32_t>(get_int_or(o, "vocabSize", 1, std::min(vt, vd), std::min(vt, vd)));
-      p.step.sampling = parse_sampling(env, get_prop(o, "sampling"), "sampling");
-      const Napi::Value seed_v = get_prop(o, "seed");
-      p.step.seed = present(seed_v) ? seed_value(env, seed_v, "seed") : 0;
+      p.step = a.p;
       const Napi::Value base_v = get_prop(o, "streamBase");
       p.stream_base = present(base_v) ? seed_value(env, base_v, "streamBase") : 0;
       p.first_step = static_cast<int32_t>(get_int_or(o, "firstStep", 0, INT32_MAX, 0));
@@ -589,30 +604,13 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       p.max_ms = get_number_or(o, "maxMs", 0.0);
       if (!(p.max_ms >= 0) || !std::isfinite(p.max_ms)) throw Napi::RangeError::New(env, "maxMs must be a finite number >= 0");
       p.remaining = get_int_or(o, "remaining", 1, INT64_C(1) << 52, INT64_C(1) << 52);
-      std::vector<int32_t> stop;
-      const Napi::Value stop_v = get_prop(o, "stopTokens");
-      if (present(stop_v)) {
-        stop = copy_array<int32_t>(env, stop_v, "stopTokens");
-        for (size_t i = 0; i < stop.size(); ++i)
-          if (stop[i] < 0 || stop[i] >= vt)
-            throw Napi::RangeError::New(env, "stopTokens[" + std::to_string(i) + "] = " + std::to_string(stop[i]) +
-                                                 " is out of range for a vocabulary of " + std::to_string(vt));
-        std::sort(stop.begin(), stop.end());
-      }
+      std::vector<int32_t> stop = stop_tokens(o, vt);
       p.keep_logits = get_prop(o, "keepLogits").ToBoolean();
-      // Phase 2: no JavaScript runs from here.
-      get(env);
-      dw->get(env);
-      std::vector<int32_t> pending = copy_array<int32_t>(env, info[1], "pending");
-      if (pending.empty()) throw Napi::RangeError::New(env, "pending must not be empty");
-      for (size_t i = 0; i < pending.size(); ++i)
-        if (pending[i] < 0 || pending[i] >= vd)
-          throw Napi::RangeError::New(env, "pending[" + std::to_string(i) + "] = " + std::to_string(pending[i]) +
-                                               " is out of range for a vocabulary of " + std::to_string(vd));
+      std::vector<int32_t> pending = pending_tokens(info, a.draft);  // phase 2: no JavaScript runs from here
       cancel_ = std::make_shared<std::atomic<bool>>(false);  // cancel() ends the run after its current step
       busy_->store(true);
-      dw->busy_->store(true);
-      auto* w = new ChainRunWorker(env, seq_, dw->seq_, busy_, dw->busy_, cancel_, std::move(pending), last, p,
+      a.draft->busy_->store(true);
+      auto* w = new ChainRunWorker(env, seq_, a.draft->seq_, busy_, a.draft->busy_, cancel_, std::move(pending), a.last, p,
                                    std::move(stop));
       w->Queue();
       return w->promise();

@@ -395,6 +395,8 @@ interface Request {
   stepsUsed: number;
   /** The next run's steps at most: 1, then doubling to CHAIN_RUN_STEPS, so that a stream starts at once. */
   runSteps: number;
+  /** The n-gram strategy's lookups that found nothing, in a row. */
+  ngramMisses: number;
   /**
    * A run's per-step bookkeeping (counters, events, onVerified), kept until the decoding loop knows
    * how many of its tokens are emitted: steps that start after a stop are dropped, as they would
@@ -673,6 +675,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       remaining: 0,
       stepsUsed: 1,
       runSteps: 1,
+      ngramMisses: 0,
       steps: [],
     };
     checkCallback(options.onStart, 'onStart');
@@ -1212,6 +1215,13 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     if (this.strategy.kind !== 'ngram') throw new Error('unreachable');
     const g = Math.min(budget, this.strategy.length);
     const proposal = g > 0 ? ngramLookup(committed, this.strategy.maxNgram, g) : [];
+    if (proposal.length === 0) {
+      // Nothing to verify: the target decodes alone, in one native call of 1, 2, 4 ... 16 tokens as
+      // lookups keep failing to find or to land a proposal (a lookup runs again after each call).
+      const n = Math.min(2 ** Math.min(req.ngramMisses, 4), budget + 1);
+      req.ngramMisses++;
+      return this.#plainSteps(req, step, T, committed, n);
+    }
     const c = req.counters;
     const last = committed[committed.length - 1]!;
     const tBase = T.length;
@@ -1229,6 +1239,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       children: 'deterministic',
     });
     const a = r.path.length;
+    req.ngramMisses = a > 0 ? 0 : req.ngramMisses + 1;
     T.truncate(tBase + 1 + a);
     c.record(proposal.length, a, a + 1);
     c.recordChain(proposal.length, a);

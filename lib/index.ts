@@ -45,6 +45,10 @@ export type {
   EvaluateOptions,
   DraftOptions,
   DraftResult,
+  ChainStepOptions,
+  ChainStepResult,
+  ChainRunOptions,
+  ChainRunResult,
   ChatTemplateOptions,
 } from './Model.js';
 export type { ChatMessage, ApplyChatTemplateOptions } from './chatTemplate.js';

@@ -411,27 +411,54 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     });
   }
 
-  class ChainStepWorker : public PromiseWorker {
+  // A native call on a target and a draft sequence: both are busy from construction until it settles.
+  class PairWorker : public PromiseWorker {
    public:
-    ChainStepWorker(Napi::Env env, std::shared_ptr<Sequence> target, std::shared_ptr<Sequence> draft,
-                    std::shared_ptr<std::atomic<bool>> target_busy, std::shared_ptr<std::atomic<bool>> draft_busy,
-                    std::vector<int32_t> pending, int32_t last, ChainStepParams p, Napi::Float32Array logits)
-        : PromiseWorker(env), target_(std::move(target)), draft_(std::move(draft)), target_busy_(std::move(target_busy)),
-          draft_busy_(std::move(draft_busy)), pending_(std::move(pending)), last_(last), p_(p),
-          draft_tokens_(p.count), out_tokens_(p.count + 1), logits_ref_(Napi::Persistent(logits)), logits_(logits.Data()) {}
+    PairWorker(Napi::Env env, SequenceWrap& target, SequenceWrap& draft)
+        : PromiseWorker(env), target_(target.seq_), draft_(draft.seq_), target_busy_(target.busy_), draft_busy_(draft.busy_) {
+      target_busy_->store(true);
+      draft_busy_->store(true);
+    }
+
+   protected:
+    void OnError(const Napi::Error& e) override {
+      release();
+      PromiseWorker::OnError(e);
+    }
+    void release() {
+      target_busy_->store(false);
+      draft_busy_->store(false);
+    }
+    // A new JavaScript typed array holding a copy of v[0..n).
+    template <class A, class T>
+    static A copy_to_js(Napi::Env env, const T* v, size_t n) {
+      A a = A::New(env, n);
+      std::copy(v, v + n, a.Data());
+      return a;
+    }
+    std::shared_ptr<Sequence> target_, draft_;
+    std::shared_ptr<std::atomic<bool>> target_busy_, draft_busy_;
+  };
+
+  class ChainStepWorker : public PairWorker {
+   public:
+    ChainStepWorker(Napi::Env env, SequenceWrap& target, SequenceWrap& draft, std::vector<int32_t> pending, int32_t last,
+                    ChainStepParams p, Napi::Float32Array logits)
+        : PairWorker(env, target, draft), pending_(std::move(pending)), last_(last), p_(p), draft_tokens_(p.count),
+          out_tokens_(p.count + 1), logits_ref_(Napi::Persistent(logits)), logits_(logits.Data()) {}
 
    protected:
     void run() override {
       accepted_ = osd::chain_step(*target_, *draft_, pending_.data(), static_cast<int32_t>(pending_.size()), last_, p_,
-                             draft_tokens_.data(), out_tokens_.data(), logits_, &times_);
+                                  draft_tokens_.data(), out_tokens_.data(), logits_, &times_);
     }
     void OnOK() override {
       release();
       Napi::Env env = Env();
       Napi::Object r = Napi::Object::New(env);
       r.Set("acceptedCount", Napi::Number::New(env, accepted_));
-      r.Set("tokens", int_array(env, out_tokens_.data(), accepted_ + 1));
-      r.Set("draftTokens", int_array(env, draft_tokens_.data(), p_.count));
+      r.Set("tokens", copy_to_js<Napi::Int32Array>(env, out_tokens_.data(), accepted_ + 1));
+      r.Set("draftTokens", copy_to_js<Napi::Int32Array>(env, draft_tokens_.data(), p_.count));
       // Rows 0..accepted: the distributions of the emitted tokens (a view, no copy).
       Napi::Float32Array all = logits_ref_.Value();
       r.Set("targetLogits", Napi::Float32Array::New(env, static_cast<size_t>(accepted_ + 1) * p_.vocab, all.ArrayBuffer(), 0));
@@ -439,23 +466,8 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       r.Set("targetMs", Napi::Number::New(env, times_.target_ms));
       deferred_.Resolve(r);
     }
-    void OnError(const Napi::Error& e) override {
-      release();
-      PromiseWorker::OnError(e);
-    }
 
    private:
-    void release() {
-      target_busy_->store(false);
-      draft_busy_->store(false);
-    }
-    static Napi::Int32Array int_array(Napi::Env env, const int32_t* v, size_t n) {
-      auto a = Napi::Int32Array::New(env, n);
-      std::copy(v, v + n, a.Data());
-      return a;
-    }
-    std::shared_ptr<Sequence> target_, draft_;
-    std::shared_ptr<std::atomic<bool>> target_busy_, draft_busy_;
     std::vector<int32_t> pending_;
     int32_t last_;
     ChainStepParams p_;
@@ -524,23 +536,18 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       a.p.target_stream = present(ts_v) ? seed_value(env, ts_v, "targetStream") : 0;
       std::vector<int32_t> pending = pending_tokens(info, a.draft);  // phase 2: no JavaScript runs from here
       auto logits = Napi::Float32Array::New(env, static_cast<size_t>(a.p.count + 1) * a.p.vocab);
-      busy_->store(true);
-      a.draft->busy_->store(true);
-      auto* w = new ChainStepWorker(env, seq_, a.draft->seq_, busy_, a.draft->busy_, std::move(pending), a.last, a.p, logits);
+      auto* w = new ChainStepWorker(env, *this, *a.draft, std::move(pending), a.last, a.p, logits);
       w->Queue();
       return w->promise();
     });
   }
 
-  class ChainRunWorker : public PromiseWorker {
+  class ChainRunWorker : public PairWorker {
    public:
-    ChainRunWorker(Napi::Env env, std::shared_ptr<Sequence> target, std::shared_ptr<Sequence> draft,
-                   std::shared_ptr<std::atomic<bool>> target_busy, std::shared_ptr<std::atomic<bool>> draft_busy,
-                   std::shared_ptr<std::atomic<bool>> interrupt, std::vector<int32_t> pending, int32_t last,
-                   ChainRunParams p, std::vector<int32_t> stop)
-        : PromiseWorker(env), target_(std::move(target)), draft_(std::move(draft)), target_busy_(std::move(target_busy)),
-          draft_busy_(std::move(draft_busy)), interrupt_(std::move(interrupt)), pending_(std::move(pending)), last_(last),
-          p_(p), stop_(std::move(stop)) {
+    ChainRunWorker(Napi::Env env, SequenceWrap& target, SequenceWrap& draft, std::shared_ptr<std::atomic<bool>> interrupt,
+                   std::vector<int32_t> pending, int32_t last, ChainRunParams p, std::vector<int32_t> stop)
+        : PairWorker(env, target, draft), interrupt_(std::move(interrupt)), pending_(std::move(pending)), last_(last), p_(p),
+          stop_(std::move(stop)) {
       p_.stop = stop_.data();
       p_.n_stop = static_cast<int32_t>(stop_.size());
     }
@@ -554,31 +561,16 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       release();
       Napi::Env env = Env();
       Napi::Object r = Napi::Object::New(env);
-      r.Set("acceptedCounts", copy_to_js<Napi::Int32Array>(env, out_.accepted));
-      r.Set("tokens", copy_to_js<Napi::Int32Array>(env, out_.tokens));
-      if (p_.keep_logits) r.Set("targetLogits", copy_to_js<Napi::Float32Array>(env, out_.logits));
+      r.Set("acceptedCounts", copy_to_js<Napi::Int32Array>(env, out_.accepted.data(), out_.accepted.size()));
+      r.Set("tokens", copy_to_js<Napi::Int32Array>(env, out_.tokens.data(), out_.tokens.size()));
+      if (p_.keep_logits) r.Set("targetLogits", copy_to_js<Napi::Float32Array>(env, out_.logits.data(), out_.logits.size()));
       r.Set("draftMs", Napi::Number::New(env, out_.times.draft_ms));
       r.Set("targetMs", Napi::Number::New(env, out_.times.target_ms));
       deferred_.Resolve(r);
     }
-    void OnError(const Napi::Error& e) override {
-      release();
-      PromiseWorker::OnError(e);
-    }
 
    private:
-    template <class A, class T>
-    static A copy_to_js(Napi::Env env, const std::vector<T>& v) {
-      A a = A::New(env, v.size());
-      std::copy(v.begin(), v.end(), a.Data());
-      return a;
-    }
-    void release() {
-      target_busy_->store(false);
-      draft_busy_->store(false);
-    }
-    std::shared_ptr<Sequence> target_, draft_;
-    std::shared_ptr<std::atomic<bool>> target_busy_, draft_busy_, interrupt_;
+    std::shared_ptr<std::atomic<bool>> interrupt_;
     std::vector<int32_t> pending_;
     int32_t last_;
     ChainRunParams p_;
@@ -608,10 +600,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       p.keep_logits = get_prop(o, "keepLogits").ToBoolean();
       std::vector<int32_t> pending = pending_tokens(info, a.draft);  // phase 2: no JavaScript runs from here
       cancel_ = std::make_shared<std::atomic<bool>>(false);  // cancel() ends the run after its current step
-      busy_->store(true);
-      a.draft->busy_->store(true);
-      auto* w = new ChainRunWorker(env, seq_, a.draft->seq_, busy_, a.draft->busy_, cancel_, std::move(pending), a.last, p,
-                                   std::move(stop));
+      auto* w = new ChainRunWorker(env, *this, *a.draft, cancel_, std::move(pending), a.last, p, std::move(stop));
       w->Queue();
       return w->promise();
     });

@@ -386,6 +386,8 @@ interface Request {
   sampling: SamplingOptions;
   seed: Seed;
   stopTokens: Set<number>;
+  /** stopTokens as the native calls take them. */
+  stopIds: Int32Array;
   counters: Counters;
   /** Adaptive's last step, for its step timing: drafted tokens, the draft's catch-up ms, target passes (1, or the plain tokens of one native call). */
   lastStep?: { drafted: number; catchUpMs: number; tokens: number };
@@ -671,6 +673,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       sampling: options.sampling ?? this.sampling,
       seed: options.seed ?? 0,
       stopTokens: new Set(stopTokens),
+      stopIds: Int32Array.from(new Set(stopTokens)),
       counters: new Counters(),
       remaining: 0,
       stepsUsed: 1,
@@ -875,8 +878,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     const V = this.vocabSize;
     const c = req.counters;
     const last = committed[committed.length - 1]!;
-    const stopTokens = Int32Array.from(req.stopTokens);
-    const d = await this.#timed(c, 'target', () => T.draft([last], { count: n, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false), stopTokens }));
+    const d = await this.#timed(c, 'target', () => T.draft([last], { count: n, vocabSize: V, sampling: req.sampling, seed: req.seed, stream: streamOf(req, step, false), stopTokens: req.stopIds }));
     n = d.tokens.length; // fewer when a stop token ended the run
     c.targetPasses += n - 1;
     const tokens = Array.from(d.tokens);
@@ -919,8 +921,8 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       const many = kind === 'chain' || (kind === 'adaptive' && !this.#probing);
       const maxSteps = kind === 'adaptive' ? Math.min(req.runSteps, Math.max(1, 16 - this.#sameSteps)) : req.runSteps;
       // With weightSwap 'step', new draft weights end the run after its current step.
-      const swapped = new AbortController();
-      const unwatch = many && this.weightSwap === 'step' ? this.draft!.watchWeights(() => swapped.abort()) : undefined;
+      const swapped = many && this.weightSwap === 'step' ? new AbortController() : undefined;
+      const unwatch = swapped && this.draft!.watchWeights(() => swapped.abort());
       const t0 = performance.now();
       const r = await T.chainRun(D, committed.slice(D.length), {
         last,
@@ -933,9 +935,9 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
         maxSteps: many ? maxSteps : 1,
         maxMs: many ? CHAIN_RUN_MS : 0,
         remaining: Math.min(req.remaining, 2 ** 52),
-        stopTokens: [...req.stopTokens],
+        stopTokens: req.stopIds,
         keepLogits: this.#onVerified !== undefined,
-        interrupt: swapped.signal,
+        ...(swapped && { interrupt: swapped.signal }),
       }).finally(() => unwatch?.());
       const ms = performance.now() - t0;
       req.runSteps = Math.min(2 * req.runSteps, CHAIN_RUN_STEPS);
@@ -982,9 +984,12 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   #settleChainStep(req: Request, g: number, a: number, committed: number[], tokens: Int32Array, rows: Float32Array | undefined, at: number): void {
     const V = this.vocabSize;
     const c = req.counters;
-    const emitted = tokens.slice(at, at + a + 1);
-    const context = at === 0 ? committed : [...committed, ...tokens.subarray(0, at)];
-    if (this.#onVerified) this.#onVerified({ request: req.id, context, drafted: g, accepted: a, emitted, targetLogits: rows!.slice(at * V, (at + a + 1) * V), vocabSize: V });
+    if (this.#onVerified) {
+      // The context a step after the run's first saw: what was committed, then the run's earlier tokens.
+      const context = at === 0 ? committed : [...committed, ...tokens.subarray(0, at)];
+      const emitted = tokens.slice(at, at + a + 1);
+      this.#onVerified({ request: req.id, context, drafted: g, accepted: a, emitted, targetLogits: rows!.slice(at * V, (at + a + 1) * V), vocabSize: V });
+    }
     c.record(g, a, a + 1);
     c.recordChain(g, a);
     if (g > 0) {

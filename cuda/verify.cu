@@ -192,58 +192,132 @@ struct TreeParams {
   SlotPool pool;
 };
 
-// dst[j] = P.to_dense(j) for a dense or sparse row, four floats per access where aligned, several
-// loads in flight per thread.
-__device__ __noinline__ void copy_dense(float* dst, const RowRef& P, int V) {
-  const float* src = P.mode == kRowSparse ? P.prob : P.e;
-  const bool sparse = P.mode == kRowSparse;
-  const float inv = P.inv_z;
-  if (V % 4 == 0 && ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) & 15u) == 0) {
-    const float4* s4 = reinterpret_cast<const float4*>(src);
-    float4* d4 = reinterpret_cast<float4*>(dst);
-    const int V4 = V / 4;
-    constexpr int U = 4;
-    for (int base = threadIdx.x; base < V4; base += U * kBlock) {
-      float4 x[U];
-#pragma unroll
-      for (int k = 0; k < U; ++k)
-        if (base + k * kBlock < V4) x[k] = __ldcg(s4 + base + k * kBlock);
-#pragma unroll
-      for (int k = 0; k < U; ++k)
-        if (base + k * kBlock < V4) {
-          float4 y = x[k];
-          if (!sparse) y = make_float4(__fmul_rn(y.x, inv), __fmul_rn(y.y, inv), __fmul_rn(y.z, inv), __fmul_rn(y.w, inv));
-          d4[base + k * kBlock] = y;
-        }
-    }
-  } else {
-    for (int j = threadIdx.x; j < V; j += kBlock) dst[j] = row_dense(P, j);
+// The walk's current p or q (verify.cpp's pd / qd): P.to_dense read from its prepared row until the
+// first rejection; after it, the raw values in a buffer times the factor of the normalise() still to
+// apply (each read rounds fmul(raw, factor), the CPU's v[j] *= inv). Deferring the factor to the next
+// read lets one pass per rejection do the CPU's residual, zeroing and both normalise sums.
+struct Cur {
+  RowRef row;
+  float* buf;
+  float scale;
+  int32_t src;  // kFromRow, kFromBuf or kFromBufScaled
+};
+constexpr int32_t kFromRow = 0, kFromBuf = 1, kFromBufScaled = 2;
+
+__device__ __forceinline__ float cur_at(const Cur& c, int j) {
+  if (c.src == kFromRow) return row_dense(c.row, j);
+  const float v = c.buf[j];
+  return c.src == kFromBufScaled ? __fmul_rn(v, c.scale) : v;
+}
+__device__ __forceinline__ float4 scale4(float4 v, float f) {
+  return make_float4(__fmul_rn(v.x, f), __fmul_rn(v.y, f), __fmul_rn(v.z, f), __fmul_rn(v.w, f));
+}
+__device__ __forceinline__ float4 cur4(const Cur& c, int k) {
+  if (c.src == kFromRow) {
+    const RowRef& r = c.row;
+    if (r.mode == kRowSparse) return __ldcg(reinterpret_cast<const float4*>(r.prob) + k);
+    if (r.e) return scale4(__ldcg(reinterpret_cast<const float4*>(r.e) + k), r.inv_z);
+    const float4 l = __ldg(reinterpret_cast<const float4*>(r.l) + k);
+    return scale4(make_float4(exp_fast(scaled_logit(l.x, r.mx, r.inv_t)), exp_fast(scaled_logit(l.y, r.mx, r.inv_t)),
+                              exp_fast(scaled_logit(l.z, r.mx, r.inv_t)), exp_fast(scaled_logit(l.w, r.mx, r.inv_t))),
+                  r.inv_z);
   }
+  const float4 v = reinterpret_cast<const float4*>(c.buf)[k];
+  return c.src == kFromBufScaled ? scale4(v, c.scale) : v;
+}
+__device__ __forceinline__ bool cur_aligned(const Cur& c) {
+  const void* a = c.src != kFromRow         ? static_cast<const void*>(c.buf)
+                  : c.row.mode == kRowSparse ? static_cast<const void*>(c.row.prob)
+                  : c.row.e                  ? static_cast<const void*>(c.row.e)
+                                             : static_cast<const void*>(c.row.l);
+  return (reinterpret_cast<uintptr_t>(a) & 15u) == 0;
 }
 
-// pd[j] = max(0, pd[j] - qd[j]) (without the clamp under the planted fault), vectorised where aligned.
-__device__ __noinline__ void residual_update(float* pd, const float* qd, int V, bool noclamp) {
-  auto one = [noclamp](float a, float b) {
-    const float d = __fsub_rn(a, b);
-    return noclamp ? d : (d > 0.0f ? d : 0.0f);
+// What a rejection does to p (verify.cpp's loop body).
+enum RejectKind : int32_t {
+  kRejectResidual = 0,  // p <- max(0, p - q)
+  kRejectNoClamp = 1,   // p <- p - q (the planted fault)
+  kRejectZero = 2,      // p[x] <- 0 (deterministic children: q is one-hot on x)
+  kRejectKeep = 3,      // p as it is (the planted fault ResidualFromTarget)
+};
+
+// One rejection of child token x in one pass over the vocabulary: p's new raw values into P.buf,
+// with q's (x zeroed) into Q.buf when `q_update` (without replacement), then both normalise() factors.
+// A q whose exp terms are recomputed from the logits is copied to Q.buf on its first pass, so later
+// passes do not recompute them.
+__device__ __noinline__ void reject_pass(Cur& P, Cur& Q, int x, int kind, bool q_update, int V, PrepSmem& sm) {
+  float* pd = P.buf;
+  float* qd = Q.buf;
+  const bool need_q = kind <= kRejectNoClamp;
+  const bool q_write =
+      q_update || (need_q && Q.src == kFromRow && Q.row.mode != kRowSparse && Q.row.e == nullptr);
+  // Sums and absolute sums for normalise_factor's bound. Only the planted fault's unclamped residual
+  // can be negative: elsewhere every value is >= 0 and the absolute sum is the sum.
+  const bool signed_p = kind == kRejectNoClamp;
+  double sp = 0.0, ap = 0.0, sq = 0.0;
+  auto one = [&](int j, float pc, float qc) {
+    float r;
+    if (kind == kRejectKeep) r = pc;
+    else if (kind == kRejectZero) r = j == x ? 0.0f : pc;
+    else {
+      r = __fsub_rn(pc, qc);
+      if (kind == kRejectResidual) r = r > 0.0f ? r : 0.0f;
+    }
+    sp += static_cast<double>(r);
+    if (signed_p) ap += fabs(static_cast<double>(r));
+    if (q_update) {
+      const float qn = j == x ? 0.0f : qc;
+      sq += static_cast<double>(qn);
+      return make_float2(r, qn);
+    }
+    return make_float2(r, qc);
   };
-  if (V % 4 == 0 && ((reinterpret_cast<uintptr_t>(pd) | reinterpret_cast<uintptr_t>(qd)) & 15u) == 0) {
-    float4* p4 = reinterpret_cast<float4*>(pd);
-    const float4* q4 = reinterpret_cast<const float4*>(qd);
+  const bool vec = V % 4 == 0 && cur_aligned(P) && ((!need_q && !q_update) || cur_aligned(Q)) &&
+                   ((reinterpret_cast<uintptr_t>(pd) | reinterpret_cast<uintptr_t>(qd)) & 15u) == 0;
+  if (vec) {
     const int V4 = V / 4;
-    constexpr int U = 4;
+    constexpr int U = 4;  // float4 loads in flight per stream and thread
     for (int base = threadIdx.x; base < V4; base += U * kBlock) {
       float4 a[U], b[U];
 #pragma unroll
-      for (int k = 0; k < U; ++k)
-        if (base + k * kBlock < V4) a[k] = p4[base + k * kBlock], b[k] = q4[base + k * kBlock];
+      for (int u = 0; u < U; ++u) {
+        const int k = base + u * kBlock;
+        if (k < V4) {
+          a[u] = cur4(P, k);
+          b[u] = (need_q || q_update) ? cur4(Q, k) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+      }
 #pragma unroll
-      for (int k = 0; k < U; ++k)
-        if (base + k * kBlock < V4)
-          p4[base + k * kBlock] = make_float4(one(a[k].x, b[k].x), one(a[k].y, b[k].y), one(a[k].z, b[k].z), one(a[k].w, b[k].w));
+      for (int u = 0; u < U; ++u) {
+        const int k = base + u * kBlock;
+        if (k < V4) {
+          const float2 r0 = one(4 * k, a[u].x, b[u].x), r1 = one(4 * k + 1, a[u].y, b[u].y);
+          const float2 r2 = one(4 * k + 2, a[u].z, b[u].z), r3 = one(4 * k + 3, a[u].w, b[u].w);
+          reinterpret_cast<float4*>(pd)[k] = make_float4(r0.x, r1.x, r2.x, r3.x);
+          if (q_write) reinterpret_cast<float4*>(qd)[k] = make_float4(r0.y, r1.y, r2.y, r3.y);
+        }
+      }
     }
   } else {
-    for (int j = threadIdx.x; j < V; j += kBlock) pd[j] = one(pd[j], qd[j]);
+    for (int j = threadIdx.x; j < V; j += kBlock) {
+      const float pc = cur_at(P, j);
+      const float qc = (need_q || q_update) ? cur_at(Q, j) : 0.0f;
+      const float2 r = one(j, pc, qc);
+      pd[j] = r.x;
+      if (q_write) qd[j] = r.y;
+    }
+  }
+  if (signed_p) block_sum2(sp, ap, sm.red); else block_sum2(sp, sq, sm.red);  // the barriers publish the buffers
+  if (!signed_p) ap = sp;
+  else if (q_update) sq = block_sum(sq, sm.red);
+  float f = 0.0f;
+  P.src = normalise_factor(sp, ap, pd, V, &f, sm) ? kFromBufScaled : kFromBuf;
+  P.scale = f;
+  if (q_update) {
+    Q.src = normalise_factor(sq, sq, qd, V, &f, sm) ? kFromBufScaled : kFromBuf;
+    Q.scale = f;
+  } else if (q_write) {
+    Q.src = kFromBuf;  // Q.buf holds q itself
   }
 }
 
@@ -257,14 +331,9 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
   int32_t* out = p.out_tokens[r];
   int32_t* path = p.out_path[r];
   int32_t* counts = p.out_counts[r];
-  if (tid == 0) {
-    int bad = 0;
-    for (int i = 0; i < q.ntasks; ++i) bad |= ld_cg(&p.stats[q.t0 + i].bad);
-    sm.bi[0] = bad;
-  }
-  __syncthreads();
-  const int bad = sm.bi[0];
-  __syncthreads();
+  int bad = 0;
+  for (int i = tid; i < q.ntasks; i += kBlock) bad |= ld_cg(&p.stats[q.t0 + i].bad);
+  bad = block_or(bad, sm.red);
   if (bad) {
     if (tid == 0) counts[0] = -1, counts[1] = -1;
     return;
@@ -294,66 +363,82 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
     return;
   }
   const bool use_draft = q.use_draft != 0;
-  const bool without = q.mode == static_cast<int>(TreeChildren::WithoutReplacement);
-  const bool noclamp = p.fault == static_cast<int>(Fault::ResidualNoClamp);
-  const bool from_target = p.fault == static_cast<int>(Fault::ResidualFromTarget);
-  float* pd = q.pd;
-  float* qd = q.qd;
+  const bool q_update = use_draft && q.mode == static_cast<int>(TreeChildren::WithoutReplacement) &&
+                        p.fault != static_cast<int>(Fault::ResidualFromTarget);
+  const int kind = p.fault == static_cast<int>(Fault::ResidualFromTarget) ? kRejectKeep
+                   : !use_draft                                           ? kRejectZero
+                   : p.fault == static_cast<int>(Fault::ResidualNoClamp)  ? kRejectNoClamp
+                                                                          : kRejectResidual;
+  // A first child's test reads its parent's rows as prepared (no rejection there has changed p or
+  // q yet when the walk arrives), so every first child is tested at once, up front, and the walk
+  // descends through accepted first children without a global-memory round trip per level. The
+  // tree's first-child lists and the decisions go to PrepSmem arrays that only row preparation uses.
+  const bool staged = q.n + 1 <= kBlock;
+  int* sfirst = reinterpret_cast<int*>(sm.tmax);
+  uint32_t* first_ok = sm.hist;  // bit c: node c is a first child and passes its test
+  static_assert(sizeof(sm.tmax) >= kBlock * sizeof(int) && sizeof(sm.hist) * 8 >= kBlock, "staging space");
+  if (staged) {
+    for (int w = tid; w < (q.n + 32) / 32; w += kBlock) first_ok[w] = 0;
+    __syncthreads();
+    for (int rw = tid; rw <= q.n; rw += kBlock) {
+      const int c = first[rw];
+      sfirst[rw] = c;
+      if (c < 0) continue;
+      const int x = tokens[c];
+      const double px = static_cast<double>(row_dense(load_row(p.tasks[q.t0 + rw], p.stats + q.t0 + rw), x));
+      const double qx =
+          use_draft ? static_cast<double>(row_dense(load_row(p.tasks[q.d0 + rw], p.stats + q.d0 + rw), x)) : 1.0;
+      const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(c + 1), kLaneAccept);
+      if (qx > 0.0 && __dmul_rn(u, qx) < px) atomicOr(&first_ok[c >> 5], 1u << (c & 31));
+    }
+    __syncthreads();
+  }
   int row = 0, plen = 0;
   for (;;) {
+    const int c0 = staged ? sfirst[row] : first[row];
+    if (c0 >= 0 && staged && ((first_ok[c0 >> 5] >> (c0 & 31)) & 1u)) {  // the first child is accepted
+      if (tid == 0) path[plen] = c0, out[plen] = tokens[c0];
+      ++plen;
+      row = c0 + 1;
+      continue;
+    }
     const RowRef P = load_row(p.tasks[q.t0 + row], p.stats + q.t0 + row);
-    if (first[row] < 0) {  // a leaf: the bonus token comes from the target
+    if (c0 < 0) {  // a leaf: the bonus token comes from the target
       const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(row), kLaneSample);
       const int y = block_sample(weights_of(kWeightRow, P), V, u, sm);
       if (tid == 0) out[plen] = y, counts[0] = plen, counts[1] = plen + 1;
       return;
     }
-    RowRef Q{};
-    if (use_draft) Q = load_row(p.tasks[q.d0 + row], p.stats + q.d0 + row);
-    // pd and qd (P.to_dense, Q.to_dense) are materialised only at the first rejection: until then
-    // the children's tests read the same floats straight from the prepared rows.
-    bool dense = false;
+    Cur pc{P, q.pd, 0.0f, kFromRow}, qc{RowRef{}, q.qd, 0.0f, kFromRow};
+    if (use_draft) qc.row = load_row(p.tasks[q.d0 + row], p.stats + q.d0 + row);
     int accepted = -1;
-    for (int c = first[row]; c >= 0; c = next[c]) {
+    for (int c = c0; c >= 0; c = next[c]) {
       const int x = tokens[c];
-      if (tid == 0) {
-        const double px = static_cast<double>(dense ? pd[x] : row_dense(P, x));
-        const double qx = use_draft ? static_cast<double>(dense ? qd[x] : row_dense(Q, x)) : 1.0;
-        const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(c + 1), kLaneAccept);
-        sm.bi[1] = (qx > 0.0 && __dmul_rn(u, qx) < px) ? 1 : 0;
+      int acc;
+      if (staged && c == c0) {
+        acc = (first_ok[c >> 5] >> (c & 31)) & 1u;
+      } else {
+        if (tid == 0) {
+          const double px = static_cast<double>(cur_at(pc, x));
+          const double qx = use_draft ? static_cast<double>(cur_at(qc, x)) : 1.0;
+          const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(c + 1), kLaneAccept);
+          sm.bi[1] = (qx > 0.0 && __dmul_rn(u, qx) < px) ? 1 : 0;
+        }
+        __syncthreads();
+        acc = sm.bi[1];
+        __syncthreads();
       }
-      __syncthreads();
-      const int acc = sm.bi[1];
-      __syncthreads();
       if (acc) {
         accepted = c;
         break;
       }
-      if (!dense) {
-        copy_dense(pd, P, V);
-        if (use_draft) copy_dense(qd, Q, V);
-        __syncthreads();
-        dense = true;
-      }
-      if (from_target) {
-        // The planted bug: keep using the target itself instead of the residual.
-      } else if (!use_draft) {
-        if (tid == 0) pd[x] = 0.0f;
-        __syncthreads();
-      } else {
-        residual_update(pd, qd, V, noclamp);
-        __syncthreads();
-        if (without) {
-          if (tid == 0) qd[x] = 0.0f;
-          __syncthreads();
-          block_normalise(qd, V, sm);
-        }
-      }
-      block_normalise(pd, V, sm);
+      reject_pass(pc, qc, x, kind, q_update, V, sm);
     }
-    if (accepted < 0) {
+    if (accepted < 0) {  // pc holds the last residual (a rejection happened)
       const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(row), kLaneSample);
-      int y = block_sample(weights_of(kWeightPositive, P, RowRef{}, pd), V, u, sm);
+      int y = block_sample(pc.src == kFromBufScaled ? weights_of(kWeightPositiveScaled, P, RowRef{}, pc.buf, pc.scale)
+                                                    : weights_of(kWeightPositive, P, RowRef{}, pc.buf),
+                           V, u, sm);
       if (y < 0) y = block_sample(weights_of(kWeightRow, P), V, u, sm);
       if (tid == 0) out[plen] = y, counts[0] = plen, counts[1] = plen + 1;
       return;
@@ -365,7 +450,106 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
   }
 }
 
-__global__ void __launch_bounds__(kBlock) tree_kernel(TreeParams p) {
+// Launches of more rows than one wave of row blocks, when no row is top-k / top-p: one warp
+// prepares each row (tree_prep_warp_kernel: RowStat as prepare_row, exp terms not stored), then one
+// block per request walks (tree_walk_kernel). A row block spends most of its time on the 16 serial
+// chains of z; a warp runs the same chains while the SM holds many more of them.
+constexpr int kPrepWarps = 8;  // warps per block of tree_prep_warp_kernel
+
+__device__ void prepare_row_warp(const RowTask& t, RowStat* st) {
+  const int lane = lane_id();
+  const int V = t.vocab;
+  const float* l = t.logits;
+  float mx = -INFINITY, bv = -INFINITY;
+  int bidx = -1, bad = 0;
+  auto visit = [&](float x, int j) {  // each lane visits its entries in increasing index order
+    mx = x > mx ? x : mx;
+    bad |= (!(x <= FLT_MAX)) & (x != -INFINITY);
+    if (bidx < 0 || x > bv) bv = x, bidx = j;
+  };
+  if (V % 4 == 0 && (reinterpret_cast<uintptr_t>(l) & 15u) == 0) {
+    const float4* l4 = reinterpret_cast<const float4*>(l);
+    const int V4 = V / 4;
+    constexpr int U = 4;
+    for (int base = lane; base < V4; base += U * 32) {
+      float4 a[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (base + 32 * u < V4) a[u] = __ldg(l4 + base + 32 * u);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = base + 32 * u;
+        if (k < V4) visit(a[u].x, 4 * k), visit(a[u].y, 4 * k + 1), visit(a[u].z, 4 * k + 2), visit(a[u].w, 4 * k + 3);
+      }
+    }
+  } else {
+    for (int j = lane; j < V; j += 32) visit(__ldg(l + j), j);
+  }
+  mx = warp_max(mx);
+  bad = __any_sync(0xffffffffu, bad) ? 1 : 0;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int j = __shfl_xor_sync(0xffffffffu, bidx, o);
+    argmax_combine(bv, bidx, w, j);
+  }
+  if (bad || mx == -INFINITY) {
+    if (lane == 0) set_bad_row(st, bad, mx);
+    return;
+  }
+  double z = 0.0;
+  float inv_z = 0.0f;
+  if (t.mode == kRowDense) {
+    // z_exact's order: lane k < 16 adds the terms 16 m + k in increasing m, in float; then the tail
+    // j >= 16 M in double, then the 16 lane sums in lane order. Each step covers 32 consecutive
+    // terms: group 2 i on lanes 0-15, group 2 i + 1 on lanes 16-31 (handed down by a shuffle).
+    const int M = V / 16, pairs = M / 2;
+    const float it = t.inv_t;
+    float acc = 0.0f;
+    auto step = [&](float x) {
+      const float e = exp_fast(scaled_logit(x, mx, it));
+      const float hi = __shfl_down_sync(0xffffffffu, e, 16);
+      if (lane < 16) acc = __fadd_rn(__fadd_rn(acc, e), hi);
+    };
+    constexpr int U = 8;  // loads in flight per lane
+    int i = 0;
+    for (; i + U <= pairs; i += U) {
+      float x[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) x[u] = __ldg(l + 32 * (i + u) + lane);
+#pragma unroll
+      for (int u = 0; u < U; ++u) step(x[u]);
+    }
+    for (; i < pairs; ++i) step(__ldg(l + 32 * i + lane));
+    if ((M & 1) && lane < 16) acc = __fadd_rn(acc, exp_fast(scaled_logit(__ldg(l + 32 * pairs + lane), mx, it)));
+    double total = 0.0;
+    if (lane == 0)
+      for (int j = 16 * M; j < V; ++j) total += static_cast<double>(exp_fast(scaled_logit(__ldg(l + j), mx, it)));
+    for (int k = 0; k < 16; ++k) total += static_cast<double>(__shfl_sync(0xffffffffu, acc, k));
+    z = total;
+    inv_z = __double2float_rn(__ddiv_rn(1.0, z));
+  }
+  if (lane == 0) {
+    st->bad = 0;
+    st->max = mx;
+    st->argmax = bidx;
+    st->z = z;
+    st->inv_z = inv_z;
+    st->nsup = -1;
+  }
+}
+
+__global__ void __launch_bounds__(kPrepWarps * 32) tree_prep_warp_kernel(const RowTask* tasks, RowStat* stats,
+                                                                         int n_tasks) {
+  const int t = blockIdx.x * kPrepWarps + warp_id();
+  if (t < n_tasks) prepare_row_warp(tasks[t], stats + t);
+}
+
+__global__ void __launch_bounds__(kBlock, 1) tree_walk_kernel(TreeParams p) {
+  __shared__ PrepSmem sm;
+  tree_walk(p, blockIdx.x, sm);
+}
+
+__global__ void __launch_bounds__(kBlock, 1) tree_kernel(TreeParams p) {
   __shared__ PrepSmem sm;
   for (int t = blockIdx.x; t < p.n_tasks; t += gridDim.x) {
     const RowTask task = p.tasks[t];
@@ -382,21 +566,24 @@ int kernel_grid(Workspace& ws, K kernel, int n_tasks) {
   return std::max(1, std::min(n_tasks, std::max(1, per_sm) * device_sm_count(ws)));
 }
 
-// Floats of scratch a task needs: V (exp terms or probabilities).
-size_t task_floats(const RowTask& t) { return t.mode == kRowGreedy ? 0 : static_cast<size_t>(t.vocab); }
+// Floats of scratch a task needs: V (exp terms or probabilities), none for a dense row whose exp
+// terms are not stored (the walk then recomputes them from the logits with the same bits).
+size_t task_floats(const RowTask& t, bool store_exp) {
+  return t.mode == kRowGreedy || (t.mode == kRowDense && !store_exp) ? 0 : static_cast<size_t>(t.vocab);
+}
 
 // Gives every non-greedy task its scratch; returns how many rows are sparse (they may need a
 // candidate slot).
-int assign_rows(std::vector<RowTask>& tasks, Workspace& ws) {
+int assign_rows(std::vector<RowTask>& tasks, Workspace& ws, bool store_exp = true) {
   size_t floats = 0;
-  for (auto& t : tasks) floats += task_floats(t);
+  for (auto& t : tasks) floats += task_floats(t, store_exp);
   float* rows = ws.rows.as<float>(std::max<size_t>(floats, 1));
   size_t offset = 0;
   int n_sparse = 0;
   for (auto& t : tasks) {
-    if (t.mode == kRowGreedy) continue;
+    if (t.mode == kRowGreedy || (t.mode == kRowDense && !store_exp)) continue;
     if (t.mode == kRowSparse) t.prob_out = rows + offset; else t.e_out = rows + offset;
-    offset += task_floats(t);
+    offset += task_floats(t, store_exp);
     n_sparse += t.mode == kRowSparse;
   }
   return n_sparse;
@@ -557,7 +744,14 @@ void tree_verify_launch(const TreeRequestDevice* reqs, int32_t count, uint64_t s
   // rows before draft rows; tasks interleave per request, so origins say which is which.
   if (row_origins) *row_origins = origins;
   if (count == 0) return;
-  const int n_sparse = assign_rows(tasks, ws);
+  // More rows than one wave of row blocks, none top-k / top-p: warp-prepared rows, then the walks,
+  // without stored exp terms (most rows of a tree are never visited; the walks recompute the ones
+  // they read). Else one launch: row blocks that store the exp terms, the last one of a request walks.
+  const int n_tasks = static_cast<int>(tasks.size());
+  const int grid = kernel_grid(ws, tree_kernel, n_tasks);
+  const bool split =
+      n_tasks > grid && std::none_of(tasks.begin(), tasks.end(), [](const RowTask& t) { return t.mode == kRowSparse; });
+  const int n_sparse = assign_rows(tasks, ws, !split);
   float* pdqd = ws.misc.as<float>(std::max<size_t>(scratch, 1));
   size_t off = 0;
   for (auto& q : rq) {
@@ -566,8 +760,6 @@ void tree_verify_launch(const TreeRequestDevice* reqs, int32_t count, uint64_t s
     q.qd = pdqd + off + q.V;
     off += 2 * static_cast<size_t>(q.V);
   }
-  const int n_tasks = static_cast<int>(tasks.size());
-  const int grid = kernel_grid(ws, tree_kernel, n_tasks);
   TreeParams p{};
   p.n_tasks = n_tasks;
   p.tasks = upload(ws.tasks, ws.host_tasks, tasks, stream);
@@ -589,7 +781,14 @@ void tree_verify_launch(const TreeRequestDevice* reqs, int32_t count, uint64_t s
   p.fault = static_cast<int32_t>(fault);
   p.pool = make_slot_pool(ws, n_sparse, vmax, grid, stream);
   record_start(ws, stream);
-  tree_kernel<<<grid, kBlock, 0, stream>>>(p);
+  if (split) {
+    tree_prep_warp_kernel<<<(n_tasks + kPrepWarps - 1) / kPrepWarps, kPrepWarps * 32, 0, stream>>>(p.tasks, p.stats,
+                                                                                                  n_tasks);
+    OSD_CUDA_CHECK_LAUNCH();
+    tree_walk_kernel<<<count, kBlock, 0, stream>>>(p);
+  } else {
+    tree_kernel<<<grid, kBlock, 0, stream>>>(p);
+  }
   OSD_CUDA_CHECK_LAUNCH();
   record_stop(ws, stream);
 }

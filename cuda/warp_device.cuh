@@ -13,7 +13,7 @@ constexpr int kSmemCand = 4096;  // candidates sorted in shared memory; larger s
 constexpr int kSeqTileCand = 2 * 16 * kZTile;  // floats staged at a time through PrepSmem::u.zbuf
 
 struct PrepSmem {
-  union {
+  union alignas(16) {
     float zbuf[2 * 16 * kZTile];
     unsigned long long cand[kSmemCand];
   } u;
@@ -41,62 +41,96 @@ __device__ __forceinline__ void set_bad_row(RowStat* st, int bad, float mx) {
 // ---------------------------------------------------------------------------------------------
 // z = sum_exp(l, V, max, inv_t) in the CPU's exact order; optionally stores every exp term.
 
+// Warp 0's lanes 0-15 run the 16 float chains; the other warps load the row, compute the exp terms
+// and stage them tile by tile in shared memory, lane k's terms contiguous (a row of kZStride floats
+// per lane) so a chain reads four terms per load. The producers hold the next tile's logits in
+// registers while the chains sum the current one, so their load latency overlaps the chains.
+constexpr int kZGroups = 248;  // 16-term groups per tile (a multiple of 4)
+constexpr int kZStride = 252;  // floats per lane row: a multiple of 4, 28 mod 32 (2-way bank conflicts at most)
+static_assert(2 * 16 * kZStride <= 2 * 16 * kZTile, "z tiles must fit PrepSmem::u.zbuf");
+
 static __device__ __noinline__ double z_exact(const float* l, int V, float mx, float inv_t, float* e_out, PrepSmem& sm) {
   const int tid = threadIdx.x, warp = warp_id(), lane = lane_id();
   const int M = V / 16;  // full 16-lane groups
-  const int ntiles = (M + kZTile - 1) / kZTile;
+  const int ntiles = (M + kZGroups - 1) / kZGroups;
   constexpr int NP = kBlock - 32;  // producer threads (warps 1..)
-  // Rows and exp-term rows start 16-byte aligned when V % 4 == 0: producers then move float4s.
+  constexpr int PF = (kZGroups * 4 + NP - 1) / NP;  // float4s a producer loads per tile
+  // Rows and exp-term rows start 16-byte aligned when V % 4 == 0: producers then move float4s
+  // (tiles hold whole 16-term groups, so an aligned row is all the float4 path needs).
   const bool vec = ((reinterpret_cast<uintptr_t>(l) | reinterpret_cast<uintptr_t>(e_out)) & 15u) == 0;
-  auto produce = [&](int t) {
-    const int g0 = t * kZTile;
-    const int cnt = min(kZTile, M - g0) * 16;
-    float* b = sm.u.zbuf + (t & 1) * 16 * kZTile;
-    const float* src = l + static_cast<size_t>(g0) * 16;
+  float4 x[PF];
+  auto load = [&](int t) {  // tile t's logits into registers (vec only)
+    const int g0 = t * kZGroups, cnt4 = min(kZGroups, M - g0) * 4;
+    const float4* s4 = reinterpret_cast<const float4*>(l + static_cast<size_t>(g0) * 16);
+#pragma unroll
+    for (int k = 0; k < PF; ++k) {
+      const int i = tid - 32 + k * NP;
+      if (i < cnt4) x[k] = s4[i];
+    }
+  };
+  auto put = [&](float* b, int m, int lane16, float e) { b[lane16 * kZStride + m] = e; };
+  auto produce = [&](int t) {  // tile t's exp terms into buffer t & 1 (and e_out)
+    const int g0 = t * kZGroups, cnt = min(kZGroups, M - g0);
+    float* b = sm.u.zbuf + (t & 1) * 16 * kZStride;
     float* dst = e_out ? e_out + static_cast<size_t>(g0) * 16 : nullptr;
     if (vec) {
-      const float4* s4 = reinterpret_cast<const float4*>(src);
-      float4* b4 = reinterpret_cast<float4*>(b);
       float4* d4 = reinterpret_cast<float4*>(dst);
-      const int cnt4 = cnt / 4;
-      auto one = [&](int i, float4 x) {
-        float4 e;
-        e.x = exp_fast(scaled_logit(x.x, mx, inv_t));
-        e.y = exp_fast(scaled_logit(x.y, mx, inv_t));
-        e.z = exp_fast(scaled_logit(x.z, mx, inv_t));
-        e.w = exp_fast(scaled_logit(x.w, mx, inv_t));
-        b4[i] = e;
-        if (d4) d4[i] = e;
-      };
-      for (int i = tid - 32; i < cnt4; i += 2 * NP) {  // two loads in flight per thread
-        const int i2 = i + NP;
-        const float4 x = s4[i];
-        float4 y = x;
-        if (i2 < cnt4) y = s4[i2];
-        one(i, x);
-        if (i2 < cnt4) one(i2, y);
+#pragma unroll
+      for (int k = 0; k < PF; ++k) {
+        const int i = tid - 32 + k * NP;
+        if (i < cnt * 4) {
+          float4 e;
+          e.x = exp_fast(scaled_logit(x[k].x, mx, inv_t));
+          e.y = exp_fast(scaled_logit(x[k].y, mx, inv_t));
+          e.z = exp_fast(scaled_logit(x[k].z, mx, inv_t));
+          e.w = exp_fast(scaled_logit(x[k].w, mx, inv_t));
+          const int m = i >> 2, k0 = (i & 3) * 4;  // terms 4 i .. 4 i + 3: group m, lanes k0 ..
+          put(b, m, k0, e.x), put(b, m, k0 + 1, e.y), put(b, m, k0 + 2, e.z), put(b, m, k0 + 3, e.w);
+          if (d4) d4[i] = e;
+        }
       }
     } else {
-      for (int i = tid - 32; i < cnt; i += NP) {
+      const float* src = l + static_cast<size_t>(g0) * 16;
+      for (int i = tid - 32; i < cnt * 16; i += NP) {
         const float e = exp_fast(scaled_logit(src[i], mx, inv_t));
-        b[i] = e;
+        put(b, i >> 4, i & 15, e);
         if (dst) dst[i] = e;
       }
     }
   };
   float acc = 0.0f;
-  if (warp != 0 && ntiles > 0) produce(0);
+  if (warp != 0 && ntiles > 0) {
+    if (vec) load(0);
+    produce(0);
+    if (vec && ntiles > 1) load(1);
+  }
   __syncthreads();
   for (int t = 0; t < ntiles; ++t) {
     if (warp == 0) {
       if (lane < 16) {
-        const float* b = sm.u.zbuf + (t & 1) * 16 * kZTile + lane;
-        const int cnt = min(kZTile, M - t * kZTile);
-#pragma unroll 8
-        for (int m = 0; m < cnt; ++m) acc = __fadd_rn(acc, b[m * 16]);
+        const float* b = sm.u.zbuf + (t & 1) * 16 * kZStride + lane * kZStride;
+        const int cnt = min(kZGroups, M - t * kZGroups);
+        // Software-pipelined: the next 16 terms load while the chain adds the current 16, so the
+        // chain runs at the add latency rather than the shared-memory latency.
+        auto add4 = [&](float4 v) { acc = __fadd_rn(__fadd_rn(__fadd_rn(__fadd_rn(acc, v.x), v.y), v.z), v.w); };
+        const float4* b4 = reinterpret_cast<const float4*>(b);
+        const int n16 = cnt / 16;
+        int m = 0;
+        if (n16 > 0) {
+          float4 v0 = b4[0], v1 = b4[1], v2 = b4[2], v3 = b4[3];
+          for (int i = 1; i < n16; ++i) {
+            const float4 w0 = b4[4 * i], w1 = b4[4 * i + 1], w2 = b4[4 * i + 2], w3 = b4[4 * i + 3];
+            add4(v0), add4(v1), add4(v2), add4(v3);
+            v0 = w0, v1 = w1, v2 = w2, v3 = w3;
+          }
+          add4(v0), add4(v1), add4(v2), add4(v3);
+          m = 16 * n16;
+        }
+        for (; m < cnt; ++m) acc = __fadd_rn(acc, b[m]);
       }
     } else if (t + 1 < ntiles) {
       produce(t + 1);
+      if (vec && t + 2 < ntiles) load(t + 2);
     }
     __syncthreads();
   }
@@ -360,13 +394,17 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
     // Each thread visits its elements in increasing index order, so argmax ties stay with the first.
     const float4* l4 = reinterpret_cast<const float4*>(l);
     const int V4 = V / 4;
-    for (int q = tid; q < V4; q += 2 * kBlock) {
-      const int q2 = q + kBlock;
-      const float4 a = l4[q];
-      float4 b = a;
-      if (q2 < V4) b = l4[q2];
-      visit(a.x, 4 * q), visit(a.y, 4 * q + 1), visit(a.z, 4 * q + 2), visit(a.w, 4 * q + 3);
-      if (q2 < V4) visit(b.x, 4 * q2), visit(b.y, 4 * q2 + 1), visit(b.z, 4 * q2 + 2), visit(b.w, 4 * q2 + 3);
+    constexpr int U = 4;  // float4 loads in flight per thread
+    for (int base = tid; base < V4; base += U * kBlock) {
+      float4 a[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (base + u * kBlock < V4) a[u] = l4[base + u * kBlock];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int q = base + u * kBlock;
+        if (q < V4) visit(a[u].x, 4 * q), visit(a[u].y, 4 * q + 1), visit(a[u].z, 4 * q + 2), visit(a[u].w, 4 * q + 3);
+      }
     }
   } else {
     for (int j = tid; j < V; j += kBlock) visit(l[j], j);
@@ -495,12 +533,14 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
 // A prepared row as the walks read it (written by other blocks of the same launch: loads go via L2).
 
 struct RowRef {
-  const float* e;     // dense: exp terms
+  const float* e;     // dense: exp terms, or nullptr when they were not stored (recomputed from l)
+  const float* l;     // dense: the logits
   const float* prob;  // sparse: probabilities
   const unsigned long long* sup;  // sparse: the support in id order (nsup entries), when nsup >= 0
   int32_t nsup;
   double z;
   float inv_z;
+  float mx, inv_t;
   int32_t mode;
   int32_t argmax;
 };
@@ -508,28 +548,35 @@ struct RowRef {
 __device__ __forceinline__ RowRef load_row(const RowTask& t, const RowStat* st) {
   RowRef r;
   r.e = t.e_out;
+  r.l = t.logits;
   r.prob = t.prob_out;
   r.sup = t.sup;
   r.nsup = t.sup ? ld_cg(&st->nsup) : -1;
   r.mode = t.mode;
   r.z = ld_cg(&st->z);
   r.inv_z = ld_cg(&st->inv_z);
+  r.mx = ld_cg(&st->max);
+  r.inv_t = t.inv_t;
   r.argmax = ld_cg(&st->argmax);
   return r;
 }
 
+// A dense row's exp term j: stored, or recomputed with the same bits (z_exact's exp_fast(scaled_logit)).
+__device__ __forceinline__ float row_exp(const RowRef& r, int j) {
+  return r.e ? ld_cg(r.e + j) : exp_fast(scaled_logit(__ldg(r.l + j), r.mx, r.inv_t));
+}
 // WarpedRow::to_dense(j).
 __device__ __forceinline__ float row_dense(const RowRef& r, int j) {
-  return r.mode == kRowSparse ? ld_cg(r.prob + j) : __fmul_rn(ld_cg(r.e + j), r.inv_z);
+  return r.mode == kRowSparse ? ld_cg(r.prob + j) : __fmul_rn(row_exp(r, j), r.inv_z);
 }
 // WarpedRow::prob(x).
 __device__ __forceinline__ double row_prob(const RowRef& r, int x) {
   return r.mode == kRowSparse ? static_cast<double>(ld_cg(r.prob + x))
-                              : __ddiv_rn(static_cast<double>(ld_cg(r.e + x)), r.z);
+                              : __ddiv_rn(static_cast<double>(row_exp(r, x)), r.z);
 }
 // The weights sample_row() scans.
 __device__ __forceinline__ float row_weight(const RowRef& r, int j) {
-  return r.mode == kRowSparse ? ld_cg(r.prob + j) : ld_cg(r.e + j);
+  return r.mode == kRowSparse ? ld_cg(r.prob + j) : row_exp(r, j);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -545,10 +592,12 @@ enum WeightKind : int32_t {
   kWeightRaw = 4,       // v[j] as it is (normalise() sums signed values under a planted fault)
   kWeightSupRow = 5,    // sample_row(P) over P's support list: entry i's probability
   kWeightSupResidual = 6,  // sample_residual over P's support: max(0, p_i - Q.prob(id_i))
+  kWeightPositiveScaled = 7,  // max(0, v[j] * scale) (a vector whose normalise() is still to apply)
 };
 struct WeightSrc {
   RowRef p, q;
   const float* v;
+  float scale;
   int32_t kind;
 };
 template <int K>
@@ -561,6 +610,10 @@ __device__ __forceinline__ float weight_k(const WeightSrc& w, int j) {
   }
   if (K == kWeightPositive) {
     const float x = w.v[j];
+    return x > 0.0f ? x : 0.0f;
+  }
+  if (K == kWeightPositiveScaled) {
+    const float x = __fmul_rn(w.v[j], w.scale);
     return x > 0.0f ? x : 0.0f;
   }
   if (K == kWeightSupRow) return __uint_as_float(static_cast<uint32_t>(ld_cg(w.p.sup + j)));
@@ -581,6 +634,8 @@ __device__ __forceinline__ float weight_at(const WeightSrc& w, int j) {
       return weight_k<kWeightResidual>(w, j);
     case kWeightPositive:
       return weight_k<kWeightPositive>(w, j);
+    case kWeightPositiveScaled:
+      return weight_k<kWeightPositiveScaled>(w, j);
     case kWeightSupRow:
       return weight_k<kWeightSupRow>(w, j);
     case kWeightSupResidual:
@@ -619,6 +674,8 @@ __device__ __forceinline__ double lane_sum(const WeightSrc& w, int lo, int hi) {
       return lane_sum_k<kWeightResidual>(w, lo, hi);
     case kWeightPositive:
       return lane_sum_k<kWeightPositive>(w, lo, hi);
+    case kWeightPositiveScaled:
+      return lane_sum_k<kWeightPositiveScaled>(w, lo, hi);
     case kWeightSupRow:
       return lane_sum_k<kWeightSupRow>(w, lo, hi);
     case kWeightSupResidual:
@@ -628,11 +685,12 @@ __device__ __forceinline__ double lane_sum(const WeightSrc& w, int lo, int hi) {
   }
 }
 __device__ __forceinline__ WeightSrc weights_of(int32_t kind, const RowRef& p, const RowRef& q = RowRef{},
-                                                const float* v = nullptr) {
+                                                const float* v = nullptr, float scale = 1.0f) {
   WeightSrc w;
   w.p = p;
   w.q = q;
   w.v = v;
+  w.scale = scale;
   w.kind = kind;
   return w;
 }
@@ -779,81 +837,38 @@ static __device__ __noinline__ int block_sample(const WeightSrc& w, int n, doubl
   return result;
 }
 
-// normalise(v, n) from verify.cpp: v *= float(1 / sum v) unless the sum is <= 0. Certified likewise.
-static __device__ __noinline__ void block_normalise(float* v, int n, PrepSmem& sm) {
-  const int tid = threadIdx.x;
-  double s = 0.0, a = 0.0, s1 = 0.0, a1 = 0.0;
-  // Any summation order will do: the bound below holds for every order.
-  const bool vec = n % 4 == 0 && (reinterpret_cast<uintptr_t>(v) & 15u) == 0;
-  if (vec) {
-    const float4* v4 = reinterpret_cast<const float4*>(v);
-    const int n4 = n / 4;
-    int q = tid;
-    for (; q + kBlock < n4; q += 2 * kBlock) {  // two float4 loads in flight
-      const float4 x = v4[q], y = v4[q + kBlock];
-      s += static_cast<double>(x.x) + static_cast<double>(x.y) + static_cast<double>(x.z) + static_cast<double>(x.w);
-      a += fabs(static_cast<double>(x.x)) + fabs(static_cast<double>(x.y)) + fabs(static_cast<double>(x.z)) +
-           fabs(static_cast<double>(x.w));
-      s1 += static_cast<double>(y.x) + static_cast<double>(y.y) + static_cast<double>(y.z) + static_cast<double>(y.w);
-      a1 += fabs(static_cast<double>(y.x)) + fabs(static_cast<double>(y.y)) + fabs(static_cast<double>(y.z)) +
-            fabs(static_cast<double>(y.w));
-    }
-    for (; q < n4; q += kBlock) {
-      const float4 x = v4[q];
-      s += static_cast<double>(x.x) + static_cast<double>(x.y) + static_cast<double>(x.z) + static_cast<double>(x.w);
-      a += fabs(static_cast<double>(x.x)) + fabs(static_cast<double>(x.y)) + fabs(static_cast<double>(x.z)) +
-           fabs(static_cast<double>(x.w));
-    }
-  } else {
-    int j = tid;
-    for (; j + kBlock < n; j += 2 * kBlock) {  // two loads in flight
-      const double x = static_cast<double>(v[j]), y = static_cast<double>(v[j + kBlock]);
-      s += x, a += fabs(x), s1 += y, a1 += fabs(y);
-    }
-    for (; j < n; j += kBlock) {
-      const double x = static_cast<double>(v[j]);
-      s += x, a += fabs(x);
-    }
-  }
-  s += s1;
-  a += a1;
-  block_sum2(s, a, sm.red);
-  if (tid == 0) {
+// normalise(v, n) from verify.cpp decides v *= float(1 / sum v) unless the sum is <= 0. Given the
+// block's sum s and absolute sum a of v's entries (any order: the bound holds for every order),
+// returns 1 and sets *inv when v is scaled, 0 when it is left as it is; certified like the samplers,
+// with the CPU's sequential sum over v when the bound cannot decide. Every thread must call it.
+static __device__ __noinline__ int normalise_factor(double s, double a, const float* v, int n, float* inv,
+                                                    PrepSmem& sm) {
+  if (threadIdx.x == 0) {
     const double m = 2.01 * (static_cast<double>(n) + 1.0) * 1.1102230246251565e-16 * a;
     int st;  // 0 no-op, 1 scale, 2 fallback
-    float inv = 0.0f;
+    float f = 0.0f;
     if (s - m > 0.0) {
       const float f1 = __double2float_rn(__ddiv_rn(1.0, s - m));
       const float f2 = __double2float_rn(__ddiv_rn(1.0, s + m));
       st = f1 == f2 ? 1 : 2;
-      inv = f1;
+      f = f1;
     } else {
       st = (s + m <= 0.0) ? 0 : 2;
     }
     sm.bi[0] = st;
-    sm.red.f[0] = inv;
+    sm.red.f[0] = f;
   }
   __syncthreads();
   int st = sm.bi[0];
-  float inv = sm.red.f[0];
+  float f = sm.red.f[0];
   __syncthreads();
   if (st == 2) {  // the CPU's sum, literally
     const double t = seq_total(weights_of(kWeightRaw, RowRef{}, RowRef{}, v), n, sm);
     st = t <= 0.0 ? 0 : 1;
-    inv = st ? __double2float_rn(__ddiv_rn(1.0, t)) : 0.0f;
+    f = st ? __double2float_rn(__ddiv_rn(1.0, t)) : 0.0f;
   }
-  if (st == 1) {
-    if (vec) {
-      float4* v4 = reinterpret_cast<float4*>(v);
-      for (int q = tid; q < n / 4; q += kBlock) {
-        const float4 x = v4[q];
-        v4[q] = make_float4(__fmul_rn(x.x, inv), __fmul_rn(x.y, inv), __fmul_rn(x.z, inv), __fmul_rn(x.w, inv));
-      }
-    } else {
-      for (int j = tid; j < n; j += kBlock) v[j] = __fmul_rn(v[j], inv);
-    }
-  }
-  __syncthreads();
+  *inv = f;
+  return st;
 }
 
 }  // namespace cuda

@@ -1003,6 +1003,78 @@ OSD_TEST(tree_batch_matches_cpu_large_vocab) {
   CHECK_EQ(bad, 0L);
 }
 
+// Batches of more rows than one wave of row blocks with no top-k / top-p row take the two-kernel
+// path (one warp prepares each row, the exp terms are not stored, one block walks each request).
+std::vector<TreeCase> many_row_trees(Rng& rng, int call) {
+  const int vocabs[] = {5, 400, 3001, 32000};
+  std::vector<TreeCase> cases;
+  for (int r = 0; r < 6; ++r) {
+    cases.push_back(make_tree_case(rng, vocabs[(call + r) % 4], 64));
+    cases.back().s.top_k = 0;
+    cases.back().s.top_p = 1.0f;
+  }
+  return cases;
+}
+
+OSD_TEST(tree_batch_matches_cpu_many_rows) {
+  CudaBackend& g = gpu();
+  Rng rng(14);
+  long trees = 0, bad = 0, rows = 0;
+  for (int call = 0; call < 30; ++call) {
+    std::vector<TreeCase> cases = many_row_trees(rng, call);
+    const Fault fault = call % 6 == 4 ? Fault::ResidualFromTarget : call % 6 == 5 ? Fault::ResidualNoClamp : Fault::None;
+    for (const TreeCase& t : cases) rows += 2 * (t.n + 1);
+    bad += compare_trees(g, cases, rng(), fault);
+    trees += static_cast<long>(cases.size());
+  }
+  std::printf("  tree, batches of 6 (%ld rows in all, V up to 32000, no top-k / top-p): %ld trees, %ld differ\n", rows,
+              trees, bad);
+  CHECK_EQ(bad, 0L);
+}
+
+OSD_TEST(tree_many_rows_rejects_bad_rows_like_cpu) {
+  CudaBackend& g = gpu();
+  Rng rng(15);
+  std::vector<TreeCase> cases = many_row_trees(rng, 0);
+  for (TreeCase& t : cases) t.s.temperature = 1.0f, t.mode = TreeChildren::WithReplacement;
+  TreeCase& t = cases[3];
+  const int V = t.V, n = t.n;
+  std::vector<TreeBatchItem> items(cases.size());
+  for (size_t r = 0; r < cases.size(); ++r) {
+    TreeCase& c = cases[r];
+    items[r].in.parents = c.parents.data();
+    items[r].in.tokens = c.tokens.data();
+    items[r].in.n = c.n;
+    items[r].in.target = c.target.data();
+    items[r].in.draft = c.draft.data();
+    items[r].in.vocab = c.V;
+    items[r].sampling = c.s;
+    items[r].mode = c.mode;
+    items[r].stream = c.stream;
+    items[r].path = c.path_g.data();
+    items[r].out = c.out_g.data();
+  }
+  auto run = [&](Backend& be, bool batch) -> std::string {
+    try {
+      if (batch) static_cast<CudaBackend&>(be).verify_tree_batch(items.data(), static_cast<int32_t>(items.size()), 5);
+      else be.verify_tree(items[3].in, t.s, t.mode, 5, t.stream, t.path_c.data(), t.out_c.data());
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  t.draft[static_cast<size_t>(n / 2) * V + 1] = std::numeric_limits<float>::infinity();
+  t.target[static_cast<size_t>(n) * V + V - 1] = std::nanf("");
+  const std::string ec = run(cpu(), false), eg = run(g, true);
+  CHECK(ec.find("draftLogits row " + std::to_string(n / 2)) != std::string::npos);
+  CHECK(ec == eg);
+  t.draft[static_cast<size_t>(n / 2) * V + 1] = 0.0f;
+  for (int j = 0; j < V; ++j) t.target[static_cast<size_t>(n) * V + j] = -std::numeric_limits<float>::infinity();
+  const std::string ec2 = run(cpu(), false), eg2 = run(g, true);
+  CHECK(ec2.find("all -Infinity") != std::string::npos);
+  CHECK(ec2 == eg2);
+}
+
 OSD_TEST(tree_faults_match_cpu) {
   CudaBackend& g = gpu();
   Rng rng(12);

@@ -304,10 +304,14 @@ int main(int argc, char** argv) {
         frontier = nf;
       }
     }
+    // Draft rows equal to the target's accept every first child (the walk descends to a leaf); a
+    // draft that differs rejects most children (one residual pass per rejection), at B = 1 and 64.
+    for (int differ = 0; differ < 2; ++differ)
     for (int V : vocabs)
       for (int B : batches) {
+        if (differ && B == 8) continue;
         char cfg[96];
-        std::snprintf(cfg, sizeof cfg, "V=%d n=64 B=%d T=1 with-replacement", V, B);
+        std::snprintf(cfg, sizeof cfg, "V=%d n=64 B=%d T=1 with-replacement%s", V, B, differ ? " draft differs" : "");
         if (!wanted("tree", cfg)) continue;
         const size_t rows = static_cast<size_t>(B) * (n + 1);
         float *t, *d;
@@ -316,7 +320,7 @@ int main(int argc, char** argv) {
         OSD_CUDA_CHECK(cudaMalloc(&d, rows * V * sizeof(float)));
         OSD_CUDA_CHECK(cudaMalloc(&outs, static_cast<size_t>(B) * (2 * n + 3) * sizeof(int32_t)));
         fill(t, rows * V, 3, 2.0f);
-        fill(d, rows * V, 3, 2.0f);
+        fill(d, rows * V, differ ? 4 : 3, 2.0f);
         OSD_CUDA_CHECK(cudaDeviceSynchronize());
         for (int i = 0; i < n; ++i) tokens[i] = (i * 104729 + 7) % V;
         std::vector<TreeRequestDevice> reqs(B);

@@ -13,7 +13,7 @@ import { checkSignal, forwardAbort, pushToAsyncIterable, throwIfAborted } from '
 const sampleLogits = (addon as unknown as { sampleLogits(o: object): number }).sampleLogits;
 
 /**
- * How a tree's children are drafted at temperature > 0 (greedy always uses the draft's top tokens):
+ * How a tree's children are drafted at temperature > 0 (at temperature 0 they are the draft's top tokens):
  * - 'sampled': drawn without replacement from the draft's warped distribution and verified in
  *   'sampled-without-replacement' mode. With flat distributions this accepts far more than top
  *   tokens: a sampled child is accepted with probability 1 - TV(p, q), a top token with only its
@@ -29,10 +29,12 @@ export type Strategy =
   | { kind: 'chain'; length?: number }
   /**
    * A draft tree verified in one tree-masked target pass. budget: most nodes (default 16); maxDepth
-   * (default 6); branching: most children per node (default 4); children: see TreeChildren. Sampled
-   * trees stop adding nodes where the measured draft and target costs say more would slow decoding
-   * (so on a cheap-to-verify target they grow, on a costly one they shrink to a short chain);
-   * fill: true always uses the whole budget, as greedy trees do.
+   * (default 6); branching: most children per node (default 4); children: see TreeChildren. Trees
+   * are a spine (the draft's chain) with siblings (sampled, or at temperature 0 the draft's next-best
+   * tokens) and stop adding nodes where the measured draft and target costs say more would slow
+   * decoding (so on a cheap-to-verify target they grow, on a costly one they shrink to a short
+   * chain). fill: true always uses the whole budget (at temperature 0 as a best-first expansion of
+   * the draft's top tokens, as children: 'deterministic' does at every temperature).
    */
   | { kind: 'tree'; budget?: number; maxDepth?: number; branching?: number; children?: TreeChildren; fill?: boolean }
   | { kind: 'adaptive'; maxLength?: number }
@@ -495,6 +497,36 @@ export function sampledTreeShape(accept: readonly number[], budget: number, maxD
   return best.widths;
 }
 
+interface RankCounts {
+  tried: number[];
+  accepted: number[];
+}
+
+/** Acceptance of each child rank (earlier siblings rejected), with a uniform prior. */
+function rankAcceptance(r: RankCounts, branching: number): number[] {
+  return Array.from({ length: branching }, (_, j) => ((r.accepted[j] ?? 0) + 1) / ((r.tried[j] ?? 0) + 2));
+}
+
+/** Counts, at every node the verification visited, which ranks were tried and which was accepted. */
+function countRanks(r: RankCounts, parents: number[], path: number[]): void {
+  const decay = 0.995; // forget slowly, so the shape follows a change of domain
+  for (let j = 0; j < r.tried.length; j++) {
+    r.tried[j]! *= decay;
+    r.accepted[j]! *= decay;
+  }
+  let at = -1;
+  for (let k = 0; k <= path.length; k++) {
+    const kids: number[] = [];
+    parents.forEach((p, i) => p === at && kids.push(i));
+    const rank = k < path.length ? kids.indexOf(path[k]!) : kids.length; // kids.length: all rejected
+    for (let j = 0; j < kids.length && j <= rank; j++) {
+      r.tried[j] = (r.tried[j] ?? 0) + 1;
+      r.accepted[j] = (r.accepted[j] ?? 0) + (j === rank ? 1 : 0);
+    }
+    if (k < path.length) at = path[k]!;
+  }
+}
+
 /** Test-only planted bugs: the exactness tests must catch each. */
 export type SpeculativeFault = 'tree-top-children-as-sampled' | 'tree-top-siblings-as-sampled';
 
@@ -534,9 +566,9 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   /** Adaptive: plain tokens between probing steps while drafting does not pay, and whether one runs. */
   #probeEvery = 16;
   #probing = false;
-  // Sampled trees: decayed counts of the j-th child tried and accepted (earlier siblings rejected).
-  #rankTried: number[] = [];
-  #rankAccepted: number[] = [];
+  // Shaped trees: decayed counts of the j-th child tried and accepted (earlier siblings rejected),
+  // apart for greedy requests (top tokens) and sampled ones (drawn tokens).
+  #ranks = { greedy: { tried: [] as number[], accepted: [] as number[] }, sampled: { tried: [] as number[], accepted: [] as number[] } };
   // Their measured costs: draft ms per level, and decayed sums for a line fit of target ms against nodes.
   #levelMs = 0;
   #passFit = new LineFit();
@@ -826,10 +858,14 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
         const { g, plain } = this.#adaptivePlan(budget);
         return plain > 0 ? this.#plainSteps(req, step, T, committed, plain) : this.#chainStep(req, step, T, D!, committed, g);
       }
-      case 'tree':
-        return this.strategy.children !== 'deterministic' && req.sampling.temperature > 0
-          ? this.#sampledTreeStep(req, step, T, D!, committed, budget)
-          : this.#treeStep(req, step, T, D!, committed, budget);
+      case 'tree': {
+        // Best-first expansion for deterministic children, and for greedy trees that fill the budget;
+        // else a spine with siblings, shaped from measured acceptance and costs.
+        const greedy = req.sampling.temperature === 0;
+        return this.strategy.children === 'deterministic' || (greedy && this.strategy.fill)
+          ? this.#treeStep(req, step, T, D!, committed, budget)
+          : this.#shapedTreeStep(req, step, T, D!, committed, budget);
+      }
       case 'ngram':
         return this.#ngramStep(req, step, T, committed, budget);
     }
@@ -1074,14 +1110,20 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     return this.#finishTree(req, T, committed, parents, tokens, targetLogits, tBase, r);
   }
 
-  /** Draft a tree whose children are sampled without replacement from the warped draft distribution. */
-  async #sampledTreeStep(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], budget: number): Promise<number[]> {
+  /**
+   * Draft a tree as a spine (the draft's chain, one native call) with siblings from the rows the spine
+   * needed: sampled without replacement from the warped draft distribution, or at temperature 0 the
+   * draft's next-best tokens. Its shape comes from each child rank's measured acceptance and costs.
+   */
+  async #shapedTreeStep(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], budget: number): Promise<number[]> {
     if (this.strategy.kind !== 'tree') throw new Error('unreachable');
     const V = this.vocabSize;
     const c = req.counters;
     const last = committed[committed.length - 1]!;
+    const greedy = req.sampling.temperature === 0;
+    const ranks = greedy ? this.#ranks.greedy : this.#ranks.sampled;
     const { branching, maxDepth, fill } = this.strategy;
-    const widths = sampledTreeShape(this.#rankAcceptance(branching), Math.min(this.strategy.budget, budget), maxDepth, fill ? undefined : this.#treeCosts());
+    const widths = sampledTreeShape(rankAcceptance(ranks, branching), Math.min(this.strategy.budget, budget), maxDepth, fill ? undefined : this.#treeCosts());
     const parents: number[] = [];
     const tokens: number[] = [];
     const spine: number[] = []; // node index of each level's first child
@@ -1114,8 +1156,16 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
         spine.push(tokens.length);
         parents.push(parent);
         tokens.push(chain.tokens[d]!);
-        // Siblings come from the same row, without replacement.
+        // Siblings come from the same row, without replacement (greedy: the next-best tokens).
         const drawn = [chain.tokens[d]!];
+        if (greedy) {
+          for (const [t] of topCandidates(row, widths[d]!, 1)) if (!drawn.includes(t) && drawn.length < widths[d]!) {
+            parents.push(parent);
+            tokens.push(t);
+            drawn.push(t);
+          }
+          continue;
+        }
         for (let j = 1; j < widths[d]!; j++) {
           const top = this.#fault === 'tree-top-children-as-sampled' || this.#fault === 'tree-top-siblings-as-sampled';
           const token = top
@@ -1133,8 +1183,9 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     }
     const n = tokens.length;
     // Leaves have no draft row; the kernel validates every row, so give them a finite (unused) one.
-    const draftLogits = new Float32Array((n + 1) * V);
-    rows.forEach((row, k) => row && draftLogits.set(row, k * V));
+    // Greedy verification reads no draft row.
+    const draftLogits = new Float32Array(greedy ? 0 : (n + 1) * V);
+    if (!greedy) rows.forEach((row, k) => row && draftLogits.set(row, k * V));
     const input = Int32Array.from([last, ...tokens]);
     const tBase = T.length;
     const tStart = performance.now();
@@ -1145,12 +1196,14 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     let r: { path: Int32Array; tokens: Int32Array };
     if (parents.every((p, i) => p === i - 1)) {
       // One child per level is a chain: the chain kernel decides the same way (exactly) and faster.
-      const rc = verifyChain({ ...verify, draftLogits: draftLogits.subarray(0, n * V), draftTokens: Int32Array.from(tokens) });
+      const rc = verifyChain({ ...verify, ...(greedy ? {} : { draftLogits: draftLogits.subarray(0, n * V) }), draftTokens: Int32Array.from(tokens) });
       r = { path: Int32Array.from({ length: rc.acceptedCount }, (_, i) => i), tokens: rc.tokens };
+    } else if (greedy) {
+      r = verifyTree({ ...verify, parents: Int32Array.from(parents), tokens: Int32Array.from(tokens), children: 'deterministic' });
     } else {
       r = verifyTree({ ...verify, parents: Int32Array.from(parents), tokens: Int32Array.from(tokens), draftLogits, children: 'sampled-without-replacement' });
     }
-    this.#countRanks(parents, Array.from(r.path));
+    countRanks(ranks, parents, Array.from(r.path));
     // The draft cache holds the spine but its last node; keep the part the accepted path followed.
     let m = 0;
     while (m < r.path.length && r.path[m] === spine[m]) m++;
@@ -1164,31 +1217,6 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     const pass = this.#passFit.line(0.1);
     if (!pass || !this.#levelMs) return { node: 0.1, level: 0.1 };
     return { node: pass.slope / pass.one, level: this.#levelMs / pass.one };
-  }
-
-  /** Acceptance of each child rank (earlier siblings rejected), with a uniform prior. */
-  #rankAcceptance(branching: number): number[] {
-    return Array.from({ length: branching }, (_, j) => ((this.#rankAccepted[j] ?? 0) + 1) / ((this.#rankTried[j] ?? 0) + 2));
-  }
-
-  /** Counts, at every node the verification visited, which ranks were tried and which was accepted. */
-  #countRanks(parents: number[], path: number[]): void {
-    const decay = 0.995; // forget slowly, so the shape follows a change of domain
-    for (let j = 0; j < this.#rankTried.length; j++) {
-      this.#rankTried[j]! *= decay;
-      this.#rankAccepted[j]! *= decay;
-    }
-    let at = -1;
-    for (let k = 0; k <= path.length; k++) {
-      const kids: number[] = [];
-      parents.forEach((p, i) => p === at && kids.push(i));
-      const rank = k < path.length ? kids.indexOf(path[k]!) : kids.length; // kids.length: all rejected
-      for (let j = 0; j < kids.length && j <= rank; j++) {
-        this.#rankTried[j] = (this.#rankTried[j] ?? 0) + 1;
-        this.#rankAccepted[j] = (this.#rankAccepted[j] ?? 0) + (j === rank ? 1 : 0);
-      }
-      if (k < path.length) at = path[k]!;
-    }
   }
 
   /** After a tree verification: report, keep the accepted path in the target's cache, count. */

@@ -33,6 +33,7 @@ const strategies: Strategy[] = [
   { kind: 'chain', length: 4 },
   { kind: 'chain', length: 7 },
   { kind: 'tree', budget: 12, maxDepth: 4, branching: 3 },
+  { kind: 'tree', budget: 12, maxDepth: 4, branching: 3, fill: true },
   { kind: 'adaptive', maxLength: 6 },
   { kind: 'ngram', length: 5 },
 ];
@@ -127,6 +128,33 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       }
     });
   }
+
+  it('greedy trees: a spine with the draft\'s next-best tokens as siblings, shaped from measured acceptance unless fill: true', async () => {
+    const drafted = async (strategy: Strategy, draft: Model) => {
+      const dec = createSpeculativeDecoder({ target, draft, strategy });
+      const sizes: number[] = [];
+      dec.on('step', (e: { drafted: number }) => sizes.push(e.drafted));
+      for (const prompt of prompts.slice(0, 4)) {
+        const want = await target.generate({ tokens: prompt, maxTokens: 40, stopTokens: [] });
+        const got = await dec.generate({ tokens: prompt, maxTokens: 40, stopTokens: [] });
+        expect(Array.from(got.tokens)).toEqual(Array.from(want.tokens));
+      }
+      await dec.dispose();
+      return sizes;
+    };
+    const shape = { kind: 'tree', budget: 12, maxDepth: 4, branching: 3 } as const;
+    // fill: every step with room drafts the whole budget (best-first over the draft's top tokens).
+    const full = await drafted({ ...shape, fill: true }, randomDraft);
+    expect(full.filter((n) => n === 12).length).toBeGreaterThan(full.length / 2);
+    // Shaped: a draft that is rarely right earns small trees once its acceptance is measured.
+    const shaped = await drafted(shape, randomDraft);
+    const late = shaped.slice(shaped.length >> 1);
+    expect(Math.max(...late)).toBeLessThan(12);
+    expect(late.reduce((a, b) => a + b, 0) / late.length).toBeLessThan(6);
+    // A draft that is usually right grows a spine deeper than one level in some step.
+    const close = await drafted(shape, closeDraft);
+    expect(Math.max(...close)).toBeGreaterThan(1);
+  });
 
   it('greedy output survives long generations with KV compaction (tree) and reaches the context end', async () => {
     const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'tree', budget: 16, maxDepth: 6, branching: 4 } });

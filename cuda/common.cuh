@@ -25,6 +25,25 @@ inline void check_cuda(cudaError_t e, const char* what, const char* file, int li
 #define OSD_CUDA_CHECK(x) ::osd::cuda::check_cuda((x), #x, __FILE__, __LINE__)
 #define OSD_CUDA_CHECK_LAUNCH() ::osd::cuda::check_cuda(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
 
+// Phase timestamps for profiling tree launches (cmake -DOSD_CUDA_PHASES=ON, then bench_cuda
+// --phases): OSD_PHASE(cond, slot) stores %globaltimer in the slot when cond holds. Compiled out
+// unless OSD_CUDA_PHASES is defined. Slots: see kPhaseNames in verify.cu.
+#ifdef OSD_CUDA_PHASES
+static __device__ unsigned long long g_osd_phase[32];
+#define OSD_PHASE(cond, slot)                                                        \
+  do {                                                                               \
+    if (cond) {                                                                      \
+      unsigned long long t_;                                                         \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                        \
+      ::osd::cuda::g_osd_phase[slot] = t_;                                           \
+    }                                                                                \
+  } while (0)
+#else
+#define OSD_PHASE(cond, slot) \
+  do {                        \
+  } while (0)
+#endif
+
 constexpr int kBlock = 512;  // threads per block of the row and walk kernels
 constexpr int kWarps = kBlock / 32;
 

@@ -3,6 +3,7 @@
 // Parity: test/native/test_cuda.cu (chain_* and tree_* tests): identical accepted counts, paths and
 // tokens for identical seeds (tolerance: zero mismatches), plus chi-square exactness on the GPU.
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -331,9 +332,12 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
   int32_t* out = p.out_tokens[r];
   int32_t* path = p.out_path[r];
   int32_t* counts = p.out_counts[r];
+  [[maybe_unused]] const bool timed = tid == 0 && r == 0;  // OSD_PHASE slots 3-19
+  OSD_PHASE(timed, 3);
   int bad = 0;
   for (int i = tid; i < q.ntasks; i += kBlock) bad |= ld_cg(&p.stats[q.t0 + i].bad);
   bad = block_or(bad, sm.red);
+  OSD_PHASE(timed, 4);
   if (bad) {
     if (tid == 0) counts[0] = -1, counts[1] = -1;
     return;
@@ -393,8 +397,10 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
     }
     __syncthreads();
   }
-  int row = 0, plen = 0;
+  OSD_PHASE(timed, 5);
+  int row = 0, plen = 0, rejections = 0;
   for (;;) {
+    OSD_PHASE(timed && plen < 8, 12 + plen);
     const int c0 = staged ? sfirst[row] : first[row];
     if (c0 >= 0 && staged && ((first_ok[c0 >> 5] >> (c0 & 31)) & 1u)) {  // the first child is accepted
       if (tid == 0) path[plen] = c0, out[plen] = tokens[c0];
@@ -406,6 +412,7 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
     if (c0 < 0) {  // a leaf: the bonus token comes from the target
       const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(row), kLaneSample);
       const int y = block_sample(weights_of(kWeightRow, P), V, u, sm);
+      OSD_PHASE(timed, 11);
       if (tid == 0) out[plen] = y, counts[0] = plen, counts[1] = plen + 1;
       return;
     }
@@ -433,6 +440,8 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
         break;
       }
       reject_pass(pc, qc, x, kind, q_update, V, sm);
+      OSD_PHASE(timed && rejections < 4, 6 + rejections);
+      ++rejections;
     }
     if (accepted < 0) {  // pc holds the last residual (a rejection happened)
       const double u = philox_uniform(p.seed, q.stream, static_cast<uint32_t>(row), kLaneSample);
@@ -440,6 +449,7 @@ __device__ __noinline__ void tree_walk(const TreeParams& p, int r, PrepSmem& sm)
                                                     : weights_of(kWeightPositive, P, RowRef{}, pc.buf),
                            V, u, sm);
       if (y < 0) y = block_sample(weights_of(kWeightRow, P), V, u, sm);
+      OSD_PHASE(timed, 10);
       if (tid == 0) out[plen] = y, counts[0] = plen, counts[1] = plen + 1;
       return;
     }
@@ -682,6 +692,33 @@ void chain_verify_launch(const ChainBatchDevice& in, Fault fault, Workspace& ws,
   if (row_origins) *row_origins = std::move(origins);
 }
 
+namespace {
+std::atomic<TreeLaunch> g_tree_launch{TreeLaunch::Auto};
+std::atomic<long> g_split_launches{0};
+}  // namespace
+
+void set_tree_launch(TreeLaunch mode) { g_tree_launch.store(mode); }
+
+[[maybe_unused]] const char* const kPhaseNames[kTreePhases] = {
+    "row 0: prep start", "row 0: max pass done", "row 0: z done", "walk 0: start", "walk 0: bad rows checked",
+    "walk 0: first children tested", "walk 0: rejection 1 done", "walk 0: rejection 2 done",
+    "walk 0: rejection 3 done", "walk 0: rejection 4 done", "walk 0: residual sampled", "walk 0: leaf sampled",
+    "walk 0: level 0", "walk 0: level 1", "walk 0: level 2", "walk 0: level 3", "walk 0: level 4",
+    "walk 0: level 5", "walk 0: level 6", "walk 0: level 7"};
+
+std::vector<TreePhase> tree_phases() {
+  std::vector<TreePhase> out;
+#ifdef OSD_CUDA_PHASES
+  unsigned long long h[32] = {0}, zero[32] = {0};
+  OSD_CUDA_CHECK(cudaMemcpyFromSymbol(h, g_osd_phase, sizeof(h)));
+  OSD_CUDA_CHECK(cudaMemcpyToSymbol(g_osd_phase, zero, sizeof(zero)));
+  for (int i = 0; i < kTreePhases; ++i)
+    if (h[i] && h[0]) out.push_back(TreePhase{kPhaseNames[i], (static_cast<double>(h[i]) - static_cast<double>(h[0])) * 1e-3});
+#endif
+  return out;
+}
+long tree_split_launches() { return g_split_launches.load(); }
+
 void tree_verify_launch(const TreeRequestDevice* reqs, int32_t count, uint64_t seed, Fault fault, Workspace& ws,
                         cudaStream_t stream, std::vector<RowOrigin>* row_origins) {
   std::vector<RowTask> tasks;
@@ -749,8 +786,10 @@ void tree_verify_launch(const TreeRequestDevice* reqs, int32_t count, uint64_t s
   // they read). Else one launch: row blocks that store the exp terms, the last one of a request walks.
   const int n_tasks = static_cast<int>(tasks.size());
   const int grid = kernel_grid(ws, tree_kernel, n_tasks);
-  const bool split =
-      n_tasks > grid && std::none_of(tasks.begin(), tasks.end(), [](const RowTask& t) { return t.mode == kRowSparse; });
+  const TreeLaunch mode = g_tree_launch.load();
+  const bool split = mode != TreeLaunch::OneKernel && (n_tasks > grid || mode == TreeLaunch::Split) &&
+                     std::none_of(tasks.begin(), tasks.end(), [](const RowTask& t) { return t.mode == kRowSparse; });
+  if (split) g_split_launches.fetch_add(1);
   const int n_sparse = assign_rows(tasks, ws, !split);
   float* pdqd = ws.misc.as<float>(std::max<size_t>(scratch, 1));
   size_t off = 0;

@@ -59,5 +59,23 @@ struct TreeRequestDevice {
 void tree_verify_launch(const TreeRequestDevice* reqs, int32_t count, uint64_t seed, Fault fault, Workspace& ws,
                         cudaStream_t stream, std::vector<RowOrigin>* row_origins = nullptr);
 
+// Which kernels a tree launch runs. Auto: warp-prepared rows then the walks when the rows exceed one
+// wave of row blocks and none is top-k / top-p, else one kernel of row blocks that also walk. Split
+// forces the former wherever no row is top-k / top-p (tests use it to cover small launches).
+enum class TreeLaunch { Auto, OneKernel, Split };
+void set_tree_launch(TreeLaunch mode);
+// Tree launches that took the split path since the process started (tests check which path ran).
+long tree_split_launches();
+
+// Profiling (a build with OSD_CUDA_PHASES): the phase timestamps of the last tree launch for the
+// first row block and the first request's walk, in microseconds after that block started, and
+// clears them. Empty in other builds. bench_cuda --phases prints them.
+constexpr int kTreePhases = 20;
+struct TreePhase {
+  const char* name;
+  double us;
+};
+std::vector<TreePhase> tree_phases();
+
 }  // namespace cuda
 }  // namespace osd

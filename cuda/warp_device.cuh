@@ -379,6 +379,8 @@ static __device__ __noinline__ double cand_scan(const unsigned long long* cand, 
 
 static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, const SlotPool& pool, PrepSmem& sm) {
   const int tid = threadIdx.x;
+  [[maybe_unused]] const bool timed = tid == 0 && blockIdx.x == 0 && t.mode == kRowDense;  // OSD_PHASE slots 0-2
+  OSD_PHASE(timed, 0);
   const int V = t.vocab;
   const float* l = t.logits;
   float mx = -INFINITY;
@@ -421,7 +423,9 @@ static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, c
   float inv_z = 0.0f;
   int nsup = -1;
   if (t.mode == kRowDense) {
+    OSD_PHASE(timed, 1);
     z = z_exact(l, V, mx, t.inv_t, t.e_out, sm);
+    OSD_PHASE(timed, 2);
     inv_z = __double2float_rn(__ddiv_rn(1.0, z));
   } else if (t.mode == kRowSparse) {
     const bool use_k = t.top_k > 0 && t.top_k < V;

@@ -9,6 +9,7 @@
 // run's JSON (bench/gpu-check.sh builds and runs the previous version first, on the same device).
 // Build: CMake target bench_cuda (CUDA builds). Run:
 //   bench_cuda [--json out.json] [--baseline earlier.json] [--filter "chain V=32000 g=4"] [--quick] [--no-lead]
+//              [--phases]   (a build with cmake -DOSD_CUDA_PHASES=ON: where each tree row's time goes)
 // Without a usable device it prints why and exits 0 (writing {"skipped": ...} when --json is given).
 #include <algorithm>
 #include <cmath>
@@ -108,6 +109,7 @@ std::vector<Row> results;
 double copy_gbps = 0.0;
 std::map<std::string, double> baseline;  // "op|config" -> us
 std::string filter;                       // --filter: run only rows whose "op config" contains it
+bool phases = false;                      // --phases: print each tree row's phase timestamps
 
 bool wanted(const std::string& op, const std::string& config) {
   return filter.empty() || (op + " " + config).find(filter) != std::string::npos;
@@ -160,6 +162,7 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--no-lead")) lead = false;
     if (!std::strcmp(argv[i], "--baseline") && i + 1 < argc) load_baseline(argv[++i]);
     if (!std::strcmp(argv[i], "--filter") && i + 1 < argc) filter = argv[++i];
+    if (!std::strcmp(argv[i], "--phases")) phases = true;
   }
   std::string why;
   CudaBackend* be = static_cast<CudaBackend*>(cuda_backend_or_null(&why));
@@ -341,6 +344,14 @@ int main(int argc, char** argv) {
         uint64_t seed = 9;
         const double ms = time_kernel(ws, s, warm, reps, [&] { tree_verify_launch(reqs.data(), B, seed++, Fault::None, ws, s); });
         report("tree", cfg, ms, 2.0 * rows * V * 4.0);
+        if (phases) {  // one more launch, then its timestamps
+          tree_phases();
+          tree_verify_launch(reqs.data(), B, seed++, Fault::None, ws, s);
+          OSD_CUDA_CHECK(cudaStreamSynchronize(s));
+          const std::vector<TreePhase> ph = tree_phases();
+          if (ph.empty()) std::printf("    phases: none recorded (build with cmake -DOSD_CUDA_PHASES=ON)\n");
+          for (const TreePhase& x : ph) std::printf("    %8.1f us  %s\n", x.us, x.name);
+        }
         cudaFree(t);
         cudaFree(d);
         cudaFree(outs);

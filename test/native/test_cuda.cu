@@ -75,6 +75,19 @@ struct BlockedDivergence {
   ~BlockedDivergence() { cuda::set_blocked_divergence(was); }
 };
 
+int device_sm_count() {
+  int dev = 0, n = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  return n;
+}
+
+// Sets the tree launch path for one test and restores the default after.
+struct TreeLaunchMode {
+  explicit TreeLaunchMode(cuda::TreeLaunch m) { cuda::set_tree_launch(m); }
+  ~TreeLaunchMode() { cuda::set_tree_launch(cuda::TreeLaunch::Auto); }
+};
+
 // distill_loss on the CPU reference (distill_row on every counted row, in double per entry, as the
 // CUDA losses compute): the CPU backend's float fast paths are held to it in test_kernels.
 double reference_distill_loss(const DistillInput& in, float* grad) {
@@ -884,10 +897,10 @@ struct TreeCase {
   uint64_t stream = 0;
 };
 
-TreeCase make_tree_case(Rng& rng, int V, int nmax) {
+TreeCase make_tree_case(Rng& rng, int V, int nmax, int nmin = 1) {
   TreeCase t;
   t.V = V;
-  t.n = randint(rng, 1, nmax);
+  t.n = randint(rng, nmin, nmax);
   t.s = random_sampling(rng, V);
   t.mode = static_cast<TreeChildren>(randint(rng, 0, 2));
   t.stream = rng();
@@ -989,6 +1002,58 @@ OSD_TEST(tree_batch_matches_cpu) {
   CHECK_EQ(bad, 0L);
 }
 
+// The same random batches on each path, forced: row blocks that also walk, and (where no row is
+// top-k / top-p) warp-prepared rows then the walks, whatever the batch's size.
+OSD_TEST(tree_batch_matches_cpu_each_path) {
+  CudaBackend& g = gpu();
+  const int vocabs[] = {2, 5, 30, 400, 3000};
+  for (const cuda::TreeLaunch mode : {cuda::TreeLaunch::OneKernel, cuda::TreeLaunch::Split}) {
+    TreeLaunchMode forced(mode);
+    Rng rng(19);
+    long trees = 0, bad = 0, want_split = 0;
+    const long split0 = cuda::tree_split_launches();
+    for (int call = 0; call < 120; ++call) {
+      std::vector<TreeCase> cases;
+      const int count = randint(rng, 1, 6);
+      bool sparse = false;
+      for (int r = 0; r < count; ++r) {
+        cases.push_back(make_tree_case(rng, vocabs[(call + r) % 5], call % 3 == 0 ? 64 : 12));
+        const Sampling& s = cases.back().s;
+        sparse |= !s.greedy() && ((s.top_k > 0 && s.top_k < cases.back().V) || s.top_p < 1.0f);
+      }
+      const Fault fault = call % 10 == 8 ? Fault::ResidualNoClamp : call % 10 == 9 ? Fault::ResidualFromTarget : Fault::None;
+      bad += compare_trees(g, cases, rng(), fault);
+      trees += count;
+      want_split += mode == cuda::TreeLaunch::Split && !sparse;
+    }
+    const long split = cuda::tree_split_launches() - split0;
+    std::printf("  tree, %s: %ld trees, %ld launches split, %ld differ\n",
+                mode == cuda::TreeLaunch::Split ? "split forced" : "one kernel forced", trees, split, bad);
+    CHECK_EQ(split, want_split);
+    CHECK(mode == cuda::TreeLaunch::OneKernel || want_split > 10);  // enough batches without top-k / top-p
+    CHECK_EQ(bad, 0L);
+  }
+}
+
+// Trees larger than a block's staging arrays (n + 1 > 512: the walk reads the tree from global
+// memory and tests every child on thread 0) and exactly at their size (n = 511).
+OSD_TEST(tree_batch_matches_cpu_large_trees) {
+  CudaBackend& g = gpu();
+  Rng rng(20);
+  long trees = 0, bad = 0;
+  for (int call = 0; call < 8; ++call) {
+    std::vector<TreeCase> cases;
+    for (int r = 0; r < 2; ++r) {
+      const int n = call % 2 ? 511 : 600 + 40 * call;
+      cases.push_back(make_tree_case(rng, r ? 64 : 300, n, n));
+    }
+    bad += compare_trees(g, cases, rng(), call == 5 ? Fault::ResidualNoClamp : Fault::None);
+    trees += 2;
+  }
+  std::printf("  tree, n in {511, 600 ..}: %ld trees, %ld differ\n", trees, bad);
+  CHECK_EQ(bad, 0L);
+}
+
 OSD_TEST(tree_batch_matches_cpu_large_vocab) {
   CudaBackend& g = gpu();
   Rng rng(10);
@@ -1019,16 +1084,25 @@ std::vector<TreeCase> many_row_trees(Rng& rng, int call) {
 OSD_TEST(tree_batch_matches_cpu_many_rows) {
   CudaBackend& g = gpu();
   Rng rng(14);
-  long trees = 0, bad = 0, rows = 0;
+  long trees = 0, bad = 0, rows = 0, split = 0;
   for (int call = 0; call < 30; ++call) {
     std::vector<TreeCase> cases = many_row_trees(rng, call);
     const Fault fault = call % 6 == 4 ? Fault::ResidualFromTarget : call % 6 == 5 ? Fault::ResidualNoClamp : Fault::None;
-    for (const TreeCase& t : cases) rows += 2 * (t.n + 1);
+    long call_rows = 0;  // sampled trees with drawn children have a draft row per target row
+    for (const TreeCase& t : cases)
+      call_rows += (t.s.greedy() || t.mode == TreeChildren::Deterministic ? 1 : 2) * static_cast<long>(t.n + 1);
+    rows += call_rows;
+    const long before = cuda::tree_split_launches();
     bad += compare_trees(g, cases, rng(), fault);
+    const bool took = cuda::tree_split_launches() > before;
+    split += took;
+    // More rows than blocks in one wave (at most two row blocks per SM at this kernel's size) must split.
+    if (call_rows > 2L * device_sm_count()) CHECK(took);
     trees += static_cast<long>(cases.size());
   }
-  std::printf("  tree, batches of 6 (%ld rows in all, V up to 32000, no top-k / top-p): %ld trees, %ld differ\n", rows,
-              trees, bad);
+  std::printf("  tree, batches of 6 (%ld rows in all, V up to 32000, no top-k / top-p): %ld trees, %ld launches split, %ld differ\n",
+              rows, trees, split, bad);
+  CHECK(split > 0);
   CHECK_EQ(bad, 0L);
 }
 

@@ -1124,6 +1124,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     const ranks = greedy ? this.#ranks.greedy : this.#ranks.sampled;
     const { branching, maxDepth, fill } = this.strategy;
     const widths = sampledTreeShape(rankAcceptance(ranks, branching), Math.min(this.strategy.budget, budget), maxDepth, fill ? undefined : this.#treeCosts());
+    if (widths.length && widths.every((w) => w === 1) && !this.#fault) return this.#chainShapedTree(req, step, T, D, committed, widths.length, ranks);
     const parents: number[] = [];
     const tokens: number[] = [];
     const spine: number[] = []; // node index of each level's first child
@@ -1209,6 +1210,26 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     while (m < r.path.length && r.path[m] === spine[m]) m++;
     if (D.length > committed.length + m) D.truncate(committed.length + m);
     return this.#finishTree(req, T, committed, parents, tokens, targetLogits, tBase, r);
+  }
+
+  /**
+   * A tree shaped as one child per level is a chain: the native chain step drafts it, runs the
+   * target pass, verifies (the same decisions as the tree walk) and trims both caches in one call.
+   * The rank acceptance and the draft ms per level are kept; the fit of target ms against nodes is
+   * not fed (a chain step's native pass costs less than a tree's pass of as many nodes).
+   */
+  async #chainShapedTree(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], g: number, ranks: RankCounts): Promise<number[]> {
+    const c = req.counters;
+    const caughtUp = committed.length - D.length <= 2; // else the step's draft time holds a catch-up
+    const draftMs = c.draftMs;
+    const emitted = await this.#chainStep(req, step, T, D, committed, g);
+    const a = emitted.length - 1;
+    countRanks(ranks, Array.from({ length: g }, (_, i) => i - 1), Array.from({ length: a }, (_, i) => i));
+    if (caughtUp) {
+      const level = (c.draftMs - draftMs) / g;
+      this.#levelMs = this.#levelMs ? 0.9 * this.#levelMs + 0.1 * level : level;
+    }
+    return emitted;
   }
 
   /** Sampled-tree costs in one-token target passes, from the measured times (priors until there are some). */

@@ -470,33 +470,10 @@ __device__ void prepare_row_warp(const RowTask& t, RowStat* st) {
   const int lane = lane_id();
   const int V = t.vocab;
   const float* l = t.logits;
-  float mx = -INFINITY, bv = -INFINITY;
-  int bidx = -1, bad = 0;
-  auto visit = [&](float x, int j) {  // each lane visits its entries in increasing index order
-    mx = x > mx ? x : mx;
-    bad |= (!(x <= FLT_MAX)) & (x != -INFINITY);
-    if (bidx < 0 || x > bv) bv = x, bidx = j;
-  };
-  if (V % 4 == 0 && (reinterpret_cast<uintptr_t>(l) & 15u) == 0) {
-    const float4* l4 = reinterpret_cast<const float4*>(l);
-    const int V4 = V / 4;
-    constexpr int U = 4;
-    for (int base = lane; base < V4; base += U * 32) {
-      float4 a[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (base + 32 * u < V4) a[u] = __ldg(l4 + base + 32 * u);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int k = base + 32 * u;
-        if (k < V4) visit(a[u].x, 4 * k), visit(a[u].y, 4 * k + 1), visit(a[u].z, 4 * k + 2), visit(a[u].w, 4 * k + 3);
-      }
-    }
-  } else {
-    for (int j = lane; j < V; j += 32) visit(__ldg(l + j), j);
-  }
-  mx = warp_max(mx);
-  bad = __any_sync(0xffffffffu, bad) ? 1 : 0;
+  const RowScan rs = scan_row<32>(l, V, lane);
+  float mx = warp_max(rs.mx), bv = rs.bv;
+  int bidx = rs.bidx;
+  const int bad = __any_sync(0xffffffffu, rs.bad) ? 1 : 0;
   for (int o = 16; o > 0; o >>= 1) {
     const float w = __shfl_xor_sync(0xffffffffu, bv, o);
     const int j = __shfl_xor_sync(0xffffffffu, bidx, o);

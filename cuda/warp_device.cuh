@@ -377,44 +377,55 @@ static __device__ __noinline__ double cand_scan(const unsigned long long* cand, 
 // ---------------------------------------------------------------------------------------------
 // Row preparation: validation, max/argmax, then the warp of the row's mode.
 
+// A thread's (or a warp lane's) share of a row's max pass: entries first, first + kStride, ... in
+// increasing index order, so argmax ties stay with the lowest index; four float4 loads in flight
+// per thread when the row is aligned. bad: a NaN or +Infinity was seen.
+struct RowScan {
+  float mx, bv;
+  int bidx, bad;
+};
+template <int kStride>
+__device__ __forceinline__ RowScan scan_row(const float* l, int V, int first) {
+  RowScan r{-INFINITY, -INFINITY, -1, 0};
+  auto visit = [&](float x, int j) {
+    r.mx = x > r.mx ? x : r.mx;
+    r.bad |= (!(x <= FLT_MAX)) & (x != -INFINITY);
+    if (r.bidx < 0 || x > r.bv) r.bv = x, r.bidx = j;
+  };
+  if (V % 4 == 0 && (reinterpret_cast<uintptr_t>(l) & 15u) == 0) {
+    const float4* l4 = reinterpret_cast<const float4*>(l);
+    const int V4 = V / 4;
+    constexpr int U = 4;
+    for (int base = first; base < V4; base += U * kStride) {
+      float4 a[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (base + u * kStride < V4) a[u] = __ldg(l4 + base + u * kStride);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int q = base + u * kStride;
+        if (q < V4) visit(a[u].x, 4 * q), visit(a[u].y, 4 * q + 1), visit(a[u].z, 4 * q + 2), visit(a[u].w, 4 * q + 3);
+      }
+    }
+  } else {
+    for (int j = first; j < V; j += kStride) visit(__ldg(l + j), j);
+  }
+  return r;
+}
+
 static __device__ __noinline__ void prepare_row(const RowTask& t, RowStat* st, const SlotPool& pool, PrepSmem& sm) {
   const int tid = threadIdx.x;
   [[maybe_unused]] const bool timed = tid == 0 && blockIdx.x == 0 && t.mode == kRowDense;  // OSD_PHASE slots 0-2
   OSD_PHASE(timed, 0);
   const int V = t.vocab;
   const float* l = t.logits;
-  float mx = -INFINITY;
-  int bad = 0;
-  float bv = -INFINITY;
-  int bidx = -1;
-  auto visit = [&](float x, int j) {
-    mx = x > mx ? x : mx;
-    bad |= (!(x <= FLT_MAX)) & (x != -INFINITY);
-    if (bidx < 0 || x > bv) bv = x, bidx = j;
-  };
-  if (V % 4 == 0 && (reinterpret_cast<uintptr_t>(l) & 15u) == 0) {
-    // Each thread visits its elements in increasing index order, so argmax ties stay with the first.
-    const float4* l4 = reinterpret_cast<const float4*>(l);
-    const int V4 = V / 4;
-    constexpr int U = 4;  // float4 loads in flight per thread
-    for (int base = tid; base < V4; base += U * kBlock) {
-      float4 a[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (base + u * kBlock < V4) a[u] = l4[base + u * kBlock];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int q = base + u * kBlock;
-        if (q < V4) visit(a[u].x, 4 * q), visit(a[u].y, 4 * q + 1), visit(a[u].z, 4 * q + 2), visit(a[u].w, 4 * q + 3);
-      }
-    }
-  } else {
-    for (int j = tid; j < V; j += kBlock) visit(l[j], j);
-  }
+  const RowScan rs = scan_row<kBlock>(l, V, tid);
+  float mx = rs.mx;
+  int bad = rs.bad;
   sm.tmax[tid] = mx;
   mx = block_max(mx, sm.red);
   bad = block_or(bad, sm.red);
-  const int amax = block_argmax(bv, bidx, sm.red);
+  const int amax = block_argmax(rs.bv, rs.bidx, sm.red);
   if (bad || mx == -INFINITY) {
     if (tid == 0) set_bad_row(st, bad, mx);
     return;

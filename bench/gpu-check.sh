@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for a machine with an NVIDIA GPU, nvcc, CMake and Ninja (Node is not needed): builds the
 # native CUDA parity tests and benchmarks with plain CMake, runs them, and copies what they print to
-# $OUT when it is set (else to bench/results/). Meant to finish in well under 8 minutes, build included.
+# $OUT when it is set (packed, see below; else to bench/results/). Meant to finish in well under 8
+# minutes, build included.
 #
 #   bash bench/gpu-check.sh            # sm_90 only (H100 / H200); GPU_ARCH=80 etc. for other GPUs
 #   JOBS=16 bash bench/gpu-check.sh
@@ -18,8 +19,17 @@ start=$(date +%s)
 arch="${GPU_ARCH:-90}"
 jobs="${JOBS:-$(nproc 2>/dev/null || echo 4)}"
 build="${BUILD_DIR:-build-gpu}"
-dest="${OUT:-bench/results}"
+# With $OUT (the device tool's folder, which brings back at most 8 files) the logs go to a folder
+# that is packed into $OUT/gpu-check.tgz at the end, beside copies of the three main outputs.
+if [ -n "${OUT:-}" ]; then dest="$(mktemp -d)/gpu-check"; else dest=bench/results; fi
 mkdir -p "$dest"
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  tar czf "$OUT/gpu-check.tgz" -C "$(dirname "$dest")" gpu-check
+  for f in test_cuda.txt bench_cuda.txt bench_cuda.json; do [ -f "$dest/$f" ] && cp "$dest/$f" "$OUT/"; done
+  return 0
+}
+trap pack EXIT
 log() { echo "[gpu-check $(($(date +%s) - start))s] $*"; }
 
 log "host: $(uname -srm), $(nproc) cores"
@@ -76,5 +86,5 @@ timeout 180 "$build/bench_cuda" --json "$dest/bench_cuda.json" "${baseline[@]}" 
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && status=$rc && log "bench_cuda exited with $rc"
 
-log "done (status $status); outputs in $dest"
+log "done (status $status); outputs in ${OUT:+$OUT/gpu-check.tgz from }$dest"
 exit $status

@@ -71,7 +71,11 @@ export interface VerifiedStep {
   request: number;
   /** The request's tokens (prompt and generated) before this step; the last one is the step's input. */
   context: readonly number[];
-  /** Draft tokens proposed along the longest chain (for trees: the accepted path's depth). */
+  /**
+   * Draft tokens proposed along the longest chain (for a tree with siblings: the accepted path's
+   * depth, plus one where a child of its last node was rejected; a tree shaped as a chain reports
+   * its length, as chains do).
+   */
   drafted: number;
   accepted: number;
   /** Emitted tokens: the accepted ones then the correction or bonus. */

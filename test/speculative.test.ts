@@ -121,8 +121,10 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
         }
         const m = dec.metrics();
         expect(m.tokens).toBeGreaterThan(0);
-        // Trees draft many alternatives per step, so judge them by accepted tokens per pass.
-        if (draft === closeDraft && strategy.kind === 'tree') expect(m.meanAcceptedLength).toBeGreaterThan(1);
+        // A filled tree drafts many alternatives per step, so judge it by accepted tokens per pass. A
+        // shaped tree with this draft (as costly as the target) settles on a one-token chain, which the
+        // draft gets right almost always.
+        if (draft === closeDraft && strategy.kind === 'tree') expect(m.meanAcceptedLength).toBeGreaterThan(strategy.fill ? 1 : 0.8);
         else if (draft === closeDraft && strategy.kind !== 'ngram') expect(m.acceptanceRate).toBeGreaterThan(0.5);
         await dec.dispose();
       }
@@ -130,16 +132,19 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
   }
 
   it('greedy trees: a spine with the draft\'s next-best tokens as siblings, shaped from measured acceptance unless fill: true', async () => {
+    let acceptedPerStep = 0;
     const drafted = async (strategy: Strategy, draft: Model) => {
       const dec = createSpeculativeDecoder({ target, draft, strategy });
       const sizes: number[] = [];
-      dec.on('step', (e: { drafted: number }) => sizes.push(e.drafted));
+      let accepted = 0;
+      dec.on('step', (e: { drafted: number; accepted: number }) => (sizes.push(e.drafted), (accepted += e.accepted)));
       for (const prompt of prompts.slice(0, 4)) {
         const want = await target.generate({ tokens: prompt, maxTokens: 40, stopTokens: [] });
         const got = await dec.generate({ tokens: prompt, maxTokens: 40, stopTokens: [] });
         expect(Array.from(got.tokens)).toEqual(Array.from(want.tokens));
       }
       await dec.dispose();
+      acceptedPerStep = accepted / sizes.length;
       return sizes;
     };
     const shape = { kind: 'tree', budget: 12, maxDepth: 4, branching: 3 } as const;
@@ -148,16 +153,19 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     expect(full.filter((n) => n === 12).length).toBeGreaterThan(full.length / 2);
     // Shaped: a draft that is rarely right earns small trees once its acceptance is measured.
     const shaped = await drafted(shape, randomDraft);
+    const randomAccepted = acceptedPerStep;
     const late = shaped.slice(shaped.length >> 1);
     expect(Math.max(...late)).toBeLessThan(12);
     expect(late.reduce((a, b) => a + b, 0) / late.length).toBeLessThan(6);
-    // A draft that is usually right grows a spine deeper than one level in some step.
-    const close = await drafted(shape, closeDraft);
-    expect(Math.max(...close)).toBeGreaterThan(1);
+    // A draft that is usually right: its spine is accepted in most steps.
+    await drafted(shape, closeDraft);
+    expect(acceptedPerStep).toBeGreaterThan(0.8);
+    expect(acceptedPerStep).toBeGreaterThan(2 * randomAccepted);
   });
 
   it('greedy output survives long generations with KV compaction (tree) and reaches the context end', async () => {
-    const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'tree', budget: 16, maxDepth: 6, branching: 4 } });
+    // fill: a whole tree every step (a shaped tree with this costly draft is mostly a chain).
+    const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'tree', budget: 16, maxDepth: 6, branching: 4, fill: true } });
     const want = await target.generate({ tokens: [1], maxTokens: 600 });
     const got = await dec.generate({ tokens: [1], maxTokens: 600 });
     expect(Array.from(got.tokens)).toEqual(Array.from(want.tokens));

@@ -1219,20 +1219,12 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   /**
    * A tree shaped as one child per level is a chain: the native chain step drafts it, runs the
    * target pass, verifies (the same decisions as the tree walk) and trims both caches in one call.
-   * The rank acceptance and the draft ms per level are kept; the fit of target ms against nodes is
-   * not fed (a chain step's native pass costs less than a tree's pass of as many nodes).
+   * It feeds the rank acceptance; not the tree's cost measurements (draft ms per level, target ms
+   * by nodes): a native chain step costs less than a tree step of as many nodes, whose costs they price.
    */
   async #chainShapedTree(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], g: number, ranks: RankCounts): Promise<number[]> {
-    const c = req.counters;
-    const caughtUp = committed.length - D.length <= 2; // else the step's draft time holds a catch-up
-    const draftMs = c.draftMs;
     const emitted = await this.#chainStep(req, step, T, D, committed, g);
-    const a = emitted.length - 1;
-    countRanks(ranks, Array.from({ length: g }, (_, i) => i - 1), Array.from({ length: a }, (_, i) => i));
-    if (caughtUp) {
-      const level = (c.draftMs - draftMs) / g;
-      this.#levelMs = this.#levelMs ? 0.9 * this.#levelMs + 0.1 * level : level;
-    }
+    countRanks(ranks, Array.from({ length: g }, (_, i) => i - 1), Array.from({ length: emitted.length - 1 }, (_, i) => i));
     return emitted;
   }
 

@@ -939,7 +939,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
    * token, at new draft weights, or where a whole chain no longer fits), so JavaScript sees them
    * after the fact; adaptive runs its planned length until its next plan is due.
    */
-  async #chainStep(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], g: number): Promise<number[]> {
+  async #chainStep(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], g: number, onRun?: (accepted: readonly number[]) => void): Promise<number[]> {
     const V = this.vocabSize;
     const c = req.counters;
     const last = committed[committed.length - 1]!;
@@ -956,9 +956,10 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
         catchUpMs = performance.now() - t0;
       }
       // Adaptive runs steps of its planned length too, up to its next plain break (it measures the
-      // cost of a plain token every 16 steps of one length), except a probe, which is one step.
+      // cost of a plain token every 16 steps of one length), except a probe, which is one step; a
+      // tree shaped as a chain runs steps of that length until its shape is planned again.
       const kind = this.strategy.kind;
-      const many = kind === 'chain' || (kind === 'adaptive' && !this.#probing);
+      const many = kind === 'chain' || kind === 'tree' || (kind === 'adaptive' && !this.#probing);
       const maxSteps = kind === 'adaptive' ? Math.min(req.runSteps, Math.max(1, 16 - this.#sameSteps)) : req.runSteps;
       // With weightSwap 'step', new draft weights end the run after its current step.
       const swapped = many && this.weightSwap === 'step' ? new AbortController() : undefined;
@@ -982,6 +983,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       const ms = performance.now() - t0;
       req.runSteps = Math.min(2 * req.runSteps, CHAIN_RUN_STEPS);
       accepted = Array.from(r.acceptedCounts);
+      onRun?.(accepted);
       tokens = r.tokens;
       rows = r.targetLogits;
       // The round trip is charged to the target, as its evaluate() was charged before.
@@ -1217,15 +1219,17 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   }
 
   /**
-   * A tree shaped as one child per level is a chain: the native chain step drafts it, runs the
-   * target pass, verifies (the same decisions as the tree walk) and trims both caches in one call.
-   * It feeds the rank acceptance; not the tree's cost measurements (draft ms per level, target ms
-   * by nodes): a native chain step costs less than a tree step of as many nodes, whose costs they price.
+   * A tree shaped as one child per level is a chain: native chain steps draft it, run the target
+   * pass, verify (the same decisions as the tree walk) and trim both caches, several steps per call
+   * as the chain strategy runs them (the shape is planned again after the run). They feed the rank
+   * acceptance; not the tree's cost measurements (draft ms per level, target ms by nodes): a native
+   * chain step costs less than a tree step of as many nodes, whose costs those price.
    */
   async #chainShapedTree(req: Request, step: number, T: Sequence, D: Sequence, committed: number[], g: number, ranks: RankCounts): Promise<number[]> {
-    const emitted = await this.#chainStep(req, step, T, D, committed, g);
-    countRanks(ranks, Array.from({ length: g }, (_, i) => i - 1), Array.from({ length: emitted.length - 1 }, (_, i) => i));
-    return emitted;
+    const parents = Array.from({ length: g }, (_, i) => i - 1);
+    return this.#chainStep(req, step, T, D, committed, g, (accepted) => {
+      for (const a of accepted) countRanks(ranks, parents, Array.from({ length: a }, (_, i) => i));
+    });
   }
 
   /** Sampled-tree costs in one-token target passes, from the measured times (priors until there are some). */

@@ -249,7 +249,8 @@ enum RejectKind : int32_t {
 __device__ __noinline__ void reject_pass(Cur& P, Cur& Q, int x, int kind, bool q_update, int V, PrepSmem& sm) {
   float* pd = P.buf;
   float* qd = Q.buf;
-  const bool need_q = kind <= kRejectNoClamp;
+  const bool need_q = kind <= kRejectNoClamp;  // the residual reads q
+  const bool read_q = need_q || q_update;
   const bool q_write =
       q_update || (need_q && Q.src == kFromRow && Q.row.mode != kRowSparse && Q.row.e == nullptr);
   // Sums and absolute sums for normalise_factor's bound. Only the planted fault's unclamped residual
@@ -273,7 +274,7 @@ __device__ __noinline__ void reject_pass(Cur& P, Cur& Q, int x, int kind, bool q
     }
     return make_float2(r, qc);
   };
-  const bool vec = V % 4 == 0 && cur_aligned(P) && ((!need_q && !q_update) || cur_aligned(Q)) &&
+  const bool vec = V % 4 == 0 && cur_aligned(P) && (!read_q || cur_aligned(Q)) &&
                    ((reinterpret_cast<uintptr_t>(pd) | reinterpret_cast<uintptr_t>(qd)) & 15u) == 0;
   if (vec) {
     const int V4 = V / 4;
@@ -285,7 +286,7 @@ __device__ __noinline__ void reject_pass(Cur& P, Cur& Q, int x, int kind, bool q
         const int k = base + u * kBlock;
         if (k < V4) {
           a[u] = cur4(P, k);
-          b[u] = (need_q || q_update) ? cur4(Q, k) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          b[u] = read_q ? cur4(Q, k) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
       }
 #pragma unroll
@@ -302,7 +303,7 @@ __device__ __noinline__ void reject_pass(Cur& P, Cur& Q, int x, int kind, bool q
   } else {
     for (int j = threadIdx.x; j < V; j += kBlock) {
       const float pc = cur_at(P, j);
-      const float qc = (need_q || q_update) ? cur_at(Q, j) : 0.0f;
+      const float qc = read_q ? cur_at(Q, j) : 0.0f;
       const float2 r = one(j, pc, qc);
       pd[j] = r.x;
       if (q_write) qd[j] = r.y;
@@ -791,8 +792,10 @@ void tree_verify_launch(const TreeRequestDevice* reqs, int32_t count, uint64_t s
   p.out_path = outs_d + count;
   p.out_counts = outs_d + 2 * static_cast<size_t>(count);
   p.stats = ws.stats.as<RowStat>(n_tasks);
-  p.done = ws.done.as<int32_t>(count);
-  OSD_CUDA_CHECK(cudaMemsetAsync(p.done, 0, sizeof(int32_t) * count, stream));
+  if (!split) {  // the one-kernel launch counts each request's prepared rows to find its walker
+    p.done = ws.done.as<int32_t>(count);
+    OSD_CUDA_CHECK(cudaMemsetAsync(p.done, 0, sizeof(int32_t) * count, stream));
+  }
   p.seed = seed;
   p.fault = static_cast<int32_t>(fault);
   p.pool = make_slot_pool(ws, n_sparse, vmax, grid, stream);

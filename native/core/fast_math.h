@@ -44,6 +44,9 @@ OSD_HD float exp_approx(float x) {
 #include <atomic>
 #include <cstdlib>
 #include <string_view>
+#if defined(__x86_64__)
+#include <xmmintrin.h>  // _mm_stream_ps, _mm_sfence (SSE: the x86-64 baseline)
+#endif
 // ---- Host SIMD: float lanes as GCC/Clang vector types ----------------------------------------
 // Hot loops are written once, as templates over the vector type, and compiled several times
 // (OSD_SIMD_CLONES): for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline; the loader
@@ -177,6 +180,38 @@ template <class V> OSD_SIMD_INLINE V vlog(const V& x) {
   p = p * z2 + splat<V>(2.0f);
   // e ln2 in two parts: the high part times e (|e| < 128) is exact.
   return e * splat<V>(0.693145751953125f) + (z * p + e * splat<V>(1.428606765330187045e-06f));
+}
+
+// Stores v at p (16-byte aligned) past the caches: SSE's non-temporal store, which every x86-64 clone
+// has, per 4 lanes; the write-combining buffers merge a line's stores into one write. Elsewhere a
+// plain store. stream_fence() orders them before a later store that publishes the data.
+template <class V> OSD_SIMD_INLINE void stream_store(float* p, const V& v) {
+#if defined(__x86_64__)
+  for (int i = 0; i < kLanes<V>; i += 4) {
+    __m128 c;
+    __builtin_memcpy(&c, reinterpret_cast<const float*>(&v) + i, sizeof c);
+    _mm_stream_ps(p + i, c);
+  }
+#else
+  vstore(p, v);
+#endif
+}
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+// out[j] for j < n: vec(j) gives the L lanes from j on, one(j) the entry j alone (the same bits).
+// The whole 64-byte lines of out are written by stream_store, the entries around them by plain stores.
+template <class V, class FV, class FS> OSD_SIMD_INLINE void stream_block(float* out, int32_t n, FV&& vec, FS&& one) {
+  constexpr int L = kLanes<V>;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(out);
+  const int32_t head = addr & 3 ? n : std::min<int32_t>(n, static_cast<int32_t>(((64 - (addr & 63)) & 63) / 4));
+  int32_t j = 0;
+  for (; j < head; ++j) out[j] = one(j);
+  for (; j + 16 <= n; j += 16)
+    for (int v = 0; v < 16 / L; ++v) stream_store(out + j + v * L, vec(j + v * L));
+  for (; j < n; ++j) out[j] = one(j);
 }
 
 // Lane max, NaN-blind (a NaN lane in x leaves m unchanged; callers flag NaN separately).

@@ -380,6 +380,23 @@ OSD_CLONES void fkl_grad_block(float* grad, const float* et, int32_t n, float qs
   OSD_SIMD_WIDTH(fkl_grad_block_v, grad, et, n, qs, qt, gscale);
 }
 
+// fkl_grad_block's values, with es_j read from es, and grad written past the caches (stream_block):
+// a gradient larger than the caches then costs one write of each line instead of a read for
+// ownership and a write-back. The caller fences (stream_fence) before it publishes.
+template <class V>
+OSD_SIMD_INLINE void fkl_grad_block_stream_v(float* grad, const float* es, const float* et, int32_t n, float qs,
+                                             float qt, float gscale) {
+  const V vqs = splat<V>(qs), vqt = splat<V>(qt), vg = splat<V>(gscale);
+  stream_block<V>(
+      grad, n, [&](int32_t j) { return vg * (vload<V>(es + j) * vqs - vload<V>(et + j) * vqt); },
+      [&](int32_t j) { return gscale * (es[j] * qs - et[j] * qt); });
+}
+
+OSD_CLONES void fkl_grad_block_stream(float* grad, const float* es, const float* et, int32_t n, float qs, float qt,
+                                      float gscale) {
+  OSD_SIMD_WIDTH(fkl_grad_block_stream_v, grad, es, et, n, qs, qt, gscale);
+}
+
 // Pass 1's per-block statistics of a student / teacher row pair, shared by the blocked losses:
 // block maxima, exp sums, and after combine() the rescales c_b to the row maxima.
 struct PairBlocks {
@@ -419,12 +436,12 @@ struct PairBlocks {
 
 struct FklScratch {
   PairBlocks p;
-  std::vector<float> et, ds;
+  std::vector<float> es, et, ds;  // es: the student's exp terms when the gradient is streamed
 };
 
 }  // namespace
 
-double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, float* grad) {
+double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, float* grad, bool stream) {
   const int32_t V = in.vocab, nb = stat_blocks(V);
   const float* s = in.student + static_cast<size_t>(r) * V;
   const float* t = in.teacher + static_cast<size_t>(r) * V;
@@ -434,6 +451,9 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   FklScratch& w = tl;
   if (grad) w.et.resize(V);
   float* et = grad ? w.et.data() : nullptr;
+  stream = stream && grad;
+  if (stream) w.es.resize(V);
+  float* es = stream ? w.es.data() : grad;  // where pass 1 keeps the student's exp terms
   PairBlocks& pb = w.p;
   pb.resize(nb);
   w.ds.resize(nb);
@@ -445,7 +465,7 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
       if (!pb.maxima(b, s + j0, t + j0, n)) continue;
-      pb.ss[b] = block_exp_sum(s + j0, n, pb.ms[b], it, grad ? grad + j0 : nullptr);
+      pb.ss[b] = block_exp_sum(s + j0, n, pb.ms[b], it, es ? es + j0 : nullptr);
       fkl_teacher_block(t + j0, s + j0, n, pb.mt[b], pb.ms[b], it, et ? et + j0 : nullptr, &pb.st[b], &w.ds[b]);
     }
   });
@@ -469,9 +489,13 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
-      fkl_grad_block(grad + j0, et + j0, n, static_cast<float>(pb.cs[b] / zs), static_cast<float>(pb.ct[b] / zt),
-                     gscale);
+      const float qs = static_cast<float>(pb.cs[b] / zs), qt = static_cast<float>(pb.ct[b] / zt);
+      if (stream)
+        fkl_grad_block_stream(grad + j0, es + j0, et + j0, n, qs, qt, gscale);
+      else
+        fkl_grad_block(grad + j0, et + j0, n, qs, qt, gscale);
     }
+    if (stream) stream_fence();
   });
   return loss;
 }
@@ -584,6 +608,20 @@ OSD_CLONES void div_grad_block(float* grad, const float* es, const float* g, int
   for (int32_t j = 0; j < n; ++j) grad[j] = c * es[j] * (g[j] - eg);
 }
 
+// div_grad_block's values, grad written past the caches (as fkl_grad_block_stream; es apart from grad).
+template <class V>
+OSD_SIMD_INLINE void div_grad_block_stream_v(float* grad, const float* es, const float* g, int32_t n, float c,
+                                             float eg) {
+  const V vc = splat<V>(c), veg = splat<V>(eg);
+  stream_block<V>(
+      grad, n, [&](int32_t j) { return vc * vload<V>(es + j) * (vload<V>(g + j) - veg); },
+      [&](int32_t j) { return c * es[j] * (g[j] - eg); });
+}
+
+OSD_CLONES void div_grad_block_stream(float* grad, const float* es, const float* g, int32_t n, float c, float eg) {
+  OSD_SIMD_WIDTH(div_grad_block_stream_v, grad, es, g, n, c, eg);
+}
+
 struct DivScratch {
   PairBlocks p;
   std::vector<float> es, et;
@@ -592,16 +630,17 @@ struct DivScratch {
 
 }  // namespace
 
-double divergence_row_blocked(const DistillInput& in, int32_t r, float scale, float* grad) {
+double divergence_row_blocked(const DistillInput& in, int32_t r, float scale, float* grad, bool stream) {
   const int32_t V = in.vocab, nb = stat_blocks(V);
   const float* s = in.student + static_cast<size_t>(r) * V;
   const float* t = in.teacher + static_cast<size_t>(r) * V;
   const float it = 1.0f / in.temperature;
   thread_local DivScratch tl;
   DivScratch& w = tl;
-  if (!grad) w.es.resize(V);
+  stream = stream && grad;
+  if (!grad || stream) w.es.resize(V);
   w.et.resize(V);
-  float* es = grad ? grad : w.es.data();
+  float* es = grad && !stream ? grad : w.es.data();
   float* et = w.et.data();
   PairBlocks& pb = w.p;
   pb.resize(nb);
@@ -644,9 +683,13 @@ double divergence_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   default_pool().parallel_for(nb, grain, [&](size_t lo, size_t hi) {
     for (size_t b = lo; b < hi; ++b) {
       const int32_t j0 = static_cast<int32_t>(b) * kStatBlock, n = std::min(kStatBlock, V - j0);
-      div_grad_block(grad + j0, es + j0, et + j0, n, gscale * static_cast<float>(pb.cs[b] / zs),
-                     static_cast<float>(eg));
+      const float c = gscale * static_cast<float>(pb.cs[b] / zs);
+      if (stream)
+        div_grad_block_stream(grad + j0, es + j0, et + j0, n, c, static_cast<float>(eg));
+      else
+        div_grad_block(grad + j0, es + j0, et + j0, n, c, static_cast<float>(eg));
     }
+    if (stream) stream_fence();
   });
   return loss;
 }
@@ -723,10 +766,10 @@ double sparse_row_fast(const DistillInput& in, int32_t r, float scale, float* gr
   return bins.loss;
 }
 
-double distill_row_fast(const DistillInput& in, int32_t r, float scale, float* grad) {
+double distill_row_fast(const DistillInput& in, int32_t r, float scale, float* grad, bool stream) {
   if (!in.teacher) return sparse_row_fast(in, r, scale, grad);
-  return in.kind == DistillKind::ForwardKL ? forward_kl_row_blocked(in, r, scale, grad)
-                                           : divergence_row_blocked(in, r, scale, grad);
+  return in.kind == DistillKind::ForwardKL ? forward_kl_row_blocked(in, r, scale, grad, stream)
+                                           : divergence_row_blocked(in, r, scale, grad, stream);
 }
 
 }  // namespace osd

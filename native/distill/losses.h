@@ -58,7 +58,9 @@ double distill_row(const DistillInput& in, int32_t row, float scale, float* grad
 //   loss = sum_b double(ct_b) (D_b + St_b k_b) / zt + log zs - log zt,
 //     k_b = ((bt_b - mt) - (bs_b - ms)) it in double;
 //   grad_j = gscale (es_j float(cs_b / zs) - et_j float(ct_b / zt)), gscale = scale / T.
-double forward_kl_row_blocked(const DistillInput& in, int32_t row, float scale, float* grad);
+// With `stream`, es_j go to scratch too and pass 2 writes grad with non-temporal stores (the same
+// values): for gradients larger than the caches, which are then not read for ownership.
+double forward_kl_row_blocked(const DistillInput& in, int32_t row, float scale, float* grad, bool stream = false);
 
 
 // The fast path of distill_row for reverse KL, JSD and TVD against a dense teacher, in the same
@@ -69,7 +71,8 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t row, float scale, 
 // argument stays in [min(beta, 1 - beta), 1]), summed per block and in block order in double;
 // pass 3 writes gscale float(cs_b / zs) es_j (g_j - E_q[g]). Three exps per entry for JSD, two for
 // the others (against two double exps, and for JSD two more and a log, in distill_row).
-double divergence_row_blocked(const DistillInput& in, int32_t row, float scale, float* grad);
+// `stream` as forward_kl_row_blocked's (pass 3 writes grad past the caches).
+double divergence_row_blocked(const DistillInput& in, int32_t row, float scale, float* grad, bool stream = false);
 
 // The fast path of distill_row for a sparse teacher: the student's exp terms once (kept in grad),
 // its rest mass summed directly with the top-k terms set aside, the k + 1 bins as distill_row
@@ -80,6 +83,7 @@ double sparse_row_fast(const DistillInput& in, int32_t row, float scale, float* 
 
 // The CPU backend's row: forward_kl_row_blocked, divergence_row_blocked or sparse_row_fast.
 // Blocks run over the thread pool when called outside it (dense teachers).
-double distill_row_fast(const DistillInput& in, int32_t row, float scale, float* grad);
+// `stream`: the gradient is larger than the caches (forward_kl_row_blocked, divergence_row_blocked).
+double distill_row_fast(const DistillInput& in, int32_t row, float scale, float* grad, bool stream = false);
 
 }  // namespace osd

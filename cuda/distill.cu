@@ -677,6 +677,195 @@ __global__ void __launch_bounds__(kFklClusterThreads) fkl_cluster_kernel(Distill
 #endif
 }
 
+// ---- Reverse KL, JSD and TVD in one pass (sm_90): one thread-block cluster per row --------------
+// div_sums_kernel and div_grad_kernel's math, laid out as fkl_cluster_kernel: warp w of CTA `rank`
+// owns block b = rank * W + w, whose s and t the bulk-copy engine brings into shared memory once.
+// Pass 1: block maxima and exp sums (fkl_cluster_kernel's lane order); cluster barrier; every CTA
+// combines the row's blocks as combine_row_blocks. Pass 2: each warp forms its block's g_j, loss
+// terms and q_j g_j (div_entry), keeping es_j and g_j in place of s_j and t_j, and sums the terms in
+// 32 lanes folded as the CPU's div_groups (lane k takes entries 32 i + k); cluster barrier; every
+// CTA adds the blocks' sums in block order (the loss, E_q[g]). Pass 3 writes the gradient from the
+// kept es_j and g_j, as div_grad_kernel (whose recomputed es_j and g_j have these bits). 12 bytes
+// move per entry against the three kernels' 28. Opt-in (cluster_divergence()) until a GPU run has
+// checked it: test_cuda runs distill_blocked_divergence_matches_cpu both ways.
+struct DivSmemLayout {
+  float* sb;     // this warp's block: s_j, then es_j
+  float* tb;     //                    t_j, then g_j
+  FklStat* stat;  // W: pass 1 of each warp's block (ds unused)
+  float2* bsum;   // W: pass 2's lane-folded loss and q g sums
+  uint64_t* bar;  // W
+  double* term;   // 2 nb: zs, zt terms of every block of the row
+  float* cs;      // nb, then ct (nb), then the blocks' loss sums (nb) and q g sums (nb)
+};
+
+size_t div_cluster_smem(int W, int nb) {
+  return static_cast<size_t>(W) * (2 * kStatBlock * sizeof(float) + sizeof(FklStat) + sizeof(float2) + sizeof(uint64_t)) +
+         static_cast<size_t>(nb) * (2 * sizeof(double) + 4 * sizeof(float));
+}
+
+// Grid: rows x C CTAs of W = blockDim.x / 32 warps, clusters of C CTAs (one per row), C * W >= nb;
+// dynamic shared memory div_cluster_smem(W, nb). Rows start 16-byte aligned (V % 4 == 0).
+template <int kKind>
+__global__ void __launch_bounds__(kFklClusterThreads) div_cluster_kernel(DistillDevice in, float it, int nb) {
+#if OSD_FKL_CLUSTER && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char div_smem[];
+  __shared__ float red_f[2 * 32];
+  __shared__ unsigned red_i[32];
+  __shared__ double zz[2];
+  __shared__ float eg_s;
+  const int tid = threadIdx.x, lane = lane_id(), w = warp_id(), W = blockDim.x / 32;
+  const int C = static_cast<int>(__clusterSizeInBlocks()), rank = static_cast<int>(__clusterRelativeBlockRank());
+  const int r = blockIdx.x / C, V = in.vocab, b = rank * W + w;
+  const int j0 = b * kStatBlock, n = b < nb ? min(kStatBlock, V - j0) : 0;  // n = 0: a warp without a block
+  float* grad = in.grad && n ? in.grad + static_cast<size_t>(r) * V + j0 : nullptr;
+  if (in.mask && !in.mask[r]) {  // the whole cluster returns here, before any barrier
+    for (int i = lane; grad && i < n / 4; i += 32)
+      reinterpret_cast<float4*>(grad)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (rank == 0 && tid == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
+    return;
+  }
+  DivSmemLayout L;
+  L.sb = reinterpret_cast<float*>(div_smem) + w * 2 * kStatBlock;
+  L.tb = L.sb + kStatBlock;
+  L.stat = reinterpret_cast<FklStat*>(div_smem + static_cast<size_t>(W) * 2 * kStatBlock * sizeof(float));
+  L.bsum = reinterpret_cast<float2*>(L.stat + W);
+  L.bar = reinterpret_cast<uint64_t*>(L.bsum + W);
+  L.term = reinterpret_cast<double*>(L.bar + W);
+  L.cs = reinterpret_cast<float*>(L.term + 2 * nb);
+  float *cs = L.cs, *ct = cs + nb, *bl = ct + nb, *be = bl + nb;
+  float* sb = L.sb;
+  float* tb = L.tb;
+
+  // Pass 1 over this warp's block, from shared memory: maxima, finiteness, exp sums.
+  if (n) {
+    if (lane == 0) {
+      mbar_arm(L.bar + w, 8u * n);
+      bulk_load(sb, in.student + static_cast<size_t>(r) * V + j0, 4u * n, L.bar + w);
+      bulk_load(tb, in.teacher + static_cast<size_t>(r) * V + j0, 4u * n, L.bar + w);
+    }
+    __syncwarp();  // the mbarrier is initialised before any lane polls it
+    mbar_wait0(L.bar + w);
+    float bs = -FLT_MAX, bt = -FLT_MAX, fs = 0.0f, ft = 0.0f;
+    const float4* s4 = reinterpret_cast<const float4*>(sb);
+    const float4* t4 = reinterpret_cast<const float4*>(tb);
+    for (int i = lane; i < n / 4; i += 32) {
+      const float4 x = s4[i], y = t4[i];
+      bs = fmaxf(fmaxf(bs, x.x), fmaxf(x.y, fmaxf(x.z, x.w)));
+      bt = fmaxf(fmaxf(bt, y.x), fmaxf(y.y, fmaxf(y.z, y.w)));
+      fs = __fmaf_rn(x.x, 0.0f, __fmaf_rn(x.y, 0.0f, __fmaf_rn(x.z, 0.0f, __fmaf_rn(x.w, 0.0f, fs))));
+      ft = __fmaf_rn(y.x, 0.0f, __fmaf_rn(y.y, 0.0f, __fmaf_rn(y.z, 0.0f, __fmaf_rn(y.w, 0.0f, ft))));
+    }
+    bs = warp_max(bs);
+    bt = warp_max(bt);
+    const int bad = (__any_sync(0xffffffffu, fs != fs) ? 1 : 0) | (__any_sync(0xffffffffu, ft != ft) ? 2 : 0);
+    float as = 0.0f, at = 0.0f;
+#pragma unroll 4
+    for (int j = lane; j < n; j += 32) {
+      as = __fadd_rn(as, exp_fast(__fmul_rn(__fsub_rn(sb[j], bs), it)));
+      at = __fadd_rn(at, exp_fast(__fmul_rn(__fsub_rn(tb[j], bt), it)));
+    }
+    as = warp_fold_sum(as);
+    at = warp_fold_sum(at);
+    if (lane == 0) L.stat[w] = FklStat{bs, bt, as, at, 0.0f, bad, {0.0f, 0.0f}};
+  }
+  __cluster_barrier_arrive();  // B1, release: stat[] is written
+  __cluster_barrier_wait();
+  FklStat g{-FLT_MAX, -FLT_MAX, 0.0f, 0.0f, 0.0f, 0, {0.0f, 0.0f}};
+  if (tid < nb) g = *static_cast<const FklStat*>(__cluster_map_shared_rank(L.stat + tid % W, tid / W));
+
+  // Both maxima and the bad flags (order-free), then c_b and the normalisers in block order.
+  float ms = warp_max(g.bs), mt = warp_max(g.bt);
+  unsigned bad = __reduce_or_sync(0xffffffffu, static_cast<unsigned>(g.bad));
+  if (lane == 0) red_f[w] = ms, red_f[32 + w] = mt, red_i[w] = bad;
+  __syncthreads();
+  for (int k = 0; k < W; ++k) {
+    ms = red_f[k] > ms ? red_f[k] : ms;
+    mt = red_f[32 + k] > mt ? red_f[32 + k] : mt;
+    bad |= red_i[k];
+  }
+  const int row_bad = (bad & 1) ? 1 : (bad & 2) ? 2 : 0;  // the same in every CTA of the cluster
+  DivRow row{};
+  float fq = 0.0f;
+  if (!row_bad) {
+    if (tid < nb) {
+      const float c_s = exp_fast(__fmul_rn(__fsub_rn(g.bs, ms), it));
+      const float c_t = exp_fast(__fmul_rn(__fsub_rn(g.bt, mt), it));
+      cs[tid] = c_s;
+      ct[tid] = c_t;
+      L.term[tid] = static_cast<double>(__fmul_rn(g.ss, c_s));
+      L.term[nb + tid] = static_cast<double>(__fmul_rn(g.st, c_t));
+    }
+    __syncthreads();
+    if (tid == 0) {
+      double zs = 0.0, zt = 0.0;
+      for (int k = 0; k < nb; ++k) zs = __dadd_rn(zs, L.term[k]), zt = __dadd_rn(zt, L.term[nb + k]);
+      zz[0] = zs;
+      zz[1] = zt;
+    }
+    __syncthreads();
+    const double log_zs = log(zz[0]), log_zt = log(zz[1]);
+    row = DivRow{ms,
+                 mt,
+                 it,
+                 static_cast<float>(log_zs),
+                 static_cast<float>(log_zt),
+                 static_cast<float>(log_zs - log_zt),
+                 static_cast<float>(log(1e-12)),
+                 in.beta};
+    // Pass 2 over this warp's block: es_j and g_j replace s_j and t_j.
+    if (n) {
+      fq = __double2float_rn(__ddiv_rn(static_cast<double>(cs[b]), zz[0]));
+      const float fp = __double2float_rn(__ddiv_rn(static_cast<double>(ct[b]), zz[1]));
+      const float bs = L.stat[w].bs, bt = L.stat[w].bt;
+      float la = 0.0f, ea = 0.0f;
+      for (int j = lane; j < n; j += 32) {
+        float gj, l, es, q;
+        div_entry<kKind>(sb[j], tb[j], bs, bt, row, fq, fp, gj, l, es, q);
+        la = __fadd_rn(la, l);
+        ea = __fadd_rn(ea, __fmul_rn(q, gj));
+        sb[j] = es;
+        tb[j] = gj;
+      }
+      la = warp_fold_sum(la);
+      ea = warp_fold_sum(ea);
+      if (lane == 0) L.bsum[w] = make_float2(la, ea);
+    }
+  }
+  __cluster_barrier_arrive();  // B2: bsum[] is written, and every CTA's reads of stat[] are done
+  __cluster_barrier_wait();
+  if (!row_bad && tid < nb) {
+    const float2 v = *static_cast<const float2*>(__cluster_map_shared_rank(L.bsum + tid % W, tid / W));
+    bl[tid] = v.x;
+    be[tid] = v.y;
+  }
+  __cluster_barrier_arrive();  // B3: our reads of the other CTAs are done; they wait for it before they exit
+  if (row_bad) {
+    if (rank == 0 && tid == 0) in.row_bad[r] = row_bad, in.row_loss[r] = 0.0;
+  } else {
+    __syncthreads();
+    if (tid == 0) {  // the blocks' sums in block order, as divergence_row_blocked
+      double loss = 0.0, eg = 0.0;
+      for (int k = 0; k < nb; ++k) loss += static_cast<double>(bl[k]), eg += static_cast<double>(be[k]);
+      if (rank == 0) in.row_loss[r] = loss, in.row_bad[r] = 0;
+      eg_s = static_cast<float>(eg);
+    }
+    __syncthreads();
+    if (grad) {  // grad_j = (c es_j) (g_j - E_q[g]), c = gscale fq_b, order-free: float4
+      const float c = __fmul_rn(__fmul_rn(in.scale, it), fq), eg = eg_s;
+      const float4* s4 = reinterpret_cast<const float4*>(sb);
+      const float4* t4 = reinterpret_cast<const float4*>(tb);
+      float4* g4 = reinterpret_cast<float4*>(grad);
+      auto one = [&](float es, float gj) { return __fmul_rn(__fmul_rn(c, es), __fsub_rn(gj, eg)); };
+      for (int i = lane; i < n / 4; i += 32) {
+        const float4 x = s4[i], y = t4[i];
+        g4[i] = make_float4(one(x.x, y.x), one(x.y, y.y), one(x.z, y.z), one(x.w, y.w));
+      }
+    }
+  }
+  __cluster_barrier_wait();  // no CTA leaves while another may still read its shared memory
+#endif
+}
+
 __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
   extern __shared__ uint32_t bitmap[];  // sparse teacher: top-k membership of the row
   __shared__ PrepSmem sm;
@@ -808,22 +997,25 @@ __global__ void __launch_bounds__(kBlock) distill_kernel(DistillParams P) {
   }
 }
 
-// Launches fkl_cluster_kernel where it applies: a build with sm_90 code on the device, 16-byte
-// aligned rows, and a row that fits one schedulable cluster. Returns false (nothing launched) otherwise.
-bool fkl_cluster_launch(const DistillDevice& in, float it, Workspace& ws, cudaStream_t stream) {
+std::atomic<long long> g_cluster_launches{0};
+
+// Launches a one-cluster-per-row kernel (fkl_cluster_kernel, div_cluster_kernel; dynamic shared
+// memory smem_of(W, nb)) where it applies: a build with sm_90 code on the device, 16-byte aligned
+// rows, and a row that fits one schedulable cluster. Returns false (nothing launched) otherwise.
+bool row_cluster_launch(void (*kernel)(DistillDevice, float, int), size_t (*smem_of)(int, int),
+                        const DistillDevice& in, float it, Workspace& ws, cudaStream_t stream) {
   const int V = in.vocab, nb = stat_blocks(V);
   const uintptr_t addr = reinterpret_cast<uintptr_t>(in.student) | reinterpret_cast<uintptr_t>(in.teacher) |
                          reinterpret_cast<uintptr_t>(in.grad);
   if (!OSD_FKL_CLUSTER) return false;
   if (V % 4 != 0 || (addr & 15u) != 0) return false;  // bulk copies move 16-byte aligned multiples of 16 bytes
-  void (*kernel)(DistillDevice, float, int) = it == 1.0f ? fkl_cluster_kernel<true> : fkl_cluster_kernel<false>;
   cudaFuncAttributes fa{};
   OSD_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
   if (fa.ptxVersion < 90) return false;  // compiled for an older target: the kernel is empty
   // Four warps (blocks) per CTA lets three CTAs share an SM; more where 16 CTAs of four are too few.
   const int W = std::max(std::min(4, nb), (nb + kFklMaxCluster - 1) / kFklMaxCluster);
   const int C = (nb + W - 1) / W;
-  const size_t smem = fkl_cluster_smem(W, nb);
+  const size_t smem = smem_of(W, nb);
   int dev = 0, max_optin = 0;
   OSD_CUDA_CHECK(cudaGetDevice(&dev));
   OSD_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -859,7 +1051,27 @@ bool fkl_cluster_launch(const DistillDevice& in, float it, Workspace& ws, cudaSt
   OSD_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, in, it, nb));
   OSD_CUDA_CHECK_LAUNCH();
   record_stop(ws, stream);
+  g_cluster_launches.fetch_add(1, std::memory_order_relaxed);
   return true;
+}
+
+bool fkl_cluster_launch(const DistillDevice& in, float it, Workspace& ws, cudaStream_t stream) {
+  return row_cluster_launch(it == 1.0f ? fkl_cluster_kernel<true> : fkl_cluster_kernel<false>, fkl_cluster_smem, in,
+                            it, ws, stream);
+}
+
+bool div_cluster_launch(const DistillDevice& in, float it, Workspace& ws, cudaStream_t stream) {
+  switch (in.kind) {
+    case DistillKind::ReverseKL:
+      return row_cluster_launch(div_cluster_kernel<static_cast<int>(DistillKind::ReverseKL)>, div_cluster_smem, in, it,
+                                ws, stream);
+    case DistillKind::TVD:
+      return row_cluster_launch(div_cluster_kernel<static_cast<int>(DistillKind::TVD)>, div_cluster_smem, in, it, ws,
+                                stream);
+    default:
+      return row_cluster_launch(div_cluster_kernel<static_cast<int>(DistillKind::JSD)>, div_cluster_smem, in, it, ws,
+                                stream);
+  }
 }
 
 }  // namespace
@@ -880,6 +1092,25 @@ bool blocked_divergence() {
 }
 
 void set_blocked_divergence(bool on) { g_blocked_divergence.store(on ? 1 : 0); }
+
+namespace {
+std::atomic<int> g_cluster_divergence{-1};  // -1: not read from the environment yet
+}  // namespace
+
+bool cluster_divergence() {
+  int v = g_cluster_divergence.load();
+  if (v < 0) {
+    const char* env = std::getenv("OSD_CUDA_CLUSTER_DIVERGENCE");
+    v = env && std::string(env) == "1" ? 1 : 0;
+    int expected = -1;
+    if (!g_cluster_divergence.compare_exchange_strong(expected, v)) v = expected;
+  }
+  return v == 1;
+}
+
+void set_cluster_divergence(bool on) { g_cluster_divergence.store(on ? 1 : 0); }
+
+long long cluster_launches() { return g_cluster_launches.load(std::memory_order_relaxed); }
 
 void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream) {
   if (in.rows <= 0) return;
@@ -914,6 +1145,7 @@ void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream)
     return;
   }
   if (in.teacher && blocked_divergence()) {
+    if (cluster_divergence() && div_cluster_launch(in, p.inv_t, ws, stream)) return;
     div_launch(in, p.inv_t, ws, stream);
     return;
   }

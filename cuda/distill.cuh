@@ -43,5 +43,16 @@ void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream)
 bool blocked_divergence();
 void set_blocked_divergence(bool on);
 
+// With the blocked scheme on: reverse KL, JSD and TVD in one pass over the data on sm_90 (one
+// thread-block cluster per row, the row kept in shared memory; 12 bytes move per entry against the
+// three kernels' 28), where the row fits a cluster. Off unless OSD_CUDA_CLUSTER_DIVERGENCE=1: it
+// has not yet run on a GPU (test_cuda checks it against the CPU both ways; bench_cuda times it).
+bool cluster_divergence();
+void set_cluster_divergence(bool on);
+
+// How many one-cluster-per-row distillation kernels have been launched (forward KL and the
+// divergences): tests tell from it which path ran.
+long long cluster_launches();
+
 }  // namespace cuda
 }  // namespace osd

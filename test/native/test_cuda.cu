@@ -82,6 +82,20 @@ int device_sm_count() {
   return n;
 }
 
+// Sets the one-pass (cluster) reverse KL / JSD / TVD for one test and restores it after.
+struct ClusterDivergence {
+  bool was = cuda::cluster_divergence();
+  explicit ClusterDivergence(bool on) { cuda::set_cluster_divergence(on); }
+  ~ClusterDivergence() { cuda::set_cluster_divergence(was); }
+};
+
+int device_cc_major() {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major;
+}
+
 // Sets the tree launch path for one test and restores the default after.
 struct TreeLaunchMode {
   explicit TreeLaunchMode(cuda::TreeLaunch m) { cuda::set_tree_launch(m); }
@@ -1571,95 +1585,104 @@ OSD_TEST(distill_forward_kl_large_vocab_matches_cpu) {
 // operation per entry; sums over a block run in another order and JSD's log differs (logf against
 // the CPU's polynomial). Tolerances, as test_kernels' fast-path check: loss 1e-5 * max(1, |loss|);
 // gradient 1e-6 max|g| + 1e-5 |g_j| + 1e-5 of its terms' size, gscale q_j (1 + |log q_j|, + 27.7
-// for reverse KL). Also the loss alone, masks, logits of +-1e4 and bad rows.
+// for reverse KL). Also the loss alone, masks, logits of +-1e4 and bad rows. Both ways: the three
+// kernels, and the one-pass cluster kernel (set_cluster_divergence; it runs on sm_90 for rows with
+// V % 4 == 0, which most cases here have).
 OSD_TEST(distill_blocked_divergence_matches_cpu) {
-  CudaBackend& g = gpu();
-  BlockedDivergence blocked(true);
-  Rng rng(31);
-  int cases = 0, bad = 0;
-  double worst_loss = 0.0, worst_grad = 0.0;
-  auto compare = [&](const DistillInput& in, const char* what) {
-    const int V = in.vocab, rows = in.rows;
-    const size_t n = static_cast<size_t>(rows) * V;
-    std::vector<float> gc(n), gg(n, 123.0f);
-    const double lc = cpu().distill_loss(in, gc.data()), lg = g.distill_loss(in, gg.data());
-    const double l0 = g.distill_loss(in, nullptr);
-    float gmax = 0.0f;
-    for (float x : gc) gmax = std::max(gmax, std::fabs(x));
-    int counted = 0;
-    for (int r = 0; r < rows; ++r) counted += !in.mask || in.mask[r];
-    const double gs = counted ? 1.0 / counted / in.temperature : 0.0;
-    double gerr = 0.0;
-    for (int r = 0; r < rows; ++r) {
-      const float* s = in.student + static_cast<size_t>(r) * V;
-      double mx = s[0], z = 0.0;
-      for (int j = 0; j < V; ++j) mx = std::max(mx, static_cast<double>(s[j]));
-      for (int j = 0; j < V; ++j) z += std::exp((s[j] - mx) / in.temperature);
-      for (int j = 0; j < V; ++j) {
-        const size_t i = static_cast<size_t>(r) * V + j;
-        const double lq = (s[j] - mx) / in.temperature - std::log(z);
-        const double term = gs * std::exp(lq) * (1.0 - lq + (in.kind == DistillKind::ReverseKL ? 27.7 : 0.0));
-        const double tol = 1e-6 * gmax + 1e-5 * std::fabs(gc[i]) + 1e-5 * term;
-        gerr = std::max(gerr, std::fabs(static_cast<double>(gg[i]) - gc[i]) / (tol > 0.0 ? tol : 1e-30));
-      }
-    }
-    const double lerr = std::fabs(lg - lc) / (1e-5 * std::max(1.0, std::fabs(lc)));
-    const bool alone_ok = l0 == lg;  // the same kernels make the loss with or without a gradient
-    worst_loss = std::max(worst_loss, lerr);
-    worst_grad = std::max(worst_grad, gerr);
-    const bool fail = !(lerr <= 1.0) || !(gerr <= 1.0) || !alone_ok;
-    if (fail && bad < 5)
-      std::fprintf(stderr, "  blocked %s kind %d V %d T %g: loss %.9g vs %.9g (alone %.9g), grad err %.3g of tol\n", what,
-                   static_cast<int>(in.kind), V, in.temperature, lc, lg, l0, gerr);
-    bad += fail;
-    ++cases;
-  };
-  for (DistillKind kind : {DistillKind::ReverseKL, DistillKind::JSD, DistillKind::TVD})
-    for (int V : {11, 1000, 2048, 2049, 5000, 32000, 128256})
-      for (int shape = 0; shape < 3; ++shape) {
-        // shape 0: unrelated rows; 1: larger logits, beta 0.1; 2: a student close to its teacher.
-        const int rows = V >= 32000 ? 2 : 4;
-        std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size());
-        for (int r = 0; r < rows; ++r) {
-          fill_logits(rng, &t[static_cast<size_t>(r) * V], V, shape == 1 ? 4.0f : 2.0f, 0);
-          fill_logits(rng, &s[static_cast<size_t>(r) * V], V, shape == 1 ? 4.0f : 2.0f, 0);
-          if (shape == 2)
-            for (int j = 0; j < V; ++j) {
-              const size_t i = static_cast<size_t>(r) * V + j;
-              s[i] = t[i] + 0.01f * s[i] + 3.0f;
-            }
+  for (bool cluster : {false, true}) {
+    CudaBackend& g = gpu();
+    BlockedDivergence blocked(true);
+    ClusterDivergence one_pass(cluster);
+    const long long launches_before = cuda::cluster_launches();
+    Rng rng(31);
+    int cases = 0, bad = 0;
+    double worst_loss = 0.0, worst_grad = 0.0;
+    auto compare = [&](const DistillInput& in, const char* what) {
+      const int V = in.vocab, rows = in.rows;
+      const size_t n = static_cast<size_t>(rows) * V;
+      std::vector<float> gc(n), gg(n, 123.0f);
+      const double lc = cpu().distill_loss(in, gc.data()), lg = g.distill_loss(in, gg.data());
+      const double l0 = g.distill_loss(in, nullptr);
+      float gmax = 0.0f;
+      for (float x : gc) gmax = std::max(gmax, std::fabs(x));
+      int counted = 0;
+      for (int r = 0; r < rows; ++r) counted += !in.mask || in.mask[r];
+      const double gs = counted ? 1.0 / counted / in.temperature : 0.0;
+      double gerr = 0.0;
+      for (int r = 0; r < rows; ++r) {
+        const float* s = in.student + static_cast<size_t>(r) * V;
+        double mx = s[0], z = 0.0;
+        for (int j = 0; j < V; ++j) mx = std::max(mx, static_cast<double>(s[j]));
+        for (int j = 0; j < V; ++j) z += std::exp((s[j] - mx) / in.temperature);
+        for (int j = 0; j < V; ++j) {
+          const size_t i = static_cast<size_t>(r) * V + j;
+          const double lq = (s[j] - mx) / in.temperature - std::log(z);
+          const double term = gs * std::exp(lq) * (1.0 - lq + (in.kind == DistillKind::ReverseKL ? 27.7 : 0.0));
+          const double tol = 1e-6 * gmax + 1e-5 * std::fabs(gc[i]) + 1e-5 * term;
+          gerr = std::max(gerr, std::fabs(static_cast<double>(gg[i]) - gc[i]) / (tol > 0.0 ? tol : 1e-30));
         }
-        std::vector<uint8_t> mask(rows);
-        for (int r = 0; r < rows; ++r) mask[r] = r % 2 == 0;
+      }
+      const double lerr = std::fabs(lg - lc) / (1e-5 * std::max(1.0, std::fabs(lc)));
+      const bool alone_ok = l0 == lg;  // the same kernels make the loss with or without a gradient
+      worst_loss = std::max(worst_loss, lerr);
+      worst_grad = std::max(worst_grad, gerr);
+      const bool fail = !(lerr <= 1.0) || !(gerr <= 1.0) || !alone_ok;
+      if (fail && bad < 5)
+        std::fprintf(stderr, "  blocked%s %s kind %d V %d T %g: loss %.9g vs %.9g (alone %.9g), grad err %.3g of tol\n",
+                     cluster ? " (cluster)" : "", what, static_cast<int>(in.kind), V, in.temperature, lc, lg, l0, gerr);
+      bad += fail;
+      ++cases;
+    };
+    for (DistillKind kind : {DistillKind::ReverseKL, DistillKind::JSD, DistillKind::TVD})
+      for (int V : {11, 1000, 2048, 2049, 5000, 32000, 128256})
+        for (int shape = 0; shape < 3; ++shape) {
+          // shape 0: unrelated rows; 1: larger logits, beta 0.1; 2: a student close to its teacher.
+          const int rows = V >= 32000 ? 2 : 4;
+          std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size());
+          for (int r = 0; r < rows; ++r) {
+            fill_logits(rng, &t[static_cast<size_t>(r) * V], V, shape == 1 ? 4.0f : 2.0f, 0);
+            fill_logits(rng, &s[static_cast<size_t>(r) * V], V, shape == 1 ? 4.0f : 2.0f, 0);
+            if (shape == 2)
+              for (int j = 0; j < V; ++j) {
+                const size_t i = static_cast<size_t>(r) * V + j;
+                s[i] = t[i] + 0.01f * s[i] + 3.0f;
+              }
+          }
+          std::vector<uint8_t> mask(rows);
+          for (int r = 0; r < rows; ++r) mask[r] = r % 2 == 0;
+          DistillInput in;
+          in.kind = kind;
+          in.student = s.data();
+          in.teacher = t.data();
+          in.rows = rows;
+          in.vocab = V;
+          in.beta = shape == 1 ? 0.1f : 0.5f;
+          in.temperature = shape == 0 ? 1.0f : shape == 1 ? 0.5f : 1.7f;
+          in.mask = shape == 1 ? mask.data() : nullptr;
+          compare(in, "random");
+        }
+    // Logits of +-1e4 (losses.cpp's extreme-logit case): finite, and as the CPU.
+    {
+      std::vector<float> s = {1e4f, -1e4f, 0.f, 5e3f, -5e3f, 1e4f - 1.f}, t = {-1e4f, 1e4f, 0.f, 1e4f - 2.f, 3.f, -1e4f};
+      for (DistillKind kind : {DistillKind::ReverseKL, DistillKind::JSD, DistillKind::TVD}) {
         DistillInput in;
         in.kind = kind;
         in.student = s.data();
         in.teacher = t.data();
-        in.rows = rows;
-        in.vocab = V;
-        in.beta = shape == 1 ? 0.1f : 0.5f;
-        in.temperature = shape == 0 ? 1.0f : shape == 1 ? 0.5f : 1.7f;
-        in.mask = shape == 1 ? mask.data() : nullptr;
-        compare(in, "random");
+        in.rows = 1;
+        in.vocab = 6;
+        compare(in, "+-1e4");
       }
-  // Logits of +-1e4 (losses.cpp's extreme-logit case): finite, and as the CPU.
-  {
-    std::vector<float> s = {1e4f, -1e4f, 0.f, 5e3f, -5e3f, 1e4f - 1.f}, t = {-1e4f, 1e4f, 0.f, 1e4f - 2.f, 3.f, -1e4f};
-    for (DistillKind kind : {DistillKind::ReverseKL, DistillKind::JSD, DistillKind::TVD}) {
-      DistillInput in;
-      in.kind = kind;
-      in.student = s.data();
-      in.teacher = t.data();
-      in.rows = 1;
-      in.vocab = 6;
-      compare(in, "+-1e4");
     }
+    const long long launched = cuda::cluster_launches() - launches_before;
+    std::printf("  blocked reverse KL / JSD / TVD%s: %d cases, %d differ; worst loss %.3f, grad %.3f of tolerance; %lld cluster launches\n",
+                cluster ? " (cluster kernel on)" : "", cases, bad, worst_loss, worst_grad, launched);
+    CHECK_EQ(bad, 0);
+    if (!cluster) CHECK_EQ(launched, 0LL);
+    if (cluster && device_cc_major() >= 9) CHECK(launched > 0);  // the cases with V % 4 == 0 took the cluster kernel
+    // Bad rows: the CPU's error, student rows before teacher rows (V = 5000: the cluster kernel when on).
+    check_bad_rows_like_cpu(g, rng, DistillKind::JSD, 5000);
   }
-  std::printf("  blocked reverse KL / JSD / TVD: %d cases, %d differ; worst loss %.3f, grad %.3f of tolerance\n", cases,
-              bad, worst_loss, worst_grad);
-  CHECK_EQ(bad, 0);
-  // Bad rows: the CPU's error, student rows before teacher rows.
-  check_bad_rows_like_cpu(g, rng, DistillKind::JSD, 5000);
 }
 
 OSD_TEST(adamw_matches_cpu) {

@@ -1112,6 +1112,16 @@ void set_cluster_divergence(bool on) { g_cluster_divergence.store(on ? 1 : 0); }
 
 long long cluster_launches() { return g_cluster_launches.load(std::memory_order_relaxed); }
 
+bool cluster_kernels_built() {
+  if (!OSD_FKL_CLUSTER) return false;
+  cudaFuncAttributes fa{};
+  if (cudaFuncGetAttributes(&fa, fkl_cluster_kernel<true>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return fa.ptxVersion >= 90;
+}
+
 void distill_launch(const DistillDevice& in, Workspace& ws, cudaStream_t stream) {
   if (in.rows <= 0) return;
   DistillParams p{};

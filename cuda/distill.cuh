@@ -53,6 +53,8 @@ void set_cluster_divergence(bool on);
 // How many one-cluster-per-row distillation kernels have been launched (forward KL and the
 // divergences): tests tell from it which path ran.
 long long cluster_launches();
+// Whether this build runs the cluster kernels on the current device (sm_90 code for it, CUDA 12+).
+bool cluster_kernels_built();
 
 }  // namespace cuda
 }  // namespace osd

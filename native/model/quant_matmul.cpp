@@ -82,16 +82,62 @@ inline float round_even(float v) { return (v + 0x1.8p23f) - 0x1.8p23f; }
 
 // ---- Quantised activations ----
 
+// The activations of 8-token chunks laid out for the AVX-512 kernel of Q4_1 / Q5_1 over two tokens
+// per 512-bit vector (tile32_pairs_avx512). Chunk c (tokens 8c .. 8c + 7, np = pairs in it) starts
+// at c * nb * 4 pairs of q and dx and c * nb * 8 floats of sx; within it:
+//   q:  [block][pair] 64 bytes: token 2p's 32 values, then token 2p + 1's
+//   dx: [block][pair] 16 floats: token 2p's d eight times, then 2p + 1's
+//   sx: [block] 8 floats: each token's s (the last token repeated)
+// An odd last token pairs with itself. Built once per matmul_many call (pair_acts) and read by
+// every row block.
+struct PairedActs {
+  std::vector<int8_t> q;
+  std::vector<float> dx, sx;
+};
+
 struct Acts {
   int64_t cols = 0, nb = 0, ng = 0;  // values, scale blocks (32 or 256 values), 16-value groups per row
   std::vector<int8_t> q;             // n x cols (+ padding)
   std::vector<float> d, s;           // n x nb
   std::vector<int16_t> bsum;         // n x ng (K-quants)
+  PairedActs paired;                 // for tile32_pairs_avx512, when pair_acts built it
   const int8_t* qrow(int64_t t) const { return q.data() + t * cols; }
   const float* drow(int64_t t) const { return d.data() + t * nb; }
   const float* srow(int64_t t) const { return s.data() + t * nb; }
   const int16_t* brow(int64_t t) const { return bsum.data() + t * ng; }
 };
+
+// Fills a.paired (PairedActs) for n tokens of 32-value-block activations.
+void pair_acts(Acts& a, int64_t n) {
+  const int64_t nb = a.nb, chunks = (n + 7) / 8;
+  PairedActs& pa = a.paired;
+  pa.q.resize(static_cast<size_t>(chunks * nb * 4 * 64));
+  pa.dx.resize(static_cast<size_t>(chunks * nb * 4 * 16));
+  pa.sx.resize(static_cast<size_t>(chunks * nb * 8));
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t t = 8 * c;
+    const int rn = static_cast<int>(std::min<int64_t>(8, n - t)), np = (rn + 1) / 2;
+    int8_t* const q0 = pa.q.data() + c * nb * 4 * 64;
+    float* const dx0 = pa.dx.data() + c * nb * 4 * 16;
+    float* const sx0 = pa.sx.data() + c * nb * 8;
+    for (int p = 0; p < np; ++p) {
+      const int64_t ta = t + 2 * p, tb = t + std::min(2 * p + 1, rn - 1);  // an odd last token pairs with itself
+      const int8_t *qa = a.qrow(ta), *qb = a.qrow(tb);
+      const float *da = a.drow(ta), *db = a.drow(tb);
+      for (int64_t b = 0; b < nb; ++b) {
+        std::memcpy(q0 + (b * np + p) * 64, qa + b * kQK, kQK);
+        std::memcpy(q0 + (b * np + p) * 64 + 32, qb + b * kQK, kQK);
+        float* dx = dx0 + (b * np + p) * 16;
+        std::fill(dx, dx + 8, da[b]);
+        std::fill(dx + 8, dx + 16, db[b]);
+      }
+    }
+    for (int j = 0; j < 8; ++j) {
+      const float* sx = a.srow(t + std::min(j, rn - 1));
+      for (int64_t b = 0; b < nb; ++b) sx0[b * 8 + j] = sx[b];
+    }
+  }
+}
 
 // llama.cpp's quantize_row_q8_1 (AVX2 path) with f32 scales: per 32 values d = amax / 127,
 // q = round-even(x * (127 / amax)), s = d * sum q. Non-finite input gives d = s = NaN.
@@ -820,24 +866,24 @@ OSD_AVX512 void range32_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0
 // both tokens' p[k]. Per lane the float operations are tile32_avx2's, in order (dw * dx, times
 // float(p[k]), added to the token's acc[k]; summ + m_w * s_x per token, here a lane per token);
 // the halves are summed by hsum8_avx2. The activations, the two tokens' dx and the tokens' s_x
-// are laid out per block once per 8 tokens and shared by the call's rows: the per-token scalar
-// work of tile32_avx512 (dw * dx and its broadcast, m_w * s_x) was most of its time on SmolLM2.
+// are laid out per block once per 8 tokens (PairedActs, built once per matmul_many call) and shared
+// by every row: the per-token scalar work of tile32_avx512 (dw * dx and its broadcast, m_w * s_x)
+// was most of its time on SmolLM2.
 // GCC 12's AVX-512 headers fill unused lanes from a self-initialised "undefined" vector, which its
 // own -Wmaybe-uninitialized then flags in every caller (fixed in GCC 13): silenced here only.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-struct PairedActs {
-  std::vector<int8_t> q;   // [block][pair] 64 bytes: token 2p's 32 values, then token 2p + 1's
-  std::vector<float> dx;   // [block][pair] 16 floats: token 2p's d eight times, then 2p + 1's
-  std::vector<float> sx;   // [block] 8 floats: each token's s (the last token repeated)
-};
-
 template <class T, int NP>
-OSD_AVX512 void tile32_pairs_avx512(const Args& k, int64_t r, int64_t t, int rn, const PairedActs& pa) {
+OSD_AVX512 void tile32_pairs_avx512(const Args& k, int64_t r, int64_t t, int rn) {
   using B = typename T::B;
   const int64_t nb = k.cols / kQK;
   const B* w = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r) * k.row_bytes);
+  const PairedActs& pa = k.a->paired;
+  const size_t chunk = static_cast<size_t>(t / 8);
+  const int8_t* const q0 = pa.q.data() + chunk * nb * 4 * 64;
+  const float* const dx0 = pa.dx.data() + chunk * nb * 4 * 16;
+  const float* const sx0 = pa.sx.data() + chunk * nb * 8;
   __m512 acc[NP];
   for (int p = 0; p < NP; ++p) acc[p] = _mm512_setzero_ps();
   __m256 summ = _mm256_setzero_ps();
@@ -847,14 +893,14 @@ OSD_AVX512 void tile32_pairs_avx512(const Args& k, int64_t r, int64_t t, int rn,
     const __m256i wq = T::unpack(w + b);
     const __m512i w2 = _mm512_inserti64x4(_mm512_zextsi256_si512(wq), wq, 1);
     const __m512 dw = _mm512_set1_ps(f16(w[b].d));
-    const int8_t* q = pa.q.data() + b * NP * 64;
-    const float* dx = pa.dx.data() + b * NP * 16;
+    const int8_t* q = q0 + b * NP * 64;
+    const float* dx = dx0 + b * NP * 16;
     for (int p = 0; p < NP; ++p) {
       const __m512i p32 = _mm512_dpbusd_epi32(zero, w2, _mm512_loadu_si512(q + 64 * p));
       const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + 16 * p));
       acc[p] = _mm512_add_ps(acc[p], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(p32)));
     }
-    summ = _mm256_add_ps(summ, _mm256_mul_ps(_mm256_set1_ps(f16(T::m(w + b))), _mm256_loadu_ps(pa.sx.data() + 8 * b)));
+    summ = _mm256_add_ps(summ, _mm256_mul_ps(_mm256_set1_ps(f16(T::m(w + b))), _mm256_loadu_ps(sx0 + 8 * b)));
   }
   alignas(32) float sm[8];
   _mm256_store_ps(sm, summ);
@@ -932,34 +978,13 @@ OSD_AVX512 void range32_pairs_avx512(const Args& k, int64_t r0, int64_t r1, int6
       for (; r + 8 <= r1; r += 8) rows8_q4_1_avx512(k, r, t0);
     return range32_avx512<T>(k, r, r1, t0, t1);
   }
-  const int64_t nb = k.cols / kQK;
-  thread_local PairedActs pa;
   for (int64_t t = t0; t < t1; t += 8) {
     const int rn = static_cast<int>(std::min<int64_t>(8, t1 - t)), np = (rn + 1) / 2;
-    pa.q.resize(static_cast<size_t>(nb) * np * 64);
-    pa.dx.resize(static_cast<size_t>(nb) * np * 16);
-    pa.sx.resize(static_cast<size_t>(nb) * 8);
-    for (int p = 0; p < np; ++p) {
-      const int64_t ta = t + 2 * p, tb = t + std::min(2 * p + 1, rn - 1);  // an odd last token pairs with itself
-      const int8_t *qa = k.a->qrow(ta), *qb = k.a->qrow(tb);
-      const float *da = k.a->drow(ta), *db = k.a->drow(tb);
-      for (int64_t b = 0; b < nb; ++b) {
-        std::memcpy(pa.q.data() + (b * np + p) * 64, qa + b * kQK, kQK);
-        std::memcpy(pa.q.data() + (b * np + p) * 64 + 32, qb + b * kQK, kQK);
-        float* dx = pa.dx.data() + (b * np + p) * 16;
-        std::fill(dx, dx + 8, da[b]);
-        std::fill(dx + 8, dx + 16, db[b]);
-      }
-    }
-    for (int j = 0; j < 8; ++j) {
-      const float* sx = k.a->srow(t + std::min(j, rn - 1));
-      for (int64_t b = 0; b < nb; ++b) pa.sx[b * 8 + j] = sx[b];
-    }
     for (int64_t r = r0; r < r1; ++r) switch (np) {
-        case 4: tile32_pairs_avx512<T, 4>(k, r, t, rn, pa); break;
-        case 3: tile32_pairs_avx512<T, 3>(k, r, t, rn, pa); break;
-        case 2: tile32_pairs_avx512<T, 2>(k, r, t, rn, pa); break;
-        default: tile32_pairs_avx512<T, 1>(k, r, t, rn, pa); break;
+        case 4: tile32_pairs_avx512<T, 4>(k, r, t, rn); break;
+        case 3: tile32_pairs_avx512<T, 3>(k, r, t, rn); break;
+        case 2: tile32_pairs_avx512<T, 2>(k, r, t, rn); break;
+        default: tile32_pairs_avx512<T, 1>(k, r, t, rn); break;
       }
   }
 }
@@ -1122,6 +1147,10 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
   thread_local Acts tl_acts;  // reused between calls; workers read the caller's through `acts`
   Acts* const acts = &tl_acts;
   quantize_acts(targets[0].type, x, n, cols, *acts, isa);
+  bool paired = false;  // the AVX-512 kernel of Q4_1 / Q5_1 reads the activations in pairs of tokens
+  for (int i = 0; i < count; ++i)
+    paired |= isa == Isa::Avx512 && n > 1 && (targets[i].type == TensorType::Q4_1 || targets[i].type == TensorType::Q5_1);
+  if (paired) pair_acts(*acts, n);
   const int64_t nblocks = first_block[count];
   default_pool().parallel_for(static_cast<size_t>(nblocks), grain_for(static_cast<double>(kRowBlock) * cols * n),
                               [&](size_t lo, size_t hi) {

@@ -321,10 +321,11 @@ OSD_TEST(avx512_kernels_equal_the_portable_reference_bit_for_bit) {
   int checked = 0;
   for (TensorType t : kInt8Types) {
     for (int64_t cols : {is_k(t) ? int64_t(256) : int64_t(32), is_k(t) ? int64_t(768) : int64_t(576)}) {
-      for (int64_t rows : {1, 5, 37, 64}) {  // 37, 64: decoding Q4_1 eight rows at a time, and the rows left
+      for (int64_t rows : {1, 5, 37, 64}) {  // 37, 64: Q4_1 eight rows at a time, and the rows left
         const auto w = random_weights(t, rows, cols, rng);
         const Matrix m = make_matrix(t, w, rows, cols);
-        for (int64_t n : {1, 2, 3, 8, 13, 70}) {
+        // 1-4 tokens and 68 (64 + 4): Q4_1's eight-row kernel; 8, 13, 70: the paired kernels.
+        for (int64_t n : {1, 2, 3, 4, 8, 13, 68, 70}) {
           const auto x = random_acts(n, cols, rng);
           const auto a = run_q(m, x, n, quant::Isa::Portable), b = run_q(m, x, n, quant::Isa::Avx512);
           size_t where = 0;
@@ -338,7 +339,7 @@ OSD_TEST(avx512_kernels_equal_the_portable_reference_bit_for_bit) {
       }
     }
   }
-  CHECK_EQ(checked, 9 * 2 * 4 * 6);
+  CHECK_EQ(checked, 9 * 2 * 4 * 8);
   // One activation quantisation shared by several matrices gives each product's bits.
   const int64_t cols = 576, n = 5;
   const auto x = random_acts(n, cols, rng);

@@ -92,7 +92,6 @@ inline float round_even(float v) { return (v + 0x1.8p23f) - 0x1.8p23f; }
 // every row block.
 struct PairedActs {
   std::vector<int8_t> q;
-  std::vector<uint8_t> u;  // q + 128 in q's layout: the unsigned operand for signed weights
   std::vector<float> dx, sx;
 };
 
@@ -108,12 +107,11 @@ struct Acts {
   const int16_t* brow(int64_t t) const { return bsum.data() + t * ng; }
 };
 
-// Fills a.paired (PairedActs) for n tokens of 32-value-block activations (u only when asked).
-void pair_acts(Acts& a, int64_t n, bool with_u) {
+// Fills a.paired (PairedActs) for n tokens of 32-value-block activations.
+void pair_acts(Acts& a, int64_t n) {
   const int64_t nb = a.nb, chunks = (n + 7) / 8;
   PairedActs& pa = a.paired;
   pa.q.resize(static_cast<size_t>(chunks * nb * 4 * 64));
-  if (with_u) pa.u.resize(pa.q.size());
   pa.dx.resize(static_cast<size_t>(chunks * nb * 4 * 16));
   pa.sx.resize(static_cast<size_t>(chunks * nb * 8));
   for (int64_t c = 0; c < chunks; ++c) {
@@ -139,8 +137,6 @@ void pair_acts(Acts& a, int64_t n, bool with_u) {
       for (int64_t b = 0; b < nb; ++b) sx0[b * 8 + j] = sx[b];
     }
   }
-  if (with_u)
-    for (size_t i = 0; i < pa.q.size(); ++i) pa.u[i] = static_cast<uint8_t>(pa.q[i] + 128);
 }
 
 // llama.cpp's quantize_row_q8_1 (AVX2 path) with f32 scales: per 32 values d = amax / 127,
@@ -1024,63 +1020,6 @@ OSD_AVX512 void range32_pairs_avx512(const Args& k, int64_t r0, int64_t r1, int6
   }
 }
 
-// Formats with signed weights (Q4_0, Q5_0, Q8_0): two tokens per 512-bit vector as above. vpdpbusd
-// multiplies unsigned by signed bytes, so the activations go in as u = x + 128 and each 4-value sum
-// loses 128 times the weights' sum again (c[k], one vpdpbusd per block, shared by the tokens):
-// sum (x + 128) w - 128 sum w = sum x w, exactly (no saturation: |sum| <= 4 * 255 * 128). The
-// integers are tile32_avx2's p[k], and per lane the float operations are its own, in order, so the
-// bits are unchanged; where tile32_avx512 needed a vpsignb and a vpdpbusd per token (256 bits),
-// this takes a vpdpbusd and a subtract per two tokens.
-template <class T, int NP>
-OSD_AVX512 void tile32_spairs_avx512(const Args& k, int64_t r, int64_t t, int rn) {
-  using B = typename T::B;
-  const int64_t nb = k.cols / kQK;
-  const B* w = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r) * k.row_bytes);
-  const PairedActs& pa = k.a->paired;
-  const size_t chunk = static_cast<size_t>(t / 8);
-  const uint8_t* const u0 = pa.u.data() + chunk * nb * 4 * 64;
-  const float* const dx0 = pa.dx.data() + chunk * nb * 4 * 16;
-  __m512 acc[NP];
-  for (int p = 0; p < NP; ++p) acc[p] = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512(), u128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t b = 0; b < nb; ++b) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + b) + kPrefetchBytes, _MM_HINT_T0);
-    const __m256i wq = T::unpack(w + b);
-    const __m512i w2 = _mm512_inserti64x4(_mm512_zextsi256_si512(wq), wq, 1);
-    const __m512i c = _mm512_dpbusd_epi32(zero, u128, w2);
-    const __m512 dw = _mm512_set1_ps(f16(w[b].d));
-    const uint8_t* u = u0 + b * NP * 64;
-    const float* dx = dx0 + b * NP * 16;
-    for (int p = 0; p < NP; ++p) {
-      const __m512i p32 = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, _mm512_loadu_si512(u + 64 * p), w2), c);
-      const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + 16 * p));
-      acc[p] = _mm512_add_ps(acc[p], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(p32)));
-    }
-  }
-  for (int p = 0; p < NP; ++p) {
-    const int j = 2 * p;
-    // + 0.0f: tile32_avx2 adds its summ, which stays +0 without a min (turning a -0 sum into +0).
-    k.y[(t + j) * k.rows + r] = hsum8_avx2(_mm512_castps512_ps256(acc[p])) + 0.0f;
-    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p]), 1));
-    if (j + 1 < rn) k.y[(t + j + 1) * k.rows + r] = hsum8_avx2(hi) + 0.0f;
-  }
-}
-
-template <class T>
-OSD_AVX512 void range32_spairs_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  static_assert(!T::kUnsigned && !T::kMin, "the signed paired kernel is for Q4_0, Q5_0 and Q8_0");
-  if (t1 - t0 == 1) return range32_avx512<T>(k, r0, r1, t0, t1);  // decoding: no pair of tokens to fill
-  for (int64_t t = t0; t < t1; t += 8) {
-    const int rn = static_cast<int>(std::min<int64_t>(8, t1 - t)), np = (rn + 1) / 2;
-    for (int64_t r = r0; r < r1; ++r) switch (np) {
-        case 4: tile32_spairs_avx512<T, 4>(k, r, t, rn); break;
-        case 3: tile32_spairs_avx512<T, 3>(k, r, t, rn); break;
-        case 2: tile32_spairs_avx512<T, 2>(k, r, t, rn); break;
-        default: tile32_spairs_avx512<T, 1>(k, r, t, rn); break;
-      }
-  }
-}
-
 #pragma GCC diagnostic pop
 
 template <class B, int RN>
@@ -1161,11 +1100,11 @@ RangeFn pick(TensorType t, Isa isa) {
 #ifdef OSD_HAVE_X86
   if (isa == Isa::Avx512) {
     switch (t) {
-      case TensorType::Q4_0: return range32_spairs_avx512<Q4_0V>;
+      case TensorType::Q4_0: return range32_avx512<Q4_0V>;
       case TensorType::Q4_1: return range32_pairs_avx512<Q4_1V>;
-      case TensorType::Q5_0: return range32_spairs_avx512<Q5_0V>;
+      case TensorType::Q5_0: return range32_avx512<Q5_0V>;
       case TensorType::Q5_1: return range32_pairs_avx512<Q5_1V>;
-      case TensorType::Q8_0: return range32_spairs_avx512<Q8_0V>;
+      case TensorType::Q8_0: return range32_avx512<Q8_0V>;
       case TensorType::Q3_K: return rangek_avx512<BlockQ3_K>;
       case TensorType::Q4_K: return rangek_avx512<BlockQ4_K>;
       case TensorType::Q5_K: return rangek_avx512<BlockQ5_K>;
@@ -1239,15 +1178,10 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
   thread_local Acts tl_acts;  // reused between calls; workers read the caller's through `acts`
   Acts* const acts = &tl_acts;
   quantize_acts(targets[0].type, x, n, cols, *acts, isa);
-  // The AVX-512 kernels of the 32-value formats read the activations in pairs of tokens; those of
-  // signed weights (Q4_0, Q5_0, Q8_0) as unsigned bytes.
-  bool paired = false, with_u = false;
+  bool paired = false;  // the AVX-512 kernel of Q4_1 / Q5_1 reads the activations in pairs of tokens
   for (int i = 0; i < count; ++i)
-    if (isa == Isa::Avx512 && n > 1 && !is_k_type(targets[i].type)) {
-      paired = true;
-      with_u |= targets[i].type != TensorType::Q4_1 && targets[i].type != TensorType::Q5_1;
-    }
-  if (paired) pair_acts(*acts, n, with_u);
+    paired |= isa == Isa::Avx512 && n > 1 && (targets[i].type == TensorType::Q4_1 || targets[i].type == TensorType::Q5_1);
+  if (paired) pair_acts(*acts, n);
   const int64_t nblocks = first_block[count];
   default_pool().parallel_for(static_cast<size_t>(nblocks), grain_for(static_cast<double>(kRowBlock) * cols * n),
                               [&](size_t lo, size_t hi) {

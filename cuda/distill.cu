@@ -1077,37 +1077,25 @@ bool div_cluster_launch(const DistillDevice& in, float it, Workspace& ws, cudaSt
 }  // namespace
 
 namespace {
-std::atomic<int> g_blocked_divergence{-1};  // -1: not read from the environment yet
+// A switch read from the environment once (unset: `dflt`; the other value's digit flips it), which
+// the setter overrides.
+bool env_switch(std::atomic<int>& v, const char* name, bool dflt) {
+  int x = v.load();
+  if (x < 0) {
+    const char* env = std::getenv(name);
+    x = env && std::string(env) == (dflt ? "0" : "1") ? !dflt : dflt;
+    int expected = -1;
+    if (!v.compare_exchange_strong(expected, x)) x = expected;
+  }
+  return x == 1;
+}
+std::atomic<int> g_blocked_divergence{-1}, g_cluster_divergence{-1};  // -1: not read from the environment yet
 }  // namespace
 
-bool blocked_divergence() {
-  int v = g_blocked_divergence.load();
-  if (v < 0) {
-    const char* env = std::getenv("OSD_CUDA_BLOCKED_DIVERGENCE");
-    v = env && std::string(env) == "0" ? 0 : 1;
-    int expected = -1;
-    if (!g_blocked_divergence.compare_exchange_strong(expected, v)) v = expected;
-  }
-  return v == 1;
-}
-
+bool blocked_divergence() { return env_switch(g_blocked_divergence, "OSD_CUDA_BLOCKED_DIVERGENCE", true); }
 void set_blocked_divergence(bool on) { g_blocked_divergence.store(on ? 1 : 0); }
 
-namespace {
-std::atomic<int> g_cluster_divergence{-1};  // -1: not read from the environment yet
-}  // namespace
-
-bool cluster_divergence() {
-  int v = g_cluster_divergence.load();
-  if (v < 0) {
-    const char* env = std::getenv("OSD_CUDA_CLUSTER_DIVERGENCE");
-    v = env && std::string(env) == "1" ? 1 : 0;
-    int expected = -1;
-    if (!g_cluster_divergence.compare_exchange_strong(expected, v)) v = expected;
-  }
-  return v == 1;
-}
-
+bool cluster_divergence() { return env_switch(g_cluster_divergence, "OSD_CUDA_CLUSTER_DIVERGENCE", false); }
 void set_cluster_divergence(bool on) { g_cluster_divergence.store(on ? 1 : 0); }
 
 long long cluster_launches() { return g_cluster_launches.load(std::memory_order_relaxed); }

@@ -41,6 +41,7 @@ OSD_HD float exp_approx(float x) {
 }  // namespace osd
 
 #if defined(__GNUC__) && !defined(__CUDACC__)
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string_view>

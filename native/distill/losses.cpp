@@ -457,7 +457,8 @@ double forward_kl_row_blocked(const DistillInput& in, int32_t r, float scale, fl
   PairBlocks& pb = w.p;
   pb.resize(nb);
   w.ds.resize(nb);
-  // Pass 1, one read of each block: maxima, exp terms (the student's into grad), their sums. One
+  // Pass 1, one read of each block: maxima, exp terms (the student's into grad, or into scratch
+  // when the gradient is streamed), their sums. One
   // run of consecutive blocks per thread: a block prefetches the next one while its exps run, so
   // only a run's first block waits on memory.
   const size_t grain = default_pool().grain_per_thread(nb);

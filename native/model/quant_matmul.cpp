@@ -918,8 +918,9 @@ OSD_AVX512 void tile32_pairs_avx512(const Args& k, int64_t r, int64_t t, int rn)
 // per row, a token's 32 activations sit in both halves of a vector whose halves hold two rows'
 // weights, and each row's dw is spread over its half once per block (then dw * dx is the same
 // product in every lane). The rows' weights and scales are unpacked once per block for all NT
-// tokens (the paired kernel unpacks one row per pair of tokens): one thread, a cached 1536 x 576
-// matrix, 2-4 tokens 1.15-1.4x faster than the paired kernel.
+// tokens, and their scales convert and m_w * s_x forms with a lane per row (the paired kernel
+// does that row by row, a fixed cost per row and block that two to four tokens do not amortise):
+// one thread, a cached 1536 x 576 matrix, 2-4 tokens 1.15-1.4x faster than the paired kernel.
 // Per lane the float operations are tile32_avx2's, in order, so the bits are unchanged. One token,
 // a 1536 x 576 matrix in cache, one thread: 39 -> 24-26 us; SmolLM2's decoding, whose weights stream
 // from memory: about 5%. Measured and not kept: a gather of the eight scales (1.6x slower than
@@ -1178,9 +1179,15 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
   thread_local Acts tl_acts;  // reused between calls; workers read the caller's through `acts`
   Acts* const acts = &tl_acts;
   quantize_acts(targets[0].type, x, n, cols, *acts, isa);
-  bool paired = false;  // the AVX-512 kernel of Q4_1 / Q5_1 reads the activations in pairs of tokens
-  for (int i = 0; i < count; ++i)
-    paired |= isa == Isa::Avx512 && n > 1 && (targets[i].type == TensorType::Q4_1 || targets[i].type == TensorType::Q5_1);
+  // The AVX-512 kernel of Q4_1 / Q5_1 over pairs of tokens reads the activations laid out in pairs:
+  // every Q5_1 call of two tokens or more, and Q4_1 where the eight-row kernel leaves rows (a count
+  // not a multiple of 8) or a chunk has more than four tokens.
+  bool paired = false;
+  for (int i = 0; i < count; ++i) {
+    const TensorType t = targets[i].type;
+    paired |= isa == Isa::Avx512 && n > 1 &&
+              (t == TensorType::Q5_1 || (t == TensorType::Q4_1 && (n > 4 || targets[i].rows % 8 != 0)));
+  }
   if (paired) pair_acts(*acts, n);
   const int64_t nblocks = first_block[count];
   default_pool().parallel_for(static_cast<size_t>(nblocks), grain_for(static_cast<double>(kRowBlock) * cols * n),

@@ -924,8 +924,8 @@ OSD_TEST(blocked_losses_do_not_depend_on_split) {
 }
 
 OSD_TEST(streamed_gradients_have_the_same_bits) {
-  // The gradient written past the caches (stream) equals the plain one bit for bit, at every
-  // alignment of the row and for rows whose blocks end inside a 64-byte line.
+  // The gradient written past the caches (stream) equals the plain one bit for bit, with the row
+  // starting at every float position of a 64-byte line, and for rows whose blocks end inside one.
   std::mt19937 rng(17);
   for (auto kind : {DistillKind::ForwardKL, DistillKind::ReverseKL, DistillKind::JSD, DistillKind::TVD}) {
     for (int32_t V : {1, 7, 33, 2049, 40000}) {
@@ -937,13 +937,16 @@ OSD_TEST(streamed_gradients_have_the_same_bits) {
       in.rows = 1;
       in.vocab = V;
       in.temperature = 0.7f;
-      std::vector<float> plain(V), buf(V + 32);
+      std::vector<float> plain(V), buf(V + 64);
       const double lp = distill_row_fast(in, 0, 0.5f, plain.data());
-      for (int off : {0, 1, 3, 16, 17}) {
+      // base: a float of buf on a 64-byte boundary with 16 floats before it; the row at base + off.
+      const size_t base = ((64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64) / sizeof(float) + 16;
+      for (size_t off = 0; off < 16; ++off) {
         std::fill(buf.begin(), buf.end(), -7.0f);
-        CHECK_EQ(distill_row_fast(in, 0, 0.5f, buf.data() + off, true), lp);
-        CHECK(std::memcmp(buf.data() + off, plain.data(), V * sizeof(float)) == 0);
-        CHECK(buf[off + V] == -7.0f && (off == 0 || buf[off - 1] == -7.0f));  // nothing written outside the row
+        float* g = buf.data() + base + off;
+        CHECK_EQ(distill_row_fast(in, 0, 0.5f, g, true), lp);
+        CHECK(std::memcmp(g, plain.data(), V * sizeof(float)) == 0);
+        CHECK(g[V] == -7.0f && g[-1] == -7.0f);  // nothing written outside the row
       }
     }
   }
@@ -973,6 +976,17 @@ OSD_TEST(streamed_gradients_have_the_same_bits) {
     }
     CHECK_EQ(loss, sum / (N - 2));
   }
+  // One row above the threshold: fewer rows than threads, so its blocks spread over the threads.
+  const int32_t V1 = (16 << 20) / 4 + 5;
+  auto s1 = random_logits(rng, V1, 3.f), t1 = random_logits(rng, V1, 3.f);
+  DistillInput one;
+  one.student = s1.data();
+  one.teacher = t1.data();
+  one.rows = 1;
+  one.vocab = V1;
+  std::vector<float> g(V1), g1(V1);
+  CHECK_EQ(cpu_backend().distill_loss(one, g.data()), distill_row_fast(one, 0, 1.0f, g1.data()));
+  CHECK(std::memcmp(g.data(), g1.data(), V1 * sizeof(float)) == 0);
 }
 
 template <class V> double vlog_worst() {

@@ -340,22 +340,27 @@ OSD_TEST(avx512_kernels_equal_the_portable_reference_bit_for_bit) {
     }
   }
   CHECK_EQ(checked, 9 * 2 * 4 * 8);
-  // One activation quantisation shared by several matrices gives each product's bits.
-  const int64_t cols = 576, n = 5;
-  const auto x = random_acts(n, cols, rng);
-  const TensorType types[] = {TensorType::Q4_1, TensorType::Q8_0, TensorType::Q5_0};
+  // One activation quantisation shared by several matrices gives each product's bits: Q4_1 first
+  // or after a signed format, at token counts for the eight-row and the paired Q4_1 kernels.
+  const int64_t cols = 576;
+  const TensorType orders[2][3] = {{TensorType::Q4_1, TensorType::Q8_0, TensorType::Q5_0},
+                                   {TensorType::Q4_0, TensorType::Q5_1, TensorType::Q4_1}};
   const int64_t rows[] = {40, 7, 33};
-  std::vector<std::vector<uint8_t>> ws;
-  std::vector<std::vector<float>> ys;
-  std::vector<quant::MatmulTarget> targets;
-  for (int i = 0; i < 3; ++i) ws.push_back(random_weights(types[i], rows[i], cols, rng)), ys.emplace_back(n * rows[i]);
-  for (int i = 0; i < 3; ++i)
-    targets.push_back({types[i], ws[i].data(), quant::bytes_for(types[i], cols), rows[i], ys[i].data()});
-  quant::matmul_many(targets.data(), 3, cols, x.data(), n, quant::Isa::Avx512);
-  for (int i = 0; i < 3; ++i) {
-    const auto ref = run_q(make_matrix(types[i], ws[i], rows[i], cols), x, n, quant::Isa::Portable);
-    CHECK(bits_equal(ref.data(), ys[i].data(), ref.size()));
-  }
+  for (const auto& types : orders)
+    for (int64_t n : {2, 3, 5}) {
+      const auto x = random_acts(n, cols, rng);
+      std::vector<std::vector<uint8_t>> ws;
+      std::vector<std::vector<float>> ys;
+      std::vector<quant::MatmulTarget> targets;
+      for (int i = 0; i < 3; ++i) ws.push_back(random_weights(types[i], rows[i], cols, rng)), ys.emplace_back(n * rows[i]);
+      for (int i = 0; i < 3; ++i)
+        targets.push_back({types[i], ws[i].data(), quant::bytes_for(types[i], cols), rows[i], ys[i].data()});
+      quant::matmul_many(targets.data(), 3, cols, x.data(), n, quant::Isa::Avx512);
+      for (int i = 0; i < 3; ++i) {
+        const auto ref = run_q(make_matrix(types[i], ws[i], rows[i], cols), x, n, quant::Isa::Portable);
+        CHECK(bits_equal(ref.data(), ys[i].data(), ref.size()));
+      }
+    }
   // Auto (matmul's default) runs the AVX-512 kernels unless OSD_NO_AVX512 / OSD_NO_AVX2 is set.
   if (!std::getenv("OSD_NO_AVX512") && !std::getenv("OSD_NO_AVX2")) CHECK(quant::best_isa() == quant::Isa::Avx512);
 }

@@ -45,8 +45,9 @@ void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
-// A gradient larger than this is written past the caches (forward_kl_row_blocked's stream): half a
-// 32 MiB L3 (one chiplet's on current server parts; sysconf's figure on a VM can be the host's).
+// A gradient larger than this is written past the caches (the `stream` of forward_kl_row_blocked and
+// divergence_row_blocked): half a 32 MiB L3 (one chiplet's on current server parts; sysconf's figure
+// on a VM can be the host's).
 constexpr size_t kStreamGradBytes = size_t(16) << 20;
 
 class CpuBackend final : public Backend {
@@ -148,8 +149,8 @@ class CpuBackend final : public Backend {
     std::vector<double> row_loss(in.rows, 0.0);
     // A dense teacher's rows are blocked (distill_row_fast), so a single row can spread over the threads.
     const bool blocked = in.teacher != nullptr;
-    // A gradient larger than half the last-level cache is written past the caches: it would not
-    // stay there for its reader anyway, and the stores then skip the read for ownership.
+    // A gradient larger than kStreamGradBytes is written past the caches: it would not stay there
+    // for its reader anyway, and the stores then skip the read for ownership.
     const bool stream = grad && static_cast<size_t>(in.rows) * in.vocab * sizeof(float) > kStreamGradBytes;
     auto row = [&](size_t r) {
       if (in.mask && !in.mask[r]) return;

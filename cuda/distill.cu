@@ -540,6 +540,66 @@ __device__ __forceinline__ void mbar_wait0(uint64_t* bar) {
         : "r"(smem_addr(bar))
         : "memory");
 }
+
+// The cluster kernels' pieces, shared by fkl_cluster_kernel and div_cluster_kernel.
+
+// A masked row: its warps zero their blocks' gradient (n entries from grad, or none), rank 0 its
+// loss; the whole cluster then returns, before any barrier. False for a counted row.
+__device__ __forceinline__ bool cluster_masked_row(const DistillDevice& in, int r, int rank, int n, float* grad) {
+  if (!in.mask || in.mask[r]) return false;
+  for (int i = lane_id(); grad && i < n / 4; i += 32)
+    reinterpret_cast<float4*>(grad)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (rank == 0 && threadIdx.x == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
+  return true;
+}
+
+// The warp's block (n > 0 entries from j0 of row r) brought into sb and tb by the bulk-copy engine,
+// then its maxima (order-free, float4) and finiteness: x * 0 is NaN exactly for NaN and
+// +-Infinity. Returns the bad flags: 1 student, 2 teacher.
+__device__ __forceinline__ int cluster_block_maxima(const DistillDevice& in, int r, int j0, int n, float* sb, float* tb,
+                                                    uint64_t* bar, float& bs, float& bt) {
+  const int lane = lane_id();
+  const size_t row = static_cast<size_t>(r) * in.vocab + j0;
+  if (lane == 0) {
+    mbar_arm(bar, 8u * n);
+    bulk_load(sb, in.student + row, 4u * n, bar);
+    bulk_load(tb, in.teacher + row, 4u * n, bar);
+  }
+  __syncwarp();  // the mbarrier is initialised before any lane polls it
+  mbar_wait0(bar);
+  float fs = 0.0f, ft = 0.0f;
+  bs = -FLT_MAX, bt = -FLT_MAX;
+  const float4* s4 = reinterpret_cast<const float4*>(sb);
+  const float4* t4 = reinterpret_cast<const float4*>(tb);
+  for (int i = lane; i < n / 4; i += 32) {
+    const float4 x = s4[i], y = t4[i];
+    bs = fmaxf(fmaxf(bs, x.x), fmaxf(x.y, fmaxf(x.z, x.w)));
+    bt = fmaxf(fmaxf(bt, y.x), fmaxf(y.y, fmaxf(y.z, y.w)));
+    fs = __fmaf_rn(x.x, 0.0f, __fmaf_rn(x.y, 0.0f, __fmaf_rn(x.z, 0.0f, __fmaf_rn(x.w, 0.0f, fs))));
+    ft = __fmaf_rn(y.x, 0.0f, __fmaf_rn(y.y, 0.0f, __fmaf_rn(y.z, 0.0f, __fmaf_rn(y.w, 0.0f, ft))));
+  }
+  bs = warp_max(bs);
+  bt = warp_max(bt);
+  return (__any_sync(0xffffffffu, fs != fs) ? 1 : 0) | (__any_sync(0xffffffffu, ft != ft) ? 2 : 0);
+}
+
+// The row's maxima and bad flag from every thread's block statistics g (one block per thread k <
+// nb, -FLT_MAX elsewhere), through red_f[64] / red_i[32]: the same in every CTA of the cluster.
+// Returns 0, 1 (student not finite) or 2 (teacher). Ends with the CTA's threads synchronised.
+__device__ __forceinline__ int cluster_row_maxima(const FklStat& g, float* red_f, unsigned* red_i, float& ms,
+                                                  float& mt) {
+  const int w = warp_id(), W = blockDim.x / 32;
+  ms = warp_max(g.bs), mt = warp_max(g.bt);
+  unsigned bad = __reduce_or_sync(0xffffffffu, static_cast<unsigned>(g.bad));
+  if (lane_id() == 0) red_f[w] = ms, red_f[32 + w] = mt, red_i[w] = bad;
+  __syncthreads();
+  for (int k = 0; k < W; ++k) {
+    ms = red_f[k] > ms ? red_f[k] : ms;
+    mt = red_f[32 + k] > mt ? red_f[32 + k] : mt;
+    bad |= red_i[k];
+  }
+  return (bad & 1) ? 1 : (bad & 2) ? 2 : 0;
+}
 #endif
 
 // Grid: rows x C CTAs of W = blockDim.x / 32 warps, clusters of C CTAs (one per row), C * W >= nb;
@@ -557,12 +617,7 @@ __global__ void __launch_bounds__(kFklClusterThreads) fkl_cluster_kernel(Distill
   const int r = blockIdx.x / C, V = in.vocab, b = rank * W + w;
   const int j0 = b * kStatBlock, n = b < nb ? min(kStatBlock, V - j0) : 0;  // n = 0: a warp without a block
   float* grad = in.grad && n ? in.grad + static_cast<size_t>(r) * V + j0 : nullptr;
-  if (in.mask && !in.mask[r]) {  // the whole cluster returns here, before any barrier
-    for (int i = lane; grad && i < n / 4; i += 32)
-      reinterpret_cast<float4*>(grad)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (rank == 0 && tid == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
-    return;
-  }
+  if (cluster_masked_row(in, r, rank, n, grad)) return;  // the whole cluster, before any barrier
   float* sb = reinterpret_cast<float*>(fkl_smem) + w * 2 * kStatBlock;  // s_j, then es_j
   float* tb = sb + kStatBlock;                                           // t_j, then et_j
   FklStat* stat = reinterpret_cast<FklStat*>(fkl_smem + static_cast<size_t>(W) * 2 * kStatBlock * sizeof(float));
@@ -573,27 +628,8 @@ __global__ void __launch_bounds__(kFklClusterThreads) fkl_cluster_kernel(Distill
 
   // Pass 1 over this warp's block, from shared memory.
   if (n) {
-    if (lane == 0) {
-      mbar_arm(bar + w, 8u * n);
-      bulk_load(sb, in.student + static_cast<size_t>(r) * V + j0, 4u * n, bar + w);
-      bulk_load(tb, in.teacher + static_cast<size_t>(r) * V + j0, 4u * n, bar + w);
-    }
-    __syncwarp();  // the mbarrier is initialised before any lane polls it
-    mbar_wait0(bar + w);
-    // Block maxima (order-free, float4) and finiteness: x * 0 is NaN exactly for NaN and +-Infinity.
-    float bs = -FLT_MAX, bt = -FLT_MAX, fs = 0.0f, ft = 0.0f;
-    const float4* s4 = reinterpret_cast<const float4*>(sb);
-    const float4* t4 = reinterpret_cast<const float4*>(tb);
-    for (int i = lane; i < n / 4; i += 32) {
-      const float4 x = s4[i], y = t4[i];
-      bs = fmaxf(fmaxf(bs, x.x), fmaxf(x.y, fmaxf(x.z, x.w)));
-      bt = fmaxf(fmaxf(bt, y.x), fmaxf(y.y, fmaxf(y.z, y.w)));
-      fs = __fmaf_rn(x.x, 0.0f, __fmaf_rn(x.y, 0.0f, __fmaf_rn(x.z, 0.0f, __fmaf_rn(x.w, 0.0f, fs))));
-      ft = __fmaf_rn(y.x, 0.0f, __fmaf_rn(y.y, 0.0f, __fmaf_rn(y.z, 0.0f, __fmaf_rn(y.w, 0.0f, ft))));
-    }
-    bs = warp_max(bs);
-    bt = warp_max(bt);
-    const int bad = (__any_sync(0xffffffffu, fs != fs) ? 1 : 0) | (__any_sync(0xffffffffu, ft != ft) ? 2 : 0);
+    float bs, bt;
+    const int bad = cluster_block_maxima(in, r, j0, n, sb, tb, bar + w, bs, bt);
     // The exp terms and their lane sums, as fkl_stats_kernel; es_j, et_j overwrite s_j, t_j.
     float as = 0.0f, at = 0.0f, ad = 0.0f;
 #pragma unroll 4
@@ -619,16 +655,8 @@ __global__ void __launch_bounds__(kFklClusterThreads) fkl_cluster_kernel(Distill
   __cluster_barrier_arrive();  // our reads of the other CTAs are done; they wait for it before they exit
 
   // Both maxima and the bad flags (order-free), then the combine in block order (fkl_grad_kernel).
-  float ms = warp_max(g.bs), mt = warp_max(g.bt);
-  unsigned bad = __reduce_or_sync(0xffffffffu, static_cast<unsigned>(g.bad));
-  if (lane == 0) red_f[w] = ms, red_f[32 + w] = mt, red_i[w] = bad;
-  __syncthreads();
-  for (int k = 0; k < W; ++k) {
-    ms = red_f[k] > ms ? red_f[k] : ms;
-    mt = red_f[32 + k] > mt ? red_f[32 + k] : mt;
-    bad |= red_i[k];
-  }
-  const int row_bad = (bad & 1) ? 1 : (bad & 2) ? 2 : 0;
+  float ms, mt;
+  const int row_bad = cluster_row_maxima(g, red_f, red_i, ms, mt);
   if (row_bad) {  // as forward_kl_blocked: no gradient for a bad row
     if (rank == 0 && tid == 0) in.row_bad[r] = row_bad, in.row_loss[r] = 0.0;
   } else {
@@ -718,12 +746,7 @@ __global__ void __launch_bounds__(kFklClusterThreads) div_cluster_kernel(Distill
   const int r = blockIdx.x / C, V = in.vocab, b = rank * W + w;
   const int j0 = b * kStatBlock, n = b < nb ? min(kStatBlock, V - j0) : 0;  // n = 0: a warp without a block
   float* grad = in.grad && n ? in.grad + static_cast<size_t>(r) * V + j0 : nullptr;
-  if (in.mask && !in.mask[r]) {  // the whole cluster returns here, before any barrier
-    for (int i = lane; grad && i < n / 4; i += 32)
-      reinterpret_cast<float4*>(grad)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (rank == 0 && tid == 0) in.row_loss[r] = 0.0, in.row_bad[r] = 0;
-    return;
-  }
+  if (cluster_masked_row(in, r, rank, n, grad)) return;  // the whole cluster, before any barrier
   DivSmemLayout L;
   L.sb = reinterpret_cast<float*>(div_smem) + w * 2 * kStatBlock;
   L.tb = L.sb + kStatBlock;
@@ -738,26 +761,8 @@ __global__ void __launch_bounds__(kFklClusterThreads) div_cluster_kernel(Distill
 
   // Pass 1 over this warp's block, from shared memory: maxima, finiteness, exp sums.
   if (n) {
-    if (lane == 0) {
-      mbar_arm(L.bar + w, 8u * n);
-      bulk_load(sb, in.student + static_cast<size_t>(r) * V + j0, 4u * n, L.bar + w);
-      bulk_load(tb, in.teacher + static_cast<size_t>(r) * V + j0, 4u * n, L.bar + w);
-    }
-    __syncwarp();  // the mbarrier is initialised before any lane polls it
-    mbar_wait0(L.bar + w);
-    float bs = -FLT_MAX, bt = -FLT_MAX, fs = 0.0f, ft = 0.0f;
-    const float4* s4 = reinterpret_cast<const float4*>(sb);
-    const float4* t4 = reinterpret_cast<const float4*>(tb);
-    for (int i = lane; i < n / 4; i += 32) {
-      const float4 x = s4[i], y = t4[i];
-      bs = fmaxf(fmaxf(bs, x.x), fmaxf(x.y, fmaxf(x.z, x.w)));
-      bt = fmaxf(fmaxf(bt, y.x), fmaxf(y.y, fmaxf(y.z, y.w)));
-      fs = __fmaf_rn(x.x, 0.0f, __fmaf_rn(x.y, 0.0f, __fmaf_rn(x.z, 0.0f, __fmaf_rn(x.w, 0.0f, fs))));
-      ft = __fmaf_rn(y.x, 0.0f, __fmaf_rn(y.y, 0.0f, __fmaf_rn(y.z, 0.0f, __fmaf_rn(y.w, 0.0f, ft))));
-    }
-    bs = warp_max(bs);
-    bt = warp_max(bt);
-    const int bad = (__any_sync(0xffffffffu, fs != fs) ? 1 : 0) | (__any_sync(0xffffffffu, ft != ft) ? 2 : 0);
+    float bs, bt;
+    const int bad = cluster_block_maxima(in, r, j0, n, sb, tb, L.bar + w, bs, bt);
     float as = 0.0f, at = 0.0f;
 #pragma unroll 4
     for (int j = lane; j < n; j += 32) {
@@ -774,16 +779,8 @@ __global__ void __launch_bounds__(kFklClusterThreads) div_cluster_kernel(Distill
   if (tid < nb) g = *static_cast<const FklStat*>(__cluster_map_shared_rank(L.stat + tid % W, tid / W));
 
   // Both maxima and the bad flags (order-free), then c_b and the normalisers in block order.
-  float ms = warp_max(g.bs), mt = warp_max(g.bt);
-  unsigned bad = __reduce_or_sync(0xffffffffu, static_cast<unsigned>(g.bad));
-  if (lane == 0) red_f[w] = ms, red_f[32 + w] = mt, red_i[w] = bad;
-  __syncthreads();
-  for (int k = 0; k < W; ++k) {
-    ms = red_f[k] > ms ? red_f[k] : ms;
-    mt = red_f[32 + k] > mt ? red_f[32 + k] : mt;
-    bad |= red_i[k];
-  }
-  const int row_bad = (bad & 1) ? 1 : (bad & 2) ? 2 : 0;  // the same in every CTA of the cluster
+  float ms, mt;
+  const int row_bad = cluster_row_maxima(g, red_f, red_i, ms, mt);  // the same in every CTA of the cluster
   DivRow row{};
   float fq = 0.0f;
   if (!row_bad) {

@@ -10,7 +10,9 @@
 // log(); test_cuda checks it at that tighter tolerance. On sm_90 it runs in one pass over the data
 // (fkl_cluster_kernel: one thread-block cluster per row keeps the row in shared memory between the
 // block sums and the gradient); elsewhere, and where that kernel does not apply, as two kernels over
-// (row, block) pairs (fkl_stats_kernel, fkl_grad_kernel), which read the row twice.
+// (row, block) pairs (fkl_stats_kernel, fkl_grad_kernel), which read the row twice. With
+// cluster_divergence() on (opt-in, not yet run on a GPU), reverse KL, JSD and TVD run the same way
+// on sm_90 (div_cluster_kernel).
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>

@@ -504,6 +504,30 @@ OSD_TEST(non_finite_activations_give_nan_not_garbage) {
     if (have_avx512())
       for (float v : run_q(m, x, 1, quant::Isa::Avx512)) CHECK(std::isnan(v));
   }
+  // Inside a batch (16 rows: Q4_1's eight-row kernel at 3 tokens, the paired kernels at 6): only the
+  // token with the Infinity gives NaN; the others keep the bits they have alone.
+  for (TensorType t : kInt8Types) {
+    const int64_t cols = is_k(t) ? 256 : 64, rows = 16;
+    const auto w = random_weights(t, rows, cols, rng);
+    const Matrix m = make_matrix(t, w, rows, cols);
+    for (int64_t n : {3, 6}) {
+      auto x = random_acts(n, cols, rng);
+      x[cols + 5] = INFINITY;  // token 1
+      std::vector<quant::Isa> q_isas = {quant::Isa::Portable};
+      if (have_avx512()) q_isas.push_back(quant::Isa::Avx512);
+      for (quant::Isa isa : q_isas) {
+        const auto all = run_q(m, x, n, isa);
+        for (int64_t i = 0; i < n; ++i) {
+          const std::vector<float> xi(x.begin() + i * cols, x.begin() + (i + 1) * cols);
+          const auto one = run_q(m, xi, 1, isa);
+          for (int64_t r = 0; r < rows; ++r) {
+            if (i == 1) CHECK(std::isnan(all[i * rows + r]));
+            else CHECK(bits_equal(&all[i * rows + r], &one[r], 1));
+          }
+        }
+      }
+    }
+  }
 }
 
 OSD_TEST(errors_name_the_type_and_tensor) {

@@ -1,6 +1,6 @@
 // Engine benchmark: the forward pass on a random-weight llama model larger than the CPU caches.
 //
-//   npx tsx bench/engine.ts [--quick] [--json-only] [--threads N] [--cache-dir DIR]
+//   npx tsx bench/engine.ts [--quick] [--json-only] [--threads N] [--cache-dir DIR] [--model PATH]
 //
 // Measures, for the same model stored as F32 and as F16 (see bench/README.md, "engine.ts"):
 // - decode tokens/s (one token per evaluate, after a short prompt), reported as weight bytes read per
@@ -12,6 +12,9 @@
 //   measured the same way. n / that ratio is the most tokens a fully accepted draft can yield per
 //   decode-step-equivalent of target time: what makes speculation pay on a memory-bound machine.
 //
+// With --model PATH the same measurements run on that one file instead (any GGUF or llama2.c file the
+// engine loads, e.g. a quantised one), verifying n = 1, 2, 3, 5, 9 and 17 tokens: the passes of chains
+// of 1, 2, 4 and 8 draft tokens and of a 16-node tree.
 // The models are generated once (writeRandomModel, deterministic seed) and cached under --cache-dir
 // (default: $OSD_BENCH_CACHE or <os tmpdir>/online-specdec-bench; never inside the repository unless
 // you ask for it, as the files are hundreds of MB).
@@ -42,11 +45,12 @@ const USAGE = `usage: npx tsx bench/engine.ts [options]
   --json-only       print only the result JSON on stdout (progress still goes to stderr)
   --threads N       CPU thread-pool size (setThreads; 0 = all cores); default 2 (the issue's target)
   --cache-dir DIR   where the generated GGUF files are kept (default $OSD_BENCH_CACHE or
-                    <tmpdir>/online-specdec-bench)`;
+                    <tmpdir>/online-specdec-bench)
+  --model PATH      measure this model file instead of the generated F32 / F16 pair`;
 
 let args: ReturnType<typeof parseArgs>;
 try {
-  args = parseArgs(process.argv.slice(2), { booleans: ['quick', 'json-only', 'help'], values: ['threads', 'cache-dir'] });
+  args = parseArgs(process.argv.slice(2), { booleans: ['quick', 'json-only', 'help'], values: ['threads', 'cache-dir', 'model'] });
 } catch (e) {
   process.stderr.write(`${(e as Error).message}\n${USAGE}\n`);
   process.exit(2);
@@ -64,6 +68,11 @@ if (!Number.isInteger(THREADS) || THREADS < 0) {
   process.exit(2);
 }
 const CACHE_DIR = args.values.get('cache-dir') ?? process.env.OSD_BENCH_CACHE ?? join(tmpdir(), 'online-specdec-bench');
+const MODEL_PATH = args.values.get('model');
+if (MODEL_PATH !== undefined && !existsSync(MODEL_PATH)) {
+  process.stderr.write(`--model: no such file '${MODEL_PATH}'\n`);
+  process.exit(2);
+}
 
 const TARGET_RATIO = 0.6; // the issue's decode target: >= 0.6 of the read probe on 2 threads
 const SEED = 20251125;
@@ -88,14 +97,16 @@ const QUICK_MODEL: RandomModelConfig = {
   feedForwardLength: 1408,
   contextLength: 1024,
 };
-const MODEL = QUICK ? QUICK_MODEL : FULL_MODEL;
-const TYPES: StoreType[] = ['F32', 'F16'];
+/** The model's shape: the generated one, or read from --model's file. */
+let MODEL: RandomModelConfig = QUICK ? QUICK_MODEL : FULL_MODEL;
+/** One label per measured model: its storage type ('F32', 'F16', or --model's matrix type). */
+let TYPES: string[] = ['F32', 'F16'];
 const DECODE_PROMPT = 16; // tokens before the decode loop
 const DECODE_STEPS = QUICK ? 24 : 64;
 const DECODE_WARMUP = 2; // steps run before the timed ones (page faults, first-touch of the KV cache)
 const PREFILL_LEN = QUICK ? 64 : 256;
 const PREFILL_REPS = QUICK ? 1 : 2;
-const VERIFY_NS = [1, 4, 8, 16, 64];
+const VERIFY_NS = MODEL_PATH !== undefined ? [1, 2, 3, 5, 9, 17] : [1, 4, 8, 16, 64];
 const SHAPES: ('tree' | 'chain')[] = QUICK ? ['tree'] : ['tree', 'chain'];
 const VERIFY_BUDGET_MS = QUICK ? 2000 : 15000; // after the warm-up round
 const VERIFY_MIN_ROUNDS = 3;
@@ -155,7 +166,8 @@ function matmulParams(c: RandomModelConfig): number {
   return c.layers * (2 * D * D + 2 * D * kv + 3 * D * F) + c.vocabSize * D;
 }
 
-async function ensureModel(type: StoreType): Promise<{ path: string; generatedSeconds: number | null }> {
+async function ensureModel(type: string): Promise<{ path: string; generatedSeconds: number | null }> {
+  if (MODEL_PATH !== undefined) return { path: MODEL_PATH, generatedSeconds: null };
   const c = MODEL;
   const name =
     `random-llama-v${c.vocabSize}-d${c.embeddingLength}-l${c.layers}-h${c.heads}-kv${c.kvHeads}` +
@@ -165,7 +177,7 @@ async function ensureModel(type: StoreType): Promise<{ path: string; generatedSe
   mkdirSync(CACHE_DIR, { recursive: true });
   progress(`generating ${path} ...`);
   const t0 = nowNs();
-  await writeRandomModel(path, { ...c, type, seed: SEED }); // written atomically: a partial file never stays
+  await writeRandomModel(path, { ...c, type: type as StoreType, seed: SEED }); // written atomically: a partial file never stays
   const s = Number(nowNs() - t0) / 1e9;
   progress(`  ${(statSync(path).size / 1e6).toFixed(0)} MB in ${s.toFixed(1)} s`);
   return { path, generatedSeconds: s };
@@ -195,7 +207,7 @@ interface PrefillResult {
   matmulGflops: number;
 }
 interface VerifyRow {
-  type: StoreType;
+  type: string;
   shape: 'tree' | 'chain';
   n: number;
   depth: number;
@@ -206,7 +218,7 @@ interface VerifyRow {
   tokensPerStep: number;
 }
 interface TypeResult {
-  type: StoreType;
+  type: string;
   path: string;
   fileBytes: number;
   generatedSeconds: number | null;
@@ -217,7 +229,7 @@ interface TypeResult {
   verify: VerifyRow[];
 }
 
-async function benchType(type: StoreType, rng: XorShift): Promise<TypeResult> {
+async function benchType(type: string, rng: XorShift): Promise<TypeResult> {
   const { path, generatedSeconds } = await ensureModel(type);
   const model: Model = await loadModel(path);
   const info = model.info;
@@ -354,6 +366,22 @@ function probe(when: string): void {
 const cpu0 = machineCpuSeconds();
 const own0 = process.cpuUsage();
 probe('start');
+if (MODEL_PATH !== undefined) {
+  // The file's own shape (for the matmul parameter count) and its storage type as the one label.
+  const m = await loadModel(MODEL_PATH);
+  const i = m.info;
+  MODEL = {
+    vocabSize: i.vocabSize,
+    embeddingLength: i.embeddingLength,
+    layers: i.layers,
+    heads: i.heads,
+    kvHeads: i.kvHeads,
+    feedForwardLength: i.feedForwardLength,
+    contextLength: i.contextLength,
+  };
+  TYPES = [i.matrixType];
+  await m.dispose();
+}
 const rng = new XorShift(SEED);
 const perType: TypeResult[] = [];
 for (const type of TYPES) perType.push(await benchType(type, rng));
@@ -388,7 +416,10 @@ const result = {
   quick: QUICK,
   machine: facts,
   threads,
-  model: { ...MODEL, seed: SEED, matmulParams: matmulParams(MODEL), cacheDir: CACHE_DIR },
+  model:
+    MODEL_PATH !== undefined
+      ? { ...MODEL, path: MODEL_PATH, matmulParams: matmulParams(MODEL) }
+      : { ...MODEL, seed: SEED, matmulParams: matmulParams(MODEL), cacheDir: CACHE_DIR },
   probe: {
     readGBs: bestRead,
     denominator: 'read (streaming sum on the CPU thread pool, 256 MiB, best of the start and end probes)',
@@ -442,12 +473,12 @@ if (JSON_ONLY) {
     shape: string;
     n: number;
     depth: number;
-    cells: Map<StoreType, VerifyRow>;
+    cells: Map<string, VerifyRow>;
   }
   const pivot: PivotRow[] = [];
   for (const shape of SHAPES)
     for (const n of VERIFY_NS) {
-      const cells = new Map<StoreType, VerifyRow>();
+      const cells = new Map<string, VerifyRow>();
       for (const r of perType) {
         const v = r.verify.find((x) => x.shape === shape && x.n === n);
         if (v) cells.set(r.type, v);
@@ -468,8 +499,9 @@ if (JSON_ONLY) {
     `machine: ${facts.cpuModel}; ${facts.logicalCpus} logical CPUs [${facts.cpuFlags.join(' ')}]; L3 ${facts.l3Cache ?? '?'}; ` +
       `${facts.totalMemGB} GB RAM; node ${facts.node} ${facts.platform}`,
     `pool threads: ${threads}; addon: ${facts.addonPath}`,
-    `model: random llama, vocab ${cfg.vocabSize}, dim ${cfg.embeddingLength}, ${cfg.layers} layers, ${cfg.heads} heads / ` +
-      `${cfg.kvHeads} kv, ffn ${cfg.feedForwardLength}, tied output; ${fmtNum(matmulParams(cfg) / 1e6)}M matmul parameters; cache ${CACHE_DIR}`,
+    `model: ${MODEL_PATH ?? 'random llama'}, vocab ${cfg.vocabSize}, dim ${cfg.embeddingLength}, ${cfg.layers} layers, ${cfg.heads} heads / ` +
+      `${cfg.kvHeads} kv, ffn ${cfg.feedForwardLength}${MODEL_PATH === undefined ? ', tied output' : ''}; ` +
+      `${fmtNum(matmulParams(cfg) / 1e6)}M matmul parameters` + (MODEL_PATH === undefined ? `; cache ${CACHE_DIR}` : ''),
     `probe: ` +
       probes.map((p, i) => `${i === 0 ? 'start' : 'end'} read ${fmtNum(p.readGBs)} / copy ${fmtNum(p.copyGBs)} GB/s`).join('; ') +
       `; xProbe divides by the best READ probe, ${fmtNum(bestRead)} GB/s`,

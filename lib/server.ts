@@ -98,6 +98,22 @@ class HttpError extends Error {
   }
 }
 
+// The request fields OpenAI defines per endpoint. Any other field is refused as OpenAI refuses it:
+// a misspelt `max_tokens` would otherwise be ignored without a word. `top_k` is this server's own
+// extension (the kernels sample with it).
+const COMMON_FIELDS = ['model', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'top_k', 'n', 'stream', 'stream_options', 'stop', 'presence_penalty', 'frequency_penalty', 'logit_bias', 'logprobs', 'user', 'seed'];
+const FIELDS = {
+  completion: new Set([...COMMON_FIELDS, 'prompt', 'suffix', 'echo', 'best_of']),
+  chat: new Set([
+    ...COMMON_FIELDS,
+    ...['messages', 'top_logprobs', 'tools', 'tool_choice', 'functions', 'function_call', 'response_format', 'parallel_tool_calls'],
+    ...['store', 'metadata', 'service_tier', 'reasoning_effort', 'modalities', 'audio', 'prediction', 'web_search_options'],
+  ]),
+};
+
+/** The chat roles OpenAI accepts. Others are refused: a role is rendered into the prompt. */
+const ROLES = new Set(['system', 'developer', 'user', 'assistant', 'tool', 'function']);
+
 const ROUTES: Record<string, string> = {
   '/v1/completions': 'POST',
   '/v1/chat/completions': 'POST',
@@ -570,6 +586,11 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   }
 
   /** Common sampling parameters. */
+  function checkFields(kind: 'completion' | 'chat', body: Record<string, unknown>): void {
+    for (const k of Object.keys(body))
+      if (!FIELDS[kind].has(k)) throw new HttpError(400, `Unrecognized request argument supplied: ${k}`, k, 'unknown_parameter');
+  }
+
   function parseCommon(body: Record<string, unknown>, defaultMax: number, promptLength: number): Omit<Job, 'tokens' | 'signal' | 'stop'> {
     if (body.n !== undefined && body.n !== null && body.n !== 1) throw new HttpError(400, 'only n = 1 is supported', 'n', 'unsupported_parameter');
     if (body.best_of !== undefined && body.best_of !== null && body.best_of !== 1) throw new HttpError(400, 'only best_of = 1 is supported', 'best_of', 'unsupported_parameter');
@@ -587,6 +608,12 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       throw new HttpError(400, 'logit_bias is not supported', 'logit_bias', 'unsupported_parameter');
     for (const k of ['frequency_penalty', 'presence_penalty'])
       if (given(k) && body[k] !== 0) throw new HttpError(400, `${k} is not supported (only 0)`, k, 'unsupported_parameter');
+    if (given('suffix') && body.suffix !== '') throw new HttpError(400, 'suffix is not supported', 'suffix', 'unsupported_parameter');
+    if (given('top_logprobs') && body.top_logprobs !== 0) throw new HttpError(400, 'top_logprobs is not supported', 'top_logprobs', 'unsupported_parameter');
+    for (const k of ['audio', 'prediction', 'web_search_options', 'reasoning_effort'])
+      if (given(k)) throw new HttpError(400, `${k} is not supported with this model`, k, 'unsupported_parameter');
+    if (given('modalities') && !(Array.isArray(body.modalities) && body.modalities.every((m) => m === 'text')))
+      throw new HttpError(400, "modalities is not supported beyond ['text']", 'modalities', 'unsupported_parameter');
     const name = body.max_completion_tokens !== undefined && body.max_completion_tokens !== null ? 'max_completion_tokens' : 'max_tokens';
     const mt = body[name];
     let maxTokens: number;
@@ -604,14 +631,21 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     else maxTokens = mt;
     const temperature = optNumber(body, 'temperature', 0, 2) ?? 1;
     const topP = optNumber(body, 'top_p', 0, 1) ?? 1;
-    const sampling: SamplingOptions = topP === 0 ? { temperature: 0 } : { temperature, topP };
+    const topK = optNumber(body, 'top_k', 0, Number.MAX_SAFE_INTEGER) ?? 0;
+    if (!Number.isInteger(topK)) throw new HttpError(400, `top_k must be an integer >= 0, got ${JSON.stringify(body.top_k)}`, 'top_k', 'invalid_value');
+    // The kernels take float32 settings. A temperature below float32's least normal number (where
+    // 1 / T overflows) or a top_p that rounds to 0 is sampling's limit: greedy, as top_p 0 is.
+    const greedy = Math.fround(temperature) < 2 ** -126 || Math.fround(topP) === 0;
+    const sampling: SamplingOptions = greedy ? { temperature: 0 } : { temperature, topP, ...(topK > 0 ? { topK: Math.min(topK, 2 ** 31 - 1) } : {}) };
     let seed: Seed;
     const s = body.seed;
     // Without a seed, a random 64-bit one: a seed samples with stream 0, so two requests share their
-    // draws only when their seeds collide.
+    // draws only when their seeds collide. OpenAI's seeds are 64-bit; JSON numbers past 2^53 arrive
+    // rounded, and are taken as they arrive.
     if (s === undefined || s === null) seed = randomBytes(8).readBigUInt64LE();
-    else if (typeof s !== 'number' || !Number.isSafeInteger(s)) throw new HttpError(400, `seed must be an integer, got ${JSON.stringify(s)}`, 'seed', 'invalid_value');
-    else seed = s >= 0 ? s : BigInt.asUintN(64, BigInt(s));
+    else if (typeof s !== 'number' || !Number.isInteger(s) || s < -(2 ** 63) || s >= 2 ** 64)
+      throw new HttpError(400, `seed must be an integer in [-2^63, 2^64), got ${JSON.stringify(s)}`, 'seed', 'invalid_value');
+    else seed = Number.isSafeInteger(s) && s >= 0 ? s : BigInt.asUintN(64, BigInt(s));
     return { maxTokens, sampling, seed };
   }
 
@@ -704,7 +738,6 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     if (res.destroyed || res.socket?.destroyed) onClose(); // gone while the body was read
     active++;
     activeGauge.inc();
-    tokens.inc({ kind: 'prompt' }, job.tokens.length);
     const id = `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID().replaceAll('-', '')}`;
     const createdAt = Math.floor(Date.now() / 1000);
     const out = { completionTokens: 0, finish: 'length' as Finish };
@@ -717,13 +750,16 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       // where a stream's headers would already have said 200.
       await slots.acquire(controller.signal);
       slot = true;
+      tokens.inc({ kind: 'prompt' }, job.tokens.length);
       if (stream) {
         res.writeHead(200, { 'Content-Type': 'text/event-stream; charset=utf-8', 'Cache-Control': 'no-cache', Connection: 'keep-alive', 'X-Accel-Buffering': 'no' });
         res.flushHeaders();
+        // With include_usage every chunk carries usage: null until the last one, as OpenAI's do.
+        const nullUsage = includeUsage ? { usage: null } : {};
         const chunk = (choice: object) =>
           kind === 'chat'
-            ? { id, object: 'chat.completion.chunk', created: createdAt, model: modelId, choices: [{ index: 0, logprobs: null, finish_reason: null, ...choice }] }
-            : { id, object: 'text_completion', created: createdAt, model: modelId, choices: [{ index: 0, logprobs: null, finish_reason: null, ...choice }] };
+            ? { id, object: 'chat.completion.chunk', created: createdAt, model: modelId, choices: [{ index: 0, logprobs: null, finish_reason: null, ...choice }], ...nullUsage }
+            : { id, object: 'text_completion', created: createdAt, model: modelId, choices: [{ index: 0, logprobs: null, finish_reason: null, ...choice }], ...nullUsage };
         if (kind === 'chat') await writeEvent(res, chunk({ delta: { role: 'assistant', content: '' } }));
         try {
           for await (const text of gen) {
@@ -790,6 +826,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
 
   async function completions(req: IncomingMessage, res: ServerResponse, body: Record<string, unknown>): Promise<void> {
     checkModel(body);
+    checkFields('completion', body);
     let prompt = body.prompt;
     if (Array.isArray(prompt) && prompt.length === 1 && (typeof prompt[0] === 'string' || Array.isArray(prompt[0]))) prompt = prompt[0];
     let t: Int32Array;
@@ -799,8 +836,8 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       if (!prompt.every((x: number) => Number.isInteger(x) && x >= 0 && x < V))
         throw new HttpError(400, `prompt token ids must be integers in [0, ${V})`, 'prompt', 'invalid_value');
       t = Int32Array.from(prompt as number[]);
-    } else if (Array.isArray(prompt) && prompt.length > 1) throw new HttpError(400, 'batched prompts are not supported: send one prompt per request', 'prompt', 'unsupported_parameter');
-    else throw new HttpError(400, 'prompt must be a string or an array of token ids', 'prompt', prompt === undefined ? 'missing_required_parameter' : 'invalid_value');
+    } else if (Array.isArray(prompt) && prompt.length > 1 && prompt.every((p) => typeof p === 'string' || Array.isArray(p))) throw new HttpError(400, 'batched prompts are not supported: send one prompt per request', 'prompt', 'unsupported_parameter');
+    else throw new HttpError(400, 'prompt must be a string, an array of token ids, or an array holding one of those', 'prompt', prompt === undefined ? 'missing_required_parameter' : 'invalid_value');
     checkPrompt(t, 'prompt');
     const common = parseCommon(body, 16, t.length);
     const stream = parseStream(body);
@@ -809,10 +846,13 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
 
   async function chat(req: IncomingMessage, res: ServerResponse, body: Record<string, unknown>): Promise<void> {
     checkModel(body);
+    checkFields('chat', body);
     const raw = body.messages;
     if (!Array.isArray(raw) || raw.length === 0) throw new HttpError(400, 'messages must be a non-empty array', 'messages', raw === undefined ? 'missing_required_parameter' : 'invalid_value');
     const messages: ChatMessage[] = raw.map((m: unknown, i) => {
       if (!isObject(m) || typeof m.role !== 'string' || m.role.length === 0) throw new HttpError(400, `messages[${i}] must be an object with a role`, `messages[${i}]`, 'invalid_value');
+      if (!ROLES.has(m.role))
+        throw new HttpError(400, `messages[${i}].role must be one of ${[...ROLES].join(', ')}, got ${JSON.stringify(m.role)}`, `messages[${i}].role`, 'invalid_value');
       return { role: m.role, content: parseContent(m.content, i) };
     });
     let rendered: ReturnType<typeof renderChat>;
@@ -852,7 +892,11 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   }
 
   function includeUsage(body: Record<string, unknown>, stream: boolean): boolean {
-    return stream && isObject(body.stream_options) && body.stream_options.include_usage === true;
+    const o = body.stream_options;
+    if (o === undefined || o === null) return false;
+    if (!stream) throw new HttpError(400, 'stream_options is only allowed when stream is true', 'stream_options', 'invalid_value');
+    if (!isObject(o)) throw new HttpError(400, 'stream_options must be an object', 'stream_options', 'invalid_value');
+    return o.include_usage === true;
   }
 
   function modelObject() {

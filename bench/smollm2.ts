@@ -418,7 +418,7 @@ async function main(): Promise<number> {
         `read probe ${fmtNum(probe.readGBs)} GB/s; load average ${loadBefore.map((x) => x.toFixed(1)).join(' ')}\n\n` +
         `Held-out acceptance of the draft (chain g = 4):\n\n${acceptanceTable(rows)}\n\nSpeed (same turns):\n\n${speedTable(rows)}\n\n${summary.join('\n')}\nresults: ${where}\n`,
     );
-  }
+  } else process.stdout.write(JSON.stringify(data, null, 2) + '\n');
   return 0;
 }
 

@@ -220,11 +220,12 @@ async function main(): Promise<void> {
     rows,
   );
   const summary = [...summarise(rows), ...notes];
-  const out = writeResults('speculative', { machine: machineFacts(), probe, maxTokens, promptsPerDomain: nPrompts, rows, summary });
+  const result = { machine: machineFacts(), probe, maxTokens, promptsPerDomain: nPrompts, rows, summary };
+  const out = writeResults('speculative', result);
   if (!flags.has('json-only')) {
     process.stdout.write(table + '\n\n' + summary.join('\n') + '\n');
     process.stdout.write(`results: ${out.latest}\n`);
-  }
+  } else process.stdout.write(JSON.stringify(result, null, 2) + '\n');
 }
 
 main().catch((e: unknown) => {

@@ -80,8 +80,10 @@ async function main(): Promise<void> {
     ],
     rows,
   );
-  const out = writeResults('training', { machine: machineFacts(), peakFlops: peak, tokensPerSecond: tps, matrixFlops: flops, distillStepMs: stepMs, targetDecodeMs: decode, rows });
+  const result = { machine: machineFacts(), peakFlops: peak, tokensPerSecond: tps, matrixFlops: flops, distillStepMs: stepMs, targetDecodeMs: decode, rows };
+  const out = writeResults('training', result);
   if (!flags.has('json-only')) process.stdout.write(`${table}\nresults: ${out.latest}\n`);
+  else process.stdout.write(JSON.stringify(result, null, 2) + '\n');
 }
 
 main().catch((e: unknown) => {

@@ -4,7 +4,7 @@ import { addon } from './addon.js';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { applyChatTemplate, type ApplyChatTemplateOptions, type ChatMessage } from './chatTemplate.js';
 import { loadTokenizer, TokenStreamDecoder, type Tokenizer } from './Tokenizer.js';
-import { checkCallback, checkInteger, checkKeys, checkMisplacedSampling, checkOptions, checkPromptFits, disposedError } from './args.js';
+import { checkCallback, checkInteger, checkKeys, checkMisplacedSampling, checkOptions, checkPromptFits, checkSampling, disposedError } from './args.js';
 import { abortError, checkSignal, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
 
 interface NativeModel {
@@ -395,6 +395,7 @@ export class Model {
     const signal = checkSignal(options.signal);
     const prompt = promptTokens(options, this, this.info.vocabSize, 'model');
     const maxTokens = checkInteger(options.maxTokens, 'maxTokens', 0);
+    if (options.sampling !== undefined) checkSampling(options.sampling);
     const sampling = options.sampling ?? { temperature: 0 };
     const stop = new Set(options.stopTokens === undefined ? this.eosTokens : checkTokenIds(options.stopTokens, 'stopTokens', this.info.vocabSize));
     checkCallback(options.onToken, 'onToken');
@@ -746,6 +747,7 @@ export class Sequence {
     if (pos) for (let i = 0; i < pos.length; i++) if (pos[i]! < 0) throw new RangeError(`options.positions[${i}] must be >= 0, got ${pos[i]}`);
     const stop = options.stopTokens === undefined ? undefined : checkTokenIds(options.stopTokens, 'options.stopTokens', vm);
     const signal = checkSignal(options.signal, 'options.signal');
+    if (options.sampling !== undefined) checkSampling(options.sampling, 'options.sampling');
     const native = {
       count,
       vocabSize: vocabSize ?? vm,
@@ -854,6 +856,7 @@ export class Sequence {
     checkInteger(options.last, 'options.last', 0, this.model.info.vocabSize - 1);
     checkInteger(options.count, 'options.count', 1);
     if (options.vocabSize !== undefined) checkInteger(options.vocabSize, 'options.vocabSize', 1, Math.min(this.model.info.vocabSize, draft.model.info.vocabSize));
+    if (options.sampling !== undefined) checkSampling(options.sampling, 'options.sampling');
     const common = {
       last: options.last,
       count: options.count,

@@ -115,6 +115,7 @@ export function checkSampling(s: unknown, name = 'sampling'): void {
   }
   if (topP !== undefined) {
     if (typeof topP !== 'number') throw new TypeError(`${name}.topP must be a number`);
-    if (!(topP > 0 && topP <= 1)) throw new RangeError(`${name}.topP must be in (0, 1], got ${topP}`);
+    // As the kernels, which read it as a float: a positive value that rounds to 0 is refused.
+    if (!(Math.fround(topP) > 0 && topP <= 1)) throw new RangeError(`${name}.topP must be in (0, 1] (and not round to 0 as a float), got ${topP}`);
   }
 }

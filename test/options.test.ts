@@ -56,6 +56,18 @@ describe('unknown option keys', () => {
     await expect(target.generate({ prompt: 'hi', maxTokens: 2, stop_tokens: [1] } as never)).rejects.toThrow(
       /^options\.stop_tokens is not an option \(did you mean stopTokens\?\)/,
     );
+    // The sampling object of plain generation too (it reached the kernels unchecked, and a
+    // top_p there sampled without top-p).
+    await expect(target.generate({ prompt: 'hi', maxTokens: 2, sampling: { temperature: 1, top_p: 0.5 } } as never)).rejects.toThrow(
+      /^sampling\.top_p is not an option \(did you mean topP\?\)/,
+    );
+    await expect(target.stream({ prompt: 'hi', maxTokens: 2, sampling: { temperature: 1, top_k: 5 } } as never).next()).rejects.toThrow(
+      /^sampling\.top_k is not an option \(did you mean topK\?\)/,
+    );
+    // A top-p that rounds to 0 as the kernels' float is refused where it is given.
+    await expect(target.generate({ prompt: 'hi', maxTokens: 2, sampling: { temperature: 1, topP: 1e-300 } })).rejects.toThrow(
+      /^sampling\.topP must be in \(0, 1\]/,
+    );
     typeError(() => createSpeculativeDecoder({ target, draft, maxConcurent: 8 } as never), /^options\.maxConcurent is not an option/);
     typeError(() => createSpeculativeDecoder({ target, draft, strategy: { kind: 'chain', lenght: 8 } } as never), /^strategy \(kind 'chain'\)\.lenght is not an option; the options are: kind, length$/);
     typeError(() => createSpeculativeDecoder({ target, draft, strategy: { kind: 'tree', depth: 3 } } as never), /\.depth is not an option; the options are: kind, budget, maxDepth/);
@@ -74,6 +86,7 @@ describe('unknown option keys', () => {
     try {
       await expect(seq.evaluate([1], { last_only: true } as never)).rejects.toThrow(/^options\.last_only is not an option \(did you mean lastOnly\?\)/);
       await expect(seq.draft([1], { count: 1, cnt: 2 } as never)).rejects.toThrow(/^options\.cnt is not an option/);
+      await expect(seq.draft([1], { count: 1, sampling: { temperature: 1, top_p: 0.5 } } as never)).rejects.toThrow(/^options\.sampling\.top_p is not an option/);
     } finally {
       await seq.dispose();
     }

@@ -38,7 +38,10 @@ const Device* find_device(const std::vector<Device>& devices, const std::string&
   return nullptr;
 }
 
-std::string cpu_detail() { return "C++ reference, " + std::to_string(default_threads()) + " threads"; }
+std::string cpu_detail() {
+  const int n = default_threads();
+  return "C++ reference, " + std::to_string(n) + (n == 1 ? " thread" : " threads");
+}
 
 }  // namespace
 

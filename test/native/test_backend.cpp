@@ -49,7 +49,7 @@ OSD_TEST(cpu_is_the_default_and_always_usable) {
   CHECK(!list.empty());
   CHECK(list[0].name == std::string("cpu"));
   CHECK(list[0].compiled && list[0].usable);
-  CHECK(contains(list[0].detail, "threads"));
+  CHECK(contains(list[0].detail, " thread"));
   CHECK(resolve_backend("cpu").backend == &cpu_backend());
   CHECK(contains(error_of<std::invalid_argument>("gpu"), "'cpu', 'cuda' or 'auto'"));
 }

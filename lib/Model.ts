@@ -63,6 +63,15 @@ export function checkTokenIds(tokens: unknown, name: string, vocabSize: number):
 }
 
 /**
+ * The ids a model's generation draws from: its rows, or only its tokenizer's tokens where the
+ * embedding matrix is padded past them (an id without a token could not be decoded or fed back).
+ */
+export function sampledVocab(model: Model): number {
+  const tk = model.tokenizer;
+  return tk ? Math.min(model.info.vocabSize, tk.vocabSize) : model.info.vocabSize;
+}
+
+/**
  * A generate call's prompt as token ids: `tokens` (each in [0, vocabSize)) or `prompt` encoded with
  * `model`'s tokenizer, BOS as the vocabulary asks. `who` names the model in errors.
  */
@@ -421,7 +430,9 @@ export class Model {
       };
       if (maxTokens > 0) {
         throwIfAborted(signal);
-        let more = take(native.sampleLogits({ logits, vocabSize: this.info.vocabSize, sampling, seed, stream, position: seq.length }));
+        const V = sampledVocab(this);
+        const row = V === this.info.vocabSize ? logits : logits.subarray(0, V);
+        let more = take(native.sampleLogits({ logits: row, vocabSize: V, sampling, seed, stream, position: seq.length }));
         // The rest in chunks drawn by the engine in one call each (Sequence.draft samples as
         // sampleLogits does): one round trip to JavaScript per chunk instead of per token. Chunks
         // grow from 1 to 16 tokens, and to no more than about CHUNK_MS of decoding, so that a stream
@@ -434,6 +445,7 @@ export class Model {
           const t0 = performance.now();
           const d = await seq.draft([out[out.length - 1]!], {
             count: Math.min(chunk, room),
+            vocabSize: V,
             sampling,
             seed,
             stream,
@@ -704,6 +716,9 @@ export class Sequence {
       if (!chunked || !fits()) return handle.evaluate(t, parents, lastOnly);
       const start = handle.length;
       const V = this.model.info.vocabSize;
+      // Every id before the first chunk runs, so a bad one is named by its index in `tokens`.
+      for (let i = 0; i < t.length; i++)
+        if (t[i]! < 0 || t[i]! >= V) throw new RangeError(`tokens[${i}] = ${t[i]} is out of range for a vocabulary of ${V}`);
       const all = lastOnly ? undefined : new Float32Array(t.length * V);
       let last: Float32Array | undefined;
       try {

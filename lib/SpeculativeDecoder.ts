@@ -5,7 +5,7 @@ import { EventEmitter } from 'node:events';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { verifyChain, verifyTree } from './kernels.js';
 import { checkCallback, checkInteger, checkKeys, checkMisplacedSampling, checkSampling, disposedError } from './args.js';
-import { checkTokenIds, promptTokens, type Model, type Sequence, type StreamChunk } from './Model.js';
+import { checkTokenIds, promptTokens, sampledVocab, type Model, type Sequence, type StreamChunk } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
 import { checkSignal, forwardAbort, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
@@ -599,7 +599,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     if (draft?.disposed) throw new TypeError('draft was disposed');
     this.target = target;
     this.draft = draft;
-    this.vocabSize = draft ? sharedVocab(target, draft) : target.info.vocabSize;
+    this.vocabSize = draft ? sharedVocab(target, draft) : sampledVocab(target);
     if (options.sampling !== undefined) checkSampling(options.sampling);
     this.sampling = options.sampling ?? { temperature: 0 };
     this.maxConcurrent = options.maxConcurrent === undefined ? 2 : checkPositiveInt(options.maxConcurrent, 'maxConcurrent', 1024);

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { addon } from '../lib/addon.js';
 import { loadModel, writeRandomModel, type Model } from '../lib/index.js';
-import { suiteTempDir } from './helpers/tmp.js';
+import { suiteTempDir, tempDir } from './helpers/tmp.js';
 
 const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
 const have = existsSync(STORIES);
@@ -468,6 +468,23 @@ describe('bad input to models and sequences', () => {
     expect(seq.length).toBe(2);
   });
 
+  it('evaluate refuses tokens that cannot fit before it allocates their logits (10M tokens aborted the process)', async () => {
+    const draftPath = join(import.meta.dirname, '../models/default-draft.gguf');
+    await using m = await loadModel(existsSync(draftPath) ? draftPath : join(dir, 'm.gguf'));
+    await using seq = m.createSequence();
+    const C = seq.capacity;
+    // 1e7 x 4096 floats is more than V8 can allocate: it was a fatal error, not an exception.
+    await expect(seq.evaluate(new Int32Array(1e7))).rejects.toThrow(new RangeError(`the sequence would hold 10000000 tokens, more than its context of ${C}`));
+    await expect(m.forward(new Int32Array(1e7))).rejects.toThrow(RangeError);
+    // With a signal (evaluated 64 tokens a call), a bad id is named by its index in the whole array,
+    // before anything runs.
+    const bad = [...Array(100).fill(1), m.info.vocabSize];
+    await expect(seq.evaluate(bad, { signal: new AbortController().signal })).rejects.toThrow(
+      new RangeError(`tokens[100] = ${m.info.vocabSize} is out of range for a vocabulary of ${m.info.vocabSize}`),
+    );
+    expect(seq.length).toBe(0);
+  });
+
   it('evaluate and forward read their tokens when called (a caller changing the array afterwards changed the call)', async () => {
     const want = await model.forward([1, 40, 47]);
     const tk = Int32Array.of(1, 40, 47);
@@ -535,5 +552,57 @@ describe('bad input to models and sequences', () => {
     // 'yes' or 0 was taken for its truthiness.
     await expect(seq.evaluate([1], { lastOnly: 'yes' as never })).rejects.toThrow(new TypeError('options.lastOnly must be a boolean'));
     expect(Array.from((await call({ stopTokens: [] })).tokens)).toHaveLength(2);
+  });
+});
+
+describe('a padded embedding matrix (more rows than tokens)', () => {
+  // Some GGUF files pad the embedding matrix past the tokenizer (Qwen's do). The ids past the
+  // tokenizer have no text: generation must never draw them (it drew one and then failed).
+  const DRAFT = join(import.meta.dirname, '../models/default-draft.gguf');
+  /** Raw bytes of a GGUF array entry without its last element (string, f32 or i32 elements). */
+  function dropLast(raw: Buffer): Buffer {
+    const elem = raw.readUInt32LE(4);
+    const n = Number(raw.readBigUInt64LE(8));
+    let end = 16;
+    if (elem === 8) for (let i = 0; i < n - 1; i++) end += 8 + Number(raw.readBigUInt64LE(end));
+    else end += 4 * (n - 1);
+    const out = Buffer.from(raw.subarray(0, end));
+    out.writeBigUInt64LE(BigInt(n - 1), 8);
+    return out;
+  }
+
+  it.skipIf(!existsSync(DRAFT))('generation and the n-gram decoder draw only ids with a token', async () => {
+    const { readGgufLayout, readTensorBytes, writeGgufRaw } = await import('../lib/train/ggufRewrite.js');
+    const { createSpeculativeDecoder } = await import('../lib/index.js');
+    const f = readGgufLayout(DRAFT);
+    // (Its padding token is the last one: dropped with it.)
+    const kvs = f.kvs.filter((kv) => kv.key !== 'tokenizer.ggml.padding_token_id').map((kv) => (kv.key === 'tokenizer.ggml.tokens' || kv.key === 'tokenizer.ggml.token_type' ? { key: kv.key, raw: dropLast(kv.raw) } : kv));
+    const tensors = f.tensors.map((t) => ({ name: t.name, dims: t.dims, type: t.type, data: Buffer.from(readTensorBytes(f, t.name)) }));
+    // The padding row: 10x another row's embedding (tied output), so that it outscores every token.
+    const emb = tensors.find((t) => t.name === 'token_embd.weight')!;
+    const [d, V] = emb.dims as [number, number];
+    const rows = new Float32Array(emb.data.buffer, emb.data.byteOffset, d * V);
+    for (let j = 0; j < d; j++) rows[(V - 1) * d + j] = 10 * rows[44 * d + j]!;
+    const path = join(tempDir('osd-padded-'), 'padded.gguf');
+    writeGgufRaw(path, kvs, tensors);
+    await using m = await loadModel(path);
+    expect(m.info.vocabSize).toBe(V);
+    expect(m.tokenizer!.vocabSize).toBe(V - 1);
+    // The padding row does win over the full row, so the test can fail.
+    const seq = m.createSequence();
+    const last = await seq.evaluate([1, 2], { lastOnly: true });
+    await seq.dispose();
+    const argmax = (row: Float32Array, n: number) => row.subarray(0, n).reduce((b, x, i, a) => (x > a[b]! ? i : b), 0);
+    expect(argmax(last, V)).toBe(V - 1);
+    const greedy = await m.generate({ tokens: [1, 2], maxTokens: 6 });
+    expect(greedy.tokens[0]).toBe(argmax(last, V - 1));
+    expect(Math.max(...greedy.tokens)).toBeLessThan(V - 1);
+    const sampled = await m.generate({ tokens: [1, 2], maxTokens: 6, sampling: { temperature: 1 }, seed: 3 });
+    expect(Math.max(...sampled.tokens)).toBeLessThan(V - 1);
+    const streamed: number[] = [];
+    for await (const c of m.stream({ tokens: [1, 2], maxTokens: 6 })) streamed.push(...c.tokens);
+    expect(streamed).toEqual(Array.from(greedy.tokens));
+    await using dec = createSpeculativeDecoder({ target: m, strategy: { kind: 'ngram' } });
+    expect(Array.from((await dec.generate({ tokens: [1, 2], maxTokens: 6 })).tokens)).toEqual(Array.from(greedy.tokens));
   });
 });

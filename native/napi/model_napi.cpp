@@ -271,6 +271,11 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       parents.assign(p.data, p.data + p.length);
     }
     const bool last_only = info.Length() > 2 && info[2].ToBoolean();
+    // Checked here as well as in the worker: the output below is allocated first, and tokens that
+    // cannot fit would ask V8 for rows x V floats (an abort, not an exception, when it cannot).
+    if (toks.length > static_cast<size_t>(s.capacity() - s.length()))
+      throw Napi::RangeError::New(env, "the sequence would hold " + std::to_string(int64_t(s.length()) + int64_t(toks.length)) +
+                                           " tokens, more than its context of " + std::to_string(s.capacity()));
     const int32_t V = s.model().config().vocab;
     const size_t rows = last_only ? 1 : toks.length;
     auto out = Napi::Float32Array::New(env, rows * V);

@@ -57,6 +57,34 @@ describe('Trainer', () => {
     await Promise.all([other.dispose(), wrong.dispose()]);
   });
 
+  it('a checkpoint with damaged moments or weights is refused at load (a NaN moment ruined every later step)', async () => {
+    const { readGgufLayout } = await import('../lib/train/ggufRewrite.js');
+    const { openSync, writeSync, closeSync, copyFileSync } = await import('node:fs');
+    const dir = tempDir('osd-ckpt-bad-');
+    await using a = await createTrainer({ config, seed: 3 });
+    await a.step(fixedBatch());
+    const good = join(dir, 'good.ckpt');
+    await a.save(good);
+    const layout = readGgufLayout(good);
+    const at = (prefix: string) => layout.tensors.find((t) => t.name.startsWith(prefix))!;
+    for (const [tensor, value] of [
+      [at('osd.adam_v.'), NaN],
+      [at('osd.adam_v.'), -1],
+      [at('osd.adam_m.'), Infinity],
+      [at('token_embd'), NaN],
+    ] as const) {
+      const path = join(dir, 'bad.ckpt');
+      copyFileSync(good, path);
+      const fd = openSync(path, 'r+');
+      writeSync(fd, Buffer.from(Float32Array.of(value).buffer), 0, 4, tensor.fileOffset + 4 * 3);
+      closeSync(fd);
+      await expect(loadTrainerCheckpoint(path), `${tensor.name} = ${value}`).rejects.toThrow(
+        expect.objectContaining({ code: 'OSD_IO', message: expect.stringMatching(/not finite|holds/) }),
+      );
+    }
+    await (await loadTrainerCheckpoint(good)).dispose();
+  });
+
   it('a checkpoint resumes with identical losses', async () => {
     const dir = tempDir('osd-ckpt-');
     const a = await createTrainer({ config, seed: 3 }, { lr: 5e-3, schedule: 'cosine', totalSteps: 20, warmupSteps: 2 });

@@ -134,6 +134,7 @@ class TrainWorker : public Napi::AsyncWorker {
       fn_();
     } catch (const Error& e) {
       kind_ = e.kind;
+      engine_ = true;
       SetError(e.what());
     } catch (const std::exception& e) {
       SetError(e.what());
@@ -145,6 +146,9 @@ class TrainWorker : public Napi::AsyncWorker {
     Napi::Error err = kind_ == ErrorKind::Range  ? Napi::RangeError::New(env, e.Message())
                       : kind_ == ErrorKind::Type ? Napi::TypeError::New(env, e.Message())
                                                  : Napi::Error::New(env, e.Message());
+    // The codes the other bindings give (throw_js): a damaged checkpoint is OSD_IO, as a model file.
+    if (engine_ && kind_ != ErrorKind::Range && kind_ != ErrorKind::Type)
+      err.Set("code", Napi::String::New(env, kind_ == ErrorKind::Io ? "OSD_IO" : "OSD_STATE"));
     d_.Reject(err.Value());
   }
 
@@ -154,6 +158,7 @@ class TrainWorker : public Napi::AsyncWorker {
   std::function<void()> fn_;
   std::function<Napi::Value(Napi::Env)> make_;
   ErrorKind kind_ = ErrorKind::State;
+  bool engine_ = false;  // an osd::Error (kind_ is its kind)
 };
 
 class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {

@@ -169,8 +169,18 @@ std::unique_ptr<Trainer> Trainer::load_checkpoint(const std::string& path) {
       const gguf::TensorInfo& info = g.tensor(name);
       if (info.type != gguf::TensorType::F32 || info.n_elements != pt.size())
         throw_io(g.name() + ": tensor '" + name + "' must be F32 with " + std::to_string(pt.size()) + " elements");
-      std::memcpy((which == 0 ? t->m_ : t->v_).data() + pt.offset, info.data, pt.size() * sizeof(float));
+      float* dst = (which == 0 ? t->m_ : t->v_).data() + pt.offset;
+      std::memcpy(dst, info.data, pt.size() * sizeof(float));
+      // A damaged moment would pass the step's guards (loss and gradient stay finite) and turn every
+      // weight it touches into NaN: second moments are finite and >= 0, first moments finite.
+      for (size_t i = 0; i < pt.size(); ++i)
+        if (!std::isfinite(dst[i]) || (which == 1 && dst[i] < 0.0f))
+          throw_io(g.name() + ": tensor '" + name + "' holds " + std::to_string(dst[i]) + " at element " + std::to_string(i) +
+                   (which == 1 ? " (second moments are finite and >= 0)" : " (moments are finite)"));
     }
+  for (size_t i = 0; i < t->params_.size(); ++i)
+    if (!std::isfinite(t->params_.data()[i]))
+      throw_io(g.name() + ": a weight is not finite (element " + std::to_string(i) + " of the flat parameters)");
   return t;
 }
 

@@ -99,6 +99,8 @@ export interface NewModelConfig {
   tiedOutput?: boolean;
 }
 
+const newModelKeys = ['vocabSize', 'embeddingLength', 'layers', 'heads', 'kvHeads', 'feedForwardLength', 'contextLength', 'ropeTheta', 'tiedOutput'];
+
 /** A trainer over a copy of `source`'s weights, or over a fresh random model. */
 export async function createTrainer(
   source: Model | { config: NewModelConfig; seed?: Seed; initStd?: number },
@@ -106,8 +108,11 @@ export async function createTrainer(
 ): Promise<Trainer> {
   checkKeys(checkOptions(options)!, trainerKeys);
   if (source instanceof Model) return new Trainer(await native.createTrainer(source.handle, options), source);
-  if (typeof source !== 'object' || source === null || typeof source.config !== 'object')
+  if (typeof source !== 'object' || source === null || typeof source.config !== 'object' || source.config === null)
     throw new TypeError('source must be a Model or { config, seed? }');
+  checkKeys(source, ['config', 'seed', 'initStd'], 'source');
+  checkKeys(source.config, newModelKeys, 'source.config');
+  if (source.config.tiedOutput !== undefined && typeof source.config.tiedOutput !== 'boolean') throw new TypeError('source.config.tiedOutput must be a boolean');
   return new Trainer(await native.createTrainer(source, options), undefined);
 }
 
@@ -200,8 +205,13 @@ export class Trainer {
     return this.#enqueue((t) => t.save(path));
   }
 
-  /** Changes optimizer settings from the next step on. */
+  /**
+   * Changes optimizer settings from the next step on (a step already running keeps its own). It
+   * returns at once, also while a step runs; bad settings throw here.
+   */
   configure(options: TrainerOptions): void {
+    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object');
+    checkKeys(options, trainerKeys);
     this.#get().configure(options);
   }
 

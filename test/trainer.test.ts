@@ -85,6 +85,35 @@ describe('Trainer', () => {
     await (await loadTrainerCheckpoint(good)).dispose();
   });
 
+  it('configure applies from the next step without waiting for a running one, and checks its options', async () => {
+    // A step of a few hundred milliseconds: configure took the trainer's lock and so held the event
+    // loop for all of it.
+    const big = { vocabSize: 512, embeddingLength: 128, layers: 2, heads: 4, feedForwardLength: 256, contextLength: 256 };
+    await using trainer = await createTrainer({ config: big, seed: 1 }, { lr: 1e-3 });
+    const B = 8, T = 256;
+    const batch = { tokens: new Int32Array(B * T).map((_, i) => (i * 7) % 512), targets: new Int32Array(B * T).map((_, i) => (i * 11) % 512), batchSize: B, seqLen: T };
+    await trainer.step(batch); // warm-up
+    const t0 = performance.now();
+    const first = trainer.step(batch);
+    await new Promise((r) => setTimeout(r, 5)); // the step is running on its worker
+    const c0 = performance.now();
+    trainer.configure({ lr: 2e-4 });
+    const configureMs = performance.now() - c0;
+    const r1 = await first;
+    const stepMs = performance.now() - t0;
+    const r2 = await trainer.step(batch);
+    expect(r1.lr).toBeCloseTo(1e-3, 9); // the running step keeps its settings
+    expect(r2.lr).toBeCloseTo(2e-4, 9);
+    expect(configureMs).toBeLessThan(stepMs / 4);
+    // Settings are checked where they are given; a misspelt key was ignored.
+    expect(() => trainer.configure({ lr: -1 })).toThrow(/lr/);
+    expect(() => trainer.configure({ learning_rate: 1 } as never)).toThrow(/^options\.learning_rate is not an option/);
+    expect(() => trainer.configure(null as never)).toThrow(TypeError);
+    expect((await trainer.step(batch)).lr).toBeCloseTo(2e-4, 9);
+    await expect(createTrainer({ config: { ...config, kv_heads: 2 } } as never)).rejects.toThrow(/^source\.config\.kv_heads is not an option \(did you mean kvHeads\?\)/);
+    await expect(createTrainer({ config, sed: 1 } as never)).rejects.toThrow(/^source\.sed is not an option/);
+  });
+
   it('a checkpoint resumes with identical losses', async () => {
     const dir = tempDir('osd-ckpt-');
     const a = await createTrainer({ config, seed: 3 }, { lr: 5e-3, schedule: 'cosine', totalSteps: 20, warmupSteps: 2 });

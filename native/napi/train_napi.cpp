@@ -161,6 +161,19 @@ class TrainWorker : public Napi::AsyncWorker {
   bool engine_ = false;  // an osd::Error (kind_ is its kind)
 };
 
+// Settings configure() leaves for the next call that runs under the trainer's lock: configure
+// itself does not wait for that lock, which a running step holds for its whole length.
+struct ConfigSlot {
+  std::mutex mu;
+  TrainerConfig latest;  // what configure() last set (the base of the next configure)
+  bool pending = false;
+  void apply(Trainer& t) {
+    std::lock_guard<std::mutex> lk(mu);
+    if (pending) t.set_config(latest);
+    pending = false;
+  }
+};
+
 class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
  public:
   static Napi::Function define(Napi::Env env) {
@@ -182,6 +195,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
     // Moved out: the external (freed by the garbage collector) must not hold the trainer, which
     // dispose() frees on a worker thread.
     trainer_ = std::move(*info[0].As<Napi::External<std::shared_ptr<Trainer>>>().Data());
+    slot_->latest = trainer_->config();
     tag_object(info.Env(), info.This(), kTrainerTag);
   }
 
@@ -189,6 +203,15 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
   Trainer& get(Napi::Env env) {
     if (!trainer_) throw Napi::Error::New(env, "the trainer was disposed");
     return *trainer_;
+  }
+
+  // fn, run under the trainer's lock after the settings configure() left (they apply from the next
+  // step on, in call order).
+  std::function<void()> configured(std::shared_ptr<Trainer> keep, std::function<void()> fn) {
+    return [slot = slot_, keep = std::move(keep), fn = std::move(fn)] {
+      slot->apply(*keep);
+      fn();
+    };
   }
 
   Napi::Value step(const Napi::CallbackInfo& info) {
@@ -201,7 +224,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
       get(env);
       auto res = std::make_shared<train::StepResult>();
       auto* w = new TrainWorker(
-          env, mu_, [keep, b, res] { *res = keep->step(b->batch); },
+          env, mu_, configured(keep, [keep, b, res] { *res = keep->step(b->batch); }),
           [res](Napi::Env e) {
             Napi::Object o = Napi::Object::New(e);
             o.Set("loss", res->loss);
@@ -224,7 +247,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
       std::shared_ptr<OwnedBatch> b(parse_batch(env, info.Length() ? info[0] : env.Undefined(), vocab));
       get(env);
       auto loss = std::make_shared<double>(0);
-      auto* w = new TrainWorker(env, mu_, [keep, b, loss] { *loss = keep->eval_loss(b->batch); },
+      auto* w = new TrainWorker(env, mu_, configured(keep, [keep, b, loss] { *loss = keep->eval_loss(b->batch); }),
                                 [loss](Napi::Env e) { return Napi::Number::New(e, *loss); });
       w->Queue();
       return w->promise();
@@ -236,7 +259,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
     get(env);
     auto keep = trainer_;
     auto out = std::make_shared<std::shared_ptr<Model>>();
-    auto* w = new TrainWorker(env, mu_, [keep, out] { *out = keep->snapshot(); },
+    auto* w = new TrainWorker(env, mu_, configured(keep, [keep, out] { *out = keep->snapshot(); }),
                               [out](Napi::Env e) { return wrap_model(e, *out); });
     w->Queue();
     return w->promise();
@@ -248,7 +271,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
     if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "path must be a string");
     std::string path = info[0].As<Napi::String>();
     auto keep = trainer_;
-    auto* w = new TrainWorker(env, mu_, [keep, path] { keep->save_checkpoint(path); },
+    auto* w = new TrainWorker(env, mu_, configured(keep, [keep, path] { keep->save_checkpoint(path); }),
                               [](Napi::Env e) { return e.Undefined(); });
     w->Queue();
     return w->promise();
@@ -257,20 +280,22 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
   Napi::Value configure(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
-      // The options are parsed without the lock held: their getters may run, and may call back into
-      // this trainer (configure again would deadlock on the lock; dispose would free it).
-      auto keep = trainer_;
+      // The options are parsed without a lock held: their getters may run, and may call back into
+      // this trainer. The settings wait in slot_ for the next call under the trainer's lock, so a
+      // running step does not hold the event loop here.
       get(env);
       Napi::Object o = require_object(info, 0, "options");
       TrainerConfig base;
       {
-        std::lock_guard<std::mutex> lk(*mu_);
-        base = keep->config();
+        std::lock_guard<std::mutex> lk(slot_->mu);
+        base = slot_->latest;
       }
       const TrainerConfig c = parse_config(o, base);
+      validate_trainer_config(c);  // bad settings fail here, not in the next step
       get(env);
-      std::lock_guard<std::mutex> lk(*mu_);
-      keep->set_config(c);
+      std::lock_guard<std::mutex> lk(slot_->mu);
+      slot_->latest = c;
+      slot_->pending = true;
       return env.Undefined();
     });
   }
@@ -294,6 +319,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
 
   std::shared_ptr<Trainer> trainer_;
   std::shared_ptr<std::mutex> mu_ = std::make_shared<std::mutex>();
+  std::shared_ptr<ConfigSlot> slot_ = std::make_shared<ConfigSlot>();
 };
 
 Napi::FunctionReference* g_trainer_ctor = nullptr;

@@ -2,6 +2,7 @@
 // norm, a learning rate from the schedule, and AdamW (distill/adamw via the CPU backend; norms
 // and biases without weight decay). Checkpoints hold parameters, moments, step and settings.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -81,7 +82,7 @@ class Trainer {
   Params params_;
   TrainerConfig config_;
   std::vector<float> grads_, m_, v_;
-  int64_t step_ = 0;
+  std::atomic<int64_t> step_{0};  // read by steps() while a step runs
   Activations acts_;
 };
 

@@ -313,6 +313,17 @@ describe('distillLoss rejects bad input', () => {
     expectThrows(() => run({ ...o, studentLogits: shared.subarray(0, N * W), gradOut: shared.subarray(N * W - 1, 2 * N * W - 1) }), RangeError, /gradOut must not share memory/);
     expectThrows(() => run({ ...o, gradOut: o.teacherLogits }), RangeError, /gradOut must not share memory/);
     expect(Number.isFinite(run({ ...o, studentLogits: shared.subarray(0, N * W), gradOut: shared.subarray(N * W, 2 * N * W) }).loss)).toBe(true);
+    // Nor the sparse teacher's arrays (a shared probs buffer gave a wrong loss without a word).
+    const sp = sparse() as { teacher: { indices: Int32Array; probs: Float32Array; residual?: Float32Array } };
+    sp.teacher.residual = Float32Array.from([0.3, 0.3]);
+    expect(Number.isFinite(run(sp).loss)).toBe(true);
+    const pool = new Float32Array(N * W + 64);
+    for (const [which, at] of [['probs', 0], ['residual', N * W - 1]] as const) {
+      const arr = sp.teacher[which]!;
+      pool.set(arr, at);
+      const teacher = { ...sp.teacher, [which]: pool.subarray(at, at + arr.length) };
+      expectThrows(() => run({ ...sp, teacher, gradOut: pool.subarray(0, N * W) }), RangeError, /gradOut must not share memory/);
+    }
   });
 
   it('kind must be a known loss', () => {

@@ -340,10 +340,17 @@ Napi::Value distill_loss(const Napi::CallbackInfo& info) {
       if (!want_grad) throw Napi::TypeError::New(env, "gradOut cannot be combined with computeGrad: false");
       auto g = typed_array<float>(env, info[12], "gradOut");
       expect_length(env, g.length, rows * in.vocab, "gradOut", "studentLogits.length");
-      // The kernels read the logits after writing parts of the gradient: no overlap.
-      auto overlaps = [&](const float* a, size_t n) { return a && g.data < a + n && a < g.data + g.length; };
-      if (overlaps(in.student, rows * in.vocab) || overlaps(in.teacher, rows * in.vocab))
-        throw Napi::RangeError::New(env, "gradOut must not share memory with studentLogits or teacherLogits");
+      // The kernels read their inputs after writing parts of the gradient: no overlap with any.
+      const char* g0 = reinterpret_cast<const char*>(g.data);
+      const char* g1 = g0 + g.length * sizeof(float);
+      auto overlaps = [&](const void* a, size_t bytes) {
+        const char* p = static_cast<const char*>(a);
+        return p && g0 < p + bytes && p < g1;
+      };
+      const size_t logits = rows * in.vocab * sizeof(float), sparse = rows * static_cast<size_t>(in.k);
+      if (overlaps(in.student, logits) || overlaps(in.teacher, logits) || overlaps(in.topk_probs, sparse * sizeof(float)) ||
+          overlaps(in.residual, rows * sizeof(float)))  // (the ids are a copy)
+        throw Napi::RangeError::New(env, "gradOut must not share memory with studentLogits, teacherLogits or the teacher's arrays");
       grad_ptr = g.data;
     } else if (want_grad) {
       auto g = typed_array<float>(env, info[13], "freshGrad");

@@ -55,6 +55,14 @@ describe('Trainer', () => {
     const wrong = await other.snapshot();
     expect(() => model.setWeights(wrong)).toThrow(/shape/);
     await Promise.all([other.dispose(), wrong.dispose()]);
+    // Same shape, other settings: model.info would have gone stale (it kept context 64 while new
+    // sequences got 8).
+    for (const change of [{ contextLength: 8 }, { ropeTheta: 1e6 }]) {
+      await using t = await createTrainer({ config: { ...config, ...change }, seed: 2 });
+      await using w = await t.snapshot();
+      expect(() => model.setWeights(w), JSON.stringify(change)).toThrow(/other settings/);
+    }
+    expect(model.info.contextLength).toBe(64);
   });
 
   it('a checkpoint with damaged moments or weights is refused at load (a NaN moment ruined every later step)', async () => {

@@ -147,6 +147,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     if (a.arch != b.arch || a.vocab != b.vocab || a.dim != b.dim || a.n_layers != b.n_layers || a.n_heads != b.n_heads ||
         a.n_kv_heads != b.n_kv_heads || a.ffn_dim != b.ffn_dim || a.head_dim != b.head_dim)
       throw Napi::RangeError::New(env, "weights have another shape than this model (architecture, vocabulary, sizes)");
+    // The settings model.info reports (and sequences use) come with the weights: they must agree.
+    if (a.context != b.context || a.rope_theta != b.rope_theta || a.rope_freq_scale != b.rope_freq_scale ||
+        a.rope_neox != b.rope_neox || a.rms_eps != b.rms_eps || a.tied_output != b.tied_output)
+      throw Napi::RangeError::New(env, "weights have other settings than this model (context length, RoPE, RMS epsilon or tied output)");
     model_ = other;
     return env.Undefined();
   }

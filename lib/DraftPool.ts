@@ -5,7 +5,7 @@ import { EventEmitter } from 'node:events';
 import { extname } from 'node:path';
 import { checkInteger, checkKeys, disposedError } from './args.js';
 import { Model } from './Model.js';
-import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics, type RollbackEvent, type UpdateEvent } from './OnlineDecoder.js';
+import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics, type RollbackEvent, type UpdateErrorEvent, type UpdateEvent } from './OnlineDecoder.js';
 import type { RequestStats, SpeculativeGenerateOptions, SpeculativeResult, Strategy, StreamChunk, WeightSwap } from './SpeculativeDecoder.js';
 import type { SamplingOptions } from './addonTypes.js';
 
@@ -73,6 +73,8 @@ interface Member {
 export interface DraftPoolEvents {
   update: [UpdateEvent & { draft: string }];
   rollback: [RollbackEvent & { draft: string }];
+  /** A draft's update, autosave or resume failed (see OnlineDecoderEvents). */
+  'update-error': [UpdateErrorEvent & { draft: string }];
   /** A label seen for the first time got a copy of `from`. */
   fork: [{ draft: string; from: string }];
 }
@@ -126,6 +128,7 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     });
     decoder.on('update', (e) => this.emit('update', { draft: name, ...e }));
     decoder.on('rollback', (e) => this.emit('rollback', { draft: name, ...e }));
+    decoder.on('update-error', (e) => this.emit('update-error', { draft: name, ...e }));
     const m: Member = { name, model, decoder, owned, requests: 0, inflight: 0, acceptedSum: 0, successes: 0, failures: 0 };
     this.#members.set(name, m);
     return m;
@@ -139,7 +142,9 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
   /** Per-draft metrics: decoding stats, updates, rollbacks and the requests each served. */
   metrics(): Record<string, OnlineMetrics & { requests: number }> {
     const out: Record<string, OnlineMetrics & { requests: number }> = {};
-    for (const m of this.#members.values()) out[m.name] = { ...m.decoder.metrics(), requests: m.requests };
+    // (defined, not assigned: a draft named '__proto__' would set the prototype)
+    for (const m of this.#members.values())
+      Object.defineProperty(out, m.name, { value: { ...m.decoder.metrics(), requests: m.requests }, enumerable: true, writable: true, configurable: true });
     return out;
   }
 
@@ -237,11 +242,22 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     if (!p) {
       p = (async () => {
         const base = this.#members.get(this.#options.forkFrom!)!;
-        const m = this.#add(label, await copyModel(base.model), true);
+        const copy = await copyModel(base.model);
+        let m: Member;
+        try {
+          m = this.#add(label, copy, true);
+        } catch (e) {
+          await copy.dispose();
+          throw e;
+        }
         this.emit('fork', { draft: label, from: base.name });
         return m;
       })();
       this.#forking.set(label, p);
+      // A failed fork is not kept: the next request with the label tries again (it failed for good).
+      p.catch(() => {
+        if (this.#forking.get(label) === p) this.#forking.delete(label);
+      });
     }
     return p;
   }

@@ -145,7 +145,10 @@ export interface OnlineDecoderEvents {
   /** New weights are in place. */
   update: [UpdateEvent];
   rollback: [RollbackEvent];
-  /** An update (or the resume from a checkpoint) failed; serving goes on with the weights in place. */
+  /**
+   * An update failed (serving goes on with the weights in place), or the resume from a checkpoint
+   * did (requests then reject with that error).
+   */
   'update-error': [UpdateErrorEvent];
 }
 
@@ -318,6 +321,10 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       onVerified: (s) => this.#record(s),
     });
     check(this.#decoder.strategy.kind !== 'ngram', "the 'ngram' strategy has no draft model to train");
+    // Training the draft in place would train the target.
+    check(options.draft !== options.target, 'draft must be another model than target (the draft is trained in place)', 'type');
+    const V = this.#decoder.vocabSize;
+    check(this.options.topK <= V, `distill.topK must be at most the vocabulary (${V}), got ${this.options.topK}`);
     this.#decoder.on('step', (e) => this.emit('step', e));
     this.#ready = this.#resume();
     // A checkpoint that fails to load rejects every generate() and update, not the process (an
@@ -337,7 +344,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       }
     } catch (e) {
       const err = new Error(`distill.resumeFrom '${from}' could not be resumed from: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
-      this.emit('update-error', { error: err });
+      this.#notify('update-error', { error: err });
       throw err;
     }
   }
@@ -400,7 +407,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
         this.#guard.window.push(w);
         if (this.#guard.window.length >= this.options.guardWindow) this.#enqueue(() => this.#checkGuard());
       }
-      this.emit('acceptance', { window: this.#recent.length, rate: rate(this.#recent) });
+      this.#notify('acceptance', { window: this.#recent.length, rate: rate(this.#recent) });
     }
     if (requestId === undefined) return;
     const rec = this.#live.get(requestId);
@@ -409,7 +416,8 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     // Keep the trailing maxRecordTokens tokens (teacher positions shift with them). The draft then
     // learns those positions from a shortened context; positions with less than a quarter of the
     // window before them are dropped, as their context is cut the most.
-    const W = this.options.maxRecordTokens;
+    // (and to the draft's context: a record longer than that could never be trained on)
+    const W = Math.min(this.options.maxRecordTokens, this.draft.info.contextLength);
     const cut = Math.max(0, rec.tokens.length - W);
     if (cut > 0) {
       rec.tokens = rec.tokens.slice(cut);
@@ -426,16 +434,29 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     this.#scheduleUpdate();
   }
 
+  /**
+   * Emits an event of the background work. A listener that throws must not stop it (the distiller's
+   * queue stalled, and a rollback leaked the weights it replaced): its error becomes a process
+   * warning (code OSD_LISTENER_ERROR), printed to stderr unless the process handles 'warning'.
+   */
+  #notify<K extends keyof OnlineDecoderEvents>(event: K, ...args: OnlineDecoderEvents[K]): void {
+    try {
+      (this.emit as (e: K, ...a: OnlineDecoderEvents[K]) => boolean)(event, ...args);
+    } catch (e) {
+      process.emitWarning(`a '${String(event)}' listener threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`, { code: 'OSD_LISTENER_ERROR' });
+    }
+  }
+
   /** Runs fn after everything queued before it; a failure is reported as an event, never thrown. */
   #enqueue(fn: () => Promise<void>): Promise<void> {
     const run = async () => {
       try {
         await fn();
       } catch (e) {
-        this.emit('update-error', { error: e instanceof Error ? e : new Error(String(e)) });
+        this.#notify('update-error', { error: e instanceof Error ? e : new Error(String(e)) });
       }
     };
-    this.#chain = this.#chain.then(run);
+    this.#chain = this.#chain.then(run, run);
     return this.#chain;
   }
 
@@ -466,7 +487,11 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     return this.#buffer.map((r) => ({ tokens: [...r.tokens], positions: [...r.teachers.keys()].sort((a, b) => a - b) }));
   }
 
-  /** Trains now on whatever is buffered (resolves when the new weights are in place). */
+  /**
+   * Trains now on whatever is buffered (resolves when the new weights are in place, with null when
+   * there was nothing to train on or the update was rolled back). A failure (of the update, or of
+   * the autosave after it) rejects, and is also emitted as 'update-error'.
+   */
   async updateNow(): Promise<UpdateEvent | null> {
     if (this.#disposed) throw disposedError('decoder');
     let event: UpdateEvent | null = null;
@@ -480,6 +505,8 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
         dropped = (await this.#update()) === 'dropped';
       } catch (e) {
         failure = e instanceof Error ? e : new Error(String(e));
+        // Reported as every failed update is (monitoring counts these), besides the rejection.
+        this.#notify('update-error', { error: failure });
       } finally {
         this.off('update', listener);
       }
@@ -541,7 +568,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     this.#remember(fresh);
     const started = performance.now();
     const update = this.#updates + 1;
-    this.emit('update-start', { update, records: records.length });
+    this.#notify('update-start', { update, records: records.length });
     setTrainThreads(this.options.trainThreads);
     this.#trainer ??= await createTrainer(this.draft, { lr: this.options.lr, clipNorm: this.options.clipNorm });
     const batches = this.#batches(records);
@@ -551,7 +578,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       for (const b of batches) {
         const r = await this.#trainer.step(b);
         steps++;
-        if (!r.applied || !Number.isFinite(r.loss)) {
+        if (!Number.isFinite(r.loss) || !Number.isFinite(r.gradNorm)) {
           await this.#rollback(update, `the loss or gradient was not finite at step ${steps}`);
           return;
         }
@@ -590,7 +617,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       lossAfter,
       durationMs: performance.now() - started,
     };
-    this.emit('update', event);
+    this.#notify('update', event);
     const o = this.options;
     if (o.autosaveEvery !== undefined && update % o.autosaveEvery === 0) await this.#writeDraft(o.autosavePath!);
   }
@@ -648,7 +675,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       await this.#trainer?.dispose();
       this.#trainer = null;
       this.#rollbacks++;
-      this.emit('rollback', { update: g.update, reason: `acceptance fell from ${g.before.toFixed(3)} to ${after.toFixed(3)} over ${g.window.length} requests` } satisfies RollbackEvent);
+      this.#notify('rollback', { update: g.update, reason: `acceptance fell from ${g.before.toFixed(3)} to ${after.toFixed(3)} over ${g.window.length} requests` } satisfies RollbackEvent);
     }
     await g.previous.dispose();
     this.#scheduleUpdate();
@@ -658,7 +685,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     await this.#trainer?.dispose();
     this.#trainer = null;
     this.#rollbacks++;
-    this.emit('rollback', { update, reason } satisfies RollbackEvent);
+    this.#notify('rollback', { update, reason } satisfies RollbackEvent);
   }
 
   /**

@@ -471,8 +471,9 @@ export interface TreeCosts {
  */
 export function sampledTreeShape(accept: readonly number[], budget: number, maxDepth: number, costs?: TreeCosts): number[] {
   if (!Array.isArray(accept) || accept.some((a) => !(typeof a === 'number' && a >= 0 && a <= 1))) throw new RangeError('accept must be an array of numbers in [0, 1]');
-  if (!Number.isInteger(budget) || budget < 0) throw new RangeError(`budget must be an integer >= 0, got ${String(budget)}`);
-  if (!Number.isInteger(maxDepth) || maxDepth < 0) throw new RangeError(`maxDepth must be an integer >= 0, got ${String(maxDepth)}`);
+  // Bounded as bestLength's maxLength is: the search is quadratic in the budget, on the caller's thread.
+  checkInteger(budget, 'budget', 0, 1 << 12);
+  checkInteger(maxDepth, 'maxDepth', 0, 1 << 12);
   if (costs !== undefined && (costs === null || typeof costs !== 'object')) throw new TypeError('costs must be an object { node, level }');
   if (costs !== undefined && !(costs.node >= 0 && costs.level >= 0)) throw new RangeError('costs.node and costs.level must be numbers >= 0');
   const reach: number[] = [1]; // reach[j]: chance that ranks 0..j-1 were all rejected

@@ -83,7 +83,10 @@ export interface TrainStepResult {
   gradNorm: number;
   lr: number;
   step: number;
-  /** False when the loss or the gradient was not finite: the weights were left unchanged. */
+  /**
+   * False when the loss or the gradient was not finite, or when no position counted (every target
+   * -1, or every row masked; loss 0): the weights and the step count were left unchanged.
+   */
   applied: boolean;
 }
 

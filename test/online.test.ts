@@ -327,6 +327,48 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     await writeRandomModel(join(dir, 'v500.gguf'), { vocabSize: 500, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 64 });
     await using other = await loadModel(join(dir, 'v500.gguf'));
     expect(() => createOnlineDecoder({ target, draft: other })).toThrow(/vocabulary/);
+    // A teacher wider than the vocabulary failed every update later; the target as its own draft
+    // would be trained in place.
+    expect(() => createOnlineDecoder({ target, draft, distill: { topK: 513 } })).toThrow(new RangeError('distill.topK must be at most the vocabulary (512), got 513'));
+    expect(() => createOnlineDecoder({ target, draft: target })).toThrow(/draft must be another model than target/);
+  });
+
+  it('a draft with a shorter context than the records learns (every update failed)', async () => {
+    await writeRandomModel(join(dir, 'ctx64.gguf'), { vocabSize: 512, embeddingLength: 32, layers: 1, heads: 2, feedForwardLength: 64, contextLength: 64, seed: 3 });
+    await using draft = await loadModel(join(dir, 'ctx64.gguf'));
+    await using dec = createOnlineDecoder({ target, draft, distill: { interval: 1000, positions: 'all' } });
+    const errors: Error[] = [];
+    dec.on('update-error', (e) => errors.push(e.error));
+    await dec.generate({ tokens: prompts[0]!, maxTokens: 100, stopTokens: [] });
+    expect(dec.recorded()[0]!.tokens.length).toBe(64);
+    expect(await dec.updateNow()).toMatchObject({ records: 1 });
+    expect(errors).toEqual([]);
+  });
+
+  it('a listener that throws does not stall the distiller; its error becomes a process warning', async () => {
+    await using draft = await loadModel(draftPath);
+    const dec = createOnlineDecoder({ target, draft, distill: { interval: 1000, positions: 'all' } });
+    const warnings: Error[] = [];
+    const onWarning = (w: Error) => warnings.push(w);
+    process.on('warning', onWarning);
+    try {
+      let updates = 0;
+      dec.on('update', () => {
+        updates++;
+        throw new Error('listener bug');
+      });
+      for (let i = 0; i < 3; i++) {
+        await dec.generate({ tokens: prompts[i]!, maxTokens: 12 });
+        await dec.updateNow();
+      }
+      expect(updates).toBe(3);
+      await new Promise((r) => setImmediate(r));
+      expect(warnings.filter((w) => (w as Error & { code?: string }).code === 'OSD_LISTENER_ERROR').length).toBe(3);
+      expect(warnings[0]!.message).toMatch(/a 'update' listener threw: Error: listener bug/);
+    } finally {
+      process.off('warning', onWarning);
+      await dec.dispose(); // it rejected with the listener's error and left the trainer allocated
+    }
   });
 
   it('a checkpoint that cannot be resumed from rejects requests and reports it, and the process lives on', async () => {

@@ -1,5 +1,5 @@
 // DraftPool: routing by label, classifier and bandits; forking on a new label; per-draft metrics.
-import { existsSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createDraftPool, draftCheckpointPath, loadModel, writeRandomModel, type Model } from '../lib/index.js';
@@ -65,6 +65,27 @@ describe.skipIf(!have)('DraftPool (stories260K)', () => {
     await using fresh = createDraftPool({ target, drafts: { good, bad }, router: 'ucb', distill: { enabled: false } });
     const first = await Promise.all([0, 1, 2, 3].map((i) => fresh.generate({ tokens: [1, 403 + i], maxTokens: 6 })));
     expect(new Set(first.map((r) => r.draft))).toEqual(new Set(['good', 'bad']));
+  });
+
+  it("forwards a draft's update errors, and a fork that failed is tried again (it failed for good)", async () => {
+    const sub = join(dir, 'gone');
+    mkdirSync(sub);
+    await using base = await loadModel(join(dir, 'good.gguf'));
+    await using pool = createDraftPool({ target, drafts: { base }, forkFrom: 'base', distill: { interval: 1000, autosaveEvery: 1, autosavePath: join(sub, 'ck.gguf'), positions: 'all' } });
+    const errors: { draft: string; error: Error }[] = [];
+    pool.on('update-error', (e) => errors.push(e));
+    rmSync(sub, { recursive: true });
+    // The fork's decoder cannot autosave there: the request fails...
+    await expect(pool.generate({ tokens: [1, 403], maxTokens: 4, label: 'code' })).rejects.toThrow(/cannot write in/);
+    // ... and so does the base draft's autosave after an update, reported with the draft's name.
+    await pool.generate({ tokens: [1, 403, 407], maxTokens: 12, label: 'base' });
+    await pool.updateNow().catch(() => {});
+    expect(errors.map((e) => e.draft)).toEqual(['base']);
+    expect(errors[0]!.error.message).toMatch(/ck\.base\.gguf|gone/);
+    // Once the directory is back, the label forks.
+    mkdirSync(sub);
+    expect((await pool.generate({ tokens: [1, 403], maxTokens: 4, label: 'code' })).draft).toBe('code');
+    expect(pool.drafts).toEqual(['base', 'code']);
   });
 
   it('each draft checkpoints to its own file and resumes from it', async () => {

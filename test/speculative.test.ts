@@ -434,6 +434,9 @@ describe('sampled draft trees', () => {
     expect(sampledTreeShape([0.9, 0.1], 4, 6)).toEqual([1, 1, 1, 1]);
     expect(sampledTreeShape([0.2, 0.2, 0.2], 3, 6)).toEqual([3]);
     expect(sampledTreeShape([0.5, 0.4], 4, 6)).toEqual([2, 1, 1]);
+    // Bounded (a budget of 30000 held the event loop for seconds; the search is quadratic).
+    expect(() => sampledTreeShape([0.5], 30_000, 30_000)).toThrow(new RangeError('budget must be an integer in [0, 4096], got 30000'));
+    expect(() => sampledTreeShape([0.5], 4, -1)).toThrow(/^maxDepth must be an integer in \[0, 4096\]/);
   });
 
   it('sampleLogits with exclude samples the warped row without those tokens', () => {

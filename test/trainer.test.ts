@@ -65,6 +65,23 @@ describe('Trainer', () => {
     expect(model.info.contextLength).toBe(64);
   });
 
+  it('a batch in which no position counts takes no step (momentum and weight decay moved the weights)', async () => {
+    await using trainer = await createTrainer({ config, seed: 4 }, { lr: 1e-2, weightDecay: 0.1 });
+    await trainer.step(fixedBatch()); // moments that would carry the weights on
+    const before = await trainer.snapshot();
+    const none = { ...fixedBatch(), targets: new Int32Array(24).fill(-1) };
+    const r = await trainer.step(none);
+    expect(r).toMatchObject({ applied: false, loss: 0, gradNorm: 0, step: 1 });
+    expect(trainer.steps).toBe(1);
+    const after = await trainer.snapshot();
+    expect(Array.from(await after.forward([1, 2, 3]))).toEqual(Array.from(await before.forward([1, 2, 3])));
+    // A distillation batch with every row masked, likewise.
+    const V = config.vocabSize;
+    const masked = { tokens: fixedBatch().tokens, batchSize: 2, seqLen: 12, teacherLogits: new Float32Array(24 * V), mask: new Uint8Array(24) };
+    expect(await trainer.step(masked)).toMatchObject({ applied: false, step: 1 });
+    await Promise.all([before.dispose(), after.dispose()]);
+  });
+
   it('a checkpoint with damaged moments or weights is refused at load (a NaN moment ruined every later step)', async () => {
     const { readGgufLayout } = await import('../lib/train/ggufRewrite.js');
     const { openSync, writeSync, closeSync, copyFileSync } = await import('node:fs');

@@ -1,5 +1,6 @@
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -67,6 +68,16 @@ void Trainer::set_config(const TrainerConfig& c) {
   config_ = c;
 }
 
+namespace {
+// Whether any output position counts toward the loss (a target >= 0, or an unmasked row).
+bool has_counted_position(const Batch& b) {
+  const size_t n = static_cast<size_t>(b.batch) * static_cast<size_t>(b.seq_len);
+  if (b.loss.targets) return std::any_of(b.loss.targets, b.loss.targets + n, [](int32_t t) { return t >= 0; });
+  const uint8_t* m = b.loss.distill.mask;
+  return !m || std::any_of(m, m + n, [](uint8_t x) { return x != 0; });
+}
+}  // namespace
+
 StepResult Trainer::step(const Batch& batch) {
   ForwardOptions fo;
   fo.head_chunk = config_.head_chunk;
@@ -76,6 +87,8 @@ StepResult Trainer::step(const Batch& batch) {
   r.grad_norm = be.global_norm(grads_.data(), grads_.size());
   r.step = step_;
   if (!std::isfinite(r.loss) || !std::isfinite(r.grad_norm)) return r;  // the guard: nothing changes
+  // Nothing to learn from: no step (AdamW's momentum and weight decay would still move the weights).
+  if (!has_counted_position(batch)) return r;
 
   AdamWConfig a;
   a.lr = r.lr = config_.schedule.at(step_ + 1);

@@ -107,7 +107,13 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     this.router = router;
     this.#options = options;
     this.#rng = (options.seed ?? 1) >>> 0 || 1;
-    for (const [name, model] of Object.entries(options.drafts)) this.#add(name, model, false);
+    try {
+      for (const [name, model] of Object.entries(options.drafts)) this.#add(name, model, false);
+    } catch (e) {
+      // The drafts added before the bad one stop (their decoders were left running).
+      for (const m of this.#members.values()) void m.decoder.dispose().catch(() => {});
+      throw e;
+    }
   }
 
   #add(name: string, model: Model, owned: boolean): Member {

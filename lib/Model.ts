@@ -151,11 +151,11 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
       chatTemplate = readChatTemplate(path);
     }
     throwIfAborted(signal);
+    options.onProgress?.(1); // (a callback that throws frees the model too)
   } catch (e) {
     handle.dispose();
     throw e;
   }
-  options.onProgress?.(1);
   return new Model(handle, tokenizer, chatTemplate);
 }
 
@@ -215,6 +215,8 @@ export interface RandomModelConfig {
  */
 export async function writeRandomModel(path: string, config: RandomModelConfig): Promise<void> {
   if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
+  if (config === null || typeof config !== 'object') throw new TypeError('config must be an object');
+  checkKeys(config, ['vocabSize', 'embeddingLength', 'layers', 'heads', 'kvHeads', 'feedForwardLength', 'contextLength', 'ropeTheta', 'type', 'seed'], 'config');
   await native.writeRandomModel(path, config);
 }
 

@@ -10,7 +10,7 @@ import { dirname, resolve } from 'node:path';
 import type { SamplingOptions } from './addonTypes.js';
 import { checkInteger, checkKeys, disposedError } from './args.js';
 import type { DistillLossKind } from './kernels.js';
-import { isStoreType, loadModel, STORE_TYPES, type Model, type StoreType } from './Model.js';
+import { isStoreType, loadModel, Model, STORE_TYPES, type StoreType } from './Model.js';
 import {
   SpeculativeDecoder,
   type RequestStats,
@@ -791,5 +791,6 @@ export function createOnlineDecoder(options: OnlineDecoderOptions): OnlineDecode
  * a copy to keep the original draft as it was (it trains the draft it is given in place).
  */
 export function copyModel(model: Model): Promise<Model> {
+  if (!(model instanceof Model)) return Promise.reject(new TypeError('model must be a loaded Model'));
   return model.convert('keep');
 }

@@ -5,7 +5,7 @@ import { EventEmitter } from 'node:events';
 import type { SamplingOptions, Seed } from './addonTypes.js';
 import { verifyChain, verifyTree } from './kernels.js';
 import { checkCallback, checkInteger, checkKeys, checkMisplacedSampling, checkSampling, disposedError } from './args.js';
-import { checkTokenIds, promptTokens, sampledVocab, type Model, type Sequence, type StreamChunk } from './Model.js';
+import { checkTokenIds, Model, promptTokens, sampledVocab, type Sequence, type StreamChunk } from './Model.js';
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
 import { checkSignal, forwardAbort, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
@@ -591,10 +591,10 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
     checkKeys(options, decoderKeys);
     const { target, draft } = options;
-    if (!target || typeof target.createSequence !== 'function') throw new TypeError('target must be a loaded Model');
+    if (!(target instanceof Model)) throw new TypeError('target must be a loaded Model');
     this.strategy = normaliseStrategy(options.strategy);
     if (this.strategy.kind !== 'ngram') {
-      if (!draft || typeof draft.createSequence !== 'function') throw new TypeError('draft must be a loaded Model');
+      if (!(draft instanceof Model)) throw new TypeError('draft must be a loaded Model');
     }
     if (target.disposed) throw new TypeError('target was disposed');
     if (draft?.disposed) throw new TypeError('draft was disposed');

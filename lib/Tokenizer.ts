@@ -232,7 +232,9 @@ export class Tokenizer {
 
   /** The text of one token (lossy when the token is part of a UTF-8 character; see tokenToBytes). */
   tokenToPiece(token: number, options: { special?: boolean } = {}): string {
-    return this.#native.tokenToPiece(token, options.special ?? true);
+    checkKeys(checkOptions(options) ?? {}, ['special']);
+    if (options?.special !== undefined && typeof options.special !== 'boolean') throw new TypeError('options.special must be a boolean');
+    return this.#native.tokenToPiece(token, options?.special ?? true);
   }
 
   /** The bytes one token decodes to. */

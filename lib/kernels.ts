@@ -2,7 +2,7 @@
 // each call runs for microseconds to milliseconds on the CPU backend's thread pool.
 import { addon, withLoaderNotes } from './addon.js';
 import type { BackendInfo, SamplingOptions, Seed } from './addonTypes.js';
-import { checkKeys, ownData, samplingKeys } from './args.js';
+import { checkKeys, checkOptions, ownData, samplingKeys } from './args.js';
 
 export type { BackendInfo, SamplingOptions, Seed } from './addonTypes.js';
 
@@ -258,10 +258,12 @@ export function bandwidthProbe(options: { bytes?: number; iterations?: number } 
   copyBytesPerSecond: number;
   threads: number;
 } {
+  checkKeys(checkOptions(options) ?? {}, ['bytes', 'iterations']);
   return addon.bandwidthProbe(options);
 }
 
 /** Peak f32 multiply-add rate of this machine's thread pool, measured in this process (for benchmark ratios). */
 export function flopsProbe(options: { iterations?: number } = {}): { flopsPerSecond: number; threads: number } {
+  checkKeys(checkOptions(options) ?? {}, ['iterations']);
   return (addon as unknown as { flopsProbe(o: object): { flopsPerSecond: number; threads: number } }).flopsProbe(options);
 }

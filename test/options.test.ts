@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import {
   adamwStep,
+  bandwidthProbe,
   copyModel,
   createDraftPool,
   createOnlineDecoder,
@@ -14,12 +15,14 @@ import {
   defaultDraftPath,
   defaultTargetPath,
   distillLoss,
+  flopsProbe,
   loadModel,
   loadTokenizer,
   Model,
   Tokenizer,
   verifyChain,
   verifyTree,
+  writeRandomModel,
   type SpeculativeDecoder,
 } from '../lib/index.js';
 
@@ -93,6 +96,23 @@ describe('unknown option keys', () => {
     await expect(draft.save('/tmp/never-written.gguf', { Type: 'F16' } as never)).rejects.toThrow(/^options\.Type is not an option; the options are: type$/);
     typeError(() => target.applyChatTemplate([{ role: 'user', content: 'hi' }], { template: '{{ messages[0].content }}', add_generation_prompt: true } as never), /^options\.add_generation_prompt is not an option \(did you mean addGenerationPrompt\?\)/);
     await expect(createTrainer(draft, { learning_rate: 1 } as never)).rejects.toThrow(/^options\.learning_rate is not an option/);
+    await expect(writeRandomModel('/tmp/never-written.gguf', { vocabSize: 8, embeddingLength: 8, layers: 1, heads: 1, feedForwardLength: 8, contextLength: 8, kv_heads: 1 } as never)).rejects.toThrow(
+      /^config\.kv_heads is not an option \(did you mean kvHeads\?\)/,
+    );
+    typeError(() => bandwidthProbe({ byte: 1 << 20 } as never), /^options\.byte is not an option/);
+    typeError(() => flopsProbe({ iters: 1 } as never), /^options\.iters is not an option/);
+  });
+
+  it('non-models and null options are TypeErrors naming the argument, not property reads of undefined', async () => {
+    await expect(copyModel({} as never)).rejects.toThrow(new TypeError('model must be a loaded Model'));
+    const fake = { createSequence: () => ({}), disposed: false, info: target.info } as never;
+    typeError(() => createSpeculativeDecoder({ target: fake, draft }), /^target must be a loaded Model$/);
+    typeError(() => createSpeculativeDecoder({ target, draft: fake }), /^draft must be a loaded Model$/);
+    typeError(() => target.tokenizer!.tokenToPiece(1, null as never), /^options must be an object$/);
+    typeError(() => target.tokenizer!.tokenToPiece(1, { special: 'yes' } as never), /^options\.special must be a boolean$/);
+    expect(target.tokenizer!.tokenToPiece(1)).toBe(target.tokenizer!.tokenToPiece(1, { special: true }));
+    // A progress callback that throws fails the load with its error (the model is freed).
+    await expect(loadModel(defaultDraftPath, { onProgress: (p) => { if (p === 1) throw new Error('progress bug'); } })).rejects.toThrow('progress bug');
   });
 
   it('are refused by the kernels too, in their sampling and sparse teacher as well', () => {

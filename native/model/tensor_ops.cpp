@@ -415,31 +415,42 @@ OSD_AVX2 float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
 }
 
+// hsum_avx2 of eight vectors at once: lane j of the result is hsum_avx2(v[j]), bit for bit. The
+// adds pair the same lanes in the same order, ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)),
+// with shuffles moving eight vectors' lanes side by side instead of one vector's.
+OSD_AVX2 __m256 hsum8_avx2(const __m256 v[8]) {
+  // t = lo + hi of each vector: v[j] and v[j + 4] share a register (lo and hi 128 bits).
+  __m256 t[4];
+  for (int j = 0; j < 4; ++j)
+    t[j] = _mm256_add_ps(_mm256_permute2f128_ps(v[j], v[j + 4], 0x20), _mm256_permute2f128_ps(v[j], v[j + 4], 0x31));
+  // u0 = t0 + t2, u1 = t1 + t3: lo lanes [u0, u1] of v0, v1 (then v2, v3), hi the same of v4..v7.
+  const __m256 u01 = _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 u23 = _mm256_add_ps(_mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  // u0 + u1, in the order v0..v3 (lo) and v4..v7 (hi).
+  return _mm256_add_ps(_mm256_shuffle_ps(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)), _mm256_shuffle_ps(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // Attention for head sizes that are a multiple of 8 (see attend_head). Per slot, the score is
-// one 8-lane FMA chain over the head dimension and a fixed horizontal sum; slots are taken four
-// at a time only to run four chains side by side. The output accumulates slots in order.
+// one 8-lane FMA chain over the head dimension and a fixed horizontal sum (hsum_avx2). Slots go
+// eight at a time: eight chains side by side keep both FMA pipes busy (four left them half idle,
+// waiting on each chain's latency), and their eight sums come out of one hsum8_avx2. The rest go
+// one by one, through the same chain and sum, so a slot's score never depends on where it falls.
+// The output accumulates slots in order.
 OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, size_t stride, int32_t prefix,
                                const int32_t* extra, int32_t n_extra, int64_t hd, float scale, float* score, float* out) {
   const int32_t n = prefix + n_extra;
   auto slot = [&](int32_t s) -> size_t { return static_cast<size_t>(s < prefix ? s : extra[s - prefix]) * stride; };
+  const __m256 vscale = _mm256_set1_ps(scale);
   int32_t s = 0;
-  for (; s + 4 <= n; s += 4) {
-    const float* k0 = K + slot(s);
-    const float* k1 = K + slot(s + 1);
-    const float* k2 = K + slot(s + 2);
-    const float* k3 = K + slot(s + 3);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; s + 8 <= n; s += 8) {
+    const float* k[8];
+    __m256 a[8];
+    for (int j = 0; j < 8; ++j) k[j] = K + slot(s + j), a[j] = _mm256_setzero_ps();
     for (int64_t d = 0; d < hd; d += 8) {
       const __m256 qv = _mm256_loadu_ps(q + d);
-      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
-      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
-      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
-      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), a[j]);
     }
-    score[s] = hsum_avx2(a0) * scale;
-    score[s + 1] = hsum_avx2(a1) * scale;
-    score[s + 2] = hsum_avx2(a2) * scale;
-    score[s + 3] = hsum_avx2(a3) * scale;
+    _mm256_storeu_ps(score + s, _mm256_mul_ps(hsum8_avx2(a), vscale));
   }
   for (; s < n; ++s) {
     const float* k = K + slot(s);
@@ -447,8 +458,18 @@ OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, s
     for (int64_t d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
     score[s] = hsum_avx2(acc) * scale;
   }
+  // The maximum, eight lanes at a time (order does not change a maximum; a NaN score makes every
+  // weight NaN either way).
   float mx = -INFINITY;
-  for (s = 0; s < n; ++s) mx = std::max(mx, score[s]);
+  s = 0;
+  if (n >= 8) {
+    __m256 m = _mm256_loadu_ps(score);
+    for (s = 8; s + 8 <= n; s += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(score + s));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    for (float l : lanes) mx = std::max(mx, l);
+  }
+  for (; s < n; ++s) mx = std::max(mx, score[s]);
   // exp is elementwise, so grouping the slots by 8 does not change any value; the sum runs in
   // slot order.
   const __m256 vmx = _mm256_set1_ps(mx);
@@ -461,7 +482,9 @@ OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, s
   float sum = 0.0f;
   for (s = 0; s < n; ++s) sum += score[s];
   const float inv = 1.0f / sum;
-  for (s = 0; s < n; ++s) score[s] *= inv;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(score + s, _mm256_mul_ps(_mm256_loadu_ps(score + s), vinv));
+  for (; s < n; ++s) score[s] *= inv;
   // Output dimensions in chunks of 64 held in registers; slots in order within each chunk.
   for (int64_t d0 = 0; d0 < hd; d0 += 64) {
     const int nv = static_cast<int>(std::min<int64_t>(64, hd - d0) / 8);

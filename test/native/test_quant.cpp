@@ -706,4 +706,30 @@ OSD_TEST(attend_head_is_split_invariant_and_accurate) {
   }
 }
 
+// The vector kernel scores slots eight at a time and the rest one by one: a key must score the same
+// bits wherever it falls. Every key here is stored twice, once in a block of eight and once among
+// the last n % 8 slots (or in another block), so equal keys must get equal weights, bit for bit.
+OSD_TEST(attend_head_scores_a_key_alike_in_a_block_of_eight_and_in_the_tail) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  int checked = 0;
+  for (const int64_t hd : {8, 16, 64, 72, 128})
+    for (int32_t n = 9; n <= 47; n += 2) {
+      const int64_t stride = 2 * hd;
+      std::vector<float> K(stride * n), V(stride * n, 0.5f), q(hd), score(n), out(hd);
+      for (auto& v : q) v = g(rng);
+      // Slot s holds key s % m: the last n % 8 slots (the one-by-one path) repeat keys of the blocks.
+      const int32_t m = 8;
+      std::vector<float> keys(m * hd);
+      for (auto& v : keys) v = g(rng) * 3.0f;
+      for (int32_t s = 0; s < n; ++s) std::memcpy(&K[s * stride], &keys[(s % m) * hd], hd * sizeof(float));
+      attend_head(q.data(), K.data(), V.data(), stride, n, nullptr, 0, hd, 0.125f, score.data(), out.data());
+      for (int32_t s = m; s < n; ++s) {
+        CHECK(bits_equal(&score[s], &score[s % m], 1));
+        ++checked;
+      }
+    }
+  CHECK(checked > 1000);
+}
+
 OSD_TEST_MAIN()

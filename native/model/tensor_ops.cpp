@@ -430,18 +430,24 @@ OSD_AVX2 __m256 hsum8_avx2(const __m256 v[8]) {
   return _mm256_add_ps(_mm256_shuffle_ps(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)), _mm256_shuffle_ps(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Attention for head sizes that are a multiple of 8 (see attend_head). Per slot, the score is
-// one 8-lane FMA chain over the head dimension and a fixed horizontal sum (hsum_avx2). Slots go
-// eight at a time: eight chains side by side keep both FMA pipes busy (four left them half idle,
-// waiting on each chain's latency), and their eight sums come out of one hsum8_avx2. The rest go
-// one by one, through the same chain and sum, so a slot's score never depends on where it falls.
-// The output accumulates slots in order.
-OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, size_t stride, int32_t prefix,
-                               const int32_t* extra, int32_t n_extra, int64_t hd, float scale, float* score, float* out) {
-  const int32_t n = prefix + n_extra;
-  auto slot = [&](int32_t s) -> size_t { return static_cast<size_t>(s < prefix ? s : extra[s - prefix]) * stride; };
+// Attention for head sizes that are a multiple of 8 (see attend_head). Slot s of a head's view is
+// row s of K and V for s < prefix, else row extra[s - prefix].
+struct Slots {
+  size_t stride;
+  int32_t prefix;
+  const int32_t* extra;
+  size_t operator()(int32_t s) const { return static_cast<size_t>(s < prefix ? s : extra[s - prefix]) * stride; }
+};
+
+// Scores from slot `from` on: per slot one 8-lane FMA chain over the head dimension and a fixed
+// horizontal sum (hsum_avx2), times scale. Slots go eight at a time: eight chains side by side
+// keep both FMA pipes busy (four left them half idle, waiting on each chain's latency), and their
+// eight sums come out of one hsum8_avx2. The rest go one by one through the same chain and sum, so
+// a slot's score never depends on where it falls.
+OSD_AVX2 void scores_avx2(const float* q, const float* K, const Slots& slot, int32_t from, int32_t n, int64_t hd, float scale,
+                          float* score) {
   const __m256 vscale = _mm256_set1_ps(scale);
-  int32_t s = 0;
+  int32_t s = from;
   for (; s + 8 <= n; s += 8) {
     const float* k[8];
     __m256 a[8];
@@ -458,10 +464,15 @@ OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, s
     for (int64_t d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
     score[s] = hsum_avx2(acc) * scale;
   }
-  // The maximum, eight lanes at a time (order does not change a maximum; a NaN score makes every
-  // weight NaN either way).
+}
+
+// The weights (softmax of the scores, in place) and the output: the maximum eight lanes at a
+// time (order does not change a maximum; a NaN score makes every weight NaN either way); exp is
+// elementwise, so grouping the slots by 8 changes no value; the sum runs in slot order. The output
+// accumulates slots in order, dimensions in chunks of 64 held in registers.
+OSD_AVX2 void softmax_values_avx2(float* score, const float* V, const Slots& slot, int32_t n, int64_t hd, float* out) {
   float mx = -INFINITY;
-  s = 0;
+  int32_t s = 0;
   if (n >= 8) {
     __m256 m = _mm256_loadu_ps(score);
     for (s = 8; s + 8 <= n; s += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(score + s));
@@ -470,8 +481,6 @@ OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, s
     for (float l : lanes) mx = std::max(mx, l);
   }
   for (; s < n; ++s) mx = std::max(mx, score[s]);
-  // exp is elementwise, so grouping the slots by 8 does not change any value; the sum runs in
-  // slot order.
   const __m256 vmx = _mm256_set1_ps(mx);
   for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(score + s, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(score + s), vmx)));
   for (; s < n; ++s) {
@@ -485,7 +494,6 @@ OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, s
   const __m256 vinv = _mm256_set1_ps(inv);
   for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(score + s, _mm256_mul_ps(_mm256_loadu_ps(score + s), vinv));
   for (; s < n; ++s) score[s] *= inv;
-  // Output dimensions in chunks of 64 held in registers; slots in order within each chunk.
   for (int64_t d0 = 0; d0 < hd; d0 += 64) {
     const int nv = static_cast<int>(std::min<int64_t>(64, hd - d0) / 8);
     __m256 acc[8];
@@ -501,6 +509,14 @@ OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, s
     }
     for (int j = 0; j < nv; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
   }
+}
+
+OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, size_t stride, int32_t prefix,
+                               const int32_t* extra, int32_t n_extra, int64_t hd, float scale, float* score, float* out) {
+  const Slots slot{stride, prefix, extra};
+  const int32_t n = prefix + n_extra;
+  scores_avx2(q, K, slot, 0, n, hd, scale, score);
+  softmax_values_avx2(score, V, slot, n, hd, out);
 }
 
 bool have_avx2() {

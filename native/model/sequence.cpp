@@ -150,19 +150,28 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
     // Attention: token i, head hh sees slots [0, base) and its visible batch slots, in slot order.
     const float* K = k_[l].data();
     const float* V = v_[l].data();
-    // A task reads base + n keys and values of one head.
-    const size_t grain = grain_for(2.0 * HD * (static_cast<double>(base) + n));
-    default_pool().parallel_for(static_cast<size_t>(n) * c.n_heads, grain, [&](size_t lo, size_t hi) {
+    // A task is one token's query heads hh and hh + 1 when they share a key-value head (attended
+    // together, the same bits), else its head hh alone; it reads base + n keys and values per head.
+    const int32_t units = c.n_kv_heads * ((group + 1) / 2);
+    const size_t grain = grain_for(4.0 * HD * (static_cast<double>(base) + n));
+    default_pool().parallel_for(static_cast<size_t>(n) * units, grain, [&](size_t lo, size_t hi) {
       std::vector<float> score;
       std::vector<int32_t> extra;
       for (size_t task = lo; task < hi; ++task) {
-        const int32_t i = static_cast<int32_t>(task / c.n_heads), hh = static_cast<int32_t>(task % c.n_heads);
-        const int32_t kh = hh / group;
+        const int32_t i = static_cast<int32_t>(task / units), u = static_cast<int32_t>(task % units);
+        const int32_t kh = u / ((group + 1) / 2), hh = kh * group + 2 * (u % ((group + 1) / 2));
         extra.resize(visible[i].size());
         for (size_t e = 0; e < extra.size(); ++e) extra[e] = base + visible[i][e];
-        score.resize(static_cast<size_t>(base) + extra.size());
-        attend_head(&q[i * QD + hh * HD], K + kh * HD, V + kh * HD, static_cast<size_t>(KVD), base, extra.data(),
-                    static_cast<int32_t>(extra.size()), HD, inv_sqrt_hd, score.data(), &att[i * QD + hh * HD]);
+        const size_t slots = static_cast<size_t>(base) + extra.size();
+        score.resize(2 * slots);
+        const int32_t n_extra = static_cast<int32_t>(extra.size());
+        if (hh + 1 < (kh + 1) * group)
+          attend_head_pair(&q[i * QD + hh * HD], &q[i * QD + (hh + 1) * HD], K + kh * HD, V + kh * HD, static_cast<size_t>(KVD), base,
+                           extra.data(), n_extra, HD, inv_sqrt_hd, score.data(), score.data() + slots, &att[i * QD + hh * HD],
+                           &att[i * QD + (hh + 1) * HD]);
+        else
+          attend_head(&q[i * QD + hh * HD], K + kh * HD, V + kh * HD, static_cast<size_t>(KVD), base, extra.data(), n_extra, HD,
+                      inv_sqrt_hd, score.data(), &att[i * QD + hh * HD]);
       }
     });
     matmul(w.wo, att.data(), n, tmp.data());

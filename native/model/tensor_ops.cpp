@@ -466,11 +466,10 @@ OSD_AVX2 void scores_avx2(const float* q, const float* K, const Slots& slot, int
   }
 }
 
-// The weights (softmax of the scores, in place) and the output: the maximum eight lanes at a
-// time (order does not change a maximum; a NaN score makes every weight NaN either way); exp is
-// elementwise, so grouping the slots by 8 changes no value; the sum runs in slot order. The output
-// accumulates slots in order, dimensions in chunks of 64 held in registers.
-OSD_AVX2 void softmax_values_avx2(float* score, const float* V, const Slots& slot, int32_t n, int64_t hd, float* out) {
+// The weights, softmax of the scores, in place: the maximum eight lanes at a time (order does not
+// change a maximum; a NaN score makes every weight NaN either way); exp is elementwise, so grouping
+// the slots by 8 changes no value; the sum runs in slot order.
+OSD_AVX2 void softmax_avx2(float* score, int32_t n) {
   float mx = -INFINITY;
   int32_t s = 0;
   if (n >= 8) {
@@ -494,11 +493,16 @@ OSD_AVX2 void softmax_values_avx2(float* score, const float* V, const Slots& slo
   const __m256 vinv = _mm256_set1_ps(inv);
   for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(score + s, _mm256_mul_ps(_mm256_loadu_ps(score + s), vinv));
   for (; s < n; ++s) score[s] *= inv;
+}
+
+// The output: each dimension one FMA chain over the slots in order (which fixes its bits),
+// dimensions in chunks of 64 held in registers.
+OSD_AVX2 void values_avx2(const float* score, const float* V, const Slots& slot, int32_t n, int64_t hd, float* out) {
   for (int64_t d0 = 0; d0 < hd; d0 += 64) {
     const int nv = static_cast<int>(std::min<int64_t>(64, hd - d0) / 8);
     __m256 acc[8];
     for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-    for (s = 0; s < n; ++s) {
+    for (int32_t s = 0; s < n; ++s) {
       const __m256 a = _mm256_set1_ps(score[s]);
       const float* v = V + slot(s) + d0;
       if (nv == 8) {
@@ -516,7 +520,31 @@ OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, s
   const Slots slot{stride, prefix, extra};
   const int32_t n = prefix + n_extra;
   scores_avx2(q, K, slot, 0, n, hd, scale, score);
-  softmax_values_avx2(score, V, slot, n, hd, out);
+  softmax_avx2(score, n);
+  values_avx2(score, V, slot, n, hd, out);
+}
+
+// The outputs of two query heads that share a key-value head, with AVX-512 (head size a multiple
+// of 16): one head's chains alone wait on the FMA latency (one FMA per dimension per slot), two
+// heads' chains side by side fill the pipes, and each value row is read once for both. Per
+// dimension the chain is values_avx2's, so the bits are too.
+OSD_AVX512 void values_pair_avx512(const float* w0, const float* w1, const float* V, const Slots& slot, int32_t n, int64_t hd,
+                                   float* out0, float* out1) {
+  for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+    const int nv = static_cast<int>(std::min<int64_t>(64, hd - d0) / 16);
+    __m512 a0[4], a1[4];
+    for (int j = 0; j < 4; ++j) a0[j] = a1[j] = _mm512_setzero_ps();
+    for (int32_t s = 0; s < n; ++s) {
+      const __m512 x0 = _mm512_set1_ps(w0[s]), x1 = _mm512_set1_ps(w1[s]);
+      const float* v = V + slot(s) + d0;
+      for (int j = 0; j < nv; ++j) {
+        const __m512 vj = _mm512_loadu_ps(v + 16 * j);
+        a0[j] = _mm512_fmadd_ps(x0, vj, a0[j]);
+        a1[j] = _mm512_fmadd_ps(x1, vj, a1[j]);
+      }
+    }
+    for (int j = 0; j < nv; ++j) _mm512_storeu_ps(out0 + d0 + 16 * j, a0[j]), _mm512_storeu_ps(out1 + d0 + 16 * j, a1[j]);
+  }
 }
 
 bool have_avx2() {
@@ -711,6 +739,25 @@ void attend_head(const float* q, const float* K, const float* V, size_t stride, 
     const float* v = V + slot(s);
     for (int64_t d = 0; d < head_dim; ++d) out[d] += a * v[d];
   }
+}
+
+void attend_head_pair(const float* q0, const float* q1, const float* K, const float* V, size_t stride, int32_t prefix,
+                      const int32_t* extra, int32_t n_extra, int64_t head_dim, float scale, float* score0, float* score1,
+                      float* out0, float* out1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (have_avx2() && have_avx512() && head_dim % 16 == 0) {
+    const Slots slot{stride, prefix, extra};
+    const int32_t n = prefix + n_extra;
+    scores_avx2(q0, K, slot, 0, n, head_dim, scale, score0);
+    scores_avx2(q1, K, slot, 0, n, head_dim, scale, score1);
+    softmax_avx2(score0, n);
+    softmax_avx2(score1, n);
+    values_pair_avx512(score0, score1, V, slot, n, head_dim, out0, out1);
+    return;
+  }
+#endif
+  attend_head(q0, K, V, stride, prefix, extra, n_extra, head_dim, scale, score0, out0);
+  attend_head(q1, K, V, stride, prefix, extra, n_extra, head_dim, scale, score1, out1);
 }
 
 }  // namespace osd

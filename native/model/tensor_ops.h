@@ -77,4 +77,10 @@ void swiglu(const float* gate, const float* up, int64_t n, float* h);
 void attend_head(const float* q, const float* K, const float* V, size_t stride, int32_t prefix, const int32_t* extra,
                  int32_t n_extra, int64_t head_dim, float scale, float* score, float* out);
 
+// attend_head for two query heads over the same keys and values (query heads that share a key-value
+// head), each result bit for bit attend_head's: faster together where the CPU has AVX-512.
+void attend_head_pair(const float* q0, const float* q1, const float* K, const float* V, size_t stride, int32_t prefix,
+                      const int32_t* extra, int32_t n_extra, int64_t head_dim, float scale, float* score0, float* score1,
+                      float* out0, float* out1);
+
 }  // namespace osd

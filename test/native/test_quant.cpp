@@ -732,4 +732,34 @@ OSD_TEST(attend_head_scores_a_key_alike_in_a_block_of_eight_and_in_the_tail) {
   CHECK(checked > 1000);
 }
 
+// Two query heads attended together (they share the key-value head) get attend_head's bits each.
+OSD_TEST(attend_head_pair_equals_two_single_heads) {
+  std::mt19937 rng(8);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  int cases = 0;
+  for (const int64_t hd : {8, 16, 48, 64, 72, 128})
+    for (const int32_t n : {1, 7, 8, 9, 31, 77}) {
+      const int64_t stride = 2 * hd;
+      std::vector<float> K(stride * (n + 8)), V(stride * (n + 8)), q(2 * hd);
+      for (auto& v : K) v = g(rng);
+      for (auto& v : V) v = g(rng);
+      for (auto& v : q) v = g(rng) * 2.0f;
+      const int32_t prefix = n > 4 ? n - 3 : n;
+      std::vector<int32_t> extra;
+      for (int32_t s = prefix; s < n; ++s) extra.push_back(s + 5);  // tree-like: slots past the prefix elsewhere
+      const int32_t ne = int32_t(extra.size());
+      std::vector<float> s0(n), s1(n), o0(hd), o1(hd), p0(n), p1(n), r0(hd), r1(hd);
+      attend_head(q.data(), K.data() + hd, V.data() + hd, stride, prefix, extra.data(), ne, hd, 0.125f, s0.data(), o0.data());
+      attend_head(q.data() + hd, K.data() + hd, V.data() + hd, stride, prefix, extra.data(), ne, hd, 0.125f, s1.data(), o1.data());
+      attend_head_pair(q.data(), q.data() + hd, K.data() + hd, V.data() + hd, stride, prefix, extra.data(), ne, hd, 0.125f, p0.data(),
+                       p1.data(), r0.data(), r1.data());
+      CHECK(bits_equal(o0.data(), r0.data(), hd));
+      CHECK(bits_equal(o1.data(), r1.data(), hd));
+      CHECK(bits_equal(s0.data(), p0.data(), n));
+      CHECK(bits_equal(s1.data(), p1.data(), n));
+      ++cases;
+    }
+  CHECK(cases == 36);
+}
+
 OSD_TEST_MAIN()

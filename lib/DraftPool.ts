@@ -260,7 +260,7 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
         return m;
       })();
       this.#forking.set(label, p);
-      // A failed fork is not kept: the next request with the label tries again (it failed for good).
+      // A failed fork is not kept: the next request with the label tries again.
       p.catch(() => {
         if (this.#forking.get(label) === p) this.#forking.delete(label);
       });

@@ -413,10 +413,9 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     const rec = this.#live.get(requestId);
     this.#live.delete(requestId);
     if (!rec || rec.teachers.size === 0) return;
-    // Keep the trailing maxRecordTokens tokens (teacher positions shift with them). The draft then
-    // learns those positions from a shortened context; positions with less than a quarter of the
-    // window before them are dropped, as their context is cut the most.
-    // (and to the draft's context: a record longer than that could never be trained on)
+    // Keep the trailing maxRecordTokens tokens, at most the draft's context (teacher positions shift
+    // with them). The draft then learns those positions from a shortened context; positions with
+    // less than a quarter of the window before them are dropped, as their context is cut the most.
     const W = Math.min(this.options.maxRecordTokens, this.draft.info.contextLength);
     const cut = Math.max(0, rec.tokens.length - W);
     if (cut > 0) {
@@ -435,15 +434,17 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   }
 
   /**
-   * Emits an event of the background work. A listener that throws must not stop it (the distiller's
-   * queue stalled, and a rollback leaked the weights it replaced): its error becomes a process
-   * warning (code OSD_LISTENER_ERROR), printed to stderr unless the process handles 'warning'.
+   * Emits an event of the background work to each listener in turn. A listener that throws stops
+   * neither the work nor the listeners after it: its error becomes a process warning (code
+   * OSD_LISTENER_ERROR; Node prints warnings unless run with --no-warnings).
    */
   #notify<K extends keyof OnlineDecoderEvents>(event: K, ...args: OnlineDecoderEvents[K]): void {
-    try {
-      (this.emit as (e: K, ...a: OnlineDecoderEvents[K]) => boolean)(event, ...args);
-    } catch (e) {
-      process.emitWarning(`a '${String(event)}' listener threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`, { code: 'OSD_LISTENER_ERROR' });
+    for (const listener of this.rawListeners(event) as ((...a: unknown[]) => unknown)[]) {
+      try {
+        listener.apply(this, args);
+      } catch (e) {
+        process.emitWarning(`a '${String(event)}' listener threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`, { code: 'OSD_LISTENER_ERROR' });
+      }
     }
   }
 
@@ -499,16 +500,14 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     let dropped = false;
     await this.#enqueue(async () => {
       if (this.#buffer.length === 0) return;
-      const listener = (e: UpdateEvent) => (event = e);
-      this.once('update', listener);
       try {
-        dropped = (await this.#update()) === 'dropped';
+        const r = await this.#update();
+        if (r === 'dropped') dropped = true;
+        else if (r) event = r;
       } catch (e) {
         failure = e instanceof Error ? e : new Error(String(e));
         // Reported as every failed update is (monitoring counts these), besides the rejection.
         this.#notify('update-error', { error: failure });
-      } finally {
-        this.off('update', listener);
       }
     });
     if (failure) throw failure;
@@ -558,7 +557,8 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   }
 
   /** One update; 'dropped' when dispose() came while it trained (its weights are thrown away). */
-  async #update(): Promise<'dropped' | undefined> {
+  /** One update: its event once the new weights are in place, 'dropped' if disposed meanwhile, else nothing (no records, or rolled back). */
+  async #update(): Promise<UpdateEvent | 'dropped' | undefined> {
     if (this.#disposed) return 'dropped';
     await this.#ready;
     const fresh = this.#buffer.splice(0);
@@ -620,6 +620,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     this.#notify('update', event);
     const o = this.options;
     if (o.autosaveEvery !== undefined && update % o.autosaveEvery === 0) await this.#writeDraft(o.autosavePath!);
+    return event;
   }
 
   /** Records from earlier updates to train on beside `fresh` of new ones: replay / (1 - replay) of it. */

@@ -46,6 +46,12 @@ export interface ServerOptions {
   metricsPrefix?: string;
   /** Also export prom-client's process metrics (CPU, resident memory, event loop lag, ...). Default false. */
   defaultMetrics?: boolean;
+  /**
+   * Refuse request fields that neither OpenAI nor this server defines (OpenAI's 400 "Unrecognized
+   * request argument supplied"), so a misspelt field is not silently ignored. false ignores them,
+   * for clients written for servers that take extensions (min_p, repetition_penalty, ...). Default true.
+   */
+  strictFields?: boolean;
 }
 
 export type { ChatMessage } from './chatTemplate.js';
@@ -98,16 +104,18 @@ class HttpError extends Error {
   }
 }
 
-// The request fields OpenAI defines per endpoint. Any other field is refused as OpenAI refuses it:
-// a misspelt `max_tokens` would otherwise be ignored without a word. `top_k` is this server's own
-// extension (the kernels sample with it).
+// The request fields OpenAI defines per endpoint, plus this server's own: `top_k` (the kernels sample
+// with it) and `max_completion_tokens` on completions too. Any other field is refused as OpenAI
+// refuses it (a misspelt `max_tokens` would otherwise be ignored without a word), unless the server
+// was made with strictFields: false.
 const COMMON_FIELDS = ['model', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'top_k', 'n', 'stream', 'stream_options', 'stop', 'presence_penalty', 'frequency_penalty', 'logit_bias', 'logprobs', 'user', 'seed'];
 const FIELDS = {
   completion: new Set([...COMMON_FIELDS, 'prompt', 'suffix', 'echo', 'best_of']),
   chat: new Set([
     ...COMMON_FIELDS,
     ...['messages', 'top_logprobs', 'tools', 'tool_choice', 'functions', 'function_call', 'response_format', 'parallel_tool_calls'],
-    ...['store', 'metadata', 'service_tier', 'reasoning_effort', 'modalities', 'audio', 'prediction', 'web_search_options'],
+    ...['store', 'metadata', 'service_tier', 'prompt_cache_key', 'safety_identifier', 'verbosity'],
+    ...['reasoning_effort', 'modalities', 'audio', 'prediction', 'web_search_options'],
   ]),
 };
 
@@ -375,7 +383,7 @@ function toHttpError(e: unknown): HttpError {
 // ---------------------------------------------------------------- the server
 
 /** Creates the request handler of an OpenAI-compatible server over a target and a draft. */
-const serverKeys = ['target', 'draft', 'online', 'strategy', 'maxConcurrent', 'maxQueued', 'modelId', 'draftName', 'defaultMaxTokens', 'maxBodyBytes', 'registry', 'metricsPrefix', 'defaultMetrics'];
+const serverKeys = ['target', 'draft', 'online', 'strategy', 'maxConcurrent', 'maxQueued', 'modelId', 'draftName', 'defaultMaxTokens', 'maxBodyBytes', 'registry', 'metricsPrefix', 'defaultMetrics', 'strictFields'];
 
 export function createServer(options: ServerOptions): OsdRequestHandler {
   if (!isObject(options)) throw new TypeError('options must be an object');
@@ -395,6 +403,8 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   const maxQueued = options.maxQueued ?? 256;
   const defaultMaxTokens = options.defaultMaxTokens ?? 256;
   const maxBodyBytes = options.maxBodyBytes ?? 1 << 20;
+  if (options.strictFields !== undefined && typeof options.strictFields !== 'boolean') throw new TypeError('strictFields must be a boolean');
+  const strictFields = options.strictFields ?? true;
   for (const [k, v] of [['maxQueued', maxQueued], ['defaultMaxTokens', defaultMaxTokens], ['maxBodyBytes', maxBodyBytes]] as const) checkInteger(v, k, 1);
   const modelId = options.modelId ?? stem(target.info.path);
   const draftName = options.draftName ?? stem(draft.info.path);
@@ -585,12 +595,15 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     checkLength(t.length, param);
   }
 
-  /** Common sampling parameters. */
+  /** Fields unknown to the endpoint (null counts as absent) are refused, unless strictFields is false. */
   function checkFields(kind: 'completion' | 'chat', body: Record<string, unknown>): void {
+    if (!strictFields) return;
     for (const k of Object.keys(body))
-      if (!FIELDS[kind].has(k)) throw new HttpError(400, `Unrecognized request argument supplied: ${k}`, k, 'unknown_parameter');
+      if (!FIELDS[kind].has(k) && body[k] !== null && body[k] !== undefined)
+        throw new HttpError(400, `Unrecognized request argument supplied: ${k}`, k, 'unknown_parameter');
   }
 
+  /** Common sampling parameters. */
   function parseCommon(body: Record<string, unknown>, defaultMax: number, promptLength: number): Omit<Job, 'tokens' | 'signal' | 'stop'> {
     if (body.n !== undefined && body.n !== null && body.n !== 1) throw new HttpError(400, 'only n = 1 is supported', 'n', 'unsupported_parameter');
     if (body.best_of !== undefined && body.best_of !== null && body.best_of !== 1) throw new HttpError(400, 'only best_of = 1 is supported', 'best_of', 'unsupported_parameter');
@@ -722,7 +735,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     kind: 'completion' | 'chat',
     job: Omit<Job, 'signal'>,
     stream: boolean,
-    includeUsage: boolean,
+    withUsage: boolean,
   ): Promise<void> {
     admit();
     const started = performance.now();
@@ -755,7 +768,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
         res.writeHead(200, { 'Content-Type': 'text/event-stream; charset=utf-8', 'Cache-Control': 'no-cache', Connection: 'keep-alive', 'X-Accel-Buffering': 'no' });
         res.flushHeaders();
         // With include_usage every chunk carries usage: null until the last one, as OpenAI's do.
-        const nullUsage = includeUsage ? { usage: null } : {};
+        const nullUsage = withUsage ? { usage: null } : {};
         const chunk = (choice: object) =>
           kind === 'chat'
             ? { id, object: 'chat.completion.chunk', created: createdAt, model: modelId, choices: [{ index: 0, logprobs: null, finish_reason: null, ...choice }], ...nullUsage }
@@ -779,7 +792,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
           return;
         }
         await writeEvent(res, chunk(kind === 'chat' ? { delta: {}, finish_reason: out.finish } : { text: '', finish_reason: out.finish }));
-        if (includeUsage) {
+        if (withUsage) {
           const u = { id, object: kind === 'chat' ? 'chat.completion.chunk' : 'text_completion', created: createdAt, model: modelId, choices: [], usage: usage() };
           await writeEvent(res, u);
         }
@@ -853,7 +866,8 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       if (!isObject(m) || typeof m.role !== 'string' || m.role.length === 0) throw new HttpError(400, `messages[${i}] must be an object with a role`, `messages[${i}]`, 'invalid_value');
       if (!ROLES.has(m.role))
         throw new HttpError(400, `messages[${i}].role must be one of ${[...ROLES].join(', ')}, got ${JSON.stringify(m.role)}`, `messages[${i}].role`, 'invalid_value');
-      return { role: m.role, content: parseContent(m.content, i) };
+      // 'developer' is OpenAI's newer name for 'system'; chat templates know 'system'.
+      return { role: m.role === 'developer' ? 'system' : m.role, content: parseContent(m.content, i) };
     });
     let rendered: ReturnType<typeof renderChat>;
     let t: Int32Array;

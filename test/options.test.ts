@@ -111,7 +111,7 @@ describe('unknown option keys', () => {
     typeError(() => target.tokenizer!.tokenToPiece(1, null as never), /^options must be an object$/);
     typeError(() => target.tokenizer!.tokenToPiece(1, { special: 'yes' } as never), /^options\.special must be a boolean$/);
     expect(target.tokenizer!.tokenToPiece(1)).toBe(target.tokenizer!.tokenToPiece(1, { special: true }));
-    // A progress callback that throws fails the load with its error (the model is freed).
+    // A progress callback that throws fails the load with its error.
     await expect(loadModel(defaultDraftPath, { onProgress: (p) => { if (p === 1) throw new Error('progress bug'); } })).rejects.toThrow('progress bug');
   });
 

@@ -271,6 +271,21 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     expect(() => createServer({ target, draft, max_concurrent: 8 } as never)).toThrow(/^options\.max_concurrent is not an option \(did you mean maxConcurrent\?\)/);
     expect(() => createServer({ target, draft, registry: {} as never })).toThrow(new TypeError('registry must be a prom-client Registry'));
     expect(() => createServer({ target, draft, metricsPrefix: 'bad prefix!' })).toThrow(/^metricsPrefix must be a Prometheus metric name prefix/);
+    expect(() => createServer({ target, draft, strictFields: 'no' as never })).toThrow(new TypeError('strictFields must be a boolean'));
+  });
+
+  it('strictFields: false ignores fields it does not know (other servers\' extensions)', async () => {
+    const h = createServer({ target, draft, online: false, strictFields: false });
+    const { server: s, base: b } = await listen(h);
+    try {
+      const r = await fetch(`${b}/v1/completions`, { method: 'POST', body: JSON.stringify({ prompt: 'x', max_tokens: 2, min_p: 0.1, repetition_penalty: 1.1 }) });
+      expect(r.status).toBe(200);
+      // Fields it knows are still checked.
+      expect((await fetch(`${b}/v1/completions`, { method: 'POST', body: JSON.stringify({ prompt: 'x', top_k: -1 }) })).status).toBe(400);
+    } finally {
+      await stop(s);
+      await h.dispose();
+    }
   });
 
   it('answers bad requests with OpenAI-style errors and the right status', async () => {
@@ -384,6 +399,9 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
       expect(r.body.error, bad).toMatchObject({ param: bad, code: 'unknown_parameter' });
       expect((r.body.error as unknown as { message: string }).message).toBe(`Unrecognized request argument supplied: ${bad}`);
     }
+    // null counts as absent; OpenAI's newer chat fields are taken.
+    expect((await raw('POST', '/v1/completions', JSON.stringify({ prompt: 'x', max_tokens: 1, min_p: null }))).status).toBe(200);
+    expect((await raw('POST', '/v1/chat/completions', JSON.stringify({ messages: [{ role: 'developer', content: 'x' }], max_tokens: 1, prompt_cache_key: 'k', safety_identifier: 'u', verbosity: 'low' }))).status).toBe(200);
     for (const [param, value] of [['suffix', 'tail'], ['top_k', -1], ['top_k', 2.5], ['seed', 2 ** 64], ['seed', 1.5]] as const) {
       const r = await raw('POST', '/v1/completions', JSON.stringify({ prompt: 'x', max_tokens: 1, [param]: value }));
       expect(r.status, `${param} ${value}`).toBe(400);

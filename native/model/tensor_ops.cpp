@@ -439,15 +439,14 @@ struct Slots {
   size_t operator()(int32_t s) const { return static_cast<size_t>(s < prefix ? s : extra[s - prefix]) * stride; }
 };
 
-// Scores from slot `from` on: per slot one 8-lane FMA chain over the head dimension and a fixed
+// Scores: per slot one 8-lane FMA chain over the head dimension and a fixed
 // horizontal sum (hsum_avx2), times scale. Slots go eight at a time: eight chains side by side
 // keep both FMA pipes busy (four left them half idle, waiting on each chain's latency), and their
 // eight sums come out of one hsum8_avx2. The rest go one by one through the same chain and sum, so
 // a slot's score never depends on where it falls.
-OSD_AVX2 void scores_avx2(const float* q, const float* K, const Slots& slot, int32_t from, int32_t n, int64_t hd, float scale,
-                          float* score) {
+OSD_AVX2 void scores_avx2(const float* q, const float* K, const Slots& slot, int32_t n, int64_t hd, float scale, float* score) {
   const __m256 vscale = _mm256_set1_ps(scale);
-  int32_t s = from;
+  int32_t s = 0;
   for (; s + 8 <= n; s += 8) {
     const float* k[8];
     __m256 a[8];
@@ -519,7 +518,7 @@ OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, s
                                const int32_t* extra, int32_t n_extra, int64_t hd, float scale, float* score, float* out) {
   const Slots slot{stride, prefix, extra};
   const int32_t n = prefix + n_extra;
-  scores_avx2(q, K, slot, 0, n, hd, scale, score);
+  scores_avx2(q, K, slot, n, hd, scale, score);
   softmax_avx2(score, n);
   values_avx2(score, V, slot, n, hd, out);
 }
@@ -748,8 +747,8 @@ void attend_head_pair(const float* q0, const float* q1, const float* K, const fl
   if (have_avx2() && have_avx512() && head_dim % 16 == 0) {
     const Slots slot{stride, prefix, extra};
     const int32_t n = prefix + n_extra;
-    scores_avx2(q0, K, slot, 0, n, head_dim, scale, score0);
-    scores_avx2(q1, K, slot, 0, n, head_dim, scale, score1);
+    scores_avx2(q0, K, slot, n, head_dim, scale, score0);
+    scores_avx2(q1, K, slot, n, head_dim, scale, score1);
     softmax_avx2(score0, n);
     softmax_avx2(score1, n);
     values_pair_avx512(score0, score1, V, slot, n, head_dim, out0, out1);

@@ -290,8 +290,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
         std::lock_guard<std::mutex> lk(slot_->mu);
         base = slot_->latest;
       }
-      const TrainerConfig c = parse_config(o, base);
-      validate_trainer_config(c);  // bad settings fail here, not in the next step
+      const TrainerConfig c = parse_config(o, base);  // (checked there)
       get(env);
       std::lock_guard<std::mutex> lk(slot_->mu);
       slot_->latest = c;

@@ -1,6 +1,5 @@
 #include "train/trainer.h"
 
-#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -68,16 +67,6 @@ void Trainer::set_config(const TrainerConfig& c) {
   config_ = c;
 }
 
-namespace {
-// Whether any output position counts toward the loss (a target >= 0, or an unmasked row).
-bool has_counted_position(const Batch& b) {
-  const size_t n = static_cast<size_t>(b.batch) * static_cast<size_t>(b.seq_len);
-  if (b.loss.targets) return std::any_of(b.loss.targets, b.loss.targets + n, [](int32_t t) { return t >= 0; });
-  const uint8_t* m = b.loss.distill.mask;
-  return !m || std::any_of(m, m + n, [](uint8_t x) { return x != 0; });
-}
-}  // namespace
-
 StepResult Trainer::step(const Batch& batch) {
   ForwardOptions fo;
   fo.head_chunk = config_.head_chunk;
@@ -88,7 +77,7 @@ StepResult Trainer::step(const Batch& batch) {
   r.step = step_;
   if (!std::isfinite(r.loss) || !std::isfinite(r.grad_norm)) return r;  // the guard: nothing changes
   // Nothing to learn from: no step (AdamW's momentum and weight decay would still move the weights).
-  if (!has_counted_position(batch)) return r;
+  if (counted_rows(batch.loss, int64_t(batch.batch) * batch.seq_len).empty()) return r;
 
   AdamWConfig a;
   a.lr = r.lr = config_.schedule.at(step_ + 1);
@@ -188,7 +177,7 @@ std::unique_ptr<Trainer> Trainer::load_checkpoint(const std::string& path) {
       // weight it touches into NaN: second moments are finite and >= 0, first moments finite.
       for (size_t i = 0; i < pt.size(); ++i)
         if (!std::isfinite(dst[i]) || (which == 1 && dst[i] < 0.0f))
-          throw_io(g.name() + ": tensor '" + name + "' holds " + std::to_string(dst[i]) + " at element " + std::to_string(i) +
+          throw_io(g.name() + ": tensor '" + name + "' holds " + num_str(dst[i]) + " at element " + std::to_string(i) +
                    (which == 1 ? " (second moments are finite and >= 0)" : " (moments are finite)"));
     }
   for (size_t i = 0; i < t->params_.size(); ++i)

@@ -714,7 +714,7 @@ OSD_TEST(attend_head_scores_a_key_alike_in_a_block_of_eight_and_in_the_tail) {
   std::normal_distribution<float> g(0.0f, 1.0f);
   int checked = 0;
   for (const int64_t hd : {8, 16, 64, 72, 128})
-    for (int32_t n = 9; n <= 47; n += 2) {
+    for (int32_t n = 9; n <= 47; ++n) {
       const int64_t stride = 2 * hd;
       std::vector<float> K(stride * n), V(stride * n, 0.5f), q(hd), score(n), out(hd);
       for (auto& v : q) v = g(rng);

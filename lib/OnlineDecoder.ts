@@ -576,6 +576,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     let steps = 0;
     for (let e = 0; e < this.options.epochs; e++) {
       for (const b of batches) {
+        if (this.#disposed) return 'dropped'; // dispose() waits for this: stop between steps
         const r = await this.#trainer.step(b);
         steps++;
         if (!Number.isFinite(r.loss) || !Number.isFinite(r.gradNorm)) {

@@ -345,6 +345,19 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     expect(errors).toEqual([]);
   });
 
+  it('dispose stops an update between optimizer steps (it waited for every epoch)', async () => {
+    await using draft = await loadModel(draftPath);
+    const dec = createOnlineDecoder({ target, draft, distill: { interval: 1000, positions: 'all', epochs: 100_000 } });
+    await dec.generate({ tokens: prompts[0]!, maxTokens: 12 });
+    let started = false;
+    dec.on('update-start', () => (started = true));
+    const update = dec.updateNow();
+    update.catch(() => {});
+    while (!started) await new Promise((r) => setTimeout(r, 5));
+    await dec.dispose(); // 100,000 epochs would take hours
+    await expect(update).rejects.toMatchObject({ code: 'OSD_DISPOSED' });
+  });
+
   it('a listener that throws does not stall the distiller; its error becomes a process warning', async () => {
     await using draft = await loadModel(draftPath);
     const dec = createOnlineDecoder({ target, draft, distill: { interval: 1000, positions: 'all' } });

@@ -39,7 +39,7 @@ export interface OnlineDistillOptions {
   interval?: number;
   /** Or once the buffer holds this many teacher positions. Default: off. */
   tokenBudget?: number;
-  /** Or once the oldest record is this old (ms). Default: off. */
+  /** Or once the oldest record is this old (ms), even when no other request comes. Default: off. */
   maxAgeMs?: number;
   /** AdamW learning rate. Default 1e-4. */
   lr?: number;
@@ -303,6 +303,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   #rngState = 0x2545f491;
   #ready: Promise<void>;
   #disposed = false;
+  #ageTimer: ReturnType<typeof setTimeout> | undefined; // maxAgeMs: fires when the oldest record is due
 
   constructor(options: OnlineDecoderOptions) {
     super();
@@ -431,6 +432,25 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     this.#bufferBytes += rec.bytes;
     while (this.#bufferBytes > this.options.maxBufferBytes && this.#buffer.length > 1) this.#bufferBytes -= this.#buffer.shift()!.bytes;
     this.#scheduleUpdate();
+    this.#armAgeTimer();
+  }
+
+  /**
+   * With maxAgeMs, a timer for the oldest buffered record, so that it is trained on when it comes
+   * due even if no other request ends (the other triggers are checked as requests end).
+   */
+  #armAgeTimer(): void {
+    const age = this.options.maxAgeMs;
+    if (age === undefined || this.#ageTimer !== undefined || this.#disposed || this.#buffer.length === 0) return;
+    const due = this.#buffer[0]!.createdAt + age;
+    this.#ageTimer = setTimeout(() => {
+      this.#ageTimer = undefined;
+      this.#scheduleUpdate();
+      // Not due yet (that record was trained on meanwhile): wait for the new oldest. Due but held
+      // (an update running or a guard window open): those call #scheduleUpdate when they end.
+      if (this.#buffer.length > 0 && this.#buffer[0]!.createdAt + age > Date.now()) this.#armAgeTimer();
+    }, Math.max(0, due - Date.now()));
+    this.#ageTimer.unref(); // a pending update does not keep the process alive
   }
 
   /**
@@ -470,6 +490,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
         if (this.#shouldUpdate()) await this.#update();
       } finally {
         this.#pending = false;
+        this.#armAgeTimer(); // for records that arrived while it ran
       }
     });
   }
@@ -757,6 +778,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   async dispose(): Promise<void> {
     if (this.#disposed) return;
     this.#disposed = true;
+    clearTimeout(this.#ageTimer);
     await this.#decoder.dispose();
     await this.#chain;
     await this.#trainer?.dispose();

@@ -345,6 +345,17 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     expect(errors).toEqual([]);
   });
 
+  it('maxAgeMs trains on an old record even when no other request comes (it was checked only as requests ended)', async () => {
+    await using draft = await loadModel(draftPath);
+    await using dec = createOnlineDecoder({ target, draft, distill: { interval: 1000, maxAgeMs: 50, positions: 'all' } });
+    const updated = new Promise<UpdateEvent>((resolve) => dec.once('update', resolve));
+    const t0 = Date.now();
+    await dec.generate({ tokens: prompts[0]!, maxTokens: 12 });
+    expect((await updated).records).toBe(1);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(50);
+    expect(dec.recorded()).toEqual([]);
+  });
+
   it('dispose stops an update between optimizer steps (it waited for every epoch)', async () => {
     await using draft = await loadModel(draftPath);
     const dec = createOnlineDecoder({ target, draft, distill: { interval: 1000, positions: 'all', epochs: 100_000 } });

@@ -108,6 +108,18 @@ describe('Trainer', () => {
       );
     }
     await (await loadTrainerCheckpoint(good)).dispose();
+    // Settings out of range are refused too: a head chunk of 2^40 rows would be allocated.
+    const { writeGgufRaw, readTensorBytes } = await import('../lib/train/ggufRewrite.js');
+    const kvs = layout.kvs.map((kv) => {
+      if (kv.key !== 'osd.train.head_chunk') return kv;
+      const raw = Buffer.from(kv.raw);
+      if (raw.length === 12) raw.writeBigInt64LE(1n << 40n, 4);
+      else raw.writeUInt32LE(0x80000000, 4);
+      return { key: kv.key, raw };
+    });
+    const tensors = layout.tensors.map((t) => ({ name: t.name, dims: t.dims, type: t.type, data: Buffer.from(readTensorBytes(layout, t.name)) }));
+    writeGgufRaw(join(dir, 'chunk.ckpt'), kvs, tensors, layout.alignment);
+    await expect(loadTrainerCheckpoint(join(dir, 'chunk.ckpt'))).rejects.toThrow(/headChunk must be in \[1, 1048576\]/);
   });
 
   it('configure applies from the next step without waiting for a running one, and checks its options', async () => {

@@ -45,7 +45,8 @@ void validate_trainer_config(const TrainerConfig& c) {
     throw_range("minLr must be in [0, lr], got " + num_str(s.min_lr));
   if (!std::isfinite(c.clip_norm) || c.clip_norm < 0.0f)
     throw_range("clipNorm must be a finite number >= 0 (0 = off), got " + num_str(c.clip_norm));
-  if (c.head_chunk <= 0) throw_range("headChunk must be > 0, got " + std::to_string(c.head_chunk));
+  // (bounded as createTrainer's option is: a checkpoint asking for 2^40 rows would allocate that many)
+  if (c.head_chunk <= 0 || c.head_chunk > (1 << 20)) throw_range("headChunk must be in [1, 1048576], got " + std::to_string(c.head_chunk));
   AdamWConfig a;
   a.lr = s.lr;
   a.beta1 = c.beta1;

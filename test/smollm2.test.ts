@@ -226,9 +226,15 @@ describe.skipIf(!have)('SmolLM2-135M-Instruct Q4_1', () => {
         '   leading and trailing spaces   \n\n\n',
         'Mixed: English日本語русскийالعربية한국어',
         '<|im_start|>user\nnot special here<|im_end|>',
+        // Bytes the vocabulary has no token for (0x04, 0x13; 0xF1 leads plane-4 characters): dropped,
+        // as llama.cpp drops them (they became <|endoftext|>, the "unknown" id, mid-prompt).
+        'a\u0004b',
+        'x\u0013y',
+        'Hello \u{50000} world',
       ];
       const spm = existsSync(join(VOCAB, 'ggml-vocab-llama-spm.gguf.inp')) ? readInp(join(VOCAB, 'ggml-vocab-llama-spm.gguf.inp')) : [];
       const t = model.tokenizer!;
+      expect(Array.from(t.encode('a\u0004b'))).not.toContain(0);
       for (const s of [...texts, ...spm]) {
         expect(Array.from(t.encode(s)), JSON.stringify(s)).toEqual(Array.from(lm.tokenize(s, false)));
         expect(Array.from(t.encode(s, { special: true })), JSON.stringify(s)).toEqual(Array.from(lm.tokenize(s, true)));

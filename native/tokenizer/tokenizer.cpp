@@ -410,13 +410,17 @@ void Tokenizer::encode_bpe_word(std::string_view word, std::vector<int32_t>& out
       out.push_back(id);
       continue;
     }
-    // Not a token: one token per byte-level character, else the unknown token, else an error
-    // naming the byte. (llama.cpp drops such bytes silently, losing text; they cannot occur with a
-    // complete byte-level vocabulary.)
+    // Not a token: one token per byte-level character. A byte the vocabulary has no token for
+    // (SmolLM2's lacks 21 of the 256) becomes the unknown token when the vocabulary has a real one;
+    // where its "unknown" id is a control token (SmolLM2's is <|endoftext|>, which text must never
+    // produce) the byte is dropped, as llama.cpp drops it; with no unknown id at all it is an error
+    // naming the byte.
     for (const Codepoint& c : utf8_decode(sym_text(i))) {
       const int32_t byte_id = find_token(sym_text(i).substr(c.offset, c.len));
       if (byte_id >= 0) {
         out.push_back(byte_id);
+      } else if (vocab_.unk >= 0 && token_type(vocab_.unk) == TokenType::Control) {
+        continue;
       } else if (vocab_.unk >= 0) {
         out.push_back(vocab_.unk);
       } else {

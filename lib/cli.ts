@@ -3,6 +3,9 @@
 import { parseArgs } from 'node:util';
 import { rangeText } from './args.js';
 
+/** A bad command line (exit code 2), as opposed to a failure while running (1). */
+class UsageError extends Error {}
+
 const HELP = `Usage: osd <command> [options]
 
 Commands:
@@ -93,21 +96,22 @@ async function main(argv: string[]): Promise<number> {
   if (allowed) {
     for (const key of Object.keys(values))
       if (!['json', 'help', 'version', ...allowed].includes(key))
-        throw new TypeError(`--${key} is not an option of '${command}' (osd help lists each command's options)`);
+        throw new UsageError(`--${key} is not an option of '${command}' (osd help lists each command's options)`);
     if (command !== 'generate' && positionals.length > 1)
-      throw new TypeError(`'${command}' takes no arguments, got '${positionals.slice(1).join(' ')}'`);
+      throw new UsageError(`'${command}' takes no arguments, got '${positionals.slice(1).join(' ')}'`);
   }
   const num = (v: string | undefined, name: string, fallback: number): number => {
     if (v === undefined) return fallback;
-    const n = Number(v);
-    if (!Number.isFinite(n)) throw new RangeError(`--${name} must be a number, got '${v}'`);
+    // Decimal only: Number('') is 0 and Number('0x10') is 16.
+    const n = /^\s*[+-]?(\d+(\.\d*)?|\.\d+)(e[+-]?\d+)?\s*$/i.test(v) ? Number(v) : NaN;
+    if (!Number.isFinite(n)) throw new UsageError(`--${name} must be a number, got '${v}'`);
     return n;
   };
   // Integers are checked here, so that the message names the flag (not the API option behind it).
   const int = (v: string | undefined, name: string, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER): number => {
     const n = num(v, name, fallback);
     if (!Number.isInteger(n) || n < min || n > max)
-      throw new RangeError(`--${name} must be an integer ${rangeText(min, max)}, got '${v}'`);
+      throw new UsageError(`--${name} must be an integer ${rangeText(min, max)}, got '${v}'`);
     return n;
   };
   const osd = await import('./index.js');
@@ -130,8 +134,8 @@ async function main(argv: string[]): Promise<number> {
       const model = await osd.loadModel(values.model ?? DEFAULT_TARGET);
       try {
         const text = positionals.slice(1).join(' ');
-        if (!text) throw new TypeError(`give a prompt: osd generate ${values.chat ? '--chat "What is the capital of France?"' : '"Once upon a time"'}`);
-        if (!values.chat && (values.system !== undefined || values.template !== undefined)) throw new TypeError('--system and --template go with --chat');
+        if (!text) throw new UsageError(`give a prompt: osd generate ${values.chat ? '--chat "What is the capital of France?"' : '"Once upon a time"'}`);
+        if (!values.chat && (values.system !== undefined || values.template !== undefined)) throw new UsageError('--system and --template go with --chat');
         // A chat prompt goes as token ids: its markup (<|im_start|> ...) is special tokens, not text.
         let input: { prompt: string } | { tokens: Int32Array } = { prompt: text };
         if (values.chat) {
@@ -150,8 +154,12 @@ async function main(argv: string[]): Promise<number> {
         const sampling = {
           temperature: num(values.temperature, 'temperature', 0),
           topP: num(values['top-p'], 'top-p', 1),
-          topK: int(values['top-k'], 'top-k', 0, 0),
+          topK: int(values['top-k'], 'top-k', 0, 0, 2 ** 31 - 1),
         };
+        // Checked as the kernels check them (float32), with the flags' names.
+        if (!(sampling.temperature === 0 || Math.fround(sampling.temperature) >= 2 ** -126))
+          throw new UsageError(`--temperature must be 0 (greedy) or a number >= 1.2e-38, got '${values.temperature}'`);
+        if (!(Math.fround(sampling.topP) > 0 && sampling.topP <= 1)) throw new UsageError(`--top-p must be in (0, 1], got '${values['top-p']}'`);
         const maxTokens = int(values['max-tokens'], 'max-tokens', 128, 1);
         const seed = int(values.seed, 'seed', 0, 0);
         const ac = new AbortController();
@@ -185,18 +193,18 @@ async function main(argv: string[]): Promise<number> {
       const { runDemo, formatDemo, writeDemoPlots } = await import('./demo.js');
       const tty = process.stderr.isTTY;
       const runs = values.runs ? (values.runs.split(',') as ('static' | 'online' | 'pool')[]) : undefined;
-      for (const r of runs ?? []) if (!['static', 'online', 'pool'].includes(r)) throw new RangeError(`--runs: unknown run '${r}'`);
-      if ((values.target === undefined) !== (values.draft === undefined)) throw new TypeError('give both --target and --draft, or neither (the embedded default pair)');
+      for (const r of runs ?? []) if (!['static', 'online', 'pool'].includes(r)) throw new UsageError(`--runs: unknown run '${r}'`);
+      if ((values.target === undefined) !== (values.draft === undefined)) throw new UsageError('give both --target and --draft, or neither (the embedded default pair)');
       const { existsSync } = await import('node:fs');
       for (const path of [values.target, values.draft]) if (path !== undefined && !existsSync(path)) throw new Error(`model not found: ${path}`);
-      if (values.requests !== undefined && values['requests-per-phase'] !== undefined) throw new TypeError('give --requests or --requests-per-phase, not both');
+      if (values.requests !== undefined && values['requests-per-phase'] !== undefined) throw new UsageError('give --requests or --requests-per-phase, not both');
       const requests = int(values.requests ?? values['requests-per-phase'], values.requests !== undefined ? 'requests' : 'requests-per-phase', 24, 1);
       const distill: { lr?: number; topK?: number } = {};
       if (values.lr !== undefined) distill.lr = num(values.lr, 'lr', 0);
       if (values['top-k'] !== undefined) distill.topK = int(values['top-k'], 'top-k', 0, 1);
-      if (distill.lr !== undefined && !(distill.lr > 0)) throw new RangeError('--lr must be a number > 0');
+      if (distill.lr !== undefined && !(distill.lr > 0)) throw new UsageError('--lr must be a number > 0');
       if (values['save-draft'] !== undefined) {
-        if (runs && !runs.includes('online')) throw new TypeError('--save-draft saves the online run\'s draft: include online in --runs');
+        if (runs && !runs.includes('online')) throw new UsageError('--save-draft saves the online run\'s draft: include online in --runs');
         const { dirname, resolve } = await import('node:path');
         const { accessSync, constants } = await import('node:fs');
         try {
@@ -253,7 +261,7 @@ async function main(argv: string[]): Promise<number> {
       const { existsSync } = await import('node:fs');
       const http = await import('node:http');
       const { createServer } = await import('./server.js');
-      if ((values.target === undefined) !== (values.draft === undefined)) throw new TypeError('give both --target and --draft, or neither (the embedded default pair)');
+      if ((values.target === undefined) !== (values.draft === undefined)) throw new UsageError('give both --target and --draft, or neither (the embedded default pair)');
       const targetPath = values.target ?? DEFAULT_TARGET;
       const draftPath = values.draft ?? DEFAULT_DRAFT;
       for (const path of [targetPath, draftPath])
@@ -261,7 +269,7 @@ async function main(argv: string[]): Promise<number> {
       const port = int(values.port, 'port', 8080, 0, 65535);
       const host = values.host ?? '127.0.0.1';
       const grace = num(values.grace, 'grace', 30);
-      if (!(grace >= 0)) throw new RangeError('--grace must be a number of seconds >= 0');
+      if (!(grace >= 0)) throw new UsageError('--grace must be a number of seconds >= 0');
       const target = await osd.loadModel(targetPath);
       const draft = await osd.loadModel(draftPath);
       const handler = createServer({
@@ -320,10 +328,22 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+// A reader that goes away (osd generate ... | head) ends the output, quietly.
+process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+  if (e.code === 'EPIPE') process.exit(0);
+  throw e;
+});
+
+// Exit codes: 0 done, 1 failed, 2 a usage error (bad command line), 130 interrupted (Ctrl-C).
 main(process.argv.slice(2)).then(
   (code) => process.exit(code),
   (err: unknown) => {
+    if (err instanceof Error && err.name === 'AbortError') {
+      process.stderr.write('\nosd: interrupted\n');
+      process.exit(130);
+    }
     process.stderr.write(`osd: ${err instanceof Error ? err.message : String(err)}\n`);
-    process.exit(1);
+    const usage = err instanceof UsageError || (err instanceof Error && String((err as NodeJS.ErrnoException).code).startsWith('ERR_PARSE_ARGS'));
+    process.exit(usage ? 2 : 1);
   },
 );

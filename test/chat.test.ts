@@ -89,7 +89,7 @@ describe('applyChatTemplate on a model without a template', () => {
   it('osd generate: --system without --chat, and --chat on a model without a template, are refused', async () => {
     const tiny = join(dir, 'tiny.gguf');
     const a = await cli(['generate', '--model', tiny, '--system', 'x', 'hello']).catch((e: { code: number; stderr: string }) => e);
-    expect(a).toMatchObject({ code: 1 });
+    expect(a).toMatchObject({ code: 2 }); // a usage error
     expect((a as { stderr: string }).stderr).toContain('--system and --template go with --chat');
     const b = await cli(['generate', '--model', tiny, '--chat', 'hello']).catch((e: { code: number; stderr: string }) => e);
     expect(b).toMatchObject({ code: 1 });

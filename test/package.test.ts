@@ -50,18 +50,44 @@ describe('package', () => {
 
   it("osd refuses another command's options and stray arguments (they were ignored silently)", () => {
     const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), ...args], { encoding: 'utf8' });
+    // A bad command line exits 2 (a failure while running, 1).
     const r = cli('serve', '--model', 'x.gguf');
-    expect(r.status).toBe(1);
+    expect(r.status).toBe(2);
     expect(r.stderr).toContain("osd: --model is not an option of 'serve'");
     const b = cli('backends', 'extra');
-    expect(b.status).toBe(1);
+    expect(b.status).toBe(2);
     expect(b.stderr).toContain("osd: 'backends' takes no arguments, got 'extra'");
     // Flag values are checked under the flag's name (the messages named the API options behind them).
     const t = cli('generate', '--max-tokens', '2.5', 'hi');
-    expect(t.status).toBe(1);
+    expect(t.status).toBe(2);
     expect(t.stderr).toContain("--max-tokens must be an integer >= 1, got '2.5'");
+    // Empty and non-decimal values were read as 0 and 16; sampling values are checked under the flags' names.
+    for (const [flag, value, message] of [
+      ['--temperature', '', "--temperature must be a number, got ''"],
+      ['--max-tokens', '0x10', "--max-tokens must be a number, got '0x10'"],
+      ['--top-p', '2', "--top-p must be in (0, 1], got '2'"],
+      ['--temperature', '-1', "--temperature must be 0 (greedy) or a number >= 1.2e-38, got '-1'"],
+    ] as const) {
+      const e = cli('generate', `${flag}=${value}`, 'hi');
+      expect(e.status, `${flag} ${value}`).toBe(2);
+      expect(e.stderr).toContain(message);
+    }
+    expect(cli('generate', '--no-such-flag', 'hi').status).toBe(2);
+    expect(cli('generate', '--model', '/nonexistent.gguf', 'hi').status).toBe(1);
     expect(cli('serve', '--max-concurrent', '0').stderr).toContain("--max-concurrent must be an integer in [1, 1024], got '0'");
     expect(cli('generate', '--chat', '--template', '/nonexistent.jinja', 'hi').stderr).toContain('--template: cannot read /nonexistent.jinja');
+  });
+
+  it('osd generate stops quietly when its reader goes away (osd generate ... | head)', async () => {
+    const { spawn } = await import('node:child_process');
+    const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'generate', '--max-tokens', '400', 'Once upon a time'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += d));
+    await new Promise<void>((resolve) => child.stdout.once('data', () => resolve()));
+    child.stdout.destroy(); // the reader is gone: the next writes fail with EPIPE
+    const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+    expect(stderr).not.toContain('EPIPE');
+    expect(code).toBe(0);
   });
 
   it('osd rejects an unknown command with usage', () => {

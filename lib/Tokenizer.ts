@@ -2,7 +2,7 @@
 // `tokenizer.ggml.model = "llama"`, byte-level BPE for `"gpt2"`, with llama.cpp's semantics.
 // The work happens in the native addon; this file types it and checks arguments.
 import { addon } from './addon.js';
-import { checkKeys, checkOptions } from './args.js';
+import { checkKeys, checkOptions, shown } from './args.js';
 
 /** Values of `tokenizer.ggml.token_type`. */
 export const TokenType = {
@@ -111,12 +111,12 @@ const native = addon as unknown as NativeTokenizerModule;
 
 function toInt32Array(tokens: TokenIds, vocabSize: number, name = 'tokens'): Int32Array {
   if (tokens instanceof Int32Array) return tokens;
-  if (tokens === null || typeof tokens !== 'object' || typeof tokens.length !== 'number')
+  if (tokens === null || typeof tokens !== 'object' || !Number.isSafeInteger(tokens.length) || tokens.length < 0 || tokens.length > 2 ** 32 - 1)
     throw new TypeError(`${name} must be an Int32Array or an array of token ids`);
   const out = new Int32Array(tokens.length);
   for (let i = 0; i < tokens.length; i++) {
     const id = tokens[i];
-    if (typeof id !== 'number' || !Number.isInteger(id)) throw new TypeError(`${name}[${i}] must be an integer, got ${String(id)}`);
+    if (typeof id !== 'number' || !Number.isInteger(id)) throw new TypeError(`${name}[${i}] must be an integer, got ${shown(id)}`);
     if (id < 0 || id >= vocabSize) throw new RangeError(`${name}[${i}] = ${id} is out of range for a vocabulary of ${vocabSize}`);
     out[i] = id;
   }
@@ -239,7 +239,9 @@ export class Tokenizer {
 
   /** The bytes one token decodes to. */
   tokenToBytes(token: number, options: { special?: boolean } = {}): Uint8Array {
-    return this.#native.tokenToBytes(token, options.special ?? true);
+    checkKeys(checkOptions(options) ?? {}, ['special']);
+    if (options?.special !== undefined && typeof options.special !== 'boolean') throw new TypeError('options.special must be a boolean');
+    return this.#native.tokenToBytes(token, options?.special ?? true);
   }
 
   /** The vocabulary entry itself (with "▁" or byte-level characters, as stored). */

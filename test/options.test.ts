@@ -110,6 +110,11 @@ describe('unknown option keys', () => {
     typeError(() => createSpeculativeDecoder({ target, draft: fake }), /^draft must be a loaded Model$/);
     typeError(() => target.tokenizer!.tokenToPiece(1, null as never), /^options must be an object$/);
     typeError(() => target.tokenizer!.tokenToPiece(1, { special: 'yes' } as never), /^options\.special must be a boolean$/);
+    typeError(() => target.tokenizer!.tokenToBytes(1, null as never), /^options must be an object$/);
+    typeError(() => target.tokenizer!.tokenToBytes(1, { speshul: true } as never), /^options\.speshul is not an option/);
+    // A string id is shown as a string (it read "got 1"), and a fake huge length is refused by name.
+    typeError(() => target.tokenizer!.decode(['1'] as never), /^tokens\[0\] must be an integer, got "1"$/);
+    typeError(() => target.tokenizer!.decode({ length: 1e10 } as never), /^tokens must be an Int32Array or an array of token ids$/);
     expect(target.tokenizer!.tokenToPiece(1)).toBe(target.tokenizer!.tokenToPiece(1, { special: true }));
     // A progress callback that throws fails the load with its error.
     await expect(loadModel(defaultDraftPath, { onProgress: (p) => { if (p === 1) throw new Error('progress bug'); } })).rejects.toThrow('progress bug');

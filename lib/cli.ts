@@ -213,6 +213,14 @@ async function main(argv: string[]): Promise<number> {
           throw new Error(`--save-draft: cannot write in ${dirname(resolve(values['save-draft']))}`);
         }
       }
+      // The plots' folder is made now: a path that cannot be one failed only after the whole run.
+      const out = values.out ?? 'osd-demo';
+      try {
+        const { mkdirSync } = await import('node:fs');
+        mkdirSync(out, { recursive: true });
+      } catch (e) {
+        throw new Error(`--out: cannot make the folder ${out}: ${(e as Error).message}`);
+      }
       const ac = new AbortController();
       process.once('SIGINT', () => ac.abort());
       const result = await runDemo({
@@ -230,7 +238,7 @@ async function main(argv: string[]): Promise<number> {
         },
       });
       if (tty) process.stderr.write('\n');
-      const plots = writeDemoPlots(result, values.out ?? 'osd-demo');
+      const plots = writeDemoPlots(result, out);
       if (values.json) {
         process.stdout.write(
           JSON.stringify(

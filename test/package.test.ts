@@ -73,6 +73,11 @@ describe('package', () => {
       expect(e.stderr).toContain(message);
     }
     expect(cli('generate', '--no-such-flag', 'hi').status).toBe(2);
+    // A plot folder that cannot be made fails before the demo runs (it failed after the whole run).
+    const notDir = join(root, 'package.json');
+    const d = cli('demo', '--requests', '1', '--max-tokens', '2', '--out', join(notDir, 'sub'));
+    expect(d.status).toBe(1);
+    expect(d.stderr).toContain(`--out: cannot make the folder ${join(notDir, 'sub')}`);
     expect(cli('generate', '--model', '/nonexistent.gguf', 'hi').status).toBe(1);
     expect(cli('serve', '--max-concurrent', '0').stderr).toContain("--max-concurrent must be an integer in [1, 1024], got '0'");
     expect(cli('generate', '--chat', '--template', '/nonexistent.jinja', 'hi').stderr).toContain('--template: cannot read /nonexistent.jinja');

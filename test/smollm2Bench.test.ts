@@ -83,7 +83,7 @@ describe('osd demo on SmolLM2', () => {
   it('needs both --target and --draft', () => {
     const [cmd, args] = tsx([join(root, 'lib/cli.ts'), 'demo', '--target', SMOLLM2]);
     const r = spawnSync(cmd, args, { cwd: root, encoding: 'utf8', timeout: 60_000 });
-    expect(r.status).toBe(1);
+    expect(r.status).toBe(2); // a usage error
     expect(r.stderr).toMatch(/give both --target and --draft/);
   });
 

@@ -718,9 +718,7 @@ export class Sequence {
       if (!chunked || !fits()) return handle.evaluate(t, parents, lastOnly);
       const start = handle.length;
       const V = this.model.info.vocabSize;
-      // Every id before the first chunk runs, so a bad one is named by its index in `tokens`.
-      for (let i = 0; i < t.length; i++)
-        if (t[i]! < 0 || t[i]! >= V) throw new RangeError(`tokens[${i}] = ${t[i]} is out of range for a vocabulary of ${V}`);
+      checkTokenIds(t, 'tokens', V); // every id before the first chunk runs: a bad one is named by its index in `tokens`
       const all = lastOnly ? undefined : new Float32Array(t.length * V);
       let last: Float32Array | undefined;
       try {

@@ -123,6 +123,13 @@ function toInt32Array(tokens: TokenIds, vocabSize: number, name = 'tokens'): Int
   return out;
 }
 
+/** The `special` option of tokenToPiece and tokenToBytes, checked (default true). */
+function specialOption(options: { special?: boolean } | undefined): boolean {
+  checkKeys(checkOptions(options) ?? {}, ['special']);
+  if (options?.special !== undefined && typeof options.special !== 'boolean') throw new TypeError('options.special must be a boolean');
+  return options?.special ?? true;
+}
+
 export class Tokenizer {
   readonly #native: NativeTokenizer;
 
@@ -232,16 +239,12 @@ export class Tokenizer {
 
   /** The text of one token (lossy when the token is part of a UTF-8 character; see tokenToBytes). */
   tokenToPiece(token: number, options: { special?: boolean } = {}): string {
-    checkKeys(checkOptions(options) ?? {}, ['special']);
-    if (options?.special !== undefined && typeof options.special !== 'boolean') throw new TypeError('options.special must be a boolean');
-    return this.#native.tokenToPiece(token, options?.special ?? true);
+    return this.#native.tokenToPiece(token, specialOption(options));
   }
 
   /** The bytes one token decodes to. */
   tokenToBytes(token: number, options: { special?: boolean } = {}): Uint8Array {
-    checkKeys(checkOptions(options) ?? {}, ['special']);
-    if (options?.special !== undefined && typeof options.special !== 'boolean') throw new TypeError('options.special must be a boolean');
-    return this.#native.tokenToBytes(token, options?.special ?? true);
+    return this.#native.tokenToBytes(token, specialOption(options));
   }
 
   /** The vocabulary entry itself (with "▁" or byte-level characters, as stored). */

@@ -899,19 +899,25 @@ OSD_TEST(forward_kl_blocked_matches_reference) {
   CHECK_THROWS(Error, forward_kl_row_blocked(in, 0, 1.0f, gb.data()), "studentLogits row 0 contains NaN");
 }
 
+// A dense-teacher distillation input over rows x V logits.
+static DistillInput dense_input(DistillKind kind, const float* student, const float* teacher, int32_t rows, int32_t V, float temperature = 1.0f) {
+  DistillInput in;
+  in.kind = kind;
+  in.student = student;
+  in.teacher = teacher;
+  in.rows = rows;
+  in.vocab = V;
+  in.temperature = temperature;
+  return in;
+}
+
 OSD_TEST(blocked_losses_do_not_depend_on_split) {
   // One row (blocks over the threads) and the same row among many (one thread per row): same bits.
   std::mt19937 rng(16);
   const int32_t V = 20000, N = 2 * default_pool().size() + 1;
   auto s = random_logits(rng, N * V, 3.f), t = random_logits(rng, N * V, 3.f);
   for (auto kind : {DistillKind::ForwardKL, DistillKind::JSD}) {
-    DistillInput in;
-    in.kind = kind;
-    in.student = s.data();
-    in.teacher = t.data();
-    in.rows = N;
-    in.vocab = V;
-    in.temperature = 0.8f;
+    const DistillInput in = dense_input(kind, s.data(), t.data(), N, V, 0.8f);
     std::vector<float> g(N * V), g1(V);
     const double loss = cpu_backend().distill_loss(in, g.data());
     double sum = 0.0;
@@ -930,13 +936,7 @@ OSD_TEST(streamed_gradients_have_the_same_bits) {
   for (auto kind : {DistillKind::ForwardKL, DistillKind::ReverseKL, DistillKind::JSD, DistillKind::TVD}) {
     for (int32_t V : {1, 7, 33, 2049, 40000}) {
       auto s = random_logits(rng, V, 3.f), t = random_logits(rng, V, 3.f);
-      DistillInput in;
-      in.kind = kind;
-      in.student = s.data();
-      in.teacher = t.data();
-      in.rows = 1;
-      in.vocab = V;
-      in.temperature = 0.7f;
+      const DistillInput in = dense_input(kind, s.data(), t.data(), 1, V, 0.7f);
       std::vector<float> plain(V), buf(V + 64);
       const double lp = distill_row_fast(in, 0, 0.5f, plain.data());
       // base: a float of buf on a 64-byte boundary with 16 floats before it; the row at base + off.
@@ -956,12 +956,7 @@ OSD_TEST(streamed_gradients_have_the_same_bits) {
   std::vector<uint8_t> mask(N, 1);
   mask[3] = mask[77] = 0;
   for (auto kind : {DistillKind::ForwardKL, DistillKind::JSD}) {
-    DistillInput in;
-    in.kind = kind;
-    in.student = s.data();
-    in.teacher = t.data();
-    in.rows = N;
-    in.vocab = V;
+    DistillInput in = dense_input(kind, s.data(), t.data(), N, V);
     in.mask = mask.data();
     std::vector<float> g(size_t(N) * V, 1.0f), g1(V);
     const double loss = cpu_backend().distill_loss(in, g.data());

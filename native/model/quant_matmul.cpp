@@ -8,10 +8,13 @@
 //  that d and s stay f32 where llama.cpp rounds them to fp16 (on SmolLM2 this takes the rms error
 //  of the log-probabilities against exact f32 arithmetic from 0.175 to 0.144). For each block b in order, with wq the block's integer weights
 //  (nibble - 8 for Q4_0, nibble for Q4_1, ...):
-//      p[k]   = sum of wq[j] * xq[j] for j = 4k .. 4k+3                         (k = 0..7, exact)
+//      p[k]   = sum of wq[j] * xq[j] for j = 4k .. 4k+3 and 16+4k .. 16+4k+3   (k = 0..3, exact)
 //      acc[k] = acc[k] + (d_w * d_x) * float(p[k])
 //      summ   = summ + m_w * s_x                                            (Q4_1, Q5_1 only)
-//  result = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)) + summ.
+//  result = ((acc0 + acc2) + (acc1 + acc3)) + summ.
+//  p[k] pairs value j with value j + 16: the low and the high nibble of one byte in Q4_0 / Q4_1,
+//  so that four rows' low nibbles fill one 512-bit vector and their high nibbles another, and each
+//  float product and sum covers eight values (llama.cpp's AVX2 order converts per four).
 //
 //  K-quants (Q3_K, Q4_K, Q5_K, Q6_K). x is quantised per 256 values as llama.cpp's Q8_K (f32 d,
 //  int8 q, 16-value sums). Each super-block gives integer weights wq, a scale per 16 values sc,
@@ -82,62 +85,18 @@ inline float round_even(float v) { return (v + 0x1.8p23f) - 0x1.8p23f; }
 
 // ---- Quantised activations ----
 
-// The activations of 8-token chunks laid out for the AVX-512 kernel of Q4_1 / Q5_1 over two tokens
-// per 512-bit vector (tile32_pairs_avx512). Chunk c (tokens 8c .. 8c + 7, np = pairs in it) starts
-// at c * nb * 4 pairs of q and dx and c * nb * 8 floats of sx; within it:
-//   q:  [block][pair] 64 bytes: token 2p's 32 values, then token 2p + 1's
-//   dx: [block][pair] 16 floats: token 2p's d eight times, then 2p + 1's
-//   sx: [block] 8 floats: each token's s (the last token repeated)
-// An odd last token pairs with itself. Built once per matmul_many call (pair_acts) and read by
-// every row block.
-struct PairedActs {
-  std::vector<int8_t> q;
-  std::vector<float> dx, sx;
-};
-
 struct Acts {
   int64_t cols = 0, nb = 0, ng = 0;  // values, scale blocks (32 or 256 values), 16-value groups per row
   std::vector<int8_t> q;             // n x cols (+ padding)
   std::vector<float> d, s;           // n x nb
   std::vector<int16_t> bsum;         // n x ng (K-quants)
-  PairedActs paired;                 // for tile32_pairs_avx512, when pair_acts built it
+  std::vector<int32_t> gneg;         // n x nb x 4: -(sum of xq over p[k]'s values) (AVX-512, 32-value)
   const int8_t* qrow(int64_t t) const { return q.data() + t * cols; }
   const float* drow(int64_t t) const { return d.data() + t * nb; }
   const float* srow(int64_t t) const { return s.data() + t * nb; }
   const int16_t* brow(int64_t t) const { return bsum.data() + t * ng; }
+  const int32_t* grow(int64_t t) const { return gneg.data() + t * nb * 4; }
 };
-
-// Fills a.paired (PairedActs) for n tokens of 32-value-block activations.
-void pair_acts(Acts& a, int64_t n) {
-  const int64_t nb = a.nb, chunks = (n + 7) / 8;
-  PairedActs& pa = a.paired;
-  pa.q.resize(static_cast<size_t>(chunks * nb * 4 * 64));
-  pa.dx.resize(static_cast<size_t>(chunks * nb * 4 * 16));
-  pa.sx.resize(static_cast<size_t>(chunks * nb * 8));
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t t = 8 * c;
-    const int rn = static_cast<int>(std::min<int64_t>(8, n - t)), np = (rn + 1) / 2;
-    int8_t* const q0 = pa.q.data() + c * nb * 4 * 64;
-    float* const dx0 = pa.dx.data() + c * nb * 4 * 16;
-    float* const sx0 = pa.sx.data() + c * nb * 8;
-    for (int p = 0; p < np; ++p) {
-      const int64_t ta = t + 2 * p, tb = t + std::min(2 * p + 1, rn - 1);  // an odd last token pairs with itself
-      const int8_t *qa = a.qrow(ta), *qb = a.qrow(tb);
-      const float *da = a.drow(ta), *db = a.drow(tb);
-      for (int64_t b = 0; b < nb; ++b) {
-        std::memcpy(q0 + (b * np + p) * 64, qa + b * kQK, kQK);
-        std::memcpy(q0 + (b * np + p) * 64 + 32, qb + b * kQK, kQK);
-        float* dx = dx0 + (b * np + p) * 16;
-        std::fill(dx, dx + 8, da[b]);
-        std::fill(dx + 8, dx + 16, db[b]);
-      }
-    }
-    for (int j = 0; j < 8; ++j) {
-      const float* sx = a.srow(t + std::min(j, rn - 1));
-      for (int64_t b = 0; b < nb; ++b) sx0[b * 8 + j] = sx[b];
-    }
-  }
-}
 
 // llama.cpp's quantize_row_q8_1 (AVX2 path) with f32 scales: per 32 values d = amax / 127,
 // q = round-even(x * (127 / amax)), s = d * sum q. Non-finite input gives d = s = NaN.
@@ -229,6 +188,16 @@ void quantize_acts(TensorType t, const float* x, int64_t n, int64_t cols, Acts& 
     else
       quantize_acts_q8(x + i * cols, cols, a.q.data() + i * cols, a.d.data() + i * a.nb, a.s.data() + i * a.nb);
   }
+  // The AVX-512 kernels read the signed formats' weights offset to unsigned (w + o) and take o times
+  // these sums off again: the same exact integers.
+  a.gneg.resize(!k && isa == Isa::Avx512 ? static_cast<size_t>(n * a.nb * 4) : 0);
+  if (!a.gneg.empty())
+    for (int64_t i = 0; i < n * a.nb; ++i) {
+      const int8_t* q = a.q.data() + i * kQK;
+      for (int g = 0; g < 4; ++g)
+        a.gneg[i * 4 + g] = -(q[4 * g] + q[4 * g + 1] + q[4 * g + 2] + q[4 * g + 3] + q[16 + 4 * g] +
+                              q[17 + 4 * g] + q[18 + 4 * g] + q[19 + 4 * g]);
+    }
 }
 
 // ---- Weight formats as integers ----
@@ -367,10 +336,7 @@ struct Args {
   float* y;
 };
 
-inline float hsum8(const float* a) {
-  const float t0 = a[0] + a[4], t1 = a[1] + a[5], t2 = a[2] + a[6], t3 = a[3] + a[7];
-  return (t0 + t2) + (t1 + t3);
-}
+inline float hsum4(const float* a) { return (a[0] + a[2]) + (a[1] + a[3]); }
 
 // ---- Portable reference kernels: one output at a time ----
 
@@ -385,20 +351,20 @@ void range32_ref(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) 
       const int8_t* xq = k.a->qrow(t);
       const float* xd = k.a->drow(t);
       const float* xs = T::kMin ? k.a->srow(t) : nullptr;
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      float acc[4] = {0, 0, 0, 0};
       float summ = 0.0f;
       for (int64_t b = 0; b < nb; ++b) {
         T::unpack(w[b], wq);
         const int8_t* yq = xq + b * kQK;
         const float dd = half_to_float(w[b].d) * xd[b];
-        for (int l = 0; l < 8; ++l) {
+        for (int l = 0; l < 4; ++l) {
           int p = 0;
-          for (int e = 4 * l; e < 4 * l + 4; ++e) p += wq[e] * yq[e];
+          for (int e = 4 * l; e < 4 * l + 4; ++e) p += wq[e] * yq[e] + wq[e + 16] * yq[e + 16];
           acc[l] = acc[l] + dd * static_cast<float>(p);
         }
         if (T::kMin) summ = summ + half_to_float(T::m(w[b])) * xs[b];
       }
-      k.y[t * k.rows + r] = hsum8(acc) + summ;
+      k.y[t * k.rows + r] = hsum4(acc) + summ;
     }
   }
 }
@@ -538,10 +504,14 @@ struct Q8_0V {
   static uint16_t m(const B*) { return 0; }
 };
 
-OSD_AVX2_INLINE float hsum8_avx2(__m256 v) {
-  const __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // t_k = a_k + a_{k+4}
-  const __m128 u = _mm_add_ps(t, _mm_movehl_ps(t, t));                                    // u0 = t0 + t2, u1 = t1 + t3
-  return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));                               // u0 + u1
+OSD_AVX2_INLINE float hsum4_sse(__m128 t) {
+  const __m128 u = _mm_add_ps(t, _mm_movehl_ps(t, t));       // u0 = a0 + a2, u1 = a1 + a3
+  return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));  // u0 + u1
+}
+
+// p[k] of the contract from the 8 four-value sums of a 256-bit dot product: lane k + lane k + 4.
+OSD_AVX2_INLINE __m128 fold_p(__m256i p32) {
+  return _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(p32), _mm256_extracti128_si256(p32, 1)));
 }
 
 template <class T, int RM, int RN>
@@ -558,10 +528,10 @@ OSD_AVX2 void tile32_avx2(const Args& k, int64_t r, int64_t t) {
     xd[j] = k.a->drow(t + j);
     xs[j] = T::kMin ? k.a->srow(t + j) : nullptr;
   }
-  __m256 acc[RM][RN];
+  __m128 acc[RM][RN];
   float summ[RM][RN];
   for (int i = 0; i < RM; ++i)
-    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps(), summ[i][j] = 0.0f;
+    for (int j = 0; j < RN; ++j) acc[i][j] = _mm_setzero_ps(), summ[i][j] = 0.0f;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
     __m256i wq[RM], wa[RM];
@@ -580,14 +550,14 @@ OSD_AVX2 void tile32_avx2(const Args& k, int64_t r, int64_t t) {
       for (int i = 0; i < RM; ++i) {
         const __m256i p16 = T::kUnsigned ? _mm256_maddubs_epi16(wa[i], y)
                                          : _mm256_maddubs_epi16(wa[i], _mm256_sign_epi8(y, wq[i]));
-        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-        acc[i][j] = _mm256_add_ps(acc[i][j], _mm256_mul_ps(_mm256_set1_ps(dw[i] * dx), p));
+        const __m128 p = fold_p(_mm256_madd_epi16(p16, ones));
+        acc[i][j] = _mm_add_ps(acc[i][j], _mm_mul_ps(_mm_set1_ps(dw[i] * dx), p));
         if (T::kMin) summ[i][j] = summ[i][j] + mw[i] * xs[j][b];
       }
     }
   }
   for (int i = 0; i < RM; ++i)
-    for (int j = 0; j < RN; ++j) k.y[(t + j) * k.rows + r + i] = hsum8_avx2(acc[i][j]) + summ[i][j];
+    for (int j = 0; j < RN; ++j) k.y[(t + j) * k.rows + r + i] = hsum4_sse(acc[i][j]) + summ[i][j];
 }
 
 template <class T, int RM>
@@ -791,237 +761,211 @@ bool cpu_has_avx2() {
   return yes;
 }
 
-// ---- AVX-512 kernels (F + BW + VL + VNNI, on 256-bit vectors) ----
-// The AVX2 kernels with the integer sums formed by VNNI: vpdpbusd adds the four u8 x s8 products
-// of each 32-bit lane (p[k] above) in one instruction where AVX2 needs vpmaddubsw + vpmaddwd, and
-// vpdpwssd folds the K-quants' scale products into the running sum. Both are exact (no
-// saturation; vpmaddubsw never saturates here either, as |w| <= 128 and |x| <= 127), so the
-// integers equal the AVX2 ones, and the float operations, in order, are those of tile32_avx2 and
-// tilek_avx2 line for line. The AVX2 helpers (unpack, hsum) inline here: their ISA is a subset.
-// Measured once, one thread, on the H200 host's Xeon (Sapphire Rapids class, gcc 13): 64 tokens
-// 7-11% faster than AVX2 for Q4_1 / Q4_K / Q6_K and equal for Q8_0; one token within noise.
+// ---- AVX-512 kernels (F + BW + VL + VNNI) ----
+// The integer sums are formed by VNNI: vpdpbusd adds the four u8 x s8 products of each 32-bit
+// lane in one instruction where AVX2 needs vpmaddubsw + vpmaddwd, and vpdpwssd folds the K-quants'
+// scale products into the running sum. Both are exact (no saturation; vpmaddubsw never saturates
+// here either, as |w| <= 128 and |x| <= 127), so the integers equal the AVX2 ones, and the float
+// operations, in order, are those of the portable kernels. The AVX2 helpers inline here: their ISA
+// is a subset.
 #define OSD_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define OSD_AVX512_INLINE __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline
 
-template <class T, int RM, int RN>
-OSD_AVX512 void tile32_avx512(const Args& k, int64_t r, int64_t t) {
-  using B = typename T::B;
-  const int64_t nb = k.cols / kQK;
-  const B* w[RM];
-  for (int i = 0; i < RM; ++i) w[i] = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r + i) * k.row_bytes);
-  const int8_t* xq[RN];
-  const float* xd[RN];
-  const float* xs[RN];
-  for (int j = 0; j < RN; ++j) {
-    xq[j] = k.a->qrow(t + j);
-    xd[j] = k.a->drow(t + j);
-    xs[j] = T::kMin ? k.a->srow(t + j) : nullptr;
-  }
-  __m256 acc[RM][RN];
-  float summ[RM][RN];
-  for (int i = 0; i < RM; ++i)
-    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps(), summ[i][j] = 0.0f;
-  const __m256i zero = _mm256_setzero_si256();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i wq[RM], wa[RM];
-    float dw[RM], mw[RM];
-    for (int i = 0; i < RM; ++i) _mm_prefetch(reinterpret_cast<const char*>(w[i] + b) + kPrefetchBytes, _MM_HINT_T0);
-    for (int i = 0; i < RM; ++i) {
-      wq[i] = T::unpack(w[i] + b);
-      wa[i] = T::kUnsigned ? wq[i] : _mm256_abs_epi8(wq[i]);  // = _mm256_sign_epi8(wq, wq), -128 included
-      dw[i] = f16(w[i][b].d);
-      mw[i] = T::kMin ? f16(T::m(w[i] + b)) : 0.0f;
-    }
-    for (int j = 0; j < RN; ++j) {
-      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[j] + b * kQK));
-      const float dx = xd[j][b];
-      for (int i = 0; i < RM; ++i) {
-        const __m256i p32 = T::kUnsigned ? _mm256_dpbusd_epi32(zero, wa[i], y)
-                                         : _mm256_dpbusd_epi32(zero, wa[i], _mm256_sign_epi8(y, wq[i]));
-        const __m256 p = _mm256_cvtepi32_ps(p32);
-        acc[i][j] = _mm256_add_ps(acc[i][j], _mm256_mul_ps(_mm256_set1_ps(dw[i] * dx), p));
-        if (T::kMin) summ[i][j] = summ[i][j] + mw[i] * xs[j][b];
-      }
-    }
-  }
-  for (int i = 0; i < RM; ++i)
-    for (int j = 0; j < RN; ++j) k.y[(t + j) * k.rows + r + i] = hsum8_avx2(acc[i][j]) + summ[i][j];
+// 32-value formats, eight rows at a time: each block's four-row vectors hold the rows' low-half
+// values (j < 16) in one 512-bit vector and their high-half values in another, a 128-bit lane per
+// row, so two vpdpbusd form p[k] of four rows, a lane each (the contract's pairing of j and j + 16
+// is what makes the Q4 nibbles load this way: one load, a shift and two masks for four rows). The
+// rows' scales convert as one vector, dw * dx and m_w * s_x run with a lane per row, and the rows
+// are unpacked once per block for up to eight tokens. The signed formats (Q4_0, Q5_0, Q8_0) are
+// read offset to unsigned (w + o, o = 8, 16, 128) with o times the activations' sums of each p[k]
+// (Acts::gneg, shifted) as the starting sum: the same exact integers. Per lane the float
+// operations are those of the portable kernel, in order.
+// Measured against the kernels this replaced (eight four-value sums per 32 values, a row or two
+// tokens per vector from five tokens on, and a prefetch 1 KB along each row), SmolLM2-135M Q4_1,
+// one evaluate after a 64-token prefix, medians of 100, alternating: 1 token 3.6-3.8 -> 3.1-3.2 ms,
+// 5 tokens 8.2-8.3 -> 5.1-5.2 ms, 17 tokens 24.6-25.7 -> 15.0-15.3 ms; prefill of 512 tokens
+// 606-629 -> 452-468 ms.
+OSD_AVX512_INLINE __m512i load4x16(const void* a, const void* b, const void* c, const void* d) {
+  __m512i x = _mm512_castsi128_si512(_mm_loadu_si128(static_cast<const __m128i*>(a)));
+  x = _mm512_inserti32x4(x, _mm_loadu_si128(static_cast<const __m128i*>(b)), 1);
+  x = _mm512_inserti32x4(x, _mm_loadu_si128(static_cast<const __m128i*>(c)), 2);
+  return _mm512_inserti32x4(x, _mm_loadu_si128(static_cast<const __m128i*>(d)), 3);
 }
 
-template <class T>
-OSD_AVX512 void range32_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  for (int64_t r = r0; r < r1; ++r) {  // one row at a time, as range32_avx2
-    int64_t t = t0;
-    for (; t + 4 <= t1; t += 4) tile32_avx512<T, 1, 4>(k, r, t);
-    switch (t1 - t) {
-      case 3: tile32_avx512<T, 1, 3>(k, r, t); break;
-      case 2: tile32_avx512<T, 1, 2>(k, r, t); break;
-      case 1: tile32_avx512<T, 1, 1>(k, r, t); break;
-      default: break;
-    }
-  }
+// Four rows' low-nibble and high-nibble values, a 128-bit lane per row.
+OSD_AVX512_INLINE void nibbles4(const uint8_t* const* qs, __m512i& lo, __m512i& hi) {
+  const __m512i x = load4x16(qs[0], qs[1], qs[2], qs[3]), low4 = _mm512_set1_epi8(0x0F);
+  lo = _mm512_and_si512(x, low4);
+  hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
 }
 
-// Formats with unsigned weights and a min (Q4_1, Q5_1): two tokens per 512-bit vector. The row's
-// 32 weights go to both halves; the halves hold the two tokens' activations, so one vpdpbusd forms
-// both tokens' p[k]. Per lane the float operations are tile32_avx2's, in order (dw * dx, times
-// float(p[k]), added to the token's acc[k]; summ + m_w * s_x per token, here a lane per token);
-// the halves are summed by hsum8_avx2. The activations, the two tokens' dx and the tokens' s_x
-// are laid out per block once per 8 tokens (PairedActs, built once per matmul_many call) and shared
-// by every row: the per-token scalar work of tile32_avx512 (dw * dx and its broadcast, m_w * s_x)
-// was most of its time on SmolLM2.
+// Adds the fifth bits (0x10) of Q5_0 / Q5_1: bits 0-15 of each row's qh to its low lane, 16-31 to
+// its high lane.
+OSD_AVX512_INLINE void fifth_bits4(const uint8_t* const* qh, __m512i& lo, __m512i& hi) {
+  uint64_t mlo = 0, mhi = 0;
+  for (int i = 0; i < 4; ++i) {
+    uint32_t h;
+    std::memcpy(&h, qh[i], 4);
+    mlo |= static_cast<uint64_t>(h & 0xFFFF) << (16 * i);
+    mhi |= static_cast<uint64_t>(h >> 16) << (16 * i);
+  }
+  const __m512i bit = _mm512_set1_epi8(0x10);
+  lo = _mm512_mask_add_epi8(lo, mlo, lo, bit);
+  hi = _mm512_mask_add_epi8(hi, mhi, hi, bit);
+}
+
+struct Q4_0R {
+  using B = BlockQ4_0;
+  static constexpr bool kMin = false;
+  static constexpr int kShift = 3;  // o = 8
+  OSD_AVX512_INLINE static void unpack4(const B* const* w, __m512i& lo, __m512i& hi) {
+    const uint8_t* qs[4] = {w[0]->qs, w[1]->qs, w[2]->qs, w[3]->qs};
+    nibbles4(qs, lo, hi);
+  }
+};
+struct Q4_1R {
+  using B = BlockQ4_1;
+  static constexpr bool kMin = true;
+  static constexpr int kShift = -1;  // unsigned already
+  OSD_AVX512_INLINE static void unpack4(const B* const* w, __m512i& lo, __m512i& hi) {
+    const uint8_t* qs[4] = {w[0]->qs, w[1]->qs, w[2]->qs, w[3]->qs};
+    nibbles4(qs, lo, hi);
+  }
+};
+struct Q5_0R {
+  using B = BlockQ5_0;
+  static constexpr bool kMin = false;
+  static constexpr int kShift = 4;  // o = 16
+  OSD_AVX512_INLINE static void unpack4(const B* const* w, __m512i& lo, __m512i& hi) {
+    const uint8_t* qs[4] = {w[0]->qs, w[1]->qs, w[2]->qs, w[3]->qs};
+    const uint8_t* qh[4] = {w[0]->qh, w[1]->qh, w[2]->qh, w[3]->qh};
+    nibbles4(qs, lo, hi);
+    fifth_bits4(qh, lo, hi);
+  }
+};
+struct Q5_1R {
+  using B = BlockQ5_1;
+  static constexpr bool kMin = true;
+  static constexpr int kShift = -1;
+  OSD_AVX512_INLINE static void unpack4(const B* const* w, __m512i& lo, __m512i& hi) {
+    const uint8_t* qs[4] = {w[0]->qs, w[1]->qs, w[2]->qs, w[3]->qs};
+    const uint8_t* qh[4] = {w[0]->qh, w[1]->qh, w[2]->qh, w[3]->qh};
+    nibbles4(qs, lo, hi);
+    fifth_bits4(qh, lo, hi);
+  }
+};
+struct Q8_0R {
+  using B = BlockQ8_0;
+  static constexpr bool kMin = false;
+  static constexpr int kShift = 7;  // o = 128
+  OSD_AVX512_INLINE static void unpack4(const B* const* w, __m512i& lo, __m512i& hi) {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w + 128 as unsigned bytes
+    lo = _mm512_xor_si512(load4x16(w[0]->qs, w[1]->qs, w[2]->qs, w[3]->qs), flip);
+    hi = _mm512_xor_si512(load4x16(w[0]->qs + 16, w[1]->qs + 16, w[2]->qs + 16, w[3]->qs + 16), flip);
+  }
+};
+
 // GCC 12's AVX-512 headers fill unused lanes from a self-initialised "undefined" vector, which its
 // own -Wmaybe-uninitialized then flags in every caller (fixed in GCC 13): silenced here only.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-template <class T, int NP>
-OSD_AVX512 void tile32_pairs_avx512(const Args& k, int64_t r, int64_t t, int rn) {
+// Rows r .. r + nr - 1 (nr <= 8; a short group repeats its last row and drops its outputs) for
+// tokens t .. t + NT - 1.
+template <class T, int NT>
+OSD_AVX512 void rows8_avx512(const Args& k, int64_t r, int nr, int64_t t) {
   using B = typename T::B;
   const int64_t nb = k.cols / kQK;
-  const B* w = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r) * k.row_bytes);
-  const PairedActs& pa = k.a->paired;
-  const size_t chunk = static_cast<size_t>(t / 8);
-  const int8_t* const q0 = pa.q.data() + chunk * nb * 4 * 64;
-  const float* const dx0 = pa.dx.data() + chunk * nb * 4 * 16;
-  const float* const sx0 = pa.sx.data() + chunk * nb * 8;
-  __m512 acc[NP];
-  for (int p = 0; p < NP; ++p) acc[p] = _mm512_setzero_ps();
-  __m256 summ = _mm256_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
-  for (int64_t b = 0; b < nb; ++b) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + b) + kPrefetchBytes, _MM_HINT_T0);
-    const __m256i wq = T::unpack(w + b);
-    const __m512i w2 = _mm512_inserti64x4(_mm512_zextsi256_si512(wq), wq, 1);
-    const __m512 dw = _mm512_set1_ps(f16(w[b].d));
-    const int8_t* q = q0 + b * NP * 64;
-    const float* dx = dx0 + b * NP * 16;
-    for (int p = 0; p < NP; ++p) {
-      const __m512i p32 = _mm512_dpbusd_epi32(zero, w2, _mm512_loadu_si512(q + 64 * p));
-      const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + 16 * p));
-      acc[p] = _mm512_add_ps(acc[p], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(p32)));
-    }
-    summ = _mm256_add_ps(summ, _mm256_mul_ps(_mm256_set1_ps(f16(T::m(w + b))), _mm256_loadu_ps(sx0 + 8 * b)));
-  }
-  alignas(32) float sm[8];
-  _mm256_store_ps(sm, summ);
-  for (int p = 0; p < NP; ++p) {
-    const int j = 2 * p;
-    k.y[(t + j) * k.rows + r] = hsum8_avx2(_mm512_castps512_ps256(acc[p])) + sm[j];
-    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p]), 1));
-    if (j + 1 < rn) k.y[(t + j + 1) * k.rows + r] = hsum8_avx2(hi) + sm[j + 1];
-  }
-}
-
-// Q4_1, eight rows at a time, two per 512-bit vector, for NT = 1..4 tokens. The per-row scalar
-// work of tile32_avx512 (two fp16 conversions, dw * dx and its broadcast, m_w * s_x) bound it on
-// SmolLM2; here the eight rows' scales convert as one vector, dw * dx and m_w * s_x run with a lane
-// per row, a token's 32 activations sit in both halves of a vector whose halves hold two rows'
-// weights, and each row's dw is spread over its half once per block (then dw * dx is the same
-// product in every lane). The rows' weights and scales are unpacked once per block for all NT
-// tokens, and their scales convert and m_w * s_x forms with a lane per row (the paired kernel
-// does that row by row, a fixed cost per row and block that two to four tokens do not amortise):
-// one thread, a cached 1536 x 576 matrix, 2-4 tokens 1.15-1.4x faster than the paired kernel.
-// Per lane the float operations are tile32_avx2's, in order, so the bits are unchanged. One token,
-// a 1536 x 576 matrix in cache, one thread: 39 -> 24-26 us; SmolLM2's decoding, whose weights stream
-// from memory: about 5%. Measured and not kept: a gather of the eight scales (1.6x slower than
-// these loads), and the same scheme for Q8_0 (decoding 3.7 -> 4.8 ms per token: less scalar work
-// to save there).
-template <int NT>
-OSD_AVX512 void rows8_q4_1_avx512(const Args& k, int64_t r, int64_t t) {
-  const int64_t nb = k.cols / kQK;
-  const BlockQ4_1* w[8];
-  for (int i = 0; i < 8; ++i) w[i] = reinterpret_cast<const BlockQ4_1*>(k.w + static_cast<size_t>(r + i) * k.row_bytes);
+  const B* w[8];
+  for (int i = 0; i < 8; ++i)
+    w[i] = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r + std::min(i, nr - 1)) * k.row_bytes);
   const int8_t* xq[NT];
   const float* xd[NT];
   const float* xs[NT];
-  for (int n = 0; n < NT; ++n) xq[n] = k.a->qrow(t + n), xd[n] = k.a->drow(t + n), xs[n] = k.a->srow(t + n);
-  __m512 acc[4][NT];
+  const int32_t* xg[NT];
+  for (int n = 0; n < NT; ++n) {
+    xq[n] = k.a->qrow(t + n), xd[n] = k.a->drow(t + n);
+    xs[n] = T::kMin ? k.a->srow(t + n) : nullptr;
+    xg[n] = T::kShift >= 0 ? k.a->grow(t + n) : nullptr;
+  }
+  __m512 acc[2][NT];
   __m256 summ[NT];
   for (int n = 0; n < NT; ++n) {
     summ[n] = _mm256_setzero_ps();
-    for (int p = 0; p < 4; ++p) acc[p][n] = _mm512_setzero_ps();
+    acc[0][n] = acc[1][n] = _mm512_setzero_ps();
   }
-  const __m512i zero = _mm512_setzero_si512(), low4 = _mm512_set1_epi8(0x0F);
-  __m512i spread[4];  // lanes 0-7 take row 2p's scale, lanes 8-15 row 2p + 1's
-  for (int p = 0; p < 4; ++p)
-    spread[p] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * p), _mm512_set1_epi32(2 * p + 1));
+  // Lanes 4i .. 4i + 3 of the first vector take row i's scale, of the second row 4 + i's.
+  const __m512i spread0 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i spread1 = _mm512_add_epi32(spread0, _mm512_set1_epi32(4));
+  // The eight rows are read side by side, so a prefetch a fixed distance along a row lands in rows
+  // of this group, already on their way: the next group's blocks are fetched instead (with 1 KB
+  // along each row, SmolLM2's decoding spent a third of its time waiting for the scales' loads).
+  const size_t ahead = 8 * k.row_bytes;
   for (int64_t b = 0; b < nb; ++b) {
-    // (d, m) of each row's block, d in the low 16 bits.
+    // Each row's d (and m) from the block's first four bytes: d in the low 16 bits.
     uint32_t h[8];
     for (int i = 0; i < 8; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[i] + b) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w[i] + b) + ahead, _MM_HINT_T0);
       std::memcpy(&h[i], w[i] + b, 4);
     }
     const __m256i dm = _mm256_setr_epi32(static_cast<int>(h[0]), static_cast<int>(h[1]), static_cast<int>(h[2]),
                                          static_cast<int>(h[3]), static_cast<int>(h[4]), static_cast<int>(h[5]),
                                          static_cast<int>(h[6]), static_cast<int>(h[7]));
     const __m256 dw = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(dm));
-    const __m256 mw = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(dm, 16)));
-    __m512i v[4];
-    for (int p = 0; p < 4; ++p) {
-      // Row 2p's 16 nibble bytes in 128-bit lanes 0 and 1, row 2p + 1's in 2 and 3; the odd lanes
-      // take the high nibbles, so each half is nibbles32 of its row.
-      v[p] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[2 * p][b].qs)));
-      v[p] = _mm512_mask_broadcast_i32x4(v[p], 0xFF00, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[2 * p + 1][b].qs)));
-      v[p] = _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, v[p], _mm512_srli_epi16(v[p], 4)), low4);
-    }
-    // Each row's dw over its half, once per block: lane by lane dw * dx is then the same product.
-    __m512 dws[4];
-    for (int p = 0; p < 4; ++p) dws[p] = _mm512_permutexvar_ps(spread[p], _mm512_castps256_ps512(dw));
+    const __m256 mw = T::kMin ? _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(dm, 16))) : _mm256_setzero_ps();
+    const B* w4a[4] = {w[0] + b, w[1] + b, w[2] + b, w[3] + b};
+    const B* w4b[4] = {w[4] + b, w[5] + b, w[6] + b, w[7] + b};
+    __m512i lo0, hi0, lo1, hi1;
+    T::unpack4(w4a, lo0, hi0);
+    T::unpack4(w4b, lo1, hi1);
+    const __m512 dws0 = _mm512_permutexvar_ps(spread0, _mm512_castps256_ps512(dw));
+    const __m512 dws1 = _mm512_permutexvar_ps(spread1, _mm512_castps256_ps512(dw));
     for (int n = 0; n < NT; ++n) {
-      summ[n] = _mm256_add_ps(summ[n], _mm256_mul_ps(mw, _mm256_set1_ps(xs[n][b])));
+      if (T::kMin) summ[n] = _mm256_add_ps(summ[n], _mm256_mul_ps(mw, _mm256_set1_ps(xs[n][b])));
       const __m512 dx = _mm512_set1_ps(xd[n][b]);
-      const __m512i y = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[n] + b * kQK)));
-      for (int p = 0; p < 4; ++p) {
-        const __m512 pf = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, v[p], y));
-        acc[p][n] = _mm512_add_ps(acc[p][n], _mm512_mul_ps(_mm512_mul_ps(dws[p], dx), pf));
-      }
+      const __m512i ylo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq[n] + b * kQK)));
+      const __m512i yhi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq[n] + b * kQK + 16)));
+      __m512i start = _mm512_setzero_si512();
+      if (T::kShift >= 0)
+        start = _mm512_slli_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg[n] + b * 4))),
+                                  T::kShift >= 0 ? T::kShift : 0);
+      const __m512 p0 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo0, ylo), hi0, yhi));
+      const __m512 p1 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo1, ylo), hi1, yhi));
+      acc[0][n] = _mm512_add_ps(acc[0][n], _mm512_mul_ps(_mm512_mul_ps(dws0, dx), p0));
+      acc[1][n] = _mm512_add_ps(acc[1][n], _mm512_mul_ps(_mm512_mul_ps(dws1, dx), p1));
     }
   }
   for (int n = 0; n < NT; ++n) {
+    alignas(64) float a[32];
     alignas(32) float sm[8];
+    _mm512_store_ps(a, acc[0][n]);
+    _mm512_store_ps(a + 16, acc[1][n]);
     _mm256_store_ps(sm, summ[n]);
     float* y = k.y + (t + n) * k.rows + r;
-    for (int p = 0; p < 4; ++p) {
-      y[2 * p] = hsum8_avx2(_mm512_castps512_ps256(acc[p][n])) + sm[2 * p];
-      const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][n]), 1));
-      y[2 * p + 1] = hsum8_avx2(hi) + sm[2 * p + 1];
-    }
+    for (int i = 0; i < nr; ++i) y[i] = hsum4(a + 4 * i) + sm[i];
   }
 }
+#pragma GCC diagnostic pop
 
 template <class T>
-OSD_AVX512 void range32_pairs_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  static_assert(T::kUnsigned && T::kMin, "the paired kernel is for Q4_1 and Q5_1");
-  int64_t r = r0;
-  // Q4_1 with up to four tokens: eight rows at a time (1.1-1.4x the paired kernel at two and three
-  // tokens in SmolLM2's passes; from five tokens on the paired kernel was 5-12% faster there).
-  if (std::is_same<T, Q4_1V>::value && t1 - t0 <= 4) {
-    for (; r + 8 <= r1; r += 8) {
-      const int64_t t = t0;
-      switch (t1 - t) {
-        case 4: rows8_q4_1_avx512<4>(k, r, t); break;
-        case 3: rows8_q4_1_avx512<3>(k, r, t); break;
-        case 2: rows8_q4_1_avx512<2>(k, r, t); break;
-        case 1: rows8_q4_1_avx512<1>(k, r, t); break;
-        default: break;
+OSD_AVX512 void range32_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+  // Eight rows at a time; their weights stay in L1 while every 8-token chunk uses them.
+  for (int64_t r = r0; r < r1; r += 8) {
+    const int nr = static_cast<int>(std::min<int64_t>(8, r1 - r));
+    for (int64_t t = t0; t < t1; t += 8) {
+      switch (std::min<int64_t>(8, t1 - t)) {
+        case 8: rows8_avx512<T, 8>(k, r, nr, t); break;
+        case 7: rows8_avx512<T, 7>(k, r, nr, t); break;
+        case 6: rows8_avx512<T, 6>(k, r, nr, t); break;
+        case 5: rows8_avx512<T, 5>(k, r, nr, t); break;
+        case 4: rows8_avx512<T, 4>(k, r, nr, t); break;
+        case 3: rows8_avx512<T, 3>(k, r, nr, t); break;
+        case 2: rows8_avx512<T, 2>(k, r, nr, t); break;
+        default: rows8_avx512<T, 1>(k, r, nr, t); break;
       }
     }
   }
-  if (r == r1) return;
-  if (t1 - t0 == 1) return range32_avx512<T>(k, r, r1, t0, t1);  // decoding: no pair of tokens to fill
-  for (int64_t t = t0; t < t1; t += 8) {
-    const int rn = static_cast<int>(std::min<int64_t>(8, t1 - t)), np = (rn + 1) / 2;
-    for (int64_t rr = r; rr < r1; ++rr) switch (np) {
-        case 4: tile32_pairs_avx512<T, 4>(k, rr, t, rn); break;
-        case 3: tile32_pairs_avx512<T, 3>(k, rr, t, rn); break;
-        case 2: tile32_pairs_avx512<T, 2>(k, rr, t, rn); break;
-        default: tile32_pairs_avx512<T, 1>(k, rr, t, rn); break;
-      }
-  }
 }
-
-#pragma GCC diagnostic pop
 
 template <class B, int RN>
 OSD_AVX512 void tilek_avx512(const Args& k, const KBlockV& kb, int64_t b, int64_t t, float* acc) {
@@ -1101,11 +1045,11 @@ RangeFn pick(TensorType t, Isa isa) {
 #ifdef OSD_HAVE_X86
   if (isa == Isa::Avx512) {
     switch (t) {
-      case TensorType::Q4_0: return range32_avx512<Q4_0V>;
-      case TensorType::Q4_1: return range32_pairs_avx512<Q4_1V>;
-      case TensorType::Q5_0: return range32_avx512<Q5_0V>;
-      case TensorType::Q5_1: return range32_pairs_avx512<Q5_1V>;
-      case TensorType::Q8_0: return range32_avx512<Q8_0V>;
+      case TensorType::Q4_0: return range32_avx512<Q4_0R>;
+      case TensorType::Q4_1: return range32_avx512<Q4_1R>;
+      case TensorType::Q5_0: return range32_avx512<Q5_0R>;
+      case TensorType::Q5_1: return range32_avx512<Q5_1R>;
+      case TensorType::Q8_0: return range32_avx512<Q8_0R>;
       case TensorType::Q3_K: return rangek_avx512<BlockQ3_K>;
       case TensorType::Q4_K: return rangek_avx512<BlockQ4_K>;
       case TensorType::Q5_K: return rangek_avx512<BlockQ5_K>;
@@ -1179,16 +1123,6 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
   thread_local Acts tl_acts;  // reused between calls; workers read the caller's through `acts`
   Acts* const acts = &tl_acts;
   quantize_acts(targets[0].type, x, n, cols, *acts, isa);
-  // The AVX-512 kernel of Q4_1 / Q5_1 over pairs of tokens reads the activations laid out in pairs:
-  // every Q5_1 call of two tokens or more, and Q4_1 where the eight-row kernel leaves rows (a count
-  // not a multiple of 8) or a chunk has more than four tokens.
-  bool paired = false;
-  for (int i = 0; i < count; ++i) {
-    const TensorType t = targets[i].type;
-    paired |= isa == Isa::Avx512 && n > 1 &&
-              (t == TensorType::Q5_1 || (t == TensorType::Q4_1 && (n > 4 || targets[i].rows % 8 != 0)));
-  }
-  if (paired) pair_acts(*acts, n);
   const int64_t nblocks = first_block[count];
   default_pool().parallel_for(static_cast<size_t>(nblocks), grain_for(static_cast<double>(kRowBlock) * cols * n),
                               [&](size_t lo, size_t hi) {

@@ -321,10 +321,10 @@ OSD_TEST(avx512_kernels_equal_the_portable_reference_bit_for_bit) {
   int checked = 0;
   for (TensorType t : kInt8Types) {
     for (int64_t cols : {is_k(t) ? int64_t(256) : int64_t(32), is_k(t) ? int64_t(768) : int64_t(576)}) {
-      for (int64_t rows : {1, 5, 37, 64}) {  // 37, 64: Q4_1 eight rows at a time, and the rows left
+      for (int64_t rows : {1, 5, 37, 64}) {  // eight rows at a time: 1, 5, 37 end in a short group
         const auto w = random_weights(t, rows, cols, rng);
         const Matrix m = make_matrix(t, w, rows, cols);
-        // 1-4 tokens and 68 (64 + 4): Q4_1's eight-row kernel; 8, 13, 70: the paired kernels.
+        // Up to eight tokens per kernel call: 13 is 8 + 5; 68 and 70 are two chunks of matmul_many (64 + 4, 64 + 6).
         for (int64_t n : {1, 2, 3, 4, 8, 13, 68, 70}) {
           const auto x = random_acts(n, cols, rng);
           const auto a = run_q(m, x, n, quant::Isa::Portable), b = run_q(m, x, n, quant::Isa::Avx512);
@@ -341,7 +341,7 @@ OSD_TEST(avx512_kernels_equal_the_portable_reference_bit_for_bit) {
   }
   CHECK_EQ(checked, 9 * 2 * 4 * 8);
   // One activation quantisation shared by several matrices gives each product's bits: Q4_1 first
-  // or after a signed format, at token counts for the eight-row and the paired Q4_1 kernels.
+  // or after a signed format (whose kernels also read the activations' offset sums).
   const int64_t cols = 576;
   const TensorType orders[2][3] = {{TensorType::Q4_1, TensorType::Q8_0, TensorType::Q5_0},
                                    {TensorType::Q4_0, TensorType::Q5_1, TensorType::Q4_1}};
@@ -504,7 +504,7 @@ OSD_TEST(non_finite_activations_give_nan_not_garbage) {
     if (have_avx512())
       for (float v : run_q(m, x, 1, quant::Isa::Avx512)) CHECK(std::isnan(v));
   }
-  // Inside a batch (16 rows: Q4_1's eight-row kernel at 3 tokens, the paired kernels at 6): only the
+  // Inside a batch (16 rows: two eight-row groups, at 3 and 6 tokens): only the
   // token with the Infinity gives NaN; the others keep the bits they have alone.
   for (TensorType t : kInt8Types) {
     const int64_t cols = is_k(t) ? 256 : 64, rows = 16;

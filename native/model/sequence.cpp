@@ -150,28 +150,37 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
     // Attention: token i, head hh sees slots [0, base) and its visible batch slots, in slot order.
     const float* K = k_[l].data();
     const float* V = v_[l].data();
-    // A task is one token's query heads hh and hh + 1 when they share a key-value head (attended
-    // together, the same bits), else its head hh alone; it reads base + n keys and values per head.
-    const int32_t units = c.n_kv_heads * ((group + 1) / 2);
-    const size_t grain = grain_for(4.0 * HD * (static_cast<double>(base) + n));
-    default_pool().parallel_for(static_cast<size_t>(n) * units, grain, [&](size_t lo, size_t hi) {
-      std::vector<float> score;
-      std::vector<int32_t> extra;
+    // A task is one key-value head and a run of tokens: all their query heads over it attended
+    // together (attend_heads: the keys and values they share are read once, the same bits). Runs of
+    // up to 64 tokens, at least two per head when there are two tokens, so that both of two
+    // threads have work with three key-value heads.
+    const int32_t per_head = std::min<int32_t>(n, std::max<int32_t>((n + 63) / 64, (2 * default_pool().size() + c.n_kv_heads - 1) / c.n_kv_heads));
+    const int32_t run = (n + per_head - 1) / per_head;
+    const int32_t runs = (n + run - 1) / run;
+    const size_t grain = grain_for(4.0 * HD * group * run * (static_cast<double>(base) + n));
+    default_pool().parallel_for(static_cast<size_t>(c.n_kv_heads) * runs, grain, [&](size_t lo, size_t hi) {
+      thread_local std::vector<float> score;
+      thread_local std::vector<int32_t> extra;
+      thread_local std::vector<AttendQuery> qs;
       for (size_t task = lo; task < hi; ++task) {
-        const int32_t i = static_cast<int32_t>(task / units), u = static_cast<int32_t>(task % units);
-        const int32_t kh = u / ((group + 1) / 2), hh = kh * group + 2 * (u % ((group + 1) / 2));
-        extra.resize(visible[i].size());
-        for (size_t e = 0; e < extra.size(); ++e) extra[e] = base + visible[i][e];
-        const size_t slots = static_cast<size_t>(base) + extra.size();
-        score.resize(2 * slots);
-        const int32_t n_extra = static_cast<int32_t>(extra.size());
-        if (hh + 1 < (kh + 1) * group)
-          attend_head_pair(&q[i * QD + hh * HD], &q[i * QD + (hh + 1) * HD], K + kh * HD, V + kh * HD, static_cast<size_t>(KVD), base,
-                           extra.data(), n_extra, HD, inv_sqrt_hd, score.data(), score.data() + slots, &att[i * QD + hh * HD],
-                           &att[i * QD + (hh + 1) * HD]);
-        else
-          attend_head(&q[i * QD + hh * HD], K + kh * HD, V + kh * HD, static_cast<size_t>(KVD), base, extra.data(), n_extra, HD,
-                      inv_sqrt_hd, score.data(), &att[i * QD + hh * HD]);
+        const int32_t kh = static_cast<int32_t>(task / runs), i0 = static_cast<int32_t>(task % runs) * run,
+                      i1 = std::min(n, i0 + run);
+        size_t n_extra_all = 0, n_score = 0;
+        for (int32_t i = i0; i < i1; ++i) n_extra_all += visible[i].size(), n_score += (base + visible[i].size()) * group;
+        extra.resize(n_extra_all);
+        score.resize(n_score);
+        qs.clear();
+        size_t e0 = 0, s0 = 0;
+        for (int32_t i = i0; i < i1; ++i) {
+          const int32_t ne = static_cast<int32_t>(visible[i].size());
+          for (int32_t e = 0; e < ne; ++e) extra[e0 + e] = base + visible[i][e];
+          for (int32_t hh = kh * group; hh < (kh + 1) * group; ++hh) {
+            qs.push_back({&q[i * QD + hh * HD], base, extra.data() + e0, ne, score.data() + s0, &att[i * QD + hh * HD]});
+            s0 += static_cast<size_t>(base) + ne;
+          }
+          e0 += ne;
+        }
+        attend_heads(qs.data(), static_cast<int32_t>(qs.size()), K + kh * HD, V + kh * HD, static_cast<size_t>(KVD), HD, inv_sqrt_hd);
       }
     });
     matmul(w.wo, att.data(), n, tmp.data());

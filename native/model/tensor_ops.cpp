@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -439,14 +440,16 @@ struct Slots {
   size_t operator()(int32_t s) const { return static_cast<size_t>(s < prefix ? s : extra[s - prefix]) * stride; }
 };
 
-// Scores: per slot one 8-lane FMA chain over the head dimension and a fixed
+// Scores of slots [s0, s1): per slot one 8-lane FMA chain over the head dimension and a fixed
 // horizontal sum (hsum_avx2), times scale. Slots go eight at a time: eight chains side by side
 // keep both FMA pipes busy (four left them half idle, waiting on each chain's latency), and their
 // eight sums come out of one hsum8_avx2. The rest go one by one through the same chain and sum, so
 // a slot's score never depends on where it falls.
-OSD_AVX2 void scores_avx2(const float* q, const float* K, const Slots& slot, int32_t n, int64_t hd, float scale, float* score) {
+OSD_AVX2 void scores_avx2(const float* q, const float* K, const Slots& slot, int32_t s0, int32_t s1, int64_t hd, float scale,
+                          float* score) {
   const __m256 vscale = _mm256_set1_ps(scale);
-  int32_t s = 0;
+  const int32_t n = s1;
+  int32_t s = s0;
   for (; s + 8 <= n; s += 8) {
     const float* k[8];
     __m256 a[8];
@@ -495,13 +498,14 @@ OSD_AVX2 void softmax_avx2(float* score, int32_t n) {
 }
 
 // The output: each dimension one FMA chain over the slots in order (which fixes its bits),
-// dimensions in chunks of 64 held in registers.
-OSD_AVX2 void values_avx2(const float* score, const float* V, const Slots& slot, int32_t n, int64_t hd, float* out) {
+// dimensions in chunks of 64 held in registers. Adds slots [s0, s1) to the running sums in out
+// (zeros before the first slot): a chain stopped and resumed keeps its bits.
+OSD_AVX2 void values_avx2(const float* score, const float* V, const Slots& slot, int32_t s0, int32_t s1, int64_t hd, float* out) {
   for (int64_t d0 = 0; d0 < hd; d0 += 64) {
     const int nv = static_cast<int>(std::min<int64_t>(64, hd - d0) / 8);
     __m256 acc[8];
-    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-    for (int32_t s = 0; s < n; ++s) {
+    for (int j = 0; j < nv; ++j) acc[j] = _mm256_loadu_ps(out + d0 + 8 * j);
+    for (int32_t s = s0; s < s1; ++s) {
       const __m256 a = _mm256_set1_ps(score[s]);
       const float* v = V + slot(s) + d0;
       if (nv == 8) {
@@ -518,22 +522,23 @@ OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, s
                                const int32_t* extra, int32_t n_extra, int64_t hd, float scale, float* score, float* out) {
   const Slots slot{stride, prefix, extra};
   const int32_t n = prefix + n_extra;
-  scores_avx2(q, K, slot, n, hd, scale, score);
+  scores_avx2(q, K, slot, 0, n, hd, scale, score);
   softmax_avx2(score, n);
-  values_avx2(score, V, slot, n, hd, out);
+  std::fill(out, out + hd, 0.0f);
+  values_avx2(score, V, slot, 0, n, hd, out);
 }
 
 // The outputs of two query heads that share a key-value head, with AVX-512 (head size a multiple
 // of 16): one head's chains alone wait on the FMA latency (one FMA per dimension per slot), two
 // heads' chains side by side fill the pipes, and each value row is read once for both. Per
 // dimension the chain is values_avx2's, so the bits are too.
-OSD_AVX512 void values_pair_avx512(const float* w0, const float* w1, const float* V, const Slots& slot, int32_t n, int64_t hd,
-                                   float* out0, float* out1) {
+OSD_AVX512 void values_pair_avx512(const float* w0, const float* w1, const float* V, const Slots& slot, int32_t s0, int32_t s1,
+                                   int64_t hd, float* out0, float* out1) {
   for (int64_t d0 = 0; d0 < hd; d0 += 64) {
     const int nv = static_cast<int>(std::min<int64_t>(64, hd - d0) / 16);
     __m512 a0[4], a1[4];
-    for (int j = 0; j < 4; ++j) a0[j] = a1[j] = _mm512_setzero_ps();
-    for (int32_t s = 0; s < n; ++s) {
+    for (int j = 0; j < nv; ++j) a0[j] = _mm512_loadu_ps(out0 + d0 + 16 * j), a1[j] = _mm512_loadu_ps(out1 + d0 + 16 * j);
+    for (int32_t s = s0; s < s1; ++s) {
       const __m512 x0 = _mm512_set1_ps(w0[s]), x1 = _mm512_set1_ps(w1[s]);
       const float* v = V + slot(s) + d0;
       for (int j = 0; j < nv; ++j) {
@@ -543,6 +548,57 @@ OSD_AVX512 void values_pair_avx512(const float* w0, const float* w1, const float
       }
     }
     for (int j = 0; j < nv; ++j) _mm512_storeu_ps(out0 + d0 + 16 * j, a0[j]), _mm512_storeu_ps(out1 + d0 + 16 * j, a1[j]);
+  }
+}
+
+// attend_heads with the vector kernels (head size a multiple of 8; `wide`: AVX-512 and a multiple
+// of 16, for the paired values). Each query's slots that are row s at slot s (its prefix, then its
+// batch slots while they run in order: a chain's tokens, a tree's first branch) go in blocks of 64
+// slots, every query that has the block taking its scores, then its values, from the block's keys
+// and values while they are in L1; the rest of each query's slots follow alone. Per query the
+// arithmetic is attend_head_avx2's: the same chains in the same order, stopped and resumed.
+OSD_AVX2 void attend_heads_avx2(const AttendQuery* qs, int32_t count, const float* K, const float* V, size_t stride, int64_t hd,
+                                float scale, bool wide) {
+  constexpr int32_t kBlock = 64;
+  const Slots same{stride, std::numeric_limits<int32_t>::max(), nullptr};
+  thread_local std::vector<int32_t> common;
+  common.resize(static_cast<size_t>(count));
+  int32_t shared = 0;
+  for (int32_t i = 0; i < count; ++i) {
+    const AttendQuery& a = qs[i];
+    int32_t c = a.prefix;
+    while (c - a.prefix < a.n_extra && a.extra[c - a.prefix] == c) ++c;
+    common[i] = c;
+    shared = std::max(shared, c);
+  }
+  for (int32_t s0 = 0; s0 < shared; s0 += kBlock)
+    for (int32_t i = 0; i < count; ++i) {
+      const int32_t e = std::min(s0 + kBlock, common[i]);
+      if (e > s0) scores_avx2(qs[i].q, K, same, s0, e, hd, scale, qs[i].score);
+    }
+  for (int32_t i = 0; i < count; ++i) {
+    const AttendQuery& a = qs[i];
+    const int32_t n = a.prefix + a.n_extra;
+    scores_avx2(a.q, K, Slots{stride, a.prefix, a.extra}, common[i], n, hd, scale, a.score);
+    softmax_avx2(a.score, n);
+    std::fill(a.out, a.out + hd, 0.0f);
+  }
+  for (int32_t s0 = 0; s0 < shared; s0 += kBlock)
+    for (int32_t i = 0; i < count;) {
+      const int32_t e = std::min(s0 + kBlock, common[i]);
+      if (e <= s0) {
+        ++i;
+      } else if (wide && i + 1 < count && std::min(s0 + kBlock, common[i + 1]) == e) {
+        values_pair_avx512(qs[i].score, qs[i + 1].score, V, same, s0, e, hd, qs[i].out, qs[i + 1].out);
+        i += 2;
+      } else {
+        values_avx2(qs[i].score, V, same, s0, e, hd, qs[i].out);
+        ++i;
+      }
+    }
+  for (int32_t i = 0; i < count; ++i) {
+    const AttendQuery& a = qs[i];
+    values_avx2(a.score, V, Slots{stride, a.prefix, a.extra}, common[i], a.prefix + a.n_extra, hd, a.out);
   }
 }
 
@@ -740,23 +796,14 @@ void attend_head(const float* q, const float* K, const float* V, size_t stride, 
   }
 }
 
-void attend_head_pair(const float* q0, const float* q1, const float* K, const float* V, size_t stride, int32_t prefix,
-                      const int32_t* extra, int32_t n_extra, int64_t head_dim, float scale, float* score0, float* score1,
-                      float* out0, float* out1) {
+void attend_heads(const AttendQuery* qs, int32_t count, const float* K, const float* V, size_t stride, int64_t head_dim,
+                  float scale) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (have_avx2() && have_avx512() && head_dim % 16 == 0) {
-    const Slots slot{stride, prefix, extra};
-    const int32_t n = prefix + n_extra;
-    scores_avx2(q0, K, slot, n, head_dim, scale, score0);
-    scores_avx2(q1, K, slot, n, head_dim, scale, score1);
-    softmax_avx2(score0, n);
-    softmax_avx2(score1, n);
-    values_pair_avx512(score0, score1, V, slot, n, head_dim, out0, out1);
-    return;
-  }
+  if (have_avx2() && head_dim % 8 == 0)
+    return attend_heads_avx2(qs, count, K, V, stride, head_dim, scale, have_avx512() && head_dim % 16 == 0);
 #endif
-  attend_head(q0, K, V, stride, prefix, extra, n_extra, head_dim, scale, score0, out0);
-  attend_head(q1, K, V, stride, prefix, extra, n_extra, head_dim, scale, score1, out1);
+  for (int32_t i = 0; i < count; ++i)
+    attend_head(qs[i].q, K, V, stride, qs[i].prefix, qs[i].extra, qs[i].n_extra, head_dim, scale, qs[i].score, qs[i].out);
 }
 
 }  // namespace osd

@@ -77,10 +77,22 @@ void swiglu(const float* gate, const float* up, int64_t n, float* h);
 void attend_head(const float* q, const float* K, const float* V, size_t stride, int32_t prefix, const int32_t* extra,
                  int32_t n_extra, int64_t head_dim, float scale, float* score, float* out);
 
-// attend_head for two query heads over the same keys and values (query heads that share a key-value
-// head), each result bit for bit attend_head's: faster together where the CPU has AVX-512.
-void attend_head_pair(const float* q0, const float* q1, const float* K, const float* V, size_t stride, int32_t prefix,
-                      const int32_t* extra, int32_t n_extra, int64_t head_dim, float scale, float* score0, float* score1,
-                      float* out0, float* out1);
+// One query of attend_heads: its vector, its slots as attend_head takes them, and where its
+// weights (prefix + n_extra floats) and output (head_dim floats) go.
+struct AttendQuery {
+  const float* q;
+  int32_t prefix;
+  const int32_t* extra;
+  int32_t n_extra;
+  float* score;
+  float* out;
+};
+
+// attend_head for several queries over the same K and V (the query heads that share a key-value
+// head, of one token or of several), each result bit for bit attend_head's. Keys and values that
+// the queries see at the same slot are read once for all of them: a decoded token's heads, and a
+// chain's or a batch's tokens over the cache and each other.
+void attend_heads(const AttendQuery* qs, int32_t count, const float* K, const float* V, size_t stride, int64_t head_dim,
+                  float scale);
 
 }  // namespace osd

@@ -732,34 +732,48 @@ OSD_TEST(attend_head_scores_a_key_alike_in_a_block_of_eight_and_in_the_tail) {
   CHECK(checked > 1000);
 }
 
-// Two query heads attended together (they share the key-value head) get attend_head's bits each.
-OSD_TEST(attend_head_pair_equals_two_single_heads) {
+// Queries attended together over one key-value head (attend_heads) get attend_head's bits each:
+// a token's heads, a chain's tokens (batch slots in order, shared with each other), a tree's
+// branches (batch slots elsewhere), mixed in one call, across the 64-slot blocks they share.
+OSD_TEST(attend_heads_equal_attend_head_per_query) {
   std::mt19937 rng(8);
   std::normal_distribution<float> g(0.0f, 1.0f);
   int cases = 0;
   for (const int64_t hd : {8, 16, 48, 64, 72, 128})
-    for (const int32_t n : {1, 7, 8, 9, 31, 77}) {
-      const int64_t stride = 2 * hd;
-      std::vector<float> K(stride * (n + 8)), V(stride * (n + 8)), q(2 * hd);
-      for (auto& v : K) v = g(rng);
-      for (auto& v : V) v = g(rng);
-      for (auto& v : q) v = g(rng) * 2.0f;
-      const int32_t prefix = n > 4 ? n - 3 : n;
-      std::vector<int32_t> extra;
-      for (int32_t s = prefix; s < n; ++s) extra.push_back(s + 5);  // tree-like: slots past the prefix elsewhere
-      const int32_t ne = int32_t(extra.size());
-      std::vector<float> s0(n), s1(n), o0(hd), o1(hd), p0(n), p1(n), r0(hd), r1(hd);
-      attend_head(q.data(), K.data() + hd, V.data() + hd, stride, prefix, extra.data(), ne, hd, 0.125f, s0.data(), o0.data());
-      attend_head(q.data() + hd, K.data() + hd, V.data() + hd, stride, prefix, extra.data(), ne, hd, 0.125f, s1.data(), o1.data());
-      attend_head_pair(q.data(), q.data() + hd, K.data() + hd, V.data() + hd, stride, prefix, extra.data(), ne, hd, 0.125f, p0.data(),
-                       p1.data(), r0.data(), r1.data());
-      CHECK(bits_equal(o0.data(), r0.data(), hd));
-      CHECK(bits_equal(o1.data(), r1.data(), hd));
-      CHECK(bits_equal(s0.data(), p0.data(), n));
-      CHECK(bits_equal(s1.data(), p1.data(), n));
-      ++cases;
-    }
-  CHECK(cases == 36);
+    for (const int32_t prefix : {0, 1, 7, 63, 64, 77, 130})
+      for (const int32_t count : {1, 2, 3, 7}) {
+        const int64_t stride = 2 * hd;
+        const int32_t batch = 6, rows = prefix + 2 * batch;
+        std::vector<float> K(stride * rows), V(stride * rows), q(count * hd);
+        for (auto& v : K) v = g(rng);
+        for (auto& v : V) v = g(rng);
+        for (auto& v : q) v = g(rng) * 2.0f;
+        // Query i sees the prefix and then: (i % 3 == 0) batch slots prefix .. prefix + i % batch in
+        // order, like a chain; (1) those slots and one more out of order; (2) a tree branch stored
+        // past the batch (slots prefix + batch + j).
+        std::vector<std::vector<int32_t>> extras(count);
+        for (int32_t i = 0; i < count; ++i) {
+          const int32_t len = 1 + i % batch;
+          for (int32_t e = 0; e < len; ++e) extras[i].push_back(i % 3 == 2 ? prefix + batch + e : prefix + e);
+          if (i % 3 == 1) extras[i].push_back(prefix + batch + 1);
+        }
+        std::vector<std::vector<float>> sa(count), sb(count), oa(count, std::vector<float>(hd)), ob(count, std::vector<float>(hd, 7.0f));
+        std::vector<AttendQuery> qs;
+        for (int32_t i = 0; i < count; ++i) {
+          const int32_t ne = int32_t(extras[i].size()), n = prefix + ne;
+          sa[i].resize(n), sb[i].resize(n);
+          attend_head(q.data() + i * hd, K.data() + hd, V.data() + hd, stride, prefix, extras[i].data(), ne, hd, 0.125f,
+                      sa[i].data(), oa[i].data());
+          qs.push_back({q.data() + i * hd, prefix, extras[i].data(), ne, sb[i].data(), ob[i].data()});
+        }
+        attend_heads(qs.data(), count, K.data() + hd, V.data() + hd, stride, hd, 0.125f);
+        for (int32_t i = 0; i < count; ++i) {
+          CHECK(bits_equal(oa[i].data(), ob[i].data(), hd));
+          CHECK(bits_equal(sa[i].data(), sb[i].data(), sa[i].size()));
+        }
+        ++cases;
+      }
+  CHECK(cases == 6 * 7 * 4);
 }
 
 OSD_TEST_MAIN()

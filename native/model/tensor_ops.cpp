@@ -470,7 +470,8 @@ OSD_AVX2 void scores_avx2(const float* q, const float* K, const Slots& slot, int
 
 // The weights, softmax of the scores, in place: the maximum eight lanes at a time (order does not
 // change a maximum; a NaN score makes every weight NaN either way); exp is elementwise, so grouping
-// the slots by 8 changes no value; the sum runs in slot order.
+// the slots by 8 changes no value; the sum takes slot s into lane s % 8 for the whole blocks of 8,
+// then hsum_avx2, then the rest in slot order (a sum in slot order alone waited on one add per slot).
 OSD_AVX2 void softmax_avx2(float* score, int32_t n) {
   float mx = -INFINITY;
   int32_t s = 0;
@@ -483,14 +484,19 @@ OSD_AVX2 void softmax_avx2(float* score, int32_t n) {
   }
   for (; s < n; ++s) mx = std::max(mx, score[s]);
   const __m256 vmx = _mm256_set1_ps(mx);
-  for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(score + s, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(score + s), vmx)));
+  __m256 part = _mm256_setzero_ps();
+  for (s = 0; s + 8 <= n; s += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(score + s), vmx));
+    _mm256_storeu_ps(score + s, e);
+    part = _mm256_add_ps(part, e);
+  }
+  float sum = hsum_avx2(part);
   for (; s < n; ++s) {
     alignas(32) float t[8] = {score[s] - mx, 0, 0, 0, 0, 0, 0, 0};
     _mm256_store_ps(t, exp_avx2(_mm256_load_ps(t)));
     score[s] = t[0];
+    sum += t[0];
   }
-  float sum = 0.0f;
-  for (s = 0; s < n; ++s) sum += score[s];
   const float inv = 1.0f / sum;
   const __m256 vinv = _mm256_set1_ps(inv);
   for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(score + s, _mm256_mul_ps(_mm256_loadu_ps(score + s), vinv));
@@ -518,16 +524,6 @@ OSD_AVX2 void values_avx2(const float* score, const float* V, const Slots& slot,
   }
 }
 
-OSD_AVX2 void attend_head_avx2(const float* q, const float* K, const float* V, size_t stride, int32_t prefix,
-                               const int32_t* extra, int32_t n_extra, int64_t hd, float scale, float* score, float* out) {
-  const Slots slot{stride, prefix, extra};
-  const int32_t n = prefix + n_extra;
-  scores_avx2(q, K, slot, 0, n, hd, scale, score);
-  softmax_avx2(score, n);
-  std::fill(out, out + hd, 0.0f);
-  values_avx2(score, V, slot, 0, n, hd, out);
-}
-
 // The outputs of two query heads that share a key-value head, with AVX-512 (head size a multiple
 // of 16): one head's chains alone wait on the FMA latency (one FMA per dimension per slot), two
 // heads' chains side by side fill the pipes, and each value row is read once for both. Per
@@ -551,8 +547,44 @@ OSD_AVX512 void values_pair_avx512(const float* w0, const float* w1, const float
   }
 }
 
+// Lane l + lane l + 8 of a 16-lane sum. (GCC 12's headers take the low half through a
+// self-initialised "undefined" vector, which its -Wmaybe-uninitialized flags: silenced here only.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma,f16c"), always_inline)) inline __m256 fold_halves(__m512 a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+
+// scores_avx2 with 16-lane chains (head size a multiple of 16): half the FMAs. A slot's chain
+// folds its halves (lane l + lane l + 8), then sums as scores_avx2 does, alone or eight at a time.
+OSD_AVX512 void scores_avx512(const float* q, const float* K, const Slots& slot, int32_t s0, int32_t s1, int64_t hd, float scale,
+                              float* score) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  int32_t s = s0;
+  for (; s + 8 <= s1; s += 8) {
+    const float* k[8];
+    __m512 a[8];
+    for (int j = 0; j < 8; ++j) k[j] = K + slot(s + j), a[j] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 16) {
+      const __m512 qv = _mm512_loadu_ps(q + d);
+      for (int j = 0; j < 8; ++j) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[j] + d), a[j]);
+    }
+    __m256 f[8];
+    for (int j = 0; j < 8; ++j) f[j] = fold_halves(a[j]);
+    _mm256_storeu_ps(score + s, _mm256_mul_ps(hsum8_avx2(f), vscale));
+  }
+  for (; s < s1; ++s) {
+    const float* k = K + slot(s);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
+    score[s] = hsum_avx2(fold_halves(acc)) * scale;
+  }
+}
+#pragma GCC diagnostic pop
+
 // attend_heads with the vector kernels (head size a multiple of 8; `wide`: AVX-512 and a multiple
-// of 16, for the paired values). Each query's slots that are row s at slot s (its prefix, then its
+// of 16, for 16-lane scores and the paired values). Each query's slots that are row s at slot s (its prefix, then its
 // batch slots while they run in order: a chain's tokens, a tree's first branch) go in blocks of 64
 // slots, every query that has the block taking its scores, then its values, from the block's keys
 // and values while they are in L1; the rest of each query's slots follow alone. Per query the
@@ -561,6 +593,7 @@ OSD_AVX2 void attend_heads_avx2(const AttendQuery* qs, int32_t count, const floa
                                 float scale, bool wide) {
   constexpr int32_t kBlock = 64;
   const Slots same{stride, std::numeric_limits<int32_t>::max(), nullptr};
+  const auto scores = wide ? scores_avx512 : scores_avx2;
   thread_local std::vector<int32_t> common;
   common.resize(static_cast<size_t>(count));
   int32_t shared = 0;
@@ -574,12 +607,12 @@ OSD_AVX2 void attend_heads_avx2(const AttendQuery* qs, int32_t count, const floa
   for (int32_t s0 = 0; s0 < shared; s0 += kBlock)
     for (int32_t i = 0; i < count; ++i) {
       const int32_t e = std::min(s0 + kBlock, common[i]);
-      if (e > s0) scores_avx2(qs[i].q, K, same, s0, e, hd, scale, qs[i].score);
+      if (e > s0) scores(qs[i].q, K, same, s0, e, hd, scale, qs[i].score);
     }
   for (int32_t i = 0; i < count; ++i) {
     const AttendQuery& a = qs[i];
     const int32_t n = a.prefix + a.n_extra;
-    scores_avx2(a.q, K, Slots{stride, a.prefix, a.extra}, common[i], n, hd, scale, a.score);
+    scores(a.q, K, Slots{stride, a.prefix, a.extra}, common[i], n, hd, scale, a.score);
     softmax_avx2(a.score, n);
     std::fill(a.out, a.out + hd, 0.0f);
   }
@@ -775,8 +808,10 @@ void swiglu(const float* gate, const float* up, int64_t n, float* h) {
 void attend_head(const float* q, const float* K, const float* V, size_t stride, int32_t prefix, const int32_t* extra,
                  int32_t n_extra, int64_t head_dim, float scale, float* score, float* out) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (have_avx2() && head_dim % 8 == 0)
-    return attend_head_avx2(q, K, V, stride, prefix, extra, n_extra, head_dim, scale, score, out);
+  if (have_avx2() && head_dim % 8 == 0) {
+    const AttendQuery a{q, prefix, extra, n_extra, score, out};
+    return attend_heads_avx2(&a, 1, K, V, stride, head_dim, scale, have_avx512() && head_dim % 16 == 0);
+  }
 #endif
   const int32_t n = prefix + n_extra;
   auto slot = [&](int32_t s) -> size_t { return static_cast<size_t>(s < prefix ? s : extra[s - prefix]) * stride; };

@@ -22,11 +22,15 @@ void Sequence::reserve(int32_t slots) {
   int32_t grow = std::max<int32_t>(64, allocated_);
   while (grow < slots) grow *= 2;
   grow = std::min(grow, capacity_);
-  const size_t kvd = model_->config().kv_dim();
-  for (size_t l = 0; l < k_.size(); ++l) {
-    k_[l].resize(static_cast<size_t>(grow) * kvd);
-    v_[l].resize(static_cast<size_t>(grow) * kvd);
-  }
+  // Head-major: each key-value head's slots are contiguous, so the new planes are laid out again.
+  const size_t heads = model_->config().n_kv_heads, hd = model_->config().head_dim;
+  for (auto* cache : {&k_, &v_})
+    for (auto& layer : *cache) {
+      std::vector<float> next(heads * grow * hd);
+      for (size_t h = 0; h < heads && length_ > 0; ++h)
+        std::memcpy(&next[h * grow * hd], &layer[h * allocated_ * hd], length_ * hd * sizeof(float));
+      layer.swap(next);
+    }
   allocated_ = grow;
 }
 
@@ -47,16 +51,18 @@ void Sequence::keep_path(int32_t base, const int32_t* path, int32_t k) {
     if (path[i] <= path[i - 1])
       throw_range("keep_path: path[" + std::to_string(i) + "] = " + std::to_string(path[i]) +
                   " must be a later batch index than path[" + std::to_string(i - 1) + "] (a child follows its parent)");
-  const size_t kvd = model_->config().kv_dim();
+  const size_t heads = model_->config().n_kv_heads, hd = model_->config().head_dim;
   for (int32_t i = 0; i < k; ++i) {
     const int32_t src = base + path[i];
     if (path[i] < 0 || src >= length_) throw_range("keep_path: path[" + std::to_string(i) + "] is not an evaluated node");
     if (src == base + i) continue;
     // Nodes keep their RoPE: node path[i] sits at depth i, the position it was evaluated at.
-    for (size_t l = 0; l < k_.size(); ++l) {
-      std::memcpy(&k_[l][(base + i) * kvd], &k_[l][src * kvd], kvd * sizeof(float));
-      std::memcpy(&v_[l][(base + i) * kvd], &v_[l][src * kvd], kvd * sizeof(float));
-    }
+    for (size_t l = 0; l < k_.size(); ++l)
+      for (size_t h = 0; h < heads; ++h) {
+        const size_t plane = h * allocated_;
+        std::memcpy(&k_[l][(plane + base + i) * hd], &k_[l][(plane + src) * hd], hd * sizeof(float));
+        std::memcpy(&v_[l][(plane + base + i) * hd], &v_[l][(plane + src) * hd], hd * sizeof(float));
+      }
   }
   length_ = base + k;
 }
@@ -64,11 +70,12 @@ void Sequence::keep_path(int32_t base, const int32_t* path, int32_t k) {
 std::unique_ptr<Sequence> Sequence::fork() const {
   auto s = std::make_unique<Sequence>(model_, capacity_);
   s->reserve(length_);
-  const size_t kvd = model_->config().kv_dim();
-  for (size_t l = 0; l < k_.size(); ++l) {
-    std::copy(k_[l].begin(), k_[l].begin() + length_ * kvd, s->k_[l].begin());
-    std::copy(v_[l].begin(), v_[l].begin() + length_ * kvd, s->v_[l].begin());
-  }
+  const size_t heads = model_->config().n_kv_heads, hd = model_->config().head_dim;
+  for (size_t l = 0; l < k_.size() && length_ > 0; ++l)
+    for (size_t h = 0; h < heads; ++h) {
+      std::memcpy(&s->k_[l][h * s->allocated_ * hd], &k_[l][h * allocated_ * hd], length_ * hd * sizeof(float));
+      std::memcpy(&s->v_[l][h * s->allocated_ * hd], &v_[l][h * allocated_ * hd], length_ * hd * sizeof(float));
+    }
   s->length_ = length_;
   return s;
 }
@@ -144,8 +151,11 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
       const float* sn = rope_sin.data() + i * half;
       for (int32_t hh = 0; hh < c.n_heads; ++hh) rotate(&q[i * QD + hh * HD], cs, sn);
       for (int32_t hh = 0; hh < c.n_kv_heads; ++hh) rotate(&kv_k[i * KVD + hh * HD], cs, sn);
-      std::memcpy(&k_[l][(base + i) * KVD], &kv_k[i * KVD], KVD * sizeof(float));
-      std::memcpy(&v_[l][(base + i) * KVD], &kv_v[i * KVD], KVD * sizeof(float));
+      for (int32_t hh = 0; hh < c.n_kv_heads; ++hh) {
+        const size_t at = (static_cast<size_t>(hh) * allocated_ + base + i) * HD;
+        std::memcpy(&k_[l][at], &kv_k[i * KVD + hh * HD], HD * sizeof(float));
+        std::memcpy(&v_[l][at], &kv_v[i * KVD + hh * HD], HD * sizeof(float));
+      }
     }
     // Attention: token i, head hh sees slots [0, base) and its visible batch slots, in slot order.
     const float* K = k_[l].data();
@@ -180,7 +190,8 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
           }
           e0 += ne;
         }
-        attend_heads(qs.data(), static_cast<int32_t>(qs.size()), K + kh * HD, V + kh * HD, static_cast<size_t>(KVD), HD, inv_sqrt_hd);
+        const size_t plane = static_cast<size_t>(kh) * allocated_ * HD;
+        attend_heads(qs.data(), static_cast<int32_t>(qs.size()), K + plane, V + plane, static_cast<size_t>(HD), HD, inv_sqrt_hd);
       }
     });
     matmul(w.wo, att.data(), n, tmp.data());

@@ -43,7 +43,7 @@ class Sequence {
   int32_t capacity_ = 0;
   int32_t allocated_ = 0;
   int32_t length_ = 0;
-  std::vector<std::vector<float>> k_, v_;  // per layer: allocated_ x kv_dim
+  std::vector<std::vector<float>> k_, v_;  // per layer: n_kv_heads x allocated_ x head_dim
 };
 
 }  // namespace osd

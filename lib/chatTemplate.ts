@@ -25,6 +25,29 @@ export interface ApplyChatTemplateOptions {
 
 const cache = new Map<string, Template>();
 
+// A template comes with the model file, so it is input like any other: the engine's own range()
+// would build range(10 ** 9) as a billion-element array and take the process down (out of memory)
+// before any error. Calls go to a bounded range instead, which also caps the values that one render
+// may draw from range() in all (nested loops over ranges are the only way a template can loop
+// without data to loop over). The rendered text is capped too.
+const MAX_TEMPLATE_RANGE = 1 << 20;
+const MAX_TEMPLATE_OUTPUT = 1 << 24;
+const RANGE = '__osd_bounded_range';
+
+/** Renames every reference to range (not an attribute named range) to the bounded one. */
+function boundRange(node: unknown, parent: unknown = null, key = ''): void {
+  if (node === null || typeof node !== 'object') return;
+  if (Array.isArray(node)) {
+    for (const n of node) boundRange(n, parent, key);
+    return;
+  }
+  const n = node as { type?: unknown; value?: unknown };
+  const memberProperty =
+    key === 'property' && (parent as { type?: unknown; computed?: unknown } | null)?.type === 'MemberExpression' && !(parent as { computed?: unknown }).computed;
+  if (n.type === 'Identifier' && n.value === 'range' && !memberProperty) n.value = RANGE;
+  for (const [k, v] of Object.entries(n)) if (v !== null && typeof v === 'object') boundRange(v, n, k);
+}
+
 function compile(template: string): Template {
   let t = cache.get(template);
   if (!t) {
@@ -33,10 +56,27 @@ function compile(template: string): Template {
     } catch (e) {
       throw new SyntaxError(`the chat template does not parse: ${(e as Error).message}`);
     }
+    boundRange(t.parsed);
     if (cache.size > 16) cache.clear();
     cache.set(template, t);
   }
   return t;
+}
+
+/** Python's range(start, stop, step) with a budget of values for one render. */
+function boundedRange(budget: { left: number }) {
+  return (start: unknown, stop?: unknown, step: unknown = 1): number[] => {
+    if (stop === undefined || stop === null) [start, stop] = [0, start];
+    for (const v of [start, stop, step])
+      if (typeof v !== 'number' || !Number.isInteger(v)) throw new TypeError(`range() takes integers, got ${String(v)}`);
+    const [a, b, c] = [start as number, stop as number, step as number];
+    if (c === 0) throw new RangeError('range() step must not be zero');
+    const count = Math.max(0, Math.ceil((b - a) / c));
+    if (count > budget.left)
+      throw new RangeError(`the template asked range() for more than ${MAX_TEMPLATE_RANGE} values in one rendering`);
+    budget.left -= count;
+    return Array.from({ length: count }, (_, i) => a + i * c);
+  };
 }
 
 /** Renders `messages` with a Jinja chat template, as Hugging Face's apply_chat_template does. */
@@ -67,11 +107,17 @@ export function applyChatTemplate(
     eos_token: eosToken,
   };
   if (tools !== undefined) context.tools = tools;
+  context[RANGE] = boundedRange({ left: MAX_TEMPLATE_RANGE });
+  let text: string;
   try {
-    return compile(template).render(context);
+    text = compile(template).render(context);
   } catch (e) {
     if (e instanceof SyntaxError || e instanceof TypeError) throw e;
-    // Templates signal bad conversations with raise_exception(...).
+    // Templates signal bad conversations with raise_exception(...); a runaway template ends in a
+    // RangeError (range() over budget, a string past V8's limit, a recursion too deep).
     throw new Error(`the chat template failed: ${(e as Error).message}`);
   }
+  if (text.length > MAX_TEMPLATE_OUTPUT)
+    throw new Error(`the chat template failed: it rendered ${text.length} characters, more than ${MAX_TEMPLATE_OUTPUT}`);
+  return text;
 }

@@ -78,6 +78,25 @@ describe('applyChatTemplate on a model without a template', () => {
     expect(() => m.applyChatTemplate(ok, { template: "{{ raise_exception('roles must alternate') }}" })).toThrow(/chat template failed: .*roles must alternate/);
   });
 
+  it('a runaway template gets an error, not the process killed (range is bounded, and so is the text)', () => {
+    const m = model;
+    const ok: ChatMessage[] = [{ role: 'user', content: 'x' }];
+    const render = (template: string, variables?: Record<string, unknown>) => m.applyChatTemplate(ok, { template, ...(variables && { variables }) });
+    // A billion-element range used to be built as an array: out of memory, and the process aborted.
+    expect(() => render('{% for i in range(10 ** 9) %}{% endfor %}')).toThrow(/chat template failed: .*range\(\) for more than 1048576 values/);
+    // Nested loops share one budget per rendering.
+    expect(() => render('{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}')).toThrow(/range\(\) for more than/);
+    // A string doubled past V8's limit, and one under it but past the output cap.
+    expect(() => render("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}")).toThrow(/chat template failed/);
+    expect(() => render("{% set ns = namespace(s='x') %}{% for i in range(25) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}")).toThrow(/rendered 33554432 characters, more than 16777216/);
+    // Unbounded recursion.
+    expect(() => render('{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}')).toThrow(/chat template failed/);
+    // range keeps Python's meaning, and an attribute named range is left alone.
+    expect(render("{{ range(3) | join(',') }}|{{ range(5, 0, -2) | join(',') }}|{{ range(2, 2) | length }}")).toBe('0,1,2|5,3,1|0');
+    expect(render('{% for r in range(2) %}{{ r }}{% endfor %}{{ x.range }}', { x: { range: 'R' } })).toBe('01R');
+    expect(() => render('{{ range(1, 5, 0) }}')).toThrow(/range\(\) step must not be zero/);
+  });
+
   it('throws after dispose', async () => {
     const path = join(dir, 'tiny2.gguf');
     await writeRandomModel(path, { vocabSize: 64, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 32, seed: 2 });

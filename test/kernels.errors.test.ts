@@ -449,8 +449,13 @@ describe('adamwStep and globalNorm reject bad input', () => {
       ['weightDecay', -0.1],
       ['gradScale', -1],
       ['gradScale', Infinity],
+      // float32 cannot hold these: lr 1e-50 became 0 (no update, silently), eps 1e300 Infinity.
+      ['lr', 1e-50],
+      ['eps', 1e300],
+      ['weightDecay', 1e-60],
     ];
     for (const [k, v] of bad) expectThrows(() => run({ ...base(), [k]: v }), RangeError, new RegExp(k));
+    expectThrows(() => run({ ...base(), lr: 1e-50 }), RangeError, /^lr is 1e-50, which a 32-bit float cannot hold \(it would be 0\)$/);
     // Nothing was modified by the failed calls.
     const o = base();
     expectThrows(() => run({ ...o, step: 0 }), RangeError, /step/);

@@ -227,6 +227,9 @@ describe('Trainer', () => {
     await expect(trainer.step(bad)).rejects.toThrow(/tokens\[3\]/);
     await expect(createTrainer({ config: { ...config, heads: 3 } })).rejects.toThrow(/multiple/);
     await expect(createTrainer({ config, seed: 1 }, { lr: -1 })).rejects.toThrow(/lr/);
+    // A learning rate float32 rounds to 0 trained nothing, silently; one past its range became Infinity.
+    await expect(createTrainer({ config, seed: 1 }, { lr: 1e-50 })).rejects.toThrow(new RangeError('lr is 1e-50, which a 32-bit float cannot hold (it would be 0)'));
+    await expect(createTrainer({ config, seed: 1 }, { eps: 1e300 })).rejects.toThrow(/^eps is 1e\+300, which a 32-bit float cannot hold/);
     // A RoPE base <= 0 trained to NaN losses.
     await expect(createTrainer({ config: { ...config, ropeTheta: -1 } })).rejects.toThrow(new RangeError('config.ropeTheta must be a finite number > 0, got -1'));
     await expect(loadTrainerCheckpoint('/nonexistent.ckpt')).rejects.toThrow(/nonexistent/);

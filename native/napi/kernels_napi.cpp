@@ -392,12 +392,12 @@ Napi::Value adamw_step(const Napi::CallbackInfo& info) {
     }
     AdamWConfig c;
     c.step = get_int(o, "step", 1, int64_t(1) << 52);
-    c.lr = static_cast<float>(get_number_or(o, "lr", c.lr));
-    c.beta1 = static_cast<float>(get_number_or(o, "beta1", c.beta1));
-    c.beta2 = static_cast<float>(get_number_or(o, "beta2", c.beta2));
-    c.eps = static_cast<float>(get_number_or(o, "eps", c.eps));
-    c.weight_decay = static_cast<float>(get_number_or(o, "weightDecay", c.weight_decay));
-    c.grad_scale = static_cast<float>(get_number_or(o, "gradScale", c.grad_scale));
+    c.lr = get_f32_or(o, "lr", c.lr);
+    c.beta1 = get_f32_or(o, "beta1", c.beta1);
+    c.beta2 = get_f32_or(o, "beta2", c.beta2);
+    c.eps = get_f32_or(o, "eps", c.eps);
+    c.weight_decay = get_f32_or(o, "weightDecay", c.weight_decay);
+    c.grad_scale = get_f32_or(o, "gradScale", c.grad_scale);
 
     // Phase 2: the pointers, checked again (a getter may have detached or shrunk an array).
     ArrayView<float> a[4];

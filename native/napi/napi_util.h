@@ -225,6 +225,20 @@ inline double get_number_or(const Napi::Object& o, const char* key, double fallb
   return present(v) ? number_value(o.Env(), v, key, prefix) : fallback;
 }
 
+// A number stored as float32: one that float32 cannot hold (a finite value past FLT_MAX, or a value
+// other than 0 that rounds to 0, such as lr: 1e-50, which would silently train nothing) is a
+// RangeError naming the key. Range checks on the float are the caller's.
+inline float get_f32_or(const Napi::Object& o, const char* key, float fallback, const std::string& prefix = "") {
+  Napi::Value v = get_prop(o, key);
+  if (!present(v)) return fallback;
+  const double d = number_value(o.Env(), v, key, prefix);
+  const float f = static_cast<float>(d);
+  if ((std::isfinite(d) && !std::isfinite(f)) || (d != 0.0 && f == 0.0f))
+    throw Napi::RangeError::New(o.Env(), prefix + key + " is " + num_str(d) + ", which a 32-bit float cannot hold (it would be " +
+                                             num_str(f) + ")");
+  return f;
+}
+
 // ropeTheta of a model config: a finite number > 0 (any other RoPE base makes NaN logits).
 inline float get_rope_theta(const Napi::Object& o, const std::string& prefix = "") {
   const float t = static_cast<float>(get_number_or(o, "ropeTheta", 10000.0, prefix));

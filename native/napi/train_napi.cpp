@@ -27,17 +27,17 @@ using train::Trainer;
 using train::TrainerConfig;
 
 TrainerConfig parse_config(const Napi::Object& o, TrainerConfig c) {
-  c.schedule.lr = static_cast<float>(get_number_or(o, "lr", c.schedule.lr));
+  c.schedule.lr = get_f32_or(o, "lr", c.schedule.lr);
   c.schedule.warmup = get_int_or(o, "warmupSteps", 0, int64_t(1) << 40, c.schedule.warmup);
   const Napi::Value schedule = get_prop(o, "schedule");
   if (present(schedule)) c.schedule.decay = train::parse_lr_decay(schedule.ToString().Utf8Value(), "schedule");
   c.schedule.total_steps = get_int_or(o, "totalSteps", 0, int64_t(1) << 40, c.schedule.total_steps);
-  c.schedule.min_lr = static_cast<float>(get_number_or(o, "minLr", c.schedule.min_lr));
-  c.beta1 = static_cast<float>(get_number_or(o, "beta1", c.beta1));
-  c.beta2 = static_cast<float>(get_number_or(o, "beta2", c.beta2));
-  c.eps = static_cast<float>(get_number_or(o, "eps", c.eps));
-  c.weight_decay = static_cast<float>(get_number_or(o, "weightDecay", c.weight_decay));
-  c.clip_norm = static_cast<float>(get_number_or(o, "clipNorm", c.clip_norm));
+  c.schedule.min_lr = get_f32_or(o, "minLr", c.schedule.min_lr);
+  c.beta1 = get_f32_or(o, "beta1", c.beta1);
+  c.beta2 = get_f32_or(o, "beta2", c.beta2);
+  c.eps = get_f32_or(o, "eps", c.eps);
+  c.weight_decay = get_f32_or(o, "weightDecay", c.weight_decay);
+  c.clip_norm = get_f32_or(o, "clipNorm", c.clip_norm);
   c.head_chunk = get_int_or(o, "headChunk", 1, 1 << 20, c.head_chunk);
   train::validate_trainer_config(c);
   return c;

@@ -104,6 +104,11 @@ export interface OnlineDecoderOptions {
 }
 
 export interface UpdateEvent {
+  /**
+   * The update's number: 1, 2, 3 ... for every update begun, so that one rolled back keeps its
+   * number and the next gets the next ('update-start', 'update' and 'rollback' of one update share
+   * it). metrics().updates counts the updates applied.
+   */
   update: number;
   /** Records trained on, replayed ones included. */
   records: number;
@@ -296,7 +301,9 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   // order, on this chain. #pending is set while an update is queued or running.
   #chain: Promise<void> = Promise.resolve();
   #pending = false;
-  #updates = 0;
+  #updates = 0; // applied
+  #begun = 0; // numbers given to updates (see UpdateEvent.update)
+  #version = 0; // the number of the update whose weights are in place (0: the draft as given)
   #rollbacks = 0;
   #recent: { drafted: number; accepted: number }[] = [];
   #guard: { update: number; before: number; previous: Model; window: { drafted: number; accepted: number }[] } | null = null;
@@ -588,7 +595,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     const records = [...fresh, ...this.#replayed(fresh.length)];
     this.#remember(fresh);
     const started = performance.now();
-    const update = this.#updates + 1;
+    const update = ++this.#begun;
     this.#notify('update-start', { update, records: records.length });
     setTrainThreads(this.options.trainThreads);
     this.#trainer ??= await createTrainer(this.draft, { lr: this.options.lr, clipNorm: this.options.clipNorm });
@@ -624,7 +631,8 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     } finally {
       await snapshot.dispose();
     }
-    this.#updates = update;
+    this.#updates++;
+    this.#version = update;
     // An update made while an earlier one's guard window is still open (updateNow) closes that window
     // unchecked: the new guard rolls back, if it must, to the weights just before this update.
     await this.#guard?.previous.dispose();
@@ -641,7 +649,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     };
     this.#notify('update', event);
     const o = this.options;
-    if (o.autosaveEvery !== undefined && update % o.autosaveEvery === 0) await this.#writeDraft(o.autosavePath!);
+    if (o.autosaveEvery !== undefined && this.#updates % o.autosaveEvery === 0) await this.#writeDraft(o.autosavePath!);
     return event;
   }
 
@@ -741,7 +749,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     try {
       const r = await this.#decoder.generate({
         ...options,
-        onStart: (r) => ((id = r), (weights = this.#updates), options.onStart?.(r)),
+        onStart: (r) => ((id = r), (weights = this.#version), options.onStart?.(r)),
         onStats: undefined,  // called below, after the bookkeeping (a callback that throws cannot skip it)
       });
       this.#finish(id, r.stats, weights);
@@ -764,7 +772,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     try {
       const reason = yield* this.#decoder.stream({
         ...options,
-        onStart: (r) => ((id = r), (weights = this.#updates), options.onStart?.(r)),
+        onStart: (r) => ((id = r), (weights = this.#version), options.onStart?.(r)),
         onStats: (s) => ((stats = s), options.onStats?.(s)),
       });
       return reason;

@@ -198,6 +198,27 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     await dec.dispose();
   });
 
+  it('an update that fails keeps its number: the next update begun gets the next one', async () => {
+    await using draft = await loadModel(draftPath);
+    const before = await draft.forward([1, 403, 407]);
+    // A learning rate this large makes the weights, then the loss, non-finite: each update rolls back.
+    const dec = createOnlineDecoder({ target, draft, strategy: { kind: 'chain', length: 3 }, distill: { interval: 1000, lr: 1e30, epochs: 3 } });
+    const seen: string[] = [];
+    dec.on('update-start', (e) => seen.push(`start ${e.update}`));
+    dec.on('rollback', (e) => seen.push(`rollback ${e.update}: ${e.reason}`));
+    dec.on('update', (e) => seen.push(`update ${e.update}`));
+    for (let round = 0; round < 2; round++) {
+      await dec.generate({ tokens: prompts[round]!, maxTokens: 16 });
+      await dec.updateNow();
+    }
+    // They used to be numbered 1 and 1 again (the number was the applied count plus one).
+    expect(seen.map((l) => l.replace(/:.*/, ''))).toEqual(['start 1', 'rollback 1', 'start 2', 'rollback 2']);
+    expect(seen[1]).toMatch(/not finite/);
+    expect(dec.metrics()).toMatchObject({ updates: 0, rollbacks: 2 });
+    expect(Array.from(await draft.forward([1, 403, 407]))).toEqual(Array.from(before));
+    await dec.dispose();
+  });
+
   it('updateNow while a guard window is open closes that window and frees its weight copy', async () => {
     await using draft = await loadModel(draftPath);
     // The guard's copies are made by convert('keep'): count them, and those still alive at the end.

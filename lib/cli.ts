@@ -297,6 +297,10 @@ async function main(argv: string[]): Promise<number> {
         dec.on('update-error', (e) => log(`draft update failed: ${e.error.message}`));
       }
       const server = http.createServer(handler);
+      // A client may half-close after sending its request (nc -N, some proxies); by default Node ends
+      // the socket at that FIN, before the reply is written. Wait and answer (tested; the property is
+      // Node's own, not in its typings).
+      (server as typeof server & { httpAllowHalfOpen: boolean }).httpAllowHalfOpen = true;
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);
         server.listen(port, host, () => resolve());

@@ -620,6 +620,23 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
       expect(info.url).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/v1$/);
       const r = await client(info.url).completions.create({ model: info.model, prompt: PROMPTS[0]!, max_tokens: MAX, temperature: 0 });
       expect(r.choices[0]!.text).toBe(expected.get(PROMPTS[0]!));
+      // A client that half-closes after its request (nc -N, some proxies) gets the whole reply: Node's
+      // default ended the socket at the client's FIN, before the completion was written (an empty reply).
+      const u = new URL(info.url);
+      const body = JSON.stringify({ model: info.model, prompt: PROMPTS[0]!, max_tokens: MAX, temperature: 0 });
+      const raw = await new Promise<string>((resolve, reject) => {
+        const c = net.connect(Number(u.port), u.hostname, () =>
+          c.end(`POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`),
+        );
+        let data = '';
+        c.setEncoding('utf8');
+        c.on('data', (d: string) => (data += d));
+        c.on('close', () => resolve(data));
+        c.on('error', reject);
+      });
+      expect(raw.split('\r\n')[0]).toBe('HTTP/1.1 200 OK');
+      const json = JSON.parse(raw.slice(raw.indexOf('{'), raw.lastIndexOf('}') + 1)) as { choices: { text: string }[] };
+      expect(json.choices[0]!.text).toBe(expected.get(PROMPTS[0]!));
       // SIGTERM while a stream runs: it finishes (it was cut off with an error event), then osd exits.
       const res = await fetch(`${info.url}/completions`, {
         method: 'POST',

@@ -1,8 +1,8 @@
 // DraftPool: routing by label, classifier and bandits; forking on a new label; per-draft metrics.
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createDraftPool, draftCheckpointPath, loadModel, writeRandomModel, type Model } from '../lib/index.js';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { createDraftPool, draftCheckpointPath, loadModel, OnlineDecoder, writeRandomModel, type Model } from '../lib/index.js';
 import { suiteTempDir } from './helpers/tmp.js';
 
 const STORIES = join(import.meta.dirname, '../../shared/models/stories260K.bin');
@@ -48,6 +48,19 @@ describe.skipIf(!have)('DraftPool (stories260K)', () => {
     expect(got).toEqual(Array.from(a.tokens));
     expect(r.value).toEqual({ stopReason: a.stopReason, draft: 'code' });
     expect(pool.metrics().code!.requests).toBe(2);
+  });
+
+  it('a constructor that fails on one draft stops the decoders it had started for the others', async () => {
+    const dispose = vi.spyOn(OnlineDecoder.prototype, 'dispose');
+    try {
+      expect(() => createDraftPool({ target, drafts: { a: good, b: bad, c: 'not a model' as never }, distill: { interval: 1000 } })).toThrow(
+        new TypeError('drafts.c must be a loaded Model'),
+      );
+      expect(dispose).toHaveBeenCalledTimes(2);
+      await Promise.all(dispose.mock.results.map((r) => r.value));
+    } finally {
+      dispose.mockRestore();
+    }
   });
 
   it('a classifier routes, and a bandit learns to prefer the draft with higher acceptance', async () => {

@@ -14,6 +14,9 @@ interface NativeModel {
   readonly disposed: boolean;
 }
 
+/** The KV cache's element type (Model.createSequence). */
+export type KvType = 'f16' | 'f32';
+
 interface NativeSequence {
   evaluate(tokens: Int32Array, parents: Int32Array | null, lastOnly: boolean): Promise<Float32Array>;
   draft(tokens: Int32Array, options: object): Promise<DraftResult>;
@@ -26,6 +29,7 @@ interface NativeSequence {
   dispose(): void;
   readonly length: number;
   readonly capacity: number;
+  readonly kvType: KvType;
 }
 
 interface ModelAddon {
@@ -33,7 +37,7 @@ interface ModelAddon {
   writeRandomModel(path: string, config: object): Promise<void>;
   saveModel(model: NativeModel, path: string, options: object): Promise<void>;
   convertModel(model: NativeModel, options: { type: StoreType | 'keep' }): Promise<NativeModel>;
-  NativeSequence: new (model: NativeModel, contextSize?: number) => NativeSequence;
+  NativeSequence: new (model: NativeModel, contextSize?: number, kvType?: KvType) => NativeSequence;
   sampleLogits(o: object): number;
   readGgufMetadata(path: string, options?: { maxArrayLength?: number }): { metadata: Record<string, unknown> };
 }
@@ -325,12 +329,18 @@ export class Model {
     return this.#handle;
   }
 
-  /** A new sequence with its own KV cache. contextSize defaults to (and is capped at) the model's context length. */
-  createSequence(options: { contextSize?: number } = {}): Sequence {
-    checkKeys(checkOptions(options)!, ['contextSize']);
-    const { contextSize } = options;
+  /**
+   * A new sequence with its own KV cache. contextSize defaults to (and is capped at) the model's
+   * context length. kvType: 'f16' (default) stores keys and values as IEEE half, half the memory
+   * and the bytes attention reads; 'f32' keeps them as computed.
+   */
+  createSequence(options: { contextSize?: number; kvType?: KvType } = {}): Sequence {
+    checkKeys(checkOptions(options)!, ['contextSize', 'kvType']);
+    const { contextSize, kvType } = options;
     if (contextSize !== undefined) checkInteger(contextSize, 'contextSize', 1);
-    const seq = new Sequence(this, new native.NativeSequence(this.handle, contextSize ?? 0));
+    if (kvType !== undefined && kvType !== 'f16' && kvType !== 'f32')
+      throw new RangeError(`options.kvType must be 'f16' or 'f32', got ${typeof kvType === 'string' ? `'${kvType}'` : String(kvType)}`);
+    const seq = new Sequence(this, new native.NativeSequence(this.handle, contextSize ?? 0, kvType ?? 'f16'));
     this.#sequences.add(seq);
     return seq;
   }
@@ -695,6 +705,11 @@ export class Sequence {
 
   get capacity(): number {
     return this.#get().capacity;
+  }
+
+  /** The KV cache's element type: 'f16' or 'f32' (see Model.createSequence). */
+  get kvType(): KvType {
+    return this.#get().kvType;
   }
 
   get disposed(): boolean {

@@ -50,6 +50,7 @@ export type {
   ChainRunOptions,
   ChainRunResult,
   ChatTemplateOptions,
+  KvType,
 } from './Model.js';
 export type { ChatMessage, ApplyChatTemplateOptions } from './chatTemplate.js';
 export { Tokenizer, TokenStreamDecoder, TokenType, loadTokenizer } from './Tokenizer.js';

@@ -43,8 +43,8 @@ describe.skipIf(!have)('model (stories260K)', () => {
     expect(a.stopReason).toBe('maxTokens');
   });
 
-  it('greedy generation runs to the end of the context when no EOS comes', async () => {
-    const r = await model.generate({ tokens: [1], maxTokens: 1000 });
+  it('greedy generation runs to the end of the context when nothing stops it', async () => {
+    const r = await model.generate({ tokens: [1], maxTokens: 1000, stopTokens: [] });
     expect(r.stopReason).toBe('context');
     expect(r.tokens.length).toBe(511);
   });
@@ -228,6 +228,23 @@ describe.skipIf(!have)('model (stories260K)', () => {
     plain.truncate(0);
     expect(Array.from(await chunked.evaluate(toks, { lastOnly: true }))).toEqual(Array.from(await plain.evaluate(toks, { lastOnly: true })));
     await Promise.all([plain.dispose(), chunked.dispose()]);
+  });
+
+  it('a float16 KV cache (the default) gives logits close to a float32 one, and forks keep their cache type', async () => {
+    await using half = model.createSequence();
+    await using full = model.createSequence({ kvType: 'f32' });
+    expect([half.kvType, full.kvType]).toEqual(['f16', 'f32']);
+    const toks = Array.from({ length: 60 }, (_, i) => 1 + ((i * 37) % 500));
+    const [a, b] = [await half.evaluate(toks), await full.evaluate(toks)];
+    let worst = 0, scale = 0;
+    for (let i = 0; i < a.length; i++) (worst = Math.max(worst, Math.abs(a[i]! - b[i]!))), (scale = Math.max(scale, Math.abs(b[i]!)));
+    expect(worst).toBeGreaterThan(0);
+    expect(worst).toBeLessThan(0.01 * scale);
+    await using forked = full.fork();
+    expect(forked.kvType).toBe('f32');
+    expect(Array.from(await forked.evaluate([7]))).toEqual(Array.from(await full.evaluate([7])));
+    expect(() => model.createSequence({ kvType: 'f8' as never })).toThrow(new RangeError("options.kvType must be 'f16' or 'f32', got 'f8'"));
+    expect(() => model.createSequence({ kvType: 16 as never })).toThrow(/options\.kvType must be 'f16' or 'f32', got 16/);
   });
 
   it('rejects bad input with errors that name the argument', async () => {

@@ -166,8 +166,8 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
   it('greedy output survives long generations with KV compaction (tree) and reaches the context end', async () => {
     // fill: a whole tree every step (a shaped tree with this costly draft is mostly a chain).
     const dec = createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'tree', budget: 16, maxDepth: 6, branching: 4, fill: true } });
-    const want = await target.generate({ tokens: [1], maxTokens: 600 });
-    const got = await dec.generate({ tokens: [1], maxTokens: 600 });
+    const want = await target.generate({ tokens: [1], maxTokens: 600, stopTokens: [] });
+    const got = await dec.generate({ tokens: [1], maxTokens: 600, stopTokens: [] });
     expect(Array.from(got.tokens)).toEqual(Array.from(want.tokens));
     expect(got.stopReason).toBe('context');
     expect(got.stats.meanAcceptedLength).toBeGreaterThan(1);

@@ -4,17 +4,33 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "core/error.h"
+#include "core/fp16.h"
 #include "core/thread_pool.h"
 
 namespace osd {
 
-Sequence::Sequence(std::shared_ptr<const Model> model, int32_t capacity) : model_(std::move(model)) {
+const char* kv_type_name(KvType t) { return t == KvType::F16 ? "f16" : "f32"; }
+
+Sequence::Sequence(std::shared_ptr<const Model> model, int32_t capacity, KvType kv) : model_(std::move(model)), kv_(kv) {
   const int32_t ctx = model_->config().context;
   capacity_ = capacity > 0 ? std::min(capacity, ctx) : ctx;
-  k_.resize(model_->config().n_layers);
-  v_.resize(model_->config().n_layers);
+  const size_t layers = model_->config().n_layers;
+  with_cache([&](auto& c) {
+    c.k.resize(layers);
+    c.v.resize(layers);
+  });
+}
+
+size_t Sequence::cache_bytes() const {
+  size_t bytes = 0;
+  const_cast<Sequence*>(this)->with_cache([&](auto& c) {
+    for (const auto& l : c.k) bytes += l.size() * sizeof(l[0]);
+    for (const auto& l : c.v) bytes += l.size() * sizeof(l[0]);
+  });
+  return bytes;
 }
 
 void Sequence::reserve(int32_t slots) {
@@ -24,13 +40,15 @@ void Sequence::reserve(int32_t slots) {
   grow = std::min(grow, capacity_);
   // Head-major: each key-value head's slots are contiguous, so the new planes are laid out again.
   const size_t heads = model_->config().n_kv_heads, hd = model_->config().head_dim;
-  for (auto* cache : {&k_, &v_})
-    for (auto& layer : *cache) {
-      std::vector<float> next(heads * grow * hd);
-      for (size_t h = 0; h < heads && length_ > 0; ++h)
-        std::memcpy(&next[h * grow * hd], &layer[h * allocated_ * hd], length_ * hd * sizeof(float));
-      layer.swap(next);
-    }
+  with_cache([&](auto& c) {
+    for (auto* cache : {&c.k, &c.v})
+      for (auto& layer : *cache) {
+        std::remove_reference_t<decltype(layer)> next(heads * grow * hd);
+        for (size_t h = 0; h < heads && length_ > 0; ++h)
+          std::memcpy(&next[h * grow * hd], &layer[h * allocated_ * hd], length_ * hd * sizeof(layer[0]));
+        layer.swap(next);
+      }
+  });
   allocated_ = grow;
 }
 
@@ -57,25 +75,33 @@ void Sequence::keep_path(int32_t base, const int32_t* path, int32_t k) {
     if (path[i] < 0 || src >= length_) throw_range("keep_path: path[" + std::to_string(i) + "] is not an evaluated node");
     if (src == base + i) continue;
     // Nodes keep their RoPE: node path[i] sits at depth i, the position it was evaluated at.
-    for (size_t l = 0; l < k_.size(); ++l)
-      for (size_t h = 0; h < heads; ++h) {
-        const size_t plane = h * allocated_;
-        std::memcpy(&k_[l][(plane + base + i) * hd], &k_[l][(plane + src) * hd], hd * sizeof(float));
-        std::memcpy(&v_[l][(plane + base + i) * hd], &v_[l][(plane + src) * hd], hd * sizeof(float));
-      }
+    with_cache([&](auto& c) {
+      for (size_t l = 0; l < c.k.size(); ++l)
+        for (size_t h = 0; h < heads; ++h) {
+          const size_t plane = h * allocated_, bytes = hd * sizeof(c.k[l][0]);
+          std::memcpy(&c.k[l][(plane + base + i) * hd], &c.k[l][(plane + src) * hd], bytes);
+          std::memcpy(&c.v[l][(plane + base + i) * hd], &c.v[l][(plane + src) * hd], bytes);
+        }
+    });
   }
   length_ = base + k;
 }
 
 std::unique_ptr<Sequence> Sequence::fork() const {
-  auto s = std::make_unique<Sequence>(model_, capacity_);
+  auto s = std::make_unique<Sequence>(model_, capacity_, kv_);
   s->reserve(length_);
   const size_t heads = model_->config().n_kv_heads, hd = model_->config().head_dim;
-  for (size_t l = 0; l < k_.size() && length_ > 0; ++l)
-    for (size_t h = 0; h < heads; ++h) {
-      std::memcpy(&s->k_[l][h * s->allocated_ * hd], &k_[l][h * allocated_ * hd], length_ * hd * sizeof(float));
-      std::memcpy(&s->v_[l][h * s->allocated_ * hd], &v_[l][h * allocated_ * hd], length_ * hd * sizeof(float));
-    }
+  const size_t to = s->allocated_, from = allocated_;
+  auto copy = [&](auto& dst, const auto& src) {
+    for (size_t l = 0; l < src.k.size() && length_ > 0; ++l)
+      for (size_t h = 0; h < heads; ++h) {
+        const size_t bytes = length_ * hd * sizeof(src.k[l][0]);
+        std::memcpy(&dst.k[l][h * to * hd], &src.k[l][h * from * hd], bytes);
+        std::memcpy(&dst.v[l][h * to * hd], &src.v[l][h * from * hd], bytes);
+      }
+  };
+  if (kv_ == KvType::F16) copy(s->f16_, f16_);
+  else copy(s->f32_, f32_);
   s->length_ = length_;
   return s;
 }
@@ -153,13 +179,18 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
       for (int32_t hh = 0; hh < c.n_kv_heads; ++hh) rotate(&kv_k[i * KVD + hh * HD], cs, sn);
       for (int32_t hh = 0; hh < c.n_kv_heads; ++hh) {
         const size_t at = (static_cast<size_t>(hh) * allocated_ + base + i) * HD;
-        std::memcpy(&k_[l][at], &kv_k[i * KVD + hh * HD], HD * sizeof(float));
-        std::memcpy(&v_[l][at], &kv_v[i * KVD + hh * HD], HD * sizeof(float));
+        const float* kr = &kv_k[i * KVD + hh * HD];
+        const float* vr = &kv_v[i * KVD + hh * HD];
+        if (kv_ == KvType::F16) {
+          floats_to_halves(kr, &f16_.k[l][at], HD);
+          floats_to_halves(vr, &f16_.v[l][at], HD);
+        } else {
+          std::memcpy(&f32_.k[l][at], kr, HD * sizeof(float));
+          std::memcpy(&f32_.v[l][at], vr, HD * sizeof(float));
+        }
       }
     }
     // Attention: token i, head hh sees slots [0, base) and its visible batch slots, in slot order.
-    const float* K = k_[l].data();
-    const float* V = v_[l].data();
     // A task is one key-value head and a run of tokens: all their query heads over it attended
     // together (attend_heads: the keys and values they share are read once, the same bits). Runs of
     // up to 64 tokens, at least two per head when there are two tokens, so that both of two
@@ -191,7 +222,12 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
           e0 += ne;
         }
         const size_t plane = static_cast<size_t>(kh) * allocated_ * HD;
-        attend_heads(qs.data(), static_cast<int32_t>(qs.size()), K + plane, V + plane, static_cast<size_t>(HD), HD, inv_sqrt_hd);
+        if (kv_ == KvType::F16)
+          attend_heads(qs.data(), static_cast<int32_t>(qs.size()), f16_.k[l].data() + plane, f16_.v[l].data() + plane,
+                       static_cast<size_t>(HD), HD, inv_sqrt_hd);
+        else
+          attend_heads(qs.data(), static_cast<int32_t>(qs.size()), f32_.k[l].data() + plane, f32_.v[l].data() + plane,
+                       static_cast<size_t>(HD), HD, inv_sqrt_hd);
       }
     });
     matmul(w.wo, att.data(), n, tmp.data());

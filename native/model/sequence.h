@@ -10,14 +10,23 @@
 
 namespace osd {
 
+// The KV cache's element type. F16 (the default, as llama.cpp's) halves the cache's memory and the
+// bytes attention reads; keys and values are rounded to half once, when stored. F32 keeps them as
+// computed (what the training forward computes, bit for bit).
+enum class KvType { F32, F16 };
+const char* kv_type_name(KvType t);
+
 class Sequence {
  public:
   // capacity 0 means the model's context length; the cache grows on demand up to it.
-  explicit Sequence(std::shared_ptr<const Model> model, int32_t capacity = 0);
+  explicit Sequence(std::shared_ptr<const Model> model, int32_t capacity = 0, KvType kv = KvType::F16);
 
   const Model& model() const { return *model_; }
   int32_t length() const { return length_; }
   int32_t capacity() const { return capacity_; }
+  KvType kv_type() const { return kv_; }
+  // Bytes the cache holds now (it grows with the length).
+  size_t cache_bytes() const;
 
   // Evaluates n tokens placed after the current length; their KV entries take slots
   // [length, length + n) and length grows by n. parents == null means a causal chain; otherwise
@@ -39,11 +48,25 @@ class Sequence {
  private:
   void reserve(int32_t slots);
 
+  // Calls f with the cache in use (f32_ or f16_).
+  template <class F>
+  void with_cache(F&& f) {
+    if (kv_ == KvType::F16) f(f16_);
+    else f(f32_);
+  }
+
+  template <class T>
+  struct Cache {
+    std::vector<std::vector<T>> k, v;  // per layer: n_kv_heads x allocated_ x head_dim
+  };
+
   std::shared_ptr<const Model> model_;
+  KvType kv_;
   int32_t capacity_ = 0;
   int32_t allocated_ = 0;
   int32_t length_ = 0;
-  std::vector<std::vector<float>> k_, v_;  // per layer: n_kv_heads x allocated_ x head_dim
+  Cache<float> f32_;
+  Cache<uint16_t> f16_;  // IEEE half bits
 };
 
 }  // namespace osd

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/error.h"
@@ -90,6 +91,7 @@ float dot_bf16_ref(const uint16_t* w, const float* x, int64_t n) {
 // ---- AVX2 + FMA + F16C versions: the same partial-sum layout (8 lanes), hence the same sums as
 // the portable versions up to FMA contraction. Chosen once at run time. ----
 #define OSD_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define OSD_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 
 OSD_AVX2 float dot_f32_avx2(const float* w, const float* x, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
@@ -236,6 +238,7 @@ void rows_float_avx2(const Matrix& w, const float* x, int64_t n, float* y, int64
 // are those of the AVX2 tiles: one instruction does two outputs' work, F16 and BF16 convert 16
 // values at once, and the 32 registers hold 3 row pairs x 8 tokens. ----
 #define OSD_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma,f16c")))
+#define OSD_AVX512_INLINE __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma,f16c"), always_inline)) inline
 // GCC 12's AVX-512 headers fill unused lanes from a self-initialised "undefined" vector, which its
 // own -Wuninitialized then flags in every caller (fixed in GCC 13): silenced for these kernels only.
 #pragma GCC diagnostic push
@@ -437,33 +440,39 @@ struct Slots {
   size_t stride;
   int32_t prefix;
   const int32_t* extra;
-  size_t operator()(int32_t s) const { return static_cast<size_t>(s < prefix ? s : extra[s - prefix]) * stride; }
+  int32_t first = 0;  // the row of slot `first` is row 0 (a block copied out)
+  size_t operator()(int32_t s) const { return static_cast<size_t>((s < prefix ? s : extra[s - prefix]) - first) * stride; }
 };
+
+// Keys and values as floats: the cache holds float32 or float16 (converted exactly by F16C).
+OSD_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+OSD_AVX2_INLINE __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 // Scores of slots [s0, s1): per slot one 8-lane FMA chain over the head dimension and a fixed
 // horizontal sum (hsum_avx2), times scale. Slots go eight at a time: eight chains side by side
 // keep both FMA pipes busy (four left them half idle, waiting on each chain's latency), and their
 // eight sums come out of one hsum8_avx2. The rest go one by one through the same chain and sum, so
 // a slot's score never depends on where it falls.
-OSD_AVX2 void scores_avx2(const float* q, const float* K, const Slots& slot, int32_t s0, int32_t s1, int64_t hd, float scale,
+template <class T>
+OSD_AVX2 void scores_avx2(const float* q, const T* K, const Slots& slot, int32_t s0, int32_t s1, int64_t hd, float scale,
                           float* score) {
   const __m256 vscale = _mm256_set1_ps(scale);
   const int32_t n = s1;
   int32_t s = s0;
   for (; s + 8 <= n; s += 8) {
-    const float* k[8];
+    const T* k[8];
     __m256 a[8];
     for (int j = 0; j < 8; ++j) k[j] = K + slot(s + j), a[j] = _mm256_setzero_ps();
     for (int64_t d = 0; d < hd; d += 8) {
       const __m256 qv = _mm256_loadu_ps(q + d);
-      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), a[j]);
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, load8(k[j] + d), a[j]);
     }
     _mm256_storeu_ps(score + s, _mm256_mul_ps(hsum8_avx2(a), vscale));
   }
   for (; s < n; ++s) {
-    const float* k = K + slot(s);
+    const T* k = K + slot(s);
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
+    for (int64_t d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), acc);
     score[s] = hsum_avx2(acc) * scale;
   }
 }
@@ -506,18 +515,19 @@ OSD_AVX2 void softmax_avx2(float* score, int32_t n) {
 // The output: each dimension one FMA chain over the slots in order (which fixes its bits),
 // dimensions in chunks of 64 held in registers. Adds slots [s0, s1) to the running sums in out
 // (zeros before the first slot): a chain stopped and resumed keeps its bits.
-OSD_AVX2 void values_avx2(const float* score, const float* V, const Slots& slot, int32_t s0, int32_t s1, int64_t hd, float* out) {
+template <class T>
+OSD_AVX2 void values_avx2(const float* score, const T* V, const Slots& slot, int32_t s0, int32_t s1, int64_t hd, float* out) {
   for (int64_t d0 = 0; d0 < hd; d0 += 64) {
     const int nv = static_cast<int>(std::min<int64_t>(64, hd - d0) / 8);
     __m256 acc[8];
     for (int j = 0; j < nv; ++j) acc[j] = _mm256_loadu_ps(out + d0 + 8 * j);
     for (int32_t s = s0; s < s1; ++s) {
       const __m256 a = _mm256_set1_ps(score[s]);
-      const float* v = V + slot(s) + d0;
+      const T* v = V + slot(s) + d0;
       if (nv == 8) {
-        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 8 * j), acc[j]);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(a, load8(v + 8 * j), acc[j]);
       } else {
-        for (int j = 0; j < nv; ++j) acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 8 * j), acc[j]);
+        for (int j = 0; j < nv; ++j) acc[j] = _mm256_fmadd_ps(a, load8(v + 8 * j), acc[j]);
       }
     }
     for (int j = 0; j < nv; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
@@ -528,7 +538,16 @@ OSD_AVX2 void values_avx2(const float* score, const float* V, const Slots& slot,
 // of 16): one head's chains alone wait on the FMA latency (one FMA per dimension per slot), two
 // heads' chains side by side fill the pipes, and each value row is read once for both. Per
 // dimension the chain is values_avx2's, so the bits are too.
-OSD_AVX512 void values_pair_avx512(const float* w0, const float* w1, const float* V, const Slots& slot, int32_t s0, int32_t s1,
+// GCC 12's AVX-512 headers take half vectors through a self-initialised "undefined" vector, which
+// its -Wmaybe-uninitialized flags wherever they inline: silenced for the AVX-512 attention only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+OSD_AVX512_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+OSD_AVX512_INLINE __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+template <class T>
+OSD_AVX512 void values_pair_avx512(const float* w0, const float* w1, const T* V, const Slots& slot, int32_t s0, int32_t s1,
                                    int64_t hd, float* out0, float* out1) {
   for (int64_t d0 = 0; d0 < hd; d0 += 64) {
     const int nv = static_cast<int>(std::min<int64_t>(64, hd - d0) / 16);
@@ -536,9 +555,9 @@ OSD_AVX512 void values_pair_avx512(const float* w0, const float* w1, const float
     for (int j = 0; j < nv; ++j) a0[j] = _mm512_loadu_ps(out0 + d0 + 16 * j), a1[j] = _mm512_loadu_ps(out1 + d0 + 16 * j);
     for (int32_t s = s0; s < s1; ++s) {
       const __m512 x0 = _mm512_set1_ps(w0[s]), x1 = _mm512_set1_ps(w1[s]);
-      const float* v = V + slot(s) + d0;
+      const T* v = V + slot(s) + d0;
       for (int j = 0; j < nv; ++j) {
-        const __m512 vj = _mm512_loadu_ps(v + 16 * j);
+        const __m512 vj = load16(v + 16 * j);
         a0[j] = _mm512_fmadd_ps(x0, vj, a0[j]);
         a1[j] = _mm512_fmadd_ps(x1, vj, a1[j]);
       }
@@ -547,41 +566,37 @@ OSD_AVX512 void values_pair_avx512(const float* w0, const float* w1, const float
   }
 }
 
-// Lane l + lane l + 8 of a 16-lane sum. (GCC 12's headers take the low half through a
-// self-initialised "undefined" vector, which its -Wmaybe-uninitialized flags: silenced here only.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Lane l + lane l + 8 of a 16-lane sum.
 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma,f16c"), always_inline)) inline __m256 fold_halves(__m512 a) {
   return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
 }
 
 // scores_avx2 with 16-lane chains (head size a multiple of 16): half the FMAs. A slot's chain
 // folds its halves (lane l + lane l + 8), then sums as scores_avx2 does, alone or eight at a time.
-OSD_AVX512 void scores_avx512(const float* q, const float* K, const Slots& slot, int32_t s0, int32_t s1, int64_t hd, float scale,
+template <class T>
+OSD_AVX512 void scores_avx512(const float* q, const T* K, const Slots& slot, int32_t s0, int32_t s1, int64_t hd, float scale,
                               float* score) {
   const __m256 vscale = _mm256_set1_ps(scale);
   int32_t s = s0;
   for (; s + 8 <= s1; s += 8) {
-    const float* k[8];
+    const T* k[8];
     __m512 a[8];
     for (int j = 0; j < 8; ++j) k[j] = K + slot(s + j), a[j] = _mm512_setzero_ps();
     for (int64_t d = 0; d < hd; d += 16) {
       const __m512 qv = _mm512_loadu_ps(q + d);
-      for (int j = 0; j < 8; ++j) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[j] + d), a[j]);
+      for (int j = 0; j < 8; ++j) a[j] = _mm512_fmadd_ps(qv, load16(k[j] + d), a[j]);
     }
     __m256 f[8];
     for (int j = 0; j < 8; ++j) f[j] = fold_halves(a[j]);
     _mm256_storeu_ps(score + s, _mm256_mul_ps(hsum8_avx2(f), vscale));
   }
   for (; s < s1; ++s) {
-    const float* k = K + slot(s);
+    const T* k = K + slot(s);
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
+    for (int64_t d = 0; d < hd; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
     score[s] = hsum_avx2(fold_halves(acc)) * scale;
   }
 }
-#pragma GCC diagnostic pop
 
 // attend_heads with the vector kernels (head size a multiple of 8; `wide`: AVX-512 and a multiple
 // of 16, for 16-lane scores and the paired values). Each query's slots that are row s at slot s (its prefix, then its
@@ -589,12 +604,32 @@ OSD_AVX512 void scores_avx512(const float* q, const float* K, const Slots& slot,
 // slots, every query that has the block taking its scores, then its values, from the block's keys
 // and values while they are in L1; the rest of each query's slots follow alone. Per query the
 // arithmetic is attend_head_avx2's: the same chains in the same order, stopped and resumed.
-OSD_AVX2 void attend_heads_avx2(const AttendQuery* qs, int32_t count, const float* K, const float* V, size_t stride, int64_t hd,
+// Rows [s0, e) of a cache (row s at rows + s * stride) as floats, hd per row, into out.
+template <class T>
+OSD_AVX2 const float* rows_to_floats(const T* rows, size_t stride, int32_t s0, int32_t e, int64_t hd, float* out) {
+  for (int32_t s = s0; s < e; ++s)
+    for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(out + (s - s0) * hd + d, load8(rows + s * stride + d));
+  return out;
+}
+
+template <class T>
+OSD_AVX2 void attend_heads_avx2(const AttendQuery* qs, int32_t count, const T* K, const T* V, size_t stride, int64_t hd,
                                 float scale, bool wide) {
   constexpr int32_t kBlock = 64;
   const Slots same{stride, std::numeric_limits<int32_t>::max(), nullptr};
-  const auto scores = wide ? scores_avx512 : scores_avx2;
+  const auto scores = wide ? scores_avx512<T> : scores_avx2<T>;
+  const auto scores32 = wide ? scores_avx512<float> : scores_avx2<float>;
+  // A float16 cache's shared blocks are converted once into floats (exactly: the same values the
+  // half kernels convert on every load) and every query reads those.
+  constexpr bool kHalf = std::is_same<T, uint16_t>::value;
+  thread_local std::vector<float> block;
+  block.resize(static_cast<size_t>(kBlock) * hd);
   thread_local std::vector<int32_t> common;
+  auto max_common = [&](int32_t s0) {
+    int32_t e = s0;
+    for (int32_t i = 0; i < count; ++i) e = std::max(e, std::min(s0 + kBlock, common[i]));
+    return e;
+  };
   common.resize(static_cast<size_t>(count));
   int32_t shared = 0;
   for (int32_t i = 0; i < count; ++i) {
@@ -604,11 +639,15 @@ OSD_AVX2 void attend_heads_avx2(const AttendQuery* qs, int32_t count, const floa
     common[i] = c;
     shared = std::max(shared, c);
   }
-  for (int32_t s0 = 0; s0 < shared; s0 += kBlock)
+  for (int32_t s0 = 0; s0 < shared; s0 += kBlock) {
+    const float* Kb = kHalf && count > 1 ? rows_to_floats(K, stride, s0, max_common(s0), hd, block.data()) : nullptr;
     for (int32_t i = 0; i < count; ++i) {
       const int32_t e = std::min(s0 + kBlock, common[i]);
-      if (e > s0) scores(qs[i].q, K, same, s0, e, hd, scale, qs[i].score);
+      if (e <= s0) continue;
+      if (Kb) scores32(qs[i].q, Kb, Slots{static_cast<size_t>(hd), std::numeric_limits<int32_t>::max(), nullptr, s0}, s0, e, hd, scale, qs[i].score);
+      else scores(qs[i].q, K, same, s0, e, hd, scale, qs[i].score);
     }
+  }
   for (int32_t i = 0; i < count; ++i) {
     const AttendQuery& a = qs[i];
     const int32_t n = a.prefix + a.n_extra;
@@ -616,23 +655,42 @@ OSD_AVX2 void attend_heads_avx2(const AttendQuery* qs, int32_t count, const floa
     softmax_avx2(a.score, n);
     std::fill(a.out, a.out + hd, 0.0f);
   }
-  for (int32_t s0 = 0; s0 < shared; s0 += kBlock)
+  for (int32_t s0 = 0; s0 < shared; s0 += kBlock) {
+    const float* Vb = kHalf && count > 1 ? rows_to_floats(V, stride, s0, max_common(s0), hd, block.data()) : nullptr;
+    const Slots bs{static_cast<size_t>(hd), std::numeric_limits<int32_t>::max(), nullptr, s0};
     for (int32_t i = 0; i < count;) {
       const int32_t e = std::min(s0 + kBlock, common[i]);
       if (e <= s0) {
         ++i;
       } else if (wide && i + 1 < count && std::min(s0 + kBlock, common[i + 1]) == e) {
-        values_pair_avx512(qs[i].score, qs[i + 1].score, V, same, s0, e, hd, qs[i].out, qs[i + 1].out);
+        if (Vb) values_pair_avx512(qs[i].score, qs[i + 1].score, Vb, bs, s0, e, hd, qs[i].out, qs[i + 1].out);
+        else values_pair_avx512(qs[i].score, qs[i + 1].score, V, same, s0, e, hd, qs[i].out, qs[i + 1].out);
         i += 2;
       } else {
-        values_avx2(qs[i].score, V, same, s0, e, hd, qs[i].out);
+        if (Vb) values_avx2(qs[i].score, Vb, bs, s0, e, hd, qs[i].out);
+        else values_avx2(qs[i].score, V, same, s0, e, hd, qs[i].out);
         ++i;
       }
     }
+  }
   for (int32_t i = 0; i < count; ++i) {
     const AttendQuery& a = qs[i];
     values_avx2(a.score, V, Slots{stride, a.prefix, a.extra}, common[i], a.prefix + a.n_extra, hd, a.out);
   }
+}
+#pragma GCC diagnostic pop
+
+// kv_half eight at a time: the clamp keeps NaN (minps / maxps return their second operand when
+// either is NaN), and F16C rounds to nearest even and keeps NaN payloads' top bits with the quiet
+// bit set, as float_to_half does.
+OSD_AVX2 void floats_to_halves_avx2(const float* x, uint16_t* h, int64_t n) {
+  const __m256 hi = _mm256_set1_ps(65504.0f), lo = _mm256_set1_ps(-65504.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_loadu_ps(x + i)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) h[i] = kv_half(x[i]);
 }
 
 bool have_avx2() {
@@ -805,19 +863,22 @@ void swiglu(const float* gate, const float* up, int64_t n, float* h) {
   }
 }
 
-void attend_head(const float* q, const float* K, const float* V, size_t stride, int32_t prefix, const int32_t* extra,
-                 int32_t n_extra, int64_t head_dim, float scale, float* score, float* out) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (have_avx2() && head_dim % 8 == 0) {
-    const AttendQuery a{q, prefix, extra, n_extra, score, out};
-    return attend_heads_avx2(&a, 1, K, V, stride, head_dim, scale, have_avx512() && head_dim % 16 == 0);
-  }
-#endif
+namespace {
+
+inline float kv_float(float v) { return v; }
+inline float kv_float(uint16_t h) { return half_to_float(h); }
+inline float kv_dot(const float* q, const float* k, int64_t n) { return dot_f32_ref(k, q, n); }
+inline float kv_dot(const float* q, const uint16_t* k, int64_t n) { return dot_f16_ref(k, q, n); }
+
+// The portable attention: the reference where there is no AVX2 or the head size is not a multiple of 8.
+template <class T>
+void attend_head_ref(const float* q, const T* K, const T* V, size_t stride, int32_t prefix, const int32_t* extra, int32_t n_extra,
+                     int64_t head_dim, float scale, float* score, float* out) {
   const int32_t n = prefix + n_extra;
   auto slot = [&](int32_t s) -> size_t { return static_cast<size_t>(s < prefix ? s : extra[s - prefix]) * stride; };
   float mx = -INFINITY;
   for (int32_t s = 0; s < n; ++s) {
-    score[s] = dot_f32_ref(q, K + slot(s), head_dim) * scale;
+    score[s] = kv_dot(q, K + slot(s), head_dim) * scale;
     mx = std::max(mx, score[s]);
   }
   float sum = 0.0f;
@@ -826,19 +887,50 @@ void attend_head(const float* q, const float* K, const float* V, size_t stride, 
   std::fill(out, out + head_dim, 0.0f);
   for (int32_t s = 0; s < n; ++s) {
     const float a = score[s] *= inv;
-    const float* v = V + slot(s);
-    for (int64_t d = 0; d < head_dim; ++d) out[d] += a * v[d];
+    const T* v = V + slot(s);
+    for (int64_t d = 0; d < head_dim; ++d) out[d] += a * kv_float(v[d]);
   }
 }
 
-void attend_heads(const AttendQuery* qs, int32_t count, const float* K, const float* V, size_t stride, int64_t head_dim,
-                  float scale) {
+template <class T>
+void attend_heads_any(const AttendQuery* qs, int32_t count, const T* K, const T* V, size_t stride, int64_t head_dim, float scale) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (have_avx2() && head_dim % 8 == 0)
     return attend_heads_avx2(qs, count, K, V, stride, head_dim, scale, have_avx512() && head_dim % 16 == 0);
 #endif
   for (int32_t i = 0; i < count; ++i)
-    attend_head(qs[i].q, K, V, stride, qs[i].prefix, qs[i].extra, qs[i].n_extra, head_dim, scale, qs[i].score, qs[i].out);
+    attend_head_ref(qs[i].q, K, V, stride, qs[i].prefix, qs[i].extra, qs[i].n_extra, head_dim, scale, qs[i].score, qs[i].out);
+}
+
+}  // namespace
+
+void floats_to_halves(const float* x, uint16_t* h, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (have_avx2()) return floats_to_halves_avx2(x, h, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) h[i] = kv_half(x[i]);
+}
+
+void attend_head(const float* q, const float* K, const float* V, size_t stride, int32_t prefix, const int32_t* extra,
+                 int32_t n_extra, int64_t head_dim, float scale, float* score, float* out) {
+  const AttendQuery a{q, prefix, extra, n_extra, score, out};
+  attend_heads_any(&a, 1, K, V, stride, head_dim, scale);
+}
+
+void attend_head(const float* q, const uint16_t* K, const uint16_t* V, size_t stride, int32_t prefix, const int32_t* extra,
+                 int32_t n_extra, int64_t head_dim, float scale, float* score, float* out) {
+  const AttendQuery a{q, prefix, extra, n_extra, score, out};
+  attend_heads_any(&a, 1, K, V, stride, head_dim, scale);
+}
+
+void attend_heads(const AttendQuery* qs, int32_t count, const float* K, const float* V, size_t stride, int64_t head_dim,
+                  float scale) {
+  attend_heads_any(qs, count, K, V, stride, head_dim, scale);
+}
+
+void attend_heads(const AttendQuery* qs, int32_t count, const uint16_t* K, const uint16_t* V, size_t stride, int64_t head_dim,
+                  float scale) {
+  attend_heads_any(qs, count, K, V, stride, head_dim, scale);
 }
 
 }  // namespace osd

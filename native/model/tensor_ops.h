@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/fp16.h"
 #include "io/gguf.h"
 
 namespace osd {
@@ -76,6 +77,18 @@ void swiglu(const float* gate, const float* up, int64_t n, float* h);
 // bit-identical outputs.
 void attend_head(const float* q, const float* K, const float* V, size_t stride, int32_t prefix, const int32_t* extra,
                  int32_t n_extra, int64_t head_dim, float scale, float* score, float* out);
+// The same over keys and values stored as IEEE half (a float16 KV cache), read exactly as floats.
+void attend_head(const float* q, const uint16_t* K, const uint16_t* V, size_t stride, int32_t prefix, const int32_t* extra,
+                 int32_t n_extra, int64_t head_dim, float scale, float* score, float* out);
+
+// A key or value as the float16 cache stores it: float_to_half with the range clamped to +-65504, so
+// that a large activation (a draft wrecked by a bad update, say) stays finite as it would in
+// float32, instead of becoming infinity and every logit NaN. NaN stays NaN.
+inline uint16_t kv_half(float v) {
+  return float_to_half(v > 65504.0f ? 65504.0f : v < -65504.0f ? -65504.0f : v);
+}
+// h[i] = kv_half(x[i]), with F16C where the CPU has it (the same bits).
+void floats_to_halves(const float* x, uint16_t* h, int64_t n);
 
 // One query of attend_heads: its vector, its slots as attend_head takes them, and where its
 // weights (prefix + n_extra floats) and output (head_dim floats) go.
@@ -93,6 +106,8 @@ struct AttendQuery {
 // the queries see at the same slot are read once for all of them: a decoded token's heads, and a
 // chain's or a batch's tokens over the cache and each other.
 void attend_heads(const AttendQuery* qs, int32_t count, const float* K, const float* V, size_t stride, int64_t head_dim,
+                  float scale);
+void attend_heads(const AttendQuery* qs, int32_t count, const uint16_t* K, const uint16_t* V, size_t stride, int64_t head_dim,
                   float scale);
 
 }  // namespace osd

@@ -196,7 +196,8 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
                                        InstanceMethod("dispose", &SequenceWrap::dispose)});
     ctor.Get("prototype").As<Napi::Object>().DefineProperties(
         {Napi::PropertyDescriptor::Accessor<checked_getter<SequenceWrap, &SequenceWrap::length>>("length"),
-         Napi::PropertyDescriptor::Accessor<checked_getter<SequenceWrap, &SequenceWrap::capacity>>("capacity")});
+         Napi::PropertyDescriptor::Accessor<checked_getter<SequenceWrap, &SequenceWrap::capacity>>("capacity"),
+         Napi::PropertyDescriptor::Accessor<checked_getter<SequenceWrap, &SequenceWrap::kv_type>>("kvType")});
     return ctor;
   }
   static SequenceWrap* self(const Napi::CallbackInfo& info) { return checked_this<SequenceWrap>(info, kSequenceTag); }
@@ -218,7 +219,13 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       if (c != std::floor(c) || c < 0 || c > 1e9) throw Napi::RangeError::New(env, "contextSize must be an integer in [0, 1000000000]");
       capacity = static_cast<int32_t>(c);
     }
-    seq_ = std::make_shared<Sequence>(mw->get(env), capacity);
+    KvType kv = KvType::F16;
+    if (info.Length() > 2 && !info[2].IsUndefined()) {
+      const std::string t = info[2].IsString() ? info[2].As<Napi::String>().Utf8Value() : "";
+      if (t == "f32") kv = KvType::F32;
+      else if (t != "f16") throw Napi::RangeError::New(env, "kvType must be 'f16' or 'f32'");
+    }
+    seq_ = std::make_shared<Sequence>(mw->get(env), capacity, kv);
     tag_object(env, info.This(), kSequenceTag);
   }
 
@@ -665,6 +672,9 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   }
   Napi::Value capacity(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), seq_ ? seq_->capacity() : 0);
+  }
+  Napi::Value kv_type(const Napi::CallbackInfo& info) {
+    return Napi::String::New(info.Env(), kv_type_name(seq_ ? seq_->kv_type() : KvType::F16));
   }
 
   std::shared_ptr<Sequence> seq_;

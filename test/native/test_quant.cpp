@@ -734,7 +734,8 @@ OSD_TEST(attend_head_scores_a_key_alike_in_a_block_of_eight_and_in_the_tail) {
 
 // Queries attended together over one key-value head (attend_heads) get attend_head's bits each:
 // a token's heads, a chain's tokens (batch slots in order, shared with each other), a tree's
-// branches (batch slots elsewhere), mixed in one call, across the 64-slot blocks they share.
+// branches (batch slots elsewhere), mixed in one call, across the 64-slot blocks they share; over a
+// float32 cache and a float16 one (which equals float32 keys and values holding the same values).
 OSD_TEST(attend_heads_equal_attend_head_per_query) {
   std::mt19937 rng(8);
   std::normal_distribution<float> g(0.0f, 1.0f);
@@ -771,9 +772,57 @@ OSD_TEST(attend_heads_equal_attend_head_per_query) {
           CHECK(bits_equal(oa[i].data(), ob[i].data(), hd));
           CHECK(bits_equal(sa[i].data(), sb[i].data(), sa[i].size()));
         }
+        // A float16 cache: the same as float32 keys and values that hold the halves' values.
+        std::vector<uint16_t> Kh(K.size()), Vh(V.size());
+        for (size_t j = 0; j < K.size(); ++j) Kh[j] = float_to_half(K[j]), K[j] = half_to_float(Kh[j]);
+        for (size_t j = 0; j < V.size(); ++j) Vh[j] = float_to_half(V[j]), V[j] = half_to_float(Vh[j]);
+        attend_heads(qs.data(), count, Kh.data() + hd, Vh.data() + hd, stride, hd, 0.125f);
+        for (int32_t i = 0; i < count; ++i) {
+          attend_head(q.data() + i * hd, K.data() + hd, V.data() + hd, stride, prefix, extras[i].data(), int32_t(extras[i].size()), hd,
+                      0.125f, sa[i].data(), oa[i].data());
+          CHECK(bits_equal(oa[i].data(), ob[i].data(), hd));
+          CHECK(bits_equal(sa[i].data(), sb[i].data(), sa[i].size()));
+          std::vector<float> sc(sa[i].size()), oc(hd);
+          attend_head(q.data() + i * hd, Kh.data() + hd, Vh.data() + hd, stride, prefix, extras[i].data(), int32_t(extras[i].size()),
+                      hd, 0.125f, sc.data(), oc.data());
+          CHECK(bits_equal(oa[i].data(), oc.data(), hd));
+        }
         ++cases;
       }
   CHECK(cases == 6 * 7 * 4);
+}
+
+// The KV cache's float16 writes (floats_to_halves, F16C where present) equal kv_half bit for bit:
+// random values over the whole range, ties, subnormals, overflow, infinities and NaNs; kv_half is
+// float_to_half clamped to +-65504 (finite stays finite, NaN stays NaN).
+OSD_TEST(floats_to_halves_equals_kv_half) {
+  std::mt19937 rng(9);
+  std::vector<float> x;
+  for (int i = 0; i < 200000; ++i) {
+    uint32_t u = rng();
+    float f;
+    std::memcpy(&f, &u, 4);
+    x.push_back(f);  // every exponent, NaNs included
+  }
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  for (int i = 0; i < 20000; ++i) x.push_back(g(rng) * 1e-5f), x.push_back(g(rng) * 3e4f);
+  for (uint32_t h = 0; h < 0x10000; ++h) {  // every half, and the midpoints next to it (ties)
+    const float f = half_to_float(static_cast<uint16_t>(h));
+    x.push_back(f);
+    x.push_back(std::nextafter(f, INFINITY));
+    x.push_back(std::nextafter(f, -INFINITY));
+  }
+  for (float f : {65504.0f, 65519.99f, 65520.0f, 1e30f, -1e30f, INFINITY, -INFINITY, 5.96e-8f, 2.98e-8f, 2.99e-8f, 0.0f, -0.0f}) x.push_back(f);
+  x.push_back(3.0f);  // a tail past the last whole vector of 8
+  std::vector<uint16_t> h(x.size());
+  floats_to_halves(x.data(), h.data(), static_cast<int64_t>(x.size()));
+  size_t bad = 0;
+  for (size_t i = 0; i < x.size(); ++i) bad += h[i] != kv_half(x[i]);
+  CHECK_EQ(bad, size_t(0));
+  CHECK_EQ(kv_half(1e30f), float_to_half(65504.0f));
+  CHECK_EQ(kv_half(-INFINITY), float_to_half(-65504.0f));
+  CHECK(std::isnan(half_to_float(kv_half(NAN))));
+  CHECK_EQ(kv_half(0.5f), float_to_half(0.5f));
 }
 
 OSD_TEST_MAIN()

@@ -24,14 +24,6 @@ Sequence::Sequence(std::shared_ptr<const Model> model, int32_t capacity, KvType 
   });
 }
 
-size_t Sequence::cache_bytes() const {
-  size_t bytes = 0;
-  const_cast<Sequence*>(this)->with_cache([&](auto& c) {
-    for (const auto& l : c.k) bytes += l.size() * sizeof(l[0]);
-    for (const auto& l : c.v) bytes += l.size() * sizeof(l[0]);
-  });
-  return bytes;
-}
 
 void Sequence::reserve(int32_t slots) {
   if (slots <= allocated_) return;

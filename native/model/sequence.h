@@ -25,8 +25,6 @@ class Sequence {
   int32_t length() const { return length_; }
   int32_t capacity() const { return capacity_; }
   KvType kv_type() const { return kv_; }
-  // Bytes the cache holds now (it grows with the length).
-  size_t cache_bytes() const;
 
   // Evaluates n tokens placed after the current length; their KV entries take slots
   // [length, length + n) and length grows by n. parents == null means a causal chain; otherwise

@@ -598,12 +598,6 @@ OSD_AVX512 void scores_avx512(const float* q, const T* K, const Slots& slot, int
   }
 }
 
-// attend_heads with the vector kernels (head size a multiple of 8; `wide`: AVX-512 and a multiple
-// of 16, for 16-lane scores and the paired values). Each query's slots that are row s at slot s (its prefix, then its
-// batch slots while they run in order: a chain's tokens, a tree's first branch) go in blocks of 64
-// slots, every query that has the block taking its scores, then its values, from the block's keys
-// and values while they are in L1; the rest of each query's slots follow alone. Per query the
-// arithmetic is attend_head_avx2's: the same chains in the same order, stopped and resumed.
 // Rows [s0, e) of a cache (row s at rows + s * stride) as floats, hd per row, into out.
 template <class T>
 OSD_AVX2 const float* rows_to_floats(const T* rows, size_t stride, int32_t s0, int32_t e, int64_t hd, float* out) {
@@ -612,6 +606,13 @@ OSD_AVX2 const float* rows_to_floats(const T* rows, size_t stride, int32_t s0, i
   return out;
 }
 
+// attend_heads with the vector kernels (head size a multiple of 8; `wide`: AVX-512 and a multiple
+// of 16, for 16-lane scores and the paired values). Each query's slots that are row s at slot s
+// (its prefix, then its batch slots while they run in order: a chain's tokens, a tree's first
+// branch) go in blocks of 64 slots, every query that has the block taking its scores, then its
+// values, from the block's keys and values while they are in L1; the rest of each query's slots
+// follow alone. Per query the arithmetic is that of the query alone (attend_head): the same chains
+// in the same order, stopped and resumed.
 template <class T>
 OSD_AVX2 void attend_heads_avx2(const AttendQuery* qs, int32_t count, const T* K, const T* V, size_t stride, int64_t hd,
                                 float scale, bool wide) {

@@ -68,7 +68,7 @@ function boundedRange(budget: { left: number }) {
   return (start: unknown, stop?: unknown, step: unknown = 1): number[] => {
     if (stop === undefined || stop === null) [start, stop] = [0, start];
     for (const v of [start, stop, step])
-      if (typeof v !== 'number' || !Number.isInteger(v)) throw new TypeError(`range() takes integers, got ${String(v)}`);
+      if (typeof v !== 'number' || !Number.isInteger(v)) throw new Error(`range() takes integers, got ${String(v)}`);
     const [a, b, c] = [start as number, stop as number, step as number];
     if (c === 0) throw new RangeError('range() step must not be zero');
     const count = Math.max(0, Math.ceil((b - a) / c));

@@ -95,6 +95,8 @@ describe('applyChatTemplate on a model without a template', () => {
     expect(render("{{ range(3) | join(',') }}|{{ range(5, 0, -2) | join(',') }}|{{ range(2, 2) | length }}")).toBe('0,1,2|5,3,1|0');
     expect(render('{% for r in range(2) %}{{ r }}{% endfor %}{{ x.range }}', { x: { range: 'R' } })).toBe('01R');
     expect(() => render('{{ range(1, 5, 0) }}')).toThrow(/range\(\) step must not be zero/);
+    // A template's own mistake is the template's failure, not a TypeError of the caller's arguments.
+    expect(() => render('{{ range(1.5) }}')).toThrow(new Error('the chat template failed: range() takes integers, got 1.5'));
   });
 
   it('throws after dispose', async () => {

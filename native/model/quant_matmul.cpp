@@ -169,7 +169,7 @@ void quantize_acts_q8k(const float* x, int64_t cols, int8_t* q, float* d, int16_
 void quantize_acts_q8_avx2(const float* x, int64_t cols, int8_t* q, float* d, float* s);
 #endif
 
-void quantize_acts(TensorType t, const float* x, int64_t n, int64_t cols, Acts& a, Isa isa) {
+void quantize_acts(TensorType t, const float* x, int64_t n, int64_t cols, Acts& a, Isa isa, bool offsets) {
   const bool k = is_k_type(t);
   a.cols = cols;
   a.nb = cols / (k ? kQKK : kQK);
@@ -188,9 +188,10 @@ void quantize_acts(TensorType t, const float* x, int64_t n, int64_t cols, Acts& 
     else
       quantize_acts_q8(x + i * cols, cols, a.q.data() + i * cols, a.d.data() + i * a.nb, a.s.data() + i * a.nb);
   }
-  // The AVX-512 kernels read the signed formats' weights offset to unsigned (w + o) and take o times
-  // these sums off again: the same exact integers.
-  a.gneg.resize(!k && isa != Isa::Portable ? static_cast<size_t>(n * a.nb * 4) : 0);
+  // The vector kernels of Q4_0 and Q5_0 (and Q8_0 on AVX-512) read the weights offset to unsigned
+  // (w + o) and take o times these sums off again: the same exact integers. Made only when a matrix
+  // of the call reads them (offsets).
+  a.gneg.resize(!k && offsets ? static_cast<size_t>(n * a.nb * 4) : 0);
   if (!a.gneg.empty())
     for (int64_t i = 0; i < n * a.nb; ++i) {
       const int8_t* q = a.q.data() + i * kQK;
@@ -1143,6 +1144,26 @@ RangeFn pick(TensorType t, Isa isa) {
   throw_range(std::string("no int8 matrix kernel for type ") + gguf::type_info(t).name);
 }
 
+// Whether the kernel pick(t, isa) reads the activations' offset sums (Acts::gneg).
+bool reads_offsets(TensorType t, Isa isa) {
+#ifdef OSD_HAVE_X86
+  if (isa == Isa::Avx512) switch (t) {
+      case TensorType::Q4_0: return Q4_0R::kShift >= 0;
+      case TensorType::Q5_0: return Q5_0R::kShift >= 0;
+      case TensorType::Q8_0: return Q8_0R::kShift >= 0;
+      default: return false;
+    }
+  if (isa == Isa::Avx2) switch (t) {
+      case TensorType::Q4_0: return Q4_0W::kShift >= 0;
+      case TensorType::Q5_0: return Q5_0W::kShift >= 0;
+      case TensorType::Q8_0: return Q8_0W::kShift >= 0;
+      default: return false;
+    }
+#endif
+  (void)t, (void)isa;
+  return false;
+}
+
 }  // namespace
 
 bool isa_available(Isa isa) {
@@ -1165,12 +1186,14 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
   if (count <= 0 || n <= 0) return;
   std::vector<RangeFn> fns(static_cast<size_t>(count));
   std::vector<int64_t> first_block(static_cast<size_t>(count) + 1, 0);
+  bool offsets = false;
   // Rows are split among threads in blocks of 16 (over all targets together); tokens are taken
   // 64 at a time so that a block's weights and a chunk of activations stay in cache together.
   constexpr int64_t kRowBlock = 16, kTokenChunk = 64;
   for (int i = 0; i < count; ++i) {
     const MatmulTarget& m = targets[i];
     fns[i] = pick(m.type, isa);
+    offsets |= reads_offsets(m.type, isa);
     if (is_k_type(m.type) != is_k_type(targets[0].type))
       throw_range("matmul_many: K-quant and 32-value block types cannot share one activation quantisation");
     if (m.row_bytes != bytes_for(m.type, cols)) throw_range("matmul: row_bytes does not match the row length");
@@ -1178,7 +1201,7 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
   }
   thread_local Acts tl_acts;  // reused between calls; workers read the caller's through `acts`
   Acts* const acts = &tl_acts;
-  quantize_acts(targets[0].type, x, n, cols, *acts, isa);
+  quantize_acts(targets[0].type, x, n, cols, *acts, isa, offsets);
   const int64_t nblocks = first_block[count];
   default_pool().parallel_for(static_cast<size_t>(nblocks), grain_for(static_cast<double>(kRowBlock) * cols * n),
                               [&](size_t lo, size_t hi) {
@@ -1207,7 +1230,7 @@ std::vector<float> activation_roundtrip(TensorType t, const float* x, int64_t co
   bytes_for(t, cols);
   if (!isa_available(isa)) throw_range(std::string("instruction set ") + isa_name(isa) + " is not available on this CPU");
   Acts a;
-  quantize_acts(t, x, 1, cols, a, isa);
+  quantize_acts(t, x, 1, cols, a, isa, false);
   std::vector<float> out(static_cast<size_t>(cols));
   const int64_t bs = is_k_type(t) ? kQKK : kQK;
   for (int64_t j = 0; j < cols; ++j) out[j] = a.d[j / bs] * static_cast<float>(a.q[j]);

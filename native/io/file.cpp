@@ -76,6 +76,14 @@ FileBytes& FileBytes::operator=(FileBytes&& other) noexcept {
 
 FileBytes::~FileBytes() { release(); }
 
+void FileBytes::drop_pages(const uint8_t* p, size_t n) const {
+  if (!mapped_ || p < data_ || p + n > data_ + size_) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
+  if (hi > lo) ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);  // advice only: failure is harmless
+}
+
 void FileBytes::release() {
   if (mapped_) ::munmap(const_cast<uint8_t*>(data_), size_);
   owned_.clear();

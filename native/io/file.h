@@ -26,6 +26,9 @@ class FileBytes {
 
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
+  // Mapped files: gives the whole pages within [p, p + n) back to the kernel (they read back from
+  // the file if touched again), for bytes a reader has copied elsewhere. Owned bytes: nothing.
+  void drop_pages(const uint8_t* p, size_t n) const;
 
  private:
   void release();

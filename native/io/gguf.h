@@ -184,6 +184,7 @@ class File {
   uint64_t data_offset() const { return data_offset_; }  // start of the tensor data section
   const uint8_t* bytes() const { return bytes_.data(); }
   size_t size() const { return bytes_.size(); }
+  void drop_pages(const uint8_t* p, size_t n) const { bytes_.drop_pages(p, n); }  // see io::FileBytes
 
   // Metadata in file order.
   const std::vector<KeyValue>& metadata() const { return metadata_; }

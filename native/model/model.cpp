@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "model/quant.h"
 
 namespace osd {
 
@@ -138,9 +139,33 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
     w.w_down = matrix(f, p + "ffn_down.weight", c.dim, c.ffn_dim);
     m->layers.push_back(w);
   }
+  m->pack_weights(&f);
   m->path_ = f.name();
   m->gguf_ = std::move(file);
   return m;
+}
+
+void Model::pack_weights(const gguf::File* file) {
+  if (quant::best_isa() == quant::Isa::Portable) return;  // the portable kernels read the file's layout
+  std::vector<Matrix*> ms = {&output};
+  for (auto& l : layers)
+    for (Matrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) ms.push_back(w);
+  auto padded = [](size_t n) { return (n + 63) & ~size_t(63); };
+  size_t total = 0;
+  for (Matrix* w : ms)
+    if (quant::has_packed_layout(w->type)) total += padded(quant::packed_bytes(w->type, w->rows, w->cols));
+  if (total == 0) return;
+  packed_.reset(new uint8_t[total + 64]);
+  uint8_t* at = packed_.get() + ((64 - reinterpret_cast<uintptr_t>(packed_.get()) % 64) % 64);
+  for (Matrix* w : ms) {
+    if (!quant::has_packed_layout(w->type)) continue;
+    quant::pack_rows(w->type, w->data, w->row_bytes, w->rows, w->cols, at);
+    w->packed = at;
+    // The file's copy is read again only by the portable kernels (and, for a tied output matrix,
+    // by embedding lookups): its pages need not stay resident beside the packed one.
+    if (file) file->drop_pages(w->data, w->bytes());
+    at += padded(quant::packed_bytes(w->type, w->rows, w->cols));
+  }
 }
 
 std::shared_ptr<Model> Model::from_llama2c(std::unique_ptr<llama2c::Checkpoint> ckpt) {

@@ -63,8 +63,12 @@ class Model {
 
  private:
   Model() = default;
+  // Gives each matrix the quantised kernels read in quant's 16-row layout a packed copy (when the
+  // CPU has those kernels), and lets the file's pages of those matrices go.
+  void pack_weights(const gguf::File* file);
 
   ModelConfig cfg_;
+  std::unique_ptr<uint8_t[]> packed_;  // the packed copies, 64-byte aligned within
   std::string path_;
   std::unique_ptr<gguf::File> gguf_;
   std::unique_ptr<llama2c::Checkpoint> l2c_;

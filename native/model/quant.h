@@ -10,7 +10,7 @@
 // the 32-element formats: round to nearest even, but with f32 rather than fp16 scales; Q8_K for the
 // K-quants: one f32 scale per 256 values and 16-value sums) and take integer dot products per block. Per output element
 // (row, token) the arithmetic is one fixed sequence of operations: integer sums per block (exact),
-// then float products and sums in block order, then a fixed horizontal sum. That sequence does
+// then float products and sums in block order. That sequence does
 // not depend on how many tokens or rows a call holds, on the tile shape a kernel uses, on the
 // thread count, or on the instruction set: the portable and AVX2 kernels give bit-identical
 // results (test/native/test_quant.cpp checks all of this).
@@ -49,11 +49,20 @@ bool isa_available(Isa isa);
 Isa best_isa();
 const char* isa_name(Isa isa);
 
+// The 16-row packed layout that the AVX2 and AVX-512 kernels of the 32-value formats (Q4_0, Q4_1,
+// Q5_0, Q5_1, Q8_0) read: rows interleaved in groups of 16 so that one vector load gives the same
+// bytes of 16 rows (described in quant_matmul.cpp). packed_bytes() is the rows' own size, padded
+// to a multiple of 16 rows. A matrix used more than once is packed once (Model does it at load).
+bool has_packed_layout(TensorType t);
+size_t packed_bytes(TensorType t, int64_t rows, int64_t cols);
+void pack_rows(TensorType t, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst);
+
 // y[t * rows + r] = dot(row r of the weights, x[t]) for t < n, r < rows. `w` holds `rows` rows of
 // `row_bytes` bytes each, of type t (has_int8_kernel(t)); x is n x cols floats. Runs on the
-// default thread pool, split over rows.
+// default thread pool, split over rows. `packed`: w in the packed layout, or null (the vector
+// kernels then pack w for this call, which costs a copy of it).
 void matmul(TensorType t, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, const float* x, int64_t n,
-            float* y, Isa isa);
+            float* y, Isa isa, const uint8_t* packed = nullptr);
 
 // Several matrices applied to the same input x (n x cols), e.g. the Q, K and V projections: one
 // activation quantisation and one parallel pass over all their rows. Each y equals what matmul()
@@ -63,7 +72,8 @@ struct MatmulTarget {
   const uint8_t* w;
   size_t row_bytes;
   int64_t rows;
-  float* y;  // n x rows
+  float* y;                          // n x rows
+  const uint8_t* packed = nullptr;   // as matmul's
 };
 void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const float* x, int64_t n, Isa isa);
 

@@ -6,15 +6,15 @@
 //  32-value formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0). x is quantised per 32-value block like llama.cpp's
 //  Q8_0 / Q8_1 (q = round-to-nearest-even(x * 127 / amax), d = amax / 127, s = d * sum q), except
 //  that d and s stay f32 where llama.cpp rounds them to fp16 (on SmolLM2 this takes the rms error
-//  of the log-probabilities against exact f32 arithmetic from 0.175 to 0.144). For each block b in order, with wq the block's integer weights
-//  (nibble - 8 for Q4_0, nibble for Q4_1, ...):
-//      p[k]   = sum of wq[j] * xq[j] for j = 4k .. 4k+3 and 16+4k .. 16+4k+3   (k = 0..3, exact)
-//      acc[k] = acc[k] + (d_w * d_x) * float(p[k])
-//      summ   = summ + m_w * s_x                                            (Q4_1, Q5_1 only)
-//  result = ((acc0 + acc2) + (acc1 + acc3)) + summ.
-//  p[k] pairs value j with value j + 16: the low and the high nibble of one byte in Q4_0 / Q4_1,
-//  so that four rows' low nibbles fill one 512-bit vector and their high nibbles another, and each
-//  float product and sum covers eight values (llama.cpp's AVX2 order converts per four).
+//  of the log-probabilities against exact f32 arithmetic from 0.175 to 0.144). For each block b in
+//  order, with wq the block's integer weights (nibble - 8 for Q4_0, nibble for Q4_1, ...):
+//      isum = sum of wq[j] * xq[j] over the block's 32 values                   (exact)
+//      acc  = acc + (d_w * d_x) * float(isum)                                  (Q4_0, Q5_0, Q8_0)
+//      acc  = acc + ((d_w * d_x) * float(isum) + m_w * s_x)                    (Q4_1, Q5_1)
+//  result = acc.
+//  One float chain per output, whose integer sums cover a whole block: the vector kernels hold 16
+//  rows in one vector, a lane each (the 16-row packed layout below), so each float operation
+//  serves 16 outputs.
 //
 //  K-quants (Q3_K, Q4_K, Q5_K, Q6_K). x is quantised per 256 values as llama.cpp's Q8_K (f32 d,
 //  int8 q, 16-value sums). Each super-block gives integer weights wq, a scale per 16 values sc,
@@ -90,12 +90,12 @@ struct Acts {
   std::vector<int8_t> q;             // n x cols (+ padding)
   std::vector<float> d, s;           // n x nb
   std::vector<int16_t> bsum;         // n x ng (K-quants)
-  std::vector<int32_t> gneg;         // n x nb x 4: -(sum of xq over p[k]'s values) (AVX-512, 32-value)
+  std::vector<int32_t> gneg;         // n x nb: -(sum of the block's 32 xq) (vector kernels of signed formats)
   const int8_t* qrow(int64_t t) const { return q.data() + t * cols; }
   const float* drow(int64_t t) const { return d.data() + t * nb; }
   const float* srow(int64_t t) const { return s.data() + t * nb; }
   const int16_t* brow(int64_t t) const { return bsum.data() + t * ng; }
-  const int32_t* grow(int64_t t) const { return gneg.data() + t * nb * 4; }
+  const int32_t* grow(int64_t t) const { return gneg.data() + t * nb; }
 };
 
 // llama.cpp's quantize_row_q8_1 (AVX2 path) with f32 scales: per 32 values d = amax / 127,
@@ -191,14 +191,13 @@ void quantize_acts(TensorType t, const float* x, int64_t n, int64_t cols, Acts& 
   // The vector kernels of Q4_0 and Q5_0 (and Q8_0 on AVX-512) read the weights offset to unsigned
   // (w + o) and take o times these sums off again: the same exact integers. Made only when a matrix
   // of the call reads them (offsets).
-  a.gneg.resize(!k && offsets ? static_cast<size_t>(n * a.nb * 4) : 0);
-  if (!a.gneg.empty())
-    for (int64_t i = 0; i < n * a.nb; ++i) {
-      const int8_t* q = a.q.data() + i * kQK;
-      for (int g = 0; g < 4; ++g)
-        a.gneg[i * 4 + g] = -(q[4 * g] + q[4 * g + 1] + q[4 * g + 2] + q[4 * g + 3] + q[16 + 4 * g] +
-                              q[17 + 4 * g] + q[18 + 4 * g] + q[19 + 4 * g]);
-    }
+  a.gneg.resize(!k && offsets ? static_cast<size_t>(n * a.nb) : 0);
+  for (size_t i = 0; i < a.gneg.size(); ++i) {
+    const int8_t* q = a.q.data() + i * kQK;
+    int sum = 0;
+    for (int j = 0; j < kQK; ++j) sum += q[j];
+    a.gneg[i] = -sum;
+  }
 }
 
 // ---- Weight formats as integers ----
@@ -335,9 +334,96 @@ struct Args {
   int64_t rows, cols;
   const Acts* a;
   float* y;
+  const uint8_t* packed;  // w in the 16-row layout (vector kernels of the 32-value formats)
 };
 
-inline float hsum4(const float* a) { return (a[0] + a[2]) + (a[1] + a[3]); }
+// ---- The 16-row packed layout of the 32-value formats ----
+//
+// Rows go in groups of 16 (the last group repeats its last row). A group holds, block after block,
+// the 16 rows' block b interleaved so that one vector load gives the same bytes of every row:
+//   d[16] (f16), then m[16] (f16; Q4_1, Q5_1), then the fifth bits (Q5_0, Q5_1) as masks lo[4] and
+//   hi[4] (u64: bit 4i + k of lo[c] is row i's fifth bit of value 4c + k, of hi[c] of value
+//   16 + 4c + k), then the quants in 4-byte chunks, chunk c of row i at 64c + 4i: four chunks of
+//   the 16 nibble bytes (Q4, Q5: byte j holds values j and j + 16), or eight of the 32 bytes (Q8_0).
+// A group-block is 16 blocks' bytes, so the layout takes the size of the rows (padded to 16).
+struct P4_0 {
+  using B = BlockQ4_0;
+  static constexpr bool kMin = false, kHigh = false;
+  static constexpr int kChunks = 4;
+};
+struct P4_1 {
+  using B = BlockQ4_1;
+  static constexpr bool kMin = true, kHigh = false;
+  static constexpr int kChunks = 4;
+};
+struct P5_0 {
+  using B = BlockQ5_0;
+  static constexpr bool kMin = false, kHigh = true;
+  static constexpr int kChunks = 4;
+};
+struct P5_1 {
+  using B = BlockQ5_1;
+  static constexpr bool kMin = true, kHigh = true;
+  static constexpr int kChunks = 4;
+};
+struct P8_0 {
+  using B = BlockQ8_0;
+  static constexpr bool kMin = false, kHigh = false;
+  static constexpr int kChunks = 8;
+};
+
+template <class P>
+struct Packed {
+  static constexpr int kMOff = 32;
+  static constexpr int kHOff = 32 + (P::kMin ? 32 : 0);
+  static constexpr int kQOff = kHOff + (P::kHigh ? 64 : 0);
+  static constexpr int kBytes = kQOff + 64 * P::kChunks;  // one group-block
+  static_assert(kBytes == 16 * static_cast<int>(sizeof(typename P::B)), "a group-block is 16 blocks");
+};
+
+constexpr int kGroup = 16;
+
+int64_t groups_of(int64_t rows) { return (rows + kGroup - 1) / kGroup; }
+
+template <class P>
+void pack_group(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t nb, int64_t g, uint8_t* out) {
+  using B = typename P::B;
+  using L = Packed<P>;
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t* o = out + b * L::kBytes;
+    uint64_t lo[4] = {}, hi[4] = {};
+    for (int i = 0; i < kGroup; ++i) {
+      const int64_t r = std::min(g * kGroup + i, rows - 1);
+      const B& blk = reinterpret_cast<const B*>(w + static_cast<size_t>(r) * row_bytes)[b];
+      std::memcpy(o + 2 * i, &blk.d, 2);
+      const uint8_t* qs = reinterpret_cast<const uint8_t*>(blk.qs);
+      for (int c = 0; c < P::kChunks; ++c) std::memcpy(o + L::kQOff + 64 * c + 4 * i, qs + 4 * c, 4);
+      if constexpr (P::kMin) std::memcpy(o + L::kMOff + 2 * i, &blk.m, 2);
+      if constexpr (P::kHigh) {
+        uint32_t qh;
+        std::memcpy(&qh, blk.qh, 4);
+        for (int c = 0; c < 4; ++c)
+          for (int j = 0; j < 4; ++j) {
+            lo[c] |= static_cast<uint64_t>((qh >> (4 * c + j)) & 1) << (4 * i + j);
+            hi[c] |= static_cast<uint64_t>((qh >> (16 + 4 * c + j)) & 1) << (4 * i + j);
+          }
+      }
+    }
+    if constexpr (P::kHigh) {
+      std::memcpy(o + L::kHOff, lo, 32);
+      std::memcpy(o + L::kHOff + 32, hi, 32);
+    }
+  }
+}
+
+template <class P>
+void pack_all(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst) {
+  const int64_t nb = cols / kQK, per_group = nb * Packed<P>::kBytes;
+  default_pool().parallel_for(static_cast<size_t>(groups_of(rows)), 16, [&](size_t lo, size_t hi) {
+    for (size_t g = lo; g < hi; ++g)
+      pack_group<P>(w, row_bytes, rows, nb, static_cast<int64_t>(g), dst + static_cast<int64_t>(g) * per_group);
+  });
+}
 
 // ---- Portable reference kernels: one output at a time ----
 
@@ -352,20 +438,17 @@ void range32_ref(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) 
       const int8_t* xq = k.a->qrow(t);
       const float* xd = k.a->drow(t);
       const float* xs = T::kMin ? k.a->srow(t) : nullptr;
-      float acc[4] = {0, 0, 0, 0};
-      float summ = 0.0f;
+      float acc = 0.0f;
       for (int64_t b = 0; b < nb; ++b) {
         T::unpack(w[b], wq);
         const int8_t* yq = xq + b * kQK;
-        const float dd = half_to_float(w[b].d) * xd[b];
-        for (int l = 0; l < 4; ++l) {
-          int p = 0;
-          for (int e = 4 * l; e < 4 * l + 4; ++e) p += wq[e] * yq[e] + wq[e + 16] * yq[e + 16];
-          acc[l] = acc[l] + dd * static_cast<float>(p);
-        }
-        if (T::kMin) summ = summ + half_to_float(T::m(w[b])) * xs[b];
+        int isum = 0;
+        for (int j = 0; j < kQK; ++j) isum += wq[j] * yq[j];
+        float term = (half_to_float(w[b].d) * xd[b]) * static_cast<float>(isum);
+        if (T::kMin) term = term + half_to_float(T::m(w[b])) * xs[b];
+        acc = acc + term;
       }
-      k.y[t * k.rows + r] = hsum4(acc) + summ;
+      k.y[t * k.rows + r] = acc;
     }
   }
 }
@@ -454,186 +537,130 @@ OSD_AVX2 void quantize_acts_q8_avx2(const float* x, int64_t cols, int8_t* q, flo
   }
 }
 
-// 0x10 in byte j where bit j of the 32-bit qh is set.
-OSD_AVX2_INLINE __m256i high_bits32(const uint8_t* qh) {
-  uint32_t x;
-  std::memcpy(&x, qh, 4);
+// 0x10 in byte j where bit j of m is set.
+OSD_AVX2_INLINE __m256i high_bits32(uint32_t m) {
   const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
                                         3, 3, 3, 3);
-  const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x)), shuf);
+  const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(m)), shuf);
   const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
   const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-// Two rows' low-half values (j < 16) in one 256-bit vector and their high-half values in another,
-// a 128-bit lane per row. kShift: the offset o = 2^kShift that makes signed weights unsigned (-1:
-// none); Q8_0 keeps its signed bytes (w + 128 would overflow vpmaddubsw's pair sums).
-OSD_AVX2_INLINE void nibbles2(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i& hi) {
-  const __m256i x = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)),
-                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  lo = _mm256_and_si256(x, low4);
-  hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+OSD_AVX2_INLINE __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
 }
-OSD_AVX2_INLINE void fifth_bits2(const uint8_t* qa, const uint8_t* qb, __m256i& lo, __m256i& hi) {
-  const __m256i a = high_bits32(qa), b = high_bits32(qb);
-  lo = _mm256_or_si256(lo, _mm256_permute2x128_si256(a, b, 0x20));
-  hi = _mm256_or_si256(hi, _mm256_permute2x128_si256(a, b, 0x31));
-}
-struct Q4_0W {
-  using B = BlockQ4_0;
-  static constexpr bool kMin = false;
-  static constexpr int kShift = 3;
-  static constexpr bool kSignedBytes = false;
-  OSD_AVX2_INLINE static void unpack2(const B* a, const B* b, __m256i& lo, __m256i& hi) { nibbles2(a->qs, b->qs, lo, hi); }
-};
-struct Q4_1W {
-  using B = BlockQ4_1;
-  static constexpr bool kMin = true;
-  static constexpr int kShift = -1;
-  static constexpr bool kSignedBytes = false;
-  OSD_AVX2_INLINE static void unpack2(const B* a, const B* b, __m256i& lo, __m256i& hi) { nibbles2(a->qs, b->qs, lo, hi); }
-};
-struct Q5_0W {
-  using B = BlockQ5_0;
-  static constexpr bool kMin = false;
-  static constexpr int kShift = 4;
-  static constexpr bool kSignedBytes = false;
-  OSD_AVX2_INLINE static void unpack2(const B* a, const B* b, __m256i& lo, __m256i& hi) {
-    nibbles2(a->qs, b->qs, lo, hi);
-    fifth_bits2(a->qh, b->qh, lo, hi);
-  }
-};
-struct Q5_1W {
-  using B = BlockQ5_1;
-  static constexpr bool kMin = true;
-  static constexpr int kShift = -1;
-  static constexpr bool kSignedBytes = false;
-  OSD_AVX2_INLINE static void unpack2(const B* a, const B* b, __m256i& lo, __m256i& hi) {
-    nibbles2(a->qs, b->qs, lo, hi);
-    fifth_bits2(a->qh, b->qh, lo, hi);
-  }
-};
-struct Q8_0W {
-  using B = BlockQ8_0;
-  static constexpr bool kMin = false;
-  static constexpr int kShift = -1;
-  static constexpr bool kSignedBytes = true;
-  OSD_AVX2_INLINE static void unpack2(const B* a, const B* b, __m256i& lo, __m256i& hi) {
-    lo = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs)),
-                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(a->qs)));
-    hi = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs + 16)),
-                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(a->qs + 16)));
-  }
-};
 
-// Rows r .. r + nr - 1 (nr <= 4; a short group repeats its last row and drops its outputs) for
-// tokens t .. t + NT - 1, two rows per vector: the AVX2 form of rows8_avx512 below (see there why).
-// Against one row at a time on 8-lane sums (the kernel before the pairing of j and j + 16), with
-// AVX-512 turned off on this machine, SmolLM2-135M Q4_1: 1 token 3.9-4.1 -> 3.7 ms, 5 tokens
-// 12.6-12.9 -> 9.2-10.0 ms, 17 tokens 38.6-38.9 -> 29.3-29.9 ms. Its setup (row and token
-// pointers) is written out as rows8_avx512's is: shared through helpers, 5-token passes measured
-// 5% slower on AVX-512.
-template <class T, int NT>
-OSD_AVX2 void rows4_avx2(const Args& k, int64_t r, int nr, int64_t t) {
-  using B = typename T::B;
-  constexpr bool kSignedBytes = T::kSignedBytes;
+// Prefetch distance in group-blocks, about a group of SmolLM2's rows (AVX-512, 5-token passes:
+// 4.2-4.8 ms with none, 3.7-3.9 at 4, 3.4-3.5 at 16, 3.8 at 32).
+constexpr int kAhead = 16;
+
+// Offsets o = 2^kShift that make the signed nibble formats unsigned (-1: unsigned already). Q8_0's
+// bytes stay signed on AVX2: w + 128 would overflow vpmaddubsw's pair sums.
+template <class P> constexpr int kShift2 = std::is_same<P, P4_0>::value ? 3 : std::is_same<P, P5_0>::value ? 4 : -1;
+
+// Packed rows 8h .. 8h + 7 of a group (h = 0, 1), a lane per row, for tokens t .. t + NT - 1.
+// Nibble formats: u8 x s8 pair sums (vpmaddubsw) add in int16, which holds 16 products of values
+// <= 15 (Q4) or 8 of values <= 31 (Q5), then vpmaddwd makes each row's int32. Q8_0: |w| times
+// sign(x, w), whose pair sums stay within int16 (|w| <= 128, |x| <= 127).
+template <class P, int NT>
+OSD_AVX2 void half_avx2(const Args& k, int64_t g, int h, int nr, int64_t t) {
+  using L = Packed<P>;
+  constexpr int kShift = kShift2<P>;
   const int64_t nb = k.cols / kQK;
-  const B* w[4];
-  for (int i = 0; i < 4; ++i)
-    w[i] = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r + std::min(i, nr - 1)) * k.row_bytes);
+  const uint8_t* grp = k.packed + g * nb * L::kBytes;
   const int8_t* xq[NT];
   const float* xd[NT];
   const float* xs[NT];
   const int32_t* xg[NT];
   for (int n = 0; n < NT; ++n) {
     xq[n] = k.a->qrow(t + n), xd[n] = k.a->drow(t + n);
-    xs[n] = T::kMin ? k.a->srow(t + n) : nullptr;
-    xg[n] = T::kShift >= 0 ? k.a->grow(t + n) : nullptr;
+    xs[n] = P::kMin ? k.a->srow(t + n) : nullptr;
+    xg[n] = kShift >= 0 ? k.a->grow(t + n) : nullptr;
   }
-  __m256 acc[2][NT];
-  __m128 summ[NT];
-  for (int n = 0; n < NT; ++n) {
-    summ[n] = _mm_setzero_ps();
-    acc[0][n] = acc[1][n] = _mm256_setzero_ps();
-  }
-  const __m256i ones = _mm256_set1_epi16(1), spread0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
-                spread1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
-  const size_t ahead = 8 * k.row_bytes;  // two groups on (measured: one group ahead lands too late)
+  __m256 acc[NT];
+  for (int n = 0; n < NT; ++n) acc[n] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
-    uint32_t h[4];
-    for (int i = 0; i < 4; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[i] + b) + ahead, _MM_HINT_T0);
-      std::memcpy(&h[i], w[i] + b, 4);
-    }
-    const __m128i dm = _mm_setr_epi32(static_cast<int>(h[0]), static_cast<int>(h[1]), static_cast<int>(h[2]),
-                                      static_cast<int>(h[3]));
-    const __m128i low16 = _mm_set1_epi32(0xFFFF);
-    const __m128 dw = _mm_cvtph_ps(_mm_packus_epi32(_mm_and_si128(dm, low16), dm));
-    const __m128 mw = T::kMin ? _mm_cvtph_ps(_mm_packus_epi32(_mm_srli_epi32(dm, 16), dm)) : _mm_setzero_ps();
-    __m256i lo0, hi0, lo1, hi1;
-    T::unpack2(w[0] + b, w[1] + b, lo0, hi0);
-    T::unpack2(w[2] + b, w[3] + b, lo1, hi1);
-    __m256i alo0 = lo0, ahi0 = hi0, alo1 = lo1, ahi1 = hi1;
-    if (kSignedBytes) {
-      alo0 = _mm256_sign_epi8(lo0, lo0), ahi0 = _mm256_sign_epi8(hi0, hi0);
-      alo1 = _mm256_sign_epi8(lo1, lo1), ahi1 = _mm256_sign_epi8(hi1, hi1);
-    }
-    const __m256 dws0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dw), spread0);
-    const __m256 dws1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dw), spread1);
-    for (int n = 0; n < NT; ++n) {
-      if (T::kMin) summ[n] = _mm_add_ps(summ[n], _mm_mul_ps(mw, _mm_set1_ps(xs[n][b])));
-      const __m256 dx = _mm256_set1_ps(xd[n][b]);
-      const __m256i ylo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq[n] + b * kQK)));
-      const __m256i yhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq[n] + b * kQK + 16)));
-      __m256i p0, p1;
-      if (kSignedBytes) {
-        // |w| * sign(y, w); vpmaddubsw's pair sums stay within int16 (|w| <= 128, |y| <= 127).
-        p0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(alo0, _mm256_sign_epi8(ylo, lo0)), ones),
-                              _mm256_madd_epi16(_mm256_maddubs_epi16(ahi0, _mm256_sign_epi8(yhi, hi0)), ones));
-        p1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(alo1, _mm256_sign_epi8(ylo, lo1)), ones),
-                              _mm256_madd_epi16(_mm256_maddubs_epi16(ahi1, _mm256_sign_epi8(yhi, hi1)), ones));
-      } else {
-        // Unsigned values <= 31: the low and high pair sums add within int16 (<= 4 * 31 * 127).
-        p0 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo0, ylo), _mm256_maddubs_epi16(hi0, yhi)), ones);
-        p1 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo1, ylo), _mm256_maddubs_epi16(hi1, yhi)), ones);
-        if (T::kShift >= 0) {
-          const __m256i off = _mm256_slli_epi32(
-              _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg[n] + b * 4))),
-              T::kShift >= 0 ? T::kShift : 0);
-          p0 = _mm256_add_epi32(p0, off);
-          p1 = _mm256_add_epi32(p1, off);
+    const uint8_t* q = grp + b * L::kBytes;
+    if (h == 0)  // the second half reads the same lines again, from cache
+      for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + kAhead * L::kBytes + l, _MM_HINT_T0);
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h)));
+    __m256i isum[NT];
+    if constexpr (P::kChunks == 8) {
+      for (int n = 0; n < NT; ++n) isum[n] = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kQOff + 64 * c + 32 * h));
+        const __m256i aw = _mm256_sign_epi8(w, w);
+        for (int n = 0; n < NT; ++n) {
+          const __m256i x = _mm256_sign_epi8(bcast4(xq[n] + b * kQK + 4 * c), w);
+          isum[n] = _mm256_add_epi32(isum[n], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, x), ones));
         }
       }
-      acc[0][n] = _mm256_add_ps(acc[0][n], _mm256_mul_ps(_mm256_mul_ps(dws0, dx), _mm256_cvtepi32_ps(p0)));
-      acc[1][n] = _mm256_add_ps(acc[1][n], _mm256_mul_ps(_mm256_mul_ps(dws1, dx), _mm256_cvtepi32_ps(p1)));
+    } else {
+      __m256i s16[NT];
+      for (int n = 0; n < NT; ++n) s16[n] = _mm256_setzero_si256(), isum[n] = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kQOff + 64 * c + 32 * h));
+        __m256i lo = _mm256_and_si256(x, low4), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+        if constexpr (P::kHigh) {
+          uint64_t ml, mh;
+          std::memcpy(&ml, q + L::kHOff + 8 * c, 8);
+          std::memcpy(&mh, q + L::kHOff + 32 + 8 * c, 8);
+          lo = _mm256_or_si256(lo, high_bits32(static_cast<uint32_t>(ml >> (32 * h))));
+          hi = _mm256_or_si256(hi, high_bits32(static_cast<uint32_t>(mh >> (32 * h))));
+        }
+        for (int n = 0; n < NT; ++n) {
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xq[n] + b * kQK + 4 * c)),
+                                             _mm256_maddubs_epi16(hi, bcast4(xq[n] + b * kQK + 16 + 4 * c)));
+          s16[n] = _mm256_add_epi16(s16[n], p);
+          if (!P::kHigh ? c == 3 : (c & 1) == 1) {
+            isum[n] = _mm256_add_epi32(isum[n], _mm256_madd_epi16(s16[n], ones));
+            s16[n] = _mm256_setzero_si256();
+          }
+        }
+      }
+      if constexpr (kShift >= 0)
+        for (int n = 0; n < NT; ++n) isum[n] = _mm256_add_epi32(isum[n], _mm256_set1_epi32(xg[n][b] * (1 << kShift)));
+    }
+    const __m256 mw = P::kMin ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kMOff + 16 * h)))
+                              : _mm256_setzero_ps();
+    for (int n = 0; n < NT; ++n) {
+      __m256 term = _mm256_mul_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xd[n][b])), _mm256_cvtepi32_ps(isum[n]));
+      if (P::kMin) term = _mm256_add_ps(term, _mm256_mul_ps(mw, _mm256_set1_ps(xs[n][b])));
+      acc[n] = _mm256_add_ps(acc[n], term);
     }
   }
+  const int valid = std::min(8, nr - 8 * h);
   for (int n = 0; n < NT; ++n) {
-    alignas(32) float a[16];
-    alignas(16) float sm[4];
-    _mm256_store_ps(a, acc[0][n]);
-    _mm256_store_ps(a + 8, acc[1][n]);
-    _mm_store_ps(sm, summ[n]);
-    float* y = k.y + (t + n) * k.rows + r;
-    for (int i = 0; i < nr; ++i) y[i] = hsum4(a + 4 * i) + sm[i];
+    float* y = k.y + (t + n) * k.rows + g * kGroup + 8 * h;
+    if (valid == 8) {
+      _mm256_storeu_ps(y, acc[n]);
+    } else {
+      alignas(32) float a[8];
+      _mm256_store_ps(a, acc[n]);
+      for (int i = 0; i < valid; ++i) y[i] = a[i];
+    }
   }
 }
 
-template <class T>
+// Rows r0 .. r1 - 1 (r0 a multiple of 16): each half-group's blocks stay in L1 while every 4-token
+// chunk uses them.
+template <class P>
 OSD_AVX2 void range32_avx2(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  // Four rows at a time; their weights stay in L1 while every 4-token chunk uses them.
-  for (int64_t r = r0; r < r1; r += 4) {
-    const int nr = static_cast<int>(std::min<int64_t>(4, r1 - r));
-    for (int64_t t = t0; t < t1; t += 4) {
-      switch (std::min<int64_t>(4, t1 - t)) {
-        case 4: rows4_avx2<T, 4>(k, r, nr, t); break;
-        case 3: rows4_avx2<T, 3>(k, r, nr, t); break;
-        case 2: rows4_avx2<T, 2>(k, r, nr, t); break;
-        default: rows4_avx2<T, 1>(k, r, nr, t); break;
+  for (int64_t r = r0; r < r1; r += kGroup) {
+    const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
+    for (int h = 0; h < (nr > 8 ? 2 : 1); ++h)
+      for (int64_t t = t0; t < t1; t += 4) {
+        switch (std::min<int64_t>(4, t1 - t)) {
+          case 4: half_avx2<P, 4>(k, r / kGroup, h, nr, t); break;
+          case 3: half_avx2<P, 3>(k, r / kGroup, h, nr, t); break;
+          case 2: half_avx2<P, 2>(k, r / kGroup, h, nr, t); break;
+          default: half_avx2<P, 1>(k, r / kGroup, h, nr, t); break;
+        }
       }
-    }
   }
 }
 
@@ -828,197 +855,115 @@ bool cpu_has_avx2() {
 #define OSD_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define OSD_AVX512_INLINE __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline
 
-// 32-value formats, eight rows at a time: each block's four-row vectors hold the rows' low-half
-// values (j < 16) in one 512-bit vector and their high-half values in another, a 128-bit lane per
-// row, so two vpdpbusd form p[k] of four rows, a lane each (the contract's pairing of j and j + 16
-// is what makes the Q4 nibbles load this way: one load, a shift and two masks for four rows). The
-// rows' scales convert as one vector, dw * dx and m_w * s_x run with a lane per row, and the rows
-// are unpacked once per block for up to eight tokens. The signed formats (Q4_0, Q5_0, Q8_0) are
-// read offset to unsigned (w + o, o = 8, 16, 128) with o times the activations' sums of each p[k]
-// (Acts::gneg, shifted) as the starting sum: the same exact integers. Per lane the float
-// operations are those of the portable kernel, in order.
-// Measured against the kernels this replaced (eight four-value sums per 32 values, a row or two
-// tokens per vector from five tokens on, and a prefetch 1 KB along each row), SmolLM2-135M Q4_1,
-// one evaluate after a 64-token prefix, medians of 100, alternating: 1 token 3.6-3.8 -> 3.1-3.2 ms,
-// 5 tokens 8.2-8.3 -> 5.1-5.2 ms, 17 tokens 24.6-25.7 -> 15.0-15.3 ms; prefill of 512 tokens
-// 606-629 -> 452-468 ms.
-OSD_AVX512_INLINE __m512i load4x16(const void* a, const void* b, const void* c, const void* d) {
-  __m512i x = _mm512_castsi128_si512(_mm_loadu_si128(static_cast<const __m128i*>(a)));
-  x = _mm512_inserti32x4(x, _mm_loadu_si128(static_cast<const __m128i*>(b)), 1);
-  x = _mm512_inserti32x4(x, _mm_loadu_si128(static_cast<const __m128i*>(c)), 2);
-  return _mm512_inserti32x4(x, _mm_loadu_si128(static_cast<const __m128i*>(d)), 3);
-}
+// 32-value formats, a packed group of 16 rows at a time, a lane per row: one load gives a 4-byte
+// chunk of every row, and a vpdpbusd per chunk adds its four products to each row's block sum, so
+// the block's integer sum, its scale products and the running float sum are formed for 16 rows per
+// instruction. The group is unpacked once per block for up to eight tokens. The signed formats
+// (Q4_0, Q5_0, Q8_0) are read offset to unsigned (w + o, o = 8, 16, 128) with o times the
+// activations' block sums (Acts::gneg, shifted) as the starting sum: the same exact integers.
+// Measured against the kernels this replaced (eight rows in the GGUF layout, four sums of eight
+// products per row and block), SmolLM2-135M Q4_1, one evaluate after a 64-token prefix, 2 threads,
+// medians of 100, alternating: 1 token 2.79-2.89 -> 2.34-2.58 ms, 5 tokens 4.65-4.79 -> 3.15-3.97
+// ms, 17 tokens 14.0-14.3 -> 8.6-10.1 ms; prefill of 512 tokens 1268-1281 -> 1787-1831 tokens/s.
+// With AVX-512 turned off (the AVX2 kernels): 1 token 3.4-4.0 -> 2.9-3.0 ms, 5 tokens 8.9-9.6 ->
+// 6.8-7.0 ms, 17 tokens 29.1-29.6 -> 21.3-21.5 ms.
+template <class P> constexpr int kShift512 =
+    std::is_same<P, P4_0>::value ? 3 : std::is_same<P, P5_0>::value ? 4 : std::is_same<P, P8_0>::value ? 7 : -1;
 
-// Four rows' low-nibble and high-nibble values, a 128-bit lane per row.
-OSD_AVX512_INLINE void nibbles4(const uint8_t* const* qs, __m512i& lo, __m512i& hi) {
-  const __m512i x = load4x16(qs[0], qs[1], qs[2], qs[3]), low4 = _mm512_set1_epi8(0x0F);
-  lo = _mm512_and_si512(x, low4);
-  hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+OSD_AVX512_INLINE __m512i bcast4_512(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
 }
-
-// Adds the fifth bits (0x10) of Q5_0 / Q5_1: bits 0-15 of each row's qh to its low lane, 16-31 to
-// its high lane.
-OSD_AVX512_INLINE void fifth_bits4(const uint8_t* const* qh, __m512i& lo, __m512i& hi) {
-  uint64_t mlo = 0, mhi = 0;
-  for (int i = 0; i < 4; ++i) {
-    uint32_t h;
-    std::memcpy(&h, qh[i], 4);
-    mlo |= static_cast<uint64_t>(h & 0xFFFF) << (16 * i);
-    mhi |= static_cast<uint64_t>(h >> 16) << (16 * i);
-  }
-  const __m512i bit = _mm512_set1_epi8(0x10);
-  lo = _mm512_mask_add_epi8(lo, mlo, lo, bit);
-  hi = _mm512_mask_add_epi8(hi, mhi, hi, bit);
-}
-
-struct Q4_0R {
-  using B = BlockQ4_0;
-  static constexpr bool kMin = false;
-  static constexpr int kShift = 3;  // o = 8
-  OSD_AVX512_INLINE static void unpack4(const B* const* w, __m512i& lo, __m512i& hi) {
-    const uint8_t* qs[4] = {w[0]->qs, w[1]->qs, w[2]->qs, w[3]->qs};
-    nibbles4(qs, lo, hi);
-  }
-};
-struct Q4_1R {
-  using B = BlockQ4_1;
-  static constexpr bool kMin = true;
-  static constexpr int kShift = -1;  // unsigned already
-  OSD_AVX512_INLINE static void unpack4(const B* const* w, __m512i& lo, __m512i& hi) {
-    const uint8_t* qs[4] = {w[0]->qs, w[1]->qs, w[2]->qs, w[3]->qs};
-    nibbles4(qs, lo, hi);
-  }
-};
-struct Q5_0R {
-  using B = BlockQ5_0;
-  static constexpr bool kMin = false;
-  static constexpr int kShift = 4;  // o = 16
-  OSD_AVX512_INLINE static void unpack4(const B* const* w, __m512i& lo, __m512i& hi) {
-    const uint8_t* qs[4] = {w[0]->qs, w[1]->qs, w[2]->qs, w[3]->qs};
-    const uint8_t* qh[4] = {w[0]->qh, w[1]->qh, w[2]->qh, w[3]->qh};
-    nibbles4(qs, lo, hi);
-    fifth_bits4(qh, lo, hi);
-  }
-};
-struct Q5_1R {
-  using B = BlockQ5_1;
-  static constexpr bool kMin = true;
-  static constexpr int kShift = -1;
-  OSD_AVX512_INLINE static void unpack4(const B* const* w, __m512i& lo, __m512i& hi) {
-    const uint8_t* qs[4] = {w[0]->qs, w[1]->qs, w[2]->qs, w[3]->qs};
-    const uint8_t* qh[4] = {w[0]->qh, w[1]->qh, w[2]->qh, w[3]->qh};
-    nibbles4(qs, lo, hi);
-    fifth_bits4(qh, lo, hi);
-  }
-};
-struct Q8_0R {
-  using B = BlockQ8_0;
-  static constexpr bool kMin = false;
-  static constexpr int kShift = 7;  // o = 128
-  OSD_AVX512_INLINE static void unpack4(const B* const* w, __m512i& lo, __m512i& hi) {
-    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w + 128 as unsigned bytes
-    lo = _mm512_xor_si512(load4x16(w[0]->qs, w[1]->qs, w[2]->qs, w[3]->qs), flip);
-    hi = _mm512_xor_si512(load4x16(w[0]->qs + 16, w[1]->qs + 16, w[2]->qs + 16, w[3]->qs + 16), flip);
-  }
-};
 
 // GCC 12's AVX-512 headers fill unused lanes from a self-initialised "undefined" vector, which its
 // own -Wmaybe-uninitialized then flags in every caller (fixed in GCC 13): silenced here only.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// Rows r .. r + nr - 1 (nr <= 8; a short group repeats its last row and drops its outputs) for
-// tokens t .. t + NT - 1.
-template <class T, int NT>
-OSD_AVX512 void rows8_avx512(const Args& k, int64_t r, int nr, int64_t t) {
-  using B = typename T::B;
+template <class P, int NT>
+OSD_AVX512 void group_avx512(const Args& k, int64_t g, int nr, int64_t t) {
+  using L = Packed<P>;
+  constexpr int kShift = kShift512<P>;
   const int64_t nb = k.cols / kQK;
-  const B* w[8];
-  for (int i = 0; i < 8; ++i)
-    w[i] = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r + std::min(i, nr - 1)) * k.row_bytes);
+  const uint8_t* grp = k.packed + g * nb * L::kBytes;
   const int8_t* xq[NT];
   const float* xd[NT];
   const float* xs[NT];
   const int32_t* xg[NT];
   for (int n = 0; n < NT; ++n) {
     xq[n] = k.a->qrow(t + n), xd[n] = k.a->drow(t + n);
-    xs[n] = T::kMin ? k.a->srow(t + n) : nullptr;
-    xg[n] = T::kShift >= 0 ? k.a->grow(t + n) : nullptr;
+    xs[n] = P::kMin ? k.a->srow(t + n) : nullptr;
+    xg[n] = kShift >= 0 ? k.a->grow(t + n) : nullptr;
   }
-  __m512 acc[2][NT];
-  __m256 summ[NT];
-  for (int n = 0; n < NT; ++n) {
-    summ[n] = _mm256_setzero_ps();
-    acc[0][n] = acc[1][n] = _mm512_setzero_ps();
-  }
-  // Lanes 4i .. 4i + 3 of the first vector take row i's scale, of the second row 4 + i's.
-  const __m512i spread0 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  const __m512i spread1 = _mm512_add_epi32(spread0, _mm512_set1_epi32(4));
-  // The eight rows are read side by side, so a prefetch a fixed distance along a row lands in rows
-  // of this group, already on their way: the next group's blocks are fetched instead (with 1 KB
-  // along each row, SmolLM2's decoding spent a third of its time waiting for the scales' loads).
-  const size_t ahead = 8 * k.row_bytes;
+  __m512 acc[NT];
+  for (int n = 0; n < NT; ++n) acc[n] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80)),
+                fifth = _mm512_set1_epi8(0x10);
   for (int64_t b = 0; b < nb; ++b) {
-    // Each row's d (and m) from the block's first four bytes: d in the low 16 bits.
-    uint32_t h[8];
-    for (int i = 0; i < 8; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[i] + b) + ahead, _MM_HINT_T0);
-      std::memcpy(&h[i], w[i] + b, 4);
+    const uint8_t* q = grp + b * L::kBytes;
+    for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + kAhead * L::kBytes + l, _MM_HINT_T0);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+    // Chunk c's values: v[c] (Q8_0), or lo[c] = values 4c .. 4c + 3 and hi[c] = 16 + 4c .. 16 + 4c + 3.
+    __m512i v[8];
+    if constexpr (P::kChunks == 8) {
+      for (int c = 0; c < 8; ++c)
+        v[c] = _mm512_xor_si512(_mm512_loadu_si512(q + L::kQOff + 64 * c), flip);
+    } else {
+      for (int c = 0; c < 4; ++c) {
+        const __m512i x = _mm512_loadu_si512(q + L::kQOff + 64 * c);
+        v[2 * c] = _mm512_and_si512(x, low4);
+        v[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+        if constexpr (P::kHigh) {
+          uint64_t ml, mh;
+          std::memcpy(&ml, q + L::kHOff + 8 * c, 8);
+          std::memcpy(&mh, q + L::kHOff + 32 + 8 * c, 8);
+          v[2 * c] = _mm512_or_si512(v[2 * c], _mm512_maskz_mov_epi8(_cvtu64_mask64(ml), fifth));
+          v[2 * c + 1] = _mm512_or_si512(v[2 * c + 1], _mm512_maskz_mov_epi8(_cvtu64_mask64(mh), fifth));
+        }
+      }
     }
-    const __m256i dm = _mm256_setr_epi32(static_cast<int>(h[0]), static_cast<int>(h[1]), static_cast<int>(h[2]),
-                                         static_cast<int>(h[3]), static_cast<int>(h[4]), static_cast<int>(h[5]),
-                                         static_cast<int>(h[6]), static_cast<int>(h[7]));
-    const __m256 dw = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(dm));
-    const __m256 mw = T::kMin ? _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(dm, 16))) : _mm256_setzero_ps();
-    const B* w4a[4] = {w[0] + b, w[1] + b, w[2] + b, w[3] + b};
-    const B* w4b[4] = {w[4] + b, w[5] + b, w[6] + b, w[7] + b};
-    __m512i lo0, hi0, lo1, hi1;
-    T::unpack4(w4a, lo0, hi0);
-    T::unpack4(w4b, lo1, hi1);
-    const __m512 dws0 = _mm512_permutexvar_ps(spread0, _mm512_castps256_ps512(dw));
-    const __m512 dws1 = _mm512_permutexvar_ps(spread1, _mm512_castps256_ps512(dw));
+    const __m512 mw = P::kMin ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kMOff)))
+                              : _mm512_setzero_ps();
     for (int n = 0; n < NT; ++n) {
-      if (T::kMin) summ[n] = _mm256_add_ps(summ[n], _mm256_mul_ps(mw, _mm256_set1_ps(xs[n][b])));
-      const __m512 dx = _mm512_set1_ps(xd[n][b]);
-      const __m512i ylo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq[n] + b * kQK)));
-      const __m512i yhi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq[n] + b * kQK + 16)));
-      __m512i start = _mm512_setzero_si512();
-      if (T::kShift >= 0)
-        start = _mm512_slli_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg[n] + b * 4))),
-                                  T::kShift >= 0 ? T::kShift : 0);
-      const __m512 p0 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo0, ylo), hi0, yhi));
-      const __m512 p1 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo1, ylo), hi1, yhi));
-      acc[0][n] = _mm512_add_ps(acc[0][n], _mm512_mul_ps(_mm512_mul_ps(dws0, dx), p0));
-      acc[1][n] = _mm512_add_ps(acc[1][n], _mm512_mul_ps(_mm512_mul_ps(dws1, dx), p1));
+      const int8_t* x = xq[n] + b * kQK;
+      // Two chains (even and odd chunks) halve the wait on vpdpbusd's latency; integers, so exact.
+      __m512i s0 = kShift >= 0 ? _mm512_set1_epi32(xg[n][b] * (1 << (kShift >= 0 ? kShift : 0))) : _mm512_setzero_si512();
+      __m512i s1 = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) {
+        if constexpr (P::kChunks == 8) {
+          s0 = _mm512_dpbusd_epi32(s0, v[2 * c], bcast4_512(x + 8 * c));
+          s1 = _mm512_dpbusd_epi32(s1, v[2 * c + 1], bcast4_512(x + 8 * c + 4));
+        } else {
+          s0 = _mm512_dpbusd_epi32(s0, v[2 * c], bcast4_512(x + 4 * c));
+          s1 = _mm512_dpbusd_epi32(s1, v[2 * c + 1], bcast4_512(x + 16 + 4 * c));
+        }
+      }
+      __m512 term = _mm512_mul_ps(_mm512_mul_ps(dw, _mm512_set1_ps(xd[n][b])), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)));
+      if (P::kMin) term = _mm512_add_ps(term, _mm512_mul_ps(mw, _mm512_set1_ps(xs[n][b])));
+      acc[n] = _mm512_add_ps(acc[n], term);
     }
   }
-  for (int n = 0; n < NT; ++n) {
-    alignas(64) float a[32];
-    alignas(32) float sm[8];
-    _mm512_store_ps(a, acc[0][n]);
-    _mm512_store_ps(a + 16, acc[1][n]);
-    _mm256_store_ps(sm, summ[n]);
-    float* y = k.y + (t + n) * k.rows + r;
-    for (int i = 0; i < nr; ++i) y[i] = hsum4(a + 4 * i) + sm[i];
-  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
+  for (int n = 0; n < NT; ++n) _mm512_mask_storeu_ps(k.y + (t + n) * k.rows + g * kGroup, keep, acc[n]);
 }
 #pragma GCC diagnostic pop
 
-template <class T>
+template <class P>
 OSD_AVX512 void range32_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  // Eight rows at a time; their weights stay in L1 while every 8-token chunk uses them.
-  for (int64_t r = r0; r < r1; r += 8) {
-    const int nr = static_cast<int>(std::min<int64_t>(8, r1 - r));
+  // A group's blocks stay in L1 while every 8-token chunk uses them.
+  for (int64_t r = r0; r < r1; r += kGroup) {
+    const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
     for (int64_t t = t0; t < t1; t += 8) {
       switch (std::min<int64_t>(8, t1 - t)) {
-        case 8: rows8_avx512<T, 8>(k, r, nr, t); break;
-        case 7: rows8_avx512<T, 7>(k, r, nr, t); break;
-        case 6: rows8_avx512<T, 6>(k, r, nr, t); break;
-        case 5: rows8_avx512<T, 5>(k, r, nr, t); break;
-        case 4: rows8_avx512<T, 4>(k, r, nr, t); break;
-        case 3: rows8_avx512<T, 3>(k, r, nr, t); break;
-        case 2: rows8_avx512<T, 2>(k, r, nr, t); break;
-        default: rows8_avx512<T, 1>(k, r, nr, t); break;
+        case 8: group_avx512<P, 8>(k, r / kGroup, nr, t); break;
+        case 7: group_avx512<P, 7>(k, r / kGroup, nr, t); break;
+        case 6: group_avx512<P, 6>(k, r / kGroup, nr, t); break;
+        case 5: group_avx512<P, 5>(k, r / kGroup, nr, t); break;
+        case 4: group_avx512<P, 4>(k, r / kGroup, nr, t); break;
+        case 3: group_avx512<P, 3>(k, r / kGroup, nr, t); break;
+        case 2: group_avx512<P, 2>(k, r / kGroup, nr, t); break;
+        default: group_avx512<P, 1>(k, r / kGroup, nr, t); break;
       }
     }
   }
@@ -1102,11 +1047,11 @@ RangeFn pick(TensorType t, Isa isa) {
 #ifdef OSD_HAVE_X86
   if (isa == Isa::Avx512) {
     switch (t) {
-      case TensorType::Q4_0: return range32_avx512<Q4_0R>;
-      case TensorType::Q4_1: return range32_avx512<Q4_1R>;
-      case TensorType::Q5_0: return range32_avx512<Q5_0R>;
-      case TensorType::Q5_1: return range32_avx512<Q5_1R>;
-      case TensorType::Q8_0: return range32_avx512<Q8_0R>;
+      case TensorType::Q4_0: return range32_avx512<P4_0>;
+      case TensorType::Q4_1: return range32_avx512<P4_1>;
+      case TensorType::Q5_0: return range32_avx512<P5_0>;
+      case TensorType::Q5_1: return range32_avx512<P5_1>;
+      case TensorType::Q8_0: return range32_avx512<P8_0>;
       case TensorType::Q3_K: return rangek_avx512<BlockQ3_K>;
       case TensorType::Q4_K: return rangek_avx512<BlockQ4_K>;
       case TensorType::Q5_K: return rangek_avx512<BlockQ5_K>;
@@ -1116,11 +1061,11 @@ RangeFn pick(TensorType t, Isa isa) {
   }
   if (isa == Isa::Avx2) {
     switch (t) {
-      case TensorType::Q4_0: return range32_avx2<Q4_0W>;
-      case TensorType::Q4_1: return range32_avx2<Q4_1W>;
-      case TensorType::Q5_0: return range32_avx2<Q5_0W>;
-      case TensorType::Q5_1: return range32_avx2<Q5_1W>;
-      case TensorType::Q8_0: return range32_avx2<Q8_0W>;
+      case TensorType::Q4_0: return range32_avx2<P4_0>;
+      case TensorType::Q4_1: return range32_avx2<P4_1>;
+      case TensorType::Q5_0: return range32_avx2<P5_0>;
+      case TensorType::Q5_1: return range32_avx2<P5_1>;
+      case TensorType::Q8_0: return range32_avx2<P8_0>;
       case TensorType::Q3_K: return rangek_avx2<BlockQ3_K>;
       case TensorType::Q4_K: return rangek_avx2<BlockQ4_K>;
       case TensorType::Q5_K: return rangek_avx2<BlockQ5_K>;
@@ -1148,15 +1093,15 @@ RangeFn pick(TensorType t, Isa isa) {
 bool reads_offsets(TensorType t, Isa isa) {
 #ifdef OSD_HAVE_X86
   if (isa == Isa::Avx512) switch (t) {
-      case TensorType::Q4_0: return Q4_0R::kShift >= 0;
-      case TensorType::Q5_0: return Q5_0R::kShift >= 0;
-      case TensorType::Q8_0: return Q8_0R::kShift >= 0;
+      case TensorType::Q4_0: return kShift512<P4_0> >= 0;
+      case TensorType::Q5_0: return kShift512<P5_0> >= 0;
+      case TensorType::Q8_0: return kShift512<P8_0> >= 0;
       default: return false;
     }
   if (isa == Isa::Avx2) switch (t) {
-      case TensorType::Q4_0: return Q4_0W::kShift >= 0;
-      case TensorType::Q5_0: return Q5_0W::kShift >= 0;
-      case TensorType::Q8_0: return Q8_0W::kShift >= 0;
+      case TensorType::Q4_0: return kShift2<P4_0> >= 0;
+      case TensorType::Q5_0: return kShift2<P5_0> >= 0;
+      case TensorType::Q8_0: return kShift2<P8_0> >= 0;
       default: return false;
     }
 #endif
@@ -1181,15 +1126,37 @@ Isa best_isa() {
 
 const char* isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "portable"; }
 
+bool has_packed_layout(TensorType t) { return has_int8_kernel(t) && !is_k_type(t); }
+
+size_t packed_bytes(TensorType t, int64_t rows, int64_t cols) {
+  if (!has_packed_layout(t)) throw_range(std::string("no packed layout for type ") + gguf::type_info(t).name);
+  if (rows <= 0) throw_range("packed_bytes: rows must be > 0");
+  return bytes_for(t, cols) * static_cast<size_t>(groups_of(rows) * kGroup);
+}
+
+void pack_rows(TensorType t, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst) {
+  packed_bytes(t, rows, cols);
+  if (row_bytes != bytes_for(t, cols)) throw_range("pack_rows: row_bytes does not match the row length");
+  switch (t) {
+    case TensorType::Q4_0: return pack_all<P4_0>(w, row_bytes, rows, cols, dst);
+    case TensorType::Q4_1: return pack_all<P4_1>(w, row_bytes, rows, cols, dst);
+    case TensorType::Q5_0: return pack_all<P5_0>(w, row_bytes, rows, cols, dst);
+    case TensorType::Q5_1: return pack_all<P5_1>(w, row_bytes, rows, cols, dst);
+    default: return pack_all<P8_0>(w, row_bytes, rows, cols, dst);
+  }
+}
+
 void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const float* x, int64_t n, Isa isa) {
   if (!isa_available(isa)) throw_range(std::string("instruction set ") + isa_name(isa) + " is not available on this CPU");
   if (count <= 0 || n <= 0) return;
   std::vector<RangeFn> fns(static_cast<size_t>(count));
+  std::vector<const uint8_t*> packed(static_cast<size_t>(count));
+  std::vector<std::vector<uint8_t>> packed_here;  // for callers that did not pack (tests, one-off products)
   std::vector<int64_t> first_block(static_cast<size_t>(count) + 1, 0);
   bool offsets = false;
-  // Rows are split among threads in blocks of 16 (over all targets together); tokens are taken
-  // 64 at a time so that a block's weights and a chunk of activations stay in cache together.
-  constexpr int64_t kRowBlock = 16, kTokenChunk = 64;
+  // Rows are split among threads in blocks of 16, a packed group (over all targets together); tokens
+  // are taken 64 at a time so that a block's weights and a chunk of activations stay in cache together.
+  constexpr int64_t kRowBlock = kGroup, kTokenChunk = 64;
   for (int i = 0; i < count; ++i) {
     const MatmulTarget& m = targets[i];
     fns[i] = pick(m.type, isa);
@@ -1198,6 +1165,12 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
       throw_range("matmul_many: K-quant and 32-value block types cannot share one activation quantisation");
     if (m.row_bytes != bytes_for(m.type, cols)) throw_range("matmul: row_bytes does not match the row length");
     first_block[i + 1] = first_block[i] + (m.rows + kRowBlock - 1) / kRowBlock;
+    packed[i] = m.packed;
+    if (!packed[i] && isa != Isa::Portable && has_packed_layout(m.type)) {
+      packed_here.emplace_back(packed_bytes(m.type, m.rows, cols));
+      pack_rows(m.type, m.w, m.row_bytes, m.rows, cols, packed_here.back().data());
+      packed[i] = packed_here.back().data();
+    }
   }
   thread_local Acts tl_acts;  // reused between calls; workers read the caller's through `acts`
   Acts* const acts = &tl_acts;
@@ -1211,7 +1184,7 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
       for (int64_t blk = static_cast<int64_t>(lo); blk < static_cast<int64_t>(hi); ++blk) {
         while (blk >= first_block[i + 1]) ++i;
         const MatmulTarget& m = targets[i];
-        const Args args{m.w, m.row_bytes, m.rows, cols, acts, m.y};
+        const Args args{m.w, m.row_bytes, m.rows, cols, acts, m.y, packed[i]};
         const int64_t r0 = (blk - first_block[i]) * kRowBlock;
         fns[i](args, r0, std::min(m.rows, r0 + kRowBlock), t0, t1);
       }
@@ -1220,8 +1193,8 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
 }
 
 void matmul(TensorType t, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, const float* x, int64_t n,
-            float* y, Isa isa) {
-  const MatmulTarget target{t, w, row_bytes, rows, y};
+            float* y, Isa isa, const uint8_t* packed) {
+  const MatmulTarget target{t, w, row_bytes, rows, y, packed};
   matmul_many(&target, 1, cols, x, n, isa);
 }
 

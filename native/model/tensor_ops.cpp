@@ -755,7 +755,7 @@ void check_isa(KernelIsa isa) {
 void matmul(const Matrix& w, const float* x, int64_t n, float* y, KernelIsa isa) {
   check_isa(isa);
   if (quant::has_int8_kernel(w.type)) {
-    quant::matmul(w.type, w.data, w.row_bytes, w.rows, w.cols, x, n, y, quant_isa(isa));
+    quant::matmul(w.type, w.data, w.row_bytes, w.rows, w.cols, x, n, y, quant_isa(isa), w.packed);
     return;
   }
   const bool avx2 = isa == KernelIsa::Auto ? have_avx2() : isa == KernelIsa::Avx2;
@@ -813,7 +813,8 @@ void matmul_many(const Matrix* const* w, float* const* y, int count, const float
     return;
   }
   std::vector<quant::MatmulTarget> targets;
-  for (int i = 0; i < count; ++i) targets.push_back({w[i]->type, w[i]->data, w[i]->row_bytes, w[i]->rows, y[i]});
+  for (int i = 0; i < count; ++i)
+    targets.push_back({w[i]->type, w[i]->data, w[i]->row_bytes, w[i]->rows, y[i], w[i]->packed});
   quant::matmul_many(targets.data(), count, w[0]->cols, x, n, quant_isa(isa));
 }
 

@@ -19,6 +19,7 @@ struct Matrix {
   int64_t cols = 0;
   const uint8_t* data = nullptr;
   size_t row_bytes = 0;
+  const uint8_t* packed = nullptr;  // data in quant's 16-row layout (set by Model at load), or null
   bool empty() const { return data == nullptr; }
   size_t bytes() const { return row_bytes * static_cast<size_t>(rows); }
 };

@@ -4,6 +4,7 @@
 //  - the AVX2 and AVX-512 (VNNI) matrix kernels against the portable reference: tolerance 0
 //    (bit-identical), because all run the same float operations in the same order on the same
 //    exact integer sums. Each comparison prints "skip" where the CPU lacks the instruction set;
+//  - the 16-row packed layout those kernels read, byte for byte;
 //  - batch invariance (a token alone or inside batches of 3, 8, 13, 70 tokens) and thread-count
 //    invariance, bit for bit, for every instruction set the CPU has;
 //  - accuracy: each output against the exact (double) dot product of the dequantised weights with
@@ -290,10 +291,10 @@ OSD_TEST(avx2_kernels_equal_the_portable_reference_bit_for_bit) {
   std::mt19937 rng(1);
   for (TensorType t : kInt8Types) {
     for (int64_t cols : {is_k(t) ? int64_t(256) : int64_t(32), is_k(t) ? int64_t(768) : int64_t(576)}) {
-      for (int64_t rows : {1, 5, 37}) {
+      for (int64_t rows : {1, 5, 15, 16, 17, 37}) {  // 16-row groups, in halves of 8: short ones too
         const auto w = random_weights(t, rows, cols, rng);
         const Matrix m = make_matrix(t, w, rows, cols);
-        for (int64_t n : {1, 2, 3, 8, 13, 70}) {
+        for (int64_t n : {1, 2, 3, 4, 5, 8, 13, 70}) {  // up to 4 tokens per kernel call
           const auto x = random_acts(n, cols, rng);
           const auto a = run(m, x, n, KernelIsa::Portable), b = run(m, x, n, KernelIsa::Avx2);
           size_t where = 0;
@@ -321,7 +322,7 @@ OSD_TEST(avx512_kernels_equal_the_portable_reference_bit_for_bit) {
   int checked = 0;
   for (TensorType t : kInt8Types) {
     for (int64_t cols : {is_k(t) ? int64_t(256) : int64_t(32), is_k(t) ? int64_t(768) : int64_t(576)}) {
-      for (int64_t rows : {1, 5, 37, 64}) {  // eight rows at a time: 1, 5, 37 end in a short group
+      for (int64_t rows : {1, 5, 15, 16, 17, 37, 64}) {  // 16-row groups: all but 16 and 64 end in a short one
         const auto w = random_weights(t, rows, cols, rng);
         const Matrix m = make_matrix(t, w, rows, cols);
         // Up to eight tokens per kernel call: 13 is 8 + 5; 68 and 70 are two chunks of matmul_many (64 + 4, 64 + 6).
@@ -339,7 +340,7 @@ OSD_TEST(avx512_kernels_equal_the_portable_reference_bit_for_bit) {
       }
     }
   }
-  CHECK_EQ(checked, 9 * 2 * 4 * 8);
+  CHECK_EQ(checked, 9 * 2 * 7 * 8);
   // One activation quantisation shared by several matrices gives each product's bits: Q4_1 first
   // or after a signed format (whose kernels also read the activations' offset sums).
   const int64_t cols = 576;
@@ -553,6 +554,106 @@ OSD_TEST(errors_name_the_type_and_tensor) {
   ti.ne[0] = 64;
   ti.n_bytes = 79;
   CHECK_THROWS(Error, matrix_from_tensor(ti), "has 79 bytes of data, expected 80");
+}
+
+// The 16-row packed layout as quant_matmul.cpp describes it, byte for byte, and the vector kernels
+// on weights packed once (as Model does) equal the portable reference on the file's layout.
+OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
+  std::mt19937 rng(12);
+  const int64_t cols = 64, nb = 2;
+  for (TensorType t : {TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0, TensorType::Q5_1, TensorType::Q8_0}) {
+    const bool min = t == TensorType::Q4_1 || t == TensorType::Q5_1, high = t == TensorType::Q5_0 || t == TensorType::Q5_1;
+    const int chunks = t == TensorType::Q8_0 ? 8 : 4;
+    const size_t bb = gguf::type_info(t).block_bytes, gb = 16 * bb;
+    const size_t qs_at = t == TensorType::Q8_0 ? 2 : 2 + (min ? 2 : 0) + (high ? 4 : 0);  // in a GGUF block
+    const size_t q_off = 32 + (min ? 32 : 0) + (high ? 64 : 0);                             // in a group-block
+    for (int64_t rows : {1, 16, 33}) {
+      const auto w = random_weights(t, rows, cols, rng);
+      const size_t rb = quant::bytes_for(t, cols);
+      std::vector<uint8_t> p(quant::packed_bytes(t, rows, cols));
+      CHECK_EQ(p.size(), rb * static_cast<size_t>((rows + 15) / 16 * 16));
+      quant::pack_rows(t, w.data(), rb, rows, cols, p.data());
+      bool ok = true;
+      for (int64_t r = 0; r < (rows + 15) / 16 * 16; ++r) {
+        const int64_t g = r / 16, i = r % 16, src = std::min(r, rows - 1);  // the last group repeats its last row
+        for (int64_t b = 0; b < nb; ++b) {
+          const uint8_t* blk = w.data() + src * rb + b * bb;
+          const uint8_t* o = p.data() + (g * nb + b) * gb;
+          ok &= std::memcmp(o + 2 * i, blk, 2) == 0;
+          if (min) ok &= std::memcmp(o + 32 + 2 * i, blk + 2, 2) == 0;
+          for (int c = 0; c < chunks; ++c) ok &= std::memcmp(o + q_off + 64 * c + 4 * i, blk + qs_at + 4 * c, 4) == 0;
+          if (high) {
+            uint32_t qh;
+            std::memcpy(&qh, blk + (min ? 4 : 2), 4);
+            for (int c = 0; c < 4; ++c) {
+              uint64_t lo, hi;
+              std::memcpy(&lo, o + 32 + (min ? 32 : 0) + 8 * c, 8);
+              std::memcpy(&hi, o + 32 + (min ? 32 : 0) + 32 + 8 * c, 8);
+              for (int j = 0; j < 4; ++j) {
+                ok &= ((lo >> (4 * i + j)) & 1) == ((qh >> (4 * c + j)) & 1);
+                ok &= ((hi >> (4 * i + j)) & 1) == ((qh >> (16 + 4 * c + j)) & 1);
+              }
+            }
+          }
+        }
+      }
+      CHECK(ok);
+      const Matrix m = make_matrix(t, w, rows, cols);
+      for (int64_t n : {1, 6, 11}) {
+        const auto x = random_acts(n, cols, rng);
+        const auto ref = run_q(m, x, n, quant::Isa::Portable);
+        for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
+          if (!quant::isa_available(isa)) continue;
+          std::vector<float> y(n * rows);
+          quant::matmul(t, w.data(), rb, rows, cols, x.data(), n, y.data(), isa, p.data());
+          CHECK(bits_equal(ref.data(), y.data(), ref.size()));
+        }
+      }
+    }
+  }
+  std::vector<uint8_t> w(quant::bytes_for(TensorType::Q4_1, 64)), p(4096);
+  CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q4_K, 1, 256), "no packed layout for type Q4_K");
+  CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q4_1, 0, 64), "rows must be > 0");
+  CHECK_THROWS(Error, quant::pack_rows(TensorType::Q4_1, w.data(), w.size() + 1, 1, 64, p.data()),
+               "row_bytes does not match the row length");
+}
+
+// The integer sums at their extremes: every weight at the top or bottom of its range (nibbles 15
+// with all fifth bits, or 0; Q8_0 bytes -128 or 127) against activations of +-127, so a vector
+// kernel whose 16-bit pair sums overflowed or saturated would differ from the reference.
+OSD_TEST(integer_sums_at_their_extremes_equal_the_reference) {
+  const int64_t cols = 64, rows = 17;
+  for (TensorType t : {TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0, TensorType::Q5_1, TensorType::Q8_0}) {
+    const size_t rb = quant::bytes_for(t, cols), bb = gguf::type_info(t).block_bytes;
+    for (uint8_t fill : {uint8_t(0xFF), uint8_t(0x00), uint8_t(0x80), uint8_t(0x7F)}) {
+      std::vector<uint8_t> w(rb * rows, fill);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < cols / 32; ++b) {
+          uint8_t* blk = w.data() + r * rb + b * bb;
+          const uint16_t one = float_to_half(r % 2 ? 1.0f : -0.5f);
+          std::memcpy(blk, &one, 2);
+          if (t == TensorType::Q4_1 || t == TensorType::Q5_1) std::memcpy(blk + 2, &one, 2);
+        }
+      const Matrix m = make_matrix(t, w, rows, cols);
+      for (float a : {1.0f, -1.0f}) {
+        const int64_t n = 6;
+        std::vector<float> x(n * cols, a);
+        for (int64_t j = 0; j < cols; j += 3) x[j] = -a;  // mixed signs in some tokens' blocks
+        std::fill(x.begin(), x.begin() + 2 * cols, a);    // and all alike in others
+        const auto ref = run_q(m, x, n, quant::Isa::Portable);
+        for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
+          if (!quant::isa_available(isa)) continue;
+          const auto y = run_q(m, x, n, isa);
+          size_t where = 0;
+          const bool same = bits_equal(ref.data(), y.data(), ref.size(), &where);
+          if (!same)
+            std::printf("  %s fill 0x%02x x %g (%s): output %zu is %.9g vs %.9g\n", gguf::type_info(t).name, fill, a,
+                        quant::isa_name(isa), where, y[where], ref[where]);
+          CHECK(same);
+        }
+      }
+    }
+  }
 }
 
 OSD_TEST(matmul_many_equals_separate_products) {

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <new>
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
@@ -75,6 +76,39 @@ FileBytes& FileBytes::operator=(FileBytes&& other) noexcept {
 }
 
 FileBytes::~FileBytes() { release(); }
+
+HugeBuffer::HugeBuffer(size_t n) {
+  if (n == 0) return;
+  constexpr size_t kHuge = size_t(2) << 20;
+  mapped_ = n + kHuge;
+  void* p = ::mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  base_ = static_cast<uint8_t*>(p);
+  data_ = base_ + (kHuge - reinterpret_cast<uintptr_t>(base_) % kHuge) % kHuge;
+  size_ = n;
+#ifdef MADV_HUGEPAGE
+  // Advice only (4 KiB pages work too). SmolLM2's packed weights, alternating with 4 KiB pages:
+  // 1-token passes 2.35-2.69 against 2.59-2.70 ms, 5-token 3.19-3.70 against 3.56-3.97 ms. Loading
+  // may wait for the kernel to compact memory into huge pages (a few hundred ms at worst here).
+  ::madvise(data_, (n + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);
+#endif
+}
+
+HugeBuffer::HugeBuffer(HugeBuffer&& other) noexcept { *this = std::move(other); }
+
+HugeBuffer& HugeBuffer::operator=(HugeBuffer&& other) noexcept {
+  if (this != &other) {
+    if (base_) ::munmap(base_, mapped_);
+    base_ = other.base_, mapped_ = other.mapped_, data_ = other.data_, size_ = other.size_;
+    other.base_ = other.data_ = nullptr;
+    other.mapped_ = other.size_ = 0;
+  }
+  return *this;
+}
+
+HugeBuffer::~HugeBuffer() {
+  if (base_) ::munmap(base_, mapped_);
+}
 
 void FileBytes::drop_pages(const uint8_t* p, size_t n) const {
   if (!mapped_ || p < data_ || p + n > data_ + size_) return;

@@ -155,8 +155,8 @@ void Model::pack_weights(const gguf::File* file) {
   for (Matrix* w : ms)
     if (quant::has_packed_layout(w->type)) total += padded(quant::packed_bytes(w->type, w->rows, w->cols));
   if (total == 0) return;
-  packed_.reset(new uint8_t[total + 64]);
-  uint8_t* at = packed_.get() + ((64 - reinterpret_cast<uintptr_t>(packed_.get()) % 64) % 64);
+  packed_ = io::HugeBuffer(total);
+  uint8_t* at = packed_.data();
   for (Matrix* w : ms) {
     if (!quant::has_packed_layout(w->type)) continue;
     quant::pack_rows(w->type, w->data, w->row_bytes, w->rows, w->cols, at);

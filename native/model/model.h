@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "io/file.h"
 #include "io/gguf.h"
 #include "io/llama2c.h"
 #include "model/tensor_ops.h"
@@ -68,7 +69,7 @@ class Model {
   void pack_weights(const gguf::File* file);
 
   ModelConfig cfg_;
-  std::unique_ptr<uint8_t[]> packed_;  // the packed copies, 64-byte aligned within
+  io::HugeBuffer packed_;  // the packed copies, each 64-byte aligned
   std::string path_;
   std::unique_ptr<gguf::File> gguf_;
   std::unique_ptr<llama2c::Checkpoint> l2c_;

@@ -389,29 +389,28 @@ template <class P>
 void pack_group(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t nb, int64_t g, uint8_t* out) {
   using B = typename P::B;
   using L = Packed<P>;
-  for (int64_t b = 0; b < nb; ++b) {
-    uint8_t* o = out + b * L::kBytes;
-    uint64_t lo[4] = {}, hi[4] = {};
-    for (int i = 0; i < kGroup; ++i) {
-      const int64_t r = std::min(g * kGroup + i, rows - 1);
-      const B& blk = reinterpret_cast<const B*>(w + static_cast<size_t>(r) * row_bytes)[b];
+  // Row by row (each row read once, in order); a row's blocks land L::kBytes apart.
+  for (int i = 0; i < kGroup; ++i) {
+    const B* row = reinterpret_cast<const B*>(w + static_cast<size_t>(std::min(g * kGroup + i, rows - 1)) * row_bytes);
+    for (int64_t b = 0; b < nb; ++b) {
+      const B& blk = row[b];
+      uint8_t* o = out + b * L::kBytes;
       std::memcpy(o + 2 * i, &blk.d, 2);
       const uint8_t* qs = reinterpret_cast<const uint8_t*>(blk.qs);
       for (int c = 0; c < P::kChunks; ++c) std::memcpy(o + L::kQOff + 64 * c + 4 * i, qs + 4 * c, 4);
       if constexpr (P::kMin) std::memcpy(o + L::kMOff + 2 * i, &blk.m, 2);
       if constexpr (P::kHigh) {
+        // Row i's fifth bits of values 4c + j (lo[c]) and 16 + 4c + j (hi[c]) go to bits 4i + j.
         uint32_t qh;
         std::memcpy(&qh, blk.qh, 4);
-        for (int c = 0; c < 4; ++c)
-          for (int j = 0; j < 4; ++j) {
-            lo[c] |= static_cast<uint64_t>((qh >> (4 * c + j)) & 1) << (4 * i + j);
-            hi[c] |= static_cast<uint64_t>((qh >> (16 + 4 * c + j)) & 1) << (4 * i + j);
-          }
+        for (int c = 0; c < 8; ++c) {
+          uint64_t m;
+          std::memcpy(&m, o + L::kHOff + 8 * c, 8);
+          if (i == 0) m = 0;
+          m |= static_cast<uint64_t>((qh >> (4 * c)) & 0xF) << (4 * i);
+          std::memcpy(o + L::kHOff + 8 * c, &m, 8);
+        }
       }
-    }
-    if constexpr (P::kHigh) {
-      std::memcpy(o + L::kHOff, lo, 32);
-      std::memcpy(o + L::kHOff + 32, hi, 32);
     }
   }
 }

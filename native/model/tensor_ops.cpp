@@ -601,6 +601,68 @@ OSD_AVX512 void scores_avx512(const float* q, const T* K, const Slots& slot, int
   }
 }
 
+// exp_avx2's operations on 16 lanes: lane by lane the same values.
+OSD_AVX512 __m512 exp_avx512(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.72f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i ni = _mm512_cvtps_epi32(n);
+  const __m512i h = _mm512_srai_epi32(ni, 1);
+  const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h, _mm512_set1_epi32(127)), 23));
+  const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(ni, h), _mm512_set1_epi32(127)), 23));
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ), y, _mm512_setzero_ps());
+  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(88.72f), _CMP_GT_OQ), y, _mm512_set1_ps(INFINITY));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
+}
+
+// softmax_avx2 with the exps 16 at a time (the softmax took a tenth of attention's time): the
+// same maximum, the same exps, and the 8-lane sum takes each 16's low half, then its high half.
+// Measured: fifteen queries over 1024 slots 54.0 -> 49.0 us (kernel harness, one thread); SmolLM2
+// passes after 1024 tokens within this host's noise to 5% faster.
+OSD_AVX512 void softmax_avx512(float* score, int32_t n) {
+  if (n < 16) return softmax_avx2(score, n);
+  __m512 m = _mm512_loadu_ps(score);
+  int32_t s = 16;
+  for (; s + 16 <= n; s += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(score + s));
+  float mx = _mm512_reduce_max_ps(m);
+  for (; s < n; ++s) mx = std::max(mx, score[s]);
+  const __m512 vmx = _mm512_set1_ps(mx);
+  __m256 part = _mm256_setzero_ps();
+  for (s = 0; s + 16 <= n; s += 16) {
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(score + s), vmx));
+    _mm512_storeu_ps(score + s, e);
+    part = _mm256_add_ps(part, _mm512_castps512_ps256(e));
+    part = _mm256_add_ps(part, _mm512_extractf32x8_ps(e, 1));
+  }
+  if (s + 8 <= n) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(score + s), _mm512_castps512_ps256(vmx)));
+    _mm256_storeu_ps(score + s, e);
+    part = _mm256_add_ps(part, e);
+    s += 8;
+  }
+  float sum = hsum_avx2(part);
+  for (; s < n; ++s) {
+    alignas(32) float t[8] = {score[s] - mx, 0, 0, 0, 0, 0, 0, 0};
+    _mm256_store_ps(t, exp_avx2(_mm256_load_ps(t)));
+    score[s] = t[0];
+    sum += t[0];
+  }
+  const float inv = 1.0f / sum;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (s = 0; s + 16 <= n; s += 16) _mm512_storeu_ps(score + s, _mm512_mul_ps(_mm512_loadu_ps(score + s), vinv));
+  for (; s < n; ++s) score[s] *= inv;
+}
+
 // scores_avx512 of NQ (2 or 3) queries over the same slots [s0, s1), each key chunk loaded (and,
 // from a float16 cache, converted) once for all of them: per query the same chains and sums.
 template <int NQ, class T>
@@ -682,7 +744,8 @@ OSD_AVX2 void attend_heads_avx2(const AttendQuery* qs, int32_t count, const T* K
     const AttendQuery& a = qs[i];
     const int32_t n = a.prefix + a.n_extra;
     scores(a.q, K, Slots{stride, a.prefix, a.extra}, common[i], n, hd, scale, a.score);
-    softmax_avx2(a.score, n);
+    if (wide) softmax_avx512(a.score, n);
+    else softmax_avx2(a.score, n);
     std::fill(a.out, a.out + hd, 0.0f);
   }
   for (int32_t s0 = 0; s0 < shared; s0 += kBlock)
@@ -928,6 +991,15 @@ void attend_heads_any(const AttendQuery* qs, int32_t count, const T* K, const T*
 }
 
 }  // namespace
+
+bool attention_softmax(float* score, int32_t n, int lanes) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (lanes == 16 && have_avx512()) return softmax_avx512(score, n), true;
+  if (lanes == 8 && have_avx2()) return softmax_avx2(score, n), true;
+#endif
+  (void)score, (void)n, (void)lanes;
+  return false;
+}
 
 void floats_to_halves(const float* x, uint16_t* h, int64_t n) {
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -893,6 +893,34 @@ OSD_TEST(attend_heads_equal_attend_head_per_query) {
   CHECK(cases == 6 * 7 * 4);
 }
 
+// The attention's softmax with 16 lanes (AVX-512) equals the 8-lane one bit for bit: the same
+// exps lane by lane and the same 8-lane sum, on rows of every length up to 70 (whole 16s, an 8 and
+// a tail), with scores spread wide enough that some exps underflow, and a NaN row.
+OSD_TEST(attention_softmax_is_the_same_on_16_lanes) {
+  std::vector<float> probe(4, 0.0f);
+  if (!attention_softmax(probe.data(), 4, 16) || !attention_softmax(probe.data(), 4, 8)) {
+    std::printf("skip: no AVX-512 on this CPU; the 16-lane softmax is not compared\n");
+    return;
+  }
+  std::mt19937 rng(21);
+  for (int32_t n = 1; n <= 70; ++n)
+    for (float spread : {0.5f, 8.0f, 60.0f}) {
+      std::normal_distribution<float> g(0.0f, spread);
+      std::vector<float> a(n), b;
+      for (auto& v : a) v = g(rng);
+      b = a;
+      attention_softmax(a.data(), n, 8);
+      attention_softmax(b.data(), n, 16);
+      CHECK(bits_equal(a.data(), b.data(), n));
+    }
+  std::vector<float> a(40, 1.0f), b;
+  a[17] = NAN;
+  b = a;
+  attention_softmax(a.data(), 40, 8);
+  attention_softmax(b.data(), 40, 16);
+  for (int i = 0; i < 40; ++i) CHECK(std::isnan(a[i]) && std::isnan(b[i]));
+}
+
 // The KV cache's float16 writes (floats_to_halves, F16C where present) equal kv_half bit for bit:
 // random values over the whole range, ties, subnormals, overflow, infinities and NaNs; kv_half is
 // float_to_half clamped to +-65504 (finite stays finite, NaN stays NaN).

@@ -13,6 +13,7 @@
 #include "io/gguf.h"
 #include "model/model.h"
 #include "model/model_io.h"
+#include "model/quant.h"
 #include "model/sequence.h"
 
 using namespace osd;
@@ -280,9 +281,10 @@ OSD_TEST(block_formats_refuse_non_finite_weights) {
   std::remove(path.c_str());
 }
 
-// The register-blocked F16 / BF16 / F32 kernels inside the model: every token's logits are the
-// same bits decoded alone, in one batch, in chunks, as the nodes of a tree whose paths hold the
-// same tokens, and on 1, 2 or 3 threads.
+// The register-blocked F16 / BF16 / F32 kernels inside the model, and the quantised ones on the
+// weights Model packs at load (16-row groups; stories260K's 172-row matrices end in a short group):
+// every token's logits are the same bits decoded alone, in one batch, in chunks, as the nodes of a
+// tree whose paths hold the same tokens, and on 1, 2 or 3 threads.
 OSD_TEST(batch_and_thread_invariance_for_each_storage_type) {
   auto m = stories();
   if (!m) return;
@@ -291,7 +293,8 @@ OSD_TEST(batch_and_thread_invariance_for_each_storage_type) {
   const int threads_before = default_threads();
   std::vector<int32_t> toks = {1, 403, 407, 261, 378, 395, 261, 88, 42, 7, 300, 11, 5};
   const int32_t n = static_cast<int32_t>(toks.size());
-  for (gguf::TensorType t : {gguf::TensorType::F32, gguf::TensorType::F16, gguf::TensorType::BF16}) {
+  for (gguf::TensorType t : {gguf::TensorType::F32, gguf::TensorType::F16, gguf::TensorType::BF16, gguf::TensorType::Q8_0,
+                             gguf::TensorType::Q4_1, gguf::TensorType::Q5_0}) {
     save_gguf(*m, path, t);
     auto mt = Model::load(path);
     set_default_threads(2);
@@ -328,6 +331,42 @@ OSD_TEST(batch_and_thread_invariance_for_each_storage_type) {
     }
   }
   set_default_threads(threads_before);
+  std::remove(path.c_str());
+}
+
+// Model packs each Q4_0 .. Q8_0 matrix at load: its products (the vector kernels, on the packed
+// copy) equal the portable reference on the file's own rows, bit for bit, for every matrix.
+OSD_TEST(packed_weights_give_the_reference_products) {
+  auto m = stories();
+  if (!m) return;
+  if (quant::best_isa() == quant::Isa::Portable) {
+    std::printf("skip: no AVX2 on this CPU (or OSD_NO_AVX2): the model keeps the file's layout\n");
+    return;
+  }
+  const std::string path = "/tmp/osd-test-packed-" + std::to_string(::getpid()) + ".gguf";
+  std::mt19937 rng(5);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  for (gguf::TensorType t : {gguf::TensorType::Q8_0, gguf::TensorType::Q4_0, gguf::TensorType::Q4_1, gguf::TensorType::Q5_0,
+                             gguf::TensorType::Q5_1}) {
+    save_gguf(*m, path, t);
+    auto mt = Model::load(path);
+    std::vector<const Matrix*> ms = {&mt->output};
+    for (const auto& l : mt->layers)
+      for (const Matrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) ms.push_back(w);
+    int packed = 0;
+    for (const Matrix* w : ms) {
+      if (w->type != t) continue;  // rows whose length is not a multiple of 32 stay F16
+      CHECK(w->packed != nullptr);
+      ++packed;
+      const int64_t n = 3;
+      std::vector<float> x(n * w->cols), a(n * w->rows), b(n * w->rows);
+      for (auto& v : x) v = g(rng);
+      matmul(*w, x.data(), n, a.data(), KernelIsa::Portable);
+      matmul(*w, x.data(), n, b.data(), KernelIsa::Auto);
+      CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+    }
+    CHECK(packed >= 1 + 6 * static_cast<int>(mt->layers.size()));
+  }
   std::remove(path.c_str());
 }
 

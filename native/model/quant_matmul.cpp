@@ -1175,8 +1175,12 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
   Acts* const acts = &tl_acts;
   quantize_acts(targets[0].type, x, n, cols, *acts, isa, offsets);
   const int64_t nblocks = first_block[count];
-  default_pool().parallel_for(static_cast<size_t>(nblocks), grain_for(static_cast<double>(kRowBlock) * cols * n),
-                              [&](size_t lo, size_t hi) {
+  // One run of consecutive groups per thread: each streams its own part of the weights. Against
+  // the pool's default of four chunks per thread, claimed in turn (SmolLM2 after 64 tokens,
+  // alternating, 2 threads): 5-token passes 3.1-3.6 -> 3.0-3.35 ms, 2-token 2.5-3.0 -> 2.3-2.6 ms.
+  const size_t grain = std::max(grain_for(static_cast<double>(kRowBlock) * cols * n),
+                                default_pool().grain_per_thread(static_cast<size_t>(nblocks)));
+  default_pool().parallel_for(static_cast<size_t>(nblocks), grain, [&](size_t lo, size_t hi) {
     for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
       const int64_t t1 = std::min(n, t0 + kTokenChunk);
       int i = 0;

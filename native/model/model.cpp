@@ -145,6 +145,8 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
   return m;
 }
 
+// A model built in memory (convertModel, the trainer) keeps its own bytes beside the packed copy:
+// the portable kernels and embedding lookups read them.
 void Model::pack_weights(const gguf::File* file) {
   if (quant::best_isa() == quant::Isa::Portable) return;  // the portable kernels read the file's layout
   std::vector<Matrix*> ms = {&output};

@@ -10,6 +10,7 @@
 #include "check.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "io/file.h"
 #include "io/gguf.h"
 #include "model/model.h"
 #include "model/model_io.h"
@@ -294,7 +295,7 @@ OSD_TEST(batch_and_thread_invariance_for_each_storage_type) {
   std::vector<int32_t> toks = {1, 403, 407, 261, 378, 395, 261, 88, 42, 7, 300, 11, 5};
   const int32_t n = static_cast<int32_t>(toks.size());
   for (gguf::TensorType t : {gguf::TensorType::F32, gguf::TensorType::F16, gguf::TensorType::BF16, gguf::TensorType::Q8_0,
-                             gguf::TensorType::Q4_1, gguf::TensorType::Q5_0}) {
+                             gguf::TensorType::Q4_0, gguf::TensorType::Q4_1, gguf::TensorType::Q5_0, gguf::TensorType::Q5_1}) {
     save_gguf(*m, path, t);
     auto mt = Model::load(path);
     set_default_threads(2);
@@ -332,6 +333,24 @@ OSD_TEST(batch_and_thread_invariance_for_each_storage_type) {
   }
   set_default_threads(threads_before);
   std::remove(path.c_str());
+}
+
+// io::HugeBuffer: zeroed, 2 MiB aligned, writable to its last byte, movable, and empty at size 0.
+OSD_TEST(huge_buffer_is_aligned_zeroed_and_movable) {
+  io::HugeBuffer empty(0);
+  CHECK(empty.data() == nullptr && empty.size() == 0);
+  const size_t n = (size_t(3) << 20) + 4096;
+  io::HugeBuffer a(n);
+  CHECK(a.data() != nullptr && a.size() == n);
+  CHECK(reinterpret_cast<uintptr_t>(a.data()) % (size_t(2) << 20) == 0);
+  bool zero = true;
+  for (size_t i = 0; i < n; i += 4096) zero &= a.data()[i] == 0;
+  CHECK(zero && a.data()[n - 1] == 0);
+  a.data()[n - 1] = 7;
+  uint8_t* p = a.data();
+  io::HugeBuffer b(std::move(a));
+  CHECK(b.data() == p && b.size() == n && a.data() == nullptr && a.size() == 0);
+  CHECK(b.data()[n - 1] == 7);
 }
 
 // Model packs each Q4_0 .. Q8_0 matrix at load: its products (the vector kernels, on the packed

@@ -148,19 +148,19 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
 // A model built in memory (convertModel, the trainer) keeps its own bytes beside the packed copy:
 // the portable kernels and embedding lookups read them.
 void Model::pack_weights(const gguf::File* file) {
-  if (quant::best_isa() == quant::Isa::Portable) return;  // the portable kernels read the file's layout
+  const quant::Isa isa = quant::best_isa();
   std::vector<Matrix*> ms = {&output};
   for (auto& l : layers)
     for (Matrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) ms.push_back(w);
   auto padded = [](size_t n) { return (n + 63) & ~size_t(63); };
   size_t total = 0;
   for (Matrix* w : ms)
-    if (quant::has_packed_layout(w->type)) total += padded(quant::packed_bytes(w->type, w->rows, w->cols));
+    if (quant::kernel_reads_packed(w->type, isa)) total += padded(quant::packed_bytes(w->type, w->rows, w->cols));
   if (total == 0) return;
   packed_ = io::HugeBuffer(total);
   uint8_t* at = packed_.data();
   for (Matrix* w : ms) {
-    if (!quant::has_packed_layout(w->type)) continue;
+    if (!quant::kernel_reads_packed(w->type, isa)) continue;
     quant::pack_rows(w->type, w->data, w->row_bytes, w->rows, w->cols, at);
     w->packed = at;
     // The file's copy is read again only by the portable kernels (and, for a tied output matrix,

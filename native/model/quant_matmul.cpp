@@ -424,6 +424,39 @@ void pack_all(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, ui
   });
 }
 
+// Q4_K in 16-row groups, for the AVX-512 kernel (the other kernels read the file's layout). Per
+// super-block: d[16], dmin[16] (f16), the six-bit scales sc[8][16] and mins mn[8][16] unpacked to
+// bytes (sub-block j of row i at 16j + i), then the quants in 4-byte chunks as above, chunk k of row
+// i at 64k + 4i (byte 4k + e of a row holds value 64(k / 8) + 4(k % 8) + e in its low nibble and
+// that + 32 in its high one). 2,368 bytes for 16 super-blocks' 2,304.
+struct PackedQ4K {
+  static constexpr int kDOff = 0, kMOff = 32, kScOff = 64, kMnOff = 192, kQOff = 320;
+  static constexpr int kBytes = kQOff + 64 * 32;
+};
+
+void pack_group_q4k(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t nb, int64_t g, uint8_t* out) {
+  using L = PackedQ4K;
+  for (int i = 0; i < kGroup; ++i) {
+    const BlockQ4_K* row = reinterpret_cast<const BlockQ4_K*>(w + static_cast<size_t>(std::min(g * kGroup + i, rows - 1)) * row_bytes);
+    for (int64_t b = 0; b < nb; ++b) {
+      const BlockQ4_K& blk = row[b];
+      uint8_t* o = out + b * L::kBytes;
+      std::memcpy(o + L::kDOff + 2 * i, &blk.d, 2);
+      std::memcpy(o + L::kMOff + 2 * i, &blk.dmin, 2);
+      for (int j = 0; j < 8; ++j) scale_min_k4(j, blk.scales, o + L::kScOff + 16 * j + i, o + L::kMnOff + 16 * j + i);
+      for (int k = 0; k < 32; ++k) std::memcpy(o + L::kQOff + 64 * k + 4 * i, blk.qs + 4 * k, 4);
+    }
+  }
+}
+
+void pack_all_q4k(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst) {
+  const int64_t nb = cols / kQKK, per_group = nb * PackedQ4K::kBytes;
+  default_pool().parallel_for(static_cast<size_t>(groups_of(rows)), 16, [&](size_t lo, size_t hi) {
+    for (size_t g = lo; g < hi; ++g)
+      pack_group_q4k(w, row_bytes, rows, nb, static_cast<int64_t>(g), dst + static_cast<int64_t>(g) * per_group);
+  });
+}
+
 // ---- Portable reference kernels: one output at a time ----
 
 template <class T>
@@ -995,6 +1028,79 @@ OSD_AVX512 void tilek_avx512(const Args& k, const KBlockV& kb, int64_t b, int64_
   }
 }
 
+// Q4_K on the packed layout, 16 rows a lane each, for tokens t .. t + NT - 1: per chunk of 16 rows'
+// four bytes, one vpdpbusd adds four low-nibble products to the sum of one sub-block and one the
+// four high-nibble products to the next's; each finished pair of sub-block sums times its scales
+// (vpmulld) goes into isum, and the mins times the activations' sums into msum: the integers of
+// rangek_ref, then its float operations, in order. Against rangek_avx512 (a row at a time, its
+// super-blocks unpacked per row), 2048 x 2048 random Q4_K weights in cache, one thread: 1 token
+// 215 -> 45 us, 5 tokens 600 -> 125 us. The other K-quants still take rangek_avx512.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int NT>
+OSD_AVX512 void group_q4k_avx512(const Args& k, int64_t g, int nr, int64_t t) {
+  using L = PackedQ4K;
+  const int64_t nb = k.cols / kQKK;
+  const uint8_t* grp = k.packed + g * nb * L::kBytes;
+  __m512 acc[NT];
+  for (int n = 0; n < NT; ++n) acc[n] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* q = grp + b * L::kBytes;
+    for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+    __m512i isum[NT], msum[NT];
+    for (int n = 0; n < NT; ++n) isum[n] = msum[n] = _mm512_setzero_si512();
+    for (int c = 0; c < 4; ++c) {  // sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
+      __m512i slo[NT], shi[NT];
+      for (int n = 0; n < NT; ++n) slo[n] = shi[n] = _mm512_setzero_si512();
+      for (int e = 0; e < 8; ++e) {
+        const __m512i x = _mm512_loadu_si512(q + L::kQOff + 64 * (8 * c + e));
+        const __m512i lo = _mm512_and_si512(x, low4), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+        for (int n = 0; n < NT; ++n) {
+          const int8_t* xq = k.a->qrow(t + n) + b * kQKK + 64 * c + 4 * e;
+          slo[n] = _mm512_dpbusd_epi32(slo[n], lo, bcast4_512(xq));
+          shi[n] = _mm512_dpbusd_epi32(shi[n], hi, bcast4_512(xq + 32));
+        }
+      }
+      const __m512i sc0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kScOff + 16 * (2 * c))));
+      const __m512i sc1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kScOff + 16 * (2 * c + 1))));
+      const __m512i mn0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kMnOff + 16 * (2 * c))));
+      const __m512i mn1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kMnOff + 16 * (2 * c + 1))));
+      for (int n = 0; n < NT; ++n) {
+        const int16_t* bs = k.a->brow(t + n) + b * 16 + 4 * c;  // 16-value sums: sub-block j is groups 2j, 2j + 1
+        isum[n] = _mm512_add_epi32(isum[n], _mm512_add_epi32(_mm512_mullo_epi32(slo[n], sc0), _mm512_mullo_epi32(shi[n], sc1)));
+        msum[n] = _mm512_add_epi32(msum[n], _mm512_add_epi32(_mm512_mullo_epi32(mn0, _mm512_set1_epi32(bs[0] + bs[1])),
+                                                              _mm512_mullo_epi32(mn1, _mm512_set1_epi32(bs[2] + bs[3]))));
+      }
+    }
+    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kDOff)));
+    const __m512 M = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kMOff)));
+    for (int n = 0; n < NT; ++n) {
+      const __m512 dx = _mm512_set1_ps(k.a->drow(t + n)[b]);
+      acc[n] = _mm512_add_ps(acc[n], _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(dx, D), _mm512_cvtepi32_ps(isum[n])),
+                                                   _mm512_mul_ps(_mm512_mul_ps(dx, M), _mm512_cvtepi32_ps(msum[n]))));
+    }
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
+  for (int n = 0; n < NT; ++n) _mm512_mask_storeu_ps(k.y + (t + n) * k.rows + g * kGroup, keep, acc[n]);
+}
+#pragma GCC diagnostic pop
+
+OSD_AVX512 void range_q4k_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+  for (int64_t r = r0; r < r1; r += kGroup) {
+    const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
+    for (int64_t t = t0; t < t1; t += 4) {
+      switch (std::min<int64_t>(4, t1 - t)) {
+        case 4: group_q4k_avx512<4>(k, r / kGroup, nr, t); break;
+        case 3: group_q4k_avx512<3>(k, r / kGroup, nr, t); break;
+        case 2: group_q4k_avx512<2>(k, r / kGroup, nr, t); break;
+        default: group_q4k_avx512<1>(k, r / kGroup, nr, t); break;
+      }
+    }
+  }
+}
+
 template <class B>
 OSD_AVX512 void rangek_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
   const int64_t nb = k.cols / kQKK;
@@ -1052,7 +1158,7 @@ RangeFn pick(TensorType t, Isa isa) {
       case TensorType::Q5_1: return range32_avx512<P5_1>;
       case TensorType::Q8_0: return range32_avx512<P8_0>;
       case TensorType::Q3_K: return rangek_avx512<BlockQ3_K>;
-      case TensorType::Q4_K: return rangek_avx512<BlockQ4_K>;
+      case TensorType::Q4_K: return range_q4k_avx512;
       case TensorType::Q5_K: return rangek_avx512<BlockQ5_K>;
       case TensorType::Q6_K: return rangek_avx512<BlockQ6_K>;
       default: break;
@@ -1125,11 +1231,17 @@ Isa best_isa() {
 
 const char* isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "portable"; }
 
-bool has_packed_layout(TensorType t) { return has_int8_kernel(t) && !is_k_type(t); }
+bool has_packed_layout(TensorType t) { return (has_int8_kernel(t) && !is_k_type(t)) || t == TensorType::Q4_K; }
+
+bool kernel_reads_packed(TensorType t, Isa isa) {
+  return t == TensorType::Q4_K ? isa == Isa::Avx512 : has_packed_layout(t) && isa != Isa::Portable;
+}
 
 size_t packed_bytes(TensorType t, int64_t rows, int64_t cols) {
   if (!has_packed_layout(t)) throw_range(std::string("no packed layout for type ") + gguf::type_info(t).name);
   if (rows <= 0) throw_range("packed_bytes: rows must be > 0");
+  if (t == TensorType::Q4_K)
+    return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ4_K)) * PackedQ4K::kBytes * static_cast<size_t>(groups_of(rows));
   return bytes_for(t, cols) * static_cast<size_t>(groups_of(rows) * kGroup);
 }
 
@@ -1141,6 +1253,7 @@ void pack_rows(TensorType t, const uint8_t* w, size_t row_bytes, int64_t rows, i
     case TensorType::Q4_1: return pack_all<P4_1>(w, row_bytes, rows, cols, dst);
     case TensorType::Q5_0: return pack_all<P5_0>(w, row_bytes, rows, cols, dst);
     case TensorType::Q5_1: return pack_all<P5_1>(w, row_bytes, rows, cols, dst);
+    case TensorType::Q4_K: return pack_all_q4k(w, row_bytes, rows, cols, dst);
     default: return pack_all<P8_0>(w, row_bytes, rows, cols, dst);
   }
 }
@@ -1165,7 +1278,7 @@ void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const flo
     if (m.row_bytes != bytes_for(m.type, cols)) throw_range("matmul: row_bytes does not match the row length");
     first_block[i + 1] = first_block[i] + (m.rows + kRowBlock - 1) / kRowBlock;
     packed[i] = m.packed;
-    if (!packed[i] && isa != Isa::Portable && has_packed_layout(m.type)) {
+    if (!packed[i] && kernel_reads_packed(m.type, isa)) {
       packed_here.emplace_back(packed_bytes(m.type, m.rows, cols));
       pack_rows(m.type, m.w, m.row_bytes, m.rows, cols, packed_here.back().data());
       packed[i] = packed_here.back().data();

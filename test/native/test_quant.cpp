@@ -611,8 +611,46 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
       }
     }
   }
+  // Q4_K: d, dmin, the scales and mins unpacked to bytes (sub-block j of row i at 16j + i), then the
+  // quants in 4-byte chunks; its AVX-512 kernel on it equals the portable reference.
+  for (int64_t rows : {3, 16, 21}) {
+    const int64_t cols = 512, nbk = 2;
+    const TensorType t = TensorType::Q4_K;
+    const auto wk = random_weights(t, rows, cols, rng);
+    const size_t rb = quant::bytes_for(t, cols), gb = 2368;
+    std::vector<uint8_t> pk(quant::packed_bytes(t, rows, cols));
+    CHECK_EQ(pk.size(), gb * nbk * static_cast<size_t>((rows + 15) / 16));
+    quant::pack_rows(t, wk.data(), rb, rows, cols, pk.data());
+    bool ok = true;
+    for (int64_t r = 0; r < (rows + 15) / 16 * 16; ++r) {
+      const int64_t g = r / 16, i = r % 16, src = std::min(r, rows - 1);
+      for (int64_t b = 0; b < nbk; ++b) {
+        const uint8_t* blk = wk.data() + src * rb + b * 144;
+        const uint8_t* o = pk.data() + (g * nbk + b) * gb;
+        ok &= std::memcmp(o + 2 * i, blk, 2) == 0 && std::memcmp(o + 32 + 2 * i, blk + 2, 2) == 0;
+        for (int j = 0; j < 8; ++j) {
+          uint8_t sc, mn;
+          quant::detail::scale_min_k4(j, blk + 4, &sc, &mn);
+          ok &= o[64 + 16 * j + i] == sc && o[192 + 16 * j + i] == mn;
+        }
+        for (int k = 0; k < 32; ++k) ok &= std::memcmp(o + 320 + 64 * k + 4 * i, blk + 16 + 4 * k, 4) == 0;
+      }
+    }
+    CHECK(ok);
+    if (quant::kernel_reads_packed(t, quant::Isa::Avx512) && quant::isa_available(quant::Isa::Avx512)) {
+      const Matrix m = make_matrix(t, wk, rows, cols);
+      for (int64_t n : {1, 3, 6}) {
+        const auto x = random_acts(n, cols, rng);
+        const auto ref = run_q(m, x, n, quant::Isa::Portable);
+        std::vector<float> y(n * rows);
+        quant::matmul(t, wk.data(), rb, rows, cols, x.data(), n, y.data(), quant::Isa::Avx512, pk.data());
+        CHECK(bits_equal(ref.data(), y.data(), ref.size()));
+      }
+    }
+  }
+  CHECK(!quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Avx2) && quant::kernel_reads_packed(TensorType::Q4_1, quant::Isa::Avx2));
   std::vector<uint8_t> w(quant::bytes_for(TensorType::Q4_1, 64)), p(4096);
-  CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q4_K, 1, 256), "no packed layout for type Q4_K");
+  CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q6_K, 1, 256), "no packed layout for type Q6_K");
   CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q4_1, 0, 64), "rows must be > 0");
   CHECK_THROWS(Error, quant::pack_rows(TensorType::Q4_1, w.data(), w.size() + 1, 1, 64, p.data()),
                "row_bytes does not match the row length");

@@ -648,9 +648,43 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
       }
     }
   }
+  // Q6_K: d, the int8 scales (group g of row i at 32 + 16g + i), ql and qh in 4-byte chunks.
+  for (int64_t rows : {5, 16, 19}) {
+    const int64_t cols = 512, nbk = 2;
+    const TensorType t = TensorType::Q6_K;
+    const auto wk = random_weights(t, rows, cols, rng);
+    const size_t rb = quant::bytes_for(t, cols), gb = 3360;
+    std::vector<uint8_t> pk(quant::packed_bytes(t, rows, cols));
+    CHECK_EQ(pk.size(), gb * nbk * static_cast<size_t>((rows + 15) / 16));
+    quant::pack_rows(t, wk.data(), rb, rows, cols, pk.data());
+    bool ok = true;
+    for (int64_t r = 0; r < (rows + 15) / 16 * 16; ++r) {
+      const int64_t g = r / 16, i = r % 16, src = std::min(r, rows - 1);
+      for (int64_t b = 0; b < nbk; ++b) {
+        const uint8_t* blk = wk.data() + src * rb + b * 210;
+        const uint8_t* o = pk.data() + (g * nbk + b) * gb;
+        ok &= std::memcmp(o + 2 * i, blk + 208, 2) == 0;
+        for (int j = 0; j < 16; ++j) ok &= o[32 + 16 * j + i] == blk[192 + j];
+        for (int k = 0; k < 32; ++k) ok &= std::memcmp(o + 288 + 64 * k + 4 * i, blk + 4 * k, 4) == 0;
+        for (int k = 0; k < 16; ++k) ok &= std::memcmp(o + 2336 + 64 * k + 4 * i, blk + 128 + 4 * k, 4) == 0;
+      }
+    }
+    CHECK(ok);
+    if (quant::isa_available(quant::Isa::Avx512)) {
+      const Matrix m = make_matrix(t, wk, rows, cols);
+      for (int64_t n : {1, 4, 7}) {
+        const auto x = random_acts(n, cols, rng);
+        const auto ref = run_q(m, x, n, quant::Isa::Portable);
+        std::vector<float> y(n * rows);
+        quant::matmul(t, wk.data(), rb, rows, cols, x.data(), n, y.data(), quant::Isa::Avx512, pk.data());
+        CHECK(bits_equal(ref.data(), y.data(), ref.size()));
+      }
+    }
+  }
   CHECK(!quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Avx2) && quant::kernel_reads_packed(TensorType::Q4_1, quant::Isa::Avx2));
+  CHECK(quant::kernel_reads_packed(TensorType::Q6_K, quant::Isa::Avx512) && !quant::kernel_reads_packed(TensorType::Q5_K, quant::Isa::Avx512));
   std::vector<uint8_t> w(quant::bytes_for(TensorType::Q4_1, 64)), p(4096);
-  CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q6_K, 1, 256), "no packed layout for type Q6_K");
+  CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q5_K, 1, 256), "no packed layout for type Q5_K");
   CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q4_1, 0, 64), "rows must be > 0");
   CHECK_THROWS(Error, quant::pack_rows(TensorType::Q4_1, w.data(), w.size() + 1, 1, 64, p.data()),
                "row_bytes does not match the row length");

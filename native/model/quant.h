@@ -53,8 +53,8 @@ const char* isa_name(Isa isa);
 // Q5_0, Q5_1, Q8_0) read: rows interleaved in groups of 16 so that one vector load gives the same
 // bytes of 16 rows (described in quant_matmul.cpp). packed_bytes() is the rows' own size, padded
 // to a multiple of 16 rows (Q4_K: 2.8% more). A matrix used more than once is packed once (Model does it at load).
-// Q4_K and Q6_K have one too (super-blocks of 16 rows; Q4_K's scales and mins unpacked to bytes),
-// read by their AVX-512 kernels only. kernel_reads_packed: whether the kernels of `isa` read it.
+// Q4_K, Q5_K and Q6_K have one too (super-blocks of 16 rows; the six-bit scales and mins of Q4_K
+// and Q5_K unpacked to bytes), read by their AVX-512 kernels only. kernel_reads_packed: whether the kernels of `isa` read it.
 bool has_packed_layout(TensorType t);
 bool kernel_reads_packed(TensorType t, Isa isa);
 size_t packed_bytes(TensorType t, int64_t rows, int64_t cols);

@@ -611,13 +611,15 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
       }
     }
   }
-  // Q4_K: d, dmin, the scales and mins unpacked to bytes (sub-block j of row i at 16j + i), then the
-  // quants in 4-byte chunks; its AVX-512 kernel on it equals the portable reference.
+  // Q4_K and Q5_K: d, dmin, the scales and mins unpacked to bytes (sub-block j of row i at 16j + i),
+  // the quants in 4-byte chunks, then Q5_K's qh the same way; their AVX-512 kernels on it equal the
+  // portable reference.
+  for (TensorType t : {TensorType::Q4_K, TensorType::Q5_K})
   for (int64_t rows : {3, 16, 21}) {
     const int64_t cols = 512, nbk = 2;
-    const TensorType t = TensorType::Q4_K;
+    const bool q5 = t == TensorType::Q5_K;
     const auto wk = random_weights(t, rows, cols, rng);
-    const size_t rb = quant::bytes_for(t, cols), gb = 2368;
+    const size_t rb = quant::bytes_for(t, cols), gb = q5 ? 2880 : 2368, bb = q5 ? 176 : 144;
     std::vector<uint8_t> pk(quant::packed_bytes(t, rows, cols));
     CHECK_EQ(pk.size(), gb * nbk * static_cast<size_t>((rows + 15) / 16));
     quant::pack_rows(t, wk.data(), rb, rows, cols, pk.data());
@@ -625,7 +627,7 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
     for (int64_t r = 0; r < (rows + 15) / 16 * 16; ++r) {
       const int64_t g = r / 16, i = r % 16, src = std::min(r, rows - 1);
       for (int64_t b = 0; b < nbk; ++b) {
-        const uint8_t* blk = wk.data() + src * rb + b * 144;
+        const uint8_t* blk = wk.data() + src * rb + b * bb;
         const uint8_t* o = pk.data() + (g * nbk + b) * gb;
         ok &= std::memcmp(o + 2 * i, blk, 2) == 0 && std::memcmp(o + 32 + 2 * i, blk + 2, 2) == 0;
         for (int j = 0; j < 8; ++j) {
@@ -633,7 +635,10 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
           quant::detail::scale_min_k4(j, blk + 4, &sc, &mn);
           ok &= o[64 + 16 * j + i] == sc && o[192 + 16 * j + i] == mn;
         }
-        for (int k = 0; k < 32; ++k) ok &= std::memcmp(o + 320 + 64 * k + 4 * i, blk + 16 + 4 * k, 4) == 0;
+        const uint8_t* qs = blk + (q5 ? 48 : 16);  // Q5_K: d, dmin, scales[12], qh[32], qs[128]
+        for (int k = 0; k < 32; ++k) ok &= std::memcmp(o + 320 + 64 * k + 4 * i, qs + 4 * k, 4) == 0;
+        if (q5)
+          for (int k = 0; k < 8; ++k) ok &= std::memcmp(o + 2368 + 64 * k + 4 * i, blk + 16 + 4 * k, 4) == 0;
       }
     }
     CHECK(ok);
@@ -682,9 +687,9 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
     }
   }
   CHECK(!quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Avx2) && quant::kernel_reads_packed(TensorType::Q4_1, quant::Isa::Avx2));
-  CHECK(quant::kernel_reads_packed(TensorType::Q6_K, quant::Isa::Avx512) && !quant::kernel_reads_packed(TensorType::Q5_K, quant::Isa::Avx512));
+  CHECK(quant::kernel_reads_packed(TensorType::Q6_K, quant::Isa::Avx512) && !quant::kernel_reads_packed(TensorType::Q3_K, quant::Isa::Avx512));
   std::vector<uint8_t> w(quant::bytes_for(TensorType::Q4_1, 64)), p(4096);
-  CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q5_K, 1, 256), "no packed layout for type Q5_K");
+  CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q3_K, 1, 256), "no packed layout for type Q3_K");
   CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q4_1, 0, 64), "rows must be > 0");
   CHECK_THROWS(Error, quant::pack_rows(TensorType::Q4_1, w.data(), w.size() + 1, 1, 64, p.data()),
                "row_bytes does not match the row length");

@@ -54,7 +54,7 @@ const char* isa_name(Isa isa);
 // bytes of 16 rows (described in quant_matmul.cpp). packed_bytes() is the rows' own size, padded
 // to a multiple of 16 rows (Q4_K: 2.8% more). A matrix used more than once is packed once (Model does it at load).
 // Q4_K, Q5_K and Q6_K have one too (super-blocks of 16 rows; the six-bit scales and mins of Q4_K
-// and Q5_K unpacked to bytes), read by their AVX-512 kernels only. kernel_reads_packed: whether the kernels of `isa` read it.
+// and Q5_K unpacked to bytes); Q3_K has none.
 bool has_packed_layout(TensorType t);
 bool kernel_reads_packed(TensorType t, Isa isa);
 size_t packed_bytes(TensorType t, int64_t rows, int64_t cols);

@@ -642,13 +642,14 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
       }
     }
     CHECK(ok);
-    if (quant::kernel_reads_packed(t, quant::Isa::Avx512) && quant::isa_available(quant::Isa::Avx512)) {
-      const Matrix m = make_matrix(t, wk, rows, cols);
+    const Matrix m = make_matrix(t, wk, rows, cols);
+    for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
+      if (!quant::isa_available(isa)) continue;
       for (int64_t n : {1, 3, 6}) {
         const auto x = random_acts(n, cols, rng);
         const auto ref = run_q(m, x, n, quant::Isa::Portable);
         std::vector<float> y(n * rows);
-        quant::matmul(t, wk.data(), rb, rows, cols, x.data(), n, y.data(), quant::Isa::Avx512, pk.data());
+        quant::matmul(t, wk.data(), rb, rows, cols, x.data(), n, y.data(), isa, pk.data());
         CHECK(bits_equal(ref.data(), y.data(), ref.size()));
       }
     }
@@ -675,18 +676,19 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
       }
     }
     CHECK(ok);
-    if (quant::isa_available(quant::Isa::Avx512)) {
-      const Matrix m = make_matrix(t, wk, rows, cols);
+    const Matrix m = make_matrix(t, wk, rows, cols);
+    for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
+      if (!quant::isa_available(isa)) continue;
       for (int64_t n : {1, 4, 7}) {
         const auto x = random_acts(n, cols, rng);
         const auto ref = run_q(m, x, n, quant::Isa::Portable);
         std::vector<float> y(n * rows);
-        quant::matmul(t, wk.data(), rb, rows, cols, x.data(), n, y.data(), quant::Isa::Avx512, pk.data());
+        quant::matmul(t, wk.data(), rb, rows, cols, x.data(), n, y.data(), isa, pk.data());
         CHECK(bits_equal(ref.data(), y.data(), ref.size()));
       }
     }
   }
-  CHECK(!quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Avx2) && quant::kernel_reads_packed(TensorType::Q4_1, quant::Isa::Avx2));
+  CHECK(quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Avx2) && !quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Portable));
   CHECK(quant::kernel_reads_packed(TensorType::Q6_K, quant::Isa::Avx512) && !quant::kernel_reads_packed(TensorType::Q3_K, quant::Isa::Avx512));
   std::vector<uint8_t> w(quant::bytes_for(TensorType::Q4_1, 64)), p(4096);
   CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q3_K, 1, 256), "no packed layout for type Q3_K");
@@ -717,6 +719,47 @@ OSD_TEST(integer_sums_at_their_extremes_equal_the_reference) {
         std::vector<float> x(n * cols, a);
         for (int64_t j = 0; j < cols; j += 3) x[j] = -a;  // mixed signs in some tokens' blocks
         std::fill(x.begin(), x.begin() + 2 * cols, a);    // and all alike in others
+        const auto ref = run_q(m, x, n, quant::Isa::Portable);
+        for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
+          if (!quant::isa_available(isa)) continue;
+          const auto y = run_q(m, x, n, isa);
+          size_t where = 0;
+          const bool same = bits_equal(ref.data(), y.data(), ref.size(), &where);
+          if (!same)
+            std::printf("  %s fill 0x%02x x %g (%s): output %zu is %.9g vs %.9g\n", gguf::type_info(t).name, fill, a,
+                        quant::isa_name(isa), where, y[where], ref[where]);
+          CHECK(same);
+        }
+      }
+    }
+  }
+}
+
+// The same for the packed K-quants (Q4_K, Q5_K, Q6_K): every byte 0xFF (all values and scales at
+// their top: 4-bit 15 with six-bit scales and mins 63, Q5_K's fifth bits set, Q6_K's 6-bit 31 with
+// scales -1) or 0x00, against activations of +-127.
+OSD_TEST(k_quant_integer_sums_at_their_extremes_equal_the_reference) {
+  const int64_t cols = 512, rows = 17;
+  for (TensorType t : {TensorType::Q4_K, TensorType::Q5_K, TensorType::Q6_K}) {
+    const size_t rb = quant::bytes_for(t, cols), bb = gguf::type_info(t).block_bytes;
+    for (uint8_t fill : {uint8_t(0xFF), uint8_t(0x00), uint8_t(0xAA)}) {
+      std::vector<uint8_t> w(rb * rows, fill);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < cols / 256; ++b) {
+          uint8_t* blk = w.data() + r * rb + b * bb;
+          const uint16_t h = float_to_half(r % 2 ? 1e-3f : -2e-3f);
+          if (t == TensorType::Q6_K) {
+            std::memcpy(blk + 208, &h, 2);
+          } else {
+            std::memcpy(blk, &h, 2);
+            std::memcpy(blk + 2, &h, 2);
+          }
+        }
+      const Matrix m = make_matrix(t, w, rows, cols);
+      for (float a : {1.0f, -1.0f}) {
+        const int64_t n = 5;
+        std::vector<float> x(n * cols, a);
+        for (int64_t j = 2 * cols; j < n * cols; j += 3) x[j] = -a;  // mixed signs in the later tokens
         const auto ref = run_q(m, x, n, quant::Isa::Portable);
         for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
           if (!quant::isa_available(isa)) continue;

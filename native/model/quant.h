@@ -49,12 +49,12 @@ bool isa_available(Isa isa);
 Isa best_isa();
 const char* isa_name(Isa isa);
 
-// The 16-row packed layout that the AVX2 and AVX-512 kernels of the 32-value formats (Q4_0, Q4_1,
-// Q5_0, Q5_1, Q8_0) read: rows interleaved in groups of 16 so that one vector load gives the same
-// bytes of 16 rows (described in quant_matmul.cpp). packed_bytes() is the rows' own size, padded
-// to a multiple of 16 rows (Q4_K: 2.8% more). A matrix used more than once is packed once (Model does it at load).
-// Q4_K, Q5_K and Q6_K have one too (super-blocks of 16 rows; the six-bit scales and mins of Q4_K
-// and Q5_K unpacked to bytes); Q3_K has none.
+// The 16-row packed layout that the AVX2 and AVX-512 kernels read: rows interleaved in groups of 16
+// so that one vector load gives the same bytes of 16 rows (described in quant_matmul.cpp). Every
+// int8-kernel type has one except Q3_K. packed_bytes() is the rows' own size, padded to a multiple
+// of 16 rows (Q4_K and Q5_K: 2-3% more, their six-bit scales and mins unpacked to bytes). A matrix
+// used more than once is packed once (Model does it at load). kernel_reads_packed: whether the
+// kernels of `isa` read it (the portable ones read the file's layout).
 bool has_packed_layout(TensorType t);
 bool kernel_reads_packed(TensorType t, Isa isa);
 size_t packed_bytes(TensorType t, int64_t rows, int64_t cols);

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <initializer_list>
 #include <iterator>
 #include <random>
 #include <string>
@@ -187,6 +188,42 @@ std::vector<float> run_q(const Matrix& m, const std::vector<float>& x, int64_t n
   std::vector<float> y(n * m.rows);
   quant::matmul(m.type, m.data, m.row_bytes, m.rows, m.cols, x.data(), n, y.data(), isa);
   return y;
+}
+
+// The AVX2 and AVX-512 products (where the CPU has them) against the portable reference, bit for
+// bit; prints the first difference of each.
+bool vector_kernels_match(const Matrix& m, const std::vector<float>& x, int64_t n, const char* what) {
+  const auto ref = run_q(m, x, n, quant::Isa::Portable);
+  bool all = true;
+  for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
+    if (!quant::isa_available(isa)) continue;
+    const auto y = run_q(m, x, n, isa);
+    size_t where = 0;
+    if (!bits_equal(ref.data(), y.data(), ref.size(), &where)) {
+      std::printf("  %s (%s): output %zu is %.9g vs %.9g\n", what, quant::isa_name(isa), where, y[where], ref[where]);
+      all = false;
+    }
+  }
+  return all;
+}
+
+// The vector kernels on weights packed once (as Model does) against the portable reference on the
+// file's rows, bit for bit, at each token count.
+bool packed_kernels_match(TensorType t, const std::vector<uint8_t>& w, int64_t rows, int64_t cols, const uint8_t* packed,
+                          std::initializer_list<int64_t> ns, std::mt19937& rng) {
+  const Matrix m = make_matrix(t, w, rows, cols);
+  bool all = true;
+  for (int64_t n : ns) {
+    const auto x = random_acts(n, cols, rng);
+    const auto ref = run_q(m, x, n, quant::Isa::Portable);
+    for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
+      if (!quant::isa_available(isa)) continue;
+      std::vector<float> y(n * rows);
+      quant::matmul(t, w.data(), m.row_bytes, rows, cols, x.data(), n, y.data(), isa, packed);
+      all &= bits_equal(ref.data(), y.data(), ref.size());
+    }
+  }
+  return all;
 }
 
 bool have_avx512() {
@@ -598,17 +635,7 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
         }
       }
       CHECK(ok);
-      const Matrix m = make_matrix(t, w, rows, cols);
-      for (int64_t n : {1, 6, 11}) {
-        const auto x = random_acts(n, cols, rng);
-        const auto ref = run_q(m, x, n, quant::Isa::Portable);
-        for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
-          if (!quant::isa_available(isa)) continue;
-          std::vector<float> y(n * rows);
-          quant::matmul(t, w.data(), rb, rows, cols, x.data(), n, y.data(), isa, p.data());
-          CHECK(bits_equal(ref.data(), y.data(), ref.size()));
-        }
-      }
+      CHECK(packed_kernels_match(t, w, rows, cols, p.data(), {1, 6, 11}, rng));
     }
   }
   // Q4_K and Q5_K: d, dmin, the scales and mins unpacked to bytes (sub-block j of row i at 16j + i),
@@ -642,17 +669,7 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
       }
     }
     CHECK(ok);
-    const Matrix m = make_matrix(t, wk, rows, cols);
-    for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
-      if (!quant::isa_available(isa)) continue;
-      for (int64_t n : {1, 3, 6}) {
-        const auto x = random_acts(n, cols, rng);
-        const auto ref = run_q(m, x, n, quant::Isa::Portable);
-        std::vector<float> y(n * rows);
-        quant::matmul(t, wk.data(), rb, rows, cols, x.data(), n, y.data(), isa, pk.data());
-        CHECK(bits_equal(ref.data(), y.data(), ref.size()));
-      }
-    }
+    CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), {1, 3, 6}, rng));
   }
   // Q6_K: d, the int8 scales (group g of row i at 32 + 16g + i), ql and qh in 4-byte chunks.
   for (int64_t rows : {5, 16, 19}) {
@@ -676,17 +693,7 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
       }
     }
     CHECK(ok);
-    const Matrix m = make_matrix(t, wk, rows, cols);
-    for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
-      if (!quant::isa_available(isa)) continue;
-      for (int64_t n : {1, 4, 7}) {
-        const auto x = random_acts(n, cols, rng);
-        const auto ref = run_q(m, x, n, quant::Isa::Portable);
-        std::vector<float> y(n * rows);
-        quant::matmul(t, wk.data(), rb, rows, cols, x.data(), n, y.data(), isa, pk.data());
-        CHECK(bits_equal(ref.data(), y.data(), ref.size()));
-      }
-    }
+    CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), {1, 4, 7}, rng));
   }
   CHECK(quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Avx2) && !quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Portable));
   CHECK(quant::kernel_reads_packed(TensorType::Q6_K, quant::Isa::Avx512) && !quant::kernel_reads_packed(TensorType::Q3_K, quant::Isa::Avx512));
@@ -719,17 +726,9 @@ OSD_TEST(integer_sums_at_their_extremes_equal_the_reference) {
         std::vector<float> x(n * cols, a);
         for (int64_t j = 0; j < cols; j += 3) x[j] = -a;  // mixed signs in some tokens' blocks
         std::fill(x.begin(), x.begin() + 2 * cols, a);    // and all alike in others
-        const auto ref = run_q(m, x, n, quant::Isa::Portable);
-        for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
-          if (!quant::isa_available(isa)) continue;
-          const auto y = run_q(m, x, n, isa);
-          size_t where = 0;
-          const bool same = bits_equal(ref.data(), y.data(), ref.size(), &where);
-          if (!same)
-            std::printf("  %s fill 0x%02x x %g (%s): output %zu is %.9g vs %.9g\n", gguf::type_info(t).name, fill, a,
-                        quant::isa_name(isa), where, y[where], ref[where]);
-          CHECK(same);
-        }
+        char what[64];
+        std::snprintf(what, sizeof what, "%s fill 0x%02x x %g", gguf::type_info(t).name, fill, a);
+        CHECK(vector_kernels_match(m, x, n, what));
       }
     }
   }
@@ -760,17 +759,9 @@ OSD_TEST(k_quant_integer_sums_at_their_extremes_equal_the_reference) {
         const int64_t n = 5;
         std::vector<float> x(n * cols, a);
         for (int64_t j = 2 * cols; j < n * cols; j += 3) x[j] = -a;  // mixed signs in the later tokens
-        const auto ref = run_q(m, x, n, quant::Isa::Portable);
-        for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
-          if (!quant::isa_available(isa)) continue;
-          const auto y = run_q(m, x, n, isa);
-          size_t where = 0;
-          const bool same = bits_equal(ref.data(), y.data(), ref.size(), &where);
-          if (!same)
-            std::printf("  %s fill 0x%02x x %g (%s): output %zu is %.9g vs %.9g\n", gguf::type_info(t).name, fill, a,
-                        quant::isa_name(isa), where, y[where], ref[where]);
-          CHECK(same);
-        }
+        char what[64];
+        std::snprintf(what, sizeof what, "%s fill 0x%02x x %g", gguf::type_info(t).name, fill, a);
+        CHECK(vector_kernels_match(m, x, n, what));
       }
     }
   }

@@ -9,12 +9,14 @@
 
 #include "check.h"
 #include "core/error.h"
+#include "core/fp16.h"
 #include "core/thread_pool.h"
 #include "io/file.h"
 #include "io/gguf.h"
 #include "model/model.h"
 #include "model/model_io.h"
 #include "model/quant.h"
+#include "model/random_model.h"
 #include "model/sequence.h"
 
 using namespace osd;
@@ -386,6 +388,79 @@ OSD_TEST(packed_weights_give_the_reference_products) {
     }
     CHECK(packed >= 1 + 6 * static_cast<int>(mt->layers.size()));
   }
+  std::remove(path.c_str());
+}
+
+// The same for the K-quants Model packs (Q4_K, Q5_K, Q6_K, mixed in one model as in llama.cpp's
+// Q4_K_M files), on a random llama whose rows are whole 256-value super-blocks; and its decoding
+// is batch invariant on them.
+OSD_TEST(packed_k_quant_weights_give_the_reference_products) {
+  if (quant::best_isa() == quant::Isa::Portable) {
+    std::printf("skip: no AVX2 on this CPU (or OSD_NO_AVX2): the model keeps the file's layout\n");
+    return;
+  }
+  const std::string base = "/tmp/osd-test-kq-" + std::to_string(::getpid()) + ".gguf", path = base + ".k.gguf";
+  ModelConfig c;
+  c.vocab = 300, c.dim = 256, c.n_layers = 2, c.n_heads = 4, c.n_kv_heads = 2, c.head_dim = 64, c.ffn_dim = 512,
+  c.context = 64;
+  write_random_gguf(base, c, 7, gguf::TensorType::F16);
+  std::mt19937 rng(11);
+  {
+    auto f = gguf::File::open(base);
+    gguf::Writer w;
+    for (const auto& kv : f->metadata()) w.set(kv.key, kv.value);
+    const gguf::TensorType kinds[] = {gguf::TensorType::Q4_K, gguf::TensorType::Q5_K, gguf::TensorType::Q6_K};
+    std::vector<std::vector<uint8_t>> keep;
+    int next = 0;
+    for (const auto& t : f->tensors()) {
+      const std::vector<uint64_t> dims(t.ne, t.ne + t.n_dims);
+      if (t.n_dims != 2 || t.ne[0] % 256 != 0) {
+        w.add_tensor_raw(t.name, t.type, dims, t.data, t.n_bytes);
+        continue;
+      }
+      const gguf::TensorType k = kinds[next++ % 3];
+      const gguf::TypeInfo& ti = gguf::type_info(k);
+      keep.emplace_back(t.ne[1] * (t.ne[0] / 256) * ti.block_bytes);
+      for (auto& b : keep.back()) b = static_cast<uint8_t>(rng());
+      for (size_t b = 0; b < keep.back().size(); b += ti.block_bytes) {
+        const uint16_t d = float_to_half(0.002f), dmin = float_to_half(0.001f);
+        if (k == gguf::TensorType::Q6_K) {
+          std::memcpy(&keep.back()[b + 208], &d, 2);
+        } else {
+          std::memcpy(&keep.back()[b], &d, 2);
+          std::memcpy(&keep.back()[b + 2], &dmin, 2);
+        }
+      }
+      w.add_tensor_raw(t.name, k, dims, keep.back().data(), keep.back().size());
+    }
+    w.write(path);
+  }
+  auto m = Model::load(path);
+  std::vector<const Matrix*> ms = {&m->output};
+  for (const auto& l : m->layers)
+    for (const Matrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) ms.push_back(w);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  int packed = 0;
+  for (const Matrix* w : ms) {
+    if (w->type != gguf::TensorType::Q4_K && w->type != gguf::TensorType::Q5_K && w->type != gguf::TensorType::Q6_K) continue;
+    CHECK(w->packed != nullptr);
+    ++packed;
+    const int64_t n = 3;
+    std::vector<float> x(n * w->cols), a(n * w->rows), b(n * w->rows);
+    for (auto& v : x) v = g(rng);
+    matmul(*w, x.data(), n, a.data(), KernelIsa::Portable);
+    matmul(*w, x.data(), n, b.data(), KernelIsa::Auto);
+    CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+  }
+  CHECK(packed >= 10);
+  const int32_t V = m->config().vocab;
+  const std::vector<int32_t> toks = {1, 17, 250, 3, 99, 42};
+  const auto one = decode_one_by_one(m, toks);
+  Sequence s(m);
+  std::vector<float> batch(toks.size() * static_cast<size_t>(V));
+  s.evaluate(toks.data(), static_cast<int32_t>(toks.size()), nullptr, batch.data());
+  CHECK(std::memcmp(one.data(), batch.data(), batch.size() * sizeof(float)) == 0);
+  std::remove(base.c_str());
   std::remove(path.c_str());
 }
 

@@ -355,6 +355,30 @@ OSD_TEST(huge_buffer_is_aligned_zeroed_and_movable) {
   CHECK(b.data()[n - 1] == 7);
 }
 
+// The matrices of m whose type `pick` selects: each must have a packed copy, and its product (the
+// vector kernels on that copy) must equal the portable product on the file's rows, bit for bit.
+// Returns how many there were (a failed check counts too).
+template <class Pick>
+int packed_matrices_match(const Model& m, Pick pick, std::mt19937& rng) {
+  std::vector<const Matrix*> ms = {&m.output};
+  for (const auto& l : m.layers)
+    for (const Matrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) ms.push_back(w);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  int count = 0;
+  for (const Matrix* w : ms) {
+    if (!pick(w->type)) continue;
+    CHECK(w->packed != nullptr);
+    ++count;
+    const int64_t n = 3;
+    std::vector<float> x(n * w->cols), a(n * w->rows), b(n * w->rows);
+    for (auto& v : x) v = g(rng);
+    matmul(*w, x.data(), n, a.data(), KernelIsa::Portable);
+    matmul(*w, x.data(), n, b.data(), KernelIsa::Auto);
+    CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+  }
+  return count;
+}
+
 // Model packs each Q4_0 .. Q8_0 matrix at load: its products (the vector kernels, on the packed
 // copy) equal the portable reference on the file's own rows, bit for bit, for every matrix.
 OSD_TEST(packed_weights_give_the_reference_products) {
@@ -366,27 +390,12 @@ OSD_TEST(packed_weights_give_the_reference_products) {
   }
   const std::string path = "/tmp/osd-test-packed-" + std::to_string(::getpid()) + ".gguf";
   std::mt19937 rng(5);
-  std::normal_distribution<float> g(0.0f, 1.0f);
   for (gguf::TensorType t : {gguf::TensorType::Q8_0, gguf::TensorType::Q4_0, gguf::TensorType::Q4_1, gguf::TensorType::Q5_0,
                              gguf::TensorType::Q5_1}) {
     save_gguf(*m, path, t);
     auto mt = Model::load(path);
-    std::vector<const Matrix*> ms = {&mt->output};
-    for (const auto& l : mt->layers)
-      for (const Matrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) ms.push_back(w);
-    int packed = 0;
-    for (const Matrix* w : ms) {
-      if (w->type != t) continue;  // rows whose length is not a multiple of 32 stay F16
-      CHECK(w->packed != nullptr);
-      ++packed;
-      const int64_t n = 3;
-      std::vector<float> x(n * w->cols), a(n * w->rows), b(n * w->rows);
-      for (auto& v : x) v = g(rng);
-      matmul(*w, x.data(), n, a.data(), KernelIsa::Portable);
-      matmul(*w, x.data(), n, b.data(), KernelIsa::Auto);
-      CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
-    }
-    CHECK(packed >= 1 + 6 * static_cast<int>(mt->layers.size()));
+    // Rows whose length is not a multiple of 32 stay F16.
+    CHECK(packed_matrices_match(*mt, [&](gguf::TensorType x) { return x == t; }, rng) >= 1 + 6 * static_cast<int>(mt->layers.size()));
   }
   std::remove(path.c_str());
 }
@@ -436,23 +445,10 @@ OSD_TEST(packed_k_quant_weights_give_the_reference_products) {
     w.write(path);
   }
   auto m = Model::load(path);
-  std::vector<const Matrix*> ms = {&m->output};
-  for (const auto& l : m->layers)
-    for (const Matrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) ms.push_back(w);
-  std::normal_distribution<float> g(0.0f, 1.0f);
-  int packed = 0;
-  for (const Matrix* w : ms) {
-    if (w->type != gguf::TensorType::Q4_K && w->type != gguf::TensorType::Q5_K && w->type != gguf::TensorType::Q6_K) continue;
-    CHECK(w->packed != nullptr);
-    ++packed;
-    const int64_t n = 3;
-    std::vector<float> x(n * w->cols), a(n * w->rows), b(n * w->rows);
-    for (auto& v : x) v = g(rng);
-    matmul(*w, x.data(), n, a.data(), KernelIsa::Portable);
-    matmul(*w, x.data(), n, b.data(), KernelIsa::Auto);
-    CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
-  }
-  CHECK(packed >= 10);
+  const auto is_k = [](gguf::TensorType x) {
+    return x == gguf::TensorType::Q4_K || x == gguf::TensorType::Q5_K || x == gguf::TensorType::Q6_K;
+  };
+  CHECK(packed_matrices_match(*m, is_k, rng) >= 10);
   const int32_t V = m->config().vocab;
   const std::vector<int32_t> toks = {1, 17, 250, 3, 99, 42};
   const auto one = decode_one_by_one(m, toks);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <utility>
 
 #include "core/error.h"
 #include "model/quant.h"
@@ -152,21 +153,22 @@ void Model::pack_weights(const gguf::File* file) {
   std::vector<Matrix*> ms = {&output};
   for (auto& l : layers)
     for (Matrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) ms.push_back(w);
-  auto padded = [](size_t n) { return (n + 63) & ~size_t(63); };
+  // Each packed copy starts 64-byte aligned in one buffer.
+  std::vector<std::pair<Matrix*, size_t>> todo;
   size_t total = 0;
   for (Matrix* w : ms)
-    if (quant::kernel_reads_packed(w->type, isa)) total += padded(quant::packed_bytes(w->type, w->rows, w->cols));
-  if (total == 0) return;
+    if (quant::kernel_reads_packed(w->type, isa)) {
+      todo.emplace_back(w, total);
+      total += (quant::packed_bytes(w->type, w->rows, w->cols) + 63) & ~size_t(63);
+    }
+  if (todo.empty()) return;
   packed_ = io::HugeBuffer(total);
-  uint8_t* at = packed_.data();
-  for (Matrix* w : ms) {
-    if (!quant::kernel_reads_packed(w->type, isa)) continue;
-    quant::pack_rows(w->type, w->data, w->row_bytes, w->rows, w->cols, at);
-    w->packed = at;
+  for (auto [w, offset] : todo) {
+    quant::pack_rows(w->type, w->data, w->row_bytes, w->rows, w->cols, packed_.data() + offset);
+    w->packed = packed_.data() + offset;
     // The file's copy is read again only by the portable kernels (and, for a tied output matrix,
     // by embedding lookups): its pages need not stay resident beside the packed one.
     if (file) file->drop_pages(w->data, w->bytes());
-    at += padded(quant::packed_bytes(w->type, w->rows, w->cols));
   }
 }
 

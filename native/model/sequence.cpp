@@ -24,7 +24,6 @@ Sequence::Sequence(std::shared_ptr<const Model> model, int32_t capacity, KvType 
   });
 }
 
-
 void Sequence::reserve(int32_t slots) {
   if (slots <= allocated_) return;
   int32_t grow = std::max<int32_t>(64, allocated_);

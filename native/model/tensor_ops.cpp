@@ -694,7 +694,7 @@ OSD_AVX512 void scores_multi_avx512(const AttendQuery* qs, const T* K, const Slo
 }
 
 // attend_heads with the vector kernels (head size a multiple of 8; `wide`: AVX-512 and a multiple
-// of 16, for 16-lane scores and the paired values). Each query's slots that are row s at slot s
+// of 16, for 16-lane scores, the grouped scores and values, and the 16-lane softmax). Each query's slots that are row s at slot s
 // (its prefix, then its batch slots while they run in order: a chain's tokens, a tree's first
 // branch) go in blocks of 64 slots, every query that has the block taking its scores, then its
 // values, from the block's keys and values while they are in L1; the rest of each query's slots
@@ -730,13 +730,11 @@ OSD_AVX2 void attend_heads_avx2(const AttendQuery* qs, int32_t count, const T* K
   for (int32_t s0 = 0; s0 < shared; s0 += kBlock)
     for (int32_t i = 0; i < count;) {
       const int32_t e = end_of(i, s0), j = e > s0 ? run_of(i, s0, 3) : i + 1;
-      if (e <= s0) {
-      } else if (j - i == 3) {
-        scores_multi_avx512<3>(qs + i, K, same, s0, e, hd, scale);
-      } else if (j - i == 2) {
-        scores_multi_avx512<2>(qs + i, K, same, s0, e, hd, scale);
-      } else {
-        scores(qs[i].q, K, same, s0, e, hd, scale, qs[i].score);
+      switch (e > s0 ? j - i : 0) {
+        case 0: break;
+        case 3: scores_multi_avx512<3>(qs + i, K, same, s0, e, hd, scale); break;
+        case 2: scores_multi_avx512<2>(qs + i, K, same, s0, e, hd, scale); break;
+        default: scores(qs[i].q, K, same, s0, e, hd, scale, qs[i].score); break;
       }
       i = j;
     }

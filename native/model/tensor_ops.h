@@ -106,13 +106,13 @@ struct AttendQuery {
 // head, of one token or of several), each result bit for bit attend_head's. Keys and values that
 // the queries see at the same slot are read once for all of them: a decoded token's heads, and a
 // chain's or a batch's tokens over the cache and each other.
-// The softmax attend_heads runs, in place, with 8 lanes (AVX2) or 16 (AVX-512): for tests, which
-// check that both give the same bits. Returns false where the CPU lacks that instruction set.
-bool attention_softmax(float* score, int32_t n, int lanes);
-
 void attend_heads(const AttendQuery* qs, int32_t count, const float* K, const float* V, size_t stride, int64_t head_dim,
                   float scale);
 void attend_heads(const AttendQuery* qs, int32_t count, const uint16_t* K, const uint16_t* V, size_t stride, int64_t head_dim,
                   float scale);
+
+// The softmax attend_heads runs, in place, with 8 lanes (AVX2) or 16 (AVX-512): for tests, which
+// check that both give the same bits. Returns false where the CPU lacks that instruction set.
+bool attention_softmax(float* score, int32_t n, int lanes);
 
 }  // namespace osd

@@ -177,25 +177,21 @@ function readChatTemplate(path: string): string | undefined {
 }
 
 async function hasTokenizer(path: string): Promise<boolean> {
-  // A vocabulary-less GGUF (weights only) is valid: the model then works on token ids alone.
-  const { open } = await import('node:fs/promises');
-  const fh = await open(path, 'r');
-  try {
-    const head = Buffer.alloc(1 << 20);
-    const { bytesRead } = await fh.read(head, 0, head.length, 0);
-    return head.subarray(0, bytesRead).includes('tokenizer.ggml.model');
-  } finally {
-    await fh.close();
-  }
+  // A vocabulary-less GGUF (weights only) is valid: the model then works on token ids alone. So is
+  // llama.cpp's explicit form of it, tokenizer.ggml.model = "no_vocab" ("none" in older files).
+  const model = native.readGgufMetadata(path, { maxArrayLength: 0 }).metadata['tokenizer.ggml.model'];
+  return model !== undefined && model !== 'no_vocab' && model !== 'none';
 }
 
 /**
  * Storage type for the matrices of a written model (norms and biases stay F32). The quantised types
- * are llama.cpp's block formats, written by the engine's own quantiser (round to nearest); a matrix
- * whose row length is not a multiple of 32 is stored as F16 instead.
+ * are llama.cpp's block formats, written by the engine's own quantiser (round to nearest). As
+ * llama.cpp's quantiser does, a matrix whose row length is not a whole number of the type's blocks
+ * falls back: IQ4_XS and Q2_K (256-value blocks) to IQ4_NL when it is a multiple of 32, anything
+ * else to F16.
  */
-export type StoreType = 'F32' | 'F16' | 'BF16' | 'Q8_0' | 'Q5_0' | 'Q5_1' | 'Q4_0' | 'Q4_1';
-export const STORE_TYPES: readonly StoreType[] = ['F32', 'F16', 'BF16', 'Q8_0', 'Q5_0', 'Q5_1', 'Q4_0', 'Q4_1'];
+export type StoreType = 'F32' | 'F16' | 'BF16' | 'Q8_0' | 'Q5_0' | 'Q5_1' | 'Q4_0' | 'Q4_1' | 'IQ4_NL' | 'IQ4_XS' | 'Q2_K';
+export const STORE_TYPES: readonly StoreType[] = ['F32', 'F16', 'BF16', 'Q8_0', 'Q5_0', 'Q5_1', 'Q4_0', 'Q4_1', 'IQ4_NL', 'IQ4_XS', 'Q2_K'];
 export function isStoreType(t: unknown): t is StoreType {
   return typeof t === 'string' && (STORE_TYPES as readonly string[]).includes(t);
 }

@@ -363,6 +363,17 @@ describe('written models', () => {
       new RangeError('config: embeddingLength / heads must be even (RoPE turns pairs of dimensions), got 3'),
     );
     await expect(writeRandomModel(join(dir, 'c.gguf'), { ...config, type: 'Q4' as never })).rejects.toThrow(/type/);
+    // llama.cpp's explicit "no vocabulary" (tokenizer.ggml.model = "no_vocab", older files "none"):
+    // token ids only, as without the key.
+    const { readGgufLayout, readTensorBytes, writeGgufRaw, kvString } = await import('../lib/train/ggufRewrite.js');
+    const file = readGgufLayout(join(dir, 'a.gguf'));
+    const tensors = file.tensors.map((t) => ({ name: t.name, dims: t.dims, type: t.type, data: readTensorBytes(file, t.name) }));
+    for (const marker of ['no_vocab', 'none']) {
+      writeGgufRaw(join(dir, 'nv.gguf'), [...file.kvs, { key: 'tokenizer.ggml.model', raw: kvString(marker) }], tensors);
+      await using nv = await loadModel(join(dir, 'nv.gguf'));
+      expect(nv.tokenizer, marker).toBeUndefined();
+      expect(Array.from(await nv.forward([1, 2, 3]))).toEqual(Array.from(await m.forward([1, 2, 3])));
+    }
   });
 
   it.skipIf(!have)('a saved model reads back with identical logits (F32) and close logits (F16)', async () => {
@@ -459,6 +470,39 @@ describe('written models', () => {
     let worst = 0;
     for (let i = 0; i < x.length; i++) worst = Math.max(worst, Math.abs(x[i]! - y[i]!));
     expect(worst).toBeLessThan(0.05 * Math.max(...Array.from(x, Math.abs)));
+  });
+
+  it('IQ4_XS and Q2_K fall back to IQ4_NL for rows of 32-value blocks, to F16 otherwise (as llama.cpp does); saved again, every matrix is copied', async () => {
+    const { readGgufMetadata } = await import('../lib/train/bpe.js');
+    // Rows of 288 (9 x 32) values in every matrix but ffn_down's (512 = 2 x 256); a vocabulary of
+    // 100 rows does not matter (rows are quantised along their length).
+    const config = { vocabSize: 100, embeddingLength: 288, layers: 1, heads: 4, kvHeads: 2, feedForwardLength: 512, contextLength: 32, seed: 5 };
+    await writeRandomModel(join(dir, 'f32.gguf'), config);
+    await using src = await loadModel(join(dir, 'f32.gguf'));
+    const ref = await src.forward([1, 2, 3]);
+    const scale = Math.max(...Array.from(ref, Math.abs));
+    for (const type of ['IQ4_XS', 'Q2_K', 'IQ4_NL'] as const) {
+      const path = join(dir, `${type}.gguf`);
+      await src.save(path, { type });
+      const { tensors } = readGgufMetadata(path, { maxArrayLength: 0 }) as unknown as { tensors: { name: string; type: string; dims: number[] }[] };
+      for (const t of tensors) {
+        const want = t.dims.length === 1 ? 'F32' : t.dims[0]! % 256 === 0 || type === 'IQ4_NL' ? type : 'IQ4_NL';
+        expect(t.type, `${type}: ${t.name} [${t.dims.join(', ')}]`).toBe(want);
+      }
+      // The random model written in the type directly takes the same types.
+      await writeRandomModel(join(dir, `w-${type}.gguf`), { ...config, type });
+      const written = readGgufMetadata(join(dir, `w-${type}.gguf`), { maxArrayLength: 0 }) as unknown as { tensors: { type: string }[] };
+      expect(written.tensors.map((t) => t.type)).toEqual(tensors.map((t) => t.type));
+      await using q = await loadModel(path);
+      const got = await q.forward([1, 2, 3]);
+      let worst = 0;
+      for (let i = 0; i < ref.length; i++) worst = Math.max(worst, Math.abs(ref[i]! - got[i]!));
+      expect(worst / scale, type).toBeLessThan(type === 'Q2_K' ? 1 : 0.5);
+      await q.save(join(dir, `again-${type}.gguf`), { type });
+      expect(readFileSync(join(dir, `again-${type}.gguf`)).equals(readFileSync(path)), type).toBe(true);
+      await using conv = await src.convert(type);
+      expect(Array.from(await conv.forward([1, 2, 3]))).toEqual(Array.from(got));
+    }
   });
 });
 

@@ -33,16 +33,20 @@ void set_model_metadata(gguf::Writer& w, const ModelConfig& c) {
   }
 }
 
-void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType type, int64_t rows, int64_t cols,
+gguf::TensorType stored_type(gguf::TensorType type, int64_t cols) {
+  using gguf::TensorType;
+  if (cols % gguf::type_info(type).block_size == 0) return type;
+  if ((type == TensorType::Q2_K || type == TensorType::IQ4_XS) && cols % 32 == 0) return TensorType::IQ4_NL;
+  return TensorType::F16;
+}
+
+void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType want, int64_t rows, int64_t cols,
                    const float* data, std::vector<std::unique_ptr<std::vector<uint8_t>>>& keep) {
   using gguf::TensorType;
   const std::vector<uint64_t> dims{static_cast<uint64_t>(cols), static_cast<uint64_t>(rows)};
+  const TensorType type = stored_type(want, cols);
   if (type == TensorType::F32 || type == TensorType::F16 || type == TensorType::BF16) {
     w.add_tensor(name, type, dims, data);
-    return;
-  }
-  if (cols % gguf::type_info(type).block_size != 0) {
-    w.add_tensor(name, TensorType::F16, dims, data);
     return;
   }
   const size_t row_bytes = quant::bytes_for(type, cols);
@@ -76,7 +80,7 @@ struct ModelWriter {
 void fill_writer(const Model& model, std::optional<gguf::TensorType> want, ModelWriter& mw) {
   using gguf::TensorType;
   using gguf::Value;
-  if (want && !quant::can_quantize(*want)) throw_range("type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1");
+  if (want && !quant::can_quantize(*want)) throw_range(std::string("type must be ") + quant::store_type_names());
   const ModelConfig& c = model.config();
   gguf::Writer& w = mw.w;
   set_model_metadata(w, c);
@@ -91,7 +95,7 @@ void fill_writer(const Model& model, std::optional<gguf::TensorType> want, Model
     }
 
   auto add_matrix = [&](const std::string& name, const Matrix& m) {
-    const TensorType type = want.value_or(m.type);
+    const TensorType type = want ? stored_type(*want, m.cols) : m.type;
     if (m.type == type) {
       w.add_tensor_raw(name, type, {static_cast<uint64_t>(m.cols), static_cast<uint64_t>(m.rows)}, m.data, m.bytes());
       return;

@@ -12,9 +12,13 @@
 
 namespace osd {
 
-// Adds a [rows x cols] float matrix to `w` stored as `type`. A quantised type needs cols to be a
-// whole number of its blocks; a matrix whose rows are not is stored as F16 instead (as llama.cpp's
-// quantiser does). Quantised bytes are kept in `keep` until the file is written.
+// The type a matrix of `cols` columns is stored in when `type` is asked for: `type` itself when its
+// rows are a whole number of its blocks; otherwise, as llama.cpp's quantiser falls back, IQ4_NL for
+// the 256-value Q2_K and IQ4_XS when they are a whole number of 32-value blocks, else F16.
+gguf::TensorType stored_type(gguf::TensorType type, int64_t cols);
+
+// Adds a [rows x cols] float matrix to `w` stored as stored_type(type, cols). Quantised bytes are
+// kept in `keep` until the file is written.
 void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType type, int64_t rows, int64_t cols,
                    const float* data, std::vector<std::unique_ptr<std::vector<uint8_t>>>& keep);
 

@@ -35,6 +35,9 @@ bool can_dequantize(TensorType t) {
     case TensorType::Q4_K:
     case TensorType::Q5_K:
     case TensorType::Q6_K:
+    case TensorType::Q2_K:
+    case TensorType::IQ4_NL:
+    case TensorType::IQ4_XS:
       return true;
     default:
       return false;
@@ -51,11 +54,16 @@ bool can_quantize(TensorType t) {
     case TensorType::Q5_0:
     case TensorType::Q5_1:
     case TensorType::Q8_0:
+    case TensorType::Q2_K:
+    case TensorType::IQ4_NL:
+    case TensorType::IQ4_XS:
       return true;
     default:
       return false;
   }
 }
+
+const char* store_type_names() { return "F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, IQ4_NL, IQ4_XS or Q2_K"; }
 
 size_t bytes_for(TensorType t, int64_t n) {
   const gguf::TypeInfo& ti = gguf::type_info(t);
@@ -209,6 +217,40 @@ void dequant_q6_k(const BlockQ6_K* b, int64_t nb, float* y) {
   }
 }
 
+void dequant_q2_k(const BlockQ2_K* b, int64_t nb, float* y) {
+  for (int64_t i = 0; i < nb; ++i) {
+    const float d = h2f(b[i].d), dmin = h2f(b[i].dmin);
+    // Value 128 n + 32 j + l: bits 2j of qs[32 n + l]; group (value / 16) scale and min.
+    for (int n = 0; n < 2; ++n)
+      for (int j = 0; j < 4; ++j)
+        for (int half = 0; half < 2; ++half) {
+          const uint8_t sc = b[i].scales[8 * n + 2 * j + half];
+          const float dl = d * static_cast<float>(sc & 0xF), ml = dmin * static_cast<float>(sc >> 4);
+          for (int l = 16 * half; l < 16 * half + 16; ++l)
+            *y++ = dl * static_cast<float>((b[i].qs[32 * n + l] >> (2 * j)) & 3) - ml;
+        }
+  }
+}
+
+// 32 values of IQ4_NL nibbles (the layout of BlockIQ4_NL::qs) times dl.
+void dequant_iq4(const uint8_t* qs, float dl, float* y) {
+  for (int j = 0; j < 16; ++j) {
+    y[j] = dl * static_cast<float>(kIq4Values[qs[j] & 0xF]);
+    y[j + 16] = dl * static_cast<float>(kIq4Values[qs[j] >> 4]);
+  }
+}
+
+void dequant_iq4_nl(const BlockIQ4_NL* b, int64_t nb, float* y) {
+  for (int64_t i = 0; i < nb; ++i, y += kQK) dequant_iq4(b[i].qs, h2f(b[i].d), y);
+}
+
+void dequant_iq4_xs(const BlockIQ4_XS* b, int64_t nb, float* y) {
+  for (int64_t i = 0; i < nb; ++i) {
+    const float d = h2f(b[i].d);
+    for (int s = 0; s < 8; ++s, y += kQK) dequant_iq4(b[i].qs + 16 * s, d * static_cast<float>(iq4xs_scale(b[i], s)), y);
+  }
+}
+
 // ---- Quantisers (gguf-py's numpy code, operation for operation) ----
 
 // Q4_0 / Q5_0: d = (the value of largest magnitude, first one on ties) / -levels;
@@ -271,6 +313,94 @@ inline float round_half_away(float v) {
   return v < 0 ? -r : r;
 }
 
+// ---- Q2_K and IQ4 quantisers: this package's own (gguf-py has none) ----
+// Plain round to nearest on scales from each block's range: valid blocks that llama.cpp reads as
+// this package does, though less accurate than llama.cpp's quantize tool, which searches the
+// scales (and weighs them by an importance matrix when given one).
+
+// round(v) clamped to [lo, hi], lo for NaN, with no out-of-range cast.
+inline int clamp_round(float v, int lo, int hi) {
+  const float r = round_half_away(v);
+  return r >= static_cast<float>(lo) ? (r <= static_cast<float>(hi) ? static_cast<int>(r) : hi) : lo;
+}
+
+// The entry of kIq4Values nearest to v (the lower one on ties; index 8, value 1, for NaN).
+int nearest_iq4(float v) {
+  if (!(v == v)) return 8;
+  int best = 0;
+  for (int k = 1; k < 16; ++k)
+    if (std::fabs(v - kIq4Values[k]) < std::fabs(v - kIq4Values[best])) best = k;
+  return best;
+}
+
+// The value of largest magnitude among n (the first on ties).
+float signed_amax(const float* x, int n) {
+  float amax = 0.0f, max = 0.0f;
+  for (int j = 0; j < n; ++j)
+    if (std::fabs(x[j]) > amax) amax = std::fabs(x[j]), max = x[j];
+  return max;
+}
+
+// 32 values as IQ4 nibbles for the block scale dl (BlockIQ4_NL::qs layout).
+void iq4_nibbles(const float* x, float dl, uint8_t* qs) {
+  const float id = dl != 0.0f ? 1.0f / dl : 0.0f;
+  for (int j = 0; j < 16; ++j)
+    qs[j] = static_cast<uint8_t>(nearest_iq4(x[j] * id) | (nearest_iq4(x[j + 16] * id) << 4));
+}
+
+void quantize_iq4_nl(const float* x, BlockIQ4_NL& b) {
+  // The value of largest magnitude lands on -127, the table's end.
+  b.d = float_to_half(signed_amax(x, kQK) / -127.0f);
+  iq4_nibbles(x, h2f(b.d), b.qs);
+}
+
+void quantize_iq4_xs(const float* x, BlockIQ4_XS& b) {
+  float s[8];
+  for (int i = 0; i < 8; ++i) s[i] = signed_amax(x + kQK * i, kQK) / -127.0f;
+  b.d = float_to_half(signed_amax(s, 8) / -32.0f);
+  const float d = h2f(b.d), id = d != 0.0f ? 1.0f / d : 0.0f;
+  b.scales_h = 0;
+  std::memset(b.scales_l, 0, sizeof b.scales_l);
+  for (int i = 0; i < 8; ++i) {
+    // The sub-block's scale rounded away from zero, so that its largest value stays on the table.
+    const float r = s[i] * id;
+    const int ls = clamp_round(r >= 0.0f ? std::ceil(r) : std::floor(r), -32, 31) + 32;
+    b.scales_l[i / 2] = static_cast<uint8_t>(b.scales_l[i / 2] | ((ls & 0xF) << (4 * (i % 2))));
+    b.scales_h = static_cast<uint16_t>(b.scales_h | ((ls >> 4) << (2 * i)));
+    iq4_nibbles(x + kQK * i, d * static_cast<float>(iq4xs_scale(b, i)), b.qs + 16 * i);
+  }
+}
+
+void quantize_q2_k(const float* x, BlockQ2_K& b) {
+  // Per 16 values: min m = max(0, -min x) and scale (max x + m) / 3; then both as 4 bits of the
+  // super-block's d and dmin.
+  float scale[16], mn[16], smax = 0.0f, mmax = 0.0f;
+  for (int g = 0; g < 16; ++g) {
+    float lo = 0.0f, hi = 0.0f;
+    for (int j = 16 * g; j < 16 * g + 16; ++j) lo = x[j] < lo ? x[j] : lo, hi = x[j] > hi ? x[j] : hi;
+    mn[g] = -lo;
+    scale[g] = (hi - lo) / 3.0f;
+    smax = scale[g] > smax ? scale[g] : smax;
+    mmax = mn[g] > mmax ? mn[g] : mmax;
+  }
+  b.d = float_to_half(smax / 15.0f);
+  b.dmin = float_to_half(mmax / 15.0f);
+  const float d = h2f(b.d), dmin = h2f(b.dmin);
+  const float id = d > 0.0f ? 1.0f / d : 0.0f, im = dmin > 0.0f ? 1.0f / dmin : 0.0f;
+  uint8_t q[kQKK];
+  for (int g = 0; g < 16; ++g) {
+    const int sc = clamp_round(scale[g] * id, 0, 15), m = clamp_round(mn[g] * im, 0, 15);
+    b.scales[g] = static_cast<uint8_t>(sc | (m << 4));
+    const float dl = d * static_cast<float>(sc), ml = dmin * static_cast<float>(m);
+    const float il = dl > 0.0f ? 1.0f / dl : 0.0f;
+    for (int j = 16 * g; j < 16 * g + 16; ++j) q[j] = static_cast<uint8_t>(clamp_round((x[j] + ml) * il, 0, 3));
+  }
+  std::memset(b.qs, 0, sizeof b.qs);
+  for (int n = 0; n < 2; ++n)
+    for (int j = 0; j < 4; ++j)
+      for (int l = 0; l < 32; ++l) b.qs[32 * n + l] = static_cast<uint8_t>(b.qs[32 * n + l] | (q[128 * n + 32 * j + l] << (2 * j)));
+}
+
 }  // namespace
 
 void dequantize(TensorType t, const void* src, int64_t n, float* dst) {
@@ -300,6 +430,9 @@ void dequantize(TensorType t, const void* src, int64_t n, float* dst) {
     case TensorType::Q4_K: return dequant_q4_k(blocks<BlockQ4_K>(src), nb, dst);
     case TensorType::Q5_K: return dequant_q5_k(blocks<BlockQ5_K>(src), nb, dst);
     case TensorType::Q6_K: return dequant_q6_k(blocks<BlockQ6_K>(src), nb, dst);
+    case TensorType::Q2_K: return dequant_q2_k(blocks<BlockQ2_K>(src), nb, dst);
+    case TensorType::IQ4_NL: return dequant_iq4_nl(blocks<BlockIQ4_NL>(src), nb, dst);
+    case TensorType::IQ4_XS: return dequant_iq4_xs(blocks<BlockIQ4_XS>(src), nb, dst);
     default:
       throw_range(std::string("no dequantiser for type ") + gguf::type_info(t).name);
   }
@@ -381,6 +514,15 @@ void quantize(TensorType t, const float* src, int64_t n, void* dst) {
       }
       return;
     }
+    case TensorType::Q2_K:
+      for (int64_t i = 0; i < nb; ++i) quantize_q2_k(src + i * kQKK, static_cast<BlockQ2_K*>(dst)[i]);
+      return;
+    case TensorType::IQ4_NL:
+      for (int64_t i = 0; i < nb; ++i) quantize_iq4_nl(src + i * kQK, static_cast<BlockIQ4_NL*>(dst)[i]);
+      return;
+    case TensorType::IQ4_XS:
+      for (int64_t i = 0; i < nb; ++i) quantize_iq4_xs(src + i * kQKK, static_cast<BlockIQ4_XS*>(dst)[i]);
+      return;
     default:
       break;
   }

@@ -1,10 +1,12 @@
-// GGML block formats: exact dequantisation (F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K,
-// Q5_K, Q6_K), quantisation from F32 (F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), and matrix products
-// that read the quantised blocks directly.
+// GGML block formats: exact dequantisation (F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2_K,
+// Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS), quantisation from F32 (F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+// IQ4_NL, IQ4_XS, Q2_K), and matrix products that read the quantised blocks directly.
 //
 // Dequantisation and quantisation match gguf-py (llama.cpp's Python package) bit for bit, which is
 // what ../shared/models/quant-vectors holds: dequantised floats are computed with the same float
 // operations in the same order (no FMA contraction), and the quantisers reproduce its rounding.
+// (The vectors cover neither Q2_K nor the IQ4 formats: test_quant checks those dequantisers against
+// ggml's loops, and gguf-py has no quantiser for them, so theirs are this package's own.)
 //
 // Matrix products quantise each activation row to 8 bits the way llama.cpp does (Q8_0 / Q8_1 for
 // the 32-element formats: round to nearest even, but with f32 rather than fp16 scales; Q8_K for the
@@ -27,9 +29,12 @@ using gguf::TensorType;
 
 // Types with an exact dequantiser (F32 included).
 bool can_dequantize(TensorType t);
-// Types quantize() can write: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+// Types quantize() can write: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (as gguf-py does), and
+// IQ4_NL, IQ4_XS and Q2_K (this package's own round-to-nearest quantiser).
 bool can_quantize(TensorType t);
-// Types whose matrix product runs on 8-bit activations (Q4_0 .. Q8_0, Q3_K .. Q6_K).
+// Those types' names as a list for messages ("F32, F16, ... or Q2_K").
+const char* store_type_names();
+// Types whose matrix product runs on 8-bit activations (Q4_0 .. Q8_0, IQ4_NL, Q2_K .. Q6_K, IQ4_XS).
 bool has_int8_kernel(TensorType t);
 
 // Bytes that n values of type t take. Throws Range when n is not a multiple of the block size.
@@ -51,7 +56,7 @@ const char* isa_name(Isa isa);
 
 // The 16-row packed layout that the AVX2 and AVX-512 kernels read: rows interleaved in groups of 16
 // so that one vector load gives the same bytes of 16 rows (described in quant_matmul.cpp). Every
-// int8-kernel type has one except Q3_K. packed_bytes() is the rows' own size, padded to a multiple
+// int8-kernel type has one except Q2_K, Q3_K, IQ4_NL and IQ4_XS. packed_bytes() is the rows' own size, padded to a multiple
 // of 16 rows (Q4_K and Q5_K: 2-3% more, their six-bit scales and mins unpacked to bytes). A matrix
 // used more than once is packed once (Model does it at load). kernel_reads_packed: whether the
 // kernels of `isa` read it (the portable ones read the file's layout).

@@ -68,6 +68,9 @@ bool has_int8_kernel(TensorType t) {
     case TensorType::Q4_K:
     case TensorType::Q5_K:
     case TensorType::Q6_K:
+    case TensorType::Q2_K:
+    case TensorType::IQ4_NL:
+    case TensorType::IQ4_XS:
       return true;
     default:
       return false;
@@ -76,8 +79,10 @@ bool has_int8_kernel(TensorType t) {
 
 namespace {
 
+// The 256-value formats: Q8_K activations.
 bool is_k_type(TensorType t) {
-  return t == TensorType::Q3_K || t == TensorType::Q4_K || t == TensorType::Q5_K || t == TensorType::Q6_K;
+  return t == TensorType::Q2_K || t == TensorType::Q3_K || t == TensorType::Q4_K || t == TensorType::Q5_K ||
+         t == TensorType::Q6_K || t == TensorType::IQ4_XS;
 }
 
 // Round to nearest, ties to even, for |v| < 2^22 (the activations are within +-127.5).
@@ -257,6 +262,17 @@ struct Q8_0T {
   static void unpack(const B& b, int8_t* q) { std::memcpy(q, b.qs, 32); }
   static uint16_t m(const B&) { return 0; }
 };
+struct IQ4_NLT {
+  using B = BlockIQ4_NL;
+  static constexpr bool kMin = false;
+  static void unpack(const B& b, int8_t* q) {
+    for (int j = 0; j < 16; ++j) {
+      q[j] = kIq4Values[b.qs[j] & 0xF];
+      q[j + 16] = kIq4Values[b.qs[j] >> 4];
+    }
+  }
+  static uint16_t m(const B&) { return 0; }
+};
 
 // K-quants: one super-block as integers.
 struct KBlock {
@@ -275,6 +291,29 @@ void unpack_k(const BlockQ3_K& b, KBlock& k) {
       for (int l = 0; l < 32; ++l)
         k.q[128 * n + 32 * j + l] = static_cast<int8_t>(((b.qs[32 * n + l] >> (2 * j)) & 3) -
                                                         ((b.hmask[l] >> (4 * n + j)) & 1 ? 0 : 4));
+  k.D = half_to_float(b.d);
+  k.M = 0.0f;
+}
+
+void unpack_k(const BlockQ2_K& b, KBlock& k) {
+  for (int g = 0; g < 16; ++g) k.sc[g] = b.scales[g] & 0xF, k.mn[g] = b.scales[g] >> 4;
+  for (int n = 0; n < 2; ++n)
+    for (int j = 0; j < 4; ++j)
+      for (int l = 0; l < 32; ++l) k.q[128 * n + 32 * j + l] = static_cast<int8_t>((b.qs[32 * n + l] >> (2 * j)) & 3);
+  k.D = half_to_float(b.d);
+  k.M = half_to_float(b.dmin);
+}
+
+// IQ4_XS: the table's values as weights, each sub-block's scale on both of its 16-value groups.
+void unpack_k(const BlockIQ4_XS& b, KBlock& k) {
+  for (int s = 0; s < 8; ++s) {
+    k.sc[2 * s] = k.sc[2 * s + 1] = static_cast<int16_t>(iq4xs_scale(b, s));
+    k.mn[2 * s] = k.mn[2 * s + 1] = 0;
+    for (int j = 0; j < 16; ++j) {
+      k.q[32 * s + j] = kIq4Values[b.qs[16 * s + j] & 0xF];
+      k.q[32 * s + 16 + j] = kIq4Values[b.qs[16 * s + j] >> 4];
+    }
+  }
   k.D = half_to_float(b.d);
   k.M = 0.0f;
 }
@@ -777,8 +816,42 @@ OSD_AVX2 void unpack_kv(const BlockQ3_K& b, KBlockV& k) {
   k.M = 0.0f;
 }
 
+OSD_AVX2 void unpack_kv(const BlockQ2_K& b, KBlockV& k) {
+  int8_t sc[16];
+  for (int g = 0; g < 16; ++g) sc[g] = static_cast<int8_t>(b.scales[g] & 0xF);
+  scales_16_avx2(sc, k);
+  k.mnv = _mm256_srli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales))), 4);
+  const __m256i three = _mm256_set1_epi8(3);
+  for (int n = 0; n < 2; ++n) {
+    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * n));
+    for (int j = 0; j < 4; ++j)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(k.q + 128 * n + 32 * j), _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), three));
+  }
+  k.D = f16(b.d);
+  k.M = f16(b.dmin);
+}
+
+// IQ4_XS: two sub-blocks per load, each nibble looked up in the table (vpshufb).
+OSD_AVX2 void unpack_kv(const BlockIQ4_XS& b, KBlockV& k) {
+  int8_t sc[16];
+  for (int s = 0; s < 8; ++s) sc[2 * s] = sc[2 * s + 1] = static_cast<int8_t>(iq4xs_scale(b, s));
+  scales_16_avx2(sc, k);
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
+  const __m256i low = _mm256_set1_epi8(0xF);
+  for (int s = 0; s < 8; s += 2) {
+    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 16 * s));
+    const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(qs, low));
+    const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(qs, 4), low));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(k.q + 32 * s), _mm256_permute2x128_si256(lo, hi, 0x20));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(k.q + 32 * s + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+  }
+  k.D = f16(b.d);
+  k.M = 0.0f;
+}
+
 template <class B>
-constexpr bool kHasMin = std::is_same<B, BlockQ4_K>::value || std::is_same<B, BlockQ5_K>::value;
+constexpr bool kHasMin = std::is_same<B, BlockQ4_K>::value || std::is_same<B, BlockQ5_K>::value ||
+                         std::is_same<B, BlockQ2_K>::value;
 
 template <class B, int RN>
 OSD_AVX2 void tilek_avx2(const Args& k, const KBlockV& kb, int64_t b, int64_t t, float* acc) {
@@ -1359,6 +1432,8 @@ RangeFn pick(TensorType t, Isa isa) {
       case TensorType::Q5_1: return range32_avx512<P5_1>;
       case TensorType::Q8_0: return range32_avx512<P8_0>;
       case TensorType::Q3_K: return rangek_avx512<BlockQ3_K>;
+      case TensorType::Q2_K: return rangek_avx512<BlockQ2_K>;
+      case TensorType::IQ4_XS: return rangek_avx512<BlockIQ4_XS>;
       case TensorType::Q4_K: return range_k4_avx512<BlockQ4_K>;
       case TensorType::Q5_K: return range_k4_avx512<BlockQ5_K>;
       case TensorType::Q6_K: return range_q6k_avx512;
@@ -1373,6 +1448,8 @@ RangeFn pick(TensorType t, Isa isa) {
       case TensorType::Q5_1: return range32_avx2<P5_1>;
       case TensorType::Q8_0: return range32_avx2<P8_0>;
       case TensorType::Q3_K: return rangek_avx2<BlockQ3_K>;
+      case TensorType::Q2_K: return rangek_avx2<BlockQ2_K>;
+      case TensorType::IQ4_XS: return rangek_avx2<BlockIQ4_XS>;
       case TensorType::Q4_K: return range_k_avx2<half_k4_avx2<BlockQ4_K, 1>, half_k4_avx2<BlockQ4_K, 2>>;
       case TensorType::Q5_K: return range_k_avx2<half_k4_avx2<BlockQ5_K, 1>, half_k4_avx2<BlockQ5_K, 2>>;
       case TensorType::Q6_K: return range_k_avx2<half_q6k_avx2<1>, half_q6k_avx2<2>>;
@@ -1387,6 +1464,9 @@ RangeFn pick(TensorType t, Isa isa) {
     case TensorType::Q5_1: return range32_ref<Q5_1T>;
     case TensorType::Q8_0: return range32_ref<Q8_0T>;
     case TensorType::Q3_K: return rangek_ref<BlockQ3_K>;
+    case TensorType::Q2_K: return rangek_ref<BlockQ2_K>;
+    case TensorType::IQ4_XS: return rangek_ref<BlockIQ4_XS>;
+    case TensorType::IQ4_NL: return range32_ref<IQ4_NLT>;  // every ISA: no vector kernel yet
     case TensorType::Q4_K: return rangek_ref<BlockQ4_K>;
     case TensorType::Q5_K: return rangek_ref<BlockQ5_K>;
     case TensorType::Q6_K: return rangek_ref<BlockQ6_K>;
@@ -1433,7 +1513,8 @@ Isa best_isa() {
 const char* isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "portable"; }
 
 bool has_packed_layout(TensorType t) {
-  return (has_int8_kernel(t) && !is_k_type(t)) || t == TensorType::Q4_K || t == TensorType::Q5_K || t == TensorType::Q6_K;
+  return (has_int8_kernel(t) && !is_k_type(t) && t != TensorType::IQ4_NL) || t == TensorType::Q4_K ||
+         t == TensorType::Q5_K || t == TensorType::Q6_K;
 }
 
 bool kernel_reads_packed(TensorType t, Isa isa) {

@@ -38,7 +38,7 @@ void write_random_gguf(const std::string& path, const ModelConfig& cin, uint64_t
   if (c.n_kv_heads <= 0) c.n_kv_heads = c.n_heads;
   if (c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0)
     throw_range("config: embeddingLength must be a multiple of heads, and heads a multiple of kvHeads");
-  if (!quant::can_quantize(type)) throw_range("type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1");
+  if (!quant::can_quantize(type)) throw_range(std::string("type must be ") + quant::store_type_names());
   c.head_dim = c.dim / c.n_heads;
   if (c.head_dim % 2 != 0)  // as loading requires: RoPE turns pairs of dimensions
     throw_range("config: embeddingLength / heads must be even (RoPE turns pairs of dimensions), got " +

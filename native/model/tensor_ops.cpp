@@ -28,7 +28,7 @@ bool matrix_type_supported(TensorType t) {
   return t == TensorType::F32 || t == TensorType::F16 || t == TensorType::BF16 || quant::has_int8_kernel(t);
 }
 
-const char* supported_matrix_types() { return "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K"; }
+const char* supported_matrix_types() { return "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS"; }
 
 Matrix matrix_from_tensor(const gguf::TensorInfo& t) {
   if (!matrix_type_supported(t.type))

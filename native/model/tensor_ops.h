@@ -1,5 +1,5 @@
 // Model math on the CPU: matrix products over weights in their stored type (F32, F16, BF16, and the
-// quantised Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K read block by block, see quant.h),
+// quantised Q4_0 .. Q8_0, IQ4_NL, Q2_K .. Q6_K, IQ4_XS read block by block, see quant.h),
 // RMSNorm, RoPE and SwiGLU. Every output element is one dot product with a fixed reduction order,
 // computed by one thread, so a token's result never depends on how many tokens share the call
 // (batch invariance), on the thread count, or on the tile shape a kernel uses.

@@ -17,6 +17,7 @@
 #include "model/draft.h"
 #include "model/model.h"
 #include "model/model_io.h"
+#include "model/quant.h"
 #include "model/random_model.h"
 #include "model/sequence.h"
 #include "napi/napi_util.h"
@@ -758,9 +759,10 @@ Napi::Value sample_logits(const Napi::CallbackInfo& info) {
 gguf::TensorType store_type_value(Napi::Env env, const Napi::Value& v) {
   std::string t = present(v) ? v.ToString().Utf8Value() : "F32";
   for (gguf::TensorType c : {gguf::TensorType::F32, gguf::TensorType::F16, gguf::TensorType::BF16, gguf::TensorType::Q8_0,
-                             gguf::TensorType::Q5_0, gguf::TensorType::Q5_1, gguf::TensorType::Q4_0, gguf::TensorType::Q4_1})
+                             gguf::TensorType::Q5_0, gguf::TensorType::Q5_1, gguf::TensorType::Q4_0, gguf::TensorType::Q4_1,
+                             gguf::TensorType::IQ4_NL, gguf::TensorType::IQ4_XS, gguf::TensorType::Q2_K})
     if (t == gguf::type_info(c).name) return c;
-  throw Napi::RangeError::New(env, "type must be 'F32', 'F16', 'BF16', 'Q8_0', 'Q5_0', 'Q5_1', 'Q4_0' or 'Q4_1', got '" + t + "'");
+  throw Napi::RangeError::New(env, std::string("type must be one of ") + quant::store_type_names() + ", got '" + t + "'");
 }
 
 gguf::TensorType parse_store_type(Napi::Env env, const Napi::Object& o) { return store_type_value(env, get_prop(o, "type")); }

@@ -297,7 +297,8 @@ OSD_TEST(batch_and_thread_invariance_for_each_storage_type) {
   std::vector<int32_t> toks = {1, 403, 407, 261, 378, 395, 261, 88, 42, 7, 300, 11, 5};
   const int32_t n = static_cast<int32_t>(toks.size());
   for (gguf::TensorType t : {gguf::TensorType::F32, gguf::TensorType::F16, gguf::TensorType::BF16, gguf::TensorType::Q8_0,
-                             gguf::TensorType::Q4_0, gguf::TensorType::Q4_1, gguf::TensorType::Q5_0, gguf::TensorType::Q5_1}) {
+                             gguf::TensorType::Q4_0, gguf::TensorType::Q4_1, gguf::TensorType::Q5_0, gguf::TensorType::Q5_1,
+                             gguf::TensorType::IQ4_NL}) {
     save_gguf(*m, path, t);
     auto mt = Model::load(path);
     set_default_threads(2);
@@ -457,6 +458,37 @@ OSD_TEST(packed_k_quant_weights_give_the_reference_products) {
   s.evaluate(toks.data(), static_cast<int32_t>(toks.size()), nullptr, batch.data());
   CHECK(std::memcmp(one.data(), batch.data(), batch.size() * sizeof(float)) == 0);
   std::remove(base.c_str());
+  std::remove(path.c_str());
+}
+
+// Q2_K and IQ4_XS (read a row at a time, not packed) on a random llama whose rows are whole
+// 256-value super-blocks, written by this package's quantiser: batch, chunk and thread invariant.
+OSD_TEST(q2_k_and_iq4_xs_models_are_batch_and_thread_invariant) {
+  const std::string path = "/tmp/osd-test-q2iq-" + std::to_string(::getpid()) + ".gguf";
+  ModelConfig c;
+  c.vocab = 300, c.dim = 256, c.n_layers = 2, c.n_heads = 4, c.n_kv_heads = 2, c.head_dim = 64, c.ffn_dim = 512,
+  c.context = 64;
+  const int threads_before = default_threads();
+  for (gguf::TensorType t : {gguf::TensorType::Q2_K, gguf::TensorType::IQ4_XS}) {
+    write_random_gguf(path, c, 9, t);
+    auto m = Model::load(path);
+    int in_type = 0;
+    for (const auto& l : m->layers) in_type += (l.wq.type == t) + (l.w_down.type == t);
+    CHECK_EQ(in_type, 2 * c.n_layers);
+    const int32_t V = m->config().vocab;
+    const std::vector<int32_t> toks = {1, 17, 250, 3, 99, 42, 7};
+    set_default_threads(2);
+    const auto one = decode_one_by_one(m, toks);
+    for (int threads : {1, 2, 3}) {
+      set_default_threads(threads);
+      Sequence s(m);
+      std::vector<float> batch(toks.size() * static_cast<size_t>(V));
+      s.evaluate(toks.data(), 4, nullptr, batch.data());
+      s.evaluate(toks.data() + 4, static_cast<int32_t>(toks.size()) - 4, nullptr, batch.data() + 4 * V);
+      CHECK(std::memcmp(one.data(), batch.data(), batch.size() * sizeof(float)) == 0);
+    }
+  }
+  set_default_threads(threads_before);
   std::remove(path.c_str());
 }
 

@@ -103,8 +103,9 @@ bool have_vectors() {
   return false;
 }
 
-const TensorType kInt8Types[] = {TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0, TensorType::Q5_1, TensorType::Q8_0,
-                                 TensorType::Q3_K, TensorType::Q4_K, TensorType::Q5_K, TensorType::Q6_K};
+const TensorType kInt8Types[] = {TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0, TensorType::Q5_1,
+                                 TensorType::Q8_0, TensorType::IQ4_NL, TensorType::Q2_K, TensorType::Q3_K,
+                                 TensorType::Q4_K, TensorType::Q5_K, TensorType::Q6_K, TensorType::IQ4_XS};
 
 bool is_k(TensorType t) { return gguf::type_info(t).block_size == 256; }
 
@@ -138,6 +139,9 @@ std::vector<uint8_t> random_weights(TensorType t, int64_t rows, int64_t cols, st
         case TensorType::Q4_0: case TensorType::Q5_0: case TensorType::Q8_0: put(0, sgn * scale(rng)); break;
         case TensorType::Q4_1: case TensorType::Q5_1: put(0, scale(rng)); put(2, -8 * scale(rng)); break;
         case TensorType::Q3_K: put(108, sgn * scale(rng) * 0.1f); break;
+        case TensorType::Q2_K: put(80, scale(rng) * 0.1f); put(82, scale(rng) * 0.1f); break;
+        case TensorType::IQ4_NL: put(0, sgn * scale(rng) * 0.1f); break;
+        case TensorType::IQ4_XS: put(0, sgn * scale(rng) * 0.01f); break;
         case TensorType::Q4_K: case TensorType::Q5_K: put(0, scale(rng) * 0.1f); put(2, scale(rng) * 0.1f); break;
         case TensorType::Q6_K: put(208, sgn * scale(rng) * 0.01f); break;
         default: break;
@@ -320,6 +324,113 @@ OSD_TEST(quantize_round_trip_error_is_within_half_a_step) {
   }
 }
 
+// Q2_K, IQ4_NL and IQ4_XS have no vectors from gguf-py in ../shared: their dequantisers are checked
+// against ggml's loops (dequantize_row_q2_K, _iq4_nl, _iq4_xs) transcribed here as they are written
+// there, on random bytes with finite scales; and quantising then dequantising lands within a step.
+OSD_TEST(q2_k_and_iq4_dequantise_as_ggml_does) {
+  static const int8_t kv[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+  std::mt19937 rng(12);
+  for (TensorType t : {TensorType::Q2_K, TensorType::IQ4_NL, TensorType::IQ4_XS}) {
+    const int64_t n = 1024;
+    const std::vector<uint8_t> w = random_weights(t, 2, n, rng);  // row 1: random bytes (row 0 is quantised)
+    const uint8_t* row = w.data() + quant::bytes_for(t, n);
+    std::vector<float> got(n), want(n);
+    quant::dequantize(t, row, n, got.data());
+    float* y = want.data();
+    auto h2f = [](const uint8_t* p) {
+      uint16_t h;
+      std::memcpy(&h, p, 2);
+      return half_to_float(h);
+    };
+    if (t == TensorType::Q2_K) {
+      for (int64_t i = 0; i < n / 256; ++i) {
+        const uint8_t* x = row + i * 84;
+        const float d = h2f(x + 80), min = h2f(x + 82);
+        const uint8_t* q = x + 16;
+        int is = 0;
+        for (int k = 0; k < 256; k += 128) {
+          int shift = 0;
+          for (int j = 0; j < 4; ++j) {
+            uint8_t sc = x[is++];
+            float dl = d * (sc & 0xF), ml = min * (sc >> 4);
+            for (int l = 0; l < 16; ++l) *y++ = dl * ((int8_t)((q[l] >> shift) & 3)) - ml;
+            sc = x[is++];
+            dl = d * (sc & 0xF), ml = min * (sc >> 4);
+            for (int l = 0; l < 16; ++l) *y++ = dl * ((int8_t)((q[l + 16] >> shift) & 3)) - ml;
+            shift += 2;
+          }
+          q += 32;
+        }
+      }
+    } else if (t == TensorType::IQ4_NL) {
+      for (int64_t i = 0; i < n / 32; ++i) {
+        const uint8_t* x = row + i * 18;
+        const float d = h2f(x);
+        for (int j = 0; j < 16; ++j) {
+          y[j] = d * kv[x[2 + j] & 0xf];
+          y[j + 16] = d * kv[x[2 + j] >> 4];
+        }
+        y += 32;
+      }
+    } else {
+      for (int64_t i = 0; i < n / 256; ++i) {
+        const uint8_t* x = row + i * 136;
+        const float d = h2f(x);
+        uint16_t scales_h;
+        std::memcpy(&scales_h, x + 2, 2);
+        const uint8_t* qs = x + 8;
+        for (int ib = 0; ib < 8; ++ib) {
+          const int ls = ((x[4 + ib / 2] >> 4 * (ib % 2)) & 0xf) | (((scales_h >> 2 * ib) & 3) << 4);
+          const float dl = d * (ls - 32);
+          for (int j = 0; j < 16; ++j) {
+            y[j + 0] = dl * kv[qs[j] & 0xf];
+            y[j + 16] = dl * kv[qs[j] >> 4];
+          }
+          y += 32;
+          qs += 16;
+        }
+      }
+    }
+    size_t where = 0;
+    const bool same = bits_equal(got.data(), want.data(), n, &where);
+    if (!same) std::printf("  %s: value %zu is %.9g, ggml's loop gives %.9g\n", gguf::type_info(t).name, where, got[where], want[where]);
+    CHECK(same);
+    // Round trip of Gaussian values: every value goes to the nearest point of its block's grid (the
+    // scales as stored), and the rms error is that of a 2- or 4-bit format.
+    std::normal_distribution<float> g(0.0f, 1.0f);
+    std::vector<float> x(n), back(n);
+    for (auto& v : x) v = g(rng);
+    x[5] = 9.0f;  // an outlier sets its super-block's scale
+    std::vector<uint8_t> q(quant::bytes_for(t, n));
+    quant::quantize(t, x.data(), n, q.data());
+    quant::dequantize(t, q.data(), n, back.data());
+    double se = 0, sx = 0;
+    for (int64_t j = 0; j < n; ++j) se += double(back[j] - x[j]) * (back[j] - x[j]), sx += double(x[j]) * x[j];
+    const double rel = std::sqrt(se / sx);
+    std::printf("  %s: rms round-trip error %.3f of the rms value\n", gguf::type_info(t).name, rel);
+    CHECK(rel < (t == TensorType::Q2_K ? 0.45 : 0.12));
+    int worse = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      // The grid of value j: dequantise its block with every code in its slot.
+      const size_t bb = gguf::type_info(t).block_bytes, bs = gguf::type_info(t).block_size;
+      std::vector<uint8_t> blk(q.begin() + (j / bs) * bb, q.begin() + (j / bs + 1) * bb);
+      const int64_t i = j % bs;
+      uint8_t* byte;
+      int shift, bits;
+      if (t == TensorType::Q2_K) byte = &blk[16 + 32 * (i / 128) + i % 32], shift = 2 * ((i % 128) / 32), bits = 2;
+      else if (t == TensorType::IQ4_NL) byte = &blk[2 + i % 16], shift = i % 32 < 16 ? 0 : 4, bits = 4;
+      else byte = &blk[8 + 16 * (i / 32) + i % 16], shift = i % 32 < 16 ? 0 : 4, bits = 4;
+      std::vector<float> vals(bs);
+      for (int code = 0; code < (1 << bits); ++code) {
+        *byte = static_cast<uint8_t>((*byte & ~(((1 << bits) - 1) << shift)) | (code << shift));
+        quant::dequantize(t, blk.data(), bs, vals.data());
+        if (std::fabs(vals[i] - x[j]) < std::fabs(back[j] - x[j])) ++worse;
+      }
+    }
+    CHECK_EQ(worse, 0);
+  }
+}
+
 OSD_TEST(avx2_kernels_equal_the_portable_reference_bit_for_bit) {
   if (!kernel_isa_available(KernelIsa::Avx2)) {
     std::printf("skip: no AVX2 on this CPU\n");
@@ -377,7 +488,7 @@ OSD_TEST(avx512_kernels_equal_the_portable_reference_bit_for_bit) {
       }
     }
   }
-  CHECK_EQ(checked, 9 * 2 * 7 * 8);
+  CHECK_EQ(checked, static_cast<int>(std::size(kInt8Types)) * 2 * 7 * 8);
   // One activation quantisation shared by several matrices gives each product's bits: Q4_1 first
   // or after a signed format (whose kernels also read the activations' offset sums).
   const int64_t cols = 576;
@@ -471,6 +582,10 @@ OSD_TEST(kernel_accuracy_against_exact_dot_products) {
           if (t == TensorType::Q4_1 || t == TensorType::Q5_1) {
             std::memcpy(&h, blk + 2, 2);
             for (int j = 0; j < 32; ++j) off[b * 32 + j] = half_to_float(h);
+          } else if (t == TensorType::Q2_K) {
+            std::memcpy(&h, blk + 82, 2);
+            for (int g = 0; g < 16; ++g)
+              for (int j = 0; j < 16; ++j) off[b * 256 + g * 16 + j] = double(half_to_float(h)) * (blk[g] >> 4);
           } else if (t == TensorType::Q4_K || t == TensorType::Q5_K) {
             std::memcpy(&h, blk + 2, 2);
             for (int g = 0; g < 8; ++g) {
@@ -736,10 +851,11 @@ OSD_TEST(integer_sums_at_their_extremes_equal_the_reference) {
 
 // The same for the packed K-quants (Q4_K, Q5_K, Q6_K): every byte 0xFF (all values and scales at
 // their top: 4-bit 15 with six-bit scales and mins 63, Q5_K's fifth bits set, Q6_K's 6-bit 31 with
-// scales -1) or 0x00, against activations of +-127.
+// scales -1) or 0x00, against activations of +-127. Also Q2_K and IQ4_XS (unpacked per row; IQ4_XS
+// at the table's ends, -127 and 113, with scales 31 or -32).
 OSD_TEST(k_quant_integer_sums_at_their_extremes_equal_the_reference) {
   const int64_t cols = 512, rows = 17;
-  for (TensorType t : {TensorType::Q4_K, TensorType::Q5_K, TensorType::Q6_K}) {
+  for (TensorType t : {TensorType::Q4_K, TensorType::Q5_K, TensorType::Q6_K, TensorType::Q2_K, TensorType::IQ4_XS}) {
     const size_t rb = quant::bytes_for(t, cols), bb = gguf::type_info(t).block_bytes;
     for (uint8_t fill : {uint8_t(0xFF), uint8_t(0x00), uint8_t(0xAA)}) {
       std::vector<uint8_t> w(rb * rows, fill);
@@ -749,6 +865,11 @@ OSD_TEST(k_quant_integer_sums_at_their_extremes_equal_the_reference) {
           const uint16_t h = float_to_half(r % 2 ? 1e-3f : -2e-3f);
           if (t == TensorType::Q6_K) {
             std::memcpy(blk + 208, &h, 2);
+          } else if (t == TensorType::Q2_K) {
+            std::memcpy(blk + 80, &h, 2);
+            std::memcpy(blk + 82, &h, 2);
+          } else if (t == TensorType::IQ4_XS) {
+            std::memcpy(blk, &h, 2);
           } else {
             std::memcpy(blk, &h, 2);
             std::memcpy(blk + 2, &h, 2);

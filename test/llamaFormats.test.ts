@@ -1,0 +1,161 @@
+// Block formats against llama.cpp (node-llama-cpp 3.21.1): small models built so that one tensor in
+// the format under test decides the logits, read by both engines from the same file.
+// - Embeddings: every layer matrix is zero, so the residual stream is the token's embedding row as
+//   dequantised, and the logits an F32 product of it: the two engines agree to float rounding
+//   unless they read the blocks differently.
+// - Output matrix: F32 embeddings, the output matrix in the format: the engines' quantised products
+//   (8-bit activations in both; llama.cpp rounds the 32-value formats' activation scales to fp16).
+// Q2_K, IQ4_NL and IQ4_XS have no reference vectors from gguf-py (test_quant checks them against
+// ggml's loops); this is where they meet llama.cpp itself. Q4_0 and Q8_0 run as controls.
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { loadModel, writeRandomModel, type StoreType } from '../lib/index.js';
+import { kvString, readGgufLayout, readTensorBytes, writeGgufRaw, type OutTensor } from '../lib/train/ggufRewrite.js';
+import { XorShift } from '../lib/train/trainDefault.js';
+import { importNodeLlamaCpp } from './helpers/llamaCpp.js';
+import { suiteTempDir } from './helpers/tmp.js';
+
+const nlc = await importNodeLlamaCpp('the block formats are not compared with llama.cpp');
+
+const V = 512;
+const D = 512; // a whole number of 256-value blocks, so that no format falls back
+const TOKENS = [0, 1, 7, 100, 255, 256, 300, 511];
+
+function logSoftmax(x: Float32Array | Float64Array): Float64Array {
+  let m = -Infinity;
+  for (const v of x) m = Math.max(m, v);
+  let s = 0;
+  for (const v of x) s += Math.exp(v - m);
+  const l = Math.log(s) + m;
+  return Float64Array.from(x, (v) => v - l);
+}
+
+function f32(n: number, f: (i: number) => number): Buffer {
+  const a = new Float32Array(n);
+  for (let i = 0; i < n; i++) a[i] = f(i);
+  return Buffer.from(a.buffer);
+}
+
+// A GGUF array entry (value type 9) of u32 elements type `et`, each written by `put`.
+function kvArray<T>(et: number, items: T[], size: (x: T) => number, put: (b: Buffer, at: number, x: T) => void): Buffer {
+  const n = items.reduce((a, x) => a + size(x), 0);
+  const b = Buffer.alloc(16 + n);
+  b.writeUInt32LE(9, 0);
+  b.writeUInt32LE(et, 4);
+  b.writeBigUInt64LE(BigInt(items.length), 8);
+  let at = 16;
+  for (const x of items) {
+    put(b, at, x);
+    at += size(x);
+  }
+  return b;
+}
+
+/** A minimal sentencepiece vocabulary of V tokens (unknown, BOS, EOS, 256 bytes, then pieces). */
+function spmVocab(): Array<{ key: string; raw: Buffer }> {
+  const tokens = Array.from({ length: V }, (_, i) =>
+    i === 0 ? '<unk>' : i === 1 ? '<s>' : i === 2 ? '</s>' : i < 259 ? `<0x${(i - 3).toString(16).toUpperCase().padStart(2, '0')}>` : `\u2581t${i}`,
+  );
+  const types = tokens.map((_, i) => (i === 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1));
+  return [
+    { key: 'tokenizer.ggml.model', raw: kvString('llama') },
+    {
+      key: 'tokenizer.ggml.tokens',
+      raw: kvArray(8, tokens, (t) => 8 + Buffer.byteLength(t), (b, at, t) => {
+        b.writeBigUInt64LE(BigInt(Buffer.byteLength(t)), at);
+        b.write(t, at + 8, 'utf8');
+      }),
+    },
+    { key: 'tokenizer.ggml.scores', raw: kvArray(6, tokens, () => 4, (b, at, _t) => b.writeFloatLE(-(at % 997), at)) },
+    { key: 'tokenizer.ggml.token_type', raw: kvArray(5, types, () => 4, (b, at, t) => b.writeInt32LE(t, at)) },
+  ];
+}
+
+/**
+ * A one-layer model whose layer matrices are all zero: `embd` and `output` in the format of a random
+ * model written as `type`, or F32 random values, with a small sentencepiece vocabulary (llama.cpp
+ * needs one; both engines read the logits of token ids).
+ */
+async function buildModel(dir: string, type: StoreType, quantised: 'embd' | 'output'): Promise<string> {
+  const src = join(dir, `random-${type}.gguf`);
+  await writeRandomModel(src, { vocabSize: V, embeddingLength: D, layers: 1, heads: 4, feedForwardLength: 512, contextLength: 64, type, seed: 3 });
+  const file = readGgufLayout(src);
+  const rng = new XorShift(11);
+  const random = (dims: number[]) => f32(dims.reduce((a, b) => a * b, 1), () => rng.normal() * 0.5);
+  // The random model ties its output to the embeddings: here both are written, one of them in the format.
+  const embd = file.tensors.find((t) => t.name === 'token_embd.weight')!;
+  const blocks = { dims: embd.dims, type: embd.type, data: readTensorBytes(file, embd.name) };
+  const floats = () => ({ dims: embd.dims, type: 0, data: random(embd.dims) });
+  const tensors: OutTensor[] = [
+    { name: 'token_embd.weight', ...(quantised === 'embd' ? blocks : floats()) },
+    { name: 'output.weight', ...(quantised === 'output' ? blocks : floats()) },
+  ];
+  for (const t of file.tensors) {
+    if (t.name === 'token_embd.weight' || t.name === 'output.weight') continue;
+    const n = t.dims.reduce((a, b) => a * b, 1);
+    // Zero layer matrices; norms' gains in [0.5, 1.5).
+    tensors.push({ name: t.name, dims: t.dims, type: 0, data: f32(n, () => (t.dims.length === 1 ? 0.5 + rng.next() : 0)) });
+  }
+  expect(blocks.type, `${type} is stored in its own type`).not.toBe(0);
+  const kvs = [...file.kvs.filter((kv) => !kv.key.startsWith('tokenizer.')), ...spmVocab()];
+  const path = join(dir, `${type}-${quantised}.gguf`);
+  writeGgufRaw(path, kvs, tensors);
+  return path;
+}
+
+describe.skipIf(!nlc)('block formats read as llama.cpp reads them', () => {
+  const dir = suiteTempDir('osd-formats-');
+  const types: StoreType[] = ['IQ4_NL', 'IQ4_XS', 'Q2_K', 'Q4_0', 'Q8_0'];
+
+  // Per position, log-probabilities from both engines; returns the largest difference and the rms.
+  async function compare(path: string): Promise<{ worst: number; rms: number }> {
+    const llama = await nlc!.getLlama({ gpu: false, build: 'never', logLevel: nlc!.LlamaLogLevel.error });
+    await using ours = await loadModel(path);
+    const lm = await llama.loadModel({ modelPath: path });
+    const ctx = await lm.createContext({ contextSize: 64, threads: 1 });
+    try {
+      const res = await ctx.getSequence().controlledEvaluate(
+        TOKENS.map((t) => [t, { generateNext: { probabilities: true, options: { temperature: 1, topK: 0, topP: 1, minP: 0 } } }] as const) as never,
+      );
+      const logits = await ours.forward(TOKENS);
+      let worst = 0;
+      let sq = 0;
+      let count = 0;
+      for (let i = 0; i < TOKENS.length; i++) {
+        const probs = (res[i] as { next: { probabilities: Map<number, number> } }).next.probabilities;
+        expect(probs.size).toBe(V);
+        const mine = logSoftmax(logits.subarray(i * V, (i + 1) * V));
+        for (const [t, p] of probs) {
+          const d = Math.abs(mine[t]! - Math.log(p));
+          worst = Math.max(worst, d);
+          sq += d * d;
+          count++;
+        }
+      }
+      return { worst, rms: Math.sqrt(sq / count) };
+    } finally {
+      await ctx.dispose();
+      await lm.dispose();
+      await llama.dispose();
+    }
+  }
+
+  for (const type of types) {
+    it(`${type} embeddings dequantise to llama.cpp's values`, async () => {
+      const { worst, rms } = await compare(await buildModel(dir, type, 'embd'));
+      console.log(`${type} embeddings: max |d log p| ${worst.toExponential(2)}, rms ${rms.toExponential(2)}`);
+      // F32 arithmetic on the same floats in both: rounding only (measured 1.5e-5 to 2e-5). A wrong
+      // scale, nibble order or table entry moves log-probabilities by 1e-2 and more.
+      expect(worst).toBeLessThan(2e-4);
+    });
+
+    it(`${type} output matrix: the quantised products agree with llama.cpp's`, async () => {
+      const { worst, rms } = await compare(await buildModel(dir, type, 'output'));
+      console.log(`${type} output matrix: max |d log p| ${worst.toExponential(2)}, rms ${rms.toExponential(2)}`);
+      // Q2_K and IQ4_XS: 8-bit activations with f32 scales per 256 values in both (Q8_K), exact
+      // integer sums, so float rounding only (measured 1e-6). The 32-value formats: llama.cpp
+      // rounds each activation scale to fp16 (measured 1e-3).
+      expect(worst).toBeLessThan(type === 'Q2_K' || type === 'IQ4_XS' ? 2e-5 : 5e-3);
+    });
+  }
+});

@@ -1,8 +1,8 @@
 // Decoding speed on the block formats of llama.cpp's common files, without Node: a random llama
 // (width 1024, 16 layers, 32,000 tokens by default) stored as a Q4_K_M-style mix (Q6_K embeddings,
-// output and attn_v, Q4_K elsewhere) and, in the same run, as Q4_0 and as Q8_0 of the same shape.
-// The K-quant blocks are random bytes with moderate scales (no K-quant quantiser is needed to time
-// them); the others are the random weights quantised. Per model: one evaluate of 1 and of 5 tokens
+// output and attn_v, Q4_K elsewhere) and, in the same run, as Q4_0, Q8_0, IQ4_XS, IQ4_NL and Q2_K
+// of the same shape. The Q4_K / Q6_K blocks are random bytes with moderate scales (no quantiser is
+// needed to time them); the others are the random weights quantised. Per model: one evaluate of 1 and of 5 tokens
 // after a 64-token prefix (medians), and a 256-token prefill; weight GB/s per decoded token as a
 // fraction of a read probe run in the same process, and each model's times against Q4_0's.
 //
@@ -137,15 +137,22 @@ int main(int argc, char** argv) {
   }
   if (c.dim % 256 != 0 || c.ffn_dim % 256 != 0) usage("--dim and --ffn must be multiples of 256 (K-quant super-blocks)");
   const std::string dir = "/tmp/osd-bench-kquant-" + std::to_string(::getpid());
-  const std::string f16 = dir + "-f16.gguf", kmix = dir + "-q4km.gguf", q40 = dir + "-q4_0.gguf", q80 = dir + "-q8_0.gguf";
+  const std::string f16 = dir + "-f16.gguf", kmix = dir + "-q4km.gguf";
   write_random_gguf(f16, c, 7, gguf::TensorType::F16);
   write_k_mix(f16, kmix);
-  write_random_gguf(q40, c, 7, gguf::TensorType::Q4_0);
-  write_random_gguf(q80, c, 7, gguf::TensorType::Q8_0);
   std::remove(f16.c_str());
   const double probe = measure_bandwidth(size_t(256) << 20, 5).read_bytes_per_s;
-  std::vector<Row> rows = {measure("Q4_0", q40, reps), measure("Q4_K_M-style (Q4_K + Q6_K)", kmix, reps), measure("Q8_0", q80, reps)};
-  for (const auto& p : {kmix, q40, q80}) std::remove(p.c_str());
+  std::vector<Row> rows;
+  for (gguf::TensorType t : {gguf::TensorType::Q4_0, gguf::TensorType::Q8_0, gguf::TensorType::IQ4_XS,
+                             gguf::TensorType::IQ4_NL, gguf::TensorType::Q2_K}) {
+    const char* name = gguf::type_info(t).name;
+    const std::string path = dir + "-" + name + ".gguf";
+    write_random_gguf(path, c, 7, t);
+    rows.push_back(measure(name, path, reps));
+    std::remove(path.c_str());
+    if (t == gguf::TensorType::Q4_0) rows.push_back(measure("Q4_K_M-style (Q4_K + Q6_K)", kmix, reps));
+  }
+  std::remove(kmix.c_str());
   std::printf("random llama: width %d, %d layers, %d tokens; read probe %.1f GB/s; %s\n", c.dim, c.n_layers, c.vocab,
               probe / 1e9, quant::isa_name(quant::best_isa()));
   std::printf("%-28s %9s %9s %9s %8s %9s %11s %10s\n", "weights", "MB/token", "1 tok ms", "GB/s", "xProbe", "5 tok ms",

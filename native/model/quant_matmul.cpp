@@ -410,6 +410,13 @@ struct P8_0 {
   static constexpr bool kMin = false, kHigh = false;
   static constexpr int kChunks = 8;
 };
+// IQ4_NL: Q4_0's layout, its nibbles indexing kIq4Values (one vpshufb per vector in the kernels).
+struct PIQ4_NL {
+  using B = BlockIQ4_NL;
+  static constexpr bool kMin = false, kHigh = false;
+  static constexpr int kChunks = 4;
+};
+template <class P> constexpr bool kTable = std::is_same<P, PIQ4_NL>::value;
 
 template <class P>
 struct Packed {
@@ -689,7 +696,8 @@ OSD_AVX2_INLINE void store_half_avx2(const Args& k, int64_t g, int h, int nr, in
 // Packed rows 8h .. 8h + 7 of a group (h = 0, 1), a lane per row, for tokens t .. t + NT - 1.
 // Nibble formats: u8 x s8 pair sums (vpmaddubsw) add in int16, which holds 16 products of values
 // <= 15 (Q4) or 8 of values <= 31 (Q5), then vpmaddwd makes each row's int32. Q8_0: |w| times
-// sign(x, w), whose pair sums stay within int16 (|w| <= 128, |x| <= 127).
+// sign(x, w), whose pair sums stay within int16 (|w| <= 128, |x| <= 127). IQ4_NL: its table's
+// values (|w| <= 127) the same way, each pair sum widened at once (two would overflow int16).
 template <class P, int NT>
 OSD_AVX2 void half_avx2(const Args& k, int64_t g, int h, int nr, int64_t t) {
   using L = Packed<P>;
@@ -730,6 +738,19 @@ OSD_AVX2 void half_avx2(const Args& k, int64_t g, int h, int nr, int64_t t) {
       for (int c = 0; c < 4; ++c) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kQOff + 64 * c + 32 * h));
         __m256i lo = _mm256_and_si256(x, low4), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+        if constexpr (kTable<P>) {
+          const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
+          lo = _mm256_shuffle_epi8(table, lo);
+          hi = _mm256_shuffle_epi8(table, hi);
+          const __m256i alo = _mm256_sign_epi8(lo, lo), ahi = _mm256_sign_epi8(hi, hi);
+          for (int n = 0; n < NT; ++n) {
+            const __m256i xl = _mm256_sign_epi8(bcast4(xq[n] + b * kQK + 4 * c), lo);
+            const __m256i xh = _mm256_sign_epi8(bcast4(xq[n] + b * kQK + 16 + 4 * c), hi);
+            isum[n] = _mm256_add_epi32(isum[n], _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(alo, xl), ones),
+                                                                 _mm256_madd_epi16(_mm256_maddubs_epi16(ahi, xh), ones)));
+          }
+          continue;
+        }
         if constexpr (P::kHigh) {
           uint64_t ml, mh;
           std::memcpy(&ml, q + L::kHOff + 8 * c, 8);
@@ -1083,8 +1104,18 @@ bool cpu_has_avx2() {
 // ms, 17 tokens 14.0-14.3 -> 8.6-10.1 ms; prefill of 512 tokens 1268-1281 -> 1787-1831 tokens/s.
 // With AVX-512 turned off (the AVX2 kernels): 1 token 3.4-4.0 -> 2.9-3.0 ms, 5 tokens 8.9-9.6 ->
 // 6.8-7.0 ms, 17 tokens 29.1-29.6 -> 21.3-21.5 ms.
-template <class P> constexpr int kShift512 =
-    std::is_same<P, P4_0>::value ? 3 : std::is_same<P, P5_0>::value ? 4 : std::is_same<P, P8_0>::value ? 7 : -1;
+template <class P> constexpr int kShift512 = std::is_same<P, P4_0>::value ? 3
+                                             : std::is_same<P, P5_0>::value ? 4
+                                             : std::is_same<P, P8_0>::value || kTable<P> ? 7
+                                                                                         : -1;
+// IQ4_NL's table plus 128 (unsigned for vpdpbusd; the activations' sums take 128 times them off).
+alignas(16) constexpr uint8_t kIq4Unsigned[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
+constexpr bool iq4_unsigned_ok() {
+  for (int i = 0; i < 16; ++i)
+    if (kIq4Unsigned[i] != kIq4Values[i] + 128) return false;
+  return true;
+}
+static_assert(iq4_unsigned_ok(), "kIq4Unsigned is kIq4Values + 128");
 
 OSD_AVX512_INLINE __m512i bcast4_512(const int8_t* p) {
   int32_t v;
@@ -1130,6 +1161,11 @@ OSD_AVX512 void group_avx512(const Args& k, int64_t g, int nr, int64_t t) {
         const __m512i x = _mm512_loadu_si512(q + L::kQOff + 64 * c);
         v[2 * c] = _mm512_and_si512(x, low4);
         v[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+        if constexpr (kTable<P>) {
+          const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Unsigned)));
+          v[2 * c] = _mm512_shuffle_epi8(table, v[2 * c]);
+          v[2 * c + 1] = _mm512_shuffle_epi8(table, v[2 * c + 1]);
+        }
         if constexpr (P::kHigh) {
           uint64_t ml, mh;
           std::memcpy(&ml, q + L::kHOff + 8 * c, 8);
@@ -1431,6 +1467,7 @@ RangeFn pick(TensorType t, Isa isa) {
       case TensorType::Q5_0: return range32_avx512<P5_0>;
       case TensorType::Q5_1: return range32_avx512<P5_1>;
       case TensorType::Q8_0: return range32_avx512<P8_0>;
+      case TensorType::IQ4_NL: return range32_avx512<PIQ4_NL>;
       case TensorType::Q3_K: return rangek_avx512<BlockQ3_K>;
       case TensorType::Q2_K: return rangek_avx512<BlockQ2_K>;
       case TensorType::IQ4_XS: return rangek_avx512<BlockIQ4_XS>;
@@ -1447,6 +1484,7 @@ RangeFn pick(TensorType t, Isa isa) {
       case TensorType::Q5_0: return range32_avx2<P5_0>;
       case TensorType::Q5_1: return range32_avx2<P5_1>;
       case TensorType::Q8_0: return range32_avx2<P8_0>;
+      case TensorType::IQ4_NL: return range32_avx2<PIQ4_NL>;
       case TensorType::Q3_K: return rangek_avx2<BlockQ3_K>;
       case TensorType::Q2_K: return rangek_avx2<BlockQ2_K>;
       case TensorType::IQ4_XS: return rangek_avx2<BlockIQ4_XS>;
@@ -1466,7 +1504,7 @@ RangeFn pick(TensorType t, Isa isa) {
     case TensorType::Q3_K: return rangek_ref<BlockQ3_K>;
     case TensorType::Q2_K: return rangek_ref<BlockQ2_K>;
     case TensorType::IQ4_XS: return rangek_ref<BlockIQ4_XS>;
-    case TensorType::IQ4_NL: return range32_ref<IQ4_NLT>;  // every ISA: no vector kernel yet
+    case TensorType::IQ4_NL: return range32_ref<IQ4_NLT>;
     case TensorType::Q4_K: return rangek_ref<BlockQ4_K>;
     case TensorType::Q5_K: return rangek_ref<BlockQ5_K>;
     case TensorType::Q6_K: return rangek_ref<BlockQ6_K>;
@@ -1482,6 +1520,7 @@ bool reads_offsets(TensorType t, Isa isa) {
       case TensorType::Q4_0: return kShift512<P4_0> >= 0;
       case TensorType::Q5_0: return kShift512<P5_0> >= 0;
       case TensorType::Q8_0: return kShift512<P8_0> >= 0;
+      case TensorType::IQ4_NL: return kShift512<PIQ4_NL> >= 0;
       default: return false;
     }
   if (isa == Isa::Avx2) switch (t) {
@@ -1513,8 +1552,7 @@ Isa best_isa() {
 const char* isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "portable"; }
 
 bool has_packed_layout(TensorType t) {
-  return (has_int8_kernel(t) && !is_k_type(t) && t != TensorType::IQ4_NL) || t == TensorType::Q4_K ||
-         t == TensorType::Q5_K || t == TensorType::Q6_K;
+  return (has_int8_kernel(t) && !is_k_type(t)) || t == TensorType::Q4_K || t == TensorType::Q5_K || t == TensorType::Q6_K;
 }
 
 bool kernel_reads_packed(TensorType t, Isa isa) {
@@ -1541,6 +1579,7 @@ void pack_rows(TensorType t, const uint8_t* w, size_t row_bytes, int64_t rows, i
     case TensorType::Q4_1: return pack_all<P4_1>(w, row_bytes, rows, cols, dst);
     case TensorType::Q5_0: return pack_all<P5_0>(w, row_bytes, rows, cols, dst);
     case TensorType::Q5_1: return pack_all<P5_1>(w, row_bytes, rows, cols, dst);
+    case TensorType::IQ4_NL: return pack_all<PIQ4_NL>(w, row_bytes, rows, cols, dst);
     case TensorType::Q4_K: return pack_all_k4<BlockQ4_K>(w, row_bytes, rows, cols, dst);
     case TensorType::Q5_K: return pack_all_k4<BlockQ5_K>(w, row_bytes, rows, cols, dst);
     case TensorType::Q6_K: return pack_all_q6k(w, row_bytes, rows, cols, dst);

@@ -392,7 +392,7 @@ OSD_TEST(packed_weights_give_the_reference_products) {
   const std::string path = "/tmp/osd-test-packed-" + std::to_string(::getpid()) + ".gguf";
   std::mt19937 rng(5);
   for (gguf::TensorType t : {gguf::TensorType::Q8_0, gguf::TensorType::Q4_0, gguf::TensorType::Q4_1, gguf::TensorType::Q5_0,
-                             gguf::TensorType::Q5_1}) {
+                             gguf::TensorType::Q5_1, gguf::TensorType::IQ4_NL}) {
     save_gguf(*m, path, t);
     auto mt = Model::load(path);
     // Rows whose length is not a multiple of 32 stay F16.

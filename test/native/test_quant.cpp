@@ -713,7 +713,7 @@ OSD_TEST(errors_name_the_type_and_tensor) {
 OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
   std::mt19937 rng(12);
   const int64_t cols = 64, nb = 2;
-  for (TensorType t : {TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0, TensorType::Q5_1, TensorType::Q8_0}) {
+  for (TensorType t : {TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0, TensorType::Q5_1, TensorType::Q8_0, TensorType::IQ4_NL}) {
     const bool min = t == TensorType::Q4_1 || t == TensorType::Q5_1, high = t == TensorType::Q5_0 || t == TensorType::Q5_1;
     const int chunks = t == TensorType::Q8_0 ? 8 : 4;
     const size_t bb = gguf::type_info(t).block_bytes, gb = 16 * bb;
@@ -820,11 +820,12 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
 }
 
 // The integer sums at their extremes: every weight at the top or bottom of its range (nibbles 15
-// with all fifth bits, or 0; Q8_0 bytes -128 or 127) against activations of +-127, so a vector
-// kernel whose 16-bit pair sums overflowed or saturated would differ from the reference.
+// with all fifth bits, or 0; Q8_0 bytes -128 or 127; IQ4_NL's table ends 113 and -127) against
+// activations of +-127, so a vector kernel whose 16-bit pair sums overflowed or saturated would
+// differ from the reference.
 OSD_TEST(integer_sums_at_their_extremes_equal_the_reference) {
   const int64_t cols = 64, rows = 17;
-  for (TensorType t : {TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0, TensorType::Q5_1, TensorType::Q8_0}) {
+  for (TensorType t : {TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0, TensorType::Q5_1, TensorType::Q8_0, TensorType::IQ4_NL}) {
     const size_t rb = quant::bytes_for(t, cols), bb = gguf::type_info(t).block_bytes;
     for (uint8_t fill : {uint8_t(0xFF), uint8_t(0x00), uint8_t(0x80), uint8_t(0x7F)}) {
       std::vector<uint8_t> w(rb * rows, fill);

@@ -541,6 +541,37 @@ void pack_all_q6k(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols
   });
 }
 
+// IQ4_XS in 16-row groups: per super-block d[16] (f16), the sub-block scales sc[8][16] (int8,
+// ls - 32; sub-block s of row i at 16s + i), then the quants in 4-byte chunks, chunk k of row i at
+// 64k + 4i (byte 4k + e of a row: value 32(k / 4) + 4(k % 4) + e in its low nibble, that + 16 in its
+// high one): 2,208 bytes for 16 super-blocks' 2,176.
+struct PackedIQ4XS {
+  static constexpr int kDOff = 0, kScOff = 32, kQOff = 160;
+  static constexpr int kBytes = kQOff + 64 * 32;
+};
+
+void pack_group_iq4xs(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t nb, int64_t g, uint8_t* out) {
+  using L = PackedIQ4XS;
+  for (int i = 0; i < kGroup; ++i) {
+    const BlockIQ4_XS* row = reinterpret_cast<const BlockIQ4_XS*>(w + static_cast<size_t>(std::min(g * kGroup + i, rows - 1)) * row_bytes);
+    for (int64_t b = 0; b < nb; ++b) {
+      const BlockIQ4_XS& blk = row[b];
+      uint8_t* o = out + b * L::kBytes;
+      std::memcpy(o + L::kDOff + 2 * i, &blk.d, 2);
+      for (int s = 0; s < 8; ++s) o[L::kScOff + 16 * s + i] = static_cast<uint8_t>(static_cast<int8_t>(iq4xs_scale(blk, s)));
+      for (int k = 0; k < 32; ++k) std::memcpy(o + L::kQOff + 64 * k + 4 * i, blk.qs + 4 * k, 4);
+    }
+  }
+}
+
+void pack_all_iq4xs(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst) {
+  const int64_t nb = cols / kQKK, per_group = nb * PackedIQ4XS::kBytes;
+  default_pool().parallel_for(static_cast<size_t>(groups_of(rows)), 16, [&](size_t lo, size_t hi) {
+    for (size_t g = lo; g < hi; ++g)
+      pack_group_iq4xs(w, row_bytes, rows, nb, static_cast<int64_t>(g), dst + static_cast<int64_t>(g) * per_group);
+  });
+}
+
 // ---- Portable reference kernels: one output at a time ----
 
 template <class T>
@@ -852,24 +883,6 @@ OSD_AVX2 void unpack_kv(const BlockQ2_K& b, KBlockV& k) {
   k.M = f16(b.dmin);
 }
 
-// IQ4_XS: two sub-blocks per load, each nibble looked up in the table (vpshufb).
-OSD_AVX2 void unpack_kv(const BlockIQ4_XS& b, KBlockV& k) {
-  int8_t sc[16];
-  for (int s = 0; s < 8; ++s) sc[2 * s] = sc[2 * s + 1] = static_cast<int8_t>(iq4xs_scale(b, s));
-  scales_16_avx2(sc, k);
-  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
-  const __m256i low = _mm256_set1_epi8(0xF);
-  for (int s = 0; s < 8; s += 2) {
-    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 16 * s));
-    const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(qs, low));
-    const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(qs, 4), low));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(k.q + 32 * s), _mm256_permute2x128_si256(lo, hi, 0x20));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(k.q + 32 * s + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
-  }
-  k.D = f16(b.d);
-  k.M = 0.0f;
-}
-
 template <class B>
 constexpr bool kHasMin = std::is_same<B, BlockQ4_K>::value || std::is_same<B, BlockQ5_K>::value ||
                          std::is_same<B, BlockQ2_K>::value;
@@ -1048,6 +1061,54 @@ OSD_AVX2 void half_q6k_avx2(const Args& k, int64_t g, int h8, int nr, int64_t t)
           for (int n = 0; n < NT; ++n)
             isum[n] = _mm256_add_epi32(isum[n], _mm256_add_epi32(_mm256_mullo_epi32(slo[n], sclo), _mm256_mullo_epi32(shi[n], schi)));
         }
+    const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kDOff + 16 * h8)));
+    const __m256 zero = _mm256_setzero_ps();
+    for (int n = 0; n < NT; ++n) {
+      const __m256 dx = _mm256_set1_ps(k.a->drow(t + n)[b]);
+      acc[n] = _mm256_add_ps(acc[n], _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(dx, D), _mm256_cvtepi32_ps(isum[n])),
+                                                   _mm256_mul_ps(_mm256_mul_ps(dx, zero), zero)));
+    }
+  }
+  store_half_avx2<NT>(k, g, h8, nr, t, acc);
+}
+
+// IQ4_XS on the packed layout with AVX2: packed rows 8h .. 8h + 7, a lane each, for NT tokens. Per
+// sub-block the table's values (|w| <= 127) times the activations, |w| times sign(x, w) with each
+// pair sum widened at once, then times the sub-block's scale (vpmulld): rangek_ref's integers (the
+// scale of both 16-value groups of a sub-block is the same), then its float operations.
+template <int NT>
+OSD_AVX2 void half_iq4xs_avx2(const Args& k, int64_t g, int h8, int nr, int64_t t) {
+  using L = PackedIQ4XS;
+  const int64_t nb = k.cols / kQKK;
+  const uint8_t* grp = k.packed + g * nb * L::kBytes;
+  __m256 acc[NT];
+  for (int n = 0; n < NT; ++n) acc[n] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* q = grp + b * L::kBytes;
+    if (h8 == 0)
+      for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+    __m256i isum[NT];
+    for (int n = 0; n < NT; ++n) isum[n] = _mm256_setzero_si256();
+    for (int sb = 0; sb < 8; ++sb) {
+      __m256i ss[NT];
+      for (int n = 0; n < NT; ++n) ss[n] = _mm256_setzero_si256();
+      for (int m = 0; m < 4; ++m) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kQOff + 64 * (4 * sb + m) + 32 * h8));
+        const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
+        const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
+        const __m256i alo = _mm256_sign_epi8(lo, lo), ahi = _mm256_sign_epi8(hi, hi);
+        for (int n = 0; n < NT; ++n) {
+          const int8_t* xq = k.a->qrow(t + n) + b * kQKK + 32 * sb + 4 * m;
+          const __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(alo, _mm256_sign_epi8(bcast4(xq), lo)), ones);
+          const __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(ahi, _mm256_sign_epi8(bcast4(xq + 16), hi)), ones);
+          ss[n] = _mm256_add_epi32(ss[n], _mm256_add_epi32(pl, ph));
+        }
+      }
+      const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + L::kScOff + 16 * sb + 8 * h8)));
+      for (int n = 0; n < NT; ++n) isum[n] = _mm256_add_epi32(isum[n], _mm256_mullo_epi32(ss[n], sc));
+    }
     const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kDOff + 16 * h8)));
     const __m256 zero = _mm256_setzero_ps();
     for (int n = 0; n < NT; ++n) {
@@ -1436,6 +1497,71 @@ OSD_AVX512 void rangek_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0,
   }
 }
 
+// IQ4_XS on the packed layout, 16 rows a lane each, for tokens t .. t + NT - 1: per sub-block the
+// table's values plus 128 (vpdpbusd), 128 times the activations' sums taken off, then times the
+// sub-block's scale (vpmulld): rangek_ref's integers, then its float operations.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int NT>
+OSD_AVX512 void group_iq4xs_avx512(const Args& k, int64_t g, int nr, int64_t t) {
+  using L = PackedIQ4XS;
+  const int64_t nb = k.cols / kQKK;
+  const uint8_t* grp = k.packed + g * nb * L::kBytes;
+  __m512 acc[NT];
+  for (int n = 0; n < NT; ++n) acc[n] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Unsigned)));
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* q = grp + b * L::kBytes;
+    for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+    __m512i isum[NT];
+    for (int n = 0; n < NT; ++n) isum[n] = _mm512_setzero_si512();
+    for (int sb = 0; sb < 8; ++sb) {
+      __m512i ss[NT];
+      for (int n = 0; n < NT; ++n) {
+        const int16_t* bs = k.a->brow(t + n) + b * 16;
+        ss[n] = _mm512_set1_epi32(-128 * (bs[2 * sb] + bs[2 * sb + 1]));
+      }
+      for (int m = 0; m < 4; ++m) {
+        const __m512i x = _mm512_loadu_si512(q + L::kQOff + 64 * (4 * sb + m));
+        const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(x, low4));
+        const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(x, 4), low4));
+        for (int n = 0; n < NT; ++n) {
+          const int8_t* xq = k.a->qrow(t + n) + b * kQKK + 32 * sb + 4 * m;
+          ss[n] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ss[n], lo, bcast4_512(xq)), hi, bcast4_512(xq + 16));
+        }
+      }
+      const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kScOff + 16 * sb)));
+      for (int n = 0; n < NT; ++n) isum[n] = _mm512_add_epi32(isum[n], _mm512_mullo_epi32(ss[n], sc));
+    }
+    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kDOff)));
+    const __m512 zero = _mm512_setzero_ps();
+    for (int n = 0; n < NT; ++n) {
+      const __m512 dx = _mm512_set1_ps(k.a->drow(t + n)[b]);
+      acc[n] = _mm512_add_ps(acc[n], _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(dx, D), _mm512_cvtepi32_ps(isum[n])),
+                                                   _mm512_mul_ps(_mm512_mul_ps(dx, zero), zero)));
+    }
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
+  for (int n = 0; n < NT; ++n) _mm512_mask_storeu_ps(k.y + (t + n) * k.rows + g * kGroup, keep, acc[n]);
+}
+#pragma GCC diagnostic pop
+
+OSD_AVX512 void range_iq4xs_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+  for (int64_t r = r0; r < r1; r += kGroup) {
+    const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
+    for (int64_t t = t0; t < t1; t += 4) {
+      switch (std::min<int64_t>(4, t1 - t)) {
+        case 4: group_iq4xs_avx512<4>(k, r / kGroup, nr, t); break;
+        case 3: group_iq4xs_avx512<3>(k, r / kGroup, nr, t); break;
+        case 2: group_iq4xs_avx512<2>(k, r / kGroup, nr, t); break;
+        default: group_iq4xs_avx512<1>(k, r / kGroup, nr, t); break;
+      }
+    }
+  }
+}
+
 // AVX512F, BW, VL and VNNI through cpuid (leaf 7: ebx bits 16, 30, 31; ecx bit 11), with the OS
 // saving the opmask and zmm state (XCR0 bits 1, 2, 5, 6, 7), besides everything the AVX2 kernels need.
 bool cpu_has_avx512() {
@@ -1470,7 +1596,7 @@ RangeFn pick(TensorType t, Isa isa) {
       case TensorType::IQ4_NL: return range32_avx512<PIQ4_NL>;
       case TensorType::Q3_K: return rangek_avx512<BlockQ3_K>;
       case TensorType::Q2_K: return rangek_avx512<BlockQ2_K>;
-      case TensorType::IQ4_XS: return rangek_avx512<BlockIQ4_XS>;
+      case TensorType::IQ4_XS: return range_iq4xs_avx512;
       case TensorType::Q4_K: return range_k4_avx512<BlockQ4_K>;
       case TensorType::Q5_K: return range_k4_avx512<BlockQ5_K>;
       case TensorType::Q6_K: return range_q6k_avx512;
@@ -1487,7 +1613,7 @@ RangeFn pick(TensorType t, Isa isa) {
       case TensorType::IQ4_NL: return range32_avx2<PIQ4_NL>;
       case TensorType::Q3_K: return rangek_avx2<BlockQ3_K>;
       case TensorType::Q2_K: return rangek_avx2<BlockQ2_K>;
-      case TensorType::IQ4_XS: return rangek_avx2<BlockIQ4_XS>;
+      case TensorType::IQ4_XS: return range_k_avx2<half_iq4xs_avx2<1>, half_iq4xs_avx2<2>>;
       case TensorType::Q4_K: return range_k_avx2<half_k4_avx2<BlockQ4_K, 1>, half_k4_avx2<BlockQ4_K, 2>>;
       case TensorType::Q5_K: return range_k_avx2<half_k4_avx2<BlockQ5_K, 1>, half_k4_avx2<BlockQ5_K, 2>>;
       case TensorType::Q6_K: return range_k_avx2<half_q6k_avx2<1>, half_q6k_avx2<2>>;
@@ -1552,7 +1678,8 @@ Isa best_isa() {
 const char* isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "portable"; }
 
 bool has_packed_layout(TensorType t) {
-  return (has_int8_kernel(t) && !is_k_type(t)) || t == TensorType::Q4_K || t == TensorType::Q5_K || t == TensorType::Q6_K;
+  return (has_int8_kernel(t) && !is_k_type(t)) || t == TensorType::Q4_K || t == TensorType::Q5_K || t == TensorType::Q6_K ||
+         t == TensorType::IQ4_XS;
 }
 
 bool kernel_reads_packed(TensorType t, Isa isa) {
@@ -1568,6 +1695,8 @@ size_t packed_bytes(TensorType t, int64_t rows, int64_t cols) {
     return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ5_K)) * PackedK4<BlockQ5_K>::kBytes * static_cast<size_t>(groups_of(rows));
   if (t == TensorType::Q6_K)
     return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ6_K)) * PackedQ6K::kBytes * static_cast<size_t>(groups_of(rows));
+  if (t == TensorType::IQ4_XS)
+    return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockIQ4_XS)) * PackedIQ4XS::kBytes * static_cast<size_t>(groups_of(rows));
   return bytes_for(t, cols) * static_cast<size_t>(groups_of(rows) * kGroup);
 }
 
@@ -1583,6 +1712,7 @@ void pack_rows(TensorType t, const uint8_t* w, size_t row_bytes, int64_t rows, i
     case TensorType::Q4_K: return pack_all_k4<BlockQ4_K>(w, row_bytes, rows, cols, dst);
     case TensorType::Q5_K: return pack_all_k4<BlockQ5_K>(w, row_bytes, rows, cols, dst);
     case TensorType::Q6_K: return pack_all_q6k(w, row_bytes, rows, cols, dst);
+    case TensorType::IQ4_XS: return pack_all_iq4xs(w, row_bytes, rows, cols, dst);
     default: return pack_all<P8_0>(w, row_bytes, rows, cols, dst);
   }
 }

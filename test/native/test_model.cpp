@@ -401,8 +401,8 @@ OSD_TEST(packed_weights_give_the_reference_products) {
   std::remove(path.c_str());
 }
 
-// The same for the K-quants Model packs (Q4_K, Q5_K, Q6_K, mixed in one model as in llama.cpp's
-// Q4_K_M files), on a random llama whose rows are whole 256-value super-blocks; and its decoding
+// The same for the K-quants Model packs (Q4_K, Q5_K, Q6_K, IQ4_XS, mixed in one model as in
+// llama.cpp's Q4_K_M files), on a random llama whose rows are whole 256-value super-blocks; and its decoding
 // is batch invariant on them.
 OSD_TEST(packed_k_quant_weights_give_the_reference_products) {
   if (quant::best_isa() == quant::Isa::Portable) {
@@ -419,7 +419,8 @@ OSD_TEST(packed_k_quant_weights_give_the_reference_products) {
     auto f = gguf::File::open(base);
     gguf::Writer w;
     for (const auto& kv : f->metadata()) w.set(kv.key, kv.value);
-    const gguf::TensorType kinds[] = {gguf::TensorType::Q4_K, gguf::TensorType::Q5_K, gguf::TensorType::Q6_K};
+    const gguf::TensorType kinds[] = {gguf::TensorType::Q4_K, gguf::TensorType::Q5_K, gguf::TensorType::Q6_K,
+                                      gguf::TensorType::IQ4_XS};
     std::vector<std::vector<uint8_t>> keep;
     int next = 0;
     for (const auto& t : f->tensors()) {
@@ -428,7 +429,7 @@ OSD_TEST(packed_k_quant_weights_give_the_reference_products) {
         w.add_tensor_raw(t.name, t.type, dims, t.data, t.n_bytes);
         continue;
       }
-      const gguf::TensorType k = kinds[next++ % 3];
+      const gguf::TensorType k = kinds[next++ % 4];
       const gguf::TypeInfo& ti = gguf::type_info(k);
       keep.emplace_back(t.ne[1] * (t.ne[0] / 256) * ti.block_bytes);
       for (auto& b : keep.back()) b = static_cast<uint8_t>(rng());
@@ -436,6 +437,9 @@ OSD_TEST(packed_k_quant_weights_give_the_reference_products) {
         const uint16_t d = float_to_half(0.002f), dmin = float_to_half(0.001f);
         if (k == gguf::TensorType::Q6_K) {
           std::memcpy(&keep.back()[b + 208], &d, 2);
+        } else if (k == gguf::TensorType::IQ4_XS) {
+          const uint16_t dx = float_to_half(0.0002f);
+          std::memcpy(&keep.back()[b], &dx, 2);
         } else {
           std::memcpy(&keep.back()[b], &d, 2);
           std::memcpy(&keep.back()[b + 2], &dmin, 2);
@@ -447,7 +451,8 @@ OSD_TEST(packed_k_quant_weights_give_the_reference_products) {
   }
   auto m = Model::load(path);
   const auto is_k = [](gguf::TensorType x) {
-    return x == gguf::TensorType::Q4_K || x == gguf::TensorType::Q5_K || x == gguf::TensorType::Q6_K;
+    return x == gguf::TensorType::Q4_K || x == gguf::TensorType::Q5_K || x == gguf::TensorType::Q6_K ||
+           x == gguf::TensorType::IQ4_XS;
   };
   CHECK(packed_matrices_match(*m, is_k, rng) >= 10);
   const int32_t V = m->config().vocab;

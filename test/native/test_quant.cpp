@@ -810,8 +810,37 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
     CHECK(ok);
     CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), {1, 4, 7}, rng));
   }
+  // IQ4_XS: d, the sub-block scales as int8 (ls - 32; sub-block s of row i at 16s + i), the quants
+  // in 4-byte chunks.
+  for (int64_t rows : {1, 16, 33}) {
+    const int64_t cols = 512, nbk = 2;
+    const TensorType t = TensorType::IQ4_XS;
+    const auto wk = random_weights(t, rows, cols, rng);
+    const size_t rb = quant::bytes_for(t, cols), gb = 2208;
+    std::vector<uint8_t> pk(quant::packed_bytes(t, rows, cols));
+    CHECK_EQ(pk.size(), gb * nbk * static_cast<size_t>((rows + 15) / 16));
+    quant::pack_rows(t, wk.data(), rb, rows, cols, pk.data());
+    bool ok = true;
+    for (int64_t r = 0; r < (rows + 15) / 16 * 16; ++r) {
+      const int64_t g = r / 16, i = r % 16, src = std::min(r, rows - 1);
+      for (int64_t b = 0; b < nbk; ++b) {
+        const uint8_t* blk = wk.data() + src * rb + b * 136;
+        const uint8_t* o = pk.data() + (g * nbk + b) * gb;
+        ok &= std::memcmp(o + 2 * i, blk, 2) == 0;
+        uint16_t sh;
+        std::memcpy(&sh, blk + 2, 2);
+        for (int sb = 0; sb < 8; ++sb)
+          ok &= static_cast<int8_t>(o[32 + 16 * sb + i]) == (((blk[4 + sb / 2] >> (4 * (sb % 2))) & 0xF) | (((sh >> (2 * sb)) & 3) << 4)) - 32;
+        for (int k = 0; k < 32; ++k) ok &= std::memcmp(o + 160 + 64 * k + 4 * i, blk + 8 + 4 * k, 4) == 0;
+      }
+    }
+    CHECK(ok);
+    CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), {1, 2, 3, 4, 7}, rng));
+  }
   CHECK(quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Avx2) && !quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Portable));
   CHECK(quant::kernel_reads_packed(TensorType::Q6_K, quant::Isa::Avx512) && !quant::kernel_reads_packed(TensorType::Q3_K, quant::Isa::Avx512));
+  CHECK(quant::kernel_reads_packed(TensorType::IQ4_XS, quant::Isa::Avx2) && quant::kernel_reads_packed(TensorType::IQ4_NL, quant::Isa::Avx512));
+  CHECK(!quant::kernel_reads_packed(TensorType::Q2_K, quant::Isa::Avx512) && !quant::kernel_reads_packed(TensorType::IQ4_XS, quant::Isa::Portable));
   std::vector<uint8_t> w(quant::bytes_for(TensorType::Q4_1, 64)), p(4096);
   CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q3_K, 1, 256), "no packed layout for type Q3_K");
   CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q4_1, 0, 64), "rows must be > 0");

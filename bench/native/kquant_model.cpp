@@ -1,7 +1,7 @@
 // Decoding speed on the block formats of llama.cpp's common files, without Node: a random llama
 // (width 1024, 16 layers, 32,000 tokens by default) stored as a Q4_K_M-style mix (Q6_K embeddings,
-// output and attn_v, Q4_K elsewhere) and, in the same run, as Q4_0, Q8_0, IQ4_XS, IQ4_NL and Q2_K
-// of the same shape. The Q4_K / Q6_K blocks are random bytes with moderate scales (no quantiser is
+// output and attn_v, Q4_K elsewhere), the same with Q3_K instead of Q4_K, and, in the same run, as
+// Q4_0, Q8_0, IQ4_XS, IQ4_NL and Q2_K of the same shape. The Q3_K / Q4_K / Q6_K blocks are random bytes with moderate scales (no quantiser is
 // needed to time them); the others are the random weights quantised. Per model: one evaluate of 1 and of 5 tokens
 // after a 64-token prefix (medians), and a 256-token prefill; weight GB/s per decoded token as a
 // fraction of a read probe run in the same process, and each model's times against Q4_0's.
@@ -39,8 +39,8 @@ double now_ms() {
 }
 
 // The F16 model at `from`, its 256-divisible matrices rewritten as random Q6_K (embeddings, output,
-// attn_v) or Q4_K blocks.
-void write_k_mix(const std::string& from, const std::string& to) {
+// attn_v) or `most` (Q4_K or Q3_K) blocks.
+void write_k_mix(const std::string& from, const std::string& to, gguf::TensorType most) {
   auto f = gguf::File::open(from);
   gguf::Writer w;
   for (const auto& kv : f->metadata()) w.set(kv.key, kv.value);
@@ -53,7 +53,7 @@ void write_k_mix(const std::string& from, const std::string& to) {
       continue;
     }
     const bool six = t.name.find("token_embd") != std::string::npos || t.name.find("attn_v") != std::string::npos;
-    const gguf::TensorType k = six ? gguf::TensorType::Q6_K : gguf::TensorType::Q4_K;
+    const gguf::TensorType k = six ? gguf::TensorType::Q6_K : most;
     const gguf::TypeInfo& ti = gguf::type_info(k);
     keep.emplace_back(t.ne[1] * (t.ne[0] / 256) * ti.block_bytes);
     for (auto& b : keep.back()) b = static_cast<uint8_t>(rng());
@@ -61,6 +61,9 @@ void write_k_mix(const std::string& from, const std::string& to) {
     for (size_t b = 0; b < keep.back().size(); b += ti.block_bytes) {
       if (six) {
         std::memcpy(&keep.back()[b + 208], &d, 2);
+      } else if (k == gguf::TensorType::Q3_K) {
+        const uint16_t d3 = float_to_half(0.0003f);
+        std::memcpy(&keep.back()[b + 108], &d3, 2);
       } else {
         std::memcpy(&keep.back()[b], &d, 2);
         std::memcpy(&keep.back()[b + 2], &dmin, 2);
@@ -137,9 +140,10 @@ int main(int argc, char** argv) {
   }
   if (c.dim % 256 != 0 || c.ffn_dim % 256 != 0) usage("--dim and --ffn must be multiples of 256 (K-quant super-blocks)");
   const std::string dir = "/tmp/osd-bench-kquant-" + std::to_string(::getpid());
-  const std::string f16 = dir + "-f16.gguf", kmix = dir + "-q4km.gguf";
+  const std::string f16 = dir + "-f16.gguf", kmix = dir + "-q4km.gguf", k3mix = dir + "-q3km.gguf";
   write_random_gguf(f16, c, 7, gguf::TensorType::F16);
-  write_k_mix(f16, kmix);
+  write_k_mix(f16, kmix, gguf::TensorType::Q4_K);
+  write_k_mix(f16, k3mix, gguf::TensorType::Q3_K);
   std::remove(f16.c_str());
   const double probe = measure_bandwidth(size_t(256) << 20, 5).read_bytes_per_s;
   std::vector<Row> rows;
@@ -150,9 +154,13 @@ int main(int argc, char** argv) {
     write_random_gguf(path, c, 7, t);
     rows.push_back(measure(name, path, reps));
     std::remove(path.c_str());
-    if (t == gguf::TensorType::Q4_0) rows.push_back(measure("Q4_K_M-style (Q4_K + Q6_K)", kmix, reps));
+    if (t == gguf::TensorType::Q4_0) {
+      rows.push_back(measure("Q4_K_M-style (Q4_K + Q6_K)", kmix, reps));
+      rows.push_back(measure("Q3_K + Q6_K", k3mix, reps));
+    }
   }
   std::remove(kmix.c_str());
+  std::remove(k3mix.c_str());
   std::printf("random llama: width %d, %d layers, %d tokens; read probe %.1f GB/s; %s\n", c.dim, c.n_layers, c.vocab,
               probe / 1e9, quant::isa_name(quant::best_isa()));
   std::printf("%-28s %9s %9s %9s %8s %9s %11s %10s\n", "weights", "MB/token", "1 tok ms", "GB/s", "xProbe", "5 tok ms",

@@ -56,8 +56,8 @@ const char* isa_name(Isa isa);
 
 // The 16-row packed layout that the AVX2 and AVX-512 kernels read: rows interleaved in groups of 16
 // so that one vector load gives the same bytes of 16 rows (described in quant_matmul.cpp). Every
-// int8-kernel type has one except Q2_K and Q3_K. packed_bytes() is the rows' own size, padded to a multiple
-// of 16 rows (Q4_K and Q5_K: 2-3% more, their six-bit scales and mins unpacked to bytes). A matrix
+// int8-kernel type has one. packed_bytes() is the rows' own size, padded to a multiple of 16 rows
+// (Q3_K 4%, Q4_K and Q5_K 2-3%, IQ4_XS 1.5% more: their scales unpacked to bytes). A matrix
 // used more than once is packed once (Model does it at load). kernel_reads_packed: whether the
 // kernels of `isa` read it (the portable ones read the file's layout).
 bool has_packed_layout(TensorType t);

@@ -3,26 +3,30 @@
 //
 // The fixed per-output sequence, for a weight row w and an activation row x:
 //
-//  32-value formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0). x is quantised per 32-value block like llama.cpp's
+//  32-value formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL). x is quantised per 32-value block like llama.cpp's
 //  Q8_0 / Q8_1 (q = round-to-nearest-even(x * 127 / amax), d = amax / 127, s = d * sum q), except
 //  that d and s stay f32 where llama.cpp rounds them to fp16 (on SmolLM2 this takes the rms error
 //  of the log-probabilities against exact f32 arithmetic from 0.175 to 0.144). For each block b in
-//  order, with wq the block's integer weights (nibble - 8 for Q4_0, nibble for Q4_1, ...):
+//  order, with wq the block's integer weights (nibble - 8 for Q4_0, nibble for Q4_1, the table's
+//  value at the nibble for IQ4_NL, ...):
 //      isum = sum of wq[j] * xq[j] over the block's 32 values                   (exact)
-//      acc  = acc + (d_w * d_x) * float(isum)                                  (Q4_0, Q5_0, Q8_0)
+//      acc  = acc + (d_w * d_x) * float(isum)                         (Q4_0, Q5_0, Q8_0, IQ4_NL)
 //      acc  = acc + ((d_w * d_x) * float(isum) + m_w * s_x)                    (Q4_1, Q5_1)
 //  result = acc.
 //  One float chain per output, whose integer sums cover a whole block: the vector kernels hold 16
 //  rows in one vector, a lane each (the 16-row packed layout below), so each float operation
 //  serves 16 outputs.
 //
-//  K-quants (Q3_K, Q4_K, Q5_K, Q6_K). x is quantised per 256 values as llama.cpp's Q8_K (f32 d,
-//  int8 q, 16-value sums). Each super-block gives integer weights wq, a scale per 16 values sc,
-//  and (Q4_K, Q5_K) a min per 16 values mn with factors D and M:
+//  256-value formats (Q2_K .. Q6_K, IQ4_XS). x is quantised per 256 values as llama.cpp's Q8_K
+//  (f32 d, int8 q, 16-value sums). Each super-block gives integer weights wq, a scale per 16 values
+//  sc (IQ4_XS: its sub-block's, on both halves), and (Q2_K, Q4_K, Q5_K) a min per 16 values mn with
+//  factors D and M (M = 0 and mn = 0 for the others):
 //      isum = sum over 16-value groups g of sc[g] * sum of wq * xq             (exact)
 //      msum = sum over g of mn[g] * bsum_x[g]                                  (exact)
 //      acc  = acc + ((d_x * D) * float(isum) - (d_x * M) * float(msum))
 //  result = acc.
+//  Every format has a 16-row packed layout that the AVX2 and AVX-512 kernels read (below, per
+//  format); the portable kernels read the file's layout.
 //
 // No FMA contraction anywhere in this file (the portable code must round like the AVX2 code).
 // The AVX-512 kernels differ from the AVX2 ones only in how the exact integer sums are formed
@@ -541,6 +545,51 @@ void pack_all_q6k(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols
   });
 }
 
+// Q2_K and Q3_K in 16-row groups: per super-block d[16] (f16), then Q2_K's dmin[16] (f16) and its
+// scale bytes as they are (scale low, min high nibble; group g of row i at 16g + i), or Q3_K's
+// six-bit scales unpacked to int8 (the same places); then the two-bit quants in 4-byte chunks,
+// chunk k of row i at 64k + 4i (byte 4k + e of a row holds values 128(k / 8) + 32j + 4(k % 8) + e at
+// bits 2j), then Q3_K's hmask the same way (8 chunks). Q2_K: the file's 1,344 bytes per 16
+// super-blocks; Q3_K: 1,824 for 1,760.
+template <class B>
+struct PackedK2 {
+  static constexpr bool kMin = std::is_same<B, BlockQ2_K>::value;
+  static constexpr int kDOff = 0, kMOff = 32, kScOff = kMin ? 64 : 32, kQOff = kScOff + 256, kHOff = kQOff + 64 * 16;
+  static constexpr int kBytes = kHOff + (kMin ? 0 : 64 * 8);
+};
+
+template <class B>
+void pack_group_k2(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t nb, int64_t g, uint8_t* out) {
+  using L = PackedK2<B>;
+  for (int i = 0; i < kGroup; ++i) {
+    const B* row = reinterpret_cast<const B*>(w + static_cast<size_t>(std::min(g * kGroup + i, rows - 1)) * row_bytes);
+    for (int64_t b = 0; b < nb; ++b) {
+      const B& blk = row[b];
+      uint8_t* o = out + b * L::kBytes;
+      std::memcpy(o + L::kDOff + 2 * i, &blk.d, 2);
+      for (int k = 0; k < 16; ++k) std::memcpy(o + L::kQOff + 64 * k + 4 * i, blk.qs + 4 * k, 4);
+      if constexpr (L::kMin) {
+        std::memcpy(o + L::kMOff + 2 * i, &blk.dmin, 2);
+        for (int j = 0; j < 16; ++j) o[L::kScOff + 16 * j + i] = blk.scales[j];
+      } else {
+        int8_t sc[16];
+        scales_q3_k(blk.scales, sc);
+        for (int j = 0; j < 16; ++j) o[L::kScOff + 16 * j + i] = static_cast<uint8_t>(sc[j]);
+        for (int k = 0; k < 8; ++k) std::memcpy(o + L::kHOff + 64 * k + 4 * i, blk.hmask + 4 * k, 4);
+      }
+    }
+  }
+}
+
+template <class B>
+void pack_all_k2(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst) {
+  const int64_t nb = cols / kQKK, per_group = nb * PackedK2<B>::kBytes;
+  default_pool().parallel_for(static_cast<size_t>(groups_of(rows)), 16, [&](size_t lo, size_t hi) {
+    for (size_t g = lo; g < hi; ++g)
+      pack_group_k2<B>(w, row_bytes, rows, nb, static_cast<int64_t>(g), dst + static_cast<int64_t>(g) * per_group);
+  });
+}
+
 // IQ4_XS in 16-row groups: per super-block d[16] (f16), the sub-block scales sc[8][16] (int8,
 // ls - 32; sub-block s of row i at 16s + i), then the quants in 4-byte chunks, chunk k of row i at
 // 64k + 4i (byte 4k + e of a row: value 32(k / 4) + 4(k % 4) + e in its low nibble, that + 16 in its
@@ -831,114 +880,6 @@ OSD_AVX2 void range32_avx2(const Args& k, int64_t r0, int64_t r1, int64_t t0, in
   }
 }
 
-// Q3_K (the K-quant without a packed layout): a super-block unpacked into int8 weights plus, per 32
-// weights, the int16 scale vector that multiplies their pair sums (the scale of each 16-weight
-// group, in the lanes of its pairs). mnv and M (mins) stay zero: kept so that the kernels below
-// spell out rangek_ref's operations, its zero min term included.
-struct KBlockV {
-  alignas(32) int8_t q[256];
-  __m256i scv[8];
-  __m256i mnv;
-  float D, M;
-};
-
-// Scales per 16 weights: chunk c holds groups 2c and 2c+1.
-OSD_AVX2_INLINE void scales_16_avx2(const int8_t* sc16, KBlockV& k) {
-  for (int c = 0; c < 8; ++c) k.scv[c] = _mm256_set_m128i(_mm_set1_epi16(sc16[2 * c + 1]), _mm_set1_epi16(sc16[2 * c]));
-  k.mnv = _mm256_setzero_si256();
-}
-
-OSD_AVX2 void unpack_kv(const BlockQ3_K& b, KBlockV& k) {
-  int8_t sc[16];
-  scales_q3_k(b.scales, sc);
-  scales_16_avx2(sc, k);
-  const __m256i three = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), zero = _mm256_setzero_si256();
-  const __m256i hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.hmask));
-  for (int n = 0; n < 2; ++n) {
-    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * n));
-    for (int j = 0; j < 4; ++j) {
-      const __m256i v = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), three);
-      const __m256i m = _mm256_set1_epi8(static_cast<char>(1 << (4 * n + j)));
-      const __m256i clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), zero);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(k.q + 128 * n + 32 * j),
-                         _mm256_sub_epi8(v, _mm256_and_si256(clear, four)));
-    }
-  }
-  k.D = f16(b.d);
-  k.M = 0.0f;
-}
-
-OSD_AVX2 void unpack_kv(const BlockQ2_K& b, KBlockV& k) {
-  int8_t sc[16];
-  for (int g = 0; g < 16; ++g) sc[g] = static_cast<int8_t>(b.scales[g] & 0xF);
-  scales_16_avx2(sc, k);
-  k.mnv = _mm256_srli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales))), 4);
-  const __m256i three = _mm256_set1_epi8(3);
-  for (int n = 0; n < 2; ++n) {
-    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * n));
-    for (int j = 0; j < 4; ++j)
-      _mm256_store_si256(reinterpret_cast<__m256i*>(k.q + 128 * n + 32 * j), _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), three));
-  }
-  k.D = f16(b.d);
-  k.M = f16(b.dmin);
-}
-
-template <class B>
-constexpr bool kHasMin = std::is_same<B, BlockQ4_K>::value || std::is_same<B, BlockQ5_K>::value ||
-                         std::is_same<B, BlockQ2_K>::value;
-
-template <class B, int RN>
-OSD_AVX2 void tilek_avx2(const Args& k, const KBlockV& kb, int64_t b, int64_t t, float* acc) {
-  const int8_t* yq[RN];
-  for (int j = 0; j < RN; ++j) yq[j] = k.a->qrow(t + j) + b * kQKK;
-  __m256i sumi[RN];
-  for (int j = 0; j < RN; ++j) sumi[j] = _mm256_setzero_si256();
-  for (int c = 0; c < 8; ++c) {
-    const __m256i wq = _mm256_load_si256(reinterpret_cast<const __m256i*>(kb.q + 32 * c));
-    const __m256i wa = _mm256_sign_epi8(wq, wq);
-    for (int j = 0; j < RN; ++j) {
-      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yq[j] + 32 * c));
-      const __m256i p16 = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(y, wq));
-      sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(p16, kb.scv[c]));
-    }
-  }
-  for (int j = 0; j < RN; ++j) {
-    const int isum = hsum_i32_inline(sumi[j]);
-    int msum = 0;
-    if (kHasMin<B>) {
-      const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k.a->brow(t + j) + b * 16));
-      msum = hsum_i32_inline(_mm256_madd_epi16(bs, kb.mnv));
-    }
-    const float dx = k.a->drow(t + j)[b];
-    acc[j] = acc[j] + ((dx * kb.D) * static_cast<float>(isum) - (dx * kb.M) * static_cast<float>(msum));
-  }
-}
-
-template <class B>
-OSD_AVX2 void rangek_avx2(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  const int64_t nb = k.cols / kQKK;
-  KBlockV kb;
-  constexpr int kTokens = 4;
-  for (int64_t r = r0; r < r1; ++r) {
-    const B* w = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r) * k.row_bytes);
-    for (int64_t t = t0; t < t1; t += kTokens) {
-      const int rn = static_cast<int>(std::min<int64_t>(kTokens, t1 - t));
-      float acc[kTokens] = {};
-      for (int64_t b = 0; b < nb; ++b) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + b) + kPrefetchBytes, _MM_HINT_T0);
-        unpack_kv(w[b], kb);
-        switch (rn) {
-          case 4: tilek_avx2<B, 4>(k, kb, b, t, acc); break;
-          case 3: tilek_avx2<B, 3>(k, kb, b, t, acc); break;
-          case 2: tilek_avx2<B, 2>(k, kb, b, t, acc); break;
-          default: tilek_avx2<B, 1>(k, kb, b, t, acc); break;
-        }
-      }
-      for (int j = 0; j < rn; ++j) k.y[(t + j) * k.rows + r] = acc[j];
-    }
-  }
-}
-
 // Eight unsigned bytes as int32 lanes.
 OSD_AVX2_INLINE __m256i bytes8_avx2(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -948,8 +889,8 @@ OSD_AVX2_INLINE __m256i bytes8_avx2(const uint8_t* p) {
 // two tokens (the sums of four tokens would not fit the 16 registers). vpmaddubsw pair sums add in
 // int16: 16 products of values <= 15 (Q4_K) or 8 of values <= 31 (Q5_K) before vpmaddwd makes the
 // sub-block's int32 sums; then the same integers and float operations as the AVX-512 kernel.
-// Against rangek_avx2 (a row at a time, unpacked per row), 2048 x 2048 random weights in cache, one
-// thread: Q4_K 1 token 195 -> 83 us, 5 tokens 642 -> 330 us; Q5_K 249 -> 137 and 770 -> 473 us.
+// Against the kernel they replaced (a row at a time, unpacked per row), 2048 x 2048 random weights
+// in cache, one thread: Q4_K 1 token 195 -> 83 us, 5 tokens 642 -> 330 us; Q5_K 249 -> 137 and 770 -> 473 us.
 template <class B, int NT>
 OSD_AVX2 void half_k4_avx2(const Args& k, int64_t g, int h, int nr, int64_t t) {
   using L = PackedK4<B>;
@@ -1067,6 +1008,71 @@ OSD_AVX2 void half_q6k_avx2(const Args& k, int64_t g, int h8, int nr, int64_t t)
       const __m256 dx = _mm256_set1_ps(k.a->drow(t + n)[b]);
       acc[n] = _mm256_add_ps(acc[n], _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(dx, D), _mm256_cvtepi32_ps(isum[n])),
                                                    _mm256_mul_ps(_mm256_mul_ps(dx, zero), zero)));
+    }
+  }
+  store_half_avx2<NT>(k, g, h8, nr, t, acc);
+}
+
+// Q2_K and Q3_K on the packed layout with AVX2: packed rows 8h .. 8h + 7, a lane each, for NT
+// tokens. Values u (Q2_K: 0 .. 3; Q3_K: the two bits plus 4 where hmask's bit is set, 0 .. 7, w = u
+// - 4) in u8 x s8 pair sums that add in int16 over a group's 16 values (<= 7112), per-group sums
+// starting at -4 times the activations' group sums for Q3_K; times the group scales into isum, and
+// Q2_K's mins times the activations' group sums into msum: rangek_ref's integers, then its floats.
+template <class B, int NT>
+OSD_AVX2 void half_k2_avx2(const Args& k, int64_t g, int h8, int nr, int64_t t) {
+  using L = PackedK2<B>;
+  const int64_t nb = k.cols / kQKK;
+  const uint8_t* grp = k.packed + g * nb * L::kBytes;
+  __m256 acc[NT];
+  for (int n = 0; n < NT; ++n) acc[n] = _mm256_setzero_ps();
+  const __m256i three = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* q = grp + b * L::kBytes;
+    if (h8 == 0)
+      for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+    __m256i isum[NT], msum[NT];
+    for (int n = 0; n < NT; ++n) isum[n] = msum[n] = _mm256_setzero_si256();
+    // Values 128 hn + 32 j + 16 hl + l (l < 16): chunks 8 hn + 4 hl + m (bytes l = 4m + e), bits 2j;
+    // group 8 hn + 2 j + hl.
+    for (int hn = 0; hn < 2; ++hn)
+      for (int hl = 0; hl < 2; ++hl) {
+        __m256i p16[NT][4];
+        for (int n = 0; n < NT; ++n)
+          for (int j = 0; j < 4; ++j) p16[n][j] = _mm256_setzero_si256();
+        for (int m = 0; m < 4; ++m) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kQOff + 64 * (8 * hn + 4 * hl + m) + 32 * h8));
+          __m256i hb = _mm256_setzero_si256();
+          if constexpr (!L::kMin) hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kHOff + 64 * (4 * hl + m) + 32 * h8));
+          for (int j = 0; j < 4; ++j) {
+            __m256i v = _mm256_and_si256(_mm256_srli_epi16(x, 2 * j), three);
+            if constexpr (!L::kMin) {
+              const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << (4 * hn + j)));
+              v = _mm256_or_si256(v, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit), four));
+            }
+            for (int n = 0; n < NT; ++n)
+              p16[n][j] = _mm256_add_epi16(p16[n][j], _mm256_maddubs_epi16(v, bcast4(k.a->qrow(t + n) + b * kQKK + 128 * hn + 32 * j + 16 * hl + 4 * m)));
+          }
+        }
+        for (int j = 0; j < 4; ++j) {
+          const int gi = 8 * hn + 2 * j + hl;
+          const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + L::kScOff + 16 * gi + 8 * h8));
+          const __m256i sc = L::kMin ? _mm256_and_si256(_mm256_cvtepu8_epi32(raw), _mm256_set1_epi32(0xF)) : _mm256_cvtepi8_epi32(raw);
+          for (int n = 0; n < NT; ++n) {
+            const int16_t bsg = k.a->brow(t + n)[b * 16 + gi];
+            __m256i sg = _mm256_madd_epi16(p16[n][j], ones);
+            if constexpr (!L::kMin) sg = _mm256_add_epi32(sg, _mm256_set1_epi32(-4 * bsg));
+            isum[n] = _mm256_add_epi32(isum[n], _mm256_mullo_epi32(sg, sc));
+            if constexpr (L::kMin)
+              msum[n] = _mm256_add_epi32(msum[n], _mm256_mullo_epi32(_mm256_srli_epi32(_mm256_cvtepu8_epi32(raw), 4), _mm256_set1_epi32(bsg)));
+          }
+        }
+      }
+    const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kDOff + 16 * h8)));
+    const __m256 M = L::kMin ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kMOff + 16 * h8))) : _mm256_setzero_ps();
+    for (int n = 0; n < NT; ++n) {
+      const __m256 dx = _mm256_set1_ps(k.a->drow(t + n)[b]);
+      acc[n] = _mm256_add_ps(acc[n], _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(dx, D), _mm256_cvtepi32_ps(isum[n])),
+                                                   _mm256_mul_ps(_mm256_mul_ps(dx, M), _mm256_cvtepi32_ps(msum[n]))));
     }
   }
   store_half_avx2<NT>(k, g, h8, nr, t, acc);
@@ -1282,41 +1288,13 @@ OSD_AVX512 void range32_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0
   }
 }
 
-template <class B, int RN>
-OSD_AVX512 void tilek_avx512(const Args& k, const KBlockV& kb, int64_t b, int64_t t, float* acc) {
-  const int8_t* yq[RN];
-  for (int j = 0; j < RN; ++j) yq[j] = k.a->qrow(t + j) + b * kQKK;
-  __m256i sumi[RN];
-  for (int j = 0; j < RN; ++j) sumi[j] = _mm256_setzero_si256();
-  for (int c = 0; c < 8; ++c) {
-    const __m256i wq = _mm256_load_si256(reinterpret_cast<const __m256i*>(kb.q + 32 * c));
-    const __m256i wa = _mm256_abs_epi8(wq);
-    for (int j = 0; j < RN; ++j) {
-      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yq[j] + 32 * c));
-      const __m256i p16 = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(y, wq));
-      sumi[j] = _mm256_dpwssd_epi32(sumi[j], p16, kb.scv[c]);
-    }
-  }
-  for (int j = 0; j < RN; ++j) {
-    const int isum = hsum_i32_inline(sumi[j]);
-    int msum = 0;
-    if (kHasMin<B>) {
-      const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k.a->brow(t + j) + b * 16));
-      msum = hsum_i32_inline(_mm256_dpwssd_epi32(_mm256_setzero_si256(), bs, kb.mnv));
-    }
-    const float dx = k.a->drow(t + j)[b];
-    acc[j] = acc[j] + ((dx * kb.D) * static_cast<float>(isum) - (dx * kb.M) * static_cast<float>(msum));
-  }
-}
-
 // Q4_K and Q5_K on the packed layout, 16 rows a lane each, for tokens t .. t + NT - 1: per chunk of
 // 16 rows' four bytes (with Q5_K's fifth bits added), one vpdpbusd adds four low-nibble products
 // to the sum of one sub-block and one the four high-nibble products to the next's; each finished pair of sub-block sums times its scales
 // (vpmulld) goes into isum, and the mins times the activations' sums into msum: the integers of
 // rangek_ref, then its float operations, in order. Q5_K: 262 -> 59 us and 730 -> 192 us as below.
-// Against rangek_avx512 (a row at a time, its
-// super-blocks unpacked per row), 2048 x 2048 random Q4_K weights in cache, one thread: 1 token
-// 215 -> 45 us, 5 tokens 600 -> 125 us. Q3_K still takes rangek_avx512.
+// Against the kernel it replaced (a row at a time, its super-blocks unpacked per row), 2048 x 2048
+// random Q4_K weights in cache, one thread: 1 token 215 -> 45 us, 5 tokens 600 -> 125 us.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -1377,8 +1355,8 @@ OSD_AVX512 void group_k4_avx512(const Args& k, int64_t g, int nr, int64_t t) {
 // Q6_K on the packed layout, 16 rows a lane each: the values w + 32 (0 .. 63, from ql's nibble and
 // qh's two bits) by vpdpbusd into per-group sums that start at -32 times the activations' 16-value
 // sums, so each is exactly sum of w * x over its group; times the group scales into isum. The float
-// operations are rangek_ref's, its zero min term included. Against rangek_avx512, 2048 x 2048
-// random Q6_K weights in cache, one thread: 1 token 249 -> 70 us, 5 tokens 661 -> 177 us.
+// operations are rangek_ref's, its zero min term included. Against the row-at-a-time kernel,
+// 2048 x 2048 random Q6_K weights in cache, one thread: 1 token 249 -> 70 us, 5 tokens 661 -> 177 us.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -1472,27 +1450,75 @@ OSD_AVX512 void range_k4_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t
   }
 }
 
-template <class B>
-OSD_AVX512 void rangek_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+// Q2_K and Q3_K on the packed layout, 16 rows a lane each (as half_k2_avx2, with vpdpbusd). On a
+// random 1024-wide llama (bench_kquant_model), against the row-at-a-time kernel they replaced: Q2_K
+// 6.7 -> 1.5 ms per token, Q3_K (with Q6_K embeddings) 8.3-9.1 -> 2.1-2.4 ms; prefill 3x faster.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <class B, int NT>
+OSD_AVX512 void group_k2_avx512(const Args& k, int64_t g, int nr, int64_t t) {
+  using L = PackedK2<B>;
   const int64_t nb = k.cols / kQKK;
-  KBlockV kb;
-  constexpr int kTokens = 4;
-  for (int64_t r = r0; r < r1; ++r) {
-    const B* w = reinterpret_cast<const B*>(k.w + static_cast<size_t>(r) * k.row_bytes);
-    for (int64_t t = t0; t < t1; t += kTokens) {
-      const int rn = static_cast<int>(std::min<int64_t>(kTokens, t1 - t));
-      float acc[kTokens] = {};
-      for (int64_t b = 0; b < nb; ++b) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + b) + kPrefetchBytes, _MM_HINT_T0);
-        unpack_kv(w[b], kb);
-        switch (rn) {
-          case 4: tilek_avx512<B, 4>(k, kb, b, t, acc); break;
-          case 3: tilek_avx512<B, 3>(k, kb, b, t, acc); break;
-          case 2: tilek_avx512<B, 2>(k, kb, b, t, acc); break;
-          default: tilek_avx512<B, 1>(k, kb, b, t, acc); break;
+  const uint8_t* grp = k.packed + g * nb * L::kBytes;
+  __m512 acc[NT];
+  for (int n = 0; n < NT; ++n) acc[n] = _mm512_setzero_ps();
+  const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* q = grp + b * L::kBytes;
+    for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+    __m512i isum[NT], msum[NT];
+    for (int n = 0; n < NT; ++n) isum[n] = msum[n] = _mm512_setzero_si512();
+    for (int hn = 0; hn < 2; ++hn)
+      for (int hl = 0; hl < 2; ++hl) {
+        __m512i sg[NT][4];
+        for (int n = 0; n < NT; ++n)
+          for (int j = 0; j < 4; ++j)
+            sg[n][j] = L::kMin ? _mm512_setzero_si512() : _mm512_set1_epi32(-4 * k.a->brow(t + n)[b * 16 + 8 * hn + 2 * j + hl]);
+        for (int m = 0; m < 4; ++m) {
+          const __m512i x = _mm512_loadu_si512(q + L::kQOff + 64 * (8 * hn + 4 * hl + m));
+          __m512i hb = _mm512_setzero_si512();
+          if constexpr (!L::kMin) hb = _mm512_loadu_si512(q + L::kHOff + 64 * (4 * hl + m));
+          for (int j = 0; j < 4; ++j) {
+            __m512i v = _mm512_and_si512(_mm512_srli_epi16(x, 2 * j), three);
+            if constexpr (!L::kMin)
+              v = _mm512_or_si512(v, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(hb, _mm512_set1_epi8(static_cast<char>(1 << (4 * hn + j)))), four));
+            for (int n = 0; n < NT; ++n)
+              sg[n][j] = _mm512_dpbusd_epi32(sg[n][j], v, bcast4_512(k.a->qrow(t + n) + b * kQKK + 128 * hn + 32 * j + 16 * hl + 4 * m));
+          }
+        }
+        for (int j = 0; j < 4; ++j) {
+          const int gi = 8 * hn + 2 * j + hl;
+          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kScOff + 16 * gi));
+          const __m512i sc = L::kMin ? _mm512_and_si512(_mm512_cvtepu8_epi32(raw), _mm512_set1_epi32(0xF)) : _mm512_cvtepi8_epi32(raw);
+          for (int n = 0; n < NT; ++n) {
+            isum[n] = _mm512_add_epi32(isum[n], _mm512_mullo_epi32(sg[n][j], sc));
+            if constexpr (L::kMin)
+              msum[n] = _mm512_add_epi32(msum[n], _mm512_mullo_epi32(_mm512_srli_epi32(_mm512_cvtepu8_epi32(raw), 4),
+                                                                     _mm512_set1_epi32(k.a->brow(t + n)[b * 16 + gi])));
+          }
         }
       }
-      for (int j = 0; j < rn; ++j) k.y[(t + j) * k.rows + r] = acc[j];
+    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kDOff)));
+    const __m512 M = L::kMin ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kMOff))) : _mm512_setzero_ps();
+    for (int n = 0; n < NT; ++n) {
+      const __m512 dx = _mm512_set1_ps(k.a->drow(t + n)[b]);
+      acc[n] = _mm512_add_ps(acc[n], _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(dx, D), _mm512_cvtepi32_ps(isum[n])),
+                                                   _mm512_mul_ps(_mm512_mul_ps(dx, M), _mm512_cvtepi32_ps(msum[n]))));
+    }
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
+  for (int n = 0; n < NT; ++n) _mm512_mask_storeu_ps(k.y + (t + n) * k.rows + g * kGroup, keep, acc[n]);
+}
+#pragma GCC diagnostic pop
+
+template <class B>
+OSD_AVX512 void range_k2_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+  for (int64_t r = r0; r < r1; r += kGroup) {
+    const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
+    for (int64_t t = t0; t < t1; t += 2) {
+      if (t + 1 < t1) group_k2_avx512<B, 2>(k, r / kGroup, nr, t);
+      else group_k2_avx512<B, 1>(k, r / kGroup, nr, t);
     }
   }
 }
@@ -1594,8 +1620,8 @@ RangeFn pick(TensorType t, Isa isa) {
       case TensorType::Q5_1: return range32_avx512<P5_1>;
       case TensorType::Q8_0: return range32_avx512<P8_0>;
       case TensorType::IQ4_NL: return range32_avx512<PIQ4_NL>;
-      case TensorType::Q3_K: return rangek_avx512<BlockQ3_K>;
-      case TensorType::Q2_K: return rangek_avx512<BlockQ2_K>;
+      case TensorType::Q3_K: return range_k2_avx512<BlockQ3_K>;
+      case TensorType::Q2_K: return range_k2_avx512<BlockQ2_K>;
       case TensorType::IQ4_XS: return range_iq4xs_avx512;
       case TensorType::Q4_K: return range_k4_avx512<BlockQ4_K>;
       case TensorType::Q5_K: return range_k4_avx512<BlockQ5_K>;
@@ -1611,8 +1637,8 @@ RangeFn pick(TensorType t, Isa isa) {
       case TensorType::Q5_1: return range32_avx2<P5_1>;
       case TensorType::Q8_0: return range32_avx2<P8_0>;
       case TensorType::IQ4_NL: return range32_avx2<PIQ4_NL>;
-      case TensorType::Q3_K: return rangek_avx2<BlockQ3_K>;
-      case TensorType::Q2_K: return rangek_avx2<BlockQ2_K>;
+      case TensorType::Q3_K: return range_k_avx2<half_k2_avx2<BlockQ3_K, 1>, half_k2_avx2<BlockQ3_K, 2>>;
+      case TensorType::Q2_K: return range_k_avx2<half_k2_avx2<BlockQ2_K, 1>, half_k2_avx2<BlockQ2_K, 2>>;
       case TensorType::IQ4_XS: return range_k_avx2<half_iq4xs_avx2<1>, half_iq4xs_avx2<2>>;
       case TensorType::Q4_K: return range_k_avx2<half_k4_avx2<BlockQ4_K, 1>, half_k4_avx2<BlockQ4_K, 2>>;
       case TensorType::Q5_K: return range_k_avx2<half_k4_avx2<BlockQ5_K, 1>, half_k4_avx2<BlockQ5_K, 2>>;
@@ -1677,10 +1703,7 @@ Isa best_isa() {
 
 const char* isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "portable"; }
 
-bool has_packed_layout(TensorType t) {
-  return (has_int8_kernel(t) && !is_k_type(t)) || t == TensorType::Q4_K || t == TensorType::Q5_K || t == TensorType::Q6_K ||
-         t == TensorType::IQ4_XS;
-}
+bool has_packed_layout(TensorType t) { return has_int8_kernel(t); }
 
 bool kernel_reads_packed(TensorType t, Isa isa) {
   return has_packed_layout(t) && isa != Isa::Portable;
@@ -1695,6 +1718,10 @@ size_t packed_bytes(TensorType t, int64_t rows, int64_t cols) {
     return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ5_K)) * PackedK4<BlockQ5_K>::kBytes * static_cast<size_t>(groups_of(rows));
   if (t == TensorType::Q6_K)
     return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ6_K)) * PackedQ6K::kBytes * static_cast<size_t>(groups_of(rows));
+  if (t == TensorType::Q2_K)
+    return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ2_K)) * PackedK2<BlockQ2_K>::kBytes * static_cast<size_t>(groups_of(rows));
+  if (t == TensorType::Q3_K)
+    return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ3_K)) * PackedK2<BlockQ3_K>::kBytes * static_cast<size_t>(groups_of(rows));
   if (t == TensorType::IQ4_XS)
     return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockIQ4_XS)) * PackedIQ4XS::kBytes * static_cast<size_t>(groups_of(rows));
   return bytes_for(t, cols) * static_cast<size_t>(groups_of(rows) * kGroup);
@@ -1713,6 +1740,8 @@ void pack_rows(TensorType t, const uint8_t* w, size_t row_bytes, int64_t rows, i
     case TensorType::Q5_K: return pack_all_k4<BlockQ5_K>(w, row_bytes, rows, cols, dst);
     case TensorType::Q6_K: return pack_all_q6k(w, row_bytes, rows, cols, dst);
     case TensorType::IQ4_XS: return pack_all_iq4xs(w, row_bytes, rows, cols, dst);
+    case TensorType::Q2_K: return pack_all_k2<BlockQ2_K>(w, row_bytes, rows, cols, dst);
+    case TensorType::Q3_K: return pack_all_k2<BlockQ3_K>(w, row_bytes, rows, cols, dst);
     default: return pack_all<P8_0>(w, row_bytes, rows, cols, dst);
   }
 }

@@ -810,6 +810,37 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
     CHECK(ok);
     CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), {1, 4, 7}, rng));
   }
+  // Q2_K and Q3_K: d (and Q2_K's dmin), the scale bytes (Q2_K's as they are, Q3_K's unpacked to
+  // int8; group j of row i at 16j + i), the two-bit quants in 4-byte chunks, Q3_K's hmask likewise.
+  for (TensorType t : {TensorType::Q2_K, TensorType::Q3_K})
+    for (int64_t rows : {3, 16, 18}) {
+      const int64_t cols = 512, nbk = 2;
+      const bool q2 = t == TensorType::Q2_K;
+      const auto wk = random_weights(t, rows, cols, rng);
+      const size_t rb = quant::bytes_for(t, cols), bb = q2 ? 84 : 110, gb = q2 ? 1344 : 1824;
+      std::vector<uint8_t> pk(quant::packed_bytes(t, rows, cols));
+      CHECK_EQ(pk.size(), gb * nbk * static_cast<size_t>((rows + 15) / 16));
+      quant::pack_rows(t, wk.data(), rb, rows, cols, pk.data());
+      bool ok = true;
+      for (int64_t r = 0; r < (rows + 15) / 16 * 16; ++r) {
+        const int64_t g = r / 16, i = r % 16, src = std::min(r, rows - 1);
+        for (int64_t b = 0; b < nbk; ++b) {
+          const uint8_t* blk = wk.data() + src * rb + b * bb;
+          const uint8_t* o = pk.data() + (g * nbk + b) * gb;
+          ok &= std::memcmp(o + 2 * i, blk + (q2 ? 80 : 108), 2) == 0;
+          if (q2) ok &= std::memcmp(o + 32 + 2 * i, blk + 82, 2) == 0;
+          int8_t sc[16];
+          if (!q2) quant::detail::scales_q3_k(blk + 96, sc);
+          for (int j = 0; j < 16; ++j) ok &= q2 ? o[64 + 16 * j + i] == blk[j] : static_cast<int8_t>(o[32 + 16 * j + i]) == sc[j];
+          const size_t qoff = q2 ? 320 : 288;
+          for (int k = 0; k < 16; ++k) ok &= std::memcmp(o + qoff + 64 * k + 4 * i, blk + (q2 ? 16 : 32) + 4 * k, 4) == 0;
+          if (!q2)
+            for (int k = 0; k < 8; ++k) ok &= std::memcmp(o + qoff + 1024 + 64 * k + 4 * i, blk + 4 * k, 4) == 0;
+        }
+      }
+      CHECK(ok);
+      CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), {1, 2, 3, 5}, rng));
+    }
   // IQ4_XS: d, the sub-block scales as int8 (ls - 32; sub-block s of row i at 16s + i), the quants
   // in 4-byte chunks.
   for (int64_t rows : {1, 16, 33}) {
@@ -838,11 +869,12 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
     CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), {1, 2, 3, 4, 7}, rng));
   }
   CHECK(quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Avx2) && !quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Portable));
-  CHECK(quant::kernel_reads_packed(TensorType::Q6_K, quant::Isa::Avx512) && !quant::kernel_reads_packed(TensorType::Q3_K, quant::Isa::Avx512));
-  CHECK(quant::kernel_reads_packed(TensorType::IQ4_XS, quant::Isa::Avx2) && quant::kernel_reads_packed(TensorType::IQ4_NL, quant::Isa::Avx512));
-  CHECK(!quant::kernel_reads_packed(TensorType::Q2_K, quant::Isa::Avx512) && !quant::kernel_reads_packed(TensorType::IQ4_XS, quant::Isa::Portable));
+  for (TensorType t : kInt8Types)
+    CHECK(quant::kernel_reads_packed(t, quant::Isa::Avx2) && quant::kernel_reads_packed(t, quant::Isa::Avx512) &&
+          !quant::kernel_reads_packed(t, quant::Isa::Portable));
+  CHECK(!quant::has_packed_layout(TensorType::F16) && !quant::kernel_reads_packed(TensorType::F16, quant::Isa::Avx2));
   std::vector<uint8_t> w(quant::bytes_for(TensorType::Q4_1, 64)), p(4096);
-  CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q3_K, 1, 256), "no packed layout for type Q3_K");
+  CHECK_THROWS(Error, quant::packed_bytes(TensorType::F16, 1, 256), "no packed layout for type F16");
   CHECK_THROWS(Error, quant::packed_bytes(TensorType::Q4_1, 0, 64), "rows must be > 0");
   CHECK_THROWS(Error, quant::pack_rows(TensorType::Q4_1, w.data(), w.size() + 1, 1, 64, p.data()),
                "row_bytes does not match the row length");
@@ -881,11 +913,11 @@ OSD_TEST(integer_sums_at_their_extremes_equal_the_reference) {
 
 // The same for the packed K-quants (Q4_K, Q5_K, Q6_K): every byte 0xFF (all values and scales at
 // their top: 4-bit 15 with six-bit scales and mins 63, Q5_K's fifth bits set, Q6_K's 6-bit 31 with
-// scales -1) or 0x00, against activations of +-127. Also Q2_K and IQ4_XS (unpacked per row; IQ4_XS
-// at the table's ends, -127 and 113, with scales 31 or -32).
+// scales -1) or 0x00, against activations of +-127. Also Q2_K, Q3_K (values 3 or -4 with scales 31
+// or -32) and IQ4_XS (the table's ends, 113 and -127, with scales 31 or -32).
 OSD_TEST(k_quant_integer_sums_at_their_extremes_equal_the_reference) {
   const int64_t cols = 512, rows = 17;
-  for (TensorType t : {TensorType::Q4_K, TensorType::Q5_K, TensorType::Q6_K, TensorType::Q2_K, TensorType::IQ4_XS}) {
+  for (TensorType t : {TensorType::Q4_K, TensorType::Q5_K, TensorType::Q6_K, TensorType::Q2_K, TensorType::Q3_K, TensorType::IQ4_XS}) {
     const size_t rb = quant::bytes_for(t, cols), bb = gguf::type_info(t).block_bytes;
     for (uint8_t fill : {uint8_t(0xFF), uint8_t(0x00), uint8_t(0xAA)}) {
       std::vector<uint8_t> w(rb * rows, fill);
@@ -898,6 +930,8 @@ OSD_TEST(k_quant_integer_sums_at_their_extremes_equal_the_reference) {
           } else if (t == TensorType::Q2_K) {
             std::memcpy(blk + 80, &h, 2);
             std::memcpy(blk + 82, &h, 2);
+          } else if (t == TensorType::Q3_K) {
+            std::memcpy(blk + 108, &h, 2);
           } else if (t == TensorType::IQ4_XS) {
             std::memcpy(blk, &h, 2);
           } else {

@@ -381,8 +381,8 @@ export class Model {
   /**
    * Writes this model as GGUF (llama.cpp's layout), atomically. Matrices are stored as `type`
    * (default F32; see StoreType), or with 'keep' each in the type it has now (lossless for every
-   * type, K-quants and mixed files included). A matrix already stored in the requested type is
-   * copied unchanged.
+   * type, K-quants and mixed files included). A matrix already stored in the type it would be
+   * written in (the requested one, or its fallback: see StoreType) is copied unchanged.
    */
   async save(path: string, options: { type?: StoreType | 'keep' } = {}): Promise<void> {
     if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
@@ -395,7 +395,7 @@ export class Model {
   /**
    * The same model with its matrices stored as `type` (see StoreType), held in memory, off the event
    * loop: e.g. a trainer's F32 snapshot as F16 or Q8_0 to make it cheaper to run. Matrices already in
-   * that type are copied unchanged; 'keep' copies every matrix as it is (a bit-exact copy of the
+   * the type they would be written in are copied unchanged; 'keep' copies every matrix as it is (a bit-exact copy of the
    * weights). The tokenizer and chat template carry over.
    */
   async convert(type: StoreType | 'keep'): Promise<Model> {

@@ -85,9 +85,11 @@ export interface OnlineDistillOptions {
   trainThreads?: number;
   /**
    * How updated weights are stored while they serve: 'auto' (default) keeps the draft's own type
-   * when all its matrices share one the engine writes (F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1;
-   * else F32), so an F16 draft stays as cheap to run after updates; training itself always keeps F32
-   * weights. Quantised types are converted on the decoding thread pool (a short stall per update).
+   * when all its matrices share one the engine writes (STORE_TYPES: F32, F16, BF16, Q8_0, Q5_0,
+   * Q5_1, Q4_0, Q4_1, IQ4_NL, IQ4_XS, Q2_K; else F32), so an F16 draft stays as cheap to run after
+   * updates; training itself always keeps F32 weights. Quantised types are converted on the decoding
+   * thread pool (a short stall per update), IQ4_NL, IQ4_XS and Q2_K by the engine's round-to-nearest
+   * quantiser, coarser than llama.cpp's (see Model.save).
    */
   servedType?: StoreType | 'auto';
 }

@@ -53,6 +53,7 @@ void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType wa
   auto buf = std::make_unique<std::vector<uint8_t>>(row_bytes * static_cast<size_t>(rows));
   uint8_t* out = buf->data();
   default_pool().parallel_for(static_cast<size_t>(rows), 64, [&](size_t lo, size_t hi) {
+    std::vector<float> back(static_cast<size_t>(cols));
     for (size_t r = lo; r < hi; ++r) {
       // A block format has no NaN or infinity (its scale would be, and the integer casts are undefined).
       const float* row = data + r * cols;
@@ -62,6 +63,14 @@ void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType wa
                       std::to_string(r) + ", column " + std::to_string(j) + "), which " +
                       gguf::type_info(type).name + " cannot store");
       quant::quantize(type, row, cols, out + r * row_bytes);
+      // Finite weights can still overflow a block's fp16 scale (beyond about 5e5 for Q4_0): the
+      // blocks would read back as infinity or NaN.
+      quant::dequantize(type, out + r * row_bytes, cols, back.data());
+      for (int64_t j = 0; j < cols; ++j)
+        if (!std::isfinite(back[j]))
+          throw_range("tensor '" + name + "' has weights too large for the fp16 scales of " + gguf::type_info(type).name +
+                      " (row " + std::to_string(r) + ", near column " + std::to_string(j) + ": " + num_str(row[j]) +
+                      "); store it as F32, F16 or BF16");
     }
   });
   w.add_tensor_raw(name, type, dims, buf->data(), buf->size());

@@ -1163,8 +1163,8 @@ bool cpu_has_avx2() {
 // chunk of every row, and a vpdpbusd per chunk adds its four products to each row's block sum, so
 // the block's integer sum, its scale products and the running float sum are formed for 16 rows per
 // instruction. The group is unpacked once per block for up to eight tokens. The signed formats
-// (Q4_0, Q5_0, Q8_0) are read offset to unsigned (w + o, o = 8, 16, 128) with o times the
-// activations' block sums (Acts::gneg, shifted) as the starting sum: the same exact integers.
+// (Q4_0, Q5_0, Q8_0, IQ4_NL) are read offset to unsigned (w + o, o = 8, 16, 128, 128) with o times
+// the activations' block sums (Acts::gneg, shifted) as the starting sum: the same exact integers.
 // Measured against the kernels this replaced (eight rows in the GGUF layout, four sums of eight
 // products per row and block), SmolLM2-135M Q4_1, one evaluate after a 64-token prefix, 2 threads,
 // medians of 100, alternating: 1 token 2.79-2.89 -> 2.34-2.58 ms, 5 tokens 4.65-4.79 -> 3.15-3.97

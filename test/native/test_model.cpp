@@ -280,6 +280,32 @@ OSD_TEST(block_formats_refuse_non_finite_weights) {
     CHECK_THROWS(Error, save_gguf(*nan_model, path, type), want.c_str());
   }
   save_gguf(*nan_model, path, gguf::TensorType::F16);  // stored as it is
+  // Finite but too large for a block's fp16 scale: refused too, not written as infinite scales.
+  {
+    auto f = gguf::File::open(path + ".nan.gguf");
+    gguf::Writer w;
+    for (const auto& kv : f->metadata()) w.set(kv.key, kv.value);
+    std::vector<float> patched;
+    for (const auto& t : f->tensors()) {
+      const std::vector<uint64_t> dims(t.ne, t.ne + t.n_dims);
+      if (t.name != "blk.1.ffn_up.weight") {
+        w.add_tensor_raw(t.name, t.type, dims, t.data, t.n_bytes);
+        continue;
+      }
+      patched.assign(reinterpret_cast<const float*>(t.data), reinterpret_cast<const float*>(t.data) + t.n_elements);
+      patched[2 * 64 + 5] = 3e9f;
+      w.add_tensor_raw(t.name, t.type, dims, patched.data(), t.n_bytes);
+    }
+    w.write(path + ".big.gguf");
+  }
+  auto big_model = Model::load(path + ".big.gguf");
+  for (auto type : {gguf::TensorType::Q8_0, gguf::TensorType::Q4_0, gguf::TensorType::IQ4_NL}) {
+    const std::string want = "tensor 'blk.1.ffn_up.weight' has weights too large for the fp16 scales of " +
+                             std::string(gguf::type_info(type).name) + " (row 2";
+    CHECK_THROWS(Error, save_gguf(*big_model, path, type), want.c_str());
+  }
+  save_gguf(*big_model, path, gguf::TensorType::F32);
+  std::remove((path + ".big.gguf").c_str());
   std::remove((path + ".nan.gguf").c_str());
   std::remove(path.c_str());
 }
@@ -466,8 +492,8 @@ OSD_TEST(packed_k_quant_weights_give_the_reference_products) {
   std::remove(path.c_str());
 }
 
-// Q2_K and IQ4_XS (read a row at a time, not packed) on a random llama whose rows are whole
-// 256-value super-blocks, written by this package's quantiser: batch, chunk and thread invariant.
+// Q2_K and IQ4_XS (packed at load) on a random llama whose rows are whole 256-value super-blocks,
+// written by this package's quantiser: batch, chunk and thread invariant.
 OSD_TEST(q2_k_and_iq4_xs_models_are_batch_and_thread_invariant) {
   const std::string path = "/tmp/osd-test-q2iq-" + std::to_string(::getpid()) + ".gguf";
   ModelConfig c;

@@ -350,8 +350,8 @@ describe.skipIf(!have)('bad SmolLM2 files', () => {
   });
 
   it('a tensor of a type without kernels is named in the error', async () => {
-    // blk.0.attn_q.weight is Q4_1 (type 3, 20 bytes per 32 values); relabel it IQ4_NL (type 20,
-    // 18 bytes per 32), which fits in the same space but has no matrix kernel here.
+    // blk.0.attn_q.weight is Q4_1 (type 3, 20 bytes per 32 values); relabel it MXFP4 (type 39,
+    // 17 bytes per 32), which fits in the same space but has no matrix kernel here.
     const bytes = readFileSync(SMOL);
     const name = Buffer.from('blk.0.attn_q.weight');
     const prefix = Buffer.alloc(8);
@@ -362,13 +362,13 @@ describe.skipIf(!have)('bad SmolLM2 files', () => {
     const nDims = bytes.readUInt32LE(p);
     p += 4 + 8 * nDims;
     expect(bytes.readUInt32LE(p)).toBe(3);
-    bytes.writeUInt32LE(20, p);
-    const bad = join(dir, 'smol-iq4nl.gguf');
+    bytes.writeUInt32LE(39, p);
+    const bad = join(dir, 'smol-mxfp4.gguf');
     writeFileSync(bad, bytes);
     const err = await loadModel(bad).catch((e: Error) => e);
     expect(err).toBeInstanceOf(Error);
-    expect((err as Error).message).toContain('smol-iq4nl.gguf');
-    expect((err as Error).message).toContain("tensor 'blk.0.attn_q.weight' has type IQ4_NL, which has no matrix kernel");
+    expect((err as Error).message).toContain('smol-mxfp4.gguf');
+    expect((err as Error).message).toContain("tensor 'blk.0.attn_q.weight' has type MXFP4, which has no matrix kernel");
   });
 });
 

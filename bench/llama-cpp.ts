@@ -130,7 +130,8 @@ async function runLlama(a: ChildArgs): Promise<ChildResult> {
 
   const tokens: number[] = [];
   t = 0;
-  for await (const tok of seq.evaluate(a.shortTokens as Token[], { temperature: 0 })) {
+  // Past an end-of-generation token too, as this engine's loop decodes: both time --decode steps.
+  for await (const tok of seq.evaluate(a.shortTokens as Token[], { temperature: 0, yieldEogToken: true })) {
     tokens.push(tok);
     if (tokens.length === 1) t = nowMs();
     if (tokens.length > a.decode) break;

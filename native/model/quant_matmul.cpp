@@ -176,6 +176,7 @@ void quantize_acts_q8k(const float* x, int64_t cols, int8_t* q, float* d, int16_
 
 #ifdef OSD_HAVE_X86
 void quantize_acts_q8_avx2(const float* x, int64_t cols, int8_t* q, float* d, float* s);
+void quantize_acts_q8k_avx2(const float* x, int64_t cols, int8_t* q, float* d, int16_t* bsum);
 #endif
 
 void quantize_acts(TensorType t, const float* x, int64_t n, int64_t cols, Acts& a, Isa isa, bool offsets) {
@@ -188,6 +189,11 @@ void quantize_acts(TensorType t, const float* x, int64_t n, int64_t cols, Acts& 
   a.s.resize(k ? 0 : static_cast<size_t>(n * a.nb));
   a.bsum.resize(static_cast<size_t>(n * a.ng));
   for (int64_t i = 0; i < n; ++i) {
+#ifdef OSD_HAVE_X86
+    if (k && (isa == Isa::Avx2 || isa == Isa::Avx512))
+      quantize_acts_q8k_avx2(x + i * cols, cols, a.q.data() + i * cols, a.d.data() + i * a.nb, a.bsum.data() + i * a.ng);
+    else
+#endif
     if (k)
       quantize_acts_q8k(x + i * cols, cols, a.q.data() + i * cols, a.d.data() + i * a.nb, a.bsum.data() + i * a.ng);
 #ifdef OSD_HAVE_X86
@@ -730,6 +736,52 @@ OSD_AVX2 void quantize_acts_q8_avx2(const float* x, int64_t cols, int8_t* q, flo
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kQK), p);
     d[b] = df;
     s[b] = df * static_cast<float>(sum);
+  }
+}
+
+// The AVX2 form of quantize_acts_q8k, with the same values: the largest magnitude and the first
+// entry that has it, the same float product iscale * x, rounded to nearest even, capped at 127.
+OSD_AVX2 void quantize_acts_q8k_avx2(const float* x, int64_t cols, int8_t* q, float* d, int16_t* bsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < cols / kQKK; ++b) {
+    const float* xb = x + b * kQKK;
+    __m256 mx = _mm256_setzero_ps();
+    __m256 bad = _mm256_setzero_ps();
+    for (int j = 0; j < 32; ++j) {
+      const __m256 v = _mm256_loadu_ps(xb + 8 * j);
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));  // NaN or +-inf
+    }
+    if (_mm256_movemask_ps(bad)) {
+      quantize_acts_q8k(xb, kQKK, q + b * kQKK, d + b, bsum + b * 16);
+      continue;
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    if (amax == 0.0f) {
+      std::memset(q + b * kQKK, 0, kQKK);
+      std::memset(bsum + b * 16, 0, 16 * sizeof(int16_t));
+      d[b] = 0.0f;
+      continue;
+    }
+    int first = 0;
+    while (std::fabs(xb[first]) != amax) ++first;
+    const float iscale = -127.0f / xb[first];
+    const __m256 is = _mm256_set1_ps(iscale);
+    const __m256i cap = _mm256_set1_epi32(127);
+    for (int g = 0; g < 16; ++g) {
+      const __m256i i0 = _mm256_min_epi32(cap, _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(is, _mm256_loadu_ps(xb + 16 * g)),
+                                                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+      const __m256i i1 = _mm256_min_epi32(cap, _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(is, _mm256_loadu_ps(xb + 16 * g + 8)),
+                                                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+      bsum[b * 16 + g] = static_cast<int16_t>(hsum_i32_inline(_mm256_add_epi32(i0, i1)));
+      const __m128i p = _mm_packs_epi16(_mm_packs_epi32(_mm256_castsi256_si128(i0), _mm256_extracti128_si256(i0, 1)),
+                                        _mm_packs_epi32(_mm256_castsi256_si128(i1), _mm256_extracti128_si256(i1, 1)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQKK + 16 * g), p);
+    }
+    d[b] = 1.0f / iscale;
   }
 }
 

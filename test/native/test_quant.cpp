@@ -642,6 +642,30 @@ OSD_TEST(activation_quantisation_rounding) {
   std::vector<float> z(256, 0.0f);
   for (float v : quant::activation_roundtrip(TensorType::Q6_K, z.data(), 256)) CHECK_EQ(v, 0.0f);
   for (float v : quant::activation_roundtrip(TensorType::Q8_0, z.data(), 32)) CHECK_EQ(v, 0.0f);
+  // Q8_K (the 256-value formats): the vector quantiser gives the portable one's values, bit for bit,
+  // with two entries of largest magnitude and opposite signs (the first sets the scale's sign;
+  // either choice gives the same values and products, both signs flipping), on exact halves, and
+  // on all-zero and non-finite blocks.
+  std::mt19937 rng(21);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> k(256 * 6);
+  for (auto& v : k) v = g(rng);
+  k[3] = 5.0f, k[200] = -5.0f;          // block 0: +5 first
+  k[256 + 7] = -5.0f, k[256 + 9] = 5.0f;  // block 1: -5 first
+  for (int j = 0; j < 256; ++j) k[512 + j] = (j % 2 ? -1.0f : 1.0f) * (j % 128) * 0.5f;  // halves, amax 63.5
+  for (int j = 0; j < 256; ++j) k[768 + j] = 0.0f;
+  k[1024 + 17] = NAN;
+  k[1280 + 30] = -INFINITY;
+  const auto ref = quant::activation_roundtrip(TensorType::Q4_K, k.data(), static_cast<int64_t>(k.size()));
+  CHECK(ref[3] == 5.0f && ref[200] == -5.0f && ref[263] == -5.0f && ref[265] == 5.0f);
+  for (quant::Isa isa : {quant::Isa::Avx2, quant::Isa::Avx512}) {
+    if (!quant::isa_available(isa)) continue;
+    const auto got = quant::activation_roundtrip(TensorType::Q4_K, k.data(), static_cast<int64_t>(k.size()), isa);
+    size_t where = 0;
+    const bool same = bits_equal(ref.data(), got.data(), ref.size(), &where);
+    if (!same) std::printf("  Q8_K %s: value %zu is %.9g, portable %.9g\n", quant::isa_name(isa), where, got[where], ref[where]);
+    CHECK(same);
+  }
 }
 
 OSD_TEST(non_finite_activations_give_nan_not_garbage) {

@@ -29,6 +29,10 @@ Commands:
                            (default 3e-3, top-k 32; 64 for vocabularies of 32768 tokens and more)
       --save-draft PATH    write the online run's adapted draft (GGUF)
       --out DIR            where the plot goes (default osd-demo)
+  convert IN OUT       write a model (GGUF or llama2.c) as GGUF in another storage type, atomically
+      --type T             F32, F16 (default), BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, IQ4_NL, IQ4_XS,
+                           Q2_K, or keep (each matrix as it is); rows that do not fit a type's
+                           blocks fall back as llama.cpp's quantiser does (IQ4_NL, else F16)
   serve                an OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /metrics)
       --target PATH --draft PATH   default: the embedded default pair
       --port N             default 8080 (0 picks a free port)
@@ -76,6 +80,7 @@ async function main(argv: string[]): Promise<number> {
       'model-id': { type: 'string' },
       static: { type: 'boolean' },
       grace: { type: 'string' },
+      type: { type: 'string' },
     },
   });
   const command = values.version ? 'version' : (positionals[0] ?? 'version');
@@ -91,13 +96,14 @@ async function main(argv: string[]): Promise<number> {
     generate: ['model', 'draft', 'chat', 'system', 'template', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed'],
     demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'lr', 'top-k', 'save-draft', 'out'],
     serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'model-id', 'static', 'grace'],
+    convert: ['type'],
   };
   const allowed = own[command];
   if (allowed) {
     for (const key of Object.keys(values))
       if (!['json', 'help', 'version', ...allowed].includes(key))
         throw new UsageError(`--${key} is not an option of '${command}' (osd help lists each command's options)`);
-    if (command !== 'generate' && positionals.length > 1)
+    if (command !== 'generate' && command !== 'convert' && positionals.length > 1)
       throw new UsageError(`'${command}' takes no arguments, got '${positionals.slice(1).join(' ')}'`);
   }
   const num = (v: string | undefined, name: string, fallback: number): number => {
@@ -186,6 +192,37 @@ async function main(argv: string[]): Promise<number> {
         }
       } finally {
         await model.dispose();
+      }
+      return 0;
+    }
+    case 'convert': {
+      const [input, output, ...rest] = positionals.slice(1);
+      if (!input || !output) throw new UsageError('give the model and the file to write: osd convert model.gguf model-q8.gguf --type Q8_0');
+      if (rest.length) throw new UsageError(`'convert' takes two files, got also '${rest.join(' ')}'`);
+      const type = values.type ?? 'F16';
+      if (type !== 'keep' && !osd.isStoreType(type)) throw new UsageError(`--type must be keep or one of ${osd.STORE_TYPES.join(', ')}, got '${type}'`);
+      const { statSync } = await import('node:fs');
+      const t0 = performance.now();
+      const model = await osd.loadModel(input);
+      try {
+        await model.save(output, { type });
+      } finally {
+        await model.dispose();
+      }
+      const seconds = (performance.now() - t0) / 1000;
+      // What each tensor was stored as (rows that do not fit the type's blocks fall back).
+      const { addon } = await import('./addon.js');
+      const meta = (addon as unknown as { readGgufMetadata(p: string, o: object): { tensors: { type: string }[] } }).readGgufMetadata(output, { maxArrayLength: 0 });
+      const counts: Record<string, number> = {};
+      for (const t of meta.tensors) counts[t.type] = (counts[t.type] ?? 0) + 1;
+      const bytesIn = statSync(input).size;
+      const bytesOut = statSync(output).size;
+      if (values.json) {
+        process.stdout.write(JSON.stringify({ input, output, type, bytesIn, bytesOut, seconds, tensorTypes: counts }) + '\n');
+      } else {
+        const mb = (b: number) => `${(b / 1e6).toFixed(1)} MB`;
+        const types = Object.entries(counts).map(([t, n]) => `${n} ${t}`).join(', ');
+        process.stdout.write(`osd: wrote ${output}: ${mb(bytesOut)} (from ${mb(bytesIn)}) in ${seconds.toFixed(1)} s; tensors: ${types}\n`);
       }
       return 0;
     }

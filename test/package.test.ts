@@ -1,6 +1,6 @@
 // The package surface: the CLI, the loader's error message, and the exports.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { cpSync, readFileSync, symlinkSync } from 'node:fs';
+import { cpSync, readFileSync, statSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import * as osd from '../lib/index.js';
@@ -46,6 +46,38 @@ describe('package', () => {
     expect(h.status).toBe(0);
     expect(h.stdout).toContain('Usage: osd');
     expect(h.stderr).toBe('');
+  });
+
+  it('osd convert writes a model in another storage type and says what each tensor became', async () => {
+    const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), ...args], { encoding: 'utf8' });
+    const dir = tempDir('osd-convert-');
+    const src = join(root, 'models/default-target.gguf');
+    const out = join(dir, 'q8.gguf');
+    const r = cli('convert', src, out, '--type', 'Q8_0', '--json');
+    expect(r.status, r.stderr).toBe(0);
+    const j = JSON.parse(r.stdout) as { type: string; bytesIn: number; bytesOut: number; tensorTypes: Record<string, number> };
+    expect(j.type).toBe('Q8_0');
+    expect(j.tensorTypes.Q8_0).toBeGreaterThan(0);
+    expect(j.bytesOut).toBe(statSync(out).size);
+    expect(j.bytesOut).toBeLessThan(j.bytesIn * 0.5);
+    await using m = await osd.loadModel(out);
+    expect(m.info.matrixType).toBe('mixed'); // Q8_0, and F16 where rows are not whole blocks
+    const text = cli('convert', src, join(dir, 'iq4.gguf'), '--type', 'IQ4_XS');
+    expect(text.status, text.stderr).toBe(0);
+    expect(text.stdout).toMatch(/^osd: wrote .*iq4\.gguf: [\d.]+ MB \(from [\d.]+ MB\) in [\d.]+ s; tensors: .*IQ4_XS/);
+    for (const [args, message] of [
+      [['convert', src], 'give the model and the file to write'],
+      [['convert', src, out, 'extra'], "'convert' takes two files, got also 'extra'"],
+      [['convert', src, out, '--type', 'Q4_K'], "--type must be keep or one of F32, F16, BF16"],
+      [['convert', src, out, '--model', 'x'], "--model is not an option of 'convert'"],
+    ] as const) {
+      const e = cli(...args);
+      expect(e.status, args.join(' ')).toBe(2);
+      expect(e.stderr).toContain(message);
+    }
+    const missing = cli('convert', join(dir, 'none.gguf'), out);
+    expect(missing.status).toBe(1);
+    expect(missing.stderr).toContain('none.gguf');
   });
 
   it("osd refuses another command's options and stray arguments (they were ignored silently)", () => {

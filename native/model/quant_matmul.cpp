@@ -1454,6 +1454,7 @@ OSD_AVX512 void group_q6k_avx512(const Args& k, int64_t g, int nr, int64_t t) {
             slo[n] = _mm512_set1_epi32(-32 * bs[glo]);
             shi[n] = _mm512_set1_epi32(-32 * bs[ghi]);
           }
+#pragma GCC unroll 4
           for (int e = 0; e < 4; ++e) {
             const __m512i x = _mm512_loadu_si512(q + L::kLOff + 64 * (16 * h + 8 * st + 4 * p + e));
             const __m512i hb = _mm512_loadu_si512(q + L::kHOff + 64 * (8 * h + 4 * p + e));
@@ -1492,8 +1493,12 @@ OSD_AVX512 void group_q6k_avx512(const Args& k, int64_t g, int nr, int64_t t) {
 OSD_AVX512 void range_q6k_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
   for (int64_t r = r0; r < r1; r += kGroup) {
     const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
-    for (int64_t t = t0; t < t1; t += 4) {
-      switch (std::min<int64_t>(4, t1 - t)) {
+    for (int64_t t = t0; t < t1; t += 8) {
+      switch (std::min<int64_t>(8, t1 - t)) {
+        case 8: group_q6k_avx512<8>(k, r / kGroup, nr, t); break;
+        case 7: group_q6k_avx512<7>(k, r / kGroup, nr, t); break;
+        case 6: group_q6k_avx512<6>(k, r / kGroup, nr, t); break;
+        case 5: group_q6k_avx512<5>(k, r / kGroup, nr, t); break;
         case 4: group_q6k_avx512<4>(k, r / kGroup, nr, t); break;
         case 3: group_q6k_avx512<3>(k, r / kGroup, nr, t); break;
         case 2: group_q6k_avx512<2>(k, r / kGroup, nr, t); break;
@@ -1621,6 +1626,7 @@ OSD_AVX512 void group_iq4xs_avx512(const Args& k, int64_t g, int nr, int64_t t) 
         const int16_t* bs = k.a->brow(t + n) + b * 16;
         ss[n] = _mm512_set1_epi32(-128 * (bs[2 * sb] + bs[2 * sb + 1]));
       }
+#pragma GCC unroll 4
       for (int m = 0; m < 4; ++m) {
         const __m512i x = _mm512_loadu_si512(q + L::kQOff + 64 * (4 * sb + m));
         const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(x, low4));
@@ -1649,8 +1655,12 @@ OSD_AVX512 void group_iq4xs_avx512(const Args& k, int64_t g, int nr, int64_t t) 
 OSD_AVX512 void range_iq4xs_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
   for (int64_t r = r0; r < r1; r += kGroup) {
     const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
-    for (int64_t t = t0; t < t1; t += 4) {
-      switch (std::min<int64_t>(4, t1 - t)) {
+    for (int64_t t = t0; t < t1; t += 8) {
+      switch (std::min<int64_t>(8, t1 - t)) {
+        case 8: group_iq4xs_avx512<8>(k, r / kGroup, nr, t); break;
+        case 7: group_iq4xs_avx512<7>(k, r / kGroup, nr, t); break;
+        case 6: group_iq4xs_avx512<6>(k, r / kGroup, nr, t); break;
+        case 5: group_iq4xs_avx512<5>(k, r / kGroup, nr, t); break;
         case 4: group_iq4xs_avx512<4>(k, r / kGroup, nr, t); break;
         case 3: group_iq4xs_avx512<3>(k, r / kGroup, nr, t); break;
         case 2: group_iq4xs_avx512<2>(k, r / kGroup, nr, t); break;

@@ -471,15 +471,6 @@ void pack_group(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t nb, in
   }
 }
 
-template <class P>
-void pack_all(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst) {
-  const int64_t nb = cols / kQK, per_group = nb * Packed<P>::kBytes;
-  default_pool().parallel_for(static_cast<size_t>(groups_of(rows)), 16, [&](size_t lo, size_t hi) {
-    for (size_t g = lo; g < hi; ++g)
-      pack_group<P>(w, row_bytes, rows, nb, static_cast<int64_t>(g), dst + static_cast<int64_t>(g) * per_group);
-  });
-}
-
 // Q4_K and Q5_K in 16-row groups, for the AVX-512 kernels (the other kernels read the file's
 // layout). Per super-block: d[16], dmin[16] (f16), the six-bit scales sc[8][16] and mins mn[8][16]
 // unpacked to bytes (sub-block j of row i at 16j + i), then the quants in 4-byte chunks as above,
@@ -511,15 +502,6 @@ void pack_group_k4(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t nb,
   }
 }
 
-template <class B>
-void pack_all_k4(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst) {
-  const int64_t nb = cols / kQKK, per_group = nb * PackedK4<B>::kBytes;
-  default_pool().parallel_for(static_cast<size_t>(groups_of(rows)), 16, [&](size_t lo, size_t hi) {
-    for (size_t g = lo; g < hi; ++g)
-      pack_group_k4<B>(w, row_bytes, rows, nb, static_cast<int64_t>(g), dst + static_cast<int64_t>(g) * per_group);
-  });
-}
-
 // Q6_K in 16-row groups, for the AVX-512 kernel: per super-block d[16] (f16), the scales sc[16][16]
 // (int8, group g of row i at 16g + i), then ql in 4-byte chunks (chunk k of row i at 64k + 4i) and
 // qh the same way: the file's 3,360 bytes per 16 super-blocks, reordered.
@@ -541,14 +523,6 @@ void pack_group_q6k(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t nb
       for (int k = 0; k < 16; ++k) std::memcpy(o + L::kHOff + 64 * k + 4 * i, blk.qh + 4 * k, 4);
     }
   }
-}
-
-void pack_all_q6k(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst) {
-  const int64_t nb = cols / kQKK, per_group = nb * PackedQ6K::kBytes;
-  default_pool().parallel_for(static_cast<size_t>(groups_of(rows)), 16, [&](size_t lo, size_t hi) {
-    for (size_t g = lo; g < hi; ++g)
-      pack_group_q6k(w, row_bytes, rows, nb, static_cast<int64_t>(g), dst + static_cast<int64_t>(g) * per_group);
-  });
 }
 
 // Q2_K and Q3_K in 16-row groups: per super-block d[16] (f16), then Q2_K's dmin[16] (f16) and its
@@ -587,15 +561,6 @@ void pack_group_k2(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t nb,
   }
 }
 
-template <class B>
-void pack_all_k2(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst) {
-  const int64_t nb = cols / kQKK, per_group = nb * PackedK2<B>::kBytes;
-  default_pool().parallel_for(static_cast<size_t>(groups_of(rows)), 16, [&](size_t lo, size_t hi) {
-    for (size_t g = lo; g < hi; ++g)
-      pack_group_k2<B>(w, row_bytes, rows, nb, static_cast<int64_t>(g), dst + static_cast<int64_t>(g) * per_group);
-  });
-}
-
 // IQ4_XS in 16-row groups: per super-block d[16] (f16), the sub-block scales sc[8][16] (int8,
 // ls - 32; sub-block s of row i at 16s + i), then the quants in 4-byte chunks, chunk k of row i at
 // 64k + 4i (byte 4k + e of a row: value 32(k / 4) + 4(k % 4) + e in its low nibble, that + 16 in its
@@ -617,14 +582,6 @@ void pack_group_iq4xs(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t 
       for (int k = 0; k < 32; ++k) std::memcpy(o + L::kQOff + 64 * k + 4 * i, blk.qs + 4 * k, 4);
     }
   }
-}
-
-void pack_all_iq4xs(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst) {
-  const int64_t nb = cols / kQKK, per_group = nb * PackedIQ4XS::kBytes;
-  default_pool().parallel_for(static_cast<size_t>(groups_of(rows)), 16, [&](size_t lo, size_t hi) {
-    for (size_t g = lo; g < hi; ++g)
-      pack_group_iq4xs(w, row_bytes, rows, nb, static_cast<int64_t>(g), dst + static_cast<int64_t>(g) * per_group);
-  });
 }
 
 // ---- Portable reference kernels: one output at a time ----
@@ -932,6 +889,13 @@ OSD_AVX2 void range32_avx2(const Args& k, int64_t r0, int64_t r1, int64_t t0, in
   }
 }
 
+// The K-quant float step of rangek_ref for 8 rows: acc + ((dx * D) * isum - (dx * M) * msum).
+OSD_AVX2_INLINE __m256 k_step256(__m256 acc, float dx, __m256 D, __m256i isum, __m256 M, __m256i msum) {
+  const __m256 x = _mm256_set1_ps(dx);
+  return _mm256_add_ps(acc, _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(x, D), _mm256_cvtepi32_ps(isum)),
+                                          _mm256_mul_ps(_mm256_mul_ps(x, M), _mm256_cvtepi32_ps(msum))));
+}
+
 // Eight unsigned bytes as int32 lanes.
 OSD_AVX2_INLINE __m256i bytes8_avx2(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -991,11 +955,7 @@ OSD_AVX2 void half_k4_avx2(const Args& k, int64_t g, int h, int nr, int64_t t) {
     }
     const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kDOff + 16 * h)));
     const __m256 M = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kMOff + 16 * h)));
-    for (int n = 0; n < NT; ++n) {
-      const __m256 dx = _mm256_set1_ps(k.a->drow(t + n)[b]);
-      acc[n] = _mm256_add_ps(acc[n], _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(dx, D), _mm256_cvtepi32_ps(isum[n])),
-                                                   _mm256_mul_ps(_mm256_mul_ps(dx, M), _mm256_cvtepi32_ps(msum[n]))));
-    }
+    for (int n = 0; n < NT; ++n) acc[n] = k_step256(acc[n], k.a->drow(t + n)[b], D, isum[n], M, msum[n]);
   }
   store_half_avx2<NT>(k, g, h, nr, t, acc);
 }
@@ -1055,12 +1015,8 @@ OSD_AVX2 void half_q6k_avx2(const Args& k, int64_t g, int h8, int nr, int64_t t)
             isum[n] = _mm256_add_epi32(isum[n], _mm256_add_epi32(_mm256_mullo_epi32(slo[n], sclo), _mm256_mullo_epi32(shi[n], schi)));
         }
     const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kDOff + 16 * h8)));
-    const __m256 zero = _mm256_setzero_ps();
-    for (int n = 0; n < NT; ++n) {
-      const __m256 dx = _mm256_set1_ps(k.a->drow(t + n)[b]);
-      acc[n] = _mm256_add_ps(acc[n], _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(dx, D), _mm256_cvtepi32_ps(isum[n])),
-                                                   _mm256_mul_ps(_mm256_mul_ps(dx, zero), zero)));
-    }
+    for (int n = 0; n < NT; ++n)  // the zero min term of rangek_ref included
+      acc[n] = k_step256(acc[n], k.a->drow(t + n)[b], D, isum[n], _mm256_setzero_ps(), _mm256_setzero_si256());
   }
   store_half_avx2<NT>(k, g, h8, nr, t, acc);
 }
@@ -1121,11 +1077,7 @@ OSD_AVX2 void half_k2_avx2(const Args& k, int64_t g, int h8, int nr, int64_t t) 
       }
     const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kDOff + 16 * h8)));
     const __m256 M = L::kMin ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kMOff + 16 * h8))) : _mm256_setzero_ps();
-    for (int n = 0; n < NT; ++n) {
-      const __m256 dx = _mm256_set1_ps(k.a->drow(t + n)[b]);
-      acc[n] = _mm256_add_ps(acc[n], _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(dx, D), _mm256_cvtepi32_ps(isum[n])),
-                                                   _mm256_mul_ps(_mm256_mul_ps(dx, M), _mm256_cvtepi32_ps(msum[n]))));
-    }
+    for (int n = 0; n < NT; ++n) acc[n] = k_step256(acc[n], k.a->drow(t + n)[b], D, isum[n], M, msum[n]);
   }
   store_half_avx2<NT>(k, g, h8, nr, t, acc);
 }
@@ -1168,12 +1120,8 @@ OSD_AVX2 void half_iq4xs_avx2(const Args& k, int64_t g, int h8, int nr, int64_t 
       for (int n = 0; n < NT; ++n) isum[n] = _mm256_add_epi32(isum[n], _mm256_mullo_epi32(ss[n], sc));
     }
     const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kDOff + 16 * h8)));
-    const __m256 zero = _mm256_setzero_ps();
-    for (int n = 0; n < NT; ++n) {
-      const __m256 dx = _mm256_set1_ps(k.a->drow(t + n)[b]);
-      acc[n] = _mm256_add_ps(acc[n], _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(dx, D), _mm256_cvtepi32_ps(isum[n])),
-                                                   _mm256_mul_ps(_mm256_mul_ps(dx, zero), zero)));
-    }
+    for (int n = 0; n < NT; ++n)  // the zero min term of rangek_ref included
+      acc[n] = k_step256(acc[n], k.a->drow(t + n)[b], D, isum[n], _mm256_setzero_ps(), _mm256_setzero_si256());
   }
   store_half_avx2<NT>(k, g, h8, nr, t, acc);
 }
@@ -1210,6 +1158,11 @@ bool cpu_has_avx2() {
 // is a subset.
 #define OSD_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define OSD_AVX512_INLINE __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline
+// GCC 12's AVX-512 headers fill unused lanes from a self-initialised "undefined" vector, which its
+// own -Wmaybe-uninitialized then flags in every caller (fixed in GCC 13): silenced for the kernels.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // 32-value formats, a packed group of 16 rows at a time, a lane per row: one load gives a 4-byte
 // chunk of every row, and a vpdpbusd per chunk adds its four products to each row's block sum, so
@@ -1242,11 +1195,43 @@ OSD_AVX512_INLINE __m512i bcast4_512(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// GCC 12's AVX-512 headers fill unused lanes from a self-initialised "undefined" vector, which its
-// own -Wmaybe-uninitialized then flags in every caller (fixed in GCC 13): silenced here only.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The K-quant float step of rangek_ref for 16 rows: acc + ((dx * D) * isum - (dx * M) * msum).
+OSD_AVX512_INLINE __m512 k_step512(__m512 acc, float dx, __m512 D, __m512i isum, __m512 M, __m512i msum) {
+  const __m512 x = _mm512_set1_ps(dx);
+  return _mm512_add_ps(acc, _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(x, D), _mm512_cvtepi32_ps(isum)),
+                                          _mm512_mul_ps(_mm512_mul_ps(x, M), _mm512_cvtepi32_ps(msum))));
+}
+
+// A group's outputs for NT tokens: its nr valid rows of acc[n] into y's row of token t + n.
+template <int NT>
+OSD_AVX512_INLINE void store_group512(const Args& k, int64_t g, int nr, int64_t t, const __m512* acc) {
+  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
+  for (int n = 0; n < NT; ++n) _mm512_mask_storeu_ps(k.y + (t + n) * k.rows + g * kGroup, keep, acc[n]);
+}
+
+// fn(std::integral_constant<int, n>{}) for a run-time n in 1 .. kMax (the kernels' token counts).
+template <int kMax, class Fn>
+void with_tokens(int64_t n, Fn&& fn) {
+  if constexpr (kMax > 1) {
+    if (n >= kMax) return fn(std::integral_constant<int, kMax>{});
+    return with_tokens<kMax - 1>(n, fn);
+  } else {
+    fn(std::integral_constant<int, 1>{});
+  }
+}
+
+// Rows r0 .. r1 - 1 (r0 a multiple of 16) a group at a time, each group's tokens in passes of up to
+// kMax: kernel(nt, g, nr, t) with nt a std::integral_constant, so the group's weights stay in L1
+// while every pass reads them.
+template <int kMax, class Kernel>
+void by_groups(int64_t r0, int64_t r1, int64_t t0, int64_t t1, Kernel&& kernel) {
+  for (int64_t r = r0; r < r1; r += kGroup) {
+    const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
+    for (int64_t t = t0; t < t1; t += kMax)
+      with_tokens<kMax>(t1 - t, [&](auto nt) { kernel(nt, r / kGroup, nr, t); });
+  }
+}
+
 template <class P, int NT>
 OSD_AVX512 void group_avx512(const Args& k, int64_t g, int nr, int64_t t) {
   using L = Packed<P>;
@@ -1315,29 +1300,12 @@ OSD_AVX512 void group_avx512(const Args& k, int64_t g, int nr, int64_t t) {
       acc[n] = _mm512_add_ps(acc[n], term);
     }
   }
-  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
-  for (int n = 0; n < NT; ++n) _mm512_mask_storeu_ps(k.y + (t + n) * k.rows + g * kGroup, keep, acc[n]);
+  store_group512<NT>(k, g, nr, t, acc);
 }
-#pragma GCC diagnostic pop
 
 template <class P>
 OSD_AVX512 void range32_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  // A group's blocks stay in L1 while every 8-token chunk uses them.
-  for (int64_t r = r0; r < r1; r += kGroup) {
-    const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
-    for (int64_t t = t0; t < t1; t += 8) {
-      switch (std::min<int64_t>(8, t1 - t)) {
-        case 8: group_avx512<P, 8>(k, r / kGroup, nr, t); break;
-        case 7: group_avx512<P, 7>(k, r / kGroup, nr, t); break;
-        case 6: group_avx512<P, 6>(k, r / kGroup, nr, t); break;
-        case 5: group_avx512<P, 5>(k, r / kGroup, nr, t); break;
-        case 4: group_avx512<P, 4>(k, r / kGroup, nr, t); break;
-        case 3: group_avx512<P, 3>(k, r / kGroup, nr, t); break;
-        case 2: group_avx512<P, 2>(k, r / kGroup, nr, t); break;
-        default: group_avx512<P, 1>(k, r / kGroup, nr, t); break;
-      }
-    }
-  }
+  by_groups<8>(r0, r1, t0, t1, [&](auto nt, int64_t g, int nr, int64_t t) { group_avx512<P, decltype(nt)::value>(k, g, nr, t); });
 }
 
 // Q4_K and Q5_K on the packed layout, 16 rows a lane each, for tokens t .. t + NT - 1: per chunk of
@@ -1349,9 +1317,6 @@ OSD_AVX512 void range32_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0
 // in cache, one thread, 5 tokens 120 -> 103 us, 6 tokens 132 -> 116 us, 16 tokens 314 -> 300 us.
 // Against the kernel it replaced (a row at a time, its super-blocks unpacked per row), 2048 x 2048
 // random Q4_K weights in cache, one thread: 1 token 215 -> 45 us, 5 tokens 600 -> 125 us.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 template <class B, int NT>
 OSD_AVX512 void group_k4_avx512(const Args& k, int64_t g, int nr, int64_t t) {
   using L = PackedK4<B>;
@@ -1409,16 +1374,10 @@ OSD_AVX512 void group_k4_avx512(const Args& k, int64_t g, int nr, int64_t t) {
     }
     const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kDOff)));
     const __m512 M = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kMOff)));
-    for (int n = 0; n < NT; ++n) {
-      const __m512 dx = _mm512_set1_ps(k.a->drow(t + n)[b]);
-      acc[n] = _mm512_add_ps(acc[n], _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(dx, D), _mm512_cvtepi32_ps(isum[n])),
-                                                   _mm512_mul_ps(_mm512_mul_ps(dx, M), _mm512_cvtepi32_ps(msum[n]))));
-    }
+    for (int n = 0; n < NT; ++n) acc[n] = k_step512(acc[n], k.a->drow(t + n)[b], D, isum[n], M, msum[n]);
   }
-  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
-  for (int n = 0; n < NT; ++n) _mm512_mask_storeu_ps(k.y + (t + n) * k.rows + g * kGroup, keep, acc[n]);
+  store_group512<NT>(k, g, nr, t, acc);
 }
-#pragma GCC diagnostic pop
 
 // Q6_K on the packed layout, 16 rows a lane each: the values w + 32 (0 .. 63, from ql's nibble and
 // qh's two bits) by vpdpbusd into per-group sums that start at -32 times the activations' 16-value
@@ -1427,9 +1386,6 @@ OSD_AVX512 void group_k4_avx512(const Args& k, int64_t g, int nr, int64_t t) {
 // 2048 x 2048 random Q6_K weights in cache, one thread: 1 token 249 -> 70 us, 5 tokens 661 -> 177 us.
 // Then up to eight tokens per pass instead of four: 5 tokens 166 -> 128 us, 16 tokens 408-429 ->
 // 341-355 us (IQ4_XS likewise: 112 -> 92-94 and 315-322 -> 267).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 template <int NT>
 OSD_AVX512 void group_q6k_avx512(const Args& k, int64_t g, int nr, int64_t t) {
   using L = PackedQ6K;
@@ -1480,53 +1436,19 @@ OSD_AVX512 void group_q6k_avx512(const Args& k, int64_t g, int nr, int64_t t) {
             isum[n] = _mm512_add_epi32(isum[n], _mm512_add_epi32(_mm512_mullo_epi32(slo[n], sclo), _mm512_mullo_epi32(shi[n], schi)));
         }
     const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kDOff)));
-    const __m512 zero = _mm512_setzero_ps();
-    for (int n = 0; n < NT; ++n) {
-      const __m512 dx = _mm512_set1_ps(k.a->drow(t + n)[b]);
-      acc[n] = _mm512_add_ps(acc[n], _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(dx, D), _mm512_cvtepi32_ps(isum[n])),
-                                                   _mm512_mul_ps(_mm512_mul_ps(dx, zero), zero)));
-    }
+    for (int n = 0; n < NT; ++n)  // the zero min term of rangek_ref included
+      acc[n] = k_step512(acc[n], k.a->drow(t + n)[b], D, isum[n], _mm512_setzero_ps(), _mm512_setzero_si512());
   }
-  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
-  for (int n = 0; n < NT; ++n) _mm512_mask_storeu_ps(k.y + (t + n) * k.rows + g * kGroup, keep, acc[n]);
+  store_group512<NT>(k, g, nr, t, acc);
 }
-#pragma GCC diagnostic pop
 
 OSD_AVX512 void range_q6k_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  for (int64_t r = r0; r < r1; r += kGroup) {
-    const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
-    for (int64_t t = t0; t < t1; t += 8) {
-      switch (std::min<int64_t>(8, t1 - t)) {
-        case 8: group_q6k_avx512<8>(k, r / kGroup, nr, t); break;
-        case 7: group_q6k_avx512<7>(k, r / kGroup, nr, t); break;
-        case 6: group_q6k_avx512<6>(k, r / kGroup, nr, t); break;
-        case 5: group_q6k_avx512<5>(k, r / kGroup, nr, t); break;
-        case 4: group_q6k_avx512<4>(k, r / kGroup, nr, t); break;
-        case 3: group_q6k_avx512<3>(k, r / kGroup, nr, t); break;
-        case 2: group_q6k_avx512<2>(k, r / kGroup, nr, t); break;
-        default: group_q6k_avx512<1>(k, r / kGroup, nr, t); break;
-      }
-    }
-  }
+  by_groups<8>(r0, r1, t0, t1, [&](auto nt, int64_t g, int nr, int64_t t) { group_q6k_avx512<decltype(nt)::value>(k, g, nr, t); });
 }
 
 template <class B>
 OSD_AVX512 void range_k4_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  for (int64_t r = r0; r < r1; r += kGroup) {
-    const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
-    for (int64_t t = t0; t < t1; t += 8) {
-      switch (std::min<int64_t>(8, t1 - t)) {
-        case 8: group_k4_avx512<B, 8>(k, r / kGroup, nr, t); break;
-        case 7: group_k4_avx512<B, 7>(k, r / kGroup, nr, t); break;
-        case 6: group_k4_avx512<B, 6>(k, r / kGroup, nr, t); break;
-        case 5: group_k4_avx512<B, 5>(k, r / kGroup, nr, t); break;
-        case 4: group_k4_avx512<B, 4>(k, r / kGroup, nr, t); break;
-        case 3: group_k4_avx512<B, 3>(k, r / kGroup, nr, t); break;
-        case 2: group_k4_avx512<B, 2>(k, r / kGroup, nr, t); break;
-        default: group_k4_avx512<B, 1>(k, r / kGroup, nr, t); break;
-      }
-    }
-  }
+  by_groups<8>(r0, r1, t0, t1, [&](auto nt, int64_t g, int nr, int64_t t) { group_k4_avx512<B, decltype(nt)::value>(k, g, nr, t); });
 }
 
 // Q2_K and Q3_K on the packed layout, 16 rows a lane each (as half_k2_avx2, with vpdpbusd). On a
@@ -1534,9 +1456,6 @@ OSD_AVX512 void range_k4_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t
 // 6.7 -> 1.5 ms per token, Q3_K (with Q6_K embeddings) 8.3-9.1 -> 2.1-2.4 ms; prefill 3x faster.
 // Up to four tokens per pass rather than two (2048 x 2048 in cache, one thread): 4 tokens Q2_K
 // 108-122 -> 96 us, Q3_K 127-136 -> 98-104 us; 8 tokens 217-233 -> 186-190 and 252-266 -> 194-200.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 template <class B, int NT>
 OSD_AVX512 void group_k2_avx512(const Args& k, int64_t g, int nr, int64_t t) {
   using L = PackedK2<B>;
@@ -1583,38 +1502,19 @@ OSD_AVX512 void group_k2_avx512(const Args& k, int64_t g, int nr, int64_t t) {
       }
     const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kDOff)));
     const __m512 M = L::kMin ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kMOff))) : _mm512_setzero_ps();
-    for (int n = 0; n < NT; ++n) {
-      const __m512 dx = _mm512_set1_ps(k.a->drow(t + n)[b]);
-      acc[n] = _mm512_add_ps(acc[n], _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(dx, D), _mm512_cvtepi32_ps(isum[n])),
-                                                   _mm512_mul_ps(_mm512_mul_ps(dx, M), _mm512_cvtepi32_ps(msum[n]))));
-    }
+    for (int n = 0; n < NT; ++n) acc[n] = k_step512(acc[n], k.a->drow(t + n)[b], D, isum[n], M, msum[n]);
   }
-  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
-  for (int n = 0; n < NT; ++n) _mm512_mask_storeu_ps(k.y + (t + n) * k.rows + g * kGroup, keep, acc[n]);
+  store_group512<NT>(k, g, nr, t, acc);
 }
-#pragma GCC diagnostic pop
 
 template <class B>
 OSD_AVX512 void range_k2_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  for (int64_t r = r0; r < r1; r += kGroup) {
-    const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
-    for (int64_t t = t0; t < t1; t += 4) {
-      switch (std::min<int64_t>(4, t1 - t)) {
-        case 4: group_k2_avx512<B, 4>(k, r / kGroup, nr, t); break;
-        case 3: group_k2_avx512<B, 3>(k, r / kGroup, nr, t); break;
-        case 2: group_k2_avx512<B, 2>(k, r / kGroup, nr, t); break;
-        default: group_k2_avx512<B, 1>(k, r / kGroup, nr, t); break;
-      }
-    }
-  }
+  by_groups<4>(r0, r1, t0, t1, [&](auto nt, int64_t g, int nr, int64_t t) { group_k2_avx512<B, decltype(nt)::value>(k, g, nr, t); });
 }
 
 // IQ4_XS on the packed layout, 16 rows a lane each, for tokens t .. t + NT - 1: per sub-block the
 // table's values plus 128 (vpdpbusd), 128 times the activations' sums taken off, then times the
 // sub-block's scale (vpmulld): rangek_ref's integers, then its float operations.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 template <int NT>
 OSD_AVX512 void group_iq4xs_avx512(const Args& k, int64_t g, int nr, int64_t t) {
   using L = PackedIQ4XS;
@@ -1649,35 +1549,17 @@ OSD_AVX512 void group_iq4xs_avx512(const Args& k, int64_t g, int nr, int64_t t) 
       for (int n = 0; n < NT; ++n) isum[n] = _mm512_add_epi32(isum[n], _mm512_mullo_epi32(ss[n], sc));
     }
     const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kDOff)));
-    const __m512 zero = _mm512_setzero_ps();
-    for (int n = 0; n < NT; ++n) {
-      const __m512 dx = _mm512_set1_ps(k.a->drow(t + n)[b]);
-      acc[n] = _mm512_add_ps(acc[n], _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(dx, D), _mm512_cvtepi32_ps(isum[n])),
-                                                   _mm512_mul_ps(_mm512_mul_ps(dx, zero), zero)));
-    }
+    for (int n = 0; n < NT; ++n)  // the zero min term of rangek_ref included
+      acc[n] = k_step512(acc[n], k.a->drow(t + n)[b], D, isum[n], _mm512_setzero_ps(), _mm512_setzero_si512());
   }
-  const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
-  for (int n = 0; n < NT; ++n) _mm512_mask_storeu_ps(k.y + (t + n) * k.rows + g * kGroup, keep, acc[n]);
+  store_group512<NT>(k, g, nr, t, acc);
 }
-#pragma GCC diagnostic pop
 
 OSD_AVX512 void range_iq4xs_avx512(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  for (int64_t r = r0; r < r1; r += kGroup) {
-    const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
-    for (int64_t t = t0; t < t1; t += 8) {
-      switch (std::min<int64_t>(8, t1 - t)) {
-        case 8: group_iq4xs_avx512<8>(k, r / kGroup, nr, t); break;
-        case 7: group_iq4xs_avx512<7>(k, r / kGroup, nr, t); break;
-        case 6: group_iq4xs_avx512<6>(k, r / kGroup, nr, t); break;
-        case 5: group_iq4xs_avx512<5>(k, r / kGroup, nr, t); break;
-        case 4: group_iq4xs_avx512<4>(k, r / kGroup, nr, t); break;
-        case 3: group_iq4xs_avx512<3>(k, r / kGroup, nr, t); break;
-        case 2: group_iq4xs_avx512<2>(k, r / kGroup, nr, t); break;
-        default: group_iq4xs_avx512<1>(k, r / kGroup, nr, t); break;
-      }
-    }
-  }
+  by_groups<8>(r0, r1, t0, t1, [&](auto nt, int64_t g, int nr, int64_t t) { group_iq4xs_avx512<decltype(nt)::value>(k, g, nr, t); });
 }
+
+#pragma GCC diagnostic pop
 
 // AVX512F, BW, VL and VNNI through cpuid (leaf 7: ebx bits 16, 30, 31; ecx bit 11), with the OS
 // saving the opmask and zmm state (XCR0 bits 1, 2, 5, 6, 7), besides everything the AVX2 kernels need.
@@ -1800,41 +1682,52 @@ bool kernel_reads_packed(TensorType t, Isa isa) {
   return has_packed_layout(t) && isa != Isa::Portable;
 }
 
+namespace {
+
+// A format's packer: values per block, bytes per group-block (16 rows' block), and the function
+// that packs group g (16 rows, nb blocks each).
+struct PackInfo {
+  int64_t block_values;
+  size_t group_bytes;
+  void (*group)(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t nb, int64_t g, uint8_t* out);
+};
+
+PackInfo pack_info(TensorType t) {
+  switch (t) {
+    case TensorType::Q4_0: return {kQK, Packed<P4_0>::kBytes, pack_group<P4_0>};
+    case TensorType::Q4_1: return {kQK, Packed<P4_1>::kBytes, pack_group<P4_1>};
+    case TensorType::Q5_0: return {kQK, Packed<P5_0>::kBytes, pack_group<P5_0>};
+    case TensorType::Q5_1: return {kQK, Packed<P5_1>::kBytes, pack_group<P5_1>};
+    case TensorType::Q8_0: return {kQK, Packed<P8_0>::kBytes, pack_group<P8_0>};
+    case TensorType::IQ4_NL: return {kQK, Packed<PIQ4_NL>::kBytes, pack_group<PIQ4_NL>};
+    case TensorType::Q2_K: return {kQKK, PackedK2<BlockQ2_K>::kBytes, pack_group_k2<BlockQ2_K>};
+    case TensorType::Q3_K: return {kQKK, PackedK2<BlockQ3_K>::kBytes, pack_group_k2<BlockQ3_K>};
+    case TensorType::Q4_K: return {kQKK, PackedK4<BlockQ4_K>::kBytes, pack_group_k4<BlockQ4_K>};
+    case TensorType::Q5_K: return {kQKK, PackedK4<BlockQ5_K>::kBytes, pack_group_k4<BlockQ5_K>};
+    case TensorType::Q6_K: return {kQKK, PackedQ6K::kBytes, pack_group_q6k};
+    case TensorType::IQ4_XS: return {kQKK, PackedIQ4XS::kBytes, pack_group_iq4xs};
+    default: throw_range(std::string("no packed layout for type ") + gguf::type_info(t).name);
+  }
+}
+
+}  // namespace
+
 size_t packed_bytes(TensorType t, int64_t rows, int64_t cols) {
-  if (!has_packed_layout(t)) throw_range(std::string("no packed layout for type ") + gguf::type_info(t).name);
+  const PackInfo info = pack_info(t);
   if (rows <= 0) throw_range("packed_bytes: rows must be > 0");
-  if (t == TensorType::Q4_K)
-    return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ4_K)) * PackedK4<BlockQ4_K>::kBytes * static_cast<size_t>(groups_of(rows));
-  if (t == TensorType::Q5_K)
-    return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ5_K)) * PackedK4<BlockQ5_K>::kBytes * static_cast<size_t>(groups_of(rows));
-  if (t == TensorType::Q6_K)
-    return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ6_K)) * PackedQ6K::kBytes * static_cast<size_t>(groups_of(rows));
-  if (t == TensorType::Q2_K)
-    return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ2_K)) * PackedK2<BlockQ2_K>::kBytes * static_cast<size_t>(groups_of(rows));
-  if (t == TensorType::Q3_K)
-    return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockQ3_K)) * PackedK2<BlockQ3_K>::kBytes * static_cast<size_t>(groups_of(rows));
-  if (t == TensorType::IQ4_XS)
-    return static_cast<size_t>(bytes_for(t, cols) / sizeof(BlockIQ4_XS)) * PackedIQ4XS::kBytes * static_cast<size_t>(groups_of(rows));
-  return bytes_for(t, cols) * static_cast<size_t>(groups_of(rows) * kGroup);
+  bytes_for(t, cols);  // checks cols
+  return static_cast<size_t>(cols / info.block_values) * info.group_bytes * static_cast<size_t>(groups_of(rows));
 }
 
 void pack_rows(TensorType t, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, uint8_t* dst) {
   packed_bytes(t, rows, cols);
   if (row_bytes != bytes_for(t, cols)) throw_range("pack_rows: row_bytes does not match the row length");
-  switch (t) {
-    case TensorType::Q4_0: return pack_all<P4_0>(w, row_bytes, rows, cols, dst);
-    case TensorType::Q4_1: return pack_all<P4_1>(w, row_bytes, rows, cols, dst);
-    case TensorType::Q5_0: return pack_all<P5_0>(w, row_bytes, rows, cols, dst);
-    case TensorType::Q5_1: return pack_all<P5_1>(w, row_bytes, rows, cols, dst);
-    case TensorType::IQ4_NL: return pack_all<PIQ4_NL>(w, row_bytes, rows, cols, dst);
-    case TensorType::Q4_K: return pack_all_k4<BlockQ4_K>(w, row_bytes, rows, cols, dst);
-    case TensorType::Q5_K: return pack_all_k4<BlockQ5_K>(w, row_bytes, rows, cols, dst);
-    case TensorType::Q6_K: return pack_all_q6k(w, row_bytes, rows, cols, dst);
-    case TensorType::IQ4_XS: return pack_all_iq4xs(w, row_bytes, rows, cols, dst);
-    case TensorType::Q2_K: return pack_all_k2<BlockQ2_K>(w, row_bytes, rows, cols, dst);
-    case TensorType::Q3_K: return pack_all_k2<BlockQ3_K>(w, row_bytes, rows, cols, dst);
-    default: return pack_all<P8_0>(w, row_bytes, rows, cols, dst);
-  }
+  const PackInfo info = pack_info(t);
+  const int64_t nb = cols / info.block_values;
+  const size_t per_group = static_cast<size_t>(nb) * info.group_bytes;
+  default_pool().parallel_for(static_cast<size_t>(groups_of(rows)), 16, [&](size_t lo, size_t hi) {
+    for (size_t g = lo; g < hi; ++g) info.group(w, row_bytes, rows, nb, static_cast<int64_t>(g), dst + g * per_group);
+  });
 }
 
 void matmul_many(const MatmulTarget* targets, int count, int64_t cols, const float* x, int64_t n, Isa isa) {

@@ -256,7 +256,8 @@ OSD_TEST(block_formats_refuse_non_finite_weights) {
   if (!m) return;
   const std::string path = "/tmp/osd-test-nan-" + std::to_string(::getpid()) + ".gguf";
   save_gguf(*m, path, gguf::TensorType::F32);
-  {
+  // The F32 file at `path` with one weight of blk.1.ffn_up.weight (row 2, column 5) set to v.
+  auto patched_copy = [&](float v, const std::string& to) {
     auto f = gguf::File::open(path);
     gguf::Writer w;
     for (const auto& kv : f->metadata()) w.set(kv.key, kv.value);
@@ -268,11 +269,12 @@ OSD_TEST(block_formats_refuse_non_finite_weights) {
         continue;
       }
       patched.assign(reinterpret_cast<const float*>(t.data), reinterpret_cast<const float*>(t.data) + t.n_elements);
-      patched[2 * 64 + 5] = NAN;  // row 2, column 5
+      patched[2 * 64 + 5] = v;
       w.add_tensor_raw(t.name, t.type, dims, patched.data(), t.n_bytes);
     }
-    w.write(path + ".nan.gguf");
-  }
+    w.write(to);
+  };
+  patched_copy(NAN, path + ".nan.gguf");
   auto nan_model = Model::load(path + ".nan.gguf");
   for (auto type : {gguf::TensorType::Q8_0, gguf::TensorType::Q4_0, gguf::TensorType::Q5_1}) {
     const std::string want = "tensor 'blk.1.ffn_up.weight' has a non-finite weight (NaN at row 2, column 5), which " +
@@ -281,23 +283,8 @@ OSD_TEST(block_formats_refuse_non_finite_weights) {
   }
   save_gguf(*nan_model, path, gguf::TensorType::F16);  // stored as it is
   // Finite but too large for a block's fp16 scale: refused too, not written as infinite scales.
-  {
-    auto f = gguf::File::open(path + ".nan.gguf");
-    gguf::Writer w;
-    for (const auto& kv : f->metadata()) w.set(kv.key, kv.value);
-    std::vector<float> patched;
-    for (const auto& t : f->tensors()) {
-      const std::vector<uint64_t> dims(t.ne, t.ne + t.n_dims);
-      if (t.name != "blk.1.ffn_up.weight") {
-        w.add_tensor_raw(t.name, t.type, dims, t.data, t.n_bytes);
-        continue;
-      }
-      patched.assign(reinterpret_cast<const float*>(t.data), reinterpret_cast<const float*>(t.data) + t.n_elements);
-      patched[2 * 64 + 5] = 3e9f;
-      w.add_tensor_raw(t.name, t.type, dims, patched.data(), t.n_bytes);
-    }
-    w.write(path + ".big.gguf");
-  }
+  save_gguf(*m, path, gguf::TensorType::F32);
+  patched_copy(3e9f, path + ".big.gguf");
   auto big_model = Model::load(path + ".big.gguf");
   for (auto type : {gguf::TensorType::Q8_0, gguf::TensorType::Q4_0, gguf::TensorType::IQ4_NL}) {
     const std::string want = "tensor 'blk.1.ffn_up.weight' has weights too large for the fp16 scales of " +

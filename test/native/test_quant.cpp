@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <initializer_list>
 #include <iterator>
 #include <random>
@@ -777,122 +778,83 @@ OSD_TEST(packed_layout_is_as_documented_and_kernels_read_it) {
       CHECK(packed_kernels_match(t, w, rows, cols, p.data(), {1, 6, 11}, rng));
     }
   }
-  // Q4_K and Q5_K: d, dmin, the scales and mins unpacked to bytes (sub-block j of row i at 16j + i),
-  // the quants in 4-byte chunks, then Q5_K's qh the same way; their AVX-512 kernels on it equal the
-  // portable reference.
-  for (TensorType t : {TensorType::Q4_K, TensorType::Q5_K})
-  for (int64_t rows : {3, 16, 21}) {
+  // The 256-value formats, two super-blocks per row: `check` compares block `blk` of a row with its
+  // place `o` in its group (row i of 16) for each format's layout.
+  auto k_layout = [&](TensorType t, std::initializer_list<int64_t> row_counts, size_t gb,
+                      const std::function<bool(const uint8_t*, const uint8_t*, int)>& check, std::initializer_list<int64_t> ns) {
     const int64_t cols = 512, nbk = 2;
-    const bool q5 = t == TensorType::Q5_K;
-    const auto wk = random_weights(t, rows, cols, rng);
-    const size_t rb = quant::bytes_for(t, cols), gb = q5 ? 2880 : 2368, bb = q5 ? 176 : 144;
-    std::vector<uint8_t> pk(quant::packed_bytes(t, rows, cols));
-    CHECK_EQ(pk.size(), gb * nbk * static_cast<size_t>((rows + 15) / 16));
-    quant::pack_rows(t, wk.data(), rb, rows, cols, pk.data());
-    bool ok = true;
-    for (int64_t r = 0; r < (rows + 15) / 16 * 16; ++r) {
-      const int64_t g = r / 16, i = r % 16, src = std::min(r, rows - 1);
-      for (int64_t b = 0; b < nbk; ++b) {
-        const uint8_t* blk = wk.data() + src * rb + b * bb;
-        const uint8_t* o = pk.data() + (g * nbk + b) * gb;
-        ok &= std::memcmp(o + 2 * i, blk, 2) == 0 && std::memcmp(o + 32 + 2 * i, blk + 2, 2) == 0;
-        for (int j = 0; j < 8; ++j) {
-          uint8_t sc, mn;
-          quant::detail::scale_min_k4(j, blk + 4, &sc, &mn);
-          ok &= o[64 + 16 * j + i] == sc && o[192 + 16 * j + i] == mn;
-        }
-        const uint8_t* qs = blk + (q5 ? 48 : 16);  // Q5_K: d, dmin, scales[12], qh[32], qs[128]
-        for (int k = 0; k < 32; ++k) ok &= std::memcmp(o + 320 + 64 * k + 4 * i, qs + 4 * k, 4) == 0;
-        if (q5)
-          for (int k = 0; k < 8; ++k) ok &= std::memcmp(o + 2368 + 64 * k + 4 * i, blk + 16 + 4 * k, 4) == 0;
-      }
-    }
-    CHECK(ok);
-    CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), {1, 3, 6}, rng));
-  }
-  // Q6_K: d, the int8 scales (group g of row i at 32 + 16g + i), ql and qh in 4-byte chunks.
-  for (int64_t rows : {5, 16, 19}) {
-    const int64_t cols = 512, nbk = 2;
-    const TensorType t = TensorType::Q6_K;
-    const auto wk = random_weights(t, rows, cols, rng);
-    const size_t rb = quant::bytes_for(t, cols), gb = 3360;
-    std::vector<uint8_t> pk(quant::packed_bytes(t, rows, cols));
-    CHECK_EQ(pk.size(), gb * nbk * static_cast<size_t>((rows + 15) / 16));
-    quant::pack_rows(t, wk.data(), rb, rows, cols, pk.data());
-    bool ok = true;
-    for (int64_t r = 0; r < (rows + 15) / 16 * 16; ++r) {
-      const int64_t g = r / 16, i = r % 16, src = std::min(r, rows - 1);
-      for (int64_t b = 0; b < nbk; ++b) {
-        const uint8_t* blk = wk.data() + src * rb + b * 210;
-        const uint8_t* o = pk.data() + (g * nbk + b) * gb;
-        ok &= std::memcmp(o + 2 * i, blk + 208, 2) == 0;
-        for (int j = 0; j < 16; ++j) ok &= o[32 + 16 * j + i] == blk[192 + j];
-        for (int k = 0; k < 32; ++k) ok &= std::memcmp(o + 288 + 64 * k + 4 * i, blk + 4 * k, 4) == 0;
-        for (int k = 0; k < 16; ++k) ok &= std::memcmp(o + 2336 + 64 * k + 4 * i, blk + 128 + 4 * k, 4) == 0;
-      }
-    }
-    CHECK(ok);
-    CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), {1, 4, 7}, rng));
-  }
-  // Q2_K and Q3_K: d (and Q2_K's dmin), the scale bytes (Q2_K's as they are, Q3_K's unpacked to
-  // int8; group j of row i at 16j + i), the two-bit quants in 4-byte chunks, Q3_K's hmask likewise.
-  for (TensorType t : {TensorType::Q2_K, TensorType::Q3_K})
-    for (int64_t rows : {3, 16, 18}) {
-      const int64_t cols = 512, nbk = 2;
-      const bool q2 = t == TensorType::Q2_K;
+    const size_t bb = gguf::type_info(t).block_bytes;
+    for (int64_t rows : row_counts) {
       const auto wk = random_weights(t, rows, cols, rng);
-      const size_t rb = quant::bytes_for(t, cols), bb = q2 ? 84 : 110, gb = q2 ? 1344 : 1824;
+      const size_t rb = quant::bytes_for(t, cols);
       std::vector<uint8_t> pk(quant::packed_bytes(t, rows, cols));
       CHECK_EQ(pk.size(), gb * nbk * static_cast<size_t>((rows + 15) / 16));
       quant::pack_rows(t, wk.data(), rb, rows, cols, pk.data());
       bool ok = true;
       for (int64_t r = 0; r < (rows + 15) / 16 * 16; ++r) {
-        const int64_t g = r / 16, i = r % 16, src = std::min(r, rows - 1);
-        for (int64_t b = 0; b < nbk; ++b) {
-          const uint8_t* blk = wk.data() + src * rb + b * bb;
-          const uint8_t* o = pk.data() + (g * nbk + b) * gb;
-          ok &= std::memcmp(o + 2 * i, blk + (q2 ? 80 : 108), 2) == 0;
-          if (q2) ok &= std::memcmp(o + 32 + 2 * i, blk + 82, 2) == 0;
-          int8_t sc[16];
-          if (!q2) quant::detail::scales_q3_k(blk + 96, sc);
-          for (int j = 0; j < 16; ++j) ok &= q2 ? o[64 + 16 * j + i] == blk[j] : static_cast<int8_t>(o[32 + 16 * j + i]) == sc[j];
-          const size_t qoff = q2 ? 320 : 288;
-          for (int k = 0; k < 16; ++k) ok &= std::memcmp(o + qoff + 64 * k + 4 * i, blk + (q2 ? 16 : 32) + 4 * k, 4) == 0;
-          if (!q2)
-            for (int k = 0; k < 8; ++k) ok &= std::memcmp(o + qoff + 1024 + 64 * k + 4 * i, blk + 4 * k, 4) == 0;
-        }
+        const int64_t g = r / 16, src = std::min(r, rows - 1);  // the last group repeats its last row
+        for (int64_t b = 0; b < nbk; ++b)
+          ok &= check(wk.data() + src * rb + b * bb, pk.data() + (g * nbk + b) * gb, static_cast<int>(r % 16));
       }
+      if (!ok) std::printf("  %s: the packed layout differs (%lld rows)\n", gguf::type_info(t).name, (long long)rows);
       CHECK(ok);
-      CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), {1, 2, 3, 5}, rng));
+      CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), ns, rng));
     }
+  };
+  // Q4_K and Q5_K: d, dmin, the scales and mins unpacked to bytes (sub-block j of row i at 16j + i),
+  // the quants in 4-byte chunks, then Q5_K's qh the same way.
+  for (TensorType t : {TensorType::Q4_K, TensorType::Q5_K}) {
+    const bool q5 = t == TensorType::Q5_K;
+    k_layout(t, {3, 16, 21}, q5 ? 2880 : 2368, [&](const uint8_t* blk, const uint8_t* o, int i) {
+      bool ok = std::memcmp(o + 2 * i, blk, 2) == 0 && std::memcmp(o + 32 + 2 * i, blk + 2, 2) == 0;
+      for (int j = 0; j < 8; ++j) {
+        uint8_t sc, mn;
+        quant::detail::scale_min_k4(j, blk + 4, &sc, &mn);
+        ok &= o[64 + 16 * j + i] == sc && o[192 + 16 * j + i] == mn;
+      }
+      const uint8_t* qs = blk + (q5 ? 48 : 16);  // Q5_K: d, dmin, scales[12], qh[32], qs[128]
+      for (int k = 0; k < 32; ++k) ok &= std::memcmp(o + 320 + 64 * k + 4 * i, qs + 4 * k, 4) == 0;
+      if (q5)
+        for (int k = 0; k < 8; ++k) ok &= std::memcmp(o + 2368 + 64 * k + 4 * i, blk + 16 + 4 * k, 4) == 0;
+      return ok;
+    }, {1, 3, 6, 9});
+  }
+  // Q6_K: d, the int8 scales (group g of row i at 32 + 16g + i), ql and qh in 4-byte chunks.
+  k_layout(TensorType::Q6_K, {5, 16, 19}, 3360, [&](const uint8_t* blk, const uint8_t* o, int i) {
+    bool ok = std::memcmp(o + 2 * i, blk + 208, 2) == 0;
+    for (int j = 0; j < 16; ++j) ok &= o[32 + 16 * j + i] == blk[192 + j];
+    for (int k = 0; k < 32; ++k) ok &= std::memcmp(o + 288 + 64 * k + 4 * i, blk + 4 * k, 4) == 0;
+    for (int k = 0; k < 16; ++k) ok &= std::memcmp(o + 2336 + 64 * k + 4 * i, blk + 128 + 4 * k, 4) == 0;
+    return ok;
+  }, {1, 4, 7, 9});
+  // Q2_K and Q3_K: d (and Q2_K's dmin), the scale bytes (Q2_K's as they are, Q3_K's unpacked to
+  // int8; group j of row i at 16j + i), the two-bit quants in 4-byte chunks, Q3_K's hmask likewise.
+  for (TensorType t : {TensorType::Q2_K, TensorType::Q3_K}) {
+    const bool q2 = t == TensorType::Q2_K;
+    k_layout(t, {3, 16, 18}, q2 ? 1344 : 1824, [&](const uint8_t* blk, const uint8_t* o, int i) {
+      bool ok = std::memcmp(o + 2 * i, blk + (q2 ? 80 : 108), 2) == 0;
+      if (q2) ok &= std::memcmp(o + 32 + 2 * i, blk + 82, 2) == 0;
+      int8_t sc[16];
+      if (!q2) quant::detail::scales_q3_k(blk + 96, sc);
+      for (int j = 0; j < 16; ++j) ok &= q2 ? o[64 + 16 * j + i] == blk[j] : static_cast<int8_t>(o[32 + 16 * j + i]) == sc[j];
+      const size_t qoff = q2 ? 320 : 288;
+      for (int k = 0; k < 16; ++k) ok &= std::memcmp(o + qoff + 64 * k + 4 * i, blk + (q2 ? 16 : 32) + 4 * k, 4) == 0;
+      if (!q2)
+        for (int k = 0; k < 8; ++k) ok &= std::memcmp(o + qoff + 1024 + 64 * k + 4 * i, blk + 4 * k, 4) == 0;
+      return ok;
+    }, {1, 2, 3, 5});
+  }
   // IQ4_XS: d, the sub-block scales as int8 (ls - 32; sub-block s of row i at 16s + i), the quants
   // in 4-byte chunks.
-  for (int64_t rows : {1, 16, 33}) {
-    const int64_t cols = 512, nbk = 2;
-    const TensorType t = TensorType::IQ4_XS;
-    const auto wk = random_weights(t, rows, cols, rng);
-    const size_t rb = quant::bytes_for(t, cols), gb = 2208;
-    std::vector<uint8_t> pk(quant::packed_bytes(t, rows, cols));
-    CHECK_EQ(pk.size(), gb * nbk * static_cast<size_t>((rows + 15) / 16));
-    quant::pack_rows(t, wk.data(), rb, rows, cols, pk.data());
-    bool ok = true;
-    for (int64_t r = 0; r < (rows + 15) / 16 * 16; ++r) {
-      const int64_t g = r / 16, i = r % 16, src = std::min(r, rows - 1);
-      for (int64_t b = 0; b < nbk; ++b) {
-        const uint8_t* blk = wk.data() + src * rb + b * 136;
-        const uint8_t* o = pk.data() + (g * nbk + b) * gb;
-        ok &= std::memcmp(o + 2 * i, blk, 2) == 0;
-        uint16_t sh;
-        std::memcpy(&sh, blk + 2, 2);
-        for (int sb = 0; sb < 8; ++sb)
-          ok &= static_cast<int8_t>(o[32 + 16 * sb + i]) == (((blk[4 + sb / 2] >> (4 * (sb % 2))) & 0xF) | (((sh >> (2 * sb)) & 3) << 4)) - 32;
-        for (int k = 0; k < 32; ++k) ok &= std::memcmp(o + 160 + 64 * k + 4 * i, blk + 8 + 4 * k, 4) == 0;
-      }
-    }
-    CHECK(ok);
-    CHECK(packed_kernels_match(t, wk, rows, cols, pk.data(), {1, 2, 3, 4, 7}, rng));
-  }
-  CHECK(quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Avx2) && !quant::kernel_reads_packed(TensorType::Q4_K, quant::Isa::Portable));
+  k_layout(TensorType::IQ4_XS, {1, 16, 33}, 2208, [&](const uint8_t* blk, const uint8_t* o, int i) {
+    bool ok = std::memcmp(o + 2 * i, blk, 2) == 0;
+    uint16_t sh;
+    std::memcpy(&sh, blk + 2, 2);
+    for (int sb = 0; sb < 8; ++sb)
+      ok &= static_cast<int8_t>(o[32 + 16 * sb + i]) == (((blk[4 + sb / 2] >> (4 * (sb % 2))) & 0xF) | (((sh >> (2 * sb)) & 3) << 4)) - 32;
+    for (int k = 0; k < 32; ++k) ok &= std::memcmp(o + 160 + 64 * k + 4 * i, blk + 8 + 4 * k, 4) == 0;
+    return ok;
+  }, {1, 2, 3, 4, 7, 9});
   for (TensorType t : kInt8Types)
     CHECK(quant::kernel_reads_packed(t, quant::Isa::Avx2) && quant::kernel_reads_packed(t, quant::Isa::Avx512) &&
           !quant::kernel_reads_packed(t, quant::Isa::Portable));

@@ -395,8 +395,8 @@ export class Model {
   /**
    * The same model with its matrices stored as `type` (see StoreType), held in memory, off the event
    * loop: e.g. a trainer's F32 snapshot as F16 or Q8_0 to make it cheaper to run. Matrices already in
-   * the type they would be written in are copied unchanged; 'keep' copies every matrix as it is (a bit-exact copy of the
-   * weights). The tokenizer and chat template carry over.
+   * the type they would be written in are copied unchanged; 'keep' copies every matrix as it is (a
+   * bit-exact copy of the weights). The tokenizer and chat template carry over.
    */
   async convert(type: StoreType | 'keep'): Promise<Model> {
     if (type !== 'keep' && !isStoreType(type)) throw new RangeError(`type must be 'keep' or one of ${STORE_TYPES.join(', ')}, got ${String(type)}`);

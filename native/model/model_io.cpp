@@ -1,5 +1,6 @@
 #include "model/model_io.h"
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -67,10 +68,14 @@ void add_matrix_as(gguf::Writer& w, const std::string& name, gguf::TensorType wa
       // blocks would read back as infinity or NaN.
       quant::dequantize(type, out + r * row_bytes, cols, back.data());
       for (int64_t j = 0; j < cols; ++j)
-        if (!std::isfinite(back[j]))
+        if (!std::isfinite(back[j])) {
+          const int64_t bs = gguf::type_info(type).block_size, j0 = j / bs * bs;
+          float big = 0.0f;
+          for (int64_t i = j0; i < j0 + bs; ++i) big = std::max(big, std::fabs(row[i]));
           throw_range("tensor '" + name + "' has weights too large for the fp16 scales of " + gguf::type_info(type).name +
-                      " (row " + std::to_string(r) + ", near column " + std::to_string(j) + ": " + num_str(row[j]) +
-                      "); store it as F32, F16 or BF16");
+                      " (row " + std::to_string(r) + ", the block at column " + std::to_string(j0) + ": |w| up to " +
+                      num_str(big) + "); store it as F32, F16 or BF16");
+        }
     }
   });
   w.add_tensor_raw(name, type, dims, buf->data(), buf->size());

@@ -288,7 +288,7 @@ OSD_TEST(block_formats_refuse_non_finite_weights) {
   auto big_model = Model::load(path + ".big.gguf");
   for (auto type : {gguf::TensorType::Q8_0, gguf::TensorType::Q4_0, gguf::TensorType::IQ4_NL}) {
     const std::string want = "tensor 'blk.1.ffn_up.weight' has weights too large for the fp16 scales of " +
-                             std::string(gguf::type_info(type).name) + " (row 2";
+                             std::string(gguf::type_info(type).name) + " (row 2, the block at column 0: |w| up to 3000000000)";
     CHECK_THROWS(Error, save_gguf(*big_model, path, type), want.c_str());
   }
   save_gguf(*big_model, path, gguf::TensorType::F32);

@@ -6,7 +6,8 @@
 // - Output matrix: F32 embeddings, the output matrix in the format: the engines' quantised products
 //   (8-bit activations in both; llama.cpp rounds the 32-value formats' activation scales to fp16).
 // Q2_K, IQ4_NL and IQ4_XS have no reference vectors from gguf-py (test_quant checks them against
-// ggml's loops); this is where they meet llama.cpp itself. Q4_0 and Q8_0 run as controls.
+// ggml's loops); this is where they meet llama.cpp itself. Q3_K .. Q6_K (random blocks: the engine
+// does not write them) check the K-quant products end to end; Q4_0 and Q8_0 run as controls.
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { loadModel, writeRandomModel, type StoreType } from '../lib/index.js';
@@ -71,20 +72,45 @@ function spmVocab(): Array<{ key: string; raw: Buffer }> {
   ];
 }
 
+// The K-quants this engine reads but does not write: GGML type id, block bytes, where each block's
+// fp16 factors sit (d, and dmin for the formats with mins) and their value (fp16 bits: 2^-10, or
+// 2^-14 for Q6_K, whose scales are full bytes), so that weights stay within about +-1.
+const K_QUANTS = {
+  Q3_K: { id: 11, bytes: 110, d: [108], f16: 0x1400 },
+  Q4_K: { id: 12, bytes: 144, d: [0, 2], f16: 0x1400 },
+  Q5_K: { id: 13, bytes: 176, d: [0, 2], f16: 0x1400 },
+  Q6_K: { id: 14, bytes: 210, d: [208], f16: 0x0400 },
+} as const;
+type Format = StoreType | keyof typeof K_QUANTS;
+
+/** V x D random blocks of a K-quant: random bytes, each block's factors set as K_QUANTS says. */
+function randomKBlocks(type: keyof typeof K_QUANTS, rng: XorShift): Buffer {
+  const k = K_QUANTS[type];
+  const data = Buffer.alloc((V * D * k.bytes) / 256);
+  for (let i = 0; i < data.length; i++) data[i] = Math.floor(rng.next() * 256);
+  for (let b = 0; b < data.length; b += k.bytes) for (const off of k.d) data.writeUInt16LE(k.f16, b + off);
+  return data;
+}
+
 /**
- * A one-layer model whose layer matrices are all zero: `embd` and `output` in the format of a random
- * model written as `type`, or F32 random values, with a small sentencepiece vocabulary (llama.cpp
- * needs one; both engines read the logits of token ids).
+ * A one-layer model whose layer matrices are all zero: `embd` and `output` in the format (blocks
+ * of a random model written as `type`, or random K-quant blocks), the other F32 random values,
+ * with a small sentencepiece vocabulary (llama.cpp needs one; both engines read the logits of
+ * token ids).
  */
-async function buildModel(dir: string, type: StoreType, quantised: 'embd' | 'output'): Promise<string> {
+async function buildModel(dir: string, type: Format, quantised: 'embd' | 'output'): Promise<string> {
   const src = join(dir, `random-${type}.gguf`);
-  await writeRandomModel(src, { vocabSize: V, embeddingLength: D, layers: 1, heads: 4, feedForwardLength: 512, contextLength: 64, type, seed: 3 });
+  const written: StoreType = type in K_QUANTS ? 'F32' : (type as StoreType);
+  await writeRandomModel(src, { vocabSize: V, embeddingLength: D, layers: 1, heads: 4, feedForwardLength: 512, contextLength: 64, type: written, seed: 3 });
   const file = readGgufLayout(src);
   const rng = new XorShift(11);
   const random = (dims: number[]) => f32(dims.reduce((a, b) => a * b, 1), () => rng.normal() * 0.5);
   // The random model ties its output to the embeddings: here both are written, one of them in the format.
   const embd = file.tensors.find((t) => t.name === 'token_embd.weight')!;
-  const blocks = { dims: embd.dims, type: embd.type, data: readTensorBytes(file, embd.name) };
+  const blocks =
+    type in K_QUANTS
+      ? { dims: embd.dims, type: K_QUANTS[type as keyof typeof K_QUANTS].id, data: randomKBlocks(type as keyof typeof K_QUANTS, rng) }
+      : { dims: embd.dims, type: embd.type, data: readTensorBytes(file, embd.name) };
   const floats = () => ({ dims: embd.dims, type: 0, data: random(embd.dims) });
   const tensors: OutTensor[] = [
     { name: 'token_embd.weight', ...(quantised === 'embd' ? blocks : floats()) },
@@ -105,7 +131,8 @@ async function buildModel(dir: string, type: StoreType, quantised: 'embd' | 'out
 
 describe.skipIf(!nlc)('block formats read as llama.cpp reads them', () => {
   const dir = suiteTempDir('osd-formats-');
-  const types: StoreType[] = ['IQ4_NL', 'IQ4_XS', 'Q2_K', 'Q4_0', 'Q8_0'];
+  const types: Format[] = ['IQ4_NL', 'IQ4_XS', 'Q2_K', 'Q3_K', 'Q4_K', 'Q5_K', 'Q6_K', 'Q4_0', 'Q8_0'];
+  const k256 = (t: Format) => t === 'Q2_K' || t === 'IQ4_XS' || t in K_QUANTS;
 
   // Per position, log-probabilities from both engines; returns the largest difference and the rms.
   async function compare(path: string): Promise<{ worst: number; rms: number }> {
@@ -152,10 +179,10 @@ describe.skipIf(!nlc)('block formats read as llama.cpp reads them', () => {
     it(`${type} output matrix: the quantised products agree with llama.cpp's`, async () => {
       const { worst, rms } = await compare(await buildModel(dir, type, 'output'));
       console.log(`${type} output matrix: max |d log p| ${worst.toExponential(2)}, rms ${rms.toExponential(2)}`);
-      // Q2_K and IQ4_XS: 8-bit activations with f32 scales per 256 values in both (Q8_K), exact
-      // integer sums, so float rounding only (measured 1e-6). The 32-value formats: llama.cpp
-      // rounds each activation scale to fp16 (measured 1e-3).
-      expect(worst).toBeLessThan(type === 'Q2_K' || type === 'IQ4_XS' ? 2e-5 : 5e-3);
+      // The 256-value formats: 8-bit activations with f32 scales per 256 values in both (Q8_K),
+      // exact integer sums, so float rounding only (measured 1e-6 to 1.3e-5, Q4_K and Q5_K the
+      // most). The 32-value formats: llama.cpp rounds each activation scale to fp16 (measured 1e-3).
+      expect(worst).toBeLessThan(k256(type) ? 5e-5 : 5e-3);
     });
   }
 });

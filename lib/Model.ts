@@ -150,10 +150,7 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
     throwIfAborted(signal);
     options.onProgress?.(0.5);
     // GGUF files carry their tokenizer and usually a chat template; llama2.c checkpoints do not.
-    if (handle.info().format === 'gguf') {
-      if (await hasTokenizer(path)) tokenizer = await loadTokenizer(path);
-      chatTemplate = readChatTemplate(path);
-    }
+    if (handle.info().format === 'gguf') ({ tokenizer, chatTemplate } = await readTextTools(path));
     throwIfAborted(signal);
     options.onProgress?.(1); // (a callback that throws frees the model too)
   } catch (e) {
@@ -165,22 +162,15 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
 
 /** The tokenizer and chat template a GGUF file carries (either may be absent). @internal */
 export async function readTextTools(path: string): Promise<{ tokenizer?: Tokenizer; chatTemplate?: string }> {
-  const tokenizer = (await hasTokenizer(path)) ? await loadTokenizer(path) : undefined;
-  const chatTemplate = readChatTemplate(path);
-  return { ...(tokenizer && { tokenizer }), ...(chatTemplate !== undefined && { chatTemplate }) };
-}
-
-/** tokenizer.chat_template of a GGUF file, or undefined (the token arrays are skipped, not read out). */
-function readChatTemplate(path: string): string | undefined {
-  const t = native.readGgufMetadata(path, { maxArrayLength: 0 }).metadata['tokenizer.chat_template'];
-  return typeof t === 'string' && t.length > 0 ? t : undefined;
-}
-
-async function hasTokenizer(path: string): Promise<boolean> {
+  // One read of the key/value section (the token arrays are skipped, not read out).
+  const meta = native.readGgufMetadata(path, { maxArrayLength: 0 }).metadata;
   // A vocabulary-less GGUF (weights only) is valid: the model then works on token ids alone. So is
   // llama.cpp's explicit form of it, tokenizer.ggml.model = "no_vocab" ("none" in older files).
-  const model = native.readGgufMetadata(path, { maxArrayLength: 0 }).metadata['tokenizer.ggml.model'];
-  return model !== undefined && model !== 'no_vocab' && model !== 'none';
+  const model = meta['tokenizer.ggml.model'];
+  const tokenizer = model !== undefined && model !== 'no_vocab' && model !== 'none' ? await loadTokenizer(path) : undefined;
+  const t = meta['tokenizer.chat_template'];
+  const chatTemplate = typeof t === 'string' && t.length > 0 ? t : undefined;
+  return { ...(tokenizer && { tokenizer }), ...(chatTemplate !== undefined && { chatTemplate }) };
 }
 
 /**

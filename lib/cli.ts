@@ -211,8 +211,8 @@ async function main(argv: string[]): Promise<number> {
       }
       const seconds = (performance.now() - t0) / 1000;
       // What each tensor was stored as (rows that do not fit the type's blocks fall back).
-      const { addon } = await import('./addon.js');
-      const meta = (addon as unknown as { readGgufMetadata(p: string, o: object): { tensors: { type: string }[] } }).readGgufMetadata(output, { maxArrayLength: 0 });
+      const { readGgufMetadata } = await import('./train/bpe.js');
+      const meta = readGgufMetadata(output, { maxArrayLength: 0 });
       const counts: Record<string, number> = {};
       for (const t of meta.tensors) counts[t.type] = (counts[t.type] ?? 0) + 1;
       const bytesIn = statSync(input).size;

@@ -645,7 +645,10 @@ void rangek_ref(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
 #define OSD_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define OSD_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 
-constexpr int kPrefetchBytes = 1024;
+// A later group-block's bytes at p into L1 (a hint: it never faults, also past the end).
+OSD_AVX2_INLINE void prefetch_block(const uint8_t* p, int bytes) {
+  for (int l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + l, _MM_HINT_T0);
+}
 
 OSD_AVX2_INLINE float f16(uint16_t h) { return _cvtsh_ss(h); }
 
@@ -808,7 +811,7 @@ OSD_AVX2 void half_avx2(const Args& k, int64_t g, int h, int nr, int64_t t) {
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* q = grp + b * L::kBytes;
     if (h == 0)  // the second half reads the same lines again, from cache
-      for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + kAhead * L::kBytes + l, _MM_HINT_T0);
+      prefetch_block(q + kAhead * L::kBytes, L::kBytes);
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h)));
     __m256i isum[NT];
     if constexpr (P::kChunks == 8) {
@@ -918,7 +921,7 @@ OSD_AVX2 void half_k4_avx2(const Args& k, int64_t g, int h, int nr, int64_t t) {
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* q = grp + b * L::kBytes;
     if (h == 0)
-      for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+      prefetch_block(q + 2 * L::kBytes, L::kBytes);
     __m256i isum[NT], msum[NT];
     for (int n = 0; n < NT; ++n) isum[n] = msum[n] = _mm256_setzero_si256();
     for (int c = 0; c < 4; ++c) {
@@ -973,7 +976,7 @@ OSD_AVX2 void half_q6k_avx2(const Args& k, int64_t g, int h8, int nr, int64_t t)
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* q = grp + b * L::kBytes;
     if (h8 == 0)
-      for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+      prefetch_block(q + 2 * L::kBytes, L::kBytes);
     __m256i isum[NT];
     for (int n = 0; n < NT; ++n) isum[n] = _mm256_setzero_si256();
     for (int h = 0; h < 2; ++h)
@@ -1037,7 +1040,7 @@ OSD_AVX2 void half_k2_avx2(const Args& k, int64_t g, int h8, int nr, int64_t t) 
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* q = grp + b * L::kBytes;
     if (h8 == 0)
-      for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+      prefetch_block(q + 2 * L::kBytes, L::kBytes);
     __m256i isum[NT], msum[NT];
     for (int n = 0; n < NT; ++n) isum[n] = msum[n] = _mm256_setzero_si256();
     // Values 128 hn + 32 j + 16 hl + l (l < 16): chunks 8 hn + 4 hl + m (bytes l = 4m + e), bits 2j;
@@ -1098,7 +1101,7 @@ OSD_AVX2 void half_iq4xs_avx2(const Args& k, int64_t g, int h8, int nr, int64_t 
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* q = grp + b * L::kBytes;
     if (h8 == 0)
-      for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+      prefetch_block(q + 2 * L::kBytes, L::kBytes);
     __m256i isum[NT];
     for (int n = 0; n < NT; ++n) isum[n] = _mm256_setzero_si256();
     for (int sb = 0; sb < 8; ++sb) {
@@ -1253,7 +1256,7 @@ OSD_AVX512 void group_avx512(const Args& k, int64_t g, int nr, int64_t t) {
                 fifth = _mm512_set1_epi8(0x10);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* q = grp + b * L::kBytes;
-    for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + kAhead * L::kBytes + l, _MM_HINT_T0);
+    prefetch_block(q + kAhead * L::kBytes, L::kBytes);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
     // Chunk c's values: v[c] (Q8_0), or lo[c] = values 4c .. 4c + 3 and hi[c] = 16 + 4c .. 16 + 4c + 3.
     __m512i v[8];
@@ -1327,7 +1330,7 @@ OSD_AVX512 void group_k4_avx512(const Args& k, int64_t g, int nr, int64_t t) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* q = grp + b * L::kBytes;
-    for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+    prefetch_block(q + 2 * L::kBytes, L::kBytes);
     __m512i isum[NT], msum[NT];
     for (int n = 0; n < NT; ++n) isum[n] = msum[n] = _mm512_setzero_si512();
     for (int c = 0; c < 4; ++c) {  // sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
@@ -1396,7 +1399,7 @@ OSD_AVX512 void group_q6k_avx512(const Args& k, int64_t g, int nr, int64_t t) {
   const __m512i low4 = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* q = grp + b * L::kBytes;
-    for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+    prefetch_block(q + 2 * L::kBytes, L::kBytes);
     __m512i isum[NT];
     for (int n = 0; n < NT; ++n) isum[n] = _mm512_setzero_si512();
     // Half h (128 values), quarter p (16 of its first 32 ql bytes), set s: ql bytes 16p + 4e (s = 0:
@@ -1466,7 +1469,7 @@ OSD_AVX512 void group_k2_avx512(const Args& k, int64_t g, int nr, int64_t t) {
   const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* q = grp + b * L::kBytes;
-    for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+    prefetch_block(q + 2 * L::kBytes, L::kBytes);
     __m512i isum[NT], msum[NT];
     for (int n = 0; n < NT; ++n) isum[n] = msum[n] = _mm512_setzero_si512();
     for (int hn = 0; hn < 2; ++hn)
@@ -1526,7 +1529,7 @@ OSD_AVX512 void group_iq4xs_avx512(const Args& k, int64_t g, int nr, int64_t t) 
   const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Unsigned)));
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* q = grp + b * L::kBytes;
-    for (int l = 0; l < L::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(q) + 2 * L::kBytes + l, _MM_HINT_T0);
+    prefetch_block(q + 2 * L::kBytes, L::kBytes);
     __m512i isum[NT];
     for (int n = 0; n < NT; ++n) isum[n] = _mm512_setzero_si512();
     for (int sb = 0; sb < 8; ++sb) {

@@ -60,16 +60,14 @@ __device__ __forceinline__ float keep_or_zero(bool keep, float x) {
 __device__ __forceinline__ float exp_ref(float x) { return osd::exp_approx(x); }
 
 // exp_ref for x <= 0 (or NaN), bit for bit: the argument of every warped exp term is (l - max) * it
-// <= 0. floorf and the float -> int conversion run on the quarter-rate conversion unit; for the
-// clamped range (y in [-126, 128)), y + 1.5 * 2^23 rounded down is 1.5 * 2^23 + floor(y) exactly,
-// and its low mantissa bits are floor(y) itself. Without the clamps, x < -87.3 computes garbage
-// that the final select replaces by 0, as in exp_ref. test_cuda's exp_fast_matches_exp_ref checks
-// every float x <= 0.
+// <= 0. It skips exp_ref's clamps, and takes 2^n from m's bits (m = 1.5 * 2^23 + n, exactly, for
+// |x| < 2^21): x < -87.3 computes garbage that the final select replaces by 0, as in exp_ref.
+// test_cuda's exp_fast_matches_exp_ref checks every float x <= 0.
 __device__ __forceinline__ float exp_fast(float x) {
-  const float m = __fadd_rd(__fmaf_rn(x, 1.44269504088896341f, 0.5f), 12582912.0f);
-  const float n = __fsub_rn(m, 12582912.0f);
+  const float m = __fmaf_rn(x, 1.44269504088896341f, osd::kExpShift);
+  const float n = __fsub_rn(m, osd::kExpShift);
   const float p = osd::exp_poly(x, n);
-  // (bits(m) << 23) = floor(y) << 23 (mod 2^32): the bits of 1.5 * 2^23 all shift out.
+  // (bits(m) << 23) = n << 23 (mod 2^32): the bits of 1.5 * 2^23 all shift out.
   const float scale = __uint_as_float((__float_as_uint(m) << 23) + (127u << 23));
   return keep_or_zero(!(x <= -87.3f), __fmul_rn(p, scale));
 }

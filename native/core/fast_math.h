@@ -9,16 +9,20 @@
 
 namespace osd {
 
-// exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2], n = floor(x log2(e) + 1/2): exp(r) =
-// 1 + r + r^2 c(r), c a degree-3 polynomial fitted for the least largest relative error on that
-// interval (1.1e-7 in exact arithmetic; 1.8e-7 as evaluated, against 2.3e-7 for the degree-6 Taylor
-// series it replaced, which took one more multiply-add: the exp-bound kernels run about 10% faster).
-// Every step is one fused multiply-add, rounded once: the same bits from std::fmaf, the x86 FMA
-// instructions and CUDA's fmaf (the build never contracts anything else, -ffp-contract=off).
-// exp_poly is shared with the GPU's exp_fast (cuda/common.cuh).
+// exp(x) = 2^n * exp(r), n = x log2(e) rounded to the nearest integer, r = x - n ln2 in about
+// [-ln2/2, ln2/2]: exp(r) = 1 + r + r^2 c(r), c a degree-3 polynomial fitted for the least largest
+// relative error on that interval (1.1e-7 in exact arithmetic, 1.8e-7 as evaluated). r takes one
+// multiply-add with ln2 rounded to float, which adds |n| * 1.9e-9 (up to 2.4e-7 at the bottom of the
+// range, 4e-8 for x > -15; 3.9e-7 in all, checked against std::exp in test_kernels): a second,
+// low-order multiply-add would cancel it, and cost the exp-bound loops 15% (the FMA ports bound them).
+// n comes from one multiply-add too: adding 1.5 * 2^23 rounds x log2(e) at units, ties to even, and
+// leaves n in the low mantissa bits (kExpShift). Every step is one fused multiply-add, rounded once:
+// the same bits from std::fmaf, the x86 FMA instructions and CUDA's fmaf (the build never contracts
+// anything else, -ffp-contract=off). exp_poly is shared with the GPU's exp_fast (cuda/common.cuh).
+constexpr float kExpShift = 12582912.0f;  // 1.5 * 2^23
+
 OSD_HD float exp_poly(float x, float n) {
-  float r = fmaf(-n, 0.693145751953125f, x);
-  r = fmaf(-n, 1.428606765330187045e-06f, r);
+  const float r = fmaf(-n, 0.693147182464599609375f, x);
   float p = 8.312524917e-03f;
   p = fmaf(p, r, 4.189011336e-02f);
   p = fmaf(p, r, 1.666711447e-01f);
@@ -30,7 +34,7 @@ OSD_HD float exp_poly(float x, float n) {
 OSD_HD float exp_approx(float x) {
   const float lo = x;
   x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float n = floorf(fmaf(x, 1.44269504088896341f, 0.5f));
+  const float n = fmaf(x, 1.44269504088896341f, kExpShift) - kExpShift;
   const float p = exp_poly(x, n);
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
@@ -144,11 +148,9 @@ template <class V> OSD_SIMD_INLINE V vfma(const V& a, const V& b, const V& c) {
 // computes garbage (an out-of-range conversion) that the final select replaces by 0.
 template <class V> OSD_SIMD_INLINE V vexp(const V& x) {
   typedef uint32_t U __attribute__((vector_size(sizeof(V))));
-  const V y = vfma(x, splat<V>(1.44269504088896341f), splat<V>(0.5f));
-  V n;
-  for (int k = 0; k < kLanes<V>; ++k) n[k] = floorf(y[k]);  // one vroundps where the target has it
-  V r = vfma(-n, splat<V>(0.693145751953125f), x);
-  r = vfma(-n, splat<V>(1.428606765330187045e-06f), r);
+  const V y = vfma(x, splat<V>(1.44269504088896341f), splat<V>(kExpShift));
+  const V n = y - splat<V>(kExpShift);
+  const V r = vfma(-n, splat<V>(0.693147182464599609375f), x);
   V p = splat<V>(8.312524917e-03f);
   p = vfma(p, r, splat<V>(4.189011336e-02f));
   p = vfma(p, r, splat<V>(1.666711447e-01f));
@@ -157,8 +159,9 @@ template <class V> OSD_SIMD_INLINE V vexp(const V& x) {
   p = vfma(p, r, splat<V>(1.0f));
   // p * 2^n by adding n to p's exponent field: the multiply's bits wherever the result is normal,
   // which it is for -87.3 < x <= 88.3 (n = -126 only with r > 0, so p >= 1), and an integer add
-  // instead of a floating multiply (the multiply ports bound this loop).
-  const U scaled = (U)p + ((U)__builtin_convertvector(n, ivec<V>) << 23);
+  // instead of a floating multiply (the multiply ports bound this loop). y's bits shifted by 23 are
+  // n's (mod 2^32): those of 1.5 * 2^23 all shift out.
+  const U scaled = (U)p + ((U)y << 23);
   return x <= splat<V>(-87.3f) ? V{} : (V)scaled;
 }
 

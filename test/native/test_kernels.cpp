@@ -58,12 +58,17 @@ OSD_TEST(philox_uniform_range_and_mean) {
 }
 
 OSD_TEST(exp_approx_relative_error) {
-  double worst = 0;
+  // The polynomial's error, plus |n| * 1.9e-9 from the one-step reduction by a rounded ln2.
+  double worst = 0, near = 0;
   for (float x = -87.0f; x < 88.0f; x += 0.001953125f) {
     double ref = std::exp(static_cast<double>(x));
-    worst = std::max(worst, std::fabs(exp_approx(x) - ref) / ref);
+    const double err = std::fabs(exp_approx(x) - ref) / ref;
+    worst = std::max(worst, err);
+    if (std::fabs(x) < 15.0f) near = std::max(near, err);
   }
-  CHECK(worst < 2e-7);  // 1.7e-7 measured
+  std::printf("  exp_approx relative error: %.3g on [-87, 88], %.3g on (-15, 15)\n", worst, near);
+  CHECK(worst < 4.2e-7);
+  CHECK(near < 2.2e-7);
   CHECK_EQ(exp_approx(-1000.0f), 0.0f);
   CHECK_EQ(exp_approx(-std::numeric_limits<float>::infinity()), 0.0f);
   CHECK(std::isfinite(exp_approx(1000.0f)));

@@ -8,7 +8,7 @@ import { mkdirSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { bandwidthProbe } from '../lib/kernels.js';
+import { bandwidthProbe, flopsProbe, setThreads } from '../lib/kernels.js';
 import { addonPath } from '../lib/addon.js';
 
 export const benchDir = dirname(fileURLToPath(import.meta.url));
@@ -139,6 +139,28 @@ export interface ProbeResult {
 export function probeBandwidth(bytes = 256 * 2 ** 20, iterations = 5): ProbeResult {
   const r = bandwidthProbe({ bytes, iterations });
   return { readGBs: r.readBytesPerSecond / 1e9, copyGBs: r.copyBytesPerSecond / 1e9, threads: r.threads, bytes, iterations };
+}
+
+/**
+ * How much compute the pool's threads really add: FMA chains on every thread of the pool against
+ * one thread, best of 3 each. A virtual machine's logical CPUs can share one physical core for a
+ * while (here: two threads measured x1.0-1.1 of one in runs whose read probe rose to ~70 GB/s);
+ * then compute-bound kernels read low against a bandwidth probe that the same sharing does not slow.
+ */
+export interface ComputeProbe {
+  threads: number;
+  oneThreadGflops: number;
+  poolGflops: number;
+  /** poolGflops / oneThreadGflops: about `threads` when every thread has a core of its own. */
+  scaling: number;
+}
+
+export function probeCompute(threads: number): ComputeProbe {
+  setThreads(1);
+  const one = flopsProbe({ iterations: 3 }).flopsPerSecond;
+  setThreads(threads);
+  const pool = flopsProbe({ iterations: 3 }).flopsPerSecond;
+  return { threads, oneThreadGflops: one / 1e9, poolGflops: pool / 1e9, scaling: pool / one };
 }
 
 // ---------------------------------------------------------------- machine facts

@@ -35,6 +35,7 @@ import {
   nowNs,
   parseArgs,
   probeBandwidth,
+  probeCompute,
   progress,
   readJsonIfExists,
   resultsDir,
@@ -42,6 +43,7 @@ import {
   writeJson,
   writeResults,
   type Column,
+  type ComputeProbe,
   type ProbeResult,
 } from './common.js';
 
@@ -266,10 +268,14 @@ const draftPool = new Float32Array(poolD);
 /** 256 MiB: above this machine class's L3 (DESIGN.md: 260 MB reported, shared). --quick uses 128 MiB. */
 const PROBE_BYTES = (QUICK ? 128 : 256) * 2 ** 20;
 const probes: ProbeResult[] = [];
+const computeProbes: ComputeProbe[] = [];
 function runProbe(when: string): void {
   const p = probeBandwidth(PROBE_BYTES, QUICK ? 3 : 5);
   probes.push(p);
   progress(`bandwidth probe (${when}): read ${fmtNum(p.readGBs)} GB/s, copy ${fmtNum(p.copyGBs)} GB/s, ${p.threads} threads`);
+  const c = probeCompute(threads);
+  computeProbes.push(c);
+  progress(`compute probe (${when}): ${threads} threads x${c.scaling.toFixed(2)} of one thread (${fmtNum(c.poolGflops)} / ${fmtNum(c.oneThreadGflops)} GFLOP/s)`);
 }
 runProbe('start');
 probeRead = probes[0]!.readGBs;
@@ -692,6 +698,10 @@ const result = {
     denominator: `read (streaming sum on the CPU thread pool, ${PROBE_BYTES / 2 ** 20} MiB, best of the start and end probes)`,
     runs: probes,
   },
+  compute: {
+    definition: 'FMA chains on the whole pool / on one thread (start and end of the run): about the thread count when each thread has a core',
+    runs: computeProbes,
+  },
   targetRatio: TARGET_RATIO,
   definitions: {
     bytes: {
@@ -754,6 +764,7 @@ if (JSON_ONLY) {
     `probe: ` +
       probes.map((p, i) => `${i === 0 ? 'start' : 'end'} read ${fmtNum(p.readGBs)} / copy ${fmtNum(p.copyGBs)} GB/s`).join('; ') +
       `; xProbe divides by the best READ probe, ${fmtNum(bestRead)} GB/s`,
+    `compute: ${threads} threads x` + computeProbes.map((c) => c.scaling.toFixed(2)).join(' (start) / x') + ' (end) of one thread',
     `inputs: ${HOT ? 'hot (one slot per config)' : `rotating through ${ROTATE_BYTES / 2 ** 20} MiB`}; ` +
       `logits N(0,${LOGIT_SIGMA}^2), draft = target + N(0,${NOISE_SIGMA}^2); bytes: chain B(2g+1)V*4, tree 2(n+1)V*4, distill 3NV*4 (N=B*g)`,
     `baseline: ${baseline ? baselinePath : 'none (xBase n/a); --save-baseline writes one'}`,
@@ -764,6 +775,12 @@ if (JSON_ONLY) {
   const targets = rows.filter((r) => r.target !== null);
   const pass = targets.filter((r) => r.target === 'PASS').length;
   lines.push(`target rows (temperature-only verification, forward KL) at >= ${TARGET_RATIO} x read probe: ${pass}/${targets.length} PASS`);
+  const minScaling = Math.min(...computeProbes.map((c) => c.scaling));
+  if (threads > 1 && minScaling < 0.75 * threads)
+    lines.push(
+      `note: the ${threads} threads computed only x${minScaling.toFixed(2)} of one thread at a probe of this run ` +
+        '(logical CPUs sharing a physical core): the exp-bound cells (batch 1, g = 1) read low against the read probe then',
+    );
   lines.push(`bench time ${benchSeconds.toFixed(1)} s (input generation ${(fillMs / 1e3).toFixed(1)} s); results: ${written.stamped}` + (SAVE_BASELINE ? `; baseline: ${baselinePath}` : ''));
   process.stdout.write(lines.join('\n') + '\n');
 }

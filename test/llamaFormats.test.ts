@@ -10,9 +10,10 @@
 // does not write them) check the K-quant products end to end; Q4_0 and Q8_0 run as controls.
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { loadModel, writeRandomModel, type StoreType } from '../lib/index.js';
-import { kvString, readGgufLayout, readTensorBytes, writeGgufRaw, type OutTensor } from '../lib/train/ggufRewrite.js';
+import { writeRandomModel, type StoreType } from '../lib/index.js';
+import { readGgufLayout, readTensorBytes, writeGgufRaw, type OutTensor } from '../lib/train/ggufRewrite.js';
 import { XorShift } from '../lib/train/trainDefault.js';
+import { compareWithLlama, f32, spmVocab } from './helpers/ggufBuild.js';
 import { importNodeLlamaCpp } from './helpers/llamaCpp.js';
 import { suiteTempDir } from './helpers/tmp.js';
 
@@ -21,56 +22,6 @@ const nlc = await importNodeLlamaCpp('the block formats are not compared with ll
 const V = 512;
 const D = 512; // a whole number of 256-value blocks, so that no format falls back
 const TOKENS = [0, 1, 7, 100, 255, 256, 300, 511];
-
-function logSoftmax(x: Float32Array | Float64Array): Float64Array {
-  let m = -Infinity;
-  for (const v of x) m = Math.max(m, v);
-  let s = 0;
-  for (const v of x) s += Math.exp(v - m);
-  const l = Math.log(s) + m;
-  return Float64Array.from(x, (v) => v - l);
-}
-
-function f32(n: number, f: (i: number) => number): Buffer {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = f(i);
-  return Buffer.from(a.buffer);
-}
-
-// A GGUF array entry (value type 9) of u32 elements type `et`, each written by `put`.
-function kvArray<T>(et: number, items: T[], size: (x: T) => number, put: (b: Buffer, at: number, x: T) => void): Buffer {
-  const n = items.reduce((a, x) => a + size(x), 0);
-  const b = Buffer.alloc(16 + n);
-  b.writeUInt32LE(9, 0);
-  b.writeUInt32LE(et, 4);
-  b.writeBigUInt64LE(BigInt(items.length), 8);
-  let at = 16;
-  for (const x of items) {
-    put(b, at, x);
-    at += size(x);
-  }
-  return b;
-}
-
-/** A minimal sentencepiece vocabulary of V tokens (unknown, BOS, EOS, 256 bytes, then pieces). */
-function spmVocab(): Array<{ key: string; raw: Buffer }> {
-  const tokens = Array.from({ length: V }, (_, i) =>
-    i === 0 ? '<unk>' : i === 1 ? '<s>' : i === 2 ? '</s>' : i < 259 ? `<0x${(i - 3).toString(16).toUpperCase().padStart(2, '0')}>` : `\u2581t${i}`,
-  );
-  const types = tokens.map((_, i) => (i === 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1));
-  return [
-    { key: 'tokenizer.ggml.model', raw: kvString('llama') },
-    {
-      key: 'tokenizer.ggml.tokens',
-      raw: kvArray(8, tokens, (t) => 8 + Buffer.byteLength(t), (b, at, t) => {
-        b.writeBigUInt64LE(BigInt(Buffer.byteLength(t)), at);
-        b.write(t, at + 8, 'utf8');
-      }),
-    },
-    { key: 'tokenizer.ggml.scores', raw: kvArray(6, tokens, () => 4, (b, at, _t) => b.writeFloatLE(-(at % 997), at)) },
-    { key: 'tokenizer.ggml.token_type', raw: kvArray(5, types, () => 4, (b, at, t) => b.writeInt32LE(t, at)) },
-  ];
-}
 
 // The K-quants this engine reads but does not write: GGML type id, block bytes, where each block's
 // fp16 factors sit (d, and dmin for the formats with mins) and their value (fp16 bits: 2^-10, or
@@ -123,7 +74,7 @@ async function buildModel(dir: string, type: Format, quantised: 'embd' | 'output
     tensors.push({ name: t.name, dims: t.dims, type: 0, data: f32(n, () => (t.dims.length === 1 ? 0.5 + rng.next() : 0)) });
   }
   expect(blocks.type, `${type} is stored in its own type`).not.toBe(0);
-  const kvs = [...file.kvs.filter((kv) => !kv.key.startsWith('tokenizer.')), ...spmVocab()];
+  const kvs = [...file.kvs.filter((kv) => !kv.key.startsWith('tokenizer.')), ...spmVocab(V)];
   const path = join(dir, `${type}-${quantised}.gguf`);
   writeGgufRaw(path, kvs, tensors);
   return path;
@@ -134,38 +85,7 @@ describe.skipIf(!nlc)('block formats read as llama.cpp reads them', () => {
   const types: Format[] = ['IQ4_NL', 'IQ4_XS', 'Q2_K', 'Q3_K', 'Q4_K', 'Q5_K', 'Q6_K', 'Q4_0', 'Q8_0'];
   const k256 = (t: Format) => t === 'Q2_K' || t === 'IQ4_XS' || t in K_QUANTS;
 
-  // Per position, log-probabilities from both engines; returns the largest difference and the rms.
-  async function compare(path: string): Promise<{ worst: number; rms: number }> {
-    const llama = await nlc!.getLlama({ gpu: false, build: 'never', logLevel: nlc!.LlamaLogLevel.error });
-    await using ours = await loadModel(path);
-    const lm = await llama.loadModel({ modelPath: path });
-    const ctx = await lm.createContext({ contextSize: 64, threads: 1 });
-    try {
-      const res = await ctx.getSequence().controlledEvaluate(
-        TOKENS.map((t) => [t, { generateNext: { probabilities: true, options: { temperature: 1, topK: 0, topP: 1, minP: 0 } } }] as const) as never,
-      );
-      const logits = await ours.forward(TOKENS);
-      let worst = 0;
-      let sq = 0;
-      let count = 0;
-      for (let i = 0; i < TOKENS.length; i++) {
-        const probs = (res[i] as { next: { probabilities: Map<number, number> } }).next.probabilities;
-        expect(probs.size).toBe(V);
-        const mine = logSoftmax(logits.subarray(i * V, (i + 1) * V));
-        for (const [t, p] of probs) {
-          const d = Math.abs(mine[t]! - Math.log(p));
-          worst = Math.max(worst, d);
-          sq += d * d;
-          count++;
-        }
-      }
-      return { worst, rms: Math.sqrt(sq / count) };
-    } finally {
-      await ctx.dispose();
-      await lm.dispose();
-      await llama.dispose();
-    }
-  }
+  const compare = (path: string) => compareWithLlama(nlc!, path, TOKENS);
 
   for (const type of types) {
     it(`${type} embeddings dequantise to llama.cpp's values`, async () => {

@@ -65,8 +65,8 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
   const gguf::File& f = *file;
   ModelConfig& c = m->cfg_;
   c.arch = f.get_string("general.architecture");
-  if (c.arch != "llama" && c.arch != "qwen2")
-    throw_io(f.name() + ": architecture '" + c.arch + "' is not supported (supported: llama, qwen2)");
+  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3")
+    throw_io(f.name() + ": architecture '" + c.arch + "' is not supported (supported: llama, qwen2, qwen3)");
   const std::string a = c.arch + ".";
   // Sizes: positive and within int32 (a larger value was truncated by the cast).
   auto size_of = [&](const std::string& key, std::optional<int64_t> fallback) {
@@ -82,7 +82,7 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
   c.context = size_of(a + "context_length", 2048);
   c.rope_theta = static_cast<float>(f.get_float_or(a + "rope.freq_base", 10000.0));
   c.rms_eps = static_cast<float>(f.get_float_or(a + "attention.layer_norm_rms_epsilon", 1e-5));
-  c.rope_neox = c.arch == "qwen2";
+  c.rope_neox = c.arch == "qwen2" || c.arch == "qwen3";
   if (!(c.rope_theta > 0) || !std::isfinite(c.rope_theta))
     throw_io(f.name() + ": " + a + "rope.freq_base must be a finite number > 0, got " + num_str(c.rope_theta));
   if (c.dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.ffn_dim <= 0 || c.context <= 0 ||
@@ -109,8 +109,14 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
   } else if (scaling != "none") {
     throw_io(f.name() + ": RoPE scaling '" + scaling + "' is not supported (supported: none, linear)");
   }
-  if (f.find_tensor("rope_freqs.weight"))
-    throw_io(f.name() + ": tensor 'rope_freqs.weight' (per-dimension RoPE factors, Llama 3.1 style) is not supported");
+  if (f.find_tensor("rope_freqs.weight")) {
+    const float* ff = f32_vector(f, "rope_freqs.weight", c.head_dim / 2);
+    c.rope_factors.assign(ff, ff + c.head_dim / 2);
+    for (int32_t i = 0; i < c.head_dim / 2; ++i)
+      if (!(c.rope_factors[i] > 0) || !std::isfinite(c.rope_factors[i]))
+        throw_io(f.name() + ": rope_freqs.weight[" + std::to_string(i) + "] must be a finite number > 0, got " +
+                 num_str(c.rope_factors[i]));
+  }
 
   m->token_embd = matrix_from_tensor(f.tensor("token_embd.weight"));
   c.vocab = static_cast<int32_t>(m->token_embd.rows);
@@ -133,6 +139,10 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
       w.bv = f32_vector(f, p + "attn_v.bias", kvd);
     } else if (c.arch == "qwen2") {
       throw_io(f.name() + ": qwen2 model lacks tensor '" + p + "attn_q.bias'");
+    }
+    if (c.arch == "qwen3") {
+      w.q_norm = f32_vector(f, p + "attn_q_norm.weight", c.head_dim);
+      w.k_norm = f32_vector(f, p + "attn_k_norm.weight", c.head_dim);
     }
     w.ffn_norm = f32_vector(f, p + "ffn_norm.weight", c.dim);
     w.w_gate = matrix(f, p + "ffn_gate.weight", c.ffn_dim, c.dim);

@@ -1,4 +1,5 @@
-// A llama-family decoder (llama: Llama 2/3, Mistral, SmolLM; qwen2 with QKV bias) loaded from
+// A llama-family decoder (llama: Llama 2/3, Mistral, SmolLM; qwen2 with QKV bias; qwen3 with
+// per-head RMS norms of queries and keys) loaded from
 // GGUF or a llama2.c checkpoint, with weights left in their stored format inside the mapped file.
 #pragma once
 #include <cstdint>
@@ -14,7 +15,7 @@
 namespace osd {
 
 struct ModelConfig {
-  std::string arch = "llama";  // "llama" | "qwen2"
+  std::string arch = "llama";  // "llama" | "qwen2" | "qwen3"
   int32_t vocab = 0;
   int32_t dim = 0;
   int32_t n_layers = 0;
@@ -25,7 +26,10 @@ struct ModelConfig {
   int32_t context = 0;
   float rope_theta = 10000.0f;
   float rope_freq_scale = 1.0f;  // linear RoPE scaling: positions are multiplied by this
-  bool rope_neox = false;        // split-halves rotation (qwen2) instead of adjacent pairs
+  bool rope_neox = false;        // split-halves rotation (qwen2, qwen3) instead of adjacent pairs
+  // Divisors of the RoPE frequencies, one per rotated pair (rope_freqs.weight: Llama 3.1 and later
+  // scale long wavelengths this way); empty for none.
+  std::vector<float> rope_factors;
   float rms_eps = 1e-5f;
   bool tied_output = true;
   int32_t kv_dim() const { return n_kv_heads * head_dim; }
@@ -38,6 +42,8 @@ struct LayerWeights {
   const float* bq = nullptr;  // qwen2 biases
   const float* bk = nullptr;
   const float* bv = nullptr;
+  const float* q_norm = nullptr;  // qwen3: RMS norm gains of each query and key head (head_dim)
+  const float* k_norm = nullptr;
   const float* ffn_norm = nullptr;
   Matrix w_gate, w_up, w_down;
 };

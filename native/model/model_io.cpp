@@ -131,6 +131,7 @@ void fill_writer(const Model& model, std::optional<gguf::TensorType> want, Model
   add_matrix("token_embd.weight", model.token_embd);
   add_vector("output_norm.weight", model.output_norm, c.dim);
   if (!c.tied_output) add_matrix("output.weight", model.output);
+  if (!c.rope_factors.empty()) add_vector("rope_freqs.weight", c.rope_factors.data(), c.head_dim / 2);
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = model.layers[l];
     const std::string p = "blk." + std::to_string(l) + ".";
@@ -143,6 +144,10 @@ void fill_writer(const Model& model, std::optional<gguf::TensorType> want, Model
       add_vector(p + "attn_q.bias", lw.bq, c.q_dim());
       add_vector(p + "attn_k.bias", lw.bk, c.kv_dim());
       add_vector(p + "attn_v.bias", lw.bv, c.kv_dim());
+    }
+    if (lw.q_norm) {
+      add_vector(p + "attn_q_norm.weight", lw.q_norm, c.head_dim);
+      add_vector(p + "attn_k_norm.weight", lw.k_norm, c.head_dim);
     }
     add_vector(p + "ffn_norm.weight", lw.ffn_norm, c.dim);
     add_matrix(p + "ffn_gate.weight", lw.w_gate);

@@ -137,7 +137,8 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
   std::vector<float> rope_cos(n * half), rope_sin(n * half);
   for (int32_t i = 0; i < n; ++i)
     for (int64_t k = 0; k < half; ++k) {
-      const double freq = std::pow(static_cast<double>(c.rope_theta), -2.0 * k / HD) * c.rope_freq_scale;
+      double freq = std::pow(static_cast<double>(c.rope_theta), -2.0 * k / HD) * c.rope_freq_scale;
+      if (!c.rope_factors.empty()) freq /= c.rope_factors[k];
       const double angle = pos[i] * freq;
       rope_cos[i * half + k] = static_cast<float>(std::cos(angle));
       rope_sin[i * half + k] = static_cast<float>(std::sin(angle));
@@ -163,6 +164,11 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
       if (w.bq) {
         for (int64_t j = 0; j < QD; ++j) q[i * QD + j] += w.bq[j];
         for (int64_t j = 0; j < KVD; ++j) kv_k[i * KVD + j] += w.bk[j], kv_v[i * KVD + j] += w.bv[j];
+      }
+      if (w.q_norm) {  // qwen3: each head's query and key RMS-normed before the rotation
+        for (int32_t hh = 0; hh < c.n_heads; ++hh) rmsnorm(&q[i * QD + hh * HD], w.q_norm, HD, c.rms_eps, &q[i * QD + hh * HD]);
+        for (int32_t hh = 0; hh < c.n_kv_heads; ++hh)
+          rmsnorm(&kv_k[i * KVD + hh * HD], w.k_norm, HD, c.rms_eps, &kv_k[i * KVD + hh * HD]);
       }
       const float* cs = rope_cos.data() + i * half;  // (empty when head_dim is 1: no reference through null)
       const float* sn = rope_sin.data() + i * half;

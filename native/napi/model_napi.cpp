@@ -150,7 +150,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       throw Napi::RangeError::New(env, "weights have another shape than this model (architecture, vocabulary, sizes)");
     // The settings model.info reports (and sequences use) come with the weights: they must agree.
     if (a.context != b.context || a.rope_theta != b.rope_theta || a.rope_freq_scale != b.rope_freq_scale ||
-        a.rope_neox != b.rope_neox || a.rms_eps != b.rms_eps || a.tied_output != b.tied_output)
+        a.rope_neox != b.rope_neox || a.rope_factors != b.rope_factors || a.rms_eps != b.rms_eps || a.tied_output != b.tied_output)
       throw Napi::RangeError::New(env, "weights have other settings than this model (context length, RoPE, RMS epsilon or tied output)");
     model_ = other;
     return env.Undefined();

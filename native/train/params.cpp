@@ -108,6 +108,11 @@ Params Params::random(const ModelConfig& c, uint64_t seed, float std) {
 
 Params Params::from_model(const Model& m) {
   const ModelConfig& c = m.config();
+  // The backward pass covers llama and qwen2 blocks with plain (or linearly scaled) RoPE.
+  if (c.arch == "qwen3")
+    throw_range(m.path() + ": training a qwen3 model (per-head query and key norms) is not supported; it can serve as a target");
+  if (!c.rope_factors.empty())
+    throw_range(m.path() + ": training a model with RoPE frequency factors (rope_freqs.weight) is not supported; it can serve as a target");
   const bool bias = !m.layers.empty() && m.layers[0].bq != nullptr;
   Params p(ParamLayout(c, bias));
   const ParamLayout& L = p.layout_;

@@ -82,14 +82,14 @@ export function logProbDiff(a: Float64Array[], b: Float64Array[]): { worst: numb
 
 /**
  * Per position, log-probabilities of every token from both engines (llama.cpp on one thread, all V
- * probabilities at temperature 1), both with keys and values cached as `kvType`; returns the largest
- * difference and the rms.
+ * probabilities at temperature 1, without flash attention, which rounds the queries to fp16 on the
+ * CPU), both with keys and values cached as `kvType`; returns the largest difference and the rms.
  */
 export async function compareWithLlama(nlc: Nlc, path: string, tokens: number[], kvType: KvType = 'f16'): Promise<{ worst: number; rms: number }> {
   const llama = await nlc.getLlama({ gpu: false, build: 'never', logLevel: nlc.LlamaLogLevel.error });
   const lm = await llama.loadModel({ modelPath: path });
   const kv = kvType === 'f32' ? 'F32' : 'F16';
-  const ctx = await lm.createContext({ contextSize: 64, threads: 1, experimentalKvCacheKeyType: kv, experimentalKvCacheValueType: kv });
+  const ctx = await lm.createContext({ contextSize: 64, threads: 1, flashAttention: false, experimentalKvCacheKeyType: kv, experimentalKvCacheValueType: kv });
   try {
     const res = await ctx.getSequence().controlledEvaluate(
       tokens.map((t) => [t, { generateNext: { probabilities: true, options: { temperature: 1, topK: 0, topP: 1, minP: 0 } } }] as const) as never,

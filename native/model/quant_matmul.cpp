@@ -920,7 +920,7 @@ OSD_AVX2 void half_avx2(const Args& k, int64_t g, int h, int nr, int64_t t) {
 }
 
 // Rows r0 .. r1 - 1 (r0 a multiple of 16), up to 6 tokens a pass: a 5-token verification is one
-// pass (one thread, 2048 x 2048 Q4_0: 241 -> 180 us against 4 + 1); 8 spill registers.
+// pass (one thread, 2048 x 2048 Q4_0: 241 -> 180 us against 4 + 1); eight tokens spilled registers.
 template <class P>
 OSD_AVX2 void range32_avx2(const Args& k, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
   by_halves<6>(r0, r1, t0, t1, [&](auto nt, int64_t g, int h, int nr, int64_t t) { half_avx2<P, decltype(nt)::value>(k, g, h, nr, t); });

@@ -26,7 +26,10 @@ ParamLayout::ParamLayout(const ModelConfig& c, bool qkv_bias) : cfg_(c), qkv_bia
     throw_range("nHeads (" + std::to_string(c.n_heads) + ") must be a multiple of nKvHeads (" +
                 std::to_string(c.n_kv_heads) + ")");
   if (c.head_dim % 2 != 0) throw_range("headDim must be even (RoPE rotates pairs), got " + std::to_string(c.head_dim));
-  if (c.arch != "llama" && c.arch != "qwen2") throw_range("arch must be 'llama' or 'qwen2', got '" + c.arch + "'");
+  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3")
+    throw_range("arch must be 'llama', 'qwen2' or 'qwen3', got '" + c.arch + "'");
+  if (!c.rope_factors.empty() && static_cast<int64_t>(c.rope_factors.size()) != c.head_dim / 2)
+    throw_range("ropeFactors must have headDim / 2 entries");
 
   const int64_t D = c.dim, QD = c.q_dim(), KVD = c.kv_dim(), F = c.ffn_dim, V = c.vocab;
   auto add = [&](const std::string& name, int64_t rows, int64_t cols, bool matrix) {
@@ -62,11 +65,15 @@ ParamLayout::ParamLayout(const ModelConfig& c, bool qkv_bias) : cfg_(c), qkv_bia
     LayerOffsets& o = layers_[l];
     o.attn_norm = add(p + "attn_norm.weight", 1, D, false);
     o.ffn_norm = add(p + "ffn_norm.weight", 1, D, false);
-    o.bq = o.bk = o.bv = 0;
+    o.bq = o.bk = o.bv = o.q_norm = o.k_norm = 0;
     if (qkv_bias) {
       o.bq = add(p + "attn_q.bias", 1, QD, false);
       o.bk = add(p + "attn_k.bias", 1, KVD, false);
       o.bv = add(p + "attn_v.bias", 1, KVD, false);
+    }
+    if (qk_norm()) {
+      o.q_norm = add(p + "attn_q_norm.weight", 1, c.head_dim, false);
+      o.k_norm = add(p + "attn_k_norm.weight", 1, c.head_dim, false);
     }
   }
 }
@@ -108,11 +115,6 @@ Params Params::random(const ModelConfig& c, uint64_t seed, float std) {
 
 Params Params::from_model(const Model& m) {
   const ModelConfig& c = m.config();
-  // The backward pass covers llama and qwen2 blocks with plain (or linearly scaled) RoPE.
-  if (c.arch == "qwen3")
-    throw_range(m.path() + ": training a qwen3 model (per-head query and key norms) is not supported; it can serve as a target");
-  if (!c.rope_factors.empty())
-    throw_range(m.path() + ": training a model with RoPE frequency factors (rope_freqs.weight) is not supported; it can serve as a target");
   const bool bias = !m.layers.empty() && m.layers[0].bq != nullptr;
   Params p(ParamLayout(c, bias));
   const ParamLayout& L = p.layout_;
@@ -135,6 +137,10 @@ Params Params::from_model(const Model& m) {
       copy_vector(w.bq, c.q_dim(), o.bq);
       copy_vector(w.bk, c.kv_dim(), o.bk);
       copy_vector(w.bv, c.kv_dim(), o.bv);
+    }
+    if (L.qk_norm()) {
+      copy_vector(w.q_norm, c.head_dim, o.q_norm);
+      copy_vector(w.k_norm, c.head_dim, o.k_norm);
     }
     copy_vector(w.ffn_norm, c.dim, o.ffn_norm);
     copy_matrix(w.w_gate, o.w_gate);
@@ -168,6 +174,8 @@ gguf::Writer Params::writer(gguf::TensorType type) const {
   add("token_embd.weight");
   add("output_norm.weight");
   if (!c.tied_output) add("output.weight");
+  if (!c.rope_factors.empty())
+    w.add_tensor("rope_freqs.weight", TensorType::F32, {static_cast<uint64_t>(c.rope_factors.size())}, c.rope_factors.data());
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const std::string p = "blk." + std::to_string(l) + ".";
     for (const char* n : {"attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
@@ -175,6 +183,8 @@ gguf::Writer Params::writer(gguf::TensorType type) const {
       add(p + n);
     if (layout_.qkv_bias())
       for (const char* n : {"attn_q.bias", "attn_k.bias", "attn_v.bias"}) add(p + n);
+    if (layout_.qk_norm())
+      for (const char* n : {"attn_q_norm.weight", "attn_k_norm.weight"}) add(p + n);
     for (const char* n : {"ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"}) add(p + n);
   }
   return w;

@@ -22,9 +22,10 @@ struct ParamTensor {
   size_t size() const { return static_cast<size_t>(rows * cols); }
 };
 
-// Offsets (in floats) of one layer's tensors; bias offsets are meaningful only with qkv_bias.
+// Offsets (in floats) of one layer's tensors; bias offsets are meaningful only with qkv_bias, the
+// query and key norms' only with qk_norm.
 struct LayerOffsets {
-  size_t attn_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, w_gate, w_up, w_down;
+  size_t attn_norm, wq, wk, wv, wo, bq, bk, bv, q_norm, k_norm, ffn_norm, w_gate, w_up, w_down;
 };
 
 // Matrices come first, so [0, decay_end()) is exactly the weight-decayed part.
@@ -36,6 +37,7 @@ class ParamLayout {
 
   const ModelConfig& config() const { return cfg_; }
   bool qkv_bias() const { return qkv_bias_; }
+  bool qk_norm() const { return cfg_.arch == "qwen3"; }  // per-head RMS norms of queries and keys
   size_t size() const { return size_; }
   size_t decay_end() const { return decay_end_; }
   const std::vector<ParamTensor>& tensors() const { return tensors_; }

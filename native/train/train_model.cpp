@@ -27,12 +27,13 @@ void Activations::resize(const ModelConfig& c, int32_t B, int32_t T) {
   if (B == batch && T == seq_len && had.vocab == c.vocab && had.dim == c.dim && had.n_layers == c.n_layers &&
       had.n_heads == c.n_heads && had.n_kv_heads == c.n_kv_heads && had.head_dim == c.head_dim &&
       had.ffn_dim == c.ffn_dim && had.rope_theta == c.rope_theta && had.rope_freq_scale == c.rope_freq_scale &&
-      had.rope_neox == c.rope_neox)
+      had.rope_neox == c.rope_neox && had.rope_factors == c.rope_factors && had.arch == c.arch)
     return;
   config = c;
   batch = B;
   seq_len = T;
   const size_t N = static_cast<size_t>(B) * T, D = c.dim, QD = c.q_dim(), KVD = c.kv_dim(), F = c.ffn_dim;
+  const bool qk_norm = c.arch == "qwen3";
   layers.assign(c.n_layers, Layer());
   for (Layer& l : layers) {
     l.x.resize(N * D);
@@ -41,6 +42,12 @@ void Activations::resize(const ModelConfig& c, int32_t B, int32_t T) {
     l.q.resize(N * QD);
     l.k.resize(N * KVD);
     l.v.resize(N * KVD);
+    if (qk_norm) {
+      l.q_pre.resize(N * QD);
+      l.k_pre.resize(N * KVD);
+      l.rstd_q.resize(N * c.n_heads);
+      l.rstd_k.resize(N * c.n_kv_heads);
+    }
     l.probs.resize(static_cast<size_t>(B) * c.n_heads * T * T);
     l.att.resize(N * QD);
     l.x2.resize(N * D);
@@ -63,6 +70,8 @@ void Activations::resize(const ModelConfig& c, int32_t B, int32_t T) {
   dgate.resize(N * F);
   dup.resize(N * F);
   dh.resize(N * F);
+  dq_pre.resize(qk_norm ? N * QD : 0);
+  dk_pre.resize(qk_norm ? N * KVD : 0);
 }
 
 namespace {
@@ -92,6 +101,12 @@ void forward_layers(const Params& p, const int32_t* tokens, int32_t B, int32_t T
         for (int64_t j = 0; j < QD; ++j) A.q[n * QD + j] += p.at(o.bq)[j];
         for (int64_t j = 0; j < KVD; ++j) A.k[n * KVD + j] += p.at(o.bk)[j], A.v[n * KVD + j] += p.at(o.bv)[j];
       }
+    if (L.qk_norm()) {  // each head's query and key RMS-normed (rows of head_dim)
+      A.q_pre = A.q;
+      A.k_pre = A.k;
+      rmsnorm_forward(A.q_pre.data(), p.at(o.q_norm), N * c.n_heads, c.head_dim, c.rms_eps, A.q.data(), A.rstd_q.data());
+      rmsnorm_forward(A.k_pre.data(), p.at(o.k_norm), N * c.n_kv_heads, c.head_dim, c.rms_eps, A.k.data(), A.rstd_k.data());
+    }
     rope_rows(a.rope, A.q.data(), N, T, c.n_heads, false);
     rope_rows(a.rope, A.k.data(), N, T, c.n_kv_heads, false);
     attention_forward(shape, A.q.data(), A.k.data(), A.v.data(), A.probs.data(), A.att.data());
@@ -130,11 +145,20 @@ void backward_layers(const Params& p, const int32_t* tokens, Activations& a, flo
     rmsnorm_backward(A.x2.data(), p.at(o.ffn_norm), A.rstd2.data(), a.dxn.data(), N, D, a.dx.data(), true,
                      g + o.ffn_norm);
     // x2 = x + W_o attention(rope(W_q xn1 + bq), rope(W_k xn1 + bk), W_v xn1 + bv), xn1 = rmsnorm(x)
+    // (qwen3: rope(headnorm(W_q xn1)), rope(headnorm(W_k xn1)))
     linear_backward(p.at(o.wo), D, QD, A.att.data(), a.dx.data(), N, a.datt.data(), false, g + o.wo);
     attention_backward(shape, A.q.data(), A.k.data(), A.v.data(), A.probs.data(), a.datt.data(), a.dq.data(),
                        a.dk.data(), a.dv.data());
     rope_rows(a.rope, a.dq.data(), N, T, c.n_heads, true);
     rope_rows(a.rope, a.dk.data(), N, T, c.n_kv_heads, true);
+    if (L.qk_norm()) {
+      rmsnorm_backward(A.q_pre.data(), p.at(o.q_norm), A.rstd_q.data(), a.dq.data(), N * c.n_heads, c.head_dim,
+                       a.dq_pre.data(), false, g + o.q_norm);
+      rmsnorm_backward(A.k_pre.data(), p.at(o.k_norm), A.rstd_k.data(), a.dk.data(), N * c.n_kv_heads, c.head_dim,
+                       a.dk_pre.data(), false, g + o.k_norm);
+      a.dq.swap(a.dq_pre);
+      a.dk.swap(a.dk_pre);
+    }
     if (L.qkv_bias())
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t j = 0; j < QD; ++j) g[o.bq + j] += a.dq[n * QD + j];

@@ -28,7 +28,9 @@ struct Activations {
   struct Layer {
     std::vector<float> x;             // N x D, the layer's input (residual stream)
     std::vector<float> xn1, rstd1;    // attention norm output and 1/rms
-    std::vector<float> q, k, v;       // after bias and RoPE
+    std::vector<float> q, k, v;       // after bias (and qwen3's head norms) and RoPE
+    std::vector<float> q_pre, k_pre;  // qwen3: before the head norms (else empty)
+    std::vector<float> rstd_q, rstd_k;  // qwen3: 1/rms per token and head
     std::vector<float> probs;         // B x H x T x T softmax
     std::vector<float> att;           // N x QD attention output
     std::vector<float> x2;            // N x D, residual after attention
@@ -41,7 +43,7 @@ struct Activations {
   std::vector<float> x_final, xn_final, rstd_final;
   RopeTable rope;
   // Backward scratch.
-  std::vector<float> dx, dxn, dq, dk, dv, datt, dgate, dup, dh;
+  std::vector<float> dx, dxn, dq, dk, dv, datt, dgate, dup, dh, dq_pre, dk_pre;
 
   void resize(const ModelConfig& c, int32_t batch, int32_t seq_len);
 };

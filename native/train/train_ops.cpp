@@ -320,7 +320,8 @@ RopeTable rope_table(const ModelConfig& c, int64_t positions) {
   for (int64_t pos = 0; pos < positions; ++pos)
     for (int64_t i = 0; i < half; ++i) {
       // The expressions of osd::rope, term for term.
-      const double freq = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / head_dim) * c.rope_freq_scale;
+      double freq = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / head_dim) * c.rope_freq_scale;
+      if (!c.rope_factors.empty()) freq /= c.rope_factors[i];  // as the Sequence's angles
       const double angle = pos * freq;
       t.cos[pos * half + i] = static_cast<float>(std::cos(angle));
       t.sin[pos * half + i] = static_cast<float>(std::sin(angle));

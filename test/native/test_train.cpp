@@ -110,10 +110,10 @@ void rmsnorm(const double* x, const double* w, int64_t D, double eps, double* y)
   for (int64_t i = 0; i < D; ++i) y[i] = w[i] * x[i] * r;
 }
 
-void rope(double* v, int64_t hd, int64_t pos, double theta, double fscale, bool neox) {
+void rope(double* v, int64_t hd, int64_t pos, double theta, double fscale, bool neox, const float* factors = nullptr) {
   const int64_t half = hd / 2;
   for (int64_t i = 0; i < half; ++i) {
-    const double ang = pos * std::pow(theta, -2.0 * i / hd) * fscale;
+    const double ang = pos * std::pow(theta, -2.0 * i / hd) * fscale / (factors ? factors[i] : 1.0);
     const int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
     const double x0 = v[a], x1 = v[b];
     v[a] = x0 * std::cos(ang) - x1 * std::sin(ang);
@@ -178,10 +178,23 @@ std::vector<double> logits(const ParamLayout& L, const std::vector<double>& p, c
         for (int64_t j = 0; j < QD; ++j) q[n * QD + j] += p[o.bq + j];
         for (int64_t j = 0; j < KVD; ++j) k[n * KVD + j] += p[o.bk + j], v[n * KVD + j] += p[o.bv + j];
       }
+      if (L.qk_norm()) {
+        for (int32_t h = 0; h < c.n_heads; ++h) {
+          double* qh = &q[n * QD + h * c.head_dim];
+          std::vector<double> in(qh, qh + c.head_dim);
+          rmsnorm(in.data(), &p[o.q_norm], c.head_dim, c.rms_eps, qh);
+        }
+        for (int32_t h = 0; h < c.n_kv_heads; ++h) {
+          double* kh = &k[n * KVD + h * c.head_dim];
+          std::vector<double> in(kh, kh + c.head_dim);
+          rmsnorm(in.data(), &p[o.k_norm], c.head_dim, c.rms_eps, kh);
+        }
+      }
+      const float* ff = c.rope_factors.empty() ? nullptr : c.rope_factors.data();
       for (int32_t h = 0; h < c.n_heads; ++h)
-        rope(&q[n * QD + h * c.head_dim], c.head_dim, n % T, c.rope_theta, c.rope_freq_scale, c.rope_neox);
+        rope(&q[n * QD + h * c.head_dim], c.head_dim, n % T, c.rope_theta, c.rope_freq_scale, c.rope_neox, ff);
       for (int32_t h = 0; h < c.n_kv_heads; ++h)
-        rope(&k[n * KVD + h * c.head_dim], c.head_dim, n % T, c.rope_theta, c.rope_freq_scale, c.rope_neox);
+        rope(&k[n * KVD + h * c.head_dim], c.head_dim, n % T, c.rope_theta, c.rope_freq_scale, c.rope_neox, ff);
     }
     attention(shape, q.data(), k.data(), v.data(), att.data());
     linear(&p[o.wo], D, QD, att.data(), N, tmp.data());
@@ -244,6 +257,19 @@ ModelConfig tiny_config(bool tied = true, bool qwen = false) {
   c.ffn_dim = 24;
   c.context = 64;
   c.tied_output = tied;
+  return c;
+}
+
+// qwen3: per-head query and key norms, NeoX RoPE, no biases.
+ModelConfig tiny_qwen3(bool tied = true) {
+  ModelConfig c = tiny_config(tied, true);
+  c.arch = "qwen3";
+  return c;
+}
+
+// Llama 3.1's RoPE factors, one per rotated pair (head_dim 4: two).
+ModelConfig with_rope_factors(ModelConfig c) {
+  c.rope_factors = {1.0f, 3.5f};
   return c;
 }
 
@@ -557,15 +583,19 @@ void check_model_gradient(const ModelConfig& c, const LossTargets& lt, const std
 
 OSD_TEST(model_gradient_cross_entropy) {
   const int32_t B = 2, T = 7;
-  for (int variant = 0; variant < 3; ++variant) {
-    // tied llama, untied llama, qwen2 (NeoX RoPE and QKV biases)
-    ModelConfig c = tiny_config(variant != 1, variant == 2);
+  const char* names[] = {"model CE (tied)", "model CE (untied)", "model CE (qwen2)", "model CE (qwen3)",
+                         "model CE (RoPE factors)"};
+  for (int variant = 0; variant < 5; ++variant) {
+    // tied llama, untied llama, qwen2 (NeoX RoPE and QKV biases), qwen3 (query and key head norms),
+    // untied llama with RoPE factors
+    ModelConfig c = variant == 3 ? tiny_qwen3() : variant == 4 ? with_rope_factors(tiny_config(false))
+                                                               : tiny_config(variant != 1, variant == 2);
     auto tokens = rand_ids(B * T, c.vocab, 30 + variant);
     auto targets = rand_ids(B * T, c.vocab, 40 + variant);
     targets[3] = -1;
     LossTargets lt;
     lt.targets = targets.data();
-    check_model_gradient(c, lt, tokens, B, T, variant == 0 ? "model CE (tied)" : variant == 1 ? "model CE (untied)" : "model CE (qwen2)");
+    check_model_gradient(c, lt, tokens, B, T, names[variant]);
   }
 }
 
@@ -613,6 +643,8 @@ OSD_TEST(forward_logits_bitwise_equal_inference) {
   };
   run(spread_params(tiny_config(true), 1), 3, 7);
   run(spread_params(tiny_config(false, true), 2), 2, 9);
+  run(spread_params(tiny_qwen3(false), 4), 2, 9);
+  run(spread_params(with_rope_factors(tiny_config(true)), 5), 2, 9);
   ModelConfig wide = tiny_config(false);
   wide.dim = 64, wide.n_heads = 8, wide.n_kv_heads = 4, wide.head_dim = 8, wide.ffn_dim = 172, wide.vocab = 300;
   run(Params::random(wide, 3, 0.1f), 2, 33);
@@ -652,6 +684,22 @@ OSD_TEST(gradients_do_not_depend_on_thread_count) {
   set_default_threads(before);
   CHECK_EQ(l1, l3);
   CHECK(std::memcmp(g1.data(), g3.data(), g1.size() * sizeof(float)) == 0);
+}
+
+OSD_TEST(export_and_reload_round_trip_qwen3_and_rope_factors) {
+  for (const ModelConfig& c : {tiny_qwen3(false), with_rope_factors(tiny_config(true))}) {
+    Params p = spread_params(c, 6);
+    const std::string path = temp_path("export-arch.gguf");
+    p.save_gguf(path);
+    std::shared_ptr<Model> m = Model::load(path);
+    CHECK(m->config().arch == c.arch);
+    CHECK(m->config().rope_factors == c.rope_factors);
+    CHECK_EQ(m->layers[1].q_norm != nullptr, c.arch == "qwen3");
+    Params q = Params::from_model(*m);
+    CHECK_EQ(q.size(), p.size());
+    CHECK(std::equal(p.data(), p.data() + p.size(), q.data()));
+    std::remove(path.c_str());
+  }
 }
 
 OSD_TEST(export_and_reload_round_trip) {

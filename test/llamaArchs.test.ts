@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createTrainer, loadModel, writeRandomModel } from '../lib/index.js';
 import { kvString, readGgufLayout, readTensorBytes, writeGgufRaw, type GgufKv, type OutTensor } from '../lib/train/ggufRewrite.js';
+import { writeCut } from '../lib/train/draftProbe.js';
 import { XorShift } from '../lib/train/trainDefault.js';
 import { compareWithLlama, f32, logProbDiff, ourLogProbs, spmVocab } from './helpers/ggufBuild.js';
 import { importNodeLlamaCpp } from './helpers/llamaCpp.js';
@@ -151,6 +152,19 @@ describe('architectures', () => {
       await using back = await loadModel(out);
       const b = await back.forward(TOKENS);
       expect(Buffer.compare(Buffer.from(a.buffer), Buffer.from(b.buffer))).toBe(0);
+    }
+  });
+
+  it('a cut of every block is the model itself; a cut of one keeps the architecture and the rope factors', async () => {
+    for (const [name, v] of [['cut-factors', { arch: 'llama', ropeFactors: true }], ['cut-q3', { arch: 'qwen3' }]] as const) {
+      const path = await buildModel(dir, name, v);
+      const all = join(dir, `${name}-all.gguf`);
+      const one = join(dir, `${name}-one.gguf`);
+      writeCut(readGgufLayout(path), all, { layers: 2 });
+      writeCut(readGgufLayout(path), one, { layers: 1 });
+      expect(logProbDiff(await ourLogProbs(path, TOKENS), await ourLogProbs(all, TOKENS)).worst).toBe(0);
+      await using m = await loadModel(one);
+      expect([m.info.architecture, m.info.layers]).toEqual([v.arch, 1]);
     }
   });
 

@@ -55,11 +55,14 @@ export function writeCut(src: GgufFile, path: string, o: CutOptions): void {
   const emb = src.tensors.find((t) => t.name === 'token_embd.weight')!;
   const dim = emb.dims[0]!;
   const vocab = o.rows ? o.rows.length : emb.dims[1]!;
+  const arch = src.kvs.find((kv) => kv.key === 'general.architecture');
+  // The architecture's own keys (llama.*, qwen2.*, qwen3.*): the string after its 12-byte header.
+  const prefix = arch ? `${arch.raw.subarray(12).toString('utf8')}.` : 'llama.';
   const kvs = src.kvs
     .filter((kv) => !(o.rows && kv.key.startsWith('tokenizer.')))
     .map((kv) => {
-      if (kv.key === 'llama.block_count') return { key: kv.key, raw: kvU32(o.layers) };
-      if (kv.key === 'llama.vocab_size') return { key: kv.key, raw: kvU32(vocab) };
+      if (kv.key === `${prefix}block_count`) return { key: kv.key, raw: kvU32(o.layers) };
+      if (kv.key === `${prefix}vocab_size`) return { key: kv.key, raw: kvU32(vocab) };
       if (kv.key === 'general.name') return { key: kv.key, raw: kvString(`early exit ${o.layers}${o.rows ? ` head ${vocab}` : ''}`) };
       return kv;
     });
@@ -76,7 +79,9 @@ export function writeCut(src: GgufFile, path: string, o: CutOptions): void {
   if (o.output) tensors.push({ name: 'output.weight', dims: [dim, vocab], type: T_F32, data: f32(o.output) });
   for (const t of src.tensors) {
     const m = /^blk\.(\d+)\./.exec(t.name);
-    if (m && Number(m[1]) < o.layers) tensors.push({ name: t.name, dims: t.dims, type: t.type, data: readTensorBytes(src, t.name) });
+    // The kept blocks, and the RoPE factors every block shares (Llama 3.1 and later).
+    if ((m && Number(m[1]) < o.layers) || t.name === 'rope_freqs.weight')
+      tensors.push({ name: t.name, dims: t.dims, type: t.type, data: readTensorBytes(src, t.name) });
   }
   writeGgufRaw(path, kvs, tensors, src.alignment);
 }

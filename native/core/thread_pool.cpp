@@ -47,25 +47,49 @@ void ThreadPool::finish_chunk(size_t chunks) {
   }
 }
 
-uint64_t ThreadPool::run_chunks(uint64_t w) {
+void ThreadPool::run_chunk(size_t chunk, size_t chunks) {
+  // The chunk is ours: its job cannot end (nor job_ change) before finish_chunk().
+  const size_t n = job_n_;
+  try {
+    (*job_)(chunk * n / chunks, (chunk + 1) * n / chunks);
+  } catch (...) {
+    std::lock_guard<std::mutex> g(err_mu_);
+    if (!error_) error_ = std::current_exception();
+  }
+  finish_chunk(chunks);
+}
+
+uint64_t ThreadPool::run_chunks(uint64_t w, int self) {
+  const uint32_t gen = gen_of(w);
+  if (w & kBitClaims) {
+    // Own share first, then the others' leftovers in order. (Back to back, a spinning worker won
+    // the first chunk of two-chunk jobs 26% of the time when chunks were taken in order, and
+    // later passes then read what the other core had touched.)
+    const size_t chunks = (w >> 24) & 0x7f, start = static_cast<size_t>(self) * chunks / static_cast<size_t>(size());
+    for (size_t j = 0; j < chunks; ++j) {
+      const size_t c = (start + j) % chunks;
+      const uint64_t bit = uint64_t(1) << c;
+      while (gen_of(w) == gen && !(w & bit)) {
+        if (work_.compare_exchange_weak(w, w | bit, std::memory_order_acq_rel, std::memory_order_acquire)) {
+          run_chunk(c, chunks);
+          w = work_.load(std::memory_order_acquire);
+          break;
+        }
+      }
+      if (gen_of(w) != gen) return w;
+    }
+    return w;
+  }
   for (;;) {
     const size_t next = w & kChunkMask, chunks = (w >> 16) & kChunkMask;
-    if (next >= chunks) return w;
+    if (gen_of(w) != gen || next >= chunks) return w;
     if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-    // Chunk `next` is ours: its job cannot end (nor job_ change) before finish_chunk().
-    const size_t n = job_n_;
-    try {
-      (*job_)(next * n / chunks, (next + 1) * n / chunks);
-    } catch (...) {
-      std::lock_guard<std::mutex> g(err_mu_);
-      if (!error_) error_ = std::current_exception();
-    }
-    finish_chunk(chunks);
+    run_chunk(next, chunks);
     w = work_.load(std::memory_order_acquire);
   }
 }
 
-void ThreadPool::worker_loop(int) {
+void ThreadPool::worker_loop(int id) {
   tl_in_pool = true;
   uint32_t seen = 0;
   for (;;) {
@@ -85,7 +109,7 @@ void ThreadPool::worker_loop(int) {
       w = work_.load(std::memory_order_acquire);
     }
     seen = gen_of(w);
-    run_chunks(w);
+    run_chunks(w, id);
   }
 }
 
@@ -102,13 +126,14 @@ void ThreadPool::parallel_for(size_t n, size_t grain, const std::function<void(s
   job_n_ = n;
   done_chunks_.store(0, std::memory_order_relaxed);
   const uint64_t gen = gen_of(work_.load(std::memory_order_relaxed)) + 1;
-  work_.store(gen << 32 | chunks << 16);  // publishes the job (sequentially consistent, see worker_loop)
+  const uint64_t claims = chunks <= kMaxClaimBits ? kBitClaims | chunks << 24 : chunks << 16;
+  work_.store(gen << 32 | claims);  // publishes the job (sequentially consistent, see worker_loop)
   if (sleepers_.load() > 0) {
     { std::lock_guard<std::mutex> lk(mu_); }
     cv_work_.notify_all();
   }
   tl_in_pool = true;
-  run_chunks(work_.load(std::memory_order_acquire));
+  run_chunks(work_.load(std::memory_order_acquire), 0);
   tl_in_pool = false;
   for (int k = 0; k < 4 * kSpin && done_chunks_.load(std::memory_order_acquire) != chunks; ++k) cpu_relax();
   if (done_chunks_.load(std::memory_order_acquire) != chunks) {

@@ -1,7 +1,8 @@
 // A small persistent thread pool with a blocking parallel_for. The calling thread takes part,
 // so a pool of n threads keeps n-1 workers. Work is split into contiguous chunks (a few per thread,
 // taken dynamically for balance); each chunk is processed by one thread in index order, so results
-// never depend on timing. Idle workers spin briefly before sleeping: a decode step issues about a
+// never depend on timing. Each thread takes the chunks of its own share first (the caller the
+// first share, worker k the k-th), so passes split alike find their data where it was last touched. Idle workers spin briefly before sleeping: a decode step issues about a
 // hundred parallel_for calls, and a condition-variable wake-up costs more than many small jobs.
 #pragma once
 #include <algorithm>
@@ -39,14 +40,21 @@ class ThreadPool {
 
  private:
   void worker_loop(int id);
-  // Claims and runs chunks of the job published as `word` until none is left. A chunk is claimed
-  // by a compare-and-swap on work_, so no lock is taken per chunk. Returns the last word seen.
-  uint64_t run_chunks(uint64_t word);
+  // Claims and runs chunks of the job published as `word` until none is left, participant `self`
+  // (0: the caller) from its own share first. A chunk is claimed by a compare-and-swap on work_, so
+  // no lock is taken per chunk. Returns the last word seen.
+  uint64_t run_chunks(uint64_t word, int self);
+  void run_chunk(size_t chunk, size_t chunks);
   void finish_chunk(size_t chunks);
 
-  // work_ = generation << 32 | chunks << 16 | next chunk: one word, so a worker that slept through
-  // a whole job can never claim a chunk of the next one with the old job's function.
-  static constexpr uint64_t kChunkMask = 0xffff;
+  // work_ = generation << 32 | the claims: one word, so a worker that slept through a whole job can
+  // never claim a chunk of the next one with the old job's function. Jobs of up to kMaxClaimBits
+  // chunks keep a bit per chunk (bits 0-23: any chunk can be claimed first) and their count in bits
+  // 24-30, with kBitClaims set; larger jobs count a next chunk (bits 0-15) out of chunks (bits 16-30),
+  // each thread taking the next one.
+  static constexpr uint64_t kChunkMask = 0x7fff;
+  static constexpr size_t kMaxClaimBits = 24;
+  static constexpr uint64_t kBitClaims = uint64_t(1) << 31;
   static uint32_t gen_of(uint64_t w) { return static_cast<uint32_t>(w >> 32); }
 
   std::vector<std::thread> workers_;

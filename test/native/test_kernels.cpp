@@ -1195,6 +1195,38 @@ OSD_TEST(thread_pool_covers_range_and_propagates_errors) {
   CHECK_EQ(count.load(), 100);
 }
 
+OSD_TEST(thread_pool_threads_keep_their_share) {
+  // Each thread takes its own share of the chunks first: back to back, the caller runs chunk 0 of a
+  // job of one chunk per thread (taken in order, a spinning worker won it about a quarter of the
+  // time, and a later pass split alike then read what the other core had touched). Only a caller
+  // descheduled between publishing and claiming leaves it to a worker.
+  ThreadPool pool(2);
+  const std::thread::id caller = std::this_thread::get_id();
+  int mine = 0;
+  const int jobs = 2000;
+  for (int i = 0; i < jobs; ++i) {
+    bool first = false;
+    pool.parallel_for(2, 1, [&](size_t lo, size_t) {
+      if (lo == 0) first = std::this_thread::get_id() == caller;
+    });
+    mine += first;
+  }
+  std::printf("  the caller ran chunk 0 in %d of %d jobs\n", mine, jobs);
+  CHECK(mine >= jobs * 9 / 10);
+  // More chunks than claim bits (8 threads: 32 chunks) count a next chunk instead: every item once.
+  ThreadPool wide(8);
+  std::vector<int> hit(1001, 0);
+  wide.parallel_for(hit.size(), 1, [&](size_t lo, size_t hi) {
+    for (size_t i = lo; i < hi; ++i) hit[i]++;
+  });
+  int ok = 1;
+  for (int h : hit) ok &= h == 1;
+  CHECK(ok);
+  CHECK_THROWS(Error, wide.parallel_for(100, 1, [&](size_t lo, size_t) {
+    if (lo > 50) throw_range("late chunk failed");
+  }), "late chunk failed");
+}
+
 OSD_TEST(radix_sort_matches_stable_sort) {
   std::mt19937_64 rng(7);
   for (size_t n : {0, 1, 2, 3, 255, 256, 257, 1000, 5000, 40000})

@@ -29,6 +29,7 @@ Commands:
                            (default 3e-3, top-k 32; 64 for vocabularies of 32768 tokens and more)
       --save-draft PATH    write the online run's adapted draft (GGUF)
       --out DIR            where the plot goes (default osd-demo)
+  info MODEL           what a model file holds: architecture, sizes, storage types, tokenizer, chat template
   convert IN OUT       write a model (GGUF or llama2.c) as GGUF in another storage type, atomically
       --type T             F32, F16 (default), BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, IQ4_NL, IQ4_XS,
                            Q2_K, or keep (each matrix as it is); rows that do not fit a type's
@@ -97,13 +98,14 @@ async function main(argv: string[]): Promise<number> {
     demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'lr', 'top-k', 'save-draft', 'out'],
     serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'model-id', 'static', 'grace'],
     convert: ['type'],
+    info: [],
   };
   const allowed = own[command];
   if (allowed) {
     for (const key of Object.keys(values))
       if (!['json', 'help', 'version', ...allowed].includes(key))
         throw new UsageError(`--${key} is not an option of '${command}' (osd help lists each command's options)`);
-    if (command !== 'generate' && command !== 'convert' && positionals.length > 1)
+    if (command !== 'generate' && command !== 'convert' && command !== 'info' && positionals.length > 1)
       throw new UsageError(`'${command}' takes no arguments, got '${positionals.slice(1).join(' ')}'`);
   }
   const num = (v: string | undefined, name: string, fallback: number): number => {
@@ -189,6 +191,62 @@ async function main(argv: string[]): Promise<number> {
         } else {
           for await (const chunk of model.stream({ ...input, maxTokens, sampling, seed, signal: ac.signal })) process.stdout.write(chunk.text);
           process.stdout.write('\n');
+        }
+      } finally {
+        await model.dispose();
+      }
+      return 0;
+    }
+    case 'info': {
+      const [path, ...rest] = positionals.slice(1);
+      if (!path) throw new UsageError('give a model: osd info model.gguf');
+      if (rest.length) throw new UsageError(`'info' takes one file, got also '${rest.join(' ')}'`);
+      const { statSync } = await import('node:fs');
+      const model = await osd.loadModel(path);
+      try {
+        const i = model.info;
+        // The stored type of each tensor, and the architecture's optional parts, from the file itself.
+        const tensorTypes: Record<string, number> = {};
+        let name: string | undefined;
+        let ropeFactors = false;
+        let headNorms = false;
+        if (i.format === 'gguf') {
+          const { readGgufMetadata } = await import('./train/bpe.js');
+          const meta = readGgufMetadata(path, { maxArrayLength: 0 });
+          for (const t of meta.tensors) tensorTypes[t.type] = (tensorTypes[t.type] ?? 0) + 1;
+          ropeFactors = meta.tensors.some((t) => t.name === 'rope_freqs.weight');
+          headNorms = meta.tensors.some((t) => t.name.endsWith('.attn_q_norm.weight'));
+          if (typeof meta.metadata['general.name'] === 'string') name = meta.metadata['general.name'];
+        }
+        const tk = model.tokenizer;
+        const tokenizer = tk ? { model: tk.model, pre: tk.pre, vocabSize: tk.vocabSize, bos: tk.bos, eos: tk.eos } : null;
+        const { path: _path, ...sizes } = i;
+        const report = {
+          path,
+          bytes: statSync(path).size,
+          ...(name !== undefined && { name }),
+          ...sizes,
+          ropeFactors,
+          headNorms,
+          tensorTypes,
+          tokenizer,
+          chatTemplate: model.chatTemplate !== undefined,
+        };
+        if (values.json) {
+          process.stdout.write(JSON.stringify(report) + '\n');
+        } else {
+          const parts = [i.architecture, ...(ropeFactors ? ['RoPE factors (rope_freqs.weight)'] : []), ...(headNorms ? ['query and key head norms'] : [])];
+          const types = Object.entries(tensorTypes).map(([t, n]) => `${n} ${t}`).join(', ');
+          const lines = [
+            `${path}: ${(report.bytes / 1e6).toFixed(1)} MB, ${i.format === 'gguf' ? 'GGUF' : 'llama2.c'}${name !== undefined ? `, "${name}"` : ''}`,
+            `  architecture  ${parts.join(', ')}`,
+            `  sizes         ${i.layers} layers, embedding ${i.embeddingLength}, ${i.heads} heads / ${i.kvHeads} key-value (head ${i.headDim}), feed-forward ${i.feedForwardLength}`,
+            `  context       ${i.contextLength} tokens; RoPE theta ${i.ropeTheta}; RMS eps ${Number(i.rmsEps.toPrecision(6))}; ${i.tiedOutput ? 'output tied to the embeddings' : 'own output matrix'}`,
+            `  weights       ${i.matrixType === 'mixed' ? 'mixed' : i.matrixType} matrices${types ? ` (tensors: ${types})` : ''}; ${(i.weightBytesPerToken / 1e6).toFixed(1)} MB read per decoded token`,
+            `  tokenizer     ${tokenizer ? `${tokenizer.model}${tokenizer.pre ? ` (${tokenizer.pre})` : ''}, ${tokenizer.vocabSize} tokens, BOS ${tokenizer.bos}, EOS ${tokenizer.eos}` : `none (token ids only; vocabulary ${i.vocabSize})`}`,
+            `  chat template ${report.chatTemplate ? 'yes' : 'no'}`,
+          ];
+          process.stdout.write(lines.join('\n') + '\n');
         }
       } finally {
         await model.dispose();

@@ -8,6 +8,7 @@
 // Each feature also shows that it moves the logits by far more than the engines differ on the
 // control, so that a model that ignored it would fail; both train (test_train checks their
 // gradients against finite differences).
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createTrainer, loadModel, writeRandomModel } from '../lib/index.js';
@@ -165,6 +166,19 @@ describe('architectures', () => {
       expect(logProbDiff(await ourLogProbs(path, TOKENS), await ourLogProbs(all, TOKENS)).worst).toBe(0);
       await using m = await loadModel(one);
       expect([m.info.architecture, m.info.layers]).toEqual([v.arch, 1]);
+    }
+  });
+
+  it('osd info names the architecture and its parts', async () => {
+    const cli = join(import.meta.dirname, '..', 'lib/cli.ts');
+    for (const [name, v, parts] of [
+      ['info-factors', { arch: 'llama', ropeFactors: true }, { ropeFactors: true, headNorms: false }],
+      ['info-q3', { arch: 'qwen3' }, { ropeFactors: false, headNorms: true }],
+    ] as const) {
+      const path = await buildModel(dir, name, v);
+      const r = spawnSync(process.execPath, ['--import', 'tsx', cli, 'info', path, '--json'], { encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+      expect(JSON.parse(r.stdout)).toMatchObject({ architecture: v.arch, layers: 2, ...parts });
     }
   });
 

@@ -80,6 +80,32 @@ describe('package', () => {
     expect(missing.stderr).toContain('none.gguf');
   });
 
+  it('osd info says what a model file holds', () => {
+    const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), ...args], { encoding: 'utf8' });
+    const src = join(root, 'models/default-target.gguf');
+    const r = cli('info', src, '--json');
+    expect(r.status, r.stderr).toBe(0);
+    const j = JSON.parse(r.stdout);
+    expect(j).toMatchObject({ path: src, bytes: statSync(src).size, format: 'gguf', architecture: 'llama', ropeFactors: false, headNorms: false, chatTemplate: false });
+    expect(j.tensorTypes.F32).toBeGreaterThan(0);
+    expect(j.tokenizer).toMatchObject({ model: 'gpt2', vocabSize: j.vocabSize });
+    expect(j.layers).toBeGreaterThan(0);
+    const text = cli('info', src);
+    expect(text.status, text.stderr).toBe(0);
+    expect(text.stdout).toMatch(/default-target\.gguf: [\d.]+ MB, GGUF/);
+    expect(text.stdout).toMatch(new RegExp(`sizes +${j.layers} layers, embedding ${j.embeddingLength}`));
+    expect(text.stdout).toMatch(/tokenizer +gpt2/);
+    const none = cli('info');
+    expect(none.status).toBe(2);
+    expect(none.stderr).toContain('give a model: osd info model.gguf');
+    const two = cli('info', src, src);
+    expect(two.status).toBe(2);
+    expect(two.stderr).toContain("'info' takes one file");
+    const missing = cli('info', join(root, 'none.gguf'));
+    expect(missing.status).toBe(1);
+    expect(missing.stderr).toContain('none.gguf');
+  });
+
   it("osd refuses another command's options and stray arguments (they were ignored silently)", () => {
     const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), ...args], { encoding: 'utf8' });
     // A bad command line exits 2 (a failure while running, 1).

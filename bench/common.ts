@@ -143,9 +143,11 @@ export function probeBandwidth(bytes = 256 * 2 ** 20, iterations = 5): ProbeResu
 
 /**
  * How much compute the pool's threads really add: FMA chains on every thread of the pool against
- * one thread, best of 3 each. A virtual machine's logical CPUs can share one physical core for a
- * while (here: two threads measured x1.0-1.1 of one in runs whose read probe rose to ~70 GB/s);
- * then compute-bound kernels read low against a bandwidth probe that the same sharing does not slow.
+ * one thread, best of 3 each. A virtual machine's logical CPUs can share a physical core for a
+ * while; compute-bound kernels then read low against a bandwidth probe that the sharing does not
+ * slow. (It does not explain every low run here: in the host states whose read probe rose to
+ * 55-72 GB/s this probe still scaled x2, while a 10 us two-thread kernel call ran no faster than
+ * one thread; see README, "The kernels on the CPU".)
  */
 export interface ComputeProbe {
   threads: number;

@@ -2,8 +2,9 @@
 // so a pool of n threads keeps n-1 workers. Work is split into contiguous chunks (a few per thread,
 // taken dynamically for balance); each chunk is processed by one thread in index order, so results
 // never depend on timing. Each thread takes the chunks of its own share first (the caller the
-// first share, worker k the k-th), so passes split alike find their data where it was last touched. Idle workers spin briefly before sleeping: a decode step issues about a
-// hundred parallel_for calls, and a condition-variable wake-up costs more than many small jobs.
+// first share, worker k the k-th), so passes split alike find their data where it was last
+// touched. Idle workers spin briefly before sleeping: a decode step issues about a hundred
+// parallel_for calls, and a condition-variable wake-up costs more than many small jobs.
 #pragma once
 #include <algorithm>
 #include <atomic>

@@ -659,6 +659,7 @@ void with_tokens(int64_t n, Fn&& fn) {
 // so the group's weights stay in L1 while every pass reads them.
 template <int kMax, class Kernel>
 void by_groups(int64_t r0, int64_t r1, int64_t t0, int64_t t1, Kernel&& kernel) {
+  if (t1 <= t0) return;
   const int64_t passes = (t1 - t0 + kMax - 1) / kMax, per = (t1 - t0 + passes - 1) / passes;
   for (int64_t r = r0; r < r1; r += kGroup) {
     const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
@@ -671,6 +672,7 @@ void by_groups(int64_t r0, int64_t r1, int64_t t0, int64_t t1, Kernel&& kernel) 
 // kernel(nt, g, h, nr, t), each half's blocks kept in L1 while every pass reads them.
 template <int kMax, class Kernel>
 void by_halves(int64_t r0, int64_t r1, int64_t t0, int64_t t1, Kernel&& kernel) {
+  if (t1 <= t0) return;
   const int64_t passes = (t1 - t0 + kMax - 1) / kMax, per = (t1 - t0 + passes - 1) / passes;
   for (int64_t r = r0; r < r1; r += kGroup) {
     const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));

@@ -93,19 +93,20 @@ void forward_layers(const Params& p, const int32_t* tokens, int32_t B, int32_t T
     float* x_next = l + 1 < c.n_layers ? a.layers[l + 1].x.data() : a.x_final.data();
     // Attention block.
     rmsnorm_forward(A.x.data(), p.at(o.attn_norm), N, D, c.rms_eps, A.xn1.data(), A.rstd1.data());
-    linear_forward(p.at(o.wq), QD, D, A.xn1.data(), N, A.q.data());
-    linear_forward(p.at(o.wk), KVD, D, A.xn1.data(), N, A.k.data());
+    // With qwen3's head norms the projections go to q_pre / k_pre, which the norms read.
+    float* qp = L.qk_norm() ? A.q_pre.data() : A.q.data();
+    float* kp = L.qk_norm() ? A.k_pre.data() : A.k.data();
+    linear_forward(p.at(o.wq), QD, D, A.xn1.data(), N, qp);
+    linear_forward(p.at(o.wk), KVD, D, A.xn1.data(), N, kp);
     linear_forward(p.at(o.wv), KVD, D, A.xn1.data(), N, A.v.data());
     if (L.qkv_bias())
       for (int64_t n = 0; n < N; ++n) {
-        for (int64_t j = 0; j < QD; ++j) A.q[n * QD + j] += p.at(o.bq)[j];
-        for (int64_t j = 0; j < KVD; ++j) A.k[n * KVD + j] += p.at(o.bk)[j], A.v[n * KVD + j] += p.at(o.bv)[j];
+        for (int64_t j = 0; j < QD; ++j) qp[n * QD + j] += p.at(o.bq)[j];
+        for (int64_t j = 0; j < KVD; ++j) kp[n * KVD + j] += p.at(o.bk)[j], A.v[n * KVD + j] += p.at(o.bv)[j];
       }
     if (L.qk_norm()) {  // each head's query and key RMS-normed (rows of head_dim)
-      A.q_pre = A.q;
-      A.k_pre = A.k;
-      rmsnorm_forward(A.q_pre.data(), p.at(o.q_norm), N * c.n_heads, c.head_dim, c.rms_eps, A.q.data(), A.rstd_q.data());
-      rmsnorm_forward(A.k_pre.data(), p.at(o.k_norm), N * c.n_kv_heads, c.head_dim, c.rms_eps, A.k.data(), A.rstd_k.data());
+      rmsnorm_forward(qp, p.at(o.q_norm), N * c.n_heads, c.head_dim, c.rms_eps, A.q.data(), A.rstd_q.data());
+      rmsnorm_forward(kp, p.at(o.k_norm), N * c.n_kv_heads, c.head_dim, c.rms_eps, A.k.data(), A.rstd_k.data());
     }
     rope_rows(a.rope, A.q.data(), N, T, c.n_heads, false);
     rope_rows(a.rope, A.k.data(), N, T, c.n_kv_heads, false);

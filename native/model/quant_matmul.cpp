@@ -652,19 +652,24 @@ void with_tokens(int64_t n, Fn&& fn) {
   }
 }
 
-// Rows r0 .. r1 - 1 (r0 a multiple of 16) a group at a time, each group's tokens in as few passes of
-// up to kMax as there must be, of equal size (9 tokens with kMax 8: 5 + 4, not 8 + 1; a pass of
-// one token costs about a whole one-token product: 2048 x 2048 Q4_0, one thread, 9 tokens 181 ->
-// 157-163 us, 17 tokens 321 -> 276-292 us): kernel(nt, g, nr, t) with nt a std::integral_constant,
-// so the group's weights stay in L1 while every pass reads them.
-template <int kMax, class Kernel>
-void by_groups(int64_t r0, int64_t r1, int64_t t0, int64_t t1, Kernel&& kernel) {
+// Tokens [t0, t1) in as few passes of up to kMax as there must be, of equal size (9 tokens with
+// kMax 8: 5 + 4, not 8 + 1; a pass of one token costs about a whole one-token product: 2048 x 2048
+// Q4_0, one thread, 9 tokens 181 -> 157-163 us, 17 tokens 321 -> 276-292 us): fn(nt, t) with nt a
+// std::integral_constant.
+template <int kMax, class Fn>
+void by_passes(int64_t t0, int64_t t1, Fn&& fn) {
   if (t1 <= t0) return;
   const int64_t passes = (t1 - t0 + kMax - 1) / kMax, per = (t1 - t0 + passes - 1) / passes;
+  for (int64_t t = t0; t < t1; t += per) with_tokens<kMax>(std::min(per, t1 - t), [&](auto nt) { fn(nt, t); });
+}
+
+// Rows r0 .. r1 - 1 (r0 a multiple of 16) a group at a time, each group's tokens in by_passes:
+// kernel(nt, g, nr, t), so the group's weights stay in L1 while every pass reads them.
+template <int kMax, class Kernel>
+void by_groups(int64_t r0, int64_t r1, int64_t t0, int64_t t1, Kernel&& kernel) {
   for (int64_t r = r0; r < r1; r += kGroup) {
     const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
-    for (int64_t t = t0; t < t1; t += per)
-      with_tokens<kMax>(std::min(per, t1 - t), [&](auto nt) { kernel(nt, r / kGroup, nr, t); });
+    by_passes<kMax>(t0, t1, [&](auto nt, int64_t t) { kernel(nt, r / kGroup, nr, t); });
   }
 }
 
@@ -672,13 +677,10 @@ void by_groups(int64_t r0, int64_t r1, int64_t t0, int64_t t1, Kernel&& kernel) 
 // kernel(nt, g, h, nr, t), each half's blocks kept in L1 while every pass reads them.
 template <int kMax, class Kernel>
 void by_halves(int64_t r0, int64_t r1, int64_t t0, int64_t t1, Kernel&& kernel) {
-  if (t1 <= t0) return;
-  const int64_t passes = (t1 - t0 + kMax - 1) / kMax, per = (t1 - t0 + passes - 1) / passes;
   for (int64_t r = r0; r < r1; r += kGroup) {
     const int nr = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
     for (int h = 0; h < (nr > 8 ? 2 : 1); ++h)
-      for (int64_t t = t0; t < t1; t += per)
-        with_tokens<kMax>(std::min(per, t1 - t), [&](auto nt) { kernel(nt, r / kGroup, h, nr, t); });
+      by_passes<kMax>(t0, t1, [&](auto nt, int64_t t) { kernel(nt, r / kGroup, h, nr, t); });
   }
 }
 

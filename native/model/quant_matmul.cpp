@@ -934,11 +934,20 @@ OSD_AVX2 void range32_avx2(const Args& k, int64_t r0, int64_t r1, int64_t t0, in
   by_halves<6>(r0, r1, t0, t1, [&](auto nt, int64_t g, int h, int nr, int64_t t) { half_avx2<P, decltype(nt)::value>(k, g, h, nr, t); });
 }
 
-// The K-quant float step of rangek_ref for 8 rows: acc + ((dx * D) * isum - (dx * M) * msum).
-OSD_AVX2_INLINE __m256 k_step256(__m256 acc, float dx, __m256 D, __m256i isum, __m256 M, __m256i msum) {
-  const __m256 x = _mm256_set1_ps(dx);
-  return _mm256_add_ps(acc, _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(x, D), _mm256_cvtepi32_ps(isum)),
-                                          _mm256_mul_ps(_mm256_mul_ps(x, M), _mm256_cvtepi32_ps(msum))));
+// The K-quant float step of rangek_ref for 8 rows, block b, NT tokens: acc + ((dx * D) * isum -
+// (dx * M) * msum), D the rows' fp16 factors at d, M the mins' at m (null: no mins, M and msum 0,
+// the zero min term rangek_ref includes).
+template <int NT>
+OSD_AVX2_INLINE void k_block256(const Args& k, int64_t t, int64_t b, const uint8_t* d, const uint8_t* m,
+                                const __m256i* isum, const __m256i* msum, __m256* acc) {
+  const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d)));
+  const __m256 M = m ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m))) : _mm256_setzero_ps();
+  for (int n = 0; n < NT; ++n) {
+    const __m256 x = _mm256_set1_ps(k.a->drow(t + n)[b]);
+    const __m256i ms = m ? msum[n] : _mm256_setzero_si256();
+    acc[n] = _mm256_add_ps(acc[n], _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(x, D), _mm256_cvtepi32_ps(isum[n])),
+                                                  _mm256_mul_ps(_mm256_mul_ps(x, M), _mm256_cvtepi32_ps(ms))));
+  }
 }
 
 // Eight unsigned bytes as int32 lanes.
@@ -1000,9 +1009,7 @@ OSD_AVX2 void half_k4_avx2(const Args& k, int64_t g, int h, int nr, int64_t t) {
                                                               _mm256_mullo_epi32(mn1, _mm256_set1_epi32(bs[2] + bs[3]))));
       }
     }
-    const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kDOff + 16 * h)));
-    const __m256 M = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kMOff + 16 * h)));
-    for (int n = 0; n < NT; ++n) acc[n] = k_step256(acc[n], k.a->drow(t + n)[b], D, isum[n], M, msum[n]);
+    k_block256<NT>(k, t, b, q + L::kDOff + 16 * h, q + L::kMOff + 16 * h, isum, msum, acc);
   }
   store_half_avx2<NT>(k, g, h, nr, t, acc);
 }
@@ -1061,9 +1068,7 @@ OSD_AVX2 void half_q6k_avx2(const Args& k, int64_t g, int h8, int nr, int64_t t)
           for (int n = 0; n < NT; ++n)
             isum[n] = _mm256_add_epi32(isum[n], _mm256_add_epi32(_mm256_mullo_epi32(slo[n], sclo), _mm256_mullo_epi32(shi[n], schi)));
         }
-    const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kDOff + 16 * h8)));
-    for (int n = 0; n < NT; ++n)  // the zero min term of rangek_ref included
-      acc[n] = k_step256(acc[n], k.a->drow(t + n)[b], D, isum[n], _mm256_setzero_ps(), _mm256_setzero_si256());
+    k_block256<NT>(k, t, b, q + L::kDOff + 16 * h8, nullptr, isum, nullptr, acc);
   }
   store_half_avx2<NT>(k, g, h8, nr, t, acc);
 }
@@ -1124,9 +1129,7 @@ OSD_AVX2 void half_k2_avx2(const Args& k, int64_t g, int h8, int nr, int64_t t) 
           }
         }
       }
-    const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kDOff + 16 * h8)));
-    const __m256 M = L::kMin ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kMOff + 16 * h8))) : _mm256_setzero_ps();
-    for (int n = 0; n < NT; ++n) acc[n] = k_step256(acc[n], k.a->drow(t + n)[b], D, isum[n], M, msum[n]);
+    k_block256<NT>(k, t, b, q + L::kDOff + 16 * h8, L::kMin ? q + L::kMOff + 16 * h8 : nullptr, isum, msum, acc);
   }
   store_half_avx2<NT>(k, g, h8, nr, t, acc);
 }
@@ -1168,9 +1171,7 @@ OSD_AVX2 void half_iq4xs_avx2(const Args& k, int64_t g, int h8, int nr, int64_t 
       const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + L::kScOff + 16 * sb + 8 * h8)));
       for (int n = 0; n < NT; ++n) isum[n] = _mm256_add_epi32(isum[n], _mm256_mullo_epi32(ss[n], sc));
     }
-    const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kDOff + 16 * h8)));
-    for (int n = 0; n < NT; ++n)  // the zero min term of rangek_ref included
-      acc[n] = k_step256(acc[n], k.a->drow(t + n)[b], D, isum[n], _mm256_setzero_ps(), _mm256_setzero_si256());
+    k_block256<NT>(k, t, b, q + L::kDOff + 16 * h8, nullptr, isum, nullptr, acc);
   }
   store_half_avx2<NT>(k, g, h8, nr, t, acc);
 }
@@ -1244,11 +1245,18 @@ OSD_AVX512_INLINE __m512i bcast4_512(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// The K-quant float step of rangek_ref for 16 rows: acc + ((dx * D) * isum - (dx * M) * msum).
-OSD_AVX512_INLINE __m512 k_step512(__m512 acc, float dx, __m512 D, __m512i isum, __m512 M, __m512i msum) {
-  const __m512 x = _mm512_set1_ps(dx);
-  return _mm512_add_ps(acc, _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(x, D), _mm512_cvtepi32_ps(isum)),
-                                          _mm512_mul_ps(_mm512_mul_ps(x, M), _mm512_cvtepi32_ps(msum))));
+// k_block256 for 16 rows.
+template <int NT>
+OSD_AVX512_INLINE void k_block512(const Args& k, int64_t t, int64_t b, const uint8_t* d, const uint8_t* m,
+                                  const __m512i* isum, const __m512i* msum, __m512* acc) {
+  const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d)));
+  const __m512 M = m ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m))) : _mm512_setzero_ps();
+  for (int n = 0; n < NT; ++n) {
+    const __m512 x = _mm512_set1_ps(k.a->drow(t + n)[b]);
+    const __m512i ms = m ? msum[n] : _mm512_setzero_si512();
+    acc[n] = _mm512_add_ps(acc[n], _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(x, D), _mm512_cvtepi32_ps(isum[n])),
+                                                  _mm512_mul_ps(_mm512_mul_ps(x, M), _mm512_cvtepi32_ps(ms))));
+  }
 }
 
 // A group's outputs for NT tokens: its nr valid rows of acc[n] into y's row of token t + n.
@@ -1398,9 +1406,7 @@ OSD_AVX512 void group_k4_avx512(const Args& k, int64_t g, int nr, int64_t t) {
                                                                 _mm512_mullo_epi32(mn[2 * c + 1], _mm512_set1_epi32(bs[4 * c + 2] + bs[4 * c + 3]))));
       }
     }
-    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kDOff)));
-    const __m512 M = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kMOff)));
-    for (int n = 0; n < NT; ++n) acc[n] = k_step512(acc[n], k.a->drow(t + n)[b], D, isum[n], M, msum[n]);
+    k_block512<NT>(k, t, b, q + L::kDOff, q + L::kMOff, isum, msum, acc);
   }
   store_group512<NT>(k, g, nr, t, acc);
 }
@@ -1461,9 +1467,7 @@ OSD_AVX512 void group_q6k_avx512(const Args& k, int64_t g, int nr, int64_t t) {
           for (int n = 0; n < NT; ++n)
             isum[n] = _mm512_add_epi32(isum[n], _mm512_add_epi32(_mm512_mullo_epi32(slo[n], sclo), _mm512_mullo_epi32(shi[n], schi)));
         }
-    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kDOff)));
-    for (int n = 0; n < NT; ++n)  // the zero min term of rangek_ref included
-      acc[n] = k_step512(acc[n], k.a->drow(t + n)[b], D, isum[n], _mm512_setzero_ps(), _mm512_setzero_si512());
+    k_block512<NT>(k, t, b, q + L::kDOff, nullptr, isum, nullptr, acc);
   }
   store_group512<NT>(k, g, nr, t, acc);
 }
@@ -1526,9 +1530,7 @@ OSD_AVX512 void group_k2_avx512(const Args& k, int64_t g, int nr, int64_t t) {
           }
         }
       }
-    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kDOff)));
-    const __m512 M = L::kMin ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kMOff))) : _mm512_setzero_ps();
-    for (int n = 0; n < NT; ++n) acc[n] = k_step512(acc[n], k.a->drow(t + n)[b], D, isum[n], M, msum[n]);
+    k_block512<NT>(k, t, b, q + L::kDOff, L::kMin ? q + L::kMOff : nullptr, isum, msum, acc);
   }
   store_group512<NT>(k, g, nr, t, acc);
 }
@@ -1574,9 +1576,7 @@ OSD_AVX512 void group_iq4xs_avx512(const Args& k, int64_t g, int nr, int64_t t) 
       const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L::kScOff + 16 * sb)));
       for (int n = 0; n < NT; ++n) isum[n] = _mm512_add_epi32(isum[n], _mm512_mullo_epi32(ss[n], sc));
     }
-    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + L::kDOff)));
-    for (int n = 0; n < NT; ++n)  // the zero min term of rangek_ref included
-      acc[n] = k_step512(acc[n], k.a->drow(t + n)[b], D, isum[n], _mm512_setzero_ps(), _mm512_setzero_si512());
+    k_block512<NT>(k, t, b, q + L::kDOff, nullptr, isum, nullptr, acc);
   }
   store_group512<NT>(k, g, nr, t, acc);
 }

@@ -98,38 +98,67 @@ std::unique_ptr<Sequence> Sequence::fork() const {
 }
 
 void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents, float* logits, bool last_only) {
-  const ModelConfig& c = model_->config();
-  const Model& m = *model_;
-  if (n <= 0) throw_range("evaluate: at least one token is needed");
-  for (int32_t i = 0; i < n; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= c.vocab)
-      throw_range("tokens[" + std::to_string(i) + "] = " + std::to_string(tokens[i]) + " is out of range for a vocabulary of " +
-                  std::to_string(c.vocab));
-    if (parents && (parents[i] < -1 || parents[i] >= i))
-      throw_range("treeParents[" + std::to_string(i) + "] = " + std::to_string(parents[i]) +
-                  " must be -1 or an earlier index in the batch");
-  }
-  const int32_t base = length_;
-  if (static_cast<int64_t>(base) + n > capacity_)
-    throw_range("the sequence would hold " + std::to_string(int64_t(base) + n) + " tokens, more than its context of " +
-                std::to_string(capacity_));
-  reserve(base + n);
+  const EvalPart part{this, tokens, n, parents, logits, last_only};
+  evaluate_parts(&part, 1);
+}
 
-  // Positions and the visible batch tokens of each token (ancestors and itself, in index order).
+void Sequence::evaluate_parts(const EvalPart* parts, int32_t count) {
+  if (count <= 0) throw_range("evaluate: at least one sequence is needed");
+  for (int32_t k = 0; k < count; ++k) {
+    if (!parts[k].seq) throw_range("evaluate: part " + std::to_string(k) + " has no sequence");
+    if (parts[k].seq->model_ != parts[0].seq->model_)
+      throw_range("evaluate: the sequences of one pass must share one model (part " + std::to_string(k) + " does not)");
+    for (int32_t j = 0; j < k; ++j)
+      if (parts[j].seq == parts[k].seq) throw_range("evaluate: part " + std::to_string(k) + " repeats the sequence of part " + std::to_string(j));
+  }
+  const Model& m = *parts[0].seq->model_;
+  const ModelConfig& c = m.config();
+  // Every part checked before any cache changes.
+  for (int32_t k = 0; k < count; ++k) {
+    const EvalPart& pt = parts[k];
+    if (pt.n <= 0) throw_range("evaluate: at least one token is needed");
+    for (int32_t i = 0; i < pt.n; ++i) {
+      if (pt.tokens[i] < 0 || pt.tokens[i] >= c.vocab)
+        throw_range("tokens[" + std::to_string(i) + "] = " + std::to_string(pt.tokens[i]) + " is out of range for a vocabulary of " +
+                    std::to_string(c.vocab));
+      if (pt.parents && (pt.parents[i] < -1 || pt.parents[i] >= i))
+        throw_range("treeParents[" + std::to_string(i) + "] = " + std::to_string(pt.parents[i]) +
+                    " must be -1 or an earlier index in the batch");
+    }
+    const Sequence& s = *pt.seq;
+    if (static_cast<int64_t>(s.length_) + pt.n > s.capacity_)
+      throw_range("the sequence would hold " + std::to_string(int64_t(s.length_) + pt.n) + " tokens, more than its context of " +
+                  std::to_string(s.capacity_));
+  }
+  for (int32_t k = 0; k < count; ++k) parts[k].seq->reserve(parts[k].seq->length_ + parts[k].n);
+
+  // Rows: the parts' tokens one after another (part k's are rows first[k] .. first[k + 1] - 1).
+  std::vector<int32_t> first(count + 1, 0);
+  for (int32_t k = 0; k < count; ++k) first[k + 1] = first[k] + parts[k].n;
+  const int32_t n = first[count];
+  std::vector<int32_t> part_of(n);
+  for (int32_t k = 0; k < count; ++k) std::fill(part_of.begin() + first[k], part_of.begin() + first[k + 1], k);
+
+  // Positions and the visible batch tokens of each token (ancestors and itself, in index order,
+  // as indices within its part).
   std::vector<int32_t> pos(n);
   std::vector<std::vector<int32_t>> visible(n);
-  for (int32_t i = 0; i < n; ++i) {
-    const int32_t p = parents ? parents[i] : i - 1;
-    pos[i] = base + (p < 0 ? 0 : pos[p] - base + 1);
-    if (p >= 0) visible[i] = visible[p];
-    visible[i].push_back(i);
+  for (int32_t k = 0; k < count; ++k) {
+    const int32_t base = parts[k].seq->length_, r0 = first[k];
+    for (int32_t i = 0; i < parts[k].n; ++i) {
+      const int32_t p = parts[k].parents ? parts[k].parents[i] : i - 1;
+      pos[r0 + i] = base + (p < 0 ? 0 : pos[r0 + p] - base + 1);
+      if (p >= 0) visible[r0 + i] = visible[r0 + p];
+      visible[r0 + i].push_back(i);
+    }
   }
 
   const int64_t D = c.dim, QD = c.q_dim(), KVD = c.kv_dim(), F = c.ffn_dim, HD = c.head_dim;
   const int32_t group = c.n_heads / c.n_kv_heads;
   std::vector<float> x(n * D), xb(n * D), q(n * QD), kv_k(n * KVD), kv_v(n * KVD), att(n * QD), h(n * F), g(n * F),
       tmp(n * std::max(D, F));
-  for (int32_t i = 0; i < n; ++i) dequantize_row(m.token_embd, tokens[i], &x[i * D]);
+  for (int32_t k = 0; k < count; ++k)
+    for (int32_t i = 0; i < parts[k].n; ++i) dequantize_row(m.token_embd, parts[k].tokens[i], &x[(first[k] + i) * D]);
   const float inv_sqrt_hd = 1.0f / std::sqrt(static_cast<float>(HD));
   // RoPE angles once per token for every head and layer (the same formulas as rope(), so the
   // rotation is bit-identical to it).
@@ -151,6 +180,26 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
       v[b] = x0 * sn[k] + x1 * cs[k];
     }
   };
+
+  // Attention tasks: one key-value head of one part and a run of its tokens, all their query heads
+  // over it attended together (attend_heads: the keys and values they share are read once, the same
+  // bits). Runs of up to 64 tokens, at least two per head when a part has two tokens, so that both
+  // of two threads have work with three key-value heads.
+  struct Task {
+    int32_t part, kh, i0, i1;
+  };
+  std::vector<Task> tasks;
+  double task_work = 0;
+  for (int32_t k = 0; k < count; ++k) {
+    const int32_t pn = parts[k].n;
+    const int32_t per_head =
+        std::min<int32_t>(pn, std::max<int32_t>((pn + 63) / 64, (2 * default_pool().size() + c.n_kv_heads - 1) / c.n_kv_heads));
+    const int32_t run = (pn + per_head - 1) / per_head;
+    for (int32_t kh = 0; kh < c.n_kv_heads; ++kh)
+      for (int32_t i0 = 0; i0 < pn; i0 += run) tasks.push_back({k, kh, i0, std::min(pn, i0 + run)});
+    task_work = std::max(task_work, 4.0 * HD * group * run * (static_cast<double>(parts[k].seq->length_) + pn));
+  }
+  const size_t grain = grain_for(task_work);
 
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& w = m.layers[l];
@@ -174,56 +223,55 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
       const float* sn = rope_sin.data() + i * half;
       for (int32_t hh = 0; hh < c.n_heads; ++hh) rotate(&q[i * QD + hh * HD], cs, sn);
       for (int32_t hh = 0; hh < c.n_kv_heads; ++hh) rotate(&kv_k[i * KVD + hh * HD], cs, sn);
+      Sequence& s = *parts[part_of[i]].seq;
+      const int32_t slot = s.length_ + (i - first[part_of[i]]);
       for (int32_t hh = 0; hh < c.n_kv_heads; ++hh) {
-        const size_t at = (static_cast<size_t>(hh) * allocated_ + base + i) * HD;
+        const size_t at = (static_cast<size_t>(hh) * s.allocated_ + slot) * HD;
         const float* kr = &kv_k[i * KVD + hh * HD];
         const float* vr = &kv_v[i * KVD + hh * HD];
-        if (kv_ == KvType::F16) {
-          floats_to_halves(kr, &f16_.k[l][at], HD);
-          floats_to_halves(vr, &f16_.v[l][at], HD);
+        if (s.kv_ == KvType::F16) {
+          floats_to_halves(kr, &s.f16_.k[l][at], HD);
+          floats_to_halves(vr, &s.f16_.v[l][at], HD);
         } else {
-          std::memcpy(&f32_.k[l][at], kr, HD * sizeof(float));
-          std::memcpy(&f32_.v[l][at], vr, HD * sizeof(float));
+          std::memcpy(&s.f32_.k[l][at], kr, HD * sizeof(float));
+          std::memcpy(&s.f32_.v[l][at], vr, HD * sizeof(float));
         }
       }
     }
-    // Attention: token i, head hh sees slots [0, base) and its visible batch slots, in slot order.
-    // A task is one key-value head and a run of tokens: all their query heads over it attended
-    // together (attend_heads: the keys and values they share are read once, the same bits). Runs of
-    // up to 64 tokens, at least two per head when there are two tokens, so that both of two
-    // threads have work with three key-value heads.
-    const int32_t per_head = std::min<int32_t>(n, std::max<int32_t>((n + 63) / 64, (2 * default_pool().size() + c.n_kv_heads - 1) / c.n_kv_heads));
-    const int32_t run = (n + per_head - 1) / per_head;
-    const int32_t runs = (n + run - 1) / run;
-    const size_t grain = grain_for(4.0 * HD * group * run * (static_cast<double>(base) + n));
-    default_pool().parallel_for(static_cast<size_t>(c.n_kv_heads) * runs, grain, [&](size_t lo, size_t hi) {
+    // Attention: token i, head hh sees its sequence's slots [0, base) and its visible batch slots,
+    // in slot order.
+    default_pool().parallel_for(tasks.size(), grain, [&](size_t lo, size_t hi) {
       thread_local std::vector<float> score;
       thread_local std::vector<int32_t> extra;
       thread_local std::vector<AttendQuery> qs;
-      for (size_t task = lo; task < hi; ++task) {
-        const int32_t kh = static_cast<int32_t>(task / runs), i0 = static_cast<int32_t>(task % runs) * run,
-                      i1 = std::min(n, i0 + run);
+      for (size_t t = lo; t < hi; ++t) {
+        const Task& task = tasks[t];
+        Sequence& s = *parts[task.part].seq;
+        const int32_t base = s.length_, r0 = first[task.part], kh = task.kh;
         size_t n_extra_all = 0, n_score = 0;
-        for (int32_t i = i0; i < i1; ++i) n_extra_all += visible[i].size(), n_score += (base + visible[i].size()) * group;
+        for (int32_t i = task.i0; i < task.i1; ++i)
+          n_extra_all += visible[r0 + i].size(), n_score += (base + visible[r0 + i].size()) * group;
         extra.resize(n_extra_all);
         score.resize(n_score);
         qs.clear();
         size_t e0 = 0, s0 = 0;
-        for (int32_t i = i0; i < i1; ++i) {
-          const int32_t ne = static_cast<int32_t>(visible[i].size());
-          for (int32_t e = 0; e < ne; ++e) extra[e0 + e] = base + visible[i][e];
+        for (int32_t i = task.i0; i < task.i1; ++i) {
+          const std::vector<int32_t>& vis = visible[r0 + i];
+          const int32_t ne = static_cast<int32_t>(vis.size());
+          for (int32_t e = 0; e < ne; ++e) extra[e0 + e] = base + vis[e];
           for (int32_t hh = kh * group; hh < (kh + 1) * group; ++hh) {
-            qs.push_back({&q[i * QD + hh * HD], base, extra.data() + e0, ne, score.data() + s0, &att[i * QD + hh * HD]});
+            const int64_t row = r0 + i;
+            qs.push_back({&q[row * QD + hh * HD], base, extra.data() + e0, ne, score.data() + s0, &att[row * QD + hh * HD]});
             s0 += static_cast<size_t>(base) + ne;
           }
           e0 += ne;
         }
-        const size_t plane = static_cast<size_t>(kh) * allocated_ * HD;
-        if (kv_ == KvType::F16)
-          attend_heads(qs.data(), static_cast<int32_t>(qs.size()), f16_.k[l].data() + plane, f16_.v[l].data() + plane,
+        const size_t plane = static_cast<size_t>(kh) * s.allocated_ * HD;
+        if (s.kv_ == KvType::F16)
+          attend_heads(qs.data(), static_cast<int32_t>(qs.size()), s.f16_.k[l].data() + plane, s.f16_.v[l].data() + plane,
                        static_cast<size_t>(HD), HD, inv_sqrt_hd);
         else
-          attend_heads(qs.data(), static_cast<int32_t>(qs.size()), f32_.k[l].data() + plane, f32_.v[l].data() + plane,
+          attend_heads(qs.data(), static_cast<int32_t>(qs.size()), s.f32_.k[l].data() + plane, s.f32_.v[l].data() + plane,
                        static_cast<size_t>(HD), HD, inv_sqrt_hd);
       }
     });
@@ -239,10 +287,25 @@ void Sequence::evaluate(const int32_t* tokens, int32_t n, const int32_t* parents
     matmul(w.w_down, h.data(), n, tmp.data());
     for (int64_t j = 0; j < n * D; ++j) x[j] += tmp[j];
   }
-  const int32_t first = last_only ? n - 1 : 0, rows = n - first;
-  for (int32_t i = first; i < n; ++i) rmsnorm(&x[i * D], m.output_norm, D, c.rms_eps, &xb[(i - first) * D]);
-  matmul(m.output, xb.data(), rows, logits);
-  length_ = base + n;
+  // The output rows: every token's, or a part's last only (a prefill), in one product.
+  int32_t rows = 0;
+  for (int32_t k = 0; k < count; ++k)
+    for (int32_t i = parts[k].last_only ? parts[k].n - 1 : 0; i < parts[k].n; ++i, ++rows)
+      rmsnorm(&x[(first[k] + i) * D], m.output_norm, D, c.rms_eps, &xb[rows * D]);
+  const size_t V = c.vocab;
+  if (count == 1) {
+    matmul(m.output, xb.data(), rows, parts[0].logits);
+  } else {
+    std::vector<float> out(static_cast<size_t>(rows) * V);
+    matmul(m.output, xb.data(), rows, out.data());
+    size_t r = 0;
+    for (int32_t k = 0; k < count; ++k) {
+      const size_t kr = parts[k].last_only ? 1 : parts[k].n;
+      std::memcpy(parts[k].logits, &out[r * V], kr * V * sizeof(float));
+      r += kr;
+    }
+  }
+  for (int32_t k = 0; k < count; ++k) parts[k].seq->length_ += parts[k].n;
 }
 
 }  // namespace osd

@@ -16,6 +16,18 @@ namespace osd {
 enum class KvType { F32, F16 };
 const char* kv_type_name(KvType t);
 
+class Sequence;
+
+// One sequence's share of a batched pass (Sequence::evaluate_parts): evaluate()'s arguments.
+struct EvalPart {
+  Sequence* seq = nullptr;
+  const int32_t* tokens = nullptr;
+  int32_t n = 0;
+  const int32_t* parents = nullptr;
+  float* logits = nullptr;
+  bool last_only = false;
+};
+
 class Sequence {
  public:
   // capacity 0 means the model's context length; the cache grows on demand up to it.
@@ -32,6 +44,12 @@ class Sequence {
   // at position length + depth(i). logits receives n x vocab rows, or only the last row when
   // last_only is set (a prefill). Throws Range if the context would overflow or an id is invalid.
   void evaluate(const int32_t* tokens, int32_t n, const int32_t* parents, float* logits, bool last_only = false);
+
+  // evaluate() for several sequences of one model in one pass: every matrix product runs over all
+  // their tokens together, so the weights stream once for the batch; attention stays within each
+  // sequence. Each part's logits are the bits its own evaluate() gives (the kernels are batch
+  // invariant). Every part is checked before any cache changes; the sequences must be distinct.
+  static void evaluate_parts(const EvalPart* parts, int32_t count);
 
   // Drops everything after the first n tokens.
   void truncate(int32_t n);

@@ -351,6 +351,81 @@ OSD_TEST(batch_and_thread_invariance_for_each_storage_type) {
   std::remove(path.c_str());
 }
 
+// Sequence::evaluate_parts: sequences of one model at different lengths, in one pass (a chain, a
+// tree, a last-row-only prefill and a single token), give every part the bits of its own evaluate(),
+// and leave each cache as its own evaluate() would (the next token's logits match too).
+OSD_TEST(evaluate_parts_equals_separate_passes) {
+  auto m = stories();
+  if (!m) return;
+  const int32_t V = m->config().vocab;
+  const std::string path = "/tmp/osd-test-stories-parts-" + std::to_string(::getpid()) + ".gguf";
+  const int threads_before = default_threads();
+  const std::vector<std::vector<int32_t>> prefix = {{}, {1, 403, 407}, {1, 88, 42, 7, 300, 11, 5}, {1, 261}};
+  const std::vector<std::vector<int32_t>> toks = {{1, 378, 395, 261}, {17, 99, 250, 42, 8}, {61, 62, 63}, {300}};
+  const std::vector<std::vector<int32_t>> parents = {{}, {-1, 0, 0, 1, -1}, {}, {}};
+  const std::vector<bool> last_only = {false, false, true, false};
+  for (gguf::TensorType t : {gguf::TensorType::F32, gguf::TensorType::F16, gguf::TensorType::Q4_1, gguf::TensorType::Q8_0})
+    for (KvType kv : {KvType::F16, KvType::F32})
+      for (int threads : {1, 2}) {
+        save_gguf(*m, path, t);
+        auto mt = Model::load(path);
+        set_default_threads(threads);
+        std::vector<std::unique_ptr<Sequence>> alone, batched;
+        std::vector<std::vector<float>> want, got;
+        std::vector<EvalPart> parts;
+        for (size_t k = 0; k < toks.size(); ++k) {
+          alone.push_back(std::make_unique<Sequence>(mt, 0, kv));
+          batched.push_back(std::make_unique<Sequence>(mt, 0, kv));
+          if (!prefix[k].empty()) {
+            std::vector<float> scratch(prefix[k].size() * V);
+            alone[k]->evaluate(prefix[k].data(), static_cast<int32_t>(prefix[k].size()), nullptr, scratch.data());
+            batched[k]->evaluate(prefix[k].data(), static_cast<int32_t>(prefix[k].size()), nullptr, scratch.data());
+          }
+          const int32_t n = static_cast<int32_t>(toks[k].size());
+          const size_t rows = last_only[k] ? 1 : n;
+          want.emplace_back(rows * V);
+          got.emplace_back(rows * V, -1.0f);
+          const int32_t* par = parents[k].empty() ? nullptr : parents[k].data();
+          alone[k]->evaluate(toks[k].data(), n, par, want[k].data(), last_only[k]);
+          parts.push_back({batched[k].get(), toks[k].data(), n, par, got[k].data(), last_only[k]});
+        }
+        Sequence::evaluate_parts(parts.data(), static_cast<int32_t>(parts.size()));
+        for (size_t k = 0; k < toks.size(); ++k) {
+          CHECK_EQ(batched[k]->length(), alone[k]->length());
+          CHECK(std::memcmp(got[k].data(), want[k].data(), want[k].size() * sizeof(float)) == 0);
+          // The caches agree: one more token on each gives the same bits.
+          const int32_t next = 123;
+          std::vector<float> a(V), b(V);
+          alone[k]->evaluate(&next, 1, nullptr, a.data());
+          batched[k]->evaluate(&next, 1, nullptr, b.data());
+          CHECK(std::memcmp(a.data(), b.data(), V * sizeof(float)) == 0);
+        }
+      }
+  set_default_threads(threads_before);
+  std::remove(path.c_str());
+
+  // Errors leave every cache as it was.
+  Sequence a(m), b(m);
+  const int32_t one = 5, bad[2] = {7, V};
+  std::vector<float> out(2 * static_cast<size_t>(V));
+  a.evaluate(&one, 1, nullptr, out.data());
+  EvalPart two[2] = {{&a, &one, 1, nullptr, out.data(), false}, {&b, bad, 2, nullptr, out.data() + V, false}};
+  CHECK_THROWS(Error, Sequence::evaluate_parts(two, 2), "tokens[1]");
+  CHECK_EQ(a.length(), 1);
+  CHECK_EQ(b.length(), 0);
+  EvalPart same[2] = {{&a, &one, 1, nullptr, out.data(), false}, {&a, &one, 1, nullptr, out.data() + V, false}};
+  CHECK_THROWS(Error, Sequence::evaluate_parts(same, 2), "repeats the sequence of part 0");
+  save_gguf(*m, path, gguf::TensorType::F32);
+  auto other = Model::load(path);
+  std::remove(path.c_str());
+  Sequence c(other);
+  EvalPart mixed[2] = {{&a, &one, 1, nullptr, out.data(), false}, {&c, &one, 1, nullptr, out.data() + V, false}};
+  CHECK_THROWS(Error, Sequence::evaluate_parts(mixed, 2), "share one model");
+  CHECK_THROWS(Error, Sequence::evaluate_parts(mixed, 0), "at least one sequence");
+  CHECK_EQ(a.length(), 1);
+  CHECK_EQ(c.length(), 0);
+}
+
 // io::HugeBuffer: zeroed, 2 MiB aligned, writable to its last byte, movable, and empty at size 0.
 OSD_TEST(huge_buffer_is_aligned_zeroed_and_movable) {
   io::HugeBuffer empty(0);

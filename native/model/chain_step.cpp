@@ -2,138 +2,354 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <exception>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend/select.h"
 #include "core/error.h"
-#include "model/draft.h"
 
 namespace osd {
 
-int32_t chain_step(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
-                   const ChainStepParams& p, int32_t* draft_tokens, int32_t* out_tokens, float* target_logits,
-                   ChainStepTimes* times) {
-  const int32_t g = p.count, V = p.vocab, vt = target.model().config().vocab;
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); }
+
+// chain_step's checks of one member, then draft_chain's (the same messages, in the same order).
+void check_member(const ChainStepMember& m) {
+  const ChainStepParams& p = *m.params;
+  const int32_t g = p.count, V = p.vocab, vt = m.target->model().config().vocab, vd = m.draft->model().config().vocab;
   if (g < 1) throw_range("count must be >= 1, got " + std::to_string(g));
   if (V < 1 || V > vt)
     throw_range("vocabSize must be in [1, " + std::to_string(vt) + "] (the target's vocabulary), got " + std::to_string(V));
-  if (last < 0 || last >= vt)
-    throw_range("last = " + std::to_string(last) + " is out of range for a vocabulary of " + std::to_string(vt));
-  const int64_t need = int64_t(target.length()) + g + 1;
-  if (need > target.capacity())
+  if (m.last < 0 || m.last >= vt)
+    throw_range("last = " + std::to_string(m.last) + " is out of range for a vocabulary of " + std::to_string(vt));
+  const int64_t need = int64_t(m.target->length()) + g + 1;
+  if (need > m.target->capacity())
     throw_range("the target sequence would hold " + std::to_string(need) + " tokens, more than its context of " +
-                std::to_string(target.capacity()));
-  const int32_t t0 = target.length(), d0 = draft.length();
-  using clock = std::chrono::steady_clock;
-  const auto start = clock::now();
-  thread_local std::vector<float> draft_rows, wide;
-  draft_rows.resize(static_cast<size_t>(g) * V);
-  DraftParams dp;
-  dp.count = g;
-  dp.vocab = V;
-  dp.sampling = p.sampling;
-  dp.seed = p.seed;
-  dp.stream = p.draft_stream;
-  draft_chain(draft, pending, n_pending, dp, draft_tokens, draft_rows.data());  // checks its own input
-  const auto drafted = clock::now();
-  int32_t accepted = 0;
-  try {
-    thread_local std::vector<int32_t> input;
-    input.assign(1, last);
-    input.insert(input.end(), draft_tokens, draft_tokens + g);
-    if (vt == V) {
-      target.evaluate(input.data(), g + 1, nullptr, target_logits);
-    } else {
-      wide.resize(static_cast<size_t>(g + 1) * vt);
-      target.evaluate(input.data(), g + 1, nullptr, wide.data());
-      for (int32_t i = 0; i <= g; ++i)
-        std::memcpy(target_logits + static_cast<size_t>(i) * V, wide.data() + static_cast<size_t>(i) * vt, sizeof(float) * V);
+                std::to_string(m.target->capacity()));
+  if (m.n_pending <= 0) throw_range("tokens must not be empty");
+  if (V > vd) throw_range("vocabSize must be in [1, " + std::to_string(vd) + "], got " + std::to_string(V));
+  validate_sampling(p.sampling);
+  const int64_t draft_need = int64_t(m.draft->length()) + m.n_pending + g - 1;
+  if (draft_need > m.draft->capacity())
+    throw_range("the sequence would hold " + std::to_string(draft_need) + " tokens, more than its context of " +
+                std::to_string(m.draft->capacity()));
+}
+
+}  // namespace
+
+void chain_step_batch(ChainStepMember* members, int32_t count, ChainStepTimes* times) {
+  if (count <= 0) throw_range("chain step: at least one member is needed");
+  for (int32_t k = 0; k < count; ++k) check_member(members[k]);
+  const auto start = Clock::now();
+  std::vector<int32_t> t0(count), d0(count);
+  for (int32_t k = 0; k < count; ++k) t0[k] = members[k].target->length(), d0[k] = members[k].draft->length();
+  auto restore = [&] {
+    for (int32_t k = 0; k < count; ++k) {
+      if (members[k].target->length() > t0[k]) members[k].target->truncate(t0[k]);
+      if (members[k].draft->length() > d0[k]) members[k].draft->truncate(d0[k]);
     }
-    int32_t len = g;
-    uint64_t stream = p.target_stream;
-    ChainBatch b;
-    b.target = target_logits;
-    b.draft = p.sampling.greedy() ? nullptr : draft_rows.data();
-    b.tokens = draft_tokens;
-    b.lengths = &len;
-    b.streams = &stream;
-    b.sampling = &p.sampling;
-    b.batch = 1;
-    b.vocab = V;
-    b.seed = p.seed;
-    ChainBatchOut bo{&accepted, out_tokens};
-    current_backend().verify_chain_batch(b, bo);
+  };
+  // Member k's draft rows (g x V) at row_at[k]; a row as wide as the model's is written in place,
+  // a wider one through `wide` and cut to V.
+  thread_local std::vector<float> draft_rows, wide;
+  std::vector<size_t> row_at(count + 1, 0);
+  int32_t g_max = 0;
+  for (int32_t k = 0; k < count; ++k) {
+    const ChainStepParams& p = *members[k].params;
+    row_at[k + 1] = row_at[k] + static_cast<size_t>(p.count) * p.vocab;
+    g_max = std::max(g_max, p.count);
+  }
+  draft_rows.resize(row_at[count]);
+  std::vector<EvalPart> parts;
+  std::vector<int32_t> in_pass;
+  Clock::time_point drafted;
+  try {
+    // Drafting, as draft_chain does it: pass i evaluates the pending tokens (i = 0) or draft token
+    // i - 1, and draft token i is drawn from its last row, for every member with more than i tokens.
+    const int32_t vd = members[0].draft->model().config().vocab;
+    for (int32_t i = 0; i < g_max; ++i) {
+      parts.clear();
+      in_pass.clear();
+      size_t wide_rows = 0;
+      for (int32_t k = 0; k < count; ++k)
+        if (members[k].params->count > i && members[k].params->vocab != vd) ++wide_rows;
+      wide.resize(wide_rows * vd);
+      size_t w = 0;
+      for (int32_t k = 0; k < count; ++k) {
+        const ChainStepMember& m = members[k];
+        const ChainStepParams& p = *m.params;
+        if (p.count <= i) continue;
+        float* row = p.vocab == vd ? &draft_rows[row_at[k] + static_cast<size_t>(i) * p.vocab] : &wide[vd * w++];
+        if (i == 0) parts.push_back({m.draft, m.pending, m.n_pending, nullptr, row, true});
+        else parts.push_back({m.draft, &m.draft_tokens[i - 1], 1, nullptr, row, true});
+        in_pass.push_back(k);
+      }
+      Sequence::evaluate_parts(parts.data(), static_cast<int32_t>(parts.size()));
+      for (size_t j = 0; j < in_pass.size(); ++j) {
+        const ChainStepMember& m = members[in_pass[j]];
+        const ChainStepParams& p = *m.params;
+        float* row = &draft_rows[row_at[in_pass[j]] + static_cast<size_t>(i) * p.vocab];
+        if (p.vocab != vd) std::memcpy(row, parts[j].logits, sizeof(float) * p.vocab);
+        m.draft_tokens[i] = sample_token(row, p.vocab, p.sampling, p.seed, p.draft_stream, static_cast<uint32_t>(i),
+                                         "draft logits", i);
+      }
+    }
+    drafted = Clock::now();
+    // The target's pass over `last` and the drafted tokens of every member, then each chain verified
+    // with the current backend.
+    const int32_t vt = members[0].target->model().config().vocab;
+    thread_local std::vector<int32_t> input;
+    std::vector<size_t> in_at(count + 1, 0), wide_at(count + 1, 0);
+    for (int32_t k = 0; k < count; ++k) {
+      const ChainStepParams& p = *members[k].params;
+      in_at[k + 1] = in_at[k] + p.count + 1;
+      wide_at[k + 1] = wide_at[k] + (p.vocab == vt ? 0 : static_cast<size_t>(p.count + 1) * vt);
+    }
+    input.resize(in_at[count]);
+    wide.resize(wide_at[count]);
+    parts.clear();
+    for (int32_t k = 0; k < count; ++k) {
+      const ChainStepMember& m = members[k];
+      const ChainStepParams& p = *m.params;
+      input[in_at[k]] = m.last;
+      std::copy(m.draft_tokens, m.draft_tokens + p.count, &input[in_at[k] + 1]);
+      float* out = p.vocab == vt ? m.target_logits : &wide[wide_at[k]];
+      parts.push_back({m.target, &input[in_at[k]], p.count + 1, nullptr, out, false});
+    }
+    Sequence::evaluate_parts(parts.data(), count);
+    for (int32_t k = 0; k < count; ++k) {
+      ChainStepMember& m = members[k];
+      const ChainStepParams& p = *m.params;
+      if (p.vocab != vt)
+        for (int32_t i = 0; i <= p.count; ++i)
+          std::memcpy(m.target_logits + static_cast<size_t>(i) * p.vocab, &wide[wide_at[k] + static_cast<size_t>(i) * vt],
+                      sizeof(float) * p.vocab);
+      int32_t len = p.count;
+      uint64_t stream = p.target_stream;
+      ChainBatch b;
+      b.target = m.target_logits;
+      b.draft = p.sampling.greedy() ? nullptr : &draft_rows[row_at[k]];
+      b.tokens = m.draft_tokens;
+      b.lengths = &len;
+      b.streams = &stream;
+      b.sampling = &p.sampling;
+      b.batch = 1;
+      b.vocab = p.vocab;
+      b.seed = p.seed;
+      ChainBatchOut bo{&m.accepted, m.out_tokens};
+      current_backend().verify_chain_batch(b, bo);
+    }
   } catch (...) {
-    if (target.length() > t0) target.truncate(t0);
-    draft.truncate(d0);
+    restore();
     throw;
   }
   // Keep `last` and the accepted tokens; the draft evaluated its pending tokens and draft tokens
   // 0..g-2, of which the accepted ones stay.
-  target.truncate(t0 + 1 + accepted);
-  if (draft.length() > d0 + n_pending + accepted) draft.truncate(d0 + n_pending + accepted);
-  if (times) {
-    const auto end = clock::now();
-    times->draft_ms = std::chrono::duration<double, std::milli>(drafted - start).count();
-    times->target_ms = std::chrono::duration<double, std::milli>(end - drafted).count();
+  for (int32_t k = 0; k < count; ++k) {
+    const ChainStepMember& m = members[k];
+    m.target->truncate(t0[k] + 1 + m.accepted);
+    if (m.draft->length() > d0[k] + m.n_pending + m.accepted) m.draft->truncate(d0[k] + m.n_pending + m.accepted);
   }
-  return accepted;
+  if (times) {
+    times->draft_ms = ms_between(start, drafted);
+    times->target_ms = ms_between(drafted, Clock::now());
+  }
 }
+
+int32_t chain_step(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
+                   const ChainStepParams& p, int32_t* draft_tokens, int32_t* out_tokens, float* target_logits,
+                   ChainStepTimes* times) {
+  ChainStepMember m{&target, &draft, pending, n_pending, last, &p, draft_tokens, out_tokens, target_logits};
+  chain_step_batch(&m, 1, times);
+  return m.accepted;
+}
+
+namespace {
+
+// One chain run's state between its steps: what chain_run keeps in its loop.
+class RunState {
+ public:
+  RunState(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last, const ChainRunParams& p,
+           ChainRunOut& out, const std::atomic<bool>* interrupt)
+      : target_(target), draft_(draft), p_(p), out_(out), interrupt_(interrupt), next_(pending, pending + n_pending),
+        last_(last), draft_tokens_(p.step.count), emitted_(p.step.count + 1),
+        rows_(static_cast<size_t>(p.step.count + 1) * p.step.vocab), remaining_(p.remaining), t_start_(target.length()),
+        d_start_(draft.length()), start_(Clock::now()) {
+    out.accepted.clear();
+    out.tokens.clear();
+    out.logits.clear();
+    out.times = ChainStepTimes{};
+  }
+
+  // The next step's member, with its step's Philox streams.
+  ChainStepMember member() {
+    sp_ = p_.step;
+    const uint64_t s = static_cast<uint64_t>(p_.first_step) + static_cast<uint64_t>(steps_);
+    sp_.target_stream = p_.stream_base + 2 * s;
+    sp_.draft_stream = sp_.target_stream + 1;
+    d_before_ = draft_.length();
+    return {&target_, &draft_, next_.data(), static_cast<int32_t>(next_.size()), last_, &sp_,
+            draft_tokens_.data(), emitted_.data(), rows_.data()};
+  }
+
+  // Records a step that accepted a tokens; true when the run is over.
+  bool after_step(int32_t a, const ChainStepTimes& t) {
+    const int32_t g = p_.step.count, V = p_.step.vocab;
+    out_.times.draft_ms += t.draft_ms;
+    out_.times.target_ms += t.target_ms;
+    out_.accepted.push_back(a);
+    out_.tokens.insert(out_.tokens.end(), emitted_.begin(), emitted_.begin() + a + 1);
+    if (p_.keep_logits) out_.logits.insert(out_.logits.end(), rows_.begin(), rows_.begin() + static_cast<size_t>(a + 1) * V);
+    ++steps_;
+    remaining_ -= a + 1;
+    bool stop = false;
+    for (int32_t i = 0; i <= a && !stop; ++i) stop = p_.n_stop > 0 && std::binary_search(p_.stop, p_.stop + p_.n_stop, emitted_[i]);
+    // The committed tokens are the target's cache and `last` (the correction or bonus token).
+    const int64_t committed = int64_t(target_.length()) + 1;
+    const bool room = remaining_ > g && committed + g + 1 <= target_.capacity() && committed + g + 1 <= draft_.capacity();
+    const double ms = ms_between(start_, Clock::now());
+    if (stop || !room || steps_ >= p_.max_steps || (p_.max_ms > 0 && ms >= p_.max_ms)) return true;
+    if (interrupt_ && interrupt_->load(std::memory_order_relaxed)) return true;
+    // The draft holds what it had, the pending tokens and the accepted ones it evaluated; the rest
+    // of the emitted tokens are the next step's pending ones.
+    const int32_t kept = draft_.length() - (d_before_ + static_cast<int32_t>(next_.size()));
+    next_.assign(emitted_.begin() + kept, emitted_.begin() + a + 1);
+    last_ = emitted_[a];
+    return false;
+  }
+
+  // After a failed step: the caller gets no tokens, and the caches go back to where the run started.
+  void fail() {
+    if (target_.length() > t_start_) target_.truncate(t_start_);
+    if (draft_.length() > d_start_) draft_.truncate(d_start_);
+  }
+
+  int32_t steps() const { return steps_; }
+  const Model* target_model() const { return &target_.model(); }
+  const Model* draft_model() const { return &draft_.model(); }
+
+ private:
+  Sequence& target_;
+  Sequence& draft_;
+  const ChainRunParams& p_;
+  ChainRunOut& out_;
+  const std::atomic<bool>* interrupt_;
+  ChainStepParams sp_;
+  std::vector<int32_t> next_;
+  int32_t last_;
+  std::vector<int32_t> draft_tokens_, emitted_;
+  std::vector<float> rows_;
+  int64_t remaining_;
+  int32_t steps_ = 0, d_before_ = 0;
+  const int32_t t_start_, d_start_;
+  const Clock::time_point start_;
+};
+
+// The runs of one (target model, draft model) pair in chain_run_joined.
+struct Joiner {
+  RunState* run = nullptr;
+  bool lead = false, done = false;
+  std::exception_ptr error;
+};
+struct JoinGroup {
+  std::vector<Joiner*> active, joining;
+  bool led = false;
+};
+
+std::mutex g_join_mu;
+std::condition_variable g_join_cv;
+std::map<std::pair<const Model*, const Model*>, JoinGroup> g_groups;
+ChainJoinStats g_join_stats;
+
+}  // namespace
 
 int32_t chain_run(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
                   const ChainRunParams& p, ChainRunOut& out, const std::atomic<bool>* interrupt) {
-  const int32_t g = p.step.count, V = p.step.vocab;
-  out.accepted.clear();
-  out.tokens.clear();
-  out.logits.clear();
-  out.times = ChainStepTimes{};
-  std::vector<int32_t> next(pending, pending + n_pending), draft_tokens(g), emitted(g + 1);
-  std::vector<float> rows(static_cast<size_t>(g + 1) * V);
-  const auto start = std::chrono::steady_clock::now();
-  int64_t remaining = p.remaining;
-  int32_t steps = 0;
-  const int32_t t_start = target.length(), d_start = draft.length();
+  RunState run(target, draft, pending, n_pending, last, p, out, interrupt);
   for (;;) {
-    ChainStepParams sp = p.step;
-    const uint64_t s = static_cast<uint64_t>(p.first_step) + static_cast<uint64_t>(steps);
-    sp.target_stream = p.stream_base + 2 * s;
-    sp.draft_stream = sp.target_stream + 1;
-    const int32_t d_before = draft.length();
+    ChainStepMember m = run.member();
     ChainStepTimes t;
-    int32_t a = 0;
     try {
-      a = chain_step(target, draft, next.data(), static_cast<int32_t>(next.size()), last, sp, draft_tokens.data(),
-                     emitted.data(), rows.data(), &t);
+      chain_step_batch(&m, 1, &t);
     } catch (...) {
-      // The caller gets no tokens: the caches go back to where the run started.
-      if (target.length() > t_start) target.truncate(t_start);
-      if (draft.length() > d_start) draft.truncate(d_start);
+      run.fail();
       throw;
     }
-    out.times.draft_ms += t.draft_ms;
-    out.times.target_ms += t.target_ms;
-    out.accepted.push_back(a);
-    out.tokens.insert(out.tokens.end(), emitted.begin(), emitted.begin() + a + 1);
-    if (p.keep_logits) out.logits.insert(out.logits.end(), rows.begin(), rows.begin() + static_cast<size_t>(a + 1) * V);
-    ++steps;
-    remaining -= a + 1;
-    bool stop = false;
-    for (int32_t i = 0; i <= a && !stop; ++i) stop = p.n_stop > 0 && std::binary_search(p.stop, p.stop + p.n_stop, emitted[i]);
-    // The committed tokens are the target's cache and `last` (the correction or bonus token).
-    const int64_t committed = int64_t(target.length()) + 1;
-    const bool room = remaining > g && committed + g + 1 <= target.capacity() && committed + g + 1 <= draft.capacity();
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-    if (stop || !room || steps >= p.max_steps || (p.max_ms > 0 && ms >= p.max_ms)) break;
-    if (interrupt && interrupt->load(std::memory_order_relaxed)) break;
-    // The draft holds what it had, the pending tokens and the accepted ones it evaluated; the rest
-    // of the emitted tokens are the next step's pending ones.
-    const int32_t kept = draft.length() - (d_before + static_cast<int32_t>(next.size()));
-    next.assign(emitted.begin() + kept, emitted.begin() + a + 1);
-    last = emitted[a];
+    if (run.after_step(m.accepted, t)) break;
   }
-  return steps;
+  return run.steps();
+}
+
+int32_t chain_run_joined(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
+                         const ChainRunParams& p, ChainRunOut& out, const std::atomic<bool>* interrupt) {
+  RunState run(target, draft, pending, n_pending, last, p, out, interrupt);
+  // Checked before joining, so that a run with bad arguments fails alone. Its later steps start only
+  // with room for them (after_step), so these checks hold for them too.
+  check_member(run.member());
+  Joiner self;
+  self.run = &run;
+  const auto key = std::make_pair(run.target_model(), run.draft_model());
+  std::unique_lock<std::mutex> lk(g_join_mu);
+  JoinGroup* group = &g_groups[key];
+  group->joining.push_back(&self);
+  if (!group->led) group->led = self.lead = true;
+  g_join_cv.wait(lk, [&] { return self.done || self.lead; });
+  // Leading: step every run of the group until this one ends, then hand the lead on.
+  std::vector<ChainStepMember> members;
+  while (!self.done) {
+    group->active.insert(group->active.end(), group->joining.begin(), group->joining.end());
+    group->joining.clear();
+    std::vector<Joiner*> batch = group->active;
+    ++g_join_stats.steps;
+    g_join_stats.members += batch.size();
+    lk.unlock();
+    members.clear();
+    for (Joiner* j : batch) members.push_back(j->run->member());
+    ChainStepTimes t;
+    std::exception_ptr error;
+    try {
+      chain_step_batch(members.data(), static_cast<int32_t>(members.size()), &t);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    // The runs' own state is theirs to touch while their threads wait; `done` only under the lock,
+    // which is what their threads read.
+    std::vector<char> ended(batch.size());
+    for (size_t k = 0; k < batch.size(); ++k) {
+      if (error) batch[k]->run->fail();
+      ended[k] = error || batch[k]->run->after_step(members[k].accepted, t);
+    }
+    lk.lock();
+    for (size_t k = 0; k < batch.size(); ++k) {
+      batch[k]->done = ended[k];
+      if (error) batch[k]->error = error;
+    }
+    auto& act = group->active;
+    act.erase(std::remove_if(act.begin(), act.end(), [](Joiner* j) { return j->done; }), act.end());
+    g_join_cv.notify_all();
+  }
+  // Done: the lead passes to a run still in the group, or the group ends.
+  if (!group->active.empty()) group->active.front()->lead = true;
+  else if (!group->joining.empty()) group->joining.front()->lead = true;
+  else g_groups.erase(key);
+  g_join_cv.notify_all();
+  lk.unlock();
+  if (self.error) std::rethrow_exception(self.error);
+  return run.steps();
+}
+
+ChainJoinStats chain_join_stats() {
+  std::lock_guard<std::mutex> lk(g_join_mu);
+  return g_join_stats;
 }
 
 }  // namespace osd

@@ -35,6 +35,27 @@ int32_t chain_step(Sequence& target, Sequence& draft, const int32_t* pending, in
                    const ChainStepParams& p, int32_t* draft_tokens, int32_t* out_tokens, float* target_logits,
                    ChainStepTimes* times = nullptr);
 
+// One (target, draft) pair's share of a batched chain step: chain_step's arguments and outputs.
+struct ChainStepMember {
+  Sequence* target = nullptr;
+  Sequence* draft = nullptr;
+  const int32_t* pending = nullptr;
+  int32_t n_pending = 0;
+  int32_t last = 0;
+  const ChainStepParams* params = nullptr;
+  int32_t* draft_tokens = nullptr;  // g
+  int32_t* out_tokens = nullptr;    // g + 1
+  float* target_logits = nullptr;   // (g + 1) x V
+  int32_t accepted = 0;             // written
+};
+
+// chain_step for several pairs whose targets share one model and whose drafts share another: each
+// drafting pass, and the target's pass, runs once for all of them (Sequence::evaluate_parts), so
+// the weights stream once per pass for the batch. Each member's tokens, logits and caches end as
+// its own chain_step leaves them, bit for bit; the members may draft different lengths. Every
+// member is checked before any cache changes, and on an error every cache is left as it was.
+void chain_step_batch(ChainStepMember* members, int32_t count, ChainStepTimes* times = nullptr);
+
 // Steps of chain_step run back to back, as the speculative decoder would run them one call at a
 // time: the JavaScript round trip between steps (and the thread pool's sleep during it) cost about
 // a third of a step on the default pair.
@@ -64,5 +85,20 @@ struct ChainRunOut {
 // are left as they were before the run.
 int32_t chain_run(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
                   const ChainRunParams& p, ChainRunOut& out, const std::atomic<bool>* interrupt = nullptr);
+
+// chain_run, joined with the runs that other threads have in progress on the same target and draft
+// models: their steps run together (chain_step_batch). A run joins at the next step and leaves when
+// its own run ends, the others going on; one of the waiting threads drives the batch at a time.
+// Each run's results are its own chain_run's, bit for bit; only the time per step changes. An error
+// in a batched step fails every run in it, each with its caches as they were before its run.
+int32_t chain_run_joined(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
+                         const ChainRunParams& p, ChainRunOut& out, const std::atomic<bool>* interrupt = nullptr);
+
+// How many chain runs chain_run_joined has batched, for tests and metrics: steps run, and the sum
+// over them of the runs in each (their ratio is the mean batch).
+struct ChainJoinStats {
+  uint64_t steps = 0, members = 0;
+};
+ChainJoinStats chain_join_stats();
 
 }  // namespace osd

@@ -39,6 +39,7 @@ interface ModelAddon {
   convertModel(model: NativeModel, options: { type: StoreType | 'keep' }): Promise<NativeModel>;
   NativeSequence: new (model: NativeModel, contextSize?: number, kvType?: KvType) => NativeSequence;
   sampleLogits(o: object): number;
+  chainJoinStats(): { steps: number; runs: number };
   readGgufMetadata(path: string, options?: { maxArrayLength?: number }): { metadata: Record<string, unknown> };
 }
 
@@ -644,6 +645,19 @@ export interface ChainRunOptions extends Omit<ChainStepOptions, 'draftStream' | 
    * result holds the steps run (it does not reject).
    */
   interrupt?: AbortSignal;
+  /**
+   * Run the steps together with the batched chain runs that other sequences of the same two models
+   * have in progress: each drafting pass and the target's pass run once for all of them, so the
+   * weights stream once per pass for the batch. Each run's tokens, logits and caches are the bits it
+   * would get alone (the engine's passes are batch invariant); only the time per step changes. A run
+   * joins at the next step and leaves when it ends. Default false.
+   */
+  batch?: boolean;
+}
+
+/** Batched chain steps run so far in this process, and the chain runs they held (runs / steps: the mean batch). */
+export function chainBatchStats(): { steps: number; runs: number } {
+  return native.chainJoinStats();
 }
 
 export interface ChainRunResult {
@@ -814,7 +828,7 @@ export class Sequence {
    * chainStep calls, with the same tokens.
    */
   async chainRun(draft: Sequence, pending: Int32Array | number[], options: ChainRunOptions): Promise<ChainRunResult> {
-    const extra = ['streamBase', 'firstStep', 'maxSteps', 'maxMs', 'remaining', 'stopTokens', 'keepLogits', 'interrupt'] as const;
+    const extra = ['streamBase', 'firstStep', 'maxSteps', 'maxMs', 'remaining', 'stopTokens', 'keepLogits', 'interrupt', 'batch'] as const;
     const interrupt = checkSignal(options?.interrupt, 'options.interrupt');
     if (options !== null && typeof options === 'object') {
       if (options.firstStep !== undefined) checkInteger(options.firstStep, 'options.firstStep', 0, 0x7fffffff);
@@ -823,6 +837,7 @@ export class Sequence {
         throw new RangeError(`options.maxMs must be a finite number >= 0, got ${String(options.maxMs)}`);
       if (options.remaining !== undefined) checkInteger(options.remaining, 'options.remaining', 1, 2 ** 52);
       if (options.keepLogits !== undefined && typeof options.keepLogits !== 'boolean') throw new TypeError('options.keepLogits must be a boolean');
+      if (options.batch !== undefined && typeof options.batch !== 'boolean') throw new TypeError('options.batch must be a boolean');
     }
     const stop = options?.stopTokens === undefined ? undefined : checkTokenIds(options.stopTokens, 'options.stopTokens', this.model.info.vocabSize);
     return this.#withDraft(draft, pending, options, extra, async (h, dh, t, o) => {
@@ -835,6 +850,7 @@ export class Sequence {
         ...(options.remaining !== undefined ? { remaining: options.remaining } : {}),
         ...(stop && stop.length > 0 ? { stopTokens: stop } : {}),
         keepLogits: options.keepLogits ?? false,
+        batch: options.batch ?? false,
       });
       // Registered once the run is queued natively: cancel() then reaches this run's flag. (While the
       // run keeps both cores busy, the event loop may only get to it a few steps later.)

@@ -102,6 +102,8 @@ export interface OnlineDecoderOptions {
   maxConcurrent?: number;
   /** When running requests take up an update's weights (see SpeculativeDecoderOptions.weightSwap). Default 'step'. */
   weightSwap?: WeightSwap;
+  /** Concurrent requests' chain steps run together (see SpeculativeDecoderOptions.batching). Default true. */
+  batching?: boolean;
   distill?: OnlineDistillOptions;
 }
 
@@ -317,7 +319,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   constructor(options: OnlineDecoderOptions) {
     super();
     check(typeof options === 'object' && options !== null, 'options must be an object', 'type');
-    checkKeys(options, ['target', 'draft', 'strategy', 'sampling', 'maxConcurrent', 'weightSwap', 'distill']);
+    checkKeys(options, ['target', 'draft', 'strategy', 'sampling', 'maxConcurrent', 'weightSwap', 'batching', 'distill']);
     this.options = resolveOptions(options.distill);
     this.target = options.target;
     this.draft = options.draft;
@@ -328,6 +330,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       sampling: options.sampling,
       maxConcurrent: options.maxConcurrent,
       weightSwap: options.weightSwap,
+      batching: options.batching,
       onVerified: (s) => this.#record(s),
     });
     check(this.#decoder.strategy.kind !== 'ngram', "the 'ngram' strategy has no draft model to train");

@@ -39,6 +39,8 @@ Commands:
       --port N             default 8080 (0 picks a free port)
       --host ADDR          default 127.0.0.1
       --max-concurrent N   generations decoded at once, the rest queue (default 4)
+      --no-batching        decode each generation's steps on their own (default: the
+                           generations in flight share each pass)
       --model-id NAME      the model name clients send (default: the target's file name)
       --static             keep the draft fixed (default: it learns online from the traffic)
       --grace S            on SIGTERM / SIGINT, let requests in flight finish for up to S seconds
@@ -80,6 +82,7 @@ async function main(argv: string[]): Promise<number> {
       'max-concurrent': { type: 'string' },
       'model-id': { type: 'string' },
       static: { type: 'boolean' },
+      'no-batching': { type: 'boolean' },
       grace: { type: 'string' },
       type: { type: 'string' },
     },
@@ -96,7 +99,7 @@ async function main(argv: string[]): Promise<number> {
     backends: [],
     generate: ['model', 'draft', 'chat', 'system', 'template', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed'],
     demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'lr', 'top-k', 'save-draft', 'out'],
-    serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'model-id', 'static', 'grace'],
+    serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'no-batching', 'model-id', 'static', 'grace'],
     convert: ['type'],
     info: [],
   };
@@ -380,6 +383,7 @@ async function main(argv: string[]): Promise<number> {
         draft,
         online: values.static ? false : {},
         maxConcurrent: int(values['max-concurrent'], 'max-concurrent', 4, 1, 1024),
+        batching: !values['no-batching'],
         modelId: values['model-id'],
       });
       // What the draft's online learning does, one line each on stderr (a failed update or autosave

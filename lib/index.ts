@@ -33,7 +33,7 @@ export { version } from './version.js';
 /** The embedded default model pair (what `osd demo` and `osd serve` use): absolute paths. */
 export { DEFAULT_TARGET as defaultTargetPath, DEFAULT_DRAFT as defaultDraftPath } from './demo.js';
 export { addonPath } from './addon.js';
-export { loadModel, writeRandomModel, Model, Sequence, STORE_TYPES, isStoreType } from './Model.js';
+export { loadModel, writeRandomModel, Model, Sequence, STORE_TYPES, isStoreType, chainBatchStats } from './Model.js';
 export type {
   ModelInfo,
   RandomModelConfig,

@@ -14,7 +14,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { basename, extname } from 'node:path';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { SamplingOptions, Seed } from './addonTypes.js';
-import type { Model } from './Model.js';
+import { chainBatchStats, type Model } from './Model.js';
 import { createOnlineDecoder, OnlineDecoder, type OnlineDistillOptions, type RollbackEvent, type UpdateEvent } from './OnlineDecoder.js';
 import { createSpeculativeDecoder, type SpeculativeDecoder, type SpeculativeGenerateOptions, type StepEvent, type Strategy, type StreamChunk } from './SpeculativeDecoder.js';
 
@@ -30,6 +30,8 @@ export interface ServerOptions {
   strategy?: Strategy;
   /** Generations decoded at the same time; later ones queue. Default 4. */
   maxConcurrent?: number;
+  /** The generations' chain steps run together, one pass for all (see SpeculativeDecoderOptions.batching). Default true. */
+  batching?: boolean;
   /** Generations admitted (decoding or queued) before new ones get 503. Default 256. */
   maxQueued?: number;
   /** The model id served in /v1/models and expected in requests. Default: the target's file name without extension. */
@@ -383,7 +385,7 @@ function toHttpError(e: unknown): HttpError {
 // ---------------------------------------------------------------- the server
 
 /** Creates the request handler of an OpenAI-compatible server over a target and a draft. */
-const serverKeys = ['target', 'draft', 'online', 'strategy', 'maxConcurrent', 'maxQueued', 'modelId', 'draftName', 'defaultMaxTokens', 'maxBodyBytes', 'registry', 'metricsPrefix', 'defaultMetrics', 'strictFields'];
+const serverKeys = ['target', 'draft', 'online', 'strategy', 'maxConcurrent', 'batching', 'maxQueued', 'modelId', 'draftName', 'defaultMaxTokens', 'maxBodyBytes', 'registry', 'metricsPrefix', 'defaultMetrics', 'strictFields'];
 
 export function createServer(options: ServerOptions): OsdRequestHandler {
   if (!isObject(options)) throw new TypeError('options must be an object');
@@ -419,8 +421,8 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   const decoderLimit = 1024;
   const decoder: SpeculativeDecoder | OnlineDecoder =
     online === false
-      ? createSpeculativeDecoder({ target, draft, strategy: options.strategy, maxConcurrent: decoderLimit })
-      : createOnlineDecoder({ target, draft, strategy: options.strategy, maxConcurrent: decoderLimit, distill: online });
+      ? createSpeculativeDecoder({ target, draft, strategy: options.strategy, maxConcurrent: decoderLimit, batching: options.batching })
+      : createOnlineDecoder({ target, draft, strategy: options.strategy, maxConcurrent: decoderLimit, batching: options.batching, distill: online });
 
   // ------------------------------------------------------------ metrics
   const registry = options.registry ?? new Registry();
@@ -478,6 +480,36 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     registers: [registry],
     collect() {
       this.set({ draft: draftName }, counts.steps ? counts.accepted / counts.steps : 0);
+    },
+  });
+  // Batched chain steps, process-wide (every decoder in the process shares the engine), read at scrape time.
+  let batchedSeen = chainBatchStats();
+  const batchedFrom = batchedSeen;
+  const catchUpBatched = () => {
+    const now = chainBatchStats();
+    batchedSteps.inc(now.steps - batchedSeen.steps);
+    batchedRuns.inc(now.runs - batchedSeen.runs);
+    batchedSeen = now;
+  };
+  const batchedSteps = new Counter({
+    name: `${p}batched_steps_total`,
+    help: 'Chain steps run in one pass for the generations in flight (with batching on)',
+    registers: [registry],
+    collect: catchUpBatched,
+  });
+  const batchedRuns = new Counter({
+    name: `${p}batched_step_generations_total`,
+    help: 'Generations those steps held, summed: over batched_steps_total, the mean batch',
+    registers: [registry],
+  });
+  new Gauge({
+    name: `${p}mean_batch`,
+    help: 'Generations per batched chain step since the server started',
+    registers: [registry],
+    collect() {
+      const now = chainBatchStats();
+      const steps = now.steps - batchedFrom.steps;
+      this.set(steps ? (now.runs - batchedFrom.runs) / steps : 0);
     },
   });
   const updates = new Counter({ name: `${p}draft_updates_total`, help: 'Online distillation updates applied to the draft', labelNames: ['draft'], registers: [registry] });

@@ -3,7 +3,7 @@
 // caches as they would, check its arguments and leave the caches alone on an error.
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createSpeculativeDecoder, loadModel, verifyChain, type Model, type SamplingOptions, type Sequence } from '../lib/index.js';
+import { chainBatchStats, createSpeculativeDecoder, loadModel, verifyChain, type Model, type SamplingOptions, type Sequence } from '../lib/index.js';
 
 const TARGET = join(import.meta.dirname, '../models/default-target.gguf');
 const DRAFT = join(import.meta.dirname, '../models/default-draft.gguf');
@@ -202,6 +202,75 @@ describe('Sequence.chainStep (default pair)', () => {
     await expect(T.chainRun(D, [last], { ...ok, streamBase: -1 })).rejects.toThrow(/streamBase/);
     expect([T.length, D.length]).toEqual([context.length - 1, context.length - 1]);
     await Promise.all([T.dispose(), D.dispose()]);
+  });
+
+  it('chainRun with batch: runs of several sequences in flight together give each its own tokens, rows and caches', async () => {
+    const cases = [
+      { behind: 0, count: 3, sampling: { temperature: 0 }, seed: 0, streamBase: 0n, maxSteps: 16 },
+      { behind: 2, count: 1, sampling: { temperature: 1 }, seed: 5, streamBase: 7n << 32n, maxSteps: 24 },
+      { behind: 0, count: 5, sampling: { temperature: 0.8, topK: 30 }, seed: 9, streamBase: 1n << 32n, maxSteps: 12 },
+      { behind: 1, count: 2, sampling: { temperature: 1.1, topP: 0.9 }, seed: 2, streamBase: 3n << 32n, maxSteps: 20, vocabSize: 3000 },
+    ];
+    const run = async (batch: boolean, together: boolean) => {
+      const pairs = await Promise.all(cases.map((c) => pair(c.behind)));
+      const call = (i: number) => {
+        const { behind, ...c } = cases[i]!;
+        const [T, D] = pairs[i]!;
+        return T.chainRun(D, context.slice(-1 - behind), { ...c, last: context[context.length - 1]!, keepLogits: true, batch });
+      };
+      const results = together ? await Promise.all(cases.map((_, i) => call(i))) : [];
+      if (!together) for (let i = 0; i < cases.length; i++) results.push(await call(i));
+      return { pairs, results };
+    };
+    const alone = await run(false, false);
+    const before = chainBatchStats();
+    const joined = await run(true, true);
+    const after = chainBatchStats();
+    for (let i = 0; i < cases.length; i++) {
+      const a = alone.results[i]!;
+      const b = joined.results[i]!;
+      expect(Array.from(b.acceptedCounts)).toEqual(Array.from(a.acceptedCounts));
+      expect(Array.from(b.tokens)).toEqual(Array.from(a.tokens));
+      expect(sameBits(b.targetLogits!, a.targetLogits!)).toBe(true);
+      const [Ta, Da] = alone.pairs[i]!;
+      const [Tb, Db] = joined.pairs[i]!;
+      expect([Tb.length, Db.length]).toEqual([Ta.length, Da.length]);
+      const next = [a.tokens[a.tokens.length - 1]!];
+      expect(sameBits(await Tb.evaluate(next), await Ta.evaluate(next))).toBe(true);
+    }
+    // Some steps held several runs.
+    expect(after.steps).toBeGreaterThan(before.steps);
+    expect(after.runs - before.runs).toBeGreaterThan(after.steps - before.steps);
+    const [T, D] = joined.pairs[0]!;
+    await expect(T.chainRun(D, [1], { last: 1, count: 2, batch: 1 as never })).rejects.toThrow(/options\.batch must be a boolean/);
+    await Promise.all([...alone.pairs, ...joined.pairs].flat().map((s) => s.dispose()));
+  });
+
+  it('a decoder with batching gives every concurrent request the tokens it gives without it', async () => {
+    const requests = [
+      { sampling: { temperature: 0 }, seed: 0 },
+      { sampling: { temperature: 1 }, seed: 11 },
+      { sampling: { temperature: 0.7, topK: 20 }, seed: 12 },
+      { sampling: { temperature: 0 }, seed: 0, prompt: 'Once upon a time' },
+      { sampling: { temperature: 0.9, topP: 0.95 }, seed: 13, prompt: 'The committee will' },
+    ];
+    const outputs = async (batching: boolean) => {
+      const dec = createSpeculativeDecoder({ target, draft, strategy: { kind: 'chain', length: 4 }, maxConcurrent: 8, batching });
+      expect(dec.batching).toBe(batching);
+      const before = chainBatchStats();
+      const rs = await Promise.all(
+        requests.map((r) => dec.generate({ ...(r.prompt ? { prompt: r.prompt } : { tokens: context }), maxTokens: 48, sampling: r.sampling, seed: r.seed, stopTokens: [] })),
+      );
+      const after = chainBatchStats();
+      await dec.dispose();
+      return { tokens: rs.map((r) => Array.from(r.tokens)), steps: after.steps - before.steps, runs: after.runs - before.runs };
+    };
+    const plain = await outputs(false);
+    const batched = await outputs(true);
+    expect(batched.tokens).toEqual(plain.tokens);
+    expect(plain.steps).toBe(0);
+    expect(batched.runs).toBeGreaterThan(batched.steps);
+    expect(() => createSpeculativeDecoder({ target, draft, batching: 'yes' as never })).toThrow(/batching must be a boolean/);
   });
 
   it('the decoder counts, reports and records only the steps of a run that it keeps (stop strings cut runs)', async () => {

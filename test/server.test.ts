@@ -270,6 +270,7 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     expect(() => createServer({ target, draft, modelId: 5 as never })).toThrow(new TypeError('modelId must be a non-empty string'));
     expect(() => createServer({ target, draft, max_concurrent: 8 } as never)).toThrow(/^options\.max_concurrent is not an option \(did you mean maxConcurrent\?\)/);
     expect(() => createServer({ target, draft, registry: {} as never })).toThrow(new TypeError('registry must be a prom-client Registry'));
+    expect(() => createServer({ target, draft, batching: 1 as never })).toThrow(new TypeError('batching must be a boolean'));
     expect(() => createServer({ target, draft, metricsPrefix: 'bad prefix!' })).toThrow(/^metricsPrefix must be a Prometheus metric name prefix/);
     expect(() => createServer({ target, draft, strictFields: 'no' as never })).toThrow(new TypeError('strictFields must be a boolean'));
   });
@@ -518,6 +519,12 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     (handler.decoder as OnlineDecoder).emit('update-error', { error: new Error('disk full') });
     expect(sample(await (await fetch(`${base}/metrics`)).text(), `osd_draft_update_errors_total${d}`)).toBe(errorsBefore + 1);
     expect(sample(text, 'osd_pass_duration_seconds{model="target"}')).toBeGreaterThan(0);
+    // Batching is on by default: the concurrent requests' chain steps ran together.
+    const batchedSteps = sample(text, 'osd_batched_steps_total');
+    expect(batchedSteps).toBeGreaterThan(0);
+    expect(sample(text, 'osd_batched_step_generations_total')).toBeGreaterThan(batchedSteps);
+    expect(sample(text, 'osd_mean_batch')).toBeGreaterThan(1);
+    expect(sample(text, 'osd_mean_batch')).toBeLessThanOrEqual(2); // maxConcurrent 2
     expect(sample(text, 'osd_pass_duration_seconds{model="draft"}')).toBeGreaterThan(0);
     expect(sample(text, 'osd_passes_total{model="target"}')).toBeGreaterThan(0);
     expect(text).toContain('# TYPE osd_time_to_first_token_seconds histogram');

@@ -13,6 +13,7 @@
 
 #include "backend/select.h"
 #include "core/error.h"
+#include "core/thread_pool.h"
 
 namespace osd {
 
@@ -44,6 +45,16 @@ void check_member(const ChainStepMember& m) {
                 std::to_string(m.draft->capacity()));
 }
 
+// fn(k) for k < n: on the thread pool when there are several members (each call's own
+// parallel_for then runs inline), on this thread with its pool for one.
+template <class F>
+void for_members(size_t n, F&& fn) {
+  if (n == 1) return fn(0);
+  default_pool().parallel_for(n, 1, [&](size_t lo, size_t hi) {
+    for (size_t k = lo; k < hi; ++k) fn(k);
+  });
+}
+
 }  // namespace
 
 void chain_step_batch(ChainStepMember* members, int32_t count, ChainStepTimes* times) {
@@ -60,7 +71,11 @@ void chain_step_batch(ChainStepMember* members, int32_t count, ChainStepTimes* t
   };
   // Member k's draft rows (g x V) at row_at[k]; a row as wide as the model's is written in place,
   // a wider one through `wide` and cut to V.
-  thread_local std::vector<float> draft_rows, wide;
+  // (Used through references: the per-member lambdas run on pool threads, where these names would
+  // mean those threads' own copies.)
+  thread_local std::vector<float> tl_draft_rows, tl_wide;
+  std::vector<float>& draft_rows = tl_draft_rows;
+  std::vector<float>& wide = tl_wide;
   std::vector<size_t> row_at(count + 1, 0);
   int32_t g_max = 0;
   for (int32_t k = 0; k < count; ++k) {
@@ -94,20 +109,21 @@ void chain_step_batch(ChainStepMember* members, int32_t count, ChainStepTimes* t
         in_pass.push_back(k);
       }
       Sequence::evaluate_parts(parts.data(), static_cast<int32_t>(parts.size()));
-      for (size_t j = 0; j < in_pass.size(); ++j) {
+      for_members(in_pass.size(), [&](size_t j) {
         const ChainStepMember& m = members[in_pass[j]];
         const ChainStepParams& p = *m.params;
         float* row = &draft_rows[row_at[in_pass[j]] + static_cast<size_t>(i) * p.vocab];
         if (p.vocab != vd) std::memcpy(row, parts[j].logits, sizeof(float) * p.vocab);
         m.draft_tokens[i] = sample_token(row, p.vocab, p.sampling, p.seed, p.draft_stream, static_cast<uint32_t>(i),
                                          "draft logits", i);
-      }
+      });
     }
     drafted = Clock::now();
     // The target's pass over `last` and the drafted tokens of every member, then each chain verified
     // with the current backend.
     const int32_t vt = members[0].target->model().config().vocab;
-    thread_local std::vector<int32_t> input;
+    thread_local std::vector<int32_t> tl_input;
+    std::vector<int32_t>& input = tl_input;
     std::vector<size_t> in_at(count + 1, 0), wide_at(count + 1, 0);
     for (int32_t k = 0; k < count; ++k) {
       const ChainStepParams& p = *members[k].params;
@@ -126,7 +142,7 @@ void chain_step_batch(ChainStepMember* members, int32_t count, ChainStepTimes* t
       parts.push_back({m.target, &input[in_at[k]], p.count + 1, nullptr, out, false});
     }
     Sequence::evaluate_parts(parts.data(), count);
-    for (int32_t k = 0; k < count; ++k) {
+    for_members(count, [&](size_t k) {
       ChainStepMember& m = members[k];
       const ChainStepParams& p = *m.params;
       if (p.vocab != vt)
@@ -147,7 +163,7 @@ void chain_step_batch(ChainStepMember* members, int32_t count, ChainStepTimes* t
       b.seed = p.seed;
       ChainBatchOut bo{&m.accepted, m.out_tokens};
       current_backend().verify_chain_batch(b, bo);
-    }
+    });
   } catch (...) {
     restore();
     throw;
@@ -175,6 +191,15 @@ int32_t chain_step(Sequence& target, Sequence& draft, const int32_t* pending, in
 
 namespace {
 
+// The longest a batched step waits for runs that paused at the step before: a quarter of that
+// step's time, at most 2 ms, and only after steps of 4 ms or more. Their callers' round trip took
+// 0.5-1 ms in Node: on SmolLM2-135M, where a step of four runs takes 15-20 ms, waiting keeps the
+// batches full (3.5 runs of 4 against 2.1, 1.2x the tokens/s); on the default pair, 1-2 ms steps,
+// it cost more than it gained.
+constexpr double kMinGraceStepMs = 4.0;
+constexpr double kMaxGraceMs = 2.0;
+constexpr double kGraceOfStep = 0.25;
+
 // One chain run's state between its steps: what chain_run keeps in its loop.
 class RunState {
  public:
@@ -201,8 +226,11 @@ class RunState {
             draft_tokens_.data(), emitted_.data(), rows_.data()};
   }
 
-  // Records a step that accepted a tokens; true when the run is over.
-  bool after_step(int32_t a, const ChainStepTimes& t) {
+  // Records a step that accepted a tokens, and says whether the run goes on: Over when it emitted a
+  // stop token, Paused when it ends for its step or time budget, an interrupt or the room left (the
+  // caller usually runs again at once).
+  enum class Next { Step, Paused, Over };
+  Next after_step(int32_t a, const ChainStepTimes& t) {
     const int32_t g = p_.step.count, V = p_.step.vocab;
     out_.times.draft_ms += t.draft_ms;
     out_.times.target_ms += t.target_ms;
@@ -217,14 +245,15 @@ class RunState {
     const int64_t committed = int64_t(target_.length()) + 1;
     const bool room = remaining_ > g && committed + g + 1 <= target_.capacity() && committed + g + 1 <= draft_.capacity();
     const double ms = ms_between(start_, Clock::now());
-    if (stop || !room || steps_ >= p_.max_steps || (p_.max_ms > 0 && ms >= p_.max_ms)) return true;
-    if (interrupt_ && interrupt_->load(std::memory_order_relaxed)) return true;
+    if (stop) return Next::Over;
+    if (!room || steps_ >= p_.max_steps || (p_.max_ms > 0 && ms >= p_.max_ms)) return Next::Paused;
+    if (interrupt_ && interrupt_->load(std::memory_order_relaxed)) return Next::Paused;
     // The draft holds what it had, the pending tokens and the accepted ones it evaluated; the rest
     // of the emitted tokens are the next step's pending ones.
     const int32_t kept = draft_.length() - (d_before_ + static_cast<int32_t>(next_.size()));
     next_.assign(emitted_.begin() + kept, emitted_.begin() + a + 1);
     last_ = emitted_[a];
-    return false;
+    return Next::Step;
   }
 
   // After a failed step: the caller gets no tokens, and the caches go back to where the run started.
@@ -263,10 +292,16 @@ struct Joiner {
 struct JoinGroup {
   std::vector<Joiner*> active, joining;
   bool led = false;
+  // Runs that paused at the last step boundary (their caller usually starts the next run at once),
+  // not yet back, that step's time and end. A group whose runs all paused stays for them.
+  int expected = 0;
+  double step_ms = 0;
+  Clock::time_point step_end;
 };
 
 std::mutex g_join_mu;
-std::condition_variable g_join_cv;
+std::condition_variable g_join_cv;    // a run's end, or the lead handed on
+std::condition_variable g_joined_cv;  // a run joined
 std::map<std::pair<const Model*, const Model*>, JoinGroup> g_groups;
 ChainJoinStats g_join_stats;
 
@@ -284,7 +319,7 @@ int32_t chain_run(Sequence& target, Sequence& draft, const int32_t* pending, int
       run.fail();
       throw;
     }
-    if (run.after_step(m.accepted, t)) break;
+    if (run.after_step(m.accepted, t) != RunState::Next::Step) break;
   }
   return run.steps();
 }
@@ -299,13 +334,35 @@ int32_t chain_run_joined(Sequence& target, Sequence& draft, const int32_t* pendi
   self.run = &run;
   const auto key = std::make_pair(run.target_model(), run.draft_model());
   std::unique_lock<std::mutex> lk(g_join_mu);
+  // Groups left waiting for runs that did not come back (their requests ended) go after a second.
+  for (auto it = g_groups.begin(); it != g_groups.end();) {
+    const JoinGroup& gr = it->second;
+    const bool idle = !gr.led && gr.active.empty() && gr.joining.empty();
+    it = idle && ms_between(gr.step_end, Clock::now()) > 1000 ? g_groups.erase(it) : std::next(it);
+  }
   JoinGroup* group = &g_groups[key];
   group->joining.push_back(&self);
+  if (group->expected > 0) {
+    --group->expected;
+    g_joined_cv.notify_all();
+  }
   if (!group->led) group->led = self.lead = true;
   g_join_cv.wait(lk, [&] { return self.done || self.lead; });
+  if (!self.lead) {  // another thread led this run to its end
+    lk.unlock();
+    if (self.error) std::rethrow_exception(self.error);
+    return run.steps();
+  }
   // Leading: step every run of the group until this one ends, then hand the lead on.
   std::vector<ChainStepMember> members;
   while (!self.done) {
+    // Runs that paused at the last boundary rejoin after a round trip through their caller; a short
+    // wait (a fraction of a step) keeps them in this step instead of leaving them out of it.
+    if (group->expected > 0 && group->step_ms >= kMinGraceStepMs) {
+      const auto grace = std::chrono::duration<double, std::milli>(std::min(kMaxGraceMs, kGraceOfStep * group->step_ms));
+      g_joined_cv.wait_for(lk, grace, [&] { return group->expected == 0; });
+    }
+    group->expected = 0;
     group->active.insert(group->active.end(), group->joining.begin(), group->joining.end());
     group->joining.clear();
     std::vector<Joiner*> batch = group->active;
@@ -316,6 +373,7 @@ int32_t chain_run_joined(Sequence& target, Sequence& draft, const int32_t* pendi
     for (Joiner* j : batch) members.push_back(j->run->member());
     ChainStepTimes t;
     std::exception_ptr error;
+    const auto t_step = Clock::now();
     try {
       chain_step_batch(members.data(), static_cast<int32_t>(members.size()), &t);
     } catch (...) {
@@ -324,22 +382,31 @@ int32_t chain_run_joined(Sequence& target, Sequence& draft, const int32_t* pendi
     // The runs' own state is theirs to touch while their threads wait; `done` only under the lock,
     // which is what their threads read.
     std::vector<char> ended(batch.size());
+    int paused = 0;
     for (size_t k = 0; k < batch.size(); ++k) {
       if (error) batch[k]->run->fail();
-      ended[k] = error || batch[k]->run->after_step(members[k].accepted, t);
+      const RunState::Next next = error ? RunState::Next::Over : batch[k]->run->after_step(members[k].accepted, t);
+      ended[k] = next != RunState::Next::Step;
+      paused += next == RunState::Next::Paused;
     }
+    const double step_ms = ms_between(t_step, Clock::now());
     lk.lock();
     for (size_t k = 0; k < batch.size(); ++k) {
       batch[k]->done = ended[k];
       if (error) batch[k]->error = error;
     }
+    group->expected = paused;
+    group->step_ms = step_ms;
+    group->step_end = Clock::now();
     auto& act = group->active;
     act.erase(std::remove_if(act.begin(), act.end(), [](Joiner* j) { return j->done; }), act.end());
     g_join_cv.notify_all();
   }
-  // Done: the lead passes to a run still in the group, or the group ends.
+  // This run is over: the lead passes to a run still in the group; or the group waits, unled, for
+  // the runs that paused; or it ends.
   if (!group->active.empty()) group->active.front()->lead = true;
   else if (!group->joining.empty()) group->joining.front()->lead = true;
+  else if (group->expected > 0) group->led = false;
   else g_groups.erase(key);
   g_join_cv.notify_all();
   lk.unlock();

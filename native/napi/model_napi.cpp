@@ -562,17 +562,17 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   class ChainRunWorker : public PairWorker {
    public:
     ChainRunWorker(Napi::Env env, SequenceWrap& target, SequenceWrap& draft, std::shared_ptr<std::atomic<bool>> interrupt,
-                   std::vector<int32_t> pending, int32_t last, ChainRunParams p, std::vector<int32_t> stop)
+                   std::vector<int32_t> pending, int32_t last, ChainRunParams p, std::vector<int32_t> stop, bool batch)
         : PairWorker(env, target, draft), interrupt_(std::move(interrupt)), pending_(std::move(pending)), last_(last), p_(p),
-          stop_(std::move(stop)) {
+          stop_(std::move(stop)), batch_(batch) {
       p_.stop = stop_.data();
       p_.n_stop = static_cast<int32_t>(stop_.size());
     }
 
    protected:
     void run() override {
-      osd::chain_run(*target_, *draft_, pending_.data(), static_cast<int32_t>(pending_.size()), last_, p_, out_,
-                     interrupt_.get());
+      auto run = batch_ ? osd::chain_run_joined : osd::chain_run;
+      run(*target_, *draft_, pending_.data(), static_cast<int32_t>(pending_.size()), last_, p_, out_, interrupt_.get());
     }
     void OnOK() override {
       release();
@@ -592,12 +592,13 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     int32_t last_;
     ChainRunParams p_;
     std::vector<int32_t> stop_;
+    bool batch_;
     ChainRunOut out_;
   };
 
   // chainRun(draft, pending, { last, count, vocabSize?, sampling, seed?, streamBase?, firstStep?,
-  // maxSteps?, maxMs?, remaining?, stopTokens?, keepLogits? }): Promise<{ acceptedCounts, tokens,
-  // targetLogits?, draftMs, targetMs }>; see chain_run.
+  // maxSteps?, maxMs?, remaining?, stopTokens?, keepLogits?, batch? }): Promise<{ acceptedCounts, tokens,
+  // targetLogits?, draftMs, targetMs }>; see chain_run, and chain_run_joined for batch.
   Napi::Value chain_run(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
@@ -615,9 +616,10 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       p.remaining = get_int_or(o, "remaining", 1, INT64_C(1) << 52, INT64_C(1) << 52);
       std::vector<int32_t> stop = stop_tokens(o, vt);
       p.keep_logits = get_prop(o, "keepLogits").ToBoolean();
+      const bool batch = get_prop(o, "batch").ToBoolean();
       std::vector<int32_t> pending = pending_tokens(info, a.draft);  // phase 2: no JavaScript runs from here
       cancel_ = std::make_shared<std::atomic<bool>>(false);  // cancel() ends the run after its current step
-      auto* w = new ChainRunWorker(env, *this, *a.draft, cancel_, std::move(pending), a.last, p, std::move(stop));
+      auto* w = new ChainRunWorker(env, *this, *a.draft, cancel_, std::move(pending), a.last, p, std::move(stop), batch);
       w->Queue();
       return w->promise();
     });
@@ -873,7 +875,19 @@ Napi::Value save_model(const Napi::CallbackInfo& info) {
   });
 }
 
+// chainJoinStats(): { steps, runs }: batched chain steps run so far in this process, and the chain
+// runs they held together (runs / steps is the mean batch).
+Napi::Value chain_join_stats_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const ChainJoinStats st = chain_join_stats();
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("steps", Napi::Number::New(env, static_cast<double>(st.steps)));
+  r.Set("runs", Napi::Number::New(env, static_cast<double>(st.members)));
+  return r;
+}
+
 void init(Napi::Env env, Napi::Object exports) {
+  exports.Set("chainJoinStats", Napi::Function::New(env, chain_join_stats_js, "chainJoinStats"));
   exports.Set("writeRandomModel", Napi::Function::New(env, write_random_model, "writeRandomModel"));
   exports.Set("saveModel", Napi::Function::New(env, save_model, "saveModel"));
   exports.Set("convertModel", Napi::Function::New(env, convert_model_js, "convertModel"));

@@ -482,7 +482,8 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
       this.set({ draft: draftName }, counts.steps ? counts.accepted / counts.steps : 0);
     },
   });
-  // Batched chain steps, process-wide (every decoder in the process shares the engine), read at scrape time.
+  // Batched chain steps, read at scrape time: process-wide counts (the engine is shared by every
+  // decoder in the process), from this server's start.
   let batchedSeen = chainBatchStats();
   const batchedFrom = batchedSeen;
   const catchUpBatched = () => {
@@ -493,7 +494,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   };
   const batchedSteps = new Counter({
     name: `${p}batched_steps_total`,
-    help: 'Chain steps run in one pass for the generations in flight (with batching on)',
+    help: 'Chain steps run in one pass for the generations in flight (with batching on; every decoder in the process)',
     registers: [registry],
     collect: catchUpBatched,
   });
@@ -501,6 +502,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     name: `${p}batched_step_generations_total`,
     help: 'Generations those steps held, summed: over batched_steps_total, the mean batch',
     registers: [registry],
+    collect: catchUpBatched,
   });
   new Gauge({
     name: `${p}mean_batch`,

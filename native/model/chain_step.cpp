@@ -43,6 +43,10 @@ void check_member(const ChainStepMember& m) {
   if (draft_need > m.draft->capacity())
     throw_range("the sequence would hold " + std::to_string(draft_need) + " tokens, more than its context of " +
                 std::to_string(m.draft->capacity()));
+  for (int32_t i = 0; i < m.n_pending; ++i)
+    if (m.pending[i] < 0 || m.pending[i] >= vd)
+      throw_range("tokens[" + std::to_string(i) + "] = " + std::to_string(m.pending[i]) +
+                  " is out of range for a vocabulary of " + std::to_string(vd));
 }
 
 // fn(k) for k < n: on the thread pool when there are several members (each call's own
@@ -305,6 +309,87 @@ std::condition_variable g_joined_cv;  // a run joined
 std::map<std::pair<const Model*, const Model*>, JoinGroup> g_groups;
 ChainJoinStats g_join_stats;
 
+// One batched step of `batch`: each run's outcome, or its error (its caches then as they were
+// before its run). Should the batched step fail, every cache is back where the step started, so
+// each run steps again alone and only a run that fails alone fails: one request's bad row (a NaN
+// from its own context, say) does not end the others.
+void step_batch(const std::vector<Joiner*>& batch, std::vector<RunState::Next>& next, std::vector<std::exception_ptr>& errors) {
+  const size_t n = batch.size();
+  next.assign(n, RunState::Next::Over);
+  errors.assign(n, nullptr);
+  std::vector<ChainStepMember> members;
+  for (Joiner* j : batch) members.push_back(j->run->member());
+  ChainStepTimes t;
+  bool together = true;
+  try {
+    chain_step_batch(members.data(), static_cast<int32_t>(n), &t);
+  } catch (...) {
+    if (n == 1) errors[0] = std::current_exception();
+    together = false;
+  }
+  if (!together && n > 1) {
+    std::lock_guard<std::mutex> lk(g_join_mu);
+    ++g_join_stats.retried;
+  }
+  for (size_t k = 0; k < n; ++k) {
+    if (!together && n > 1) {
+      try {
+        chain_step_batch(&members[k], 1, &t);
+      } catch (...) {
+        errors[k] = std::current_exception();
+      }
+    }
+    if (!errors[k]) {
+      try {
+        next[k] = batch[k]->run->after_step(members[k].accepted, t);
+      } catch (...) {
+        errors[k] = std::current_exception();
+      }
+    }
+    if (errors[k]) batch[k]->run->fail();
+  }
+}
+
+// The leader's loop (the lock held on entry and on return): steps every run of the group, runs
+// joining and leaving between steps, until the leader's own run ends.
+void lead_group(JoinGroup& group, Joiner& self, std::unique_lock<std::mutex>& lk) {
+  std::vector<RunState::Next> next;
+  std::vector<std::exception_ptr> errors;
+  while (!self.done) {
+    // Runs that paused at the last boundary rejoin after a round trip through their caller; a short
+    // wait (a fraction of a step) keeps them in this step instead of leaving them out of it.
+    if (group.expected > 0 && group.step_ms >= kMinGraceStepMs) {
+      const auto grace = std::chrono::duration<double, std::milli>(std::min(kMaxGraceMs, kGraceOfStep * group.step_ms));
+      g_joined_cv.wait_for(lk, grace, [&] { return group.expected == 0; });
+    }
+    group.expected = 0;
+    group.active.insert(group.active.end(), group.joining.begin(), group.joining.end());
+    group.joining.clear();
+    const std::vector<Joiner*> batch = group.active;
+    ++g_join_stats.steps;
+    g_join_stats.members += batch.size();
+    lk.unlock();
+    // The runs' own state is theirs to touch while their threads wait; `done` only under the lock,
+    // which is what their threads read.
+    const auto t_step = Clock::now();
+    step_batch(batch, next, errors);
+    const double step_ms = ms_between(t_step, Clock::now());
+    lk.lock();
+    int paused = 0;
+    for (size_t k = 0; k < batch.size(); ++k) {
+      batch[k]->done = errors[k] || next[k] != RunState::Next::Step;
+      batch[k]->error = errors[k];
+      paused += !errors[k] && next[k] == RunState::Next::Paused;
+    }
+    group.expected = paused;
+    group.step_ms = step_ms;
+    group.step_end = Clock::now();
+    auto& act = group.active;
+    act.erase(std::remove_if(act.begin(), act.end(), [](Joiner* j) { return j->done; }), act.end());
+    g_join_cv.notify_all();
+  }
+}
+
 }  // namespace
 
 int32_t chain_run(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
@@ -354,53 +439,27 @@ int32_t chain_run_joined(Sequence& target, Sequence& draft, const int32_t* pendi
     return run.steps();
   }
   // Leading: step every run of the group until this one ends, then hand the lead on.
-  std::vector<ChainStepMember> members;
-  while (!self.done) {
-    // Runs that paused at the last boundary rejoin after a round trip through their caller; a short
-    // wait (a fraction of a step) keeps them in this step instead of leaving them out of it.
-    if (group->expected > 0 && group->step_ms >= kMinGraceStepMs) {
-      const auto grace = std::chrono::duration<double, std::milli>(std::min(kMaxGraceMs, kGraceOfStep * group->step_ms));
-      g_joined_cv.wait_for(lk, grace, [&] { return group->expected == 0; });
+  try {
+    lead_group(*group, self, lk);
+  } catch (...) {
+    // Only bookkeeping can throw here (an allocation): no run may be left waiting for a lead that
+    // never comes, so every run of the group fails with the error, its caches as they were.
+    if (!lk.owns_lock()) lk.lock();
+    const std::exception_ptr error = std::current_exception();
+    for (auto* list : {&group->active, &group->joining}) {
+      for (Joiner* j : *list) {
+        if (list == &group->active) j->run->fail();
+        j->error = error;
+        j->done = true;
+      }
+      list->clear();
+    }
+    if (!self.done) {
+      run.fail();
+      self.error = error;
+      self.done = true;
     }
     group->expected = 0;
-    group->active.insert(group->active.end(), group->joining.begin(), group->joining.end());
-    group->joining.clear();
-    std::vector<Joiner*> batch = group->active;
-    ++g_join_stats.steps;
-    g_join_stats.members += batch.size();
-    lk.unlock();
-    members.clear();
-    for (Joiner* j : batch) members.push_back(j->run->member());
-    ChainStepTimes t;
-    std::exception_ptr error;
-    const auto t_step = Clock::now();
-    try {
-      chain_step_batch(members.data(), static_cast<int32_t>(members.size()), &t);
-    } catch (...) {
-      error = std::current_exception();
-    }
-    // The runs' own state is theirs to touch while their threads wait; `done` only under the lock,
-    // which is what their threads read.
-    std::vector<char> ended(batch.size());
-    int paused = 0;
-    for (size_t k = 0; k < batch.size(); ++k) {
-      if (error) batch[k]->run->fail();
-      const RunState::Next next = error ? RunState::Next::Over : batch[k]->run->after_step(members[k].accepted, t);
-      ended[k] = next != RunState::Next::Step;
-      paused += next == RunState::Next::Paused;
-    }
-    const double step_ms = ms_between(t_step, Clock::now());
-    lk.lock();
-    for (size_t k = 0; k < batch.size(); ++k) {
-      batch[k]->done = ended[k];
-      if (error) batch[k]->error = error;
-    }
-    group->expected = paused;
-    group->step_ms = step_ms;
-    group->step_end = Clock::now();
-    auto& act = group->active;
-    act.erase(std::remove_if(act.begin(), act.end(), [](Joiner* j) { return j->done; }), act.end());
-    g_join_cv.notify_all();
   }
   // This run is over: the lead passes to a run still in the group; or the group waits, unled, for
   // the runs that paused; or it ends.

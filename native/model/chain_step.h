@@ -90,14 +90,16 @@ int32_t chain_run(Sequence& target, Sequence& draft, const int32_t* pending, int
 // models: their steps run together (chain_step_batch). A run joins at the next step and leaves when
 // its own run ends, the others going on; one of the waiting threads drives the batch at a time.
 // Each run's results are its own chain_run's, bit for bit; only the time per step changes. An error
-// in a batched step fails every run in it, each with its caches as they were before its run.
+// in a batched step is narrowed down: each of its runs steps again alone, and only a run that fails
+// alone fails, with its caches as they were before its run.
 int32_t chain_run_joined(Sequence& target, Sequence& draft, const int32_t* pending, int32_t n_pending, int32_t last,
                          const ChainRunParams& p, ChainRunOut& out, const std::atomic<bool>* interrupt = nullptr);
 
-// How many chain runs chain_run_joined has batched, for tests and metrics: steps run, and the sum
-// over them of the runs in each (their ratio is the mean batch).
+// How many chain runs chain_run_joined has batched, for tests and metrics: steps run, the sum over
+// them of the runs in each (their ratio is the mean batch), and batched steps that failed and were
+// run again one run at a time (so that only a run that fails alone fails).
 struct ChainJoinStats {
-  uint64_t steps = 0, members = 0;
+  uint64_t steps = 0, members = 0, retried = 0;
 };
 ChainJoinStats chain_join_stats();
 

@@ -113,22 +113,23 @@ void Sequence::evaluate_parts(const EvalPart* parts, int32_t count) {
   }
   const Model& m = *parts[0].seq->model_;
   const ModelConfig& c = m.config();
-  // Every part checked before any cache changes.
+  // Every part checked before any cache changes (a part named when there are several).
   for (int32_t k = 0; k < count; ++k) {
     const EvalPart& pt = parts[k];
-    if (pt.n <= 0) throw_range("evaluate: at least one token is needed");
+    const std::string part = count > 1 ? "part " + std::to_string(k) + ": " : "";
+    if (pt.n <= 0) throw_range(part + "evaluate: at least one token is needed");
     for (int32_t i = 0; i < pt.n; ++i) {
       if (pt.tokens[i] < 0 || pt.tokens[i] >= c.vocab)
-        throw_range("tokens[" + std::to_string(i) + "] = " + std::to_string(pt.tokens[i]) + " is out of range for a vocabulary of " +
-                    std::to_string(c.vocab));
+        throw_range(part + "tokens[" + std::to_string(i) + "] = " + std::to_string(pt.tokens[i]) +
+                    " is out of range for a vocabulary of " + std::to_string(c.vocab));
       if (pt.parents && (pt.parents[i] < -1 || pt.parents[i] >= i))
-        throw_range("treeParents[" + std::to_string(i) + "] = " + std::to_string(pt.parents[i]) +
+        throw_range(part + "treeParents[" + std::to_string(i) + "] = " + std::to_string(pt.parents[i]) +
                     " must be -1 or an earlier index in the batch");
     }
     const Sequence& s = *pt.seq;
     if (static_cast<int64_t>(s.length_) + pt.n > s.capacity_)
-      throw_range("the sequence would hold " + std::to_string(int64_t(s.length_) + pt.n) + " tokens, more than its context of " +
-                  std::to_string(s.capacity_));
+      throw_range(part + "the sequence would hold " + std::to_string(int64_t(s.length_) + pt.n) +
+                  " tokens, more than its context of " + std::to_string(s.capacity_));
   }
   for (int32_t k = 0; k < count; ++k) parts[k].seq->reserve(parts[k].seq->length_ + parts[k].n);
 

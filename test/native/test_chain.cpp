@@ -14,7 +14,9 @@
 #include "core/error.h"
 #include "core/thread_pool.h"
 #include "model/chain_step.h"
+#include "io/gguf.h"
 #include "model/model_io.h"
+#include "model/random_model.h"
 
 using namespace osd;
 
@@ -258,6 +260,89 @@ OSD_TEST(chain_batches_check_every_member_first) {
   CHECK_EQ(a.target->length(), ta);
   CHECK(chain_run_joined(*a.target, *a.draft, a.pending.data(), 1, a.last, p, o) >= 1);
   CHECK(a.target->length() > ta);
+}
+
+// A run whose own context gives NaN draft logits fails alone: the batched step that held it is run
+// again one run at a time, and the other runs end as they would alone. The draft is a random model
+// (output untied) whose embedding row of token kBad is NaN; the failing run's `last` is kBad.
+OSD_TEST(a_run_that_fails_fails_alone_in_a_batch) {
+  Pair pr = load_pair();
+  if (!pr.target) return;
+  const int32_t kBad = 300;
+  const std::string path = "/tmp/osd-test-chain-nan-" + std::to_string(::getpid()) + ".gguf";
+  ModelConfig c;
+  c.vocab = 512, c.dim = 64, c.n_layers = 2, c.n_heads = 4, c.n_kv_heads = 2, c.head_dim = 16, c.ffn_dim = 128, c.context = 512;
+  c.tied_output = false;
+  write_random_gguf(path, c, 5, gguf::TensorType::F32);
+  {
+    auto f = gguf::File::open(path);
+    const gguf::TensorInfo& e = f->tensor("token_embd.weight");
+    const uint64_t at = f->data_offset() + e.offset + static_cast<uint64_t>(kBad) * c.dim * sizeof(float);
+    f.reset();
+    FILE* w = std::fopen(path.c_str(), "r+b");
+    CHECK(w != nullptr);
+    const std::vector<float> nan(c.dim, std::nanf(""));
+    std::fseek(w, static_cast<long>(at), SEEK_SET);
+    std::fwrite(nan.data(), sizeof(float), nan.size(), w);
+    std::fclose(w);
+  }
+  Pair bad_pair{pr.target, Model::load(path)};
+  std::remove(path.c_str());
+  const int good = 3;
+  auto params = [](int k) {
+    ChainRunParams p = run_params(k, 0);
+    p.max_steps = 24;
+    return p;
+  };
+  // The good runs alone.
+  std::vector<ChainRunOut> want(good);
+  for (int k = 0; k < good; ++k) {
+    Member m = member_of(bad_pair, k);
+    const ChainRunParams p = params(k);
+    chain_run(*m.target, *m.draft, m.pending.data(), 1, m.last, p, want[k]);
+  }
+  const uint64_t retried_before = chain_join_stats().retried;
+  int attempts = 0;
+  for (; attempts < 40 && chain_join_stats().retried == retried_before; ++attempts) {
+    std::vector<Member> ms;
+    for (int k = 0; k <= good; ++k) ms.push_back(member_of(bad_pair, k));
+    Member& b = ms[good];
+    b.last = kBad, b.pending = {kBad};
+    const int32_t bt = b.target->length(), bd = b.draft->length();
+    std::vector<ChainRunOut> got(good + 1);
+    std::vector<std::string> errors(good + 1);
+    // The good runs start together; the bad one once their batched steps have begun, so that it
+    // joins them.
+    std::atomic<int> start{good};
+    const uint64_t steps0 = chain_join_stats().steps;
+    std::vector<std::thread> ts;
+    for (int k = 0; k <= good; ++k)
+      ts.emplace_back([&, k] {
+        if (k < good) {
+          start.fetch_sub(1);
+          while (start.load() > 0) std::this_thread::yield();
+        } else {
+          while (chain_join_stats().steps == steps0) std::this_thread::yield();
+        }
+        const ChainRunParams p = params(k);
+        try {
+          chain_run_joined(*ms[k].target, *ms[k].draft, ms[k].pending.data(), 1, ms[k].last, p, got[k]);
+        } catch (const std::exception& e) {
+          errors[k] = e.what();
+        }
+      });
+    for (auto& t : ts) t.join();
+    for (int k = 0; k < good; ++k) {
+      CHECK(errors[k].empty());
+      CHECK(got[k].tokens == want[k].tokens);
+      CHECK(got[k].logits.size() == want[k].logits.size() && same_bits(got[k].logits.data(), want[k].logits.data(), want[k].logits.size()));
+    }
+    CHECK(errors[good].find("NaN") != std::string::npos);
+    CHECK_EQ(b.target->length(), bt);
+    CHECK_EQ(b.draft->length(), bd);
+  }
+  std::printf("    a batched step failed and was narrowed down after %d attempt(s)\n", attempts);
+  CHECK(chain_join_stats().retried > retried_before);
 }
 
 OSD_TEST_MAIN()

@@ -410,7 +410,7 @@ OSD_TEST(evaluate_parts_equals_separate_passes) {
   std::vector<float> out(2 * static_cast<size_t>(V));
   a.evaluate(&one, 1, nullptr, out.data());
   EvalPart two[2] = {{&a, &one, 1, nullptr, out.data(), false}, {&b, bad, 2, nullptr, out.data() + V, false}};
-  CHECK_THROWS(Error, Sequence::evaluate_parts(two, 2), "tokens[1]");
+  CHECK_THROWS(Error, Sequence::evaluate_parts(two, 2), "part 1: tokens[1]");
   CHECK_EQ(a.length(), 1);
   CHECK_EQ(b.length(), 0);
   EvalPart same[2] = {{&a, &one, 1, nullptr, out.data(), false}, {&a, &one, 1, nullptr, out.data() + V, false}};

@@ -614,7 +614,7 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     }
   });
   it('osd serve runs standalone, prints its URL and on SIGTERM lets a running stream finish, then exits', async () => {
-    const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'serve', '--port', '0', '--json', '--static', '--target', pair![0], '--draft', pair![1]], {
+    const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'serve', '--port', '0', '--json', '--static', '--no-batching', '--target', pair![0], '--draft', pair![1]], {
       cwd: root,
       stdio: ['ignore', 'pipe', 'pipe'],
     });
@@ -627,6 +627,10 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
       expect(info.url).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/v1$/);
       const r = await client(info.url).completions.create({ model: info.model, prompt: PROMPTS[0]!, max_tokens: MAX, temperature: 0 });
       expect(r.choices[0]!.text).toBe(expected.get(PROMPTS[0]!));
+      // --no-batching: the chain runs went alone (with batching, even a lone request's runs count).
+      const metrics = await (await fetch(info.url.replace(/\/v1$/, '/metrics'))).text();
+      expect(metrics).toMatch(/^osd_batched_steps_total 0$/m);
+      expect(metrics).toMatch(/^osd_speculation_steps_total\{[^}]*\} [1-9]/m);
       // A client that half-closes after its request (nc -N, some proxies) gets the whole reply: Node's
       // default ended the socket at the client's FIN, before the completion was written (an empty reply).
       const u = new URL(info.url);

@@ -14,6 +14,7 @@
 #include "backend/select.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "model/draft.h"
 
 namespace osd {
 
@@ -23,7 +24,7 @@ using Clock = std::chrono::steady_clock;
 
 double ms_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); }
 
-// chain_step's checks of one member, then draft_chain's (the same messages, in the same order).
+// chain_step's checks of one member, then draft_chain's, and its pending tokens'.
 void check_member(const ChainStepMember& m) {
   const ChainStepParams& p = *m.params;
   const int32_t g = p.count, V = p.vocab, vt = m.target->model().config().vocab, vd = m.draft->model().config().vocab;
@@ -36,13 +37,7 @@ void check_member(const ChainStepMember& m) {
   if (need > m.target->capacity())
     throw_range("the target sequence would hold " + std::to_string(need) + " tokens, more than its context of " +
                 std::to_string(m.target->capacity()));
-  if (m.n_pending <= 0) throw_range("tokens must not be empty");
-  if (V > vd) throw_range("vocabSize must be in [1, " + std::to_string(vd) + "], got " + std::to_string(V));
-  validate_sampling(p.sampling);
-  const int64_t draft_need = int64_t(m.draft->length()) + m.n_pending + g - 1;
-  if (draft_need > m.draft->capacity())
-    throw_range("the sequence would hold " + std::to_string(draft_need) + " tokens, more than its context of " +
-                std::to_string(m.draft->capacity()));
+  check_draft_chain(*m.draft, m.n_pending, g, V, p.sampling);
   for (int32_t i = 0; i < m.n_pending; ++i)
     if (m.pending[i] < 0 || m.pending[i] >= vd)
       throw_range("tokens[" + std::to_string(i) + "] = " + std::to_string(m.pending[i]) +

@@ -10,18 +10,22 @@
 
 namespace osd {
 
-int32_t draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const DraftParams& p, int32_t* out_tokens,
-                 float* out_logits, const std::atomic<bool>* cancel) {
+void check_draft_chain(const Sequence& seq, int32_t n, int32_t count, int32_t vocab, const Sampling& s) {
   const int32_t vm = seq.model().config().vocab;
   if (n <= 0) throw_range("tokens must not be empty");
-  if (p.count < 1) throw_range("count must be >= 1, got " + std::to_string(p.count));
-  if (p.vocab < 1 || p.vocab > vm)
-    throw_range("vocabSize must be in [1, " + std::to_string(vm) + "], got " + std::to_string(p.vocab));
-  validate_sampling(p.sampling);
-  const int64_t need = int64_t(seq.length()) + n + p.count - 1;
+  if (count < 1) throw_range("count must be >= 1, got " + std::to_string(count));
+  if (vocab < 1 || vocab > vm) throw_range("vocabSize must be in [1, " + std::to_string(vm) + "], got " + std::to_string(vocab));
+  validate_sampling(s);
+  const int64_t need = int64_t(seq.length()) + n + count - 1;
   if (need > seq.capacity())
     throw_range("the sequence would hold " + std::to_string(need) + " tokens, more than its context of " +
                 std::to_string(seq.capacity()));
+}
+
+int32_t draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const DraftParams& p, int32_t* out_tokens,
+                 float* out_logits, const std::atomic<bool>* cancel) {
+  const int32_t vm = seq.model().config().vocab;
+  check_draft_chain(seq, n, p.count, p.vocab, p.sampling);
   const int32_t start = seq.length();
   // Rows as wide as the model's go straight to the output; wider ones are cut to `vocab`.
   std::vector<float> scratch(p.vocab == vm ? 0 : vm);

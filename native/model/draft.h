@@ -23,6 +23,10 @@ struct DraftParams {
   int32_t n_stop = 0;
 };
 
+// draft_chain's checks of its arguments (RangeError naming each): n > 0 tokens to evaluate, count,
+// vocab and sampling, and room in the sequence for the n tokens and draft tokens 0..count-2.
+void check_draft_chain(const Sequence& seq, int32_t n, int32_t count, int32_t vocab, const Sampling& s);
+
 // Evaluates tokens[0..n) after the sequence's length, then for i < count samples draft token i
 // from the latest row and, if i + 1 < count and it is not a stop token, evaluates it. Returns the
 // number of tokens drawn, d (count, or fewer when token d - 1 is a stop token), with out_tokens[d]

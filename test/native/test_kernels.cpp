@@ -1202,16 +1202,26 @@ OSD_TEST(thread_pool_covers_range_and_propagates_errors) {
 OSD_TEST(thread_pool_threads_keep_their_share) {
   // Each thread takes its own share of the chunks first: back to back, the caller runs chunk 0 of a
   // job of one chunk per thread (taken in order, a spinning worker won it about a quarter of the
-  // time, and a later pass split alike then read what the other core had touched). Only a caller
-  // descheduled between publishing and claiming leaves it to a worker.
+  // time, and a later pass split alike then read what the other core had touched). Chunk 1 holds
+  // its thread until chunk 0 is claimed (at most 20 ms), so that the claim order decides, not how
+  // soon a worker done with its own share takes the caller's leftover (on a loaded host the caller
+  // can be descheduled for longer than an empty chunk takes). Only a caller descheduled for that
+  // long between publishing and claiming leaves chunk 0 to a worker.
   ThreadPool pool(2);
   const std::thread::id caller = std::this_thread::get_id();
   int mine = 0;
   const int jobs = 2000;
   for (int i = 0; i < jobs; ++i) {
     bool first = false;
+    std::atomic<bool> zero_claimed{false};
     pool.parallel_for(2, 1, [&](size_t lo, size_t) {
-      if (lo == 0) first = std::this_thread::get_id() == caller;
+      if (lo == 0) {
+        first = std::this_thread::get_id() == caller;
+        zero_claimed = true;
+        return;
+      }
+      const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(20);
+      while (!zero_claimed && std::chrono::steady_clock::now() < until) std::this_thread::yield();
     });
     mine += first;
   }

@@ -7,8 +7,8 @@
 //                             [--samplings greedy,T=0.8] [--pairs default,smollm2,big]
 //                             [--target PATH --draft PATH] [--threads N] [--json-only]
 //
-// --pairs (default: default): the default pair; smollm2, SmolLM2-135M Q4_1 with
-// models/smollm2-draft.gguf; big, a random 210M-parameter Q4_0 target (memory-bound, as larger
+// --pairs (default: default): the default pair; smollm2, SmolLM2-135M Q4_1 with its draft (as
+// bench/smollm2.ts finds it); big, a random 210M-parameter Q4_0 target (memory-bound, as larger
 // models are) with a random draft (acceptance near 0: it measures the passes, not the draft).
 // --target and --draft run that pair instead.
 // Chain g = 4, as the server's default.
@@ -16,9 +16,9 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chainBatchStats, createSpeculativeDecoder, loadModel, setThreads, writeRandomModel, type Model, type SamplingOptions } from '../lib/index.js';
-import { packageRoot } from '../lib/addon.js';
 import { DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET } from '../lib/demo.js';
 import { fmtNum, formatTable, machineFacts, parseArgs, probeBandwidth, progress, writeResults } from './common.js';
+import { SMOLLM2_TARGET, findDraft } from './smollm2.js';
 
 const { flags, values } = parseArgs(process.argv.slice(2), {
   booleans: ['quick', 'json-only'],
@@ -39,8 +39,6 @@ for (const n of wanted ?? []) if (!ALL_SAMPLINGS.some((s) => s.name === n)) thro
 const SAMPLINGS = ALL_SAMPLINGS.filter((s) => !wanted || wanted.includes(s.name));
 if ((values.has('target') || values.has('draft')) && !(values.has('target') && values.has('draft'))) throw new RangeError('--target and --draft go together');
 
-const SMOLLM2 = join(packageRoot, '..', 'shared', 'models', 'smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf');
-const SMOLLM2_DRAFT = join(packageRoot, 'models', 'smollm2-draft.gguf');
 const pairNames = (values.get('pairs') ?? 'default').split(',');
 for (const n of pairNames) if (!['default', 'smollm2', 'big'].includes(n)) throw new RangeError(`--pairs: unknown pair '${n}' (known: default, smollm2, big)`);
 const pairs: { name: string; target: string; draft: string }[] = [];
@@ -49,8 +47,8 @@ if (values.has('target')) pairs.push({ name: 'given', target: values.get('target
 else {
   if (pairNames.includes('default')) pairs.push({ name: 'default pair', target: DEFAULT_TARGET, draft: DEFAULT_DRAFT });
   if (pairNames.includes('smollm2')) {
-    if (!existsSync(SMOLLM2) || !existsSync(SMOLLM2_DRAFT)) throw new Error(`--pairs smollm2 needs ${SMOLLM2} and ${SMOLLM2_DRAFT}`);
-    pairs.push({ name: 'SmolLM2-135M Q4_1', target: SMOLLM2, draft: SMOLLM2_DRAFT });
+    if (!existsSync(SMOLLM2_TARGET)) throw new Error(`--pairs smollm2 needs ${SMOLLM2_TARGET}`);
+    pairs.push({ name: 'SmolLM2-135M Q4_1', target: SMOLLM2_TARGET, draft: findDraft() });
   }
   if (pairNames.includes('big')) {
     tmp = mkdtempSync(join(tmpdir(), 'osd-bench-batching-'));

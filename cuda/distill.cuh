@@ -45,14 +45,17 @@ void set_blocked_divergence(bool on);
 
 // With the blocked scheme on: reverse KL, JSD and TVD in one pass over the data on sm_90 (one
 // thread-block cluster per row, the row kept in shared memory; 12 bytes move per entry against the
-// three kernels' 28), where the row fits a cluster. Off unless OSD_CUDA_CLUSTER_DIVERGENCE=1: it
-// has not yet run on a GPU (test_cuda checks it against the CPU both ways; bench_cuda times it).
+// three kernels' 28), where the row fits a cluster. On unless OSD_CUDA_CLUSTER_DIVERGENCE=0 (then
+// the three blocked kernels run); test_cuda checks both against the CPU, bench_cuda times both.
 bool cluster_divergence();
 void set_cluster_divergence(bool on);
 
 // How many one-cluster-per-row distillation kernels have been launched (forward KL and the
 // divergences): tests tell from it which path ran.
 long long cluster_launches();
+// Warps (2048-logit blocks) per CTA of those kernels; 0 (the default) lets the launcher choose
+// (four, or more where a row needs more than 16 CTAs of four). For measuring.
+void set_cluster_warps(int warps);
 // Whether this build runs the cluster kernels on the current device (sm_90 code for it, CUDA 12+).
 bool cluster_kernels_built();
 

@@ -1580,6 +1580,52 @@ OSD_TEST(distill_forward_kl_large_vocab_matches_cpu) {
   check_bad_rows_like_cpu(g, rng, DistillKind::ForwardKL, 32000);
 }
 
+// The cluster kernels with every CTA shape (set_cluster_warps: W blocks per CTA, C = nb / W CTAs per
+// cluster): the blocks are combined in block order whatever the shape, so loss and gradient must
+// have the default shape's bits (which the tests above hold to the CPU).
+OSD_TEST(distill_cluster_shapes_give_the_same_bits) {
+  CudaBackend& g = gpu();
+  if (!cuda::cluster_kernels_built() || device_cc_major() < 9) throw Skip{"no sm_90 cluster kernels on this device"};
+  BlockedDivergence blocked(true);
+  ClusterDivergence one_pass(true);
+  struct Warps {
+    ~Warps() { cuda::set_cluster_warps(0); }
+  } restore;
+  Rng rng(41);
+  int cases = 0, bad = 0;
+  for (int V : {6000, 32000, 128256})
+    for (DistillKind kind : {DistillKind::ForwardKL, DistillKind::ReverseKL, DistillKind::JSD, DistillKind::TVD}) {
+      const int rows = 5;
+      std::vector<float> s(static_cast<size_t>(rows) * V), t(s.size());
+      std::vector<uint8_t> mask = {1, 1, 0, 1, 1};
+      fill_student_teacher(rng, s, t, rows, V, 2);
+      DistillInput in = forward_kl_input(s, t, rows, V);
+      in.kind = kind;
+      in.temperature = V == 32000 ? 1.0f : 1.3f;
+      in.mask = mask.data();
+      cuda::set_cluster_warps(0);
+      std::vector<float> g0(s.size(), 123.0f);
+      const double l0 = g.distill_loss(in, g0.data());
+      for (int w : {1, 2, 3, 8, 12}) {
+        cuda::set_cluster_warps(w);
+        const long long before = cuda::cluster_launches();
+        std::vector<float> gw(s.size(), -7.0f);
+        const double lw = g.distill_loss(in, gw.data());
+        const bool differ = std::memcmp(&l0, &lw, sizeof l0) != 0 ||
+                            std::memcmp(g0.data(), gw.data(), g0.size() * sizeof(float)) != 0;
+        if (differ && bad < 5)
+          std::fprintf(stderr, "  kind %d V %d warps %d: loss %.17g vs %.17g, grads %s\n", static_cast<int>(kind), V, w,
+                       l0, lw, std::memcmp(g0.data(), gw.data(), g0.size() * sizeof(float)) ? "differ" : "same");
+        bad += differ;
+        CHECK_EQ(cuda::cluster_launches() - before, 1LL);  // the cluster kernel ran with this shape
+        ++cases;
+      }
+    }
+  std::printf("  cluster shapes (1-12 warps per CTA), 4 losses, V in {6000, 32000, 128256}: %d cases, %d differ\n",
+              cases, bad);
+  CHECK_EQ(bad, 0);
+}
+
 // Reverse KL, JSD and TVD against a dense teacher on the blocked kernels (set_blocked_divergence),
 // against the CPU's blocked path (divergence_row_blocked), which they follow operation for
 // operation per entry; sums over a block run in another order and JSD's log differs (logf against

@@ -2,6 +2,7 @@
 // The `osd` command line.
 import { parseArgs } from 'node:util';
 import { rangeText } from './args.js';
+import { effectiveThreadPool } from './threadPool.cjs';
 
 /** A bad command line (exit code 2), as opposed to a failure while running (1). */
 class UsageError extends Error {}
@@ -38,7 +39,8 @@ Commands:
       --target PATH --draft PATH   default: the embedded default pair
       --port N             default 8080 (0 picks a free port)
       --host ADDR          default 127.0.0.1
-      --max-concurrent N   generations decoded at once, the rest queue (default 4)
+      --max-concurrent N   generations decoded at once, the rest queue (default 4); osd gives
+                           libuv's thread pool N + 4 threads unless UV_THREADPOOL_SIZE is set
       --no-batching        decode each generation's steps on their own (default: the
                            generations in flight share each pass)
       --model-id NAME      the model name clients send (default: the target's file name)
@@ -376,13 +378,22 @@ async function main(argv: string[]): Promise<number> {
       const host = values.host ?? '127.0.0.1';
       const grace = num(values.grace, 'grace', 30);
       if (!(grace >= 0)) throw new UsageError('--grace must be a number of seconds >= 0');
+      const maxConcurrent = int(values['max-concurrent'], 'max-concurrent', 4, 1, 1024);
       const target = await osd.loadModel(targetPath);
       const draft = await osd.loadModel(draftPath);
+      // The osd executable sized libuv's pool before it started (bin.cts); run otherwise (node
+      // dist/cli.js, a UV_THREADPOOL_SIZE of the caller's) it may be too small to batch every generation.
+      const threadPool = effectiveThreadPool(process.env);
+      if (threadPool <= maxConcurrent)
+        process.stderr.write(
+          `osd: libuv's thread pool has ${threadPool} threads for up to ${maxConcurrent} generations at once; each may hold one, ` +
+            `so set UV_THREADPOOL_SIZE=${Math.min(1024, maxConcurrent + 4)} before Node starts\n`,
+        );
       const handler = createServer({
         target,
         draft,
         online: values.static ? false : {},
-        maxConcurrent: int(values['max-concurrent'], 'max-concurrent', 4, 1, 1024),
+        maxConcurrent,
         batching: !values['no-batching'],
         modelId: values['model-id'],
       });
@@ -408,8 +419,9 @@ async function main(argv: string[]): Promise<number> {
       const url = `http://${addr.family === 'IPv6' ? `[${addr.address}]` : addr.address}:${addr.port}`;
       process.stdout.write(
         values.json
-          ? JSON.stringify({ url: `${url}/v1`, metrics: `${url}/metrics`, model: handler.modelId, target: targetPath, draft: draftPath, online: !values.static }) + '\n'
-          : `osd: serving ${handler.modelId} (draft ${draftPath}, ${values.static ? 'fixed draft' : 'online distillation on'})\n` +
+          ? JSON.stringify({ url: `${url}/v1`, metrics: `${url}/metrics`, model: handler.modelId, target: targetPath, draft: draftPath, online: !values.static, maxConcurrent, threadPool }) + '\n'
+          : `osd: serving ${handler.modelId} (draft ${draftPath}, ${values.static ? 'fixed draft' : 'online distillation on'}, ` +
+              `up to ${maxConcurrent} generations at once, ${threadPool} pool threads)\n` +
               `osd: OpenAI base URL ${url}/v1   metrics ${url}/metrics   (Ctrl-C stops)\n`,
       );
       await new Promise<void>((resolve) => {

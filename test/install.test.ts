@@ -118,8 +118,8 @@ describe('pack and install without compilers', () => {
         expect(forced.stderr).toMatch(new RegExp(`OSD_BACKEND=cuda: .*CUDA ${cudaMajor} prebuild not usable: .*cudaError`));
       }
 
-      // 6. The CLI works from the installed package.
-      const cli = spawnSync(process.execPath, [join(app, 'node_modules', 'online-specdec', 'dist', 'cli.js'), 'backends'], { cwd: app, env, encoding: 'utf8' });
+      // 6. The CLI works from the installed package, through the executable npm linked (npx osd).
+      const cli = spawnSync(join(app, 'node_modules', '.bin', 'osd'), ['backends'], { cwd: app, env, encoding: 'utf8' });
       expect(cli.status, cli.stderr).toBe(0);
       expect(cli.stdout).toMatch(/cpu: usable/);
     },

@@ -5,7 +5,7 @@
 // Models: the embedded default pair (models/default-*.gguf) when present, else the small pair in
 // /tmp/osdq (same tokenizer); the suite skips when neither exists.
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import type { AddressInfo } from 'node:net';
@@ -15,6 +15,7 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { loadModel, type Model, type OnlineDecoder } from '../lib/index.js';
 import { createServer, renderChat, StopFilter, type OsdRequestHandler } from '../lib/server.js';
+import { effectiveThreadPool, threadPoolSize } from '../lib/threadPool.cjs';
 
 const root = join(import.meta.dirname, '..');
 const PAIRS = [
@@ -666,6 +667,68 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     } finally {
       if (child.exitCode === null) child.kill('SIGKILL');
     }
+  });
+
+  // The compiled executable (npm install builds dist/), as `npx osd` runs it: libuv starts its pool
+  // at the first use, so bin.cjs must size it before loading the ES modules. Linux: threads are
+  // counted in /proc. Two servers differ only in --max-concurrent, so their thread counts differ by
+  // exactly the pool's.
+  const BIN = join(root, 'dist/bin.cjs');
+  it.skipIf(!existsSync(BIN) || !existsSync('/proc/self/task'))(
+    'the osd executable gives libuv --max-concurrent + 4 threads for serve, and keeps a UV_THREADPOOL_SIZE it is given',
+    async () => {
+      const serve = async (maxConcurrent: number, pool?: string) => {
+        const env: NodeJS.ProcessEnv = { ...process.env };
+        delete env.UV_THREADPOOL_SIZE;
+        if (pool !== undefined) env.UV_THREADPOOL_SIZE = pool;
+        const child = spawn(process.execPath, [BIN, 'serve', '--port', '0', '--json', '--static', '--max-concurrent', String(maxConcurrent), '--target', pair![0], '--draft', pair![1]], {
+          cwd: root,
+          env,
+          stdio: ['ignore', 'pipe', 'pipe'],
+        });
+        let stderr = '';
+        child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+        try {
+          const line = await new Promise<string>((resolve, reject) => {
+            createInterface({ input: child.stdout! }).once('line', resolve);
+            child.once('exit', (code) => reject(new Error(`osd serve exited with ${code}: ${stderr}`)));
+          });
+          const info = JSON.parse(line) as { url: string; model: string; maxConcurrent: number; threadPool: number };
+          // A request, so that every thread the server starts for one has started.
+          await client(info.url).completions.create({ model: info.model, prompt: PROMPTS[0]!, max_tokens: 4, temperature: 0 });
+          const threads = readdirSync(`/proc/${child.pid}/task`).length;
+          return { info, threads, stderr };
+        } finally {
+          child.kill('SIGKILL');
+        }
+      };
+      const two = await serve(2), ten = await serve(10), given = await serve(10, '5');
+      expect([two.info.threadPool, ten.info.threadPool, given.info.threadPool]).toEqual([6, 14, 5]);
+      expect(ten.threads - two.threads).toBe(8);
+      expect(given.threads - two.threads).toBe(-1);
+      // Only the pool that is too small is reported.
+      expect(two.stderr + ten.stderr).not.toMatch(/thread pool/);
+      expect(given.stderr).toMatch(/thread pool has 5 threads for up to 10 generations .*UV_THREADPOOL_SIZE=14/);
+    },
+    120_000,
+  );
+});
+
+describe('the thread pool that osd asks libuv for', () => {
+  it('is --max-concurrent + 4 for serve, left alone otherwise, and read as libuv reads it', () => {
+    expect(threadPoolSize(['serve'], {})).toBe(8);
+    expect(threadPoolSize(['serve', '--port', '0', '--max-concurrent', '12'], {})).toBe(16);
+    expect(threadPoolSize(['serve', '--max-concurrent=1'], {})).toBe(5);
+    expect(threadPoolSize(['serve', '--max-concurrent', '1024'], {})).toBe(1024);
+    expect(threadPoolSize(['serve', '--max-concurrent', 'many'], {})).toBe(8);  // the CLI then reports it
+    expect(threadPoolSize(['serve', '--max-concurrent', '12'], { UV_THREADPOOL_SIZE: '3' })).toBeUndefined();
+    expect(threadPoolSize(['generate', '--max-concurrent', '12'], {})).toBeUndefined();
+    expect(threadPoolSize([], {})).toBeUndefined();
+    expect(effectiveThreadPool({})).toBe(4);
+    expect(effectiveThreadPool({ UV_THREADPOOL_SIZE: '7' })).toBe(7);
+    expect(effectiveThreadPool({ UV_THREADPOOL_SIZE: '0' })).toBe(1);
+    expect(effectiveThreadPool({ UV_THREADPOOL_SIZE: 'x' })).toBe(1);
+    expect(effectiveThreadPool({ UV_THREADPOOL_SIZE: '5000' })).toBe(1024);
   });
 });
 

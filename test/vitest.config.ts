@@ -2,6 +2,8 @@ import { fileURLToPath } from 'node:url';
 import { defineConfig } from 'vitest/config';
 
 export default defineConfig({
+  // TypeScript in CommonJS files too (lib/threadPool.cts, which the osd executable loads before the pool starts).
+  oxc: { include: /\.(m?ts|cts|[jt]sx)$/ },
   test: {
     root: fileURLToPath(new URL('..', import.meta.url)),
     include: ['test/**/*.test.ts'],

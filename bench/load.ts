@@ -26,6 +26,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { benchDir, fmtNum, formatTable, machineFacts, parseArgs, progress, writeResults, type Column } from './common.js';
+import { threadPoolSize } from '../lib/threadPool.cjs';
 
 const USAGE =
   'usage: npx tsx bench/load.ts [--seconds 60] [--concurrency 16] [--max-tokens 64] [--target PATH --draft PATH] [--static] [--max-concurrent N] [--temperature T] [--url URL]';
@@ -86,7 +87,10 @@ async function startServer(): Promise<{ url: string; child: ChildProcess; target
   if (target) cli.push('--target', target, '--draft', draft!);
   if (args.flags.has('static')) cli.push('--static');
   if (args.values.has('max-concurrent')) cli.push('--max-concurrent', args.values.get('max-concurrent')!);
-  const child = spawn(process.execPath, cli, { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
+  // The pool `osd serve` gets from the osd executable (tsx's loader starts it before cli.ts runs).
+  const pool = threadPoolSize(cli.slice(cli.indexOf('serve')), process.env);
+  const env = pool === undefined ? process.env : { ...process.env, UV_THREADPOOL_SIZE: String(pool) };
+  const child = spawn(process.execPath, cli, { cwd: root, env, stdio: ['ignore', 'pipe', 'inherit'] });
   const lines = createInterface({ input: child.stdout! });
   const info = await new Promise<{ url: string; target: string; draft: string }>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error('the server did not start within 60 s')), 60_000);

@@ -9,6 +9,7 @@ import { checkTokenIds, Model, promptTokens, sampledVocab, type Sequence, type S
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
 import { checkSignal, forwardAbort, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
+import { effectiveThreadPool } from './threadPool.cjs';
 
 const sampleLogits = (addon as unknown as { sampleLogits(o: object): number }).sampleLogits;
 
@@ -332,6 +333,21 @@ const strategyKeys: Record<Strategy['kind'], readonly string[]> = {
 };
 
 /** The keys of SpeculativeDecoderOptions (and _fault, the tests' planted bugs). */
+// A chain run waiting in a batch holds a libuv pool thread, so more generations in flight than the
+// pool has threads cap the batches (and keep other async work waiting). Node starts the pool before
+// an ES module's code runs, so only the environment can size it. True when it said so.
+function warnIfPoolTooSmall(inFlight: number): boolean {
+  const pool = effectiveThreadPool(process.env);
+  if (inFlight <= pool) return false;
+  process.emitWarning(
+    `${inFlight} generations in flight with batching, and libuv's thread pool has ${pool} threads: each generation may ` +
+      `hold one, so batches stay below ${inFlight}. Set UV_THREADPOOL_SIZE to your most generations at once + 4 ` +
+      `(here at least ${Math.min(1024, inFlight + 4)}) in the environment before Node starts`,
+    { code: 'OSD_THREADPOOL' },
+  );
+  return true;
+}
+
 const decoderKeys = ['target', 'draft', 'strategy', 'sampling', 'maxConcurrent', 'onVerified', 'weightSwap', 'batching', '_fault'];
 
 /** The keys of SpeculativeGenerateOptions. */
@@ -567,6 +583,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   #totals = new Counters();
   #nextRequest = 1;
   #active = 0;
+  #poolWarned = false;
   #waiting: (() => void)[] = [];
   #running = new Set<Promise<unknown>>();
   #disposed = false;
@@ -684,6 +701,8 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       }
     }
     this.#active++;
+    // Once per decoder, the first time it happens.
+    if (this.batching && !this.#poolWarned) this.#poolWarned = warnIfPoolTooSmall(this.#active);
   }
 
   #release(): void {

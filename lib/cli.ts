@@ -381,14 +381,10 @@ async function main(argv: string[]): Promise<number> {
       const maxConcurrent = int(values['max-concurrent'], 'max-concurrent', 4, 1, 1024);
       const target = await osd.loadModel(targetPath);
       const draft = await osd.loadModel(draftPath);
-      // The osd executable sized libuv's pool before it started (bin.cts); run otherwise (node
-      // dist/cli.js, a UV_THREADPOOL_SIZE of the caller's) it may be too small to batch every generation.
+      // The osd executable sized libuv's pool before it started (bin.cts). Run otherwise (node
+      // dist/cli.js, a UV_THREADPOOL_SIZE of the caller's), a pool too small to batch every
+      // generation gets the decoder's OSD_THREADPOOL warning.
       const threadPool = effectiveThreadPool(process.env);
-      if (threadPool <= maxConcurrent)
-        process.stderr.write(
-          `osd: libuv's thread pool has ${threadPool} threads for up to ${maxConcurrent} generations at once; each may hold one, ` +
-            `so set UV_THREADPOOL_SIZE=${Math.min(1024, maxConcurrent + 4)} before Node starts\n`,
-        );
       const handler = createServer({
         target,
         draft,

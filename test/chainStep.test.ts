@@ -2,7 +2,7 @@
 // calls it replaces give (Sequence.draft, Sequence.evaluate, verifyChain) bit for bit, leave both
 // caches as they would, check its arguments and leave the caches alone on an error.
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { chainBatchStats, createSpeculativeDecoder, loadModel, verifyChain, type Model, type SamplingOptions, type Sequence } from '../lib/index.js';
 
 const TARGET = join(import.meta.dirname, '../models/default-target.gguf');
@@ -271,6 +271,28 @@ describe('Sequence.chainStep (default pair)', () => {
     expect(plain.steps).toBe(0);
     expect(batched.runs).toBeGreaterThan(batched.steps);
     expect(() => createSpeculativeDecoder({ target, draft, batching: 'yes' as never })).toThrow(/batching must be a boolean/);
+  });
+
+  it("a decoder with batching says so, once, when more generations run than libuv's pool has threads", async () => {
+    const pool = Number(process.env.UV_THREADPOOL_SIZE) || 4;  // this process's pool (vitest leaves it unset)
+    const emit = vi.spyOn(process, 'emitWarning').mockImplementation(() => {});
+    const burst = (dec: ReturnType<typeof createSpeculativeDecoder>, n: number) =>
+      Promise.all(Array.from({ length: n }, () => dec.generate({ tokens: context, maxTokens: 4 })));
+    try {
+      await burst(createSpeculativeDecoder({ target, draft, maxConcurrent: pool }), pool);  // as many as threads: quiet
+      await burst(createSpeculativeDecoder({ target, draft, maxConcurrent: 16, batching: false }), pool + 2);  // no batches
+      expect(emit).not.toHaveBeenCalled();
+      const dec = createSpeculativeDecoder({ target, draft, maxConcurrent: 16 });
+      await burst(dec, pool + 2);
+      await burst(dec, pool + 3);
+      expect(emit).toHaveBeenCalledTimes(1);
+      const [message, options] = emit.mock.calls[0]! as [string, { code: string }];
+      expect(options.code).toBe('OSD_THREADPOOL');
+      expect(message).toMatch(new RegExp(`^${pool + 1} generations in flight with batching, and libuv's thread pool has ${pool} threads`));
+      expect(message).toContain(`at least ${pool + 5}`);
+    } finally {
+      emit.mockRestore();
+    }
   });
 
   it('the decoder counts, reports and records only the steps of a run that it keeps (stop strings cut runs)', async () => {

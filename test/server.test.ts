@@ -706,9 +706,9 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
       expect([two.info.threadPool, ten.info.threadPool, given.info.threadPool]).toEqual([6, 14, 5]);
       expect(ten.threads - two.threads).toBe(8);
       expect(given.threads - two.threads).toBe(-1);
-      // Only the pool that is too small is reported.
+      // Only the pool that is too small is reported (the decoder's warning).
       expect(two.stderr + ten.stderr).not.toMatch(/thread pool/);
-      expect(given.stderr).toMatch(/thread pool has 5 threads for up to 10 generations .*UV_THREADPOOL_SIZE=14/);
+      expect(given.stderr).not.toMatch(/thread pool/);  // one request: no more generations than threads
     },
     120_000,
   );

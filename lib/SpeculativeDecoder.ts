@@ -9,7 +9,7 @@ import { checkTokenIds, Model, promptTokens, sampledVocab, type Sequence, type S
 import { addon } from './addon.js';
 import { TokenStreamDecoder } from './Tokenizer.js';
 import { checkSignal, forwardAbort, pushToAsyncIterable, throwIfAborted } from './withAbortSignal.js';
-import { effectiveThreadPool } from './threadPool.cjs';
+import { effectiveThreadPool, poolFor } from './threadPool.cjs';
 
 const sampleLogits = (addon as unknown as { sampleLogits(o: object): number }).sampleLogits;
 
@@ -332,7 +332,6 @@ const strategyKeys: Record<Strategy['kind'], readonly string[]> = {
   ngram: ['kind', 'length', 'maxNgram'],
 };
 
-/** The keys of SpeculativeDecoderOptions (and _fault, the tests' planted bugs). */
 // A chain run waiting in a batch holds a libuv pool thread, so more generations in flight than the
 // pool has threads cap the batches (and keep other async work waiting). Node starts the pool before
 // an ES module's code runs, so only the environment can size it. True when it said so.
@@ -342,12 +341,13 @@ function warnIfPoolTooSmall(inFlight: number): boolean {
   process.emitWarning(
     `${inFlight} generations in flight with batching, and libuv's thread pool has ${pool} threads: each generation may ` +
       `hold one, so batches stay below ${inFlight}. Set UV_THREADPOOL_SIZE to your most generations at once + 4 ` +
-      `(here at least ${Math.min(1024, inFlight + 4)}) in the environment before Node starts`,
+      `(here at least ${poolFor(inFlight)}) in the environment before Node starts`,
     { code: 'OSD_THREADPOOL' },
   );
   return true;
 }
 
+/** The keys of SpeculativeDecoderOptions (and _fault, the tests' planted bugs). */
 const decoderKeys = ['target', 'draft', 'strategy', 'sampling', 'maxConcurrent', 'onVerified', 'weightSwap', 'batching', '_fault'];
 
 /** The keys of SpeculativeGenerateOptions. */

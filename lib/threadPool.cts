@@ -7,6 +7,11 @@ export const DEFAULT_THREAD_POOL = 4;
 /** libuv's largest pool. */
 export const MAX_THREAD_POOL = 1024;
 
+/** A pool for this many generations at once: one thread each, and Node's default 4 for the rest. */
+export function poolFor(generations: number): number {
+  return Math.min(MAX_THREAD_POOL, generations + DEFAULT_THREAD_POOL);
+}
+
 /**
  * UV_THREADPOOL_SIZE for `osd` with these arguments (process.argv without node and the script), or
  * undefined to leave it as it is: it is already set, or the command is not `serve`. For `serve`,
@@ -22,7 +27,7 @@ export function threadPoolSize(argv: readonly string[], env: NodeJS.ProcessEnv):
     const value = arg === '--max-concurrent' ? argv[i + 1] : arg.startsWith('--max-concurrent=') ? arg.slice(17) : undefined;
     if (value !== undefined && /^[1-9]\d{0,3}$/.test(value)) generations = Number(value);
   }
-  return Math.min(MAX_THREAD_POOL, generations + DEFAULT_THREAD_POOL);
+  return poolFor(generations);
 }
 
 /** The pool size libuv takes from UV_THREADPOOL_SIZE (as libuv reads it: atoi, 0 means 1, at most 1024). */

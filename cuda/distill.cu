@@ -716,7 +716,7 @@ __global__ void __launch_bounds__(kFklClusterThreads) fkl_cluster_kernel(Distill
 // CTA adds the blocks' sums in block order (the loss, E_q[g]). Pass 3 writes the gradient from the
 // kept es_j and g_j, as div_grad_kernel (whose recomputed es_j and g_j have these bits). 12 bytes
 // move per entry against the three kernels' 28. On by default (cluster_divergence()); test_cuda runs
-// distill_blocked_divergence_matches_cpu both ways, and on an H200 it ran 1.5-2.1x faster than the
+// distill_blocked_divergence_matches_cpu both ways, and on an H200 it ran 1.4-2.1x faster than the
 // three kernels.
 struct DivSmemLayout {
   float* sb;     // this warp's block: s_j, then es_j

@@ -27,6 +27,9 @@ describe.skipIf(!have)('osd demo', () => {
       }
     }
     expect(json.runs[0].updates).toBe(0);
+    // Every phase's denominator comes from the target-only runs paired with its requests.
+    expect(Object.keys(json.targetTokensPerSecond)).toEqual(['english', 'code', 'sql', 'email']);
+    for (const v of Object.values(json.targetTokensPerSecond)) expect(v).toBeGreaterThan(0);
     const svg = readFileSync(join(out, 'demo.svg'), 'utf8');
     expect(svg).toContain('<svg');
     expect(svg).toContain('online distillation');

@@ -57,7 +57,11 @@ export interface OnlineDistillOptions {
   maxRecordTokens?: number;
   /** Buffer bound in bytes; the oldest records go first. Default 64 MiB. */
   maxBufferBytes?: number;
-  /** Roll back when acceptance over the next `guardWindow` requests falls this far below the window before. Default 0.05. */
+  /**
+   * Roll back when, over the tokens emitted in the next `guardWindow` requests, the updated draft agrees
+   * with the target (its most likely token is the one emitted) this much less often than the weights
+   * it replaced do on the same tokens. Default 0.02.
+   */
   guardMargin?: number;
   /** Requests per guard window. Default 8. */
   guardWindow?: number;
@@ -179,6 +183,8 @@ export interface OnlineMetrics extends RequestStats {
 /** One served request as the distiller keeps it. */
 interface RecordEntry {
   tokens: number[];
+  /** Input position of the first verified row: tokens after it were emitted by the target's verification. */
+  from: number;
   /** Input position -> teacher over the next token. */
   teachers: Map<number, { ids: Int32Array; probs: Float32Array }>;
   createdAt: number;
@@ -218,7 +224,7 @@ function resolveOptions(o: OnlineDistillOptions = {}): Required<Omit<OnlineDisti
     batchSize: o.batchSize ?? 4,
     maxRecordTokens: o.maxRecordTokens ?? 256,
     maxBufferBytes: o.maxBufferBytes ?? 64 * 1024 * 1024,
-    guardMargin: o.guardMargin ?? 0.05,
+    guardMargin: o.guardMargin ?? 0.02,
     guardWindow: o.guardWindow ?? 8,
     autosaveEvery: o.autosaveEvery,
     autosavePath: o.autosavePath,
@@ -310,7 +316,9 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   #version = 0; // the number of the update whose weights are in place (0: the draft as given)
   #rollbacks = 0;
   #recent: { drafted: number; accepted: number }[] = [];
-  #guard: { update: number; before: number; previous: Model; window: { drafted: number; accepted: number }[] } | null = null;
+  // The update under watch: the weights it replaced, and the token sequences of the requests served
+  // on its weights since (each with the position its emitted tokens start after).
+  #guard: { update: number; previous: Model; window: { tokens: number[]; from: number }[] } | null = null;
   #rngState = 0x2545f491;
   #ready: Promise<void>;
   #disposed = false;
@@ -390,7 +398,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     if (!this.options.enabled) return;
     let rec = this.#live.get(s.request);
     if (!rec) {
-      rec = { tokens: [...s.context], teachers: new Map(), createdAt: Date.now(), bytes: 0 };
+      rec = { tokens: [...s.context], from: s.context.length - 1, teachers: new Map(), createdAt: Date.now(), bytes: 0 };
       this.#live.set(s.request, rec);
     }
     const V = s.vocabSize;
@@ -417,7 +425,8 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       // The guard judges an update by requests that started after it, which drafted with its weights
       // throughout (one that was running took them up part way, or not at all with weightSwap 'request').
       if (this.#guard && weights >= this.#guard.update) {
-        this.#guard.window.push(w);
+        const rec = requestId === undefined ? undefined : this.#live.get(requestId);
+        this.#guard.window.push(rec ? { tokens: [...rec.tokens], from: rec.from } : { tokens: [], from: 0 });
         if (this.#guard.window.length >= this.options.guardWindow) this.#enqueue(() => this.#checkGuard());
       }
       this.#notify('acceptance', { window: this.#recent.length, rate: rate(this.#recent) });
@@ -641,7 +650,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     // An update made while an earlier one's guard window is still open (updateNow) closes that window
     // unchecked: the new guard rolls back, if it must, to the weights just before this update.
     await this.#guard?.previous.dispose();
-    this.#guard = { update, before: rate(this.#recent), previous, window: [] };
+    this.#guard = { update, previous, window: [] };
     const event: UpdateEvent = {
       update,
       records: records.length,
@@ -704,14 +713,18 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
     // A check queued for a window that a later update has since replaced waits for its own window.
     if (!g || g.window.length < this.options.guardWindow) return;
     this.#guard = null;
-    const after = rate(g.window);
-    if (g.before > 0 && after < g.before - this.options.guardMargin) {
+    // The same requests, scored with the weights before and after the update: a change of traffic
+    // (a new domain, harder prompts) moves both alike, so only what the update did decides.
+    const before = await agreement(g.previous, g.window);
+    const after = await agreement(this.draft, g.window);
+    if (before.positions > 0 && after.rate < before.rate - this.options.guardMargin) {
       this.draft.setWeights(g.previous);
       // The trainer continues from the restored weights (its moments start again).
       await this.#trainer?.dispose();
       this.#trainer = null;
       this.#rollbacks++;
-      this.#notify('rollback', { update: g.update, reason: `acceptance fell from ${g.before.toFixed(3)} to ${after.toFixed(3)} over ${g.window.length} requests` } satisfies RollbackEvent);
+      const reason = `agreement with the target fell from ${before.rate.toFixed(3)} (previous weights) to ${after.rate.toFixed(3)} over the ${before.positions} emitted tokens of the ${g.window.length} requests since`;
+      this.#notify('rollback', { update: g.update, reason } satisfies RollbackEvent);
     }
     await g.previous.dispose();
     this.#scheduleUpdate();
@@ -802,6 +815,33 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.dispose();
   }
+}
+
+/**
+ * How often the draft's most likely next token is the token the target emitted, over the emitted
+ * tokens of these requests (the tokens after each one's `from`, within the draft's context). For
+ * greedy decoding it is the draft's per-token acceptance on those requests.
+ */
+async function agreement(draft: Model, requests: { tokens: number[]; from: number }[]): Promise<{ rate: number; positions: number }> {
+  const V = draft.info.vocabSize;
+  const W = draft.info.contextLength;
+  let hit = 0;
+  let n = 0;
+  for (const r of requests) {
+    const cut = Math.max(0, r.tokens.length - W);
+    const tokens = r.tokens.slice(cut);
+    const from = Math.max(0, r.from - cut);
+    if (tokens.length - 1 <= from) continue;
+    const logits = await draft.forward(tokens);
+    for (let i = from; i < tokens.length - 1; i++) {
+      const row = logits.subarray(i * V, (i + 1) * V);
+      let best = 0;
+      for (let v = 1; v < V; v++) if (row[v]! > row[best]!) best = v;
+      if (best === tokens[i + 1]) hit++;
+      n++;
+    }
+  }
+  return { rate: n ? hit / n : 0, positions: n };
 }
 
 function rate(w: { drafted: number; accepted: number }[]): number {

@@ -569,7 +569,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   if (online !== false)
     new Gauge({
       name: `${p}draft_recent_acceptance_rate`,
-      help: 'Acceptance over the distiller guard window (the last requests), per draft',
+      help: 'Acceptance over the last guardWindow requests, per draft',
       labelNames: ['draft'],
       registers: [registry],
       collect() {

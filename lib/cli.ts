@@ -2,6 +2,7 @@
 // The `osd` command line.
 import { parseArgs } from 'node:util';
 import { rangeText } from './args.js';
+import { CLI_OPTIONS } from './cliOptions.cjs';
 import { effectiveThreadPool } from './threadPool.cjs';
 
 /** A bad command line (exit code 2), as opposed to a failure while running (1). */
@@ -29,7 +30,7 @@ Commands:
       --lr X --top-k K     learning rate and teacher entries per position of the online updates
                            (default 3e-3, top-k 32; 64 for vocabularies of 32768 tokens and more)
       --save-draft PATH    write the online run's adapted draft (GGUF)
-      --out DIR            where the plot goes (default osd-demo)
+      --out DIR            where the plots go (demo.svg, and demo.png where a converter is found; default osd-demo)
   info MODEL           what a model file holds: architecture, sizes, storage types, tokenizer, chat template
   convert IN OUT       write a model (GGUF or llama2.c) as GGUF in another storage type, atomically
       --type T             F32, F16 (default), BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, IQ4_NL, IQ4_XS,
@@ -58,36 +59,7 @@ async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,
-    options: {
-      json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
-      version: { type: 'boolean', short: 'v' },
-      model: { type: 'string' },
-      draft: { type: 'string' },
-      target: { type: 'string' },
-      chat: { type: 'boolean' },
-      system: { type: 'string' },
-      template: { type: 'string' },
-      'max-tokens': { type: 'string' },
-      temperature: { type: 'string' },
-      'top-p': { type: 'string' },
-      'top-k': { type: 'string' },
-      seed: { type: 'string' },
-      requests: { type: 'string' },
-      'requests-per-phase': { type: 'string' },
-      lr: { type: 'string' },
-      'save-draft': { type: 'string' },
-      runs: { type: 'string' },
-      out: { type: 'string' },
-      port: { type: 'string' },
-      host: { type: 'string' },
-      'max-concurrent': { type: 'string' },
-      'model-id': { type: 'string' },
-      static: { type: 'boolean' },
-      'no-batching': { type: 'boolean' },
-      grace: { type: 'string' },
-      type: { type: 'string' },
-    },
+    options: CLI_OPTIONS,
   });
   const command = values.version ? 'version' : (positionals[0] ?? 'version');
   if (values.help || command === 'help') {

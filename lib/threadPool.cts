@@ -2,6 +2,9 @@
 // pool starts). Node's default is 4 threads. `osd serve` decodes up to --max-concurrent generations at
 // once, and each may hold a pool thread: a chain run waiting in a batch holds its thread.
 
+import { parseArgs } from 'node:util';
+import { CLI_OPTIONS } from './cliOptions.cjs';
+
 /** Node's own size when UV_THREADPOOL_SIZE is unset. */
 export const DEFAULT_THREAD_POOL = 4;
 /** libuv's largest pool. */
@@ -20,14 +23,12 @@ export function poolFor(generations: number): number {
  * default here; the command line then reports it.
  */
 export function threadPoolSize(argv: readonly string[], env: NodeJS.ProcessEnv): number | undefined {
-  if (env.UV_THREADPOOL_SIZE !== undefined || argv[0] !== 'serve') return undefined;
-  let generations = 4;
-  for (let i = 1; i < argv.length; ++i) {
-    const arg = argv[i]!;
-    const value = arg === '--max-concurrent' ? argv[i + 1] : arg.startsWith('--max-concurrent=') ? arg.slice(17) : undefined;
-    if (value !== undefined && /^[1-9]\d{0,3}$/.test(value)) generations = Number(value);
-  }
-  return poolFor(generations);
+  if (env.UV_THREADPOOL_SIZE !== undefined) return undefined;
+  // Parsed as the command line parses it, so that options may come before the command (osd --json serve).
+  const { values, positionals } = parseArgs({ args: [...argv], options: CLI_OPTIONS, allowPositionals: true, strict: false });
+  if (positionals[0] !== 'serve' || values.version || values.help) return undefined;
+  const value = values['max-concurrent'];
+  return poolFor(typeof value === 'string' && /^[1-9]\d{0,3}$/.test(value) ? Number(value) : 4);
 }
 
 /** The pool size libuv takes from UV_THREADPOOL_SIZE (as libuv reads it: atoi, 0 means 1, at most 1024). */

@@ -723,6 +723,11 @@ describe('the thread pool that osd asks libuv for', () => {
     expect(threadPoolSize(['serve', '--max-concurrent', '12'], { UV_THREADPOOL_SIZE: '3' })).toBeUndefined();
     expect(threadPoolSize(['generate', '--max-concurrent', '12'], {})).toBeUndefined();
     expect(threadPoolSize([], {})).toBeUndefined();
+    // Options may come before the command, as the command line allows.
+    expect(threadPoolSize(['--json', 'serve', '--port', '0', '--max-concurrent', '6'], {})).toBe(10);
+    expect(threadPoolSize(['--max-concurrent', '6', 'serve'], {})).toBe(10);
+    expect(threadPoolSize(['--model-id', 'serve', 'generate'], {})).toBeUndefined();  // 'serve' is an option's value
+    expect(threadPoolSize(['--version', 'serve'], {})).toBeUndefined();
     expect(effectiveThreadPool({})).toBe(4);
     expect(effectiveThreadPool({ UV_THREADPOOL_SIZE: '7' })).toBe(7);
     expect(effectiveThreadPool({ UV_THREADPOOL_SIZE: '0' })).toBe(1);

@@ -89,6 +89,7 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
   #inflight = 0;
   #rng: number;
   #disposed = false;
+  #disposing: Promise<void> | undefined;
 
   constructor(options: DraftPoolOptions) {
     super();
@@ -118,6 +119,10 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
 
   #add(name: string, model: Model, owned: boolean): Member {
     if (!(model instanceof Model)) throw new TypeError(`drafts.${name} must be a loaded Model`);
+    // Each draft learns in place: two names on one Model would train and roll back the same weights.
+    const twin = [...this.#members].find(([, m]) => m.model === model);
+    if (twin && this.#options.distill?.enabled !== false)
+      throw new RangeError(`drafts.${name} is the same Model as drafts.${twin[0]}: each draft learns in place, so give each its own (copyModel)`);
     const d = this.#options.distill;
     const decoder = new OnlineDecoder({
       target: this.target,
@@ -329,18 +334,21 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
 
   /** Trains every draft on its buffer now. */
   async updateNow(): Promise<void> {
+    if (this.#disposed) throw disposedError('pool');
     await Promise.all([...this.#members.values()].map((m) => m.decoder.updateNow()));
   }
 
   /** Stops every draft's decoder; disposes the drafts the pool forked itself. */
-  async dispose(): Promise<void> {
-    if (this.#disposed) return;
-    this.#disposed = true;
-    await Promise.allSettled([...this.#forking.values()]);
-    for (const m of this.#members.values()) {
-      await m.decoder.dispose();
-      if (m.owned) await m.model.dispose();
-    }
+  dispose(): Promise<void> {
+    // A second call waits for the same work as the first.
+    return (this.#disposing ??= (async () => {
+      this.#disposed = true;
+      await Promise.allSettled([...this.#forking.values()]);
+      for (const m of this.#members.values()) {
+        await m.decoder.dispose();
+        if (m.owned) await m.model.dispose();
+      }
+    })());
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

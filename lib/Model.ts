@@ -928,7 +928,10 @@ export class Sequence {
 
   /** Drops everything after the first n tokens. */
   truncate(n: number): void {
-    this.#idle('truncate').truncate(n);
+    const h = this.#idle('truncate');
+    if (typeof n !== 'number') throw new TypeError(`n must be a number, got ${typeof n}`);
+    if (!Number.isInteger(n) || n < 0 || n > this.length) throw new RangeError(`n must be an integer in [0, ${this.length}] (the sequence's length), got ${n}`);
+    h.truncate(n);
   }
 
   /** After a tree evaluation starting at `base`, keeps the batch nodes `path` as positions base, base + 1, ... */

@@ -8,7 +8,7 @@ import { EventEmitter } from 'node:events';
 import { accessSync, constants, existsSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import type { SamplingOptions } from './addonTypes.js';
-import { checkInteger, checkKeys, disposedError } from './args.js';
+import { checkInteger, checkKeys, disposedError, MAX_TIMER_MS } from './args.js';
 import type { DistillLossKind } from './kernels.js';
 import { isStoreType, loadModel, Model, STORE_TYPES, type StoreType } from './Model.js';
 import {
@@ -322,6 +322,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   #rngState = 0x2545f491;
   #ready: Promise<void>;
   #disposed = false;
+  #disposing: Promise<void> | undefined;
   #ageTimer: ReturnType<typeof setTimeout> | undefined; // maxAgeMs: fires when the oldest record is due
 
   constructor(options: OnlineDecoderOptions) {
@@ -470,7 +471,7 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
       // Not due yet (that record was trained on meanwhile): wait for the new oldest. Due but held
       // (an update running or a guard window open): those call #scheduleUpdate when they end.
       if (this.#buffer.length > 0 && this.#buffer[0]!.createdAt + age > Date.now()) this.#armAgeTimer();
-    }, Math.max(0, due - Date.now()));
+    }, Math.min(MAX_TIMER_MS, Math.max(0, due - Date.now())));  // a later due date waits in steps
     this.#ageTimer.unref(); // a pending update does not keep the process alive
   }
 
@@ -801,15 +802,17 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
   }
 
   /** Waits for a running update, then stops serving. The models belong to the caller. */
-  async dispose(): Promise<void> {
-    if (this.#disposed) return;
-    this.#disposed = true;
-    clearTimeout(this.#ageTimer);
-    await this.#decoder.dispose();
-    await this.#chain;
-    await this.#trainer?.dispose();
-    await this.#guard?.previous.dispose();
-    this.#guard = null;
+  dispose(): Promise<void> {
+    // A second call waits for the same work as the first.
+    return (this.#disposing ??= (async () => {
+      this.#disposed = true;
+      clearTimeout(this.#ageTimer);
+      await this.#decoder.dispose();
+      await this.#chain;
+      await this.#trainer?.dispose();
+      await this.#guard?.previous.dispose();
+      this.#guard = null;
+    })());
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -587,6 +587,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   #waiting: (() => void)[] = [];
   #running = new Set<Promise<unknown>>();
   #disposed = false;
+  #disposing: Promise<void> | undefined;
   #disposeController = new AbortController();
   /** Shared vocabulary size. */
   readonly vocabSize: number;
@@ -735,6 +736,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     // A seeded request is reproducible by default (stream 0); an unseeded one gets its own stream.
     let streamBase = options.seed !== undefined ? 0n : BigInt(id) & 0xffffffffn;
     if (options.stream !== undefined) {
+      if (typeof options.stream !== 'number' && typeof options.stream !== 'bigint') throw new TypeError(`stream must be a number or a bigint, got ${typeof options.stream}`);
       // Step s of the request uses Philox stream (base << 32) + 2s (+ 1 for the draft): the base has 32 bits.
       if (!((typeof options.stream === 'number' && Number.isSafeInteger(options.stream)) || typeof options.stream === 'bigint') || options.stream < 0 || options.stream > 0xffffffff)
         throw new RangeError(`stream must be an integer in [0, 2^32 - 1], got ${String(options.stream)}`);
@@ -1340,13 +1342,15 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   }
 
   /** Rejects running requests, waits for them, and frees nothing else (the models belong to the caller). */
-  async dispose(): Promise<void> {
-    if (this.#disposed) return;
-    this.#disposed = true;
-    const err = disposedError('decoder');
-    this.#disposeController.abort(err);
-    for (const w of this.#waiting.splice(0)) w();
-    await Promise.allSettled([...this.#running]);
+  dispose(): Promise<void> {
+    // A second call waits for the same work as the first.
+    return (this.#disposing ??= (async () => {
+      this.#disposed = true;
+      const err = disposedError('decoder');
+      this.#disposeController.abort(err);
+      for (const w of this.#waiting.splice(0)) w();
+      await Promise.allSettled([...this.#running]);
+    })());
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -206,6 +206,7 @@ export class Tokenizer {
    * spending the event loop on encoding it.
    */
   minTokens(text: string): number {
+    if (typeof text !== 'string') throw new TypeError(`text must be a string, got ${text === null ? 'null' : typeof text}`);
     if (this.#maxTokenChars === 0) {
       let m = 2;
       for (let i = 0; i < this.vocabSize; i++) m = Math.max(m, this.tokenText(i).length);

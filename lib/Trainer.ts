@@ -146,11 +146,14 @@ function checkBatchKind(batch: TrainBatch): void {
     throw new TypeError('batch: give either targets (cross-entropy) or a teacher (teacherLogits or teacher), not both');
   if (batch.targets !== undefined && batch.mask !== undefined)
     throw new TypeError('batch.mask goes with a teacher; with targets, skip a position by its target -1');
+  for (const k of ['kind', 'temperature', 'beta'] as const)
+    if (batch.targets !== undefined && batch[k] !== undefined) throw new TypeError(`batch.${k} goes with a teacher (distillation); targets train on cross-entropy`);
 }
 
 export class Trainer {
   #native: NativeTrainer | null;
   #queue: Promise<unknown> = Promise.resolve();
+  #disposing: Promise<void> | undefined;
   readonly #source: TextTools | undefined;
 
   /** @internal */
@@ -160,7 +163,8 @@ export class Trainer {
   }
 
   #get(): NativeTrainer {
-    if (!this.#native) throw disposedError('trainer');
+    // Refused from the moment dispose() is called: it waits only for the work queued before.
+    if (!this.#native || this.#disposing) throw disposedError('trainer');
     return this.#native;
   }
 
@@ -185,13 +189,13 @@ export class Trainer {
    * One optimizer step (forward, backward, clipping, AdamW), off the event loop. The batch's arrays
    * are read when the step runs (steps queue): keep them unchanged until its promise settles.
    */
-  step(batch: TrainBatch): Promise<TrainStepResult> {
+  async step(batch: TrainBatch): Promise<TrainStepResult> {
     checkBatchKind(batch);
     return this.#enqueue((t) => t.step(batch));
   }
 
   /** The mean loss on a batch, leaving the weights as they are (its arrays read as step's are). */
-  evalLoss(batch: TrainBatch): Promise<number> {
+  async evalLoss(batch: TrainBatch): Promise<number> {
     checkBatchKind(batch);
     return this.#enqueue((t) => t.evalLoss(batch));
   }
@@ -203,7 +207,7 @@ export class Trainer {
   }
 
   /** Writes a checkpoint (weights, moments, step, settings) atomically. */
-  save(path: string): Promise<void> {
+  async save(path: string): Promise<void> {
     if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
     return this.#enqueue((t) => t.save(path));
   }
@@ -218,11 +222,14 @@ export class Trainer {
     this.#get().configure(options);
   }
 
-  async dispose(): Promise<void> {
-    await this.#queue;
-    const native = this.#native;
-    this.#native = null;
-    await native?.dispose();  // freed off the event loop
+  dispose(): Promise<void> {
+    // A second call waits for the same work as the first.
+    return (this.#disposing ??= (async () => {
+      await this.#queue;
+      const native = this.#native;
+      this.#native = null;
+      await native?.dispose();  // freed off the event loop
+    })());
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -49,6 +49,9 @@ export function ownData(o: object, k: string): unknown {
 /** The keys of sampling options. */
 export const samplingKeys = ['temperature', 'topK', 'topP'] as const;
 
+/** The longest delay setTimeout takes (a longer one fires after 1 ms, with a warning). */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
 /**
  * The error of a call on (or cut short by the disposal of) a disposed object: `code` is
  * 'OSD_DISPOSED' and `disposed` names the object ('decoder', 'model', ...), so callers can tell it

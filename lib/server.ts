@@ -7,7 +7,7 @@
 // Generations queue for one of maxConcurrent decoding slots. A client that disconnects aborts its
 // generation (or leaves the queue), and its KV caches are freed. Errors are OpenAI-shaped JSON:
 // { error: { message, type, param, code } }.
-import { checkInteger, checkKeys, disposedError, leastTokens } from './args.js';
+import { checkInteger, checkKeys, disposedError, leastTokens, MAX_TIMER_MS } from './args.js';
 import type { ChatMessage } from './chatTemplate.js';
 import { randomBytes, randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
@@ -85,7 +85,8 @@ export interface OsdRequestHandler {
   close(): Promise<void>;
   /**
    * A graceful stop: refuses new generations (503; /health says "closing") and lets those running or
-   * queued finish, for up to timeoutMs (default 30 s); then dispose() aborts what is left.
+   * queued finish, for up to timeoutMs (default 30 s; Infinity waits for all of them); then dispose()
+   * aborts what is left.
    */
   drain(timeoutMs?: number): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
@@ -1059,7 +1060,8 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     if (!(typeof timeoutMs === 'number' && timeoutMs >= 0)) throw new RangeError(`timeoutMs must be a number >= 0, got ${String(timeoutMs)}`);
     closing = true;
     let timer: NodeJS.Timeout | undefined;
-    const deadline = new Promise<void>((r) => (timer = setTimeout(r, timeoutMs)));
+    // Infinity waits for every request; setTimeout cannot wait longer than MAX_TIMER_MS (24.8 days).
+    const deadline = Number.isFinite(timeoutMs) ? new Promise<void>((r) => (timer = setTimeout(r, Math.min(timeoutMs, MAX_TIMER_MS)))) : new Promise<void>(() => {});
     await Promise.race([Promise.allSettled([...inflight]), deadline]);
     clearTimeout(timer);
     await dispose();

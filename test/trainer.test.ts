@@ -233,18 +233,21 @@ describe('Trainer', () => {
     // A RoPE base <= 0 trained to NaN losses.
     await expect(createTrainer({ config: { ...config, ropeTheta: -1 } })).rejects.toThrow(new RangeError('config.ropeTheta must be a finite number > 0, got -1'));
     await expect(loadTrainerCheckpoint('/nonexistent.ckpt')).rejects.toThrow(/nonexistent/);
-    // An ambiguous batch: the teacher was ignored silently, and so was a mask with targets.
-    expect(() => trainer.step({ ...fixedBatch(), teacherLogits: new Float32Array(24 * 53) })).toThrow(
+    // Rejections, as for every promise the trainer returns. An ambiguous batch: the teacher was
+    // ignored silently, and so was a mask with targets; so are loss settings with targets.
+    await expect(trainer.step({ ...fixedBatch(), teacherLogits: new Float32Array(24 * 53) })).rejects.toThrow(
       new TypeError('batch: give either targets (cross-entropy) or a teacher (teacherLogits or teacher), not both'),
     );
-    expect(() => trainer.evalLoss({ ...fixedBatch(), mask: new Uint8Array(24).fill(1) })).toThrow(/^batch\.mask goes with a teacher/);
+    await expect(trainer.evalLoss({ ...fixedBatch(), mask: new Uint8Array(24).fill(1) })).rejects.toThrow(/^batch\.mask goes with a teacher/);
+    await expect(trainer.step({ ...fixedBatch(), kind: 'reverse-kl' })).rejects.toThrow(new TypeError('batch.kind goes with a teacher (distillation); targets train on cross-entropy'));
+    await expect(trainer.evalLoss({ ...fixedBatch(), temperature: 2 })).rejects.toThrow(/^batch\.temperature goes with a teacher/);
     // A misspelt key was ignored: here the sparse teacher, so the batch trained on nothing it named.
-    expect(() => trainer.step({ ...fixedBatch(), targets: undefined, teachr: {} } as never)).toThrow(
+    await expect(trainer.step({ ...fixedBatch(), targets: undefined, teachr: {} } as never)).rejects.toThrow(
       /^batch\.teachr is not an option; the options are: tokens, batchSize, seqLen, targets, kind, teacherLogits, teacher, mask, temperature, beta$/,
     );
-    expect(() => trainer.evalLoss({ ...fixedBatch(), seq_len: 12 } as never)).toThrow(/batch\.seq_len is not an option \(did you mean seqLen\?\)/);
+    await expect(trainer.evalLoss({ ...fixedBatch(), seq_len: 12 } as never)).rejects.toThrow(/batch\.seq_len is not an option \(did you mean seqLen\?\)/);
     await trainer.dispose();
-    expect(() => trainer.step(fixedBatch())).toThrow(/disposed/);
+    await expect(trainer.step(fixedBatch())).rejects.toThrow(/disposed/);
     await trainer.dispose();  // twice is fine
   });
 
@@ -260,6 +263,6 @@ describe('Trainer', () => {
     expect(disposing).toBeInstanceOf(Promise);
     expect((await step).loss).toBeGreaterThan(0);
     await disposing;
-    expect(() => trainer.step(fixedBatch())).toThrow(/disposed/);
+    await expect(trainer.step(fixedBatch())).rejects.toThrow(/disposed/);
   });
 });

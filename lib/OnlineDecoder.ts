@@ -10,7 +10,7 @@ import { dirname, resolve } from 'node:path';
 import type { SamplingOptions } from './addonTypes.js';
 import { checkInteger, checkKeys, disposedError, MAX_TIMER_MS } from './args.js';
 import type { DistillLossKind } from './kernels.js';
-import { isStoreType, loadModel, Model, STORE_TYPES, type StoreType } from './Model.js';
+import { isStoreType, loadModel, Model, PREFILL_CHUNK, STORE_TYPES, type StoreType } from './Model.js';
 import {
   SpeculativeDecoder,
   type RequestStats,
@@ -835,13 +835,24 @@ async function agreement(draft: Model, requests: { tokens: number[]; from: numbe
     const tokens = r.tokens.slice(cut);
     const from = Math.max(0, r.from - cut);
     if (tokens.length - 1 <= from) continue;
-    const logits = await draft.forward(tokens);
-    for (let i = from; i < tokens.length - 1; i++) {
-      const row = logits.subarray(i * V, (i + 1) * V);
-      let best = 0;
-      for (let v = 1; v < V; v++) if (row[v]! > row[best]!) best = v;
-      if (best === tokens[i + 1]) hit++;
-      n++;
+    // The prompt without its rows, then the emitted tokens a few at a time: a long request's rows
+    // never exist at once.
+    const seq = draft.createSequence();
+    try {
+      if (from > 0) await seq.evaluate(tokens.slice(0, from), { lastOnly: true });
+      for (let i = from; i < tokens.length - 1; i += PREFILL_CHUNK) {
+        const end = Math.min(tokens.length - 1, i + PREFILL_CHUNK);
+        const logits = await seq.evaluate(tokens.slice(i, end));
+        for (let j = i; j < end; j++) {
+          const row = logits.subarray((j - i) * V, (j - i + 1) * V);
+          let best = 0;
+          for (let v = 1; v < V; v++) if (row[v]! > row[best]!) best = v;
+          if (best === tokens[j + 1]) hit++;
+          n++;
+        }
+      }
+    } finally {
+      await seq.dispose();
     }
   }
   return { rate: n ? hit / n : 0, positions: n };

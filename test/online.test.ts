@@ -189,9 +189,20 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     dec.on('rollback', (e: { reason: string }) => rollbacks.push(e.reason));
     expect(await dec.updateNow()).not.toBeNull();
     expect(Array.from(await draft.forward([1, 403, 407]))).not.toEqual(Array.from(before));
-    for (const p of prompts.slice(0, 2)) await dec.generate({ tokens: p, maxTokens: 24 });
+    const served: number[][] = [];
+    for (const p of prompts.slice(0, 2)) served.push([...p, ...(await dec.generate({ tokens: p, maxTokens: 24 })).tokens]);
     await new Promise((r) => setTimeout(r, 50));
     expect(rollbacks.length).toBe(1);
+    // The previous weights' agreement in the reason: how often their argmax after each prefix of a
+    // served request is the target's next token, over the tokens it emitted.
+    let hit = 0;
+    let n = 0;
+    for (const [i, all] of served.entries()) {
+      const logits = await draft.forward(all);  // the previous weights: restored by now
+      for (let j = prompts[i]!.length - 1; j < all.length - 1; j++, n++) hit += argmax(logits.subarray(j * 512, (j + 1) * 512)) === all[j + 1] ? 1 : 0;
+    }
+    expect(rollbacks[0]).toContain(`fell from ${(hit / n).toFixed(3)} (previous weights)`);
+    expect(rollbacks[0]).toContain(`over the ${n} emitted tokens`);
     expect(rollbacks[0]).toMatch(/^agreement with the target fell from 0\.\d+ \(previous weights\) to 0\.\d+ over the \d+ emitted tokens of the 2 requests since$/);
     expect(Array.from(await draft.forward([1, 403, 407]))).toEqual(Array.from(before));
     expect(dec.metrics().rollbacks).toBe(1);

@@ -4,7 +4,7 @@
 import { EventEmitter } from 'node:events';
 import { extname } from 'node:path';
 import { checkInteger, checkKeys, disposedError } from './args.js';
-import { Model } from './Model.js';
+import { Model, PREFILL_CHUNK } from './Model.js';
 import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics, type RollbackEvent, type UpdateErrorEvent, type UpdateEvent } from './OnlineDecoder.js';
 import type { RequestStats, SpeculativeGenerateOptions, SpeculativeResult, Strategy, StreamChunk, WeightSwap } from './SpeculativeDecoder.js';
 import type { SamplingOptions } from './addonTypes.js';
@@ -41,8 +41,12 @@ export interface DraftPoolOptions {
   distill?: OnlineDistillOptions;
   /** When running requests take up a draft's update (see SpeculativeDecoderOptions.weightSwap). Default 'step'. */
   weightSwap?: WeightSwap;
-  /** With the label router: a label seen for the first time gets a copy of this draft (by name). */
-  forkFrom?: string;
+  /**
+   * With the label router, a label seen for the first time gets a copy of a draft: this one (by name),
+   * or with `{ closest: true }` the draft that predicts that first request's prompt best (the lowest
+   * mean cross-entropy of its tokens), so that a new kind of traffic starts from the nearest one.
+   */
+  forkFrom?: string | { closest: true };
   /** Seed of the Thompson sampler. */
   seed?: number;
 }
@@ -101,8 +105,12 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     if (typeof router !== 'function' && !['label', 'ucb', 'thompson'].includes(router))
       throw new RangeError(`router must be 'label', 'ucb', 'thompson' or a function, got '${String(router)}'`);
     // Own keys only: 'toString' is `in` every object.
-    if (options.forkFrom !== undefined && !Object.hasOwn(options.drafts, options.forkFrom))
-      throw new RangeError(`forkFrom names no draft: '${options.forkFrom}'`);
+    const f = options.forkFrom;
+    if (typeof f === 'object' && f !== null) {
+      checkKeys(f, ['closest'], 'forkFrom');
+      if (f.closest !== true) throw new TypeError('forkFrom must name a draft, or be { closest: true }');
+    } else if (f !== undefined && (typeof f !== 'string' || !Object.hasOwn(options.drafts, f)))
+      throw typeof f === 'string' ? new RangeError(`forkFrom names no draft: '${f}'`) : new TypeError('forkFrom must name a draft, or be { closest: true }');
     if (options.seed !== undefined) checkInteger(options.seed, 'seed', 0);
     this.target = options.target;
     this.router = router;
@@ -215,7 +223,7 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
       const m = this.#members.get(req.label);
       if (m) return m;
       if (this.#options.forkFrom === undefined) throw new RangeError(`no draft is named '${req.label}' (and forkFrom is not set)`);
-      return this.#fork(req.label);
+      return this.#fork(req.label, req);
     }
     // Bandits over per-request acceptance.
     // Requests still running count as tried (so concurrent first requests spread over the drafts);
@@ -248,11 +256,12 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
     return best;
   }
 
-  #fork(label: string): Promise<Member> {
+  #fork(label: string, req: RouteRequest): Promise<Member> {
     let p = this.#forking.get(label);
     if (!p) {
       p = (async () => {
-        const base = this.#members.get(this.#options.forkFrom!)!;
+        const f = this.#options.forkFrom!;
+        const base = typeof f === 'string' ? this.#members.get(f)! : await this.#closest(req);
         const copy = await copyModel(base.model);
         let m: Member;
         try {
@@ -271,6 +280,27 @@ export class DraftPool extends EventEmitter<DraftPoolEvents> {
       });
     }
     return p;
+  }
+
+  /**
+   * The draft whose predictions of the request's prompt are best: the lowest mean cross-entropy of
+   * each prompt token after the ones before it. With fewer than two tokens, the first draft.
+   */
+  async #closest(req: RouteRequest): Promise<Member> {
+    const members = [...this.#members.values()];
+    const tk = this.target.tokenizer;
+    const tokens = req.tokens !== undefined ? Array.from(req.tokens) : req.prompt !== undefined && tk ? Array.from(tk.encode(req.prompt)) : [];
+    if (tokens.length < 2 || members.length === 1) return members[0]!;
+    let best = members[0]!;
+    let bestLoss = Infinity;
+    for (const m of members) {
+      const loss = await meanCrossEntropy(m.model, tokens.slice(-m.model.info.contextLength));
+      if (loss < bestLoss) {
+        best = m;
+        bestLoss = loss;
+      }
+    }
+    return best;
   }
 
   /** Adds a draft under a new name. */
@@ -360,3 +390,27 @@ export function createDraftPool(options: DraftPoolOptions): DraftPool {
   return new DraftPool(options);
 }
 
+/** Mean over the tokens after the first of -log p(token | the tokens before it), by `model`. */
+async function meanCrossEntropy(model: Model, tokens: number[]): Promise<number> {
+  const V = model.info.vocabSize;
+  const seq = model.createSequence();
+  let sum = 0;
+  try {
+    // A chunk of rows at a time: a long prompt's [tokens x vocab] logits never exist at once.
+    for (let i = 0; i < tokens.length - 1; i += PREFILL_CHUNK) {
+      const end = Math.min(tokens.length - 1, i + PREFILL_CHUNK);
+      const logits = await seq.evaluate(tokens.slice(i, end));
+      for (let j = i; j < end; j++) {
+        const row = logits.subarray((j - i) * V, (j - i + 1) * V);
+        let max = -Infinity;
+        for (let v = 0; v < V; v++) if (row[v]! > max) max = row[v]!;
+        let z = 0;
+        for (let v = 0; v < V; v++) z += Math.exp(row[v]! - max);
+        sum += max + Math.log(z) - row[tokens[j + 1]!]!;
+      }
+    }
+  } finally {
+    await seq.dispose();
+  }
+  return sum / (tokens.length - 1);
+}

@@ -175,7 +175,7 @@ async function runOne(
   let updates = 0;
   let rollbacks = 0;
   const online = kind === 'online' ? createOnlineDecoder({ target, draft, strategy, sampling, distill }) : undefined;
-  const pool = kind === 'pool' ? createDraftPool({ target, drafts: { english: draft }, router: 'label', forkFrom: 'english', strategy, sampling, distill }) : undefined;
+  const pool = kind === 'pool' ? createDraftPool({ target, drafts: { english: draft }, router: 'label', forkFrom: { closest: true }, strategy, sampling, distill }) : undefined;
   const fixed = kind === 'static' ? createOnlineDecoder({ target, draft, strategy, sampling, distill: { enabled: false } }) : undefined;
   online?.on('update', () => updates++);
   online?.on('rollback', () => rollbacks++);

@@ -50,6 +50,25 @@ describe.skipIf(!have)('DraftPool (stories260K)', () => {
     expect(pool.metrics().code!.requests).toBe(2);
   });
 
+  it('forkFrom { closest: true }: a new label starts from the draft that predicts its first prompt best', async () => {
+    const story = [1, ...(await target.generate({ tokens: [1], maxTokens: 24 })).tokens];
+    for (const drafts of [{ bad, good }, { good, bad }]) {
+      await using pool = createDraftPool({ target, drafts, forkFrom: { closest: true }, distill: { interval: 1000 } });
+      const forks: { draft: string; from: string }[] = [];
+      pool.on('fork', (e) => forks.push(e));
+      const r = await pool.generate({ tokens: story, maxTokens: 4, label: 'stories' });
+      expect(r.draft).toBe('stories');
+      // good is the target itself (stored as F16), bad a random model: good, whichever comes first.
+      expect(forks).toEqual([{ draft: 'stories', from: 'good' }]);
+      // A prompt of one token says nothing: the first draft.
+      await pool.generate({ tokens: [1], maxTokens: 4, label: 'short' });
+      expect(forks[1]).toEqual({ draft: 'short', from: Object.keys(drafts)[0] });
+    }
+    expect(() => createDraftPool({ target, drafts: { a: good }, forkFrom: { closest: false } as never })).toThrow(new TypeError('forkFrom must name a draft, or be { closest: true }'));
+    expect(() => createDraftPool({ target, drafts: { a: good }, forkFrom: { closest: true, among: ['a'] } as never })).toThrow(/^forkFrom\.among is not an option/);
+    expect(() => createDraftPool({ target, drafts: { a: good }, forkFrom: 5 as never })).toThrow(new TypeError('forkFrom must name a draft, or be { closest: true }'));
+  });
+
   it('a constructor that fails on one draft stops the decoders it had started for the others', async () => {
     const dispose = vi.spyOn(OnlineDecoder.prototype, 'dispose');
     try {

@@ -126,10 +126,8 @@ describe('delays beyond setTimeout range', () => {
       dec.on('update-start', () => void updates++);
       const warnings = await overflowWarnings(async () => {
         await dec.generate({ prompt: 'Once upon a time', maxTokens: 16 });
-        const cpu = process.cpuUsage();
+        // The timer was clamped to 1 ms and re-armed for ever: about 850 warnings a second.
         await new Promise((r) => setTimeout(r, 300));
-        // A 1 ms timer re-armed for ever used about a seventh of a core.
-        expect(process.cpuUsage(cpu).user / 1000).toBeLessThan(30);
       });
       expect(warnings).toBe(0);
       expect(updates).toBe(0);

@@ -91,8 +91,9 @@ Row measure(const std::string& name, const std::string& path, int reps) {
   r.mb = static_cast<double>(m->weight_bytes_per_token()) / 1e6;
   const int32_t V = m->config().vocab;
   std::vector<int32_t> prefix(64), toks(256);
-  for (size_t i = 0; i < prefix.size(); ++i) prefix[i] = static_cast<int32_t>(100 + (i * 37) % 4000);
-  for (size_t i = 0; i < toks.size(); ++i) toks[i] = static_cast<int32_t>(200 + (i * 53) % 4000);
+  // Ids within any --vocab (a fixed 100..4099 range failed below 4,100 tokens).
+  for (size_t i = 0; i < prefix.size(); ++i) prefix[i] = static_cast<int32_t>((100 + i * 37) % static_cast<size_t>(V));
+  for (size_t i = 0; i < toks.size(); ++i) toks[i] = static_cast<int32_t>((200 + i * 53) % static_cast<size_t>(V));
   std::vector<float> logits(5 * static_cast<size_t>(V));
   Sequence s(m);
   s.evaluate(prefix.data(), 64, nullptr, logits.data(), true);

@@ -67,6 +67,11 @@ OSD_HD float exp_approx(float x) {
 // instructions; spelling the lanes out is what makes the exp-bound loops fast.)
 // OSD_SIMD_ONLY=3 (x86-64-v3, 8 lanes) or =1 (the baseline) builds one clone only, so that a
 // machine with AVX-512 can test and time the others (test_kernels must pass with each).
+// ThreadSanitizer builds get the 8-lane clone alone: a program with target_clones' resolvers
+// crashed before main under TSan (they run before its runtime starts).
+#if defined(__SANITIZE_THREAD__) && !defined(OSD_SIMD_ONLY)
+#define OSD_SIMD_ONLY 3
+#endif
 #if defined(OSD_SIMD_ONLY) && OSD_SIMD_ONLY == 3
 #define OSD_SIMD_CLONES __attribute__((target("arch=x86-64-v3")))
 #elif defined(OSD_SIMD_ONLY)

@@ -7,7 +7,7 @@
 
 namespace osd {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)  // see fast_math.h
 #define OSD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define OSD_CLONES

@@ -4,7 +4,7 @@
 import { EventEmitter } from 'node:events';
 import { extname } from 'node:path';
 import { checkInteger, checkKeys, disposedError } from './args.js';
-import { Model, PREFILL_CHUNK } from './Model.js';
+import { Model, visitNextTokenRows } from './Model.js';
 import { copyModel, OnlineDecoder, type OnlineDistillOptions, type OnlineMetrics, type RollbackEvent, type UpdateErrorEvent, type UpdateEvent } from './OnlineDecoder.js';
 import type { RequestStats, SpeculativeGenerateOptions, SpeculativeResult, Strategy, StreamChunk, WeightSwap } from './SpeculativeDecoder.js';
 import type { SamplingOptions } from './addonTypes.js';
@@ -392,25 +392,13 @@ export function createDraftPool(options: DraftPoolOptions): DraftPool {
 
 /** Mean over the tokens after the first of -log p(token | the tokens before it), by `model`. */
 async function meanCrossEntropy(model: Model, tokens: number[]): Promise<number> {
-  const V = model.info.vocabSize;
-  const seq = model.createSequence();
   let sum = 0;
-  try {
-    // A chunk of rows at a time: a long prompt's [tokens x vocab] logits never exist at once.
-    for (let i = 0; i < tokens.length - 1; i += PREFILL_CHUNK) {
-      const end = Math.min(tokens.length - 1, i + PREFILL_CHUNK);
-      const logits = await seq.evaluate(tokens.slice(i, end));
-      for (let j = i; j < end; j++) {
-        const row = logits.subarray((j - i) * V, (j - i + 1) * V);
-        let max = -Infinity;
-        for (let v = 0; v < V; v++) if (row[v]! > max) max = row[v]!;
-        let z = 0;
-        for (let v = 0; v < V; v++) z += Math.exp(row[v]! - max);
-        sum += max + Math.log(z) - row[tokens[j + 1]!]!;
-      }
-    }
-  } finally {
-    await seq.dispose();
-  }
+  await visitNextTokenRows(model, tokens, 0, (row, next) => {
+    let max = -Infinity;
+    for (let v = 0; v < row.length; v++) if (row[v]! > max) max = row[v]!;
+    let z = 0;
+    for (let v = 0; v < row.length; v++) z += Math.exp(row[v]! - max);
+    sum += max + Math.log(z) - row[next]!;
+  });
   return sum / (tokens.length - 1);
 }

@@ -562,6 +562,28 @@ export interface EvaluateOptions {
 /** Tokens per pass of an abortable prefill (EvaluateOptions.signal). */
 export const PREFILL_CHUNK = 64;
 
+/**
+ * Calls visit(row, next) for each position i >= from of `tokens` but the last: the model's logits
+ * after tokens[0..i] and the token that followed. The prefix is evaluated without rows, then a chunk
+ * of rows at a time, so a long sequence's [tokens x vocab] logits never exist at once.
+ * @internal
+ */
+export async function visitNextTokenRows(model: Model, tokens: readonly number[], from: number, visit: (row: Float32Array, next: number) => void): Promise<void> {
+  if (tokens.length - 1 <= from) return;
+  const V = model.info.vocabSize;
+  const seq = model.createSequence();
+  try {
+    if (from > 0) await seq.evaluate(tokens.slice(0, from), { lastOnly: true });
+    for (let i = from; i < tokens.length - 1; i += PREFILL_CHUNK) {
+      const end = Math.min(tokens.length - 1, i + PREFILL_CHUNK);
+      const logits = await seq.evaluate(tokens.slice(i, end));
+      for (let j = i; j < end; j++) visit(logits.subarray((j - i) * V, (j - i + 1) * V), tokens[j + 1]!);
+    }
+  } finally {
+    await seq.dispose();
+  }
+}
+
 /** Model.generate's decoding time per native call, at most (ms): its tokens reach onToken together. */
 const CHUNK_MS = 50;
 

@@ -10,7 +10,7 @@ import { dirname, resolve } from 'node:path';
 import type { SamplingOptions } from './addonTypes.js';
 import { checkInteger, checkKeys, disposedError, MAX_TIMER_MS } from './args.js';
 import type { DistillLossKind } from './kernels.js';
-import { isStoreType, loadModel, Model, PREFILL_CHUNK, STORE_TYPES, type StoreType } from './Model.js';
+import { isStoreType, loadModel, Model, STORE_TYPES, visitNextTokenRows, type StoreType } from './Model.js';
 import {
   SpeculativeDecoder,
   type RequestStats,
@@ -826,34 +826,17 @@ export class OnlineDecoder extends EventEmitter<OnlineDecoderEvents> {
  * greedy decoding it is the draft's per-token acceptance on those requests.
  */
 async function agreement(draft: Model, requests: { tokens: number[]; from: number }[]): Promise<{ rate: number; positions: number }> {
-  const V = draft.info.vocabSize;
   const W = draft.info.contextLength;
   let hit = 0;
   let n = 0;
   for (const r of requests) {
     const cut = Math.max(0, r.tokens.length - W);
-    const tokens = r.tokens.slice(cut);
-    const from = Math.max(0, r.from - cut);
-    if (tokens.length - 1 <= from) continue;
-    // The prompt without its rows, then the emitted tokens a few at a time: a long request's rows
-    // never exist at once.
-    const seq = draft.createSequence();
-    try {
-      if (from > 0) await seq.evaluate(tokens.slice(0, from), { lastOnly: true });
-      for (let i = from; i < tokens.length - 1; i += PREFILL_CHUNK) {
-        const end = Math.min(tokens.length - 1, i + PREFILL_CHUNK);
-        const logits = await seq.evaluate(tokens.slice(i, end));
-        for (let j = i; j < end; j++) {
-          const row = logits.subarray((j - i) * V, (j - i + 1) * V);
-          let best = 0;
-          for (let v = 1; v < V; v++) if (row[v]! > row[best]!) best = v;
-          if (best === tokens[j + 1]) hit++;
-          n++;
-        }
-      }
-    } finally {
-      await seq.dispose();
-    }
+    await visitNextTokenRows(draft, r.tokens.slice(cut), Math.max(0, r.from - cut), (row, next) => {
+      let best = 0;
+      for (let v = 1; v < row.length; v++) if (row[v]! > row[best]!) best = v;
+      if (best === next) hit++;
+      n++;
+    });
   }
   return { rate: n ? hit / n : 0, positions: n };
 }

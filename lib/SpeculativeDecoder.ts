@@ -738,7 +738,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     if (options.stream !== undefined) {
       if (typeof options.stream !== 'number' && typeof options.stream !== 'bigint') throw new TypeError(`stream must be a number or a bigint, got ${typeof options.stream}`);
       // Step s of the request uses Philox stream (base << 32) + 2s (+ 1 for the draft): the base has 32 bits.
-      if (!((typeof options.stream === 'number' && Number.isSafeInteger(options.stream)) || typeof options.stream === 'bigint') || options.stream < 0 || options.stream > 0xffffffff)
+      if ((typeof options.stream === 'number' && !Number.isSafeInteger(options.stream)) || options.stream < 0 || options.stream > 0xffffffff)
         throw new RangeError(`stream must be an integer in [0, 2^32 - 1], got ${String(options.stream)}`);
       streamBase = BigInt(options.stream);
     }

@@ -2,7 +2,7 @@
 // The `osd` command line.
 import { parseArgs } from 'node:util';
 import { rangeText } from './args.js';
-import { CLI_OPTIONS } from './cliOptions.cjs';
+import { CLI_OPTIONS, DEFAULT_MAX_CONCURRENT } from './cliOptions.cjs';
 import { effectiveThreadPool } from './threadPool.cjs';
 
 /** A bad command line (exit code 2), as opposed to a failure while running (1). */
@@ -40,7 +40,7 @@ Commands:
       --target PATH --draft PATH   default: the embedded default pair
       --port N             default 8080 (0 picks a free port)
       --host ADDR          default 127.0.0.1
-      --max-concurrent N   generations decoded at once, the rest queue (default 4); osd gives
+      --max-concurrent N   generations decoded at once, the rest queue (default ${DEFAULT_MAX_CONCURRENT}); osd gives
                            libuv's thread pool N + 4 threads unless UV_THREADPOOL_SIZE is set
       --no-batching        decode each generation's steps on their own (default: the
                            generations in flight share each pass)
@@ -350,7 +350,7 @@ async function main(argv: string[]): Promise<number> {
       const host = values.host ?? '127.0.0.1';
       const grace = num(values.grace, 'grace', 30);
       if (!(grace >= 0)) throw new UsageError('--grace must be a number of seconds >= 0');
-      const maxConcurrent = int(values['max-concurrent'], 'max-concurrent', 4, 1, 1024);
+      const maxConcurrent = int(values['max-concurrent'], 'max-concurrent', DEFAULT_MAX_CONCURRENT, 1, 1024);
       const target = await osd.loadModel(targetPath);
       const draft = await osd.loadModel(draftPath);
       // The osd executable sized libuv's pool before it started (bin.cts). Run otherwise (node

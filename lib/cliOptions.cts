@@ -1,6 +1,9 @@
 // The options of the `osd` command line, shared by cli.ts and by the executable's thread-pool sizing
 // (threadPool.cts), which must find the command among them before any ES module loads.
 
+/** `osd serve --max-concurrent` when not given. */
+export const DEFAULT_MAX_CONCURRENT = 4;
+
 export const CLI_OPTIONS = {
   json: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },

@@ -3,7 +3,7 @@
 // once, and each may hold a pool thread: a chain run waiting in a batch holds its thread.
 
 import { parseArgs } from 'node:util';
-import { CLI_OPTIONS } from './cliOptions.cjs';
+import { CLI_OPTIONS, DEFAULT_MAX_CONCURRENT } from './cliOptions.cjs';
 
 /** Node's own size when UV_THREADPOOL_SIZE is unset. */
 export const DEFAULT_THREAD_POOL = 4;
@@ -18,7 +18,7 @@ export function poolFor(generations: number): number {
 /**
  * UV_THREADPOOL_SIZE for `osd` with these arguments (process.argv without node and the script), or
  * undefined to leave it as it is: it is already set, or the command is not `serve`. For `serve`,
- * --max-concurrent (default 4) threads on top of Node's default 4, for prompt prefills, the draft's
+ * --max-concurrent (default DEFAULT_MAX_CONCURRENT, 4) threads on top of Node's default 4, for prompt prefills, the draft's
  * online training and the server's own file and DNS work. A bad --max-concurrent counts as the
  * default here; the command line then reports it.
  */
@@ -28,7 +28,7 @@ export function threadPoolSize(argv: readonly string[], env: NodeJS.ProcessEnv):
   const { values, positionals } = parseArgs({ args: [...argv], options: CLI_OPTIONS, allowPositionals: true, strict: false });
   if (positionals[0] !== 'serve' || values.version || values.help) return undefined;
   const value = values['max-concurrent'];
-  return poolFor(typeof value === 'string' && /^[1-9]\d{0,3}$/.test(value) ? Number(value) : 4);
+  return poolFor(typeof value === 'string' && /^[1-9]\d{0,3}$/.test(value) ? Number(value) : DEFAULT_MAX_CONCURRENT);
 }
 
 /** The pool size libuv takes from UV_THREADPOOL_SIZE (as libuv reads it: atoi, 0 means 1, at most 1024). */

@@ -26,7 +26,7 @@ mkdir -p "$dest"
 pack() {
   [ -n "${OUT:-}" ] || return 0
   tar czf "$OUT/gpu-check.tgz" -C "$(dirname "$dest")" gpu-check
-  for f in test_cuda.txt bench_cuda.txt bench_cuda.json; do [ -f "$dest/$f" ] && cp "$dest/$f" "$OUT/"; done
+  for f in test_cuda.txt bench_cuda.txt bench_cuda.json bench_model_pass.txt bench_model_pass.json; do [ -f "$dest/$f" ] && cp "$dest/$f" "$OUT/"; done
   return 0
 }
 trap pack EXIT
@@ -47,8 +47,8 @@ cmake -S . -B "$build" -G Ninja -DOSD_CUDA=ON -DCMAKE_BUILD_TYPE=Release -DCMAKE
   log "configure failed"
   exit 1
 }
-log "build test_cuda test_backend bench_cuda with $jobs jobs"
-if ! cmake --build "$build" --target test_cuda test_backend bench_cuda -j "$jobs" >"$dest/gpu-check-build.txt" 2>&1; then
+log "build test_cuda test_backend bench_cuda bench_model_pass with $jobs jobs"
+if ! cmake --build "$build" --target test_cuda test_backend bench_cuda bench_model_pass -j "$jobs" >"$dest/gpu-check-build.txt" 2>&1; then
   tail -40 "$dest/gpu-check-build.txt"
   log "build failed"
   exit 1
@@ -85,6 +85,11 @@ log "bench_cuda"
 timeout 180 "$build/bench_cuda" --json "$dest/bench_cuda.json" "${baseline[@]}" 2>&1 | tee "$dest/bench_cuda.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && status=$rc && log "bench_cuda exited with $rc"
+
+log "bench_model_pass"
+timeout 240 "$build/bench_model_pass" --json "$dest/bench_model_pass.json" 2>&1 | tee "$dest/bench_model_pass.txt"
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && status=$rc && log "bench_model_pass exited with $rc"
 
 log "done (status $status); outputs in ${OUT:+$OUT/gpu-check.tgz from }$dest"
 exit $status

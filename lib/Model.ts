@@ -33,7 +33,7 @@ interface NativeSequence {
 }
 
 interface ModelAddon {
-  loadModel(path: string): Promise<NativeModel>;
+  loadModel(path: string, device?: ModelDevice): Promise<NativeModel>;
   writeRandomModel(path: string, config: object): Promise<void>;
   saveModel(model: NativeModel, path: string, options: object): Promise<void>;
   convertModel(model: NativeModel, options: { type: StoreType | 'keep' }): Promise<NativeModel>;
@@ -121,7 +121,12 @@ export interface ModelInfo {
    * or 'mixed' (llama.cpp files often keep the token embeddings in another type than the layers).
    */
   matrixType: string;
+  /** Where the model's passes run: 'cpu', or 'cuda: <GPU name>' (see LoadModelOptions.device). */
+  device: string;
 }
+
+/** Where a model's passes run (LoadModelOptions.device). */
+export type ModelDevice = 'cpu' | 'cuda';
 
 export interface LoadModelOptions {
   /** Size of the engine's CPU thread pool (process-wide). Default: all cores. */
@@ -129,13 +134,22 @@ export interface LoadModelOptions {
   signal?: AbortSignal;
   /** Called with a fraction in [0, 1] as loading advances. */
   onProgress?: (progress: number) => void;
+  /**
+   * 'cuda' runs the model's forward passes on the GPU: its weights are copied there at load and its
+   * sequences keep their KV cache there (needs the CUDA build of the addon and a usable device, else
+   * loading rejects saying why). Logits agree with the CPU engine's within rounding, not bit for bit.
+   * Default 'cpu'. Weights given by setWeights follow the model to the GPU.
+   */
+  device?: ModelDevice;
 }
 
 /** Loads a GGUF file or a llama2.c checkpoint (told apart by the magic), off the event loop. */
 export async function loadModel(path: string, options: LoadModelOptions = {}): Promise<Model> {
   if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
   checkOptions(options);
-  checkKeys(options, ['threads', 'signal', 'onProgress']);
+  checkKeys(options, ['threads', 'signal', 'onProgress', 'device']);
+  if (options.device !== undefined && options.device !== 'cpu' && options.device !== 'cuda')
+    throw new RangeError(`options.device must be 'cpu' or 'cuda', got ${String(options.device)}`);
   const signal = checkSignal(options.signal);
   checkCallback(options.onProgress, 'options.onProgress');
   if (options.threads !== undefined) {
@@ -144,7 +158,7 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
   }
   throwIfAborted(signal);
   options.onProgress?.(0);
-  const handle = await native.loadModel(path);
+  const handle = await native.loadModel(path, options.device);
   let tokenizer: Tokenizer | undefined;
   let chatTemplate: string | undefined;
   try {

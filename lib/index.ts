@@ -39,6 +39,7 @@ export type {
   RandomModelConfig,
   StoreType,
   LoadModelOptions,
+  ModelDevice,
   GenerateOptions,
   GenerateResult,
   StopReason,

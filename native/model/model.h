@@ -14,6 +14,8 @@
 
 namespace osd {
 
+class DevicePass;  // model/sequence.h
+
 struct ModelConfig {
   std::string arch = "llama";  // "llama" | "qwen2" | "qwen3"
   int32_t vocab = 0;
@@ -68,6 +70,12 @@ class Model {
   // Bytes of weights read per decoded token (every matrix once; embeddings one row).
   size_t weight_bytes_per_token() const;
 
+  // Where this model's passes run: null for the CPU engine, else a device's pass (the CUDA
+  // backend's, cuda/model_pass.h) holding a copy of the weights there. Set before any Sequence of
+  // the model exists; sequences made afterwards keep their cache on that device.
+  const std::shared_ptr<DevicePass>& device_pass() const { return device_pass_; }
+  void set_device_pass(std::shared_ptr<DevicePass> pass) { device_pass_ = std::move(pass); }
+
  private:
   Model() = default;
   // Gives each matrix the quantised kernels read in quant's 16-row layout a packed copy (when the
@@ -75,6 +83,7 @@ class Model {
   void pack_weights(const gguf::File* file);
 
   ModelConfig cfg_;
+  std::shared_ptr<DevicePass> device_pass_;
   io::HugeBuffer packed_;  // the packed copies, each 64-byte aligned
   std::string path_;
   std::unique_ptr<gguf::File> gguf_;

@@ -17,6 +17,10 @@ const char* kv_type_name(KvType t) { return t == KvType::F16 ? "f16" : "f32"; }
 Sequence::Sequence(std::shared_ptr<const Model> model, int32_t capacity, KvType kv) : model_(std::move(model)), kv_(kv) {
   const int32_t ctx = model_->config().context;
   capacity_ = capacity > 0 ? std::min(capacity, ctx) : ctx;
+  if (const auto& pass = model_->device_pass()) {
+    device_ = pass->new_cache(capacity_, kv_);
+    return;
+  }
   const size_t layers = model_->config().n_layers;
   with_cache([&](auto& c) {
     c.k.resize(layers);
@@ -25,7 +29,7 @@ Sequence::Sequence(std::shared_ptr<const Model> model, int32_t capacity, KvType 
 }
 
 void Sequence::reserve(int32_t slots) {
-  if (slots <= allocated_) return;
+  if (slots <= allocated_ || device_) return;  // a device cache grows itself
   int32_t grow = std::max<int32_t>(64, allocated_);
   while (grow < slots) grow *= 2;
   grow = std::min(grow, capacity_);
@@ -60,10 +64,17 @@ void Sequence::keep_path(int32_t base, const int32_t* path, int32_t k) {
     if (path[i] <= path[i - 1])
       throw_range("keep_path: path[" + std::to_string(i) + "] = " + std::to_string(path[i]) +
                   " must be a later batch index than path[" + std::to_string(i - 1) + "] (a child follows its parent)");
+  for (int32_t i = 0; i < k; ++i)
+    if (path[i] < 0 || base + path[i] >= length_)
+      throw_range("keep_path: path[" + std::to_string(i) + "] is not an evaluated node");
+  if (device_) {
+    model_->device_pass()->keep_path(*device_, base, path, k);
+    length_ = base + k;
+    return;
+  }
   const size_t heads = model_->config().n_kv_heads, hd = model_->config().head_dim;
   for (int32_t i = 0; i < k; ++i) {
     const int32_t src = base + path[i];
-    if (path[i] < 0 || src >= length_) throw_range("keep_path: path[" + std::to_string(i) + "] is not an evaluated node");
     if (src == base + i) continue;
     // Nodes keep their RoPE: node path[i] sits at depth i, the position it was evaluated at.
     with_cache([&](auto& c) {
@@ -80,6 +91,11 @@ void Sequence::keep_path(int32_t base, const int32_t* path, int32_t k) {
 
 std::unique_ptr<Sequence> Sequence::fork() const {
   auto s = std::make_unique<Sequence>(model_, capacity_, kv_);
+  if (device_) {
+    s->device_ = model_->device_pass()->fork(*device_, length_);
+    s->length_ = length_;
+    return s;
+  }
   s->reserve(length_);
   const size_t heads = model_->config().n_kv_heads, hd = model_->config().head_dim;
   const size_t to = s->allocated_, from = allocated_;
@@ -130,6 +146,18 @@ void Sequence::evaluate_parts(const EvalPart* parts, int32_t count) {
     if (static_cast<int64_t>(s.length_) + pt.n > s.capacity_)
       throw_range(part + "the sequence would hold " + std::to_string(int64_t(s.length_) + pt.n) +
                   " tokens, more than its context of " + std::to_string(s.capacity_));
+  }
+  if (const auto& pass = m.device_pass()) {
+    std::vector<DevicePass::Cache*> caches(count);
+    std::vector<int32_t> lengths(count);
+    for (int32_t k = 0; k < count; ++k) {
+      if (!parts[k].seq->device_)
+        throw_range("evaluate: part " + std::to_string(k) + "'s sequence was made before its model moved to " + pass->name());
+      caches[k] = parts[k].seq->device_.get(), lengths[k] = parts[k].seq->length_;
+    }
+    pass->evaluate(parts, caches.data(), lengths.data(), count);
+    for (int32_t k = 0; k < count; ++k) parts[k].seq->length_ += parts[k].n;
+    return;
   }
   for (int32_t k = 0; k < count; ++k) parts[k].seq->reserve(parts[k].seq->length_ + parts[k].n);
 

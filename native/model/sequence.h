@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "model/model.h"
@@ -17,6 +18,26 @@ enum class KvType { F32, F16 };
 const char* kv_type_name(KvType t);
 
 class Sequence;
+struct EvalPart;
+
+// A model pass on a device (the CUDA backend's: cuda/model_pass.h). It holds the weights there and
+// each sequence's cache; Sequence checks every argument, keeps the lengths and calls it for the math.
+// Results agree with the CPU engine's within rounding (the reduction orders differ), not bit for bit.
+class DevicePass {
+ public:
+  struct Cache {
+    virtual ~Cache() = default;
+  };
+  virtual ~DevicePass() = default;
+  virtual std::string name() const = 0;  // e.g. "cuda: NVIDIA H100 80GB HBM3"
+  virtual std::unique_ptr<Cache> new_cache(int32_t capacity, KvType kv) = 0;
+  // Sequence::evaluate_parts's math: caches[k] is parts[k].seq's cache, holding lengths[k] tokens.
+  virtual void evaluate(const EvalPart* parts, Cache* const* caches, const int32_t* lengths, int32_t count) = 0;
+  // Sequence::keep_path's copies (arguments already checked).
+  virtual void keep_path(Cache& cache, int32_t base, const int32_t* path, int32_t k) = 0;
+  // A copy of the first `length` slots of a cache.
+  virtual std::unique_ptr<Cache> fork(const Cache& cache, int32_t length) = 0;
+};
 
 // One sequence's share of a batched pass (Sequence::evaluate_parts): evaluate()'s arguments.
 struct EvalPart {
@@ -83,6 +104,7 @@ class Sequence {
   int32_t length_ = 0;
   Cache<float> f32_;
   Cache<uint16_t> f16_;  // IEEE half bits
+  std::unique_ptr<DevicePass::Cache> device_;  // the cache, when the model's passes run on a device
 };
 
 }  // namespace osd

@@ -23,6 +23,10 @@
 #include "napi/napi_util.h"
 #include "spec/sampling.h"
 
+#ifdef OSD_WITH_CUDA
+#include "model_pass.h"
+#endif
+
 namespace osd::napi {
 
 Napi::Value wrap_model(Napi::Env env, std::shared_ptr<Model> m);  // below
@@ -87,6 +91,21 @@ class PromiseWorker : public Napi::AsyncWorker {
   ErrorKind kind_ = ErrorKind::State;
 };
 
+// Moves a model's passes to `device` ("cpu": nothing to do; "cuda": its weights are uploaded).
+void place_model(Model& model, const std::string& device) {
+  if (device != "cuda") return;
+#ifdef OSD_WITH_CUDA
+  std::string why;
+  auto pass = cuda_model_pass(model, &why);
+  if (!pass) throw_state("device 'cuda' is not usable here: " + why);
+  model.set_device_pass(std::move(pass));
+#else
+  throw_state(
+      "device 'cuda' needs the CUDA build of the addon, and this one is CPU-only (npm run build:cuda builds it; see "
+      "backends())");
+#endif
+}
+
 class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
  public:
   static Napi::Function define(Napi::Env env) {
@@ -136,6 +155,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     o.Set("weightBytesPerToken", static_cast<double>(m->weight_bytes_per_token()));
     const auto mt = uniform_matrix_type(*m);
     o.Set("matrixType", mt ? gguf::type_info(*mt).name : "mixed");
+    o.Set("device", m->device_pass() ? m->device_pass()->name() : std::string("cpu"));
     return o;
   }
   // setWeights(other): this model now answers with other's weights. Sequences created afterwards
@@ -152,6 +172,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     if (a.context != b.context || a.rope_theta != b.rope_theta || a.rope_freq_scale != b.rope_freq_scale ||
         a.rope_neox != b.rope_neox || a.rope_factors != b.rope_factors || a.rms_eps != b.rms_eps || a.tied_output != b.tied_output)
       throw Napi::RangeError::New(env, "weights have other settings than this model (context length, RoPE, RMS epsilon or tied output)");
+    // Weights given to a model on the GPU go there too (a trainer's snapshot is made on the CPU).
+    if (mine->device_pass() && !other->device_pass()) {
+      try {
+        place_model(*other, "cuda");
+      } catch (const std::exception& e) {
+        throw Napi::Error::New(env, std::string("setWeights: ") + e.what());
+      }
+    }
     model_ = other;
     return env.Undefined();
   }
@@ -167,17 +195,21 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
 class LoadModelWorker : public PromiseWorker {
  public:
-  LoadModelWorker(Napi::Env env, std::string path, Ctors* ctors) : PromiseWorker(env), path_(std::move(path)), ctors_(ctors) {}
+  LoadModelWorker(Napi::Env env, std::string path, std::string device, Ctors* ctors)
+      : PromiseWorker(env), path_(std::move(path)), device_(std::move(device)), ctors_(ctors) {}
 
  protected:
-  void run() override { model_ = Model::load(path_); }
+  void run() override {
+    model_ = Model::load(path_);
+    place_model(*model_, device_);
+  }
   void OnOK() override {
     Napi::Env env = Env();
     deferred_.Resolve(ctors_->model.New({model_handle(env, model_)}));
   }
 
  private:
-  std::string path_;
+  std::string path_, device_;
   Ctors* ctors_;
   std::shared_ptr<Model> model_;
 };
@@ -688,7 +720,12 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
 Napi::Value load_model(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "path must be a string");
-  auto* w = new LoadModelWorker(env, info[0].As<Napi::String>(), env.GetInstanceData<Ctors>());
+  std::string device = "cpu";
+  if (info.Length() > 1 && !info[1].IsUndefined()) {
+    device = info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "";
+    if (device != "cpu" && device != "cuda") throw Napi::RangeError::New(env, "device must be 'cpu' or 'cuda'");
+  }
+  auto* w = new LoadModelWorker(env, info[0].As<Napi::String>(), device, env.GetInstanceData<Ctors>());
   w->Queue();
   return w->promise();
 }

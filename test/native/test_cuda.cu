@@ -22,6 +22,12 @@
 //   AdamW                                    |d| <= 1e-6 * |x| + 1e-9 (bit-identical with -ffp-contract=off)
 //   global norm                              relative 1e-12
 //   tree mask, KV compaction                 exact
+//   model pass: Q8_0 / Q4_0 / Q4_1 products  bit-identical to the CPU's matmul (the same operations)
+//   model pass: F32 / F16 / BF16 / Q5_0      |d| <= 1e-5 * sum |w x| + 1e-6 against a double product
+//   model pass: logits vs the CPU engine     max |d| <= tol * max(1, max |logit|) per row (tol 2e-3
+//                                            for float weights, 3e-2 quantised, 6e-2 for SmolLM2's
+//                                            30 layers), and the same argmax wherever the CPU's top
+//                                            two logits are further apart than that
 #include <algorithm>
 #include <chrono>
 #include <climits>
@@ -43,6 +49,13 @@
 #include "chain_blocked.cuh"
 #include "cuda_backend.h"
 #include "distill.cuh"
+#include "model/model.h"
+#include "model/model_io.h"
+#include "model/quant.h"
+#include "model/random_model.h"
+#include "model/sequence.h"
+#include "model/tensor_ops.h"
+#include "model_pass.h"
 
 using namespace osd;
 
@@ -1833,6 +1846,238 @@ OSD_TEST(kv_keep_path_matches_cpu) {
     bad += k != kc || v != vc;
   }
   CHECK_EQ(bad, 0);
+}
+
+// ---- The model pass ----
+
+OSD_TEST(model_matmul_matches_cpu) {
+  gpu();
+  using gguf::TensorType;
+  Rng rng(41);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  int bits_bad = 0, tol_bad = 0, cases = 0;
+  for (TensorType t : {TensorType::Q8_0, TensorType::Q4_0, TensorType::Q4_1, TensorType::F32, TensorType::F16,
+                       TensorType::BF16, TensorType::Q5_0}) {
+    const bool int8 = t == TensorType::Q8_0 || t == TensorType::Q4_0 || t == TensorType::Q4_1;
+    for (auto [rows, cols] : {std::pair<int, int>{37, 64}, {300, 576}, {5, 4096}, {129, 1536}}) {
+      for (int n : {1, 3, 9}) {
+        std::vector<float> wf(static_cast<size_t>(rows) * cols), x(static_cast<size_t>(n) * cols);
+        for (auto& v : wf) v = nd(rng) * 0.05f;
+        for (auto& v : x) v = nd(rng);
+        const size_t rb = quant::bytes_for(t, cols);
+        std::vector<uint8_t> wb(rb * rows);
+        for (int r = 0; r < rows; ++r) quant::quantize(t, &wf[static_cast<size_t>(r) * cols], cols, &wb[r * rb]);
+        Matrix m;
+        m.type = t, m.rows = rows, m.cols = cols, m.data = wb.data(), m.row_bytes = rb;
+        std::vector<float> yc(static_cast<size_t>(n) * rows), yg(yc.size());
+        cuda::model_matmul(m, x.data(), n, yg.data());
+        ++cases;
+        if (int8) {
+          matmul(m, x.data(), n, yc.data());
+          for (size_t i = 0; i < yc.size(); ++i) bits_bad += std::memcmp(&yc[i], &yg[i], sizeof(float)) != 0;
+        } else {
+          std::vector<float> row(cols);
+          for (int r = 0; r < rows; ++r) {
+            dequantize_row(m, r, row.data());
+            for (int k = 0; k < n; ++k) {
+              double ref = 0, mag = 0;
+              for (int j = 0; j < cols; ++j)
+                ref += double(row[j]) * x[size_t(k) * cols + j], mag += std::fabs(double(row[j]) * x[size_t(k) * cols + j]);
+              tol_bad += !(std::fabs(yg[size_t(k) * rows + r] - ref) <= 1e-5 * mag + 1e-6);
+            }
+          }
+        }
+      }
+    }
+  }
+  // A block with a NaN: the CPU's activation quantiser makes its scale NaN, so every output is NaN.
+  {
+    const int rows = 8, cols = 64;
+    std::vector<float> wf(rows * cols, 0.01f), x(cols, 1.0f);
+    x[40] = NAN;
+    std::vector<uint8_t> wb(quant::bytes_for(TensorType::Q4_1, cols) * rows);
+    for (int r = 0; r < rows; ++r) quant::quantize(TensorType::Q4_1, &wf[r * cols], cols, &wb[r * (wb.size() / rows)]);
+    Matrix m;
+    m.type = TensorType::Q4_1, m.rows = rows, m.cols = cols, m.data = wb.data(), m.row_bytes = wb.size() / rows;
+    std::vector<float> yc(rows), yg(rows);
+    matmul(m, x.data(), 1, yc.data());
+    cuda::model_matmul(m, x.data(), 1, yg.data());
+    for (int r = 0; r < rows; ++r) CHECK(std::isnan(yc[r]) && std::isnan(yg[r]));
+  }
+  std::printf("  %d products: %d outputs differ in bits (int8 types), %d outside tolerance (float types)\n", cases,
+              bits_bad, tol_bad);
+  CHECK_EQ(bits_bad, 0);
+  CHECK_EQ(tol_bad, 0);
+}
+
+namespace {
+
+// Compares logits rows of the CPU engine (a) and the device pass (b); see the tolerances above.
+struct LogitCheck {
+  double tol = 0, worst = 0;
+  int rows = 0, argmax_checked = 0, bad = 0;
+  void rows_of(const std::vector<float>& a, const std::vector<float>& b, int n, int V, const char* what) {
+    for (int r = 0; r < n; ++r) {
+      const float* x = &a[size_t(r) * V];
+      const float* y = &b[size_t(r) * V];
+      double scale = 1, d = 0;
+      int top = 0, second = -1;
+      for (int j = 0; j < V; ++j) {
+        scale = std::max(scale, double(std::fabs(x[j])));
+        const double e = std::fabs(double(x[j]) - y[j]);
+        d = std::isnan(e) ? INFINITY : std::max(d, e);
+        if (x[j] > x[top]) second = top, top = j;
+        else if (j != top && (second < 0 || x[j] > x[second])) second = j;
+      }
+      const double rel = d / scale;
+      worst = std::max(worst, rel);
+      ++rows;
+      if (rel > tol) {
+        ++bad;
+        std::fprintf(stderr, "  %s row %d: max |d| %.3g of scale %.3g (tol %.3g)\n", what, r, d, scale, tol);
+      }
+      if (second >= 0 && x[top] - x[second] > 2 * tol * scale) {
+        ++argmax_checked;
+        int gt = 0;
+        for (int j = 1; j < V; ++j)
+          if (y[j] > y[gt]) gt = j;
+        if (gt != top) {
+          ++bad;
+          std::fprintf(stderr, "  %s row %d: argmax %d on the GPU, %d on the CPU\n", what, r, gt, top);
+        }
+      }
+    }
+  }
+};
+
+// The same requests on a model's CPU engine (cpu) and its device pass (dev, another instance of the
+// same weights): prefill, chain, tree and keep_path, truncate, fork, a two-part batch, a long prefill.
+void compare_passes(const std::shared_ptr<Model>& cpu, const std::shared_ptr<Model>& dev, KvType kv, double tol,
+                    uint64_t seed, const char* what) {
+  std::string why;
+  auto pass = cuda_model_pass(*dev, &why);
+  if (!pass) throw Skip{why};
+  dev->set_device_pass(pass);
+  const int V = cpu->config().vocab;
+  Rng rng(seed);
+  auto ids = [&](int n) {
+    std::vector<int32_t> t(n);
+    for (auto& v : t) v = randint(rng, 0, V - 1);
+    return t;
+  };
+  LogitCheck lc;
+  lc.tol = tol;
+  Sequence a(cpu, 0, kv), b(dev, 0, kv);
+  auto both = [&](Sequence& sa, Sequence& sb, const std::vector<int32_t>& t, const int32_t* parents, bool last_only,
+                  const char* step) {
+    const int n = static_cast<int>(t.size()), rows = last_only ? 1 : n;
+    std::vector<float> la(size_t(rows) * V), lb(la.size());
+    sa.evaluate(t.data(), n, parents, la.data(), last_only);
+    sb.evaluate(t.data(), n, parents, lb.data(), last_only);
+    CHECK_EQ(sa.length(), sb.length());
+    lc.rows_of(la, lb, rows, V, (std::string(what) + " " + step).c_str());
+  };
+  both(a, b, ids(21), nullptr, true, "prefill");
+  both(a, b, ids(5), nullptr, false, "chain");
+  const int32_t parents[7] = {-1, 0, 0, 1, 1, 2, 5};
+  const int base = a.length();
+  both(a, b, ids(7), parents, false, "tree");
+  const int32_t path[3] = {0, 2, 5};
+  a.keep_path(base, path, 3);
+  b.keep_path(base, path, 3);
+  both(a, b, ids(1), nullptr, false, "after keep_path");
+  a.truncate(a.length() - 2);
+  b.truncate(b.length() - 2);
+  both(a, b, ids(3), nullptr, false, "after truncate");
+  auto fa = a.fork();
+  auto fb = b.fork();
+  both(*fa, *fb, ids(2), nullptr, false, "fork");
+  both(a, b, ids(2), nullptr, false, "original after fork");
+  {
+    const auto t0 = ids(3), t1 = ids(3);
+    const int32_t p1[3] = {-1, 0, 0};
+    std::vector<float> la0(3 * V), la1(3 * V), lb0(3 * V), lb1(3 * V);
+    const EvalPart pa[2] = {{&a, t0.data(), 3, nullptr, la0.data(), false}, {fa.get(), t1.data(), 3, p1, la1.data(), false}};
+    const EvalPart pb[2] = {{&b, t0.data(), 3, nullptr, lb0.data(), false}, {fb.get(), t1.data(), 3, p1, lb1.data(), false}};
+    Sequence::evaluate_parts(pa, 2);
+    Sequence::evaluate_parts(pb, 2);
+    lc.rows_of(la0, lb0, 3, V, (std::string(what) + " batch part 0").c_str());
+    lc.rows_of(la1, lb1, 3, V, (std::string(what) + " batch part 1").c_str());
+  }
+  {
+    Sequence la_(cpu, 0, kv), lb_(dev, 0, kv);
+    both(la_, lb_, ids(std::min(300, cpu->config().context - 1)), nullptr, true, "long prefill");
+    both(la_, lb_, ids(1), nullptr, false, "decode after long prefill");
+  }
+  std::printf("  %s (kv %s): %d rows, worst max |d| / scale %.3g (tol %.3g), %d argmax checked\n", what, kv_type_name(kv),
+              lc.rows, lc.worst, tol, lc.argmax_checked);
+  CHECK_EQ(lc.bad, 0);
+}
+
+std::string random_model_path(const char* name, gguf::TensorType type) {
+  ModelConfig c;
+  c.vocab = 512, c.dim = 128, c.n_layers = 2, c.n_heads = 4, c.n_kv_heads = 2, c.ffn_dim = 352, c.context = 1024;
+  const std::string path = std::string("/tmp/osd-test-cuda-") + name + ".gguf";
+  write_random_gguf(path, c, 7, type);
+  return path;
+}
+
+}  // namespace
+
+OSD_TEST(model_pass_matches_cpu_random_models) {
+  gpu();
+  using gguf::TensorType;
+  const std::string f32 = random_model_path("pass", TensorType::F32);
+  for (KvType kv : {KvType::F16, KvType::F32}) {
+    compare_passes(Model::load(f32), Model::load(f32), kv, 2e-3, 1, "random F32");
+  }
+  const auto src = Model::load(f32);
+  for (TensorType t : {TensorType::F16, TensorType::Q8_0, TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0}) {
+    const double tol = t == TensorType::F16 ? 2e-3 : 3e-2;
+    compare_passes(convert_model(*src, t), convert_model(*src, t), KvType::F16, tol, 2,
+                   (std::string("random ") + gguf::type_info(t).name).c_str());
+  }
+}
+
+// qwen2's Q, K and V biases and qwen3's per-head query and key norms, set on a llama model's layers.
+OSD_TEST(model_pass_matches_cpu_biases_and_head_norms) {
+  gpu();
+  const std::string f32 = random_model_path("qwen", gguf::TensorType::F32);
+  auto cpu = Model::load(f32), dev = Model::load(f32);
+  const ModelConfig& c = cpu->config();
+  Rng rng(5);
+  std::normal_distribution<float> nd(0.0f, 0.3f);
+  std::vector<std::vector<float>> keep;
+  auto vec = [&](size_t n, float mean) {
+    keep.emplace_back(n);
+    for (auto& v : keep.back()) v = mean + nd(rng);
+    return keep.back().data();
+  };
+  for (size_t l = 0; l < cpu->layers.size(); ++l) {
+    const float *bq = vec(c.q_dim(), 0), *bk = vec(c.kv_dim(), 0), *bv = vec(c.kv_dim(), 0);
+    const float *qn = vec(c.head_dim, 1), *kn = vec(c.head_dim, 1);
+    for (Model* m : {cpu.get(), dev.get()}) {
+      LayerWeights& w = m->layers[l];
+      w.bq = bq, w.bk = bk, w.bv = bv, w.q_norm = qn, w.k_norm = kn;
+    }
+  }
+  compare_passes(cpu, dev, KvType::F16, 2e-3, 3, "biases and head norms");
+}
+
+OSD_TEST(model_pass_matches_cpu_default_target) {
+  gpu();
+  const char* path = "models/default-target.gguf";
+  if (FILE* f = std::fopen(path, "rb")) std::fclose(f);
+  else throw Skip{std::string(path) + " not found (run from the repository root)"};
+  compare_passes(Model::load(path), Model::load(path), KvType::F16, 2e-3, 4, "default target");
+}
+
+OSD_TEST(model_pass_matches_cpu_smollm2) {
+  gpu();
+  const char* path = "../shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+  if (FILE* f = std::fopen(path, "rb")) std::fclose(f);
+  else throw Skip{std::string(path) + " not found"};
+  compare_passes(Model::load(path), Model::load(path), KvType::F16, 6e-2, 5, "SmolLM2-135M Q4_1");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -426,6 +426,106 @@ OSD_TEST(evaluate_parts_equals_separate_passes) {
   CHECK_EQ(c.length(), 0);
 }
 
+// A DevicePass that mirrors each cache with a CPU sequence of another instance of the same weights:
+// Sequence's plumbing for device passes (caches made per sequence, lengths, keep_path, fork,
+// evaluate_parts, checks before any call) must give the CPU engine's bits.
+class MirrorPass final : public DevicePass {
+ public:
+  explicit MirrorPass(std::shared_ptr<Model> shadow) : shadow_(std::move(shadow)) {}
+  struct C final : Cache {
+    std::unique_ptr<Sequence> s;
+  };
+  std::string name() const override { return "mirror"; }
+  std::unique_ptr<Cache> new_cache(int32_t capacity, KvType kv) override {
+    auto c = std::make_unique<C>();
+    c->s = std::make_unique<Sequence>(shadow_, capacity, kv);
+    return c;
+  }
+  void evaluate(const EvalPart* parts, Cache* const* caches, const int32_t* lengths, int32_t count) override {
+    ++calls;
+    std::vector<EvalPart> mine(parts, parts + count);
+    for (int32_t k = 0; k < count; ++k) {
+      Sequence& s = *static_cast<C*>(caches[k])->s;
+      if (s.length() > lengths[k]) s.truncate(lengths[k]);  // Sequence::truncate only moves the length
+      CHECK_EQ(s.length(), lengths[k]);
+      mine[k].seq = &s;
+    }
+    Sequence::evaluate_parts(mine.data(), count);
+  }
+  void keep_path(Cache& c, int32_t base, const int32_t* path, int32_t k) override {
+    ++calls;
+    static_cast<C&>(c).s->keep_path(base, path, k);
+  }
+  std::unique_ptr<Cache> fork(const Cache& c, int32_t length) override {
+    ++calls;
+    auto out = std::make_unique<C>();
+    out->s = static_cast<const C&>(c).s->fork();
+    if (out->s->length() > length) out->s->truncate(length);
+    return out;
+  }
+  int calls = 0;
+
+ private:
+  std::shared_ptr<Model> shadow_;
+};
+
+OSD_TEST(device_pass_plumbing_gives_the_cpu_bits) {
+  auto plain = stories();
+  if (!plain) return;
+  auto dev = Model::load(kStories);
+  Sequence early(dev);  // made before the model moved: refused below
+  auto pass = std::make_shared<MirrorPass>(Model::load(kStories));
+  dev->set_device_pass(pass);
+  const int32_t V = plain->config().vocab;
+  Sequence a(plain), b(dev);
+  auto both = [&](Sequence& x, Sequence& y, std::vector<int32_t> t, const int32_t* parents, bool last_only) {
+    const size_t rows = last_only ? 1 : t.size();
+    std::vector<float> lx(rows * V), ly(rows * V, -1.0f);
+    x.evaluate(t.data(), static_cast<int32_t>(t.size()), parents, lx.data(), last_only);
+    y.evaluate(t.data(), static_cast<int32_t>(t.size()), parents, ly.data(), last_only);
+    CHECK_EQ(x.length(), y.length());
+    CHECK(std::memcmp(lx.data(), ly.data(), lx.size() * sizeof(float)) == 0);
+  };
+  both(a, b, {1, 403, 407, 300, 11}, nullptr, true);
+  const int32_t parents[5] = {-1, 0, 0, 1, 2};
+  const int base = a.length();
+  both(a, b, {17, 99, 250, 42, 8}, parents, false);
+  const int32_t path[3] = {0, 2, 4};
+  a.keep_path(base, path, 3);
+  b.keep_path(base, path, 3);
+  CHECK_EQ(b.length(), base + 3);
+  both(a, b, {61}, nullptr, false);
+  a.truncate(4);
+  b.truncate(4);
+  both(a, b, {62, 63}, nullptr, false);
+  auto fa = a.fork();
+  auto fb = b.fork();
+  CHECK_EQ(fb->length(), a.length());
+  both(*fa, *fb, {88}, nullptr, false);
+  {
+    const int32_t t0[2] = {5, 6}, t1[1] = {7};
+    std::vector<float> x0(2 * V), x1(V), y0(2 * V), y1(V);
+    EvalPart pa[2] = {{&a, t0, 2, nullptr, x0.data(), false}, {fa.get(), t1, 1, nullptr, x1.data(), false}};
+    EvalPart pb[2] = {{&b, t0, 2, nullptr, y0.data(), false}, {fb.get(), t1, 1, nullptr, y1.data(), false}};
+    Sequence::evaluate_parts(pa, 2);
+    Sequence::evaluate_parts(pb, 2);
+    CHECK(x0 == y0);
+    CHECK(x1 == y1);
+  }
+  // Bad arguments are refused before the pass is called, and leave the length as it was.
+  const int calls = pass->calls, len = b.length();
+  const int32_t bad_path[2] = {3, 1};
+  CHECK_THROWS(Error, b.keep_path(0, bad_path, 2), "must be a later batch index");
+  const int32_t out_of_range = V;
+  std::vector<float> row(V);
+  CHECK_THROWS(Error, b.evaluate(&out_of_range, 1, nullptr, row.data()), "out of range");
+  CHECK_EQ(pass->calls, calls);
+  CHECK_EQ(b.length(), len);
+  const int32_t one = 5;
+  CHECK_THROWS(Error, early.evaluate(&one, 1, nullptr, row.data()), "made before its model moved to mirror");
+  CHECK_EQ(early.length(), 0);
+}
+
 // io::HugeBuffer: zeroed, 2 MiB aligned, writable to its last byte, movable, and empty at size 0.
 OSD_TEST(huge_buffer_is_aligned_zeroed_and_movable) {
   io::HugeBuffer empty(0);

@@ -1,0 +1,217 @@
+// The model pass on the GPU against the CPU engine on the same machine, in the same run: decode
+// steps (one token after a 64-token prompt), a 5-token chain pass, a 256-token prefill. Reports
+// time per step, the weights' bandwidth as a fraction of a same-run device-to-device copy, the cost of
+// a 5-token pass in 1-token passes, and how many greedy decode steps pick the CPU's token.
+//
+//   bench_model_pass [--json out.json] [--quick] [MODEL.gguf ...]
+//
+// Default models: models/default-target.gguf, ../shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+// (when present), and a random 8-layer, 1024-wide llama with a 32000-token vocabulary as F16 and as
+// Q4_0 (memory-bound shapes). Without a usable device it prints why and exits 0.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common.cuh"
+#include "core/thread_pool.h"
+#include "cuda_backend.h"
+#include "model/model.h"
+#include "model/model_io.h"
+#include "model/random_model.h"
+#include "model/sequence.h"
+#include "model_pass.h"
+
+using namespace osd;
+
+namespace {
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+struct Row {
+  std::string model, engine;
+  double decode_ms = 0, chain5_ms = 0, prefill_ms = 0, weight_gbps = 0, of_copy = 0;
+  int greedy_same = -1, greedy_steps = 0;
+};
+
+int argmax(const float* x, int n) {
+  int b = 0;
+  for (int j = 1; j < n; ++j)
+    if (x[j] > x[b]) b = j;
+  return b;
+}
+
+// Times one engine on `m`; `tokens_out` receives its greedy decode tokens.
+Row time_engine(const std::shared_ptr<Model>& m, const std::string& name, const std::string& engine, int steps,
+                std::vector<int>& tokens_out) {
+  const ModelConfig& c = m->config();
+  const int V = c.vocab;
+  std::vector<int32_t> prompt(64);
+  for (int i = 0; i < 64; ++i) prompt[i] = (i * 977 + 13) % V;
+  std::vector<float> logits(size_t(256) * V);
+  Row r;
+  r.model = name, r.engine = engine;
+  {
+    Sequence s(m);
+    s.evaluate(prompt.data(), 64, nullptr, logits.data(), true);  // warm-up
+  }
+  Sequence s(m);
+  s.evaluate(prompt.data(), 64, nullptr, logits.data(), true);
+  int32_t tok = argmax(logits.data(), V);
+  std::vector<double> dt;
+  for (int i = 0; i < steps; ++i) {
+    tokens_out.push_back(tok);
+    const double t0 = now_ms();
+    s.evaluate(&tok, 1, nullptr, logits.data(), false);
+    dt.push_back(now_ms() - t0);
+    tok = argmax(logits.data(), V);
+  }
+  r.decode_ms = median(dt);
+  dt.clear();
+  const int base = s.length();
+  for (int i = 0; i < std::max(3, steps / 4); ++i) {
+    const int32_t chain[5] = {tok, 5, 6, 7, 8};
+    const double t0 = now_ms();
+    s.evaluate(chain, 5, nullptr, logits.data(), false);
+    dt.push_back(now_ms() - t0);
+    s.truncate(base);
+  }
+  r.chain5_ms = median(dt);
+  dt.clear();
+  std::vector<int32_t> long_prompt(256);
+  for (int i = 0; i < 256; ++i) long_prompt[i] = (i * 131 + 5) % V;
+  for (int i = 0; i < 3; ++i) {
+    Sequence p(m);
+    const double t0 = now_ms();
+    p.evaluate(long_prompt.data(), 256, nullptr, logits.data(), true);
+    dt.push_back(now_ms() - t0);
+  }
+  r.prefill_ms = median(dt);
+  r.weight_gbps = double(m->weight_bytes_per_token()) / (r.decode_ms * 1e-3) / 1e9;
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string json;
+  bool quick = false;
+  std::vector<std::string> paths;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
+    else if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else paths.push_back(argv[i]);
+  }
+  std::string why;
+  CudaBackend* be = static_cast<CudaBackend*>(cuda_backend_or_null(&why));
+  if (!be) {
+    std::printf("bench_model_pass: skipped, no usable CUDA device (%s)\n", why.c_str());
+    if (!json.empty())
+      if (FILE* f = std::fopen(json.c_str(), "w")) std::fprintf(f, "{\"skipped\": \"no usable CUDA device\"}\n"), std::fclose(f);
+    return 0;
+  }
+  std::printf("device: %s; CPU engine on %zu threads\n", be->device_name().c_str(), default_pool().size());
+
+  // Same-run bandwidth probe: device-to-device copy of 512 MiB, read + write counted.
+  double copy_gbps = 0;
+  {
+    const size_t bytes = size_t(512) << 20;
+    void *a, *b;
+    OSD_CUDA_CHECK(cudaMalloc(&a, bytes));
+    OSD_CUDA_CHECK(cudaMalloc(&b, bytes));
+    OSD_CUDA_CHECK(cudaMemset(a, 1, bytes));
+    std::vector<double> v;
+    for (int i = 0; i < 8; ++i) {
+      const double t0 = now_ms();
+      OSD_CUDA_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+      OSD_CUDA_CHECK(cudaDeviceSynchronize());
+      if (i >= 2) v.push_back(now_ms() - t0);
+    }
+    copy_gbps = 2.0 * bytes / (median(v) * 1e-3) / 1e9;
+    cudaFree(a);
+    cudaFree(b);
+  }
+  std::printf("device-to-device copy: %.1f GB/s (read + write)\n\n", copy_gbps);
+
+  struct Subject {
+    std::string name;
+    std::shared_ptr<Model> cpu, gpu;
+  };
+  std::vector<Subject> subjects;
+  auto add_file = [&](const std::string& p) {
+    if (FILE* f = std::fopen(p.c_str(), "rb")) std::fclose(f);
+    else return std::printf("%s: not found, skipped\n", p.c_str()), void();
+    const size_t slash = p.find_last_of('/');
+    subjects.push_back({slash == std::string::npos ? p : p.substr(slash + 1), Model::load(p), Model::load(p)});
+  };
+  if (paths.empty()) {
+    add_file("models/default-target.gguf");
+    add_file("../shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    ModelConfig c;
+    c.vocab = 32000, c.dim = 1024, c.n_layers = 8, c.n_heads = 16, c.n_kv_heads = 4, c.ffn_dim = 2816, c.context = 2048;
+    const std::string rp = "/tmp/osd-bench-model-pass.gguf";
+    write_random_gguf(rp, c, 11, gguf::TensorType::F16);
+    subjects.push_back({"random 1024x8 F16", Model::load(rp), Model::load(rp)});
+    auto src = Model::load(rp);
+    subjects.push_back({"random 1024x8 Q4_0", convert_model(*src, gguf::TensorType::Q4_0),
+                        convert_model(*src, gguf::TensorType::Q4_0)});
+  } else {
+    for (const auto& p : paths) add_file(p);
+  }
+
+  const int steps = quick ? 8 : 32;
+  std::vector<Row> rows;
+  std::printf("%-28s %-6s %11s %11s %13s %12s %9s %10s %s\n", "model", "engine", "decode ms", "chain-5 ms", "5-token/1",
+              "prefill ms", "weights", "of copy", "greedy = CPU");
+  for (auto& sub : subjects) {
+    sub.gpu->set_device_pass(cuda_model_pass(*sub.gpu, &why));
+    if (!sub.gpu->device_pass()) {
+      std::printf("%s: no device pass (%s)\n", sub.name.c_str(), why.c_str());
+      continue;
+    }
+    std::vector<int> cpu_tokens, gpu_tokens;
+    Row rc = time_engine(sub.cpu, sub.name, "cpu", steps, cpu_tokens);
+    Row rg = time_engine(sub.gpu, sub.name, "cuda", steps, gpu_tokens);
+    rg.greedy_steps = static_cast<int>(gpu_tokens.size());
+    rg.greedy_same = 0;
+    while (rg.greedy_same < rg.greedy_steps && gpu_tokens[rg.greedy_same] == cpu_tokens[rg.greedy_same]) ++rg.greedy_same;
+    rg.of_copy = rg.weight_gbps / copy_gbps;
+    for (const Row& r : {rc, rg}) {
+      std::printf("%-28s %-6s %11.3f %11.3f %12.2fx %12.2f %6.1f GB/s", r.model.c_str(), r.engine.c_str(), r.decode_ms,
+                  r.chain5_ms, r.chain5_ms / r.decode_ms, r.prefill_ms, r.weight_gbps);
+      if (r.engine == "cuda") std::printf(" %9.3f %d of %d", r.of_copy, r.greedy_same, r.greedy_steps);
+      std::printf("\n");
+      rows.push_back(r);
+    }
+    std::printf("%-28s        GPU decode %.2fx the CPU engine, prefill %.2fx\n", "", rc.decode_ms / rg.decode_ms,
+                rc.prefill_ms / rg.prefill_ms);
+    std::fflush(stdout);
+  }
+  if (!json.empty()) {
+    FILE* f = std::fopen(json.c_str(), "w");
+    if (!f) return std::printf("cannot write %s\n", json.c_str()), 1;
+    std::fprintf(f, "{\"device\": \"%s\", \"copy_gbps\": %.1f, \"cpu_threads\": %zu, \"rows\": [\n", be->device_name().c_str(),
+                 copy_gbps, default_pool().size());
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      std::fprintf(f,
+                   "  {\"model\": \"%s\", \"engine\": \"%s\", \"decode_ms\": %.4f, \"chain5_ms\": %.4f, \"prefill256_ms\": %.3f, "
+                   "\"weight_gbps\": %.2f, \"of_copy\": %.4f, \"greedy_same_prefix\": %d, \"greedy_steps\": %d}%s\n",
+                   r.model.c_str(), r.engine.c_str(), r.decode_ms, r.chain5_ms, r.prefill_ms, r.weight_gbps, r.of_copy,
+                   r.greedy_same, r.greedy_steps, i + 1 < rows.size() ? "," : "");
+    }
+    std::fprintf(f, "]}\n");
+    std::fclose(f);
+  }
+  return 0;
+}

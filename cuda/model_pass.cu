@@ -1,0 +1,733 @@
+// The model pass on the GPU (see model_pass.h): the CPU engine's Sequence::evaluate_parts, kernel
+// for kernel. Simple kernels first (a warp per output row, a block per attention head); each is
+// checked against the CPU engine by test_cuda, and timed by bench_cuda.
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "cuda_backend.h"
+#include "model_pass.h"
+#include "workspace.cuh"
+
+namespace osd {
+
+using cuda::DeviceBuffer;
+using gguf::TensorType;
+
+namespace {
+
+// ---- Weights ----
+
+// A matrix on the device: F32, F16, Q8_0, Q4_0 or Q4_1, rows of row_bytes bytes.
+struct DevMatrix {
+  TensorType type = TensorType::F32;
+  int64_t rows = 0, cols = 0;
+  size_t row_bytes = 0;
+  const uint8_t* data = nullptr;
+};
+
+bool kept_as_stored(TensorType t) {
+  return t == TensorType::F32 || t == TensorType::F16 || t == TensorType::Q8_0 || t == TensorType::Q4_0 ||
+         t == TensorType::Q4_1;
+}
+bool int8_type(TensorType t) { return t == TensorType::Q8_0 || t == TensorType::Q4_0 || t == TensorType::Q4_1; }
+
+__device__ __forceinline__ float half_bits(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+__device__ __forceinline__ uint16_t load_u16(const uint8_t* p) { return *reinterpret_cast<const uint16_t*>(p); }
+
+// Element j of row r, dequantised as the CPU does (quant.h: gguf-py's operations, no contraction).
+__device__ float element(const DevMatrix& m, int64_t r, int64_t j) {
+  const uint8_t* row = m.data + r * m.row_bytes;
+  switch (m.type) {
+    case TensorType::F16: return half_bits(load_u16(row + 2 * j));
+    case TensorType::Q8_0: {
+      const uint8_t* b = row + (j / 32) * 34;
+      return __fmul_rn(half_bits(load_u16(b)), static_cast<float>(static_cast<int8_t>(b[2 + j % 32])));
+    }
+    case TensorType::Q4_0: {
+      const uint8_t* b = row + (j / 32) * 18;
+      const int k = j % 32;
+      const int nib = k < 16 ? (b[2 + k] & 15) : (b[2 + k - 16] >> 4);
+      return __fmul_rn(static_cast<float>(nib - 8), half_bits(load_u16(b)));
+    }
+    case TensorType::Q4_1: {
+      const uint8_t* b = row + (j / 32) * 20;
+      const int k = j % 32;
+      const int nib = k < 16 ? (b[4 + k] & 15) : (b[4 + k - 16] >> 4);
+      return __fadd_rn(__fmul_rn(half_bits(load_u16(b)), static_cast<float>(nib)), half_bits(load_u16(b + 2)));
+    }
+    default: return reinterpret_cast<const float*>(row)[j];
+  }
+}
+
+// ---- Small kernels ----
+
+__global__ void embed_kernel(DevMatrix m, const int32_t* tokens, float* x) {
+  const int64_t i = blockIdx.x;
+  for (int64_t j = threadIdx.x; j < m.cols; j += blockDim.x) x[i * m.cols + j] = element(m, tokens[i], j);
+}
+
+// rmsnorm (tensor_ops.cpp) of row src[i] (or i) of x into row i of y: sum of squares in double.
+__global__ void rmsnorm_kernel(const float* x, const int32_t* src, const float* w, int64_t dim, float eps, float* y) {
+  __shared__ double part[256];
+  const int64_t i = blockIdx.x, from = src ? src[i] : i;
+  const float* xr = x + from * dim;
+  double ss = 0;
+  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) ss += static_cast<double>(xr[j]) * xr[j];
+  part[threadIdx.x] = ss;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s) part[threadIdx.x] += part[threadIdx.x + s];
+    __syncthreads();
+  }
+  const float scale = static_cast<float>(1.0 / sqrt(part[0] / dim + eps));
+  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) y[i * dim + j] = __fmul_rn(w[j], __fmul_rn(scale, xr[j]));
+}
+
+__global__ void add_bias_kernel(float* y, const float* b, int64_t dim, int64_t total) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k < total) y[k] = __fadd_rn(y[k], b[k % dim]);
+}
+
+__global__ void add_kernel(float* x, const float* t, int64_t total) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k < total) x[k] = __fadd_rn(x[k], t[k]);
+}
+
+__global__ void swiglu_kernel(const float* g, float* h, int64_t total) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k < total) {
+    const float v = g[k];
+    h[k] = __fmul_rn(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), h[k]);
+  }
+}
+
+// Rotates every head of token blockIdx.x (heads vectors of head_dim at v + token * heads * head_dim)
+// by the token's angles, as Sequence::evaluate_parts's rotate().
+__global__ void rope_kernel(float* v, int heads, int head_dim, const float* cs, const float* sn, bool neox) {
+  const int half = head_dim / 2;
+  const int64_t i = blockIdx.x;
+  for (int k = threadIdx.x; k < heads * half; k += blockDim.x) {
+    const int hh = k / half, p = k % half;
+    float* h = v + (i * heads + hh) * head_dim;
+    const int a = neox ? p : 2 * p, b = neox ? p + half : 2 * p + 1;
+    const float c = cs[i * half + p], s = sn[i * half + p], x0 = h[a], x1 = h[b];
+    h[a] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+    h[b] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+  }
+}
+
+// ---- Matrix products ----
+
+constexpr int kRowsPerBlock = 4;  // a warp per output row
+constexpr int kTokenTile = 4;     // tokens per warp pass over a row
+
+// Activations as the CPU's quantize_acts_q8: per 32 values d = amax / 127, q = round-even(x * 127 /
+// amax), s = d * sum q; a non-finite block gives q = 0, d = s = NaN. A warp per block.
+__global__ void quantize_q8_kernel(const float* x, int64_t blocks, int8_t* q, float* d, float* s) {
+  const int64_t b = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (b >= blocks) return;
+  const float v = x[b * 32 + lane], a = fabsf(v);
+  float amax = a;
+  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (!__all_sync(0xffffffffu, a <= 3.4028234663852886e38f)) {
+    q[b * 32 + lane] = 0;
+    if (lane == 0) d[b] = s[b] = NAN;
+    return;
+  }
+  const float df = __fdiv_rn(amax, 127.0f), id = amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
+  const int qi = static_cast<int>(rintf(__fmul_rn(v, id)));
+  q[b * 32 + lane] = static_cast<int8_t>(qi);
+  int sum = qi;
+  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) {
+    d[b] = df;
+    s[b] = __fmul_rn(df, static_cast<float>(sum));
+  }
+}
+
+// A 32-value block's integer weights as eight words of four int8s (element order), its scale and
+// (Q4_1) its min.
+template <TensorType T>
+__device__ __forceinline__ void load_block(const uint8_t* row, int64_t b, int32_t (&wq)[8], float& dw, float& mw) {
+  if constexpr (T == TensorType::Q8_0) {
+    const uint8_t* p = row + b * 34;
+    dw = half_bits(load_u16(p));
+    mw = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) wq[k] = int32_t(uint32_t(load_u16(p + 2 + 4 * k)) | (uint32_t(load_u16(p + 4 + 4 * k)) << 16));
+  } else {
+    const bool q41 = T == TensorType::Q4_1;
+    const uint8_t* p = row + b * (q41 ? 20 : 18);
+    dw = half_bits(load_u16(p));
+    mw = q41 ? half_bits(load_u16(p + 2)) : 0.0f;
+    const uint8_t* qs = p + (q41 ? 4 : 2);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t w = uint32_t(load_u16(qs + 4 * k)) | (uint32_t(load_u16(qs + 4 * k + 2)) << 16);
+      uint32_t lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;
+      if (!q41) lo = __vsub4(lo, 0x08080808u), hi = __vsub4(hi, 0x08080808u);  // nibble - 8, per byte
+      wq[k] = int32_t(lo);
+      wq[k + 4] = int32_t(hi);
+    }
+  }
+}
+
+// y[t][r] for the 32-value formats, with the CPU's operations per output (quant_matmul.cpp): the
+// block terms (d_w * d_x) * isum (+ m_w * s_x) added to 0 in block order. Lane l forms the terms of
+// blocks l, l + 32, ...; the sums then run in order through shuffles.
+template <TensorType T>
+__global__ void matmul_q32_kernel(DevMatrix w, const int8_t* xq, const float* xd, const float* xs, int64_t n, float* y) {
+  const int64_t r = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= w.rows) return;  // the whole warp
+  const int64_t t0 = blockIdx.y * int64_t(kTokenTile);
+  const int nt = static_cast<int>(min(int64_t(kTokenTile), n - t0));
+  const int64_t nb = w.cols / 32;
+  const uint8_t* row = w.data + r * w.row_bytes;
+  float acc[kTokenTile];
+#pragma unroll
+  for (int t = 0; t < kTokenTile; ++t) acc[t] = 0.0f;
+  for (int64_t b0 = 0; b0 < nb; b0 += 32) {
+    const int64_t b = b0 + lane;
+    float term[kTokenTile];
+#pragma unroll
+    for (int t = 0; t < kTokenTile; ++t) term[t] = 0.0f;
+    if (b < nb) {
+      int32_t wq[8];
+      float dw, mw;
+      load_block<T>(row, b, wq, dw, mw);
+#pragma unroll
+      for (int t = 0; t < kTokenTile; ++t) {
+        if (t >= nt) break;
+        const int64_t tok = t0 + t;
+        const int32_t* xi = reinterpret_cast<const int32_t*>(xq + tok * w.cols + b * 32);
+        int isum = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) isum = __dp4a(wq[k], xi[k], isum);
+        float v = __fmul_rn(__fmul_rn(dw, xd[tok * nb + b]), static_cast<float>(isum));
+        if constexpr (T == TensorType::Q4_1) v = __fadd_rn(v, __fmul_rn(mw, xs[tok * nb + b]));
+        term[t] = v;
+      }
+    }
+    const int m = static_cast<int>(min(int64_t(32), nb - b0));
+    for (int j = 0; j < m; ++j)
+#pragma unroll
+      for (int t = 0; t < kTokenTile; ++t) acc[t] = __fadd_rn(acc[t], __shfl_sync(0xffffffffu, term[t], j));
+  }
+  if (lane == 0)
+    for (int t = 0; t < nt; ++t) y[(t0 + t) * w.rows + r] = acc[t];
+}
+
+// y[t][r] for F32 and F16 weights: lane l takes elements l, l + 32, ...; a tree of shuffles sums.
+template <TensorType T>
+__global__ void matmul_float_kernel(DevMatrix w, const float* x, int64_t n, float* y) {
+  const int64_t r = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= w.rows) return;
+  const int64_t t0 = blockIdx.y * int64_t(kTokenTile);
+  const int nt = static_cast<int>(min(int64_t(kTokenTile), n - t0));
+  const uint8_t* row = w.data + r * w.row_bytes;
+  float acc[kTokenTile];
+#pragma unroll
+  for (int t = 0; t < kTokenTile; ++t) acc[t] = 0.0f;
+  for (int64_t j = lane; j < w.cols; j += 32) {
+    const float wv = T == TensorType::F16 ? half_bits(load_u16(row + 2 * j)) : reinterpret_cast<const float*>(row)[j];
+#pragma unroll
+    for (int t = 0; t < kTokenTile; ++t)
+      if (t < nt) acc[t] = fmaf(wv, x[(t0 + t) * w.cols + j], acc[t]);
+  }
+#pragma unroll
+  for (int t = 0; t < kTokenTile; ++t)
+    for (int o = 16; o > 0; o /= 2) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
+  if (lane == 0)
+    for (int t = 0; t < nt; ++t) y[(t0 + t) * w.rows + r] = acc[t];
+}
+
+// Scratch of the int8 activations.
+struct Acts {
+  DeviceBuffer q, d, s;
+};
+
+void matmul(const DevMatrix& w, const float* x, int64_t n, float* y, Acts& acts, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((w.rows + kRowsPerBlock - 1) / kRowsPerBlock),
+                  static_cast<unsigned>((n + kTokenTile - 1) / kTokenTile));
+  const int threads = 32 * kRowsPerBlock;
+  if (int8_type(w.type)) {
+    const int64_t blocks = n * (w.cols / 32);
+    int8_t* q = acts.q.as<int8_t>(n * w.cols);
+    float* d = acts.d.as<float>(blocks);
+    float* s = acts.s.as<float>(blocks);
+    quantize_q8_kernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0, stream>>>(x, blocks, q, d, s);
+    OSD_CUDA_CHECK_LAUNCH();
+    switch (w.type) {
+      case TensorType::Q8_0: matmul_q32_kernel<TensorType::Q8_0><<<grid, threads, 0, stream>>>(w, q, d, s, n, y); break;
+      case TensorType::Q4_0: matmul_q32_kernel<TensorType::Q4_0><<<grid, threads, 0, stream>>>(w, q, d, s, n, y); break;
+      default: matmul_q32_kernel<TensorType::Q4_1><<<grid, threads, 0, stream>>>(w, q, d, s, n, y); break;
+    }
+  } else if (w.type == TensorType::F16) {
+    matmul_float_kernel<TensorType::F16><<<grid, threads, 0, stream>>>(w, x, n, y);
+  } else {
+    matmul_float_kernel<TensorType::F32><<<grid, threads, 0, stream>>>(w, x, n, y);
+  }
+  OSD_CUDA_CHECK_LAUNCH();
+}
+
+// ---- The KV cache and attention ----
+
+// A sequence's cache: one allocation of [layer][K, V][kv head][slot][head_dim], F16 or F32.
+struct CudaCache final : DevicePass::Cache {
+  CudaCache(int32_t capacity, KvType kv) : capacity(capacity), kv(kv) {}
+  ~CudaCache() override {
+    if (data) cudaFree(data);
+  }
+  int32_t capacity;
+  KvType kv;
+  int32_t alloc = 0;
+  uint8_t* data = nullptr;
+};
+
+struct RowInfo {
+  int32_t part, slot, base, vis_off, vis_n;
+};
+struct PartInfo {
+  uint8_t* cache;
+  int32_t alloc;
+};
+
+template <class E>
+__device__ __forceinline__ float kv_load(const E* p);
+template <>
+__device__ __forceinline__ float kv_load<float>(const float* p) { return *p; }
+template <>
+__device__ __forceinline__ float kv_load<uint16_t>(const uint16_t* p) { return half_bits(*p); }
+
+// Stores row i's keys and values (kv_dim floats each) at its slot, as the CPU's kv_half rounds.
+template <class E>
+__global__ void kv_store_kernel(const float* k, const float* v, const RowInfo* rows, const PartInfo* parts, int layer,
+                                int kv_heads, int head_dim) {
+  const int64_t i = blockIdx.x;
+  const RowInfo ri = rows[i];
+  const PartInfo pi = parts[ri.part];
+  E* cache = reinterpret_cast<E*>(pi.cache);
+  const int kvd = kv_heads * head_dim;
+  for (int e = threadIdx.x; e < 2 * kvd; e += blockDim.x) {
+    const int which = e / kvd, j = e % kvd, h = j / head_dim, d = j % head_dim;
+    const float val = (which ? v : k)[i * kvd + j];
+    const size_t at = ((size_t(layer) * 2 + which) * kv_heads + h) * pi.alloc * head_dim + size_t(ri.slot) * head_dim + d;
+    if constexpr (sizeof(E) == 2) {
+      const float c = val > 65504.0f ? 65504.0f : val < -65504.0f ? -65504.0f : val;  // NaN stays NaN
+      cache[at] = __half_as_ushort(__float2half_rn(c));
+    } else {
+      cache[at] = val;
+    }
+  }
+}
+
+constexpr int kAttnThreads = 256;
+
+// Query head blockIdx.y of row row0 + blockIdx.x over its slots: [0, base), then its visible batch
+// slots. Scores go to `scores` (max_slots per query of this launch), then their softmax weights.
+template <class E>
+__global__ void attention_kernel(const float* q, const RowInfo* rows, const PartInfo* parts, const int32_t* vis, int layer,
+                                 int heads, int kv_heads, int head_dim, float scale, int64_t row0, float* scores,
+                                 int64_t max_slots, float* out) {
+  __shared__ float qs[kAttnThreads];
+  __shared__ float red[kAttnThreads];
+  __shared__ float part_out[kAttnThreads];
+  const int64_t i = row0 + blockIdx.x;
+  const int hh = blockIdx.y, kh = hh / (heads / kv_heads), tid = threadIdx.x;
+  const RowInfo ri = rows[i];
+  const PartInfo pi = parts[ri.part];
+  const E* K = reinterpret_cast<const E*>(pi.cache) + ((size_t(layer) * 2 + 0) * kv_heads + kh) * pi.alloc * head_dim;
+  const E* V = reinterpret_cast<const E*>(pi.cache) + ((size_t(layer) * 2 + 1) * kv_heads + kh) * pi.alloc * head_dim;
+  const int64_t qd = int64_t(heads) * head_dim;
+  for (int d = tid; d < head_dim; d += blockDim.x) qs[d] = q[i * qd + int64_t(hh) * head_dim + d];
+  __syncthreads();
+  const int32_t n = ri.base + ri.vis_n;
+  float* sc = scores + (int64_t(blockIdx.x) * heads + hh) * max_slots;
+  auto slot_of = [&](int32_t s) { return s < ri.base ? s : vis[ri.vis_off + s - ri.base]; };
+  float mx = -INFINITY;
+  for (int32_t s = tid; s < n; s += blockDim.x) {
+    const E* kr = K + size_t(slot_of(s)) * head_dim;
+    float dot = 0.0f;
+    for (int d = 0; d < head_dim; ++d) dot = fmaf(qs[d], kv_load(kr + d), dot);
+    const float v = dot * scale;
+    sc[s] = v;
+    mx = fmaxf(mx, v);
+  }
+  red[tid] = mx;
+  __syncthreads();
+  for (int o = blockDim.x / 2; o > 0; o /= 2) {
+    if (tid < o) red[tid] = fmaxf(red[tid], red[tid + o]);
+    __syncthreads();
+  }
+  mx = red[0];
+  __syncthreads();
+  float sum = 0.0f;
+  for (int32_t s = tid; s < n; s += blockDim.x) {
+    const float e = expf(sc[s] - mx);
+    sc[s] = e;
+    sum += e;
+  }
+  red[tid] = sum;
+  __syncthreads();
+  for (int o = blockDim.x / 2; o > 0; o /= 2) {
+    if (tid < o) red[tid] += red[tid + o];
+    __syncthreads();
+  }
+  const float inv = 1.0f / red[0];
+  // Groups of head_dim threads each take every groups-th slot; the groups' sums then add up.
+  const int groups = blockDim.x / head_dim, g = tid / head_dim, d = tid % head_dim;
+  if (g < groups) {
+    float acc = 0.0f;
+    for (int32_t s = g; s < n; s += groups) acc = fmaf(sc[s], kv_load(V + size_t(slot_of(s)) * head_dim + d), acc);
+    part_out[tid] = acc;
+  }
+  __syncthreads();
+  if (g == 0) {
+    float acc = 0.0f;
+    for (int k = 0; k < groups; ++k) acc += part_out[k * head_dim + d];
+    out[i * qd + int64_t(hh) * head_dim + d] = acc * inv;
+  }
+}
+
+unsigned blocks_for(int64_t total, int threads) { return static_cast<unsigned>((total + threads - 1) / threads); }
+
+// ---- The pass ----
+
+struct DevLayer {
+  const float *attn_norm = nullptr, *ffn_norm = nullptr, *bq = nullptr, *bk = nullptr, *bv = nullptr, *q_norm = nullptr,
+              *k_norm = nullptr;
+  DevMatrix wq, wk, wv, wo, w_gate, w_up, w_down;
+};
+
+class CudaPass final : public DevicePass {
+ public:
+  explicit CudaPass(const Model& m, std::string device) : cfg_(m.config()), device_(std::move(device)) {
+    OSD_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    try {
+      upload_all(m);
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~CudaPass() override { release(); }
+
+  std::string name() const override { return "cuda: " + device_; }
+
+  std::unique_ptr<Cache> new_cache(int32_t capacity, KvType kv) override { return std::make_unique<CudaCache>(capacity, kv); }
+
+  void evaluate(const EvalPart* parts, Cache* const* caches, const int32_t* lengths, int32_t count) override;
+  void keep_path(Cache& cache, int32_t base, const int32_t* path, int32_t k) override;
+  std::unique_ptr<Cache> fork(const Cache& cache, int32_t length) override;
+
+ private:
+  template <class T>
+  const T* upload(const T* host, size_t count) {
+    void* d = nullptr;
+    OSD_CUDA_CHECK(cudaMalloc(&d, std::max<size_t>(count * sizeof(T), 1)));
+    owned_.push_back(d);
+    OSD_CUDA_CHECK(cudaMemcpy(d, host, count * sizeof(T), cudaMemcpyHostToDevice));
+    return static_cast<const T*>(d);
+  }
+  DevMatrix upload_matrix(const Matrix& w) {
+    for (const auto& [host, dev] : uploaded_)
+      if (host == w.data) return dev;  // tied output: the embeddings' copy
+    DevMatrix d;
+    d.rows = w.rows, d.cols = w.cols;
+    if (kept_as_stored(w.type)) {
+      d.type = w.type, d.row_bytes = w.row_bytes;
+      d.data = upload(w.data, w.bytes());
+    } else {  // dequantised once, exactly
+      std::vector<float> f(static_cast<size_t>(w.rows * w.cols));
+      for (int64_t r = 0; r < w.rows; ++r) dequantize_row(w, r, &f[r * w.cols]);
+      d.type = TensorType::F32, d.row_bytes = w.cols * sizeof(float);
+      d.data = reinterpret_cast<const uint8_t*>(upload(f.data(), f.size()));
+    }
+    uploaded_.push_back({w.data, d});
+    return d;
+  }
+  const float* upload_vec(const float* v, size_t n) { return v ? upload(v, n) : nullptr; }
+
+  void upload_all(const Model& m) {
+    const ModelConfig& c = cfg_;
+    embd_ = upload_matrix(m.token_embd);
+    output_ = upload_matrix(m.output);
+    output_norm_ = upload_vec(m.output_norm, c.dim);
+    for (const LayerWeights& w : m.layers) {
+      DevLayer l;
+      l.attn_norm = upload_vec(w.attn_norm, c.dim);
+      l.ffn_norm = upload_vec(w.ffn_norm, c.dim);
+      l.bq = upload_vec(w.bq, c.q_dim());
+      l.bk = upload_vec(w.bk, c.kv_dim());
+      l.bv = upload_vec(w.bv, c.kv_dim());
+      l.q_norm = upload_vec(w.q_norm, c.head_dim);
+      l.k_norm = upload_vec(w.k_norm, c.head_dim);
+      l.wq = upload_matrix(w.wq), l.wk = upload_matrix(w.wk), l.wv = upload_matrix(w.wv), l.wo = upload_matrix(w.wo);
+      l.w_gate = upload_matrix(w.w_gate), l.w_up = upload_matrix(w.w_up), l.w_down = upload_matrix(w.w_down);
+      layers_.push_back(l);
+    }
+  }
+  void release() {
+    for (void* p : owned_) cudaFree(p);
+    owned_.clear();
+    if (stream_) cudaStreamDestroy(stream_);
+    stream_ = nullptr;
+  }
+  size_t elem(KvType kv) const { return kv == KvType::F16 ? 2 : 4; }
+  // Planes of a cache: layers x {K, V} x kv heads, each alloc x head_dim elements.
+  size_t planes() const { return size_t(cfg_.n_layers) * 2 * cfg_.n_kv_heads; }
+  void grow(CudaCache& c, int32_t length, int32_t slots);
+
+  ModelConfig cfg_;
+  std::string device_;
+  cudaStream_t stream_ = nullptr;
+  std::mutex mu_;  // one pass at a time: the scratch below is shared
+  std::vector<void*> owned_;
+  std::vector<std::pair<const uint8_t*, DevMatrix>> uploaded_;
+  DevMatrix embd_, output_;
+  const float* output_norm_ = nullptr;
+  std::vector<DevLayer> layers_;
+  DeviceBuffer tokens_, x_, xb_, q_, k_, v_, att_, g_, h_, tmp_, cs_, sn_, rows_, parts_, vis_, sel_, scores_, logits_;
+  Acts acts_;
+};
+
+void CudaPass::grow(CudaCache& c, int32_t length, int32_t slots) {
+  if (slots <= c.alloc) return;
+  int32_t want = std::max<int32_t>(64, c.alloc);
+  while (want < slots) want *= 2;
+  want = std::min(want, c.capacity);
+  const size_t hd = cfg_.head_dim, e = elem(c.kv);
+  uint8_t* next = nullptr;
+  OSD_CUDA_CHECK(cudaMalloc(&next, planes() * want * hd * e));
+  if (c.data && length > 0)
+    OSD_CUDA_CHECK(cudaMemcpy2DAsync(next, want * hd * e, c.data, c.alloc * hd * e, length * hd * e, planes(),
+                                     cudaMemcpyDeviceToDevice, stream_));
+  OSD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (c.data) cudaFree(c.data);
+  c.data = next;
+  c.alloc = want;
+}
+
+void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32_t* lengths, int32_t count) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const ModelConfig& c = cfg_;
+  const cudaStream_t s = stream_;
+  // Rows: the parts' tokens one after another, as on the CPU.
+  std::vector<int32_t> first(count + 1, 0);
+  for (int32_t k = 0; k < count; ++k) first[k + 1] = first[k] + parts[k].n;
+  const int32_t n = first[count];
+  std::vector<int32_t> tokens(n), vis, pos(n), sel;
+  std::vector<RowInfo> rows(n);
+  std::vector<PartInfo> pinfo(count);
+  int64_t max_slots = 1;
+  for (int32_t k = 0; k < count; ++k) {
+    auto& cache = static_cast<CudaCache&>(*caches[k]);
+    grow(cache, lengths[k], lengths[k] + parts[k].n);
+    pinfo[k] = {cache.data, cache.alloc};
+    const int32_t base = lengths[k], r0 = first[k];
+    std::vector<std::vector<int32_t>> visible(parts[k].n);
+    for (int32_t i = 0; i < parts[k].n; ++i) {
+      const int32_t p = parts[k].parents ? parts[k].parents[i] : i - 1;
+      pos[r0 + i] = base + (p < 0 ? 0 : pos[r0 + p] - base + 1);
+      if (p >= 0) visible[i] = visible[p];
+      visible[i].push_back(i);
+      tokens[r0 + i] = parts[k].tokens[i];
+      rows[r0 + i] = {k, base + i, base, static_cast<int32_t>(vis.size()), static_cast<int32_t>(visible[i].size())};
+      for (int32_t v : visible[i]) vis.push_back(base + v);
+      max_slots = std::max<int64_t>(max_slots, base + static_cast<int64_t>(visible[i].size()));
+    }
+    for (int32_t i = parts[k].last_only ? parts[k].n - 1 : 0; i < parts[k].n; ++i) sel.push_back(r0 + i);
+  }
+  const KvType kv = static_cast<CudaCache&>(*caches[0]).kv;
+  for (int32_t k = 1; k < count; ++k)
+    if (static_cast<CudaCache&>(*caches[k]).kv != kv) throw_range("evaluate: the sequences of one pass must share one kvType");
+
+  const int64_t D = c.dim, QD = c.q_dim(), KVD = c.kv_dim(), F = c.ffn_dim, HD = c.head_dim, half = HD / 2;
+  // RoPE angles as the CPU computes them (double, then rounded to float).
+  std::vector<float> cs(std::max<int64_t>(n * half, 1)), sn(std::max<int64_t>(n * half, 1));
+  for (int32_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < half; ++k) {
+      double freq = std::pow(static_cast<double>(c.rope_theta), -2.0 * k / HD) * c.rope_freq_scale;
+      if (!c.rope_factors.empty()) freq /= c.rope_factors[k];
+      const double angle = pos[i] * freq;
+      cs[i * half + k] = static_cast<float>(std::cos(angle));
+      sn[i * half + k] = static_cast<float>(std::sin(angle));
+    }
+  auto put = [&](DeviceBuffer& buf, const auto& v) {
+    using T = typename std::decay_t<decltype(v)>::value_type;
+    T* d = buf.as<T>(std::max<size_t>(v.size(), 1));
+    if (!v.empty()) OSD_CUDA_CHECK(cudaMemcpyAsync(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, s));
+    return d;
+  };
+  const int32_t* d_tokens = put(tokens_, tokens);
+  const float* d_cs = put(cs_, cs);
+  const float* d_sn = put(sn_, sn);
+  const RowInfo* d_rows = put(rows_, rows);
+  const PartInfo* d_parts = put(parts_, pinfo);
+  const int32_t* d_vis = put(vis_, vis);
+  const int32_t* d_sel = put(sel_, sel);
+  float *x = x_.as<float>(n * D), *xb = xb_.as<float>(n * D), *q = q_.as<float>(n * QD), *kk = k_.as<float>(n * KVD),
+        *vv = v_.as<float>(n * KVD), *att = att_.as<float>(n * QD), *g = g_.as<float>(n * F), *h = h_.as<float>(n * F),
+        *tmp = tmp_.as<float>(n * std::max(D, F));
+  // Attention runs over chunks of rows whose scores fit in 64 MiB (a long prefill's would not).
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t(16) << 20) / (int64_t(c.n_heads) * max_slots)));
+  float* scores = scores_.as<float>(static_cast<size_t>(chunk) * c.n_heads * max_slots);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
+  constexpr int T = 256;
+
+  embed_kernel<<<n, T, 0, s>>>(embd_, d_tokens, x);
+  OSD_CUDA_CHECK_LAUNCH();
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    const DevLayer& w = layers_[l];
+    rmsnorm_kernel<<<n, T, 0, s>>>(x, nullptr, w.attn_norm, D, c.rms_eps, xb);
+    OSD_CUDA_CHECK_LAUNCH();
+    matmul(w.wq, xb, n, q, acts_, s);
+    matmul(w.wk, xb, n, kk, acts_, s);
+    matmul(w.wv, xb, n, vv, acts_, s);
+    if (w.bq) {
+      add_bias_kernel<<<blocks_for(n * QD, T), T, 0, s>>>(q, w.bq, QD, n * QD);
+      add_bias_kernel<<<blocks_for(n * KVD, T), T, 0, s>>>(kk, w.bk, KVD, n * KVD);
+      add_bias_kernel<<<blocks_for(n * KVD, T), T, 0, s>>>(vv, w.bv, KVD, n * KVD);
+      OSD_CUDA_CHECK_LAUNCH();
+    }
+    if (w.q_norm) {  // qwen3: each head's query and key RMS-normed before the rotation
+      rmsnorm_kernel<<<n * c.n_heads, T, 0, s>>>(q, nullptr, w.q_norm, HD, c.rms_eps, q);
+      rmsnorm_kernel<<<n * c.n_kv_heads, T, 0, s>>>(kk, nullptr, w.k_norm, HD, c.rms_eps, kk);
+      OSD_CUDA_CHECK_LAUNCH();
+    }
+    if (half > 0) {
+      rope_kernel<<<n, T, 0, s>>>(q, c.n_heads, static_cast<int>(HD), d_cs, d_sn, c.rope_neox);
+      rope_kernel<<<n, T, 0, s>>>(kk, c.n_kv_heads, static_cast<int>(HD), d_cs, d_sn, c.rope_neox);
+      OSD_CUDA_CHECK_LAUNCH();
+    }
+    if (kv == KvType::F16) kv_store_kernel<uint16_t><<<n, T, 0, s>>>(kk, vv, d_rows, d_parts, l, c.n_kv_heads, int(HD));
+    else kv_store_kernel<float><<<n, T, 0, s>>>(kk, vv, d_rows, d_parts, l, c.n_kv_heads, int(HD));
+    OSD_CUDA_CHECK_LAUNCH();
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const dim3 agrid(static_cast<unsigned>(std::min(chunk, n - r0)), c.n_heads);
+      if (kv == KvType::F16)
+        attention_kernel<uint16_t><<<agrid, kAttnThreads, 0, s>>>(q, d_rows, d_parts, d_vis, l, c.n_heads, c.n_kv_heads,
+                                                                  int(HD), scale, r0, scores, max_slots, att);
+      else
+        attention_kernel<float><<<agrid, kAttnThreads, 0, s>>>(q, d_rows, d_parts, d_vis, l, c.n_heads, c.n_kv_heads,
+                                                               int(HD), scale, r0, scores, max_slots, att);
+      OSD_CUDA_CHECK_LAUNCH();
+    }
+    matmul(w.wo, att, n, tmp, acts_, s);
+    add_kernel<<<blocks_for(n * D, T), T, 0, s>>>(x, tmp, n * D);
+    rmsnorm_kernel<<<n, T, 0, s>>>(x, nullptr, w.ffn_norm, D, c.rms_eps, xb);
+    OSD_CUDA_CHECK_LAUNCH();
+    matmul(w.w_gate, xb, n, g, acts_, s);
+    matmul(w.w_up, xb, n, h, acts_, s);
+    swiglu_kernel<<<blocks_for(n * F, T), T, 0, s>>>(g, h, n * F);
+    OSD_CUDA_CHECK_LAUNCH();
+    matmul(w.w_down, h, n, tmp, acts_, s);
+    add_kernel<<<blocks_for(n * D, T), T, 0, s>>>(x, tmp, n * D);
+    OSD_CUDA_CHECK_LAUNCH();
+  }
+  const int64_t out_rows = static_cast<int64_t>(sel.size());
+  rmsnorm_kernel<<<static_cast<unsigned>(out_rows), T, 0, s>>>(x, d_sel, output_norm_, D, c.rms_eps, xb);
+  OSD_CUDA_CHECK_LAUNCH();
+  const int64_t V = c.vocab;
+  float* logits = logits_.as<float>(out_rows * V);
+  matmul(output_, xb, out_rows, logits, acts_, s);
+  int64_t r = 0;
+  for (int32_t k = 0; k < count; ++k) {
+    const int64_t kr = parts[k].last_only ? 1 : parts[k].n;
+    OSD_CUDA_CHECK(cudaMemcpyAsync(parts[k].logits, logits + r * V, kr * V * sizeof(float), cudaMemcpyDeviceToHost, s));
+    r += kr;
+  }
+  OSD_CUDA_CHECK(cudaStreamSynchronize(s));
+}
+
+void CudaPass::keep_path(Cache& cache, int32_t base, const int32_t* path, int32_t k) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto& c = static_cast<CudaCache&>(cache);
+  const size_t hd = cfg_.head_dim, e = elem(c.kv), pitch = c.alloc * hd * e;
+  // In path order: each copy reads a later slot than it writes, as on the CPU.
+  for (int32_t i = 0; i < k; ++i) {
+    const int32_t src = base + path[i];
+    if (src == base + i) continue;
+    OSD_CUDA_CHECK(cudaMemcpy2DAsync(c.data + (base + i) * hd * e, pitch, c.data + src * hd * e, pitch, hd * e, planes(),
+                                     cudaMemcpyDeviceToDevice, stream_));
+  }
+  OSD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+std::unique_ptr<DevicePass::Cache> CudaPass::fork(const Cache& cache, int32_t length) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto& c = static_cast<const CudaCache&>(cache);
+  auto out = std::make_unique<CudaCache>(c.capacity, c.kv);
+  if (length > 0) {
+    grow(*out, 0, length);
+    const size_t hd = cfg_.head_dim, e = elem(c.kv);
+    OSD_CUDA_CHECK(cudaMemcpy2DAsync(out->data, out->alloc * hd * e, c.data, c.alloc * hd * e, length * hd * e, planes(),
+                                     cudaMemcpyDeviceToDevice, stream_));
+    OSD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  return out;
+}
+
+}  // namespace
+
+std::shared_ptr<DevicePass> cuda_model_pass(const Model& model, std::string* why) {
+  std::string reason;
+  Backend* b = cuda_backend_or_null(&reason);
+  if (!b) {
+    if (why) *why = reason;
+    return nullptr;
+  }
+  const ModelConfig& c = model.config();
+  if (c.head_dim > kAttnThreads) {
+    if (why) *why = "head_dim " + std::to_string(c.head_dim) + " is above the CUDA pass's limit of " + std::to_string(kAttnThreads);
+    return nullptr;
+  }
+  return std::make_shared<CudaPass>(model, static_cast<CudaBackend*>(b)->device_name());
+}
+
+namespace cuda {
+
+void model_matmul(const Matrix& w, const float* x, int64_t n, float* y) {
+  if (n <= 0) return;
+  cudaStream_t s = nullptr;
+  OSD_CUDA_CHECK(cudaStreamCreate(&s));
+  DeviceBuffer wb, xbuf, ybuf;
+  Acts acts;
+  std::vector<float> f;
+  DevMatrix d;
+  d.rows = w.rows, d.cols = w.cols;
+  if (kept_as_stored(w.type)) {
+    d.type = w.type, d.row_bytes = w.row_bytes;
+    void* p = wb.reserve(w.bytes());
+    OSD_CUDA_CHECK(cudaMemcpy(p, w.data, w.bytes(), cudaMemcpyHostToDevice));
+    d.data = static_cast<const uint8_t*>(p);
+  } else {
+    f.resize(static_cast<size_t>(w.rows * w.cols));
+    for (int64_t r = 0; r < w.rows; ++r) dequantize_row(w, r, &f[r * w.cols]);
+    d.type = TensorType::F32, d.row_bytes = w.cols * sizeof(float);
+    void* p = wb.reserve(f.size() * sizeof(float));
+    OSD_CUDA_CHECK(cudaMemcpy(p, f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice));
+    d.data = static_cast<const uint8_t*>(p);
+  }
+  float* dx = xbuf.as<float>(n * w.cols);
+  float* dy = ybuf.as<float>(n * w.rows);
+  OSD_CUDA_CHECK(cudaMemcpy(dx, x, n * w.cols * sizeof(float), cudaMemcpyHostToDevice));
+  matmul(d, dx, n, dy, acts, s);
+  OSD_CUDA_CHECK(cudaMemcpyAsync(y, dy, n * w.rows * sizeof(float), cudaMemcpyDeviceToHost, s));
+  OSD_CUDA_CHECK(cudaStreamSynchronize(s));
+  OSD_CUDA_CHECK(cudaStreamDestroy(s));
+}
+
+}  // namespace cuda
+
+}  // namespace osd

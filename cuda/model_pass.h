@@ -1,0 +1,28 @@
+// The model pass on the GPU: a Model's weights copied to the device, and each sequence's KV cache
+// there (see DevicePass in native/model/sequence.h). Plain C++: the addon includes it without nvcc.
+//
+// Matrices stored as F32, F16, Q8_0, Q4_0 or Q4_1 keep their type on the device; any other type is
+// dequantised to F32 once, at upload. The quantised products follow the CPU engine's arithmetic
+// exactly (8-bit activations per 32 values, integer block sums, float sums in block order, see
+// native/model/quant.h), so they give its bits; the float products, norms and attention reduce in
+// another order and agree within rounding. test_cuda checks both against the CPU engine.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "model/model.h"
+#include "model/sequence.h"
+
+namespace osd {
+
+// A pass for `model` on the CUDA device, its weights uploaded; null with the reason in *why when no
+// device is usable. Give it to model.set_device_pass() before making the model's sequences.
+std::shared_ptr<DevicePass> cuda_model_pass(const Model& model, std::string* why);
+
+namespace cuda {
+// Y = W X on the device for a host matrix and host activations (n x cols), as the pass computes it:
+// for test_cuda's comparisons with the CPU's matmul.
+void model_matmul(const Matrix& w, const float* x, int64_t n, float* y);
+}  // namespace cuda
+
+}  // namespace osd

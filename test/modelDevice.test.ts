@@ -1,0 +1,134 @@
+// loadModel's `device` option: the model pass on the GPU. Everywhere: bad values are RangeErrors,
+// 'cuda' rejects saying why where it cannot run (this addon, and the cmake-js CUDA addon in a child
+// process when it is built). On a GPU (npm run test:gpu): logits within rounding of the CPU engine's,
+// the KV cache on the device through trees, keepPath and forks, exact speculative decoding with both
+// models there, and setWeights moving a CPU snapshot to the GPU.
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { addon, packageRoot } from '../lib/addon.js';
+import { backends, defaultDraftPath, defaultTargetPath, loadModel, SpeculativeDecoder, type Model } from '../lib/index.js';
+
+const cuda = backends().find((b) => b.name === 'cuda');
+const gpu = !!cuda?.usable;
+
+// max |a - b| over a row, relative to the row's largest |a| (at least 1).
+function worstRowError(a: Float32Array, b: Float32Array, vocab: number): number {
+  let worst = 0;
+  for (let r = 0; r < a.length / vocab; r++) {
+    let scale = 1;
+    let d = 0;
+    for (let j = r * vocab; j < (r + 1) * vocab; j++) {
+      scale = Math.max(scale, Math.abs(a[j]));
+      d = Math.max(d, Math.abs(a[j] - b[j]));
+    }
+    worst = Math.max(worst, d / scale);
+  }
+  return worst;
+}
+
+describe('loadModel device option', () => {
+  it("defaults to the CPU and reports it in info.device", async () => {
+    const m = await loadModel(defaultDraftPath);
+    try {
+      expect(m.info.device).toBe('cpu');
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  it('rejects bad values with errors naming the option', async () => {
+    await expect(loadModel(defaultDraftPath, { device: 'gpu' as never })).rejects.toThrow(RangeError);
+    await expect(loadModel(defaultDraftPath, { device: 'gpu' as never })).rejects.toThrow(
+      /options.device must be 'cpu' or 'cuda', got gpu/,
+    );
+    await expect(loadModel(defaultDraftPath, { device: 1 as never })).rejects.toThrow(/options.device/);
+    expect(() => (addon as unknown as { loadModel(p: string, d: unknown): unknown }).loadModel(defaultDraftPath, 'tpu')).toThrow(
+      /device must be 'cpu' or 'cuda'/,
+    );
+  });
+
+  it.skipIf(gpu)("'cuda' rejects with the reason where it cannot run", async () => {
+    const err = await loadModel(defaultDraftPath, { device: 'cuda' }).catch((e: Error) => e);
+    expect(err).toBeInstanceOf(Error);
+    if (cuda?.compiled) expect((err as Error).message).toMatch(/^device 'cuda' is not usable here: /);
+    else expect((err as Error).message).toMatch(/needs the CUDA build of the addon, and this one is CPU-only/);
+  });
+
+  const cmakeAddon = join(packageRoot, 'build-cmake', 'Release', 'online_specdec.node');
+  it.skipIf(gpu || !existsSync(cmakeAddon))("the CUDA addon without a GPU rejects 'cuda' saying why", () => {
+    const code = `
+import * as osd from './lib/index.ts';
+const c = osd.backends().find((b) => b.name === 'cuda');
+const e = await osd.loadModel(osd.defaultDraftPath, { device: 'cuda' }).catch((e) => e);
+console.log(JSON.stringify({ compiled: c.compiled, usable: c.usable, message: String(e?.message ?? e) }));`;
+    const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', code], {
+      cwd: packageRoot,
+      encoding: 'utf8',
+      env: { ...process.env, OSD_ADDON_PATH: cmakeAddon, OSD_BACKEND: 'auto' },
+      timeout: 60_000,
+    });
+    expect(r.status, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout);
+    if (!out.compiled) return; // built without nvcc: nothing CUDA-specific to check
+    expect(out.usable).toBe(false);
+    expect(out.message).toMatch(/^device 'cuda' is not usable here: no/);
+  });
+});
+
+describe.skipIf(!gpu)('the model pass on the GPU', () => {
+  let cpuTarget: Model, gpuTarget: Model, cpuDraft: Model, gpuDraft: Model;
+  beforeAll(async () => {
+    cpuTarget = await loadModel(defaultTargetPath);
+    gpuTarget = await loadModel(defaultTargetPath, { device: 'cuda' });
+    cpuDraft = await loadModel(defaultDraftPath);
+    gpuDraft = await loadModel(defaultDraftPath, { device: 'cuda' });
+  });
+  afterAll(async () => {
+    for (const m of [cpuTarget, gpuTarget, cpuDraft, gpuDraft]) await m?.dispose();
+  });
+
+  it('reports the device, and gives the CPU engine logits within rounding', async () => {
+    expect(gpuTarget.info.device).toMatch(/^cuda: /);
+    const V = cpuTarget.info.vocabSize;
+    const tokens = Int32Array.from({ length: 40 }, (_, i) => (i * 977 + 13) % V);
+    const a = await cpuTarget.forward(tokens);
+    const b = await gpuTarget.forward(tokens);
+    expect(b.length).toBe(a.length);
+    expect(worstRowError(a, b, V)).toBeLessThan(2e-3);
+  });
+
+  it('keeps the cache on the device through trees, keepPath and forks', async () => {
+    const V = cpuTarget.info.vocabSize;
+    const prompt = Int32Array.from({ length: 12 }, (_, i) => (i * 31 + 7) % V);
+    const nodes = Int32Array.from([5, 9, 11, 40, 41]);
+    const parents = Int32Array.from([-1, 0, 0, 1, 2]);
+    const rows: Float32Array[][] = [];
+    for (const m of [cpuTarget, gpuTarget]) {
+      const s = m.createSequence();
+      await s.evaluate(prompt);
+      const tree = await s.evaluate(nodes, { treeParents: parents });
+      s.keepPath(prompt.length, [0, 2, 4]);
+      const fork = s.fork();
+      const after = await fork.evaluate([3]);
+      const own = await s.evaluate([4]);
+      rows.push([tree, after, own]);
+      await fork.dispose();
+      await s.dispose();
+    }
+    for (let k = 0; k < 3; k++) expect(worstRowError(rows[0][k], rows[1][k], V)).toBeLessThan(2e-3);
+  });
+
+  it('speculative decoding with both models on the GPU gives the target-only greedy tokens', async () => {
+    const prompt = 'Once upon a time';
+    const plain = await gpuTarget.generate({ prompt, maxTokens: 48 });
+    const dec = new SpeculativeDecoder({ target: gpuTarget, draft: gpuDraft, strategy: { kind: 'chain', length: 4 } });
+    try {
+      const spec = await dec.generate({ prompt, maxTokens: 48 });
+      expect(Array.from(spec.tokens)).toEqual(Array.from(plain.tokens));
+    } finally {
+      await dec.dispose();
+    }
+  });
+});

@@ -256,29 +256,54 @@ struct Acts {
   DeviceBuffer q, d, s;
 };
 
+// Y = W X. The int8 formats quantise X first, into `acts` (reserved by the caller for n x cols).
 void matmul(const DevMatrix& w, const float* x, int64_t n, float* y, Acts& acts, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((w.rows + kRowsPerBlock - 1) / kRowsPerBlock),
-                  static_cast<unsigned>((n + kTokenTile - 1) / kTokenTile));
-  const int threads = 32 * kRowsPerBlock;
+  const int64_t blocks = n * (w.cols / 32);
+  int8_t* q = nullptr;
+  float *d = nullptr, *s = nullptr;
   if (int8_type(w.type)) {
-    const int64_t blocks = n * (w.cols / 32);
-    int8_t* q = acts.q.as<int8_t>(n * w.cols);
-    float* d = acts.d.as<float>(blocks);
-    float* s = acts.s.as<float>(blocks);
+    q = acts.q.as<int8_t>(n * w.cols);
+    d = acts.d.as<float>(blocks);
+    s = acts.s.as<float>(blocks);
     quantize_q8_kernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0, stream>>>(x, blocks, q, d, s);
     OSD_CUDA_CHECK_LAUNCH();
-    switch (w.type) {
-      case TensorType::Q8_0: matmul_q32_kernel<TensorType::Q8_0><<<grid, threads, 0, stream>>>(w, q, d, s, n, y); break;
-      case TensorType::Q4_0: matmul_q32_kernel<TensorType::Q4_0><<<grid, threads, 0, stream>>>(w, q, d, s, n, y); break;
-      default: matmul_q32_kernel<TensorType::Q4_1><<<grid, threads, 0, stream>>>(w, q, d, s, n, y); break;
-    }
-  } else if (w.type == TensorType::F16) {
-    matmul_float_kernel<TensorType::F16><<<grid, threads, 0, stream>>>(w, x, n, y);
-  } else {
-    matmul_float_kernel<TensorType::F32><<<grid, threads, 0, stream>>>(w, x, n, y);
   }
-  OSD_CUDA_CHECK_LAUNCH();
+  const int threads = 32 * kRowsPerBlock;
+  const int64_t max_tokens = int64_t(65535) * kTokenTile;  // grid.y's limit
+  for (int64_t t0 = 0; t0 < n; t0 += max_tokens) {
+    const int64_t nt = std::min(max_tokens, n - t0);
+    const dim3 grid(static_cast<unsigned>((w.rows + kRowsPerBlock - 1) / kRowsPerBlock),
+                    static_cast<unsigned>((nt + kTokenTile - 1) / kTokenTile));
+    const int64_t nb = w.cols / 32;
+    float* yt = y + t0 * w.rows;
+    switch (w.type) {
+      case TensorType::Q8_0:
+        matmul_q32_kernel<TensorType::Q8_0><<<grid, threads, 0, stream>>>(w, q + t0 * w.cols, d + t0 * nb, s + t0 * nb, nt, yt);
+        break;
+      case TensorType::Q4_0:
+        matmul_q32_kernel<TensorType::Q4_0><<<grid, threads, 0, stream>>>(w, q + t0 * w.cols, d + t0 * nb, s + t0 * nb, nt, yt);
+        break;
+      case TensorType::Q4_1:
+        matmul_q32_kernel<TensorType::Q4_1><<<grid, threads, 0, stream>>>(w, q + t0 * w.cols, d + t0 * nb, s + t0 * nb, nt, yt);
+        break;
+      case TensorType::F16: matmul_float_kernel<TensorType::F16><<<grid, threads, 0, stream>>>(w, x + t0 * w.cols, nt, yt); break;
+      default: matmul_float_kernel<TensorType::F32><<<grid, threads, 0, stream>>>(w, x + t0 * w.cols, nt, yt); break;
+    }
+    OSD_CUDA_CHECK_LAUNCH();
+  }
 }
+
+// Scratch for the int8 activations of n rows of up to `cols` values, reserved before a pass so that
+// no buffer is reallocated while queued kernels read it.
+void reserve_acts(Acts& a, int64_t n, int64_t cols) {
+  a.q.as<int8_t>(n * cols);
+  a.d.as<float>(n * (cols / 32 + 1));
+  a.s.as<float>(n * (cols / 32 + 1));
+}
+
+// Largest number of attention scores (floats) one launch keeps; test_cuda lowers it to cover the
+// chunked path.
+int64_t g_score_limit = int64_t(16) << 20;
 
 // ---- The KV cache and attention ----
 
@@ -294,48 +319,54 @@ struct CudaCache final : DevicePass::Cache {
   uint8_t* data = nullptr;
 };
 
+// Row i's slots: [0, prefix) of its sequence's cache, then vis[vis_off .. vis_off + vis_n) (a tree
+// node's ancestors and itself). A chain's token sees a contiguous prefix that includes itself.
 struct RowInfo {
-  int32_t part, slot, base, vis_off, vis_n;
+  int32_t part, slot, prefix, vis_n;
+  int64_t vis_off;
 };
 struct PartInfo {
   uint8_t* cache;
   int32_t alloc;
+  int32_t f16;  // the cache holds IEEE halves (else floats)
 };
 
-template <class E>
-__device__ __forceinline__ float kv_load(const E* p);
-template <>
-__device__ __forceinline__ float kv_load<float>(const float* p) { return *p; }
-template <>
-__device__ __forceinline__ float kv_load<uint16_t>(const uint16_t* p) { return half_bits(*p); }
+__device__ __forceinline__ float kv_at(const uint8_t* plane, bool f16, size_t k) {
+  return f16 ? half_bits(reinterpret_cast<const uint16_t*>(plane)[k]) : reinterpret_cast<const float*>(plane)[k];
+}
+// Start of one (layer, K or V, kv head) plane of a part's cache.
+__device__ __forceinline__ const uint8_t* plane_of(const PartInfo& p, int layer, int which, int kv_heads, int kh,
+                                                   int head_dim) {
+  const size_t e = p.f16 ? 2 : 4;
+  return p.cache + ((size_t(layer) * 2 + which) * kv_heads + kh) * size_t(p.alloc) * head_dim * e;
+}
 
-// Stores row i's keys and values (kv_dim floats each) at its slot, as the CPU's kv_half rounds.
-template <class E>
+// Stores row i's keys and values (kv_dim floats each) at its slot, rounded to half as the CPU's
+// kv_half does (clamped to +-65504; NaN stays NaN).
 __global__ void kv_store_kernel(const float* k, const float* v, const RowInfo* rows, const PartInfo* parts, int layer,
                                 int kv_heads, int head_dim) {
   const int64_t i = blockIdx.x;
   const RowInfo ri = rows[i];
   const PartInfo pi = parts[ri.part];
-  E* cache = reinterpret_cast<E*>(pi.cache);
   const int kvd = kv_heads * head_dim;
   for (int e = threadIdx.x; e < 2 * kvd; e += blockDim.x) {
     const int which = e / kvd, j = e % kvd, h = j / head_dim, d = j % head_dim;
     const float val = (which ? v : k)[i * kvd + j];
-    const size_t at = ((size_t(layer) * 2 + which) * kv_heads + h) * pi.alloc * head_dim + size_t(ri.slot) * head_dim + d;
-    if constexpr (sizeof(E) == 2) {
-      const float c = val > 65504.0f ? 65504.0f : val < -65504.0f ? -65504.0f : val;  // NaN stays NaN
-      cache[at] = __half_as_ushort(__float2half_rn(c));
+    uint8_t* plane = const_cast<uint8_t*>(plane_of(pi, layer, which, kv_heads, h, head_dim));
+    const size_t at = size_t(ri.slot) * head_dim + d;
+    if (pi.f16) {
+      const float c = val > 65504.0f ? 65504.0f : val < -65504.0f ? -65504.0f : val;
+      reinterpret_cast<uint16_t*>(plane)[at] = __half_as_ushort(__float2half_rn(c));
     } else {
-      cache[at] = val;
+      reinterpret_cast<float*>(plane)[at] = val;
     }
   }
 }
 
 constexpr int kAttnThreads = 256;
 
-// Query head blockIdx.y of row row0 + blockIdx.x over its slots: [0, base), then its visible batch
-// slots. Scores go to `scores` (max_slots per query of this launch), then their softmax weights.
-template <class E>
+// Query head blockIdx.y of row row0 + blockIdx.x over its slots. Scores go to `scores` (max_slots
+// per query of this launch), then their softmax weights.
 __global__ void attention_kernel(const float* q, const RowInfo* rows, const PartInfo* parts, const int32_t* vis, int layer,
                                  int heads, int kv_heads, int head_dim, float scale, int64_t row0, float* scores,
                                  int64_t max_slots, float* out) {
@@ -346,19 +377,20 @@ __global__ void attention_kernel(const float* q, const RowInfo* rows, const Part
   const int hh = blockIdx.y, kh = hh / (heads / kv_heads), tid = threadIdx.x;
   const RowInfo ri = rows[i];
   const PartInfo pi = parts[ri.part];
-  const E* K = reinterpret_cast<const E*>(pi.cache) + ((size_t(layer) * 2 + 0) * kv_heads + kh) * pi.alloc * head_dim;
-  const E* V = reinterpret_cast<const E*>(pi.cache) + ((size_t(layer) * 2 + 1) * kv_heads + kh) * pi.alloc * head_dim;
+  const bool f16 = pi.f16;
+  const uint8_t* K = plane_of(pi, layer, 0, kv_heads, kh, head_dim);
+  const uint8_t* V = plane_of(pi, layer, 1, kv_heads, kh, head_dim);
   const int64_t qd = int64_t(heads) * head_dim;
   for (int d = tid; d < head_dim; d += blockDim.x) qs[d] = q[i * qd + int64_t(hh) * head_dim + d];
   __syncthreads();
-  const int32_t n = ri.base + ri.vis_n;
+  const int32_t n = ri.prefix + ri.vis_n;
   float* sc = scores + (int64_t(blockIdx.x) * heads + hh) * max_slots;
-  auto slot_of = [&](int32_t s) { return s < ri.base ? s : vis[ri.vis_off + s - ri.base]; };
+  auto slot_of = [&](int32_t s) { return s < ri.prefix ? s : vis[ri.vis_off + (s - ri.prefix)]; };
   float mx = -INFINITY;
   for (int32_t s = tid; s < n; s += blockDim.x) {
-    const E* kr = K + size_t(slot_of(s)) * head_dim;
+    const size_t k0 = size_t(slot_of(s)) * head_dim;
     float dot = 0.0f;
-    for (int d = 0; d < head_dim; ++d) dot = fmaf(qs[d], kv_load(kr + d), dot);
+    for (int d = 0; d < head_dim; ++d) dot = fmaf(qs[d], kv_at(K, f16, k0 + d), dot);
     const float v = dot * scale;
     sc[s] = v;
     mx = fmaxf(mx, v);
@@ -388,7 +420,7 @@ __global__ void attention_kernel(const float* q, const RowInfo* rows, const Part
   const int groups = blockDim.x / head_dim, g = tid / head_dim, d = tid % head_dim;
   if (g < groups) {
     float acc = 0.0f;
-    for (int32_t s = g; s < n; s += groups) acc = fmaf(sc[s], kv_load(V + size_t(slot_of(s)) * head_dim + d), acc);
+    for (int32_t s = g; s < n; s += groups) acc = fmaf(sc[s], kv_at(V, f16, size_t(slot_of(s)) * head_dim + d), acc);
     part_out[tid] = acc;
   }
   __syncthreads();
@@ -476,6 +508,8 @@ class CudaPass final : public DevicePass {
       l.w_gate = upload_matrix(w.w_gate), l.w_up = upload_matrix(w.w_up), l.w_down = upload_matrix(w.w_down);
       layers_.push_back(l);
     }
+    // The copies above came from pageable memory; the pass's own stream does not wait for them.
+    OSD_CUDA_CHECK(cudaDeviceSynchronize());
   }
   void release() {
     for (void* p : owned_) cudaFree(p);
@@ -533,24 +567,28 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
   for (int32_t k = 0; k < count; ++k) {
     auto& cache = static_cast<CudaCache&>(*caches[k]);
     grow(cache, lengths[k], lengths[k] + parts[k].n);
-    pinfo[k] = {cache.data, cache.alloc};
+    pinfo[k] = {cache.data, cache.alloc, cache.kv == KvType::F16};
     const int32_t base = lengths[k], r0 = first[k];
-    std::vector<std::vector<int32_t>> visible(parts[k].n);
+    std::vector<std::vector<int32_t>> visible(parts[k].parents ? parts[k].n : 0);
     for (int32_t i = 0; i < parts[k].n; ++i) {
       const int32_t p = parts[k].parents ? parts[k].parents[i] : i - 1;
       pos[r0 + i] = base + (p < 0 ? 0 : pos[r0 + p] - base + 1);
-      if (p >= 0) visible[i] = visible[p];
-      visible[i].push_back(i);
+      if (parts[k].parents) {
+        if (p >= 0) visible[i] = visible[p];
+        visible[i].push_back(i);
+      }
       tokens[r0 + i] = parts[k].tokens[i];
-      rows[r0 + i] = {k, base + i, base, static_cast<int32_t>(vis.size()), static_cast<int32_t>(visible[i].size())};
-      for (int32_t v : visible[i]) vis.push_back(base + v);
-      max_slots = std::max<int64_t>(max_slots, base + static_cast<int64_t>(visible[i].size()));
+      const int32_t seen = parts[k].parents ? static_cast<int32_t>(visible[i].size()) : i + 1;
+      if (parts[k].parents) {
+        rows[r0 + i] = {k, base + i, base, seen, static_cast<int64_t>(vis.size())};
+        for (int32_t v : visible[i]) vis.push_back(base + v);
+      } else {  // a chain: the slots up to its own are contiguous
+        rows[r0 + i] = {k, base + i, base + seen, 0, 0};
+      }
+      max_slots = std::max<int64_t>(max_slots, base + static_cast<int64_t>(seen));
     }
     for (int32_t i = parts[k].last_only ? parts[k].n - 1 : 0; i < parts[k].n; ++i) sel.push_back(r0 + i);
   }
-  const KvType kv = static_cast<CudaCache&>(*caches[0]).kv;
-  for (int32_t k = 1; k < count; ++k)
-    if (static_cast<CudaCache&>(*caches[k]).kv != kv) throw_range("evaluate: the sequences of one pass must share one kvType");
 
   const int64_t D = c.dim, QD = c.q_dim(), KVD = c.kv_dim(), F = c.ffn_dim, HD = c.head_dim, half = HD / 2;
   // RoPE angles as the CPU computes them (double, then rounded to float).
@@ -580,7 +618,8 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
         *vv = v_.as<float>(n * KVD), *att = att_.as<float>(n * QD), *g = g_.as<float>(n * F), *h = h_.as<float>(n * F),
         *tmp = tmp_.as<float>(n * std::max(D, F));
   // Attention runs over chunks of rows whose scores fit in 64 MiB (a long prefill's would not).
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t(16) << 20) / (int64_t(c.n_heads) * max_slots)));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, g_score_limit / (int64_t(c.n_heads) * max_slots)));
+  reserve_acts(acts_, n, std::max({D, QD, F}));
   float* scores = scores_.as<float>(static_cast<size_t>(chunk) * c.n_heads * max_slots);
   const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
   constexpr int T = 256;
@@ -610,17 +649,12 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
       rope_kernel<<<n, T, 0, s>>>(kk, c.n_kv_heads, static_cast<int>(HD), d_cs, d_sn, c.rope_neox);
       OSD_CUDA_CHECK_LAUNCH();
     }
-    if (kv == KvType::F16) kv_store_kernel<uint16_t><<<n, T, 0, s>>>(kk, vv, d_rows, d_parts, l, c.n_kv_heads, int(HD));
-    else kv_store_kernel<float><<<n, T, 0, s>>>(kk, vv, d_rows, d_parts, l, c.n_kv_heads, int(HD));
+    kv_store_kernel<<<n, T, 0, s>>>(kk, vv, d_rows, d_parts, l, c.n_kv_heads, int(HD));
     OSD_CUDA_CHECK_LAUNCH();
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const dim3 agrid(static_cast<unsigned>(std::min(chunk, n - r0)), c.n_heads);
-      if (kv == KvType::F16)
-        attention_kernel<uint16_t><<<agrid, kAttnThreads, 0, s>>>(q, d_rows, d_parts, d_vis, l, c.n_heads, c.n_kv_heads,
-                                                                  int(HD), scale, r0, scores, max_slots, att);
-      else
-        attention_kernel<float><<<agrid, kAttnThreads, 0, s>>>(q, d_rows, d_parts, d_vis, l, c.n_heads, c.n_kv_heads,
-                                                               int(HD), scale, r0, scores, max_slots, att);
+      attention_kernel<<<agrid, kAttnThreads, 0, s>>>(q, d_rows, d_parts, d_vis, l, c.n_heads, c.n_kv_heads, int(HD), scale,
+                                                      r0, scores, max_slots, att);
       OSD_CUDA_CHECK_LAUNCH();
     }
     matmul(w.wo, att, n, tmp, acts_, s);
@@ -692,10 +726,17 @@ std::shared_ptr<DevicePass> cuda_model_pass(const Model& model, std::string* why
     if (why) *why = "head_dim " + std::to_string(c.head_dim) + " is above the CUDA pass's limit of " + std::to_string(kAttnThreads);
     return nullptr;
   }
-  return std::make_shared<CudaPass>(model, static_cast<CudaBackend*>(b)->device_name());
+  try {
+    return std::make_shared<CudaPass>(model, static_cast<CudaBackend*>(b)->device_name());
+  } catch (const std::exception& e) {  // out of device memory, say
+    if (why) *why = std::string("uploading the weights failed: ") + e.what();
+    return nullptr;
+  }
 }
 
 namespace cuda {
+
+void set_model_pass_score_limit(int64_t floats) { g_score_limit = floats > 0 ? floats : int64_t(16) << 20; }
 
 void model_matmul(const Matrix& w, const float* x, int64_t n, float* y) {
   if (n <= 0) return;
@@ -722,6 +763,7 @@ void model_matmul(const Matrix& w, const float* x, int64_t n, float* y) {
   float* dx = xbuf.as<float>(n * w.cols);
   float* dy = ybuf.as<float>(n * w.rows);
   OSD_CUDA_CHECK(cudaMemcpy(dx, x, n * w.cols * sizeof(float), cudaMemcpyHostToDevice));
+  reserve_acts(acts, n, w.cols);
   matmul(d, dx, n, dy, acts, s);
   OSD_CUDA_CHECK(cudaMemcpyAsync(y, dy, n * w.rows * sizeof(float), cudaMemcpyDeviceToHost, s));
   OSD_CUDA_CHECK(cudaStreamSynchronize(s));

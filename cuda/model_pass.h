@@ -1,11 +1,14 @@
 // The model pass on the GPU: a Model's weights copied to the device, and each sequence's KV cache
 // there (see DevicePass in native/model/sequence.h). Plain C++: the addon includes it without nvcc.
 //
-// Matrices stored as F32, F16, Q8_0, Q4_0 or Q4_1 keep their type on the device; any other type is
-// dequantised to F32 once, at upload. The quantised products follow the CPU engine's arithmetic
-// exactly (8-bit activations per 32 values, integer block sums, float sums in block order, see
-// native/model/quant.h), so they give its bits; the float products, norms and attention reduce in
-// another order and agree within rounding. test_cuda checks both against the CPU engine.
+// Matrices stored as F32, F16, Q8_0, Q4_0 or Q4_1 keep their type on the device. The products of the
+// three quantised ones follow the CPU engine's arithmetic exactly (8-bit activations per 32 values,
+// integer block sums, float sums in block order, see native/model/quant.h), so they give its bits;
+// the float products, norms and attention reduce in another order and agree within rounding. Any
+// other type (BF16, Q5_0, Q5_1, the K-quants, IQ4_NL, IQ4_XS) is dequantised to F32 once, at upload:
+// exact weights, but 4 bytes each (8x a Q4_K file's), and multiplied with float activations where
+// the CPU quantises them to 8 bits, so those products differ from the CPU's by that rounding.
+// test_cuda checks all of this against the CPU engine.
 #pragma once
 #include <memory>
 #include <string>
@@ -23,6 +26,9 @@ namespace cuda {
 // Y = W X on the device for a host matrix and host activations (n x cols), as the pass computes it:
 // for test_cuda's comparisons with the CPU's matmul.
 void model_matmul(const Matrix& w, const float* x, int64_t n, float* y);
+// Caps the attention scores one launch keeps (floats; 0 restores the default, 16M), so that tests
+// reach the chunked path on small models.
+void set_model_pass_score_limit(int64_t floats);
 }  // namespace cuda
 
 }  // namespace osd

@@ -77,7 +77,7 @@ describe('unknown option keys', () => {
     typeError(() => createOnlineDecoder({ target, draft, distil: { lr: 1 } } as never), /^options\.distil is not an option/);
     expect(() => createSpeculativeDecoder({ target, draft, strategy: { kind: 'toString' } } as never)).toThrow(new RangeError("strategy.kind must be 'chain', 'tree', 'adaptive' or 'ngram', got 'toString'"));
     typeError(() => createDraftPool({ target, drafts: { a: draft }, route: 'ucb' } as never), /^options\.route is not an option/);
-    await expect(loadModel(defaultDraftPath, { thread: 2 } as never)).rejects.toThrow(/^options\.thread is not an option; the options are: threads, signal, onProgress$/);
+    await expect(loadModel(defaultDraftPath, { thread: 2 } as never)).rejects.toThrow(/^options\.thread is not an option; the options are: threads, signal, onProgress, device$/);
   });
 
   it('are refused by the tokenizer, sequences, save, chat templates and the trainer', async () => {

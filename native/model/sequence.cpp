@@ -47,6 +47,12 @@ void Sequence::reserve(int32_t slots) {
   allocated_ = grow;
 }
 
+DevicePass& Sequence::device_pass() const {
+  DevicePass* p = model_->device_pass().get();
+  if (!p) throw_state("this sequence's cache is on a device, and its model no longer has that device's pass");
+  return *p;
+}
+
 void Sequence::truncate(int32_t n) {
   if (n < 0 || n > length_)
     throw_range("truncate: length " + std::to_string(n) + " is outside [0, " + std::to_string(length_) + "]");
@@ -68,7 +74,7 @@ void Sequence::keep_path(int32_t base, const int32_t* path, int32_t k) {
     if (path[i] < 0 || base + path[i] >= length_)
       throw_range("keep_path: path[" + std::to_string(i) + "] is not an evaluated node");
   if (device_) {
-    model_->device_pass()->keep_path(*device_, base, path, k);
+    device_pass().keep_path(*device_, base, path, k);
     length_ = base + k;
     return;
   }
@@ -92,7 +98,7 @@ void Sequence::keep_path(int32_t base, const int32_t* path, int32_t k) {
 std::unique_ptr<Sequence> Sequence::fork() const {
   auto s = std::make_unique<Sequence>(model_, capacity_, kv_);
   if (device_) {
-    s->device_ = model_->device_pass()->fork(*device_, length_);
+    s->device_ = device_pass().fork(*device_, length_);
     s->length_ = length_;
     return s;
   }
@@ -151,7 +157,7 @@ void Sequence::evaluate_parts(const EvalPart* parts, int32_t count) {
     std::vector<DevicePass::Cache*> caches(count);
     std::vector<int32_t> lengths(count);
     for (int32_t k = 0; k < count; ++k) {
-      if (!parts[k].seq->device_)
+      if (!parts[k].seq->device_)  // (one made before the pass was set)
         throw_range("evaluate: part " + std::to_string(k) + "'s sequence was made before its model moved to " + pass->name());
       caches[k] = parts[k].seq->device_.get(), lengths[k] = parts[k].seq->length_;
     }
@@ -159,7 +165,10 @@ void Sequence::evaluate_parts(const EvalPart* parts, int32_t count) {
     for (int32_t k = 0; k < count; ++k) parts[k].seq->length_ += parts[k].n;
     return;
   }
-  for (int32_t k = 0; k < count; ++k) parts[k].seq->reserve(parts[k].seq->length_ + parts[k].n);
+  for (int32_t k = 0; k < count; ++k) {
+    if (parts[k].seq->device_) parts[k].seq->device_pass();  // throws: the model's pass was taken away
+    parts[k].seq->reserve(parts[k].seq->length_ + parts[k].n);
+  }
 
   // Rows: the parts' tokens one after another (part k's are rows first[k] .. first[k + 1] - 1).
   std::vector<int32_t> first(count + 1, 0);

@@ -84,6 +84,8 @@ class Sequence {
 
  private:
   void reserve(int32_t slots);
+  // The model's device pass, for a sequence whose cache is on the device (throws if it is gone).
+  DevicePass& device_pass() const;
 
   // Calls f with the cache in use (f32_ or f16_).
   template <class F>

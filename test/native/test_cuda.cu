@@ -24,10 +24,11 @@
 //   tree mask, KV compaction                 exact
 //   model pass: Q8_0 / Q4_0 / Q4_1 products  bit-identical to the CPU's matmul (the same operations)
 //   model pass: F32 / F16 / BF16 / Q5_0      |d| <= 1e-5 * sum |w x| + 1e-6 against a double product
-//   model pass: logits vs the CPU engine     max |d| <= tol * max(1, max |logit|) per row (tol 2e-3
-//                                            for float weights, 3e-2 quantised, 6e-2 for SmolLM2's
-//                                            30 layers), and the same argmax wherever the CPU's top
-//                                            two logits are further apart than that
+//   model pass: logits vs the CPU engine     max |d| <= tol * max(1, max |logit|) per row: tol 2e-3
+//                                            for float weights, 3e-2 quantised (a flipped 8-bit
+//                                            rounding of an activation moves a logit by ~1e-3 of its
+//                                            scale), 6e-2 for SmolLM2's 30 layers (to be calibrated
+//                                            from the printed worst case on a first GPU run)
 #include <algorithm>
 #include <chrono>
 #include <climits>
@@ -1872,9 +1873,12 @@ OSD_TEST(model_matmul_matches_cpu) {
         std::vector<float> yc(static_cast<size_t>(n) * rows), yg(yc.size());
         cuda::model_matmul(m, x.data(), n, yg.data());
         ++cases;
-        if (int8) {
-          matmul(m, x.data(), n, yc.data());
-          for (size_t i = 0; i < yc.size(); ++i) bits_bad += std::memcmp(&yc[i], &yg[i], sizeof(float)) != 0;
+        if (int8) {  // the CPU's vector kernels and its portable reference: the same bits
+          for (bool ref : {false, true}) {
+            if (ref) matmul_reference(m, x.data(), n, yc.data(), KernelIsa::Portable);
+            else matmul(m, x.data(), n, yc.data());
+            for (size_t i = 0; i < yc.size(); ++i) bits_bad += std::memcmp(&yc[i], &yg[i], sizeof(float)) != 0;
+          }
         } else {
           std::vector<float> row(cols);
           for (int r = 0; r < rows; ++r) {
@@ -1915,19 +1919,16 @@ namespace {
 // Compares logits rows of the CPU engine (a) and the device pass (b); see the tolerances above.
 struct LogitCheck {
   double tol = 0, worst = 0;
-  int rows = 0, argmax_checked = 0, bad = 0;
+  int rows = 0, bad = 0;
   void rows_of(const std::vector<float>& a, const std::vector<float>& b, int n, int V, const char* what) {
     for (int r = 0; r < n; ++r) {
       const float* x = &a[size_t(r) * V];
       const float* y = &b[size_t(r) * V];
       double scale = 1, d = 0;
-      int top = 0, second = -1;
       for (int j = 0; j < V; ++j) {
         scale = std::max(scale, double(std::fabs(x[j])));
         const double e = std::fabs(double(x[j]) - y[j]);
         d = std::isnan(e) ? INFINITY : std::max(d, e);
-        if (x[j] > x[top]) second = top, top = j;
-        else if (j != top && (second < 0 || x[j] > x[second])) second = j;
       }
       const double rel = d / scale;
       worst = std::max(worst, rel);
@@ -1935,16 +1936,6 @@ struct LogitCheck {
       if (rel > tol) {
         ++bad;
         std::fprintf(stderr, "  %s row %d: max |d| %.3g of scale %.3g (tol %.3g)\n", what, r, d, scale, tol);
-      }
-      if (second >= 0 && x[top] - x[second] > 2 * tol * scale) {
-        ++argmax_checked;
-        int gt = 0;
-        for (int j = 1; j < V; ++j)
-          if (y[j] > y[gt]) gt = j;
-        if (gt != top) {
-          ++bad;
-          std::fprintf(stderr, "  %s row %d: argmax %d on the GPU, %d on the CPU\n", what, r, gt, top);
-        }
       }
     }
   }
@@ -1977,8 +1968,8 @@ void compare_passes(const std::shared_ptr<Model>& cpu, const std::shared_ptr<Mod
     CHECK_EQ(sa.length(), sb.length());
     lc.rows_of(la, lb, rows, V, (std::string(what) + " " + step).c_str());
   };
-  both(a, b, ids(21), nullptr, true, "prefill");
-  both(a, b, ids(5), nullptr, false, "chain");
+  both(a, b, ids(60), nullptr, true, "prefill");
+  both(a, b, ids(10), nullptr, false, "chain past the first 64 slots");  // the cache grows, copying
   const int32_t parents[7] = {-1, 0, 0, 1, 1, 2, 5};
   const int base = a.length();
   both(a, b, ids(7), parents, false, "tree");
@@ -1991,8 +1982,8 @@ void compare_passes(const std::shared_ptr<Model>& cpu, const std::shared_ptr<Mod
   both(a, b, ids(3), nullptr, false, "after truncate");
   auto fa = a.fork();
   auto fb = b.fork();
-  both(*fa, *fb, ids(2), nullptr, false, "fork");
-  both(a, b, ids(2), nullptr, false, "original after fork");
+  both(*fa, *fb, ids(3), nullptr, false, "fork");
+  both(a, b, ids(2), nullptr, false, "original after fork");  // the batch below: parts of unequal lengths
   {
     const auto t0 = ids(3), t1 = ids(3);
     const int32_t p1[3] = {-1, 0, 0};
@@ -2008,15 +1999,21 @@ void compare_passes(const std::shared_ptr<Model>& cpu, const std::shared_ptr<Mod
     Sequence la_(cpu, 0, kv), lb_(dev, 0, kv);
     both(la_, lb_, ids(std::min(300, cpu->config().context - 1)), nullptr, true, "long prefill");
     both(la_, lb_, ids(1), nullptr, false, "decode after long prefill");
+    // A fork of a 512-slot cache at 70 tokens has 128 slots: copies between different pitches.
+    la_.truncate(70);
+    lb_.truncate(70);
+    auto ga = la_.fork();
+    auto gb = lb_.fork();
+    both(*ga, *gb, ids(4), nullptr, false, "fork of a longer cache");
   }
-  std::printf("  %s (kv %s): %d rows, worst max |d| / scale %.3g (tol %.3g), %d argmax checked\n", what, kv_type_name(kv),
-              lc.rows, lc.worst, tol, lc.argmax_checked);
+  std::printf("  %s (kv %s): %d rows, worst max |d| / scale %.3g (tol %.3g)\n", what, kv_type_name(kv), lc.rows,
+              lc.worst, tol);
   CHECK_EQ(lc.bad, 0);
 }
 
-std::string random_model_path(const char* name, gguf::TensorType type) {
+std::string random_model_path(const char* name, gguf::TensorType type, int dim = 128, int heads = 4, int kv_heads = 2) {
   ModelConfig c;
-  c.vocab = 512, c.dim = 128, c.n_layers = 2, c.n_heads = 4, c.n_kv_heads = 2, c.ffn_dim = 352, c.context = 1024;
+  c.vocab = 512, c.dim = dim, c.n_layers = 2, c.n_heads = heads, c.n_kv_heads = kv_heads, c.ffn_dim = 352, c.context = 1024;
   const std::string path = std::string("/tmp/osd-test-cuda-") + name + ".gguf";
   write_random_gguf(path, c, 7, type);
   return path;
@@ -2031,6 +2028,13 @@ OSD_TEST(model_pass_matches_cpu_random_models) {
   for (KvType kv : {KvType::F16, KvType::F32}) {
     compare_passes(Model::load(f32), Model::load(f32), kv, 2e-3, 1, "random F32");
   }
+  // Attention in chunks of rows (a limit far below the default).
+  cuda::set_model_pass_score_limit(4096);
+  compare_passes(Model::load(f32), Model::load(f32), KvType::F16, 2e-3, 6, "random F32, attention in chunks");
+  cuda::set_model_pass_score_limit(0);
+  // head_dim 96: the attention's thread groups do not divide its 256 threads evenly.
+  const std::string hd96 = random_model_path("hd96", TensorType::F32, 192, 2, 1);
+  compare_passes(Model::load(hd96), Model::load(hd96), KvType::F16, 2e-3, 7, "random F32, head_dim 96");
   const auto src = Model::load(f32);
   for (TensorType t : {TensorType::F16, TensorType::Q8_0, TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0}) {
     const double tol = t == TensorType::F16 ? 2e-3 : 3e-2;

@@ -21,6 +21,7 @@ Commands:
       --template FILE      with --chat: a Jinja chat template to use instead of the model's own
       --max-tokens N       default 128
       --temperature T      default 0 (greedy); --top-p P, --top-k K, --seed S
+      --device D           cpu (default) or cuda: run the models' passes on the GPU (the CUDA build)
   demo                 the main job: online speculative decoding on a stream whose domain shifts
       --target PATH --draft PATH   default: the embedded default pair (e.g. SmolLM2-135M and its draft:
                            --target SmolLM2-135M-Instruct.Q4_1.gguf --draft smollm2-draft.gguf)
@@ -48,6 +49,7 @@ Commands:
       --static             keep the draft fixed (default: it learns online from the traffic)
       --grace S            on SIGTERM / SIGINT, let requests in flight finish for up to S seconds
                            (default 30); a second signal stops at once
+      --device D           cpu (default) or cuda: run both models' passes on the GPU
 
 Options:
   --json         machine-readable output
@@ -71,9 +73,9 @@ async function main(argv: string[]): Promise<number> {
   const own: Record<string, string[]> = {
     version: [],
     backends: [],
-    generate: ['model', 'draft', 'chat', 'system', 'template', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed'],
+    generate: ['model', 'draft', 'chat', 'system', 'template', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed', 'device'],
     demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'lr', 'top-k', 'save-draft', 'out'],
-    serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'no-batching', 'model-id', 'static', 'grace'],
+    serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'no-batching', 'model-id', 'static', 'grace', 'device'],
     convert: ['type'],
     info: [],
   };
@@ -99,6 +101,8 @@ async function main(argv: string[]): Promise<number> {
       throw new UsageError(`--${name} must be an integer ${rangeText(min, max)}, got '${v}'`);
     return n;
   };
+  const device = values.device ?? 'cpu';
+  if (device !== 'cpu' && device !== 'cuda') throw new UsageError(`--device must be cpu or cuda, got '${values.device}'`);
   const osd = await import('./index.js');
   switch (command) {
     case 'version':
@@ -116,7 +120,7 @@ async function main(argv: string[]): Promise<number> {
     }
     case 'generate': {
       const { DEFAULT_TARGET } = await import('./demo.js');
-      const model = await osd.loadModel(values.model ?? DEFAULT_TARGET);
+      const model = await osd.loadModel(values.model ?? DEFAULT_TARGET, { device });
       try {
         const text = positionals.slice(1).join(' ');
         if (!text) throw new UsageError(`give a prompt: osd generate ${values.chat ? '--chat "What is the capital of France?"' : '"Once upon a time"'}`);
@@ -150,7 +154,7 @@ async function main(argv: string[]): Promise<number> {
         const ac = new AbortController();
         process.once('SIGINT', () => ac.abort());
         if (values.draft) {
-          const draft = await osd.loadModel(values.draft);
+          const draft = await osd.loadModel(values.draft, { device });
           const dec = osd.createSpeculativeDecoder({ target: model, draft, strategy: { kind: 'adaptive', maxLength: 8 } });
           if (values.json) {
             // The same fields as without --draft, plus the speculative stats.
@@ -351,8 +355,8 @@ async function main(argv: string[]): Promise<number> {
       const grace = num(values.grace, 'grace', 30);
       if (!(grace >= 0)) throw new UsageError('--grace must be a number of seconds >= 0');
       const maxConcurrent = int(values['max-concurrent'], 'max-concurrent', DEFAULT_MAX_CONCURRENT, 1, 1024);
-      const target = await osd.loadModel(targetPath);
-      const draft = await osd.loadModel(draftPath);
+      const target = await osd.loadModel(targetPath, { device });
+      const draft = await osd.loadModel(draftPath, { device });
       // The osd executable sized libuv's pool before it started (bin.cts). Run otherwise (node
       // dist/cli.js, a UV_THREADPOOL_SIZE of the caller's), a pool too small to batch every
       // generation gets the decoder's OSD_THREADPOOL warning.

@@ -33,4 +33,5 @@ export const CLI_OPTIONS = {
   'no-batching': { type: 'boolean' },
   grace: { type: 'string' },
   type: { type: 'string' },
+  device: { type: 'string' },
 } as const;

@@ -139,6 +139,16 @@ describe('package', () => {
     expect(cli('generate', '--model', '/nonexistent.gguf', 'hi').status).toBe(1);
     expect(cli('serve', '--max-concurrent', '0').stderr).toContain("--max-concurrent must be an integer in [1, 1024], got '0'");
     expect(cli('generate', '--chat', '--template', '/nonexistent.jinja', 'hi').stderr).toContain('--template: cannot read /nonexistent.jinja');
+    const dev = cli('generate', '--device', 'gpu', 'hi');
+    expect(dev.status).toBe(2);
+    expect(dev.stderr).toContain("--device must be cpu or cuda, got 'gpu'");
+    expect(cli('info', '--device', 'cuda').stderr).toContain("--device is not an option of 'info'");
+    // Where CUDA cannot run, --device cuda fails (exit 1) saying why.
+    if (!osd.backends().find((b) => b.name === 'cuda')?.usable) {
+      const c = cli('generate', '--device', 'cuda', '--max-tokens', '2', 'hi');
+      expect(c.status).toBe(1);
+      expect(c.stderr).toMatch(/device 'cuda' (needs the CUDA build|is not usable here)/);
+    }
   });
 
   it('osd generate stops quietly when its reader goes away (osd generate ... | head)', async () => {

@@ -2043,6 +2043,54 @@ OSD_TEST(model_pass_matches_cpu_random_models) {
   }
 }
 
+// Greedy speculative decoding on the device is token-identical to target-only decoding there only
+// if a token's logits do not depend on the batch it shares: a chain's rows and a tree's nodes must
+// give the bits of decoding the same path one token at a time.
+OSD_TEST(model_pass_is_batch_invariant) {
+  gpu();
+  using gguf::TensorType;
+  const std::string f32 = random_model_path("invariance", TensorType::F32);
+  const auto src = Model::load(f32);
+  int bad = 0, checked = 0;
+  for (TensorType t : {TensorType::F32, TensorType::F16, TensorType::Q4_1}) {
+    for (KvType kv : {KvType::F16, KvType::F32}) {
+      auto m = t == TensorType::F32 ? Model::load(f32) : convert_model(*src, t);
+      std::string why;
+      auto pass = cuda_model_pass(*m, &why);
+      if (!pass) throw Skip{why};
+      m->set_device_pass(pass);
+      const int V = m->config().vocab;
+      const std::vector<int32_t> prompt = {3, 141, 59, 26, 5, 358, 97, 93, 238, 46, 264, 338, 327, 95, 28, 84, 197, 169, 399, 375};
+      const std::vector<int32_t> chain = {7, 300, 12, 451, 60};
+      Sequence a(m, 0, kv), b(m, 0, kv);
+      std::vector<float> scratch(static_cast<size_t>(V)), rows(chain.size() * V), one(static_cast<size_t>(V));
+      a.evaluate(prompt.data(), int32_t(prompt.size()), nullptr, scratch.data(), true);
+      b.evaluate(prompt.data(), int32_t(prompt.size()), nullptr, scratch.data(), true);
+      a.evaluate(chain.data(), int32_t(chain.size()), nullptr, rows.data());
+      for (size_t i = 0; i < chain.size(); ++i) {
+        b.evaluate(&chain[i], 1, nullptr, one.data());
+        bad += std::memcmp(one.data(), &rows[i * V], V * sizeof(float)) != 0;
+        ++checked;
+      }
+      // A tree over the prompt: node 4's path is 0 -> 1 -> 4, decoded one by one in c.
+      const std::vector<int32_t> nodes = {7, 300, 301, 302, 12};
+      const int32_t parents[5] = {-1, 0, 0, 0, 1};
+      Sequence tr(m, 0, kv), c(m, 0, kv);
+      tr.evaluate(prompt.data(), int32_t(prompt.size()), nullptr, scratch.data(), true);
+      c.evaluate(prompt.data(), int32_t(prompt.size()), nullptr, scratch.data(), true);
+      std::vector<float> tree(nodes.size() * V);
+      tr.evaluate(nodes.data(), int32_t(nodes.size()), parents, tree.data());
+      for (int node : {0, 1, 4}) {
+        c.evaluate(&nodes[node], 1, nullptr, one.data());
+        bad += std::memcmp(one.data(), &tree[size_t(node) * V], V * sizeof(float)) != 0;
+        ++checked;
+      }
+    }
+  }
+  std::printf("  %d rows checked, %d differ in bits from one-token decoding\n", checked, bad);
+  CHECK_EQ(bad, 0);
+}
+
 // qwen2's Q, K and V biases and qwen3's per-head query and key norms, set on a llama model's layers.
 OSD_TEST(model_pass_matches_cpu_biases_and_head_norms) {
   gpu();

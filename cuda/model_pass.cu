@@ -1,6 +1,9 @@
-// The model pass on the GPU (see model_pass.h): the CPU engine's Sequence::evaluate_parts, kernel
-// for kernel. Simple kernels first (a warp per output row, a block per attention head); each is
-// checked against the CPU engine by test_cuda, and timed by bench_cuda.
+// The model pass on the GPU (see model_pass.h): the CPU engine's Sequence::evaluate_parts on the
+// device. Simple kernels (a warp per output row, a block per attention head), fused where that saves
+// a launch without changing a value: a norm writes the 8-bit activations of the products it feeds,
+// Q, K and V are one launch with their biases, gate and up one with SwiGLU, the output projections
+// add into the residual, and RoPE writes the cache. A layer is 8 launches with float weights, 10 with
+// int8 ones. test_cuda checks them against the CPU engine; bench_model_pass times them.
 #include <cuda_fp16.h>
 
 #include <algorithm>
@@ -73,8 +76,51 @@ __global__ void embed_kernel(DevMatrix m, const int32_t* tokens, float* x) {
   for (int64_t j = threadIdx.x; j < m.cols; j += blockDim.x) x[i * m.cols + j] = element(m, tokens[i], j);
 }
 
-// rmsnorm (tensor_ops.cpp) of row src[i] (or i) of x into row i of y: sum of squares in double.
-__global__ void rmsnorm_kernel(const float* x, const int32_t* src, const float* w, int64_t dim, float eps, float* y) {
+__global__ void swiglu_kernel(const float* g, float* h, int64_t total) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k < total) {
+    const float v = g[k];
+    h[k] = __fmul_rn(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), h[k]);
+  }
+}
+
+// ---- Matrix products ----
+
+constexpr int kRowsPerBlock = 4;  // a warp per output row
+constexpr int kTokenTile = 4;     // tokens per warp pass over a row
+
+// One 32-value block of activations as the CPU's quantize_acts_q8, lane j holding value j: d =
+// amax / 127, q = round-even(x * 127 / amax), s = d * sum q; a non-finite block gives q = 0 and
+// d = s = NaN. The whole warp calls it.
+__device__ __forceinline__ void quantize_block(float v, int lane, int8_t* q, float* d, float* s) {
+  const float a = fabsf(v);
+  float amax = a;
+  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (!__all_sync(0xffffffffu, a <= 3.4028234663852886e38f)) {
+    q[lane] = 0;
+    if (lane == 0) *d = *s = NAN;
+    return;
+  }
+  const float df = __fdiv_rn(amax, 127.0f), id = amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
+  const int qi = static_cast<int>(rintf(__fmul_rn(v, id)));
+  q[lane] = static_cast<int8_t>(qi);
+  int sum = qi;
+  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) *d = df, *s = __fmul_rn(df, static_cast<float>(sum));
+}
+
+// x (rows of `cols` values, cols a multiple of 32) as 8-bit activations: a warp per block.
+__global__ void quantize_q8_kernel(const float* x, int64_t blocks, int8_t* q, float* d, float* s) {
+  const int64_t b = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (b >= blocks) return;
+  quantize_block(x[b * 32 + lane], lane, q + b * 32, d + b, s + b);
+}
+
+// rmsnorm (tensor_ops.cpp) of row src[i] (or i) of x into row i of y, sum of squares in double; with
+// q, also row i's 8-bit activations (the input of an int8 product), saving a launch.
+__global__ void rmsnorm_kernel(const float* x, const int32_t* src, const float* w, int64_t dim, float eps, float* y,
+                               int8_t* q = nullptr, float* qd = nullptr, float* qs = nullptr) {
   __shared__ double part[256];
   const int64_t i = blockIdx.x, from = src ? src[i] : i;
   const float* xr = x + from * dim;
@@ -87,70 +133,13 @@ __global__ void rmsnorm_kernel(const float* x, const int32_t* src, const float* 
     __syncthreads();
   }
   const float scale = static_cast<float>(1.0 / sqrt(part[0] / dim + eps));
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) y[i * dim + j] = __fmul_rn(w[j], __fmul_rn(scale, xr[j]));
-}
-
-__global__ void add_bias_kernel(float* y, const float* b, int64_t dim, int64_t total) {
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k < total) y[k] = __fadd_rn(y[k], b[k % dim]);
-}
-
-__global__ void add_kernel(float* x, const float* t, int64_t total) {
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k < total) x[k] = __fadd_rn(x[k], t[k]);
-}
-
-__global__ void swiglu_kernel(const float* g, float* h, int64_t total) {
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k < total) {
-    const float v = g[k];
-    h[k] = __fmul_rn(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), h[k]);
-  }
-}
-
-// Rotates every head of token blockIdx.x (heads vectors of head_dim at v + token * heads * head_dim)
-// by the token's angles, as Sequence::evaluate_parts's rotate().
-__global__ void rope_kernel(float* v, int heads, int head_dim, const float* cs, const float* sn, bool neox) {
-  const int half = head_dim / 2;
-  const int64_t i = blockIdx.x;
-  for (int k = threadIdx.x; k < heads * half; k += blockDim.x) {
-    const int hh = k / half, p = k % half;
-    float* h = v + (i * heads + hh) * head_dim;
-    const int a = neox ? p : 2 * p, b = neox ? p + half : 2 * p + 1;
-    const float c = cs[i * half + p], s = sn[i * half + p], x0 = h[a], x1 = h[b];
-    h[a] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
-    h[b] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
-  }
-}
-
-// ---- Matrix products ----
-
-constexpr int kRowsPerBlock = 4;  // a warp per output row
-constexpr int kTokenTile = 4;     // tokens per warp pass over a row
-
-// Activations as the CPU's quantize_acts_q8: per 32 values d = amax / 127, q = round-even(x * 127 /
-// amax), s = d * sum q; a non-finite block gives q = 0, d = s = NaN. A warp per block.
-__global__ void quantize_q8_kernel(const float* x, int64_t blocks, int8_t* q, float* d, float* s) {
-  const int64_t b = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (b >= blocks) return;
-  const float v = x[b * 32 + lane], a = fabsf(v);
-  float amax = a;
-  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if (!__all_sync(0xffffffffu, a <= 3.4028234663852886e38f)) {
-    q[b * 32 + lane] = 0;
-    if (lane == 0) d[b] = s[b] = NAN;
-    return;
-  }
-  const float df = __fdiv_rn(amax, 127.0f), id = amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
-  const int qi = static_cast<int>(rintf(__fmul_rn(v, id)));
-  q[b * 32 + lane] = static_cast<int8_t>(qi);
-  int sum = qi;
-  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) {
-    d[b] = df;
-    s[b] = __fmul_rn(df, static_cast<float>(sum));
-  }
+  float* yr = y + i * dim;
+  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) yr[j] = __fmul_rn(w[j], __fmul_rn(scale, xr[j]));
+  if (!q) return;
+  __syncthreads();  // the row written above is read back by other warps of this block
+  const int lane = threadIdx.x % 32, nb = static_cast<int>(dim / 32);
+  for (int b = threadIdx.x / 32; b < nb; b += blockDim.x / 32)
+    quantize_block(yr[b * 32 + lane], lane, q + i * dim + b * 32, qd + i * nb + b, qs + i * nb + b);
 }
 
 // A 32-value block's integer weights as eight words of four int8s (element order), its scale and
@@ -180,19 +169,21 @@ __device__ __forceinline__ void load_block(const uint8_t* row, int64_t b, int32_
   }
 }
 
-// y[t][r] for the 32-value formats, with the CPU's operations per output (quant_matmul.cpp): the
-// block terms (d_w * d_x) * isum (+ m_w * s_x) added to 0 in block order. Lane l forms the terms of
-// blocks l, l + 32, ...; the sums then run in order through shuffles.
+// The 8-bit activations of a product's input (null for float weights).
+struct QActs {
+  const int8_t* q = nullptr;
+  const float *d = nullptr, *s = nullptr;
+};
+
+// Row r of a 32-value-format matrix times tokens t0 .. t0 + nt - 1, with the CPU's operations per
+// output (quant_matmul.cpp): the block terms (d_w * d_x) * isum (+ m_w * s_x) added to 0 in block
+// order. Lane l forms the terms of blocks l, l + 32, ...; the sums then run in order through
+// shuffles. Every lane ends with the sums.
 template <TensorType T>
-__global__ void matmul_q32_kernel(DevMatrix w, const int8_t* xq, const float* xd, const float* xs, int64_t n, float* y) {
-  const int64_t r = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (r >= w.rows) return;  // the whole warp
-  const int64_t t0 = blockIdx.y * int64_t(kTokenTile);
-  const int nt = static_cast<int>(min(int64_t(kTokenTile), n - t0));
+__device__ __forceinline__ void dot_q32(const DevMatrix& w, int64_t r, const QActs& x, int64_t t0, int nt, int lane,
+                                        float (&acc)[kTokenTile]) {
   const int64_t nb = w.cols / 32;
   const uint8_t* row = w.data + r * w.row_bytes;
-  float acc[kTokenTile];
 #pragma unroll
   for (int t = 0; t < kTokenTile; ++t) acc[t] = 0.0f;
   for (int64_t b0 = 0; b0 < nb; b0 += 32) {
@@ -208,37 +199,54 @@ __global__ void matmul_q32_kernel(DevMatrix w, const int8_t* xq, const float* xd
       for (int t = 0; t < kTokenTile; ++t) {
         if (t >= nt) break;
         const int64_t tok = t0 + t;
-        const int32_t* xi = reinterpret_cast<const int32_t*>(xq + tok * w.cols + b * 32);
+        const int32_t* xi = reinterpret_cast<const int32_t*>(x.q + tok * w.cols + b * 32);
         int isum = 0;
 #pragma unroll
         for (int k = 0; k < 8; ++k) isum = __dp4a(wq[k], xi[k], isum);
-        float v = __fmul_rn(__fmul_rn(dw, xd[tok * nb + b]), static_cast<float>(isum));
-        if constexpr (T == TensorType::Q4_1) v = __fadd_rn(v, __fmul_rn(mw, xs[tok * nb + b]));
+        float v = __fmul_rn(__fmul_rn(dw, x.d[tok * nb + b]), static_cast<float>(isum));
+        if constexpr (T == TensorType::Q4_1) v = __fadd_rn(v, __fmul_rn(mw, x.s[tok * nb + b]));
         term[t] = v;
       }
     }
     const int m = static_cast<int>(min(int64_t(32), nb - b0));
-    for (int j = 0; j < m; ++j)
 #pragma unroll
-      for (int t = 0; t < kTokenTile; ++t) acc[t] = __fadd_rn(acc[t], __shfl_sync(0xffffffffu, term[t], j));
+    for (int t = 0; t < kTokenTile; ++t) {
+      if (t >= nt) break;  // warp-uniform
+      for (int j = 0; j < m; ++j) acc[t] = __fadd_rn(acc[t], __shfl_sync(0xffffffffu, term[t], j));
+    }
   }
-  if (lane == 0)
-    for (int t = 0; t < nt; ++t) y[(t0 + t) * w.rows + r] = acc[t];
 }
 
-// y[t][r] for F32 and F16 weights: lane l takes elements l, l + 32, ...; a tree of shuffles sums.
+// Row r of an F32 or F16 matrix times tokens t0 .. t0 + nt - 1: lane l takes the 4-value groups l,
+// l + 32, ... (a tail of cols % 4 values one by one), then a tree of shuffles sums. The order
+// depends on neither nt nor t0, so a token's result is the same in any batch. Every lane ends with
+// the sums.
 template <TensorType T>
-__global__ void matmul_float_kernel(DevMatrix w, const float* x, int64_t n, float* y) {
-  const int64_t r = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (r >= w.rows) return;
-  const int64_t t0 = blockIdx.y * int64_t(kTokenTile);
-  const int nt = static_cast<int>(min(int64_t(kTokenTile), n - t0));
+__device__ __forceinline__ void dot_float(const DevMatrix& w, int64_t r, const float* x, int64_t t0, int nt, int lane,
+                                          float (&acc)[kTokenTile]) {
   const uint8_t* row = w.data + r * w.row_bytes;
-  float acc[kTokenTile];
 #pragma unroll
   for (int t = 0; t < kTokenTile; ++t) acc[t] = 0.0f;
-  for (int64_t j = lane; j < w.cols; j += 32) {
+  // 4-value loads need 8- (F16) or 16-byte (F32) aligned rows: cols % 4 == 0 (allocations are 256-aligned).
+  const int64_t groups = w.cols % 4 == 0 ? w.cols / 4 : 0;
+  for (int64_t gi = lane; gi < groups; gi += 32) {
+    float wv[4];
+    if constexpr (T == TensorType::F16) {
+      const uint2 u = reinterpret_cast<const uint2*>(row)[gi];
+      const __half2 lo = *reinterpret_cast<const __half2*>(&u.x), hi = *reinterpret_cast<const __half2*>(&u.y);
+      wv[0] = __low2float(lo), wv[1] = __high2float(lo), wv[2] = __low2float(hi), wv[3] = __high2float(hi);
+    } else {
+      const float4 f = reinterpret_cast<const float4*>(row)[gi];
+      wv[0] = f.x, wv[1] = f.y, wv[2] = f.z, wv[3] = f.w;
+    }
+#pragma unroll
+    for (int t = 0; t < kTokenTile; ++t) {
+      if (t >= nt) break;
+      const float4 xv = reinterpret_cast<const float4*>(x + (t0 + t) * w.cols)[gi];
+      acc[t] = fmaf(wv[0], xv.x, fmaf(wv[1], xv.y, fmaf(wv[2], xv.z, fmaf(wv[3], xv.w, acc[t]))));
+    }
+  }
+  for (int64_t j = groups * 4 + lane; j < w.cols; j += 32) {
     const float wv = T == TensorType::F16 ? half_bits(load_u16(row + 2 * j)) : reinterpret_cast<const float*>(row)[j];
 #pragma unroll
     for (int t = 0; t < kTokenTile; ++t)
@@ -247,8 +255,52 @@ __global__ void matmul_float_kernel(DevMatrix w, const float* x, int64_t n, floa
 #pragma unroll
   for (int t = 0; t < kTokenTile; ++t)
     for (int o = 16; o > 0; o /= 2) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
-  if (lane == 0)
-    for (int t = 0; t < nt; ++t) y[(t0 + t) * w.rows + r] = acc[t];
+}
+
+// One launch of products over the same input: up to three matrices of the same type and width
+// (Q, K and V), their rows numbered one after another; or SwiGLU (gate and up, row r of each, giving
+// silu(gate) * up as the CPU's swiglu does); each output optionally plus a bias, or added into y
+// (the residual: x += W h).
+struct Job {
+  DevMatrix w[3];
+  float* y[3] = {nullptr, nullptr, nullptr};
+  const float* bias[3] = {nullptr, nullptr, nullptr};
+  int64_t first[4] = {0, 0, 0, 0};  // first[m]: the first row of matrix m; first[count]: all rows
+  int count = 1;
+  bool accumulate = false;  // y += W x
+  bool swiglu = false;      // y[0] = silu(w[0] x) * (w[1] x); count 1, rows of w[0]
+};
+
+template <TensorType T>
+__global__ void matmul_kernel(Job job, const float* x, QActs qa, int64_t n) {
+  const int64_t R = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (R >= job.first[job.count]) return;  // the whole warp
+  int m = 0;
+  while (m + 1 < job.count && R >= job.first[m + 1]) ++m;
+  const int64_t r = R - job.first[m];
+  const int64_t t0 = blockIdx.y * int64_t(kTokenTile);
+  const int nt = static_cast<int>(min(int64_t(kTokenTile), n - t0));
+  const DevMatrix& w = job.w[m];
+  float acc[kTokenTile], up[kTokenTile];
+  constexpr bool kInt8 = T == TensorType::Q8_0 || T == TensorType::Q4_0 || T == TensorType::Q4_1;
+  if constexpr (kInt8) dot_q32<T>(w, r, qa, t0, nt, lane, acc);
+  else dot_float<T>(w, r, x, t0, nt, lane, acc);
+  if (job.swiglu) {
+    if constexpr (kInt8) dot_q32<T>(job.w[1], r, qa, t0, nt, lane, up);
+    else dot_float<T>(job.w[1], r, x, t0, nt, lane, up);
+  }
+  if (lane != 0) return;
+  const int64_t rows = w.rows;
+  float* y = job.y[m];
+  for (int t = 0; t < nt; ++t) {
+    float v = acc[t];
+    const int64_t at = (t0 + t) * rows + r;
+    if (job.swiglu) v = __fmul_rn(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), up[t]);
+    if (job.bias[m]) v = __fadd_rn(v, job.bias[m][r]);
+    if (job.accumulate) v = __fadd_rn(y[at], v);
+    y[at] = v;
+  }
 }
 
 // Scratch of the int8 activations.
@@ -256,41 +308,89 @@ struct Acts {
   DeviceBuffer q, d, s;
 };
 
-// Y = W X. The int8 formats quantise X first, into `acts` (reserved by the caller for n x cols).
-void matmul(const DevMatrix& w, const float* x, int64_t n, float* y, Acts& acts, cudaStream_t stream) {
-  const int64_t blocks = n * (w.cols / 32);
-  int8_t* q = nullptr;
-  float *d = nullptr, *s = nullptr;
-  if (int8_type(w.type)) {
-    q = acts.q.as<int8_t>(n * w.cols);
-    d = acts.d.as<float>(blocks);
-    s = acts.s.as<float>(blocks);
-    quantize_q8_kernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0, stream>>>(x, blocks, q, d, s);
-    OSD_CUDA_CHECK_LAUNCH();
-  }
+// x's 8-bit activations in `acts` (reserved by the caller for n x cols), for int8 weights.
+QActs quantize(const float* x, int64_t n, int64_t cols, Acts& acts, cudaStream_t stream) {
+  const int64_t blocks = n * (cols / 32);
+  QActs a{acts.q.as<int8_t>(n * cols), acts.d.as<float>(blocks), acts.s.as<float>(blocks)};
+  quantize_q8_kernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0, stream>>>(x, blocks, const_cast<int8_t*>(a.q),
+                                                                                  const_cast<float*>(a.d), const_cast<float*>(a.s));
+  OSD_CUDA_CHECK_LAUNCH();
+  return a;
+}
+
+// Runs a job over n tokens of x (and qa, its activations, for int8 weights).
+void launch(const Job& job, const float* x, const QActs& qa, int64_t n, cudaStream_t stream) {
   const int threads = 32 * kRowsPerBlock;
   const int64_t max_tokens = int64_t(65535) * kTokenTile;  // grid.y's limit
+  const int64_t cols = job.w[0].cols, nb = cols / 32;
   for (int64_t t0 = 0; t0 < n; t0 += max_tokens) {
     const int64_t nt = std::min(max_tokens, n - t0);
-    const dim3 grid(static_cast<unsigned>((w.rows + kRowsPerBlock - 1) / kRowsPerBlock),
+    Job j = job;
+    for (int m = 0; m < 3; ++m)
+      if (j.y[m]) j.y[m] += t0 * j.w[m].rows;
+    const QActs qt = qa.q ? QActs{qa.q + t0 * cols, qa.d + t0 * nb, qa.s + t0 * nb} : QActs{};
+    const float* xt = x ? x + t0 * cols : nullptr;
+    const dim3 grid(static_cast<unsigned>((job.first[job.count] + kRowsPerBlock - 1) / kRowsPerBlock),
                     static_cast<unsigned>((nt + kTokenTile - 1) / kTokenTile));
-    const int64_t nb = w.cols / 32;
-    float* yt = y + t0 * w.rows;
-    switch (w.type) {
-      case TensorType::Q8_0:
-        matmul_q32_kernel<TensorType::Q8_0><<<grid, threads, 0, stream>>>(w, q + t0 * w.cols, d + t0 * nb, s + t0 * nb, nt, yt);
-        break;
-      case TensorType::Q4_0:
-        matmul_q32_kernel<TensorType::Q4_0><<<grid, threads, 0, stream>>>(w, q + t0 * w.cols, d + t0 * nb, s + t0 * nb, nt, yt);
-        break;
-      case TensorType::Q4_1:
-        matmul_q32_kernel<TensorType::Q4_1><<<grid, threads, 0, stream>>>(w, q + t0 * w.cols, d + t0 * nb, s + t0 * nb, nt, yt);
-        break;
-      case TensorType::F16: matmul_float_kernel<TensorType::F16><<<grid, threads, 0, stream>>>(w, x + t0 * w.cols, nt, yt); break;
-      default: matmul_float_kernel<TensorType::F32><<<grid, threads, 0, stream>>>(w, x + t0 * w.cols, nt, yt); break;
+    switch (job.w[0].type) {
+      case TensorType::Q8_0: matmul_kernel<TensorType::Q8_0><<<grid, threads, 0, stream>>>(j, xt, qt, nt); break;
+      case TensorType::Q4_0: matmul_kernel<TensorType::Q4_0><<<grid, threads, 0, stream>>>(j, xt, qt, nt); break;
+      case TensorType::Q4_1: matmul_kernel<TensorType::Q4_1><<<grid, threads, 0, stream>>>(j, xt, qt, nt); break;
+      case TensorType::F16: matmul_kernel<TensorType::F16><<<grid, threads, 0, stream>>>(j, xt, qt, nt); break;
+      default: matmul_kernel<TensorType::F32><<<grid, threads, 0, stream>>>(j, xt, qt, nt); break;
     }
     OSD_CUDA_CHECK_LAUNCH();
   }
+}
+
+// Y = W X (+ bias) for one matrix; `qa` when the caller has quantised X already.
+void matmul(const DevMatrix& w, const float* x, int64_t n, float* y, Acts& acts, cudaStream_t stream,
+            const float* bias = nullptr, bool accumulate = false, const QActs* qa = nullptr) {
+  Job job;
+  job.w[0] = w, job.y[0] = y, job.bias[0] = bias, job.first[1] = w.rows, job.accumulate = accumulate;
+  const QActs a = int8_type(w.type) ? (qa ? *qa : quantize(x, n, w.cols, acts, stream)) : QActs{};
+  launch(job, x, a, n, stream);
+}
+
+// Several products of the same input: one launch when the matrices share a type (Q, K and V), else
+// one each; the activations are quantised once either way.
+void matmul_many(const DevMatrix* const* ws, float* const* ys, const float* const* biases, int count, const float* x,
+                 int64_t n, Acts& acts, cudaStream_t stream, const QActs* given = nullptr) {
+  bool same = true;
+  for (int m = 1; m < count; ++m) same = same && ws[m]->type == ws[0]->type;
+  bool any_int8 = false;
+  for (int m = 0; m < count; ++m) any_int8 = any_int8 || int8_type(ws[m]->type);
+  const QActs qa = any_int8 ? (given ? *given : quantize(x, n, ws[0]->cols, acts, stream)) : QActs{};
+  if (!same) {
+    for (int m = 0; m < count; ++m) matmul(*ws[m], x, n, ys[m], acts, stream, biases[m], false, &qa);
+    return;
+  }
+  Job job;
+  job.count = count;
+  for (int m = 0; m < count; ++m) {
+    job.w[m] = *ws[m], job.y[m] = ys[m], job.bias[m] = biases[m];
+    job.first[m + 1] = job.first[m] + ws[m]->rows;
+  }
+  launch(job, x, qa, n, stream);
+}
+
+// h = silu(W_gate x) * (W_up x): one launch when both share a type (else two products into scratch
+// and h, then swiglu_kernel).
+void matmul_swiglu(const DevMatrix& gate, const DevMatrix& up, const float* x, int64_t n, float* h, float* scratch,
+                   Acts& acts, cudaStream_t stream, const QActs* given) {
+  const bool i8 = int8_type(gate.type) || int8_type(up.type);
+  const QActs qa = i8 ? (given ? *given : quantize(x, n, gate.cols, acts, stream)) : QActs{};
+  if (gate.type != up.type) {
+    matmul(gate, x, n, scratch, acts, stream, nullptr, false, &qa);
+    matmul(up, x, n, h, acts, stream, nullptr, false, &qa);
+    const int64_t total = n * gate.rows;
+    swiglu_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(scratch, h, total);
+    OSD_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  Job job;
+  job.w[0] = gate, job.w[1] = up, job.y[0] = h, job.first[1] = gate.rows, job.swiglu = true;
+  launch(job, x, qa, n, stream);
 }
 
 // Scratch for the int8 activations of n rows of up to `cols` values, reserved before a pass so that
@@ -341,26 +441,54 @@ __device__ __forceinline__ const uint8_t* plane_of(const PartInfo& p, int layer,
   return p.cache + ((size_t(layer) * 2 + which) * kv_heads + kh) * size_t(p.alloc) * head_dim * e;
 }
 
-// Stores row i's keys and values (kv_dim floats each) at its slot, rounded to half as the CPU's
-// kv_half does (clamped to +-65504; NaN stays NaN).
-__global__ void kv_store_kernel(const float* k, const float* v, const RowInfo* rows, const PartInfo* parts, int layer,
-                                int kv_heads, int head_dim) {
+__device__ __forceinline__ void kv_put(uint8_t* plane, bool f16, size_t at, float val) {
+  if (f16) {  // as the CPU's kv_half: clamped to +-65504, NaN stays NaN
+    const float c = val > 65504.0f ? 65504.0f : val < -65504.0f ? -65504.0f : val;
+    reinterpret_cast<uint16_t*>(plane)[at] = __half_as_ushort(__float2half_rn(c));
+  } else {
+    reinterpret_cast<float*>(plane)[at] = val;
+  }
+}
+
+// Token i's RoPE and cache store, as the CPU's rotate() and store: its query heads rotated in place,
+// its key heads rotated and stored at its slot, its value heads stored.
+__global__ void rope_store_kernel(float* q, const float* k, const float* v, const RowInfo* rows, const PartInfo* parts,
+                                  int layer, int heads, int kv_heads, int head_dim, const float* cs, const float* sn,
+                                  bool neox) {
   const int64_t i = blockIdx.x;
+  const int half = head_dim / 2, kvd = kv_heads * head_dim;
+  const float* c = cs + i * half;
+  const float* sg = sn + i * half;
+  auto pair = [&](int p, int& a, int& b) { a = neox ? p : 2 * p, b = neox ? p + half : 2 * p + 1; };
+  for (int e = threadIdx.x; e < heads * half; e += blockDim.x) {
+    const int p = e % half;
+    int a, b;
+    pair(p, a, b);
+    float* h = q + (i * heads + e / half) * head_dim;
+    const float x0 = h[a], x1 = h[b];
+    h[a] = __fsub_rn(__fmul_rn(x0, c[p]), __fmul_rn(x1, sg[p]));
+    h[b] = __fadd_rn(__fmul_rn(x0, sg[p]), __fmul_rn(x1, c[p]));
+  }
   const RowInfo ri = rows[i];
   const PartInfo pi = parts[ri.part];
-  const int kvd = kv_heads * head_dim;
-  for (int e = threadIdx.x; e < 2 * kvd; e += blockDim.x) {
-    const int which = e / kvd, j = e % kvd, h = j / head_dim, d = j % head_dim;
-    const float val = (which ? v : k)[i * kvd + j];
-    uint8_t* plane = const_cast<uint8_t*>(plane_of(pi, layer, which, kv_heads, h, head_dim));
-    const size_t at = size_t(ri.slot) * head_dim + d;
-    if (pi.f16) {
-      const float c = val > 65504.0f ? 65504.0f : val < -65504.0f ? -65504.0f : val;
-      reinterpret_cast<uint16_t*>(plane)[at] = __half_as_ushort(__float2half_rn(c));
-    } else {
-      reinterpret_cast<float*>(plane)[at] = val;
-    }
+  const size_t slot = size_t(ri.slot) * head_dim;
+  for (int e = threadIdx.x; e < kv_heads * half; e += blockDim.x) {
+    const int hh = e / half, p = e % half;
+    int a, b;
+    pair(p, a, b);
+    const float* h = k + i * kvd + hh * head_dim;
+    const float x0 = h[a], x1 = h[b];
+    uint8_t* plane = const_cast<uint8_t*>(plane_of(pi, layer, 0, kv_heads, hh, head_dim));
+    kv_put(plane, pi.f16, slot + a, __fsub_rn(__fmul_rn(x0, c[p]), __fmul_rn(x1, sg[p])));
+    kv_put(plane, pi.f16, slot + b, __fadd_rn(__fmul_rn(x0, sg[p]), __fmul_rn(x1, c[p])));
   }
+  if (head_dim % 2)  // the last value of an odd head is not rotated
+    for (int hh = threadIdx.x; hh < kv_heads; hh += blockDim.x)
+      kv_put(const_cast<uint8_t*>(plane_of(pi, layer, 0, kv_heads, hh, head_dim)), pi.f16, slot + head_dim - 1,
+             k[i * kvd + hh * head_dim + head_dim - 1]);
+  for (int e = threadIdx.x; e < kvd; e += blockDim.x)
+    kv_put(const_cast<uint8_t*>(plane_of(pi, layer, 1, kv_heads, e / head_dim, head_dim)), pi.f16, slot + e % head_dim,
+           v[i * kvd + e]);
 }
 
 constexpr int kAttnThreads = 256;
@@ -430,8 +558,6 @@ __global__ void attention_kernel(const float* q, const RowInfo* rows, const Part
     out[i * qd + int64_t(hh) * head_dim + d] = acc * inv;
   }
 }
-
-unsigned blocks_for(int64_t total, int threads) { return static_cast<unsigned>((total + threads - 1) / threads); }
 
 // ---- The pass ----
 
@@ -531,7 +657,7 @@ class CudaPass final : public DevicePass {
   DevMatrix embd_, output_;
   const float* output_norm_ = nullptr;
   std::vector<DevLayer> layers_;
-  DeviceBuffer tokens_, x_, xb_, q_, k_, v_, att_, g_, h_, tmp_, cs_, sn_, rows_, parts_, vis_, sel_, scores_, logits_;
+  DeviceBuffer tokens_, x_, xb_, q_, k_, v_, att_, g_, h_, cs_, sn_, rows_, parts_, vis_, sel_, scores_, logits_;
   Acts acts_;
 };
 
@@ -615,8 +741,10 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
   const int32_t* d_vis = put(vis_, vis);
   const int32_t* d_sel = put(sel_, sel);
   float *x = x_.as<float>(n * D), *xb = xb_.as<float>(n * D), *q = q_.as<float>(n * QD), *kk = k_.as<float>(n * KVD),
-        *vv = v_.as<float>(n * KVD), *att = att_.as<float>(n * QD), *g = g_.as<float>(n * F), *h = h_.as<float>(n * F),
-        *tmp = tmp_.as<float>(n * std::max(D, F));
+        *vv = v_.as<float>(n * KVD), *att = att_.as<float>(n * QD), *h = h_.as<float>(n * F);
+  float* g = nullptr;  // gate products, only when gate and up differ in type
+  for (const DevLayer& w : layers_)
+    if (w.w_gate.type != w.w_up.type) g = g_.as<float>(n * F);
   // Attention runs over chunks of rows whose scores fit in 64 MiB (a long prefill's would not).
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, g_score_limit / (int64_t(c.n_heads) * max_slots)));
   reserve_acts(acts_, n, std::max({D, QD, F}));
@@ -626,30 +754,33 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
 
   embed_kernel<<<n, T, 0, s>>>(embd_, d_tokens, x);
   OSD_CUDA_CHECK_LAUNCH();
+  // A norm whose output feeds int8 products also writes its 8-bit activations (no extra launch).
+  auto norm = [&](const float* in, const int32_t* src, const float* weight, int64_t rows, bool int8, float* out) {
+    QActs qa;
+    if (int8) qa = {acts_.q.as<int8_t>(rows * D), acts_.d.as<float>(rows * (D / 32)), acts_.s.as<float>(rows * (D / 32))};
+    rmsnorm_kernel<<<static_cast<unsigned>(rows), T, 0, s>>>(in, src, weight, D, c.rms_eps, out, const_cast<int8_t*>(qa.q),
+                                                             const_cast<float*>(qa.d), const_cast<float*>(qa.s));
+    OSD_CUDA_CHECK_LAUNCH();
+    return qa;
+  };
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const DevLayer& w = layers_[l];
-    rmsnorm_kernel<<<n, T, 0, s>>>(x, nullptr, w.attn_norm, D, c.rms_eps, xb);
-    OSD_CUDA_CHECK_LAUNCH();
-    matmul(w.wq, xb, n, q, acts_, s);
-    matmul(w.wk, xb, n, kk, acts_, s);
-    matmul(w.wv, xb, n, vv, acts_, s);
-    if (w.bq) {
-      add_bias_kernel<<<blocks_for(n * QD, T), T, 0, s>>>(q, w.bq, QD, n * QD);
-      add_bias_kernel<<<blocks_for(n * KVD, T), T, 0, s>>>(kk, w.bk, KVD, n * KVD);
-      add_bias_kernel<<<blocks_for(n * KVD, T), T, 0, s>>>(vv, w.bv, KVD, n * KVD);
-      OSD_CUDA_CHECK_LAUNCH();
+    // x += Wo attention(rope(Wq xn + bq), rope(Wk xn + bk), Wv xn + bv), xn = rmsnorm(x)
+    const bool qkv8 = int8_type(w.wq.type) || int8_type(w.wk.type) || int8_type(w.wv.type);
+    const QActs qa = norm(x, nullptr, w.attn_norm, n, qkv8, xb);
+    {
+      const DevMatrix* ws[3] = {&w.wq, &w.wk, &w.wv};
+      float* ys[3] = {q, kk, vv};
+      const float* bs[3] = {w.bq, w.bk, w.bv};
+      matmul_many(ws, ys, bs, 3, xb, n, acts_, s, qkv8 ? &qa : nullptr);
     }
     if (w.q_norm) {  // qwen3: each head's query and key RMS-normed before the rotation
       rmsnorm_kernel<<<n * c.n_heads, T, 0, s>>>(q, nullptr, w.q_norm, HD, c.rms_eps, q);
       rmsnorm_kernel<<<n * c.n_kv_heads, T, 0, s>>>(kk, nullptr, w.k_norm, HD, c.rms_eps, kk);
       OSD_CUDA_CHECK_LAUNCH();
     }
-    if (half > 0) {
-      rope_kernel<<<n, T, 0, s>>>(q, c.n_heads, static_cast<int>(HD), d_cs, d_sn, c.rope_neox);
-      rope_kernel<<<n, T, 0, s>>>(kk, c.n_kv_heads, static_cast<int>(HD), d_cs, d_sn, c.rope_neox);
-      OSD_CUDA_CHECK_LAUNCH();
-    }
-    kv_store_kernel<<<n, T, 0, s>>>(kk, vv, d_rows, d_parts, l, c.n_kv_heads, int(HD));
+    rope_store_kernel<<<n, T, 0, s>>>(q, kk, vv, d_rows, d_parts, l, c.n_heads, c.n_kv_heads, int(HD), d_cs, d_sn,
+                                      c.rope_neox);
     OSD_CUDA_CHECK_LAUNCH();
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const dim3 agrid(static_cast<unsigned>(std::min(chunk, n - r0)), c.n_heads);
@@ -657,24 +788,18 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
                                                       r0, scores, max_slots, att);
       OSD_CUDA_CHECK_LAUNCH();
     }
-    matmul(w.wo, att, n, tmp, acts_, s);
-    add_kernel<<<blocks_for(n * D, T), T, 0, s>>>(x, tmp, n * D);
-    rmsnorm_kernel<<<n, T, 0, s>>>(x, nullptr, w.ffn_norm, D, c.rms_eps, xb);
-    OSD_CUDA_CHECK_LAUNCH();
-    matmul(w.w_gate, xb, n, g, acts_, s);
-    matmul(w.w_up, xb, n, h, acts_, s);
-    swiglu_kernel<<<blocks_for(n * F, T), T, 0, s>>>(g, h, n * F);
-    OSD_CUDA_CHECK_LAUNCH();
-    matmul(w.w_down, h, n, tmp, acts_, s);
-    add_kernel<<<blocks_for(n * D, T), T, 0, s>>>(x, tmp, n * D);
-    OSD_CUDA_CHECK_LAUNCH();
+    matmul(w.wo, att, n, x, acts_, s, nullptr, /*accumulate=*/true);
+    // x += W_down swiglu(W_gate xn, W_up xn), xn = rmsnorm(x)
+    const bool ffn8 = int8_type(w.w_gate.type) || int8_type(w.w_up.type);
+    const QActs fa = norm(x, nullptr, w.ffn_norm, n, ffn8, xb);
+    matmul_swiglu(w.w_gate, w.w_up, xb, n, h, g, acts_, s, ffn8 ? &fa : nullptr);
+    matmul(w.w_down, h, n, x, acts_, s, nullptr, /*accumulate=*/true);
   }
   const int64_t out_rows = static_cast<int64_t>(sel.size());
-  rmsnorm_kernel<<<static_cast<unsigned>(out_rows), T, 0, s>>>(x, d_sel, output_norm_, D, c.rms_eps, xb);
-  OSD_CUDA_CHECK_LAUNCH();
+  const QActs oa = norm(x, d_sel, output_norm_, out_rows, int8_type(output_.type), xb);
   const int64_t V = c.vocab;
   float* logits = logits_.as<float>(out_rows * V);
-  matmul(output_, xb, out_rows, logits, acts_, s);
+  matmul(output_, xb, out_rows, logits, acts_, s, nullptr, false, int8_type(output_.type) ? &oa : nullptr);
   int64_t r = 0;
   for (int32_t k = 0; k < count; ++k) {
     const int64_t kr = parts[k].last_only ? 1 : parts[k].n;

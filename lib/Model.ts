@@ -313,7 +313,7 @@ export class Model {
     return () => void this.#swapWatchers.delete(fn);
   }
 
-  /** Architecture and sizes; storage type and bytes per token follow setWeights(). */
+  /** Architecture and sizes; storage type, bytes per token and device follow setWeights(). */
   get info(): ModelInfo {
     return this.#info;
   }
@@ -380,7 +380,7 @@ export class Model {
     this.#weightsVersion++;
     for (const f of [...this.#swapWatchers]) f();
     const now = this.handle.info();
-    this.#info = { ...this.#info, matrixType: now.matrixType, weightBytesPerToken: now.weightBytesPerToken };
+    this.#info = { ...this.#info, matrixType: now.matrixType, weightBytesPerToken: now.weightBytesPerToken, device: now.device };
   }
 
   /**
@@ -401,7 +401,8 @@ export class Model {
    * The same model with its matrices stored as `type` (see StoreType), held in memory, off the event
    * loop: e.g. a trainer's F32 snapshot as F16 or Q8_0 to make it cheaper to run. Matrices already in
    * the type they would be written in are copied unchanged; 'keep' copies every matrix as it is (a
-   * bit-exact copy of the weights). The tokenizer and chat template carry over.
+   * bit-exact copy of the weights). The tokenizer and chat template carry over, and so does the
+   * device: a copy of a model loaded with device 'cuda' runs on the GPU too.
    */
   async convert(type: StoreType | 'keep'): Promise<Model> {
     if (type !== 'keep' && !isStoreType(type)) throw new RangeError(`type must be 'keep' or one of ${STORE_TYPES.join(', ')}, got ${String(type)}`);

@@ -32,6 +32,7 @@ Commands:
                            (default 3e-3, top-k 32; 64 for vocabularies of 32768 tokens and more)
       --save-draft PATH    write the online run's adapted draft (GGUF)
       --out DIR            where the plots go (demo.svg, and demo.png where a converter is found; default osd-demo)
+      --device D           cpu (default) or cuda: run both models' passes on the GPU
   info MODEL           what a model file holds: architecture, sizes, storage types, tokenizer, chat template
   convert IN OUT       write a model (GGUF or llama2.c) as GGUF in another storage type, atomically
       --type T             F32, F16 (default), BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, IQ4_NL, IQ4_XS,
@@ -74,7 +75,7 @@ async function main(argv: string[]): Promise<number> {
     version: [],
     backends: [],
     generate: ['model', 'draft', 'chat', 'system', 'template', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed', 'device'],
-    demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'lr', 'top-k', 'save-draft', 'out'],
+    demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'lr', 'top-k', 'save-draft', 'out', 'device'],
     serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'no-batching', 'model-id', 'static', 'grace', 'device'],
     convert: ['type'],
     info: [],
@@ -307,6 +308,7 @@ async function main(argv: string[]): Promise<number> {
         runs,
         distill,
         saveDraft: values['save-draft'],
+        device,
         signal: ac.signal,
         onProgress: (line) => {
           if (tty) process.stderr.write(`\r${line}\x1b[K`);

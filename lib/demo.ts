@@ -7,7 +7,7 @@ import { availableParallelism, loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
 import { packageRoot } from './addon.js';
 import { createDraftPool } from './DraftPool.js';
-import { loadModel, type Model } from './Model.js';
+import { loadModel, type Model, type ModelDevice } from './Model.js';
 import { createOnlineDecoder, type OnlineDistillOptions } from './OnlineDecoder.js';
 import type { SpeculativeResult, Strategy } from './SpeculativeDecoder.js';
 import type { SamplingOptions } from './addonTypes.js';
@@ -43,6 +43,8 @@ export interface DemoOptions {
   /** Called with a progress line (the CLI redraws it in place). */
   onProgress?: (line: string) => void;
   signal?: AbortSignal;
+  /** Where the models' passes run (loadModel's device). Default 'cpu'. */
+  device?: ModelDevice;
 }
 
 export interface PhaseSummary {
@@ -132,7 +134,8 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const strategy = options.strategy ?? { kind: 'chain', length: 4 };
   const runs = options.runs ?? ['static', 'online', 'pool'];
   const progress = options.onProgress ?? (() => {});
-  const target = await loadModel(targetPath);
+  const device = options.device ?? 'cpu';
+  const target = await loadModel(targetPath, { device });
   try {
     if (!target.tokenizer) throw new Error(`${targetPath} has no tokenizer: the demo needs text prompts`);
     if (!existsSync(draftPath)) throw new Error(`draft not found: ${draftPath}`);
@@ -144,7 +147,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     const summaries: RunSummary[] = [];
     for (const kind of runs) {
       options.signal?.throwIfAborted();
-      summaries.push(await runOne(kind, target, draftPath, prompts, R, maxTokens, sampling, strategy, distill, baseline, progress, options.signal, kind === 'online' ? options.saveDraft : undefined));
+      summaries.push(await runOne(kind, target, draftPath, device, prompts, R, maxTokens, sampling, strategy, distill, baseline, progress, options.signal, kind === 'online' ? options.saveDraft : undefined));
     }
     const targetTps: Record<string, number> = {};
     for (const phase of PHASES) if (baseline.ms[phase.name]) targetTps[phase.name] = (baseline.tokens[phase.name]! * 1000) / baseline.ms[phase.name]!;
@@ -159,6 +162,7 @@ async function runOne(
   kind: RunKind,
   target: Model,
   draftPath: string,
+  device: ModelDevice,
   prompts: Record<string, string[]>,
   R: number,
   maxTokens: number,
@@ -170,7 +174,7 @@ async function runOne(
   signal: AbortSignal | undefined,
   saveDraft?: string,
 ): Promise<RunSummary> {
-  const draft = await loadModel(draftPath);
+  const draft = await loadModel(draftPath, { device });
   const series: RunSummary['series'] = [];
   let updates = 0;
   let rollbacks = 0;

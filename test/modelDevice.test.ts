@@ -1,8 +1,8 @@
 // loadModel's `device` option: the model pass on the GPU. Everywhere: bad values are RangeErrors,
 // 'cuda' rejects saying why where it cannot run (this addon, and the cmake-js CUDA addon in a child
 // process when it is built). On a GPU (npm run test:gpu): logits within rounding of the CPU engine's,
-// the KV cache on the device through trees, keepPath and forks, exact speculative decoding with both
-// models there, and setWeights moving a CPU snapshot to the GPU.
+// the KV cache on the device through trees, keepPath and forks, copies and setWeights keeping a
+// model on the GPU, and exact speculative decoding with both models there.
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -118,6 +118,23 @@ describe.skipIf(!gpu)('the model pass on the GPU', () => {
       await s.dispose();
     }
     for (let k = 0; k < 3; k++) expect(worstRowError(rows[0][k], rows[1][k], V)).toBeLessThan(2e-3);
+  });
+
+  it('copies stay on the GPU, and CPU weights given by setWeights move there', async () => {
+    const copy = await gpuDraft.convert('keep');
+    const cpuCopy = await cpuDraft.convert('keep');
+    try {
+      expect(copy.info.device).toMatch(/^cuda: /);
+      expect(cpuCopy.info.device).toBe('cpu');
+      copy.setWeights(cpuCopy);
+      expect(copy.info.device).toMatch(/^cuda: /);
+      const V = cpuDraft.info.vocabSize;
+      const tokens = Int32Array.from({ length: 16 }, (_, i) => (i * 37 + 1) % V);
+      expect(worstRowError(await cpuDraft.forward(tokens), await copy.forward(tokens), V)).toBeLessThan(2e-3);
+    } finally {
+      await copy.dispose();
+      await cpuCopy.dispose();
+    }
   });
 
   it('speculative decoding with both models on the GPU gives the target-only greedy tokens', async () => {

@@ -873,7 +873,10 @@ class ConvertModelWorker : public PromiseWorker {
       : PromiseWorker(env), m_(std::move(m)), type_(type) {}
 
  protected:
-  void run() override { out_ = convert_model(*m_, type_); }
+  void run() override {
+    out_ = convert_model(*m_, type_);
+    if (m_->device_pass()) place_model(*out_, "cuda");  // a copy of a model on the GPU is there too
+  }
   void OnOK() override { deferred_.Resolve(wrap_model(Env(), out_)); }
 
  private:

@@ -101,7 +101,9 @@ __device__ __forceinline__ void quantize_block(float v, int lane, int8_t* q, flo
     if (lane == 0) *d = *s = NAN;
     return;
   }
-  const float df = __fdiv_rn(amax, 127.0f), id = amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
+  float id = amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
+  if (!(id <= 3.4028234663852886e38f)) id = 0.0f;  // as the CPU's inverse_scale: a block of tiny values gives zeros
+  const float df = __fdiv_rn(amax, 127.0f);
   const int qi = static_cast<int>(rintf(__fmul_rn(v, id)));
   q[lane] = static_cast<int8_t>(qi);
   int sum = qi;
@@ -233,8 +235,8 @@ __device__ __forceinline__ void dot_float(const DevMatrix& w, int64_t r, const f
     float wv[4];
     if constexpr (T == TensorType::F16) {
       const uint2 u = reinterpret_cast<const uint2*>(row)[gi];
-      const __half2 lo = *reinterpret_cast<const __half2*>(&u.x), hi = *reinterpret_cast<const __half2*>(&u.y);
-      wv[0] = __low2float(lo), wv[1] = __high2float(lo), wv[2] = __low2float(hi), wv[3] = __high2float(hi);
+      wv[0] = half_bits(uint16_t(u.x & 0xffffu)), wv[1] = half_bits(uint16_t(u.x >> 16));
+      wv[2] = half_bits(uint16_t(u.y & 0xffffu)), wv[3] = half_bits(uint16_t(u.y >> 16));
     } else {
       const float4 f = reinterpret_cast<const float4*>(row)[gi];
       wv[0] = f.x, wv[1] = f.y, wv[2] = f.z, wv[3] = f.w;
@@ -634,6 +636,9 @@ class CudaPass final : public DevicePass {
       l.w_gate = upload_matrix(w.w_gate), l.w_up = upload_matrix(w.w_up), l.w_down = upload_matrix(w.w_down);
       layers_.push_back(l);
     }
+    any_int8_ = int8_type(output_.type);
+    for (const DevLayer& l : layers_)
+      for (const DevMatrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) any_int8_ = any_int8_ || int8_type(w->type);
     // The copies above came from pageable memory; the pass's own stream does not wait for them.
     OSD_CUDA_CHECK(cudaDeviceSynchronize());
   }
@@ -657,6 +662,7 @@ class CudaPass final : public DevicePass {
   DevMatrix embd_, output_;
   const float* output_norm_ = nullptr;
   std::vector<DevLayer> layers_;
+  bool any_int8_ = false;  // some product takes 8-bit activations (their scratch is reserved per pass)
   DeviceBuffer tokens_, x_, xb_, q_, k_, v_, att_, g_, h_, cs_, sn_, rows_, parts_, vis_, sel_, scores_, logits_;
   Acts acts_;
 };
@@ -747,7 +753,10 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
     if (w.w_gate.type != w.w_up.type) g = g_.as<float>(n * F);
   // Attention runs over chunks of rows whose scores fit in 64 MiB (a long prefill's would not).
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, g_score_limit / (int64_t(c.n_heads) * max_slots)));
-  reserve_acts(acts_, n, std::max({D, QD, F}));
+  if (any_int8_) reserve_acts(acts_, n, std::max({D, QD, F}));
+  const int64_t V = c.vocab;
+  const int64_t out_rows = static_cast<int64_t>(sel.size());
+  float* logits = logits_.as<float>(out_rows * V);  // sized before any launch: growing it would wait for them
   float* scores = scores_.as<float>(static_cast<size_t>(chunk) * c.n_heads * max_slots);
   const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
   constexpr int T = 256;
@@ -795,10 +804,7 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
     matmul_swiglu(w.w_gate, w.w_up, xb, n, h, g, acts_, s, ffn8 ? &fa : nullptr);
     matmul(w.w_down, h, n, x, acts_, s, nullptr, /*accumulate=*/true);
   }
-  const int64_t out_rows = static_cast<int64_t>(sel.size());
   const QActs oa = norm(x, d_sel, output_norm_, out_rows, int8_type(output_.type), xb);
-  const int64_t V = c.vocab;
-  float* logits = logits_.as<float>(out_rows * V);
   matmul(output_, xb, out_rows, logits, acts_, s, nullptr, false, int8_type(output_.type) ? &oa : nullptr);
   int64_t r = 0;
   for (int32_t k = 0; k < count; ++k) {

@@ -107,6 +107,13 @@ struct Acts {
   const int32_t* grow(int64_t t) const { return gneg.data() + t * nb; }
 };
 
+// 127 / amax, or 0 for a block of zeros, or of values so small (amax < 127 / FLT_MAX) that it
+// overflows: such a block quantises to zeros (converting x * inf to int would be undefined).
+inline float inverse_scale(float amax) {
+  const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+  return id <= 3.4028234663852886e38f ? id : 0.0f;
+}
+
 // llama.cpp's quantize_row_q8_1 (AVX2 path) with f32 scales: per 32 values d = amax / 127,
 // q = round-even(x * (127 / amax)), s = d * sum q. Non-finite input gives d = s = NaN.
 void quantize_acts_q8(const float* x, int64_t cols, int8_t* q, float* d, float* s) {
@@ -126,7 +133,7 @@ void quantize_acts_q8(const float* x, int64_t cols, int8_t* q, float* d, float* 
       continue;
     }
     const float df = amax / 127.0f;
-    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    const float id = inverse_scale(amax);
     int sum = 0;
     for (int j = 0; j < kQK; ++j) {
       const int v = static_cast<int>(round_even(xb[j] * id));
@@ -729,7 +736,7 @@ OSD_AVX2 void quantize_acts_q8_avx2(const float* x, int64_t cols, int8_t* q, flo
       continue;
     }
     const float df = amax / 127.0f;
-    const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    const __m256 id = _mm256_set1_ps(inverse_scale(amax));
     __m256i i[4];
     for (int j = 0; j < 4; ++j)
       i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

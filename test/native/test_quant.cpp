@@ -643,6 +643,14 @@ OSD_TEST(activation_quantisation_rounding) {
   std::vector<float> z(256, 0.0f);
   for (float v : quant::activation_roundtrip(TensorType::Q6_K, z.data(), 256)) CHECK_EQ(v, 0.0f);
   for (float v : quant::activation_roundtrip(TensorType::Q8_0, z.data(), 32)) CHECK_EQ(v, 0.0f);
+  // A block so small that 127 / amax overflows (amax < 127 / FLT_MAX) quantises to zeros on every
+  // instruction set (converting x * inf to int was undefined).
+  std::vector<float> tiny(32);
+  for (int j = 0; j < 32; ++j) tiny[j] = (j - 15) * 1e-39f;
+  for (quant::Isa isa : {quant::Isa::Portable, quant::Isa::Avx2, quant::Isa::Avx512}) {
+    if (!quant::isa_available(isa)) continue;
+    for (float v : quant::activation_roundtrip(TensorType::Q8_0, tiny.data(), 32, isa)) CHECK_EQ(v, 0.0f);
+  }
   // Q8_K (the 256-value formats): the vector quantiser gives the portable one's values, bit for bit,
   // with two entries of largest magnitude and opposite signs (the first sets the scale's sign;
   // either choice gives the same values and products, both signs flipping), on exact halves, and

@@ -869,36 +869,111 @@ namespace cuda {
 
 void set_model_pass_score_limit(int64_t floats) { g_score_limit = floats > 0 ? floats : int64_t(16) << 20; }
 
+namespace {
+
+// Device copies for the test entry points below (synchronous; freed with the object).
+struct TestArena {
+  std::vector<std::unique_ptr<DeviceBuffer>> bufs;
+  Acts acts;
+  cudaStream_t s = nullptr;
+  TestArena() { OSD_CUDA_CHECK(cudaStreamCreate(&s)); }
+  ~TestArena() {
+    if (s) cudaStreamDestroy(s);
+  }
+  template <class T>
+  T* put(const T* host, size_t count) {
+    bufs.push_back(std::make_unique<DeviceBuffer>());
+    T* d = bufs.back()->as<T>(std::max<size_t>(count, 1));
+    if (host && count) OSD_CUDA_CHECK(cudaMemcpy(d, host, count * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+  }
+  DevMatrix matrix(const Matrix& w) {  // as CudaPass::upload_matrix
+    DevMatrix d;
+    d.rows = w.rows, d.cols = w.cols;
+    if (kept_as_stored(w.type)) {
+      d.type = w.type, d.row_bytes = w.row_bytes;
+      d.data = put(w.data, w.bytes());
+    } else {
+      std::vector<float> f(static_cast<size_t>(w.rows * w.cols));
+      for (int64_t r = 0; r < w.rows; ++r) dequantize_row(w, r, &f[r * w.cols]);
+      d.type = TensorType::F32, d.row_bytes = w.cols * sizeof(float);
+      d.data = reinterpret_cast<const uint8_t*>(put(f.data(), f.size()));
+    }
+    return d;
+  }
+  template <class T>
+  void get(T* host, const T* dev, size_t count) {
+    OSD_CUDA_CHECK(cudaStreamSynchronize(s));
+    if (count) OSD_CUDA_CHECK(cudaMemcpy(host, dev, count * sizeof(T), cudaMemcpyDeviceToHost));
+  }
+};
+
+}  // namespace
+
 void model_matmul(const Matrix& w, const float* x, int64_t n, float* y) {
   if (n <= 0) return;
-  cudaStream_t s = nullptr;
-  OSD_CUDA_CHECK(cudaStreamCreate(&s));
-  DeviceBuffer wb, xbuf, ybuf;
-  Acts acts;
-  std::vector<float> f;
-  DevMatrix d;
-  d.rows = w.rows, d.cols = w.cols;
-  if (kept_as_stored(w.type)) {
-    d.type = w.type, d.row_bytes = w.row_bytes;
-    void* p = wb.reserve(w.bytes());
-    OSD_CUDA_CHECK(cudaMemcpy(p, w.data, w.bytes(), cudaMemcpyHostToDevice));
-    d.data = static_cast<const uint8_t*>(p);
-  } else {
-    f.resize(static_cast<size_t>(w.rows * w.cols));
-    for (int64_t r = 0; r < w.rows; ++r) dequantize_row(w, r, &f[r * w.cols]);
-    d.type = TensorType::F32, d.row_bytes = w.cols * sizeof(float);
-    void* p = wb.reserve(f.size() * sizeof(float));
-    OSD_CUDA_CHECK(cudaMemcpy(p, f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice));
-    d.data = static_cast<const uint8_t*>(p);
+  TestArena t;
+  const DevMatrix d = t.matrix(w);
+  float* dx = t.put(x, n * w.cols);
+  float* dy = t.put<float>(nullptr, n * w.rows);
+  reserve_acts(t.acts, n, w.cols);
+  matmul(d, dx, n, dy, t.acts, t.s);
+  t.get(y, dy, n * w.rows);
+}
+
+void model_products(const Matrix* const* ws, int count, const float* const* biases, const float* x, int64_t n,
+                    float* const* ys, ProductMode mode) {
+  if (n <= 0 || count <= 0) return;
+  TestArena t;
+  const int64_t cols = ws[0]->cols;
+  std::vector<DevMatrix> d;
+  std::vector<const DevMatrix*> dp;
+  std::vector<float*> dy;
+  std::vector<const float*> db;
+  for (int m = 0; m < count; ++m) d.push_back(t.matrix(*ws[m]));
+  for (int m = 0; m < count; ++m) {
+    dp.push_back(&d[m]);
+    db.push_back(biases && biases[m] ? t.put(biases[m], ws[m]->rows) : nullptr);
+    // Accumulate adds into y as given.
+    dy.push_back(t.put(mode == ProductMode::Accumulate ? ys[m] : nullptr, n * ws[m]->rows));
   }
-  float* dx = xbuf.as<float>(n * w.cols);
-  float* dy = ybuf.as<float>(n * w.rows);
-  OSD_CUDA_CHECK(cudaMemcpy(dx, x, n * w.cols * sizeof(float), cudaMemcpyHostToDevice));
-  reserve_acts(acts, n, w.cols);
-  matmul(d, dx, n, dy, acts, s);
-  OSD_CUDA_CHECK(cudaMemcpyAsync(y, dy, n * w.rows * sizeof(float), cudaMemcpyDeviceToHost, s));
-  OSD_CUDA_CHECK(cudaStreamSynchronize(s));
-  OSD_CUDA_CHECK(cudaStreamDestroy(s));
+  float* dx = t.put(x, n * cols);
+  reserve_acts(t.acts, n, cols);
+  switch (mode) {
+    case ProductMode::Plain: matmul_many(dp.data(), dy.data(), db.data(), count, dx, n, t.acts, t.s); break;
+    case ProductMode::Accumulate: matmul(d[0], dx, n, dy[0], t.acts, t.s, nullptr, true); break;
+    case ProductMode::Swiglu: {
+      float* scratch = t.put<float>(nullptr, n * ws[0]->rows);
+      matmul_swiglu(d[0], d[1], dx, n, dy[0], scratch, t.acts, t.s, nullptr);
+      break;
+    }
+  }
+  const int outputs = mode == ProductMode::Plain ? count : 1;
+  for (int m = 0; m < outputs; ++m) t.get(ys[m], dy[m], n * ws[m]->rows);
+}
+
+void model_rmsnorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps, float* y, float* xhat) {
+  if (rows <= 0) return;
+  TestArena t;
+  float* dx = t.put(x, rows * dim);
+  const float* dw = t.put(w, dim);
+  float* dy = t.put<float>(nullptr, rows * dim);
+  int8_t* q = nullptr;
+  float *d = nullptr, *sm = nullptr;
+  if (xhat) {
+    q = t.put<int8_t>(nullptr, rows * dim);
+    d = t.put<float>(nullptr, rows * (dim / 32));
+    sm = t.put<float>(nullptr, rows * (dim / 32));
+  }
+  rmsnorm_kernel<<<static_cast<unsigned>(rows), 256, 0, t.s>>>(dx, nullptr, dw, dim, eps, dy, q, d, sm);
+  OSD_CUDA_CHECK_LAUNCH();
+  t.get(y, dy, rows * dim);
+  if (!xhat) return;
+  std::vector<int8_t> hq(rows * dim);
+  std::vector<float> hd(rows * (dim / 32));
+  t.get(hq.data(), q, hq.size());
+  t.get(hd.data(), d, hd.size());
+  for (int64_t k = 0; k < rows * dim; ++k) xhat[k] = hd[k / 32] * static_cast<float>(hq[k]);
 }
 
 }  // namespace cuda

@@ -26,6 +26,14 @@ namespace cuda {
 // Y = W X on the device for a host matrix and host activations (n x cols), as the pass computes it:
 // for test_cuda's comparisons with the CPU's matmul.
 void model_matmul(const Matrix& w, const float* x, int64_t n, float* y);
+// The pass's fused products on host data, for test_cuda: Plain runs ws[0..count) over x in one
+// launch when they share a type (y[m] = W_m x + bias[m]); Accumulate adds W_0 x into ys[0];
+// Swiglu writes silu(W_0 x) * (W_1 x) to ys[0].
+enum class ProductMode { Plain, Accumulate, Swiglu };
+void model_products(const Matrix* const* ws, int count, const float* const* biases, const float* x, int64_t n,
+                    float* const* ys, ProductMode mode);
+// The pass's rmsnorm of rows x dim values; with xhat, also its fused 8-bit activations as d * q.
+void model_rmsnorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps, float* y, float* xhat);
 // Caps the attention scores one launch keeps (floats; 0 restores the default, 16M), so that tests
 // reach the chunked path on small models.
 void set_model_pass_score_limit(int64_t floats);

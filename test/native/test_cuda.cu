@@ -1916,6 +1916,168 @@ OSD_TEST(model_matmul_matches_cpu) {
 
 namespace {
 
+// Random weights of type t (rows x cols), with their bytes kept alive in `keep`.
+Matrix random_matrix(gguf::TensorType t, int rows, int cols, Rng& rng, std::vector<std::vector<uint8_t>>& keep) {
+  std::normal_distribution<float> nd(0.0f, 0.05f);
+  std::vector<float> wf(static_cast<size_t>(rows) * cols);
+  for (auto& v : wf) v = nd(rng);
+  const size_t rb = quant::bytes_for(t, cols);
+  keep.emplace_back(rb * rows);
+  for (int r = 0; r < rows; ++r) quant::quantize(t, &wf[static_cast<size_t>(r) * cols], cols, &keep.back()[r * rb]);
+  Matrix m;
+  m.type = t, m.rows = rows, m.cols = cols, m.data = keep.back().data(), m.row_bytes = rb;
+  return m;
+}
+
+bool int8_weights(gguf::TensorType t) {
+  return t == gguf::TensorType::Q8_0 || t == gguf::TensorType::Q4_0 || t == gguf::TensorType::Q4_1;
+}
+
+// Counts outputs that differ: in bits where `bits` (both sides the CPU's int8 arithmetic), else by
+// more than 1e-5 * mag + 1e-6 (mag: the sum of |terms| behind each output).
+int count_diffs(const std::vector<float>& want, const std::vector<float>& got, bool bits, const std::vector<double>& mag) {
+  int bad = 0;
+  for (size_t i = 0; i < want.size(); ++i)
+    bad += bits ? std::memcmp(&want[i], &got[i], sizeof(float)) != 0
+                : !(std::fabs(double(want[i]) - got[i]) <= 1e-5 * mag[i] + 1e-6);
+  return bad;
+}
+
+// W x as the pass must give it: the CPU's own product for the int8 types (bits), else the exact sum
+// of the dequantised weights (the pass multiplies those with float activations); mag gets sum |w x|.
+void reference_product(const Matrix& m, const std::vector<float>& x, int n, std::vector<float>& y, std::vector<double>& mag) {
+  y.assign(size_t(n) * m.rows, 0.0f);
+  mag.assign(y.size(), 0.0);
+  std::vector<float> row(m.cols);
+  for (int64_t r = 0; r < m.rows; ++r) {
+    dequantize_row(m, r, row.data());
+    for (int t = 0; t < n; ++t) {
+      double acc = 0, a = 0;
+      for (int64_t j = 0; j < m.cols; ++j) acc += double(row[j]) * x[t * m.cols + j], a += std::fabs(double(row[j]) * x[t * m.cols + j]);
+      y[t * m.rows + r] = float(acc);
+      mag[t * m.rows + r] = a;
+    }
+  }
+  if (int8_weights(m.type)) matmul(m, x.data(), n, y.data());
+}
+
+}  // namespace
+
+// The pass's fused launches: Q, K and V in one launch with their biases (or one each when their
+// types differ), an output projection added into the residual, gate and up with SwiGLU.
+OSD_TEST(model_fused_products_match_cpu) {
+  gpu();
+  using gguf::TensorType;
+  Rng rng(43);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int cols = 256;
+  int bad = 0, checked = 0;
+  const std::vector<std::vector<TensorType>> sets = {
+      {TensorType::Q4_1, TensorType::Q4_1, TensorType::Q4_1}, {TensorType::Q8_0, TensorType::Q8_0, TensorType::Q8_0},
+      {TensorType::F16, TensorType::F16, TensorType::F16},    {TensorType::F32, TensorType::F32, TensorType::F32},
+      {TensorType::Q4_0, TensorType::Q4_1, TensorType::Q8_0}, {TensorType::F16, TensorType::Q8_0, TensorType::Q5_0}};
+  for (const auto& types : sets) {
+    // Bits wherever a product is int8 on both sides; float products within rounding.
+    for (int n : {1, 5}) {
+      std::vector<std::vector<uint8_t>> keep;
+      const int rows[3] = {64, 32, 32};
+      Matrix ms[3];
+      for (int m = 0; m < 3; ++m) ms[m] = random_matrix(types[m], rows[m], cols, rng, keep);
+      const Matrix* wp[3] = {&ms[0], &ms[1], &ms[2]};
+      std::vector<float> x(size_t(n) * cols), bias[3], want[3], got[3];
+      for (auto& v : x) v = nd(rng);
+      std::vector<double> mag[3];
+      for (int m = 0; m < 3; ++m) {
+        bias[m].resize(rows[m]);
+        for (auto& v : bias[m]) v = nd(rng);
+        reference_product(ms[m], x, n, want[m], mag[m]);
+        got[m].resize(want[m].size());
+      }
+      // Plain, with biases: y = Wx, then y += b (the CPU's order).
+      {
+        const float* bp[3] = {bias[0].data(), bias[1].data(), bias[2].data()};
+        float* yp[3] = {got[0].data(), got[1].data(), got[2].data()};
+        cuda::model_products(wp, 3, bp, x.data(), n, yp, cuda::ProductMode::Plain);
+        for (int m = 0; m < 3; ++m) {
+          std::vector<float> w = want[m];
+          for (int t = 0; t < n; ++t)
+            for (int r = 0; r < rows[m]; ++r) w[size_t(t) * rows[m] + r] += bias[m][r];
+          bad += count_diffs(w, got[m], int8_weights(types[m]), mag[m]);
+          checked += int(w.size());
+        }
+      }
+      // Accumulate: y0 + W0 x.
+      {
+        std::vector<float> y0(want[0].size());
+        for (auto& v : y0) v = nd(rng);
+        std::vector<float> w(y0.size());
+        for (size_t i = 0; i < w.size(); ++i) w[i] = y0[i] + want[0][i];
+        float* yp[1] = {y0.data()};
+        cuda::model_products(wp, 1, nullptr, x.data(), n, yp, cuda::ProductMode::Accumulate);
+        bad += count_diffs(w, y0, int8_weights(types[0]), mag[0]);
+        checked += int(w.size());
+      }
+      // SwiGLU over the two 32-row matrices: silu(g) * u, never in bits (exp may differ from the
+      // CPU's in its last bit); the bound follows the factors' bounds.
+      {
+        const Matrix* gu[2] = {&ms[1], &ms[2]};
+        std::vector<float> h(want[1].size()), w(h.size());
+        std::vector<double> hm(h.size());
+        for (size_t i = 0; i < w.size(); ++i) {
+          const float g = want[1][i];
+          w[i] = g / (1.0f + std::exp(-g)) * want[2][i];
+          hm[i] = (mag[1][i] + 1) * (mag[2][i] + 1);
+        }
+        float* yp[1] = {h.data()};
+        cuda::model_products(gu, 2, nullptr, x.data(), n, yp, cuda::ProductMode::Swiglu);
+        bad += count_diffs(w, h, false, hm);
+        checked += int(w.size());
+      }
+    }
+  }
+  std::printf("  %d outputs, %d differ\n", checked, bad);
+  CHECK_EQ(bad, 0);
+}
+
+// The pass's rmsnorm, and the 8-bit activations it writes for the products it feeds: the CPU's
+// rmsnorm (within a rounding of the double sum), and, where the rows agree in bits, the CPU's
+// quantisation of them in bits.
+OSD_TEST(model_rmsnorm_matches_cpu) {
+  gpu();
+  Rng rng(44);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  int bad = 0, same_rows = 0, rows_total = 0;
+  for (int dim : {64, 576, 2048}) {
+    const int rows = 7;
+    std::vector<float> x(size_t(rows) * dim), w(dim), y(x.size()), xh(x.size()), want(x.size());
+    for (auto& v : x) v = nd(rng) * 3.0f;
+    for (auto& v : w) v = 1.0f + 0.1f * nd(rng);
+    x[5] = NAN;  // row 0: a NaN block
+    cuda::model_rmsnorm(x.data(), w.data(), rows, dim, 1e-5f, y.data(), xh.data());
+    for (int r = 0; r < rows; ++r) {
+      rmsnorm(&x[size_t(r) * dim], w.data(), dim, 1e-5f, &want[size_t(r) * dim]);
+      const float* a = &want[size_t(r) * dim];
+      const float* b = &y[size_t(r) * dim];
+      for (int j = 0; j < dim; ++j)
+        bad += !(std::isnan(a[j]) ? std::isnan(b[j]) : std::fabs(a[j] - b[j]) <= 1e-6f * std::fabs(a[j]) + 1e-7f);
+      ++rows_total;
+      if (std::memcmp(a, b, dim * sizeof(float)) != 0) continue;
+      ++same_rows;
+      const auto ref = quant::activation_roundtrip(gguf::TensorType::Q8_0, a, dim);
+      for (int j = 0; j < dim; ++j) {
+        const float g = xh[size_t(r) * dim + j];
+        bad += std::isnan(ref[j]) ? !std::isnan(g) : std::memcmp(&ref[j], &g, sizeof(float)) != 0;
+      }
+    }
+  }
+  std::printf("  %d rows, %d equal in bits (their activations compared in bits), %d values differ\n", rows_total,
+              same_rows, bad);
+  CHECK(same_rows >= rows_total / 2);
+  CHECK_EQ(bad, 0);
+}
+
+namespace {
+
 // Compares logits rows of the CPU engine (a) and the device pass (b); see the tolerances above.
 struct LogitCheck {
   double tol = 0, worst = 0;

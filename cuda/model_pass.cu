@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -407,6 +408,15 @@ void reserve_acts(Acts& a, int64_t n, int64_t cols) {
 // chunked path.
 int64_t g_score_limit = int64_t(16) << 20;
 
+// CUDA graphs for small passes: on unless OSD_CUDA_GRAPHS=0 (or set_model_pass_graphs(false) for
+// passes made afterwards).
+int g_graphs = -1;  // -1: from the environment
+bool graphs_enabled() {
+  if (g_graphs >= 0) return g_graphs != 0;
+  const char* e = std::getenv("OSD_CUDA_GRAPHS");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
 // ---- The KV cache and attention ----
 
 // A sequence's cache: one allocation of [layer][K, V][kv head][slot][head_dim], F16 or F32.
@@ -643,6 +653,8 @@ class CudaPass final : public DevicePass {
     OSD_CUDA_CHECK(cudaDeviceSynchronize());
   }
   void release() {
+    for (auto& g : graphs_) cudaGraphExecDestroy(g.second);
+    graphs_.clear();
     for (void* p : owned_) cudaFree(p);
     owned_.clear();
     if (stream_) cudaStreamDestroy(stream_);
@@ -663,9 +675,47 @@ class CudaPass final : public DevicePass {
   const float* output_norm_ = nullptr;
   std::vector<DevLayer> layers_;
   bool any_int8_ = false;  // some product takes 8-bit activations (their scratch is reserved per pass)
+  // CUDA graphs of small passes, keyed by their launch parameters (newest last).
+  static constexpr int64_t kGraphMaxTokens = 16;
+  static constexpr size_t kGraphsKept = 8;
+  bool use_graphs_ = graphs_enabled();
+  std::vector<std::pair<std::vector<int64_t>, cudaGraphExec_t>> graphs_;
+  template <class F>
+  void launch_graph(const std::vector<int64_t>& key, F&& launch_all);
   DeviceBuffer tokens_, x_, xb_, q_, k_, v_, att_, g_, h_, cs_, sn_, rows_, parts_, vis_, sel_, scores_, logits_;
   Acts acts_;
 };
+
+template <class F>
+void CudaPass::launch_graph(const std::vector<int64_t>& key, F&& launch_all) {
+  for (size_t i = 0; i < graphs_.size(); ++i)
+    if (graphs_[i].first == key) {
+      std::rotate(graphs_.begin() + i, graphs_.begin() + i + 1, graphs_.end());  // now the newest
+      OSD_CUDA_CHECK(cudaGraphLaunch(graphs_.back().second, stream_));
+      return;
+    }
+  // Captured on this thread only: another thread's CUDA calls (the backend's) are not affected.
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  OSD_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  try {
+    launch_all();
+  } catch (...) {
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    throw;
+  }
+  OSD_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  OSD_CUDA_CHECK(e);
+  if (graphs_.size() == kGraphsKept) {
+    cudaGraphExecDestroy(graphs_.front().second);
+    graphs_.erase(graphs_.begin());
+  }
+  graphs_.push_back({key, exec});
+  OSD_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+}
 
 void CudaPass::grow(CudaCache& c, int32_t length, int32_t slots) {
   if (slots <= c.alloc) return;
@@ -751,6 +801,13 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
   float* g = nullptr;  // gate products, only when gate and up differ in type
   for (const DevLayer& w : layers_)
     if (w.w_gate.type != w.w_up.type) g = g_.as<float>(n * F);
+  // The scores' stride, rounded up to a power of two (at least 256) so that successive decode steps
+  // launch with the same parameters (and replay one CUDA graph); each row reads only its own slots.
+  {
+    int64_t b = 256;
+    while (b < max_slots) b *= 2;
+    max_slots = b;
+  }
   // Attention runs over chunks of rows whose scores fit in 64 MiB (a long prefill's would not).
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, g_score_limit / (int64_t(c.n_heads) * max_slots)));
   if (any_int8_) reserve_acts(acts_, n, std::max({D, QD, F}));
@@ -761,51 +818,70 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
   const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
   constexpr int T = 256;
 
-  embed_kernel<<<n, T, 0, s>>>(embd_, d_tokens, x);
-  OSD_CUDA_CHECK_LAUNCH();
-  // A norm whose output feeds int8 products also writes its 8-bit activations (no extra launch).
-  auto norm = [&](const float* in, const int32_t* src, const float* weight, int64_t rows, bool int8, float* out) {
-    QActs qa;
-    if (int8) qa = {acts_.q.as<int8_t>(rows * D), acts_.d.as<float>(rows * (D / 32)), acts_.s.as<float>(rows * (D / 32))};
-    rmsnorm_kernel<<<static_cast<unsigned>(rows), T, 0, s>>>(in, src, weight, D, c.rms_eps, out, const_cast<int8_t*>(qa.q),
-                                                             const_cast<float*>(qa.d), const_cast<float*>(qa.s));
+  auto launch_all = [&] {
+    embed_kernel<<<n, T, 0, s>>>(embd_, d_tokens, x);
     OSD_CUDA_CHECK_LAUNCH();
-    return qa;
+    // A norm whose output feeds int8 products also writes its 8-bit activations (no extra launch).
+    auto norm = [&](const float* in, const int32_t* src, const float* weight, int64_t rows, bool int8, float* out) {
+      QActs qa;
+      if (int8) qa = {acts_.q.as<int8_t>(rows * D), acts_.d.as<float>(rows * (D / 32)), acts_.s.as<float>(rows * (D / 32))};
+      rmsnorm_kernel<<<static_cast<unsigned>(rows), T, 0, s>>>(in, src, weight, D, c.rms_eps, out, const_cast<int8_t*>(qa.q),
+                                                               const_cast<float*>(qa.d), const_cast<float*>(qa.s));
+      OSD_CUDA_CHECK_LAUNCH();
+      return qa;
+    };
+    for (int32_t l = 0; l < c.n_layers; ++l) {
+      const DevLayer& w = layers_[l];
+      // x += Wo attention(rope(Wq xn + bq), rope(Wk xn + bk), Wv xn + bv), xn = rmsnorm(x)
+      const bool qkv8 = int8_type(w.wq.type) || int8_type(w.wk.type) || int8_type(w.wv.type);
+      const QActs qa = norm(x, nullptr, w.attn_norm, n, qkv8, xb);
+      {
+        const DevMatrix* ws[3] = {&w.wq, &w.wk, &w.wv};
+        float* ys[3] = {q, kk, vv};
+        const float* bs[3] = {w.bq, w.bk, w.bv};
+        matmul_many(ws, ys, bs, 3, xb, n, acts_, s, qkv8 ? &qa : nullptr);
+      }
+      if (w.q_norm) {  // qwen3: each head's query and key RMS-normed before the rotation
+        rmsnorm_kernel<<<n * c.n_heads, T, 0, s>>>(q, nullptr, w.q_norm, HD, c.rms_eps, q);
+        rmsnorm_kernel<<<n * c.n_kv_heads, T, 0, s>>>(kk, nullptr, w.k_norm, HD, c.rms_eps, kk);
+        OSD_CUDA_CHECK_LAUNCH();
+      }
+      rope_store_kernel<<<n, T, 0, s>>>(q, kk, vv, d_rows, d_parts, l, c.n_heads, c.n_kv_heads, int(HD), d_cs, d_sn,
+                                        c.rope_neox);
+      OSD_CUDA_CHECK_LAUNCH();
+      for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+        const dim3 agrid(static_cast<unsigned>(std::min(chunk, n - r0)), c.n_heads);
+        attention_kernel<<<agrid, kAttnThreads, 0, s>>>(q, d_rows, d_parts, d_vis, l, c.n_heads, c.n_kv_heads, int(HD), scale,
+                                                        r0, scores, max_slots, att);
+        OSD_CUDA_CHECK_LAUNCH();
+      }
+      matmul(w.wo, att, n, x, acts_, s, nullptr, /*accumulate=*/true);
+      // x += W_down swiglu(W_gate xn, W_up xn), xn = rmsnorm(x)
+      const bool ffn8 = int8_type(w.w_gate.type) || int8_type(w.w_up.type);
+      const QActs fa = norm(x, nullptr, w.ffn_norm, n, ffn8, xb);
+      matmul_swiglu(w.w_gate, w.w_up, xb, n, h, g, acts_, s, ffn8 ? &fa : nullptr);
+      matmul(w.w_down, h, n, x, acts_, s, nullptr, /*accumulate=*/true);
+    }
+    const QActs oa = norm(x, d_sel, output_norm_, out_rows, int8_type(output_.type), xb);
+    matmul(output_, xb, out_rows, logits, acts_, s, nullptr, false, int8_type(output_.type) ? &oa : nullptr);
   };
-  for (int32_t l = 0; l < c.n_layers; ++l) {
-    const DevLayer& w = layers_[l];
-    // x += Wo attention(rope(Wq xn + bq), rope(Wk xn + bk), Wv xn + bv), xn = rmsnorm(x)
-    const bool qkv8 = int8_type(w.wq.type) || int8_type(w.wk.type) || int8_type(w.wv.type);
-    const QActs qa = norm(x, nullptr, w.attn_norm, n, qkv8, xb);
-    {
-      const DevMatrix* ws[3] = {&w.wq, &w.wk, &w.wv};
-      float* ys[3] = {q, kk, vv};
-      const float* bs[3] = {w.bq, w.bk, w.bv};
-      matmul_many(ws, ys, bs, 3, xb, n, acts_, s, qkv8 ? &qa : nullptr);
-    }
-    if (w.q_norm) {  // qwen3: each head's query and key RMS-normed before the rotation
-      rmsnorm_kernel<<<n * c.n_heads, T, 0, s>>>(q, nullptr, w.q_norm, HD, c.rms_eps, q);
-      rmsnorm_kernel<<<n * c.n_kv_heads, T, 0, s>>>(kk, nullptr, w.k_norm, HD, c.rms_eps, kk);
-      OSD_CUDA_CHECK_LAUNCH();
-    }
-    rope_store_kernel<<<n, T, 0, s>>>(q, kk, vv, d_rows, d_parts, l, c.n_heads, c.n_kv_heads, int(HD), d_cs, d_sn,
-                                      c.rope_neox);
-    OSD_CUDA_CHECK_LAUNCH();
-    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-      const dim3 agrid(static_cast<unsigned>(std::min(chunk, n - r0)), c.n_heads);
-      attention_kernel<<<agrid, kAttnThreads, 0, s>>>(q, d_rows, d_parts, d_vis, l, c.n_heads, c.n_kv_heads, int(HD), scale,
-                                                      r0, scores, max_slots, att);
-      OSD_CUDA_CHECK_LAUNCH();
-    }
-    matmul(w.wo, att, n, x, acts_, s, nullptr, /*accumulate=*/true);
-    // x += W_down swiglu(W_gate xn, W_up xn), xn = rmsnorm(x)
-    const bool ffn8 = int8_type(w.w_gate.type) || int8_type(w.w_up.type);
-    const QActs fa = norm(x, nullptr, w.ffn_norm, n, ffn8, xb);
-    matmul_swiglu(w.w_gate, w.w_up, xb, n, h, g, acts_, s, ffn8 ? &fa : nullptr);
-    matmul(w.w_down, h, n, x, acts_, s, nullptr, /*accumulate=*/true);
+  // Small passes (decode steps, verification) replay a CUDA graph of these launches when their
+  // parameters are those of an earlier pass: the launches then cost the GPU, not the host.
+  std::vector<int64_t> key;
+  if (use_graphs_ && n <= kGraphMaxTokens) {
+    for (const void* p : {(const void*)d_tokens, (const void*)d_cs, (const void*)d_sn, (const void*)d_rows, (const void*)d_parts,
+                          (const void*)d_vis, (const void*)d_sel, (const void*)x, (const void*)xb, (const void*)q,
+                          (const void*)kk, (const void*)vv, (const void*)att, (const void*)h, (const void*)g,
+                          (const void*)logits, (const void*)scores, (const void*)acts_.q.get(), (const void*)acts_.d.get(),
+                          (const void*)acts_.s.get()})
+      key.push_back(reinterpret_cast<int64_t>(p));
+    for (int64_t v : {int64_t(n), out_rows, max_slots, chunk}) key.push_back(v);
   }
-  const QActs oa = norm(x, d_sel, output_norm_, out_rows, int8_type(output_.type), xb);
-  matmul(output_, xb, out_rows, logits, acts_, s, nullptr, false, int8_type(output_.type) ? &oa : nullptr);
+  if (!key.empty()) {
+    launch_graph(key, launch_all);
+  } else {
+    launch_all();
+  }
   int64_t r = 0;
   for (int32_t k = 0; k < count; ++k) {
     const int64_t kr = parts[k].last_only ? 1 : parts[k].n;
@@ -868,6 +944,7 @@ std::shared_ptr<DevicePass> cuda_model_pass(const Model& model, std::string* why
 namespace cuda {
 
 void set_model_pass_score_limit(int64_t floats) { g_score_limit = floats > 0 ? floats : int64_t(16) << 20; }
+void set_model_pass_graphs(int on) { g_graphs = on; }
 
 namespace {
 

@@ -37,6 +37,9 @@ void model_rmsnorm(const float* x, const float* w, int64_t rows, int64_t dim, fl
 // Caps the attention scores one launch keeps (floats; 0 restores the default, 16M), so that tests
 // reach the chunked path on small models.
 void set_model_pass_score_limit(int64_t floats);
+// CUDA graphs for the small passes of passes made afterwards: 1 on, 0 off, -1 as OSD_CUDA_GRAPHS says
+// (on unless it is "0"). For tests and benchmarks, which compare both.
+void set_model_pass_graphs(int on);
 }  // namespace cuda
 
 }  // namespace osd

@@ -1,5 +1,6 @@
-// The model pass on the GPU against the CPU engine on the same machine, in the same run: decode
-// steps (one token after a 64-token prompt), a 5-token chain pass, a 256-token prefill. Reports
+// The model pass on the GPU against the CPU engine on the same machine, in the same run, and with
+// CUDA graphs against kernel-by-kernel launches: decode steps (one token after a 64-token prompt), a
+// 5-token chain pass, a 256-token prefill. Reports
 // time per step, the weights' bandwidth as a fraction of a same-run device-to-device copy, the cost of
 // a 5-token pass in 1-token passes, and how many greedy decode steps pick the CPU's token.
 //
@@ -12,6 +13,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -143,16 +145,18 @@ int main(int argc, char** argv) {
   }
   std::printf("device-to-device copy: %.1f GB/s (read + write)\n\n", copy_gbps);
 
+  // Each subject is loaded three times: the CPU engine, the GPU pass launching kernel by kernel, and
+  // the GPU pass replaying CUDA graphs for its small passes (the default).
   struct Subject {
     std::string name;
-    std::shared_ptr<Model> cpu, gpu;
+    std::function<std::shared_ptr<Model>()> make;
   };
   std::vector<Subject> subjects;
   auto add_file = [&](const std::string& p) {
     if (FILE* f = std::fopen(p.c_str(), "rb")) std::fclose(f);
     else return std::printf("%s: not found, skipped\n", p.c_str()), void();
     const size_t slash = p.find_last_of('/');
-    subjects.push_back({slash == std::string::npos ? p : p.substr(slash + 1), Model::load(p), Model::load(p)});
+    subjects.push_back({slash == std::string::npos ? p : p.substr(slash + 1), [p] { return Model::load(p); }});
   };
   if (paths.empty()) {
     add_file("models/default-target.gguf");
@@ -161,40 +165,49 @@ int main(int argc, char** argv) {
     c.vocab = 32000, c.dim = 1024, c.n_layers = 8, c.n_heads = 16, c.n_kv_heads = 4, c.ffn_dim = 2816, c.context = 2048;
     const std::string rp = "/tmp/osd-bench-model-pass.gguf";
     write_random_gguf(rp, c, 11, gguf::TensorType::F16);
-    subjects.push_back({"random 1024x8 F16", Model::load(rp), Model::load(rp)});
-    auto src = Model::load(rp);
-    subjects.push_back({"random 1024x8 Q4_0", convert_model(*src, gguf::TensorType::Q4_0),
-                        convert_model(*src, gguf::TensorType::Q4_0)});
+    subjects.push_back({"random 1024x8 F16", [rp] { return Model::load(rp); }});
+    auto src = std::shared_ptr<Model>(Model::load(rp));
+    subjects.push_back({"random 1024x8 Q4_0", [src] { return convert_model(*src, gguf::TensorType::Q4_0); }});
   } else {
     for (const auto& p : paths) add_file(p);
   }
-
   const int steps = quick ? 8 : 32;
   std::vector<Row> rows;
-  std::printf("%-28s %-6s %11s %11s %13s %12s %9s %10s %s\n", "model", "engine", "decode ms", "chain-5 ms", "5-token/1",
+  std::printf("%-28s %-11s %11s %11s %13s %12s %9s %10s %s\n", "model", "engine", "decode ms", "chain-5 ms", "5-token/1",
               "prefill ms", "weights", "of copy", "greedy = CPU");
   for (auto& sub : subjects) {
-    sub.gpu->set_device_pass(cuda_model_pass(*sub.gpu, &why));
-    if (!sub.gpu->device_pass()) {
+    auto cpu = sub.make();
+    std::shared_ptr<Model> gpu[2];  // [0] kernel by kernel, [1] CUDA graphs
+    for (int k = 0; k < 2; ++k) {
+      gpu[k] = sub.make();
+      cuda::set_model_pass_graphs(k);
+      gpu[k]->set_device_pass(cuda_model_pass(*gpu[k], &why));
+      cuda::set_model_pass_graphs(-1);
+    }
+    if (!gpu[0]->device_pass() || !gpu[1]->device_pass()) {
       std::printf("%s: no device pass (%s)\n", sub.name.c_str(), why.c_str());
       continue;
     }
-    std::vector<int> cpu_tokens, gpu_tokens;
-    Row rc = time_engine(sub.cpu, sub.name, "cpu", steps, cpu_tokens);
-    Row rg = time_engine(sub.gpu, sub.name, "cuda", steps, gpu_tokens);
-    rg.greedy_steps = static_cast<int>(gpu_tokens.size());
-    rg.greedy_same = 0;
-    while (rg.greedy_same < rg.greedy_steps && gpu_tokens[rg.greedy_same] == cpu_tokens[rg.greedy_same]) ++rg.greedy_same;
-    rg.of_copy = rg.weight_gbps / copy_gbps;
-    for (const Row& r : {rc, rg}) {
-      std::printf("%-28s %-6s %11.3f %11.3f %12.2fx %12.2f %6.1f GB/s", r.model.c_str(), r.engine.c_str(), r.decode_ms,
+    std::vector<int> cpu_tokens, gpu_tokens[2];
+    Row rc = time_engine(cpu, sub.name, "cpu", steps, cpu_tokens);
+    Row rg[2] = {time_engine(gpu[0], sub.name, "cuda", steps, gpu_tokens[0]),
+                 time_engine(gpu[1], sub.name, "cuda+graphs", steps, gpu_tokens[1])};
+    for (int k = 0; k < 2; ++k) {
+      rg[k].greedy_steps = static_cast<int>(gpu_tokens[k].size());
+      rg[k].greedy_same = 0;
+      while (rg[k].greedy_same < rg[k].greedy_steps && gpu_tokens[k][rg[k].greedy_same] == cpu_tokens[rg[k].greedy_same])
+        ++rg[k].greedy_same;
+      rg[k].of_copy = rg[k].weight_gbps / copy_gbps;
+    }
+    for (const Row& r : {rc, rg[0], rg[1]}) {
+      std::printf("%-28s %-11s %11.3f %11.3f %12.2fx %12.2f %6.1f GB/s", r.model.c_str(), r.engine.c_str(), r.decode_ms,
                   r.chain5_ms, r.chain5_ms / r.decode_ms, r.prefill_ms, r.weight_gbps);
-      if (r.engine == "cuda") std::printf(" %9.3f %d of %d", r.of_copy, r.greedy_same, r.greedy_steps);
+      if (r.engine != "cpu") std::printf(" %9.3f %d of %d", r.of_copy, r.greedy_same, r.greedy_steps);
       std::printf("\n");
       rows.push_back(r);
     }
-    std::printf("%-28s        GPU decode %.2fx the CPU engine, prefill %.2fx\n", "", rc.decode_ms / rg.decode_ms,
-                rc.prefill_ms / rg.prefill_ms);
+    std::printf("%-28s             GPU decode %.2fx the CPU engine (graphs %.2fx kernel by kernel), prefill %.2fx\n", "",
+                rc.decode_ms / rg[1].decode_ms, rg[0].decode_ms / rg[1].decode_ms, rc.prefill_ms / rg[1].prefill_ms);
     std::fflush(stdout);
   }
   if (!json.empty()) {

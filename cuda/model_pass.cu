@@ -773,16 +773,8 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
   }
 
   const int64_t D = c.dim, QD = c.q_dim(), KVD = c.kv_dim(), F = c.ffn_dim, HD = c.head_dim, half = HD / 2;
-  // RoPE angles as the CPU computes them (double, then rounded to float).
   std::vector<float> cs(std::max<int64_t>(n * half, 1)), sn(std::max<int64_t>(n * half, 1));
-  for (int32_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < half; ++k) {
-      double freq = std::pow(static_cast<double>(c.rope_theta), -2.0 * k / HD) * c.rope_freq_scale;
-      if (!c.rope_factors.empty()) freq /= c.rope_factors[k];
-      const double angle = pos[i] * freq;
-      cs[i * half + k] = static_cast<float>(std::cos(angle));
-      sn[i * half + k] = static_cast<float>(std::sin(angle));
-    }
+  rope_angles(c, pos.data(), n, cs.data(), sn.data());
   auto put = [&](DeviceBuffer& buf, const auto& v) {
     using T = typename std::decay_t<decltype(v)>::value_type;
     T* d = buf.as<T>(std::max<size_t>(v.size(), 1));

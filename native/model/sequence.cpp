@@ -47,6 +47,18 @@ void Sequence::reserve(int32_t slots) {
   allocated_ = grow;
 }
 
+void rope_angles(const ModelConfig& c, const int32_t* pos, int32_t n, float* cos_out, float* sin_out) {
+  const int64_t hd = c.head_dim, half = hd / 2;
+  for (int32_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < half; ++k) {
+      double freq = std::pow(static_cast<double>(c.rope_theta), -2.0 * k / hd) * c.rope_freq_scale;
+      if (!c.rope_factors.empty()) freq /= c.rope_factors[k];
+      const double angle = pos[i] * freq;
+      cos_out[i * half + k] = static_cast<float>(std::cos(angle));
+      sin_out[i * half + k] = static_cast<float>(std::sin(angle));
+    }
+}
+
 DevicePass& Sequence::device_pass() const {
   DevicePass* p = model_->device_pass().get();
   if (!p) throw_state("this sequence's cache is on a device, and its model no longer has that device's pass");
@@ -202,14 +214,7 @@ void Sequence::evaluate_parts(const EvalPart* parts, int32_t count) {
   // rotation is bit-identical to it).
   const int64_t half = HD / 2;
   std::vector<float> rope_cos(n * half), rope_sin(n * half);
-  for (int32_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < half; ++k) {
-      double freq = std::pow(static_cast<double>(c.rope_theta), -2.0 * k / HD) * c.rope_freq_scale;
-      if (!c.rope_factors.empty()) freq /= c.rope_factors[k];
-      const double angle = pos[i] * freq;
-      rope_cos[i * half + k] = static_cast<float>(std::cos(angle));
-      rope_sin[i * half + k] = static_cast<float>(std::sin(angle));
-    }
+  rope_angles(c, pos.data(), n, rope_cos.data(), rope_sin.data());
   auto rotate = [&](float* v, const float* cs, const float* sn) {
     for (int64_t k = 0; k < half; ++k) {
       const int64_t a = c.rope_neox ? k : 2 * k, b = c.rope_neox ? k + half : 2 * k + 1;

@@ -20,6 +20,11 @@ const char* kv_type_name(KvType t);
 class Sequence;
 struct EvalPart;
 
+// The RoPE angles of n tokens at positions pos: cos and sin (n x head_dim / 2 each) of pos * freq_k,
+// freq_k = theta^(-2k / head_dim) * freq_scale / rope_factors[k], computed in double and rounded
+// once, as every pass (CPU or device) rotates with them.
+void rope_angles(const ModelConfig& c, const int32_t* pos, int32_t n, float* cos_out, float* sin_out);
+
 // A model pass on a device (the CUDA backend's: cuda/model_pass.h). It holds the weights there and
 // each sequence's cache; Sequence checks every argument, keeps the lengths and calls it for the math.
 // Results agree with the CPU engine's within rounding (the reduction orders differ), not bit for bit.

@@ -61,6 +61,20 @@ timeout 300 "$build/test_cuda" 2>&1 | tee "$dest/test_cuda.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && status=$rc && log "test_cuda exited with $rc"
 
+# The model pass's graph replays and batched passes under compute-sanitizer's memcheck (a stale or
+# freed pointer baked into a graph would read memory the bits cannot show).
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  for t in model_pass_graphs model_pass_is_batch_invariant; do
+    log "compute-sanitizer memcheck: test_cuda $t"
+    timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$build/test_cuda" "$t" 2>&1 | tail -15 |
+      tee -a "$dest/test_cuda_memcheck.txt"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && status=$rc && log "memcheck of $t exited with $rc"
+  done
+else
+  log "compute-sanitizer not found: memcheck skipped"
+fi
+
 log "test_backend"
 timeout 60 "$build/test_backend" 2>&1 | tee "$dest/test_backend.txt"
 rc=${PIPESTATUS[0]}

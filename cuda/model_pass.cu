@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -306,15 +307,22 @@ __global__ void matmul_kernel(Job job, const float* x, QActs qa, int64_t n) {
   }
 }
 
-// Scratch of the int8 activations.
+// Scratch of the int8 activations, reserved before a pass (reserve_acts): taking pointers from it
+// never allocates, which a pass captured as a CUDA graph relies on.
 struct Acts {
   DeviceBuffer q, d, s;
+  QActs take(int64_t rows, int64_t cols) {
+    const int64_t blocks = rows * (cols / 32);
+    if (q.bytes() < size_t(rows * cols) || d.bytes() < size_t(blocks) * 4 || s.bytes() < size_t(blocks) * 4)
+      throw_state("model pass: activation scratch too small (not reserved for this pass)");
+    return {static_cast<const int8_t*>(q.get()), static_cast<const float*>(d.get()), static_cast<const float*>(s.get())};
+  }
 };
 
 // x's 8-bit activations in `acts` (reserved by the caller for n x cols), for int8 weights.
 QActs quantize(const float* x, int64_t n, int64_t cols, Acts& acts, cudaStream_t stream) {
   const int64_t blocks = n * (cols / 32);
-  QActs a{acts.q.as<int8_t>(n * cols), acts.d.as<float>(blocks), acts.s.as<float>(blocks)};
+  const QActs a = acts.take(n, cols);
   quantize_q8_kernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0, stream>>>(x, blocks, const_cast<int8_t*>(a.q),
                                                                                   const_cast<float*>(a.d), const_cast<float*>(a.s));
   OSD_CUDA_CHECK_LAUNCH();
@@ -406,13 +414,14 @@ void reserve_acts(Acts& a, int64_t n, int64_t cols) {
 
 // Largest number of attention scores (floats) one launch keeps; test_cuda lowers it to cover the
 // chunked path.
-int64_t g_score_limit = int64_t(16) << 20;
+std::atomic<int64_t> g_score_limit{int64_t(16) << 20};
 
 // CUDA graphs for small passes: on unless OSD_CUDA_GRAPHS=0 (or set_model_pass_graphs(false) for
 // passes made afterwards).
-int g_graphs = -1;  // -1: from the environment
+std::atomic<int> g_graphs{-1};  // -1: from the environment
 bool graphs_enabled() {
-  if (g_graphs >= 0) return g_graphs != 0;
+  const int g = g_graphs.load();
+  if (g >= 0) return g != 0;
   const char* e = std::getenv("OSD_CUDA_GRAPHS");
   return !(e && std::strcmp(e, "0") == 0);
 }
@@ -677,9 +686,20 @@ class CudaPass final : public DevicePass {
   bool any_int8_ = false;  // some product takes 8-bit activations (their scratch is reserved per pass)
   // CUDA graphs of small passes, keyed by their launch parameters (newest last).
   static constexpr int64_t kGraphMaxTokens = 16;
-  static constexpr size_t kGraphsKept = 8;
+  static constexpr size_t kGraphsKept = 16;
   bool use_graphs_ = graphs_enabled();
   std::vector<std::pair<std::vector<int64_t>, cudaGraphExec_t>> graphs_;
+  std::vector<std::vector<int64_t>> seen_;  // shapes run once, not captured yet
+  int64_t graph_captures_ = 0, graph_replays_ = 0;
+
+ public:
+  // For tests and benches: graphs captured and replayed so far, and whether they are in use.
+  void graph_stats(int64_t* captures, int64_t* replays, bool* enabled) {
+    std::lock_guard<std::mutex> lock(mu_);
+    *captures = graph_captures_, *replays = graph_replays_, *enabled = use_graphs_;
+  }
+
+ private:
   template <class F>
   void launch_graph(const std::vector<int64_t>& key, F&& launch_all);
   DeviceBuffer tokens_, x_, xb_, q_, k_, v_, att_, g_, h_, cs_, sn_, rows_, parts_, vis_, sel_, scores_, logits_;
@@ -692,29 +712,49 @@ void CudaPass::launch_graph(const std::vector<int64_t>& key, F&& launch_all) {
     if (graphs_[i].first == key) {
       std::rotate(graphs_.begin() + i, graphs_.begin() + i + 1, graphs_.end());  // now the newest
       OSD_CUDA_CHECK(cudaGraphLaunch(graphs_.back().second, stream_));
+      ++graph_replays_;
       return;
     }
+  // A shape is captured the second time it comes: one-off shapes never pay for a capture, and the
+  // first run has loaded every kernel (lazy loading during a capture fails on older drivers).
+  const auto seen = std::find(seen_.begin(), seen_.end(), key);
+  if (seen == seen_.end()) {
+    if (seen_.size() == 2 * kGraphsKept) seen_.erase(seen_.begin());
+    seen_.push_back(key);
+    launch_all();
+    return;
+  }
+  seen_.erase(seen);
   // Captured on this thread only: another thread's CUDA calls (the backend's) are not affected.
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
-  OSD_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-  try {
-    launch_all();
-  } catch (...) {
-    cudaStreamEndCapture(stream_, &graph);
+  bool captured = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+  if (captured) {
+    try {
+      launch_all();
+    } catch (...) {
+      captured = false;
+    }
+    captured = cudaStreamEndCapture(stream_, &graph) == cudaSuccess && captured;
+    captured = captured && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
     if (graph) cudaGraphDestroy(graph);
-    throw;
   }
-  OSD_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-  const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
-  cudaGraphDestroy(graph);
-  OSD_CUDA_CHECK(e);
+  if (!captured) {
+    // Graphs do not work here: clear the error they left, and launch kernel by kernel from now on
+    // (a real launch error then surfaces there).
+    (void)cudaGetLastError();
+    if (exec) cudaGraphExecDestroy(exec);
+    use_graphs_ = false;
+    launch_all();
+    return;
+  }
   if (graphs_.size() == kGraphsKept) {
     cudaGraphExecDestroy(graphs_.front().second);
     graphs_.erase(graphs_.begin());
   }
   graphs_.push_back({key, exec});
   OSD_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+  ++graph_captures_;
 }
 
 void CudaPass::grow(CudaCache& c, int32_t length, int32_t slots) {
@@ -801,7 +841,7 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
     max_slots = b;
   }
   // Attention runs over chunks of rows whose scores fit in 64 MiB (a long prefill's would not).
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, g_score_limit / (int64_t(c.n_heads) * max_slots)));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, g_score_limit.load() / (int64_t(c.n_heads) * max_slots)));
   if (any_int8_) reserve_acts(acts_, n, std::max({D, QD, F}));
   const int64_t V = c.vocab;
   const int64_t out_rows = static_cast<int64_t>(sel.size());
@@ -815,8 +855,7 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
     OSD_CUDA_CHECK_LAUNCH();
     // A norm whose output feeds int8 products also writes its 8-bit activations (no extra launch).
     auto norm = [&](const float* in, const int32_t* src, const float* weight, int64_t rows, bool int8, float* out) {
-      QActs qa;
-      if (int8) qa = {acts_.q.as<int8_t>(rows * D), acts_.d.as<float>(rows * (D / 32)), acts_.s.as<float>(rows * (D / 32))};
+      const QActs qa = int8 ? acts_.take(rows, D) : QActs{};
       rmsnorm_kernel<<<static_cast<unsigned>(rows), T, 0, s>>>(in, src, weight, D, c.rms_eps, out, const_cast<int8_t*>(qa.q),
                                                                const_cast<float*>(qa.d), const_cast<float*>(qa.s));
       OSD_CUDA_CHECK_LAUNCH();
@@ -937,6 +976,12 @@ namespace cuda {
 
 void set_model_pass_score_limit(int64_t floats) { g_score_limit = floats > 0 ? floats : int64_t(16) << 20; }
 void set_model_pass_graphs(int on) { g_graphs = on; }
+
+GraphStats model_pass_graph_stats(DevicePass& pass) {
+  GraphStats g;
+  if (auto* p = dynamic_cast<CudaPass*>(&pass)) p->graph_stats(&g.captures, &g.replays, &g.enabled);
+  return g;
+}
 
 namespace {
 

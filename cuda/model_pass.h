@@ -40,6 +40,12 @@ void set_model_pass_score_limit(int64_t floats);
 // CUDA graphs for the small passes of passes made afterwards: 1 on, 0 off, -1 as OSD_CUDA_GRAPHS says
 // (on unless it is "0"). For tests and benchmarks, which compare both.
 void set_model_pass_graphs(int on);
+struct GraphStats {
+  int64_t captures = 0, replays = 0;
+  bool enabled = false;
+};
+// A CUDA model pass's graphs so far (zeros for another kind of pass).
+GraphStats model_pass_graph_stats(DevicePass& pass);
 }  // namespace cuda
 
 }  // namespace osd

@@ -2302,6 +2302,26 @@ OSD_TEST(model_pass_graphs_give_the_same_bits) {
         a.keep_path(tb, path, 3), b.keep_path(tb, path, 3);
       }
     }
+    // Two sequences in one pass, one of them a prefill's last row only (fewer output rows than tokens).
+    auto a2 = a.fork();
+    auto b2 = b.fork();
+    for (int rep = 0; rep < 4; ++rep) {
+      const int32_t t0 = randint(rng, 0, V - 1), t1[2] = {randint(rng, 0, V - 1), randint(rng, 0, V - 1)};
+      std::vector<float> x0(V), x1(V), y0(V), y1(V);
+      const EvalPart pa[2] = {{&a, &t0, 1, nullptr, x0.data(), false}, {a2.get(), t1, 2, nullptr, x1.data(), true}};
+      const EvalPart pb[2] = {{&b, &t0, 1, nullptr, y0.data(), false}, {b2.get(), t1, 2, nullptr, y1.data(), true}};
+      Sequence::evaluate_parts(pa, 2);
+      Sequence::evaluate_parts(pb, 2);
+      bad += x0 != y0 || x1 != y1;
+      ++steps;
+    }
+    const auto off = cuda::model_pass_graph_stats(*ms[0]->device_pass());
+    const auto on = cuda::model_pass_graph_stats(*ms[1]->device_pass());
+    std::printf("  %s: graphs captured %lld, replayed %lld (off: %lld, %lld)\n", gguf::type_info(t).name,
+                (long long)on.captures, (long long)on.replays, (long long)off.captures, (long long)off.replays);
+    CHECK(on.enabled && !off.enabled);
+    CHECK(on.captures >= 3 && on.replays >= 100);  // decode, chain and batch shapes; most passes replay
+    CHECK_EQ(off.captures + off.replays, 0);
   }
   std::printf("  %d passes, %d differ in bits from launching kernel by kernel\n", steps, bad);
   CHECK_EQ(bad, 0);

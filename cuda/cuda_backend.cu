@@ -326,18 +326,19 @@ void CudaBackend::kv_keep_path(float* k, float* v, int32_t slots, int32_t kv_dim
   cudaStream_t s = I.stream;
   const size_t n = static_cast<size_t>(slots) * kv_dim;
   cuda::KvPathJob job;
-  job.k = stage(I.a, k, n, s);
-  job.v = stage(I.b, v, n, s);
-  job.row_stride = kv_dim;
-  job.kv_dim = kv_dim;
+  float* dk = stage(I.a, k, n, s);
+  float* dv = stage(I.b, v, n, s);
+  job.k = reinterpret_cast<uint16_t*>(dk), job.v = reinterpret_cast<uint16_t*>(dv);
+  job.row_stride = 2 * int64_t(kv_dim);  // a float is two 16-bit units
+  job.kv_dim = 2 * kv_dim;
   job.base = base;
   job.path_offset = 0;
   job.len = len;
   const int32_t* dpath = stage(I.c, path, len, s);
   const cuda::KvPathJob* djob = stage(I.d, &job, 1, s);
-  cuda::kv_keep_path_launch(djob, 1, dpath, kv_dim, s);
-  fetch(k, job.k, n, s);
-  fetch(v, job.v, n, s);
+  cuda::kv_keep_path_launch(djob, 1, dpath, 2 * kv_dim, s);
+  fetch(k, dk, n, s);
+  fetch(v, dv, n, s);
   OSD_CUDA_CHECK(cudaStreamSynchronize(s));
 }
 

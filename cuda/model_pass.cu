@@ -18,6 +18,7 @@
 #include "core/error.h"
 #include "cuda_backend.h"
 #include "model_pass.h"
+#include "tree_kv.cuh"
 #include "workspace.cuh"
 
 namespace osd {
@@ -702,6 +703,7 @@ class CudaPass final : public DevicePass {
  private:
   template <class F>
   void launch_graph(const std::vector<int64_t>& key, F&& launch_all);
+  DeviceBuffer kv_jobs_, kv_path_;  // keep_path's jobs and path
   DeviceBuffer tokens_, x_, xb_, q_, k_, v_, att_, g_, h_, cs_, sn_, rows_, parts_, vis_, sel_, scores_, logits_;
   Acts acts_;
 };
@@ -925,14 +927,24 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
 void CudaPass::keep_path(Cache& cache, int32_t base, const int32_t* path, int32_t k) {
   std::lock_guard<std::mutex> lock(mu_);
   auto& c = static_cast<CudaCache&>(cache);
-  const size_t hd = cfg_.head_dim, e = elem(c.kv), pitch = c.alloc * hd * e;
-  // In path order: each copy reads a later slot than it writes, as on the CPU.
-  for (int32_t i = 0; i < k; ++i) {
-    const int32_t src = base + path[i];
-    if (src == base + i) continue;
-    OSD_CUDA_CHECK(cudaMemcpy2DAsync(c.data + (base + i) * hd * e, pitch, c.data + src * hd * e, pitch, hd * e, planes(),
-                                     cudaMemcpyDeviceToDevice, stream_));
-  }
+  if (k <= 0 || !c.data) return;
+  // One launch for every (layer, key-value head) plane: tree_kv's compaction, in path order as on the CPU.
+  const int64_t hd = cfg_.head_dim, units = hd * int64_t(elem(c.kv) / 2), plane = int64_t(c.alloc) * units;
+  std::vector<cuda::KvPathJob> jobs;
+  for (int32_t l = 0; l < cfg_.n_layers; ++l)
+    for (int32_t h = 0; h < cfg_.n_kv_heads; ++h) {
+      cuda::KvPathJob j;
+      uint16_t* d = reinterpret_cast<uint16_t*>(c.data);
+      j.k = d + ((int64_t(l) * 2 + 0) * cfg_.n_kv_heads + h) * plane;
+      j.v = d + ((int64_t(l) * 2 + 1) * cfg_.n_kv_heads + h) * plane;
+      j.row_stride = units, j.kv_dim = static_cast<int32_t>(units), j.base = base, j.path_offset = 0, j.len = k;
+      jobs.push_back(j);
+    }
+  cuda::KvPathJob* djobs = kv_jobs_.as<cuda::KvPathJob>(jobs.size());
+  int32_t* dpath = kv_path_.as<int32_t>(k);
+  OSD_CUDA_CHECK(cudaMemcpyAsync(djobs, jobs.data(), jobs.size() * sizeof(jobs[0]), cudaMemcpyHostToDevice, stream_));
+  OSD_CUDA_CHECK(cudaMemcpyAsync(dpath, path, k * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+  cuda::kv_keep_path_launch(djobs, static_cast<int32_t>(jobs.size()), dpath, static_cast<int32_t>(units), stream_);
   OSD_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 

@@ -6,8 +6,9 @@
 // positions[i] = base_r + depth(i), depth 0 for children of the prefix (model/sequence.cpp).
 //
 // KV compaction (Sequence::keep_path): after a tree evaluated at slots [base, base + n), keep the
-// accepted nodes path[0..len) as the contiguous slots base, base + 1, ...; each (request, layer)
-// cache is one job. Copies run in path order per column, so they match the CPU's in-place loop.
+// accepted nodes path[0..len) as the contiguous slots base, base + 1, ...; each cache plane (a
+// request's layer, or one key-value head of it) is one job. Copies run in path order per column, so
+// they match the CPU's in-place loop. Entries are moved as 16-bit units: a float is two, a half one.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -29,15 +30,15 @@ struct TreeMaskBatch {
 void tree_mask_launch(const TreeMaskBatch& b, cudaStream_t stream);
 
 struct KvPathJob {
-  float* k = nullptr;  // device: slot s at k + s * row_stride
-  float* v = nullptr;
+  uint16_t* k = nullptr;  // device: slot s at k + s * row_stride (16-bit units)
+  uint16_t* v = nullptr;
   int64_t row_stride = 0;
-  int32_t kv_dim = 0;  // floats copied per slot
+  int32_t kv_dim = 0;  // 16-bit units copied per slot
   int32_t base = 0;
   int32_t path_offset = 0;  // into the paths array
   int32_t len = 0;
 };
-// jobs and paths are device arrays; max_kv_dim bounds every job's kv_dim.
+// jobs and paths are device arrays; max_kv_dim bounds every job's kv_dim (16-bit units).
 void kv_keep_path_launch(const KvPathJob* jobs, int32_t n_jobs, const int32_t* paths, int32_t max_kv_dim,
                          cudaStream_t stream);
 

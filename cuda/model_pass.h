@@ -6,8 +6,9 @@
 // integer block sums, float sums in block order, see native/model/quant.h), so they give its bits;
 // the float products, norms and attention reduce in another order and agree within rounding. Any
 // other type (BF16, Q5_0, Q5_1, the K-quants, IQ4_NL, IQ4_XS) is dequantised to F32 once, at upload:
-// exact weights, but 4 bytes each (8x a Q4_K file's), and multiplied with float activations where
-// the CPU quantises them to 8 bits, so those products differ from the CPU's by that rounding.
+// exact weights, but 4 bytes each (about 7x a Q4_K file's). BF16 products then agree with the CPU's
+// within rounding; the others take float activations where the CPU quantises them to 8 bits, so
+// they differ from the CPU's by that rounding.
 // test_cuda checks all of this against the CPU engine.
 #pragma once
 #include <memory>

@@ -603,6 +603,12 @@ class CudaPass final : public DevicePass {
   ~CudaPass() override { release(); }
 
   std::string name() const override { return "cuda: " + device_; }
+  std::shared_ptr<DevicePass> for_model(const Model& other) const override {
+    std::string why;
+    auto p = cuda_model_pass(other, &why);
+    if (!p) throw_state("device 'cuda': " + why);
+    return p;
+  }
 
   std::unique_ptr<Cache> new_cache(int32_t capacity, KvType kv) override { return std::make_unique<CudaCache>(capacity, kv); }
 

@@ -1,6 +1,8 @@
 // loadModel's `device` option: the model pass on the GPU. Everywhere: bad values are RangeErrors,
 // 'cuda' rejects saying why where it cannot run (this addon, and the cmake-js CUDA addon in a child
-// process when it is built). On a GPU (npm run test:gpu): logits within rounding of the CPU engine's,
+// process when it is built), and the device plumbing (sequences, speculative and online decoding,
+// setWeights and convert following the device) runs through 'mirror', the engine's CPU stand-in for
+// a device, with the CPU's bits. On a GPU (npm run test:gpu): logits within rounding of the CPU engine's,
 // the KV cache on the device through trees, keepPath and forks, copies and setWeights keeping a
 // model on the GPU, and exact speculative decoding with both models there.
 import { spawnSync } from 'node:child_process';
@@ -8,7 +10,16 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { addon, packageRoot } from '../lib/addon.js';
-import { backends, defaultDraftPath, defaultTargetPath, loadModel, SpeculativeDecoder, type Model } from '../lib/index.js';
+import {
+  backends,
+  createOnlineDecoder,
+  defaultDraftPath,
+  defaultTargetPath,
+  loadModel,
+  SpeculativeDecoder,
+  type Model,
+  type ModelDevice,
+} from '../lib/index.js';
 
 const cuda = backends().find((b) => b.name === 'cuda');
 const gpu = !!cuda?.usable;
@@ -146,6 +157,121 @@ describe.skipIf(!gpu)('the model pass on the GPU', () => {
       expect(Array.from(spec.tokens)).toEqual(Array.from(plain.tokens));
     } finally {
       await dec.dispose();
+    }
+  });
+});
+
+// 'mirror' (model/mirror_pass.h): a device pass that computes on the CPU, so every answer must be the
+// plain CPU model's, bit for bit. Allowed only with OSD_TEST_MIRROR_DEVICE=1.
+describe('device plumbing through the mirror pass', () => {
+  const mirror = 'mirror' as ModelDevice;
+  let target: Model, draft: Model, mTarget: Model, mDraft: Model;
+  beforeAll(async () => {
+    process.env.OSD_TEST_MIRROR_DEVICE = '1';
+    target = await loadModel(defaultTargetPath);
+    draft = await loadModel(defaultDraftPath);
+    mTarget = await loadModel(defaultTargetPath, { device: mirror });
+    mDraft = await loadModel(defaultDraftPath, { device: mirror });
+  });
+  afterAll(async () => {
+    delete process.env.OSD_TEST_MIRROR_DEVICE;
+    for (const m of [target, draft, mTarget, mDraft]) await m?.dispose();
+  });
+
+  it('is refused without the environment switch', async () => {
+    delete process.env.OSD_TEST_MIRROR_DEVICE;
+    try {
+      await expect(loadModel(defaultDraftPath, { device: mirror })).rejects.toThrow(/options.device must be 'cpu' or 'cuda'/);
+    } finally {
+      process.env.OSD_TEST_MIRROR_DEVICE = '1';
+    }
+  });
+
+  it('gives the CPU bits through forward, trees, keepPath and forks', async () => {
+    expect(mTarget.info.device).toBe('mirror');
+    const V = target.info.vocabSize;
+    const tokens = Int32Array.from({ length: 30 }, (_, i) => (i * 977 + 13) % V);
+    expect(await mTarget.forward(tokens)).toEqual(await target.forward(tokens));
+    const rows: Float32Array[][] = [];
+    for (const m of [target, mTarget]) {
+      const s = m.createSequence();
+      await s.evaluate(tokens.subarray(0, 12));
+      const tree = await s.evaluate(Int32Array.from([5, 9, 11, 40, 41]), { treeParents: Int32Array.from([-1, 0, 0, 1, 2]) });
+      s.keepPath(12, [0, 2, 4]);
+      const fork = s.fork();
+      const a = await fork.evaluate([3]);
+      s.truncate(13);
+      const b = await s.evaluate([4, 6]);
+      rows.push([tree, a, b]);
+      await fork.dispose();
+      await s.dispose();
+    }
+    for (let k = 0; k < 3; k++) expect(rows[1]![k]).toEqual(rows[0]![k]);
+  });
+
+  it('speculative decoding on the device gives the CPU pair its tokens, greedy and sampled', async () => {
+    const prompt = 'Once upon a time';
+    for (const sampling of [{ temperature: 0 }, { temperature: 0.8 }]) {
+      const out: number[][] = [];
+      for (const [t, d] of [
+        [target, draft],
+        [mTarget, mDraft],
+      ] as const) {
+        const dec = new SpeculativeDecoder({ target: t, draft: d, strategy: { kind: 'chain', length: 4 } });
+        out.push(Array.from((await dec.generate({ prompt, maxTokens: 40, sampling, seed: 7 })).tokens));
+        await dec.dispose();
+      }
+      expect(out[1]).toEqual(out[0]);
+    }
+    expect(Array.from((await mTarget.generate({ prompt, maxTokens: 40 })).tokens)).toEqual(
+      Array.from((await target.generate({ prompt, maxTokens: 40 })).tokens),
+    );
+  });
+
+  it('copies stay on the device, and CPU weights given by setWeights move there', async () => {
+    const copy = await mDraft.convert('keep');
+    const cpuCopy = await draft.convert('keep');
+    try {
+      expect(copy.info.device).toBe('mirror');
+      expect(cpuCopy.info.device).toBe('cpu');
+      const plain = await loadModel(defaultDraftPath);
+      try {
+        plain.setWeights(copy); // a CPU model given device weights runs on the device from now on
+        expect(plain.info.device).toBe('mirror');
+      } finally {
+        await plain.dispose();
+      }
+      copy.setWeights(cpuCopy);
+      expect(copy.info.device).toBe('mirror');
+      const tokens = Int32Array.from({ length: 16 }, (_, i) => (i * 37 + 1) % draft.info.vocabSize);
+      expect(await copy.forward(tokens)).toEqual(await draft.forward(tokens));
+    } finally {
+      await copy.dispose();
+      await cpuCopy.dispose();
+    }
+  });
+
+  it('online updates keep the draft on the device and the output exact', async () => {
+    const d = await loadModel(defaultDraftPath, { device: mirror });
+    const dec = createOnlineDecoder({ target: mTarget, draft: d, strategy: { kind: 'chain', length: 3 }, distill: { interval: 2, guardMargin: 1 } });
+    let updates = 0;
+    dec.on('update', () => updates++);
+    try {
+      const prompts = ['Once upon a time', 'The little dog', 'She went to the park', 'The sun was'];
+      for (const prompt of prompts) {
+        const want = await target.generate({ prompt, maxTokens: 20 });
+        const got = await dec.generate({ prompt, maxTokens: 20 });
+        expect(Array.from(got.tokens)).toEqual(Array.from(want.tokens));
+        await dec.updateNow().catch(() => null);
+      }
+      expect(updates).toBeGreaterThanOrEqual(1);
+      expect(d.weightsVersion).toBeGreaterThanOrEqual(1);
+      expect(d.info.device).toBe('mirror');
+      const after = await dec.generate({ prompt: 'Once upon a time', maxTokens: 20 });
+      expect(Array.from(after.tokens)).toEqual(Array.from((await target.generate({ prompt: 'Once upon a time', maxTokens: 20 })).tokens));
+    } finally {
+      await dec.dispose();
+      await d.dispose();
     }
   });
 });

@@ -35,6 +35,9 @@ class DevicePass {
   };
   virtual ~DevicePass() = default;
   virtual std::string name() const = 0;  // e.g. "cuda: NVIDIA H100 80GB HBM3"
+  // A pass of the same device for another model (its weights uploaded): weights given to a model by
+  // setWeights, and copies of it, follow it there. Throws with the reason when that fails.
+  virtual std::shared_ptr<DevicePass> for_model(const Model& other) const = 0;
   virtual std::unique_ptr<Cache> new_cache(int32_t capacity, KvType kv) = 0;
   // Sequence::evaluate_parts's math: caches[k] is parts[k].seq's cache, holding lengths[k] tokens.
   virtual void evaluate(const EvalPart* parts, Cache* const* caches, const int32_t* lengths, int32_t count) = 0;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <string>
@@ -15,6 +16,7 @@
 #include "core/philox.h"
 #include "model/chain_step.h"
 #include "model/draft.h"
+#include "model/mirror_pass.h"
 #include "model/model.h"
 #include "model/model_io.h"
 #include "model/quant.h"
@@ -91,8 +93,16 @@ class PromiseWorker : public Napi::AsyncWorker {
   ErrorKind kind_ = ErrorKind::State;
 };
 
-// Moves a model's passes to `device` ("cpu": nothing to do; "cuda": its weights are uploaded).
+// Whether the test-only 'mirror' device (model/mirror_pass.h) may be asked for.
+bool mirror_device_allowed() {
+  const char* e = std::getenv("OSD_TEST_MIRROR_DEVICE");
+  return e && std::string(e) == "1";
+}
+
+// Moves a model's passes to `device` ("cpu": nothing to do; "cuda": its weights are uploaded;
+// "mirror": the CPU-side stand-in the tests use).
 void place_model(Model& model, const std::string& device) {
+  if (device == "mirror") return model.set_device_pass(std::make_shared<MirrorPass>(model));
   if (device != "cuda") return;
 #ifdef OSD_WITH_CUDA
   std::string why;
@@ -175,7 +185,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     // Weights given to a model on the GPU go there too (a trainer's snapshot is made on the CPU).
     if (mine->device_pass() && !other->device_pass()) {
       try {
-        place_model(*other, "cuda");
+        other->set_device_pass(mine->device_pass()->for_model(*other));
       } catch (const std::exception& e) {
         throw Napi::Error::New(env, std::string("setWeights: ") + e.what());
       }
@@ -723,7 +733,8 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
   std::string device = "cpu";
   if (info.Length() > 1 && !info[1].IsUndefined()) {
     device = info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "";
-    if (device != "cpu" && device != "cuda") throw Napi::RangeError::New(env, "device must be 'cpu' or 'cuda'");
+    if (device != "cpu" && device != "cuda" && !(device == "mirror" && mirror_device_allowed()))
+      throw Napi::RangeError::New(env, "device must be 'cpu' or 'cuda'");
   }
   auto* w = new LoadModelWorker(env, info[0].As<Napi::String>(), device, env.GetInstanceData<Ctors>());
   w->Queue();
@@ -875,7 +886,7 @@ class ConvertModelWorker : public PromiseWorker {
  protected:
   void run() override {
     out_ = convert_model(*m_, type_);
-    if (m_->device_pass()) place_model(*out_, "cuda");  // a copy of a model on the GPU is there too
+    if (m_->device_pass()) out_->set_device_pass(m_->device_pass()->for_model(*out_));  // a copy of a GPU model is there too
   }
   void OnOK() override { deferred_.Resolve(wrap_model(Env(), out_)); }
 

@@ -14,6 +14,7 @@
 #include "io/file.h"
 #include "io/gguf.h"
 #include "model/model.h"
+#include "model/mirror_pass.h"
 #include "model/model_io.h"
 #include "model/quant.h"
 #include "model/random_model.h"
@@ -426,55 +427,14 @@ OSD_TEST(evaluate_parts_equals_separate_passes) {
   CHECK_EQ(c.length(), 0);
 }
 
-// A DevicePass that mirrors each cache with a CPU sequence of another instance of the same weights:
 // Sequence's plumbing for device passes (caches made per sequence, lengths, keep_path, fork,
-// evaluate_parts, checks before any call) must give the CPU engine's bits.
-class MirrorPass final : public DevicePass {
- public:
-  explicit MirrorPass(std::shared_ptr<Model> shadow) : shadow_(std::move(shadow)) {}
-  struct C final : Cache {
-    std::unique_ptr<Sequence> s;
-  };
-  std::string name() const override { return "mirror"; }
-  std::unique_ptr<Cache> new_cache(int32_t capacity, KvType kv) override {
-    auto c = std::make_unique<C>();
-    c->s = std::make_unique<Sequence>(shadow_, capacity, kv);
-    return c;
-  }
-  void evaluate(const EvalPart* parts, Cache* const* caches, const int32_t* lengths, int32_t count) override {
-    ++calls;
-    std::vector<EvalPart> mine(parts, parts + count);
-    for (int32_t k = 0; k < count; ++k) {
-      Sequence& s = *static_cast<C*>(caches[k])->s;
-      if (s.length() > lengths[k]) s.truncate(lengths[k]);  // Sequence::truncate only moves the length
-      CHECK_EQ(s.length(), lengths[k]);
-      mine[k].seq = &s;
-    }
-    Sequence::evaluate_parts(mine.data(), count);
-  }
-  void keep_path(Cache& c, int32_t base, const int32_t* path, int32_t k) override {
-    ++calls;
-    static_cast<C&>(c).s->keep_path(base, path, k);
-  }
-  std::unique_ptr<Cache> fork(const Cache& c, int32_t length) override {
-    ++calls;
-    auto out = std::make_unique<C>();
-    out->s = static_cast<const C&>(c).s->fork();
-    if (out->s->length() > length) out->s->truncate(length);
-    return out;
-  }
-  int calls = 0;
-
- private:
-  std::shared_ptr<Model> shadow_;
-};
-
+// evaluate_parts, checks before any call), through MirrorPass (model/mirror_pass.h): the CPU's bits.
 OSD_TEST(device_pass_plumbing_gives_the_cpu_bits) {
   auto plain = stories();
   if (!plain) return;
   auto dev = Model::load(kStories);
   Sequence early(dev);  // made before the model moved: refused below
-  auto pass = std::make_shared<MirrorPass>(Model::load(kStories));
+  auto pass = std::make_shared<MirrorPass>(*dev);
   dev->set_device_pass(pass);
   const int32_t V = plain->config().vocab;
   Sequence a(plain), b(dev);
@@ -513,13 +473,13 @@ OSD_TEST(device_pass_plumbing_gives_the_cpu_bits) {
     CHECK(x1 == y1);
   }
   // Bad arguments are refused before the pass is called, and leave the length as it was.
-  const int calls = pass->calls, len = b.length();
+  const int calls = pass->calls(), len = b.length();
   const int32_t bad_path[2] = {3, 1};
   CHECK_THROWS(Error, b.keep_path(0, bad_path, 2), "must be a later batch index");
   const int32_t out_of_range = V;
   std::vector<float> row(V);
   CHECK_THROWS(Error, b.evaluate(&out_of_range, 1, nullptr, row.data()), "out of range");
-  CHECK_EQ(pass->calls, calls);
+  CHECK_EQ(pass->calls(), calls);
   CHECK_EQ(b.length(), len);
   const int32_t one = 5;
   CHECK_THROWS(Error, early.evaluate(&one, 1, nullptr, row.data()), "made before its model moved to mirror");

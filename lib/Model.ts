@@ -148,10 +148,11 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
   if (typeof path !== 'string' || path.length === 0) throw new TypeError('path must be a non-empty string');
   checkOptions(options);
   checkKeys(options, ['threads', 'signal', 'onProgress', 'device']);
+  const device: unknown = options.device; // read once: a getter could answer differently later
   // ('mirror', a CPU stand-in for a device that the test suites use, only with OSD_TEST_MIRROR_DEVICE=1.)
-  const mirror = options.device === ('mirror' as ModelDevice) && process.env.OSD_TEST_MIRROR_DEVICE === '1';
-  if (options.device !== undefined && options.device !== 'cpu' && options.device !== 'cuda' && !mirror)
-    throw new RangeError(`options.device must be 'cpu' or 'cuda', got ${String(options.device)}`);
+  const mirror = device === 'mirror' && process.env.OSD_TEST_MIRROR_DEVICE === '1';
+  if (device !== undefined && device !== 'cpu' && device !== 'cuda' && !mirror)
+    throw new RangeError(`options.device must be 'cpu' or 'cuda', got ${typeof device === 'string' ? `'${device}'` : device === null ? 'null' : typeof device}`);
   const signal = checkSignal(options.signal);
   checkCallback(options.onProgress, 'options.onProgress');
   if (options.threads !== undefined) {
@@ -160,7 +161,7 @@ export async function loadModel(path: string, options: LoadModelOptions = {}): P
   }
   throwIfAborted(signal);
   options.onProgress?.(0);
-  const handle = await native.loadModel(path, options.device);
+  const handle = await native.loadModel(path, device as ModelDevice | undefined);
   let tokenizer: Tokenizer | undefined;
   let chatTemplate: string | undefined;
   try {

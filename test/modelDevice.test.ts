@@ -52,7 +52,10 @@ describe('loadModel device option', () => {
   it('rejects bad values with errors naming the option', async () => {
     await expect(loadModel(defaultDraftPath, { device: 'gpu' as never })).rejects.toThrow(RangeError);
     await expect(loadModel(defaultDraftPath, { device: 'gpu' as never })).rejects.toThrow(
-      /options.device must be 'cpu' or 'cuda', got gpu/,
+      /options.device must be 'cpu' or 'cuda', got 'gpu'/,
+    );
+    await expect(loadModel(defaultDraftPath, { device: Object.create(null) as never })).rejects.toThrow(
+      new RangeError("options.device must be 'cpu' or 'cuda', got object"),
     );
     await expect(loadModel(defaultDraftPath, { device: 1 as never })).rejects.toThrow(/options.device/);
     expect(() => (addon as unknown as { loadModel(p: string, d: unknown): unknown }).loadModel(defaultDraftPath, 'tpu')).toThrow(
@@ -241,10 +244,21 @@ describe('device plumbing through the mirror pass', () => {
       } finally {
         await plain.dispose();
       }
+      // The given model stays where it is, and so do its running sequences (they forked into freed
+      // cache memory when setWeights moved the given model itself).
+      const running = cpuCopy.createSequence();
+      await running.evaluate([1, 2, 3]);
       copy.setWeights(cpuCopy);
       expect(copy.info.device).toBe('mirror');
+      expect(cpuCopy.info.device).toBe('cpu');
+      const forked = running.fork();
+      const ref = draft.createSequence();
+      await ref.evaluate([1, 2, 3]);
+      expect(await forked.evaluate([4])).toEqual(await ref.evaluate([4]));
+      await Promise.all([running.dispose(), forked.dispose(), ref.dispose()]);
       const tokens = Int32Array.from({ length: 16 }, (_, i) => (i * 37 + 1) % draft.info.vocabSize);
       expect(await copy.forward(tokens)).toEqual(await draft.forward(tokens));
+      expect(await cpuCopy.forward(tokens)).toEqual(await draft.forward(tokens));
     } finally {
       await copy.dispose();
       await cpuCopy.dispose();

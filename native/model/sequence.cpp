@@ -14,11 +14,15 @@ namespace osd {
 
 const char* kv_type_name(KvType t) { return t == KvType::F16 ? "f16" : "f32"; }
 
-Sequence::Sequence(std::shared_ptr<const Model> model, int32_t capacity, KvType kv) : model_(std::move(model)), kv_(kv) {
+Sequence::Sequence(std::shared_ptr<const Model> model, int32_t capacity, KvType kv)
+    : Sequence(model, capacity, kv, model->device_pass()) {}
+
+Sequence::Sequence(std::shared_ptr<const Model> model, int32_t capacity, KvType kv, std::shared_ptr<DevicePass> pass)
+    : model_(std::move(model)), kv_(kv), pass_(std::move(pass)) {
   const int32_t ctx = model_->config().context;
   capacity_ = capacity > 0 ? std::min(capacity, ctx) : ctx;
-  if (const auto& pass = model_->device_pass()) {
-    device_ = pass->new_cache(capacity_, kv_);
+  if (pass_) {
+    device_ = pass_->new_cache(capacity_, kv_);
     return;
   }
   const size_t layers = model_->config().n_layers;
@@ -59,12 +63,6 @@ void rope_angles(const ModelConfig& c, const int32_t* pos, int32_t n, float* cos
     }
 }
 
-DevicePass& Sequence::device_pass() const {
-  DevicePass* p = model_->device_pass().get();
-  if (!p) throw_state("this sequence's cache is on a device, and its model no longer has that device's pass");
-  return *p;
-}
-
 void Sequence::truncate(int32_t n) {
   if (n < 0 || n > length_)
     throw_range("truncate: length " + std::to_string(n) + " is outside [0, " + std::to_string(length_) + "]");
@@ -85,8 +83,8 @@ void Sequence::keep_path(int32_t base, const int32_t* path, int32_t k) {
   for (int32_t i = 0; i < k; ++i)
     if (path[i] < 0 || base + path[i] >= length_)
       throw_range("keep_path: path[" + std::to_string(i) + "] is not an evaluated node");
-  if (device_) {
-    device_pass().keep_path(*device_, base, path, k);
+  if (pass_) {
+    pass_->keep_path(*device_, base, path, k);
     length_ = base + k;
     return;
   }
@@ -108,9 +106,10 @@ void Sequence::keep_path(int32_t base, const int32_t* path, int32_t k) {
 }
 
 std::unique_ptr<Sequence> Sequence::fork() const {
-  auto s = std::make_unique<Sequence>(model_, capacity_, kv_);
-  if (device_) {
-    s->device_ = device_pass().fork(*device_, length_);
+  // Where this sequence is: a sequence made before its model moved to a device stays on the CPU.
+  std::unique_ptr<Sequence> s(new Sequence(model_, capacity_, kv_, pass_));
+  if (pass_) {
+    s->device_ = pass_->fork(*device_, length_);
     s->length_ = length_;
     return s;
   }
@@ -165,22 +164,24 @@ void Sequence::evaluate_parts(const EvalPart* parts, int32_t count) {
       throw_range(part + "the sequence would hold " + std::to_string(int64_t(s.length_) + pt.n) +
                   " tokens, more than its context of " + std::to_string(s.capacity_));
   }
-  if (const auto& pass = m.device_pass()) {
+  // Each sequence runs where it was made (a model's sequences made before it moved to a device stay
+  // on the CPU); one pass runs on one device.
+  const std::shared_ptr<DevicePass>& pass = parts[0].seq->pass_;
+  for (int32_t k = 1; k < count; ++k)
+    if (parts[k].seq->pass_ != pass) {
+      auto where = [](const Sequence& s) { return s.pass_ ? s.pass_->name() : std::string("cpu"); };
+      throw_state("evaluate: part " + std::to_string(k) + "'s sequence is on " + where(*parts[k].seq) + " and part 0's on " +
+                  where(*parts[0].seq) + ": the sequences of one pass must be on one device");
+    }
+  if (pass) {
     std::vector<DevicePass::Cache*> caches(count);
     std::vector<int32_t> lengths(count);
-    for (int32_t k = 0; k < count; ++k) {
-      if (!parts[k].seq->device_)  // (one made before the pass was set)
-        throw_range("evaluate: part " + std::to_string(k) + "'s sequence was made before its model moved to " + pass->name());
-      caches[k] = parts[k].seq->device_.get(), lengths[k] = parts[k].seq->length_;
-    }
+    for (int32_t k = 0; k < count; ++k) caches[k] = parts[k].seq->device_.get(), lengths[k] = parts[k].seq->length_;
     pass->evaluate(parts, caches.data(), lengths.data(), count);
     for (int32_t k = 0; k < count; ++k) parts[k].seq->length_ += parts[k].n;
     return;
   }
-  for (int32_t k = 0; k < count; ++k) {
-    if (parts[k].seq->device_) parts[k].seq->device_pass();  // throws: the model's pass was taken away
-    parts[k].seq->reserve(parts[k].seq->length_ + parts[k].n);
-  }
+  for (int32_t k = 0; k < count; ++k) parts[k].seq->reserve(parts[k].seq->length_ + parts[k].n);
 
   // Rows: the parts' tokens one after another (part k's are rows first[k] .. first[k + 1] - 1).
   std::vector<int32_t> first(count + 1, 0);

@@ -59,7 +59,8 @@ struct EvalPart {
 
 class Sequence {
  public:
-  // capacity 0 means the model's context length; the cache grows on demand up to it.
+  // capacity 0 means the model's context length; the cache grows on demand up to it. The cache is on
+  // the model's device pass when it has one (and stays there), else on the CPU.
   explicit Sequence(std::shared_ptr<const Model> model, int32_t capacity = 0, KvType kv = KvType::F16);
 
   const Model& model() const { return *model_; }
@@ -92,8 +93,7 @@ class Sequence {
 
  private:
   void reserve(int32_t slots);
-  // The model's device pass, for a sequence whose cache is on the device (throws if it is gone).
-  DevicePass& device_pass() const;
+  Sequence(std::shared_ptr<const Model> model, int32_t capacity, KvType kv, std::shared_ptr<DevicePass> pass);
 
   // Calls f with the cache in use (f32_ or f16_).
   template <class F>
@@ -114,7 +114,10 @@ class Sequence {
   int32_t length_ = 0;
   Cache<float> f32_;
   Cache<uint16_t> f16_;  // IEEE half bits
-  std::unique_ptr<DevicePass::Cache> device_;  // the cache, when the model's passes run on a device
+  // The device pass this sequence was made on (its model's when it was made; null: the CPU engine),
+  // and its cache there.
+  std::shared_ptr<DevicePass> pass_;
+  std::unique_ptr<DevicePass::Cache> device_;
 };
 
 }  // namespace osd

@@ -182,10 +182,13 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     if (a.context != b.context || a.rope_theta != b.rope_theta || a.rope_freq_scale != b.rope_freq_scale ||
         a.rope_neox != b.rope_neox || a.rope_factors != b.rope_factors || a.rms_eps != b.rms_eps || a.tied_output != b.tied_output)
       throw Napi::RangeError::New(env, "weights have other settings than this model (context length, RoPE, RMS epsilon or tied output)");
-    // Weights given to a model on the GPU go there too (a trainer's snapshot is made on the CPU).
+    // Weights given to a model on a device go there too (a trainer's snapshot is made on the CPU): a
+    // copy of them does, so that the given model, and any sequence it is running, stays where it is.
     if (mine->device_pass() && !other->device_pass()) {
       try {
-        other->set_device_pass(mine->device_pass()->for_model(*other));
+        std::shared_ptr<Model> copy = convert_model(*other, std::nullopt);
+        copy->set_device_pass(mine->device_pass()->for_model(*copy));
+        other = std::move(copy);
       } catch (const std::exception& e) {
         throw Napi::Error::New(env, std::string("setWeights: ") + e.what());
       }
@@ -881,17 +884,19 @@ class SaveModelWorker : public PromiseWorker {
 class ConvertModelWorker : public PromiseWorker {
  public:
   ConvertModelWorker(Napi::Env env, std::shared_ptr<Model> m, std::optional<gguf::TensorType> type)
-      : PromiseWorker(env), m_(std::move(m)), type_(type) {}
+      : PromiseWorker(env), m_(std::move(m)), pass_(m_->device_pass()), type_(type) {}
 
  protected:
   void run() override {
     out_ = convert_model(*m_, type_);
-    if (m_->device_pass()) out_->set_device_pass(m_->device_pass()->for_model(*out_));  // a copy of a GPU model is there too
+    if (pass_) out_->set_device_pass(pass_->for_model(*out_));  // a copy of a model on a device is there too
   }
   void OnOK() override { deferred_.Resolve(wrap_model(Env(), out_)); }
 
  private:
-  std::shared_ptr<Model> m_, out_;
+  std::shared_ptr<Model> m_;
+  std::shared_ptr<DevicePass> pass_;  // the source's device, read when the work is queued
+  std::shared_ptr<Model> out_;
   std::optional<gguf::TensorType> type_;
 };
 

@@ -481,9 +481,24 @@ OSD_TEST(device_pass_plumbing_gives_the_cpu_bits) {
   CHECK_THROWS(Error, b.evaluate(&out_of_range, 1, nullptr, row.data()), "out of range");
   CHECK_EQ(pass->calls(), calls);
   CHECK_EQ(b.length(), len);
+  // A sequence made before its model moved stays on the CPU, with its forks; one pass cannot mix it
+  // with the device's sequences.
   const int32_t one = 5;
-  CHECK_THROWS(Error, early.evaluate(&one, 1, nullptr, row.data()), "made before its model moved to mirror");
-  CHECK_EQ(early.length(), 0);
+  std::vector<float> row_cpu(V);
+  Sequence ref(plain);
+  early.evaluate(&one, 1, nullptr, row.data());
+  ref.evaluate(&one, 1, nullptr, row_cpu.data());
+  CHECK(row == row_cpu);
+  auto early_fork = early.fork();
+  early_fork->evaluate(&one, 1, nullptr, row.data());
+  ref.evaluate(&one, 1, nullptr, row_cpu.data());
+  CHECK(row == row_cpu);
+  CHECK_EQ(pass->calls(), calls);
+  std::vector<float> two(2 * static_cast<size_t>(V));
+  EvalPart mixed[2] = {{&b, &one, 1, nullptr, two.data(), false}, {&early, &one, 1, nullptr, two.data() + V, false}};
+  CHECK_THROWS(Error, Sequence::evaluate_parts(mixed, 2), "part 1's sequence is on cpu and part 0's on mirror");
+  CHECK_EQ(early.length(), 1);
+  CHECK_EQ(b.length(), len);
 }
 
 // io::HugeBuffer: zeroed, 2 MiB aligned, writable to its last byte, movable, and empty at size 0.

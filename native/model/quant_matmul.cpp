@@ -114,6 +114,9 @@ inline float inverse_scale(float amax) {
   return id <= 3.4028234663852886e38f ? id : 0.0f;
 }
 
+// A Q8_K block that quantises to zeros: all zero, or so small that 127 / amax overflows.
+inline bool zero_block_k(float amax) { return !(127.0f / amax <= 3.4028234663852886e38f); }
+
 // llama.cpp's quantize_row_q8_1 (AVX2 path) with f32 scales: per 32 values d = amax / 127,
 // q = round-even(x * (127 / amax)), s = d * sum q. Non-finite input gives d = s = NaN.
 void quantize_acts_q8(const float* x, int64_t cols, int8_t* q, float* d, float* s) {
@@ -161,7 +164,7 @@ void quantize_acts_q8k(const float* x, int64_t cols, int8_t* q, float* d, int16_
         max = xb[j];
       }
     }
-    if (!finite || amax == 0.0f) {
+    if (!finite || zero_block_k(amax)) {
       std::memset(qb, 0, kQKK);
       std::memset(bsum + b * 16, 0, 16 * sizeof(int16_t));
       d[b] = finite ? 0.0f : NAN;
@@ -770,7 +773,7 @@ OSD_AVX2 void quantize_acts_q8k_avx2(const float* x, int64_t cols, int8_t* q, fl
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float amax = _mm_cvtss_f32(m4);
-    if (amax == 0.0f) {
+    if (zero_block_k(amax)) {
       std::memset(q + b * kQKK, 0, kQKK);
       std::memset(bsum + b * 16, 0, 16 * sizeof(int16_t));
       d[b] = 0.0f;

@@ -650,6 +650,11 @@ OSD_TEST(activation_quantisation_rounding) {
   for (quant::Isa isa : {quant::Isa::Portable, quant::Isa::Avx2, quant::Isa::Avx512}) {
     if (!quant::isa_available(isa)) continue;
     for (float v : quant::activation_roundtrip(TensorType::Q8_0, tiny.data(), 32, isa)) CHECK_EQ(v, 0.0f);
+    std::vector<float> tiny_k(256);
+    // Q8_K: -127 / max overflows alike. Its values came out zero before too (d = 1 / -inf = -0), so
+    // only UndefinedBehaviorSanitizer (float-cast-overflow) told the old code apart here.
+    for (int j = 0; j < 256; ++j) tiny_k[j] = (j - 100) * 1e-39f;
+    for (float v : quant::activation_roundtrip(TensorType::Q4_K, tiny_k.data(), 256, isa)) CHECK_EQ(v, 0.0f);
   }
   // Q8_K (the 256-value formats): the vector quantiser gives the portable one's values, bit for bit,
   // with two entries of largest magnitude and opposite signs (the first sets the scale's sign;

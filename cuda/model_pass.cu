@@ -1,9 +1,10 @@
 // The model pass on the GPU (see model_pass.h): the CPU engine's Sequence::evaluate_parts on the
-// device. Simple kernels (a warp per output row, a block per token and attention head), fused where that saves
-// a launch without changing a value: a norm writes the 8-bit activations of the products it feeds,
-// Q, K and V are one launch with their biases, gate and up one with SwiGLU, the output projections
-// add into the residual, and RoPE writes the cache. A layer is 8 launches with float weights, 10 with
-// int8 ones. test_cuda checks them against the CPU engine; bench_model_pass times them.
+// device. Simple kernels (a warp per output row, a block per token and attention head), fused where
+// that saves a launch without changing a value: a norm writes the 8-bit activations of the products
+// it feeds, Q, K and V are one launch with their biases, gate and up one with SwiGLU, the output
+// projections add into the residual, and RoPE writes the cache. A layer is 8 launches with float
+// weights, 10 with int8 ones. test_cuda checks them against the CPU engine; bench_model_pass times
+// them.
 #include <cuda_fp16.h>
 
 #include <algorithm>

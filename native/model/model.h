@@ -71,8 +71,9 @@ class Model {
   size_t weight_bytes_per_token() const;
 
   // Where this model's passes run: null for the CPU engine, else a device's pass (the CUDA
-  // backend's, cuda/model_pass.h) holding a copy of the weights there. Set before any Sequence of
-  // the model exists; sequences made afterwards keep their cache on that device.
+  // backend's, cuda/model_pass.h; or model/mirror_pass.h's CPU stand-in for tests) holding a copy of
+  // the weights there. Set on a model before it is shared: sequences made afterwards keep their
+  // cache on that device, and any made before stay on the CPU.
   const std::shared_ptr<DevicePass>& device_pass() const { return device_pass_; }
   void set_device_pass(std::shared_ptr<DevicePass> pass) { device_pass_ = std::move(pass); }
 

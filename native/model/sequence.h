@@ -27,7 +27,8 @@ void rope_angles(const ModelConfig& c, const int32_t* pos, int32_t n, float* cos
 
 // A model pass on a device (the CUDA backend's: cuda/model_pass.h). It holds the weights there and
 // each sequence's cache; Sequence checks every argument, keeps the lengths and calls it for the math.
-// Results agree with the CPU engine's within rounding (the reduction orders differ), not bit for bit.
+// Its results may differ from the CPU engine's by rounding (the CUDA pass's reductions run in
+// another order); model/mirror_pass.h's stand-in for tests gives the CPU's bits.
 class DevicePass {
  public:
   struct Cache {

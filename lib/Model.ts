@@ -138,7 +138,8 @@ export interface LoadModelOptions {
    * 'cuda' runs the model's forward passes on the GPU: its weights are copied there at load and its
    * sequences keep their KV cache there (needs the CUDA build of the addon and a usable device, else
    * loading rejects saying why). Logits agree with the CPU engine's within rounding, not bit for bit.
-   * Default 'cpu'. Weights given by setWeights follow the model to the GPU.
+   * setWeights() on such a model uploads a copy of the weights it is given, and convert() copies stay
+   * on the GPU. Default 'cpu'. Not yet run on a GPU: see the README's "The model pass on the GPU".
    */
   device?: ModelDevice;
 }

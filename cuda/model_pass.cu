@@ -45,6 +45,24 @@ bool kept_as_stored(TensorType t) {
 }
 bool int8_type(TensorType t) { return t == TensorType::Q8_0 || t == TensorType::Q4_0 || t == TensorType::Q4_1; }
 
+// A host matrix on the device: its bytes as they are for the types kept as stored, else its values
+// dequantised once, exactly, as F32. put(host, bytes) copies bytes to the device and says where.
+template <class Put>
+DevMatrix device_matrix(const Matrix& w, Put&& put) {
+  DevMatrix d;
+  d.rows = w.rows, d.cols = w.cols;
+  if (kept_as_stored(w.type)) {
+    d.type = w.type, d.row_bytes = w.row_bytes;
+    d.data = static_cast<const uint8_t*>(put(w.data, w.bytes()));
+  } else {
+    std::vector<float> f(static_cast<size_t>(w.rows * w.cols));
+    for (int64_t r = 0; r < w.rows; ++r) dequantize_row(w, r, &f[r * w.cols]);
+    d.type = TensorType::F32, d.row_bytes = w.cols * sizeof(float);
+    d.data = static_cast<const uint8_t*>(put(f.data(), f.size() * sizeof(float)));
+  }
+  return d;
+}
+
 __device__ __forceinline__ float half_bits(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 __device__ __forceinline__ uint16_t load_u16(const uint8_t* p) { return *reinterpret_cast<const uint16_t*>(p); }
 
@@ -629,17 +647,9 @@ class CudaPass final : public DevicePass {
   DevMatrix upload_matrix(const Matrix& w) {
     for (const auto& [host, dev] : uploaded_)
       if (host == w.data) return dev;  // tied output: the embeddings' copy
-    DevMatrix d;
-    d.rows = w.rows, d.cols = w.cols;
-    if (kept_as_stored(w.type)) {
-      d.type = w.type, d.row_bytes = w.row_bytes;
-      d.data = upload(w.data, w.bytes());
-    } else {  // dequantised once, exactly
-      std::vector<float> f(static_cast<size_t>(w.rows * w.cols));
-      for (int64_t r = 0; r < w.rows; ++r) dequantize_row(w, r, &f[r * w.cols]);
-      d.type = TensorType::F32, d.row_bytes = w.cols * sizeof(float);
-      d.data = reinterpret_cast<const uint8_t*>(upload(f.data(), f.size()));
-    }
+    const DevMatrix d = device_matrix(w, [&](const void* p, size_t bytes) {
+      return static_cast<const void*>(upload(static_cast<const uint8_t*>(p), bytes));
+    });
     uploaded_.push_back({w.data, d});
     return d;
   }
@@ -1020,19 +1030,10 @@ struct TestArena {
     if (host && count) OSD_CUDA_CHECK(cudaMemcpy(d, host, count * sizeof(T), cudaMemcpyHostToDevice));
     return d;
   }
-  DevMatrix matrix(const Matrix& w) {  // as CudaPass::upload_matrix
-    DevMatrix d;
-    d.rows = w.rows, d.cols = w.cols;
-    if (kept_as_stored(w.type)) {
-      d.type = w.type, d.row_bytes = w.row_bytes;
-      d.data = put(w.data, w.bytes());
-    } else {
-      std::vector<float> f(static_cast<size_t>(w.rows * w.cols));
-      for (int64_t r = 0; r < w.rows; ++r) dequantize_row(w, r, &f[r * w.cols]);
-      d.type = TensorType::F32, d.row_bytes = w.cols * sizeof(float);
-      d.data = reinterpret_cast<const uint8_t*>(put(f.data(), f.size()));
-    }
-    return d;
+  DevMatrix matrix(const Matrix& w) {
+    return device_matrix(w, [&](const void* p, size_t bytes) {
+      return static_cast<const void*>(put(static_cast<const uint8_t*>(p), bytes));
+    });
   }
   template <class T>
   void get(T* host, const T* dev, size_t count) {

@@ -98,12 +98,12 @@ __global__ void embed_kernel(DevMatrix m, const int32_t* tokens, float* x) {
   for (int64_t j = threadIdx.x; j < m.cols; j += blockDim.x) x[i * m.cols + j] = element(m, tokens[i], j);
 }
 
+// silu(g) * u, as the CPU's swiglu: g / (1 + exp(-g)) * u.
+__device__ __forceinline__ float swiglu_value(float g, float u) { return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u); }
+
 __global__ void swiglu_kernel(const float* g, float* h, int64_t total) {
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k < total) {
-    const float v = g[k];
-    h[k] = __fmul_rn(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), h[k]);
-  }
+  if (k < total) h[k] = swiglu_value(g[k], h[k]);
 }
 
 // ---- Matrix products ----
@@ -320,7 +320,7 @@ __global__ void matmul_kernel(Job job, const float* x, QActs qa, int64_t n) {
   for (int t = 0; t < nt; ++t) {
     float v = acc[t];
     const int64_t at = (t0 + t) * rows + r;
-    if (job.swiglu) v = __fmul_rn(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), up[t]);
+    if (job.swiglu) v = swiglu_value(v, up[t]);
     if (job.bias[m]) v = __fadd_rn(v, job.bias[m][r]);
     if (job.accumulate) v = __fadd_rn(y[at], v);
     y[at] = v;

@@ -12,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { addon, packageRoot } from '../lib/addon.js';
 import {
   backends,
+  chainBatchStats,
   createOnlineDecoder,
   defaultDraftPath,
   defaultTargetPath,
@@ -229,6 +230,28 @@ describe('device plumbing through the mirror pass', () => {
     expect(Array.from((await mTarget.generate({ prompt, maxTokens: 40 })).tokens)).toEqual(
       Array.from((await target.generate({ prompt, maxTokens: 40 })).tokens),
     );
+  });
+
+  it('concurrent generations share batched device passes and give the CPU pair its tokens', async () => {
+    const prompts = ['Once upon a time', 'The little dog', 'She went to the park', 'The sun was'];
+    const run = async (t: Model, d: Model) => {
+      const dec = new SpeculativeDecoder({ target: t, draft: d, strategy: { kind: 'chain', length: 4 }, maxConcurrent: 4 });
+      try {
+        const all = await Promise.all(
+          prompts.map((prompt, i) => dec.generate({ prompt, maxTokens: 24, sampling: { temperature: i % 2 ? 0.8 : 0 }, seed: i })),
+        );
+        return all.map((r) => Array.from(r.tokens));
+      } finally {
+        await dec.dispose();
+      }
+    };
+    const before = chainBatchStats();
+    const onDevice = await run(mTarget, mDraft);
+    const after = chainBatchStats();
+    expect(onDevice).toEqual(await run(target, draft));
+    // Some steps held several runs: the device pass ran batched passes of several sequences.
+    expect(after.steps).toBeGreaterThan(before.steps);
+    expect(after.runs - before.runs).toBeGreaterThan(after.steps - before.steps);
   });
 
   it('copies stay on the device, and CPU weights given by setWeights move there', async () => {

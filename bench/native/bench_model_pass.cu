@@ -1,6 +1,6 @@
 // The model pass on the GPU against the CPU engine on the same machine, in the same run, and with
 // CUDA graphs against kernel-by-kernel launches: decode steps (one token after a 64-token prompt), a
-// 5-token chain pass, a 256-token prefill. Reports
+// 5-token chain pass, a 256-token prefill, and speculative decoding on the default pair. Reports
 // time per step, the weights' bandwidth as a fraction of a same-run device-to-device copy, the cost of
 // a 5-token pass in 1-token passes, and how many greedy decode steps pick the CPU's token.
 //
@@ -21,6 +21,7 @@
 #include "common.cuh"
 #include "core/thread_pool.h"
 #include "cuda_backend.h"
+#include "model/chain_step.h"
 #include "model/model.h"
 #include "model/model_io.h"
 #include "model/random_model.h"
@@ -101,6 +102,35 @@ Row time_engine(const std::shared_ptr<Model>& m, const std::string& name, const 
   r.prefill_ms = median(dt);
   r.weight_gbps = double(m->weight_bytes_per_token()) / (r.decode_ms * 1e-3) / 1e9;
   return r;
+}
+
+// Speculative decoding, chain g = 4, greedy, up to 64 tokens after a prompt (chain_run:
+// draft, target pass and verification per step; verification on the CPU backend): tokens per
+// second (the best of two runs after a warm-up), and the emitted tokens.
+double speculative_tokens_per_s(const std::shared_ptr<Model>& target, const std::shared_ptr<Model>& draft,
+                                const std::vector<int32_t>& prompt, std::vector<int32_t>& tokens) {
+  const int V = std::min(target->config().vocab, draft->config().vocab);
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {  // the first warms up (and lets the graphs be captured)
+    Sequence t(target), d(draft);
+    std::vector<float> scratch(static_cast<size_t>(std::max(target->config().vocab, draft->config().vocab)));
+    const int32_t n = static_cast<int32_t>(prompt.size()) - 1;  // the last prompt token goes in the first step
+    t.evaluate(prompt.data(), n, nullptr, scratch.data(), true);
+    d.evaluate(prompt.data(), n, nullptr, scratch.data(), true);
+    ChainRunParams p;
+    p.step.count = 4;
+    p.step.vocab = V;
+    p.step.sampling.temperature = 0.0f;
+    p.max_steps = 64;
+    p.remaining = 64;
+    ChainRunOut out;
+    const double t0 = now_ms();
+    chain_run(t, d, &prompt[n], 1, prompt[n], p, out);
+    const double ms = now_ms() - t0;
+    if (rep > 0) best = std::max(best, out.tokens.size() / (ms * 1e-3));
+    tokens = out.tokens;
+  }
+  return best;
 }
 
 }  // namespace
@@ -210,6 +240,41 @@ int main(int argc, char** argv) {
                 rc.decode_ms / rg[1].decode_ms, rg[0].decode_ms / rg[1].decode_ms, rc.prefill_ms / rg[1].prefill_ms);
     std::fflush(stdout);
   }
+  // Speculative decoding on the default pair, both models on each engine.
+  struct Spec {
+    std::string engine;
+    double tps = 0;
+    int same = 0, steps = 0;
+  };
+  std::vector<Spec> spec;
+  if (FILE* f = std::fopen("models/default-draft.gguf", "rb")) {
+    std::fclose(f);
+    // The default pair's tokens (BOS 4094) of "Once upon a time, there was a little girl named Lily.
+    // She loved to play", the kind of text both were trained on.
+    const std::vector<int32_t> prompt = {4094, 1726, 323, 833, 260, 728, 44, 695, 489, 260, 1975, 329, 366,
+                                         108,  311,  3207, 605, 795, 46, 358, 261, 1103, 865, 295, 1544};
+    std::vector<int32_t> cpu_tokens;
+    spec.push_back({"cpu", speculative_tokens_per_s(Model::load("models/default-target.gguf"),
+                                                    Model::load("models/default-draft.gguf"), prompt, cpu_tokens)});
+    for (int k = 0; k < 2; ++k) {
+      std::shared_ptr<Model> m[2] = {Model::load("models/default-target.gguf"), Model::load("models/default-draft.gguf")};
+      cuda::set_model_pass_graphs(k);
+      for (auto& x : m) x->set_device_pass(cuda_model_pass(*x, &why));
+      cuda::set_model_pass_graphs(-1);
+      if (!m[0]->device_pass() || !m[1]->device_pass()) break;
+      std::vector<int32_t> toks;
+      Spec s{k ? "cuda+graphs" : "cuda", speculative_tokens_per_s(m[0], m[1], prompt, toks)};
+      s.steps = static_cast<int>(toks.size());
+      while (s.same < s.steps && s.same < static_cast<int>(cpu_tokens.size()) && toks[s.same] == cpu_tokens[s.same]) ++s.same;
+      spec.push_back(s);
+    }
+    std::printf("\nspeculative decoding, default pair, chain g = 4, greedy, 64 tokens (verification on the CPU backend):\n");
+    for (const Spec& s : spec) {
+      std::printf("  %-11s %9.1f tokens/s  %.2fx the CPU engine", s.engine.c_str(), s.tps, s.tps / spec[0].tps);
+      if (s.engine != "cpu") std::printf("  (same tokens as the CPU for the first %d of %d)", s.same, s.steps);
+      std::printf("\n");
+    }
+  }
   if (!json.empty()) {
     FILE* f = std::fopen(json.c_str(), "w");
     if (!f) return std::printf("cannot write %s\n", json.c_str()), 1;
@@ -223,6 +288,10 @@ int main(int argc, char** argv) {
                    r.model.c_str(), r.engine.c_str(), r.decode_ms, r.chain5_ms, r.prefill_ms, r.weight_gbps, r.of_copy,
                    r.greedy_same, r.greedy_steps, i + 1 < rows.size() ? "," : "");
     }
+    std::fprintf(f, "], \"speculative_default_pair\": [");
+    for (size_t i = 0; i < spec.size(); ++i)
+      std::fprintf(f, "%s{\"engine\": \"%s\", \"tokens_per_s\": %.2f, \"same_prefix\": %d, \"tokens\": %d}", i ? ", " : "",
+                   spec[i].engine.c_str(), spec[i].tps, spec[i].same, spec[i].steps);
     std::fprintf(f, "]}\n");
     std::fclose(f);
   }

@@ -602,6 +602,30 @@ __global__ void attention_kernel(const float* q, const RowInfo* rows, const Part
 
 // ---- The pass ----
 
+// Page-locked host memory that grows (old contents are not kept), for copies that run async.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer() {
+    if (ptr_) cudaFreeHost(ptr_);
+  }
+  uint8_t* reserve(size_t bytes) {
+    if (bytes <= bytes_ && ptr_) return static_cast<uint8_t*>(ptr_);
+    if (ptr_) OSD_CUDA_CHECK(cudaFreeHost(ptr_));
+    ptr_ = nullptr, bytes_ = 0;
+    const size_t grow = bytes + bytes / 4 + 256;
+    OSD_CUDA_CHECK(cudaMallocHost(&ptr_, grow));
+    bytes_ = grow;
+    return static_cast<uint8_t*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 struct DevLayer {
   const float *attn_norm = nullptr, *ffn_norm = nullptr, *bq = nullptr, *bk = nullptr, *bv = nullptr, *q_norm = nullptr,
               *k_norm = nullptr;
@@ -721,7 +745,8 @@ class CudaPass final : public DevicePass {
   template <class F>
   void launch_graph(const std::vector<int64_t>& key, F&& launch_all);
   DeviceBuffer kv_jobs_, kv_path_;  // keep_path's jobs and path
-  DeviceBuffer tokens_, x_, xb_, q_, k_, v_, att_, g_, h_, cs_, sn_, rows_, parts_, vis_, sel_, scores_, logits_;
+  DeviceBuffer inputs_, x_, xb_, q_, k_, v_, att_, g_, h_, scores_, logits_;
+  PinnedBuffer staging_;  // the inputs on the host; rewritten only after the previous pass synchronised
   Acts acts_;
 };
 
@@ -834,19 +859,35 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
   const int64_t D = c.dim, QD = c.q_dim(), KVD = c.kv_dim(), F = c.ffn_dim, HD = c.head_dim, half = HD / 2;
   std::vector<float> cs(std::max<int64_t>(n * half, 1)), sn(std::max<int64_t>(n * half, 1));
   rope_angles(c, pos.data(), n, cs.data(), sn.data());
-  auto put = [&](DeviceBuffer& buf, const auto& v) {
-    using T = typename std::decay_t<decltype(v)>::value_type;
-    T* d = buf.as<T>(std::max<size_t>(v.size(), 1));
-    if (!v.empty()) OSD_CUDA_CHECK(cudaMemcpyAsync(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, s));
-    return d;
+  // The pass's small inputs go to the device in one copy from pinned memory (one pageable copy each
+  // cost a synchronous staging per decode step). The tree slots go last, so that the others' places
+  // depend only on the pass's shape (a replayed graph reads them there).
+  struct Piece {
+    const void* src;
+    size_t bytes, at;
   };
-  const int32_t* d_tokens = put(tokens_, tokens);
-  const float* d_cs = put(cs_, cs);
-  const float* d_sn = put(sn_, sn);
-  const RowInfo* d_rows = put(rows_, rows);
-  const PartInfo* d_parts = put(parts_, pinfo);
-  const int32_t* d_vis = put(vis_, vis);
-  const int32_t* d_sel = put(sel_, sel);
+  std::vector<Piece> pieces;
+  size_t total = 0;
+  auto place = [&](const auto& v) {
+    const size_t at = total, bytes = v.size() * sizeof(v[0]);
+    pieces.push_back({v.data(), bytes, at});
+    total = (at + bytes + 255) / 256 * 256;
+    return at;
+  };
+  const size_t at_tokens = place(tokens), at_cs = place(cs), at_sn = place(sn), at_rows = place(rows), at_parts = place(pinfo),
+               at_sel = place(sel), at_vis = place(vis);
+  uint8_t* host = staging_.reserve(total);
+  for (const Piece& p : pieces)
+    if (p.bytes) std::memcpy(host + p.at, p.src, p.bytes);
+  uint8_t* dev = static_cast<uint8_t*>(inputs_.reserve(total));
+  OSD_CUDA_CHECK(cudaMemcpyAsync(dev, host, total, cudaMemcpyHostToDevice, s));
+  const int32_t* d_tokens = reinterpret_cast<const int32_t*>(dev + at_tokens);
+  const float* d_cs = reinterpret_cast<const float*>(dev + at_cs);
+  const float* d_sn = reinterpret_cast<const float*>(dev + at_sn);
+  const RowInfo* d_rows = reinterpret_cast<const RowInfo*>(dev + at_rows);
+  const PartInfo* d_parts = reinterpret_cast<const PartInfo*>(dev + at_parts);
+  const int32_t* d_sel = reinterpret_cast<const int32_t*>(dev + at_sel);
+  const int32_t* d_vis = reinterpret_cast<const int32_t*>(dev + at_vis);
   float *x = x_.as<float>(n * D), *xb = xb_.as<float>(n * D), *q = q_.as<float>(n * QD), *kk = k_.as<float>(n * KVD),
         *vv = v_.as<float>(n * KVD), *att = att_.as<float>(n * QD), *h = h_.as<float>(n * F);
   float* g = nullptr;  // gate products, only when gate and up differ in type

@@ -2103,14 +2103,21 @@ struct LogitCheck {
   }
 };
 
+// Gives a model the CUDA pass (graphs: 1 on, 0 off, -1 the default), or skips the test saying why.
+void put_on_gpu(Model& m, int graphs = -1) {
+  std::string why;
+  cuda::set_model_pass_graphs(graphs);
+  auto pass = cuda_model_pass(m, &why);
+  cuda::set_model_pass_graphs(-1);
+  if (!pass) throw Skip{why};
+  m.set_device_pass(pass);
+}
+
 // The same requests on a model's CPU engine (cpu) and its device pass (dev, another instance of the
 // same weights): prefill, chain, tree and keep_path, truncate, fork, a two-part batch, a long prefill.
 void compare_passes(const std::shared_ptr<Model>& cpu, const std::shared_ptr<Model>& dev, KvType kv, double tol,
                     uint64_t seed, const char* what) {
-  std::string why;
-  auto pass = cuda_model_pass(*dev, &why);
-  if (!pass) throw Skip{why};
-  dev->set_device_pass(pass);
+  put_on_gpu(*dev);
   const int V = cpu->config().vocab;
   Rng rng(seed);
   auto ids = [&](int n) {
@@ -2217,10 +2224,7 @@ OSD_TEST(model_pass_is_batch_invariant) {
   for (TensorType t : {TensorType::F32, TensorType::F16, TensorType::Q4_1}) {
     for (KvType kv : {KvType::F16, KvType::F32}) {
       auto m = t == TensorType::F32 ? Model::load(f32) : convert_model(*src, t);
-      std::string why;
-      auto pass = cuda_model_pass(*m, &why);
-      if (!pass) throw Skip{why};
-      m->set_device_pass(pass);
+      put_on_gpu(*m);
       const int V = m->config().vocab;
       const std::vector<int32_t> prompt = {3, 141, 59, 26, 5, 358, 97, 93, 238, 46, 264, 338, 327, 95, 28, 84, 197, 169, 399, 375};
       const std::vector<int32_t> chain = {7, 300, 12, 451, 60};
@@ -2266,12 +2270,7 @@ OSD_TEST(model_pass_graphs_give_the_same_bits) {
     std::shared_ptr<Model> ms[2];
     for (int k = 0; k < 2; ++k) {
       ms[k] = convert_model(*src, t);
-      cuda::set_model_pass_graphs(k);  // model 0 without graphs, model 1 with them
-      std::string why;
-      auto pass = cuda_model_pass(*ms[k], &why);
-      cuda::set_model_pass_graphs(-1);
-      if (!pass) throw Skip{why};
-      ms[k]->set_device_pass(pass);
+      put_on_gpu(*ms[k], k);  // model 0 without graphs, model 1 with them
     }
     const int V = src->config().vocab;
     Sequence a(ms[0]), b(ms[1]);

@@ -10,6 +10,7 @@ import { abortError, checkSignal, pushToAsyncIterable, throwIfAborted } from './
 interface NativeModel {
   info(): ModelInfo;
   setWeights(other: NativeModel): void;
+  embeddingRows(start: number, count: number): Float32Array;
   dispose(): void;
   readonly disposed: boolean;
 }
@@ -368,6 +369,20 @@ export class Model {
     } finally {
       await seq.dispose();
     }
+  }
+
+  /**
+   * Rows [start, start + count) of the token embeddings, dequantised to float32 ([count x
+   * embeddingLength], row-major) by the engine's own readers, whatever type the file stores them in.
+   * Synchronous: ask for a few thousand rows at a time. Default: every row (at most 2^28 values).
+   */
+  embeddingRows(start = 0, count?: number): Float32Array {
+    const handle = this.handle;
+    const vocab = this.info.vocabSize;
+    checkInteger(start, 'start', 0, vocab);
+    const n = count ?? vocab - start;
+    checkInteger(n, 'count', 0, vocab - start);
+    return handle.embeddingRows(start, n);
   }
 
   /**

@@ -33,6 +33,18 @@ Commands:
       --save-draft PATH    write the online run's adapted draft (GGUF)
       --out DIR            where the plots go (demo.svg, and demo.png where a converter is found; default osd-demo)
       --device D           cpu (default) or cuda: run both models' passes on the GPU
+  train-draft          build a draft for a target by distilling it on your text (GGUF, shares its tokenizer)
+      --target PATH        the target (default: the embedded default target)
+      --text PATH          training text: a file, or a folder of them (repeat for more); each file a document
+      --out PATH           the draft to write (required)
+      --minutes N          time budget (default 30); --steps N stops after N optimizer steps instead
+      --from PATH          continue training this draft instead of starting a new one
+      --dim N --layers N --heads N --kv-heads N --ff N
+                           a new draft's shape (default 128 wide, 2 layers, 4 heads, 2 key-value heads, ff 384)
+      --type T             how the draft's matrices are stored (default F16)
+      --lr X --top-k K --seq-len N --seed S
+                           peak learning rate (1.5e-3), teacher entries per position (64), window (128), seed (1)
+      --checkpoint PATH    save the trainer there every 5 minutes; a later run given it resumes
   info MODEL           what a model file holds: architecture, sizes, storage types, tokenizer, chat template
   convert IN OUT       write a model (GGUF or llama2.c) as GGUF in another storage type, atomically
       --type T             F32, F16 (default), BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, IQ4_NL, IQ4_XS,
@@ -79,6 +91,7 @@ async function main(argv: string[]): Promise<number> {
     serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'no-batching', 'model-id', 'static', 'grace', 'device'],
     convert: ['type'],
     info: [],
+    'train-draft': ['target', 'text', 'out', 'minutes', 'steps', 'from', 'dim', 'layers', 'heads', 'kv-heads', 'ff', 'type', 'lr', 'top-k', 'seq-len', 'seed', 'checkpoint'],
   };
   const allowed = own[command];
   if (allowed) {
@@ -234,6 +247,89 @@ async function main(argv: string[]): Promise<number> {
         await model.dispose();
       }
       return 0;
+    }
+    case 'train-draft': {
+      const { readTexts } = await import('./train/texts.js');
+      const { DEFAULT_TARGET } = await import('./demo.js');
+      if (!values.out) throw new UsageError('give the draft to write: osd train-draft --text notes.txt --out draft.gguf');
+      if (!values.text?.length) throw new UsageError('give training text: --text FILE or --text FOLDER (repeat for more)');
+      if (values.from !== undefined)
+        for (const k of ['dim', 'layers', 'heads', 'kv-heads', 'ff'] as const)
+          if (values[k] !== undefined) throw new UsageError(`--${k} shapes a new draft: --from continues a draft of its own shape`);
+      const type = values.type ?? 'F16';
+      if (!osd.isStoreType(type)) throw new UsageError(`--type must be one of ${osd.STORE_TYPES.join(', ')}, got '${type}'`);
+      const shape: Record<string, number> = {};
+      for (const [flag, key] of [['dim', 'embeddingLength'], ['layers', 'layers'], ['heads', 'heads'], ['kv-heads', 'kvHeads'], ['ff', 'feedForwardLength']] as const)
+        if (values[flag] !== undefined) shape[key] = int(values[flag], flag, 0, 1);
+      const minutes = values.minutes === undefined ? undefined : num(values.minutes, 'minutes', 0);
+      if (minutes !== undefined && !(minutes > 0)) throw new UsageError('--minutes must be a number > 0');
+      const steps = values.steps === undefined ? undefined : int(values.steps, 'steps', 0, 1);
+      const lr = values.lr === undefined ? undefined : num(values.lr, 'lr', 0);
+      if (lr !== undefined && !(lr > 0)) throw new UsageError('--lr must be a number > 0');
+      const { dirname, resolve } = await import('node:path');
+      const { accessSync, constants, existsSync } = await import('node:fs');
+      try {
+        accessSync(dirname(resolve(values.out)), constants.W_OK);
+      } catch {
+        throw new Error(`--out: cannot write in ${dirname(resolve(values.out))}`);
+      }
+      const targetPath = values.target ?? DEFAULT_TARGET;
+      for (const path of [targetPath, values.from]) if (path !== undefined && !existsSync(path)) throw new Error(`model not found: ${path}`);
+      const texts = readTexts(values.text);
+      const tty = process.stderr.isTTY;
+      const ac = new AbortController();
+      process.once('SIGINT', () => ac.abort());
+      const target = await osd.loadModel(targetPath);
+      let result: Awaited<ReturnType<typeof osd.trainDraft>>;
+      try {
+        if (!values.json) process.stderr.write(`osd: ${texts.files} files, ${(texts.bytes / 1e6).toFixed(1)} MB of text; training a draft for ${targetPath}\n`);
+        let lastLine = 0;
+        result = await osd.trainDraft({
+          target,
+          out: values.out,
+          texts: texts.documents,
+          ...(values.from !== undefined && { from: values.from }),
+          ...(Object.keys(shape).length > 0 && { shape }),
+          type,
+          ...(minutes !== undefined && { minutes }),
+          ...(steps !== undefined && { steps }),
+          ...(lr !== undefined && { lr }),
+          ...(values['top-k'] !== undefined && { topK: int(values['top-k'], 'top-k', 0, 1) }),
+          ...(values['seq-len'] !== undefined && { seqLen: int(values['seq-len'], 'seq-len', 0, 2) }),
+          ...(values.seed !== undefined && { seed: int(values.seed, 'seed', 0, 0, 2 ** 31 - 1) }),
+          ...(values.checkpoint !== undefined && { checkpoint: values.checkpoint }),
+          signal: ac.signal,
+          onProgress: (p) => {
+            if (values.json) return;
+            if (p.message) {
+              process.stderr.write(`osd: ${p.message}\n`);
+              return;
+            }
+            const bar = '#'.repeat(Math.round(p.fraction * 24)).padEnd(24, '-');
+            const held = p.heldOut ? `, held-out agreement ${p.heldOut.top1.toFixed(3)}` : '';
+            const line = `train-draft [${bar}] ${(p.fraction * 100).toFixed(0).padStart(3)}% step ${p.step}, loss ${p.trainLoss.toFixed(3)}, ${p.teacherTokens} teacher tokens${held}`;
+            if (tty) process.stderr.write(`\r${line}\x1b[K`);
+            else if (Date.now() - lastLine > 30_000 || p.phase === 'save') {
+              lastLine = Date.now();
+              process.stderr.write(line + '\n');
+            }
+          },
+        });
+      } finally {
+        await target.dispose();
+      }
+      if (tty && !values.json) process.stderr.write('\n');
+      const first = result.curve[0];
+      const last = result.curve[result.curve.length - 1];
+      if (values.json) {
+        process.stdout.write(JSON.stringify({ ...result, files: texts.files, textBytes: texts.bytes }) + '\n');
+      } else {
+        const heldOut = first && last ? `; held-out agreement with the target ${first.top1.toFixed(3)} -> ${last.top1.toFixed(3)}, KL ${first.loss.toFixed(3)} -> ${last.loss.toFixed(3)}` : '';
+        process.stdout.write(
+          `osd: wrote ${result.path}: ${(result.bytes / 1e6).toFixed(1)} MB, ${result.steps} steps on ${result.teacherTokens} teacher tokens in ${result.seconds < 60 ? `${result.seconds.toFixed(1)} s` : `${(result.seconds / 60).toFixed(1)} min`}${heldOut}${result.aborted ? ' (interrupted: the draft so far)' : ''}\n`,
+        );
+      }
+      return result.aborted ? 130 : 0;
     }
     case 'convert': {
       const [input, output, ...rest] = positionals.slice(1);

@@ -1,4 +1,4 @@
-// The SmolLM2 draft (lib/train/smollm2Draft.ts): the pieces of its construction on small inputs,
+// The SmolLM2 draft (lib/train/smollm2Draft.ts, on lib/train/draft.ts): the pieces of its construction on small inputs,
 // and its GGUF through llama.cpp (node-llama-cpp 3.21.1): it loads there with the full vocabulary
 // and gives the same greedy tokens as in this engine. The model-dependent part uses the committed
 // models/smollm2-draft.gguf, or, when that is absent, a draft-shaped model made by the script's init
@@ -9,7 +9,8 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Model } from '../lib/index.js';
-import { DRAFT_SHAPE, topKRows, topRightSingularVectors, writeDraftInit } from '../lib/train/smollm2Draft.js';
+import { topKRows, topRightSingularVectors, writeDraftInit } from '../lib/train/draft.js';
+import { DRAFT_SHAPE } from '../lib/train/smollm2Draft.js';
 import { XorShift } from '../lib/train/trainDefault.js';
 import { agreeGreedy, importNodeLlamaCpp, SMOLLM2 } from './helpers/llamaCpp.js';
 
@@ -97,7 +98,9 @@ describe.skipIf((!haveDraft && !haveTarget) || !nlc)('SmolLM2 draft GGUF through
       // The script's init step (SVD of the target's embeddings, random layers), stored as F16 like the trained draft.
       dir = mkdtempSync(join(tmpdir(), 'osd-smoldraft-'));
       const init = join(dir, 'init.gguf');
-      writeDraftInit(init, SMOL, DRAFT_SHAPE, 1, () => {});
+      const smol = await loadModel(SMOL);
+      await writeDraftInit(init, smol, DRAFT_SHAPE, 1);
+      await smol.dispose();
       const m = await loadModel(init);
       path = join(dir, 'draft.gguf');
       await m.save(path, { type: 'F16' });

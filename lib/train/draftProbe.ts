@@ -29,7 +29,8 @@ import { readGgufMetadata } from './bpe.js';
 import { ALL_DOMAINS, GENERAL_DOMAINS } from './corpus.js';
 import { dequantizeRows, kvString, kvU32, readGgufLayout, readTensorBytes, writeGgufRaw, type GgufFile, type OutTensor } from './ggufRewrite.js';
 import { XorShift } from './llamaInit.js';
-import { DEFAULT_TARGET, medianDecodeMs, teacherBatch, tokenizeDomains } from './smollm2Draft.js';
+import { teacherBatch } from './draft.js';
+import { DEFAULT_TARGET, medianDecodeMs, tokenizeDomains } from './smollm2Draft.js';
 import { createTrainer } from '../Trainer.js';
 
 const log = (line: string) => process.stderr.write(`[draft-probe] ${line}\n`);

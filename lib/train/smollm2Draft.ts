@@ -3,7 +3,7 @@
 //   npx tsx lib/train/smollm2Draft.ts [--target <gguf>] [--out models] [--work data/smollm2]
 //       [--phase all|cost|init|train|eval|report] [--minutes 60] [--dim 128] [--layers 2] [--ff 384]
 //       [--heads 4] [--kv-heads 2] [--rows 8] [--seq-len 128] [--top-k 64] [--replay 3]
-//       [--lr 1.5e-3] [--prompts 6] [--max-tokens 48] [--threads 2] [--type F16] [--resume] [--quick]
+//       [--lr 1.5e-3] [--prompts 6] [--max-tokens 48] [--threads 2] [--type F16] [--from <gguf>] [--resume] [--quick]
 //
 // - cost: times single-token decode of candidate draft shapes (random weights, F16) against the
 //   target in the same run and prints the ratio c = draft ms / target ms.
@@ -13,7 +13,9 @@
 //   English only (speeches, novel, definitions) tokenized with SmolLM2's tokenizer; code, SQL and
 //   email stay unknown to the draft. Each teacher batch is trained on once fresh and replayed
 //   `replay - 1` times from an in-memory buffer (the teacher costs ~7x a draft step).
-//   Checkpoints (atomic) go to <work>/checkpoints; --resume continues from the last one.
+//   Checkpoints (atomic) go to <work>/checkpoints; --resume continues from the last one, and
+//   --from <gguf> starts from that draft instead of the init (a new optimizer and schedule).
+//   The loop itself is the package's trainDraft (lib/train/draft.ts, `osd train-draft`).
 // - eval: held-out acceptance per domain with createSpeculativeDecoder (chain g = 4, greedy and
 //   T = 0.8), written with the cost and the training curve to <out>/smollm2-draft.report.json and
 //   .md. The draft is <out>/smollm2-draft.gguf, its matrices stored as --type (F16 by default;
@@ -26,125 +28,17 @@ import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { loadModel, writeRandomModel, type Model, type StoreType } from '../Model.js';
-import { createTrainer, loadTrainerCheckpoint, type Trainer, type TrainBatch } from '../Trainer.js';
 import { createSpeculativeDecoder } from '../SpeculativeDecoder.js';
 import type { Tokenizer } from '../Tokenizer.js';
-import { dequantizeRows, readGgufLayout, readTensorBytes } from './ggufRewrite.js';
 import { ALL_DOMAINS, GENERAL_DOMAINS, loadCorpora, type Domain } from './corpus.js';
-import { writeLlamaInit, type LlamaShape } from './llamaInit.js';
-import { ProgressBar, XorShift } from './trainDefault.js';
+import { DEFAULT_DRAFT_SHAPE, heldOutWindows, trainDraft, writeDraftInit, type DraftShape } from './draft.js';
+import { ProgressBar } from './trainDefault.js';
 
 export const DEFAULT_TARGET = 'shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf';
 
-/** A draft's shape; its vocabulary is the target's. */
-export type DraftShape = Omit<LlamaShape, 'vocabSize'>;
-
-export const DRAFT_SHAPE: DraftShape = { embeddingLength: 128, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 384, contextLength: 2048 };
+export const DRAFT_SHAPE: DraftShape = { ...DEFAULT_DRAFT_SHAPE, contextLength: 2048 };
 
 const log = (line: string) => process.stderr.write(`[smollm2-draft] ${line}\n`);
-
-// ---- the target's embeddings ----------------------------------------------------------------------
-
-/** Reads one tensor of a GGUF file as f32 rows (F32, F16, Q8_0, Q4_0 or Q4_1). Returns [rows x cols]. */
-export function readTensorF32(path: string, name: string): { data: Float32Array; rows: number; cols: number } {
-  const file = readGgufLayout(path);
-  const t = file.tensors.find((x) => x.name === name);
-  if (!t) throw new Error(`${path}: no tensor ${name}`);
-  const cols = t.dims[0]!;
-  const data = dequantizeRows(readTensorBytes(file, name), t.type, cols);
-  return { data, rows: data.length / cols, cols };
-}
-
-/**
- * The top-`k` right singular vectors of E [n x D] (columns of Q [D x k], orthonormal), by
- * subspace iteration on the Gram matrix E^T E.
- */
-export function topRightSingularVectors(E: Float32Array, n: number, D: number, k: number, iterations = 30, seed = 1): Float64Array {
-  const G = new Float64Array(D * D);
-  const row = new Float64Array(D);
-  for (let r = 0; r < n; r++) {
-    for (let i = 0; i < D; i++) row[i] = E[r * D + i]!;
-    for (let i = 0; i < D; i++) {
-      const a = row[i]!;
-      if (a === 0) continue;
-      const off = i * D;
-      for (let j = i; j < D; j++) G[off + j] = G[off + j]! + a * row[j]!;
-    }
-  }
-  for (let i = 0; i < D; i++) for (let j = 0; j < i; j++) G[i * D + j] = G[j * D + i]!;
-  const rng = new XorShift(seed);
-  let Q = new Float64Array(D * k); // row-major [D x k]
-  for (let i = 0; i < Q.length; i++) Q[i] = rng.normal();
-  const orth = (M: Float64Array) => {
-    // Modified Gram-Schmidt on the columns.
-    for (let c = 0; c < k; c++) {
-      for (let p = 0; p < c; p++) {
-        let dot = 0;
-        for (let i = 0; i < D; i++) dot += M[i * k + c]! * M[i * k + p]!;
-        for (let i = 0; i < D; i++) M[i * k + c] = M[i * k + c]! - dot * M[i * k + p]!;
-      }
-      let nrm = 0;
-      for (let i = 0; i < D; i++) nrm += M[i * k + c]! ** 2;
-      nrm = Math.sqrt(nrm) || 1;
-      for (let i = 0; i < D; i++) M[i * k + c] = M[i * k + c]! / nrm;
-    }
-  };
-  orth(Q);
-  const next = new Float64Array(D * k);
-  for (let it = 0; it < iterations; it++) {
-    next.fill(0);
-    for (let i = 0; i < D; i++)
-      for (let j = 0; j < D; j++) {
-        const g = G[i * D + j]!;
-        for (let c = 0; c < k; c++) next[i * k + c] = next[i * k + c]! + g * Q[j * k + c]!;
-      }
-    Q = Float64Array.from(next);
-    orth(Q);
-  }
-  return Q;
-}
-
-// ---- the draft's initial GGUF ---------------------------------------------------------------------
-
-/**
- * Writes the draft's initial GGUF (F32): tied embeddings E Q from the target's token embeddings
- * (truncated SVD), an output-norm gain that keeps the first logits moderate, random layers (std 0.02,
- * residual projections scaled by 1/sqrt(2 L)). The target's tokenizer and chat template are copied.
- */
-export function writeDraftInit(path: string, targetPath: string, shape: DraftShape, seed = 1, onLog: (s: string) => void = log): void {
-  const t0 = performance.now();
-  const emb = readTensorF32(targetPath, 'token_embd.weight');
-  const V = emb.rows;
-  const Dt = emb.cols;
-  const d = shape.embeddingLength;
-  if (d > Dt) throw new RangeError(`dim ${d} exceeds the target's ${Dt}`);
-  const Q = topRightSingularVectors(emb.data, V, Dt, d, 30, seed);
-  const E = new Float32Array(V * d);
-  let captured = 0;
-  let total = 0;
-  for (let v = 0; v < V; v++) {
-    for (let c = 0; c < d; c++) {
-      let s = 0;
-      for (let i = 0; i < Dt; i++) s += emb.data[v * Dt + i]! * Q[i * d + c]!;
-      E[v * d + c] = s;
-      captured += s * s;
-    }
-    for (let i = 0; i < Dt; i++) total += emb.data[v * Dt + i]! ** 2;
-  }
-  // Output gain: logits h.e'_v of a unit-RMS hidden state h spread with a standard deviation of
-  // about 2 nats over the vocabulary (the target's own gain would make them ~10x too peaked).
-  const rmsEntry = Math.sqrt(captured / (V * d));
-  const outGain = 2 / (Math.sqrt(d) * rmsEntry);
-  onLog(`init: SVD of the ${V} x ${Dt} embedding to ${d} dims keeps ${((100 * captured) / total).toFixed(1)}% of its energy (${((performance.now() - t0) / 1000).toFixed(1)}s)`);
-
-  writeLlamaInit(path, { ...shape, vocabSize: V }, {
-    name: 'online-specdec SmolLM2 draft',
-    tokenizerPath: targetPath,
-    seed: seed * 7919 + 17,
-    embedding: E,
-    outputNormGain: outGain,
-  });
-}
 
 // ---- cost -----------------------------------------------------------------------------------------
 
@@ -256,127 +150,6 @@ export function tokenizeDomains(tok: Tokenizer, work: string, capMB: number, dom
   return out;
 }
 
-// ---- the teacher ----------------------------------------------------------------------------------
-
-export interface TeacherBatch {
-  tokens: Int32Array;
-  rows: number;
-  seqLen: number;
-  k: number;
-  indices: Int32Array;
-  probs: Float32Array;
-  residual: Float32Array;
-  /** The teacher's argmax per position. */
-  top1: Int32Array;
-}
-
-/** Top-k probabilities (and the mass outside them) of each row of [n x V] logits. */
-export function topKRows(logits: Float32Array, n: number, V: number, k: number, into: { indices: Int32Array; probs: Float32Array; residual: Float32Array; top1: Int32Array }, rowOffset = 0): void {
-  const heapV = new Float32Array(k);
-  const heapI = new Int32Array(k);
-  for (let r = 0; r < n; r++) {
-    const base = r * V;
-    let mx = -Infinity;
-    for (let j = 0; j < V; j++) if (logits[base + j]! > mx) mx = logits[base + j]!;
-    let z = 0;
-    for (let j = 0; j < V; j++) z += Math.exp(logits[base + j]! - mx);
-    // Min-heap of the k largest.
-    let size = 0;
-    for (let j = 0; j < V; j++) {
-      const v = logits[base + j]!;
-      if (size < k) {
-        let i = size++;
-        while (i > 0) {
-          const p = (i - 1) >> 1;
-          if (heapV[p]! <= v) break;
-          heapV[i] = heapV[p]!;
-          heapI[i] = heapI[p]!;
-          i = p;
-        }
-        heapV[i] = v;
-        heapI[i] = j;
-      } else if (v > heapV[0]!) {
-        let i = 0;
-        for (;;) {
-          const l = 2 * i + 1;
-          if (l >= k) break;
-          const c = l + 1 < k && heapV[l + 1]! < heapV[l]! ? l + 1 : l;
-          if (heapV[c]! >= v) break;
-          heapV[i] = heapV[c]!;
-          heapI[i] = heapI[c]!;
-          i = c;
-        }
-        heapV[i] = v;
-        heapI[i] = j;
-      }
-    }
-    const row = rowOffset + r;
-    let mass = 0;
-    let best = 0;
-    for (let i = 0; i < k; i++) {
-      const p = Math.exp(heapV[i]! - mx) / z;
-      into.indices[row * k + i] = heapI[i]!;
-      into.probs[row * k + i] = p;
-      mass += p;
-      if (heapV[i]! > heapV[best]! || (heapV[i] === heapV[best] && heapI[i]! < heapI[best]!)) best = i;
-    }
-    into.top1[row] = heapI[best]!;
-    into.residual[row] = Math.max(0, 1 - mass);
-  }
-}
-
-/** The target's top-k teacher for `rows` windows of seqLen tokens. */
-export async function teacherBatch(target: Model, tokens: Int32Array, rows: number, seqLen: number, k: number): Promise<TeacherBatch> {
-  const V = target.info.vocabSize;
-  const n = rows * seqLen;
-  const b: TeacherBatch = { tokens, rows, seqLen, k, indices: new Int32Array(n * k), probs: new Float32Array(n * k), residual: new Float32Array(n), top1: new Int32Array(n) };
-  for (let r = 0; r < rows; r++) {
-    const logits = await target.forward(tokens.subarray(r * seqLen, (r + 1) * seqLen));
-    topKRows(logits, seqLen, V, k, b, r * seqLen);
-  }
-  return b;
-}
-
-function toTrainBatch(b: TeacherBatch): TrainBatch {
-  return { tokens: b.tokens, batchSize: b.rows, seqLen: b.seqLen, kind: 'forward-kl', teacher: { indices: b.indices, probs: b.probs, residual: b.residual } };
-}
-
-function sampleWindows(shards: Uint16Array[], rows: number, seqLen: number, rng: XorShift): Int32Array {
-  const tokens = new Int32Array(rows * seqLen);
-  for (let r = 0; r < rows; r++) {
-    const s = shards[Math.floor(rng.next() * shards.length)]!;
-    const start = Math.floor(rng.next() * (s.length - seqLen - 1));
-    for (let t = 0; t < seqLen; t++) tokens[r * seqLen + t] = s[start + t]!;
-  }
-  return tokens;
-}
-
-function heldOutWindows(shard: Uint16Array, windows: number, seqLen: number): Int32Array {
-  const n = Math.min(windows, Math.floor((shard.length - 1) / seqLen));
-  const stride = Math.floor((shard.length - seqLen - 1) / Math.max(1, n));
-  const tokens = new Int32Array(n * seqLen);
-  for (let w = 0; w < n; w++) for (let t = 0; t < seqLen; t++) tokens[w * seqLen + t] = shard[w * stride + t]!;
-  return tokens;
-}
-
-/** Held-out proxies: forward KL to the sparse teacher and top-1 agreement (draft argmax = target argmax). */
-export async function proxyEval(trainer: Trainer, draft: Model | null, b: TeacherBatch): Promise<{ loss: number; top1: number }> {
-  const loss = await trainer.evalLoss(toTrainBatch(b));
-  let agree = 0;
-  if (draft) {
-    const V = draft.info.vocabSize;
-    for (let r = 0; r < b.rows; r++) {
-      const logits = await draft.forward(b.tokens.subarray(r * b.seqLen, (r + 1) * b.seqLen));
-      for (let t = 0; t < b.seqLen; t++) {
-        let best = 0;
-        for (let j = 1; j < V; j++) if (logits[t * V + j]! > logits[t * V + best]!) best = j;
-        if (best === b.top1[r * b.seqLen + t]) agree++;
-      }
-    }
-  }
-  return { loss, top1: agree / (b.rows * b.seqLen) };
-}
-
 // ---- acceptance -----------------------------------------------------------------------------------
 
 export interface AcceptanceRow {
@@ -421,11 +194,6 @@ export async function measureAcceptance(target: Model, draft: Model, heldOut: Ma
 }
 
 // ---- main -----------------------------------------------------------------------------------------
-
-function fmtTime(s: number): string {
-  const m = Math.floor(s / 60);
-  return `${m}:${String(Math.floor(s % 60)).padStart(2, '0')}`;
-}
 
 function writeJsonAtomic(path: string, value: unknown): void {
   writeFileSync(path + '.tmp', JSON.stringify(value, null, 2) + '\n');
@@ -533,6 +301,7 @@ async function main(argv: string[]): Promise<number> {
       'max-tokens': { type: 'string', default: '48' },
       threads: { type: 'string', default: '0' },
       seed: { type: 'string', default: '1' },
+      from: { type: 'string' },
       resume: { type: 'boolean', default: false },
       quick: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h' },
@@ -582,8 +351,8 @@ async function main(argv: string[]): Promise<number> {
   }
 
   const initPath = join(ckptDir, 'draft.init.gguf');
-  if (phase === 'all' || phase === 'init' || (phase === 'train' && !existsSync(initPath))) {
-    writeDraftInit(initPath, targetPath, shape, seed);
+  if (phase === 'all' || phase === 'init' || (phase === 'train' && !existsSync(initPath) && !values.from)) {
+    await writeDraftInit(initPath, target, shape, seed, log);
     log(`init: wrote ${initPath}`);
   }
 
@@ -593,91 +362,48 @@ async function main(argv: string[]): Promise<number> {
     const data = tokenizeDomains(tok, work, Number(values['cap-mb']));
     const shards = GENERAL_DOMAINS.map((d) => data.get(`${d}.train`)).filter((s): s is Uint16Array => !!s);
     if (shards.length === 0) throw new Error('no general-English training text');
-    const rows = quick ? 2 : Number(values.rows);
     const seqLen = quick ? 32 : Number(values['seq-len']);
-    const k = Number(values['top-k']);
     const replay = Math.max(1, Number(values.replay));
     const lr = Number(values.lr);
-    const budgetMs = (quick ? 0.3 : Number(values.minutes)) * 60_000;
-    let trainer: Trainer;
-    const initModel = await loadModel(initPath);
-    if (values.resume && existsSync(ckpt)) {
-      trainer = await loadTrainerCheckpoint(ckpt);
-      log(`resumed at step ${trainer.steps}`);
-    } else {
-      trainer = await createTrainer(initModel, { lr, warmupSteps: 30, schedule: 'cosine', totalSteps: 1_000_000, minLr: lr / 10, weightDecay: 0.01, clipNorm: 1, headChunk: 256 });
-    }
-    // Held-out English for the curve (the teacher computed once).
-    const evalSet = await teacherBatch(target, heldOutWindows(data.get('speeches.heldout') ?? shards[0]!, quick ? 2 : 4, seqLen), quick ? 2 : 4, seqLen, k);
+    if (!values.resume) rmSync(ckpt, { force: true });
+    else if (existsSync(ckpt)) log('resuming from the last checkpoint');
     const curve: CurvePoint[] = (values.resume && Array.isArray(report.curve) ? report.curve : []) as CurvePoint[];
     if (!values.resume) delete report.acceptance;
     const prevTokens = curve.length ? curve[curve.length - 1]!.tokens : 0;
     const prevMinutes = curve.length ? curve[curve.length - 1]!.minutes : 0;
-    const rng = new XorShift(seed * 104729 + trainer.steps);
-    const buffer: TeacherBatch[] = [];
-    const maxBuffer = 512;
     const bar = new ProgressBar('draft ');
-    const started = Date.now();
-    let lossEma = NaN;
-    let teacherTokens = 0;
-    let teacherMs = 0;
-    let trainMs = 0;
-    let lastSave = Date.now();
-    let lastEval = 0;
     let lastLine = 0;
-    const record = async (force: boolean) => {
-      if (!force && Date.now() - lastEval < (quick ? 5_000 : 5 * 60_000)) return;
-      lastEval = Date.now();
-      const snap = await trainer.snapshot();
-      const ev = await proxyEval(trainer, snap, evalSet);
-      await snap.dispose();
-      curve.push({ step: trainer.steps, tokens: prevTokens + teacherTokens, minutes: prevMinutes + (Date.now() - started) / 60000, trainLoss: lossEma, heldOutLoss: ev.loss, heldOutTop1: ev.top1 });
-      if (!process.stderr.isTTY) log(`step ${trainer.steps}: train KL ${lossEma.toFixed(3)}, held-out KL ${ev.loss.toFixed(3)}, top-1 agreement ${ev.top1.toFixed(3)}`);
-    };
-    await record(true);
-    let sized = false;
-    while (Date.now() - started < budgetMs) {
-      let t0 = Date.now();
-      const fresh = await teacherBatch(target, sampleWindows(shards, rows, seqLen, rng), rows, seqLen, k);
-      teacherMs += Date.now() - t0;
-      teacherTokens += rows * seqLen;
-      buffer.push(fresh);
-      if (buffer.length > maxBuffer) buffer.splice(Math.floor(rng.next() * buffer.length), 1);
-      t0 = Date.now();
-      for (let i = 0; i < replay; i++) {
-        const b = i === 0 ? fresh : buffer[Math.floor(rng.next() * buffer.length)]!;
-        const r = await trainer.step(toTrainBatch(b));
-        lossEma = Number.isNaN(lossEma) ? r.loss : 0.95 * lossEma + 0.05 * r.loss;
-      }
-      trainMs += Date.now() - t0;
-      if (!sized && trainer.steps >= 3 * replay && !values.resume) {
-        const perStep = (Date.now() - started) / trainer.steps;
-        trainer.configure({ totalSteps: trainer.steps + Math.max(10, Math.floor((budgetMs - (Date.now() - started)) / perStep)) });
-        sized = true;
-      }
-      const el = Date.now() - started;
-      const fields = `step ${trainer.steps} KL ${lossEma.toFixed(3)} teacher ${(teacherTokens / (teacherMs / 1000)).toFixed(0)} tok/s train ${((teacherTokens * replay) / (trainMs / 1000)).toFixed(0)} tok/s ETA ${fmtTime(Math.max(0, (budgetMs - el) / 1000))}`;
-      if (process.stderr.isTTY) bar.update(el / budgetMs, fields);
-      else if (Date.now() - lastLine > 60_000) {
-        lastLine = Date.now();
-        log(`${((100 * el) / budgetMs).toFixed(0)}% ${fields}`);
-      }
-      if (Date.now() - lastSave > 5 * 60_000) {
-        await trainer.save(ckpt);
-        lastSave = Date.now();
-      }
-      await record(false);
-      report.curve = curve;
-      report.training = { teacherTokens: prevTokens + teacherTokens, steps: trainer.steps, replay, rows, seqLen, topK: k, lr, minutes: prevMinutes + (Date.now() - started) / 60000, teacherSeconds: teacherMs / 1000, trainSeconds: trainMs / 1000, domains: GENERAL_DOMAINS };
-    }
-    await trainer.save(ckpt);
-    await record(true);
-    bar.done(`steps ${trainer.steps} KL ${lossEma.toFixed(3)} teacher tokens ${teacherTokens}`);
+    const r = await trainDraft({
+      target,
+      out: draftPath,
+      tokens: shards,
+      heldOut: data.get('speeches.heldout') ?? shards[0]!,
+      from: values.from ?? initPath,
+      type: draftType,
+      minutes: quick ? 0.3 : Number(values.minutes),
+      lr,
+      topK: Number(values['top-k']),
+      rows: quick ? 2 : Number(values.rows),
+      seqLen,
+      replay,
+      seed,
+      checkpoint: ckpt,
+      evalMinutes: quick ? 5 / 60 : 5,
+      onProgress: (p) => {
+        if (p.message) return log(p.message);
+        const fields = `step ${p.step} KL ${p.trainLoss.toFixed(3)} teacher ${p.teacherTokensPerSecond.toFixed(0)} tok/s train ${p.trainTokensPerSecond.toFixed(0)} tok/s${p.heldOut ? ` held-out top-1 ${p.heldOut.top1.toFixed(3)}` : ''}`;
+        if (process.stderr.isTTY) bar.update(p.fraction, fields);
+        else if (Date.now() - lastLine > 60_000) {
+          lastLine = Date.now();
+          log(`${(100 * p.fraction).toFixed(0)}% ${fields}`);
+        }
+      },
+    });
+    bar.done(`steps ${r.steps} teacher tokens ${r.teacherTokens}`);
+    for (const c of r.curve) curve.push({ step: c.step, tokens: prevTokens + c.teacherTokens, minutes: prevMinutes + c.minutes, trainLoss: c.trainLoss, heldOutLoss: c.loss, heldOutTop1: c.top1 });
     report.curve = curve;
-    const snap = await trainer.snapshot();
-    await snap.save(draftPath, { type: draftType });
-    await Promise.all([snap.dispose(), trainer.dispose(), initModel.dispose()]);
-    log(`wrote ${draftPath} (${(statSync(draftPath).size / 1e6).toFixed(1)} MB)`);
+    report.training = { teacherTokens: prevTokens + r.teacherTokens, steps: r.steps, replay, rows: quick ? 2 : Number(values.rows), seqLen, topK: Number(values['top-k']), lr, minutes: prevMinutes + r.seconds / 60, teacherSeconds: r.teacherSeconds, trainSeconds: r.trainSeconds, domains: GENERAL_DOMAINS, ...(values.from ? { from: values.from } : {}) };
+    log(`wrote ${draftPath} (${(r.bytes / 1e6).toFixed(1)} MB)`);
     writeJsonAtomic(reportPath, report);
   }
 

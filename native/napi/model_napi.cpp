@@ -121,7 +121,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   static Napi::Function define(Napi::Env env) {
     Napi::Function ctor = DefineClass(env, "NativeModel",
                                       {InstanceMethod("info", &ModelWrap::info), InstanceMethod("dispose", &ModelWrap::dispose),
-                                       InstanceMethod("setWeights", &ModelWrap::set_weights)});
+                                       InstanceMethod("setWeights", &ModelWrap::set_weights),
+                                       InstanceMethod("embeddingRows", &ModelWrap::embedding_rows)});
     ctor.Get("prototype").As<Napi::Object>().DefineProperties(
         {Napi::PropertyDescriptor::Accessor<checked_getter<ModelWrap, &ModelWrap::disposed>>("disposed")});
     return ctor;
@@ -195,6 +196,21 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     }
     model_ = other;
     return env.Undefined();
+  }
+
+  // embeddingRows(start, count): token embedding rows [start, start + count) as float32 (count x
+  // dim), dequantised by the engine's own row reader, whatever the stored type.
+  Napi::Value embedding_rows(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = get(env);
+    const int64_t vocab = m->config().vocab, dim = m->config().dim;
+    const int64_t start = int_value(env, info.Length() > 0 ? info[0] : env.Undefined(), "start", 0, vocab, "");
+    const int64_t count = int_value(env, info.Length() > 1 ? info[1] : env.Undefined(), "count", 0, vocab - start, "");
+    // One call's result stays a plain typed array: at most 2^28 floats (1 GiB).
+    if (count * dim > (int64_t{1} << 28)) throw Napi::RangeError::New(env, "count x embeddingLength must be at most 2^28: ask for fewer rows");
+    Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>(count * dim));
+    for (int64_t r = 0; r < count; r++) dequantize_row(m->token_embd, start + r, out.Data() + r * dim);
+    return out;
   }
 
   Napi::Value dispose(const Napi::CallbackInfo& info) {

@@ -382,6 +382,14 @@ describe.skipIf(!have)('online distillation (stories260K)', () => {
     expect(() => createOnlineDecoder({ target, draft, distill: { resumeFrom: 5 as never } })).toThrow(/distill.resumeFrom must be a non-empty string/);
     expect(() => teacherTopK(new Float32Array(4), NaN)).toThrow(/^k must be an integer >= 1/);
     expect(() => teacherTopK([1, 2] as never, 1)).toThrow(new TypeError('row must be a Float32Array'));
+    expect(() => teacherTopK(new Float32Array(0), 1)).toThrow(new RangeError('row must not be empty'));
+    expect(() => teacherTopK(Float32Array.of(1, NaN), 1)).toThrow(new RangeError('row contains NaN or +Infinity'));
+    expect(() => teacherTopK(Float32Array.of(-Infinity, -Infinity), 1)).toThrow(new RangeError('row is all -Infinity (no token has probability > 0)'));
+    // Best first, ties to the lower id; probabilities of softmax at temperature 1.
+    const t = teacherTopK(Float32Array.of(0, 2, 1, 2, -Infinity), 3);
+    expect(Array.from(t.ids)).toEqual([1, 3, 2]);
+    const z = 2 * Math.exp(2) + Math.exp(1) + 1;
+    Array.from(t.probs).forEach((p, i) => expect(p).toBeCloseTo([Math.exp(2) / z, Math.exp(2) / z, Math.exp(1) / z][i]!, 6));
     await writeRandomModel(join(dir, 'v500.gguf'), { vocabSize: 500, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 64 });
     await using other = await loadModel(join(dir, 'v500.gguf'));
     expect(() => createOnlineDecoder({ target, draft: other })).toThrow(/vocabulary/);

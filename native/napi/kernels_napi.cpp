@@ -12,6 +12,7 @@
 #include "backend/select.h"
 #include "core/bandwidth.h"
 #include "core/thread_pool.h"
+#include "distill/teacher.h"
 #include "napi/napi_util.h"
 
 #ifdef OSD_WITH_CUDA
@@ -422,6 +423,31 @@ Napi::Value global_norm(const Napi::CallbackInfo& info) {
   });
 }
 
+// teacherTopK(logits, vocabSize, k, name?): the sparse teacher of each row (distill/teacher.h), on
+// the CPU; errors about a row's values name it `name` (default "logits").
+Napi::Value teacher_top_k_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&]() -> Napi::Value {
+    auto l = typed_array<float>(env, info.Length() > 0 ? info[0] : env.Undefined(), "logits");
+    const int64_t vocab = int_value(env, info.Length() > 1 ? info[1] : env.Undefined(), "vocabSize", 1, INT32_MAX, "");
+    const int64_t k = int_value(env, info.Length() > 2 ? info[2] : env.Undefined(), "k", 1, vocab, "");
+    if (l.length == 0 || l.length % static_cast<size_t>(vocab) != 0)
+      throw Napi::RangeError::New(env, "logits.length must be a positive multiple of vocabSize (" + std::to_string(vocab) + "), got " +
+                                           std::to_string(l.length));
+    const size_t rows = l.length / static_cast<size_t>(vocab);
+    const std::string name = info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "logits";
+    std::vector<int32_t> ids(rows * k);
+    std::vector<float> probs(rows * k), residual(rows);
+    teacher_top_k(l.data, rows, static_cast<int32_t>(vocab), static_cast<int32_t>(k), ids.data(), probs.data(), residual.data(),
+                  name.c_str());
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("ids", to_js(env, ids.data(), ids.size()));
+    r.Set("probs", to_js(env, probs.data(), probs.size()));
+    r.Set("residual", to_js(env, residual.data(), residual.size()));
+    return r;
+  });
+}
+
 Napi::Value bandwidth_probe(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
@@ -501,6 +527,7 @@ void init(Napi::Env env, Napi::Object exports) {
   exports.Set("distillLoss", Napi::Function::New(env, distill_loss, "distillLoss"));
   exports.Set("adamwStep", Napi::Function::New(env, adamw_step, "adamwStep"));
   exports.Set("globalNorm", Napi::Function::New(env, global_norm, "globalNorm"));
+  exports.Set("teacherTopK", Napi::Function::New(env, teacher_top_k_js, "teacherTopK"));
   exports.Set("bandwidthProbe", Napi::Function::New(env, bandwidth_probe, "bandwidthProbe"));
   exports.Set("flopsProbe", Napi::Function::New(env, flops_probe, "flopsProbe"));
   exports.Set("setThreads", Napi::Function::New(env, set_threads, "setThreads"));

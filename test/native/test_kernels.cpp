@@ -17,6 +17,7 @@
 #include "core/fast_math.h"
 #include "core/philox.h"
 #include "core/thread_pool.h"
+#include "distill/teacher.h"
 
 using namespace osd;
 
@@ -1338,6 +1339,74 @@ OSD_TEST(num_str_writes_numbers_as_javascript_does) {
   CHECK(num_str(3.14159274f) == "3.1415927");
   CHECK(num_str(20.0f) == "20");
   CHECK(num_str(1e-8f) == "1e-8");
+}
+
+// The fast sparse teacher gives the reference's bits: the same ids in the same order, the same
+// probabilities and residual, over vocabularies around the 2048-entry blocks, ties (logits on a
+// coarse grid), -Infinity entries and whole -Infinity blocks, k from 1 to V; and the ids are the k
+// largest logits, ties to the lower id.
+OSD_TEST(teacher_top_k_fast_equals_reference) {
+  std::mt19937 rng(7);
+  int cases = 0, mismatches = 0;
+  for (int32_t V : {1, 5, 63, 2047, 2048, 2049, 6000, 49152}) {
+    for (int32_t k : {1, 3, 64, 300, V}) {
+      if (k > V) continue;
+      for (int variant = 0; variant < 4; ++variant) {
+        const size_t rows = variant == 3 ? 5 : 2;
+        std::vector<float> l(rows * V);
+        std::normal_distribution<float> nd(0.0f, 3.0f);
+        for (auto& x : l) x = nd(rng);
+        if (variant == 1)  // ties everywhere
+          for (auto& x : l) x = std::round(x * 2.0f) / 2.0f;
+        if (variant == 2) {  // -Infinity entries, and the second block all -Infinity
+          for (size_t j = 0; j < l.size(); j += 3) l[j] = -INFINITY;
+          for (int32_t j = 2048; j < std::min(V, 4096); ++j) l[j] = -INFINITY;
+          l[V - 1] = 1.0f;  // every row keeps a finite entry
+          l[l.size() - 1] = 1.0f;
+        }
+        std::vector<int32_t> ia(rows * k), ib(rows * k);
+        std::vector<float> pa(rows * k), pb(rows * k), ra(rows), rb(rows);
+        osd::teacher_top_k_reference(l.data(), rows, V, k, ia.data(), pa.data(), ra.data());
+        osd::teacher_top_k(l.data(), rows, V, k, ib.data(), pb.data(), rb.data());
+        ++cases;
+        const bool same = ia == ib && std::memcmp(pa.data(), pb.data(), pa.size() * 4) == 0 &&
+                          std::memcmp(ra.data(), rb.data(), ra.size() * 4) == 0;
+        if (!same) ++mismatches;
+        for (size_t r = 0; r < rows; ++r) {
+          const float* row = l.data() + r * V;
+          // Brute force: entry i of the answer beats every later one and every id left out.
+          std::vector<char> in(V, 0);
+          double mass = 0.0;
+          for (int32_t i = 0; i < k; ++i) {
+            const int32_t a = ia[r * k + i];
+            in[a] = 1;
+            mass += pa[r * k + i];
+            if (i + 1 < k) {
+              const int32_t b = ia[r * k + i + 1];
+              CHECK(row[a] > row[b] || (row[a] == row[b] && a < b));
+            }
+          }
+          const int32_t last = ia[r * k + k - 1];
+          for (int32_t j = 0; j < V; ++j)
+            if (!in[j]) CHECK(row[j] < row[last] || (row[j] == row[last] && j > last));
+          CHECK_NEAR(mass + ra[r], 1.0, 1e-5);
+        }
+      }
+    }
+  }
+  CHECK_EQ(mismatches, 0);
+  CHECK(cases > 100);
+  std::vector<float> bad(3 * 10, 0.0f);
+  bad[2 * 10 + 4] = NAN;
+  std::vector<int32_t> ids(3 * 2);
+  std::vector<float> probs(3 * 2), res(3);
+  CHECK_THROWS(osd::Error, osd::teacher_top_k(bad.data(), 3, 10, 2, ids.data(), probs.data(), res.data()),
+               "logits row 2 contains NaN or +Infinity");
+  CHECK_THROWS(osd::Error, osd::teacher_top_k_reference(bad.data(), 3, 10, 2, ids.data(), probs.data(), res.data()),
+               "logits row 2 contains NaN or +Infinity");
+  std::vector<float> ninf(10, -INFINITY);
+  CHECK_THROWS(osd::Error, osd::teacher_top_k(ninf.data(), 1, 10, 2, ids.data(), probs.data(), res.data()), "all -Infinity");
+  CHECK_THROWS(osd::Error, osd::teacher_top_k(ninf.data(), 1, 10, 11, ids.data(), probs.data(), res.data()), "k must be in");
 }
 
 OSD_TEST_MAIN()

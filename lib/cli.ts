@@ -38,7 +38,8 @@ Commands:
       --text PATH          training text: a file, or a folder of them (repeat for more); each file a document
       --out PATH           the draft to write (required)
       --minutes N          time budget (default 30); --steps N stops after N optimizer steps instead
-      --from PATH          continue training this draft instead of starting a new one
+      --from PATH          continue training this draft instead of starting a new one (with --layers N:
+                           grown to N layers, the new ones starting as no-ops)
       --dim N --layers N --heads N --kv-heads N --ff N
                            a new draft's shape (default 128 wide, 2 layers, 4 heads, 2 key-value heads, ff 384)
       --type T             how the draft's matrices are stored (default F16)
@@ -254,8 +255,8 @@ async function main(argv: string[]): Promise<number> {
       if (!values.out) throw new UsageError('give the draft to write: osd train-draft --text notes.txt --out draft.gguf');
       if (!values.text?.length) throw new UsageError('give training text: --text FILE or --text FOLDER (repeat for more)');
       if (values.from !== undefined)
-        for (const k of ['dim', 'layers', 'heads', 'kv-heads', 'ff'] as const)
-          if (values[k] !== undefined) throw new UsageError(`--${k} shapes a new draft: --from continues a draft of its own shape`);
+        for (const k of ['dim', 'heads', 'kv-heads', 'ff'] as const)
+          if (values[k] !== undefined) throw new UsageError(`--${k} shapes a new draft: --from continues a draft of its own shape (--layers may grow it)`);
       const type = values.type ?? 'F16';
       if (!osd.isStoreType(type)) throw new UsageError(`--type must be one of ${osd.STORE_TYPES.join(', ')}, got '${type}'`);
       const shape: Record<string, number> = {};

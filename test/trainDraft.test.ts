@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, trainDraft, writeRandomModel, type Model, type TrainDraftOptions } from '../lib/index.js';
-import { gramMatrix } from '../lib/train/draft.js';
+import { gramMatrix, growDraft } from '../lib/train/draft.js';
 import { dequantizeRows, readGgufLayout, readTensorBytes } from '../lib/train/ggufRewrite.js';
 import { XorShift } from '../lib/train/llamaInit.js';
 
@@ -124,6 +124,20 @@ describe('trainDraft', () => {
     expect(more.shape.embeddingLength).toBe(32);
   }, 120_000);
 
+  it('grows a draft: new layers start as no-ops, then train', async () => {
+    const grown = join(dir, 'grown.gguf');
+    growDraft(out(), grown, 3);
+    await using a = await loadModel(out());
+    await using b = await loadModel(grown);
+    expect(b.info.layers).toBe(3);
+    const tokens = target.tokenizer!.encode(TEXTS[0]!).subarray(0, 40);
+    expect(await b.forward(tokens)).toEqual(await a.forward(tokens));
+    const { shape: _s, ...rest } = base(join(dir, 'grown-trained.gguf'));
+    const more = await trainDraft({ ...rest, from: out(), shape: { layers: 2 }, steps: 6 });
+    expect(more.shape.layers).toBe(2);
+    expect(Math.abs(more.curve[0]!.loss - first.curve[first.curve.length - 1]!.loss)).toBeLessThan(0.05);
+  }, 120_000);
+
   it('resumes from a checkpoint: steps, weights and schedule carry on', async () => {
     const ckpt = join(dir, 'run.ckpt');
     const a = await trainDraft({ ...base(join(dir, 'r1.gguf')), steps: 6, checkpoint: ckpt });
@@ -166,6 +180,8 @@ describe('trainDraft', () => {
     await expect(bad({ out: '' })).rejects.toThrow(new TypeError('out must be a non-empty string (the draft GGUF)'));
     await expect(bad({ tokens: [[1, 2]] })).rejects.toThrow(new TypeError('give texts (strings) or tokens (token id arrays), one of them'));
     await expect(bad({ texts: undefined, tokens: [[1, 2, 4096]] })).rejects.toThrow(new RangeError('tokens[0][2] must be a token id in [0, 4095], got 4096'));
+    await expect(bad({ texts: 'one long text' })).rejects.toThrow(new TypeError('texts must be an iterable of strings (documents), not one string: give [text]'));
+    await expect(bad({ texts: 5 })).rejects.toThrow(new TypeError('texts must be an iterable of strings (documents)'));
     await expect(bad({ texts: ['a', 3] })).rejects.toThrow(new TypeError('texts[1] must be a string, got number'));
     await expect(bad({ texts: ['tiny'] })).rejects.toThrow(/at least one stream of 34 tokens/);
     await expect(bad({ minutes: Number.NaN })).rejects.toThrow(new RangeError('minutes must be a finite number > 0, got NaN'));
@@ -175,6 +191,7 @@ describe('trainDraft', () => {
     await expect(bad({ shape: { ...TINY, heads: 3 } })).rejects.toThrow(new RangeError('shape.heads (3) must divide shape.embeddingLength (32)'));
     await expect(bad({ shape: { width: 3 } })).rejects.toThrow(/shape\.width is not an option/);
     await expect(bad({ from: join(dir, 'draft.gguf') })).rejects.toThrow(/^shape is for a new draft/);
+    await expect(bad({ from: join(dir, 'draft.gguf'), shape: { layers: 1 } })).rejects.toThrow(new RangeError("layers (1) must be more than the draft's (1) to grow it"));
     await expect(bad({ heldOut: [1, -1] })).rejects.toThrow(new RangeError('heldOut[1] must be a token id in [0, 4095], got -1'));
     await expect(bad({ epochs: 2 })).rejects.toThrow(/epochs is not an option/);
     const small = join(dir, 'v100.gguf');
@@ -208,7 +225,7 @@ describe('osd train-draft', () => {
     r = cli('--out', out);
     expect([r.status, r.stderr]).toEqual([2, 'osd: give training text: --text FILE or --text FOLDER (repeat for more)\n']);
     r = cli('--text', join(root, 'README.md'), '--out', out, '--from', TARGET, '--dim', '64');
-    expect([r.status, r.stderr]).toEqual([2, 'osd: --dim shapes a new draft: --from continues a draft of its own shape\n']);
+    expect([r.status, r.stderr]).toEqual([2, 'osd: --dim shapes a new draft: --from continues a draft of its own shape (--layers may grow it)\n']);
     r = cli('--text', join(root, 'README.md'), '--out', out, '--steps', '1.5');
     expect([r.status, r.stderr]).toEqual([2, "osd: --steps must be an integer >= 1, got '1.5'\n"]);
     r = cli('--text', join(root, 'README.md'), '--out', out, '--port', '1');

@@ -8,10 +8,12 @@
 // - held-out forward KL and top-1 agreement (draft argmax = target argmax) measured as it goes;
 // - the draft is written as GGUF (llama architecture, so llama.cpp loads it too), atomically.
 import { existsSync, renameSync, rmSync, statSync } from 'node:fs';
+import { addon } from '../addon.js';
 import { checkCallback, checkInteger, checkKeys, checkOptions } from '../args.js';
 import { loadModel, Model, isStoreType, STORE_TYPES, type StoreType } from '../Model.js';
 import { createTrainer, loadTrainerCheckpoint, type Trainer, type TrainBatch } from '../Trainer.js';
 import { checkSignal, throwIfAborted } from '../withAbortSignal.js';
+import { kvU32, readGgufLayout, readTensorBytes, writeGgufRaw, type OutTensor } from './ggufRewrite.js';
 import { writeLlamaInit, XorShift } from './llamaInit.js';
 
 /** A draft's shape; its vocabulary is the target's. */
@@ -145,6 +147,35 @@ export async function writeDraftInit(path: string, target: Model, shape: DraftSh
   });
 }
 
+/**
+ * Writes the llama draft `from` with `layers` blocks: its own, byte for byte, then new F32 blocks
+ * that start as exact no-ops (their attention and feed-forward output projections are zero, so
+ * each adds nothing to the residual stream). Training then grows capacity from where `from` is.
+ */
+export function growDraft(from: string, path: string, layers: number, seed = 1): void {
+  const src = readGgufLayout(from);
+  const kv = (key: string) => src.kvs.find((e) => e.key === key);
+  const arch = kv('general.architecture');
+  if (!arch || arch.raw.subarray(12).toString('utf8') !== 'llama') throw new Error(`${from}: only a llama draft can grow layers`);
+  const count = kv('llama.block_count');
+  const have = count ? count.raw.readUInt32LE(4) : 0;
+  if (!(layers > have)) throw new RangeError(`layers (${layers}) must be more than the draft's (${have}) to grow it`);
+  const rng = new XorShift(seed * 7919 + 29);
+  const tensors: OutTensor[] = src.tensors.map((t) => ({ name: t.name, dims: t.dims, type: t.type, data: readTensorBytes(src, t.name) }));
+  const block0 = src.tensors.filter((t) => t.name.startsWith('blk.0.'));
+  for (let l = have; l < layers; l++)
+    for (const t of block0) {
+      const n = t.dims.reduce((a, b) => a * b, 1);
+      const part = t.name.slice('blk.0.'.length);
+      const data = new Float32Array(n);
+      if (part.endsWith('norm.weight')) data.fill(1);
+      else if (part !== 'attn_output.weight' && part !== 'ffn_down.weight') for (let i = 0; i < n; i++) data[i] = rng.normal() * 0.02;
+      tensors.push({ name: `blk.${l}.${part}`, dims: t.dims, type: 0, data: Buffer.from(data.buffer) });
+    }
+  const kvs = src.kvs.map((e) => (e.key === 'llama.block_count' ? { key: e.key, raw: kvU32(layers) } : e));
+  writeGgufRaw(path, kvs, tensors, src.alignment);
+}
+
 // ---- the teacher --------------------------------------------------------------------------------
 
 export interface TeacherBatch {
@@ -159,59 +190,13 @@ export interface TeacherBatch {
   top1: Int32Array;
 }
 
-/** Top-k probabilities (and the mass outside them) of each row of [n x V] logits. */
+/** Top-k probabilities (and the mass outside them) of each row of [n x V] logits (the native teacherTopK). */
 export function topKRows(logits: Float32Array, n: number, V: number, k: number, into: { indices: Int32Array; probs: Float32Array; residual: Float32Array; top1: Int32Array }, rowOffset = 0): void {
-  const heapV = new Float32Array(k);
-  const heapI = new Int32Array(k);
-  for (let r = 0; r < n; r++) {
-    const base = r * V;
-    let mx = -Infinity;
-    for (let j = 0; j < V; j++) if (logits[base + j]! > mx) mx = logits[base + j]!;
-    let z = 0;
-    for (let j = 0; j < V; j++) z += Math.exp(logits[base + j]! - mx);
-    // Min-heap of the k largest.
-    let size = 0;
-    for (let j = 0; j < V; j++) {
-      const v = logits[base + j]!;
-      if (size < k) {
-        let i = size++;
-        while (i > 0) {
-          const p = (i - 1) >> 1;
-          if (heapV[p]! <= v) break;
-          heapV[i] = heapV[p]!;
-          heapI[i] = heapI[p]!;
-          i = p;
-        }
-        heapV[i] = v;
-        heapI[i] = j;
-      } else if (v > heapV[0]!) {
-        let i = 0;
-        for (;;) {
-          const l = 2 * i + 1;
-          if (l >= k) break;
-          const c = l + 1 < k && heapV[l + 1]! < heapV[l]! ? l + 1 : l;
-          if (heapV[c]! >= v) break;
-          heapV[i] = heapV[c]!;
-          heapI[i] = heapI[c]!;
-          i = c;
-        }
-        heapV[i] = v;
-        heapI[i] = j;
-      }
-    }
-    const row = rowOffset + r;
-    let mass = 0;
-    let best = 0;
-    for (let i = 0; i < k; i++) {
-      const p = Math.exp(heapV[i]! - mx) / z;
-      into.indices[row * k + i] = heapI[i]!;
-      into.probs[row * k + i] = p;
-      mass += p;
-      if (heapV[i]! > heapV[best]! || (heapV[i] === heapV[best] && heapI[i]! < heapI[best]!)) best = i;
-    }
-    into.top1[row] = heapI[best]!;
-    into.residual[row] = Math.max(0, 1 - mass);
-  }
+  const t = addon.teacherTopK(logits.subarray(0, n * V), V, k);
+  into.indices.set(t.ids, rowOffset * k);
+  into.probs.set(t.probs, rowOffset * k);
+  into.residual.set(t.residual, rowOffset);
+  for (let r = 0; r < n; r++) into.top1[rowOffset + r] = t.ids[r * k]!;
 }
 
 /** The target's top-k teacher for `rows` windows of seqLen tokens. */
@@ -287,7 +272,11 @@ export interface TrainDraftOptions {
   heldOut?: ArrayLike<number>;
   /** Continue from this draft (a path or a model sharing the target's vocabulary) instead of a new one. */
   from?: string | Model;
-  /** The new draft's shape (default 128 wide, 2 layers, 4 heads, 2 KV heads, 384 FFN; the target's context length). */
+  /**
+   * The new draft's shape (default 128 wide, 2 layers, 4 heads, 2 KV heads, 384 FFN; the target's
+   * context length). With `from` (a path to a llama draft) only `layers` may be given, more than it
+   * has: the draft grows blocks that start as no-ops (growDraft).
+   */
   shape?: Partial<DraftShape>;
   /** How the draft's matrices are stored (default F16). */
   type?: StoreType;
@@ -429,7 +418,12 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
   checkSignal(options.signal);
   checkCallback(options.onProgress, 'onProgress');
   if (options.checkpoint !== undefined && (typeof options.checkpoint !== 'string' || options.checkpoint.length === 0)) throw new TypeError('checkpoint must be a non-empty string');
-  if (options.shape !== undefined && options.from !== undefined) throw new TypeError('shape is for a new draft: from continues a draft of its own shape; give one of them');
+  const grow = options.from !== undefined && options.shape !== undefined ? options.shape.layers : undefined;
+  if (options.shape !== undefined && options.from !== undefined) {
+    const keys = options.shape === null || typeof options.shape !== 'object' ? [] : Object.keys(options.shape);
+    if (keys.length !== 1 || keys[0] !== 'layers' || typeof options.from !== 'string')
+      throw new TypeError('shape is for a new draft: from continues a draft of its own shape (only shape.layers may be given, with from a path, to grow it)');
+  }
   if (options.shape !== undefined) {
     if (options.shape === null || typeof options.shape !== 'object') throw new TypeError('shape must be an object');
     checkKeys(options.shape as Record<string, unknown>, shapeKeys, 'shape');
@@ -451,7 +445,8 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
   let held: ArrayLike<number> | undefined = options.heldOut;
   if (options.texts !== undefined) {
     if (!target.tokenizer) throw new Error(`the target ${target.info.path} has no tokenizer: give tokens instead of texts`);
-    if (typeof (options.texts as Iterable<string>)[Symbol.iterator] !== 'function') throw new TypeError('texts must be an iterable of strings');
+    if (typeof options.texts === 'string') throw new TypeError('texts must be an iterable of strings (documents), not one string: give [text]');
+    if (options.texts === null || typeof (options.texts as Iterable<string>)[Symbol.iterator] !== 'function') throw new TypeError('texts must be an iterable of strings (documents)');
     const t = await tokenizeTexts(target, options.texts, held !== undefined, options.signal);
     shards = [t.train];
     held ??= t.heldOut;
@@ -491,8 +486,17 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
       if (options.from instanceof Model) {
         source = options.from;
         own = false;
-      } else if (typeof options.from === 'string' && options.from.length > 0) source = await loadModel(options.from);
-      else throw new TypeError('from must be a path or a Model');
+      } else if (typeof options.from === 'string' && options.from.length > 0) {
+        if (grow !== undefined) {
+          const grown = `${options.out}.grown-${process.pid}.gguf`;
+          try {
+            growDraft(options.from, grown, checkInteger(grow, 'shape.layers', 1), seed);
+            source = await loadModel(grown);
+          } finally {
+            rmSync(grown, { force: true });
+          }
+        } else source = await loadModel(options.from);
+      } else throw new TypeError('from must be a path or a Model');
       if (source.info.vocabSize !== V) {
         if (own) await source.dispose();
         throw new RangeError(`from: the draft's vocabulary (${source.info.vocabSize} tokens) must be the target's (${V})`);

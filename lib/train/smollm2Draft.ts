@@ -14,7 +14,8 @@
 //   email stay unknown to the draft. Each teacher batch is trained on once fresh and replayed
 //   `replay - 1` times from an in-memory buffer (the teacher costs ~7x a draft step).
 //   Checkpoints (atomic) go to <work>/checkpoints; --resume continues from the last one, and
-//   --from <gguf> starts from that draft instead of the init (a new optimizer and schedule).
+//   --from <gguf> starts from that draft instead of the init (a new optimizer and schedule; with
+//   more --layers than it has, it grows blocks that start as no-ops).
 //   The loop itself is the package's trainDraft (lib/train/draft.ts, `osd train-draft`).
 // - eval: held-out acceptance per domain with createSpeculativeDecoder (chain g = 4, greedy and
 //   T = 0.8), written with the cost and the training curve to <out>/smollm2-draft.report.json and
@@ -32,6 +33,7 @@ import { createSpeculativeDecoder } from '../SpeculativeDecoder.js';
 import type { Tokenizer } from '../Tokenizer.js';
 import { ALL_DOMAINS, GENERAL_DOMAINS, loadCorpora, type Domain } from './corpus.js';
 import { DEFAULT_DRAFT_SHAPE, heldOutWindows, trainDraft, writeDraftInit, type DraftShape } from './draft.js';
+import { readGgufLayout } from './ggufRewrite.js';
 import { ProgressBar } from './trainDefault.js';
 
 export const DEFAULT_TARGET = 'shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf';
@@ -373,9 +375,16 @@ async function main(argv: string[]): Promise<number> {
     const prevMinutes = curve.length ? curve[curve.length - 1]!.minutes : 0;
     const bar = new ProgressBar('draft ');
     let lastLine = 0;
+    // --from with more --layers than that draft has grows it (the new blocks start as no-ops).
+    let grow: number | undefined;
+    if (values.from) {
+      const count = readGgufLayout(values.from).kvs.find((e) => e.key === 'llama.block_count');
+      if (count && Number(values.layers) > count.raw.readUInt32LE(4)) grow = Number(values.layers);
+    }
     const r = await trainDraft({
       target,
       out: draftPath,
+      ...(grow !== undefined && { shape: { layers: grow } }),
       tokens: shards,
       heldOut: data.get('speeches.heldout') ?? shards[0]!,
       from: values.from ?? initPath,

@@ -33,9 +33,10 @@ Commands:
       --save-draft PATH    write the online run's adapted draft (GGUF)
       --out DIR            where the plots go (demo.svg, and demo.png where a converter is found; default osd-demo)
       --device D           cpu (default) or cuda: run both models' passes on the GPU
-  train-draft          build a draft for a target by distilling it on your text (GGUF, shares its tokenizer)
+  train-draft [FILE...] build a draft for a target by distilling it on your text (GGUF, shares its tokenizer)
       --target PATH        the target (default: the embedded default target)
-      --text PATH          training text: a file, or a folder of them (repeat for more); each file a document
+      --text PATH          training text: a file, or a folder of them (repeat for more; files may also
+                           follow the command, as in corpus/*.txt); each file a document
       --out PATH           the draft to write (required)
       --minutes N          time budget (default 30); --steps N stops after N optimizer steps instead
       --from PATH          continue training this draft instead of starting a new one (with --layers N:
@@ -99,7 +100,7 @@ async function main(argv: string[]): Promise<number> {
     for (const key of Object.keys(values))
       if (!['json', 'help', 'version', ...allowed].includes(key))
         throw new UsageError(`--${key} is not an option of '${command}' (osd help lists each command's options)`);
-    if (command !== 'generate' && command !== 'convert' && command !== 'info' && positionals.length > 1)
+    if (command !== 'generate' && command !== 'convert' && command !== 'info' && command !== 'train-draft' && positionals.length > 1)
       throw new UsageError(`'${command}' takes no arguments, got '${positionals.slice(1).join(' ')}'`);
   }
   const num = (v: string | undefined, name: string, fallback: number): number => {
@@ -253,7 +254,8 @@ async function main(argv: string[]): Promise<number> {
       const { readTexts } = await import('./train/texts.js');
       const { DEFAULT_TARGET } = await import('./demo.js');
       if (!values.out) throw new UsageError('give the draft to write: osd train-draft --text notes.txt --out draft.gguf');
-      if (!values.text?.length) throw new UsageError('give training text: --text FILE or --text FOLDER (repeat for more)');
+      const textPaths = [...(values.text ?? []), ...positionals.slice(1)];
+      if (!textPaths.length) throw new UsageError('give training text: --text FILE or --text FOLDER (repeat for more), or files after the command');
       if (values.from !== undefined)
         for (const k of ['dim', 'heads', 'kv-heads', 'ff'] as const)
           if (values[k] !== undefined) throw new UsageError(`--${k} shapes a new draft: --from continues a draft of its own shape (--layers may grow it)`);
@@ -276,7 +278,7 @@ async function main(argv: string[]): Promise<number> {
       }
       const targetPath = values.target ?? DEFAULT_TARGET;
       for (const path of [targetPath, values.from]) if (path !== undefined && !existsSync(path)) throw new Error(`model not found: ${path}`);
-      const texts = readTexts(values.text);
+      const texts = readTexts(textPaths);
       const tty = process.stderr.isTTY;
       const ac = new AbortController();
       process.once('SIGINT', () => ac.abort());

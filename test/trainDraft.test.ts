@@ -211,11 +211,11 @@ describe('osd train-draft', () => {
     TEXTS.forEach((t, i) => writeFileSync(join(texts, i % 2 ? 'sub' : '', `${i}.txt`), t));
     writeFileSync(join(texts, 'blob.bin'), Buffer.from([1, 0, 2, 3]));
     const out = join(dir, 'cli.gguf');
-    const r = cli('--text', texts, '--out', out, '--steps', '6', '--dim', '32', '--layers', '1', '--heads', '2', '--kv-heads', '1', '--ff', '64', '--seq-len', '32', '--json');
+    const r = cli(join(texts, '0.txt'), '--text', texts, '--out', out, '--steps', '6', '--dim', '32', '--layers', '1', '--heads', '2', '--kv-heads', '1', '--ff', '64', '--seq-len', '32', '--json');
     expect(r.stderr).toBe('');
     expect(r.status).toBe(0);
     const j = JSON.parse(r.stdout);
-    expect(j).toMatchObject({ path: out, steps: 6, files: TEXTS.length, type: 'F16', shape: { embeddingLength: 32, layers: 1 } });
+    expect(j).toMatchObject({ path: out, steps: 6, files: TEXTS.length + 1, type: 'F16', shape: { embeddingLength: 32, layers: 1 } });
   }, 120_000);
 
   it('refuses bad command lines with exit code 2 and missing files with 1', () => {
@@ -223,7 +223,7 @@ describe('osd train-draft', () => {
     let r = cli('--text', join(root, 'README.md'));
     expect([r.status, r.stderr]).toEqual([2, 'osd: give the draft to write: osd train-draft --text notes.txt --out draft.gguf\n']);
     r = cli('--out', out);
-    expect([r.status, r.stderr]).toEqual([2, 'osd: give training text: --text FILE or --text FOLDER (repeat for more)\n']);
+    expect([r.status, r.stderr]).toEqual([2, 'osd: give training text: --text FILE or --text FOLDER (repeat for more), or files after the command\n']);
     r = cli('--text', join(root, 'README.md'), '--out', out, '--from', TARGET, '--dim', '64');
     expect([r.status, r.stderr]).toEqual([2, 'osd: --dim shapes a new draft: --from continues a draft of its own shape (--layers may grow it)\n']);
     r = cli('--text', join(root, 'README.md'), '--out', out, '--steps', '1.5');

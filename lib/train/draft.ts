@@ -302,7 +302,7 @@ export interface TrainDraftOptions {
   checkpoint?: string;
   signal?: AbortSignal;
   onProgress?: (p: TrainDraftProgress) => void;
-  /** Minutes between held-out measurements (default 5). */
+  /** Minutes between held-out measurements (default 5, or a sixth of a shorter `minutes`, at least 0.5). */
   evalMinutes?: number;
 }
 
@@ -414,7 +414,8 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
   const seqLen = checkInteger(options.seqLen ?? 128, 'seqLen', 2, target.info.contextLength);
   const replay = checkInteger(options.replay ?? 3, 'replay', 1, 64);
   const seed = checkInteger(options.seed ?? 1, 'seed', 0, 2 ** 31 - 1);
-  const evalMinutes = options.evalMinutes === undefined ? 5 : positiveNumber(options.evalMinutes, 'evalMinutes');
+  // A short budget gets its curve too: six points, at most 5 minutes and at least 30 s apart.
+  const evalMinutes = options.evalMinutes === undefined ? Math.min(5, Math.max(0.5, minutes / 6)) : positiveNumber(options.evalMinutes, 'evalMinutes');
   checkSignal(options.signal);
   checkCallback(options.onProgress, 'onProgress');
   if (options.checkpoint !== undefined && (typeof options.checkpoint !== 'string' || options.checkpoint.length === 0)) throw new TypeError('checkpoint must be a non-empty string');

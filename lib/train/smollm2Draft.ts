@@ -219,7 +219,21 @@ interface DraftReport {
   shape: DraftShape;
   cost?: { targetMs: number; rows: CostRow[] };
   curve?: CurvePoint[];
-  training?: { teacherTokens: number; steps: number; replay: number; rows: number; seqLen: number; topK: number; lr: number; minutes: number; teacherSeconds: number; trainSeconds: number };
+  training?: {
+    teacherTokens: number;
+    steps: number;
+    replay: number;
+    rows: number;
+    seqLen: number;
+    topK: number;
+    lr: number;
+    minutes: number;
+    teacherSeconds: number;
+    trainSeconds: number;
+    /** The draft this run continued (--from), and that draft's own training when its report is beside it. */
+    from?: string;
+    previous?: PreviousTraining;
+  };
   acceptance?: Record<string, AcceptanceRow[]>;
   file?: { path: string; bytes: number; type?: StoreType };
 }
@@ -237,6 +251,32 @@ export function alphaFromTokensPerPass(tokensPerPass: number, g: number): number
   return (lo + hi) / 2;
 }
 
+/** What the --from draft's own report says of its training (its .report.json beside it). */
+interface PreviousTraining {
+  shape: DraftShape;
+  teacherTokens: number;
+  minutes: number;
+  steps: number;
+  heldOutTop1?: number;
+}
+
+function previousTraining(from: string): PreviousTraining | undefined {
+  const path = from.replace(/\.gguf$/, '') + '.report.json';
+  if (!existsSync(path)) return undefined;
+  const r = JSON.parse(readFileSync(path, 'utf8')) as DraftReport;
+  if (!r.training) return undefined;
+  const last = r.curve?.[r.curve.length - 1];
+  const prev = r.training.previous;
+  // A chain of continued runs adds up.
+  return {
+    shape: r.shape,
+    teacherTokens: r.training.teacherTokens + (prev?.teacherTokens ?? 0),
+    minutes: r.training.minutes + (prev?.minutes ?? 0),
+    steps: r.training.steps + (prev?.steps ?? 0),
+    ...(last && { heldOutTop1: last.heldOutTop1 }),
+  };
+}
+
 /** The Markdown report: cost table, training run, acceptance per domain. */
 export function reportMarkdown(r: DraftReport): string {
   const f = (x?: number | null, digits = 3) => (typeof x !== 'number' || Number.isNaN(x) ? '-' : x.toFixed(digits));
@@ -251,6 +291,13 @@ export function reportMarkdown(r: DraftReport): string {
   if (r.training) {
     const t = r.training;
     md.push('## Training', '');
+    if (t.from) {
+      const p = t.previous;
+      md.push(
+        `Continued from \`${t.from}\`${p ? ` (${JSON.stringify(p.shape)}, trained on ${p.teacherTokens} teacher tokens in ${f(p.minutes, 1)} minutes, ${p.steps} steps${p.heldOutTop1 !== undefined ? `, held-out top-1 agreement ${f(p.heldOutTop1)}` : ''})` : ''}${r.shape.layers > (p?.shape.layers ?? r.shape.layers) ? `, grown to ${r.shape.layers} layers (the new blocks start as no-ops)` : ''}, with a new optimizer and schedule:`,
+        '',
+      );
+    }
     md.push(`${t.teacherTokens} teacher tokens of general English (speeches, novel, definitions) in ${f(t.minutes, 1)} minutes: ${t.steps} AdamW steps of ${t.rows} x ${t.seqLen} tokens (each teacher batch trained on ${t.replay} times), forward KL to the target's top-${t.topK} probabilities plus the residual mass, peak lr ${t.lr}, cosine decay. Time in the teacher (target forward) ${f(t.teacherSeconds, 0)} s, in draft steps ${f(t.trainSeconds, 0)} s.`, '');
   }
   if (r.curve?.length) {
@@ -434,6 +481,12 @@ async function main(argv: string[]): Promise<number> {
     if (existsSync(draftPath)) acceptance.trained = await evalOne(draftPath, 'trained draft');
     report.acceptance = acceptance;
     if (existsSync(draftPath)) report.file = { path: 'smollm2-draft.gguf', bytes: statSync(draftPath).size, type: draftType };
+    writeJsonAtomic(reportPath, report);
+  }
+  const tr = (report as unknown as DraftReport).training;
+  if (tr?.from && !tr.previous) {
+    const p = previousTraining(tr.from);
+    if (p) tr.previous = p;
     writeJsonAtomic(reportPath, report);
   }
   if (phase === 'all' || phase === 'eval' || phase === 'report') {

@@ -33,7 +33,7 @@ Commands:
       --save-draft PATH    write the online run's adapted draft (GGUF)
       --out DIR            where the plots go (demo.svg, and demo.png where a converter is found; default osd-demo)
       --device D           cpu (default) or cuda: run both models' passes on the GPU
-  train-draft [FILE...] build a draft for a target by distilling it on your text (GGUF, shares its tokenizer)
+  train-draft [FILES]  build a draft for a target by distilling it on your text (GGUF, shares its tokenizer)
       --target PATH        the target (default: the embedded default target)
       --text PATH          training text: a file, or a folder of them (repeat for more; files may also
                            follow the command, as in corpus/*.txt); each file a document

@@ -4,7 +4,7 @@
 // continue a run, abort writes what was trained, and bad input is a TypeError or RangeError naming
 // it. Model.embeddingRows (the embeddings the init projects) is checked against the file's bytes.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -210,6 +210,7 @@ describe('osd train-draft', () => {
     mkdirSync(join(texts, 'sub'), { recursive: true });
     TEXTS.forEach((t, i) => writeFileSync(join(texts, i % 2 ? 'sub' : '', `${i}.txt`), t));
     writeFileSync(join(texts, 'blob.bin'), Buffer.from([1, 0, 2, 3]));
+    symlinkSync(texts, join(texts, 'sub', 'loop')); // a link back up is not followed
     const out = join(dir, 'cli.gguf');
     const r = cli(join(texts, '0.txt'), '--text', texts, '--out', out, '--steps', '6', '--dim', '32', '--layers', '1', '--heads', '2', '--kv-heads', '1', '--ff', '64', '--seq-len', '32', '--json');
     expect(r.stderr).toBe('');

@@ -1,5 +1,5 @@
 // Training text from files and folders (`osd train-draft --text`): each file one document.
-import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { lstatSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 
 export interface Texts {
@@ -11,8 +11,8 @@ export interface Texts {
 }
 
 /**
- * Reads every file named, and every file below every folder named (dot entries and node_modules
- * left out), in sorted order. Binary and empty files are skipped; a path that does not exist, or no
+ * Reads every file named, and every file below every folder named (dot entries, node_modules and
+ * symbolic links inside folders left out: a link loop cannot recurse), in sorted order. Binary and empty files are skipped; a path that does not exist, or no
  * text at all, is an Error naming it.
  */
 export function readTexts(paths: readonly string[]): Texts {
@@ -20,7 +20,7 @@ export function readTexts(paths: readonly string[]): Texts {
   const visit = (path: string, named: boolean) => {
     let st;
     try {
-      st = statSync(path);
+      st = named ? statSync(path) : lstatSync(path);
     } catch {
       throw new Error(`--text: ${path} does not exist`);
     }

@@ -60,6 +60,7 @@ export const COST_CANDIDATES: Array<{ name: string; shape: DraftShape; type: Sto
   { name: 'd128 L2 (F32)', shape: DRAFT_SHAPE, type: 'F32' },
   { name: 'd128 L2 (Q8_0)', shape: DRAFT_SHAPE, type: 'Q8_0' },
   { name: 'd128 L4', shape: { ...DRAFT_SHAPE, layers: 4 }, type: 'F16' },
+  { name: 'd128 L4 (Q8_0)', shape: { ...DRAFT_SHAPE, layers: 4 }, type: 'Q8_0' },
   { name: 'd192 L2', shape: { embeddingLength: 192, layers: 2, heads: 6, kvHeads: 2, feedForwardLength: 512, contextLength: 2048 }, type: 'F16' },
   { name: 'd256 L2', shape: { embeddingLength: 256, layers: 2, heads: 8, kvHeads: 4, feedForwardLength: 688, contextLength: 2048 }, type: 'F16' },
   { name: 'd256 L2 (Q8_0)', shape: { embeddingLength: 256, layers: 2, heads: 8, kvHeads: 4, feedForwardLength: 704, contextLength: 2048 }, type: 'Q8_0' },
@@ -387,6 +388,7 @@ async function main(argv: string[]): Promise<number> {
   const report: Record<string, unknown> = existsSync(reportPath) ? JSON.parse(readFileSync(reportPath, 'utf8')) : {};
   report.createdBy = 'lib/train/smollm2Draft.ts';
   report.target = targetPath.split('/').slice(-2).join('/');
+  // The shape the options give, until a draft exists: then the draft's own (a grown one has more layers).
   report.shape = shape;
 
   if (phase === 'all' || phase === 'cost') {
@@ -458,6 +460,7 @@ async function main(argv: string[]): Promise<number> {
     bar.done(`steps ${r.steps} teacher tokens ${r.teacherTokens}`);
     for (const c of r.curve) curve.push({ step: c.step, tokens: prevTokens + c.teacherTokens, minutes: prevMinutes + c.minutes, trainLoss: c.trainLoss, heldOutLoss: c.loss, heldOutTop1: c.top1 });
     report.curve = curve;
+    report.shape = r.shape;
     report.training = { teacherTokens: prevTokens + r.teacherTokens, steps: r.steps, replay, rows: quick ? 2 : Number(values.rows), seqLen, topK: Number(values['top-k']), lr, minutes: prevMinutes + r.seconds / 60, teacherSeconds: r.teacherSeconds, trainSeconds: r.trainSeconds, domains: GENERAL_DOMAINS, ...(values.from ? { from: values.from } : {}) };
     log(`wrote ${draftPath} (${(r.bytes / 1e6).toFixed(1)} MB)`);
     writeJsonAtomic(reportPath, report);
@@ -490,6 +493,13 @@ async function main(argv: string[]): Promise<number> {
     writeJsonAtomic(reportPath, report);
   }
   if (phase === 'all' || phase === 'eval' || phase === 'report') {
+    if (existsSync(draftPath)) {
+      const d = await loadModel(draftPath);
+      const i = d.info;
+      report.shape = { embeddingLength: i.embeddingLength, layers: i.layers, heads: i.heads, kvHeads: i.kvHeads, feedForwardLength: i.feedForwardLength, contextLength: i.contextLength };
+      await d.dispose();
+      writeJsonAtomic(reportPath, report);
+    }
     const md = reportMarkdown(report as unknown as DraftReport);
     writeFileSync(join(outDir, 'smollm2-draft.report.md.tmp'), md);
     renameSync(join(outDir, 'smollm2-draft.report.md.tmp'), join(outDir, 'smollm2-draft.report.md'));

@@ -14,17 +14,10 @@ import { loadModel, Model, isStoreType, STORE_TYPES, type StoreType } from '../M
 import { createTrainer, loadTrainerCheckpoint, type Trainer, type TrainBatch } from '../Trainer.js';
 import { checkSignal, throwIfAborted } from '../withAbortSignal.js';
 import { kvU32, readGgufLayout, readTensorBytes, writeGgufRaw, type OutTensor } from './ggufRewrite.js';
-import { writeLlamaInit, XorShift } from './llamaInit.js';
+import { writeLlamaInit, XorShift, type LlamaShape } from './llamaInit.js';
 
 /** A draft's shape; its vocabulary is the target's. */
-export interface DraftShape {
-  embeddingLength: number;
-  layers: number;
-  heads: number;
-  kvHeads: number;
-  feedForwardLength: number;
-  contextLength: number;
-}
+export type DraftShape = Omit<LlamaShape, 'vocabSize'>;
 
 /** 128 wide, 2 layers: about a tenth of SmolLM2-135M's decode time per token on a CPU. */
 export const DEFAULT_DRAFT_SHAPE: Omit<DraftShape, 'contextLength'> = { embeddingLength: 128, layers: 2, heads: 4, kvHeads: 2, feedForwardLength: 384 };

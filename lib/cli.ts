@@ -38,7 +38,7 @@ Commands:
       --text PATH          training text: a file, or a folder of them (repeat for more; files may also
                            follow the command, as in corpus/*.txt); each file a document
       --out PATH           the draft to write (required)
-      --minutes N          time budget (default 30); --steps N stops after N optimizer steps instead
+      --minutes N          time budget (default 30); --steps N: a budget of optimizer steps (whichever ends first)
       --from PATH          continue training this draft instead of starting a new one (with --layers N:
                            grown to N layers, the new ones starting as no-ops)
       --dim N --layers N --heads N --kv-heads N --ff N

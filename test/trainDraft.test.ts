@@ -138,12 +138,13 @@ describe('trainDraft', () => {
     expect(Math.abs(more.curve[0]!.loss - first.curve[first.curve.length - 1]!.loss)).toBeLessThan(0.05);
   }, 120_000);
 
-  it('resumes from a checkpoint: steps, weights and schedule carry on', async () => {
+  it('resumes from a checkpoint: steps and weights carry on', async () => {
     const ckpt = join(dir, 'run.ckpt');
     const a = await trainDraft({ ...base(join(dir, 'r1.gguf')), steps: 6, checkpoint: ckpt });
     expect(a.steps).toBe(6);
     expect(existsSync(ckpt)).toBe(true);
-    const b = await trainDraft({ ...base(join(dir, 'r2.gguf')), steps: 6, checkpoint: ckpt });
+    const { shape: _s, ...rest } = base(join(dir, 'r2.gguf'));
+    const b = await trainDraft({ ...rest, steps: 6, checkpoint: ckpt });
     expect(b.steps).toBe(12);
     expect(b.curve[0]!.step).toBe(6);
     expect(b.curve[0]!.loss).toBeCloseTo(a.curve[a.curve.length - 1]!.loss, 5);
@@ -164,6 +165,11 @@ describe('trainDraft', () => {
     expect(r.steps).toBeLessThan(1000);
     await using d = await loadModel(path);
     expect(d.info.layers).toBe(1);
+  }, 120_000);
+
+  it('takes an undefined shape entry as its default', async () => {
+    const r = await trainDraft({ ...base(join(dir, 'undef.gguf')), shape: { ...TINY, layers: undefined }, steps: 3 });
+    expect(r.shape.layers).toBe(2);
   }, 120_000);
 
   it('takes token ids instead of text, holding out the last 5% of the first stream', async () => {
@@ -191,9 +197,18 @@ describe('trainDraft', () => {
     await expect(bad({ shape: { ...TINY, heads: 3 } })).rejects.toThrow(new RangeError('shape.heads (3) must divide shape.embeddingLength (32)'));
     await expect(bad({ shape: { width: 3 } })).rejects.toThrow(/shape\.width is not an option/);
     await expect(bad({ from: join(dir, 'draft.gguf') })).rejects.toThrow(/^shape is for a new draft/);
-    await expect(bad({ from: join(dir, 'draft.gguf'), shape: { layers: 1 } })).rejects.toThrow(new RangeError("layers (1) must be more than the draft's (1) to grow it"));
+    await expect(bad({ from: join(dir, 'draft.gguf'), shape: { layers: 1 } })).rejects.toThrow(new RangeError("shape.layers (1) must be more than the draft's (1) to grow it"));
     await expect(bad({ heldOut: [1, -1] })).rejects.toThrow(new RangeError('heldOut[1] must be a token id in [0, 4095], got -1'));
     await expect(bad({ epochs: 2 })).rejects.toThrow(/epochs is not an option/);
+    await expect(trainDraft(undefined as never)).rejects.toThrow(new TypeError('options must be an object ({ target, out, texts | tokens, ... })'));
+    await expect(bad({ out: TARGET })).rejects.toThrow(new RangeError(`out must not be the target's file (${TARGET})`));
+    await expect(bad({ shape: { ...TINY, contextLength: 16 } })).rejects.toThrow(new RangeError('shape.contextLength (16) must be at least seqLen (32)'));
+    const ckpt = join(dir, 'exists.ckpt');
+    writeFileSync(ckpt, 'x');
+    await expect(bad({ checkpoint: ckpt })).rejects.toThrow(/^checkpoint .*exists\.ckpt exists, and a run resumes it as it is: from and shape do not apply/);
+    const ac = new AbortController();
+    ac.abort();
+    await expect(bad({ signal: ac.signal })).rejects.toThrow(expect.objectContaining({ name: 'AbortError' }));
     const small = join(dir, 'v100.gguf');
     await writeRandomModel(small, { vocabSize: 100, embeddingLength: 16, layers: 1, heads: 2, feedForwardLength: 32, contextLength: 64 });
     const { shape: _s, ...noShape } = o;
@@ -216,7 +231,8 @@ describe('osd train-draft', () => {
     expect(r.stderr).toBe('');
     expect(r.status).toBe(0);
     const j = JSON.parse(r.stdout);
-    expect(j).toMatchObject({ path: out, steps: 6, files: TEXTS.length + 1, type: 'F16', shape: { embeddingLength: 32, layers: 1 } });
+    // 0.txt, named and inside the folder, is read once.
+    expect(j).toMatchObject({ path: out, steps: 6, files: TEXTS.length, type: 'F16', shape: { embeddingLength: 32, layers: 1 } });
   }, 120_000);
 
   it('refuses bad command lines with exit code 2 and missing files with 1', () => {

@@ -8,6 +8,7 @@
 // - held-out forward KL and top-1 agreement (draft argmax = target argmax) measured as it goes;
 // - the draft is written as GGUF (llama architecture, so llama.cpp loads it too), atomically.
 import { existsSync, renameSync, rmSync, statSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { addon } from '../addon.js';
 import { checkCallback, checkInteger, checkKeys, checkOptions } from '../args.js';
 import { loadModel, Model, isStoreType, STORE_TYPES, type StoreType } from '../Model.js';
@@ -98,19 +99,27 @@ export function topRightSingularVectors(E: Float32Array, n: number, D: number, k
  * logits moderate; random layers (std 0.02, residual projections scaled by 1/sqrt(2 L)). The
  * target's tokenizer and chat template are copied, so the draft shares its vocabulary.
  */
-export async function writeDraftInit(path: string, target: Model, shape: DraftShape, seed = 1, onLog: (s: string) => void = () => {}): Promise<void> {
+export async function writeDraftInit(path: string, target: Model, shape: DraftShape, seed = 1, onLog: (s: string) => void = () => {}, signal?: AbortSignal): Promise<void> {
   const t0 = performance.now();
   const { vocabSize: V, embeddingLength: Dt, path: targetPath, format } = target.info;
   if (format !== 'gguf' || !target.tokenizer) throw new Error(`the target ${targetPath} must be a GGUF file with a tokenizer (the draft copies it)`);
   const d = shape.embeddingLength;
   if (d > Dt) throw new RangeError(`shape.embeddingLength (${d}) must be at most the target's (${Dt})`);
   const rows = (s: number, c: number) => target.embeddingRows(s, c);
+  // JavaScript loops of seconds to minutes on wide targets: the event loop gets a turn between steps.
+  const yieldTurn = async () => {
+    await new Promise((r) => setImmediate(r));
+    throwIfAborted(signal);
+  };
   const { G, rowsUsed } = gramMatrix(rows, V, Dt);
+  await yieldTurn();
   const Q = topEigenvectors(G, Dt, d, 30, seed);
+  await yieldTurn();
   const E = new Float32Array(V * d);
   let captured = 0;
   let total = 0;
   for (let s = 0; s < V; s += 4096) {
+    if (s > 0) await yieldTurn();
     const n = Math.min(4096, V - s);
     const src = rows(s, n);
     for (let r = 0; r < n; r++) {
@@ -145,14 +154,14 @@ export async function writeDraftInit(path: string, target: Model, shape: DraftSh
  * that start as exact no-ops (their attention and feed-forward output projections are zero, so
  * each adds nothing to the residual stream). Training then grows capacity from where `from` is.
  */
-export function growDraft(from: string, path: string, layers: number, seed = 1): void {
+export function growDraft(from: string, path: string, layers: number, seed = 1, name = 'layers'): void {
   const src = readGgufLayout(from);
   const kv = (key: string) => src.kvs.find((e) => e.key === key);
   const arch = kv('general.architecture');
   if (!arch || arch.raw.subarray(12).toString('utf8') !== 'llama') throw new Error(`${from}: only a llama draft can grow layers`);
   const count = kv('llama.block_count');
   const have = count ? count.raw.readUInt32LE(4) : 0;
-  if (!(layers > have)) throw new RangeError(`layers (${layers}) must be more than the draft's (${have}) to grow it`);
+  if (!(layers > have)) throw new RangeError(`${name} (${layers}) must be more than the draft's (${have}) to grow it`);
   const rng = new XorShift(seed * 7919 + 29);
   const tensors: OutTensor[] = src.tensors.map((t) => ({ name: t.name, dims: t.dims, type: t.type, data: readTensorBytes(src, t.name) }));
   const block0 = src.tensors.filter((t) => t.name.startsWith('blk.0.'));
@@ -380,7 +389,12 @@ async function tokenizeTexts(target: Model, texts: Iterable<string>, heldOutGive
   const heldOut: number[] = [];
   const byDocument = !heldOutGiven && docs.length >= 20;
   for (const [j, d] of docs.entries()) for (const t of d) (byDocument && j % 20 === 19 ? heldOut : train).push(t);
-  if (!heldOutGiven && !byDocument) heldOut.push(...train.splice(Math.floor(train.length * 0.95)));
+  if (!heldOutGiven && !byDocument) {
+    // Not push(...splice()): millions of arguments overflow the stack.
+    const cut = Math.floor(train.length * 0.95);
+    for (let j = cut; j < train.length; j++) heldOut.push(train[j]!);
+    train.length = cut;
+  }
   return { train, heldOut };
 }
 
@@ -391,6 +405,7 @@ async function tokenizeTexts(target: Model, texts: Iterable<string>, heldOutGive
  * draft trained so far is still written. The result has the held-out curve.
  */
 export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraftResult> {
+  if (options === undefined) throw new TypeError('options must be an object ({ target, out, texts | tokens, ... })');
   checkKeys(checkOptions(options as unknown as Record<string, unknown>)!, trainDraftKeys);
   const { target } = options;
   if (!(target instanceof Model)) throw new TypeError('target must be a Model (loadModel)');
@@ -412,9 +427,15 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
   checkSignal(options.signal);
   checkCallback(options.onProgress, 'onProgress');
   if (options.checkpoint !== undefined && (typeof options.checkpoint !== 'string' || options.checkpoint.length === 0)) throw new TypeError('checkpoint must be a non-empty string');
+  // The draft is written last: over the target or the checkpoint it would destroy what it came from.
+  for (const [name, other] of [['the target', target.info.path], ['checkpoint', options.checkpoint], ['from', typeof options.from === 'string' ? options.from : undefined]] as const)
+    if (other !== undefined && resolve(other) === resolve(options.out)) throw new RangeError(`out must not be ${name === 'the target' ? "the target's file" : `the ${name} file`} (${options.out})`);
+  const resuming = options.checkpoint !== undefined && existsSync(options.checkpoint);
+  if (resuming && (options.from !== undefined || options.shape !== undefined))
+    throw new TypeError(`checkpoint ${options.checkpoint} exists, and a run resumes it as it is: from and shape do not apply (remove them, or the checkpoint)`);
   const grow = options.from !== undefined && options.shape !== undefined ? options.shape.layers : undefined;
   if (options.shape !== undefined && options.from !== undefined) {
-    const keys = options.shape === null || typeof options.shape !== 'object' ? [] : Object.keys(options.shape);
+    const keys = options.shape === null || typeof options.shape !== 'object' ? [] : Object.keys(options.shape).filter((key) => (options.shape as Record<string, unknown>)[key] !== undefined);
     if (keys.length !== 1 || keys[0] !== 'layers' || typeof options.from !== 'string')
       throw new TypeError('shape is for a new draft: from continues a draft of its own shape (only shape.layers may be given, with from a path, to grow it)');
   }
@@ -422,11 +443,14 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
     if (options.shape === null || typeof options.shape !== 'object') throw new TypeError('shape must be an object');
     checkKeys(options.shape as Record<string, unknown>, shapeKeys, 'shape');
   }
-  const shape: DraftShape = { ...DEFAULT_DRAFT_SHAPE, contextLength: target.info.contextLength, ...(options.shape ?? {}) };
+  // An option set to undefined takes its default, as everywhere in the package.
+  const given = Object.fromEntries(Object.entries(options.shape ?? {}).filter(([, v]) => v !== undefined)) as Partial<DraftShape>;
+  const shape: DraftShape = { ...DEFAULT_DRAFT_SHAPE, contextLength: target.info.contextLength, ...given };
   for (const key of shapeKeys) checkInteger(shape[key as keyof DraftShape], `shape.${key}`, 1);
   if (shape.embeddingLength % shape.heads !== 0) throw new RangeError(`shape.heads (${shape.heads}) must divide shape.embeddingLength (${shape.embeddingLength})`);
   if (shape.heads % shape.kvHeads !== 0) throw new RangeError(`shape.kvHeads (${shape.kvHeads}) must divide shape.heads (${shape.heads})`);
   if ((shape.embeddingLength / shape.heads) % 2 !== 0) throw new RangeError('shape.embeddingLength / shape.heads must be even (RoPE rotates pairs)');
+  if (options.from === undefined && shape.contextLength < seqLen) throw new RangeError(`shape.contextLength (${shape.contextLength}) must be at least seqLen (${seqLen})`);
 
   if (options.heldOut !== undefined) {
     const h = options.heldOut;
@@ -468,10 +492,15 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
   const started = performance.now();
   const since = () => (performance.now() - started) / 1000;
   let trainer: Trainer;
-  let resumed = false;
-  if (options.checkpoint !== undefined && existsSync(options.checkpoint)) {
-    trainer = await loadTrainerCheckpoint(options.checkpoint);
-    resumed = true;
+  if (resuming) {
+    trainer = await loadTrainerCheckpoint(options.checkpoint!);
+    const snap = await trainer.snapshot();
+    const vocab = snap.info.vocabSize;
+    await snap.dispose();
+    if (vocab !== V) {
+      await trainer.dispose();
+      throw new RangeError(`checkpoint ${options.checkpoint}: its draft's vocabulary (${vocab} tokens) must be the target's (${V})`);
+    }
     progress({ phase: 'init', fraction: 0, step: trainer.steps, teacherTokens: 0, trainLoss: NaN, teacherTokensPerSecond: 0, trainTokensPerSecond: 0, seconds: since(), message: `resumed from ${options.checkpoint} at step ${trainer.steps}` });
   } else {
     let source: Model;
@@ -484,7 +513,7 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
         if (grow !== undefined) {
           const grown = `${options.out}.grown-${process.pid}.gguf`;
           try {
-            growDraft(options.from, grown, checkInteger(grow, 'shape.layers', 1), seed);
+            growDraft(options.from, grown, checkInteger(grow, 'shape.layers', 1), seed, 'shape.layers');
             source = await loadModel(grown);
           } finally {
             rmSync(grown, { force: true });
@@ -498,8 +527,13 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
     } else {
       const init = `${options.out}.init-${process.pid}.gguf`;
       try {
-        await writeDraftInit(init, target, shape, seed, (message) =>
-          progress({ phase: 'init', fraction: 0, step: 0, teacherTokens: 0, trainLoss: NaN, teacherTokensPerSecond: 0, trainTokensPerSecond: 0, seconds: since(), message }),
+        await writeDraftInit(
+          init,
+          target,
+          shape,
+          seed,
+          (message) => progress({ phase: 'init', fraction: 0, step: 0, teacherTokens: 0, trainLoss: NaN, teacherTokensPerSecond: 0, trainTokensPerSecond: 0, seconds: since(), message }),
+          options.signal,
         );
         source = await loadModel(init);
       } finally {
@@ -525,11 +559,13 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
   const fraction = () => Math.min(1, Math.max((performance.now() - started) / budgetMs, (trainer.steps - firstStep) / stepBudget));
   const rates = () => ({ teacherTokensPerSecond: teacherTokens / Math.max(1e-9, teacherMs / 1000), trainTokensPerSecond: (teacherTokens * replay) / Math.max(1e-9, trainMs / 1000) });
   try {
-    const heldWindows = held && held.length > seqLen ? heldOutWindows(held, 4, seqLen) : undefined;
+    // Up to 16 windows: 2,048 positions at seqLen 128, a standard error of about 0.01 on agreement.
+    const heldWindows = held && held.length > seqLen ? heldOutWindows(held, 16, seqLen) : undefined;
     const evalSet = heldWindows ? await teacherBatch(target, heldWindows, heldWindows.length / seqLen, seqLen, k) : undefined;
     let lastEval = -Infinity;
     const record = async (force: boolean) => {
       if (!evalSet || (!force && performance.now() - lastEval < evalMinutes * 60_000)) return;
+      if (curve.length > 0 && curve[curve.length - 1]!.step === trainer.steps) return; // measured already
       lastEval = performance.now();
       const snap = await trainer.snapshot();
       try {
@@ -540,9 +576,16 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
       }
     };
     await record(true);
+    throwIfAborted(options.signal); // before the first step: nothing to write
     const buffer: TeacherBatch[] = [];
+    // The replay buffer holds at most 256 MB of teacher batches (and 512 of them).
+    const batchBytes = rows * seqLen * (8 * k + 8);
+    const maxBuffer = Math.max(1, Math.min(512, Math.floor(256e6 / batchBytes)));
     let lastSave = performance.now();
-    let sized = resumed;
+    // The cosine schedule ends with this call's budget (a resumed run's too), sized from the time its
+    // first steps take (the init before them not counted).
+    let sized = false;
+    const loopStart = performance.now();
     while (fraction() < 1) {
       if (options.signal?.aborted) {
         aborted = true;
@@ -553,7 +596,7 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
       teacherMs += performance.now() - t0;
       teacherTokens += rows * seqLen;
       buffer.push(fresh);
-      if (buffer.length > 512) buffer.splice(Math.floor(rng.next() * buffer.length), 1);
+      if (buffer.length > maxBuffer) buffer.splice(Math.floor(rng.next() * buffer.length), 1);
       t0 = performance.now();
       for (let i = 0; i < replay && trainer.steps - firstStep < stepBudget; i++) {
         const b = i === 0 ? fresh : buffer[Math.floor(rng.next() * buffer.length)]!;
@@ -564,7 +607,7 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
       if (!sized && (trainer.steps - firstStep >= 3 * replay || trainer.steps - firstStep >= stepBudget)) {
         // The cosine decay ends with the budget: steps given, or as many as the time left allows.
         const done = trainer.steps - firstStep;
-        const perStep = (performance.now() - started) / Math.max(1, done);
+        const perStep = (performance.now() - loopStart) / Math.max(1, done);
         const left = Math.min(stepBudget - done, Math.floor((budgetMs - (performance.now() - started)) / perStep));
         trainer.configure({ totalSteps: trainer.steps + Math.max(10, left) });
         sized = true;

@@ -433,10 +433,11 @@ async function main(argv: string[]): Promise<number> {
     const r = await trainDraft({
       target,
       out: draftPath,
-      ...(grow !== undefined && { shape: { layers: grow } }),
+      ...(grow !== undefined && !(values.resume && existsSync(ckpt)) && { shape: { layers: grow } }),
       tokens: shards,
       heldOut: data.get('speeches.heldout') ?? shards[0]!,
-      from: values.from ?? initPath,
+      // A resumed run continues its checkpoint as it is.
+      ...(!(values.resume && existsSync(ckpt)) && { from: values.from ?? initPath }),
       type: draftType,
       minutes: quick ? 0.3 : Number(values.minutes),
       lr,

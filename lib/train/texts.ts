@@ -1,5 +1,5 @@
 // Training text from files and folders (`osd train-draft --text`): each file one document.
-import { lstatSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { lstatSync, readdirSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 
 export interface Texts {
@@ -12,11 +12,14 @@ export interface Texts {
 
 /**
  * Reads every file named, and every file below every folder named (dot entries, node_modules and
- * symbolic links inside folders left out: a link loop cannot recurse), in sorted order. Binary and empty files are skipped; a path that does not exist, or no
+ * symbolic links inside folders left out: a link loop cannot recurse), in sorted order, each file
+ * once. Binary and empty files are skipped; a path that does not exist, or no
  * text at all, is an Error naming it.
  */
 export function readTexts(paths: readonly string[]): Texts {
   const out: Texts = { documents: [], files: 0, bytes: 0, skipped: 0 };
+  // A file named twice (corpus/*.txt --text corpus) is read once: a copy could land in the held-out set.
+  const seen = new Set<string>();
   const visit = (path: string, named: boolean) => {
     let st;
     try {
@@ -35,6 +38,9 @@ export function readTexts(paths: readonly string[]): Texts {
       if (named) throw new Error(`--text: ${path} is not a file or a folder`);
       return;
     }
+    const real = realpathSync(path);
+    if (seen.has(real)) return;
+    seen.add(real);
     const buf = readFileSync(path);
     if (buf.length === 0 || buf.subarray(0, 8192).includes(0)) {
       out.skipped++;

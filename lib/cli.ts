@@ -29,7 +29,7 @@ Commands:
       --max-tokens N       tokens per request (default 32)
       --runs LIST          static,online,pool (default all three)
       --lr X --top-k K     learning rate and teacher entries per position of the online updates
-                           (default 3e-3, top-k 32; 64 for vocabularies of 32768 tokens and more)
+                           (default 3e-3 and top-k 32; 1e-3 and 64 for vocabularies of 32768 tokens and more)
       --save-draft PATH    write the online run's adapted draft (GGUF)
       --out DIR            where the plots go (demo.svg, and demo.png where a converter is found; default osd-demo)
       --device D           cpu (default) or cuda: run both models' passes on the GPU

@@ -363,7 +363,11 @@ export class Model {
 
   /** Logits [n x V] of every position of `tokens`, evaluated from an empty context. */
   async forward(tokens: Int32Array | number[]): Promise<Float32Array> {
-    const seq = this.createSequence();
+    // A cache of just these tokens: the model's whole context (8,192 tokens for SmolLM2, 190 MB) was
+    // allocated and cleared for every call. Out-of-range lengths fall through to evaluate's errors.
+    const n = (tokens as { length?: unknown } | null | undefined)?.length;
+    const size = typeof n === 'number' && n >= 1 && n <= this.info.contextLength ? n : undefined;
+    const seq = this.createSequence(size === undefined ? {} : { contextSize: size });
     try {
       return await seq.evaluate(tokens);
     } finally {

@@ -25,6 +25,7 @@
 namespace osd {
 
 using cuda::DeviceBuffer;
+using cuda::PinnedBuffer;
 using gguf::TensorType;
 
 namespace {
@@ -602,30 +603,6 @@ __global__ void attention_kernel(const float* q, const RowInfo* rows, const Part
 
 // ---- The pass ----
 
-// Page-locked host memory that grows (old contents are not kept), for copies that run async.
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  ~PinnedBuffer() {
-    if (ptr_) cudaFreeHost(ptr_);
-  }
-  uint8_t* reserve(size_t bytes) {
-    if (bytes <= bytes_ && ptr_) return static_cast<uint8_t*>(ptr_);
-    if (ptr_) OSD_CUDA_CHECK(cudaFreeHost(ptr_));
-    ptr_ = nullptr, bytes_ = 0;
-    const size_t grow = bytes + bytes / 4 + 256;
-    OSD_CUDA_CHECK(cudaMallocHost(&ptr_, grow));
-    bytes_ = grow;
-    return static_cast<uint8_t*>(ptr_);
-  }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
-
 struct DevLayer {
   const float *attn_norm = nullptr, *ffn_norm = nullptr, *bq = nullptr, *bk = nullptr, *bv = nullptr, *q_norm = nullptr,
               *k_norm = nullptr;
@@ -876,7 +853,7 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
   };
   const size_t at_tokens = place(tokens), at_cs = place(cs), at_sn = place(sn), at_rows = place(rows), at_parts = place(pinfo),
                at_sel = place(sel), at_vis = place(vis);
-  uint8_t* host = staging_.reserve(total);
+  uint8_t* host = staging_.as<uint8_t>(total);
   for (const Piece& p : pieces)
     if (p.bytes) std::memcpy(host + p.at, p.src, p.bytes);
   uint8_t* dev = static_cast<uint8_t*>(inputs_.reserve(total));

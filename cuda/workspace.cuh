@@ -1,4 +1,4 @@
-// Grow-only device buffers reused across calls, and the per-device facts the launchers need.
+// Grow-only device (and page-locked host) buffers reused across calls, and the per-device facts the launchers need.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -10,22 +10,25 @@
 namespace osd {
 namespace cuda {
 
-class DeviceBuffer {
+// A buffer that grows and is reused across calls: device memory, or page-locked host memory (for
+// copies that run async). Old contents are not kept when it grows.
+template <bool kPinnedHost>
+class GrowBuffer {
  public:
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (ptr_) cudaFree(ptr_);
+  GrowBuffer() = default;
+  GrowBuffer(const GrowBuffer&) = delete;
+  GrowBuffer& operator=(const GrowBuffer&) = delete;
+  ~GrowBuffer() {
+    if (ptr_) kPinnedHost ? cudaFreeHost(ptr_) : cudaFree(ptr_);
   }
-  // At least `bytes` bytes; old contents are not kept when it grows.
+  // At least `bytes` bytes.
   void* reserve(size_t bytes) {
     if (bytes <= bytes_ && ptr_) return ptr_;
-    if (ptr_) OSD_CUDA_CHECK(cudaFree(ptr_));
+    if (ptr_) OSD_CUDA_CHECK(kPinnedHost ? cudaFreeHost(ptr_) : cudaFree(ptr_));
     ptr_ = nullptr;
     bytes_ = 0;
     size_t grow = bytes + bytes / 4 + 256;
-    OSD_CUDA_CHECK(cudaMalloc(&ptr_, grow));
+    OSD_CUDA_CHECK(kPinnedHost ? cudaMallocHost(&ptr_, grow) : cudaMalloc(&ptr_, grow));
     bytes_ = grow;
     return ptr_;
   }
@@ -40,6 +43,8 @@ class DeviceBuffer {
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
 };
+using DeviceBuffer = GrowBuffer<false>;
+using PinnedBuffer = GrowBuffer<true>;
 
 // Scratch for the row/walk kernels (verification, warping) and the other ops.
 struct Workspace {

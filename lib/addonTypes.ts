@@ -67,7 +67,7 @@ export interface NativeAddon {
   ): number;
   adamwStep(o: object): void;
   globalNorm(values: Float32Array): number;
-  teacherTopK(logits: Float32Array, vocabSize: number, k: number, name?: string): { ids: Int32Array; probs: Float32Array; residual: Float32Array };
+  teacherTopK(logits: Float32Array, vocabSize: number, k: number): { ids: Int32Array; probs: Float32Array; residual: Float32Array };
   bandwidthProbe(o?: object): { readBytesPerSecond: number; copyBytesPerSecond: number; threads: number };
   setThreads(threads: number): number;
   backends(): BackendInfo[];

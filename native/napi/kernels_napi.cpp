@@ -423,8 +423,7 @@ Napi::Value global_norm(const Napi::CallbackInfo& info) {
   });
 }
 
-// teacherTopK(logits, vocabSize, k, name?): the sparse teacher of each row (distill/teacher.h), on
-// the CPU; errors about a row's values name it `name` (default "logits").
+// teacherTopK(logits, vocabSize, k): the sparse teacher of each row (distill/teacher.h), on the CPU.
 Napi::Value teacher_top_k_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
@@ -435,11 +434,9 @@ Napi::Value teacher_top_k_js(const Napi::CallbackInfo& info) {
       throw Napi::RangeError::New(env, "logits.length must be a positive multiple of vocabSize (" + std::to_string(vocab) + "), got " +
                                            std::to_string(l.length));
     const size_t rows = l.length / static_cast<size_t>(vocab);
-    const std::string name = info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "logits";
     std::vector<int32_t> ids(rows * k);
     std::vector<float> probs(rows * k), residual(rows);
-    teacher_top_k(l.data, rows, static_cast<int32_t>(vocab), static_cast<int32_t>(k), ids.data(), probs.data(), residual.data(),
-                  name.c_str());
+    teacher_top_k(l.data, rows, static_cast<int32_t>(vocab), static_cast<int32_t>(k), ids.data(), probs.data(), residual.data());
     Napi::Object r = Napi::Object::New(env);
     r.Set("ids", to_js(env, ids.data(), ids.size()));
     r.Set("probs", to_js(env, probs.data(), probs.size()));

@@ -99,6 +99,16 @@ __global__ void embed_kernel(DevMatrix m, const int32_t* tokens, float* x) {
   for (int64_t j = threadIdx.x; j < m.cols; j += blockDim.x) x[i * m.cols + j] = element(m, tokens[i], j);
 }
 
+// A restricted head's logits (rows x H) spread over rows x V, the other ids at -infinity. One
+// block per row: it fills the row, then writes the head's entries.
+__global__ void head_scatter_kernel(const float* head, const int32_t* ids, int64_t H, int64_t V, float* logits) {
+  const int64_t r = blockIdx.x;
+  float* row = logits + r * V;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) row[j] = -INFINITY;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < H; j += blockDim.x) row[ids[j]] = head[r * H + j];
+}
+
 // silu(g) * u, as the CPU's swiglu: g / (1 + exp(-g)) * u.
 __device__ __forceinline__ float swiglu_value(float g, float u) { return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u); }
 
@@ -659,7 +669,9 @@ class CudaPass final : public DevicePass {
   void upload_all(const Model& m) {
     const ModelConfig& c = cfg_;
     embd_ = upload_matrix(m.token_embd);
-    output_ = upload_matrix(m.output);
+    // A restricted head's products read only its rows (Model::head).
+    output_ = upload_matrix(m.head.empty() ? m.output : m.head);
+    if (!c.head_tokens.empty()) head_ids_ = upload(c.head_tokens.data(), c.head_tokens.size());
     output_norm_ = upload_vec(m.output_norm, c.dim);
     for (const LayerWeights& w : m.layers) {
       DevLayer l;
@@ -700,6 +712,7 @@ class CudaPass final : public DevicePass {
   std::vector<void*> owned_;
   std::vector<std::pair<const uint8_t*, DevMatrix>> uploaded_;
   DevMatrix embd_, output_;
+  const int32_t* head_ids_ = nullptr;  // a restricted head's ids (else null)
   const float* output_norm_ = nullptr;
   std::vector<DevLayer> layers_;
   bool any_int8_ = false;  // some product takes 8-bit activations (their scratch is reserved per pass)
@@ -722,7 +735,7 @@ class CudaPass final : public DevicePass {
   template <class F>
   void launch_graph(const std::vector<int64_t>& key, F&& launch_all);
   DeviceBuffer kv_jobs_, kv_path_;  // keep_path's jobs and path
-  DeviceBuffer inputs_, x_, xb_, q_, k_, v_, att_, g_, h_, scores_, logits_;
+  DeviceBuffer inputs_, x_, xb_, q_, k_, v_, att_, g_, h_, scores_, logits_, head_logits_;
   PinnedBuffer staging_;  // the inputs on the host; rewritten only after the previous pass synchronised
   Acts acts_;
 };
@@ -883,6 +896,8 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
   const int64_t V = c.vocab;
   const int64_t out_rows = static_cast<int64_t>(sel.size());
   float* logits = logits_.as<float>(out_rows * V);  // sized before any launch: growing it would wait for them
+  const int64_t H = static_cast<int64_t>(c.head_tokens.size());
+  float* head_logits = H ? head_logits_.as<float>(out_rows * H) : nullptr;
   float* scores = scores_.as<float>(static_cast<size_t>(chunk) * c.n_heads * max_slots);
   const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
   constexpr int T = 256;
@@ -931,7 +946,11 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
       matmul(w.w_down, h, n, x, acts_, s, nullptr, /*accumulate=*/true);
     }
     const QActs oa = norm(x, d_sel, output_norm_, out_rows, int8_type(output_.type), xb);
-    matmul(output_, xb, out_rows, logits, acts_, s, nullptr, false, int8_type(output_.type) ? &oa : nullptr);
+    matmul(output_, xb, out_rows, H ? head_logits : logits, acts_, s, nullptr, false, int8_type(output_.type) ? &oa : nullptr);
+    if (H) {
+      head_scatter_kernel<<<static_cast<unsigned>(out_rows), T, 0, s>>>(head_logits, head_ids_, H, V, logits);
+      OSD_CUDA_CHECK_LAUNCH();
+    }
   };
   // Small passes (decode steps, verification) replay a CUDA graph of these launches when their
   // parameters are those of an earlier pass: the launches then cost the GPU, not the host.
@@ -940,7 +959,7 @@ void CudaPass::evaluate(const EvalPart* parts, Cache* const* caches, const int32
     for (const void* p : {(const void*)d_tokens, (const void*)d_cs, (const void*)d_sn, (const void*)d_rows, (const void*)d_parts,
                           (const void*)d_vis, (const void*)d_sel, (const void*)x, (const void*)xb, (const void*)q,
                           (const void*)kk, (const void*)vv, (const void*)att, (const void*)h, (const void*)g,
-                          (const void*)logits, (const void*)scores, (const void*)acts_.q.get(), (const void*)acts_.d.get(),
+                          (const void*)logits, (const void*)head_logits, (const void*)scores, (const void*)acts_.q.get(), (const void*)acts_.d.get(),
                           (const void*)acts_.s.get()})
       key.push_back(reinterpret_cast<int64_t>(p));
     for (int64_t v : {int64_t(n), out_rows, max_slots, chunk}) key.push_back(v);

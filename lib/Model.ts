@@ -11,6 +11,7 @@ interface NativeModel {
   info(): ModelInfo;
   setWeights(other: NativeModel): void;
   embeddingRows(start: number, count: number): Float32Array;
+  headTokenIds(): Int32Array | null;
   dispose(): void;
   readonly disposed: boolean;
 }
@@ -37,7 +38,7 @@ interface ModelAddon {
   loadModel(path: string, device?: ModelDevice): Promise<NativeModel>;
   writeRandomModel(path: string, config: object): Promise<void>;
   saveModel(model: NativeModel, path: string, options: object): Promise<void>;
-  convertModel(model: NativeModel, options: { type: StoreType | 'keep' }): Promise<NativeModel>;
+  convertModel(model: NativeModel, options: { type: StoreType | 'keep'; headTokens?: Int32Array | null }): Promise<NativeModel>;
   NativeSequence: new (model: NativeModel, contextSize?: number, kvType?: KvType) => NativeSequence;
   sampleLogits(o: object): number;
   chainJoinStats(): { steps: number; runs: number };
@@ -115,6 +116,11 @@ export interface ModelInfo {
   ropeTheta: number;
   rmsEps: number;
   tiedOutput: boolean;
+  /**
+   * Ids the LM head scores: vocabSize, or fewer for a draft with a restricted head (GGUF key
+   * `osd.head_tokens`, Model.headTokenIds), whose other logits are -Infinity.
+   */
+  headTokens: number;
   /** Weight bytes read to decode one token (the memory-bound cost of a step). */
   weightBytesPerToken: number;
   /**
@@ -390,6 +396,15 @@ export class Model {
   }
 
   /**
+   * The ids a restricted head scores (ascending; GGUF key `osd.head_tokens`), or null when the head
+   * scores the whole vocabulary. Logits of the other ids are -Infinity: such a draft never proposes
+   * them, and verification stays exact (their draft probability is 0).
+   */
+  headTokenIds(): Int32Array | null {
+    return this.handle.headTokenIds();
+  }
+
+  /**
    * Swaps in the weights of `weights` (a model of the same shape, e.g. a Trainer snapshot). Sequences
    * created afterwards use them; existing sequences keep the weights they were created with (their
    * KV caches were computed with those), so no evaluation sees half-updated weights. weightsVersion
@@ -430,6 +445,33 @@ export class Model {
   async convert(type: StoreType | 'keep'): Promise<Model> {
     if (type !== 'keep' && !isStoreType(type)) throw new RangeError(`type must be 'keep' or one of ${STORE_TYPES.join(', ')}, got ${String(type)}`);
     const handle = await native.convertModel(this.handle, { type });
+    return new Model(handle, this.tokenizer, this.chatTemplate);
+  }
+
+  /**
+   * A copy of this model (weights as they are, in memory, off the event loop) whose LM head scores
+   * only `ids` (any order; duplicates are dropped), or, with null, the whole vocabulary. For drafts on
+   * a large vocabulary, where the head is most of a draft's cost: the other logits are -Infinity, so
+   * the draft never proposes those tokens, and verification stays exact. Training a draft with such a
+   * head scores the teacher renormalised over `ids`. `save` keeps the ids (GGUF key
+   * `osd.head_tokens`; llama.cpp ignores it and uses the whole head). Tokenizer, template and device
+   * carry over.
+   */
+  async withHead(ids: ArrayLike<number> | null): Promise<Model> {
+    let head: Int32Array | null = null;
+    if (ids !== null) {
+      if (typeof ids !== 'object' || typeof (ids as ArrayLike<number>).length !== 'number') throw new TypeError('ids must be an array of token ids or null');
+      const V = this.info.vocabSize;
+      const seen = new Set<number>();
+      for (let i = 0; i < ids.length; i++) {
+        const id = ids[i]!;
+        if (!Number.isInteger(id) || id < 0 || id >= V) throw new RangeError(`ids[${i}] must be a token id in [0, ${V - 1}], got ${id}`);
+        seen.add(id);
+      }
+      if (seen.size === 0) throw new RangeError('ids must hold at least one token id');
+      head = Int32Array.from(seen).sort();
+    }
+    const handle = await native.convertModel(this.handle, { type: 'keep', headTokens: head });
     return new Model(handle, this.tokenizer, this.chatTemplate);
   }
 

@@ -47,6 +47,9 @@ Commands:
       --lr X --top-k K --seq-len N --seed S
                            peak learning rate (1.5e-3), teacher entries per position (64), window (128), seed (1)
       --checkpoint PATH    save the trainer there every 5 minutes; a later run given it resumes
+      --head-tokens N      restrict the draft's LM head to the N ids most frequent in the text: on a
+                           large vocabulary the head is most of a draft's cost (default: the whole
+                           vocabulary, or --from's head)
   info MODEL           what a model file holds: architecture, sizes, storage types, tokenizer, chat template
   convert IN OUT       write a model (GGUF or llama2.c) as GGUF in another storage type, atomically
       --type T             F32, F16 (default), BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, IQ4_NL, IQ4_XS,
@@ -93,7 +96,7 @@ async function main(argv: string[]): Promise<number> {
     serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'no-batching', 'model-id', 'static', 'grace', 'device'],
     convert: ['type'],
     info: [],
-    'train-draft': ['target', 'text', 'out', 'minutes', 'steps', 'from', 'dim', 'layers', 'heads', 'kv-heads', 'ff', 'type', 'lr', 'top-k', 'seq-len', 'seed', 'checkpoint'],
+    'train-draft': ['target', 'text', 'out', 'minutes', 'steps', 'from', 'dim', 'layers', 'heads', 'kv-heads', 'ff', 'type', 'lr', 'top-k', 'seq-len', 'seed', 'checkpoint', 'head-tokens'],
   };
   const allowed = own[command];
   if (allowed) {
@@ -238,7 +241,7 @@ async function main(argv: string[]): Promise<number> {
             `${path}: ${(report.bytes / 1e6).toFixed(1)} MB, ${i.format === 'gguf' ? 'GGUF' : 'llama2.c'}${name !== undefined ? `, "${name}"` : ''}`,
             `  architecture  ${parts.join(', ')}`,
             `  sizes         ${i.layers} layers, embedding ${i.embeddingLength}, ${i.heads} heads / ${i.kvHeads} key-value (head ${i.headDim}), feed-forward ${i.feedForwardLength}`,
-            `  context       ${i.contextLength} tokens; RoPE theta ${i.ropeTheta}; RMS eps ${Number(i.rmsEps.toPrecision(6))}; ${i.tiedOutput ? 'output tied to the embeddings' : 'own output matrix'}`,
+            `  context       ${i.contextLength} tokens; RoPE theta ${i.ropeTheta}; RMS eps ${Number(i.rmsEps.toPrecision(6))}; ${i.tiedOutput ? 'output tied to the embeddings' : 'own output matrix'}${i.headTokens < i.vocabSize ? `; head scores ${i.headTokens} of ${i.vocabSize} tokens` : ''}`,
             `  weights       ${i.matrixType === 'mixed' ? 'mixed' : i.matrixType} matrices${types ? ` (tensors: ${types})` : ''}; ${(i.weightBytesPerToken / 1e6).toFixed(1)} MB read per decoded token`,
             `  tokenizer     ${tokenizer ? `${tokenizer.model}${tokenizer.pre ? ` (${tokenizer.pre})` : ''}, ${tokenizer.vocabSize} tokens, BOS ${tokenizer.bos}, EOS ${tokenizer.eos}` : `none (token ids only; vocabulary ${i.vocabSize})`}`,
             `  chat template ${report.chatTemplate ? 'yes' : 'no'}`,
@@ -283,6 +286,7 @@ async function main(argv: string[]): Promise<number> {
       const ac = new AbortController();
       process.once('SIGINT', () => ac.abort());
       const target = await osd.loadModel(targetPath);
+      const vocab = target.info.vocabSize;
       let result: Awaited<ReturnType<typeof osd.trainDraft>>;
       try {
         if (!values.json) process.stderr.write(`osd: ${texts.files} files, ${(texts.bytes / 1e6).toFixed(1)} MB of text; training a draft for ${targetPath}\n`);
@@ -301,6 +305,7 @@ async function main(argv: string[]): Promise<number> {
           ...(values['seq-len'] !== undefined && { seqLen: int(values['seq-len'], 'seq-len', 0, 2) }),
           ...(values.seed !== undefined && { seed: int(values.seed, 'seed', 0, 0, 2 ** 31 - 1) }),
           ...(values.checkpoint !== undefined && { checkpoint: values.checkpoint }),
+          ...(values['head-tokens'] !== undefined && { headTokens: int(values['head-tokens'], 'head-tokens', 0, 1) }),
           signal: ac.signal,
           onProgress: (p) => {
             if (values.json) return;
@@ -327,9 +332,10 @@ async function main(argv: string[]): Promise<number> {
       if (values.json) {
         process.stdout.write(JSON.stringify({ ...result, files: texts.files, textBytes: texts.bytes }) + '\n');
       } else {
+        const head = result.headTokens < vocab ? `; head of ${result.headTokens} tokens` : '';
         const heldOut = first && last ? `; held-out agreement with the target ${first.top1.toFixed(3)} -> ${last.top1.toFixed(3)}, KL ${first.loss.toFixed(3)} -> ${last.loss.toFixed(3)}` : '';
         process.stdout.write(
-          `osd: wrote ${result.path}: ${(result.bytes / 1e6).toFixed(1)} MB, ${result.steps} steps on ${result.teacherTokens} teacher tokens in ${result.seconds < 60 ? `${result.seconds.toFixed(1)} s` : `${(result.seconds / 60).toFixed(1)} min`}${heldOut}${result.aborted ? ' (interrupted: the draft so far)' : ''}\n`,
+          `osd: wrote ${result.path}: ${(result.bytes / 1e6).toFixed(1)} MB, ${result.steps} steps on ${result.teacherTokens} teacher tokens in ${result.seconds < 60 ? `${result.seconds.toFixed(1)} s` : `${(result.seconds / 60).toFixed(1)} min`}${head}${heldOut}${result.aborted ? ' (interrupted: the draft so far)' : ''}\n`,
         );
       }
       return result.aborted ? 130 : 0;

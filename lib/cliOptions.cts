@@ -44,5 +44,6 @@ export const CLI_OPTIONS = {
   'kv-heads': { type: 'string' },
   ff: { type: 'string' },
   'seq-len': { type: 'string' },
+  'head-tokens': { type: 'string' },
   checkpoint: { type: 'string' },
 } as const;

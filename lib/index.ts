@@ -85,7 +85,7 @@ export type {
   UpdateEvent,
   UpdateStartEvent,
 } from './OnlineDecoder.js';
-export { trainDraft, DEFAULT_DRAFT_SHAPE } from './train/draft.js';
+export { trainDraft, frequentTokens, DEFAULT_DRAFT_SHAPE } from './train/draft.js';
 export type { DraftShape, HeldOutPoint, TrainDraftOptions, TrainDraftProgress, TrainDraftResult } from './train/draft.js';
 export { createDraftPool, DraftPool, draftCheckpointPath } from './DraftPool.js';
 export type { DraftPoolEvents, DraftPoolOptions, PoolGenerateOptions, PoolResult, Router, RouteRequest } from './DraftPool.js';

@@ -306,6 +306,14 @@ export interface TrainDraftOptions {
   onProgress?: (p: TrainDraftProgress) => void;
   /** Minutes between held-out measurements (default 5, or a sixth of a shorter `minutes`, at least 0.5). */
   evalMinutes?: number;
+  /**
+   * Restrict the draft's LM head (Model.withHead): a count N keeps the N ids most frequent in the
+   * training tokens (ties to the lower id; the target's end-of-sequence ids always in), or give the
+   * ids. On a large vocabulary the head is most of a draft's cost: SmolLM2's 49,152 rows are about
+   * nine tenths of a 4-layer, 128-wide draft's weights. Default: the head of `from`, or the whole
+   * vocabulary for a new draft.
+   */
+  headTokens?: number | ArrayLike<number>;
 }
 
 export interface TrainDraftProgress {
@@ -351,9 +359,11 @@ export interface TrainDraftResult {
   aborted: boolean;
   /** Held-out measurements, from before the first step to the end. */
   curve: HeldOutPoint[];
+  /** Ids the draft's head scores (its vocabulary, unless restricted). */
+  headTokens: number;
 }
 
-const trainDraftKeys = ['target', 'out', 'texts', 'tokens', 'heldOut', 'from', 'shape', 'type', 'minutes', 'steps', 'lr', 'topK', 'rows', 'seqLen', 'replay', 'seed', 'checkpoint', 'signal', 'onProgress', 'evalMinutes'];
+const trainDraftKeys = ['target', 'out', 'texts', 'tokens', 'heldOut', 'from', 'shape', 'type', 'minutes', 'steps', 'lr', 'topK', 'rows', 'seqLen', 'replay', 'seed', 'checkpoint', 'signal', 'onProgress', 'evalMinutes', 'headTokens'];
 const shapeKeys = ['embeddingLength', 'layers', 'heads', 'kvHeads', 'feedForwardLength', 'contextLength'];
 
 function positiveNumber(v: unknown, name: string): number {
@@ -399,6 +409,19 @@ async function tokenizeTexts(target: Model, texts: Iterable<string>, heldOutGive
 }
 
 /**
+ * The `count` ids most frequent in `shards` (ties to the lower id), the `always` ids included;
+ * ascending. A BPE vocabulary's lower ids are its earlier merges, so ids never seen fill up from the
+ * most common pieces.
+ */
+export function frequentTokens(shards: readonly ArrayLike<number>[], count: number, V: number, always: readonly number[] = []): Int32Array {
+  const freq = new Float64Array(V);
+  for (const s of shards) for (let i = 0; i < s.length; i++) freq[s[i]!]!++;
+  for (const id of always) if (id >= 0 && id < V) freq[id] = Infinity;
+  const order = Int32Array.from({ length: V }, (_, i) => i).sort((a, b) => freq[b]! - freq[a]! || a - b);
+  return order.subarray(0, Math.min(count, V)).sort();
+}
+
+/**
  * Builds a draft for `target` by distilling it on text: a new narrow llama (or `from`, a draft
  * to continue) learns the target's next-token distributions (top-k plus the rest, forward KL).
  * Runs for `minutes` (or `steps`), off the event loop between steps; abort with `signal` and the
@@ -433,6 +456,11 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
   const resuming = options.checkpoint !== undefined && existsSync(options.checkpoint);
   if (resuming && (options.from !== undefined || options.shape !== undefined))
     throw new TypeError(`checkpoint ${options.checkpoint} exists, and a run resumes it as it is: from and shape do not apply (remove them, or the checkpoint)`);
+  if (resuming && options.headTokens !== undefined)
+    throw new TypeError(`checkpoint ${options.checkpoint} exists, and a run resumes it as it is: headTokens does not apply (remove it, or the checkpoint)`);
+  const headCount = typeof options.headTokens === 'number' ? checkInteger(options.headTokens, 'headTokens', 1, V) : undefined;
+  if (options.headTokens !== undefined && headCount === undefined && (options.headTokens === null || typeof options.headTokens !== 'object' || typeof options.headTokens.length !== 'number'))
+    throw new TypeError('headTokens must be a count or an array of token ids');
   const grow = options.from !== undefined && options.shape !== undefined ? options.shape.layers : undefined;
   if (options.shape !== undefined && options.from !== undefined) {
     const keys = options.shape === null || typeof options.shape !== 'object' ? [] : Object.keys(options.shape).filter((key) => (options.shape as Record<string, unknown>)[key] !== undefined);
@@ -540,6 +568,19 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
         rmSync(init, { force: true });
       }
     }
+    if (options.headTokens !== undefined) {
+      const ids = headCount !== undefined ? frequentTokens(shards, headCount, V, target.eosTokens) : options.headTokens;
+      try {
+        const restricted = await source.withHead(ids as ArrayLike<number>);
+        if (own) await source.dispose();
+        source = restricted;
+        own = true;
+      } catch (e) {
+        if (own) await source.dispose();
+        if (e instanceof RangeError || e instanceof TypeError) throw new (e.constructor as typeof RangeError)(`headTokens: ${e.message}`);
+        throw e;
+      }
+    }
     try {
       trainer = await createTrainer(source, { lr, warmupSteps: 30, schedule: 'cosine', totalSteps: 1_000_000, minLr: lr / 10, weightDecay: 0.01, clipNorm: 1, headChunk: 256 });
     } finally {
@@ -625,8 +666,10 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
     await record(true);
     const snap = await trainer.snapshot();
     let trained: DraftShape;
+    let headTokens: number;
     try {
       const i = snap.info;
+      headTokens = i.headTokens;
       trained = { embeddingLength: i.embeddingLength, layers: i.layers, heads: i.heads, kvHeads: i.kvHeads, feedForwardLength: i.feedForwardLength, contextLength: i.contextLength };
       // Written beside the destination, then renamed: a reader never sees half a draft.
       const tmp = `${options.out}.tmp-${process.pid}`;
@@ -640,6 +683,7 @@ export async function trainDraft(options: TrainDraftOptions): Promise<TrainDraft
       await snap.dispose();
     }
     return {
+      headTokens,
       path: options.out,
       bytes: statSync(options.out).size,
       shape: trained,

@@ -124,6 +124,7 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
   m->output_norm = f32_vector(f, "output_norm.weight", c.dim);
   c.tied_output = f.find_tensor("output.weight") == nullptr;
   m->output = c.tied_output ? m->token_embd : matrix(f, "output.weight", c.vocab, c.dim);
+  m->build_head(f);
   const int64_t qd = c.q_dim(), kvd = c.kv_dim();
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const std::string p = "blk." + std::to_string(l) + ".";
@@ -156,11 +157,44 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
   return m;
 }
 
+void Model::build_head(const gguf::File& f) {
+  const gguf::Value* v = f.find("osd.head_tokens");
+  if (!v) return;
+  const std::string key = f.name() + ": osd.head_tokens";
+  using gguf::ValueType;
+  const ValueType e = v->elem_type();
+  const bool integers = v->is_array() && e != ValueType::Bool && e != ValueType::Float32 && e != ValueType::Float64 &&
+                        e != ValueType::String && e != ValueType::Array;
+  if (!integers) throw_io(key + " must be an array of integer token ids, got " + v->describe());
+  std::vector<int64_t> ids;
+  try {
+    ids = v->to_ints();
+  } catch (const Error&) {
+    throw_io(key + " holds an id beyond int64");
+  }
+  if (ids.empty()) throw_io(key + " is empty (a head needs at least one token)");
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || ids[i] >= cfg_.vocab)
+      throw_io(key + "[" + std::to_string(i) + "] = " + std::to_string(ids[i]) + " is out of range for vocabulary size " +
+               std::to_string(cfg_.vocab));
+    if (i > 0 && ids[i] <= ids[i - 1]) throw_io(key + " must be strictly ascending (index " + std::to_string(i) + ")");
+  }
+  cfg_.head_tokens.assign(ids.begin(), ids.end());
+  head_rows_.resize(output.row_bytes * ids.size());
+  for (size_t i = 0; i < ids.size(); ++i)
+    std::memcpy(&head_rows_[i * output.row_bytes], output.data + ids[i] * output.row_bytes, output.row_bytes);
+  head = output;
+  head.rows = static_cast<int64_t>(ids.size());
+  head.data = head_rows_.data();
+  head.packed = nullptr;
+}
+
 // A model built in memory (convertModel, the trainer) keeps its own bytes beside the packed copy:
 // the portable kernels and embedding lookups read them.
 void Model::pack_weights(const gguf::File* file) {
   const quant::Isa isa = quant::best_isa();
-  std::vector<Matrix*> ms = {&output};
+  // A restricted head's products read only its rows.
+  std::vector<Matrix*> ms = {head.empty() ? &output : &head};
   for (auto& l : layers)
     for (Matrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) ms.push_back(w);
   // Each packed copy starts 64-byte aligned in one buffer.
@@ -178,7 +212,7 @@ void Model::pack_weights(const gguf::File* file) {
     w->packed = packed_.data() + offset;
     // The file's copy is read again only by the portable kernels (and, for a tied output matrix,
     // by embedding lookups): its pages need not stay resident beside the packed one.
-    if (file) file->drop_pages(w->data, w->bytes());
+    if (file && w != &head) file->drop_pages(w->data, w->bytes());
   }
 }
 
@@ -225,7 +259,7 @@ std::shared_ptr<Model> Model::from_llama2c(std::unique_ptr<llama2c::Checkpoint> 
 }
 
 size_t Model::weight_bytes_per_token() const {
-  size_t total = token_embd.row_bytes + output.bytes();
+  size_t total = token_embd.row_bytes + (head.empty() ? output : head).bytes();
   for (const auto& l : layers)
     total += l.wq.bytes() + l.wk.bytes() + l.wv.bytes() + l.wo.bytes() + l.w_gate.bytes() + l.w_up.bytes() +
              l.w_down.bytes();

@@ -34,6 +34,10 @@ struct ModelConfig {
   std::vector<float> rope_factors;
   float rms_eps = 1e-5f;
   bool tied_output = true;
+  // A restricted head (GGUF key osd.head_tokens): the output rows of these ids only, ascending; the
+  // other logits are -infinity, so the model never proposes them. A draft's LM head is most of its
+  // cost on a large vocabulary. Empty: every id.
+  std::vector<int32_t> head_tokens;
   int32_t kv_dim() const { return n_kv_heads * head_dim; }
   int32_t q_dim() const { return n_heads * head_dim; }
 };
@@ -65,6 +69,7 @@ class Model {
   Matrix token_embd;
   const float* output_norm = nullptr;
   Matrix output;  // equals token_embd when tied
+  Matrix head;    // with config().head_tokens: those rows of output, in that order (else empty)
   std::vector<LayerWeights> layers;
 
   // Bytes of weights read per decoded token (every matrix once; embeddings one row).
@@ -79,6 +84,8 @@ class Model {
 
  private:
   Model() = default;
+  // Reads osd.head_tokens (checked against the vocabulary) and copies those rows of output to head.
+  void build_head(const gguf::File& f);
   // Gives each matrix the quantised kernels read in quant's 16-row layout a packed copy (when the
   // CPU has those kernels), and lets the file's pages of those matrices go.
   void pack_weights(const gguf::File* file);
@@ -86,6 +93,7 @@ class Model {
   ModelConfig cfg_;
   std::shared_ptr<DevicePass> device_pass_;
   io::HugeBuffer packed_;  // the packed copies, each 64-byte aligned
+  std::vector<uint8_t> head_rows_;  // head's rows
   std::string path_;
   std::unique_ptr<gguf::File> gguf_;
   std::unique_ptr<llama2c::Checkpoint> l2c_;

@@ -28,6 +28,7 @@ void set_model_metadata(gguf::Writer& w, const ModelConfig& c) {
   w.set(a + "rope.freq_base", Value::f32(c.rope_theta));
   w.set(a + "attention.layer_norm_rms_epsilon", Value::f32(c.rms_eps));
   w.set(a + "vocab_size", Value::u32(c.vocab));
+  if (!c.head_tokens.empty()) w.set("osd.head_tokens", Value::array(c.head_tokens));
   if (c.rope_freq_scale != 1.0f) {
     w.set(a + "rope.scaling.type", Value::str("linear"));
     w.set(a + "rope.scaling.factor", Value::f32(1.0f / c.rope_freq_scale));
@@ -91,13 +92,16 @@ struct ModelWriter {
   std::vector<std::unique_ptr<std::vector<uint8_t>>> bytes;
 };
 
-void fill_writer(const Model& model, std::optional<gguf::TensorType> want, ModelWriter& mw) {
+void fill_writer(const Model& model, std::optional<gguf::TensorType> want, ModelWriter& mw,
+                 const std::vector<int32_t>* head = nullptr) {
   using gguf::TensorType;
   using gguf::Value;
   if (want && !quant::can_quantize(*want)) throw_range(std::string("type must be ") + quant::store_type_names());
   const ModelConfig& c = model.config();
   gguf::Writer& w = mw.w;
-  set_model_metadata(w, c);
+  ModelConfig meta = c;
+  if (head) meta.head_tokens = *head;
+  set_model_metadata(w, meta);
   // The source's tokenizer and its provenance (name, license, authors, ...) travel with the weights.
   // file_type describes the source's storage, and alignment is the writer's own.
   if (const gguf::File* src = model.gguf())
@@ -179,9 +183,10 @@ void save_gguf(const Model& model, const std::string& path, std::optional<gguf::
   mw.w.write(path);
 }
 
-std::shared_ptr<Model> convert_model(const Model& model, std::optional<gguf::TensorType> type) {
+std::shared_ptr<Model> convert_model(const Model& model, std::optional<gguf::TensorType> type,
+                                     const std::vector<int32_t>* head) {
   ModelWriter mw;
-  fill_writer(model, type, mw);
+  fill_writer(model, type, mw, head);
   std::vector<uint8_t> bytes = mw.w.to_bytes();
   mw = ModelWriter();  // the converted matrices are in `bytes` now
   const std::string what = type ? std::string(" as ") + gguf::type_info(*type).name : std::string(" (copy)");

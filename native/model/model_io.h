@@ -32,8 +32,10 @@ void save_gguf(const Model& model, const std::string& path, std::optional<gguf::
 // (llama.cpp files often keep the token embeddings in another type than the layers).
 std::optional<gguf::TensorType> uniform_matrix_type(const Model& model);
 
-// The same model with its matrices stored as save_gguf(type) writes them, held in memory.
-std::shared_ptr<Model> convert_model(const Model& model, std::optional<gguf::TensorType> type);
+// The same model with its matrices stored as save_gguf(type) writes them, held in memory; with
+// `head`, its head restricted to those ids (ascending; empty: the whole vocabulary).
+std::shared_ptr<Model> convert_model(const Model& model, std::optional<gguf::TensorType> type,
+                                     const std::vector<int32_t>* head = nullptr);
 
 // The general.* and <arch>.* keys llama.cpp's loader reads, from a configuration.
 void set_model_metadata(gguf::Writer& w, const ModelConfig& c);

@@ -337,7 +337,20 @@ void Sequence::evaluate_parts(const EvalPart* parts, int32_t count) {
     for (int32_t i = parts[k].last_only ? parts[k].n - 1 : 0; i < parts[k].n; ++i, ++rows)
       rmsnorm(&x[(first[k] + i) * D], m.output_norm, D, c.rms_eps, &xb[rows * D]);
   const size_t V = c.vocab;
-  if (count == 1) {
+  if (!m.head.empty()) {
+    // A restricted head: its rows' logits, the other ids at -infinity.
+    const std::vector<int32_t>& ids = c.head_tokens;
+    const size_t H = ids.size();
+    std::vector<float> out(static_cast<size_t>(rows) * H);
+    matmul(m.head, xb.data(), rows, out.data());
+    size_t r = 0;
+    for (int32_t k = 0; k < count; ++k)
+      for (int32_t i = parts[k].last_only ? parts[k].n - 1 : 0; i < parts[k].n; ++i, ++r) {
+        float* row = parts[k].logits + (parts[k].last_only ? 0 : static_cast<size_t>(i)) * V;
+        std::fill(row, row + V, -INFINITY);
+        for (size_t j = 0; j < H; ++j) row[ids[j]] = out[r * H + j];
+      }
+  } else if (count == 1) {
     matmul(m.output, xb.data(), rows, parts[0].logits);
   } else {
     std::vector<float> out(static_cast<size_t>(rows) * V);

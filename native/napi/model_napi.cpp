@@ -122,7 +122,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Function ctor = DefineClass(env, "NativeModel",
                                       {InstanceMethod("info", &ModelWrap::info), InstanceMethod("dispose", &ModelWrap::dispose),
                                        InstanceMethod("setWeights", &ModelWrap::set_weights),
-                                       InstanceMethod("embeddingRows", &ModelWrap::embedding_rows)});
+                                       InstanceMethod("embeddingRows", &ModelWrap::embedding_rows),
+                                       InstanceMethod("headTokenIds", &ModelWrap::head_token_ids)});
     ctor.Get("prototype").As<Napi::Object>().DefineProperties(
         {Napi::PropertyDescriptor::Accessor<checked_getter<ModelWrap, &ModelWrap::disposed>>("disposed")});
     return ctor;
@@ -163,6 +164,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     o.Set("ropeTheta", c.rope_theta);
     o.Set("rmsEps", c.rms_eps);
     o.Set("tiedOutput", c.tied_output);
+    o.Set("headTokens", c.head_tokens.empty() ? c.vocab : static_cast<int32_t>(c.head_tokens.size()));
     o.Set("weightBytesPerToken", static_cast<double>(m->weight_bytes_per_token()));
     const auto mt = uniform_matrix_type(*m);
     o.Set("matrixType", mt ? gguf::type_info(*mt).name : "mixed");
@@ -183,6 +185,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     if (a.context != b.context || a.rope_theta != b.rope_theta || a.rope_freq_scale != b.rope_freq_scale ||
         a.rope_neox != b.rope_neox || a.rope_factors != b.rope_factors || a.rms_eps != b.rms_eps || a.tied_output != b.tied_output)
       throw Napi::RangeError::New(env, "weights have other settings than this model (context length, RoPE, RMS epsilon or tied output)");
+    if (a.head_tokens != b.head_tokens)
+      throw Napi::RangeError::New(env, "weights have another head than this model (the ids of osd.head_tokens differ)");
     // Weights given to a model on a device go there too (a trainer's snapshot is made on the CPU): a
     // copy of them does, so that the given model, and any sequence it is running, stays where it is.
     if (mine->device_pass() && !other->device_pass()) {
@@ -210,6 +214,16 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     if (count * dim > (int64_t{1} << 28)) throw Napi::RangeError::New(env, "count x embeddingLength must be at most 2^28: ask for fewer rows");
     Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>(count * dim));
     for (int64_t r = 0; r < count; r++) dequantize_row(m->token_embd, start + r, out.Data() + r * dim);
+    return out;
+  }
+
+  // headTokenIds(): a copy of osd.head_tokens, or null when the head covers the vocabulary.
+  Napi::Value head_token_ids(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::vector<int32_t>& ids = get(env)->config().head_tokens;
+    if (ids.empty()) return env.Null();
+    Napi::Int32Array out = Napi::Int32Array::New(env, ids.size());
+    std::copy(ids.begin(), ids.end(), out.Data());
     return out;
   }
 
@@ -899,12 +913,13 @@ class SaveModelWorker : public PromiseWorker {
 
 class ConvertModelWorker : public PromiseWorker {
  public:
-  ConvertModelWorker(Napi::Env env, std::shared_ptr<Model> m, std::optional<gguf::TensorType> type)
-      : PromiseWorker(env), m_(std::move(m)), pass_(m_->device_pass()), type_(type) {}
+  ConvertModelWorker(Napi::Env env, std::shared_ptr<Model> m, std::optional<gguf::TensorType> type,
+                     std::optional<std::vector<int32_t>> head)
+      : PromiseWorker(env), m_(std::move(m)), pass_(m_->device_pass()), type_(type), head_(std::move(head)) {}
 
  protected:
   void run() override {
-    out_ = convert_model(*m_, type_);
+    out_ = convert_model(*m_, type_, head_ ? &*head_ : nullptr);
     if (pass_) out_->set_device_pass(pass_->for_model(*out_));  // a copy of a model on a device is there too
   }
   void OnOK() override { deferred_.Resolve(wrap_model(Env(), out_)); }
@@ -914,9 +929,11 @@ class ConvertModelWorker : public PromiseWorker {
   std::shared_ptr<DevicePass> pass_;  // the source's device, read when the work is queued
   std::shared_ptr<Model> out_;
   std::optional<gguf::TensorType> type_;
+  std::optional<std::vector<int32_t>> head_;
 };
 
-// convertModel(model, { type }): the model with its matrices stored as `type`, in memory.
+// convertModel(model, { type, headTokens? }): the model with its matrices stored as `type`, in
+// memory; headTokens (an Int32Array of ascending ids, or null for the whole vocabulary) sets its head.
 Napi::Value convert_model_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&]() -> Napi::Value {
@@ -924,8 +941,28 @@ Napi::Value convert_model_js(const Napi::CallbackInfo& info) {
       throw Napi::TypeError::New(env, "convertModel(model, { type })");
     // The model first (no JavaScript runs there); then the options, whose getters may run.
     std::shared_ptr<Model> m = ModelWrap::from(env, info[0], "model must be a NativeModel")->get(env);
-    const auto type = parse_store_type_or_keep(env, info[1].As<Napi::Object>());
-    auto* w = new ConvertModelWorker(env, std::move(m), type);
+    Napi::Object o = info[1].As<Napi::Object>();
+    const auto type = parse_store_type_or_keep(env, o);
+    std::optional<std::vector<int32_t>> head;
+    const Napi::Value h = o.Get("headTokens");
+    if (h.IsNull()) {
+      head.emplace();
+    } else if (!h.IsUndefined()) {
+      if (!h.IsTypedArray() || h.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+        throw Napi::TypeError::New(env, "headTokens must be an Int32Array or null");
+      Napi::Int32Array a = h.As<Napi::Int32Array>();
+      const int64_t vocab = m->config().vocab;
+      head.emplace(a.Data(), a.Data() + a.ElementLength());
+      if (head->empty()) throw Napi::RangeError::New(env, "headTokens must hold at least one id");
+      for (size_t i = 0; i < head->size(); ++i) {
+        const int32_t id = (*head)[i];
+        if (id < 0 || id >= vocab)
+          throw Napi::RangeError::New(env, "headTokens[" + std::to_string(i) + "] = " + std::to_string(id) +
+                                               " is out of range for vocabSize " + std::to_string(vocab));
+        if (i > 0 && id <= (*head)[i - 1]) throw Napi::RangeError::New(env, "headTokens must be strictly ascending");
+      }
+    }
+    auto* w = new ConvertModelWorker(env, std::move(m), type, std::move(head));
     w->Queue();
     return w->promise();
   });

@@ -1,6 +1,7 @@
 #include "train/train_model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 
@@ -179,13 +180,118 @@ void backward_layers(const Params& p, const int32_t* tokens, Activations& a, flo
 
 }  // namespace
 
+namespace {
+
+// head_loss through the model's head: the whole output matrix, or a restricted head's rows
+// (config().head_tokens). A restricted head scores the teacher renormalised over its ids: a draft
+// that can only propose those does best matching p restricted to them (its acceptance is then the
+// teacher's mass there). Cross-entropy targets outside the head, and teacher rows with (almost) no
+// mass inside it, do not count. The gradient of the gathered rows is added back to dw's rows.
+double model_head_loss(const Params& p, const float* x, int64_t n, const LossTargets& t, int64_t chunk, float* dx,
+                       float* dw) {
+  const ModelConfig& c = p.config();
+  const float* w = p.at(p.layout().output());
+  const std::vector<int32_t>& ids = c.head_tokens;
+  if (ids.empty()) return head_loss(x, n, w, c.vocab, c.dim, t, chunk, dx, dw);
+  const int64_t V = c.vocab, D = c.dim, H = static_cast<int64_t>(ids.size());
+  // The caller's ids and teacher are checked against the whole vocabulary first.
+  if (t.targets) {
+    for (int64_t r = 0; r < n; ++r)
+      if (t.targets[r] < -1 || t.targets[r] >= V)
+        throw_range("targets[" + std::to_string(r) + "] = " + std::to_string(t.targets[r]) +
+                    " is out of range for vocabSize " + std::to_string(V) + " (-1 skips a position)");
+  } else {
+    DistillInput all = t.distill;
+    all.rows = static_cast<int32_t>(n);
+    all.vocab = static_cast<int32_t>(V);
+    if (!all.teacher && (!all.topk_ids || !all.topk_probs || all.k <= 0))
+      throw_range("a distillation batch needs teacher logits or a top-k teacher");
+    validate_distill(all);
+  }
+  std::vector<int32_t> at(static_cast<size_t>(V), -1);  // id -> head row
+  for (int64_t j = 0; j < H; ++j) at[ids[j]] = static_cast<int32_t>(j);
+  std::vector<float> wh(static_cast<size_t>(H * D)), dwh(dw ? static_cast<size_t>(H * D) : 0);
+  for (int64_t j = 0; j < H; ++j) std::memcpy(&wh[j * D], w + ids[j] * D, D * sizeof(float));
+  LossTargets m = t;
+  std::vector<int32_t> targets, topk_ids, counts;
+  std::vector<float> teacher, topk_probs, residual;
+  std::vector<uint8_t> mask;
+  if (t.targets) {
+    targets.resize(static_cast<size_t>(n));
+    for (int64_t r = 0; r < n; ++r) targets[r] = t.targets[r] < 0 ? -1 : at[t.targets[r]];
+    m.targets = targets.data();
+  } else if (t.distill.teacher) {
+    teacher.resize(static_cast<size_t>(n * H));
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < H; ++j) teacher[r * H + j] = t.distill.teacher[r * V + ids[j]];
+    m.distill.teacher = teacher.data();
+  } else {
+    const int64_t k = t.distill.k, k2 = std::min(k, H);
+    topk_ids.assign(static_cast<size_t>(n * k2), 0);
+    topk_probs.assign(static_cast<size_t>(n * k2), 0.0f);
+    residual.resize(static_cast<size_t>(n));
+    mask.resize(static_cast<size_t>(n));
+    counts.resize(static_cast<size_t>(n));
+    std::vector<uint8_t> used(static_cast<size_t>(H), 0);
+    for (int64_t r = 0; r < n; ++r) {
+      const int32_t* id = t.distill.topk_ids + r * k;
+      const float* pr = t.distill.topk_probs + r * k;
+      double kept = 0.0, listed = 0.0;
+      int64_t e = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        listed += pr[i];
+        if (at[id[i]] < 0) continue;
+        topk_ids[r * k2 + e] = at[id[i]];
+        topk_probs[r * k2 + e] = pr[i];
+        used[at[id[i]]] = 1;
+        kept += pr[i], ++e;
+      }
+      // The unlisted mass is taken to lie inside the head (it mostly does: the head holds the
+      // frequent ids); the head's share is then kept + rest.
+      // When every head row is listed, nothing is left for the rest.
+      const double rest = e == H ? 0.0 : t.distill.residual ? t.distill.residual[r] : std::max(0.0, 1.0 - listed);
+      const double share = kept + rest;
+      // A row none of whose listed ids the head holds says nothing about the distribution there.
+      mask[r] = (!t.distill.mask || t.distill.mask[r]) && e > 0 && share > 1e-6;
+      const double inv = share > 0 ? 1.0 / share : 0.0;
+      for (int64_t i = 0; i < e; ++i) topk_probs[r * k2 + i] = static_cast<float>(topk_probs[r * k2 + i] * inv);
+      // The slots left over hold unused head rows (ids must be distinct). With k2 < H they are not
+      // scored (topk_count) and the rest is a bin; with k2 = H they are every unlisted row, and the
+      // rest is spread evenly over them.
+      for (int64_t j = 0, i = e; i < k2; ++j)
+        if (!used[j]) topk_ids[r * k2 + i++] = static_cast<int32_t>(j);
+      for (int64_t i = 0; i < e; ++i) used[topk_ids[r * k2 + i]] = 0;
+      if (k2 == H) {
+        for (int64_t i = e; i < k2; ++i) topk_probs[r * k2 + i] = static_cast<float>(rest * inv / static_cast<double>(H - e));
+        residual[r] = 0.0f;
+        counts[r] = static_cast<int32_t>(k2);
+      } else {
+        residual[r] = static_cast<float>(rest * inv);
+        counts[r] = static_cast<int32_t>(e);
+      }
+    }
+    m.distill.topk_ids = topk_ids.data();
+    m.distill.topk_probs = topk_probs.data();
+    m.distill.residual = residual.data();
+    m.distill.k = static_cast<int32_t>(k2);
+    m.distill.mask = mask.data();
+    m.topk_count = counts.data();
+  }
+  const double loss = head_loss(x, n, wh.data(), H, D, m, chunk, dx, dw ? dwh.data() : nullptr);
+  if (dw)
+    for (int64_t j = 0; j < H; ++j)
+      for (int64_t d = 0; d < D; ++d) dw[ids[j] * D + d] += dwh[j * D + d];
+  return loss;
+}
+
+}  // namespace
+
 double forward(const Params& p, const Batch& b, Activations& a, const ForwardOptions& o) {
   const ModelConfig& c = p.config();
   validate_batch(c, b);
   forward_layers(p, b.tokens, b.batch, b.seq_len, a);
   const int64_t N = static_cast<int64_t>(b.batch) * b.seq_len;
-  return head_loss(a.xn_final.data(), N, p.at(p.layout().output()), c.vocab, c.dim, b.loss, o.head_chunk, nullptr,
-                   nullptr);
+  return model_head_loss(p, a.xn_final.data(), N, b.loss, o.head_chunk, nullptr, nullptr);
 }
 
 double forward_backward(const Params& p, const Batch& b, Activations& a, float* grads, const ForwardOptions& o) {
@@ -194,8 +300,7 @@ double forward_backward(const Params& p, const Batch& b, Activations& a, float* 
   forward_layers(p, b.tokens, b.batch, b.seq_len, a);
   std::fill(grads, grads + p.size(), 0.0f);
   const int64_t N = static_cast<int64_t>(b.batch) * b.seq_len;
-  const double loss = head_loss(a.xn_final.data(), N, p.at(p.layout().output()), c.vocab, c.dim, b.loss,
-                                o.head_chunk, a.dxn.data(), grads + p.layout().output());
+  const double loss = model_head_loss(p, a.xn_final.data(), N, b.loss, o.head_chunk, a.dxn.data(), grads + p.layout().output());
   backward_layers(p, b.tokens, a, grads);
   return loss;
 }
@@ -209,8 +314,22 @@ void forward_logits(const Params& p, const int32_t* tokens, int32_t batch, int32
   validate_batch(c, b);
   Activations a;
   forward_layers(p, tokens, batch, seq_len, a);
-  linear_forward(p.at(p.layout().output()), c.vocab, c.dim, a.xn_final.data(), static_cast<int64_t>(batch) * seq_len,
-                 logits);
+  const int64_t N = static_cast<int64_t>(batch) * seq_len;
+  const std::vector<int32_t>& ids = c.head_tokens;
+  if (ids.empty()) {
+    linear_forward(p.at(p.layout().output()), c.vocab, c.dim, a.xn_final.data(), N, logits);
+    return;
+  }
+  // A restricted head: its rows' logits, the other ids at -infinity (as Sequence::evaluate).
+  const int64_t H = static_cast<int64_t>(ids.size()), D = c.dim;
+  std::vector<float> wh(static_cast<size_t>(H * D)), out(static_cast<size_t>(N * H));
+  for (int64_t j = 0; j < H; ++j) std::memcpy(&wh[j * D], p.at(p.layout().output()) + ids[j] * D, D * sizeof(float));
+  linear_forward(wh.data(), H, D, a.xn_final.data(), N, out.data());
+  for (int64_t r = 0; r < N; ++r) {
+    float* row = logits + r * c.vocab;
+    std::fill(row, row + c.vocab, -INFINITY);
+    for (int64_t j = 0; j < H; ++j) row[ids[j]] = out[r * H + j];
+  }
 }
 
 }  // namespace osd::train

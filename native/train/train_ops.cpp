@@ -535,6 +535,7 @@ double head_loss(const float* x, int64_t n, const float* w, int64_t vocab, int64
           if (one.topk_ids) one.topk_ids += r * one.k;
           if (one.topk_probs) one.topk_probs += r * one.k;
           if (one.residual) one.residual += r;
+          if (t.topk_count) one.k = t.topk_count[r];
           row_loss[c0 + i] = distill_row_fast(one, 0, scale, g);
         }
       }

@@ -100,6 +100,9 @@ struct LossTargets {
   // Otherwise distillation: kind, temperature, beta, mask and the teacher (dense logits or
   // sparse top-k) of an n-row DistillInput; its student, rows and vocab fields are ignored.
   DistillInput distill;
+  // A sparse teacher's entries per row (n counts, each <= distill.k; the rest of the row's k are
+  // valid ids that are not scored), or null for k each. A restricted head's rows keep fewer.
+  const int32_t* topk_count = nullptr;
 };
 
 // Rows that count: targets >= 0 (cross-entropy) or mask set (distillation; all when no mask).

@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <string>
 #include <unistd.h>
@@ -549,9 +550,11 @@ OSD_TEST(head_distill_chunked_equals_unchunked) {
 namespace {
 
 // Analytic f32 gradient of the batch loss against central differences (h = 1e-4) of the double
-// reference model, on `per_tensor` sampled entries of every tensor.
+// reference model, on `per_tensor` sampled entries of every tensor. `ref_loss` scores the reference
+// logits (default ref::loss).
 void check_model_gradient(const ModelConfig& c, const LossTargets& lt, const std::vector<int32_t>& tokens, int32_t B,
-                          int32_t T, const char* what) {
+                          int32_t T, const char* what,
+                          std::function<double(const std::vector<double>&)> ref_loss = nullptr) {
   Params p = spread_params(c, 42);
   Activations acts;
   std::vector<float> grads(p.size());
@@ -562,7 +565,10 @@ void check_model_gradient(const ModelConfig& c, const LossTargets& lt, const std
   b.loss = lt;
   const double loss = forward_backward(p, b, acts, grads.data());
   std::vector<double> pd(p.data(), p.data() + p.size());
-  auto L = [&] { return ref::loss(ref::logits(p.layout(), pd, tokens, B, T), c.vocab, lt, int64_t(B) * T); };
+  auto L = [&] {
+    const std::vector<double> l = ref::logits(p.layout(), pd, tokens, B, T);
+    return ref_loss ? ref_loss(l) : ref::loss(l, c.vocab, lt, int64_t(B) * T);
+  };
   CHECK_NEAR(loss, L(), 1e-5);
   // Tolerance 2e-6 absolute + 1e-4 relative (typical entries are 1e-3 to 1e-1): the f32
   // gradient's rounding uses a few percent of it, while a wrong term (a missing factor, a
@@ -613,6 +619,127 @@ OSD_TEST(model_gradient_forward_kl) {
   check_model_gradient(c, lt, tokens, B, T, "model forward-KL (untied)");
 }
 
+namespace {
+
+// A restricted head's loss in double, from full reference logits: the student's and the teacher's
+// distributions over the head's ids only. Cross-entropy rows whose target is outside the head do not
+// count; a sparse teacher keeps its listed ids inside the head, renormalised with its rest (taken to
+// lie inside the head) and compared on those bins plus the rest, or with k >= the head's size, the
+// rest spread evenly over the head's unlisted ids; rows with no listed id inside do not count.
+double restricted_loss(const std::vector<double>& logits, const ModelConfig& c, const LossTargets& t, int64_t n) {
+  const std::vector<int32_t>& ids = c.head_tokens;
+  const int64_t V = c.vocab, H = static_cast<int64_t>(ids.size());
+  std::vector<int32_t> at(V, -1);
+  for (int64_t j = 0; j < H; ++j) at[ids[j]] = static_cast<int32_t>(j);
+  double total = 0.0;
+  int64_t count = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    std::vector<double> s(H);
+    for (int64_t j = 0; j < H; ++j) s[j] = logits[r * V + ids[j]];
+    if (t.targets) {
+      if (t.targets[r] < 0 || at[t.targets[r]] < 0) continue;
+      total -= ref::log_softmax_at(s.data(), H, at[t.targets[r]]);
+    } else if (t.distill.teacher) {
+      std::vector<double> te(H);
+      for (int64_t j = 0; j < H; ++j) te[j] = t.distill.teacher[r * V + ids[j]];
+      for (int64_t j = 0; j < H; ++j) {
+        const double lp = ref::log_softmax_at(te.data(), H, j);
+        total += std::exp(lp) * (lp - ref::log_softmax_at(s.data(), H, j));
+      }
+    } else {
+      const int64_t k = t.distill.k;
+      std::vector<double> p(H, -1.0);  // -1: not listed
+      double kept = 0.0, listed = 0.0;
+      int64_t e = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        const int32_t id = t.distill.topk_ids[r * k + i];
+        const double pr = t.distill.topk_probs[r * k + i];
+        listed += pr;
+        if (at[id] >= 0) p[at[id]] = pr, kept += pr, ++e;
+      }
+      if (e == 0) continue;
+      const double rest = e == H ? 0.0 : t.distill.residual ? t.distill.residual[r] : 1.0 - listed;
+      const double share = kept + rest;
+      std::vector<double> q(H);
+      double mx = -INFINITY, z = 0.0;
+      for (double v : s) mx = std::max(mx, v);
+      for (int64_t j = 0; j < H; ++j) z += (q[j] = std::exp(s[j] - mx));
+      for (double& v : q) v /= z;
+      if (k >= H) {
+        for (int64_t j = 0; j < H; ++j) {
+          const double pj = p[j] >= 0 ? p[j] / share : rest / share / static_cast<double>(H - e);
+          if (pj > 0) total += pj * std::log(pj / q[j]);
+        }
+      } else {
+        double q_listed = 0.0;
+        for (int64_t j = 0; j < H; ++j)
+          if (p[j] >= 0) {
+            q_listed += q[j];
+            if (p[j] > 0) total += p[j] / share * std::log(p[j] / share / q[j]);
+          }
+        if (rest > 0) total += rest / share * std::log(rest / share / (1.0 - q_listed));
+      }
+    }
+    ++count;
+  }
+  return count ? total / count : 0.0;
+}
+
+}  // namespace
+
+OSD_TEST(restricted_head_gradient_and_loss) {
+  // A head of 25 of the 37 ids: its loss and gradient against the double reference, for
+  // cross-entropy, a dense teacher and sparse teachers (k below and above the head's size).
+  const int32_t B = 2, T = 7, N = B * T;
+  for (const bool tied : {true, false}) {
+    ModelConfig c = tiny_config(tied);
+    for (int32_t id = 0; id < c.vocab; ++id)
+      if (id % 3 != 1) c.head_tokens.push_back(id);
+    const int32_t V = c.vocab;
+    auto tokens = rand_ids(N, V, 70);
+    auto targets = rand_ids(N, V, 71);  // about a third outside the head
+    targets[2] = -1;
+    LossTargets ce;
+    ce.targets = targets.data();
+    auto ref_of = [&](const LossTargets& lt) {
+      return [&c, lt](const std::vector<double>& l) { return restricted_loss(l, c, lt, int64_t(B) * T); };
+    };
+    check_model_gradient(c, ce, tokens, B, T, tied ? "restricted CE (tied)" : "restricted CE (untied)", ref_of(ce));
+
+    auto teacher = randn(N * V, 72, 2.0f);
+    LossTargets dense;
+    dense.distill.teacher = teacher.data();
+    check_model_gradient(c, dense, tokens, B, T, tied ? "restricted dense KL (tied)" : "restricted dense KL (untied)",
+                         ref_of(dense));
+
+    for (const int32_t k : {6, 30}) {
+      // Top-k of a random teacher, with its residual; row 4 lists only ids outside the head.
+      std::vector<int32_t> ids(N * k);
+      std::vector<float> probs(N * k), residual(N);
+      for (int32_t r = 0; r < N; ++r) {
+        std::vector<double> pr(V);
+        double z = 0.0;
+        for (int32_t j = 0; j < V; ++j) z += (pr[j] = std::exp(teacher[r * V + j]));
+        std::vector<int32_t> order(V);
+        for (int32_t j = 0; j < V; ++j) order[j] = j;
+        std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return pr[a] > pr[b]; });
+        if (r == 4 && k == 6)
+          for (int32_t i = 0; i < k; ++i) order[i] = 1 + 3 * i;  // 1, 4, 7, ...: none in the head
+        double sum = 0.0;
+        for (int32_t i = 0; i < k; ++i) ids[r * k + i] = order[i], sum += (probs[r * k + i] = float(pr[order[i]] / z));
+        residual[r] = float(std::max(0.0, 1.0 - sum));
+      }
+      LossTargets sparse;
+      sparse.distill.topk_ids = ids.data();
+      sparse.distill.topk_probs = probs.data();
+      sparse.distill.residual = residual.data();
+      sparse.distill.k = k;
+      const std::string what = std::string("restricted top-") + std::to_string(k) + (tied ? " (tied)" : " (untied)");
+      check_model_gradient(c, sparse, tokens, B, T, what.c_str(), ref_of(sparse));
+    }
+  }
+}
+
 OSD_TEST(forward_logits_bitwise_equal_inference) {
   // The trainable model and the inference engine, over the same weights: bitwise equal logits.
   // Both run the same operations in the same order (the blocked f32 kernel keeps dot_f32's
@@ -635,6 +762,7 @@ OSD_TEST(forward_logits_bitwise_equal_inference) {
     float worst = 0, scale = 0;
     for (size_t i = 0; i < train.size(); ++i) {
       diff += train[i] != infer[i];
+      if (!std::isfinite(train[i])) continue;  // a restricted head's -inf
       worst = std::max(worst, std::fabs(half[i] - train[i]));
       scale = std::max(scale, std::fabs(train[i]));
     }
@@ -645,6 +773,11 @@ OSD_TEST(forward_logits_bitwise_equal_inference) {
   run(spread_params(tiny_config(false, true), 2), 2, 9);
   run(spread_params(tiny_qwen3(false), 4), 2, 9);
   run(spread_params(with_rope_factors(tiny_config(true)), 5), 2, 9);
+  {
+    ModelConfig r = tiny_config(false);  // a restricted head: the same logits there, -inf elsewhere
+    r.head_tokens = {0, 3, 4, 10, 11, 12, 20, 36};
+    run(spread_params(r, 6), 2, 9);
+  }
   ModelConfig wide = tiny_config(false);
   wide.dim = 64, wide.n_heads = 8, wide.n_kv_heads = 4, wide.head_dim = 8, wide.ffn_dim = 172, wide.vocab = 300;
   run(Params::random(wide, 3, 0.1f), 2, 33);

@@ -59,6 +59,9 @@ const STRATEGIES: { name: string; strategy: Strategy }[] = [
 
 // node-llama-cpp's configurations. Its draft predictor is shown with its defaults (up to 16 tokens,
 // stop drafting below confidence 0.6) and as a plain chain of 4 like ours.
+/** Suffix of the configurations that run a restricted-head draft with its whole head. */
+export const FULL_HEAD = ' (full head)';
+
 const LLAMA_CONFIGS = ['llama.cpp', 'llama.cpp draft', 'llama.cpp draft g=4', 'llama.cpp lookup'] as const;
 type LlamaConfig = (typeof LLAMA_CONFIGS)[number];
 
@@ -184,6 +187,7 @@ export async function runSmolBench(o: BenchOptions): Promise<{ rows: Row[]; note
   setThreads(o.threads);
   const target = await loadModel(o.target, { threads: o.threads });
   let draft: Model | undefined;
+  let fullHead: Model | undefined;
   const opened: { llama: Awaited<ReturnType<typeof openLlama>> | null } = { llama: null };
   try {
     draft = await loadModel(o.draft, { threads: o.threads });
@@ -193,14 +197,23 @@ export async function runSmolBench(o: BenchOptions): Promise<{ rows: Row[]; note
     if (!target.tokenizer) throw new Error(`${o.target} has no tokenizer`);
     if (draft.info.vocabSize !== target.info.vocabSize) throw new Error(`the draft's vocabulary (${draft.info.vocabSize}) is not the target's (${target.info.vocabSize})`);
     const prompts = domainPrompts(target, o.prompts);
-    const ours = ['target only', ...STRATEGIES.map((s) => s.name)];
+    // A draft with a restricted head also runs with its whole head, in the same turns: the previous
+    // version of the same weights.
+    const restricted = draft.info.headTokens < draft.info.vocabSize;
+    if (restricted) {
+      fullHead = await draft.withHead(null);
+      notes.push(`the draft's head scores ${draft.info.headTokens} of ${draft.info.vocabSize} ids; "(full head)" rows run the same weights with the whole head`);
+    }
+    const withDraft = STRATEGIES.filter((st) => st.strategy.kind !== 'ngram');
+    const strategies = [...STRATEGIES.map((st) => ({ ...st, model: draft! })), ...(fullHead ? withDraft.map((st) => ({ name: `${st.name}${FULL_HEAD}`, strategy: st.strategy, model: fullHead! })) : [])];
+    const ours = ['target only', ...strategies.map((s) => s.name)];
     const configs: string[] = [...ours, ...(llama ? LLAMA_CONFIGS : [])];
     const rows: Row[] = [];
     for (const s of SAMPLINGS) {
       // One decoder per strategy for the whole sampling mode; acceptance is taken per domain from
       // the difference of its cumulative metrics.
       const decs = new Map<string, SpeculativeDecoder>(
-        STRATEGIES.map((st) => [st.name, createSpeculativeDecoder({ target, draft, strategy: st.strategy, sampling: s.sampling, maxConcurrent: 1 })]),
+        strategies.map((st) => [st.name, createSpeculativeDecoder({ target, draft: st.model, strategy: st.strategy, sampling: s.sampling, maxConcurrent: 1 })]),
       );
       // Warm-up (untimed): caches, thread pools, allocators of both engines.
       const warm = prompts[DOMAINS[0]!.name]![0]!;
@@ -252,7 +265,7 @@ export async function runSmolBench(o: BenchOptions): Promise<{ rows: Row[]; note
             config: c,
             acceptance,
             tokensPerPass,
-            alpha: c === 'chain g=4' && Number.isFinite(tokensPerPass) ? alphaFromTokensPerPass(tokensPerPass, 4) : NaN,
+            alpha: (c === 'chain g=4' || c === `chain g=4${FULL_HEAD}`) && Number.isFinite(tokensPerPass) ? alphaFromTokensPerPass(tokensPerPass, 4) : NaN,
             tokensPerSecond: tps(c),
             speedup: tps(c) / base,
             vsLlama: tps(c) / llamaBase,
@@ -266,7 +279,7 @@ export async function runSmolBench(o: BenchOptions): Promise<{ rows: Row[]; note
     return { rows, notes };
   } finally {
     await opened.llama?.dispose();
-    await Promise.all([target.dispose(), draft?.dispose()]);
+    await Promise.all([target.dispose(), draft?.dispose(), fullHead?.dispose()]);
   }
 }
 
@@ -297,6 +310,18 @@ export function summarise(rows: Row[]): string[] {
     );
     const lookup = avg('llama.cpp lookup', 'vsLlama');
     lines.push(`${s}: prompt lookup, ngram ${fmtNum(avg('ngram', 'vsLlama'))}x vs llama.cpp lookup ${fmtNum(lookup)}x (both over llama.cpp plain)`);
+  }
+  for (const s of SAMPLINGS.map((x) => x.name)) {
+    // The restricted head against the same weights' whole head, same turns (mean ratio of tokens/s).
+    const pairs = ['chain g=4', 'tree 16', 'adaptive'].map((n) => {
+      const ratios = DOMAINS.map((d) => {
+        const a = rows.find((r) => r.sampling === s && r.domain === d.name && r.config === n);
+        const b = rows.find((r) => r.sampling === s && r.domain === d.name && r.config === n + FULL_HEAD);
+        return a && b ? a.tokensPerSecond / b.tokensPerSecond : NaN;
+      });
+      return `${n} ${fmtNum(mean(ratios))}x`;
+    });
+    if (rows.some((r) => r.sampling === s && r.config.endsWith(FULL_HEAD))) lines.push(`${s}: restricted head over the whole head (same weights, same turns): ${pairs.join(', ')}`);
   }
   return lines;
 }

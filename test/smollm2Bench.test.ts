@@ -53,14 +53,18 @@ describe('bench/smollm2.ts', () => {
     expect(r.stderr).toMatch(/usage: npx tsx bench\/smollm2.ts/);
   });
 
-  it.skipIf(!haveTarget || !draft)('--quick runs every configuration on every domain and sampling and writes JSON', () => {
+  it.skipIf(!haveTarget || !draft)('--quick runs every configuration on every domain and sampling and writes JSON', async () => {
     const out = join(tempDir('osd-smolbench-'), 'smollm2.json');
     const [cmd, args] = tsx([join(root, 'bench/smollm2.ts'), '--quick', '--tokens', '6', '--llama-threads', '1', '--draft', draft!, '--out', out, '--json-only']);
     execFileSync(cmd, args, { cwd: root, encoding: 'utf8', timeout: 240_000, stdio: ['ignore', 'pipe', 'pipe'] });
     const json = JSON.parse(readFileSync(out, 'utf8')) as { rows: Row[]; summary: string[]; draft: string; machine: object; probe: object };
     expect(json.draft).toBe(draft);
     expect(json.machine).toBeTruthy();
-    const configs = ['target only', 'chain g=4', 'tree 16', 'adaptive', 'ngram', ...(haveLlama ? ['llama.cpp', 'llama.cpp draft', 'llama.cpp draft g=4', 'llama.cpp lookup'] : [])];
+    // A draft with a restricted head also runs with its whole head.
+    await using d = await loadModel(draft!);
+    const fullHead = d.info.headTokens < d.info.vocabSize ? ['chain g=4 (full head)', 'tree 16 (full head)', 'adaptive (full head)'] : [];
+    if (fullHead.length) expect(json.summary.some((l) => /restricted head over the whole head/.test(l))).toBe(true);
+    const configs = ['target only', 'chain g=4', 'tree 16', 'adaptive', 'ngram', ...fullHead, ...(haveLlama ? ['llama.cpp', 'llama.cpp draft', 'llama.cpp draft g=4', 'llama.cpp lookup'] : [])];
     for (const domain of ['english', 'code', 'sql', 'email'])
       for (const sampling of ['greedy', 'T=0.8']) {
         const mine = json.rows.filter((r) => r.domain === domain && r.sampling === sampling);

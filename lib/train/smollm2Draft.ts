@@ -3,7 +3,8 @@
 //   npx tsx lib/train/smollm2Draft.ts [--target <gguf>] [--out models] [--work data/smollm2]
 //       [--phase all|cost|init|train|eval|report] [--minutes 60] [--dim 128] [--layers 2] [--ff 384]
 //       [--heads 4] [--kv-heads 2] [--rows 8] [--seq-len 128] [--top-k 64] [--replay 3]
-//       [--lr 1.5e-3] [--prompts 6] [--max-tokens 48] [--threads 2] [--type F16] [--from <gguf>] [--resume] [--quick]
+//       [--lr 1.5e-3] [--prompts 6] [--max-tokens 48] [--threads 2] [--type F16] [--from <gguf>] [--resume]
+//       [--head-tokens N] [--quick]
 //
 // - cost: times single-token decode of candidate draft shapes (random weights, F16) against the
 //   target in the same run and prints the ratio c = draft ms / target ms.
@@ -17,6 +18,10 @@
 //   --from <gguf> starts from that draft instead of the init (a new optimizer and schedule; with
 //   more --layers than it has, it grows blocks that start as no-ops).
 //   The loop itself is the package's trainDraft (lib/train/draft.ts, `osd train-draft`).
+//   --head-tokens N restricts the draft's head to the N ids most frequent over all six domains'
+//   training text (code, SQL and email included, so that online learning there has the ids it
+//   needs): the 49,152-row head is most of the draft's cost. Held-out KL is then taken over the
+//   head's ids (the teacher renormalised there), so it is not comparable with a full head's.
 // - eval: held-out acceptance per domain with createSpeculativeDecoder (chain g = 4, greedy and
 //   T = 0.8), written with the cost and the training curve to <out>/smollm2-draft.report.json and
 //   .md. The draft is <out>/smollm2-draft.gguf, its matrices stored as --type (F16 by default;
@@ -32,7 +37,7 @@ import { loadModel, writeRandomModel, type Model, type StoreType } from '../Mode
 import { createSpeculativeDecoder } from '../SpeculativeDecoder.js';
 import type { Tokenizer } from '../Tokenizer.js';
 import { ALL_DOMAINS, GENERAL_DOMAINS, loadCorpora, type Domain } from './corpus.js';
-import { DEFAULT_DRAFT_SHAPE, heldOutWindows, trainDraft, writeDraftInit, type DraftShape } from './draft.js';
+import { DEFAULT_DRAFT_SHAPE, frequentTokens, heldOutWindows, trainDraft, writeDraftInit, type DraftShape } from './draft.js';
 import { readGgufLayout } from './ggufRewrite.js';
 import { ProgressBar } from './trainDefault.js';
 
@@ -234,6 +239,8 @@ interface DraftReport {
     /** The draft this run continued (--from), and that draft's own training when its report is beside it. */
     from?: string;
     previous?: PreviousTraining;
+    /** Ids the draft's head scores (--head-tokens; absent or 49,152: the whole vocabulary). */
+    headTokens?: number;
   };
   acceptance?: Record<string, AcceptanceRow[]>;
   file?: { path: string; bytes: number; type?: StoreType };
@@ -282,7 +289,7 @@ function previousTraining(from: string): PreviousTraining | undefined {
 export function reportMarkdown(r: DraftReport): string {
   const f = (x?: number | null, digits = 3) => (typeof x !== 'number' || Number.isNaN(x) ? '-' : x.toFixed(digits));
   const md = ['# SmolLM2-135M draft: report', '', `Produced by \`npm run train:smollm2-draft\` (lib/train/smollm2Draft.ts) for ${r.target}.`, ''];
-  md.push(`Draft: llama, ${JSON.stringify(r.shape)}, tied embeddings initialised from the truncated SVD of the target's, full 49,152-token vocabulary${r.file ? `, ${r.file.type ?? 'F16'} matrices, ${(r.file.bytes / 1e6).toFixed(1)} MB` : ''}.`, '');
+  md.push(`Draft: llama, ${JSON.stringify(r.shape)}, tied embeddings initialised from the truncated SVD of the target's, ${r.training?.headTokens && r.training.headTokens < 49152 ? `its head restricted to the ${r.training.headTokens} ids most frequent in all six domains' training text (the held-out KL below is over those ids)` : 'full 49,152-token vocabulary'}${r.file ? `, ${r.file.type ?? 'F16'} matrices, ${(r.file.bytes / 1e6).toFixed(1)} MB` : ''}.`, '');
   if (r.cost) {
     md.push(`## Cost: single-token decode time, draft / target (random weights of each shape, same run; target ${f(r.cost.targetMs, 2)} ms)`, '');
     md.push('| candidate | type | weight MB/token | ms/token | c |', '| --- | --- | --- | --- | --- |');
@@ -352,6 +359,7 @@ async function main(argv: string[]): Promise<number> {
       threads: { type: 'string', default: '0' },
       seed: { type: 'string', default: '1' },
       from: { type: 'string' },
+      'head-tokens': { type: 'string' },
       resume: { type: 'boolean', default: false },
       quick: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h' },
@@ -430,9 +438,12 @@ async function main(argv: string[]): Promise<number> {
       const count = readGgufLayout(values.from).kvs.find((e) => e.key === 'llama.block_count');
       if (count && Number(values.layers) > count.raw.readUInt32LE(4)) grow = Number(values.layers);
     }
+    const headCount = values['head-tokens'] === undefined ? undefined : Number(values['head-tokens']);
+    const headTokens = headCount === undefined ? undefined : frequentTokens(ALL_DOMAINS.map((d) => data.get(`${d}.train`)).filter((x): x is Uint16Array => !!x), headCount, target.info.vocabSize, target.eosTokens);
     const r = await trainDraft({
       target,
       out: draftPath,
+      ...(headTokens && !(values.resume && existsSync(ckpt)) && { headTokens }),
       ...(grow !== undefined && !(values.resume && existsSync(ckpt)) && { shape: { layers: grow } }),
       tokens: shards,
       heldOut: data.get('speeches.heldout') ?? shards[0]!,
@@ -462,7 +473,7 @@ async function main(argv: string[]): Promise<number> {
     for (const c of r.curve) curve.push({ step: c.step, tokens: prevTokens + c.teacherTokens, minutes: prevMinutes + c.minutes, trainLoss: c.trainLoss, heldOutLoss: c.loss, heldOutTop1: c.top1 });
     report.curve = curve;
     report.shape = r.shape;
-    report.training = { teacherTokens: prevTokens + r.teacherTokens, steps: r.steps, replay, rows: quick ? 2 : Number(values.rows), seqLen, topK: Number(values['top-k']), lr, minutes: prevMinutes + r.seconds / 60, teacherSeconds: r.teacherSeconds, trainSeconds: r.trainSeconds, domains: GENERAL_DOMAINS, ...(values.from ? { from: values.from } : {}) };
+    report.training = { teacherTokens: prevTokens + r.teacherTokens, steps: r.steps, replay, rows: quick ? 2 : Number(values.rows), seqLen, topK: Number(values['top-k']), lr, minutes: prevMinutes + r.seconds / 60, teacherSeconds: r.teacherSeconds, trainSeconds: r.trainSeconds, domains: GENERAL_DOMAINS, headTokens: r.headTokens, ...(values.from ? { from: values.from } : {}) };
     log(`wrote ${draftPath} (${(r.bytes / 1e6).toFixed(1)} MB)`);
     writeJsonAtomic(reportPath, report);
   }

@@ -32,8 +32,9 @@ function worstRowError(a: Float32Array, b: Float32Array, vocab: number): number 
     let scale = 1;
     let d = 0;
     for (let j = r * vocab; j < (r + 1) * vocab; j++) {
+      if (a[j] === -Infinity && b[j] === -Infinity) continue; // outside a restricted head
       scale = Math.max(scale, Math.abs(a[j]));
-      d = Math.max(d, Math.abs(a[j] - b[j]));
+      d = Math.max(d, Number.isNaN(a[j] - b[j]) ? Infinity : Math.abs(a[j] - b[j]));
     }
     worst = Math.max(worst, d / scale);
   }
@@ -152,6 +153,32 @@ describe.skipIf(!gpu)('the model pass on the GPU', () => {
     }
   });
 
+  it('a restricted head runs there too: its logits within rounding, -Infinity elsewhere, and exact greedy decoding', async () => {
+    const V = cpuDraft.info.vocabSize;
+    const ids = Array.from({ length: V }, (_, i) => i).filter((i) => i % 4 !== 3);
+    const gpuHead = await gpuDraft.withHead(ids);
+    const cpuHead = await cpuDraft.withHead(ids);
+    try {
+      expect(gpuHead.info.device).toMatch(/^cuda: /);
+      const tokens = Int32Array.from({ length: 24 }, (_, i) => (i * 53 + 2) % V);
+      const a = await cpuHead.forward(tokens);
+      const b = await gpuHead.forward(tokens);
+      for (let j = 3; j < b.length; j += 4) expect(b[j]).toBe(-Infinity);
+      expect(worstRowError(a, b, V)).toBeLessThan(2e-3);
+      const prompt = 'Once upon a time';
+      const plain = await gpuTarget.generate({ prompt, maxTokens: 48 });
+      const dec = new SpeculativeDecoder({ target: gpuTarget, draft: gpuHead, strategy: { kind: 'chain', length: 4 } });
+      try {
+        expect(Array.from((await dec.generate({ prompt, maxTokens: 48 })).tokens)).toEqual(Array.from(plain.tokens));
+      } finally {
+        await dec.dispose();
+      }
+    } finally {
+      await gpuHead.dispose();
+      await cpuHead.dispose();
+    }
+  });
+
   it('speculative decoding with both models on the GPU gives the target-only greedy tokens', async () => {
     const prompt = 'Once upon a time';
     const plain = await gpuTarget.generate({ prompt, maxTokens: 48 });
@@ -252,6 +279,17 @@ describe('device plumbing through the mirror pass', () => {
     // Some steps held several runs: the device pass ran batched passes of several sequences.
     expect(after.steps).toBeGreaterThan(before.steps);
     expect(after.runs - before.runs).toBeGreaterThan(after.steps - before.steps);
+  });
+
+  it('a restricted head stays on the device and gives the CPU bits', async () => {
+    const V = draft.info.vocabSize;
+    const ids = Array.from({ length: V }, (_, i) => i).filter((i) => i % 4 !== 3);
+    await using onDevice = await mDraft.withHead(ids);
+    await using onCpu = await draft.withHead(ids);
+    expect(onDevice.info.device).toBe('mirror');
+    expect(onDevice.info.headTokens).toBe(ids.length);
+    const tokens = Int32Array.from({ length: 16 }, (_, i) => (i * 37 + 1) % V);
+    expect(await onDevice.forward(tokens)).toEqual(await onCpu.forward(tokens));
   });
 
   it('copies stay on the device, and CPU weights given by setWeights move there', async () => {

@@ -390,6 +390,9 @@ export function createDraftPool(options: DraftPoolOptions): DraftPool {
   return new DraftPool(options);
 }
 
+/** A token's cross-entropy is counted as at most this (p = 1e-9): a restricted head's -Infinity. */
+const MAX_TOKEN_LOSS = -Math.log(1e-9);
+
 /** Mean over the tokens after the first of -log p(token | the tokens before it), by `model`. */
 async function meanCrossEntropy(model: Model, tokens: number[]): Promise<number> {
   let sum = 0;
@@ -398,7 +401,8 @@ async function meanCrossEntropy(model: Model, tokens: number[]): Promise<number>
     for (let v = 0; v < row.length; v++) if (row[v]! > max) max = row[v]!;
     let z = 0;
     for (let v = 0; v < row.length; v++) z += Math.exp(row[v]! - max);
-    sum += max + Math.log(z) - row[next]!;
+    // A draft whose head lacks the token would score Infinity and never be chosen.
+    sum += Math.min(MAX_TOKEN_LOSS, max + Math.log(z) - row[next]!);
   });
   return sum / (tokens.length - 1);
 }

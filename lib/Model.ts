@@ -469,7 +469,8 @@ export class Model {
         seen.add(id);
       }
       if (seen.size === 0) throw new RangeError('ids must hold at least one token id');
-      head = Int32Array.from(seen).sort();
+      // Every id: the whole head, not a restricted one of the same size.
+      if (seen.size < V) head = Int32Array.from(seen).sort();
     }
     const handle = await native.convertModel(this.handle, { type: 'keep', headTokens: head });
     return new Model(handle, this.tokenizer, this.chatTemplate);

@@ -386,8 +386,18 @@ function normaliseStrategy(s: Strategy | undefined): Required<Strategy> & Strate
   }
 }
 
-/** Checks that draft and target share a vocabulary; returns the ids they have in common. */
+/**
+ * Checks that draft and target share a vocabulary; returns the ids they have in common. A draft with
+ * a restricted head must score at least one of them (its rows would otherwise be all -Infinity).
+ */
 function sharedVocab(target: Model, draft: Model): number {
+  const n = sharedIds(target, draft);
+  const head = draft.headTokenIds();
+  if (head && head[0]! >= n) throw new RangeError(`the draft's restricted head scores none of the ${n} ids it shares with the target`);
+  return n;
+}
+
+function sharedIds(target: Model, draft: Model): number {
   const vt = target.info.vocabSize;
   const vd = draft.info.vocabSize;
   const tt = target.tokenizer;
@@ -452,6 +462,7 @@ function topLogits(logits: Float32Array, k: number): [number, number][] {
   const best: [number, number][] = [];
   for (let i = 0; i < logits.length; i++) {
     const l = logits[i]!;
+    if (l === -Infinity) continue; // probability 0 (outside a restricted head): never a candidate
     if (best.length < k || l > best[best.length - 1]![1]) {
       let j = best.length < k ? best.length : best.length - 1;
       if (best.length < k) best.push([i, l]);

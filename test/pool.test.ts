@@ -50,6 +50,20 @@ describe.skipIf(!have)('DraftPool (stories260K)', () => {
     expect(pool.metrics().code!.requests).toBe(2);
   });
 
+  it('forkFrom { closest: true } ranks drafts with a restricted head too (a token outside it is not an infinite loss)', async () => {
+    const story = [1, ...(await target.generate({ tokens: [1], maxTokens: 24 })).tokens];
+    // good restricted to every id but one the story uses: still far closer than the random model.
+    const missing = story[3]!;
+    await using closeButRestricted = await good.withHead(Array.from({ length: 512 }, (_, i) => i).filter((i) => i !== missing));
+    for (const drafts of [{ bad, close: closeButRestricted }, { close: closeButRestricted, bad }]) {
+      await using pool = createDraftPool({ target, drafts, forkFrom: { closest: true }, distill: { interval: 1000 } });
+      const forks: { draft: string; from: string }[] = [];
+      pool.on('fork', (e) => forks.push(e));
+      await pool.generate({ tokens: story, maxTokens: 4, label: 'stories' });
+      expect(forks).toEqual([{ draft: 'stories', from: 'close' }]);
+    }
+  });
+
   it('forkFrom { closest: true }: a new label starts from the draft that predicts its first prompt best', async () => {
     const story = [1, ...(await target.generate({ tokens: [1], maxTokens: 24 })).tokens];
     for (const drafts of [{ bad, good }, { good, bad }]) {

@@ -142,6 +142,25 @@ describe.skipIf(!have)('restricted draft heads (stories260K)', () => {
     a.setWeights(same);
   });
 
+  it('a one-id head: trees never propose ids outside it (each node has at most one child), greedy output stays exact', async () => {
+    await using tiny = await full.withHead([13]);
+    for (const strategy of [{ kind: 'tree', budget: 12, maxDepth: 3, branching: 4, fill: true }, { kind: 'tree', budget: 12, maxDepth: 3, branching: 4, children: 'deterministic', fill: true }] as Strategy[]) {
+      const dec = createSpeculativeDecoder({ target, draft: tiny, strategy });
+      let widest = 0;
+      dec.on('step', (e: { drafted: number }) => (widest = Math.max(widest, e.drafted)));
+      const want = await target.generate({ tokens: prompts[1]!, maxTokens: 24, stopTokens: [] });
+      const got = await dec.generate({ tokens: prompts[1]!, maxTokens: 24, stopTokens: [] });
+      expect(Array.from(got.tokens)).toEqual(Array.from(want.tokens));
+      // A chain of at most maxDepth nodes (siblings at -Infinity were proposed before).
+      expect(widest).toBeGreaterThan(0);
+      expect(widest).toBeLessThanOrEqual(3);
+      await dec.dispose();
+    }
+    // Every id is the whole head, not a restricted one.
+    await using all = await full.withHead(Array.from({ length: V }, (_, i) => i));
+    expect(all.headTokenIds()).toBeNull();
+  });
+
   const greedy: Strategy[] = [
     { kind: 'chain', length: 4 },
     { kind: 'tree', budget: 12, maxDepth: 4, branching: 3, fill: true },

@@ -439,6 +439,7 @@ async function main(argv: string[]): Promise<number> {
       if (count && Number(values.layers) > count.raw.readUInt32LE(4)) grow = Number(values.layers);
     }
     const headCount = values['head-tokens'] === undefined ? undefined : Number(values['head-tokens']);
+    if (headCount !== undefined && !(Number.isInteger(headCount) && headCount >= 1)) throw new RangeError(`--head-tokens must be an integer >= 1, got ${values['head-tokens']}`);
     const headTokens = headCount === undefined ? undefined : frequentTokens(ALL_DOMAINS.map((d) => data.get(`${d}.train`)).filter((x): x is Uint16Array => !!x), headCount, target.info.vocabSize, target.eosTokens);
     const r = await trainDraft({
       target,

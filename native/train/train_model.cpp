@@ -185,8 +185,8 @@ namespace {
 // head_loss through the model's head: the whole output matrix, or a restricted head's rows
 // (config().head_tokens). A restricted head scores the teacher renormalised over its ids: a draft
 // that can only propose those does best matching p restricted to them (its acceptance is then the
-// teacher's mass there). Cross-entropy targets outside the head, and teacher rows with (almost) no
-// mass inside it, do not count. The gradient of the gathered rows is added back to dw's rows.
+// teacher's mass there). Cross-entropy targets outside the head, and sparse teacher rows with no
+// listed id inside it, do not count. The gradient of the gathered rows is added back to dw's rows.
 double model_head_loss(const Params& p, const float* x, int64_t n, const LossTargets& t, int64_t chunk, float* dx,
                        float* dw) {
   const ModelConfig& c = p.config();
@@ -234,6 +234,14 @@ double model_head_loss(const Params& p, const float* x, int64_t n, const LossTar
     counts.resize(static_cast<size_t>(n));
     std::vector<uint8_t> used(static_cast<size_t>(H), 0);
     for (int64_t r = 0; r < n; ++r) {
+      if (t.distill.mask && !t.distill.mask[r]) {
+        // A row that does not count was not validated: its ids are not read.
+        for (int64_t i = 0; i < k2; ++i) topk_ids[r * k2 + i] = static_cast<int32_t>(i);
+        mask[r] = 0;
+        residual[r] = 1.0f;
+        counts[r] = 0;
+        continue;
+      }
       const int32_t* id = t.distill.topk_ids + r * k;
       const float* pr = t.distill.topk_probs + r * k;
       double kept = 0.0, listed = 0.0;
@@ -252,7 +260,7 @@ double model_head_loss(const Params& p, const float* x, int64_t n, const LossTar
       const double rest = e == H ? 0.0 : t.distill.residual ? t.distill.residual[r] : std::max(0.0, 1.0 - listed);
       const double share = kept + rest;
       // A row none of whose listed ids the head holds says nothing about the distribution there.
-      mask[r] = (!t.distill.mask || t.distill.mask[r]) && e > 0 && share > 1e-6;
+      mask[r] = e > 0 && share > 1e-6;
       const double inv = share > 0 ? 1.0 / share : 0.0;
       for (int64_t i = 0; i < e; ++i) topk_probs[r * k2 + i] = static_cast<float>(topk_probs[r * k2 + i] * inv);
       // The slots left over hold unused head rows (ids must be distinct). With k2 < H they are not

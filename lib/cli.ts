@@ -55,6 +55,9 @@ Commands:
       --type T             F32, F16 (default), BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, IQ4_NL, IQ4_XS,
                            Q2_K, or keep (each matrix as it is); rows that do not fit a type's
                            blocks fall back as llama.cpp's quantiser does (IQ4_NL, else F16)
+      --head-tokens N --text PATH
+                           restrict a draft's LM head to the N ids most frequent in the text (a
+                           file or folder; repeat --text for more): a cheaper draft, still exact
   serve                an OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /metrics)
       --target PATH --draft PATH   default: the embedded default pair
       --port N             default 8080 (0 picks a free port)
@@ -94,7 +97,7 @@ async function main(argv: string[]): Promise<number> {
     generate: ['model', 'draft', 'chat', 'system', 'template', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed', 'device'],
     demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'lr', 'top-k', 'save-draft', 'out', 'device'],
     serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'no-batching', 'model-id', 'static', 'grace', 'device'],
-    convert: ['type'],
+    convert: ['type', 'head-tokens', 'text'],
     info: [],
     'train-draft': ['target', 'text', 'out', 'minutes', 'steps', 'from', 'dim', 'layers', 'heads', 'kv-heads', 'ff', 'type', 'lr', 'top-k', 'seq-len', 'seed', 'checkpoint', 'head-tokens'],
   };
@@ -346,10 +349,25 @@ async function main(argv: string[]): Promise<number> {
       if (rest.length) throw new UsageError(`'convert' takes two files, got also '${rest.join(' ')}'`);
       const type = values.type ?? 'F16';
       if (type !== 'keep' && !osd.isStoreType(type)) throw new UsageError(`--type must be keep or one of ${osd.STORE_TYPES.join(', ')}, got '${type}'`);
+      const headCount = values['head-tokens'] === undefined ? undefined : int(values['head-tokens'], 'head-tokens', 0, 1);
+      if ((headCount === undefined) !== (values.text === undefined))
+        throw new UsageError('--head-tokens N and --text PATH go together: the head keeps the N ids most frequent in that text');
       const { statSync } = await import('node:fs');
       const t0 = performance.now();
-      const model = await osd.loadModel(input);
+      let model = await osd.loadModel(input);
+      let head: number | undefined;
       try {
+        if (headCount !== undefined) {
+          const tok = model.tokenizer;
+          if (!tok) throw new Error(`${input} has no tokenizer: --head-tokens needs one to count the text's ids`);
+          const { readTexts } = await import('./train/texts.js');
+          const texts = readTexts(values.text!);
+          const streams = texts.documents.map((d) => tok.encode(d));
+          const restricted = await model.withHead(osd.frequentTokens(streams, headCount, model.info.vocabSize, model.eosTokens));
+          await model.dispose();
+          model = restricted;
+          head = model.info.headTokens;
+        }
         await model.save(output, { type });
       } finally {
         await model.dispose();
@@ -363,11 +381,11 @@ async function main(argv: string[]): Promise<number> {
       const bytesIn = statSync(input).size;
       const bytesOut = statSync(output).size;
       if (values.json) {
-        process.stdout.write(JSON.stringify({ input, output, type, bytesIn, bytesOut, seconds, tensorTypes: counts }) + '\n');
+        process.stdout.write(JSON.stringify({ input, output, type, bytesIn, bytesOut, seconds, tensorTypes: counts, ...(head !== undefined && { headTokens: head }) }) + '\n');
       } else {
         const mb = (b: number) => `${(b / 1e6).toFixed(1)} MB`;
         const types = Object.entries(counts).map(([t, n]) => `${n} ${t}`).join(', ');
-        process.stdout.write(`osd: wrote ${output}: ${mb(bytesOut)} (from ${mb(bytesIn)}) in ${seconds.toFixed(1)} s; tensors: ${types}\n`);
+        process.stdout.write(`osd: wrote ${output}: ${mb(bytesOut)} (from ${mb(bytesIn)}) in ${seconds.toFixed(1)} s; tensors: ${types}${head !== undefined ? `; head scores ${head} ids` : ''}\n`);
       }
       return 0;
     }

@@ -4,7 +4,8 @@
 // decoding stays exact (greedy token-identical, sampled output chi-square against the target's own
 // distribution; the draft never proposes tokens the target often picks), training through the head
 // works (Trainer, online updates, trainDraft's headTokens) and keeps the head.
-import { existsSync, readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createOnlineDecoder, createSpeculativeDecoder, createTrainer, frequentTokens, loadModel, trainDraft, writeRandomModel, type Model, type Strategy } from '../lib/index.js';
@@ -271,6 +272,22 @@ describe('frequentTokens and trainDraft({ headTokens })', () => {
   const root = join(import.meta.dirname, '..');
   const TARGET = join(root, 'models/default-target.gguf');
   const dir = suiteTempDir('osd-head-train-');
+
+  it('osd convert --head-tokens N --text PATH restricts a draft by the text\'s ids; either alone is a usage error', async () => {
+    const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'convert', ...args], { encoding: 'utf8' });
+    const prompts = JSON.parse(readFileSync(join(root, 'models/demo-prompts.json'), 'utf8')) as { domains: Record<string, string[]> };
+    const text = join(dir, 'novel.txt');
+    writeFileSync(text, prompts.domains.novel!.join('\n\n'));
+    const out = join(dir, 'draft-500.gguf');
+    const r = cli(join(root, 'models/default-draft.gguf'), out, '--type', 'keep', '--head-tokens', '500', '--text', text, '--json');
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout).headTokens).toBe(500);
+    await using d = await loadModel(out);
+    expect(d.headTokenIds()!.length).toBe(500);
+    const bad = cli(join(root, 'models/default-draft.gguf'), join(dir, 'x.gguf'), '--head-tokens', '500');
+    expect(bad.status).toBe(2);
+    expect(bad.stderr).toMatch(/--head-tokens N and --text PATH go together/);
+  });
 
   it('frequentTokens: the most frequent ids, ties to the lower id, the always ids in, ascending', () => {
     const ids = frequentTokens([[5, 5, 5, 9, 9, 2], [9, 7]], 3, 12, [11]);

@@ -195,19 +195,7 @@ double model_head_loss(const Params& p, const float* x, int64_t n, const LossTar
   if (ids.empty()) return head_loss(x, n, w, c.vocab, c.dim, t, chunk, dx, dw);
   const int64_t V = c.vocab, D = c.dim, H = static_cast<int64_t>(ids.size());
   // The caller's ids and teacher are checked against the whole vocabulary first.
-  if (t.targets) {
-    for (int64_t r = 0; r < n; ++r)
-      if (t.targets[r] < -1 || t.targets[r] >= V)
-        throw_range("targets[" + std::to_string(r) + "] = " + std::to_string(t.targets[r]) +
-                    " is out of range for vocabSize " + std::to_string(V) + " (-1 skips a position)");
-  } else {
-    DistillInput all = t.distill;
-    all.rows = static_cast<int32_t>(n);
-    all.vocab = static_cast<int32_t>(V);
-    if (!all.teacher && (!all.topk_ids || !all.topk_probs || all.k <= 0))
-      throw_range("a distillation batch needs teacher logits or a top-k teacher");
-    validate_distill(all);
-  }
+  validate_loss_targets(t, n, V);
   std::vector<int32_t> at(static_cast<size_t>(V), -1);  // id -> head row
   for (int64_t j = 0; j < H; ++j) at[ids[j]] = static_cast<int32_t>(j);
   std::vector<float> wh(static_cast<size_t>(H * D)), dwh(dw ? static_cast<size_t>(H * D) : 0);

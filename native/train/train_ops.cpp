@@ -484,9 +484,7 @@ OSD_SIMD_CLONES double cross_entropy_row(const float* logits, int64_t vocab, int
 
 }  // namespace
 
-double head_loss(const float* x, int64_t n, const float* w, int64_t vocab, int64_t dim, const LossTargets& t,
-                 int64_t chunk, float* dx, float* dw) {
-  if (chunk <= 0) throw_range("chunk must be > 0");
+void validate_loss_targets(const LossTargets& t, int64_t n, int64_t vocab) {
   if (t.targets) {
     for (int64_t r = 0; r < n; ++r)
       if (t.targets[r] < -1 || t.targets[r] >= vocab)
@@ -500,6 +498,12 @@ double head_loss(const float* x, int64_t n, const float* w, int64_t vocab, int64
       throw_range("a distillation batch needs teacher logits or a top-k teacher");
     validate_distill(all);
   }
+}
+
+double head_loss(const float* x, int64_t n, const float* w, int64_t vocab, int64_t dim, const LossTargets& t,
+                 int64_t chunk, float* dx, float* dw) {
+  if (chunk <= 0) throw_range("chunk must be > 0");
+  validate_loss_targets(t, n, vocab);
   if (dx) std::fill(dx, dx + n * dim, 0.0f);
   const std::vector<int64_t> rows = counted_rows(t, n);
   const int64_t count = static_cast<int64_t>(rows.size());

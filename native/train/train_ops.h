@@ -105,6 +105,9 @@ struct LossTargets {
   const int32_t* topk_count = nullptr;
 };
 
+// Checks n rows of targets or teacher against a vocabulary (RangeError naming the entry).
+void validate_loss_targets(const LossTargets& t, int64_t n, int64_t vocab);
+
 // Rows that count: targets >= 0 (cross-entropy) or mask set (distillation; all when no mask).
 std::vector<int64_t> counted_rows(const LossTargets& t, int64_t n);
 

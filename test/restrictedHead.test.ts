@@ -295,6 +295,15 @@ describe('frequentTokens and trainDraft({ headTokens })', () => {
     // Unseen ids fill up from the lowest.
     expect(Array.from(frequentTokens([[8, 8]], 4, 12))).toEqual([0, 1, 2, 8]);
     expect(frequentTokens([[1]], 50, 12).length).toBe(12);
+    expect(frequentTokens([Int32Array.from([3, 3]), new Uint16Array([4])], 1, 12)[0]).toBe(3);
+    // Bad input is named.
+    expect(() => frequentTokens([[1, 12]], 3, 12)).toThrow(new RangeError('shards[0][1] must be a token id in [0, 11], got 12'));
+    expect(() => frequentTokens([[1], [NaN]], 3, 12)).toThrow(new RangeError('shards[1][0] must be a token id in [0, 11], got NaN'));
+    expect(() => frequentTokens([[1]], 0, 12)).toThrow(RangeError);
+    expect(() => frequentTokens([[1]], 3, 0)).toThrow(RangeError);
+    expect(() => frequentTokens([[1]], 3, 12, [-1])).toThrow(new RangeError('always[0] must be a token id in [0, 11], got -1'));
+    expect(() => frequentTokens('abc' as never, 3, 12)).toThrow(TypeError);
+    expect(() => frequentTokens([5 as never], 3, 12)).toThrow(new TypeError('shards[0] must be an array of token ids'));
   });
 
   it('trains a draft with a restricted head: the N most frequent ids of the text, the end-of-sequence id among them', async () => {

@@ -414,9 +414,23 @@ async function tokenizeTexts(target: Model, texts: Iterable<string>, heldOutGive
  * most common pieces.
  */
 export function frequentTokens(shards: readonly ArrayLike<number>[], count: number, V: number, always: readonly number[] = []): Int32Array {
+  checkInteger(V, 'vocabSize', 1);
+  checkInteger(count, 'count', 1);
+  if (!Array.isArray(shards)) throw new TypeError('shards must be an array of token id arrays');
+  if (!Array.isArray(always)) throw new TypeError('always must be an array of token ids');
   const freq = new Float64Array(V);
-  for (const s of shards) for (let i = 0; i < s.length; i++) freq[s[i]!]!++;
-  for (const id of always) if (id >= 0 && id < V) freq[id] = Infinity;
+  for (const [k, s] of shards.entries()) {
+    if (s === null || typeof s !== 'object' || typeof s.length !== 'number') throw new TypeError(`shards[${k}] must be an array of token ids`);
+    for (let i = 0; i < s.length; i++) {
+      const id = s[i]!;
+      if (!(id >= 0 && id < V && Number.isInteger(id))) throw new RangeError(`shards[${k}][${i}] must be a token id in [0, ${V - 1}], got ${id}`);
+      freq[id]!++;
+    }
+  }
+  for (const [i, id] of always.entries()) {
+    if (!(id >= 0 && id < V && Number.isInteger(id))) throw new RangeError(`always[${i}] must be a token id in [0, ${V - 1}], got ${id}`);
+    freq[id] = Infinity;
+  }
   const order = Int32Array.from({ length: V }, (_, i) => i).sort((a, b) => freq[b]! - freq[a]! || a - b);
   return order.subarray(0, Math.min(count, V)).sort();
 }

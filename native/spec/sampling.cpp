@@ -445,6 +445,44 @@ int32_t sample_token(const float* logits, int32_t vocab, const Sampling& s, uint
   return sample_row(w, u);
 }
 
+// The prefix sums of the weights at ids (in that order); returns the total.
+OSD_CLONES double sparse_prefix_weights(const float* l, const int32_t* ids, int32_t n, float max, float inv_t, double* cum) {
+  double total = 0.0;
+  for (int32_t j = 0; j < n; ++j) cum[j] = (total += exp_approx((l[ids[j]] - max) * inv_t));
+  return total;
+}
+
+int32_t sample_token_sparse(const float* logits, int32_t vocab, const int32_t* ids, int32_t n_ids, const Sampling& s,
+                            uint64_t seed, uint64_t stream, uint32_t position, const char* what, size_t row) {
+  if (!s.greedy() && ((s.top_k > 0 && s.top_k < vocab) || s.top_p < 1.0f))
+    return sample_token(logits, vocab, s, seed, stream, position, what, row);
+  const int32_t n = static_cast<int32_t>(std::lower_bound(ids, ids + n_ids, vocab) - ids);
+  // checked_row_max over the ids (the rest is -Infinity); the first largest is argmax_row's.
+  float mx = -std::numeric_limits<float>::infinity();
+  int32_t best = 0;
+  bool bad = false;
+  for (int32_t j = 0; j < n; ++j) {
+    const float x = logits[ids[j]];
+    bad |= !(x < std::numeric_limits<float>::infinity());
+    if (x > mx) mx = x, best = ids[j];
+  }
+  throw_row_check(bad ? RowCheck::NotFinite : mx == -std::numeric_limits<float>::infinity() ? RowCheck::AllNegInf : RowCheck::Ok,
+                  what, row);
+  if (s.greedy()) return best;
+  // sample_temperature_row's prefix sums without the zero terms: the same totals, bit for bit.
+  const double u = philox_uniform(seed, stream, position, kLaneSample);
+  const float inv_t = 1.0f / s.temperature;
+  thread_local std::vector<double> cum;
+  cum.resize(static_cast<size_t>(n));
+  const double total = sparse_prefix_weights(logits, ids, n, mx, inv_t, cum.data());
+  const double target = u * total;
+  const int32_t i = static_cast<int32_t>(std::upper_bound(cum.begin(), cum.end(), target) - cum.begin());
+  if (i < n) return ids[i];
+  for (int32_t k = n - 1; k >= 0; --k)
+    if (ids[k] > 0 && exp_approx((logits[ids[k]] - mx) * inv_t) > 0.0f) return ids[k];
+  return 0;
+}
+
 // ---------------------------------------------------------------- the blocked scheme
 
 namespace {

@@ -467,6 +467,54 @@ OSD_TEST(sample_dense_matches_sample_row) {
   CHECK_EQ(mismatches, 0);
 }
 
+OSD_TEST(sample_token_sparse_matches_sample_token) {
+  // A restricted head's row (-Infinity outside its ids): the sparse sampler's token is sample_token's
+  // for every seed, position and sampling, with rows cut to a shared vocabulary too; its errors are
+  // sample_token's.
+  std::mt19937 rng(77);
+  std::normal_distribution<float> nrm(0.0f, 2.5f);
+  int checked = 0, sampled_outside = 0;
+  for (int32_t V : {7, 300, 5000, 49152}) {
+    for (double keep : {0.05, 0.5, 0.97}) {
+      std::vector<int32_t> ids;
+      std::bernoulli_distribution in(keep);
+      for (int32_t j = 0; j < V; ++j)
+        if (in(rng)) ids.push_back(j);
+      if (ids.empty()) ids.push_back(V / 2);
+      std::vector<float> row(static_cast<size_t>(V), -INFINITY);
+      for (int32_t id : ids) row[id] = nrm(rng);
+      row[ids[ids.size() / 2]] = row[ids[0]];  // a tie for the greedy pick
+      for (int32_t cut : {V, std::max<int32_t>(1, ids[ids.size() / 2] + 1)}) {
+        for (int sc = 0; sc < 5; ++sc) {
+          Sampling s;
+          s.temperature = sc == 0 ? 0.0f : sc == 1 ? 1.0f : sc == 2 ? 0.4f : sc == 3 ? 1.7f : 0.9f;
+          if (sc == 4) s.top_k = 5, s.top_p = 0.9f;  // through sample_token
+          for (uint32_t pos = 0; pos < 200; ++pos) {
+            const int32_t a = sample_token(row.data(), cut, s, 9, 3, pos);
+            const int32_t b = sample_token_sparse(row.data(), cut, ids.data(), static_cast<int32_t>(ids.size()), s, 9, 3, pos);
+            CHECK_EQ(a, b);
+            sampled_outside += row[b] == -INFINITY;
+            ++checked;
+          }
+        }
+      }
+    }
+  }
+  CHECK_EQ(sampled_outside, 0);
+  std::printf("    %d draws identical\n", checked);
+  // Errors: NaN or +Infinity among the ids, or no id with a finite logit (all cut away).
+  std::vector<float> row(100, -INFINITY);
+  const std::vector<int32_t> ids = {3, 50, 90};
+  row[3] = 1.0f, row[50] = NAN, row[90] = 2.0f;
+  Sampling s;
+  s.temperature = 1.0f;
+  CHECK_THROWS(Error, sample_token_sparse(row.data(), 100, ids.data(), 3, s, 1, 1, 0, "draft logits", 2),
+               "draft logits row 2 contains NaN or +Infinity");
+  row[50] = 0.0f;
+  CHECK_THROWS(Error, sample_token_sparse(row.data(), 3, ids.data(), 3, s, 1, 1, 0, "draft logits", 0),
+               "draft logits row 0 is all -Infinity");
+}
+
 OSD_TEST(find_crossing_matches_sequential_scan) {
   // The group-sum search against the scan it replaces, the first j with cum0 + w_0 + ... + w_j >
   // target added one by one in double: random targets are decided (and must agree); targets on or

@@ -114,10 +114,8 @@ void chain_step_batch(ChainStepMember* members, int32_t count, ChainStepTimes* t
         float* row = &draft_rows[row_at[in_pass[j]] + static_cast<size_t>(i) * p.vocab];
         if (p.vocab != vd) std::memcpy(row, parts[j].logits, sizeof(float) * p.vocab);
         const std::vector<int32_t>& head = m.draft->model().config().head_tokens;
-        m.draft_tokens[i] =
-            head.empty() ? sample_token(row, p.vocab, p.sampling, p.seed, p.draft_stream, static_cast<uint32_t>(i), "draft logits", i)
-                         : sample_token_sparse(row, p.vocab, head.data(), static_cast<int32_t>(head.size()), p.sampling, p.seed,
-                                               p.draft_stream, static_cast<uint32_t>(i), "draft logits", i);
+        m.draft_tokens[i] = sample_token_sparse(row, p.vocab, head.data(), static_cast<int32_t>(head.size()), p.sampling,
+                                                p.seed, p.draft_stream, static_cast<uint32_t>(i), "draft logits", i);
       });
     }
     drafted = Clock::now();

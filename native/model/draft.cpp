@@ -42,9 +42,8 @@ int32_t draft_chain(Sequence& seq, const int32_t* tokens, int32_t n, const Draft
       else seq.evaluate(&out_tokens[i - 1], 1, nullptr, dst, true);
       if (!scratch.empty()) std::memcpy(row, dst, sizeof(float) * p.vocab);
       const uint32_t pos = p.positions ? p.positions[i] : p.position + static_cast<uint32_t>(i);
-      out_tokens[i] = head.empty() ? sample_token(row, p.vocab, p.sampling, p.seed, p.stream, pos, "draft logits", i)
-                                   : sample_token_sparse(row, p.vocab, head.data(), static_cast<int32_t>(head.size()),
-                                                         p.sampling, p.seed, p.stream, pos, "draft logits", i);
+      out_tokens[i] = sample_token_sparse(row, p.vocab, head.data(), static_cast<int32_t>(head.size()), p.sampling, p.seed,
+                                          p.stream, pos, "draft logits", i);
       if (p.n_stop > 0 && std::binary_search(p.stop, p.stop + p.n_stop, out_tokens[i])) return i + 1;
     }
   } catch (...) {

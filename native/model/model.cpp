@@ -1,5 +1,6 @@
 #include "model/model.h"
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -155,6 +156,11 @@ std::shared_ptr<Model> Model::from_gguf(std::unique_ptr<gguf::File> file) {
   m->path_ = f.name();
   m->gguf_ = std::move(file);
   return m;
+}
+
+void spread_head_row(const std::vector<int32_t>& ids, const float* head_logits, int64_t vocab, float* row) {
+  std::fill(row, row + vocab, -INFINITY);
+  for (size_t j = 0; j < ids.size(); ++j) row[ids[j]] = head_logits[j];
 }
 
 void Model::build_head(const gguf::File& f) {

@@ -54,6 +54,10 @@ struct LayerWeights {
   Matrix w_gate, w_up, w_down;
 };
 
+// A restricted head's logits (one per id of `ids`) spread over a row of `vocab` logits, the other
+// ids at -infinity: the rows every pass gives for such a head.
+void spread_head_row(const std::vector<int32_t>& ids, const float* head_logits, int64_t vocab, float* row);
+
 class Model {
  public:
   // Reads a GGUF file or a llama2.c checkpoint, told apart by the magic. Errors name the file.

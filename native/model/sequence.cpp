@@ -345,11 +345,8 @@ void Sequence::evaluate_parts(const EvalPart* parts, int32_t count) {
     matmul(m.head, xb.data(), rows, out.data());
     size_t r = 0;
     for (int32_t k = 0; k < count; ++k)
-      for (int32_t i = parts[k].last_only ? parts[k].n - 1 : 0; i < parts[k].n; ++i, ++r) {
-        float* row = parts[k].logits + (parts[k].last_only ? 0 : static_cast<size_t>(i)) * V;
-        std::fill(row, row + V, -INFINITY);
-        for (size_t j = 0; j < H; ++j) row[ids[j]] = out[r * H + j];
-      }
+      for (int32_t i = parts[k].last_only ? parts[k].n - 1 : 0; i < parts[k].n; ++i, ++r)
+        spread_head_row(ids, &out[r * H], V, parts[k].logits + (parts[k].last_only ? 0 : static_cast<size_t>(i)) * V);
   } else if (count == 1) {
     matmul(m.output, xb.data(), rows, parts[0].logits);
   } else {

@@ -454,7 +454,7 @@ OSD_CLONES double sparse_prefix_weights(const float* l, const int32_t* ids, int3
 
 int32_t sample_token_sparse(const float* logits, int32_t vocab, const int32_t* ids, int32_t n_ids, const Sampling& s,
                             uint64_t seed, uint64_t stream, uint32_t position, const char* what, size_t row) {
-  if (!s.greedy() && ((s.top_k > 0 && s.top_k < vocab) || s.top_p < 1.0f))
+  if (n_ids == 0 || (!s.greedy() && ((s.top_k > 0 && s.top_k < vocab) || s.top_p < 1.0f)))
     return sample_token(logits, vocab, s, seed, stream, position, what, row);
   const int32_t n = static_cast<int32_t>(std::lower_bound(ids, ids + n_ids, vocab) - ids);
   // checked_row_max over the ids (the rest is -Infinity); the first largest is argmax_row's.

@@ -63,7 +63,8 @@ int32_t sample_token(const float* logits, int32_t vocab, const Sampling& s, uint
 // sample_token for a row that is -Infinity outside `ids` (ascending), as the engine writes a
 // restricted head's rows: the same token, bit for bit, reading only those entries (ids at or past
 // `vocab` are left out, for rows cut to a shared vocabulary). The weights outside are exactly 0, so
-// the running sums over the ids are the dense ones. Top-k / top-p rows go through sample_token.
+// the running sums over the ids are the dense ones. Top-k / top-p rows, and no ids (a whole head),
+// go through sample_token.
 int32_t sample_token_sparse(const float* logits, int32_t vocab, const int32_t* ids, int32_t n_ids, const Sampling& s,
                             uint64_t seed, uint64_t stream, uint32_t position, const char* what = "logits",
                             size_t row = 0);

@@ -182,6 +182,16 @@ void backward_layers(const Params& p, const int32_t* tokens, Activations& a, flo
 
 namespace {
 
+// The output matrix's rows of a restricted head's ids, in that order (H x dim).
+std::vector<float> head_rows(const Params& p) {
+  const ModelConfig& c = p.config();
+  const float* w = p.at(p.layout().output());
+  std::vector<float> wh(c.head_tokens.size() * static_cast<size_t>(c.dim));
+  for (size_t j = 0; j < c.head_tokens.size(); ++j)
+    std::memcpy(&wh[j * c.dim], w + static_cast<int64_t>(c.head_tokens[j]) * c.dim, c.dim * sizeof(float));
+  return wh;
+}
+
 // head_loss through the model's head: the whole output matrix, or a restricted head's rows
 // (config().head_tokens). A restricted head scores the teacher renormalised over its ids: a draft
 // that can only propose those does best matching p restricted to them (its acceptance is then the
@@ -198,8 +208,8 @@ double model_head_loss(const Params& p, const float* x, int64_t n, const LossTar
   validate_loss_targets(t, n, V);
   std::vector<int32_t> at(static_cast<size_t>(V), -1);  // id -> head row
   for (int64_t j = 0; j < H; ++j) at[ids[j]] = static_cast<int32_t>(j);
-  std::vector<float> wh(static_cast<size_t>(H * D)), dwh(dw ? static_cast<size_t>(H * D) : 0);
-  for (int64_t j = 0; j < H; ++j) std::memcpy(&wh[j * D], w + ids[j] * D, D * sizeof(float));
+  const std::vector<float> wh = head_rows(p);
+  std::vector<float> dwh(dw ? static_cast<size_t>(H * D) : 0);
   LossTargets m = t;
   std::vector<int32_t> targets, topk_ids, counts;
   std::vector<float> teacher, topk_probs, residual;
@@ -317,15 +327,10 @@ void forward_logits(const Params& p, const int32_t* tokens, int32_t batch, int32
     return;
   }
   // A restricted head: its rows' logits, the other ids at -infinity (as Sequence::evaluate).
-  const int64_t H = static_cast<int64_t>(ids.size()), D = c.dim;
-  std::vector<float> wh(static_cast<size_t>(H * D)), out(static_cast<size_t>(N * H));
-  for (int64_t j = 0; j < H; ++j) std::memcpy(&wh[j * D], p.at(p.layout().output()) + ids[j] * D, D * sizeof(float));
-  linear_forward(wh.data(), H, D, a.xn_final.data(), N, out.data());
-  for (int64_t r = 0; r < N; ++r) {
-    float* row = logits + r * c.vocab;
-    std::fill(row, row + c.vocab, -INFINITY);
-    for (int64_t j = 0; j < H; ++j) row[ids[j]] = out[r * H + j];
-  }
+  const int64_t H = static_cast<int64_t>(ids.size());
+  std::vector<float> out(static_cast<size_t>(N * H));
+  linear_forward(head_rows(p).data(), H, c.dim, a.xn_final.data(), N, out.data());
+  for (int64_t r = 0; r < N; ++r) spread_head_row(ids, &out[r * H], c.vocab, logits + r * c.vocab);
 }
 
 }  // namespace osd::train

@@ -54,6 +54,7 @@ const STRATEGIES: { name: string; strategy: Strategy }[] = [
   { name: 'chain g=4', strategy: { kind: 'chain', length: 4 } },
   { name: 'tree 16', strategy: { kind: 'tree', budget: 16, maxDepth: 6, branching: 3 } },
   { name: 'adaptive', strategy: { kind: 'adaptive', maxLength: 8 } },
+  { name: 'adaptive+lookup', strategy: { kind: 'adaptive', maxLength: 8, lookup: true } },
   { name: 'ngram', strategy: { kind: 'ngram', length: 4 } },
 ];
 
@@ -204,7 +205,8 @@ export async function runSmolBench(o: BenchOptions): Promise<{ rows: Row[]; note
       fullHead = await draft.withHead(null);
       notes.push(`the draft's head scores ${draft.info.headTokens} of ${draft.info.vocabSize} ids; "(full head)" rows run the same weights with the whole head`);
     }
-    const withDraft = STRATEGIES.filter((st) => st.strategy.kind !== 'ngram');
+    // (adaptive+lookup's whole-head run would repeat adaptive's comparison.)
+    const withDraft = STRATEGIES.filter((st) => st.strategy.kind !== 'ngram' && st.name !== 'adaptive+lookup');
     const strategies = [...STRATEGIES.map((st) => ({ ...st, model: draft! })), ...(fullHead ? withDraft.map((st) => ({ name: `${st.name}${FULL_HEAD}`, strategy: st.strategy, model: fullHead! })) : [])];
     const ours = ['target only', ...strategies.map((s) => s.name)];
     const configs: string[] = [...ours, ...(llama ? LLAMA_CONFIGS : [])];

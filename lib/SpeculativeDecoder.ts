@@ -38,7 +38,15 @@ export type Strategy =
    * the draft's top tokens, as children: 'deterministic' does at every temperature).
    */
   | { kind: 'tree'; budget?: number; maxDepth?: number; branching?: number; children?: TreeChildren; fill?: boolean }
-  | { kind: 'adaptive'; maxLength?: number }
+  /**
+   * Chains whose length follows the draft's measured acceptance and costs (0: the target decodes
+   * alone, probing the draft now and then). lookup: true also proposes the tokens that followed the
+   * latest earlier occurrence of the context's last n-gram (as 'ngram' does, up to maxNgram tokens
+   * long, default 3), at each step where their measured acceptance and cost promise more than the
+   * draft's chain or the target alone: a draft that is weak on repetitive text (code, SQL, quoted
+   * context) loses nothing there. Default false.
+   */
+  | { kind: 'adaptive'; maxLength?: number; lookup?: boolean; maxNgram?: number }
   | { kind: 'ngram'; length?: number; maxNgram?: number };
 
 export interface SpeculativeDecoderOptions {
@@ -143,6 +151,9 @@ export interface RequestStats {
   tokens: number;
   /** Times a running request took up new draft weights at a step (weightSwap 'step'). */
   draftWeightSwaps: number;
+  /** Adaptive with lookup: tokens its n-gram lookups proposed, and of those accepted (not in drafted / accepted). */
+  lookupProposed: number;
+  lookupAccepted: number;
 }
 
 export interface SpeculativeResult {
@@ -156,9 +167,12 @@ export type { StreamChunk } from './Model.js';
 
 export interface StepEvent {
   request: number;
+  /** Draft tokens proposed (for 'ngram': lookup tokens). */
   drafted: number;
   accepted: number;
   emitted: number;
+  /** Adaptive's lookup steps (strategy.lookup): the tokens the lookup proposed and how many were accepted. */
+  lookup?: { proposed: number; accepted: number };
 }
 
 /** Running totals that metrics() reports. */
@@ -173,6 +187,8 @@ class Counters {
   draftMs = 0;
   totalMs = 0;
   draftWeightSwaps = 0;
+  lookupProposed = 0;
+  lookupAccepted = 0;
   posDrafted: number[] = [];
   posAccepted: number[] = [];
 
@@ -191,7 +207,7 @@ class Counters {
   }
 
   add(o: Counters): void {
-    for (const k of ['drafted', 'accepted', 'steps', 'emitted', 'targetPasses', 'draftPasses', 'targetMs', 'draftMs', 'totalMs', 'draftWeightSwaps'] as const)
+    for (const k of ['drafted', 'accepted', 'steps', 'emitted', 'targetPasses', 'draftPasses', 'targetMs', 'draftMs', 'totalMs', 'draftWeightSwaps', 'lookupProposed', 'lookupAccepted'] as const)
       this[k] += o[k];
     o.posDrafted.forEach((v, i) => (this.posDrafted[i] = (this.posDrafted[i] ?? 0) + v));
     o.posAccepted.forEach((v, i) => (this.posAccepted[i] = (this.posAccepted[i] ?? 0) + v));
@@ -214,6 +230,8 @@ class Counters {
       tokensPerSecond: this.totalMs > 0 ? (this.emitted * 1000) / this.totalMs : 0,
       tokens: this.emitted,
       draftWeightSwaps: this.draftWeightSwaps,
+      lookupProposed: this.lookupProposed,
+      lookupAccepted: this.lookupAccepted,
     };
   }
 }
@@ -268,6 +286,11 @@ export function bestLengthByPosition(
   checkCost(c);
   if (minLength !== 0 && minLength !== 1) throw new RangeError(`minLength must be 0 or 1, got ${String(minLength)}`);
   checkMaxLength(maxLength, minLength);
+  return planByPosition(a, tested, accepted, c, maxLength, minLength).length;
+}
+
+/** bestLengthByPosition's length and its expected speedup (tokens per cost of a step that drafts none). */
+function planByPosition(a: number, tested: readonly number[], accepted: readonly number[], c: number, maxLength: number, minLength: 0 | 1): { length: number; speedup: number } {
   const tokens = [1];
   let reach = 1;
   for (let g = 1; g <= maxLength; g++) {
@@ -276,7 +299,43 @@ export function bestLengthByPosition(
   }
   let best: number = minLength;
   for (let g = minLength + 1; g <= maxLength; g++) if (tokens[g]! / (g * c + 1) > tokens[best]! / (best * c + 1) + 1e-12) best = g;
-  return best;
+  return { length: best, speedup: tokens[best]! / (best * c + 1) };
+}
+
+/**
+ * Decayed acceptance counts of a proposer (the draft's chains, or adaptive's lookups): pooled
+ * accepted and rejected, and per chain position tested and accepted (about the last 200 steps, so
+ * that they follow a draft that changes).
+ */
+class Acceptance {
+  acceptedSum = 1;
+  rejectedSum = 1;
+  tested: number[] = [];
+  accepted: number[] = [];
+
+  get rate(): number {
+    return this.acceptedSum / (this.acceptedSum + this.rejectedSum);
+  }
+
+  /** A step that proposed g tokens and had a of them accepted. */
+  add(g: number, a: number): void {
+    const keep = 0.995;
+    this.acceptedSum = keep * this.acceptedSum + a;
+    this.rejectedSum = keep * this.rejectedSum + (a < g ? 1 : 0);
+    for (let i = 0; i < this.tested.length; i++) {
+      this.tested[i]! *= keep;
+      this.accepted[i] = keep * (this.accepted[i] ?? 0);
+    }
+    // Positions 0..a were tested (a accepted, then the rejection at a when a < g).
+    for (let i = 0; i < Math.min(g, a + 1); i++) {
+      this.tested[i] = (this.tested[i] ?? 0) + 1;
+      if (i < a) this.accepted[i] = (this.accepted[i] ?? 0) + 1;
+    }
+  }
+
+  plan(c: number, maxLength: number, minLength: 0 | 1): { length: number; speedup: number } {
+    return planByPosition(this.rate, this.tested, this.accepted, c, maxLength, minLength);
+  }
 }
 
 /** A decayed least-squares line y = one + slope * x over recent (x, y) samples (about the last 50). */
@@ -328,7 +387,7 @@ function checkPositiveInt(v: unknown, name: string, max = 1 << 16): number {
 const strategyKeys: Record<Strategy['kind'], readonly string[]> = {
   chain: ['kind', 'length'],
   tree: ['kind', 'budget', 'maxDepth', 'branching', 'children', 'fill'],
-  adaptive: ['kind', 'maxLength'],
+  adaptive: ['kind', 'maxLength', 'lookup', 'maxNgram'],
   ngram: ['kind', 'length', 'maxNgram'],
 };
 
@@ -374,7 +433,13 @@ function normaliseStrategy(s: Strategy | undefined): Required<Strategy> & Strate
         fill: st.fill ?? false,
       };
     case 'adaptive':
-      return { kind: 'adaptive', maxLength: checkPositiveInt(st.maxLength ?? 8, 'strategy.maxLength', 64) };
+      if (st.lookup !== undefined && typeof st.lookup !== 'boolean') throw new TypeError('strategy.lookup must be a boolean');
+      return {
+        kind: 'adaptive',
+        maxLength: checkPositiveInt(st.maxLength ?? 8, 'strategy.maxLength', 64),
+        lookup: st.lookup ?? false,
+        maxNgram: checkPositiveInt(st.maxNgram ?? 3, 'strategy.maxNgram', 16),
+      };
     case 'ngram':
       return {
         kind: 'ngram',
@@ -430,7 +495,7 @@ interface Request {
   stopIds: Int32Array;
   counters: Counters;
   /** Adaptive's last step, for its step timing: drafted tokens, the draft's catch-up ms, target passes (1, or the plain tokens of one native call). */
-  lastStep?: { drafted: number; catchUpMs: number; tokens: number };
+  lastStep?: { drafted: number; catchUpMs: number; tokens: number; lookup?: boolean };
   /** Tokens the request may still emit (maxTokens minus those emitted), set before each step. */
   remaining: number;
   /** Steps (Philox stream indices) the last call of #step used: more than 1 for a run of chain steps. */
@@ -573,7 +638,7 @@ function countRanks(r: RankCounts, parents: number[], path: number[]): void {
 }
 
 /** Test-only planted bugs: the exactness tests must catch each. */
-export type SpeculativeFault = 'tree-top-children-as-sampled' | 'tree-top-siblings-as-sampled';
+export type SpeculativeFault = 'tree-top-children-as-sampled' | 'tree-top-siblings-as-sampled' | 'lookup-first-unchecked';
 
 /** The events of a SpeculativeDecoder and their arguments. */
 export interface SpeculativeDecoderEvents {
@@ -603,11 +668,15 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   /** Shared vocabulary size. */
   readonly vocabSize: number;
   // Adaptive speculation state: acceptance counts and measured costs.
-  #adaptAccepted = 1;
-  #adaptRejected = 1;
-  /** Adaptive chains: draft tokens tested and accepted at each chain position (acceptance falls with depth). */
-  #posTested: number[] = [];
-  #posAccepted: number[] = [];
+  /** Adaptive chains: the draft's acceptance, pooled and per chain position (it falls with depth). */
+  #drafts = new Acceptance();
+  /** Adaptive with lookup: the lookups' acceptance, and a line fit of a step's ms against the tokens it proposed. */
+  #lookups = new Acceptance();
+  #lookupFit = new LineFit();
+  /** Lookups found and declined since the last one verified, how many make a probe, and whether one runs. */
+  #lookupDeclined = 0;
+  #lookupProbeEvery = 16;
+  #lookupProbing = false;
   /** Adaptive: the last length chosen, how many steps in a row chose it, plain tokens since the last drafting step. */
   #lastLength = -1;
   #sameSteps = 0;
@@ -871,7 +940,12 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
         if (emitTokens.length) emit(emitTokens);
         // Adaptive prices a drafted token by whole steps, the handling of what they emit included.
         const last = req.lastStep as Request['lastStep']; // set by #step (TypeScript keeps the reset's narrowing)
-        if (last) this.#stepFit.add(last.drafted, (performance.now() - cycleStart - last.catchUpMs) / last.tokens);
+        if (last) {
+          const ms = (performance.now() - cycleStart - last.catchUpMs) / last.tokens;
+          // Lookup steps have a line of their own (see #lookupPlan).
+          if (last.lookup) this.#lookupFit.add(last.drafted, ms);
+          else this.#stepFit.add(last.drafted, ms);
+        }
         if (reason) {
           setStop(reason);
           break;
@@ -909,7 +983,8 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       case 'chain':
         return this.#chainStep(req, step, T, D!, committed, Math.min(budget, this.strategy.length));
       case 'adaptive': {
-        const { g, plain } = this.#adaptivePlan(budget);
+        const { g, plain, lookup } = this.#adaptivePlan(req, committed, budget);
+        if (lookup) return this.#lookupStep(req, step, T, committed, lookup);
         return plain > 0 ? this.#plainSteps(req, step, T, committed, plain) : this.#chainStep(req, step, T, D!, committed, g);
       }
       case 'tree': {
@@ -927,26 +1002,33 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
 
   /**
    * Adaptive: the next step's chain length g, or g = 0 with the number of tokens the target decodes
-   * alone in one native call (`plain`).
+   * alone in one native call (`plain`), or (with lookup) the lookup tokens to verify.
    */
-  #adaptivePlan(budget: number): { g: number; plain: number } {
+  #adaptivePlan(req: Request, committed: number[], budget: number): { g: number; plain: number; lookup?: number[] } {
     if (this.strategy.kind !== 'adaptive') throw new Error('unreachable');
-    const a = this.#adaptAccepted / (this.#adaptAccepted + this.#adaptRejected);
     const max = this.strategy.maxLength;
     // A step's measured time, one + slope * g ms (drafting, the target pass, verification, handling
     // what it emits); `one` is a plain token's. Until it is measured, a drafted token costs a fifth.
     const line = this.#stepFit.line(0.2);
     const c = line ? line.slope / line.one : 0.2;
-    const best = bestLengthByPosition(a, this.#posTested, this.#posAccepted, c, max, 0);
+    const drafting = this.#drafts.plan(c, max, 0);
+    // Lookups compete with the target alone (tokens per ms): where they pay they go first, as they
+    // cost no draft passes (measured: where n-gram lookup beat the target alone it also beat chains).
+    const lookup = this.#lookupPlan(req, committed, budget, line ? 1 / line.one : 0);
+    if (lookup) return { g: 0, plain: 0, lookup };
+    const best = drafting.length;
     if (best === 0) {
       // Drafting does not pay now: tokens from the target alone (up to 16 per native call), then one
       // probing step at the best length, so that acceptance and costs stay measured (online updates
       // may improve the draft). Probes that accept nothing double the interval, up to 256 tokens.
+      // With lookup, runs are shorter while lookups keep failing (1, 2, 4 ... 16 tokens), so that
+      // a lookup runs again soon.
       const left = this.#probeEvery - this.#plainTokens;
-      if (left > 0 || budget === 0) return { g: 0, plain: Math.min(16, Math.max(left, 1), budget + 1) };
+      const most = this.strategy.lookup ? 2 ** Math.min(req.ngramMisses, 4) : 16;
+      if (left > 0 || budget === 0) return { g: 0, plain: Math.min(most, Math.max(left, 1), budget + 1) };
       this.#plainTokens = 0;
       this.#probing = true;
-      return { g: Math.min(budget, bestLengthByPosition(a, this.#posTested, this.#posAccepted, c, max)), plain: 0 };
+      return { g: Math.min(budget, this.#drafts.plan(c, max, 1).length), plain: 0 };
     }
     this.#plainTokens = 0;
     this.#probeEvery = 16;
@@ -958,6 +1040,35 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       return { g: 0, plain: Math.min(4, budget + 1) };
     }
     return { g: Math.min(budget, best), plain: 0 };
+  }
+
+  /**
+   * Adaptive with lookup: the lookup's proposal for this step, cut to the length its measured
+   * acceptance and cost say is best, when that promises more tokens per ms than `rival` (the
+   * draft's chain or the target alone, whichever is faster); else undefined. Lookup steps are timed
+   * on a line of their own: each is one target pass and a round trip to JavaScript, where the
+   * target alone decodes up to 16 tokens per native call, so the costs of the two do not share a
+   * line.
+   */
+  #lookupPlan(req: Request, committed: number[], budget: number, rival: number): number[] | undefined {
+    if (this.strategy.kind !== 'adaptive' || !this.strategy.lookup || budget === 0) return undefined;
+    const found = ngramLookup(committed, this.strategy.maxNgram, Math.min(budget, this.strategy.maxLength));
+    if (found.length > 0) {
+      // Until lookup steps are timed, each costs a plain step and a fifth of one per token.
+      const line = this.#lookupFit.line(0.2) ?? { one: 1 / Math.max(rival, 1e-9), slope: 0.2 / Math.max(rival, 1e-9) };
+      const plan = this.#lookups.plan(line.slope / line.one, found.length, 0);
+      if (plan.length > 0 && plan.speedup / line.one > rival) return found.slice(0, plan.length);
+      // Declined lookups are still tried now and then (one token), so that their acceptance stays
+      // measured where the traffic turns repetitive: every 16th, doubling up to every 256th while
+      // the probes fail.
+      if (++this.#lookupDeclined >= this.#lookupProbeEvery) {
+        this.#lookupDeclined = 0;
+        this.#lookupProbing = true;
+        return found.slice(0, 1);
+      }
+    }
+    req.ngramMisses++;
+    return undefined;
   }
 
   /**
@@ -1085,21 +1196,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     }
     c.record(g, a, a + 1);
     c.recordChain(g, a);
-    if (g > 0) {
-      // Decayed counts (about the last 200 drafting steps), so that they follow a draft that changes.
-      const keep = 0.995;
-      this.#adaptAccepted = keep * this.#adaptAccepted + a;
-      this.#adaptRejected = keep * this.#adaptRejected + (a < g ? 1 : 0);
-      for (let i = 0; i < this.#posTested.length; i++) {
-        this.#posTested[i]! *= keep;
-        this.#posAccepted[i] = keep * (this.#posAccepted[i] ?? 0);
-      }
-      // Positions 0..a were tested (a accepted, then the rejection at a when a < g).
-      for (let i = 0; i < Math.min(g, a + 1); i++) {
-        this.#posTested[i] = (this.#posTested[i] ?? 0) + 1;
-        if (i < a) this.#posAccepted[i] = (this.#posAccepted[i] ?? 0) + 1;
-      }
-    }
+    if (g > 0) this.#drafts.add(g, a);
     this.emit('step', { request: req.id, drafted: g, accepted: a, emitted: a + 1 } satisfies StepEvent);
   }
 
@@ -1315,6 +1412,44 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     return Array.from(r.tokens);
   }
 
+  /**
+   * Adaptive's lookup step: the proposal verified in one target pass as 'ngram' verifies it (a
+   * one-hot q, exact); the draft proposed nothing, so onVerified sees each emitted token as a plain
+   * step's (the online distiller's 'mismatch' records take none of them).
+   */
+  async #lookupStep(req: Request, step: number, T: Sequence, committed: number[], proposal: number[]): Promise<number[]> {
+    const c = req.counters;
+    const V = this.vocabSize;
+    const tBase = T.length;
+    const last = committed[committed.length - 1]!;
+    const tl = await this.#timed(c, 'target', () => T.evaluate(Int32Array.from([last, ...proposal])));
+    const rows = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
+    let r = verifyLookup(proposal, rows, V, req, step);
+    if (this.#fault === 'lookup-first-unchecked') {
+      // The tests' planted bug: the first lookup token taken without verification.
+      const rest = verifyLookup(proposal.slice(1), rows.subarray(V), V, req, step);
+      r = { path: Int32Array.from([0, ...Array.from(rest.path, (i) => i + 1)]), tokens: Int32Array.from([proposal[0]!, ...rest.tokens]) };
+    }
+    const a = r.path.length;
+    req.ngramMisses = a > 0 ? 0 : req.ngramMisses + 1;
+    T.truncate(tBase + 1 + a);
+    this.#lookups.add(proposal.length, a);
+    if (this.#lookupProbing) this.#lookupProbeEvery = a > 0 ? 16 : Math.min(2 * this.#lookupProbeEvery, 256);
+    this.#lookupProbing = false;
+    this.#lookupDeclined = 0;
+    this.#plainTokens += a + 1; // tokens without the draft: they count towards adaptive's next probe
+    const tokens = Array.from(r.tokens);
+    if (this.#onVerified)
+      for (let i = 0; i <= a; i++)
+        this.#onVerified({ request: req.id, context: [...committed, ...tokens.slice(0, i)], drafted: 0, accepted: 0, emitted: r.tokens.slice(i, i + 1), targetLogits: rows.slice(i * V, (i + 1) * V), vocabSize: V });
+    c.record(0, 0, a + 1);
+    c.lookupProposed += proposal.length;
+    c.lookupAccepted += a;
+    req.lastStep = { drafted: proposal.length, catchUpMs: 0, tokens: 1, lookup: true };
+    this.emit('step', { request: req.id, drafted: 0, accepted: 0, emitted: a + 1, lookup: { proposed: proposal.length, accepted: a } } satisfies StepEvent);
+    return tokens;
+  }
+
   /** Prompt lookup: propose the tokens that followed the latest earlier match of the context's tail. */
   async #ngramStep(req: Request, step: number, T: Sequence, committed: number[], budget: number): Promise<number[]> {
     if (this.strategy.kind !== 'ngram') throw new Error('unreachable');
@@ -1332,17 +1467,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     const tBase = T.length;
     const V = this.vocabSize;
     const tl = await this.#timed(c, 'target', () => T.evaluate(Int32Array.from([last, ...proposal])));
-    // A lookup proposal is deterministic: a one-hot q, which the deterministic tree mode verifies exactly.
-    const r = verifyTree({
-      parents: Int32Array.from(proposal.map((_, i) => i - 1)),
-      tokens: Int32Array.from(proposal),
-      targetLogits: tl,
-      vocabSize: V,
-      sampling: req.sampling,
-      seed: req.seed,
-      stream: streamOf(req, step, false),
-      children: 'deterministic',
-    });
+    const r = verifyLookup(proposal, tl, V, req, step);
     const a = r.path.length;
     req.ngramMisses = a > 0 ? 0 : req.ngramMisses + 1;
     T.truncate(tBase + 1 + a);
@@ -1367,6 +1492,20 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.dispose();
   }
+}
+
+/** A lookup proposal is deterministic: a one-hot q, which the deterministic tree mode verifies exactly. */
+function verifyLookup(proposal: number[], targetLogits: Float32Array, vocabSize: number, req: Request, step: number) {
+  return verifyTree({
+    parents: Int32Array.from(proposal.map((_, i) => i - 1)),
+    tokens: Int32Array.from(proposal),
+    targetLogits,
+    vocabSize,
+    sampling: req.sampling,
+    seed: req.seed,
+    stream: streamOf(req, step, false),
+    children: 'deterministic',
+  });
 }
 
 /** The tokens after the latest earlier occurrence of the longest matching tail (up to maxNgram). */

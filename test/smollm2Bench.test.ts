@@ -64,7 +64,7 @@ describe('bench/smollm2.ts', () => {
     await using d = await loadModel(draft!);
     const fullHead = d.info.headTokens < d.info.vocabSize ? ['chain g=4 (full head)', 'tree 16 (full head)', 'adaptive (full head)'] : [];
     if (fullHead.length) expect(json.summary.some((l) => /restricted head over the whole head/.test(l))).toBe(true);
-    const configs = ['target only', 'chain g=4', 'tree 16', 'adaptive', 'ngram', ...fullHead, ...(haveLlama ? ['llama.cpp', 'llama.cpp draft', 'llama.cpp draft g=4', 'llama.cpp lookup'] : [])];
+    const configs = ['target only', 'chain g=4', 'tree 16', 'adaptive', 'adaptive+lookup', 'ngram', ...fullHead, ...(haveLlama ? ['llama.cpp', 'llama.cpp draft', 'llama.cpp draft g=4', 'llama.cpp lookup'] : [])];
     for (const domain of ['english', 'code', 'sql', 'email'])
       for (const sampling of ['greedy', 'T=0.8']) {
         const mine = json.rows.filter((r) => r.domain === domain && r.sampling === sampling);

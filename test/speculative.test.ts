@@ -17,6 +17,7 @@ import {
   writeRandomModel,
   type Model,
   type SpeculativeDecoderOptions,
+  type StepEvent,
   type Strategy,
 } from '../lib/index.js';
 import { addon } from '../lib/addon.js';
@@ -35,6 +36,7 @@ const strategies: Strategy[] = [
   { kind: 'tree', budget: 12, maxDepth: 4, branching: 3 },
   { kind: 'tree', budget: 12, maxDepth: 4, branching: 3, fill: true },
   { kind: 'adaptive', maxLength: 6 },
+  { kind: 'adaptive', maxLength: 6, lookup: true },
   { kind: 'ngram', length: 5 },
 ];
 
@@ -76,6 +78,9 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'chain', length: 0 } })).toThrow(/strategy.length/);
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'beam' } as never })).toThrow(/strategy.kind/);
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'tree', children: 'top' } as never })).toThrow(/strategy.children/);
+    expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'adaptive', lookup: 1 } as never })).toThrow(new TypeError('strategy.lookup must be a boolean'));
+    expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'adaptive', lookup: true, maxNgram: 0 } })).toThrow(/^strategy\.maxNgram must be an integer/);
+    expect(() => createSpeculativeDecoder({ target, draft: closeDraft, strategy: { kind: 'adaptive', lookups: true } as never })).toThrow(/\.lookups is not an option; the options are: kind, maxLength, lookup, maxNgram/);
     // Sampling options fail where they are given: at construction, or before a request runs.
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, sampling: { temperature: -5 } })).toThrow(new RangeError('sampling.temperature must be a finite number >= 0, got -5'));
     expect(() => createSpeculativeDecoder({ target, draft: closeDraft, sampling: { temperature: 1, topP: 0 } })).toThrow(/sampling\.topP must be in \(0, 1\]/);
@@ -207,8 +212,9 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     name: string;
     strategy: Strategy;
     sampling: { temperature: number; topK?: number; topP?: number };
-    fault?: 'tree-top-children-as-sampled' | 'tree-top-siblings-as-sampled';
+    fault?: 'tree-top-children-as-sampled' | 'tree-top-siblings-as-sampled' | 'lookup-first-unchecked';
     draws?: number;
+    prompt?: number[];
   }[] = [
     { name: 'chain T=1', strategy: { kind: 'chain', length: 3 }, sampling: { temperature: 1 } },
     // Sampled children (the default at T > 0); top-k 3 under branching 4 also drops children once the support is used up.
@@ -223,11 +229,15 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     { name: 'planted fault: top siblings verified as sampled', strategy: { kind: 'tree', budget: 6, maxDepth: 1, branching: 6, fill: true }, sampling: { temperature: 0.8 }, fault: 'tree-top-siblings-as-sampled', draws: 16000 },
     { name: 'sampled tree, one level of 6 siblings, T=0.8', strategy: { kind: 'tree', budget: 6, maxDepth: 1, branching: 6, fill: true }, sampling: { temperature: 0.8 } },
     { name: 'adaptive T=1.2 top-k 20', strategy: { kind: 'adaptive', maxLength: 4 }, sampling: { temperature: 1.2, topK: 20 } },
+    // The lookup proposes 401 (after 461, as before), which the target samples next with p = 0.70:
+    // lookup steps that accept and that reject both occur often.
+    { name: 'adaptive with lookup T=1', strategy: { kind: 'adaptive', maxLength: 4, lookup: true }, sampling: { temperature: 1 }, prompt: [1, 461, 461, 410, 461, 401, 461] },
+    { name: 'planted fault: the first lookup token unchecked', strategy: { kind: 'adaptive', maxLength: 4, lookup: true }, sampling: { temperature: 1 }, prompt: [1, 461, 461, 410, 461, 401, 461], fault: 'lookup-first-unchecked' },
     { name: 'ngram T=1', strategy: { kind: 'ngram', length: 3 }, sampling: { temperature: 1 } },
   ];
   for (const sc of sampledCases) {
     it(sc.fault ? `the chi-square catches a planted fault (${sc.name})` : `sampled output follows the target distribution (${sc.name})`, async () => {
-      const prompt = [1, 403, 407, 261, 378, 403, 407];
+      const prompt = sc.prompt ?? [1, 403, 407, 261, 378, 403, 407];
       const V = 512;
       // Exact joint P(y1, y2) from the target.
       const first = warp(await target.forward(prompt), V, sc.sampling, (prompt.length - 1) * V);
@@ -250,9 +260,14 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       const isTree = sc.strategy.kind === 'tree';
       let widest = 0;
       let plain = 0;
+      const lookups = { steps: 0, rejected: 0 };
       for (const [k, draft] of [randomDraft, closeDraft].entries()) {
         const dec = createSpeculativeDecoder({ target, draft, strategy: sc.strategy, sampling: sc.sampling, maxConcurrent: 1, ...(sc.fault ? { _fault: sc.fault } : {}) } as SpeculativeDecoderOptions);
-        dec.on('step', (e: { drafted: number }) => ((widest = Math.max(widest, e.drafted)), (plain += e.drafted === 0 ? 1 : 0)));
+        dec.on('step', (e: StepEvent) => {
+          widest = Math.max(widest, e.drafted);
+          if (e.lookup) (lookups.steps++, (lookups.rejected += e.lookup.accepted < e.lookup.proposed ? 1 : 0));
+          else plain += e.drafted === 0 ? 1 : 0;
+        });
         for (let s = 0; s < draws / 2; s++) {
           // A seed per draw across both drafts: the same seed would repeat a draw (ngram has no draft).
           const r = await dec.generate({ tokens: prompt, maxTokens: isTree ? 6 : 2, seed: 100_000 + k * draws + s, stopTokens: [] });
@@ -267,9 +282,16 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       for (let y1 = 0; y1 < V; y1++) if (rowCounts[y1]) counts[y1 * V] = rowCounts[y1]!;
       if (sc.strategy.kind === 'tree' && sc.strategy.fill) expect(widest).toBeGreaterThan(sc.strategy.maxDepth!);
       // Adaptive also decoded with the target alone (its plain steps, one native call each) and drafted.
-      if (sc.strategy.kind === 'adaptive') {
+      if (sc.strategy.kind === 'adaptive' && !sc.strategy.lookup) {
         expect(plain).toBeGreaterThan(draws / 4);
         expect(widest).toBeGreaterThan(0);
+      }
+      // With lookup, most first steps verify the lookup's tokens, and both of its outcomes occur:
+      // accepted tokens, and a rejection whose token comes from the residual.
+      if (sc.strategy.kind === 'adaptive' && sc.strategy.lookup) expect(lookups.steps).toBeGreaterThan(draws / 2);
+      if (sc.strategy.kind === 'adaptive' && sc.strategy.lookup && !sc.fault) {
+        expect(lookups.rejected).toBeGreaterThan(draws / 10);
+        expect(lookups.steps - lookups.rejected).toBeGreaterThan(draws / 10);
       }
       const test = chiSquareTest(counts, joint);
       if (sc.fault) expect(test.pValue).toBeLessThan(1e-6);
@@ -333,6 +355,43 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     const got = await Promise.all(prompts.slice(0, 6).map((p) => dec.generate({ tokens: p, maxTokens: 20 })));
     got.forEach((g, i) => expect(Array.from(g.tokens)).toEqual(Array.from(want[i]!.tokens)));
     await dec.dispose();
+  });
+
+  it('adaptive with lookup verifies n-gram lookups, counted apart from drafted tokens; greedy output stays the target\'s', async () => {
+    // A draft that never agrees: without lookup, adaptive decodes with the target alone; with it,
+    // it also tries the tokens that followed earlier occurrences of the context's tail.
+    for (const lookup of [false, true]) {
+      const dec = createSpeculativeDecoder({ target, draft: randomDraft, strategy: { kind: 'adaptive', maxLength: 6, lookup } });
+      const events: StepEvent[] = [];
+      dec.on('step', (e) => events.push(e));
+      let passes = 0;
+      for (const prompt of prompts.slice(0, 6)) {
+        const want = await target.generate({ tokens: prompt, maxTokens: 60, stopTokens: [] });
+        const r = await dec.generate({ tokens: prompt, maxTokens: 60, stopTokens: [] });
+        expect(Array.from(r.tokens)).toEqual(Array.from(want.tokens));
+        passes += r.stats.targetPasses;
+      }
+      const m = dec.metrics();
+      const sum = (f: (e: StepEvent) => number) => events.reduce((a, e) => a + f(e), 0);
+      expect(m.drafted).toBe(sum((e) => e.drafted));
+      expect(m.accepted).toBe(sum((e) => e.accepted));
+      expect(m.lookupProposed).toBe(sum((e) => e.lookup?.proposed ?? 0));
+      expect(m.lookupAccepted).toBe(sum((e) => e.lookup?.accepted ?? 0));
+      expect(m.tokens).toBe(sum((e) => e.emitted));
+      if (!lookup) {
+        expect(m.lookupProposed).toBe(0);
+        continue;
+      }
+      // Lookups ran. Whether they pay is for the measured step times to say: on this tiny target a
+      // step's round trip to JavaScript costs more than the target's pass, so most are declined and
+      // only probed (bench:smollm2 measures a target whose passes cost milliseconds).
+      expect(m.lookupProposed).toBeGreaterThan(0);
+      // One target pass per step, and one per request for its prompt.
+      expect(passes).toBe(events.length + 6);
+      // A lookup step is no draft step: it drafts and accepts nothing.
+      for (const e of events) if (e.lookup) expect([e.drafted, e.accepted, e.emitted]).toEqual([0, 0, e.lookup.accepted + 1]);
+      await dec.dispose();
+    }
   });
 
   it('adaptive stops drafting when a draft never agrees and keeps probing it; greedy output stays the target\'s', async () => {

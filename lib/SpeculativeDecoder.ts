@@ -40,11 +40,11 @@ export type Strategy =
   | { kind: 'tree'; budget?: number; maxDepth?: number; branching?: number; children?: TreeChildren; fill?: boolean }
   /**
    * Chains whose length follows the draft's measured acceptance and costs (0: the target decodes
-   * alone, probing the draft now and then). lookup: true also proposes the tokens that followed the
-   * latest earlier occurrence of the context's last n-gram (as 'ngram' does, up to maxNgram tokens
-   * long, default 3), at each step where their measured acceptance and cost promise more than the
-   * draft's chain or the target alone: a draft that is weak on repetitive text (code, SQL, quoted
-   * context) loses nothing there. Default false.
+   * alone, probing the draft now and then). lookup: true first tries the tokens that followed the
+   * latest earlier occurrence of the context's tail (of up to maxNgram tokens, default 3; at most
+   * maxLength of them), as 'ngram' does, at each step where their measured acceptance and cost
+   * promise more tokens per ms than the target alone; else the step drafts or decodes as without
+   * lookup. Default false.
    */
   | { kind: 'adaptive'; maxLength?: number; lookup?: boolean; maxNgram?: number }
   | { kind: 'ngram'; length?: number; maxNgram?: number };
@@ -670,8 +670,8 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   // Adaptive speculation state: acceptance counts and measured costs.
   /** Adaptive chains: the draft's acceptance, pooled and per chain position (it falls with depth). */
   #drafts = new Acceptance();
-  /** Adaptive with lookup: the lookups' acceptance, and a line fit of a step's ms against the tokens it proposed. */
-  #lookups = new Acceptance();
+  /** Adaptive with lookup: the lookups' acceptance (greedy and sampled requests apart), and a line fit of a step's ms against the tokens it proposed. */
+  #lookups = { greedy: new Acceptance(), sampled: new Acceptance() };
   #lookupFit = new LineFit();
   /** Lookups found and declined since the last one verified, how many make a probe, and whether one runs. */
   #lookupDeclined = 0;
@@ -1044,19 +1044,24 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
 
   /**
    * Adaptive with lookup: the lookup's proposal for this step, cut to the length its measured
-   * acceptance and cost say is best, when that promises more tokens per ms than `rival` (the
-   * draft's chain or the target alone, whichever is faster); else undefined. Lookup steps are timed
-   * on a line of their own: each is one target pass and a round trip to JavaScript, where the
-   * target alone decodes up to 16 tokens per native call, so the costs of the two do not share a
-   * line.
+   * acceptance and cost say is best, when that promises more tokens per ms than `rival` (the target
+   * alone); else undefined. Lookup steps are timed on a line of their own: each is one target pass
+   * and a round trip to JavaScript, where the target alone decodes up to 16 tokens per native call,
+   * so the costs of the two do not share a line. Acceptance is counted apart for greedy and sampled
+   * requests (a lookup is the target's greedy continuation far more often than its sample).
    */
   #lookupPlan(req: Request, committed: number[], budget: number, rival: number): number[] | undefined {
     if (this.strategy.kind !== 'adaptive' || !this.strategy.lookup || budget === 0) return undefined;
     const found = ngramLookup(committed, this.strategy.maxNgram, Math.min(budget, this.strategy.maxLength));
+    // A prompt may hold ids the draft's vocabulary lacks, which verification cannot score: the
+    // proposal ends before the first.
+    const cut = found.findIndex((t) => t >= this.vocabSize);
+    if (cut >= 0) found.length = cut;
+    const lookups = this.#lookups[req.sampling.temperature === 0 ? 'greedy' : 'sampled'];
     if (found.length > 0) {
       // Until lookup steps are timed, each costs a plain step and a fifth of one per token.
       const line = this.#lookupFit.line(0.2) ?? { one: 1 / Math.max(rival, 1e-9), slope: 0.2 / Math.max(rival, 1e-9) };
-      const plan = this.#lookups.plan(line.slope / line.one, found.length, 0);
+      const plan = lookups.plan(line.slope / line.one, found.length, 0);
       if (plan.length > 0 && plan.speedup / line.one > rival) return found.slice(0, plan.length);
       // Declined lookups are still tried now and then (one token), so that their acceptance stays
       // measured where the traffic turns repetitive: every 16th, doubling up to every 256th while
@@ -1433,7 +1438,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     const a = r.path.length;
     req.ngramMisses = a > 0 ? 0 : req.ngramMisses + 1;
     T.truncate(tBase + 1 + a);
-    this.#lookups.add(proposal.length, a);
+    this.#lookups[req.sampling.temperature === 0 ? 'greedy' : 'sampled'].add(proposal.length, a);
     if (this.#lookupProbing) this.#lookupProbeEvery = a > 0 ? 16 : Math.min(2 * this.#lookupProbeEvery, 256);
     this.#lookupProbing = false;
     this.#lookupDeclined = 0;

@@ -215,6 +215,7 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     fault?: 'tree-top-children-as-sampled' | 'tree-top-siblings-as-sampled' | 'lookup-first-unchecked';
     draws?: number;
     prompt?: number[];
+    maxTokens?: number;
   }[] = [
     { name: 'chain T=1', strategy: { kind: 'chain', length: 3 }, sampling: { temperature: 1 } },
     // Sampled children (the default at T > 0); top-k 3 under branching 4 also drops children once the support is used up.
@@ -229,11 +230,16 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     { name: 'planted fault: top siblings verified as sampled', strategy: { kind: 'tree', budget: 6, maxDepth: 1, branching: 6, fill: true }, sampling: { temperature: 0.8 }, fault: 'tree-top-siblings-as-sampled', draws: 16000 },
     { name: 'sampled tree, one level of 6 siblings, T=0.8', strategy: { kind: 'tree', budget: 6, maxDepth: 1, branching: 6, fill: true }, sampling: { temperature: 0.8 } },
     { name: 'adaptive T=1.2 top-k 20', strategy: { kind: 'adaptive', maxLength: 4 }, sampling: { temperature: 1.2, topK: 20 } },
-    // The lookup proposes 401 (after 461, as before), which the target samples next with p = 0.70:
-    // lookup steps that accept and that reject both occur often.
-    { name: 'adaptive with lookup T=1', strategy: { kind: 'adaptive', maxLength: 4, lookup: true }, sampling: { temperature: 1 }, prompt: [1, 461, 461, 410, 461, 401, 461] },
-    { name: 'planted fault: the first lookup token unchecked', strategy: { kind: 'adaptive', maxLength: 4, lookup: true }, sampling: { temperature: 1 }, prompt: [1, 461, 461, 410, 461, 401, 461], fault: 'lookup-first-unchecked' },
+    // The lookup proposes 401 461 (what followed 461 before), and the target samples 401 next with
+    // p = 0.70: lookup steps that accept and that reject both occur often. Three tokens are
+    // generated (two scored), so a first step may verify both lookup tokens (how often, the
+    // measured acceptance and times decide; the ngram case below always does).
+    { name: 'adaptive with lookup T=1', strategy: { kind: 'adaptive', maxLength: 4, lookup: true }, sampling: { temperature: 1 }, prompt: [1, 461, 461, 410, 461, 401, 461], maxTokens: 3 },
+    { name: 'planted fault: the first lookup token unchecked', strategy: { kind: 'adaptive', maxLength: 4, lookup: true }, sampling: { temperature: 1 }, prompt: [1, 461, 461, 410, 461, 401, 461], maxTokens: 3, fault: 'lookup-first-unchecked' },
     { name: 'ngram T=1', strategy: { kind: 'ngram', length: 3 }, sampling: { temperature: 1 } },
+    // Two lookup tokens verified in one pass (401 461; the target samples them with p = 0.70 and 0.27):
+    // rejections at either, and the row after both.
+    { name: 'ngram, two lookup tokens, T=1', strategy: { kind: 'ngram', length: 2 }, sampling: { temperature: 1 }, prompt: [1, 461, 461, 410, 461, 401, 461], maxTokens: 3 },
   ];
   for (const sc of sampledCases) {
     it(sc.fault ? `the chi-square catches a planted fault (${sc.name})` : `sampled output follows the target distribution (${sc.name})`, async () => {
@@ -270,7 +276,7 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
         });
         for (let s = 0; s < draws / 2; s++) {
           // A seed per draw across both drafts: the same seed would repeat a draw (ngram has no draft).
-          const r = await dec.generate({ tokens: prompt, maxTokens: isTree ? 6 : 2, seed: 100_000 + k * draws + s, stopTokens: [] });
+          const r = await dec.generate({ tokens: prompt, maxTokens: sc.maxTokens ?? (isTree ? 6 : 2), seed: 100_000 + k * draws + s, stopTokens: [] });
           const y1 = r.tokens[0]!;
           const y2 = r.tokens[1]!;
           if (first[y1]! * draws < 2) rowCounts[y1]!++;
@@ -281,6 +287,7 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       // Pool each rare first token's row into its single cell.
       for (let y1 = 0; y1 < V; y1++) if (rowCounts[y1]) counts[y1 * V] = rowCounts[y1]!;
       if (sc.strategy.kind === 'tree' && sc.strategy.fill) expect(widest).toBeGreaterThan(sc.strategy.maxDepth!);
+      if (sc.strategy.kind === 'ngram' && sc.maxTokens) expect(widest).toBe(2);
       // Adaptive also decoded with the target alone (its plain steps, one native call each) and drafted.
       if (sc.strategy.kind === 'adaptive' && !sc.strategy.lookup) {
         expect(plain).toBeGreaterThan(draws / 4);
@@ -288,7 +295,9 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       }
       // With lookup, most first steps verify the lookup's tokens, and both of its outcomes occur:
       // accepted tokens, and a rejection whose token comes from the residual.
-      if (sc.strategy.kind === 'adaptive' && sc.strategy.lookup) expect(lookups.steps).toBeGreaterThan(draws / 2);
+      // (Lookups are taken while their measured cost pays; on a loaded machine fewer may be, hence
+      // the margins.)
+      if (sc.strategy.kind === 'adaptive' && sc.strategy.lookup) expect(lookups.steps).toBeGreaterThan(draws / 5);
       if (sc.strategy.kind === 'adaptive' && sc.strategy.lookup && !sc.fault) {
         expect(lookups.rejected).toBeGreaterThan(draws / 10);
         expect(lookups.steps - lookups.rejected).toBeGreaterThan(draws / 10);
@@ -380,6 +389,7 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
       expect(m.tokens).toBe(sum((e) => e.emitted));
       if (!lookup) {
         expect(m.lookupProposed).toBe(0);
+        await dec.dispose();
         continue;
       }
       // Lookups ran. Whether they pay is for the measured step times to say: on this tiny target a

@@ -46,6 +46,25 @@ export function parseArgs(argv: string[], spec: ArgSpec): { flags: Set<string>; 
   return { flags, values };
 }
 
+/**
+ * A script's command line: parseArgs with `--help` added, which prints the usage and exits 0; a bad
+ * flag prints the error and the usage and exits 2.
+ */
+export function parseCommandLine(spec: ArgSpec, usage: string): { flags: Set<string>; values: Map<string, string> } {
+  let args: ReturnType<typeof parseArgs>;
+  try {
+    args = parseArgs(process.argv.slice(2), { booleans: [...spec.booleans, 'help'], values: spec.values });
+  } catch (e) {
+    process.stderr.write(`${(e as Error).message}\n${usage}\n`);
+    process.exit(2);
+  }
+  if (args.flags.has('help')) {
+    process.stdout.write(usage + '\n');
+    process.exit(0);
+  }
+  return args;
+}
+
 // ---------------------------------------------------------------- timing
 
 export function nowNs(): bigint {

@@ -30,7 +30,7 @@ import {
   machineFacts,
   median,
   nowNs,
-  parseArgs,
+  parseCommandLine,
   probeBandwidth,
   progress,
   writeResults,
@@ -48,17 +48,7 @@ const USAGE = `usage: npx tsx bench/engine.ts [options]
                     <tmpdir>/online-specdec-bench)
   --model PATH      measure this model file instead of the generated F32 / F16 pair`;
 
-let args: ReturnType<typeof parseArgs>;
-try {
-  args = parseArgs(process.argv.slice(2), { booleans: ['quick', 'json-only', 'help'], values: ['threads', 'cache-dir', 'model'] });
-} catch (e) {
-  process.stderr.write(`${(e as Error).message}\n${USAGE}\n`);
-  process.exit(2);
-}
-if (args.flags.has('help')) {
-  process.stdout.write(USAGE + '\n');
-  process.exit(0);
-}
+const args = parseCommandLine({ booleans: ['quick', 'json-only'], values: ['threads', 'cache-dir', 'model'] }, USAGE);
 const QUICK = args.flags.has('quick');
 const JSON_ONLY = args.flags.has('json-only');
 const threadsArg = args.values.get('threads') ?? '2';

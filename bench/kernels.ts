@@ -33,7 +33,7 @@ import {
   formatTable,
   machineFacts,
   nowNs,
-  parseArgs,
+  parseCommandLine,
   probeBandwidth,
   probeCompute,
   progress,
@@ -59,20 +59,10 @@ const USAGE = `usage: npx tsx bench/kernels.ts [options]
   --rotate-mb MB    working set the inputs rotate through (default 512, quick 64)
   --fresh-grad      distillLoss allocates a new gradient per call instead of reusing gradOut`;
 
-let args: ReturnType<typeof parseArgs>;
-try {
-  args = parseArgs(process.argv.slice(2), {
-    booleans: ['quick', 'json-only', 'save-baseline', 'hot', 'help', 'fresh-grad'],
-    values: ['threads', 'budget-ms', 'rotate-mb'],
-  });
-} catch (e) {
-  process.stderr.write(`${(e as Error).message}\n${USAGE}\n`);
-  process.exit(2);
-}
-if (args.flags.has('help')) {
-  process.stdout.write(USAGE + '\n');
-  process.exit(0);
-}
+const args = parseCommandLine(
+  { booleans: ['quick', 'json-only', 'save-baseline', 'hot', 'fresh-grad'], values: ['threads', 'budget-ms', 'rotate-mb'] },
+  USAGE,
+);
 const QUICK = args.flags.has('quick');
 const JSON_ONLY = args.flags.has('json-only');
 const HOT = args.flags.has('hot');

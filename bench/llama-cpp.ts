@@ -24,7 +24,7 @@ import type { Token } from 'node-llama-cpp';
 import { existsSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { benchDir, fmtNum, formatTable, machineFacts, median, parseArgs, progress, writeResults, type Column } from './common.js';
+import { benchDir, fmtNum, formatTable, machineFacts, median, parseCommandLine, progress, writeResults, type Column } from './common.js';
 
 const DEFAULT_MODEL = resolve(benchDir, '../../shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf');
 const USAGE = 'usage: npx tsx bench/llama-cpp.ts [--model PATH] [--threads 2] [--rounds 5] [--decode 128] [--prompt 512]';
@@ -168,17 +168,7 @@ async function childMain(): Promise<void> {
 }
 
 async function main(): Promise<void> {
-  let args: ReturnType<typeof parseArgs>;
-  try {
-    args = parseArgs(process.argv.slice(2), { booleans: ['help'], values: ['model', 'threads', 'rounds', 'decode', 'prompt'] });
-  } catch (e) {
-    console.error(`${(e as Error).message}\n${USAGE}`);
-    process.exit(2);
-  }
-  if (args.flags.has('help')) {
-    console.log(USAGE);
-    return;
-  }
+  const args = parseCommandLine({ booleans: [], values: ['model', 'threads', 'rounds', 'decode', 'prompt'] }, USAGE);
   const modelPath = resolve(args.values.get('model') ?? DEFAULT_MODEL);
   const threads = Number(args.values.get('threads') ?? 2);
   const rounds = Number(args.values.get('rounds') ?? 5);

@@ -25,27 +25,17 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { benchDir, fmtNum, formatTable, machineFacts, parseArgs, progress, writeResults, type Column } from './common.js';
+import { benchDir, fmtNum, formatTable, machineFacts, parseCommandLine, progress, writeResults, type Column } from './common.js';
 import { threadPoolSize } from '../lib/threadPool.cjs';
 
 const USAGE =
   'usage: npx tsx bench/load.ts [--seconds 60] [--concurrency 16] [--max-tokens 64] [--target PATH --draft PATH] [--static] [--max-concurrent N] [--temperature T] [--url URL]';
 
 const root = join(benchDir, '..');
-let args: ReturnType<typeof parseArgs>;
-try {
-  args = parseArgs(process.argv.slice(2), {
-    booleans: ['static', 'help'],
-    values: ['seconds', 'concurrency', 'max-tokens', 'target', 'draft', 'max-concurrent', 'temperature', 'url'],
-  });
-} catch (e) {
-  console.error(`${(e as Error).message}\n${USAGE}`);
-  process.exit(2);
-}
-if (args.flags.has('help')) {
-  console.log(USAGE);
-  process.exit(0);
-}
+const args = parseCommandLine(
+  { booleans: ['static'], values: ['seconds', 'concurrency', 'max-tokens', 'target', 'draft', 'max-concurrent', 'temperature', 'url'] },
+  USAGE,
+);
 const num = (name: string, fallback: number, min: number, max: number): number => {
   const v = args.values.get(name);
   if (v === undefined) return fallback;

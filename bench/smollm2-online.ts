@@ -17,23 +17,12 @@ import { join, resolve } from 'node:path';
 import { createOnlineDecoder, loadModel, setThreads, type OnlineDecoder, type UpdateEvent } from '../lib/index.js';
 import { demoDistill } from '../lib/demo.js';
 import { findDraft } from './smollm2.js';
-import { fmtNum, formatTable, machineFacts, median, parseArgs, progress, writeResults } from './common.js';
+import { fmtNum, formatTable, machineFacts, median, parseCommandLine, progress, writeResults } from './common.js';
 
 const root = resolve(import.meta.dirname, '..');
 const USAGE = 'usage: npx tsx bench/smollm2-online.ts [--draft PATH] [--target PATH] [--prompts 32] [--again 16] [--tokens 32] [--threads 2] [--json-only] [--quick]';
 
-let args: ReturnType<typeof parseArgs>;
-try {
-  args = parseArgs(process.argv.slice(2), { booleans: ['quick', 'json-only', 'help'], values: ['draft', 'target', 'prompts', 'again', 'tokens', 'threads'] });
-} catch (e) {
-  process.stderr.write(`${(e as Error).message}\n${USAGE}\n`);
-  process.exit(2);
-}
-const { flags, values } = args;
-if (flags.has('help')) {
-  process.stdout.write(USAGE + '\n');
-  process.exit(0);
-}
+const { flags, values } = parseCommandLine({ booleans: ['quick', 'json-only'], values: ['draft', 'target', 'prompts', 'again', 'tokens', 'threads'] }, USAGE);
 const quick = flags.has('quick');
 const count = (name: string, fallback: number) => {
   const v = Number(values.get(name) ?? fallback);

@@ -30,7 +30,7 @@ import {
   type Strategy,
 } from '../lib/index.js';
 import { alphaFromTokensPerPass } from '../lib/train/smollm2Draft.js';
-import { benchDir, fmtNum, formatTable, machineFacts, parseArgs, probeBandwidth, progress, writeJson, writeResults } from './common.js';
+import { benchDir, fmtNum, formatTable, machineFacts, parseCommandLine, probeBandwidth, progress, writeJson, writeResults } from './common.js';
 
 const root = resolve(benchDir, '..');
 export const SMOLLM2_TARGET = resolve(root, '../shared/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf');
@@ -373,18 +373,10 @@ const USAGE =
   'usage: npx tsx bench/smollm2.ts [--quick] [--prompts N] [--tokens N] [--draft PATH] [--target PATH] [--threads 2] [--llama-threads N] [--no-llama] [--out FILE] [--json-only]';
 
 async function main(): Promise<number> {
-  let args: ReturnType<typeof parseArgs>;
-  try {
-    args = parseArgs(process.argv.slice(2), { booleans: ['quick', 'no-llama', 'json-only', 'help'], values: ['prompts', 'tokens', 'draft', 'target', 'threads', 'llama-threads', 'out'] });
-  } catch (e) {
-    process.stderr.write(`${(e as Error).message}\n${USAGE}\n`);
-    return 2;
-  }
-  const { flags, values } = args;
-  if (flags.has('help')) {
-    process.stdout.write(USAGE + '\n');
-    return 0;
-  }
+  const { flags, values } = parseCommandLine(
+    { booleans: ['quick', 'no-llama', 'json-only'], values: ['prompts', 'tokens', 'draft', 'target', 'threads', 'llama-threads', 'out'] },
+    USAGE,
+  );
   const quick = flags.has('quick');
   const int = (name: string, fallback: number) => {
     const v = Number(values.get(name) ?? fallback);

@@ -14,7 +14,7 @@
 import { readFileSync } from 'node:fs';
 import { createOnlineDecoder, loadModel, type SamplingOptions } from '../lib/index.js';
 import { DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET } from '../lib/demo.js';
-import { fmtNum, formatTable, machineFacts, parseArgs, progress, writeResults } from './common.js';
+import { fmtNum, formatTable, machineFacts, parseCommandLine, progress, writeResults } from './common.js';
 
 const USAGE = `usage: node --expose-gc --import tsx bench/soak.ts [options]
   --quick           300 requests, a sample every 50 (a smoke test)
@@ -25,17 +25,7 @@ const USAGE = `usage: node --expose-gc --import tsx bench/soak.ts [options]
   --interval N      requests between draft updates (default 4)
   --json-only       print only the result JSON on stdout`;
 
-let args: ReturnType<typeof parseArgs>;
-try {
-  args = parseArgs(process.argv.slice(2), { booleans: ['quick', 'json-only', 'help'], values: ['requests', 'tokens', 'every', 'concurrency', 'interval'] });
-} catch (e) {
-  process.stderr.write(`${(e as Error).message}\n${USAGE}\n`);
-  process.exit(2);
-}
-if (args.flags.has('help')) {
-  process.stdout.write(USAGE + '\n');
-  process.exit(0);
-}
+const args = parseCommandLine({ booleans: ['quick', 'json-only'], values: ['requests', 'tokens', 'every', 'concurrency', 'interval'] }, USAGE);
 const quick = args.flags.has('quick');
 function intArg(name: string, fallback: number): number {
   const v = args.values.get(name);

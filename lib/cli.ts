@@ -2,11 +2,35 @@
 // The `osd` command line.
 import { parseArgs } from 'node:util';
 import { rangeText } from './args.js';
+import type { Strategy } from './SpeculativeDecoder.js';
 import { CLI_OPTIONS, DEFAULT_MAX_CONCURRENT } from './cliOptions.cjs';
 import { effectiveThreadPool } from './threadPool.cjs';
 
 /** A bad command line (exit code 2), as opposed to a failure while running (1). */
 class UsageError extends Error {}
+
+const STRATEGY_FORMS = 'chain[:G], tree[:NODES], adaptive[:MAX], adaptive+lookup[:MAX] or ngram[:G]';
+
+/** --strategy's value as a Strategy: a kind, and after a colon its size (chain length, tree budget, adaptive's longest chain, lookup length). */
+function parseStrategy(spec: string): Strategy {
+  const m = /^(chain|tree|adaptive|adaptive\+lookup|ngram)(?::(\d+))?$/.exec(spec);
+  if (!m) throw new UsageError(`--strategy must be ${STRATEGY_FORMS}, got '${spec}'`);
+  const n = m[2] === undefined ? undefined : Number(m[2]);
+  if (n !== undefined && !(n >= 1 && n <= (m[1] === 'tree' ? 256 : 64)))
+    throw new UsageError(`--strategy ${m[1]}:N needs N in [1, ${m[1] === 'tree' ? 256 : 64}], got '${spec}'`);
+  switch (m[1]) {
+    case 'chain':
+      return { kind: 'chain', length: n ?? 4 };
+    case 'tree':
+      return { kind: 'tree', budget: n ?? 16 };
+    case 'adaptive':
+      return { kind: 'adaptive', maxLength: n ?? 8 };
+    case 'adaptive+lookup':
+      return { kind: 'adaptive', maxLength: n ?? 8, lookup: true };
+    default:
+      return { kind: 'ngram', length: n ?? 4 };
+  }
+}
 
 const HELP = `Usage: osd <command> [options]
 
@@ -16,6 +40,8 @@ Commands:
   generate [prompt]    generate text with a model
       --model PATH         GGUF or llama2.c file (default: the embedded default target)
       --draft PATH         speculative decoding with this draft
+      --strategy S         ${STRATEGY_FORMS}
+                           (default adaptive with --draft; ngram needs no draft)
       --chat               send the prompt as a user message through the model's chat template
       --system TEXT        with --chat: a system message before it
       --template FILE      with --chat: a Jinja chat template to use instead of the model's own
@@ -67,6 +93,7 @@ Commands:
       --no-batching        decode each generation's steps on their own (default: the
                            generations in flight share each pass)
       --model-id NAME      the model name clients send (default: the target's file name)
+      --strategy S         ${STRATEGY_FORMS} (default chain:4)
       --static             keep the draft fixed (default: it learns online from the traffic)
       --grace S            on SIGTERM / SIGINT, let requests in flight finish for up to S seconds
                            (default 30); a second signal stops at once
@@ -94,9 +121,9 @@ async function main(argv: string[]): Promise<number> {
   const own: Record<string, string[]> = {
     version: [],
     backends: [],
-    generate: ['model', 'draft', 'chat', 'system', 'template', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed', 'device'],
+    generate: ['model', 'draft', 'strategy', 'chat', 'system', 'template', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed', 'device'],
     demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'lr', 'top-k', 'save-draft', 'out', 'device'],
-    serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'no-batching', 'model-id', 'static', 'grace', 'device'],
+    serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'no-batching', 'model-id', 'strategy', 'static', 'grace', 'device'],
     convert: ['type', 'head-tokens', 'text'],
     info: [],
     'train-draft': ['target', 'text', 'out', 'minutes', 'steps', 'from', 'dim', 'layers', 'heads', 'kv-heads', 'ff', 'type', 'lr', 'top-k', 'seq-len', 'seed', 'checkpoint', 'head-tokens'],
@@ -142,6 +169,8 @@ async function main(argv: string[]): Promise<number> {
     }
     case 'generate': {
       const { DEFAULT_TARGET } = await import('./demo.js');
+      const strategy = values.strategy === undefined ? undefined : parseStrategy(values.strategy);
+      if (strategy && strategy.kind !== 'ngram' && !values.draft) throw new UsageError(`--strategy ${values.strategy} needs --draft PATH (only ngram runs without a draft)`);
       const model = await osd.loadModel(values.model ?? DEFAULT_TARGET, { device });
       try {
         const text = positionals.slice(1).join(' ');
@@ -175,9 +204,9 @@ async function main(argv: string[]): Promise<number> {
         const seed = int(values.seed, 'seed', 0, 0);
         const ac = new AbortController();
         process.once('SIGINT', () => ac.abort());
-        if (values.draft) {
-          const draft = await osd.loadModel(values.draft, { device });
-          const dec = osd.createSpeculativeDecoder({ target: model, draft, strategy: { kind: 'adaptive', maxLength: 8 } });
+        if (values.draft || strategy) {
+          const draft = values.draft ? await osd.loadModel(values.draft, { device }) : undefined;
+          const dec = osd.createSpeculativeDecoder({ target: model, draft, strategy: strategy ?? { kind: 'adaptive', maxLength: 8 } });
           if (values.json) {
             // The same fields as without --draft, plus the speculative stats.
             const r = await dec.generate({ ...input, maxTokens, sampling, seed, signal: ac.signal });
@@ -187,7 +216,7 @@ async function main(argv: string[]): Promise<number> {
             process.stdout.write('\n');
           }
           await dec.dispose();
-          await draft.dispose();
+          await draft?.dispose();
         } else if (values.json) {
           const r = await model.generate({ ...input, maxTokens, sampling, seed, signal: ac.signal });
           process.stdout.write(JSON.stringify({ text: r.text, tokens: Array.from(r.tokens), stopReason: r.stopReason }) + '\n');
@@ -471,6 +500,7 @@ async function main(argv: string[]): Promise<number> {
       const http = await import('node:http');
       const { createServer } = await import('./server.js');
       if ((values.target === undefined) !== (values.draft === undefined)) throw new UsageError('give both --target and --draft, or neither (the embedded default pair)');
+      const strategy = values.strategy === undefined ? undefined : parseStrategy(values.strategy);
       const targetPath = values.target ?? DEFAULT_TARGET;
       const draftPath = values.draft ?? DEFAULT_DRAFT;
       for (const path of [targetPath, draftPath])
@@ -493,6 +523,7 @@ async function main(argv: string[]): Promise<number> {
         maxConcurrent,
         batching: !values['no-batching'],
         modelId: values['model-id'],
+        ...(strategy && { strategy }),
       });
       // What the draft's online learning does, one line each on stderr (a failed update or autosave
       // would otherwise go unseen: serving goes on with the weights in place).

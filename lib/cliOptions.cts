@@ -45,5 +45,6 @@ export const CLI_OPTIONS = {
   ff: { type: 'string' },
   'seq-len': { type: 'string' },
   'head-tokens': { type: 'string' },
+  strategy: { type: 'string' },
   checkpoint: { type: 'string' },
 } as const;

@@ -131,6 +131,21 @@ describe('package', () => {
       expect(e.stderr).toContain(message);
     }
     expect(cli('generate', '--no-such-flag', 'hi').status).toBe(2);
+    // --strategy: a kind and its size, checked before any model loads; only ngram runs without a draft.
+    for (const [args, message] of [
+      [['generate', '--strategy', 'beam', 'hi'], "--strategy must be chain[:G], tree[:NODES], adaptive[:MAX], adaptive+lookup[:MAX] or ngram[:G], got 'beam'"],
+      [['generate', '--strategy', 'chain', 'hi'], '--strategy chain needs --draft PATH (only ngram runs without a draft)'],
+      [['serve', '--strategy', 'tree:0'], "--strategy tree:N needs N in [1, 256], got 'tree:0'"],
+    ] as const) {
+      const e = cli(...args);
+      expect(e.status, args.join(' ')).toBe(2);
+      expect(e.stderr).toContain(message);
+    }
+    // Greedy n-gram lookup decoding gives the target's own tokens.
+    const plain = JSON.parse(cli('generate', '--max-tokens', '24', '--json', 'Once upon a time').stdout) as { tokens: number[] };
+    const looked = JSON.parse(cli('generate', '--strategy', 'ngram:3', '--max-tokens', '24', '--json', 'Once upon a time').stdout) as { tokens: number[]; stats: { drafted: number } };
+    expect(looked.tokens).toEqual(plain.tokens);
+    expect(looked.stats.drafted).toBeGreaterThan(0);
     // A plot folder that cannot be made fails before the demo runs (it failed after the whole run).
     const notDir = join(root, 'package.json');
     const d = cli('demo', '--requests', '1', '--max-tokens', '2', '--out', join(notDir, 'sub'));

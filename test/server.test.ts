@@ -615,7 +615,7 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     }
   });
   it('osd serve runs standalone, prints its URL and on SIGTERM lets a running stream finish, then exits', async () => {
-    const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'serve', '--port', '0', '--json', '--static', '--no-batching', '--target', pair![0], '--draft', pair![1]], {
+    const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), 'serve', '--port', '0', '--json', '--static', '--no-batching', '--strategy', 'chain:2', '--target', pair![0], '--draft', pair![1]], {
       cwd: root,
       stdio: ['ignore', 'pipe', 'pipe'],
     });
@@ -632,6 +632,10 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
       const metrics = await (await fetch(info.url.replace(/\/v1$/, '/metrics'))).text();
       expect(metrics).toMatch(/^osd_batched_steps_total 0$/m);
       expect(metrics).toMatch(/^osd_speculation_steps_total\{[^}]*\} [1-9]/m);
+      // --strategy chain:2: two draft tokens per step (the last steps of a request may draft fewer).
+      const total = (name: string) => Number(new RegExp(`^osd_${name}\\{[^}]*\\} (\\d+)`, 'm').exec(metrics)?.[1]);
+      expect(total('draft_tokens_drafted_total')).toBeGreaterThan(total('speculation_steps_total'));
+      expect(total('draft_tokens_drafted_total')).toBeLessThanOrEqual(2 * total('speculation_steps_total'));
       // A client that half-closes after its request (nc -N, some proxies) gets the whole reply: Node's
       // default ended the socket at the client's FIN, before the completion was written (an empty reply).
       const u = new URL(info.url);

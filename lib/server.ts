@@ -457,6 +457,9 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   const drafted = new Counter({ name: `${p}draft_tokens_drafted_total`, help: 'Draft tokens proposed, per draft', labelNames: ['draft'], registers: [registry] });
   const accepted = new Counter({ name: `${p}draft_tokens_accepted_total`, help: 'Draft tokens the target accepted, per draft', labelNames: ['draft'], registers: [registry] });
   const steps = new Counter({ name: `${p}speculation_steps_total`, help: 'Verification steps (target passes that verify a draft), per draft', labelNames: ['draft'], registers: [registry] });
+  // Adaptive's n-gram lookups (strategy lookup: true) propose tokens without a draft.
+  const lookupProposed = new Counter({ name: `${p}lookup_tokens_proposed_total`, help: "Tokens adaptive's n-gram lookups proposed", registers: [registry] });
+  const lookupAccepted = new Counter({ name: `${p}lookup_tokens_accepted_total`, help: "Tokens adaptive's n-gram lookups proposed that the target accepted", registers: [registry] });
   const acceptedLength = new Histogram({
     name: `${p}accepted_length`,
     help: 'Draft tokens accepted per verification step, per draft',
@@ -580,6 +583,7 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
   // Make sure the per-draft series exist from the start (0 until traffic arrives).
   for (const c of [drafted, accepted, steps, updates, rollbacks, updateErrors]) c.inc({ draft: draftName }, 0);
   for (const kind of ['prompt', 'completion']) tokens.inc({ kind }, 0);
+  for (const c of [lookupProposed, lookupAccepted]) c.inc(0);
 
   const onStep = (e: StepEvent) => {
     counts.drafted += e.drafted;
@@ -589,6 +593,10 @@ export function createServer(options: ServerOptions): OsdRequestHandler {
     accepted.inc({ draft: draftName }, e.accepted);
     steps.inc({ draft: draftName });
     acceptedLength.observe({ draft: draftName }, e.accepted);
+    if (e.lookup) {
+      lookupProposed.inc(e.lookup.proposed);
+      lookupAccepted.inc(e.lookup.accepted);
+    }
   };
   const onUpdate = (e: UpdateEvent) => {
     updates.inc({ draft: draftName });

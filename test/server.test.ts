@@ -257,6 +257,25 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     }
   });
 
+  it("counts adaptive's n-gram lookups in /metrics, and answers as the target alone would (greedy)", async () => {
+    const h = createServer({ target, draft, online: false, strategy: { kind: 'adaptive', lookup: true } });
+    const { server: s, base: b } = await listen(h);
+    try {
+      // A prompt that repeats itself: the first steps find a lookup (untimed lookups are taken).
+      const prompt = `${PROMPTS[0]!} ${PROMPTS[0]!} ${PROMPTS[0]!}`;
+      const want = await target.generate({ prompt, maxTokens: MAX });
+      const r = await client(`${b}/v1`).completions.create({ model: h.modelId, prompt, max_tokens: MAX, temperature: 0 });
+      expect(r.choices[0]!.text).toBe(want.text);
+      const text = await (await fetch(`${b}/metrics`)).text();
+      const proposed = sample(text, 'osd_lookup_tokens_proposed_total');
+      expect(proposed).toBeGreaterThan(0);
+      expect(sample(text, 'osd_lookup_tokens_accepted_total')).toBeLessThanOrEqual(proposed);
+    } finally {
+      await stop(s);
+      await h.dispose();
+    }
+  });
+
   it('serves concurrent requests correctly (they queue for decoding slots)', async () => {
     const rs = await Promise.all(
       [...PROMPTS, ...PROMPTS.slice(0, 2)].map((p) => openai.completions.create({ model: handler.modelId, prompt: p, max_tokens: MAX, temperature: 0 }).then((r) => [p, r] as const)),
@@ -513,6 +532,9 @@ describe.skipIf(!pair)('OpenAI-compatible server', () => {
     expect(rate).toBeLessThanOrEqual(1);
     expect(sample(text, `osd_mean_accepted_length${d}`)).toBeGreaterThanOrEqual(0);
     expect(sample(text, `osd_draft_tokens_drafted_total${d}`)).toBeGreaterThan(0);
+    // This server's strategy has no lookups: its lookup counters are there, at 0.
+    expect(sample(text, 'osd_lookup_tokens_proposed_total')).toBe(0);
+    expect(sample(text, 'osd_lookup_tokens_accepted_total')).toBe(0);
     expect(sample(text, `osd_draft_updates_total${d}`)).toBeGreaterThanOrEqual(0);
     expect(sample(text, `osd_draft_rollbacks_total${d}`)).toBeGreaterThanOrEqual(0);
     // A failed update (or autosave) is counted: it was seen by no one unless a listener was added.

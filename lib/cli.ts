@@ -54,6 +54,10 @@ Commands:
       --requests N         requests per phase (default 24; also --requests-per-phase)
       --max-tokens N       tokens per request (default 32)
       --runs LIST          static,online,pool (default all three)
+      --strategy S         ${STRATEGY_FORMS} (default chain:4)
+      --positions P        what the online updates learn from: mismatch (default: where the draft
+                           was corrected, and half the accepted) or all (every served token: the
+                           draft then learns even while a strategy decodes without it)
       --lr X --top-k K     learning rate and teacher entries per position of the online updates
                            (default 3e-3 and top-k 32; 1e-3 and 64 for vocabularies of 32768 tokens and more)
       --save-draft PATH    write the online run's adapted draft (GGUF)
@@ -122,7 +126,7 @@ async function main(argv: string[]): Promise<number> {
     version: [],
     backends: [],
     generate: ['model', 'draft', 'strategy', 'chat', 'system', 'template', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed', 'device'],
-    demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'lr', 'top-k', 'save-draft', 'out', 'device'],
+    demo: ['target', 'draft', 'requests', 'requests-per-phase', 'max-tokens', 'runs', 'strategy', 'positions', 'lr', 'top-k', 'save-draft', 'out', 'device'],
     serve: ['target', 'draft', 'port', 'host', 'max-concurrent', 'no-batching', 'model-id', 'strategy', 'static', 'grace', 'device'],
     convert: ['type', 'head-tokens', 'text'],
     info: [],
@@ -428,7 +432,12 @@ async function main(argv: string[]): Promise<number> {
       for (const path of [values.target, values.draft]) if (path !== undefined && !existsSync(path)) throw new Error(`model not found: ${path}`);
       if (values.requests !== undefined && values['requests-per-phase'] !== undefined) throw new UsageError('give --requests or --requests-per-phase, not both');
       const requests = int(values.requests ?? values['requests-per-phase'], values.requests !== undefined ? 'requests' : 'requests-per-phase', 24, 1);
-      const distill: { lr?: number; topK?: number } = {};
+      const strategy = values.strategy === undefined ? undefined : parseStrategy(values.strategy);
+      const distill: { lr?: number; topK?: number; positions?: 'all' | 'mismatch' } = {};
+      if (values.positions !== undefined) {
+        if (values.positions !== 'all' && values.positions !== 'mismatch') throw new UsageError(`--positions must be all or mismatch, got '${values.positions}'`);
+        distill.positions = values.positions;
+      }
       if (values.lr !== undefined) distill.lr = num(values.lr, 'lr', 0);
       if (values['top-k'] !== undefined) distill.topK = int(values['top-k'], 'top-k', 0, 1);
       if (distill.lr !== undefined && !(distill.lr > 0)) throw new UsageError('--lr must be a number > 0');
@@ -459,6 +468,7 @@ async function main(argv: string[]): Promise<number> {
         maxTokens: int(values['max-tokens'], 'max-tokens', 32, 1),
         runs,
         distill,
+        ...(strategy && { strategy }),
         saveDraft: values['save-draft'],
         device,
         signal: ac.signal,
@@ -478,6 +488,7 @@ async function main(argv: string[]): Promise<number> {
               requestsPerPhase: result.requestsPerPhase,
               maxTokens: result.maxTokens,
               distill: result.distill,
+              strategy: result.strategy,
               targetTokensPerSecond: result.targetTokensPerSecond,
               runs: result.runs.map((r) => ({ run: r.run, phases: r.phases, updates: r.updates, rollbacks: r.rollbacks, forgetting: r.forgetting })),
               ...(result.savedDraft ? { savedDraft: result.savedDraft } : {}),

@@ -46,5 +46,6 @@ export const CLI_OPTIONS = {
   'seq-len': { type: 'string' },
   'head-tokens': { type: 'string' },
   strategy: { type: 'string' },
+  positions: { type: 'string' },
   checkpoint: { type: 'string' },
 } as const;

@@ -75,6 +75,8 @@ export interface DemoResult {
   targetTokensPerSecond: Record<string, number>;
   /** The learning settings in force. */
   distill?: OnlineDistillOptions;
+  /** The speculation strategy every run served with. */
+  strategy?: Strategy;
   runs: RunSummary[];
   /** Where the online run's adapted draft was written (DemoOptions.saveDraft). */
   savedDraft?: string;
@@ -157,7 +159,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     const targetTps: Record<string, number> = {};
     for (const phase of PHASES) if (baseline.ms[phase.name]) targetTps[phase.name] = (baseline.tokens[phase.name]! * 1000) / baseline.ms[phase.name]!;
     const load = { start: loadStart, end: loadavg()[0]!, cores: availableParallelism() };
-    return { target: targetPath, draft: draftPath, requestsPerPhase: R, maxTokens, targetTokensPerSecond: targetTps, distill, runs: summaries, ...(options.saveDraft && runs.includes('online') ? { savedDraft: options.saveDraft } : {}), load };
+    return { target: targetPath, draft: draftPath, requestsPerPhase: R, maxTokens, targetTokensPerSecond: targetTps, distill, strategy, runs: summaries, ...(options.saveDraft && runs.includes('online') ? { savedDraft: options.saveDraft } : {}), load };
   } finally {
     await target.dispose();
   }
@@ -263,6 +265,7 @@ export function formatDemo(result: DemoResult): string {
     `target ${result.target}`,
     `draft  ${result.draft}`,
     `${result.requestsPerPhase} requests per phase, ${result.maxTokens} tokens each; speedup = tokens/s over the target alone on the same prompt, same turn`,
+    ...(result.strategy ? [`strategy ${JSON.stringify(result.strategy)}; acceptance counts the draft's tokens only`] : []),
     '',
     'run      phase     accept start  accept end  gain    speedup start  speedup end',
     '-------  --------  ------------  ----------  ------  -------------  -----------',

@@ -35,6 +35,16 @@ describe.skipIf(!have)('osd demo', () => {
     expect(svg).toContain('online distillation');
   });
 
+  it('osd demo takes a strategy and what the updates learn from', () => {
+    const out = tempDir('osd-demo-');
+    const args = ['demo', '--json', '--requests', '2', '--max-tokens', '8', '--runs', 'online', '--out', out];
+    const json = JSON.parse(cli([...args, '--strategy', 'adaptive+lookup:6', '--positions', 'all']));
+    expect(json.strategy).toEqual({ kind: 'adaptive', maxLength: 6, lookup: true });
+    expect(json.distill.positions).toBe('all');
+    expect(json.runs.map((r: { run: string }) => r.run)).toEqual(['online']);
+    expect(() => cli([...args, '--positions', 'some'])).toThrow(/--positions must be all or mismatch, got 'some'/);
+  });
+
   it('osd generate writes text from the default target, greedy and reproducible', () => {
     const a = cli(['generate', '--max-tokens', '12', 'The President said']);
     const b = cli(['generate', '--max-tokens', '12', 'The President said']);

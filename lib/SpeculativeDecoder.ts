@@ -1077,6 +1077,38 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   }
 
   /**
+   * onVerified for token i of `tokens`, which the target emitted after `committed` and tokens 0 .. i - 1
+   * without the draft (a plain or lookup token): row i of `rows` is the target's before it.
+   */
+  #reportUndrafted(req: Request, committed: number[], tokens: Int32Array, rows: Float32Array, i: number): void {
+    const V = this.vocabSize;
+    this.#onVerified?.({ request: req.id, context: [...committed, ...tokens.subarray(0, i)], drafted: 0, accepted: 0, emitted: tokens.slice(i, i + 1), targetLogits: rows.slice(i * V, (i + 1) * V), vocabSize: V });
+  }
+
+  /**
+   * A lookup's tokens after the last committed one, verified in one target pass (a one-hot proposal,
+   * which the deterministic tree mode verifies exactly); the target's cache is left holding the
+   * accepted ones. Shared by 'ngram' and adaptive's lookups.
+   */
+  async #verifyLookupStep(req: Request, step: number, T: Sequence, committed: number[], proposal: number[]): Promise<{ tokens: Int32Array; rows: Float32Array; accepted: number }> {
+    const V = this.vocabSize;
+    const tBase = T.length;
+    const last = committed[committed.length - 1]!;
+    const tl = await this.#timed(req.counters, 'target', () => T.evaluate(Int32Array.from([last, ...proposal])));
+    const rows = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
+    let r = verifyLookup(proposal, rows, V, req, step);
+    if (this.#fault === 'lookup-first-unchecked') {
+      // The tests' planted bug: the first lookup token taken without verification.
+      const rest = verifyLookup(proposal.slice(1), rows.subarray(V), V, req, step);
+      r = { path: Int32Array.from([0, ...Array.from(rest.path, (i) => i + 1)]), tokens: Int32Array.from([proposal[0]!, ...rest.tokens]) };
+    }
+    const a = r.path.length;
+    req.ngramMisses = a > 0 ? 0 : req.ngramMisses + 1;
+    T.truncate(tBase + 1 + a);
+    return { tokens: r.tokens, rows, accepted: a };
+  }
+
+  /**
    * Adaptive's plain tokens: the target alone samples n tokens in one native call (Sequence.draft),
    * one pass each, as a step without draft tokens would, without a round trip to JavaScript between them.
    */
@@ -1089,7 +1121,7 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
     c.targetPasses += n - 1;
     const tokens = Array.from(d.tokens);
     for (let i = 0; i < n; i++) {
-      this.#onVerified?.({ request: req.id, context: [...committed, ...tokens.slice(0, i)], drafted: 0, accepted: 0, emitted: d.tokens.slice(i, i + 1), targetLogits: d.logits.slice(i * V, (i + 1) * V), vocabSize: V });
+      this.#reportUndrafted(req, committed, d.tokens, d.logits, i);
       c.record(0, 0, 1);
       this.emit('step', { request: req.id, drafted: 0, accepted: 0, emitted: 1 } satisfies StepEvent);
     }
@@ -1424,35 +1456,19 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
    */
   async #lookupStep(req: Request, step: number, T: Sequence, committed: number[], proposal: number[]): Promise<number[]> {
     const c = req.counters;
-    const V = this.vocabSize;
-    const tBase = T.length;
-    const last = committed[committed.length - 1]!;
-    const tl = await this.#timed(c, 'target', () => T.evaluate(Int32Array.from([last, ...proposal])));
-    const rows = this.target.info.vocabSize === V ? tl : sliceRows(tl, this.target.info.vocabSize, V);
-    let r = verifyLookup(proposal, rows, V, req, step);
-    if (this.#fault === 'lookup-first-unchecked') {
-      // The tests' planted bug: the first lookup token taken without verification.
-      const rest = verifyLookup(proposal.slice(1), rows.subarray(V), V, req, step);
-      r = { path: Int32Array.from([0, ...Array.from(rest.path, (i) => i + 1)]), tokens: Int32Array.from([proposal[0]!, ...rest.tokens]) };
-    }
-    const a = r.path.length;
-    req.ngramMisses = a > 0 ? 0 : req.ngramMisses + 1;
-    T.truncate(tBase + 1 + a);
+    const { tokens: emitted, rows, accepted: a } = await this.#verifyLookupStep(req, step, T, committed, proposal);
     this.#lookups[req.sampling.temperature === 0 ? 'greedy' : 'sampled'].add(proposal.length, a);
     if (this.#lookupProbing) this.#lookupProbeEvery = a > 0 ? 16 : Math.min(2 * this.#lookupProbeEvery, 256);
     this.#lookupProbing = false;
     this.#lookupDeclined = 0;
     this.#plainTokens += a + 1; // tokens without the draft: they count towards adaptive's next probe
-    const tokens = Array.from(r.tokens);
-    if (this.#onVerified)
-      for (let i = 0; i <= a; i++)
-        this.#onVerified({ request: req.id, context: [...committed, ...tokens.slice(0, i)], drafted: 0, accepted: 0, emitted: r.tokens.slice(i, i + 1), targetLogits: rows.slice(i * V, (i + 1) * V), vocabSize: V });
+    for (let i = 0; i <= a; i++) this.#reportUndrafted(req, committed, emitted, rows, i);
     c.record(0, 0, a + 1);
     c.lookupProposed += proposal.length;
     c.lookupAccepted += a;
     req.lastStep = { drafted: proposal.length, catchUpMs: 0, tokens: 1, lookup: true };
     this.emit('step', { request: req.id, drafted: 0, accepted: 0, emitted: a + 1, lookup: { proposed: proposal.length, accepted: a } } satisfies StepEvent);
-    return tokens;
+    return Array.from(emitted);
   }
 
   /** Prompt lookup: propose the tokens that followed the latest earlier match of the context's tail. */
@@ -1468,18 +1484,11 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       return this.#plainSteps(req, step, T, committed, n);
     }
     const c = req.counters;
-    const last = committed[committed.length - 1]!;
-    const tBase = T.length;
-    const V = this.vocabSize;
-    const tl = await this.#timed(c, 'target', () => T.evaluate(Int32Array.from([last, ...proposal])));
-    const r = verifyLookup(proposal, tl, V, req, step);
-    const a = r.path.length;
-    req.ngramMisses = a > 0 ? 0 : req.ngramMisses + 1;
-    T.truncate(tBase + 1 + a);
+    const { tokens, accepted: a } = await this.#verifyLookupStep(req, step, T, committed, proposal);
     c.record(proposal.length, a, a + 1);
     c.recordChain(proposal.length, a);
     this.emit('step', { request: req.id, drafted: proposal.length, accepted: a, emitted: a + 1 } satisfies StepEvent);
-    return Array.from(r.tokens);
+    return Array.from(tokens);
   }
 
   /** Rejects running requests, waits for them, and frees nothing else (the models belong to the caller). */

@@ -666,5 +666,12 @@ describe('a padded embedding matrix (more rows than tokens)', () => {
     expect(streamed).toEqual(Array.from(greedy.tokens));
     await using dec = createSpeculativeDecoder({ target: m, strategy: { kind: 'ngram' } });
     expect(Array.from((await dec.generate({ tokens: [1, 2], maxTokens: 6 })).tokens)).toEqual(Array.from(greedy.tokens));
+    // A prompt whose tail occurred before: the first step verifies lookup tokens, on the target's
+    // rows cut to the tokens (they were read at the padded width, every row after the first shifted).
+    const repeated = [1, 2, 5, 2];
+    const want = await m.generate({ tokens: repeated, maxTokens: 6 });
+    const drafted = dec.metrics().drafted;
+    expect(Array.from((await dec.generate({ tokens: repeated, maxTokens: 6 })).tokens)).toEqual(Array.from(want.tokens));
+    expect(dec.metrics().drafted).toBeGreaterThan(drafted + 1);
   });
 });

@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Model } from '../lib/index.js';
 import { topKRows, topRightSingularVectors, writeDraftInit } from '../lib/train/draft.js';
-import { DRAFT_SHAPE } from '../lib/train/smollm2Draft.js';
+import { DRAFT_SHAPE, parseDomains, reportMarkdown } from '../lib/train/smollm2Draft.js';
 import { XorShift } from '../lib/train/trainDefault.js';
 import { agreeGreedy, importNodeLlamaCpp, SMOLLM2 } from './helpers/llamaCpp.js';
 
@@ -64,6 +64,32 @@ describe('SmolLM2 draft construction', () => {
       }
     }
     expect(err / tot).toBeLessThan(1e-6);
+  });
+
+  it('--domains takes known domains, each once', () => {
+    expect(parseDomains('speeches,novel,definitions')).toEqual(['speeches', 'novel', 'definitions']);
+    expect(parseDomains(' code ')).toEqual(['code']);
+    expect(() => parseDomains('code,python')).toThrow(/--domains .*got 'python'/);
+    expect(() => parseDomains('code,')).toThrow(/an empty name/);
+    expect(() => parseDomains('sql,sql')).toThrow(/sql twice/);
+  });
+
+  it('the report names the domains trained on and puts the --from draft beside the trained one', () => {
+    const row = (domain: string, g: number, s: number) => ({ domain, greedy: { acceptance: g, tokensPerStep: 1 + 4 * g }, sampled: { acceptance: s, tokensPerStep: 1 + 4 * s } });
+    const base = { target: 'smollm2/x.gguf', shape: { ...DRAFT_SHAPE }, training: { teacherTokens: 1000, steps: 10, replay: 3, rows: 8, seqLen: 128, topK: 64, lr: 1e-3, minutes: 1, teacherSeconds: 30, trainSeconds: 30 } };
+    const md = reportMarkdown({
+      ...base,
+      training: { ...base.training, domains: ['code'], from: 'models/smollm2-draft.gguf' },
+      acceptance: { from: [row('code', 0.017, 0.024), row('speeches', 0.173, 0.157)], trained: [row('code', 0.261, 0.221), row('speeches', 0.101, 0.097)] },
+    } as Parameters<typeof reportMarkdown>[0]);
+    expect(md).toContain('1000 teacher tokens of code in');
+    expect(md).toContain('| domain | --from greedy | --from T=0.8 | trained greedy | trained T=0.8 |');
+    expect(md).toContain('| code | 0.017 | 0.024 | 0.261 | 0.221 | 2.04 (');
+    expect(md).toContain('| English (speeches) | 0.173 | 0.157 | 0.101 | 0.097 |');
+    // An older report (no domains, init and trained) reads as before.
+    const old = reportMarkdown({ ...base, acceptance: { init: [row('code', 0.01, 0.02)], trained: [row('code', 0.02, 0.03)] } } as Parameters<typeof reportMarkdown>[0]);
+    expect(old).toContain('teacher tokens of general English (speeches, novel, definitions)');
+    expect(old).toContain('| domain | init greedy | init T=0.8 | trained greedy | trained T=0.8 |');
   });
 
   it('topKRows gives the k largest probabilities, the residual mass and the argmax', () => {

@@ -4,7 +4,7 @@
 //       [--phase all|cost|init|train|eval|report] [--minutes 60] [--dim 128] [--layers 2] [--ff 384]
 //       [--heads 4] [--kv-heads 2] [--rows 8] [--seq-len 128] [--top-k 64] [--replay 3]
 //       [--lr 1.5e-3] [--prompts 6] [--max-tokens 48] [--threads 2] [--type F16] [--from <gguf>] [--resume]
-//       [--head-tokens N] [--quick]
+//       [--head-tokens N] [--domains speeches,novel,definitions] [--quick]
 //
 // - cost: times single-token decode of candidate draft shapes (random weights, F16) against the
 //   target in the same run and prints the ratio c = draft ms / target ms.
@@ -14,6 +14,9 @@
 //   English only (speeches, novel, definitions) tokenized with SmolLM2's tokenizer; code, SQL and
 //   email stay unknown to the draft. Each teacher batch is trained on once fresh and replayed
 //   `replay - 1` times from an in-memory buffer (the teacher costs ~7x a draft step).
+//   --domains trains on other domains' text instead (any of speeches, novel, definitions, code, sql,
+//   email; the held-out curve is the first's): `--from` a draft `--domains code` specialises it,
+//   and the eval then also measures the --from draft, before and after side by side.
 //   Checkpoints (atomic) go to <work>/checkpoints; --resume continues from the last one, and
 //   --from <gguf> starts from that draft instead of the init (a new optimizer and schedule; with
 //   more --layers than it has, it grows blocks that start as no-ops).
@@ -241,6 +244,8 @@ interface DraftReport {
     previous?: PreviousTraining;
     /** Ids the draft's head scores (--head-tokens; absent or 49,152: the whole vocabulary). */
     headTokens?: number;
+    /** The domains trained on (--domains; absent in older reports: the general English ones). */
+    domains?: string[];
   };
   acceptance?: Record<string, AcceptanceRow[]>;
   file?: { path: string; bytes: number; type?: StoreType };
@@ -306,7 +311,9 @@ export function reportMarkdown(r: DraftReport): string {
         '',
       );
     }
-    md.push(`${t.teacherTokens} teacher tokens of general English (speeches, novel, definitions) in ${f(t.minutes, 1)} minutes: ${t.steps} AdamW steps of ${t.rows} x ${t.seqLen} tokens (each teacher batch trained on ${t.replay} times), forward KL to the target's top-${t.topK} probabilities plus the residual mass, peak lr ${t.lr}, cosine decay. Time in the teacher (target forward) ${f(t.teacherSeconds, 0)} s, in draft steps ${f(t.trainSeconds, 0)} s.`, '');
+    const trained = t.domains ?? GENERAL_DOMAINS;
+    const general = trained.length === GENERAL_DOMAINS.length && GENERAL_DOMAINS.every((d) => trained.includes(d));
+    md.push(`${t.teacherTokens} teacher tokens of ${general ? 'general English (speeches, novel, definitions)' : trained.map((d) => LABEL[d] ?? d).join(', ')} in ${f(t.minutes, 1)} minutes: ${t.steps} AdamW steps of ${t.rows} x ${t.seqLen} tokens (each teacher batch trained on ${t.replay} times), forward KL to the target's top-${t.topK} probabilities plus the residual mass, peak lr ${t.lr}, cosine decay. Time in the teacher (target forward) ${f(t.teacherSeconds, 0)} s, in draft steps ${f(t.trainSeconds, 0)} s.`, '');
   }
   if (r.curve?.length) {
     md.push('| step | teacher tokens | minutes | train KL (EMA) | held-out KL | held-out top-1 agreement |', '| --- | --- | --- | --- | --- | --- |');
@@ -318,19 +325,37 @@ export function reportMarkdown(r: DraftReport): string {
     md.push(
       'Acceptance here is accepted / drafted over the chain of 4 (the decoder\'s acceptanceRate); alpha is the per-token acceptance that gives the measured tokens per target pass under independence, (1 - alpha^5) / (1 - alpha).',
       '',
-      '| domain | init greedy | init T=0.8 | trained greedy | trained T=0.8 | trained tokens/pass greedy (alpha) | trained tokens/pass T=0.8 (alpha) |',
-      '| --- | --- | --- | --- | --- | --- | --- |',
     );
-    const domains = [...new Set([...(r.acceptance.init ?? []), ...(r.acceptance.trained ?? [])].map((x) => x.domain))];
+    // Columns for each draft measured: the init, the --from draft (a continued run), the trained one.
+    const drafts = (['init', 'from', 'trained'] as const).filter((k) => r.acceptance![k]);
+    const name = { init: 'init', from: '--from', trained: 'trained' };
+    md.push(
+      `| domain | ${drafts.map((k) => `${name[k]} greedy | ${name[k]} T=0.8`).join(' | ')} | trained tokens/pass greedy (alpha) | trained tokens/pass T=0.8 (alpha) |`,
+      `| --- | ${drafts.map(() => '--- | ---').join(' | ')} | --- | --- |`,
+    );
+    const domains = [...new Set(drafts.flatMap((k) => r.acceptance![k]!.map((x) => x.domain)))];
     for (const d of domains) {
-      const i = r.acceptance.init?.find((x) => x.domain === d);
       const t = r.acceptance.trained?.find((x) => x.domain === d);
       const tps = (x?: { tokensPerStep: number }) => (x ? `${f(x.tokensPerStep, 2)} (${f(alphaFromTokensPerPass(x.tokensPerStep, 4), 2)})` : '-');
-      md.push(`| ${LABEL[d] ?? d} | ${f(i?.greedy.acceptance)} | ${f(i?.sampled.acceptance)} | ${f(t?.greedy.acceptance)} | ${f(t?.sampled.acceptance)} | ${tps(t?.greedy)} | ${tps(t?.sampled)} |`);
+      const cells = drafts.map((k) => {
+        const x = r.acceptance![k]!.find((y) => y.domain === d);
+        return `${f(x?.greedy.acceptance)} | ${f(x?.sampled.acceptance)}`;
+      });
+      md.push(`| ${LABEL[d] ?? d} | ${cells.join(' | ')} | ${tps(t?.greedy)} | ${tps(t?.sampled)} |`);
     }
     md.push('');
   }
   return md.join('\n');
+}
+
+/** The --domains list: comma-separated domain names, each known, none twice. */
+export function parseDomains(list: string): Domain[] {
+  const names = list.split(',').map((d) => d.trim());
+  for (const [i, d] of names.entries()) {
+    if (!(ALL_DOMAINS as readonly string[]).includes(d)) throw new RangeError(`--domains must list domains among ${ALL_DOMAINS.join(', ')}, got ${d ? `'${d}'` : 'an empty name'}`);
+    if (names.indexOf(d) !== i) throw new RangeError(`--domains names ${d} twice`);
+  }
+  return names as Domain[];
 }
 
 async function main(argv: string[]): Promise<number> {
@@ -360,6 +385,7 @@ async function main(argv: string[]): Promise<number> {
       seed: { type: 'string', default: '1' },
       from: { type: 'string' },
       'head-tokens': { type: 'string' },
+      domains: { type: 'string', default: GENERAL_DOMAINS.join(',') },
       resume: { type: 'boolean', default: false },
       quick: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h' },
@@ -375,6 +401,7 @@ async function main(argv: string[]): Promise<number> {
   if (!['F32', 'F16', 'BF16', 'Q8_0', 'Q5_0', 'Q5_1', 'Q4_0', 'Q4_1'].includes(draftType)) throw new RangeError(`--type must be F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1, got ${draftType}`);
   const targetPath = resolve(values.target ?? join(process.cwd(), '..', DEFAULT_TARGET));
   if (!existsSync(targetPath)) throw new Error(`the target ${targetPath} is missing (pass --target <SmolLM2 GGUF>)`);
+  const trainDomains = parseDomains(values.domains!);
   const outDir = resolve(values.out!);
   const work = resolve(values.work!);
   const ckptDir = join(work, 'checkpoints');
@@ -419,8 +446,8 @@ async function main(argv: string[]): Promise<number> {
   const ckpt = join(ckptDir, 'draft.ckpt.gguf');
   if (phase === 'all' || phase === 'train') {
     const data = tokenizeDomains(tok, work, Number(values['cap-mb']));
-    const shards = GENERAL_DOMAINS.map((d) => data.get(`${d}.train`)).filter((s): s is Uint16Array => !!s);
-    if (shards.length === 0) throw new Error('no general-English training text');
+    const shards = trainDomains.map((d) => data.get(`${d}.train`)).filter((s): s is Uint16Array => !!s);
+    if (shards.length === 0) throw new Error(`no training text for ${trainDomains.join(', ')}`);
     const seqLen = quick ? 32 : Number(values['seq-len']);
     const replay = Math.max(1, Number(values.replay));
     const lr = Number(values.lr);
@@ -447,7 +474,7 @@ async function main(argv: string[]): Promise<number> {
       ...(headTokens && !(values.resume && existsSync(ckpt)) && { headTokens }),
       ...(grow !== undefined && !(values.resume && existsSync(ckpt)) && { shape: { layers: grow } }),
       tokens: shards,
-      heldOut: data.get('speeches.heldout') ?? shards[0]!,
+      heldOut: data.get(`${trainDomains[0]}.heldout`) ?? shards[0]!,
       // A resumed run continues its checkpoint as it is.
       ...(!(values.resume && existsSync(ckpt)) && { from: values.from ?? initPath }),
       type: draftType,
@@ -474,7 +501,7 @@ async function main(argv: string[]): Promise<number> {
     for (const c of r.curve) curve.push({ step: c.step, tokens: prevTokens + c.teacherTokens, minutes: prevMinutes + c.minutes, trainLoss: c.trainLoss, heldOutLoss: c.loss, heldOutTop1: c.top1 });
     report.curve = curve;
     report.shape = r.shape;
-    report.training = { teacherTokens: prevTokens + r.teacherTokens, steps: r.steps, replay, rows: quick ? 2 : Number(values.rows), seqLen, topK: Number(values['top-k']), lr, minutes: prevMinutes + r.seconds / 60, teacherSeconds: r.teacherSeconds, trainSeconds: r.trainSeconds, domains: GENERAL_DOMAINS, headTokens: r.headTokens, ...(values.from ? { from: values.from } : {}) };
+    report.training = { teacherTokens: prevTokens + r.teacherTokens, steps: r.steps, replay, rows: quick ? 2 : Number(values.rows), seqLen, topK: Number(values['top-k']), lr, minutes: prevMinutes + r.seconds / 60, teacherSeconds: r.teacherSeconds, trainSeconds: r.trainSeconds, domains: trainDomains, headTokens: r.headTokens, ...(values.from ? { from: values.from } : {}) };
     log(`wrote ${draftPath} (${(r.bytes / 1e6).toFixed(1)} MB)`);
     writeJsonAtomic(reportPath, report);
   }
@@ -494,6 +521,7 @@ async function main(argv: string[]): Promise<number> {
     };
     const acceptance: Record<string, AcceptanceRow[]> = {};
     if (existsSync(initPath)) acceptance.init = await evalOne(initPath, 'initial draft (SVD embeddings, random layers)');
+    if (values.from) acceptance.from = await evalOne(resolve(values.from), `the --from draft (${values.from})`);
     if (existsSync(draftPath)) acceptance.trained = await evalOne(draftPath, 'trained draft');
     report.acceptance = acceptance;
     if (existsSync(draftPath)) report.file = { path: 'smollm2-draft.gguf', bytes: statSync(draftPath).size, type: draftType };

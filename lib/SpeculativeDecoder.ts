@@ -684,6 +684,8 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   /** Adaptive: plain tokens between probing steps while drafting does not pay, and whether one runs. */
   #probeEvery = 16;
   #probing = false;
+  /** Adaptive: the draft's weightsVersion when the probe interval was last reset. */
+  #probedWeights = 0;
   // Shaped trees: decayed counts of the j-th child tried and accepted (earlier siblings rejected),
   // apart for greedy requests (top tokens) and sampled ones (drawn tokens).
   #ranks = { greedy: { tried: [] as number[], accepted: [] as number[] }, sampled: { tried: [] as number[], accepted: [] as number[] } };
@@ -1022,7 +1024,13 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       // probing step at the best length, so that acceptance and costs stay measured (online updates
       // may improve the draft). Probes that accept nothing double the interval, up to 256 tokens.
       // With lookup, runs are shorter while lookups keep failing (1, 2, 4 ... 16 tokens), so that
-      // a lookup runs again soon.
+      // a lookup runs again soon. New draft weights (an online update) may draft better than those
+      // whose probes failed, so they reset the interval.
+      const version = this.draft?.weightsVersion ?? 0;
+      if (version !== this.#probedWeights) {
+        this.#probedWeights = version;
+        this.#probeEvery = 16;
+      }
       const left = this.#probeEvery - this.#plainTokens;
       const most = this.strategy.lookup ? 2 ** Math.min(req.ngramMisses, 4) : 16;
       if (left > 0 || budget === 0) return { g: 0, plain: Math.min(most, Math.max(left, 1), budget + 1) };

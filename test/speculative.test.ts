@@ -435,6 +435,48 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     }
   });
 
+  it('adaptive probes again soon after the draft gets new weights, however far its failed probes had backed off', async () => {
+    // A draft of the target's shape with random weights: its probes fail, and the interval between
+    // them doubles up to 256 tokens. New weights (as an online update sets) may draft better, so
+    // the next probe comes within 16 tokens; here they are the target's own, so probes now accept.
+    await writeRandomModel(join(dir, 'same-shape-probe.gguf'), {
+      vocabSize: 512, embeddingLength: 64, layers: 5, heads: 8, kvHeads: 4, feedForwardLength: 172, contextLength: 512, seed: 6,
+    });
+    await using draft = await loadModel(join(dir, 'same-shape-probe.gguf'));
+    const dec = createSpeculativeDecoder({ target, draft, strategy: { kind: 'adaptive', maxLength: 4 } });
+    const steps: { drafted: number; accepted: number; emitted: number }[] = [];
+    dec.on('step', (e) => steps.push(e));
+    // Tokens emitted before the first drafting step of a request's steps (all of them if none drafted).
+    const beforeFirstProbe = (xs: typeof steps) => {
+      let n = 0;
+      for (const e of xs) {
+        if (e.drafted > 0) return n;
+        n += e.emitted;
+      }
+      return n;
+    };
+    const first = await dec.generate({ tokens: prompts[2]!, maxTokens: 400, stopTokens: [] });
+    expect(first.stats.accepted).toBe(0);
+    // Backed off: the last 200 tokens held at most two probes.
+    let tail = 0;
+    let probes = 0;
+    for (let i = steps.length - 1; i >= 0 && tail < 200; i--) (tail += steps[i]!.emitted), (probes += steps[i]!.drafted > 0 ? 1 : 0);
+    expect(probes).toBeLessThanOrEqual(2);
+    // The same weights again: no probe in the next 60 tokens.
+    steps.length = 0;
+    await dec.generate({ tokens: prompts[3]!, maxTokens: 60, stopTokens: [] });
+    expect(beforeFirstProbe(steps)).toBe(60);
+    // New weights: a probe within 16 tokens, and it accepts.
+    draft.setWeights(closeDraft);
+    steps.length = 0;
+    const want = await target.generate({ tokens: prompts[4]!, maxTokens: 60, stopTokens: [] });
+    const r = await dec.generate({ tokens: prompts[4]!, maxTokens: 60, stopTokens: [] });
+    expect(Array.from(r.tokens)).toEqual(Array.from(want.tokens));
+    expect(beforeFirstProbe(steps)).toBeLessThanOrEqual(16);
+    expect(r.stats.accepted).toBeGreaterThan(0);
+    await dec.dispose();
+  });
+
   it("a running request takes up new draft weights at its next step ('step'), or never ('request'); output stays the target's", async () => {
     // A draft of the target's shape with random weights; after five steps it gets the target's own
     // (F16) weights, under which greedy drafts are nearly always accepted.

@@ -49,8 +49,12 @@ export interface DemoOptions {
 
 export interface PhaseSummary {
   phase: string;
-  acceptanceStart: number;
-  acceptanceEnd: number;
+  /**
+   * Accepted over drafted tokens of the phase's first and last requests (up to 6 each), pooled; null
+   * where those requests drafted nothing (an adaptive strategy decoding with the target alone).
+   */
+  acceptanceStart: number | null;
+  acceptanceEnd: number | null;
   speedupStart: number;
   speedupEnd: number;
 }
@@ -58,12 +62,18 @@ export interface PhaseSummary {
 export interface RunSummary {
   run: RunKind;
   phases: PhaseSummary[];
-  /** Per request, in order: phase, acceptance rate, speedup over target-only. */
-  series: { phase: string; acceptance: number; speedup: number }[];
+  /**
+   * Per request, in order: phase, draft tokens drafted and accepted, their rate (null when the
+   * request drafted none), speedup over target-only.
+   */
+  series: { phase: string; drafted: number; accepted: number; acceptance: number | null; speedup: number }[];
   updates: number;
   rollbacks: number;
-  /** English acceptance at the end of its phase minus English acceptance after the whole run. */
-  forgetting: number;
+  /**
+   * English acceptance at the end of its phase minus English acceptance after the whole run (both
+   * pooled as in PhaseSummary); null where either drafted nothing.
+   */
+  forgetting: number | null;
 }
 
 export interface DemoResult {
@@ -105,6 +115,12 @@ export function demoDistill(vocabSize: number): OnlineDistillOptions {
 
 function mean(xs: number[]): number {
   return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : 0;
+}
+
+/** Accepted over drafted draft tokens of some requests, or null when they drafted none. */
+function pooledAcceptance(xs: readonly { drafted: number; accepted: number }[]): number | null {
+  const drafted = xs.reduce((a, x) => a + x.drafted, 0);
+  return drafted > 0 ? xs.reduce((a, x) => a + x.accepted, 0) / drafted : null;
 }
 
 function loadPrompts(path: string): Record<string, string[]> {
@@ -225,32 +241,35 @@ async function runOne(
         baseline.ms[phase.name] = (baseline.ms[phase.name] ?? 0) + b[1];
         const tps = (r.tokens.length * 1000) / ms;
         const speedup = tps / ((b[0].tokens.length * 1000) / b[1]);
-        series.push({ phase: phase.name, acceptance: r.stats.acceptanceRate, speedup });
+        const { drafted, accepted } = r.stats;
+        series.push({ phase: phase.name, drafted, accepted, acceptance: drafted > 0 ? accepted / drafted : null, speedup });
         progress(
-          `[${kind}] ${phase.name} ${String(i + 1).padStart(3)}/${list.length}  acceptance ${r.stats.acceptanceRate.toFixed(2)}  ${tps.toFixed(0)} tokens/s  ${speedup.toFixed(2)}x  updates ${updates}`,
+          `[${kind}] ${phase.name} ${String(i + 1).padStart(3)}/${list.length}  acceptance ${drafted > 0 ? (accepted / drafted).toFixed(2) : '-'}  ${tps.toFixed(0)} tokens/s  ${speedup.toFixed(2)}x  updates ${updates}`,
         );
       }
       const mine = series.filter((s) => s.phase === phase.name);
       const w = Math.max(1, Math.min(6, Math.floor(mine.length / 3)));
       phases.push({
         phase: phase.name,
-        acceptanceStart: mean(mine.slice(0, w).map((s) => s.acceptance)),
-        acceptanceEnd: mean(mine.slice(-w).map((s) => s.acceptance)),
+        acceptanceStart: pooledAcceptance(mine.slice(0, w)),
+        acceptanceEnd: pooledAcceptance(mine.slice(-w)),
         speedupStart: mean(mine.slice(0, w).map((s) => s.speedup)),
         speedupEnd: mean(mine.slice(-w).map((s) => s.speedup)),
       });
     }
     // Forgetting: serve the end of the English phase again with the final draft(s).
     const english = phasePrompts(prompts, PHASES[0]!.domains, R).slice(-Math.max(1, Math.min(6, Math.floor(R / 3))));
-    const again: number[] = [];
+    const again: { drafted: number; accepted: number }[] = [];
     for (const p of english) {
       const req = { prompt: p, maxTokens, sampling, stopTokens: [] as number[] };
       const r = pool ? await pool.generate({ ...req, label: 'english' }) : await (online ?? fixed)!.generate(req);
-      again.push(r.stats.acceptanceRate);
+      again.push(r.stats);
     }
     // After the updates still running, each matrix in the type it serves in.
     if (saveDraft && online) await online.saveDraft(saveDraft);
-    return { run: kind, phases, series, updates, rollbacks, forgetting: phases[0]!.acceptanceEnd - mean(again) };
+    const before = phases[0]!.acceptanceEnd;
+    const after = pooledAcceptance(again);
+    return { run: kind, phases, series, updates, rollbacks, forgetting: before === null || after === null ? null : before - after };
   } finally {
     await online?.dispose();
     await pool?.dispose();
@@ -270,12 +289,15 @@ export function formatDemo(result: DemoResult): string {
     'run      phase     accept start  accept end  gain    speedup start  speedup end',
     '-------  --------  ------------  ----------  ------  -------------  -----------',
   ];
+  // '-' where the requests drafted nothing (adaptive decoding with the target alone).
+  const f3 = (x: number | null) => (x === null ? '-' : x.toFixed(3));
+  const gain = (a: number | null, b: number | null) => (a === null || b === null ? '-' : (b - a >= 0 ? '+' : '') + (b - a).toFixed(3));
   for (const r of result.runs) {
     for (const p of r.phases)
       lines.push(
-        `${r.run.padEnd(7)}  ${p.phase.padEnd(8)}  ${p.acceptanceStart.toFixed(3).padStart(12)}  ${p.acceptanceEnd.toFixed(3).padStart(10)}  ${(p.acceptanceEnd - p.acceptanceStart >= 0 ? '+' : '') + (p.acceptanceEnd - p.acceptanceStart).toFixed(3)}  ${p.speedupStart.toFixed(2).padStart(12)}x  ${p.speedupEnd.toFixed(2).padStart(10)}x`,
+        `${r.run.padEnd(7)}  ${p.phase.padEnd(8)}  ${f3(p.acceptanceStart).padStart(12)}  ${f3(p.acceptanceEnd).padStart(10)}  ${gain(p.acceptanceStart, p.acceptanceEnd).padEnd(6)}  ${p.speedupStart.toFixed(2).padStart(12)}x  ${p.speedupEnd.toFixed(2).padStart(10)}x`,
       );
-    lines.push(`${r.run.padEnd(7)}  updates ${r.updates}, rollbacks ${r.rollbacks}, English forgetting ${r.forgetting.toFixed(3)}`);
+    lines.push(`${r.run.padEnd(7)}  updates ${r.updates}, rollbacks ${r.rollbacks}, English forgetting ${f3(r.forgetting)}`);
   }
   const tps = Object.entries(result.targetTokensPerSecond).map(([phase, v]) => `${phase} ${v.toFixed(0)}`);
   if (tps.length) lines.push('', `target-only decoding, tokens/s: ${tps.join(', ')} (below 1x, speculation was slower than the target alone)`);
@@ -293,7 +315,7 @@ export function demoSvg(result: DemoResult): string {
   const W = 900;
   const H = 560;
   const panels = [
-    { key: 'acceptance' as const, title: 'acceptance rate (moving mean of 4 requests)', top: 40, max: 1 },
+    { key: 'acceptance' as const, title: 'acceptance rate (pooled over 4 requests)', top: 40, max: 1 },
     { key: 'speedup' as const, title: 'speedup over target-only decoding', top: 310, max: Math.max(2, ...result.runs.flatMap((r) => r.series.map((s) => s.speedup))) },
   ];
   const colors: Record<string, string> = { static: '#888888', online: '#d9480f', pool: '#1971c2' };
@@ -317,10 +339,16 @@ export function demoSvg(result: DemoResult): string {
     });
     if (p.key === 'speedup') parts.push(`<line x1="60" x2="${W - 30}" y1="${y(1)}" y2="${y(1)}" stroke="#999" stroke-dasharray="4 3"/>`);
     for (const r of result.runs) {
-      const vals = r.series.map((s) => s[p.key]);
-      const smooth = vals.map((_, i) => mean(vals.slice(Math.max(0, i - 3), i + 1)));
-      const d = smooth.map((v, i) => `${i ? 'L' : 'M'}${x(i).toFixed(1)},${y(v).toFixed(1)}`).join('');
-      parts.push(`<path d="${d}" fill="none" stroke="${colors[r.run]}" stroke-width="2"/>`);
+      // Acceptance pooled over the last 4 requests; the line breaks where they drafted nothing.
+      const smooth = r.series.map((_, i) => {
+        const w = r.series.slice(Math.max(0, i - 3), i + 1);
+        return p.key === 'acceptance' ? pooledAcceptance(w) : mean(w.map((s) => s.speedup));
+      });
+      let d = '';
+      smooth.forEach((v, i) => {
+        if (v !== null) d += `${i && smooth[i - 1] !== null ? 'L' : 'M'}${x(i).toFixed(1)},${y(v).toFixed(1)}`;
+      });
+      if (d) parts.push(`<path d="${d}" fill="none" stroke="${colors[r.run]}" stroke-width="2"/>`);
     }
   }
   result.runs.forEach((r, i) => {

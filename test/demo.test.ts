@@ -42,6 +42,8 @@ describe.skipIf(!have)('osd demo', () => {
     expect(json.strategy).toEqual({ kind: 'adaptive', maxLength: 6, lookup: true });
     expect(json.distill.positions).toBe('all');
     expect(json.runs.map((r: { run: string }) => r.run)).toEqual(['online']);
+    // Adaptive may decode a phase with the target alone: its acceptance is then null, not 0.
+    for (const p of json.runs[0].phases) for (const a of [p.acceptanceStart, p.acceptanceEnd]) expect(a === null || (a >= 0 && a <= 1)).toBe(true);
     expect(() => cli([...args, '--positions', 'some'])).toThrow(/--positions must be all or mismatch, got 'some'/);
   });
 
@@ -66,7 +68,7 @@ describe.skipIf(!have)('osd demo', () => {
 
 describe('demo plot', () => {
   it('draws every run and phase', () => {
-    const series = Array.from({ length: 8 }, (_, i) => ({ phase: ['english', 'code', 'sql', 'email'][Math.floor(i / 2)]!, acceptance: i / 10, speedup: 1 + i / 10 }));
+    const series = Array.from({ length: 8 }, (_, i) => ({ phase: ['english', 'code', 'sql', 'email'][Math.floor(i / 2)]!, drafted: 10, accepted: i, acceptance: i / 10, speedup: 1 + i / 10 }));
     const svg = demoSvg({
       target: 't',
       draft: 'd',
@@ -77,6 +79,28 @@ describe('demo plot', () => {
     });
     for (const s of ['english', 'code', 'sql', 'email', 'no adaptation', 'per-domain drafts']) expect(svg).toContain(s);
     expect((svg.match(/<path /g) ?? []).length).toBe(6);
+  });
+
+  it('acceptance is pooled over drafted tokens, and requests that drafted nothing (adaptive decoding alone) leave gaps, not zeros', () => {
+    // Requests 2-5 drafted nothing: the 4-request window ending at request 5 has no acceptance.
+    const series = Array.from({ length: 8 }, (_, i) => {
+      const drafted = i >= 2 && i <= 5 ? 0 : 8;
+      return { phase: ['english', 'code', 'sql', 'email'][Math.floor(i / 2)]!, drafted, accepted: drafted / 2, acceptance: drafted ? 0.5 : null, speedup: 1 };
+    });
+    const base = { target: 't', draft: 'd', requestsPerPhase: 2, maxTokens: 4, targetTokensPerSecond: {} };
+    const svg = demoSvg({ ...base, runs: [{ run: 'online', phases: [], series, updates: 0, rollbacks: 0, forgetting: null }] });
+    // The acceptance line: requests 0-4 then 6-7 (two pieces); the speedup line: one piece.
+    const paths = svg.match(/<path d="[^"]*"/g) ?? [];
+    expect(paths.length).toBe(2);
+    expect((paths[0]!.match(/M/g) ?? []).length).toBe(2);
+    expect((paths[1]!.match(/M/g) ?? []).length).toBe(1);
+    const table = formatDemo({
+      ...base,
+      runs: [{ run: 'online', phases: [{ phase: 'code', acceptanceStart: null, acceptanceEnd: 0.25, speedupStart: 1, speedupEnd: 1.1 }], series, updates: 1, rollbacks: 0, forgetting: null }],
+      load: { start: 0, end: 0, cores: 2 },
+    });
+    expect(table).toMatch(/online\s+code\s+-\s+0\.250\s+-\s+1\.00x\s+1\.10x/);
+    expect(table).toContain('English forgetting -');
   });
 
   it('the table says what target-only decoding ran at, and warns when the machine was busy', () => {

@@ -55,6 +55,9 @@ export interface PhaseSummary {
    */
   acceptanceStart: number | null;
   acceptanceEnd: number | null;
+  /** The draft tokens those rates are over (few where adaptive only probed). */
+  draftedStart: number;
+  draftedEnd: number;
   speedupStart: number;
   speedupEnd: number;
 }
@@ -253,6 +256,8 @@ async function runOne(
         phase: phase.name,
         acceptanceStart: pooledAcceptance(mine.slice(0, w)),
         acceptanceEnd: pooledAcceptance(mine.slice(-w)),
+        draftedStart: mine.slice(0, w).reduce((a, x) => a + x.drafted, 0),
+        draftedEnd: mine.slice(-w).reduce((a, x) => a + x.drafted, 0),
         speedupStart: mean(mine.slice(0, w).map((s) => s.speedup)),
         speedupEnd: mean(mine.slice(-w).map((s) => s.speedup)),
       });
@@ -286,8 +291,8 @@ export function formatDemo(result: DemoResult): string {
     `${result.requestsPerPhase} requests per phase, ${result.maxTokens} tokens each; speedup = tokens/s over the target alone on the same prompt, same turn`,
     ...(result.strategy ? [`strategy ${JSON.stringify(result.strategy)}; acceptance counts the draft's tokens only`] : []),
     '',
-    'run      phase     accept start  accept end  gain    speedup start  speedup end',
-    '-------  --------  ------------  ----------  ------  -------------  -----------',
+    'run      phase     accept start (of drafted)  accept end (of drafted)  gain    speedup start  speedup end',
+    '-------  --------  -------------------------  -----------------------  ------  -------------  -----------',
   ];
   // '-' where the requests drafted nothing (adaptive decoding with the target alone).
   const f3 = (x: number | null) => (x === null ? '-' : x.toFixed(3));
@@ -295,7 +300,7 @@ export function formatDemo(result: DemoResult): string {
   for (const r of result.runs) {
     for (const p of r.phases)
       lines.push(
-        `${r.run.padEnd(7)}  ${p.phase.padEnd(8)}  ${f3(p.acceptanceStart).padStart(12)}  ${f3(p.acceptanceEnd).padStart(10)}  ${gain(p.acceptanceStart, p.acceptanceEnd).padEnd(6)}  ${p.speedupStart.toFixed(2).padStart(12)}x  ${p.speedupEnd.toFixed(2).padStart(10)}x`,
+        `${r.run.padEnd(7)}  ${p.phase.padEnd(8)}  ${`${f3(p.acceptanceStart)} (${p.draftedStart})`.padStart(25)}  ${`${f3(p.acceptanceEnd)} (${p.draftedEnd})`.padStart(23)}  ${gain(p.acceptanceStart, p.acceptanceEnd).padEnd(6)}  ${p.speedupStart.toFixed(2).padStart(12)}x  ${p.speedupEnd.toFixed(2).padStart(10)}x`,
       );
     lines.push(`${r.run.padEnd(7)}  updates ${r.updates}, rollbacks ${r.rollbacks}, English forgetting ${f3(r.forgetting)}`);
   }

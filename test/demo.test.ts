@@ -96,10 +96,10 @@ describe('demo plot', () => {
     expect((paths[1]!.match(/M/g) ?? []).length).toBe(1);
     const table = formatDemo({
       ...base,
-      runs: [{ run: 'online', phases: [{ phase: 'code', acceptanceStart: null, acceptanceEnd: 0.25, speedupStart: 1, speedupEnd: 1.1 }], series, updates: 1, rollbacks: 0, forgetting: null }],
+      runs: [{ run: 'online', phases: [{ phase: 'code', acceptanceStart: null, acceptanceEnd: 0.25, draftedStart: 0, draftedEnd: 16, speedupStart: 1, speedupEnd: 1.1 }], series, updates: 1, rollbacks: 0, forgetting: null }],
       load: { start: 0, end: 0, cores: 2 },
     });
-    expect(table).toMatch(/online\s+code\s+-\s+0\.250\s+-\s+1\.00x\s+1\.10x/);
+    expect(table).toMatch(/online\s+code\s+- \(0\)\s+0\.250 \(16\)\s+-\s+1\.00x\s+1\.10x/);
     expect(table).toContain('English forgetting -');
   });
 

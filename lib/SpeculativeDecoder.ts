@@ -677,6 +677,9 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
   #lookupDeclined = 0;
   #lookupProbeEvery = 16;
   #lookupProbing = false;
+  /** Lookup probes so far (they alternate one token and the whole proposal), and lookup steps timed or skipped. */
+  #lookupProbes = 0;
+  #lookupSteps = 0;
   /** Adaptive: the last length chosen, how many steps in a row chose it, plain tokens since the last drafting step. */
   #lastLength = -1;
   #sameSteps = 0;
@@ -944,9 +947,13 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
         const last = req.lastStep as Request['lastStep']; // set by #step (TypeScript keeps the reset's narrowing)
         if (last) {
           const ms = (performance.now() - cycleStart - last.catchUpMs) / last.tokens;
-          // Lookup steps have a line of their own (see #lookupPlan).
-          if (last.lookup) this.#lookupFit.add(last.drafted, ms);
-          else this.#stepFit.add(last.drafted, ms);
+          // Lookup steps have a line of their own (see #lookupPlan). Its first two samples are left
+          // out: the first lookup steps run cold (measured on the default pair: 4.3 and 5.3 ms, the
+          // same lengths 1.3 and 2.6 ms after), and while lookups are declined few samples come to
+          // outweigh such a one, so it priced them out for good.
+          if (last.lookup) {
+            if (++this.#lookupSteps > 2) this.#lookupFit.add(last.drafted, ms);
+          } else this.#stepFit.add(last.drafted, ms);
         }
         if (reason) {
           setStop(reason);
@@ -1071,13 +1078,15 @@ export class SpeculativeDecoder extends EventEmitter<SpeculativeDecoderEvents> {
       const line = this.#lookupFit.line(0.2) ?? { one: 1 / Math.max(rival, 1e-9), slope: 0.2 / Math.max(rival, 1e-9) };
       const plan = lookups.plan(line.slope / line.one, found.length, 0);
       if (plan.length > 0 && plan.speedup / line.one > rival) return found.slice(0, plan.length);
-      // Declined lookups are still tried now and then (one token), so that their acceptance stays
-      // measured where the traffic turns repetitive: every 16th, doubling up to every 256th while
-      // the probes fail.
+      // Declined lookups are still tried now and then, so that their acceptance stays measured
+      // where the traffic turns repetitive: every 16th, doubling up to every 256th while the probes
+      // fail. Probes alternate one token and the whole proposal, so that the cost of a longer pass
+      // and the acceptance past the first token are measured too: with one-token probes alone both
+      // stayed at their priors, and lookups that would pay were declined for good.
       if (++this.#lookupDeclined >= this.#lookupProbeEvery) {
         this.#lookupDeclined = 0;
         this.#lookupProbing = true;
-        return found.slice(0, 1);
+        return found.slice(0, this.#lookupProbes++ % 2 === 0 ? 1 : found.length);
       }
     }
     req.ngramMisses++;

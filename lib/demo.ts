@@ -120,10 +120,10 @@ function mean(xs: number[]): number {
   return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : 0;
 }
 
-/** Accepted over drafted draft tokens of some requests, or null when they drafted none. */
-function pooledAcceptance(xs: readonly { drafted: number; accepted: number }[]): number | null {
+/** The draft tokens some requests drafted, and accepted over drafted (null when they drafted none). */
+function pooled(xs: readonly { drafted: number; accepted: number }[]): { acceptance: number | null; drafted: number } {
   const drafted = xs.reduce((a, x) => a + x.drafted, 0);
-  return drafted > 0 ? xs.reduce((a, x) => a + x.accepted, 0) / drafted : null;
+  return { acceptance: drafted > 0 ? xs.reduce((a, x) => a + x.accepted, 0) / drafted : null, drafted };
 }
 
 function loadPrompts(path: string): Record<string, string[]> {
@@ -252,12 +252,14 @@ async function runOne(
       }
       const mine = series.filter((s) => s.phase === phase.name);
       const w = Math.max(1, Math.min(6, Math.floor(mine.length / 3)));
+      const start = pooled(mine.slice(0, w));
+      const end = pooled(mine.slice(-w));
       phases.push({
         phase: phase.name,
-        acceptanceStart: pooledAcceptance(mine.slice(0, w)),
-        acceptanceEnd: pooledAcceptance(mine.slice(-w)),
-        draftedStart: mine.slice(0, w).reduce((a, x) => a + x.drafted, 0),
-        draftedEnd: mine.slice(-w).reduce((a, x) => a + x.drafted, 0),
+        acceptanceStart: start.acceptance,
+        acceptanceEnd: end.acceptance,
+        draftedStart: start.drafted,
+        draftedEnd: end.drafted,
         speedupStart: mean(mine.slice(0, w).map((s) => s.speedup)),
         speedupEnd: mean(mine.slice(-w).map((s) => s.speedup)),
       });
@@ -273,7 +275,7 @@ async function runOne(
     // After the updates still running, each matrix in the type it serves in.
     if (saveDraft && online) await online.saveDraft(saveDraft);
     const before = phases[0]!.acceptanceEnd;
-    const after = pooledAcceptance(again);
+    const after = pooled(again).acceptance;
     return { run: kind, phases, series, updates, rollbacks, forgetting: before === null || after === null ? null : before - after };
   } finally {
     await online?.dispose();
@@ -347,7 +349,7 @@ export function demoSvg(result: DemoResult): string {
       // Acceptance pooled over the last 4 requests; the line breaks where they drafted nothing.
       const smooth = r.series.map((_, i) => {
         const w = r.series.slice(Math.max(0, i - 3), i + 1);
-        return p.key === 'acceptance' ? pooledAcceptance(w) : mean(w.map((s) => s.speedup));
+        return p.key === 'acceptance' ? pooled(w).acceptance : mean(w.map((s) => s.speedup));
       });
       let d = '';
       smooth.forEach((v, i) => {

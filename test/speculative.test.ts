@@ -435,14 +435,18 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
     }
   });
 
+  /** A random-weight model of the target's shape (a draft that setWeights can give the target's own weights). */
+  async function targetShapedRandom(name: string, seed: number): Promise<string> {
+    const path = join(dir, name);
+    await writeRandomModel(path, { vocabSize: 512, embeddingLength: 64, layers: 5, heads: 8, kvHeads: 4, feedForwardLength: 172, contextLength: 512, seed });
+    return path;
+  }
+
   it('adaptive probes again soon after the draft gets new weights, however far its failed probes had backed off', async () => {
     // A draft of the target's shape with random weights: its probes fail, and the interval between
     // them doubles up to 256 tokens. New weights (as an online update sets) may draft better, so
     // the next probe comes within 16 tokens; here they are the target's own, so probes now accept.
-    await writeRandomModel(join(dir, 'same-shape-probe.gguf'), {
-      vocabSize: 512, embeddingLength: 64, layers: 5, heads: 8, kvHeads: 4, feedForwardLength: 172, contextLength: 512, seed: 6,
-    });
-    await using draft = await loadModel(join(dir, 'same-shape-probe.gguf'));
+    await using draft = await loadModel(await targetShapedRandom('same-shape-probe.gguf', 6));
     const dec = createSpeculativeDecoder({ target, draft, strategy: { kind: 'adaptive', maxLength: 4 } });
     const steps: { drafted: number; accepted: number; emitted: number }[] = [];
     dec.on('step', (e) => steps.push(e));
@@ -480,12 +484,10 @@ describe.skipIf(!have)('speculative generation (stories260K)', () => {
   it("a running request takes up new draft weights at its next step ('step'), or never ('request'); output stays the target's", async () => {
     // A draft of the target's shape with random weights; after five steps it gets the target's own
     // (F16) weights, under which greedy drafts are nearly always accepted.
-    await writeRandomModel(join(dir, 'same-shape.gguf'), {
-      vocabSize: 512, embeddingLength: 64, layers: 5, heads: 8, kvHeads: 4, feedForwardLength: 172, contextLength: 512, seed: 5,
-    });
+    const sameShape = await targetShapedRandom('same-shape.gguf', 5);
     const want = await target.generate({ tokens: prompts[1]!, maxTokens: 100, stopTokens: [] });
     for (const weightSwap of ['step', 'request'] as const) {
-      await using draft = await loadModel(join(dir, 'same-shape.gguf'));
+      await using draft = await loadModel(sameShape);
       const dec = createSpeculativeDecoder({ target, draft, strategy: { kind: 'chain', length: 4 }, weightSwap });
       const steps: { drafted: number; accepted: number }[] = [];
       dec.on('step', (e) => {
